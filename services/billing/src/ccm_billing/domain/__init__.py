@@ -1,0 +1,1 @@
+"""The billing domain: pure Python (dataclasses, Decimal, datetime), no framework imports."""

@@ -1,0 +1,1 @@
+"""The careplan domain: pure Python (dataclasses, Decimal, datetime), no framework imports."""

@@ -1,0 +1,1 @@
+"""The ingest domain: pure Python (dataclasses, Decimal, datetime), no framework imports."""

@@ -1,0 +1,1 @@
+"""ccm-platform notification service. Provider directory, templated communications and acknowledgement tracking."""

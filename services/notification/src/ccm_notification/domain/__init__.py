@@ -1,0 +1,1 @@
+"""The notification domain: pure Python (dataclasses, Decimal, datetime), no framework imports."""

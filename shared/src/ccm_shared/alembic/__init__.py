@@ -1,0 +1,1 @@
+"""Alembic environment shared by every schema (see ccm_shared.migrate)."""

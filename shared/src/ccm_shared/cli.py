@@ -1,0 +1,259 @@
+"""The ``ccm`` command: run services, migrate schemas, manage practices and API tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from decimal import Decimal, InvalidOperation
+from typing import Annotated
+
+import typer
+
+from ccm_shared.errors import AppError
+from ccm_shared.settings import ConfigurationError, Settings, load_settings
+
+app = typer.Typer(
+    name="ccm",
+    help="ccm-platform: the administrative layer of Chronic Care Management vendors.\n\n"
+    "Configuration comes from CCM_* environment variables (see README, 'Configuration').",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+practice_app = typer.Typer(help="Manage client practices (the tenants).", no_args_is_help=True)
+token_app = typer.Typer(help="Manage API tokens of a practice.", no_args_is_help=True)
+app.add_typer(practice_app, name="practice")
+app.add_typer(token_app, name="token")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _settings(require_db: bool = True) -> Settings:
+    try:
+        settings = load_settings()
+    except ConfigurationError as exc:
+        _fail(f"configuration refused:\n{exc}")
+    if require_db and not settings.database_url:
+        _fail(
+            "CCM_DATABASE_URL is not set. Start PostgreSQL with deploy/local/up.sh and "
+            "`source .ccm-local/env`, or use sqlite+aiosqlite:///.ccm-data/platform.db"
+        )
+    return settings
+
+
+def _services(name: str | None):  # noqa: ANN202
+    from ccm_shared.service import discover_services
+
+    found = discover_services()
+    if name in (None, "all"):
+        return list(found.values())
+    if name not in found:
+        _fail(f"unknown service {name!r}; choose from: {', '.join(found)} or all")
+    return [found[name]]
+
+
+@app.command()
+def migrate(
+    service: Annotated[
+        str | None, typer.Argument(help="ingest, billing, careplan, notification; default all")
+    ] = None,
+) -> None:
+    """Create or upgrade database schemas: the platform registry first, then the services."""
+    from ccm_shared.migrate import upgrade, upgrade_platform
+
+    settings = _settings()
+    typer.echo("migrating platform …", err=True)
+    upgrade_platform(settings.database_url)
+    for definition in _services(service):
+        typer.echo(f"migrating {definition.name} …", err=True)
+        upgrade(settings.database_url, definition.schema, definition.migrations_package)
+    typer.echo("migrations are up to date", err=True)
+
+
+def _pricing(
+    model: str, rate: list[str], percent: str | None, flat_fee: str | None, due_days: int
+):  # noqa: ANN202
+    from ccm_shared.tenancy import Pricing
+
+    try:
+        rates = {}
+        for item in rate:
+            code, _, amount = item.partition("=")
+            if not code or not amount:
+                _fail(f"--rate takes CODE=AMOUNT (e.g. 99490=42.00), got {item!r}")
+            rates[code.strip()] = Decimal(amount)
+        pct = Decimal(percent) if percent is not None else None
+        flat = Decimal(flat_fee) if flat_fee is not None else None
+    except InvalidOperation:
+        _fail("amounts must be decimal numbers such as 42.50")
+    if model == "per-code" and not rates:
+        _fail("--pricing per-code needs at least one --rate CODE=AMOUNT")
+    if model == "percent-of-medicare" and pct is None:
+        _fail("--pricing percent-of-medicare needs --percent (e.g. 35)")
+    if model == "flat-per-patient" and flat is None:
+        _fail("--pricing flat-per-patient needs --flat-fee (e.g. 40.00)")
+    return Pricing(model=model, rates=rates, percent=pct, flat_fee=flat, due_days=due_days)
+
+
+@practice_app.command("create")
+def practice_create(
+    id: Annotated[str, typer.Option("--id", help="Practice id: lowercase letters, digits, -")],
+    name: Annotated[str, typer.Option(help="Display name")],
+    timezone: Annotated[str, typer.Option(help="IANA zone of the practice, e.g. America/Chicago")],
+    pricing: Annotated[
+        str, typer.Option(help="per-code | percent-of-medicare | flat-per-patient")
+    ] = "percent-of-medicare",
+    rate: Annotated[
+        list[str], typer.Option(help="Per-code rate CODE=AMOUNT (repeatable)")
+    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    percent: Annotated[
+        str | None, typer.Option(help="Percent of the Medicare amount billed")
+    ] = "35",
+    flat_fee: Annotated[str | None, typer.Option(help="Flat fee per billable patient")] = None,
+    due_days: Annotated[int, typer.Option(help="Invoice payment terms in days")] = 30,
+) -> None:
+    """Register a client practice (a tenant)."""
+    from ccm_shared.db import create_engine_for
+    from ccm_shared.tenancy import create_practice
+
+    if pricing not in ("per-code", "percent-of-medicare", "flat-per-patient"):
+        _fail("--pricing must be per-code, percent-of-medicare or flat-per-patient")
+    terms = _pricing(pricing, rate, percent if pricing == "percent-of-medicare" else None,
+                     flat_fee, due_days)
+    settings = _settings()
+
+    async def run() -> None:
+        engine = create_engine_for(settings.database_url, schema=None)
+        try:
+            await create_practice(
+                engine, practice_id=id, name=name, timezone=timezone, pricing=terms
+            )
+        finally:
+            await engine.dispose()
+
+    try:
+        asyncio.run(run())
+    except AppError as exc:
+        _fail(exc.detail)
+    typer.echo(f"practice {id} created ({timezone}, pricing {pricing})")
+
+
+@token_app.command("create")
+def token_create(
+    practice: Annotated[str, typer.Option(help="Practice id the token acts for")],
+    label: Annotated[str | None, typer.Option(help="What the token is for")] = None,
+) -> None:
+    """Create an API token; it is printed once, alone on the last line. Only its hash is kept."""
+    from ccm_shared.db import create_engine_for
+    from ccm_shared.tenancy import create_token
+
+    settings = _settings()
+
+    async def run() -> str:
+        engine = create_engine_for(settings.database_url, schema=None)
+        try:
+            return await create_token(engine, practice_id=practice, label=label)
+        finally:
+            await engine.dispose()
+
+    try:
+        token = asyncio.run(run())
+    except AppError as exc:
+        _fail(exc.detail)
+    typer.echo(f"token for practice {practice} (store it now; it cannot be shown again):", err=True)
+    typer.echo(token)
+
+
+@app.command()
+def serve(
+    service: Annotated[str, typer.Argument(help="ingest, billing, careplan, notification or all")],
+    api: Annotated[bool, typer.Option(help="Run the HTTP API")] = True,
+    consumers: Annotated[bool, typer.Option(help="Run the Kafka consumers")] = True,
+    relay: Annotated[bool, typer.Option(help="Run the outbox relay")] = True,
+    host: Annotated[str | None, typer.Option(help="Bind address (CCM_HTTP_HOST)")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (CCM_HTTP_PORT); one service only")
+    ] = None,
+) -> None:
+    """Run a service: its HTTP API, its consumers and its outbox relay (each can be switched off
+    to run them as separate processes)."""
+    from ccm_shared.observability import configure_logging
+
+    settings = _settings()
+    definitions = _services(service)
+    if port is not None and len(definitions) > 1:
+        _fail("--port applies to one service; ports of `all` are the services' own")
+    configure_logging(
+        settings.log_level, json=settings.log_json,
+        service=definitions[0].name if len(definitions) == 1 else "all",
+    )
+    try:
+        asyncio.run(_serve(settings, definitions, api=api, consumers=consumers, relay=relay,
+                           host=host or settings.http_host, port=port or settings.http_port))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _serve(settings, definitions, *, api, consumers, relay, host, port) -> None:  # noqa: ANN001
+    import uvicorn
+
+    from ccm_shared.service import ServiceRuntime, build_transport
+
+    class _Server(uvicorn.Server):
+        # One signal handler for all servers in this process (see below), not one each.
+        @contextlib.contextmanager
+        def capture_signals(self):  # noqa: ANN202
+            yield
+
+    transport = build_transport(settings)  # one shared transport: the in-process bus must be
+    runtimes = [ServiceRuntime.build(d, settings, transport=transport) for d in definitions]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    servers = []
+    for rt in runtimes:
+        await rt.start(consumers=consumers, relay=relay)
+        if api:
+            config = uvicorn.Config(
+                rt.app(), host=host, port=port or rt.definition.port, log_config=None,
+                access_log=False, lifespan="off",
+            )
+            servers.append(_Server(config))
+            typer.echo(f"{rt.definition.name} listening on http://{host}:{config.port}", err=True)
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    typer.echo("stopping …", err=True)
+    for s in servers:
+        s.should_exit = True
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for rt in runtimes:
+        await rt.stop()
+    waiter.cancel()
+
+
+@app.command("config")
+def show_config() -> None:
+    """Check the configuration and print it (secrets masked)."""
+    settings = _settings(require_db=False)
+    for name, value in settings.model_dump().items():
+        if name == "secret_key":
+            value = "***" if value else ""
+        elif name == "database_url" and value and "@" in value:
+            scheme, _, rest = value.partition("://")
+            value = f"{scheme}://***@{rest.split('@', 1)[1]}"
+        typer.echo(f"CCM_{name.upper()}={value}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

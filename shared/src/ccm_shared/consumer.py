@@ -1,0 +1,294 @@
+"""Consumer runtime: at-least-once delivery made exactly-once in effect by an inbox.
+
+For each message: open a unit of work, insert the inbox row (consumer, event id) — a conflict
+means the event was already applied, so the message is skipped — run the handler, commit. Only
+after the commit is the Kafka offset committed, and only for partitions still assigned. A handler
+that keeps failing is retried with exponential backoff a bounded number of times; then the
+message goes to ``<topic>.dlq`` with the error in its headers and the partition moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import structlog
+from pydantic import ValidationError
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ccm_shared.db import Database, UnitOfWork
+from ccm_shared.events import CloudEvent, Message
+from ccm_shared.observability import (
+    metrics,
+    reset_correlation_id,
+    set_correlation_id,
+)
+from ccm_shared.tables import inbox_table
+from ccm_shared.transport import MessageSource, Partition, Transport
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[CloudEvent, UnitOfWork], Awaitable[None]]
+DLQ_SUFFIX = ".dlq"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Infrastructure trouble (database or network down) is waited out, never dead-lettered."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    if isinstance(exc, OperationalError | ConnectionError | OSError | TimeoutError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+class PoisonMessage(Exception):
+    """A message that can never be processed (not a CloudEvent, wrong shape): no retries."""
+
+
+@dataclass
+class ConsumerHooks:
+    """Observation points, used by failure-injection tests and by metrics."""
+
+    after_db_commit: Callable[[Message], Awaitable[None] | None] | None = None
+
+
+@dataclass
+class ConsumerStats:
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    retries: int = 0
+    last_poll: float | None = None
+    partitions: set[Partition] = field(default_factory=set)
+
+
+def dlq_topic(topic: str) -> str:
+    return topic + DLQ_SUFFIX
+
+
+def decode(message: Message) -> CloudEvent:
+    try:
+        return CloudEvent.from_json(message.value)
+    except (ValidationError, ValueError, UnicodeDecodeError) as exc:
+        raise PoisonMessage(f"not a valid CloudEvent: {type(exc).__name__}") from exc
+
+
+class ConsumerRuntime:
+    """Runs one handler for a consumer group over a set of topics."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        topics: Sequence[str],
+        handler: Handler,
+        db: Database,
+        transport: Transport,
+        max_retries: int = 5,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+        poll_timeout: float = 0.5,
+        max_records: int = 500,
+        hooks: ConsumerHooks | None = None,
+    ) -> None:
+        self.name = name
+        self.topics = list(topics)
+        self.handler = handler
+        self.db = db
+        self.transport = transport
+        self.max_retries = max_retries
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.poll_timeout = poll_timeout
+        self.max_records = max_records
+        self.hooks = hooks or ConsumerHooks()
+        self.stats = ConsumerStats()
+        self.source: MessageSource | None = None
+        self._stopping = asyncio.Event()
+        self._insert = postgresql.insert if db.is_postgres else sqlite.insert
+
+    # -- one message ---------------------------------------------------------------------------
+
+    async def _apply(self, message: Message, event: CloudEvent) -> bool:
+        """Apply once; return False when the inbox says it was already applied."""
+        async with self.db.unit_of_work() as uow:
+            inserted = await uow.session.execute(
+                self._insert(inbox_table)
+                .values(
+                    consumer=self.name,
+                    event_id=event.id,
+                    tenant=event.tenant,
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    outcome="applied",
+                    processed_at=datetime.now(UTC),
+                )
+                .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+                .returning(inbox_table.c.event_id)
+            )
+            if inserted.first() is None:
+                return False
+            await self.handler(event, uow)
+            await uow.commit()
+        return True
+
+    async def _record_dead_letter(self, message: Message, event_id: str) -> None:
+        async with self.db.unit_of_work() as uow:
+            await uow.session.execute(
+                self._insert(inbox_table)
+                .values(
+                    consumer=self.name,
+                    event_id=event_id,
+                    tenant=None,
+                    topic=message.topic,
+                    partition=message.partition,
+                    offset=message.offset,
+                    outcome="dead-lettered",
+                    processed_at=datetime.now(UTC),
+                )
+                .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+            )
+            await uow.commit()
+
+    async def _dead_letter(self, message: Message, error: BaseException, attempts: int) -> None:
+        headers = tuple(
+            (k, v) for k, v in message.headers if not k.startswith("dlq-")
+        ) + (
+            ("dlq-error", type(error).__name__.encode()),
+            ("dlq-reason", str(error)[:500].encode()),
+            ("dlq-consumer", self.name.encode()),
+            ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
+            ("dlq-attempts", str(attempts).encode()),
+        )
+        dead = Message(
+            topic=dlq_topic(message.topic), key=message.key, value=message.value, headers=headers
+        )
+        delay = self.backoff_initial
+        while True:  # the DLQ write must succeed before the offset may move past the message
+            try:
+                await self.transport.send_batch([dead])
+                break
+            except Exception as exc:  # noqa: BLE001
+                log.warning("dead-letter publish failed; retrying", error=type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+        event_id = f"dlq:{message.topic}/{message.partition}/{message.offset}"
+        await self._record_dead_letter(message, event_id)
+        self.stats.dead_lettered += 1
+        metrics.dlq.labels(self.name, message.topic).inc()
+        metrics.consumed.labels(self.name, "dead-lettered").inc()
+        log.error(
+            "event sent to dead-letter topic",
+            consumer=self.name,
+            topic=message.topic,
+            partition=message.partition,
+            offset=message.offset,
+            error=type(error).__name__,
+            attempts=attempts,
+        )
+
+    async def process(self, message: Message) -> None:
+        """Apply one message exactly once in effect, or dead-letter it."""
+        try:
+            event = decode(message)
+        except PoisonMessage as exc:
+            await self._dead_letter(message, exc, attempts=1)
+            return
+        token = set_correlation_id(event.correlationid)
+        try:
+            delay = self.backoff_initial
+            failures = 0
+            while True:
+                try:
+                    applied = await self._apply(message, event)
+                except Exception as exc:  # noqa: BLE001 - handler errors are retried, then DLQ
+                    if is_transient(exc):
+                        log.warning(
+                            "infrastructure unavailable; waiting",
+                            consumer=self.name,
+                            error=type(exc).__name__,
+                        )
+                        await asyncio.sleep(self.backoff_max)
+                        continue
+                    failures += 1
+                    if failures > self.max_retries:
+                        await self._dead_letter(message, exc, attempts=failures)
+                        return
+                    self.stats.retries += 1
+                    log.warning(
+                        "handler failed; retrying",
+                        consumer=self.name,
+                        event_type=event.type,
+                        event_id=event.id,
+                        attempt=failures,
+                        error=type(exc).__name__,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.backoff_max)
+                    continue
+                if applied:
+                    self.stats.applied += 1
+                    metrics.consumed.labels(self.name, "applied").inc()
+                else:
+                    self.stats.duplicates += 1
+                    metrics.consumed.labels(self.name, "duplicate").inc()
+                if self.hooks.after_db_commit is not None:
+                    result = self.hooks.after_db_commit(message)
+                    if asyncio.iscoroutine(result):
+                        await result
+                return
+        finally:
+            reset_correlation_id(token)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run_once(self) -> int:
+        """Poll once, process what came, commit offsets after the effects. Return the count."""
+        assert self.source is not None
+        batches = await self.source.poll(self.poll_timeout, self.max_records)
+        self.stats.last_poll = asyncio.get_running_loop().time()
+        count = 0
+        for partition, messages in batches.items():
+            for message in messages:
+                await self.process(message)
+                count += 1
+            await self.source.commit({partition: messages[-1].offset + 1})
+        return count
+
+    async def start(self) -> None:
+        await self.transport.ensure_topics(self.topics)
+        self.source = self.transport.source(self.topics, self.name)
+        await self.source.start()
+
+    async def stop_source(self) -> None:
+        if self.source is not None:
+            await self.source.stop()
+            self.source = None
+
+    async def update_lag(self) -> None:
+        if self.source is None:
+            return
+        for p, lag in (await self.source.lag()).items():
+            metrics.consumer_lag.labels(self.name, p.topic, str(p.partition)).set(lag)
+
+    async def run(self) -> None:
+        """Consume until ``stop()``; a lost broker connection is retried, never fatal."""
+        await self.start()
+        lag_every = 0
+        try:
+            while not self._stopping.is_set():
+                await self.run_once()
+                lag_every += 1
+                if lag_every % 20 == 0:
+                    await self.update_lag()
+        finally:
+            await self.stop_source()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def is_stalled(self, now: float, stall_seconds: float) -> bool:
+        return self.stats.last_poll is not None and now - self.stats.last_poll > stall_seconds

@@ -1,0 +1,131 @@
+"""Async database access: one engine per service schema, and the unit of work.
+
+Each service owns a PostgreSQL schema (``ingest``, ``billing``, …); its tables are declared without
+a schema and placed there by SQLAlchemy's ``schema_translate_map``. The tenant registry lives in the
+``platform`` schema. On SQLite (embedded mode) every schema is a sibling database file ATTACHed
+under the schema's name, so the same SQL works on both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+if TYPE_CHECKING:
+    from ccm_shared.outbox import Outbox
+
+PLATFORM_SCHEMA = "platform"
+SCHEMAS = ("platform", "ingest", "billing", "careplan", "notification")
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def _sqlite_attach(engine: AsyncEngine, url: str) -> None:
+    """Attach ``<schema>.db`` beside the main SQLite file for every schema."""
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        raise ValueError("embedded mode needs a SQLite file path, e.g. sqlite+aiosqlite:///x.db")
+    folder = Path(database).resolve().parent
+    folder.mkdir(parents=True, exist_ok=True)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection, _record):  # noqa: ANN001
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        for schema in SCHEMAS:
+            cursor.execute(f"ATTACH DATABASE '{folder / (schema + '.db')}' AS {schema}")
+        cursor.close()
+
+
+def create_engine_for(url: str, *, schema: str | None, pool_size: int = 10) -> AsyncEngine:
+    """An engine whose unqualified tables live in ``schema``."""
+    if is_sqlite(url):
+        engine = create_async_engine(url)
+        _sqlite_attach(engine, url)
+    else:
+        engine = create_async_engine(
+            url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+        )
+    if schema is not None:
+        engine = engine.execution_options(schema_translate_map={None: schema})
+    return engine
+
+
+class Database:
+    """Engine and session factory of one service schema."""
+
+    def __init__(self, url: str, *, schema: str, pool_size: int = 10) -> None:
+        self.url = url
+        self.schema = schema
+        self.engine = create_engine_for(url, schema=schema, pool_size=pool_size)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def unit_of_work(self) -> UnitOfWork:
+        return UnitOfWork(self)
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+class UnitOfWork:
+    """One transaction: state changes, outbox rows and inbox rows commit together or not at all.
+
+    Handlers never commit; whoever opened the unit of work (a request or a consumed message) does.
+    Leaving the block without ``commit()`` rolls back.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.session: AsyncSession
+        self.outbox: Outbox
+        self._committed = False
+
+    async def __aenter__(self) -> UnitOfWork:
+        from ccm_shared.outbox import Outbox
+
+        self.session = self.db.sessions()
+        await self.session.begin()
+        self.outbox = Outbox(self.session)
+        self._committed = False
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        try:
+            if not self._committed:
+                await self.session.rollback()
+        finally:
+            await self.session.close()
+
+    async def commit(self) -> None:
+        await self.session.commit()
+        self._committed = True
+
+    async def rollback(self) -> None:
+        await self.session.rollback()
+
+
+@asynccontextmanager
+async def connect(url: str, *, schema: str) -> AsyncIterator[Database]:
+    db = Database(url, schema=schema)
+    try:
+        yield db
+    finally:
+        await db.dispose()

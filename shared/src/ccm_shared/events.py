@@ -1,0 +1,104 @@
+"""The event envelope: CloudEvents 1.0 (structured JSON mode) plus ccm extension attributes.
+
+Extensions (CloudEvents attribute names are lowercase alphanumerics):
+- ``tenant``: the practice id; every event carries it.
+- ``sequence``: per (tenant, subject) counter assigned in the producing transaction, so consumers
+  can tell order and gaps for one patient.
+- ``correlationid``: carried from the HTTP request that caused the event to every consumer's logs.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
+
+
+class CloudEvent(BaseModel):
+    """A CloudEvents 1.0 envelope; ``data`` is the event's own JSON document."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    specversion: str = "1.0"
+    id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    source: str
+    type: str
+    time: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    subject: str | None = None
+    datacontenttype: str = "application/json"
+    dataschema: str | None = None
+    tenant: str
+    sequence: int | None = None
+    correlationid: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def patient(self) -> str | None:
+        """The patient id when the subject is ``Patient/{id}``."""
+        if self.subject and self.subject.startswith("Patient/"):
+            return self.subject.removeprefix("Patient/")
+        return None
+
+    def kafka_key(self) -> str:
+        """tenant + patient keeps each patient's events on one partition, in order."""
+        return partition_key(self.tenant, self.subject)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> CloudEvent:
+        return cls.model_validate_json(raw)
+
+
+def partition_key(tenant: str, subject: str | None) -> str:
+    if subject and subject.startswith("Patient/"):
+        return f"{tenant}:{subject.removeprefix('Patient/')}"
+    return tenant
+
+
+@dataclass(frozen=True)
+class Message:
+    """A record as it travels on a transport (Kafka or the in-process bus)."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int = 0
+    offset: int = -1
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def header(self, name: str) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+
+def envelope_headers(event: CloudEvent) -> tuple[tuple[str, bytes], ...]:
+    """Kafka headers carry routing facts only — never PHI."""
+    headers = [("content-type", CLOUDEVENTS_CONTENT_TYPE.encode()), ("ce_type", event.type.encode())]
+    headers.append(("ce_tenant", event.tenant.encode()))
+    if event.correlationid:
+        headers.append(("correlation-id", event.correlationid.encode()))
+    return tuple(headers)
+
+
+def to_message(topic: str, event: CloudEvent) -> Message:
+    return Message(
+        topic=topic,
+        key=event.kafka_key().encode(),
+        value=event.to_json(),
+        headers=envelope_headers(event),
+    )
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True, default=str)

@@ -1,0 +1,228 @@
+"""The HTTP edge every service shares: app factory, auth, errors, health, metrics, limits."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Annotated
+
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ccm_shared.errors import AppError, PayloadTooLarge, Unauthorized, problem
+from ccm_shared.observability import (
+    metrics,
+    new_correlation_id,
+    reset_correlation_id,
+    set_correlation_id,
+)
+from ccm_shared.tenancy import Tenant, get_practice, resolve_token
+
+if TYPE_CHECKING:
+    from ccm_shared.service import ServiceRuntime
+
+log = structlog.get_logger(__name__)
+PROBLEM_JSON = "application/problem+json"
+CORRELATION_HEADER = "x-correlation-id"
+
+
+class EdgeMiddleware:
+    """Correlation id, request metrics and the body-size limit, as plain ASGI."""
+
+    def __init__(self, app, *, service: str, max_body_bytes: int) -> None:  # noqa: ANN001
+        self.app = app
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):  # noqa: ANN001
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        cid = headers.get(CORRELATION_HEADER.encode(), b"").decode()[:64] or new_correlation_id()
+        token = set_correlation_id(cid)
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+        limit = self.max_body_bytes
+
+        async def send_wrapper(message):  # noqa: ANN001, ANN202
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-correlation-id", cid.encode())]
+            await send(message)
+
+        try:
+            declared = headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                response = JSONResponse(
+                    problem(413, "Payload too large", f"request body exceeds {limit} bytes"),
+                    status_code=413,
+                    media_type=PROBLEM_JSON,
+                )
+                return await response(scope, receive, send_wrapper)
+            seen = 0
+
+            async def receive_limited():  # noqa: ANN202
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                return message
+
+            await self.app(scope, receive_limited, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            metrics.http_requests.labels(
+                self.service, scope["method"], path, str(status_holder["status"])
+            ).inc()
+            metrics.http_latency.labels(self.service, path).observe(elapsed)
+            # The route template, never the concrete path: ids in paths are not logged.
+            log.info(
+                "http request",
+                method=scope["method"],
+                route=path,
+                status=status_holder["status"],
+                duration_ms=round(elapsed * 1000, 2),
+            )
+            reset_correlation_id(token)
+
+
+def runtime_of(request: Request) -> ServiceRuntime:
+    return request.app.state.runtime
+
+
+async def authenticate(request: Request) -> Tenant:
+    """Resolve the bearer token to a tenant, or answer 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("missing bearer token")
+    tenant = await resolve_token(runtime_of(request).db.engine, token.strip())
+    if tenant is None:
+        raise Unauthorized("invalid or revoked token")
+    structlog.contextvars.bind_contextvars(practice=tenant.practice_id)
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(authenticate)]
+
+
+def problem_response(exc: AppError) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Bearer realm="ccm"'} if exc.status == 401 else None
+    return JSONResponse(
+        problem(exc.status, exc.title, exc.detail),
+        status_code=exc.status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(AppError)
+    async def _app_error(request: Request, exc: AppError) -> JSONResponse:
+        handler = getattr(request.app.state, "fhir_error_handler", None)
+        if handler is not None and request.url.path.startswith("/fhir"):
+            return handler(exc)
+        return problem_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(
+            problem(422, "Invalid input", "request did not validate", errors=errors),
+            status_code=422,
+            media_type=PROBLEM_JSON,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            problem(exc.status_code, str(exc.detail), ""),
+            status_code=exc.status_code,
+            media_type=PROBLEM_JSON,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", error=type(exc).__name__)
+        return JSONResponse(
+            problem(500, "Internal server error", "an unexpected error occurred; see logs"),
+            status_code=500,
+            media_type=PROBLEM_JSON,
+        )
+
+
+def create_app(runtime: ServiceRuntime) -> FastAPI:
+    """The FastAPI app of one service: platform routes plus the service's own routers."""
+    definition = runtime.definition
+    app = FastAPI(
+        title=f"ccm-platform {definition.name}",
+        version="0.1.0",
+        description=definition.description,
+    )
+    app.state.runtime = runtime
+    install_error_handlers(app)
+
+    @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
+    async def healthz() -> dict:
+        return {"status": "ok", "service": definition.name}
+
+    @app.get("/readyz", tags=["operations"], summary="Readiness: database, Kafka, consumers")
+    async def readyz() -> JSONResponse:
+        checks = await runtime.readiness()
+        ok = all(c == "ok" for c in checks.values())
+        return JSONResponse(
+            {"status": "ok" if ok else "unavailable", "checks": checks},
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    async def prometheus_metrics() -> PlainTextResponse:
+        await runtime.refresh_metrics()
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/practices/{practice}", tags=["tenancy"], summary="The caller's practice")
+    async def read_practice(practice: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        return await get_practice(runtime.db.engine, practice)
+
+    for router in definition.routers(runtime):
+        app.include_router(router)
+    app.add_middleware(
+        EdgeMiddleware, service=definition.name, max_body_bytes=runtime.settings.max_body_bytes
+    )
+    return app
+
+
+def json_depth(value: object, limit: int) -> int:
+    """Depth of a decoded JSON value; raises ValueError past ``limit`` without recursing deeper."""
+    stack = [(value, 1)]
+    deepest = 0
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise ValueError(f"JSON nested deeper than {limit} levels")
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def loads_limited(raw: bytes, max_depth: int) -> object:
+    """Parse JSON and enforce the depth limit (json.loads itself recurses ~1000 deep)."""
+    value = json.loads(raw)
+    json_depth(value, max_depth)
+    return value

@@ -1,0 +1,63 @@
+"""Alembic migrations per schema: ``platform`` first, then each service's own.
+
+One shared ``env.py`` (``ccm_shared/alembic``) serves every schema; each service keeps only its
+revision files (``ccm_<service>/migrations``). The version table lives in the schema it versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import resources
+from pathlib import Path
+
+from alembic import command, op
+from alembic.config import Config
+from sqlalchemy import MetaData
+
+from ccm_shared.tables import add_messaging_tables
+
+PLATFORM = "platform"
+
+
+def _package_dir(package: str) -> str:
+    return str(Path(str(resources.files(package))))
+
+
+def alembic_config(url: str, schema: str, versions_package: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", _package_dir("ccm_shared.alembic"))
+    cfg.set_main_option("version_locations", _package_dir(versions_package))
+    cfg.set_main_option("path_separator", "os")
+    cfg.attributes["schema"] = schema
+    cfg.attributes["url"] = url
+    return cfg
+
+
+def upgrade(url: str, schema: str, versions_package: str, revision: str = "head") -> None:
+    """Run in a thread of its own when called from async code: env.py starts its own loop."""
+    command.upgrade(alembic_config(url, schema, versions_package), revision)
+
+
+async def upgrade_async(url: str, schema: str, versions_package: str) -> None:
+    await asyncio.to_thread(upgrade, url, schema, versions_package)
+
+
+def upgrade_platform(url: str) -> None:
+    upgrade(url, PLATFORM, "ccm_shared.platform_migrations")
+
+
+def create_messaging_tables() -> None:
+    """Inside a service's first migration: its outbox, inbox and event_sequences tables.
+
+    The definitions come from ``tables.add_messaging_tables`` (version 1); any later change to
+    them must come with a migration of its own that alters these tables.
+    """
+    metadata = MetaData()
+    for table in add_messaging_tables(metadata):
+        table.create(op.get_bind())
+
+
+def drop_messaging_tables() -> None:
+    metadata = MetaData()
+    for table in reversed(add_messaging_tables(metadata)):
+        table.drop(op.get_bind())

@@ -1,0 +1,230 @@
+"""Transactional outbox: events are rows written in the state change's own transaction; a relay
+publishes them afterwards, in order, and marks them sent.
+
+The relay never holds a database transaction open while it talks to Kafka: it reads a batch,
+publishes it (idempotent producer, acks=all), then marks the batch sent in a second short
+transaction. A crash between the two republishes the batch; consumers' inboxes make that a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from ccm_shared.db import Database
+from ccm_shared.events import CloudEvent, Message, envelope_headers
+from ccm_shared.observability import current_correlation_id, metrics
+from ccm_shared.tables import outbox_table, sequences_table
+from ccm_shared.transport import Transport
+
+log = structlog.get_logger(__name__)
+
+
+class Outbox:
+    """Adds events to the current unit of work."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def next_sequence(self, tenant: str, subject: str) -> int:
+        """Next per-(tenant, subject) number; the row lock serialises writers for one patient."""
+        dialect = self.session.bind.dialect.name
+        ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = (
+            ins(sequences_table)
+            .values(tenant=tenant, subject=subject, last=1)
+            .on_conflict_do_update(
+                index_elements=["tenant", "subject"],
+                set_={"last": sequences_table.c["last"] + 1},
+            )
+            .returning(sequences_table.c["last"])
+        )
+        return (await self.session.execute(stmt)).scalar_one()
+
+    async def add(self, topic: str, event: CloudEvent) -> CloudEvent:
+        """Record ``event`` for publication on ``topic`` when this unit of work commits.
+
+        A patient-scoped event without a sequence gets the next one for its patient.
+        """
+        updates: dict[str, object] = {}
+        if event.sequence is None and event.patient is not None:
+            updates["sequence"] = await self.next_sequence(event.tenant, event.subject or "")
+        if event.correlationid is None and (cid := current_correlation_id()):
+            updates["correlationid"] = cid
+        if updates:
+            event = event.model_copy(update=updates)
+        await self.session.execute(
+            insert(outbox_table).values(
+                event_id=event.id,
+                tenant=event.tenant,
+                topic=topic,
+                key=event.kafka_key(),
+                event_type=event.type,
+                payload=event.to_json().decode(),
+                headers=json.dumps([[k, v.decode()] for k, v in envelope_headers(event)]),
+                created_at=datetime.now(UTC),
+            )
+        )
+        return event
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    batches: int = 0
+    failures: int = 0
+
+
+def _row_to_message(row) -> Message:  # noqa: ANN001
+    headers = tuple((k, v.encode()) for k, v in json.loads(row.headers))
+    return Message(
+        topic=row.topic,
+        key=row.key.encode() if row.key is not None else None,
+        value=row.payload.encode(),
+        headers=headers,
+    )
+
+
+class OutboxRelay:
+    """Publishes a service's outbox to the transport, in id order, surviving broker outages.
+
+    With several replicas, a PostgreSQL advisory lock elects one active relay per schema so that
+    per-key order holds; the others wait and take over if it dies.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        transport: Transport,
+        *,
+        batch_size: int = 1000,
+        poll_interval: float = 0.2,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+        service: str | None = None,
+    ) -> None:
+        self.db = db
+        self.transport = transport
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.service = service or db.schema
+        self.stats = RelayStats()
+        self.last_success: float | None = None
+        self._stopping = asyncio.Event()
+        self._wakeup = asyncio.Event()
+
+    def notify(self) -> None:
+        """Wake the relay now (called after a local commit that wrote outbox rows)."""
+        self._wakeup.set()
+
+    async def backlog(self) -> int:
+        async with self.db.engine.connect() as conn:
+            stmt = select(func.count()).select_from(outbox_table).where(
+                outbox_table.c.sent_at.is_(None)
+            )
+            return (await conn.execute(stmt)).scalar_one()
+
+    async def publish_batch(self) -> int:
+        """Publish one batch of unsent events; return how many were published."""
+        async with self.db.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        outbox_table.c.id,
+                        outbox_table.c.topic,
+                        outbox_table.c.key,
+                        outbox_table.c.payload,
+                        outbox_table.c.headers,
+                    )
+                    .where(outbox_table.c.sent_at.is_(None))
+                    .order_by(outbox_table.c.id)
+                    .limit(self.batch_size)
+                )
+            ).all()
+            await conn.rollback()  # end the read transaction before talking to Kafka
+        if not rows:
+            return 0
+        await self.transport.send_batch([_row_to_message(r) for r in rows])
+        ids = [r.id for r in rows]
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                update(outbox_table)
+                .where(outbox_table.c.id.in_(ids))
+                .values(sent_at=datetime.now(UTC))
+            )
+        self.stats.published += len(rows)
+        self.stats.batches += 1
+        metrics.outbox_published.labels(self.service).inc(len(rows))
+        return len(rows)
+
+    async def drain(self) -> int:
+        """Publish until the outbox is empty (tests and the embedded mode use it)."""
+        total = 0
+        while n := await self.publish_batch():
+            total += n
+        return total
+
+    async def _hold_leadership(self, conn: AsyncConnection) -> None:
+        key = zlib.crc32(f"ccm-outbox-relay:{self.db.schema}".encode())
+        while not self._stopping.is_set():
+            got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})).scalar()
+            await conn.commit()
+            if got:
+                log.info("outbox relay is the active replica", service=self.service)
+                return
+            await self._sleep(2.0)
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), timeout=seconds)
+        except TimeoutError:
+            pass
+
+    async def run(self) -> None:
+        """Relay until ``stop()``; errors back off exponentially and never lose an event."""
+        lock_conn: AsyncConnection | None = None
+        if self.db.is_postgres:
+            lock_conn = await self.db.engine.connect()
+            await self._hold_leadership(lock_conn)
+        delay = self.backoff_initial
+        try:
+            while not self._stopping.is_set():
+                try:
+                    published = await self.publish_batch()
+                    self.last_success = asyncio.get_running_loop().time()
+                    delay = self.backoff_initial
+                    metrics.outbox_backlog.labels(self.service).set(await self.backlog())
+                    if published < self.batch_size:
+                        await self._sleep(self.poll_interval)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - any failure: retry, never drop
+                    self.stats.failures += 1
+                    metrics.outbox_failures.labels(self.service).inc()
+                    log.warning(
+                        "outbox publish failed; retrying",
+                        service=self.service,
+                        error=type(exc).__name__,
+                        detail=str(exc)[:200],
+                        retry_in=delay,
+                    )
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self.backoff_max)
+        finally:
+            if lock_conn is not None:
+                await lock_conn.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wakeup.set()

@@ -1,0 +1,198 @@
+"""Composition of one service: its definition (what it is) and runtime (what runs).
+
+A service package exposes ``SERVICE: ServiceDefinition`` in its ``bootstrap.py`` and registers it
+under the ``ccm.services`` entry-point group; the platform library never imports a service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import structlog
+from fastapi import APIRouter, FastAPI
+from sqlalchemy import MetaData
+
+from ccm_shared.consumer import ConsumerRuntime, Handler
+from ccm_shared.db import Database
+from ccm_shared.outbox import OutboxRelay
+from ccm_shared.settings import Settings
+from ccm_shared.transport import InProcessTransport, KafkaTransport, Transport
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A consumer group: its name (also the inbox key), topics and handler."""
+
+    name: str
+    topics: tuple[str, ...]
+    handler: Handler
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    name: str
+    port: int
+    description: str
+    metadata: MetaData
+    migrations_package: str
+    routers: Callable[[ServiceRuntime], Sequence[APIRouter]] = lambda _rt: ()
+    consumers: Callable[[ServiceRuntime], Sequence[ConsumerSpec]] = lambda _rt: ()
+    produces: tuple[str, ...] = ()
+
+    @property
+    def schema(self) -> str:
+        return self.name
+
+    def migrations_dir(self) -> Path:
+        return Path(str(resources.files(self.migrations_package)))
+
+
+def discover_services() -> dict[str, ServiceDefinition]:
+    """Every installed service, by name, in port order."""
+    found = {}
+    for ep in entry_points(group="ccm.services"):
+        definition = ep.load()
+        found[definition.name] = definition
+    return dict(sorted(found.items(), key=lambda kv: kv[1].port))
+
+
+def build_transport(settings: Settings) -> Transport:
+    if settings.kafka_bootstrap_servers:
+        return KafkaTransport(
+            settings.kafka_bootstrap_servers,
+            client_id=settings.kafka_client_id_prefix,
+            security_protocol=settings.kafka_security_protocol,
+        )
+    return InProcessTransport()
+
+
+@dataclass
+class ServiceRuntime:
+    """Everything one running service holds: database, transport, relay, consumers, app."""
+
+    definition: ServiceDefinition
+    settings: Settings
+    transport: Transport
+    db: Database
+    consumers: list[ConsumerRuntime] = field(default_factory=list)
+    relay: OutboxRelay | None = None
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls,
+        definition: ServiceDefinition,
+        settings: Settings,
+        *,
+        transport: Transport | None = None,
+        db: Database | None = None,
+    ) -> ServiceRuntime:
+        if not settings.database_url:
+            raise ValueError("CCM_DATABASE_URL is required")
+        runtime = cls(
+            definition=definition,
+            settings=settings,
+            transport=transport or build_transport(settings),
+            db=db
+            or Database(
+                settings.database_url, schema=definition.schema, pool_size=settings.db_pool_size
+            ),
+        )
+        runtime.relay = OutboxRelay(
+            runtime.db,
+            runtime.transport,
+            batch_size=settings.outbox_batch_size,
+            poll_interval=settings.outbox_poll_interval_seconds,
+            service=definition.name,
+        )
+        for spec in definition.consumers(runtime):
+            runtime.consumers.append(
+                ConsumerRuntime(
+                    name=spec.name,
+                    topics=spec.topics,
+                    handler=spec.handler,
+                    db=runtime.db,
+                    transport=runtime.transport,
+                    max_retries=settings.consumer_max_retries,
+                    backoff_initial=settings.consumer_retry_backoff_seconds,
+                    backoff_max=settings.consumer_retry_backoff_max_seconds,
+                )
+            )
+        return runtime
+
+    def app(self) -> FastAPI:
+        from ccm_shared.http import create_app
+
+        return create_app(self)
+
+    async def start(self, *, consumers: bool = True, relay: bool = True) -> None:
+        await self.transport.start()
+        if self.definition.produces:
+            await self.transport.ensure_topics(self.definition.produces)
+        if relay and self.relay is not None:
+            self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+        if consumers:
+            for c in self.consumers:
+                self._tasks.append(asyncio.create_task(c.run(), name=f"consumer-{c.name}"))
+
+    async def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+        for c in self.consumers:
+            c.stop()
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(task, timeout=10)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+            except Exception as exc:  # noqa: BLE001 - report, keep shutting down
+                log.error("background task failed", task=task.get_name(), error=repr(exc))
+        self._tasks.clear()
+        await self.transport.stop()
+        await self.db.dispose()
+
+    def failed_tasks(self) -> list[str]:
+        return [t.get_name() for t in self._tasks if t.done() and not t.cancelled()]
+
+    async def readiness(self) -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(self.db.ping(), timeout=5)
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        ping = getattr(self.transport, "ping", None)
+        if ping is not None:
+            try:
+                await asyncio.wait_for(ping(), timeout=5)
+                checks["kafka"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                checks["kafka"] = f"unavailable: {type(exc).__name__}"
+        now = asyncio.get_running_loop().time()
+        for c in self.consumers:
+            stalled = c.is_stalled(now, self.settings.consumer_stall_seconds)
+            checks[f"consumer:{c.name}"] = "stalled" if stalled else "ok"
+        for name in self.failed_tasks():
+            checks[name] = "stopped"
+        return checks
+
+    async def refresh_metrics(self) -> None:
+        from ccm_shared.observability import metrics
+
+        if self.relay is not None:
+            try:
+                metrics.outbox_backlog.labels(self.definition.name).set(await self.relay.backlog())
+            except Exception:  # noqa: BLE001 - metrics never fail the scrape
+                pass
+        for c in self.consumers:
+            try:
+                await c.update_lag()
+            except Exception:  # noqa: BLE001
+                pass

@@ -1,0 +1,109 @@
+"""Configuration from the environment (prefix ``CCM_``), refused at start-up when unsafe."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from functools import lru_cache
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"", "changethis", "changeme", "secret", "dev-secret-key"})
+DEV_SECRET_KEY = "dev-secret-key"
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class ConfigurationError(RuntimeError):
+    """Settings that must not be used; the message says which and what to do."""
+
+
+class Settings(BaseSettings):
+    """Every setting the services read. Each field is documented in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="CCM_", extra="ignore", frozen=True)
+
+    env: Environment = Field(Environment.DEVELOPMENT, description="development, test or production")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL: postgresql+asyncpg://… (production) or "
+        "sqlite+aiosqlite:///path/platform.db (embedded mode)",
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        None, description="Comma-separated host:port list of the Kafka brokers"
+    )
+    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_SSL…")
+    kafka_client_id_prefix: str = Field("ccm", description="Prefix of Kafka client ids")
+    secret_key: str = Field(
+        DEV_SECRET_KEY, description="Key for signed links and webhook secrets; never the default"
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_json: bool = Field(True, description="JSON logs (true) or human-readable console logs")
+    http_host: str = Field("127.0.0.1", description="Address the HTTP API binds to")
+    http_port: int | None = Field(
+        None, description="Port of the HTTP API; default: the service's own (8081-8084)"
+    )
+    max_body_bytes: int = Field(5 * 1024 * 1024, gt=0, description="Largest accepted request body")
+    max_json_depth: int = Field(64, gt=0, description="Deepest accepted JSON nesting")
+    outbox_batch_size: int = Field(1000, gt=0, le=10_000, description="Events per relay batch")
+    outbox_poll_interval_seconds: float = Field(
+        0.2, gt=0, description="Relay wait when the outbox is empty"
+    )
+    consumer_max_retries: int = Field(
+        5, ge=0, description="Attempts after the first before an event goes to <topic>.dlq"
+    )
+    consumer_retry_backoff_seconds: float = Field(
+        0.2, ge=0, description="First retry delay; doubles per attempt"
+    )
+    consumer_retry_backoff_max_seconds: float = Field(5.0, ge=0, description="Largest retry delay")
+    consumer_stall_seconds: float = Field(
+        120.0, gt=0, description="/readyz fails when a consumer has not polled for this long"
+    )
+    db_pool_size: int = Field(10, gt=0, description="PostgreSQL connections per process")
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if self.env is Environment.DEVELOPMENT:
+            return self
+        problems: list[str] = []
+        if not self.database_url:
+            problems.append("CCM_DATABASE_URL is not set (postgresql+asyncpg://user:pass@host/db)")
+        elif self.env is Environment.PRODUCTION and self.database_url.startswith("sqlite"):
+            problems.append("CCM_DATABASE_URL is SQLite; production needs PostgreSQL")
+        if not self.kafka_bootstrap_servers:
+            problems.append("CCM_KAFKA_BOOTSTRAP_SERVERS is not set (host:port[,host:port])")
+        if self.env is Environment.PRODUCTION and self.secret_key.lower() in PLACEHOLDER_SECRETS:
+            problems.append("CCM_SECRET_KEY is missing or a placeholder; set a long random value")
+        if self.env is Environment.PRODUCTION and len(self.secret_key) < 32:
+            problems.append("CCM_SECRET_KEY is shorter than 32 characters")
+        if problems:
+            raise ValueError(
+                f"unsafe configuration for CCM_ENV={self.env.value}: " + "; ".join(problems)
+            )
+        return self
+
+    @property
+    def is_postgres(self) -> bool:
+        return bool(self.database_url and self.database_url.startswith("postgresql"))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment; raise ConfigurationError with a readable message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            name = f"CCM_{where.upper()}" if where else "configuration"
+            lines.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigurationError("\n".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

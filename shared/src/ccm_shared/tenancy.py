@@ -1,0 +1,152 @@
+"""Tenancy: the practice is the tenant. API tokens resolve to exactly one practice.
+
+Tokens are 256-bit random strings shown once; only their SHA-256 is stored (a slow password hash
+adds nothing for tokens of that entropy, and lookups stay one indexed query).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ccm_shared.errors import Conflict, InvalidInput, NotFound
+from ccm_shared.tables import api_tokens, practices
+
+TOKEN_PREFIX = "ccm_"
+PRACTICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_SCOPES = ("fhir:write", "fhir:read", "billing", "careplan", "notification", "admin")
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """Who is calling: one practice and the scopes of its token."""
+
+    practice_id: str
+    token_id: str
+    scopes: frozenset[str]
+
+    def require_practice(self, practice_id: str) -> None:
+        """Another practice's resources do not exist for this caller (404, not 403)."""
+        if practice_id != self.practice_id:
+            raise NotFound(f"practice {practice_id!r} not found")
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """How the CCM vendor bills this practice (used by billing's Invoice)."""
+
+    model: str = "per-code"  # per-code | percent-of-medicare | flat-per-patient
+    rates: dict[str, Decimal] | None = None
+    percent: Decimal | None = None
+    flat_fee: Decimal | None = None
+    due_days: int = 30
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "model": self.model,
+                "rates": {k: str(v) for k, v in (self.rates or {}).items()},
+                "percent": str(self.percent) if self.percent is not None else None,
+                "flat_fee": str(self.flat_fee) if self.flat_fee is not None else None,
+                "due_days": self.due_days,
+            }
+        )
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def validate_practice(practice_id: str, timezone: str) -> None:
+    if not PRACTICE_ID.match(practice_id):
+        raise InvalidInput(
+            "practice id must be 1-63 lowercase letters, digits or hyphens, starting with a "
+            "letter or digit"
+        )
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidInput(f"unknown IANA time zone {timezone!r} (e.g. America/Chicago)") from None
+
+
+async def create_practice(
+    engine: AsyncEngine, *, practice_id: str, name: str, timezone: str, pricing: Pricing
+) -> None:
+    validate_practice(practice_id, timezone)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                insert(practices).values(
+                    id=practice_id,
+                    name=name,
+                    timezone=timezone,
+                    pricing=pricing.to_json(),
+                    created_at=datetime.now(UTC),
+                )
+            )
+    except IntegrityError:
+        raise Conflict(f"practice {practice_id!r} already exists") from None
+
+
+async def get_practice(engine: AsyncEngine, practice_id: str) -> dict:
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(practices).where(practices.c.id == practice_id))).first()
+    if row is None:
+        raise NotFound(f"practice {practice_id!r} not found")
+    return {
+        "id": row.id,
+        "name": row.name,
+        "timezone": row.timezone,
+        "pricing": json.loads(row.pricing),
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+async def create_token(
+    engine: AsyncEngine,
+    *,
+    practice_id: str,
+    scopes: tuple[str, ...] = DEFAULT_SCOPES,
+    label: str | None = None,
+) -> str:
+    """Create a token for a practice and return it; it is never shown again."""
+    await get_practice(engine, practice_id)
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    async with engine.begin() as conn:
+        await conn.execute(
+            insert(api_tokens).values(
+                id=str(uuid.uuid4()),
+                practice_id=practice_id,
+                token_hash=hash_token(token),
+                scopes=" ".join(scopes),
+                label=label,
+                created_at=datetime.now(UTC),
+            )
+        )
+    return token
+
+
+async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(api_tokens.c.id, api_tokens.c.practice_id, api_tokens.c.scopes).where(
+                    api_tokens.c.token_hash == hash_token(token),
+                    api_tokens.c.revoked_at.is_(None),
+                )
+            )
+        ).first()
+    if row is None:
+        return None
+    return Tenant(practice_id=row.practice_id, token_id=row.id, scopes=frozenset(row.scopes.split()))

@@ -1,0 +1,348 @@
+"""Publish/subscribe transports: Apache Kafka (production) and an in-process bus.
+
+The in-process bus exists only for unit tests and the embedded single-process mode; every
+integration test runs on Kafka. Both honour the same contract: ``send_batch`` returns only when
+every message is durably accepted (Kafka: acks=all) and raises otherwise; a source hands out
+messages per partition in order and moves its committed position only on ``commit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from ccm_shared.events import Message
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, order=True)
+class Partition:
+    topic: str
+    partition: int
+
+
+class MessageSource(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def poll(self, timeout: float, max_records: int) -> dict[Partition, list[Message]]: ...
+    async def commit(self, offsets: dict[Partition, int]) -> None: ...
+    def assignment(self) -> set[Partition]: ...
+    async def lag(self) -> dict[Partition, int]: ...
+
+
+class Transport(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def send_batch(self, messages: Sequence[Message]) -> None: ...
+    def source(self, topics: Sequence[str], group_id: str) -> MessageSource: ...
+    async def ensure_topics(self, topics: Sequence[str]) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Apache Kafka
+# --------------------------------------------------------------------------------------------
+
+
+class KafkaTransport:
+    """aiokafka with an idempotent, acks=all producer and manually committed consumer groups."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        *,
+        client_id: str = "ccm",
+        security_protocol: str = "PLAINTEXT",
+        request_timeout_ms: int = 30_000,
+        default_partitions: int = 3,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.client_id = client_id
+        self.security_protocol = security_protocol
+        self.request_timeout_ms = request_timeout_ms
+        self.default_partitions = default_partitions
+        self._producer = None
+        self._lock = asyncio.Lock()
+
+    def producer_options(self) -> dict:
+        """The producer settings; the benchmark's bare loop uses the very same."""
+        return dict(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"{self.client_id}-producer",
+            security_protocol=self.security_protocol,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+            max_batch_size=512 * 1024,
+            request_timeout_ms=self.request_timeout_ms,
+        )
+
+    async def _get_producer(self):  # noqa: ANN202
+        from aiokafka import AIOKafkaProducer
+
+        async with self._lock:
+            if self._producer is None:
+                producer = AIOKafkaProducer(**self.producer_options())
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()
+                    raise
+                self._producer = producer
+            return self._producer
+
+    async def _reset_producer(self) -> None:
+        async with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), timeout=10)
+            except Exception:  # noqa: BLE001 - a broken producer is discarded either way
+                log.debug("discarding broken producer")
+
+    async def start(self) -> None:
+        await self._get_producer()
+
+    async def stop(self) -> None:
+        await self._reset_producer()
+
+    async def send_batch(self, messages: Sequence[Message]) -> None:
+        producer = await self._get_producer()
+        try:
+            futures = [
+                await producer.send(m.topic, value=m.value, key=m.key, headers=list(m.headers))
+                for m in messages
+            ]
+            await asyncio.gather(*futures)
+        except BaseException:
+            # A new producer id after any failure: the next attempt resends the whole batch in
+            # order, and consumers' inboxes absorb what was already delivered.
+            await self._reset_producer()
+            raise
+
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import TopicAlreadyExistsError
+
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id=f"{self.client_id}-admin",
+            security_protocol=self.security_protocol,
+        )
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            wanted = [t for t in topics if t not in existing]
+            if wanted:
+                try:
+                    await admin.create_topics(
+                        [NewTopic(t, self.default_partitions, 1) for t in wanted]
+                    )
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            await admin.close()
+
+    async def ping(self) -> None:
+        producer = await self._get_producer()
+        await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=5)
+
+    def source(self, topics: Sequence[str], group_id: str) -> KafkaSource:
+        return KafkaSource(self, topics, group_id)
+
+
+class KafkaSource:
+    def __init__(self, transport: KafkaTransport, topics: Sequence[str], group_id: str) -> None:
+        self.transport = transport
+        self.topics = list(topics)
+        self.group_id = group_id
+        self._consumer = None
+
+    async def start(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        self._consumer = AIOKafkaConsumer(
+            *self.topics,
+            bootstrap_servers=self.transport.bootstrap_servers,
+            security_protocol=self.transport.security_protocol,
+            client_id=f"{self.transport.client_id}-{self.group_id}",
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            metadata_max_age_ms=5_000,
+        )
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    async def poll(self, timeout: float, max_records: int) -> dict[Partition, list[Message]]:
+        batches = await self._consumer.getmany(
+            timeout_ms=int(timeout * 1000), max_records=max_records
+        )
+        out: dict[Partition, list[Message]] = {}
+        for tp, records in batches.items():
+            out[Partition(tp.topic, tp.partition)] = [
+                Message(
+                    topic=r.topic,
+                    partition=r.partition,
+                    offset=r.offset,
+                    key=r.key,
+                    value=r.value,
+                    headers=tuple(r.headers or ()),
+                )
+                for r in records
+            ]
+        return out
+
+    async def commit(self, offsets: dict[Partition, int]) -> None:
+        from aiokafka import TopicPartition
+
+        assigned = self.assignment()
+        still = {
+            TopicPartition(p.topic, p.partition): off for p, off in offsets.items() if p in assigned
+        }
+        if still:
+            await self._consumer.commit(still)
+
+    def assignment(self) -> set[Partition]:
+        if self._consumer is None:
+            return set()
+        return {Partition(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    async def lag(self) -> dict[Partition, int]:
+        from aiokafka import TopicPartition
+
+        out: dict[Partition, int] = {}
+        for p in self.assignment():
+            tp = TopicPartition(p.topic, p.partition)
+            high = self._consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except Exception:  # noqa: BLE001 - position unknown during a rebalance
+                continue
+            out[p] = max(high - position, 0)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# In-process bus (unit tests, embedded single-process mode)
+# --------------------------------------------------------------------------------------------
+
+
+class InProcessTransport:
+    """Partitioned, ordered, replayable logs in memory, with committed positions per group."""
+
+    def __init__(self, partitions: int = 3) -> None:
+        self.partitions = partitions
+        self.logs: dict[Partition, list[Message]] = defaultdict(list)
+        self.committed: dict[tuple[str, Partition], int] = {}
+        self._changed = asyncio.Condition()
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def ensure_topics(self, topics: Sequence[str]) -> None:
+        return None
+
+    def partition_for(self, key: bytes | None) -> int:
+        return zlib.crc32(key) % self.partitions if key else 0
+
+    async def send_batch(self, messages: Sequence[Message]) -> None:
+        async with self._changed:
+            for m in messages:
+                part = Partition(m.topic, self.partition_for(m.key))
+                log_ = self.logs[part]
+                log_.append(
+                    Message(
+                        topic=m.topic,
+                        value=m.value,
+                        key=m.key,
+                        headers=m.headers,
+                        partition=part.partition,
+                        offset=len(log_),
+                    )
+                )
+            self._changed.notify_all()
+
+    def messages(self, topic: str) -> list[Message]:
+        """Every message of a topic, partition by partition (for tests)."""
+        return [m for p in sorted(self.logs) if p.topic == topic for m in self.logs[p]]
+
+    def source(self, topics: Sequence[str], group_id: str) -> InProcessSource:
+        return InProcessSource(self, topics, group_id)
+
+
+class InProcessSource:
+    def __init__(self, bus: InProcessTransport, topics: Sequence[str], group_id: str) -> None:
+        self.bus = bus
+        self.topics = list(topics)
+        self.group_id = group_id
+        self._positions: dict[Partition, int] = {}
+
+    async def start(self) -> None:
+        self._positions = {}
+
+    async def stop(self) -> None:
+        return None
+
+    def _partitions(self) -> list[Partition]:
+        return [Partition(t, i) for t in self.topics for i in range(self.bus.partitions)]
+
+    def _position(self, p: Partition) -> int:
+        if p not in self._positions:
+            self._positions[p] = self.bus.committed.get((self.group_id, p), 0)
+        return self._positions[p]
+
+    def _ready(self, max_records: int) -> dict[Partition, list[Message]]:
+        out: dict[Partition, list[Message]] = {}
+        budget = max_records
+        for p in self._partitions():
+            pos = self._position(p)
+            pending = self.bus.logs.get(p, [])[pos : pos + budget]
+            if pending:
+                out[p] = list(pending)
+                self._positions[p] = pos + len(pending)
+                budget -= len(pending)
+            if budget <= 0:
+                break
+        return out
+
+    async def poll(self, timeout: float, max_records: int) -> dict[Partition, list[Message]]:
+        async with self.bus._changed:
+            ready = self._ready(max_records)
+            if ready:
+                return ready
+            try:
+                await asyncio.wait_for(self.bus._changed.wait(), timeout=timeout)
+            except TimeoutError:
+                return {}
+            return self._ready(max_records)
+
+    async def commit(self, offsets: dict[Partition, int]) -> None:
+        for p, off in offsets.items():
+            self.bus.committed[(self.group_id, p)] = off
+
+    def assignment(self) -> set[Partition]:
+        return set(self._partitions())
+
+    async def lag(self) -> dict[Partition, int]:
+        return {p: len(self.bus.logs.get(p, [])) - self._position(p) for p in self._partitions()}
+
+    def rewind_to_committed(self) -> None:
+        """Forget uncommitted progress, as a restarted consumer would (for tests)."""
+        self._positions = {}
