@@ -1,0 +1,14 @@
+import pytest_asyncio
+
+from ccm_shared.db import Database
+from tests.support.messaging import metadata
+
+
+@pytest_asyncio.fixture
+async def sqlite_db(tmp_path):
+    """An embedded-mode database (SQLite files), the test tables in the 'ingest' schema."""
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/platform.db", schema="ingest")
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    yield db
+    await db.dispose()

@@ -1,0 +1,91 @@
+"""The HTTP edge on the embedded database: auth, tenancy, errors, limits, operations routes."""
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from ccm_shared.http import json_depth
+from ccm_shared.migrate import upgrade_async, upgrade_platform
+from ccm_shared.service import ServiceRuntime, discover_services
+from ccm_shared.settings import load_settings
+from ccm_shared.tenancy import Pricing, create_practice, create_token
+from ccm_shared.transport import InProcessTransport
+
+
+
+@pytest_asyncio.fixture
+async def client(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
+    import asyncio
+
+    await asyncio.to_thread(upgrade_platform, url)
+    ingest = discover_services()["ingest"]
+    await upgrade_async(url, ingest.schema, ingest.migrations_package)
+    settings = load_settings(database_url=url, max_body_bytes=1000)
+    runtime = ServiceRuntime.build(ingest, settings, transport=InProcessTransport())
+    for pid in ("alpha", "beta"):
+        await create_practice(runtime.db.engine, practice_id=pid, name=pid.title(),
+                              timezone="America/New_York", pricing=Pricing())
+    tokens = {pid: await create_token(runtime.db.engine, practice_id=pid) for pid in ("alpha", "beta")}
+    transport = httpx.ASGITransport(app=runtime.app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        c.tokens = tokens
+        yield c
+    await runtime.db.dispose()
+
+
+def auth(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_own_practice_is_readable(client):
+    r = await client.get("/v1/practices/alpha", headers=auth(client.tokens["alpha"]))
+    assert r.status_code == 200 and r.json()["timezone"] == "America/New_York"
+
+
+async def test_other_practice_answers_not_found(client):
+    r = await client.get("/v1/practices/beta", headers=auth(client.tokens["alpha"]))
+    assert r.status_code == 404
+    assert r.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer ccm_wrong"},
+                                     {"Authorization": "Basic abc"}, {"Authorization": "Bearer "}])
+async def test_missing_or_wrong_token_answers_401(client, headers):
+    r = await client.get("/v1/practices/alpha", headers=headers)
+    assert r.status_code == 401
+    assert r.json()["status"] == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_oversized_body_answers_413(client):
+    r = await client.post("/v1/practices/alpha", content=b"x" * 2000,
+                          headers=auth(client.tokens["alpha"]))
+    assert r.status_code == 413
+    assert r.json()["title"] == "Payload too large"
+
+
+async def test_correlation_id_is_echoed(client):
+    r = await client.get("/healthz", headers={"X-Correlation-ID": "abc123"})
+    assert r.headers["x-correlation-id"] == "abc123"
+
+
+async def test_readyz_reports_database(client):
+    r = await client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"]["database"] == "ok"
+
+
+async def test_metrics_are_exported(client):
+    await client.get("/healthz")
+    body = (await client.get("/metrics")).text
+    assert "ccm_http_requests_total" in body and "ccm_outbox_backlog" in body
+
+
+def test_json_depth_limit():
+    deep = current = {}
+    for _ in range(100):
+        current["a"] = {}
+        current = current["a"]
+    with pytest.raises(ValueError, match="deeper than 64"):
+        json_depth(deep, 64)
+    assert json_depth({"a": [1, {"b": 2}]}, 64) == 4

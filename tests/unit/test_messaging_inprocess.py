@@ -1,0 +1,139 @@
+"""Outbox, relay and consumer runtime on the in-process bus and SQLite (embedded mode)."""
+
+import asyncio
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ccm_shared.consumer import ConsumerRuntime, dlq_topic
+from ccm_shared.events import CloudEvent, Message
+from ccm_shared.outbox import OutboxRelay
+from ccm_shared.transport import InProcessTransport
+from tests.support.messaging import (
+    effect_rows,
+    make_event,
+    record_effect,
+    state_count,
+    write_state_and_event,
+)
+
+TOPIC = "tests.thing.happened.v1"
+
+
+def consumer(db, bus, **kw) -> ConsumerRuntime:
+    return ConsumerRuntime(
+        name="tests-consumer", topics=[TOPIC], handler=record_effect, db=db, transport=bus,
+        backoff_initial=0, backoff_max=0, poll_timeout=0.01, **kw,
+    )
+
+
+async def test_committed_state_change_publishes_its_event(sqlite_db):
+    bus = InProcessTransport()
+    stored = await write_state_and_event(sqlite_db, TOPIC, make_event(), commit=True)
+    assert await OutboxRelay(sqlite_db, bus).drain() == 1
+    [msg] = bus.messages(TOPIC)
+    assert CloudEvent.from_json(msg.value).id == stored.id
+    assert msg.key == b"acme:p1"
+
+
+async def test_rolled_back_transaction_publishes_nothing(sqlite_db):
+    bus = InProcessTransport()
+    await write_state_and_event(sqlite_db, TOPIC, make_event(), commit=False)
+    assert await OutboxRelay(sqlite_db, bus).drain() == 0
+    assert bus.messages(TOPIC) == []
+    assert await state_count(sqlite_db) == 0
+
+
+async def test_sequence_counts_per_patient_and_tenant(sqlite_db):
+    seqs = []
+    for tenant, patient in [("a", "p1"), ("a", "p1"), ("a", "p2"), ("b", "p1"), ("a", "p1")]:
+        ev = await write_state_and_event(sqlite_db, TOPIC, make_event(tenant, patient), commit=True)
+        seqs.append(ev.sequence)
+    assert seqs == [1, 2, 1, 1, 3]
+
+
+async def test_event_without_patient_has_no_sequence_and_tenant_key(sqlite_db):
+    bus = InProcessTransport()
+    ev = await write_state_and_event(sqlite_db, TOPIC, make_event(patient=None), commit=True)
+    await OutboxRelay(sqlite_db, bus).drain()
+    assert ev.sequence is None
+    assert bus.messages(TOPIC)[0].key == b"acme"
+
+
+async def test_relay_sends_each_event_once_and_marks_it_sent(sqlite_db):
+    bus = InProcessTransport()
+    for i in range(25):
+        await write_state_and_event(sqlite_db, TOPIC, make_event(value=i), commit=True)
+    relay = OutboxRelay(sqlite_db, bus, batch_size=7)
+    assert await relay.drain() == 25
+    assert await relay.drain() == 0
+    assert await relay.backlog() == 0
+    assert len(bus.messages(TOPIC)) == 25
+
+
+async def test_redelivered_event_is_a_no_op(sqlite_db):
+    bus = InProcessTransport()
+    await write_state_and_event(sqlite_db, TOPIC, make_event(), commit=True)
+    await OutboxRelay(sqlite_db, bus).drain()
+    runtime = consumer(sqlite_db, bus)
+    await runtime.start()
+    await runtime.run_once()
+    # Same message again, as after a crash before the offset commit.
+    await runtime.process(bus.messages(TOPIC)[0])
+    assert len(await effect_rows(sqlite_db)) == 1
+    assert runtime.stats.applied == 1 and runtime.stats.duplicates == 1
+
+
+async def test_poison_event_goes_to_dlq_after_retries_and_partition_keeps_flowing(sqlite_db):
+    bus = InProcessTransport(partitions=1)
+    good1, poison, good2 = make_event(value=1), make_event(type="tests.poison.v1"), make_event(value=2)
+    await bus.send_batch([Message(TOPIC, e.to_json(), key=b"acme:p1") for e in (good1, poison, good2)])
+    await bus.send_batch([Message(TOPIC, b"{not json", key=b"acme:p1")])
+    runtime = consumer(sqlite_db, bus, max_retries=2)
+    await runtime.start()
+    while await runtime.run_once():
+        pass
+    assert [r.event_id for r in await effect_rows(sqlite_db)] == [good1.id, good2.id]
+    dead = bus.messages(dlq_topic(TOPIC))
+    assert len(dead) == 2
+    assert CloudEvent.from_json(dead[0].value).id == poison.id
+    assert dead[0].header("dlq-error") == b"RuntimeError"
+    assert dead[0].header("dlq-attempts") == b"3"
+    assert dead[1].header("dlq-error") == b"PoisonMessage"
+    assert runtime.stats.retries == 2
+    assert bus.committed[("tests-consumer", runtime.source.assignment().pop())] == 4
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+async def test_any_order_and_number_of_deliveries_applies_each_event_once(tmp_path_factory, data):
+    from ccm_shared.db import Database
+    from tests.support.messaging import metadata
+
+    folder = tmp_path_factory.mktemp("prop")
+    db = Database(f"sqlite+aiosqlite:///{folder}/platform.db", schema="ingest")
+    async with db.engine.begin() as conn:
+        await conn.run_sync(metadata.create_all)
+    try:
+        events = [make_event(patient=f"p{i % 3}", value=i) for i in range(8)]
+        deliveries = data.draw(
+            st.lists(st.sampled_from(range(len(events))), min_size=len(events), max_size=30)
+            .map(lambda xs: xs + list(range(len(events))))
+            .flatmap(st.permutations)
+        )
+        runtime = consumer(db, InProcessTransport())
+        for i in deliveries:
+            await runtime.process(Message(TOPIC, events[i].to_json(), key=b"k"))
+        rows = await effect_rows(db)
+        assert sorted(r.event_id for r in rows) == sorted(e.id for e in events)
+    finally:
+        await db.dispose()
+
+
+async def test_concurrent_duplicate_deliveries_apply_once(sqlite_db):
+    event = make_event()
+    runtime = consumer(sqlite_db, InProcessTransport())
+    msg = Message(TOPIC, event.to_json(), key=b"acme:p1")
+    await asyncio.gather(*(runtime.process(msg) for _ in range(5)))
+    assert len(await effect_rows(sqlite_db)) == 1

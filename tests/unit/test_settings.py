@@ -1,0 +1,65 @@
+import subprocess
+import sys
+
+import pytest
+
+from ccm_shared.settings import ConfigurationError, Environment, load_settings
+
+PG = "postgresql+asyncpg://ccm:pw@db:5432/ccm"
+GOOD_KEY = "k" * 40
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "message"),
+    [
+        ("production", {"kafka_bootstrap_servers": "k:9092", "secret_key": GOOD_KEY},
+         "CCM_DATABASE_URL is not set"),
+        ("production", {"database_url": PG, "secret_key": GOOD_KEY},
+         "CCM_KAFKA_BOOTSTRAP_SERVERS is not set"),
+        ("production", {"database_url": PG, "kafka_bootstrap_servers": "k:9092"},
+         "CCM_SECRET_KEY is missing or a placeholder"),
+        ("production", {"database_url": PG, "kafka_bootstrap_servers": "k:9092",
+                        "secret_key": "changethis"}, "placeholder"),
+        ("production", {"database_url": PG, "kafka_bootstrap_servers": "k:9092",
+                        "secret_key": "short-but-not-placeholder"}, "shorter than 32"),
+        ("production", {"database_url": "sqlite+aiosqlite:///x.db",
+                        "kafka_bootstrap_servers": "k:9092", "secret_key": GOOD_KEY},
+         "production needs PostgreSQL"),
+        ("test", {"kafka_bootstrap_servers": "k:9092"}, "CCM_DATABASE_URL is not set"),
+    ],
+)
+def test_unsafe_or_missing_settings_are_refused(monkeypatch, env, overrides, message):
+    monkeypatch.setenv("CCM_ENV", env)
+    with pytest.raises(ConfigurationError, match=message):
+        load_settings(**overrides)
+
+
+def test_complete_production_settings_are_accepted(monkeypatch):
+    monkeypatch.setenv("CCM_ENV", "production")
+    s = load_settings(database_url=PG, kafka_bootstrap_servers="k:9092", secret_key=GOOD_KEY)
+    assert s.env is Environment.PRODUCTION and s.is_postgres
+
+
+def test_development_needs_nothing(monkeypatch):
+    for name in ("CCM_ENV", "CCM_DATABASE_URL", "CCM_KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(name, raising=False)
+    assert load_settings().env is Environment.DEVELOPMENT
+
+
+def test_bad_values_name_the_variable(monkeypatch):
+    monkeypatch.setenv("CCM_MAX_BODY_BYTES", "-5")
+    with pytest.raises(ConfigurationError, match="CCM_MAX_BODY_BYTES"):
+        load_settings()
+
+
+def test_service_refuses_to_start_with_unsafe_configuration():
+    env = {"CCM_ENV": "production", "CCM_DATABASE_URL": PG, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ccm_shared.cli", "serve", "ingest"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "configuration refused" in proc.stderr
+    assert "CCM_KAFKA_BOOTSTRAP_SERVERS is not set" in proc.stderr
+    assert "CCM_SECRET_KEY" in proc.stderr
+    assert "Traceback" not in proc.stderr
