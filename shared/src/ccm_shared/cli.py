@@ -238,6 +238,42 @@ async def _serve(settings, definitions, *, api, consumers, relay, host, port) ->
     waiter.cancel()
 
 
+@app.command("contracts")
+def contracts(
+    out: Annotated[str, typer.Option(help="Folder to write into")] = "contracts",
+) -> None:
+    """Write the AsyncAPI document and each service's OpenAPI document from the code."""
+    import json
+    from pathlib import Path
+
+    docs = generated_contracts()
+    folder = Path(out)
+    for relative, doc in docs.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+        typer.echo(f"wrote {path}", err=True)
+
+
+def generated_contracts() -> dict[str, dict]:
+    """AsyncAPI and OpenAPI documents as the code describes them (relative path → document)."""
+    from ccm_shared import asyncapi
+    from ccm_shared.service import ServiceRuntime, discover_services
+    from ccm_shared.settings import load_settings
+    from ccm_shared.transport import InProcessTransport
+
+    definitions = list(discover_services().values())
+    settings = load_settings(database_url="sqlite+aiosqlite:///unused/platform.db")
+    docs: dict[str, dict] = {}
+    consumers: dict[str, list[tuple[str, tuple]]] = {}
+    for d in definitions:
+        runtime = ServiceRuntime.build(d, settings, transport=InProcessTransport())
+        consumers[d.name] = [(c.name, tuple(c.topics)) for c in runtime.consumers]
+        docs[f"openapi/{d.name}.json"] = runtime.app().openapi()
+    docs["asyncapi.json"] = asyncapi.build(definitions, consumers)
+    return docs
+
+
 @app.command("config")
 def show_config() -> None:
     """Check the configuration and print it (secrets masked)."""

@@ -1,0 +1,129 @@
+"""Outbox and relay on real PostgreSQL and Apache Kafka."""
+
+import asyncio
+import json
+from collections import defaultdict
+
+import pytest
+
+from ccm_shared.consumer import ConsumerRuntime
+from ccm_shared.events import CloudEvent
+from ccm_shared.outbox import OutboxRelay
+from tests.integration.conftest import eventually
+from tests.support.kafka_read import read_topic
+from tests.support.messaging import (
+    effect_rows,
+    make_event,
+    record_effect,
+    state_count,
+    write_state_and_event,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_state_change_and_its_event_commit_together(infra, pg_db, kafka, topic):
+    await kafka.ensure_topics([topic])
+    committed = await write_state_and_event(pg_db, topic, make_event(value=1), commit=True)
+    rolled_back = await write_state_and_event(pg_db, topic, make_event(value=2), commit=False)
+    marker = await write_state_and_event(pg_db, topic, make_event(value=3), commit=True)
+
+    assert await OutboxRelay(pg_db, kafka).drain() == 2
+    records = await read_topic(infra.kafka_bootstrap_servers, topic, expect=2)
+    ids = [CloudEvent.from_json(r.value).id for r in records]
+    assert sorted(ids) == sorted([committed.id, marker.id])
+    assert rolled_back.id not in ids
+    assert await state_count(pg_db) == 2
+    first = next(r for r in records if CloudEvent.from_json(r.value).id == committed.id)
+    assert first.key == b"acme:p1"
+    assert dict(first.headers)["content-type"] == b"application/cloudevents+json"
+
+
+async def test_broker_outage_loses_nothing_and_applies_each_event_once(
+    infra, pg_db, kafka, topic
+):
+    control = infra.require_kafka_control()
+    await kafka.ensure_topics([topic])
+    total, patients = 1000, 20
+    relay = OutboxRelay(pg_db, kafka, batch_size=50, poll_interval=0.05, backoff_max=1.0)
+    consumer = ConsumerRuntime(
+        name="outage-consumer", topics=[topic], handler=record_effect, db=pg_db,
+        transport=kafka, backoff_initial=0.05, backoff_max=1.0,
+    )
+
+    async def write_all():
+        for i in range(0, total, 10):
+            async with pg_db.unit_of_work() as uow:
+                for j in range(i, i + 10):
+                    await uow.outbox.add(topic, make_event(patient=f"p{j % patients}", value=j))
+                await uow.commit()
+            relay.notify()
+            await asyncio.sleep(0.02)
+
+    relay_task = asyncio.create_task(relay.run())
+    consumer_task = asyncio.create_task(consumer.run())
+    writer = asyncio.create_task(write_all())
+    try:
+        async def some_published():
+            return relay.stats.published >= 200
+
+        await eventually(some_published, timeout=60, what="200 events relayed before the outage")
+        await asyncio.to_thread(control.stop)
+        stopped_at = relay.stats.published
+        await asyncio.sleep(3)
+        await writer  # the services keep writing while the broker is away
+        assert relay.stats.published < total, "the outage came too late to test anything"
+        await asyncio.to_thread(control.start)
+
+        async def all_applied():
+            return len(await effect_rows(pg_db)) >= total and await relay.backlog() == 0
+
+        await eventually(all_applied, timeout=240, interval=0.5, what="all 1,000 events applied")
+        await asyncio.sleep(2)  # anything redelivered late would show up as a second effect
+    finally:
+        relay.stop()
+        consumer.stop()
+        await asyncio.gather(relay_task, consumer_task, return_exceptions=True)
+
+    rows = await effect_rows(pg_db)
+    assert len(rows) == total, "an effect was applied twice"
+    assert len({r.event_id for r in rows}) == total
+    by_patient = defaultdict(list)
+    for r in rows:  # rows in the order the consumer applied them
+        by_patient[r.subject].append(r.sequence)
+    for subject, seqs in by_patient.items():
+        assert seqs == list(range(1, len(seqs) + 1)), f"{subject} applied out of order"
+    assert stopped_at < total
+    print(f"relay failures during outage: {relay.stats.failures}; "
+          f"duplicates absorbed by the inbox: {consumer.stats.duplicates}")
+
+
+async def test_poison_event_goes_to_dlq_and_partition_keeps_flowing(infra, pg_db, kafka, topic):
+    await kafka.ensure_topics([topic])
+    good1 = await write_state_and_event(pg_db, topic, make_event(value=1), commit=True)
+    poison = await write_state_and_event(
+        pg_db, topic, make_event(type="tests.poison.v1"), commit=True
+    )
+    good2 = await write_state_and_event(pg_db, topic, make_event(value=2), commit=True)
+    await OutboxRelay(pg_db, kafka).drain()
+    consumer = ConsumerRuntime(
+        name="dlq-consumer", topics=[topic], handler=record_effect, db=pg_db, transport=kafka,
+        max_retries=2, backoff_initial=0.01, backoff_max=0.05,
+    )
+    task = asyncio.create_task(consumer.run())
+    try:
+        async def both_good_applied():
+            return len(await effect_rows(pg_db)) == 2
+
+        await eventually(both_good_applied, what="the events after the poison one")
+    finally:
+        consumer.stop()
+        await task
+    assert [r.event_id for r in await effect_rows(pg_db)] == [good1.id, good2.id]
+    [dead] = await read_topic(infra.kafka_bootstrap_servers, topic + ".dlq", expect=1)
+    assert CloudEvent.from_json(dead.value).id == poison.id
+    headers = dict(dead.headers)
+    assert headers["dlq-error"] == b"RuntimeError"
+    assert headers["dlq-attempts"] == b"3"
+    assert headers["dlq-consumer"] == b"dlq-consumer"
+    assert json.loads(dead.value)["tenant"] == "acme"

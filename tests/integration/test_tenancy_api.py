@@ -1,0 +1,42 @@
+"""Tenant isolation through a service's HTTP API on PostgreSQL."""
+
+import uuid
+
+import httpx
+import pytest
+
+from ccm_shared.migrate import upgrade_async
+from ccm_shared.service import ServiceRuntime, discover_services
+from ccm_shared.settings import load_settings
+from ccm_shared.tenancy import Pricing, create_practice, create_token
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.mark.parametrize("service", ["ingest", "billing", "careplan", "notification"])
+async def test_cross_tenant_reads_answer_not_found_and_bad_tokens_401(infra, kafka, service):
+    definition = discover_services()[service]
+    await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
+    settings = load_settings(database_url=infra.database_url,
+                             kafka_bootstrap_servers=infra.kafka_bootstrap_servers)
+    runtime = ServiceRuntime.build(definition, settings, transport=kafka)
+    a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    for pid in (a, b):
+        await create_practice(runtime.db.engine, practice_id=pid, name=pid,
+                              timezone="America/Chicago", pricing=Pricing())
+    token_a = await create_token(runtime.db.engine, practice_id=a)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
+                                     base_url="http://t") as client:
+            own = await client.get(f"/v1/practices/{a}", headers={"Authorization": f"Bearer {token_a}"})
+            other = await client.get(f"/v1/practices/{b}", headers={"Authorization": f"Bearer {token_a}"})
+            none = await client.get(f"/v1/practices/{a}")
+            wrong = await client.get(f"/v1/practices/{a}", headers={"Authorization": "Bearer ccm_x"})
+            ready = await client.get("/readyz")
+    finally:
+        await runtime.db.dispose()
+    assert own.status_code == 200 and own.json()["id"] == a
+    assert other.status_code == 404
+    assert none.status_code == 401 and wrong.status_code == 401
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "kafka": "ok"}
