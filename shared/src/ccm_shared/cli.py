@@ -285,9 +285,33 @@ def show_config() -> None:
             scheme, _, rest = value.partition("://")
             value = f"{scheme}://***@{rest.split('@', 1)[1]}"
         typer.echo(f"CCM_{name.upper()}={value}")
+    from ccm_shared.service import discover_services
+
+    for definition in discover_services().values():
+        if definition.settings_model is None:
+            continue
+        typer.echo(f"# {definition.name}")
+        for name, value in definition.settings_model().model_dump().items():
+            secret = any(w in name for w in ("password", "secret", "key", "token"))
+            typer.echo(f"CCM_{name.upper()}={'***' if secret and value else value}")
+
+
+def _mount_service_commands() -> None:
+    """Each service may bring its own subcommands: ``ccm billing close …``."""
+    from ccm_shared.service import discover_services
+
+    try:
+        services = discover_services()
+    except Exception as exc:  # noqa: BLE001 - a broken service must not break `ccm --help`
+        typer.secho(f"warning: could not load services: {exc}", err=True)
+        return
+    for definition in services.values():
+        if definition.cli is not None:
+            app.add_typer(definition.cli, name=definition.name)
 
 
 def main() -> None:
+    _mount_service_commands()
     app()
 
 

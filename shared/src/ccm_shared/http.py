@@ -199,6 +199,8 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
 
     for router in definition.routers(runtime):
         app.include_router(router)
+    if definition.configure_app is not None:
+        definition.configure_app(app, runtime)
     app.add_middleware(
         EdgeMiddleware, service=definition.name, max_body_bytes=runtime.settings.max_body_bytes
     )

@@ -7,14 +7,16 @@ under the ``ccm.services`` entry-point group; the platform library never imports
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib import resources
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import structlog
 from fastapi import APIRouter, FastAPI
+from pydantic_settings import BaseSettings
 from sqlalchemy import MetaData
 
 from ccm_shared.consumer import ConsumerRuntime, Handler
@@ -36,7 +38,33 @@ class ConsumerSpec:
 
 
 @dataclass(frozen=True)
+class BackgroundJob:
+    """A long-running coroutine started with the service (schedulers, pollers).
+
+    ``run`` must return when ``stopping`` is set; the runtime waits for it on shutdown.
+    """
+
+    name: str
+    run: Callable[[asyncio.Event], Awaitable[None]]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
 class ServiceDefinition:
+    """What a service is. Hooks receive the runtime so they can reach its db, transport, clock.
+
+    - ``routers``: its HTTP routes; ``configure_app``: anything else on the FastAPI app (e.g.
+      ingest's OperationOutcome error mapping for /fhir).
+    - ``consumers``: its consumer groups; ``background``: its schedulers.
+    - ``produces``: the topics it publishes (= event types; each has a schema in contracts/).
+    - ``settings_model``: its own CCM_* settings class, if any (listed by `ccm config`, wired in
+      docker-compose and k8s).
+    - ``cli``: a Typer app mounted as ``ccm <name> …``.
+    """
+
     name: str
     port: int
     description: str
@@ -44,7 +72,11 @@ class ServiceDefinition:
     migrations_package: str
     routers: Callable[[ServiceRuntime], Sequence[APIRouter]] = lambda _rt: ()
     consumers: Callable[[ServiceRuntime], Sequence[ConsumerSpec]] = lambda _rt: ()
+    background: Callable[[ServiceRuntime], Sequence[BackgroundJob]] = lambda _rt: ()
+    configure_app: Callable[[FastAPI, ServiceRuntime], None] | None = None
     produces: tuple[str, ...] = ()
+    settings_model: type[BaseSettings] | None = None
+    cli: object | None = None  # typer.Typer; typed loosely so services need not import typer
 
     @property
     def schema(self) -> str:
@@ -83,7 +115,10 @@ class ServiceRuntime:
     db: Database
     consumers: list[ConsumerRuntime] = field(default_factory=list)
     relay: OutboxRelay | None = None
+    clock: Callable[[], datetime] = utc_now
+    state: dict = field(default_factory=dict)  # the service's own long-lived objects
     _tasks: list[asyncio.Task] = field(default_factory=list)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     def build(
@@ -93,6 +128,7 @@ class ServiceRuntime:
         *,
         transport: Transport | None = None,
         db: Database | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> ServiceRuntime:
         if not settings.database_url:
             raise ValueError("CCM_DATABASE_URL is required")
@@ -104,6 +140,7 @@ class ServiceRuntime:
             or Database(
                 settings.database_url, schema=definition.schema, pool_size=settings.db_pool_size
             ),
+            clock=clock or utc_now,
         )
         runtime.relay = OutboxRelay(
             runtime.db,
@@ -132,7 +169,19 @@ class ServiceRuntime:
 
         return create_app(self)
 
-    async def start(self, *, consumers: bool = True, relay: bool = True) -> None:
+    def service_settings(self) -> BaseSettings | None:
+        """The service's own settings (read once from the environment)."""
+        model = self.definition.settings_model
+        if model is None:
+            return None
+        if "settings" not in self.state:
+            self.state["settings"] = model()
+        return self.state["settings"]
+
+    async def start(
+        self, *, consumers: bool = True, relay: bool = True, background: bool = True
+    ) -> None:
+        self._stopping.clear()
         await self.transport.start()
         if self.definition.produces:
             await self.transport.ensure_topics(self.definition.produces)
@@ -141,8 +190,14 @@ class ServiceRuntime:
         if consumers:
             for c in self.consumers:
                 self._tasks.append(asyncio.create_task(c.run(), name=f"consumer-{c.name}"))
+        if background:
+            for job in self.definition.background(self):
+                self._tasks.append(
+                    asyncio.create_task(job.run(self._stopping), name=f"job-{job.name}")
+                )
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self.relay is not None:
             self.relay.stop()
         for c in self.consumers:
