@@ -59,7 +59,7 @@ async def bare_loop(transport: KafkaTransport, topic: str, evs, batch: int) -> f
 
 async def relay_run(db: Database, transport: KafkaTransport, topic: str, evs, batch: int) -> float:
     async with db.engine.begin() as conn:
-        await conn.execute(text("TRUNCATE outbox"))
+        await conn.execute(text(f'TRUNCATE "{db.schema}".outbox'))
     for i in range(0, len(evs), 1000):  # filling the outbox is not timed
         async with db.unit_of_work() as uow:
             for e in evs[i : i + 1000]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -73,7 +73,6 @@ class Message:
     headers: tuple[tuple[str, bytes], ...] = ()
     partition: int = 0
     offset: int = -1
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def header(self, name: str) -> bytes | None:
         for k, v in self.headers:
@@ -82,13 +81,21 @@ class Message:
         return None
 
 
-def envelope_headers(event: CloudEvent) -> tuple[tuple[str, bytes], ...]:
+_CONTENT_TYPE_HEADER = ("content-type", CLOUDEVENTS_CONTENT_TYPE.encode())
+
+
+def routing_headers(
+    event_type: str, tenant: str, correlation_id: str | None
+) -> tuple[tuple[str, bytes], ...]:
     """Kafka headers carry routing facts only — never PHI."""
-    headers = [("content-type", CLOUDEVENTS_CONTENT_TYPE.encode()), ("ce_type", event.type.encode())]
-    headers.append(("ce_tenant", event.tenant.encode()))
-    if event.correlationid:
-        headers.append(("correlation-id", event.correlationid.encode()))
-    return tuple(headers)
+    headers = (_CONTENT_TYPE_HEADER, ("ce_type", event_type.encode()), ("ce_tenant", tenant.encode()))
+    if correlation_id:
+        return (*headers, ("correlation-id", correlation_id.encode()))
+    return headers
+
+
+def envelope_headers(event: CloudEvent) -> tuple[tuple[str, bytes], ...]:
+    return routing_headers(event.type, event.tenant, event.correlationid)
 
 
 def to_message(topic: str, event: CloudEvent) -> Message:

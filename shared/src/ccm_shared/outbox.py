@@ -9,18 +9,18 @@ transaction. A crash between the two republishes the batch; consumers' inboxes m
 from __future__ import annotations
 
 import asyncio
-import json
 import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import BigInteger, any_, cast, func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ccm_shared.db import Database
-from ccm_shared.events import CloudEvent, Message, envelope_headers
+from ccm_shared.events import CloudEvent, Message, routing_headers
 from ccm_shared.observability import current_correlation_id, metrics
 from ccm_shared.tables import outbox_table, sequences_table
 from ccm_shared.transport import Transport
@@ -69,7 +69,7 @@ class Outbox:
                 key=event.kafka_key(),
                 event_type=event.type,
                 payload=event.to_json().decode(),
-                headers=json.dumps([[k, v.decode()] for k, v in envelope_headers(event)]),
+                correlation_id=event.correlationid,
                 created_at=datetime.now(UTC),
             )
         )
@@ -84,12 +84,11 @@ class RelayStats:
 
 
 def _row_to_message(row) -> Message:  # noqa: ANN001
-    headers = tuple((k, v.encode()) for k, v in json.loads(row.headers))
     return Message(
         topic=row.topic,
         key=row.key.encode() if row.key is not None else None,
         value=row.payload.encode(),
-        headers=headers,
+        headers=routing_headers(row.event_type, row.tenant, row.correlation_id),
     )
 
 
@@ -134,43 +133,79 @@ class OutboxRelay:
             )
             return (await conn.execute(stmt)).scalar_one()
 
-    async def publish_batch(self) -> int:
-        """Publish one batch of unsent events; return how many were published."""
-        async with self.db.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(
-                        outbox_table.c.id,
-                        outbox_table.c.topic,
-                        outbox_table.c.key,
-                        outbox_table.c.payload,
-                        outbox_table.c.headers,
-                    )
-                    .where(outbox_table.c.sent_at.is_(None))
-                    .order_by(outbox_table.c.id)
-                    .limit(self.batch_size)
-                )
-            ).all()
-            await conn.rollback()  # end the read transaction before talking to Kafka
-        if not rows:
-            return 0
-        await self.transport.send_batch([_row_to_message(r) for r in rows])
-        ids = [r.id for r in rows]
-        async with self.db.engine.begin() as conn:
-            await conn.execute(
-                update(outbox_table)
-                .where(outbox_table.c.id.in_(ids))
-                .values(sent_at=datetime.now(UTC))
+    async def _fetch(self, after_id: int | None) -> list:
+        stmt = (
+            select(
+                outbox_table.c.id,
+                outbox_table.c.topic,
+                outbox_table.c.key,
+                outbox_table.c.payload,
+                outbox_table.c.event_type,
+                outbox_table.c.tenant,
+                outbox_table.c.correlation_id,
             )
-        self.stats.published += len(rows)
-        self.stats.batches += 1
-        metrics.outbox_published.labels(self.service).inc(len(rows))
-        return len(rows)
+            .where(outbox_table.c.sent_at.is_(None))
+            .order_by(outbox_table.c.id)
+            .limit(self.batch_size)
+        )
+        if after_id is not None:
+            stmt = stmt.where(outbox_table.c.id > after_id)
+        async with self.db.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+            await conn.rollback()  # no transaction stays open while we talk to Kafka
+        return rows
+
+    async def _mark_sent(self, ids: list[int]) -> None:
+        # One array parameter on PostgreSQL instead of a thousand bound values.
+        where = (
+            outbox_table.c.id == any_(cast(ids, ARRAY(BigInteger)))
+            if self.db.is_postgres
+            else outbox_table.c.id.in_(ids)
+        )
+        async with self.db.engine.begin() as conn:
+            await conn.execute(update(outbox_table).where(where).values(sent_at=datetime.now(UTC)))
+
+    async def publish_pass(self) -> int:
+        """Publish everything unsent right now; return how many events were published.
+
+        Pipelined: while batch N is being acknowledged, batch N+1 is read and batch N-1 marked
+        sent. Batch N+1 is only sent after all of batch N is acknowledged, so order per key holds.
+        A row that commits late with a lower id than the pass has reached is picked up by the
+        next pass, which starts again from the lowest unsent id.
+        """
+        total = 0
+        marking: asyncio.Task | None = None
+        rows = await self._fetch(None)
+        try:
+            while rows:
+                following = (
+                    asyncio.create_task(self._fetch(rows[-1].id))
+                    if len(rows) == self.batch_size
+                    else None
+                )
+                try:
+                    await self.transport.send_batch([_row_to_message(r) for r in rows])
+                except BaseException:
+                    if following is not None:
+                        following.cancel()
+                    raise
+                if marking is not None:
+                    await marking
+                marking = asyncio.create_task(self._mark_sent([r.id for r in rows]))
+                total += len(rows)
+                self.stats.published += len(rows)
+                self.stats.batches += 1
+                metrics.outbox_published.labels(self.service).inc(len(rows))
+                rows = await following if following is not None else []
+        finally:
+            if marking is not None:
+                await marking
+        return total
 
     async def drain(self) -> int:
         """Publish until the outbox is empty (tests and the embedded mode use it)."""
         total = 0
-        while n := await self.publish_batch():
+        while n := await self.publish_pass():
             total += n
         return total
 
@@ -201,11 +236,12 @@ class OutboxRelay:
         try:
             while not self._stopping.is_set():
                 try:
-                    published = await self.publish_batch()
+                    published = await self.publish_pass()
                     self.last_success = asyncio.get_running_loop().time()
                     delay = self.backoff_initial
-                    metrics.outbox_backlog.labels(self.service).set(await self.backlog())
-                    if published < self.batch_size:
+                    if published:
+                        metrics.outbox_backlog.labels(self.service).set(await self.backlog())
+                    else:
                         await self._sleep(self.poll_interval)
                 except asyncio.CancelledError:
                     raise

@@ -60,7 +60,7 @@ def add_messaging_tables(metadata: MetaData) -> tuple[Table, Table, Table]:
         Column("key", String(200), nullable=True),
         Column("event_type", String(200), nullable=False),
         Column("payload", Text, nullable=False),
-        Column("headers", Text, nullable=False),
+        Column("correlation_id", String(64), nullable=True),
         Column("created_at", DateTime(timezone=True), nullable=False),
         Column("sent_at", DateTime(timezone=True), nullable=True),
         Index(
