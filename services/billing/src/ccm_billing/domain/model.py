@@ -1,0 +1,221 @@
+"""Facts the billing engine decides on, and the decision it returns. Pure dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Literal
+
+Role = Literal["staff", "practitioner", "non-clinical", "unknown"]
+
+# Decision vocabulary (rules document §7): stable identifiers, add new ones, never rename.
+TIME_THRESHOLD_NOT_MET = "time-threshold-not-met"
+CONSENT_MISSING = "consent-missing"
+CONSENT_NOT_ACTIVE = "consent-not-active"
+INSUFFICIENT_CHRONIC_CONDITIONS = "insufficient-chronic-conditions"
+CARE_PLAN_MISSING = "care-plan-missing"
+STAFF_ROLE_UNKNOWN = "staff-role-unknown"
+DUPLICATE_BILLER = "duplicate-biller"
+INITIATING_VISIT_MISSING = "initiating-visit-missing"
+EXCLUDED_COMBINATION = "excluded-combination"
+CONSENT_AFTER_SERVICE = "consent-after-service"
+CARE_PLAN_REVIEW_OVERDUE = "care-plan-review-overdue"
+TIME_LENGTH_PERIOD_MISMATCH = "time-length-period-mismatch"
+BACKDATED_ENTRY = "backdated-entry"
+
+# Why an entry was not counted (explanations; also stable).
+NOT_FINISHED = "not-finished"
+BEFORE_CONSENT = "before-consent"
+NON_CLINICAL_PERFORMER = "non-clinical-performer"
+UNKNOWN_PERFORMER_ROLE = "unknown-performer-role"
+OTHER_MONTH = "other-month"
+LOGGED_AFTER_CLOSE = "logged-after-close"
+CONSENT_VOIDED = "consent-voided"
+
+
+@dataclass(frozen=True, order=True)
+class Month:
+    year: int
+    month: int
+
+    @classmethod
+    def parse(cls, text: str) -> Month:
+        """``yyyy-mm``; raises ValueError otherwise."""
+        if len(text) != 7 or text[4] != "-" or not (text[:4] + text[5:]).isdigit():
+            raise ValueError(f"month must be yyyy-mm, got {text!r}")
+        month = cls(int(text[:4]), int(text[5:]))
+        if not 1 <= month.month <= 12 or month.year < 1900:
+            raise ValueError(f"month must be yyyy-mm, got {text!r}")
+        return month
+
+    def __str__(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+    @property
+    def first_day(self) -> date:
+        return date(self.year, self.month, 1)
+
+    @property
+    def last_day(self) -> date:
+        return date.fromordinal(self.next().first_day.toordinal() - 1)
+
+    def next(self) -> Month:
+        return Month(self.year + 1, 1) if self.month == 12 else Month(self.year, self.month + 1)
+
+    def contains(self, day: date) -> bool:
+        return day.year == self.year and day.month == self.month
+
+    @classmethod
+    def of(cls, day: date) -> Month:
+        return cls(day.year, day.month)
+
+
+@dataclass(frozen=True)
+class TimeEntry:
+    """One CCM activity (a finished Encounter version), its performer already classified."""
+
+    entry_id: str
+    seconds: int
+    start: datetime  # timezone-aware
+    role: Role
+    status: str = "finished"  # finished, or why it was reversed (entered-in-error, cancelled …)
+    complex: bool = False
+    practitioner: str | None = None
+    late: bool = False  # logged after the period was closed
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Consent:
+    consent_id: str
+    status: str  # active | inactive | rejected | entered-in-error | proposed | draft
+    obtained_at: datetime | None
+    provision: str = "permit"
+    effective_until: date | None = None  # revoked: last day of the month of revocation
+
+
+@dataclass(frozen=True)
+class CarePlan:
+    care_plan_id: str
+    status: str
+    intent: str = "plan"
+    created: date | None = None
+    last_review: date | None = None
+
+
+@dataclass(frozen=True)
+class PatientMonth:
+    """Everything known about one patient for one month of one practice."""
+
+    patient: str
+    month: Month
+    timezone: str
+    entries: tuple[TimeEntry, ...] = ()
+    consents: tuple[Consent, ...] = ()
+    care_plans: tuple[CarePlan, ...] = ()
+    chronic_conditions: int = 0
+    complexity_documented: bool = False
+    duplicate_biller: bool = False
+    initiating_visit: date | None = None
+    initiating_visit_tracked: bool = False  # False: no visit data source, the check is skipped
+    initiation_billed_before: bool = False
+    billing_practitioner: str | None = None
+
+
+@dataclass(frozen=True)
+class PracticeOptions:
+    """Per-practice choices the rules leave configurable."""
+
+    initiating_visit_missing: Literal["warning", "blocker"] = "warning"
+    date_of_service: Literal["threshold-met", "month-end"] = "month-end"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One compliant combination of codes for the month and what Medicare pays for it."""
+
+    name: str  # e.g. "staff", "complex", "practitioner"
+    codes: dict[str, int]
+    medicare_amount: Decimal
+    threshold_met_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class NotCounted:
+    entry_id: str
+    seconds: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class NextThreshold:
+    code: str
+    minutes: int  # full minutes still needed (rounded up)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A patient-month decision that explains itself."""
+
+    patient: str
+    month: Month
+    program: str
+    ruleset: str
+    codes: dict[str, int]
+    seconds: dict[str, int]  # counted seconds by role: staff, practitioner
+    counted: tuple[str, ...]  # entry ids
+    not_counted: tuple[NotCounted, ...]
+    blockers: tuple[str, ...]
+    warnings: tuple[str, ...]
+    chosen: Option | None
+    alternatives: tuple[Option, ...] = ()
+    potential_codes: dict[str, int] = field(default_factory=dict)  # codes if unblocked
+    next_threshold: NextThreshold | None = None
+    date_of_service: date | None = None
+    practitioner: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def billable(self) -> bool:
+        return bool(self.codes) and not self.blockers
+
+    def to_dict(self) -> dict:
+        return {
+            "patient": f"Patient/{self.patient}",
+            "month": str(self.month),
+            "program": self.program,
+            "ruleset": self.ruleset,
+            "billable": self.billable,
+            "codes": dict(self.codes),
+            "potentialCodes": dict(self.potential_codes),
+            "seconds": dict(self.seconds),
+            "minutes": {k: v // 60 for k, v in self.seconds.items()},
+            "counted": list(self.counted),
+            "notCounted": [
+                {"entry": f"Encounter/{n.entry_id}", "seconds": n.seconds, "reason": n.reason}
+                for n in self.not_counted
+            ],
+            "blockers": list(self.blockers),
+            "warnings": list(self.warnings),
+            "chosen": _option_dict(self.chosen),
+            "alternatives": [_option_dict(o) for o in self.alternatives],
+            "nextThreshold": (
+                {"code": self.next_threshold.code, "minutes": self.next_threshold.minutes}
+                if self.next_threshold
+                else None
+            ),
+            "dateOfService": self.date_of_service.isoformat() if self.date_of_service else None,
+            "practitioner": self.practitioner,
+            "notes": list(self.notes),
+        }
+
+
+def _option_dict(option: Option | None) -> dict | None:
+    if option is None:
+        return None
+    return {
+        "name": option.name,
+        "codes": dict(option.codes),
+        "medicareAmount": f"{option.medicare_amount:.2f}",
+    }

@@ -1,0 +1,268 @@
+"""Chronic Care Management (99490/99439, 99491/99437, 99487/99489, G0506): one patient-month.
+
+Pure: facts in, a self-explaining ``Decision`` out. Thresholds, caps and fees come from the
+ruleset data; only the shape of the rules lives here.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from zoneinfo import ZoneInfo
+
+from ccm_billing.domain import model as m
+from ccm_billing.domain.model import (
+    Consent,
+    Decision,
+    NextThreshold,
+    NotCounted,
+    Option,
+    PatientMonth,
+    PracticeOptions,
+)
+from ccm_billing.domain.rules.ruleset import RuleSet
+
+PROGRAM = "CCM"
+BLOCKER_ORDER = (
+    m.CONSENT_MISSING,
+    m.CONSENT_NOT_ACTIVE,
+    m.INSUFFICIENT_CHRONIC_CONDITIONS,
+    m.CARE_PLAN_MISSING,
+    m.STAFF_ROLE_UNKNOWN,
+    m.DUPLICATE_BILLER,
+    m.INITIATING_VISIT_MISSING,
+    m.EXCLUDED_COMBINATION,
+    m.TIME_THRESHOLD_NOT_MET,
+)
+CARE_PLAN_CLOSED = {"revoked", "entered-in-error", "draft", "unknown"}
+# Option preference when two combinations pay the same: the simpler claim first.
+OPTION_ORDER = ("staff", "practitioner", "complex")
+
+
+def add_months(day: date, months: int) -> date:
+    index = day.year * 12 + day.month - 1 + months
+    year, month = divmod(index, 12)
+    last = m.Month(year, month + 1).last_day.day
+    return date(year, month + 1, min(day.day, last))
+
+
+def effective_consent(
+    facts: PatientMonth, ruleset: RuleSet, tz: ZoneInfo
+) -> tuple[Consent | None, str | None, str | None]:
+    """The consent the month can bill under (earliest obtained), else the blocker and a note."""
+    month = facts.month
+    renewal = ruleset.setting(PROGRAM, "consent_renewal_months")
+    valid = []
+    for c in facts.consents:
+        if c.provision != "permit":
+            continue
+        obtained = c.obtained_at.astimezone(tz).date() if c.obtained_at else None
+        if obtained is not None and obtained > month.last_day:
+            continue
+        if renewal and obtained is not None and add_months(obtained, renewal) < month.first_day:
+            continue
+        if c.status == "active":
+            valid.append(c)
+        elif c.status == "inactive" and c.effective_until and c.effective_until >= month.first_day:
+            # Revocation takes effect at the end of the month in which it happened.
+            valid.append(c)
+    if valid:
+        return min(valid, key=lambda c: (c.obtained_at is not None, c.obtained_at)), None, None
+    if any(c.status == "entered-in-error" for c in facts.consents) and not any(
+        c.status != "entered-in-error" for c in facts.consents
+    ):
+        return None, m.CONSENT_MISSING, "the only consent was entered in error: its time is void"
+    if any(c.status != "entered-in-error" for c in facts.consents):
+        return None, m.CONSENT_NOT_ACTIVE, None
+    return None, m.CONSENT_MISSING, None
+
+
+def care_plan_check(facts: PatientMonth, ruleset: RuleSet) -> tuple[str | None, str | None]:
+    """(blocker, warning) from the patient's care plans."""
+    month_end = facts.month.last_day
+    plans = [
+        p
+        for p in facts.care_plans
+        if p.status not in CARE_PLAN_CLOSED
+        and p.intent in ("plan", "order")
+        and (p.created is None or p.created <= month_end)
+    ]
+    if not plans:
+        return m.CARE_PLAN_MISSING, None
+    review_months = ruleset.setting(PROGRAM, "care_plan_review_months")
+    if review_months:
+        last = max(max(d for d in (p.last_review, p.created) if d) if (p.last_review or p.created)
+                   else month_end for p in plans)
+        if add_months(last, review_months) < month_end:
+            return None, m.CARE_PLAN_REVIEW_OVERDUE
+    return None, None
+
+
+def decide(
+    facts: PatientMonth, ruleset: RuleSet, options: PracticeOptions | None = None
+) -> Decision:
+    """Decide one patient-month under the CCM rules."""
+    options = options or PracticeOptions()
+    tz = ZoneInfo(facts.timezone)
+    month = facts.month
+    blockers: set[str] = set()
+    warnings: set[str] = set()
+    notes: list[str] = []
+
+    consent, consent_blocker, consent_note = effective_consent(facts, ruleset, tz)
+    if consent_blocker:
+        blockers.add(consent_blocker)
+    if consent_note:
+        notes.append(consent_note)
+
+    counted: list[m.TimeEntry] = []
+    not_counted: list[NotCounted] = []
+    unknown_seconds = 0
+    for e in sorted(facts.entries, key=lambda e: (e.start, e.entry_id)):
+        day = e.start.astimezone(tz).date()
+        reason = None
+        if not month.contains(day):
+            reason = m.OTHER_MONTH
+        elif e.status != "finished":
+            reason = m.NOT_FINISHED
+        elif e.late:
+            reason = m.LOGGED_AFTER_CLOSE
+            warnings.add(m.BACKDATED_ENTRY)
+        elif e.role == "non-clinical":
+            reason = m.NON_CLINICAL_PERFORMER
+        elif e.role == "unknown":
+            reason = m.UNKNOWN_PERFORMER_ROLE
+            unknown_seconds += e.seconds
+        elif consent is not None and consent.obtained_at and e.start < consent.obtained_at:
+            reason = m.BEFORE_CONSENT
+            warnings.add(m.CONSENT_AFTER_SERVICE)
+        if reason is None:
+            counted.append(e)
+            warnings.update(w for w in e.warnings if w == m.TIME_LENGTH_PERIOD_MISMATCH)
+        else:
+            not_counted.append(NotCounted(e.entry_id, e.seconds, reason))
+    if unknown_seconds:
+        blockers.add(m.STAFF_ROLE_UNKNOWN)
+
+    minimum = ruleset.setting(PROGRAM, "minimum_chronic_conditions")
+    if facts.chronic_conditions < minimum:
+        blockers.add(m.INSUFFICIENT_CHRONIC_CONDITIONS)
+    plan_blocker, plan_warning = care_plan_check(facts, ruleset)
+    if plan_blocker:
+        blockers.add(plan_blocker)
+    if plan_warning:
+        warnings.add(plan_warning)
+    if facts.duplicate_biller:
+        blockers.add(m.DUPLICATE_BILLER)
+    if facts.initiating_visit_tracked:
+        lookback = ruleset.setting(PROGRAM, "initiating_visit_lookback_months")
+        visit = facts.initiating_visit
+        if visit is None or visit < add_months(month.first_day, -lookback) or visit > month.last_day:
+            if options.initiating_visit_missing == "blocker":
+                blockers.add(m.INITIATING_VISIT_MISSING)
+            else:
+                warnings.add(m.INITIATING_VISIT_MISSING)
+
+    staff_s = sum(e.seconds for e in counted if e.role == "staff")
+    prac_s = sum(e.seconds for e in counted if e.role == "practitioner")
+    complex_documented = facts.complexity_documented or any(e.complex for e in counted)
+    staff_ladder = ruleset.ladder(PROGRAM, "staff")
+    prac_ladder = ruleset.ladder(PROGRAM, "practitioner")
+    complex_ladder = ruleset.ladder(PROGRAM, "complex")
+
+    # Practitioner minutes count toward 99491/99437 or as staff time, never both.
+    all_entries = counted
+    prac_entries = [e for e in counted if e.role == "practitioner"]
+    candidates: list[tuple[str, dict[str, int], list[m.TimeEntry], object]] = [
+        ("staff", staff_ladder.codes_for(staff_s + prac_s), all_entries, staff_ladder),
+        ("practitioner", prac_ladder.codes_for(prac_s), prac_entries, prac_ladder),
+    ]
+    if complex_documented:
+        candidates.append(
+            ("complex", complex_ladder.codes_for(staff_s + prac_s), all_entries, complex_ladder)
+        )
+    options_found: list[Option] = []
+    for name, codes, entries, ladder in candidates:
+        if not codes:
+            continue
+        running, cumulative = 0, []
+        for e in entries:
+            running += e.seconds
+            cumulative.append((running, e.start))
+        options_found.append(
+            Option(name, codes, ruleset.amount(codes), ladder.threshold_crossed(cumulative, codes))
+        )
+    options_found.sort(key=lambda o: (-o.medicare_amount, OPTION_ORDER.index(o.name)))
+    chosen = options_found[0] if options_found else None
+    alternatives = tuple(options_found[1:])
+    if chosen is None:
+        blockers.add(m.TIME_THRESHOLD_NOT_MET)
+    elif alternatives:
+        alt = alternatives[0]
+        notes.append(
+            f"chose {chosen.name} {_codes_text(chosen.codes)} (${chosen.medicare_amount}) over "
+            f"{alt.name} {_codes_text(alt.codes)} (${alt.medicare_amount})"
+        )
+
+    potential = dict(chosen.codes) if chosen else {}
+    if (
+        chosen is not None
+        and facts.initiating_visit is not None
+        and month.contains(facts.initiating_visit)
+        and not facts.initiation_billed_before
+    ):
+        initiation = ruleset.setting(PROGRAM, "initiation")["code"]
+        potential[initiation] = 1
+        notes.append(f"{initiation} billed with the initiating visit of {facts.initiating_visit}")
+
+    next_threshold = _next_threshold(chosen, staff_s, prac_s, staff_ladder, prac_ladder,
+                                     complex_ladder if complex_documented else None)
+    date_of_service = None
+    if chosen is not None:
+        if options.date_of_service == "threshold-met" and chosen.threshold_met_at is not None:
+            date_of_service = chosen.threshold_met_at.astimezone(tz).date()
+        else:
+            date_of_service = month.last_day
+    practitioner = facts.billing_practitioner or next(
+        (e.practitioner for e in prac_entries if e.practitioner), None
+    )
+    ordered_blockers = tuple(b for b in BLOCKER_ORDER if b in blockers)
+    return Decision(
+        patient=facts.patient,
+        month=month,
+        program=PROGRAM,
+        ruleset=ruleset.name,
+        codes={} if ordered_blockers else potential,
+        seconds={"staff": staff_s, "practitioner": prac_s},
+        counted=tuple(e.entry_id for e in counted),
+        not_counted=tuple(not_counted),
+        blockers=ordered_blockers,
+        warnings=tuple(sorted(warnings)),
+        chosen=chosen,
+        alternatives=alternatives,
+        potential_codes=potential,
+        next_threshold=next_threshold,
+        date_of_service=date_of_service,
+        practitioner=practitioner,
+        notes=tuple(notes),
+    )
+
+
+def _codes_text(codes: dict[str, int]) -> str:
+    return "+".join(f"{c}x{n}" if n > 1 else c for c, n in codes.items())
+
+
+def _next_threshold(chosen, staff_s, prac_s, staff_ladder, prac_ladder, complex_ladder):  # noqa: ANN001, ANN202
+    """The next code the patient can reach on the chosen path and the full minutes it needs."""
+    total = staff_s + prac_s
+    if chosen is not None and chosen.name == "practitioner":
+        ladders = [(prac_ladder, prac_s)]
+    elif chosen is not None and chosen.name == "complex":
+        ladders = [(complex_ladder, total)]
+    else:
+        ladders = [(staff_ladder, total)] + ([(complex_ladder, total)] if complex_ladder else [])
+    for ladder, have in ladders:
+        step = ladder.next_step_seconds(have)
+        if step is not None:
+            code, needed = step
+            return NextThreshold(code, -(-(needed - have) // 60))
+    return None
