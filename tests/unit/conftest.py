@@ -1,3 +1,6 @@
+import os
+
+import pytest
 import pytest_asyncio
 
 from ccm_shared.db import Database
@@ -12,3 +15,11 @@ async def sqlite_db(tmp_path):
         await conn.run_sync(metadata.create_all)
     yield db
     await db.dispose()
+
+
+@pytest.fixture
+def clean_ccm_env(monkeypatch):
+    """Tests that describe the environment themselves: the caller's CCM_* must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("CCM_"):
+            monkeypatch.delenv(name)

@@ -5,14 +5,7 @@ import pytest
 
 from ccm_shared.settings import ConfigurationError, Environment, load_settings
 
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch):
-    """These tests describe the environment themselves; the caller's CCM_* must not leak in."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("CCM_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_ccm_env")
 
 
 PG = "postgresql+asyncpg://ccm:pw@db:5432/ccm"

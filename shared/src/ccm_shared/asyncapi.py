@@ -41,8 +41,12 @@ def build(definitions: list[ServiceDefinition], consumers: dict[str, list[tuple[
                 "payload": {
                     "allOf": [
                         {"$ref": "./events/envelope.schema.json"},
-                        {"properties": {"type": {"const": topic},
-                                        "data": {"$ref": f"./events/{topic}.schema.json"}}},
+                        {
+                            "properties": {
+                                "type": {"const": topic},
+                                "data": {"$ref": f"./events/{topic}.schema.json"},
+                            }
+                        },
                     ]
                 },
             }

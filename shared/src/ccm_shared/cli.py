@@ -75,9 +75,7 @@ def migrate(
     typer.echo("migrations are up to date", err=True)
 
 
-def _pricing(
-    model: str, rate: list[str], percent: str | None, flat_fee: str | None, due_days: int
-):  # noqa: ANN202
+def _pricing(model: str, rate: list[str], percent: str | None, flat_fee: str | None, due_days: int):  # noqa: ANN202
     from ccm_shared.tenancy import Pricing
 
     try:
@@ -108,9 +106,7 @@ def practice_create(
     pricing: Annotated[
         str, typer.Option(help="per-code | percent-of-medicare | flat-per-patient")
     ] = "percent-of-medicare",
-    rate: Annotated[
-        list[str], typer.Option(help="Per-code rate CODE=AMOUNT (repeatable)")
-    ] = [],  # noqa: B006 - typer reads the default, never mutates it
+    rate: Annotated[list[str], typer.Option(help="Per-code rate CODE=AMOUNT (repeatable)")] = [],  # noqa: B006 - typer reads the default, never mutates it
     percent: Annotated[
         str | None, typer.Option(help="Percent of the Medicare amount billed")
     ] = "35",
@@ -123,8 +119,9 @@ def practice_create(
 
     if pricing not in ("per-code", "percent-of-medicare", "flat-per-patient"):
         _fail("--pricing must be per-code, percent-of-medicare or flat-per-patient")
-    terms = _pricing(pricing, rate, percent if pricing == "percent-of-medicare" else None,
-                     flat_fee, due_days)
+    terms = _pricing(
+        pricing, rate, percent if pricing == "percent-of-medicare" else None, flat_fee, due_days
+    )
     settings = _settings()
 
     async def run() -> None:
@@ -176,9 +173,7 @@ def serve(
     consumers: Annotated[bool, typer.Option(help="Run the Kafka consumers")] = True,
     relay: Annotated[bool, typer.Option(help="Run the outbox relay")] = True,
     host: Annotated[str | None, typer.Option(help="Bind address (CCM_HTTP_HOST)")] = None,
-    port: Annotated[
-        int | None, typer.Option(help="Port (CCM_HTTP_PORT); one service only")
-    ] = None,
+    port: Annotated[int | None, typer.Option(help="Port (CCM_HTTP_PORT); one service only")] = None,
 ) -> None:
     """Run a service: its HTTP API, its consumers and its outbox relay (each can be switched off
     to run them as separate processes)."""
@@ -189,17 +184,143 @@ def serve(
     if port is not None and len(definitions) > 1:
         _fail("--port applies to one service; ports of `all` are the services' own")
     configure_logging(
-        settings.log_level, json=settings.log_json,
+        settings.log_level,
+        json=settings.log_json,
         service=definitions[0].name if len(definitions) == 1 else "all",
     )
     try:
-        asyncio.run(_serve(settings, definitions, api=api, consumers=consumers, relay=relay,
-                           host=host or settings.http_host, port=port or settings.http_port))
+        asyncio.run(
+            _serve(
+                settings,
+                definitions,
+                api=api,
+                consumers=consumers,
+                relay=relay,
+                host=host or settings.http_host,
+                port=port or settings.http_port,
+            )
+        )
     except KeyboardInterrupt:
         pass
 
 
-async def _serve(settings, definitions, *, api, consumers, relay, host, port) -> None:  # noqa: ANN001
+@app.command()
+def up(
+    data_dir: Annotated[
+        str, typer.Option(help="Embedded mode: folder of the SQLite files")
+    ] = ".ccm-data",
+    practice: Annotated[str, typer.Option(help="Id of the demo practice")] = "demo",
+    timezone: Annotated[str, typer.Option(help="Time zone of the demo practice")] = (
+        "America/New_York"
+    ),
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    ports: Annotated[
+        str, typer.Option(help="Ports of ingest,billing,careplan,notification")
+    ] = "8081,8082,8083,8084",
+) -> None:
+    """Run the whole platform in one process. Embedded by default (SQLite files in --data-dir
+    and a durable embedded event log: nothing else to install); with CCM_DATABASE_URL and
+    CCM_KAFKA_BOOTSTRAP_SERVERS set, on PostgreSQL and Kafka instead. Creates a demo practice,
+    prints its API token and the URLs. Ctrl-C stops; a restart keeps the data."""
+    import os
+    from pathlib import Path
+
+    from ccm_shared.migrate import upgrade, upgrade_platform
+    from ccm_shared.observability import configure_logging
+    from ccm_shared.service import discover_services
+
+    external = os.environ.get("CCM_DATABASE_URL") and os.environ.get("CCM_KAFKA_BOOTSTRAP_SERVERS")
+    folder = Path(data_dir).resolve()
+    overrides = {} if external else {"database_url": f"sqlite+aiosqlite:///{folder}/platform.db"}
+    try:
+        settings = load_settings(**overrides)
+    except ConfigurationError as exc:
+        _fail(f"configuration refused:\n{exc}")
+    try:
+        port_list = [int(p) for p in ports.split(",")]
+    except ValueError:
+        _fail("--ports takes four numbers, e.g. 8081,8082,8083,8084")
+    definitions = list(discover_services().values())
+    if len(port_list) != len(definitions):
+        names = ", ".join(d.name for d in definitions)
+        _fail(f"--ports needs {len(definitions)} numbers ({names})")
+    folder.mkdir(parents=True, exist_ok=True)
+    mode = "PostgreSQL + Kafka" if external else f"embedded ({folder})"
+    typer.echo(f"[ccm up] {mode}: migrating …", err=True)
+    upgrade_platform(settings.database_url)
+    for d in definitions:
+        upgrade(settings.database_url, d.schema, d.migrations_package)
+    token = asyncio.run(_ensure_demo_practice(settings, practice, timezone, folder))
+    configure_logging(settings.log_level, json=settings.log_json, service="all")
+    base = {d.name: f"http://{host}:{p}" for d, p in zip(definitions, port_list, strict=True)}
+    token_path = folder / f"{practice}.token"
+    typer.echo(
+        "\n".join(
+            [
+                f"[ccm up] practice {practice!r}; API token (also in {token_path}):",
+                token,
+                f"[ccm up] FHIR base (ingest): {base.get('ingest', '?')}/fhir",
+                *(f"[ccm up] {name:<12} {url}   docs: {url}/docs" for name, url in base.items()),
+                "[ccm up] Ctrl-C stops; `ccm up` again resumes with the same data.",
+            ]
+        ),
+        err=True,
+    )
+    try:
+        asyncio.run(
+            _serve(
+                settings,
+                definitions,
+                api=True,
+                consumers=True,
+                relay=True,
+                host=host,
+                port=None,
+                ports=dict(zip([d.name for d in definitions], port_list, strict=True)),
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+
+
+async def _ensure_demo_practice(settings, practice: str, timezone: str, folder) -> str:  # noqa: ANN001
+    """The demo practice and a token for it; the token file lets a restart show it again."""
+    from ccm_shared.db import create_engine_for
+    from ccm_shared.errors import NotFound
+    from ccm_shared.tenancy import (
+        Pricing,
+        create_practice,
+        create_token,
+        get_practice,
+        resolve_token,
+    )
+
+    token_file = folder / f"{practice}.token"
+    engine = create_engine_for(settings.database_url, schema=None)
+    try:
+        try:
+            await get_practice(engine, practice)
+        except NotFound:
+            await create_practice(
+                engine,
+                practice_id=practice,
+                name="Demo Family Practice",
+                timezone=timezone,
+                pricing=Pricing(model="percent-of-medicare", percent=Decimal("35")),
+            )
+        if token_file.exists():
+            token = token_file.read_text().strip()
+            if await resolve_token(engine, token) is not None:
+                return token
+        token = await create_token(engine, practice_id=practice, label="ccm up")
+        token_file.write_text(token + "\n")
+        token_file.chmod(0o600)
+        return token
+    finally:
+        await engine.dispose()
+
+
+async def _serve(settings, definitions, *, api, consumers, relay, host, port, ports=None) -> None:  # noqa: ANN001
     import uvicorn
 
     from ccm_shared.service import ServiceRuntime, build_transport
@@ -220,9 +341,14 @@ async def _serve(settings, definitions, *, api, consumers, relay, host, port) ->
     for rt in runtimes:
         await rt.start(consumers=consumers, relay=relay)
         if api:
+            chosen = port or (ports or {}).get(rt.definition.name) or rt.definition.port
             config = uvicorn.Config(
-                rt.app(), host=host, port=port or rt.definition.port, log_config=None,
-                access_log=False, lifespan="off",
+                rt.app(),
+                host=host,
+                port=chosen,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
             )
             servers.append(_Server(config))
             typer.echo(f"{rt.definition.name} listening on http://{host}:{config.port}", err=True)

@@ -154,9 +154,7 @@ class ConsumerRuntime:
             await uow.commit()
 
     async def _dead_letter(self, message: Message, error: BaseException, attempts: int) -> None:
-        headers = tuple(
-            (k, v) for k, v in message.headers if not k.startswith("dlq-")
-        ) + (
+        headers = tuple((k, v) for k, v in message.headers if not k.startswith("dlq-")) + (
             ("dlq-error", type(error).__name__.encode()),
             ("dlq-reason", str(error)[:500].encode()),
             ("dlq-consumer", self.name.encode()),

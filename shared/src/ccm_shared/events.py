@@ -88,7 +88,11 @@ def routing_headers(
     event_type: str, tenant: str, correlation_id: str | None
 ) -> tuple[tuple[str, bytes], ...]:
     """Kafka headers carry routing facts only — never PHI."""
-    headers = (_CONTENT_TYPE_HEADER, ("ce_type", event_type.encode()), ("ce_tenant", tenant.encode()))
+    headers = (
+        _CONTENT_TYPE_HEADER,
+        ("ce_type", event_type.encode()),
+        ("ce_tenant", tenant.encode()),
+    )
     if correlation_id:
         return (*headers, ("correlation-id", correlation_id.encode()))
     return headers

@@ -18,8 +18,24 @@ _correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=N
 
 # Keys that could carry PHI if a caller passed a payload to the logger by mistake.
 PHI_KEYS = frozenset(
-    {"name", "birthdate", "birth_date", "address", "telecom", "phone", "email", "payload", "body",
-     "resource", "text", "note", "data", "identifier", "mbi", "ssn"}
+    {
+        "name",
+        "birthdate",
+        "birth_date",
+        "address",
+        "telecom",
+        "phone",
+        "email",
+        "payload",
+        "body",
+        "resource",
+        "text",
+        "note",
+        "data",
+        "identifier",
+        "mbi",
+        "ssn",
+    }
 )
 
 
@@ -53,7 +69,9 @@ def scrub(_logger, _name, event_dict):  # noqa: ANN001, ANN202
     return event_dict
 
 
-def configure_logging(level: str = "INFO", *, json: bool = True, service: str | None = None) -> None:
+def configure_logging(
+    level: str = "INFO", *, json: bool = True, service: str | None = None
+) -> None:
     """Route stdlib and structlog logs to stderr as one JSON object per line."""
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     shared = [
@@ -97,23 +115,31 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter(
-            "ccm_http_requests_total", "HTTP requests", ["service", "method", "route", "status"],
+            "ccm_http_requests_total",
+            "HTTP requests",
+            ["service", "method", "route", "status"],
             registry=r,
         )
         self.http_latency = Histogram(
-            "ccm_http_request_duration_seconds", "HTTP request latency", ["service", "route"],
+            "ccm_http_request_duration_seconds",
+            "HTTP request latency",
+            ["service", "route"],
             registry=r,
         )
         self.consumer_lag = Gauge(
-            "ccm_consumer_lag", "Messages not yet consumed", ["group", "topic", "partition"],
+            "ccm_consumer_lag",
+            "Messages not yet consumed",
+            ["group", "topic", "partition"],
             registry=r,
         )
         self.consumed = Counter(
             "ccm_consumer_events_total", "Events consumed", ["group", "outcome"], registry=r
         )
         self.dlq = Counter(
-            "ccm_consumer_dead_lettered_total", "Events sent to a dead-letter topic",
-            ["group", "topic"], registry=r,
+            "ccm_consumer_dead_lettered_total",
+            "Events sent to a dead-letter topic",
+            ["group", "topic"],
+            registry=r,
         )
         self.outbox_backlog = Gauge(
             "ccm_outbox_backlog", "Outbox events not yet published", ["service"], registry=r

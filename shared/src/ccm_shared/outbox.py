@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy import BigInteger, any_, cast, func, insert, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ccm_shared.db import Database
@@ -128,8 +128,10 @@ class OutboxRelay:
 
     async def backlog(self) -> int:
         async with self.db.engine.connect() as conn:
-            stmt = select(func.count()).select_from(outbox_table).where(
-                outbox_table.c.sent_at.is_(None)
+            stmt = (
+                select(func.count())
+                .select_from(outbox_table)
+                .where(outbox_table.c.sent_at.is_(None))
             )
             return (await conn.execute(stmt)).scalar_one()
 

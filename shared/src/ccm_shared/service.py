@@ -96,12 +96,18 @@ def discover_services() -> dict[str, ServiceDefinition]:
 
 
 def build_transport(settings: Settings) -> Transport:
+    """Kafka when configured; else, in the embedded mode (SQLite), the durable embedded log;
+    else the in-process bus (one process, nothing survives a restart)."""
     if settings.kafka_bootstrap_servers:
         return KafkaTransport(
             settings.kafka_bootstrap_servers,
             client_id=settings.kafka_client_id_prefix,
             security_protocol=settings.kafka_security_protocol,
         )
+    if settings.database_url and settings.database_url.startswith("sqlite"):
+        from ccm_shared.embedded import EmbeddedLogTransport
+
+        return EmbeddedLogTransport(settings.database_url)
     return InProcessTransport()
 
 
@@ -181,6 +187,7 @@ class ServiceRuntime:
     async def start(
         self, *, consumers: bool = True, relay: bool = True, background: bool = True
     ) -> None:
+        """Start the transport and the background tasks (the API is served separately)."""
         self._stopping.clear()
         await self.transport.start()
         if self.definition.produces:

@@ -149,4 +149,6 @@ async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
         ).first()
     if row is None:
         return None
-    return Tenant(practice_id=row.practice_id, token_id=row.id, scopes=frozenset(row.scopes.split()))
+    return Tenant(
+        practice_id=row.practice_id, token_id=row.id, scopes=frozenset(row.scopes.split())
+    )

@@ -2,9 +2,9 @@
 
 import asyncio
 
-from alembic import context
 from sqlalchemy import text
 
+from alembic import context
 from ccm_shared.db import create_engine_for, is_sqlite
 
 config = context.config

@@ -27,8 +27,13 @@ def upgrade() -> None:
     op.create_table(
         "api_tokens",
         sa.Column("id", sa.String(36), primary_key=True),
-        sa.Column("practice_id", sa.String(64), sa.ForeignKey("platform.practices.id"),
-                  nullable=False, index=True),
+        sa.Column(
+            "practice_id",
+            sa.String(64),
+            sa.ForeignKey("platform.practices.id"),
+            nullable=False,
+            index=True,
+        ),
         sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
         sa.Column("scopes", sa.Text, nullable=False, server_default=""),
         sa.Column("label", sa.String(200), nullable=True),
