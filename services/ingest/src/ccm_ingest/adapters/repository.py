@@ -1,0 +1,260 @@
+"""SQL access to the resource mirror, always scoped to one practice (tenant)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ccm_ingest.adapters.orm import (
+    conditional_creates,
+    ingest_configs,
+    resource_identifiers,
+    resource_versions,
+    resources,
+)
+from ccm_shared.tables import api_tokens, practices
+
+
+@dataclass(frozen=True)
+class CurrentRow:
+    """The ``resources`` row of one resource: its current version and CCM state."""
+
+    type: str
+    id: str
+    version_id: int
+    last_version: int
+    last_updated: datetime
+    sha256: str
+    deleted: bool
+    ccm_state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class VersionRow:
+    type: str
+    id: str
+    version_id: int
+    resource: dict[str, Any] | None
+    sha256: str
+    last_updated: datetime
+    received_at: datetime
+    deleted: bool
+    applied: bool
+
+
+def _insert(session: AsyncSession):  # noqa: ANN202
+    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+
+
+class SqlResourceRepository:
+    """The mirror of one practice: current rows, versions, identifiers, conditional keys."""
+
+    def __init__(self, session: AsyncSession, tenant: str) -> None:
+        self.session = session
+        self.tenant = tenant
+
+    def _key(self, table, rtype: str, rid: str):  # noqa: ANN001, ANN202
+        return and_(table.c.tenant == self.tenant, table.c.type == rtype, table.c.id == rid)
+
+    async def lock_current(self, rtype: str, rid: str) -> CurrentRow | None:
+        """The current row, locked for this transaction (writers of one resource serialise)."""
+        stmt = select(resources).where(self._key(resources, rtype, rid))
+        if self.session.bind.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        row = (await self.session.execute(stmt)).first()
+        return None if row is None else _current(row)
+
+    async def claim_new(self, rtype: str, rid: str, placeholder: datetime) -> bool:
+        """Reserve ``rid`` (a unique row); False when it already exists."""
+        stmt = (
+            _insert(self.session)(resources)
+            .values(tenant=self.tenant, type=rtype, id=rid, version_id=0, last_version=0,
+                    last_updated=placeholder, sha256="", deleted=True, ccm_state="{}")
+            .on_conflict_do_nothing(index_elements=["tenant", "type", "id"])
+            .returning(resources.c.id)
+        )
+        return (await self.session.execute(stmt)).first() is not None
+
+    async def add_version(self, rtype: str, rid: str, version_id: int,
+                          resource: dict[str, Any] | None, *, sha256: str,
+                          last_updated: datetime, received_at: datetime,
+                          connection: str | None, applied: bool) -> None:
+        await self.session.execute(insert(resource_versions).values(
+            tenant=self.tenant, type=rtype, id=rid, version_id=version_id,
+            resource=None if resource is None else json.dumps(resource, separators=(",", ":")),
+            sha256=sha256, last_updated=last_updated, received_at=received_at,
+            connection=connection, deleted=resource is None, applied=applied,
+        ))
+
+    async def set_current(self, rtype: str, rid: str, **values: Any) -> None:
+        if "ccm_state" in values:
+            values["ccm_state"] = json.dumps(values["ccm_state"])
+        await self.session.execute(
+            update(resources).where(self._key(resources, rtype, rid)).values(**values)
+        )
+
+    async def replace_identifiers(self, rtype: str, rid: str,
+                                  identifiers: list[tuple[str, str]]) -> None:
+        await self.session.execute(
+            delete(resource_identifiers).where(self._key(resource_identifiers, rtype, rid))
+        )
+        if identifiers:
+            await self.session.execute(insert(resource_identifiers), [
+                {"tenant": self.tenant, "type": rtype, "id": rid, "system": s, "value": v}
+                for s, v in identifiers
+            ])
+
+    async def version(self, rtype: str, rid: str, version_id: int) -> VersionRow | None:
+        row = (await self.session.execute(
+            select(resource_versions).where(self._key(resource_versions, rtype, rid),
+                                            resource_versions.c.version_id == version_id)
+        )).first()
+        return None if row is None else _version(row)
+
+    async def current_version(self, rtype: str, rid: str) -> tuple[CurrentRow, VersionRow] | None:
+        row = (await self.session.execute(
+            select(resources).where(self._key(resources, rtype, rid))
+        )).first()
+        if row is None or row.version_id == 0:
+            return None
+        current = _current(row)
+        stored = await self.version(rtype, rid, row.version_id)
+        assert stored is not None  # the current version is always stored
+        return current, stored
+
+    async def current_resources(self, rtype: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Current JSON of the given (not deleted) resources, by id."""
+        if not ids:
+            return {}
+        rows = (await self.session.execute(
+            select(resource_versions.c.id, resource_versions.c.resource)
+            .join(resources, and_(resources.c.tenant == resource_versions.c.tenant,
+                                  resources.c.type == resource_versions.c.type,
+                                  resources.c.id == resource_versions.c.id,
+                                  resources.c.version_id == resource_versions.c.version_id))
+            .where(resources.c.tenant == self.tenant, resources.c.type == rtype,
+                   resources.c.id.in_(ids), resources.c.deleted.is_(False))
+        )).all()
+        return {r.id: json.loads(r.resource) for r in rows if r.resource}
+
+    async def history(self, rtype: str, rid: str) -> list[VersionRow]:
+        rows = (await self.session.execute(
+            select(resource_versions).where(self._key(resource_versions, rtype, rid))
+            .order_by(resource_versions.c.version_id.desc())
+        )).all()
+        return [_version(r) for r in rows]
+
+    async def search(self, rtype: str, *, ids: list[str] | None = None,
+                     patient: str | None = None,
+                     identifier: tuple[str | None, str] | None = None,
+                     updated: list[tuple[str, datetime]] = (), limit: int = 50,
+                     ) -> tuple[int, list[VersionRow]]:
+        """(total, first ``limit`` current versions) of live resources matching every criterion."""
+        where = [resources.c.tenant == self.tenant, resources.c.type == rtype,
+                 resources.c.deleted.is_(False), resources.c.version_id > 0]
+        if ids is not None:
+            where.append(resources.c.id.in_(ids))
+        if patient is not None:
+            where.append(resources.c.patient == patient)
+        if identifier is not None:
+            system, value = identifier
+            match = [resource_identifiers.c.tenant == self.tenant,
+                     resource_identifiers.c.type == rtype, resource_identifiers.c.value == value]
+            if system is not None:
+                match.append(resource_identifiers.c.system == system)
+            where.append(resources.c.id.in_(select(resource_identifiers.c.id).where(*match)))
+        ops = {"eq": "__eq__", "gt": "__gt__", "ge": "__ge__", "lt": "__lt__", "le": "__le__"}
+        for op, when in updated:
+            where.append(getattr(resources.c.last_updated, ops[op])(when))
+        total = (await self.session.execute(
+            select(func.count()).select_from(resources).where(*where)
+        )).scalar_one()
+        rows = (await self.session.execute(
+            select(resource_versions)
+            .join(resources, and_(resources.c.tenant == resource_versions.c.tenant,
+                                  resources.c.type == resource_versions.c.type,
+                                  resources.c.id == resource_versions.c.id,
+                                  resources.c.version_id == resource_versions.c.version_id))
+            .where(*where).order_by(resources.c.last_updated.desc(), resources.c.id)
+            .limit(limit)
+        )).all()
+        return total, [_version(r) for r in rows]
+
+    async def claim_criteria(self, rtype: str, criteria: str, rid: str) -> str:
+        """The id owning these conditional-create criteria: ``rid`` if we claimed them now.
+
+        The primary key makes a concurrent claim wait for ours and then see it.
+        """
+        stmt = (
+            _insert(self.session)(conditional_creates)
+            .values(tenant=self.tenant, type=rtype, criteria=criteria, id=rid)
+            .on_conflict_do_nothing(index_elements=["tenant", "type", "criteria"])
+            .returning(conditional_creates.c.id)
+        )
+        if (await self.session.execute(stmt)).first() is not None:
+            return rid
+        return (await self.session.execute(
+            select(conditional_creates.c.id).where(
+                conditional_creates.c.tenant == self.tenant, conditional_creates.c.type == rtype,
+                conditional_creates.c.criteria == criteria)
+        )).scalar_one()
+
+    async def release_criteria(self, rtype: str, rid: str) -> None:
+        """A deleted resource no longer answers the criteria it was created under."""
+        await self.session.execute(delete(conditional_creates).where(
+            self._key(conditional_creates, rtype, rid)))
+
+    async def reassign_criteria(self, rtype: str, criteria: str, rid: str) -> None:
+        await self.session.execute(update(conditional_creates).where(
+            conditional_creates.c.tenant == self.tenant, conditional_creates.c.type == rtype,
+            conditional_creates.c.criteria == criteria).values(id=rid))
+
+    # ---- practice settings ------------------------------------------------------------------
+
+    async def practice(self) -> tuple[str, dict[str, Any]] | None:
+        """(IANA time zone, stored ingest-config overrides) of this practice."""
+        row = (await self.session.execute(
+            select(practices.c.timezone).where(practices.c.id == self.tenant)
+        )).first()
+        if row is None:
+            return None
+        stored = (await self.session.execute(
+            select(ingest_configs.c.config).where(ingest_configs.c.tenant == self.tenant)
+        )).scalar_one_or_none()
+        return row.timezone, json.loads(stored) if stored else {}
+
+    async def save_config(self, overrides: dict[str, Any], now: datetime) -> None:
+        stmt = _insert(self.session)(ingest_configs).values(
+            tenant=self.tenant, config=json.dumps(overrides), updated_at=now)
+        stmt = stmt.on_conflict_do_update(index_elements=["tenant"],
+                                          set_={"config": stmt.excluded.config,
+                                                "updated_at": stmt.excluded.updated_at})
+        await self.session.execute(stmt)
+
+    async def token_label(self, token_id: str) -> str | None:
+        return (await self.session.execute(
+            select(api_tokens.c.label).where(api_tokens.c.id == token_id)
+        )).scalar_one_or_none()
+
+
+def utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything stored is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _current(row) -> CurrentRow:  # noqa: ANN001
+    return CurrentRow(row.type, row.id, row.version_id, row.last_version, utc(row.last_updated),
+                      row.sha256, row.deleted, json.loads(row.ccm_state))
+
+
+def _version(row) -> VersionRow:  # noqa: ANN001
+    return VersionRow(row.type, row.id, row.version_id,
+                      json.loads(row.resource) if row.resource else None, row.sha256,
+                      utc(row.last_updated), utc(row.received_at), row.deleted, row.applied)
+

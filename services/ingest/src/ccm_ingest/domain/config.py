@@ -1,0 +1,106 @@
+"""Per-practice mapping configuration: which codes mean CCM time, consent, care plan, staff role.
+
+Codes are written ``system|code``; a code ending in ``*`` matches every code with that prefix
+(NUCC taxonomy groups). The defaults are those of docs ``fhir-mapping.md``; a practice overrides
+any key through ``PUT /v1/practices/{practice}/ingest-config`` and keeps the defaults for the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+CPT = "http://www.ama-assn.org/go/cpt"
+LOINC = "http://loinc.org"
+PLATFORM = "https://ccm-platform.org/fhir/CodeSystem/ccm"
+ROLE = "http://terminology.hl7.org/CodeSystem/practitioner-role"
+NUCC = "http://nucc.org/provider-taxonomy"
+CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+US_CORE_CAREPLAN = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
+CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+
+
+class ConfigInvalid(Exception):
+    """An ingest configuration that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    ccm_time_codes: tuple[str, ...] = (
+        *(f"{CPT}|{c}" for c in ("99490", "99439", "99491", "99437", "99487", "99489")),
+        f"{PLATFORM}|ccm-time",
+    )
+    complex_codes: tuple[str, ...] = (f"{CPT}|99487", f"{CPT}|99489")
+    consent_categories: tuple[str, ...] = (
+        f"{LOINC}|59284-0",
+        f"{LOINC}|64292-6",
+        f"{PLATFORM}|ccm-consent",
+    )
+    consent_scopes: tuple[str, ...] = (
+        f"{CONSENT_SCOPE}|treatment",
+        f"{CONSENT_SCOPE}|patient-privacy",
+    )
+    care_plan_categories: tuple[str, ...] = (
+        f"{US_CORE_CAREPLAN}|assess-plan",
+        f"{PLATFORM}|ccm-care-plan",
+    )
+    care_plan_intents: tuple[str, ...] = ("plan", "order")
+    billing_practitioner_roles: tuple[str, ...] = (
+        f"{ROLE}|doctor",
+        *(f"{NUCC}|{p}*" for p in ("207", "208", "363L", "363A", "364S")),
+    )
+    clinical_staff_roles: tuple[str, ...] = (
+        f"{ROLE}|nurse",
+        *(f"{NUCC}|{p}*" for p in ("163W", "164W", "164X", "3747")),
+    )
+    non_clinical_roles: tuple[str, ...] = ()
+    chronic_categories: tuple[str, ...] = (f"{CONDITION_CATEGORY}|problem-list-item",)
+    chronic_codes: tuple[str, ...] = ()  # empty: every code counts
+    length_tolerance_seconds: int = 60
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def merged(self, overrides: dict[str, Any]) -> IngestConfig:
+        """These settings with ``overrides`` applied; unknown keys or bad values raise."""
+        known = {f.name: f for f in fields(self)}
+        values: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in known:
+                raise ConfigInvalid(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
+            if key == "length_tolerance_seconds":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ConfigInvalid(f"{key} must be a non-negative integer")
+                values[key] = value
+                continue
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                raise ConfigInvalid(f"{key} must be a list of non-empty strings")
+            if key != "care_plan_intents":
+                for v in value:
+                    system, bar, code = v.partition("|")
+                    if not bar or not system or not code:
+                        raise ConfigInvalid(f"{key}: {v!r} is not 'system|code'")
+            values[key] = tuple(value)
+        return IngestConfig(**{**asdict(self), **values})
+
+
+DEFAULT_CONFIG = IngestConfig()
+
+
+def code_matches(patterns: tuple[str, ...], system: str | None, code: str | None) -> bool:
+    """True when ``system|code`` matches one of ``patterns`` (``*`` suffix = prefix match)."""
+    if not code:
+        return False
+    for pattern in patterns:
+        p_system, _, p_code = pattern.partition("|")
+        if p_system != (system or ""):
+            continue
+        if p_code.endswith("*") and code.startswith(p_code[:-1]):
+            return True
+        if p_code == code:
+            return True
+    return False
+
+
+def any_coding_matches(patterns: tuple[str, ...], codings: list[dict]) -> bool:
+    return any(code_matches(patterns, c.get("system"), c.get("code")) for c in codings)

@@ -1,0 +1,439 @@
+"""FHIR R4 resource versions → CCM events (contracts/events/ingest.*). Pure functions.
+
+Each mapper takes the accepted version's JSON, the resource's previous CCM state (what earlier
+versions meant: e.g. time already logged) and the practice's configuration, and returns the
+events plus the new state. A deleted resource is mapped from its last content with
+``deleted=True``.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from ccm_ingest.domain.config import IngestConfig, any_coding_matches
+from ccm_ingest.domain.model import MappedEvent, Mapping, SourceVersion, rejected
+
+EVENT_TYPES = (
+    "ingest.time-entry.logged.v1",
+    "ingest.time-entry.reversed.v1",
+    "ingest.consent.granted.v1",
+    "ingest.consent.revoked.v1",
+    "ingest.consent.declined.v1",
+    "ingest.consent.voided.v1",
+    "ingest.care-plan.created.v1",
+    "ingest.care-plan.revised.v1",
+    "ingest.care-plan.closed.v1",
+    "ingest.patient.upserted.v1",
+    "ingest.practitioner.upserted.v1",
+    "ingest.practitioner-role.upserted.v1",
+    "ingest.organization.upserted.v1",
+    "ingest.condition.upserted.v1",
+)
+NPI = "http://hl7.org/fhir/sid/us-npi"
+MBI = "http://hl7.org/fhir/sid/us-mbi"
+INPATIENT_CLASSES = frozenset({"IMP", "ACUTE", "NONAC", "EMER", "OBSENC", "PRENC", "SS"})
+UCUM_SECONDS = {"s": 1, "min": 60, "h": 3600}
+EVENT_REFERENCE_TYPES = ("Patient", "Practitioner", "PractitionerRole", "Organization",
+                         "Condition", "CarePlan", "Consent", "Encounter", "CareTeam")
+_REF = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9\-.]{1,64})(?:/_history/[^/]+)?$")
+
+
+@dataclass(frozen=True)
+class MappingContext:
+    """Everything a mapper needs besides the resource itself."""
+
+    source: SourceVersion
+    config: IngestConfig
+    timezone: ZoneInfo
+    state: dict[str, Any] = field(default_factory=dict)
+    deleted: bool = False
+    roles: dict[str, dict[str, Any]] = field(default_factory=dict)  # PractitionerRole id → JSON
+
+
+# ---- small readers ---------------------------------------------------------------------------
+
+def reference(value: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> str | None:
+    """A relative ``Type/id`` for a Reference (relative or absolute URL), else None."""
+    ref = value.get("reference") if isinstance(value, dict) else None
+    if not isinstance(ref, str) or ref.startswith(("#", "urn:")) or "?" in ref:
+        return None
+    match = _REF.search(ref)
+    if match is None or match.group(1) not in types:
+        return None
+    return f"{match.group(1)}/{match.group(2)}"
+
+
+def references(values: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> list[str]:
+    return [r for v in values or [] if (r := reference(v, types)) is not None]
+
+
+def codings(*concepts: Any) -> list[dict[str, Any]]:
+    """Codings (with a code) of one or more CodeableConcepts or lists of them."""
+    found = []
+    for concept in concepts:
+        for c in concept if isinstance(concept, list) else [concept]:
+            if not isinstance(c, dict):
+                continue
+            for coding in c.get("coding") or []:
+                if isinstance(coding, dict) and coding.get("code"):
+                    found.append({"system": coding.get("system"), "code": coding["code"],
+                                  "display": coding.get("display")})
+    return found
+
+
+def instant(value: str, tz: ZoneInfo) -> datetime:
+    """A FHIR date/dateTime as an aware datetime; partial dates start in the practice's zone."""
+    if len(value) == 4:
+        return datetime(int(value), 1, 1, tzinfo=tz)
+    if len(value) == 7:
+        return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=tz)
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=tz)
+
+
+def month_end(day: date) -> date:
+    return day.replace(day=calendar.monthrange(day.year, day.month)[1])
+
+
+def telecom(values: Any) -> list[dict[str, Any]]:
+    return [
+        {"system": t["system"], "value": t["value"], "use": t.get("use")}
+        for t in values or []
+        if isinstance(t, dict) and t.get("system") and t.get("value")
+    ]
+
+
+def human_name(values: Any) -> dict[str, Any] | None:
+    names = [n for n in values or [] if isinstance(n, dict)]
+    if not names:
+        return None
+    name = next((n for n in names if n.get("use") == "official"), names[0])
+    return {"family": name.get("family"), "given": list(name.get("given") or []),
+            "prefix": list(name.get("prefix") or []), "text": name.get("text")}
+
+
+def identifier(values: Any, system: str) -> str | None:
+    return next((i.get("value") for i in values or []
+                 if isinstance(i, dict) and i.get("system") == system and i.get("value")), None)
+
+
+def _period(value: Any) -> dict[str, Any]:
+    value = value if isinstance(value, dict) else {}
+    return {"start": value.get("start"), "end": value.get("end")}
+
+
+def _event(kind: str, subject: str, ctx: MappingContext, **data: Any) -> MappedEvent:
+    return MappedEvent(type=kind, subject=subject, data={"source": ctx.source.to_event(), **data})
+
+
+def _self(ctx: MappingContext) -> str:
+    return f"{ctx.source.resource_type}/{ctx.source.id}"
+
+
+# ---- Encounter → time logged / reversed -------------------------------------------------------
+
+def _encounter_seconds(res: dict[str, Any], ctx: MappingContext) -> tuple[int, list[str]]:
+    warnings: list[str] = []
+    length = res.get("length")
+    period = res.get("period") or {}
+    by_period = None
+    if period.get("start") and period.get("end"):
+        delta = instant(period["end"], ctx.timezone) - instant(period["start"], ctx.timezone)
+        if delta.total_seconds() < 0:
+            raise rejected(422, "invariant", "Encounter.period.end is before period.start",
+                           "Encounter.period")
+        by_period = int(delta.total_seconds())
+    if length is not None:
+        factor = UCUM_SECONDS.get(length.get("code") or "")
+        if factor is None or length.get("value") is None:
+            raise rejected(422, "value", "Encounter.length must be a UCUM duration in s, min or h "
+                           "to count as CCM time", "Encounter.length.code")
+        seconds = int(round(float(length["value"]) * factor))
+        if by_period is not None and abs(by_period - seconds) > ctx.config.length_tolerance_seconds:
+            warnings.append(f"Encounter.length ({seconds} s) and period ({by_period} s) disagree; "
+                            "length was used")
+        return seconds, warnings
+    if by_period is None:
+        raise rejected(422, "required", "CCM time needs Encounter.length or a period with start "
+                       "and end", "Encounter.length")
+    return by_period, warnings
+
+
+def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]]:
+    performers = []
+    for participant in res.get("participant") or []:
+        individual = participant.get("individual") if isinstance(participant, dict) else None
+        ref = reference(individual, ("Practitioner", "PractitionerRole"))
+        if ref is None:
+            continue
+        if ref.startswith("Practitioner/"):
+            performers.append({"practitioner": ref, "practitionerRole": None, "roleCodes": []})
+            continue
+        role = ctx.roles.get(ref.removeprefix("PractitionerRole/"), {})
+        performers.append({
+            "practitioner": reference(role.get("practitioner"), ("Practitioner",)),
+            "practitionerRole": ref,
+            "roleCodes": codings(role.get("code") or []),
+        })
+    return performers
+
+
+def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    entry = _self(ctx)
+    patient = reference(res.get("subject"), ("Patient",))
+    logged_month = ctx.state.get("loggedMonth")
+
+    def reversal(reason: str) -> Mapping:
+        if logged_month is None or patient is None:
+            return Mapping(state={})
+        return Mapping([_event("ingest.time-entry.reversed.v1", patient, ctx, entry=entry,
+                               patient=patient, reason=reason, serviceMonth=logged_month)], {})
+
+    if ctx.deleted:
+        return reversal("deleted")
+    activity = codings(res.get("type") or [], res.get("serviceType"))
+    cls = res.get("class") if isinstance(res.get("class"), dict) else {}
+    is_ccm = (any_coding_matches(ctx.config.ccm_time_codes, activity)
+              and cls.get("code") not in INPATIENT_CLASSES)
+    status = res.get("status")
+    if not is_ccm:
+        return reversal("not-ccm")
+    if status in ("entered-in-error", "cancelled"):
+        return reversal(status)
+    if status != "finished":
+        return reversal("not-ccm")
+    if patient is None:
+        raise rejected(422, "required", "CCM time needs Encounter.subject to reference a Patient",
+                       "Encounter.subject")
+    seconds, warnings = _encounter_seconds(res, ctx)
+    start_text = (res.get("period") or {}).get("start")
+    if not start_text:
+        raise rejected(422, "required", "CCM time needs Encounter.period.start to place it in a "
+                       "service month", "Encounter.period.start")
+    start = instant(start_text, ctx.timezone)
+    end_text = (res.get("period") or {}).get("end")
+    end = instant(end_text, ctx.timezone) if end_text else start + timedelta(seconds=seconds)
+    local = start.astimezone(ctx.timezone)
+    month = f"{local.year:04d}-{local.month:02d}"
+    events = []
+    if logged_month is not None and logged_month != month:
+        # Moved to another month: take it out of the old one first.
+        events += reversal("not-ccm").events
+    events.append(_event(
+        "ingest.time-entry.logged.v1", patient, ctx,
+        entry=entry, patient=patient, seconds=seconds, start=start.isoformat(),
+        end=end.isoformat(), serviceDate=local.date().isoformat(), serviceMonth=month,
+        activityCodes=sorted({c["code"] for c in activity
+                              if any_coding_matches(ctx.config.ccm_time_codes, [c])}),
+        complex=any_coding_matches(ctx.config.complex_codes, activity),
+        performers=_performers(res, ctx), warnings=warnings,
+    ))
+    return Mapping(events, {"loggedMonth": month}, warnings)
+
+
+# ---- Consent → granted / revoked / declined / voided -----------------------------------------
+
+CONSENT_EVENTS = {
+    "active": "ingest.consent.granted.v1",
+    "inactive": "ingest.consent.revoked.v1",
+    "rejected": "ingest.consent.declined.v1",
+    "entered-in-error": "ingest.consent.voided.v1",
+}
+
+
+def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    categories = codings(res.get("category") or [])
+    scope = codings(res.get("scope"))
+    is_ccm = (any_coding_matches(ctx.config.consent_categories, categories)
+              and any_coding_matches(ctx.config.consent_scopes, scope))
+    if not is_ccm:
+        return Mapping(state={})
+    patient = reference(res.get("patient"), ("Patient",))
+    if patient is None:
+        raise rejected(422, "required", "a CCM consent needs Consent.patient to reference a "
+                       "Patient", "Consent.patient")
+    status = "entered-in-error" if ctx.deleted else res.get("status")
+    kind = CONSENT_EVENTS.get(status or "")
+    if kind is None:
+        return Mapping(state={"ccm": True})
+    provision = res.get("provision") or {}
+    actors = [a.get("reference") for a in provision.get("actor") or [] if isinstance(a, dict)]
+    practitioners = references(actors, ("Practitioner", "PractitionerRole"))
+    practitioners += [p for p in references(res.get("performer"), ("Practitioner",
+                                                                   "PractitionerRole"))
+                      if p not in practitioners]
+    obtained = res.get("dateTime")
+    method = ("written" if res.get("sourceAttachment")
+              else "verbal" if res.get("sourceReference") else "unknown")
+    until = None
+    if status == "inactive":
+        revoked_on = ctx.source.last_updated.astimezone(ctx.timezone).date()
+        until = month_end(revoked_on).isoformat()
+    event = _event(
+        kind, patient, ctx, consent=_self(ctx), patient=patient, status=status,
+        obtainedAt=instant(obtained, ctx.timezone).isoformat() if obtained else None,
+        method=method, period=_period(provision.get("period")),
+        provision=provision.get("type") or "permit", practitioners=practitioners,
+        categories=categories, effectiveUntil=until,
+    )
+    return Mapping([event], {"ccm": True})
+
+
+# ---- CarePlan → created / revised / closed ----------------------------------------------------
+
+CLOSING = frozenset({"revoked", "completed", "entered-in-error"})
+
+
+def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    categories = codings(res.get("category") or [])
+    is_ccm = (res.get("intent") in ctx.config.care_plan_intents
+              and any_coding_matches(ctx.config.care_plan_categories, categories))
+    patient = reference(res.get("subject"), ("Patient",))
+    if not is_ccm or patient is None:
+        return Mapping(state=ctx.state if ctx.deleted else {})
+    status = "entered-in-error" if ctx.deleted else res.get("status")
+    if ctx.deleted and not ctx.state.get("ccm"):
+        return Mapping(state={})
+    if status in CLOSING:
+        kind = "ingest.care-plan.closed.v1"
+    elif ctx.state.get("ccm"):
+        kind = "ingest.care-plan.revised.v1"
+    else:
+        kind = "ingest.care-plan.created.v1"
+    event = _event(
+        kind, patient, ctx, carePlan=_self(ctx), patient=patient, status=status,
+        intent=res.get("intent"), created=res.get("created"), period=_period(res.get("period")),
+        author=reference(res.get("author")), careTeam=references(res.get("careTeam"),
+                                                                 ("CareTeam",)),
+        addresses=references(res.get("addresses"), ("Condition",)), categories=categories,
+    )
+    return Mapping([event], {"ccm": True})
+
+
+# ---- Directory and eligibility --------------------------------------------------------------
+
+def map_patient(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    me = _self(ctx)
+    return Mapping([_event(
+        "ingest.patient.upserted.v1", me, ctx, patient=me, active=res.get("active", True),
+        mbi=identifier(res.get("identifier"), MBI), name=human_name(res.get("name")),
+        managingOrganization=reference(res.get("managingOrganization"), ("Organization",)),
+        generalPractitioner=references(res.get("generalPractitioner")),
+        deceased=bool(res.get("deceasedBoolean") or res.get("deceasedDateTime")),
+        deleted=ctx.deleted,
+    )])
+
+
+def map_practitioner(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    me = _self(ctx)
+    return Mapping([_event(
+        "ingest.practitioner.upserted.v1", me, ctx, practitioner=me,
+        active=res.get("active", True), name=human_name(res.get("name")),
+        npi=identifier(res.get("identifier"), NPI), telecom=telecom(res.get("telecom")),
+        qualifications=codings([q.get("code") for q in res.get("qualification") or []
+                                if isinstance(q, dict)]),
+        deleted=ctx.deleted,
+    )])
+
+
+def classify_role(role_codings: list[dict[str, Any]], config: IngestConfig) -> str:
+    """billing-practitioner, clinical-staff, non-clinical or unknown, from the role's codes."""
+    if any_coding_matches(config.billing_practitioner_roles, role_codings):
+        return "billing-practitioner"
+    if any_coding_matches(config.clinical_staff_roles, role_codings):
+        return "clinical-staff"
+    if any_coding_matches(config.non_clinical_roles, role_codings):
+        return "non-clinical"
+    return "unknown"
+
+
+def map_practitioner_role(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    me = _self(ctx)
+    codes = codings(res.get("code") or [])
+    specialties = codings(res.get("specialty") or [])
+    return Mapping([_event(
+        "ingest.practitioner-role.upserted.v1", me, ctx, practitionerRole=me,
+        practitioner=reference(res.get("practitioner"), ("Practitioner",)),
+        organization=reference(res.get("organization"), ("Organization",)),
+        active=res.get("active", True), codes=codes, specialties=specialties,
+        classification=classify_role(codes + specialties, ctx.config),
+        telecom=telecom(res.get("telecom")), deleted=ctx.deleted,
+    )])
+
+
+def map_organization(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    me = _self(ctx)
+    return Mapping([_event(
+        "ingest.organization.upserted.v1", me, ctx, organization=me,
+        active=res.get("active", True), name=res.get("name"),
+        npi=identifier(res.get("identifier"), NPI), telecom=telecom(res.get("telecom")),
+        partOf=reference(res.get("partOf"), ("Organization",)), deleted=ctx.deleted,
+    )])
+
+
+ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
+
+
+def _first_code(concept: Any) -> str | None:
+    found = codings(concept)
+    return found[0]["code"] if found else None
+
+
+def _when(res: dict[str, Any], prefix: str) -> str | None:
+    for suffix in ("DateTime", "String", "Age", "Period", "Range"):
+        value = res.get(prefix + suffix)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, dict):
+            found = value.get("start") or value.get("value")
+            return None if found is None else str(found)
+    return None
+
+
+def is_chronic(res: dict[str, Any], config: IngestConfig) -> bool:
+    """Active, not entered in error, and in the practice's chronic categories (and codes)."""
+    clinical = _first_code(res.get("clinicalStatus"))
+    verification = _first_code(res.get("verificationStatus"))
+    if clinical not in ACTIVE_CLINICAL or verification in ("entered-in-error", "refuted"):
+        return False
+    if not any_coding_matches(config.chronic_categories, codings(res.get("category") or [])):
+        return False
+    return not config.chronic_codes or any_coding_matches(config.chronic_codes,
+                                                          codings(res.get("code")))
+
+
+def map_condition(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    patient = reference(res.get("subject"), ("Patient",))
+    if patient is None:
+        return Mapping()
+    return Mapping([_event(
+        "ingest.condition.upserted.v1", patient, ctx, condition=_self(ctx), patient=patient,
+        clinicalStatus=_first_code(res.get("clinicalStatus")),
+        verificationStatus=_first_code(res.get("verificationStatus")),
+        categories=codings(res.get("category") or []), code=codings(res.get("code")),
+        onset=_when(res, "onset"), abatement=_when(res, "abatement"),
+        chronic=not ctx.deleted and is_chronic(res, ctx.config), deleted=ctx.deleted,
+    )])
+
+
+MAPPERS: dict[str, Callable[[dict[str, Any], MappingContext], Mapping]] = {
+    "Encounter": map_encounter,
+    "Consent": map_consent,
+    "CarePlan": map_care_plan,
+    "Patient": map_patient,
+    "Practitioner": map_practitioner,
+    "PractitionerRole": map_practitioner_role,
+    "Organization": map_organization,
+    "Condition": map_condition,
+}
+
+
+def map_version(resource: dict[str, Any], ctx: MappingContext) -> Mapping:
+    """The CCM meaning of one accepted version (or deletion) of a supported resource."""
+    return MAPPERS[ctx.source.resource_type](resource, ctx)

@@ -1,0 +1,53 @@
+"""GET/PUT /v1/practices/{practice}/ingest-config: the practice's mapping code sets."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body
+
+from ccm_ingest.adapters.repository import SqlResourceRepository
+from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
+from ccm_shared.errors import Forbidden, InvalidInput, NotFound
+from ccm_shared.http import TenantDep
+from ccm_shared.service import ServiceRuntime
+
+
+def build_router(runtime: ServiceRuntime) -> APIRouter:
+    router = APIRouter(prefix="/v1/practices/{practice}/ingest-config", tags=["ingest config"])
+
+    async def _load(practice: str) -> dict[str, Any]:
+        async with runtime.db.unit_of_work() as uow:
+            found = await SqlResourceRepository(uow.session, practice).practice()
+        if found is None:
+            raise NotFound(f"practice {practice!r} not found")
+        return found[1]
+
+    @router.get("", summary="Effective mapping configuration (defaults + this practice's "
+                "overrides)")
+    async def read_config(practice: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        overrides = await _load(practice)
+        return {"effective": DEFAULT_CONFIG.merged(overrides).to_dict(), "overrides": overrides,
+                "defaults": DEFAULT_CONFIG.to_dict()}
+
+    @router.put("", summary="Replace this practice's overrides (keys left out use the defaults)")
+    async def write_config(practice: str, tenant: TenantDep,
+                           overrides: Annotated[dict[str, Any], Body()]) -> dict:
+        tenant.require_practice(practice)
+        if "admin" not in tenant.scopes:
+            raise Forbidden("changing the ingest configuration needs the 'admin' scope")
+        try:
+            effective = DEFAULT_CONFIG.merged(overrides)
+        except ConfigInvalid as exc:
+            raise InvalidInput(str(exc)) from None
+        await _load(practice)
+        async with runtime.db.unit_of_work() as uow:
+            await SqlResourceRepository(uow.session, practice).save_config(overrides,
+                                                                           runtime.clock())
+            await uow.commit()
+        runtime.state["practice_cache"].forget(practice)
+        return {"effective": effective.to_dict(), "overrides": overrides,
+                "defaults": DEFAULT_CONFIG.to_dict()}
+
+    return router

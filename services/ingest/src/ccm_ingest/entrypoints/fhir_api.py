@@ -1,0 +1,335 @@
+"""The FHIR R4 REST endpoint at /fhir: create, update, delete, read, history, search, Bundles,
+$validate and the CapabilityStatement. Every error answers an OperationOutcome."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ccm_ingest.adapters.repository import SqlResourceRepository
+from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
+from ccm_ingest.domain.model import SUPPORTED_TYPES, Issue, rejected
+from ccm_ingest.entrypoints.outcomes import (
+    fhir_json,
+    operation_outcome,
+    outcome_response,
+    version_headers,
+    write_response,
+)
+from ccm_ingest.service_layer import bundles
+from ccm_ingest.service_layer import resources as handlers
+from ccm_ingest.service_layer.resources import Caller, Outcome
+from ccm_ingest.settings import IngestSettings
+from ccm_shared.db import UnitOfWork
+from ccm_shared.errors import Forbidden
+from ccm_shared.http import TenantDep, json_depth
+from ccm_shared.service import ServiceRuntime
+from ccm_shared.tenancy import Tenant
+
+ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
+
+
+class PracticeCache:
+    """Time zone, ingest configuration and token labels, re-read after ``ttl`` seconds."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[tuple[str, str], tuple[float, Any]] = {}
+
+    def get(self, kind: str, key: str) -> Any:
+        hit = self._entries.get((kind, key))
+        if hit is None or time.monotonic() - hit[0] > self.ttl:
+            return None
+        return hit[1]
+
+    def put(self, kind: str, key: str, value: Any) -> None:
+        self._entries[(kind, key)] = (time.monotonic(), value)
+
+    def forget(self, tenant: str) -> None:
+        self._entries.pop(("practice", tenant), None)
+
+
+async def caller_for(runtime: ServiceRuntime, uow: UnitOfWork, tenant: Tenant) -> Caller:
+    cache: PracticeCache = runtime.state["practice_cache"]
+    repo = SqlResourceRepository(uow.session, tenant.practice_id)
+    practice = cache.get("practice", tenant.practice_id)
+    if practice is None:
+        found = await repo.practice()
+        if found is None:
+            raise rejected(404, "not-found", "the token's practice no longer exists")
+        zone, overrides = found
+        try:
+            config = DEFAULT_CONFIG.merged(overrides)
+        except ConfigInvalid:  # stored before a rule changed: fall back, never fail ingest
+            config = DEFAULT_CONFIG
+        practice = (ZoneInfo(zone), config)
+        cache.put("practice", tenant.practice_id, practice)
+    label = cache.get("label", tenant.token_id)
+    if label is None:
+        label = await repo.token_label(tenant.token_id) or tenant.token_id
+        cache.put("label", tenant.token_id, label)
+    now: datetime = runtime.clock()
+    return Caller(tenant.practice_id, tenant.token_id, label, practice[0], practice[1], now)
+
+
+def _require(tenant: Tenant, scope: str) -> None:
+    if scope not in tenant.scopes:
+        raise Forbidden(f"this token lacks the {scope!r} scope")
+
+
+def _check_type(rtype: str) -> None:
+    if rtype not in SUPPORTED_TYPES:
+        raise rejected(404, "not-supported", f"resource type {rtype!r} is not supported; "
+                       f"supported: {', '.join(SUPPORTED_TYPES)}", "resourceType")
+
+
+async def read_json(request: Request, max_depth: int) -> Any:
+    """The request body as JSON: 415 for other media types, 400 when unparseable or too deep."""
+    media = request.headers.get("content-type", "application/fhir+json").split(";")[0].strip()
+    if media and media.lower() not in ACCEPTED_MEDIA:
+        raise rejected(415, "not-supported", f"content type {media!r} is not supported; send "
+                       "application/fhir+json (or application/json)")
+    raw = await request.body()
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        detail = exc.args[0] if isinstance(exc, ValueError) else "nested too deeply"
+        raise rejected(400, "structure", f"the body is not valid JSON: {detail}") from None
+    try:
+        json_depth(value, max_depth)
+    except ValueError as exc:
+        raise rejected(400, "too-costly", str(exc)) from None
+    return value
+
+
+def build_router(runtime: ServiceRuntime) -> APIRouter:
+    router = APIRouter(prefix="/fhir", tags=["fhir"])
+    settings: IngestSettings = runtime.service_settings()  # type: ignore[assignment]
+    max_depth = runtime.settings.max_json_depth
+
+    def base(request: Request) -> str:
+        return settings.fhir_base_url or str(request.base_url).rstrip("/") + "/fhir"
+
+    async def write(request: Request, tenant: Tenant, action) -> Response:  # noqa: ANN001
+        _require(tenant, "fhir:write")
+        async with runtime.db.unit_of_work() as uow:
+            caller = await caller_for(runtime, uow, tenant)
+            outcome: Outcome = await action(uow, caller)
+            await uow.commit()
+        if runtime.relay is not None:
+            runtime.relay.notify()
+        return write_response(request, outcome, base(request))
+
+    @router.get("/metadata", summary="CapabilityStatement: what this endpoint supports")
+    async def metadata(request: Request) -> Response:
+        return fhir_json(capability_statement(base(request), runtime.clock()))
+
+    @router.post("", summary="Process a transaction or batch Bundle")
+    async def process_bundle(request: Request, tenant: TenantDep) -> Response:
+        _require(tenant, "fhir:write")
+        bundle = await read_json(request, max_depth)
+        if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+            raise rejected(400, "invalid", "POST /fhir takes a Bundle", "resourceType")
+        kind = bundle.get("type")
+        if kind not in ("transaction", "batch"):
+            raise rejected(422, "value", f"Bundle.type {kind!r}: only transaction and batch "
+                           "Bundles can be processed", "Bundle.type")
+        entries = bundles.parse_entries(bundle, settings.max_bundle_entries)
+        if kind == "transaction":
+            async with runtime.db.unit_of_work() as uow:
+                caller = await caller_for(runtime, uow, tenant)
+                results = await bundles.transaction(uow, caller, entries)
+                await uow.commit()
+        else:
+            async with runtime.db.unit_of_work() as uow:
+                caller = await caller_for(runtime, uow, tenant)
+            results = await bundles.batch(runtime.db.unit_of_work, caller, entries,
+                                          lambda u: u.commit())
+        if runtime.relay is not None:
+            runtime.relay.notify()
+        return fhir_json(response_bundle(f"{kind}-response", results, base(request)))
+
+    @router.post("/{rtype}/$validate", summary="Validate a resource (or Bundle) without storing")
+    async def validate(rtype: str, request: Request, tenant: TenantDep) -> Response:
+        body = await read_json(request, max_depth)
+        if rtype == "Bundle":
+            if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
+                raise rejected(400, "invalid", "resourceType does not match the URL (Bundle)",
+                               "resourceType")
+            entries = bundles.parse_entries(body, settings.max_bundle_entries)
+            count = len(entries)
+        else:
+            _check_type(rtype)
+            handlers.validated(body, rtype)
+            count = 1
+        return outcome_response(200, [Issue("information", "informational",
+                                            f"valid: {count} resource(s) checked")])
+
+    @router.post("/{rtype}", summary="Create (If-None-Exist: conditional create)")
+    async def create(rtype: str, request: Request, tenant: TenantDep) -> Response:
+        _check_type(rtype)
+        resource = handlers.validated(await read_json(request, max_depth), rtype)
+        return await write(request, tenant, lambda uow, caller: handlers.create(
+            uow, caller, resource, if_none_exist=request.headers.get("if-none-exist")))
+
+    @router.put("/{rtype}/{rid}", summary="Update or create with this id (If-Match: version)")
+    async def update(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
+        _check_type(rtype)
+        resource = handlers.validated(await read_json(request, max_depth), rtype)
+        return await write(request, tenant, lambda uow, caller: handlers.update(
+            uow, caller, rtype, rid, resource, if_match=request.headers.get("if-match")))
+
+    @router.delete("/{rtype}/{rid}", summary="Delete (a deletion version; reads then answer 410)")
+    async def delete(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
+        _check_type(rtype)
+        return await write(request, tenant,
+                           lambda uow, caller: handlers.remove(uow, caller, rtype, rid))
+
+    @router.get("/{rtype}/{rid}", summary="Read the current version")
+    async def read(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
+        _require(tenant, "fhir:read")
+        _check_type(rtype)
+        async with runtime.db.unit_of_work() as uow:
+            repo = SqlResourceRepository(uow.session, tenant.practice_id)
+            version = handlers.current_or_error(await repo.current_version(rtype, rid), rtype,
+                                                rid)
+        outcome = Outcome(200, rtype, rid, version)
+        return fhir_json(version.resource, 200, version_headers(outcome, base(request)))
+
+    @router.get("/{rtype}/{rid}/_history", summary="Every stored version, newest first")
+    async def history(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
+        _require(tenant, "fhir:read")
+        _check_type(rtype)
+        async with runtime.db.unit_of_work() as uow:
+            versions = await SqlResourceRepository(uow.session, tenant.practice_id).history(
+                rtype, rid)
+        if not versions:
+            raise rejected(404, "not-found", f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
+        b = base(request)
+        return fhir_json({
+            "resourceType": "Bundle", "type": "history", "total": len(versions),
+            "entry": [{
+                "fullUrl": f"{b}/{rtype}/{rid}",
+                **({"resource": v.resource} if v.resource is not None else {}),
+                "request": {"method": "DELETE" if v.deleted else "PUT",
+                            "url": f"{rtype}/{rid}"},
+                "response": {"status": "204" if v.deleted else "200",
+                             "etag": f'W/"{v.version_id}"',
+                             "lastModified": v.last_updated.isoformat(),
+                             **({} if v.applied else {"outcome": operation_outcome([Issue(
+                                 "warning", "conflict", "older than the current state when "
+                                 "received: kept in history, not applied")])})},
+            } for v in versions],
+        })
+
+    @router.get("/{rtype}/{rid}/_history/{vid}", summary="One stored version")
+    async def vread(rtype: str, rid: str, vid: str, request: Request,
+                    tenant: TenantDep) -> Response:
+        _require(tenant, "fhir:read")
+        _check_type(rtype)
+        if not vid.isdigit():
+            raise rejected(404, "not-found", f"version {vid!r} is not known", "vid")
+        async with runtime.db.unit_of_work() as uow:
+            version = await SqlResourceRepository(uow.session, tenant.practice_id).version(
+                rtype, rid, int(vid))
+        if version is None:
+            raise rejected(404, "not-found", f"{rtype}/{rid}/_history/{vid} is not known")
+        if version.deleted:
+            raise rejected(410, "deleted", f"version {vid} of {rtype}/{rid} is a deletion")
+        outcome = Outcome(200, rtype, rid, version)
+        return fhir_json(version.resource, 200, version_headers(outcome, base(request)))
+
+    @router.get("/{rtype}", summary="Search: _id, identifier, patient, _lastUpdated, _count")
+    async def search(rtype: str, request: Request, tenant: TenantDep) -> Response:
+        _require(tenant, "fhir:read")
+        _check_type(rtype)
+        params = list(request.query_params.multi_items())
+        async with runtime.db.unit_of_work() as uow:
+            total, rows = await handlers.search(
+                SqlResourceRepository(uow.session, tenant.practice_id), rtype, params)
+        b = base(request)
+        return fhir_json({
+            "resourceType": "Bundle", "type": "searchset", "total": total,
+            "link": [{"relation": "self", "url": str(request.url)}],
+            "entry": [{"fullUrl": f"{b}/{rtype}/{r.id}", "resource": r.resource,
+                       "search": {"mode": "match"}} for r in rows],
+        })
+
+    return router
+
+
+def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
+                    base: str) -> dict[str, Any]:
+    entries = []
+    for _entry, outcome in results:
+        response: dict[str, Any] = {"status": _status_line(outcome.status)}
+        if outcome.version is not None:
+            response["location"] = f"{outcome.location}"
+            response["etag"] = f'W/"{outcome.version.version_id}"'
+            response["lastModified"] = outcome.version.last_updated.isoformat()
+        if outcome.issues:
+            response["outcome"] = operation_outcome(outcome.issues)
+        item: dict[str, Any] = {"response": response}
+        if outcome.id and outcome.version is not None:
+            item["fullUrl"] = f"{base}/{outcome.resource_type}/{outcome.id}"
+        entries.append(item)
+    return {"resourceType": "Bundle", "type": kind, "entry": entries}
+
+
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found",
+            409: "Conflict", 410: "Gone", 412: "Precondition Failed", 422: "Unprocessable Entity"}
+
+
+def _status_line(status: int) -> str:
+    return f"{status} {_REASONS.get(status, '')}".strip()
+
+
+def capability_statement(base: str, now: datetime) -> dict[str, Any]:
+    """What this server really does (nothing more): R4, JSON, these types and interactions."""
+    search = [
+        {"name": "_id", "type": "token"},
+        {"name": "identifier", "type": "token"},
+        {"name": "_lastUpdated", "type": "date"},
+    ]
+    patient_search = [{"name": "patient", "type": "reference"},
+                      {"name": "subject", "type": "reference"}]
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": now.date().isoformat(),
+        "kind": "instance",
+        "software": {"name": "ccm-platform ingest", "version": "0.1.0"},
+        "implementation": {"description": "CCM ingest FHIR R4 push endpoint", "url": base},
+        "fhirVersion": "4.0.1",
+        "format": ["application/fhir+json", "json"],
+        "rest": [{
+            "mode": "server",
+            "security": {"description": "Bearer token per practice (Authorization: Bearer …)"},
+            "interaction": [{"code": "transaction"}, {"code": "batch"}],
+            "resource": [{
+                "type": t,
+                "versioning": "versioned-update",
+                "readHistory": True,
+                "updateCreate": True,
+                "conditionalCreate": True,
+                "conditionalUpdate": True,
+                "conditionalDelete": "single",
+                "interaction": [{"code": c} for c in ("read", "vread", "update", "delete",
+                                                      "history-instance", "create",
+                                                      "search-type")],
+                "searchParam": search + (patient_search if t in handlers.PATIENT_ELEMENT
+                                         else []),
+            } for t in SUPPORTED_TYPES],
+            "operation": [{"name": "validate",
+                           "definition": "http://hl7.org/fhir/OperationDefinition/"
+                                         "Resource-validate"}],
+        }],
+    }
+
+

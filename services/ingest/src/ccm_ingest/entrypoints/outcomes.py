@@ -1,0 +1,80 @@
+"""FHIR responses: OperationOutcome bodies, resource bodies and their headers."""
+
+from __future__ import annotations
+
+import json
+from email.utils import format_datetime
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from ccm_ingest.domain.model import FhirRejected, Issue
+from ccm_ingest.service_layer.resources import Outcome
+from ccm_shared.errors import AppError
+
+FHIR_JSON = "application/fhir+json"
+
+
+def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": i.severity, "code": i.code, "diagnostics": i.diagnostics,
+             **({"expression": list(i.expression)} if i.expression else {})}
+            for i in issues
+        ] or [{"severity": "information", "code": "informational", "diagnostics": "ok"}],
+    }
+
+
+def fhir_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, separators=(",", ":"), ensure_ascii=False), status,
+                    headers=headers, media_type=FHIR_JSON)
+
+
+def outcome_response(status: int, issues: list[Issue],
+                     headers: dict[str, str] | None = None) -> Response:
+    return fhir_json(operation_outcome(issues), status, headers)
+
+
+def rejected_response(exc: FhirRejected) -> Response:
+    return outcome_response(exc.status, exc.issues)
+
+
+def app_error_response(exc: AppError) -> Response:
+    """The platform's errors (auth, limits, not found) on /fhir, as OperationOutcome."""
+    headers = {"WWW-Authenticate": 'Bearer realm="ccm"'} if exc.status == 401 else None
+    issue = Issue("error", exc.code, exc.detail, tuple(exc.expression))
+    return outcome_response(exc.status, [issue], headers)
+
+
+def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
+    v = outcome.version
+    if v is None:
+        return {}
+    return {
+        "ETag": f'W/"{v.version_id}"',
+        "Last-Modified": format_datetime(v.last_updated, usegmt=True),
+        "Location": f"{base}/{outcome.location}",
+    }
+
+
+def prefer(request: Request) -> str:
+    for part in request.headers.get("prefer", "").split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.strip() == "return":
+            return value.strip().strip('"')
+    return "representation"
+
+
+def write_response(request: Request, outcome: Outcome, base: str) -> Response:
+    """Status, ETag/Location/Last-Modified, and the body ``Prefer: return=`` asks for."""
+    headers = version_headers(outcome, base)
+    if outcome.status == 204:
+        return Response(status_code=204)
+    wanted = prefer(request)
+    if wanted == "OperationOutcome" or outcome.outcome_body:
+        return outcome_response(outcome.status, outcome.issues, headers)
+    if wanted == "minimal" or outcome.version is None:
+        return Response(status_code=outcome.status, headers=headers)
+    return fhir_json(outcome.version.resource, outcome.status, headers)

@@ -1,0 +1,224 @@
+"""Transaction (all-or-nothing) and batch (each entry alone) Bundles."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ccm_ingest.adapters.repository import SqlResourceRepository
+from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, rejected
+from ccm_ingest.service_layer import resources as handlers
+from ccm_ingest.service_layer.resources import Caller, Outcome
+from ccm_shared.db import UnitOfWork
+
+METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
+
+
+@dataclass
+class Entry:
+    """One Bundle entry, checked: method, target type, id or criteria, resource."""
+
+    index: int
+    method: str
+    rtype: str
+    rid: str | None
+    criteria: str | None
+    resource: dict[str, Any] | None
+    full_url: str | None
+    if_none_exist: str | None
+    if_match: str | None
+    query: str = ""
+
+
+def _where(index: int) -> str:
+    return f"Bundle.entry[{index}]"
+
+
+def parse_entries(bundle: dict[str, Any], max_entries: int) -> list[Entry]:
+    """Every entry checked and validated; all problems reported at once (422)."""
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise rejected(400, "structure", "Bundle.entry must be a list", "Bundle.entry")
+    if len(entries) > max_entries:
+        raise rejected(413, "too-costly", f"Bundle has {len(entries)} entries; the limit is "
+                       f"{max_entries}", "Bundle.entry")
+    parsed, issues = [], []
+    for i, raw in enumerate(entries):
+        try:
+            parsed.append(_parse_entry(i, raw))
+        except FhirRejected as exc:
+            issues += exc.issues  # already located at their entry
+    if issues:
+        raise FhirRejected(422, issues)
+    return parsed
+
+
+def _parse_entry(i: int, raw: Any) -> Entry:
+    if not isinstance(raw, dict) or not isinstance(raw.get("request"), dict):
+        raise rejected(422, "required", "entry.request (method and url) is required",
+                       f"{_where(i)}.request")
+    request = raw["request"]
+    method, url = request.get("method"), request.get("url")
+    if method not in METHOD_ORDER or not isinstance(url, str) or not url:
+        raise rejected(422, "value", f"entry.request needs a method ({', '.join(METHOD_ORDER)}) "
+                       "and a url", f"{_where(i)}.request")
+    path, _, query = url.partition("?")
+    parts = path.strip("/").split("/")
+    rtype = parts[0]
+    if rtype not in SUPPORTED_TYPES:
+        raise rejected(422, "not-supported", f"{method} {url}: resource type {rtype!r} (or "
+                       f"operation) is not supported; supported: {', '.join(SUPPORTED_TYPES)}",
+                       f"{_where(i)}.request.url")
+    rid = parts[1] if len(parts) > 1 else None
+    resource = raw.get("resource")
+    if method in ("POST", "PUT"):
+        try:
+            resource = handlers.validated(resource, rtype)
+        except FhirRejected as exc:
+            raise FhirRejected(exc.status, [issue.located(f"{_where(i)}.resource")
+                                            for issue in exc.issues]) from None
+    return Entry(i, method, rtype, rid, query or None, resource, raw.get("fullUrl"),
+                 request.get("ifNoneExist"), request.get("ifMatch"), query)
+
+
+def _rewrite_references(value: Any, ids: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and ref in ids:
+            value["reference"] = ids[ref]
+        for item in value.values():
+            _rewrite_references(item, ids)
+    elif isinstance(value, list):
+        for item in value:
+            _rewrite_references(item, ids)
+    return value
+
+
+async def _conditional_references(repo: SqlResourceRepository, entry: Entry) -> None:
+    """``Patient?identifier=…`` references resolve to the one match, or the entry fails."""
+    async def visit(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            ref = value.get("reference")
+            if isinstance(ref, str) and "?" in ref and not ref.startswith(("http", "urn:")):
+                rtype = ref.partition("?")[0]
+                if rtype not in SUPPORTED_TYPES:
+                    raise rejected(422, "not-supported", f"conditional reference {ref!r}: type "
+                                   "not supported", f"{path}.reference")
+                matches = await handlers.find(repo, rtype,
+                                              handlers.normalise_criteria(rtype, ref))
+                if len(matches) != 1:
+                    raise rejected(412, "not-found" if not matches else "multiple-matches",
+                                   f"conditional reference {ref!r} matches {len(matches)} "
+                                   "resources; exactly one is required", f"{path}.reference")
+                value["reference"] = f"{rtype}/{matches[0].id}"
+            for key, item in value.items():
+                await visit(item, f"{path}.{key}")
+        elif isinstance(value, list):
+            for n, item in enumerate(value):
+                await visit(item, f"{path}[{n}]")
+
+    await visit(entry.resource, f"{_where(entry.index)}.resource")
+
+
+async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) -> dict[str, str]:
+    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates."""
+    repo = SqlResourceRepository(uow.session, caller.tenant)
+    ids: dict[str, str] = {}
+    for e in entries:
+        if e.method == "POST":
+            e.rid = str(uuid.uuid4())
+        elif e.method == "PUT" and e.rid is None and e.criteria:
+            matches = await handlers.find(repo, e.rtype,
+                                          handlers.normalise_criteria(e.rtype, e.criteria))
+            if len(matches) > 1:
+                raise rejected(412, "multiple-matches", f"conditional update {e.rtype}?"
+                               f"{e.criteria} matches {len(matches)} resources",
+                               f"{_where(e.index)}.request.url")
+            e.rid = matches[0].id if matches else (e.resource or {}).get("id") or \
+                str(uuid.uuid4())
+            e.resource = {**(e.resource or {}), "id": e.rid}
+        if e.full_url and e.rid and e.method in ("POST", "PUT"):
+            ids[e.full_url] = f"{e.rtype}/{e.rid}"
+    return ids
+
+
+async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
+    repo = SqlResourceRepository(uow.session, caller.tenant)
+    if e.method == "POST":
+        outcome = await handlers.create(uow, caller, e.resource, if_none_exist=e.if_none_exist,
+                                        new_id=e.rid)
+        return outcome
+    if e.method == "PUT":
+        if e.rid is None:
+            raise rejected(422, "required", "PUT needs Type/id or Type?criteria",
+                           f"{_where(e.index)}.request.url")
+        resource = e.resource if e.resource.get("id") else {**e.resource, "id": e.rid}
+        return await handlers.update(uow, caller, e.rtype, e.rid, resource,
+                                     if_match=e.if_match)
+    if e.method == "DELETE":
+        if e.rid is not None:
+            return await handlers.remove(uow, caller, e.rtype, e.rid)
+        matches = await handlers.find(repo, e.rtype,
+                                      handlers.normalise_criteria(e.rtype, e.criteria or ""))
+        if len(matches) > 1:
+            raise rejected(412, "multiple-matches", f"conditional delete matches {len(matches)}"
+                           " resources", f"{_where(e.index)}.request.url")
+        if not matches:
+            return Outcome(204, e.rtype, "")
+        return await handlers.remove(uow, caller, e.rtype, matches[0].id)
+    # GET: reads never fail the Bundle; their status is the entry's.
+    try:
+        if e.rid is not None:
+            found = await repo.current_version(e.rtype, e.rid)
+            return Outcome(200, e.rtype, e.rid, handlers.current_or_error(found, e.rtype, e.rid))
+        total, rows = await handlers.search(repo, e.rtype,
+                                            handlers.normalise_criteria(e.rtype, e.query))
+        return Outcome(200, e.rtype, "", None, [Issue(
+            "information", "informational", f"{total} match(es): "
+            + ", ".join(f"{e.rtype}/{r.id}" for r in rows))])
+    except FhirRejected as exc:
+        return Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)
+
+
+async def transaction(uow: UnitOfWork, caller: Caller,
+                      entries: list[Entry]) -> list[tuple[Entry, Outcome]]:
+    """All entries in this unit of work, in FHIR's order (DELETE, POST, PUT, GET); any failure
+    raises and the caller's unit of work rolls everything back."""
+    ids = await _resolve_ids(uow, caller, entries)
+    repo = SqlResourceRepository(uow.session, caller.tenant)
+    for e in entries:
+        if e.resource is not None:
+            e.resource = _rewrite_references(copy.deepcopy(e.resource), ids)
+            await _conditional_references(repo, e)
+    results: dict[int, Outcome] = {}
+    for e in sorted(entries, key=lambda x: METHOD_ORDER[x.method]):
+        try:
+            results[e.index] = await _run_entry(uow, caller, e)
+        except FhirRejected as exc:
+            raise FhirRejected(exc.status, [
+                issue if issue.expression and issue.expression[0].startswith("Bundle")
+                else issue.located(_where(e.index)) for issue in exc.issues]) from None
+    return [(e, results[e.index]) for e in entries]
+
+
+async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry],
+                commit: Callable[[UnitOfWork], Awaitable[None]]) -> list[tuple[Entry, Outcome]]:
+    """Each entry in a unit of work of its own; a failing entry reports its own outcome."""
+    results = []
+    for e in entries:
+        try:
+            async with open_uow() as uow:
+                if e.resource is not None:
+                    await _conditional_references(
+                        SqlResourceRepository(uow.session, caller.tenant), e)
+                if e.method == "POST":
+                    e.rid = None
+                outcome = await _run_entry(uow, caller, e)
+                await commit(uow)
+        except FhirRejected as exc:
+            outcome = Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)
+        results.append((e, outcome))
+    return results

@@ -1,0 +1,182 @@
+"""The /fhir endpoint on the embedded database: writes, versions, reads, tenancy, Prefer."""
+
+import pytest
+
+from tests.unit.ingest.conftest import as_practice, counts, events, example
+
+FHIR = {"Content-Type": "application/fhir+json"}
+
+
+def ccm_encounter(rid="e1", status="finished", minutes=25, start="2026-03-01T02:30:00Z"):
+    return {
+        "resourceType": "Encounter", "id": rid, "status": status,
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "type": [{"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99490"}]}],
+        "subject": {"reference": "Patient/p1"},
+        "period": {"start": start},
+        "length": {"value": minutes, "unit": "min", "system": "http://unitsofmeasure.org",
+                   "code": "min"},
+    }
+
+
+async def test_create_answers_201_with_location_etag_and_last_modified(fhir):
+    r = await fhir.post("/fhir/Patient", json=example("Patient/r4spec-example.json"),
+                        headers=FHIR)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert r.headers["etag"] == 'W/"1"'
+    assert r.headers["location"] == f"http://test/fhir/Patient/{body['id']}/_history/1"
+    assert r.headers["last-modified"].endswith("GMT")
+    assert body["meta"]["versionId"] == "1" and body["id"] != "example"
+    read = await fhir.get(f"/fhir/Patient/{body['id']}")
+    assert read.status_code == 200 and read.json() == body
+
+
+async def test_same_content_pushed_three_times_is_one_version_and_one_event(fhir):
+    patient = example("Patient/r4spec-example.json")
+    statuses = [(await fhir.put("/fhir/Patient/example", json=patient)).status_code
+                for _ in range(3)]
+    assert statuses == [201, 200, 200]
+    history = (await fhir.get("/fhir/Patient/example/_history")).json()
+    assert history["total"] == 1
+    assert len(await events(fhir, "ingest.patient.upserted.v1")) == 1
+
+
+async def test_changed_content_is_a_new_version_and_history_keeps_both(fhir):
+    patient = example("Patient/r4spec-example.json")
+    await fhir.put("/fhir/Patient/example", json=patient)
+    r = await fhir.put("/fhir/Patient/example", json={**patient, "active": False})
+    assert r.status_code == 200 and r.headers["etag"] == 'W/"2"'
+    history = (await fhir.get("/fhir/Patient/example/_history")).json()
+    assert [e["response"]["etag"] for e in history["entry"]] == ['W/"2"', 'W/"1"']
+    v1 = await fhir.get("/fhir/Patient/example/_history/1")
+    assert v1.json()["active"] is True
+    upserts = await events(fhir, "ingest.patient.upserted.v1")
+    assert [e["data"]["active"] for e in upserts] == [True, False]
+    assert upserts[0]["data"]["source"]["connection"] == "ehr-alpha"
+
+
+async def test_out_of_order_version_is_kept_but_newest_state_wins(fhir):
+    newer = {**ccm_encounter(minutes=30), "meta": {"lastUpdated": "2026-03-02T10:00:00Z"}}
+    older = {**ccm_encounter(minutes=10), "meta": {"lastUpdated": "2026-03-01T10:00:00Z"}}
+    assert (await fhir.put("/fhir/Encounter/e1", json=newer)).status_code == 201
+    r = await fhir.put("/fhir/Encounter/e1", json=older)
+    assert r.status_code == 200
+    outcome = r.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["severity"] == "warning"
+    assert outcome["issue"][0]["expression"] == ["meta.lastUpdated"]
+    current = (await fhir.get("/fhir/Encounter/e1")).json()
+    assert current["length"]["value"] == 30 and current["meta"]["versionId"] == "1"
+    assert (await fhir.get("/fhir/Encounter/e1/_history")).json()["total"] == 2
+    logged = await events(fhir, "ingest.time-entry.logged.v1")
+    assert [e["data"]["seconds"] for e in logged] == [1800]
+
+
+async def test_if_match_with_a_stale_version_answers_412_and_writes_nothing(fhir):
+    patient = example("Patient/r4spec-example.json")
+    await fhir.put("/fhir/Patient/example", json=patient)
+    await fhir.put("/fhir/Patient/example", json={**patient, "active": False})
+    before = await counts(fhir)
+    r = await fhir.put("/fhir/Patient/example", json={**patient, "gender": "other"},
+                       headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 412 and r.json()["issue"][0]["expression"] == ["If-Match"]
+    assert await counts(fhir) == before
+    ok = await fhir.put("/fhir/Patient/example", json={**patient, "gender": "other"},
+                        headers={"If-Match": 'W/"2"'})
+    assert ok.status_code == 200 and ok.headers["etag"] == 'W/"3"'
+
+
+async def test_delete_answers_410_afterwards_and_history_shows_it(fhir):
+    await fhir.put("/fhir/Patient/example", json=example("Patient/r4spec-example.json"))
+    assert (await fhir.delete("/fhir/Patient/example")).status_code == 204
+    gone = await fhir.get("/fhir/Patient/example")
+    assert gone.status_code == 410 and gone.json()["issue"][0]["code"] == "deleted"
+    history = (await fhir.get("/fhir/Patient/example/_history")).json()
+    assert history["entry"][0]["request"]["method"] == "DELETE"
+    upserts = await events(fhir, "ingest.patient.upserted.v1")
+    assert [e["data"]["deleted"] for e in upserts] == [False, True]
+    assert (await fhir.delete("/fhir/Patient/example")).status_code == 204  # idempotent
+
+
+async def test_missing_resource_answers_404_operation_outcome(fhir):
+    r = await fhir.get("/fhir/Patient/nope")
+    assert r.status_code == 404
+    assert r.headers["content-type"].startswith("application/fhir+json")
+    assert r.json()["issue"][0]["code"] == "not-found"
+
+
+async def test_other_practice_resources_answer_404_and_ids_do_not_collide(fhir):
+    patient = example("Patient/r4spec-example.json")
+    assert (await fhir.put("/fhir/Patient/example", json=patient)).status_code == 201
+    other = await fhir.get("/fhir/Patient/example", headers=as_practice(fhir, "beta"))
+    assert other.status_code == 404
+    theirs = await fhir.put("/fhir/Patient/example", json={**patient, "active": False},
+                            headers=as_practice(fhir, "beta"))
+    assert theirs.status_code == 201 and theirs.headers["etag"] == 'W/"1"'
+    assert (await fhir.get("/fhir/Patient/example")).json()["active"] is True
+    beta_search = await fhir.get("/fhir/Patient", params={"_id": "example"},
+                                 headers=as_practice(fhir, "beta"))
+    assert [e["resource"]["active"] for e in beta_search.json()["entry"]] == [False]
+    tenants = {e["tenant"] for e in await events(fhir)}
+    assert tenants == {"alpha", "beta"}
+
+
+async def test_conditional_create_returns_the_existing_resource(fhir):
+    patient = {"resourceType": "Patient",
+               "identifier": [{"system": "urn:mrn", "value": "42"}]}
+    first = await fhir.post("/fhir/Patient", json=patient,
+                            headers={"If-None-Exist": "identifier=urn:mrn|42"})
+    again = await fhir.post("/fhir/Patient", json=patient,
+                            headers={"If-None-Exist": "identifier=urn:mrn|42"})
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    assert (await counts(fhir))["resources"] == 1
+
+
+@pytest.mark.parametrize("prefer,expect_body", [
+    ("return=minimal", None), ("return=representation", "Patient"),
+    ("return=OperationOutcome", "OperationOutcome"),
+])
+async def test_prefer_return_is_honoured(fhir, prefer, expect_body):
+    r = await fhir.post("/fhir/Patient", json=example("Patient/r4spec-example.json"),
+                        headers={"Prefer": prefer})
+    assert r.status_code == 201 and r.headers["etag"] == 'W/"1"'
+    if expect_body is None:
+        assert r.content == b""
+    else:
+        assert r.json()["resourceType"] == expect_body
+
+
+async def test_search_by_patient_and_last_updated(fhir):
+    await fhir.put("/fhir/Encounter/e1", json=ccm_encounter())
+    fhir.clock.now = fhir.clock.now.replace(day=20)
+    await fhir.put("/fhir/Encounter/e2", json=ccm_encounter("e2"))
+    await fhir.put("/fhir/Encounter/e3", json={**ccm_encounter("e3"),
+                                               "subject": {"reference": "Patient/p2"}})
+    r = await fhir.get("/fhir/Encounter", params={"patient": "Patient/p1",
+                                                  "_lastUpdated": "ge2026-03-18"})
+    assert r.status_code == 200
+    assert [e["resource"]["id"] for e in r.json()["entry"]] == ["e2"]
+    bad = await fhir.get("/fhir/Encounter", params={"name": "x"})
+    assert bad.status_code == 400 and bad.json()["issue"][0]["code"] == "not-supported"
+
+
+async def test_read_only_token_cannot_write(fhir):
+    r = await fhir.post("/fhir/Patient", json=example("Patient/r4spec-example.json"),
+                        headers=as_practice(fhir, "alpha-read"))
+    assert r.status_code == 403 and r.json()["resourceType"] == "OperationOutcome"
+
+
+async def test_missing_token_answers_401_operation_outcome(fhir):
+    r = await fhir.get("/fhir/Patient/x", headers={"Authorization": ""})
+    assert r.status_code == 401 and r.json()["issue"][0]["code"] == "login"
+
+
+async def test_capability_statement_lists_the_supported_types(fhir):
+    r = await fhir.get("/fhir/metadata")
+    body = r.json()
+    assert body["fhirVersion"] == "4.0.1"
+    types = [res["type"] for res in body["rest"][0]["resource"]]
+    assert types == ["Patient", "Practitioner", "PractitionerRole", "Organization",
+                     "Condition", "CarePlan", "Consent", "Encounter"]
