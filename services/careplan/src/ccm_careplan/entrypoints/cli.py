@@ -1,0 +1,63 @@
+"""`ccm careplan …`: operator commands for the review tracker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Care-plan review tracker: scheduler and rules.", no_args_is_help=True)
+
+
+def _database():  # noqa: ANN202
+    from ccm_shared.db import Database
+    from ccm_shared.settings import load_settings
+
+    settings = load_settings()
+    if not settings.database_url:
+        raise typer.BadParameter("set CCM_DATABASE_URL")
+    return Database(settings.database_url, schema="careplan", pool_size=2)
+
+
+@app.command("scheduler-pass")
+def scheduler_pass(
+    at: Annotated[str | None, typer.Option(
+        help="Pretend it is this ISO-8601 instant (e.g. 2027-01-15T09:00:00Z); default: now")]
+    = None,
+) -> None:
+    """Run one scheduler pass now: send every reminder, overdue notice and escalation owed."""
+    from ccm_careplan.service_layer.scheduler import run_scheduler_pass
+
+    now = datetime.fromisoformat(at.replace("Z", "+00:00")) if at else datetime.now(UTC)
+    if now.tzinfo is None:
+        raise typer.BadParameter("--at needs a time zone, e.g. 2027-01-15T09:00:00Z")
+
+    async def run() -> dict:
+        db = _database()
+        try:
+            result = await run_scheduler_pass(db, now)
+        finally:
+            await db.dispose()
+        return {"trackers": result.trackers, "sent": result.sent,
+                "superseded": result.superseded}
+
+    typer.echo(json.dumps(asyncio.run(run())))
+
+
+@app.command("rules")
+def show_rules(practice: Annotated[str, typer.Argument(help="Practice id")]) -> None:
+    """Print a practice's effective review rules (its own, or the defaults)."""
+    from ccm_careplan.service_layer.common import load_rules
+
+    async def run() -> dict:
+        db = _database()
+        try:
+            async with db.unit_of_work() as uow:
+                return (await load_rules(uow.session, practice)).to_dict()
+        finally:
+            await db.dispose()
+
+    typer.echo(json.dumps(asyncio.run(run()), indent=2))

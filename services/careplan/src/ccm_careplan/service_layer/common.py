@@ -1,0 +1,174 @@
+"""Building blocks shared by the event handlers, the API and the scheduler."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date, datetime
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ccm_careplan.adapters.orm import (
+    distributions,
+    patients,
+    practice_rules,
+    practitioners,
+    review_steps,
+    trackers,
+)
+from ccm_careplan.domain.rules import DEFAULT_RULES, ReviewRules, rules_from_dict
+from ccm_careplan.domain.schedule import idempotency_key, next_review_due
+from ccm_careplan.domain.tracker import Directory, recipients, resolve_provider
+from ccm_shared.db import UnitOfWork
+from ccm_shared.events import CloudEvent
+from ccm_shared.tables import practices
+
+SOURCE = "/ccm/careplan"
+_TRACKER_NS = uuid.UUID("6f1c7f0e-6a51-4d0e-9a0c-2f7f3c1b8a11")
+
+
+def tracker_id(practice: str, care_plan: str) -> str:
+    """Deterministic, so a replayed or duplicated creation lands on the same tracker."""
+    return str(uuid.uuid5(_TRACKER_NS, f"{practice}|{care_plan}"))
+
+
+def event_id(key: str) -> str:
+    """Deterministic CloudEvent id per idempotency key: consumers' inboxes dedupe it too."""
+    return str(uuid.uuid5(_TRACKER_NS, key))
+
+
+def insert_for(session: AsyncSession):  # noqa: ANN201
+    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+
+
+async def load_rules(session: AsyncSession, practice: str) -> ReviewRules:
+    row = (
+        await session.execute(select(practice_rules.c.rules).where(
+            practice_rules.c.practice == practice))
+    ).first()
+    return DEFAULT_RULES if row is None else rules_from_dict(row.rules)
+
+
+async def practice_zone(session: AsyncSession, practice: str) -> ZoneInfo:
+    tz = (await session.execute(select(practices.c.timezone).where(practices.c.id == practice))
+          ).scalar()
+    try:
+        return ZoneInfo(tz or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        return ZoneInfo("UTC")
+
+
+async def practice_today(session: AsyncSession, practice: str, now: datetime) -> date:
+    """Review dates are calendar days in the practice's own time zone."""
+    return now.astimezone(await practice_zone(session, practice)).date()
+
+
+def compute_due(row: dict, rules: ReviewRules) -> date:
+    anchor = row["last_review"] or row["created"] or row["first_seen"]
+    return next_review_due(anchor=anchor, early_trigger=row["early_trigger_date"], rules=rules)
+
+
+async def responsible_provider(session: AsyncSession, practice: str, row: dict) -> str | None:
+    gp_row = (
+        await session.execute(select(patients.c.general_practitioners).where(
+            patients.c.practice == practice, patients.c.patient == row["patient"]))
+    ).first()
+    gps = list(gp_row.general_practitioners) if gp_row else []
+    refs = {r for r in [row["author"], *gps] if r}
+    directory: dict[str, Directory] = {}
+    if refs:
+        found = (await session.execute(select(practitioners).where(
+            practitioners.c.practice == practice, practitioners.c.reference.in_(refs)))).all()
+        for p in found:
+            directory[p.reference] = Directory(p.practitioner, p.active and not p.deleted)
+        people = {d.practitioner for d in directory.values() if d.practitioner} - set(directory)
+        if people:
+            for p in (await session.execute(select(practitioners).where(
+                    practitioners.c.practice == practice,
+                    practitioners.c.reference.in_(people)))).all():
+                directory[p.reference] = Directory(None, p.active and not p.deleted)
+    return resolve_provider(row["author"], gps, directory)
+
+
+async def record_step(
+    uow: UnitOfWork, *, practice: str, tracker: str, kind: str, due: date, step: int,
+    scheduled_on: date, send: bool, now: datetime,
+) -> str | None:
+    """Claim a step by its idempotency key; return the key when this caller claimed it.
+
+    The key is the primary key: of two replicas claiming the same step, exactly one inserts it.
+    """
+    key = idempotency_key(practice, tracker, kind, due, step)
+    ins = insert_for(uow.session)
+    claimed = await uow.session.execute(
+        ins(review_steps).values(
+            idempotency_key=key, practice=practice, tracker_id=tracker, kind=kind,
+            cycle_due=due, step=step, scheduled_on=scheduled_on, sent=send,
+            event_id=event_id(key) if send else None, recorded_at=now,
+        ).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(review_steps.c.idempotency_key)
+    )
+    return key if claimed.first() is not None else None
+
+
+async def emit_review_event(
+    uow: UnitOfWork, *, row: dict, kind: str, due: date, step: int, day: date,
+    key: str, now: datetime, provider: str | None, supervisor: str | None,
+) -> None:
+    event = CloudEvent(
+        id=event_id(key),
+        source=SOURCE,
+        type=f"careplan.review.{kind}.v1",
+        time=now,
+        tenant=row["practice"],
+        subject=row["patient"],
+        data={
+            "tracker": row["id"],
+            "carePlan": row["care_plan"],
+            "patient": row["patient"],
+            "dueDate": due.isoformat(),
+            "daysOverdue": max(0, (day - due).days),
+            "responsibleProvider": provider,
+            "supervisor": supervisor,
+            "step": step,
+            "idempotencyKey": key,
+        },
+    )
+    await uow.outbox.add(event.type, event)
+
+
+async def distribute_version(uow: UnitOfWork, row: dict, now: datetime) -> bool:
+    """Send the current version to its care team once; False when already sent or nobody to."""
+    version = row["current_version"]
+    to = recipients(row["author"], list(row["care_team"] or []))
+    if not version or not to:
+        return False
+    already = (await uow.session.execute(select(func.count()).select_from(distributions).where(
+        distributions.c.tracker_id == row["id"], distributions.c.version_id == version))).scalar()
+    if already:
+        return False
+    ins = insert_for(uow.session)
+    for ref in to:
+        await uow.session.execute(ins(distributions).values(
+            tracker_id=row["id"], version_id=version, recipient=ref, practice=row["practice"],
+            distributed_at=now, acknowledged_at=None,
+        ).on_conflict_do_nothing())
+    key = f"{row['practice']}:{row['id']}:distributed:{version}"
+    event = CloudEvent(
+        id=event_id(key), source=SOURCE, type="careplan.plan.distributed.v1", time=now,
+        tenant=row["practice"], subject=row["patient"],
+        data={"tracker": row["id"], "carePlan": row["care_plan"], "patient": row["patient"],
+              "versionId": version, "recipients": to, "idempotencyKey": key},
+    )
+    await uow.outbox.add(event.type, event)
+    return True
+
+
+async def lock_tracker(session: AsyncSession, practice: str, tracker: str) -> dict | None:
+    row = (await session.execute(
+        select(trackers).where(trackers.c.id == tracker, trackers.c.practice == practice)
+        .with_for_update()
+    )).first()
+    return dict(row._mapping) if row is not None else None

@@ -1,0 +1,232 @@
+"""Read side of the tracker: the coordinator's list, one plan's history, the overdue report."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from sqlalchemy import func, select
+
+from ccm_careplan.adapters.orm import (
+    distributions,
+    patients,
+    reviews,
+    review_steps,
+    trackers,
+    versions,
+)
+from ccm_careplan.domain.rules import ReviewRules
+from ccm_careplan.domain.schedule import review_state
+from ccm_careplan.domain.tracker import is_scheduled
+from ccm_careplan.service_layer.common import responsible_provider
+from ccm_shared.db import UnitOfWork
+
+REVIEW_FILTERS = ("due", "due-within:{days}", "overdue", "escalated", "awaiting-signoff")
+SORTS = {
+    "next_review_due": trackers.c.next_review_due,
+    "last_review": trackers.c.last_review,
+    "created": trackers.c.created,
+    "patient": trackers.c.patient,
+    "escalation_level": trackers.c.escalation_level,
+}
+
+
+class InvalidQuery(Exception):
+    """A filter or sort the list does not understand."""
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    review: str | None = None
+    patient: str | None = None
+    sort: str = "next_review_due"
+    limit: int = 50
+    offset: int = 0
+
+
+def _review_condition(practice: str, review: str, today: date, rules: ReviewRules):  # noqa: ANN202
+    due = trackers.c.next_review_due
+    unusable = select(patients.c.patient).where(
+        patients.c.practice == practice,
+        patients.c.active.is_(False) | patients.c.deceased | patients.c.deleted)
+    active = (trackers.c.status == "active") & trackers.c.patient.not_in(unusable)
+    if review == "due":
+        return active & (due >= today) & (due <= today + timedelta(days=rules.due_window_days))
+    if review.startswith("due-within:"):
+        raw = review.removeprefix("due-within:")
+        if not raw.isdigit() or not 0 <= int(raw) <= 3660:
+            raise InvalidQuery("due-within takes a whole number of days, e.g. due-within:30")
+        return active & (due >= today) & (due <= today + timedelta(days=int(raw)))
+    if review == "overdue":
+        return active & (due < today)
+    if review == "escalated":
+        return active & (trackers.c.escalation_level > 0)
+    if review == "awaiting-signoff":
+        return trackers.c.signoff_status.in_(("awaiting", "declined")) & (
+            trackers.c.status.in_(("active", "draft", "on-hold")))
+    raise InvalidQuery(f"unknown review filter {review!r}; use one of {', '.join(REVIEW_FILTERS)}")
+
+
+async def _unusable_patients(uow: UnitOfWork, practice: str, refs: set[str]) -> set[str]:
+    if not refs:
+        return set()
+    rows = (await uow.session.execute(select(patients).where(
+        patients.c.practice == practice, patients.c.patient.in_(refs)))).all()
+    return {p.patient for p in rows if not p.active or p.deceased or p.deleted}
+
+
+def _summary(row, today: date, rules: ReviewRules, patient_usable: bool,  # noqa: ANN001
+             provider: str | None) -> dict:
+    due = row.next_review_due
+    scheduled = is_scheduled(row.status, patient_usable)
+    return {
+        "id": row.id,
+        "care_plan": row.care_plan,
+        "patient": row.patient,
+        "status": row.status,
+        "patient_active": patient_usable,
+        "created": row.created.isoformat() if row.created else None,
+        "last_review": row.last_review.isoformat() if row.last_review else None,
+        "last_reviewer": row.last_reviewer,
+        "next_review_due": due.isoformat() if due else None,
+        "days_until_due": (due - today).days if due and scheduled and due >= today else None,
+        "days_overdue": (today - due).days if due and scheduled and due < today else 0,
+        "review_state": review_state(next_due=due, today=today, rules=rules,
+                                     escalation_level=row.escalation_level, scheduled=scheduled),
+        "early_review": ({"reason": row.early_trigger,
+                          "date": row.early_trigger_date.isoformat()}
+                         if row.early_trigger else None),
+        "signoff": {"status": row.signoff_status, "by": row.signoff_by,
+                    "date": row.signoff_date.isoformat() if row.signoff_date else None},
+        "responsible_provider": provider,
+        "supervisor": rules.clinical_supervisor,
+        "reminders_sent": row.reminders_sent,
+        "escalation_level": row.escalation_level,
+        "current_version": row.current_version,
+    }
+
+
+async def list_trackers(
+    uow: UnitOfWork, practice: str, query: ListQuery, today: date, rules: ReviewRules
+) -> dict:
+    conditions = [trackers.c.practice == practice]
+    if query.review:
+        conditions.append(_review_condition(practice, query.review, today, rules))
+    if query.patient:
+        conditions.append(trackers.c.patient == query.patient)
+    descending = query.sort.startswith("-")
+    column = SORTS.get(query.sort.removeprefix("-"))
+    if column is None:
+        raise InvalidQuery(f"unknown sort {query.sort!r}; use one of {', '.join(SORTS)} "
+                           "(prefix - for descending)")
+    order = (column.desc() if descending else column.asc()).nulls_last()
+    total = (await uow.session.execute(
+        select(func.count()).select_from(trackers).where(*conditions))).scalar_one()
+    rows = (await uow.session.execute(
+        select(trackers).where(*conditions).order_by(order, trackers.c.id)
+        .limit(query.limit).offset(query.offset))).all()
+    unusable = await _unusable_patients(uow, practice, {r.patient for r in rows})
+    items = [
+        _summary(r, today, rules, r.patient not in unusable,
+                 await responsible_provider(uow.session, practice, dict(r._mapping)))
+        for r in rows
+    ]
+    following = query.offset + len(items)
+    return {"items": items, "total": total, "limit": query.limit, "offset": query.offset,
+            "next_offset": following if following < total else None, "as_of": today.isoformat()}
+
+
+async def counts(uow: UnitOfWork, practice: str, today: date, rules: ReviewRules) -> dict:
+    """How many plans are in each state the coordinator acts on."""
+    result = {}
+    for name in ("due", "overdue", "escalated", "awaiting-signoff"):
+        result[name] = (await uow.session.execute(select(func.count()).select_from(trackers).where(
+            trackers.c.practice == practice, _review_condition(practice, name, today, rules)))).scalar_one()
+    return result
+
+
+def _iso(value) -> str | None:  # noqa: ANN001
+    return value.isoformat() if isinstance(value, date | datetime) else value
+
+
+async def tracker_detail(
+    uow: UnitOfWork, practice: str, tracker: str, today: date, rules: ReviewRules
+) -> dict | None:
+    row = (await uow.session.execute(select(trackers).where(
+        trackers.c.practice == practice, trackers.c.id == tracker))).first()
+    if row is None:
+        return None
+    unusable = await _unusable_patients(uow, practice, {row.patient})
+    detail = _summary(row, today, rules, row.patient not in unusable,
+                      await responsible_provider(uow.session, practice, dict(row._mapping)))
+    detail |= {"intent": row.intent, "author": row.author, "care_team": list(row.care_team),
+               "addresses": list(row.addresses)}
+    detail["versions"] = [
+        {"version_id": v.version_id, "event": v.event_type, "status": v.status,
+         "last_updated": _iso(v.last_updated), "review_date": _iso(v.review_date),
+         "applied": v.applied, "received_at": _iso(v.received_at)}
+        for v in (await uow.session.execute(select(versions).where(
+            versions.c.tracker_id == tracker).order_by(versions.c.last_updated))).all()
+    ]
+    detail["reviews"] = [
+        {"date": _iso(r.review_date), "reviewer": r.reviewer, "outcome": r.outcome,
+         "notes": r.notes, "source": r.source, "version_id": r.version_id,
+         "cycle_due": _iso(r.cycle_due), "days_overdue": r.days_overdue,
+         "recorded_at": _iso(r.recorded_at)}
+        for r in (await uow.session.execute(select(reviews).where(
+            reviews.c.tracker_id == tracker).order_by(reviews.c.review_date,
+                                                      reviews.c.recorded_at))).all()
+    ]
+    detail["notifications"] = [
+        {"kind": s.kind, "step": s.step, "cycle_due": _iso(s.cycle_due),
+         "scheduled_on": _iso(s.scheduled_on), "sent": s.sent, "recorded_at": _iso(s.recorded_at),
+         "idempotency_key": s.idempotency_key}
+        for s in (await uow.session.execute(select(review_steps).where(
+            review_steps.c.tracker_id == tracker).order_by(review_steps.c.recorded_at,
+                                                           review_steps.c.scheduled_on,
+                                                           review_steps.c.kind))).all()
+    ]
+    detail["escalations"] = [n for n in detail["notifications"] if n["kind"] == "escalated"]
+    dist = (await uow.session.execute(select(distributions).where(
+        distributions.c.tracker_id == tracker).order_by(distributions.c.distributed_at,
+                                                         distributions.c.recipient))).all()
+    current = [d for d in dist if d.version_id == row.current_version]
+    detail["distribution"] = {
+        "version_id": row.current_version,
+        "recipients": [{"recipient": d.recipient, "distributed_at": _iso(d.distributed_at),
+                        "acknowledged_at": _iso(d.acknowledged_at)} for d in current],
+        "acknowledged": sum(1 for d in current if d.acknowledged_at),
+        "history": [{"version_id": d.version_id, "recipient": d.recipient,
+                     "distributed_at": _iso(d.distributed_at),
+                     "acknowledged_at": _iso(d.acknowledged_at)} for d in dist],
+    }
+    return detail
+
+
+CSV_COLUMNS = ("tracker", "care_plan", "patient", "status", "next_review_due", "days_overdue",
+               "last_review", "responsible_provider", "supervisor", "reminders_sent",
+               "escalation_level", "signoff_status", "early_review_reason")
+
+
+async def overdue_csv(uow: UnitOfWork, practice: str, today: date, rules: ReviewRules) -> str:
+    """Every overdue plan, most overdue first, for compliance review."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    offset = 0
+    while True:
+        page = await list_trackers(uow, practice, ListQuery(review="overdue", limit=500,
+                                                            offset=offset), today, rules)
+        for item in page["items"]:
+            writer.writerow([
+                item["id"], item["care_plan"], item["patient"], item["status"],
+                item["next_review_due"], item["days_overdue"], item["last_review"] or "",
+                item["responsible_provider"] or "", item["supervisor"] or "",
+                item["reminders_sent"], item["escalation_level"], item["signoff"]["status"],
+                (item["early_review"] or {}).get("reason", ""),
+            ])
+        if page["next_offset"] is None:
+            return out.getvalue()
+        offset = page["next_offset"]

@@ -1,0 +1,281 @@
+"""Keeping the tracker in step with ingest's events, and recording reviews.
+
+Handlers never commit: the consumer runtime (or the HTTP request) owns the unit of work.
+Duplicates are harmless (the inbox drops redelivered events; a re-sent version is recognised by
+its versionId) and late, older versions never overwrite newer state.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import date, datetime
+
+import structlog
+from sqlalchemy import select, update
+
+from ccm_careplan.adapters.orm import (
+    conditions,
+    patients,
+    practitioners,
+    reviews,
+    review_steps,
+    trackers,
+    versions,
+)
+from ccm_careplan.domain.rules import ReviewRules
+from ccm_careplan.domain.schedule import COMPLETED, ESCALATED, OVERDUE, RESOLVED
+from ccm_careplan.domain.tracker import (
+    SIGNED_OUTCOMES,
+    as_utc,
+    is_chronic_active,
+    parse_day,
+    parse_instant,
+)
+from ccm_careplan.service_layer.common import (
+    compute_due,
+    distribute_version,
+    emit_review_event,
+    insert_for,
+    load_rules,
+    lock_tracker,
+    practice_zone,
+    record_step,
+    responsible_provider,
+    tracker_id,
+)
+from ccm_shared.db import UnitOfWork
+from ccm_shared.events import CloudEvent
+
+log = structlog.get_logger(__name__)
+
+CARE_PLAN_TOPICS = (
+    "ingest.care-plan.created.v1", "ingest.care-plan.revised.v1", "ingest.care-plan.closed.v1",
+)
+FACT_TOPICS = (
+    "ingest.condition.upserted.v1", "ingest.patient.upserted.v1",
+    "ingest.practitioner.upserted.v1", "ingest.practitioner-role.upserted.v1",
+)
+CONSUMED_TOPICS = CARE_PLAN_TOPICS + FACT_TOPICS
+
+
+async def complete_review(
+    uow: UnitOfWork, row: dict, *, rules: ReviewRules, review_date: date, reviewer: str | None,
+    outcome: str, notes: str | None, source: str, version_id: str | None, now: datetime,
+) -> dict:
+    """Record a review; a signed one closes the cycle (completed, and resolved when it was late)
+    and restarts the clock. Returns the updated tracker row."""
+    cycle_due = row["next_review_due"]
+    days_overdue = max(0, (review_date - cycle_due).days) if cycle_due else 0
+    await uow.session.execute(reviews.insert().values(
+        id=str(uuid.uuid4()), tracker_id=row["id"], practice=row["practice"],
+        review_date=review_date, reviewer=reviewer, outcome=outcome, notes=notes, source=source,
+        version_id=version_id, cycle_due=cycle_due, days_overdue=days_overdue, recorded_at=now,
+    ))
+    if outcome not in SIGNED_OUTCOMES:
+        changes = {"signoff_status": "declined", "signoff_by": reviewer,
+                   "signoff_date": review_date}
+    else:
+        if cycle_due is not None:
+            await _close_cycle(uow, row, rules=rules, due=cycle_due, day=review_date, now=now)
+        changes = {
+            "last_review": review_date, "last_reviewer": reviewer, "signoff_status": "signed",
+            "signoff_by": reviewer, "signoff_date": review_date, "early_trigger": None,
+            "early_trigger_date": None, "reminders_sent": 0, "escalation_level": 0,
+        }
+    row = {**row, **changes}
+    row["next_review_due"] = compute_due(row, rules)
+    await uow.session.execute(update(trackers).where(trackers.c.id == row["id"]).values(
+        **changes, next_review_due=row["next_review_due"], updated_at=now))
+    return row
+
+
+async def _close_cycle(
+    uow: UnitOfWork, row: dict, *, rules: ReviewRules, due: date, day: date, now: datetime
+) -> None:
+    sent = (await uow.session.execute(select(review_steps.c.kind, review_steps.c.step).where(
+        review_steps.c.tracker_id == row["id"], review_steps.c.cycle_due == due,
+        review_steps.c.sent.is_(True)))).all()
+    level = max((s.step for s in sent if s.kind == ESCALATED), default=0)
+    late = level > 0 or any(s.kind == OVERDUE for s in sent)
+    provider = await responsible_provider(uow.session, row["practice"], row)
+    for kind, step, wanted in ((COMPLETED, 0, True), (RESOLVED, level, late)):
+        if not wanted:
+            continue
+        key = await record_step(uow, practice=row["practice"], tracker=row["id"], kind=kind,
+                                due=due, step=step, scheduled_on=day, send=True, now=now)
+        if key:
+            await emit_review_event(uow, row=row, kind=kind, due=due, step=step, day=day,
+                                    key=key, now=now, provider=provider,
+                                    supervisor=rules.clinical_supervisor)
+
+
+async def _local_day(uow: UnitOfWork, practice: str, instant: datetime) -> date:
+    return instant.astimezone(await practice_zone(uow.session, practice)).date()
+
+
+async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
+    data, practice = event.data, event.tenant
+    source = data["source"]
+    version, last_updated = source["versionId"], parse_instant(source["lastUpdated"])
+    version_day = await _local_day(uow, practice, last_updated)
+    tid = tracker_id(practice, data["carePlan"])
+    rules = await load_rules(uow.session, practice)
+    row = await lock_tracker(uow.session, practice, tid)
+    fields = {
+        "status": data["status"], "intent": data["intent"], "author": data.get("author"),
+        "care_team": list(data.get("careTeam") or []),
+        "addresses": list(data.get("addresses") or []),
+        "created": parse_day(data.get("created")) or parse_day(
+            (data.get("period") or {}).get("start")),
+        "current_version": version, "current_last_updated": last_updated,
+    }
+    if row is None:
+        row = {
+            "id": tid, "practice": practice, "care_plan": data["carePlan"],
+            "patient": data["patient"], "first_seen": version_day, "last_review": None,
+            "last_reviewer": None, "early_trigger": None, "early_trigger_date": None,
+            "signoff_status": "awaiting", "signoff_by": None, "signoff_date": None,
+            "reminders_sent": 0, "escalation_level": 0, **fields,
+        }
+        row["next_review_due"] = compute_due(row, rules)
+        await uow.session.execute(trackers.insert().values(**row, updated_at=now))
+        newer, is_new = True, True
+    else:
+        current = as_utc(row["current_last_updated"])
+        newer = current is None or last_updated > current
+        is_new = False
+    evidence = data.get("review") or None
+    review_day = parse_day(evidence.get("date")) if evidence else None
+    inserted = await uow.session.execute(
+        insert_for(uow.session)(versions).values(
+            tracker_id=tid, version_id=version, practice=practice, event_type=event.type,
+            status=data["status"], last_updated=last_updated, review_date=review_day,
+            applied=newer, received_at=now,
+        ).on_conflict_do_nothing(index_elements=["tracker_id", "version_id"])
+        .returning(versions.c.version_id)
+    )
+    if inserted.first() is None:
+        return  # the same version again (a re-push or a redelivery under a new event id)
+    if newer and not is_new:
+        changes = dict(fields)
+        if review_day is None:
+            changes["signoff_status"] = "awaiting"  # a changed plan needs a new sign-off
+            anchor = row["last_review"] or row["created"] or row["first_seen"]
+            if (event.type.endswith("revised.v1") and rules.early_review_on_plan_revision
+                    and version_day > anchor):
+                changes |= {"early_trigger": "plan-revised", "early_trigger_date": version_day}
+        row = {**row, **changes}
+        due = compute_due(row, rules)
+        if due != row["next_review_due"]:
+            changes |= {"next_review_due": due, "reminders_sent": 0, "escalation_level": 0}
+            row |= changes
+        await uow.session.execute(update(trackers).where(trackers.c.id == tid).values(
+            **changes, updated_at=now))
+    if newer and row["status"] == "active":
+        await distribute_version(uow, row, now)
+    if review_day is not None and (row["last_review"] is None or review_day > row["last_review"]):
+        await complete_review(
+            uow, row, rules=rules, review_date=review_day, reviewer=evidence.get("reviewer"),
+            outcome="approved", notes=None, source="ehr", version_id=version, now=now,
+        )
+
+
+async def apply_condition_event(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
+    """A condition newly active and chronic brings the patient's plans' reviews forward."""
+    data, practice = event.data, event.tenant
+    last_updated = parse_instant(data["source"]["lastUpdated"])
+    existing = (await uow.session.execute(select(conditions).where(
+        conditions.c.practice == practice, conditions.c.condition == data["condition"]))).first()
+    if existing is not None and as_utc(existing.last_updated) > last_updated:
+        return  # an older version arriving late
+    chronic = is_chronic_active(data)
+    values = {"patient": data["patient"], "chronic_active": chronic, "last_updated": last_updated}
+    await uow.session.execute(
+        insert_for(uow.session)(conditions).values(practice=practice,
+                                                   condition=data["condition"], **values)
+        .on_conflict_do_update(index_elements=["practice", "condition"], set_=values))
+    if not chronic or (existing is not None and existing.chronic_active):
+        return
+    rules = await load_rules(uow.session, practice)
+    if not rules.early_review_on_new_chronic_condition:
+        return
+    day = await _local_day(uow, practice, last_updated)
+    plans = (await uow.session.execute(select(trackers.c.id).where(
+        trackers.c.practice == practice, trackers.c.patient == data["patient"],
+        trackers.c.status == "active"))).scalars().all()
+    for tid in plans:
+        row = await lock_tracker(uow.session, practice, tid)
+        anchor = row["last_review"] or row["created"] or row["first_seen"]
+        if data["condition"] in (row["addresses"] or []) or day <= anchor:
+            continue  # the plan already addresses it, or predates it
+        if row["early_trigger_date"] is not None and row["early_trigger_date"] <= day:
+            continue  # an earlier clinical change already brought the review forward
+        row |= {"early_trigger": "new-chronic-condition", "early_trigger_date": day}
+        changes = {"early_trigger": row["early_trigger"], "early_trigger_date": day}
+        due = compute_due(row, rules)
+        if due != row["next_review_due"]:
+            changes |= {"next_review_due": due, "reminders_sent": 0, "escalation_level": 0}
+        await uow.session.execute(update(trackers).where(trackers.c.id == tid).values(
+            **changes, updated_at=now))
+
+
+async def _upsert_if_newer(uow: UnitOfWork, table, keys: dict, values: dict) -> None:  # noqa: ANN001
+    where = [table.c[k] == v for k, v in keys.items()]
+    existing = (await uow.session.execute(select(table.c.last_updated).where(*where))).scalar()
+    if existing is not None and as_utc(existing) > values["last_updated"]:
+        return
+    await uow.session.execute(
+        insert_for(uow.session)(table).values(**keys, **values)
+        .on_conflict_do_update(index_elements=list(keys), set_=values))
+
+
+async def apply_patient_event(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
+    d = event.data
+    await _upsert_if_newer(uow, patients, {"practice": event.tenant, "patient": d["patient"]}, {
+        "active": bool(d["active"]), "deceased": bool(d["deceased"]),
+        "deleted": bool(d["deleted"]), "general_practitioners": list(d["generalPractitioner"]),
+        "last_updated": parse_instant(d["source"]["lastUpdated"]),
+    })
+
+
+def _display(name: dict | None) -> str | None:
+    if not name:
+        return None
+    text = name.get("text") or " ".join([*name.get("given", []), name.get("family") or ""])
+    return text.strip()[:200] or None
+
+
+async def apply_practitioner_event(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
+    d = event.data
+    is_role = "practitionerRole" in d
+    reference = d["practitionerRole"] if is_role else d["practitioner"]
+    await _upsert_if_newer(uow, practitioners, {"practice": event.tenant,
+                                                "reference": reference}, {
+        "practitioner": d.get("practitioner") if is_role else None,
+        "display": None if is_role else _display(d.get("name")),
+        "active": bool(d["active"]), "deleted": bool(d["deleted"]),
+        "last_updated": parse_instant(d["source"]["lastUpdated"]),
+    })
+
+
+HANDLERS = {
+    **{t: apply_care_plan_event for t in CARE_PLAN_TOPICS},
+    "ingest.condition.upserted.v1": apply_condition_event,
+    "ingest.patient.upserted.v1": apply_patient_event,
+    "ingest.practitioner.upserted.v1": apply_practitioner_event,
+    "ingest.practitioner-role.upserted.v1": apply_practitioner_event,
+}
+
+
+def make_handler(clock: Callable[[], datetime]):  # noqa: ANN201
+    """The consumer handler: dispatch on event type; unknown types are acknowledged and ignored."""
+
+    async def handle(event: CloudEvent, uow: UnitOfWork) -> None:
+        handler = HANDLERS.get(event.type)
+        if handler is None:
+            log.warning("ignoring unexpected event type", event_type=event.type)
+            return
+        await handler(event, uow, clock())
+
+    return handle

@@ -1,0 +1,65 @@
+"""Ingest events as ingest publishes them (contracts/events), for the careplan tests."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+from ccm_shared.events import CloudEvent
+
+
+def _source(resource: str, version: str, last_updated: datetime) -> dict:
+    kind, _, rid = resource.partition("/")
+    stamp = last_updated.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return {"resourceType": kind, "id": rid, "versionId": version, "lastUpdated": stamp,
+            "sha256": hashlib.sha256(f"{resource}/{version}".encode()).hexdigest(),
+            "receivedAt": stamp, "connection": "ehr-test"}
+
+
+def care_plan(
+    practice: str, plan: str, *, kind: str = "created", version: str = "1",
+    at: datetime, patient: str = "Patient/p1", status: str = "active",
+    created: str | None = None, author: str | None = "Practitioner/dr-lee",
+    care_team: tuple[str, ...] = ("Practitioner/rn-diaz",), addresses: tuple[str, ...] = (),
+    review: dict | None = None,
+) -> CloudEvent:
+    data = {
+        "source": _source(plan, version, at), "carePlan": plan, "patient": patient,
+        "status": status, "intent": "plan",
+        "created": created if created is not None else at.date().isoformat(),
+        "period": {"start": None, "end": None}, "author": author, "careTeam": list(care_team),
+        "addresses": list(addresses), "categories": [{"system": None, "code": "assess-plan"}],
+    }
+    if review is not None:
+        data["review"] = review
+    return CloudEvent(source="/ccm/ingest/connection/test", type=f"ingest.care-plan.{kind}.v1",
+                      tenant=practice, subject=patient, data=data, time=at)
+
+
+def condition(practice: str, ref: str, *, at: datetime, patient: str = "Patient/p1",
+              chronic: bool = True, version: str = "1", status: str = "active") -> CloudEvent:
+    data = {"source": _source(ref, version, at), "condition": ref, "patient": patient,
+            "clinicalStatus": status, "verificationStatus": "confirmed",
+            "categories": [{"system": None, "code": "problem-list-item"}],
+            "code": [{"system": "http://snomed.info/sct", "code": "44054006"}],
+            "chronic": chronic, "deleted": False}
+    return CloudEvent(source="/ccm/ingest/connection/test", type="ingest.condition.upserted.v1",
+                      tenant=practice, subject=patient, data=data, time=at)
+
+
+def patient(practice: str, ref: str = "Patient/p1", *, at: datetime, active: bool = True,
+            deceased: bool = False, gps: tuple[str, ...] = (), version: str = "1") -> CloudEvent:
+    data = {"source": _source(ref, version, at), "patient": ref, "active": active, "mbi": None,
+            "name": None, "managingOrganization": None, "generalPractitioner": list(gps),
+            "deceased": deceased, "deleted": False}
+    return CloudEvent(source="/ccm/ingest/connection/test", type="ingest.patient.upserted.v1",
+                      tenant=practice, subject=ref, data=data, time=at)
+
+
+def practitioner(practice: str, ref: str, *, at: datetime, active: bool = True,
+                 version: str = "1") -> CloudEvent:
+    data = {"source": _source(ref, version, at), "practitioner": ref, "active": active,
+            "name": {"family": "Lee", "given": ["Ana"]}, "npi": None, "telecom": [],
+            "qualifications": [], "deleted": False}
+    return CloudEvent(source="/ccm/ingest/connection/test", type="ingest.practitioner.upserted.v1",
+                      tenant=practice, subject=ref, data=data, time=at)
