@@ -27,6 +27,8 @@ def scheduler_pass(
     at: Annotated[str | None, typer.Option(
         help="Pretend it is this ISO-8601 instant (e.g. 2027-01-15T09:00:00Z); default: now")]
     = None,
+    practice: Annotated[list[str] | None, typer.Option(
+        help="Only this practice (repeatable); default: every practice")] = None,
 ) -> None:
     """Run one scheduler pass now: send every reminder, overdue notice and escalation owed."""
     from ccm_careplan.service_layer.scheduler import run_scheduler_pass
@@ -38,7 +40,7 @@ def scheduler_pass(
     async def run() -> dict:
         db = _database()
         try:
-            result = await run_scheduler_pass(db, now)
+            result = await run_scheduler_pass(db, now, practices=practice or None)
         finally:
             await db.dispose()
         return {"trackers": result.trackers, "sent": result.sent,

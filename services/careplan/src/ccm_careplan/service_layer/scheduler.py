@@ -10,6 +10,7 @@ exactly the steps no pass has recorded yet.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -108,13 +109,17 @@ async def _practice_pass(
         after = rows[-1].id
 
 
-async def run_scheduler_pass(db: Database, now: datetime, *, batch_size: int = 200) -> PassResult:
-    """Send everything owed at ``now`` (injectable, so tests travel in time). Call it directly."""
+async def run_scheduler_pass(
+    db: Database, now: datetime, *, batch_size: int = 200, practices: Sequence[str] | None = None
+) -> PassResult:
+    """Send everything owed at ``now`` (injectable, so tests travel in time), for every practice
+    or only the given ones. Call it directly."""
     result = PassResult()
-    async with db.unit_of_work() as uow:
-        practices = (await uow.session.execute(
-            select(trackers.c.practice).where(trackers.c.status == "active").distinct()
-        )).scalars().all()
+    if practices is None:
+        async with db.unit_of_work() as uow:
+            practices = (await uow.session.execute(
+                select(trackers.c.practice).where(trackers.c.status == "active").distinct()
+            )).scalars().all()
     for practice in sorted(practices):
         await _practice_pass(db, practice, now, batch_size, result)
     if result.sent or result.superseded:
