@@ -1,8 +1,206 @@
-"""Tables of the billing schema. Rows are declared without a schema; the engine places them."""
+"""Tables of the billing schema. Rows are declared without a schema; the engine places them.
 
-from sqlalchemy import MetaData
+Money is stored as decimal strings ("123.45"): exact on PostgreSQL and SQLite alike.
+"""
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 
 from ccm_shared.tables import add_messaging_tables
 
+TENANT = 64
+REF_ID = 64
+
+
+def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
+    """Version 2 of the billing tables (migration billing_0002 creates exactly these)."""
+    t = {}
+    # -- projections of ingest's events (latest source version wins) --------------------------
+    t["time_entries"] = Table(
+        "time_entries", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("entry_id", String(REF_ID), nullable=False),
+        Column("patient", String(REF_ID), nullable=True),
+        Column("version", String(80), nullable=False),
+        Column("status", String(30), nullable=False),  # finished | entered-in-error | cancelled …
+        Column("seconds", Integer, nullable=False, default=0),
+        Column("start", DateTime(timezone=True), nullable=True),
+        Column("month", String(7), nullable=True),  # the practice's local month of `start`
+        Column("complex", Boolean, nullable=False, default=False),
+        Column("practitioner", String(80), nullable=True),
+        Column("practitioner_role", String(80), nullable=True),
+        Column("role_codes", Text, nullable=False, default="[]"),
+        Column("warnings", Text, nullable=False, default="[]"),
+        Column("locked", Boolean, nullable=False, default=False),  # counted by a closed period
+        Column("late", Boolean, nullable=False, default=False),  # logged after its month closed
+        PrimaryKeyConstraint("practice", "entry_id"),
+        Index("ix_time_entries_month", "practice", "month"),
+        Index("ix_time_entries_patient", "practice", "patient"),
+    )
+    t["consents"] = Table(
+        "consents", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("consent_id", String(REF_ID), nullable=False),
+        Column("patient", String(REF_ID), nullable=False),
+        Column("version", String(80), nullable=False),
+        Column("status", String(30), nullable=False),
+        Column("obtained_at", DateTime(timezone=True), nullable=True),
+        Column("provision", String(10), nullable=False),
+        Column("effective_until", Date, nullable=True),
+        Column("practitioner", String(80), nullable=True),
+        PrimaryKeyConstraint("practice", "consent_id"),
+        Index("ix_consents_patient", "practice", "patient"),
+    )
+    t["care_plans"] = Table(
+        "care_plans", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("care_plan_id", String(REF_ID), nullable=False),
+        Column("patient", String(REF_ID), nullable=False),
+        Column("version", String(80), nullable=False),
+        Column("status", String(30), nullable=False),
+        Column("intent", String(20), nullable=False),
+        Column("created", Date, nullable=True),
+        Column("last_review", Date, nullable=True),
+        PrimaryKeyConstraint("practice", "care_plan_id"),
+        Index("ix_care_plans_patient", "practice", "patient"),
+    )
+    t["conditions"] = Table(
+        "conditions", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("condition_id", String(REF_ID), nullable=False),
+        Column("patient", String(REF_ID), nullable=False),
+        Column("version", String(80), nullable=False),
+        Column("counts", Boolean, nullable=False),  # active, chronic, not in error, not deleted
+        PrimaryKeyConstraint("practice", "condition_id"),
+        Index("ix_conditions_patient", "practice", "patient"),
+    )
+    t["patients"] = Table(
+        "patients", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("patient_id", String(REF_ID), nullable=False),
+        Column("version", String(80), nullable=False),
+        Column("mbi", String(20), nullable=True),
+        Column("active", Boolean, nullable=False),
+        PrimaryKeyConstraint("practice", "patient_id"),
+        Index("ix_patients_mbi", "mbi"),
+    )
+    t["practitioner_roles"] = Table(
+        "practitioner_roles", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("role_id", String(REF_ID), nullable=False),
+        Column("version", String(80), nullable=False),
+        Column("practitioner", String(80), nullable=True),
+        Column("classification", String(30), nullable=False),
+        Column("active", Boolean, nullable=False),
+        PrimaryKeyConstraint("practice", "role_id"),
+        Index("ix_roles_practitioner", "practice", "practitioner"),
+    )
+    # -- billing state ---------------------------------------------------------------------------
+    t["billing_periods"] = Table(
+        "billing_periods", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("month", String(7), nullable=False),
+        Column("status", String(10), nullable=False),  # closed
+        Column("closed_at", DateTime(timezone=True), nullable=False),
+        Column("invoice_id", String(REF_ID), nullable=True),
+        Column("decisions", Text, nullable=False),  # JSON list of decision documents
+        Column("summary", Text, nullable=False),  # JSON: the period-closed event's data
+        PrimaryKeyConstraint("practice", "month"),
+    )
+    t["invoices"] = Table(
+        "invoices", metadata,
+        Column("id", String(REF_ID), primary_key=True),
+        Column("practice", String(TENANT), nullable=False),
+        Column("month", String(7), nullable=False),
+        Column("revision", Integer, nullable=False),
+        Column("status", String(20), nullable=False),  # issued | balanced | cancelled
+        Column("payment_status", String(20), nullable=False),  # issued | partially-paid | balanced
+        Column("total_net", String(20), nullable=False),
+        Column("paid", String(20), nullable=False),
+        Column("issued_at", DateTime(timezone=True), nullable=False),
+        Column("due_date", Date, nullable=False),
+        Column("overdue", Boolean, nullable=False, default=False),
+        Column("replaces", String(REF_ID), nullable=True),
+        Column("replaced_by", String(REF_ID), nullable=True),
+        Column("cancel_reason", Text, nullable=True),
+        Column("resource", Text, nullable=False),  # the FHIR R4 Invoice, as JSON
+        UniqueConstraint("practice", "month", "revision", name="uq_invoices_practice_month_rev"),
+        Index("ix_invoices_practice_status", "practice", "status"),
+    )
+    t["charge_items"] = Table(
+        "charge_items", metadata,
+        Column("id", String(REF_ID), primary_key=True),
+        Column("practice", String(TENANT), nullable=False),
+        Column("invoice_id", String(REF_ID), nullable=False),
+        Column("patient", String(REF_ID), nullable=False),
+        Column("month", String(7), nullable=False),
+        Column("code", String(10), nullable=False),
+        Column("status", String(20), nullable=False),  # billable | entered-in-error
+        Column("amount", String(20), nullable=False),
+        Column("resource", Text, nullable=False),  # the FHIR R4 ChargeItem, as JSON
+        Index("ix_charge_items_invoice", "invoice_id"),
+        Index("ix_charge_items_patient", "practice", "patient"),
+    )
+    t["payments"] = Table(
+        "payments", metadata,
+        Column("id", String(36), primary_key=True),
+        Column("practice", String(TENANT), nullable=False),
+        Column("invoice_id", String(REF_ID), nullable=False, index=True),
+        Column("amount", String(20), nullable=False),
+        Column("date", Date, nullable=False),
+        Column("reference", String(200), nullable=True),
+        Column("recorded_at", DateTime(timezone=True), nullable=False),
+    )
+    t["threshold_alerts"] = Table(
+        "threshold_alerts", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("month", String(7), nullable=False),
+        Column("patient", String(REF_ID), nullable=False),
+        Column("days_left", Integer, nullable=False),
+        Column("sent_at", DateTime(timezone=True), nullable=False),
+        PrimaryKeyConstraint("practice", "month", "patient", "days_left"),
+    )
+    t["duplicate_releases"] = Table(
+        "duplicate_releases", metadata,
+        Column("practice", String(TENANT), nullable=False),
+        Column("month", String(7), nullable=False),
+        Column("patient", String(REF_ID), nullable=False),
+        Column("released_at", DateTime(timezone=True), nullable=False),
+        PrimaryKeyConstraint("practice", "month", "patient"),
+    )
+    t["practice_sequences"] = Table(
+        "practice_sequences", metadata,
+        Column("practice", String(TENANT), primary_key=True),
+        Column("last", Integer, nullable=False),
+    )
+    return t
+
+
 metadata = MetaData()
 outbox, inbox, event_sequences = add_messaging_tables(metadata)
+tables = add_billing_tables(metadata)
+time_entries = tables["time_entries"]
+consents = tables["consents"]
+care_plans = tables["care_plans"]
+conditions = tables["conditions"]
+patients = tables["patients"]
+practitioner_roles = tables["practitioner_roles"]
+billing_periods = tables["billing_periods"]
+invoices = tables["invoices"]
+charge_items = tables["charge_items"]
+payments = tables["payments"]
+threshold_alerts = tables["threshold_alerts"]
+duplicate_releases = tables["duplicate_releases"]
+practice_sequences = tables["practice_sequences"]

@@ -1,0 +1,137 @@
+"""FHIR R4 output: ChargeItem per patient × code, Invoice per practice × month (revision)."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import date, datetime
+from decimal import Decimal
+
+from ccm_billing.domain.model import Month
+
+CPT = "http://www.ama-assn.org/go/cpt"
+CHARGE_ITEM_SYSTEM = "https://ccm-platform.org/fhir/sid/charge-item"
+INVOICE_SYSTEM = "https://ccm-platform.org/fhir/sid/invoice"
+EXT_REPLACES = "https://ccm-platform.org/fhir/StructureDefinition/invoice-replaces"
+EXT_REPLACED_BY = "https://ccm-platform.org/fhir/StructureDefinition/invoice-replaced-by"
+EXT_MEDICARE = "https://ccm-platform.org/fhir/StructureDefinition/medicare-amount"
+VENDOR = "ccm-platform CCM services"
+
+
+def short_id(prefix: str, key: str) -> str:
+    """Deterministic id within FHIR's 64-character limit."""
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+
+
+def invoice_identifier(practice: str, month: Month, revision: int) -> str:
+    base = f"{practice}:{month}"
+    return base if revision == 0 else f"{base}:r{revision}"
+
+
+def invoice_id(practice: str, month: Month, revision: int) -> str:
+    return short_id("inv", invoice_identifier(practice, month, revision))
+
+
+def charge_item_identifier(practice: str, patient: str, month: Month, code: str) -> str:
+    return f"{practice}:{patient}:{month}:{code}"
+
+
+def charge_item_id(practice: str, patient: str, month: Month, code: str, revision: int) -> str:
+    return short_id("ci", f"{charge_item_identifier(practice, patient, month, code)}:r{revision}")
+
+
+def money(amount: Decimal) -> dict:
+    return {"value": float(amount), "currency": "USD"}
+
+
+def charge_item(
+    *, id: str, practice: str, patient: str, month: Month, code: str, units: int, amount: Decimal,
+    medicare_amount: Decimal, practitioner: str | None, encounters: list[str], entered: datetime,
+    status: str = "billable",
+) -> dict:
+    resource = {
+        "resourceType": "ChargeItem",
+        "id": id,
+        "identifier": [
+            {"system": CHARGE_ITEM_SYSTEM,
+             "value": charge_item_identifier(practice, patient, month, code)}
+        ],
+        "status": status,
+        "code": {"coding": [{"system": CPT, "code": code}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "occurrencePeriod": {"start": month.first_day.isoformat(), "end": month.last_day.isoformat()},
+        "quantity": {"value": units},
+        "priceOverride": money(amount),
+        "enteredDate": entered.isoformat(),
+        "extension": [{"url": EXT_MEDICARE, "valueMoney": money(medicare_amount)}],
+        "supportingInformation": [{"reference": f"Encounter/{e}"} for e in encounters],
+    }
+    if practitioner:
+        resource["performer"] = [{"actor": {"reference": practitioner}}]
+    if not encounters:
+        del resource["supportingInformation"]
+    return resource
+
+
+def invoice(
+    *, id: str, practice: str, practice_name: str, month: Month, revision: int,
+    lines: list[tuple[str, Decimal]], total: Decimal, issued: datetime, due: date,
+    status: str = "issued", replaces: str | None = None,
+) -> dict:
+    """lines: (ChargeItem id, amount) in order."""
+    resource = {
+        "resourceType": "Invoice",
+        "id": id,
+        "identifier": [
+            {"system": INVOICE_SYSTEM, "value": invoice_identifier(practice, month, revision)}
+        ],
+        "status": status,
+        "type": {"text": f"Chronic care management services {month}"},
+        "recipient": {"reference": f"Organization/{practice}", "display": practice_name},
+        "issuer": {"display": VENDOR},
+        "date": issued.isoformat(),
+        "lineItem": [
+            {
+                "sequence": n,
+                "chargeItemReference": {"reference": f"ChargeItem/{ci}"},
+                "priceComponent": [{"type": "base", "amount": money(amount)}],
+            }
+            for n, (ci, amount) in enumerate(lines, start=1)
+        ],
+        "totalNet": money(total),
+        "totalGross": money(total),
+        "paymentTerms": f"Due {due.isoformat()}",
+        "note": [{"text": f"CCM services for {month}, revision {revision}"}],
+    }
+    if not lines:
+        del resource["lineItem"]
+    if replaces:
+        resource["extension"] = [{"url": EXT_REPLACES, "valueReference": {"reference": f"Invoice/{replaces}"}}]
+    return resource
+
+
+def cancelled(resource: dict, reason: str, replaced_by: str | None) -> dict:
+    out = {**resource, "status": "cancelled", "cancelledReason": reason}
+    if replaced_by:
+        out["extension"] = [*resource.get("extension", []),
+                            {"url": EXT_REPLACED_BY, "valueReference": {"reference": f"Invoice/{replaced_by}"}}]
+    return out
+
+
+def operation_outcome(code: str, diagnostics: str, expression: list[str] | None = None) -> dict:
+    issue = {"severity": "error", "code": code, "diagnostics": diagnostics}
+    if expression:
+        issue["expression"] = expression
+    return {"resourceType": "OperationOutcome", "issue": [issue]}
+
+
+def search_bundle(resources: list[dict], self_url: str) -> dict:
+    return {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "total": len(resources),
+        "link": [{"relation": "self", "url": self_url}],
+        "entry": [
+            {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+            for r in resources
+        ],
+    }

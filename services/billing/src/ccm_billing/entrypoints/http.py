@@ -1,0 +1,246 @@
+"""HTTP API of the billing service: worklist, close, reports, invoices, payments, FHIR reads."""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import insert, select
+
+from ccm_billing.adapters import fhir, orm
+from ccm_billing.domain.model import Month
+from ccm_billing.service_layer import invoicing, worklist
+from ccm_billing.service_layer.common import practice_info
+from ccm_billing.service_layer.corrections import recompute
+from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
+from ccm_shared.http import TenantDep
+
+FHIR_JSON = "application/fhir+json"
+
+
+def parse_month(text: str) -> Month:
+    try:
+        return Month.parse(text)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), expression=["month"]) from None
+
+
+class PaymentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: str = Field(description='US dollars with at most two decimals, e.g. "120.50"')
+    date: date
+    reference: str | None = Field(None, max_length=200, description="Check or transfer reference; "
+                                  "repeating a reference with the same details is a no-op")
+
+
+class DuplicateResolution(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["release"] = Field(
+        description="release: this practice will not bill CCM for the patient this month"
+    )
+
+
+def fhir_error(exc: AppError) -> JSONResponse:
+    return JSONResponse(fhir.operation_outcome(exc.code, exc.detail, exc.expression),
+                        status_code=exc.status, media_type=FHIR_JSON)
+
+
+def build_router(runtime) -> APIRouter:  # noqa: ANN001
+    router = APIRouter(tags=["billing"])
+    db = runtime.db
+
+    def settings():  # noqa: ANN202
+        return runtime.service_settings()
+
+    @router.get("/v1/practices/{practice}/billing-periods/{month}/worklist",
+                summary="Who is billable, blocked or short of a threshold this month, and why")
+    async def get_worklist(
+        practice: str, month: str, tenant: TenantDep,
+        status: Annotated[Literal["all", "billable", "blocked", "near-threshold"],
+                          Query(description="Filter rows")] = "all",
+    ) -> dict:
+        tenant.require_practice(practice)
+        mo = parse_month(month)
+        async with db.unit_of_work() as uow:
+            info = await practice_info(uow.session, practice)
+            return await worklist.worklist(uow.session, info, mo, status=status,
+                                           near_minutes=settings().near_threshold_minutes)
+
+    @router.post("/v1/practices/{practice}/billing-periods/{month}/close",
+                 summary="Close the month: lock its time, issue ChargeItems and the Invoice (idempotent)")
+    async def close(practice: str, month: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        mo = parse_month(month)
+        async with db.unit_of_work() as uow:
+            result = await invoicing.close_period(uow, practice, mo, runtime.clock())
+            await uow.commit()
+        return result
+
+    @router.get("/v1/practices/{practice}/billing-periods/{month}/report.json",
+                summary="Audit report: per patient minutes by role, codes, amounts, blockers")
+    async def report_json(practice: str, month: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        mo = parse_month(month)
+        async with db.unit_of_work() as uow:
+            return await worklist.report(uow.session, await practice_info(uow.session, practice), mo)
+
+    @router.get("/v1/practices/{practice}/billing-periods/{month}/report.csv",
+                summary="Audit report as CSV (one row per patient × code, TOTAL row last)",
+                response_class=Response)
+    async def report_csv(practice: str, month: str, tenant: TenantDep) -> Response:
+        tenant.require_practice(practice)
+        mo = parse_month(month)
+        async with db.unit_of_work() as uow:
+            doc = await worklist.report(uow.session, await practice_info(uow.session, practice), mo)
+        return Response(worklist.report_csv(doc), media_type="text/csv", headers={
+            "Content-Disposition": f'attachment; filename="ccm-{practice}-{month}.csv"'})
+
+    @router.post("/v1/practices/{practice}/billing-periods/{month}/duplicates/{patient}/resolve",
+                 summary="Resolve a duplicate-biller flag: this practice releases the patient-month")
+    async def resolve_duplicate(practice: str, month: str, patient: str, tenant: TenantDep,
+                                body: DuplicateResolution) -> dict:
+        tenant.require_practice(practice)
+        mo = parse_month(month)
+        rel = orm.duplicate_releases
+        async with db.unit_of_work() as uow:
+            p = orm.patients
+            known = (await uow.session.execute(select(p.c.patient_id).where(
+                p.c.practice == practice, p.c.patient_id == patient))).first()
+            if known is None:
+                raise NotFound(f"patient {patient!r} not found")
+            exists = (await uow.session.execute(select(rel.c.patient).where(
+                rel.c.practice == practice, rel.c.month == str(mo), rel.c.patient == patient))).first()
+            if exists is None:
+                await uow.session.execute(insert(rel).values(
+                    practice=practice, month=str(mo), patient=patient, released_at=runtime.clock()))
+            await uow.commit()
+        return {"patient": f"Patient/{patient}", "month": str(mo), "decision": body.decision}
+
+    @router.get("/v1/practices/{practice}/invoices", summary="The practice's invoices")
+    async def list_invoices(
+        practice: str, tenant: TenantDep,
+        status: Annotated[Literal["issued", "partially-paid", "balanced", "cancelled", "overdue"] | None,
+                          Query(description="Filter by status")] = None,
+    ) -> dict:
+        tenant.require_practice(practice)
+        i = orm.invoices
+        stmt = select(i).where(i.c.practice == practice).order_by(i.c.month, i.c.revision)
+        if status == "overdue":
+            stmt = stmt.where(i.c.overdue.is_(True), i.c.status == "issued")
+        elif status in ("partially-paid",):
+            stmt = stmt.where(i.c.payment_status == status, i.c.status == "issued")
+        elif status == "issued":
+            stmt = stmt.where(i.c.status == "issued", i.c.payment_status == "issued")
+        elif status is not None:
+            stmt = stmt.where(i.c.status == status)
+        async with db.unit_of_work() as uow:
+            rows = (await uow.session.execute(stmt)).all()
+        return {"practice": practice, "invoices": [invoicing.invoice_view(r) for r in rows]}
+
+    @router.get("/v1/invoices/{invoice_id}", summary="One invoice with its payments")
+    async def get_invoice(invoice_id: str, tenant: TenantDep) -> dict:
+        async with db.unit_of_work() as uow:
+            row = await invoicing.get_invoice_row(uow.session, invoice_id, tenant.practice_id)
+            if row is None:
+                raise NotFound(f"invoice {invoice_id!r} not found")
+            p = orm.payments
+            pays = (await uow.session.execute(select(p).where(p.c.invoice_id == invoice_id)
+                                              .order_by(p.c.recorded_at))).all()
+        return {**invoicing.invoice_view(row), "payments": [invoicing.payment_view(x) for x in pays]}
+
+    @router.post("/v1/invoices/{invoice_id}/payments", status_code=201,
+                 summary="Record a payment against an invoice")
+    async def post_payment(invoice_id: str, tenant: TenantDep, body: PaymentIn) -> dict:
+        amount = invoicing.parse_amount(body.amount)
+        async with db.unit_of_work() as uow:
+            result = await invoicing.record_payment(
+                uow, tenant.practice_id, invoice_id, amount=amount, paid_on=body.date,
+                reference=body.reference, now=runtime.clock())
+            await uow.commit()
+        return result
+
+    @router.post("/v1/practices/{practice}/billing-periods/{month}/recompute",
+                 summary="Recompute a closed month now (cancel and reissue when lines changed)")
+    async def recompute_now(practice: str, month: str, tenant: TenantDep,
+                            reason: Annotated[str, Body(embed=True, max_length=500)]) -> dict:
+        tenant.require_practice(practice)
+        mo = parse_month(month)
+        async with db.unit_of_work() as uow:
+            if await invoicing.get_period(uow.session, practice, mo) is None:
+                raise Conflict(f"{mo} is not closed")
+            changed = await recompute(uow, practice, str(mo), reason, runtime.clock())
+            await uow.commit()
+        return {"month": str(mo), "reissued": changed}
+
+    # -- FHIR reads ----------------------------------------------------------------------------
+
+    def fhir_response(doc: dict) -> Response:
+        return Response(json.dumps(doc), media_type=FHIR_JSON)
+
+    async def read_resource(table, resource_id: str, practice: str, kind: str) -> Response:  # noqa: ANN001
+        async with db.unit_of_work() as uow:
+            row = (await uow.session.execute(select(table.c.resource).where(
+                table.c.id == resource_id, table.c.practice == practice))).first()
+        if row is None:
+            raise NotFound(f"{kind}/{resource_id} not found")
+        return fhir_response(json.loads(row.resource))
+
+    @router.get("/fhir/Invoice/{resource_id}", tags=["fhir"], summary="FHIR R4 Invoice")
+    async def fhir_invoice(resource_id: str, tenant: TenantDep) -> Response:
+        return await read_resource(orm.invoices, resource_id, tenant.practice_id, "Invoice")
+
+    @router.get("/fhir/ChargeItem/{resource_id}", tags=["fhir"], summary="FHIR R4 ChargeItem")
+    async def fhir_charge_item(resource_id: str, tenant: TenantDep) -> Response:
+        return await read_resource(orm.charge_items, resource_id, tenant.practice_id, "ChargeItem")
+
+    @router.get("/fhir/Invoice", tags=["fhir"], summary="Search Invoices by recipient and date")
+    async def search_invoices(request: Request, tenant: TenantDep,
+                              recipient: str | None = None, date: str | None = None) -> Response:
+        i = orm.invoices
+        stmt = select(i.c.resource).where(i.c.practice == tenant.practice_id)
+        if recipient is not None and recipient.removeprefix("Organization/") != tenant.practice_id:
+            return fhir_response(fhir.search_bundle([], str(request.url)))
+        rows = []
+        async with db.unit_of_work() as uow:
+            for r in (await uow.session.execute(stmt.order_by(i.c.month, i.c.revision))).all():
+                res = json.loads(r.resource)
+                if date is None or date_matches(res["date"], date):
+                    rows.append(res)
+        return fhir_response(fhir.search_bundle(rows, str(request.url)))
+
+    @router.get("/fhir/ChargeItem", tags=["fhir"], summary="Search ChargeItems by subject")
+    async def search_charge_items(request: Request, tenant: TenantDep,
+                                  subject: str | None = None) -> Response:
+        ci = orm.charge_items
+        stmt = select(ci.c.resource).where(ci.c.practice == tenant.practice_id)
+        if subject is not None:
+            if not subject.startswith("Patient/"):
+                raise InvalidInput("subject must be Patient/{id}", expression=["subject"])
+            stmt = stmt.where(ci.c.patient == subject.removeprefix("Patient/"))
+        async with db.unit_of_work() as uow:
+            rows = [json.loads(r.resource) for r in (await uow.session.execute(
+                stmt.order_by(ci.c.month, ci.c.id))).all()]
+        return fhir_response(fhir.search_bundle(rows, str(request.url)))
+
+    return router
+
+
+PREFIXES = ("eq", "ge", "le", "gt", "lt")
+
+
+def date_matches(value: str, query: str) -> bool:
+    """FHIR date search on the Invoice date: eq (prefix of the instant), ge, le, gt, lt."""
+    prefix = query[:2] if query[:2] in PREFIXES else "eq"
+    target = query[2:] if query[:2] in PREFIXES else query
+    if not target or not target[:4].isdigit():
+        raise InvalidInput(f"unsupported date search {query!r}; e.g. 2025-04 or ge2025-04-01",
+                           expression=["date"])
+    head = value[: len(target)]
+    return {"eq": head == target, "ge": head >= target, "le": head <= target,
+            "gt": head > target, "lt": head < target}[prefix]

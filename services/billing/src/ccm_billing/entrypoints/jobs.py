@@ -1,0 +1,46 @@
+"""Scheduled work: mid-month threshold alerts and overdue invoices, per practice."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from ccm_billing.service_layer.common import all_practices
+from ccm_billing.service_layer.invoicing import mark_overdue
+from ccm_billing.service_layer.worklist import send_threshold_alerts
+from ccm_shared.service import BackgroundJob
+
+log = structlog.get_logger(__name__)
+
+
+async def run_once(runtime) -> dict[str, int]:  # noqa: ANN001
+    """One pass over every practice, each in its own transaction."""
+    settings = runtime.service_settings()
+    now = runtime.clock()
+    async with runtime.db.unit_of_work() as uow:
+        practices = await all_practices(uow.session)
+    alerts = overdue = 0
+    for info in practices:
+        async with runtime.db.unit_of_work() as uow:
+            alerts += await send_threshold_alerts(uow, info, now, settings.alert_days)
+            overdue += await mark_overdue(uow, info, now)
+            await uow.commit()
+    return {"alerts": alerts, "overdue": overdue}
+
+
+def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001
+    async def scheduler(stopping: asyncio.Event) -> None:
+        interval = runtime.service_settings().scheduler_interval_seconds
+        while not stopping.is_set():
+            try:
+                counts = await run_once(runtime)
+                log.info("billing scheduler pass", **counts)
+            except Exception as exc:  # noqa: BLE001 - a failed pass is retried next interval
+                log.error("billing scheduler pass failed", error=type(exc).__name__)
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
+    return [BackgroundJob("billing-scheduler", scheduler)]

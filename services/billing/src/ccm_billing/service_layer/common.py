@@ -1,0 +1,80 @@
+"""Small helpers the billing service layer shares: dialect upserts, practice facts, sequences."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ccm_billing.adapters.orm import practice_sequences
+from ccm_billing.domain.pricing import Contract
+from ccm_shared.errors import NotFound
+from ccm_shared.tables import practices
+
+SOURCE = "/ccm/billing"
+
+
+def insert_for(session: AsyncSession):  # noqa: ANN201 - dialect insert construct
+    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+
+
+@dataclass(frozen=True)
+class PracticeInfo:
+    id: str
+    name: str
+    timezone: str
+    pricing: dict
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def contract(self) -> Contract:
+        return Contract.from_json(self.pricing)
+
+    def today(self, now: datetime) -> date:
+        return now.astimezone(self.tz).date()
+
+
+async def practice_info(session: AsyncSession, practice: str) -> PracticeInfo:
+    row = (await session.execute(select(practices).where(practices.c.id == practice))).first()
+    if row is None:
+        raise NotFound(f"practice {practice!r} not found")
+    return PracticeInfo(row.id, row.name, row.timezone, json.loads(row.pricing or "{}"))
+
+
+async def all_practices(session: AsyncSession) -> list[PracticeInfo]:
+    rows = (await session.execute(select(practices))).all()
+    return [PracticeInfo(r.id, r.name, r.timezone, json.loads(r.pricing or "{}")) for r in rows]
+
+
+async def next_practice_sequence(session: AsyncSession, practice: str) -> int:
+    """Per-practice counter of practice-facing events, so a practice can detect gaps."""
+    ins = insert_for(session)
+    stmt = (
+        ins(practice_sequences)
+        .values(practice=practice, last=1)
+        .on_conflict_do_update(
+            index_elements=["practice"], set_={"last": practice_sequences.c["last"] + 1}
+        )
+        .returning(practice_sequences.c["last"])
+    )
+    return (await session.execute(stmt)).scalar_one()
+
+
+def parse_instant(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def parse_day(text: str | None) -> date | None:
+    if not text:
+        return None
+    return date.fromisoformat(text[:10])

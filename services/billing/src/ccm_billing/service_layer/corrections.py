@@ -1,0 +1,101 @@
+"""Corrections after close: recompute the month; never edit an issued Invoice — cancel it and
+issue a replacement that points back to it."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sqlalchemy import select, update
+
+from ccm_billing.adapters import orm
+from ccm_billing.domain.model import Month
+from ccm_billing.domain.pricing import total
+from ccm_shared.db import UnitOfWork
+
+
+async def is_closed(session, practice: str, month: str | None) -> bool:  # noqa: ANN001
+    if not month:
+        return False
+    p = orm.billing_periods
+    row = (
+        await session.execute(select(p.c.status).where(p.c.practice == practice, p.c.month == month))
+    ).first()
+    return row is not None
+
+
+async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str, reason: str,
+                                   now: datetime) -> None:
+    """Recompute every closed month in which the patient was billed."""
+    ci = orm.charge_items
+    months = (
+        await uow.session.execute(
+            select(ci.c.month).where(ci.c.practice == practice, ci.c.patient == patient,
+                                     ci.c.status == "billable").distinct()
+        )
+    ).scalars().all()
+    for month in sorted(months):
+        await recompute(uow, practice, month, reason, now)
+
+
+async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str, now: datetime) -> bool:
+    """Recompute a closed month; cancel and reissue its Invoice when the lines changed."""
+    from ccm_billing.service_layer import invoicing
+    from ccm_billing.service_layer.common import practice_info
+    from ccm_billing.service_layer.decisions import decide_month
+
+    month = Month.parse(month_text)
+    period = await invoicing.get_period(uow.session, practice, month)
+    if period is None:
+        return False
+    info = await practice_info(uow.session, practice)
+    decisions = await decide_month(uow.session, info, month)
+    lines = invoicing.priced_lines(info, month, decisions)
+    i = orm.invoices
+    current = (
+        await uow.session.execute(
+            select(i).where(i.c.practice == practice, i.c.month == month_text, i.c.status != "cancelled")
+        )
+    ).first()
+    ci = orm.charge_items
+    old = set()
+    if current is not None:
+        old = {
+            (r.patient, r.code, r.amount, json.loads(r.resource)["quantity"]["value"])
+            for r in (await uow.session.execute(select(ci).where(ci.c.invoice_id == current.id))).all()
+        }
+    new = {(x.patient, x.code, f"{x.amount:.2f}", x.units) for x in lines}
+    p = orm.billing_periods
+    if old == new:
+        await uow.session.execute(
+            update(p).where(p.c.practice == practice, p.c.month == month_text).values(
+                decisions=json.dumps([d.to_dict() for d in decisions], separators=(",", ":")))
+        )
+        return False
+    revision = (
+        await uow.session.execute(
+            select(i.c.revision).where(i.c.practice == practice, i.c.month == month_text)
+            .order_by(i.c.revision.desc()).limit(1)
+        )
+    ).scalar()
+    revision = 0 if revision is None else revision + 1
+    from ccm_billing.adapters.fhir import invoice_id
+
+    new_id = invoice_id(practice, month, revision) if lines else None
+    if current is not None:
+        await invoicing.cancel_invoice(uow, current, f"corrected: {reason}", new_id, now)
+    new_row = None
+    if lines:
+        new_row = await invoicing.issue_invoice(
+            uow, info, month, lines, revision=revision, now=now,
+            replaces=current.id if current is not None else None,
+        )
+    summary = invoicing.summary(month, decisions, total([x.amount for x in lines]), new_id)
+    await uow.session.execute(
+        update(p).where(p.c.practice == practice, p.c.month == month_text).values(
+            invoice_id=new_row["id"] if new_row else None,
+            decisions=json.dumps([d.to_dict() for d in decisions], separators=(",", ":")),
+            summary=json.dumps({**json.loads(period.summary), **summary}),
+        )
+    )
+    return True

@@ -1,0 +1,162 @@
+"""Loading a practice-month's facts from the projections and deciding every patient in it."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ccm_billing.adapters import orm
+from ccm_billing.domain.model import (
+    CarePlan,
+    Consent,
+    Decision,
+    Month,
+    PatientMonth,
+    PracticeOptions,
+    TimeEntry,
+)
+from ccm_billing.domain.roles import CLASSIFICATION_TO_ROLE, classify_codes
+from ccm_billing.domain.rules import PROGRAMS, ruleset_for
+from ccm_billing.service_layer.common import PracticeInfo
+
+CLASSIFICATION_PRIORITY = ("billing-practitioner", "clinical-staff", "non-clinical", "unknown")
+
+
+async def _roles(session: AsyncSession, practice: str) -> tuple[dict, dict]:
+    r = orm.practitioner_roles
+    rows = (await session.execute(select(r).where(r.c.practice == practice))).all()
+    by_role = {f"PractitionerRole/{x.role_id}": x.classification for x in rows if x.active}
+    by_practitioner: dict[str, set[str]] = defaultdict(set)
+    for x in rows:
+        if x.active and x.practitioner:
+            by_practitioner[x.practitioner].add(x.classification)
+    return by_role, by_practitioner
+
+
+def resolve_role(row, by_role: dict, by_practitioner: dict, code_sets: dict) -> str:  # noqa: ANN001
+    """The performer's role: its PractitionerRole's classification, else the practitioner's
+    roles (the most senior), else the role codes carried on the entry."""
+    if row.practitioner_role and row.practitioner_role in by_role:
+        return CLASSIFICATION_TO_ROLE[by_role[row.practitioner_role]]
+    found = by_practitioner.get(row.practitioner or "")
+    if found:
+        best = next(c for c in CLASSIFICATION_PRIORITY if c in found)
+        return CLASSIFICATION_TO_ROLE[best]
+    return classify_codes(json.loads(row.role_codes or "[]"), code_sets)
+
+
+async def duplicate_patients(session: AsyncSession, practice: str, month: str) -> set[str]:
+    """Patients whose MBI has finished time in another practice this month, unless released."""
+    p1, p2, t = orm.patients.alias("p1"), orm.patients.alias("p2"), orm.time_entries
+    rel = orm.duplicate_releases
+    other_time = (
+        select(t.c.entry_id)
+        .where(t.c.practice == p2.c.practice, t.c.patient == p2.c.patient_id,
+               t.c.month == month, t.c.status == "finished")
+        .exists()
+    )
+    other_released = (
+        select(rel.c.patient)
+        .where(rel.c.practice == p2.c.practice, rel.c.patient == p2.c.patient_id, rel.c.month == month)
+        .exists()
+    )
+    stmt = (
+        select(p1.c.patient_id)
+        .join(p2, and_(p2.c.mbi == p1.c.mbi, p2.c.practice != p1.c.practice))
+        .where(p1.c.practice == practice, p1.c.mbi.is_not(None), other_time, ~other_released)
+        .distinct()
+    )
+    found = {r[0] for r in (await session.execute(stmt)).all()}
+    released = (
+        await session.execute(
+            select(rel.c.patient).where(rel.c.practice == practice, rel.c.month == month)
+        )
+    ).scalars()
+    # A patient this practice released stays blocked here (someone else bills it).
+    return found | set(released)
+
+
+async def load_facts(
+    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None
+) -> list[PatientMonth]:
+    """Facts of every enrolled patient (a consent on file, or time in the month)."""
+    m = str(month)
+    ruleset = ruleset_for(month)
+    code_sets = ruleset.code_sets
+    by_role, by_practitioner = await _roles(session, info.id)
+    t, c, cp, cond = orm.time_entries, orm.consents, orm.care_plans, orm.conditions
+
+    def scoped(table, column="patient"):  # noqa: ANN001, ANN202
+        cond_ = [table.c.practice == info.id]
+        if patient is not None:
+            cond_.append(table.c[column] == patient)
+        return cond_
+
+    entries: dict[str, list[TimeEntry]] = defaultdict(list)
+    for row in (await session.execute(select(t).where(*scoped(t), t.c.month == m))).all():
+        if row.patient is None or row.start is None:
+            continue
+        entries[row.patient].append(
+            TimeEntry(
+                entry_id=row.entry_id, seconds=row.seconds, start=row.start,
+                role=resolve_role(row, by_role, by_practitioner, code_sets), status=row.status,
+                complex=row.complex, practitioner=row.practitioner, late=row.late,
+                warnings=tuple(json.loads(row.warnings or "[]")),
+            )
+        )
+    consents: dict[str, list[Consent]] = defaultdict(list)
+    practitioner_of: dict[str, str] = {}
+    for row in (await session.execute(select(c).where(*scoped(c)))).all():
+        consents[row.patient].append(
+            Consent(row.consent_id, row.status, row.obtained_at, row.provision, row.effective_until)
+        )
+        if row.status == "active" and row.practitioner:
+            practitioner_of[row.patient] = row.practitioner
+    plans: dict[str, list[CarePlan]] = defaultdict(list)
+    for row in (await session.execute(select(cp).where(*scoped(cp)))).all():
+        plans[row.patient].append(
+            CarePlan(row.care_plan_id, row.status, row.intent, row.created, row.last_review)
+        )
+    chronic = dict(
+        (
+            await session.execute(
+                select(cond.c.patient, func.count())
+                .where(*scoped(cond), cond.c.counts.is_(True))
+                .group_by(cond.c.patient)
+            )
+        ).all()
+    )
+    duplicates = await duplicate_patients(session, info.id, m)
+    enrolled = set(entries) | {p for p, cs in consents.items()
+                               if any(x.status not in ("entered-in-error", "rejected") for x in cs)}
+    return [
+        PatientMonth(
+            patient=p, month=month, timezone=info.timezone, entries=tuple(entries.get(p, ())),
+            consents=tuple(consents.get(p, ())), care_plans=tuple(plans.get(p, ())),
+            chronic_conditions=chronic.get(p, 0), duplicate_biller=p in duplicates,
+            billing_practitioner=practitioner_of.get(p),
+        )
+        for p in sorted(enrolled)
+    ]
+
+
+def practice_options(info: PracticeInfo) -> PracticeOptions:
+    """Per-practice rule options from the practice's pricing document (``rules`` key), if any."""
+    rules = info.pricing.get("rules") or {}
+    return PracticeOptions(
+        initiating_visit_missing=rules.get("initiating_visit_missing", "warning"),
+        date_of_service=rules.get("date_of_service", "month-end"),
+    )
+
+
+async def decide_month(
+    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None
+) -> list[Decision]:
+    facts = await load_facts(session, info, month, patient=patient)
+    ruleset = ruleset_for(month)
+    options = practice_options(info)
+    decide = PROGRAMS["CCM"]
+    return [decide(f, ruleset, options) for f in facts]

@@ -1,0 +1,360 @@
+"""Month close, invoices and their ChargeItems, cancel-and-reissue, payments, overdue.
+
+Handlers take the unit of work and never commit; the request or the consumed message does.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+
+from sqlalchemy import insert, select, update
+
+from ccm_billing.adapters import fhir, orm
+from ccm_billing.domain.model import Decision, Month
+from ccm_billing.domain.pricing import ChargeLine, PricingInvalid, price_lines, total
+from ccm_billing.domain.rules import ruleset_for
+from ccm_billing.domain.rules.ruleset import RulesetMissing
+from ccm_billing.service_layer.common import (
+    SOURCE,
+    PracticeInfo,
+    next_practice_sequence,
+    practice_info,
+)
+from ccm_billing.service_layer.decisions import decide_month
+from ccm_shared.db import UnitOfWork
+from ccm_shared.errors import Conflict, InvalidInput, NotFound
+from ccm_shared.events import CloudEvent
+
+ZERO = Decimal("0.00")
+
+
+@dataclass(frozen=True)
+class PricedLine:
+    patient: str
+    code: str
+    units: int
+    medicare_amount: Decimal
+    amount: Decimal
+    practitioner: str | None
+    encounters: tuple[str, ...]
+
+
+def priced_lines(info: PracticeInfo, month: Month, decisions: list[Decision]) -> list[PricedLine]:
+    """One line per billable patient × code, priced by the practice's contract."""
+    ruleset = ruleset_for(month)
+    raw = []
+    for d in decisions:
+        if not d.billable:
+            continue
+        for code, units in sorted(d.codes.items()):
+            raw.append((d, ChargeLine(d.patient, code, units, ruleset.fee(code))))
+    try:
+        amounts = price_lines([line for _, line in raw], info.contract())
+    except PricingInvalid as exc:
+        raise InvalidInput(f"practice {info.id}: {exc}") from None
+    return [
+        PricedLine(line.patient, line.code, line.units, line.medicare_unit * line.units, amount,
+                   d.practitioner, d.counted)
+        for (d, line), amount in zip(raw, amounts, strict=True)
+    ]
+
+
+def summary(month: Month, decisions: list[Decision], total_net: Decimal, invoice_id: str | None) -> dict:
+    codes: Counter = Counter()
+    blockers: Counter = Counter()
+    for d in decisions:
+        codes.update(d.codes)
+        blockers.update(d.blockers)
+    return {
+        "month": str(month),
+        "invoiceId": invoice_id,
+        "patientsEnrolled": len(decisions),
+        "patientsBillable": sum(1 for d in decisions if d.billable),
+        "patientsBlocked": sum(1 for d in decisions if not d.billable),
+        "minutes": {
+            "staff": sum(d.seconds["staff"] for d in decisions) // 60,
+            "practitioner": sum(d.seconds["practitioner"] for d in decisions) // 60,
+        },
+        "codes": dict(sorted(codes.items())),
+        "blockers": dict(sorted(blockers.items())),
+        "totalNet": f"{total_net:.2f}",
+    }
+
+
+def _event(topic: str, practice: str, subject: str, data: dict, now: datetime) -> CloudEvent:
+    return CloudEvent(source=SOURCE, type=topic, tenant=practice, subject=subject, data=data, time=now)
+
+
+def invoice_event_data(row, resource: dict, sequence: int) -> dict:  # noqa: ANN001
+    return {
+        "invoiceId": row["id"],
+        "month": row["month"],
+        "revision": row["revision"],
+        "status": resource["status"],
+        "totalNet": row["total_net"],
+        "totalGross": row["total_net"],
+        "invoice": resource,
+        "replaces": row.get("replaces"),
+        "replacedBy": row.get("replaced_by"),
+        "reason": row.get("cancel_reason"),
+        "practiceSequence": sequence,
+    }
+
+
+async def _publish_invoice(uow: UnitOfWork, topic: str, row: dict, resource: dict, now: datetime) -> None:
+    seq = await next_practice_sequence(uow.session, row["practice"])
+    await uow.outbox.add(
+        topic,
+        _event(topic, row["practice"], f"Invoice/{row['id']}", invoice_event_data(row, resource, seq), now),
+    )
+
+
+async def issue_invoice(
+    uow: UnitOfWork, info: PracticeInfo, month: Month, lines: list[PricedLine], *,
+    revision: int, now: datetime, replaces: str | None = None,
+) -> dict:
+    """Create the ChargeItems and the issued Invoice of one revision; outbox its event."""
+    inv_id = fhir.invoice_id(info.id, month, revision)
+    items, refs = [], []
+    for line in lines:
+        ci_id = fhir.charge_item_id(info.id, line.patient, month, line.code, revision)
+        resource = fhir.charge_item(
+            id=ci_id, practice=info.id, patient=line.patient, month=month, code=line.code,
+            units=line.units, amount=line.amount, medicare_amount=line.medicare_amount,
+            practitioner=line.practitioner, encounters=list(line.encounters), entered=now,
+        )
+        items.append({
+            "id": ci_id, "practice": info.id, "invoice_id": inv_id, "patient": line.patient,
+            "month": str(month), "code": line.code, "status": "billable",
+            "amount": f"{line.amount:.2f}", "resource": json.dumps(resource, separators=(",", ":")),
+        })
+        refs.append((ci_id, line.amount))
+    total_net = total([line.amount for line in lines])
+    due = info.today(now) + timedelta(days=info.contract().due_days)
+    resource = fhir.invoice(
+        id=inv_id, practice=info.id, practice_name=info.name, month=month, revision=revision,
+        lines=refs, total=total_net, issued=now, due=due, replaces=replaces,
+    )
+    row = {
+        "id": inv_id, "practice": info.id, "month": str(month), "revision": revision,
+        "status": "issued", "payment_status": "issued", "total_net": f"{total_net:.2f}",
+        "paid": "0.00", "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
+        "replaced_by": None, "cancel_reason": None,
+        "resource": json.dumps(resource, separators=(",", ":")),
+    }
+    if items:
+        await uow.session.execute(insert(orm.charge_items), items)
+    await uow.session.execute(insert(orm.invoices).values(**row))
+    await _publish_invoice(uow, "billing.invoice.issued.v1", row, resource, now)
+    return row
+
+
+async def get_period(session, practice: str, month: Month):  # noqa: ANN001, ANN201
+    p = orm.billing_periods
+    return (
+        await session.execute(select(p).where(p.c.practice == practice, p.c.month == str(month)))
+    ).first()
+
+
+async def get_invoice_row(session, invoice_id: str, practice: str | None = None):  # noqa: ANN001, ANN201
+    i = orm.invoices
+    stmt = select(i).where(i.c.id == invoice_id)
+    if practice is not None:
+        stmt = stmt.where(i.c.practice == practice)
+    return (await session.execute(stmt)).first()
+
+
+def close_result(period, invoice_row) -> dict:  # noqa: ANN001
+    return {
+        "practice": period.practice,
+        "month": period.month,
+        "status": period.status,
+        "closedAt": period.closed_at.isoformat(),
+        "summary": json.loads(period.summary),
+        "invoice": invoice_view(invoice_row) if invoice_row is not None else None,
+    }
+
+
+def invoice_view(row) -> dict:  # noqa: ANN001
+    total_net, paid = Decimal(row.total_net), Decimal(row.paid)
+    return {
+        "id": row.id,
+        "practice": row.practice,
+        "month": row.month,
+        "revision": row.revision,
+        "status": row.status,
+        "paymentStatus": row.payment_status,
+        "overdue": row.overdue,
+        "totalNet": row.total_net,
+        "paid": row.paid,
+        "balance": f"{total_net - paid:.2f}",
+        "issuedAt": row.issued_at.isoformat(),
+        "dueDate": row.due_date.isoformat(),
+        "replaces": row.replaces,
+        "replacedBy": row.replaced_by,
+        "cancelReason": row.cancel_reason,
+        "fhir": f"/fhir/Invoice/{row.id}",
+    }
+
+
+async def close_period(uow: UnitOfWork, practice: str, month: Month, now: datetime) -> dict:
+    """Close a practice-month: decide, lock its time, issue ChargeItems and the Invoice.
+
+    Idempotent: closing a closed month answers the result of the first close.
+    """
+    existing = await get_period(uow.session, practice, month)
+    if existing is not None:
+        inv = await get_invoice_row(uow.session, existing.invoice_id) if existing.invoice_id else None
+        return close_result(existing, inv)
+    info = await practice_info(uow.session, practice)
+    if info.today(now) <= month.last_day:
+        raise Conflict(
+            f"{month} has not ended in the practice's time zone ({info.timezone}); "
+            f"it can be closed from {month.next().first_day}"
+        )
+    try:
+        ruleset_for(month)
+    except RulesetMissing as exc:
+        raise InvalidInput(str(exc)) from None
+    decisions = await decide_month(uow.session, info, month)
+    lines = priced_lines(info, month, decisions)
+    inv_row = None
+    if lines:
+        inv_row = await issue_invoice(uow, info, month, lines, revision=0, now=now)
+    t = orm.time_entries
+    await uow.session.execute(
+        update(t)
+        .where(t.c.practice == practice, t.c.month == str(month), t.c.status == "finished",
+               t.c.late.is_(False))
+        .values(locked=True)
+    )
+    total_net = total([line.amount for line in lines])
+    data = summary(month, decisions, total_net, inv_row["id"] if inv_row else None)
+    data["practiceSequence"] = await next_practice_sequence(uow.session, practice)
+    await uow.session.execute(
+        insert(orm.billing_periods).values(
+            practice=practice, month=str(month), status="closed", closed_at=now,
+            invoice_id=inv_row["id"] if inv_row else None,
+            decisions=json.dumps([d.to_dict() for d in decisions], separators=(",", ":")),
+            summary=json.dumps(data),
+        )
+    )
+    await uow.outbox.add(
+        "billing.period.closed.v1", _event("billing.period.closed.v1", practice, f"Organization/{practice}", data, now)
+    )
+    period = await get_period(uow.session, practice, month)
+    inv = await get_invoice_row(uow.session, inv_row["id"]) if inv_row else None
+    return close_result(period, inv)
+
+
+async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | None, now: datetime) -> None:  # noqa: ANN001
+    resource = fhir.cancelled(json.loads(row.resource), reason, replaced_by)
+    i, ci = orm.invoices, orm.charge_items
+    await uow.session.execute(
+        update(i).where(i.c.id == row.id).values(
+            status="cancelled", cancel_reason=reason, replaced_by=replaced_by,
+            resource=json.dumps(resource, separators=(",", ":")),
+        )
+    )
+    await uow.session.execute(
+        update(ci).where(ci.c.invoice_id == row.id).values(status="entered-in-error")
+    )
+    data = {**row._asdict(), "cancel_reason": reason, "replaced_by": replaced_by}
+    await _publish_invoice(uow, "billing.invoice.cancelled.v1", data, resource, now)
+
+
+# -- payments and overdue ----------------------------------------------------------------------
+
+
+def parse_amount(text: str) -> Decimal:
+    try:
+        amount = Decimal(str(text))
+    except InvalidOperation:
+        raise InvalidInput("amount must be a decimal number of US dollars, e.g. \"120.50\"",
+                           expression=["amount"]) from None
+    if not amount.is_finite() or amount <= 0 or amount != amount.quantize(Decimal("0.01")):
+        raise InvalidInput("amount must be positive with at most two decimals", expression=["amount"])
+    return amount
+
+
+async def record_payment(
+    uow: UnitOfWork, practice: str, invoice_id: str, *, amount: Decimal, paid_on: date,
+    reference: str | None, now: datetime,
+) -> dict:
+    """Record a payment: issued → partially-paid → balanced (paid). Same reference: no-op."""
+    row = await get_invoice_row(uow.session, invoice_id, practice)
+    if row is None:
+        raise NotFound(f"invoice {invoice_id!r} not found")
+    p = orm.payments
+    if reference:
+        same = (
+            await uow.session.execute(
+                select(p).where(p.c.invoice_id == invoice_id, p.c.reference == reference)
+            )
+        ).first()
+        if same is not None:
+            if Decimal(same.amount) != amount or same.date != paid_on:
+                raise Conflict(f"payment reference {reference!r} was recorded with other details")
+            return {"payment": payment_view(same), "invoice": invoice_view(row)}
+    if row.status == "cancelled":
+        raise Conflict(f"invoice {invoice_id} is cancelled (replaced by {row.replaced_by})")
+    balance = Decimal(row.total_net) - Decimal(row.paid)
+    if amount > balance:
+        raise InvalidInput(f"amount {amount} exceeds the balance {balance:.2f}", expression=["amount"])
+    paid = Decimal(row.paid) + amount
+    new_balance = Decimal(row.total_net) - paid
+    payment_status = "balanced" if new_balance == 0 else "partially-paid"
+    status = "balanced" if payment_status == "balanced" else row.status
+    resource = json.loads(row.resource)
+    resource["status"] = status
+    payment_id = str(uuid.uuid4())
+    await uow.session.execute(
+        insert(p).values(id=payment_id, practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
+                         date=paid_on, reference=reference, recorded_at=now)
+    )
+    i = orm.invoices
+    await uow.session.execute(
+        update(i).where(i.c.id == invoice_id).values(
+            paid=f"{paid:.2f}", payment_status=payment_status, status=status,
+            resource=json.dumps(resource, separators=(",", ":")),
+        )
+    )
+    seq = await next_practice_sequence(uow.session, practice)
+    await uow.outbox.add(
+        "billing.payment.recorded.v1",
+        _event("billing.payment.recorded.v1", practice, f"Invoice/{invoice_id}", {
+            "invoiceId": invoice_id, "paymentId": payment_id, "amount": f"{amount:.2f}",
+            "date": paid_on.isoformat(), "reference": reference, "balance": f"{new_balance:.2f}",
+            "status": payment_status, "practiceSequence": seq,
+        }, now),
+    )
+    updated = await get_invoice_row(uow.session, invoice_id)
+    if payment_status == "balanced":
+        await _publish_invoice(uow, "billing.invoice.paid.v1", updated._asdict(), resource, now)
+    pay = (await uow.session.execute(select(p).where(p.c.id == payment_id))).first()
+    return {"payment": payment_view(pay), "invoice": invoice_view(updated)}
+
+
+def payment_view(row) -> dict:  # noqa: ANN001
+    return {"id": row.id, "invoiceId": row.invoice_id, "amount": row.amount,
+            "date": row.date.isoformat(), "reference": row.reference}
+
+
+async def mark_overdue(uow: UnitOfWork, info: PracticeInfo, now: datetime) -> int:
+    """Flag issued, unpaid invoices past their due date; one overdue event each."""
+    i = orm.invoices
+    rows = (
+        await uow.session.execute(
+            select(i).where(i.c.practice == info.id, i.c.status == "issued", i.c.overdue.is_(False),
+                            i.c.due_date < info.today(now))
+        )
+    ).all()
+    for row in rows:
+        await uow.session.execute(update(i).where(i.c.id == row.id).values(overdue=True))
+        await _publish_invoice(uow, "billing.invoice.overdue.v1", row._asdict(), json.loads(row.resource), now)
+    return len(rows)

@@ -1,0 +1,226 @@
+"""Projections of ingest's events: idempotent and order-independent.
+
+Every row keeps the source version it was built from (``lastUpdated`` then ``versionId``); an
+event only changes a row when it carries a newer version, so the same events delivered in any
+order, any number of times, leave the same state. Performer roles are resolved when a month is
+decided, not when time is logged, so a PractitionerRole arriving later re-classifies the time.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC
+
+import structlog
+from sqlalchemy import select
+
+from ccm_billing.adapters import orm
+from ccm_billing.domain.model import Month
+from ccm_billing.service_layer import corrections
+from ccm_billing.service_layer.common import insert_for, parse_day, parse_instant, practice_info
+from ccm_shared.db import UnitOfWork
+from ccm_shared.errors import NotFound
+from ccm_shared.events import CloudEvent
+
+log = structlog.get_logger(__name__)
+
+TOPICS = (
+    "ingest.time-entry.logged.v1",
+    "ingest.time-entry.reversed.v1",
+    "ingest.consent.granted.v1",
+    "ingest.consent.revoked.v1",
+    "ingest.consent.declined.v1",
+    "ingest.consent.voided.v1",
+    "ingest.care-plan.created.v1",
+    "ingest.care-plan.revised.v1",
+    "ingest.care-plan.closed.v1",
+    "ingest.condition.upserted.v1",
+    "ingest.patient.upserted.v1",
+    "ingest.practitioner-role.upserted.v1",
+)
+ACTIVE_CLINICAL = {"active", "recurrence", "relapse"}
+
+
+def version_key(source: dict) -> str:
+    """Sortable text of a source version: UTC lastUpdated, then the zero-padded versionId."""
+    updated = parse_instant(source["lastUpdated"]).astimezone(UTC)
+    vid = str(source["versionId"])
+    return f"{updated.strftime('%Y-%m-%dT%H:%M:%S.%f')}|{vid.zfill(20) if vid.isdigit() else vid}"
+
+
+def ref_id(reference: str | None) -> str | None:
+    return reference.split("/", 1)[1] if reference else None
+
+
+async def _upsert(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # noqa: ANN001
+    """Insert, or update when the incoming version is newer; True when the row changed."""
+    ins = insert_for(uow.session)(table).values(**keys, **values)
+    stmt = ins.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={k: ins.excluded[k] for k in values},
+        where=table.c.version < ins.excluded.version,
+    ).returning(table.c.version)
+    return (await uow.session.execute(stmt)).first() is not None
+
+
+async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # noqa: ANN001
+    """Apply one ingest event to the projections (and correct closed periods it changes)."""
+    kind = event.type.removeprefix("ingest.").rsplit(".", 1)[0]
+    handler = HANDLERS.get(kind)
+    if handler is None:
+        log.info("event type not projected", type=event.type)
+        return
+    await handler(event.tenant, event.data, uow, now)
+
+
+async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
+    start = parse_instant(d["start"])
+    try:
+        tz = (await practice_info(uow.session, practice)).tz
+        month = str(Month.of(start.astimezone(tz).date()))
+    except NotFound:
+        month = d["serviceMonth"]
+    performer = d["performers"][0] if d["performers"] else {}
+    entry_id = ref_id(d["entry"])
+    t = orm.time_entries
+    existing = (
+        await uow.session.execute(
+            select(t.c.locked, t.c.month).where(t.c.practice == practice, t.c.entry_id == entry_id)
+        )
+    ).first()
+    closed = await corrections.is_closed(uow.session, practice, month)
+    late = closed and not (existing is not None and existing.locked and existing.month == month)
+    changed = await _upsert(
+        uow, t, {"practice": practice, "entry_id": entry_id},
+        {
+            "patient": ref_id(d["patient"]),
+            "version": version_key(d["source"]),
+            "status": "finished",
+            "seconds": d["seconds"],
+            "start": start,
+            "month": month,
+            "complex": d["complex"],
+            "practitioner": performer.get("practitioner"),
+            "practitioner_role": performer.get("practitionerRole"),
+            "role_codes": json.dumps(performer.get("roleCodes") or []),
+            "warnings": json.dumps(d.get("warnings") or []),
+            "late": late,
+        },
+    )
+    if changed and closed and not late:
+        # A new version of time already billed (e.g. seconds changed): the month is recomputed.
+        await corrections.recompute(uow, practice, month, "time entry revised after close", now)
+
+
+async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
+    t = orm.time_entries
+    entry_id = ref_id(d["entry"])
+    existing = (
+        await uow.session.execute(
+            select(t.c.month).where(t.c.practice == practice, t.c.entry_id == entry_id)
+        )
+    ).first()
+    month = existing.month if existing is not None else d.get("serviceMonth")
+    ins = insert_for(uow.session)(t).values(
+        practice=practice, entry_id=entry_id, patient=ref_id(d["patient"]),
+        version=version_key(d["source"]), status=d["reason"], seconds=0, month=month,
+        complex=False, role_codes="[]", warnings="[]", locked=False, late=False,
+    )
+    stmt = ins.on_conflict_do_update(
+        index_elements=["practice", "entry_id"],
+        set_={"status": ins.excluded.status, "version": ins.excluded.version},
+        where=t.c.version < ins.excluded.version,
+    ).returning(t.c.version)
+    changed = (await uow.session.execute(stmt)).first() is not None
+    if changed and month and await corrections.is_closed(uow.session, practice, month):
+        await corrections.recompute(uow, practice, month, f"Encounter/{entry_id} {d['reason']}", now)
+
+
+async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
+    patient = ref_id(d["patient"])
+    changed = await _upsert(
+        uow, orm.consents, {"practice": practice, "consent_id": ref_id(d["consent"])},
+        {
+            "patient": patient,
+            "version": version_key(d["source"]),
+            "status": d["status"],
+            "obtained_at": parse_instant(d.get("obtainedAt")),
+            "provision": d["provision"],
+            "effective_until": parse_day(d.get("effectiveUntil")),
+            "practitioner": d["practitioners"][0] if d["practitioners"] else None,
+        },
+    )
+    if changed and d["status"] in ("entered-in-error", "inactive"):
+        await corrections.recompute_patient_months(
+            uow, practice, patient, f"Consent/{ref_id(d['consent'])} {d['status']}", now)
+
+
+async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
+    patient = ref_id(d["patient"])
+    review = (d.get("review") or {}).get("date")
+    changed = await _upsert(
+        uow, orm.care_plans, {"practice": practice, "care_plan_id": ref_id(d["carePlan"])},
+        {
+            "patient": patient,
+            "version": version_key(d["source"]),
+            "status": d["status"],
+            "intent": d["intent"],
+            "created": parse_day(d.get("created")) or parse_day((d.get("period") or {}).get("start")),
+            "last_review": parse_day(review),
+        },
+    )
+    if changed and d["status"] in ("entered-in-error", "revoked"):
+        await corrections.recompute_patient_months(
+            uow, practice, patient, f"CarePlan/{ref_id(d['carePlan'])} {d['status']}", now)
+
+
+async def _condition(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
+    counts = (
+        d["chronic"]
+        and not d["deleted"]
+        and (d.get("clinicalStatus") or "") in ACTIVE_CLINICAL
+        and d.get("verificationStatus") != "entered-in-error"
+    )
+    await _upsert(
+        uow, orm.conditions, {"practice": practice, "condition_id": ref_id(d["condition"])},
+        {"patient": ref_id(d["patient"]), "version": version_key(d["source"]), "counts": counts},
+    )
+
+
+async def _patient(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
+    await _upsert(
+        uow, orm.patients, {"practice": practice, "patient_id": ref_id(d["patient"])},
+        {
+            "version": version_key(d["source"]),
+            "mbi": d.get("mbi"),
+            "active": d["active"] and not d["deleted"],
+        },
+    )
+
+
+async def _role(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
+    await _upsert(
+        uow, orm.practitioner_roles, {"practice": practice, "role_id": ref_id(d["practitionerRole"])},
+        {
+            "version": version_key(d["source"]),
+            "practitioner": d.get("practitioner"),
+            "classification": d["classification"],
+            "active": d["active"] and not d["deleted"],
+        },
+    )
+
+
+HANDLERS = {
+    "time-entry.logged": _time_logged,
+    "time-entry.reversed": _time_reversed,
+    "consent.granted": _consent,
+    "consent.revoked": _consent,
+    "consent.declined": _consent,
+    "consent.voided": _consent,
+    "care-plan.created": _care_plan,
+    "care-plan.revised": _care_plan,
+    "care-plan.closed": _care_plan,
+    "condition.upserted": _condition,
+    "patient.upserted": _patient,
+    "practitioner-role.upserted": _role,
+}

@@ -1,0 +1,25 @@
+"""Settings of the billing service (environment variables ``CCM_BILLING_*``)."""
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BillingSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CCM_BILLING_", extra="ignore", frozen=True)
+
+    alert_days: tuple[int, ...] = Field(
+        (7, 3), description="Days before month end at which threshold-at-risk events go out (JSON list)"
+    )
+    near_threshold_minutes: int = Field(
+        10, ge=1, description="Worklist filter near-threshold: at most this many minutes to go"
+    )
+    scheduler_interval_seconds: float = Field(
+        300.0, gt=0, description="How often threshold alerts and overdue invoices are checked"
+    )
+
+    @field_validator("alert_days")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < 0 for d in v):
+            raise ValueError("alert days must be >= 0")
+        return tuple(sorted(set(v), reverse=True))

@@ -1,0 +1,286 @@
+"""The billing service end to end on the embedded database: projections → worklist → close →
+Invoice and ChargeItems (FHIR R4) → report → payments → correction → cancel and reissue."""
+
+import csv
+import io
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from fhir.resources.R4B.chargeitem import ChargeItem
+from fhir.resources.R4B.invoice import Invoice
+from sqlalchemy import select
+
+from ccm_billing.adapters import orm
+from ccm_billing.entrypoints.jobs import run_once
+from ccm_shared.tables import outbox_table
+from tests.unit.billing import events as ev
+
+
+async def deliver(runtime, *events):
+    handler = runtime.definition.consumers(runtime)[0].handler
+    for e in events:
+        async with runtime.db.unit_of_work() as uow:
+            await handler(e, uow)
+            await uow.commit()
+
+
+def api(runtime, practice="alpha"):
+    client = runtime.state["client"]
+    headers = {"Authorization": f"Bearer {runtime.state['tokens'][practice]}"}
+
+    class Api:
+        async def get(self, path, **kw):
+            return await client.get(path, headers=headers, **kw)
+
+        async def post(self, path, **kw):
+            return await client.post(path, headers=headers, **kw)
+
+    return Api()
+
+
+async def outboxed(runtime, topic):
+    async with runtime.db.unit_of_work() as uow:
+        rows = (await uow.session.execute(select(outbox_table.c.payload).where(
+            outbox_table.c.topic == topic).order_by(outbox_table.c.id))).scalars().all()
+    return [json.loads(r) for r in rows]
+
+
+async def march_practice(runtime):
+    """p1: 45 staff minutes; p2: 19:59; p3: 25 staff min, its nurse role unknown until told."""
+    await deliver(runtime, *ev.enrolled_patient("alpha", "p1"), *ev.enrolled_patient("alpha", "p2"),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  ev.time_logged("alpha", "p1", "e1", 1500, "2025-03-03T10:00:00-05:00"),
+                  ev.time_logged("alpha", "p1", "e2", 1200, "2025-03-17T10:00:00-04:00"),
+                  ev.time_logged("alpha", "p2", "e3", 1199, "2025-03-05T10:00:00-05:00"))
+
+
+async def test_worklist_shows_who_is_short_and_why(billing):
+    await march_practice(billing)
+    r = await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")
+    assert r.status_code == 200, r.text
+    rows = {row["patient"]: row for row in r.json()["patients"]}
+    assert rows["Patient/p1"]["codes"] == {"99490": 1, "99439": 1}
+    assert rows["Patient/p1"]["seconds"] == {"staff": 2700, "practitioner": 0}
+    assert rows["Patient/p2"]["codes"] == {} and rows["Patient/p2"]["blockers"] == ["time-threshold-not-met"]
+    assert rows["Patient/p2"]["minutesToNextThreshold"] == 1
+    near = await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist",
+                                  params={"status": "near-threshold"})
+    assert [x["patient"] for x in near.json()["patients"]] == ["Patient/p2"]
+    blocked = await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist",
+                                     params={"status": "blocked"})
+    assert [x["patient"] for x in blocked.json()["patients"]] == ["Patient/p2"]
+
+
+async def test_a_role_arriving_after_the_time_reclassifies_it(billing):
+    await deliver(billing, *ev.enrolled_patient("alpha", "p1"),
+                  ev.time_logged("alpha", "p1", "e1", 1900, "2025-03-03T10:00:00-05:00",
+                                 practitioner="Practitioner/doc-9", role="PractitionerRole/doc-9"))
+    before = await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")
+    assert before.json()["patients"][0]["blockers"] == ["staff-role-unknown", "time-threshold-not-met"]
+    await deliver(billing, ev.role("alpha", "doc-9", "billing-practitioner",
+                                   practitioner="Practitioner/doc-9"))
+    after = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    assert after["patients"][0]["codes"] == {"99491": 1}
+    assert after["patients"][0]["seconds"] == {"staff": 0, "practitioner": 1900}
+
+
+async def test_close_issues_valid_fhir_and_is_idempotent(billing):
+    await march_practice(billing)
+    early = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert early.status_code == 409  # March has not ended in New York yet
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    first = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert first.status_code == 200, first.text
+    second = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert second.json() == first.json()
+    body = first.json()
+    assert body["summary"]["patientsBillable"] == 1 and body["summary"]["patientsBlocked"] == 1
+    inv_id = body["invoice"]["id"]
+    assert body["invoice"]["totalNet"] == "75.33"  # 42.00 + 33.33
+    invoice = (await api(billing).get(f"/fhir/Invoice/{inv_id}")).json()
+    Invoice.model_validate(invoice)
+    assert invoice["status"] == "issued" and invoice["recipient"]["reference"] == "Organization/alpha"
+    assert invoice["identifier"][0]["value"] == "alpha:2025-03"
+    line_total = sum(Decimal(str(li["priceComponent"][0]["amount"]["value"])) for li in invoice["lineItem"])
+    assert line_total == Decimal(str(invoice["totalNet"]["value"])) == Decimal("75.33")
+    items = (await api(billing).get("/fhir/ChargeItem", params={"subject": "Patient/p1"})).json()
+    assert items["total"] == 2
+    for entry in items["entry"]:
+        ChargeItem.model_validate(entry["resource"])
+    by_code = {e["resource"]["code"]["coding"][0]["code"]: e["resource"] for e in items["entry"]}
+    assert by_code["99490"]["identifier"][0]["value"] == "alpha:p1:2025-03:99490"
+    assert {s["reference"] for s in by_code["99490"]["supportingInformation"]} == {
+        "Encounter/e1", "Encounter/e2"}
+    one = await api(billing).get(f"/fhir/ChargeItem/{by_code['99439']['id']}")
+    assert one.status_code == 200 and one.json()["quantity"]["value"] == 1
+    search = (await api(billing).get("/fhir/Invoice", params={
+        "recipient": "Organization/alpha", "date": "2025-04"})).json()
+    assert [e["resource"]["id"] for e in search["entry"]] == [inv_id]
+    issued = await outboxed(billing, "billing.invoice.issued.v1")
+    closed = await outboxed(billing, "billing.period.closed.v1")
+    assert len(issued) == 1 and len(closed) == 1  # the second close emitted nothing
+    assert issued[0]["data"]["invoice"]["id"] == inv_id
+    assert closed[0]["data"]["codes"] == {"99439": 1, "99490": 1}
+
+
+async def test_report_numbers_match_the_invoice_line_by_line(billing):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    close = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()
+    doc = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/report.json")).json()
+    assert doc["totals"]["amount"] == close["invoice"]["totalNet"]
+    p1 = next(p for p in doc["patients"] if p["patient"] == "Patient/p1")
+    assert p1["minutes"] == {"staff": 45, "practitioner": 0}
+    assert [(x["code"], x["amount"], x["medicareAmount"]) for x in p1["lines"]] == [
+        ("99439", "33.33", "45.93"), ("99490", "42.00", "60.49")]
+    r = await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/report.csv")
+    assert r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert sum(Decimal(x["amount"]) for x in rows if x["patient"] != "TOTAL") == Decimal("75.33")
+    assert rows[-1]["patient"] == "TOTAL" and rows[-1]["amount"] == "75.33"
+    p2 = next(x for x in rows if x["patient"] == "Patient/p2")
+    assert p2["blockers"] == "time-threshold-not-met"
+
+
+async def test_payments_partial_then_paid_and_overdue(billing):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    url = f"/v1/invoices/{inv['id']}/payments"
+    too_much = await api(billing).post(url, json={"amount": "100.00", "date": "2025-04-10"})
+    assert too_much.status_code == 422
+    bad = await api(billing).post(url, json={"amount": "abc", "date": "2025-04-10"})
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+    other = await api(billing, "beta").post(url, json={"amount": "1.00", "date": "2025-04-10"})
+    assert other.status_code == 404
+    part = await api(billing).post(url, json={"amount": "50.00", "date": "2025-04-10", "reference": "chk-1"})
+    assert part.status_code == 201 and part.json()["invoice"]["paymentStatus"] == "partially-paid"
+    again = await api(billing).post(url, json={"amount": "50.00", "date": "2025-04-10", "reference": "chk-1"})
+    assert again.json()["invoice"]["balance"] == "25.33"  # the same reference is not counted twice
+    billing.state["clock"].now = datetime(2025, 5, 10, 12, tzinfo=UTC)  # past the 30 due days
+    assert (await run_once(billing))["overdue"] == 1
+    listed = await api(billing).get("/v1/practices/alpha/invoices", params={"status": "overdue"})
+    assert [x["id"] for x in listed.json()["invoices"]] == [inv["id"]]
+    paid = await api(billing).post(url, json={"amount": "25.33", "date": "2025-05-10"})
+    assert paid.json()["invoice"]["status"] == "balanced"
+    assert (await api(billing).get(f"/fhir/Invoice/{inv['id']}")).json()["status"] == "balanced"
+    assert [e["data"]["status"] for e in await outboxed(billing, "billing.payment.recorded.v1")] == [
+        "partially-paid", "balanced"]
+    assert len(await outboxed(billing, "billing.invoice.paid.v1")) == 1
+    assert len(await outboxed(billing, "billing.invoice.overdue.v1")) == 1
+
+
+@pytest.mark.parametrize("correction", ["encounter", "consent", "care-plan"])
+async def test_a_correction_after_close_cancels_and_reissues(billing, correction):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    first = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()
+    event = {
+        "encounter": ev.time_reversed("alpha", "p1", "e2"),
+        "consent": ev.consent("alpha", "p1", "c-p1", status="entered-in-error", version=2),
+        "care-plan": ev.care_plan("alpha", "p1", "cp-p1", status="entered-in-error", version=2),
+    }[correction]
+    await deliver(billing, event, event)  # delivered twice: one cancel, one reissue
+    old = (await api(billing).get(f"/v1/invoices/{first['invoice']['id']}")).json()
+    assert old["status"] == "cancelled" and old["cancelReason"].startswith("corrected:")
+    cancelled = await outboxed(billing, "billing.invoice.cancelled.v1")
+    assert len(cancelled) == 1 and cancelled[0]["data"]["replacedBy"] == old["replacedBy"]
+    issued = await outboxed(billing, "billing.invoice.issued.v1")
+    if correction == "encounter":
+        new = (await api(billing).get(f"/v1/invoices/{old['replacedBy']}")).json()
+        assert new["replaces"] == old["id"] and new["revision"] == 1 and new["totalNet"] == "42.00"
+        assert len(issued) == 2 and issued[1]["data"]["replaces"] == old["id"]
+        fhir_new = (await api(billing).get(f"/fhir/Invoice/{new['id']}")).json()
+        Invoice.model_validate(fhir_new)
+        assert fhir_new["identifier"][0]["value"] == "alpha:2025-03:r1"
+    else:  # nothing billable is left: cancelled without a replacement
+        assert old["replacedBy"] is None and len(issued) == 1
+    report = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/report.json")).json()
+    assert report["totals"]["amount"] == ("42.00" if correction == "encounter" else "0.00")
+
+
+async def test_time_logged_after_close_is_not_billed_and_flagged(billing):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    await deliver(billing, ev.time_logged("alpha", "p2", "late-1", 600, "2025-03-30T10:00:00-04:00"))
+    doc = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/recompute",
+                                   json={"reason": "check"})).json()
+    assert doc == {"month": "2025-03", "reissued": False}
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    p2 = next(x for x in rows["patients"] if x["patient"] == "Patient/p2")
+    assert p2["codes"] == {} and "backdated-entry" in p2["warnings"]
+
+
+async def test_same_mbi_in_two_practices_is_flagged_in_both_until_released(billing):
+    await deliver(billing, *ev.enrolled_patient("alpha", "pa", mbi="1EG4TE5MK73"),
+                  *ev.enrolled_patient("beta", "pb", mbi="1EG4TE5MK73"),
+                  ev.role("alpha", "nurse-1", "clinical-staff"), ev.role("beta", "nurse-1", "clinical-staff"),
+                  ev.time_logged("alpha", "pa", "ea", 1800, "2025-03-03T10:00:00-05:00"),
+                  ev.time_logged("beta", "pb", "eb", 1800, "2025-03-04T10:00:00-06:00"))
+    a = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    b = (await api(billing, "beta").get("/v1/practices/beta/billing-periods/2025-03/worklist")).json()
+    assert a["patients"][0]["blockers"] == ["duplicate-biller"]
+    assert b["patients"][0]["blockers"] == ["duplicate-biller"]
+    r = await api(billing, "beta").post("/v1/practices/beta/billing-periods/2025-03/duplicates/pb/resolve",
+                                        json={"decision": "release"})
+    assert r.status_code == 200
+    a = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    b = (await api(billing, "beta").get("/v1/practices/beta/billing-periods/2025-03/worklist")).json()
+    assert a["patients"][0]["codes"] == {"99490": 1}
+    assert b["patients"][0]["blockers"] == ["duplicate-biller"]
+
+
+async def test_threshold_alerts_at_7_and_3_days_once_each(billing):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 3, 20, 15, tzinfo=UTC)  # 11 days left
+    assert (await run_once(billing))["alerts"] == 0
+    billing.state["clock"].now = datetime(2025, 3, 24, 15, tzinfo=UTC)  # 7 days left
+    assert (await run_once(billing))["alerts"] == 1
+    assert (await run_once(billing))["alerts"] == 0
+    billing.state["clock"].now = datetime(2025, 3, 28, 15, tzinfo=UTC)  # 3 days left
+    assert (await run_once(billing))["alerts"] == 1
+    sent = await outboxed(billing, "billing.threshold.at-risk.v1")
+    assert [(e["data"]["patient"], e["data"]["daysLeft"], e["data"]["minutesToNext"]) for e in sent] == [
+        ("Patient/p2", 7, 1), ("Patient/p2", 3, 1)]
+
+
+async def test_other_practices_data_is_not_found(billing):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    beta = api(billing, "beta")
+    assert (await beta.get("/v1/practices/alpha/billing-periods/2025-03/worklist")).status_code == 404
+    assert (await beta.post("/v1/practices/alpha/billing-periods/2025-03/close")).status_code == 404
+    missing = await beta.get(f"/fhir/Invoice/{inv['id']}")
+    assert missing.status_code == 404 and missing.json()["resourceType"] == "OperationOutcome"
+    assert (await beta.get(f"/v1/invoices/{inv['id']}")).status_code == 404
+    assert (await beta.get("/fhir/ChargeItem", params={"subject": "Patient/p1"})).json()["total"] == 0
+    assert (await beta.get("/fhir/Invoice", params={"recipient": "Organization/alpha"})).json()["total"] == 0
+
+
+@pytest.mark.parametrize("month", ["2025-13", "march", "2025-3"])
+async def test_bad_month_is_a_clear_422(billing, month):
+    r = await api(billing).get(f"/v1/practices/alpha/billing-periods/{month}/worklist")
+    assert r.status_code == 422 and "yyyy-mm" in r.json()["detail"]
+
+
+async def test_per_code_contract_without_a_rate_refuses_to_close(billing):
+    await deliver(billing, *ev.enrolled_patient("alpha", "p1"), ev.role("alpha", "nurse-1", "clinical-staff"),
+                  ev.time_logged("alpha", "p1", "e1", 1900, "2025-03-03T10:00:00-05:00",
+                                 practitioner="Practitioner/doc-1", role=None,
+                                 role_codes=[{"system": "http://nucc.org/provider-taxonomy",
+                                              "code": "207Q00000X"}]))
+    from sqlalchemy import update
+    from ccm_shared.tables import practices
+
+    async with billing.db.engine.begin() as conn:
+        await conn.execute(update(practices).where(practices.c.id == "alpha").values(
+            pricing=json.dumps({"model": "per-code", "rates": {"99490": "40"}})))
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    r = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert r.status_code == 422 and "99491" in r.json()["detail"]
+    async with billing.db.unit_of_work() as uow:  # nothing was written
+        assert (await uow.session.execute(select(orm.billing_periods))).first() is None
