@@ -29,7 +29,7 @@ def _expression(resource_type: str, loc: tuple) -> str:
 
 
 def _issue_code(error_type: str) -> str:
-    if error_type == "missing":
+    if error_type.endswith("missing"):
         return "required"
     if error_type == "extra_forbidden":
         return "structure"

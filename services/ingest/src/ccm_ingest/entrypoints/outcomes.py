@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from email.utils import format_datetime
 from typing import Any
 
@@ -54,7 +55,7 @@ def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
         return {}
     return {
         "ETag": f'W/"{v.version_id}"',
-        "Last-Modified": format_datetime(v.last_updated, usegmt=True),
+        "Last-Modified": format_datetime(v.last_updated.astimezone(UTC), usegmt=True),
         "Location": f"{base}/{outcome.location}",
     }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
@@ -69,7 +69,7 @@ def parse_etag(value: str) -> str:
 def _meta_last_updated(resource: dict[str, Any], caller: Caller) -> datetime:
     meta = resource.get("meta") or {}
     text = meta.get("lastUpdated") if isinstance(meta, dict) else None
-    return instant(text, caller.timezone) if text else caller.now
+    return (instant(text, caller.timezone) if text else caller.now).astimezone(UTC)
 
 
 def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:

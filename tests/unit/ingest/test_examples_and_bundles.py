@@ -1,0 +1,159 @@
+"""The HL7 R4 / US Core examples and transaction Bundles, end to end on the embedded database."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from ccm_ingest.domain.model import SUPPORTED_TYPES
+from tests.unit.ingest.conftest import EXAMPLES, counts, events, example
+
+CCM_BUNDLE = Path(__file__).resolve().parents[3] / "services/ingest/examples/ccm-transaction-bundle.json"
+SINGLE = sorted(str(p.relative_to(EXAMPLES)) for t in SUPPORTED_TYPES
+                for p in (EXAMPLES / t).glob("*.json"))
+
+
+def test_every_supported_type_has_examples():
+    assert {p.split("/")[0] for p in SINGLE} == set(SUPPORTED_TYPES)
+
+
+@pytest.mark.parametrize("path", SINGLE)
+async def test_every_hl7_example_of_a_supported_type_is_accepted(fhir, path):
+    resource = example(path)
+    rtype = resource["resourceType"]
+    r = await fhir.put(f"/fhir/{rtype}/{resource['id']}", json=resource)
+    assert r.status_code == 201, r.text
+    stored = (await fhir.get(f"/fhir/{rtype}/{resource['id']}")).json()
+    assert {k: v for k, v in stored.items() if k != "meta"} == \
+        {k: v for k, v in resource.items() if k != "meta"}
+
+
+async def test_inpatient_encounter_is_stored_without_a_time_event(fhir):
+    r = await fhir.put("/fhir/Encounter/f203", json=example("Encounter/r4spec-f203.json"))
+    assert r.status_code == 201
+    assert await events(fhir, "ingest.time-entry.logged.v1") == []
+
+
+async def test_ccm_transaction_bundle_resolves_references_and_emits_the_ccm_events(fhir):
+    bundle = json.loads(CCM_BUNDLE.read_text())
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 200, r.text
+    response = r.json()
+    assert response["type"] == "transaction-response"
+    assert [e["response"]["status"] for e in response["entry"]] == ["201 Created"] * 12
+    assert all(e["response"]["etag"] == 'W/"1"' for e in response["entry"])
+    patient_id = response["entry"][1]["response"]["location"].split("/")[1]
+    encounters = (await fhir.get("/fhir/Encounter", params={"patient": patient_id})).json()
+    assert encounters["total"] == 2
+    for entry in encounters["entry"]:
+        assert entry["resource"]["subject"]["reference"] == f"Patient/{patient_id}"
+    logged = await events(fhir, "ingest.time-entry.logged.v1")
+    assert sorted((e["data"]["seconds"], e["data"]["serviceMonth"], e["data"]["serviceDate"])
+                  for e in logged) == [(1320, "2026-03", "2026-03-03"),
+                                       (2100, "2026-03", "2026-03-31")]
+    nurse = next(e for e in logged if e["data"]["seconds"] == 1320)
+    assert nurse["data"]["performers"][0]["roleCodes"][0]["code"] == "nurse"
+    roles = await events(fhir, "ingest.practitioner-role.upserted.v1")
+    assert sorted(e["data"]["classification"] for e in roles) == \
+        ["billing-practitioner", "clinical-staff"]
+    assert len(await events(fhir, "ingest.consent.granted.v1")) == 1
+    assert len(await events(fhir, "ingest.care-plan.created.v1")) == 1
+    chronic = [e["data"]["chronic"] for e in await events(fhir, "ingest.condition.upserted.v1")]
+    assert chronic == [True, True]
+    patient_events = [e for e in await events(fhir) if e.get("subject") == f"Patient/{patient_id}"]
+    assert [e["sequence"] for e in patient_events] == list(range(1, len(patient_events) + 1))
+
+
+async def test_ccm_bundle_pushed_twice_is_one_set_of_resources_and_events(fhir):
+    bundle = json.loads(CCM_BUNDLE.read_text())
+    await fhir.post("/fhir", json=bundle)
+    after_first = await counts(fhir)
+    second = await fhir.post("/fhir", json=bundle)
+    statuses = [e["response"]["status"] for e in second.json()["entry"]]
+    # Conditional creates (ifNoneExist) find their resources; the others are new resources.
+    assert statuses[:3] == ["200 OK"] * 3
+    assert (await counts(fhir))["resources"] == after_first["resources"] + 9
+
+
+async def test_transaction_with_one_invalid_entry_writes_and_emits_nothing(fhir):
+    bundle = json.loads(CCM_BUNDLE.read_text())
+    bundle["entry"][10]["resource"]["status"] = "bogus"
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 422
+    issue = r.json()["issue"][0]
+    assert issue["expression"] == ["Bundle.entry[10].resource.Encounter.status"]
+    assert await counts(fhir) == {"resources": 0, "versions": 0, "events": 0}
+
+
+async def test_transaction_failing_while_storing_writes_nothing(fhir):
+    bundle = json.loads(CCM_BUNDLE.read_text())
+    del bundle["entry"][11]["resource"]["period"]["end"]  # CCM time without a duration
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 422
+    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[11].Encounter.length"]
+    assert await counts(fhir) == {"resources": 0, "versions": 0, "events": 0}
+
+
+async def test_batch_entries_succeed_or_fail_on_their_own(fhir):
+    good = example("Patient/r4spec-example.json")
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": good, "request": {"method": "PUT", "url": "Patient/example"}},
+        {"request": {"method": "GET", "url": "Patient/missing"}},
+        {"request": {"method": "DELETE", "url": "Patient/example"}},
+    ]}
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 200
+    assert [e["response"]["status"] for e in r.json()["entry"]] == \
+        ["201 Created", "404 Not Found", "204 No Content"]
+
+
+def _spec_transaction() -> dict:
+    return example("Bundle/r4spec-bundle-transaction.json")
+
+
+async def _prepare_state_the_spec_transaction_presupposes(fhir) -> None:
+    # It updates Patient/123a with If-Match W/"2": that version has to exist.
+    patient = {"resourceType": "Patient", "id": "123a", "active": True}
+    await fhir.put("/fhir/Patient/123a", json=patient)
+    await fhir.put("/fhir/Patient/123a", json={**patient, "active": False})
+
+
+async def test_spec_transaction_is_refused_for_its_operation_entry(fhir):
+    """Rule: operations ($lookup on ValueSet) are not supported inside a Bundle."""
+    await _prepare_state_the_spec_transaction_presupposes(fhir)
+    before = await counts(fhir)
+    r = await fhir.post("/fhir", json=_spec_transaction())
+    assert r.status_code == 422
+    issue = r.json()["issue"][0]
+    assert issue["code"] == "not-supported"
+    assert issue["expression"] == ["Bundle.entry[7].request.url"]
+    assert await counts(fhir) == before
+
+
+async def test_spec_transaction_without_the_operation_entry_is_accepted(fhir):
+    await _prepare_state_the_spec_transaction_presupposes(fhir)
+    bundle = _spec_transaction()
+    del bundle["entry"][7]
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 200, r.text
+    statuses = [e["response"]["status"] for e in r.json()["entry"]]
+    assert statuses[:7] == ["201 Created", "201 Created", "201 Created", "201 Created",
+                            "200 OK", "204 No Content", "204 No Content"]
+    # GETs report their own result: no name search here, Patient/12334 unknown.
+    assert statuses[7:] == ["400 Bad Request", "404 Not Found"]
+    assert (await fhir.get("/fhir/Patient/123a")).headers["etag"] == 'W/"3"'
+
+
+async def test_xds_transaction_is_refused_for_its_unsupported_types(fhir):
+    """Rule: only the eight CCM resource types are accepted (DocumentReference, Binary are not)."""
+    bundle = example("Bundle/r4spec-xds.json")
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 422
+    assert [i["expression"] for i in r.json()["issue"]] == \
+        [["Bundle.entry[0].request.url"], ["Bundle.entry[4].request.url"]]
+    supported = copy.deepcopy(bundle)
+    supported["entry"] = [supported["entry"][i] for i in (1, 2, 3)]
+    ok = await fhir.post("/fhir", json=supported)
+    assert ok.status_code == 200
+    assert [e["response"]["status"] for e in ok.json()["entry"]] == ["201 Created"] * 3

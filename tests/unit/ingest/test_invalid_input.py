@@ -1,0 +1,104 @@
+"""Every bad input gets the right status and an OperationOutcome naming the problem, and
+nothing is written."""
+
+import json
+
+import pytest
+
+from tests.unit.ingest.conftest import counts, example
+from tests.unit.ingest.test_fhir_api import ccm_encounter
+
+
+def deep(levels: int) -> dict:
+    value: dict = {"resourceType": "Patient"}
+    current = value
+    for _ in range(levels):
+        current["extension"] = [{"url": "urn:x"}]
+        current = current["extension"][0]
+    return value
+
+
+CASES = [
+    # (name, method, path, body (dict or raw bytes), headers, status, issue code, expression)
+    ("malformed JSON", "POST", "/fhir/Patient", b'{"resourceType": "Patient",', {}, 400,
+     "structure", None),
+    ("not an object", "POST", "/fhir/Patient", b"[1, 2]", {}, 400, "structure", None),
+    ("resourceType differs from the URL", "POST", "/fhir/Patient",
+     {"resourceType": "Practitioner"}, {}, 400, "invalid", "resourceType"),
+    ("unsupported type", "POST", "/fhir/Observation", {"resourceType": "Observation"}, {},
+     404, "not-supported", "resourceType"),
+    ("R5 Encounter.class list", "PUT", "/fhir/Encounter/e1",
+     {**ccm_encounter(), "class": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                    "code": "AMB"}]}, {}, 422, "structure", "Encounter.class"),
+    ("R5 Consent decision", "POST", "/fhir/Consent",
+     {**example("Consent/r4spec-basic.json"), "decision": "permit"}, {}, 422, "structure",
+     "Consent.decision"),
+    ("bad Encounter.status", "PUT", "/fhir/Encounter/e1", {**ccm_encounter(), "status": "bogus"},
+     {}, 422, "code-invalid", "Encounter.status"),
+    ("Encounter.class from another system", "PUT", "/fhir/Encounter/e1",
+     {**ccm_encounter(), "class": {"system": "urn:x", "code": "AMB"}}, {}, 422, "code-invalid",
+     "Encounter.class.system"),
+    ("bad CarePlan.intent", "POST", "/fhir/CarePlan",
+     {**example("CarePlan/r4spec-f001.json"), "intent": "wish"}, {}, 422, "code-invalid",
+     "CarePlan.intent"),
+    ("missing required Encounter.status", "POST", "/fhir/Encounter",
+     {k: v for k, v in ccm_encounter().items() if k not in ("status", "id")}, {}, 422,
+     "required", "Encounter.status"),
+    ("Consent ppc-1 (no policy)", "POST", "/fhir/Consent",
+     {k: v for k, v in example("Consent/r4spec-basic.json").items() if k != "policyRule"}, {},
+     422, "invariant", "Consent.policyRule"),
+    ("Consent ppc-2 (privacy without patient)", "POST", "/fhir/Consent",
+     {k: v for k, v in example("Consent/r4spec-basic.json").items() if k != "patient"}, {},
+     422, "invariant", "Consent.patient"),
+    ("malformed reference", "PUT", "/fhir/Encounter/e1",
+     {**ccm_encounter(), "subject": {"reference": "patient 1"}}, {}, 422, "value",
+     "Encounter.subject.reference"),
+    ("CCM time without duration", "PUT", "/fhir/Encounter/e1",
+     {k: v for k, v in ccm_encounter().items() if k != "length"}, {}, 422, "required",
+     "Encounter.length"),
+    ("unknown element", "POST", "/fhir/Patient", {"resourceType": "Patient", "colour": "red"},
+     {}, 422, "structure", "Patient.colour"),
+    ("id differs from URL", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "b"},
+     {}, 400, "invalid", "Patient.id"),
+    ("oversized body", "POST", "/fhir/Patient",
+     {"resourceType": "Patient", "text": {"status": "generated",
+                                          "div": "<div>" + "x" * 300_000 + "</div>"}},
+     {}, 413, "too-costly", None),
+    ("deep nesting", "POST", "/fhir/Patient", deep(80), {}, 400, "too-costly", None),
+    ("XML media type", "POST", "/fhir/Patient", b"<Patient/>",
+     {"Content-Type": "application/fhir+xml"}, 415, "not-supported", None),
+    ("too many Bundle entries", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "batch",
+      "entry": [{"request": {"method": "GET", "url": "Patient/x"}}] * 1001}, {}, 413,
+     "too-costly", "Bundle.entry"),
+    ("document Bundle", "POST", "/fhir", {"resourceType": "Bundle", "type": "document"}, {},
+     422, "value", "Bundle.type"),
+    ("unknown route", "GET", "/fhir/Patient/a/b/c", None, {}, 404, "not-found", None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+async def test_bad_input_is_refused_with_an_operation_outcome(fhir, case):
+    _, method, path, body, headers, status, code, expression = case
+    before = await counts(fhir)
+    content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    r = await fhir.request(method, path, content=content,
+                           headers={"Content-Type": "application/fhir+json", **headers})
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/fhir+json")
+    outcome = r.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert outcome["issue"][0]["code"] == code, outcome
+    if expression is not None:
+        assert any(expression in i.get("expression", []) for i in outcome["issue"]), outcome
+    assert await counts(fhir) == before
+
+
+async def test_chunked_body_over_the_limit_is_413_operation_outcome(fhir):
+    async def chunks():
+        for _ in range(30):
+            yield b" " * 10_000
+
+    r = await fhir.post("/fhir/Patient", content=chunks(),
+                        headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 413 and r.json()["resourceType"] == "OperationOutcome"
