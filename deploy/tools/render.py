@@ -1,0 +1,815 @@
+"""Render the parts of the deployment that follow from the code: docker-compose.yml and the
+per-service Kubernetes manifests, Kafka topics and Kafka users.
+
+Services, their ports, consumer groups, produced topics and settings are read from the installed
+services (``ccm_shared.service.discover_services``) and the event contracts, so a new service,
+consumer or setting shows up here by re-running:
+
+    uv run python deploy/tools/render.py           # write the files
+    uv run python deploy/tools/render.py --check   # exit 1 if a committed file is out of date
+
+Hand-written (not rendered): k8s/base/{kafka/kafka.yaml,postgres,network-policies.yaml,
+ingress.yaml,kustomization.yaml} and the overlays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADER = "# Rendered by deploy/tools/render.py from the services' code: do not edit by hand.\n"
+SECRET_WORDS = ("password", "secret", "token", "key")
+IMAGE_REPO = "ghcr.io/ccm-platform/ccm-{svc}"
+KAFKA_CLUSTER = "ccm-kafka"
+PG_CLUSTER = "ccm-postgres"
+DATABASE = "ccm"
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: object  # None: no default, left unset unless the operator provides one
+    secret: bool
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    port: int
+    produces: tuple[str, ...]
+    consumers: tuple[tuple[str, tuple[str, ...]], ...]
+    settings: tuple[Setting, ...]  # the service's own (CCM_<SVC>_*)
+
+
+def _settings_of(model: type) -> tuple[Setting, ...]:
+    prefix = model.model_config.get("env_prefix", "")
+    out = []
+    for name, field in model.model_fields.items():
+        default = field.default
+        if hasattr(default, "value"):  # enums
+            default = default.value
+        out.append(
+            Setting(
+                env=f"{prefix}{name}".upper(),
+                default=default,
+                secret=any(w in name for w in SECRET_WORDS),
+            )
+        )
+    return tuple(out)
+
+
+def shared_settings() -> tuple[Setting, ...]:
+    from ccm_shared.settings import Settings
+
+    return _settings_of(Settings)
+
+
+def discover() -> list[Service]:
+    from ccm_shared.service import ServiceRuntime, discover_services
+    from ccm_shared.settings import load_settings
+    from ccm_shared.transport import InProcessTransport
+
+    settings = load_settings(database_url="sqlite+aiosqlite:///unused/platform.db")
+    services = []
+    for d in discover_services().values():
+        runtime = ServiceRuntime.build(d, settings, transport=InProcessTransport())
+        services.append(
+            Service(
+                name=d.name,
+                port=d.port,
+                produces=tuple(d.produces),
+                consumers=tuple((c.name, tuple(c.topics)) for c in runtime.consumers),
+                settings=_settings_of(d.settings_model) if d.settings_model else (),
+            )
+        )
+    return services
+
+
+def contract_topics() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".schema.json")
+        for p in (ROOT / "contracts" / "events").glob("*.v1.schema.json")
+    )
+
+
+def env_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return json.dumps(list(value))
+    return str(value)
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: object) -> bool:  # plain YAML: no &anchors for shared dicts
+        return True
+
+
+def _yaml(doc: dict) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def _dump(docs: list[dict]) -> str:
+    return HEADER + "".join("---\n" + _yaml(d) for d in docs)
+
+
+# ------------------------------------------------------------------------------------------
+# docker-compose.yml
+# ------------------------------------------------------------------------------------------
+
+# Values that differ from the code's defaults in Compose; ${VAR:-default} lets a user override
+# them from the shell or an .env file next to docker-compose.yml.
+COMPOSE_OVERRIDES = {
+    "CCM_ENV": "${CCM_ENV:-development}",
+    "CCM_DATABASE_URL": "postgresql+asyncpg://ccm:${POSTGRES_PASSWORD:-ccm}@postgres:5432/ccm",
+    "CCM_KAFKA_BOOTSTRAP_SERVERS": "kafka:9092",
+    "CCM_SECRET_KEY": "${CCM_SECRET_KEY:-dev-secret-key}",
+    "CCM_HTTP_HOST": "0.0.0.0",
+    "CCM_LOG_LEVEL": "${CCM_LOG_LEVEL:-INFO}",
+    "CCM_NOTIFICATION_SMTP_HOST": "mailpit",
+    "CCM_NOTIFICATION_SMTP_PORT": "1025",
+    "CCM_NOTIFICATION_SMTP_STARTTLS": "false",
+}
+
+
+def compose_env(svc: Service, shared: tuple[Setting, ...]) -> dict[str, str | None]:
+    env: dict[str, str | None] = {}
+    for s in (*shared, *svc.settings):
+        if s.env in COMPOSE_OVERRIDES:
+            env[s.env] = COMPOSE_OVERRIDES[s.env]
+        elif s.env == "CCM_HTTP_PORT":
+            env[s.env] = str(svc.port)
+        elif s.default is None:
+            env[s.env] = None  # passed through from the shell when set there, else unset
+        else:
+            env[s.env] = env_value(s.default)
+    return env
+
+
+def compose(services: list[Service]) -> dict:
+    shared = shared_settings()
+    doc: dict = {
+        "name": "ccm-platform",
+        "x-ccm-service": None,
+        "services": {
+            "kafka": {
+                "image": "apache/kafka:4.1.1",
+                "hostname": "kafka",
+                "environment": {
+                    "KAFKA_NODE_ID": "1",
+                    "KAFKA_PROCESS_ROLES": "broker,controller",
+                    "KAFKA_LISTENERS": "PLAINTEXT://:9092,CONTROLLER://:9093,EXTERNAL://:9094",
+                    "KAFKA_ADVERTISED_LISTENERS": (
+                        "PLAINTEXT://kafka:9092,EXTERNAL://localhost:${KAFKA_HOST_PORT:-9094}"
+                    ),
+                    "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
+                        "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,EXTERNAL:PLAINTEXT"
+                    ),
+                    "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+                    "KAFKA_INTER_BROKER_LISTENER_NAME": "PLAINTEXT",
+                    "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@kafka:9093",
+                    "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+                    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+                    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+                    "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+                    "KAFKA_NUM_PARTITIONS": "3",
+                    "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+                },
+                "ports": ["127.0.0.1:${KAFKA_HOST_PORT:-9094}:9094"],
+                "volumes": ["kafka-data:/var/lib/kafka/data"],
+                "healthcheck": {
+                    "test": [
+                        "CMD-SHELL",
+                        "/opt/kafka/bin/kafka-broker-api-versions.sh "
+                        "--bootstrap-server kafka:9092 > /dev/null 2>&1",
+                    ],
+                    "interval": "10s",
+                    "timeout": "10s",
+                    "retries": 12,
+                    "start_period": "20s",
+                },
+                "restart": "unless-stopped",
+            },
+            "kafka-topics": {
+                "image": "apache/kafka:4.1.1",
+                "depends_on": {"kafka": {"condition": "service_healthy"}},
+                "volumes": ["./contracts/events:/contracts:ro"],
+                "entrypoint": ["/bin/bash", "-ec"],
+                # One topic per event contract (topic = event type) and its dead-letter topic;
+                # $$ escapes Compose interpolation.
+                "command": [
+                    "for f in /contracts/*.v1.schema.json; do"
+                    ' t=$$(basename "$$f" .schema.json);'
+                    ' for name in "$$t" "$$t.dlq"; do'
+                    " /opt/kafka/bin/kafka-topics.sh --bootstrap-server kafka:9092"
+                    ' --create --if-not-exists --topic "$$name" --partitions 3'
+                    " --replication-factor 1 > /dev/null;"
+                    " done; echo \"topic $$t\"; done"
+                ],
+                "restart": "no",
+            },
+            "postgres": {
+                "image": "postgres:17.6-bookworm",
+                "environment": {
+                    "POSTGRES_USER": "ccm",
+                    "POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:-ccm}",
+                    "POSTGRES_DB": "ccm",
+                },
+                "ports": ["127.0.0.1:${POSTGRES_HOST_PORT:-5432}:5432"],
+                "volumes": ["postgres-data:/var/lib/postgresql/data"],
+                "healthcheck": {
+                    "test": ["CMD-SHELL", "pg_isready -U ccm -d ccm"],
+                    "interval": "5s",
+                    "timeout": "5s",
+                    "retries": 12,
+                },
+                "restart": "unless-stopped",
+            },
+            "mailpit": {
+                # Catches every e-mail notification sends; web UI on http://localhost:8025.
+                "image": "axllent/mailpit:v1.27",
+                "ports": ["127.0.0.1:${MAILPIT_HOST_PORT:-8025}:8025"],
+                "restart": "unless-stopped",
+            },
+        },
+        "volumes": {"kafka-data": {}, "postgres-data": {}},
+    }
+    del doc["x-ccm-service"]
+    first = services[0].name if services else None
+    for svc in services:
+        image = f"ccm-platform/ccm-{svc.name}:${{CCM_IMAGE_TAG:-local}}"
+        env = compose_env(svc, shared)
+        base = {
+            "image": image,
+            # Every process of a service names the same build: BuildKit's cache builds it once.
+            "build": {
+                "context": ".",
+                "dockerfile": "deploy/Dockerfile",
+                "args": {"SERVICE": svc.name},
+            },
+            "environment": env,
+            "read_only": True,
+            "tmpfs": ["/tmp"],
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges:true"],
+        }
+        migrate_deps = {"postgres": {"condition": "service_healthy"}}
+        if svc.name != first:
+            # `ccm migrate <svc>` also upgrades the shared platform schema: one at a time.
+            migrate_deps[f"{first}-migrate"] = {"condition": "service_completed_successfully"}
+        doc["services"][f"{svc.name}-migrate"] = {
+            **base,
+            "command": ["migrate", svc.name],
+            "depends_on": migrate_deps,
+            "restart": "no",
+        }
+        run_deps = {
+            f"{svc.name}-migrate": {"condition": "service_completed_successfully"},
+            "kafka-topics": {"condition": "service_completed_successfully"},
+        }
+        processes = {
+            "api": (["--no-consumers", "--no-relay"], True),
+            "relay": (["--no-consumers"], False),
+        }
+        if svc.consumers:
+            processes["consumers"] = (["--no-relay"], False)
+        for process, (flags, published) in processes.items():
+            entry = {
+                **base,
+                "command": ["serve", svc.name, *flags],
+                "depends_on": run_deps,
+                "restart": "unless-stopped",
+            }
+            if published:
+                entry["ports"] = [f"${{CCM_HOST_BIND:-127.0.0.1}}:{svc.port}:{svc.port}"]
+            if svc.name == "notification":
+                entry["depends_on"] = {**run_deps, "mailpit": {"condition": "service_started"}}
+            doc["services"][f"{svc.name}-{process}"] = entry
+    return doc
+
+
+# ------------------------------------------------------------------------------------------
+# Kubernetes
+# ------------------------------------------------------------------------------------------
+
+
+def labels(svc: str, component: str) -> dict:
+    return {
+        "app.kubernetes.io/name": svc,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "ccm-platform",
+    }
+
+
+def k8s_config(svc: Service, shared: tuple[Setting, ...]) -> tuple[dict, list[dict]]:
+    """The service's ConfigMap and the env entries every one of its containers gets."""
+    data: dict[str, str] = {}
+    env: list[dict] = [
+        {"name": "PGUSER", "valueFrom": {"secretKeyRef": {"name": f"ccm-db-{svc.name}",
+                                                          "key": "username"}}},
+        {"name": "PGPASSWORD", "valueFrom": {"secretKeyRef": {"name": f"ccm-db-{svc.name}",
+                                                              "key": "password"}}},
+    ]
+    for s in (*shared, *svc.settings):
+        if s.env == "CCM_DATABASE_URL":
+            env.append({"name": s.env, "value": (
+                f"postgresql+asyncpg://$(PGUSER):$(PGPASSWORD)@{PG_CLUSTER}-rw:5432/{DATABASE}"
+            )})
+        elif s.env == "CCM_SECRET_KEY":
+            env.append({"name": s.env, "valueFrom": {"secretKeyRef": {
+                "name": "ccm-secret-key", "key": "secret-key"}}})
+        elif s.secret:
+            # Optional: unset (the code's default) unless the operator puts it in the Secret.
+            env.append({"name": s.env, "valueFrom": {"secretKeyRef": {
+                "name": f"ccm-{svc.name}-secrets", "key": s.env, "optional": True}}})
+        elif s.default is None and s.env not in K8S_VALUES:
+            env.append({"name": s.env, "valueFrom": {"configMapKeyRef": {
+                "name": f"{svc.name}-overrides", "key": s.env, "optional": True}}})
+        elif s.env == "CCM_HTTP_PORT":
+            data[s.env] = str(svc.port)
+        else:
+            data[s.env] = K8S_VALUES.get(s.env, env_value(s.default))
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{svc.name}-config", "labels": labels(svc.name, "config")},
+        "data": data,
+    }
+    return configmap, env
+
+
+K8S_VALUES = {
+    "CCM_ENV": "production",
+    "CCM_KAFKA_BOOTSTRAP_SERVERS": f"{KAFKA_CLUSTER}-kafka-bootstrap:9092",
+    "CCM_HTTP_HOST": "0.0.0.0",
+}
+
+SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+RESOURCES = {
+    "api": {"requests": {"cpu": "250m", "memory": "256Mi"},
+            "limits": {"cpu": "1", "memory": "512Mi"}},
+    "consumers": {"requests": {"cpu": "200m", "memory": "256Mi"},
+                  "limits": {"cpu": "1", "memory": "512Mi"}},
+    "relay": {"requests": {"cpu": "100m", "memory": "192Mi"},
+              "limits": {"cpu": "500m", "memory": "384Mi"}},
+    "migrate": {"requests": {"cpu": "100m", "memory": "192Mi"},
+                "limits": {"cpu": "500m", "memory": "384Mi"}},
+}
+
+
+def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
+             *, init: bool = True, restart: str = "Always") -> dict:
+    image = IMAGE_REPO.format(svc=svc.name)
+    env_from = [{"configMapRef": {"name": f"{svc.name}-config"}}]
+    container = {
+        "name": component,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "envFrom": env_from,
+        "env": env,
+        "resources": RESOURCES[component],
+        "securityContext": SECURITY_CONTEXT,
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if component != "migrate":
+        container["ports"] = [{"name": "http", "containerPort": svc.port}]
+        container["livenessProbe"] = {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3,
+        }
+        container["readinessProbe"] = {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3,
+        }
+        container["startupProbe"] = {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 2, "failureThreshold": 60,
+        }
+    spec: dict = {
+        "serviceAccountName": "ccm-service",
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+        "restartPolicy": restart,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if init:
+        spec["initContainers"] = [{
+            "name": "await-migrations",
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "command": ["ccm-await-migrations", "--timeout", "900"],
+            "envFrom": env_from,
+            "env": env,
+            "resources": RESOURCES["migrate"],
+            "securityContext": SECURITY_CONTEXT,
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        }]
+    if component in ("api", "consumers"):
+        spec["topologySpreadConstraints"] = [{
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": labels(svc.name, component)},
+        }]
+    return spec
+
+
+def deployment(svc: Service, component: str, args: list[str], env: list[dict],
+               replicas: int) -> dict:
+    lab = labels(svc.name, component)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": f"{svc.name}-{component}", "labels": lab},
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 5,
+            "selector": {"matchLabels": lab},
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {"labels": lab, "annotations": {
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(svc.port),
+                    "prometheus.io/path": "/metrics",
+                }},
+                "spec": pod_spec(svc, component, args, env),
+            },
+        },
+    }
+
+
+def service_manifests(svc: Service) -> list[dict]:
+    configmap, env = k8s_config(svc, shared_settings())
+    docs: list[dict] = [configmap]
+    migrate_labels = labels(svc.name, "migrate")
+    docs.append({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": f"{svc.name}-migrate",
+            "labels": migrate_labels,
+            # GitOps tools run it before the Deployments; with plain kubectl the Deployments'
+            # await-migrations init container holds the new pods until it has finished.
+            "annotations": {"argocd.argoproj.io/hook": "PreSync",
+                            "argocd.argoproj.io/hook-delete-policy": "BeforeHookCreation"},
+        },
+        "spec": {
+            # ccm migrate also upgrades the shared platform schema; two Jobs racing on a first
+            # install make one fail once, and its retry finds the schema current.
+            "backoffLimit": 6,
+            "ttlSecondsAfterFinished": 3600,
+            "template": {
+                "metadata": {"labels": migrate_labels},
+                "spec": pod_spec(
+                    svc, "migrate", ["migrate", svc.name],
+                    [
+                        {**e, "valueFrom": {"secretKeyRef": {**e["valueFrom"]["secretKeyRef"],
+                                                             "name": "ccm-db-migrator"}}}
+                        if e["name"] in ("PGUSER", "PGPASSWORD") else e
+                        for e in env
+                    ],
+                    init=False, restart="OnFailure",
+                ),
+            },
+        },
+    })
+    docs.append(deployment(svc, "api", ["serve", svc.name, "--no-consumers", "--no-relay"],
+                           env, replicas=2))
+    # Consumers and relay keep the HTTP server (not routed by any Service) for their probes
+    # and /metrics: the runtime reports consumer stalls and lag only there.
+    if svc.consumers:
+        docs.append(deployment(svc, "consumers", ["serve", svc.name, "--no-relay"], env,
+                               replicas=2))
+    docs.append(deployment(svc, "relay", ["serve", svc.name, "--no-consumers"], env,
+                           replicas=2))
+    docs.append({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": svc.name, "labels": labels(svc.name, "api")},
+        "spec": {
+            "selector": labels(svc.name, "api"),
+            "ports": [{"name": "http", "port": svc.port, "targetPort": "http"}],
+        },
+    })
+    for component in ("api", "consumers", "relay"):
+        if component == "consumers" and not svc.consumers:
+            continue
+        docs.append({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": f"{svc.name}-{component}",
+                         "labels": labels(svc.name, component)},
+            "spec": {"maxUnavailable": 1,
+                     "selector": {"matchLabels": labels(svc.name, component)}},
+        })
+    docs.append({
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": f"{svc.name}-api", "labels": labels(svc.name, "api")},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
+                               "name": f"{svc.name}-api"},
+            "minReplicas": 2,
+            "maxReplicas": 10,
+            "metrics": [{"type": "Resource", "resource": {
+                "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}],
+        },
+    })
+    return docs
+
+
+def scaled_objects(services: list[Service]) -> list[dict]:
+    """KEDA ScaledObjects (prod overlay): consumers scale on their groups' lag."""
+    docs = []
+    for svc in services:
+        if not svc.consumers:
+            continue
+        triggers = []
+        for group, topics in svc.consumers:
+            for topic in topics:
+                triggers.append({
+                    "type": "kafka",
+                    "metadata": {
+                        "bootstrapServers": f"{KAFKA_CLUSTER}-kafka-bootstrap.ccm.svc:9092",
+                        "consumerGroup": group,
+                        "topic": topic,
+                        "lagThreshold": "100",
+                        "activationLagThreshold": "1",
+                        "offsetResetPolicy": "earliest",
+                    },
+                })
+        docs.append({
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledObject",
+            "metadata": {"name": f"{svc.name}-consumers",
+                         "labels": labels(svc.name, "consumers")},
+            "spec": {
+                "scaleTargetRef": {"name": f"{svc.name}-consumers"},
+                # Never to zero: readiness reports a stalled consumer, and a group with no
+                # member cannot report its own lag promptly.
+                "minReplicaCount": 2,
+                # More consumers than partitions (3 per topic) would sit idle.
+                "maxReplicaCount": 3,
+                "pollingInterval": 15,
+                "cooldownPeriod": 300,
+                "triggers": triggers,
+            },
+        })
+    return docs
+
+
+def kafka_topics(topics: list[str]) -> list[dict]:
+    docs = []
+    for topic in topics:
+        for name in (topic, f"{topic}.dlq"):
+            docs.append({
+                "apiVersion": "kafka.strimzi.io/v1beta2",
+                "kind": "KafkaTopic",
+                "metadata": {
+                    # Kubernetes names cannot hold the topic's dots in every position; the
+                    # topic name itself is spec.topicName.
+                    "name": name.replace(".", "-"),
+                    "labels": {"strimzi.io/cluster": KAFKA_CLUSTER},
+                },
+                "spec": {
+                    "topicName": name,
+                    "partitions": 3,
+                    "replicas": 3,
+                    "config": {
+                        "min.insync.replicas": "2",
+                        "retention.ms": str(30 * 24 * 3600 * 1000 if name.endswith(".dlq")
+                                            else 14 * 24 * 3600 * 1000),
+                        "cleanup.policy": "delete",
+                    },
+                },
+            })
+    return docs
+
+
+def _acl(resource: dict, operations: list[str]) -> dict:
+    return {"resource": resource, "operations": operations, "host": "*"}
+
+
+def kafka_users(services: list[Service]) -> list[dict]:
+    """One KafkaUser per service: write its own topics, read the topics its groups consume,
+    write the dead-letter topics of those, use its own consumer groups."""
+    docs = []
+    for svc in services:
+        acls = [
+            _acl({"type": "topic", "name": t, "patternType": "literal"}, ["Write", "Describe"])
+            for t in svc.produces
+        ]
+        consumed = sorted({t for _, topics in svc.consumers for t in topics})
+        acls += [
+            _acl({"type": "topic", "name": t, "patternType": "literal"}, ["Read", "Describe"])
+            for t in consumed
+        ]
+        acls += [
+            _acl({"type": "topic", "name": f"{t}.dlq", "patternType": "literal"},
+                 ["Write", "Describe"])
+            for t in consumed
+        ]
+        acls += [
+            _acl({"type": "group", "name": group, "patternType": "literal"}, ["Read"])
+            for group, _ in svc.consumers
+        ]
+        # The idempotent producer needs IdempotentWrite on the cluster.
+        acls.append(_acl({"type": "cluster"}, ["IdempotentWrite"]))
+        docs.append({
+            "apiVersion": "kafka.strimzi.io/v1beta2",
+            "kind": "KafkaUser",
+            "metadata": {"name": f"ccm-{svc.name}", "labels": {"strimzi.io/cluster": KAFKA_CLUSTER}},
+            "spec": {
+                "authentication": {"type": "scram-sha-512"},
+                "authorization": {"type": "simple", "acls": acls},
+            },
+        })
+    return docs
+
+
+def postgres(services: list[Service]) -> list[dict]:
+    """CloudNativePG: 3 instances, one database with a schema and a role per service.
+
+    One database, not one per service: every service reads the shared practice registry
+    (schema ``platform``). Isolation comes from roles: ``ccm_migrator`` owns every schema and
+    runs the migrations; each service's role may only read and write the tables of its own
+    schema and read ``platform``.
+    """
+    roles = [f"ccm_{s.name}" for s in services]
+    sql = [f"CREATE ROLE {r} NOLOGIN" for r in roles]
+    sql += ["CREATE SCHEMA IF NOT EXISTS platform AUTHORIZATION ccm_migrator"]
+    if roles:
+        sql += [
+            f"GRANT USAGE ON SCHEMA platform TO {', '.join(roles)}",
+            "ALTER DEFAULT PRIVILEGES FOR ROLE ccm_migrator IN SCHEMA platform "
+            f"GRANT SELECT ON TABLES TO {', '.join(roles)}",
+        ]
+    for s, r in zip(services, roles, strict=True):
+        sql += [
+            f"CREATE SCHEMA IF NOT EXISTS {s.name} AUTHORIZATION ccm_migrator",
+            f"GRANT USAGE ON SCHEMA {s.name} TO {r}",
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE ccm_migrator IN SCHEMA {s.name} "
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {r}",
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE ccm_migrator IN SCHEMA {s.name} "
+            f"GRANT USAGE, SELECT, UPDATE ON SEQUENCES TO {r}",
+        ]
+    cluster = {
+        "apiVersion": "postgresql.cnpg.io/v1",
+        "kind": "Cluster",
+        "metadata": {"name": PG_CLUSTER},
+        "spec": {
+            "instances": 3,
+            "imageName": "ghcr.io/cloudnative-pg/postgresql:17.6",
+            "primaryUpdateStrategy": "unsupervised",
+            "storage": {"size": "50Gi"},
+            "walStorage": {"size": "10Gi"},
+            "postgresql": {"parameters": {"max_connections": "300"}},
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
+                          "limits": {"cpu": "2", "memory": "2Gi"}},
+            "bootstrap": {"initdb": {
+                "database": DATABASE,
+                "owner": "ccm_migrator",
+                "secret": {"name": "ccm-db-migrator"},
+                "postInitApplicationSQL": sql,
+            }},
+            # Login and password of each service role, from Secrets the operator creates
+            # (deploy/README.md); CloudNativePG keeps the roles in step with them.
+            "managed": {"roles": [
+                {"name": r, "ensure": "present", "login": True, "inherit": True,
+                 "connectionLimit": 100,
+                 "passwordSecret": {"name": f"ccm-db-{s.name}"}}
+                for s, r in zip(services, roles, strict=True)
+            ]},
+            # Example: continuous WAL archiving and base backups to S3-compatible storage.
+            "backup": {
+                "retentionPolicy": "30d",
+                "barmanObjectStore": {
+                    "destinationPath": "s3://ccm-backups/postgres",
+                    "s3Credentials": {
+                        "accessKeyId": {"name": "ccm-backup-s3", "key": "ACCESS_KEY_ID"},
+                        "secretAccessKey": {"name": "ccm-backup-s3",
+                                            "key": "ACCESS_SECRET_KEY"},
+                    },
+                    "wal": {"compression": "gzip"},
+                    "data": {"compression": "gzip"},
+                },
+            },
+            "monitoring": {"enablePodMonitor": False},
+        },
+    }
+    scheduled = {
+        "apiVersion": "postgresql.cnpg.io/v1",
+        "kind": "ScheduledBackup",
+        "metadata": {"name": f"{PG_CLUSTER}-daily"},
+        "spec": {
+            "schedule": "0 0 3 * * *",
+            "backupOwnerReference": "self",
+            "cluster": {"name": PG_CLUSTER},
+        },
+    }
+    return [cluster, scheduled]
+
+
+def admin(services: list[Service]) -> list[dict]:
+    """A pod to run `ccm practice create` / `ccm token create` with the migrator's role;
+    scaled to 0 until needed (deploy/README.md)."""
+    svc = services[0]
+    _, env = k8s_config(svc, shared_settings())
+    env = [
+        {**e, "valueFrom": {"secretKeyRef": {**e["valueFrom"]["secretKeyRef"],
+                                             "name": "ccm-db-migrator"}}}
+        if e["name"] in ("PGUSER", "PGPASSWORD") else e
+        for e in env
+    ]
+    spec = pod_spec(svc, "migrate", [], env, init=False)
+    container = spec["containers"][0]
+    container["name"] = "admin"
+    del container["args"]
+    container["command"] = ["sleep", "infinity"]
+    lab = labels("ccm-admin", "admin")
+    return [{
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "ccm-admin", "labels": lab},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": lab},
+            "template": {"metadata": {"labels": lab}, "spec": spec},
+        },
+    }]
+
+
+def rendered() -> dict[Path, str]:
+    services = discover()
+    files: dict[Path, str] = {}
+    compose_doc = compose(services)
+    files[ROOT / "docker-compose.yml"] = HEADER + (
+        "# Usage: docker compose up --build   (see deploy/README.md)\n"
+        + _yaml(compose_doc)
+    )
+    names = []
+    for svc in services:
+        path = ROOT / "k8s" / "base" / "services" / f"{svc.name}.yaml"
+        files[path] = _dump(service_manifests(svc))
+        names.append(path.name)
+    files[ROOT / "k8s" / "base" / "services" / "admin.yaml"] = _dump(admin(services))
+    names.append("admin.yaml")
+    files[ROOT / "k8s" / "base" / "postgres" / "cluster.yaml"] = _dump(postgres(services))
+    files[ROOT / "k8s" / "base" / "services" / "kustomization.yaml"] = HEADER + _yaml(
+        {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+         "resources": names})
+    topics = sorted({*contract_topics(), *(t for s in services for t in s.produces)})
+    files[ROOT / "k8s" / "base" / "kafka" / "topics.yaml"] = _dump(kafka_topics(topics))
+    files[ROOT / "k8s" / "base" / "kafka" / "users.yaml"] = _dump(kafka_users(services))
+    files[ROOT / "k8s" / "overlays" / "prod" / "scaledobjects.yaml"] = _dump(
+        scaled_objects(services))
+    return files
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if stale")
+    args = parser.parse_args()
+    stale = []
+    for path, text in rendered().items():
+        current = path.read_text() if path.exists() else None
+        if current == text:
+            continue
+        stale.append(path.relative_to(ROOT))
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if args.check and stale:
+        print("out of date (run: uv run python deploy/tools/render.py):", file=sys.stderr)
+        for p in stale:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    for p in stale:
+        print(f"wrote {p}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
