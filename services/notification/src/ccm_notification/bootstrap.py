@@ -1,13 +1,30 @@
 """Composition root of the notification service (the `ccm.services` entry point)."""
 
+from ccm_notification.adapters.orm import metadata
+from ccm_notification.config import NotificationSettings
+from ccm_notification.entrypoints.api import build_router
+from ccm_notification.entrypoints.cli import cli
+from ccm_notification.entrypoints.workers import background, consumers, notifier_of
+from ccm_notification.service_layer.notify import ACKNOWLEDGED, FAILED
 from ccm_shared.service import ServiceDefinition
 
-from ccm_notification.adapters.orm import metadata
+
+def _routers(runtime):  # noqa: ANN001, ANN202
+    notifier_of(runtime)
+    return (build_router(runtime),)
+
 
 SERVICE = ServiceDefinition(
     name="notification",
     port=8084,
-    description="Provider directory, templated communications and acknowledgement tracking.",
+    description="Provider directory, templated communications (email, signed webhooks, FHIR "
+    "Communication), acknowledgement tracking and re-escalation, call scheduling.",
     metadata=metadata,
     migrations_package="ccm_notification.migrations",
+    routers=_routers,
+    consumers=consumers,
+    background=background,
+    produces=(FAILED, ACKNOWLEDGED),
+    settings_model=NotificationSettings,
+    cli=cli,
 )

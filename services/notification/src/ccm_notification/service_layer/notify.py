@@ -1,0 +1,229 @@
+"""Notification intents become rendered, idempotently recorded messages (the delivery outbox).
+
+A message row is written in the caller's unit of work (a consumed event's, with its inbox row,
+or an API request's), keyed by a unique idempotency key: a redelivered event or a retried
+request finds the key taken and records nothing. The dispatcher delivers the row later.
+An intent that cannot be delivered (unknown provider, no channel, a missing template field)
+is recorded as a failed message and raises ``notification.message.failed.v1``, never dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from ccm_notification.adapters.orm import (
+    ack_policies,
+    messages,
+    practice_contacts,
+    provider_roles,
+    template_overrides,
+)
+from ccm_notification.adapters.rendering import Renderer, TemplateInvalid
+from ccm_notification.adapters.sql import insert_for, practice_row
+from ccm_notification.config import NotificationSettings
+from ccm_notification.domain.directory import choose_channel, display_name, reference_id
+from ccm_notification.domain.kinds import KINDS, MissingFields
+from ccm_notification.domain.signing import sign_link
+from ccm_notification.service_layer.directory import load_provider
+from ccm_shared.db import UnitOfWork
+from ccm_shared.events import CloudEvent
+
+SOURCE = "/ccm/notification"
+FAILED = "notification.message.failed.v1"
+ACKNOWLEDGED = "notification.message.acknowledged.v1"
+
+
+@dataclass(frozen=True)
+class Intent:
+    """One message someone means to send. ``address`` bypasses the directory (e.g. a requester)."""
+
+    practice: str
+    kind: str
+    idempotency_key: str
+    values: dict[str, Any]
+    provider_id: str | None = None
+    address: tuple[str, str, str] | None = None  # (channel, address, display name)
+    patient: str | None = None
+    tracker: str | None = None
+    attachments: tuple[dict[str, str], ...] = ()
+    requires_ack: bool | None = None  # None: the practice's policy for the kind
+    root_id: str | None = None  # an escalation of this alert: its ack link acks the root
+    escalation_level: int = 0
+    subject_prefix: str = ""
+
+
+@dataclass
+class Recorded:
+    message_id: str
+    created: bool
+    status: str
+    error: str | None = None
+
+
+@dataclass
+class Notifier:
+    settings: NotificationSettings
+    secret_key: str
+    clock: Callable[[], datetime]
+    renderer: Renderer = field(default_factory=Renderer)
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def link_expiry(self) -> datetime:
+        return self.clock() + timedelta(hours=self.settings.link_ttl_hours)
+
+    def ack_url(self, practice: str, message_id: str) -> str:
+        token = sign_link(self.secret_key, "ack", {"m": message_id, "p": practice},
+                          self.link_expiry())
+        return f"{self.settings.public_base_url.rstrip('/')}/v1/ack/{token}"
+
+    def slot_url(self, practice: str, call_id: str, slot: int) -> str:
+        token = sign_link(self.secret_key, "call-slot", {"c": call_id, "p": practice, "s": slot},
+                          self.link_expiry())
+        return f"{self.settings.public_base_url.rstrip('/')}/v1/calls/choose/{token}"
+
+    # -- policy --------------------------------------------------------------------------------
+
+    async def ack_policy(self, uow: UnitOfWork, practice: str, kind: str) -> tuple[bool, int]:
+        """(requires acknowledgement, SLA minutes) for a practice and kind."""
+        row = (await uow.session.execute(
+            select(ack_policies).where(ack_policies.c.practice == practice,
+                                       ack_policies.c.kind == kind)
+        )).first()
+        if row is not None:
+            return row.requires_ack, row.sla_minutes
+        return kind in self.settings.ack_kind_set, self.settings.ack_sla_minutes
+
+    async def template_source(self, uow: UnitOfWork, practice: str, kind: str) -> str | None:
+        stmt = select(template_overrides.c.source).where(
+            template_overrides.c.practice == practice, template_overrides.c.kind == kind)
+        return (await uow.session.execute(stmt)).scalar()
+
+    # -- recipients ----------------------------------------------------------------------------
+
+    async def provider_for(self, uow: UnitOfWork, practice: str, reference: str | None) -> str | None:
+        """Practitioner/x → x; PractitionerRole/r → the role's practitioner."""
+        if reference is None:
+            return None
+        if (pid := reference_id(reference, "Practitioner")) is not None:
+            return pid
+        if (role := reference_id(reference, "PractitionerRole")) is not None:
+            stmt = select(provider_roles.c.practitioner).where(
+                provider_roles.c.practice == practice, provider_roles.c.id == role)
+            return (await uow.session.execute(stmt)).scalar()
+        return None
+
+    async def contacts(self, uow: UnitOfWork, practice: str):  # noqa: ANN201
+        stmt = select(practice_contacts).where(practice_contacts.c.practice == practice)
+        return (await uow.session.execute(stmt)).first()
+
+    async def supervisor_of(self, uow: UnitOfWork, practice: str, provider_id: str | None) -> str | None:
+        """The provider's own supervisor, else the practice's clinical supervisor."""
+        if provider_id is not None:
+            row = await load_provider(uow, practice, provider_id)
+            if row is not None and row.current.get("supervisor"):
+                return row.current["supervisor"]
+        contacts = await self.contacts(uow, practice)
+        return contacts.supervisor if contacts is not None else None
+
+    # -- the intent ----------------------------------------------------------------------------
+
+    async def notify(self, uow: UnitOfWork, intent: Intent, *, strict: bool = False) -> Recorded:
+        """Record the message for ``intent`` once. ``strict``: raise on bad fields (API callers)."""
+        existing = await self.find_by_key(uow, intent.idempotency_key)
+        if existing is not None:
+            return Recorded(existing.id, False, existing.status, existing.last_error)
+        kind = KINDS[intent.kind]
+        message_id = str(uuid.uuid4())
+        now = self.clock()
+        practice = await practice_row(uow.session, intent.practice)
+        channel = address = None
+        name = ""
+        error = None
+        if intent.address is not None:
+            channel, address, name = intent.address
+        elif intent.provider_id is None:
+            error = "no recipient: the practice has no contact configured for this message"
+        else:
+            row = await load_provider(uow, intent.practice, intent.provider_id)
+            name = display_name(row.current if row else {}, intent.provider_id)
+            if row is None:
+                error = f"provider {intent.provider_id} is not in the directory"
+            elif not row.current.get("active", True):
+                error = f"provider {intent.provider_id} is inactive"
+            elif (chosen := choose_channel(row.current)) is None:
+                error = f"provider {intent.provider_id} has no email, webhook or FHIR endpoint"
+            else:
+                channel, address = chosen
+        requires_ack, sla = await self.ack_policy(uow, intent.practice, intent.kind)
+        if intent.requires_ack is not None:
+            requires_ack = intent.requires_ack
+        ack_target = intent.root_id or message_id
+        context = {
+            "practice_name": practice.name if practice else intent.practice,
+            "provider_name": name,
+            "ack_url": self.ack_url(intent.practice, ack_target)
+            if (requires_ack or intent.root_id) else None,
+        }
+        subject = text = html = ""
+        try:
+            rendered = self.renderer.render(
+                kind, intent.values, context,
+                await self.template_source(uow, intent.practice, intent.kind))
+            subject, text, html = rendered.subject, rendered.text, rendered.html
+            subject = intent.subject_prefix + subject
+        except (MissingFields, TemplateInvalid) as exc:
+            if strict:
+                raise
+            error = f"template: {exc}"
+        status = "failed" if error else "pending"
+        await uow.session.execute(insert_for(uow.session, messages).values(
+            id=message_id, practice=intent.practice, idempotency_key=intent.idempotency_key,
+            kind=intent.kind, provider_id=intent.provider_id, patient=intent.patient,
+            channel=channel, recipient=address, subject=subject or kind.title,
+            text_body=text, html_body=html, fields=_jsonable(intent.values),
+            attachments=list(intent.attachments), status=status, attempts=0,
+            next_attempt_at=now if status == "pending" else None, last_error=error,
+            root_id=intent.root_id,
+            ack_state="pending" if requires_ack and not intent.root_id else None,
+            ack_due_at=now + timedelta(minutes=sla) if requires_ack and not intent.root_id
+            else None,
+            escalation_level=intent.escalation_level, tracker=intent.tracker, created_at=now,
+        ))
+        if error:
+            await self.raise_failed(uow, message_id, intent.practice, intent.kind,
+                                    intent.provider_id, channel, 0, error,
+                                    intent.idempotency_key, intent.patient)
+        return Recorded(message_id, True, status, error)
+
+    async def find_by_key(self, uow: UnitOfWork, key: str):  # noqa: ANN201
+        stmt = select(messages.c.id, messages.c.status, messages.c.last_error).where(
+            messages.c.idempotency_key == key)
+        return (await uow.session.execute(stmt)).first()
+
+    async def raise_failed(
+        self, uow: UnitOfWork, message_id: str, practice: str, kind: str,
+        provider_id: str | None, channel: str | None, attempts: int, reason: str,
+        key: str, patient: str | None,
+    ) -> None:
+        await uow.outbox.add(FAILED, CloudEvent(
+            source=SOURCE, type=FAILED, tenant=practice, time=self.clock(),
+            subject=patient or f"Communication/{message_id}",
+            data={"message": message_id, "kind": kind,
+                  "provider": f"Practitioner/{provider_id}" if provider_id else None,
+                  "channel": channel, "attempts": attempts, "reason": reason[:1000],
+                  "idempotencyKey": key},
+        ))
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    """Template values as stored (dates and decimals as strings)."""
+    import json
+
+    return json.loads(json.dumps(values, default=str))
