@@ -1,0 +1,165 @@
+"""Pure rules of the notification service: links, signatures, directory merges, templates."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from ccm_notification.adapters.rendering import Renderer, TemplateInvalid, default_source
+from ccm_notification.domain.directory import (
+    UnknownField,
+    apply_manual,
+    apply_source,
+    choose_channel,
+    empty_record,
+    human_name,
+)
+from ccm_notification.domain.kinds import KINDS, MissingFields, backoff_seconds
+from ccm_notification.domain.signing import (
+    LinkExpired,
+    LinkInvalid,
+    sign_link,
+    verify_link,
+    verify_webhook,
+    webhook_signature,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+SECRET = "unit-secret-key-0123456789abcdef0123"
+
+
+# -- signed links ------------------------------------------------------------------------------
+
+
+def test_a_genuine_link_verifies_until_it_expires():
+    token = sign_link(SECRET, "ack", {"m": "m1", "p": "acme"}, NOW + timedelta(hours=1))
+    assert verify_link(SECRET, "ack", token, NOW + timedelta(minutes=59))["m"] == "m1"
+    with pytest.raises(LinkExpired):
+        verify_link(SECRET, "ack", token, NOW + timedelta(hours=1))
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda t: t[:5] + ("x" if t[5] != "x" else "y") + t[6:],  # payload altered
+    lambda t: t[:-3] + ("A" if t[-3] != "A" else "B") + t[-2:],  # signature altered
+    lambda t: t.replace(".", ""),  # not two parts
+    lambda t: "garbage",
+])
+def test_an_altered_link_is_invalid(mutate):
+    token = sign_link(SECRET, "ack", {"m": "m1", "p": "acme"}, NOW + timedelta(hours=1))
+    with pytest.raises(LinkInvalid):
+        verify_link(SECRET, "ack", mutate(token), NOW)
+
+
+def test_a_link_for_one_action_cannot_be_used_for_another_or_with_another_key():
+    token = sign_link(SECRET, "call-slot", {"c": "c1", "p": "acme", "s": 0}, NOW + timedelta(hours=1))
+    with pytest.raises(LinkInvalid):
+        verify_link(SECRET, "ack", token, NOW)
+    with pytest.raises(LinkInvalid):
+        verify_link("another-secret-key-0123456789abcdef", "call-slot", token, NOW)
+
+
+def test_webhook_signature_verifies_and_rejects_changes_and_replays():
+    body = b'{"id":"1"}'
+    header = webhook_signature("whsec_x", 1_800_000_000, body)
+    assert verify_webhook("whsec_x", header, body, now=1_800_000_100)
+    assert not verify_webhook("whsec_x", header, b'{"id":"2"}', now=1_800_000_100)
+    assert not verify_webhook("whsec_y", header, body, now=1_800_000_100)
+    assert not verify_webhook("whsec_x", header, body, now=1_800_000_000 + 301)
+    assert not verify_webhook("whsec_x", "v1=abc", body, now=1_800_000_000)
+
+
+# -- directory ---------------------------------------------------------------------------------
+
+
+def test_ehr_values_fill_unpinned_fields():
+    merge = apply_source(empty_record(), {}, (), {"name": "Dr. A", "email": "a@x.test"})
+    assert merge.current["email"] == "a@x.test" and merge.changes["email"] == [None, "a@x.test"]
+    assert merge.held == {}
+
+
+def test_a_manual_edit_pins_the_field_against_later_ehr_updates():
+    base = apply_source(empty_record(), {}, (), {"email": "ehr@x.test"})
+    manual = apply_manual(base.current, base.source, base.pinned, {"email": "fixed@x.test"})
+    assert manual.pinned == ("email",)
+    later = apply_source(manual.current, manual.source, manual.pinned,
+                         {"email": "ehr2@x.test", "name": "Dr. B"})
+    assert later.current["email"] == "fixed@x.test" and later.current["name"] == "Dr. B"
+    assert later.held == {"email": "ehr2@x.test"} and later.source["email"] == "ehr2@x.test"
+    released = apply_manual(later.current, later.source, later.pinned, {}, ("email",))
+    assert released.current["email"] == "ehr2@x.test" and released.pinned == ()
+
+
+def test_fields_the_ehr_does_not_know_are_not_pinned_and_unknown_fields_refused():
+    merge = apply_manual(empty_record(), {}, (), {"webhook_url": "https://h.test/x"})
+    assert merge.pinned == ()
+    with pytest.raises(UnknownField):
+        apply_manual(empty_record(), {}, (), {"favourite_colour": "blue"})
+
+
+@pytest.mark.parametrize("record,expected", [
+    ({"email": "a@x.test", "webhook_url": "https://h", "preferred_channel": "webhook"},
+     ("webhook", "https://h")),
+    ({"email": "a@x.test", "preferred_channel": "fhir"}, ("email", "a@x.test")),
+    ({"fhir_endpoint": "https://ehr/fhir"}, ("fhir", "https://ehr/fhir")),
+    ({}, None),
+])
+def test_preferred_channel_is_used_when_it_has_an_address(record, expected):
+    assert choose_channel(record) == expected
+
+
+def test_human_name_prefers_text_then_parts():
+    assert human_name({"text": "Dr. Jo Ng"}) == "Dr. Jo Ng"
+    assert human_name({"family": "Ng", "given": ["Jo"], "prefix": ["Dr."]}) == "Dr. Jo Ng"
+    assert human_name(None) is None
+
+
+@pytest.mark.parametrize("attempt,expected", [(1, 30), (2, 60), (5, 480), (20, 3600)])
+def test_backoff_doubles_and_is_capped(attempt, expected):
+    assert backoff_seconds(attempt, 30, 3600) == expected
+
+
+# -- templates ---------------------------------------------------------------------------------
+
+CONTEXT = {"practice_name": "Maple", "provider_name": "Dr. <Ng>", "ack_url": None}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_default_template_is_valid_for_its_kind(kind):
+    Renderer().validate(KINDS[kind], default_source(kind))
+
+
+def test_a_missing_required_field_is_an_error_not_an_empty_gap():
+    with pytest.raises(MissingFields, match="gap"):
+        Renderer().render(KINDS["care-gap-alert"], {"patient": "Patient/1"}, CONTEXT)
+
+
+def test_html_is_escaped_and_text_is_not():
+    rendered = Renderer().render(KINDS["care-gap-alert"],
+                                 {"patient": "Patient/1", "gap": "A1c <7%"}, CONTEXT)
+    assert "Dr. &lt;Ng&gt;" in rendered.html and "A1c &lt;7%" in rendered.html
+    assert "Dear Dr. <Ng>," in rendered.text
+    assert rendered.subject == "[Action needed] Care gap for Patient/1: A1c <7%"
+
+
+def test_subject_is_a_single_line_even_with_newlines_in_values():
+    rendered = Renderer().render(KINDS["care-gap-alert"],
+                                 {"patient": "Patient/1", "gap": "a\r\nBcc: x@evil.test"}, CONTEXT)
+    assert "\n" not in rendered.subject and "\r" not in rendered.subject
+
+
+@pytest.mark.parametrize("source,problem", [
+    ("{% block subject %}x{% endblock %}", "missing block"),
+    ("{% block subject %}{{ ssn }}{% endblock %}{% block text %}{% endblock %}"
+     "{% block html %}{% endblock %}", "unknown variable"),
+    ("{% block subject %}{{ x }{% endblock %}", "syntax"),
+])
+def test_a_bad_override_is_refused(source, problem):
+    with pytest.raises(TemplateInvalid, match=problem):
+        Renderer().validate(KINDS["attestation-reminder"], source)
+
+
+def test_overrides_are_sandboxed():
+    source = ("{% block subject %}{{ month.__class__.__mro__ }}{% endblock %}"
+              "{% block text %}x{% endblock %}{% block html %}x{% endblock %}")
+    with pytest.raises(TemplateInvalid):
+        Renderer().render(KINDS["attestation-reminder"],
+                          {"month": "2026-11", "due_date": "2026-12-01"}, CONTEXT, source)

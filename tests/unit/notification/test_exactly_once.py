@@ -1,0 +1,79 @@
+"""Consumed events become messages exactly once (embedded SQLite, in-process bus)."""
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+
+import pytest_asyncio
+from sqlalchemy import select
+
+from ccm_notification.adapters.orm import messages, outbox
+from ccm_notification.bootstrap import SERVICE
+from ccm_notification.service_layer.directory import edit_provider
+from ccm_shared.events import CloudEvent, to_message
+from ccm_shared.migrate import upgrade_async, upgrade_platform
+from ccm_shared.service import ServiceRuntime
+from ccm_shared.settings import load_settings
+from ccm_shared.tenancy import Pricing, create_practice
+from ccm_shared.transport import InProcessTransport
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+
+
+@pytest_asyncio.fixture
+async def runtime(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
+    await asyncio.to_thread(upgrade_platform, url)
+    await upgrade_async(url, SERVICE.schema, SERVICE.migrations_package)
+    rt = ServiceRuntime.build(SERVICE, load_settings(database_url=url),
+                              transport=InProcessTransport(), clock=lambda: NOW)
+    await create_practice(rt.db.engine, practice_id="acme", name="Acme Clinic",
+                          timezone="America/New_York", pricing=Pricing())
+    async with rt.db.unit_of_work() as uow:
+        await edit_provider(uow, "acme", "doc-1", {"name": "Dr. One", "email": "one@acme.test"},
+                            (), actor="test", now=NOW, if_match=None)
+        await uow.commit()
+    yield rt
+    await rt.db.dispose()
+
+
+def overdue(responsible: str, step: int = 1) -> CloudEvent:
+    return CloudEvent(
+        source="/ccm/careplan", type="careplan.review.overdue.v1", tenant="acme",
+        subject="Patient/p1",
+        data={"tracker": "tr-1", "carePlan": "CarePlan/cp1", "patient": "Patient/p1",
+              "dueDate": "2026-11-01", "daysOverdue": 5,
+              "responsibleProvider": f"Practitioner/{responsible}", "supervisor": None,
+              "step": step, "idempotencyKey": f"acme:tr-1:overdue:2026-11-01:{step}"})
+
+
+async def rows(rt, table, *where):  # noqa: ANN001
+    async with rt.db.unit_of_work() as uow:
+        return (await uow.session.execute(select(table).where(*where))).all()
+
+
+async def test_a_redelivered_or_republished_event_records_one_message(runtime):
+    alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
+    event = overdue("doc-1")
+    await alerts.process(to_message(event.type, event))
+    await alerts.process(to_message(event.type, event))  # redelivery: the inbox drops it
+    republished = event.model_copy(update={"id": str(uuid.uuid4())})
+    await alerts.process(to_message(event.type, republished))  # same intent, new event id
+    found = await rows(runtime, messages, messages.c.practice == "acme")
+    assert len(found) == 1
+    assert found[0].status == "pending" and found[0].recipient == "one@acme.test"
+    assert found[0].subject == "Care-plan review overdue by 5 days for Patient/p1"
+    assert alerts.stats.applied == 2 and alerts.stats.duplicates == 1
+
+
+async def test_an_event_for_an_unknown_provider_is_a_failed_message_not_a_silent_drop(runtime):
+    alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
+    event = overdue("nobody")
+    await alerts.process(to_message(event.type, event))
+    [message] = await rows(runtime, messages, messages.c.practice == "acme")
+    assert message.status == "failed" and "not in the directory" in message.last_error
+    [failed] = await rows(runtime, outbox, outbox.c.event_type == "notification.message.failed.v1")
+    data = json.loads(failed.payload)["data"]
+    assert data["message"] == message.id and data["provider"] == "Practitioner/nobody"
+    assert alerts.stats.dead_lettered == 0
