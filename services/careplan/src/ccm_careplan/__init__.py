@@ -1,1 +1,2 @@
-"""ccm-platform careplan service. Master tracker of care-plan reviews, reminders and escalation to clinical supervisors."""
+"""ccm-platform careplan service: master tracker of care-plan reviews, reminders and
+escalation to clinical supervisors."""

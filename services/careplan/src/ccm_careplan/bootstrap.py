@@ -20,7 +20,9 @@ PRODUCES = (
 SERVICE = ServiceDefinition(
     name="careplan",
     port=8083,
-    description="Master tracker of care-plan reviews, reminders and escalation to clinical supervisors.",
+    description=(
+        "Master tracker of care-plan reviews, reminders and escalation to clinical supervisors."
+    ),
     metadata=metadata,
     migrations_package="ccm_careplan.migrations",
     routers=routers,

@@ -24,8 +24,8 @@ class ReviewIn(BaseModel):
     """A completed review (approved or approved-with-changes: signed off) or a declined sign-off."""
 
     model_config = ConfigDict(extra="forbid")
-    reviewer: str = Field(pattern=REF_PATTERN, description="Practitioner/{id} or PractitionerRole/{id}",
-                          examples=["Practitioner/dr-lee"])
+    reviewer: str = Field(pattern=REF_PATTERN, examples=["Practitioner/dr-lee"],
+                          description="Practitioner/{id} or PractitionerRole/{id}")
     review_date: date | None = Field(
         None, alias="date", description="Review date; default: today in the practice's zone")
     outcome: Literal["approved", "approved-with-changes", "declined"]

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from ccm_careplan.adapters.orm import (
     distributions,
     patients,
-    reviews,
     review_steps,
+    reviews,
     trackers,
     versions,
 )
@@ -142,8 +142,9 @@ async def counts(uow: UnitOfWork, practice: str, today: date, rules: ReviewRules
     """How many plans are in each state the coordinator acts on."""
     result = {}
     for name in ("due", "overdue", "escalated", "awaiting-signoff"):
+        condition = _review_condition(practice, name, today, rules)
         result[name] = (await uow.session.execute(select(func.count()).select_from(trackers).where(
-            trackers.c.practice == practice, _review_condition(practice, name, today, rules)))).scalar_one()
+            trackers.c.practice == practice, condition))).scalar_one()
     return result
 
 

@@ -18,8 +18,8 @@ from ccm_careplan.adapters.orm import (
     conditions,
     patients,
     practitioners,
-    reviews,
     review_steps,
+    reviews,
     trackers,
     versions,
 )
