@@ -26,7 +26,9 @@ class MailSink:
         self.messages: list[email.message.EmailMessage] = []
 
     async def handle_DATA(self, server, session, envelope):  # noqa: ANN001, N802
-        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        self.messages.append(
+            email.message_from_bytes(envelope.content, policy=email.policy.default)
+        )
         return "250 OK queued"
 
     def to(self, address: str) -> list:
@@ -77,8 +79,11 @@ def start_http() -> HttpReceiver:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            status = receiver.fail_with.pop(0) if receiver.fail_with else (
-                201 if self.path.endswith("/Communication") else 200)
+            status = (
+                receiver.fail_with.pop(0)
+                if receiver.fail_with
+                else (201 if self.path.endswith("/Communication") else 200)
+            )
             receiver.received.append(Received(self.path, dict(self.headers), body, status))
             payload = b'{"ok": true}' if status < 300 else b'{"error": "try later"}'
             self.send_response(status)

@@ -45,11 +45,18 @@ class Clock:
 def receivers():
     controller, sink = start_smtp()
     http = start_http()
-    env = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(controller.port), "SMTP_STARTTLS": "false",
-           "RETRY_BACKOFF_SECONDS": "10", "PUBLIC_BASE_URL": "http://notify.test",
-           "DISPATCH_INTERVAL_SECONDS": "0.1", "ACK_SWEEP_INTERVAL_SECONDS": "0.2",
-           "ACK_SLA_MINUTES": "60", "WEBHOOK_MAX_ATTEMPTS": "4",
-           "MAIL_FROM": "CCM <ccm@vendor.test>"}
+    env = {
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(controller.port),
+        "SMTP_STARTTLS": "false",
+        "RETRY_BACKOFF_SECONDS": "10",
+        "PUBLIC_BASE_URL": "http://notify.test",
+        "DISPATCH_INTERVAL_SECONDS": "0.1",
+        "ACK_SWEEP_INTERVAL_SECONDS": "0.2",
+        "ACK_SLA_MINUTES": "60",
+        "WEBHOOK_MAX_ATTEMPTS": "4",
+        "MAIL_FROM": "CCM <ccm@vendor.test>",
+    }
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(f"CCM_NOTIFICATION_{key}", value)
@@ -100,20 +107,28 @@ class Ctx:
 async def _ctx(infra, receivers, clock: Clock, runtime: ServiceRuntime):  # noqa: ANN001, ANN202
     sink, http = receivers
     practice = f"np-{uuid.uuid4().hex[:10]}"
-    await create_practice(runtime.db.engine, practice_id=practice, name="Maple Family Practice",
-                          timezone="America/Chicago", pricing=Pricing())
+    await create_practice(
+        runtime.db.engine,
+        practice_id=practice,
+        name="Maple Family Practice",
+        timezone="America/Chicago",
+        pricing=Pricing(),
+    )
     token = await create_token(runtime.db.engine, practice_id=practice)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
-                               base_url="http://notify.test")
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=runtime.app()), base_url="http://notify.test"
+    )
     return Ctx(runtime, clock, client, practice, token, sink, http)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def ctx(migrated, kafka, receivers):
     clock = Clock()
-    settings = load_settings(database_url=migrated.database_url,
-                             kafka_bootstrap_servers=migrated.kafka_bootstrap_servers,
-                             secret_key="integration-secret-key-0123456789abcdef")
+    settings = load_settings(
+        database_url=migrated.database_url,
+        kafka_bootstrap_servers=migrated.kafka_bootstrap_servers,
+        secret_key="integration-secret-key-0123456789abcdef",
+    )
     runtime = ServiceRuntime.build(SERVICE, settings, transport=kafka, clock=clock)
     c = await _ctx(migrated, receivers, clock, runtime)
     yield c
@@ -123,16 +138,34 @@ async def ctx(migrated, kafka, receivers):
     await runtime.db.dispose()
 
 
-def review_event(practice: str, type_: str, *, responsible: str, supervisor: str | None,
-                 step: int = 1, days_overdue: int = 12, tracker: str = "t-1") -> CloudEvent:
+def review_event(
+    practice: str,
+    type_: str,
+    *,
+    responsible: str,
+    supervisor: str | None,
+    step: int = 1,
+    days_overdue: int = 12,
+    tracker: str = "t-1",
+) -> CloudEvent:
     kind = type_.split(".")[2]
     return CloudEvent(
-        source="/ccm/careplan", type=type_, tenant=practice, subject="Patient/p-77",
-        data={"tracker": tracker, "carePlan": "CarePlan/cp-9", "patient": "Patient/p-77",
-              "dueDate": "2026-11-01", "daysOverdue": days_overdue,
-              "responsibleProvider": f"Practitioner/{responsible}",
-              "supervisor": f"Practitioner/{supervisor}" if supervisor else None, "step": step,
-              "idempotencyKey": f"{practice}:{tracker}:{kind}:2026-11-01:{step}"})
+        source="/ccm/careplan",
+        type=type_,
+        tenant=practice,
+        subject="Patient/p-77",
+        data={
+            "tracker": tracker,
+            "carePlan": "CarePlan/cp-9",
+            "patient": "Patient/p-77",
+            "dueDate": "2026-11-01",
+            "daysOverdue": days_overdue,
+            "responsibleProvider": f"Practitioner/{responsible}",
+            "supervisor": f"Practitioner/{supervisor}" if supervisor else None,
+            "step": step,
+            "idempotencyKey": f"{practice}:{tracker}:{kind}:2026-11-01:{step}",
+        },
+    )
 
 
 # -- Kafka end to end --------------------------------------------------------------------------
@@ -140,14 +173,16 @@ def review_event(practice: str, type_: str, *, responsible: str, supervisor: str
 
 async def test_careplan_escalation_over_kafka_ends_as_exactly_one_email(migrated, kafka, receivers):
     clock = Clock()
-    settings = load_settings(database_url=migrated.database_url,
-                             kafka_bootstrap_servers=migrated.kafka_bootstrap_servers)
+    settings = load_settings(
+        database_url=migrated.database_url, kafka_bootstrap_servers=migrated.kafka_bootstrap_servers
+    )
     runtime = ServiceRuntime.build(SERVICE, settings, clock=clock)  # its own Kafka transport
     c = await _ctx(migrated, receivers, clock, runtime)
     await c.provider("doc-1", name="Dr. Ada Byron", email=c.mail("doc"))
     await c.provider("sup-1", name="Dr. Grace Hopper", email=c.mail("sup"))
-    event = review_event(c.practice, "careplan.review.escalated.v1", responsible="doc-1",
-                         supervisor="sup-1")
+    event = review_event(
+        c.practice, "careplan.review.escalated.v1", responsible="doc-1", supervisor="sup-1"
+    )
     # the same event twice, and the producer re-publishing the same intent under a new id
     again = event.model_copy(update={"id": str(uuid.uuid4())})
     await runtime.start()
@@ -162,8 +197,11 @@ async def test_careplan_escalation_over_kafka_ends_as_exactly_one_email(migrated
 
         async def all_consumed() -> bool:
             async with runtime.db.unit_of_work() as uow:
-                rows = (await uow.session.execute(select(messages.c.id).where(
-                    messages.c.practice == c.practice))).all()
+                rows = (
+                    await uow.session.execute(
+                        select(messages.c.id).where(messages.c.practice == c.practice)
+                    )
+                ).all()
             return len(rows) >= 1 and alerts.stats.applied + alerts.stats.duplicates >= 3
 
         await eventually(all_consumed, timeout=60, what="all three deliveries consumed")
@@ -188,12 +226,24 @@ async def test_careplan_escalation_over_kafka_ends_as_exactly_one_email(migrated
 
 async def test_webhook_failing_twice_then_succeeding_is_accepted_exactly_once(ctx):
     hook = f"{ctx.http.url}/hooks/{uuid.uuid4().hex}"
-    await ctx.provider("doc-2", name="Dr. Who", webhook_url=hook, email=ctx.mail("doc2"),
-                       preferred_channel="webhook")
+    await ctx.provider(
+        "doc-2",
+        name="Dr. Who",
+        webhook_url=hook,
+        email=ctx.mail("doc2"),
+        preferred_channel="webhook",
+    )
     ctx.http.fail_with = [500, 503]
-    r = await ctx.client.post(ctx.url("/notifications"), headers=ctx.auth, json={
-        "kind": "care-gap-alert", "provider": "doc-2", "patient": "Patient/p-1",
-        "fields": {"patient": "Patient/p-1", "gap": "HbA1c not measured in 6 months"}})
+    r = await ctx.client.post(
+        ctx.url("/notifications"),
+        headers=ctx.auth,
+        json={
+            "kind": "care-gap-alert",
+            "provider": "doc-2",
+            "patient": "Patient/p-1",
+            "fields": {"patient": "Patient/p-1", "gap": "HbA1c not measured in 6 months"},
+        },
+    )
     assert r.status_code == 201, r.text
     mid = r.json()["id"]
     await ctx.dispatch()
@@ -216,10 +266,12 @@ async def test_webhook_failing_twice_then_succeeding_is_accepted_exactly_once(ct
     accepted = got[-1]
     now = delivered_at
     assert verify_webhook(secret, accepted.headers["X-CCM-Signature"], accepted.body, now)
-    assert not verify_webhook(secret, accepted.headers["X-CCM-Signature"],
-                              accepted.body.replace(b"HbA1c", b"HbA1C"), now)
-    assert not verify_webhook(secret, accepted.headers["X-CCM-Signature"], accepted.body,
-                              now + 3600)  # a replay an hour later
+    assert not verify_webhook(
+        secret, accepted.headers["X-CCM-Signature"], accepted.body.replace(b"HbA1c", b"HbA1C"), now
+    )
+    assert not verify_webhook(
+        secret, accepted.headers["X-CCM-Signature"], accepted.body, now + 3600
+    )  # a replay an hour later
     body = accepted.json()
     assert body["kind"] == "care-gap-alert" and body["requiresAcknowledgement"] is True
     assert "HbA1c not measured in 6 months" in body["text"]
@@ -229,30 +281,53 @@ async def test_a_message_that_finally_fails_raises_an_event_and_lists_as_failed(
     hook = f"{ctx.http.url}/hooks/{uuid.uuid4().hex}"
     await ctx.provider("doc-3", name="Dr. No", webhook_url=hook)
     ctx.http.fail_with = [500, 500, 500, 500]
-    r = await ctx.client.post(ctx.url("/notifications"), headers=ctx.auth, json={
-        "kind": "attestation-reminder", "provider": "doc-3",
-        "fields": {"month": "2026-11", "due_date": "2026-12-05"}})
+    r = await ctx.client.post(
+        ctx.url("/notifications"),
+        headers=ctx.auth,
+        json={
+            "kind": "attestation-reminder",
+            "provider": "doc-3",
+            "fields": {"month": "2026-11", "due_date": "2026-12-05"},
+        },
+    )
     mid = r.json()["id"]
     for _ in range(4):
         await ctx.dispatch()
         ctx.clock.advance(hours=2)
-    failed = (await ctx.client.get(ctx.url("/notifications?status=failed"),
-                                   headers=ctx.auth)).json()
+    failed = (
+        await ctx.client.get(ctx.url("/notifications?status=failed"), headers=ctx.auth)
+    ).json()
     assert [m["id"] for m in failed] == [mid]
     assert failed[0]["attempts"] == 4 and "http 500" in failed[0]["last_error"]
     async with ctx.runtime.db.unit_of_work() as uow:
-        events = (await uow.session.execute(select(outbox.c.payload).where(
-            outbox.c.tenant == ctx.practice,
-            outbox.c.event_type == "notification.message.failed.v1"))).scalars().all()
+        events = (
+            (
+                await uow.session.execute(
+                    select(outbox.c.payload).where(
+                        outbox.c.tenant == ctx.practice,
+                        outbox.c.event_type == "notification.message.failed.v1",
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
     assert [json.loads(e)["data"]["message"] for e in events] == [mid]
 
 
 async def test_fhir_communication_is_pushed_to_the_ehr_endpoint(ctx):
     base = f"{ctx.http.url}/fhir/{uuid.uuid4().hex}"
     await ctx.provider("doc-4", name="Dr. Strange", fhir_endpoint=base, preferred_channel="fhir")
-    r = await ctx.client.post(ctx.url("/notifications"), headers=ctx.auth, json={
-        "kind": "deterioration-escalation", "provider": "doc-4", "patient": "Patient/p-2",
-        "fields": {"patient": "Patient/p-2", "finding": "weight up 3 kg in 2 days"}})
+    r = await ctx.client.post(
+        ctx.url("/notifications"),
+        headers=ctx.auth,
+        json={
+            "kind": "deterioration-escalation",
+            "provider": "doc-4",
+            "patient": "Patient/p-2",
+            "fields": {"patient": "Patient/p-2", "finding": "weight up 3 kg in 2 days"},
+        },
+    )
     await ctx.dispatch()
     got = [x for x in ctx.http.received if x.path.startswith(base.removeprefix(ctx.http.url))]
     assert len(got) == 1 and got[0].path.endswith("/Communication")
@@ -270,9 +345,16 @@ async def test_fhir_communication_is_pushed_to_the_ehr_endpoint(ctx):
 async def _alert(ctx, provider: str = "doc-5") -> str:  # noqa: ANN001
     await ctx.provider("sup-5", name="Dr. Supervisor", email=ctx.mail("sup5"))
     await ctx.provider(provider, name="Dr. Busy", email=ctx.mail(provider), supervisor="sup-5")
-    r = await ctx.client.post(ctx.url("/notifications"), headers=ctx.auth, json={
-        "kind": "care-gap-alert", "provider": provider, "patient": "Patient/p-3",
-        "fields": {"patient": "Patient/p-3", "gap": "no eye exam this year"}})
+    r = await ctx.client.post(
+        ctx.url("/notifications"),
+        headers=ctx.auth,
+        json={
+            "kind": "care-gap-alert",
+            "provider": provider,
+            "patient": "Patient/p-3",
+            "fields": {"patient": "Patient/p-3", "gap": "no eye exam this year"},
+        },
+    )
     assert r.status_code == 201, r.text
     await ctx.dispatch()
     return r.json()["id"]
@@ -298,7 +380,9 @@ async def test_acknowledged_in_time_means_no_reminder_and_no_escalation(ctx):
     await ctx.dispatch()
     assert len(ctx.sink.to(ctx.mail("doc-5"))) == 1 and not ctx.sink.to(ctx.mail("sup5"))
     assert (await ctx.message(mid))["ack_state"] == "acknowledged"
-    assert (await ctx.client.get(ctx.url("/notifications?ack=pending"), headers=ctx.auth)).json() == []
+    assert (
+        await ctx.client.get(ctx.url("/notifications?ack=pending"), headers=ctx.auth)
+    ).json() == []
 
 
 async def test_no_acknowledgement_renotifies_then_escalates_to_the_supervisor(ctx):
@@ -312,15 +396,20 @@ async def test_no_acknowledgement_renotifies_then_escalates_to_the_supervisor(ct
     await acks.sweep(ctx.runtime.db, notifier)
     await ctx.dispatch()
     to_doc = ctx.sink.to(ctx.mail("doc-5"))
-    assert [m["Subject"].strip().startswith("[Reminder]") for m in to_doc] == [False, True], [m["Subject"] for m in to_doc]
+    assert [m["Subject"].strip().startswith("[Reminder]") for m in to_doc] == [False, True], [
+        m["Subject"] for m in to_doc
+    ]
     assert not ctx.sink.to(ctx.mail("sup5"))
     ctx.clock.advance(minutes=61)
     await acks.sweep(ctx.runtime.db, notifier)
     await ctx.dispatch()
     to_sup = ctx.sink.to(ctx.mail("sup5"))
     assert len(to_sup) == 1
-    assert to_sup[0]["Subject"].strip() == "[Escalation] Not acknowledged: [Action needed] Care gap for " \
-                                   "Patient/p-3: no eye exam this year"
+    assert (
+        to_sup[0]["Subject"].strip()
+        == "[Escalation] Not acknowledged: [Action needed] Care gap for "
+        "Patient/p-3: no eye exam this year"
+    )
     assert "sent to Dr. Busy" in to_sup[0].get_body(preferencelist=("plain",)).get_content()
     pending = (await ctx.client.get(ctx.url("/notifications?ack=pending"), headers=ctx.auth)).json()
     assert [(p["id"], p["escalation_level"]) for p in pending] == [(mid, 2)]
@@ -331,7 +420,9 @@ async def test_no_acknowledgement_renotifies_then_escalates_to_the_supervisor(ct
     await acks.sweep(ctx.runtime.db, notifier)
     await ctx.dispatch()
     assert len(ctx.sink.to(ctx.mail("doc-5"))) == 2 and len(ctx.sink.to(ctx.mail("sup5"))) == 1
-    assert (await ctx.client.get(ctx.url("/notifications?ack=pending"), headers=ctx.auth)).json() == []
+    assert (
+        await ctx.client.get(ctx.url("/notifications?ack=pending"), headers=ctx.auth)
+    ).json() == []
 
 
 async def test_expired_or_tampered_links_are_refused(ctx):
@@ -350,9 +441,16 @@ async def test_expired_or_tampered_links_are_refused(ctx):
 async def test_another_practice_cannot_see_or_acknowledge_alerts(ctx, migrated):
     mid = await _alert(ctx)
     other = f"np-{uuid.uuid4().hex[:10]}"
-    await create_practice(ctx.runtime.db.engine, practice_id=other, name="Other",
-                          timezone="America/Chicago", pricing=Pricing())
-    auth = {"Authorization": f"Bearer {await create_token(ctx.runtime.db.engine, practice_id=other)}"}
+    await create_practice(
+        ctx.runtime.db.engine,
+        practice_id=other,
+        name="Other",
+        timezone="America/Chicago",
+        pricing=Pricing(),
+    )
+    auth = {
+        "Authorization": f"Bearer {await create_token(ctx.runtime.db.engine, practice_id=other)}"
+    }
     assert (await ctx.client.post(f"/v1/notifications/{mid}/ack", headers=auth)).status_code == 404
     assert (await ctx.client.get(ctx.url(f"/notifications/{mid}"), headers=auth)).status_code == 404
     assert (await ctx.client.get(ctx.url("/providers/doc-5"), headers=auth)).status_code == 404
@@ -363,16 +461,23 @@ async def test_another_practice_cannot_see_or_acknowledge_alerts(ctx, migrated):
 
 async def test_missing_template_field_is_refused_before_anything_is_sent(ctx):
     await ctx.provider("doc-6", email=ctx.mail("doc6"))
-    r = await ctx.client.post(ctx.url("/notifications"), headers=ctx.auth, json={
-        "kind": "care-gap-alert", "provider": "doc-6", "fields": {"patient": "Patient/p-4"}})
+    r = await ctx.client.post(
+        ctx.url("/notifications"),
+        headers=ctx.auth,
+        json={"kind": "care-gap-alert", "provider": "doc-6", "fields": {"patient": "Patient/p-4"}},
+    )
     assert r.status_code == 422 and "gap" in r.json()["detail"]
     assert (await ctx.client.get(ctx.url("/notifications"), headers=ctx.auth)).json() == []
 
 
 async def test_same_idempotency_key_records_one_message(ctx):
     await ctx.provider("doc-7", email=ctx.mail("doc7"))
-    body = {"kind": "attestation-reminder", "provider": "doc-7", "idempotency_key": "att-2026-11",
-            "fields": {"month": "2026-11", "due_date": "2026-12-05"}}
+    body = {
+        "kind": "attestation-reminder",
+        "provider": "doc-7",
+        "idempotency_key": "att-2026-11",
+        "fields": {"month": "2026-11", "due_date": "2026-12-05"},
+    }
     first = await ctx.client.post(ctx.url("/notifications"), headers=ctx.auth, json=body)
     second = await ctx.client.post(ctx.url("/notifications"), headers=ctx.auth, json=body)
     assert (first.status_code, second.status_code) == (201, 200)
@@ -383,68 +488,110 @@ async def test_same_idempotency_key_records_one_message(ctx):
 
 async def test_practice_template_override_is_used_and_a_bad_one_refused(ctx):
     await ctx.provider("doc-8", name="Dr. Override", email=ctx.mail("doc8"))
-    bad = await ctx.client.put(ctx.url("/templates/attestation-reminder"), headers=ctx.auth,
-                               json={"source": "{% block subject %}{{ secret }}{% endblock %}"})
+    bad = await ctx.client.put(
+        ctx.url("/templates/attestation-reminder"),
+        headers=ctx.auth,
+        json={"source": "{% block subject %}{{ secret }}{% endblock %}"},
+    )
     assert bad.status_code == 422
-    source = ("{% block subject %}Sign {{ month }} <now>{% endblock %}"
-              "{% block text %}Hi {{ provider_name }}, sign by {{ due_date }}.{% endblock %}"
-              "{% block html %}<p>Hi {{ provider_name }} & co</p>{% endblock %}")
-    ok = await ctx.client.put(ctx.url("/templates/attestation-reminder"), headers=ctx.auth,
-                              json={"source": source})
+    source = (
+        "{% block subject %}Sign {{ month }} <now>{% endblock %}"
+        "{% block text %}Hi {{ provider_name }}, sign by {{ due_date }}.{% endblock %}"
+        "{% block html %}<p>Hi {{ provider_name }} & co</p>{% endblock %}"
+    )
+    ok = await ctx.client.put(
+        ctx.url("/templates/attestation-reminder"), headers=ctx.auth, json={"source": source}
+    )
     assert ok.status_code == 200, ok.text
     await ctx.provider("doc-8", name="Dr. <b>Override</b>")
-    await ctx.client.post(ctx.url("/notifications"), headers=ctx.auth, json={
-        "kind": "attestation-reminder", "provider": "doc-8",
-        "fields": {"month": "2026-11", "due_date": "2026-12-05"}})
+    await ctx.client.post(
+        ctx.url("/notifications"),
+        headers=ctx.auth,
+        json={
+            "kind": "attestation-reminder",
+            "provider": "doc-8",
+            "fields": {"month": "2026-11", "due_date": "2026-12-05"},
+        },
+    )
     await ctx.dispatch()
     mail = ctx.sink.to(ctx.mail("doc8"))[0]
     assert mail["Subject"] == "Sign 2026-11 <now>"
-    assert mail.get_body(preferencelist=("plain",)).get_content().strip() == \
-        "Hi Dr. <b>Override</b>, sign by 2026-12-05."
-    assert "Hi Dr. &lt;b&gt;Override&lt;/b&gt; & co" in \
-        mail.get_body(preferencelist=("html",)).get_content()
+    assert (
+        mail.get_body(preferencelist=("plain",)).get_content().strip()
+        == "Hi Dr. <b>Override</b>, sign by 2026-12-05."
+    )
+    assert (
+        "Hi Dr. &lt;b&gt;Override&lt;/b&gt; & co"
+        in mail.get_body(preferencelist=("html",)).get_content()
+    )
 
 
 # -- directory ---------------------------------------------------------------------------------
 
 
 def practitioner_event(practice: str, pid: str, email: str, last_updated: str) -> CloudEvent:
-    return CloudEvent(source="/ccm/ingest", type="ingest.practitioner.upserted.v1",
-                      tenant=practice, subject=f"Practitioner/{pid}", data={
-        "source": {"resourceType": "Practitioner", "id": pid, "versionId": "1",
-                   "lastUpdated": last_updated, "sha256": "0" * 64, "receivedAt": last_updated},
-        "practitioner": f"Practitioner/{pid}", "active": True,
-        "name": {"family": "Curie", "given": ["Marie"], "prefix": ["Dr."]},
-        "npi": "1234567893", "telecom": [{"system": "email", "value": email, "use": "work"}],
-        "qualifications": [], "deleted": False})
+    return CloudEvent(
+        source="/ccm/ingest",
+        type="ingest.practitioner.upserted.v1",
+        tenant=practice,
+        subject=f"Practitioner/{pid}",
+        data={
+            "source": {
+                "resourceType": "Practitioner",
+                "id": pid,
+                "versionId": "1",
+                "lastUpdated": last_updated,
+                "sha256": "0" * 64,
+                "receivedAt": last_updated,
+            },
+            "practitioner": f"Practitioner/{pid}",
+            "active": True,
+            "name": {"family": "Curie", "given": ["Marie"], "prefix": ["Dr."]},
+            "npi": "1234567893",
+            "telecom": [{"system": "email", "value": email, "use": "work"}],
+            "qualifications": [],
+            "deleted": False,
+        },
+    )
 
 
 async def test_manual_correction_survives_a_later_ehr_update_until_released(ctx):
     handle = directory_handler(ctx.clock)
-    await ctx.consume(handle, practitioner_event(ctx.practice, "mc-1", "old@ehr.test",
-                                                 "2026-11-01T10:00:00+00:00"))
+    await ctx.consume(
+        handle,
+        practitioner_event(ctx.practice, "mc-1", "old@ehr.test", "2026-11-01T10:00:00+00:00"),
+    )
     record = (await ctx.client.get(ctx.url("/providers/mc-1"), headers=ctx.auth)).json()
     assert (record["name"], record["email"]) == ("Dr. Marie Curie", "old@ehr.test")
-    fixed = await ctx.client.put(ctx.url("/providers/mc-1"), headers=ctx.auth | {"If-Match": '"1"'},
-                                 json={"email": "marie@clinic.test"})
+    fixed = await ctx.client.put(
+        ctx.url("/providers/mc-1"),
+        headers=ctx.auth | {"If-Match": '"1"'},
+        json={"email": "marie@clinic.test"},
+    )
     assert fixed.status_code == 200 and fixed.json()["pinned"] == ["email"]
-    stale = await ctx.client.put(ctx.url("/providers/mc-1"), headers=ctx.auth | {"If-Match": '"1"'},
-                                 json={"phone": "555"})
+    stale = await ctx.client.put(
+        ctx.url("/providers/mc-1"), headers=ctx.auth | {"If-Match": '"1"'}, json={"phone": "555"}
+    )
     assert stale.status_code == 412
-    await ctx.consume(handle, practitioner_event(ctx.practice, "mc-1", "newer@ehr.test",
-                                                 "2026-11-02T10:00:00+00:00"))
+    await ctx.consume(
+        handle,
+        practitioner_event(ctx.practice, "mc-1", "newer@ehr.test", "2026-11-02T10:00:00+00:00"),
+    )
     record = (await ctx.client.get(ctx.url("/providers/mc-1"), headers=ctx.auth)).json()
     assert record["email"] == "marie@clinic.test"
     assert record["conflicts"] == {"email": "newer@ehr.test"}
     history = (await ctx.client.get(ctx.url("/providers/mc-1/history"), headers=ctx.auth)).json()
     assert [h["origin"] for h in history] == ["fhir", "manual", "fhir"]
     assert history[-1]["held"] == {"email": "newer@ehr.test"}
-    released = await ctx.client.put(ctx.url("/providers/mc-1"), headers=ctx.auth,
-                                    json={"release": ["email"]})
+    released = await ctx.client.put(
+        ctx.url("/providers/mc-1"), headers=ctx.auth, json={"release": ["email"]}
+    )
     assert released.json()["email"] == "newer@ehr.test" and released.json()["pinned"] == []
     # an older EHR version arriving late changes nothing
-    await ctx.consume(handle, practitioner_event(ctx.practice, "mc-1", "oldest@ehr.test",
-                                                 "2026-10-01T10:00:00+00:00"))
+    await ctx.consume(
+        handle,
+        practitioner_event(ctx.practice, "mc-1", "oldest@ehr.test", "2026-10-01T10:00:00+00:00"),
+    )
     record = (await ctx.client.get(ctx.url("/providers/mc-1"), headers=ctx.auth)).json()
     assert record["email"] == "newer@ehr.test"
 
@@ -454,16 +601,28 @@ async def test_manual_correction_survives_a_later_ehr_update_until_released(ctx)
 
 async def test_period_closed_sends_the_monthly_utilization_summary(ctx):
     await ctx.provider("lead-1", name="Dr. Lead", email=ctx.mail("lead"))
-    r = await ctx.client.put(ctx.url("/contacts"), headers=ctx.auth,
-                             json={"supervisor": "lead-1", "summary_recipients": ["lead-1"]})
+    r = await ctx.client.put(
+        ctx.url("/contacts"),
+        headers=ctx.auth,
+        json={"supervisor": "lead-1", "summary_recipients": ["lead-1"]},
+    )
     assert r.status_code == 200
-    event = CloudEvent(source="/ccm/billing", type="billing.period.closed.v1", tenant=ctx.practice,
-                       data={"month": "2026-10", "invoiceId": "inv-10", "patientsEnrolled": 120,
-                             "patientsBillable": 97, "patientsBlocked": 4,
-                             "minutes": {"staff": 2650, "practitioner": 310},
-                             "codes": {"99490": 80, "99439": 35, "99491": 9},
-                             "blockers": {"consent-missing": 3, "no-care-plan": 1},
-                             "totalNet": "7421.50"})
+    event = CloudEvent(
+        source="/ccm/billing",
+        type="billing.period.closed.v1",
+        tenant=ctx.practice,
+        data={
+            "month": "2026-10",
+            "invoiceId": "inv-10",
+            "patientsEnrolled": 120,
+            "patientsBillable": 97,
+            "patientsBlocked": 4,
+            "minutes": {"staff": 2650, "practitioner": 310},
+            "codes": {"99490": 80, "99439": 35, "99491": 9},
+            "blockers": {"consent-missing": 3, "no-care-plan": 1},
+            "totalNet": "7421.50",
+        },
+    )
     handle = alerts_handler(ctx.runtime.state["notifier"])
     await ctx.consume(handle, event)
     await ctx.consume(handle, event.model_copy(update={"id": str(uuid.uuid4())}))
@@ -472,18 +631,32 @@ async def test_period_closed_sends_the_monthly_utilization_summary(ctx):
     assert len(mails) == 1
     text = mails[0].get_body(preferencelist=("plain",)).get_content()
     assert mails[0]["Subject"] == "CCM utilization summary 2026-10 for Maple Family Practice"
-    for expected in ("Patients enrolled: 120", "Patients billable: 97", "2650 / 310",
-                     "99439 x35, 99490 x80, 99491 x9", "consent-missing (3)", "$7421.50"):
+    for expected in (
+        "Patients enrolled: 120",
+        "Patients billable: 97",
+        "2650 / 310",
+        "99439 x35, 99490 x80, 99491 x9",
+        "consent-missing (3)",
+        "$7421.50",
+    ):
         assert expected in text
 
 
 async def test_call_request_and_chosen_slot_send_ics_to_both_sides(ctx):
     await ctx.provider("doc-9", name="Dr. Call", email=ctx.mail("doc9"))
     start = ctx.clock() + timedelta(days=1)
-    r = await ctx.client.post(ctx.url("/calls"), headers=ctx.auth, json={
-        "provider": "doc-9", "reason": "Discuss rising BNP", "patient": "Patient/p-5",
-        "slots": [start.isoformat(), (start + timedelta(hours=2)).isoformat()],
-        "requester_name": "Nurse Joy", "requester_email": ctx.mail("nurse")})
+    r = await ctx.client.post(
+        ctx.url("/calls"),
+        headers=ctx.auth,
+        json={
+            "provider": "doc-9",
+            "reason": "Discuss rising BNP",
+            "patient": "Patient/p-5",
+            "slots": [start.isoformat(), (start + timedelta(hours=2)).isoformat()],
+            "requester_name": "Nurse Joy",
+            "requester_email": ctx.mail("nurse"),
+        },
+    )
     assert r.status_code == 201, r.text
     await ctx.dispatch()
     request_mail = ctx.sink.to(ctx.mail("doc9"))[0]
@@ -500,8 +673,9 @@ async def test_call_request_and_chosen_slot_send_ics_to_both_sides(ctx):
     for address in (ctx.mail("doc9"), ctx.mail("nurse")):
         confirmed = [m for m in ctx.sink.to(address) if m["Subject"].startswith("Call confirmed")]
         assert len(confirmed) == 1, address
-        ics = next(p for p in confirmed[0].iter_attachments()
-                   if p.get_content_type() == "text/calendar").get_content()
+        ics = next(
+            p for p in confirmed[0].iter_attachments() if p.get_content_type() == "text/calendar"
+        ).get_content()
         ics = ics.decode() if isinstance(ics, bytes) else ics
         expected = (start + timedelta(hours=2)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
         assert f"DTSTART:{expected}" in ics and "METHOD:REQUEST" in ics

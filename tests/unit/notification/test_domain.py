@@ -37,12 +37,15 @@ def test_a_genuine_link_verifies_until_it_expires():
         verify_link(SECRET, "ack", token, NOW + timedelta(hours=1))
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda t: t[:5] + ("x" if t[5] != "x" else "y") + t[6:],  # payload altered
-    lambda t: t[:-3] + ("A" if t[-3] != "A" else "B") + t[-2:],  # signature altered
-    lambda t: t.replace(".", ""),  # not two parts
-    lambda t: "garbage",
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda t: t[:5] + ("x" if t[5] != "x" else "y") + t[6:],  # payload altered
+        lambda t: t[:-3] + ("A" if t[-3] != "A" else "B") + t[-2:],  # signature altered
+        lambda t: t.replace(".", ""),  # not two parts
+        lambda t: "garbage",
+    ],
+)
 def test_an_altered_link_is_invalid(mutate):
     token = sign_link(SECRET, "ack", {"m": "m1", "p": "acme"}, NOW + timedelta(hours=1))
     with pytest.raises(LinkInvalid):
@@ -50,7 +53,9 @@ def test_an_altered_link_is_invalid(mutate):
 
 
 def test_a_link_for_one_action_cannot_be_used_for_another_or_with_another_key():
-    token = sign_link(SECRET, "call-slot", {"c": "c1", "p": "acme", "s": 0}, NOW + timedelta(hours=1))
+    token = sign_link(
+        SECRET, "call-slot", {"c": "c1", "p": "acme", "s": 0}, NOW + timedelta(hours=1)
+    )
     with pytest.raises(LinkInvalid):
         verify_link(SECRET, "ack", token, NOW)
     with pytest.raises(LinkInvalid):
@@ -80,8 +85,9 @@ def test_a_manual_edit_pins_the_field_against_later_ehr_updates():
     base = apply_source(empty_record(), {}, (), {"email": "ehr@x.test"})
     manual = apply_manual(base.current, base.source, base.pinned, {"email": "fixed@x.test"})
     assert manual.pinned == ("email",)
-    later = apply_source(manual.current, manual.source, manual.pinned,
-                         {"email": "ehr2@x.test", "name": "Dr. B"})
+    later = apply_source(
+        manual.current, manual.source, manual.pinned, {"email": "ehr2@x.test", "name": "Dr. B"}
+    )
     assert later.current["email"] == "fixed@x.test" and later.current["name"] == "Dr. B"
     assert later.held == {"email": "ehr2@x.test"} and later.source["email"] == "ehr2@x.test"
     released = apply_manual(later.current, later.source, later.pinned, {}, ("email",))
@@ -95,13 +101,18 @@ def test_fields_the_ehr_does_not_know_are_not_pinned_and_unknown_fields_refused(
         apply_manual(empty_record(), {}, (), {"favourite_colour": "blue"})
 
 
-@pytest.mark.parametrize("record,expected", [
-    ({"email": "a@x.test", "webhook_url": "https://h", "preferred_channel": "webhook"},
-     ("webhook", "https://h")),
-    ({"email": "a@x.test", "preferred_channel": "fhir"}, ("email", "a@x.test")),
-    ({"fhir_endpoint": "https://ehr/fhir"}, ("fhir", "https://ehr/fhir")),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "record,expected",
+    [
+        (
+            {"email": "a@x.test", "webhook_url": "https://h", "preferred_channel": "webhook"},
+            ("webhook", "https://h"),
+        ),
+        ({"email": "a@x.test", "preferred_channel": "fhir"}, ("email", "a@x.test")),
+        ({"fhir_endpoint": "https://ehr/fhir"}, ("fhir", "https://ehr/fhir")),
+        ({}, None),
+    ],
+)
 def test_preferred_channel_is_used_when_it_has_an_address(record, expected):
     assert choose_channel(record) == expected
 
@@ -133,33 +144,47 @@ def test_a_missing_required_field_is_an_error_not_an_empty_gap():
 
 
 def test_html_is_escaped_and_text_is_not():
-    rendered = Renderer().render(KINDS["care-gap-alert"],
-                                 {"patient": "Patient/1", "gap": "A1c <7%"}, CONTEXT)
+    rendered = Renderer().render(
+        KINDS["care-gap-alert"], {"patient": "Patient/1", "gap": "A1c <7%"}, CONTEXT
+    )
     assert "Dr. &lt;Ng&gt;" in rendered.html and "A1c &lt;7%" in rendered.html
     assert "Dear Dr. <Ng>," in rendered.text
     assert rendered.subject == "[Action needed] Care gap for Patient/1: A1c <7%"
 
 
 def test_subject_is_a_single_line_even_with_newlines_in_values():
-    rendered = Renderer().render(KINDS["care-gap-alert"],
-                                 {"patient": "Patient/1", "gap": "a\r\nBcc: x@evil.test"}, CONTEXT)
+    rendered = Renderer().render(
+        KINDS["care-gap-alert"], {"patient": "Patient/1", "gap": "a\r\nBcc: x@evil.test"}, CONTEXT
+    )
     assert "\n" not in rendered.subject and "\r" not in rendered.subject
 
 
-@pytest.mark.parametrize("source,problem", [
-    ("{% block subject %}x{% endblock %}", "missing block"),
-    ("{% block subject %}{{ ssn }}{% endblock %}{% block text %}{% endblock %}"
-     "{% block html %}{% endblock %}", "unknown variable"),
-    ("{% block subject %}{{ x }{% endblock %}", "syntax"),
-])
+@pytest.mark.parametrize(
+    "source,problem",
+    [
+        ("{% block subject %}x{% endblock %}", "missing block"),
+        (
+            "{% block subject %}{{ ssn }}{% endblock %}{% block text %}{% endblock %}"
+            "{% block html %}{% endblock %}",
+            "unknown variable",
+        ),
+        ("{% block subject %}{{ x }{% endblock %}", "syntax"),
+    ],
+)
 def test_a_bad_override_is_refused(source, problem):
     with pytest.raises(TemplateInvalid, match=problem):
         Renderer().validate(KINDS["attestation-reminder"], source)
 
 
 def test_overrides_are_sandboxed():
-    source = ("{% block subject %}{{ month.__class__.__mro__ }}{% endblock %}"
-              "{% block text %}x{% endblock %}{% block html %}x{% endblock %}")
+    source = (
+        "{% block subject %}{{ month.__class__.__mro__ }}{% endblock %}"
+        "{% block text %}x{% endblock %}{% block html %}x{% endblock %}"
+    )
     with pytest.raises(TemplateInvalid):
-        Renderer().render(KINDS["attestation-reminder"],
-                          {"month": "2026-11", "due_date": "2026-12-01"}, CONTEXT, source)
+        Renderer().render(
+            KINDS["attestation-reminder"],
+            {"month": "2026-11", "due_date": "2026-12-01"},
+            CONTEXT,
+            source,
+        )

@@ -26,13 +26,27 @@ async def runtime(tmp_path):
     url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
     await asyncio.to_thread(upgrade_platform, url)
     await upgrade_async(url, SERVICE.schema, SERVICE.migrations_package)
-    rt = ServiceRuntime.build(SERVICE, load_settings(database_url=url),
-                              transport=InProcessTransport(), clock=lambda: NOW)
-    await create_practice(rt.db.engine, practice_id="acme", name="Acme Clinic",
-                          timezone="America/New_York", pricing=Pricing())
+    rt = ServiceRuntime.build(
+        SERVICE, load_settings(database_url=url), transport=InProcessTransport(), clock=lambda: NOW
+    )
+    await create_practice(
+        rt.db.engine,
+        practice_id="acme",
+        name="Acme Clinic",
+        timezone="America/New_York",
+        pricing=Pricing(),
+    )
     async with rt.db.unit_of_work() as uow:
-        await edit_provider(uow, "acme", "doc-1", {"name": "Dr. One", "email": "one@acme.test"},
-                            (), actor="test", now=NOW, if_match=None)
+        await edit_provider(
+            uow,
+            "acme",
+            "doc-1",
+            {"name": "Dr. One", "email": "one@acme.test"},
+            (),
+            actor="test",
+            now=NOW,
+            if_match=None,
+        )
         await uow.commit()
     yield rt
     await rt.db.dispose()
@@ -40,12 +54,22 @@ async def runtime(tmp_path):
 
 def overdue(responsible: str, step: int = 1) -> CloudEvent:
     return CloudEvent(
-        source="/ccm/careplan", type="careplan.review.overdue.v1", tenant="acme",
+        source="/ccm/careplan",
+        type="careplan.review.overdue.v1",
+        tenant="acme",
         subject="Patient/p1",
-        data={"tracker": "tr-1", "carePlan": "CarePlan/cp1", "patient": "Patient/p1",
-              "dueDate": "2026-11-01", "daysOverdue": 5,
-              "responsibleProvider": f"Practitioner/{responsible}", "supervisor": None,
-              "step": step, "idempotencyKey": f"acme:tr-1:overdue:2026-11-01:{step}"})
+        data={
+            "tracker": "tr-1",
+            "carePlan": "CarePlan/cp1",
+            "patient": "Patient/p1",
+            "dueDate": "2026-11-01",
+            "daysOverdue": 5,
+            "responsibleProvider": f"Practitioner/{responsible}",
+            "supervisor": None,
+            "step": step,
+            "idempotencyKey": f"acme:tr-1:overdue:2026-11-01:{step}",
+        },
+    )
 
 
 async def rows(rt, table, *where):  # noqa: ANN001
@@ -77,3 +101,36 @@ async def test_an_event_for_an_unknown_provider_is_a_failed_message_not_a_silent
     data = json.loads(failed.payload)["data"]
     assert data["message"] == message.id and data["provider"] == "Practitioner/nobody"
     assert alerts.stats.dead_lettered == 0
+
+
+def role_event(role: str, practitioner: str, email: str | None) -> CloudEvent:
+    return CloudEvent(
+        source="/ccm/ingest", type="ingest.practitioner-role.upserted.v1", tenant="acme",
+        subject=f"PractitionerRole/{role}",
+        data={"source": {"resourceType": "PractitionerRole", "id": role, "versionId": "1",
+                         "lastUpdated": "2026-11-01T00:00:00+00:00", "sha256": "0" * 64,
+                         "receivedAt": "2026-11-01T00:00:00+00:00"},
+              "practitionerRole": f"PractitionerRole/{role}",
+              "practitioner": f"Practitioner/{practitioner}", "organization": "Organization/o1",
+              "active": True, "codes": [], "specialties": [], "classification": "unknown",
+              "telecom": [{"system": "email", "value": email}] if email else [],
+              "deleted": False})
+
+
+async def test_a_role_supplies_organization_and_an_email_and_routes_role_references(runtime):
+    directory = next(c for c in runtime.consumers if c.name == "notification-directory")
+    alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
+    org = CloudEvent(source="/ccm/ingest", type="ingest.organization.upserted.v1", tenant="acme",
+                     subject="Organization/o1",
+                     data={"source": role_event("r0", "x", None).data["source"],
+                           "organization": "Organization/o1", "active": True,
+                           "name": "Acme Cardiology", "npi": None, "telecom": [],
+                           "partOf": None, "deleted": False})
+    for event in (org, role_event("r1", "doc-2", "two@acme.test")):
+        await directory.process(to_message(event.type, event))
+    event = overdue("doc-2").model_copy(update={"data": {
+        **overdue("doc-2").data, "responsibleProvider": "PractitionerRole/r1"}})
+    await alerts.process(to_message(event.type, event))
+    [message] = await rows(runtime, messages, messages.c.practice == "acme")
+    assert message.provider_id == "doc-2" and message.recipient == "two@acme.test"
+    assert directory.stats.dead_lettered == 0

@@ -63,29 +63,37 @@ class EmailChannel:
         msg["X-CCM-Message-Id"] = out.message_id
         msg["X-CCM-Idempotency-Key"] = out.idempotency_key
         msg.set_content(out.text)
-        msg.add_alternative(f"<!doctype html><html><body>{out.html}</body></html>",
-                            subtype="html")
+        msg.add_alternative(f"<!doctype html><html><body>{out.html}</body></html>", subtype="html")
         for a in out.attachments:
             maintype, _, subtype = a["content_type"].partition("/")
-            msg.add_attachment(a["content"].encode(), maintype=maintype, subtype=subtype,
-                               filename=a["filename"], params={"method": "REQUEST"}
-                               if subtype == "calendar" else {})
+            msg.add_attachment(
+                a["content"].encode(),
+                maintype=maintype,
+                subtype=subtype,
+                filename=a["filename"],
+                params={"method": "REQUEST"} if subtype == "calendar" else {},
+            )
         return msg
 
     async def send(self, out: Outgoing) -> DeliveryResult:
         s = self.settings
         try:
             errors, reply = await aiosmtplib.send(
-                self.build(out), hostname=s.smtp_host, port=s.smtp_port,
+                self.build(out),
+                hostname=s.smtp_host,
+                port=s.smtp_port,
                 start_tls=s.smtp_starttls and not s.smtp_implicit_tls,
-                use_tls=s.smtp_implicit_tls, username=s.smtp_username,
-                password=s.smtp_password, timeout=s.smtp_timeout_seconds,
+                use_tls=s.smtp_implicit_tls,
+                username=s.smtp_username,
+                password=s.smtp_password,
+                timeout=s.smtp_timeout_seconds,
             )
         except aiosmtplib.SMTPRecipientsRefused as exc:
             return DeliveryResult(False, f"recipient refused: {exc}"[:500], permanent=True)
         except aiosmtplib.SMTPResponseException as exc:
-            return DeliveryResult(False, f"smtp {exc.code}: {exc.message}"[:500],
-                                  permanent=exc.code >= 500)
+            return DeliveryResult(
+                False, f"smtp {exc.code}: {exc.message}"[:500], permanent=exc.code >= 500
+            )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             return DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
         if errors:
@@ -102,22 +110,48 @@ def _http_result(response: httpx.Response) -> DeliveryResult:
 
 
 class WebhookChannel:
-    """POST JSON, signed: ``X-CCM-Signature: t=<unix>,v1=hex(HMAC-SHA256(secret, t + "." + body))``."""
+    """POST JSON, signed:
+    ``X-CCM-Signature: t=<unix>,v1=hex(HMAC-SHA256(secret, t + "." + body))``."""
 
-    def __init__(self, settings: NotificationSettings, secret_key: str,
-                 clock: Callable[[], datetime], client: httpx.AsyncClient) -> None:
-        self.settings, self.secret_key, self.clock, self.client = settings, secret_key, clock, client
+    def __init__(
+        self,
+        settings: NotificationSettings,
+        secret_key: str,
+        clock: Callable[[], datetime],
+        client: httpx.AsyncClient,
+    ) -> None:
+        self.settings, self.secret_key, self.clock, self.client = (
+            settings,
+            secret_key,
+            clock,
+            client,
+        )
 
     def body(self, out: Outgoing) -> bytes:
-        return json.dumps({
-            "id": out.message_id, "practice": out.practice, "kind": out.kind,
-            "idempotencyKey": out.idempotency_key,
-            "provider": f"Practitioner/{out.provider_id}" if out.provider_id else None,
-            "patient": out.patient, "subject": out.subject, "text": out.text, "html": out.html,
-            "fields": out.fields, "requiresAcknowledgement": out.requires_ack,
-            "attachments": [{"filename": a["filename"], "contentType": a["content_type"],
-                             "content": a["content"]} for a in out.attachments],
-        }, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "id": out.message_id,
+                "practice": out.practice,
+                "kind": out.kind,
+                "idempotencyKey": out.idempotency_key,
+                "provider": f"Practitioner/{out.provider_id}" if out.provider_id else None,
+                "patient": out.patient,
+                "subject": out.subject,
+                "text": out.text,
+                "html": out.html,
+                "fields": out.fields,
+                "requiresAcknowledgement": out.requires_ack,
+                "attachments": [
+                    {
+                        "filename": a["filename"],
+                        "contentType": a["content_type"],
+                        "content": a["content"],
+                    }
+                    for a in out.attachments
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
 
     async def send(self, out: Outgoing) -> DeliveryResult:
         body = self.body(out)
@@ -125,13 +159,18 @@ class WebhookChannel:
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: webhook_signature(
-                webhook_secret(self.secret_key, out.practice), timestamp, body),
+                webhook_secret(self.secret_key, out.practice), timestamp, body
+            ),
             "X-CCM-Message-Id": out.message_id,
             "X-CCM-Idempotency-Key": out.idempotency_key,
         }
         try:
-            response = await self.client.post(out.recipient, content=body, headers=headers,
-                                              timeout=self.settings.webhook_timeout_seconds)
+            response = await self.client.post(
+                out.recipient,
+                content=body,
+                headers=headers,
+                timeout=self.settings.webhook_timeout_seconds,
+            )
         except httpx.HTTPError as exc:
             return DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
         return _http_result(response)
@@ -143,9 +182,16 @@ def communication(out: Outgoing, sent: datetime) -> dict:
         "resourceType": "Communication",
         "identifier": [{"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{out.message_id}"}],
         "status": "completed",
-        "category": [{"coding": [{
-            "system": "http://terminology.hl7.org/CodeSystem/communication-category",
-            "code": "alert" if out.requires_ack else "notification"}]}],
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/communication-category",
+                        "code": "alert" if out.requires_ack else "notification",
+                    }
+                ]
+            }
+        ],
         "priority": "urgent" if out.requires_ack else "routine",
         "sent": sent.isoformat(),
         "topic": {"text": KINDS[out.kind].title},
@@ -156,30 +202,43 @@ def communication(out: Outgoing, sent: datetime) -> dict:
     if out.patient:
         resource["subject"] = {"reference": out.patient}
     for a in out.attachments:
-        resource["payload"].append({"contentAttachment": {
-            "contentType": a["content_type"], "title": a["filename"],
-            "data": base64.b64encode(a["content"].encode()).decode()}})
+        resource["payload"].append(
+            {
+                "contentAttachment": {
+                    "contentType": a["content_type"],
+                    "title": a["filename"],
+                    "data": base64.b64encode(a["content"].encode()).decode(),
+                }
+            }
+        )
     return resource
 
 
 class FhirChannel:
     """Conditional create (If-None-Exist on the identifier): a retry never makes a second one."""
 
-    def __init__(self, settings: NotificationSettings, clock: Callable[[], datetime],
-                 client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        settings: NotificationSettings,
+        clock: Callable[[], datetime],
+        client: httpx.AsyncClient,
+    ) -> None:
         self.settings, self.clock, self.client = settings, clock, client
 
     async def send(self, out: Outgoing) -> DeliveryResult:
         url = out.recipient.rstrip("/") + "/Communication"
         headers = {
-            "Content-Type": "application/fhir+json", "Accept": "application/fhir+json",
+            "Content-Type": "application/fhir+json",
+            "Accept": "application/fhir+json",
             "If-None-Exist": f"identifier=urn:ietf:rfc:3986|urn:uuid:{out.message_id}",
         }
         try:
             response = await self.client.post(
-                url, content=json.dumps(communication(out, self.clock())), headers=headers,
-                timeout=self.settings.webhook_timeout_seconds)
+                url,
+                content=json.dumps(communication(out, self.clock())),
+                headers=headers,
+                timeout=self.settings.webhook_timeout_seconds,
+            )
         except httpx.HTTPError as exc:
             return DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
         return _http_result(response)
-

@@ -170,9 +170,21 @@ def add_notification_tables_v1(metadata: MetaData) -> dict[str, Table]:
         Column("chosen_slot", DateTime(timezone=True), nullable=True),
         Column("created_at", DateTime(timezone=True), nullable=False),
     )
-    return {t.name: t for t in (providers, provider_history, provider_roles, organizations,
-                                practice_contacts, template_overrides, ack_policies, messages,
-                                deliveries, call_requests)}
+    return {
+        t.name: t
+        for t in (
+            providers,
+            provider_history,
+            provider_roles,
+            organizations,
+            practice_contacts,
+            template_overrides,
+            ack_policies,
+            messages,
+            deliveries,
+            call_requests,
+        )
+    }
 
 
 metadata = MetaData()

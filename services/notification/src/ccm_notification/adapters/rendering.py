@@ -58,7 +58,9 @@ class Renderer:
                 f"{', '.join((*kind.fields, *CONTEXT_FIELDS))}"
             )
 
-    def render(self, kind: Kind, values: dict, context: dict, source: str | None = None) -> Rendered:
+    def render(
+        self, kind: Kind, values: dict, context: dict, source: str | None = None
+    ) -> Rendered:
         """Render all three parts; MissingFields or TemplateInvalid before anything is sent."""
         variables = check_fields(kind, values) | {f: context.get(f) for f in CONTEXT_FIELDS}
         source = source if source is not None else default_source(kind.name)

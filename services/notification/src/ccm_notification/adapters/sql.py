@@ -17,3 +17,9 @@ def insert_for(session: AsyncSession, table):  # noqa: ANN001, ANN201
 
 async def practice_row(session: AsyncSession, practice: str):  # noqa: ANN201
     return (await session.execute(select(practices).where(practices.c.id == practice))).first()
+
+
+async def upsert(session: AsyncSession, table, key: dict, values: dict) -> None:  # noqa: ANN001
+    """Insert the row identified by ``key`` or update it with ``values``."""
+    stmt = insert_for(session, table).values(**key, **values)
+    await session.execute(stmt.on_conflict_do_update(index_elements=list(key), set_=values))

@@ -14,8 +14,17 @@ from typing import Any
 CHANNELS = ("email", "webhook", "fhir")
 # Every field a person may edit; the EHR supplies only SOURCE_FIELDS.
 EDITABLE_FIELDS = (
-    "name", "npi", "email", "phone", "organization", "active",
-    "webhook_url", "fhir_endpoint", "preferred_channel", "supervisor", "on_call",
+    "name",
+    "npi",
+    "email",
+    "phone",
+    "organization",
+    "active",
+    "webhook_url",
+    "fhir_endpoint",
+    "preferred_channel",
+    "supervisor",
+    "on_call",
 )
 SOURCE_FIELDS = ("name", "npi", "email", "phone", "organization", "active")
 CHANNEL_ADDRESS = {"email": "email", "webhook": "webhook_url", "fhir": "fhir_endpoint"}
@@ -49,7 +58,9 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[Any]]
 
 
 def apply_source(
-    current: dict[str, Any], source: dict[str, Any], pinned: tuple[str, ...],
+    current: dict[str, Any],
+    source: dict[str, Any],
+    pinned: tuple[str, ...],
     incoming: dict[str, Any],
 ) -> Merge:
     """Apply the EHR's latest values: unpinned fields follow, pinned ones are held."""
@@ -68,8 +79,11 @@ def apply_source(
 
 
 def apply_manual(
-    current: dict[str, Any], source: dict[str, Any], pinned: tuple[str, ...],
-    updates: dict[str, Any], release: tuple[str, ...] = (),
+    current: dict[str, Any],
+    source: dict[str, Any],
+    pinned: tuple[str, ...],
+    updates: dict[str, Any],
+    release: tuple[str, ...] = (),
 ) -> Merge:
     """Apply a person's edit (pinning each edited EHR field) and release the named pins."""
     unknown = [n for n in (*updates, *release) if n not in EDITABLE_FIELDS]

@@ -21,32 +21,83 @@ class Kind:
         return (*self.required, *self.optional)
 
 
-KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("utilization-summary", "Monthly utilization summary",
-         ("month", "patients_enrolled", "patients_billable", "patients_blocked", "minutes_staff",
-          "minutes_practitioner", "codes", "total_net"), ("blockers", "invoice_id")),
-    Kind("care-gap-alert", "Care-gap alert", ("patient", "gap"), ("details", "due_date"),
-         time_sensitive=True),
-    Kind("deterioration-escalation", "Clinical deterioration escalation", ("patient", "finding"),
-         ("details", "observed_at"), time_sensitive=True),
-    Kind("attestation-reminder", "Attestation reminder", ("month", "due_date"),
-         ("patient_count",)),
-    Kind("review-due", "Care-plan review due", ("patient", "care_plan", "due_date"), ("step",)),
-    Kind("review-overdue", "Care-plan review overdue",
-         ("patient", "care_plan", "due_date", "days_overdue"), ("step",)),
-    Kind("review-escalated", "Care-plan review escalated",
-         ("patient", "care_plan", "due_date", "days_overdue"), ("responsible_provider", "step"),
-         time_sensitive=True),
-    Kind("threshold-at-risk", "Billing threshold at risk",
-         ("patient", "month", "next_code", "minutes_to_next", "days_left")),
-    Kind("invoice-issued", "Invoice issued",
-         ("invoice_id", "month", "revision", "total_net", "total_gross")),
-    Kind("call-request", "Call requested", ("reason", "slots", "requester_name"), ("patient",)),
-    Kind("call-confirmed", "Call confirmed", ("reason", "start", "end", "with_name"),
-         ("patient",)),
-    Kind("ack-escalation", "Unacknowledged alert escalated",
-         ("alert_title", "alert_subject", "unacknowledged_by", "sent_at"), ("patient",)),
-)}
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (
+        Kind(
+            "utilization-summary",
+            "Monthly utilization summary",
+            (
+                "month",
+                "patients_enrolled",
+                "patients_billable",
+                "patients_blocked",
+                "minutes_staff",
+                "minutes_practitioner",
+                "codes",
+                "total_net",
+            ),
+            ("blockers", "invoice_id"),
+        ),
+        Kind(
+            "care-gap-alert",
+            "Care-gap alert",
+            ("patient", "gap"),
+            ("details", "due_date"),
+            time_sensitive=True,
+        ),
+        Kind(
+            "deterioration-escalation",
+            "Clinical deterioration escalation",
+            ("patient", "finding"),
+            ("details", "observed_at"),
+            time_sensitive=True,
+        ),
+        Kind(
+            "attestation-reminder",
+            "Attestation reminder",
+            ("month", "due_date"),
+            ("patient_count",),
+        ),
+        Kind("review-due", "Care-plan review due", ("patient", "care_plan", "due_date"), ("step",)),
+        Kind(
+            "review-overdue",
+            "Care-plan review overdue",
+            ("patient", "care_plan", "due_date", "days_overdue"),
+            ("step",),
+        ),
+        Kind(
+            "review-escalated",
+            "Care-plan review escalated",
+            ("patient", "care_plan", "due_date", "days_overdue"),
+            ("responsible_provider", "step"),
+            time_sensitive=True,
+        ),
+        Kind(
+            "threshold-at-risk",
+            "Billing threshold at risk",
+            ("patient", "month", "next_code", "minutes_to_next", "days_left"),
+        ),
+        Kind(
+            "invoice-issued",
+            "Invoice issued",
+            ("invoice_id", "month", "revision", "total_net", "total_gross"),
+        ),
+        Kind("call-request", "Call requested", ("reason", "slots", "requester_name"), ("patient",)),
+        Kind(
+            "call-confirmed",
+            "Call confirmed",
+            ("reason", "start", "end", "with_name"),
+            ("patient",),
+        ),
+        Kind(
+            "ack-escalation",
+            "Unacknowledged alert escalated",
+            ("alert_title", "alert_subject", "unacknowledged_by", "sent_at"),
+            ("patient",),
+        ),
+    )
+}
 
 
 class MissingFields(Exception):

@@ -42,7 +42,8 @@ def derive_key(secret: str, purpose: str) -> bytes:
 def sign_link(secret: str, purpose: str, payload: dict[str, Any], expires_at: datetime) -> str:
     body = json.dumps(
         {**payload, "purpose": purpose, "exp": int(expires_at.timestamp())},
-        separators=(",", ":"), sort_keys=True,
+        separators=(",", ":"),
+        sort_keys=True,
     ).encode()
     mac = hmac.new(derive_key(secret, "link"), body, hashlib.sha256).digest()
     return f"{_b64(body)}.{_b64(mac)}"
@@ -68,8 +69,10 @@ def verify_link(secret: str, purpose: str, token: str, now: datetime) -> dict[st
 
 def webhook_secret(secret: str, practice: str) -> str:
     """The practice's webhook signing secret (derived, so nothing extra is stored)."""
-    return "whsec_" + hmac.new(derive_key(secret, "webhook"), practice.encode(),
-                               hashlib.sha256).hexdigest()
+    return (
+        "whsec_"
+        + hmac.new(derive_key(secret, "webhook"), practice.encode(), hashlib.sha256).hexdigest()
+    )
 
 
 def webhook_signature(secret: str, timestamp: int, body: bytes) -> str:

@@ -21,7 +21,7 @@ from ccm_notification.adapters.orm import (
     template_overrides,
 )
 from ccm_notification.adapters.rendering import TemplateInvalid, default_source
-from ccm_notification.adapters.sql import insert_for
+from ccm_notification.adapters.sql import upsert
 from ccm_notification.domain.directory import SOURCE_FIELDS, UnknownField
 from ccm_notification.domain.kinds import KINDS, MissingFields
 from ccm_notification.domain.signing import LinkExpired, LinkInvalid, verify_link, webhook_secret
@@ -67,11 +67,15 @@ class ProviderUpdate(BaseModel):
 
 class Contacts(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    supervisor: str | None = Field(None, pattern=ID, description="Clinical supervisor (provider id)")
+    supervisor: str | None = Field(
+        None, pattern=ID, description="Clinical supervisor (provider id)"
+    )
     on_call: str | None = Field(None, pattern=ID, description="On-call contact (provider id)")
     summary_recipients: list[ProviderId] = Field(
-        default_factory=list, max_length=50,
-        description="Who gets utilization summaries and invoices (default: the supervisor)")
+        default_factory=list,
+        max_length=50,
+        description="Who gets utilization summaries and invoices (default: the supervisor)",
+    )
 
 
 class TemplateBody(BaseModel):
@@ -93,8 +97,9 @@ class NotificationCreate(BaseModel):
     provider: ProviderId
     fields: dict[str, Any]
     patient: str | None = Field(None, pattern=r"^Patient/[A-Za-z0-9\-\.]{1,64}$")
-    idempotency_key: str | None = Field(None, max_length=200,
-                                        description="Same key → same notification, sent once")
+    idempotency_key: str | None = Field(
+        None, max_length=200, description="Same key → same notification, sent once"
+    )
 
 
 class CallRequestCreate(BaseModel):
@@ -114,25 +119,44 @@ class SlotChoice(BaseModel):
 
 
 def _provider_view(row) -> dict:  # noqa: ANN001
-    conflicts = {f: row.source[f] for f in row.pinned
-                 if f in row.source and row.source[f] != row.current.get(f)}
-    return {"id": row.id, "version": row.version, **row.current, "pinned": list(row.pinned),
-            "ehr_values": row.source, "conflicts": conflicts,
-            "updated_at": row.updated_at.isoformat()}
+    conflicts = {
+        f: row.source[f]
+        for f in row.pinned
+        if f in row.source and row.source[f] != row.current.get(f)
+    }
+    return {
+        "id": row.id,
+        "version": row.version,
+        **row.current,
+        "pinned": list(row.pinned),
+        "ehr_values": row.source,
+        "conflicts": conflicts,
+        "updated_at": row.updated_at.isoformat(),
+    }
 
 
 def _message_view(row, provider_names: dict | None = None) -> dict:  # noqa: ANN001
     view = {
-        "id": row.id, "kind": row.kind, "provider": row.provider_id,
+        "id": row.id,
+        "kind": row.kind,
+        "provider": row.provider_id,
         "provider_name": (provider_names or {}).get(row.provider_id),
-        "patient": row.patient, "channel": row.channel, "recipient": row.recipient,
-        "subject": row.subject, "status": row.status, "attempts": row.attempts,
-        "last_error": row.last_error, "created_at": row.created_at.isoformat(),
+        "patient": row.patient,
+        "channel": row.channel,
+        "recipient": row.recipient,
+        "subject": row.subject,
+        "status": row.status,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "created_at": row.created_at.isoformat(),
         "sent_at": row.sent_at.isoformat() if row.sent_at else None,
-        "ack_state": row.ack_state, "escalation_level": row.escalation_level,
+        "ack_state": row.ack_state,
+        "escalation_level": row.escalation_level,
         "ack_due_at": row.ack_due_at.isoformat() if row.ack_due_at else None,
         "acked_at": row.acked_at.isoformat() if row.acked_at else None,
-        "acked_by": row.acked_by, "root": row.root_id, "idempotency_key": row.idempotency_key,
+        "acked_by": row.acked_by,
+        "root": row.root_id,
+        "idempotency_key": row.idempotency_key,
     }
     return view
 
@@ -156,13 +180,19 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
     async def list_providers(practice: str, tenant: TenantDep) -> list[dict]:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
-            rows = (await uow.session.execute(select(providers).where(
-                providers.c.practice == practice).order_by(providers.c.id))).all()
+            rows = (
+                await uow.session.execute(
+                    select(providers)
+                    .where(providers.c.practice == practice)
+                    .order_by(providers.c.id)
+                )
+            ).all()
         return [_provider_view(r) for r in rows]
 
     @router.get("/v1/practices/{practice}/providers/{provider_id}", summary="One provider")
-    async def get_provider(practice: str, provider_id: str, tenant: TenantDep,
-                           response: Response) -> dict:
+    async def get_provider(
+        practice: str, provider_id: str, tenant: TenantDep, response: Response
+    ) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             row = await directory.load_provider(uow, practice, provider_id)
@@ -171,11 +201,16 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         response.headers["ETag"] = f'"{row.version}"'
         return _provider_view(row)
 
-    @router.put("/v1/practices/{practice}/providers/{provider_id}",
-                summary="Correct or complete a provider (pins edited EHR fields)")
+    @router.put(
+        "/v1/practices/{practice}/providers/{provider_id}",
+        summary="Correct or complete a provider (pins edited EHR fields)",
+    )
     async def put_provider(
-        practice: str, provider_id: Annotated[str, Field(pattern=ID)], body: ProviderUpdate,
-        tenant: TenantDep, response: Response,
+        practice: str,
+        provider_id: Annotated[str, Field(pattern=ID)],
+        body: ProviderUpdate,
+        tenant: TenantDep,
+        response: Response,
         if_match: Annotated[str | None, Header()] = None,
     ) -> dict:
         tenant.require_practice(practice)
@@ -189,8 +224,15 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         try:
             async with db.unit_of_work() as uow:
                 _, created = await directory.edit_provider(
-                    uow, practice, provider_id, updates, tuple(body.release),
-                    actor=f"token:{tenant.token_id}", now=runtime.clock(), if_match=expected)
+                    uow,
+                    practice,
+                    provider_id,
+                    updates,
+                    tuple(body.release),
+                    actor=f"token:{tenant.token_id}",
+                    now=runtime.clock(),
+                    if_match=expected,
+                )
                 await uow.commit()
         except UnknownField as exc:
             raise InvalidInput(f"unknown field(s): {exc}") from None
@@ -200,8 +242,10 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         response.headers["ETag"] = f'"{row.version}"'
         return _provider_view(row)
 
-    @router.get("/v1/practices/{practice}/providers/{provider_id}/history",
-                summary="Every change to a provider, from the EHR or by hand")
+    @router.get(
+        "/v1/practices/{practice}/providers/{provider_id}/history",
+        summary="Every change to a provider, from the EHR or by hand",
+    )
     async def provider_history(practice: str, provider_id: str, tenant: TenantDep) -> list[dict]:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
@@ -209,25 +253,28 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
                 raise NotFound(f"provider {provider_id!r} not found")
             return await directory.provider_history_of(uow, practice, provider_id)
 
-    @router.get("/v1/practices/{practice}/contacts",
-                summary="The practice's clinical supervisor, on-call contact, summary recipients")
+    @router.get(
+        "/v1/practices/{practice}/contacts",
+        summary="The practice's clinical supervisor, on-call contact, summary recipients",
+    )
     async def get_contacts(practice: str, tenant: TenantDep) -> Contacts:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             row = await notifier().contacts(uow, practice)
         if row is None:
             return Contacts()
-        return Contacts(supervisor=row.supervisor, on_call=row.on_call,
-                        summary_recipients=row.summary_recipients)
+        return Contacts(
+            supervisor=row.supervisor,
+            on_call=row.on_call,
+            summary_recipients=row.summary_recipients,
+        )
 
     @router.put("/v1/practices/{practice}/contacts", summary="Set the practice's contacts")
     async def put_contacts(practice: str, body: Contacts, tenant: TenantDep) -> Contacts:
         tenant.require_practice(practice)
         values = body.model_dump() | {"updated_at": runtime.clock()}
         async with db.unit_of_work() as uow:
-            stmt = insert_for(uow.session, practice_contacts).values(practice=practice, **values)
-            await uow.session.execute(
-                stmt.on_conflict_do_update(index_elements=["practice"], set_=values))
+            await upsert(uow.session, practice_contacts, {"practice": practice}, values)
             await uow.commit()
         return body
 
@@ -237,21 +284,42 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
     async def list_templates(practice: str, tenant: TenantDep) -> list[dict]:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
-            overridden = set((await uow.session.execute(select(template_overrides.c.kind).where(
-                template_overrides.c.practice == practice))).scalars())
-        return [{"kind": k.name, "title": k.title, "required": list(k.required),
-                 "optional": list(k.optional), "overridden": k.name in overridden}
-                for k in KINDS.values()]
+            overridden = set(
+                (
+                    await uow.session.execute(
+                        select(template_overrides.c.kind).where(
+                            template_overrides.c.practice == practice
+                        )
+                    )
+                ).scalars()
+            )
+        return [
+            {
+                "kind": k.name,
+                "title": k.title,
+                "required": list(k.required),
+                "optional": list(k.optional),
+                "overridden": k.name in overridden,
+            }
+            for k in KINDS.values()
+        ]
 
-    @router.get("/v1/practices/{practice}/templates/{kind}",
-                summary="The template in use (the practice's override or the default)")
+    @router.get(
+        "/v1/practices/{practice}/templates/{kind}",
+        summary="The template in use (the practice's override or the default)",
+    )
     async def get_template(practice: str, kind: str, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
         spec = _kind(kind)
         async with db.unit_of_work() as uow:
             source = await notifier().template_source(uow, practice, kind)
-        return {"kind": kind, "overridden": source is not None, "required": list(spec.required),
-                "optional": list(spec.optional), "source": source or default_source(kind)}
+        return {
+            "kind": kind,
+            "overridden": source is not None,
+            "required": list(spec.required),
+            "optional": list(spec.optional),
+            "source": source or default_source(kind),
+        }
 
     @router.put("/v1/practices/{practice}/templates/{kind}", summary="Override a template")
     async def put_template(practice: str, kind: str, body: TemplateBody, tenant: TenantDep) -> dict:
@@ -263,26 +331,32 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
             raise InvalidInput(f"template refused: {exc}") from None
         values = {"source": body.source, "updated_at": runtime.clock()}
         async with db.unit_of_work() as uow:
-            stmt = insert_for(uow.session, template_overrides).values(
-                practice=practice, kind=kind, **values)
-            await uow.session.execute(
-                stmt.on_conflict_do_update(index_elements=["practice", "kind"], set_=values))
+            key = {"practice": practice, "kind": kind}
+            await upsert(uow.session, template_overrides, key, values)
             await uow.commit()
         return {"kind": kind, "overridden": True, "source": body.source}
 
-    @router.delete("/v1/practices/{practice}/templates/{kind}", status_code=204,
-                   summary="Drop the override; the default applies again")
+    @router.delete(
+        "/v1/practices/{practice}/templates/{kind}",
+        status_code=204,
+        summary="Drop the override; the default applies again",
+    )
     async def delete_template(practice: str, kind: str, tenant: TenantDep) -> Response:
         tenant.require_practice(practice)
         _kind(kind)
         async with db.unit_of_work() as uow:
-            await uow.session.execute(delete(template_overrides).where(
-                template_overrides.c.practice == practice, template_overrides.c.kind == kind))
+            await uow.session.execute(
+                delete(template_overrides).where(
+                    template_overrides.c.practice == practice, template_overrides.c.kind == kind
+                )
+            )
             await uow.commit()
         return Response(status_code=204)
 
-    @router.get("/v1/practices/{practice}/ack-policies/{kind}",
-                summary="Whether a kind needs acknowledgement, and its SLA")
+    @router.get(
+        "/v1/practices/{practice}/ack-policies/{kind}",
+        summary="Whether a kind needs acknowledgement, and its SLA",
+    )
     async def get_ack_policy(practice: str, kind: str, tenant: TenantDep) -> AckPolicy:
         tenant.require_practice(practice)
         _kind(kind)
@@ -291,43 +365,57 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         return AckPolicy(requires_ack=requires, sla_minutes=sla)
 
     @router.put("/v1/practices/{practice}/ack-policies/{kind}", summary="Set the ack policy")
-    async def put_ack_policy(practice: str, kind: str, body: AckPolicy,
-                             tenant: TenantDep) -> AckPolicy:
+    async def put_ack_policy(
+        practice: str, kind: str, body: AckPolicy, tenant: TenantDep
+    ) -> AckPolicy:
         tenant.require_practice(practice)
         _kind(kind)
         values = body.model_dump() | {"updated_at": runtime.clock()}
         async with db.unit_of_work() as uow:
-            stmt = insert_for(uow.session, ack_policies).values(practice=practice, kind=kind,
-                                                                 **values)
-            await uow.session.execute(
-                stmt.on_conflict_do_update(index_elements=["practice", "kind"], set_=values))
+            await upsert(uow.session, ack_policies, {"practice": practice, "kind": kind}, values)
             await uow.commit()
         return body
 
-    @router.get("/v1/practices/{practice}/webhook-secret",
-                summary="The secret receivers use to verify X-CCM-Signature")
+    @router.get(
+        "/v1/practices/{practice}/webhook-secret",
+        summary="The secret receivers use to verify X-CCM-Signature",
+    )
     async def get_webhook_secret(practice: str, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
-        return {"secret": webhook_secret(runtime.settings.secret_key, practice),
-                "header": "X-CCM-Signature",
-                "scheme": "t=<unix seconds>,v1=hex(HMAC-SHA256(secret, '<t>.' + raw body))"}
+        return {
+            "secret": webhook_secret(runtime.settings.secret_key, practice),
+            "header": "X-CCM-Signature",
+            "scheme": "t=<unix seconds>,v1=hex(HMAC-SHA256(secret, '<t>.' + raw body))",
+        }
 
     # -- notifications -------------------------------------------------------------------------
 
-    @router.post("/v1/practices/{practice}/notifications", status_code=201,
-                 summary="Raise an alert to a provider (care gap, deterioration, reminder…)")
-    async def create_notification(practice: str, body: NotificationCreate, tenant: TenantDep,
-                                  response: Response) -> dict:
+    @router.post(
+        "/v1/practices/{practice}/notifications",
+        status_code=201,
+        summary="Raise an alert to a provider (care gap, deterioration, reminder…)",
+    )
+    async def create_notification(
+        practice: str, body: NotificationCreate, tenant: TenantDep, response: Response
+    ) -> dict:
         tenant.require_practice(practice)
         if body.kind in ("call-request", "call-confirmed", "ack-escalation"):
             raise InvalidInput(f"{body.kind} messages are created by the service itself")
         key = body.idempotency_key or uuid.uuid4().hex
         try:
             async with db.unit_of_work() as uow:
-                recorded = await notifier().notify(uow, Intent(
-                    practice=practice, kind=body.kind, provider_id=body.provider,
-                    values=body.fields, patient=body.patient,
-                    idempotency_key=f"{practice}:api:{key}"), strict=True)
+                recorded = await notifier().notify(
+                    uow,
+                    Intent(
+                        practice=practice,
+                        kind=body.kind,
+                        provider_id=body.provider,
+                        values=body.fields,
+                        patient=body.patient,
+                        idempotency_key=f"{practice}:api:{key}",
+                    ),
+                    strict=True,
+                )
                 await uow.commit()
         except MissingFields as exc:
             raise InvalidInput(str(exc)) from None
@@ -337,13 +425,17 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
             response.status_code = 200
         return {"id": recorded.message_id, "status": recorded.status, "error": recorded.error}
 
-    @router.get("/v1/practices/{practice}/notifications",
-                summary="Messages; ?status=failed, ?ack=pending (who has not acknowledged what)")
+    @router.get(
+        "/v1/practices/{practice}/notifications",
+        summary="Messages; ?status=failed, ?ack=pending (who has not acknowledged what)",
+    )
     async def list_notifications(
-        practice: str, tenant: TenantDep,
+        practice: str,
+        tenant: TenantDep,
         status: Literal["pending", "sending", "sent", "failed"] | None = None,
         ack: Literal["pending", "acknowledged", "closed"] | None = None,
-        kind: str | None = None, provider: str | None = None,
+        kind: str | None = None,
+        provider: str | None = None,
         limit: Annotated[int, Query(gt=0, le=500)] = 100,
     ) -> list[dict]:
         tenant.require_practice(practice)
@@ -360,32 +452,70 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         async with db.unit_of_work() as uow:
             rows = (await uow.session.execute(stmt.order_by(order).limit(limit))).all()
             ids = {r.provider_id for r in rows if r.provider_id}
-            names = {p.id: p.current.get("name") for p in (await uow.session.execute(
-                select(providers).where(providers.c.practice == practice,
-                                        providers.c.id.in_(ids)))).all()} if ids else {}
+            names = (
+                {
+                    p.id: p.current.get("name")
+                    for p in (
+                        await uow.session.execute(
+                            select(providers).where(
+                                providers.c.practice == practice, providers.c.id.in_(ids)
+                            )
+                        )
+                    ).all()
+                }
+                if ids
+                else {}
+            )
         return [_message_view(r, names) for r in rows]
 
-    @router.get("/v1/practices/{practice}/notifications/{message_id}",
-                summary="One message with its delivery log")
+    @router.get(
+        "/v1/practices/{practice}/notifications/{message_id}",
+        summary="One message with its delivery log",
+    )
     async def get_notification(practice: str, message_id: str, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
-            row = (await uow.session.execute(select(messages).where(
-                messages.c.practice == practice, messages.c.id == message_id))).first()
+            row = (
+                await uow.session.execute(
+                    select(messages).where(
+                        messages.c.practice == practice, messages.c.id == message_id
+                    )
+                )
+            ).first()
             if row is None:
                 raise NotFound(f"notification {message_id} not found")
-            log = (await uow.session.execute(select(deliveries).where(
-                deliveries.c.message_id == message_id).order_by(deliveries.c.id))).all()
+            log = (
+                await uow.session.execute(
+                    select(deliveries)
+                    .where(deliveries.c.message_id == message_id)
+                    .order_by(deliveries.c.id)
+                )
+            ).all()
         return _message_view(row) | {
             "text": row.text_body,
-            "deliveries": [{"attempt": d.attempt, "channel": d.channel, "outcome": d.outcome,
-                            "response": d.response, "at": d.at.isoformat()} for d in log]}
+            "deliveries": [
+                {
+                    "attempt": d.attempt,
+                    "channel": d.channel,
+                    "outcome": d.outcome,
+                    "response": d.response,
+                    "at": d.at.isoformat(),
+                }
+                for d in log
+            ],
+        }
 
     @router.post("/v1/notifications/{message_id}/ack", summary="Acknowledge an alert")
     async def ack_notification(message_id: str, tenant: TenantDep) -> dict:
         async with db.unit_of_work() as uow:
-            result = await acks.acknowledge(uow, notifier(), tenant.practice_id, message_id,
-                                            via="api", actor=f"token:{tenant.token_id}")
+            result = await acks.acknowledge(
+                uow,
+                notifier(),
+                tenant.practice_id,
+                message_id,
+                via="api",
+                actor=f"token:{tenant.token_id}",
+            )
             await uow.commit()
         return result
 
@@ -397,37 +527,56 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         except LinkInvalid:
             raise NotFound("this link is not valid") from None
 
-    @router.get("/v1/ack/{token}", response_class=HTMLResponse,
-                summary="Signed acknowledgement link: a confirmation page (no state change)")
+    @router.get(
+        "/v1/ack/{token}",
+        response_class=HTMLResponse,
+        summary="Signed acknowledgement link: a confirmation page (no state change)",
+    )
     async def ack_page(token: str) -> HTMLResponse:
         verified(token, "ack")
         # Mail scanners follow links: the GET only shows a button, the POST acknowledges.
-        return _page("Acknowledge this alert",
-                     '<form method="post"><button type="submit">Acknowledge</button></form>')
+        return _page(
+            "Acknowledge this alert",
+            '<form method="post"><button type="submit">Acknowledge</button></form>',
+        )
 
-    @router.post("/v1/ack/{token}", response_class=HTMLResponse,
-                 summary="Signed acknowledgement link: acknowledge")
+    @router.post(
+        "/v1/ack/{token}",
+        response_class=HTMLResponse,
+        summary="Signed acknowledgement link: acknowledge",
+    )
     async def ack_by_link(token: str) -> HTMLResponse:
         payload = verified(token, "ack")
         async with db.unit_of_work() as uow:
-            await acks.acknowledge(uow, notifier(), payload["p"], payload["m"], via="link",
-                                   actor="signed-link")
+            await acks.acknowledge(
+                uow, notifier(), payload["p"], payload["m"], via="link", actor="signed-link"
+            )
             await uow.commit()
         return _page("Acknowledged", "<p>Thank you. The care team has been informed.</p>")
 
     # -- calls ---------------------------------------------------------------------------------
 
-    @router.post("/v1/practices/{practice}/calls", status_code=201,
-                 summary="Ask a provider for a call, proposing slots")
+    @router.post(
+        "/v1/practices/{practice}/calls",
+        status_code=201,
+        summary="Ask a provider for a call, proposing slots",
+    )
     async def create_call(practice: str, body: CallRequestCreate, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             try:
                 result = await calls.request_call(
-                    uow, notifier(), practice, provider_id=body.provider, slots=body.slots,
-                    duration_minutes=body.duration_minutes, reason=body.reason,
-                    requester_name=body.requester_name, requester_email=body.requester_email,
-                    patient=body.patient)
+                    uow,
+                    notifier(),
+                    practice,
+                    provider_id=body.provider,
+                    slots=body.slots,
+                    duration_minutes=body.duration_minutes,
+                    reason=body.reason,
+                    requester_name=body.requester_name,
+                    requester_email=body.requester_email,
+                    patient=body.patient,
+                )
             except (MissingFields, TemplateInvalid) as exc:
                 raise InvalidInput(str(exc)) from None
             await uow.commit()
@@ -437,45 +586,71 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
     async def get_call(practice: str, call_id: str, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
-            row = (await uow.session.execute(select(call_requests).where(
-                call_requests.c.practice == practice, call_requests.c.id == call_id))).first()
+            row = (
+                await uow.session.execute(
+                    select(call_requests).where(
+                        call_requests.c.practice == practice, call_requests.c.id == call_id
+                    )
+                )
+            ).first()
         if row is None:
             raise NotFound(f"call request {call_id} not found")
-        return {"id": row.id, "provider": row.provider_id, "status": row.status,
-                "slots": row.slots, "duration_minutes": row.duration_minutes,
-                "chosen_slot": row.chosen_slot.isoformat() if row.chosen_slot else None}
+        return {
+            "id": row.id,
+            "provider": row.provider_id,
+            "status": row.status,
+            "slots": row.slots,
+            "duration_minutes": row.duration_minutes,
+            "chosen_slot": row.chosen_slot.isoformat() if row.chosen_slot else None,
+        }
 
-    @router.post("/v1/practices/{practice}/calls/{call_id}/confirm",
-                 summary="Choose a slot; both sides get an .ics invitation")
-    async def confirm_call(practice: str, call_id: str, body: SlotChoice, tenant: TenantDep) -> dict:
+    @router.post(
+        "/v1/practices/{practice}/calls/{call_id}/confirm",
+        summary="Choose a slot; both sides get an .ics invitation",
+    )
+    async def confirm_call(
+        practice: str, call_id: str, body: SlotChoice, tenant: TenantDep
+    ) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             result = await calls.confirm_call(uow, notifier(), practice, call_id, body.slot)
             await uow.commit()
         return result
 
-    @router.get("/v1/calls/choose/{token}", response_class=HTMLResponse,
-                summary="Signed slot link: a confirmation page (no state change)")
+    @router.get(
+        "/v1/calls/choose/{token}",
+        response_class=HTMLResponse,
+        summary="Signed slot link: a confirmation page (no state change)",
+    )
     async def slot_page(token: str) -> HTMLResponse:
         verified(token, "call-slot")
-        return _page("Confirm this time",
-                     '<form method="post"><button type="submit">Confirm</button></form>')
+        return _page(
+            "Confirm this time", '<form method="post"><button type="submit">Confirm</button></form>'
+        )
 
-    @router.post("/v1/calls/choose/{token}", response_class=HTMLResponse,
-                 summary="Signed slot link: confirm the slot")
+    @router.post(
+        "/v1/calls/choose/{token}",
+        response_class=HTMLResponse,
+        summary="Signed slot link: confirm the slot",
+    )
     async def choose_by_link(token: str) -> HTMLResponse:
         payload = verified(token, "call-slot")
         async with db.unit_of_work() as uow:
-            result = await calls.confirm_call(uow, notifier(), payload["p"], payload["c"],
-                                              payload["s"])
+            result = await calls.confirm_call(
+                uow, notifier(), payload["p"], payload["c"], payload["s"]
+            )
             await uow.commit()
-        return _page("Call confirmed",
-                     f"<p>Confirmed for {html.escape(result['chosen_slot'])}. "
-                     "An invitation is on its way.</p>")
+        return _page(
+            "Call confirmed",
+            f"<p>Confirmed for {html.escape(result['chosen_slot'])}. "
+            "An invitation is on its way.</p>",
+        )
 
     return router
 
 
 def _page(title: str, body: str) -> HTMLResponse:
-    return HTMLResponse(f"<!doctype html><html><head><title>{html.escape(title)}</title></head>"
-                        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>")
+    return HTMLResponse(
+        f"<!doctype html><html><head><title>{html.escape(title)}</title></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>"
+    )

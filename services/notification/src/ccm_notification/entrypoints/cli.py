@@ -19,7 +19,9 @@ def list_kinds() -> None:
 
 
 @cli.command("template")
-def show_template(kind: str = typer.Argument(..., help="A kind from `ccm notification kinds`")) -> None:
+def show_template(
+    kind: str = typer.Argument(..., help="A kind from `ccm notification kinds`"),
+) -> None:
     """Print the default template of a kind (start of a practice override)."""
     from ccm_notification.adapters.rendering import default_source
 

@@ -29,8 +29,9 @@ def notifier_of(runtime: ServiceRuntime) -> Notifier:
     if "notifier" not in runtime.state:
         settings = runtime.service_settings()
         assert isinstance(settings, NotificationSettings)
-        runtime.state["notifier"] = Notifier(settings, runtime.settings.secret_key,
-                                             lambda: runtime.clock())
+        runtime.state["notifier"] = Notifier(
+            settings, runtime.settings.secret_key, lambda: runtime.clock()
+        )
     return runtime.state["notifier"]
 
 
@@ -39,19 +40,25 @@ def dispatcher_of(runtime: ServiceRuntime) -> Dispatcher:
         notifier = notifier_of(runtime)
         client = httpx.AsyncClient(follow_redirects=False)
         runtime.state["http_client"] = client
-        runtime.state["dispatcher"] = Dispatcher(runtime.db, notifier, {
-            "email": EmailChannel(notifier.settings),
-            "webhook": WebhookChannel(notifier.settings, notifier.secret_key, notifier.clock,
-                                      client),
-            "fhir": FhirChannel(notifier.settings, notifier.clock, client),
-        })
+        runtime.state["dispatcher"] = Dispatcher(
+            runtime.db,
+            notifier,
+            {
+                "email": EmailChannel(notifier.settings),
+                "webhook": WebhookChannel(
+                    notifier.settings, notifier.secret_key, notifier.clock, client
+                ),
+                "fhir": FhirChannel(notifier.settings, notifier.clock, client),
+            },
+        )
     return runtime.state["dispatcher"]
 
 
 def consumers(runtime: ServiceRuntime) -> list[ConsumerSpec]:
     return [
-        ConsumerSpec("notification-directory", DIRECTORY_TOPICS,
-                     directory_handler(lambda: runtime.clock())),
+        ConsumerSpec(
+            "notification-directory", DIRECTORY_TOPICS, directory_handler(lambda: runtime.clock())
+        ),
         ConsumerSpec("notification-alerts", ALERT_TOPICS, alerts_handler(notifier_of(runtime))),
     ]
 
@@ -79,15 +86,21 @@ def background(runtime: ServiceRuntime) -> list[BackgroundJob]:
 
     async def dispatch_and_close(stopping: asyncio.Event) -> None:
         try:
-            await _every("dispatch", notifier.settings.dispatch_interval_seconds,
-                         dispatcher.run_once)(stopping)
+            await _every(
+                "dispatch", notifier.settings.dispatch_interval_seconds, dispatcher.run_once
+            )(stopping)
         finally:
             await runtime.state.pop("http_client").aclose()
             runtime.state.pop("dispatcher", None)
 
     return [
         BackgroundJob("notification-dispatcher", dispatch_and_close),
-        BackgroundJob("notification-ack-sweeper", _every(
-            "ack-sweep", notifier.settings.ack_sweep_interval_seconds,
-            lambda: acks.sweep(runtime.db, notifier))),
+        BackgroundJob(
+            "notification-ack-sweeper",
+            _every(
+                "ack-sweep",
+                notifier.settings.ack_sweep_interval_seconds,
+                lambda: acks.sweep(runtime.db, notifier),
+            ),
+        ),
     ]

@@ -22,8 +22,16 @@ def slot_label(start: datetime) -> str:
 
 
 async def request_call(
-    uow: UnitOfWork, notifier: Notifier, practice: str, *, provider_id: str, slots: list[datetime],
-    duration_minutes: int, reason: str, requester_name: str, requester_email: str,
+    uow: UnitOfWork,
+    notifier: Notifier,
+    practice: str,
+    *,
+    provider_id: str,
+    slots: list[datetime],
+    duration_minutes: int,
+    reason: str,
+    requester_name: str,
+    requester_email: str,
     patient: str | None,
 ) -> dict:
     if await load_provider(uow, practice, provider_id) is None:
@@ -33,24 +41,52 @@ async def request_call(
         raise InvalidInput("every proposed slot must be in the future")
     call_id = str(uuid.uuid4())
     starts = sorted(s.astimezone(UTC) for s in slots)
-    await uow.session.execute(call_requests.insert().values(
-        id=call_id, practice=practice, provider_id=provider_id, patient=patient, reason=reason,
-        requester_name=requester_name, requester_email=requester_email,
-        slots=[s.isoformat() for s in starts], duration_minutes=duration_minutes,
-        status="proposed", created_at=now))
-    recorded = await notifier.notify(uow, Intent(
-        practice=practice, kind="call-request", provider_id=provider_id, patient=patient,
-        idempotency_key=f"{practice}:call:{call_id}:request",
-        values={"reason": reason, "requester_name": requester_name, "patient": patient,
-                "slots": [{"label": slot_label(s), "link": notifier.slot_url(practice, call_id, i)}
-                          for i, s in enumerate(starts)]},
-    ), strict=True)
-    return {"id": call_id, "status": "proposed", "slots": [s.isoformat() for s in starts],
-            "message": recorded.message_id}
+    await uow.session.execute(
+        call_requests.insert().values(
+            id=call_id,
+            practice=practice,
+            provider_id=provider_id,
+            patient=patient,
+            reason=reason,
+            requester_name=requester_name,
+            requester_email=requester_email,
+            slots=[s.isoformat() for s in starts],
+            duration_minutes=duration_minutes,
+            status="proposed",
+            created_at=now,
+        )
+    )
+    recorded = await notifier.notify(
+        uow,
+        Intent(
+            practice=practice,
+            kind="call-request",
+            provider_id=provider_id,
+            patient=patient,
+            idempotency_key=f"{practice}:call:{call_id}:request",
+            values={
+                "reason": reason,
+                "requester_name": requester_name,
+                "patient": patient,
+                "slots": [
+                    {"label": slot_label(s), "link": notifier.slot_url(practice, call_id, i)}
+                    for i, s in enumerate(starts)
+                ],
+            },
+        ),
+        strict=True,
+    )
+    return {
+        "id": call_id,
+        "status": "proposed",
+        "slots": [s.isoformat() for s in starts],
+        "message": recorded.message_id,
+    }
 
 
-def invitation(call, start: datetime, provider_name: str, provider_email: str | None,
-               organizer_email: str) -> str:  # noqa: ANN001
+def invitation(
+    call, start: datetime, provider_name: str, provider_email: str | None, organizer_email: str
+) -> str:  # noqa: ANN001
     """The .ics: a METHOD:REQUEST VEVENT the same for both sides (same UID)."""
     cal = Calendar()
     cal.add("prodid", "-//ccm-platform//notification//EN")
@@ -76,11 +112,20 @@ def invitation(call, start: datetime, provider_name: str, provider_email: str | 
 
 
 async def confirm_call(
-    uow: UnitOfWork, notifier: Notifier, practice: str, call_id: str, slot: int,
+    uow: UnitOfWork,
+    notifier: Notifier,
+    practice: str,
+    call_id: str,
+    slot: int,
 ) -> dict:
     """Confirm a slot (idempotent for the same slot; another slot after confirmation is 409)."""
-    call = (await uow.session.execute(select(call_requests).where(
-        call_requests.c.practice == practice, call_requests.c.id == call_id))).first()
+    call = (
+        await uow.session.execute(
+            select(call_requests).where(
+                call_requests.c.practice == practice, call_requests.c.id == call_id
+            )
+        )
+    ).first()
     if call is None:
         raise NotFound(f"call request {call_id} not found")
     if not 0 <= slot < len(call.slots):
@@ -90,28 +135,58 @@ async def confirm_call(
         if call.chosen_slot is not None and call.chosen_slot.astimezone(UTC) == start:
             return _call_view(call, start)
         raise Conflict("this call is already confirmed for another time")
-    await uow.session.execute(update(call_requests).where(call_requests.c.id == call_id)
-                              .values(status="confirmed", chosen_slot=start))
+    await uow.session.execute(
+        update(call_requests)
+        .where(call_requests.c.id == call_id)
+        .values(status="confirmed", chosen_slot=start)
+    )
     provider = await load_provider(uow, practice, call.provider_id)
     current = provider.current if provider else {}
     name = display_name(current, call.provider_id)
-    ics = {"filename": "invite.ics", "content_type": "text/calendar",
-           "content": invitation(call, start, name, current.get("email"), call.requester_email)}
+    ics = {
+        "filename": "invite.ics",
+        "content_type": "text/calendar",
+        "content": invitation(call, start, name, current.get("email"), call.requester_email),
+    }
     end = start + timedelta(minutes=call.duration_minutes)
-    values = {"reason": call.reason, "start": slot_label(start), "end": slot_label(end),
-              "patient": call.patient}
-    await notifier.notify(uow, Intent(
-        practice=practice, kind="call-confirmed", provider_id=call.provider_id,
-        patient=call.patient, values=values | {"with_name": call.requester_name},
-        attachments=(ics,), idempotency_key=f"{practice}:call:{call_id}:confirmed:provider"))
-    await notifier.notify(uow, Intent(
-        practice=practice, kind="call-confirmed", patient=call.patient,
-        address=("email", call.requester_email, call.requester_name),
-        values=values | {"with_name": name}, attachments=(ics,),
-        idempotency_key=f"{practice}:call:{call_id}:confirmed:requester"))
+    values = {
+        "reason": call.reason,
+        "start": slot_label(start),
+        "end": slot_label(end),
+        "patient": call.patient,
+    }
+    await notifier.notify(
+        uow,
+        Intent(
+            practice=practice,
+            kind="call-confirmed",
+            provider_id=call.provider_id,
+            patient=call.patient,
+            values=values | {"with_name": call.requester_name},
+            attachments=(ics,),
+            idempotency_key=f"{practice}:call:{call_id}:confirmed:provider",
+        ),
+    )
+    await notifier.notify(
+        uow,
+        Intent(
+            practice=practice,
+            kind="call-confirmed",
+            patient=call.patient,
+            address=("email", call.requester_email, call.requester_name),
+            values=values | {"with_name": name},
+            attachments=(ics,),
+            idempotency_key=f"{practice}:call:{call_id}:confirmed:requester",
+        ),
+    )
     return _call_view(call, start, status="confirmed")
 
 
 def _call_view(call, start: datetime, status: str | None = None) -> dict:  # noqa: ANN001
-    return {"id": call.id, "status": status or call.status, "chosen_slot": start.isoformat(),
-            "provider": call.provider_id, "slots": call.slots}
+    return {
+        "id": call.id,
+        "status": status or call.status,
+        "chosen_slot": start.isoformat(),
+        "provider": call.provider_id,
+        "slots": call.slots,
+    }

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from ccm_notification.adapters.orm import organizations, provider_history, provider_roles, providers
-from ccm_notification.adapters.sql import insert_for
+from ccm_notification.adapters.sql import insert_for, upsert
 from ccm_notification.domain.directory import (
     Merge,
     apply_manual,
@@ -29,37 +29,58 @@ async def load_provider(uow: UnitOfWork, practice: str, provider_id: str):  # no
 
 
 async def _save(
-    uow: UnitOfWork, practice: str, provider_id: str, row, merge: Merge, *,  # noqa: ANN001
-    origin: str, actor: str | None, now: datetime, source_version: str | None = None,
+    uow: UnitOfWork,
+    practice: str,
+    provider_id: str,
+    row,
+    merge: Merge,
+    *,  # noqa: ANN001
+    origin: str,
+    actor: str | None,
+    now: datetime,
+    source_version: str | None = None,
 ) -> int:
     """Write the merge and its history entry; return the new version (unchanged when no-op)."""
     if row is not None and not merge.changed and tuple(row.pinned) == merge.pinned:
         if merge.source != row.source:
             await uow.session.execute(
-                update(providers).where(providers.c.practice == practice,
-                                        providers.c.id == provider_id)
+                update(providers)
+                .where(providers.c.practice == practice, providers.c.id == provider_id)
                 .values(source=merge.source, source_version=source_version or row.source_version)
             )
         return row.version
     version = 1 if row is None else row.version + 1
-    values = dict(current=merge.current, source=merge.source, pinned=list(merge.pinned),
-                  version=version, updated_at=now)
+    values = dict(
+        current=merge.current,
+        source=merge.source,
+        pinned=list(merge.pinned),
+        version=version,
+        updated_at=now,
+    )
     if source_version is not None:
         values["source_version"] = source_version
     if row is None:
         await uow.session.execute(
             insert_for(uow.session, providers).values(
-                practice=practice, id=provider_id, created_at=now, **values)
+                practice=practice, id=provider_id, created_at=now, **values
+            )
         )
     else:
         await uow.session.execute(
-            update(providers).where(providers.c.practice == practice,
-                                    providers.c.id == provider_id).values(**values)
+            update(providers)
+            .where(providers.c.practice == practice, providers.c.id == provider_id)
+            .values(**values)
         )
     await uow.session.execute(
         provider_history.insert().values(
-            practice=practice, provider_id=provider_id, version=version, origin=origin,
-            actor=actor, changes=merge.changes, held=merge.held, at=now,
+            practice=practice,
+            provider_id=provider_id,
+            version=version,
+            origin=origin,
+            actor=actor,
+            changes=merge.changes,
+            held=merge.held,
+            at=now,
         )
     )
     return version
@@ -73,8 +94,13 @@ def _is_older(row, last_updated: str | None) -> bool:  # noqa: ANN001
 
 
 async def apply_ehr_values(
-    uow: UnitOfWork, practice: str, provider_id: str, incoming: dict[str, Any], *,
-    now: datetime, last_updated: str | None = None,
+    uow: UnitOfWork,
+    practice: str,
+    provider_id: str,
+    incoming: dict[str, Any],
+    *,
+    now: datetime,
+    last_updated: str | None = None,
 ) -> None:
     row = await load_provider(uow, practice, provider_id)
     if _is_older(row, last_updated):
@@ -83,8 +109,17 @@ async def apply_ehr_values(
     source = row.source if row else {}
     pinned = tuple(row.pinned) if row else ()
     merge = apply_source(current, source, pinned, incoming)
-    await _save(uow, practice, provider_id, row, merge, origin="fhir", actor=None, now=now,
-                source_version=last_updated)
+    await _save(
+        uow,
+        practice,
+        provider_id,
+        row,
+        merge,
+        origin="fhir",
+        actor=None,
+        now=now,
+        source_version=last_updated,
+    )
 
 
 async def practitioner_upserted(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
@@ -103,15 +138,27 @@ async def practitioner_upserted(event: CloudEvent, uow: UnitOfWork, now: datetim
         # keep an email the practitioner's role supplied rather than erasing it
         role_email = await _role_email(uow, event.tenant, provider_id)
         incoming["email"] = role_email
-    await apply_ehr_values(uow, event.tenant, provider_id, incoming, now=now,
-                           last_updated=data["source"]["lastUpdated"])
+    await apply_ehr_values(
+        uow,
+        event.tenant,
+        provider_id,
+        incoming,
+        now=now,
+        last_updated=data["source"]["lastUpdated"],
+    )
 
 
 async def _role_email(uow: UnitOfWork, practice: str, provider_id: str) -> str | None:
-    stmt = select(provider_roles.c.email).where(
-        provider_roles.c.practice == practice, provider_roles.c.practitioner == provider_id,
-        provider_roles.c.active.is_(True), provider_roles.c.email.is_not(None),
-    ).limit(1)
+    stmt = (
+        select(provider_roles.c.email)
+        .where(
+            provider_roles.c.practice == practice,
+            provider_roles.c.practitioner == provider_id,
+            provider_roles.c.active.is_(True),
+            provider_roles.c.email.is_not(None),
+        )
+        .limit(1)
+    )
     return (await uow.session.execute(stmt)).scalar()
 
 
@@ -122,15 +169,9 @@ async def practitioner_role_upserted(event: CloudEvent, uow: UnitOfWork, now: da
     organization = reference_id(data.get("organization"), "Organization")
     email = first_telecom(data.get("telecom", []), "email")
     active = bool(data["active"]) and not data["deleted"]
-    stmt = insert_for(uow.session, provider_roles).values(
-        practice=event.tenant, id=role_id, practitioner=practitioner, organization=organization,
-        email=email, active=active, updated_at=now,
-    )
-    await uow.session.execute(stmt.on_conflict_do_update(
-        index_elements=["practice", "id"],
-        set_=dict(practitioner=practitioner, organization=organization, email=email,
-                  active=active, updated_at=now),
-    ))
+    await upsert(uow.session, provider_roles, {"practice": event.tenant, "id": role_id}, {
+        "practitioner": practitioner, "organization": organization, "email": email,
+        "active": active, "updated_at": now})
     if practitioner is None or not active:
         return
     incoming: dict[str, Any] = {"organization": organization}
@@ -143,17 +184,25 @@ async def practitioner_role_upserted(event: CloudEvent, uow: UnitOfWork, now: da
 async def organization_upserted(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
     data = event.data
     org_id = reference_id(data["organization"], "Organization")
-    values = dict(name=data.get("name"), email=first_telecom(data.get("telecom", []), "email"),
-                  active=bool(data["active"]) and not data["deleted"], updated_at=now)
-    stmt = insert_for(uow.session, organizations).values(practice=event.tenant, id=org_id, **values)
-    await uow.session.execute(
-        stmt.on_conflict_do_update(index_elements=["practice", "id"], set_=values)
+    values = dict(
+        name=data.get("name"),
+        email=first_telecom(data.get("telecom", []), "email"),
+        active=bool(data["active"]) and not data["deleted"],
+        updated_at=now,
     )
+    await upsert(uow.session, organizations, {"practice": event.tenant, "id": org_id}, values)
 
 
 async def edit_provider(
-    uow: UnitOfWork, practice: str, provider_id: str, updates: dict[str, Any],
-    release: tuple[str, ...], *, actor: str, now: datetime, if_match: int | None,
+    uow: UnitOfWork,
+    practice: str,
+    provider_id: str,
+    updates: dict[str, Any],
+    release: tuple[str, ...],
+    *,
+    actor: str,
+    now: datetime,
+    if_match: int | None,
 ) -> tuple[int, bool]:
     """A person's edit; returns (version, created). ``if_match`` guards against lost updates."""
     row = await load_provider(uow, practice, provider_id)
@@ -165,20 +214,31 @@ async def edit_provider(
     if row is None and release:
         raise NotFound(f"provider {provider_id!r} not found")
     current = row.current if row else empty_record()
-    merge = apply_manual(current, row.source if row else {}, tuple(row.pinned) if row else (),
-                         updates, release)
-    version = await _save(uow, practice, provider_id, row, merge,
-                          origin="manual", actor=actor, now=now)
+    merge = apply_manual(
+        current, row.source if row else {}, tuple(row.pinned) if row else (), updates, release
+    )
+    version = await _save(
+        uow, practice, provider_id, row, merge, origin="manual", actor=actor, now=now
+    )
     return version, row is None
 
 
 async def provider_history_of(uow: UnitOfWork, practice: str, provider_id: str) -> list[dict]:
-    stmt = (select(provider_history)
-            .where(provider_history.c.practice == practice,
-                   provider_history.c.provider_id == provider_id)
-            .order_by(provider_history.c.id))
+    stmt = (
+        select(provider_history)
+        .where(
+            provider_history.c.practice == practice, provider_history.c.provider_id == provider_id
+        )
+        .order_by(provider_history.c.id)
+    )
     return [
-        {"version": r.version, "origin": r.origin, "actor": r.actor, "changes": r.changes,
-         "held": r.held, "at": r.at.isoformat()}
+        {
+            "version": r.version,
+            "origin": r.origin,
+            "actor": r.actor,
+            "changes": r.changes,
+            "held": r.held,
+            "at": r.at.isoformat(),
+        }
         for r in (await uow.session.execute(stmt)).all()
     ]

@@ -41,8 +41,9 @@ class Dispatcher:
         async with self.db.unit_of_work() as uow:
             stmt = (
                 select(messages)
-                .where(messages.c.status.in_(("pending", "sending")),
-                       messages.c.next_attempt_at <= now)
+                .where(
+                    messages.c.status.in_(("pending", "sending")), messages.c.next_attempt_at <= now
+                )
                 .order_by(messages.c.next_attempt_at)
                 .limit(s.dispatch_batch_size)
                 .with_for_update(skip_locked=True)
@@ -50,9 +51,14 @@ class Dispatcher:
             rows = (await uow.session.execute(stmt)).all()
             for row in rows:
                 await uow.session.execute(
-                    update(messages).where(messages.c.id == row.id).values(
-                        status="sending", attempts=row.attempts + 1,
-                        next_attempt_at=now + timedelta(seconds=s.sending_lease_seconds)))
+                    update(messages)
+                    .where(messages.c.id == row.id)
+                    .values(
+                        status="sending",
+                        attempts=row.attempts + 1,
+                        next_attempt_at=now + timedelta(seconds=s.sending_lease_seconds),
+                    )
+                )
             await uow.commit()
         return rows
 
@@ -65,10 +71,18 @@ class Dispatcher:
     async def deliver(self, row) -> None:  # noqa: ANN001
         attempt = row.attempts + 1
         out = Outgoing(
-            message_id=row.id, practice=row.practice, idempotency_key=row.idempotency_key,
-            kind=row.kind, provider_id=row.provider_id, patient=row.patient,
-            recipient=row.recipient, subject=row.subject, text=row.text_body,
-            html=row.html_body, fields=row.fields, attachments=row.attachments,
+            message_id=row.id,
+            practice=row.practice,
+            idempotency_key=row.idempotency_key,
+            kind=row.kind,
+            provider_id=row.provider_id,
+            patient=row.patient,
+            recipient=row.recipient,
+            subject=row.subject,
+            text=row.text_body,
+            html=row.html_body,
+            fields=row.fields,
+            attachments=row.attachments,
             requires_ack=row.ack_state is not None or row.root_id is not None,
         )
         try:
@@ -94,19 +108,40 @@ class Dispatcher:
             # Only the claimant of this attempt may record it (a lease taken over is not ours).
             done = await uow.session.execute(
                 update(messages)
-                .where(and_(messages.c.id == row.id, messages.c.status == "sending",
-                            messages.c.attempts == attempt))
+                .where(
+                    and_(
+                        messages.c.id == row.id,
+                        messages.c.status == "sending",
+                        messages.c.attempts == attempt,
+                    )
+                )
                 .values(**values)
             )
             if done.rowcount != 1:
                 return
-            await uow.session.execute(deliveries.insert().values(
-                message_id=row.id, practice=row.practice, attempt=attempt, channel=row.channel,
-                outcome=outcome, response=result.response, at=now))
+            await uow.session.execute(
+                deliveries.insert().values(
+                    message_id=row.id,
+                    practice=row.practice,
+                    attempt=attempt,
+                    channel=row.channel,
+                    outcome=outcome,
+                    response=result.response,
+                    at=now,
+                )
+            )
             if final:
                 await self.notifier.raise_failed(
-                    uow, row.id, row.practice, row.kind, row.provider_id, row.channel, attempt,
-                    result.response, row.idempotency_key, row.patient)
+                    uow,
+                    row.id,
+                    row.practice,
+                    row.kind,
+                    row.provider_id,
+                    row.channel,
+                    attempt,
+                    result.response,
+                    row.idempotency_key,
+                    row.patient,
+                )
             await uow.commit()
         log.info("delivery", channel=row.channel, kind=row.kind, attempt=attempt, outcome=outcome)
-

@@ -26,8 +26,11 @@ DIRECTORY_TOPICS = (
     "ingest.organization.upserted.v1",
 )
 ALERT_TOPICS = (
-    *REVIEW_KINDS, *REVIEW_CLOSERS,
-    "billing.threshold.at-risk.v1", "billing.invoice.issued.v1", "billing.period.closed.v1",
+    *REVIEW_KINDS,
+    *REVIEW_CLOSERS,
+    "billing.threshold.at-risk.v1",
+    "billing.invoice.issued.v1",
+    "billing.period.closed.v1",
 )
 
 
@@ -55,21 +58,41 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
             await threshold_at_risk(notifier, event, uow)
         elif event.type == "billing.invoice.issued.v1":
             d = event.data
-            await to_practice_contacts(notifier, event, uow, "invoice-issued",
-                                       f"invoice:{d['invoiceId']}:{d['revision']}", {
-                "invoice_id": d["invoiceId"], "month": d["month"], "revision": d["revision"],
-                "total_net": d["totalNet"], "total_gross": d["totalGross"]})
+            await to_practice_contacts(
+                notifier,
+                event,
+                uow,
+                "invoice-issued",
+                f"invoice:{d['invoiceId']}:{d['revision']}",
+                {
+                    "invoice_id": d["invoiceId"],
+                    "month": d["month"],
+                    "revision": d["revision"],
+                    "total_net": d["totalNet"],
+                    "total_gross": d["totalGross"],
+                },
+            )
         elif event.type == "billing.period.closed.v1":
             d = event.data
-            await to_practice_contacts(notifier, event, uow, "utilization-summary",
-                                       f"summary:{d['month']}", {
-                "month": d["month"], "patients_enrolled": d["patientsEnrolled"],
-                "patients_billable": d["patientsBillable"],
-                "patients_blocked": d["patientsBlocked"],
-                "minutes_staff": d["minutes"]["staff"],
-                "minutes_practitioner": d["minutes"]["practitioner"],
-                "codes": d["codes"], "blockers": d["blockers"], "total_net": d["totalNet"],
-                "invoice_id": d.get("invoiceId")})
+            await to_practice_contacts(
+                notifier,
+                event,
+                uow,
+                "utilization-summary",
+                f"summary:{d['month']}",
+                {
+                    "month": d["month"],
+                    "patients_enrolled": d["patientsEnrolled"],
+                    "patients_billable": d["patientsBillable"],
+                    "patients_blocked": d["patientsBlocked"],
+                    "minutes_staff": d["minutes"]["staff"],
+                    "minutes_practitioner": d["minutes"]["practitioner"],
+                    "codes": d["codes"],
+                    "blockers": d["blockers"],
+                    "total_net": d["totalNet"],
+                    "invoice_id": d.get("invoiceId"),
+                },
+            )
 
     return handle
 
@@ -80,42 +103,74 @@ async def review_notice(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) 
     responsible = await notifier.provider_for(uow, event.tenant, d["responsibleProvider"])
     recipient = responsible
     if kind == "review-escalated":
-        recipient = (await notifier.provider_for(uow, event.tenant, d["supervisor"])
-                     or await notifier.supervisor_of(uow, event.tenant, responsible))
-    await notifier.notify(uow, Intent(
-        practice=event.tenant, kind=kind, provider_id=recipient,
-        idempotency_key=f"{event.tenant}:careplan:{d['idempotencyKey']}",
-        patient=d["patient"], tracker=d["tracker"],
-        values={"patient": d["patient"], "care_plan": d["carePlan"], "due_date": d["dueDate"],
-                "days_overdue": d["daysOverdue"], "step": d["step"],
-                "responsible_provider": d["responsibleProvider"]},
-    ))
+        recipient = await notifier.provider_for(
+            uow, event.tenant, d["supervisor"]
+        ) or await notifier.supervisor_of(uow, event.tenant, responsible)
+    await notifier.notify(
+        uow,
+        Intent(
+            practice=event.tenant,
+            kind=kind,
+            provider_id=recipient,
+            idempotency_key=f"{event.tenant}:careplan:{d['idempotencyKey']}",
+            patient=d["patient"],
+            tracker=d["tracker"],
+            values={
+                "patient": d["patient"],
+                "care_plan": d["carePlan"],
+                "due_date": d["dueDate"],
+                "days_overdue": d["daysOverdue"],
+                "step": d["step"],
+                "responsible_provider": d["responsibleProvider"],
+            },
+        ),
+    )
 
 
 async def close_review_alerts(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
     """The review was done: its alerts no longer wait for acknowledgement or escalate."""
     await uow.session.execute(
         update(messages)
-        .where(messages.c.practice == event.tenant, messages.c.tracker == event.data["tracker"],
-               messages.c.ack_state == "pending")
+        .where(
+            messages.c.practice == event.tenant,
+            messages.c.tracker == event.data["tracker"],
+            messages.c.ack_state == "pending",
+        )
         .values(ack_state="closed", acked_at=notifier.clock(), acked_by=event.type)
     )
 
 
 async def threshold_at_risk(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
     d = event.data
-    recipient = (await notifier.provider_for(uow, event.tenant, d.get("billingPractitioner"))
-                 or await notifier.supervisor_of(uow, event.tenant, None))
-    await notifier.notify(uow, Intent(
-        practice=event.tenant, kind="threshold-at-risk", provider_id=recipient,
-        idempotency_key=f"{event.tenant}:billing:{d['idempotencyKey']}", patient=d["patient"],
-        values={"patient": d["patient"], "month": d["month"], "next_code": d["nextCode"],
-                "minutes_to_next": d["minutesToNext"], "days_left": d["daysLeft"]},
-    ))
+    recipient = await notifier.provider_for(
+        uow, event.tenant, d.get("billingPractitioner")
+    ) or await notifier.supervisor_of(uow, event.tenant, None)
+    await notifier.notify(
+        uow,
+        Intent(
+            practice=event.tenant,
+            kind="threshold-at-risk",
+            provider_id=recipient,
+            idempotency_key=f"{event.tenant}:billing:{d['idempotencyKey']}",
+            patient=d["patient"],
+            values={
+                "patient": d["patient"],
+                "month": d["month"],
+                "next_code": d["nextCode"],
+                "minutes_to_next": d["minutesToNext"],
+                "days_left": d["daysLeft"],
+            },
+        ),
+    )
 
 
 async def to_practice_contacts(
-    notifier: Notifier, event: CloudEvent, uow: UnitOfWork, kind: str, key: str, values: dict,
+    notifier: Notifier,
+    event: CloudEvent,
+    uow: UnitOfWork,
+    kind: str,
+    key: str,
+    values: dict,
 ) -> None:
     """Practice-level messages go to its summary recipients, else its clinical supervisor."""
     contacts = await notifier.contacts(uow, event.tenant)
@@ -123,7 +178,13 @@ async def to_practice_contacts(
     if not recipients and contacts is not None and contacts.supervisor:
         recipients = [contacts.supervisor]
     for recipient in recipients or [None]:
-        await notifier.notify(uow, Intent(
-            practice=event.tenant, kind=kind, provider_id=recipient, values=values,
-            idempotency_key=f"{event.tenant}:{key}:{recipient or 'no-recipient'}",
-        ))
+        await notifier.notify(
+            uow,
+            Intent(
+                practice=event.tenant,
+                kind=kind,
+                provider_id=recipient,
+                values=values,
+                idempotency_key=f"{event.tenant}:{key}:{recipient or 'no-recipient'}",
+            ),
+        )

@@ -79,35 +79,46 @@ class Notifier:
         return self.clock() + timedelta(hours=self.settings.link_ttl_hours)
 
     def ack_url(self, practice: str, message_id: str) -> str:
-        token = sign_link(self.secret_key, "ack", {"m": message_id, "p": practice},
-                          self.link_expiry())
+        token = sign_link(
+            self.secret_key, "ack", {"m": message_id, "p": practice}, self.link_expiry()
+        )
         return f"{self.settings.public_base_url.rstrip('/')}/v1/ack/{token}"
 
     def slot_url(self, practice: str, call_id: str, slot: int) -> str:
-        token = sign_link(self.secret_key, "call-slot", {"c": call_id, "p": practice, "s": slot},
-                          self.link_expiry())
+        token = sign_link(
+            self.secret_key,
+            "call-slot",
+            {"c": call_id, "p": practice, "s": slot},
+            self.link_expiry(),
+        )
         return f"{self.settings.public_base_url.rstrip('/')}/v1/calls/choose/{token}"
 
     # -- policy --------------------------------------------------------------------------------
 
     async def ack_policy(self, uow: UnitOfWork, practice: str, kind: str) -> tuple[bool, int]:
         """(requires acknowledgement, SLA minutes) for a practice and kind."""
-        row = (await uow.session.execute(
-            select(ack_policies).where(ack_policies.c.practice == practice,
-                                       ack_policies.c.kind == kind)
-        )).first()
+        row = (
+            await uow.session.execute(
+                select(ack_policies).where(
+                    ack_policies.c.practice == practice, ack_policies.c.kind == kind
+                )
+            )
+        ).first()
         if row is not None:
             return row.requires_ack, row.sla_minutes
         return kind in self.settings.ack_kind_set, self.settings.ack_sla_minutes
 
     async def template_source(self, uow: UnitOfWork, practice: str, kind: str) -> str | None:
         stmt = select(template_overrides.c.source).where(
-            template_overrides.c.practice == practice, template_overrides.c.kind == kind)
+            template_overrides.c.practice == practice, template_overrides.c.kind == kind
+        )
         return (await uow.session.execute(stmt)).scalar()
 
     # -- recipients ----------------------------------------------------------------------------
 
-    async def provider_for(self, uow: UnitOfWork, practice: str, reference: str | None) -> str | None:
+    async def provider_for(
+        self, uow: UnitOfWork, practice: str, reference: str | None
+    ) -> str | None:
         """Practitioner/x → x; PractitionerRole/r → the role's practitioner."""
         if reference is None:
             return None
@@ -115,7 +126,8 @@ class Notifier:
             return pid
         if (role := reference_id(reference, "PractitionerRole")) is not None:
             stmt = select(provider_roles.c.practitioner).where(
-                provider_roles.c.practice == practice, provider_roles.c.id == role)
+                provider_roles.c.practice == practice, provider_roles.c.id == role
+            )
             return (await uow.session.execute(stmt)).scalar()
         return None
 
@@ -123,7 +135,9 @@ class Notifier:
         stmt = select(practice_contacts).where(practice_contacts.c.practice == practice)
         return (await uow.session.execute(stmt)).first()
 
-    async def supervisor_of(self, uow: UnitOfWork, practice: str, provider_id: str | None) -> str | None:
+    async def supervisor_of(
+        self, uow: UnitOfWork, practice: str, provider_id: str | None
+    ) -> str | None:
         """The provider's own supervisor, else the practice's clinical supervisor."""
         if provider_id is not None:
             row = await load_provider(uow, practice, provider_id)
@@ -169,13 +183,17 @@ class Notifier:
             "practice_name": practice.name if practice else intent.practice,
             "provider_name": name,
             "ack_url": self.ack_url(intent.practice, ack_target)
-            if (requires_ack or intent.root_id) else None,
+            if (requires_ack or intent.root_id)
+            else None,
         }
         subject = text = html = ""
         try:
             rendered = self.renderer.render(
-                kind, intent.values, context,
-                await self.template_source(uow, intent.practice, intent.kind))
+                kind,
+                intent.values,
+                context,
+                await self.template_source(uow, intent.practice, intent.kind),
+            )
             subject, text, html = rendered.subject, rendered.text, rendered.html
             subject = intent.subject_prefix + subject
         except (MissingFields, TemplateInvalid) as exc:
@@ -183,43 +201,88 @@ class Notifier:
                 raise
             error = f"template: {exc}"
         status = "failed" if error else "pending"
-        await uow.session.execute(insert_for(uow.session, messages).values(
-            id=message_id, practice=intent.practice, idempotency_key=intent.idempotency_key,
-            kind=intent.kind, provider_id=intent.provider_id, patient=intent.patient,
-            channel=channel, recipient=address, subject=subject or kind.title,
-            text_body=text, html_body=html, fields=_jsonable(intent.values),
-            attachments=list(intent.attachments), status=status, attempts=0,
-            next_attempt_at=now if status == "pending" else None, last_error=error,
-            root_id=intent.root_id,
-            ack_state="pending" if requires_ack and not intent.root_id else None,
-            ack_due_at=now + timedelta(minutes=sla) if requires_ack and not intent.root_id
-            else None,
-            escalation_level=intent.escalation_level, tracker=intent.tracker, created_at=now,
-        ))
+        await uow.session.execute(
+            insert_for(uow.session, messages).values(
+                id=message_id,
+                practice=intent.practice,
+                idempotency_key=intent.idempotency_key,
+                kind=intent.kind,
+                provider_id=intent.provider_id,
+                patient=intent.patient,
+                channel=channel,
+                recipient=address,
+                subject=subject or kind.title,
+                text_body=text,
+                html_body=html,
+                fields=_jsonable(intent.values),
+                attachments=list(intent.attachments),
+                status=status,
+                attempts=0,
+                next_attempt_at=now if status == "pending" else None,
+                last_error=error,
+                root_id=intent.root_id,
+                ack_state="pending" if requires_ack and not intent.root_id else None,
+                ack_due_at=now + timedelta(minutes=sla)
+                if requires_ack and not intent.root_id
+                else None,
+                escalation_level=intent.escalation_level,
+                tracker=intent.tracker,
+                created_at=now,
+            )
+        )
         if error:
-            await self.raise_failed(uow, message_id, intent.practice, intent.kind,
-                                    intent.provider_id, channel, 0, error,
-                                    intent.idempotency_key, intent.patient)
+            await self.raise_failed(
+                uow,
+                message_id,
+                intent.practice,
+                intent.kind,
+                intent.provider_id,
+                channel,
+                0,
+                error,
+                intent.idempotency_key,
+                intent.patient,
+            )
         return Recorded(message_id, True, status, error)
 
     async def find_by_key(self, uow: UnitOfWork, key: str):  # noqa: ANN201
         stmt = select(messages.c.id, messages.c.status, messages.c.last_error).where(
-            messages.c.idempotency_key == key)
+            messages.c.idempotency_key == key
+        )
         return (await uow.session.execute(stmt)).first()
 
     async def raise_failed(
-        self, uow: UnitOfWork, message_id: str, practice: str, kind: str,
-        provider_id: str | None, channel: str | None, attempts: int, reason: str,
-        key: str, patient: str | None,
+        self,
+        uow: UnitOfWork,
+        message_id: str,
+        practice: str,
+        kind: str,
+        provider_id: str | None,
+        channel: str | None,
+        attempts: int,
+        reason: str,
+        key: str,
+        patient: str | None,
     ) -> None:
-        await uow.outbox.add(FAILED, CloudEvent(
-            source=SOURCE, type=FAILED, tenant=practice, time=self.clock(),
-            subject=patient or f"Communication/{message_id}",
-            data={"message": message_id, "kind": kind,
-                  "provider": f"Practitioner/{provider_id}" if provider_id else None,
-                  "channel": channel, "attempts": attempts, "reason": reason[:1000],
-                  "idempotencyKey": key},
-        ))
+        await uow.outbox.add(
+            FAILED,
+            CloudEvent(
+                source=SOURCE,
+                type=FAILED,
+                tenant=practice,
+                time=self.clock(),
+                subject=patient or f"Communication/{message_id}",
+                data={
+                    "message": message_id,
+                    "kind": kind,
+                    "provider": f"Practitioner/{provider_id}" if provider_id else None,
+                    "channel": channel,
+                    "attempts": attempts,
+                    "reason": reason[:1000],
+                    "idempotencyKey": key,
+                },
+            ),
+        )
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
