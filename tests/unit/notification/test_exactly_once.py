@@ -8,7 +8,8 @@ from datetime import UTC, datetime
 import pytest_asyncio
 from sqlalchemy import select
 
-from ccm_notification.adapters.orm import messages, outbox
+from ccm_notification.adapters.orm import messages, outbox, practice_contacts
+from ccm_notification.adapters.sql import upsert
 from ccm_notification.bootstrap import SERVICE
 from ccm_notification.service_layer.directory import edit_provider
 from ccm_shared.events import CloudEvent, to_message
@@ -134,3 +135,46 @@ async def test_a_role_supplies_organization_and_an_email_and_routes_role_referen
     [message] = await rows(runtime, messages, messages.c.practice == "acme")
     assert message.provider_id == "doc-2" and message.recipient == "two@acme.test"
     assert directory.stats.dead_lettered == 0
+
+
+async def test_billing_events_reach_the_billing_practitioner_or_the_practice_contacts(runtime):
+    alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
+    async with runtime.db.unit_of_work() as uow:
+        await edit_provider(uow, "acme", "lead", {"name": "Dr. Lead", "email": "lead@acme.test"},
+                            (), actor="test", now=NOW, if_match=None)
+        await upsert(uow.session, practice_contacts, {"practice": "acme"},
+                     {"supervisor": "lead", "on_call": None, "summary_recipients": [],
+                      "updated_at": NOW})
+        await uow.commit()
+    at_risk = CloudEvent(source="/ccm/billing", type="billing.threshold.at-risk.v1",
+                         tenant="acme", subject="Patient/p1", data={
+        "patient": "Patient/p1", "month": "2026-11", "seconds": {"staff": 900, "practitioner": 0},
+        "nextCode": "99490", "minutesToNext": 5, "daysLeft": 3,
+        "billingPractitioner": "Practitioner/doc-1", "idempotencyKey": "acme:p1:2026-11:99490"})
+    invoice = CloudEvent(source="/ccm/billing", type="billing.invoice.issued.v1", tenant="acme",
+                         data={"invoiceId": "inv-1", "month": "2026-11", "revision": 0,
+                               "status": "issued", "totalNet": "100.00",
+                               "totalGross": "120.00", "invoice": {}})
+    for event in (at_risk, invoice):
+        await alerts.process(to_message(event.type, event))
+    found = {r.kind: r for r in await rows(runtime, messages, messages.c.practice == "acme")}
+    assert found["threshold-at-risk"].recipient == "one@acme.test"
+    assert found["threshold-at-risk"].subject == "Patient/p1 needs 5 more minutes for 99490 (2026-11)"
+    assert found["invoice-issued"].recipient == "lead@acme.test"
+    assert "$100.00 net, $120.00 gross" in found["invoice-issued"].text_body
+
+
+async def test_a_completed_review_closes_its_pending_escalation(runtime):
+    alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
+    escalated = overdue("doc-1").model_copy(update={
+        "type": "careplan.review.escalated.v1",
+        "data": {**overdue("doc-1").data, "supervisor": "Practitioner/doc-1",
+                 "idempotencyKey": "acme:tr-1:escalated:2026-11-01:1"}})
+    await alerts.process(to_message(escalated.type, escalated))
+    [alert] = await rows(runtime, messages, messages.c.practice == "acme")
+    assert alert.ack_state == "pending"
+    resolved = escalated.model_copy(update={"id": str(uuid.uuid4()),
+                                            "type": "careplan.review.resolved.v1"})
+    await alerts.process(to_message(resolved.type, resolved))
+    [alert] = await rows(runtime, messages, messages.c.practice == "acme")
+    assert alert.ack_state == "closed"

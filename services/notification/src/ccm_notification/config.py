@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ccm_notification.domain.kinds import KINDS
+
 
 class NotificationSettings(BaseSettings):
     """Every setting is documented in services/notification/README.md."""
@@ -35,9 +37,11 @@ class NotificationSettings(BaseSettings):
     sending_lease_seconds: float = Field(300.0, gt=0,
                                          description="A claimed message not finished within this "
                                                      "is retried (crash recovery)")
-    ack_kinds: str = Field("care-gap-alert,deterioration-escalation,review-escalated",
-                           description="Kinds that need acknowledgement unless a practice "
-                                       "policy says otherwise (comma-separated)")
+    ack_kinds: str = Field(
+        ",".join(k.name for k in KINDS.values() if k.time_sensitive),
+        description="Kinds that need acknowledgement unless a practice policy says otherwise "
+        "(comma-separated)",
+    )
     ack_sla_minutes: int = Field(240, gt=0, description="Default acknowledgement SLA")
     ack_sweep_interval_seconds: float = Field(30.0, gt=0,
                                               description="How often overdue acks are checked")
