@@ -150,7 +150,8 @@ async def store(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
                            last_updated=last_updated, sha256=sha, deleted=False,
                            patient=patient.removeprefix("Patient/") if patient else None,
                            ccm_state=mapping.state)
-    await repo.replace_identifiers(rtype, rid, _identifiers(body))
+    if current.version_id or _identifiers(body):  # a brand-new resource has none to replace
+        await repo.replace_identifiers(rtype, rid, _identifiers(body))
     await _emit(uow, caller, mapping.events)
     issues = [Issue("warning", "business-rule", w) for w in mapping.warnings]
     return Outcome(200 if exists else 201, rtype, rid, version, issues)
