@@ -640,7 +640,10 @@ def kafka_users(services: list[Service]) -> list[dict]:
         docs.append({
             "apiVersion": "kafka.strimzi.io/v1beta2",
             "kind": "KafkaUser",
-            "metadata": {"name": f"ccm-{svc.name}", "labels": {"strimzi.io/cluster": KAFKA_CLUSTER}},
+            "metadata": {
+                "name": f"ccm-{svc.name}",
+                "labels": {"strimzi.io/cluster": KAFKA_CLUSTER},
+            },
             "spec": {
                 "authentication": {"type": "scram-sha-512"},
                 "authorization": {"type": "simple", "acls": acls},

@@ -121,7 +121,7 @@ def test_the_compose_check_rejects_an_invalid_file(tools, tmp_path) -> None:
 
 def test_compose_dependencies_start_in_order(compose_model) -> None:
     services = compose_model["services"]
-    for name, svc in services.items():
+    for svc in services.values():
         command = svc.get("command") or []
         if command[:1] == ["serve"]:
             deps = svc["depends_on"]
