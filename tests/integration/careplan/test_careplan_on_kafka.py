@@ -37,14 +37,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 START = datetime(2026, 1, 5, 15, 0, tzinfo=UTC)
 
 
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest_asyncio.fixture(loop_scope="session")
 async def careplan_schema(infra):
     await upgrade_async(infra.database_url, SERVICE.schema, SERVICE.migrations_package)
@@ -62,7 +54,7 @@ async def test_ingest_care_plan_reaches_the_tracker_and_an_overdue_plan_is_remin
     careplan_schema,
 ):
     infra = careplan_schema
-    clock = Clock(START)
+    clock = f.Clock(START)
     settings = load_settings(database_url=infra.database_url,
                              kafka_bootstrap_servers=infra.kafka_bootstrap_servers,
                              consumer_max_retries=0, outbox_poll_interval_seconds=0.05)

@@ -19,14 +19,7 @@ from ccm_shared.settings import load_settings
 from ccm_shared.tables import outbox_table
 from ccm_shared.tenancy import Pricing, create_practice, create_token
 from ccm_shared.transport import InProcessTransport
-
-
-class Clock:
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
+from tests.unit.careplan.factories import Clock
 
 
 class Careplan:

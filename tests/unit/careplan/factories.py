@@ -1,4 +1,5 @@
-"""Ingest events as ingest publishes them (contracts/events), for the careplan tests."""
+"""Ingest events as ingest publishes them (contracts/events), and a settable clock, for the
+careplan tests."""
 
 from __future__ import annotations
 
@@ -63,3 +64,13 @@ def practitioner(practice: str, ref: str, *, at: datetime, active: bool = True,
             "qualifications": [], "deleted": False}
     return CloudEvent(source="/ccm/ingest/connection/test", type="ingest.practitioner.upserted.v1",
                       tenant=practice, subject=ref, data=data, time=at)
+
+
+class Clock:
+    """The runtime's injectable clock, moved by the test."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now

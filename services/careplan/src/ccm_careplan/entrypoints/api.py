@@ -63,6 +63,12 @@ class RulesIn(BaseModel):
         return ReviewRules(**data)
 
 
+async def _context(uow, practice: str, now) -> tuple[ReviewRules, date]:  # noqa: ANN001
+    """The practice's rules and its calendar day now (review dates are local days)."""
+    return await load_rules(uow.session, practice), await practice_today(uow.session, practice,
+                                                                        now)
+
+
 def _allowed(tenant: Tenant, practice: str | None = None) -> None:
     if practice is not None:
         tenant.require_practice(practice)
@@ -97,8 +103,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
     ) -> dict:
         _allowed(tenant, practice)
         async with db.unit_of_work() as uow:
-            rules = await load_rules(uow.session, practice)
-            today = await practice_today(uow.session, practice, clock())
+            rules, today = await _context(uow, practice, clock())
             try:
                 page = await queries.list_trackers(
                     uow, practice, queries.ListQuery(review, patient, sort, limit, offset),
@@ -114,8 +119,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
     async def overdue_report(practice: str, tenant: TenantDep) -> Response:
         _allowed(tenant, practice)
         async with db.unit_of_work() as uow:
-            rules = await load_rules(uow.session, practice)
-            today = await practice_today(uow.session, practice, clock())
+            rules, today = await _context(uow, practice, clock())
             body = await queries.overdue_csv(uow, practice, today, rules)
         return Response(body, media_type="text/csv; charset=utf-8", headers={
             "Content-Disposition":
@@ -128,8 +132,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
 
     async def _detail(practice: str, tracker: str) -> dict:
         async with db.unit_of_work() as uow:
-            rules = await load_rules(uow.session, practice)
-            today = await practice_today(uow.session, practice, clock())
+            rules, today = await _context(uow, practice, clock())
             detail = await queries.tracker_detail(uow, practice, tracker, today, rules)
         if detail is None:
             raise NotFound(f"care plan {tracker!r} not found")
