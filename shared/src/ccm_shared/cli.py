@@ -416,10 +416,11 @@ def show_config() -> None:
     for definition in discover_services().values():
         if definition.settings_model is None:
             continue
+        prefix = definition.settings_model.model_config.get("env_prefix", "CCM_").upper()
         typer.echo(f"# {definition.name}")
         for name, value in definition.settings_model().model_dump().items():
             secret = any(w in name for w in ("password", "secret", "key", "token"))
-            typer.echo(f"CCM_{name.upper()}={'***' if secret and value else value}")
+            typer.echo(f"{prefix}{name.upper()}={'***' if secret and value else value}")
 
 
 def _mount_service_commands() -> None:
