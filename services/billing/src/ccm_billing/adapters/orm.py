@@ -34,6 +34,7 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("entry_id", String(REF_ID), nullable=False),
         Column("patient", String(REF_ID), nullable=True),
         Column("version", String(80), nullable=False),
+        Column("data_version", String(80), nullable=True),  # the logged version `start`… came from
         Column("status", String(30), nullable=False),  # finished | entered-in-error | cancelled …
         Column("seconds", Integer, nullable=False, default=0),
         Column("start", DateTime(timezone=True), nullable=True),

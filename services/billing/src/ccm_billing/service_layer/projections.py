@@ -12,7 +12,7 @@ import json
 from datetime import UTC
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 
 from ccm_billing.adapters import orm
 from ccm_billing.domain.model import Month
@@ -90,23 +90,32 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
     ).first()
     closed = await corrections.is_closed(uow.session, practice, month)
     late = closed and not (existing is not None and existing.locked and existing.month == month)
+    version = version_key(d["source"])
+    details = {
+        "patient": ref_id(d["patient"]),
+        "data_version": version,
+        "seconds": d["seconds"],
+        "start": start,
+        "month": month,
+        "complex": d["complex"],
+        "practitioner": performer.get("practitioner"),
+        "practitioner_role": performer.get("practitionerRole"),
+        "role_codes": json.dumps(performer.get("roleCodes") or []),
+        "warnings": json.dumps(d.get("warnings") or []),
+    }
     changed = await _upsert(
         uow, t, {"practice": practice, "entry_id": entry_id},
-        {
-            "patient": ref_id(d["patient"]),
-            "version": version_key(d["source"]),
-            "status": "finished",
-            "seconds": d["seconds"],
-            "start": start,
-            "month": month,
-            "complex": d["complex"],
-            "practitioner": performer.get("practitioner"),
-            "practitioner_role": performer.get("practitionerRole"),
-            "role_codes": json.dumps(performer.get("roleCodes") or []),
-            "warnings": json.dumps(d.get("warnings") or []),
-            "late": late,
-        },
+        {"version": version, "status": "finished", "late": late, **details},
     )
+    if not changed:
+        # A reversal (a newer version) arrived first: keep its status, but describe the entry
+        # with the newest logged version seen, so any delivery order explains the same way.
+        await uow.session.execute(
+            update(t)
+            .where(t.c.practice == practice, t.c.entry_id == entry_id,
+                   or_(t.c.data_version.is_(None), t.c.data_version < version))
+            .values(**details)
+        )
     if changed and closed and not late:
         # A new version of time already billed (e.g. seconds changed): the month is recomputed.
         await corrections.recompute(uow, practice, month, "time entry revised after close", now)
