@@ -1,0 +1,153 @@
+"""Billing on real PostgreSQL and Apache Kafka: ingest events on Kafka → projections →
+worklist → close → Invoice event on Kafka and FHIR reads → a correction → cancel and reissue."""
+
+import json
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import httpx
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from fhir.resources.R4B.chargeitem import ChargeItem
+from fhir.resources.R4B.invoice import Invoice
+
+from ccm_billing.service_layer.projections import TOPICS
+from ccm_shared.consumer import ConsumerRuntime
+from ccm_shared.events import CloudEvent, to_message
+from ccm_shared.migrate import upgrade_async
+from ccm_shared.service import ServiceRuntime, discover_services
+from ccm_shared.settings import load_settings
+from ccm_shared.tenancy import create_practice, create_token
+from ccm_shared.transport import KafkaTransport
+from tests.integration.conftest import eventually
+from tests.support.kafka_read import read_topic
+from tests.unit.billing import events as ev
+from tests.unit.billing.conftest import PRICING, Clock
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def start_group_at_end(bootstrap: str, group: str) -> None:
+    """A fresh consumer group positioned at the topics' ends: this test reads only its events,
+    not the history other engineers' runs left on the shared broker."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(list(TOPICS))
+    finally:
+        await admin.close()
+    partitions = [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign(partitions)
+        ends = await consumer.end_offsets(partitions)
+        assert partitions, "the ingest topics have no partitions"
+        await consumer.commit({tp: off for tp, off in ends.items()})
+    finally:
+        await consumer.stop()
+
+
+async def billing_events(bootstrap: str, topic: str, practice: str, expect: int) -> list[CloudEvent]:
+    found: list[CloudEvent] = []
+
+    async def arrived() -> bool:
+        records = await read_topic(bootstrap, topic, expect=0, timeout=1)
+        found[:] = [e for e in (CloudEvent.from_json(r.value) for r in records) if e.tenant == practice]
+        return len(found) >= expect
+
+    await eventually(arrived, timeout=60, what=f"{expect} {topic} events of {practice}")
+    return found
+
+
+async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
+    definition = discover_services()["billing"]
+    await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
+    settings = load_settings(database_url=infra.database_url,
+                             kafka_bootstrap_servers=infra.kafka_bootstrap_servers)
+    clock = Clock(datetime(2025, 3, 20, 15, tzinfo=UTC))
+    transport = KafkaTransport(infra.kafka_bootstrap_servers, client_id="ccm-billing-it")
+    runtime = ServiceRuntime.build(definition, settings, transport=transport, clock=clock)
+    group = f"billing-it-{uuid.uuid4().hex[:8]}"
+    await kafka.ensure_topics(TOPICS)
+    await start_group_at_end(infra.kafka_bootstrap_servers, group)
+    spec = definition.consumers(runtime)[0]
+    runtime.consumers = [ConsumerRuntime(name=group, topics=spec.topics, handler=spec.handler,
+                                         db=runtime.db, transport=transport)]
+    practice = f"bill-{uuid.uuid4().hex[:8]}"
+    await create_practice(runtime.db.engine, practice_id=practice, name="Integration Clinic",
+                          timezone="America/New_York", pricing=PRICING)
+    token = await create_token(runtime.db.engine, practice_id=practice)
+    headers = {"Authorization": f"Bearer {token}"}
+    await runtime.start(background=False)
+    try:
+        ingest = [*ev.enrolled_patient(practice, "p1"), *ev.enrolled_patient(practice, "p2"),
+                  ev.role(practice, "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  ev.time_logged(practice, "p1", "e1", 1500, "2025-03-03T10:00:00-05:00"),
+                  ev.time_logged(practice, "p1", "e2", 1200, "2025-03-17T10:00:00-04:00"),
+                  ev.time_logged(practice, "p2", "e3", 1199, "2025-03-05T10:00:00-05:00")]
+        await kafka.send_batch([to_message(e.type, e) for e in ingest + ingest[-3:]])  # + duplicates
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
+                                     base_url="http://billing") as client:
+            base = f"/v1/practices/{practice}/billing-periods/2025-03"
+            rows = {}
+
+            async def worklist_complete() -> bool:
+                r = await client.get(f"{base}/worklist", headers=headers)
+                rows.clear()
+                rows.update({x["patient"]: x for x in r.json()["patients"]})
+                # Events of one patient share a partition; the role's may land earlier or later.
+                return (rows.get("Patient/p1", {}).get("codes") == {"99490": 1, "99439": 1}
+                        and rows.get("Patient/p2", {}).get("seconds", {}).get("staff") == 1199)
+
+            await eventually(worklist_complete, timeout=60, what="the worklist to show both patients")
+            assert rows["Patient/p1"]["seconds"] == {"staff": 2700, "practitioner": 0}
+            assert rows["Patient/p2"]["blockers"] == ["time-threshold-not-met"]
+            assert rows["Patient/p2"]["minutesToNextThreshold"] == 1
+
+            clock.now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+            closed = await client.post(f"{base}/close", headers=headers)
+            assert closed.status_code == 200, closed.text
+            assert (await client.post(f"{base}/close", headers=headers)).json() == closed.json()
+            invoice_id = closed.json()["invoice"]["id"]
+            issued = await billing_events(infra.kafka_bootstrap_servers, "billing.invoice.issued.v1",
+                                          practice, 1)
+            assert issued[0].data["invoiceId"] == invoice_id and issued[0].data["totalNet"] == "75.33"
+            Invoice.model_validate(issued[0].data["invoice"])
+            period = await billing_events(infra.kafka_bootstrap_servers, "billing.period.closed.v1",
+                                          practice, 1)
+            assert period[0].data["patientsBillable"] == 1
+
+            fhir_invoice = (await client.get(f"/fhir/Invoice/{invoice_id}", headers=headers)).json()
+            Invoice.model_validate(fhir_invoice)
+            items = (await client.get("/fhir/ChargeItem", params={"subject": "Patient/p1"},
+                                      headers=headers)).json()
+            for entry in items["entry"]:
+                ChargeItem.model_validate(entry["resource"])
+            assert sorted(e["resource"]["code"]["coding"][0]["code"] for e in items["entry"]) == [
+                "99439", "99490"]
+            report = (await client.get(f"{base}/report.json", headers=headers)).json()
+            assert report["totals"]["amount"] == "75.33"
+
+            # Correction after close: the 20-minute Encounter was entered in error.
+            reversal = ev.time_reversed(practice, "p1", "e2")
+            await kafka.send_batch([to_message(reversal.type, reversal)])
+            cancelled = await billing_events(infra.kafka_bootstrap_servers,
+                                             "billing.invoice.cancelled.v1", practice, 1)
+            assert cancelled[0].data["invoiceId"] == invoice_id
+            replacement = cancelled[0].data["replacedBy"]
+            reissued = await billing_events(infra.kafka_bootstrap_servers,
+                                            "billing.invoice.issued.v1", practice, 2)
+            new = next(e for e in reissued if e.data["invoiceId"] == replacement)
+            assert new.data["replaces"] == invoice_id and new.data["totalNet"] == "42.00"
+            old = (await client.get(f"/fhir/Invoice/{invoice_id}", headers=headers)).json()
+            assert old["status"] == "cancelled"
+            paid = await client.post(f"/v1/invoices/{replacement}/payments", headers=headers,
+                                     json={"amount": "42.00", "date": "2025-04-20", "reference": "ach-1"})
+            assert paid.status_code == 201 and paid.json()["invoice"]["status"] == "balanced"
+            await billing_events(infra.kafka_bootstrap_servers, "billing.invoice.paid.v1", practice, 1)
+            assert Decimal(json.loads(json.dumps(paid.json()))["invoice"]["balance"]) == 0
+    finally:
+        await runtime.stop()
