@@ -1,0 +1,102 @@
+"""Mapping rules (pure) and the per-practice configuration API."""
+
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
+from ccm_ingest.domain.mapping import MappingContext, classify_role, map_version
+from ccm_ingest.domain.model import FhirRejected, SourceVersion
+from tests.unit.ingest.conftest import events
+from tests.unit.ingest.test_fhir_api import ccm_encounter
+
+NY = ZoneInfo("America/New_York")
+
+
+def ctx(rtype, *, state=None, deleted=False, updated=datetime(2026, 3, 31, 23, 0, tzinfo=UTC),
+        config=DEFAULT_CONFIG):
+    source = SourceVersion(rtype, "x1", 2, updated, "a" * 64, updated, "ehr")
+    return MappingContext(source, config, NY, state or {}, deleted)
+
+
+@pytest.mark.parametrize("system,code,expected", [
+    ("http://nucc.org/provider-taxonomy", "207Q00000X", "billing-practitioner"),
+    ("http://nucc.org/provider-taxonomy", "363LF0000X", "billing-practitioner"),
+    ("http://terminology.hl7.org/CodeSystem/practitioner-role", "nurse", "clinical-staff"),
+    ("http://nucc.org/provider-taxonomy", "3747A0650X", "clinical-staff"),
+    ("http://terminology.hl7.org/CodeSystem/practitioner-role", "RP", "unknown"),
+    ("urn:other", "207Q00000X", "unknown"),
+])
+def test_role_classification_defaults(system, code, expected):
+    assert classify_role([{"system": system, "code": code}], DEFAULT_CONFIG) == expected
+
+
+def test_time_before_midnight_utc_counts_in_the_practice_month():
+    enc = ccm_encounter(start="2026-04-01T02:30:00Z")  # 22:30 on 31 March in New York
+    (event,) = map_version(enc, ctx("Encounter")).events
+    assert event.data["serviceMonth"] == "2026-03" and event.data["serviceDate"] == "2026-03-31"
+
+
+def test_entered_in_error_reverses_time_already_logged():
+    mapping = map_version(ccm_encounter(status="entered-in-error"),
+                          ctx("Encounter", state={"loggedMonth": "2026-03"}))
+    (event,) = mapping.events
+    assert event.type == "ingest.time-entry.reversed.v1"
+    assert event.data["reason"] == "entered-in-error" and mapping.state == {}
+
+
+def test_unfinished_encounter_never_logged_emits_nothing():
+    assert map_version(ccm_encounter(status="in-progress"), ctx("Encounter")).events == []
+
+
+def test_length_and_period_disagreeing_is_a_warning():
+    enc = ccm_encounter(minutes=25)
+    enc["period"]["end"] = "2026-03-01T03:30:00Z"  # 60 minutes
+    mapping = map_version(enc, ctx("Encounter"))
+    assert mapping.events[0].data["seconds"] == 1500 and mapping.warnings
+
+
+def test_length_in_unknown_unit_is_refused():
+    enc = ccm_encounter()
+    enc["length"]["code"] = "wk"
+    with pytest.raises(FhirRejected) as exc:
+        map_version(enc, ctx("Encounter"))
+    assert exc.value.issues[0].expression == ("Encounter.length.code",)
+
+
+def test_revoked_consent_is_effective_until_the_end_of_the_practice_month():
+    consent = {"resourceType": "Consent", "status": "inactive",
+               "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                               "consentscope", "code": "treatment"}]},
+               "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+               "patient": {"reference": "Patient/p1"}}
+    # 2026-04-01T01:00Z is still 31 March in New York.
+    (event,) = map_version(consent, ctx("Consent", updated=datetime(2026, 4, 1, 1, 0,
+                                                                     tzinfo=UTC))).events
+    assert event.type == "ingest.consent.revoked.v1"
+    assert event.data["effectiveUntil"] == "2026-03-31"
+
+
+def test_config_overrides_are_checked():
+    with pytest.raises(ConfigInvalid, match="unknown setting"):
+        DEFAULT_CONFIG.merged({"ccm_codes": []})
+    with pytest.raises(ConfigInvalid, match="system\\|code"):
+        DEFAULT_CONFIG.merged({"ccm_time_codes": ["99490"]})
+
+
+async def test_practice_override_of_ccm_time_codes_applies_to_later_versions(fhir):
+    local = {"ccm_time_codes": ["urn:local|CCM"]}
+    r = await fhir.put("/v1/practices/alpha/ingest-config", json=local)
+    assert r.status_code == 200 and r.json()["effective"]["ccm_time_codes"] == ["urn:local|CCM"]
+    assert (await fhir.get("/v1/practices/alpha/ingest-config")).json()["overrides"] == local
+    await fhir.put("/fhir/Encounter/e1", json=ccm_encounter())  # CPT 99490: no longer CCM here
+    enc = ccm_encounter("e2")
+    enc["type"] = [{"coding": [{"system": "urn:local", "code": "CCM"}]}]
+    await fhir.put("/fhir/Encounter/e2", json=enc)
+    logged = await events(fhir, "ingest.time-entry.logged.v1")
+    assert [e["data"]["entry"] for e in logged] == ["Encounter/e2"]
+    bad = await fhir.put("/v1/practices/alpha/ingest-config", json={"nope": 1})
+    assert bad.status_code == 422
+    other = await fhir.get("/v1/practices/beta/ingest-config")
+    assert other.status_code == 404
