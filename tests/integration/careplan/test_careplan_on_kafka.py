@@ -169,8 +169,8 @@ async def test_two_scheduler_replicas_over_one_database_send_each_step_exactly_o
             await db.dispose()
     keys = Counter(json.loads(p)["data"]["idempotencyKey"] for p in payloads)
     assert not {k: n for k, n in keys.items() if n > 1}, "a step was sent twice"
-    # Every step owed by Jan 30 was sent: due notice, reminders 30/14/7 days before, the overdue
-    # notice and weekly overdue reminders (due dates Jan 5…16, 2027; escalation comes later).
+    # Every step owed by Jan 30 was sent: reminders 30/14/7 days before, the due and overdue
+    # notices and weekly overdue reminders (due dates Jan 5…16, 2027; escalation comes later).
     expected = set()
     for n in range(plans):
         due = date(2027, 1, 5) + timedelta(days=n)

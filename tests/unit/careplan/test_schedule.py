@@ -43,7 +43,7 @@ def test_a_clinical_change_brings_the_review_forward(anchor, trigger, expected):
 def test_default_schedule_up_to_the_first_escalation():
     steps = planned_steps(D, DEFAULT_RULES, date(2027, 4, 1))
     assert [(s.kind, s.step, (s.on - D).days) for s in steps] == [
-        ("due", 0, -30), ("reminder", 1, -30), ("reminder", 2, -14), ("reminder", 3, -7),
+        ("reminder", 1, -30), ("reminder", 2, -14), ("reminder", 3, -7), ("due", 0, 0),
         ("overdue", 0, 1), ("reminder", 4, 7), ("reminder", 5, 14), ("reminder", 6, 21),
         ("reminder", 7, 28), ("escalated", 1, 31),
     ]
@@ -87,7 +87,7 @@ def test_nothing_is_owed_twice():
 
 def test_after_a_rule_change_an_older_reminder_is_not_sent_late():
     # Reminder 2 (14 days before) was sent; the practice adds a 21-day reminder afterwards.
-    recorded = {("due", 0): date(2027, 1, 30), ("reminder", 1): date(2027, 1, 30),
+    recorded = {("reminder", 1): date(2027, 1, 30),
                 ("reminder", 2): date(2027, 2, 15)}
     rules = ReviewRules(reminder_days_before_due=(30, 21, 14, 7))
     decisions = steps_owed(D, rules, date(2027, 2, 16), recorded)

@@ -64,20 +64,18 @@ async def test_a_year_of_reviews_on_time_late_escalated_and_brought_forward(care
             e["data"]["dueDate"], e["time"][:10])
            for e in await cp.emitted() if e["type"].startswith("careplan.review.")]
     expected = [
-        ("early", "due", 0, "2026-07-01", "2026-06-17"),
         ("early", "reminder", 1, "2026-07-01", "2026-06-17"),
         ("early", "completed", 0, "2026-07-01", "2026-06-25"),
-        ("ontime", "due", 0, "2027-01-05", "2026-12-22"),
         ("ontime", "reminder", 1, "2027-01-05", "2026-12-22"),
         ("ontime", "completed", 0, "2027-01-05", "2026-12-28"),
-        ("late", "due", 0, "2027-02-01", "2027-01-18"),
         ("late", "reminder", 1, "2027-02-01", "2027-01-18"),
+        ("late", "due", 0, "2027-02-01", "2027-02-01"),
         ("late", "overdue", 0, "2027-02-01", "2027-02-02"),
         ("late", "reminder", 2, "2027-02-01", "2027-02-08"),
         ("late", "completed", 0, "2027-02-01", "2027-02-10"),
         ("late", "resolved", 0, "2027-02-01", "2027-02-10"),
-        ("escalated", "due", 0, "2027-03-01", "2027-02-15"),
         ("escalated", "reminder", 1, "2027-03-01", "2027-02-15"),
+        ("escalated", "due", 0, "2027-03-01", "2027-03-01"),
         ("escalated", "overdue", 0, "2027-03-01", "2027-03-02"),
         ("escalated", "reminder", 2, "2027-03-01", "2027-03-08"),
         ("escalated", "reminder", 3, "2027-03-01", "2027-03-15"),

@@ -72,7 +72,9 @@ def first_escalation(due: date, rules: ReviewRules) -> date:
 
 def planned_steps(due: date, rules: ReviewRules, until: date) -> list[Step]:
     """Every step of the cycle due on or before ``until``, in date order."""
-    steps = [Step(due - timedelta(days=rules.due_window_days), DUE, 0)]
+    # The due notice goes out on the due date itself, never on a reminder's day: notification
+    # turns both into a message to the provider, who should not get two at once.
+    steps = [Step(due, DUE, 0)]
     steps += [Step(d, REMINDER, i) for i, d in enumerate(reminder_dates(due, rules, until), 1)]
     steps.append(Step(due + timedelta(days=1), OVERDUE, 0))
     escalation = first_escalation(due, rules)
