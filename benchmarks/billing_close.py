@@ -1,0 +1,265 @@
+"""Billing month close: N patients with M time entries across P practices, closed and published
+(ChargeItems, Invoices, period-closed and invoice-issued events through the outbox to Kafka),
+against the same run's bare SQL aggregation of the same entries plus a bare publish of the same
+events. Also projection throughput (time-entry events consumed from Kafka) and peak memory.
+
+Needs real PostgreSQL and Kafka: `deploy/local/up.sh && source .ccm-local/env` first.
+Usage: uv run python benchmarks/billing_close.py [--patients 100000] [--entries-per-patient 6]
+       [--practices 100] [--concurrency 4] [--projection-events 20000]
+
+Runs in a throwaway schema (dropped afterwards); the bench practices it registers in
+platform.practices are deleted at the end. Targets (issue 4): close ≤ 15 s for 100,000 patients /
+600,000 entries including publishing, and ≤ 1.5 × (bare SQL aggregation + bare publish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import sys
+import time
+import uuid
+from datetime import UTC, date, datetime, timedelta
+
+from aiokafka import AIOKafkaProducer
+from sqlalchemy import text
+
+from ccm_billing.adapters.orm import metadata
+from ccm_billing.domain.model import Month
+from ccm_billing.entrypoints.consumers import consumers
+from ccm_billing.service_layer.invoicing import close_period
+from ccm_shared.consumer import ConsumerRuntime
+from ccm_shared.db import Database
+from ccm_shared.events import CloudEvent, to_message
+from ccm_shared.migrate import upgrade_platform
+from ccm_shared.outbox import OutboxRelay
+from ccm_shared.tenancy import Pricing, create_practice
+from ccm_shared.transport import KafkaTransport
+
+MONTH = Month(2025, 3)
+NOW = datetime(2025, 4, 2, 12, tzinfo=UTC)
+PRICING = Pricing(model="percent-of-medicare", percent=__import__("decimal").Decimal("45"))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def load(db: Database, practices: list[str], per_practice: int, entries: int) -> int:
+    """Projection rows written straight with COPY (setup, not timed)."""
+    rng = random.Random(42)
+    start = datetime(2025, 3, 1, 14, tzinfo=UTC)
+    version = "2025-01-01T00:00:00.000000|00000000000000000001"
+    rows = {k: [] for k in ("patients", "consents", "care_plans", "conditions", "time_entries",
+                            "practitioner_roles")}
+    n_entries = 0
+    for practice in practices:
+        rows["practitioner_roles"] += [
+            (practice, "nurse", version, "Practitioner/nurse", "clinical-staff", True),
+            (practice, "doc", version, "Practitioner/doc", "billing-practitioner", True)]
+        for p in range(per_practice):
+            pid = f"p{p}"
+            rows["patients"].append((practice, pid, version, None, True))
+            rows["consents"].append((practice, f"c{p}", pid, version, "active",
+                                     datetime(2024, 6, 1, tzinfo=UTC), "permit", None, None))
+            rows["care_plans"].append((practice, f"cp{p}", pid, version, "active", "plan",
+                                       date(2024, 6, 1), date(2025, 1, 5)))
+            rows["conditions"] += [(practice, f"k{p}a", pid, version, True),
+                                   (practice, f"k{p}b", pid, version, True)]
+            for e in range(entries):
+                doc = rng.random() < 0.1
+                rows["time_entries"].append((
+                    practice, f"e{p}-{e}", pid, version, version, "finished", rng.randint(60, 900),
+                    start + timedelta(days=rng.randint(0, 27), minutes=e), "2025-03", False,
+                    "Practitioner/doc" if doc else "Practitioner/nurse",
+                    "PractitionerRole/doc" if doc else "PractitionerRole/nurse", "[]", "[]",
+                    False, False))
+                n_entries += 1
+    columns = {
+        "patients": ["practice", "patient_id", "version", "mbi", "active"],
+        "consents": ["practice", "consent_id", "patient", "version", "status", "obtained_at",
+                     "provision", "effective_until", "practitioner"],
+        "care_plans": ["practice", "care_plan_id", "patient", "version", "status", "intent",
+                       "created", "last_review"],
+        "conditions": ["practice", "condition_id", "patient", "version", "counts"],
+        "time_entries": ["practice", "entry_id", "patient", "version", "data_version", "status",
+                         "seconds", "start", "month", "complex", "practitioner",
+                         "practitioner_role", "role_codes", "warnings", "locked", "late"],
+        "practitioner_roles": ["practice", "role_id", "version", "practitioner",
+                               "classification", "active"],
+    }
+    async with db.engine.begin() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        for table, records in rows.items():
+            await raw.copy_records_to_table(table, records=records, columns=columns[table],
+                                            schema_name=db.schema)
+        await raw.execute(f'ANALYZE "{db.schema}".time_entries')
+    return n_entries
+
+
+async def close_all(db: Database, transport: KafkaTransport, practices: list[str],
+                    concurrency: int) -> tuple[float, int]:
+    relay = OutboxRelay(db, transport, batch_size=1000, poll_interval=0.05)
+    relay_task = asyncio.create_task(relay.run())
+    gate = asyncio.Semaphore(concurrency)
+
+    async def close_one(practice: str) -> None:
+        async with gate:
+            async with db.unit_of_work() as uow:
+                await close_period(uow, practice, MONTH, NOW)
+                await uow.commit()
+            relay.notify()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(close_one(p) for p in practices))
+    while await relay.backlog():
+        await asyncio.sleep(0.02)
+    elapsed = time.perf_counter() - started
+    relay.stop()
+    await relay_task
+    async with db.engine.connect() as conn:
+        sent = (await conn.execute(text(f'SELECT count(*) FROM "{db.schema}".outbox'))).scalar()
+    return elapsed, sent
+
+
+async def bare_baseline(db: Database, transport: KafkaTransport, topic: str) -> tuple[float, float]:
+    """The same aggregation in one SQL statement, and the same event payloads published bare."""
+    started = time.perf_counter()
+    async with db.engine.connect() as conn:
+        rows = (await conn.execute(text(
+            f'SELECT practice, patient, practitioner_role, sum(seconds) FROM "{db.schema}".time_entries '
+            "WHERE month = '2025-03' AND status = 'finished' GROUP BY practice, patient, practitioner_role"
+        ))).all()
+    sql = time.perf_counter() - started
+    assert rows
+    async with db.engine.connect() as conn:
+        payloads = (await conn.execute(text(
+            f'SELECT key, payload FROM "{db.schema}".outbox ORDER BY id'))).all()
+    producer = AIOKafkaProducer(**transport.producer_options())
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        futures = [await producer.send(topic, value=p.payload.encode(), key=(p.key or "").encode())
+                   for p in payloads]
+        await asyncio.gather(*futures)
+        publish = time.perf_counter() - started
+    finally:
+        await producer.stop()
+    return sql, publish
+
+
+class _Runtime:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def clock(self) -> datetime:
+        return NOW
+
+
+async def projection_throughput(db: Database, transport: KafkaTransport, practice: str,
+                                n: int) -> tuple[float, float]:
+    topic = f"bench.billing-projection.{uuid.uuid4().hex[:6]}.v1"
+    await transport.ensure_topics([topic])
+    src = {"resourceType": "Encounter", "versionId": "1", "lastUpdated": "2025-03-01T00:00:00Z",
+           "sha256": "0" * 64, "receivedAt": "2025-03-01T00:00:00Z"}
+    messages = []
+    for i in range(n):
+        pid = f"q{i % (n // 6 or 1)}"
+        start = f"2025-03-{1 + i % 28:02d}T15:00:00Z"
+        event = CloudEvent(source="/bench", type="ingest.time-entry.logged.v1", tenant=practice,
+                           subject=f"Patient/{pid}", data={
+            "source": {**src, "id": f"b{i}"}, "entry": f"Encounter/b{i}", "patient": f"Patient/{pid}",
+            "seconds": 600, "start": start, "end": None, "serviceDate": start[:10],
+            "serviceMonth": "2025-03", "activityCodes": ["99490"], "complex": False, "warnings": [],
+            "performers": [{"practitioner": "Practitioner/nurse",
+                            "practitionerRole": "PractitionerRole/nurse", "roleCodes": []}]})
+        messages.append(to_message(topic, event))
+    for i in range(0, n, 5000):
+        await transport.send_batch(messages[i : i + 5000])
+    spec = consumers(_Runtime(db))[0]
+    consumer = ConsumerRuntime(name=f"bench-{uuid.uuid4().hex[:6]}", topics=[topic],
+                               handler=spec.handler, db=db, transport=transport)
+    started = time.perf_counter()
+    task = asyncio.create_task(consumer.run())
+    while consumer.stats.applied < n:
+        await asyncio.sleep(0.05)
+        if task.done():
+            task.result()
+    elapsed = time.perf_counter() - started
+    consumer.stop()
+    await task
+    return n / elapsed, peak_rss_mb()
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=100_000)
+    parser.add_argument("--entries-per-patient", type=int, default=6)
+    parser.add_argument("--practices", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=4, help="practices closed at once")
+    parser.add_argument("--projection-events", type=int, default=20_000)
+    args = parser.parse_args()
+    url, bootstrap = os.environ.get("CCM_DATABASE_URL"), os.environ.get("CCM_KAFKA_BOOTSTRAP_SERVERS")
+    if not (url and url.startswith("postgresql") and bootstrap):
+        print("set CCM_DATABASE_URL (PostgreSQL) and CCM_KAFKA_BOOTSTRAP_SERVERS: "
+              "deploy/local/up.sh && source .ccm-local/env", file=sys.stderr)
+        return 2
+    await asyncio.to_thread(upgrade_platform, url)
+    tag = uuid.uuid4().hex[:6]
+    schema = f"bench_billing_{tag}"
+    db = Database(url, schema=schema, pool_size=args.concurrency + 2)
+    async with db.engine.begin() as conn:
+        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        await conn.run_sync(metadata.create_all)
+    practices = [f"bench-{tag}-{i}" for i in range(args.practices)]
+    for p in practices:
+        await create_practice(db.engine, practice_id=p, name=p, timezone="America/New_York",
+                              pricing=PRICING)
+    transport = KafkaTransport(bootstrap, client_id="bench-billing")
+    await transport.start()
+    await transport.ensure_topics(["billing.period.closed.v1", "billing.invoice.issued.v1"])
+    bare_topic = f"bench.billing-bare.{tag}.v1"
+    await transport.ensure_topics([bare_topic])
+    try:
+        rate, rss_after_projection = await projection_throughput(
+            db, transport, practices[0] + "-proj", args.projection_events)
+        print(f"projection: {args.projection_events:,} time-entry events consumed at {rate:,.0f} "
+              f"events/s; peak RSS {rss_after_projection:.0f} MB", file=sys.stderr)
+        per = args.patients // args.practices
+        t0 = time.perf_counter()
+        n_entries = await load(db, practices, per, args.entries_per_patient)
+        print(f"loaded {per * args.practices:,} patients, {n_entries:,} entries in "
+              f"{time.perf_counter() - t0:.1f} s (setup, not timed)", file=sys.stderr)
+        close, events = await close_all(db, transport, practices, args.concurrency)
+        sql, publish = await bare_baseline(db, transport, bare_topic)
+        async with db.engine.connect() as conn:
+            items = (await conn.execute(text(f'SELECT count(*) FROM "{schema}".charge_items'))).scalar()
+            totals = (await conn.execute(text(
+                f'SELECT sum(total_net::numeric) FROM "{schema}".invoices'))).scalar()
+    finally:
+        await transport.stop()
+        async with db.engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            await conn.execute(text("DELETE FROM platform.practices WHERE id LIKE :p"),
+                               {"p": f"bench-{tag}-%"})
+        await db.dispose()
+    baseline = sql + publish
+    print(f"patients / entries / practices: {per * args.practices:,} / {n_entries:,} / {args.practices}")
+    print(f"month close incl. publishing:   {close:.2f} s  ({items:,} ChargeItems, {events} events, "
+          f"invoices total ${totals:,.2f})")
+    print(f"bare SQL aggregation:           {sql:.2f} s")
+    print(f"bare publish of same events:    {publish:.2f} s")
+    print(f"ratio close / (sql + publish):  {close / baseline:.2f}   (target <= 1.5)")
+    print(f"close target 15 s:              {'met' if close <= 15 else 'NOT met'}"
+          + ("" if args.patients == 100_000 else f" (at {args.patients:,} patients)"))
+    print(f"projection throughput:          {rate:,.0f} events/s; consumer peak RSS {rss_after_projection:.0f} MB")
+    print(f"process peak RSS:               {peak_rss_mb():.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
