@@ -21,7 +21,8 @@ from ccm_shared.tenancy import Pricing, create_practice, create_token
 from tests.support.contracts import assert_valid_event
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-BUNDLE = Path(__file__).resolve().parents[3] / "services/ingest/examples/ccm-transaction-bundle.json"
+BUNDLE = (Path(__file__).resolve().parents[3]
+          / "services/ingest/examples/ccm-transaction-bundle.json")
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -9,7 +9,8 @@ import pytest
 from ccm_ingest.domain.model import SUPPORTED_TYPES
 from tests.unit.ingest.conftest import EXAMPLES, counts, events, example
 
-CCM_BUNDLE = Path(__file__).resolve().parents[3] / "services/ingest/examples/ccm-transaction-bundle.json"
+CCM_BUNDLE = (Path(__file__).resolve().parents[3]
+              / "services/ingest/examples/ccm-transaction-bundle.json")
 SINGLE = sorted(str(p.relative_to(EXAMPLES)) for t in SUPPORTED_TYPES
                 for p in (EXAMPLES / t).glob("*.json"))
 

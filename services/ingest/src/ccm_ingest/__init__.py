@@ -1,1 +1,2 @@
-"""ccm-platform ingest service. FHIR R4 push API for EHRs: validated, versioned, idempotent; mapped to CCM events."""
+"""ccm-platform ingest service: FHIR R4 push API for EHRs (validated, versioned, idempotent),
+mapped to CCM events."""

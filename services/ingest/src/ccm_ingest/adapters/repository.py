@@ -48,6 +48,13 @@ class VersionRow:
     applied: bool
 
 
+# A version row joined to its resource row only when it is the current version.
+_IS_CURRENT = and_(resources.c.tenant == resource_versions.c.tenant,
+                   resources.c.type == resource_versions.c.type,
+                   resources.c.id == resource_versions.c.id,
+                   resources.c.version_id == resource_versions.c.version_id)
+
+
 def _insert(session: AsyncSession):  # noqa: ANN202
     return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
 
@@ -134,10 +141,7 @@ class SqlResourceRepository:
             return {}
         rows = (await self.session.execute(
             select(resource_versions.c.id, resource_versions.c.resource)
-            .join(resources, and_(resources.c.tenant == resource_versions.c.tenant,
-                                  resources.c.type == resource_versions.c.type,
-                                  resources.c.id == resource_versions.c.id,
-                                  resources.c.version_id == resource_versions.c.version_id))
+            .join(resources, _IS_CURRENT)
             .where(resources.c.tenant == self.tenant, resources.c.type == rtype,
                    resources.c.id.in_(ids), resources.c.deleted.is_(False))
         )).all()
@@ -177,10 +181,7 @@ class SqlResourceRepository:
         )).scalar_one()
         rows = (await self.session.execute(
             select(resource_versions)
-            .join(resources, and_(resources.c.tenant == resource_versions.c.tenant,
-                                  resources.c.type == resource_versions.c.type,
-                                  resources.c.id == resource_versions.c.id,
-                                  resources.c.version_id == resource_versions.c.version_id))
+            .join(resources, _IS_CURRENT)
             .where(*where).order_by(resources.c.last_updated.desc(), resources.c.id)
             .limit(limit)
         )).all()
