@@ -89,3 +89,15 @@ def test_json_depth_limit():
     with pytest.raises(ValueError, match="deeper than 64"):
         json_depth(deep, 64)
     assert json_depth({"a": [1, {"b": 2}]}, 64) == 4
+
+
+async def test_process_without_api_serves_only_operations_endpoints(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
+    runtime = ServiceRuntime.build(discover_services()["billing"], load_settings(database_url=url),
+                                   transport=InProcessTransport())
+    app = runtime.app(operations_only=True)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.get("/healthz")).status_code == 200
+        assert (await c.get("/metrics")).status_code == 200
+        assert (await c.get("/v1/practices/alpha")).status_code == 404
+    await runtime.db.dispose()

@@ -66,3 +66,25 @@ def test_service_refuses_to_start_with_unsafe_configuration():
     assert "CCM_KAFKA_BOOTSTRAP_SERVERS is not set" in proc.stderr
     assert "CCM_SECRET_KEY" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sasl_without_credentials_is_refused(monkeypatch):
+    monkeypatch.setenv("CCM_ENV", "test")
+    with pytest.raises(ConfigurationError, match="CCM_KAFKA_SASL_MECHANISM"):
+        load_settings(database_url=PG, kafka_bootstrap_servers="k:9093",
+                      kafka_security_protocol="SASL_SSL")
+
+
+def test_unknown_kafka_protocol_is_refused():
+    with pytest.raises(ConfigurationError, match="CCM_KAFKA_SECURITY_PROTOCOL"):
+        load_settings(kafka_security_protocol="TLS")
+
+
+def test_sasl_ssl_options_reach_every_kafka_client():
+    from ccm_shared.transport import KafkaTransport
+
+    t = KafkaTransport("k:9093", security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+                       sasl_username="billing", sasl_password="pw")
+    options = t.producer_options()
+    assert options["sasl_mechanism"] == "SCRAM-SHA-512" and options["sasl_plain_username"] == "billing"
+    assert options["ssl_context"] is not None and options["enable_idempotence"] is True

@@ -169,9 +169,14 @@ def token_create(
 @app.command()
 def serve(
     service: Annotated[str, typer.Argument(help="ingest, billing, careplan, notification or all")],
-    api: Annotated[bool, typer.Option(help="Run the HTTP API")] = True,
+    api: Annotated[
+        bool, typer.Option(help="Serve the HTTP API (off: only /healthz, /readyz, /metrics)")
+    ] = True,
     consumers: Annotated[bool, typer.Option(help="Run the Kafka consumers")] = True,
     relay: Annotated[bool, typer.Option(help="Run the outbox relay")] = True,
+    background: Annotated[
+        bool, typer.Option(help="Run the service's schedulers (safe on several replicas)")
+    ] = True,
     host: Annotated[str | None, typer.Option(help="Bind address (CCM_HTTP_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (CCM_HTTP_PORT); one service only")] = None,
 ) -> None:
@@ -320,7 +325,9 @@ async def _ensure_demo_practice(settings, practice: str, timezone: str, folder) 
         await engine.dispose()
 
 
-async def _serve(settings, definitions, *, api, consumers, relay, host, port, ports=None) -> None:  # noqa: ANN001
+async def _serve(  # noqa: ANN001
+    settings, definitions, *, api, consumers, relay, host, port, ports=None, background=True
+) -> None:
     import uvicorn
 
     from ccm_shared.service import ServiceRuntime, build_transport
@@ -339,19 +346,20 @@ async def _serve(settings, definitions, *, api, consumers, relay, host, port, po
         loop.add_signal_handler(sig, stop.set)
     servers = []
     for rt in runtimes:
-        await rt.start(consumers=consumers, relay=relay)
-        if api:
-            chosen = port or (ports or {}).get(rt.definition.name) or rt.definition.port
-            config = uvicorn.Config(
-                rt.app(),
-                host=host,
-                port=chosen,
-                log_config=None,
-                access_log=False,
-                lifespan="off",
-            )
-            servers.append(_Server(config))
-            typer.echo(f"{rt.definition.name} listening on http://{host}:{config.port}", err=True)
+        await rt.start(consumers=consumers, relay=relay, background=background)
+        # Without the API a process still serves /healthz, /readyz and /metrics.
+        chosen = port or (ports or {}).get(rt.definition.name) or rt.definition.port
+        config = uvicorn.Config(
+            rt.app(operations_only=not api),
+            host=host,
+            port=chosen,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        servers.append(_Server(config))
+        what = "API" if api else "operations endpoints"
+        typer.echo(f"{rt.definition.name}: {what} on http://{host}:{config.port}", err=True)
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)

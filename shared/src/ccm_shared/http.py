@@ -163,8 +163,12 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
-def create_app(runtime: ServiceRuntime) -> FastAPI:
-    """The FastAPI app of one service: platform routes plus the service's own routers."""
+def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> FastAPI:
+    """The FastAPI app of one service: platform routes plus the service's own routers.
+
+    ``operations_only``: just /healthz, /readyz and /metrics, for processes that run consumers,
+    the relay or schedulers without the API (their probes and scrapes still need HTTP).
+    """
     definition = runtime.definition
     app = FastAPI(
         title=f"ccm-platform {definition.name}",
@@ -191,6 +195,12 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
     async def prometheus_metrics() -> PlainTextResponse:
         await runtime.refresh_metrics()
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if operations_only:
+        app.add_middleware(
+            EdgeMiddleware, service=definition.name, max_body_bytes=runtime.settings.max_body_bytes
+        )
+        return app
 
     @app.get("/v1/practices/{practice}", tags=["tenancy"], summary="The caller's practice")
     async def read_practice(practice: str, tenant: TenantDep) -> dict:

@@ -103,6 +103,10 @@ def build_transport(settings: Settings) -> Transport:
             settings.kafka_bootstrap_servers,
             client_id=settings.kafka_client_id_prefix,
             security_protocol=settings.kafka_security_protocol,
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_username=settings.kafka_sasl_username,
+            sasl_password=settings.kafka_sasl_password,
+            ssl_cafile=settings.kafka_ssl_cafile,
         )
     if settings.database_url and settings.database_url.startswith("sqlite"):
         from ccm_shared.embedded import EmbeddedLogTransport
@@ -170,10 +174,10 @@ class ServiceRuntime:
             )
         return runtime
 
-    def app(self) -> FastAPI:
+    def app(self, *, operations_only: bool = False) -> FastAPI:
         from ccm_shared.http import create_app
 
-        return create_app(self)
+        return create_app(self, operations_only=operations_only)
 
     def service_settings(self) -> BaseSettings | None:
         """The service's own settings (read once from the environment)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import StrEnum
 from functools import lru_cache
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = frozenset({"", "changethis", "changeme", "secret", "dev-secret-key"})
@@ -36,7 +36,17 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(
         None, description="Comma-separated host:port list of the Kafka brokers"
     )
-    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT, SSL, SASL_SSL…")
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+    )
+    kafka_sasl_mechanism: str | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (Strimzi KafkaUser: SCRAM-SHA-512)"
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user (the service's KafkaUser)")
+    kafka_sasl_password: str | None = Field(None, description="SASL password")
+    kafka_ssl_cafile: str | None = Field(
+        None, description="CA bundle that signed the brokers' certificates (SSL, SASL_SSL)"
+    )
     kafka_client_id_prefix: str = Field("ccm", description="Prefix of Kafka client ids")
     secret_key: str = Field(
         DEV_SECRET_KEY, description="Key for signed links and webhook secrets; never the default"
@@ -80,11 +90,26 @@ class Settings(BaseSettings):
             problems.append("CCM_SECRET_KEY is missing or a placeholder; set a long random value")
         if self.env is Environment.PRODUCTION and len(self.secret_key) < 32:
             problems.append("CCM_SECRET_KEY is shorter than 32 characters")
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            problems.append(
+                "CCM_KAFKA_SECURITY_PROTOCOL is SASL_* but CCM_KAFKA_SASL_MECHANISM, "
+                "CCM_KAFKA_SASL_USERNAME and CCM_KAFKA_SASL_PASSWORD are not all set"
+            )
         if problems:
             raise ValueError(
                 f"unsafe configuration for CCM_ENV={self.env.value}: " + "; ".join(problems)
             )
         return self
+
+    @field_validator("kafka_security_protocol")
+    @classmethod
+    def _known_protocol(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}:
+            raise ValueError("must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
+        return value
 
     @property
     def is_postgres(self) -> bool:

@@ -59,23 +59,47 @@ class KafkaTransport:
         *,
         client_id: str = "ccm",
         security_protocol: str = "PLAINTEXT",
+        sasl_mechanism: str | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | None = None,
+        ssl_cafile: str | None = None,
         request_timeout_ms: int = 30_000,
         default_partitions: int = 3,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.client_id = client_id
         self.security_protocol = security_protocol
+        self.sasl_mechanism = sasl_mechanism
+        self.sasl_username = sasl_username
+        self.sasl_password = sasl_password
+        self.ssl_cafile = ssl_cafile
         self.request_timeout_ms = request_timeout_ms
         self.default_partitions = default_partitions
         self._producer = None
         self._lock = asyncio.Lock()
 
+    def connection_options(self) -> dict:
+        """Bootstrap and security options shared by producer, consumers and admin client."""
+        options: dict = dict(
+            bootstrap_servers=self.bootstrap_servers, security_protocol=self.security_protocol
+        )
+        if "SSL" in self.security_protocol:
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile)
+        if self.security_protocol.startswith("SASL"):
+            options.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        return options
+
     def producer_options(self) -> dict:
         """The producer settings; the benchmark's bare loop uses the very same."""
         return dict(
-            bootstrap_servers=self.bootstrap_servers,
+            **self.connection_options(),
             client_id=f"{self.client_id}-producer",
-            security_protocol=self.security_protocol,
             enable_idempotence=True,
             acks="all",
             linger_ms=5,
@@ -131,9 +155,7 @@ class KafkaTransport:
         from aiokafka.errors import TopicAlreadyExistsError
 
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=self.bootstrap_servers,
-            client_id=f"{self.client_id}-admin",
-            security_protocol=self.security_protocol,
+            **self.connection_options(), client_id=f"{self.client_id}-admin"
         )
         await admin.start()
         try:
@@ -169,8 +191,7 @@ class KafkaSource:
 
         self._consumer = AIOKafkaConsumer(
             *self.topics,
-            bootstrap_servers=self.transport.bootstrap_servers,
-            security_protocol=self.transport.security_protocol,
+            **self.transport.connection_options(),
             client_id=f"{self.transport.client_id}-{self.group_id}",
             group_id=self.group_id,
             enable_auto_commit=False,

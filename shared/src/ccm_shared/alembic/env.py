@@ -27,12 +27,18 @@ async def _main() -> None:
     try:
         async with engine.connect() as conn:
             if not is_sqlite(URL):
-                # Several services migrating at once must not race on CREATE SCHEMA.
-                await conn.execute(text("SELECT pg_advisory_xact_lock(4242)"))
+                # Several `ccm migrate` at once (one Job per service) must not race on the same
+                # schema: a session lock held for the whole run serialises them.
+                await conn.execute(text("SELECT pg_advisory_lock(4242)"))
                 await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{SCHEMA}"'))
                 await conn.commit()
-            await conn.run_sync(_run)
-            await conn.commit()
+            try:
+                await conn.run_sync(_run)
+                await conn.commit()
+            finally:
+                if not is_sqlite(URL):
+                    await conn.execute(text("SELECT pg_advisory_unlock(4242)"))
+                    await conn.commit()
     finally:
         await engine.dispose()
 
