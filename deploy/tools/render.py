@@ -274,11 +274,11 @@ def compose(services: list[Service]) -> dict:
             "kafka-topics": {"condition": "service_completed_successfully"},
         }
         processes = {
-            "api": (["--no-consumers", "--no-relay"], True),
-            "relay": (["--no-consumers"], False),
+            "api": (API_FLAGS, True),
+            "relay": (RELAY_FLAGS, False),
         }
         if svc.consumers:
-            processes["consumers"] = (["--no-relay"], False)
+            processes["consumers"] = (CONSUMER_FLAGS, False)
         for process, (flags, published) in processes.items():
             entry = {
                 **base,
@@ -297,6 +297,13 @@ def compose(services: list[Service]) -> dict:
 # ------------------------------------------------------------------------------------------
 # Kubernetes
 # ------------------------------------------------------------------------------------------
+
+
+# Which process runs what. The schedulers (background jobs) run beside the relay only; they are
+# safe on several replicas, but there is no reason to run them in every API and consumer pod.
+API_FLAGS = ["--no-consumers", "--no-relay", "--no-background"]
+CONSUMER_FLAGS = ["--no-api", "--no-relay", "--no-background"]
+RELAY_FLAGS = ["--no-api", "--no-consumers"]
 
 
 def labels(svc: str, component: str) -> dict:
@@ -495,15 +502,13 @@ def service_manifests(svc: Service) -> list[dict]:
             },
         },
     })
-    docs.append(deployment(svc, "api", ["serve", svc.name, "--no-consumers", "--no-relay"],
-                           env, replicas=2))
-    # Consumers and relay keep the HTTP server (not routed by any Service) for their probes
-    # and /metrics: the runtime reports consumer stalls and lag only there.
+    docs.append(deployment(svc, "api", ["serve", svc.name, *API_FLAGS], env, replicas=2))
+    # Consumers and relay run without the API: their HTTP server (not routed by any Service)
+    # serves only /healthz, /readyz and /metrics for probes and scrapes.
     if svc.consumers:
-        docs.append(deployment(svc, "consumers", ["serve", svc.name, "--no-relay"], env,
+        docs.append(deployment(svc, "consumers", ["serve", svc.name, *CONSUMER_FLAGS], env,
                                replicas=2))
-    docs.append(deployment(svc, "relay", ["serve", svc.name, "--no-consumers"], env,
-                           replicas=2))
+    docs.append(deployment(svc, "relay", ["serve", svc.name, *RELAY_FLAGS], env, replicas=2))
     docs.append({
         "apiVersion": "v1",
         "kind": "Service",
