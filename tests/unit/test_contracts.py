@@ -30,8 +30,9 @@ def test_every_schema_is_a_valid_json_schema(path):
 
 def test_every_produced_topic_has_a_schema():
     for definition in discover_services().values():
-        for topic in definition.produces:
+        for topic in (*definition.produces, *definition.produces_per_practice):
             assert (EVENTS / f"{topic}.schema.json").exists(), f"{definition.name}: {topic}"
+        for topic in definition.produces:
             assert topic.startswith(f"{definition.name}."), "a service produces only its own topics"
 
 

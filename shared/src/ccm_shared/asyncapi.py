@@ -9,6 +9,7 @@ a test keeps the committed copy in step.
 from __future__ import annotations
 
 from ccm_shared.consumer import DLQ_SUFFIX
+from ccm_shared.events import PRACTICE_TOPIC_PREFIX, practice_topic
 from ccm_shared.service import ServiceDefinition
 
 DESCRIPTION = """Events exchanged by the ccm-platform services over Apache Kafka.
@@ -59,6 +60,23 @@ def build(definitions: list[ServiceDefinition], consumers: dict[str, list[tuple[
                 "action": "send",
                 "channel": {"$ref": f"#/channels/{_esc(topic)}"},
             }
+        for event_type in d.produces_per_practice:
+            name = _message_name(event_type)
+            messages.setdefault(name, _message(event_type))
+            address = practice_topic("{practice}", event_type)
+            channels[address] = {
+                "address": address,
+                "x-owner": d.name,
+                "description": f"{event_type} events of one practice only, for that practice's "
+                "systems. Read access per practice: a prefixed ACL on "
+                f"'{PRACTICE_TOPIC_PREFIX}<practice>.'.",
+                "parameters": {"practice": {"description": "The practice (tenant) id"}},
+                "messages": {name: {"$ref": f"#/components/messages/{name}"}},
+            }
+            operations[f"{d.name}.publish.{address}"] = {
+                "action": "send",
+                "channel": {"$ref": f"#/channels/{_esc(address)}"},
+            }
     for service, groups in consumers.items():
         for group, topics in groups:
             for topic in topics:
@@ -85,6 +103,24 @@ def build(definitions: list[ServiceDefinition], consumers: dict[str, list[tuple[
         "channels": dict(sorted(channels.items())),
         "operations": dict(sorted(operations.items())),
         "components": {"messages": dict(sorted(messages.items()))},
+    }
+
+
+def _message(event_type: str) -> dict:
+    return {
+        "name": event_type,
+        "contentType": "application/cloudevents+json",
+        "payload": {
+            "allOf": [
+                {"$ref": "./events/envelope.schema.json"},
+                {
+                    "properties": {
+                        "type": {"const": event_type},
+                        "data": {"$ref": f"./events/{event_type}.schema.json"},
+                    }
+                },
+            ]
+        },
     }
 
 

@@ -113,3 +113,16 @@ def to_message(topic: str, event: CloudEvent) -> Message:
 
 def dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), sort_keys=True, default=str)
+
+
+PRACTICE_TOPIC_PREFIX = "ccm.practice."
+
+
+def practice_topic(practice: str, event_type: str) -> str:
+    """The per-practice topic of a practice-facing event type.
+
+    ``ccm.practice.<practice>.`` is a literal prefix, so one prefixed Kafka ACL (or Strimzi
+    KafkaUser) grants a practice its own topics and nothing else: practice ids cannot contain
+    dots, so ``ccm.practice.acme.`` never matches another practice's topics.
+    """
+    return f"{PRACTICE_TOPIC_PREFIX}{practice}.{event_type}"

@@ -59,7 +59,8 @@ class ServiceDefinition:
     - ``routers``: its HTTP routes; ``configure_app``: anything else on the FastAPI app (e.g.
       ingest's OperationOutcome error mapping for /fhir).
     - ``consumers``: its consumer groups; ``background``: its schedulers.
-    - ``produces``: the topics it publishes (= event types; each has a schema in contracts/).
+    - ``produces``: the topics it publishes (= event types; each has a schema in contracts/);
+      ``produces_per_practice``: event types it also publishes to each practice's own topic.
     - ``settings_model``: its own CCM_* settings class, if any (listed by `ccm config`, wired in
       docker-compose and k8s).
     - ``cli``: a Typer app mounted as ``ccm <name> …``.
@@ -75,6 +76,8 @@ class ServiceDefinition:
     background: Callable[[ServiceRuntime], Sequence[BackgroundJob]] = lambda _rt: ()
     configure_app: Callable[[FastAPI, ServiceRuntime], None] | None = None
     produces: tuple[str, ...] = ()
+    # Event types also fanned out to per-practice topics (events.practice_topic).
+    produces_per_practice: tuple[str, ...] = ()
     settings_model: type[BaseSettings] | None = None
     cli: object | None = None  # typer.Typer; typed loosely so services need not import typer
 
