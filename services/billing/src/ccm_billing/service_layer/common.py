@@ -78,3 +78,22 @@ def parse_day(text: str | None) -> date | None:
     if not text:
         return None
     return date.fromisoformat(text[:10])
+
+
+async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  # noqa: ANN001
+    """Insert many rows in the session's transaction: COPY on PostgreSQL, executemany elsewhere."""
+    if not rows:
+        return
+    if session.bind.dialect.name != "postgresql":
+        from sqlalchemy import insert
+
+        await session.execute(insert(table), rows)
+        return
+    conn = await session.connection()
+    schema = (conn.sync_connection.get_execution_options().get("schema_translate_map") or {}).get(None)
+    raw = (await conn.get_raw_connection()).driver_connection
+    columns = list(rows[0])
+    await raw.copy_records_to_table(
+        table.name, records=[tuple(r[c] for c in columns) for r in rows], columns=columns,
+        schema_name=schema,
+    )

@@ -36,16 +36,17 @@ async def _roles(session: AsyncSession, practice: str) -> tuple[dict, dict]:
     return by_role, by_practitioner
 
 
-def resolve_role(row, by_role: dict, by_practitioner: dict, code_sets: dict) -> str:  # noqa: ANN001
+def resolve_role(practitioner_role: str | None, practitioner: str | None, role_codes: str | None,
+                 by_role: dict, by_practitioner: dict, code_sets: dict) -> str:
     """The performer's role: its PractitionerRole's classification, else the practitioner's
     roles (the most senior), else the role codes carried on the entry."""
-    if row.practitioner_role and row.practitioner_role in by_role:
-        return CLASSIFICATION_TO_ROLE[by_role[row.practitioner_role]]
-    found = by_practitioner.get(row.practitioner or "")
+    if practitioner_role and practitioner_role in by_role:
+        return CLASSIFICATION_TO_ROLE[by_role[practitioner_role]]
+    found = by_practitioner.get(practitioner or "")
     if found:
         best = next(c for c in CLASSIFICATION_PRIORITY if c in found)
         return CLASSIFICATION_TO_ROLE[best]
-    return classify_codes(json.loads(row.role_codes or "[]"), code_sets)
+    return classify_codes(json.loads(role_codes or "[]"), code_sets)
 
 
 async def duplicate_patients(session: AsyncSession, practice: str, month: str) -> set[str]:
@@ -96,16 +97,23 @@ async def load_facts(
         return cond_
 
     entries: dict[str, list[TimeEntry]] = defaultdict(list)
-    for row in (await session.execute(select(t).where(*scoped(t), t.c.month == m))).all():
-        if row.patient is None or row.start is None:
+    roles: dict[tuple, str] = {}
+    columns = (t.c.patient, t.c.entry_id, t.c.seconds, t.c.start, t.c.status, t.c.complex,
+               t.c.practitioner, t.c.late, t.c.warnings, t.c.practitioner_role, t.c.role_codes)
+    result = await session.execute(select(*columns).where(*scoped(t), t.c.month == m))
+    # Plain tuples: this loop runs once per time entry of the month (600k at a large close).
+    for (pat, entry_id, seconds, start, status, complex_, practitioner, late, warnings,
+         practitioner_role, role_codes) in result.tuples():
+        if pat is None or start is None:
             continue
-        entries[row.patient].append(
-            TimeEntry(
-                entry_id=row.entry_id, seconds=row.seconds, start=row.start,
-                role=resolve_role(row, by_role, by_practitioner, code_sets), status=row.status,
-                complex=row.complex, practitioner=row.practitioner, late=row.late,
-                warnings=tuple(json.loads(row.warnings or "[]")),
-            )
+        key = (practitioner_role, practitioner, role_codes)
+        role = roles.get(key)
+        if role is None:
+            role = roles[key] = resolve_role(practitioner_role, practitioner, role_codes,
+                                             by_role, by_practitioner, code_sets)
+        entries[pat].append(
+            TimeEntry(entry_id, seconds, start, role, status, complex_, practitioner, late,
+                      tuple(json.loads(warnings)) if warnings not in (None, "[]") else ())
         )
     consents: dict[str, list[Consent]] = defaultdict(list)
     practitioner_of: dict[str, str] = {}

@@ -22,6 +22,7 @@ from ccm_billing.domain.rules.ruleset import RulesetMissing
 from ccm_billing.service_layer.common import (
     SOURCE,
     PracticeInfo,
+    bulk_insert,
     next_practice_sequence,
     practice_info,
 )
@@ -147,8 +148,7 @@ async def issue_invoice(
         "replaced_by": None, "cancel_reason": None,
         "resource": json.dumps(resource, separators=(",", ":")),
     }
-    if items:
-        await uow.session.execute(insert(orm.charge_items), items)
+    await bulk_insert(uow.session, orm.charge_items, items)
     await uow.session.execute(insert(orm.invoices).values(**row))
     await _publish_invoice(uow, "billing.invoice.issued.v1", row, resource, now)
     return row

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import cache
+from functools import cache, cached_property
 from importlib import resources
 
 from ccm_billing.domain.model import Month
@@ -75,8 +75,17 @@ class RuleSet:
     def amount(self, codes: dict[str, int]) -> Decimal:
         return sum((self.fee(c) * n for c, n in codes.items()), Decimal("0.00"))
 
+    @cached_property
+    def _ladders(self) -> dict[tuple[str, str], Ladder]:
+        return {
+            (program, path): Ladder(**spec)
+            for program, paths in self.programs.items()
+            for path, spec in paths.items()
+            if isinstance(spec, dict) and "add_on" in spec
+        }
+
     def ladder(self, program: str, path: str) -> Ladder:
-        return Ladder(**self.programs[program][path])
+        return self._ladders[(program, path)]
 
     def setting(self, program: str, key: str):  # noqa: ANN201 - JSON value
         return self.programs[program][key]
