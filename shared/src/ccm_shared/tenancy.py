@@ -35,6 +35,7 @@ class Tenant:
     practice_id: str
     token_id: str
     scopes: frozenset[str]
+    label: str | None = None  # what the token is for, e.g. the EHR connection's name
 
     def require_practice(self, practice_id: str) -> None:
         """Another practice's resources do not exist for this caller (404, not 403)."""
@@ -141,7 +142,12 @@ async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
     async with engine.connect() as conn:
         row = (
             await conn.execute(
-                select(api_tokens.c.id, api_tokens.c.practice_id, api_tokens.c.scopes).where(
+                select(
+                    api_tokens.c.id,
+                    api_tokens.c.practice_id,
+                    api_tokens.c.scopes,
+                    api_tokens.c.label,
+                ).where(
                     api_tokens.c.token_hash == hash_token(token),
                     api_tokens.c.revoked_at.is_(None),
                 )
@@ -150,5 +156,8 @@ async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
     if row is None:
         return None
     return Tenant(
-        practice_id=row.practice_id, token_id=row.id, scopes=frozenset(row.scopes.split())
+        practice_id=row.practice_id,
+        token_id=row.id,
+        scopes=frozenset(row.scopes.split()),
+        label=row.label,
     )
