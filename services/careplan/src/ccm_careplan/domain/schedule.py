@@ -106,11 +106,9 @@ def steps_owed(
     ones, and no step is ever left unaccounted for.
     """
     decisions: list[Decision] = []
+    planned = planned_steps(due, rules, today)
     for kind in SCHEDULED_KINDS:
-        pending = [
-            s for s in planned_steps(due, rules, today)
-            if s.kind == kind and (s.kind, s.step) not in recorded
-        ]
+        pending = [s for s in planned if s.kind == kind and (s.kind, s.step) not in recorded]
         if not pending:
             continue
         latest_recorded = max(

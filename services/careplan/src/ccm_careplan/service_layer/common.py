@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -70,47 +71,77 @@ def compute_due(row: dict, rules: ReviewRules) -> date:
     return next_review_due(anchor=anchor, early_trigger=row["early_trigger_date"], rules=rules)
 
 
-async def responsible_provider(session: AsyncSession, practice: str, row: dict) -> str | None:
-    gp_row = (
-        await session.execute(select(patients.c.general_practitioners).where(
-            patients.c.practice == practice, patients.c.patient == row["patient"]))
-    ).first()
-    gps = list(gp_row.general_practitioners) if gp_row else []
-    refs = {r for r in [row["author"], *gps] if r}
-    directory: dict[str, Directory] = {}
-    if refs:
-        found = (await session.execute(select(practitioners).where(
-            practitioners.c.practice == practice, practitioners.c.reference.in_(refs)))).all()
-        for p in found:
-            directory[p.reference] = Directory(p.practitioner, p.active and not p.deleted)
+async def general_practitioners(
+    session: AsyncSession, practice: str, patient_refs: set[str]
+) -> dict[str, list[str]]:
+    if not patient_refs:
+        return {}
+    rows = (await session.execute(select(patients.c.patient, patients.c.general_practitioners)
+                                  .where(patients.c.practice == practice,
+                                         patients.c.patient.in_(patient_refs)))).all()
+    return {r.patient: list(r.general_practitioners) for r in rows}
+
+
+async def practitioner_directory(
+    session: AsyncSession, practice: str, refs: set[str] | None = None
+) -> dict[str, Directory]:
+    """Known practitioners and roles of the practice (all, or ``refs`` and their people)."""
+    def query(wanted: set[str] | None):  # noqa: ANN202
+        stmt = select(practitioners).where(practitioners.c.practice == practice)
+        return stmt if wanted is None else stmt.where(practitioners.c.reference.in_(wanted))
+
+    directory = {p.reference: Directory(p.practitioner, p.active and not p.deleted)
+                 for p in (await session.execute(query(refs))).all()}
+    if refs is not None:
         people = {d.practitioner for d in directory.values() if d.practitioner} - set(directory)
         if people:
-            for p in (await session.execute(select(practitioners).where(
-                    practitioners.c.practice == practice,
-                    practitioners.c.reference.in_(people)))).all():
-                directory[p.reference] = Directory(None, p.active and not p.deleted)
+            directory |= await practitioner_directory(session, practice, people)
+    return directory
+
+
+async def responsible_provider(session: AsyncSession, practice: str, row: dict) -> str | None:
+    gps = (await general_practitioners(session, practice, {row["patient"]})).get(
+        row["patient"], [])
+    refs = {r for r in [row["author"], *gps] if r}
+    directory = await practitioner_directory(session, practice, refs) if refs else {}
     return resolve_provider(row["author"], gps, directory)
 
 
-async def record_step(
-    uow: UnitOfWork, *, practice: str, tracker: str, kind: str, due: date, step: int,
-    scheduled_on: date, send: bool, now: datetime,
-) -> str | None:
-    """Claim a step by its idempotency key; return the key when this caller claimed it.
+@dataclass(frozen=True)
+class StepClaim:
+    practice: str
+    tracker: str
+    kind: str
+    due: date
+    step: int
+    scheduled_on: date
+    send: bool
+
+    @property
+    def key(self) -> str:
+        return idempotency_key(self.practice, self.tracker, self.kind, self.due, self.step)
+
+
+async def claim_steps(uow: UnitOfWork, claims: list[StepClaim], now: datetime) -> set[str]:
+    """Record steps by their idempotency keys; return the keys this caller claimed.
 
     The key is the primary key: of two replicas claiming the same step, exactly one inserts it.
+    One statement for the whole batch.
     """
-    key = idempotency_key(practice, tracker, kind, due, step)
+    if not claims:
+        return set()
     ins = insert_for(uow.session)
     claimed = await uow.session.execute(
-        ins(review_steps).values(
-            idempotency_key=key, practice=practice, tracker_id=tracker, kind=kind,
-            cycle_due=due, step=step, scheduled_on=scheduled_on, sent=send,
-            event_id=event_id(key) if send else None, recorded_at=now,
-        ).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        ins(review_steps).values([
+            {"idempotency_key": c.key, "practice": c.practice, "tracker_id": c.tracker,
+             "kind": c.kind, "cycle_due": c.due, "step": c.step, "scheduled_on": c.scheduled_on,
+             "sent": c.send, "event_id": event_id(c.key) if c.send else None,
+             "recorded_at": now}
+            for c in claims
+        ]).on_conflict_do_nothing(index_elements=["idempotency_key"])
         .returning(review_steps.c.idempotency_key)
     )
-    return key if claimed.first() is not None else None
+    return set(claimed.scalars().all())
 
 
 async def emit_review_event(

@@ -15,17 +15,20 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from ccm_careplan.adapters.orm import patients, review_steps, trackers
 from ccm_careplan.domain.rules import ReviewRules
 from ccm_careplan.domain.schedule import ESCALATED, REMINDER, steps_owed
+from ccm_careplan.domain.tracker import Directory, resolve_provider
 from ccm_careplan.service_layer.common import (
+    StepClaim,
+    claim_steps,
     emit_review_event,
+    general_practitioners,
     load_rules,
     practice_today,
-    record_step,
-    responsible_provider,
+    practitioner_directory,
 )
 from ccm_shared.db import Database, UnitOfWork
 
@@ -39,43 +42,55 @@ class PassResult:
     superseded: int = 0
 
 
-async def _process(
-    uow: UnitOfWork, row: dict, rules: ReviewRules, today: date, now: datetime, result: PassResult
+@dataclass
+class _Batch:
+    """What a batch of plans needs, loaded with one query each instead of one per plan."""
+
+    rules: ReviewRules
+    today: date
+    now: datetime
+    directory: dict[str, Directory]
+    gps: dict[str, list[str]]
+    recorded: dict[tuple[str, date], list]
+
+
+async def _process_batch(
+    uow: UnitOfWork, rows: list[dict], batch: _Batch, result: PassResult
 ) -> None:
-    due = row["next_review_due"]
-    recorded = {
-        (r.kind, r.step): r.scheduled_on
-        for r in (await uow.session.execute(
-            select(review_steps.c.kind, review_steps.c.step, review_steps.c.scheduled_on).where(
-                review_steps.c.tracker_id == row["id"], review_steps.c.cycle_due == due))).all()
-    }
-    decisions = steps_owed(due, rules, today, recorded)
-    if not decisions:
-        return
-    provider = await responsible_provider(uow.session, row["practice"], row)
-    for decision in decisions:
-        s = decision.step
-        key = await record_step(uow, practice=row["practice"], tracker=row["id"], kind=s.kind,
-                                due=due, step=s.step, scheduled_on=s.on, send=decision.send,
-                                now=now)
-        if key is None:
-            continue  # another replica got there first
-        if decision.send:
-            await emit_review_event(uow, row=row, kind=s.kind, due=due, step=s.step, day=today,
-                                    key=key, now=now, provider=provider,
-                                    supervisor=rules.clinical_supervisor)
-            result.sent += 1
-        else:
+    owed: list[tuple[dict, StepClaim]] = []
+    for row in rows:
+        due = row["next_review_due"]
+        recorded = batch.recorded.get((row["id"], due), [])
+        for d in steps_owed(due, batch.rules, batch.today,
+                            {(r.kind, r.step): r.scheduled_on for r in recorded}):
+            owed.append((row, StepClaim(row["practice"], row["id"], d.step.kind, due,
+                                        d.step.step, d.step.on, d.send)))
+    claimed = await claim_steps(uow, [c for _, c in owed], batch.now)  # a replica may have won
+    sent: dict[str, list[tuple[str, int]]] = {}
+    for row, claim in owed:
+        if claim.key not in claimed:
+            continue
+        if not claim.send:
             result.superseded += 1
-    counts = (await uow.session.execute(
-        select(review_steps.c.kind, func.count(), func.max(review_steps.c.step)).where(
-            review_steps.c.tracker_id == row["id"], review_steps.c.cycle_due == due,
-            review_steps.c.sent.is_(True), review_steps.c.kind.in_((REMINDER, ESCALATED)))
-        .group_by(review_steps.c.kind))).all()
-    by_kind = {kind: (n, top) for kind, n, top in counts}
-    await uow.session.execute(update(trackers).where(trackers.c.id == row["id"]).values(
-        reminders_sent=by_kind.get(REMINDER, (0, 0))[0],
-        escalation_level=by_kind.get(ESCALATED, (0, 0))[1], updated_at=now))
+            continue
+        provider = resolve_provider(row["author"], batch.gps.get(row["patient"], []),
+                                    batch.directory)
+        await emit_review_event(uow, row=row, kind=claim.kind, due=claim.due, step=claim.step,
+                                day=batch.today, key=claim.key, now=batch.now,
+                                provider=provider, supervisor=batch.rules.clinical_supervisor)
+        sent.setdefault(row["id"], []).append((claim.kind, claim.step))
+        result.sent += 1
+    for row in rows:
+        if row["id"] not in sent:
+            continue
+        steps = sent[row["id"]] + [
+            (r.kind, r.step) for r in batch.recorded.get((row["id"], row["next_review_due"]), [])
+            if r.sent]
+        reminders = sum(1 for kind, _ in steps if kind == REMINDER)
+        level = max((step for kind, step in steps if kind == ESCALATED), default=0)
+        if (reminders, level) != (row["reminders_sent"], row["escalation_level"]):
+            await uow.session.execute(update(trackers).where(trackers.c.id == row["id"]).values(
+                reminders_sent=reminders, escalation_level=level, updated_at=batch.now))
 
 
 async def _practice_pass(
@@ -84,6 +99,7 @@ async def _practice_pass(
     async with db.unit_of_work() as uow:
         rules = await load_rules(uow.session, practice)
         today = await practice_today(uow.session, practice, now)
+        directory = await practitioner_directory(uow.session, practice)
     horizon = today + timedelta(days=rules.due_window_days)
     unusable = (
         select(patients.c.patient).where(
@@ -93,20 +109,27 @@ async def _practice_pass(
     after = ""
     while True:
         async with db.unit_of_work() as uow:
-            rows = (await uow.session.execute(
+            rows = [dict(r._mapping) for r in (await uow.session.execute(
                 select(trackers).where(
                     trackers.c.practice == practice, trackers.c.status == "active",
                     trackers.c.next_review_due <= horizon, trackers.c.id > after,
                     trackers.c.patient.not_in(unusable))
                 .order_by(trackers.c.id).limit(batch_size)
-                .with_for_update(skip_locked=True))).all()
+                .with_for_update(skip_locked=True))).all()]
             if not rows:
                 return
-            for r in rows:
-                await _process(uow, dict(r._mapping), rules, today, now, result)
+            recorded: dict[tuple[str, date], list] = {}
+            for step in (await uow.session.execute(select(
+                    review_steps.c.tracker_id, review_steps.c.cycle_due, review_steps.c.kind,
+                    review_steps.c.step, review_steps.c.scheduled_on, review_steps.c.sent).where(
+                    review_steps.c.tracker_id.in_([r["id"] for r in rows])))).all():
+                recorded.setdefault((step.tracker_id, step.cycle_due), []).append(step)
+            gps = await general_practitioners(uow.session, practice, {r["patient"] for r in rows})
+            batch = _Batch(rules, today, now, directory, gps, recorded)
+            await _process_batch(uow, rows, batch, result)
             await uow.commit()
         result.trackers += len(rows)
-        after = rows[-1].id
+        after = rows[-1]["id"]
 
 
 async def run_scheduler_pass(

@@ -33,6 +33,8 @@ from ccm_careplan.domain.tracker import (
     parse_instant,
 )
 from ccm_careplan.service_layer.common import (
+    StepClaim,
+    claim_steps,
     compute_due,
     distribute_version,
     emit_review_event,
@@ -40,7 +42,6 @@ from ccm_careplan.service_layer.common import (
     load_rules,
     lock_tracker,
     practice_zone,
-    record_step,
     responsible_provider,
     tracker_id,
 )
@@ -102,11 +103,10 @@ async def _close_cycle(
     for kind, step, wanted in ((COMPLETED, 0, True), (RESOLVED, level, late)):
         if not wanted:
             continue
-        key = await record_step(uow, practice=row["practice"], tracker=row["id"], kind=kind,
-                                due=due, step=step, scheduled_on=day, send=True, now=now)
-        if key:
+        claim = StepClaim(row["practice"], row["id"], kind, due, step, day, True)
+        if claim.key in await claim_steps(uow, [claim], now):
             await emit_review_event(uow, row=row, kind=kind, due=due, step=step, day=day,
-                                    key=key, now=now, provider=provider,
+                                    key=claim.key, now=now, provider=provider,
                                     supervisor=rules.clinical_supervisor)
 
 
