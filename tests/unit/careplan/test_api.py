@@ -153,6 +153,9 @@ async def test_care_team_members_acknowledge_the_version_they_received(careplan)
     assert stranger.status_code == 404
     dist = (await cp.client.get(f"/v1/care-plans/{tid}", headers=cp.auth())).json()["distribution"]
     assert dist["acknowledged"] == 1 and len(dist["recipients"]) == 2
+    listed, = (await cp.client.get("/v1/practices/alpha/care-plans?patient=Patient/soon",
+                                   headers=cp.auth())).json()["items"]
+    assert listed["distribution"] == {"recipients": 2, "acknowledged": 1}
 
 
 async def test_rules_are_visible_with_defaults_and_changeable_per_practice(careplan):

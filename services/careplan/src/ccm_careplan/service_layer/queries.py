@@ -19,8 +19,12 @@ from ccm_careplan.adapters.orm import (
 )
 from ccm_careplan.domain.rules import ReviewRules
 from ccm_careplan.domain.schedule import review_state
-from ccm_careplan.domain.tracker import is_scheduled
-from ccm_careplan.service_layer.common import responsible_provider
+from ccm_careplan.domain.tracker import is_scheduled, resolve_provider
+from ccm_careplan.service_layer.common import (
+    general_practitioners,
+    practitioner_directory,
+    responsible_provider,
+)
 from ccm_shared.db import UnitOfWork
 
 REVIEW_FILTERS = ("due", "due-within:{days}", "overdue", "escalated", "awaiting-signoff")
@@ -128,14 +132,31 @@ async def list_trackers(
         select(trackers).where(*conditions).order_by(order, trackers.c.id)
         .limit(query.limit).offset(query.offset))).all()
     unusable = await _unusable_patients(uow, practice, {r.patient for r in rows})
-    items = [
-        _summary(r, today, rules, r.patient not in unusable,
-                 await responsible_provider(uow.session, practice, dict(r._mapping)))
-        for r in rows
-    ]
+    reach = await _distribution_counts(uow, [r.id for r in rows])
+    gps = await general_practitioners(uow.session, practice, {r.patient for r in rows})
+    directory = await practitioner_directory(uow.session, practice) if rows else {}
+    items = []
+    for r in rows:
+        provider = resolve_provider(r.author, gps.get(r.patient, []), directory)
+        item = _summary(r, today, rules, r.patient not in unusable, provider)
+        recipients, acknowledged = reach.get((r.id, r.current_version), (0, 0))
+        item["distribution"] = {"recipients": recipients, "acknowledged": acknowledged}
+        items.append(item)
     following = query.offset + len(items)
     return {"items": items, "total": total, "limit": query.limit, "offset": query.offset,
             "next_offset": following if following < total else None, "as_of": today.isoformat()}
+
+
+async def _distribution_counts(uow: UnitOfWork, ids: list[str]) -> dict[tuple, tuple[int, int]]:
+    """(tracker, version) → (recipients, acknowledged), for a page of plans in one query."""
+    if not ids:
+        return {}
+    rows = (await uow.session.execute(
+        select(distributions.c.tracker_id, distributions.c.version_id, func.count(),
+               func.count(distributions.c.acknowledged_at))
+        .where(distributions.c.tracker_id.in_(ids))
+        .group_by(distributions.c.tracker_id, distributions.c.version_id))).all()
+    return {(t, v): (n, acked) for t, v, n, acked in rows}
 
 
 async def counts(uow: UnitOfWork, practice: str, today: date, rules: ReviewRules) -> dict:
