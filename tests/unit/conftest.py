@@ -3,6 +3,7 @@ import os
 import pytest
 import pytest_asyncio
 
+from ccm_shared.audit import audit_metadata
 from ccm_shared.db import Database
 from tests.support.messaging import metadata
 
@@ -13,6 +14,7 @@ async def sqlite_db(tmp_path):
     db = Database(f"sqlite+aiosqlite:///{tmp_path}/platform.db", schema="ingest")
     async with db.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
+        await conn.run_sync(audit_metadata.create_all)
     yield db
     await db.dispose()
 

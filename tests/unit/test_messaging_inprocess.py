@@ -109,12 +109,14 @@ async def test_poison_event_goes_to_dlq_after_retries_and_partition_keeps_flowin
 @given(data=st.data())
 async def test_any_order_and_number_of_deliveries_applies_each_event_once(tmp_path_factory, data):
     from ccm_shared.db import Database
+    from ccm_shared.audit import audit_metadata
     from tests.support.messaging import metadata
 
     folder = tmp_path_factory.mktemp("prop")
     db = Database(f"sqlite+aiosqlite:///{folder}/platform.db", schema="ingest")
     async with db.engine.begin() as conn:
         await conn.run_sync(metadata.create_all)
+        await conn.run_sync(audit_metadata.create_all)
     try:
         events = [make_event(patient=f"p{i % 3}", value=i) for i in range(8)]
         deliveries = data.draw(

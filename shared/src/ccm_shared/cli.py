@@ -23,9 +23,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 practice_app = typer.Typer(help="Manage client practices (the tenants).", no_args_is_help=True)
+audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
 token_app = typer.Typer(help="Manage API tokens of a practice.", no_args_is_help=True)
 app.add_typer(practice_app, name="practice")
 app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -164,6 +166,36 @@ def token_create(
         _fail(exc.detail)
     typer.echo(f"token for practice {practice} (store it now; it cannot be shown again):", err=True)
     typer.echo(token)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    practice: Annotated[str | None, typer.Option(help="Only this practice")] = None,
+) -> None:
+    """Recompute every practice's hash chain; report the first broken link. Exit 1 if any."""
+    from ccm_shared.audit import seal_all, verify
+    from ccm_shared.db import create_engine_for
+
+    settings = _settings()
+
+    async def run():  # noqa: ANN202
+        engine = create_engine_for(settings.database_url, schema=None)
+        try:
+            await seal_all(engine)  # seal what is pending so it is verified too
+            return await verify(engine, practice)
+        finally:
+            await engine.dispose()
+
+    results = asyncio.run(run())
+    broken = [r for r in results if not r.ok]
+    for r in results:
+        state = "ok" if r.ok else f"BROKEN at entry {r.broken_at}: {r.reason}"
+        typer.echo(f"{r.practice}: {r.entries} entries, {state}")
+    if not results:
+        typer.echo("no audit entries yet")
+    if broken:
+        typer.secho(f"audit trail altered in {len(broken)} practice(s)", fg="red", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -340,6 +372,8 @@ async def _serve(  # noqa: ANN001
 
     transport = build_transport(settings)  # one shared transport: the in-process bus must be
     runtimes = [ServiceRuntime.build(d, settings, transport=transport) for d in definitions]
+    for rt in runtimes[1:]:
+        rt.run_audit_sealer = False  # one audit sealer per process
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,6 +18,7 @@ import structlog
 from pydantic import ValidationError
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ccm_shared import audit
 from ccm_shared.db import Database, UnitOfWork
 from ccm_shared.events import CloudEvent, Message
 from ccm_shared.observability import (
@@ -132,6 +133,21 @@ class ConsumerRuntime:
             if inserted.first() is None:
                 return False
             await self.handler(event, uow)
+            if event.patient is not None:  # the system wrote patient data: audit it, atomically
+                await audit.record(
+                    uow.session,
+                    audit.AuditRecord(
+                        practice=event.tenant,
+                        service=self.db.schema,
+                        actor_type="system",
+                        actor=self.name,
+                        action="U",
+                        what=event.type,
+                        entity=event.subject,
+                        patient=event.patient,
+                        correlation_id=event.correlationid,
+                    ),
+                )
             await uow.commit()
         return True
 

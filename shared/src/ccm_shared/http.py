@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING, Annotated
 
 import structlog
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,10 +33,11 @@ CORRELATION_HEADER = "x-correlation-id"
 class EdgeMiddleware:
     """Correlation id, request metrics and the body-size limit, as plain ASGI."""
 
-    def __init__(self, app, *, service: str, max_body_bytes: int) -> None:  # noqa: ANN001
+    def __init__(self, app, *, service: str, max_body_bytes: int, audit=None) -> None:  # noqa: ANN001
         self.app = app
         self.service = service
         self.max_body_bytes = max_body_bytes
+        self.audit = audit  # async (scope, status) -> None, called after the response
 
     async def __call__(self, scope, receive, send):  # noqa: ANN001
         if scope["type"] != "http":
@@ -76,6 +77,8 @@ class EdgeMiddleware:
                 return message
 
             await self.app(scope, receive_limited, send_wrapper)
+            if self.audit is not None:
+                await self.audit(scope, status_holder["status"])
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -109,10 +112,67 @@ async def authenticate(request: Request) -> Tenant:
     if tenant is None:
         raise Unauthorized("invalid or revoked token")
     structlog.contextvars.bind_contextvars(practice=tenant.practice_id)
+    request.state.tenant = tenant  # read by the audit trail after the response
     return tenant
 
 
 TenantDep = Annotated[Tenant, Depends(authenticate)]
+
+
+PATIENT_PARAMS = ("patient", "subject", "patient_id")
+
+
+def audited_patient(scope) -> str | None:  # noqa: ANN001
+    """The patient an API call concerns, when the path or the query names one."""
+    params = scope.get("path_params") or {}
+    if params.get("type") == "Patient" and params.get("id"):
+        return str(params["id"])
+    for name in PATIENT_PARAMS:
+        if params.get(name):
+            return str(params[name]).removeprefix("Patient/")
+    from urllib.parse import parse_qs
+
+    query = parse_qs((scope.get("query_string") or b"").decode(errors="replace"))
+    for name in PATIENT_PARAMS:
+        for value in query.get(name, []):
+            if value:
+                return value.removeprefix("Patient/")
+    return None
+
+
+def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
+    """Record every authenticated API call in the audit trail (who, what, when, outcome)."""
+    from ccm_shared.audit import METHOD_ACTION, AuditRecord, outcome_for, record_now
+    from ccm_shared.observability import current_correlation_id
+
+    async def record(scope, status: int) -> None:  # noqa: ANN001
+        tenant = (scope.get("state") or {}).get("tenant")
+        if tenant is None:
+            return
+        route = getattr(scope.get("route"), "path", scope.get("path", ""))
+        params = scope.get("path_params") or {}
+        entity = (
+            f"{params['type']}/{params['id']}" if params.get("type") and params.get("id") else None
+        )
+        entry = AuditRecord(
+            practice=tenant.practice_id,
+            service=runtime.definition.name,
+            actor_type="client",
+            actor=tenant.token_id,
+            actor_label=tenant.label,
+            action=METHOD_ACTION.get(scope["method"], "E"),
+            what=f"{scope['method']} {route}",
+            entity=entity or scope.get("path"),
+            patient=audited_patient(scope),
+            outcome=outcome_for(status),
+            correlation_id=current_correlation_id(),
+        )
+        try:
+            await record_now(runtime.db.engine, entry)
+        except Exception as exc:  # noqa: BLE001 - the response is already sent; say so loudly
+            log.error("audit entry could not be recorded", error=type(exc).__name__)
+
+    return record
 
 
 def problem_response(exc: AppError) -> JSONResponse:
@@ -207,12 +267,47 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
         tenant.require_practice(practice)
         return await get_practice(runtime.db.engine, practice)
 
+    @app.get(
+        "/v1/practices/{practice}/audit-events",
+        tags=["audit"],
+        summary="The practice's audit trail as a FHIR Bundle of AuditEvents (newest first)",
+    )
+    async def audit_events(
+        practice: str,
+        tenant: TenantDep,
+        patient: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+        before: int | None = Query(None, description="Only entries with a smaller id (paging)"),
+    ) -> dict:
+        from sqlalchemy import select
+
+        from ccm_shared.audit import as_fhir_audit_event, audit_log
+
+        tenant.require_practice(practice)
+        stmt = select(audit_log).where(audit_log.c.practice == practice)
+        if patient:
+            stmt = stmt.where(audit_log.c.patient == patient.removeprefix("Patient/"))
+        if before is not None:
+            stmt = stmt.where(audit_log.c.id < before)
+        stmt = stmt.order_by(audit_log.c.id.desc()).limit(limit)
+        async with runtime.db.engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": len(rows),
+            "entry": [{"resource": as_fhir_audit_event(r)} for r in rows],
+        }
+
     for router in definition.routers(runtime):
         app.include_router(router)
     if definition.configure_app is not None:
         definition.configure_app(app, runtime)
     app.add_middleware(
-        EdgeMiddleware, service=definition.name, max_body_bytes=runtime.settings.max_body_bytes
+        EdgeMiddleware,
+        service=definition.name,
+        max_body_bytes=runtime.settings.max_body_bytes,
+        audit=audit_recorder(runtime),
     )
     return app
 

@@ -130,6 +130,7 @@ class ServiceRuntime:
     relay: OutboxRelay | None = None
     clock: Callable[[], datetime] = utc_now
     state: dict = field(default_factory=dict)  # the service's own long-lived objects
+    run_audit_sealer: bool = True  # one per process is enough (see ccm_shared.audit)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -204,6 +205,12 @@ class ServiceRuntime:
         if consumers:
             for c in self.consumers:
                 self._tasks.append(asyncio.create_task(c.run(), name=f"consumer-{c.name}"))
+        if background and self.run_audit_sealer:
+            from ccm_shared.audit import run_sealer
+
+            self._tasks.append(
+                asyncio.create_task(run_sealer(self.db.engine, self._stopping), name="audit-sealer")
+            )
         if background:
             for job in self.definition.background(self):
                 self._tasks.append(

@@ -1,0 +1,132 @@
+"""The audit trail: recorded for API calls and applied events, chained, and tamper-evident."""
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+import pytest
+from sqlalchemy import delete, func, select, update
+
+from ccm_shared.audit import AuditRecord, audit_log, record_now, seal_all, verify
+from ccm_shared.consumer import ConsumerRuntime
+from ccm_shared.db import create_engine_for
+from ccm_shared.migrate import upgrade_async, upgrade_platform
+from ccm_shared.service import ServiceRuntime, discover_services
+from ccm_shared.settings import load_settings
+from ccm_shared.tenancy import Pricing, create_practice, create_token
+from ccm_shared.transport import InProcessTransport
+from tests.support.messaging import make_event, record_effect
+
+
+@pytest.fixture
+async def platform_url(tmp_path):
+    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
+    await asyncio.to_thread(upgrade_platform, url)
+    return url
+
+
+@pytest.fixture
+async def engine(platform_url):
+    engine = create_engine_for(platform_url, schema=None)
+    yield engine
+    await engine.dispose()
+
+
+def entry(practice="acme", n=0, patient="p1"):
+    return AuditRecord(practice=practice, service="tests", actor_type="client", actor="t1",
+                       action="R", what=f"GET /thing/{n}", patient=patient)
+
+
+async def fill(engine, count=6):
+    for i in range(count):
+        await record_now(engine, entry(n=i))
+        await record_now(engine, entry(practice="other", n=i))
+    assert await seal_all(engine) == 2 * count
+
+
+async def test_sealed_chain_verifies(engine):
+    await fill(engine)
+    results = {r.practice: r for r in await verify(engine)}
+    assert results["acme"].ok and results["acme"].entries == 6
+    assert results["other"].ok and results["other"].unsealed == 0
+
+
+@pytest.mark.parametrize(
+    ("tamper", "broken_at", "reason"),
+    [
+        (lambda: update(audit_log).where(audit_log.c.seq == 3).values(what="GET /nothing"),
+         3, "altered"),
+        (lambda: delete(audit_log).where(audit_log.c.seq == 4), 4, "missing"),
+        (lambda: delete(audit_log).where(audit_log.c.seq == 6), 6, "ends at 5"),
+        (lambda: update(audit_log).where(audit_log.c.seq == 2).values(patient="p2"), 2, "altered"),
+    ],
+    ids=["altered-entry", "deleted-middle-entry", "deleted-newest-entry", "changed-patient"],
+)
+async def test_tampering_is_detected_at_the_first_broken_link(engine, tamper, broken_at, reason):
+    await fill(engine)
+    async with engine.begin() as conn:
+        await conn.execute(tamper().where(audit_log.c.practice == "acme"))
+    results = {r.practice: r for r in await verify(engine)}
+    assert results["acme"].broken_at == broken_at
+    assert reason in results["acme"].reason
+    assert results["other"].ok  # the other practice's chain is untouched
+
+
+async def test_ccm_audit_verify_reports_the_broken_link_and_fails(engine, platform_url, tmp_path):
+    await fill(engine, 3)
+    env = {"CCM_DATABASE_URL": platform_url, "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run([sys.executable, "-m", "ccm_shared.cli", "audit", "verify"],
+                        env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "acme: 3 entries, ok" in ok.stdout
+    async with engine.begin() as conn:
+        await conn.execute(delete(audit_log).where(audit_log.c.practice == "acme",
+                                                   audit_log.c.seq == 2))
+    bad = subprocess.run([sys.executable, "-m", "ccm_shared.cli", "audit", "verify"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "acme: 2 entries, BROKEN at entry 2: entry 2 is missing" in bad.stdout
+
+
+async def test_api_calls_are_audited_with_who_what_patient_and_outcome(platform_url, engine):
+    ingest = discover_services()["ingest"]
+    await upgrade_async(platform_url, ingest.schema, ingest.migrations_package)
+    settings = load_settings(database_url=platform_url)
+    runtime = ServiceRuntime.build(ingest, settings, transport=InProcessTransport())
+    for pid in ("alpha", "beta"):
+        await create_practice(runtime.db.engine, practice_id=pid, name=pid, timezone="UTC",
+                              pricing=Pricing())
+    token = await create_token(runtime.db.engine, practice_id="alpha", label="epic-prod")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
+                                 base_url="http://t") as client:
+        h = {"Authorization": f"Bearer {token}"}
+        await client.get("/v1/practices/alpha/audit-events?patient=Patient/p7", headers=h)
+        await client.get("/v1/practices/beta", headers=h)
+        await client.get("/v1/practices/alpha")  # no token: nobody to attribute, not audited
+        await seal_all(engine)
+        trail = (await client.get("/v1/practices/alpha/audit-events", headers=h)).json()
+        other = await client.get("/v1/practices/beta/audit-events", headers=h)
+    await runtime.db.dispose()
+    events = [e["resource"] for e in trail["entry"]]
+    assert len(events) == 2  # newest first; the listing itself is recorded after it answers
+    denied, read = events
+    assert read["action"] == "R" and read["outcome"] == "0"
+    assert read["agent"][0]["who"]["display"] == "epic-prod"
+    assert {"reference": "Patient/p7"} in [e["what"] for e in read["entity"]]
+    assert denied["outcome"] == "4"  # another practice's data: 404, recorded as a failure
+    assert other.status_code == 404
+
+
+async def test_applied_patient_events_are_audited_in_the_same_transaction(sqlite_db):
+    runtime = ConsumerRuntime(name="billing-projections", topics=["t"], handler=record_effect,
+                              db=sqlite_db, transport=InProcessTransport())
+    from ccm_shared.events import Message
+
+    event = make_event(patient="p9")
+    await runtime.process(Message("t", event.to_json()))
+    await runtime.process(Message("t", event.to_json()))  # a duplicate is not audited again
+    async with sqlite_db.engine.connect() as conn:
+        rows = (await conn.execute(select(audit_log))).all()
+        assert (await conn.execute(select(func.count()).select_from(audit_log))).scalar() == 1
+    assert rows[0].patient == "p9" and rows[0].actor == "billing-projections"
+    assert rows[0].actor_type == "system" and rows[0].what == event.type
