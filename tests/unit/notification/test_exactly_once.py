@@ -159,7 +159,8 @@ async def test_billing_events_reach_the_billing_practitioner_or_the_practice_con
         await alerts.process(to_message(event.type, event))
     found = {r.kind: r for r in await rows(runtime, messages, messages.c.practice == "acme")}
     assert found["threshold-at-risk"].recipient == "one@acme.test"
-    assert found["threshold-at-risk"].subject == "Patient/p1 needs 5 more minutes for 99490 (2026-11)"
+    assert (found["threshold-at-risk"].subject
+            == "Patient/p1 needs 5 more minutes for 99490 (2026-11)")
     assert found["invoice-issued"].recipient == "lead@acme.test"
     assert "$100.00 net, $120.00 gross" in found["invoice-issued"].text_body
 

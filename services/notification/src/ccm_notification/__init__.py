@@ -1,1 +1,2 @@
-"""ccm-platform notification service. Provider directory, templated communications and acknowledgement tracking."""
+"""ccm-platform notification service: provider directory, templated communications,
+acknowledgement tracking and practice-system subscriptions."""

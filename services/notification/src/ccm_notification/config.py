@@ -46,6 +46,22 @@ class NotificationSettings(BaseSettings):
     ack_sweep_interval_seconds: float = Field(30.0, gt=0,
                                               description="How often overdue acks are checked")
 
+    subscription_pause_after_failures: int = Field(
+        10, ge=1, description="A webhook subscription is paused after this many consecutive "
+        "failed deliveries (retried with the backoff above until then)")
+    subscription_require_https: bool = Field(
+        True, description="Subscription endpoints must be https:// (false: http:// allowed too)")
+    subscription_batch_size: int = Field(
+        100, gt=0, description="Events delivered per subscription per dispatch pass")
+    max_subscriptions_per_practice: int = Field(20, gt=0, description="Subscriptions per practice")
+    practice_topic_partitions: int = Field(
+        1, ge=1, description="Partitions of a per-practice topic created by the service (1 keeps "
+        "the practice's whole feed in one order)")
+    practice_topic_replication: int = Field(
+        1, ge=1, description="Replication factor of per-practice topics (3 in production)")
+    practice_topic_refresh_seconds: float = Field(
+        300.0, gt=0, description="How often every registered practice's topics are ensured")
+
     def max_attempts(self, channel: str) -> int:
         return {"email": self.email_max_attempts, "webhook": self.webhook_max_attempts,
                 "fhir": self.fhir_max_attempts}[channel]

@@ -154,26 +154,38 @@ class WebhookChannel:
         ).encode()
 
     async def send(self, out: Outgoing) -> DeliveryResult:
-        body = self.body(out)
-        timestamp = int(self.clock().timestamp())
-        headers = {
-            "Content-Type": "application/json",
-            SIGNATURE_HEADER: webhook_signature(
-                webhook_secret(self.secret_key, out.practice), timestamp, body
-            ),
-            "X-CCM-Message-Id": out.message_id,
-            "X-CCM-Idempotency-Key": out.idempotency_key,
-        }
-        try:
-            response = await self.client.post(
-                out.recipient,
-                content=body,
-                headers=headers,
-                timeout=self.settings.webhook_timeout_seconds,
-            )
-        except httpx.HTTPError as exc:
-            return DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
-        return _http_result(response)
+        return await post_signed(
+            self.client,
+            out.recipient,
+            self.body(out),
+            webhook_secret(self.secret_key, out.practice),
+            int(self.clock().timestamp()),
+            {"X-CCM-Message-Id": out.message_id, "X-CCM-Idempotency-Key": out.idempotency_key},
+            self.settings.webhook_timeout_seconds,
+        )
+
+
+async def post_signed(
+    client: httpx.AsyncClient,
+    url: str,
+    body: bytes,
+    secret: str,
+    timestamp: int,
+    headers: dict[str, str],
+    timeout: float,
+) -> DeliveryResult:
+    """POST a JSON body signed with ``secret`` (the one webhook signature scheme of the service:
+    message webhooks and practice subscriptions)."""
+    all_headers = {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: webhook_signature(secret, timestamp, body),
+        **headers,
+    }
+    try:
+        response = await client.post(url, content=body, headers=all_headers, timeout=timeout)
+    except httpx.HTTPError as exc:
+        return DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
+    return _http_result(response)
 
 
 def communication(out: Outgoing, sent: datetime) -> dict:

@@ -21,6 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from ccm_notification.subscriptions.tables import add_subscription_tables_v1
 from ccm_shared.tables import BigId, add_messaging_tables
 
 
@@ -200,3 +201,7 @@ ack_policies = _tables["ack_policies"]
 messages = _tables["messages"]
 deliveries = _tables["deliveries"]
 call_requests = _tables["call_requests"]
+_subscription_tables = add_subscription_tables_v1(metadata)
+subscriptions = _subscription_tables["subscriptions"]
+subscription_events = _subscription_tables["subscription_events"]
+subscription_deliveries = _subscription_tables["subscription_deliveries"]

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import httpx
 import structlog
+from sqlalchemy import select
 
 from ccm_notification.adapters.channels import EmailChannel, FhirChannel, WebhookChannel
 from ccm_notification.config import NotificationSettings
@@ -19,7 +20,11 @@ from ccm_notification.service_layer.handlers import (
     directory_handler,
 )
 from ccm_notification.service_layer.notify import Notifier
+from ccm_notification.subscriptions.domain import FEED_TYPES
+from ccm_notification.subscriptions.service import SubscriptionDeliverer, feed_handler
+from ccm_notification.subscriptions.topics import PracticeTopics
 from ccm_shared.service import BackgroundJob, ConsumerSpec, ServiceRuntime
+from ccm_shared.tables import practices
 
 log = structlog.get_logger(__name__)
 
@@ -35,11 +40,17 @@ def notifier_of(runtime: ServiceRuntime) -> Notifier:
     return runtime.state["notifier"]
 
 
+def http_client_of(runtime: ServiceRuntime) -> httpx.AsyncClient:
+    """One HTTP client for every outgoing webhook and FHIR request (closed with the dispatcher)."""
+    if "http_client" not in runtime.state:
+        runtime.state["http_client"] = httpx.AsyncClient(follow_redirects=False)
+    return runtime.state["http_client"]
+
+
 def dispatcher_of(runtime: ServiceRuntime) -> Dispatcher:
     if "dispatcher" not in runtime.state:
         notifier = notifier_of(runtime)
-        client = httpx.AsyncClient(follow_redirects=False)
-        runtime.state["http_client"] = client
+        client = http_client_of(runtime)
         runtime.state["dispatcher"] = Dispatcher(
             runtime.db,
             notifier,
@@ -54,8 +65,44 @@ def dispatcher_of(runtime: ServiceRuntime) -> Dispatcher:
     return runtime.state["dispatcher"]
 
 
+def deliverer_of(runtime: ServiceRuntime) -> SubscriptionDeliverer:
+    """Delivers practice subscriptions' webhooks (same client, backoff and signature scheme)."""
+    if "subscription_deliverer" not in runtime.state:
+        notifier = notifier_of(runtime)
+        runtime.state["subscription_deliverer"] = SubscriptionDeliverer(
+            runtime.db, notifier.settings, notifier.secret_key, notifier.clock,
+            http_client_of(runtime),
+        )
+    return runtime.state["subscription_deliverer"]
+
+
+def practice_topics_of(runtime: ServiceRuntime) -> PracticeTopics:
+    if "practice_topics" not in runtime.state:
+        s = notifier_of(runtime).settings
+        runtime.state["practice_topics"] = PracticeTopics(
+            runtime.transport,
+            partitions=s.practice_topic_partitions,
+            replication=s.practice_topic_replication,
+        )
+    return runtime.state["practice_topics"]
+
+
+async def ensure_all_practice_topics(runtime: ServiceRuntime) -> int:
+    """Create the topics of every registered practice (new practices get theirs within the
+    refresh interval, before their first event)."""
+    async with runtime.db.engine.connect() as conn:
+        ids = [r.id for r in (await conn.execute(select(practices.c.id))).all()]
+    await practice_topics_of(runtime).ensure(ids)
+    return 0  # never "busy": the job sleeps its interval
+
+
 def consumers(runtime: ServiceRuntime) -> list[ConsumerSpec]:
     return [
+        ConsumerSpec(
+            "notification-practice-feed",
+            FEED_TYPES,
+            feed_handler(practice_topics_of(runtime), lambda: runtime.clock()),
+        ),
         ConsumerSpec(
             "notification-directory", DIRECTORY_TOPICS, directory_handler(lambda: runtime.clock())
         ),
@@ -83,15 +130,20 @@ def _every(name: str, interval: float, step: Callable[[], Awaitable[int]]):  # n
 def background(runtime: ServiceRuntime) -> list[BackgroundJob]:
     notifier = notifier_of(runtime)
     dispatcher = dispatcher_of(runtime)
+    deliverer = deliverer_of(runtime)
+
+    async def dispatch_pass() -> int:
+        return await dispatcher.run_once() + await deliverer.run_once()
 
     async def dispatch_and_close(stopping: asyncio.Event) -> None:
         try:
             await _every(
-                "dispatch", notifier.settings.dispatch_interval_seconds, dispatcher.run_once
+                "dispatch", notifier.settings.dispatch_interval_seconds, dispatch_pass
             )(stopping)
         finally:
             await runtime.state.pop("http_client").aclose()
             runtime.state.pop("dispatcher", None)
+            runtime.state.pop("subscription_deliverer", None)
 
     return [
         BackgroundJob("notification-dispatcher", dispatch_and_close),
@@ -101,6 +153,14 @@ def background(runtime: ServiceRuntime) -> list[BackgroundJob]:
                 "ack-sweep",
                 notifier.settings.ack_sweep_interval_seconds,
                 lambda: acks.sweep(runtime.db, notifier),
+            ),
+        ),
+        BackgroundJob(
+            "notification-practice-topics",
+            _every(
+                "practice-topics",
+                notifier.settings.practice_topic_refresh_seconds,
+                lambda: ensure_all_practice_topics(runtime),
             ),
         ),
     ]

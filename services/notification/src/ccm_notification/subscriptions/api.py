@@ -1,0 +1,155 @@
+"""HTTP API of practice subscriptions (bearer token of the practice; others' answer 404)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from ccm_notification.config import NotificationSettings
+from ccm_notification.subscriptions import service
+from ccm_notification.subscriptions.domain import FEED_TYPES
+from ccm_shared.errors import InvalidInput
+from ccm_shared.http import TenantDep
+from ccm_shared.service import ServiceRuntime
+
+EventType = Literal[FEED_TYPES]  # type: ignore[valid-type]
+BASE = "/v1/practices/{practice}/subscriptions"
+
+
+class SubscriptionCreate(BaseModel):
+    """A webhook subscription (modelled on the FHIR Subscriptions backport)."""
+
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventType] = Field(  # type: ignore[valid-type]
+        ..., min_length=1, max_length=len(FEED_TYPES),
+        description="Event types to receive (the subscription topic's filter)",
+    )
+    endpoint: str = Field(..., max_length=500, description="Where notifications are POSTed")
+    payload: Literal["id-only", "full-resource"] = Field(
+        "id-only",
+        description="id-only: event number, type and focus reference; full-resource: plus the "
+        "event's data (the FHIR R4 Invoice for invoice events)",
+    )
+    description: str | None = Field(None, max_length=200)
+
+
+def _check_endpoint(url: str, require_https: bool) -> None:
+    parts = urlsplit(url)
+    schemes = ("https",) if require_https else ("https", "http")
+    if parts.scheme not in schemes or not parts.hostname:
+        raise InvalidInput(f"endpoint must be an absolute {' or '.join(schemes)} URL")
+    if parts.username or parts.password:
+        raise InvalidInput("endpoint must not contain credentials; verify the signature instead")
+
+
+def view(row) -> dict[str, Any]:  # noqa: ANN001
+    return {
+        "id": row.id,
+        "practice": row.practice,
+        "description": row.description,
+        "events": row.event_types,
+        "endpoint": row.endpoint,
+        "payload": row.payload,
+        "status": row.status,
+        "lastEventNumber": row.last_event_number,
+        "deliveredThrough": row.delivered_through,
+        "createdAt": row.created_at.isoformat(),
+    }
+
+
+def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
+    router = APIRouter(tags=["subscriptions"])
+    db = runtime.db
+
+    def settings() -> NotificationSettings:
+        s = runtime.service_settings()
+        assert isinstance(s, NotificationSettings)
+        return s
+
+    @router.post(BASE, status_code=201, summary="Subscribe a webhook to the practice's events")
+    async def create(
+        practice: str, body: SubscriptionCreate, tenant: TenantDep, response: Response
+    ) -> dict:
+        tenant.require_practice(practice)
+        _check_endpoint(body.endpoint, settings().subscription_require_https)
+        spec = service.NewSubscription(
+            list(body.events), body.endpoint, body.payload, body.description
+        )
+        async with db.unit_of_work() as uow:
+            row, secret = await service.create_subscription(
+                uow, practice, spec, secret_key=runtime.settings.secret_key,
+                limit=settings().max_subscriptions_per_practice, now=runtime.clock(),
+            )
+            await uow.commit()
+        response.headers["Location"] = f"/v1/practices/{practice}/subscriptions/{row.id}"
+        return view(row) | {"secret": secret}
+
+    @router.get(BASE, summary="The practice's subscriptions")
+    async def list_all(practice: str, tenant: TenantDep) -> list[dict]:
+        tenant.require_practice(practice)
+        async with db.unit_of_work() as uow:
+            return [view(r) for r in await service.list_subscriptions(uow, practice)]
+
+    @router.get(BASE + "/{sub_id}", summary="One subscription")
+    async def get_one(practice: str, sub_id: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        async with db.unit_of_work() as uow:
+            return view(await service.load(uow, practice, sub_id))
+
+    @router.delete(BASE + "/{sub_id}", status_code=204, summary="Unsubscribe (stops delivery)")
+    async def remove(practice: str, sub_id: str, tenant: TenantDep) -> Response:
+        tenant.require_practice(practice)
+        async with db.unit_of_work() as uow:
+            await service.delete_subscription(uow, practice, sub_id)
+            await uow.commit()
+        return Response(status_code=204)
+
+    @router.post(BASE + "/{sub_id}/resume", summary="Resume a paused subscription")
+    async def resume(practice: str, sub_id: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        async with db.unit_of_work() as uow:
+            await service.resume(uow, practice, sub_id, now=runtime.clock())
+            row = await service.load(uow, practice, sub_id)
+            await uow.commit()
+        return view(row)
+
+    @router.get(BASE + "/{sub_id}/events", summary="Replay notifications numbered above `since`")
+    async def events(
+        practice: str,
+        sub_id: str,
+        tenant: TenantDep,
+        since: Annotated[int, Query(ge=0, description="The last event number you processed")] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict:
+        tenant.require_practice(practice)
+        async with db.unit_of_work() as uow:
+            found = await service.events_since(uow, practice, sub_id, since, limit)
+            row = await service.load(uow, practice, sub_id)
+        return {
+            "subscription": sub_id,
+            "lastEventNumber": row.last_event_number,
+            "events": found,
+            "next": found[-1]["eventNumber"] if len(found) == limit else None,
+        }
+
+    @router.get(BASE + "/{sub_id}/status", summary="Lag, failures and the last delivery")
+    async def status(practice: str, sub_id: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        async with db.unit_of_work() as uow:
+            return await service.status_of(uow, practice, sub_id, runtime.clock())
+
+    @router.get(BASE + "/{sub_id}/deliveries", summary="Delivery log, newest first")
+    async def deliveries(
+        practice: str,
+        sub_id: str,
+        tenant: TenantDep,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[dict]:
+        tenant.require_practice(practice)
+        async with db.unit_of_work() as uow:
+            return await service.delivery_log(uow, practice, sub_id, limit)
+
+    return router

@@ -1,0 +1,133 @@
+"""Pure rules of practice subscriptions: which events a practice sees, how they are numbered,
+what a webhook notification looks like, and how a receiver verifies one.
+
+Tenant safety lives here: the target practice of a fanned-out event is the event's ``tenant``
+and nothing else; no subscriber-controlled value takes part in choosing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ccm_notification.domain.signing import derive_key, verify_webhook
+
+# billing's practice-facing events (the "feed"); topic name == event type.
+FEED_TYPES: tuple[str, ...] = (
+    "billing.invoice.issued.v1",
+    "billing.invoice.cancelled.v1",
+    "billing.invoice.paid.v1",
+    "billing.invoice.overdue.v1",
+    "billing.payment.recorded.v1",
+    "billing.period.closed.v1",
+    "billing.threshold.at-risk.v1",
+)
+# Contracts without a ``practiceSequence`` data property: the number is in the envelope only.
+NO_DATA_SEQUENCE = frozenset({"billing.threshold.at-risk.v1"})
+FEED_COUNTER = "practice-feed"  # the outbox sequence counter (tenant, subject) of the feed
+PAYLOAD_MODES = ("id-only", "full-resource")
+
+# The same rule as the practice registry, and no dots: ``ccm.practice.<id>.`` must stay a prefix
+# that matches exactly one practice.
+_PRACTICE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+class UnsafeTenant(Exception):
+    """An event whose tenant is not a well-formed practice id: it is never fanned out."""
+
+
+def target_practice(tenant: str) -> str:
+    """The one practice an event is delivered to: its tenant, checked to be a practice id."""
+    if not _PRACTICE.fullmatch(tenant or ""):
+        raise UnsafeTenant("event tenant is not a practice id")
+    return tenant
+
+
+def feed_data(event_type: str, data: dict[str, Any], practice_sequence: int) -> dict[str, Any]:
+    """The event's data as published to the practice: the contract's data with the feed number."""
+    if event_type in NO_DATA_SEQUENCE:
+        return dict(data)
+    return {**data, "practiceSequence": practice_sequence}
+
+
+def wants(event_types: list[str], event_type: str) -> bool:
+    return event_type in event_types
+
+
+@dataclass(frozen=True)
+class FeedEvent:
+    """An event as the practice's feed carries it (after numbering)."""
+
+    id: str
+    type: str
+    time: str
+    subject: str | None
+    practice_sequence: int
+    data: dict[str, Any]
+
+
+def notification(
+    *, subscription: str, practice: str, number: int, mode: str, event: FeedEvent
+) -> dict[str, Any]:
+    """The webhook body: an event notification with the subscription's own event number.
+
+    Modelled on the FHIR Subscriptions backport: ``eventNumber`` is events-since-subscription-
+    start, ``focus`` the resource concerned; ``full-resource`` adds the event's data (for invoice
+    events the FHIR R4 Invoice under ``data.invoice``), ``id-only`` does not.
+    """
+    body: dict[str, Any] = {
+        "type": "event-notification",
+        "subscription": subscription,
+        "practice": practice,
+        "eventNumber": number,
+        "content": mode,
+        "event": {
+            "id": event.id,
+            "type": event.type,
+            "time": event.time,
+            "focus": event.subject,
+            "practiceSequence": event.practice_sequence,
+        },
+    }
+    if mode == "full-resource":
+        body["data"] = event.data
+    return body
+
+
+def subscription_secret(secret_key: str, subscription: str, salt: str) -> str:
+    """A subscription's signing secret, derived (nothing secret is stored in the database)."""
+    mac = hmac.new(
+        derive_key(secret_key, "subscription"), f"{subscription}:{salt}".encode(), hashlib.sha256
+    )
+    return "whsec_" + mac.hexdigest()
+
+
+def should_pause(consecutive_failures: int, pause_after: int) -> bool:
+    return consecutive_failures >= pause_after
+
+
+@dataclass
+class Receiver:
+    """The documented verification a receiver runs on every delivery (README: "Verifying").
+
+    Accept only when the signature matches the raw body, the timestamp is within ``tolerance``
+    seconds, and the event number was not processed before (a replayed delivery, even a fresh
+    one, is rejected; a gap means: fetch ``/events?since=<last>``).
+    """
+
+    secret: str
+    tolerance: int = 300
+    processed: set[int] = field(default_factory=set)
+
+    def accept(self, signature: str, body: bytes, now: int) -> bool:
+        if not verify_webhook(self.secret, signature, body, now, self.tolerance):
+            return False
+        event_number = json.loads(body)["eventNumber"]  # from the signed body, not a header
+        if event_number in self.processed:
+            return False
+        self.processed.add(event_number)
+        return True

@@ -1,0 +1,537 @@
+"""Service layer of practice subscriptions: the fan-out consumer, subscription management and
+the ordered, signed, retried webhook delivery.
+
+The fan-out runs in the consumer's unit of work (inbox row, practice-topic outbox row and the
+subscriptions' numbered events commit together), so a redelivered billing event changes nothing.
+Delivery is the dispatcher's pattern: claim a subscription with a lease in a short transaction,
+POST with no transaction open, record each attempt in its own transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import structlog
+from sqlalchemy import and_, delete, func, or_, select, update
+
+from ccm_notification.adapters.channels import DeliveryResult, post_signed
+from ccm_notification.adapters.orm import (
+    subscription_deliveries,
+    subscription_events,
+    subscriptions,
+)
+from ccm_notification.config import NotificationSettings
+from ccm_notification.domain.kinds import backoff_seconds
+from ccm_notification.subscriptions.domain import (
+    FEED_COUNTER,
+    FEED_TYPES,
+    FeedEvent,
+    feed_data,
+    notification,
+    should_pause,
+    subscription_secret,
+    target_practice,
+    wants,
+)
+from ccm_notification.subscriptions.topics import PracticeTopics
+from ccm_shared.consumer import Handler
+from ccm_shared.db import Database, UnitOfWork
+from ccm_shared.errors import Conflict, NotFound
+from ccm_shared.events import CloudEvent, practice_topic
+
+log = structlog.get_logger(__name__)
+
+SOURCE = "/ccm/notification/subscriptions"
+PAUSED = "notification.subscription.paused.v1"
+RESUMED = "notification.subscription.resumed.v1"
+Clock = Callable[[], datetime]
+
+
+# -- fan-out --------------------------------------------------------------------------------------
+
+
+def feed_handler(topics: PracticeTopics, clock: Clock) -> Handler:
+    """Consumer of billing's practice-facing events: one numbered copy on the practice's topic
+    and one numbered notification per matching subscription of that practice."""
+
+    async def handle(event: CloudEvent, uow: UnitOfWork) -> None:
+        if event.type not in FEED_TYPES:
+            return
+        practice = target_practice(event.tenant)  # UnsafeTenant: retried, then dead-lettered
+        await topics.ensure([practice])
+        await fan_out(uow, practice, event, now=clock())
+
+    return handle
+
+
+async def fan_out(uow: UnitOfWork, practice: str, event: CloudEvent, *, now: datetime) -> int:
+    """Publish ``event`` to ``practice`` only; return its per-practice sequence number."""
+    number = await uow.outbox.next_sequence(practice, FEED_COUNTER)
+    data = feed_data(event.type, event.data, number)
+    await uow.outbox.add(
+        practice_topic(practice, event.type),
+        event.model_copy(update={"sequence": number, "data": data}),
+    )
+    feed = FeedEvent(
+        id=event.id,
+        type=event.type,
+        time=event.time.isoformat(),
+        subject=event.subject,
+        practice_sequence=number,
+        data=data,
+    )
+    await _number_for_subscriptions(uow, practice, feed, now)
+    return number
+
+
+async def _number_for_subscriptions(
+    uow: UnitOfWork, practice: str, feed: FeedEvent, now: datetime
+) -> None:
+    rows = (
+        await uow.session.execute(
+            select(subscriptions)
+            .where(subscriptions.c.practice == practice)
+            .order_by(subscriptions.c.id)
+            .with_for_update()  # numbers per subscription are handed out one writer at a time
+        )
+    ).all()
+    for row in rows:
+        if not wants(row.event_types, feed.type):
+            continue
+        number = row.last_event_number + 1
+        await uow.session.execute(
+            update(subscriptions)
+            .where(subscriptions.c.id == row.id)
+            .values(
+                last_event_number=number,
+                next_attempt_at=row.next_attempt_at or now,
+            )
+        )
+        await uow.session.execute(
+            subscription_events.insert().values(
+                subscription_id=row.id,
+                number=number,
+                practice=practice,
+                event_id=feed.id,
+                event_type=feed.type,
+                body=notification(
+                    subscription=row.id,
+                    practice=practice,
+                    number=number,
+                    mode=row.payload,
+                    event=feed,
+                ),
+                status="pending",
+                attempts=0,
+                created_at=now,
+            )
+        )
+
+
+# -- management -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewSubscription:
+    event_types: list[str]
+    endpoint: str
+    payload: str
+    description: str | None = None
+
+
+async def create_subscription(
+    uow: UnitOfWork, practice: str, spec: NewSubscription, *, secret_key: str, limit: int,
+    now: datetime,
+) -> tuple[Any, str]:
+    """Create a subscription; return its row and its signing secret (shown this once)."""
+    count = (
+        await uow.session.execute(
+            select(func.count()).where(subscriptions.c.practice == practice)
+        )
+    ).scalar_one()
+    if count >= limit:
+        raise Conflict(f"a practice may have at most {limit} subscriptions")
+    sub_id, salt = str(uuid.uuid4()), secrets.token_hex(16)
+    await uow.session.execute(
+        subscriptions.insert().values(
+            id=sub_id,
+            practice=practice,
+            description=spec.description,
+            event_types=list(dict.fromkeys(spec.event_types)),
+            endpoint=spec.endpoint,
+            payload=spec.payload,
+            secret_salt=salt,
+            status="active",
+            last_event_number=0,
+            delivered_through=0,
+            consecutive_failures=0,
+            created_at=now,
+            updated_at=now,
+        )
+    )
+    row = await load(uow, practice, sub_id)
+    return row, subscription_secret(secret_key, sub_id, salt)
+
+
+async def load(uow: UnitOfWork, practice: str, sub_id: str, *, lock: bool = False):  # noqa: ANN201
+    """The practice's subscription; another practice's (or none) raises NotFound."""
+    stmt = select(subscriptions).where(
+        and_(subscriptions.c.id == sub_id, subscriptions.c.practice == practice)
+    )
+    row = (await uow.session.execute(stmt.with_for_update() if lock else stmt)).first()
+    if row is None:
+        raise NotFound(f"subscription {sub_id!r} not found")
+    return row
+
+
+async def list_subscriptions(uow: UnitOfWork, practice: str) -> list:
+    stmt = (
+        select(subscriptions)
+        .where(subscriptions.c.practice == practice)
+        .order_by(subscriptions.c.created_at, subscriptions.c.id)
+    )
+    return list((await uow.session.execute(stmt)).all())
+
+
+async def delete_subscription(uow: UnitOfWork, practice: str, sub_id: str) -> None:
+    await load(uow, practice, sub_id, lock=True)
+    for table in (subscription_deliveries, subscription_events):
+        await uow.session.execute(delete(table).where(table.c.subscription_id == sub_id))
+    await uow.session.execute(delete(subscriptions).where(subscriptions.c.id == sub_id))
+
+
+async def resume(uow: UnitOfWork, practice: str, sub_id: str, *, now: datetime) -> bool:
+    """Resume a paused subscription (deliveries restart at the oldest undelivered event);
+    return False when it was not paused."""
+    row = await load(uow, practice, sub_id, lock=True)
+    if row.status != "paused":
+        return False
+    await uow.session.execute(
+        update(subscriptions)
+        .where(subscriptions.c.id == sub_id)
+        .values(
+            status="active",
+            consecutive_failures=0,
+            paused_at=None,
+            paused_reason=None,
+            next_attempt_at=now,
+            lease_token=None,
+            leased_until=None,
+            updated_at=now,
+        )
+    )
+    await uow.outbox.add(
+        RESUMED,
+        _event(RESUMED, practice, sub_id, now, {
+            "subscription": sub_id,
+            "pendingEvents": row.last_event_number - row.delivered_through,
+            "lastEventNumber": row.last_event_number,
+            "deliveredThrough": row.delivered_through,
+        }),
+    )
+    return True
+
+
+def _event(kind: str, practice: str, sub_id: str, now: datetime, data: dict) -> CloudEvent:
+    return CloudEvent(
+        source=SOURCE, type=kind, tenant=practice, subject=f"Subscription/{sub_id}", time=now,
+        data=data,
+    )
+
+
+async def events_since(
+    uow: UnitOfWork, practice: str, sub_id: str, since: int, limit: int
+) -> list[dict]:
+    """Notifications numbered above ``since``, in order (replay after downtime)."""
+    await load(uow, practice, sub_id)
+    stmt = (
+        select(subscription_events.c.body)
+        .where(
+            and_(
+                subscription_events.c.subscription_id == sub_id,
+                subscription_events.c.number > since,
+            )
+        )
+        .order_by(subscription_events.c.number)
+        .limit(limit)
+    )
+    return [r.body for r in (await uow.session.execute(stmt)).all()]
+
+
+async def delivery_log(uow: UnitOfWork, practice: str, sub_id: str, limit: int) -> list[dict]:
+    await load(uow, practice, sub_id)
+    stmt = (
+        select(subscription_deliveries)
+        .where(subscription_deliveries.c.subscription_id == sub_id)
+        .order_by(subscription_deliveries.c.id.desc())
+        .limit(limit)
+    )
+    return [_delivery_view(r) for r in (await uow.session.execute(stmt)).all()]
+
+
+def _delivery_view(r) -> dict:  # noqa: ANN001
+    return {
+        "eventNumber": r.number,
+        "attempt": r.attempt,
+        "outcome": r.outcome,
+        "response": r.response,
+        "latencyMs": r.latency_ms,
+        "at": r.at.isoformat(),
+    }
+
+
+async def status_of(uow: UnitOfWork, practice: str, sub_id: str, now: datetime) -> dict:
+    """Lag and health: events waiting, age of the oldest, failures, last delivery."""
+    row = await load(uow, practice, sub_id)
+    oldest = (
+        await uow.session.execute(
+            select(func.min(subscription_events.c.created_at)).where(
+                and_(
+                    subscription_events.c.subscription_id == sub_id,
+                    subscription_events.c.status == "pending",
+                )
+            )
+        )
+    ).scalar_one()
+    last = (
+        await uow.session.execute(
+            select(subscription_deliveries)
+            .where(subscription_deliveries.c.subscription_id == sub_id)
+            .order_by(subscription_deliveries.c.id.desc())
+            .limit(1)
+        )
+    ).first()
+    if oldest is not None and oldest.tzinfo is None:  # SQLite returns naive UTC
+        oldest = oldest.replace(tzinfo=now.tzinfo)
+    return {
+        "id": row.id,
+        "status": row.status,
+        "lastEventNumber": row.last_event_number,
+        "deliveredThrough": row.delivered_through,
+        "lagEvents": row.last_event_number - row.delivered_through,
+        "oldestPendingAt": oldest.isoformat() if oldest else None,
+        "lagSeconds": max(0, int((now - oldest).total_seconds())) if oldest else 0,
+        "consecutiveFailures": row.consecutive_failures,
+        "nextAttemptAt": row.next_attempt_at.isoformat() if row.next_attempt_at else None,
+        "pausedAt": row.paused_at.isoformat() if row.paused_at else None,
+        "pausedReason": row.paused_reason,
+        "lastDelivery": _delivery_view(last) if last else None,
+    }
+
+
+# -- delivery -------------------------------------------------------------------------------------
+
+
+@dataclass
+class SubscriptionDeliverer:
+    """Delivers each active subscription's pending notifications in number order, one at a time;
+    a failure stops that subscription's pass and backs off, N failures in a row pause it."""
+
+    db: Database
+    settings: NotificationSettings
+    secret_key: str
+    clock: Clock
+    client: httpx.AsyncClient
+
+    async def run_once(self) -> int:
+        """One pass over every subscription due now; return how many deliveries were tried."""
+        claimed = await self._claim()
+        done = await asyncio.gather(*(self._drain(row, token) for row, token in claimed))
+        return sum(done)
+
+    async def _claim(self) -> list[tuple[Any, str]]:
+        now, token = self.clock(), str(uuid.uuid4())
+        async with self.db.unit_of_work() as uow:
+            rows = (
+                await uow.session.execute(
+                    select(subscriptions)
+                    .where(
+                        and_(
+                            subscriptions.c.status == "active",
+                            subscriptions.c.next_attempt_at <= now,
+                            or_(
+                                subscriptions.c.leased_until.is_(None),
+                                subscriptions.c.leased_until < now,
+                            ),
+                        )
+                    )
+                    .order_by(subscriptions.c.next_attempt_at)
+                    .limit(self.settings.dispatch_batch_size)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            lease = now + timedelta(seconds=self.settings.sending_lease_seconds)
+            for row in rows:
+                await uow.session.execute(
+                    update(subscriptions)
+                    .where(subscriptions.c.id == row.id)
+                    .values(lease_token=token, leased_until=lease)
+                )
+            await uow.commit()
+        return [(row, token) for row in rows]
+
+    async def _drain(self, sub, token: str) -> int:  # noqa: ANN001
+        async with self.db.unit_of_work() as uow:
+            pending = (
+                await uow.session.execute(
+                    select(subscription_events)
+                    .where(
+                        and_(
+                            subscription_events.c.subscription_id == sub.id,
+                            subscription_events.c.status == "pending",
+                        )
+                    )
+                    .order_by(subscription_events.c.number)
+                    .limit(self.settings.subscription_batch_size)
+                )
+            ).all()
+        secret = subscription_secret(self.secret_key, sub.id, sub.secret_salt)
+        tried = 0
+        for event in pending:
+            body = json.dumps(event.body, separators=(",", ":")).encode()
+            started = time.perf_counter()
+            try:
+                result = await post_signed(
+                    self.client,
+                    sub.endpoint,
+                    body,
+                    secret,
+                    int(self.clock().timestamp()),
+                    {
+                        "X-CCM-Subscription-Id": sub.id,
+                        "X-CCM-Event-Number": str(event.number),
+                        "X-CCM-Event-Id": event.event_id,
+                    },
+                    self.settings.webhook_timeout_seconds,
+                )
+            except Exception as exc:  # noqa: BLE001 - a sender bug must not lose the event
+                result = DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
+            latency_ms = int((time.perf_counter() - started) * 1000)
+            tried += 1
+            if not await self._record(sub.id, token, event, result, latency_ms) or not result.ok:
+                return tried
+        await self._release(sub.id, token)
+        return tried
+
+    async def _record(
+        self, sub_id: str, token: str, event, result: DeliveryResult, latency_ms: int  # noqa: ANN001
+    ) -> bool:
+        """Record one attempt; False when the lease is no longer ours (deleted, taken over)."""
+        s, now = self.settings, self.clock()
+        async with self.db.unit_of_work() as uow:
+            sub = (
+                await uow.session.execute(
+                    select(subscriptions)
+                    .where(and_(subscriptions.c.id == sub_id, subscriptions.c.lease_token == token))
+                    .with_for_update()
+                )
+            ).first()
+            if sub is None:
+                return False
+            attempt = event.attempts + 1
+            values: dict[str, Any] = {"updated_at": now}
+            if result.ok:
+                outcome = "delivered"
+                values |= {"delivered_through": event.number, "consecutive_failures": 0}
+                await uow.session.execute(
+                    update(subscription_events)
+                    .where(
+                        and_(
+                            subscription_events.c.subscription_id == sub_id,
+                            subscription_events.c.number == event.number,
+                        )
+                    )
+                    .values(status="delivered", attempts=attempt, delivered_at=now)
+                )
+            else:
+                failures = sub.consecutive_failures + 1
+                values |= {"consecutive_failures": failures, "lease_token": None,
+                           "leased_until": None}
+                if should_pause(failures, s.subscription_pause_after_failures):
+                    outcome = "paused"
+                    values |= {"status": "paused", "paused_at": now, "next_attempt_at": None,
+                               "paused_reason": result.response}
+                    await uow.outbox.add(
+                        PAUSED,
+                        _event(PAUSED, sub.practice, sub_id, now, {
+                            "subscription": sub_id,
+                            "consecutiveFailures": failures,
+                            "reason": result.response[:1000],
+                            "lastEventNumber": sub.last_event_number,
+                            "deliveredThrough": sub.delivered_through,
+                        }),
+                    )
+                else:
+                    outcome = "retry"
+                    delay = backoff_seconds(
+                        failures, s.retry_backoff_seconds, s.retry_backoff_max_seconds
+                    )
+                    values["next_attempt_at"] = now + timedelta(seconds=delay)
+                await uow.session.execute(
+                    update(subscription_events)
+                    .where(
+                        and_(
+                            subscription_events.c.subscription_id == sub_id,
+                            subscription_events.c.number == event.number,
+                        )
+                    )
+                    .values(attempts=attempt)
+                )
+            await uow.session.execute(
+                update(subscriptions).where(subscriptions.c.id == sub_id).values(**values)
+            )
+            await uow.session.execute(
+                subscription_deliveries.insert().values(
+                    subscription_id=sub_id,
+                    practice=sub.practice,
+                    number=event.number,
+                    attempt=attempt,
+                    outcome=outcome,
+                    response=result.response,
+                    latency_ms=latency_ms,
+                    at=now,
+                )
+            )
+            await uow.commit()
+        log.info("subscription delivery", outcome=outcome, attempt=attempt, latency_ms=latency_ms)
+        return True
+
+    async def _release(self, sub_id: str, token: str) -> None:
+        """End the lease; due again at once if events are still waiting (batch limit, new)."""
+        now = self.clock()
+        async with self.db.unit_of_work() as uow:
+            sub = (
+                await uow.session.execute(
+                    select(subscriptions.c.id)
+                    .where(and_(subscriptions.c.id == sub_id, subscriptions.c.lease_token == token))
+                    .with_for_update()
+                )
+            ).first()
+            if sub is None:
+                return
+            waiting = (
+                await uow.session.execute(
+                    select(func.count()).where(
+                        and_(
+                            subscription_events.c.subscription_id == sub_id,
+                            subscription_events.c.status == "pending",
+                        )
+                    )
+                )
+            ).scalar_one()
+            await uow.session.execute(
+                update(subscriptions)
+                .where(subscriptions.c.id == sub_id)
+                .values(lease_token=None, leased_until=None,
+                        next_attempt_at=now if waiting else None)
+            )
+            await uow.commit()

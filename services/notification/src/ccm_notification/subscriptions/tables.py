@@ -1,0 +1,77 @@
+"""Tables of practice subscriptions (migration ``notification_0003``)."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from ccm_shared.tables import BigId
+
+
+def add_subscription_tables_v1(metadata: MetaData) -> dict[str, Table]:
+    """Subscriptions, their numbered events and the delivery log (version 1)."""
+    subscriptions = Table(
+        "subscriptions",
+        metadata,
+        Column("id", String(36), primary_key=True),
+        Column("practice", String(64), nullable=False, index=True),
+        Column("description", String(200), nullable=True),
+        Column("event_types", JSON, nullable=False),
+        Column("endpoint", String(500), nullable=False),
+        Column("payload", String(20), nullable=False),  # id-only | full-resource
+        Column("secret_salt", String(64), nullable=False),  # the secret itself is derived
+        Column("status", String(20), nullable=False),  # active | paused
+        Column("last_event_number", Integer, nullable=False),
+        Column("delivered_through", Integer, nullable=False),
+        Column("consecutive_failures", Integer, nullable=False),
+        Column("next_attempt_at", DateTime(timezone=True), nullable=True),
+        Column("lease_token", String(36), nullable=True),
+        Column("leased_until", DateTime(timezone=True), nullable=True),
+        Column("paused_at", DateTime(timezone=True), nullable=True),
+        Column("paused_reason", Text, nullable=True),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    subscription_events = Table(
+        "subscription_events",
+        metadata,
+        Column("subscription_id", String(36), nullable=False),
+        Column("number", Integer, nullable=False),
+        Column("practice", String(64), nullable=False),
+        Column("event_id", String(100), nullable=False),
+        Column("event_type", String(100), nullable=False),
+        Column("body", JSON, nullable=False),  # the notification exactly as delivered
+        Column("status", String(20), nullable=False),  # pending | delivered
+        Column("attempts", Integer, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("delivered_at", DateTime(timezone=True), nullable=True),
+        PrimaryKeyConstraint("subscription_id", "number"),
+        UniqueConstraint("subscription_id", "event_id", name="uq_subscription_events_event"),
+        Index("ix_subscription_events_pending", "subscription_id", "status", "number"),
+    )
+    subscription_deliveries = Table(
+        "subscription_deliveries",
+        metadata,
+        Column("id", BigId, primary_key=True, autoincrement=True),
+        Column("subscription_id", String(36), nullable=False),
+        Column("practice", String(64), nullable=False),
+        Column("number", Integer, nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("outcome", String(20), nullable=False),  # delivered | retry | paused
+        Column("response", Text, nullable=True),
+        Column("latency_ms", Integer, nullable=False),
+        Column("at", DateTime(timezone=True), nullable=False),
+        Index("ix_subscription_deliveries_sub", "subscription_id", "id"),
+    )
+    return {t.name: t for t in (subscriptions, subscription_events, subscription_deliveries)}
