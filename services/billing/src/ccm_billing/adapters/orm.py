@@ -24,16 +24,26 @@ TENANT = 64
 REF_ID = 64
 
 
+def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool = True,
+                patient_nullable: bool = False) -> Table:
+    """A projection table: practice + source id as the key, the patient, the source version."""
+    columns = [
+        Column("practice", String(TENANT), nullable=False),
+        Column(key, String(REF_ID), nullable=False),
+    ]
+    if patient:
+        columns.append(Column("patient", String(REF_ID), nullable=patient_nullable))
+    columns.append(Column("version", String(80), nullable=False))
+    indexes = [Index(f"ix_{name}_patient", "practice", "patient")] if patient else []
+    return Table(name, metadata, *columns, *extra, PrimaryKeyConstraint("practice", key), *indexes)
+
+
 def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
     """Version 2 of the billing tables (migration billing_0002 creates exactly these)."""
     t = {}
     # -- projections of ingest's events (latest source version wins) --------------------------
-    t["time_entries"] = Table(
-        "time_entries", metadata,
-        Column("practice", String(TENANT), nullable=False),
-        Column("entry_id", String(REF_ID), nullable=False),
-        Column("patient", String(REF_ID), nullable=True),
-        Column("version", String(80), nullable=False),
+    t["time_entries"] = _projection(
+        metadata, "time_entries", "entry_id",
         Column("data_version", String(80), nullable=True),  # the logged version `start`… came from
         Column("status", String(30), nullable=False),  # finished | entered-in-error | cancelled …
         Column("seconds", Integer, nullable=False, default=0),
@@ -46,67 +56,42 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("warnings", Text, nullable=False, default="[]"),
         Column("locked", Boolean, nullable=False, default=False),  # counted by a closed period
         Column("late", Boolean, nullable=False, default=False),  # logged after its month closed
-        PrimaryKeyConstraint("practice", "entry_id"),
         Index("ix_time_entries_month", "practice", "month"),
-        Index("ix_time_entries_patient", "practice", "patient"),
+        patient_nullable=True,  # a reversal can arrive before anything else about the entry
     )
-    t["consents"] = Table(
-        "consents", metadata,
-        Column("practice", String(TENANT), nullable=False),
-        Column("consent_id", String(REF_ID), nullable=False),
-        Column("patient", String(REF_ID), nullable=False),
-        Column("version", String(80), nullable=False),
+    t["consents"] = _projection(
+        metadata, "consents", "consent_id",
         Column("status", String(30), nullable=False),
         Column("obtained_at", DateTime(timezone=True), nullable=True),
         Column("provision", String(10), nullable=False),
         Column("effective_until", Date, nullable=True),
         Column("practitioner", String(80), nullable=True),
-        PrimaryKeyConstraint("practice", "consent_id"),
-        Index("ix_consents_patient", "practice", "patient"),
     )
-    t["care_plans"] = Table(
-        "care_plans", metadata,
-        Column("practice", String(TENANT), nullable=False),
-        Column("care_plan_id", String(REF_ID), nullable=False),
-        Column("patient", String(REF_ID), nullable=False),
-        Column("version", String(80), nullable=False),
+    t["care_plans"] = _projection(
+        metadata, "care_plans", "care_plan_id",
         Column("status", String(30), nullable=False),
         Column("intent", String(20), nullable=False),
         Column("created", Date, nullable=True),
         Column("last_review", Date, nullable=True),
-        PrimaryKeyConstraint("practice", "care_plan_id"),
-        Index("ix_care_plans_patient", "practice", "patient"),
     )
-    t["conditions"] = Table(
-        "conditions", metadata,
-        Column("practice", String(TENANT), nullable=False),
-        Column("condition_id", String(REF_ID), nullable=False),
-        Column("patient", String(REF_ID), nullable=False),
-        Column("version", String(80), nullable=False),
+    t["conditions"] = _projection(
+        metadata, "conditions", "condition_id",
         Column("counts", Boolean, nullable=False),  # active, chronic, not in error, not deleted
-        PrimaryKeyConstraint("practice", "condition_id"),
-        Index("ix_conditions_patient", "practice", "patient"),
     )
-    t["patients"] = Table(
-        "patients", metadata,
-        Column("practice", String(TENANT), nullable=False),
-        Column("patient_id", String(REF_ID), nullable=False),
-        Column("version", String(80), nullable=False),
+    t["patients"] = _projection(
+        metadata, "patients", "patient_id",
         Column("mbi", String(20), nullable=True),
         Column("active", Boolean, nullable=False),
-        PrimaryKeyConstraint("practice", "patient_id"),
         Index("ix_patients_mbi", "mbi"),
+        patient=False,
     )
-    t["practitioner_roles"] = Table(
-        "practitioner_roles", metadata,
-        Column("practice", String(TENANT), nullable=False),
-        Column("role_id", String(REF_ID), nullable=False),
-        Column("version", String(80), nullable=False),
+    t["practitioner_roles"] = _projection(
+        metadata, "practitioner_roles", "role_id",
         Column("practitioner", String(80), nullable=True),
         Column("classification", String(30), nullable=False),
         Column("active", Boolean, nullable=False),
-        PrimaryKeyConstraint("practice", "role_id"),
         Index("ix_roles_practitioner", "practice", "practitioner"),
+        patient=False,
     )
     # -- billing state ---------------------------------------------------------------------------
     t["billing_periods"] = Table(

@@ -82,22 +82,22 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             await uow.commit()
         return result
 
-    @router.get("/v1/practices/{practice}/billing-periods/{month}/report.json",
-                summary="Audit report: per patient minutes by role, codes, amounts, blockers")
-    async def report_json(practice: str, month: str, tenant: TenantDep) -> dict:
+    async def report_doc(practice: str, month: str, tenant) -> dict:  # noqa: ANN001
         tenant.require_practice(practice)
         mo = parse_month(month)
         async with db.unit_of_work() as uow:
             return await worklist.report(uow.session, await practice_info(uow.session, practice), mo)
 
+    @router.get("/v1/practices/{practice}/billing-periods/{month}/report.json",
+                summary="Audit report: per patient minutes by role, codes, amounts, blockers")
+    async def report_json(practice: str, month: str, tenant: TenantDep) -> dict:
+        return await report_doc(practice, month, tenant)
+
     @router.get("/v1/practices/{practice}/billing-periods/{month}/report.csv",
                 summary="Audit report as CSV (one row per patient × code, TOTAL row last)",
                 response_class=Response)
     async def report_csv(practice: str, month: str, tenant: TenantDep) -> Response:
-        tenant.require_practice(practice)
-        mo = parse_month(month)
-        async with db.unit_of_work() as uow:
-            doc = await worklist.report(uow.session, await practice_info(uow.session, practice), mo)
+        doc = await report_doc(practice, month, tenant)
         return Response(worklist.report_csv(doc), media_type="text/csv", headers={
             "Content-Disposition": f'attachment; filename="ccm-{practice}-{month}.csv"'})
 

@@ -103,7 +103,7 @@ async def load_facts(
     result = await session.execute(select(*columns).where(*scoped(t), t.c.month == m))
     # Plain tuples: this loop runs once per time entry of the month (600k at a large close).
     for (pat, entry_id, seconds, start, status, complex_, practitioner, late, warnings,
-         practitioner_role, role_codes) in result.tuples():
+         practitioner_role, role_codes) in result:
         if pat is None or start is None:
             continue
         key = (practitioner_role, practitioner, role_codes)
