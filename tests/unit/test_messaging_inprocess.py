@@ -139,3 +139,16 @@ async def test_concurrent_duplicate_deliveries_apply_once(sqlite_db):
     msg = Message(TOPIC, event.to_json(), key=b"acme:p1")
     await asyncio.gather(*(runtime.process(msg) for _ in range(5)))
     assert len(await effect_rows(sqlite_db)) == 1
+
+
+async def test_add_many_numbers_each_patient_in_order_and_continues_the_sequence(sqlite_db):
+    first = await write_state_and_event(sqlite_db, TOPIC, make_event("a", "p1"), commit=True)
+    async with sqlite_db.unit_of_work() as uow:
+        stored = await uow.outbox.add_many(
+            [(TOPIC, make_event("a", p, value=i)) for i, p in enumerate(["p1", "p2", "p1", "p1"])]
+            + [(TOPIC, make_event("a", None))]
+        )
+        await uow.commit()
+    assert first.sequence == 1
+    assert [e.sequence for e in stored] == [2, 1, 3, 4, None]
+    assert await OutboxRelay(sqlite_db, InProcessTransport()).drain() == 6

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -34,46 +35,78 @@ class Outbox:
     def __init__(self, session: AsyncSession) -> None:
         self.session = session
 
-    async def next_sequence(self, tenant: str, subject: str) -> int:
-        """Next per-(tenant, subject) number; the row lock serialises writers for one patient."""
+    async def reserve_sequences(self, tenant: str, subject: str, count: int = 1) -> int:
+        """Reserve ``count`` consecutive per-(tenant, subject) numbers; return the first.
+
+        The row lock serialises writers for one patient until this unit of work ends.
+        """
         dialect = self.session.bind.dialect.name
         ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
         stmt = (
             ins(sequences_table)
-            .values(tenant=tenant, subject=subject, last=1)
+            .values(tenant=tenant, subject=subject, last=count)
             .on_conflict_do_update(
                 index_elements=["tenant", "subject"],
-                set_={"last": sequences_table.c["last"] + 1},
+                set_={"last": sequences_table.c["last"] + count},
             )
             .returning(sequences_table.c["last"])
         )
-        return (await self.session.execute(stmt)).scalar_one()
+        return (await self.session.execute(stmt)).scalar_one() - count + 1
+
+    async def next_sequence(self, tenant: str, subject: str) -> int:
+        return await self.reserve_sequences(tenant, subject, 1)
 
     async def add(self, topic: str, event: CloudEvent) -> CloudEvent:
         """Record ``event`` for publication on ``topic`` when this unit of work commits.
 
         A patient-scoped event without a sequence gets the next one for its patient.
         """
-        updates: dict[str, object] = {}
-        if event.sequence is None and event.patient is not None:
-            updates["sequence"] = await self.next_sequence(event.tenant, event.subject or "")
-        if event.correlationid is None and (cid := current_correlation_id()):
-            updates["correlationid"] = cid
-        if updates:
-            event = event.model_copy(update=updates)
-        await self.session.execute(
-            insert(outbox_table).values(
-                event_id=event.id,
-                tenant=event.tenant,
-                topic=topic,
-                key=event.kafka_key(),
-                event_type=event.type,
-                payload=event.to_json().decode(),
-                correlation_id=event.correlationid,
-                created_at=datetime.now(UTC),
+        return (await self.add_many([(topic, event)]))[0]
+
+    async def add_many(self, items: Sequence[tuple[str, CloudEvent]]) -> list[CloudEvent]:
+        """``add`` for many events at once: one sequence reservation per patient and one
+        multi-row insert, in the given order (per patient, sequences follow that order)."""
+        if not items:
+            return []
+        wanted: dict[tuple[str, str], int] = {}
+        for _, event in items:
+            if event.sequence is None and event.patient is not None:
+                key = (event.tenant, event.subject or "")
+                wanted[key] = wanted.get(key, 0) + 1
+        # Sorted, so that two writers touching the same patients lock them in the same order.
+        next_number = {
+            key: await self.reserve_sequences(key[0], key[1], count)
+            for key, count in sorted(wanted.items())
+        }
+        cid = current_correlation_id()
+        now = datetime.now(UTC)
+        stored: list[CloudEvent] = []
+        rows = []
+        for topic, event in items:
+            updates: dict[str, object] = {}
+            if event.sequence is None and event.patient is not None:
+                key = (event.tenant, event.subject or "")
+                updates["sequence"] = next_number[key]
+                next_number[key] += 1
+            if event.correlationid is None and cid:
+                updates["correlationid"] = cid
+            if updates:
+                event = event.model_copy(update=updates)
+            stored.append(event)
+            rows.append(
+                {
+                    "event_id": event.id,
+                    "tenant": event.tenant,
+                    "topic": topic,
+                    "key": event.kafka_key(),
+                    "event_type": event.type,
+                    "payload": event.to_json().decode(),
+                    "correlation_id": event.correlationid,
+                    "created_at": now,
+                }
             )
-        )
-        return event
+        await self.session.execute(insert(outbox_table), rows)
+        return stored
 
 
 @dataclass
