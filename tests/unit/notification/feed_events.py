@@ -53,3 +53,14 @@ def at_risk(practice: str, patient: str = "p1") -> CloudEvent:
               "minutesToNext": 5, "daysLeft": 3, "billingPractitioner": None,
               "idempotencyKey": f"{practice}:{patient}:2026-11:99490"},
     )
+
+
+def period_closed(practice: str, invoice_id: str, month: str = "2026-11") -> CloudEvent:
+    return CloudEvent(
+        source=BILLING, type="billing.period.closed.v1", tenant=practice,
+        subject=f"Organization/{practice}",
+        data={"month": month, "invoiceId": invoice_id, "patientsEnrolled": 3,
+              "patientsBillable": 2, "patientsBlocked": 1,
+              "minutes": {"staff": 65, "practitioner": 0}, "codes": {"99490": 2},
+              "blockers": {"consent-missing": 1}, "totalNet": "124.50"},
+    )

@@ -60,7 +60,9 @@ class NotificationSettings(BaseSettings):
     practice_topic_replication: int = Field(
         1, ge=1, description="Replication factor of per-practice topics (3 in production)")
     practice_topic_refresh_seconds: float = Field(
-        300.0, gt=0, description="How often every registered practice's topics are ensured")
+        0.0, ge=0, description="If > 0: how often the topics of every registered practice are "
+        "ensured (0: off; topics are created at a practice's first event or by "
+        "`ccm notification practice-topics`)")
 
     def max_attempts(self, channel: str) -> int:
         return {"email": self.email_max_attempts, "webhook": self.webhook_max_attempts,

@@ -99,14 +99,14 @@ async def ensure_all_practice_topics(runtime: ServiceRuntime) -> int:
 def consumers(runtime: ServiceRuntime) -> list[ConsumerSpec]:
     return [
         ConsumerSpec(
+            "notification-directory", DIRECTORY_TOPICS, directory_handler(lambda: runtime.clock())
+        ),
+        ConsumerSpec("notification-alerts", ALERT_TOPICS, alerts_handler(notifier_of(runtime))),
+        ConsumerSpec(
             "notification-practice-feed",
             FEED_TYPES,
             feed_handler(practice_topics_of(runtime), lambda: runtime.clock()),
         ),
-        ConsumerSpec(
-            "notification-directory", DIRECTORY_TOPICS, directory_handler(lambda: runtime.clock())
-        ),
-        ConsumerSpec("notification-alerts", ALERT_TOPICS, alerts_handler(notifier_of(runtime))),
     ]
 
 
@@ -145,7 +145,7 @@ def background(runtime: ServiceRuntime) -> list[BackgroundJob]:
             runtime.state.pop("dispatcher", None)
             runtime.state.pop("subscription_deliverer", None)
 
-    return [
+    jobs = [
         BackgroundJob("notification-dispatcher", dispatch_and_close),
         BackgroundJob(
             "notification-ack-sweeper",
@@ -155,12 +155,16 @@ def background(runtime: ServiceRuntime) -> list[BackgroundJob]:
                 lambda: acks.sweep(runtime.db, notifier),
             ),
         ),
-        BackgroundJob(
-            "notification-practice-topics",
-            _every(
-                "practice-topics",
-                notifier.settings.practice_topic_refresh_seconds,
-                lambda: ensure_all_practice_topics(runtime),
-            ),
-        ),
     ]
+    if notifier.settings.practice_topic_refresh_seconds > 0:
+        jobs.append(
+            BackgroundJob(
+                "notification-practice-topics",
+                _every(
+                    "practice-topics",
+                    notifier.settings.practice_topic_refresh_seconds,
+                    lambda: ensure_all_practice_topics(runtime),
+                ),
+            )
+        )
+    return jobs
