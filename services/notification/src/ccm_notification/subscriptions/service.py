@@ -294,12 +294,7 @@ async def status_of(uow: UnitOfWork, practice: str, sub_id: str, now: datetime) 
     row = await load(uow, practice, sub_id)
     oldest = (
         await uow.session.execute(
-            select(func.min(subscription_events.c.created_at)).where(
-                and_(
-                    subscription_events.c.subscription_id == sub_id,
-                    subscription_events.c.status == "pending",
-                )
-            )
+            select(func.min(subscription_events.c.created_at)).where(_pending(sub_id))
         )
     ).scalar_one()
     last = (
@@ -329,6 +324,18 @@ async def status_of(uow: UnitOfWork, practice: str, sub_id: str, now: datetime) 
 
 
 # -- delivery -------------------------------------------------------------------------------------
+
+
+def _pending(sub_id: str):  # noqa: ANN202
+    return and_(
+        subscription_events.c.subscription_id == sub_id, subscription_events.c.status == "pending"
+    )
+
+
+def _one_event(sub_id: str, number: int):  # noqa: ANN202
+    return and_(
+        subscription_events.c.subscription_id == sub_id, subscription_events.c.number == number
+    )
 
 
 @dataclass
@@ -384,12 +391,7 @@ class SubscriptionDeliverer:
             pending = (
                 await uow.session.execute(
                     select(subscription_events)
-                    .where(
-                        and_(
-                            subscription_events.c.subscription_id == sub.id,
-                            subscription_events.c.status == "pending",
-                        )
-                    )
+                    .where(_pending(sub.id))
                     .order_by(subscription_events.c.number)
                     .limit(self.settings.subscription_batch_size)
                 )
@@ -443,13 +445,7 @@ class SubscriptionDeliverer:
                 outcome = "delivered"
                 values |= {"delivered_through": event.number, "consecutive_failures": 0}
                 await uow.session.execute(
-                    update(subscription_events)
-                    .where(
-                        and_(
-                            subscription_events.c.subscription_id == sub_id,
-                            subscription_events.c.number == event.number,
-                        )
-                    )
+                    update(subscription_events).where(_one_event(sub_id, event.number))
                     .values(status="delivered", attempts=attempt, delivered_at=now)
                 )
             else:
@@ -477,13 +473,7 @@ class SubscriptionDeliverer:
                     )
                     values["next_attempt_at"] = now + timedelta(seconds=delay)
                 await uow.session.execute(
-                    update(subscription_events)
-                    .where(
-                        and_(
-                            subscription_events.c.subscription_id == sub_id,
-                            subscription_events.c.number == event.number,
-                        )
-                    )
+                    update(subscription_events).where(_one_event(sub_id, event.number))
                     .values(attempts=attempt)
                 )
             await uow.session.execute(
@@ -520,12 +510,7 @@ class SubscriptionDeliverer:
                 return
             waiting = (
                 await uow.session.execute(
-                    select(func.count()).where(
-                        and_(
-                            subscription_events.c.subscription_id == sub_id,
-                            subscription_events.c.status == "pending",
-                        )
-                    )
+                    select(func.count()).where(_pending(sub_id))
                 )
             ).scalar_one()
             await uow.session.execute(
