@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from ccm_shared.events import PRACTICE_TOPIC_PREFIX
+
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "# Rendered by deploy/tools/render.py from the services' code: do not edit by hand.\n"
 SECRET_WORDS = ("password", "secret", "token", "key")
@@ -43,6 +45,7 @@ class Service:
     name: str
     port: int
     produces: tuple[str, ...]
+    per_practice: bool  # fans events out to ccm.practice.<id>.* topics
     consumers: tuple[tuple[str, tuple[str, ...]], ...]
     settings: tuple[Setting, ...]  # the service's own (CCM_<SVC>_*)
 
@@ -84,6 +87,7 @@ def discover() -> list[Service]:
                 name=d.name,
                 port=d.port,
                 produces=tuple(d.produces),
+                per_practice=bool(d.produces_per_practice),
                 consumers=tuple((c.name, tuple(c.topics)) for c in runtime.consumers),
                 settings=_settings_of(d.settings_model) if d.settings_model else (),
             )
@@ -640,6 +644,12 @@ def kafka_users(services: list[Service]) -> list[dict]:
             _acl({"type": "group", "name": group, "patternType": "literal"}, ["Read"])
             for group, _ in svc.consumers
         ]
+        if svc.per_practice:
+            # It creates each practice's topics and writes them; practices only read theirs
+            # (k8s/examples/practice-subscriber.yaml).
+            practice_topics = {"type": "topic", "name": PRACTICE_TOPIC_PREFIX,
+                               "patternType": "prefix"}
+            acls.append(_acl(practice_topics, ["Create", "Write", "Describe"]))
         # The idempotent producer needs IdempotentWrite on the cluster.
         acls.append(_acl({"type": "cluster"}, ["IdempotentWrite"]))
         docs.append({

@@ -152,3 +152,20 @@ async def test_add_many_numbers_each_patient_in_order_and_continues_the_sequence
     assert first.sequence == 1
     assert [e.sequence for e in stored] == [2, 1, 3, 4, None]
     assert await OutboxRelay(sqlite_db, InProcessTransport()).drain() == 6
+
+
+async def test_handler_raising_poison_message_is_dead_lettered_without_retries(sqlite_db):
+    from ccm_shared.consumer import PoisonMessage
+
+    calls = []
+
+    async def refuse(event, uow):
+        calls.append(event.id)
+        raise PoisonMessage("tenant is not a practice id")
+
+    bus = InProcessTransport()
+    runtime = ConsumerRuntime(name="poison", topics=[TOPIC], handler=refuse, db=sqlite_db,
+                              transport=bus, max_retries=5, backoff_initial=0, backoff_max=0)
+    await runtime.process(Message(TOPIC, make_event().to_json(), key=b"k"))
+    assert len(calls) == 1 and runtime.stats.retries == 0
+    assert bus.messages(dlq_topic(TOPIC))[0].header("dlq-error") == b"PoisonMessage"

@@ -45,7 +45,8 @@ def is_transient(exc: BaseException) -> bool:
 
 
 class PoisonMessage(Exception):
-    """A message that can never be processed (not a CloudEvent, wrong shape): no retries."""
+    """A message that can never be processed (not a CloudEvent, wrong shape, an impossible
+    tenant): no retries, straight to the dead-letter topic. Handlers may raise it too."""
 
 
 @dataclass
@@ -218,6 +219,9 @@ class ConsumerRuntime:
             while True:
                 try:
                     applied = await self._apply(message, event)
+                except PoisonMessage as exc:  # the handler says it can never succeed
+                    await self._dead_letter(message, exc, attempts=1)
+                    return
                 except Exception as exc:  # noqa: BLE001 - handler errors are retried, then DLQ
                     if is_transient(exc):
                         log.warning(

@@ -73,7 +73,7 @@ class EmbeddedLogTransport:
         await self.engine.dispose()
         self._ready = False
 
-    async def ensure_topics(self, topics: Sequence[str]) -> None:
+    async def ensure_topics(self, topics: Sequence[str], **options) -> None:
         await self.start()
 
     async def send_batch(self, messages: Sequence[Message]) -> None:

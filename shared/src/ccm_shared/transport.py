@@ -42,7 +42,7 @@ class Transport(Protocol):
     async def stop(self) -> None: ...
     async def send_batch(self, messages: Sequence[Message]) -> None: ...
     def source(self, topics: Sequence[str], group_id: str) -> MessageSource: ...
-    async def ensure_topics(self, topics: Sequence[str]) -> None: ...
+    async def ensure_topics(self, topics: Sequence[str], **options) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +150,15 @@ class KafkaTransport:
             await self._reset_producer()
             raise
 
-    async def ensure_topics(self, topics: Sequence[str]) -> None:
+    async def ensure_topics(
+        self,
+        topics: Sequence[str],
+        *,
+        partitions: int | None = None,
+        replication_factor: int = 1,
+        config: dict[str, str] | None = None,
+    ) -> None:
+        """Create the topics that do not exist yet (production creates them with Strimzi)."""
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
         from aiokafka.errors import TopicAlreadyExistsError
 
@@ -164,7 +172,15 @@ class KafkaTransport:
             if wanted:
                 try:
                     await admin.create_topics(
-                        [NewTopic(t, self.default_partitions, 1) for t in wanted]
+                        [
+                            NewTopic(
+                                t,
+                                partitions or self.default_partitions,
+                                replication_factor,
+                                topic_configs=config or {},
+                            )
+                            for t in wanted
+                        ]
                     )
                 except TopicAlreadyExistsError:
                     pass
@@ -277,7 +293,7 @@ class InProcessTransport:
     async def stop(self) -> None:
         return None
 
-    async def ensure_topics(self, topics: Sequence[str]) -> None:
+    async def ensure_topics(self, topics: Sequence[str], **options) -> None:
         return None
 
     def partition_for(self, key: bytes | None) -> int:
