@@ -12,11 +12,12 @@ import pytest_asyncio
 from aiokafka import AIOKafkaConsumer
 from sqlalchemy import func, select
 
-from ccm_ingest.adapters.orm import resources
+from ccm_ingest.adapters.orm import resource_identifiers, resource_versions, resources
 from ccm_shared.events import CloudEvent
 from ccm_shared.migrate import upgrade_async
 from ccm_shared.service import ServiceRuntime, discover_services
 from ccm_shared.settings import load_settings
+from ccm_shared.tables import messaging_tables
 from ccm_shared.tenancy import Pricing, create_practice, create_token
 from tests.support.contracts import assert_valid_event
 
@@ -110,3 +111,39 @@ async def test_pushed_bundle_events_reach_kafka_in_per_patient_order_and_follow_
     by_topic_order = [e.sequence for e in events if e.subject == f"Patient/{patient}"
                       and e.type == "ingest.time-entry.logged.v1"]
     assert by_topic_order == sorted(by_topic_order)
+
+
+async def test_a_transaction_failing_after_its_creates_were_written_leaves_nothing_behind(ingest):
+    """On PostgreSQL the creates go to the database in bulk (COPY, raw prepared INSERTs on the
+    session's connection) before a later entry fails: they must roll back with it."""
+    patient = f"urn:uuid:{uuid.uuid4()}"
+    entries = [{"fullUrl": patient, "request": {"method": "POST", "url": "Patient"},
+                "resource": {"resourceType": "Patient", "name": [{"family": "Rollback"}]}}]
+    entries += [{"request": {"method": "POST", "url": "Encounter"}, "resource": {
+        "resourceType": "Encounter", "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "type": [{"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99490"}]}],
+        "subject": {"reference": patient}, "identifier": [{"system": "urn:x", "value": str(i)}],
+        "period": {"start": "2026-03-02T10:00:00-05:00", "end": "2026-03-02T10:20:00-05:00"}}}
+        for i in range(30)]
+    # Runs after every POST (FHIR order) and fails: the resource does not exist at version 3.
+    entries.append({"request": {"method": "PUT", "url": "Patient/never-there", "ifMatch": 'W/"3"'},
+                    "resource": {"resourceType": "Patient", "id": "never-there"}})
+    outbox, _, sequences = messaging_tables(resources.metadata)
+
+    async def rows() -> dict[str, int]:
+        async with ingest.runtime.db.engine.connect() as conn:
+            return {t.name: (await conn.execute(select(func.count()).select_from(t).where(
+                t.c.tenant == ingest.practice))).scalar_one()
+                for t in (resources, resource_versions, resource_identifiers, outbox, sequences)}
+
+    # A first write warms the practice cache: then nothing but the bulk writes (no SQLAlchemy
+    # statement, which would BEGIN) runs before the failing entry.
+    first = await ingest.post("/fhir/Patient", json={"resourceType": "Patient"})
+    assert first.status_code == 201
+    before = await rows()
+    r = await ingest.post("/fhir", json={"resourceType": "Bundle", "type": "transaction",
+                                         "entry": entries})
+    assert r.status_code == 412, r.text
+    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[31].If-Match"]
+    assert await rows() == before

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ccm_ingest.adapters.bulk import bulk_insert
 from ccm_ingest.adapters.orm import (
     conditional_creates,
     ingest_configs,
@@ -77,27 +78,84 @@ class SqlResourceRepository:
         row = (await self.session.execute(stmt)).first()
         return None if row is None else _current(row)
 
-    async def claim_new(self, rtype: str, rid: str, placeholder: datetime) -> bool:
-        """Reserve ``rid`` (a unique row); False when it already exists."""
-        stmt = (
-            _insert(self.session)(resources)
-            .values(tenant=self.tenant, type=rtype, id=rid, version_id=0, last_version=0,
-                    last_updated=placeholder, sha256="", deleted=True, ccm_state="{}")
-            .on_conflict_do_nothing(index_elements=["tenant", "type", "id"])
-            .returning(resources.c.id)
-        )
-        return (await self.session.execute(stmt)).first() is not None
+    # ---- many resources at once (a Bundle's writes; one statement per table) ---------------
 
-    async def add_version(self, rtype: str, rid: str, version_id: int,
-                          resource: dict[str, Any] | None, *, sha256: str,
-                          last_updated: datetime, received_at: datetime,
-                          connection: str | None, applied: bool) -> None:
-        await self.session.execute(insert(resource_versions).values(
-            tenant=self.tenant, type=rtype, id=rid, version_id=version_id,
-            resource=None if resource is None else json.dumps(resource, separators=(",", ":")),
-            sha256=sha256, last_updated=last_updated, received_at=received_at,
-            connection=connection, deleted=resource is None, applied=applied,
-        ))
+    async def claim_rows(self, keys: list[tuple[str, str]], placeholder: datetime) -> None:
+        """Reserve the rows of ``keys`` (type, id) that do not exist yet, in key order."""
+        if not keys:
+            return
+        await self.session.execute(
+            _insert(self.session)(resources).on_conflict_do_nothing(
+                index_elements=["tenant", "type", "id"]),
+            [{"tenant": self.tenant, "type": t, "id": i, "version_id": 0, "last_version": 0,
+              "last_updated": placeholder, "sha256": "", "deleted": True, "ccm_state": "{}"}
+             for t, i in sorted(keys)])
+
+    async def lock_rows(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], CurrentRow]:
+        """The current rows of ``keys``, locked in key order (writers of one resource
+        serialise; concurrent Bundles lock in the same order)."""
+        if not keys:
+            return {}
+        stmt = (select(resources)
+                .where(resources.c.tenant == self.tenant,
+                       tuple_(resources.c.type, resources.c.id).in_(sorted(set(keys))))
+                .order_by(resources.c.type, resources.c.id))
+        if self.session.bind.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        return {(r.type, r.id): _current(r) for r in (await self.session.execute(stmt)).all()}
+
+    async def versions_of(self, keys: list[tuple[str, str, int]],
+                          ) -> dict[tuple[str, str, int], VersionRow]:
+        """Stored versions by (type, id, versionId)."""
+        if not keys:
+            return {}
+        rows = (await self.session.execute(select(resource_versions).where(
+            resource_versions.c.tenant == self.tenant,
+            tuple_(resource_versions.c.type, resource_versions.c.id,
+                   resource_versions.c.version_id).in_(keys)))).all()
+        return {(r.type, r.id, r.version_id): _version(r) for r in rows}
+
+    async def add_versions(self, versions: list[VersionRow], connection: str | None) -> None:
+        if versions:
+            await bulk_insert(self.session, resource_versions, [{
+                "tenant": self.tenant, "type": v.type, "id": v.id, "version_id": v.version_id,
+                "resource": None if v.resource is None
+                else json.dumps(v.resource, separators=(",", ":")),
+                "sha256": v.sha256, "last_updated": v.last_updated,
+                "received_at": v.received_at, "connection": connection,
+                "deleted": v.resource is None, "applied": v.applied,
+            } for v in versions])
+
+    async def insert_rows(self, rows: list[dict[str, Any]]) -> None:
+        """New ``resources`` rows (ids nobody can hold yet: server-assigned UUIDs)."""
+        if rows:
+            await bulk_insert(self.session, resources, [
+                {**r, "tenant": self.tenant, "ccm_state": json.dumps(r["ccm_state"])}
+                for r in rows])
+
+    async def update_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Set the current version of existing rows; every dict has the same keys."""
+        if not rows:
+            return
+        columns = [k for k in rows[0] if k not in ("type", "id")]
+        stmt = update(resources).where(
+            resources.c.tenant == bindparam("k_tenant"), resources.c.type == bindparam("k_type"),
+            resources.c.id == bindparam("k_id"),
+        ).values({c: bindparam(c) for c in columns})
+        await self.session.execute(stmt, [{
+            **{c: json.dumps(r[c]) if c == "ccm_state" else r[c] for c in columns},
+            "k_tenant": self.tenant, "k_type": r["type"], "k_id": r["id"]} for r in rows])
+
+    async def replace_identifiers_many(self, replaced: list[tuple[str, str]],
+                                       rows: list[tuple[str, str, str, str]]) -> None:
+        """Drop the identifiers of ``replaced`` (type, id), add ``rows`` (type, id, sys, val)."""
+        if replaced:
+            await self.session.execute(delete(resource_identifiers).where(
+                resource_identifiers.c.tenant == self.tenant,
+                tuple_(resource_identifiers.c.type, resource_identifiers.c.id).in_(replaced)))
+        await bulk_insert(self.session, resource_identifiers, [
+            {"tenant": self.tenant, "type": t, "id": i, "system": s, "value": v}
+            for t, i, s, v in rows])
 
     async def set_current(self, rtype: str, rid: str, **values: Any) -> None:
         if "ccm_state" in values:
@@ -105,17 +163,6 @@ class SqlResourceRepository:
         await self.session.execute(
             update(resources).where(self._key(resources, rtype, rid)).values(**values)
         )
-
-    async def replace_identifiers(self, rtype: str, rid: str,
-                                  identifiers: list[tuple[str, str]]) -> None:
-        await self.session.execute(
-            delete(resource_identifiers).where(self._key(resource_identifiers, rtype, rid))
-        )
-        if identifiers:
-            await self.session.execute(insert(resource_identifiers), [
-                {"tenant": self.tenant, "type": rtype, "id": rid, "system": s, "value": v}
-                for s, v in identifiers
-            ])
 
     async def version(self, rtype: str, rid: str, version_id: int) -> VersionRow | None:
         row = (await self.session.execute(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -84,17 +83,25 @@ def _parse_entry(i: int, raw: Any) -> Entry:
                  request.get("ifNoneExist"), request.get("ifMatch"), query)
 
 
-def _rewrite_references(value: Any, ids: dict[str, str]) -> Any:
+def _rewrite_references(value: Any, ids: dict[str, str]) -> bool:
+    """Point references to fullUrls of this Bundle at their server ids, in place; True when a
+    conditional reference (``Type?criteria``) is left to resolve."""
+    conditional = False
     if isinstance(value, dict):
         ref = value.get("reference")
-        if isinstance(ref, str) and ref in ids:
-            value["reference"] = ids[ref]
+        if isinstance(ref, str):
+            if ref in ids:
+                value["reference"] = ids[ref]
+            elif "?" in ref:
+                conditional = True
         for item in value.values():
-            _rewrite_references(item, ids)
+            if isinstance(item, (dict, list)):
+                conditional = _rewrite_references(item, ids) or conditional
     elif isinstance(value, list):
         for item in value:
-            _rewrite_references(item, ids)
-    return value
+            if isinstance(item, (dict, list)):
+                conditional = _rewrite_references(item, ids) or conditional
+    return conditional
 
 
 async def _conditional_references(repo: SqlResourceRepository, entry: Entry) -> None:
@@ -186,22 +193,63 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
 async def transaction(uow: UnitOfWork, caller: Caller,
                       entries: list[Entry]) -> list[tuple[Entry, Outcome]]:
     """All entries in this unit of work, in FHIR's order (DELETE, POST, PUT, GET); any failure
-    raises and the caller's unit of work rolls everything back."""
+    raises and the caller's unit of work rolls everything back.
+
+    Consecutive creates and updates are stored together (``store_many``: a few statements for
+    all of them); an entry that must look at the database first (a conditional create, an
+    ``ifMatch``, a delete, a read) first flushes what is pending, so it sees every earlier entry.
+    """
     ids = await _resolve_ids(uow, caller, entries)
     repo = SqlResourceRepository(uow.session, caller.tenant)
     for e in entries:
         if e.resource is not None:
-            e.resource = _rewrite_references(copy.deepcopy(e.resource), ids)
-            await _conditional_references(repo, e)
+            # The parsed request body is ours: rewritten in place, no copy.
+            if _rewrite_references(e.resource, ids):
+                await _conditional_references(repo, e)
     results: dict[int, Outcome] = {}
+    pending: list[tuple[Entry, handlers.Write]] = []
+
+    async def flush() -> None:
+        outcomes = await handlers.store_many(uow, caller, [w for _, w in pending])
+        results.update((e.index, o) for (e, _), o in zip(pending, outcomes, strict=True))
+        pending.clear()
+
     for e in sorted(entries, key=lambda x: METHOD_ORDER[x.method]):
         try:
+            write = _plain_write(e)
+            if write is not None:
+                pending.append((e, write))
+                continue
+            await flush()
+            if e.method == "POST" and e.if_none_exist:
+                found = await handlers.claim_create(uow, caller, e.rtype, e.rid,
+                                                    e.if_none_exist)
+                if found is None:
+                    pending.append((e, handlers.Write(e.rtype, e.rid, e.resource, fresh=True,
+                                                      where=_where(e.index))))
+                else:
+                    results[e.index] = found
+                continue
             results[e.index] = await _run_entry(uow, caller, e)
         except FhirRejected as exc:
             raise FhirRejected(exc.status, [
                 issue if issue.expression and issue.expression[0].startswith("Bundle")
                 else issue.located(_where(e.index)) for issue in exc.issues]) from None
+    await flush()
     return [(e, results[e.index]) for e in entries]
+
+
+def _plain_write(e: Entry) -> handlers.Write | None:
+    """The entry as a write that needs no database look first (a plain create, an update
+    without ``ifMatch``), else None."""
+    if e.method == "POST" and not e.if_none_exist:
+        return handlers.Write(e.rtype, e.rid, e.resource, fresh=True, where=_where(e.index))
+    if e.method != "PUT" or e.if_match or e.rid is None:
+        return None
+    resource = e.resource if e.resource.get("id") else {**e.resource, "id": e.rid}
+    if resource["id"] != e.rid:
+        return None  # _run_entry → update() answers the mismatch
+    return handlers.Write(e.rtype, e.rid, resource, where=_where(e.index))
 
 
 async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry],

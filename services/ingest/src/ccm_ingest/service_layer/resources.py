@@ -10,13 +10,16 @@ from typing import Any
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
 
+from ccm_ingest.adapters import outbox_bulk
 from ccm_ingest.adapters.fhir_validation import validate_resource
 from ccm_ingest.adapters.repository import CurrentRow, SqlResourceRepository, VersionRow
 from ccm_ingest.domain.config import IngestConfig
 from ccm_ingest.domain.mapping import MappingContext, instant, map_version, reference
 from ccm_ingest.domain.model import (
     RESOURCE_ID,
+    FhirRejected,
     Issue,
+    MappedEvent,
     SourceVersion,
     content_hash,
     rejected,
@@ -80,81 +83,191 @@ def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-async def _roles(repo: SqlResourceRepository, resource: dict[str, Any]) -> dict[str, dict]:
+def _role_ids(resource: dict[str, Any]) -> list[str]:
+    """PractitionerRole ids an Encounter's participants point at (their codes classify time)."""
     if resource.get("resourceType") != "Encounter":
-        return {}
+        return []
     ids = []
     for p in resource.get("participant") or []:
         ref = reference(p.get("individual") if isinstance(p, dict) else None,
                         ("PractitionerRole",))
         if ref:
             ids.append(ref.removeprefix("PractitionerRole/"))
-    return await repo.current_resources("PractitionerRole", ids)
+    return ids
 
 
-async def _emit(uow: UnitOfWork, caller: Caller, events) -> None:  # noqa: ANN001
-    for e in events:
-        await uow.outbox.add(e.type, CloudEvent(
-            source=f"/ccm/ingest/connection/{caller.token_id}", type=e.type,
-            tenant=caller.tenant, subject=e.subject, time=caller.now, data=e.data,
-        ))
+def _events(caller: Caller, mapped: list[MappedEvent]) -> list[CloudEvent]:
+    return [CloudEvent(source=f"/ccm/ingest/connection/{caller.token_id}", type=e.type,
+                       tenant=caller.tenant, subject=e.subject, time=caller.now, data=e.data)
+            for e in mapped]
+
+
+@dataclass
+class Write:
+    """One resource version to store: type, id, content, and whether the id is brand new."""
+
+    rtype: str
+    rid: str
+    resource: dict[str, Any]
+    fresh: bool = False  # a server-assigned UUID: no row can exist yet
+    where: str | None = None  # the Bundle entry (``Bundle.entry[3]``) that mapping errors name
 
 
 async def store(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
-                resource: dict[str, Any]) -> Outcome:
-    """Store ``resource`` as the next version of ``rtype/rid`` (created if new) and map it.
+                resource: dict[str, Any], *, fresh: bool = False) -> Outcome:
+    """Store ``resource`` as the next version of ``rtype/rid`` (created if new) and map it."""
+    return (await store_many(uow, caller, [Write(rtype, rid, resource, fresh)]))[0]
+
+
+async def store_many(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> list[Outcome]:
+    """Store each write as the next version of its resource and map it, in order, with a few
+    statements per table for the whole list (not per resource).
 
     Same content as the current version: nothing stored. Older ``meta.lastUpdated`` than the
-    current state: stored in history, state and events unchanged, a warning says so.
+    current state: stored in history, state and events unchanged, a warning says so. A resource
+    written twice starts a new batch, so the second write sees the first.
     """
+    outcomes: list[Outcome] = []
+    run: list[Write] = []
+    keys: set[tuple[str, str]] = set()
+    for w in writes:
+        if (w.rtype, w.rid) in keys:
+            outcomes += await _store_batch(uow, caller, run)
+            run, keys = [], set()
+        run.append(w)
+        keys.add((w.rtype, w.rid))
+    if run:
+        outcomes += await _store_batch(uow, caller, run)
+    return outcomes
+
+
+@dataclass
+class _Pending:
+    """What a batch will write: versions, rows, identifiers, events."""
+
+    versions: list[VersionRow] = field(default_factory=list)
+    new_rows: list[dict[str, Any]] = field(default_factory=list)
+    updated_rows: list[dict[str, Any]] = field(default_factory=list)
+    stale_rows: list[dict[str, Any]] = field(default_factory=list)
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    identifiers: list[tuple[str, str, str, str]] = field(default_factory=list)
+    events: list[CloudEvent] = field(default_factory=list)
+
+
+async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> list[Outcome]:
+    """``store_many`` for writes of distinct resources."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
-    await repo.claim_new(rtype, rid, caller.now)
-    current = await repo.lock_current(rtype, rid)
-    assert current is not None
-    exists = current.version_id > 0 and not current.deleted
-    sha = content_hash(resource)
-    if exists and sha == current.sha256:
-        stored = await repo.version(rtype, rid, current.version_id)
-        return Outcome(200, rtype, rid, stored, [Issue(
-            "information", "informational",
-            "same content as the current version: no new version was stored")])
-    last_updated = _meta_last_updated(resource, caller)
-    version_id = current.last_version + 1
-    body = {**resource, "id": rid,
-            "meta": {**(resource.get("meta") or {}), "versionId": str(version_id),
+    known = [(w.rtype, w.rid) for w in writes if not w.fresh]
+    await repo.claim_rows(known, caller.now)
+    currents = await repo.lock_rows(known)
+    plans = []  # (write, current row, hash, lastUpdated (None: unchanged), stale)
+    answer_with = []  # stored versions that unchanged and stale writes answer with
+    for w in writes:
+        cur = currents.get((w.rtype, w.rid))
+        exists = cur is not None and cur.version_id > 0 and not cur.deleted
+        sha = content_hash(w.resource)
+        if exists and sha == cur.sha256:
+            plans.append((w, cur, sha, None, False))
+            answer_with.append((w.rtype, w.rid, cur.version_id))
+            continue
+        last_updated = _meta_last_updated(w.resource, caller)
+        stale = exists and last_updated < cur.last_updated
+        if stale:
+            answer_with.append((w.rtype, w.rid, cur.version_id))
+        plans.append((w, cur, sha, last_updated, stale))
+    stored = await repo.versions_of(answer_with)
+    roles = await repo.current_resources(
+        "PractitionerRole", sorted({i for w, *_ in plans for i in _role_ids(w.resource)}))
+    pending = _Pending()
+    outcomes = []
+    for w, cur, sha, last_updated, stale in plans:
+        if last_updated is None:
+            outcomes.append(Outcome(
+                200, w.rtype, w.rid, stored[(w.rtype, w.rid, cur.version_id)],
+                [Issue("information", "informational",
+                       "same content as the current version: no new version was stored")]))
+            continue
+        try:
+            outcomes.append(_plan_version(caller, w, cur, sha, last_updated, stale, roles,
+                                          stored, pending))
+        except FhirRejected as exc:
+            if w.where is None:
+                raise
+            raise FhirRejected(exc.status, [i.located(w.where) for i in exc.issues]) from None
+    await repo.add_versions(pending.versions, caller.connection)
+    await repo.insert_rows(pending.new_rows)
+    await repo.update_rows(pending.updated_rows)
+    await repo.update_rows(pending.stale_rows)
+    await repo.replace_identifiers_many(pending.replaced, pending.identifiers)
+    await outbox_bulk.add_events(uow.session, caller.tenant, pending.events)
+    return outcomes
+
+
+def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
+                  last_updated: datetime, stale: bool, roles: dict[str, dict[str, Any]],
+                  stored: dict[tuple[str, str, int], VersionRow], pending: _Pending) -> Outcome:
+    """The next version of one resource, added to ``pending``; its outcome."""
+    rtype, rid = w.rtype, w.rid
+    exists = cur is not None and cur.version_id > 0 and not cur.deleted
+    version_id = (cur.last_version if cur else 0) + 1
+    body = {**w.resource, "id": rid,
+            "meta": {**(w.resource.get("meta") or {}), "versionId": str(version_id),
                      "lastUpdated": last_updated.isoformat()}}
-    stale = exists and last_updated < current.last_updated
-    await repo.add_version(rtype, rid, version_id, body, sha256=sha, last_updated=last_updated,
-                           received_at=caller.now, connection=caller.connection,
-                           applied=not stale)
     version = VersionRow(rtype, rid, version_id, body, sha, last_updated, caller.now, False,
                          not stale)
     if stale:
-        await repo.set_current(rtype, rid, last_version=version_id)
-        state = await repo.version(rtype, rid, current.version_id)
-        return Outcome(200, rtype, rid, state, outcome_body=True, issues=[Issue(
+        pending.versions.append(version)
+        pending.stale_rows.append({"type": rtype, "id": rid, "last_version": version_id})
+        return Outcome(200, rtype, rid, stored[(rtype, rid, cur.version_id)], outcome_body=True,
+                       issues=[Issue(
             "warning", "conflict",
             f"meta.lastUpdated {last_updated.isoformat()} is older than the current version "
-            f"{current.version_id} ({current.last_updated.isoformat()}): kept in history as "
+            f"{cur.version_id} ({cur.last_updated.isoformat()}): kept in history as "
             f"version {version_id}, the current state is unchanged and no event was emitted",
             ("meta.lastUpdated",))])
     source = SourceVersion(rtype, rid, version_id, last_updated, sha, caller.now,
                            caller.connection)
     mapping = map_version(body, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone,
-        state=current.ccm_state if current.version_id else {},
-        roles=await _roles(repo, body)))
+        state=cur.ccm_state if cur and cur.version_id else {},
+        roles={i: roles[i] for i in _role_ids(body) if i in roles}))
     patient_element = PATIENT_ELEMENT.get(rtype)
     patient = reference(body.get(patient_element), ("Patient",)) if patient_element else None
-    await repo.set_current(rtype, rid, version_id=version_id, last_version=version_id,
-                           last_updated=last_updated, sha256=sha, deleted=False,
-                           patient=patient.removeprefix("Patient/") if patient else None,
-                           ccm_state=mapping.state)
-    if current.version_id or _identifiers(body):  # a brand-new resource has none to replace
-        await repo.replace_identifiers(rtype, rid, _identifiers(body))
-    await _emit(uow, caller, mapping.events)
-    issues = [Issue("warning", "business-rule", w) for w in mapping.warnings]
-    return Outcome(200 if exists else 201, rtype, rid, version, issues)
+    pending.versions.append(version)
+    (pending.new_rows if w.fresh else pending.updated_rows).append({
+        "type": rtype, "id": rid, "version_id": version_id, "last_version": version_id,
+        "last_updated": last_updated, "sha256": sha, "deleted": False,
+        "patient": patient.removeprefix("Patient/") if patient else None,
+        "ccm_state": mapping.state})
+    if cur is not None and cur.version_id:
+        pending.replaced.append((rtype, rid))
+    pending.identifiers += [(rtype, rid, s, v) for s, v in _identifiers(body)]
+    pending.events += _events(caller, mapping.events)
+    if rtype == "PractitionerRole":  # later Encounters of the batch see the new role
+        roles[rid] = body
+    return Outcome(200 if exists else 201, rtype, rid, version,
+                   [Issue("warning", "business-rule", m) for m in mapping.warnings])
+
+
+async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
+                       if_none_exist: str) -> Outcome | None:
+    """The resource matching ``If-None-Exist`` (as an outcome), or None once the criteria are
+    claimed for ``rid``: the database key lets one of concurrent identical creates win."""
+    repo = SqlResourceRepository(uow.session, caller.tenant)
+    criteria = normalise_criteria(rtype, if_none_exist)
+    matches = await find(repo, rtype, criteria)
+    if len(matches) > 1:
+        raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
+                       f"{len(matches)} resources", "If-None-Exist")
+    if matches:
+        return Outcome(200, rtype, matches[0].id, matches[0])
+    owner = await repo.claim_criteria(rtype, criteria_key(criteria), rid)
+    if owner != rid:
+        found = await repo.current_version(rtype, owner)
+        if found is not None and not found[0].deleted:
+            return Outcome(200, rtype, owner, found[1])
+        await repo.reassign_criteria(rtype, criteria_key(criteria), rid)
+    return None
 
 
 async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
@@ -163,21 +276,10 @@ async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
     rtype = resource["resourceType"]
     rid = new_id or str(uuid.uuid4())
     if if_none_exist:
-        repo = SqlResourceRepository(uow.session, caller.tenant)
-        criteria = normalise_criteria(rtype, if_none_exist)
-        matches = await find(repo, rtype, criteria)
-        if len(matches) > 1:
-            raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
-                           f"{len(matches)} resources", "If-None-Exist")
-        if matches:
-            return Outcome(200, rtype, matches[0].id, matches[0])
-        owner = await repo.claim_criteria(rtype, criteria_key(criteria), rid)
-        if owner != rid:
-            found = await repo.current_version(rtype, owner)
-            if found is not None and not found[0].deleted:
-                return Outcome(200, rtype, owner, found[1])
-            await repo.reassign_criteria(rtype, criteria_key(criteria), rid)
-    return await store(uow, caller, rtype, rid, resource)
+        found = await claim_create(uow, caller, rtype, rid, if_none_exist)
+        if found is not None:
+            return found
+    return await store(uow, caller, rtype, rid, resource, fresh=True)
 
 
 async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
@@ -204,9 +306,8 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
         return Outcome(204, rtype, rid)
     last = await repo.version(rtype, rid, current.version_id)
     version_id = current.last_version + 1
-    await repo.add_version(rtype, rid, version_id, None, sha256=DELETED_HASH,
-                           last_updated=caller.now, received_at=caller.now,
-                           connection=caller.connection, applied=True)
+    await repo.add_versions([VersionRow(rtype, rid, version_id, None, DELETED_HASH, caller.now,
+                                        caller.now, True, True)], caller.connection)
     source = SourceVersion(rtype, rid, version_id, caller.now, current.sha256, caller.now,
                            caller.connection)
     mapping = map_version(last.resource or {}, MappingContext(
@@ -215,9 +316,9 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
     await repo.set_current(rtype, rid, version_id=version_id, last_version=version_id,
                            last_updated=caller.now, sha256=DELETED_HASH, deleted=True,
                            ccm_state=mapping.state)
-    await repo.replace_identifiers(rtype, rid, [])
+    await repo.replace_identifiers_many([(rtype, rid)], [])
     await repo.release_criteria(rtype, rid)
-    await _emit(uow, caller, mapping.events)
+    await outbox_bulk.add_events(uow.session, caller.tenant, _events(caller, mapping.events))
     return Outcome(204, rtype, rid)
 
 
