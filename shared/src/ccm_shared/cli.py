@@ -406,6 +406,91 @@ async def _serve(  # noqa: ANN001
     waiter.cancel()
 
 
+@app.command()
+def demo(
+    url: Annotated[str, typer.Option(help="Base URL of ingest")] = "http://127.0.0.1:8081",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CCM_DEMO_TOKEN",
+            help="API token of the practice (default: the token file of `ccm up` in "
+            ".ccm-data/, else of deploy/local/run-platform.sh in .ccm-local/)",
+        ),
+    ] = None,
+    practice: Annotated[str, typer.Option(help="The token's practice")] = "demo",
+    patients: Annotated[int, typer.Option(min=19, max=5000, help="Synthetic patients")] = 200,
+    month: Annotated[
+        str | None,
+        typer.Option(help="YYYY-MM; default the previous calendar month (it must have ended)"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic practice")] = 1,
+    out: Annotated[str, typer.Option(help="Folder of the output files")] = "./ccm-demo-output",
+    billing_url: Annotated[str | None, typer.Option(help="Default: ingest's port + 1")] = None,
+    careplan_url: Annotated[str | None, typer.Option(help="Default: ingest's port + 2")] = None,
+    notification_url: Annotated[str | None, typer.Option(help="Default: ingest's port + 3")] = None,
+    wait_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for billing to apply everything")
+    ] = 600.0,
+) -> None:
+    """Run a month of a synthetic practice through a running platform (`ccm up` or any
+    deployment): push FHIR transaction Bundles to ingest, wait for billing, close the month and
+    write the billing report, Invoice and ChargeItems, care-plan tracker, notifications and an
+    audit packet to --out, then print a summary. Uses only the services' HTTP APIs."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ccm_shared.demo.report import write_outputs
+    from ccm_shared.demo.runner import DemoConfig, DemoError, Endpoints, run
+
+    if token is None:
+        for candidate in (
+            Path(".ccm-data") / f"{practice}.token",
+            Path(".ccm-local") / f"{practice}.token",
+        ):
+            if candidate.is_file():
+                token = candidate.read_text().strip()
+                break
+    if not token:
+        _fail("no API token: pass --token (or CCM_DEMO_TOKEN); `ccm up` prints one")
+    console = Console(stderr=True)
+    try:
+        endpoints = Endpoints.derive(
+            url, billing=billing_url, careplan=careplan_url, notification=notification_url
+        )
+        config = DemoConfig(
+            endpoints,
+            token,
+            practice,
+            patients=patients,
+            month=month,
+            seed=seed,
+            wait_timeout=wait_timeout,
+        )
+        labels = {"push": "pushing FHIR Bundles to ingest", "billing": "billing applied"}
+        with Progress(
+            TextColumn("{task.description:<32}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(labels.get(stage, stage), total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            outcome = run(config, progress, lambda m: bar.console.print(f"[ccm demo] {m}"))
+    except DemoError as exc:
+        _fail(str(exc), code=1)
+    folder = Path(out)
+    write_outputs(outcome, folder, Console())
+    typer.echo(f"[ccm demo] output written to {folder.resolve()}", err=True)
+
+
 @app.command("contracts")
 def contracts(
     out: Annotated[str, typer.Option(help="Folder to write into")] = "contracts",
