@@ -7,8 +7,8 @@ Needs real PostgreSQL and Kafka: `deploy/local/up.sh && source .ccm-local/env` f
 Usage: uv run python benchmarks/billing_close.py [--patients 100000] [--entries-per-patient 6]
        [--practices 100] [--concurrency 4] [--projection-events 20000]
 
-Runs in a throwaway schema (dropped afterwards); the bench practices it registers in
-platform.practices are deleted at the end. Targets (issue 4): close ≤ 15 s for 100,000 patients /
+Runs in a throwaway schema (dropped afterwards) and publishes to bench.* topics; the bench
+practices it registers in platform.practices are deleted at the end. Targets (issue 4): close ≤ 15 s for 100,000 patients /
 600,000 entries including publishing, and ≤ 1.5 × (bare SQL aggregation + bare publish).
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -99,6 +100,23 @@ async def load(db: Database, practices: list[str], per_practice: int, entries: i
                                             schema_name=db.schema)
         await raw.execute(f'ANALYZE "{db.schema}".time_entries')
     return n_entries
+
+
+class BenchTopics(KafkaTransport):
+    """Publishes billing.* events to bench-only topics: the shared broker's real billing topics
+    (which other services consume) never see benchmark invoices."""
+
+    def __init__(self, bootstrap: str, tag: str) -> None:
+        super().__init__(bootstrap, client_id="bench-billing")
+        self.tag = tag
+
+    def bench_topic(self, topic: str) -> str:
+        return f"bench.{topic}.{self.tag}"
+
+    async def send_batch(self, messages) -> None:  # noqa: ANN001
+        await super().send_batch([
+            dataclasses.replace(m, topic=self.bench_topic(m.topic)) if m.topic.startswith("billing.")
+            else m for m in messages])
 
 
 async def close_all(db: Database, transport: KafkaTransport, practices: list[str],
@@ -219,9 +237,10 @@ async def main() -> int:
     for p in practices:
         await create_practice(db.engine, practice_id=p, name=p, timezone="America/New_York",
                               pricing=PRICING)
-    transport = KafkaTransport(bootstrap, client_id="bench-billing")
+    transport = BenchTopics(bootstrap, tag)
     await transport.start()
-    await transport.ensure_topics(["billing.period.closed.v1", "billing.invoice.issued.v1"])
+    await transport.ensure_topics([transport.bench_topic(t) for t in
+                                   ("billing.period.closed.v1", "billing.invoice.issued.v1")])
     bare_topic = f"bench.billing-bare.{tag}.v1"
     await transport.ensure_topics([bare_topic])
     try:

@@ -22,30 +22,55 @@ from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import create_practice, create_token
 from ccm_shared.transport import KafkaTransport
 from tests.integration.conftest import eventually
-from tests.support.kafka_read import read_topic
 from tests.unit.billing import events as ev
 from tests.unit.billing.conftest import PRICING, Clock
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def start_group_at_end(bootstrap: str, group: str) -> None:
-    """A fresh consumer group positioned at the topics' ends: this test reads only its events,
-    not the history other engineers' runs left on the shared broker."""
+async def partitions_of(bootstrap: str, topics) -> list[TopicPartition]:  # noqa: ANN001
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        described = await admin.describe_topics(list(TOPICS))
+        described = await admin.describe_topics(list(topics))
     finally:
         await admin.close()
-    partitions = [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
+    return [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
+
+
+async def start_group_at_end(bootstrap: str, group: str) -> None:
+    """A fresh consumer group positioned at the topics' ends: this test reads only its events,
+    not the history other engineers' runs left on the shared broker."""
+    partitions = await partitions_of(bootstrap, TOPICS)
+    assert partitions, "the ingest topics have no partitions"
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await consumer.start()
     try:
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
-        assert partitions, "the ingest topics have no partitions"
         await consumer.commit({tp: off for tp, off in ends.items()})
+    finally:
+        await consumer.stop()
+
+
+async def read_to_end(bootstrap: str, topic: str) -> list[CloudEvent]:
+    """Every event on the topic up to its current end (the topic is shared with other runs)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                enable_auto_commit=False, max_partition_fetch_bytes=16 * 2**20)
+    await consumer.start()
+    try:
+        partitions = await partitions_of(bootstrap, [topic])
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        events = []
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        while await behind():
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                events.extend(CloudEvent.from_json(r.value) for r in records)
+        return events
     finally:
         await consumer.stop()
 
@@ -54,11 +79,10 @@ async def billing_events(bootstrap: str, topic: str, practice: str, expect: int)
     found: list[CloudEvent] = []
 
     async def arrived() -> bool:
-        records = await read_topic(bootstrap, topic, expect=0, timeout=1)
-        found[:] = [e for e in (CloudEvent.from_json(r.value) for r in records) if e.tenant == practice]
+        found[:] = [e for e in await read_to_end(bootstrap, topic) if e.tenant == practice]
         return len(found) >= expect
 
-    await eventually(arrived, timeout=60, what=f"{expect} {topic} events of {practice}")
+    await eventually(arrived, timeout=60, interval=0.5, what=f"{expect} {topic} events of {practice}")
     return found
 
 
