@@ -152,15 +152,19 @@ def pct(values: list[float], q: float) -> float:
 
 def start_servers(args: argparse.Namespace, env: dict[str, str]) -> list[tuple[subprocess.Popen,
                                                                                  int]]:
+    """API processes (``--workers``), plus the outbox relay in a process of its own unless
+    ``--relay-in-api``; the last entry is the relay process when it has one."""
     ccm = os.path.join(os.path.dirname(sys.executable), "ccm")
+    env = {**env, "CCM_LOG_LEVEL": "WARNING", "CCM_DB_POOL_SIZE": str(args.pool)}
+    relay_flag = "--relay" if args.relay_in_api else "--no-relay"
     servers = []
-    for _ in range(args.workers):
+    for n in range(args.workers + (0 if args.relay_in_api else 1)):
         port = free_port()
+        api = ["--api", relay_flag] if n < args.workers else ["--no-api", "--relay"]
         proc = subprocess.Popen(
             [ccm, "serve", "ingest", "--port", str(port), "--host", "127.0.0.1",
-             "--no-consumers", "--no-background"],
-            env={**env, "CCM_LOG_LEVEL": "WARNING", "CCM_DB_POOL_SIZE": str(args.pool)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--no-consumers", "--no-background", *api],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         servers.append((proc, port))
     return servers
 
@@ -218,7 +222,8 @@ async def main(args: argparse.Namespace) -> int:
     try:
         for proc, port in servers:
             await wait_ready(port, proc)
-        connections = [Connection(servers[i % len(servers)][1], token)
+        api_ports = [port for _, port in servers[:args.workers]]
+        connections = [Connection(api_ports[i % len(api_ports)], token)
                        for i in range(args.concurrency)]
         patient = "Patient/bench-p"
 
@@ -273,9 +278,10 @@ async def main(args: argparse.Namespace) -> int:
     def lat(key: str) -> str:
         return f"p50 {pct(results[key], .5):7.1f} ms  p99 {pct(results[key], .99):7.1f} ms"
 
-    print(f"ingest FHIR benchmark: {args.rounds} rounds (median), {args.workers} server "
-          f"process(es) `ccm serve ingest`, {args.concurrency} connections, {os.cpu_count()} "
-          f"cores, load average at the end {os.getloadavg()[0]:.1f}")
+    relay = "in the API process" if args.relay_in_api else "in a process of its own"
+    print(f"ingest FHIR benchmark: {args.rounds} rounds (median), {args.workers} API "
+          f"process(es) `ccm serve ingest`, relay {relay}, {args.concurrency} connections, "
+          f"{os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.1f}")
     print(f"  validate-only POST      {med['validate']:8.0f} req/s   {lat('vlat')}")
     print(f"  durable POST (+events)  {med['post']:8.0f} req/s   {lat('lat')}"
           f"   ratio {med['post'] / med['validate']:.2f} (target >= 0.6; >= 1000/s)")
@@ -283,7 +289,8 @@ async def main(args: argparse.Namespace) -> int:
     print(f"  transaction Bundle      {med['bundle']:8.0f} resources/s   {lat('blat')}"
           f"   ratio {med['bundle'] / med['bvalidate']:.2f} (target >= 0.55; >= 2000/s)")
     print(f"  outbox drained to Kafka {drained:.1f} s after the last write")
-    print(f"  peak RSS per server process: {', '.join(f'{p:.0f} MB' for p in peak)}")
+    print(f"  peak RSS per service process (API…, relay): "
+          f"{', '.join(f'{p:.0f} MB' for p in peak)}")
     return 0
 
 
@@ -295,6 +302,9 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes (each with its own port)")
+    parser.add_argument("--relay-in-api", action="store_true",
+                        help="run the outbox relay inside the API process(es) instead of a "
+                        "process of its own (`ccm serve ingest --no-api --relay`)")
     parser.add_argument("--pool", type=int, default=10,
                         help="database connections per server process (CCM_DB_POOL_SIZE)")
     parser.add_argument("--rounds", type=int, default=3)

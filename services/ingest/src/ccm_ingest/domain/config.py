@@ -8,6 +8,7 @@ any key through ``PUT /v1/practices/{practice}/ingest-config`` and keeps the def
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from typing import Any
 
 CPT = "http://www.ama-assn.org/go/cpt"
@@ -87,19 +88,24 @@ class IngestConfig:
 DEFAULT_CONFIG = IngestConfig()
 
 
+@lru_cache(maxsize=256)
+def _compiled(patterns: tuple[str, ...]) -> tuple[frozenset[str], tuple[tuple[str, str], ...]]:
+    """(exact ``system|code`` set, (system, code prefix) pairs) of a pattern list."""
+    exact = frozenset(p for p in patterns if not p.endswith("*"))
+    prefixes = tuple((system, code[:-1]) for system, _, code in
+                     (p.partition("|") for p in patterns if p.endswith("*")))
+    return exact, prefixes
+
+
 def code_matches(patterns: tuple[str, ...], system: str | None, code: str | None) -> bool:
     """True when ``system|code`` matches one of ``patterns`` (``*`` suffix = prefix match)."""
     if not code:
         return False
-    for pattern in patterns:
-        p_system, _, p_code = pattern.partition("|")
-        if p_system != (system or ""):
-            continue
-        if p_code.endswith("*") and code.startswith(p_code[:-1]):
-            return True
-        if p_code == code:
-            return True
-    return False
+    exact, prefixes = _compiled(patterns)
+    system = system or ""
+    if f"{system}|{code}" in exact:
+        return True
+    return any(system == p_system and code.startswith(p_code) for p_system, p_code in prefixes)
 
 
 def any_coding_matches(patterns: tuple[str, ...], codings: list[dict]) -> bool:
