@@ -18,6 +18,7 @@ from zoneinfo import ZoneInfo
 
 from ccm_ingest.domain.config import IngestConfig, any_coding_matches
 from ccm_ingest.domain.model import MappedEvent, Mapping, SourceVersion, rejected
+from ccm_ingest.domain.rules import REVIEWER_TYPES, review_extensions
 
 EVENT_TYPES = (
     "ingest.time-entry.logged.v1",
@@ -312,8 +313,43 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         author=reference(res.get("author")), careTeam=references(res.get("careTeam"),
                                                                  ("CareTeam",)),
         addresses=references(res.get("addresses"), ("Condition",)), categories=categories,
+        review=care_plan_review(res, ctx),
     )
     return Mapping([event], {"ccm": True})
+
+
+def care_plan_review(res: dict[str, Any], ctx: MappingContext) -> dict[str, Any] | None:
+    """The review evidence this version carries (the platform's care-plan-review extension,
+    checked in ``rules``): ``{date, reviewer}``, the date a day in the practice's time zone.
+
+    Evidence dated after the version was received, or whose reviewer is not a Practitioner or
+    PractitionerRole here (e.g. a ``urn:uuid:`` no Bundle entry resolved), is refused.
+    """
+    found = review_extensions(res)
+    if not found or ctx.deleted:
+        return None
+    index, ext = found[0]
+    subs = [(j, s) for j, s in enumerate(ext.get("extension") or []) if isinstance(s, dict)]
+    j, date_ext = next((j, s) for j, s in subs if s.get("url") == "date")
+    where = f"CarePlan.extension[{index}].extension[{j}].valueDateTime"
+    try:
+        day = instant(date_ext["valueDateTime"], ctx.timezone).astimezone(ctx.timezone).date()
+    except (KeyError, TypeError, ValueError):
+        raise rejected(422, "value", "the review date is not a FHIR dateTime", where) from None
+    received = ctx.source.received_at.astimezone(ctx.timezone).date()
+    if day > received:
+        raise rejected(422, "business-rule", f"the review date {day.isoformat()} is after the "
+                       f"day this version was received ({received.isoformat()}, practice time "
+                       "zone): review evidence records a review that happened", where)
+    reviewer = None
+    for j, sub in subs:
+        if sub.get("url") == "reviewer":
+            reviewer = reference(sub.get("valueReference"), REVIEWER_TYPES)
+            if reviewer is None:
+                raise rejected(422, "value", "the reviewer must reference a Practitioner or "
+                               "PractitionerRole of this practice (Type/id)",
+                               f"CarePlan.extension[{index}].extension[{j}].valueReference")
+    return {"date": day.isoformat(), "reviewer": reviewer}
 
 
 # ---- Directory and eligibility --------------------------------------------------------------

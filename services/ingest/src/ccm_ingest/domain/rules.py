@@ -158,7 +158,80 @@ def _condition(resource: dict[str, Any]) -> list[Issue]:
     return issues
 
 
-_TYPE_CHECKS = {"Encounter": _encounter, "Consent": _consent, "Condition": _condition}
+REVIEW_EXTENSION = "http://ccm-platform.org/fhir/StructureDefinition/care-plan-review"
+REVIEWER_TYPES = ("Practitioner", "PractitionerRole")
+
+
+_TYPED = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/[^/]+)?$")
+
+
+def _reference_type(ref: str) -> str | None:
+    """The resource type a reference names ("" if none); None for ``urn:uuid:`` (a Bundle
+    entry, known once the Bundle resolves it)."""
+    if ref.startswith("urn:uuid:"):
+        return None
+    if "?" in ref:
+        return ref.partition("?")[0]
+    match = _TYPED.search(ref)
+    return match.group(1) if match else ""
+
+
+def review_extensions(resource: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """(index, extension) of the platform's care-plan-review extensions on a CarePlan."""
+    return [(i, e) for i, e in enumerate(resource.get("extension") or [])
+            if isinstance(e, dict) and e.get("url") == REVIEW_EXTENSION]
+
+
+def _care_plan(resource: dict[str, Any]) -> list[Issue]:
+    """The care-plan-review extension (review evidence): at most one, complex (no value[x]),
+    with exactly one ``date`` (valueDateTime, at least a day) and at most one ``reviewer``
+    (valueReference to a Practitioner or PractitionerRole)."""
+    found = review_extensions(resource)
+    issues = [_err("invariant", f"a CarePlan version carries at most one {REVIEW_EXTENSION} "
+                   f"extension (review evidence); this one has {len(found)}",
+                   f"CarePlan.extension[{i}]") for i, _ in found[1:]]
+    for i, ext in found[:1]:
+        where = f"CarePlan.extension[{i}]"
+        values = [k for k in ext if k.startswith("value")]
+        if values:
+            issues.append(_err("structure", f"{REVIEW_EXTENSION} is a complex extension: "
+                               "sub-extensions date and reviewer, no value[x]",
+                               f"{where}.{values[0]}"))
+        subs = [(j, sub) for j, sub in enumerate(ext.get("extension") or [])
+                if isinstance(sub, dict)]
+        dates = [(j, sub) for j, sub in subs if sub.get("url") == "date"]
+        reviewers = [(j, sub) for j, sub in subs if sub.get("url") == "reviewer"]
+        issues += [_err("structure", f"unknown sub-extension {sub.get('url')!r} of "
+                        f"{REVIEW_EXTENSION}; allowed: date, reviewer",
+                        f"{where}.extension[{j}].url")
+                   for j, sub in subs if sub.get("url") not in ("date", "reviewer")]
+        if len(dates) != 1:
+            issues.append(_err("required", f"review evidence needs exactly one "
+                               f"extension[url=date] (it has {len(dates)})", f"{where}.extension"))
+        for j, sub in dates[:1]:
+            when = sub.get("valueDateTime")
+            if not isinstance(when, str) or len(when) < 10:
+                other = next((k for k in sub if k.startswith("value")), "valueDateTime")
+                issues.append(_err(
+                    "value", "extension[url=date] needs valueDateTime with at least a full day "
+                    "(YYYY-MM-DD), e.g. 2026-03-10T14:30:00-05:00",
+                    f"{where}.extension[{j}].{other}"))
+        if len(reviewers) > 1:
+            issues.append(_err("invariant", "review evidence has at most one "
+                               "extension[url=reviewer]", f"{where}.extension[{reviewers[1][0]}]"))
+        for j, sub in reviewers[:1]:
+            ref = sub.get("valueReference")
+            ref = ref.get("reference") if isinstance(ref, dict) else None
+            kind = _reference_type(ref) if isinstance(ref, str) else ""
+            if kind is not None and kind not in REVIEWER_TYPES:
+                issues.append(_err(
+                    "value", "extension[url=reviewer] needs valueReference.reference to a "
+                    "Practitioner or PractitionerRole", f"{where}.extension[{j}].valueReference"))
+    return issues
+
+
+_TYPE_CHECKS = {"Encounter": _encounter, "Consent": _consent, "Condition": _condition,
+                "CarePlan": _care_plan}
 
 
 def _walk_references(value: Any, path: str) -> Iterator[tuple[str, str]]:
