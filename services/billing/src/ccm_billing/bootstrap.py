@@ -1,6 +1,7 @@
 """Composition root of the billing service (the `ccm.services` entry point)."""
 
 from ccm_billing.adapters.orm import metadata
+from ccm_billing.compliance.http import build_compliance_router
 from ccm_billing.entrypoints.cli import app as cli
 from ccm_billing.entrypoints.consumers import consumers
 from ccm_billing.entrypoints.http import build_router, fhir_error
@@ -29,7 +30,7 @@ SERVICE = ServiceDefinition(
     description="CMS care-management billing: monthly worklists, threshold alerts, invoices, payments.",
     metadata=metadata,
     migrations_package="ccm_billing.migrations",
-    routers=lambda runtime: [build_router(runtime)],
+    routers=lambda runtime: [build_router(runtime), build_compliance_router(runtime)],
     consumers=consumers,
     background=background,
     configure_app=_configure_app,

@@ -17,6 +17,14 @@ class BillingSettings(BaseSettings):
         300.0, gt=0, description="How often threshold alerts and overdue invoices are checked"
     )
 
+    consent_renewal_months: int | None = Field(
+        None, ge=1, description="Consent renewal interval in months (none: consents do not expire); "
+        "a practice overrides it with pricing rules.consent_renewal_months"
+    )
+    consent_expiring_days: int = Field(
+        30, ge=0, description="Consent tracker: 'expiring' means expiring within this many days"
+    )
+
     @field_validator("alert_days")
     @classmethod
     def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:

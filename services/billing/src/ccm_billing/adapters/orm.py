@@ -18,6 +18,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from ccm_billing.compliance.tables import add_compliance_tables
 from ccm_shared.tables import add_messaging_tables
 
 TENANT = 64
@@ -190,3 +191,7 @@ payments = tables["payments"]
 threshold_alerts = tables["threshold_alerts"]
 duplicate_releases = tables["duplicate_releases"]
 practice_sequences = tables["practice_sequences"]
+compliance = add_compliance_tables(metadata)
+source_versions = compliance["source_versions"]
+decision_filings = compliance["decision_filings"]
+care_plan_reviews = compliance["care_plan_reviews"]

@@ -42,14 +42,18 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     """Recompute a closed month; cancel and reissue its Invoice when the lines changed."""
     from ccm_billing.service_layer import invoicing
     from ccm_billing.service_layer.common import practice_info
-    from ccm_billing.service_layer.decisions import decide_month
+    from ccm_billing.compliance.evidence import file_decisions
+    from ccm_billing.service_layer.decisions import decide_month_with_facts
 
     month = Month.parse(month_text)
     period = await invoicing.get_period(uow.session, practice, month)
     if period is None:
         return False
     info = await practice_info(uow.session, practice)
-    decisions = await decide_month(uow.session, info, month)
+    facts, decisions = await decide_month_with_facts(uow.session, info, month)
+    # Never an edit: each patient whose decision changed gets a new filing revision.
+    await file_decisions(uow, practice, month, facts, decisions, reason=reason, now=now,
+                         previous=period.decisions)
     lines = invoicing.priced_lines(info, month, decisions)
     i = orm.invoices
     current = (

@@ -163,8 +163,15 @@ def practice_options(info: PracticeInfo) -> PracticeOptions:
 async def decide_month(
     session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None
 ) -> list[Decision]:
+    return (await decide_month_with_facts(session, info, month, patient=patient))[1]
+
+
+async def decide_month_with_facts(
+    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None
+) -> tuple[list[PatientMonth], list[Decision]]:
+    """The facts loaded and the decision on each (the facts are filed with the decisions)."""
     facts = await load_facts(session, info, month, patient=patient)
     ruleset = ruleset_for(month)
     options = practice_options(info)
     decide = PROGRAMS["CCM"]
-    return [decide(f, ruleset, options) for f in facts]
+    return facts, [decide(f, ruleset, options) for f in facts]

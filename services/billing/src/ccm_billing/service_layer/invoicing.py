@@ -15,6 +15,7 @@ from decimal import Decimal, InvalidOperation
 from sqlalchemy import insert, select, update
 
 from ccm_billing.adapters import fhir, orm
+from ccm_billing.compliance.evidence import file_decisions
 from ccm_billing.domain.model import Decision, Month
 from ccm_billing.domain.pricing import ChargeLine, PricingInvalid, price_lines, total
 from ccm_billing.domain.rules import ruleset_for
@@ -26,7 +27,7 @@ from ccm_billing.service_layer.common import (
     next_practice_sequence,
     practice_info,
 )
-from ccm_billing.service_layer.decisions import decide_month
+from ccm_billing.service_layer.decisions import decide_month_with_facts
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import Conflict, InvalidInput, NotFound
 from ccm_shared.events import CloudEvent
@@ -221,8 +222,9 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
         ruleset_for(month)
     except RulesetMissing as exc:
         raise InvalidInput(str(exc)) from None
-    decisions = await decide_month(uow.session, info, month)
+    facts, decisions = await decide_month_with_facts(uow.session, info, month)
     lines = priced_lines(info, month, decisions)
+    await file_decisions(uow, practice, month, facts, decisions, reason="closed", now=now)
     inv_row = None
     if lines:
         inv_row = await issue_invoice(uow, info, month, lines, revision=0, now=now)

@@ -15,6 +15,7 @@ import structlog
 from sqlalchemy import or_, select, update
 
 from ccm_billing.adapters import orm
+from ccm_billing.compliance import evidence
 from ccm_billing.domain.model import Month
 from ccm_billing.service_layer import corrections
 from ccm_billing.service_layer.common import insert_for, parse_day, parse_instant, practice_info
@@ -37,6 +38,7 @@ TOPICS = (
     "ingest.condition.upserted.v1",
     "ingest.patient.upserted.v1",
     "ingest.practitioner-role.upserted.v1",
+    "careplan.review.completed.v1",  # review evidence for the compliance records
 )
 ACTIVE_CLINICAL = {"active", "recurrence", "relapse"}
 
@@ -65,6 +67,10 @@ async def _upsert(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # 
 
 async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # noqa: ANN001
     """Apply one ingest event to the projections (and correct closed periods it changes)."""
+    if event.type == evidence.REVIEW_COMPLETED:
+        await evidence.record_review(event, uow)
+        return
+    await evidence.record_source_version(event, uow, now)
     kind = event.type.removeprefix("ingest.").rsplit(".", 1)[0]
     handler = HANDLERS.get(kind)
     if handler is None:

@@ -1,0 +1,106 @@
+"""Consent standing: pure rules over consent versions (no framework imports).
+
+A patient's standing for the tracker, and whether a consent was in force in a given month, by the
+rules billing decides on: a revocation takes effect at the end of its month, a consent entered in
+error never counted, a declined one (rejected, or provision deny) never counted. A renewal
+interval (months; none by default) makes a consent expire that long after it was obtained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Literal
+
+from ccm_billing.domain.model import Month
+
+State = Literal["active", "expiring", "expired", "missing", "declined", "revoked", "voided"]
+ATTENTION: tuple[State, ...] = ("missing", "declined", "revoked", "voided", "expired", "expiring")
+NOT_YET = ("draft", "proposed")
+
+
+@dataclass(frozen=True)
+class ConsentFact:
+    """The newest version of one Consent, dates already in the practice's time zone."""
+
+    consent_id: str
+    status: str  # active | inactive | rejected | entered-in-error | proposed | draft
+    provision: str  # permit | deny
+    obtained_on: date | None
+    effective_until: date | None = None  # revoked: last day of the month of revocation
+    method: str = "unknown"  # written | verbal | unknown
+
+
+@dataclass(frozen=True)
+class Standing:
+    state: State
+    consent: ConsentFact | None = None
+    expires_on: date | None = None
+    days_left: int | None = None
+
+
+def add_months(day: date, months: int) -> date:
+    """The same day ``months`` later, clamped to the month's last day (Jan 31 + 1 → Feb 28)."""
+    index = day.year * 12 + day.month - 1 + months
+    target = Month(index // 12, index % 12 + 1)
+    return target.last_day if day.day > target.last_day.day else target.first_day.replace(day=day.day)
+
+
+def expires_on(consent: ConsentFact, renewal_months: int | None) -> date | None:
+    if not renewal_months or consent.obtained_on is None:
+        return None
+    return add_months(consent.obtained_on, renewal_months)
+
+
+def _obtained(c: ConsentFact) -> date:
+    return c.obtained_on or date.min
+
+
+def standing(consents: list[ConsentFact], today: date, *, renewal_months: int | None = None,
+             within_days: int = 30) -> Standing:
+    """The patient's consent standing today: an active permit wins; else the newest other one."""
+    usable = [c for c in consents if c.status not in NOT_YET]
+    active = [c for c in usable if c.status == "active" and c.provision == "permit"]
+    if active:
+        newest = max(active, key=_obtained)
+        until = expires_on(newest, renewal_months)
+        if until is None:
+            return Standing("active", newest)
+        left = (until - today).days
+        state: State = "expired" if left <= 0 else "expiring" if left <= within_days else "active"
+        return Standing(state, newest, until, left)
+    if not usable:
+        return Standing("missing")
+    newest = max(usable, key=_obtained)
+    if newest.status == "entered-in-error":
+        return Standing("voided", newest)
+    if newest.status == "rejected" or newest.provision == "deny":
+        return Standing("declined", newest)
+    return Standing("revoked", newest, newest.effective_until,
+                    (newest.effective_until - today).days if newest.effective_until else None)
+
+
+def in_force(consent: ConsentFact, month: Month, *, renewal_months: int | None = None) -> tuple[bool, str]:
+    """Whether the consent covered (part of) the month, and why in words an auditor reads."""
+    if consent.status == "entered-in-error":
+        return False, "voided (entered in error): never valid"
+    if consent.status in NOT_YET:
+        return False, f"{consent.status}: not yet agreed"
+    if consent.status == "rejected" or consent.provision == "deny":
+        return False, "declined"
+    if consent.obtained_on is None:
+        return False, "no date obtained"
+    if consent.obtained_on > month.last_day:
+        return False, f"obtained later, on {consent.obtained_on}"
+    until = expires_on(consent, renewal_months)
+    if until is not None and until <= month.first_day:
+        return False, f"expired on {until}"
+    if consent.status == "inactive":
+        if consent.effective_until is not None and consent.effective_until < month.first_day:
+            return False, f"revoked; in force until {consent.effective_until}"
+        end = consent.effective_until or month.last_day
+        return True, f"obtained {consent.obtained_on} ({consent.method}); revoked, in force until {end}"
+    note = f"obtained {consent.obtained_on} ({consent.method})"
+    if until is not None and until <= month.last_day:
+        note += f"; expires {until}"
+    return True, note

@@ -1,0 +1,119 @@
+"""Evidence billing keeps as it works, append-only: every source FHIR version it consumed, every
+care-plan review completed, and every filing of a patient-month decision (close, corrections).
+
+Writers run inside the consumer's or the request's unit of work and never commit.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+
+from ccm_billing.adapters import orm
+from ccm_billing.domain.model import Decision, Month, PatientMonth
+from ccm_billing.service_layer.common import bulk_insert, insert_for, parse_day, parse_instant
+from ccm_shared.db import UnitOfWork
+from ccm_shared.events import CloudEvent
+
+REVIEW_COMPLETED = "careplan.review.completed.v1"
+
+
+def _ref_id(reference: str | None) -> str | None:
+    return reference.split("/", 1)[1] if reference else None
+
+
+async def record_source_version(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
+    """Keep the source version an ingest event was mapped from (a redelivery is a no-op)."""
+    source = event.data.get("source")
+    if not source:
+        return
+    table = orm.source_versions
+    stmt = insert_for(uow.session)(table).values(
+        practice=event.tenant,
+        resource_type=source["resourceType"],
+        resource_id=source["id"],
+        version_id=str(source["versionId"]),
+        event_type=event.type,
+        patient=_ref_id(event.data.get("patient")),
+        last_updated=parse_instant(source["lastUpdated"]),
+        sha256=source["sha256"],
+        received_at=parse_instant(source["receivedAt"]),
+        connection=source.get("connection"),
+        recorded_at=now,
+        data=json.dumps({k: v for k, v in event.data.items() if k != "source"},
+                        separators=(",", ":")),
+    ).on_conflict_do_nothing()
+    await uow.session.execute(stmt)
+
+
+async def record_review(event: CloudEvent, uow: UnitOfWork) -> None:
+    """Project careplan.review.completed.v1: one row per idempotency key."""
+    d = event.data
+    stmt = insert_for(uow.session)(orm.care_plan_reviews).values(
+        practice=event.tenant,
+        idempotency_key=d["idempotencyKey"],
+        patient=_ref_id(d["patient"]),
+        care_plan_id=_ref_id(d["carePlan"]),
+        tracker=d["tracker"],
+        due_date=parse_day(d["dueDate"]),
+        completed_at=event.time,
+        days_overdue=d["daysOverdue"],
+        responsible_provider=d.get("responsibleProvider"),
+        supervisor=d.get("supervisor"),
+        event_id=event.id,
+    ).on_conflict_do_nothing()
+    await uow.session.execute(stmt)
+
+
+def entries_of(facts: PatientMonth) -> list[dict]:
+    """The month's time entries as decided: performer, role, seconds (start in UTC)."""
+    return [
+        {"entry": e.entry_id, "seconds": e.seconds, "role": e.role, "status": e.status,
+         "start": (e.start if e.start.tzinfo else e.start.replace(tzinfo=UTC)).astimezone(UTC).isoformat(),
+         "practitioner": e.practitioner, "late": e.late, "complex": e.complex}
+        for e in facts.entries
+    ]
+
+
+def _entries(facts: PatientMonth) -> str:
+    return json.dumps(entries_of(facts), separators=(",", ":"))
+
+
+async def file_decisions(uow: UnitOfWork, practice: str, month: Month, facts: list[PatientMonth],
+                         decisions: list[Decision], *, reason: str, now: datetime,
+                         previous: str | None = None) -> int:
+    """File the month's decisions: all of them at close (revision 0); after a correction only the
+    patients whose decision changed from ``previous`` (the period's decisions JSON), each as its
+    next revision. Returns how many were filed."""
+    docs = {d.patient: d.to_dict() for d in decisions}
+    by_patient = {f.patient: f for f in facts}
+    if previous is None:
+        changed = list(docs)
+        revisions = dict.fromkeys(changed, 0)
+    else:
+        before = {x["patient"].removeprefix("Patient/"): x for x in json.loads(previous)}
+        changed = [p for p in docs if before.get(p) != docs[p]]
+        changed += [p for p in before if p not in docs]  # no longer enrolled this month
+        if not changed:
+            return 0
+        f = orm.decision_filings
+        rows = await uow.session.execute(
+            select(f.c.patient, func.max(f.c.revision))
+            .where(f.c.practice == practice, f.c.month == str(month), f.c.patient.in_(changed))
+            .group_by(f.c.patient)
+        )
+        last = dict(rows.all())
+        revisions = {p: last.get(p, -1) + 1 for p in changed}
+    rows = [
+        {
+            "practice": practice, "patient": p, "month": str(month), "revision": revisions[p],
+            "filed_at": now, "reason": reason,
+            "decision": json.dumps(docs.get(p), separators=(",", ":")),
+            "entries": _entries(by_patient[p]) if p in by_patient else "[]",
+        }
+        for p in changed
+    ]
+    await bulk_insert(uow.session, orm.decision_filings, rows)
+    return len(rows)

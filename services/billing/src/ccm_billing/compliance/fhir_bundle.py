@@ -1,0 +1,241 @@
+"""The audit packet as a FHIR R4 Bundle of type collection.
+
+Consents, Encounters (time entries) and CarePlans at their newest version; one Provenance per
+source version (versionId, SHA-256, received time); the billing decision of each month as a Basic
+resource; review evidence as completed Tasks; the stored ChargeItems and Invoices as issued; the
+audit trail's AuditEvents; and one List per month that points to that month's part of it all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+EXT = "http://ccm-platform.org/fhir/StructureDefinition"
+CS = "http://ccm-platform.org/fhir/CodeSystem/compliance"
+
+
+def canonical(doc: dict) -> bytes:
+    """The bytes the packet's SHA-256 is taken over (sorted keys, no spaces)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sha256_of(doc: dict) -> str:
+    return hashlib.sha256(canonical(doc)).hexdigest()
+
+
+def _short(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _source_ext(src: dict | None) -> list[dict]:
+    if not src:
+        return []
+    return [{"url": f"{EXT}/source-version", "extension": [
+        {"url": "versionId", "valueString": src["versionId"]},
+        {"url": "sha256", "valueString": src["sha256"]},
+        {"url": "receivedAt", "valueDateTime": src["receivedAt"]},
+    ]}]
+
+
+def _meta(src: dict | None) -> dict:
+    return {"versionId": src["versionId"], "lastUpdated": src["lastUpdated"]} if src else {}
+
+
+def _consent(patient: str, c: dict) -> dict:
+    resource = {
+        "resourceType": "Consent", "id": c["consent"].split("/", 1)[1],
+        "status": c["status"],
+        "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                              "code": "treatment"}]},
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0",
+                                  "display": "Patient Consent"}], "text": "CCM consent"}],
+        "patient": {"reference": f"Patient/{patient}"},
+        "provision": {"type": c["provision"]},
+        "extension": [{"url": f"{EXT}/consent-method", "valueCode": c["method"]},
+                      *_source_ext(c.get("source"))],
+    }
+    if c.get("obtainedOn"):
+        resource["dateTime"] = c["obtainedOn"]
+    if c.get("effectiveUntil"):
+        resource["provision"]["period"] = {"end": c["effectiveUntil"]}
+    if meta := _meta(c.get("source")):
+        resource["meta"] = meta
+    return resource
+
+
+ENCOUNTER_STATUS = {"finished": "finished", "cancelled": "cancelled"}
+
+
+def _encounter(patient: str, e: dict) -> dict:
+    resource = {
+        "resourceType": "Encounter", "id": e["entry"],
+        "status": ENCOUNTER_STATUS.get(e["status"], "entered-in-error"),
+        # The class is not part of what billing receives: said so rather than guessed.
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor", "code": "UNK"},
+        "subject": {"reference": f"Patient/{patient}"},
+        "extension": [
+            {"url": f"{EXT}/ccm-counted", "valueBoolean": e["counted"]},
+            *([{"url": f"{EXT}/ccm-not-counted-reason", "valueCode": e["reason"]}]
+              if e["reason"] else []),
+            *([{"url": f"{EXT}/ccm-performer-role", "valueCode": e["role"]}] if e["role"] else []),
+            *_source_ext(e.get("source")),
+        ],
+    }
+    if e["start"]:
+        resource["period"] = {"start": e["start"]}
+    if e["seconds"] is not None:
+        resource["length"] = {"value": e["seconds"], "unit": "s",
+                              "system": "http://unitsofmeasure.org", "code": "s"}
+    if e["performer"]:
+        resource["participant"] = [{"individual": {"reference": e["performer"]}}]
+    if meta := _meta(e.get("source")):
+        resource["meta"] = meta
+    return resource
+
+
+def _care_plan(patient: str, plan: dict) -> dict:
+    v = plan["versions"][-1]
+    resource = {
+        "resourceType": "CarePlan", "id": plan["carePlan"].split("/", 1)[1],
+        "meta": {"versionId": v["versionId"], "lastUpdated": v["lastUpdated"]},
+        "status": v["status"], "intent": v["intent"],
+        "subject": {"reference": f"Patient/{patient}"},
+        "extension": _source_ext(v),
+    }
+    if v.get("created"):
+        resource["created"] = v["created"]
+    return resource
+
+
+def _provenance(src: dict, recorded_by: str) -> dict:
+    return {
+        "resourceType": "Provenance",
+        "id": _short("prov", src["resourceType"], src["id"], src["versionId"], src["event"]),
+        "target": [{"reference": f"{src['resourceType']}/{src['id']}/_history/{src['versionId']}"}],
+        "recorded": src["receivedAt"],
+        "activity": {"text": src["event"]},
+        "agent": [{"who": {"display": src.get("connection") or recorded_by}}],
+        "extension": _source_ext(src),
+    }
+
+
+def _review_task(patient: str, r: dict) -> dict:
+    return {
+        "resourceType": "Task", "id": _short("review", r["tracker"], r["dueDate"], r["completedAt"]),
+        "status": "completed", "intent": "order",
+        "code": {"coding": [{"system": CS, "code": "care-plan-review"}]},
+        "focus": {"reference": r["carePlan"]},
+        "for": {"reference": f"Patient/{patient}"},
+        "executionPeriod": {"end": r["completedAt"]},
+        "restriction": {"period": {"end": r["dueDate"]}},
+        **({"owner": {"reference": r["responsibleProvider"]}} if r["responsibleProvider"] else {}),
+    }
+
+
+def _decision(patient: str, month: str, section: dict) -> dict | None:
+    d = section["decision"]
+    if d is None:
+        return None
+    filing = section["filings"][-1] if section["filings"] else None
+    ext = [
+        {"url": "month", "valueString": month},
+        {"url": "status", "valueCode": section["status"]},
+        {"url": "billable", "valueBoolean": d["billable"]},
+        {"url": "ruleset", "valueString": d["ruleset"]},
+        *({"url": "code", "valueCoding": {"system": "http://www.ama-assn.org/go/cpt",
+                                          "code": code}, } for code in sorted(d["codes"])),
+        *({"url": "units", "valueString": f"{code} x {n}"} for code, n in sorted(d["codes"].items())),
+        *({"url": "blocker", "valueCode": b} for b in d["blockers"]),
+        *({"url": "warning", "valueCode": w} for w in d["warnings"]),
+        *({"url": "note", "valueString": n} for n in d["notes"]),
+        {"url": "staffSeconds", "valueInteger": d["seconds"].get("staff", 0)},
+        {"url": "practitionerSeconds", "valueInteger": d["seconds"].get("practitioner", 0)},
+    ]
+    if filing is not None:
+        ext += [{"url": "revision", "valueInteger": filing["revision"]},
+                {"url": "filedAt", "valueDateTime": filing["filedAt"]},
+                {"url": "filingReason", "valueString": filing["reason"]}]
+    resource = {
+        "resourceType": "Basic", "id": _short("decision", patient, month),
+        "code": {"coding": [{"system": CS, "code": "ccm-billing-decision"}],
+                 "text": "CCM billing decision"},
+        "subject": {"reference": f"Patient/{patient}"},
+        "extension": [{"url": f"{EXT}/ccm-billing-decision", "extension": ext}],
+    }
+    if filing is not None:
+        resource["created"] = filing["filedAt"][:10]
+    return resource
+
+
+def invoice_excerpt(invoice: dict, charges: list[dict]) -> dict:
+    """The Invoice with only this patient's lines (the others are other patients' business);
+    its total for the whole practice is kept in an extension, not as the excerpt's total."""
+    mine = {f"ChargeItem/{c['chargeItem']['id']}" for c in charges}
+    excerpt = {k: v for k, v in invoice.items() if k not in ("totalNet", "totalGross", "lineItem")}
+    excerpt["lineItem"] = [x for x in invoice.get("lineItem", [])
+                           if x["chargeItemReference"]["reference"] in mine]
+    excerpt["extension"] = [*invoice.get("extension", []), {
+        "url": f"{EXT}/invoice-excerpt", "extension": [
+            {"url": "lines", "valueString": "this patient's lines only"},
+            *([{"url": "invoiceTotalNet", "valueMoney": invoice["totalNet"]}]
+              if "totalNet" in invoice else []),
+        ]}]
+    if not excerpt["lineItem"]:
+        del excerpt["lineItem"]
+    return excerpt
+
+
+def packet_id(packet: dict) -> str:
+    """Stable for the same request at the same instant (practice, patient, range, time)."""
+    return _short("packet", packet["practice"]["id"], packet["patient"]["id"], packet["from"],
+                  packet["to"], packet["generatedAt"])
+
+
+def bundle(packet: dict, bundle_id: str) -> dict:
+    """The packet as a FHIR R4 collection Bundle (each resource once, a List per month)."""
+    patient = packet["patient"]["id"]
+    resources: dict[str, dict] = {}
+
+    def add(resource: dict | None) -> str | None:
+        if resource is None:
+            return None
+        key = f"{resource['resourceType']}/{resource['id']}"
+        resources.setdefault(key, resource)
+        return key
+
+    pat = {"resourceType": "Patient", "id": patient}
+    if packet["patient"]["mbi"]:
+        pat["identifier"] = [{"system": "http://hl7.org/fhir/sid/us-mbi",
+                              "value": packet["patient"]["mbi"]}]
+    add(pat)
+    lists = []
+    for section in packet["months"]:
+        month = section["month"]
+        refs = [add(_consent(patient, c)) for c in section["consents"]]
+        refs += [add(_encounter(patient, e)) for e in section["timeLog"]["entries"]]
+        refs += [add(_care_plan(patient, p)) for p in section["carePlans"]]
+        refs += [add(_review_task(patient, r)) for r in section["reviews"]]
+        refs.append(add(_decision(patient, month, section)))
+        for line in section["charges"]:
+            refs.append(add(line["chargeItem"]))
+        for inv_id in sorted({line["invoice"] for line in section["charges"]}):
+            refs.append(add(invoice_excerpt(packet["invoices"][inv_id], section["charges"])))
+        refs += [add(_provenance(s, "ccm-platform ingest")) for s in section["sources"]]
+        lists.append({
+            "resourceType": "List", "id": _short("month", patient, month), "status": "current",
+            "mode": "snapshot", "title": f"CCM records {month}",
+            "subject": {"reference": f"Patient/{patient}"},
+            "entry": [{"item": {"reference": r}} for r in dict.fromkeys(x for x in refs if x)],
+        })
+    for event in packet["auditEvents"]:
+        add(event)
+    entries = [{"fullUrl": f"urn:ccm:{key}", "resource": res} for key, res in resources.items()]
+    entries += [{"fullUrl": f"urn:ccm:List/{x['id']}", "resource": x} for x in lists]
+    return {
+        "resourceType": "Bundle", "id": bundle_id, "type": "collection",
+        "identifier": {"system": f"{EXT}/audit-packet",
+                       "value": f"{packet['practice']['id']}:{patient}:{packet['from']}:{packet['to']}"},
+        "timestamp": packet["generatedAt"],
+        "entry": entries,
+    }

@@ -1,0 +1,139 @@
+"""HTTP API of the compliance records: consent tracker (+ CSV), time logs, audit packets.
+
+The patient is a path parameter of every patient route, so the platform's HTTP edge records each
+read — a packet included — in the audit trail with the patient it concerns.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from ccm_billing.compliance import domain, fhir_bundle, pdf, records
+from ccm_billing.domain.model import Month
+from ccm_billing.service_layer.common import practice_info
+from ccm_shared.errors import InvalidInput
+from ccm_shared.http import TenantDep
+
+FHIR_JSON = "application/fhir+json"
+PDF = "application/pdf"
+STATES = (*domain.ATTENTION, "active")
+
+
+def _month(text: str, name: str) -> Month:
+    try:
+        return Month.parse(text)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), expression=[name]) from None
+
+
+def _states(values: list[str] | None) -> set[str]:
+    wanted = {s.strip() for v in values or [] for s in v.split(",") if s.strip()}
+    unknown = wanted - set(STATES) - {"all"}
+    if unknown:
+        raise InvalidInput(f"unknown consent state(s) {sorted(unknown)}; use {', '.join(STATES)} "
+                           "or all", expression=["state"])
+    if not wanted:
+        return set(domain.ATTENTION)
+    return set(STATES) if "all" in wanted else wanted
+
+
+StateQuery = Annotated[list[str] | None, Query(
+    description="missing, declined, revoked, voided, expired, expiring, active or all; "
+                "repeat or comma-separate (default: every state that needs attention)")]
+WithinQuery = Annotated[int | None, Query(
+    ge=0, le=3650, description="expiring: consents that expire within this many days "
+                               "(default CCM_BILLING_CONSENT_EXPIRING_DAYS)")]
+
+
+def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
+    router = APIRouter(tags=["compliance"])
+    db = runtime.db
+
+    def settings():  # noqa: ANN202
+        return runtime.service_settings()
+
+    async def tracker(practice: str, tenant, state, within) -> list[dict]:  # noqa: ANN001
+        tenant.require_practice(practice)
+        states = _states(state)
+        async with db.unit_of_work() as uow:
+            info = await practice_info(uow.session, practice)
+            return await records.consent_tracker(
+                uow.session, info, states=states, today=info.today(runtime.clock()),
+                renewal=records.renewal_months(info, settings().consent_renewal_months),
+                within_days=settings().consent_expiring_days if within is None else within)
+
+    @router.get("/v1/practices/{practice}/consents",
+                summary="Consent tracker: patients whose CCM consent is missing, declined, "
+                        "revoked, voided, expired or expiring")
+    async def consents(practice: str, tenant: TenantDep, state: StateQuery = None,
+                       within: WithinQuery = None) -> dict:
+        rows = await tracker(practice, tenant, state, within)
+        return {"practice": practice, "count": len(rows), "patients": rows}
+
+    @router.get("/v1/practices/{practice}/consents.csv", response_class=Response,
+                summary="Consent tracker as CSV (same filters)")
+    async def consents_csv(practice: str, tenant: TenantDep, state: StateQuery = None,
+                           within: WithinQuery = None) -> Response:
+        rows = await tracker(practice, tenant, state, within)
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(records.TRACKER_CSV_COLUMNS)
+        writer.writerows(records.tracker_csv_rows(rows))
+        return Response(out.getvalue(), media_type="text/csv", headers={
+            "Content-Disposition": f'attachment; filename="ccm-consents-{practice}.csv"'})
+
+    @router.get("/v1/practices/{practice}/patients/{patient}/time-log",
+                summary="A patient's time entries for a month: as locked at close, with corrections")
+    async def time_log(practice: str, patient: str, tenant: TenantDep,
+                       month: Annotated[str, Query(description="yyyy-mm")]) -> dict:
+        tenant.require_practice(practice)
+        mo = _month(month, "month")
+        async with db.unit_of_work() as uow:
+            info = await practice_info(uow.session, practice)
+            await records.require_patient(uow.session, practice, patient)
+            return await records.time_log(uow.session, info, patient, mo)
+
+    @router.get("/v1/practices/{practice}/patients/{patient}/audit-packet",
+                response_class=Response,
+                responses={200: {"content": {FHIR_JSON: {}, PDF: {}},
+                                 "description": "FHIR collection Bundle, or the PDF"}},
+                summary="Audit packet for a patient and a range of months (FHIR Bundle or PDF)")
+    async def audit_packet(
+        practice: str, patient: str, request: Request, tenant: TenantDep,
+        from_: Annotated[str, Query(alias="from", description="First month, yyyy-mm")],
+        to: Annotated[str | None, Query(description="Last month, yyyy-mm (default: from)")] = None,
+        format: Annotated[Literal["fhir", "pdf"] | None, Query(  # noqa: A002
+            description="fhir (default) or pdf; Accept: application/pdf also asks for the PDF")] = None,
+    ) -> Response:
+        tenant.require_practice(practice)
+        first = _month(from_, "from")
+        last = _month(to, "to") if to else first
+        if last < first:
+            raise InvalidInput("'to' is before 'from'", expression=["to"])
+        if len(records.months_between(first, last)) > records.MAX_MONTHS:
+            raise InvalidInput(f"at most {records.MAX_MONTHS} months per packet", expression=["to"])
+        wants_pdf = format == "pdf" or (format is None and PDF in request.headers.get("accept", ""))
+        now = runtime.clock()
+        async with db.unit_of_work() as uow:
+            info = await practice_info(uow.session, practice)
+            packet = await records.audit_packet(
+                uow.session, info, patient, first, last, now=now,
+                renewal=records.renewal_months(info, settings().consent_renewal_months))
+        doc = fhir_bundle.bundle(packet, fhir_bundle.packet_id(packet))
+        body = fhir_bundle.canonical(doc)
+        digest = fhir_bundle.sha256_of(doc)
+        name = f"ccm-packet-{practice}-{patient}-{first}-{last}"
+        if wants_pdf:
+            return Response(pdf.render(packet, digest), media_type=PDF, headers={
+                "X-Packet-SHA256": digest,
+                "Content-Disposition": f'attachment; filename="{name}.pdf"'})
+        return Response(body, media_type=FHIR_JSON, headers={
+            "X-Packet-SHA256": digest,
+            "Content-Disposition": f'inline; filename="{name}.json"'})
+
+    return router

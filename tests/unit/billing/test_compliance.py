@@ -1,0 +1,339 @@
+"""Compliance records on the embedded database: a year of one patient's history in the audit
+packet (FHIR Bundle validated with fhir.resources.R4B, and the PDF), time logs locked at close
+with corrections kept as corrections, the consent tracker over consent states, tenancy."""
+
+import csv
+import hashlib
+import io
+import json
+from datetime import UTC, datetime
+
+from fhir.resources.R4B.bundle import Bundle
+from sqlalchemy import update
+
+from ccm_billing.compliance import domain
+from ccm_billing.domain.model import Month
+from ccm_shared.tables import practices
+from tests.unit.billing import compliance_events as cev
+from tests.unit.billing import events as ev
+from tests.unit.billing.test_billing_flow import api, deliver
+
+MONTHS = [f"2025-{m:02d}" for m in range(1, 13)]
+
+
+def est(month: str, day: int, hour: int = 10) -> str:
+    return f"{month}-{day:02d}T{hour:02d}:00:00-05:00"
+
+
+async def year_of_history(billing) -> dict:
+    """p1 of alpha through 2025: two staff entries a month, every month closed; April's second
+    entry reversed after April closed; the care plan revised with a review in June."""
+    clock = billing.state["clock"]
+    pushed: dict[str, dict] = {"entries": {}, "sha": {}}
+    await deliver(billing, ev.patient("alpha", "p1", mbi="1EG4TE5MK73"),
+                  cev.consent("alpha", "p1", "c1", method="verbal"),
+                  cev.care_plan("alpha", "p1", "cp1", version=1, updated="2024-12-01T12:00:00Z"),
+                  ev.condition("alpha", "p1", "k1"), ev.condition("alpha", "p1", "k2"),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"))
+    for i, month in enumerate(MONTHS):
+        clock.now = datetime(2025, i + 1, 20, 15, tzinfo=UTC)
+        month_entries = {f"e{i + 1}a": (1500, est(month, 3)), f"e{i + 1}b": (1200, est(month, 17))}
+        if i == 5:
+            await deliver(billing, cev.care_plan("alpha", "p1", "cp1", version=2,
+                                                 updated="2025-06-10T14:00:00Z", review="2025-06-10"),
+                          cev.review_completed("alpha", "p1", "cp1", due="2025-06-15",
+                                               completed="2025-06-10T15:00:00+00:00"))
+        for entry, (seconds, start) in month_entries.items():
+            e = cev.time_logged("alpha", "p1", entry, seconds, start)
+            pushed["sha"][entry] = {e.data["source"]["sha256"]}
+            await deliver(billing, e)
+        pushed["entries"][month] = month_entries
+        if i == 4:  # in May: April's second entry was entered in error
+            r = cev.time_reversed("alpha", "p1", "e4b", updated="2025-05-06T12:00:00Z")
+            pushed["sha"]["e4b"].add(r.data["source"]["sha256"])
+            await deliver(billing, r)
+        clock.now = datetime(2025, i + 2, 2, 15, tzinfo=UTC) if i < 11 else datetime(2026, 1, 2, 15, tzinfo=UTC)
+        closed = await api(billing).post(f"/v1/practices/alpha/billing-periods/{month}/close")
+        assert closed.status_code == 200, closed.text
+    return pushed
+
+
+def resources(bundle: dict, kind: str) -> dict:
+    return {e["resource"]["id"]: e["resource"] for e in bundle["entry"]
+            if e["resource"]["resourceType"] == kind}
+
+
+async def test_a_year_of_history_packet_holds_exactly_the_facts_month_by_month(billing):
+    pushed = await year_of_history(billing)
+    r = await api(billing).get("/v1/practices/alpha/patients/p1/audit-packet",
+                               params={"from": "2025-01", "to": "2025-12"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/fhir+json")
+    assert hashlib.sha256(r.content).hexdigest() == r.headers["x-packet-sha256"]
+    doc = r.json()
+    Bundle.model_validate(doc)
+    assert doc["type"] == "collection"
+    by_ref = {f"{e['resource']['resourceType']}/{e['resource']['id']}": e["resource"]
+              for e in doc["entry"]}
+    lists = sorted(resources(doc, "List").values(), key=lambda x: x["title"])
+    assert [x["title"] for x in lists] == [f"CCM records {m}" for m in MONTHS]
+    # Every invoice line of p1, as the billing API reports it, by month.
+    items = (await api(billing).get("/fhir/ChargeItem", params={"subject": "Patient/p1"})).json()
+    invoice_lines = {}
+    for entry in items["entry"]:
+        ci = entry["resource"]
+        invoice_lines.setdefault(ci["occurrencePeriod"]["start"][:7], {})[ci["id"]] = ci
+    for month, listing in zip(MONTHS, lists, strict=True):
+        refs = [x["item"]["reference"] for x in listing["entry"]]
+        encounters = {ref.split("/")[1]: by_ref[ref] for ref in refs if ref.startswith("Encounter/")}
+        assert set(encounters) == set(pushed["entries"][month]), month
+        for entry_id, (seconds, start) in pushed["entries"][month].items():
+            assert encounters[entry_id]["length"]["value"] == seconds
+            assert encounters[entry_id]["participant"][0]["individual"]["reference"] == "Practitioner/nurse-1"
+        shas = {ext["valueString"] for ref in refs if ref.startswith("Provenance/")
+                for ext in by_ref[ref]["extension"][0]["extension"] if ext["url"] == "sha256"
+                and by_ref[ref]["target"][0]["reference"].startswith("Encounter/")}
+        assert shas == set().union(*(pushed["sha"][e] for e in pushed["entries"][month])), month
+        assert [r for r in refs if r.startswith("Consent/")] == ["Consent/c1"]
+        decision = next(by_ref[r] for r in refs if r.startswith("Basic/"))
+        ext = {(x["url"], json.dumps(x, sort_keys=True)) for x in decision["extension"][0]["extension"]}
+        codes = sorted(json.loads(v)["valueCoding"]["code"] for u, v in ext if u == "code")
+        charge_refs = [r for r in refs if r.startswith("ChargeItem/")]
+        billed = {by_ref[r]["code"]["coding"][0]["code"] for r in charge_refs
+                  if by_ref[r]["status"] == "billable"}
+        # The billing section matches the Invoices: same ChargeItems, same amounts, same codes.
+        assert {r.split("/")[1] for r in charge_refs} == set(invoice_lines[month]), month
+        for ref in charge_refs:
+            stored = invoice_lines[month][ref.split("/")[1]]
+            assert {**by_ref[ref], "status": None} == {**stored, "status": None}
+        assert billed == set(codes), month
+        for ref in (r for r in refs if r.startswith("Invoice/")):
+            invoice = (await api(billing).get(f"/fhir/{ref}")).json()
+            excerpt = by_ref[ref]
+            assert excerpt["status"] == invoice["status"]
+            mine = {x["chargeItemReference"]["reference"] for x in excerpt.get("lineItem", [])}
+            assert mine <= {x["chargeItemReference"]["reference"] for x in invoice.get("lineItem", [])}
+            for line in excerpt.get("lineItem", []):
+                assert line in invoice["lineItem"]
+        expected = ["99439", "99490"] if month != "2025-04" else ["99490"]
+        assert codes == expected, month
+    april = lists[3]
+    april_refs = [x["item"]["reference"] for x in april["entry"]]
+    assert by_ref["Encounter/e4b"]["status"] == "entered-in-error"
+    statuses = sorted(by_ref[r]["status"] for r in april_refs if r.startswith("Invoice/"))
+    assert statuses == ["cancelled", "issued"]  # the original and its replacement
+    april_items = sorted((by_ref[r]["code"]["coding"][0]["code"], by_ref[r]["status"])
+                         for r in april_refs if r.startswith("ChargeItem/"))
+    assert april_items == [("99439", "entered-in-error"), ("99490", "billable"),
+                           ("99490", "entered-in-error")]
+    june_refs = [x["item"]["reference"] for x in lists[5]["entry"]]
+    tasks = [by_ref[r] for r in june_refs if r.startswith("Task/")]
+    assert [t["focus"]["reference"] for t in tasks] == ["CarePlan/cp1"]
+    plan_versions = {ext["valueString"] for r in june_refs if r.startswith("Provenance/")
+                     and by_ref[r]["target"][0]["reference"].startswith("CarePlan/")
+                     for ext in by_ref[r]["extension"][0]["extension"] if ext["url"] == "versionId"}
+    assert plan_versions == {"1", "2"}
+
+
+async def test_the_pdf_has_a_cover_and_one_section_per_month(billing):
+    await year_of_history(billing)
+    r = await api(billing).get("/v1/practices/alpha/patients/p1/audit-packet",
+                               params={"from": "2025-03", "to": "2025-05", "format": "pdf"})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/pdf" and r.content.startswith(b"%PDF-")
+    assert len(r.headers["x-packet-sha256"]) == 64
+    pages = r.content.count(b"/Type /Page\n") or r.content.count(b"/Type /Page ")
+    assert pages >= 1 + 3 + 1  # cover, three months (a month may run over a page), audit trail
+    by_accept = await billing.state["client"].get(
+        "/v1/practices/alpha/patients/p1/audit-packet", params={"from": "2025-03"},
+        headers={"Accept": "application/pdf",
+                 "Authorization": f"Bearer {billing.state['tokens']['alpha']}"})
+    assert by_accept.headers["content-type"] == "application/pdf"
+
+
+async def test_reading_a_packet_is_itself_in_the_audit_trail_and_in_the_next_packet(billing):
+    await year_of_history(billing)
+    path = "/v1/practices/alpha/patients/p1/audit-packet"
+    assert (await api(billing).get(path, params={"from": "2025-12"})).status_code == 200
+    # Audit entries carry the wall-clock time of the read: ask up to the current month.
+    now = datetime.now(UTC)
+    doc = (await api(billing).get(path, params={"from": "2025-01", "to": f"{now:%Y-%m}"})).json()
+    Bundle.model_validate(doc)
+    reads = [a for a in resources(doc, "AuditEvent").values()
+             if any(x.get("valueString") == "GET /v1/practices/{practice}/patients/{patient}/audit-packet"
+                    for x in a["extension"][0]["extension"])]
+    assert len(reads) == 1  # the earlier read; this one is recorded after its response
+    assert {"reference": "Patient/p1"} in [e["what"] for e in reads[0]["entity"]]
+    assert reads[0]["action"] == "R" and reads[0]["outcome"] == "0"
+
+
+async def test_time_log_is_locked_at_close_and_corrections_are_added_not_edited(billing):
+    await year_of_history(billing)
+    r = await api(billing).get("/v1/practices/alpha/patients/p1/time-log", params={"month": "2025-04"})
+    assert r.status_code == 200, r.text
+    log = r.json()
+    assert log["status"] == "closed" and log["lockedAt"] == "2025-05-02T15:00:00+00:00"
+    rows = {e["entry"]: e for e in log["entries"]}
+    assert rows["e4a"]["counted"] is True and rows["e4a"]["minutes"] == 25.0
+    assert rows["e4a"]["performer"] == "Practitioner/nurse-1" and rows["e4a"]["role"] == "staff"
+    assert rows["e4a"]["source"]["versionId"] == "1" and rows["e4a"]["corrections"] == []
+    # As filed at close, e4b counted (version 1); its reversal came later, as a correction.
+    assert rows["e4b"]["source"]["versionId"] == "1"
+    assert [c["versionId"] for c in rows["e4b"]["corrections"]] == ["2"]
+    assert rows["e4b"]["counted"] is False and rows["e4b"]["reason"] == "not-finished"
+    filings = log["filings"]
+    assert [f["revision"] for f in filings] == [0, 1]
+    assert filings[0]["reason"] == "closed" and "e4b" in filings[0]["counted"]
+    assert filings[1]["countedRemoved"] == ["e4b"] and filings[1]["codes"] == {"99490": 1}
+    assert filings[1]["codesBefore"] == {"99439": 1, "99490": 1}
+    assert log["totals"]["countedMinutes"] == 25
+    may = (await api(billing).get("/v1/practices/alpha/patients/p1/time-log",
+                                  params={"month": "2025-05"})).json()
+    assert [f["revision"] for f in may["filings"]] == [0]  # untouched months keep one filing
+
+
+async def test_time_log_of_an_open_month_is_live_and_unlocked(billing):
+    await deliver(billing, *ev.enrolled_patient("alpha", "p1"),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  cev.time_logged("alpha", "p1", "e1", 1300, "2025-03-03T10:00:00-05:00"))
+    log = (await api(billing).get("/v1/practices/alpha/patients/p1/time-log",
+                                  params={"month": "2025-03"})).json()
+    assert log["status"] == "open" and log["lockedAt"] is None and log["filings"] == []
+    assert log["entries"][0]["counted"] is True and log["entries"][0]["seconds"] == 1300
+
+
+async def consent_history(billing, *, renewal: int | None = 12) -> None:
+    """pa expiring, pb expired, pc revoked mid-February, pd voided, pe missing, pf declined."""
+    async with billing.db.unit_of_work() as uow:
+        pricing = {"model": "per-code", "rates": {"99490": "42.00", "99439": "33.33"}, "due_days": 30,
+                   "rules": {"consent_renewal_months": renewal}}
+        await uow.session.execute(update(practices).where(practices.c.id == "alpha")
+                                  .values(pricing=json.dumps(pricing)))
+        await uow.commit()
+    await deliver(
+        billing,
+        *(ev.patient("alpha", p) for p in ("pa", "pb", "pc", "pd", "pe", "pf")),
+        cev.consent("alpha", "pa", "ca", obtained="2024-04-10T10:00:00-04:00"),
+        cev.consent("alpha", "pb", "cb", obtained="2023-01-05T10:00:00-05:00"),
+        cev.consent("alpha", "pc", "cc", obtained="2024-12-01T10:00:00-05:00"),
+        cev.consent("alpha", "pc", "cc", status="inactive", obtained="2024-12-01T10:00:00-05:00",
+                    version=2, updated="2025-02-12T16:00:00Z", effective_until="2025-02-28"),
+        cev.consent("alpha", "pd", "cd", obtained="2024-12-01T10:00:00-05:00"),
+        cev.consent("alpha", "pd", "cd", status="entered-in-error", obtained="2024-12-01T10:00:00-05:00",
+                    version=2, updated="2025-03-02T16:00:00Z"),
+        cev.consent("alpha", "pf", "cf", status="rejected", obtained="2025-01-10T10:00:00-05:00",
+                    method="verbal"),
+    )
+
+
+async def test_consent_tracker_shows_each_state(billing):
+    await consent_history(billing)
+    r = await api(billing).get("/v1/practices/alpha/consents")
+    assert r.status_code == 200, r.text
+    states = {x["patient"]: x["state"] for x in r.json()["patients"]}
+    assert states == {"Patient/pa": "expiring", "Patient/pb": "expired", "Patient/pc": "revoked",
+                      "Patient/pd": "voided", "Patient/pe": "missing", "Patient/pf": "declined"}
+    rows = {x["patient"]: x for x in r.json()["patients"]}
+    assert rows["Patient/pa"]["expiresOn"] == "2025-04-10" and rows["Patient/pa"]["daysLeft"] == 21
+    assert rows["Patient/pc"]["effectiveUntil"] == "2025-02-28"
+    assert rows["Patient/pf"]["method"] == "verbal"
+    assert rows["Patient/pc"]["source"]["versionId"] == "2"
+    narrow = await api(billing).get("/v1/practices/alpha/consents", params={"state": "expiring", "within": 10})
+    assert narrow.json()["patients"] == []
+    some = await api(billing).get("/v1/practices/alpha/consents", params={"state": "revoked,voided"})
+    assert [x["patient"] for x in some.json()["patients"]] == ["Patient/pc", "Patient/pd"]
+    bad = await api(billing).get("/v1/practices/alpha/consents", params={"state": "lost"})
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+    exported = await api(billing).get("/v1/practices/alpha/consents.csv", params={"state": "all"})
+    assert exported.headers["content-type"].startswith("text/csv")
+    table = list(csv.DictReader(io.StringIO(exported.text)))
+    assert {x["patient"]: x["state"] for x in table}["Patient/pe"] == "missing"
+    assert {x["patient"]: x["sha256"] for x in table}["Patient/pc"] == hashlib.sha256(
+        b"Consent/cc/2").hexdigest()
+
+
+async def test_without_a_renewal_interval_consents_do_not_expire(billing):
+    await consent_history(billing, renewal=None)
+    states = {x["patient"]: x["state"] for x in
+              (await api(billing).get("/v1/practices/alpha/consents", params={"state": "all"})).json()["patients"]}
+    assert states["Patient/pa"] == "active" and states["Patient/pb"] == "active"
+
+
+async def test_consent_states_over_time_show_in_the_packet(billing):
+    await consent_history(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, tzinfo=UTC)
+
+    async def in_force(patient):
+        doc = (await api(billing).get(f"/v1/practices/alpha/patients/{patient}/audit-packet",
+                                      params={"from": "2025-01", "to": "2025-04"})).json()
+        Bundle.model_validate(doc)
+        by_ref = {f"{e['resource']['resourceType']}/{e['resource']['id']}": e["resource"]
+                  for e in doc["entry"]}
+        lists = sorted(resources(doc, "List").values(), key=lambda x: x["title"])
+        out = []
+        for listing in lists:
+            consents = [by_ref[x["item"]["reference"]] for x in listing["entry"]
+                        if x["item"]["reference"].startswith("Consent/")]
+            out.append([c["status"] for c in consents])
+        return out, by_ref
+
+    # Revoked on Feb 12: in force through February (the month end), not in March.
+    months, by_ref = await in_force("pc")
+    assert months == [["inactive"]] * 4
+    assert by_ref["Consent/cc"]["provision"]["period"]["end"] == "2025-02-28"
+    packet_pdf = await api(billing).get("/v1/practices/alpha/patients/pc/audit-packet",
+                                        params={"from": "2025-01", "to": "2025-04", "format": "pdf"})
+    assert packet_pdf.status_code == 200
+    # The in-force rule itself, month by month, as the packet states it.
+    from ccm_billing.compliance.records import consent_facts
+    from ccm_billing.service_layer.common import practice_info
+    async with billing.db.unit_of_work() as uow:
+        info = await practice_info(uow.session, "alpha")
+        facts = await consent_facts(uow.session, info)
+    verdict = {p: [domain.in_force(f, Month.parse(m), renewal_months=12)[0]
+                   for m in ("2025-01", "2025-02", "2025-03", "2025-04", "2025-05")]
+               for p, ((f, _),) in facts.items()}
+    assert verdict["pc"] == [True, True, False, False, False]
+    assert verdict["pd"] == [False] * 5  # voided: never valid
+    assert verdict["pf"] == [False] * 5  # declined
+    assert verdict["pa"] == [True, True, True, True, False]  # expires 2025-04-10
+    assert verdict["pb"] == [False] * 5  # expired 2024-01-05
+
+
+async def test_packet_requests_outside_the_practice_answer_404(billing):
+    await year_of_history(billing)
+    beta = api(billing, "beta")
+    r = await beta.get("/v1/practices/alpha/patients/p1/audit-packet", params={"from": "2025-01"})
+    assert r.status_code == 404
+    r = await beta.get("/v1/practices/beta/patients/p1/audit-packet", params={"from": "2025-01"})
+    assert r.status_code == 404
+    r = await beta.get("/v1/practices/alpha/patients/p1/time-log", params={"month": "2025-01"})
+    assert r.status_code == 404
+    assert (await beta.get("/v1/practices/alpha/consents")).status_code == 404
+    r = await api(billing).get("/v1/practices/alpha/patients/nobody/audit-packet", params={"from": "2025-01"})
+    assert r.status_code == 404
+
+
+async def test_bad_ranges_are_422(billing):
+    await year_of_history(billing)
+    path = "/v1/practices/alpha/patients/p1/audit-packet"
+    for params in ({"from": "2025-13"}, {"from": "2025-05", "to": "2025-04"},
+                   {"from": "2020-01", "to": "2025-01"}):
+        r = await api(billing).get(path, params=params)
+        assert r.status_code == 422, params
+    assert (await api(billing).get(path)).status_code == 422  # from is required
+
+
+def test_add_months_clamps_to_the_month_end():
+    from datetime import date
+    assert domain.add_months(date(2024, 1, 31), 1) == date(2024, 2, 29)
+    assert domain.add_months(date(2024, 12, 15), 12) == date(2025, 12, 15)
+
+
+def test_an_active_consent_wins_over_an_older_revoked_one():
+    from datetime import date
+    old = domain.ConsentFact("a", "inactive", "permit", date(2023, 1, 1), date(2023, 6, 30))
+    new = domain.ConsentFact("b", "active", "permit", date(2024, 1, 1))
+    assert domain.standing([old, new], date(2025, 1, 1)).state == "active"
+    assert domain.standing([old], date(2025, 1, 1)).state == "revoked"
+    assert domain.standing([], date(2025, 1, 1)).state == "missing"
