@@ -17,8 +17,8 @@ class BillingSettings(BaseSettings):
         300.0, gt=0, description="How often threshold alerts and overdue invoices are checked"
     )
 
-    consent_renewal_months: int | None = Field(
-        None, ge=1, description="Consent renewal interval in months (none: consents do not expire); "
+    consent_renewal_months: int = Field(
+        0, ge=0, description="Consent renewal interval in months (0: consents do not expire); "
         "a practice overrides it with pricing rules.consent_renewal_months"
     )
     consent_expiring_days: int = Field(
