@@ -37,6 +37,9 @@ def api(runtime, practice="alpha"):
         async def post(self, path, **kw):
             return await client.post(path, headers=headers, **kw)
 
+        async def put(self, path, **kw):
+            return await client.put(path, headers=headers, **kw)
+
     return Api()
 
 

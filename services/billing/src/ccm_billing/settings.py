@@ -17,6 +17,16 @@ class BillingSettings(BaseSettings):
         300.0, gt=0, description="How often threshold alerts and overdue invoices are checked"
     )
 
+    ehr_push_interval_seconds: float = Field(
+        10.0, gt=0, description="How often due EHR pushes of Invoices are sent"
+    )
+    ehr_push_max_attempts: int = Field(8, ge=1, description="Attempts before a push is marked failed")
+    ehr_push_backoff_seconds: float = Field(
+        30.0, gt=0, description="First retry delay of a failed EHR push; doubles per attempt"
+    )
+    ehr_push_backoff_max_seconds: float = Field(3600.0, gt=0, description="Largest retry delay")
+    ehr_push_timeout_seconds: float = Field(15.0, gt=0, description="HTTP timeout of one push")
+
     consent_renewal_months: int = Field(
         0, ge=0, description="Consent renewal interval in months (0: consents do not expire); "
         "a practice overrides it with pricing rules.consent_renewal_months"

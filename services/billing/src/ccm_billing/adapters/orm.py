@@ -175,9 +175,38 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
     return t
 
 
+def add_ehr_tables(metadata: MetaData) -> dict[str, Table]:
+    """Version 3: pushing Invoices and ChargeItems to a practice's EHR (migration billing_0004)."""
+    return {
+        "ehr_endpoints": Table(
+            "ehr_endpoints", metadata,
+            Column("practice", String(TENANT), primary_key=True),
+            Column("base_url", String(500), nullable=False),
+            Column("authorization", Text, nullable=True),  # sent as the Authorization header
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+        ),
+        "ehr_deliveries": Table(
+            "ehr_deliveries", metadata,
+            Column("id", String(36), primary_key=True),
+            Column("practice", String(TENANT), nullable=False),
+            Column("invoice_id", String(REF_ID), nullable=False),
+            Column("status", String(12), nullable=False),  # pending | delivered | failed
+            Column("attempts", Integer, nullable=False, default=0),
+            Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+            Column("last_status", Integer, nullable=True),
+            Column("last_error", String(300), nullable=True),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            Column("delivered_at", DateTime(timezone=True), nullable=True),
+            Index("ix_ehr_deliveries_due", "status", "next_attempt_at"),
+            Index("ix_ehr_deliveries_practice", "practice", "created_at"),
+        ),
+    }
+
+
 metadata = MetaData()
 outbox, inbox, event_sequences = add_messaging_tables(metadata)
 tables = add_billing_tables(metadata)
+tables.update(add_ehr_tables(metadata))
 time_entries = tables["time_entries"]
 consents = tables["consents"]
 care_plans = tables["care_plans"]
@@ -195,3 +224,5 @@ compliance = add_compliance_tables(metadata)
 source_versions = compliance["source_versions"]
 decision_filings = compliance["decision_filings"]
 care_plan_reviews = compliance["care_plan_reviews"]
+ehr_endpoints = tables["ehr_endpoints"]
+ehr_deliveries = tables["ehr_deliveries"]

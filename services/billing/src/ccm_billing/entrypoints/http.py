@@ -13,7 +13,7 @@ from sqlalchemy import insert, select
 
 from ccm_billing.adapters import fhir, orm
 from ccm_billing.domain.model import Month
-from ccm_billing.service_layer import invoicing, worklist
+from ccm_billing.service_layer import ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.corrections import recompute
 from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
@@ -36,6 +36,15 @@ class PaymentIn(BaseModel):
     date: date
     reference: str | None = Field(None, max_length=200, description="Check or transfer reference; "
                                   "repeating a reference with the same details is a no-op")
+
+
+class EhrEndpointIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    baseUrl: str = Field(max_length=500, description="FHIR R4 base URL of the practice's EHR")
+    authorization: str | None = Field(
+        None, max_length=2000, description="Authorization header value sent with each push "
+        "(e.g. 'Bearer …'); never shown again")
 
 
 class DuplicateResolution(BaseModel):
@@ -177,6 +186,74 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             changed = await recompute(uow, practice, str(mo), reason, runtime.clock())
             await uow.commit()
         return {"month": str(mo), "reissued": changed}
+
+    # -- EHR push ------------------------------------------------------------------------------
+
+    @router.put("/v1/practices/{practice}/ehr-endpoint",
+                summary="Set the EHR FHIR endpoint Invoices and ChargeItems are pushed to")
+    async def put_ehr_endpoint(practice: str, tenant: TenantDep, body: EhrEndpointIn) -> dict:
+        tenant.require_practice(practice)
+        url = ehr.validate_base_url(body.baseUrl)
+        e = orm.ehr_endpoints
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(e.delete().where(e.c.practice == practice))
+            await uow.session.execute(e.insert().values(
+                practice=practice, base_url=url, authorization=body.authorization,
+                updated_at=runtime.clock()))
+            await uow.commit()
+        return {"baseUrl": url, "hasAuthorization": body.authorization is not None}
+
+    @router.get("/v1/practices/{practice}/ehr-endpoint", summary="The practice's EHR endpoint")
+    async def get_ehr_endpoint(practice: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        e = orm.ehr_endpoints
+        async with db.unit_of_work() as uow:
+            row = (await uow.session.execute(select(e).where(e.c.practice == practice))).first()
+        if row is None:
+            raise NotFound("no EHR endpoint configured")
+        return {"baseUrl": row.base_url, "hasAuthorization": row.authorization is not None}
+
+    @router.delete("/v1/practices/{practice}/ehr-endpoint", status_code=204,
+                   summary="Stop pushing to the EHR")
+    async def delete_ehr_endpoint(practice: str, tenant: TenantDep) -> Response:
+        tenant.require_practice(practice)
+        e = orm.ehr_endpoints
+        async with db.unit_of_work() as uow:
+            await uow.session.execute(e.delete().where(e.c.practice == practice))
+            await uow.commit()
+        return Response(status_code=204)
+
+    @router.get("/v1/practices/{practice}/ehr-deliveries", summary="Delivery log of EHR pushes")
+    async def list_deliveries(
+        practice: str, tenant: TenantDep,
+        status: Annotated[Literal["pending", "delivered", "failed"] | None, Query()] = None,
+    ) -> dict:
+        tenant.require_practice(practice)
+        d = orm.ehr_deliveries
+        stmt = select(d).where(d.c.practice == practice).order_by(d.c.created_at, d.c.id)
+        if status is not None:
+            stmt = stmt.where(d.c.status == status)
+        async with db.unit_of_work() as uow:
+            rows = (await uow.session.execute(stmt)).all()
+        return {"deliveries": [ehr.delivery_view(r) for r in rows]}
+
+    @router.post("/v1/practices/{practice}/ehr-deliveries/{delivery_id}/retry",
+                 summary="Send a failed push again")
+    async def retry_delivery(practice: str, delivery_id: str, tenant: TenantDep) -> dict:
+        tenant.require_practice(practice)
+        d = orm.ehr_deliveries
+        async with db.unit_of_work() as uow:
+            row = (await uow.session.execute(select(d).where(
+                d.c.id == delivery_id, d.c.practice == practice))).first()
+            if row is None:
+                raise NotFound(f"delivery {delivery_id!r} not found")
+            if row.status != "failed":
+                raise Conflict(f"delivery is {row.status}; only failed deliveries are retried")
+            await uow.session.execute(d.update().where(d.c.id == delivery_id).values(
+                status="pending", attempts=0, next_attempt_at=runtime.clock()))
+            await uow.commit()
+            row = (await uow.session.execute(select(d).where(d.c.id == delivery_id))).first()
+        return ehr.delivery_view(row)
 
     # -- FHIR reads ----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import asyncio
 import structlog
 
 from ccm_billing.service_layer.common import all_practices
+from ccm_billing.service_layer.ehr import deliver_due
 from ccm_billing.service_layer.invoicing import mark_overdue
 from ccm_billing.service_layer.worklist import send_threshold_alerts
 from ccm_shared.service import BackgroundJob
@@ -43,4 +44,22 @@ def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001
             except TimeoutError:
                 pass
 
-    return [BackgroundJob("billing-scheduler", scheduler)]
+    async def ehr_push(stopping: asyncio.Event) -> None:
+        settings = runtime.service_settings()
+        while not stopping.is_set():
+            try:
+                await deliver_due(
+                    runtime.db, runtime.clock(), transport=runtime.state.get("ehr_transport"),
+                    max_attempts=settings.ehr_push_max_attempts,
+                    backoff=settings.ehr_push_backoff_seconds,
+                    backoff_max=settings.ehr_push_backoff_max_seconds,
+                    timeout=settings.ehr_push_timeout_seconds,
+                )
+            except Exception as exc:  # noqa: BLE001 - deliveries stay pending; retried next pass
+                log.error("ehr push pass failed", error=type(exc).__name__)
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=settings.ehr_push_interval_seconds)
+            except TimeoutError:
+                pass
+
+    return [BackgroundJob("billing-scheduler", scheduler), BackgroundJob("billing-ehr-push", ehr_push)]

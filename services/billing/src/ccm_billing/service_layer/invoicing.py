@@ -28,6 +28,7 @@ from ccm_billing.service_layer.common import (
     practice_info,
 )
 from ccm_billing.service_layer.decisions import decide_month_with_facts
+from ccm_billing.service_layer.ehr import queue_delivery
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import Conflict, InvalidInput, NotFound
 from ccm_shared.events import CloudEvent
@@ -152,6 +153,7 @@ async def issue_invoice(
     await bulk_insert(uow.session, orm.charge_items, items)
     await uow.session.execute(insert(orm.invoices).values(**row))
     await _publish_invoice(uow, "billing.invoice.issued.v1", row, resource, now)
+    await queue_delivery(uow, info.id, inv_id, now)
     return row
 
 
@@ -263,11 +265,14 @@ async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | N
             resource=json.dumps(resource, separators=(",", ":")),
         )
     )
-    await uow.session.execute(
-        update(ci).where(ci.c.invoice_id == row.id).values(status="entered-in-error")
-    )
+    for item_id, item in (await uow.session.execute(
+            select(ci.c.id, ci.c.resource).where(ci.c.invoice_id == row.id))).all():
+        voided = {**json.loads(item), "status": "entered-in-error"}
+        await uow.session.execute(update(ci).where(ci.c.id == item_id).values(
+            status="entered-in-error", resource=json.dumps(voided, separators=(",", ":"))))
     data = {**row._asdict(), "cancel_reason": reason, "replaced_by": replaced_by}
     await _publish_invoice(uow, "billing.invoice.cancelled.v1", data, resource, now)
+    await queue_delivery(uow, row.practice, row.id, now)
 
 
 # -- payments and overdue ----------------------------------------------------------------------

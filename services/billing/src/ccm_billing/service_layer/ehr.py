@@ -1,0 +1,125 @@
+"""Pushing Invoices and their ChargeItems to a practice's EHR FHIR endpoint.
+
+A delivery row is written in the same transaction that issues or cancels the Invoice (so a push
+is never lost and never precedes the commit); a background job sends due deliveries as one FHIR
+transaction Bundle of PUTs (idempotent at the EHR), outside any database transaction, retrying
+with exponential backoff. The delivery log records attempts, HTTP status and error class only
+(never response bodies, which may carry PHI). A failed push leaves the Invoice untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+from sqlalchemy import select, update
+
+from ccm_billing.adapters import orm
+from ccm_shared.db import Database, UnitOfWork
+from ccm_shared.errors import InvalidInput
+
+log = structlog.get_logger(__name__)
+
+
+def validate_base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+        raise InvalidInput("baseUrl must be an http(s) FHIR base URL without query or fragment, "
+                           "e.g. https://ehr.example.org/fhir/R4", expression=["baseUrl"])
+    return url.rstrip("/")
+
+
+async def queue_delivery(uow: UnitOfWork, practice: str, invoice_id: str, now: datetime) -> bool:
+    """Queue a push of the invoice when the practice has an EHR endpoint."""
+    e = orm.ehr_endpoints
+    endpoint = (await uow.session.execute(select(e.c.practice).where(e.c.practice == practice))).first()
+    if endpoint is None:
+        return False
+    await uow.session.execute(orm.ehr_deliveries.insert().values(
+        id=str(uuid.uuid4()), practice=practice, invoice_id=invoice_id, status="pending",
+        attempts=0, next_attempt_at=now, created_at=now))
+    return True
+
+
+def transaction_bundle(invoice: dict, charge_items: list[dict]) -> dict:
+    entries = [
+        {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r,
+         "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+        for r in [*charge_items, invoice]
+    ]
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+async def _load(db: Database, delivery_id: str):  # noqa: ANN202
+    d, e, i, ci = orm.ehr_deliveries, orm.ehr_endpoints, orm.invoices, orm.charge_items
+    async with db.unit_of_work() as uow:
+        row = (await uow.session.execute(select(d).where(d.c.id == delivery_id))).first()
+        endpoint = (await uow.session.execute(select(e).where(e.c.practice == row.practice))).first()
+        invoice = (await uow.session.execute(select(i.c.resource).where(i.c.id == row.invoice_id))).scalar()
+        items = (await uow.session.execute(select(ci.c.resource).where(ci.c.invoice_id == row.invoice_id)
+                                           .order_by(ci.c.id))).scalars().all()
+    return row, endpoint, json.loads(invoice), [json.loads(x) for x in items]
+
+
+async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBaseTransport | None = None,
+                      max_attempts: int = 8, backoff: float = 30.0, backoff_max: float = 3600.0,
+                      timeout: float = 15.0, limit: int = 50) -> dict[str, int]:
+    """Send the deliveries that are due; returns counts by outcome."""
+    d = orm.ehr_deliveries
+    async with db.unit_of_work() as uow:
+        due = (await uow.session.execute(
+            select(d.c.id).where(d.c.status == "pending", d.c.next_attempt_at <= now)
+            .order_by(d.c.next_attempt_at).limit(limit))).scalars().all()
+    counts = {"delivered": 0, "retrying": 0, "failed": 0}
+    if not due:
+        return counts
+    async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+        for delivery_id in due:
+            row, endpoint, invoice, items = await _load(db, delivery_id)
+            status, error = None, None
+            if endpoint is None:
+                error = "endpoint removed"
+            else:
+                headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
+                if endpoint.authorization:
+                    headers["Authorization"] = endpoint.authorization
+                try:
+                    response = await client.post(endpoint.base_url, headers=headers,
+                                                 content=json.dumps(transaction_bundle(invoice, items)))
+                    status = response.status_code
+                    if not response.is_success:
+                        error = f"HTTP {status}"
+                except httpx.HTTPError as exc:
+                    error = type(exc).__name__
+            attempts = row.attempts + 1
+            if error is None:
+                values = {"status": "delivered", "delivered_at": now, "last_error": None}
+                counts["delivered"] += 1
+            elif attempts >= max_attempts or endpoint is None:
+                values = {"status": "failed", "last_error": error}
+                counts["failed"] += 1
+            else:
+                delay = min(backoff * 2 ** (attempts - 1), backoff_max)
+                values = {"last_error": error, "next_attempt_at": now + timedelta(seconds=delay)}
+                counts["retrying"] += 1
+            async with db.unit_of_work() as uow:
+                await uow.session.execute(update(d).where(d.c.id == delivery_id).values(
+                    attempts=attempts, last_status=status, **values))
+                await uow.commit()
+            log.info("ehr push", practice=row.practice, outcome=values.get("status", "retrying"),
+                     http_status=status, attempts=attempts)
+    return counts
+
+
+def delivery_view(row) -> dict:  # noqa: ANN001
+    return {
+        "id": row.id, "invoiceId": row.invoice_id, "status": row.status, "attempts": row.attempts,
+        "nextAttemptAt": row.next_attempt_at.isoformat() if row.status == "pending" else None,
+        "lastStatus": row.last_status, "lastError": row.last_error,
+        "createdAt": row.created_at.isoformat(),
+        "deliveredAt": row.delivered_at.isoformat() if row.delivered_at else None,
+    }

@@ -1,0 +1,95 @@
+"""Pushing Invoices and ChargeItems to a practice's EHR: queued with the Invoice, sent as a FHIR
+transaction Bundle, retried with backoff, logged; a failed push never loses the Invoice."""
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import httpx
+
+from ccm_billing.service_layer.ehr import deliver_due
+from tests.unit.billing.test_billing_flow import api, march_practice
+
+
+class Ehr:
+    """The practice's EHR as an httpx transport: answers from a script, records requests."""
+
+    def __init__(self, *statuses):
+        self.statuses = list(statuses)
+        self.requests = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        status = self.statuses.pop(0) if self.statuses else 200
+        if status == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(status, json={"resourceType": "Bundle", "type": "transaction-response"})
+
+
+async def test_invoice_push_retries_with_backoff_and_is_logged(billing):
+    a = api(billing)
+    bad = await a.put("/v1/practices/alpha/ehr-endpoint", json={"baseUrl": "ftp://ehr"})
+    assert bad.status_code == 422
+    r = await a.put("/v1/practices/alpha/ehr-endpoint",
+                    json={"baseUrl": "https://ehr.example.org/fhir/", "authorization": "Bearer s3cret"})
+    assert r.json() == {"baseUrl": "https://ehr.example.org/fhir", "hasAuthorization": True}
+    assert "s3cret" not in (await a.get("/v1/practices/alpha/ehr-endpoint")).text
+    await march_practice(billing)
+    now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    billing.state["clock"].now = now
+    inv = (await a.post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    ehr = Ehr("down", 503, 200)
+    transport = httpx.MockTransport(ehr)
+
+    assert await deliver_due(billing.db, now, transport=transport, backoff=30) == {
+        "delivered": 0, "retrying": 1, "failed": 0}
+    log = (await a.get("/v1/practices/alpha/ehr-deliveries")).json()["deliveries"]
+    assert log[0]["status"] == "pending" and log[0]["lastError"] == "ConnectError"
+    assert (await a.get(f"/fhir/Invoice/{inv['id']}")).json()["status"] == "issued"  # never lost
+    # Not due again before the backoff has passed.
+    assert (await deliver_due(billing.db, now + timedelta(seconds=29), transport=transport))[
+        "retrying"] == 0
+    assert (await deliver_due(billing.db, now + timedelta(seconds=31), transport=transport,
+                              backoff=30))["retrying"] == 1
+    assert (await deliver_due(billing.db, now + timedelta(seconds=200), transport=transport))[
+        "delivered"] == 1
+    log = (await a.get("/v1/practices/alpha/ehr-deliveries")).json()["deliveries"]
+    assert (log[0]["status"], log[0]["attempts"], log[0]["lastStatus"]) == ("delivered", 3, 200)
+    sent = ehr.requests[-1]
+    assert str(sent.url) == "https://ehr.example.org/fhir"
+    assert sent.headers["authorization"] == "Bearer s3cret"
+    bundle = json.loads(sent.content)
+    assert bundle["type"] == "transaction"
+    urls = [e["request"]["url"] for e in bundle["entry"]]
+    assert urls[-1] == f"Invoice/{inv['id']}" and len(urls) == 3  # two ChargeItems, the Invoice
+    assert all(e["request"]["method"] == "PUT" for e in bundle["entry"])
+
+
+async def test_a_push_that_keeps_failing_is_marked_failed_and_can_be_retried(billing):
+    a = api(billing)
+    await a.put("/v1/practices/alpha/ehr-endpoint", json={"baseUrl": "https://ehr.example.org/fhir"})
+    await march_practice(billing)
+    now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    billing.state["clock"].now = now
+    await a.post("/v1/practices/alpha/billing-periods/2025-03/close")
+    transport = httpx.MockTransport(Ehr(500, 500))
+    await deliver_due(billing.db, now, transport=transport, max_attempts=2, backoff=1)
+    result = await deliver_due(billing.db, now + timedelta(seconds=5), transport=transport,
+                               max_attempts=2, backoff=1)
+    assert result["failed"] == 1
+    failed = (await a.get("/v1/practices/alpha/ehr-deliveries", params={"status": "failed"})).json()
+    delivery = failed["deliveries"][0]
+    assert delivery["lastError"] == "HTTP 500"
+    other = api(billing, "beta")
+    assert (await other.post(f"/v1/practices/alpha/ehr-deliveries/{delivery['id']}/retry")).status_code == 404
+    retried = await a.post(f"/v1/practices/alpha/ehr-deliveries/{delivery['id']}/retry")
+    assert retried.json()["status"] == "pending" and retried.json()["attempts"] == 0
+    assert (await deliver_due(billing.db, now + timedelta(seconds=6),
+                              transport=httpx.MockTransport(Ehr(200))))["delivered"] == 1
+
+
+async def test_no_endpoint_no_push(billing):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert (await api(billing).get("/v1/practices/alpha/ehr-deliveries")).json() == {"deliveries": []}
+    assert (await api(billing).get("/v1/practices/alpha/ehr-endpoint")).status_code == 404
