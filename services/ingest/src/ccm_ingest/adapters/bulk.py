@@ -1,59 +1,63 @@
-"""Many rows in one go inside the session's transaction.
+"""Many rows of several tables in one statement, inside the session's transaction.
 
-On PostgreSQL the rows go straight to asyncpg on the session's own connection (so inside its
-transaction): COPY for a large batch (one fixed-cost exchange, no per-row SQL), else one
-prepared INSERT whose text never changes (asyncpg prepares it once per connection). This skips
-SQLAlchemy's per-statement compile and parameter processing, which cost more than the database
-on the write path. Elsewhere (SQLite, embedded mode) an executemany INSERT.
-
-(billing has a COPY helper of the same kind; a candidate for ccm_shared.)
+On PostgreSQL every table's rows travel as one array per column and one statement inserts them
+all: ``WITH a AS (INSERT … SELECT * FROM unnest($1::text[], …)), … INSERT … unnest(…)``. The
+text depends only on the tables and columns, so asyncpg prepares it once per connection, and
+it goes through SQLAlchemy's lowest level (``exec_driver_sql``: no compile, and the unit of
+work's transaction begins as with any statement). One round trip and no per-row SQL, whether
+the batch is one resource or a Bundle of a thousand. Elsewhere (SQLite, embedded mode) one
+executemany INSERT per table.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Table, insert
+from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-COPY_FROM_ROWS = 16  # below this, a prepared INSERT is cheaper than COPY's extra round trips
+_PG_ARRAY_TYPES = ((BigInteger, "bigint"), (Integer, "int"), (Boolean, "bool"),
+                   (DateTime, "timestamptz"), (String, "text"))
 
 
-async def driver_connection(session: AsyncSession) -> tuple[Any, str | None]:
-    """(the asyncpg connection of the session's transaction, the schema its tables live in)."""
+def _pg_type(table: Table, column: str) -> str:
+    kind = table.c[column].type
+    return next(name for cls, name in _PG_ARRAY_TYPES if isinstance(kind, cls))
+
+
+async def service_schema(session: AsyncSession) -> str | None:
+    """The schema the session's tables live in (the engine's schema_translate_map)."""
     conn = await session.connection()
-    options = conn.sync_connection.get_execution_options()
-    schema = (options.get("schema_translate_map") or {}).get(None)
-    raw = (await conn.get_raw_connection()).driver_connection
-    if not raw.is_in_transaction():
-        # SQLAlchemy sends BEGIN lazily, with its first statement: make it now, or these rows
-        # would commit on their own (autocommit) instead of with the unit of work.
-        await conn.exec_driver_sql("SELECT 1")
-        if not raw.is_in_transaction():
-            raise RuntimeError("no transaction is open on the session's connection")
-    return raw, schema
+    return (conn.sync_connection.get_execution_options().get("schema_translate_map")
+            or {}).get(None)
 
 
 def qualified(schema: str | None, table: str) -> str:
     return f'"{schema}"."{table}"' if schema else f'"{table}"'
 
 
-async def bulk_insert(session: AsyncSession, table: Table, rows: list[dict[str, Any]]) -> None:
-    """Insert ``rows`` (dicts with the same keys, values of the columns' Python types) in
-    order."""
-    if not rows:
+async def insert_all(session: AsyncSession,
+                     batches: list[tuple[Table, list[dict[str, Any]]]]) -> None:
+    """Insert each table's rows (dicts with the same keys), in order, tables in list order."""
+    batches = [(table, rows) for table, rows in batches if rows]
+    if not batches:
         return
     if session.bind.dialect.name != "postgresql":
-        await session.execute(insert(table), rows)
+        for table, rows in batches:
+            await session.execute(insert(table), rows)
         return
-    raw, schema = await driver_connection(session)
-    columns = list(rows[0])
-    records = [tuple(r[c] for c in columns) for r in rows]
-    if len(rows) >= COPY_FROM_ROWS:
-        await raw.copy_records_to_table(table.name, records=records, columns=columns,
-                                        schema_name=schema)
-        return
-    names = ", ".join(f'"{c}"' for c in columns)
-    marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
-    await raw.executemany(f"INSERT INTO {qualified(schema, table.name)} ({names}) "
-                          f"VALUES ({marks})", records)
+    schema = await service_schema(session)
+    parts: list[str] = []
+    params: list[list[Any]] = []
+    for table, rows in batches:
+        columns = list(rows[0])
+        arrays = ", ".join(f"${len(params) + n}::{_pg_type(table, c)}[]"
+                           for n, c in enumerate(columns, start=1))
+        params += [[row[c] for row in rows] for c in columns]
+        names = ", ".join(f'"{c}"' for c in columns)
+        parts.append(f"INSERT INTO {qualified(schema, table.name)} ({names}) "
+                     f"SELECT * FROM unnest({arrays})")
+    *first, last = parts
+    sql = ("WITH " + ", ".join(f"w{n} AS ({p})" for n, p in enumerate(first)) + " " + last
+           if first else last)
+    await (await session.connection()).exec_driver_sql(sql, tuple(params))

@@ -1,5 +1,6 @@
-"""Many outbox rows in a few statements: one sequence upsert for every patient of the batch and
-one multi-row insert, instead of two statements per event (``Outbox.add``).
+"""Outbox rows for many events: one sequence upsert for every patient of the batch, and rows
+the caller inserts with its own (``bulk.insert_all``), instead of two statements per event
+(``Outbox.add``).
 
 The rows are exactly what ``ccm_shared.outbox.Outbox.add`` writes (same table, same columns,
 same per-(tenant, subject) sequence counter, the same correlation id), so the relay and every
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ccm_ingest.adapters.bulk import bulk_insert, driver_connection, qualified
-from ccm_ingest.adapters.orm import event_sequences, outbox
+from ccm_ingest.adapters.bulk import qualified, service_schema
+from ccm_ingest.adapters.orm import event_sequences
 from ccm_shared.events import CloudEvent
 from ccm_shared.observability import current_correlation_id
 
@@ -31,14 +33,14 @@ async def reserve_sequences(session: AsyncSession, tenant: str,
         return {}
     subjects = sorted(wanted)
     if session.bind.dialect.name == "postgresql":
-        raw, schema = await driver_connection(session)
-        table = qualified(schema, event_sequences.name)
-        rows = await raw.fetch(
+        table = qualified(await service_schema(session), event_sequences.name)
+        conn = await session.connection()
+        rows = (await conn.exec_driver_sql(
             f"INSERT INTO {table} AS s (tenant, subject, last) "
             "SELECT $1, u.subject, u.n FROM unnest($2::text[], $3::bigint[]) AS u(subject, n) "
             "ON CONFLICT (tenant, subject) DO UPDATE SET last = s.last + excluded.last "
             "RETURNING s.subject, s.last",
-            tenant, subjects, [wanted[s] for s in subjects])
+            (tenant, subjects, [wanted[s] for s in subjects]))).all()
     else:
         stmt = sqlite.insert(event_sequences).values(
             [{"tenant": tenant, "subject": s, "last": wanted[s]} for s in subjects])
@@ -50,12 +52,12 @@ async def reserve_sequences(session: AsyncSession, tenant: str,
     return {row[0]: row[1] - wanted[row[0]] + 1 for row in rows}
 
 
-async def add_events(session: AsyncSession, tenant: str,
-                     events: list[CloudEvent]) -> list[CloudEvent]:
-    """Record ``events`` (all of ``tenant``, in this order) for publication on their own
-    topics when the unit of work commits; patient events get their patient's next sequences."""
+async def stage_events(session: AsyncSession, tenant: str, events: list[CloudEvent],
+                       ) -> tuple[list[CloudEvent], list[dict[str, Any]]]:
+    """``events`` (all of ``tenant``, in this order) with their patients' next sequence numbers
+    reserved, and the outbox rows that publish them on their own topics after commit."""
     if not events:
-        return []
+        return [], []
     subjects = Counter(e.subject or "" for e in events if e.sequence is None and e.patient)
     first = await reserve_sequences(session, tenant, dict(subjects))
     cid = current_correlation_id()
@@ -70,9 +72,9 @@ async def add_events(session: AsyncSession, tenant: str,
             updates["correlationid"] = cid
         stored.append(event.model_copy(update=updates) if updates else event)
     created = datetime.now(UTC)
-    await bulk_insert(session, outbox, [{
+    return stored, [{
         "event_id": e.id, "tenant": e.tenant, "topic": e.type, "key": e.kafka_key(),
         "event_type": e.type, "payload": e.to_json().decode(),
         "correlation_id": e.correlationid, "created_at": created,
-    } for e in stored])
-    return stored
+    } for e in stored]
+

@@ -11,10 +11,11 @@ from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ccm_ingest.adapters.bulk import bulk_insert
+from ccm_ingest.adapters.bulk import insert_all
 from ccm_ingest.adapters.orm import (
     conditional_creates,
     ingest_configs,
+    outbox,
     resource_identifiers,
     resource_versions,
     resources,
@@ -115,23 +116,28 @@ class SqlResourceRepository:
                    resource_versions.c.version_id).in_(keys)))).all()
         return {(r.type, r.id, r.version_id): _version(r) for r in rows}
 
-    async def add_versions(self, versions: list[VersionRow], connection: str | None) -> None:
-        if versions:
-            await bulk_insert(self.session, resource_versions, [{
+    async def insert_batch(self, versions: list[VersionRow], connection: str | None,
+                           new_rows: list[dict[str, Any]],
+                           identifiers: list[tuple[str, str, str, str]],
+                           outbox_rows: list[dict[str, Any]]) -> None:
+        """Versions, new ``resources`` rows (server-assigned UUIDs nobody can hold yet),
+        identifiers (type, id, system, value) and outbox rows: one statement on PostgreSQL."""
+        await insert_all(self.session, [
+            (resource_versions, [{
                 "tenant": self.tenant, "type": v.type, "id": v.id, "version_id": v.version_id,
                 "resource": None if v.resource is None
                 else json.dumps(v.resource, separators=(",", ":")),
                 "sha256": v.sha256, "last_updated": v.last_updated,
                 "received_at": v.received_at, "connection": connection,
                 "deleted": v.resource is None, "applied": v.applied,
-            } for v in versions])
-
-    async def insert_rows(self, rows: list[dict[str, Any]]) -> None:
-        """New ``resources`` rows (ids nobody can hold yet: server-assigned UUIDs)."""
-        if rows:
-            await bulk_insert(self.session, resources, [
-                {**r, "tenant": self.tenant, "ccm_state": json.dumps(r["ccm_state"])}
-                for r in rows])
+            } for v in versions]),
+            (resources, [{**r, "tenant": self.tenant, "ccm_state": json.dumps(r["ccm_state"])}
+                         for r in new_rows]),
+            (resource_identifiers, [
+                {"tenant": self.tenant, "type": t, "id": i, "system": s, "value": v}
+                for t, i, s, v in identifiers]),
+            (outbox, outbox_rows),
+        ])
 
     async def update_rows(self, rows: list[dict[str, Any]]) -> None:
         """Set the current version of existing rows; every dict has the same keys."""
@@ -146,16 +152,12 @@ class SqlResourceRepository:
             **{c: json.dumps(r[c]) if c == "ccm_state" else r[c] for c in columns},
             "k_tenant": self.tenant, "k_type": r["type"], "k_id": r["id"]} for r in rows])
 
-    async def replace_identifiers_many(self, replaced: list[tuple[str, str]],
-                                       rows: list[tuple[str, str, str, str]]) -> None:
-        """Drop the identifiers of ``replaced`` (type, id), add ``rows`` (type, id, sys, val)."""
-        if replaced:
+    async def drop_identifiers(self, keys: list[tuple[str, str]]) -> None:
+        """Forget the identifiers of resources (type, id) whose current version changes."""
+        if keys:
             await self.session.execute(delete(resource_identifiers).where(
                 resource_identifiers.c.tenant == self.tenant,
-                tuple_(resource_identifiers.c.type, resource_identifiers.c.id).in_(replaced)))
-        await bulk_insert(self.session, resource_identifiers, [
-            {"tenant": self.tenant, "type": t, "id": i, "system": s, "value": v}
-            for t, i, s, v in rows])
+                tuple_(resource_identifiers.c.type, resource_identifiers.c.id).in_(keys)))
 
     async def set_current(self, rtype: str, rid: str, **values: Any) -> None:
         if "ccm_state" in values:

@@ -194,12 +194,12 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             if w.where is None:
                 raise
             raise FhirRejected(exc.status, [i.located(w.where) for i in exc.issues]) from None
-    await repo.add_versions(pending.versions, caller.connection)
-    await repo.insert_rows(pending.new_rows)
     await repo.update_rows(pending.updated_rows)
     await repo.update_rows(pending.stale_rows)
-    await repo.replace_identifiers_many(pending.replaced, pending.identifiers)
-    await outbox_bulk.add_events(uow.session, caller.tenant, pending.events)
+    await repo.drop_identifiers(pending.replaced)
+    _, outbox_rows = await outbox_bulk.stage_events(uow.session, caller.tenant, pending.events)
+    await repo.insert_batch(pending.versions, caller.connection, pending.new_rows,
+                            pending.identifiers, outbox_rows)
     return outcomes
 
 
@@ -306,8 +306,6 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
         return Outcome(204, rtype, rid)
     last = await repo.version(rtype, rid, current.version_id)
     version_id = current.last_version + 1
-    await repo.add_versions([VersionRow(rtype, rid, version_id, None, DELETED_HASH, caller.now,
-                                        caller.now, True, True)], caller.connection)
     source = SourceVersion(rtype, rid, version_id, caller.now, current.sha256, caller.now,
                            caller.connection)
     mapping = map_version(last.resource or {}, MappingContext(
@@ -316,9 +314,13 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
     await repo.set_current(rtype, rid, version_id=version_id, last_version=version_id,
                            last_updated=caller.now, sha256=DELETED_HASH, deleted=True,
                            ccm_state=mapping.state)
-    await repo.replace_identifiers_many([(rtype, rid)], [])
+    await repo.drop_identifiers([(rtype, rid)])
     await repo.release_criteria(rtype, rid)
-    await outbox_bulk.add_events(uow.session, caller.tenant, _events(caller, mapping.events))
+    _, outbox_rows = await outbox_bulk.stage_events(uow.session, caller.tenant,
+                                                    _events(caller, mapping.events))
+    deletion = VersionRow(rtype, rid, version_id, None, DELETED_HASH, caller.now, caller.now,
+                          True, True)
+    await repo.insert_batch([deletion], caller.connection, [], [], outbox_rows)
     return Outcome(204, rtype, rid)
 
 
