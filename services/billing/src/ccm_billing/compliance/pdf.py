@@ -115,6 +115,11 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
                 f"v{e['source']['versionId']} {e['source']['sha256'][:16]}..." if e["source"] else "-"]
                for e in log["entries"]],
               [22, 26, 30, 18, 10, 13, 25, 52])
+    for e in log["entries"]:
+        for c in e["corrections"]:
+            doc.para(f"Correction after the lock: Encounter/{e['entry']} version {c['versionId']} "
+                     f"({c['event'].split('.')[-2]}), received {c['receivedAt'][:19]}, "
+                     f"SHA-256 {c['sha256']}.")
     doc.para(f"Counted: {log['totals']['countedMinutes']} minutes "
              f"({log['totals']['countedSeconds']} seconds).", style="B")
     doc.heading("Care plan", 11)

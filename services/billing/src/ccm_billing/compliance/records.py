@@ -376,22 +376,30 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
     referenced |= {("Consent", c["consent"].split("/", 1)[1]) for c in consent_rows}
     referenced |= {("CarePlan", p["carePlan"].split("/", 1)[1]) for p in care_plans}
     shown_sources = []
-    for kind in ("Patient", "Consent", "CarePlan", "Condition", "Encounter"):
+    for kind in ("Patient", "Consent", "Condition"):
         for row in by_type.get(kind, []):
-            if kind in ("Consent", "CarePlan", "Encounter") and (kind, row.resource_id) not in referenced:
+            if kind == "Consent" and (kind, row.resource_id) not in referenced:
                 continue
-            if kind != "Encounter" and _local_day(info, row.last_updated) > month.last_day:
-                # A later version counts here only when it is the newest (e.g. a void).
+            if _local_day(info, row.last_updated) > month.last_day:
+                # A later version counts only for a consent, and only its newest (a revocation
+                # or a void decides whether it was in force).
                 newest = [v for v in by_type[kind] if v.resource_id == row.resource_id][-1]
-                if row is not newest:
+                if kind != "Consent" or row is not newest:
                     continue
             shown_sources.append(_source_view(row))
+    shown_sources += [{k: v for k, v in x.items() if k not in PLAN_FIELDS}
+                      for p in care_plans for x in p["versions"]]
+    shown_sources += [_source_view(row) for row in by_type.get("Encounter", [])
+                      if ("Encounter", row.resource_id) in referenced]
     return {
         "month": str(month), "status": log["status"], "closedAt": log["closedAt"],
         "consents": consent_rows, "timeLog": log, "carePlans": care_plans,
         "reviews": month_reviews, "decision": log["decision"], "filings": log["filings"],
         "charges": lines, "sources": shown_sources,
     }
+
+
+PLAN_FIELDS = ("status", "intent", "created", "review")
 
 
 def _plan_fields(data: dict) -> dict:
