@@ -127,3 +127,37 @@ async def test_poison_event_goes_to_dlq_and_partition_keeps_flowing(infra, pg_db
     assert headers["dlq-attempts"] == b"3"
     assert headers["dlq-consumer"] == b"dlq-consumer"
     assert json.loads(dead.value)["tenant"] == "acme"
+
+
+async def test_batched_consumer_keeps_order_when_a_message_in_the_middle_fails_once(
+    infra, pg_db, kafka, topic
+):
+    await kafka.ensure_topics([topic], partitions=1)
+    events = [make_event(patient="p1", value=i) for i in range(30)]
+    async with pg_db.unit_of_work() as uow:
+        for e in events:
+            await uow.outbox.add(topic, e)
+        await uow.commit()
+    await OutboxRelay(pg_db, kafka).drain()
+    failed_once: set[str] = set()
+
+    async def flaky(event, uow):
+        if event.data["value"] == 12 and event.id not in failed_once:
+            failed_once.add(event.id)
+            raise RuntimeError("first attempt fails")
+        await record_effect(event, uow)
+
+    consumer = ConsumerRuntime(name="batch-consumer", topics=[topic], handler=flaky, db=pg_db,
+                               transport=kafka, batch_size=50, backoff_initial=0.01)
+    task = asyncio.create_task(consumer.run())
+    try:
+        async def all_applied():
+            return len(await effect_rows(pg_db)) == 30
+
+        await eventually(all_applied, what="30 effects")
+    finally:
+        consumer.stop()
+        await task
+    assert [r.value for r in await effect_rows(pg_db)] == list(range(30))
+    assert len(failed_once) == 1  # the failure did happen, inside a batch
+    assert consumer.stats.applied == 30 and consumer.stats.dead_lettered == 0

@@ -93,6 +93,7 @@ class ConsumerRuntime:
         backoff_max: float = 5.0,
         poll_timeout: float = 0.5,
         max_records: int = 500,
+        batch_size: int = 100,
         hooks: ConsumerHooks | None = None,
     ) -> None:
         self.name = name
@@ -105,6 +106,9 @@ class ConsumerRuntime:
         self.backoff_max = backoff_max
         self.poll_timeout = poll_timeout
         self.max_records = max_records
+        # Many messages per transaction (one savepoint each) on PostgreSQL; SQLite's driver
+        # does not do savepoints reliably, and the embedded mode has no volume to batch.
+        self.batch_size = max(1, batch_size) if db.is_postgres else 1
         self.hooks = hooks or ConsumerHooks()
         self.stats = ConsumerStats()
         self.source: MessageSource | None = None
@@ -113,44 +117,93 @@ class ConsumerRuntime:
 
     # -- one message ---------------------------------------------------------------------------
 
-    async def _apply(self, message: Message, event: CloudEvent) -> bool:
-        """Apply once; return False when the inbox says it was already applied."""
-        async with self.db.unit_of_work() as uow:
-            inserted = await uow.session.execute(
-                self._insert(inbox_table)
-                .values(
-                    consumer=self.name,
-                    event_id=event.id,
-                    tenant=event.tenant,
-                    topic=message.topic,
-                    partition=message.partition,
-                    offset=message.offset,
-                    outcome="applied",
-                    processed_at=datetime.now(UTC),
-                )
-                .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
-                .returning(inbox_table.c.event_id)
+    async def _apply_in(self, uow: UnitOfWork, message: Message, event: CloudEvent) -> bool:
+        """Inbox row, effect and audit entry in ``uow``; False when already applied."""
+        inserted = await uow.session.execute(
+            self._insert(inbox_table)
+            .values(
+                consumer=self.name,
+                event_id=event.id,
+                tenant=event.tenant,
+                topic=message.topic,
+                partition=message.partition,
+                offset=message.offset,
+                outcome="applied",
+                processed_at=datetime.now(UTC),
             )
-            if inserted.first() is None:
-                return False
-            await self.handler(event, uow)
-            if event.patient is not None:  # the system wrote patient data: audit it, atomically
-                await audit.record(
-                    uow.session,
-                    audit.AuditRecord(
-                        practice=event.tenant,
-                        service=self.db.schema,
-                        actor_type="system",
-                        actor=self.name,
-                        action="U",
-                        what=event.type,
-                        entity=event.subject,
-                        patient=event.patient,
-                        correlation_id=event.correlationid,
-                    ),
-                )
-            await uow.commit()
+            .on_conflict_do_nothing(index_elements=["consumer", "event_id"])
+            .returning(inbox_table.c.event_id)
+        )
+        if inserted.first() is None:
+            return False
+        await self.handler(event, uow)
+        if event.patient is not None:  # the system wrote patient data: audit it, atomically
+            await audit.record(
+                uow.session,
+                audit.AuditRecord(
+                    practice=event.tenant,
+                    service=self.db.schema,
+                    actor_type="system",
+                    actor=self.name,
+                    action="U",
+                    what=event.type,
+                    entity=event.subject,
+                    patient=event.patient,
+                    correlation_id=event.correlationid,
+                ),
+            )
         return True
+
+    async def _apply(self, message: Message, event: CloudEvent) -> bool:
+        """Apply once in a transaction of its own."""
+        async with self.db.unit_of_work() as uow:
+            applied = await self._apply_in(uow, message, event)
+            if applied:
+                await uow.commit()
+        return applied
+
+    async def _apply_batch(self, messages: list[Message]) -> int:
+        """Apply a run of one partition's messages in ONE transaction, each in a savepoint.
+
+        Returns how many from the start were handled. The message at that index, if any,
+        failed (or is not a CloudEvent) and must go through ``process`` — retries, dead
+        letter — before the ones after it, so order per partition holds.
+        """
+        done: list[tuple[Message, bool]] = []
+        handled = len(messages)
+        async with self.db.unit_of_work() as uow:
+            for i, message in enumerate(messages):
+                try:
+                    event = decode(message)
+                except PoisonMessage:
+                    handled = i
+                    break
+                token = set_correlation_id(event.correlationid)
+                try:
+                    async with uow.session.begin_nested():
+                        applied = await self._apply_in(uow, message, event)
+                except Exception:  # noqa: BLE001 - this one goes through process() next
+                    handled = i
+                    break
+                finally:
+                    reset_correlation_id(token)
+                done.append((message, applied))
+            await uow.commit()
+        for message, applied in done:
+            await self._after_commit(message, applied)
+        return handled
+
+    async def _after_commit(self, message: Message, applied: bool) -> None:
+        if applied:
+            self.stats.applied += 1
+            metrics.consumed.labels(self.name, "applied").inc()
+        else:
+            self.stats.duplicates += 1
+            metrics.consumed.labels(self.name, "duplicate").inc()
+        if self.hooks.after_db_commit is not None:
+            result = self.hooks.after_db_commit(message)
+            if asyncio.iscoroutine(result):
+                await result
 
     async def _record_dead_letter(self, message: Message, event_id: str) -> None:
         async with self.db.unit_of_work() as uow:
@@ -247,16 +300,7 @@ class ConsumerRuntime:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.backoff_max)
                     continue
-                if applied:
-                    self.stats.applied += 1
-                    metrics.consumed.labels(self.name, "applied").inc()
-                else:
-                    self.stats.duplicates += 1
-                    metrics.consumed.labels(self.name, "duplicate").inc()
-                if self.hooks.after_db_commit is not None:
-                    result = self.hooks.after_db_commit(message)
-                    if asyncio.iscoroutine(result):
-                        await result
+                await self._after_commit(message, applied)
                 return
         finally:
             reset_correlation_id(token)
@@ -270,9 +314,20 @@ class ConsumerRuntime:
         self.stats.last_poll = asyncio.get_running_loop().time()
         count = 0
         for partition, messages in batches.items():
-            for message in messages:
-                await self.process(message)
-                count += 1
+            i = 0
+            while i < len(messages):
+                chunk = messages[i : i + self.batch_size]
+                handled = 0
+                if len(chunk) > 1:
+                    try:
+                        handled = await self._apply_batch(chunk)
+                    except Exception as exc:  # noqa: BLE001 - e.g. the commit failed: go one by one
+                        log.warning("batch failed; applying one by one", error=type(exc).__name__)
+                i += handled
+                if handled < len(chunk):
+                    await self.process(messages[i])
+                    i += 1
+            count += len(messages)
             await self.source.commit({partition: messages[-1].offset + 1})
         return count
 

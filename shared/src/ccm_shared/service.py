@@ -174,6 +174,7 @@ class ServiceRuntime:
                     max_retries=settings.consumer_max_retries,
                     backoff_initial=settings.consumer_retry_backoff_seconds,
                     backoff_max=settings.consumer_retry_backoff_max_seconds,
+                    batch_size=settings.consumer_batch_size,
                 )
             )
         return runtime

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
         0.2, ge=0, description="First retry delay; doubles per attempt"
     )
     consumer_retry_backoff_max_seconds: float = Field(5.0, ge=0, description="Largest retry delay")
+    consumer_batch_size: int = Field(
+        100, ge=1, le=1000, description="Messages applied per transaction (PostgreSQL)"
+    )
     consumer_stall_seconds: float = Field(
         120.0, gt=0, description="/readyz fails when a consumer has not polled for this long"
     )
