@@ -332,6 +332,13 @@ def k8s_config(svc: Service, shared: tuple[Setting, ...]) -> tuple[dict, list[di
             env.append({"name": s.env, "value": (
                 f"postgresql+asyncpg://$(PGUSER):$(PGPASSWORD)@{PG_CLUSTER}-rw:5432/{DATABASE}"
             )})
+        elif s.env in KAFKA_AUTH:
+            value = KAFKA_AUTH[s.env]
+            if isinstance(value, dict):  # the Strimzi-generated Secret of the service's KafkaUser
+                env.append({"name": s.env, "valueFrom": {"secretKeyRef": {
+                    "name": f"ccm-{svc.name}", "key": value["key"]}}})
+            else:
+                data[s.env] = value.format(svc=svc.name)
         elif s.env == "CCM_SECRET_KEY":
             env.append({"name": s.env, "valueFrom": {"secretKeyRef": {
                 "name": "ccm-secret-key", "key": "secret-key"}}})
@@ -357,8 +364,19 @@ def k8s_config(svc: Service, shared: tuple[Setting, ...]) -> tuple[dict, list[di
 
 K8S_VALUES = {
     "CCM_ENV": "production",
-    "CCM_KAFKA_BOOTSTRAP_SERVERS": f"{KAFKA_CLUSTER}-kafka-bootstrap:9092",
+    "CCM_KAFKA_BOOTSTRAP_SERVERS": f"{KAFKA_CLUSTER}-kafka-bootstrap:9093",
     "CCM_HTTP_HOST": "0.0.0.0",
+}
+# Each service authenticates as its own KafkaUser (SCRAM-SHA-512 over TLS), so the ACLs of
+# kafka_users() bind it: the user operator writes the password to the Secret `ccm-<svc>`, and
+# the cluster CA certificate is mounted from `<cluster>-cluster-ca-cert`.
+KAFKA_CA_DIR = "/etc/ccm/kafka-ca"
+KAFKA_AUTH = {
+    "CCM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+    "CCM_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+    "CCM_KAFKA_SASL_USERNAME": "ccm-{svc}",
+    "CCM_KAFKA_SASL_PASSWORD": {"key": "password"},
+    "CCM_KAFKA_SSL_CAFILE": f"{KAFKA_CA_DIR}/ca.crt",
 }
 
 SECURITY_CONTEXT = {
@@ -396,7 +414,10 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
         "env": env,
         "resources": RESOURCES[component],
         "securityContext": SECURITY_CONTEXT,
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "kafka-ca", "mountPath": KAFKA_CA_DIR, "readOnly": True},
+        ],
     }
     if component != "migrate":
         container["ports"] = [{"name": "http", "containerPort": svc.port}]
@@ -420,7 +441,11 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+            {"name": "kafka-ca", "secret": {"secretName": f"{KAFKA_CLUSTER}-cluster-ca-cert",
+                                            "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        ],
         "restartPolicy": restart,
         "terminationGracePeriodSeconds": 30,
     }
