@@ -182,7 +182,13 @@ class ConsumerRuntime:
                 try:
                     async with uow.session.begin_nested():
                         applied = await self._apply_in(uow, message, event)
-                except Exception:  # noqa: BLE001 - this one goes through process() next
+                except Exception as exc:  # noqa: BLE001 - this one goes through process() next
+                    log.info(
+                        "event failed inside a batch; retrying it alone",
+                        consumer=self.name,
+                        error=type(exc).__name__,
+                        detail=str(exc)[:300],
+                    )
                     handled = i
                     break
                 finally:
