@@ -67,5 +67,6 @@ def test_ccm_up_then_ccm_demo_closes_a_month_with_an_invoice(tmp_path):
     packet = next(out.glob("audit-packet-*.json"))
     audit = json.loads(packet.read_text())
     assert audit["decision"]["codes"] and audit["auditEvents"]["entry"]
+    assert audit["billingAuditPacket"]["resourceType"] == "Bundle"
     assert "Billable by code" in (out / "summary.txt").read_text()
     assert "decided as the rules expect: 19/19" in demo.stdout

@@ -494,9 +494,18 @@ async def _audit_packet(
             params={"patient": patient, "limit": 1000},
         )
     ).json()
+    # billing's compliance audit packet (a FHIR collection Bundle), where the deployment has it
+    packet = await api.call(
+        "GET",
+        "billing",
+        f"/v1/practices/{api.p}/patients/{patient.removeprefix('Patient/')}/audit-packet",
+        params={"from": worklist["month"], "format": "fhir"},
+        ok=(200, 404, 405),
+    )
     return {
         "patient": patient,
         "month": worklist["month"],
+        "billingAuditPacket": packet.json() if packet.status_code == 200 else None,
         "decision": next((r for r in worklist["patients"] if r["patient"] == patient), None),
         "chargeItems": [i for i in items if i.get("subject", {}).get("reference") == patient],
         "carePlan": [t for t in tracker if t.get("patient") == patient],
