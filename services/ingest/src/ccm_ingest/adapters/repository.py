@@ -20,7 +20,7 @@ from ccm_ingest.adapters.orm import (
     resource_versions,
     resources,
 )
-from ccm_shared.tables import api_tokens, practices
+from ccm_shared.tables import practices
 
 
 @dataclass(frozen=True)
@@ -286,11 +286,6 @@ class SqlResourceRepository:
                                           set_={"config": stmt.excluded.config,
                                                 "updated_at": stmt.excluded.updated_at})
         await self.session.execute(stmt)
-
-    async def token_label(self, token_id: str) -> str | None:
-        return (await self.session.execute(
-            select(api_tokens.c.label).where(api_tokens.c.id == token_id)
-        )).scalar_one_or_none()
 
 
 def utc(value: datetime) -> datetime:

@@ -36,7 +36,7 @@ ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
 
 
 class PracticeCache:
-    """Time zone, ingest configuration and token labels, re-read after ``ttl`` seconds."""
+    """A practice's time zone and ingest configuration, re-read after ``ttl`` seconds."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
@@ -70,12 +70,9 @@ async def caller_for(runtime: ServiceRuntime, uow: UnitOfWork, tenant: Tenant) -
             config = DEFAULT_CONFIG
         practice = (ZoneInfo(zone), config)
         cache.put("practice", tenant.practice_id, practice)
-    label = cache.get("label", tenant.token_id)
-    if label is None:
-        label = await repo.token_label(tenant.token_id) or tenant.token_id
-        cache.put("label", tenant.token_id, label)
     now: datetime = runtime.clock()
-    return Caller(tenant.practice_id, tenant.token_id, label, practice[0], practice[1], now)
+    return Caller(tenant.practice_id, tenant.token_id, tenant.label or tenant.token_id,
+                  practice[0], practice[1], now)
 
 
 def _require(tenant: Tenant, scope: str) -> None:
