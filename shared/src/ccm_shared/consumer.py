@@ -10,6 +10,7 @@ message goes to ``<topic>.dlq`` with the error in its headers and the partition 
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +43,10 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError | ConnectionError | OSError | TimeoutError):
         return True
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+def is_sqlite_lock(exc: BaseException) -> bool:
+    return "database is locked" in str(exc) or "database table is locked" in str(exc)
 
 
 class PoisonMessage(Exception):
@@ -283,12 +288,17 @@ class ConsumerRuntime:
                     return
                 except Exception as exc:  # noqa: BLE001 - handler errors are retried, then DLQ
                     if is_transient(exc):
-                        log.warning(
-                            "infrastructure unavailable; waiting",
-                            consumer=self.name,
-                            error=type(exc).__name__,
-                        )
-                        await asyncio.sleep(self.backoff_max)
+                        lock = is_sqlite_lock(exc)
+                        if not lock:
+                            log.warning(
+                                "infrastructure unavailable; waiting",
+                                consumer=self.name,
+                                error=type(exc).__name__,
+                                detail=str(exc)[:300],
+                            )
+                        # Embedded mode: another writer holds SQLite's lock (or committed after
+                        # our read began); try again shortly, with jitter so writers interleave.
+                        await asyncio.sleep(random.uniform(0.02, 0.3) if lock else self.backoff_max)
                         continue
                     failures += 1
                     if failures > self.max_retries:

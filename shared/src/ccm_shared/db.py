@@ -44,11 +44,16 @@ def _sqlite_attach(engine: AsyncEngine, url: str) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection, _record):  # noqa: ANN001
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.fetchall()
         cursor.execute("PRAGMA foreign_keys=ON")
         for schema in SCHEMAS:
             cursor.execute(f"ATTACH DATABASE '{folder / (schema + '.db')}' AS {schema}")
+            # WAL is per database file: without it, readers of one service's file block
+            # writers of it, and the embedded services stall each other.
+            cursor.execute(f"PRAGMA {schema}.journal_mode=WAL")
+            cursor.fetchall()
         cursor.close()
 
 
