@@ -56,12 +56,23 @@ log() { echo "[kafka] $*" >&2; }
 die() { echo "[kafka] ERROR: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- install ---
+# shellcheck source=deploy/local/apt-install.sh
+source "$SCRIPT_DIR/apt-install.sh"
+
+require_java_and_maven() {
+  local missing=()
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  apt_install "${missing[@]}" ||
+    die "${missing[*]} missing: apt-get install -y ${missing[*]} (as root)"
+}
+
 install_jars() {
   if [[ -f "$LIBS/.complete" ]]; then
     return 0
   fi
-  command -v mvn >/dev/null || die "mvn not found (apt-get install -y maven)"
-  command -v java >/dev/null || die "java not found (apt-get install -y openjdk-17-jre-headless)"
+  require_java_and_maven
   mkdir -p "$KAFKA_HOME"
   local tmp="$KAFKA_HOME/libs.tmp.$$"
   rm -rf "$tmp"
@@ -183,6 +194,7 @@ log_tail() {
 
 # ------------------------------------------------------------------- start ---
 do_start() {
+  command -v java >/dev/null || require_java_and_maven
   install_jars
   mkdir -p "$STATE"
   exec 9>"$STATE/.lock"

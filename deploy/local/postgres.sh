@@ -49,6 +49,8 @@ log() { echo "[postgres] $*" >&2; }
 die() { echo "[postgres] ERROR: $*" >&2; exit 1; }
 
 # --------------------------------------------------------------- binaries ---
+# shellcheck source=deploy/local/apt-install.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh"
 find_bindir() {
   local d
   if [[ -n "${CCM_PG_BINDIR:-}" ]]; then
@@ -62,6 +64,9 @@ find_bindir() {
   # shellcheck disable=SC2012  # version-sort the Debian dirs (15, 16, ...)
   d="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)"
   if [[ -n "$d" && -x "$d/initdb" && -x "$d/pg_ctl" ]]; then echo "$d"; return; fi
+  if [[ -z "${_PG_INSTALL_TRIED:-}" ]] && apt_install postgresql; then
+    _PG_INSTALL_TRIED=1 find_bindir; return
+  fi
   die "PostgreSQL server binaries not found (no initdb/pg_ctl). Install them with:
     apt-get update && apt-get install -y postgresql
   (or set CCM_PG_BINDIR)"
