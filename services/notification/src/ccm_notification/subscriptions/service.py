@@ -67,10 +67,24 @@ def feed_handler(topics: PracticeTopics, clock: Clock) -> Handler:
         if event.type not in FEED_TYPES:
             return
         practice = target_practice(event.tenant)  # UnsafeTenant: retried, then dead-lettered
+        if await already_fanned_out(uow, event.id):
+            return  # a replay (group reset, second feed group): the copy is already out
         await topics.ensure([practice])
         await fan_out(uow, practice, event, now=clock())
 
     return handle
+
+
+async def already_fanned_out(uow: UnitOfWork, event_id: str) -> bool:
+    """The practice-topic copy keeps the billing event's id, which the outbox holds once."""
+    from sqlalchemy import select
+
+    from ccm_shared.tables import outbox_table
+
+    found = await uow.session.execute(
+        select(outbox_table.c.id).where(outbox_table.c.event_id == event_id).limit(1)
+    )
+    return found.first() is not None
 
 
 async def fan_out(uow: UnitOfWork, practice: str, event: CloudEvent, *, now: datetime) -> int:
