@@ -48,6 +48,15 @@ class BackgroundJob:
     run: Callable[[asyncio.Event], Awaitable[None]]
 
 
+async def sleep_unless_stopped(stopping: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds`` or until ``stopping`` is set, whichever comes first; True if stopping."""
+    try:
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 

@@ -10,7 +10,7 @@ from ccm_billing.service_layer.common import all_practices
 from ccm_billing.service_layer.ehr import deliver_due
 from ccm_billing.service_layer.invoicing import mark_overdue
 from ccm_billing.service_layer.worklist import send_threshold_alerts
-from ccm_shared.service import BackgroundJob
+from ccm_shared.service import BackgroundJob, sleep_unless_stopped
 
 log = structlog.get_logger(__name__)
 
@@ -39,10 +39,7 @@ def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001
                 log.info("billing scheduler pass", **counts)
             except Exception as exc:  # noqa: BLE001 - a failed pass is retried next interval
                 log.error("billing scheduler pass failed", error=type(exc).__name__)
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+            await sleep_unless_stopped(stopping, interval)
 
     async def ehr_push(stopping: asyncio.Event) -> None:
         settings = runtime.service_settings()
@@ -57,9 +54,6 @@ def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001
                 )
             except Exception as exc:  # noqa: BLE001 - deliveries stay pending; retried next pass
                 log.error("ehr push pass failed", error=type(exc).__name__)
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=settings.ehr_push_interval_seconds)
-            except TimeoutError:
-                pass
+            await sleep_unless_stopped(stopping, settings.ehr_push_interval_seconds)
 
     return [BackgroundJob("billing-scheduler", scheduler), BackgroundJob("billing-ehr-push", ehr_push)]

@@ -90,6 +90,9 @@ async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  
         await session.execute(insert(table), rows)
         return
     conn = await session.connection()
+    # SQLAlchemy sends BEGIN lazily, with the first statement it executes: make sure the
+    # transaction has begun, or COPY on the raw connection would autocommit on its own.
+    await conn.exec_driver_sql("SELECT 1")
     schema = (conn.sync_connection.get_execution_options().get("schema_translate_map") or {}).get(None)
     raw = (await conn.get_raw_connection()).driver_connection
     columns = list(rows[0])

@@ -31,6 +31,7 @@ from ccm_careplan.service_layer.common import (
     practitioner_directory,
 )
 from ccm_shared.db import Database, UnitOfWork
+from ccm_shared.service import sleep_unless_stopped
 
 log = structlog.get_logger(__name__)
 
@@ -165,7 +166,4 @@ async def run_scheduler(
             raise
         except Exception as exc:  # noqa: BLE001 - keep scheduling; the next pass catches up
             log.warning("scheduler pass failed; retrying", error=type(exc).__name__)
-        try:
-            await asyncio.wait_for(stopping.wait(), timeout=interval)
-        except TimeoutError:
-            pass
+        await sleep_unless_stopped(stopping, interval)

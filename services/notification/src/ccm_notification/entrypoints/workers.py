@@ -23,7 +23,7 @@ from ccm_notification.service_layer.notify import Notifier
 from ccm_notification.subscriptions.domain import FEED_TYPES
 from ccm_notification.subscriptions.service import SubscriptionDeliverer, feed_handler
 from ccm_notification.subscriptions.topics import PracticeTopics
-from ccm_shared.service import BackgroundJob, ConsumerSpec, ServiceRuntime
+from ccm_shared.service import BackgroundJob, ConsumerSpec, ServiceRuntime, sleep_unless_stopped
 from ccm_shared.tables import practices
 
 log = structlog.get_logger(__name__)
@@ -119,10 +119,7 @@ def _every(name: str, interval: float, step: Callable[[], Awaitable[int]]):  # n
                 log.warning("job pass failed", job=name, error=type(exc).__name__)
                 busy = 0
             if not busy:
-                try:
-                    await asyncio.wait_for(stopping.wait(), timeout=interval)
-                except TimeoutError:
-                    pass
+                await sleep_unless_stopped(stopping, interval)
 
     return run
 
