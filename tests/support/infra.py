@@ -5,13 +5,15 @@ Resolution order:
    after ``deploy/local/up.sh``).
 2. A Docker engine reachable: start PostgreSQL and Kafka with testcontainers.
 3. Otherwise: start them with ``deploy/local/up.sh`` (Kafka jars from Maven Central, PostgreSQL
-   from Debian's package) and stop them at the end of the session.
+   from Debian's package) and stop them at the end of the session — unless they were already
+   running (a developer's stack, another test session): those are used and left running.
 Anything missing makes the tests fail with a message that says what to start.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +112,22 @@ def _local_kafka_port() -> str | None:
     return port_file.read_text().strip() if port_file.exists() else None
 
 
+def _running_local_stack() -> dict[str, str] | None:
+    """The environment of a deploy/local stack that is up now (both ports answer), else None."""
+    envfile = local_dir() / "env"
+    if not envfile.exists():
+        return None
+    env = _parse(envfile.read_text())
+    try:
+        kafka = env["CCM_KAFKA_BOOTSTRAP_SERVERS"].rsplit(":", 1)
+        pg = env["CCM_DATABASE_URL"].split("@", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        for host, port in (kafka, pg):
+            socket.create_connection((host, int(port)), timeout=1).close()
+    except (KeyError, IndexError, ValueError, OSError):
+        return None
+    return env
+
+
 def _docker_available() -> bool:
     if not (os.path.exists("/var/run/docker.sock") or os.environ.get("DOCKER_HOST")):
         return False
@@ -155,6 +173,10 @@ def start_infra() -> Infra:
                       DockerKafka(kc))
         infra._cleanup += [pg.stop, kc.stop]
         return infra
+    running = _running_local_stack()
+    if running is not None:
+        return Infra(running["CCM_DATABASE_URL"], running["CCM_KAFKA_BOOTSTRAP_SERVERS"],
+                     "deploy/local (already running)", LocalKafka())
     env = _parse(_run("up.sh", timeout=900))
     missing = {"CCM_DATABASE_URL", "CCM_KAFKA_BOOTSTRAP_SERVERS"} - env.keys()
     if missing:
