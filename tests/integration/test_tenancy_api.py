@@ -42,3 +42,44 @@ async def test_cross_tenant_reads_answer_not_found_and_bad_tokens_401(infra, kaf
     checks = ready.json()["checks"]
     assert checks["database"] == "ok" and checks["kafka"] == "ok"
     assert set(checks.values()) == {"ok"}
+
+
+async def test_pooled_connections_survive_their_backend_being_terminated(infra):
+    """No ping on every checkout: an idle connection is pinged and replaced; a busy one fails
+    its next statement once (a disconnect, which invalidates the pool) and the next works."""
+    import asyncio
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from ccm_shared.db import create_engine_for
+
+    async def backend(engine) -> int:
+        async with engine.connect() as conn:
+            return (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+
+    killer = create_engine_for(infra.database_url, schema=None, pool_size=1)
+    idle = create_engine_for(infra.database_url, schema=None, pool_size=1, idle_ping_seconds=0.2)
+    busy = create_engine_for(infra.database_url, schema=None, pool_size=1,
+                             idle_ping_seconds=3600)
+
+    async def terminate(pid: int) -> None:  # only the backend this test opened
+        async with killer.connect() as conn:
+            await conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        await asyncio.sleep(0.3)
+
+    try:
+        first = await backend(idle)
+        assert await backend(idle) == first  # pooled: the same connection again
+        await terminate(first)
+        assert await backend(idle) != first  # idle 0.3 s > 0.2 s: pinged, found dead, replaced
+
+        first = await backend(busy)
+        await terminate(first)
+        with pytest.raises(DBAPIError) as failed:
+            await backend(busy)
+        assert failed.value.connection_invalidated
+        assert await backend(busy) != first
+    finally:
+        for engine in (killer, idle, busy):
+            await engine.dispose()

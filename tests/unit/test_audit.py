@@ -130,3 +130,61 @@ async def test_applied_patient_events_are_audited_in_the_same_transaction(sqlite
         assert (await conn.execute(select(func.count()).select_from(audit_log))).scalar() == 1
     assert rows[0].patient == "p9" and rows[0].actor == "billing-projections"
     assert rows[0].actor_type == "system" and rows[0].what == event.type
+
+
+# ---- API calls are written by group commit (AuditWriter) --------------------------------------
+
+
+async def test_concurrent_entries_share_transactions_and_each_returns_once_committed(engine):
+    from sqlalchemy import event
+
+    from ccm_shared.audit import AuditWriter
+
+    commits = []
+    event.listen(engine.sync_engine, "commit", lambda conn: commits.append(1))
+    writer = AuditWriter(engine)
+
+    async def record_then_count(n):
+        await writer.record(entry(n=n))
+        async with engine.connect() as conn:  # another connection sees it at once
+            return (await conn.execute(select(func.count()).select_from(audit_log).where(
+                audit_log.c.what == f"GET /thing/{n}"))).scalar_one()
+
+    seen = await asyncio.gather(*(record_then_count(n) for n in range(40)))
+    assert seen == [1] * 40
+    assert 1 <= len(commits) < 10  # the first alone, the others batched behind it
+    assert await seal_all(engine) == 40
+    assert [r.ok for r in await verify(engine)] == [True]
+
+
+async def test_an_entry_that_cannot_be_written_fails_alone_not_its_batch(engine):
+    from ccm_shared.audit import AuditWriter
+
+    writer = AuditWriter(engine)
+    bad = AuditRecord(practice="acme", service="tests", actor_type="client", actor="t1",
+                      action=None, what="GET /bad")  # action is NOT NULL
+    long_path = "/fhir/Patient/" + "x" * 1000
+    results = await asyncio.gather(
+        writer.record(entry(n=1)), writer.record(bad),
+        writer.record(AuditRecord(practice="acme", service="tests", actor_type="client",
+                                  actor="t1", action="R", what="GET /x", entity=long_path)),
+        return_exceptions=True)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], Exception)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(audit_log.c.what, audit_log.c.entity)
+                                   .order_by(audit_log.c.id))).all()
+    assert [r.what for r in rows] == ["GET /thing/1", "GET /x"]
+    assert rows[1].entity == long_path[:300]  # cut to the column, not lost
+
+
+async def test_a_cancelled_caller_still_gets_its_entry_written(engine):
+    from ccm_shared.audit import AuditWriter
+
+    writer = AuditWriter(engine)
+    task = asyncio.create_task(writer.record(entry(n=7)))
+    await asyncio.sleep(0)
+    task.cancel()
+    await writer.flush()
+    async with engine.connect() as conn:
+        assert (await conn.execute(select(audit_log.c.what))).scalars().all() == ["GET /thing/7"]

@@ -101,3 +101,116 @@ async def test_process_without_api_serves_only_operations_endpoints(tmp_path):
         assert (await c.get("/metrics")).status_code == 200
         assert (await c.get("/v1/practices/alpha")).status_code == 404
     await runtime.db.dispose()
+
+
+# ---- bearer tokens are cached for a few seconds (CCM_AUTH_CACHE_SECONDS) --------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def revoke(engine, token):
+    from datetime import UTC, datetime
+
+    from sqlalchemy import update
+
+    from ccm_shared.tables import api_tokens
+    from ccm_shared.tenancy import hash_token
+
+    async with engine.begin() as conn:
+        await conn.execute(update(api_tokens).where(api_tokens.c.token_hash == hash_token(token))
+                           .values(revoked_at=datetime.now(UTC)))
+
+
+@pytest_asyncio.fixture
+async def registry(tmp_path):
+    import asyncio
+
+    from ccm_shared.db import create_engine_for
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
+    await asyncio.to_thread(upgrade_platform, url)
+    engine = create_engine_for(url, schema=None)
+    await create_practice(engine, practice_id="alpha", name="Alpha", timezone="UTC",
+                          pricing=Pricing())
+    yield url, engine
+    await engine.dispose()
+
+
+async def test_a_revoked_token_works_until_its_cache_entry_expires_then_never(registry):
+    from ccm_shared.tenancy import TokenCache
+
+    _, engine = registry
+    token = await create_token(engine, practice_id="alpha", label="epic")
+    clock = FakeClock()
+    cache = TokenCache(10, clock=clock)
+    assert (await cache.resolve(engine, token)).practice_id == "alpha"
+    await revoke(engine, token)
+    clock.now += 9.9
+    assert (await cache.resolve(engine, token)).label == "epic"  # cached: not asked yet
+    clock.now += 0.2
+    assert await cache.resolve(engine, token) is None  # 10 s after it was resolved
+    assert len(cache) == 0
+    clock.now += 100
+    assert await cache.resolve(engine, token) is None
+
+
+async def test_unknown_tokens_are_never_cached_and_a_zero_ttl_asks_every_time(registry):
+    from ccm_shared.tenancy import TokenCache
+
+    _, engine = registry
+    cache = TokenCache(10, clock=FakeClock())
+    assert await cache.resolve(engine, "ccm_not-a-token") is None
+    assert len(cache) == 0
+    token = await create_token(engine, practice_id="alpha")
+    off = TokenCache(0, clock=FakeClock())
+    assert await off.resolve(engine, token) is not None
+    await revoke(engine, token)
+    assert await off.resolve(engine, token) is None  # at once, without any time passing
+
+
+async def test_the_cache_keeps_at_most_max_entries_dropping_the_least_recently_used(registry):
+    from ccm_shared.tenancy import TokenCache
+
+    _, engine = registry
+    first, second, third = [await create_token(engine, practice_id="alpha") for _ in range(3)]
+    cache = TokenCache(60, max_entries=2, clock=FakeClock())
+    for token in (first, second, first, third):  # second is now the least recently used
+        assert await cache.resolve(engine, token) is not None
+    assert len(cache) == 2
+    for token in (first, second, third):
+        await revoke(engine, token)
+    assert await cache.resolve(engine, first) is not None  # still cached
+    assert await cache.resolve(engine, third) is not None
+    assert await cache.resolve(engine, second) is None  # evicted: asked the database again
+
+
+async def test_the_api_caches_tokens_for_the_configured_seconds(registry):
+    from ccm_shared.tenancy import TokenCache
+
+    url, engine = registry
+    ingest = discover_services()["ingest"]
+    await upgrade_async(url, ingest.schema, ingest.migrations_package)
+    token = await create_token(engine, practice_id="alpha")
+    for seconds, after_revocation in ((30.0, 200), (0.0, 401)):
+        runtime = ServiceRuntime.build(
+            ingest, load_settings(database_url=url, auth_cache_seconds=seconds),
+            transport=InProcessTransport())
+        app = runtime.app()
+        cache = app.state.token_cache
+        assert isinstance(cache, TokenCache) and cache.ttl == seconds
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as c:
+            assert (await c.get("/v1/practices/alpha", headers=auth(token))).status_code == 200
+            await revoke(engine, token)
+            r = await c.get("/v1/practices/alpha", headers=auth(token))
+            assert r.status_code == after_revocation
+            cache.clock = lambda: float("inf")  # long after: every entry has expired
+            assert (await c.get("/v1/practices/alpha", headers=auth(token))).status_code == 401
+        await runtime.db.dispose()
+        token = await create_token(engine, practice_id="alpha")

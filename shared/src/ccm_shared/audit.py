@@ -2,7 +2,10 @@
 
 Recording is cheap and never serialises requests: an API call (after its response) or an applied
 event (inside the consumer's own transaction) inserts an *unsealed* row into
-``platform.audit_log``. A sealer — one active at a time, behind an advisory lock — then chains
+``platform.audit_log``. API calls go through an ``AuditWriter`` (group commit): the entries of
+concurrent calls share one multi-row INSERT and one COMMIT, and each call still finishes only
+once its own entry is committed, so nothing is held in memory that a crash could lose beyond
+what a per-call transaction would (the response is already sent either way). A sealer — one active at a time, behind an advisory lock — then chains
 the rows of each practice in id order: ``seq`` = 1, 2, 3 … and ``hash`` = SHA-256 of the previous
 entry's hash and this entry's canonical content. ``platform.audit_heads`` keeps each practice's
 last sequence and hash, so removing the newest entry is detected as surely as changing or removing
@@ -124,7 +127,15 @@ class AuditRecord:
     correlation_id: str | None = None
 
     def values(self) -> dict:
-        return {**self.__dict__, "recorded_at": datetime.now(UTC)}
+        values = {**self.__dict__, "recorded_at": datetime.now(UTC)}
+        for name in _BOUNDED:  # a long URL must not cost the entry (or its batch)
+            if values[name] is not None:
+                values[name] = values[name][: audit_log.c[name].type.length]
+        return values
+
+
+_BOUNDED = ("practice", "service", "actor", "actor_label", "what", "entity", "patient",
+            "correlation_id")
 
 
 async def record(conn: AsyncConnection | AsyncSession, entry: AuditRecord) -> None:
@@ -135,6 +146,65 @@ async def record(conn: AsyncConnection | AsyncSession, entry: AuditRecord) -> No
 async def record_now(engine: AsyncEngine, entry: AuditRecord) -> None:
     async with engine.begin() as conn:
         await record(conn, entry)
+
+
+class AuditWriter:
+    """Group commit of audit entries: ``record`` returns once the entry is committed; entries
+    recorded while a batch is being written go together in the next one (one INSERT of up to
+    ``max_batch`` rows, one COMMIT). Under load that is one transaction for many API calls, at
+    no extra latency when idle. A batch that fails is retried entry by entry, so one bad entry
+    never costs the others.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, max_batch: int = 500) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self._pending: list[tuple[dict, asyncio.Future]] = []
+        self._drainer: asyncio.Task | None = None
+
+    async def record(self, entry: AuditRecord) -> None:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((entry.values(), future))
+        if self._drainer is None or self._drainer.done():
+            # A task of its own: a cancelled caller must not stop the others' batch.
+            self._drainer = asyncio.create_task(self._drain(), name="audit-writer")
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:  # the entry is still written; nobody waits for it
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+
+    async def flush(self) -> None:
+        """Wait until every entry recorded so far is written (or has failed)."""
+        while self._drainer is not None and not self._drainer.done():
+            await asyncio.shield(self._drainer)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                await self._insert([values for values, _ in batch])
+                outcomes: list[BaseException | None] = [None] * len(batch)
+            except Exception:  # noqa: BLE001 - find out which entries fail, write the rest
+                outcomes = []
+                for values, _ in batch:
+                    try:
+                        await self._insert([values])
+                        outcomes.append(None)
+                    except Exception as exc:  # noqa: BLE001 - handed to that entry's caller
+                        outcomes.append(exc)
+            for (_, future), failure in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue
+                if failure is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(failure)
+
+    async def _insert(self, rows: list[dict]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(audit_log), rows)
 
 
 async def seal(engine: AsyncEngine, *, batch: int = 2000) -> int:

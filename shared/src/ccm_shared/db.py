@@ -8,12 +8,13 @@ under the schema's name, so the same SQL works on both.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import event, text
+from sqlalchemy import event, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -57,15 +58,56 @@ def _sqlite_attach(engine: AsyncEngine, url: str) -> None:
         cursor.close()
 
 
-def create_engine_for(url: str, *, schema: str | None, pool_size: int = 10) -> AsyncEngine:
+# A pooled PostgreSQL connection idle longer than this is pinged before use; busier ones are not.
+IDLE_PING_SECONDS = 10.0
+# Connections are replaced after this long, so server-side idle timeouts never bite.
+POOL_RECYCLE_SECONDS = 1800
+
+
+def _ping_idle_connections(engine: AsyncEngine, idle_seconds: float) -> None:
+    """Survive a PostgreSQL restart without a ping on every checkout (``pool_pre_ping``).
+
+    A connection that waited in the pool longer than ``idle_seconds`` is pinged when checked out,
+    and replaced if it is dead. One in steady use is not: if the server went away under it, its
+    statement fails with a disconnect error, SQLAlchemy invalidates it and every connection of
+    the pool opened before the error, and the next checkout connects afresh.
+    """
+
+    @event.listens_for(engine.sync_engine, "checkin")
+    def _checked_in(_dbapi_connection, record):  # noqa: ANN001
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _checked_out(dbapi_connection, record, _proxy):  # noqa: ANN001
+        since = record.info.pop("idle_since", None)
+        if since is None or time.monotonic() - since < idle_seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:  # noqa: BLE001 - the pool retries with a new connection
+            raise exc.DisconnectionError(f"idle pooled connection is dead: {error!r}") from error
+
+
+def create_engine_for(
+    url: str,
+    *,
+    schema: str | None,
+    pool_size: int = 10,
+    idle_ping_seconds: float = IDLE_PING_SECONDS,
+) -> AsyncEngine:
     """An engine whose unqualified tables live in ``schema``."""
     if is_sqlite(url):
         engine = create_async_engine(url)
         _sqlite_attach(engine, url)
     else:
+        # Up to twice ``pool_size`` connections, as with an overflow of ``pool_size``, but
+        # kept once opened: an overflow connection is closed when it comes back, so a busy
+        # process opened (forked, authenticated, type-introspected) a new PostgreSQL backend
+        # every few requests — 316 for 2,000 concurrent FHIR POSTs, measured.
         engine = create_async_engine(
-            url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
+            url, pool_size=2 * pool_size, max_overflow=0, pool_recycle=POOL_RECYCLE_SECONDS
         )
+        _ping_idle_connections(engine, idle_ping_seconds)
     if schema is not None:
         engine = engine.execution_options(schema_translate_map={None: schema})
     return engine

@@ -20,7 +20,7 @@ from ccm_shared.observability import (
     reset_correlation_id,
     set_correlation_id,
 )
-from ccm_shared.tenancy import Tenant, get_practice, resolve_token
+from ccm_shared.tenancy import Tenant, TokenCache, get_practice, resolve_token
 
 if TYPE_CHECKING:
     from ccm_shared.service import ServiceRuntime
@@ -108,7 +108,12 @@ async def authenticate(request: Request) -> Tenant:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing bearer token")
-    tenant = await resolve_token(runtime_of(request).db.engine, token.strip())
+    engine = runtime_of(request).db.engine
+    cache: TokenCache | None = getattr(request.app.state, "token_cache", None)
+    if cache is not None:
+        tenant = await cache.resolve(engine, token.strip())
+    else:
+        tenant = await resolve_token(engine, token.strip())
     if tenant is None:
         raise Unauthorized("invalid or revoked token")
     structlog.contextvars.bind_contextvars(practice=tenant.practice_id)
@@ -141,9 +146,12 @@ def audited_patient(scope) -> str | None:  # noqa: ANN001
 
 
 def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
-    """Record every authenticated API call in the audit trail (who, what, when, outcome)."""
-    from ccm_shared.audit import METHOD_ACTION, AuditRecord, outcome_for, record_now
+    """Record every authenticated API call in the audit trail (who, what, when, outcome);
+    concurrent calls share a transaction (``AuditWriter``), each waits for its entry's commit."""
+    from ccm_shared.audit import METHOD_ACTION, AuditRecord, AuditWriter, outcome_for
     from ccm_shared.observability import current_correlation_id
+
+    writer = AuditWriter(runtime.db.engine)
 
     async def record(scope, status: int) -> None:  # noqa: ANN001
         tenant = (scope.get("state") or {}).get("tenant")
@@ -168,7 +176,7 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
             correlation_id=current_correlation_id(),
         )
         try:
-            await record_now(runtime.db.engine, entry)
+            await writer.record(entry)
         except Exception as exc:  # noqa: BLE001 - the response is already sent; say so loudly
             log.error("audit entry could not be recorded", error=type(exc).__name__)
 
@@ -236,6 +244,7 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
         description=definition.description,
     )
     app.state.runtime = runtime
+    app.state.token_cache = TokenCache(runtime.settings.auth_cache_seconds)
     install_error_handlers(app)
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")

@@ -1,7 +1,9 @@
 """Tenancy: the practice is the tenant. API tokens resolve to exactly one practice.
 
 Tokens are 256-bit random strings shown once; only their SHA-256 is stored (a slow password hash
-adds nothing for tokens of that entropy, and lookups stay one indexed query).
+adds nothing for tokens of that entropy, and lookups stay one indexed query). The API edge keeps
+resolved tokens for a few seconds (``TokenCache``, ``CCM_AUTH_CACHE_SECONDS``), so a revoked
+token stops working within that time, not at once.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import hashlib
 import json
 import re
 import secrets
+import time
 import uuid
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -139,6 +144,11 @@ async def create_token(
 
 
 async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
+    """The tenant of a live (not revoked) token, or None."""
+    return await _resolve_hash(engine, hash_token(token))
+
+
+async def _resolve_hash(engine: AsyncEngine, token_hash: str) -> Tenant | None:
     async with engine.connect() as conn:
         row = (
             await conn.execute(
@@ -148,7 +158,7 @@ async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
                     api_tokens.c.scopes,
                     api_tokens.c.label,
                 ).where(
-                    api_tokens.c.token_hash == hash_token(token),
+                    api_tokens.c.token_hash == token_hash,
                     api_tokens.c.revoked_at.is_(None),
                 )
             )
@@ -161,3 +171,49 @@ async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
         scopes=frozenset(row.scopes.split()),
         label=row.label,
     )
+
+
+class TokenCache:
+    """Tokens resolved in the last ``ttl`` seconds, so an API call need not ask the database.
+
+    Bounded (the least recently used of ``max_entries`` go first). Only live tokens are kept:
+    an unknown or revoked token asks the database every time, and a token revoked while cached
+    stops working once its entry is ``ttl`` seconds old. ``ttl`` 0 turns the cache off.
+    ``clock`` is monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.clock = clock
+        self._entries: OrderedDict[str, tuple[float, Tenant]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def resolve(self, engine: AsyncEngine, token: str) -> Tenant | None:
+        key = hash_token(token)
+        if self.ttl > 0:
+            hit = self._entries.get(key)
+            if hit is not None and self.clock() < hit[0]:
+                self._entries.move_to_end(key)
+                return hit[1]
+        tenant = await _resolve_hash(engine, key)
+        if tenant is None or self.ttl <= 0:
+            self._entries.pop(key, None)
+            return tenant
+        self._entries[key] = (self.clock() + self.ttl, tenant)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return tenant
+
+    def forget(self, token: str) -> None:
+        """Drop a token at once (e.g. revoked by this process)."""
+        self._entries.pop(hash_token(token), None)

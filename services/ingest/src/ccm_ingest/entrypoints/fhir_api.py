@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -24,11 +25,13 @@ from ccm_ingest.entrypoints.outcomes import (
 )
 from ccm_ingest.service_layer import bundles
 from ccm_ingest.service_layer import resources as handlers
-from ccm_ingest.service_layer.resources import Caller, Outcome
+from ccm_ingest.service_layer.group_commit import GroupCommit
+from ccm_ingest.service_layer.resources import Caller, Outcome, Write
 from ccm_ingest.settings import IngestSettings
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import Forbidden
 from ccm_shared.http import TenantDep, json_depth
+from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
 
@@ -55,12 +58,18 @@ class PracticeCache:
         self._entries.pop(("practice", tenant), None)
 
 
-async def caller_for(runtime: ServiceRuntime, uow: UnitOfWork, tenant: Tenant) -> Caller:
+async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
+                     uow: UnitOfWork | None = None) -> Caller:
+    """The caller, with its practice's settings (cached; read in ``uow`` or a session of its
+    own when not)."""
     cache: PracticeCache = runtime.state["practice_cache"]
-    repo = SqlResourceRepository(uow.session, tenant.practice_id)
     practice = cache.get("practice", tenant.practice_id)
     if practice is None:
-        found = await repo.practice()
+        if uow is None:
+            async with runtime.db.unit_of_work() as own:
+                found = await SqlResourceRepository(own.session, tenant.practice_id).practice()
+        else:
+            found = await SqlResourceRepository(uow.session, tenant.practice_id).practice()
         if found is None:
             raise rejected(404, "not-found", "the token's practice no longer exists")
         zone, overrides = found
@@ -113,14 +122,26 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     def base(request: Request) -> str:
         return settings.fhir_base_url or str(request.base_url).rstrip("/") + "/fhir"
 
+    def wake_relay() -> None:
+        if runtime.relay is not None:
+            runtime.relay.notify()
+
+    group = GroupCommit(runtime.db.unit_of_work, committed=wake_relay)
+
+    async def grouped(request: Request, tenant: Tenant, write: Write) -> Response:
+        """A plain create or update: stored with the concurrent others (``GroupCommit``)."""
+        _require(tenant, "fhir:write")
+        write.correlation_id = current_correlation_id()
+        outcome = await group.store(await caller_for(runtime, tenant), write)
+        return write_response(request, outcome, base(request))
+
     async def write(request: Request, tenant: Tenant, action) -> Response:  # noqa: ANN001
         _require(tenant, "fhir:write")
         async with runtime.db.unit_of_work() as uow:
-            caller = await caller_for(runtime, uow, tenant)
+            caller = await caller_for(runtime, tenant, uow)
             outcome: Outcome = await action(uow, caller)
             await uow.commit()
-        if runtime.relay is not None:
-            runtime.relay.notify()
+        wake_relay()
         return write_response(request, outcome, base(request))
 
     @router.get("/metadata", summary="CapabilityStatement: what this endpoint supports")
@@ -140,16 +161,15 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         entries = bundles.parse_entries(bundle, settings.max_bundle_entries)
         if kind == "transaction":
             async with runtime.db.unit_of_work() as uow:
-                caller = await caller_for(runtime, uow, tenant)
+                caller = await caller_for(runtime, tenant, uow)
                 results = await bundles.transaction(uow, caller, entries)
                 await uow.commit()
         else:
             async with runtime.db.unit_of_work() as uow:
-                caller = await caller_for(runtime, uow, tenant)
+                caller = await caller_for(runtime, tenant, uow)
             results = await bundles.batch(runtime.db.unit_of_work, caller, entries,
                                           lambda u: u.commit())
-        if runtime.relay is not None:
-            runtime.relay.notify()
+        wake_relay()
         return fhir_json(response_bundle(f"{kind}-response", results, base(request)))
 
     @router.post("/{rtype}/$validate", summary="Validate a resource (or Bundle) without storing")
@@ -172,15 +192,23 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     async def create(rtype: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
         resource = handlers.validated(await read_json(request, max_depth), rtype)
+        if_none_exist = request.headers.get("if-none-exist")
+        if not if_none_exist:
+            return await grouped(request, tenant, Write(rtype, str(uuid.uuid4()), resource,
+                                                        fresh=True))
         return await write(request, tenant, lambda uow, caller: handlers.create(
-            uow, caller, resource, if_none_exist=request.headers.get("if-none-exist")))
+            uow, caller, resource, if_none_exist=if_none_exist))
 
     @router.put("/{rtype}/{rid}", summary="Update or create with this id (If-Match: version)")
     async def update(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
         resource = handlers.validated(await read_json(request, max_depth), rtype)
+        if_match = request.headers.get("if-match")
+        if if_match is None:
+            handlers.check_update_id(rtype, rid, resource)
+            return await grouped(request, tenant, Write(rtype, rid, resource))
         return await write(request, tenant, lambda uow, caller: handlers.update(
-            uow, caller, rtype, rid, resource, if_match=request.headers.get("if-match")))
+            uow, caller, rtype, rid, resource, if_match=if_match))
 
     @router.delete("/{rtype}/{rid}", summary="Delete (a deletion version; reads then answer 410)")
     async def delete(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:

@@ -96,9 +96,11 @@ def _role_ids(resource: dict[str, Any]) -> list[str]:
     return ids
 
 
-def _events(caller: Caller, mapped: list[MappedEvent]) -> list[CloudEvent]:
+def _events(caller: Caller, mapped: list[MappedEvent],
+            correlation_id: str | None = None) -> list[CloudEvent]:
     return [CloudEvent(source=f"/ccm/ingest/connection/{caller.token_id}", type=e.type,
-                       tenant=caller.tenant, subject=e.subject, time=caller.now, data=e.data)
+                       tenant=caller.tenant, subject=e.subject, time=caller.now, data=e.data,
+                       correlationid=correlation_id)
             for e in mapped]
 
 
@@ -111,6 +113,8 @@ class Write:
     resource: dict[str, Any]
     fresh: bool = False  # a server-assigned UUID: no row can exist yet
     where: str | None = None  # the Bundle entry (``Bundle.entry[3]``) that mapping errors name
+    # The request's, when the write is stored with other requests' (default: the current one).
+    correlation_id: str | None = None
 
 
 async def store(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
@@ -242,7 +246,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
     if cur is not None and cur.version_id:
         pending.replaced.append((rtype, rid))
     pending.identifiers += [(rtype, rid, s, v) for s, v in _identifiers(body)]
-    pending.events += _events(caller, mapping.events)
+    pending.events += _events(caller, mapping.events, w.correlation_id)
     if rtype == "PractitionerRole":  # later Encounters of the batch see the new role
         roles[rid] = body
     return Outcome(200 if exists else 201, rtype, rid, version,
@@ -285,9 +289,7 @@ async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
 async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
                  resource: dict[str, Any], *, if_match: str | None = None) -> Outcome:
     """FHIR update (or create with the client's id); ``If-Match`` guards the version."""
-    if resource.get("id") != rid:
-        raise rejected(400, "invalid", f"resource id {resource.get('id')!r} does not match the "
-                       f"URL id {rid!r}", f"{rtype}.id")
+    check_update_id(rtype, rid, resource)
     if if_match is not None:
         repo = SqlResourceRepository(uow.session, caller.tenant)
         current = await repo.lock_current(rtype, rid)
@@ -296,6 +298,13 @@ async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
             raise rejected(412, "conflict", f"If-Match {if_match} does not match the current "
                            f"version ({'none' if have is None else have})", "If-Match")
     return await store(uow, caller, rtype, rid, resource)
+
+
+def check_update_id(rtype: str, rid: str, resource: dict[str, Any]) -> None:
+    """An update's body names the resource of its URL (400 otherwise)."""
+    if resource.get("id") != rid:
+        raise rejected(400, "invalid", f"resource id {resource.get('id')!r} does not match the "
+                       f"URL id {rid!r}", f"{rtype}.id")
 
 
 async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outcome:
