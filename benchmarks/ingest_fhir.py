@@ -19,7 +19,8 @@ like:
 - transaction Bundle POST /fhir vs POST /fhir/Bundle/$validate of the same Bundles, in
   resources/s (target >= 0.55, >= 2,000/s); Bundles go 2 at a time.
 Rounds alternate baseline and write; the medians of the rounds are reported, latencies over all
-rounds. Peak memory is the servers' own (VmHWM). After the run the outbox must drain to Kafka;
+rounds, and where each phase's CPU went (/proc: the API process(es), the relay process, this load
+generator, PostgreSQL, Kafka and the rest of the machine's busy time). Peak memory is the servers' own (VmHWM). After the run the outbox must drain to Kafka;
 the time it took after the last write is printed.
 """
 
@@ -187,6 +188,85 @@ async def wait_ready(port: int, proc: subprocess.Popen) -> None:
     raise SystemExit("the ingest server did not become ready in 60 s")
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores have spent busy (not idle or waiting for I/O) since boot."""
+    with open("/proc/stat") as stat:
+        ticks = [int(t) for t in stat.readline().split()[1:]]
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / TICK  # not steal/guest
+
+
+def infra_pids() -> dict[str, list[int]]:
+    """PostgreSQL (every backend) and Kafka (the broker's JVM) processes, by /proc."""
+    found: dict[str, list[int]] = {"postgres": [], "kafka": []}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if cmdline.startswith(b"postgres") or b"/bin/postgres" in cmdline:
+            found["postgres"].append(int(entry))
+        elif b"kafka.Kafka" in cmdline:
+            found["kafka"].append(int(entry))
+    return found
+
+
+def cpu_sum(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_of(pid)
+        except OSError:  # a process that ended meanwhile
+            pass
+    return total
+
+
+class CpuMeter:
+    """Where the CPU of a phase went: the API process(es), the relay, this load generator,
+    PostgreSQL (all backends: other users of the database count too), Kafka, and the rest of
+    the machine's busy time."""
+
+    def __init__(self, api: list[int], relay: list[int]) -> None:
+        self.api, self.relay = api, relay
+        self.totals: dict[str, dict[str, float]] = {}
+
+    def snapshot(self) -> dict[str, float]:
+        infra = infra_pids()
+        return {"api": cpu_sum(self.api), "relay": cpu_sum(self.relay),
+                "client": sum(os.times()[:2]), "postgres": cpu_sum(infra["postgres"]),
+                "kafka": cpu_sum(infra["kafka"]), "machine": machine_busy()}
+
+    def add(self, phase: str, before: dict[str, float], units: int) -> None:
+        after = self.snapshot()
+        spent = {k: after[k] - before[k] for k in after}
+        spent["other"] = spent["machine"] - sum(
+            spent[k] for k in ("api", "relay", "client", "postgres", "kafka"))
+        total = self.totals.setdefault(phase, {"units": 0})
+        total["units"] += units
+        for key, value in spent.items():
+            total[key] = total.get(key, 0.0) + value
+
+    def line(self, phase: str, unit: str) -> str:
+        t = self.totals[phase]
+        ms = {k: t[k] / t["units"] * 1000
+              for k in ("api", "relay", "client", "postgres", "kafka", "other")}
+        return (f"    CPU per {unit}: API {ms['api']:.2f} ms, relay {ms['relay']:.2f}, "
+                f"PostgreSQL {ms['postgres']:.2f}, Kafka {ms['kafka']:.2f}, load generator "
+                f"{ms['client']:.2f}, rest of the machine {ms['other']:.2f}")
+
+
 def peak_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -238,18 +318,27 @@ async def main(args: argparse.Namespace) -> int:
         await run_requests(connections, posts("/fhir", [json.dumps(bundle(50, "warm")).encode()],
                                               200), 1)
         results: dict[str, list[float]] = {}
+        pids = [proc.pid for proc, _ in servers]
+        cpu = CpuMeter(pids[:args.workers], pids[args.workers:])
+        resources = args.bundles * args.bundle_size
+
+        async def measured(phase: str, requests: list, concurrency: int, units: int):
+            before = cpu.snapshot()
+            outcome = await run_requests(connections, requests, concurrency)
+            cpu.add(phase, before, units)
+            return outcome
+
         for rnd in range(args.rounds):
             bodies = [json.dumps(encounter(i, patient(i))).encode() for i in range(args.posts)]
-            v_t, v_lat = await run_requests(
-                connections, posts("/fhir/Encounter/$validate", bodies, 200), args.concurrency)
-            w_t, w_lat = await run_requests(
-                connections, posts("/fhir/Encounter", bodies, 201), args.concurrency)
+            v_t, v_lat = await measured("validate", posts("/fhir/Encounter/$validate", bodies,
+                                                          200), args.concurrency, args.posts)
+            w_t, w_lat = await measured("post", posts("/fhir/Encounter", bodies, 201),
+                                        args.concurrency, args.posts)
             bundles = [json.dumps(bundle(args.bundle_size, f"{rnd}x{i}")).encode()
                        for i in range(args.bundles)]
-            bv_t, bv_lat = await run_requests(
-                connections, posts("/fhir/Bundle/$validate", bundles, 200), 2)
-            bw_t, b_lat = await run_requests(connections, posts("/fhir", bundles, 200), 2)
-            resources = args.bundles * args.bundle_size
+            bv_t, bv_lat = await measured("bvalidate", posts("/fhir/Bundle/$validate", bundles,
+                                                             200), 2, resources)
+            bw_t, b_lat = await measured("bundle", posts("/fhir", bundles, 200), 2, resources)
             for key, value in (("validate", args.posts / v_t), ("post", args.posts / w_t),
                                ("bvalidate", resources / bv_t), ("bundle", resources / bw_t)):
                 results.setdefault(key, []).append(value)
@@ -284,11 +373,15 @@ async def main(args: argparse.Namespace) -> int:
           f"process(es) `ccm serve ingest`, relay {relay}, {args.concurrency} connections, "
           f"{os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.1f}")
     print(f"  validate-only POST      {med['validate']:8.0f} req/s   {lat('vlat')}")
+    print(cpu.line("validate", "request"))
     print(f"  durable POST (+events)  {med['post']:8.0f} req/s   {lat('lat')}"
           f"   ratio {med['post'] / med['validate']:.2f} (target >= 0.6; >= 1000/s)")
+    print(cpu.line("post", "request"))
     print(f"  Bundle validation       {med['bvalidate']:8.0f} resources/s   {lat('bvlat')}")
+    print(cpu.line("bvalidate", "resource"))
     print(f"  transaction Bundle      {med['bundle']:8.0f} resources/s   {lat('blat')}"
           f"   ratio {med['bundle'] / med['bvalidate']:.2f} (target >= 0.55; >= 2000/s)")
+    print(cpu.line("bundle", "resource"))
     print(f"  outbox drained to Kafka {drained:.1f} s after the last write")
     print(f"  peak RSS per service process (API…, relay): "
           f"{', '.join(f'{p:.0f} MB' for p in peak)}")

@@ -11,6 +11,7 @@ executemany INSERT per table.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Table, insert
@@ -20,16 +21,33 @@ _PG_ARRAY_TYPES = ((BigInteger, "bigint"), (Integer, "int"), (Boolean, "bool"),
                    (DateTime, "timestamptz"), (String, "text"))
 
 
+@lru_cache(maxsize=256)
 def _pg_type(table: Table, column: str) -> str:
     kind = table.c[column].type
     return next(name for cls, name in _PG_ARRAY_TYPES if isinstance(kind, cls))
 
 
+@lru_cache(maxsize=64)
+def _pg_sql(schema: str | None, shape: tuple[tuple[Table, tuple[str, ...]], ...]) -> str:
+    """The statement for tables and their columns, in order (the same text every time, so
+    asyncpg's per-connection prepared statement is reused)."""
+    parts: list[str] = []
+    n = 0
+    for table, columns in shape:
+        arrays = ", ".join(f"${n + i}::{_pg_type(table, c)}[]"
+                           for i, c in enumerate(columns, start=1))
+        n += len(columns)
+        names = ", ".join(f'"{c}"' for c in columns)
+        parts.append(f"INSERT INTO {qualified(schema, table.name)} ({names}) "
+                     f"SELECT * FROM unnest({arrays})")
+    *first, last = parts
+    return ("WITH " + ", ".join(f"w{n} AS ({p})" for n, p in enumerate(first)) + " " + last
+            if first else last)
+
+
 async def service_schema(session: AsyncSession) -> str | None:
     """The schema the session's tables live in (the engine's schema_translate_map)."""
-    conn = await session.connection()
-    return (conn.sync_connection.get_execution_options().get("schema_translate_map")
-            or {}).get(None)
+    return (session.bind.get_execution_options().get("schema_translate_map") or {}).get(None)
 
 
 def qualified(schema: str | None, table: str) -> str:
@@ -47,17 +65,8 @@ async def insert_all(session: AsyncSession,
             await session.execute(insert(table), rows)
         return
     schema = await service_schema(session)
-    parts: list[str] = []
-    params: list[list[Any]] = []
-    for table, rows in batches:
-        columns = list(rows[0])
-        arrays = ", ".join(f"${len(params) + n}::{_pg_type(table, c)}[]"
-                           for n, c in enumerate(columns, start=1))
-        params += [[row[c] for row in rows] for c in columns]
-        names = ", ".join(f'"{c}"' for c in columns)
-        parts.append(f"INSERT INTO {qualified(schema, table.name)} ({names}) "
-                     f"SELECT * FROM unnest({arrays})")
-    *first, last = parts
-    sql = ("WITH " + ", ".join(f"w{n} AS ({p})" for n, p in enumerate(first)) + " " + last
-           if first else last)
-    await (await session.connection()).exec_driver_sql(sql, tuple(params))
+    shape = tuple((table, tuple(rows[0])) for table, rows in batches)
+    params = [[row[c] for row in rows] for (_, columns), (_, rows) in zip(shape, batches,
+                                                                          strict=True)
+              for c in columns]
+    await (await session.connection()).exec_driver_sql(_pg_sql(schema, shape), tuple(params))
