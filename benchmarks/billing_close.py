@@ -32,6 +32,8 @@ from sqlalchemy import text
 from ccm_billing.adapters.orm import metadata
 from ccm_billing.domain.model import Month
 from ccm_billing.entrypoints.consumers import consumers
+from ccm_billing.service_layer import decision_cache
+from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.invoicing import close_period
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.db import Database
@@ -117,6 +119,21 @@ class BenchTopics(KafkaTransport):
         await super().send_batch([
             dataclasses.replace(m, topic=self.bench_topic(m.topic)) if m.topic.startswith("billing.")
             else m for m in messages])
+
+
+async def decide_during_month(db: Database, practices: list[str], concurrency: int) -> float:
+    """What the billing scheduler does as facts arrive: keep every patient's decision current
+    (decision_cache.refresh). Timed and reported on its own, not part of the close."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def refresh_one(practice: str) -> None:
+        async with gate, db.unit_of_work() as uow:
+            await decision_cache.refresh(uow, await practice_info(uow.session, practice), MONTH, NOW)
+            await uow.commit()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(refresh_one(p) for p in practices))
+    return time.perf_counter() - started
 
 
 async def close_all(db: Database, transport: KafkaTransport, practices: list[str],
@@ -220,6 +237,9 @@ async def main() -> int:
     parser.add_argument("--practices", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4, help="practices closed at once")
     parser.add_argument("--projection-events", type=int, default=20_000)
+    parser.add_argument("--cold", action="store_true",
+                        help="close without the decisions the scheduler keeps current during the "
+                        "month: the close decides every patient itself")
     args = parser.parse_args()
     url, bootstrap = os.environ.get("CCM_DATABASE_URL"), os.environ.get("CCM_KAFKA_BOOTSTRAP_SERVERS")
     if not (url and url.startswith("postgresql") and bootstrap):
@@ -253,6 +273,9 @@ async def main() -> int:
         n_entries = await load(db, practices, per, args.entries_per_patient)
         print(f"loaded {per * args.practices:,} patients, {n_entries:,} entries in "
               f"{time.perf_counter() - t0:.1f} s (setup, not timed)", file=sys.stderr)
+        during = None
+        if not args.cold:
+            during = await decide_during_month(db, practices, args.concurrency)
         close, events = await close_all(db, transport, practices, args.concurrency)
         sql, publish = await bare_baseline(db, transport, bare_topic)
         async with db.engine.connect() as conn:
@@ -268,7 +291,10 @@ async def main() -> int:
         await db.dispose()
     baseline = sql + publish
     print(f"patients / entries / practices: {per * args.practices:,} / {n_entries:,} / {args.practices}")
-    print(f"month close incl. publishing:   {close:.2f} s  ({items:,} ChargeItems, {events} events, "
+    if during is not None:
+        print(f"decided during the month:       {during:.2f} s  (scheduler's refresh of every "
+              f"patient, before the close; not part of it)")
+    print(f"month close incl. publishing:   {close:.2f} s{' (cold: deciding every patient)' if args.cold else ''}  ({items:,} ChargeItems, {events} events, "
           f"invoices total ${totals:,.2f})")
     print(f"bare SQL aggregation:           {sql:.2f} s")
     print(f"bare publish of same events:    {publish:.2f} s")

@@ -16,6 +16,10 @@ class BillingSettings(BaseSettings):
     scheduler_interval_seconds: float = Field(
         300.0, gt=0, description="How often threshold alerts and overdue invoices are checked"
     )
+    decide_interval_seconds: float = Field(
+        60.0, gt=0, description="How often the decisions of open months are brought up to date "
+        "(changed patients only), so that a month close only files and invoices"
+    )
 
     ehr_push_interval_seconds: float = Field(
         10.0, gt=0, description="How often due EHR pushes of Invoices are sent"

@@ -45,9 +45,10 @@ def money(amount: Decimal) -> dict:
 
 def charge_item(
     *, id: str, practice: str, patient: str, month: Month, code: str, units: int, amount: Decimal,
-    medicare_amount: Decimal, practitioner: str | None, encounters: list[str], entered: datetime,
-    status: str = "billable",
+    medicare_amount: Decimal, practitioner: str | None, encounters: list[str],
+    entered: datetime | None, status: str = "billable",
 ) -> dict:
+    """A ChargeItem; without ``enteredDate`` when ``entered`` is None (completed at issue)."""
     resource = {
         "resourceType": "ChargeItem",
         "id": id,
@@ -61,7 +62,6 @@ def charge_item(
         "occurrencePeriod": {"start": month.first_day.isoformat(), "end": month.last_day.isoformat()},
         "quantity": {"value": units},
         "priceOverride": money(amount),
-        "enteredDate": entered.isoformat(),
         "extension": [{"url": EXT_MEDICARE, "valueMoney": money(medicare_amount)}],
         "supportingInformation": [{"reference": f"Encounter/{e}"} for e in encounters],
     }
@@ -69,6 +69,8 @@ def charge_item(
         resource["performer"] = [{"actor": {"reference": practitioner}}]
     if not encounters:
         del resource["supportingInformation"]
+    if entered is not None:
+        resource["enteredDate"] = entered.isoformat()
     return resource
 
 

@@ -55,7 +55,8 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("practitioner_role", String(80), nullable=True),
         Column("role_codes", Text, nullable=False, default="[]"),
         Column("warnings", Text, nullable=False, default="[]"),
-        Column("locked", Boolean, nullable=False, default=False),  # counted by a closed period
+        # Unused since billing_0005: the close's decision filings are the lock record.
+        Column("locked", Boolean, nullable=False, default=False),
         Column("late", Boolean, nullable=False, default=False),  # logged after its month closed
         Index("ix_time_entries_month", "practice", "month"),
         patient_nullable=True,  # a reversal can arrive before anything else about the entry
@@ -203,10 +204,59 @@ def add_ehr_tables(metadata: MetaData) -> dict[str, Table]:
     }
 
 
+def add_decision_cache_tables(metadata: MetaData) -> dict[str, Table]:
+    """Version 4: decisions kept current during the month (migration billing_0005).
+
+    ``fact_generations`` counts changes to a patient's facts (the projections bump it in the
+    transaction that changes them); a cached decision records the generation it was decided at,
+    so a decision whose generation, duplicate-biller flag or practice context is not current is
+    never used: it is decided again. The cache is an accelerator, never a source of truth.
+    """
+    return {
+        "fact_generations": Table(
+            "fact_generations", metadata,
+            Column("practice", String(TENANT), nullable=False),
+            Column("patient", String(REF_ID), nullable=False),
+            Column("generation", Integer, nullable=False),
+            PrimaryKeyConstraint("practice", "patient"),
+        ),
+        "month_decisions": Table(
+            "month_decisions", metadata,
+            Column("practice", String(TENANT), nullable=False),
+            Column("month", String(7), nullable=False),
+            Column("patient", String(REF_ID), nullable=False),
+            Column("generation", Integer, nullable=False),  # fact generation decided at
+            Column("context", String(64), nullable=False),  # rules, options, pricing, roles
+            Column("duplicate", Boolean, nullable=False),  # the duplicate-biller fact used
+            Column("billable", Boolean, nullable=False),
+            Column("codes", Text, nullable=False),  # JSON {code: units}
+            Column("blockers", Text, nullable=False),  # JSON [blocker]
+            Column("staff_seconds", Integer, nullable=False),
+            Column("practitioner_seconds", Integer, nullable=False),
+            Column("decision", Text, nullable=False),  # Decision.to_dict() as JSON
+            Column("entries", Text, nullable=False),  # the time entries as decided, JSON
+            Column("decided_at", DateTime(timezone=True), nullable=False),
+            PrimaryKeyConstraint("practice", "month", "patient"),
+        ),
+        "month_decision_lines": Table(
+            "month_decision_lines", metadata,
+            Column("practice", String(TENANT), nullable=False),
+            Column("month", String(7), nullable=False),
+            Column("patient", String(REF_ID), nullable=False),
+            Column("code", String(10), nullable=False),
+            Column("charge_item_id", String(REF_ID), nullable=False),  # of revision 0
+            Column("amount", String(20), nullable=False),
+            Column("resource", Text, nullable=False),  # the ChargeItem without enteredDate
+            PrimaryKeyConstraint("practice", "month", "patient", "code"),
+        ),
+    }
+
+
 metadata = MetaData()
 outbox, inbox, event_sequences = add_messaging_tables(metadata)
 tables = add_billing_tables(metadata)
 tables.update(add_ehr_tables(metadata))
+tables.update(add_decision_cache_tables(metadata))
 time_entries = tables["time_entries"]
 consents = tables["consents"]
 care_plans = tables["care_plans"]
@@ -226,3 +276,6 @@ decision_filings = compliance["decision_filings"]
 care_plan_reviews = compliance["care_plan_reviews"]
 ehr_endpoints = tables["ehr_endpoints"]
 ehr_deliveries = tables["ehr_deliveries"]
+fact_generations = tables["fact_generations"]
+month_decisions = tables["month_decisions"]
+month_decision_lines = tables["month_decision_lines"]

@@ -197,7 +197,7 @@ async def time_log(session: AsyncSession, info: PracticeInfo, patient: str, mont
     for row in encounters:
         versions[row.resource_id].append(row)
     projected = {r.entry_id: r for r in (await session.execute(
-        select(t.c.entry_id, t.c.late, t.c.status, t.c.locked).where(
+        select(t.c.entry_id, t.c.late, t.c.status).where(
             t.c.practice == info.id, t.c.patient == patient, t.c.month == str(month)))).all()}
     if filings:
         current = filings[-1]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="CMS CCM billing: close months, run the scheduler once.", no_args_is_help=True)
+app = typer.Typer(help="CMS CCM billing: close months, run the scheduler or the decider once.", no_args_is_help=True)
 
 
 def _runtime():  # noqa: ANN202
@@ -60,16 +60,29 @@ def close(
     typer.echo(json.dumps(result, indent=2))
 
 
+def _once(job) -> None:  # noqa: ANN001
+    async def run() -> dict:
+        runtime = _runtime()
+        try:
+            return await job(runtime)
+        finally:
+            await runtime.db.dispose()
+
+    typer.echo(json.dumps(asyncio.run(run())))
+
+
 @app.command("run-scheduler")
 def run_scheduler() -> None:
     """Send due threshold alerts and flag overdue invoices once, then exit."""
     from ccm_billing.entrypoints.jobs import run_once
 
-    async def run() -> dict:
-        runtime = _runtime()
-        try:
-            return await run_once(runtime)
-        finally:
-            await runtime.db.dispose()
+    _once(run_once)
 
-    typer.echo(json.dumps(asyncio.run(run())))
+
+@app.command("decide")
+def decide() -> None:
+    """Bring the decisions of every practice's open months up to date once (what the service's
+    decider does every CCM_BILLING_DECIDE_INTERVAL_SECONDS), then exit; prints the counts."""
+    from ccm_billing.entrypoints.jobs import decide_open_months
+
+    _once(decide_open_months)

@@ -1,15 +1,21 @@
-"""Scheduled work: mid-month threshold alerts and overdue invoices, per practice."""
+"""Scheduled work: mid-month threshold alerts and overdue invoices, per practice; decisions of
+open months kept current; EHR pushes."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import structlog
 
+from ccm_billing.domain.model import Month
+from ccm_billing.domain.rules.ruleset import RulesetMissing
+from ccm_billing.service_layer import corrections, decision_cache
 from ccm_billing.service_layer.common import all_practices
 from ccm_billing.service_layer.ehr import deliver_due
 from ccm_billing.service_layer.invoicing import mark_overdue
 from ccm_billing.service_layer.worklist import send_threshold_alerts
+from ccm_shared.errors import AppError
 from ccm_shared.service import BackgroundJob, sleep_unless_stopped
 
 log = structlog.get_logger(__name__)
@@ -28,6 +34,35 @@ async def run_once(runtime) -> dict[str, int]:  # noqa: ANN001
             overdue += await mark_overdue(uow, info, now)
             await uow.commit()
     return {"alerts": alerts, "overdue": overdue}
+
+
+async def decide_open_months(runtime) -> dict[str, int]:  # noqa: ANN001
+    """Keep the decisions of every practice's open months current (this month and, until it is
+    closed, the last), so that a close only files and invoices; drop the cached decisions of other
+    months (a month closed later than that decides its patients at close).
+    Each practice-month in its own transaction; a practice that cannot be priced is logged and
+    skipped (its close will say why)."""
+    now = runtime.clock()
+    async with runtime.db.unit_of_work() as uow:
+        practices = await all_practices(uow.session)
+    decided = failed = 0
+    for info in practices:
+        this = Month.of(info.today(now))
+        months = [str(Month.of(this.first_day - timedelta(days=1))), str(this)]
+        async with runtime.db.unit_of_work() as uow:
+            months = [m for m in months if not await corrections.is_closed(uow.session, info.id, m)]
+            await decision_cache.forget_months_except(uow, info.id, months)
+            await uow.commit()
+        for month in months:
+            try:
+                async with runtime.db.unit_of_work() as uow:
+                    decided += await decision_cache.refresh(uow, info, Month.parse(month), now)
+                    await uow.commit()
+            except (AppError, RulesetMissing) as exc:
+                failed += 1
+                log.warning("practice-month not decided", practice=info.id, month=month,
+                            error=type(exc).__name__)
+    return {"decided": decided, "failed": failed}
 
 
 def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001
@@ -56,4 +91,16 @@ def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001
                 log.error("ehr push pass failed", error=type(exc).__name__)
             await sleep_unless_stopped(stopping, settings.ehr_push_interval_seconds)
 
-    return [BackgroundJob("billing-scheduler", scheduler), BackgroundJob("billing-ehr-push", ehr_push)]
+    async def decider(stopping: asyncio.Event) -> None:
+        interval = runtime.service_settings().decide_interval_seconds
+        while not stopping.is_set():
+            try:
+                counts = await decide_open_months(runtime)
+                if counts["decided"] or counts["failed"]:
+                    log.info("billing decider pass", **counts)
+            except Exception as exc:  # noqa: BLE001 - the close decides whatever is left
+                log.error("billing decider pass failed", error=type(exc).__name__)
+            await sleep_unless_stopped(stopping, interval)
+
+    return [BackgroundJob("billing-scheduler", scheduler), BackgroundJob("billing-ehr-push", ehr_push),
+            BackgroundJob("billing-decider", decider)]

@@ -24,6 +24,18 @@ async def is_closed(session, practice: str, month: str | None) -> bool:  # noqa:
     return row is not None
 
 
+async def locked_at_close(session, practice: str, patient: str | None, month: str,  # noqa: ANN001
+                          entry_id: str) -> bool:
+    """Whether the entry was locked by the month's close: finished, on time, and so filed with
+    its patient's decision (the close's filing is the lock record of the month's time)."""
+    f = orm.decision_filings
+    filed = (await session.execute(
+        select(f.c.entries).where(f.c.practice == practice, f.c.patient == patient,
+                                  f.c.month == month, f.c.revision == 0))).scalar()
+    return any(e["entry"] == entry_id and e["status"] == "finished" and not e["late"]
+               for e in json.loads(filed or "[]"))
+
+
 async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str, reason: str,
                                    now: datetime) -> None:
     """Recompute every closed month in which the patient was billed."""
@@ -40,9 +52,9 @@ async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str,
 
 async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str, now: datetime) -> bool:
     """Recompute a closed month; cancel and reissue its Invoice when the lines changed."""
+    from ccm_billing.compliance.evidence import file_decisions
     from ccm_billing.service_layer import invoicing
     from ccm_billing.service_layer.common import practice_info
-    from ccm_billing.compliance.evidence import file_decisions
     from ccm_billing.service_layer.decisions import decide_month_with_facts
 
     month = Month.parse(month_text)

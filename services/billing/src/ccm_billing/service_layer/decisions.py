@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Collection
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,6 +23,7 @@ from ccm_billing.domain.roles import CLASSIFICATION_TO_ROLE, classify_codes
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
 from ccm_billing.service_layer.common import PracticeInfo
 
+NOT_ENROLLING = ("entered-in-error", "rejected")  # consents that do not enrol a patient
 CLASSIFICATION_PRIORITY = ("billing-practitioner", "clinical-staff", "non-clinical", "unknown")
 
 
@@ -81,19 +83,23 @@ async def duplicate_patients(session: AsyncSession, practice: str, month: str) -
 
 
 async def load_facts(
-    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None
+    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None,
+    patients: Collection[str] | None = None,
 ) -> list[PatientMonth]:
-    """Facts of every enrolled patient (a consent on file, or time in the month)."""
+    """Facts of every enrolled patient (a consent on file, or time in the month); only of
+    ``patient`` or of ``patients`` when given."""
     m = str(month)
     ruleset = ruleset_for(month)
     code_sets = ruleset.code_sets
     by_role, by_practitioner = await _roles(session, info.id)
     t, c, cp, cond = orm.time_entries, orm.consents, orm.care_plans, orm.conditions
+    if patient is not None:
+        patients = (patient,)
 
     def scoped(table, column="patient"):  # noqa: ANN001, ANN202
         cond_ = [table.c.practice == info.id]
-        if patient is not None:
-            cond_.append(table.c[column] == patient)
+        if patients is not None:
+            cond_.append(table.c[column].in_(list(patients)))
         return cond_
 
     entries: dict[str, list[TimeEntry]] = defaultdict(list)
@@ -139,7 +145,7 @@ async def load_facts(
     )
     duplicates = await duplicate_patients(session, info.id, m)
     enrolled = set(entries) | {p for p, cs in consents.items()
-                               if any(x.status not in ("entered-in-error", "rejected") for x in cs)}
+                               if any(x.status not in NOT_ENROLLING for x in cs)}
     return [
         PatientMonth(
             patient=p, month=month, timezone=info.timezone, entries=tuple(entries.get(p, ())),
@@ -167,10 +173,11 @@ async def decide_month(
 
 
 async def decide_month_with_facts(
-    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None
+    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None,
+    patients: Collection[str] | None = None,
 ) -> tuple[list[PatientMonth], list[Decision]]:
     """The facts loaded and the decision on each (the facts are filed with the decisions)."""
-    facts = await load_facts(session, info, month, patient=patient)
+    facts = await load_facts(session, info, month, patient=patient, patients=patients)
     ruleset = ruleset_for(month)
     options = practice_options(info)
     decide = PROGRAMS["CCM"]

@@ -12,14 +12,21 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, literal, select, update
 
 from ccm_billing.adapters import fhir, orm
-from ccm_billing.compliance.evidence import file_decisions
 from ccm_billing.domain.model import Decision, Month
-from ccm_billing.domain.pricing import ChargeLine, PricingInvalid, price_lines, total
+from ccm_billing.domain.pricing import total
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.domain.rules.ruleset import RulesetMissing
+from ccm_billing.service_layer import decision_cache
+from ccm_billing.service_layer.charges import (  # noqa: F401 - priced_lines: part of this API
+    PricedLine,
+    charge_item_stub,
+    entered,
+    entered_suffix,
+    priced_lines,
+)
 from ccm_billing.service_layer.common import (
     SOURCE,
     PracticeInfo,
@@ -27,7 +34,6 @@ from ccm_billing.service_layer.common import (
     next_practice_sequence,
     practice_info,
 )
-from ccm_billing.service_layer.decisions import decide_month_with_facts
 from ccm_billing.service_layer.ehr import queue_delivery
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import Conflict, InvalidInput, NotFound
@@ -37,51 +43,41 @@ ZERO = Decimal("0.00")
 
 
 @dataclass(frozen=True)
-class PricedLine:
-    patient: str
-    code: str
-    units: int
-    medicare_amount: Decimal
-    amount: Decimal
-    practitioner: str | None
-    encounters: tuple[str, ...]
+class DecisionGroup:
+    """Decisions alike in codes, blockers and billability, summed: what a summary counts."""
 
+    codes: dict[str, int]
+    blockers: tuple[str, ...]
+    billable: bool
+    patients: int
+    staff_seconds: int
+    practitioner_seconds: int
 
-def priced_lines(info: PracticeInfo, month: Month, decisions: list[Decision]) -> list[PricedLine]:
-    """One line per billable patient × code, priced by the practice's contract."""
-    ruleset = ruleset_for(month)
-    raw = []
-    for d in decisions:
-        if not d.billable:
-            continue
-        for code, units in sorted(d.codes.items()):
-            raw.append((d, ChargeLine(d.patient, code, units, ruleset.fee(code))))
-    try:
-        amounts = price_lines([line for _, line in raw], info.contract())
-    except PricingInvalid as exc:
-        raise InvalidInput(f"practice {info.id}: {exc}") from None
-    return [
-        PricedLine(line.patient, line.code, line.units, line.medicare_unit * line.units, amount,
-                   d.practitioner, d.counted)
-        for (d, line), amount in zip(raw, amounts, strict=True)
-    ]
+    @classmethod
+    def of(cls, d: Decision) -> DecisionGroup:
+        return cls(d.codes, d.blockers, d.billable, 1, d.seconds["staff"], d.seconds["practitioner"])
 
 
 def summary(month: Month, decisions: list[Decision], total_net: Decimal, invoice_id: str | None) -> dict:
+    return summary_of(month, [DecisionGroup.of(d) for d in decisions], total_net, invoice_id)
+
+
+def summary_of(month: Month, groups: list[DecisionGroup], total_net: Decimal,
+               invoice_id: str | None) -> dict:
     codes: Counter = Counter()
     blockers: Counter = Counter()
-    for d in decisions:
-        codes.update(d.codes)
-        blockers.update(d.blockers)
+    for g in groups:
+        codes.update({c: n * g.patients for c, n in g.codes.items()})
+        blockers.update({b: g.patients for b in g.blockers})
     return {
         "month": str(month),
         "invoiceId": invoice_id,
-        "patientsEnrolled": len(decisions),
-        "patientsBillable": sum(1 for d in decisions if d.billable),
-        "patientsBlocked": sum(1 for d in decisions if not d.billable),
+        "patientsEnrolled": sum(g.patients for g in groups),
+        "patientsBillable": sum(g.patients for g in groups if g.billable),
+        "patientsBlocked": sum(g.patients for g in groups if not g.billable),
         "minutes": {
-            "staff": sum(d.seconds["staff"] for d in decisions) // 60,
-            "practitioner": sum(d.seconds["practitioner"] for d in decisions) // 60,
+            "staff": sum(g.staff_seconds for g in groups) // 60,
+            "practitioner": sum(g.practitioner_seconds for g in groups) // 60,
         },
         "codes": dict(sorted(codes.items())),
         "blockers": dict(sorted(blockers.items())),
@@ -125,19 +121,24 @@ async def issue_invoice(
     inv_id = fhir.invoice_id(info.id, month, revision)
     items, refs = [], []
     for line in lines:
-        ci_id = fhir.charge_item_id(info.id, line.patient, month, line.code, revision)
-        resource = fhir.charge_item(
-            id=ci_id, practice=info.id, patient=line.patient, month=month, code=line.code,
-            units=line.units, amount=line.amount, medicare_amount=line.medicare_amount,
-            practitioner=line.practitioner, encounters=list(line.encounters), entered=now,
-        )
+        ci_id, stub = charge_item_stub(info.id, month, line, revision)
         items.append({
             "id": ci_id, "practice": info.id, "invoice_id": inv_id, "patient": line.patient,
             "month": str(month), "code": line.code, "status": "billable",
-            "amount": f"{line.amount:.2f}", "resource": json.dumps(resource, separators=(",", ":")),
+            "amount": f"{line.amount:.2f}", "resource": entered(stub, now),
         })
         refs.append((ci_id, line.amount))
-    total_net = total([line.amount for line in lines])
+    await bulk_insert(uow.session, orm.charge_items, items)
+    return await _invoice(uow, info, month, refs, revision=revision, now=now, replaces=replaces)
+
+
+async def _invoice(
+    uow: UnitOfWork, info: PracticeInfo, month: Month, refs: list[tuple[str, Decimal]], *,
+    revision: int, now: datetime, replaces: str | None = None,
+) -> dict:
+    """The issued Invoice over ChargeItems already written (id, amount, in line order)."""
+    inv_id = fhir.invoice_id(info.id, month, revision)
+    total_net = total([amount for _, amount in refs])
     due = info.today(now) + timedelta(days=info.contract().due_days)
     resource = fhir.invoice(
         id=inv_id, practice=info.id, practice_name=info.name, month=month, revision=revision,
@@ -150,17 +151,18 @@ async def issue_invoice(
         "replaced_by": None, "cancel_reason": None,
         "resource": json.dumps(resource, separators=(",", ":")),
     }
-    await bulk_insert(uow.session, orm.charge_items, items)
     await uow.session.execute(insert(orm.invoices).values(**row))
     await _publish_invoice(uow, "billing.invoice.issued.v1", row, resource, now)
     await queue_delivery(uow, info.id, inv_id, now)
     return row
 
 
-async def get_period(session, practice: str, month: Month):  # noqa: ANN001, ANN201
+async def get_period(session, practice: str, month: Month, *, decisions: bool = True):  # noqa: ANN001, ANN201
+    """The closed period's row; without its (large) decisions document unless asked for."""
     p = orm.billing_periods
+    columns = p.c if decisions else [c for c in p.c if c.name != "decisions"]
     return (
-        await session.execute(select(p).where(p.c.practice == practice, p.c.month == str(month)))
+        await session.execute(select(*columns).where(p.c.practice == practice, p.c.month == str(month)))
     ).first()
 
 
@@ -208,9 +210,11 @@ def invoice_view(row) -> dict:  # noqa: ANN001
 async def close_period(uow: UnitOfWork, practice: str, month: Month, now: datetime) -> dict:
     """Close a practice-month: decide, lock its time, issue ChargeItems and the Invoice.
 
-    Idempotent: closing a closed month answers the result of the first close.
+    Idempotent: closing a closed month answers the result of the first close. Every patient's
+    decision comes from the decision cache after it is made current (decision_cache.refresh);
+    filing, ChargeItems and the period's decisions are then written set-based in the database.
     """
-    existing = await get_period(uow.session, practice, month)
+    existing = await get_period(uow.session, practice, month, decisions=False)
     if existing is not None:
         inv = await get_invoice_row(uow.session, existing.invoice_id) if existing.invoice_id else None
         return close_result(existing, inv)
@@ -224,35 +228,57 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
         ruleset_for(month)
     except RulesetMissing as exc:
         raise InvalidInput(str(exc)) from None
-    facts, decisions = await decide_month_with_facts(uow.session, info, month)
-    lines = priced_lines(info, month, decisions)
-    await file_decisions(uow, practice, month, facts, decisions, reason="closed", now=now)
+    await decision_cache.refresh(uow, info, month, now)
+    session, m = uow.session, str(month)
+    md, ln = orm.month_decisions, orm.month_decision_lines
+    mine = (md.c.practice == practice, md.c.month == m)
+    f = orm.decision_filings
+    await session.execute(insert(f).from_select(
+        ["practice", "patient", "month", "revision", "filed_at", "reason", "decision", "entries"],
+        select(md.c.practice, md.c.patient, md.c.month, literal(0), literal(now, f.c.filed_at.type),
+               literal("closed"), md.c.decision, md.c.entries).where(*mine)))
+    refs = (await session.execute(
+        select(ln.c.patient, ln.c.code, ln.c.charge_item_id, ln.c.amount)
+        .where(ln.c.practice == practice, ln.c.month == m))).all()
+    refs.sort(key=lambda r: (r.patient, r.code))
     inv_row = None
-    if lines:
-        inv_row = await issue_invoice(uow, info, month, lines, revision=0, now=now)
-    t = orm.time_entries
-    await uow.session.execute(
-        update(t)
-        .where(t.c.practice == practice, t.c.month == str(month), t.c.status == "finished",
-               t.c.late.is_(False))
-        .values(locked=True)
-    )
-    total_net = total([line.amount for line in lines])
-    data = summary(month, decisions, total_net, inv_row["id"] if inv_row else None)
-    data["practiceSequence"] = await next_practice_sequence(uow.session, practice)
-    await uow.session.execute(
-        insert(orm.billing_periods).values(
-            practice=practice, month=str(month), status="closed", closed_at=now,
-            invoice_id=inv_row["id"] if inv_row else None,
-            decisions=json.dumps([d.to_dict() for d in decisions], separators=(",", ":")),
-            summary=json.dumps(data),
-        )
-    )
+    if refs:
+        inv_id = fhir.invoice_id(practice, month, 0)
+        ci = orm.charge_items
+        await session.execute(insert(ci).from_select(
+            ["id", "practice", "invoice_id", "patient", "month", "code", "status", "amount", "resource"],
+            select(ln.c.charge_item_id, ln.c.practice, literal(inv_id), ln.c.patient, ln.c.month,
+                   ln.c.code, literal("billable"), ln.c.amount,
+                   func.substr(ln.c.resource, 1, func.length(ln.c.resource) - 1)
+                   + literal(entered_suffix(now)))
+            .where(ln.c.practice == practice, ln.c.month == m)))
+        inv_row = await _invoice(uow, info, month, [(r.charge_item_id, Decimal(r.amount)) for r in refs],
+                                 revision=0, now=now)
+    # The month's time is now locked: the filings above record every entry as decided (an entry
+    # logged or revised later is marked late, or corrects the month; corrections.locked_at_close).
+    groups = [
+        DecisionGroup(json.loads(r.codes), tuple(json.loads(r.blockers)), r.billable, r.n,
+                      r.staff or 0, r.practitioner or 0)
+        for r in (await session.execute(
+            select(md.c.codes, md.c.blockers, md.c.billable, func.count().label("n"),
+                   func.sum(md.c.staff_seconds).label("staff"),
+                   func.sum(md.c.practitioner_seconds).label("practitioner"))
+            .where(*mine).group_by(md.c.codes, md.c.blockers, md.c.billable))).all()
+    ]
+    total_net = total([Decimal(r.amount) for r in refs])
+    data = summary_of(month, groups, total_net, inv_row["id"] if inv_row else None)
+    data["practiceSequence"] = await next_practice_sequence(session, practice)
+    p = orm.billing_periods
+    await session.execute(insert(p).from_select(
+        ["practice", "month", "status", "closed_at", "invoice_id", "decisions", "summary"],
+        select(literal(practice), literal(m), literal("closed"), literal(now, p.c.closed_at.type),
+               literal(inv_row["id"] if inv_row else None, p.c.invoice_id.type),
+               decision_cache.decisions_document(session, practice, m), literal(json.dumps(data)))))
     await uow.outbox.add(
         "billing.period.closed.v1", _event("billing.period.closed.v1", practice, f"Organization/{practice}", data, now)
     )
-    period = await get_period(uow.session, practice, month)
-    inv = await get_invoice_row(uow.session, inv_row["id"]) if inv_row else None
+    period = await get_period(session, practice, month, decisions=False)
+    inv = await get_invoice_row(session, inv_row["id"]) if inv_row else None
     return close_result(period, inv)
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import or_, select, update
 from ccm_billing.adapters import orm
 from ccm_billing.compliance import evidence
 from ccm_billing.domain.model import Month
-from ccm_billing.service_layer import corrections
+from ccm_billing.service_layer import corrections, decision_cache
 from ccm_billing.service_layer.common import insert_for, parse_day, parse_instant, practice_info
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import NotFound
@@ -65,6 +65,15 @@ async def _upsert(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # 
     return (await uow.session.execute(stmt)).first() is not None
 
 
+async def _upsert_fact(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # noqa: ANN001
+    """``_upsert`` of a patient's fact; a fact that moves to another patient also changes the
+    facts of the patient it leaves."""
+    where = [table.c[k] == v for k, v in keys.items()]
+    before = (await uow.session.execute(select(table.c.patient).where(*where))).scalar()
+    await _moved(uow, keys["practice"], before, values["patient"])
+    return await _upsert(uow, table, keys, values)
+
+
 async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # noqa: ANN001
     """Apply one ingest event to the projections (and correct closed periods it changes)."""
     if event.type == evidence.REVIEW_COMPLETED:
@@ -77,6 +86,8 @@ async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # no
         log.info("event type not projected", type=event.type)
         return
     await handler(event.tenant, event.data, uow, now)
+    # Whatever the event changed, the patient's cached decisions are no longer current.
+    await decision_cache.bump_generation(uow, event.tenant, ref_id(event.data.get("patient")))
 
 
 async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
@@ -91,11 +102,17 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
     t = orm.time_entries
     existing = (
         await uow.session.execute(
-            select(t.c.locked, t.c.month).where(t.c.practice == practice, t.c.entry_id == entry_id)
+            select(t.c.month, t.c.patient)
+            .where(t.c.practice == practice, t.c.entry_id == entry_id)
         )
     ).first()
+    if existing is not None:
+        await _moved(uow, practice, existing.patient, ref_id(d["patient"]))
     closed = await corrections.is_closed(uow.session, practice, month)
-    late = closed and not (existing is not None and existing.locked and existing.month == month)
+    late = closed and not (
+        existing is not None and existing.month == month
+        and await corrections.locked_at_close(uow.session, practice, existing.patient, month, entry_id)
+    )
     version = version_key(d["source"])
     details = {
         "patient": ref_id(d["patient"]),
@@ -127,19 +144,27 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
         await corrections.recompute(uow, practice, month, "time entry revised after close", now)
 
 
+async def _moved(uow: UnitOfWork, practice: str, before: str | None, patient: str | None) -> None:
+    """A resource that moved to another patient changes the facts of the one it left too."""
+    if before and before != patient:
+        await decision_cache.bump_generation(uow, practice, before)
+
+
 async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     t = orm.time_entries
     entry_id = ref_id(d["entry"])
     existing = (
         await uow.session.execute(
-            select(t.c.month).where(t.c.practice == practice, t.c.entry_id == entry_id)
+            select(t.c.month, t.c.patient).where(t.c.practice == practice, t.c.entry_id == entry_id)
         )
     ).first()
+    if existing is not None:
+        await _moved(uow, practice, existing.patient, ref_id(d["patient"]))
     month = existing.month if existing is not None else d.get("serviceMonth")
     ins = insert_for(uow.session)(t).values(
         practice=practice, entry_id=entry_id, patient=ref_id(d["patient"]),
         version=version_key(d["source"]), status=d["reason"], seconds=0, month=month,
-        complex=False, role_codes="[]", warnings="[]", locked=False, late=False,
+        complex=False, role_codes="[]", warnings="[]", late=False,
     )
     stmt = ins.on_conflict_do_update(
         index_elements=["practice", "entry_id"],
@@ -153,7 +178,7 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
 
 async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
-    changed = await _upsert(
+    changed = await _upsert_fact(
         uow, orm.consents, {"practice": practice, "consent_id": ref_id(d["consent"])},
         {
             "patient": patient,
@@ -173,7 +198,7 @@ async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noq
 async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
     review = (d.get("review") or {}).get("date")
-    changed = await _upsert(
+    changed = await _upsert_fact(
         uow, orm.care_plans, {"practice": practice, "care_plan_id": ref_id(d["carePlan"])},
         {
             "patient": patient,
@@ -196,7 +221,7 @@ async def _condition(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
         and (d.get("clinicalStatus") or "") in ACTIVE_CLINICAL
         and d.get("verificationStatus") != "entered-in-error"
     )
-    await _upsert(
+    await _upsert_fact(
         uow, orm.conditions, {"practice": practice, "condition_id": ref_id(d["condition"])},
         {"patient": ref_id(d["patient"]), "version": version_key(d["source"]), "counts": counts},
     )

@@ -1,0 +1,67 @@
+"""Charge lines of a month: one per billable patient × code, priced by the practice's contract."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from ccm_billing.adapters import fhir
+from ccm_billing.domain.model import Decision, Month
+from ccm_billing.domain.pricing import ChargeLine, PricingInvalid, price_lines
+from ccm_billing.domain.rules import ruleset_for
+from ccm_billing.service_layer.common import PracticeInfo
+from ccm_shared.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class PricedLine:
+    patient: str
+    code: str
+    units: int
+    medicare_amount: Decimal
+    amount: Decimal
+    practitioner: str | None
+    encounters: tuple[str, ...]
+
+
+def priced_lines(info: PracticeInfo, month: Month, decisions: list[Decision]) -> list[PricedLine]:
+    """One line per billable patient × code, priced by the practice's contract."""
+    ruleset = ruleset_for(month)
+    raw = []
+    for d in decisions:
+        if not d.billable:
+            continue
+        for code, units in sorted(d.codes.items()):
+            raw.append((d, ChargeLine(d.patient, code, units, ruleset.fee(code))))
+    try:
+        amounts = price_lines([line for _, line in raw], info.contract())
+    except PricingInvalid as exc:
+        raise InvalidInput(f"practice {info.id}: {exc}") from None
+    return [
+        PricedLine(line.patient, line.code, line.units, line.medicare_unit * line.units, amount,
+                   d.practitioner, d.counted)
+        for (d, line), amount in zip(raw, amounts, strict=True)
+    ]
+
+
+def charge_item_stub(practice: str, month: Month, line: PricedLine, revision: int) -> tuple[str, str]:
+    """The ChargeItem of a line as compact JSON without its ``enteredDate`` (known only when the
+    Invoice is issued; ``entered`` completes it): (its id, the JSON)."""
+    ci_id = fhir.charge_item_id(practice, line.patient, month, line.code, revision)
+    resource = fhir.charge_item(
+        id=ci_id, practice=practice, patient=line.patient, month=month, code=line.code,
+        units=line.units, amount=line.amount, medicare_amount=line.medicare_amount,
+        practitioner=line.practitioner, encounters=list(line.encounters), entered=None,
+    )
+    return ci_id, json.dumps(resource, separators=(",", ":"))
+
+
+def entered_suffix(entered: datetime) -> str:
+    """What replaces a stub's closing brace: the entered date, then the brace."""
+    return f',"enteredDate":{json.dumps(entered.isoformat())}}}'
+
+
+def entered(stub: str, when: datetime) -> str:
+    return stub[:-1] + entered_suffix(when)

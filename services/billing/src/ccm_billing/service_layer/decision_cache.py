@@ -1,0 +1,186 @@
+"""Decisions kept current during the month, so that closing a month is set-based.
+
+The projections bump a patient's *fact generation* in the transaction that changes the patient's
+facts. ``refresh`` decides every enrolled patient of a practice-month whose cached decision is
+missing or no longer current — its generation, its duplicate-biller fact or the practice context
+(rules data, practice options, pricing, time zone, performer roles) differ — and stores the
+decision, the entries it was decided on and its priced ChargeItem lines. The generation is read
+before the facts, so a change committed while a refresh runs leaves the cached decision behind its
+generation: it is decided again, never used stale.
+
+The billing scheduler refreshes open months in the background; a month close refreshes first
+(whatever is still not current is decided then) and then files, prices and invoices from the
+cache with set-based statements. The cache is an accelerator, never a source of truth: emptied,
+the close decides every patient itself and reaches the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+
+from sqlalchemy import and_, delete, func, literal, select, text
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ccm_billing.adapters import orm
+from ccm_billing.compliance.evidence import entries_of
+from ccm_billing.domain.model import Month
+from ccm_billing.domain.rules import PROGRAMS, ruleset_for
+from ccm_billing.service_layer.charges import charge_item_stub, priced_lines
+from ccm_billing.service_layer.common import PracticeInfo, bulk_insert, insert_for
+from ccm_billing.service_layer.decisions import (
+    NOT_ENROLLING,
+    duplicate_patients,
+    load_facts,
+    practice_options,
+)
+from ccm_shared.db import UnitOfWork
+
+# Bump when a code change alters what is decided for the same facts: every cached decision then
+# stops being current and is decided again.
+CACHE_VERSION = "1"
+CHUNK = 2000  # patients decided per round trip of fact loading
+COMPACT = (",", ":")
+
+
+async def bump_generation(uow: UnitOfWork, practice: str, patient: str | None) -> None:
+    """Record that a patient's facts changed (call in the transaction that changes them)."""
+    if not patient:
+        return
+    g = orm.fact_generations
+    ins = insert_for(uow.session)(g).values(practice=practice, patient=patient, generation=1)
+    await uow.session.execute(
+        ins.on_conflict_do_update(index_elements=["practice", "patient"],
+                                  set_={"generation": g.c.generation + 1})
+    )
+
+
+async def context_key(session: AsyncSession, info: PracticeInfo, month: Month) -> str:
+    """What, besides a patient's own facts, a decision and its lines depend on."""
+    r = orm.practitioner_roles
+    roles = (await session.execute(
+        select(r.c.role_id, r.c.practitioner, r.c.classification, r.c.active)
+        .where(r.c.practice == info.id))).all()
+    parts = [CACHE_VERSION, repr(ruleset_for(month)), info.timezone,
+             json.dumps(info.pricing, sort_keys=True), sorted(tuple(x) for x in roles)]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+def enrolled_query(practice: str, month: str):  # noqa: ANN201
+    """Patients with time in the month or a consent on file (whom load_facts decides)."""
+    t, c = orm.time_entries, orm.consents
+    timed = select(t.c.patient.label("patient")).where(
+        t.c.practice == practice, t.c.month == month, t.c.patient.is_not(None), t.c.start.is_not(None))
+    consented = select(c.c.patient).where(c.c.practice == practice, c.c.status.not_in(NOT_ENROLLING))
+    return timed.union(consented)
+
+
+async def _serialise(session: AsyncSession, practice: str, month: str) -> None:
+    """One refresh of a practice-month at a time (the scheduler's and a close's)."""
+    if session.bind.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"decide:{practice}:{month}".encode()).digest()[:8],
+                             "big", signed=True)
+        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+
+async def _delete(session: AsyncSession, practice: str, month: str, patients: list[str],
+                  everyone: bool) -> None:
+    for table in (orm.month_decisions, orm.month_decision_lines):
+        where = [table.c.practice == practice, table.c.month == month]
+        if everyone:
+            await session.execute(delete(table).where(*where))
+            continue
+        for i in range(0, len(patients), CHUNK):
+            await session.execute(delete(table).where(*where, table.c.patient.in_(patients[i:i + CHUNK])))
+
+
+async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: datetime) -> int:
+    """Decide the enrolled patients whose cached decision is not current; drop cached decisions
+    of patients no longer enrolled. Returns how many patients were decided. Raises InvalidInput
+    when the practice's contract cannot price a billable line."""
+    session, m = uow.session, str(month)
+    await _serialise(session, info.id, m)
+    context = await context_key(session, info, month)
+    g, md = orm.fact_generations, orm.month_decisions
+    duplicates = await duplicate_patients(session, info.id, m)
+    # One statement reads each patient's generation with whether its cached decision is current:
+    # a fact committed after it makes the decision stored below not current (decided again).
+    enrolled = enrolled_query(info.id, m).subquery()
+    generation = func.coalesce(g.c.generation, 0)
+    current = and_(md.c.patient.is_not(None), md.c.generation == generation, md.c.context == context,
+                   md.c.duplicate == enrolled.c.patient.in_(sorted(duplicates)))
+    rows = (await session.execute(
+        select(enrolled.c.patient, generation, current)
+        .outerjoin(g, and_(g.c.practice == info.id, g.c.patient == enrolled.c.patient))
+        .outerjoin(md, and_(md.c.practice == info.id, md.c.month == m,
+                            md.c.patient == enrolled.c.patient)))).all()
+    n_enrolled = len(rows)
+    stale = sorted(p for p, _, ok in rows if not ok)
+    generations = {p: gen for p, gen, ok in rows if not ok}
+    gone = list((await session.execute(
+        select(md.c.patient).where(md.c.practice == info.id, md.c.month == m,
+                                   md.c.patient.not_in(enrolled_query(info.id, m))))).scalars())
+    if not stale and not gone:
+        return 0
+    everyone = len(stale) == n_enrolled
+    await _delete(session, info.id, m, stale + gone, everyone)
+    # Most of the month stale (a first pass, a new ruleset): load the practice at once.
+    whole = len(stale) * 2 > n_enrolled
+    chunks = [None] if whole else [stale[i:i + CHUNK] for i in range(0, len(stale), CHUNK)]
+    wanted = set(stale)
+    for chunk in chunks:
+        facts = await load_facts(session, info, month, patients=chunk)
+        if whole:
+            facts = [f for f in facts if f.patient in wanted]
+        await _store(session, info, month, facts, generations, context, now)
+    return len(stale)
+
+
+async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts: list,
+                 generations: dict, context: str, now: datetime) -> None:
+    ruleset, options, decide = ruleset_for(month), practice_options(info), PROGRAMS["CCM"]
+    decisions = [decide(f, ruleset, options) for f in facts]
+    m = str(month)
+    rows = []
+    for f, d in zip(facts, decisions, strict=True):
+        rows.append({
+            "practice": info.id, "month": m, "patient": d.patient,
+            "generation": generations.get(d.patient, 0), "context": context,
+            "duplicate": f.duplicate_biller, "billable": d.billable,
+            "codes": json.dumps(dict(sorted(d.codes.items())), separators=COMPACT),
+            "blockers": json.dumps(list(d.blockers), separators=COMPACT),
+            "staff_seconds": d.seconds["staff"], "practitioner_seconds": d.seconds["practitioner"],
+            "decision": json.dumps(d.to_dict(), separators=COMPACT),
+            "entries": json.dumps(entries_of(f), separators=COMPACT),
+            "decided_at": now,
+        })
+    lines = []
+    for line in priced_lines(info, month, decisions):
+        ci_id, stub = charge_item_stub(info.id, month, line, revision=0)
+        lines.append({"practice": info.id, "month": m, "patient": line.patient, "code": line.code,
+                      "charge_item_id": ci_id, "amount": f"{line.amount:.2f}", "resource": stub})
+    await bulk_insert(session, orm.month_decisions, rows)
+    await bulk_insert(session, orm.month_decision_lines, lines)
+
+
+def decisions_document(session: AsyncSession, practice: str, month: str):  # noqa: ANN201
+    """SQL for the JSON list of a practice-month's cached decisions, in patient order (Python's
+    code-point order), built in the database."""
+    md = orm.month_decisions
+    mine = (md.c.practice == practice, md.c.month == month)
+    if session.bind.dialect.name == "postgresql":
+        joined = func.string_agg(md.c.decision, aggregate_order_by(literal(","), md.c.patient.collate("C")))
+        return select(literal("[") + func.coalesce(joined, "") + literal("]")).where(*mine).scalar_subquery()
+    ordered = select(md.c.decision).where(*mine).order_by(md.c.patient).subquery()
+    joined = func.group_concat(ordered.c.decision, ",")
+    return select(literal("[") + func.coalesce(joined, "") + literal("]")).scalar_subquery()
+
+
+async def forget_months_except(uow: UnitOfWork, practice: str, keep: list[str]) -> None:
+    """Drop the practice's cached decisions of every month but ``keep`` (closed months are
+    filed; a month closed late decides its patients at close)."""
+    for table in (orm.month_decisions, orm.month_decision_lines):
+        await uow.session.execute(
+            delete(table).where(table.c.practice == practice, table.c.month.not_in(keep)))

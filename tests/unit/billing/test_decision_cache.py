@@ -1,0 +1,222 @@
+"""The decision cache (decisions kept current during the month) never changes what is billed.
+
+Property: the same events delivered to two databases, one refreshing its cache at arbitrary points
+between events (as the scheduler does) and one never, close to identical results — decisions,
+filings, ChargeItems, Invoice, summary — equal to deciding the month directly. Examples: a refresh
+decides only the patients whose facts, duplicate-biller fact or practice context changed.
+"""
+
+import asyncio
+import json
+import tempfile
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select, update
+
+from ccm_billing.adapters import orm
+from ccm_billing.entrypoints.consumers import consumers
+from ccm_billing.service_layer import decision_cache
+from ccm_billing.service_layer.common import practice_info
+from ccm_billing.service_layer.decisions import decide_month
+from ccm_billing.service_layer.invoicing import close_period
+from ccm_shared.tables import practices
+from tests.unit.billing import events as ev
+from tests.unit.billing.test_properties import CLOSE_AT, MARCH, _fresh_db, _Runtime
+
+PATIENTS = 3
+
+
+def _start(practice: str = "alpha") -> list:
+    events = [ev.role(practice, "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1")]
+    for n in range(PATIENTS):
+        events += ev.enrolled_patient(practice, f"p{n}")
+    return events
+
+
+class _Script:
+    """Turns generated operations into ingest events with increasing source versions."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, int] = {}
+        self.entry_patient: dict[int, int] = {}
+
+    def version(self, key: str) -> int:
+        self.versions[key] = self.versions.get(key, 1) + 1
+        return self.versions[key]
+
+    def event(self, op: tuple):  # noqa: ANN201
+        kind = op[0]
+        if kind == "log":
+            _, entry, patient, seconds, day, doc = op
+            self.entry_patient[entry] = patient
+            return ev.time_logged(
+                "alpha", f"p{patient}", f"e{entry}", seconds, f"2025-03-{day:02d}T10:00:00-04:00",
+                version=self.version(f"e{entry}"),
+                practitioner="Practitioner/doc-1" if doc else "Practitioner/nurse-1",
+                role="PractitionerRole/doc-1" if doc else "PractitionerRole/nurse-1")
+        if kind == "reverse":
+            entry = op[1]
+            return ev.time_reversed("alpha", f"p{self.entry_patient.get(entry, 0)}", f"e{entry}",
+                                    version=self.version(f"e{entry}"), month="2025-03")
+        if kind == "consent":
+            _, patient, status = op
+            return ev.consent("alpha", f"p{patient}", f"c-p{patient}", status=status,
+                              version=self.version(f"c{patient}"))
+        if kind == "plan":
+            _, patient, status = op
+            return ev.care_plan("alpha", f"p{patient}", f"cp-p{patient}", status=status,
+                                version=self.version(f"cp{patient}"))
+        _, classification = op
+        return ev.role("alpha", "doc-1", classification, practitioner="Practitioner/doc-1",
+                       version=self.version("doc-1"))
+
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("log"), st.integers(0, 4), st.integers(0, PATIENTS - 1),
+              st.integers(60, 1500), st.integers(1, 28), st.booleans()),
+    st.tuples(st.just("reverse"), st.integers(0, 4)),
+    st.tuples(st.just("consent"), st.integers(0, PATIENTS - 1),
+              st.sampled_from(["active", "inactive", "entered-in-error"])),
+    st.tuples(st.just("plan"), st.integers(0, PATIENTS - 1), st.sampled_from(["active", "revoked"])),
+    st.tuples(st.just("role"), st.sampled_from(["clinical-staff", "billing-practitioner"])),
+), min_size=1, max_size=20)
+REFRESHES = st.sets(st.integers(0, 20), max_size=8)  # the warm run refreshes after these ops
+
+
+async def _refresh(db) -> int:  # noqa: ANN001
+    async with db.unit_of_work() as uow:
+        info = await practice_info(uow.session, "alpha")
+        n = await decision_cache.refresh(uow, info, MARCH, CLOSE_AT)
+        await uow.commit()
+    return n
+
+
+async def _run(ops: list, warm: bool, refreshes: set[int] = frozenset()) -> dict:
+    script = _Script()
+    steps = [*_start(), "refresh"]  # the scheduler has decided everyone before the ops
+    for n, op in enumerate(ops):
+        steps.append(script.event(op))
+        if n in refreshes:
+            steps.append("refresh")
+    with tempfile.TemporaryDirectory() as folder:
+        db = await _fresh_db(folder)
+        handler = consumers(_Runtime(db))[0].handler
+        try:
+            for step in steps:
+                if step == "refresh":
+                    if warm:
+                        await _refresh(db)
+                    continue
+                async with db.unit_of_work() as uow:
+                    await handler(step, uow)
+                    await uow.commit()
+            async with db.unit_of_work() as uow:
+                direct = [d.to_dict() for d in
+                          await decide_month(uow.session, await practice_info(uow.session, "alpha"), MARCH)]
+            async with db.unit_of_work() as uow:
+                result = await close_period(uow, "alpha", MARCH, CLOSE_AT)
+                await uow.commit()
+            async with db.unit_of_work() as uow:
+                s = uow.session
+                period = (await s.execute(select(orm.billing_periods))).one()
+                items = (await s.execute(select(orm.charge_items).order_by(orm.charge_items.c.id))).all()
+                filings = (await s.execute(select(orm.decision_filings)
+                                           .order_by(orm.decision_filings.c.patient))).all()
+                invoices = (await s.execute(select(orm.invoices))).all()
+            return {
+                "direct": direct, "result": result, "decisions": json.loads(period.decisions),
+                "summary": period.summary,
+                "items": [(r.id, r.patient, r.code, r.amount, json.loads(r.resource)) for r in items],
+                "filings": [tuple(r) for r in filings],
+                "invoices": [(r.id, r.total_net, json.loads(r.resource)) for r in invoices],
+            }
+        finally:
+            await db.dispose()
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(OPS, REFRESHES)
+def test_a_warm_cache_closes_exactly_like_a_cold_one_and_like_deciding_directly(ops, refreshes):
+    warm = asyncio.run(_run(ops, warm=True, refreshes=refreshes))
+    cold = asyncio.run(_run(ops, warm=False))
+    assert warm == cold
+    assert warm["decisions"] == warm["direct"]
+
+
+async def _deliver(db, *events) -> None:  # noqa: ANN001
+    handler = consumers(_Runtime(db))[0].handler
+    for e in events:
+        async with db.unit_of_work() as uow:
+            await handler(e, uow)
+            await uow.commit()
+
+
+async def _counts() -> list[int]:
+    with tempfile.TemporaryDirectory() as folder:
+        db = await _fresh_db(folder)
+        try:
+            await _deliver(db, *_start(), *ev.enrolled_patient("alpha", "p3"),  # p3: no time
+                           *[ev.time_logged("alpha", f"p{n}", f"e{n}", 1500, "2025-03-03T10:00:00-05:00")
+                             for n in range(PATIENTS)])
+            counts = [await _refresh(db), await _refresh(db)]
+            await _deliver(db, ev.time_logged("alpha", "p1", "e9", 300, "2025-03-09T10:00:00-05:00"))
+            counts.append(await _refresh(db))  # p1's facts changed
+            await _deliver(db, ev.time_logged("alpha", "p2", "e0", 1500, "2025-03-03T10:00:00-05:00",
+                                              version=2))
+            counts.append(await _refresh(db))  # e0 moved from p0 to p2: both changed
+            await _deliver(db, ev.role("alpha", "doc-1", "billing-practitioner"))
+            counts.append(await _refresh(db))  # performer roles: every patient
+            async with db.engine.begin() as conn:
+                await conn.execute(update(practices).where(practices.c.id == "alpha")
+                                   .values(pricing=json.dumps({"model": "flat-per-patient",
+                                                               "flat_fee": "50.00"})))
+            counts.append(await _refresh(db))  # pricing: every patient
+            await _deliver(db, ev.patient("alpha", "p0", mbi="1EG4TE5MK73", version=2),
+                           ev.patient("other", "q0", mbi="1EG4TE5MK73"),
+                           ev.time_logged("other", "q0", "x0", 600, "2025-03-05T10:00:00-05:00"))
+            counts.append(await _refresh(db))  # p0 is now billed elsewhere too: duplicate biller
+            await _deliver(db, ev.consent("alpha", "p3", "c-p3", status="entered-in-error", version=2))
+            counts.append(await _refresh(db))  # p3 is no longer enrolled: its decision is dropped
+            async with db.unit_of_work() as uow:
+                cached = (await uow.session.execute(
+                    select(orm.month_decisions.c.patient).order_by(orm.month_decisions.c.patient)
+                )).scalars().all()
+            return counts, cached
+        finally:
+            await db.dispose()
+
+
+def test_a_refresh_decides_only_what_is_no_longer_current():
+    counts, cached = asyncio.run(_counts())
+    assert counts == [4, 0, 1, 2, 4, 4, 1, 0]
+    assert cached == ["p0", "p1", "p2"]
+
+
+async def test_the_decider_keeps_open_months_current_and_forgets_closed_ones(billing):
+    from ccm_billing.entrypoints.jobs import decide_open_months
+    from tests.unit.billing.test_billing_flow import api, deliver, march_practice
+
+    await march_practice(billing)  # the clock: 2025-03-20; February and March are open
+    first = await decide_open_months(billing)
+    cached = await _cached(billing)
+    assert {m for m, _ in cached} == {"2025-02", "2025-03"}
+    assert {p for m, p in cached if m == "2025-03"} == {"p1", "p2"}
+    assert first == {"decided": len(cached), "failed": 0}
+    assert await decide_open_months(billing) == {"decided": 0, "failed": 0}
+    await deliver(billing, ev.time_logged("alpha", "p2", "e4", 60, "2025-03-19T10:00:00-04:00"))
+    # p2's facts changed: its decisions of both open months are decided again, nobody else's
+    assert await decide_open_months(billing) == {"decided": 2, "failed": 0}
+
+    billing.state["clock"].now = CLOSE_AT
+    closed = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()
+    assert closed["summary"]["patientsBillable"] == 2  # p1, and p2 now over 20 minutes
+    await decide_open_months(billing)  # now March and April are the open months
+    assert {m for m, _ in await _cached(billing)} == {"2025-04"}
+
+
+async def _cached(runtime) -> list[tuple[str, str]]:  # noqa: ANN001
+    md = orm.month_decisions
+    async with runtime.db.unit_of_work() as uow:
+        return [tuple(r) for r in (await uow.session.execute(select(md.c.month, md.c.patient))).all()]
