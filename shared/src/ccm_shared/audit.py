@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
+from ccm_shared.db import GroupCommit
 from ccm_shared.tables import BigId
 
 log = structlog.get_logger(__name__)
@@ -149,62 +150,26 @@ async def record_now(engine: AsyncEngine, entry: AuditRecord) -> None:
 
 
 class AuditWriter:
-    """Group commit of audit entries: ``record`` returns once the entry is committed; entries
-    recorded while a batch is being written go together in the next one (one INSERT of up to
-    ``max_batch`` rows, one COMMIT). Under load that is one transaction for many API calls, at
-    no extra latency when idle. A batch that fails is retried entry by entry, so one bad entry
-    never costs the others.
+    """Audit entries by group commit (``ccm_shared.db.GroupCommit``): ``record`` returns once
+    the entry is committed; entries recorded meanwhile share one multi-row INSERT and COMMIT
+    (at most ``max_batch``); an entry that cannot be written fails alone, not its batch.
     """
 
     def __init__(self, engine: AsyncEngine, *, max_batch: int = 500) -> None:
         self.engine = engine
-        self.max_batch = max_batch
-        self._pending: list[tuple[dict, asyncio.Future]] = []
-        self._drainer: asyncio.Task | None = None
+        self._group = GroupCommit(self._insert, max_batch=max_batch, name="audit-writer")
 
     async def record(self, entry: AuditRecord) -> None:
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((entry.values(), future))
-        if self._drainer is None or self._drainer.done():
-            # A task of its own: a cancelled caller must not stop the others' batch.
-            self._drainer = asyncio.create_task(self._drain(), name="audit-writer")
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:  # the entry is still written; nobody waits for it
-            future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            raise
+        await self._group.submit(entry.values())
 
     async def flush(self) -> None:
         """Wait until every entry recorded so far is written (or has failed)."""
-        while self._drainer is not None and not self._drainer.done():
-            await asyncio.shield(self._drainer)
+        await self._group.flush()
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
-            try:
-                await self._insert([values for values, _ in batch])
-                outcomes: list[BaseException | None] = [None] * len(batch)
-            except Exception:  # noqa: BLE001 - find out which entries fail, write the rest
-                outcomes = []
-                for values, _ in batch:
-                    try:
-                        await self._insert([values])
-                        outcomes.append(None)
-                    except Exception as exc:  # noqa: BLE001 - handed to that entry's caller
-                        outcomes.append(exc)
-            for (_, future), failure in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue
-                if failure is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(failure)
-
-    async def _insert(self, rows: list[dict]) -> None:
+    async def _insert(self, rows: list[dict]) -> list[None]:
         async with self.engine.begin() as conn:
             await conn.execute(insert(audit_log), rows)
+        return [None] * len(rows)
 
 
 async def seal(engine: AsyncEngine, *, batch: int = 2000) -> int:

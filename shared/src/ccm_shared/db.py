@@ -8,11 +8,12 @@ under the schema's name, so the same SQL works on both.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import event, exc, text
 from sqlalchemy.engine import make_url
@@ -172,6 +173,89 @@ class UnitOfWork:
 
     async def rollback(self) -> None:
         await self.session.rollback()
+
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class GroupCommit(Generic[Item, Result]):
+    """Group commit: items submitted while a batch of the same key is being committed go
+    together in the next batch (at most ``max_batch``), which ``commit`` stores in one
+    transaction, returning one result per item. ``submit`` returns an item's result only once
+    its batch committed, so nothing is acknowledged before it is durable; idle, a batch is one
+    item, under load one COMMIT serves many. When ``commit`` raises for a batch, each of its
+    items is committed alone, so an item fails only for its own reasons.
+    """
+
+    def __init__(
+        self,
+        commit: Callable[[list[Item]], Awaitable[list[Result]]],
+        *,
+        max_batch: int = 100,
+        name: str = "group-commit",
+    ) -> None:
+        self.commit = commit
+        self.max_batch = max_batch
+        self.name = name
+        self._queues: dict[Hashable, list[tuple[Item, asyncio.Future]]] = {}
+        self._drainers: dict[Hashable, asyncio.Task] = {}
+
+    async def submit(self, item: Item, key: Hashable = None) -> Result:
+        done = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, []).append((item, done))
+        drainer = self._drainers.get(key)
+        if drainer is None or drainer.done():
+            # A task of its own: a cancelled caller must not stop the others' batch.
+            self._drainers[key] = asyncio.create_task(self._drain(key), name=self.name)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:  # committed all the same; nobody waits for the result
+            done.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise
+
+    async def flush(self) -> None:
+        """Wait until every item submitted so far is committed (or has failed)."""
+        while pending := [t for t in self._drainers.values() if not t.done()]:
+            await asyncio.wait(pending)
+
+    async def _drain(self, key: Hashable) -> None:
+        try:
+            while queue := self._queues.get(key):
+                batch = queue[: self.max_batch]
+                del queue[: self.max_batch]
+                await self._commit_batch(batch)
+        finally:
+            if not self._queues.get(key):
+                self._queues.pop(key, None)
+                self._drainers.pop(key, None)
+
+    async def _commit_batch(self, batch: list[tuple[Item, asyncio.Future]]) -> None:
+        try:
+            results = await self.commit([item for item, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - each item on its own, with its own result
+            if len(batch) == 1:
+                _settle(batch[0][1], error=exc)
+                return
+            for item, done in batch:
+                try:
+                    (result,) = await self.commit([item])
+                except Exception as alone:  # noqa: BLE001 - that caller's answer
+                    _settle(done, error=alone)
+                else:
+                    _settle(done, result)
+            return
+        for (_, done), result in zip(batch, results, strict=True):
+            _settle(done, result)
+
+
+def _settle(done: asyncio.Future, result: Any = None, *, error: BaseException | None = None) -> None:
+    if done.done():
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result)
 
 
 @asynccontextmanager

@@ -25,7 +25,7 @@ from ccm_ingest.entrypoints.outcomes import (
 )
 from ccm_ingest.service_layer import bundles
 from ccm_ingest.service_layer import resources as handlers
-from ccm_ingest.service_layer.group_commit import GroupCommit
+from ccm_ingest.service_layer.group_commit import GroupedWrites
 from ccm_ingest.service_layer.resources import Caller, Outcome, Write
 from ccm_ingest.settings import IngestSettings
 from ccm_shared.db import UnitOfWork
@@ -126,10 +126,10 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         if runtime.relay is not None:
             runtime.relay.notify()
 
-    group = GroupCommit(runtime.db.unit_of_work, committed=wake_relay)
+    group = GroupedWrites(runtime.db.unit_of_work, committed=wake_relay)
 
     async def grouped(request: Request, tenant: Tenant, write: Write) -> Response:
-        """A plain create or update: stored with the concurrent others (``GroupCommit``)."""
+        """A plain create or update: stored with the concurrent others (``GroupedWrites``)."""
         _require(tenant, "fhir:write")
         write.correlation_id = current_correlation_id()
         outcome = await group.store(await caller_for(runtime, tenant), write)
