@@ -37,9 +37,9 @@ Environment:
   CCM_LOCAL_DIR         state root (default <repo>/.ccm-local); this uses \$CCM_LOCAL_DIR/postgres
   CCM_PG_FAST=1         fsync=off, synchronous_commit=off, full_page_writes=off
                         (applied on every start; unsafe on crash, fine for tests)
-  CCM_PG_SHARED_BUFFERS shared_buffers (default 128MB, Debian's); a batch-heavy run such as
-                        benchmarks/billing_close.py wants ~1GB (applied on every start)
-  CCM_PG_MAX_WAL_SIZE   max_wal_size (default 1GB): WAL between checkpoints
+  CCM_PG_SHARED_BUFFERS shared_buffers (default 512MB: a month close writes a few hundred MB;
+                        Debian's 128MB makes it checkpoint and evict throughout)
+  CCM_PG_MAX_WAL_SIZE   max_wal_size (default 2GB): WAL between checkpoints
   CCM_PG_BINDIR         PostgreSQL bin dir (default: pg_config --bindir, else newest
                         /usr/lib/postgresql/*/bin)
   CCM_PG_START_TIMEOUT  seconds to wait for readiness (default 60)
@@ -151,8 +151,8 @@ write_conf() {
     echo "port = $port"
     echo "unix_socket_directories = '$RUNDIR'"
     echo "max_connections = 200"
-    echo "shared_buffers = ${CCM_PG_SHARED_BUFFERS:-128MB}"
-    echo "max_wal_size = ${CCM_PG_MAX_WAL_SIZE:-1GB}"
+    echo "shared_buffers = ${CCM_PG_SHARED_BUFFERS:-512MB}"
+    echo "max_wal_size = ${CCM_PG_MAX_WAL_SIZE:-2GB}"
     echo "password_encryption = scram-sha-256"
     echo "logging_collector = off"
     echo "log_min_messages = warning"

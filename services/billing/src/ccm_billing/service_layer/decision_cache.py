@@ -108,20 +108,21 @@ async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: dateti
     # One statement reads each patient's generation with whether its cached decision is current:
     # a fact committed after it makes the decision stored below not current (decided again).
     enrolled = enrolled_query(info.id, m).subquery()
+    cache = select(md).where(md.c.practice == info.id, md.c.month == m).subquery()
     generation = func.coalesce(g.c.generation, 0)
-    current = and_(md.c.patient.is_not(None), md.c.generation == generation, md.c.context == context,
-                   md.c.duplicate == enrolled.c.patient.in_(sorted(duplicates)))
+    current = and_(cache.c.patient.is_not(None), cache.c.generation == generation,
+                   cache.c.context == context,
+                   cache.c.duplicate == enrolled.c.patient.in_(sorted(duplicates)))
+    # Enrolled patients with their generation and whether their cached decision is current, and
+    # cached patients no longer enrolled (patient NULL), in one pass.
     rows = (await session.execute(
-        select(enrolled.c.patient, generation, current)
-        .outerjoin(g, and_(g.c.practice == info.id, g.c.patient == enrolled.c.patient))
-        .outerjoin(md, and_(md.c.practice == info.id, md.c.month == m,
-                            md.c.patient == enrolled.c.patient)))).all()
-    n_enrolled = len(rows)
-    stale = sorted(p for p, _, ok in rows if not ok)
-    generations = {p: gen for p, gen, ok in rows if not ok}
-    gone = list((await session.execute(
-        select(md.c.patient).where(md.c.practice == info.id, md.c.month == m,
-                                   md.c.patient.not_in(enrolled_query(info.id, m))))).scalars())
+        select(enrolled.c.patient, generation, current, cache.c.patient)
+        .select_from(enrolled.outerjoin(cache, cache.c.patient == enrolled.c.patient, full=True))
+        .outerjoin(g, and_(g.c.practice == info.id, g.c.patient == enrolled.c.patient)))).all()
+    gone = [cached for patient, _, _, cached in rows if patient is None]
+    n_enrolled = len(rows) - len(gone)
+    stale = sorted(p for p, _, ok, _ in rows if p is not None and not ok)
+    generations = {p: gen for p, gen, ok, _ in rows if p is not None and not ok}
     if not stale and not gone:
         return 0
     everyone = len(stale) == n_enrolled
