@@ -6,10 +6,12 @@ Writers run inside the consumer's or the request's unit of work and never commit
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ccm_billing.adapters import orm
 from ccm_billing.domain.model import Decision, Month, PatientMonth
@@ -29,8 +31,7 @@ async def record_source_version(event: CloudEvent, uow: UnitOfWork, now: datetim
     source = event.data.get("source")
     if not source:
         return
-    table = orm.source_versions
-    stmt = insert_for(uow.session)(table).values(
+    await uow.session.execute(_source_version_insert(uow.session.bind.dialect.name), dict(
         practice=event.tenant,
         resource_type=source["resourceType"],
         resource_id=source["id"],
@@ -44,8 +45,15 @@ async def record_source_version(event: CloudEvent, uow: UnitOfWork, now: datetim
         recorded_at=now,
         data=json.dumps({k: v for k, v in event.data.items() if k != "source"},
                         separators=(",", ":")),
-    ).on_conflict_do_nothing()
-    await uow.session.execute(stmt)
+    ))
+
+
+@functools.cache
+def _source_version_insert(dialect: str):  # noqa: ANN202 - built once: it runs for every event
+    table = orm.source_versions
+    ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return ins(table).values({c.name: bindparam(c.name, type_=c.type) for c in table.c}) \
+        .on_conflict_do_nothing()
 
 
 async def record_review(event: CloudEvent, uow: UnitOfWork) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,6 +23,27 @@ SOURCE = "/ccm/billing"
 
 def insert_for(session: AsyncSession):  # noqa: ANN201 - dialect insert construct
     return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+
+
+@functools.cache
+def _upsert_statement(dialect: str, table, keys: tuple[str, ...], values: tuple[str, ...],  # noqa: ANN001, ANN202
+                      newer: str | None, returning: str | None):
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table).values(
+        {c: bindparam(c, type_=table.c[c].type) for c in keys + values})
+    stmt = ins.on_conflict_do_update(
+        index_elements=list(keys), set_={c: ins.excluded[c] for c in values},
+        where=(table.c[newer] < ins.excluded[newer]) if newer else None)
+    return stmt.returning(table.c[returning]) if returning else stmt
+
+
+def upsert_statement(session: AsyncSession, table, keys, values, *, newer: str | None = None,  # noqa: ANN001, ANN201
+                     returning: str | None = None):
+    """INSERT … ON CONFLICT (keys) DO UPDATE SET values [WHERE the row's ``newer`` column is older
+    than the incoming one], built once per shape and executed with the row as parameters (the
+    projections run it for every event; building the construct each time cost more than the
+    round trip)."""
+    return _upsert_statement(session.bind.dialect.name, table, tuple(keys), tuple(values), newer,
+                             returning)
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,21 @@ async def practice_info(session: AsyncSession, practice: str) -> PracticeInfo:
     if row is None:
         raise NotFound(f"practice {practice!r} not found")
     return PracticeInfo(row.id, row.name, row.timezone, json.loads(row.pricing or "{}"))
+
+
+_ZONES: dict[str, tuple[float, ZoneInfo]] = {}
+ZONE_TTL_SECONDS = 60.0
+
+
+async def practice_zone(session: AsyncSession, practice: str) -> ZoneInfo:
+    """The practice's time zone, kept a minute per process (the projections need it per event;
+    NotFound when the practice does not exist)."""
+    hit = _ZONES.get(practice)
+    if hit is not None and time.monotonic() - hit[0] < ZONE_TTL_SECONDS:
+        return hit[1]
+    zone = (await practice_info(session, practice)).tz
+    _ZONES[practice] = (time.monotonic(), zone)
+    return zone
 
 
 async def all_practices(session: AsyncSession) -> list[PracticeInfo]:

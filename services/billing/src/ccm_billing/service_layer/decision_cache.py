@@ -16,11 +16,13 @@ the close decides every patient itself and reaches the same result.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import and_, delete, func, literal, select, text
+from sqlalchemy import and_, bindparam, delete, func, literal, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -29,7 +31,7 @@ from ccm_billing.compliance.evidence import entries_of
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
 from ccm_billing.service_layer.charges import charge_item_stub, priced_lines
-from ccm_billing.service_layer.common import PracticeInfo, bulk_insert, insert_for
+from ccm_billing.service_layer.common import PracticeInfo, bulk_insert
 from ccm_billing.service_layer.decisions import (
     NOT_ENROLLING,
     duplicate_patients,
@@ -45,16 +47,21 @@ CHUNK = 2000  # patients decided per round trip of fact loading
 COMPACT = (",", ":")
 
 
+@functools.cache
+def _bump_statement(dialect: str):  # noqa: ANN202
+    g = orm.fact_generations
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(g).values(
+        practice=bindparam("practice", type_=g.c.practice.type),
+        patient=bindparam("patient", type_=g.c.patient.type), generation=1)
+    return ins.on_conflict_do_update(index_elements=["practice", "patient"],
+                                     set_={"generation": g.c.generation + 1})
+
+
 async def bump_generation(uow: UnitOfWork, practice: str, patient: str | None) -> None:
     """Record that a patient's facts changed (call in the transaction that changes them)."""
-    if not patient:
-        return
-    g = orm.fact_generations
-    ins = insert_for(uow.session)(g).values(practice=practice, patient=patient, generation=1)
-    await uow.session.execute(
-        ins.on_conflict_do_update(index_elements=["practice", "patient"],
-                                  set_={"generation": g.c.generation + 1})
-    )
+    if patient:
+        await uow.session.execute(_bump_statement(uow.session.bind.dialect.name),
+                                  {"practice": practice, "patient": patient})
 
 
 async def context_key(session: AsyncSession, info: PracticeInfo, month: Month) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC
+from types import SimpleNamespace
 
 import structlog
 from sqlalchemy import or_, select, update
@@ -18,7 +19,13 @@ from ccm_billing.adapters import orm
 from ccm_billing.compliance import evidence
 from ccm_billing.domain.model import Month
 from ccm_billing.service_layer import corrections, decision_cache
-from ccm_billing.service_layer.common import insert_for, parse_day, parse_instant, practice_info
+from ccm_billing.service_layer.common import (
+    insert_for,
+    parse_day,
+    parse_instant,
+    practice_zone,
+    upsert_statement,
+)
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import NotFound
 from ccm_shared.events import CloudEvent
@@ -56,13 +63,8 @@ def ref_id(reference: str | None) -> str | None:
 
 async def _upsert(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # noqa: ANN001
     """Insert, or update when the incoming version is newer; True when the row changed."""
-    ins = insert_for(uow.session)(table).values(**keys, **values)
-    stmt = ins.on_conflict_do_update(
-        index_elements=list(keys),
-        set_={k: ins.excluded[k] for k in values},
-        where=table.c.version < ins.excluded.version,
-    ).returning(table.c.version)
-    return (await uow.session.execute(stmt)).first() is not None
+    stmt = upsert_statement(uow.session, table, keys, values, newer="version", returning="version")
+    return (await uow.session.execute(stmt, {**keys, **values})).first() is not None
 
 
 async def _upsert_fact(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # noqa: ANN001
@@ -90,25 +92,33 @@ async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # no
     await decision_cache.bump_generation(uow, event.tenant, ref_id(event.data.get("patient")))
 
 
+async def _entry_and_closed(uow: UnitOfWork, practice: str, entry_id: str, month: str):  # noqa: ANN202
+    """The entry as projected so far (month, patient; None if new) and whether ``month`` is
+    closed, in one round trip."""
+    t, p = orm.time_entries, orm.billing_periods
+    entry = (t.c.practice == practice, t.c.entry_id == entry_id)
+    found, entry_month, patient, closed = (await uow.session.execute(select(
+        select(t.c.entry_id).where(*entry).exists(),
+        select(t.c.month).where(*entry).scalar_subquery(),
+        select(t.c.patient).where(*entry).scalar_subquery(),
+        select(p.c.month).where(p.c.practice == practice, p.c.month == month).exists(),
+    ))).one()
+    return (SimpleNamespace(month=entry_month, patient=patient) if found else None), bool(closed)
+
+
 async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     start = parse_instant(d["start"])
     try:
-        tz = (await practice_info(uow.session, practice)).tz
+        tz = await practice_zone(uow.session, practice)
         month = str(Month.of(start.astimezone(tz).date()))
     except NotFound:
         month = d["serviceMonth"]
     performer = d["performers"][0] if d["performers"] else {}
     entry_id = ref_id(d["entry"])
     t = orm.time_entries
-    existing = (
-        await uow.session.execute(
-            select(t.c.month, t.c.patient)
-            .where(t.c.practice == practice, t.c.entry_id == entry_id)
-        )
-    ).first()
+    existing, closed = await _entry_and_closed(uow, practice, entry_id, month)
     if existing is not None:
         await _moved(uow, practice, existing.patient, ref_id(d["patient"]))
-    closed = await corrections.is_closed(uow.session, practice, month)
     late = closed and not (
         existing is not None and existing.month == month
         and await corrections.locked_at_close(uow.session, practice, existing.patient, month, entry_id)
