@@ -205,52 +205,80 @@ def machine_busy() -> float:
     return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / TICK  # not steal/guest
 
 
-def infra_pids() -> dict[str, list[int]]:
-    """PostgreSQL (every backend) and Kafka (the broker's JVM) processes, by /proc."""
-    found: dict[str, list[int]] = {"postgres": [], "kafka": []}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def listener_pid(port: int) -> int | None:
+    """The process listening on a local TCP port (by /proc: socket inode, then its owner)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in inodes
+                   for fd in os.listdir(f"/proc/{entry}/fd")):
+                return int(entry)
         except OSError:
             continue
-        if cmdline.startswith(b"postgres") or b"/bin/postgres" in cmdline:
-            found["postgres"].append(int(entry))
-        elif b"kafka.Kafka" in cmdline:
-            found["kafka"].append(int(entry))
+    return None
+
+
+def with_children(pid: int | None) -> list[int]:
+    """``pid`` and its child processes (a PostgreSQL postmaster and its backends)."""
+    if pid is None:
+        return []
+    found = [pid]
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                if int(stat.read().rpartition(")")[2].split()[1]) == pid:
+                    found.append(int(entry))
+        except OSError:
+            continue
     return found
 
 
-def cpu_sum(pids: list[int]) -> float:
-    total = 0.0
+def port_of(url: str) -> int:
+    return int(url.rsplit("@", 1)[-1].split("/")[0].split(",")[0].rsplit(":", 1)[1])
+
+
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    found = {}
     for pid in pids:
         try:
-            total += cpu_of(pid)
-        except OSError:  # a process that ended meanwhile
+            found[pid] = cpu_of(pid)
+        except OSError:  # ended meanwhile
             pass
-    return total
+    return found
 
 
 class CpuMeter:
     """Where the CPU of a phase went: the API process(es), the relay, this load generator,
-    PostgreSQL (all backends: other users of the database count too), Kafka, and the rest of
-    the machine's busy time."""
+    PostgreSQL (the postmaster behind CCM_DATABASE_URL and its backends: other users of the
+    database count too), Kafka (the broker behind CCM_KAFKA_BOOTSTRAP_SERVERS) and the rest of
+    the machine's busy time. A process that ends during a phase is left out of it."""
 
-    def __init__(self, api: list[int], relay: list[int]) -> None:
+    def __init__(self, api: list[int], relay: list[int], database_url: str, kafka: str) -> None:
         self.api, self.relay = api, relay
+        self.postmaster = listener_pid(port_of(database_url))
+        self.kafka = [p for p in [listener_pid(port_of(kafka))] if p is not None]
         self.totals: dict[str, dict[str, float]] = {}
 
-    def snapshot(self) -> dict[str, float]:
-        infra = infra_pids()
-        return {"api": cpu_sum(self.api), "relay": cpu_sum(self.relay),
-                "client": sum(os.times()[:2]), "postgres": cpu_sum(infra["postgres"]),
-                "kafka": cpu_sum(infra["kafka"]), "machine": machine_busy()}
+    def snapshot(self) -> dict[str, dict[int, float] | float]:
+        return {"api": cpu_by_pid(self.api), "relay": cpu_by_pid(self.relay),
+                "postgres": cpu_by_pid(with_children(self.postmaster)),
+                "kafka": cpu_by_pid(self.kafka), "client": sum(os.times()[:2]),
+                "machine": machine_busy()}
 
-    def add(self, phase: str, before: dict[str, float], units: int) -> None:
+    def add(self, phase: str, before: dict, units: int) -> None:
         after = self.snapshot()
-        spent = {k: after[k] - before[k] for k in after}
+        spent: dict[str, float] = {}
+        for key, value in after.items():
+            if isinstance(value, dict):  # per process, from 0 for one that started meanwhile
+                spent[key] = sum(v - before[key].get(pid, 0.0) for pid, v in value.items())
+            else:
+                spent[key] = value - before[key]
         spent["other"] = spent["machine"] - sum(
             spent[k] for k in ("api", "relay", "client", "postgres", "kafka"))
         total = self.totals.setdefault(phase, {"units": 0})
@@ -319,7 +347,7 @@ async def main(args: argparse.Namespace) -> int:
                                               200), 1)
         results: dict[str, list[float]] = {}
         pids = [proc.pid for proc, _ in servers]
-        cpu = CpuMeter(pids[:args.workers], pids[args.workers:])
+        cpu = CpuMeter(pids[:args.workers], pids[args.workers:], url, kafka)
         resources = args.bundles * args.bundle_size
 
         async def measured(phase: str, requests: list, concurrency: int, units: int):
