@@ -27,6 +27,13 @@ async def test_group_committed_entries_are_sealed_per_practice_and_tampering_is_
                                       patient="p1"))
             for n in range(60) for p in (a, b)))
         assert len(commits) < 60  # 120 entries, far fewer transactions
+        bad = AuditRecord(practice=b, service="tests", actor_type="client", actor="t1",
+                          action=None, what="GET /bad")  # action is NOT NULL
+        good = AuditRecord(practice=b, service="tests", actor_type="client", actor="t1",
+                           action="R", what="GET /thing/60", entity="/x" * 400)
+        failed, written = await asyncio.gather(writer.record(bad), writer.record(good),
+                                               return_exceptions=True)
+        assert isinstance(failed, Exception) and written is None  # the bad one fails alone
 
         async def sealed() -> bool:
             await seal_all(engine)  # another sealer may hold the lock: then it seals them
@@ -36,7 +43,7 @@ async def test_group_committed_entries_are_sealed_per_practice_and_tampering_is_
         await eventually(sealed, timeout=30, what="both practices' entries sealed")
         results = {r.practice: r for r in await verify(engine, a) + await verify(engine, b)}
         assert results[a].ok and results[a].entries == 60
-        assert results[b].ok and results[b].entries == 60
+        assert results[b].ok and results[b].entries == 61
         async with engine.begin() as conn:
             await conn.execute(update(audit_log).where(audit_log.c.practice == a,
                                                        audit_log.c.seq == 17)
@@ -47,6 +54,6 @@ async def test_group_committed_entries_are_sealed_per_practice_and_tampering_is_
         async with engine.connect() as conn:
             seqs = (await conn.execute(select(audit_log.c.seq).where(audit_log.c.practice == b)
                                        .order_by(audit_log.c.id))).scalars().all()
-        assert seqs == list(range(1, 61))  # chained in the order they were recorded
+        assert seqs == list(range(1, 62))  # chained in the order they were recorded
     finally:
         await engine.dispose()

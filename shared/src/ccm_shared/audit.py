@@ -168,8 +168,25 @@ class AuditWriter:
 
     async def _insert(self, rows: list[dict]) -> list[None]:
         async with self.engine.begin() as conn:
-            await conn.execute(insert(audit_log), rows)
+            if conn.dialect.name == "postgresql":  # one array per column: no per-row SQL
+                await conn.exec_driver_sql(
+                    _PG_INSERT, tuple([row[c] for row in rows] for c, _ in _PG_COLUMNS)
+                )
+            else:
+                await conn.execute(insert(audit_log), rows)
         return [None] * len(rows)
+
+
+_PG_COLUMNS = (
+    *((c, "text") for c in ("practice", "service", "actor_type", "actor", "actor_label")),
+    ("recorded_at", "timestamptz"),
+    *((c, "text") for c in ("action", "what", "entity", "patient", "correlation_id")),
+    ("outcome", "smallint"),
+)
+_PG_INSERT = (
+    f"INSERT INTO platform.audit_log ({', '.join(c for c, _ in _PG_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'${n}::{t}[]' for n, (_, t) in enumerate(_PG_COLUMNS, 1))})"
+)
 
 
 async def seal(engine: AsyncEngine, *, batch: int = 2000) -> int:
