@@ -103,6 +103,59 @@ async def _delete(session: AsyncSession, practice: str, month: str, patients: li
             await session.execute(delete(table).where(*where, table.c.patient.in_(patients[i:i + CHUNK])))
 
 
+async def _status(session: AsyncSession, info: PracticeInfo, m: str, context: str):  # noqa: ANN202
+    """(how many patients are enrolled, those whose cached decision is not current, cached
+    patients no longer enrolled, the generation of each stale patient) in one pass."""
+    g, md = orm.fact_generations, orm.month_decisions
+    duplicates = await duplicate_patients(session, info.id, m)
+    enrolled = enrolled_query(info.id, m).subquery()
+    cache = select(md).where(md.c.practice == info.id, md.c.month == m).subquery()
+    generation = func.coalesce(g.c.generation, 0)
+    current = and_(cache.c.patient.is_not(None), cache.c.generation == generation,
+                   cache.c.context == context,
+                   cache.c.duplicate == enrolled.c.patient.in_(sorted(duplicates)))
+    # Generations are read here, before any fact is loaded: a fact committed after this makes
+    # the decision stored from the facts not current (decided again), never current but stale.
+    rows = (await session.execute(
+        select(enrolled.c.patient, generation, current, cache.c.patient)
+        .select_from(enrolled.outerjoin(cache, cache.c.patient == enrolled.c.patient, full=True))
+        .outerjoin(g, and_(g.c.practice == info.id, g.c.patient == enrolled.c.patient)))).all()
+    gone = [cached for patient, _, _, cached in rows if patient is None]
+    stale = sorted(p for p, _, ok, _ in rows if p is not None and not ok)
+    generations = {p: gen for p, gen, ok, _ in rows if p is not None and not ok}
+    return len(rows) - len(gone), stale, gone, generations
+
+
+async def _decide(session: AsyncSession, info: PracticeInfo, month: Month, stale: list[str],
+                  enrolled: int):  # noqa: ANN202 - yields (facts, decisions) per chunk
+    # Most of the month stale (a first pass, a new ruleset): load the practice at once.
+    whole = len(stale) * 2 > enrolled
+    chunks = [None] if whole else [stale[i:i + CHUNK] for i in range(0, len(stale), CHUNK)]
+    wanted = set(stale)
+    ruleset, options, decide = ruleset_for(month), practice_options(info), PROGRAMS["CCM"]
+    for chunk in chunks:
+        facts = await load_facts(session, info, month, patients=chunk)
+        if whole:
+            facts = [f for f in facts if f.patient in wanted]
+        yield facts, [decide(f, ruleset, options) for f in facts]
+
+
+async def current_documents(session: AsyncSession, info: PracticeInfo, month: Month) -> list[dict]:
+    """Every enrolled patient's decision document, in patient order: the cached one where it is
+    current, decided now where not (nothing is written: for reads such as the worklist)."""
+    m = str(month)
+    md = orm.month_decisions
+    enrolled, stale, gone, _ = await _status(session, info, m, await context_key(session, info, month))
+    docs, left = {}, set(gone)
+    async for _, decisions in _decide(session, info, month, stale, enrolled):
+        docs.update((d.patient, d.to_dict()) for d in decisions)
+    for patient, decision in (await session.execute(
+            select(md.c.patient, md.c.decision).where(md.c.practice == info.id, md.c.month == m))):
+        if patient not in left:
+            docs.setdefault(patient, json.loads(decision))
+    return [docs[p] for p in sorted(docs)]
+
+
 async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: datetime) -> int:
     """Decide the enrolled patients whose cached decision is not current; drop cached decisions
     of patients no longer enrolled. Returns how many patients were decided. Raises InvalidInput
@@ -110,46 +163,18 @@ async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: dateti
     session, m = uow.session, str(month)
     await _serialise(session, info.id, m)
     context = await context_key(session, info, month)
-    g, md = orm.fact_generations, orm.month_decisions
-    duplicates = await duplicate_patients(session, info.id, m)
-    # One statement reads each patient's generation with whether its cached decision is current:
-    # a fact committed after it makes the decision stored below not current (decided again).
-    enrolled = enrolled_query(info.id, m).subquery()
-    cache = select(md).where(md.c.practice == info.id, md.c.month == m).subquery()
-    generation = func.coalesce(g.c.generation, 0)
-    current = and_(cache.c.patient.is_not(None), cache.c.generation == generation,
-                   cache.c.context == context,
-                   cache.c.duplicate == enrolled.c.patient.in_(sorted(duplicates)))
-    # Enrolled patients with their generation and whether their cached decision is current, and
-    # cached patients no longer enrolled (patient NULL), in one pass.
-    rows = (await session.execute(
-        select(enrolled.c.patient, generation, current, cache.c.patient)
-        .select_from(enrolled.outerjoin(cache, cache.c.patient == enrolled.c.patient, full=True))
-        .outerjoin(g, and_(g.c.practice == info.id, g.c.patient == enrolled.c.patient)))).all()
-    gone = [cached for patient, _, _, cached in rows if patient is None]
-    n_enrolled = len(rows) - len(gone)
-    stale = sorted(p for p, _, ok, _ in rows if p is not None and not ok)
-    generations = {p: gen for p, gen, ok, _ in rows if p is not None and not ok}
+    enrolled, stale, gone, generations = await _status(session, info, m, context)
     if not stale and not gone:
         return 0
-    everyone = len(stale) == n_enrolled
+    everyone = len(stale) == enrolled
     await _delete(session, info.id, m, stale + gone, everyone)
-    # Most of the month stale (a first pass, a new ruleset): load the practice at once.
-    whole = len(stale) * 2 > n_enrolled
-    chunks = [None] if whole else [stale[i:i + CHUNK] for i in range(0, len(stale), CHUNK)]
-    wanted = set(stale)
-    for chunk in chunks:
-        facts = await load_facts(session, info, month, patients=chunk)
-        if whole:
-            facts = [f for f in facts if f.patient in wanted]
-        await _store(session, info, month, facts, generations, context, now)
+    async for facts, decisions in _decide(session, info, month, stale, enrolled):
+        await _store(session, info, month, facts, decisions, generations, context, now)
     return len(stale)
 
 
 async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts: list,
-                 generations: dict, context: str, now: datetime) -> None:
-    ruleset, options, decide = ruleset_for(month), practice_options(info), PROGRAMS["CCM"]
-    decisions = [decide(f, ruleset, options) for f in facts]
+                 decisions: list, generations: dict, context: str, now: datetime) -> None:
     m = str(month)
     rows = []
     for f, d in zip(facts, decisions, strict=True):

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from ccm_billing.adapters import orm
 from ccm_billing.domain.model import Decision, Month
-from ccm_billing.service_layer import invoicing
+from ccm_billing.service_layer import decision_cache, invoicing
 from ccm_billing.service_layer.common import SOURCE, PracticeInfo, insert_for
 from ccm_billing.service_layer.decisions import decide_month
 from ccm_shared.db import UnitOfWork
@@ -40,11 +40,12 @@ def worklist_row(d: dict) -> dict:
 
 
 async def month_decisions(session, info: PracticeInfo, month: Month) -> tuple[str, list[dict]]:  # noqa: ANN001
-    """('closed', the decisions billed at close) or ('open', live decisions)."""
+    """('closed', the decisions billed at close) or ('open', live decisions: the decider's where
+    current, decided now where not)."""
     period = await invoicing.get_period(session, info.id, month)
     if period is not None:
         return "closed", json.loads(period.decisions)
-    return "open", [d.to_dict() for d in await decide_month(session, info, month)]
+    return "open", await decision_cache.current_documents(session, info, month)
 
 
 def keep(row: dict, status: str, near_minutes: int) -> bool:
