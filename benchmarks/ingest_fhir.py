@@ -3,7 +3,7 @@ validate-only requests ($validate) in the same run, over real HTTP.
 
 Needs real PostgreSQL and Kafka: `deploy/local/up.sh && source .ccm-local/env` first.
 Usage: uv run python benchmarks/ingest_fhir.py [--posts 2000] [--bundles 10] [--bundle-size 500]
-       [--concurrency 32] [--workers 1] [--rounds 3]
+       [--concurrency 32] [--workers 1] [--patients 200] [--rounds 3]
 
 Method. The service runs as it does in production, `ccm serve ingest` (API and outbox relay
 publishing to Kafka, no consumers or schedulers), in ``--workers`` separate processes on their
@@ -431,7 +431,7 @@ if __name__ == "__main__":
                         help="database connections per server process (CCM_DB_POOL_SIZE)")
     parser.add_argument("--patients", type=int, default=200,
                         help="patients the POSTed Encounters are spread over (round robin); "
-                        "1 measures the hot-patient case, where every write waits for the "
+                        "1 measures the hot-patient case, where each batch of writes waits for the "
                         "previous one's commit (events of one patient are sequenced)")
     parser.add_argument("--rounds", type=int, default=3)
     raise SystemExit(asyncio.run(main(parser.parse_args())))

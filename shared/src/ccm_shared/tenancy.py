@@ -213,7 +213,3 @@ class TokenCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return tenant
-
-    def forget(self, token: str) -> None:
-        """Drop a token at once (e.g. revoked by this process)."""
-        self._entries.pop(hash_token(token), None)
