@@ -20,8 +20,9 @@ like:
   resources/s (target >= 0.55, >= 2,000/s); Bundles go 2 at a time.
 Rounds alternate baseline and write; the medians of the rounds are reported, latencies over all
 rounds, and where each phase's CPU went (/proc: the API process(es), the relay process, this load
-generator, PostgreSQL, Kafka and the rest of the machine's busy time). Peak memory is the servers' own (VmHWM). After the run the outbox must drain to Kafka;
-the time it took after the last write is printed.
+generator, PostgreSQL, Kafka and the rest of the machine's busy time). Peak memory is the servers'
+own (VmHWM). After the run the outbox must drain to Kafka; the time it took after the last write is
+printed.
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """Tamper-evident audit trail of every read and write of patient data, across the services.
 
 Recording is cheap and never serialises requests: an API call (after its response) or an applied
-event (inside the consumer's own transaction) inserts an *unsealed* row into
-``platform.audit_log``. API calls go through an ``AuditWriter`` (group commit): the entries of
-concurrent calls share one multi-row INSERT and one COMMIT, and each call still finishes only
-once its own entry is committed, so nothing is held in memory that a crash could lose beyond
-what a per-call transaction would (the response is already sent either way). A sealer — one active at a time, behind an advisory lock — then chains
-the rows of each practice in id order: ``seq`` = 1, 2, 3 … and ``hash`` = SHA-256 of the previous
-entry's hash and this entry's canonical content. ``platform.audit_heads`` keeps each practice's
-last sequence and hash, so removing the newest entry is detected as surely as changing or removing
-one in the middle. Rows are never updated after sealing and never deleted.
+event (inside the consumer's own transaction) inserts an *unsealed* row into ``platform.audit_log``.
+API calls go through an ``AuditWriter`` (group commit): the entries of concurrent calls share one
+multi-row INSERT and one COMMIT, and each call still finishes only once its own entry is committed,
+so nothing is held in memory that a crash could lose beyond what a per-call transaction would (the
+response is already sent either way). A sealer — one active at a time, behind an advisory lock —
+then chains the rows of each practice in id order: ``seq`` = 1, 2, 3 … and ``hash`` = SHA-256 of the
+previous entry's hash and this entry's canonical content. ``platform.audit_heads`` keeps each
+practice's last sequence and hash, so removing the newest entry is detected as surely as changing or
+removing one in the middle. Rows are never updated after sealing and never deleted.
 """
 
 from __future__ import annotations

@@ -249,7 +249,9 @@ class GroupCommit(Generic[Item, Result]):
             _settle(done, result)
 
 
-def _settle(done: asyncio.Future, result: Any = None, *, error: BaseException | None = None) -> None:
+def _settle(
+    done: asyncio.Future, result: Any = None, *, error: BaseException | None = None
+) -> None:
     if done.done():
         return
     if error is not None:
