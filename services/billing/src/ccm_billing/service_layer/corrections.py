@@ -3,15 +3,28 @@ issue a replacement that points back to it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from ccm_billing.adapters import orm
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.pricing import total
 from ccm_shared.db import UnitOfWork
+
+
+async def hold_practice(session, practice: str, *, exclusive: bool) -> None:  # noqa: ANN001
+    """Serialise closes with the projections of the same practice (PostgreSQL; SQLite has one
+    writer anyway). A close holds the practice exclusively until it commits; each projected
+    event holds it shared, before reading anything: an event that arrives while a month closes
+    waits, then sees the month closed (late, or a correction) instead of slipping past both."""
+    if session.bind.dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.sha256(f"close:{practice}".encode()).digest()[:8], "big", signed=True)
+    fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+    await session.execute(text(f"SELECT {fn}(:k)"), {"k": key})
 
 
 async def is_closed(session, practice: str, month: str | None) -> bool:  # noqa: ANN001

@@ -19,7 +19,7 @@ from ccm_billing.domain.model import Decision, Month
 from ccm_billing.domain.pricing import total
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.domain.rules.ruleset import RulesetMissing
-from ccm_billing.service_layer import decision_cache
+from ccm_billing.service_layer import corrections, decision_cache
 from ccm_billing.service_layer.charges import (  # noqa: F401 - priced_lines: part of this API
     PricedLine,
     charge_item_stub,
@@ -214,6 +214,7 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     decision comes from the decision cache after it is made current (decision_cache.refresh);
     filing, ChargeItems and the period's decisions are then written set-based in the database.
     """
+    await corrections.hold_practice(uow.session, practice, exclusive=True)
     existing = await get_period(uow.session, practice, month, decisions=False)
     if existing is not None:
         inv = await get_invoice_row(uow.session, existing.invoice_id) if existing.invoice_id else None

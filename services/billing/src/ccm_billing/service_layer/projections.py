@@ -81,6 +81,7 @@ async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # no
     if event.type == evidence.REVIEW_COMPLETED:
         await evidence.record_review(event, uow)
         return
+    await corrections.hold_practice(uow.session, event.tenant, exclusive=False)
     await evidence.record_source_version(event, uow, now)
     kind = event.type.removeprefix("ingest.").rsplit(".", 1)[0]
     handler = HANDLERS.get(kind)

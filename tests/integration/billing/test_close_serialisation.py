@@ -1,0 +1,63 @@
+"""A month close and the projections of the same practice on real PostgreSQL: an event that
+arrives while the month is being closed waits for the close to commit, then sees the month
+closed (logged after close: late, not billed), instead of slipping past both the close and the
+late-entry check."""
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+
+from ccm_billing.adapters import orm
+from ccm_billing.domain.model import Month
+from ccm_billing.service_layer.invoicing import close_period
+from ccm_billing.service_layer.projections import apply_event
+from ccm_shared.migrate import upgrade_async
+from ccm_shared.service import ServiceRuntime, discover_services
+from ccm_shared.settings import load_settings
+from ccm_shared.tenancy import create_practice
+from ccm_shared.transport import InProcessTransport
+from tests.unit.billing import events as ev
+from tests.unit.billing.conftest import PRICING
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+CLOSE_AT = datetime(2025, 4, 2, 12, tzinfo=UTC)
+
+
+async def test_an_event_during_a_close_waits_and_then_sees_the_month_closed(infra):
+    definition = discover_services()["billing"]
+    await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
+    runtime = ServiceRuntime.build(definition, load_settings(database_url=infra.database_url),
+                                   transport=InProcessTransport(), clock=lambda: CLOSE_AT)
+    db, practice = runtime.db, f"ser-{uuid.uuid4().hex[:10]}"
+    await create_practice(db.engine, practice_id=practice, name="Serial", timezone="America/New_York",
+                          pricing=PRICING)
+
+    async def deliver(event) -> None:  # noqa: ANN001
+        async with db.unit_of_work() as uow:
+            await apply_event(event, uow, now=CLOSE_AT)
+            await uow.commit()
+
+    try:
+        for e in [*ev.enrolled_patient(practice, "p1"), ev.role(practice, "nurse-1", "clinical-staff"),
+                  ev.time_logged(practice, "p1", "e1", 1500, "2025-03-03T10:00:00-05:00")]:
+            await deliver(e)
+        late = ev.time_logged(practice, "p1", "e2", 900, "2025-03-20T10:00:00-04:00")
+        async with db.unit_of_work() as closing:
+            result = await close_period(closing, practice, Month(2025, 3), CLOSE_AT)
+            assert result["summary"]["minutes"]["staff"] == 25
+            # The close has not committed: the event arrives now and must wait for it.
+            arriving = asyncio.create_task(deliver(late))
+            await asyncio.sleep(1.0)
+            assert not arriving.done(), "the event was applied while the month was being closed"
+            await closing.commit()
+        await asyncio.wait_for(arriving, timeout=30)
+        async with db.unit_of_work() as uow:
+            t = orm.time_entries
+            row = (await uow.session.execute(select(t.c.late).where(
+                t.c.practice == practice, t.c.entry_id == "e2"))).one()
+        assert row.late is True  # logged after close: flagged, not silently outside the invoice
+    finally:
+        await db.dispose()
