@@ -61,3 +61,36 @@ async def test_an_event_during_a_close_waits_and_then_sees_the_month_closed(infr
         assert row.late is True  # logged after close: flagged, not silently outside the invoice
     finally:
         await db.dispose()
+
+
+async def test_a_decider_pass_skips_a_month_another_replica_is_refreshing(infra):
+    from ccm_billing.service_layer import decision_cache
+    from ccm_billing.service_layer.common import practice_info
+
+    definition = discover_services()["billing"]
+    await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
+    runtime = ServiceRuntime.build(definition, load_settings(database_url=infra.database_url),
+                                   transport=InProcessTransport(), clock=lambda: CLOSE_AT)
+    db, practice = runtime.db, f"dec-{uuid.uuid4().hex[:10]}"
+    await create_practice(db.engine, practice_id=practice, name="Decider", timezone="America/New_York",
+                          pricing=PRICING)
+    march = Month(2025, 3)
+    try:
+        for e in [*ev.enrolled_patient(practice, "p1"),
+                  ev.time_logged(practice, "p1", "e1", 1500, "2025-03-03T10:00:00-05:00")]:
+            async with db.unit_of_work() as uow:
+                await apply_event(e, uow, now=CLOSE_AT)
+                await uow.commit()
+        async with db.unit_of_work() as first:
+            info = await practice_info(first.session, practice)
+            assert await decision_cache.refresh(first, info, march, CLOSE_AT) == 1  # holds the lock
+            async with db.unit_of_work() as other:
+                skipped = await asyncio.wait_for(
+                    decision_cache.refresh(other, info, march, CLOSE_AT, wait=False), timeout=5)
+            assert skipped == 0
+            await first.commit()
+        async with db.unit_of_work() as again:
+            assert await decision_cache.refresh(again, info, march, CLOSE_AT, wait=False) == 0
+            assert len(await decision_cache.current_documents(again.session, info, march)) == 1
+    finally:
+        await db.dispose()

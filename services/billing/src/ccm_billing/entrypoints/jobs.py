@@ -40,8 +40,9 @@ async def decide_open_months(runtime) -> dict[str, int]:  # noqa: ANN001
     """Keep the decisions of every practice's open months current (this month and, until it is
     closed, the last), so that a close only files and invoices; drop the cached decisions of other
     months (a month closed later than that decides its patients at close).
-    Each practice-month in its own transaction; a practice that cannot be priced is logged and
-    skipped (its close will say why)."""
+    Each practice-month in its own transaction; one being refreshed elsewhere (another replica,
+    a close) is skipped; a practice that cannot be priced is logged and skipped (its close will
+    say why)."""
     now = runtime.clock()
     async with runtime.db.unit_of_work() as uow:
         practices = await all_practices(uow.session)
@@ -56,7 +57,8 @@ async def decide_open_months(runtime) -> dict[str, int]:  # noqa: ANN001
         for month in months:
             try:
                 async with runtime.db.unit_of_work() as uow:
-                    decided += await decision_cache.refresh(uow, info, Month.parse(month), now)
+                    decided += await decision_cache.refresh(uow, info, Month.parse(month), now,
+                                                            wait=False)
                     await uow.commit()
             except (AppError, RulesetMissing) as exc:
                 failed += 1

@@ -84,12 +84,17 @@ def enrolled_query(practice: str, month: str):  # noqa: ANN201
     return timed.union(consented)
 
 
-async def _serialise(session: AsyncSession, practice: str, month: str) -> None:
-    """One refresh of a practice-month at a time (the scheduler's and a close's)."""
-    if session.bind.dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha256(f"decide:{practice}:{month}".encode()).digest()[:8],
-                             "big", signed=True)
+async def _serialise(session: AsyncSession, practice: str, month: str, *, wait: bool) -> bool:
+    """One refresh of a practice-month at a time (the decider's, a replica's, a close's): wait
+    for the lock, or (``wait`` False) answer False at once when someone else holds it."""
+    if session.bind.dialect.name != "postgresql":
+        return True
+    key = int.from_bytes(hashlib.sha256(f"decide:{practice}:{month}".encode()).digest()[:8],
+                         "big", signed=True)
+    if wait:
         await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+        return True
+    return bool((await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})).scalar())
 
 
 async def _delete(session: AsyncSession, practice: str, month: str, patients: list[str],
@@ -156,12 +161,15 @@ async def current_documents(session: AsyncSession, info: PracticeInfo, month: Mo
     return [docs[p] for p in sorted(docs)]
 
 
-async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: datetime) -> int:
+async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: datetime, *,
+                  wait: bool = True) -> int:
     """Decide the enrolled patients whose cached decision is not current; drop cached decisions
     of patients no longer enrolled. Returns how many patients were decided. Raises InvalidInput
-    when the practice's contract cannot price a billable line."""
+    when the practice's contract cannot price a billable line. ``wait`` False: skip (0) when
+    another refresh of the practice-month is running (the decider on several replicas)."""
     session, m = uow.session, str(month)
-    await _serialise(session, info.id, m)
+    if not await _serialise(session, info.id, m, wait=wait):
+        return 0
     context = await context_key(session, info, month)
     enrolled, stale, gone, generations = await _status(session, info, m, context)
     if not stale and not gone:
