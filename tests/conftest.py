@@ -10,16 +10,16 @@ from tests.support.contracts import assert_valid_event
 
 @pytest.fixture(autouse=True)
 def _events_follow_their_contracts(monkeypatch):
-    original = Outbox.add_many  # Outbox.add goes through add_many too
+    original = Outbox.stage_many  # Outbox.add and add_many go through it, bulk writers too
 
-    async def checked_add_many(self, items):
-        stored = await original(self, items)
+    async def checked_stage_many(self, items):
+        stored, rows = await original(self, items)
         for (topic, _), event in zip(items, stored, strict=True):
             assert_valid_event(event)
             allowed = (event.type, practice_topic(event.tenant, event.type))
             assert topic in allowed or topic.startswith(("tests.", "bench.")), (
                 f"event {event.type} written to topic {topic}: topics are named after event types"
             )
-        return stored
+        return stored, rows
 
-    monkeypatch.setattr(Outbox, "add_many", checked_add_many)
+    monkeypatch.setattr(Outbox, "stage_many", checked_stage_many)

@@ -64,20 +64,28 @@ class Outbox:
         return (await self.add_many([(topic, event)]))[0]
 
     async def add_many(self, items: Sequence[tuple[str, CloudEvent]]) -> list[CloudEvent]:
-        """``add`` for many events at once: one sequence reservation per patient and one
-        multi-row insert, in the given order (per patient, sequences follow that order)."""
+        """``add`` for many events at once: one sequence reservation statement and one multi-row
+        insert, in the given order (per patient, sequences follow that order)."""
+        stored, rows = await self.stage_many(items)
+        if rows:
+            await self.session.execute(insert(outbox_table), rows)
+        return stored
+
+    async def stage_many(
+        self, items: Sequence[tuple[str, CloudEvent]]
+    ) -> tuple[list[CloudEvent], list[dict]]:
+        """What ``add_many`` writes, without writing the rows: the events with their patients'
+        next sequence numbers reserved (in this unit of work) and correlation ids set, and the
+        outbox rows, for a caller that inserts them its own bulk way (e.g. COPY). The rows must
+        be inserted in this unit of work, in this order."""
         if not items:
-            return []
+            return [], []
         wanted: dict[tuple[str, str], int] = {}
         for _, event in items:
             if event.sequence is None and event.patient is not None:
                 key = (event.tenant, event.subject or "")
                 wanted[key] = wanted.get(key, 0) + 1
-        # Sorted, so that two writers touching the same patients lock them in the same order.
-        next_number = {
-            key: await self.reserve_sequences(key[0], key[1], count)
-            for key, count in sorted(wanted.items())
-        }
+        next_number = await self.reserve_many(wanted)
         cid = current_correlation_id()
         now = datetime.now(UTC)
         stored: list[CloudEvent] = []
@@ -105,8 +113,36 @@ class Outbox:
                     "created_at": now,
                 }
             )
-        await self.session.execute(insert(outbox_table), rows)
-        return stored
+        return stored, rows
+
+    async def reserve_many(self, wanted: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+        """``reserve_sequences`` for many (tenant, subject) counters: the first reserved number
+        of each. Upserted in sorted order, so writers touching the same patients lock their
+        counters in the same order (no deadlock)."""
+        keys = sorted(wanted)
+        if not keys:
+            return {}
+        if self.session.bind.dialect.name == "postgresql":
+            # One statement whatever the number of counters: three array parameters.
+            conn = await self.session.connection()
+            schema = (conn.sync_connection.get_execution_options().get("schema_translate_map")
+                      or {}).get(None)
+            table = f'"{schema}".{sequences_table.name}' if schema else sequences_table.name
+            rows = (await conn.exec_driver_sql(
+                f"INSERT INTO {table} AS s (tenant, subject, last) "
+                "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) "
+                "ON CONFLICT (tenant, subject) DO UPDATE SET last = s.last + excluded.last "
+                "RETURNING s.tenant, s.subject, s.last",
+                ([t for t, _ in keys], [s for _, s in keys], [wanted[k] for k in keys]))).all()
+        else:
+            stmt = sqlite.insert(sequences_table).values(
+                [{"tenant": t, "subject": s, "last": wanted[(t, s)]} for t, s in keys])
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["tenant", "subject"],
+                set_={"last": sequences_table.c["last"] + stmt.excluded["last"]},
+            ).returning(sequences_table.c.tenant, sequences_table.c.subject, sequences_table.c["last"])
+            rows = (await self.session.execute(stmt)).all()
+        return {(t, s): last - wanted[(t, s)] + 1 for t, s, last in rows}
 
 
 @dataclass

@@ -15,7 +15,6 @@ from ccm_shared.service import ServiceRuntime, discover_services
 from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
 from ccm_shared.transport import InProcessTransport
-from tests.unit.ingest.bulk_contracts import _bulk_events_follow_their_contracts  # noqa: F401
 
 EXAMPLES = Path("/work/shared/fhir-examples")
 if not EXAMPLES.exists():  # the repository's sibling checkout

@@ -10,7 +10,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
 
-from ccm_ingest.adapters import outbox_bulk
 from ccm_ingest.adapters.fhir_validation import validate_resource
 from ccm_ingest.adapters.repository import CurrentRow, SqlResourceRepository, VersionRow
 from ccm_ingest.domain.config import IngestConfig
@@ -201,7 +200,7 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     await repo.update_rows(pending.updated_rows)
     await repo.update_rows(pending.stale_rows)
     await repo.drop_identifiers(pending.replaced)
-    _, outbox_rows = await outbox_bulk.stage_events(uow.session, caller.tenant, pending.events)
+    _, outbox_rows = await uow.outbox.stage_many([(e.type, e) for e in pending.events])
     await repo.insert_batch(pending.versions, caller.connection, pending.new_rows,
                             pending.identifiers, outbox_rows)
     return outcomes
@@ -325,8 +324,7 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
                            ccm_state=mapping.state)
     await repo.drop_identifiers([(rtype, rid)])
     await repo.release_criteria(rtype, rid)
-    _, outbox_rows = await outbox_bulk.stage_events(uow.session, caller.tenant,
-                                                    _events(caller, mapping.events))
+    _, outbox_rows = await uow.outbox.stage_many([(e.type, e) for e in _events(caller, mapping.events)])
     deletion = VersionRow(rtype, rid, version_id, None, DELETED_HASH, caller.now, caller.now,
                           True, True)
     await repo.insert_batch([deletion], caller.connection, [], [], outbox_rows)
