@@ -187,6 +187,26 @@ async def bare_baseline(db: Database, transport: KafkaTransport, topic: str) -> 
     return sql, publish
 
 
+async def bare_writes(db: Database) -> float:
+    """The rows a close writes, written bare by the database from the same decided rows: the
+    ChargeItems and the filings copied with INSERT … SELECT into tables shaped and indexed like
+    the real ones. Not the issue's baseline (that one only aggregates): what the writes alone
+    cost, to tell the database's share of the close from the service's."""
+    q = f'"{db.schema}"'
+    async with db.engine.begin() as conn:
+        for table in ("charge_items", "decision_filings"):
+            await conn.execute(text(f"CREATE TABLE {q}.bare_{table} (LIKE {q}.{table} INCLUDING ALL)"))
+    started = time.perf_counter()
+    async with db.engine.begin() as conn:
+        await conn.execute(text(
+            f"INSERT INTO {q}.bare_charge_items SELECT charge_item_id, practice, 'inv', patient, "
+            f"month, code, 'billable', amount, resource FROM {q}.month_decision_lines"))
+        await conn.execute(text(
+            f"INSERT INTO {q}.bare_decision_filings SELECT practice, patient, month, 0, now(), "
+            f"'closed', decision, entries FROM {q}.month_decisions"))
+    return time.perf_counter() - started
+
+
 class _Runtime:
     def __init__(self, db: Database) -> None:
         self.db = db
@@ -278,6 +298,7 @@ async def main() -> int:
             during = await decide_during_month(db, practices, args.concurrency)
         close, events = await close_all(db, transport, practices, args.concurrency)
         sql, publish = await bare_baseline(db, transport, bare_topic)
+        writes = await bare_writes(db)
         async with db.engine.connect() as conn:
             items = (await conn.execute(text(f'SELECT count(*) FROM "{schema}".charge_items'))).scalar()
             totals = (await conn.execute(text(
@@ -298,6 +319,8 @@ async def main() -> int:
           f"invoices total ${totals:,.2f})")
     print(f"bare SQL aggregation:           {sql:.2f} s")
     print(f"bare publish of same events:    {publish:.2f} s")
+    print(f"(bare writes of the same rows:  {writes:.2f} s — ChargeItems and filings by INSERT … "
+          f"SELECT; close / (writes + publish) = {close / (writes + publish):.2f})")
     print(f"ratio close / (sql + publish):  {close / baseline:.2f}   (target <= 1.5)")
     print(f"close target 15 s:              {'met' if close <= 15 else 'NOT met'}"
           + ("" if args.patients == 100_000 else f" (at {args.patients:,} patients)"))

@@ -140,8 +140,12 @@ _BOUNDED = ("practice", "service", "actor", "actor_label", "what", "entity", "pa
 
 
 async def record(conn: AsyncConnection | AsyncSession, entry: AuditRecord) -> None:
-    """Insert an unsealed entry in the caller's transaction."""
-    await conn.execute(insert(audit_log).values(**entry.values()))
+    """Insert an unsealed entry in the caller's transaction (one statement built once, the
+    entry as its parameters: consumers record one per applied patient event)."""
+    await conn.execute(_INSERT, entry.values())
+
+
+_INSERT = insert(audit_log)
 
 
 async def record_now(engine: AsyncEngine, entry: AuditRecord) -> None:
