@@ -7,6 +7,7 @@ from collections import defaultdict
 import pytest
 
 from ccm_shared.consumer import ConsumerRuntime
+from ccm_shared.db import Database
 from ccm_shared.events import CloudEvent
 from ccm_shared.outbox import OutboxRelay
 from tests.integration.conftest import eventually
@@ -161,3 +162,52 @@ async def test_batched_consumer_keeps_order_when_a_message_in_the_middle_fails_o
     assert [r.value for r in await effect_rows(pg_db)] == list(range(30))
     assert len(failed_once) == 1  # the failure did happen, inside a batch
     assert consumer.stats.applied == 30 and consumer.stats.dead_lettered == 0
+
+
+async def test_prepare_runs_outside_the_transaction_before_each_event_and_a_failure_is_retried(
+    infra, pg_db, kafka, topic
+):
+    await kafka.ensure_topics([topic], partitions=1)
+    events = [make_event(patient="p1", value=i) for i in range(20)]
+    async with pg_db.unit_of_work() as uow:
+        for e in events:
+            await uow.outbox.add(topic, e)
+        await uow.commit()
+    await OutboxRelay(pg_db, kafka).drain()
+    prepared: list[int] = []
+    failed_once: set[str] = set()
+    own = Database(infra.database_url, schema=pg_db.schema, pool_size=2)  # the consumer's only
+    open_connections: list[int] = []
+
+    async def prepare(event):
+        open_connections.append(own.engine.pool.checkedout())  # 0: no transaction around it
+        if event.data["value"] == 7 and event.id not in failed_once:
+            failed_once.add(event.id)
+            raise RuntimeError("topic creation failed once")
+        prepared.append(event.data["value"])
+
+    unprepared: list[int] = []
+
+    async def handle(event, uow):
+        if event.data["value"] not in prepared:
+            unprepared.append(event.data["value"])
+            raise RuntimeError("handled before its prepare succeeded")
+        await record_effect(event, uow)
+
+    consumer = ConsumerRuntime(name="prepare-consumer", topics=[topic], handler=handle,
+                               prepare=prepare, db=own, transport=kafka, batch_size=50,
+                               backoff_initial=0.01)
+    task = asyncio.create_task(consumer.run())
+    try:
+        async def all_applied():
+            return len(await effect_rows(pg_db)) == 20
+
+        await eventually(all_applied, what="20 effects")
+    finally:
+        consumer.stop()
+        await task
+        await own.dispose()
+    assert [r.value for r in await effect_rows(pg_db)] == list(range(20))
+    assert len(failed_once) == 1 and consumer.stats.dead_lettered == 0
+    assert set(open_connections) == {0}
+    assert unprepared == []

@@ -169,3 +169,31 @@ async def test_handler_raising_poison_message_is_dead_lettered_without_retries(s
     await runtime.process(Message(TOPIC, make_event().to_json(), key=b"k"))
     assert len(calls) == 1 and runtime.stats.retries == 0
     assert bus.messages(dlq_topic(TOPIC))[0].header("dlq-error") == b"PoisonMessage"
+
+
+async def test_prepare_runs_before_the_unit_of_work_and_its_failure_is_retried_then_dead_lettered(sqlite_db):
+    calls: list[str] = []
+    failures = {"left": 1}
+
+    async def prepare(event):
+        calls.append(f"prepare {event.data['value']}")
+        if event.data["value"] == 2 and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("topic creation failed once")
+        if event.data["value"] == 3:
+            raise RuntimeError("topic creation always fails")
+
+    async def handle(event, uow):
+        calls.append(f"handle {event.data['value']}")
+        await record_effect(event, uow)
+
+    bus = InProcessTransport(partitions=1)
+    runtime = ConsumerRuntime(name="prepared", topics=[TOPIC], handler=handle, prepare=prepare,
+                              db=sqlite_db, transport=bus, max_retries=2, backoff_initial=0,
+                              backoff_max=0)
+    for value in (1, 2, 3):
+        await runtime.process(Message(TOPIC, make_event(value=value).to_json(), key=b"k"))
+    assert calls == ["prepare 1", "handle 1", "prepare 2", "prepare 2", "handle 2",
+                     "prepare 3", "prepare 3", "prepare 3"]
+    assert [r.value for r in await effect_rows(sqlite_db)] == [1, 2]
+    assert bus.messages(dlq_topic(TOPIC))[0].header("dlq-error") == b"RuntimeError"

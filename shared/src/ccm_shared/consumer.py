@@ -101,10 +101,14 @@ class ConsumerRuntime:
         max_records: int = 500,
         batch_size: int = 100,
         hooks: ConsumerHooks | None = None,
+        prepare: Callable[[CloudEvent], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.topics = list(topics)
         self.handler = handler
+        # Set-up an event needs outside the database transaction (e.g. creating a topic): it
+        # runs before the event's unit of work, never inside it; it must be idempotent.
+        self.prepare = prepare
         self.db = db
         self.transport = transport
         self.max_retries = max_retries
@@ -162,8 +166,28 @@ class ConsumerRuntime:
             )
         return True
 
+    async def _prepare_batch(self, messages: list[Message]) -> list[Message]:
+        """Run ``prepare`` (outside any transaction) for the batch's events; the batch ends
+        before the first event it fails for, which then goes through ``process`` (retries)."""
+        if self.prepare is None:
+            return messages
+        for i, message in enumerate(messages):
+            try:
+                event = decode(message)
+            except PoisonMessage:
+                return messages  # the batch stops there anyway
+            try:
+                await self.prepare(event)
+            except Exception as exc:  # noqa: BLE001 - retried alone by process()
+                log.info("prepare failed inside a batch; retrying it alone", consumer=self.name,
+                         error=type(exc).__name__, detail=str(exc)[:300])
+                return messages[:i]
+        return messages
+
     async def _apply(self, message: Message, event: CloudEvent) -> bool:
-        """Apply once in a transaction of its own."""
+        """Apply once in a transaction of its own (after ``prepare``, outside it)."""
+        if self.prepare is not None:
+            await self.prepare(event)
         async with self.db.unit_of_work() as uow:
             applied = await self._apply_in(uow, message, event)
             if applied:
@@ -178,6 +202,7 @@ class ConsumerRuntime:
         letter — before the ones after it, so order per partition holds.
         """
         done: list[tuple[Message, bool]] = []
+        messages = await self._prepare_batch(messages)
         handled = len(messages)
         async with self.db.unit_of_work() as uow:
             for i, message in enumerate(messages):

@@ -21,6 +21,7 @@ from sqlalchemy import MetaData
 
 from ccm_shared.consumer import ConsumerRuntime, Handler
 from ccm_shared.db import Database
+from ccm_shared.events import CloudEvent
 from ccm_shared.outbox import OutboxRelay
 from ccm_shared.settings import Settings
 from ccm_shared.transport import InProcessTransport, KafkaTransport, Transport
@@ -35,6 +36,9 @@ class ConsumerSpec:
     name: str
     topics: tuple[str, ...]
     handler: Handler
+    # Idempotent set-up an event needs outside any database transaction (e.g. creating the
+    # Kafka topics its effect will be published on): runs before the event's unit of work.
+    prepare: Callable[[CloudEvent], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,7 @@ class ServiceRuntime:
                     name=spec.name,
                     topics=spec.topics,
                     handler=spec.handler,
+                    prepare=spec.prepare,
                     db=runtime.db,
                     transport=runtime.transport,
                     max_retries=settings.consumer_max_retries,

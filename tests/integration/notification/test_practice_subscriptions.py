@@ -17,7 +17,7 @@ from ccm_notification.adapters.orm import outbox
 from ccm_notification.bootstrap import SERVICE
 from ccm_notification.entrypoints.workers import deliverer_of, practice_topics_of
 from ccm_notification.subscriptions.domain import FEED_TYPES, Receiver
-from ccm_notification.subscriptions.service import feed_handler
+from ccm_notification.subscriptions.service import feed_handler, feed_topics
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.events import CloudEvent, practice_topic, to_message
 from ccm_shared.migrate import upgrade_async
@@ -88,7 +88,8 @@ async def service(infra, settings_env):
     api = httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
                             base_url="http://notify.test")
     svc = Service(runtime, api)
-    handler = feed_handler(practice_topics_of(runtime), runtime.clock)
+    handler = feed_handler(runtime.clock)
+    prepare = feed_topics(practice_topics_of(runtime))
 
     async def this_tests_practices_only(event: CloudEvent, uow) -> None:  # noqa: ANN001
         # The shared broker holds other test runs' billing events; the handler under test is
@@ -96,10 +97,15 @@ async def service(infra, settings_env):
         if event.tenant in svc.practices:
             await handler(event, uow)
 
+    async def prepare_this_tests_practices(event: CloudEvent) -> None:
+        if event.tenant in svc.practices:
+            await prepare(event)
+
     # A fresh group (and inbox key) per run; the production group name is notification-….
     runtime.consumers = [ConsumerRuntime(
         name=f"notification-practice-feed-it-{uuid.uuid4().hex[:8]}", topics=FEED_TYPES,
-        handler=this_tests_practices_only, db=runtime.db, transport=kafka,
+        handler=this_tests_practices_only, prepare=prepare_this_tests_practices,
+        db=runtime.db, transport=kafka,
         backoff_initial=0.1, backoff_max=0.5)]
     await runtime.start(consumers=True, relay=True, background=False)
     stopping = asyncio.Event()

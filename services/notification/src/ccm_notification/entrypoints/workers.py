@@ -21,7 +21,7 @@ from ccm_notification.service_layer.handlers import (
 )
 from ccm_notification.service_layer.notify import Notifier
 from ccm_notification.subscriptions.domain import FEED_TYPES
-from ccm_notification.subscriptions.service import SubscriptionDeliverer, feed_handler
+from ccm_notification.subscriptions.service import SubscriptionDeliverer, feed_handler, feed_topics
 from ccm_notification.subscriptions.topics import PracticeTopics
 from ccm_shared.service import BackgroundJob, ConsumerSpec, ServiceRuntime, sleep_unless_stopped
 from ccm_shared.tables import practices
@@ -105,7 +105,8 @@ def consumers(runtime: ServiceRuntime) -> list[ConsumerSpec]:
         ConsumerSpec(
             "notification-practice-feed",
             FEED_TYPES,
-            feed_handler(practice_topics_of(runtime), lambda: runtime.clock()),
+            feed_handler(lambda: runtime.clock()),
+            prepare=feed_topics(practice_topics_of(runtime)),
         ),
     ]
 

@@ -14,7 +14,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -59,9 +59,21 @@ Clock = Callable[[], datetime]
 # -- fan-out --------------------------------------------------------------------------------------
 
 
-def feed_handler(topics: PracticeTopics, clock: Clock) -> Handler:
+def feed_topics(topics: PracticeTopics) -> Callable[[CloudEvent], Awaitable[None]]:
+    """The feed consumer's ``prepare``: the practice's topics exist before its first event is
+    written for them (a Kafka admin call, made before the event's transaction, never in it)."""
+
+    async def prepare(event: CloudEvent) -> None:
+        if event.type in FEED_TYPES:
+            await topics.ensure([target_practice(event.tenant)])
+
+    return prepare
+
+
+def feed_handler(clock: Clock) -> Handler:
     """Consumer of billing's practice-facing events: one numbered copy on the practice's topic
-    and one numbered notification per matching subscription of that practice."""
+    and one numbered notification per matching subscription of that practice (its topics were
+    made by ``feed_topics`` before the transaction)."""
 
     async def handle(event: CloudEvent, uow: UnitOfWork) -> None:
         if event.type not in FEED_TYPES:
@@ -69,7 +81,6 @@ def feed_handler(topics: PracticeTopics, clock: Clock) -> Handler:
         practice = target_practice(event.tenant)  # UnsafeTenant: retried, then dead-lettered
         if await already_fanned_out(uow, event.id):
             return  # a replay (group reset, second feed group): the copy is already out
-        await topics.ensure([practice])
         await fan_out(uow, practice, event, now=clock())
 
     return handle
