@@ -130,16 +130,32 @@ async def test_poison_event_goes_to_dlq_and_partition_keeps_flowing(infra, pg_db
     assert json.loads(dead.value)["tenant"] == "acme"
 
 
+async def _published(db, kafka, topic, n):  # noqa: ANN001, ANN202
+    """n events of one patient (values 0…n-1) through the outbox onto a one-partition topic."""
+    await kafka.ensure_topics([topic], partitions=1)
+    async with db.unit_of_work() as uow:
+        for i in range(n):
+            await uow.outbox.add(topic, make_event(patient="p1", value=i))
+        await uow.commit()
+    await OutboxRelay(db, kafka).drain()
+
+
+async def _consume_until_applied(consumer, db, n):  # noqa: ANN001, ANN202
+    task = asyncio.create_task(consumer.run())
+    try:
+        async def all_applied():
+            return len(await effect_rows(db)) == n
+
+        await eventually(all_applied, what=f"{n} effects")
+    finally:
+        consumer.stop()
+        await task
+
+
 async def test_batched_consumer_keeps_order_when_a_message_in_the_middle_fails_once(
     infra, pg_db, kafka, topic
 ):
-    await kafka.ensure_topics([topic], partitions=1)
-    events = [make_event(patient="p1", value=i) for i in range(30)]
-    async with pg_db.unit_of_work() as uow:
-        for e in events:
-            await uow.outbox.add(topic, e)
-        await uow.commit()
-    await OutboxRelay(pg_db, kafka).drain()
+    await _published(pg_db, kafka, topic, 30)
     failed_once: set[str] = set()
 
     async def flaky(event, uow):
@@ -150,15 +166,7 @@ async def test_batched_consumer_keeps_order_when_a_message_in_the_middle_fails_o
 
     consumer = ConsumerRuntime(name="batch-consumer", topics=[topic], handler=flaky, db=pg_db,
                                transport=kafka, batch_size=50, backoff_initial=0.01)
-    task = asyncio.create_task(consumer.run())
-    try:
-        async def all_applied():
-            return len(await effect_rows(pg_db)) == 30
-
-        await eventually(all_applied, what="30 effects")
-    finally:
-        consumer.stop()
-        await task
+    await _consume_until_applied(consumer, pg_db, 30)
     assert [r.value for r in await effect_rows(pg_db)] == list(range(30))
     assert len(failed_once) == 1  # the failure did happen, inside a batch
     assert consumer.stats.applied == 30 and consumer.stats.dead_lettered == 0
@@ -167,13 +175,7 @@ async def test_batched_consumer_keeps_order_when_a_message_in_the_middle_fails_o
 async def test_prepare_runs_outside_the_transaction_before_each_event_and_a_failure_is_retried(
     infra, pg_db, kafka, topic
 ):
-    await kafka.ensure_topics([topic], partitions=1)
-    events = [make_event(patient="p1", value=i) for i in range(20)]
-    async with pg_db.unit_of_work() as uow:
-        for e in events:
-            await uow.outbox.add(topic, e)
-        await uow.commit()
-    await OutboxRelay(pg_db, kafka).drain()
+    await _published(pg_db, kafka, topic, 20)
     prepared: list[int] = []
     failed_once: set[str] = set()
     own = Database(infra.database_url, schema=pg_db.schema, pool_size=2)  # the consumer's only
@@ -197,15 +199,9 @@ async def test_prepare_runs_outside_the_transaction_before_each_event_and_a_fail
     consumer = ConsumerRuntime(name="prepare-consumer", topics=[topic], handler=handle,
                                prepare=prepare, db=own, transport=kafka, batch_size=50,
                                backoff_initial=0.01)
-    task = asyncio.create_task(consumer.run())
     try:
-        async def all_applied():
-            return len(await effect_rows(pg_db)) == 20
-
-        await eventually(all_applied, what="20 effects")
+        await _consume_until_applied(consumer, pg_db, 20)
     finally:
-        consumer.stop()
-        await task
         await own.dispose()
     assert [r.value for r in await effect_rows(pg_db)] == list(range(20))
     assert len(failed_once) == 1 and consumer.stats.dead_lettered == 0

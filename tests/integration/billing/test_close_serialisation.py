@@ -26,19 +26,29 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 CLOSE_AT = datetime(2025, 4, 2, 12, tzinfo=UTC)
 
 
-async def test_an_event_during_a_close_waits_and_then_sees_the_month_closed(infra):
+async def _billing(infra, prefix: str):  # noqa: ANN001, ANN202
+    """The billing schema migrated, its Database, and a new practice of this test."""
     definition = discover_services()["billing"]
     await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
     runtime = ServiceRuntime.build(definition, load_settings(database_url=infra.database_url),
                                    transport=InProcessTransport(), clock=lambda: CLOSE_AT)
-    db, practice = runtime.db, f"ser-{uuid.uuid4().hex[:10]}"
-    await create_practice(db.engine, practice_id=practice, name="Serial", timezone="America/New_York",
-                          pricing=PRICING)
+    practice = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    await create_practice(runtime.db.engine, practice_id=practice, name=prefix,
+                          timezone="America/New_York", pricing=PRICING)
+    return runtime.db, practice
+
+
+async def _deliver(db, event) -> None:  # noqa: ANN001
+    async with db.unit_of_work() as uow:
+        await apply_event(event, uow, now=CLOSE_AT)
+        await uow.commit()
+
+
+async def test_an_event_during_a_close_waits_and_then_sees_the_month_closed(infra):
+    db, practice = await _billing(infra, "ser")
 
     async def deliver(event) -> None:  # noqa: ANN001
-        async with db.unit_of_work() as uow:
-            await apply_event(event, uow, now=CLOSE_AT)
-            await uow.commit()
+        await _deliver(db, event)
 
     try:
         for e in [*ev.enrolled_patient(practice, "p1"), ev.role(practice, "nurse-1", "clinical-staff"),
@@ -67,20 +77,12 @@ async def test_a_decider_pass_skips_a_month_another_replica_is_refreshing(infra)
     from ccm_billing.service_layer import decision_cache
     from ccm_billing.service_layer.common import practice_info
 
-    definition = discover_services()["billing"]
-    await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
-    runtime = ServiceRuntime.build(definition, load_settings(database_url=infra.database_url),
-                                   transport=InProcessTransport(), clock=lambda: CLOSE_AT)
-    db, practice = runtime.db, f"dec-{uuid.uuid4().hex[:10]}"
-    await create_practice(db.engine, practice_id=practice, name="Decider", timezone="America/New_York",
-                          pricing=PRICING)
+    db, practice = await _billing(infra, "dec")
     march = Month(2025, 3)
     try:
         for e in [*ev.enrolled_patient(practice, "p1"),
                   ev.time_logged(practice, "p1", "e1", 1500, "2025-03-03T10:00:00-05:00")]:
-            async with db.unit_of_work() as uow:
-                await apply_event(e, uow, now=CLOSE_AT)
-                await uow.commit()
+            await _deliver(db, e)
         async with db.unit_of_work() as first:
             info = await practice_info(first.session, practice)
             assert await decision_cache.refresh(first, info, march, CLOSE_AT) == 1  # holds the lock
