@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -34,13 +33,12 @@ from sqlalchemy import (
     func,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from ccm_shared.db import GroupCommit
+from ccm_shared.db import GroupCommit, xact_lock
 from ccm_shared.tables import BigId
 
 log = structlog.get_logger(__name__)
@@ -197,11 +195,8 @@ async def seal(engine: AsyncEngine, *, batch: int = 2000) -> int:
     """Chain unsealed entries in id order; return how many were sealed."""
     sealed = 0
     async with engine.begin() as conn:
-        if engine.dialect.name == "postgresql":
-            key = zlib.crc32(b"ccm-audit-sealer")
-            got = await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})
-            if not got.scalar():
-                return 0  # another sealer is at work
+        if not await xact_lock(conn, "ccm-audit-sealer", wait=False):
+            return 0  # another sealer is at work
         rows = (
             (
                 await conn.execute(

@@ -9,6 +9,7 @@ under the schema's name, so the same SQL works on both.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy import event, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -87,6 +89,20 @@ def _ping_idle_connections(engine: AsyncEngine, idle_seconds: float) -> None:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as error:  # noqa: BLE001 - the pool retries with a new connection
             raise exc.DisconnectionError(f"idle pooled connection is dead: {error!r}") from error
+
+
+async def xact_lock(conn: AsyncConnection | AsyncSession, name: str, *, shared: bool = False,
+                    wait: bool = True) -> bool:
+    """A PostgreSQL advisory lock named ``name``, held until the current transaction ends:
+    exclusive or ``shared``; ``wait`` False tries once and answers whether it was taken.
+    On SQLite (one writer at a time anyway) it is always taken."""
+    dialect = conn.bind.dialect if isinstance(conn, AsyncSession) else conn.dialect
+    if dialect.name != "postgresql":
+        return True
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    fn = f"pg{'' if wait else '_try'}_advisory_xact_lock{'_shared' if shared else ''}"
+    taken = (await conn.execute(text(f"SELECT {fn}(:k)"), {"k": key})).scalar()
+    return True if wait else bool(taken)
 
 
 def create_engine_for(

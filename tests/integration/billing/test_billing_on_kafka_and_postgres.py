@@ -86,20 +86,27 @@ async def billing_events(bootstrap: str, topic: str, practice: str, expect: int)
     return found
 
 
-async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
+async def billing_on_kafka(infra, kafka, clock: Clock, name: str) -> ServiceRuntime:  # noqa: ANN001
+    """The billing service on the real infrastructure (schema migrated), its projections
+    consumer in a fresh group (``name``-…) positioned at the topics' ends; not started."""
     definition = discover_services()["billing"]
     await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
     settings = load_settings(database_url=infra.database_url,
                              kafka_bootstrap_servers=infra.kafka_bootstrap_servers)
-    clock = Clock(datetime(2025, 3, 20, 15, tzinfo=UTC))
-    transport = KafkaTransport(infra.kafka_bootstrap_servers, client_id="ccm-billing-it")
+    transport = KafkaTransport(infra.kafka_bootstrap_servers, client_id=f"ccm-{name}")
     runtime = ServiceRuntime.build(definition, settings, transport=transport, clock=clock)
-    group = f"billing-it-{uuid.uuid4().hex[:8]}"
+    group = f"{name}-{uuid.uuid4().hex[:8]}"
     await kafka.ensure_topics(TOPICS)
     await start_group_at_end(infra.kafka_bootstrap_servers, group)
     spec = definition.consumers(runtime)[0]
     runtime.consumers = [ConsumerRuntime(name=group, topics=spec.topics, handler=spec.handler,
                                          db=runtime.db, transport=transport)]
+    return runtime
+
+
+async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
+    clock = Clock(datetime(2025, 3, 20, 15, tzinfo=UTC))
+    runtime = await billing_on_kafka(infra, kafka, clock, "billing-it")
     practice = f"bill-{uuid.uuid4().hex[:8]}"
     await create_practice(runtime.db.engine, practice_id=practice, name="Integration Clinic",
                           timezone="America/New_York", pricing=PRICING)

@@ -11,15 +11,9 @@ import httpx
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from ccm_billing.service_layer.projections import TOPICS
-from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.events import to_message
-from ccm_shared.migrate import upgrade_async
-from ccm_shared.service import ServiceRuntime, discover_services
-from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import create_practice, create_token
-from ccm_shared.transport import KafkaTransport
-from tests.integration.billing.test_billing_on_kafka_and_postgres import start_group_at_end
+from tests.integration.billing.test_billing_on_kafka_and_postgres import billing_on_kafka
 from tests.integration.conftest import eventually
 from tests.unit.billing import compliance_events as cev
 from tests.unit.billing import events as ev
@@ -32,19 +26,8 @@ ENTRIES = {"2025-01": {"ja": 1500, "jb": 1200}, "2025-02": {"fa": 1500, "fb": 12
 
 
 async def test_packet_time_log_and_tracker_on_real_infrastructure(infra, kafka):
-    definition = discover_services()["billing"]
-    await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
-    settings = load_settings(database_url=infra.database_url,
-                             kafka_bootstrap_servers=infra.kafka_bootstrap_servers)
     clock = Clock(datetime(2025, 1, 20, 15, tzinfo=UTC))
-    transport = KafkaTransport(infra.kafka_bootstrap_servers, client_id="ccm-billing-compliance-it")
-    runtime = ServiceRuntime.build(definition, settings, transport=transport, clock=clock)
-    group = f"billing-compliance-it-{uuid.uuid4().hex[:8]}"
-    await kafka.ensure_topics(TOPICS)
-    await start_group_at_end(infra.kafka_bootstrap_servers, group)
-    spec = definition.consumers(runtime)[0]
-    runtime.consumers = [ConsumerRuntime(name=group, topics=spec.topics, handler=spec.handler,
-                                         db=runtime.db, transport=transport)]
+    runtime = await billing_on_kafka(infra, kafka, clock, "billing-compliance-it")
     practice, other = (f"comp-{uuid.uuid4().hex[:8]}" for _ in range(2))
     for p in (practice, other):
         await create_practice(runtime.db.engine, practice_id=p, name=f"Clinic {p}",

@@ -640,6 +640,14 @@ def _edge_cases(b: _Builder) -> list[PatientPlan]:  # noqa: PLR0915 - one table 
     def at(day: int, hour: int, minute: int = 0) -> datetime:
         return b.local(day, hour, minute)
 
+    def correct_consent(plan: PatientPlan, status: str, updated: datetime) -> None:
+        """A later version of the plan's consent, with ``status``, pushed as a correction."""
+        consent = next(r for r in plan.resources if r["resourceType"] == "Consent")
+        plan.corrections.append(
+            b.consent(plan.id, datetime.fromisoformat(consent["dateTime"]), doc, status=status,
+                      updated=updated)
+        )
+
     n = len(cases) + 1
     p = _base(b, n, "staff-19m59s", "clinical staff 19 min 59 s: one second short of 99490")
     add(
@@ -748,16 +756,7 @@ def _edge_cases(b: _Builder) -> list[PatientPlan]:  # noqa: PLR0915 - one table 
         "consent-revoked-mid-month",
         "consent revoked on the 12th: effective to month end, the month stays billable",
     )
-    consent = next(r for r in p.resources if r["resourceType"] == "Consent")
-    p.corrections.append(
-        b.consent(
-            p.id,
-            datetime.fromisoformat(consent["dateTime"]),
-            doc,
-            status="inactive",
-            updated=at(12, 11),
-        )
-    )
+    correct_consent(p, "inactive", at(12, 11))
     add(
         p,
         [
@@ -782,16 +781,7 @@ def _edge_cases(b: _Builder) -> list[PatientPlan]:  # noqa: PLR0915 - one table 
         "consent-entered-in-error",
         "the only consent was entered in error: its time is void",
     )
-    consent = next(r for r in p.resources if r["resourceType"] == "Consent")
-    p.corrections.append(
-        b.consent(
-            p.id,
-            datetime.fromisoformat(consent["dateTime"]),
-            doc,
-            status="entered-in-error",
-            updated=at(b.last_day, 17),
-        )
-    )
+    correct_consent(p, "entered-in-error", at(b.last_day, 17))
     add(
         p,
         [b.encounter(p.id, 1, at(11, 10), 25 * 60, nurse)],

@@ -3,16 +3,16 @@ issue a replacement that points back to it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 
 from ccm_billing.adapters import orm
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.pricing import total
-from ccm_shared.db import UnitOfWork
+from ccm_billing.service_layer.charges import priced_lines
+from ccm_shared.db import UnitOfWork, xact_lock
 
 
 async def hold_practice(session, practice: str, *, exclusive: bool) -> None:  # noqa: ANN001
@@ -20,11 +20,7 @@ async def hold_practice(session, practice: str, *, exclusive: bool) -> None:  # 
     writer anyway). A close holds the practice exclusively until it commits; each projected
     event holds it shared, before reading anything: an event that arrives while a month closes
     waits, then sees the month closed (late, or a correction) instead of slipping past both."""
-    if session.bind.dialect.name != "postgresql":
-        return
-    key = int.from_bytes(hashlib.sha256(f"close:{practice}".encode()).digest()[:8], "big", signed=True)
-    fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
-    await session.execute(text(f"SELECT {fn}(:k)"), {"k": key})
+    await xact_lock(session, f"close:{practice}", shared=not exclusive)
 
 
 async def is_closed(session, practice: str, month: str | None) -> bool:  # noqa: ANN001
@@ -79,7 +75,7 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     # Never an edit: each patient whose decision changed gets a new filing revision.
     await file_decisions(uow, practice, month, facts, decisions, reason=reason, now=now,
                          previous=period.decisions)
-    lines = invoicing.priced_lines(info, month, decisions)
+    lines = priced_lines(info, month, decisions)
     i = orm.invoices
     current = (
         await uow.session.execute(

@@ -21,7 +21,7 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, delete, func, literal, select, text
+from sqlalchemy import and_, bindparam, delete, func, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -38,7 +38,7 @@ from ccm_billing.service_layer.decisions import (
     load_facts,
     practice_options,
 )
-from ccm_shared.db import UnitOfWork
+from ccm_shared.db import UnitOfWork, xact_lock
 
 # Bump when a code change alters what is decided for the same facts: every cached decision then
 # stops being current and is decided again.
@@ -82,19 +82,6 @@ def enrolled_query(practice: str, month: str):  # noqa: ANN201
         t.c.practice == practice, t.c.month == month, t.c.patient.is_not(None), t.c.start.is_not(None))
     consented = select(c.c.patient).where(c.c.practice == practice, c.c.status.not_in(NOT_ENROLLING))
     return timed.union(consented)
-
-
-async def _serialise(session: AsyncSession, practice: str, month: str, *, wait: bool) -> bool:
-    """One refresh of a practice-month at a time (the decider's, a replica's, a close's): wait
-    for the lock, or (``wait`` False) answer False at once when someone else holds it."""
-    if session.bind.dialect.name != "postgresql":
-        return True
-    key = int.from_bytes(hashlib.sha256(f"decide:{practice}:{month}".encode()).digest()[:8],
-                         "big", signed=True)
-    if wait:
-        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
-        return True
-    return bool((await session.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": key})).scalar())
 
 
 async def _delete(session: AsyncSession, practice: str, month: str, patients: list[str],
@@ -168,7 +155,8 @@ async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: dateti
     when the practice's contract cannot price a billable line. ``wait`` False: skip (0) when
     another refresh of the practice-month is running (the decider on several replicas)."""
     session, m = uow.session, str(month)
-    if not await _serialise(session, info.id, m, wait=wait):
+    # One refresh of a practice-month at a time (the decider's, a replica's, a close's).
+    if not await xact_lock(session, f"decide:{info.id}:{m}", wait=wait):
         return 0
     context = await context_key(session, info, month)
     enrolled, stale, gone, generations = await _status(session, info, m, context)

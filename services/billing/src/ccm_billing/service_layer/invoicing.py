@@ -20,12 +20,11 @@ from ccm_billing.domain.pricing import total
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.domain.rules.ruleset import RulesetMissing
 from ccm_billing.service_layer import corrections, decision_cache
-from ccm_billing.service_layer.charges import (  # noqa: F401 - priced_lines: part of this API
+from ccm_billing.service_layer.charges import (
     PricedLine,
     charge_item_stub,
     entered,
     entered_suffix,
-    priced_lines,
 )
 from ccm_billing.service_layer.common import (
     SOURCE,

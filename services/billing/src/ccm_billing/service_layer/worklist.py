@@ -13,6 +13,7 @@ from sqlalchemy import select
 from ccm_billing.adapters import orm
 from ccm_billing.domain.model import Decision, Month
 from ccm_billing.service_layer import decision_cache, invoicing
+from ccm_billing.service_layer.charges import priced_lines
 from ccm_billing.service_layer.common import SOURCE, PracticeInfo, insert_for
 from ccm_billing.service_layer.decisions import decide_month
 from ccm_shared.db import UnitOfWork
@@ -91,7 +92,7 @@ async def report(session, info: PracticeInfo, month: Month) -> dict:  # noqa: AN
                                                 res["quantity"]["value"])
     else:
         objs = await decide_month(session, info, month)
-        for line in invoicing.priced_lines(info, month, objs):
+        for line in priced_lines(info, month, objs):
             amounts[(line.patient, line.code)] = (f"{line.amount:.2f}", f"{line.medicare_amount:.2f}",
                                                   line.units)
     patients = []
