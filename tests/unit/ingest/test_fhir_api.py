@@ -180,3 +180,18 @@ async def test_capability_statement_lists_the_supported_types(fhir):
     types = [res["type"] for res in body["rest"][0]["resource"]]
     assert types == ["Patient", "Practitioner", "PractitionerRole", "Organization",
                      "Condition", "CarePlan", "Consent", "Encounter"]
+
+
+async def test_a_decimal_beyond_64_bits_is_stored_and_read_back_exactly(fhir):
+    # JSON parsing gives such a number as a Python int; the fast writer cannot write it and the
+    # standard library must take over (a 500 here would be a regression).
+    patient = {"resourceType": "Patient", "active": True, "extension": [{
+        "url": "http://example.org/big", "valueDecimal": 123456789012345678901234567890}]}
+    r = await fhir.post("/fhir/Patient", content=(
+        '{"resourceType":"Patient","active":true,"extension":[{"url":"http://example.org/big",'
+        '"valueDecimal":123456789012345678901234567890}]}'), headers=FHIR)
+    assert r.status_code == 201, r.text
+    read = await fhir.get(f"/fhir/Patient/{r.json()['id']}")
+    assert read.status_code == 200
+    assert read.json()["extension"] == patient["extension"]
+    assert '"valueDecimal":123456789012345678901234567890' in read.text

@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_ingest.adapters.bulk import insert_all
+from ccm_ingest.adapters.jsontext import compact
 from ccm_ingest.adapters.orm import (
     conditional_creates,
     ingest_configs,
@@ -126,7 +127,7 @@ class SqlResourceRepository:
             (resource_versions, [{
                 "tenant": self.tenant, "type": v.type, "id": v.id, "version_id": v.version_id,
                 "resource": None if v.resource is None
-                else json.dumps(v.resource, separators=(",", ":")),
+                else compact(v.resource),
                 "sha256": v.sha256, "last_updated": v.last_updated,
                 "received_at": v.received_at, "connection": connection,
                 "deleted": v.resource is None, "applied": v.applied,

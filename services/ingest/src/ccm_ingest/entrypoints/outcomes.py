@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC
 from email.utils import format_datetime
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from ccm_ingest.adapters.jsontext import compact
 from ccm_ingest.domain.model import FhirRejected, Issue
 from ccm_ingest.service_layer.resources import Outcome
 from ccm_shared.errors import AppError
@@ -29,7 +29,7 @@ def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
 
 
 def fhir_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(body, separators=(",", ":"), ensure_ascii=False), status,
+    return Response(compact(body), status,
                     headers=headers, media_type=FHIR_JSON)
 
 
