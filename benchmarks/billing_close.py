@@ -80,7 +80,7 @@ async def load(db: Database, practices: list[str], per_practice: int, entries: i
                     start + timedelta(days=rng.randint(0, 27), minutes=e), "2025-03", False,
                     "Practitioner/doc" if doc else "Practitioner/nurse",
                     "PractitionerRole/doc" if doc else "PractitionerRole/nurse", "[]", "[]",
-                    False, False))
+                    False))
                 n_entries += 1
     columns = {
         "patients": ["practice", "patient_id", "version", "mbi", "active"],
@@ -91,7 +91,7 @@ async def load(db: Database, practices: list[str], per_practice: int, entries: i
         "conditions": ["practice", "condition_id", "patient", "version", "counts"],
         "time_entries": ["practice", "entry_id", "patient", "version", "data_version", "status",
                          "seconds", "start", "month", "complex", "practitioner",
-                         "practitioner_role", "role_codes", "warnings", "locked", "late"],
+                         "practitioner_role", "role_codes", "warnings", "late"],
         "practitioner_roles": ["practice", "role_id", "version", "practitioner",
                                "classification", "active"],
     }

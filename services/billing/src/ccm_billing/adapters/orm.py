@@ -55,8 +55,6 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("practitioner_role", String(80), nullable=True),
         Column("role_codes", Text, nullable=False, default="[]"),
         Column("warnings", Text, nullable=False, default="[]"),
-        # Unused since billing_0005: the close's decision filings are the lock record.
-        Column("locked", Boolean, nullable=False, default=False),
         Column("late", Boolean, nullable=False, default=False),  # logged after its month closed
         Index("ix_time_entries_month", "practice", "month"),
         patient_nullable=True,  # a reversal can arrive before anything else about the entry
