@@ -3,6 +3,8 @@
 import httpx
 import pytest
 import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ccm_shared.http import json_depth
 from ccm_shared.migrate import upgrade_async, upgrade_platform
@@ -89,6 +91,33 @@ def test_json_depth_limit():
     with pytest.raises(ValueError, match="deeper than 64"):
         json_depth(deep, 64)
     assert json_depth({"a": [1, {"b": 2}]}, 64) == 4
+
+
+def _depth_by_definition(value: object) -> int:
+    """Every value one level below its container, a scalar or empty container itself 1."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return 1 + max((_depth_by_definition(v) for v in value), default=0)
+    return 1
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner,
+                                                                max_size=3),
+    max_leaves=30)
+
+
+@settings(max_examples=300)
+@given(JSON_VALUES, st.integers(min_value=1, max_value=8))
+def test_json_depth_matches_its_definition_and_the_limit(value, limit):
+    depth = _depth_by_definition(value)
+    if depth > limit:
+        with pytest.raises(ValueError, match=f"deeper than {limit}"):
+            json_depth(value, limit)
+    else:
+        assert json_depth(value, limit) == depth
 
 
 async def test_process_without_api_serves_only_operations_endpoints(tmp_path):
