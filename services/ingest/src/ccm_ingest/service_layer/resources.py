@@ -97,13 +97,9 @@ def _role_ids(resource: dict[str, Any]) -> list[str]:
 
 def _events(caller: Caller, mapped: list[MappedEvent],
             correlation_id: str | None = None) -> list[CloudEvent]:
-    # Built without re-validation: every field comes typed from this service (a tenth of a
-    # resource's storing time went to pydantic checking them again); the outbox serialises them
-    # and tests check every event against its contract.
-    source = f"/ccm/ingest/connection/{caller.token_id}"
-    return [CloudEvent.model_construct(source=source, type=e.type, tenant=caller.tenant,
-                                       subject=e.subject, time=caller.now, data=e.data,
-                                       correlationid=correlation_id)
+    return [CloudEvent(source=f"/ccm/ingest/connection/{caller.token_id}", type=e.type,
+                       tenant=caller.tenant, subject=e.subject, time=caller.now, data=e.data,
+                       correlationid=correlation_id)
             for e in mapped]
 
 
