@@ -147,3 +147,42 @@ async def test_a_transaction_failing_after_its_creates_were_written_leaves_nothi
     assert r.status_code == 412, r.text
     assert r.json()["issue"][0]["expression"] == ["Bundle.entry[31].If-Match"]
     assert await rows() == before
+
+
+async def test_stored_text_and_times_survive_postgresql_exactly(ingest):
+    """Rows reach PostgreSQL as JSON text (json_to_recordset): quotes, backslashes, line breaks,
+    non-BMP characters, JSON-looking strings and microsecond times with offsets come back as
+    sent, and the identifiers and event rows of the same statement are right."""
+    tricky = 'Zoë "quoted" \\back\\slash\nline\ttab 😀 \u2028 {"json": [1]} \\u0041'
+    patient = {"resourceType": "Patient", "active": True,
+               "meta": {"lastUpdated": "2026-03-04T05:06:07.123456-05:00"},
+               "identifier": [{"system": "urn:mrn", "value": tricky}],
+               "name": [{"family": tricky, "given": ["Ann"]}]}
+    created = await ingest.post("/fhir/Patient", json=patient)
+    assert created.status_code == 201, created.text
+    rid = created.json()["id"]
+    read = (await ingest.get(f"/fhir/Patient/{rid}")).json()
+    assert read["name"] == patient["name"] and read["identifier"] == patient["identifier"]
+    assert read["meta"]["lastUpdated"] == "2026-03-04T10:06:07.123456+00:00"
+    found = await ingest.get("/fhir/Patient", params={"identifier": f"urn:mrn|{tricky}"})
+    assert [e["resource"]["id"] for e in found.json()["entry"]] == [rid]
+    outbox = messaging_tables(discover_services()["ingest"].metadata)[0]
+    async with ingest.runtime.db.engine.connect() as conn:
+        stored = (await conn.execute(select(resource_versions.c.last_updated).where(
+            resource_versions.c.tenant == ingest.practice,
+            resource_versions.c.id == rid))).scalar_one()
+        payloads = (await conn.execute(select(outbox.c.payload).where(
+            outbox.c.tenant == ingest.practice,
+            outbox.c.event_type == "ingest.patient.upserted.v1"))).scalars().all()
+    assert stored.isoformat() == "2026-03-04T10:06:07.123456+00:00"
+    (event,) = [CloudEvent.from_json(p) for p in payloads
+                if CloudEvent.from_json(p).data["source"]["id"] == rid]
+
+    def strings(value):
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert tricky in strings(event.data)

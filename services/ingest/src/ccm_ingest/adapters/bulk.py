@@ -1,12 +1,14 @@
 """Many rows of several tables in one statement, inside the session's transaction.
 
-On PostgreSQL every table's rows travel as one array per column and one statement inserts them
-all: ``WITH a AS (INSERT … SELECT * FROM unnest($1::text[], …)), … INSERT … unnest(…)``. The
-text depends only on the tables and columns, so asyncpg prepares it once per connection, and
-it goes through SQLAlchemy's lowest level (``exec_driver_sql``: no compile, and the unit of
-work's transaction begins as with any statement). One round trip and no per-row SQL, whether
-the batch is one resource or a Bundle of a thousand. Elsewhere (SQLite, embedded mode) one
-executemany INSERT per table.
+On PostgreSQL each table's rows travel as one JSON text parameter and one statement inserts them
+all: ``WITH a AS (INSERT … SELECT … FROM json_to_recordset($1::json) AS r(col type, …)), …``.
+The rows are written by orjson in C and PostgreSQL parses them, on its own core: binding the
+same rows as one array per column made asyncpg check and encode every element in the API
+process, whose single core is what limits ingest. The text depends only on the tables and
+columns, so asyncpg prepares it once per connection, and it goes through SQLAlchemy's lowest
+level (``exec_driver_sql``: no compile, and the unit of work's transaction begins as with any
+statement). One round trip and no per-row SQL, whether the batch is one resource or a Bundle of
+a thousand. Elsewhere (SQLite, embedded mode) one executemany INSERT per table.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+import orjson
 from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-_PG_ARRAY_TYPES = ((BigInteger, "bigint"), (Integer, "int"), (Boolean, "bool"),
-                   (DateTime, "timestamptz"), (String, "text"))
+_PG_TYPES = ((BigInteger, "bigint"), (Integer, "int"), (Boolean, "bool"),
+             (DateTime, "timestamptz"), (String, "text"))
 
 
 @lru_cache(maxsize=256)
 def _pg_type(table: Table, column: str) -> str:
     kind = table.c[column].type
-    return next(name for cls, name in _PG_ARRAY_TYPES if isinstance(kind, cls))
+    return next(name for cls, name in _PG_TYPES if isinstance(kind, cls))
 
 
 @lru_cache(maxsize=64)
@@ -32,17 +35,19 @@ def _pg_sql(schema: str | None, shape: tuple[tuple[Table, tuple[str, ...]], ...]
     """The statement for tables and their columns, in order (the same text every time, so
     asyncpg's per-connection prepared statement is reused)."""
     parts: list[str] = []
-    n = 0
-    for table, columns in shape:
-        arrays = ", ".join(f"${n + i}::{_pg_type(table, c)}[]"
-                           for i, c in enumerate(columns, start=1))
-        n += len(columns)
+    for n, (table, columns) in enumerate(shape, start=1):
         names = ", ".join(f'"{c}"' for c in columns)
+        record = ", ".join(f'"{c}" {_pg_type(table, c)}' for c in columns)
         parts.append(f"INSERT INTO {qualified(schema, table.name)} ({names}) "
-                     f"SELECT * FROM unnest({arrays})")
+                     f"SELECT {names} FROM json_to_recordset(${n}::json) AS r({record})")
     *first, last = parts
     return ("WITH " + ", ".join(f"w{n} AS ({p})" for n, p in enumerate(first)) + " " + last
             if first else last)
+
+
+def _rows_json(rows: list[dict[str, Any]]) -> str:
+    # Aware datetimes keep their offset; a naive one is UTC, as everything stored is.
+    return orjson.dumps(rows, default=str, option=orjson.OPT_NAIVE_UTC).decode()
 
 
 async def service_schema(session: AsyncSession) -> str | None:
@@ -66,7 +71,5 @@ async def insert_all(session: AsyncSession,
         return
     schema = await service_schema(session)
     shape = tuple((table, tuple(rows[0])) for table, rows in batches)
-    params = [[row[c] for row in rows] for (_, columns), (_, rows) in zip(shape, batches,
-                                                                          strict=True)
-              for c in columns]
-    await (await session.connection()).exec_driver_sql(_pg_sql(schema, shape), tuple(params))
+    params = tuple(_rows_json(rows) for _, rows in batches)
+    await (await session.connection()).exec_driver_sql(_pg_sql(schema, shape), params)
