@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 from decimal import Decimal, InvalidOperation
@@ -406,6 +407,11 @@ async def _serve(  # noqa: ANN001
         servers.append(_Server(config))
         what = "API" if api else "operations endpoints"
         typer.echo(f"{rt.definition.name}: {what} on http://{host}:{config.port}", err=True)
+    # Everything built at start-up lives as long as the process: move it out of the cyclic
+    # garbage collector's reach, so its full collections stop walking the hundreds of thousands
+    # of objects of the frameworks and models (about a fifth of ingest's CPU per stored
+    # resource). Only start-up objects are frozen; what requests create is collected as before.
+    gc.freeze()
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -18,6 +18,14 @@ def _model(resource_type: str):  # noqa: ANN202
     return get_fhir_model_class(resource_type)
 
 
+def load_models() -> None:
+    """Import the models of every supported type now (fhir.resources loads them on first use):
+    at start-up, so the first requests do not pay for it and the models are among what the
+    server freezes out of the garbage collector's reach."""
+    for resource_type in SUPPORTED_TYPES:
+        _model(resource_type)
+
+
 def _expression(resource_type: str, loc: tuple) -> str:
     path = resource_type
     for part in loc:

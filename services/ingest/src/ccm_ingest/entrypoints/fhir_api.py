@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ccm_ingest.adapters.fhir_validation import load_models
 from ccm_ingest.adapters.repository import SqlResourceRepository
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
 from ccm_ingest.domain.model import SUPPORTED_TYPES, Issue, rejected
@@ -116,6 +117,7 @@ async def read_json(request: Request, max_depth: int) -> Any:
 
 def build_router(runtime: ServiceRuntime) -> APIRouter:
     router = APIRouter(prefix="/fhir", tags=["fhir"])
+    load_models()
     settings: IngestSettings = runtime.service_settings()  # type: ignore[assignment]
     max_depth = runtime.settings.max_json_depth
 
