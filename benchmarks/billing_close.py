@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import os
 import random
@@ -149,6 +150,7 @@ async def close_all(db: Database, transport: KafkaTransport, practices: list[str
                 await uow.commit()
             relay.notify()
 
+    gc.freeze()  # as `ccm serve` does once started
     started = time.perf_counter()
     await asyncio.gather(*(close_one(p) for p in practices))
     while await relay.backlog():
@@ -238,6 +240,7 @@ async def projection_throughput(db: Database, transport: KafkaTransport, practic
     spec = consumers(_Runtime(db))[0]
     consumer = ConsumerRuntime(name=f"bench-{uuid.uuid4().hex[:6]}", topics=[topic],
                                handler=spec.handler, db=db, transport=transport)
+    gc.freeze()  # as `ccm serve` does once started: set-up objects out of the collector's way
     started = time.perf_counter()
     task = asyncio.create_task(consumer.run())
     while consumer.stats.applied < n:

@@ -132,7 +132,7 @@ class SqlResourceRepository:
                 "received_at": v.received_at, "connection": connection,
                 "deleted": v.resource is None, "applied": v.applied,
             } for v in versions]),
-            (resources, [{**r, "tenant": self.tenant, "ccm_state": json.dumps(r["ccm_state"])}
+            (resources, [{**r, "tenant": self.tenant, "ccm_state": compact(r["ccm_state"])}
                          for r in new_rows]),
             (resource_identifiers, [
                 {"tenant": self.tenant, "type": t, "id": i, "system": s, "value": v}
@@ -150,7 +150,7 @@ class SqlResourceRepository:
             resources.c.id == bindparam("k_id"),
         ).values({c: bindparam(c) for c in columns})
         await self.session.execute(stmt, [{
-            **{c: json.dumps(r[c]) if c == "ccm_state" else r[c] for c in columns},
+            **{c: compact(r[c]) if c == "ccm_state" else r[c] for c in columns},
             "k_tenant": self.tenant, "k_type": r["type"], "k_id": r["id"]} for r in rows])
 
     async def drop_identifiers(self, keys: list[tuple[str, str]]) -> None:
