@@ -2,7 +2,8 @@
 
 Only HTTP and Kafka: FHIR Bundles go into ingest, and what comes out is read from billing,
 careplan and notification's APIs, a real SMTP server, a webhook receiver and an independent
-Kafka consumer."""
+Kafka consumer. One exception: the restart test reads ingest's outbox and billing's inbox to know
+when billing has applied every event of a practice (the APIs give no exact signal of it)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,21 @@ from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import httpx
+import pytest
+from sqlalchemy import bindparam, text
 
+from ccm_billing.entrypoints.consumers import CONSUMER as BILLING_CONSUMER
+from ccm_billing.service_layer.projections import TOPICS as BILLING_TOPICS
+from ccm_shared.db import create_engine_for
 from ccm_shared.demo.generate import generate, previous_month
-from ccm_shared.demo.runner import DemoConfig, Endpoints, check_edge_cases, run_demo
+from ccm_shared.demo.runner import (
+    DemoConfig,
+    Endpoints,
+    check_edge_cases,
+    entries_seen,
+    expected_entries,
+    run_demo,
+)
 
 FHIR = {"Content-Type": "application/fhir+json"}
 
@@ -199,12 +212,86 @@ def test_overdue_care_plan_reminder_email_acknowledged_and_escalation_resolved(p
             if practice in m.get("To", "")] == []
 
 
+def ingest_outbox_position(database_url: str) -> int:
+    """The id of ingest's newest outbox row: events staged from now on have greater ids."""
+
+    async def read() -> int:
+        engine = create_engine_for(database_url, schema=None)
+        try:
+            async with engine.connect() as conn:
+                return (await conn.execute(text("SELECT coalesce(max(id), 0) FROM ingest.outbox"))
+                        ).scalar_one()
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def wait_until_billing_applied(database_url: str, practice: str, after: int,
+                               timeout: float = 600) -> int:
+    """Until billing's consumer has applied every event ingest staged for ``practice`` (outbox
+    ids above ``after``) on a topic billing consumes; returns how many. Call it once the
+    practice's POSTs have returned: ingest stages a Bundle's events in the Bundle's transaction,
+    so the set is complete by then, and billing records each applied event in its inbox in the
+    transaction that applies it.
+
+    The services' HTTP surface has no exact signal for this: ``wait_for_billing`` (the demo's
+    heuristic) only counts time entries on the worklist and then wants the worklist unchanged
+    between two polls, which consents and corrections (other topics, other partitions) can
+    still change afterwards — billing works through the shared topics' other tenants in
+    between; its lag gauge is refreshed every 20 polls and is absent after a restart."""
+    topics = list(BILLING_TOPICS)
+
+    async def run() -> int:
+        engine = create_engine_for(database_url, schema=None)
+        try:
+            async with engine.connect() as conn:
+                staged = dict((await conn.execute(text(
+                    "SELECT event_id, topic FROM ingest.outbox WHERE id > :after "
+                    "AND tenant = :tenant AND topic = ANY(:topics)"),
+                    {"after": after, "tenant": practice, "topics": topics})).all())
+            assert staged, f"ingest staged no event of {practice} for billing"
+            applied_q = text(
+                "SELECT event_id FROM billing.inbox WHERE consumer = :consumer "
+                "AND event_id IN :ids").bindparams(bindparam("ids", expanding=True))
+            deadline = time.monotonic() + timeout
+            while True:
+                async with engine.connect() as conn:
+                    applied = set((await conn.execute(applied_q, {
+                        "consumer": BILLING_CONSUMER, "ids": list(staged)})).scalars())
+                missing = {e: t for e, t in staged.items() if e not in applied}
+                if not missing:
+                    return len(staged)
+                if time.monotonic() > deadline:
+                    async with engine.connect() as conn:
+                        unsent = (await conn.execute(text(
+                            "SELECT count(*) FROM ingest.outbox WHERE sent_at IS NULL "
+                            "AND event_id IN :ids").bindparams(
+                                bindparam("ids", expanding=True)),
+                            {"ids": list(missing)})).scalar_one()
+                    by_topic: dict[str, int] = {}
+                    for t in missing.values():
+                        by_topic[t] = by_topic.get(t, 0) + 1
+                    raise AssertionError(
+                        f"after {timeout:.0f} s billing had applied {len(applied)} of the "
+                        f"{len(staged)} events ingest staged for {practice}; not applied, by "
+                        f"topic: {by_topic} ({unsent} not yet published by ingest)")
+                await asyncio.sleep(1)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
 def normalised_report(api: httpx.Client, billing: str, practice: str, month: str) -> dict:
     doc = api.get(f"{billing}/v1/practices/{practice}/billing-periods/{month}/report.json").json()
     return {"patients": doc["patients"], "totals": doc["totals"],
             "invoiceTotal": doc["invoice"]["totalNet"]}
 
 
+# Two practices, each waited for up to 600 s: on the shared broker billing also works through
+# other tenants' events (benchmarks, other runs); 277 s for one practice was measured so.
+@pytest.mark.timeout(1500)
 def test_billing_killed_and_restarted_mid_flow_ends_in_the_same_state(platform):
     tz = "America/Chicago"
     month = previous_month(datetime.now(ZoneInfo(tz)).date())
@@ -226,6 +313,7 @@ def test_billing_killed_and_restarted_mid_flow_ends_in_the_same_state(platform):
 
     u = platform.urls
     results = {}
+    after = ingest_outbox_position(platform.database_url)
     for practice, token, crash in ((a, token_a, False), (b, token_b, True)):
         api = client(token)
         for i, bundle in enumerate(bundles):
@@ -236,18 +324,16 @@ def test_billing_killed_and_restarted_mid_flow_ends_in_the_same_state(platform):
             assert resp.status_code == 200, resp.text
         if crash:
             platform.restart("billing")
-        config = DemoConfig(endpoints(platform), token, practice, patients=30)
-        from ccm_shared.demo.runner import Platform as Client
-        from ccm_shared.demo.runner import wait_for_billing
-
-        async def settle(cfg=config, practice=practice) -> None:
-            async with httpx.AsyncClient(headers={"Authorization": f"Bearer {cfg.token}"},
-                                         timeout=60) as http:
-                moved = copy.copy(demo)
-                moved.patients = demo.patients
-                await wait_for_billing(Client(cfg, http), moved, 120, lambda *a: None)
-
-        asyncio.run(settle())
+        # Every event of the practice applied (not "the worklist looked complete and stood
+        # still for a poll"): only then is the month closed.
+        wait_until_billing_applied(platform.database_url, practice, after)
+        worklist = api.get(
+            f"{u['billing']}/v1/practices/{practice}/billing-periods/{month}/worklist").json()
+        rows = {r["patient"]: r for r in worklist["patients"]}
+        incomplete = {p: (n, entries_seen(rows[p]) if p in rows else None)
+                      for p, n in expected_entries(demo).items()
+                      if p not in rows or entries_seen(rows[p]) < n}
+        assert not incomplete, f"patients without all their time entries: {incomplete}"
         close = api.post(f"{u['billing']}/v1/practices/{practice}/billing-periods/{month}/close")
         assert close.status_code == 200, close.text
         worklist = api.get(
