@@ -105,6 +105,9 @@ async def xact_lock(conn: AsyncConnection | AsyncSession, name: str, *, shared: 
     return True if wait else bool(taken)
 
 
+PREPARED_STATEMENTS_PER_CONNECTION = 500
+
+
 def create_engine_for(
     url: str,
     *,
@@ -122,7 +125,12 @@ def create_engine_for(
         # process opened (forked, authenticated, type-introspected) a new PostgreSQL backend
         # every few requests — 316 for 2,000 concurrent FHIR POSTs, measured.
         engine = create_async_engine(
-            url, pool_size=2 * pool_size, max_overflow=0, pool_recycle=POOL_RECYCLE_SECONDS
+            url, pool_size=2 * pool_size, max_overflow=0, pool_recycle=POOL_RECYCLE_SECONDS,
+            # asyncpg prepares every statement and keeps the last N per connection. A consumer
+            # batch of 100 events alone uses 200 statement texts (SQLAlchemy numbers its
+            # savepoints: SAVEPOINT sa_savepoint_1 … 100 and their RELEASE), which thrashed the
+            # default 100: every savepoint was a prepare plus an execute.
+            connect_args={"prepared_statement_cache_size": PREPARED_STATEMENTS_PER_CONNECTION},
         )
         _ping_idle_connections(engine, idle_ping_seconds)
     if schema is not None:
