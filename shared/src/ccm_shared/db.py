@@ -129,8 +129,10 @@ def create_engine_for(
             # asyncpg prepares every statement and keeps the last N per connection. A consumer
             # batch of 100 events alone uses 200 statement texts (SQLAlchemy numbers its
             # savepoints: SAVEPOINT sa_savepoint_1 … 100 and their RELEASE), which thrashed the
-            # default 100: every savepoint was a prepare plus an execute.
-            connect_args={"prepared_statement_cache_size": PREPARED_STATEMENTS_PER_CONNECTION},
+            # default 100: every savepoint was a prepare plus an execute. A URL that sets
+            # ?prepared_statement_cache_size= (e.g. 0 behind a transaction-mode pooler) wins.
+            connect_args={} if "prepared_statement_cache_size" in make_url(url).query
+            else {"prepared_statement_cache_size": PREPARED_STATEMENTS_PER_CONNECTION},
         )
         _ping_idle_connections(engine, idle_ping_seconds)
     if schema is not None:
