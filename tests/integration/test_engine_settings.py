@@ -8,6 +8,7 @@ import pytest
 
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.db import PREPARED_STATEMENTS_PER_CONNECTION, create_engine_for
+from ccm_shared.settings import Settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -23,9 +24,11 @@ async def cache_capacity(url: str) -> int | None:
 
 
 async def test_prepared_statement_cache_holds_a_consumer_batch_and_the_url_wins(infra):
-    batch = inspect.signature(ConsumerRuntime).parameters["batch_size"].default
-    # A batch's SAVEPOINT and RELEASE texts, and room for the service's own statements.
-    assert PREPARED_STATEMENTS_PER_CONNECTION >= 2 * batch + 100
+    largest = next(m.le for m in Settings.model_fields["consumer_batch_size"].metadata
+                   if getattr(m, "le", None) is not None)
+    assert inspect.signature(ConsumerRuntime).parameters["batch_size"].default <= largest
+    # The largest batch's SAVEPOINT and RELEASE texts, and room for the service's own.
+    assert PREPARED_STATEMENTS_PER_CONNECTION >= 2 * largest + 100
     assert await cache_capacity(infra.database_url) == PREPARED_STATEMENTS_PER_CONNECTION
     assert await cache_capacity(f"{infra.database_url}?prepared_statement_cache_size=0") is None
     assert await cache_capacity(f"{infra.database_url}?prepared_statement_cache_size=50") == 50

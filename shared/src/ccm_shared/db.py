@@ -105,7 +105,10 @@ async def xact_lock(conn: AsyncConnection | AsyncSession, name: str, *, shared: 
     return True if wait else bool(taken)
 
 
-PREPARED_STATEMENTS_PER_CONNECTION = 500
+# The largest consumer batch (CCM_CONSUMER_BATCH_SIZE, at most 1,000) uses 2,000 savepoint texts;
+# the rest is room for the service's own statements. Savepoint statements cost PostgreSQL next
+# to nothing to keep.
+PREPARED_STATEMENTS_PER_CONNECTION = 2_100
 
 
 def create_engine_for(
