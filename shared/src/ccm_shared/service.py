@@ -227,6 +227,13 @@ class ServiceRuntime:
                 asyncio.create_task(run_sealer(self.db.engine, self._stopping), name="audit-sealer")
             )
         if background:
+            from ccm_shared.retention import run_retention
+
+            keep = (self.settings.outbox_retention_days, self.settings.inbox_retention_days)
+            if any(days > 0 for days in keep):  # both 0: everything is kept, nothing to run
+                self._tasks.append(asyncio.create_task(run_retention(
+                    self.db, self._stopping, outbox_days=keep[0], inbox_days=keep[1]),
+                    name="messaging-retention"))
             for job in self.definition.background(self):
                 self._tasks.append(
                     asyncio.create_task(job.run(self._stopping), name=f"job-{job.name}")

@@ -88,6 +88,19 @@ class Settings(BaseSettings):
         description="How long the API keeps a resolved bearer token before asking the database "
         "again; a revoked token stops working within this time (0: ask on every request)",
     )
+    outbox_retention_days: float = Field(
+        7.0,
+        ge=0,
+        description="Outbox rows already published to Kafka are deleted after this many days "
+        "(0: kept forever); unpublished rows are never deleted",
+    )
+    inbox_retention_days: float = Field(
+        30.0,
+        ge=0,
+        description="Inbox rows (ids of applied events) are deleted after this many days (0: "
+        "kept forever); keep it longer than Kafka's retention, so a redelivered event is still "
+        "recognised as applied",
+    )
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

@@ -1,0 +1,86 @@
+"""Retention of the messaging tables: without it every service's outbox and inbox grow forever
+(1.27 million outbox rows in one test database), and so does what their indexes and backups
+carry.
+
+- An outbox row is deleted ``CCM_OUTBOX_RETENTION_DAYS`` after it was published to Kafka (its
+  ``sent_at``); a row not yet published is never deleted, whatever its age.
+- An inbox row (the id of an applied or dead-lettered event) is deleted
+  ``CCM_INBOX_RETENTION_DAYS`` after it was processed. A consumer recognises a redelivered event
+  by this row, so the retention must be longer than the topics' retention in Kafka (7 days by
+  default; 30 days here).
+
+Rows go in batches, each in a transaction of its own, and one process per schema prunes at a time
+(advisory lock; the others skip the pass). Times are the wall clock's, as the rows' are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from sqlalchemy import delete, select, tuple_
+
+from ccm_shared.db import Database, xact_lock
+from ccm_shared.tables import inbox_table, outbox_table
+
+log = structlog.get_logger(__name__)
+
+INTERVAL_SECONDS = 3600.0
+BATCH = 5000
+
+
+@dataclass(frozen=True)
+class Pruned:
+    outbox: int = 0
+    inbox: int = 0
+
+
+async def prune(db: Database, *, outbox_days: float, inbox_days: float,
+                now: datetime | None = None, batch: int = BATCH) -> Pruned:
+    """Delete what the retention allows, in batches; how many rows of each table went.
+    A retention of 0 days keeps the table's rows forever."""
+    now = now or datetime.now(UTC)
+    out = inn = 0
+    o, i = outbox_table, inbox_table
+    if outbox_days > 0:
+        cutoff = now - timedelta(days=outbox_days)
+        old = (select(o.c.id).where(o.c.sent_at.is_not(None), o.c.sent_at < cutoff)
+               .order_by(o.c.id).limit(batch))
+        out = await _in_batches(db, delete(o).where(o.c.id.in_(old)), batch)
+    if inbox_days > 0:
+        cutoff = now - timedelta(days=inbox_days)
+        old = select(i.c.consumer, i.c.event_id).where(i.c.processed_at < cutoff).limit(batch)
+        inn = await _in_batches(db, delete(i).where(tuple_(i.c.consumer, i.c.event_id).in_(old)),
+                                batch)
+    return Pruned(out, inn)
+
+
+async def _in_batches(db: Database, statement, batch: int) -> int:  # noqa: ANN001
+    deleted = 0
+    while True:
+        async with db.engine.begin() as conn:
+            if not await xact_lock(conn, f"ccm-retention:{db.schema}", wait=False):
+                return deleted  # another process is pruning this schema
+            count = (await conn.execute(statement)).rowcount
+        deleted += count
+        if count < batch:
+            return deleted
+        await asyncio.sleep(0)  # let requests and consumers in between batches
+
+
+async def run_retention(db: Database, stopping: asyncio.Event, *, outbox_days: float,
+                        inbox_days: float, interval: float = INTERVAL_SECONDS) -> None:
+    """Background job: prune at start and then every ``interval`` seconds until stopping."""
+    from ccm_shared.service import sleep_unless_stopped  # service imports this module
+
+    while not stopping.is_set():
+        try:
+            pruned = await prune(db, outbox_days=outbox_days, inbox_days=inbox_days)
+            if pruned.outbox or pruned.inbox:
+                log.info("messaging retention", schema=db.schema, outbox_rows=pruned.outbox,
+                         inbox_rows=pruned.inbox)
+        except Exception as exc:  # noqa: BLE001 - retried at the next pass; nothing is lost
+            log.warning("messaging retention failed; retrying later", error=type(exc).__name__)
+        await sleep_unless_stopped(stopping, interval)
