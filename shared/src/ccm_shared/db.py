@@ -105,6 +105,13 @@ async def xact_lock(conn: AsyncConnection | AsyncSession, name: str, *, shared: 
     return True if wait else bool(taken)
 
 
+def schema_of(bind: AsyncConnection | AsyncSession) -> str | None:
+    """The schema the engine's ``schema_translate_map`` puts a service's tables in (None when it
+    has none), for SQL written by hand (COPY, ``unnest`` inserts)."""
+    source = bind.bind if isinstance(bind, AsyncSession) else bind.sync_connection
+    return (source.get_execution_options().get("schema_translate_map") or {}).get(None)
+
+
 # The largest consumer batch (CCM_CONSUMER_BATCH_SIZE, at most 1,000) uses 2,000 savepoint texts;
 # the rest is room for the service's own statements. Savepoint statements cost PostgreSQL next
 # to nothing to keep.

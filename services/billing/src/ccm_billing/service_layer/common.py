@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters.orm import practice_sequences
 from ccm_billing.domain.pricing import Contract
+from ccm_shared.db import schema_of
 from ccm_shared.errors import NotFound
 from ccm_shared.tables import practices
 
@@ -131,7 +132,7 @@ async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  
     # SQLAlchemy sends BEGIN lazily, with the first statement it executes: make sure the
     # transaction has begun, or COPY on the raw connection would autocommit on its own.
     await conn.exec_driver_sql("SELECT 1")
-    schema = (conn.sync_connection.get_execution_options().get("schema_translate_map") or {}).get(None)
+    schema = schema_of(conn)
     raw = (await conn.get_raw_connection()).driver_connection
     columns = list(rows[0])
     await raw.copy_records_to_table(

@@ -20,6 +20,8 @@ import orjson
 from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ccm_shared.db import schema_of
+
 _PG_TYPES = ((BigInteger, "bigint"), (Integer, "int"), (Boolean, "bool"),
              (DateTime, "timestamptz"), (String, "text"))
 
@@ -50,11 +52,6 @@ def _rows_json(rows: list[dict[str, Any]]) -> str:
     return orjson.dumps(rows, default=str, option=orjson.OPT_NAIVE_UTC).decode()
 
 
-async def service_schema(session: AsyncSession) -> str | None:
-    """The schema the session's tables live in (the engine's schema_translate_map)."""
-    return (session.bind.get_execution_options().get("schema_translate_map") or {}).get(None)
-
-
 def qualified(schema: str | None, table: str) -> str:
     return f'"{schema}"."{table}"' if schema else f'"{table}"'
 
@@ -69,7 +66,7 @@ async def insert_all(session: AsyncSession,
         for table, rows in batches:
             await session.execute(insert(table), rows)
         return
-    schema = await service_schema(session)
+    schema = schema_of(session)
     shape = tuple((table, tuple(rows[0])) for table, rows in batches)
     params = tuple(_rows_json(rows) for _, rows in batches)
     await (await session.connection()).exec_driver_sql(_pg_sql(schema, shape), params)
