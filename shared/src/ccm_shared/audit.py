@@ -281,14 +281,11 @@ async def seal_all(engine: AsyncEngine) -> int:
 
 async def run_sealer(engine: AsyncEngine, stopping: asyncio.Event, interval: float = 1.0) -> None:
     """Background job: seal every ``interval`` seconds until ``stopping`` is set."""
-    from ccm_shared.service import sleep_unless_stopped  # service imports this module
+    from ccm_shared.service import every  # service imports this module
 
-    while not stopping.is_set():
-        try:
-            await seal_all(engine)
-        except Exception as exc:  # noqa: BLE001 - retried at the next tick; nothing is lost
-            log.warning("audit sealing failed; retrying", error=type(exc).__name__)
-        await sleep_unless_stopped(stopping, interval)
+    # A failed pass is retried at the next tick; nothing is lost.
+    await every(stopping, interval, lambda: seal_all(engine),
+                failed="audit sealing failed; retrying", level="warning")
 
 
 @dataclass(frozen=True)

@@ -73,14 +73,13 @@ async def _in_batches(db: Database, statement, batch: int) -> int:  # noqa: ANN0
 async def run_retention(db: Database, stopping: asyncio.Event, *, outbox_days: float,
                         inbox_days: float, interval: float = INTERVAL_SECONDS) -> None:
     """Background job: prune at start and then every ``interval`` seconds until stopping."""
-    from ccm_shared.service import sleep_unless_stopped  # service imports this module
+    from ccm_shared.service import every  # service imports this module
 
-    while not stopping.is_set():
-        try:
-            pruned = await prune(db, outbox_days=outbox_days, inbox_days=inbox_days)
-            if pruned.outbox or pruned.inbox:
-                log.info("messaging retention", schema=db.schema, outbox_rows=pruned.outbox,
-                         inbox_rows=pruned.inbox)
-        except Exception as exc:  # noqa: BLE001 - retried at the next pass; nothing is lost
-            log.warning("messaging retention failed; retrying later", error=type(exc).__name__)
-        await sleep_unless_stopped(stopping, interval)
+    async def one_pass() -> None:
+        pruned = await prune(db, outbox_days=outbox_days, inbox_days=inbox_days)
+        if pruned.outbox or pruned.inbox:
+            log.info("messaging retention", schema=db.schema, outbox_rows=pruned.outbox,
+                     inbox_rows=pruned.inbox)
+
+    await every(stopping, interval, one_pass,
+                failed="messaging retention failed; retrying later", level="warning")

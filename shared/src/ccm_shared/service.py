@@ -61,6 +61,19 @@ async def sleep_unless_stopped(stopping: asyncio.Event, seconds: float) -> bool:
     return True
 
 
+async def every(stopping: asyncio.Event, interval: float, one_pass: Callable[[], Awaitable[object]],
+                *, failed: str, level: str = "error") -> None:
+    """Run ``one_pass`` now and then every ``interval`` seconds until ``stopping`` is set. A pass
+    that raises is logged (``failed``, with the error's type) and the next one runs as usual: the
+    loop of every periodic job (schedulers, the audit sealer, retention)."""
+    while not stopping.is_set():
+        try:
+            await one_pass()
+        except Exception as exc:  # noqa: BLE001 - the job lives on; the next pass retries
+            getattr(log, level)(failed, error=type(exc).__name__)
+        await sleep_unless_stopped(stopping, interval)
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 

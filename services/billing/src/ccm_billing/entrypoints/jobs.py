@@ -3,7 +3,6 @@ open months kept current; EHR pushes."""
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 import structlog
@@ -16,7 +15,7 @@ from ccm_billing.service_layer.ehr import deliver_due
 from ccm_billing.service_layer.invoicing import mark_overdue
 from ccm_billing.service_layer.worklist import send_threshold_alerts
 from ccm_shared.errors import AppError
-from ccm_shared.service import BackgroundJob, sleep_unless_stopped
+from ccm_shared.service import BackgroundJob, every
 
 log = structlog.get_logger(__name__)
 
@@ -68,41 +67,34 @@ async def decide_open_months(runtime) -> dict[str, int]:  # noqa: ANN001
 
 
 def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001
-    async def scheduler(stopping: asyncio.Event) -> None:
-        interval = runtime.service_settings().scheduler_interval_seconds
-        while not stopping.is_set():
-            try:
-                counts = await run_once(runtime)
-                log.info("billing scheduler pass", **counts)
-            except Exception as exc:  # noqa: BLE001 - a failed pass is retried next interval
-                log.error("billing scheduler pass failed", error=type(exc).__name__)
-            await sleep_unless_stopped(stopping, interval)
+    settings = runtime.service_settings()
 
-    async def ehr_push(stopping: asyncio.Event) -> None:
-        settings = runtime.service_settings()
-        while not stopping.is_set():
-            try:
-                await deliver_due(
-                    runtime.db, runtime.clock(), transport=runtime.state.get("ehr_transport"),
-                    max_attempts=settings.ehr_push_max_attempts,
-                    backoff=settings.ehr_push_backoff_seconds,
-                    backoff_max=settings.ehr_push_backoff_max_seconds,
-                    timeout=settings.ehr_push_timeout_seconds,
-                )
-            except Exception as exc:  # noqa: BLE001 - deliveries stay pending; retried next pass
-                log.error("ehr push pass failed", error=type(exc).__name__)
-            await sleep_unless_stopped(stopping, settings.ehr_push_interval_seconds)
+    async def scheduler_pass() -> None:
+        log.info("billing scheduler pass", **await run_once(runtime))
 
-    async def decider(stopping: asyncio.Event) -> None:
-        interval = runtime.service_settings().decide_interval_seconds
-        while not stopping.is_set():
-            try:
-                counts = await decide_open_months(runtime)
-                if counts["decided"] or counts["failed"]:
-                    log.info("billing decider pass", **counts)
-            except Exception as exc:  # noqa: BLE001 - the close decides whatever is left
-                log.error("billing decider pass failed", error=type(exc).__name__)
-            await sleep_unless_stopped(stopping, interval)
+    async def ehr_push_pass() -> None:  # a failed pass leaves deliveries pending: retried next
+        await deliver_due(
+            runtime.db, runtime.clock(), transport=runtime.state.get("ehr_transport"),
+            max_attempts=settings.ehr_push_max_attempts,
+            backoff=settings.ehr_push_backoff_seconds,
+            backoff_max=settings.ehr_push_backoff_max_seconds,
+            timeout=settings.ehr_push_timeout_seconds,
+        )
 
-    return [BackgroundJob("billing-scheduler", scheduler), BackgroundJob("billing-ehr-push", ehr_push),
-            BackgroundJob("billing-decider", decider)]
+    async def decider_pass() -> None:  # a failed pass is no loss: the close decides what is left
+        counts = await decide_open_months(runtime)
+        if counts["decided"] or counts["failed"]:
+            log.info("billing decider pass", **counts)
+
+    def job(name: str, interval: float, one_pass, failed: str) -> BackgroundJob:  # noqa: ANN001
+        return BackgroundJob(name, lambda stopping: every(stopping, interval, one_pass,
+                                                          failed=failed))
+
+    return [
+        job("billing-scheduler", settings.scheduler_interval_seconds, scheduler_pass,
+            "billing scheduler pass failed"),
+        job("billing-ehr-push", settings.ehr_push_interval_seconds, ehr_push_pass,
+            "ehr push pass failed"),
+        job("billing-decider", settings.decide_interval_seconds, decider_pass,
+            "billing decider pass failed"),
+    ]
