@@ -265,7 +265,7 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
                    func.sum(md.c.practitioner_seconds).label("practitioner"))
             .where(*mine).group_by(md.c.codes, md.c.blockers, md.c.billable))).all()
     ]
-    total_net = total([Decimal(r.amount) for r in refs])
+    total_net = Decimal(inv_row["total_net"]) if inv_row else ZERO  # the Invoice summed the lines
     data = summary_of(month, groups, total_net, inv_row["id"] if inv_row else None)
     data["practiceSequence"] = await next_practice_sequence(session, practice)
     p = orm.billing_periods

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -66,11 +67,8 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
     cache: PracticeCache = runtime.state["practice_cache"]
     practice = cache.get("practice", tenant.practice_id)
     if practice is None:
-        if uow is None:
-            async with runtime.db.unit_of_work() as own:
-                found = await SqlResourceRepository(own.session, tenant.practice_id).practice()
-        else:
-            found = await SqlResourceRepository(uow.session, tenant.practice_id).practice()
+        async with runtime.db.unit_of_work() if uow is None else nullcontext(uow) as reading:
+            found = await SqlResourceRepository(reading.session, tenant.practice_id).practice()
         if found is None:
             raise rejected(404, "not-found", "the token's practice no longer exists")
         zone, overrides = found
