@@ -20,7 +20,7 @@ from ccm_shared.observability import (
     reset_correlation_id,
     set_correlation_id,
 )
-from ccm_shared.tenancy import Tenant, TokenCache, get_practice, resolve_token
+from ccm_shared.tenancy import Tenant, TokenCache, get_practice
 
 if TYPE_CHECKING:
     from ccm_shared.service import ServiceRuntime
@@ -108,12 +108,8 @@ async def authenticate(request: Request) -> Tenant:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing bearer token")
-    engine = runtime_of(request).db.engine
-    cache: TokenCache | None = getattr(request.app.state, "token_cache", None)
-    if cache is not None:
-        tenant = await cache.resolve(engine, token.strip())
-    else:
-        tenant = await resolve_token(engine, token.strip())
+    cache: TokenCache = request.app.state.token_cache  # set by create_app (ttl 0: no caching)
+    tenant = await cache.resolve(runtime_of(request).db.engine, token.strip())
     if tenant is None:
         raise Unauthorized("invalid or revoked token")
     structlog.contextvars.bind_contextvars(practice=tenant.practice_id)
