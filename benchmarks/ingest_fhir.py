@@ -5,14 +5,15 @@ Needs real PostgreSQL and Kafka: `deploy/local/up.sh && source .ccm-local/env` f
 Usage: uv run python benchmarks/ingest_fhir.py [--posts 2000] [--bundles 10] [--bundle-size 500]
        [--concurrency 32] [--workers 1] [--patients 200] [--rounds 3]
 
-Method. The service runs as it does in production, `ccm serve ingest` (API and outbox relay
-publishing to Kafka, no consumers or schedulers), in ``--workers`` separate processes on their
-own loopback ports; this process is only the load generator: a minimal keep-alive HTTP/1.1
-client over asyncio streams with the request bodies serialised beforehand, so the client takes
-as little of the 2 cores as it can and never shares the server's event loop. (Earlier versions
-ran uvicorn and httpx clients in one process: the clients stole the server's loop.) Every
-figure and its baseline come from the same servers, client and run, so the ratios are like for
-like:
+Method. The service runs as it does in production (k8s/), `ccm serve ingest` processes: the API
+(no consumers, no schedulers) in ``--workers`` separate processes, and the outbox relay
+publishing to Kafka with the background jobs (audit sealer, messaging retention) in one
+more, each on its own loopback port; this process is only the load generator: a minimal
+keep-alive HTTP/1.1 client over asyncio streams with the request bodies serialised
+beforehand, so the client takes as little of the 2 cores as it can and never shares the
+server's event loop. (Earlier versions ran uvicorn and httpx clients in one process: the
+clients stole the server's loop.) Every figure and its baseline come from the same servers,
+client and run, so the ratios are like for like:
 - durable POST /fhir/Encounter vs POST /fhir/Encounter/$validate (target >= 0.6, >= 1,000/s).
   A durable POST is validated (fhir.resources R4B + our rules), stored as a version with its
   hash, mapped, and its events written to the outbox in one PostgreSQL transaction.
@@ -158,14 +159,17 @@ def start_servers(args: argparse.Namespace, env: dict[str, str]) -> list[tuple[s
     ``--relay-in-api``; the last entry is the relay process when it has one."""
     ccm = os.path.join(os.path.dirname(sys.executable), "ccm")
     env = {**env, "CCM_LOG_LEVEL": "WARNING", "CCM_DB_POOL_SIZE": str(args.pool)}
-    relay_flag = "--relay" if args.relay_in_api else "--no-relay"
+    # As in k8s/: API processes run no schedulers, and the other process runs the relay and the
+    # background jobs (audit sealer, messaging retention); with --relay-in-api every process
+    # runs all of it, as a bare `ccm serve ingest` does.
+    in_api = ["--relay", "--background"] if args.relay_in_api else ["--no-relay", "--no-background"]
     servers = []
     for n in range(args.workers + (0 if args.relay_in_api else 1)):
         port = free_port()
-        api = ["--api", relay_flag] if n < args.workers else ["--no-api", "--relay"]
+        api = ["--api", *in_api] if n < args.workers else ["--no-api", "--relay", "--background"]
         proc = subprocess.Popen(
             [ccm, "serve", "ingest", "--port", str(port), "--host", "127.0.0.1",
-             "--no-consumers", "--no-background", *api],
+             "--no-consumers", *api],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         servers.append((proc, port))
     return servers
@@ -397,7 +401,7 @@ async def main(args: argparse.Namespace) -> int:
     def lat(key: str) -> str:
         return f"p50 {pct(results[key], .5):7.1f} ms  p99 {pct(results[key], .99):7.1f} ms"
 
-    relay = "in the API process" if args.relay_in_api else "in a process of its own"
+    relay = "in the API process" if args.relay_in_api else "and jobs in a process of their own"
     print(f"ingest FHIR benchmark: {args.rounds} rounds (median), {args.workers} API "
           f"process(es) `ccm serve ingest`, relay {relay}, {args.concurrency} connections, "
           f"{os.cpu_count()} cores, load average at the end {os.getloadavg()[0]:.1f}")
@@ -426,8 +430,9 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1,
                         help="server processes (each with its own port)")
     parser.add_argument("--relay-in-api", action="store_true",
-                        help="run the outbox relay inside the API process(es) instead of a "
-                        "process of its own (`ccm serve ingest --no-api --relay`)")
+                        help="run the outbox relay and the background jobs inside the API "
+                        "process(es) instead of a process of their own "
+                        "(`ccm serve ingest --no-api --relay`)")
     parser.add_argument("--pool", type=int, default=10,
                         help="database connections per server process (CCM_DB_POOL_SIZE)")
     parser.add_argument("--patients", type=int, default=200,

@@ -234,6 +234,7 @@ def serve(
                 api=api,
                 consumers=consumers,
                 relay=relay,
+                background=background,
                 host=host or settings.http_host,
                 port=port or settings.http_port,
             )
