@@ -16,7 +16,7 @@ from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from ccm_ingest.domain.config import IngestConfig, any_coding_matches
+from ccm_ingest.domain.config import IngestConfig, any_coding_matches, code_matches
 from ccm_ingest.domain.model import MappedEvent, Mapping, SourceVersion, rejected
 from ccm_ingest.domain.rules import REVIEWER_TYPES, review_extensions
 
@@ -139,13 +139,14 @@ def _self(ctx: MappingContext) -> str:
 
 # ---- Encounter → time logged / reversed -------------------------------------------------------
 
-def _encounter_seconds(res: dict[str, Any], ctx: MappingContext) -> tuple[int, list[str]]:
+def _encounter_seconds(res: dict[str, Any], start: datetime | None,
+                       end: datetime | None, ctx: MappingContext) -> tuple[int, list[str]]:
+    """CCM seconds of an Encounter from ``length``, else its period (``start``/``end`` parsed)."""
     warnings: list[str] = []
     length = res.get("length")
-    period = res.get("period") or {}
     by_period = None
-    if period.get("start") and period.get("end"):
-        delta = instant(period["end"], ctx.timezone) - instant(period["start"], ctx.timezone)
+    if start is not None and end is not None:
+        delta = end - start
         if delta.total_seconds() < 0:
             raise rejected(422, "invariant", "Encounter.period.end is before period.start",
                            "Encounter.period")
@@ -200,10 +201,9 @@ def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         return reversal("deleted")
     activity = codings(res.get("type") or [], res.get("serviceType"))
     cls = res.get("class") if isinstance(res.get("class"), dict) else {}
-    is_ccm = (any_coding_matches(ctx.config.ccm_time_codes, activity)
-              and cls.get("code") not in INPATIENT_CLASSES)
+    timed = [c for c in activity if code_matches(ctx.config.ccm_time_codes, c["system"], c["code"])]
     status = res.get("status")
-    if not is_ccm:
+    if not timed or cls.get("code") in INPATIENT_CLASSES:
         return reversal("not-ccm")
     if status in ("entered-in-error", "cancelled"):
         return reversal(status)
@@ -212,14 +212,16 @@ def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     if patient is None:
         raise rejected(422, "required", "CCM time needs Encounter.subject to reference a Patient",
                        "Encounter.subject")
-    seconds, warnings = _encounter_seconds(res, ctx)
-    start_text = (res.get("period") or {}).get("start")
-    if not start_text:
+    period = res.get("period") or {}
+    start_text, end_text = period.get("start"), period.get("end")
+    start = instant(start_text, ctx.timezone) if start_text else None
+    end = instant(end_text, ctx.timezone) if end_text else None
+    seconds, warnings = _encounter_seconds(res, start, end, ctx)
+    if start is None:
         raise rejected(422, "required", "CCM time needs Encounter.period.start to place it in a "
                        "service month", "Encounter.period.start")
-    start = instant(start_text, ctx.timezone)
-    end_text = (res.get("period") or {}).get("end")
-    end = instant(end_text, ctx.timezone) if end_text else start + timedelta(seconds=seconds)
+    if end is None:
+        end = start + timedelta(seconds=seconds)
     local = start.astimezone(ctx.timezone)
     month = f"{local.year:04d}-{local.month:02d}"
     events = []
@@ -230,8 +232,7 @@ def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         "ingest.time-entry.logged.v1", patient, ctx,
         entry=entry, patient=patient, seconds=seconds, start=start.isoformat(),
         end=end.isoformat(), serviceDate=local.date().isoformat(), serviceMonth=month,
-        activityCodes=sorted({c["code"] for c in activity
-                              if any_coding_matches(ctx.config.ccm_time_codes, [c])}),
+        activityCodes=sorted({c["code"] for c in timed}),
         complex=any_coding_matches(ctx.config.complex_codes, activity),
         performers=_performers(res, ctx), warnings=warnings,
     ))
