@@ -172,6 +172,59 @@ async def test_batched_consumer_keeps_order_when_a_message_in_the_middle_fails_o
     assert consumer.stats.applied == 30 and consumer.stats.dead_lettered == 0
 
 
+def _count_savepoints(monkeypatch) -> list[int]:  # noqa: ANN001
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    savepoints: list[int] = []
+    original = AsyncSession.begin_nested
+
+    def counting(self):  # noqa: ANN001, ANN202
+        savepoints.append(1)
+        return original(self)
+
+    monkeypatch.setattr(AsyncSession, "begin_nested", counting)
+    return savepoints
+
+
+async def test_batches_without_failures_take_no_savepoint_per_event(
+    infra, pg_db, kafka, topic, monkeypatch
+):
+    savepoints = _count_savepoints(monkeypatch)
+    await _published(pg_db, kafka, topic, 30)
+    consumer = ConsumerRuntime(name="clean-consumer", topics=[topic], handler=record_effect,
+                               db=pg_db, transport=kafka, batch_size=50)
+    await _consume_until_applied(consumer, pg_db, 30)
+    assert [r.value for r in await effect_rows(pg_db)] == list(range(30))
+    assert consumer.stats.applied == 30 and savepoints == []
+
+
+async def test_a_failure_in_a_batch_rolls_back_its_whole_first_try(
+    infra, pg_db, kafka, topic, monkeypatch
+):
+    """When one event fails after writing, the batch's first try (no savepoints) is rolled back
+    whole; then the events before it commit once, it is dead-lettered, and the ones after it are
+    applied: each effect exactly once, in order."""
+    savepoints = _count_savepoints(monkeypatch)
+    await _published(pg_db, kafka, topic, 30)
+    attempts: list[int] = []
+
+    async def fails_after_writing(event, uow):
+        await record_effect(event, uow)
+        if event.data["value"] == 12:
+            attempts.append(12)
+            raise RuntimeError("always fails, after its write")
+
+    consumer = ConsumerRuntime(name="rollback-consumer", topics=[topic], handler=fails_after_writing,
+                               db=pg_db, transport=kafka, batch_size=50, max_retries=2,
+                               backoff_initial=0.01)
+    await _consume_until_applied(consumer, pg_db, 29)
+    assert [r.value for r in await effect_rows(pg_db)] == [v for v in range(30) if v != 12]
+    assert consumer.stats.applied == 29 and consumer.stats.dead_lettered == 1
+    assert len(attempts) >= 3  # the batch's try, its savepoint try, then alone until the DLQ
+    # Savepoints only in the failed batch's second try, up to and including event 12.
+    assert 1 <= len(savepoints) <= 13
+
+
 async def test_prepare_runs_outside_the_transaction_before_each_event_and_a_failure_is_retried(
     infra, pg_db, kafka, topic
 ):
