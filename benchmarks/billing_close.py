@@ -319,7 +319,8 @@ async def main() -> int:
         await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
         await conn.run_sync(metadata.create_all)
     practices = [f"bench-{tag}-{i}" for i in range(args.practices)]
-    for p in practices:
+    proj_practice = practices[0] + "-proj"  # a registered practice, as events' tenants are
+    for p in [*practices, proj_practice]:
         await create_practice(db.engine, practice_id=p, name=p, timezone="America/New_York",
                               pricing=PRICING)
     transport = BenchTopics(bootstrap, tag)
@@ -328,7 +329,6 @@ async def main() -> int:
                                    ("billing.period.closed.v1", "billing.invoice.issued.v1")])
     bare_topic = f"bench.billing-bare.{tag}.v1"
     await transport.ensure_topics([bare_topic])
-    proj_practice = practices[0] + "-proj"
     try:
         per = args.patients // args.practices
         t0 = time.perf_counter()
