@@ -81,3 +81,28 @@ async def test_runtime_starts_the_job_only_when_a_table_has_a_retention(tmp_path
         await runtime.stop()
     assert "messaging-retention" in names[7.0] and "messaging-retention" not in names[0.0]
 
+
+
+async def test_a_pass_reads_what_it_deletes_not_the_whole_outbox(sqlite_db):
+    """The outbox walk stops at the first page with nothing due: over a table of recent rows a
+    pass reads one page, however long the table (it holds a week of events)."""
+    from sqlalchemy import event
+
+    await fill(sqlite_db, outbox=[(10, 9)] * 4 + [(1, 1)] * 40, inbox=[])
+    pages: list[str] = []
+
+    def seen(conn, cursor, statement, *args) -> None:  # noqa: ANN001
+        if statement.lstrip().upper().startswith("SELECT") and "outbox" in statement:
+            pages.append(statement)
+
+    event.listen(sqlite_db.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        pruned = await prune(sqlite_db, outbox_days=7, inbox_days=0, now=NOW, batch=3)
+        assert pruned.outbox == 4
+        assert len(pages) == 3  # [old, old, old], [old, new, new], [new, new, new]: stop
+        pages.clear()
+        assert (await prune(sqlite_db, outbox_days=7, inbox_days=0, now=NOW, batch=3)).outbox == 0
+        assert len(pages) == 1
+    finally:
+        event.remove(sqlite_db.engine.sync_engine, "before_cursor_execute", seen)
+    assert len((await remaining(sqlite_db))[0]) == 40

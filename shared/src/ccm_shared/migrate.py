@@ -57,6 +57,19 @@ def create_messaging_tables() -> None:
         table.create(op.get_bind())
 
 
+def create_inbox_age_index() -> None:
+    """Messaging version 2, in each service's migration of its own: the inbox's index on
+    ``processed_at`` that retention deletes by (the first migration creates it from today's
+    definition on a new database, hence ``if_not_exists``)."""
+    op.create_index("ix_inbox_processed", "inbox", ["processed_at"], if_not_exists=True,
+                    schema=op.get_context().version_table_schema)
+
+
+def drop_inbox_age_index() -> None:
+    op.drop_index("ix_inbox_processed", table_name="inbox", if_exists=True,
+                  schema=op.get_context().version_table_schema)
+
+
 def drop_messaging_tables() -> None:
     metadata = MetaData()
     for table in reversed(add_messaging_tables(metadata)):

@@ -11,6 +11,11 @@ carry.
 
 Rows go in batches, each in a transaction of its own, and one process per schema prunes at a time
 (advisory lock; the others skip the pass). Times are the wall clock's, as the rows' are.
+
+A pass costs what it deletes, not the size of the table (which holds a week of events or a month
+of ids): the outbox is walked from its oldest row in id order (ids follow ``created_at``) and the
+walk stops at the first page with nothing to delete; the inbox is read through its index on
+``processed_at``.
 """
 
 from __future__ import annotations
@@ -43,29 +48,58 @@ async def prune(db: Database, *, outbox_days: float, inbox_days: float,
     A retention of 0 days keeps the table's rows forever."""
     now = now or datetime.now(UTC)
     out = inn = 0
-    o, i = outbox_table, inbox_table
     if outbox_days > 0:
-        cutoff = now - timedelta(days=outbox_days)
-        old = (select(o.c.id).where(o.c.sent_at.is_not(None), o.c.sent_at < cutoff)
-               .order_by(o.c.id).limit(batch))
-        out = await _in_batches(db, delete(o).where(o.c.id.in_(old)), batch)
+        out = await _prune_outbox(db, now - timedelta(days=outbox_days), batch)
     if inbox_days > 0:
-        cutoff = now - timedelta(days=inbox_days)
-        old = select(i.c.consumer, i.c.event_id).where(i.c.processed_at < cutoff).limit(batch)
-        inn = await _in_batches(db, delete(i).where(tuple_(i.c.consumer, i.c.event_id).in_(old)),
-                                batch)
+        i = inbox_table
+        old = (select(i.c.consumer, i.c.event_id)
+               .where(i.c.processed_at < now - timedelta(days=inbox_days)).limit(batch))
+        gone = delete(i).where(tuple_(i.c.consumer, i.c.event_id).in_(old))
+
+        async def inbox_page(conn) -> tuple[int, bool]:  # noqa: ANN001
+            count = (await conn.execute(gone)).rowcount
+            return count, count == batch
+
+        inn = await _in_batches(db, inbox_page)
     return Pruned(out, inn)
 
 
-async def _in_batches(db: Database, statement, batch: int) -> int:  # noqa: ANN001
+async def _prune_outbox(db: Database, cutoff: datetime, batch: int) -> int:
+    """Published rows sent before ``cutoff``, walking pages of the oldest rows in id order."""
+    o = outbox_table
+    after = 0
+
+    async def page(conn) -> tuple[int, bool]:  # noqa: ANN001
+        nonlocal after
+        rows = (await conn.execute(select(o.c.id, o.c.sent_at).where(o.c.id > after)
+                                   .order_by(o.c.id).limit(batch))).all()
+        if not rows:
+            return 0, False
+        after = rows[-1].id
+        due = [r.id for r in rows if r.sent_at is not None and _aware(r.sent_at) < cutoff]
+        if due:
+            await conn.execute(delete(o).where(o.c.id.in_(due)))
+        # A page with nothing due is the young end of the table (or rows not yet published,
+        # which go once published): the walk stops there.
+        return len(due), bool(due) and len(rows) == batch
+
+    return await _in_batches(db, page)
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)  # SQLite's are naive
+
+
+async def _in_batches(db: Database, page) -> int:  # noqa: ANN001
+    """Run ``page`` (deleted, more to do) in transactions of its own until it says done."""
     deleted = 0
     while True:
         async with db.engine.begin() as conn:
             if not await xact_lock(conn, f"ccm-retention:{db.schema}", wait=False):
                 return deleted  # another process is pruning this schema
-            count = (await conn.execute(statement)).rowcount
+            count, more = await page(conn)
         deleted += count
-        if count < batch:
+        if not more:
             return deleted
         await asyncio.sleep(0)  # let requests and consumers in between batches
 

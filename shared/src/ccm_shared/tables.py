@@ -82,6 +82,8 @@ def add_messaging_tables(metadata: MetaData) -> tuple[Table, Table, Table]:
         Column("outcome", String(20), nullable=False),
         Column("processed_at", DateTime(timezone=True), nullable=False),
         PrimaryKeyConstraint("consumer", "event_id"),
+        # Retention deletes by age: without it each pass read the whole inbox.
+        Index("ix_inbox_processed", "processed_at"),
     )
     sequences = Table(
         "event_sequences",

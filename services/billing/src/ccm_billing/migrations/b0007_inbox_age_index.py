@@ -1,0 +1,22 @@
+"""billing: the inbox's index on processed_at, for messaging retention (``ccm_shared.retention``
+deletes inbox rows by age; without the index each hourly pass read the whole inbox).
+
+Revision ID: billing_0007
+Revises: billing_0006
+Create Date: 2026-11-27
+"""
+
+from ccm_shared.migrate import create_inbox_age_index, drop_inbox_age_index
+
+revision = "billing_0007"
+down_revision = "billing_0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    create_inbox_age_index()
+
+
+def downgrade() -> None:
+    drop_inbox_age_index()
