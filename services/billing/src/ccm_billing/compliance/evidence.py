@@ -18,6 +18,7 @@ from ccm_billing.domain.model import Decision, Month, PatientMonth
 from ccm_billing.service_layer.common import bulk_insert, insert_for, parse_day, parse_instant
 from ccm_shared.db import UnitOfWork
 from ccm_shared.events import CloudEvent
+from ccm_shared.jsontext import compact
 
 REVIEW_COMPLETED = "careplan.review.completed.v1"
 
@@ -86,7 +87,7 @@ def entries_of(facts: PatientMonth) -> list[dict]:
 
 
 def _entries(facts: PatientMonth) -> str:
-    return json.dumps(entries_of(facts), separators=(",", ":"))
+    return compact(entries_of(facts))
 
 
 async def file_decisions(uow: UnitOfWork, practice: str, month: Month, facts: list[PatientMonth],
@@ -118,7 +119,7 @@ async def file_decisions(uow: UnitOfWork, practice: str, month: Month, facts: li
         {
             "practice": practice, "patient": p, "month": str(month), "revision": revisions[p],
             "filed_at": now, "reason": reason,
-            "decision": json.dumps(docs.get(p), separators=(",", ":")),
+            "decision": compact(docs.get(p)),
             "entries": _entries(by_patient[p]) if p in by_patient else "[]",
         }
         for p in changed

@@ -13,6 +13,7 @@ from ccm_billing.domain.pricing import ChargeLine, PricingInvalid, price_lines
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.service_layer.common import PracticeInfo
 from ccm_shared.errors import InvalidInput
+from ccm_shared.jsontext import compact
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def charge_item_stub(practice: str, month: Month, line: PricedLine, revision: in
         units=line.units, amount=line.amount, medicare_amount=line.medicare_amount,
         practitioner=line.practitioner, encounters=list(line.encounters), entered=None,
     )
-    return ci_id, json.dumps(resource, separators=(",", ":"))
+    return ci_id, compact(resource)
 
 
 def entered_suffix(entered: datetime) -> str:

@@ -13,6 +13,7 @@ from ccm_billing.domain.model import Month
 from ccm_billing.domain.pricing import total
 from ccm_billing.service_layer.charges import priced_lines
 from ccm_shared.db import UnitOfWork, xact_lock
+from ccm_shared.jsontext import compact
 
 
 async def hold_practice(session, practice: str, *, exclusive: bool) -> None:  # noqa: ANN001
@@ -94,7 +95,7 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     if old == new:
         await uow.session.execute(
             update(p).where(p.c.practice == practice, p.c.month == month_text).values(
-                decisions=json.dumps([d.to_dict() for d in decisions], separators=(",", ":")))
+                decisions=compact([d.to_dict() for d in decisions]))
         )
         return False
     revision = (
@@ -119,7 +120,7 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     await uow.session.execute(
         update(p).where(p.c.practice == practice, p.c.month == month_text).values(
             invoice_id=new_row["id"] if new_row else None,
-            decisions=json.dumps([d.to_dict() for d in decisions], separators=(",", ":")),
+            decisions=compact([d.to_dict() for d in decisions]),
             summary=json.dumps({**json.loads(period.summary), **summary}),
         )
     )

@@ -39,12 +39,12 @@ from ccm_billing.service_layer.decisions import (
     practice_options,
 )
 from ccm_shared.db import UnitOfWork, xact_lock
+from ccm_shared.jsontext import compact
 
 # Bump when a code change alters what is decided for the same facts: every cached decision then
 # stops being current and is decided again.
 CACHE_VERSION = "1"
 CHUNK = 2000  # patients decided per round trip of fact loading
-COMPACT = (",", ":")
 
 
 @functools.cache
@@ -178,11 +178,11 @@ async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts:
             "practice": info.id, "month": m, "patient": d.patient,
             "generation": generations.get(d.patient, 0), "context": context,
             "duplicate": f.duplicate_biller, "billable": d.billable,
-            "codes": json.dumps(dict(sorted(d.codes.items())), separators=COMPACT),
-            "blockers": json.dumps(list(d.blockers), separators=COMPACT),
+            "codes": compact(dict(sorted(d.codes.items()))),
+            "blockers": compact(list(d.blockers)),
             "staff_seconds": d.seconds["staff"], "practitioner_seconds": d.seconds["practitioner"],
-            "decision": json.dumps(d.to_dict(), separators=COMPACT),
-            "entries": json.dumps(entries_of(f), separators=COMPACT),
+            "decision": compact(d.to_dict()),
+            "entries": compact(entries_of(f)),
             "decided_at": now,
         })
     lines = []

@@ -37,6 +37,7 @@ from ccm_billing.service_layer.ehr import queue_delivery
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import Conflict, InvalidInput, NotFound
 from ccm_shared.events import CloudEvent
+from ccm_shared.jsontext import compact
 
 ZERO = Decimal("0.00")
 
@@ -148,7 +149,7 @@ async def _invoice(
         "status": "issued", "payment_status": "issued", "total_net": f"{total_net:.2f}",
         "paid": "0.00", "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
         "replaced_by": None, "cancel_reason": None,
-        "resource": json.dumps(resource, separators=(",", ":")),
+        "resource": compact(resource),
     }
     await uow.session.execute(insert(orm.invoices).values(**row))
     await _publish_invoice(uow, "billing.invoice.issued.v1", row, resource, now)
@@ -288,14 +289,14 @@ async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | N
     await uow.session.execute(
         update(i).where(i.c.id == row.id).values(
             status="cancelled", cancel_reason=reason, replaced_by=replaced_by,
-            resource=json.dumps(resource, separators=(",", ":")),
+            resource=compact(resource),
         )
     )
     for item_id, item in (await uow.session.execute(
             select(ci.c.id, ci.c.resource).where(ci.c.invoice_id == row.id))).all():
         voided = {**json.loads(item), "status": "entered-in-error"}
         await uow.session.execute(update(ci).where(ci.c.id == item_id).values(
-            status="entered-in-error", resource=json.dumps(voided, separators=(",", ":"))))
+            status="entered-in-error", resource=compact(voided)))
     data = {**row._asdict(), "cancel_reason": reason, "replaced_by": replaced_by}
     await _publish_invoice(uow, "billing.invoice.cancelled.v1", data, resource, now)
     await queue_delivery(uow, row.practice, row.id, now)
@@ -354,7 +355,7 @@ async def record_payment(
     await uow.session.execute(
         update(i).where(i.c.id == invoice_id).values(
             paid=f"{paid:.2f}", payment_status=payment_status, status=status,
-            resource=json.dumps(resource, separators=(",", ":")),
+            resource=compact(resource),
         )
     )
     seq = await next_practice_sequence(uow.session, practice)

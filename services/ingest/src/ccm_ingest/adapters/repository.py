@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_ingest.adapters.bulk import insert_all
-from ccm_ingest.adapters.jsontext import compact
+from ccm_shared.jsontext import compact
 from ccm_ingest.adapters.orm import (
     conditional_creates,
     ingest_configs,

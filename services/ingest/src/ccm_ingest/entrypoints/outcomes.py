@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from ccm_ingest.adapters.jsontext import compact
+from ccm_shared.jsontext import compact
 from ccm_ingest.domain.model import FhirRejected, Issue
 from ccm_ingest.service_layer.resources import Outcome
 from ccm_shared.errors import AppError

@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ccm_ingest.adapters.jsontext import compact
+from ccm_shared.jsontext import compact
 
 LEAVES = (st.none() | st.booleans() | st.integers() | st.text()
           | st.floats(allow_nan=False, allow_infinity=False))
