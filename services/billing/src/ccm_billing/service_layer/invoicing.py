@@ -238,10 +238,10 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
         ["practice", "patient", "month", "revision", "filed_at", "reason", "decision", "entries"],
         select(md.c.practice, md.c.patient, md.c.month, literal(0), literal(now, f.c.filed_at.type),
                literal("closed"), md.c.decision, md.c.entries).where(*mine)))
-    refs = (await session.execute(
+    refs = [tuple(r) for r in (await session.execute(
         select(ln.c.patient, ln.c.code, ln.c.charge_item_id, ln.c.amount)
-        .where(ln.c.practice == practice, ln.c.month == m))).all()
-    refs.sort(key=lambda r: (r.patient, r.code))
+        .where(ln.c.practice == practice, ln.c.month == m))).all()]
+    refs.sort()  # (patient, code): the lines' order (tuples: one line per patient × code)
     inv_row = None
     if refs:
         inv_id = fhir.invoice_id(practice, month, 0)
@@ -253,8 +253,8 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
                    func.substr(ln.c.resource, 1, func.length(ln.c.resource) - 1)
                    + literal(entered_suffix(now)))
             .where(ln.c.practice == practice, ln.c.month == m)))
-        inv_row = await _invoice(uow, info, month, [(r.charge_item_id, Decimal(r.amount)) for r in refs],
-                                 revision=0, now=now)
+        lines = [(item, Decimal(amount)) for _, _, item, amount in refs]
+        inv_row = await _invoice(uow, info, month, lines, revision=0, now=now)
     # The month's time is now locked: the filings above record every entry as decided (an entry
     # logged or revised later is marked late, or corrects the month; corrections.locked_at_close).
     groups = [
