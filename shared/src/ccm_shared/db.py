@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -99,10 +100,32 @@ async def xact_lock(conn: AsyncConnection | AsyncSession, name: str, *, shared: 
     dialect = conn.bind.dialect if isinstance(conn, AsyncSession) else conn.dialect
     if dialect.name != "postgresql":
         return True
+    held = _held_by(conn)
+    if held is not None and (name, shared) in held:
+        return True  # taken earlier in this transaction (a consumer batch: once per practice)
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
     fn = f"pg{'' if wait else '_try'}_advisory_xact_lock{'_shared' if shared else ''}"
     taken = (await conn.execute(text(f"SELECT {fn}(:k)"), {"k": key})).scalar()
+    if wait or taken:
+        held = _held_by(conn)
+        if held is not None:
+            held.add((name, shared))
     return True if wait else bool(taken)
+
+
+# The advisory locks a session's transaction holds (by name and mode), kept only while no
+# savepoint is open: rolling a savepoint back releases what was taken inside it.
+_HELD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _held_by(conn: AsyncConnection | AsyncSession) -> set[tuple[str, bool]] | None:
+    if not isinstance(conn, AsyncSession):
+        return None
+    session = conn.sync_session
+    transaction = session.get_transaction()
+    if transaction is None or session.in_nested_transaction():
+        return None
+    return _HELD.setdefault(transaction, set())
 
 
 def schema_of(bind: AsyncConnection | AsyncSession) -> str | None:
