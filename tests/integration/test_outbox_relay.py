@@ -2,10 +2,13 @@
 
 import asyncio
 import json
+import uuid
 from collections import defaultdict
 
 import pytest
+from sqlalchemy import func, select
 
+from ccm_shared.audit import audit_log
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.db import Database
 from ccm_shared.events import CloudEvent
@@ -191,11 +194,19 @@ async def test_batches_without_failures_take_no_savepoint_per_event(
 ):
     savepoints = _count_savepoints(monkeypatch)
     await _published(pg_db, kafka, topic, 30)
-    consumer = ConsumerRuntime(name="clean-consumer", topics=[topic], handler=record_effect,
-                               db=pg_db, transport=kafka, batch_size=50)
+    consumer = ConsumerRuntime(name=f"clean-{uuid.uuid4().hex[:8]}", topics=[topic],
+                               handler=record_effect, db=pg_db, transport=kafka, batch_size=50)
     await _consume_until_applied(consumer, pg_db, 30)
     assert [r.value for r in await effect_rows(pg_db)] == list(range(30))
     assert consumer.stats.applied == 30 and savepoints == []
+    assert await audited(pg_db, consumer.name) == 30  # written together, before the commit
+
+
+async def audited(db, consumer: str) -> int:  # noqa: ANN001
+    """The audit entries a consumer wrote (one per applied patient event)."""
+    async with db.engine.connect() as conn:
+        return (await conn.execute(select(func.count()).select_from(audit_log)
+                                   .where(audit_log.c.actor == consumer))).scalar()
 
 
 async def test_a_failure_in_a_batch_rolls_back_its_whole_first_try(
@@ -214,12 +225,13 @@ async def test_a_failure_in_a_batch_rolls_back_its_whole_first_try(
             attempts.append(12)
             raise RuntimeError("always fails, after its write")
 
-    consumer = ConsumerRuntime(name="rollback-consumer", topics=[topic], handler=fails_after_writing,
-                               db=pg_db, transport=kafka, batch_size=50, max_retries=2,
-                               backoff_initial=0.01)
+    consumer = ConsumerRuntime(name=f"rollback-{uuid.uuid4().hex[:8]}", topics=[topic],
+                               handler=fails_after_writing, db=pg_db, transport=kafka,
+                               batch_size=50, max_retries=2, backoff_initial=0.01)
     await _consume_until_applied(consumer, pg_db, 29)
     assert [r.value for r in await effect_rows(pg_db)] == [v for v in range(30) if v != 12]
     assert consumer.stats.applied == 29 and consumer.stats.dead_lettered == 1
+    assert await audited(pg_db, consumer.name) == 29  # none for the rolled-back tries
     assert len(attempts) >= 3  # the batch's try, its savepoint try, then alone until the DLQ
     # Savepoints only in the failed batch's second try, up to and including event 12.
     assert 1 <= len(savepoints) <= 13

@@ -175,13 +175,27 @@ class AuditWriter:
 
     async def _insert(self, rows: list[dict]) -> list[None]:
         async with self.engine.begin() as conn:
-            if conn.dialect.name == "postgresql":  # one array per column: no per-row SQL
-                await conn.exec_driver_sql(
-                    _PG_INSERT, tuple([row[c] for row in rows] for c, _ in _PG_COLUMNS)
-                )
-            else:
-                await conn.execute(insert(audit_log), rows)
+            await insert_rows(conn, rows)
         return [None] * len(rows)
+
+
+async def record_many(conn: AsyncConnection | AsyncSession, entries: list[AuditRecord]) -> None:
+    """``record`` for many entries at once, in the caller's transaction, in one statement (a
+    consumer batch's entries)."""
+    if entries:
+        await insert_rows(conn, [e.values() for e in entries])
+
+
+async def insert_rows(conn: AsyncConnection | AsyncSession, rows: list[dict]) -> None:
+    """Unsealed entries (``AuditRecord.values()``) in one statement."""
+    if isinstance(conn, AsyncSession):
+        conn = await conn.connection()
+    if conn.dialect.name == "postgresql":  # one array per column: no per-row SQL
+        await conn.exec_driver_sql(
+            _PG_INSERT, tuple([row[c] for row in rows] for c, _ in _PG_COLUMNS)
+        )
+    else:
+        await conn.execute(insert(audit_log), rows)
 
 
 _PG_COLUMNS = (

@@ -134,8 +134,10 @@ class ConsumerRuntime:
 
     # -- one message ---------------------------------------------------------------------------
 
-    async def _apply_in(self, uow: UnitOfWork, message: Message, event: CloudEvent) -> bool:
-        """Inbox row, effect and audit entry in ``uow``; False when already applied."""
+    async def _apply_in(self, uow: UnitOfWork, message: Message, event: CloudEvent,
+                        audits: list[audit.AuditRecord] | None = None) -> bool:
+        """Inbox row, effect and audit entry in ``uow``; False when already applied. With
+        ``audits`` the entry is added there, for the caller to write before it commits."""
         inserted = await uow.session.execute(self._inbox_insert, {
             "consumer": self.name,
             "event_id": event.id,
@@ -150,20 +152,21 @@ class ConsumerRuntime:
             return False
         await self.handler(event, uow)
         if event.patient is not None:  # the system wrote patient data: audit it, atomically
-            await audit.record(
-                uow.session,
-                audit.AuditRecord(
-                    practice=event.tenant,
-                    service=self.db.schema,
-                    actor_type="system",
-                    actor=self.name,
-                    action="U",
-                    what=event.type,
-                    entity=event.subject,
-                    patient=event.patient,
-                    correlation_id=event.correlationid,
-                ),
+            entry = audit.AuditRecord(
+                practice=event.tenant,
+                service=self.db.schema,
+                actor_type="system",
+                actor=self.name,
+                action="U",
+                what=event.type,
+                entity=event.subject,
+                patient=event.patient,
+                correlation_id=event.correlationid,
             )
+            if audits is not None:
+                audits.append(entry)
+            else:
+                await audit.record(uow.session, entry)
         return True
 
     async def _prepare_batch(
@@ -199,9 +202,10 @@ class ConsumerRuntime:
         failed (or is not a CloudEvent) and must go through ``process`` — retries, dead
         letter — before the ones after it, so order per partition holds.
 
-        The run is first applied without savepoints (two statements fewer per event). If an
-        event fails, that transaction is rolled back whole and the run applied again with a
-        savepoint per event: the events before the failing one commit, and it stops there.
+        The run is first applied without savepoints (two statements fewer per event), its audit
+        entries written together before the commit. If an event fails, that transaction is
+        rolled back whole and the run applied again with a savepoint per event: the events
+        before the failing one commit, and it stops there.
         """
         run: list[tuple[Message, CloudEvent]] = []
         for message in messages:
@@ -225,12 +229,13 @@ class ConsumerRuntime:
         savepoint and the run stops before the first that fails."""
         done: list[tuple[Message, bool]] = []
         handled = len(run)
+        audits: list[audit.AuditRecord] = []
         async with self.db.unit_of_work() as uow:
             for i, (message, event) in enumerate(run):
                 token = set_correlation_id(event.correlationid)
                 try:
                     if not isolate:
-                        applied = await self._apply_in(uow, message, event)
+                        applied = await self._apply_in(uow, message, event, audits)
                     else:
                         async with uow.session.begin_nested():
                             applied = await self._apply_in(uow, message, event)
@@ -244,6 +249,7 @@ class ConsumerRuntime:
                 finally:
                     reset_correlation_id(token)
                 done.append((message, applied))
+            await audit.record_many(uow.session, audits)
             await uow.commit()
         for message, applied in done:
             await self._after_commit(message, applied)
