@@ -8,12 +8,13 @@ decided, not when time is logged, so a PractitionerRole arriving later re-classi
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC
 from types import SimpleNamespace
 
 import structlog
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 
 from ccm_billing.adapters import orm
 from ccm_billing.compliance import evidence
@@ -93,17 +94,27 @@ async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # no
     await decision_cache.bump_generation(uow, event.tenant, ref_id(event.data.get("patient")))
 
 
-async def _entry_and_closed(uow: UnitOfWork, practice: str, entry_id: str, month: str):  # noqa: ANN202
-    """The entry as projected so far (month, patient; None if new) and whether ``month`` is
-    closed, in one round trip."""
+@functools.cache
+def _entry_and_closed_statement():  # noqa: ANN202 - built once: it runs for every time event
     t, p = orm.time_entries, orm.billing_periods
-    entry = (t.c.practice == practice, t.c.entry_id == entry_id)
-    found, entry_month, patient, closed = (await uow.session.execute(select(
+    practice = bindparam("practice", type_=t.c.practice.type)
+    entry = (t.c.practice == practice,
+             t.c.entry_id == bindparam("entry_id", type_=t.c.entry_id.type))
+    return select(
         select(t.c.entry_id).where(*entry).exists(),
         select(t.c.month).where(*entry).scalar_subquery(),
         select(t.c.patient).where(*entry).scalar_subquery(),
-        select(p.c.month).where(p.c.practice == practice, p.c.month == month).exists(),
-    ))).one()
+        select(p.c.month).where(p.c.practice == practice,
+                                p.c.month == bindparam("month", type_=p.c.month.type)).exists(),
+    )
+
+
+async def _entry_and_closed(uow: UnitOfWork, practice: str, entry_id: str, month: str):  # noqa: ANN202
+    """The entry as projected so far (month, patient; None if new) and whether ``month`` is
+    closed, in one round trip."""
+    found, entry_month, patient, closed = (await uow.session.execute(
+        _entry_and_closed_statement(),
+        {"practice": practice, "entry_id": entry_id, "month": month})).one()
     return (SimpleNamespace(month=entry_month, patient=patient) if found else None), bool(closed)
 
 
