@@ -68,11 +68,16 @@ async def _upsert(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # 
     return (await uow.session.execute(stmt, {**keys, **values})).first() is not None
 
 
+@functools.cache
+def _patient_of_statement(table, keys: tuple[str, ...]):  # noqa: ANN001, ANN202 - built once
+    return select(table.c.patient).where(
+        *(table.c[k] == bindparam(k, type_=table.c[k].type) for k in keys))
+
+
 async def _upsert_fact(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # noqa: ANN001
     """``_upsert`` of a patient's fact; a fact that moves to another patient also changes the
     facts of the patient it leaves."""
-    where = [table.c[k] == v for k, v in keys.items()]
-    before = (await uow.session.execute(select(table.c.patient).where(*where))).scalar()
+    before = (await uow.session.execute(_patient_of_statement(table, tuple(keys)), keys)).scalar()
     await _moved(uow, keys["practice"], before, values["patient"])
     return await _upsert(uow, table, keys, values)
 
