@@ -29,7 +29,7 @@ from ccm_shared.tenancy import Pricing, create_practice, create_token
 from ccm_shared.transport import KafkaTransport
 from tests.integration.conftest import eventually
 from tests.support.contracts import assert_valid_event
-from tests.support.kafka_read import read_topic
+from tests.support.kafka_read import read_topic, start_group_at_end
 from tests.unit.careplan import factories as f
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -67,6 +67,9 @@ async def test_ingest_care_plan_reaches_the_tracker_and_an_overdue_plan_is_remin
     practice = await new_practice(runtime.db.engine)
     token = await create_token(runtime.db.engine, practice_id=practice)
     headers = {"Authorization": f"Bearer {token}"}
+    await transport.ensure_topics(CONSUMED_TOPICS)
+    await start_group_at_end(infra.kafka_bootstrap_servers, runtime.consumers[0].name,
+                             CONSUMED_TOPICS)
     await runtime.start(background=False)
     try:
         plan = f.care_plan(practice, "CarePlan/cp-1", at=START, patient="Patient/pt-1",

@@ -16,6 +16,7 @@ from ccm_shared.service import ServiceRuntime, discover_services
 from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
 from tests.integration.conftest import eventually
+from tests.support.kafka_read import start_group_at_end
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 ROOT = Path(__file__).resolve().parents[3]
@@ -41,6 +42,9 @@ async def test_a_care_plan_pushed_to_ingest_appears_in_the_tracker(infra):
     token = await create_token(ingest.db.engine, practice_id=practice, label="ehr-test")
     auth = {"Authorization": f"Bearer {token}"}
     await ingest.start(consumers=False, background=False)
+    await careplan.transport.ensure_topics(CONSUMED_TOPICS)
+    await start_group_at_end(infra.kafka_bootstrap_servers, careplan.consumers[0].name,
+                             CONSUMED_TOPICS)
     await careplan.start(background=False)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=ingest.app()),
