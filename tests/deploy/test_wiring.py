@@ -138,3 +138,40 @@ def test_network_policies_start_from_default_deny(rendered) -> None:
                 and d["spec"]["podSelector"] == {} and "ingress" not in d["spec"]
                 and "egress" not in d["spec"]]
         assert deny and set(deny[0]["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+ROLES = ("api", "consumers", "relay", "background")
+
+
+def _roles(args: list[str]) -> set[str]:
+    """What `ccm serve <service> [--no-<role> …]` runs: every role not switched off."""
+    return {r for r in ROLES if f"--no-{r}" not in args}
+
+
+def _role_sets(processes: list[list[str]]) -> dict[str, list[set[str]]]:
+    found: dict[str, list[set[str]]] = {}
+    for args in processes:
+        if args[:1] == ["serve"]:
+            found.setdefault(args[1], []).append(_roles(args))
+    return found
+
+
+def _assert_one_scheduler_process_each(found: dict[str, list[set[str]]], where: str) -> None:
+    # `--no-background` is honoured (it was once ignored): exactly one kind of process per
+    # service runs the schedulers, audit sealer and retention, the one with the outbox relay,
+    # and the API and the relay run somewhere.
+    assert set(found) == set(discover_services()), where
+    for service, role_sets in found.items():
+        jobs = [roles for roles in role_sets if "background" in roles]
+        assert len(jobs) == 1 and "relay" in jobs[0], f"{where}: {service} {role_sets}"
+        assert any("api" in roles for roles in role_sets), f"{where}: {service} has no API"
+
+
+def test_each_service_runs_its_schedulers_in_exactly_one_kind_of_process(
+        rendered, compose_model) -> None:
+    compose = [svc.get("command") or [] for svc in compose_model["services"].values()]
+    _assert_one_scheduler_process_each(_role_sets(compose), "compose")
+    for overlay in OVERLAYS:
+        k8s = [c.get("args") or [] for doc in rendered[overlay] if doc["kind"] == "Deployment"
+               for c in doc["spec"]["template"]["spec"]["containers"]]
+        _assert_one_scheduler_process_each(_role_sets(k8s), overlay)
