@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from ccm_billing.adapters import orm
+from ccm_billing.compliance.evidence import filed_decisions
 from ccm_billing.entrypoints.consumers import consumers
 from ccm_billing.service_layer import decision_cache
 from ccm_billing.service_layer.common import practice_info
@@ -125,8 +126,9 @@ async def _run(ops: list, warm: bool, refreshes: set[int] = frozenset()) -> dict
                 filings = (await s.execute(select(orm.decision_filings)
                                            .order_by(orm.decision_filings.c.patient))).all()
                 invoices = (await s.execute(select(orm.invoices))).all()
+                decisions = await filed_decisions(s, "alpha", str(MARCH))
             return {
-                "direct": direct, "live": live, "result": result, "decisions": json.loads(period.decisions),
+                "direct": direct, "live": live, "result": result, "decisions": decisions,
                 "summary": period.summary,
                 "items": [(r.id, r.patient, r.code, r.amount, json.loads(r.resource)) for r in items],
                 "filings": [tuple(r) for r in filings],

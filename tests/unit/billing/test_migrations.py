@@ -1,7 +1,9 @@
 """billing_0006 drops the unused ``time_entries.locked`` from databases that still have it (and
-its downgrade puts it back), on SQLite as in embedded mode."""
+its downgrade puts it back), billing_0008 the periods' copy of their decisions; on SQLite, as in
+embedded mode."""
 
 import asyncio
+import json
 
 import sqlalchemy as sa
 from alembic import command
@@ -12,14 +14,13 @@ from ccm_shared.migrate import alembic_config, upgrade, upgrade_platform
 PACKAGE = "ccm_billing.migrations"
 
 
-def columns(url: str) -> set[str]:
+def columns(url: str, table: str = "time_entries") -> set[str]:
     async def read() -> set[str]:
         engine = create_engine_for(url, schema="billing", pool_size=1)
         try:
             async with engine.connect() as conn:
                 return await conn.run_sync(lambda c: {
-                    col["name"] for col in sa.inspect(c).get_columns("time_entries",
-                                                                      schema="billing")})
+                    col["name"] for col in sa.inspect(c).get_columns(table, schema="billing")})
         finally:
             await engine.dispose()
     return asyncio.run(read())
@@ -34,3 +35,43 @@ def test_locked_is_dropped_and_a_downgrade_restores_it(tmp_path):
     assert "locked" in columns(url)  # as a database migrated before billing_0006 has it
     upgrade(url, "billing", PACKAGE)
     assert "locked" not in columns(url) and "late" in columns(url)
+
+
+def test_period_decisions_go_and_a_downgrade_rebuilds_them_from_the_filings(tmp_path):
+    """billing_0008 drops ``billing_periods.decisions`` (the filings hold a closed month's
+    decisions); its downgrade puts the column back with each period's latest filings."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    upgrade_platform(url)
+    upgrade(url, "billing", PACKAGE)
+
+    def run(statements: list[tuple[str, dict]]) -> list:
+        async def go() -> list:
+            engine = create_engine_for(url, schema="billing", pool_size=1)
+            try:
+                async with engine.begin() as conn:
+                    out = []
+                    for sql, params in statements:
+                        result = await conn.execute(sa.text(sql), params)
+                        out.append(result.all() if result.returns_rows else None)
+                    return out
+            finally:
+                await engine.dispose()
+        return asyncio.run(go())
+
+    filing = ("INSERT INTO billing.decision_filings (practice, patient, month, revision, filed_at,"
+              " reason, decision, entries) VALUES ('a', :p, '2025-03', :r, '2025-04-02', 'x', :d,"
+              " '[]')")
+    run([("INSERT INTO billing.billing_periods (practice, month, status, closed_at, invoice_id, "
+          "summary) VALUES ('a', '2025-03', 'closed', '2025-04-02', NULL, '{}')", {}),
+         (filing, {"p": "p2", "r": 0, "d": '{"patient":"Patient/p2","v":0}'}),
+         (filing, {"p": "p1", "r": 0, "d": '{"patient":"Patient/p1","v":0}'}),
+         (filing, {"p": "p1", "r": 1, "d": '{"patient":"Patient/p1","v":1}'}),
+         (filing, {"p": "p3", "r": 0, "d": '{"patient":"Patient/p3","v":0}'}),
+         (filing, {"p": "p3", "r": 1, "d": "null"})])  # corrected out of the month
+    assert "decisions" not in columns(url, "billing_periods")
+    command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0007")
+    (rows,) = run([("SELECT decisions FROM billing.billing_periods", {})])
+    assert json.loads(rows[0][0]) == [{"patient": "Patient/p1", "v": 1},
+                                      {"patient": "Patient/p2", "v": 0}]
+    upgrade(url, "billing", PACKAGE)
+    assert "decisions" not in columns(url, "billing_periods")

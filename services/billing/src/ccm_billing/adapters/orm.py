@@ -101,7 +101,6 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("status", String(10), nullable=False),  # closed
         Column("closed_at", DateTime(timezone=True), nullable=False),
         Column("invoice_id", String(REF_ID), nullable=True),
-        Column("decisions", Text, nullable=False),  # JSON list of decision documents
         Column("summary", Text, nullable=False),  # JSON: the period-closed event's data
         PrimaryKeyConstraint("practice", "month"),
     )

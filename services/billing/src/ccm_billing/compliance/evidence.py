@@ -90,19 +90,34 @@ def _entries(facts: PatientMonth) -> str:
     return compact(entries_of(facts))
 
 
+async def filed_decisions(session, practice: str, month: str) -> list[dict]:  # noqa: ANN001
+    """A closed month's decisions as filed, the month's one record of them: each patient's latest
+    filing (revision 0 at close, then one per correction that changed it), less the patients a
+    correction took out of the month, in patient order."""
+    f = orm.decision_filings
+    latest: dict[str, tuple[int, str]] = {}
+    for patient, revision, decision in (await session.execute(
+            select(f.c.patient, f.c.revision, f.c.decision)
+            .where(f.c.practice == practice, f.c.month == month))).all():
+        if patient not in latest or revision > latest[patient][0]:
+            latest[patient] = (revision, decision)
+    docs = (json.loads(latest[p][1]) for p in sorted(latest))
+    return [d for d in docs if d is not None]
+
+
 async def file_decisions(uow: UnitOfWork, practice: str, month: Month, facts: list[PatientMonth],
                          decisions: list[Decision], *, reason: str, now: datetime,
-                         previous: str | None = None) -> int:
+                         previous: list[dict] | None = None) -> int:
     """File the month's decisions: all of them at close (revision 0); after a correction only the
-    patients whose decision changed from ``previous`` (the period's decisions JSON), each as its
-    next revision. Returns how many were filed."""
+    patients whose decision changed from ``previous`` (``filed_decisions``), each as its next
+    revision. Returns how many were filed."""
     docs = {d.patient: d.to_dict() for d in decisions}
     by_patient = {f.patient: f for f in facts}
     if previous is None:
         changed = list(docs)
         revisions = dict.fromkeys(changed, 0)
     else:
-        before = {x["patient"].removeprefix("Patient/"): x for x in json.loads(previous)}
+        before = {x["patient"].removeprefix("Patient/"): x for x in previous}
         changed = [p for p in docs if before.get(p) != docs[p]]
         changed += [p for p in before if p not in docs]  # no longer enrolled this month
         if not changed:

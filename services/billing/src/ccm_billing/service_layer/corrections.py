@@ -13,7 +13,6 @@ from ccm_billing.domain.model import Month
 from ccm_billing.domain.pricing import total
 from ccm_billing.service_layer.charges import priced_lines
 from ccm_shared.db import UnitOfWork, xact_lock
-from ccm_shared.jsontext import compact
 
 
 async def hold_practice(session, practice: str, *, exclusive: bool) -> None:  # noqa: ANN001
@@ -62,7 +61,7 @@ async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str,
 
 async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str, now: datetime) -> bool:
     """Recompute a closed month; cancel and reissue its Invoice when the lines changed."""
-    from ccm_billing.compliance.evidence import file_decisions
+    from ccm_billing.compliance.evidence import file_decisions, filed_decisions
     from ccm_billing.service_layer import invoicing
     from ccm_billing.service_layer.common import practice_info
     from ccm_billing.service_layer.decisions import decide_month_with_facts
@@ -75,7 +74,7 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     facts, decisions = await decide_month_with_facts(uow.session, info, month)
     # Never an edit: each patient whose decision changed gets a new filing revision.
     await file_decisions(uow, practice, month, facts, decisions, reason=reason, now=now,
-                         previous=period.decisions)
+                         previous=await filed_decisions(uow.session, practice, month_text))
     lines = priced_lines(info, month, decisions)
     i = orm.invoices
     current = (
@@ -91,12 +90,7 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
             for r in (await uow.session.execute(select(ci).where(ci.c.invoice_id == current.id))).all()
         }
     new = {(x.patient, x.code, f"{x.amount:.2f}", x.units) for x in lines}
-    p = orm.billing_periods
     if old == new:
-        await uow.session.execute(
-            update(p).where(p.c.practice == practice, p.c.month == month_text).values(
-                decisions=compact([d.to_dict() for d in decisions]))
-        )
         return False
     revision = (
         await uow.session.execute(
@@ -117,10 +111,10 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
             replaces=current.id if current is not None else None,
         )
     summary = invoicing.summary(month, decisions, total([x.amount for x in lines]), new_id)
+    p = orm.billing_periods
     await uow.session.execute(
         update(p).where(p.c.practice == practice, p.c.month == month_text).values(
             invoice_id=new_row["id"] if new_row else None,
-            decisions=compact([d.to_dict() for d in decisions]),
             summary=json.dumps({**json.loads(period.summary), **summary}),
         )
     )

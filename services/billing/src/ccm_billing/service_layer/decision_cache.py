@@ -21,9 +21,8 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, delete, func, literal, select
+from sqlalchemy import and_, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters import orm
@@ -192,19 +191,6 @@ async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts:
                       "charge_item_id": ci_id, "amount": f"{line.amount:.2f}", "resource": stub})
     await bulk_insert(session, orm.month_decisions, rows)
     await bulk_insert(session, orm.month_decision_lines, lines)
-
-
-def decisions_document(session: AsyncSession, practice: str, month: str):  # noqa: ANN201
-    """SQL for the JSON list of a practice-month's cached decisions, in patient order (Python's
-    code-point order), built in the database."""
-    md = orm.month_decisions
-    mine = (md.c.practice == practice, md.c.month == month)
-    if session.bind.dialect.name == "postgresql":
-        joined = func.string_agg(md.c.decision, aggregate_order_by(literal(","), md.c.patient.collate("C")))
-        return select(literal("[") + func.coalesce(joined, "") + literal("]")).where(*mine).scalar_subquery()
-    ordered = select(md.c.decision).where(*mine).order_by(md.c.patient).subquery()
-    joined = func.group_concat(ordered.c.decision, ",")
-    return select(literal("[") + func.coalesce(joined, "") + literal("]")).scalar_subquery()
 
 
 async def forget_months_except(uow: UnitOfWork, practice: str, keep: list[str]) -> None:

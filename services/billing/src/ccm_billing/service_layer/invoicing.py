@@ -157,12 +157,11 @@ async def _invoice(
     return row
 
 
-async def get_period(session, practice: str, month: Month, *, decisions: bool = True):  # noqa: ANN001, ANN201
-    """The closed period's row; without its (large) decisions document unless asked for."""
+async def get_period(session, practice: str, month: Month):  # noqa: ANN001, ANN201
+    """The closed period's row (its decisions are its filings: ``evidence.filed_decisions``)."""
     p = orm.billing_periods
-    columns = p.c if decisions else [c for c in p.c if c.name != "decisions"]
     return (
-        await session.execute(select(*columns).where(p.c.practice == practice, p.c.month == str(month)))
+        await session.execute(select(p).where(p.c.practice == practice, p.c.month == str(month)))
     ).first()
 
 
@@ -212,10 +211,11 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
 
     Idempotent: closing a closed month answers the result of the first close. Every patient's
     decision comes from the decision cache after it is made current (decision_cache.refresh);
-    filing, ChargeItems and the period's decisions are then written set-based in the database.
+    the filings (the closed month's record of its decisions) and ChargeItems are then written
+    set-based in the database.
     """
     await corrections.hold_practice(uow.session, practice, exclusive=True)
-    existing = await get_period(uow.session, practice, month, decisions=False)
+    existing = await get_period(uow.session, practice, month)
     if existing is not None:
         inv = await get_invoice_row(uow.session, existing.invoice_id) if existing.invoice_id else None
         return close_result(existing, inv)
@@ -270,15 +270,13 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     data = summary_of(month, groups, total_net, inv_row["id"] if inv_row else None)
     data["practiceSequence"] = await next_practice_sequence(session, practice)
     p = orm.billing_periods
-    await session.execute(insert(p).from_select(
-        ["practice", "month", "status", "closed_at", "invoice_id", "decisions", "summary"],
-        select(literal(practice), literal(m), literal("closed"), literal(now, p.c.closed_at.type),
-               literal(inv_row["id"] if inv_row else None, p.c.invoice_id.type),
-               decision_cache.decisions_document(session, practice, m), literal(json.dumps(data)))))
+    await session.execute(insert(p).values(
+        practice=practice, month=m, status="closed", closed_at=now,
+        invoice_id=inv_row["id"] if inv_row else None, summary=json.dumps(data)))
     await uow.outbox.add(
         "billing.period.closed.v1", _event("billing.period.closed.v1", practice, f"Organization/{practice}", data, now)
     )
-    period = await get_period(session, practice, month, decisions=False)
+    period = await get_period(session, practice, month)
     inv = await get_invoice_row(session, inv_row["id"]) if inv_row else None
     return close_result(period, inv)
 

@@ -11,6 +11,7 @@ from decimal import Decimal
 from sqlalchemy import select
 
 from ccm_billing.adapters import orm
+from ccm_billing.compliance.evidence import filed_decisions
 from ccm_billing.domain.model import Decision, Month
 from ccm_billing.service_layer import decision_cache, invoicing
 from ccm_billing.service_layer.charges import priced_lines
@@ -43,9 +44,8 @@ def worklist_row(d: dict) -> dict:
 async def month_decisions(session, info: PracticeInfo, month: Month) -> tuple[str, list[dict]]:  # noqa: ANN001
     """('closed', the decisions billed at close) or ('open', live decisions: the decider's where
     current, decided now where not)."""
-    period = await invoicing.get_period(session, info.id, month)
-    if period is not None:
-        return "closed", json.loads(period.decisions)
+    if await invoicing.get_period(session, info.id, month) is not None:
+        return "closed", await filed_decisions(session, info.id, str(month))
     return "open", await decision_cache.current_documents(session, info, month)
 
 
