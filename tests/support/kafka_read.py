@@ -28,10 +28,8 @@ async def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float 
     return records
 
 
-async def start_group_at_end(bootstrap: str, group_id: str, topics: list[str]) -> None:
-    """Commit a new consumer group's offsets at the topics' current ends, so that it reads only
-    what is published from now on: a test's own group on a long-lived local broker must not
-    wade through every earlier run's events before reaching the test's."""
+async def partitions_of(bootstrap: str, topics) -> list:  # noqa: ANN001
+    """Every partition of the topics (as aiokafka TopicPartitions)."""
     from aiokafka import TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -41,8 +39,14 @@ async def start_group_at_end(bootstrap: str, group_id: str, topics: list[str]) -
         described = await admin.describe_topics(list(topics))
     finally:
         await admin.close()
-    partitions = [TopicPartition(t["topic"], p["partition"])
-                  for t in described for p in t["partitions"]]
+    return [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
+
+
+async def start_group_at_end(bootstrap: str, group_id: str, topics) -> None:  # noqa: ANN001
+    """Commit a new consumer group's offsets at the topics' current ends, so that it reads only
+    what is published from now on: a test's own group on a long-lived local broker must not
+    wade through every earlier run's events before reaching the test's."""
+    partitions = await partitions_of(bootstrap, topics)
     assert len({tp.topic for tp in partitions}) == len(set(topics)), "a topic does not exist"
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group_id,
                                 enable_auto_commit=False)

@@ -8,8 +8,7 @@ from decimal import Decimal
 
 import httpx
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer
 from fhir.resources.R4B.chargeitem import ChargeItem
 from fhir.resources.R4B.invoice import Invoice
 
@@ -22,35 +21,11 @@ from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import create_practice, create_token
 from ccm_shared.transport import KafkaTransport
 from tests.integration.conftest import eventually
+from tests.support.kafka_read import partitions_of, start_group_at_end
 from tests.unit.billing import events as ev
 from tests.unit.billing.conftest import PRICING, Clock
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
-
-
-async def partitions_of(bootstrap: str, topics) -> list[TopicPartition]:  # noqa: ANN001
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        described = await admin.describe_topics(list(topics))
-    finally:
-        await admin.close()
-    return [TopicPartition(d["topic"], p["partition"]) for d in described for p in d["partitions"]]
-
-
-async def start_group_at_end(bootstrap: str, group: str) -> None:
-    """A fresh consumer group positioned at the topics' ends: this test reads only its events,
-    not the history other engineers' runs left on the shared broker."""
-    partitions = await partitions_of(bootstrap, TOPICS)
-    assert partitions, "the ingest topics have no partitions"
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        await consumer.commit({tp: off for tp, off in ends.items()})
-    finally:
-        await consumer.stop()
 
 
 async def read_to_end(bootstrap: str, topic: str) -> list[CloudEvent]:
@@ -97,7 +72,7 @@ async def billing_on_kafka(infra, kafka, clock: Clock, name: str) -> ServiceRunt
     runtime = ServiceRuntime.build(definition, settings, transport=transport, clock=clock)
     group = f"{name}-{uuid.uuid4().hex[:8]}"
     await kafka.ensure_topics(TOPICS)
-    await start_group_at_end(infra.kafka_bootstrap_servers, group)
+    await start_group_at_end(infra.kafka_bootstrap_servers, group, TOPICS)
     spec = definition.consumers(runtime)[0]
     runtime.consumers = [ConsumerRuntime(name=group, topics=spec.topics, handler=spec.handler,
                                          db=runtime.db, transport=transport)]
