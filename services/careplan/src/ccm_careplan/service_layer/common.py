@@ -144,11 +144,18 @@ async def claim_steps(uow: UnitOfWork, claims: list[StepClaim], now: datetime) -
     return set(claimed.scalars().all())
 
 
-async def emit_review_event(
-    uow: UnitOfWork, *, row: dict, kind: str, due: date, step: int, day: date,
-    key: str, now: datetime, provider: str | None, supervisor: str | None,
-) -> None:
-    event = CloudEvent(
+async def emit_review_event(uow: UnitOfWork, **fields) -> None:  # noqa: ANN003
+    """Outbox ``review_event(**fields)`` in ``uow``."""
+    event = review_event(**fields)
+    await uow.outbox.add(event.type, event)
+
+
+def review_event(
+    *, row: dict, kind: str, due: date, step: int, day: date, key: str, now: datetime,
+    provider: str | None, supervisor: str | None,
+) -> CloudEvent:
+    """The event of a review step sent for the tracker ``row``."""
+    return CloudEvent(
         id=event_id(key),
         source=SOURCE,
         type=f"careplan.review.{kind}.v1",
@@ -167,7 +174,6 @@ async def emit_review_event(
             "idempotencyKey": key,
         },
     )
-    await uow.outbox.add(event.type, event)
 
 
 async def distribute_version(uow: UnitOfWork, row: dict, now: datetime) -> bool:

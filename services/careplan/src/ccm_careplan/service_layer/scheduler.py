@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from ccm_careplan.adapters.orm import patients, review_steps, trackers
 from ccm_careplan.domain.rules import ReviewRules
@@ -24,11 +24,11 @@ from ccm_careplan.domain.tracker import Directory, resolve_provider
 from ccm_careplan.service_layer.common import (
     StepClaim,
     claim_steps,
-    emit_review_event,
     general_practitioners,
     load_rules,
     practice_today,
     practitioner_directory,
+    review_event,
 )
 from ccm_shared.db import Database, UnitOfWork
 from ccm_shared.service import sleep_unless_stopped
@@ -68,6 +68,7 @@ async def _process_batch(
                                         d.step.step, d.step.on, d.send)))
     claimed = await claim_steps(uow, [c for _, c in owed], batch.now)  # a replica may have won
     sent: dict[str, list[tuple[str, int]]] = {}
+    events = []
     for row, claim in owed:
         if claim.key not in claimed:
             continue
@@ -76,11 +77,13 @@ async def _process_batch(
             continue
         provider = resolve_provider(row["author"], batch.gps.get(row["patient"], []),
                                     batch.directory)
-        await emit_review_event(uow, row=row, kind=claim.kind, due=claim.due, step=claim.step,
-                                day=batch.today, key=claim.key, now=batch.now,
-                                provider=provider, supervisor=batch.rules.clinical_supervisor)
+        events.append(review_event(row=row, kind=claim.kind, due=claim.due, step=claim.step,
+                                   day=batch.today, key=claim.key, now=batch.now,
+                                   provider=provider, supervisor=batch.rules.clinical_supervisor))
         sent.setdefault(row["id"], []).append((claim.kind, claim.step))
         result.sent += 1
+    await uow.outbox.add_many([(e.type, e) for e in events])  # one statement for the batch
+    counts = []
     for row in rows:
         if row["id"] not in sent:
             continue
@@ -90,8 +93,16 @@ async def _process_batch(
         reminders = sum(1 for kind, _ in steps if kind == REMINDER)
         level = max((step for kind, step in steps if kind == ESCALATED), default=0)
         if (reminders, level) != (row["reminders_sent"], row["escalation_level"]):
-            await uow.session.execute(update(trackers).where(trackers.c.id == row["id"]).values(
-                reminders_sent=reminders, escalation_level=level, updated_at=batch.now))
+            counts.append({"tracker": row["id"], "reminders": reminders, "level": level,
+                           "now": batch.now})
+    if counts:
+        await uow.session.execute(_COUNTS, counts)
+
+
+# A tracker's reminder count and escalation level after a batch (built once, run for many).
+_COUNTS = update(trackers).where(trackers.c.id == bindparam("tracker")).values(
+    reminders_sent=bindparam("reminders"), escalation_level=bindparam("level"),
+    updated_at=bindparam("now"))
 
 
 async def _practice_pass(
