@@ -135,6 +135,11 @@ def schema_of(bind: AsyncConnection | AsyncSession) -> str | None:
     return (source.get_execution_options().get("schema_translate_map") or {}).get(None)
 
 
+def qualified(schema: str | None, table: str) -> str:
+    """``"schema"."table"`` (or ``"table"`` without a schema), for SQL written by hand."""
+    return f'"{schema}"."{table}"' if schema else f'"{table}"'
+
+
 # The largest consumer batch (CCM_CONSUMER_BATCH_SIZE, at most 1,000) uses 2,000 savepoint texts;
 # the rest is room for the service's own statements. Savepoint statements cost PostgreSQL next
 # to nothing to keep.

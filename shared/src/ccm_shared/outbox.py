@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from ccm_shared.db import Database, schema_of
+from ccm_shared.db import Database, qualified, schema_of
 from ccm_shared.events import CloudEvent, Message, routing_headers
 from ccm_shared.observability import current_correlation_id, metrics
 from ccm_shared.tables import outbox_table, sequences_table
@@ -125,8 +125,7 @@ class Outbox:
         if self.session.bind.dialect.name == "postgresql":
             # One statement whatever the number of counters: three array parameters.
             conn = await self.session.connection()
-            schema = schema_of(conn)
-            table = f'"{schema}".{sequences_table.name}' if schema else sequences_table.name
+            table = qualified(schema_of(conn), sequences_table.name)
             rows = (await conn.exec_driver_sql(
                 f"INSERT INTO {table} AS s (tenant, subject, last) "
                 "SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[]) "

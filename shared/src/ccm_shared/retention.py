@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy import delete, select, tuple_
+from sqlalchemy import and_, delete, select, tuple_
 
 from ccm_shared.db import Database, xact_lock
 from ccm_shared.tables import inbox_table, outbox_table
@@ -71,12 +71,13 @@ async def _prune_outbox(db: Database, cutoff: datetime, batch: int) -> int:
 
     async def page(conn) -> tuple[int, bool]:  # noqa: ANN001
         nonlocal after
-        rows = (await conn.execute(select(o.c.id, o.c.sent_at).where(o.c.id > after)
-                                   .order_by(o.c.id).limit(batch))).all()
+        rows = (await conn.execute(
+            select(o.c.id, and_(o.c.sent_at.is_not(None), o.c.sent_at < cutoff).label("due"))
+            .where(o.c.id > after).order_by(o.c.id).limit(batch))).all()
         if not rows:
             return 0, False
         after = rows[-1].id
-        due = [r.id for r in rows if r.sent_at is not None and _aware(r.sent_at) < cutoff]
+        due = [r.id for r in rows if r.due]
         if due:
             await conn.execute(delete(o).where(o.c.id.in_(due)))
         # A page with nothing due is the young end of the table (or rows not yet published,
@@ -84,10 +85,6 @@ async def _prune_outbox(db: Database, cutoff: datetime, batch: int) -> int:
         return len(due), bool(due) and len(rows) == batch
 
     return await _in_batches(db, page)
-
-
-def _aware(when: datetime) -> datetime:
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)  # SQLite's are naive
 
 
 async def _in_batches(db: Database, page) -> int:  # noqa: ANN001

@@ -144,12 +144,6 @@ async def claim_steps(uow: UnitOfWork, claims: list[StepClaim], now: datetime) -
     return set(claimed.scalars().all())
 
 
-async def emit_review_event(uow: UnitOfWork, **fields) -> None:  # noqa: ANN003
-    """Outbox ``review_event(**fields)`` in ``uow``."""
-    event = review_event(**fields)
-    await uow.outbox.add(event.type, event)
-
-
 def review_event(
     *, row: dict, kind: str, due: date, step: int, day: date, key: str, now: datetime,
     provider: str | None, supervisor: str | None,

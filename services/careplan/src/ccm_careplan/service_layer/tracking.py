@@ -37,12 +37,12 @@ from ccm_careplan.service_layer.common import (
     claim_steps,
     compute_due,
     distribute_version,
-    emit_review_event,
     insert_for,
     load_rules,
     lock_tracker,
     practice_zone,
     responsible_provider,
+    review_event,
     tracker_id,
 )
 from ccm_shared.db import UnitOfWork
@@ -105,9 +105,10 @@ async def _close_cycle(
             continue
         claim = StepClaim(row["practice"], row["id"], kind, due, step, day, True)
         if claim.key in await claim_steps(uow, [claim], now):
-            await emit_review_event(uow, row=row, kind=kind, due=due, step=step, day=day,
-                                    key=claim.key, now=now, provider=provider,
-                                    supervisor=rules.clinical_supervisor)
+            event = review_event(row=row, kind=kind, due=due, step=step, day=day,
+                                 key=claim.key, now=now, provider=provider,
+                                 supervisor=rules.clinical_supervisor)
+            await uow.outbox.add(event.type, event)
 
 
 async def _local_day(uow: UnitOfWork, practice: str, instant: datetime) -> date:

@@ -20,7 +20,7 @@ import orjson
 from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ccm_shared.db import schema_of
+from ccm_shared.db import qualified, schema_of
 
 _PG_TYPES = ((BigInteger, "bigint"), (Integer, "int"), (Boolean, "bool"),
              (DateTime, "timestamptz"), (String, "text"))
@@ -50,10 +50,6 @@ def _pg_sql(schema: str | None, shape: tuple[tuple[Table, tuple[str, ...]], ...]
 def _rows_json(rows: list[dict[str, Any]]) -> str:
     # Aware datetimes keep their offset; a naive one is UTC, as everything stored is.
     return orjson.dumps(rows, default=str, option=orjson.OPT_NAIVE_UTC).decode()
-
-
-def qualified(schema: str | None, table: str) -> str:
-    return f'"{schema}"."{table}"' if schema else f'"{table}"'
 
 
 async def insert_all(session: AsyncSession,

@@ -12,7 +12,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_ingest.adapters.bulk import insert_all
-from ccm_shared.jsontext import compact
 from ccm_ingest.adapters.orm import (
     conditional_creates,
     ingest_configs,
@@ -21,6 +20,7 @@ from ccm_ingest.adapters.orm import (
     resource_versions,
     resources,
 )
+from ccm_shared.jsontext import compact
 from ccm_shared.tables import practices
 
 

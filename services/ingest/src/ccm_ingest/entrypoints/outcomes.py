@@ -9,10 +9,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
-from ccm_shared.jsontext import compact
 from ccm_ingest.domain.model import FhirRejected, Issue
 from ccm_ingest.service_layer.resources import Outcome
 from ccm_shared.errors import AppError
+from ccm_shared.jsontext import compact
 
 FHIR_JSON = "application/fhir+json"
 
@@ -29,8 +29,7 @@ def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
 
 
 def fhir_json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(compact(body), status,
-                    headers=headers, media_type=FHIR_JSON)
+    return Response(compact(body), status, headers=headers, media_type=FHIR_JSON)
 
 
 def outcome_response(status: int, issues: list[Issue],
