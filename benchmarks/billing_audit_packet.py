@@ -154,12 +154,16 @@ async def bare_reads(db: Database, schema: str, practice: str, patient: str, mon
     q = {
         "sources": f'SELECT * FROM "{schema}".source_versions WHERE practice=:pr AND patient=:pa',
         "consents": f'SELECT * FROM "{schema}".consents WHERE practice=:pr AND patient=:pa',
-        "filings": f'SELECT * FROM "{schema}".decision_filings WHERE practice=:pr AND patient=:pa '
-                   "AND month=:m",
+        # A month closed in place keeps its filings and ChargeItems in the decider's rows.
+        "filings": f'SELECT decision, entries FROM "{schema}".decision_filings WHERE practice=:pr '
+                   f'AND patient=:pa AND month=:m UNION ALL SELECT decision, entries FROM '
+                   f'"{schema}".month_decisions WHERE practice=:pr AND patient=:pa AND month=:m',
         "entries": f'SELECT * FROM "{schema}".time_entries WHERE practice=:pr AND patient=:pa AND month=:m',
         "period": f'SELECT closed_at FROM "{schema}".billing_periods WHERE practice=:pr AND month=:m',
         "reviews": f'SELECT * FROM "{schema}".care_plan_reviews WHERE practice=:pr AND patient=:pa',
-        "items": f'SELECT * FROM "{schema}".charge_items WHERE practice=:pr AND patient=:pa AND month=:m',
+        "items": f'SELECT id, resource FROM "{schema}".charge_items WHERE practice=:pr AND patient=:pa '
+                 f'AND month=:m UNION ALL SELECT charge_item_id, resource FROM '
+                 f'"{schema}".month_decision_lines WHERE practice=:pr AND patient=:pa AND month=:m',
         "invoices": f'SELECT * FROM "{schema}".invoices WHERE practice=:pr AND month=:m',
         "audit": "SELECT * FROM platform.audit_log WHERE practice=:pr AND patient=:pa",
         "patient": f'SELECT * FROM "{schema}".patients WHERE practice=:pr AND patient_id=:pa',

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, update
 
-from ccm_billing.adapters import orm
+from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance.evidence import filed_decisions
 from ccm_billing.entrypoints.consumers import consumers
 from ccm_billing.service_layer import decision_cache
@@ -122,9 +122,10 @@ async def _run(ops: list, warm: bool, refreshes: set[int] = frozenset()) -> dict
             async with db.unit_of_work() as uow:
                 s = uow.session
                 period = (await s.execute(select(orm.billing_periods))).one()
-                items = (await s.execute(select(orm.charge_items).order_by(orm.charge_items.c.id))).all()
-                filings = (await s.execute(select(orm.decision_filings)
-                                           .order_by(orm.decision_filings.c.patient))).all()
+                items = (await s.execute(select(filed.charge_items)
+                                         .order_by(filed.charge_items.c.id))).all()
+                filings = (await s.execute(select(filed.filings)
+                                           .order_by(filed.filings.c.patient))).all()
                 invoices = (await s.execute(select(orm.invoices))).all()
                 decisions = await filed_decisions(s, "alpha", str(MARCH))
             return {
@@ -197,7 +198,8 @@ def test_a_refresh_decides_only_what_is_no_longer_current():
     assert cached == ["p0", "p1", "p2"]
 
 
-async def test_the_decider_keeps_open_months_current_and_forgets_closed_ones(billing):
+async def test_the_decider_keeps_open_months_current_forgets_others_and_never_touches_a_filed_one(
+        billing):
     from ccm_billing.entrypoints.jobs import decide_open_months
     from tests.unit.billing.test_billing_flow import api, deliver, march_practice
 
@@ -215,8 +217,22 @@ async def test_the_decider_keeps_open_months_current_and_forgets_closed_ones(bil
     billing.state["clock"].now = CLOSE_AT
     closed = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()
     assert closed["summary"]["patientsBillable"] == 2  # p1, and p2 now over 20 minutes
-    await decide_open_months(billing)  # now March and April are the open months
-    assert {m for m, _ in await _cached(billing)} == {"2025-04"}
+    filed_march = await _rows(billing, "2025-03")
+    await decide_open_months(billing)  # now March (closed) and April are the open months
+    # February was never closed: forgotten. March was closed in place: its rows are its filings.
+    assert {m for m, _ in await _cached(billing)} == {"2025-03", "2025-04"}
+    assert await _rows(billing, "2025-03") == filed_march
+    # A late entry changes p2's facts: March stays as filed (the entry is late), never re-decided.
+    await deliver(billing, ev.time_logged("alpha", "p2", "e5", 600, "2025-03-19T11:00:00-04:00"))
+    await decide_open_months(billing)
+    assert await _rows(billing, "2025-03") == filed_march
+
+
+async def _rows(runtime, month: str) -> list[tuple]:  # noqa: ANN001
+    async with runtime.db.unit_of_work() as uow:
+        return [tuple(r) for table in (orm.month_decisions, orm.month_decision_lines)
+                for r in (await uow.session.execute(
+                    select(table).where(table.c.month == month).order_by(*table.primary_key)))]
 
 
 async def _cached(runtime) -> list[tuple[str, str]]:  # noqa: ANN001

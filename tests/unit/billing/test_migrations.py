@@ -75,3 +75,52 @@ def test_period_decisions_go_and_a_downgrade_rebuilds_them_from_the_filings(tmp_
                                       {"patient": "Patient/p2", "v": 0}]
     upgrade(url, "billing", PACKAGE)
     assert "decisions" not in columns(url, "billing_periods")
+
+
+def test_a_downgrade_copies_what_was_filed_in_place_into_the_tables_the_older_code_reads(tmp_path):
+    """billing_0009: a month closed in place keeps its cached decisions and lines as its filings
+    and ChargeItems; the downgrade copies them where the code before it reads them."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    upgrade_platform(url)
+    upgrade(url, "billing", PACKAGE)
+    assert {"filed_in_place", "line_invoice", "line_entered"} <= columns(url, "billing_periods")
+
+    async def run(statements: list[str]) -> list:
+        engine = create_engine_for(url, schema="billing", pool_size=1)
+        try:
+            async with engine.begin() as conn:
+                return [(await conn.execute(sa.text(s))).all() if s.startswith("SELECT")
+                        else await conn.execute(sa.text(s)) and None for s in statements]
+        finally:
+            await engine.dispose()
+
+    decision = ("INSERT INTO billing.month_decisions VALUES ('a', '{m}', '{p}', 1, 'ctx', 0, 1, "
+                "'{{}}', '[]', 60, 0, '{{\"patient\":\"Patient/{p}\"}}', '[\"{p}\"]', '2025-04-01')")
+    line = ("INSERT INTO billing.month_decision_lines VALUES ('a', '{m}', '{p}', '99490', 'ci-{p}', "
+            "'20.00', '{{\"id\":\"ci-{p}\"}}')")
+    asyncio.run(run([
+        "INSERT INTO billing.billing_periods (practice, month, status, closed_at, invoice_id, "
+        "summary, filed_in_place, line_invoice, line_entered) VALUES ('a', '2025-03', 'closed', "
+        "'2025-04-02 12:00:00', 'inv-1', '{}', 1, 'inv-0', ',\"enteredDate\":\"2025-04-02\"}')",
+        *(decision.format(m="2025-03", p=p) for p in ("p1", "p2")),
+        *(line.format(m="2025-03", p=p) for p in ("p1", "p2")),
+        decision.format(m="2025-04", p="p1"), line.format(m="2025-04", p="p1"),  # open: cached
+    ]))
+    command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0008")
+    assert not {"filed_in_place", "line_invoice", "line_entered"} & columns(url, "billing_periods")
+    filings, items, cached = asyncio.run(run([
+        "SELECT patient, month, revision, reason, decision, entries FROM billing.decision_filings "
+        "ORDER BY patient",
+        "SELECT id, invoice_id, patient, status, amount, resource FROM billing.charge_items "
+        "ORDER BY id",
+        "SELECT month, patient FROM billing.month_decisions UNION ALL "
+        "SELECT month, patient FROM billing.month_decision_lines",
+    ]))
+    assert filings == [("p1", "2025-03", 0, "closed", '{"patient":"Patient/p1"}', '["p1"]'),
+                       ("p2", "2025-03", 0, "closed", '{"patient":"Patient/p2"}', '["p2"]')]
+    assert items == [
+        ("ci-p1", "inv-0", "p1", "billable", "20.00", '{"id":"ci-p1","enteredDate":"2025-04-02"}'),
+        ("ci-p2", "inv-0", "p2", "billable", "20.00", '{"id":"ci-p2","enteredDate":"2025-04-02"}')]
+    assert cached == [("2025-04", "p1"), ("2025-04", "p1")]  # the open month's cache only
+    upgrade(url, "billing", PACKAGE)
+    assert {"filed_in_place", "line_invoice", "line_entered"} <= columns(url, "billing_periods")

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    false,
 )
 
 from ccm_billing.compliance.tables import add_compliance_tables
@@ -102,6 +103,12 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("closed_at", DateTime(timezone=True), nullable=False),
         Column("invoice_id", String(REF_ID), nullable=True),
         Column("summary", Text, nullable=False),  # JSON: the period-closed event's data
+        # Closed in place (adapters/filed.py): the month's cached decisions are its revision-0
+        # filings, and its decision lines the ChargeItems of ``line_invoice`` (until that Invoice
+        # is cancelled), each with ``line_entered`` (its enteredDate) appended.
+        Column("filed_in_place", Boolean, nullable=False, default=False, server_default=false()),
+        Column("line_invoice", String(REF_ID), nullable=True),
+        Column("line_entered", Text, nullable=True),
         PrimaryKeyConstraint("practice", "month"),
     )
     t["invoices"] = Table(
@@ -245,6 +252,9 @@ def add_decision_cache_tables(metadata: MetaData) -> dict[str, Table]:
             Column("amount", String(20), nullable=False),
             Column("resource", Text, nullable=False),  # the ChargeItem without enteredDate
             PrimaryKeyConstraint("practice", "month", "patient", "code"),
+            # A month closed in place serves its ChargeItems from here (adapters/filed.py).
+            Index("ix_decision_lines_item", "charge_item_id"),
+            Index("ix_decision_lines_patient", "practice", "patient"),
         ),
     }
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ccm_billing.adapters import orm
+from ccm_billing.adapters import filed, orm
 from ccm_billing.domain.model import Decision, Month, PatientMonth
 from ccm_billing.service_layer.common import bulk_insert, insert_for, parse_day, parse_instant
 from ccm_shared.db import UnitOfWork
@@ -94,7 +94,7 @@ async def filed_decisions(session, practice: str, month: str) -> list[dict]:  # 
     """A closed month's decisions as filed, the month's one record of them: each patient's latest
     filing (revision 0 at close, then one per correction that changed it), less the patients a
     correction took out of the month, in patient order."""
-    f = orm.decision_filings
+    f = filed.filings
     latest: dict[str, tuple[int, str]] = {}
     for patient, revision, decision in (await session.execute(
             select(f.c.patient, f.c.revision, f.c.decision)
@@ -122,7 +122,7 @@ async def file_decisions(uow: UnitOfWork, practice: str, month: Month, facts: li
         changed += [p for p in before if p not in docs]  # no longer enrolled this month
         if not changed:
             return 0
-        f = orm.decision_filings
+        f = filed.filings
         rows = await uow.session.execute(
             select(f.c.patient, func.max(f.c.revision))
             .where(f.c.practice == practice, f.c.month == str(month), f.c.patient.in_(changed))

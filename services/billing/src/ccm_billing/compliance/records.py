@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time
 from sqlalchemy import select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ccm_billing.adapters import orm
+from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance import domain
 from ccm_billing.compliance.evidence import entries_of
 from ccm_billing.domain.model import Month
@@ -184,7 +184,7 @@ def _month_bounds(info: PracticeInfo, month: Month) -> tuple[datetime, datetime]
 async def time_log(session: AsyncSession, info: PracticeInfo, patient: str, month: Month, *,
                    encounters: list | None = None) -> dict:
     """The patient-month's time entries as filed at close (or live while open), with corrections."""
-    f, per, t = orm.decision_filings, orm.billing_periods, orm.time_entries
+    f, per, t = filed.filings, orm.billing_periods, orm.time_entries
     period = (await session.execute(select(per.c.closed_at).where(
         per.c.practice == info.id, per.c.month == str(month)))).first()
     filings = (await session.execute(
@@ -294,7 +294,7 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
     for row in sources:
         by_type[row.resource_type].append(row)
     consents = (await consent_facts(session, info, patient=patient)).get(patient, [])
-    rv, ci, inv = orm.care_plan_reviews, orm.charge_items, orm.invoices
+    rv, ci, inv = orm.care_plan_reviews, filed.charge_items, orm.invoices
     reviews = (await session.execute(select(rv).where(rv.c.practice == info.id,
                                                       rv.c.patient == patient)
                                      .order_by(rv.c.completed_at))).all()

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select
 
-from ccm_billing.adapters import fhir, orm
+from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Month
 from ccm_billing.service_layer import ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
@@ -274,7 +274,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/fhir/ChargeItem/{resource_id}", tags=["fhir"], summary="FHIR R4 ChargeItem")
     async def fhir_charge_item(resource_id: str, tenant: TenantDep) -> Response:
-        return await read_resource(orm.charge_items, resource_id, tenant.practice_id, "ChargeItem")
+        return await read_resource(filed.charge_items, resource_id, tenant.practice_id,
+                                   "ChargeItem")
 
     @router.get("/fhir/Invoice", tags=["fhir"], summary="Search Invoices by recipient and date")
     async def search_invoices(request: Request, tenant: TenantDep,
@@ -294,7 +295,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     @router.get("/fhir/ChargeItem", tags=["fhir"], summary="Search ChargeItems by subject")
     async def search_charge_items(request: Request, tenant: TenantDep,
                                   subject: str | None = None) -> Response:
-        ci = orm.charge_items
+        ci = filed.charge_items
         stmt = select(ci.c.resource).where(ci.c.practice == tenant.practice_id)
         if subject is not None:
             if not subject.startswith("Patient/"):

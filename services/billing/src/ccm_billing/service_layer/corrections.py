@@ -8,7 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import select, update
 
-from ccm_billing.adapters import orm
+from ccm_billing.adapters import filed, orm
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.pricing import total
 from ccm_billing.service_layer.charges import priced_lines
@@ -37,18 +37,18 @@ async def locked_at_close(session, practice: str, patient: str | None, month: st
                           entry_id: str) -> bool:
     """Whether the entry was locked by the month's close: finished, on time, and so filed with
     its patient's decision (the close's filing is the lock record of the month's time)."""
-    f = orm.decision_filings
-    filed = (await session.execute(
+    f = filed.filings
+    filing = (await session.execute(
         select(f.c.entries).where(f.c.practice == practice, f.c.patient == patient,
                                   f.c.month == month, f.c.revision == 0))).scalar()
     return any(e["entry"] == entry_id and e["status"] == "finished" and not e["late"]
-               for e in json.loads(filed or "[]"))
+               for e in json.loads(filing or "[]"))
 
 
 async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str, reason: str,
                                    now: datetime) -> None:
     """Recompute every closed month in which the patient was billed."""
-    ci = orm.charge_items
+    ci = filed.charge_items
     months = (
         await uow.session.execute(
             select(ci.c.month).where(ci.c.practice == practice, ci.c.patient == patient,
@@ -82,7 +82,7 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
             select(i).where(i.c.practice == practice, i.c.month == month_text, i.c.status != "cancelled")
         )
     ).first()
-    ci = orm.charge_items
+    ci = filed.charge_items
     old = set()
     if current is not None:
         old = {

@@ -10,8 +10,9 @@ generation: it is decided again, never used stale.
 
 The billing scheduler refreshes open months in the background; a month close refreshes first
 (whatever is still not current is decided then) and then files, prices and invoices from the
-cache with set-based statements. The cache is an accelerator, never a source of truth: emptied,
-the close decides every patient itself and reaches the same result.
+cache with set-based statements. For open months the cache is an accelerator, never a source of
+truth: emptied, the close decides every patient itself and reaches the same result. A closed
+month's rows are its filings and ChargeItems (adapters/filed.py): never refreshed nor dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy import and_, bindparam, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ccm_billing.adapters import orm
+from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance.evidence import entries_of
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
@@ -157,6 +158,10 @@ async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: dateti
     # One refresh of a practice-month at a time (the decider's, a replica's, a close's).
     if not await xact_lock(session, f"decide:{info.id}:{m}", wait=wait):
         return 0
+    p = orm.billing_periods
+    if (await session.execute(
+            select(p.c.month).where(p.c.practice == info.id, p.c.month == m))).first():
+        return 0  # closed: its rows are its filings now (adapters/filed.py), never refreshed
     context = await context_key(session, info, month)
     enrolled, stale, gone, generations = await _status(session, info, m, context)
     if not stale and not gone:
@@ -194,8 +199,9 @@ async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts:
 
 
 async def forget_months_except(uow: UnitOfWork, practice: str, keep: list[str]) -> None:
-    """Drop the practice's cached decisions of every month but ``keep`` (closed months are
-    filed; a month closed late decides its patients at close)."""
+    """Drop the practice's cached decisions of every month but ``keep`` and those closed in place
+    (their filings: adapters/filed.py); a month closed late decides its patients at close."""
     for table in (orm.month_decisions, orm.month_decision_lines):
         await uow.session.execute(
-            delete(table).where(table.c.practice == practice, table.c.month.not_in(keep)))
+            delete(table).where(table.c.practice == practice, table.c.month.not_in(keep),
+                                table.c.month.not_in(filed.filed_months(practice))))

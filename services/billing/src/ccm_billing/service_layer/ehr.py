@@ -18,7 +18,7 @@ import httpx
 import structlog
 from sqlalchemy import select, update
 
-from ccm_billing.adapters import orm
+from ccm_billing.adapters import filed, orm
 from ccm_shared.db import Database, UnitOfWork
 from ccm_shared.errors import InvalidInput
 
@@ -55,7 +55,7 @@ def transaction_bundle(invoice: dict, charge_items: list[dict]) -> dict:
 
 
 async def _load(db: Database, delivery_id: str):  # noqa: ANN202
-    d, e, i, ci = orm.ehr_deliveries, orm.ehr_endpoints, orm.invoices, orm.charge_items
+    d, e, i, ci = orm.ehr_deliveries, orm.ehr_endpoints, orm.invoices, filed.charge_items
     async with db.unit_of_work() as uow:
         row = (await uow.session.execute(select(d).where(d.c.id == delivery_id))).first()
         endpoint = (await uow.session.execute(select(e).where(e.c.practice == row.practice))).first()

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
-from sqlalchemy import func, insert, literal, select, update
+from sqlalchemy import func, insert, select, update
 
-from ccm_billing.adapters import fhir, orm
+from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Decision, Month
 from ccm_billing.domain.pricing import total
 from ccm_billing.domain.rules import ruleset_for
@@ -211,8 +211,8 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
 
     Idempotent: closing a closed month answers the result of the first close. Every patient's
     decision comes from the decision cache after it is made current (decision_cache.refresh);
-    the filings (the closed month's record of its decisions) and ChargeItems are then written
-    set-based in the database.
+    the month is then filed in place: those decisions are its filings and their priced lines its
+    ChargeItems (adapters/filed.py), so the close writes only the Invoice, the period and events.
     """
     await corrections.hold_practice(uow.session, practice, exclusive=True)
     existing = await get_period(uow.session, practice, month)
@@ -230,33 +230,21 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     except RulesetMissing as exc:
         raise InvalidInput(str(exc)) from None
     await decision_cache.refresh(uow, info, month, now)
+    # Filed in place (adapters/filed.py): the current cached decisions become the month's
+    # filings and their lines the Invoice's ChargeItems when the period row below commits.
     session, m = uow.session, str(month)
     md, ln = orm.month_decisions, orm.month_decision_lines
     mine = (md.c.practice == practice, md.c.month == m)
-    f = orm.decision_filings
-    await session.execute(insert(f).from_select(
-        ["practice", "patient", "month", "revision", "filed_at", "reason", "decision", "entries"],
-        select(md.c.practice, md.c.patient, md.c.month, literal(0), literal(now, f.c.filed_at.type),
-               literal("closed"), md.c.decision, md.c.entries).where(*mine)))
     refs = [tuple(r) for r in (await session.execute(
         select(ln.c.patient, ln.c.code, ln.c.charge_item_id, ln.c.amount)
         .where(ln.c.practice == practice, ln.c.month == m))).all()]
     refs.sort()  # (patient, code): the lines' order (tuples: one line per patient × code)
     inv_row = None
     if refs:
-        inv_id = fhir.invoice_id(practice, month, 0)
-        ci = orm.charge_items
-        await session.execute(insert(ci).from_select(
-            ["id", "practice", "invoice_id", "patient", "month", "code", "status", "amount", "resource"],
-            select(ln.c.charge_item_id, ln.c.practice, literal(inv_id), ln.c.patient, ln.c.month,
-                   ln.c.code, literal("billable"), ln.c.amount,
-                   func.substr(ln.c.resource, 1, func.length(ln.c.resource) - 1)
-                   + literal(entered_suffix(now)))
-            .where(ln.c.practice == practice, ln.c.month == m)))
         lines = [(item, Decimal(amount)) for _, _, item, amount in refs]
         inv_row = await _invoice(uow, info, month, lines, revision=0, now=now)
-    # The month's time is now locked: the filings above record every entry as decided (an entry
-    # logged or revised later is marked late, or corrects the month; corrections.locked_at_close).
+    # The month's time is now locked: its filings record every entry as decided (an entry logged
+    # or revised later is marked late, or corrects the month; corrections.locked_at_close).
     groups = [
         DecisionGroup(json.loads(r.codes), tuple(json.loads(r.blockers)), r.billable, r.n,
                       r.staff or 0, r.practitioner or 0)
@@ -272,7 +260,9 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     p = orm.billing_periods
     await session.execute(insert(p).values(
         practice=practice, month=m, status="closed", closed_at=now,
-        invoice_id=inv_row["id"] if inv_row else None, summary=json.dumps(data)))
+        invoice_id=inv_row["id"] if inv_row else None, summary=json.dumps(data),
+        filed_in_place=True, line_invoice=inv_row["id"] if inv_row else None,
+        line_entered=entered_suffix(now)))
     await uow.outbox.add(
         "billing.period.closed.v1", _event("billing.period.closed.v1", practice, f"Organization/{practice}", data, now)
     )
@@ -283,6 +273,7 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
 
 async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | None, now: datetime) -> None:  # noqa: ANN001
     resource = fhir.cancelled(json.loads(row.resource), reason, replaced_by)
+    await filed.materialise_line_items(uow.session, row.id)  # its ChargeItems change below
     i, ci = orm.invoices, orm.charge_items
     await uow.session.execute(
         update(i).where(i.c.id == row.id).values(

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from sqlalchemy import select
 
-from ccm_billing.adapters import orm
+from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance.evidence import filed_decisions
 from ccm_billing.domain.model import Decision, Month
 from ccm_billing.service_layer import decision_cache, invoicing
@@ -84,7 +84,7 @@ async def report(session, info: PracticeInfo, month: Month) -> dict:  # noqa: AN
         if period.invoice_id:
             inv = await invoicing.get_invoice_row(session, period.invoice_id)
             invoice = invoicing.invoice_view(inv)
-            ci = orm.charge_items
+            ci = filed.charge_items
             for r in (await session.execute(select(ci).where(ci.c.invoice_id == inv.id))).all():
                 res = json.loads(r.resource)
                 medicare = next(e["valueMoney"]["value"] for e in res["extension"])
