@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 
 from sqlalchemy import text
 
-from ccm_billing.adapters.orm import metadata
 from ccm_billing.compliance import fhir_bundle, pdf, records
 from ccm_billing.domain.model import Month
 from ccm_billing.service_layer.common import bulk_insert, practice_info
@@ -37,7 +36,7 @@ from ccm_billing.service_layer.invoicing import close_period
 from ccm_billing.service_layer.projections import apply_event
 from ccm_shared.db import Database
 from ccm_shared.events import CloudEvent
-from ccm_shared.migrate import upgrade_platform
+from ccm_shared.migrate import upgrade, upgrade_platform
 from ccm_shared.tenancy import Pricing, create_practice
 
 PRICING = Pricing(model="percent-of-medicare", percent=__import__("decimal").Decimal("45"))
@@ -196,9 +195,8 @@ async def main() -> int:
     schema = f"bench_billing_packet_{tag}"
     practice = f"bench-packet-{tag}"
     db = Database(url, schema=schema)
-    async with db.engine.begin() as conn:
-        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        await conn.run_sync(metadata.create_all)
+    # The service's own migrations, as deployed (e.g. billing_0010's lz4 documents).
+    await asyncio.to_thread(upgrade, url, schema, "ccm_billing.migrations")
     try:
         await create_practice(db.engine, practice_id=practice, name="Bench Packet Clinic",
                               timezone="America/New_York", pricing=PRICING)

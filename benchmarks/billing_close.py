@@ -31,7 +31,6 @@ from aiokafka import AIOKafkaProducer
 from sqlalchemy import func, select, text
 
 from ccm_billing.adapters import filed
-from ccm_billing.adapters.orm import metadata
 from ccm_billing.domain.model import Month
 from ccm_billing.entrypoints.consumers import consumers
 from ccm_billing.service_layer import decision_cache
@@ -40,7 +39,7 @@ from ccm_billing.service_layer.invoicing import close_period
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.db import Database
 from ccm_shared.events import CloudEvent, to_message
-from ccm_shared.migrate import upgrade_platform
+from ccm_shared.migrate import upgrade, upgrade_platform
 from ccm_shared.outbox import OutboxRelay
 from ccm_shared.tenancy import Pricing, create_practice
 from ccm_shared.transport import KafkaTransport
@@ -315,9 +314,8 @@ async def main() -> int:
     tag = uuid.uuid4().hex[:6]
     schema = f"bench_billing_{tag}"
     db = Database(url, schema=schema, pool_size=args.concurrency + 2)
-    async with db.engine.begin() as conn:
-        await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-        await conn.run_sync(metadata.create_all)
+    # The service's own migrations, as deployed (e.g. billing_0010's lz4 documents).
+    await asyncio.to_thread(upgrade, url, schema, "ccm_billing.migrations")
     practices = [f"bench-{tag}-{i}" for i in range(args.practices)]
     proj_practice = practices[0] + "-proj"  # a registered practice, as events' tenants are
     for p in [*practices, proj_practice]:
