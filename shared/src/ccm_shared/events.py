@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_json, to_jsonable_python
 
 CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
 
@@ -50,11 +52,29 @@ class CloudEvent(BaseModel):
         return partition_key(self.tenant, self.subject)
 
     def to_json(self) -> bytes:
-        return self.model_dump_json(exclude_none=True).encode()
+        """The structured-mode JSON: the envelope without its unset attributes, then ``data``.
+
+        ``data`` is written by orjson (a billing Invoice event carries ~320 KB of it, which
+        pydantic's serializer took ~3 ms to write); values JSON has no type for (datetimes,
+        decimals) are written as pydantic writes them, so the text is the same as
+        ``model_dump_json``'s but for the exponent format of very large or small floats."""
+        envelope = self.model_dump(mode="json", exclude_none=True, exclude={"data"})
+        envelope["data"] = orjson.Fragment(_data_json(self.data))
+        # A copy: orjson's own bytes keep the ~4 KB buffer it wrote into, which a message held
+        # in memory (a producer's batch) would carry along: 80 MB more for 20,000 events.
+        return bytes(memoryview(orjson.dumps(envelope)))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> CloudEvent:
         return cls.model_validate_json(raw)
+
+
+def _data_json(data: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(data, default=to_jsonable_python,
+                            option=orjson.OPT_PASSTHROUGH_DATETIME)
+    except TypeError:  # beyond orjson (integers over 64 bits): pydantic writes all of JSON
+        return to_json(data)
 
 
 def partition_key(tenant: str, subject: str | None) -> str:
