@@ -4,7 +4,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ccm_shared.events import CloudEvent, envelope_headers, to_message
@@ -67,6 +67,7 @@ def test_the_envelope_is_written_as_pydantic_writes_it(data):
 
 @given(st.dictionaries(st.text(max_size=8), JSON_VALUES | st.integers() | st.floats(allow_nan=False),
                        max_size=6))
+@example({"big": -(2**63) - 1, "inf": float("inf")})  # pydantic's fallback: inf as null too
 def test_any_json_data_is_written_and_reads_back_the_same(data):
     ev = make_event(data=data)
     assert json.loads(ev.to_json()) == json.loads(ev.model_dump_json(exclude_none=True))

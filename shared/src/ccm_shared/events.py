@@ -74,7 +74,7 @@ def _data_json(data: dict[str, Any]) -> bytes:
         return orjson.dumps(data, default=to_jsonable_python,
                             option=orjson.OPT_PASSTHROUGH_DATETIME)
     except TypeError:  # beyond orjson (integers over 64 bits): pydantic writes all of JSON
-        return to_json(data)
+        return to_json(data, inf_nan_mode="null")  # as the model writes them
 
 
 def partition_key(tenant: str, subject: str | None) -> str:
