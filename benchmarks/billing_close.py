@@ -107,10 +107,14 @@ async def load(db: Database, practices: list[str], per_practice: int, entries: i
         for table, records in rows.items():
             await raw.copy_records_to_table(table, records=records, columns=columns[table],
                                             schema_name=db.schema)
-        await raw.execute(f'ANALYZE "{db.schema}".time_entries')
-        for table in ("patients", "consents", "care_plans", "conditions", "practitioner_roles",
-                      "source_versions", "fact_generations", "inbox", "billing_periods"):
-            await raw.execute(f'ANALYZE "{db.schema}".{table}')
+    # A month's rows as autovacuum leaves them: it vacuums and analyzes a table after its
+    # inserts (autovacuum_vacuum_insert_threshold, PostgreSQL 13+), many times over a month.
+    # Rows just copied and never vacuumed make the close's reads of them ~20 % slower.
+    async with db.engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+        for table in ("time_entries", "patients", "consents", "care_plans", "conditions",
+                      "practitioner_roles", "source_versions", "fact_generations", "inbox",
+                      "billing_periods"):
+            await conn.execute(text(f'VACUUM ANALYZE "{db.schema}".{table}'))
     return n_entries
 
 

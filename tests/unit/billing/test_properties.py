@@ -147,3 +147,19 @@ def test_closing_twice_is_identical_and_totals_are_sums_of_lines(patients):
     lines = [Decimal(str(li["priceComponent"][0]["amount"]["value"])) for li in invoice["lineItem"]]
     assert sum(lines, Decimal("0")) == Decimal(first["invoice"]["totalNet"])
     assert Decimal(str(invoice["totalNet"]["value"])) == Decimal(first["invoice"]["totalNet"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 10**6).map(lambda n: f"ci-{n:032x}"),
+                          st.decimals(min_value=0, max_value=10**9, places=2)), max_size=30))
+def test_invoice_lines_are_the_json_orjson_writes_for_them(lines):
+    """fhir.line_items writes Invoice.lineItem directly: the same text orjson writes for the
+    line dicts (the Invoice's stored and published form)."""
+    import orjson
+
+    from ccm_billing.adapters import fhir
+
+    dicts = [{"sequence": n, "chargeItemReference": {"reference": f"ChargeItem/{ci}"},
+              "priceComponent": [{"type": "base", "amount": fhir.money(amount)}]}
+             for n, (ci, amount) in enumerate(lines, start=1)]
+    assert orjson.dumps({"lineItem": fhir.line_items(lines)}) == orjson.dumps({"lineItem": dicts})

@@ -6,6 +6,8 @@ import hashlib
 from datetime import date, datetime
 from decimal import Decimal
 
+import orjson
+
 from ccm_billing.domain.model import Month
 
 CPT = "http://www.ama-assn.org/go/cpt"
@@ -41,6 +43,24 @@ def charge_item_id(practice: str, patient: str, month: Month, code: str, revisio
 
 def money(amount: Decimal) -> dict:
     return {"value": float(amount), "currency": "USD"}
+
+
+def line_items(lines: list[tuple[str, Decimal]]) -> orjson.Fragment:
+    """``Invoice.lineItem`` of (ChargeItem id, amount) lines, as the JSON text orjson writes for
+
+        [{"sequence": n, "chargeItemReference": {"reference": f"ChargeItem/{id}"},
+          "priceComponent": [{"type": "base", "amount": money(amount)}]}, ...]
+
+    written directly: an Invoice has a line per billable patient × code (1,780 for a practice of
+    1,000 patients), and building the dicts and writing them twice (the Invoice row, its event)
+    was a quarter of a month close. ChargeItem ids are ours (``short_id``: nothing to escape);
+    floats are written as orjson writes them (shortest round trip: ``repr``). A test checks the
+    text against orjson's."""
+    return orjson.Fragment("[" + ",".join(
+        f'{{"sequence":{n},"chargeItemReference":{{"reference":"ChargeItem/{ci}"}},'
+        f'"priceComponent":[{{"type":"base","amount":{{"value":{float(amount)!r},'
+        f'"currency":"USD"}}}}]}}'
+        for n, (ci, amount) in enumerate(lines, start=1)) + "]")
 
 
 def charge_item(
@@ -91,14 +111,7 @@ def invoice(
         "recipient": {"reference": f"Organization/{practice}", "display": practice_name},
         "issuer": {"display": VENDOR},
         "date": issued.isoformat(),
-        "lineItem": [
-            {
-                "sequence": n,
-                "chargeItemReference": {"reference": f"ChargeItem/{ci}"},
-                "priceComponent": [{"type": "base", "amount": money(amount)}],
-            }
-            for n, (ci, amount) in enumerate(lines, start=1)
-        ],
+        "lineItem": line_items(lines),
         "totalNet": money(total),
         "totalGross": money(total),
         "paymentTerms": f"Due {due.isoformat()}",

@@ -95,23 +95,33 @@ async def _delete(session: AsyncSession, practice: str, month: str, patients: li
             await session.execute(delete(table).where(*where, table.c.patient.in_(patients[i:i + CHUNK])))
 
 
+@functools.cache
+def _status_statement():  # noqa: ANN202 - built once (a close runs it per practice)
+    g, md = orm.fact_generations, orm.month_decisions
+    practice = bindparam("practice", type_=md.c.practice.type)
+    month = bindparam("month", type_=md.c.month.type)
+    enrolled = enrolled_query(practice, month).subquery()
+    cache = select(md).where(md.c.practice == practice, md.c.month == month).subquery()
+    generation = func.coalesce(g.c.generation, 0)
+    current = and_(cache.c.patient.is_not(None), cache.c.generation == generation,
+                   cache.c.context == bindparam("context", type_=md.c.context.type),
+                   cache.c.duplicate == enrolled.c.patient.in_(
+                       bindparam("duplicates", expanding=True, type_=md.c.patient.type)))
+    return (select(enrolled.c.patient, generation, current, cache.c.patient)
+            .select_from(enrolled.outerjoin(cache, cache.c.patient == enrolled.c.patient,
+                                            full=True))
+            .outerjoin(g, and_(g.c.practice == practice, g.c.patient == enrolled.c.patient)))
+
+
 async def _status(session: AsyncSession, info: PracticeInfo, m: str, context: str):  # noqa: ANN202
     """(how many patients are enrolled, those whose cached decision is not current, cached
     patients no longer enrolled, the generation of each stale patient) in one pass."""
-    g, md = orm.fact_generations, orm.month_decisions
     duplicates = await duplicate_patients(session, info.id, m)
-    enrolled = enrolled_query(info.id, m).subquery()
-    cache = select(md).where(md.c.practice == info.id, md.c.month == m).subquery()
-    generation = func.coalesce(g.c.generation, 0)
-    current = and_(cache.c.patient.is_not(None), cache.c.generation == generation,
-                   cache.c.context == context,
-                   cache.c.duplicate == enrolled.c.patient.in_(sorted(duplicates)))
     # Generations are read here, before any fact is loaded: a fact committed after this makes
     # the decision stored from the facts not current (decided again), never current but stale.
-    rows = (await session.execute(
-        select(enrolled.c.patient, generation, current, cache.c.patient)
-        .select_from(enrolled.outerjoin(cache, cache.c.patient == enrolled.c.patient, full=True))
-        .outerjoin(g, and_(g.c.practice == info.id, g.c.patient == enrolled.c.patient)))).all()
+    rows = (await session.execute(_status_statement(), {
+        "practice": info.id, "month": m, "context": context,
+        "duplicates": sorted(duplicates)})).all()
     gone = [cached for patient, _, _, cached in rows if patient is None]
     stale = sorted(p for p, _, ok, _ in rows if p is not None and not ok)
     generations = {p: gen for p, gen, ok, _ in rows if p is not None and not ok}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
 from collections.abc import Collection
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, bindparam, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters import orm
@@ -51,10 +52,12 @@ def resolve_role(practitioner_role: str | None, practitioner: str | None, role_c
     return classify_codes(json.loads(role_codes or "[]"), code_sets)
 
 
-async def duplicate_patients(session: AsyncSession, practice: str, month: str) -> set[str]:
-    """Patients whose MBI has finished time in another practice this month, unless released."""
+@functools.cache
+def _duplicates_statements():  # noqa: ANN202 - built once (every decider pass and close)
     p1, p2, t = orm.patients.alias("p1"), orm.patients.alias("p2"), orm.time_entries
     rel = orm.duplicate_releases
+    practice = bindparam("practice", type_=p1.c.practice.type)
+    month = bindparam("month", type_=t.c.month.type)
     other_time = (
         select(t.c.entry_id)
         .where(t.c.practice == p2.c.practice, t.c.patient == p2.c.patient_id,
@@ -66,18 +69,22 @@ async def duplicate_patients(session: AsyncSession, practice: str, month: str) -
         .where(rel.c.practice == p2.c.practice, rel.c.patient == p2.c.patient_id, rel.c.month == month)
         .exists()
     )
-    stmt = (
+    found = (
         select(p1.c.patient_id)
         .join(p2, and_(p2.c.mbi == p1.c.mbi, p2.c.practice != p1.c.practice))
         .where(p1.c.practice == practice, p1.c.mbi.is_not(None), other_time, ~other_released)
         .distinct()
     )
-    found = {r[0] for r in (await session.execute(stmt)).all()}
-    released = (
-        await session.execute(
-            select(rel.c.patient).where(rel.c.practice == practice, rel.c.month == month)
-        )
-    ).scalars()
+    released = select(rel.c.patient).where(rel.c.practice == practice, rel.c.month == month)
+    return found, released
+
+
+async def duplicate_patients(session: AsyncSession, practice: str, month: str) -> set[str]:
+    """Patients whose MBI has finished time in another practice this month, unless released."""
+    found_stmt, released_stmt = _duplicates_statements()
+    params = {"practice": practice, "month": month}
+    found = {r[0] for r in (await session.execute(found_stmt, params)).all()}
+    released = (await session.execute(released_stmt, params)).scalars()
     # A patient this practice released stays blocked here (someone else bills it).
     return found | set(released)
 
