@@ -32,6 +32,17 @@ async def test_create_answers_201_with_location_etag_and_last_modified(fhir):
     assert read.status_code == 200 and read.json() == body
 
 
+async def test_each_location_names_the_host_the_request_came_to(fhir):
+    """The base of Location is remembered per scheme, server, root path and Host header."""
+    urls = []
+    for host in ["a.example", "b.example:8443", "a.example", "test"]:
+        r = await fhir.post("/fhir/Patient", json=example("Patient/r4spec-example.json"),
+                            headers={**FHIR, "Host": host})
+        urls.append(r.headers["location"].rsplit("/Patient/", 1)[0])
+    assert urls == ["http://a.example/fhir", "http://b.example:8443/fhir", "http://a.example/fhir",
+                    "http://test/fhir"]
+
+
 async def test_same_content_pushed_three_times_is_one_version_and_one_event(fhir):
     patient = example("Patient/r4spec-example.json")
     statuses = [(await fhir.put("/fhir/Patient/example", json=patient)).status_code
