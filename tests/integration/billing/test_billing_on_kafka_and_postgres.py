@@ -139,6 +139,8 @@ async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
                 ChargeItem.model_validate(entry["resource"])
             assert sorted(e["resource"]["code"]["coding"][0]["code"] for e in items["entry"]) == [
                 "99439", "99490"]
+            one = items["entry"][0]["resource"]  # filed in place: served from the decided lines
+            assert (await client.get(f"/fhir/ChargeItem/{one['id']}", headers=headers)).json() == one
             report = (await client.get(f"{base}/report.json", headers=headers)).json()
             assert report["totals"]["amount"] == "75.33"
 
@@ -155,6 +157,11 @@ async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
             assert new.data["replaces"] == invoice_id and new.data["totalNet"] == "42.00"
             old = (await client.get(f"/fhir/Invoice/{invoice_id}", headers=headers)).json()
             assert old["status"] == "cancelled"
+            after = (await client.get("/fhir/ChargeItem", params={"subject": "Patient/p1"},
+                                      headers=headers)).json()
+            assert sorted((e["resource"]["code"]["coding"][0]["code"], e["resource"]["status"])
+                          for e in after["entry"]) == [
+                ("99439", "entered-in-error"), ("99490", "billable"), ("99490", "entered-in-error")]
             paid = await client.post(f"/v1/invoices/{replacement}/payments", headers=headers,
                                      json={"amount": "42.00", "date": "2025-04-20", "reference": "ach-1"})
             assert paid.status_code == 201 and paid.json()["invoice"]["status"] == "balanced"
