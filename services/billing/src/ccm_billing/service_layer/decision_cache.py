@@ -22,7 +22,7 @@ import hashlib
 import json
 from datetime import datetime
 
-from sqlalchemy import and_, bindparam, delete, func, select
+from sqlalchemy import and_, bindparam, delete, func, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -107,25 +107,33 @@ def _status_statement():  # noqa: ANN202 - built once (a close runs it per pract
                    cache.c.context == bindparam("context", type_=md.c.context.type),
                    cache.c.duplicate == enrolled.c.patient.in_(
                        bindparam("duplicates", expanding=True, type_=md.c.patient.type)))
-    return (select(enrolled.c.patient, generation, current, cache.c.patient)
-            .select_from(enrolled.outerjoin(cache, cache.c.patient == enrolled.c.patient,
-                                            full=True))
-            .outerjoin(g, and_(g.c.practice == practice, g.c.patient == enrolled.c.patient)))
+    every = (select(enrolled.c.patient.label("patient"), generation.label("generation"),
+                    current.label("current"), cache.c.patient.label("cached"),
+                    func.count(enrolled.c.patient).over().label("enrolled"))
+             .select_from(enrolled.outerjoin(cache, cache.c.patient == enrolled.c.patient,
+                                             full=True))
+             .outerjoin(g, and_(g.c.practice == practice, g.c.patient == enrolled.c.patient))
+             .subquery())
+    # Only the rows that are not current come back (none once the decider has run): the count
+    # of enrolled patients rides along on each.
+    return (select(every.c.patient, every.c.generation, every.c.cached, every.c.enrolled)
+            .where(every.c.current.is_not(true())))
 
 
 async def _status(session: AsyncSession, info: PracticeInfo, m: str, context: str):  # noqa: ANN202
-    """(how many patients are enrolled, those whose cached decision is not current, cached
-    patients no longer enrolled, the generation of each stale patient) in one pass."""
+    """(how many patients are enrolled — 0 when all are current —, those whose cached decision
+    is not current, cached patients no longer enrolled, the generation of each stale patient)
+    in one pass."""
     duplicates = await duplicate_patients(session, info.id, m)
     # Generations are read here, before any fact is loaded: a fact committed after this makes
     # the decision stored from the facts not current (decided again), never current but stale.
     rows = (await session.execute(_status_statement(), {
         "practice": info.id, "month": m, "context": context,
         "duplicates": sorted(duplicates)})).all()
-    gone = [cached for patient, _, _, cached in rows if patient is None]
-    stale = sorted(p for p, _, ok, _ in rows if p is not None and not ok)
-    generations = {p: gen for p, gen, ok, _ in rows if p is not None and not ok}
-    return len(rows) - len(gone), stale, gone, generations
+    gone = [cached for patient, _, cached, _ in rows if patient is None]
+    stale = sorted(p for p, _, _, _ in rows if p is not None)
+    generations = {p: gen for p, gen, _, _ in rows if p is not None}
+    return (rows[0].enrolled if rows else 0), stale, gone, generations
 
 
 async def _decide(session: AsyncSession, info: PracticeInfo, month: Month, stale: list[str],
