@@ -74,3 +74,40 @@ async def test_concurrent_updates_of_one_resource_are_both_versions_in_order(fhi
     assert [r.headers["etag"] for r in answers] == ['W/"1"', 'W/"2"']
     current = (await fhir.get("/fhir/Encounter/e7")).json()
     assert current["length"]["value"] == 40 and current["meta"]["versionId"] == "2"
+
+
+async def test_a_practice_is_read_once_however_many_requests_want_it_at_once():
+    import asyncio
+
+    from ccm_ingest.entrypoints.fhir_api import PracticeCache
+
+    cache, reads = PracticeCache(ttl=60), []
+
+    async def load(value="settings"):  # noqa: ANN001, ANN202
+        reads.append(value)
+        await asyncio.sleep(0.01)
+        return value
+
+    got = await asyncio.gather(*(cache.get_or_load("practice", "alpha", load) for _ in range(20)))
+    assert got == ["settings"] * 20 and len(reads) == 1
+    assert await cache.get_or_load("practice", "alpha", load) == "settings" and len(reads) == 1
+
+    async def fail():  # noqa: ANN202
+        reads.append("failed")
+        await asyncio.sleep(0.01)
+        raise RuntimeError("database down")
+
+    results = await asyncio.gather(*(cache.get_or_load("practice", "beta", fail) for _ in range(5)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results) and reads.count("failed") == 1
+    assert await cache.get_or_load("practice", "beta", load) == "settings"  # not cached: read again
+
+    # The request that reads is cancelled (its client went away): the others read themselves.
+    first = asyncio.create_task(cache.get_or_load("practice", "gamma", lambda: load("g")))
+    await asyncio.sleep(0)
+    others = [asyncio.create_task(cache.get_or_load("practice", "gamma", lambda: load("g")))
+              for _ in range(3)]
+    await asyncio.sleep(0)
+    first.cancel()
+    assert await asyncio.gather(*others) == ["g"] * 3
+    assert reads.count("g") == 2  # the cancelled read, then one for the three others

@@ -3,9 +3,11 @@ $validate and the CapabilityStatement. Every error answers an OperationOutcome."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from datetime import datetime
 from typing import Any
@@ -41,11 +43,51 @@ ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
 
 
 class PracticeCache:
-    """A practice's time zone and ingest configuration, re-read after ``ttl`` seconds."""
+    """A practice's time zone and ingest configuration, re-read after ``ttl`` seconds.
+
+    ``get_or_load`` reads an expired or missing entry once however many requests want it at
+    that moment (each used to read it: 32 concurrent POSTs, 32 reads of the same row)."""
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._entries: dict[tuple[str, str], tuple[float, Any]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future] = {}
+
+    async def get_or_load(self, kind: str, key: str,
+                          load: Callable[[], Awaitable[Any]]) -> Any:
+        """The cached value, or ``load()``'s (cached unless None). Callers that arrive while
+        another loads wait for its result, or its error; if that load is cancelled (its client
+        went away) they load themselves."""
+        while True:
+            value = self.get(kind, key)
+            if value is not None:
+                return value
+            pending = self._loading.get((kind, key))
+            if pending is None:
+                break
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this caller was cancelled, not the load
+        done = asyncio.get_running_loop().create_future()
+        self._loading[(kind, key)] = done
+        try:
+            value = await load()
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        except BaseException as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: nobody may be waiting
+            raise
+        else:
+            if value is not None:
+                self.put(kind, key, value)
+            done.set_result(value)
+            return value
+        finally:
+            self._loading.pop((kind, key), None)
 
     def get(self, kind: str, key: str) -> Any:
         hit = self._entries.get((kind, key))
@@ -65,19 +107,22 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
     """The caller, with its practice's settings (cached; read in ``uow`` or a session of its
     own when not)."""
     cache: PracticeCache = runtime.state["practice_cache"]
-    practice = cache.get("practice", tenant.practice_id)
-    if practice is None:
+
+    async def load() -> tuple[ZoneInfo, Any] | None:
         async with runtime.db.unit_of_work() if uow is None else nullcontext(uow) as reading:
             found = await SqlResourceRepository(reading.session, tenant.practice_id).practice()
         if found is None:
-            raise rejected(404, "not-found", "the token's practice no longer exists")
+            return None
         zone, overrides = found
         try:
             config = DEFAULT_CONFIG.merged(overrides)
         except ConfigInvalid:  # stored before a rule changed: fall back, never fail ingest
             config = DEFAULT_CONFIG
-        practice = (ZoneInfo(zone), config)
-        cache.put("practice", tenant.practice_id, practice)
+        return ZoneInfo(zone), config
+
+    practice = await cache.get_or_load("practice", tenant.practice_id, load)
+    if practice is None:
+        raise rejected(404, "not-found", "the token's practice no longer exists")
     now: datetime = runtime.clock()
     return Caller(tenant.practice_id, tenant.token_id, tenant.label or tenant.token_id,
                   practice[0], practice[1], now)
