@@ -99,7 +99,8 @@ def invoice(
     lines: list[tuple[str, Decimal]], total: Decimal, issued: datetime, due: date,
     status: str = "issued", replaces: str | None = None,
 ) -> dict:
-    """lines: (ChargeItem id, amount) in order."""
+    """lines: (ChargeItem id, amount) in order. ``lineItem`` is JSON text (``line_items``): write
+    the resource with orjson (``ccm_shared.jsontext.compact``, an event's ``to_json``)."""
     resource = {
         "resourceType": "Invoice",
         "id": id,
