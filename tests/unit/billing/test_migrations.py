@@ -26,6 +26,22 @@ def columns(url: str, table: str = "time_entries") -> set[str]:
     return asyncio.run(read())
 
 
+def run_sql(url: str, statements: list[tuple[str, dict]]) -> list:
+    """Each statement's rows (None for those that return none), in one transaction."""
+    async def go() -> list:
+        engine = create_engine_for(url, schema="billing", pool_size=1)
+        try:
+            async with engine.begin() as conn:
+                out = []
+                for sql, params in statements:
+                    result = await conn.execute(sa.text(sql), params)
+                    out.append(result.all() if result.returns_rows else None)
+                return out
+        finally:
+            await engine.dispose()
+    return asyncio.run(go())
+
+
 def test_locked_is_dropped_and_a_downgrade_restores_it(tmp_path):
     url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
     upgrade_platform(url)
@@ -44,33 +60,20 @@ def test_period_decisions_go_and_a_downgrade_rebuilds_them_from_the_filings(tmp_
     upgrade_platform(url)
     upgrade(url, "billing", PACKAGE)
 
-    def run(statements: list[tuple[str, dict]]) -> list:
-        async def go() -> list:
-            engine = create_engine_for(url, schema="billing", pool_size=1)
-            try:
-                async with engine.begin() as conn:
-                    out = []
-                    for sql, params in statements:
-                        result = await conn.execute(sa.text(sql), params)
-                        out.append(result.all() if result.returns_rows else None)
-                    return out
-            finally:
-                await engine.dispose()
-        return asyncio.run(go())
-
     filing = ("INSERT INTO billing.decision_filings (practice, patient, month, revision, filed_at,"
               " reason, decision, entries) VALUES ('a', :p, '2025-03', :r, '2025-04-02', 'x', :d,"
               " '[]')")
-    run([("INSERT INTO billing.billing_periods (practice, month, status, closed_at, invoice_id, "
-          "summary) VALUES ('a', '2025-03', 'closed', '2025-04-02', NULL, '{}')", {}),
-         (filing, {"p": "p2", "r": 0, "d": '{"patient":"Patient/p2","v":0}'}),
-         (filing, {"p": "p1", "r": 0, "d": '{"patient":"Patient/p1","v":0}'}),
-         (filing, {"p": "p1", "r": 1, "d": '{"patient":"Patient/p1","v":1}'}),
-         (filing, {"p": "p3", "r": 0, "d": '{"patient":"Patient/p3","v":0}'}),
-         (filing, {"p": "p3", "r": 1, "d": "null"})])  # corrected out of the month
+    run_sql(url, [
+        ("INSERT INTO billing.billing_periods (practice, month, status, closed_at, invoice_id, "
+         "summary) VALUES ('a', '2025-03', 'closed', '2025-04-02', NULL, '{}')", {}),
+        (filing, {"p": "p2", "r": 0, "d": '{"patient":"Patient/p2","v":0}'}),
+        (filing, {"p": "p1", "r": 0, "d": '{"patient":"Patient/p1","v":0}'}),
+        (filing, {"p": "p1", "r": 1, "d": '{"patient":"Patient/p1","v":1}'}),
+        (filing, {"p": "p3", "r": 0, "d": '{"patient":"Patient/p3","v":0}'}),
+        (filing, {"p": "p3", "r": 1, "d": "null"})])  # corrected out of the month
     assert "decisions" not in columns(url, "billing_periods")
     command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0007")
-    (rows,) = run([("SELECT decisions FROM billing.billing_periods", {})])
+    (rows,) = run_sql(url, [("SELECT decisions FROM billing.billing_periods", {})])
     assert json.loads(rows[0][0]) == [{"patient": "Patient/p1", "v": 1},
                                       {"patient": "Patient/p2", "v": 0}]
     upgrade(url, "billing", PACKAGE)
@@ -85,37 +88,31 @@ def test_a_downgrade_copies_what_was_filed_in_place_into_the_tables_the_older_co
     upgrade(url, "billing", PACKAGE)
     assert {"filed_in_place", "line_invoice", "line_entered"} <= columns(url, "billing_periods")
 
-    async def run(statements: list[str]) -> list:
-        engine = create_engine_for(url, schema="billing", pool_size=1)
-        try:
-            async with engine.begin() as conn:
-                return [(await conn.execute(sa.text(s))).all() if s.startswith("SELECT")
-                        else await conn.execute(sa.text(s)) and None for s in statements]
-        finally:
-            await engine.dispose()
+    def run(statements: list[str]) -> list:
+        return run_sql(url, [(sql, {}) for sql in statements])
 
     decision = ("INSERT INTO billing.month_decisions VALUES ('a', '{m}', '{p}', 1, 'ctx', 0, 1, "
                 "'{{}}', '[]', 60, 0, '{{\"patient\":\"Patient/{p}\"}}', '[\"{p}\"]', '2025-04-01')")
     line = ("INSERT INTO billing.month_decision_lines VALUES ('a', '{m}', '{p}', '99490', 'ci-{p}', "
             "'20.00', '{{\"id\":\"ci-{p}\"}}')")
-    asyncio.run(run([
+    run([
         "INSERT INTO billing.billing_periods (practice, month, status, closed_at, invoice_id, "
         "summary, filed_in_place, line_invoice, line_entered) VALUES ('a', '2025-03', 'closed', "
         "'2025-04-02 12:00:00', 'inv-1', '{}', 1, 'inv-0', ',\"enteredDate\":\"2025-04-02\"}')",
         *(decision.format(m="2025-03", p=p) for p in ("p1", "p2")),
         *(line.format(m="2025-03", p=p) for p in ("p1", "p2")),
         decision.format(m="2025-04", p="p1"), line.format(m="2025-04", p="p1"),  # open: cached
-    ]))
+    ])
     command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0008")
     assert not {"filed_in_place", "line_invoice", "line_entered"} & columns(url, "billing_periods")
-    filings, items, cached = asyncio.run(run([
+    filings, items, cached = run([
         "SELECT patient, month, revision, reason, decision, entries FROM billing.decision_filings "
         "ORDER BY patient",
         "SELECT id, invoice_id, patient, status, amount, resource FROM billing.charge_items "
         "ORDER BY id",
         "SELECT month, patient FROM billing.month_decisions UNION ALL "
         "SELECT month, patient FROM billing.month_decision_lines",
-    ]))
+    ])
     assert filings == [("p1", "2025-03", 0, "closed", '{"patient":"Patient/p1"}', '["p1"]'),
                        ("p2", "2025-03", 0, "closed", '{"patient":"Patient/p2"}', '["p2"]')]
     assert items == [
