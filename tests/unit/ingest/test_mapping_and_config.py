@@ -100,3 +100,83 @@ async def test_practice_override_of_ccm_time_codes_applies_to_later_versions(fhi
     assert bad.status_code == 422
     other = await fhir.get("/v1/practices/beta/ingest-config")
     assert other.status_code == 404
+
+
+def visit_encounter(rid="v1", status="finished", code=("http://www.ama-assn.org/go/cpt", "99214"),
+                    start="2026-04-01T02:30:00Z"):
+    enc = {
+        "resourceType": "Encounter", "id": rid, "status": status,
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "type": [{"coding": [{"system": code[0], "code": code[1]}]}],
+        "subject": {"reference": "Patient/p1"},
+        "participant": [{"individual": {"reference": "Practitioner/doc"}}],
+    }
+    if start:
+        enc["period"] = {"start": start}
+    return enc
+
+
+@pytest.mark.parametrize("code", [
+    ("http://www.ama-assn.org/go/cpt", "99212"), ("http://www.ama-assn.org/go/cpt", "99215"),
+    ("http://www.ama-assn.org/go/cpt", "99495"),
+    ("http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "G0438"),
+    ("http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets", "G0402"),
+])
+def test_a_finished_qualifying_visit_is_recorded_on_its_day_in_the_practice_zone(code):
+    mapping = map_version(visit_encounter(code=code), ctx("Encounter"))
+    (event,) = mapping.events
+    assert event.type == "ingest.visit.recorded.v1" and event.subject == "Patient/p1"
+    assert event.data["date"] == "2026-03-31"  # 22:30 on 31 March in New York
+    assert event.data["codes"] == [code[1]] and event.data["visit"] == "Encounter/x1"
+    assert event.data["performers"][0]["practitioner"] == "Practitioner/doc"
+    assert mapping.state == {"visitDate": "2026-03-31"}
+
+
+@pytest.mark.parametrize("status,reason", [
+    ("entered-in-error", "entered-in-error"), ("cancelled", "cancelled"),
+    ("in-progress", "not-a-visit")])
+def test_a_recorded_visit_that_stops_being_one_is_reversed(status, reason):
+    mapping = map_version(visit_encounter(status=status),
+                          ctx("Encounter", state={"visitDate": "2026-03-31"}))
+    (event,) = mapping.events
+    assert event.type == "ingest.visit.reversed.v1"
+    assert event.data["reason"] == reason and event.data["date"] == "2026-03-31"
+    assert mapping.state == {}
+
+
+def test_other_encounters_are_no_visit_and_a_visit_without_a_start_is_a_warning():
+    assert map_version(visit_encounter(code=("http://www.ama-assn.org/go/cpt", "99203")),
+                       ctx("Encounter")).events == []
+    assert map_version(visit_encounter(status="planned"), ctx("Encounter")).events == []
+    undated = map_version(visit_encounter(start=None), ctx("Encounter"))
+    assert undated.events == [] and undated.warnings and undated.state == {}
+    deleted = map_version(visit_encounter(), ctx("Encounter", state={"visitDate": "2026-03-02"},
+                                                 deleted=True))
+    assert [(e.type, e.data["reason"]) for e in deleted.events] == [
+        ("ingest.visit.reversed.v1", "deleted")]
+
+
+def test_an_encounter_can_be_ccm_time_and_a_visit_each_with_its_own_state():
+    enc = ccm_encounter()
+    enc["type"].append({"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99213"}]})
+    mapping = map_version(enc, ctx("Encounter"))
+    assert [e.type for e in mapping.events] == ["ingest.time-entry.logged.v1",
+                                                "ingest.visit.recorded.v1"]
+    assert mapping.state == {"loggedMonth": "2026-02", "visitDate": "2026-02-28"}
+    again = map_version({**enc, "status": "entered-in-error"},
+                        ctx("Encounter", state=mapping.state))
+    assert sorted(e.type for e in again.events) == ["ingest.time-entry.reversed.v1",
+                                                    "ingest.visit.reversed.v1"]
+    assert again.state == {}
+
+
+async def test_visits_pushed_to_the_api_are_recorded_and_follow_their_contract(fhir):
+    r = await fhir.put("/fhir/Encounter/v1", json=visit_encounter())
+    assert r.status_code == 201, r.text
+    await fhir.put("/fhir/Encounter/v1", json=visit_encounter(status="entered-in-error"))
+    recorded = await events(fhir, "ingest.visit.recorded.v1")
+    reversed_ = await events(fhir, "ingest.visit.reversed.v1")
+    assert [e["data"]["date"] for e in recorded] == ["2026-03-31"]
+    assert [e["data"]["reason"] for e in reversed_] == ["entered-in-error"]
+    assert recorded[0]["subject"] == "Patient/p1"
+    assert recorded[0]["sequence"] < reversed_[0]["sequence"]

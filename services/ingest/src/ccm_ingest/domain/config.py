@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 CPT = "http://www.ama-assn.org/go/cpt"
+HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
 LOINC = "http://loinc.org"
 PLATFORM = "https://ccm-platform.org/fhir/CodeSystem/ccm"
 ROLE = "http://terminology.hl7.org/CodeSystem/practitioner-role"
@@ -32,6 +33,12 @@ class IngestConfig:
         f"{PLATFORM}|ccm-time",
     )
     complex_codes: tuple[str, ...] = (f"{CPT}|99487", f"{CPT}|99489")
+    # Visits that can initiate CCM (ccm-billing-rules.md §3.4): office E/M 99212–99215, the
+    # annual wellness visit (G0438, G0439), the IPPE (G0402) and transitional care (99495, 99496).
+    visit_codes: tuple[str, ...] = (
+        *(f"{CPT}|{c}" for c in ("99212", "99213", "99214", "99215", "99495", "99496")),
+        *(f"{HCPCS}|{c}" for c in ("G0438", "G0439", "G0402")),
+    )
     consent_categories: tuple[str, ...] = (
         f"{LOINC}|59284-0",
         f"{LOINC}|64292-6",

@@ -23,6 +23,8 @@ from ccm_ingest.domain.rules import REVIEWER_TYPES, review_extensions
 EVENT_TYPES = (
     "ingest.time-entry.logged.v1",
     "ingest.time-entry.reversed.v1",
+    "ingest.visit.recorded.v1",
+    "ingest.visit.reversed.v1",
     "ingest.consent.granted.v1",
     "ingest.consent.revoked.v1",
     "ingest.consent.declined.v1",
@@ -187,6 +189,47 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
 
 
 def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    """CCM time (logged / reversed) and qualifying visits (recorded / reversed): an Encounter
+    may be either, both or neither; each keeps its own state."""
+    time, visit = _ccm_time(res, ctx), _visit(res, ctx)
+    return Mapping([*time.events, *visit.events], {**time.state, **visit.state},
+                   [*time.warnings, *visit.warnings])
+
+
+def _visit(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    """A finished Encounter with a visit code (``visit_codes``: E/M, AWV, IPPE, TCM) is a visit
+    that can initiate CCM; billing decides which one did. Recorded again when it changes (same
+    ``visit``), reversed when it stops being one."""
+    visit = _self(ctx)
+    patient = reference(res.get("subject"), ("Patient",))
+    recorded = ctx.state.get("visitDate")
+
+    def reversal(reason: str) -> Mapping:
+        if recorded is None or patient is None:
+            return Mapping()
+        return Mapping([_event("ingest.visit.reversed.v1", patient, ctx, visit=visit,
+                               patient=patient, reason=reason, date=recorded)])
+
+    if ctx.deleted:
+        return reversal("deleted")
+    activity = codings(res.get("type") or [], res.get("serviceType"))
+    codes = [c for c in activity if code_matches(ctx.config.visit_codes, c["system"], c["code"])]
+    status = res.get("status")
+    if status in ("entered-in-error", "cancelled"):
+        return reversal(status)
+    if not codes or status != "finished" or patient is None:
+        return reversal("not-a-visit")
+    start_text = (res.get("period") or {}).get("start")
+    if not start_text:
+        return Mapping(reversal("not-a-visit").events, warnings=[
+            "a visit code without Encounter.period.start: not recorded as a visit"])
+    day = instant(start_text, ctx.timezone).astimezone(ctx.timezone).date().isoformat()
+    return Mapping([_event("ingest.visit.recorded.v1", patient, ctx, visit=visit, patient=patient,
+                           date=day, codes=sorted({c["code"] for c in codes}),
+                           performers=_performers(res, ctx))], {"visitDate": day})
+
+
+def _ccm_time(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     entry = _self(ctx)
     patient = reference(res.get("subject"), ("Patient",))
     logged_month = ctx.state.get("loggedMonth")
