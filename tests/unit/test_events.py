@@ -71,3 +71,15 @@ def test_the_envelope_is_written_as_pydantic_writes_it(data):
 def test_any_json_data_is_written_and_reads_back_the_same(data):
     ev = make_event(data=data)
     assert json.loads(ev.to_json()) == json.loads(ev.model_dump_json(exclude_none=True))
+
+
+def test_a_nested_model_in_data_is_written_as_the_envelope_wrote_it():
+    from pydantic import BaseModel
+
+    class Part(BaseModel):
+        a: int | None = None
+        b: str = "x"
+
+    for data in ({"m": Part()}, {"m": Part(), "big": 2**70}):
+        ev = make_event(data=data)
+        assert ev.to_json() == ev.model_dump_json(exclude_none=True).encode()

@@ -69,12 +69,17 @@ class CloudEvent(BaseModel):
         return cls.model_validate_json(raw)
 
 
+def _jsonable(value: Any) -> Any:
+    """What JSON has no type for, as model_dump_json(exclude_none=True) writes it (a nested
+    model without its None fields)."""
+    return to_jsonable_python(value, exclude_none=True)
+
+
 def _data_json(data: dict[str, Any]) -> bytes:
     try:
-        return orjson.dumps(data, default=to_jsonable_python,
-                            option=orjson.OPT_PASSTHROUGH_DATETIME)
+        return orjson.dumps(data, default=_jsonable, option=orjson.OPT_PASSTHROUGH_DATETIME)
     except TypeError:  # beyond orjson (integers over 64 bits): pydantic writes all of JSON
-        return to_json(data, inf_nan_mode="null")  # as the model writes them
+        return to_json(data, inf_nan_mode="null", exclude_none=True)  # as the model writes them
 
 
 def partition_key(tenant: str, subject: str | None) -> str:

@@ -96,3 +96,41 @@ async def test_a_decider_pass_skips_a_month_another_replica_is_refreshing(infra)
             assert len(await decision_cache.current_documents(again.session, info, march)) == 1
     finally:
         await db.dispose()
+
+
+async def test_the_decider_never_forgets_a_month_while_it_is_being_closed_in_place(infra):
+    """A late close of February (no longer an open month on 2 April) files its cached rows in
+    place while the decider forgets the months that are not open: the decider waits for the close
+    and then keeps February's rows, its filings."""
+    from ccm_billing.adapters import filed
+    from ccm_billing.entrypoints.jobs import decide_practice
+    from ccm_billing.service_layer import decision_cache
+    from ccm_billing.service_layer.common import practice_info
+
+    db, practice = await _billing(infra, "fgt")
+    february = Month(2025, 2)
+    try:
+        for e in [*ev.enrolled_patient(practice, "p1"),
+                  ev.role(practice, "nurse-1", "clinical-staff"),
+                  ev.time_logged(practice, "p1", "e1", 1500, "2025-02-03T10:00:00-05:00")]:
+            await _deliver(db, e)
+        async with db.unit_of_work() as uow:  # decided while February was still open
+            await decision_cache.refresh(uow, await practice_info(uow.session, practice),
+                                         february, CLOSE_AT)
+            await uow.commit()
+        async with db.unit_of_work() as uow:
+            info = await practice_info(uow.session, practice)
+        async with db.unit_of_work() as closing:
+            await close_period(closing, practice, february, CLOSE_AT)  # current: filed as it is
+            deciding = asyncio.create_task(decide_practice(db, info, CLOSE_AT))
+            await asyncio.sleep(1.0)
+            assert not deciding.done(), "the decider went on while the month was being closed"
+            await closing.commit()
+        await asyncio.wait_for(deciding, timeout=30)
+        async with db.unit_of_work() as uow:
+            f = filed.filings
+            rows = (await uow.session.execute(select(f.c.patient, f.c.revision).where(
+                f.c.practice == practice, f.c.month == "2025-02"))).all()
+        assert [tuple(r) for r in rows] == [("p1", 0)]
+    finally:
+        await db.dispose()

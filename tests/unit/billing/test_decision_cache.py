@@ -198,6 +198,32 @@ def test_a_refresh_decides_only_what_is_no_longer_current():
     assert cached == ["p0", "p1", "p2"]
 
 
+async def _gone_without_a_generation() -> list[str]:
+    """A cached patient no longer enrolled whose facts never got a generation row (projected
+    before billing_0005): its row looks current in every other way, and must still go."""
+    with tempfile.TemporaryDirectory() as folder:
+        db = await _fresh_db(folder)
+        try:
+            await _deliver(db, *_start(), ev.time_logged("alpha", "p0", "e0", 1500,
+                                                         "2025-03-03T10:00:00-05:00"))
+            await _refresh(db)
+            md, g = orm.month_decisions, orm.fact_generations
+            async with db.engine.begin() as conn:
+                row = (await conn.execute(select(md).where(md.c.patient == "p0"))).one()._asdict()
+                await conn.execute(md.insert().values({**row, "patient": "gone", "generation": 0}))
+                await conn.execute(g.delete().where(g.c.patient == "gone"))
+            await _refresh(db)
+            async with db.unit_of_work() as uow:
+                return (await uow.session.execute(select(md.c.patient).order_by(md.c.patient))
+                        ).scalars().all()
+        finally:
+            await db.dispose()
+
+
+def test_a_cached_patient_no_longer_enrolled_goes_even_without_a_generation_row():
+    assert asyncio.run(_gone_without_a_generation()) == ["p0", "p1", "p2"]  # "gone" went
+
+
 async def test_the_decider_keeps_open_months_current_forgets_others_and_never_touches_a_filed_one(
         billing):
     from ccm_billing.entrypoints.jobs import decide_open_months

@@ -111,3 +111,24 @@ async def test_a_practice_is_read_once_however_many_requests_want_it_at_once():
     first.cancel()
     assert await asyncio.gather(*others) == ["g"] * 3
     assert reads.count("g") == 2  # the cancelled read, then one for the three others
+
+
+async def test_a_read_under_way_when_the_settings_change_is_not_used_afterwards():
+    import asyncio
+
+    from ccm_ingest.entrypoints.fhir_api import PracticeCache
+
+    cache, stored = PracticeCache(ttl=60), {"value": "old"}
+
+    async def load():  # noqa: ANN202
+        seen = stored["value"]
+        await asyncio.sleep(0.02)
+        return seen
+
+    before = asyncio.create_task(cache.get_or_load("practice", "alpha", load))
+    await asyncio.sleep(0.005)  # the read has seen the old settings
+    stored["value"] = "new"
+    cache.forget("alpha")  # what PUT ingest-config does once the new settings are stored
+    after = await cache.get_or_load("practice", "alpha", load)
+    assert after == "new" and await before == "old"
+    assert await cache.get_or_load("practice", "alpha", load) == "new"  # the old one never cached

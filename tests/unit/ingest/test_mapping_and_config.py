@@ -129,7 +129,7 @@ def test_a_finished_qualifying_visit_is_recorded_on_its_day_in_the_practice_zone
     assert event.data["date"] == "2026-03-31"  # 22:30 on 31 March in New York
     assert event.data["codes"] == [code[1]] and event.data["visit"] == "Encounter/x1"
     assert event.data["performers"][0]["practitioner"] == "Practitioner/doc"
-    assert mapping.state == {"visitDate": "2026-03-31"}
+    assert mapping.state == {"visitDate": "2026-03-31", "visitPatient": "Patient/p1"}
 
 
 @pytest.mark.parametrize("status,reason", [
@@ -137,7 +137,8 @@ def test_a_finished_qualifying_visit_is_recorded_on_its_day_in_the_practice_zone
     ("in-progress", "not-a-visit")])
 def test_a_recorded_visit_that_stops_being_one_is_reversed(status, reason):
     mapping = map_version(visit_encounter(status=status),
-                          ctx("Encounter", state={"visitDate": "2026-03-31"}))
+                          ctx("Encounter", state={"visitDate": "2026-03-31",
+                                                  "visitPatient": "Patient/p1"}))
     (event,) = mapping.events
     assert event.type == "ingest.visit.reversed.v1"
     assert event.data["reason"] == reason and event.data["date"] == "2026-03-31"
@@ -156,13 +157,34 @@ def test_other_encounters_are_no_visit_and_a_visit_without_a_start_is_a_warning(
         ("ingest.visit.reversed.v1", "deleted")]
 
 
+def test_a_visit_that_changes_patient_is_reversed_for_the_patient_it_was_recorded_for():
+    recorded = {"visitDate": "2026-03-31", "visitPatient": "Patient/p1"}
+    moved = visit_encounter()
+    moved["subject"] = {"reference": "Patient/p2"}
+    mapping = map_version(moved, ctx("Encounter", state=recorded))
+    assert [(e.type, e.subject) for e in mapping.events] == [
+        ("ingest.visit.reversed.v1", "Patient/p1"), ("ingest.visit.recorded.v1", "Patient/p2")]
+    assert mapping.state["visitPatient"] == "Patient/p2"
+    grouped = visit_encounter()
+    grouped["subject"] = {"reference": "Group/g1"}
+    (event,) = map_version(grouped, ctx("Encounter", state=recorded)).events
+    assert (event.type, event.subject, event.data["reason"]) == (
+        "ingest.visit.reversed.v1", "Patient/p1", "not-a-visit")
+
+
+def test_a_visit_whose_start_python_cannot_read_is_a_warning_not_an_error():
+    mapping = map_version(visit_encounter(start="2016-12-31T23:59:60Z"), ctx("Encounter"))
+    assert mapping.events == [] and mapping.warnings
+
+
 def test_an_encounter_can_be_ccm_time_and_a_visit_each_with_its_own_state():
     enc = ccm_encounter()
     enc["type"].append({"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99213"}]})
     mapping = map_version(enc, ctx("Encounter"))
     assert [e.type for e in mapping.events] == ["ingest.time-entry.logged.v1",
                                                 "ingest.visit.recorded.v1"]
-    assert mapping.state == {"loggedMonth": "2026-02", "visitDate": "2026-02-28"}
+    assert mapping.state == {"loggedMonth": "2026-02", "visitDate": "2026-02-28",
+                             "visitPatient": "Patient/p1"}
     again = map_version({**enc, "status": "entered-in-error"},
                         ctx("Encounter", state=mapping.state))
     assert sorted(e.type for e in again.events) == ["ingest.time-entry.reversed.v1",

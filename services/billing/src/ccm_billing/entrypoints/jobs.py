@@ -47,23 +47,34 @@ async def decide_open_months(runtime) -> dict[str, int]:  # noqa: ANN001
         practices = await all_practices(uow.session)
     decided = failed = 0
     for info in practices:
-        this = Month.of(info.today(now))
-        months = [str(Month.of(this.first_day - timedelta(days=1))), str(this)]
-        async with runtime.db.unit_of_work() as uow:
-            months = [m for m in months if not await corrections.is_closed(uow.session, info.id, m)]
-            await decision_cache.forget_months_except(uow, info.id, months)
-            await uow.commit()
-        for month in months:
-            try:
-                async with runtime.db.unit_of_work() as uow:
-                    decided += await decision_cache.refresh(uow, info, Month.parse(month), now,
-                                                            wait=False)
-                    await uow.commit()
-            except (AppError, RulesetMissing) as exc:
-                failed += 1
-                log.warning("practice-month not decided", practice=info.id, month=month,
-                            error=type(exc).__name__)
+        d, f = await decide_practice(runtime.db, info, now)
+        decided, failed = decided + d, failed + f
     return {"decided": decided, "failed": failed}
+
+
+async def decide_practice(db, info, now) -> tuple[int, int]:  # noqa: ANN001
+    """``decide_open_months`` for one practice: (patients decided, months that failed)."""
+    this = Month.of(info.today(now))
+    months = [str(Month.of(this.first_day - timedelta(days=1))), str(this)]
+    async with db.unit_of_work() as uow:
+        # Shared with the projections, exclusive to a close: a month being closed (and so
+        # filed in place) is seen closed here, never forgotten under the close's feet.
+        await corrections.hold_practice(uow.session, info.id, exclusive=False)
+        months = [m for m in months if not await corrections.is_closed(uow.session, info.id, m)]
+        await decision_cache.forget_months_except(uow, info.id, months)
+        await uow.commit()
+    decided = failed = 0
+    for month in months:
+        try:
+            async with db.unit_of_work() as uow:
+                decided += await decision_cache.refresh(uow, info, Month.parse(month), now,
+                                                        wait=False)
+                await uow.commit()
+        except (AppError, RulesetMissing) as exc:
+            failed += 1
+            log.warning("practice-month not decided", practice=info.id, month=month,
+                        error=type(exc).__name__)
+    return decided, failed
 
 
 def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001

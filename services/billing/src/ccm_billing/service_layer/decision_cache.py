@@ -103,7 +103,9 @@ def _status_statement():  # noqa: ANN202 - built once (a close runs it per pract
     enrolled = enrolled_query(practice, month).subquery()
     cache = select(md).where(md.c.practice == practice, md.c.month == month).subquery()
     generation = func.coalesce(g.c.generation, 0)
-    current = and_(cache.c.patient.is_not(None), cache.c.generation == generation,
+    # A cached patient no longer enrolled is never current (it is gone, whatever else holds).
+    current = and_(cache.c.patient.is_not(None), enrolled.c.patient.is_not(None),
+                   cache.c.generation == generation,
                    cache.c.context == bindparam("context", type_=md.c.context.type),
                    cache.c.duplicate == enrolled.c.patient.in_(
                        bindparam("duplicates", expanding=True, type_=md.c.patient.type)))

@@ -202,13 +202,15 @@ def _visit(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     ``visit``), reversed when it stops being one."""
     visit = _self(ctx)
     patient = reference(res.get("subject"), ("Patient",))
-    recorded = ctx.state.get("visitDate")
+    recorded, recorded_for = ctx.state.get("visitDate"), ctx.state.get("visitPatient")
 
     def reversal(reason: str) -> Mapping:
-        if recorded is None or patient is None:
+        # For the patient it was recorded for, even when the subject has changed since.
+        whose = recorded_for or patient
+        if recorded is None or whose is None:
             return Mapping()
-        return Mapping([_event("ingest.visit.reversed.v1", patient, ctx, visit=visit,
-                               patient=patient, reason=reason, date=recorded)])
+        return Mapping([_event("ingest.visit.reversed.v1", whose, ctx, visit=visit,
+                               patient=whose, reason=reason, date=recorded)])
 
     if ctx.deleted:
         return reversal("deleted")
@@ -220,13 +222,20 @@ def _visit(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     if not codes or status != "finished" or patient is None:
         return reversal("not-a-visit")
     start_text = (res.get("period") or {}).get("start")
-    if not start_text:
+    try:
+        start = instant(start_text, ctx.timezone) if start_text else None
+    except ValueError:  # valid FHIR Python cannot read (a leap second)
+        start = None
+    if start is None:
         return Mapping(reversal("not-a-visit").events, warnings=[
-            "a visit code without Encounter.period.start: not recorded as a visit"])
-    day = instant(start_text, ctx.timezone).astimezone(ctx.timezone).date().isoformat()
-    return Mapping([_event("ingest.visit.recorded.v1", patient, ctx, visit=visit, patient=patient,
-                           date=day, codes=sorted({c["code"] for c in codes}),
-                           performers=_performers(res, ctx))], {"visitDate": day})
+            "a visit code without a readable Encounter.period.start: not recorded as a visit"])
+    moved = reversal("not-a-visit").events if recorded_for not in (None, patient) else []
+    day = start.astimezone(ctx.timezone).date().isoformat()
+    recorded_now = _event("ingest.visit.recorded.v1", patient, ctx, visit=visit, patient=patient,
+                          date=day, codes=sorted({c["code"] for c in codes}),
+                          performers=_performers(res, ctx))
+    return Mapping([*moved, recorded_now],
+                   {"visitDate": day, "visitPatient": patient})
 
 
 def _ccm_time(res: dict[str, Any], ctx: MappingContext) -> Mapping:

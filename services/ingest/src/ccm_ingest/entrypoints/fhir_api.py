@@ -52,6 +52,7 @@ class PracticeCache:
         self.ttl = ttl
         self._entries: dict[tuple[str, str], tuple[float, Any]] = {}
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
+        self._epochs: dict[tuple[str, str], int] = {}  # bumped by forget: older loads are stale
 
     async def get_or_load(self, kind: str, key: str,
                           load: Callable[[], Awaitable[Any]]) -> Any:
@@ -68,10 +69,12 @@ class PracticeCache:
             try:
                 return await asyncio.shield(pending)
             except asyncio.CancelledError:
-                if not pending.cancelled():
-                    raise  # this caller was cancelled, not the load
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this caller was cancelled, not (only) the load
         done = asyncio.get_running_loop().create_future()
         self._loading[(kind, key)] = done
+        epoch = self._epochs.get((kind, key), 0)
         try:
             value = await load()
         except asyncio.CancelledError:
@@ -82,12 +85,13 @@ class PracticeCache:
             done.exception()  # retrieved: nobody may be waiting
             raise
         else:
-            if value is not None:
-                self.put(kind, key, value)
+            if value is not None and self._epochs.get((kind, key), 0) == epoch:
+                self.put(kind, key, value)  # not when forgotten meanwhile: it may be the old one
             done.set_result(value)
             return value
         finally:
-            self._loading.pop((kind, key), None)
+            if self._loading.get((kind, key)) is done:
+                del self._loading[(kind, key)]
 
     def get(self, kind: str, key: str) -> Any:
         hit = self._entries.get((kind, key))
@@ -99,7 +103,11 @@ class PracticeCache:
         self._entries[(kind, key)] = (time.monotonic(), value)
 
     def forget(self, tenant: str) -> None:
-        self._entries.pop(("practice", tenant), None)
+        """Drop the practice's entry; a read already under way is not used for later requests."""
+        key = ("practice", tenant)
+        self._entries.pop(key, None)
+        self._loading.pop(key, None)
+        self._epochs[key] = self._epochs.get(key, 0) + 1
 
 
 async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
