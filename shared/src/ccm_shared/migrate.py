@@ -10,6 +10,7 @@ import asyncio
 from importlib import resources
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command, op
 from alembic.config import Config
 from sqlalchemy import MetaData
@@ -57,17 +58,29 @@ def create_messaging_tables() -> None:
         table.create(op.get_bind())
 
 
+def migration_schema() -> str:
+    """Inside a migration: the schema it migrates (on SQLite, the service's attached file)."""
+    return op.get_context().version_table_schema
+
+
+def column_names(table: str) -> set[str]:
+    """Inside a migration: the columns ``table`` has now. A service's first migrations create
+    tables from today's model, so a later migration that adds or drops a column checks first."""
+    return {c["name"] for c in sa.inspect(op.get_bind()).get_columns(table,
+                                                                     schema=migration_schema())}
+
+
 def create_inbox_age_index() -> None:
     """Messaging version 2, in each service's migration of its own: the inbox's index on
     ``processed_at`` that retention deletes by (the first migration creates it from today's
     definition on a new database, hence ``if_not_exists``)."""
     op.create_index("ix_inbox_processed", "inbox", ["processed_at"], if_not_exists=True,
-                    schema=op.get_context().version_table_schema)
+                    schema=migration_schema())
 
 
 def drop_inbox_age_index() -> None:
     op.drop_index("ix_inbox_processed", table_name="inbox", if_exists=True,
-                  schema=op.get_context().version_table_schema)
+                  schema=migration_schema())
 
 
 def drop_messaging_tables() -> None:

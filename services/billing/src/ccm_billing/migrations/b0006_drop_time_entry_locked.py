@@ -9,28 +9,26 @@ Create Date: 2026-11-27
 import sqlalchemy as sa
 from alembic import op
 
+from ccm_shared.migrate import column_names, migration_schema
+
 revision = "billing_0006"
 down_revision = "billing_0005"
 branch_labels = None
 depends_on = None
 
 
-def _schema() -> str:
-    return op.get_context().version_table_schema  # the service's schema (or attached file)
-
-
 def _has_locked() -> bool:
     # billing_0002 creates the table from today's model, which no longer has the column.
-    columns = sa.inspect(op.get_bind()).get_columns("time_entries", schema=_schema())
-    return "locked" in {c["name"] for c in columns}
+    return "locked" in column_names("time_entries")
 
 
 def upgrade() -> None:
     if _has_locked():
-        op.drop_column("time_entries", "locked", schema=_schema())
+        op.drop_column("time_entries", "locked", schema=migration_schema())
 
 
 def downgrade() -> None:
     if not _has_locked():
         op.add_column("time_entries", sa.Column("locked", sa.Boolean(), nullable=False,
-                                                server_default=sa.false()), schema=_schema())
+                                                server_default=sa.false()),
+                      schema=migration_schema())

@@ -13,33 +13,31 @@ import json
 import sqlalchemy as sa
 from alembic import op
 
+from ccm_shared.migrate import column_names, migration_schema
+
 revision = "billing_0008"
 down_revision = "billing_0007"
 branch_labels = None
 depends_on = None
 
 
-def _schema() -> str:
-    return op.get_context().version_table_schema  # the service's schema (or attached file)
-
-
 def _has_decisions() -> bool:
     # billing_0002 creates the table from today's model, which no longer has the column.
-    columns = sa.inspect(op.get_bind()).get_columns("billing_periods", schema=_schema())
-    return "decisions" in {c["name"] for c in columns}
+    return "decisions" in column_names("billing_periods")
 
 
 def upgrade() -> None:
     if _has_decisions():
-        op.drop_column("billing_periods", "decisions", schema=_schema())
+        op.drop_column("billing_periods", "decisions", schema=migration_schema())
 
 
 def downgrade() -> None:
     if _has_decisions():
         return
     op.add_column("billing_periods", sa.Column("decisions", sa.Text(), nullable=False,
-                                               server_default="[]"), schema=_schema())
-    bind, q = op.get_bind(), f'"{_schema()}"'
+                                               server_default="[]"),
+                  schema=migration_schema())
+    bind, q = op.get_bind(), f'"{migration_schema()}"'
     for practice, month in bind.execute(sa.text(f"SELECT practice, month FROM {q}.billing_periods")):
         latest: dict[str, tuple[int, str]] = {}
         for patient, rev, decision in bind.execute(sa.text(

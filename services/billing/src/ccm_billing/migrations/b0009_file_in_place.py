@@ -13,6 +13,8 @@ Create Date: 2026-11-27
 import sqlalchemy as sa
 from alembic import op
 
+from ccm_shared.migrate import column_names, migration_schema
+
 revision = "billing_0009"
 down_revision = "billing_0008"
 branch_labels = None
@@ -23,35 +25,26 @@ INDEXES = {"ix_decision_lines_item": ["charge_item_id"],
            "ix_decision_lines_patient": ["practice", "patient"]}
 
 
-def _schema() -> str:
-    return op.get_context().version_table_schema  # the service's schema (or attached file)
-
-
-def _present() -> tuple[set[str], set[str]]:
-    # billing_0002 and billing_0005 create the tables from today's model, which has them.
-    inspect = sa.inspect(op.get_bind())
-    columns = {c["name"] for c in inspect.get_columns("billing_periods", schema=_schema())}
-    indexes = {i["name"] for i in inspect.get_indexes("month_decision_lines", schema=_schema())}
-    return columns, indexes
+# billing_0002 and billing_0005 create the tables from today's model, which has all of these:
+# each is added (or dropped) only where it is missing (or present).
 
 
 def upgrade() -> None:
-    columns, indexes = _present()
+    columns, schema = column_names("billing_periods"), migration_schema()
     if "filed_in_place" not in columns:
         op.add_column("billing_periods", sa.Column("filed_in_place", sa.Boolean(), nullable=False,
-                                                   server_default=sa.false()), schema=_schema())
+                                                   server_default=sa.false()), schema=schema)
     for name in ("line_invoice", "line_entered"):
         if name not in columns:
             kind = sa.String(64) if name == "line_invoice" else sa.Text()
-            op.add_column("billing_periods", sa.Column(name, kind, nullable=True), schema=_schema())
+            op.add_column("billing_periods", sa.Column(name, kind, nullable=True), schema=schema)
     for name, cols in INDEXES.items():
-        if name not in indexes:
-            op.create_index(name, "month_decision_lines", cols, schema=_schema())
+        op.create_index(name, "month_decision_lines", cols, if_not_exists=True, schema=schema)
 
 
 def downgrade() -> None:
-    columns, indexes = _present()
-    q, bind = f'"{_schema()}"', op.get_bind()
+    columns, schema = column_names("billing_periods"), migration_schema()
+    q, bind = f'"{schema}"', op.get_bind()
     if "filed_in_place" in columns:
         bind.execute(sa.text(
             f"INSERT INTO {q}.decision_filings (practice, patient, month, revision, filed_at, "
@@ -70,8 +63,7 @@ def downgrade() -> None:
                 f"DELETE FROM {q}.{table} WHERE EXISTS (SELECT 1 FROM {q}.billing_periods p "
                 f"WHERE p.practice = {table}.practice AND p.month = {table}.month)"))
     for name in INDEXES:
-        if name in indexes:
-            op.drop_index(name, "month_decision_lines", schema=_schema())
+        op.drop_index(name, "month_decision_lines", if_exists=True, schema=schema)
     for name in COLUMNS:
         if name in columns:
-            op.drop_column("billing_periods", name, schema=_schema())
+            op.drop_column("billing_periods", name, schema=schema)

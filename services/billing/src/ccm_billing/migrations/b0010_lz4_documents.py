@@ -12,6 +12,8 @@ Create Date: 2026-11-27
 import sqlalchemy as sa
 from alembic import op
 
+from ccm_shared.migrate import migration_schema
+
 revision = "billing_0010"
 down_revision = "billing_0009"
 branch_labels = None
@@ -26,7 +28,7 @@ def _set(method: str) -> None:
             "SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
             "WHERE name = 'default_toast_compression'")).scalar():
         return
-    schema = op.get_context().version_table_schema
+    schema = migration_schema()
     for table, column in COLUMNS:
         op.execute(f'ALTER TABLE "{schema}".{table} ALTER COLUMN {column} SET COMPRESSION {method}')
 
