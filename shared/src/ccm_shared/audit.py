@@ -142,18 +142,10 @@ _BOUNDED = ("practice", "service", "actor", "actor_label", "what", "entity", "pa
             "correlation_id")
 
 
-async def record(conn: AsyncConnection | AsyncSession, entry: AuditRecord) -> None:
-    """Insert an unsealed entry in the caller's transaction (one statement built once, the
-    entry as its parameters: consumers record one per applied patient event)."""
-    await conn.execute(_INSERT, entry.values())
-
-
-_INSERT = insert(audit_log)
-
-
 async def record_now(engine: AsyncEngine, entry: AuditRecord) -> None:
+    """One entry in a transaction of its own."""
     async with engine.begin() as conn:
-        await record(conn, entry)
+        await record_many(conn, [entry])
 
 
 class AuditWriter:

@@ -135,9 +135,9 @@ class ConsumerRuntime:
     # -- one message ---------------------------------------------------------------------------
 
     async def _apply_in(self, uow: UnitOfWork, message: Message, event: CloudEvent,
-                        audits: list[audit.AuditRecord] | None = None) -> bool:
-        """Inbox row, effect and audit entry in ``uow``; False when already applied. With
-        ``audits`` the entry is added there, for the caller to write before it commits."""
+                        audits: list[audit.AuditRecord]) -> bool:
+        """Inbox row and effect in ``uow``; False when already applied. The audit entry is added
+        to ``audits``, for the caller to write (``audit.record_many``) before it commits."""
         inserted = await uow.session.execute(self._inbox_insert, {
             "consumer": self.name,
             "event_id": event.id,
@@ -152,7 +152,7 @@ class ConsumerRuntime:
             return False
         await self.handler(event, uow)
         if event.patient is not None:  # the system wrote patient data: audit it, atomically
-            entry = audit.AuditRecord(
+            audits.append(audit.AuditRecord(
                 practice=event.tenant,
                 service=self.db.schema,
                 actor_type="system",
@@ -162,11 +162,7 @@ class ConsumerRuntime:
                 entity=event.subject,
                 patient=event.patient,
                 correlation_id=event.correlationid,
-            )
-            if audits is not None:
-                audits.append(entry)
-            else:
-                await audit.record(uow.session, entry)
+            ))
         return True
 
     async def _prepare_batch(
@@ -190,8 +186,10 @@ class ConsumerRuntime:
         if self.prepare is not None:
             await self.prepare(event)
         async with self.db.unit_of_work() as uow:
-            applied = await self._apply_in(uow, message, event)
+            audits: list[audit.AuditRecord] = []
+            applied = await self._apply_in(uow, message, event, audits)
             if applied:
+                await audit.record_many(uow.session, audits)
                 await uow.commit()
         return applied
 
@@ -236,9 +234,9 @@ class ConsumerRuntime:
                 try:
                     if not isolate:
                         applied = await self._apply_in(uow, message, event, audits)
-                    else:
+                    else:  # an event that fails adds no entry: it fails before adding one
                         async with uow.session.begin_nested():
-                            applied = await self._apply_in(uow, message, event)
+                            applied = await self._apply_in(uow, message, event, audits)
                 except Exception as exc:
                     if not isolate:
                         raise
