@@ -57,9 +57,6 @@ async def decide_practice(db, info, now) -> tuple[int, int]:  # noqa: ANN001
     this = Month.of(info.today(now))
     months = [str(Month.of(this.first_day - timedelta(days=1))), str(this)]
     async with db.unit_of_work() as uow:
-        # Shared with the projections, exclusive to a close: a month being closed (and so
-        # filed in place) is seen closed here, never forgotten under the close's feet.
-        await corrections.hold_practice(uow.session, info.id, exclusive=False)
         months = [m for m in months if not await corrections.is_closed(uow.session, info.id, m)]
         await decision_cache.forget_months_except(uow, info.id, months)
         await uow.commit()

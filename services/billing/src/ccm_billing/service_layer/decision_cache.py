@@ -30,6 +30,7 @@ from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance.evidence import entries_of
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
+from ccm_billing.service_layer import corrections
 from ccm_billing.service_layer.charges import charge_item_stub, priced_lines
 from ccm_billing.service_layer.common import PracticeInfo, bulk_insert
 from ccm_billing.service_layer.decisions import (
@@ -178,9 +179,7 @@ async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: dateti
     # One refresh of a practice-month at a time (the decider's, a replica's, a close's).
     if not await xact_lock(session, f"decide:{info.id}:{m}", wait=wait):
         return 0
-    p = orm.billing_periods
-    if (await session.execute(
-            select(p.c.month).where(p.c.practice == info.id, p.c.month == m))).first():
+    if await corrections.is_closed(session, info.id, m):
         return 0  # closed: its rows are its filings now (adapters/filed.py), never refreshed
     context = await context_key(session, info, month)
     enrolled, stale, gone, generations = await _status(session, info, m, context)
@@ -220,7 +219,12 @@ async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts:
 
 async def forget_months_except(uow: UnitOfWork, practice: str, keep: list[str]) -> None:
     """Drop the practice's cached decisions of every month but ``keep`` and those closed in place
-    (their filings: adapters/filed.py); a month closed late decides its patients at close."""
+    (their filings: adapters/filed.py); a month closed late decides its patients at close.
+
+    Holds the practice shared, as the projections do, exclusive to a close: a month being closed
+    (and so filed in place) is seen closed here once its close commits, never forgotten under
+    the close's feet."""
+    await corrections.hold_practice(uow.session, practice, exclusive=False)
     for table in (orm.month_decisions, orm.month_decision_lines):
         await uow.session.execute(
             delete(table).where(table.c.practice == practice, table.c.month.not_in(keep),
