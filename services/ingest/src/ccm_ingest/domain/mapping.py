@@ -191,17 +191,19 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
 def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     """CCM time (logged / reversed) and qualifying visits (recorded / reversed): an Encounter
     may be either, both or neither; each keeps its own state."""
-    time, visit = _ccm_time(res, ctx), _visit(res, ctx)
+    patient = reference(res.get("subject"), ("Patient",))
+    activity = codings(res.get("type") or [], res.get("serviceType"))
+    time, visit = _ccm_time(res, ctx, patient, activity), _visit(res, ctx, patient, activity)
     return Mapping([*time.events, *visit.events], {**time.state, **visit.state},
                    [*time.warnings, *visit.warnings])
 
 
-def _visit(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+def _visit(res: dict[str, Any], ctx: MappingContext, patient: str | None,
+           activity: list[dict[str, Any]]) -> Mapping:
     """A finished Encounter with a visit code (``visit_codes``: E/M, AWV, IPPE, TCM) is a visit
     that can initiate CCM; billing decides which one did. Recorded again when it changes (same
     ``visit``), reversed when it stops being one."""
     visit = _self(ctx)
-    patient = reference(res.get("subject"), ("Patient",))
     recorded, recorded_for = ctx.state.get("visitDate"), ctx.state.get("visitPatient")
 
     def reversal(reason: str) -> Mapping:
@@ -214,7 +216,6 @@ def _visit(res: dict[str, Any], ctx: MappingContext) -> Mapping:
 
     if ctx.deleted:
         return reversal("deleted")
-    activity = codings(res.get("type") or [], res.get("serviceType"))
     codes = [c for c in activity if code_matches(ctx.config.visit_codes, c["system"], c["code"])]
     status = res.get("status")
     if status in ("entered-in-error", "cancelled"):
@@ -238,9 +239,9 @@ def _visit(res: dict[str, Any], ctx: MappingContext) -> Mapping:
                    {"visitDate": day, "visitPatient": patient})
 
 
-def _ccm_time(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
+              activity: list[dict[str, Any]]) -> Mapping:
     entry = _self(ctx)
-    patient = reference(res.get("subject"), ("Patient",))
     logged_month = ctx.state.get("loggedMonth")
 
     def reversal(reason: str) -> Mapping:
@@ -251,7 +252,6 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext) -> Mapping:
 
     if ctx.deleted:
         return reversal("deleted")
-    activity = codings(res.get("type") or [], res.get("serviceType"))
     cls = res.get("class") if isinstance(res.get("class"), dict) else {}
     timed = [c for c in activity if code_matches(ctx.config.ccm_time_codes, c["system"], c["code"])]
     status = res.get("status")
