@@ -44,26 +44,33 @@ async def _deliver(db, event) -> None:  # noqa: ANN001
         await uow.commit()
 
 
+async def _enrolled_with_time(db, practice: str, start: str) -> None:  # noqa: ANN001
+    """Patient p1 enrolled, a nurse, and 25 minutes of p1's time at ``start``."""
+    for e in [*ev.enrolled_patient(practice, "p1"), ev.role(practice, "nurse-1", "clinical-staff"),
+              ev.time_logged(practice, "p1", "e1", 1500, start)]:
+        await _deliver(db, e)
+
+
+async def _waits_for_the_close(closing, work, what: str) -> None:  # noqa: ANN001
+    """Start ``work`` while ``closing`` (a close not yet committed) holds the practice: it must
+    wait for the close, then go on once it commits."""
+    task = asyncio.create_task(work)
+    await asyncio.sleep(1.0)
+    assert not task.done(), f"{what} went on while the month was being closed"
+    await closing.commit()
+    await asyncio.wait_for(task, timeout=30)
+
+
 async def test_an_event_during_a_close_waits_and_then_sees_the_month_closed(infra):
     db, practice = await _billing(infra, "ser")
-
-    async def deliver(event) -> None:  # noqa: ANN001
-        await _deliver(db, event)
-
     try:
-        for e in [*ev.enrolled_patient(practice, "p1"), ev.role(practice, "nurse-1", "clinical-staff"),
-                  ev.time_logged(practice, "p1", "e1", 1500, "2025-03-03T10:00:00-05:00")]:
-            await deliver(e)
+        await _enrolled_with_time(db, practice, "2025-03-03T10:00:00-05:00")
         late = ev.time_logged(practice, "p1", "e2", 900, "2025-03-20T10:00:00-04:00")
         async with db.unit_of_work() as closing:
             result = await close_period(closing, practice, Month(2025, 3), CLOSE_AT)
             assert result["summary"]["minutes"]["staff"] == 25
             # The close has not committed: the event arrives now and must wait for it.
-            arriving = asyncio.create_task(deliver(late))
-            await asyncio.sleep(1.0)
-            assert not arriving.done(), "the event was applied while the month was being closed"
-            await closing.commit()
-        await asyncio.wait_for(arriving, timeout=30)
+            await _waits_for_the_close(closing, _deliver(db, late), "the event")
         async with db.unit_of_work() as uow:
             t = orm.time_entries
             row = (await uow.session.execute(select(t.c.late).where(
@@ -110,10 +117,7 @@ async def test_the_decider_never_forgets_a_month_while_it_is_being_closed_in_pla
     db, practice = await _billing(infra, "fgt")
     february = Month(2025, 2)
     try:
-        for e in [*ev.enrolled_patient(practice, "p1"),
-                  ev.role(practice, "nurse-1", "clinical-staff"),
-                  ev.time_logged(practice, "p1", "e1", 1500, "2025-02-03T10:00:00-05:00")]:
-            await _deliver(db, e)
+        await _enrolled_with_time(db, practice, "2025-02-03T10:00:00-05:00")
         async with db.unit_of_work() as uow:  # decided while February was still open
             await decision_cache.refresh(uow, await practice_info(uow.session, practice),
                                          february, CLOSE_AT)
@@ -122,11 +126,7 @@ async def test_the_decider_never_forgets_a_month_while_it_is_being_closed_in_pla
             info = await practice_info(uow.session, practice)
         async with db.unit_of_work() as closing:
             await close_period(closing, practice, february, CLOSE_AT)  # current: filed as it is
-            deciding = asyncio.create_task(decide_practice(db, info, CLOSE_AT))
-            await asyncio.sleep(1.0)
-            assert not deciding.done(), "the decider went on while the month was being closed"
-            await closing.commit()
-        await asyncio.wait_for(deciding, timeout=30)
+            await _waits_for_the_close(closing, decide_practice(db, info, CLOSE_AT), "the decider")
         async with db.unit_of_work() as uow:
             f = filed.filings
             rows = (await uow.session.execute(select(f.c.patient, f.c.revision).where(
