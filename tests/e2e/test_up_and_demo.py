@@ -30,7 +30,7 @@ def test_ccm_up_then_ccm_demo_closes_a_month_with_an_invoice(tmp_path):
              f"http://127.0.0.1:{ports[0]}", "--billing-url", f"http://127.0.0.1:{ports[1]}",
              "--careplan-url", f"http://127.0.0.1:{ports[2]}",
              "--notification-url", f"http://127.0.0.1:{ports[3]}",
-             "--token", token, "--patients", "20",
+             "--token", token, "--patients", "22",
              "--out", str(out), "--wait-timeout", "180"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
         )
@@ -42,7 +42,7 @@ def test_ccm_up_then_ccm_demo_closes_a_month_with_an_invoice(tmp_path):
     month = summary["month"]
     # every billing-rule edge case decided as the rules document says
     edge = list(csv.DictReader((out / "edge-cases.csv").open()))
-    assert len(edge) == 19 and summary["edgeCases"] == {"total": 19, "asExpected": 19}, [
+    assert len(edge) == 21 and summary["edgeCases"] == {"total": 21, "asExpected": 21}, [
         e for e in edge if e["as_expected"] != "yes"]
     # the report, the Invoice and its ChargeItems agree
     rows = list(csv.DictReader((out / f"billing-report-{month}.csv").open()))
@@ -53,11 +53,11 @@ def test_ccm_up_then_ccm_demo_closes_a_month_with_an_invoice(tmp_path):
     assert f"{invoice['totalNet']['value']:.2f}" == total["amount"] == summary["invoice"]["total"]
     assert len(items["entry"]) == len(invoice["lineItem"]) == sum(
         1 for r in rows if r["code"] and r["patient"] != "TOTAL")
-    assert summary["patients"] == 20 and 0 < summary["billable"] < 20
+    assert summary["patients"] == 22 and 0 < summary["billable"] < 22
     assert summary["blockers"]["consent-missing"] >= 2
-    # careplan saw every plan (19 of 20 patients have one); the overdue one is overdue
+    # careplan saw every plan (21 of 22 patients have one); the overdue one is overdue
     tracker = list(csv.DictReader((out / "care-plan-tracker.csv").open()))
-    assert len(tracker) == 19
+    assert len(tracker) == 21
     assert summary["carePlans"]["overdue"] >= 1
     # notification rendered the month-close messages for the practice's supervisor
     notes = json.loads((out / "notifications" / "index.json").read_text())
@@ -69,4 +69,4 @@ def test_ccm_up_then_ccm_demo_closes_a_month_with_an_invoice(tmp_path):
     assert audit["decision"]["codes"] and audit["auditEvents"]["entry"]
     assert audit["billingAuditPacket"]["resourceType"] == "Bundle"
     assert "Billable by code" in (out / "summary.txt").read_text()
-    assert "decided as the rules expect: 19/19" in demo.stdout
+    assert "decided as the rules expect: 21/21" in demo.stdout

@@ -437,7 +437,7 @@ def demo(
         ),
     ] = None,
     practice: Annotated[str, typer.Option(help="The token's practice")] = "demo",
-    patients: Annotated[int, typer.Option(min=19, max=5000, help="Synthetic patients")] = 200,
+    patients: Annotated[int, typer.Option(min=21, max=5000, help="Synthetic patients")] = 200,
     month: Annotated[
         str | None,
         typer.Option(help="YYYY-MM; default the previous calendar month (it must have ended)"),

@@ -88,8 +88,21 @@ def role(practice, rid, classification, *, practitioner=None, version=1):  # noq
         "specialties": [], "classification": classification, "telecom": [], "deleted": False})
 
 
+def visit(practice, patient, vid, *, day="2024-12-01", version=1, reason=None,
+          practitioner="Practitioner/doc-1", code="99214"):  # noqa: ANN001, ANN201
+    """A qualifying visit recorded, or reversed when ``reason`` is given."""
+    data = {"source": source("Encounter", vid, version), "visit": f"Encounter/{vid}",
+            "patient": f"Patient/{patient}", "date": day}
+    if reason:
+        return event(practice, "ingest.visit.reversed.v1", patient, {**data, "reason": reason})
+    return event(practice, "ingest.visit.recorded.v1", patient, {
+        **data, "codes": [code],
+        "performers": [{"practitioner": practitioner, "practitionerRole": None, "roleCodes": []}]})
+
+
 def enrolled_patient(practice, pid, *, mbi=None):  # noqa: ANN001, ANN201
-    """Patient, consent, care plan and two chronic conditions: billable once time is logged."""
+    """Patient, consent, care plan, two chronic conditions and the initiating visit (the day of
+    the consent, by its practitioner): billable once time is logged."""
     return [patient(practice, pid, mbi=mbi), consent(practice, pid, f"c-{pid}"),
             care_plan(practice, pid, f"cp-{pid}"), condition(practice, pid, f"k1-{pid}"),
-            condition(practice, pid, f"k2-{pid}")]
+            condition(practice, pid, f"k2-{pid}"), visit(practice, pid, f"v-{pid}")]

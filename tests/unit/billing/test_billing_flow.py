@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from ccm_billing.adapters import orm
 from ccm_billing.entrypoints.jobs import run_once
+from ccm_billing.service_layer import corrections
 from ccm_shared.tables import outbox_table
 from tests.unit.billing import events as ev
 
@@ -287,3 +288,57 @@ async def test_per_code_contract_without_a_rate_refuses_to_close(billing):
     assert r.status_code == 422 and "99491" in r.json()["detail"]
     async with billing.db.unit_of_work() as uow:  # nothing was written
         assert (await uow.session.execute(select(orm.billing_periods))).first() is None
+
+
+async def test_g0506_with_its_visit_and_a_reversed_visit_reissues(billing, monkeypatch):
+    """p4 consents at an office visit on 2 March: the month bills 99490 and G0506 (dated and
+    supported by the visit). A routine visit later changes nothing; the initiating visit entered
+    in error cancels the Invoice and reissues it without G0506."""
+    await deliver(billing, *ev.enrolled_patient("alpha", "p4")[:-1],
+                  ev.consent("alpha", "p4", "c-p4", obtained="2025-03-02T11:00:00-05:00",
+                             version=2),
+                  ev.visit("alpha", "p4", "visit-1", day="2025-03-02"),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  ev.time_logged("alpha", "p4", "e9", 1800, "2025-03-05T10:00:00-05:00"))
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    (p4,) = rows["patients"]
+    assert p4["codes"] == {"99490": 1, "G0506": 1} and p4["warnings"] == []
+    assert p4["explanation"]["initiatingVisit"] == {"encounter": "Encounter/visit-1",
+                                                    "date": "2025-03-02"}
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    first = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()
+    assert first["invoice"]["totalNet"] == "87.00"  # 42.00 + 45.00
+    items = (await api(billing).get("/fhir/ChargeItem", params={"subject": "Patient/p4"})).json()
+    g0506 = next(e["resource"] for e in items["entry"]
+                 if e["resource"]["code"]["coding"][0]["code"] == "G0506")
+    ChargeItem.model_validate(g0506)
+    assert g0506["occurrenceDateTime"] == "2025-03-02"
+    assert g0506["supportingInformation"] == [{"reference": "Encounter/visit-1"}]
+    assert g0506["code"]["coding"][0]["system"] == (
+        "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets")
+
+    recomputed = []
+    original = corrections.recompute_patient_months
+
+    async def spy(uow, practice, patient, reason, now):
+        recomputed.append(reason)
+        await original(uow, practice, patient, reason, now)
+
+    monkeypatch.setattr(corrections, "recompute_patient_months", spy)
+    await deliver(billing, ev.visit("alpha", "p4", "routine", day="2025-03-20"))
+    assert recomputed == []  # after the consent: it cannot be an initiating visit
+    old = (await api(billing).get(f"/v1/invoices/{first['invoice']['id']}")).json()
+    assert old["status"] == "issued"
+
+    reversal = ev.visit("alpha", "p4", "visit-1", day="2025-03-02", version=2,
+                        reason="entered-in-error")
+    await deliver(billing, reversal, reversal)
+    old = (await api(billing).get(f"/v1/invoices/{first['invoice']['id']}")).json()
+    assert old["status"] == "cancelled" and old["cancelReason"] == (
+        "corrected: Encounter/visit-1 entered-in-error")
+    assert recomputed == ["Encounter/visit-1 entered-in-error"]  # the duplicate is not applied
+    new = (await api(billing).get(f"/v1/invoices/{old['replacedBy']}")).json()
+    assert new["totalNet"] == "42.00"
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    (p4,) = rows["patients"]
+    assert p4["codes"] == {"99490": 1} and p4["warnings"] == ["initiating-visit-missing"]

@@ -337,3 +337,37 @@ def test_an_active_consent_wins_over_an_older_revoked_one():
     assert domain.standing([old, new], date(2025, 1, 1)).state == "active"
     assert domain.standing([old], date(2025, 1, 1)).state == "revoked"
     assert domain.standing([], date(2025, 1, 1)).state == "missing"
+
+
+async def test_the_packet_holds_the_initiating_visit_and_its_g0506(billing):
+    """Consent signed at an office visit on 3 March: the March section names the visit, holds it
+    as an Encounter (codes, day, performer, source version) beside the G0506 ChargeItem."""
+    await deliver(billing, ev.patient("alpha", "p1"), ev.condition("alpha", "p1", "k1"),
+                  ev.condition("alpha", "p1", "k2"), ev.care_plan("alpha", "p1", "cp1"),
+                  cev.consent("alpha", "p1", "c1", obtained=est("2025-03", 3, 11)),
+                  ev.visit("alpha", "p1", "office-1", day="2025-03-03"),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  cev.time_logged("alpha", "p1", "e1", 1500, est("2025-03", 12)))
+    billing.state["clock"].now = datetime(2025, 4, 2, 15, tzinfo=UTC)
+    closed = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert closed.status_code == 200, closed.text
+    path = "/v1/practices/alpha/patients/p1/audit-packet"
+    doc = (await api(billing).get(path, params={"from": "2025-03", "to": "2025-03"})).json()
+    Bundle.model_validate(doc)
+    by_ref = {f"{e['resource']['resourceType']}/{e['resource']['id']}": e["resource"]
+              for e in doc["entry"]}
+    (march,) = resources(doc, "List").values()
+    refs = [x["item"]["reference"] for x in march["entry"]]
+    visit = by_ref["Encounter/office-1"]
+    assert "Encounter/office-1" in refs
+    assert visit["period"] == {"start": "2025-03-03"} and visit["status"] == "finished"
+    assert visit["type"] == [{"coding": [{"system": "http://www.ama-assn.org/go/cpt",
+                                          "code": "99214"}]}]
+    assert visit["participant"] == [{"individual": {"reference": "Practitioner/doc-1"}}]
+    assert [by_ref[r]["activity"]["text"] for r in refs if r.startswith("Provenance/")
+            and by_ref[r]["target"][0]["reference"] == "Encounter/office-1/_history/1"] == [
+        "ingest.visit.recorded.v1"]
+    billed = {by_ref[r]["code"]["coding"][0]["code"] for r in refs if r.startswith("ChargeItem/")}
+    assert billed == {"99490", "G0506"}
+    pdf = await api(billing).get(path, params={"from": "2025-03", "to": "2025-03", "format": "pdf"})
+    assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")

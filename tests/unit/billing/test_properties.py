@@ -62,7 +62,8 @@ async def _deliver_and_decide(events) -> list[dict]:
 
 def scenario_events():
     """Two patients; an Encounter revised (v2 shortens it) and another reversed; a role that
-    re-classifies a performer; a consent replaced by a later version dated mid-month."""
+    re-classifies a performer; a consent replaced by a later version dated mid-month; a visit
+    recorded and reversed."""
     return [
         *ev.enrolled_patient("alpha", "p1"), *ev.enrolled_patient("alpha", "p2"),
         ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
@@ -76,6 +77,9 @@ def scenario_events():
                        practitioner="Practitioner/doc-1", role="PractitionerRole/doc-1"),
         ev.time_logged("alpha", "p2", "e4", 600, "2025-03-02T10:00:00-05:00"),
         ev.consent("alpha", "p2", "c-p2", obtained="2025-03-04T09:00:00-05:00", version=2),
+        # A later visit the day of p1's consent would initiate it, had it not been reversed.
+        ev.visit("alpha", "p1", "v-z"),
+        ev.visit("alpha", "p1", "v-z", version=2, reason="entered-in-error"),
     ]
 
 
@@ -94,6 +98,8 @@ def test_the_baseline_decides_what_the_events_say():
     assert rows["Patient/p1"]["codes"] == {"99490": 1}
     assert rows["Patient/p2"]["codes"] == {"99491": 1}
     assert rows["Patient/p2"]["warnings"] == ["consent-after-service"]
+    assert rows["Patient/p1"]["initiatingVisit"] == {"encounter": "Encounter/v-p1",
+                                                     "date": "2024-12-01"}
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -196,23 +196,6 @@ def test_date_of_service_threshold_met_or_month_end():
     assert met.date_of_service == date(2025, 3, 12)
 
 
-def test_initiating_visit_missing_warns_by_default_and_can_block():
-    facts = month_facts("2025-03", initiating_visit_tracked=True,
-                        time_entries=[entry(1, "staff", 1800, MARCH)])
-    assert decide(facts).warnings == ("initiating-visit-missing",)
-    assert decide(facts, PracticeOptions(initiating_visit_missing="blocker")).blockers == (
-        "initiating-visit-missing",)
-
-
-def test_g0506_once_with_the_initiating_visit_month():
-    facts = month_facts("2025-03", initiating_visit=date(2025, 3, 2), initiating_visit_tracked=True,
-                        time_entries=[entry(1, "staff", 1800, MARCH)])
-    assert decide(facts).codes == {"99490": 1, "G0506": 1}
-    again = month_facts("2025-03", initiating_visit=date(2025, 3, 2), initiating_visit_tracked=True,
-                        initiation_billed_before=True, time_entries=[entry(1, "staff", 1800, MARCH)])
-    assert decide(again).codes == {"99490": 1}
-
-
 def test_backdated_entry_after_close_is_not_counted_and_warned():
     d = decide(month_facts("2025-03", time_entries=[entry(1, "staff", 1800, MARCH, late=True)]))
     assert d.codes == {} and d.warnings == ("backdated-entry",)

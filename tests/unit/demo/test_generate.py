@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from ccm_shared.demo.generate import generate, previous_month
+from ccm_shared.demo.generate import PHYSICIANS, VISIT_CODE, generate, previous_month
 
 NOW = datetime(2026, 4, 9, 15, 0, tzinfo=UTC)
 TZ = "America/New_York"
@@ -27,6 +27,15 @@ def all_bundles(demo):
 def resources(demo, kind=None):
     return [e["resource"] for b in all_bundles(demo) for e in b["entry"]
             if kind is None or e["resource"]["resourceType"] == kind]
+
+
+def is_visit(resource):
+    return (resource["resourceType"] == "Encounter"
+            and resource["type"][0]["coding"][0]["code"] == VISIT_CODE)
+
+
+def ccm_time(resources_):
+    return [r for r in resources_ if r["resourceType"] == "Encounter" and not is_visit(r)]
 
 
 def test_the_same_seed_gives_the_same_bundles_and_another_seed_others():
@@ -61,7 +70,7 @@ def test_ccm_time_encounters_meet_ingests_rules():
     PractitionerRole performer of the directory and a period with start and end."""
     demo = practice()
     roles = {r["id"] for r in resources(demo, "PractitionerRole")}
-    encounters = resources(demo, "Encounter")
+    encounters = ccm_time(resources(demo, "Encounter"))
     assert encounters
     for enc in encounters:
         assert enc["subject"]["reference"].startswith("Patient/")
@@ -79,9 +88,7 @@ def test_ccm_time_encounters_meet_ingests_rules():
 def seconds_in_month(demo, plan):
     tz = ZoneInfo(demo.timezone)
     total = 0
-    for r in plan.resources:
-        if r["resourceType"] != "Encounter":
-            continue
+    for r in ccm_time(plan.resources):
         start = datetime.fromisoformat(r["period"]["start"]).astimezone(tz)
         if f"{start.year:04d}-{start.month:02d}" == demo.month:
             total += (datetime.fromisoformat(r["period"]["end"])
@@ -96,7 +103,9 @@ def test_the_rules_edge_cases_are_present_with_their_expected_outcome():
             "complex-59m", "complex-95m", "consent-mid-month", "consent-revoked-mid-month",
             "consent-missing", "consent-entered-in-error", "one-chronic-condition",
             "no-care-plan", "encounter-entered-in-error", "care-plan-overdue",
-            "month-boundary"} <= set(cases)
+            "month-boundary", "initiating-visit-g0506", "initiating-visit-missing"} <= set(cases)
+    assert cases["initiating-visit-g0506"].expect.codes == {"99490": 1, "G0506": 1}
+    assert not any(is_visit(r) for r in cases["initiating-visit-missing"].resources)
     assert seconds_in_month(demo, cases["staff-19m59s"]) == 19 * 60 + 59
     assert seconds_in_month(demo, cases["staff-20m00s"]) == 20 * 60
     assert cases["staff-19m59s"].expect.codes == {}
@@ -120,8 +129,7 @@ def test_the_month_boundary_is_the_practices_local_midnight():
     demo = practice()
     plan = next(p for p in demo.edge_cases if p.scenario == "month-boundary")
     tz = ZoneInfo(TZ)
-    starts = sorted(datetime.fromisoformat(r["period"]["start"]) for r in plan.resources
-                    if r["resourceType"] == "Encounter")
+    starts = sorted(datetime.fromisoformat(r["period"]["start"]) for r in ccm_time(plan.resources))
     # written in UTC: one is already April in UTC but March locally, the other the reverse
     assert [s.astimezone(UTC).month for s in starts] == [3, 4]
     assert [s.astimezone(tz).month for s in starts] == [2, 3]
@@ -133,8 +141,7 @@ def test_consent_mid_month_has_time_before_and_after_the_consent():
     plan = next(p for p in demo.edge_cases if p.scenario == "consent-mid-month")
     consent = next(r for r in plan.resources if r["resourceType"] == "Consent")
     signed = datetime.fromisoformat(consent["dateTime"])
-    starts = [datetime.fromisoformat(r["period"]["start"]) for r in plan.resources
-              if r["resourceType"] == "Encounter"]
+    starts = [datetime.fromisoformat(r["period"]["start"]) for r in ccm_time(plan.resources)]
     assert signed.month == 3 and min(starts) < signed < max(starts)
 
 
@@ -179,3 +186,28 @@ def test_a_month_that_has_not_ended_or_too_few_patients_is_refused():
 def test_previous_month_is_the_calendar_month_before():
     assert previous_month(datetime(2026, 1, 3).date()) == "2025-12"
     assert previous_month(datetime(2026, 3, 31).date()) == "2026-02"
+
+
+def test_every_consent_follows_its_initiating_visit_by_the_consenting_physician():
+    """The office visit ends when the consent is signed (one case: a visit the month before), and
+    is performed by the physician the consent names (through the physician's PractitionerRole)."""
+    demo = practice(patients=200)
+    role_of = {f"Practitioner/{s.id}": f"PractitionerRole/{s.role_id}" for s in PHYSICIANS}
+    with_visit = 0
+    for plan in demo.patients:
+        consent = next((r for r in plan.resources if r["resourceType"] == "Consent"), None)
+        visit = next((r for r in plan.resources if is_visit(r)), None)
+        if consent is None or plan.scenario == "initiating-visit-missing":
+            assert visit is None, plan.scenario
+            continue
+        with_visit += 1
+        ended = datetime.fromisoformat(visit["period"]["end"])
+        signed = datetime.fromisoformat(consent["dateTime"])
+        if plan.scenario == "consent-mid-month":  # its visit was in the month before
+            assert ended.month != signed.month and ended < signed
+        else:
+            assert ended == signed
+        assert visit["status"] == "finished" and visit["class"]["code"] == "AMB"
+        assert visit["participant"][0]["individual"]["reference"] == role_of[
+            consent["performer"][0]["reference"]]
+    assert with_visit > 190

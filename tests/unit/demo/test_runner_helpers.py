@@ -29,7 +29,7 @@ def test_metric_sum_adds_the_samples_whose_labels_match():
 
 
 def test_edge_cases_are_checked_against_codes_blockers_and_warnings():
-    demo = generate(practice="p", month="2026-03", timezone="UTC", patients=19,
+    demo = generate(practice="p", month="2026-03", timezone="UTC", patients=21,
                     now=datetime(2026, 4, 2, tzinfo=UTC))
     rows = []
     for p in demo.edge_cases:

@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 CPT = "http://www.ama-assn.org/go/cpt"
+VISIT_CODE = "99214"  # the initiating office visit (ccm-billing-rules.md §3.4)
 NUCC = "http://nucc.org/provider-taxonomy"
 ROLE_SYSTEM = "http://terminology.hl7.org/CodeSystem/practitioner-role"
 MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
@@ -489,6 +490,23 @@ class _Builder:
             "period": {"start": fmt(start), "end": fmt(end)},
         }
 
+    def visit(self, pid: str, day_end: datetime, physician: Staff) -> dict:
+        """The office visit (99214) that initiates CCM, by the consenting physician: the 20 min
+        before ``day_end`` (the consent's signature)."""
+        start = day_end - timedelta(minutes=20)
+        return {
+            "resourceType": "Encounter",
+            "id": f"{pid}-visit",
+            "meta": {"lastUpdated": self.stamp(day_end + timedelta(minutes=30))},
+            "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "type": [{"coding": [{"system": CPT, "code": VISIT_CODE,
+                                  "display": "Office visit, established patient, 30-39 min"}]}],
+            "subject": {"reference": f"Patient/{pid}"},
+            "participant": [{"individual": {"reference": f"PractitionerRole/{physician.role_id}"}}],
+            "period": {"start": start.isoformat(), "end": day_end.isoformat()},
+        }
+
     def split_time(
         self,
         pid: str,
@@ -599,8 +617,10 @@ def _base(
     consent: datetime | None | bool = True,
     care_plan: date | None | bool = True,
     care_plan_state: str = "current",
+    visit: datetime | bool = True,
 ) -> PatientPlan:
-    """A patient with conditions, a consent and a care plan (each overridable)."""
+    """A patient with conditions, a consent (after its initiating visit: the same day, or when
+    ``visit`` says) and a care plan (each overridable)."""
     # Ids carry the month: each month's demo is its own cohort, so months never mix.
     pid = f"p{b.year:04d}{b.month:02d}-{n:04d}"
     gp = PHYSICIANS[n % len(PHYSICIANS)]
@@ -614,6 +634,9 @@ def _base(
             else b.local(b.rng.randint(1, 28), 10, month_offset=-b.rng.randint(3, 30))
         )
         plan.resources.append(b.consent(pid, obtained, gp))
+        if visit:
+            ended = visit if isinstance(visit, datetime) else obtained
+            plan.resources.append(b.visit(pid, ended, gp))
     if care_plan is not None and care_plan is not False:
         created = (
             care_plan
@@ -738,8 +761,10 @@ def _edge_cases(b: _Builder) -> list[PatientPlan]:  # noqa: PLR0915 - one table 
         b,
         len(cases) + 1,
         "consent-mid-month",
-        "consent signed on the 15th: the 12 min before it do not count",
+        "consent signed on the 15th, after a visit last month: the 12 min before it do not "
+        "count (no G0506: the visit was in the month before)",
         consent=at(consent_day, 9),
+        visit=b.local(20, 10, month_offset=-1),
     )
     add(
         p,
@@ -764,6 +789,33 @@ def _edge_cases(b: _Builder) -> list[PatientPlan]:  # noqa: PLR0915 - one table 
             b.encounter(p.id, 2, at(22, 10), 15 * 60, nurse),
         ],
         Expectation({"99490": 1}),
+    )
+
+    p = _base(
+        b,
+        len(cases) + 1,
+        "initiating-visit-g0506",
+        "consented at an office visit on the 2nd: G0506 is billed once, with that visit",
+        consent=at(2, 11),
+    )
+    add(
+        p,
+        [b.encounter(p.id, 1, at(9, 10), 24 * 60, nurse)],
+        Expectation({"99490": 1, "G0506": 1}),
+    )
+
+    p = _base(
+        b,
+        len(cases) + 1,
+        "initiating-visit-missing",
+        "no qualifying visit by the billing physician in the 12 months before the consent: "
+        "billable with a warning (a practice may make it a blocker)",
+        visit=False,
+    )
+    add(
+        p,
+        [b.encounter(p.id, 1, at(7, 10), 23 * 60, nurse2)],
+        Expectation({"99490": 1}, warnings=("initiating-visit-missing",)),
     )
 
     p = _base(

@@ -11,6 +11,7 @@ import orjson
 from ccm_billing.domain.model import Month
 
 CPT = "http://www.ama-assn.org/go/cpt"
+HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"  # Level II codes: G0506 …
 CHARGE_ITEM_SYSTEM = "https://ccm-platform.org/fhir/sid/charge-item"
 INVOICE_SYSTEM = "https://ccm-platform.org/fhir/sid/invoice"
 EXT_REPLACES = "https://ccm-platform.org/fhir/StructureDefinition/invoice-replaces"
@@ -63,12 +64,18 @@ def line_items(lines: list[tuple[str, Decimal]]) -> orjson.Fragment:
         for n, (ci, amount) in enumerate(lines, start=1)) + "]")
 
 
+def code_system(code: str) -> str:
+    """CPT for the five-digit codes, HCPCS Level II for the letter-and-four-digit ones."""
+    return HCPCS if code[:1].isalpha() else CPT
+
+
 def charge_item(
     *, id: str, practice: str, patient: str, month: Month, code: str, units: int, amount: Decimal,
     medicare_amount: Decimal, practitioner: str | None, encounters: list[str],
-    entered: datetime | None, status: str = "billable",
+    entered: datetime | None, status: str = "billable", day: date | None = None,
 ) -> dict:
-    """A ChargeItem; without ``enteredDate`` when ``entered`` is None (completed at issue)."""
+    """A ChargeItem; without ``enteredDate`` when ``entered`` is None (completed at issue). Its
+    occurrence is the month, or ``day`` when the service has one (G0506: the initiating visit)."""
     resource = {
         "resourceType": "ChargeItem",
         "id": id,
@@ -77,9 +84,10 @@ def charge_item(
              "value": charge_item_identifier(practice, patient, month, code)}
         ],
         "status": status,
-        "code": {"coding": [{"system": CPT, "code": code}]},
+        "code": {"coding": [{"system": code_system(code), "code": code}]},
         "subject": {"reference": f"Patient/{patient}"},
-        "occurrencePeriod": {"start": month.first_day.isoformat(), "end": month.last_day.isoformat()},
+        **({"occurrenceDateTime": day.isoformat()} if day else {"occurrencePeriod": {
+            "start": month.first_day.isoformat(), "end": month.last_day.isoformat()}}),
         "quantity": {"value": units},
         "priceOverride": money(amount),
         "extension": [{"url": EXT_MEDICARE, "valueMoney": money(medicare_amount)}],

@@ -259,11 +259,25 @@ def add_decision_cache_tables(metadata: MetaData) -> dict[str, Table]:
     }
 
 
+def add_visit_tables(metadata: MetaData) -> dict[str, Table]:
+    """Version 5: qualifying visits, for the initiating-visit check and G0506 (billing_0011)."""
+    return {
+        "visits": _projection(
+            metadata, "visits", "visit_id",
+            Column("status", String(30), nullable=False),  # finished | entered-in-error | …
+            Column("day", Date, nullable=False),  # in the practice's time zone
+            Column("codes", Text, nullable=False),  # JSON [visit code]
+            Column("performers", Text, nullable=False),  # JSON [{practitioner, practitionerRole}]
+        ),
+    }
+
+
 metadata = MetaData()
 outbox, inbox, event_sequences = add_messaging_tables(metadata)
 tables = add_billing_tables(metadata)
 tables.update(add_ehr_tables(metadata))
 tables.update(add_decision_cache_tables(metadata))
+tables.update(add_visit_tables(metadata))
 time_entries = tables["time_entries"]
 consents = tables["consents"]
 care_plans = tables["care_plans"]
@@ -286,3 +300,4 @@ ehr_deliveries = tables["ehr_deliveries"]
 fact_generations = tables["fact_generations"]
 month_decisions = tables["month_decisions"]
 month_decision_lines = tables["month_decision_lines"]
+visits = tables["visits"]

@@ -1,15 +1,18 @@
 """The audit packet as a FHIR R4 Bundle of type collection.
 
-Consents, Encounters (time entries) and CarePlans at their newest version; one Provenance per
-source version (versionId, SHA-256, received time); the billing decision of each month as a Basic
-resource; review evidence as completed Tasks; the stored ChargeItems and Invoices as issued; the
-audit trail's AuditEvents; and one List per month that points to that month's part of it all.
+Consents, Encounters (time entries and the initiating visit) and CarePlans at their newest
+version; one Provenance per source version (versionId, SHA-256, received time); the billing
+decision of each month as a Basic resource; review evidence as completed Tasks; the stored
+ChargeItems and Invoices as issued; the audit trail's AuditEvents; and one List per month that
+points to that month's part of it all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+
+from ccm_billing.adapters.fhir import code_system
 
 EXT = "http://ccm-platform.org/fhir/StructureDefinition"
 CS = "http://ccm-platform.org/fhir/CodeSystem/compliance"
@@ -91,6 +94,25 @@ def _encounter(patient: str, e: dict) -> dict:
         resource["participant"] = [{"individual": {"reference": e["performer"]}}]
     if meta := _meta(e.get("source")):
         resource["meta"] = meta
+    return resource
+
+
+def _visit(patient: str, visit: dict | None) -> dict | None:
+    """The visit that initiated the CCM a month billed (its codes, day and performers)."""
+    if visit is None:
+        return None
+    resource = {
+        "resourceType": "Encounter", "id": visit["encounter"], "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-NullFlavor", "code": "UNK"},
+        "subject": {"reference": f"Patient/{patient}"},
+        "period": {"start": visit["date"]},
+        "extension": [{"url": f"{EXT}/ccm-initiating-visit", "valueBoolean": True}],
+    }
+    if visit["codes"]:
+        resource["type"] = [{"coding": [{"system": code_system(c), "code": c}
+                                        for c in visit["codes"]]}]
+    if visit["performers"]:
+        resource["participant"] = [{"individual": {"reference": p}} for p in visit["performers"]]
     return resource
 
 
@@ -214,6 +236,7 @@ def bundle(packet: dict, bundle_id: str) -> dict:
         month = section["month"]
         refs = [add(_consent(patient, c)) for c in section["consents"]]
         refs += [add(_encounter(patient, e)) for e in section["timeLog"]["entries"]]
+        refs.append(add(_visit(patient, section.get("initiatingVisit"))))
         refs += [add(_care_plan(patient, p)) for p in section["carePlans"]]
         refs += [add(_review_task(patient, r)) for r in section["reviews"]]
         refs.append(add(_decision(patient, month, section)))

@@ -122,6 +122,10 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
                      f"SHA-256 {c['sha256']}.")
     doc.para(f"Counted: {log['totals']['countedMinutes']} minutes "
              f"({log['totals']['countedSeconds']} seconds).", style="B")
+    if visit := s.get("initiatingVisit"):
+        doc.para(f"Initiating visit: Encounter/{visit['encounter']} on {visit['date']} "
+                 f"({', '.join(visit['codes']) or 'codes not on file'}) by "
+                 f"{', '.join(visit['performers']) or 'performer not on file'}.")
     doc.heading("Care plan", 11)
     doc.table(["Care plan", "Version", "Status", "Created", "Review", "Last updated", "SHA-256"],
               [[p["carePlan"], v["versionId"], v["status"], v["created"],

@@ -373,6 +373,9 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
                       "invoiceRevision": invoice.revision if invoice else None,
                       "invoiceLine": line})
     referenced = {("Encounter", e["entry"]) for e in log["entries"]}
+    initiating = _initiating_visit(log["decision"], by_type.get("Encounter", []))
+    if initiating:  # the visit that initiated the CCM billed (and G0506, if billed with it)
+        referenced.add(("Encounter", initiating["encounter"]))
     referenced |= {("Consent", c["consent"].split("/", 1)[1]) for c in consent_rows}
     referenced |= {("CarePlan", p["carePlan"].split("/", 1)[1]) for p in care_plans}
     shown_sources = []
@@ -395,8 +398,23 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
         "month": str(month), "status": log["status"], "closedAt": log["closedAt"],
         "consents": consent_rows, "timeLog": log, "carePlans": care_plans,
         "reviews": month_reviews, "decision": log["decision"], "filings": log["filings"],
-        "charges": lines, "sources": shown_sources,
+        "charges": lines, "sources": shown_sources, "initiatingVisit": initiating,
     }
+
+
+def _initiating_visit(decision: dict | None, encounters: list) -> dict | None:
+    """The initiating visit the decision names, as its newest recorded version describes it."""
+    named = (decision or {}).get("initiatingVisit")
+    if not named:
+        return None
+    vid = named["encounter"].removeprefix("Encounter/")
+    recorded = [r for r in encounters
+                if r.resource_id == vid and r.event_type == "ingest.visit.recorded.v1"]
+    data = json.loads(recorded[-1].data) if recorded else {}
+    return {"encounter": vid, "date": named["date"], "codes": data.get("codes") or [],
+            "performers": [p.get("practitioner") or p.get("practitionerRole")
+                           for p in data.get("performers") or []
+                           if p.get("practitioner") or p.get("practitionerRole")]}
 
 
 PLAN_FIELDS = ("status", "intent", "created", "review")

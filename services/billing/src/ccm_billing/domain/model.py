@@ -101,6 +101,16 @@ class Consent:
 
 
 @dataclass(frozen=True)
+class Visit:
+    """A qualifying visit (E/M, AWV, IPPE, TCM: a finished Encounter with a visit code)."""
+
+    visit_id: str  # the Encounter's id
+    day: date  # in the practice's time zone
+    practitioners: frozenset[str] = frozenset()  # "Practitioner/…" who performed it
+    status: str = "finished"  # finished, or why it was reversed (entered-in-error, cancelled …)
+
+
+@dataclass(frozen=True)
 class CarePlan:
     care_plan_id: str
     status: str
@@ -122,9 +132,9 @@ class PatientMonth:
     chronic_conditions: int = 0
     complexity_documented: bool = False
     duplicate_biller: bool = False
-    initiating_visit: date | None = None
+    visits: tuple[Visit, ...] = ()
     initiating_visit_tracked: bool = False  # False: no visit data source, the check is skipped
-    initiation_billed_before: bool = False
+    initiation_billed_before: bool = False  # G0506 billed before, outside what the facts show
     billing_practitioner: str | None = None
 
 
@@ -180,6 +190,7 @@ class Decision:
     date_of_service: date | None = None
     practitioner: str | None = None
     notes: tuple[str, ...] = ()
+    initiating_visit: Visit | None = None
 
     @property
     def billable(self) -> bool:
@@ -213,6 +224,11 @@ class Decision:
             "dateOfService": self.date_of_service.isoformat() if self.date_of_service else None,
             "practitioner": self.practitioner,
             "notes": list(self.notes),
+            "initiatingVisit": (
+                {"encounter": f"Encounter/{self.initiating_visit.visit_id}",
+                 "date": self.initiating_visit.day.isoformat()}
+                if self.initiating_visit else None
+            ),
         }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
 from ccm_billing.adapters import fhir
@@ -25,6 +25,7 @@ class PricedLine:
     amount: Decimal
     practitioner: str | None
     encounters: tuple[str, ...]
+    day: date | None = None  # the service day (G0506: its visit's); None: the whole month
 
 
 def priced_lines(info: PracticeInfo, month: Month, decisions: list[Decision]) -> list[PricedLine]:
@@ -40,11 +41,16 @@ def priced_lines(info: PracticeInfo, month: Month, decisions: list[Decision]) ->
         amounts = price_lines([line for _, line in raw], info.contract())
     except PricingInvalid as exc:
         raise InvalidInput(f"practice {info.id}: {exc}") from None
-    return [
-        PricedLine(line.patient, line.code, line.units, line.medicare_unit * line.units, amount,
-                   d.practitioner, d.counted)
-        for (d, line), amount in zip(raw, amounts, strict=True)
-    ]
+    initiation = ruleset.setting("CCM", "initiation")["code"]
+    out = []
+    for (d, line), amount in zip(raw, amounts, strict=True):
+        encounters, day = d.counted, None
+        if line.code == initiation and d.initiating_visit is not None:
+            # Billed with the initiating visit: its day, its Encounter as the evidence.
+            encounters, day = (d.initiating_visit.visit_id,), d.initiating_visit.day
+        out.append(PricedLine(line.patient, line.code, line.units, line.medicare_unit * line.units,
+                              amount, d.practitioner, encounters, day))
+    return out
 
 
 def charge_item_stub(practice: str, month: Month, line: PricedLine, revision: int) -> tuple[str, str]:
@@ -55,6 +61,7 @@ def charge_item_stub(practice: str, month: Month, line: PricedLine, revision: in
         id=ci_id, practice=practice, patient=line.patient, month=month, code=line.code,
         units=line.units, amount=line.amount, medicare_amount=line.medicare_amount,
         practitioner=line.practitioner, encounters=list(line.encounters), entered=None,
+        day=line.day,
     )
     return ci_id, compact(resource)
 

@@ -19,6 +19,7 @@ from ccm_billing.domain.model import (
     PatientMonth,
     PracticeOptions,
     TimeEntry,
+    Visit,
 )
 from ccm_billing.domain.roles import CLASSIFICATION_TO_ROLE, classify_codes
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
@@ -28,7 +29,9 @@ NOT_ENROLLING = ("entered-in-error", "rejected")  # consents that do not enrol a
 CLASSIFICATION_PRIORITY = ("billing-practitioner", "clinical-staff", "non-clinical", "unknown")
 
 
-async def _roles(session: AsyncSession, practice: str) -> tuple[dict, dict]:
+async def _roles(session: AsyncSession, practice: str) -> tuple[dict, dict, dict]:
+    """(classification by PractitionerRole, classifications by Practitioner, the Practitioner
+    of each PractitionerRole)."""
     r = orm.practitioner_roles
     rows = (await session.execute(select(r).where(r.c.practice == practice))).all()
     by_role = {f"PractitionerRole/{x.role_id}": x.classification for x in rows if x.active}
@@ -36,7 +39,20 @@ async def _roles(session: AsyncSession, practice: str) -> tuple[dict, dict]:
     for x in rows:
         if x.active and x.practitioner:
             by_practitioner[x.practitioner].add(x.classification)
-    return by_role, by_practitioner
+    practitioner_of = {f"PractitionerRole/{x.role_id}": x.practitioner for x in rows
+                       if x.practitioner}
+    return by_role, by_practitioner, practitioner_of
+
+
+def visit_of(row, practitioner_of: dict) -> Visit:  # noqa: ANN001
+    """A projected visit. Its performers are named by Practitioner and by PractitionerRole
+    (either can name the billing practitioner on a Consent): each counts as the other too."""
+    who = set()
+    for p in json.loads(row.performers):
+        who.update(x for x in (p.get("practitioner"), p.get("practitionerRole")) if x)
+    who.update(practitioner_of[x] for x in list(who) if x in practitioner_of)
+    who.update(role for role, practitioner in practitioner_of.items() if practitioner in who)
+    return Visit(row.visit_id, row.day, frozenset(who), row.status)
 
 
 def resolve_role(practitioner_role: str | None, practitioner: str | None, role_codes: str | None,
@@ -98,8 +114,9 @@ async def load_facts(
     m = str(month)
     ruleset = ruleset_for(month)
     code_sets = ruleset.code_sets
-    by_role, by_practitioner = await _roles(session, info.id)
-    t, c, cp, cond = orm.time_entries, orm.consents, orm.care_plans, orm.conditions
+    by_role, by_practitioner, role_practitioner = await _roles(session, info.id)
+    t, c, cp, cond, v = (orm.time_entries, orm.consents, orm.care_plans, orm.conditions,
+                         orm.visits)
     if patient is not None:
         patients = (patient,)
 
@@ -141,6 +158,9 @@ async def load_facts(
         plans[row.patient].append(
             CarePlan(row.care_plan_id, row.status, row.intent, row.created, row.last_review)
         )
+    visits: dict[str, list[Visit]] = defaultdict(list)
+    for row in (await session.execute(select(v).where(*scoped(v)))).all():
+        visits[row.patient].append(visit_of(row, role_practitioner))
     chronic = dict(
         (
             await session.execute(
@@ -159,6 +179,8 @@ async def load_facts(
             consents=tuple(consents.get(p, ())), care_plans=tuple(plans.get(p, ())),
             chronic_conditions=chronic.get(p, 0), duplicate_biller=p in duplicates,
             billing_practitioner=practitioner_of.get(p),
+            visits=tuple(sorted(visits.get(p, ()), key=lambda x: x.visit_id)),
+            initiating_visit_tracked=True,
         )
         for p in sorted(enrolled)
     ]

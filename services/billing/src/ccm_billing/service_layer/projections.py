@@ -46,6 +46,8 @@ TOPICS = (
     "ingest.condition.upserted.v1",
     "ingest.patient.upserted.v1",
     "ingest.practitioner-role.upserted.v1",
+    "ingest.visit.recorded.v1",
+    "ingest.visit.reversed.v1",
     "careplan.review.completed.v1",  # review evidence for the compliance records
 )
 ACTIVE_CLINICAL = {"active", "recurrence", "relapse"}
@@ -254,6 +256,46 @@ async def _condition(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
     )
 
 
+async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
+    """A qualifying visit, or its reversal (which carries no codes nor performers: a reversed
+    visit initiates nothing). Either way every column comes from the newest version."""
+    patient, visit = ref_id(d["patient"]), ref_id(d["visit"])
+    day = parse_day(d["date"])
+    v = orm.visits
+    before = (await uow.session.execute(select(v.c.day).where(
+        v.c.practice == practice, v.c.visit_id == visit))).scalar()
+    changed = await _upsert_fact(
+        uow, orm.visits, {"practice": practice, "visit_id": visit},
+        {
+            "patient": patient,
+            "version": version_key(d["source"]),
+            "status": d.get("reason", "finished"),
+            "day": day,
+            "codes": json.dumps(d.get("codes") or []),
+            "performers": json.dumps(d.get("performers") or []),
+        },
+    )
+    if changed and await _may_initiate(uow, practice, patient, min(day, before or day)):
+        # It may have initiated (or now initiate) CCM billed in a closed month: G0506, or the
+        # missing-visit warning or blocker. Months whose lines change are cancelled and reissued.
+        await corrections.recompute_patient_months(
+            uow, practice, patient, f"Encounter/{visit} {d.get('reason', 'recorded')}", now)
+
+
+async def _may_initiate(uow: UnitOfWork, practice: str, patient: str, day) -> bool:  # noqa: ANN001
+    """Whether a visit of ``day`` can be an initiating visit: one on or before a consent (an
+    initiating visit precedes the CCM start). Routine visits after every consent never are, so
+    they recompute no closed month."""
+    c = orm.consents
+    consented = (await uow.session.execute(select(c.c.obtained_at).where(
+        c.c.practice == practice, c.c.patient == patient, c.c.obtained_at.is_not(None)))).scalars()
+    try:
+        tz = await practice_zone(uow.session, practice)
+    except NotFound:
+        return True
+    return any(day <= at.astimezone(tz).date() for at in consented)
+
+
 async def _patient(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     await _upsert(
         uow, orm.patients, {"practice": practice, "patient_id": ref_id(d["patient"])},
@@ -290,4 +332,6 @@ HANDLERS = {
     "condition.upserted": _condition,
     "patient.upserted": _patient,
     "practitioner-role.upserted": _role,
+    "visit.recorded": _visit,
+    "visit.reversed": _visit,
 }

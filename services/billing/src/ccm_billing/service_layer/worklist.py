@@ -36,8 +36,12 @@ def worklist_row(d: dict) -> dict:
         "warnings": d["warnings"],
         "nextThreshold": nxt,
         "minutesToNextThreshold": nxt["minutes"] if nxt else None,
-        "explanation": {k: d[k] for k in ("counted", "notCounted", "chosen", "alternatives", "notes",
-                                          "ruleset", "dateOfService")},
+        "explanation": {
+            **{k: d[k] for k in ("counted", "notCounted", "chosen", "alternatives", "notes",
+                                 "ruleset", "dateOfService")},
+            # Decisions filed before visits were tracked do not name one.
+            "initiatingVisit": d.get("initiatingVisit"),
+        },
     }
 
 

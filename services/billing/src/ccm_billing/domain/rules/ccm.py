@@ -76,6 +76,34 @@ def effective_consent(
     return None, m.CONSENT_MISSING, None
 
 
+def initiating_visit(
+    facts: PatientMonth, consent: Consent | None, ruleset: RuleSet, tz: ZoneInfo
+) -> m.Visit | None:
+    """The visit that initiated the CCM the month bills under: the latest finished qualifying
+    visit by the billing practitioner (by anyone when none is known) on or before the day CCM
+    started — the consent's — and within the lookback before it. It stays the same for every
+    month of that consent. Without a consent, CCM would start at the month's end at the latest."""
+    start = facts.month.last_day
+    if consent is not None and consent.obtained_at is not None:
+        start = min(start, consent.obtained_at.astimezone(tz).date())
+    earliest = add_months(start, -ruleset.setting(PROGRAM, "initiating_visit_lookback_months"))
+    by = facts.billing_practitioner
+    found = [v for v in facts.visits
+             if v.status == "finished" and earliest <= v.day <= start
+             and (by is None or by in v.practitioners)]
+    return max(found, key=lambda v: (v.day, v.visit_id), default=None)
+
+
+def _earlier_episode(facts: PatientMonth, consent: Consent | None) -> bool:
+    """Whether the patient consented to CCM before the consent the month bills under: G0506 is
+    billed once per patient, with the first episode's initiating visit, never again."""
+    if consent is None or consent.obtained_at is None:
+        return False
+    return any(c.provision == "permit" and c.status in ("active", "inactive")
+               and c.obtained_at is not None and c.obtained_at < consent.obtained_at
+               for c in facts.consents)
+
+
 def care_plan_check(facts: PatientMonth, ruleset: RuleSet) -> tuple[str | None, str | None]:
     """(blocker, warning) from the patient's care plans."""
     month_end = facts.month.last_day
@@ -153,14 +181,16 @@ def decide(
         warnings.add(plan_warning)
     if facts.duplicate_biller:
         blockers.add(m.DUPLICATE_BILLER)
+    visit = None
     if facts.initiating_visit_tracked:
-        lookback = ruleset.setting(PROGRAM, "initiating_visit_lookback_months")
-        visit = facts.initiating_visit
-        if visit is None or visit < add_months(month.first_day, -lookback) or visit > month.last_day:
+        visit = initiating_visit(facts, consent, ruleset, tz)
+        if visit is None:
             if options.initiating_visit_missing == "blocker":
                 blockers.add(m.INITIATING_VISIT_MISSING)
             else:
                 warnings.add(m.INITIATING_VISIT_MISSING)
+        else:
+            notes.append(f"initiating visit Encounter/{visit.visit_id} of {visit.day}")
 
     staff_s = sum(e.seconds for e in counted if e.role == "staff")
     prac_s = sum(e.seconds for e in counted if e.role == "practitioner")
@@ -206,13 +236,14 @@ def decide(
     potential = dict(chosen.codes) if chosen else {}
     if (
         chosen is not None
-        and facts.initiating_visit is not None
-        and month.contains(facts.initiating_visit)
+        and visit is not None
+        and month.contains(visit.day)
         and not facts.initiation_billed_before
+        and not _earlier_episode(facts, consent)
     ):
         initiation = ruleset.setting(PROGRAM, "initiation")["code"]
         potential[initiation] = 1
-        notes.append(f"{initiation} billed with the initiating visit of {facts.initiating_visit}")
+        notes.append(f"{initiation} billed with the initiating visit of {visit.day}")
 
     next_threshold = _next_threshold(chosen, staff_s, prac_s, staff_ladder, prac_ladder,
                                      complex_ladder if complex_documented else None)
@@ -244,6 +275,7 @@ def decide(
         date_of_service=date_of_service,
         practitioner=practitioner,
         notes=tuple(notes),
+        initiating_visit=visit,
     )
 
 
