@@ -12,12 +12,15 @@ import asyncio
 import hashlib
 import time
 import weakref
+from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import event, exc, text
+from sqlalchemy import types as sqltypes
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -36,6 +39,44 @@ SCHEMAS = ("platform", "ingest", "billing", "careplan", "notification")
 
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
+
+
+class _UtcSqliteDateTime(sqlite.DATETIME):
+    """A timezone-aware column on SQLite, which has no offsets: stored in UTC, read back in UTC.
+    SQLAlchemy's own SQLite type wrote the wall-clock time of whatever offset a value had and
+    read it back naive, so 02:00-05:00 came back as 02:00 (an instant five hours early) and
+    values written with different offsets compared wrongly in SQL."""
+
+    def bind_processor(self, dialect):  # noqa: ANN001, ANN201
+        process = super().bind_processor(dialect)
+        if not self.timezone:
+            return process
+
+        def bind(value):  # noqa: ANN001, ANN202
+            if isinstance(value, datetime) and value.tzinfo is not None:
+                value = value.astimezone(UTC).replace(tzinfo=None)
+            return process(value) if process else value
+
+        return bind
+
+    def result_processor(self, dialect, coltype):  # noqa: ANN001, ANN201
+        process = super().result_processor(dialect, coltype)
+        if not self.timezone:
+            return process
+
+        def result(value):  # noqa: ANN001, ANN202
+            value = process(value) if process else value
+            if isinstance(value, datetime) and value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            return value
+
+        return result
+
+
+def _sqlite_instants(engine: AsyncEngine) -> None:
+    """Timezone-aware DateTime columns of this engine keep instants (``_UtcSqliteDateTime``)."""
+    dialect = engine.sync_engine.dialect
+    dialect.colspecs = {**dialect.colspecs, sqltypes.DateTime: _UtcSqliteDateTime}
 
 
 def _sqlite_attach(engine: AsyncEngine, url: str) -> None:
@@ -156,6 +197,7 @@ def create_engine_for(
     """An engine whose unqualified tables live in ``schema``."""
     if is_sqlite(url):
         engine = create_async_engine(url)
+        _sqlite_instants(engine)
         _sqlite_attach(engine, url)
     else:
         # Up to twice ``pool_size`` connections, as with an overflow of ``pool_size``, but

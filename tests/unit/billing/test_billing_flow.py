@@ -342,3 +342,15 @@ async def test_g0506_with_its_visit_and_a_reversed_visit_reissues(billing, monke
     rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
     (p4,) = rows["patients"]
     assert p4["codes"] == {"99490": 1} and p4["warnings"] == ["initiating-visit-missing"]
+
+
+async def test_time_early_on_the_first_counts_in_its_month_on_the_embedded_database(billing):
+    """02:00 New York time on 1 March is 07:00 UTC: March. SQLite keeps no offsets; the embedded
+    database stores instants in UTC, so the time is not read back as 1 March 02:00 UTC (which
+    is still February in New York)."""
+    await deliver(billing, *ev.enrolled_patient("alpha", "p5"),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  ev.time_logged("alpha", "p5", "night", 1300, "2025-03-01T02:00:00-05:00"))
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    (p5,) = rows["patients"]
+    assert p5["codes"] == {"99490": 1} and p5["explanation"]["notCounted"] == []
