@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from ccm_shared.events import PRACTICE_TOPIC_PREFIX
+from ccm_shared.transport import TOPIC_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "# Rendered by deploy/tools/render.py from the services' code: do not edit by hand.\n"
@@ -213,7 +214,9 @@ def compose(services: list[Service]) -> dict:
                     ' for name in "$$t" "$$t.dlq"; do'
                     " /opt/kafka/bin/kafka-topics.sh --bootstrap-server kafka:9092"
                     ' --create --if-not-exists --topic "$$name" --partitions 3'
-                    " --replication-factor 1 > /dev/null;"
+                    " --replication-factor 1"
+                    + "".join(f" --config {k}={v}" for k, v in TOPIC_CONFIG.items())
+                    + " > /dev/null;"
                     " done; echo \"topic $$t\"; done"
                 ],
                 "restart": "no",
@@ -636,6 +639,7 @@ def kafka_topics(topics: list[str]) -> list[dict]:
                         "retention.ms": str(30 * 24 * 3600 * 1000 if name.endswith(".dlq")
                                             else 14 * 24 * 3600 * 1000),
                         "cleanup.policy": "delete",
+                        **TOPIC_CONFIG,  # multi-megabyte events (a large practice's Invoice)
                     },
                 },
             })

@@ -49,6 +49,14 @@ class Transport(Protocol):
 # Apache Kafka
 # --------------------------------------------------------------------------------------------
 
+# The largest event, as JSON: a 10,000-patient practice's Invoice is ~3 MB (~180 bytes a
+# line). Kafka's defaults stop at 1 MB a record; over it the relay could never publish the
+# event and every later one of the service waited behind it. Producers compress with lz4
+# (~4x on Invoices), and the topics accept record batches of this size (``TOPIC_CONFIG``,
+# the Strimzi KafkaTopics and the compose topics say the same).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+TOPIC_CONFIG = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+
 
 class KafkaTransport:
     """aiokafka with an idempotent, acks=all producer and manually committed consumer groups."""
@@ -104,6 +112,8 @@ class KafkaTransport:
             acks="all",
             linger_ms=5,
             max_batch_size=512 * 1024,
+            compression_type="lz4",
+            max_request_size=MAX_MESSAGE_BYTES,
             request_timeout_ms=self.request_timeout_ms,
         )
 
@@ -177,7 +187,7 @@ class KafkaTransport:
                                 t,
                                 partitions or self.default_partitions,
                                 replication_factor,
-                                topic_configs=config or {},
+                                topic_configs={**TOPIC_CONFIG, **(config or {})},
                             )
                             for t in wanted
                         ]
