@@ -24,7 +24,7 @@ from ccm_shared.migrate import upgrade_async
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import KafkaTransport
+from ccm_shared.transport import TOPIC_CONFIG, KafkaTransport
 from tests.integration.conftest import eventually
 from tests.integration.notification.servers import start_http
 from tests.support.contracts import assert_valid_event
@@ -263,6 +263,24 @@ async def test_a_month_close_puts_the_invoice_event_on_that_practices_topic(serv
     [closed] = await read_topic(service.kafka, practice_topic(p, "billing.period.closed.v1"), 1, p)
     assert closed["sequence"] == 2 and closed["data"]["invoiceId"] == issued.data["invoiceId"]
     assert await read_topic_quietly(service.kafka, practice_topic(other, ISSUED), other) == []
+    # A practice's Invoice can be megabytes: its topics take what the platform's topics take.
+    assert await topic_setting(service.kafka, practice_topic(p, ISSUED),
+                               "max.message.bytes") == TOPIC_CONFIG["max.message.bytes"]
+
+
+async def topic_setting(kafka: KafkaTransport, topic: str, name: str) -> str | None:
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(**kafka.connection_options())
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    entries = response.to_object()["resources"][0]["config_entries"]
+    return next((e["config_value"] for e in entries if e["config_names"] == name), None)
 
 
 async def read_topic_quietly(kafka, topic: str, practice: str) -> list[dict]:  # noqa: ANN001

@@ -14,7 +14,7 @@ import structlog
 
 from ccm_notification.subscriptions.domain import FEED_TYPES
 from ccm_shared.events import practice_topic
-from ccm_shared.transport import KafkaTransport, Transport
+from ccm_shared.transport import TOPIC_CONFIG, KafkaTransport, Transport
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +55,8 @@ class PracticeTopics:
             if not missing:
                 return
             response = await admin.create_topics(
-                [NewTopic(t, self.partitions, self.replication) for t in missing]
+                [NewTopic(t, self.partitions, self.replication, topic_configs=TOPIC_CONFIG)
+                 for t in missing]
             )
             for topic, code, *_ in response.topic_errors:
                 if code not in (_OK, _ALREADY_EXISTS):
