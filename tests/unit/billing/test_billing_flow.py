@@ -10,13 +10,14 @@ from decimal import Decimal
 import pytest
 from fhir.resources.R4B.chargeitem import ChargeItem
 from fhir.resources.R4B.invoice import Invoice
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from ccm_billing.adapters import orm
 from ccm_billing.entrypoints.jobs import run_once
 from ccm_billing.service_layer import corrections
-from ccm_shared.tables import outbox_table
+from ccm_shared.tables import outbox_table, practices
 from tests.unit.billing import events as ev
+from tests.unit.billing.conftest import PRICING
 
 
 async def deliver(runtime, *events):
@@ -320,9 +321,9 @@ async def test_g0506_with_its_visit_and_a_reversed_visit_reissues(billing, monke
     recomputed = []
     original = corrections.recompute_patient_months
 
-    async def spy(uow, practice, patient, reason, now):
+    async def spy(uow, practice, patient, reason, now, **kw):
         recomputed.append(reason)
-        await original(uow, practice, patient, reason, now)
+        await original(uow, practice, patient, reason, now, **kw)
 
     monkeypatch.setattr(corrections, "recompute_patient_months", spy)
     await deliver(billing, ev.visit("alpha", "p4", "routine", day="2025-03-20"))
@@ -354,3 +355,104 @@ async def test_time_early_on_the_first_counts_in_its_month_on_the_embedded_datab
     rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
     (p5,) = rows["patients"]
     assert p5["codes"] == {"99490": 1} and p5["explanation"]["notCounted"] == []
+
+
+async def _close_march(billing):
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    closed = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert closed.status_code == 200, closed.text
+    return closed.json()["invoice"]
+
+
+async def _consented_on_march_2(billing, patient, **visit):
+    """``patient`` consents on 2 March (time on the 5th); ``visit`` given: its visit that day."""
+    await deliver(billing, *ev.enrolled_patient("alpha", patient)[:-1],
+                  ev.consent("alpha", patient, f"c-{patient}", obtained="2025-03-02T11:00:00-05:00",
+                             version=2),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  ev.time_logged("alpha", patient, f"e-{patient}", 1800,
+                                 "2025-03-05T10:00:00-05:00"))
+    if visit:
+        await deliver(billing, ev.visit("alpha", patient, visit["vid"], day="2025-03-02"))
+
+
+async def _g0506_items(billing, patient):
+    items = (await api(billing).get("/fhir/ChargeItem", params={"subject": f"Patient/{patient}"})).json()
+    return [e["resource"] for e in items.get("entry", [])
+            if e["resource"]["code"]["coding"][0]["code"] == "G0506"]
+
+
+@pytest.mark.parametrize("order", ["reversal first", "visit first"])
+async def test_a_visit_moved_to_another_patient_follows_it_in_either_order(billing, order):
+    """Ingest reports an Encounter moved from p4 to p9 as a reversal for p4 and a visit for p9,
+    of the same source version, on different partitions: any order ends with p9's visit."""
+    await _consented_on_march_2(billing, "p4", vid="v1")
+    await _consented_on_march_2(billing, "p9")
+    moved = [ev.visit("alpha", "p4", "v1", day="2025-03-02", version=2, reason="not-a-visit"),
+             ev.visit("alpha", "p9", "v1", day="2025-03-02", version=2)]
+    await deliver(billing, *(moved if order == "reversal first" else moved[::-1]))
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    by = {r["patient"]: r for r in rows["patients"]}
+    assert by["Patient/p9"]["codes"] == {"99490": 1, "G0506": 1}
+    assert by["Patient/p9"]["explanation"]["initiatingVisit"]["encounter"] == "Encounter/v1"
+    assert by["Patient/p4"]["codes"] == {"99490": 1}
+    assert by["Patient/p4"]["warnings"] == ["initiating-visit-missing"]
+
+
+async def test_a_moved_visit_reissues_the_closed_month_of_the_patient_it_left(billing):
+    await _consented_on_march_2(billing, "p4", vid="v1")
+    await _consented_on_march_2(billing, "p9")
+    first = await _close_march(billing)
+    assert first["totalNet"] == "129.00"  # 42.00 + 42.00 + G0506 45.00 for p4
+    await deliver(billing, ev.visit("alpha", "p4", "v1", day="2025-03-02", version=2,
+                                    reason="not-a-visit"),
+                  ev.visit("alpha", "p9", "v1", day="2025-03-02", version=2))
+    # Two corrections, two reissues: without p4's G0506 (84.00), then with p9's (129.00).
+    chain = [(await api(billing).get(f"/v1/invoices/{first['id']}")).json()]
+    while chain[-1]["replacedBy"]:
+        chain.append((await api(billing).get(f"/v1/invoices/{chain[-1]['replacedBy']}")).json())
+    assert [(i["status"], i["totalNet"]) for i in chain] == [
+        ("cancelled", "129.00"), ("cancelled", "84.00"), ("issued", "129.00")]
+    assert [i["status"] for i in await _g0506_items(billing, "p4")] == ["entered-in-error"]
+    assert [i["status"] for i in await _g0506_items(billing, "p9")] == ["billable"]
+
+
+async def test_a_changed_initiating_visit_reissues_the_g0506_charge_item(billing):
+    """Two visits before the consent; the later one (2 March) initiated it and was billed; once
+    it is entered in error, the 1 March one did: same amount, another day and Encounter."""
+    await _consented_on_march_2(billing, "p4", vid="v1")
+    await deliver(billing, ev.visit("alpha", "p4", "v0", day="2025-03-01"))
+    first = await _close_march(billing)
+    assert [(i["occurrenceDateTime"], i["supportingInformation"])
+            for i in await _g0506_items(billing, "p4")] == [
+        ("2025-03-02", [{"reference": "Encounter/v1"}])]
+    await deliver(billing, ev.visit("alpha", "p4", "v1", day="2025-03-02", version=2,
+                                    reason="entered-in-error"))
+    old = (await api(billing).get(f"/v1/invoices/{first['id']}")).json()
+    assert old["status"] == "cancelled"
+    new = (await api(billing).get(f"/v1/invoices/{old['replacedBy']}")).json()
+    assert new["totalNet"] == first["totalNet"] == "87.00"
+    current = [i for i in await _g0506_items(billing, "p4") if i["status"] == "billable"]
+    assert [(i["occurrenceDateTime"], i["supportingInformation"]) for i in current] == [
+        ("2025-03-01", [{"reference": "Encounter/v0"}])]
+
+
+async def test_a_visit_recorded_again_unblocks_a_closed_month_where_the_practice_blocks(billing):
+    """Where a missing initiating visit blocks, a visit reversed after close blocks the month
+    (cancelled), and recorded again bills it again: the outcome follows the facts, not their
+    history."""
+    async with billing.db.unit_of_work() as uow:
+        await uow.session.execute(update(practices).where(practices.c.id == "alpha").values(
+            pricing=json.dumps({**json.loads(PRICING.to_json()),
+                                "rules": {"initiating_visit_missing": "blocker"}})))
+        await uow.commit()
+    await _consented_on_march_2(billing, "p4", vid="v1")
+    first = await _close_march(billing)
+    assert first["totalNet"] == "87.00"
+    await deliver(billing, ev.visit("alpha", "p4", "v1", day="2025-03-02", version=2,
+                                    reason="entered-in-error"))
+    old = (await api(billing).get(f"/v1/invoices/{first['id']}")).json()
+    assert old["status"] == "cancelled" and old["replacedBy"] is None
+    await deliver(billing, ev.visit("alpha", "p4", "v1", day="2025-03-02", version=3))
+    report = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/report.json")).json()
+    assert report["totals"]["amount"] == "87.00"

@@ -347,7 +347,9 @@ async def test_the_packet_holds_the_initiating_visit_and_its_g0506(billing):
                   cev.consent("alpha", "p1", "c1", obtained=est("2025-03", 3, 11)),
                   ev.visit("alpha", "p1", "office-1", day="2025-03-03"),
                   ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
-                  cev.time_logged("alpha", "p1", "e1", 1500, est("2025-03", 12)))
+                  cev.time_logged("alpha", "p1", "e1", 1500, est("2025-03", 12)),
+                  # The visit's Encounter also logged CCM time (before the consent: not counted).
+                  cev.time_logged("alpha", "p1", "office-1", 600, "2025-03-03T10:30:00-05:00"))
     billing.state["clock"].now = datetime(2025, 4, 2, 15, tzinfo=UTC)
     closed = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
     assert closed.status_code == 200, closed.text
@@ -360,13 +362,23 @@ async def test_the_packet_holds_the_initiating_visit_and_its_g0506(billing):
     refs = [x["item"]["reference"] for x in march["entry"]]
     visit = by_ref["Encounter/office-1"]
     assert "Encounter/office-1" in refs
-    assert visit["period"] == {"start": "2025-03-03"} and visit["status"] == "finished"
-    assert visit["type"] == [{"coding": [{"system": "http://www.ama-assn.org/go/cpt",
-                                          "code": "99214"}]}]
-    assert visit["participant"] == [{"individual": {"reference": "Practitioner/doc-1"}}]
-    assert [by_ref[r]["activity"]["text"] for r in refs if r.startswith("Provenance/")
-            and by_ref[r]["target"][0]["reference"] == "Encounter/office-1/_history/1"] == [
-        "ingest.visit.recorded.v1"]
+    # One Encounter, time entry and initiating visit at once: both say so.
+    flags = {x["url"].rsplit("/", 1)[1]: x.get("valueBoolean", x.get("valueCode"))
+             for x in visit["extension"] if "valueBoolean" in x or "valueCode" in x}
+    assert flags["ccm-initiating-visit"] is True and flags["ccm-counted"] is False
+    assert flags["ccm-not-counted-reason"] == "before-consent"
+    assert "Encounter/office-1" in {x["item"]["reference"] for x in march["entry"]}
+    alone = {"encounter": "office-1", "date": "2025-03-03", "codes": ["99214"],
+             "performers": ["Practitioner/doc-1"]}
+    from ccm_billing.compliance.fhir_bundle import _visit
+    only = _visit("p1", alone)
+    assert only["period"] == {"start": "2025-03-03"} and only["status"] == "finished"
+    assert only["type"] == [{"coding": [{"system": "http://www.ama-assn.org/go/cpt",
+                                         "code": "99214"}]}]
+    assert only["participant"] == [{"individual": {"reference": "Practitioner/doc-1"}}]
+    assert {by_ref[r]["activity"]["text"] for r in refs if r.startswith("Provenance/")
+            and by_ref[r]["target"][0]["reference"] == "Encounter/office-1/_history/1"} >= {
+        "ingest.visit.recorded.v1"}
     billed = {by_ref[r]["code"]["coding"][0]["code"] for r in refs if r.startswith("ChargeItem/")}
     assert billed == {"99490", "G0506"}
     pdf = await api(billing).get(path, params={"from": "2025-03", "to": "2025-03", "format": "pdf"})

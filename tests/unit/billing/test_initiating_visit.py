@@ -22,16 +22,18 @@ def visit(vid: str, day: date, *who: str, status: str = "finished") -> Visit:
     return Visit(vid, day, frozenset(who or (DR,)), status)
 
 
-def consent(cid: str = "c1", day: date = CONSENTED, **kw) -> Consent:
-    return Consent(cid, kw.pop("status", "active"), local(day, 9), **kw)
+def consent(cid: str = "c1", day: date | None = CONSENTED, **kw) -> Consent:
+    return Consent(cid, kw.pop("status", "active"), local(day, 9) if day else None,
+                   practitioner=kw.pop("practitioner", DR), **kw)
 
 
 def facts(month: str, visits=(), *, consents=None, practitioner=DR, minutes=30, **extra):
+    """The month's facts; ``practitioner`` is the consent's billing practitioner."""
     tenth = date(int(month[:4]), int(month[5:]), 10)
     return replace(
         month_facts(month, time_entries=[entry(1, "staff", minutes * 60, tenth)], **extra),
-        consents=consents or (consent(),), visits=tuple(visits), initiating_visit_tracked=True,
-        billing_practitioner=practitioner,
+        consents=consents or (consent(practitioner=practitioner),), visits=tuple(visits),
+        initiating_visit_tracked=True, billing_practitioner=practitioner,
     )
 
 
@@ -77,6 +79,20 @@ SECOND_EPISODE = (
          [visit("v1", CONSENTED)], {"initiation_billed_before": True}, "v1", {"99490": 1}),
         ("G0506 only with billable CCM", "2025-03",
          [visit("v1", CONSENTED)], {"minutes": 19}, "v1", {}),
+        ("the billing consent's practitioner, not another consent's", "2025-03",
+         [visit("v1", CONSENTED, DR), visit("v2", CONSENTED, OTHER)],
+         {"consents": (consent(), consent("c2", date(2025, 3, 5), practitioner=OTHER))},
+         "v1", {"99490": 1, "G0506": 1}),
+        ("a revoked consent still in force keeps its practitioner", "2025-03",
+         [visit("v1", date(2025, 2, 20), DR), visit("v2", date(2025, 3, 1), OTHER)],
+         {"consents": (consent(status="inactive", effective_until=date(2025, 3, 31)),)},
+         "v1", {"99490": 1}),
+        ("an undated consent: checked to the month's end, never G0506", "2025-03",
+         [visit("v1", date(2025, 3, 4))], {"consents": (consent(day=None),)},
+         "v1", {"99490": 1}),
+        ("an undated consent: the next month bills no G0506 either", "2025-04",
+         [visit("v1", date(2025, 3, 4)), visit("v2", date(2025, 4, 8))],
+         {"consents": (consent(day=None),)}, "v2", {"99490": 1}),
     ],
 )
 def test_initiating_visit_and_g0506(case, month, visits, kw, initiating, codes):

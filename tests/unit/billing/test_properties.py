@@ -63,7 +63,7 @@ async def _deliver_and_decide(events) -> list[dict]:
 def scenario_events():
     """Two patients; an Encounter revised (v2 shortens it) and another reversed; a role that
     re-classifies a performer; a consent replaced by a later version dated mid-month; a visit
-    recorded and reversed."""
+    recorded and reversed; a visit moved to another patient."""
     return [
         *ev.enrolled_patient("alpha", "p1"), *ev.enrolled_patient("alpha", "p2"),
         ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
@@ -80,6 +80,10 @@ def scenario_events():
         # A later visit the day of p1's consent would initiate it, had it not been reversed.
         ev.visit("alpha", "p1", "v-z"),
         ev.visit("alpha", "p1", "v-z", version=2, reason="entered-in-error"),
+        # A visit moved from p1 to p2: one source version, a reversal for p1 and a visit for p2.
+        ev.visit("alpha", "p1", "v-y"),
+        ev.visit("alpha", "p1", "v-y", version=2, reason="not-a-visit"),
+        ev.visit("alpha", "p2", "v-y", version=2),
     ]
 
 
@@ -99,6 +103,8 @@ def test_the_baseline_decides_what_the_events_say():
     assert rows["Patient/p2"]["codes"] == {"99491": 1}
     assert rows["Patient/p2"]["warnings"] == ["consent-after-service"]
     assert rows["Patient/p1"]["initiatingVisit"] == {"encounter": "Encounter/v-p1",
+                                                     "date": "2024-12-01"}
+    assert rows["Patient/p2"]["initiatingVisit"] == {"encounter": "Encounter/v-y",
                                                      "date": "2024-12-01"}
 
 

@@ -236,7 +236,12 @@ def bundle(packet: dict, bundle_id: str) -> dict:
         month = section["month"]
         refs = [add(_consent(patient, c)) for c in section["consents"]]
         refs += [add(_encounter(patient, e)) for e in section["timeLog"]["entries"]]
-        refs.append(add(_visit(patient, section.get("initiatingVisit"))))
+        visit = _visit(patient, section.get("initiatingVisit"))
+        if visit is not None and f"Encounter/{visit['id']}" in resources:
+            # Also CCM time (one Encounter, both codes): the time entry says it initiated too.
+            known = resources[f"Encounter/{visit['id']}"]["extension"]
+            known += [x for x in visit["extension"] if x not in known]
+        refs.append(add(visit))
         refs += [add(_care_plan(patient, p)) for p in section["carePlans"]]
         refs += [add(_review_task(patient, r)) for r in section["reviews"]]
         refs.append(add(_decision(patient, month, section)))

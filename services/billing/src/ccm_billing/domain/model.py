@@ -98,6 +98,7 @@ class Consent:
     obtained_at: datetime | None
     provision: str = "permit"
     effective_until: date | None = None  # revoked: last day of the month of revocation
+    practitioner: str | None = None  # the billing practitioner it names ("Practitioner/…")
 
 
 @dataclass(frozen=True)

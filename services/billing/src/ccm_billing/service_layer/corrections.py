@@ -46,17 +46,28 @@ async def locked_at_close(session, practice: str, patient: str | None, month: st
 
 
 async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str, reason: str,
-                                   now: datetime) -> None:
-    """Recompute every closed month in which the patient was billed."""
-    ci = filed.charge_items
-    months = (
-        await uow.session.execute(
-            select(ci.c.month).where(ci.c.practice == practice, ci.c.patient == patient,
-                                     ci.c.status == "billable").distinct()
-        )
-    ).scalars().all()
+                                   now: datetime, *, decided: bool = False) -> None:
+    """Recompute every closed month in which the patient was billed; with ``decided``, every
+    closed month that decided the patient (billed or not: a fact that can unblock it)."""
+    if decided:
+        f = filed.filings
+        stmt = select(f.c.month).where(f.c.practice == practice, f.c.patient == patient)
+    else:
+        ci = filed.charge_items
+        stmt = select(ci.c.month).where(ci.c.practice == practice, ci.c.patient == patient,
+                                        ci.c.status == "billable")
+    months = (await uow.session.execute(stmt.distinct())).scalars().all()
     for month in sorted(months):
         await recompute(uow, practice, month, reason, now)
+
+
+def _line_key(patient: str, code: str, amount: str, resource: dict) -> tuple:
+    """What a reissue compares of a ChargeItem: patient, code, amount, units and, for a line of
+    one day (G0506), that day and the Encounters it cites (its initiating visit can change)."""
+    day = resource.get("occurrenceDateTime")
+    cited = tuple(r["reference"].removeprefix("Encounter/")
+                  for r in resource.get("supportingInformation", [])) if day else ()
+    return (patient, code, amount, resource["quantity"]["value"], day, cited)
 
 
 async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str, now: datetime) -> bool:
@@ -86,10 +97,11 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     old = set()
     if current is not None:
         old = {
-            (r.patient, r.code, r.amount, json.loads(r.resource)["quantity"]["value"])
+            _line_key(r.patient, r.code, r.amount, json.loads(r.resource))
             for r in (await uow.session.execute(select(ci).where(ci.c.invoice_id == current.id))).all()
         }
-    new = {(x.patient, x.code, f"{x.amount:.2f}", x.units) for x in lines}
+    new = {(x.patient, x.code, f"{x.amount:.2f}", x.units, x.day.isoformat() if x.day else None,
+            x.encounters if x.day else ()) for x in lines}
     if old == new:
         return False
     revision = (

@@ -147,12 +147,16 @@ async def load_facts(
         )
     consents: dict[str, list[Consent]] = defaultdict(list)
     practitioner_of: dict[str, str] = {}
-    for row in (await session.execute(select(c).where(*scoped(c)))).all():
+    # In consent order, so the same rows always give the same facts (the earliest active
+    # consent's practitioner is the patient's billing practitioner when no consent bills).
+    ordered = select(c).where(*scoped(c)).order_by(c.c.patient, c.c.obtained_at, c.c.consent_id)
+    for row in (await session.execute(ordered)).all():
         consents[row.patient].append(
-            Consent(row.consent_id, row.status, row.obtained_at, row.provision, row.effective_until)
+            Consent(row.consent_id, row.status, row.obtained_at, row.provision, row.effective_until,
+                    row.practitioner)
         )
         if row.status == "active" and row.practitioner:
-            practitioner_of[row.patient] = row.practitioner
+            practitioner_of.setdefault(row.patient, row.practitioner)
     plans: dict[str, list[CarePlan]] = defaultdict(list)
     for row in (await session.execute(select(cp).where(*scoped(cp)))).all():
         plans[row.patient].append(

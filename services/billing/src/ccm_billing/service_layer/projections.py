@@ -258,42 +258,55 @@ async def _condition(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
 
 async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     """A qualifying visit, or its reversal (which carries no codes nor performers: a reversed
-    visit initiates nothing). Either way every column comes from the newest version."""
-    patient, visit = ref_id(d["patient"]), ref_id(d["visit"])
+    visit initiates nothing). Either way every column comes from the newest version.
+
+    An Encounter moved to another patient comes as two events of the same source version: the
+    reversal for the patient it left and the visit for the one it joined, on different
+    partitions, so in either order. At the same version the recorded visit wins (``|1`` sorts
+    after ``|0``; versionIds are zero-padded digits, so the suffix never reorders versions)."""
+    patient, visit, reason = ref_id(d["patient"]), ref_id(d["visit"]), d.get("reason")
     day = parse_day(d["date"])
     v = orm.visits
-    before = (await uow.session.execute(select(v.c.day).where(
-        v.c.practice == practice, v.c.visit_id == visit))).scalar()
+    before = (await uow.session.execute(select(v.c.patient, v.c.day).where(
+        v.c.practice == practice, v.c.visit_id == visit))).first()
     changed = await _upsert_fact(
         uow, orm.visits, {"practice": practice, "visit_id": visit},
         {
             "patient": patient,
-            "version": version_key(d["source"]),
-            "status": d.get("reason", "finished"),
+            "version": f"{version_key(d['source'])}|{0 if reason else 1}",
+            "status": reason or "finished",
             "day": day,
             "codes": json.dumps(d.get("codes") or []),
             "performers": json.dumps(d.get("performers") or []),
         },
     )
-    if changed and await _may_initiate(uow, practice, patient, min(day, before or day)):
-        # It may have initiated (or now initiate) CCM billed in a closed month: G0506, or the
-        # missing-visit warning or blocker. Months whose lines change are cancelled and reissued.
-        await corrections.recompute_patient_months(
-            uow, practice, patient, f"Encounter/{visit} {d.get('reason', 'recorded')}", now)
+    if not changed:
+        return
+    # It may have initiated (or now initiate) CCM in a closed month — G0506, the missing-visit
+    # warning or blocker — of the patient it is for and of the one it left: those months are
+    # recomputed, and cancelled and reissued where their lines change.
+    affected = {patient: day}
+    if before is not None:
+        affected[before.patient] = min(before.day, affected.get(before.patient, before.day))
+    for who, earliest in affected.items():
+        if who and await _may_initiate(uow, practice, who, earliest):
+            await corrections.recompute_patient_months(
+                uow, practice, who, f"Encounter/{visit} {reason or 'recorded'}", now,
+                decided=True)
 
 
 async def _may_initiate(uow: UnitOfWork, practice: str, patient: str, day) -> bool:  # noqa: ANN001
     """Whether a visit of ``day`` can be an initiating visit: one on or before a consent (an
-    initiating visit precedes the CCM start). Routine visits after every consent never are, so
-    they recompute no closed month."""
+    initiating visit precedes the CCM start), or any visit of a patient with an undated consent.
+    Routine visits after every consent never are, so they recompute no closed month."""
     c = orm.consents
     consented = (await uow.session.execute(select(c.c.obtained_at).where(
-        c.c.practice == practice, c.c.patient == patient, c.c.obtained_at.is_not(None)))).scalars()
+        c.c.practice == practice, c.c.patient == patient))).scalars().all()
     try:
         tz = await practice_zone(uow.session, practice)
     except NotFound:
         return True
-    return any(day <= at.astimezone(tz).date() for at in consented)
+    return any(at is None or day <= at.astimezone(tz).date() for at in consented)
 
 
 async def _patient(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001

@@ -80,28 +80,30 @@ def initiating_visit(
     facts: PatientMonth, consent: Consent | None, ruleset: RuleSet, tz: ZoneInfo
 ) -> m.Visit | None:
     """The visit that initiated the CCM the month bills under: the latest finished qualifying
-    visit by the billing practitioner (by anyone when none is known) on or before the day CCM
-    started — the consent's — and within the lookback before it. It stays the same for every
-    month of that consent. Without a consent, CCM would start at the month's end at the latest."""
+    visit by that consent's billing practitioner (by anyone when it names none) on or before
+    the day CCM started — the consent's — and within the lookback before it. It stays the same
+    for every month of that consent. Without a consent or its date, CCM would start at the
+    month's end at the latest (such a visit is never billed G0506: ``_first_dated_episode``)."""
     start = facts.month.last_day
     if consent is not None and consent.obtained_at is not None:
         start = min(start, consent.obtained_at.astimezone(tz).date())
     earliest = add_months(start, -ruleset.setting(PROGRAM, "initiating_visit_lookback_months"))
-    by = facts.billing_practitioner
+    by = consent.practitioner if consent is not None else facts.billing_practitioner
     found = [v for v in facts.visits
              if v.status == "finished" and earliest <= v.day <= start
              and (by is None or by in v.practitioners)]
     return max(found, key=lambda v: (v.day, v.visit_id), default=None)
 
 
-def _earlier_episode(facts: PatientMonth, consent: Consent | None) -> bool:
-    """Whether the patient consented to CCM before the consent the month bills under: G0506 is
-    billed once per patient, with the first episode's initiating visit, never again."""
+def _first_dated_episode(facts: PatientMonth, consent: Consent | None) -> bool:
+    """Whether the month bills under the patient's first CCM consent, and that consent is dated:
+    G0506 is billed once per patient, with the first episode's initiating visit, never again.
+    An undated consent anchors no initiation (its visit would move with the month)."""
     if consent is None or consent.obtained_at is None:
         return False
-    return any(c.provision == "permit" and c.status in ("active", "inactive")
-               and c.obtained_at is not None and c.obtained_at < consent.obtained_at
-               for c in facts.consents)
+    return not any(c.provision == "permit" and c.status in ("active", "inactive")
+                   and c.obtained_at is not None and c.obtained_at < consent.obtained_at
+                   for c in facts.consents)
 
 
 def care_plan_check(facts: PatientMonth, ruleset: RuleSet) -> tuple[str | None, str | None]:
@@ -239,7 +241,7 @@ def decide(
         and visit is not None
         and month.contains(visit.day)
         and not facts.initiation_billed_before
-        and not _earlier_episode(facts, consent)
+        and _first_dated_episode(facts, consent)
     ):
         initiation = ruleset.setting(PROGRAM, "initiation")["code"]
         potential[initiation] = 1
@@ -253,8 +255,9 @@ def decide(
             date_of_service = chosen.threshold_met_at.astimezone(tz).date()
         else:
             date_of_service = month.last_day
-    practitioner = facts.billing_practitioner or next(
-        (e.practitioner for e in prac_entries if e.practitioner), None
+    practitioner = (
+        (consent.practitioner if consent else None) or facts.billing_practitioner
+        or next((e.practitioner for e in prac_entries if e.practitioner), None)
     )
     ordered_blockers = tuple(b for b in BLOCKER_ORDER if b in blockers)
     return Decision(
