@@ -88,3 +88,21 @@ def test_sasl_ssl_options_reach_every_kafka_client():
     options = t.producer_options()
     assert options["sasl_mechanism"] == "SCRAM-SHA-512" and options["sasl_plain_username"] == "billing"
     assert options["ssl_context"] is not None and options["enable_idempotence"] is True
+
+
+@pytest.mark.parametrize(("setting", "sent"), [(None, "lz4"), ("zstd", "zstd"), ("none", None)])
+def test_kafka_compression_and_record_size_reach_the_producer(monkeypatch, setting, sent):
+    from ccm_shared.service import build_transport
+    from ccm_shared.transport import MAX_MESSAGE_BYTES, TOPIC_CONFIG
+
+    if setting:
+        monkeypatch.setenv("CCM_KAFKA_COMPRESSION", setting)
+    options = build_transport(load_settings(kafka_bootstrap_servers="k:9092")).producer_options()
+    assert options["compression_type"] == sent
+    assert options["max_request_size"] == MAX_MESSAGE_BYTES == int(TOPIC_CONFIG["max.message.bytes"])
+
+
+def test_unknown_kafka_compression_is_refused(monkeypatch):
+    monkeypatch.setenv("CCM_KAFKA_COMPRESSION", "brotli")
+    with pytest.raises(ConfigurationError, match="CCM_KAFKA_COMPRESSION"):
+        load_settings()

@@ -136,6 +136,7 @@ def build_transport(settings: Settings) -> Transport:
             sasl_username=settings.kafka_sasl_username,
             sasl_password=settings.kafka_sasl_password,
             ssl_cafile=settings.kafka_ssl_cafile,
+            compression=settings.kafka_compression,
         )
     if settings.database_url and settings.database_url.startswith("sqlite"):
         from ccm_shared.embedded import EmbeddedLogTransport

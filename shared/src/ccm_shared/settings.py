@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +49,9 @@ class Settings(BaseSettings):
         None, description="CA bundle that signed the brokers' certificates (SSL, SASL_SSL)"
     )
     kafka_client_id_prefix: str = Field("ccm", description="Prefix of Kafka client ids")
+    kafka_compression: Literal["lz4", "zstd", "gzip", "none"] = Field(
+        "lz4", description="Compression of what producers send: lz4 (default), zstd, gzip or none"
+    )
     secret_key: str = Field(
         DEV_SECRET_KEY, description="Key for signed links and webhook secrets; never the default"
     )

@@ -51,9 +51,10 @@ class Transport(Protocol):
 
 # The largest event, as JSON: a 10,000-patient practice's Invoice is ~3 MB (~180 bytes a
 # line). Kafka's defaults stop at 1 MB a record; over it the relay could never publish the
-# event and every later one of the service waited behind it. Producers compress with lz4
-# (~4x on Invoices), and the topics accept record batches of this size (``TOPIC_CONFIG``,
-# the Strimzi KafkaTopics and the compose topics say the same).
+# event and every later one of the service waited behind it. Producers accept records of this
+# size and compress them (CCM_KAFKA_COMPRESSION, lz4 by default: ~4x on Invoices), and the
+# topics accept record batches of this size (``TOPIC_CONFIG``; the Strimzi KafkaTopics and the
+# compose topics say the same).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 TOPIC_CONFIG = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
 
@@ -73,6 +74,7 @@ class KafkaTransport:
         ssl_cafile: str | None = None,
         request_timeout_ms: int = 30_000,
         default_partitions: int = 3,
+        compression: str = "lz4",
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.client_id = client_id
@@ -83,6 +85,7 @@ class KafkaTransport:
         self.ssl_cafile = ssl_cafile
         self.request_timeout_ms = request_timeout_ms
         self.default_partitions = default_partitions
+        self.compression = None if compression == "none" else compression
         self._producer = None
         self._lock = asyncio.Lock()
 
@@ -112,7 +115,7 @@ class KafkaTransport:
             acks="all",
             linger_ms=5,
             max_batch_size=512 * 1024,
-            compression_type="lz4",
+            compression_type=self.compression,
             max_request_size=MAX_MESSAGE_BYTES,
             request_timeout_ms=self.request_timeout_ms,
         )
