@@ -90,6 +90,16 @@ class Ctx:
     async def dispatch(self) -> int:
         return await dispatcher_of(self.runtime).run_once()
 
+    async def outbound(self) -> list[tuple]:
+        """This practice's messages as stored (kind, recipient, status, attempts, last error,
+        next attempt, the test clock): what a failed delivery assertion needs to be read."""
+        async with self.runtime.db.unit_of_work() as uow:
+            rows = (await uow.session.execute(
+                select(messages.c.kind, messages.c.recipient, messages.c.status,
+                       messages.c.attempts, messages.c.last_error, messages.c.next_attempt_at)
+                .where(messages.c.practice == self.practice))).all()
+        return [(*tuple(r), self.clock.now) for r in rows]
+
     async def message(self, message_id: str) -> dict:
         r = await self.client.get(self.url(f"/notifications/{message_id}"), headers=self.auth)
         assert r.status_code == 200, r.text
@@ -404,7 +414,7 @@ async def test_no_acknowledgement_renotifies_then_escalates_to_the_supervisor(ct
     await acks.sweep(ctx.runtime.db, notifier)
     await ctx.dispatch()
     to_sup = ctx.sink.to(ctx.mail("sup5"))
-    assert len(to_sup) == 1
+    assert len(to_sup) == 1, await ctx.outbound()  # failed once under load: say what was stored
     assert (
         to_sup[0]["Subject"].strip()
         == "[Escalation] Not acknowledged: [Action needed] Care gap for "
