@@ -153,6 +153,8 @@ num.partitions=3
 default.replication.factor=1
 min.insync.replicas=1
 auto.create.topics.enable=true
+# events up to 16 MiB (ccm_shared.transport.MAX_MESSAGE_BYTES), as the topics the services create
+message.max.bytes=16777216
 offsets.topic.replication.factor=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1

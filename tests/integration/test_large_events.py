@@ -1,7 +1,7 @@
 """Large events on real Apache Kafka: an Invoice of a large practice is several megabytes of
 JSON (~180 bytes a line; 18,000 lines for a 10,000-patient practice). Kafka's defaults stop at
-1 MB a record batch; the producer compresses (lz4) and allows records up to
-``CCM_KAFKA_MAX_MESSAGE_BYTES``, so such an event is relayed and consumed like any other, in
+1 MB a record batch; producers allow records up to ``MAX_MESSAGE_BYTES`` (16 MiB, compressed
+by CCM_KAFKA_COMPRESSION) and topics are created to take them, so such an event is relayed and consumed like any other, in
 order, instead of blocking the outbox behind it."""
 
 import asyncio

@@ -397,7 +397,9 @@ class ConsumerRuntime:
         return count
 
     async def start(self) -> None:
-        await self.transport.ensure_topics(self.topics)
+        # The dead-letter topics too: auto-created by a broker, they would take its defaults
+        # (1 MB), and a large poison message could then never be set aside.
+        await self.transport.ensure_topics([*self.topics, *map(dlq_topic, self.topics)])
         self.source = self.transport.source(self.topics, self.name)
         await self.source.start()
 

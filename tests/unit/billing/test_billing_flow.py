@@ -326,12 +326,16 @@ async def test_g0506_with_its_visit_and_a_reversed_visit_reissues(billing, monke
         await original(uow, practice, patient, reason, now, **kw)
 
     monkeypatch.setattr(corrections, "recompute_patient_months", spy)
-    await deliver(billing, ev.visit("alpha", "p4", "routine", day="2025-03-20"))
-    assert recomputed == []  # after the consent: it cannot be an initiating visit
+    await deliver(billing, ev.visit("alpha", "p4", "routine", day="2025-03-20"),
+                  ev.visit("alpha", "p4", "long-ago", day="2024-03-01"),
+                  ev.visit("alpha", "p4", "visit-1", day="2025-03-02", version=5))
+    # After the consent, or more than 12 months before it, a visit initiates nothing; a new
+    # version of the initiating visit that changes nothing it says changes no decision.
+    assert recomputed == []
     old = (await api(billing).get(f"/v1/invoices/{first['invoice']['id']}")).json()
     assert old["status"] == "issued"
 
-    reversal = ev.visit("alpha", "p4", "visit-1", day="2025-03-02", version=2,
+    reversal = ev.visit("alpha", "p4", "visit-1", day="2025-03-02", version=6,
                         reason="entered-in-error")
     await deliver(billing, reversal, reversal)
     old = (await api(billing).get(f"/v1/invoices/{first['invoice']['id']}")).json()

@@ -46,16 +46,22 @@ async def locked_at_close(session, practice: str, patient: str | None, month: st
 
 
 async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str, reason: str,
-                                   now: datetime, *, decided: bool = False) -> None:
+                                   now: datetime, *, decided: bool = False,
+                                   since: str | None = None) -> None:
     """Recompute every closed month in which the patient was billed; with ``decided``, every
-    closed month that decided the patient (billed or not: a fact that can unblock it)."""
+    closed month that decided the patient (billed or not: a fact that can unblock it); with
+    ``since``, only those from that month on."""
     if decided:
         f = filed.filings
         stmt = select(f.c.month).where(f.c.practice == practice, f.c.patient == patient)
+        month = f.c.month
     else:
         ci = filed.charge_items
         stmt = select(ci.c.month).where(ci.c.practice == practice, ci.c.patient == patient,
                                         ci.c.status == "billable")
+        month = ci.c.month
+    if since is not None:
+        stmt = stmt.where(month >= since)
     months = (await uow.session.execute(stmt.distinct())).scalars().all()
     for month in sorted(months):
         await recompute(uow, practice, month, reason, now)

@@ -149,7 +149,8 @@ async def load_facts(
     practitioner_of: dict[str, str] = {}
     # In consent order, so the same rows always give the same facts (the earliest active
     # consent's practitioner is the patient's billing practitioner when no consent bills).
-    ordered = select(c).where(*scoped(c)).order_by(c.c.patient, c.c.obtained_at, c.c.consent_id)
+    ordered = select(c).where(*scoped(c)).order_by(
+        c.c.patient, c.c.obtained_at.asc().nulls_last(), c.c.consent_id)  # same on both engines
     for row in (await session.execute(ordered)).all():
         consents[row.patient].append(
             Consent(row.consent_id, row.status, row.obtained_at, row.provision, row.effective_until,

@@ -19,7 +19,11 @@ from sqlalchemy import bindparam, or_, select, update
 from ccm_billing.adapters import orm
 from ccm_billing.compliance import evidence
 from ccm_billing.domain.model import Month
+from ccm_billing.domain.rules import ruleset_for
+from ccm_billing.domain.rules.ruleset import available_years
+from ccm_billing.domain.rules.ccm import add_months
 from ccm_billing.service_layer import corrections, decision_cache
+from ccm_billing.service_layer.decisions import NOT_ENROLLING
 from ccm_billing.service_layer.common import (
     insert_for,
     parse_day,
@@ -263,50 +267,69 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
     An Encounter moved to another patient comes as two events of the same source version: the
     reversal for the patient it left and the visit for the one it joined, on different
     partitions, so in either order. At the same version the recorded visit wins (``|1`` sorts
-    after ``|0``; versionIds are zero-padded digits, so the suffix never reorders versions)."""
+    after ``|0``). Ingest assigns versionIds as increasing integers, which ``version_key``
+    zero-pads to one width, so the suffix only ever decides between equal versions."""
     patient, visit, reason = ref_id(d["patient"]), ref_id(d["visit"]), d.get("reason")
-    day = parse_day(d["date"])
     v = orm.visits
-    before = (await uow.session.execute(select(v.c.patient, v.c.day).where(
-        v.c.practice == practice, v.c.visit_id == visit))).first()
+    before = (await uow.session.execute(select(v.c.patient, v.c.status, v.c.day, v.c.performers)
+                                        .where(v.c.practice == practice, v.c.visit_id == visit))).first()
+    now_is = (patient, reason or "finished", parse_day(d["date"]),
+              json.dumps(d.get("performers") or []))
     changed = await _upsert_fact(
         uow, orm.visits, {"practice": practice, "visit_id": visit},
         {
             "patient": patient,
             "version": f"{version_key(d['source'])}|{0 if reason else 1}",
-            "status": reason or "finished",
-            "day": day,
+            "status": now_is[1],
+            "day": now_is[2],
             "codes": json.dumps(d.get("codes") or []),
-            "performers": json.dumps(d.get("performers") or []),
+            "performers": now_is[3],
         },
     )
-    if not changed:
-        return
+    if not changed or (before is not None and tuple(before) == now_is):
+        return  # nothing a decision reads changed (e.g. another element of the Encounter)
     # It may have initiated (or now initiate) CCM in a closed month — G0506, the missing-visit
     # warning or blocker — of the patient it is for and of the one it left: those months are
     # recomputed, and cancelled and reissued where their lines change.
-    affected = {patient: day}
+    affected = {patient: now_is[2]}
     if before is not None:
         affected[before.patient] = min(before.day, affected.get(before.patient, before.day))
-    for who, earliest in affected.items():
-        if who and await _may_initiate(uow, practice, who, earliest):
+    for who, day in affected.items():
+        if who and await _may_initiate(uow, practice, who, day):
             await corrections.recompute_patient_months(
                 uow, practice, who, f"Encounter/{visit} {reason or 'recorded'}", now,
-                decided=True)
+                decided=True, since=str(Month.of(day)))
 
 
 async def _may_initiate(uow: UnitOfWork, practice: str, patient: str, day) -> bool:  # noqa: ANN001
-    """Whether a visit of ``day`` can be an initiating visit: one on or before a consent (an
-    initiating visit precedes the CCM start), or any visit of a patient with an undated consent.
-    Routine visits after every consent never are, so they recompute no closed month."""
+    """Whether a visit of ``day`` can be the initiating visit of one of the patient's consents:
+    on or before a dated consent and within the lookback before it, or any visit when a consent
+    is undated. Routine visits after every consent (or long before it) never are, so they
+    recompute no closed month."""
     c = orm.consents
     consented = (await uow.session.execute(select(c.c.obtained_at).where(
-        c.c.practice == practice, c.c.patient == patient))).scalars().all()
+        c.c.practice == practice, c.c.patient == patient, c.c.provision == "permit",
+        c.c.status.not_in(NOT_ENROLLING)))).scalars().all()
     try:
         tz = await practice_zone(uow.session, practice)
     except NotFound:
         return True
-    return any(at is None or day <= at.astimezone(tz).date() for at in consented)
+    lookback = _widest_lookback()
+    for at in consented:
+        if at is None:
+            return True
+        start = at.astimezone(tz).date()
+        if add_months(start, -lookback) <= day <= start:
+            return True
+    return False
+
+
+@functools.cache
+def _widest_lookback() -> int:
+    """The longest initiating-visit lookback of any year's rules (a wider window only
+    recomputes more, never less)."""
+    return max(ruleset_for(Month(year, 1)).setting("CCM", "initiating_visit_lookback_months")
+               for year in available_years())
 
 
 async def _patient(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
