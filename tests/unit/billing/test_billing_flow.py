@@ -460,3 +460,42 @@ async def test_a_visit_recorded_again_unblocks_a_closed_month_where_the_practice
     await deliver(billing, ev.visit("alpha", "p4", "v1", day="2025-03-02", version=3))
     report = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/report.json")).json()
     assert report["totals"]["amount"] == "87.00"
+
+
+@pytest.mark.parametrize("order", ["consent first", "visit first"])
+async def test_a_correction_changes_only_the_patients_it_concerns(billing, order):
+    """After close, p2's consent arrives late (it bills nothing retroactively) and the contract
+    changes; then p4's initiating visit is entered in error. Whatever the order, only p4's
+    lines change (priced with the contract of the day); p1 keeps what it was billed and p2
+    stays blocked: a closed month never depends on the order unrelated events came in."""
+    await deliver(billing, *ev.enrolled_patient("alpha", "p1"),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  ev.time_logged("alpha", "p1", "e1", 1500, "2025-03-03T10:00:00-05:00"),
+                  ev.patient("alpha", "p2"), ev.care_plan("alpha", "p2", "cp-p2"),
+                  ev.condition("alpha", "p2", "k1-p2"), ev.condition("alpha", "p2", "k2-p2"),
+                  ev.time_logged("alpha", "p2", "e2", 1500, "2025-03-04T10:00:00-05:00"))
+    await _consented_on_march_2(billing, "p4", vid="v1")
+    first = await _close_march(billing)
+    assert first["totalNet"] == "129.00"  # p1 42.00, p4 42.00 + 45.00; p2 has no consent
+    async with billing.db.unit_of_work() as uow:
+        await uow.session.execute(update(practices).where(practices.c.id == "alpha").values(
+            pricing=json.dumps({**json.loads(PRICING.to_json()),
+                                "rates": {**json.loads(PRICING.to_json())["rates"],
+                                          "99490": "50.00"}})))
+        await uow.commit()
+    late_consent = ev.consent("alpha", "p2", "c-p2", obtained="2025-03-01T09:00:00-05:00")
+    reversal = ev.visit("alpha", "p4", "v1", day="2025-03-02", version=2,
+                        reason="entered-in-error")
+    await deliver(billing, *((late_consent, reversal) if order == "consent first"
+                             else (reversal, late_consent)))
+    old = (await api(billing).get(f"/v1/invoices/{first['id']}")).json()
+    assert old["status"] == "cancelled"
+    new = (await api(billing).get(f"/v1/invoices/{old['replacedBy']}")).json()
+    assert new["status"] == "issued" and new["totalNet"] == "92.00"  # p1 42.00 + p4 50.00
+    report = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/report.json")).json()
+    by = {p["patient"]: p for p in report["patients"]}
+    assert by["Patient/p1"]["amount"] == "42.00" and by["Patient/p4"]["amount"] == "50.00"
+    assert by["Patient/p2"]["amount"] == "0.00" and by["Patient/p2"]["codes"] == {}
+    period = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    assert {r["patient"] for r in period["patients"] if r["billable"]} == {
+        "Patient/p1", "Patient/p4"}

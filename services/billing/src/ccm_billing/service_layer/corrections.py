@@ -4,14 +4,17 @@ issue a replacement that points back to it."""
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from collections.abc import Collection
+from datetime import date, datetime
+from decimal import Decimal
 
 from sqlalchemy import select, update
 
 from ccm_billing.adapters import filed, orm
+from ccm_billing.adapters.fhir import EXT_MEDICARE
 from ccm_billing.domain.model import Month
-from ccm_billing.domain.pricing import total
-from ccm_billing.service_layer.charges import priced_lines
+from ccm_billing.domain.pricing import CENT, total
+from ccm_billing.service_layer.charges import PricedLine, priced_lines
 from ccm_shared.db import UnitOfWork, xact_lock
 
 
@@ -64,7 +67,7 @@ async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str,
         stmt = stmt.where(month >= since)
     months = (await uow.session.execute(stmt.distinct())).scalars().all()
     for month in sorted(months):
-        await recompute(uow, practice, month, reason, now)
+        await recompute(uow, practice, month, reason, now, patients=[patient])
 
 
 def _line_key(patient: str, code: str, amount: str, resource: dict) -> tuple:
@@ -76,8 +79,30 @@ def _line_key(patient: str, code: str, amount: str, resource: dict) -> tuple:
     return (patient, code, amount, resource["quantity"]["value"], day, cited)
 
 
-async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str, now: datetime) -> bool:
-    """Recompute a closed month; cancel and reissue its Invoice when the lines changed."""
+def _carried(row) -> PricedLine:  # noqa: ANN001
+    """A billed ChargeItem as the line it was priced as (carried into a reissue unchanged)."""
+    resource = json.loads(row.resource)
+    medicare = next(x["valueMoney"]["value"] for x in resource["extension"]
+                    if x["url"] == EXT_MEDICARE)
+    performer = (resource.get("performer") or [{}])[0].get("actor", {}).get("reference")
+    day = resource.get("occurrenceDateTime")
+    return PricedLine(
+        row.patient, row.code, resource["quantity"]["value"],
+        Decimal(str(medicare)).quantize(CENT), Decimal(row.amount), performer,
+        tuple(r["reference"].removeprefix("Encounter/")
+              for r in resource.get("supportingInformation", [])),
+        date.fromisoformat(day) if day else None)
+
+
+async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str, now: datetime,
+                    *, patients: Collection[str] | None = None) -> bool:
+    """Recompute a closed month; cancel and reissue its Invoice when the lines changed.
+
+    With ``patients`` (what a correction concerns) only they are decided again: every other
+    patient's filed decision and billed lines are carried over as they were, so a correction
+    never picks up unrelated late facts or a changed contract for anyone else (both would make a
+    closed month depend on the order events arrived in). Without, the whole month is decided
+    again and priced with the current contract (the explicit ``recompute`` API)."""
     from ccm_billing.compliance.evidence import file_decisions, filed_decisions
     from ccm_billing.service_layer import invoicing
     from ccm_billing.service_layer.common import practice_info
@@ -88,10 +113,14 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     if period is None:
         return False
     info = await practice_info(uow.session, practice)
-    facts, decisions = await decide_month_with_facts(uow.session, info, month)
+    scope = None if patients is None else set(patients)
+    facts, decisions = await decide_month_with_facts(uow.session, info, month, patients=scope)
+    previous = await filed_decisions(uow.session, practice, month_text)
+    if scope is not None:
+        previous = [d for d in previous if d["patient"].removeprefix("Patient/") in scope]
     # Never an edit: each patient whose decision changed gets a new filing revision.
     await file_decisions(uow, practice, month, facts, decisions, reason=reason, now=now,
-                         previous=await filed_decisions(uow.session, practice, month_text))
+                         previous=previous)
     lines = priced_lines(info, month, decisions)
     i = orm.invoices
     current = (
@@ -100,12 +129,13 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
         )
     ).first()
     ci = filed.charge_items
-    old = set()
+    old, billed = set(), []
     if current is not None:
-        old = {
-            _line_key(r.patient, r.code, r.amount, json.loads(r.resource))
-            for r in (await uow.session.execute(select(ci).where(ci.c.invoice_id == current.id))).all()
-        }
+        billed = (await uow.session.execute(select(ci).where(ci.c.invoice_id == current.id))).all()
+        old = {_line_key(r.patient, r.code, r.amount, json.loads(r.resource)) for r in billed}
+    if scope is not None:
+        lines = sorted([*(_carried(r) for r in billed if r.patient not in scope), *lines],
+                       key=lambda x: (x.patient, x.code))
     new = {(x.patient, x.code, f"{x.amount:.2f}", x.units, x.day.isoformat() if x.day else None,
             x.encounters if x.day else ()) for x in lines}
     if old == new:
@@ -128,7 +158,11 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
             uow, info, month, lines, revision=revision, now=now,
             replaces=current.id if current is not None else None,
         )
-    summary = invoicing.summary(month, decisions, total([x.amount for x in lines]), new_id)
+    # The month's decisions as now filed: the corrected patients' new ones and everyone else's.
+    summary = invoicing.summary_of(
+        month, [invoicing.DecisionGroup.of_doc(d)
+                for d in await filed_decisions(uow.session, practice, month_text) if d],
+        total([x.amount for x in lines]), new_id)
     p = orm.billing_periods
     await uow.session.execute(
         update(p).where(p.c.practice == practice, p.c.month == month_text).values(

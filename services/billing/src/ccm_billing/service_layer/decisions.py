@@ -207,10 +207,11 @@ async def decide_month(
 
 
 async def decide_month_with_facts(
-    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None
+    session: AsyncSession, info: PracticeInfo, month: Month, *, patient: str | None = None,
+    patients: Collection[str] | None = None,
 ) -> tuple[list[PatientMonth], list[Decision]]:
     """The facts loaded and the decision on each (the facts are filed with the decisions)."""
-    facts = await load_facts(session, info, month, patient=patient)
+    facts = await load_facts(session, info, month, patient=patient, patients=patients)
     ruleset = ruleset_for(month)
     options = practice_options(info)
     decide = PROGRAMS["CCM"]

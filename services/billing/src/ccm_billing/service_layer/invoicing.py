@@ -57,6 +57,12 @@ class DecisionGroup:
     def of(cls, d: Decision) -> DecisionGroup:
         return cls(d.codes, d.blockers, d.billable, 1, d.seconds["staff"], d.seconds["practitioner"])
 
+    @classmethod
+    def of_doc(cls, d: dict) -> DecisionGroup:
+        """The same of a filed decision document (``Decision.to_dict``)."""
+        return cls(d["codes"], tuple(d["blockers"]), d["billable"], 1, d["seconds"]["staff"],
+                   d["seconds"]["practitioner"])
+
 
 def summary(month: Month, decisions: list[Decision], total_net: Decimal, invoice_id: str | None) -> dict:
     return summary_of(month, [DecisionGroup.of(d) for d in decisions], total_net, invoice_id)

@@ -20,10 +20,9 @@ from ccm_billing.adapters import orm
 from ccm_billing.compliance import evidence
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules import ruleset_for
-from ccm_billing.domain.rules.ruleset import available_years
 from ccm_billing.domain.rules.ccm import add_months
+from ccm_billing.domain.rules.ruleset import available_years
 from ccm_billing.service_layer import corrections, decision_cache
-from ccm_billing.service_layer.decisions import NOT_ENROLLING
 from ccm_billing.service_layer.common import (
     insert_for,
     parse_day,
@@ -31,6 +30,7 @@ from ccm_billing.service_layer.common import (
     practice_zone,
     upsert_statement,
 )
+from ccm_billing.service_layer.decisions import NOT_ENROLLING
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import NotFound
 from ccm_shared.events import CloudEvent
@@ -174,7 +174,13 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
         )
     if changed and closed and not late:
         # A new version of time already billed (e.g. seconds changed): the month is recomputed.
-        await corrections.recompute(uow, practice, month, "time entry revised after close", now)
+        await corrections.recompute(uow, practice, month, "time entry revised after close", now,
+                                    patients=_whose(existing, details["patient"]))
+
+
+def _whose(existing, patient: str | None) -> list[str]:  # noqa: ANN001
+    """The patients a time entry's change concerns: its patient, and the one it left."""
+    return [p for p in dict.fromkeys((patient, getattr(existing, "patient", None))) if p]
 
 
 async def _moved(uow: UnitOfWork, practice: str, before: str | None, patient: str | None) -> None:
@@ -206,7 +212,8 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
     ).returning(t.c.version)
     changed = (await uow.session.execute(stmt)).first() is not None
     if changed and month and await corrections.is_closed(uow.session, practice, month):
-        await corrections.recompute(uow, practice, month, f"Encounter/{entry_id} {d['reason']}", now)
+        await corrections.recompute(uow, practice, month, f"Encounter/{entry_id} {d['reason']}", now,
+                                    patients=_whose(existing, ref_id(d["patient"])))
 
 
 async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
