@@ -7,6 +7,7 @@ revision files (``ccm_<service>/migrations``). The version table lives in the sc
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -45,6 +46,19 @@ async def upgrade_async(url: str, schema: str, versions_package: str) -> None:
 
 def upgrade_platform(url: str) -> None:
     upgrade(url, PLATFORM, "ccm_shared.platform_migrations")
+
+
+def create_tables(declare: Callable[[MetaData], dict[str, sa.Table]]) -> None:
+    """Inside a migration: create the tables ``declare`` adds to a fresh MetaData, in order
+    (a service's ``add_…_tables`` function of that version)."""
+    for table in declare(MetaData()).values():
+        table.create(op.get_bind())
+
+
+def drop_tables(declare: Callable[[MetaData], dict[str, sa.Table]]) -> None:
+    """Inside a migration's downgrade: drop what ``create_tables(declare)`` created, in reverse."""
+    for table in reversed(list(declare(MetaData()).values())):
+        table.drop(op.get_bind())
 
 
 def create_messaging_tables() -> None:

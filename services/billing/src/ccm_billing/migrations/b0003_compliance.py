@@ -5,10 +5,8 @@ Revises: billing_0002
 Create Date: 2026-11-28
 """
 
-from alembic import op
-from sqlalchemy import MetaData
-
 from ccm_billing.compliance.tables import add_compliance_tables
+from ccm_shared.migrate import create_tables, drop_tables
 
 revision = "billing_0003"
 down_revision = "billing_0002"
@@ -17,10 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    for table in add_compliance_tables(MetaData()).values():
-        table.create(op.get_bind())
+    create_tables(add_compliance_tables)
 
 
 def downgrade() -> None:
-    for table in reversed(list(add_compliance_tables(MetaData()).values())):
-        table.drop(op.get_bind())
+    drop_tables(add_compliance_tables)

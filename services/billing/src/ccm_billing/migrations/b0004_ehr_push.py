@@ -5,10 +5,8 @@ Revises: billing_0003
 Create Date: 2026-11-27
 """
 
-from alembic import op
-from sqlalchemy import MetaData
-
 from ccm_billing.adapters.orm import add_ehr_tables
+from ccm_shared.migrate import create_tables, drop_tables
 
 revision = "billing_0004"
 down_revision = "billing_0003"
@@ -17,10 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    for table in add_ehr_tables(MetaData()).values():
-        table.create(op.get_bind())
+    create_tables(add_ehr_tables)
 
 
 def downgrade() -> None:
-    for table in reversed(list(add_ehr_tables(MetaData()).values())):
-        table.drop(op.get_bind())
+    drop_tables(add_ehr_tables)

@@ -6,10 +6,8 @@ Revises: billing_0010
 Create Date: 2026-11-27
 """
 
-from alembic import op
-from sqlalchemy import MetaData
-
 from ccm_billing.adapters.orm import add_visit_tables
+from ccm_shared.migrate import create_tables, drop_tables
 
 revision = "billing_0011"
 down_revision = "billing_0010"
@@ -18,10 +16,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    for table in add_visit_tables(MetaData()).values():
-        table.create(op.get_bind())
+    create_tables(add_visit_tables)
 
 
 def downgrade() -> None:
-    for table in add_visit_tables(MetaData()).values():
-        table.drop(op.get_bind())
+    drop_tables(add_visit_tables)

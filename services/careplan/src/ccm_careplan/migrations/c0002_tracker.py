@@ -6,10 +6,8 @@ Revises: careplan_0001
 Create Date: 2026-11-27
 """
 
-from alembic import op
-from sqlalchemy import MetaData
-
 from ccm_careplan.adapters.orm import add_tracker_tables
+from ccm_shared.migrate import create_tables, drop_tables
 
 revision = "careplan_0002"
 down_revision = "careplan_0001"
@@ -18,10 +16,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    for table in add_tracker_tables(MetaData()).values():
-        table.create(op.get_bind())
+    create_tables(add_tracker_tables)
 
 
 def downgrade() -> None:
-    for table in reversed(list(add_tracker_tables(MetaData()).values())):
-        table.drop(op.get_bind())
+    drop_tables(add_tracker_tables)

@@ -5,10 +5,8 @@ Revises: notification_0002
 Create Date: 2026-12-01
 """
 
-from alembic import op
-from sqlalchemy import MetaData
-
 from ccm_notification.subscriptions.tables import add_subscription_tables_v1
+from ccm_shared.migrate import create_tables, drop_tables
 
 revision = "notification_0003"
 down_revision = "notification_0002"
@@ -17,10 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    for table in add_subscription_tables_v1(MetaData()).values():
-        table.create(op.get_bind())
+    create_tables(add_subscription_tables_v1)
 
 
 def downgrade() -> None:
-    for table in reversed(list(add_subscription_tables_v1(MetaData()).values())):
-        table.drop(op.get_bind())
+    drop_tables(add_subscription_tables_v1)
