@@ -45,6 +45,23 @@ async def test_rolled_back_transaction_publishes_nothing(sqlite_db):
     assert await state_count(sqlite_db) == 0
 
 
+async def test_an_event_kafka_cannot_take_is_refused_with_its_unit_of_work(sqlite_db):
+    """Over MAX_EVENT_BYTES the relay could never publish it and every later event would wait
+    behind it: it is refused when written, and its transaction's state with it."""
+    from ccm_shared.errors import EventTooLarge
+    from ccm_shared.outbox import MAX_EVENT_BYTES
+
+    big = make_event(data={"blob": "x" * (MAX_EVENT_BYTES + 1)})
+    with pytest.raises(EventTooLarge, match="tests.thing.happened.v1: .* bytes of JSON"):
+        await write_state_and_event(sqlite_db, TOPIC, big, commit=True)
+    assert await state_count(sqlite_db) == 0
+    bus = InProcessTransport()
+    assert await OutboxRelay(sqlite_db, bus).drain() == 0
+    fits = make_event(data={"blob": "x" * (MAX_EVENT_BYTES - 1024)})
+    await write_state_and_event(sqlite_db, TOPIC, fits, commit=True)
+    assert await OutboxRelay(sqlite_db, bus).drain() == 1
+
+
 async def test_sequence_counts_per_patient_and_tenant(sqlite_db):
     seqs = []
     for tenant, patient in [("a", "p1"), ("a", "p1"), ("a", "p2"), ("b", "p1"), ("a", "p1")]:

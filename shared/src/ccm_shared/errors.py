@@ -22,6 +22,13 @@ class InvalidInput(AppError):
     status, title, code = 422, "Invalid input", "invalid"
 
 
+class EventTooLarge(AppError):
+    """An event over what Kafka takes (``transport.MAX_MESSAGE_BYTES``): refused when it would
+    be written to the outbox, with its unit of work, instead of stalling the relay later."""
+
+    status, title, code = 422, "Event too large", "too-costly"
+
+
 class MalformedRequest(AppError):
     status, title, code = 400, "Malformed request", "structure"
 

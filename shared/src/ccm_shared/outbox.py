@@ -24,9 +24,14 @@ from ccm_shared.db import Database, qualified, schema_of
 from ccm_shared.events import CloudEvent, Message, routing_headers
 from ccm_shared.observability import current_correlation_id, metrics
 from ccm_shared.tables import outbox_table, sequences_table
-from ccm_shared.transport import Transport
+from ccm_shared.errors import EventTooLarge
+from ccm_shared.transport import MAX_MESSAGE_BYTES, Transport
 
 log = structlog.get_logger(__name__)
+
+
+# What an event's JSON may take of a Kafka record: the rest is room for its key and headers.
+MAX_EVENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 
 
 class Outbox:
@@ -100,6 +105,11 @@ class Outbox:
                 updates["correlationid"] = cid
             if updates:
                 event = event.model_copy(update=updates)
+            payload = event.to_json()
+            if len(payload) > MAX_EVENT_BYTES:
+                raise EventTooLarge(
+                    f"{event.type}: {len(payload):,} bytes of JSON, over the {MAX_EVENT_BYTES:,} "
+                    "an event may have on Kafka; nothing was written")
             stored.append(event)
             rows.append(
                 {
@@ -108,7 +118,7 @@ class Outbox:
                     "topic": topic,
                     "key": event.kafka_key(),
                     "event_type": event.type,
-                    "payload": event.to_json().decode(),
+                    "payload": payload.decode(),
                     "correlation_id": event.correlationid,
                     "created_at": now,
                 }

@@ -499,3 +499,26 @@ async def test_a_correction_changes_only_the_patients_it_concerns(billing, order
     period = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
     assert {r["patient"] for r in period["patients"] if r["billable"]} == {
         "Patient/p1", "Patient/p4"}
+
+
+async def test_a_close_whose_invoice_kafka_cannot_take_is_refused_and_writes_nothing(
+        billing, monkeypatch):
+    """A close's events over what an event may take (16 MiB less room for key and headers; made
+    small here): a clear 422, the month stays open, nothing is written, and closing again once
+    they fit works."""
+    from ccm_shared import outbox
+
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    monkeypatch.setattr(outbox, "MAX_EVENT_BYTES", 300)
+    refused = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert refused.status_code == 422, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert "bytes of JSON" in refused.json()["detail"]
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    assert rows["period"] == "open"
+    assert await outboxed(billing, "billing.invoice.issued.v1") == []
+    assert (await api(billing).get("/v1/practices/alpha/invoices")).json()["invoices"] == []
+    monkeypatch.undo()
+    closed = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert closed.status_code == 200 and closed.json()["invoice"]["totalNet"] == "75.33"
