@@ -522,3 +522,60 @@ async def test_a_close_whose_invoice_kafka_cannot_take_is_refused_and_writes_not
     monkeypatch.undo()
     closed = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
     assert closed.status_code == 200 and closed.json()["invoice"]["totalNet"] == "75.33"
+
+
+async def _invoice_chain(billing, first_id):
+    chain = [(await api(billing).get(f"/v1/invoices/{first_id}")).json()]
+    while chain[-1]["replacedBy"]:
+        chain.append((await api(billing).get(f"/v1/invoices/{chain[-1]['replacedBy']}")).json())
+    return [(i["status"], i["totalNet"]) for i in chain]
+
+
+async def test_a_consent_moved_to_another_patient_corrects_the_patient_it_left(billing):
+    await _consented_on_march_2(billing, "p4", vid="v4")
+    await _consented_on_march_2(billing, "p9", vid="v9")
+    first = await _close_march(billing)
+    assert first["totalNet"] == "174.00"  # two patients, each 99490 + G0506
+    # p4's consent turns out to be p9's (and revoked): p4 has no consent in March.
+    await deliver(billing, ev.consent("alpha", "p9", "c-p4", obtained="2025-03-02T11:00:00-05:00",
+                                      status="inactive", effective_until="2025-03-31", version=3))
+    assert await _invoice_chain(billing, first["id"]) == [("cancelled", "174.00"),
+                                                          ("issued", "87.00")]
+
+
+async def test_a_visit_moved_in_one_event_reissues_once_never_billing_it_twice(billing):
+    """A newer version puts the initiating visit on another patient in one event (no reversal
+    seen first): one replacement, where G0506 moved with it, never one billing it to both."""
+    await _consented_on_march_2(billing, "p4", vid="v1")
+    await _consented_on_march_2(billing, "p9")
+    first = await _close_march(billing)
+    await deliver(billing, ev.visit("alpha", "p9", "v1", day="2025-03-02", version=2))
+    assert await _invoice_chain(billing, first["id"]) == [("cancelled", "129.00"),
+                                                          ("issued", "129.00")]
+    assert [i["status"] for i in await _g0506_items(billing, "p9")] == ["billable"]
+
+
+async def test_a_visit_dated_out_of_the_lookback_is_no_longer_the_initiating_one(billing):
+    await _consented_on_march_2(billing, "p4", vid="v1")
+    first = await _close_march(billing)
+    assert first["totalNet"] == "87.00"
+    await deliver(billing, ev.visit("alpha", "p4", "v1", day="2023-06-01", version=2))
+    assert await _invoice_chain(billing, first["id"]) == [("cancelled", "87.00"),
+                                                          ("issued", "42.00")]
+
+
+async def test_a_correction_that_leaves_the_lines_updates_the_month_summary(billing):
+    """55 minutes, one 10-minute call entered in error: still 99490 + 99439 (no reissue), but
+    the month's summary counts 45 minutes, as a repeated close answers."""
+    await deliver(billing, *ev.enrolled_patient("alpha", "p1"),
+                  ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
+                  ev.time_logged("alpha", "p1", "a", 1500, "2025-03-03T10:00:00-05:00"),
+                  ev.time_logged("alpha", "p1", "b", 1200, "2025-03-10T10:00:00-04:00"),
+                  ev.time_logged("alpha", "p1", "c", 600, "2025-03-17T10:00:00-04:00"))
+    first = await _close_march(billing)
+    assert first["totalNet"] == "75.33"
+    await deliver(billing, ev.time_reversed("alpha", "p1", "c"))
+    assert await _invoice_chain(billing, first["id"]) == [("issued", "75.33")]
+    again = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()
+    assert again["summary"]["minutes"] == {"staff": 45, "practitioner": 0}
+    assert again["invoice"]["id"] == first["id"]

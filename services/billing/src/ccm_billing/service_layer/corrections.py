@@ -48,26 +48,27 @@ async def locked_at_close(session, practice: str, patient: str | None, month: st
                for e in json.loads(filing or "[]"))
 
 
-async def recompute_patient_months(uow: UnitOfWork, practice: str, patient: str, reason: str,
-                                   now: datetime, *, decided: bool = False,
+async def recompute_patient_months(uow: UnitOfWork, practice: str, patients: Collection[str],
+                                   reason: str, now: datetime, *, decided: bool = False,
                                    since: str | None = None) -> None:
-    """Recompute every closed month in which the patient was billed; with ``decided``, every
-    closed month that decided the patient (billed or not: a fact that can unblock it); with
-    ``since``, only those from that month on."""
+    """Recompute, for ``patients`` together, every closed month in which one of them was
+    billed; with ``decided``, every closed month that decided one of them (billed or not: a
+    fact that can unblock it); with ``since``, only those from that month on."""
+    patients = list(patients)
     if decided:
         f = filed.filings
-        stmt = select(f.c.month).where(f.c.practice == practice, f.c.patient == patient)
+        stmt = select(f.c.month).where(f.c.practice == practice, f.c.patient.in_(patients))
         month = f.c.month
     else:
         ci = filed.charge_items
-        stmt = select(ci.c.month).where(ci.c.practice == practice, ci.c.patient == patient,
+        stmt = select(ci.c.month).where(ci.c.practice == practice, ci.c.patient.in_(patients),
                                         ci.c.status == "billable")
         month = ci.c.month
     if since is not None:
         stmt = stmt.where(month >= since)
     months = (await uow.session.execute(stmt.distinct())).scalars().all()
     for month in sorted(months):
-        await recompute(uow, practice, month, reason, now, patients=[patient])
+        await recompute(uow, practice, month, reason, now, patients=patients)
 
 
 def _line_key(patient: str, code: str, amount: str, resource: dict) -> tuple:
@@ -119,8 +120,8 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     if scope is not None:
         previous = [d for d in previous if d["patient"].removeprefix("Patient/") in scope]
     # Never an edit: each patient whose decision changed gets a new filing revision.
-    await file_decisions(uow, practice, month, facts, decisions, reason=reason, now=now,
-                         previous=previous)
+    refiled = await file_decisions(uow, practice, month, facts, decisions, reason=reason, now=now,
+                                   previous=previous)
     lines = priced_lines(info, month, decisions)
     i = orm.invoices
     current = (
@@ -138,26 +139,30 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
                        key=lambda x: (x.patient, x.code))
     new = {(x.patient, x.code, f"{x.amount:.2f}", x.units, x.day.isoformat() if x.day else None,
             x.encounters if x.day else ()) for x in lines}
-    if old == new:
+    reissue = old != new
+    if not reissue and not refiled:
         return False
-    revision = (
-        await uow.session.execute(
-            select(i.c.revision).where(i.c.practice == practice, i.c.month == month_text)
-            .order_by(i.c.revision.desc()).limit(1)
-        )
-    ).scalar()
-    revision = 0 if revision is None else revision + 1
-    from ccm_billing.adapters.fhir import invoice_id
+    new_id, invoice_ref = (current.id if current is not None else None), None
+    if reissue:
+        revision = (
+            await uow.session.execute(
+                select(i.c.revision).where(i.c.practice == practice, i.c.month == month_text)
+                .order_by(i.c.revision.desc()).limit(1)
+            )
+        ).scalar()
+        revision = 0 if revision is None else revision + 1
+        from ccm_billing.adapters.fhir import invoice_id
 
-    new_id = invoice_id(practice, month, revision) if lines else None
-    if current is not None:
-        await invoicing.cancel_invoice(uow, current, f"corrected: {reason}", new_id, now)
-    new_row = None
-    if lines:
-        new_row = await invoicing.issue_invoice(
-            uow, info, month, lines, revision=revision, now=now,
-            replaces=current.id if current is not None else None,
-        )
+        new_id = invoice_id(practice, month, revision) if lines else None
+        if current is not None:
+            await invoicing.cancel_invoice(uow, current, f"corrected: {reason}", new_id, now)
+        if lines:
+            invoice_ref = (await invoicing.issue_invoice(
+                uow, info, month, lines, revision=revision, now=now,
+                replaces=current.id if current is not None else None,
+            ))["id"]
+    else:
+        invoice_ref = new_id  # the lines stand; only the decisions (and so the summary) moved
     # The month's decisions as now filed: the corrected patients' new ones and everyone else's.
     summary = invoicing.summary_of(
         month, [invoicing.DecisionGroup.of_doc(d)
@@ -166,8 +171,8 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     p = orm.billing_periods
     await uow.session.execute(
         update(p).where(p.c.practice == practice, p.c.month == month_text).values(
-            invoice_id=new_row["id"] if new_row else None,
+            invoice_id=invoice_ref,
             summary=json.dumps({**json.loads(period.summary), **summary}),
         )
     )
-    return True
+    return reissue

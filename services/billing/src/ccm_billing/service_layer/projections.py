@@ -80,12 +80,23 @@ def _patient_of_statement(table, keys: tuple[str, ...]):  # noqa: ANN001, ANN202
         *(table.c[k] == bindparam(k, type_=table.c[k].type) for k in keys))
 
 
-async def _upsert_fact(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # noqa: ANN001
-    """``_upsert`` of a patient's fact; a fact that moves to another patient also changes the
-    facts of the patient it leaves."""
+async def _upsert_fact(uow: UnitOfWork, table, keys: dict,  # noqa: ANN001
+                       values: dict) -> tuple[bool, str | None]:
+    """``_upsert`` of a patient's fact: (whether the row changed, the patient it was of before).
+    A fact that moves to another patient also changes the facts of the patient it leaves."""
     before = (await uow.session.execute(_patient_of_statement(table, tuple(keys)), keys)).scalar()
     await _moved(uow, keys["practice"], before, values["patient"])
-    return await _upsert(uow, table, keys, values)
+    return await _upsert(uow, table, keys, values), before
+
+
+def _corrected(changed: bool, removed: bool, patient: str | None,
+               before: str | None) -> list[str]:
+    """The patients whose closed months a consent or care-plan version corrects: its patient
+    when it was taken away (in error, revoked), and the patient it moved from (who lost it)."""
+    if not changed:
+        return []
+    return [p for p in dict.fromkeys((patient if removed else None,
+                                      before if before != patient else None)) if p]
 
 
 async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # noqa: ANN001
@@ -218,7 +229,7 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
 
 async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
-    changed = await _upsert_fact(
+    changed, before = await _upsert_fact(
         uow, orm.consents, {"practice": practice, "consent_id": ref_id(d["consent"])},
         {
             "patient": patient,
@@ -230,15 +241,15 @@ async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noq
             "practitioner": d["practitioners"][0] if d["practitioners"] else None,
         },
     )
-    if changed and d["status"] in ("entered-in-error", "inactive"):
+    if who := _corrected(changed, d["status"] in ("entered-in-error", "inactive"), patient, before):
         await corrections.recompute_patient_months(
-            uow, practice, patient, f"Consent/{ref_id(d['consent'])} {d['status']}", now)
+            uow, practice, who, f"Consent/{ref_id(d['consent'])} {d['status']}", now)
 
 
 async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
     review = (d.get("review") or {}).get("date")
-    changed = await _upsert_fact(
+    changed, before = await _upsert_fact(
         uow, orm.care_plans, {"practice": practice, "care_plan_id": ref_id(d["carePlan"])},
         {
             "patient": patient,
@@ -249,9 +260,9 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
             "last_review": parse_day(review),
         },
     )
-    if changed and d["status"] in ("entered-in-error", "revoked"):
+    if who := _corrected(changed, d["status"] in ("entered-in-error", "revoked"), patient, before):
         await corrections.recompute_patient_months(
-            uow, practice, patient, f"CarePlan/{ref_id(d['carePlan'])} {d['status']}", now)
+            uow, practice, who, f"CarePlan/{ref_id(d['carePlan'])} {d['status']}", now)
 
 
 async def _condition(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
@@ -282,7 +293,7 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
                                         .where(v.c.practice == practice, v.c.visit_id == visit))).first()
     now_is = (patient, reason or "finished", parse_day(d["date"]),
               json.dumps(d.get("performers") or []))
-    changed = await _upsert_fact(
+    changed, _ = await _upsert_fact(
         uow, orm.visits, {"practice": practice, "visit_id": visit},
         {
             "patient": patient,
@@ -298,14 +309,18 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
     # It may have initiated (or now initiate) CCM in a closed month — G0506, the missing-visit
     # warning or blocker — of the patient it is for and of the one it left: those months are
     # recomputed, and cancelled and reissued where their lines change.
-    affected = {patient: now_is[2]}
+    # Each (patient, day) it was or is: a day moved out of the lookback matters as much as one
+    # moved into it. All affected patients are corrected together, month by month (one by one,
+    # the first replacement would bill a moved visit's G0506 to both).
+    was_and_is = [(patient, now_is[2])]
     if before is not None:
-        affected[before.patient] = min(before.day, affected.get(before.patient, before.day))
-    for who, day in affected.items():
-        if who and await _may_initiate(uow, practice, who, day):
-            await corrections.recompute_patient_months(
-                uow, practice, who, f"Encounter/{visit} {reason or 'recorded'}", now,
-                decided=True, since=str(Month.of(day)))
+        was_and_is += [(before.patient, before.day), (patient, before.day)]
+    affected = [who for who, day in dict.fromkeys(was_and_is)
+                if who and await _may_initiate(uow, practice, who, day)]
+    if affected:
+        await corrections.recompute_patient_months(
+            uow, practice, list(dict.fromkeys(affected)), f"Encounter/{visit} {reason or 'recorded'}",
+            now, decided=True, since=str(Month.of(min(day for _, day in was_and_is))))
 
 
 async def _may_initiate(uow: UnitOfWork, practice: str, patient: str, day) -> bool:  # noqa: ANN001
