@@ -319,8 +319,9 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
                 if who and await _may_initiate(uow, practice, who, day)]
     if affected:
         await corrections.recompute_patient_months(
-            uow, practice, list(dict.fromkeys(affected)), f"Encounter/{visit} {reason or 'recorded'}",
-            now, decided=True, since=str(Month.of(min(day for _, day in was_and_is))))
+            uow, practice, list(dict.fromkeys(affected)),
+            f"Encounter/{visit} {reason or 'recorded'}", now, decided=True,
+            since=str(Month.of(min(day for _, day in was_and_is))))
 
 
 async def _may_initiate(uow: UnitOfWork, practice: str, patient: str, day) -> bool:  # noqa: ANN001
