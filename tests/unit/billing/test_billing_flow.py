@@ -579,3 +579,20 @@ async def test_a_correction_that_leaves_the_lines_updates_the_month_summary(bill
     again = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()
     assert again["summary"]["minutes"] == {"staff": 45, "practitioner": 0}
     assert again["invoice"]["id"] == first["id"]
+
+
+async def test_a_correction_reissues_when_only_the_billing_practitioner_changed(billing):
+    """p4's consent now names doc-2 (no correction by itself); its time entry is then revised
+    (same minutes): the replacement's ChargeItems name doc-2, though amounts are unchanged."""
+    await _consented_on_march_2(billing, "p4")
+    first = await _close_march(billing)
+    await deliver(billing, ev.consent("alpha", "p4", "c-p4", obtained="2025-03-02T11:00:00-05:00",
+                                      version=3, practitioner="Practitioner/doc-2"),
+                  ev.time_logged("alpha", "p4", "e-p4", 1800, "2025-03-05T10:00:00-05:00",
+                                 version=2))
+    assert await _invoice_chain(billing, first["id"]) == [("cancelled", "42.00"),
+                                                          ("issued", "42.00")]
+    items = (await api(billing).get("/fhir/ChargeItem", params={"subject": "Patient/p4"})).json()
+    assert sorted((e["resource"]["status"], e["resource"]["performer"][0]["actor"]["reference"])
+                  for e in items["entry"]) == [("billable", "Practitioner/doc-2"),
+                                               ("entered-in-error", "Practitioner/doc-1")]

@@ -71,13 +71,11 @@ async def recompute_patient_months(uow: UnitOfWork, practice: str, patients: Col
         await recompute(uow, practice, month, reason, now, patients=patients)
 
 
-def _line_key(patient: str, code: str, amount: str, resource: dict) -> tuple:
-    """What a reissue compares of a ChargeItem: patient, code, amount, units and, for a line of
-    one day (G0506), that day and the Encounters it cites (its initiating visit can change)."""
-    day = resource.get("occurrenceDateTime")
-    cited = tuple(r["reference"].removeprefix("Encounter/")
-                  for r in resource.get("supportingInformation", [])) if day else ()
-    return (patient, code, amount, resource["quantity"]["value"], day, cited)
+def _line_key(line: PricedLine) -> tuple:
+    """What a reissue compares of a line: patient, code, amount, units, performer and, for a
+    line of one day (G0506), that day and the Encounters it cites (its visit can change)."""
+    return (line.patient, line.code, f"{line.amount:.2f}", line.units, line.practitioner, line.day,
+            line.encounters if line.day else ())
 
 
 def _carried(row) -> PricedLine:  # noqa: ANN001
@@ -133,12 +131,11 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     old, billed = set(), []
     if current is not None:
         billed = (await uow.session.execute(select(ci).where(ci.c.invoice_id == current.id))).all()
-        old = {_line_key(r.patient, r.code, r.amount, json.loads(r.resource)) for r in billed}
+        old = {_line_key(_carried(r)) for r in billed}
     if scope is not None:
         lines = sorted([*(_carried(r) for r in billed if r.patient not in scope), *lines],
                        key=lambda x: (x.patient, x.code))
-    new = {(x.patient, x.code, f"{x.amount:.2f}", x.units, x.day.isoformat() if x.day else None,
-            x.encounters if x.day else ()) for x in lines}
+    new = {_line_key(x) for x in lines}
     reissue = old != new
     if not reissue and not refiled:
         return False
