@@ -596,3 +596,21 @@ async def test_a_correction_reissues_when_only_the_billing_practitioner_changed(
     assert sorted((e["resource"]["status"], e["resource"]["performer"][0]["actor"]["reference"])
                   for e in items["entry"]) == [("billable", "Practitioner/doc-2"),
                                                ("entered-in-error", "Practitioner/doc-1")]
+
+
+@pytest.mark.parametrize("order", ["reversal first", "entry first"])
+async def test_time_moved_out_of_a_closed_month_leaves_it_in_either_order(billing, order):
+    """The EHR corrects an Encounter's date from 17 March to 2 April after March closed. Ingest
+    reports it as a reversal for March and an entry for April, of one source version, in either
+    order: March is reissued without it and April counts it."""
+    await march_practice(billing)
+    first = await _close_march(billing)
+    assert first["totalNet"] == "75.33"  # p1: 25 + 20 minutes
+    moved = [ev.time_reversed("alpha", "p1", "e2", version=2, reason="not-ccm", month="2025-03"),
+             ev.time_logged("alpha", "p1", "e2", 1200, "2025-04-02T10:00:00-04:00", version=2)]
+    await deliver(billing, *(moved if order == "reversal first" else moved[::-1]))
+    assert await _invoice_chain(billing, first["id"]) == [("cancelled", "75.33"),
+                                                          ("issued", "42.00")]
+    april = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-04/worklist")).json()
+    p1 = next(r for r in april["patients"] if r["patient"] == "Patient/p1")
+    assert p1["seconds"]["staff"] == 1200 and "e2" in p1["explanation"]["counted"]

@@ -121,3 +121,22 @@ def test_a_downgrade_copies_what_was_filed_in_place_into_the_tables_the_older_co
     assert cached == [("2025-04", "p1"), ("2025-04", "p1")]  # the open month's cache only
     upgrade(url, "billing", PACKAGE)
     assert {"filed_in_place", "line_invoice", "line_entered"} <= columns(url, "billing_periods")
+
+
+def test_time_entry_versions_get_the_suffix_of_their_state_and_lose_it_on_downgrade(tmp_path):
+    """billing_0012: a logged entry's versions end in |1, a reversed one's in |0 (what the
+    projection writes since), so a reversal and a new entry of one source version order."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    upgrade_platform(url)
+    command.upgrade(alembic_config(url, "billing", PACKAGE), "billing_0011")
+    entry = ("INSERT INTO billing.time_entries (practice, entry_id, patient, version, data_version,"
+             " status, seconds, month, complex, role_codes, warnings, late) VALUES ('a', :e, 'p1',"
+             " :v, :dv, :s, 60, '2025-03', 0, '[]', '[]', 0)")
+    v = "2025-01-01T00:00:01.000000|00000000000000000002"
+    read = ("SELECT entry_id, version, data_version FROM billing.time_entries ORDER BY entry_id", {})
+    run_sql(url, [(entry, {"e": "e1", "v": v, "dv": v, "s": "finished"}),
+                  (entry, {"e": "e2", "v": v, "dv": None, "s": "entered-in-error"})])
+    upgrade(url, "billing", PACKAGE)
+    assert run_sql(url, [read])[0] == [("e1", v + "|1", v + "|1"), ("e2", v + "|0", None)]
+    command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0011")
+    assert run_sql(url, [read])[0] == [("e1", v, v), ("e2", v, None)]

@@ -55,7 +55,9 @@ async def _deliver_and_decide(events) -> list[dict]:
                     await uow.commit()
             async with db.unit_of_work() as uow:
                 info = await practice_info(uow.session, "alpha")
-                return [d.to_dict() for d in await decide_month(uow.session, info, MARCH)]
+                # March, and April for the time moved there.
+                return [d.to_dict() for month in (MARCH, MARCH.next())
+                        for d in await decide_month(uow.session, info, month)]
         finally:
             await db.dispose()
 
@@ -63,7 +65,7 @@ async def _deliver_and_decide(events) -> list[dict]:
 def scenario_events():
     """Two patients; an Encounter revised (v2 shortens it) and another reversed; a role that
     re-classifies a performer; a consent replaced by a later version dated mid-month; a visit
-    recorded and reversed; a visit moved to another patient."""
+    recorded and reversed; a visit moved to another patient; time moved to another month."""
     return [
         *ev.enrolled_patient("alpha", "p1"), *ev.enrolled_patient("alpha", "p2"),
         ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
@@ -80,6 +82,11 @@ def scenario_events():
         # A later visit the day of p1's consent would initiate it, had it not been reversed.
         ev.visit("alpha", "p1", "v-z"),
         ev.visit("alpha", "p1", "v-z", version=2, reason="entered-in-error"),
+        # Time moved to April (its date corrected): one source version, a reversal for March and
+        # the entry in April.
+        ev.time_logged("alpha", "p2", "e5", 300, "2025-03-20T10:00:00-04:00"),
+        ev.time_reversed("alpha", "p2", "e5", version=2, reason="not-ccm", month="2025-03"),
+        ev.time_logged("alpha", "p2", "e5", 300, "2025-04-20T10:00:00-04:00", version=2),
         # A visit moved from p1 to p2: one source version, a reversal for p1 and a visit for p2.
         ev.visit("alpha", "p1", "v-y"),
         ev.visit("alpha", "p1", "v-y", version=2, reason="not-a-visit"),
@@ -97,11 +104,15 @@ def baseline() -> list[dict]:
 
 
 def test_the_baseline_decides_what_the_events_say():
-    rows = {d["patient"]: d for d in baseline()}
+    rows = {d["patient"]: d for d in baseline() if d["month"] == "2025-03"}
+    april = {d["patient"]: d for d in baseline() if d["month"] == "2025-04"}
+    assert april["Patient/p2"]["counted"] == ["e5"]
     assert rows["Patient/p1"]["seconds"] == {"staff": 1300, "practitioner": 0}
     assert rows["Patient/p1"]["codes"] == {"99490": 1}
     assert rows["Patient/p2"]["codes"] == {"99491": 1}
     assert rows["Patient/p2"]["warnings"] == ["consent-after-service"]
+    assert "Encounter/e5" not in {n["entry"] for n in rows["Patient/p2"]["notCounted"]}
+    assert "e5" not in rows["Patient/p2"]["counted"]  # it is April's now
     assert rows["Patient/p1"]["initiatingVisit"] == {"encounter": "Encounter/v-p1",
                                                      "date": "2024-12-01"}
     assert rows["Patient/p2"]["initiatingVisit"] == {"encounter": "Encounter/v-y",

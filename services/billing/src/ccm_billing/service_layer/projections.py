@@ -57,6 +57,14 @@ TOPICS = (
 ACTIVE_CLINICAL = {"active", "recurrence", "relapse"}
 
 
+# Ingest reports time moved to another month, and a visit moved to another patient, as two
+# events of one source version: the reversal (for the old month or patient) and the new state.
+# They travel on different topics, so either can come first; at the same version the new state
+# wins: these suffixes sort after the version (and "|1" after "|0"). ``version_key`` pads
+# versionIds to one width (ingest assigns increasing integers), so they never reorder versions.
+RECORDED, REVERSED = "|1", "|0"
+
+
 def version_key(source: dict) -> str:
     """Sortable text of a source version: UTC lastUpdated, then the zero-padded versionId."""
     updated = parse_instant(source["lastUpdated"]).astimezone(UTC)
@@ -157,7 +165,7 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
         existing is not None and existing.month == month
         and await corrections.locked_at_close(uow.session, practice, existing.patient, month, entry_id)
     )
-    version = version_key(d["source"])
+    version = version_key(d["source"]) + RECORDED
     details = {
         "patient": ref_id(d["patient"]),
         "data_version": version,
@@ -187,6 +195,12 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
         # A new version of time already billed (e.g. seconds changed): the month is recomputed.
         await corrections.recompute(uow, practice, month, "time entry revised after close", now,
                                     patients=_whose(existing, details["patient"]))
+    if (changed and existing is not None and existing.month not in (None, month)
+            and await corrections.is_closed(uow.session, practice, existing.month)):
+        # Moved out of a closed month (its date corrected): that month no longer has it.
+        await corrections.recompute(uow, practice, existing.month,
+                                    f"Encounter/{entry_id} moved to {month}", now,
+                                    patients=_whose(existing, details["patient"]))
 
 
 def _whose(existing, patient: str | None) -> list[str]:  # noqa: ANN001
@@ -213,7 +227,7 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
     month = existing.month if existing is not None else d.get("serviceMonth")
     ins = insert_for(uow.session)(t).values(
         practice=practice, entry_id=entry_id, patient=ref_id(d["patient"]),
-        version=version_key(d["source"]), status=d["reason"], seconds=0, month=month,
+        version=version_key(d["source"]) + REVERSED, status=d["reason"], seconds=0, month=month,
         complex=False, role_codes="[]", warnings="[]", late=False,
     )
     stmt = ins.on_conflict_do_update(
@@ -282,11 +296,9 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
     """A qualifying visit, or its reversal (which carries no codes nor performers: a reversed
     visit initiates nothing). Either way every column comes from the newest version.
 
-    An Encounter moved to another patient comes as two events of the same source version: the
-    reversal for the patient it left and the visit for the one it joined, on different
-    partitions, so in either order. At the same version the recorded visit wins (``|1`` sorts
-    after ``|0``). Ingest assigns versionIds as increasing integers, which ``version_key``
-    zero-pads to one width, so the suffix only ever decides between equal versions."""
+    An Encounter moved to another patient comes as the reversal for the patient it left and the
+    visit for the one it joined, of one source version, in either order: the visit wins
+    (``RECORDED`` over ``REVERSED``)."""
     patient, visit, reason = ref_id(d["patient"]), ref_id(d["visit"]), d.get("reason")
     v = orm.visits
     before = (await uow.session.execute(select(v.c.patient, v.c.status, v.c.day, v.c.performers)
@@ -297,7 +309,7 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
         uow, orm.visits, {"practice": practice, "visit_id": visit},
         {
             "patient": patient,
-            "version": f"{version_key(d['source'])}|{0 if reason else 1}",
+            "version": version_key(d["source"]) + (REVERSED if reason else RECORDED),
             "status": now_is[1],
             "day": now_is[2],
             "codes": json.dumps(d.get("codes") or []),
