@@ -237,8 +237,8 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
     ).returning(t.c.version)
     changed = (await uow.session.execute(stmt)).first() is not None
     if changed and month and await corrections.is_closed(uow.session, practice, month):
-        await corrections.recompute(uow, practice, month, f"Encounter/{entry_id} {d['reason']}", now,
-                                    patients=_whose(existing, ref_id(d["patient"])))
+        await corrections.recompute(uow, practice, month, f"Encounter/{entry_id} {d['reason']}",
+                                    now, patients=_whose(existing, ref_id(d["patient"])))
 
 
 async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
@@ -301,8 +301,9 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
     (``RECORDED`` over ``REVERSED``)."""
     patient, visit, reason = ref_id(d["patient"]), ref_id(d["visit"]), d.get("reason")
     v = orm.visits
-    before = (await uow.session.execute(select(v.c.patient, v.c.status, v.c.day, v.c.performers)
-                                        .where(v.c.practice == practice, v.c.visit_id == visit))).first()
+    before = (await uow.session.execute(
+        select(v.c.patient, v.c.status, v.c.day, v.c.performers)
+        .where(v.c.practice == practice, v.c.visit_id == visit))).first()
     now_is = (patient, reason or "finished", parse_day(d["date"]),
               json.dumps(d.get("performers") or []))
     changed, _ = await _upsert_fact(
