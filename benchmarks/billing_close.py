@@ -36,6 +36,7 @@ from ccm_billing.entrypoints.consumers import consumers
 from ccm_billing.service_layer import decision_cache
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.invoicing import close_period
+from ccm_billing.service_layer.projections import RECORDED
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.db import Database
 from ccm_shared.events import CloudEvent, to_message
@@ -83,7 +84,8 @@ async def load(db: Database, practices: list[str], per_practice: int, entries: i
             for e in range(entries):
                 doc = rng.random() < 0.1
                 rows["time_entries"].append((
-                    practice, f"e{p}-{e}", pid, version, version, "finished", rng.randint(60, 900),
+                    practice, f"e{p}-{e}", pid, version + RECORDED, version + RECORDED, "finished",
+                    rng.randint(60, 900),
                     start + timedelta(days=rng.randint(0, 27), minutes=e), "2025-03", False,
                     "Practitioner/doc" if doc else "Practitioner/nurse",
                     "PractitionerRole/doc" if doc else "PractitionerRole/nurse", "[]", "[]",

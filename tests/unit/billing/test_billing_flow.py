@@ -614,3 +614,22 @@ async def test_time_moved_out_of_a_closed_month_leaves_it_in_either_order(billin
     april = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-04/worklist")).json()
     p1 = next(r for r in april["patients"] if r["patient"] == "Patient/p1")
     assert p1["seconds"]["staff"] == 1200 and "e2" in p1["explanation"]["counted"]
+
+
+@pytest.mark.parametrize("order", ["out, then back", "back, then out"])
+async def test_time_moved_out_of_its_closed_month_and_back_is_the_filed_entry_again(billing, order):
+    """Billed in March, moved to April (v2), then back to 17 March (v3): in any delivery order
+    of the two moves it is March's filed entry again, not time logged after the close."""
+    await march_practice(billing)
+    first = await _close_march(billing)
+    out = [ev.time_reversed("alpha", "p1", "e2", version=2, reason="not-ccm", month="2025-03"),
+           ev.time_logged("alpha", "p1", "e2", 1200, "2025-04-02T10:00:00-04:00", version=2)]
+    back = [ev.time_reversed("alpha", "p1", "e2", version=3, reason="not-ccm", month="2025-04"),
+            ev.time_logged("alpha", "p1", "e2", 1200, "2025-03-17T10:00:00-04:00", version=3)]
+    await deliver(billing, *(out + back if order == "out, then back" else back + out))
+    chain = await _invoice_chain(billing, first["id"])
+    assert chain[-1] == ("issued", "75.33")
+    async with billing.db.unit_of_work() as uow:
+        row = (await uow.session.execute(select(orm.time_entries).where(
+            orm.time_entries.c.entry_id == "e2"))).one()
+    assert (row.month, row.status, row.late) == ("2025-03", "finished", False)

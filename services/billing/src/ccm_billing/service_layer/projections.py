@@ -161,8 +161,11 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
     existing, closed = await _entry_and_closed(uow, practice, entry_id, month)
     if existing is not None:
         await _moved(uow, practice, existing.patient, ref_id(d["patient"]))
+    # Late unless the close of ``month`` locked it: the lock record is that month's filing,
+    # whichever month the row says now (an entry moved out and back is the filed one, in any
+    # delivery order of the moves).
     late = closed and not (
-        existing is not None and existing.month == month
+        existing is not None
         and await corrections.locked_at_close(uow.session, practice, existing.patient, month, entry_id)
     )
     version = version_key(d["source"]) + RECORDED
