@@ -9,7 +9,7 @@ from decimal import Decimal
 
 from ccm_billing.adapters import fhir
 from ccm_billing.domain.model import Decision, Month
-from ccm_billing.domain.pricing import ChargeLine, PricingInvalid, price_lines
+from ccm_billing.domain.pricing import CENT, ChargeLine, PricingInvalid, price_lines
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.service_layer.common import PracticeInfo
 from ccm_shared.errors import InvalidInput
@@ -51,6 +51,22 @@ def priced_lines(info: PracticeInfo, month: Month, decisions: list[Decision]) ->
         out.append(PricedLine(line.patient, line.code, line.units, line.medicare_unit * line.units,
                               amount, d.practitioner, encounters, day))
     return out
+
+
+def billed_line(row) -> PricedLine:  # noqa: ANN001
+    """A stored ChargeItem (a ``filed.charge_items`` row) as the line it was priced as: what a
+    reissue carries over unchanged and the report shows of a closed month."""
+    resource = json.loads(row.resource)
+    medicare = next(x["valueMoney"]["value"] for x in resource["extension"]
+                    if x["url"] == fhir.EXT_MEDICARE)
+    performer = (resource.get("performer") or [{}])[0].get("actor", {}).get("reference")
+    day = resource.get("occurrenceDateTime")
+    return PricedLine(
+        row.patient, row.code, resource["quantity"]["value"],
+        Decimal(str(medicare)).quantize(CENT), Decimal(row.amount), performer,
+        tuple(r["reference"].removeprefix("Encounter/")
+              for r in resource.get("supportingInformation", [])),
+        date.fromisoformat(day) if day else None)
 
 
 def charge_item_stub(practice: str, month: Month, line: PricedLine, revision: int) -> tuple[str, str]:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
-from datetime import date, datetime
-from decimal import Decimal
+from datetime import datetime
 
 from sqlalchemy import select, update
 
 from ccm_billing.adapters import filed, orm
-from ccm_billing.adapters.fhir import EXT_MEDICARE
 from ccm_billing.domain.model import Month
-from ccm_billing.domain.pricing import CENT, total
-from ccm_billing.service_layer.charges import PricedLine, priced_lines
+from ccm_billing.domain.pricing import total
+from ccm_billing.service_layer.charges import PricedLine, billed_line, priced_lines
 from ccm_shared.db import UnitOfWork, xact_lock
 
 
@@ -78,21 +76,6 @@ def _line_key(line: PricedLine) -> tuple:
             line.encounters if line.day else ())
 
 
-def _carried(row) -> PricedLine:  # noqa: ANN001
-    """A billed ChargeItem as the line it was priced as (carried into a reissue unchanged)."""
-    resource = json.loads(row.resource)
-    medicare = next(x["valueMoney"]["value"] for x in resource["extension"]
-                    if x["url"] == EXT_MEDICARE)
-    performer = (resource.get("performer") or [{}])[0].get("actor", {}).get("reference")
-    day = resource.get("occurrenceDateTime")
-    return PricedLine(
-        row.patient, row.code, resource["quantity"]["value"],
-        Decimal(str(medicare)).quantize(CENT), Decimal(row.amount), performer,
-        tuple(r["reference"].removeprefix("Encounter/")
-              for r in resource.get("supportingInformation", [])),
-        date.fromisoformat(day) if day else None)
-
-
 async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str, now: datetime,
                     *, patients: Collection[str] | None = None) -> bool:
     """Recompute a closed month; cancel and reissue its Invoice when the lines changed.
@@ -114,9 +97,12 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     info = await practice_info(uow.session, practice)
     scope = None if patients is None else set(patients)
     facts, decisions = await decide_month_with_facts(uow.session, info, month, patients=scope)
-    previous = await filed_decisions(uow.session, practice, month_text)
-    if scope is not None:
-        previous = [d for d in previous if d["patient"].removeprefix("Patient/") in scope]
+    filed_before = await filed_decisions(uow.session, practice, month_text)
+    # Everyone else's filings stand as they are (the explicit recompute: nobody else's).
+    previous, kept = [], []
+    for d in filed_before:
+        (previous if scope is None or d["patient"].removeprefix("Patient/") in scope
+         else kept).append(d)
     # Never an edit: each patient whose decision changed gets a new filing revision.
     refiled = await file_decisions(uow, practice, month, facts, decisions, reason=reason, now=now,
                                    previous=previous)
@@ -131,9 +117,9 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     old, billed = set(), []
     if current is not None:
         billed = (await uow.session.execute(select(ci).where(ci.c.invoice_id == current.id))).all()
-        old = {_line_key(_carried(r)) for r in billed}
+        old = {_line_key(billed_line(r)) for r in billed}
     if scope is not None:
-        lines = sorted([*(_carried(r) for r in billed if r.patient not in scope), *lines],
+        lines = sorted([*(billed_line(r) for r in billed if r.patient not in scope), *lines],
                        key=lambda x: (x.patient, x.code))
     new = {_line_key(x) for x in lines}
     reissue = old != new
@@ -162,8 +148,8 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
         invoice_ref = new_id  # the lines stand; only the decisions (and so the summary) moved
     # The month's decisions as now filed: the corrected patients' new ones and everyone else's.
     summary = invoicing.summary_of(
-        month, [invoicing.DecisionGroup.of_doc(d)
-                for d in await filed_decisions(uow.session, practice, month_text) if d],
+        month, [*map(invoicing.DecisionGroup.of_doc, kept),
+                *map(invoicing.DecisionGroup.of, decisions)],
         total([x.amount for x in lines]), new_id)
     p = orm.billing_periods
     await uow.session.execute(

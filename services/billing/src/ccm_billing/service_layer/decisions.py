@@ -44,14 +44,15 @@ async def _roles(session: AsyncSession, practice: str) -> tuple[dict, dict, dict
     return by_role, by_practitioner, practitioner_of
 
 
-def visit_of(row, practitioner_of: dict) -> Visit:  # noqa: ANN001
+def visit_of(row, practitioner_of: dict, roles_of: dict) -> Visit:  # noqa: ANN001
     """A projected visit. Its performers are named by Practitioner and by PractitionerRole
-    (either can name the billing practitioner on a Consent): each counts as the other too."""
+    (either can name the billing practitioner on a Consent): each counts as the other too
+    (``practitioner_of`` a role, ``roles_of`` a practitioner)."""
     who = set()
     for p in json.loads(row.performers):
         who.update(x for x in (p.get("practitioner"), p.get("practitionerRole")) if x)
     who.update(practitioner_of[x] for x in list(who) if x in practitioner_of)
-    who.update(role for role, practitioner in practitioner_of.items() if practitioner in who)
+    who.update(role for x in list(who) for role in roles_of.get(x, ()))
     return Visit(row.visit_id, row.day, frozenset(who), row.status)
 
 
@@ -164,8 +165,11 @@ async def load_facts(
             CarePlan(row.care_plan_id, row.status, row.intent, row.created, row.last_review)
         )
     visits: dict[str, list[Visit]] = defaultdict(list)
+    roles_of: dict[str, set[str]] = defaultdict(set)
+    for role, practitioner in role_practitioner.items():
+        roles_of[practitioner].add(role)
     for row in (await session.execute(select(v).where(*scoped(v)))).all():
-        visits[row.patient].append(visit_of(row, role_practitioner))
+        visits[row.patient].append(visit_of(row, role_practitioner, roles_of))
     chronic = dict(
         (
             await session.execute(

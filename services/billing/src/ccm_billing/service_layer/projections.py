@@ -97,14 +97,18 @@ async def _upsert_fact(uow: UnitOfWork, table, keys: dict,  # noqa: ANN001
     return await _upsert(uow, table, keys, values), before
 
 
+def _distinct(*patients: str | None) -> list[str]:
+    """The patients named, each once, in order, without the empty ones."""
+    return [p for p in dict.fromkeys(patients) if p]
+
+
 def _corrected(changed: bool, removed: bool, patient: str | None,
                before: str | None) -> list[str]:
     """The patients whose closed months a consent or care-plan version corrects: its patient
     when it was taken away (in error, revoked), and the patient it moved from (who lost it)."""
     if not changed:
         return []
-    return [p for p in dict.fromkeys((patient if removed else None,
-                                      before if before != patient else None)) if p]
+    return _distinct(patient if removed else None, before if before != patient else None)
 
 
 async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # noqa: ANN001
@@ -208,7 +212,7 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
 
 def _whose(existing, patient: str | None) -> list[str]:  # noqa: ANN001
     """The patients a time entry's change concerns: its patient, and the one it left."""
-    return [p for p in dict.fromkeys((patient, getattr(existing, "patient", None))) if p]
+    return _distinct(patient, getattr(existing, "patient", None))
 
 
 async def _moved(uow: UnitOfWork, practice: str, before: str | None, patient: str | None) -> None:
@@ -309,7 +313,8 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
         .where(v.c.practice == practice, v.c.visit_id == visit))).first()
     now_is = (patient, reason or "finished", parse_day(d["date"]),
               json.dumps(d.get("performers") or []))
-    changed, _ = await _upsert_fact(
+    await _moved(uow, practice, before.patient if before is not None else None, patient)
+    changed = await _upsert(
         uow, orm.visits, {"practice": practice, "visit_id": visit},
         {
             "patient": patient,
@@ -328,23 +333,23 @@ async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa:
     # Each (patient, day) it was or is: a day moved out of the lookback matters as much as one
     # moved into it. All affected patients are corrected together, month by month (one by one,
     # the first replacement would bill a moved visit's G0506 to both).
-    was_and_is = [(patient, now_is[2])]
+    days: dict[str, list] = {patient: [now_is[2]]}
     if before is not None:
-        was_and_is += [(before.patient, before.day), (patient, before.day)]
-    affected = [who for who, day in dict.fromkeys(was_and_is)
-                if who and await _may_initiate(uow, practice, who, day)]
+        days[patient].append(before.day)
+        days.setdefault(before.patient, []).append(before.day)
+    affected = [who for who, dates in days.items()
+                if who and await _may_initiate(uow, practice, who, dates)]
     if affected:
         await corrections.recompute_patient_months(
-            uow, practice, list(dict.fromkeys(affected)),
-            f"Encounter/{visit} {reason or 'recorded'}", now, decided=True,
-            since=str(Month.of(min(day for _, day in was_and_is))))
+            uow, practice, affected, f"Encounter/{visit} {reason or 'recorded'}", now,
+            decided=True, since=str(Month.of(min(min(dates) for dates in days.values()))))
 
 
-async def _may_initiate(uow: UnitOfWork, practice: str, patient: str, day) -> bool:  # noqa: ANN001
-    """Whether a visit of ``day`` can be the initiating visit of one of the patient's consents:
-    on or before a dated consent and within the lookback before it, or any visit when a consent
-    is undated. Routine visits after every consent (or long before it) never are, so they
-    recompute no closed month."""
+async def _may_initiate(uow: UnitOfWork, practice: str, patient: str, days) -> bool:  # noqa: ANN001
+    """Whether a visit of one of ``days`` can be the initiating visit of one of the patient's
+    consents: on or before a dated consent and within the lookback before it, or any visit when
+    a consent is undated. Routine visits after every consent (or long before it) never are, so
+    they recompute no closed month."""
     c = orm.consents
     consented = (await uow.session.execute(select(c.c.obtained_at).where(
         c.c.practice == practice, c.c.patient == patient, c.c.provision == "permit",
@@ -358,7 +363,7 @@ async def _may_initiate(uow: UnitOfWork, practice: str, patient: str, day) -> bo
         if at is None:
             return True
         start = at.astimezone(tz).date()
-        if add_months(start, -lookback) <= day <= start:
+        if any(add_months(start, -lookback) <= day <= start for day in days):
             return True
     return False
 

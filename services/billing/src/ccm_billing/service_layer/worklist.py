@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from datetime import datetime
 from decimal import Decimal
 
@@ -14,7 +13,7 @@ from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance.evidence import filed_decisions
 from ccm_billing.domain.model import Decision, Month
 from ccm_billing.service_layer import decision_cache, invoicing
-from ccm_billing.service_layer.charges import priced_lines
+from ccm_billing.service_layer.charges import billed_line, priced_lines
 from ccm_billing.service_layer.common import SOURCE, PracticeInfo, insert_for
 from ccm_billing.service_layer.decisions import decide_month
 from ccm_shared.db import UnitOfWork
@@ -81,24 +80,19 @@ async def worklist(session, info: PracticeInfo, month: Month, *, status: str = "
 async def report(session, info: PracticeInfo, month: Month) -> dict:  # noqa: ANN001
     """Per patient: minutes by role, codes, amounts, blockers; totals equal the Invoice's."""
     state, decisions = await month_decisions(session, info, month)
-    invoice = None
-    amounts: dict[tuple[str, str], tuple[str, str, int]] = {}
-    if state == "closed":
+    invoice, charged = None, []
+    if state == "closed":  # the lines billed
         period = await invoicing.get_period(session, info.id, month)
         if period.invoice_id:
             inv = await invoicing.get_invoice_row(session, period.invoice_id)
             invoice = invoicing.invoice_view(inv)
             ci = filed.charge_items
-            for r in (await session.execute(select(ci).where(ci.c.invoice_id == inv.id))).all():
-                res = json.loads(r.resource)
-                medicare = next(e["valueMoney"]["value"] for e in res["extension"])
-                amounts[(r.patient, r.code)] = (r.amount, f"{Decimal(str(medicare)):.2f}",
-                                                res["quantity"]["value"])
-    else:
-        objs = await decide_month(session, info, month)
-        for line in priced_lines(info, month, objs):
-            amounts[(line.patient, line.code)] = (f"{line.amount:.2f}", f"{line.medicare_amount:.2f}",
-                                                  line.units)
+            charged = [billed_line(r) for r in
+                       (await session.execute(select(ci).where(ci.c.invoice_id == inv.id))).all()]
+    else:  # the lines it would bill now
+        charged = priced_lines(info, month, await decide_month(session, info, month))
+    amounts = {(x.patient, x.code): (f"{x.amount:.2f}", f"{x.medicare_amount:.2f}", x.units)
+               for x in charged}
     patients = []
     grand = Decimal("0.00")
     for d in decisions:
