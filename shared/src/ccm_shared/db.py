@@ -12,9 +12,9 @@ import asyncio
 import hashlib
 import time
 import weakref
-from datetime import UTC, datetime
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 

@@ -21,10 +21,10 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ccm_shared.db import Database, qualified, schema_of
+from ccm_shared.errors import EventTooLarge
 from ccm_shared.events import CloudEvent, Message, routing_headers
 from ccm_shared.observability import current_correlation_id, metrics
 from ccm_shared.tables import outbox_table, sequences_table
-from ccm_shared.errors import EventTooLarge
 from ccm_shared.transport import MAX_MESSAGE_BYTES, Transport
 
 log = structlog.get_logger(__name__)

@@ -57,6 +57,7 @@ class Transport(Protocol):
 # compose topics say the same).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 TOPIC_CONFIG = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+_CREATED, _ALREADY_EXISTS = 0, 36  # Kafka CreateTopics error codes
 
 
 class KafkaTransport:
@@ -171,7 +172,8 @@ class KafkaTransport:
         replication_factor: int = 1,
         config: dict[str, str] | None = None,
     ) -> None:
-        """Create the topics that do not exist yet (production creates them with Strimzi)."""
+        """Create the topics that do not exist yet (production creates them with Strimzi, but
+        not the per-practice feeds). A topic the broker refuses to create raises."""
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
         from aiokafka.errors import TopicAlreadyExistsError
 
@@ -184,7 +186,7 @@ class KafkaTransport:
             wanted = [t for t in topics if t not in existing]
             if wanted:
                 try:
-                    await admin.create_topics(
+                    response = await admin.create_topics(
                         [
                             NewTopic(
                                 t,
@@ -196,7 +198,12 @@ class KafkaTransport:
                         ]
                     )
                 except TopicAlreadyExistsError:
-                    pass
+                    return
+                # Per topic: created, or created meanwhile by another process, else refused.
+                for topic, code, *_ in response.topic_errors:
+                    if code not in (_CREATED, _ALREADY_EXISTS):
+                        raise RuntimeError(f"could not create topic {topic}: error code {code}")
+                log.info("topics created", count=len(wanted))
         finally:
             await admin.close()
 
