@@ -3,7 +3,7 @@ contracts/events, so a contract test covers every event the code can emit in the
 
 import pytest
 
-from ccm_shared.events import practice_topic
+from ccm_shared.events import CloudEvent, practice_topic
 from ccm_shared.outbox import Outbox
 from tests.support.contracts import assert_valid_event
 
@@ -12,10 +12,15 @@ from tests.support.contracts import assert_valid_event
 def _events_follow_their_contracts(monkeypatch):
     original = Outbox.stage_many  # Outbox.add and add_many go through it, bulk writers too
 
-    async def checked_stage_many(self, items):
-        stored, rows = await original(self, items)
-        for (topic, _), event in zip(items, stored, strict=True):
+    async def checked_stage_many(self, items, **options):
+        stored, rows = await original(self, items, **options)
+        assert len(rows) == len(items)
+        if options.get("events", True):
+            assert [e.to_json().decode() for e in stored] == [row["payload"] for row in rows]
+        for (topic, _), row in zip(items, rows, strict=True):
+            event = CloudEvent.from_json(row["payload"])  # what is written is what is checked
             assert_valid_event(event)
+            assert (row["event_id"], row["correlation_id"]) == (event.id, event.correlationid)
             allowed = (event.type, practice_topic(event.tenant, event.type))
             assert topic in allowed or topic.startswith(("tests.", "bench.")), (
                 f"event {event.type} written to topic {topic}: topics are named after event types"

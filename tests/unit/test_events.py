@@ -1,13 +1,15 @@
 import json
-from datetime import UTC
+import uuid
+from datetime import UTC, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import jsonschema
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ccm_shared.events import CloudEvent, envelope_headers, to_message
+from ccm_shared.events import CloudEvent, envelope_headers, new_event_id, to_message
 from tests.support.messaging import make_event
 
 CONTRACTS = Path(__file__).resolve().parents[2] / "contracts"
@@ -83,3 +85,43 @@ def test_a_nested_model_in_data_is_written_as_the_envelope_wrote_it():
     for data in ({"m": Part()}, {"m": Part(), "big": 2**70}):
         ev = make_event(data=data)
         assert ev.to_json() == ev.model_dump_json(exclude_none=True).encode()
+
+
+OFFSETS = st.sampled_from([UTC, timezone(timedelta(hours=-5)), timezone(timedelta(seconds=3725)),
+                           ZoneInfo("America/New_York"), ZoneInfo("UTC")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(time=st.datetimes(timezones=st.none() | OFFSETS), subject=st.none() | st.text(max_size=12),
+       sequence=st.none() | st.integers(min_value=0, max_value=2**62),
+       correlationid=st.none() | st.text(max_size=8), dataschema=st.none() | st.text(max_size=8),
+       source=st.text(max_size=12), tenant=st.text(max_size=8))
+def test_every_envelope_attribute_is_written_as_pydantic_writes_it(time, subject, sequence,
+                                                                   correlationid, dataschema,
+                                                                   source, tenant):
+    """to_json writes the envelope itself: attribute order, unset attributes left out, and the
+    time (``Z`` for UTC, offsets, microseconds, naive) exactly as model_dump_json."""
+    ev = CloudEvent(source=source, type="tests.x.y.v1", tenant=tenant, time=time,
+                    subject=subject, sequence=sequence, correlationid=correlationid,
+                    dataschema=dataschema, data={"a": 1})
+    assert ev.to_json() == ev.model_dump_json(exclude_none=True).encode()
+
+
+def test_event_ids_are_random_version_4_uuids():
+    ids = [new_event_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
+    assert CloudEvent(source="/t", type="tests.x.y.v1", tenant="t").id != \
+        CloudEvent(source="/t", type="tests.x.y.v1", tenant="t").id
+
+
+@given(sequence=st.none() | st.integers(min_value=0, max_value=2**40),
+       correlationid=st.none() | st.text(max_size=8),
+       changes=st.fixed_dictionaries({}, optional={
+           "sequence": st.integers(min_value=0, max_value=2**40),
+           "correlationid": st.text(max_size=8)}))
+def test_to_json_with_changes_is_the_json_of_the_changed_copy(sequence, correlationid, changes):
+    ev = make_event(sequence=sequence, correlationid=correlationid)
+    assert ev.to_json(changes) == ev.model_copy(update=changes).to_json()

@@ -77,12 +77,13 @@ class Outbox:
         return stored
 
     async def stage_many(
-        self, items: Sequence[tuple[str, CloudEvent]]
+        self, items: Sequence[tuple[str, CloudEvent]], *, events: bool = True
     ) -> tuple[list[CloudEvent], list[dict]]:
         """What ``add_many`` writes, without writing the rows: the events with their patients'
         next sequence numbers reserved (in this unit of work) and correlation ids set, and the
         outbox rows, for a caller that inserts them its own bulk way (e.g. COPY). The rows must
-        be inserted in this unit of work, in this order."""
+        be inserted in this unit of work, in this order. ``events=False``: the rows only (no
+        copy of each event with its sequence: the rows' payloads have them)."""
         if not items:
             return [], []
         wanted: dict[tuple[str, str], int] = {}
@@ -103,14 +104,13 @@ class Outbox:
                 next_number[key] += 1
             if event.correlationid is None and cid:
                 updates["correlationid"] = cid
-            if updates:
-                event = event.model_copy(update=updates)
-            payload = event.to_json()
+            payload = event.to_json(updates)
             if len(payload) > MAX_EVENT_BYTES:
                 raise EventTooLarge(
                     f"{event.type}: {len(payload):,} bytes of JSON, over the {MAX_EVENT_BYTES:,} "
                     "an event may have on Kafka; nothing was written")
-            stored.append(event)
+            if events:
+                stored.append(event.model_copy(update=updates) if updates else event)
             rows.append(
                 {
                     "event_id": event.id,
@@ -119,7 +119,7 @@ class Outbox:
                     "key": event.kafka_key(),
                     "event_type": event.type,
                     "payload": payload.decode(),
-                    "correlation_id": event.correlationid,
+                    "correlation_id": updates.get("correlationid", event.correlationid),
                     "created_at": now,
                 }
             )

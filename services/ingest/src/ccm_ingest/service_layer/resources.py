@@ -200,7 +200,8 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     await repo.update_rows(pending.updated_rows)
     await repo.update_rows(pending.stale_rows)
     await repo.drop_identifiers(pending.replaced)
-    _, outbox_rows = await uow.outbox.stage_many([(e.type, e) for e in pending.events])
+    _, outbox_rows = await uow.outbox.stage_many([(e.type, e) for e in pending.events],
+                                                 events=False)
     await repo.insert_batch(pending.versions, caller.connection, pending.new_rows,
                             pending.identifiers, outbox_rows)
     return outcomes
@@ -324,7 +325,8 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
                            ccm_state=mapping.state)
     await repo.drop_identifiers([(rtype, rid)])
     await repo.release_criteria(rtype, rid)
-    _, outbox_rows = await uow.outbox.stage_many([(e.type, e) for e in _events(caller, mapping.events)])
+    _, outbox_rows = await uow.outbox.stage_many(
+        [(e.type, e) for e in _events(caller, mapping.events)], events=False)
     deletion = VersionRow(rtype, rid, version_id, None, DELETED_HASH, caller.now, caller.now,
                           True, True)
     await repo.insert_batch([deletion], caller.connection, [], [], outbox_rows)
