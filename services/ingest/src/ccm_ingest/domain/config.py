@@ -112,8 +112,15 @@ def code_matches(patterns: tuple[str, ...], system: str | None, code: str | None
     system = system or ""
     if f"{system}|{code}" in exact:
         return True
-    return any(system == p_system and code.startswith(p_code) for p_system, p_code in prefixes)
+    for p_system, p_code in prefixes:  # a loop, not any(<generator>): called per coding
+        if system == p_system and code.startswith(p_code):
+            return True
+    return False
 
 
 def any_coding_matches(patterns: tuple[str, ...], codings: list[dict]) -> bool:
-    return any(code_matches(patterns, c.get("system"), c.get("code")) for c in codings)
+    for c in codings:
+        if code_matches(patterns, c.get("system"), c.get("code")):
+            return True
+    return False
+

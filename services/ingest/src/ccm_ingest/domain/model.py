@@ -7,7 +7,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
+
+import orjson
 
 SUPPORTED_TYPES = (
     "Patient",
@@ -54,6 +57,18 @@ def rejected(status: int, code: str, message: str, *expression: str) -> FhirReje
     return FhirRejected(status, [Issue("error", code, message, tuple(expression))])
 
 
+def _isoformat(value: datetime) -> str:
+    """``value.isoformat()``, remembered: the versions stored together share their received
+    time (and mostly their lastUpdated), and isoformat costs ~1.4 µs. Equal aware datetimes
+    can differ in zone or fold, so those are part of the key."""
+    return _isoformat_of(value, value.tzinfo, value.fold)
+
+
+@lru_cache(maxsize=64)
+def _isoformat_of(value: datetime, _zone: object, _fold: int) -> str:
+    return value.isoformat()
+
+
 @dataclass(frozen=True)
 class SourceVersion:
     """The stored version an event was mapped from (contracts: SourceVersion)."""
@@ -71,9 +86,9 @@ class SourceVersion:
             "resourceType": self.resource_type,
             "id": self.id,
             "versionId": str(self.version_id),
-            "lastUpdated": self.last_updated.isoformat(),
+            "lastUpdated": _isoformat(self.last_updated),
             "sha256": self.sha256,
-            "receivedAt": self.received_at.isoformat(),
+            "receivedAt": _isoformat(self.received_at),
             "connection": self.connection,
         }
 
@@ -101,8 +116,27 @@ class Mapping:
 _VOLATILE_META = ("versionId", "lastUpdated")
 
 
-def canonical_json(resource: dict[str, Any]) -> str:
-    """Sorted keys, no whitespace, without id and server-managed meta."""
+def _orjson_may_differ(text: bytes) -> bool:
+    """Whether orjson may have written ``text`` otherwise than json.dumps (the canonical form
+    since the first release): floats under 1e-4 (``0.00001`` for ``1e-05``, ``1e-9`` for
+    ``1e-09``), and NaN or Infinity, which it writes as null. Plain substring searches (a
+    regular expression cost more than writing the text); a match inside a string only costs
+    the slower writer."""
+    if b"null" in text or b"0.0000" in text:
+        return True
+    at = text.find(b"e-")
+    while at != -1:  # ``<digit>e-<digit>`` ending a number: a one-digit negative exponent
+        if text[at - 1:at].isdigit() and text[at + 2:at + 3].isdigit() \
+                and text[at + 3:at + 4] in (b",", b"]", b"}"):
+            return True
+        at = text.find(b"e-", at + 2)
+    return False
+
+
+def canonical_json(resource: dict[str, Any]) -> bytes:
+    """Sorted keys, no whitespace, UTF-8, without id and server-managed meta: the text of
+    ``json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)``, byte for byte
+    (stored hashes stay valid), written by orjson (~4x faster) wherever its text is the same."""
     body = {k: v for k, v in resource.items() if k != "id"}
     meta = body.get("meta")
     if isinstance(meta, dict):
@@ -111,8 +145,15 @@ def canonical_json(resource: dict[str, Any]) -> str:
             body["meta"] = meta
         else:
             body.pop("meta")
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers over 64 bits, lone surrogates: as json.dumps has them
+        text = None
+    if text is None or _orjson_may_differ(text):
+        return json.dumps(body, sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+    return text
 
 
 def content_hash(resource: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(resource).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(resource)).hexdigest()
