@@ -1,5 +1,8 @@
 """The /fhir endpoint on the embedded database: writes, versions, reads, tenancy, Prefer."""
 
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+
 import pytest
 
 from tests.unit.ingest.conftest import as_practice, counts, events, example
@@ -27,6 +30,8 @@ async def test_create_answers_201_with_location_etag_and_last_modified(fhir):
     assert r.headers["etag"] == 'W/"1"'
     assert r.headers["location"] == f"http://test/fhir/Patient/{body['id']}/_history/1"
     assert r.headers["last-modified"].endswith("GMT")
+    assert parsedate_to_datetime(r.headers["last-modified"]) == datetime.fromisoformat(
+        body["meta"]["lastUpdated"]).replace(microsecond=0)
     assert body["meta"]["versionId"] == "1" and body["id"] != "example"
     read = await fhir.get(f"/fhir/Patient/{body['id']}")
     assert read.status_code == 200 and read.json() == body

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime
 from email.utils import format_datetime
+from functools import lru_cache
 from typing import Any
 
 from fastapi import Request
@@ -54,7 +55,7 @@ def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
         return {}
     return {
         "ETag": f'W/"{v.version_id}"',
-        "Last-Modified": format_datetime(v.last_updated.astimezone(UTC), usegmt=True),
+        "Last-Modified": http_date(v.last_updated),
         "Location": f"{base}/{outcome.location}",
     }
 
@@ -78,3 +79,10 @@ def write_response(request: Request, outcome: Outcome, base: str) -> Response:
     if wanted == "minimal" or outcome.version is None:
         return Response(status_code=outcome.status, headers=headers)
     return fhir_json(outcome.version.resource, outcome.status, headers)
+
+
+@lru_cache(maxsize=64)
+def http_date(value: datetime) -> str:
+    """An HTTP date (RFC 9110 IMF-fixdate) of an aware time; remembered, as the writes stored
+    together share their time (equal instants have the same HTTP date, whatever their zone)."""
+    return format_datetime(value.astimezone(UTC), usegmt=True)
