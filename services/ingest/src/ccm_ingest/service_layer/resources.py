@@ -21,6 +21,7 @@ from ccm_ingest.domain.model import (
     MappedEvent,
     SourceVersion,
     content_hash,
+    isoformat,
     rejected,
 )
 from ccm_shared.db import UnitOfWork
@@ -216,7 +217,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
     version_id = (cur.last_version if cur else 0) + 1
     body = {**w.resource, "id": rid,
             "meta": {**(w.resource.get("meta") or {}), "versionId": str(version_id),
-                     "lastUpdated": last_updated.isoformat()}}
+                     "lastUpdated": isoformat(last_updated)}}
     version = VersionRow(rtype, rid, version_id, body, sha, last_updated, caller.now, False,
                          not stale)
     if stale:
