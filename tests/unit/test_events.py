@@ -1,6 +1,6 @@
 import json
 import uuid
-from datetime import UTC, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -87,11 +87,28 @@ def test_a_nested_model_in_data_is_written_as_the_envelope_wrote_it():
         assert ev.to_json() == ev.model_dump_json(exclude_none=True).encode()
 
 
-OFFSETS = st.sampled_from([UTC, timezone(timedelta(hours=-5)), timezone(timedelta(seconds=3725)),
-                           ZoneInfo("America/New_York"), ZoneInfo("UTC")])
+class NoOffset(tzinfo):
+    """A zone that knows no offset: naive to pydantic."""
+
+    def utcoffset(self, dt):
+        return None
+
+
+class Clock(datetime):
+    """A datetime subclass, as time-freezing libraries make."""
+
+
+OFFSETS = (st.sampled_from([UTC, timezone(timedelta(hours=-5)), ZoneInfo("America/New_York"),
+                            ZoneInfo("UTC"), ZoneInfo("Africa/Monrovia"), NoOffset()])
+           | st.integers(min_value=-86399, max_value=86399).map(
+               lambda s: timezone(timedelta(seconds=s))))
 
 
 @settings(max_examples=300, deadline=None)
+@example(time=datetime(1960, 1, 1, tzinfo=ZoneInfo("Africa/Monrovia")), subject=None, sequence=None,
+         correlationid=None, dataschema=None, source="", tenant="")  # offset -0:44:30
+@example(time=Clock(2026, 1, 1, tzinfo=UTC), subject=None, sequence=None, correlationid=None,
+         dataschema=None, source="", tenant="")
 @given(time=st.datetimes(timezones=st.none() | OFFSETS), subject=st.none() | st.text(max_size=12),
        sequence=st.none() | st.integers(min_value=0, max_value=2**62),
        correlationid=st.none() | st.text(max_size=8), dataschema=st.none() | st.text(max_size=8),
@@ -100,7 +117,8 @@ def test_every_envelope_attribute_is_written_as_pydantic_writes_it(time, subject
                                                                    correlationid, dataschema,
                                                                    source, tenant):
     """to_json writes the envelope itself: attribute order, unset attributes left out, and the
-    time (``Z`` for UTC, offsets, microseconds, naive) exactly as model_dump_json."""
+    time (``Z`` for UTC, offsets to the second, microseconds, naive, subclasses) exactly as
+    model_dump_json."""
     ev = CloudEvent(source=source, type="tests.x.y.v1", tenant=tenant, time=time,
                     subject=subject, sequence=sequence, correlationid=correlationid,
                     dataschema=dataschema, data={"a": 1})
@@ -121,7 +139,8 @@ def test_event_ids_are_random_version_4_uuids():
        correlationid=st.none() | st.text(max_size=8),
        changes=st.fixed_dictionaries({}, optional={
            "sequence": st.integers(min_value=0, max_value=2**40),
-           "correlationid": st.text(max_size=8)}))
+           "correlationid": st.text(max_size=8),
+           "data": st.dictionaries(st.text(max_size=4), st.integers(), max_size=3)}))
 def test_to_json_with_changes_is_the_json_of_the_changed_copy(sequence, correlationid, changes):
     ev = make_event(sequence=sequence, correlationid=correlationid)
     assert ev.to_json(changes) == ev.model_copy(update=changes).to_json()

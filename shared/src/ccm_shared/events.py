@@ -74,10 +74,14 @@ class CloudEvent(BaseModel):
         if changes:
             envelope = {name: value for name in _ENVELOPE_ATTRIBUTES if (value := changes[name]
                         if name in changes else getattr(self, name)) is not None}
+            data = changes.get("data", self.data)
         else:
             envelope = {name: value for name in _ENVELOPE_ATTRIBUTES
                         if (value := getattr(self, name)) is not None}
-        envelope["data"] = orjson.Fragment(_data_json(self.data))
+            data = self.data
+        if not _orjson_writes_time_as_pydantic(envelope["time"]):
+            envelope["time"] = to_jsonable_python(envelope["time"])
+        envelope["data"] = orjson.Fragment(_data_json(data))
         # A copy: orjson's own bytes keep the ~4 KB buffer it wrote into, which a message held
         # in memory (a producer's batch) would carry along: 80 MB more for 20,000 events.
         return bytes(memoryview(orjson.dumps(envelope, option=orjson.OPT_UTC_Z)))
@@ -88,6 +92,18 @@ class CloudEvent(BaseModel):
 
 
 _ENVELOPE_ATTRIBUTES = tuple(name for name in CloudEvent.model_fields if name != "data")
+
+
+def _orjson_writes_time_as_pydantic(value: Any) -> bool:
+    """A datetime orjson writes as pydantic does: naive, or an offset of whole minutes (orjson
+    rounds seconds of an offset, pydantic drops them; a zone without an offset is naive to
+    pydantic). Anything else (a subclass, such offsets) is written by pydantic."""
+    if type(value) is not datetime:
+        return False
+    if value.tzinfo is None:
+        return True
+    offset = value.utcoffset()
+    return offset is not None and offset.seconds % 60 == 0 and not offset.microseconds
 
 
 def _jsonable(value: Any) -> Any:

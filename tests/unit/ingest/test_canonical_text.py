@@ -54,11 +54,16 @@ def test_the_canonical_text_is_json_dumps_byte_for_byte(resource):
 @pytest.mark.parametrize("value", [
     1e-05, -1e-05, 1.5e-07, 6.273866203557358e-09, 0.0001, 1e-10, 1e16, 1.5e16, 5e-324,
     1.7976931348623157e308, -0.0, 2.5, 100.0, 2**64, -(2**63) - 1, 2**80,
-    float("nan"), float("inf"), "é\u2028\x7f\x1f\"\\/", "1e-5", "null",
+    float("nan"), float("inf"), "é\u2028\x7f\x1f\"\\/", "1e-5", "null", "\ud800",
 ])
 def test_values_where_orjson_writes_otherwise_or_fails(value):
     resource = {"resourceType": "Encounter", "length": {"value": value, "unit": "min"},
                 "note": [value, {"v": value}]}
+    if value == "\ud800":  # a lone surrogate is not text: both raise
+        for write in (canonical_json, reference_text):
+            with pytest.raises(UnicodeEncodeError):
+                write(resource)
+        return
     assert canonical_json(resource) == reference_text(resource)
 
 
@@ -85,3 +90,14 @@ def test_source_times_are_written_with_their_own_zone_and_fold():
             event = SourceVersion("Encounter", "e", 1, t, "h", t, None).to_event()
             assert event["lastUpdated"] == event["receivedAt"] == t.isoformat()
     assert len({t.isoformat() for t in times}) == 4
+
+
+def test_last_modified_of_the_two_readings_of_a_repeated_hour():
+    from ccm_ingest.entrypoints.outcomes import http_date
+
+    ny = ZoneInfo("America/New_York")
+    first, second = datetime(2026, 11, 1, 1, 30, tzinfo=ny), datetime(2026, 11, 1, 1, 30,
+                                                                      fold=1, tzinfo=ny)
+    for _ in range(2):
+        assert (http_date(first), http_date(second)) == ("Sun, 01 Nov 2026 05:30:00 GMT",
+                                                         "Sun, 01 Nov 2026 06:30:00 GMT")

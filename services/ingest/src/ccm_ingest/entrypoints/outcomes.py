@@ -81,8 +81,13 @@ def write_response(request: Request, outcome: Outcome, base: str) -> Response:
     return fhir_json(outcome.version.resource, outcome.status, headers)
 
 
-@lru_cache(maxsize=64)
 def http_date(value: datetime) -> str:
     """An HTTP date (RFC 9110 IMF-fixdate) of an aware time; remembered, as the writes stored
-    together share their time (equal instants have the same HTTP date, whatever their zone)."""
+    together share their time. Equal datetimes of one zone can be different instants (the two
+    readings of a repeated hour), so the zone and fold are part of the key."""
+    return _http_date(value, value.tzinfo, value.fold)
+
+
+@lru_cache(maxsize=64)
+def _http_date(value: datetime, _zone: object, _fold: int) -> str:
     return format_datetime(value.astimezone(UTC), usegmt=True)
