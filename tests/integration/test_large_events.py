@@ -64,3 +64,40 @@ async def test_a_multi_megabyte_event_is_relayed_and_consumed_in_order(infra, pg
         await task
     assert [e.data["value"] for e in received] == [1, 2, 3]
     assert received[1].data["invoice"] == big.data["invoice"]
+
+
+async def test_a_topic_created_with_the_old_record_limit_is_raised_and_keeps_its_settings(
+        infra, kafka, topic):
+    """Topics an earlier version (or an operator) created at Kafka's 1 MB are raised to
+    MAX_MESSAGE_BYTES by ensure_topics, other overrides kept; a higher limit is never lowered."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    from ccm_shared.transport import MAX_MESSAGE_BYTES
+
+    higher = f"{topic}-higher"
+    admin = AIOKafkaAdminClient(**kafka.connection_options())
+    await admin.start()
+    try:
+        await admin.create_topics([
+            NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "1048588",
+                                                 "retention.ms": "123456789"}),
+            NewTopic(higher, 1, 1, topic_configs={"max.message.bytes": str(2 * MAX_MESSAGE_BYTES)}),
+        ])
+
+        async def settings(name: str) -> dict[str, str]:
+            [response] = await admin.describe_configs(
+                [ConfigResource(ConfigResourceType.TOPIC, name)])
+            [(_code, _msg, _kind, _name, entries)] = response.resources
+            return {n: v for n, v, _ro, source, *_ in entries if source == 1}  # the topic's own
+
+        assert (await settings(topic))["max.message.bytes"] == "1048588"
+        await kafka.ensure_topics([topic, higher, topic])
+        assert await settings(topic) == {"max.message.bytes": str(MAX_MESSAGE_BYTES),
+                                         "retention.ms": "123456789"}
+        assert await settings(higher) == {"max.message.bytes": str(2 * MAX_MESSAGE_BYTES)}
+        await kafka.ensure_topics([topic])  # already raised: nothing to do, nothing changes
+        assert (await settings(topic))["max.message.bytes"] == str(MAX_MESSAGE_BYTES)
+    finally:
+        await admin.delete_topics([topic, higher])
+        await admin.close()

@@ -173,7 +173,9 @@ class KafkaTransport:
         config: dict[str, str] | None = None,
     ) -> None:
         """Create the topics that do not exist yet (production creates them with Strimzi, but
-        not the per-practice feeds). A topic the broker refuses to create raises."""
+        not the per-practice feeds). A topic the broker refuses to create raises. Topics that
+        exist with a record limit under ``MAX_MESSAGE_BYTES`` (created by a version before the
+        limit was raised) have it raised, their other settings kept."""
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
         from aiokafka.errors import TopicAlreadyExistsError
 
@@ -184,6 +186,7 @@ class KafkaTransport:
         try:
             existing = set(await admin.list_topics())
             wanted = [t for t in topics if t not in existing]
+            await _raise_record_limits(admin, [t for t in dict.fromkeys(topics) if t in existing])
             if wanted:
                 try:
                     response = await admin.create_topics(
@@ -213,6 +216,51 @@ class KafkaTransport:
 
     def source(self, topics: Sequence[str], group_id: str) -> KafkaSource:
         return KafkaSource(self, topics, group_id)
+
+
+_DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
+
+
+async def _raise_record_limits(admin, topics: list[str]) -> None:  # noqa: ANN001
+    """``max.message.bytes`` of each topic raised to ``MAX_MESSAGE_BYTES`` where it is lower
+    (never lowered). AlterConfigs replaces a topic's whole set of overrides (aiokafka has no
+    IncrementalAlterConfigs), so the topic's own overrides are read and sent back with it. A
+    broker that refuses (ACLs, a Strimzi-managed topic) leaves the topic as it was: a warning
+    says which topics still refuse large events, and the service starts."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    if not topics:
+        return
+    described = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    changes = []
+    for response in described:
+        if response.API_VERSION == 0:  # brokers before Kafka 1.1 do not say where a value is set
+            continue
+        for code, _message, _kind, topic, entries in response.resources:
+            limits = [value for name, value, *_ in entries if name == "max.message.bytes"]
+            if code or not limits or limits[0] is None or int(limits[0]) >= MAX_MESSAGE_BYTES:
+                continue
+            own = {name: value for name, value, _ro, source, sensitive, *_ in entries
+                   if source == _DYNAMIC_TOPIC_CONFIG and not sensitive}
+            if any(source == _DYNAMIC_TOPIC_CONFIG and sensitive
+                   for _n, _v, _ro, source, sensitive, *_ in entries):
+                log.warning("topic record limit not raised: it has a secret setting this "
+                            "client cannot send back", topic=topic, limit=int(limits[0]))
+                continue
+            changes.append(ConfigResource(ConfigResourceType.TOPIC, topic,
+                                          {**own, **TOPIC_CONFIG}))
+    if not changes:
+        return
+    refused = []
+    for response in await admin.alter_configs(changes):
+        refused += [(topic, code) for code, _message, _kind, topic in response.resources if code]
+    if refused:
+        log.warning("topic record limit not raised: larger events will be refused there",
+                    topics=[t for t, _ in refused], error_codes=sorted({c for _, c in refused}))
+    raised = len(changes) - len(refused)
+    if raised:
+        log.info("topic record limits raised", count=raised, max_message_bytes=MAX_MESSAGE_BYTES)
 
 
 class KafkaSource:
