@@ -466,8 +466,10 @@ async def test_a_visit_recorded_again_unblocks_a_closed_month_where_the_practice
 async def test_a_correction_changes_only_the_patients_it_concerns(billing, order):
     """After close, p2's consent arrives late (it bills nothing retroactively) and the contract
     changes; then p4's initiating visit is entered in error. Whatever the order, only p4's
-    lines change (priced with the contract of the day); p1 keeps what it was billed and p2
-    stays blocked: a closed month never depends on the order unrelated events came in."""
+    lines change, priced with the contract the month closed under (not the new rate: one
+    Invoice never prices a code twice); p1 keeps what it was billed and p2 stays blocked: a
+    closed month never depends on the order unrelated events came in. The explicit recompute
+    then decides and prices the whole month with today's facts and contract."""
     await deliver(billing, *ev.enrolled_patient("alpha", "p1"),
                   ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
                   ev.time_logged("alpha", "p1", "e1", 1500, "2025-03-03T10:00:00-05:00"),
@@ -491,14 +493,19 @@ async def test_a_correction_changes_only_the_patients_it_concerns(billing, order
     old = (await api(billing).get(f"/v1/invoices/{first['id']}")).json()
     assert old["status"] == "cancelled"
     new = (await api(billing).get(f"/v1/invoices/{old['replacedBy']}")).json()
-    assert new["status"] == "issued" and new["totalNet"] == "92.00"  # p1 42.00 + p4 50.00
+    assert new["status"] == "issued" and new["totalNet"] == "84.00"  # p1 42.00 + p4 42.00
     report = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/report.json")).json()
     by = {p["patient"]: p for p in report["patients"]}
-    assert by["Patient/p1"]["amount"] == "42.00" and by["Patient/p4"]["amount"] == "50.00"
+    assert by["Patient/p1"]["amount"] == "42.00" and by["Patient/p4"]["amount"] == "42.00"
     assert by["Patient/p2"]["amount"] == "0.00" and by["Patient/p2"]["codes"] == {}
     period = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
     assert {r["patient"] for r in period["patients"] if r["billable"]} == {
         "Patient/p1", "Patient/p4"}
+    again = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/recompute",
+                                    json={"reason": "contract amended for March"})
+    assert again.status_code == 200, again.text
+    # The whole month from today's facts and contract: p1, p2 (its late consent) and p4 at 50.00.
+    assert (await _invoice_chain(billing, first["id"]))[-1] == ("issued", "150.00")
 
 
 async def test_a_close_whose_invoice_kafka_cannot_take_is_refused_and_writes_nothing(

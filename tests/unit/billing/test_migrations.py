@@ -140,3 +140,16 @@ def test_time_entry_versions_get_the_suffix_of_their_state_and_lose_it_on_downgr
     assert run_sql(url, [read])[0] == [("e1", v + "|1", v + "|1"), ("e2", v + "|0", None)]
     command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0011")
     assert run_sql(url, [read])[0] == [("e1", v, v), ("e2", v, None)]
+
+
+def test_period_terms_are_added_and_a_downgrade_drops_them(tmp_path):
+    """billing_0013: ``billing_periods.terms`` (the terms a month closed under); months closed
+    before keep NULL."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    upgrade_platform(url)
+    upgrade(url, "billing", PACKAGE)
+    assert "terms" in columns(url, "billing_periods")
+    command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0012")
+    assert "terms" not in columns(url, "billing_periods")
+    upgrade(url, "billing", PACKAGE)
+    assert "terms" in columns(url, "billing_periods")

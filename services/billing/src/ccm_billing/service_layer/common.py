@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
@@ -60,6 +60,18 @@ class PracticeInfo:
 
     def contract(self) -> Contract:
         return Contract.from_json(self.pricing)
+
+    def terms_json(self) -> str:
+        """The terms a month is closed under (``billing_periods.terms``)."""
+        return json.dumps({"timezone": self.timezone, "pricing": self.pricing}, sort_keys=True)
+
+    def under(self, terms_json: str | None) -> PracticeInfo:
+        """This practice under the terms a month was closed with (as it is now when the month
+        was closed before they were kept)."""
+        if not terms_json:
+            return self
+        terms = json.loads(terms_json)
+        return replace(self, timezone=terms["timezone"], pricing=terms["pricing"])
 
     def today(self, now: datetime) -> date:
         return now.astimezone(self.tz).date()

@@ -83,8 +83,10 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     With ``patients`` (what a correction concerns) only they are decided again: every other
     patient's filed decision and billed lines are carried over as they were, so a correction
     never picks up unrelated late facts or a changed contract for anyone else (both would make a
-    closed month depend on the order events arrived in). Without, the whole month is decided
-    again and priced with the current contract (the explicit ``recompute`` API)."""
+    closed month depend on the order events arrived in); they are decided and priced under the
+    terms the month closed with (contract, rule options, time zone), as everyone else was.
+    Without, the whole month is decided again and priced with the current contract (the
+    explicit ``recompute`` API)."""
     from ccm_billing.compliance.evidence import file_decisions, filed_decisions
     from ccm_billing.service_layer import invoicing
     from ccm_billing.service_layer.common import practice_info
@@ -96,6 +98,8 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
         return False
     info = await practice_info(uow.session, practice)
     scope = None if patients is None else set(patients)
+    if scope is not None:  # a correction: the terms the month closed under (contract, options)
+        info = info.under(period.terms)
     facts, decisions = await decide_month_with_facts(uow.session, info, month, patients=scope)
     filed_before = await filed_decisions(uow.session, practice, month_text)
     # Everyone else's filings stand as they are (the explicit recompute: nobody else's).

@@ -268,7 +268,7 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
         practice=practice, month=m, status="closed", closed_at=now,
         invoice_id=inv_row["id"] if inv_row else None, summary=json.dumps(data),
         filed_in_place=True, line_invoice=inv_row["id"] if inv_row else None,
-        line_entered=entered_suffix(now)))
+        line_entered=entered_suffix(now), terms=info.terms_json()))
     await uow.outbox.add(
         "billing.period.closed.v1", _event("billing.period.closed.v1", practice, f"Organization/{practice}", data, now)
     )
