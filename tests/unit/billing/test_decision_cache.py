@@ -18,6 +18,7 @@ from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance.evidence import filed_decisions
 from ccm_billing.entrypoints.consumers import consumers
 from ccm_billing.service_layer import decision_cache
+from ccm_billing.service_layer.charges import priced_lines
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.decisions import decide_month
 from ccm_billing.service_layer.invoicing import close_period
@@ -114,8 +115,11 @@ async def _run(ops: list, warm: bool, refreshes: set[int] = frozenset()) -> dict
                     await uow.commit()
             async with db.unit_of_work() as uow:
                 info = await practice_info(uow.session, "alpha")
-                direct = [d.to_dict() for d in await decide_month(uow.session, info, MARCH)]
+                decided = await decide_month(uow.session, info, MARCH)
+                direct = [d.to_dict() for d in decided]
+                direct_lines = priced_lines(info, MARCH, decided)
                 live = await decision_cache.current_documents(uow.session, info, MARCH)
+                live_month = await decision_cache.current_month(uow.session, info, MARCH)
             async with db.unit_of_work() as uow:
                 result = await close_period(uow, "alpha", MARCH, CLOSE_AT)
                 await uow.commit()
@@ -130,6 +134,7 @@ async def _run(ops: list, warm: bool, refreshes: set[int] = frozenset()) -> dict
                 decisions = await filed_decisions(s, "alpha", str(MARCH))
             return {
                 "direct": direct, "live": live, "result": result, "decisions": decisions,
+                "direct_lines": direct_lines, "live_month": live_month,
                 "summary": period.summary,
                 "items": [(r.id, r.patient, r.code, r.amount, json.loads(r.resource)) for r in items],
                 "filings": [tuple(r) for r in filings],
@@ -147,6 +152,9 @@ def test_a_warm_cache_closes_exactly_like_a_cold_one_and_like_deciding_directly(
     cold = asyncio.run(_run(ops, warm=False))
     assert warm == cold
     assert warm["decisions"] == warm["direct"] == warm["live"]  # live: what the worklist shows
+    # The open month's report: the cached decisions and lines where current, decided and priced
+    # now where not, exactly what deciding and pricing everyone directly gives.
+    assert warm["live_month"] == (warm["direct"], warm["direct_lines"])
 
 
 async def _deliver(db, *events) -> None:  # noqa: ANN001
@@ -265,3 +273,31 @@ async def _cached(runtime) -> list[tuple[str, str]]:  # noqa: ANN001
     md = orm.month_decisions
     async with runtime.db.unit_of_work() as uow:
         return [tuple(r) for r in (await uow.session.execute(select(md.c.month, md.c.patient))).all()]
+
+
+async def _report_month() -> tuple:
+    with tempfile.TemporaryDirectory() as folder:
+        db = await _fresh_db(folder)
+        try:
+            await _deliver(db, *_start(), *[
+                ev.time_logged("alpha", f"p{n}", f"e{n}", 1500, "2025-03-03T10:00:00-05:00")
+                for n in range(PATIENTS)])
+            assert await _refresh(db) == PATIENTS  # cached: everyone billable (99490)
+            # p1 logs 25 more minutes (99439 too), p2's entry is entered in error: both stale.
+            await _deliver(db, ev.time_logged("alpha", "p1", "e9", 1500,
+                                              "2025-03-09T10:00:00-05:00"),
+                           ev.time_reversed("alpha", "p2", "e2", version=2, month="2025-03"))
+            async with db.unit_of_work() as uow:
+                info = await practice_info(uow.session, "alpha")
+                decided = await decide_month(uow.session, info, MARCH)
+                live = await decision_cache.current_month(uow.session, info, MARCH)
+                return live, ([d.to_dict() for d in decided], priced_lines(info, MARCH, decided))
+        finally:
+            await db.dispose()
+
+
+def test_the_open_month_report_prices_stale_patients_now_and_the_others_from_the_cache():
+    live, direct = asyncio.run(_report_month())
+    assert live == direct
+    assert [(x.patient, x.code) for x in live[1]] == [
+        ("p0", "99490"), ("p1", "99439"), ("p1", "99490")]

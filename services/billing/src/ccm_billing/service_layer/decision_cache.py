@@ -31,7 +31,12 @@ from ccm_billing.compliance.evidence import entries_of
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
 from ccm_billing.service_layer import corrections
-from ccm_billing.service_layer.charges import charge_item_stub, priced_lines
+from ccm_billing.service_layer.charges import (
+    PricedLine,
+    billed_line,
+    charge_item_stub,
+    priced_lines,
+)
 from ccm_billing.service_layer.common import PracticeInfo, bulk_insert
 from ccm_billing.service_layer.decisions import (
     NOT_ENROLLING,
@@ -156,17 +161,31 @@ async def _decide(session: AsyncSession, info: PracticeInfo, month: Month, stale
 async def current_documents(session: AsyncSession, info: PracticeInfo, month: Month) -> list[dict]:
     """Every enrolled patient's decision document, in patient order: the cached one where it is
     current, decided now where not (nothing is written: for reads such as the worklist)."""
+    return (await current_month(session, info, month, lines=False))[0]
+
+
+async def current_month(session: AsyncSession, info: PracticeInfo, month: Month, *,
+                        lines: bool = True) -> tuple[list[dict], list[PricedLine]]:
+    """``current_documents`` and the month's priced lines as a close would bill them now: the
+    cached ones where the decision is current, priced now where it was decided now. Only the
+    patients not current are decided (the open-month report decided every patient again)."""
     m = str(month)
-    md = orm.month_decisions
+    md, ln = orm.month_decisions, orm.month_decision_lines
     enrolled, stale, gone, _ = await _status(session, info, m, await context_key(session, info, month))
-    docs, left = {}, set(gone)
+    docs, priced, left = {}, [], set(gone) | set(stale)
     async for _, decisions in _decide(session, info, month, stale, enrolled):
         docs.update((d.patient, d.to_dict()) for d in decisions)
+        if lines:
+            priced += priced_lines(info, month, decisions)
     for patient, decision in (await session.execute(
             select(md.c.patient, md.c.decision).where(md.c.practice == info.id, md.c.month == m))):
         if patient not in left:
             docs.setdefault(patient, json.loads(decision))
-    return [docs[p] for p in sorted(docs)]
+    if lines:
+        priced += [billed_line(r) for r in (await session.execute(
+            select(ln.c.patient, ln.c.code, ln.c.amount, ln.c.resource)
+            .where(ln.c.practice == info.id, ln.c.month == m))).all() if r.patient not in left]
+    return [docs[p] for p in sorted(docs)], sorted(priced, key=lambda x: (x.patient, x.code))
 
 
 async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: datetime, *,

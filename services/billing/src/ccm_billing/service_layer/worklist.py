@@ -13,7 +13,7 @@ from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance.evidence import filed_decisions
 from ccm_billing.domain.model import Decision, Month
 from ccm_billing.service_layer import decision_cache, invoicing
-from ccm_billing.service_layer.charges import billed_line, priced_lines
+from ccm_billing.service_layer.charges import billed_line
 from ccm_billing.service_layer.common import SOURCE, PracticeInfo, insert_for
 from ccm_billing.service_layer.decisions import decide_month
 from ccm_shared.db import UnitOfWork
@@ -79,18 +79,19 @@ async def worklist(session, info: PracticeInfo, month: Month, *, status: str = "
 
 async def report(session, info: PracticeInfo, month: Month) -> dict:  # noqa: ANN001
     """Per patient: minutes by role, codes, amounts, blockers; totals equal the Invoice's."""
-    state, decisions = await month_decisions(session, info, month)
+    period = await invoicing.get_period(session, info.id, month)
     invoice, charged = None, []
-    if state == "closed":  # the lines billed
-        period = await invoicing.get_period(session, info.id, month)
+    if period is not None:  # closed: the decisions filed and the lines billed
+        state, decisions = "closed", await filed_decisions(session, info.id, str(month))
         if period.invoice_id:
             inv = await invoicing.get_invoice_row(session, period.invoice_id)
             invoice = invoicing.invoice_view(inv)
             ci = filed.charge_items
             charged = [billed_line(r) for r in
                        (await session.execute(select(ci).where(ci.c.invoice_id == inv.id))).all()]
-    else:  # the lines it would bill now
-        charged = priced_lines(info, month, await decide_month(session, info, month))
+    else:  # the lines a close would bill now (the decider's where current)
+        state = "open"
+        decisions, charged = await decision_cache.current_month(session, info, month)
     amounts = {(x.patient, x.code): (f"{x.amount:.2f}", f"{x.medicare_amount:.2f}", x.units)
                for x in charged}
     patients = []
