@@ -9,7 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ccm_shared.events import CloudEvent, envelope_headers, new_event_id, to_message
+from ccm_shared.events import CloudEvent, envelope_headers, to_message
+from ccm_shared.ids import random_uuid
 from tests.support.messaging import make_event
 
 CONTRACTS = Path(__file__).resolve().parents[2] / "contracts"
@@ -126,7 +127,7 @@ def test_every_envelope_attribute_is_written_as_pydantic_writes_it(time, subject
 
 
 def test_event_ids_are_random_version_4_uuids():
-    ids = [new_event_id() for _ in range(2000)]
+    ids = [random_uuid() for _ in range(2000)]
     assert len(set(ids)) == len(ids)
     for text in ids:
         parsed = uuid.UUID(text)

@@ -10,7 +10,6 @@ Extensions (CloudEvents attribute names are lowercase alphanumerics):
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -19,17 +18,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import to_json, to_jsonable_python
 
+from ccm_shared.ids import random_uuid
+
 CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
-
-
-def new_event_id() -> str:
-    """A random (version 4) UUID as text, as ``str(uuid.uuid4())`` writes it, without building
-    a UUID object: a third of the time, and every stored resource version makes one or two."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class CloudEvent(BaseModel):
@@ -38,7 +29,7 @@ class CloudEvent(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     specversion: str = "1.0"
-    id: str = Field(default_factory=new_event_id)
+    id: str = Field(default_factory=random_uuid)
     source: str
     type: str
     time: datetime = Field(default_factory=lambda: datetime.now(UTC))

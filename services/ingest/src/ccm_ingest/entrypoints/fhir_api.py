@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from datetime import datetime
@@ -35,6 +34,7 @@ from ccm_ingest.settings import IngestSettings
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import Forbidden
 from ccm_shared.http import TenantDep, json_depth
+from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
@@ -261,7 +261,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         resource = handlers.validated(await read_json(request, max_depth), rtype)
         if_none_exist = request.headers.get("if-none-exist")
         if not if_none_exist:
-            return await grouped(request, tenant, Write(rtype, str(uuid.uuid4()), resource,
+            return await grouped(request, tenant, Write(rtype, random_uuid(), resource,
                                                         fresh=True))
         return await write(request, tenant, lambda uow, caller: handlers.create(
             uow, caller, resource, if_none_exist=if_none_exist))

@@ -61,7 +61,10 @@ def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
 
 
 def prefer(request: Request) -> str:
-    for part in request.headers.get("prefer", "").split(";"):
+    header = request.headers.get("prefer")
+    if not header:  # most requests: no Prefer at all
+        return "representation"
+    for part in header.split(";"):
         key, _, value = part.strip().partition("=")
         if key.strip() == "return":
             return value.strip().strip('"')

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, reject
 from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
 from ccm_shared.db import UnitOfWork
+from ccm_shared.ids import random_uuid
 
 METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 
@@ -136,7 +136,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
     ids: dict[str, str] = {}
     for e in entries:
         if e.method == "POST":
-            e.rid = str(uuid.uuid4())
+            e.rid = random_uuid()
         elif e.method == "PUT" and e.rid is None and e.criteria:
             matches = await handlers.find(repo, e.rtype,
                                           handlers.normalise_criteria(e.rtype, e.criteria))
@@ -145,7 +145,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
                                f"{e.criteria} matches {len(matches)} resources",
                                f"{_where(e.index)}.request.url")
             e.rid = matches[0].id if matches else (e.resource or {}).get("id") or \
-                str(uuid.uuid4())
+                random_uuid()
             e.resource = {**(e.resource or {}), "id": e.rid}
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"

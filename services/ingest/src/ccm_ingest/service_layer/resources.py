@@ -3,7 +3,6 @@ work does, so a stored version and its events are one transaction."""
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +25,7 @@ from ccm_ingest.domain.model import (
 )
 from ccm_shared.db import UnitOfWork
 from ccm_shared.events import CloudEvent
+from ccm_shared.ids import random_uuid
 
 PATIENT_ELEMENT = {"Encounter": "subject", "CarePlan": "subject", "Condition": "subject",
                    "Consent": "patient"}
@@ -279,7 +279,7 @@ async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
                  if_none_exist: str | None = None, new_id: str | None = None) -> Outcome:
     """FHIR create: a server-assigned id; with ``If-None-Exist`` at most one resource ever."""
     rtype = resource["resourceType"]
-    rid = new_id or str(uuid.uuid4())
+    rid = new_id or random_uuid()
     if if_none_exist:
         found = await claim_create(uow, caller, rtype, rid, if_none_exist)
         if found is not None:
