@@ -506,6 +506,12 @@ async def test_a_correction_changes_only_the_patients_it_concerns(billing, order
     assert again.status_code == 200, again.text
     # The whole month from today's facts and contract: p1, p2 (its late consent) and p4 at 50.00.
     assert (await _invoice_chain(billing, first["id"]))[-1] == ("issued", "150.00")
+    # Those terms are the month's now: p2's next correction (more minutes, same code) keeps
+    # 50.00, so the lines stand and nothing is reissued.
+    await deliver(billing, ev.time_logged("alpha", "p2", "e2", 1600, "2025-03-04T10:00:00-05:00",
+                                          version=2))
+    assert (await _invoice_chain(billing, first["id"]))[-1] == ("issued", "150.00")
+    assert len(await _invoice_chain(billing, first["id"])) == 3
 
 
 async def test_a_close_whose_invoice_kafka_cannot_take_is_refused_and_writes_nothing(

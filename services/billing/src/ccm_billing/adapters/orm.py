@@ -109,8 +109,9 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("filed_in_place", Boolean, nullable=False, default=False, server_default=false()),
         Column("line_invoice", String(REF_ID), nullable=True),
         Column("line_entered", Text, nullable=True),
-        # JSON {"timezone", "pricing"}: the practice's terms in force at close (billing_0013).
-        # A correction decides and prices under them; NULL (closed before): the current terms.
+        # JSON {"pricing"}: the contract and rule options the month is billed under: those of
+        # its close, or of its last explicit recompute (billing_0013). A correction decides and
+        # prices under them; NULL (closed before billing_0013): the current ones.
         Column("terms", Text, nullable=True),
         PrimaryKeyConstraint("practice", "month"),
     )

@@ -1,8 +1,9 @@
-"""billing: ``billing_periods.terms``: the practice's terms in force when a month closed (time
-zone and pricing document: the contract and the practice's rule options). A correction of the
-month decides and prices its patients under them, as everyone else in the month was; before,
-it used the terms of the day of the correction, so one replacement Invoice could price the same
-code at two rates. Months closed before this keep NULL and are corrected under the current terms.
+"""billing: ``billing_periods.terms``: the terms a closed month is billed under (the practice's
+pricing document: the contract and rule options, of the close or of the last explicit
+recompute). A correction of the month decides and prices its patients under them, as everyone
+else in the month was; before, it used the terms of the day of the correction, so one
+replacement Invoice could price the same code at two rates. Months closed before this keep NULL
+and are corrected under the current terms.
 
 Revision ID: billing_0013
 Revises: billing_0012

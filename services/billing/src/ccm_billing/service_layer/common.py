@@ -62,16 +62,17 @@ class PracticeInfo:
         return Contract.from_json(self.pricing)
 
     def terms_json(self) -> str:
-        """The terms a month is closed under (``billing_periods.terms``)."""
-        return json.dumps({"timezone": self.timezone, "pricing": self.pricing}, sort_keys=True)
+        """The terms a month is billed under (``billing_periods.terms``): the pricing document,
+        that is the contract and the practice's rule options. (Not the time zone: the
+        projections place each entry in its month with the zone of the day it arrives.)"""
+        return json.dumps({"pricing": self.pricing}, sort_keys=True)
 
     def under(self, terms_json: str | None) -> PracticeInfo:
-        """This practice under the terms a month was closed with (as it is now when the month
+        """This practice under the terms a month was billed with (as it is now when the month
         was closed before they were kept)."""
         if not terms_json:
             return self
-        terms = json.loads(terms_json)
-        return replace(self, timezone=terms["timezone"], pricing=terms["pricing"])
+        return replace(self, pricing=json.loads(terms_json)["pricing"])
 
     def today(self, now: datetime) -> date:
         return now.astimezone(self.tz).date()

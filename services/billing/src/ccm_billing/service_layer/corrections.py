@@ -84,9 +84,9 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     patient's filed decision and billed lines are carried over as they were, so a correction
     never picks up unrelated late facts or a changed contract for anyone else (both would make a
     closed month depend on the order events arrived in); they are decided and priced under the
-    terms the month closed with (contract, rule options, time zone), as everyone else was.
-    Without, the whole month is decided again and priced with the current contract (the
-    explicit ``recompute`` API)."""
+    terms the month is billed under (contract and rule options: of its close, or of its last
+    explicit recompute), as everyone else was. Without, the whole month is decided again and
+    priced with the current contract (the explicit ``recompute`` API), which become its terms."""
     from ccm_billing.compliance.evidence import file_decisions, filed_decisions
     from ccm_billing.service_layer import invoicing
     from ccm_billing.service_layer.common import practice_info
@@ -98,7 +98,7 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
         return False
     info = await practice_info(uow.session, practice)
     scope = None if patients is None else set(patients)
-    if scope is not None:  # a correction: the terms the month closed under (contract, options)
+    if scope is not None:  # a correction: the terms the month is billed under
         info = info.under(period.terms)
     facts, decisions = await decide_month_with_facts(uow.session, info, month, patients=scope)
     filed_before = await filed_decisions(uow.session, practice, month_text)
@@ -127,6 +127,10 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
                        key=lambda x: (x.patient, x.code))
     new = {_line_key(x) for x in lines}
     reissue = old != new
+    if scope is None:  # the explicit recompute: today's contract and options are the month's now
+        bp = orm.billing_periods
+        await uow.session.execute(update(bp).where(
+            bp.c.practice == practice, bp.c.month == month_text).values(terms=info.terms_json()))
     if not reissue and not refiled:
         return False
     new_id, invoice_ref = (current.id if current is not None else None), None

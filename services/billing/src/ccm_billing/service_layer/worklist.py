@@ -114,7 +114,8 @@ async def report(session, info: PracticeInfo, month: Month) -> dict:  # noqa: AN
         "practice": info.id,
         "month": str(month),
         "period": state,
-        "pricing": info.pricing.get("model", "per-code"),
+        "pricing": (info.under(period.terms) if period is not None else info).pricing.get(
+            "model", "per-code"),
         "invoice": invoice,
         "patients": patients,
         "totals": {
