@@ -652,21 +652,25 @@ def _acl(resource: dict, operations: list[str]) -> dict:
 
 def kafka_users(services: list[Service]) -> list[dict]:
     """One KafkaUser per service: write its own topics, read the topics its groups consume,
-    write the dead-letter topics of those, use its own consumer groups."""
+    write the dead-letter topics of those, use its own consumer groups. Reading the settings of
+    those topics (DescribeConfigs) lets a service check their record limit at start; their
+    KafkaTopics set it, so it never changes them (``ensure_topics``)."""
     docs = []
     for svc in services:
         acls = [
-            _acl({"type": "topic", "name": t, "patternType": "literal"}, ["Write", "Describe"])
+            _acl({"type": "topic", "name": t, "patternType": "literal"},
+                 ["Write", "Describe", "DescribeConfigs"])
             for t in svc.produces
         ]
         consumed = sorted({t for _, topics in svc.consumers for t in topics})
         acls += [
-            _acl({"type": "topic", "name": t, "patternType": "literal"}, ["Read", "Describe"])
+            _acl({"type": "topic", "name": t, "patternType": "literal"},
+                 ["Read", "Describe", "DescribeConfigs"])
             for t in consumed
         ]
         acls += [
             _acl({"type": "topic", "name": f"{t}.dlq", "patternType": "literal"},
-                 ["Write", "Describe"])
+                 ["Write", "Describe", "DescribeConfigs"])
             for t in consumed
         ]
         acls += [
@@ -675,10 +679,12 @@ def kafka_users(services: list[Service]) -> list[dict]:
         ]
         if svc.per_practice:
             # It creates each practice's topics and writes them; practices only read theirs
-            # (k8s/examples/practice-subscriber.yaml).
+            # (k8s/examples/practice-subscriber.yaml). No KafkaTopic manages them, so it also
+            # raises the record limit of those an earlier version created at 1 MB.
             practice_topics = {"type": "topic", "name": PRACTICE_TOPIC_PREFIX,
                                "patternType": "prefix"}
-            acls.append(_acl(practice_topics, ["Create", "Write", "Describe"]))
+            acls.append(_acl(practice_topics, ["Create", "Write", "Describe",
+                                               "DescribeConfigs", "AlterConfigs"]))
         # The idempotent producer needs IdempotentWrite on the cluster.
         acls.append(_acl({"type": "cluster"}, ["IdempotentWrite"]))
         docs.append({

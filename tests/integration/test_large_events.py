@@ -85,12 +85,18 @@ async def test_a_topic_created_with_the_old_record_limit_is_raised_and_keeps_its
             NewTopic(higher, 1, 1, topic_configs={"max.message.bytes": str(2 * MAX_MESSAGE_BYTES)}),
         ])
 
-        async def settings(name: str) -> dict[str, str]:
+        async def settings(name: str) -> dict[str, str] | None:
             [response] = await admin.describe_configs(
                 [ConfigResource(ConfigResourceType.TOPIC, name)])
-            [(_code, _msg, _kind, _name, entries)] = response.resources
+            [(code, _msg, _kind, _name, entries)] = response.resources
+            if code:  # 3: just created, not known to every broker yet
+                return None
             return {n: v for n, v, _ro, source, *_ in entries if source == 1}  # the topic's own
 
+        async def both_known() -> bool:
+            return None not in (await settings(topic), await settings(higher))
+
+        await eventually(both_known, timeout=30, what="the new topics' settings")
         assert (await settings(topic))["max.message.bytes"] == "1048588"
         await kafka.ensure_topics([topic, higher, topic])
         assert await settings(topic) == {"max.message.bytes": str(MAX_MESSAGE_BYTES),

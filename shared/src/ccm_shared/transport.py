@@ -219,28 +219,33 @@ class KafkaTransport:
 
 
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
+_UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION
 
 
 async def _raise_record_limits(admin, topics: list[str]) -> None:  # noqa: ANN001
     """``max.message.bytes`` of each topic raised to ``MAX_MESSAGE_BYTES`` where it is lower
     (never lowered). AlterConfigs replaces a topic's whole set of overrides (aiokafka has no
     IncrementalAlterConfigs), so the topic's own overrides are read and sent back with it. A
-    broker that refuses (ACLs, a Strimzi-managed topic) leaves the topic as it was: a warning
-    says which topics still refuse large events, and the service starts."""
+    broker that refuses to show or change a topic's settings (ACLs: DescribeConfigs and
+    AlterConfigs) leaves it as it was: a warning names the topics that may still refuse large
+    events, and the service starts."""
     from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
     if not topics:
         return
     described = await admin.describe_configs(
         [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
-    changes = []
+    changes, unread = [], []
     for response in described:
         if response.API_VERSION == 0:  # brokers before Kafka 1.1 do not say where a value is set
             continue
         for code, _message, _kind, topic, entries in response.resources:
+            if code and code != _UNKNOWN_TOPIC:  # e.g. 29: not authorised to read its settings
+                unread.append((topic, code))
+                continue
             limits = [value for name, value, *_ in entries if name == "max.message.bytes"]
             if code or not limits or limits[0] is None or int(limits[0]) >= MAX_MESSAGE_BYTES:
-                continue
+                continue  # gone since it was listed, or large enough
             own = {name: value for name, value, _ro, source, sensitive, *_ in entries
                    if source == _DYNAMIC_TOPIC_CONFIG and not sensitive}
             if any(source == _DYNAMIC_TOPIC_CONFIG and sensitive
@@ -250,14 +255,15 @@ async def _raise_record_limits(admin, topics: list[str]) -> None:  # noqa: ANN00
                 continue
             changes.append(ConfigResource(ConfigResourceType.TOPIC, topic,
                                           {**own, **TOPIC_CONFIG}))
-    if not changes:
-        return
     refused = []
-    for response in await admin.alter_configs(changes):
-        refused += [(topic, code) for code, _message, _kind, topic in response.resources if code]
-    if refused:
-        log.warning("topic record limit not raised: larger events will be refused there",
-                    topics=[t for t, _ in refused], error_codes=sorted({c for _, c in refused}))
+    if changes:
+        for response in await admin.alter_configs(changes):
+            refused += [(topic, code) for code, _message, _kind, topic in response.resources
+                        if code]
+    if unread or refused:
+        log.warning("topic record limit not checked or not raised: events over 1 MB may be "
+                    "refused there", topics=[t for t, _ in unread + refused],
+                    error_codes=sorted({c for _, c in unread + refused}))
     raised = len(changes) - len(refused)
     if raised:
         log.info("topic record limits raised", count=raised, max_message_bytes=MAX_MESSAGE_BYTES)
