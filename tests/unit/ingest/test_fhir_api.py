@@ -153,10 +153,15 @@ async def test_conditional_create_returns_the_existing_resource(fhir):
 @pytest.mark.parametrize("prefer,expect_body", [
     ("return=minimal", None), ("return=representation", "Patient"),
     ("return=OperationOutcome", "OperationOutcome"),
+    # RFC 7240: several preferences, parameters, any case, several headers
+    ("handling=strict, return=minimal", None), ("return=minimal; x=1, respond-async", None),
+    ('Return="OperationOutcome"', "OperationOutcome"), (["handling=lenient", "return=minimal"], None),
+    ("handling=strict", "Patient"),
 ])
 async def test_prefer_return_is_honoured(fhir, prefer, expect_body):
+    headers = [("Prefer", p) for p in (prefer if isinstance(prefer, list) else [prefer])]
     r = await fhir.post("/fhir/Patient", json=example("Patient/r4spec-example.json"),
-                        headers={"Prefer": prefer})
+                        headers=headers)
     assert r.status_code == 201 and r.headers["etag"] == 'W/"1"'
     if expect_body is None:
         assert r.content == b""

@@ -61,13 +61,15 @@ def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
 
 
 def prefer(request: Request) -> str:
-    header = request.headers.get("prefer")
-    if not header:  # most requests: no Prefer at all
+    """The ``return`` preference (RFC 7240: preferences separated by commas, in one or several
+    Prefer headers; each may carry ``;`` parameters), ``representation`` when none is given."""
+    if "prefer" not in request.headers:  # most requests: no Prefer at all
         return "representation"
-    for part in header.split(";"):
-        key, _, value = part.strip().partition("=")
-        if key.strip() == "return":
-            return value.strip().strip('"')
+    for header in request.headers.getlist("prefer"):
+        for preference in header.split(","):
+            key, _, value = preference.split(";", 1)[0].partition("=")
+            if key.strip().lower() == "return":
+                return value.strip().strip('"')
     return "representation"
 
 
