@@ -155,7 +155,8 @@ async def test_conditional_create_returns_the_existing_resource(fhir):
     ("return=OperationOutcome", "OperationOutcome"),
     # RFC 7240: several preferences, parameters, any case, several headers
     ("handling=strict, return=minimal", None), ("return=minimal; x=1, respond-async", None),
-    ('Return="OperationOutcome"', "OperationOutcome"), (["handling=lenient", "return=minimal"], None),
+    ('Return="OperationOutcome"', "OperationOutcome"),
+    (["handling=lenient", "return=minimal"], None),
     ("handling=strict", "Patient"),
 ])
 async def test_prefer_return_is_honoured(fhir, prefer, expect_body):
