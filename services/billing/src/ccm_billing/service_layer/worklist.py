@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
 
@@ -94,14 +95,13 @@ async def report(session, info: PracticeInfo, month: Month) -> dict:  # noqa: AN
         decisions, charged = await decision_cache.current_month(session, info, month)
     amounts = {(x.patient, x.code): (f"{x.amount:.2f}", f"{x.medicare_amount:.2f}", x.units)
                for x in charged}
+    by_patient: dict[str, list[dict]] = defaultdict(list)  # each patient's lines, by code
+    for (p, code), (amt, med, units) in sorted(amounts.items()):
+        by_patient[p].append({"code": code, "units": units, "amount": amt, "medicareAmount": med})
     patients = []
     grand = Decimal("0.00")
     for d in decisions:
-        pid = d["patient"].removeprefix("Patient/")
-        lines = [
-            {"code": code, "units": units, "amount": amt, "medicareAmount": med}
-            for (p, code), (amt, med, units) in sorted(amounts.items()) if p == pid
-        ]
+        lines = by_patient.get(d["patient"].removeprefix("Patient/"), [])
         amount = sum((Decimal(x["amount"]) for x in lines), Decimal("0.00"))
         grand += amount
         patients.append({
