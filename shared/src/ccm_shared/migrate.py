@@ -7,7 +7,7 @@ revision files (``ccm_<service>/migrations``). The version table lives in the sc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -48,16 +48,24 @@ def upgrade_platform(url: str) -> None:
     upgrade(url, PLATFORM, "ccm_shared.platform_migrations")
 
 
-def create_tables(declare: Callable[[MetaData], dict[str, sa.Table]]) -> None:
+Declare = Callable[[MetaData], "dict[str, sa.Table] | Sequence[sa.Table]"]
+
+
+def _declared(declare: Declare) -> list[sa.Table]:
+    tables = declare(MetaData())
+    return list(tables.values() if isinstance(tables, dict) else tables)
+
+
+def create_tables(declare: Declare) -> None:
     """Inside a migration: create the tables ``declare`` adds to a fresh MetaData, in order
-    (a service's ``add_…_tables`` function of that version)."""
-    for table in declare(MetaData()).values():
+    (an ``add_…_tables`` function of that version, returning them by name or in a sequence)."""
+    for table in _declared(declare):
         table.create(op.get_bind())
 
 
-def drop_tables(declare: Callable[[MetaData], dict[str, sa.Table]]) -> None:
+def drop_tables(declare: Declare) -> None:
     """Inside a migration's downgrade: drop what ``create_tables(declare)`` created, in reverse."""
-    for table in reversed(list(declare(MetaData()).values())):
+    for table in reversed(_declared(declare)):
         table.drop(op.get_bind())
 
 
@@ -67,9 +75,7 @@ def create_messaging_tables() -> None:
     The definitions come from ``tables.add_messaging_tables`` (version 1); any later change to
     them must come with a migration of its own that alters these tables.
     """
-    metadata = MetaData()
-    for table in add_messaging_tables(metadata):
-        table.create(op.get_bind())
+    create_tables(add_messaging_tables)
 
 
 def migration_schema() -> str:
@@ -98,6 +104,4 @@ def drop_inbox_age_index() -> None:
 
 
 def drop_messaging_tables() -> None:
-    metadata = MetaData()
-    for table in reversed(add_messaging_tables(metadata)):
-        table.drop(op.get_bind())
+    drop_tables(add_messaging_tables)
