@@ -1,6 +1,10 @@
 """Billing's storage on real PostgreSQL: the large documents (Invoices, and the outbox events
 that carry them) are compressed with lz4 where the server has it (billing_0010)."""
 
+import random
+import uuid
+
+import orjson
 import pytest
 from sqlalchemy import text
 
@@ -30,3 +34,61 @@ async def test_invoices_and_their_events_are_compressed_with_lz4_where_the_serve
         await engine.dispose()
     assert has_lz4, "the project's PostgreSQL (Debian's 15) is built with lz4"
     assert columns == {"invoices.resource": "l", "outbox.payload": "l"}
+
+
+
+async def test_an_invoices_lines_built_by_the_database_are_those_python_builds(infra):
+    """A close has PostgreSQL order, sum and write its Invoice's lines (invoice_lines): the same
+    lineItem text, count and total as reading the rows in Python, whatever the amounts and
+    however patient ids sort (code points, not the database's collation)."""
+    from ccm_billing.adapters import orm
+    from ccm_billing.service_layer.decision_cache import invoice_lines
+    from ccm_shared.db import Database
+
+    definition = discover_services()["billing"]
+    schema = f"t_lines_{uuid.uuid4().hex[:8]}"
+    await upgrade_async(infra.database_url, schema, definition.migrations_package)
+    db = Database(infra.database_url, schema=schema, pool_size=2)
+    async with db.engine.begin() as conn:
+        # As in a database created with an en_US locale (the postgres image's default), where
+        # "B" sorts before "a" only in code points.
+        for column, size in (("patient", 64), ("code", 10)):
+            await conn.execute(text(f'ALTER TABLE "{schema}".month_decision_lines ALTER COLUMN '
+                                    f'{column} TYPE varchar({size}) COLLATE "en-US-x-icu"'))
+    practice = "lines"
+    rng = random.Random(7)
+    edge = ["0.00", "0.01", "0.10", "5.00", "100.00", "12.30", "9999999999999.99",
+            "10000000000000.00", "12.3", "07.50", "1e3", "1.005"]  # the last five: read in Python
+
+    def amount() -> str:
+        cents = rng.randrange(10 ** rng.randint(1, 15))
+        return rng.choice(edge) if rng.random() < 0.2 else f"{cents // 100}.{cents % 100:02d}"
+
+    cases = [{}] + [
+        {("".join(rng.choices("aAbBzZ09-.", k=rng.randint(1, 5))), code): amount()
+         for code in ("99490", "99439", "G0506") for _ in range(rng.randint(0, 12))}
+        for _ in range(40)]
+    cases += [{("p", "99490"): a} for a in edge]  # each edge amount alone
+    lines_seen = 0
+    try:
+        for n, case in enumerate(cases):
+            month = f"2{n:03d}-01"
+            if case:
+                async with db.unit_of_work() as uow:
+                    await uow.session.execute(orm.month_decision_lines.insert(), [
+                        {"practice": practice, "month": month, "patient": patient, "code": code,
+                         "charge_item_id": f"ci-{i:032x}", "amount": amount_, "resource": "{}"}
+                        for i, ((patient, code), amount_) in enumerate(case.items())])
+                    await uow.commit()
+            async with db.unit_of_work() as uow:
+                fast = await invoice_lines(uow.session, practice, month)
+                slow = await invoice_lines(uow.session, practice, month, aggregated=False)
+            assert (orjson.dumps(fast.items), fast.count, fast.total) == (
+                orjson.dumps(slow.items), slow.count, slow.total), case
+            assert fast.count == len(case)
+            lines_seen += fast.count
+    finally:
+        async with db.engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await db.dispose()
+    assert lines_seen > 300

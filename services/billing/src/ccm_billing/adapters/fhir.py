@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 
 import orjson
 
 from ccm_billing.domain.model import Month
+from ccm_billing.domain.pricing import total
 
 CPT = "http://www.ama-assn.org/go/cpt"
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"  # Level II codes: G0506 …
@@ -57,11 +60,30 @@ def line_items(lines: list[tuple[str, Decimal]]) -> orjson.Fragment:
     was a quarter of a month close. ChargeItem ids are ours (``short_id``: nothing to escape);
     floats are written as orjson writes them (shortest round trip: ``repr``). A test checks the
     text against orjson's."""
+    return valued_line_items((ci, repr(float(amount))) for ci, amount in lines)
+
+
+def valued_line_items(lines: Iterable[tuple[str, str]]) -> orjson.Fragment:
+    """``line_items`` of (ChargeItem id, the amount's JSON number text) lines."""
     return orjson.Fragment("[" + ",".join(
         f'{{"sequence":{n},"chargeItemReference":{{"reference":"ChargeItem/{ci}"}},'
-        f'"priceComponent":[{{"type":"base","amount":{{"value":{float(amount)!r},'
-        f'"currency":"USD"}}}}]}}'
-        for n, (ci, amount) in enumerate(lines, start=1)) + "]")
+        f'"priceComponent":[{{"type":"base","amount":{{"value":{value},"currency":"USD"}}}}]}}'
+        for n, (ci, value) in enumerate(lines, start=1)) + "]")
+
+
+@dataclass(frozen=True)
+class InvoiceLines:
+    """What an Invoice needs of its lines: ``lineItem`` as JSON text (``line_items``), how many
+    lines there are and their total (the sum of the lines)."""
+
+    items: orjson.Fragment
+    count: int
+    total: Decimal
+
+    @classmethod
+    def of(cls, lines: list[tuple[str, Decimal]]) -> InvoiceLines:
+        """lines: (ChargeItem id, amount) in order."""
+        return cls(line_items(lines), len(lines), total([amount for _, amount in lines]))
 
 
 def code_system(code: str) -> str:
@@ -104,11 +126,11 @@ def charge_item(
 
 def invoice(
     *, id: str, practice: str, practice_name: str, month: Month, revision: int,
-    lines: list[tuple[str, Decimal]], total: Decimal, issued: datetime, due: date,
-    status: str = "issued", replaces: str | None = None,
+    lines: InvoiceLines, issued: datetime, due: date, status: str = "issued",
+    replaces: str | None = None,
 ) -> dict:
-    """lines: (ChargeItem id, amount) in order. ``lineItem`` is JSON text (``line_items``): write
-    the resource with orjson (``ccm_shared.jsontext.compact``, an event's ``to_json``)."""
+    """``lineItem`` is JSON text (``line_items``): write the resource with orjson
+    (``ccm_shared.jsontext.compact``, an event's ``to_json``)."""
     resource = {
         "resourceType": "Invoice",
         "id": id,
@@ -120,13 +142,13 @@ def invoice(
         "recipient": {"reference": f"Organization/{practice}", "display": practice_name},
         "issuer": {"display": VENDOR},
         "date": issued.isoformat(),
-        "lineItem": line_items(lines),
-        "totalNet": money(total),
-        "totalGross": money(total),
+        "lineItem": lines.items,
+        "totalNet": money(lines.total),
+        "totalGross": money(lines.total),
         "paymentTerms": f"Due {due.isoformat()}",
         "note": [{"text": f"CCM services for {month}, revision {revision}"}],
     }
-    if not lines:
+    if not lines.count:
         del resource["lineItem"]
     if replaces:
         resource["extension"] = [{"url": EXT_REPLACES, "valueReference": {"reference": f"Invoice/{replaces}"}}]

@@ -21,12 +21,13 @@ import functools
 import hashlib
 import json
 from datetime import datetime
+from decimal import Decimal
 
-from sqlalchemy import and_, bindparam, delete, func, select, true
+from sqlalchemy import Numeric, and_, bindparam, case, cast, delete, func, select, true
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ccm_billing.adapters import filed, orm
+from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.compliance.evidence import entries_of
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
@@ -234,6 +235,48 @@ async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts:
                       "charge_item_id": ci_id, "amount": f"{line.amount:.2f}", "resource": stub})
     await bulk_insert(session, orm.month_decisions, rows)
     await bulk_insert(session, orm.month_decision_lines, lines)
+
+
+@functools.cache
+def _invoice_lines_statement():  # noqa: ANN202 - built once (a close runs it per practice)
+    ln = orm.month_decision_lines
+    # The amount as JSON, as ``fhir.line_items`` writes it (``repr(float(Decimal(amount)))``),
+    # for amounts stored as ``_store`` writes them, with two decimals: less a final zero
+    # ("12.30" → 12.3, "5.00" → 5.0, "12.34" → 12.34). Under 10 ** 13 such a decimal has at most
+    # 15 significant digits, so it is the shortest text of its float, which is what repr writes.
+    value = case((func.right(ln.c.amount, 1) == "0", func.left(ln.c.amount, -1)), else_=ln.c.amount)
+    stored = ln.c.amount.op("~")(r"^(0|[1-9][0-9]{0,12})\.[0-9]{2}$")
+    return select(
+        func.count(), func.sum(cast(ln.c.amount, Numeric)),
+        func.array_agg(postgresql.aggregate_order_by(  # code points, as Python sorts
+            ln.c.charge_item_id + " " + value, ln.c.patient.collate("C"), ln.c.code.collate("C"))),
+        func.bool_and(stored),
+    ).where(ln.c.practice == bindparam("practice", type_=ln.c.practice.type),
+            ln.c.month == bindparam("month", type_=ln.c.month.type))
+
+
+async def invoice_lines(session: AsyncSession, practice: str, month: str, *,
+                        aggregated: bool = True) -> fhir.InvoiceLines:
+    """The month's cached ChargeItem lines, in (patient, code) order, as the Invoice has them.
+
+    On PostgreSQL the database orders the lines, sums them and writes each amount's JSON, and
+    sends them as one array: a close's Python then formats one string per line instead of
+    reading a row and a Decimal per line (1,780 lines for 1,000 patients). ``aggregated``
+    False, on SQLite, or with an amount stored otherwise: read here (the same result; a test
+    compares the two)."""
+    if aggregated and session.bind.dialect.name == "postgresql":
+        count, total, pairs, stored = (await session.execute(
+            _invoice_lines_statement(), {"practice": practice, "month": month})).one()
+        if not count:
+            return fhir.InvoiceLines.of([])
+        if stored:
+            return fhir.InvoiceLines(
+                fhir.valued_line_items(pair.split(" ") for pair in pairs), count, total)
+    ln = orm.month_decision_lines
+    rows = sorted(tuple(r) for r in (await session.execute(
+        select(ln.c.patient, ln.c.code, ln.c.charge_item_id, ln.c.amount)
+        .where(ln.c.practice == practice, ln.c.month == month))).all())
+    return fhir.InvoiceLines.of([(item, Decimal(amount)) for _, _, item, amount in rows])
 
 
 async def forget_months_except(uow: UnitOfWork, practice: str, keep: list[str]) -> None:

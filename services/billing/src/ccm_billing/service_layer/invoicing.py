@@ -16,7 +16,6 @@ from sqlalchemy import func, insert, select, update
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Decision, Month
-from ccm_billing.domain.pricing import total
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.domain.rules.ruleset import RulesetMissing
 from ccm_billing.service_layer import corrections, decision_cache
@@ -135,24 +134,24 @@ async def issue_invoice(
         })
         refs.append((ci_id, line.amount))
     await bulk_insert(uow.session, orm.charge_items, items)
-    return await _invoice(uow, info, month, refs, revision=revision, now=now, replaces=replaces)
+    return await _invoice(uow, info, month, fhir.InvoiceLines.of(refs), revision=revision,
+                          now=now, replaces=replaces)
 
 
 async def _invoice(
-    uow: UnitOfWork, info: PracticeInfo, month: Month, refs: list[tuple[str, Decimal]], *,
+    uow: UnitOfWork, info: PracticeInfo, month: Month, lines: fhir.InvoiceLines, *,
     revision: int, now: datetime, replaces: str | None = None,
 ) -> dict:
-    """The issued Invoice over ChargeItems already written (id, amount, in line order)."""
+    """The issued Invoice over ChargeItems already written."""
     inv_id = fhir.invoice_id(info.id, month, revision)
-    total_net = total([amount for _, amount in refs])
     due = info.today(now) + timedelta(days=info.contract().due_days)
     resource = fhir.invoice(
         id=inv_id, practice=info.id, practice_name=info.name, month=month, revision=revision,
-        lines=refs, total=total_net, issued=now, due=due, replaces=replaces,
+        lines=lines, issued=now, due=due, replaces=replaces,
     )
     row = {
         "id": inv_id, "practice": info.id, "month": str(month), "revision": revision,
-        "status": "issued", "payment_status": "issued", "total_net": f"{total_net:.2f}",
+        "status": "issued", "payment_status": "issued", "total_net": f"{lines.total:.2f}",
         "paid": "0.00", "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
         "replaced_by": None, "cancel_reason": None,
         "resource": compact(resource),
@@ -239,15 +238,11 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     # Filed in place (adapters/filed.py): the current cached decisions become the month's
     # filings and their lines the Invoice's ChargeItems when the period row below commits.
     session, m = uow.session, str(month)
-    md, ln = orm.month_decisions, orm.month_decision_lines
+    md = orm.month_decisions
     mine = (md.c.practice == practice, md.c.month == m)
-    refs = [tuple(r) for r in (await session.execute(
-        select(ln.c.patient, ln.c.code, ln.c.charge_item_id, ln.c.amount)
-        .where(ln.c.practice == practice, ln.c.month == m))).all()]
-    refs.sort()  # (patient, code): the lines' order (tuples: one line per patient × code)
+    lines = await decision_cache.invoice_lines(session, practice, m)
     inv_row = None
-    if refs:
-        lines = [(item, Decimal(amount)) for _, _, item, amount in refs]
+    if lines.count:
         inv_row = await _invoice(uow, info, month, lines, revision=0, now=now)
     # The month's time is now locked: its filings record every entry as decided (an entry logged
     # or revised later is marked late, or corrects the month; corrections.locked_at_close).
