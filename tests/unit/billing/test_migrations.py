@@ -153,3 +153,28 @@ def test_period_terms_are_added_and_a_downgrade_drops_them(tmp_path):
     assert "terms" not in columns(url, "billing_periods")
     upgrade(url, "billing", PACKAGE)
     assert "terms" in columns(url, "billing_periods")
+
+
+def indexes(url: str, table: str = "time_entries") -> set[str]:
+    async def read() -> set[str]:
+        engine = create_engine_for(url, schema="billing", pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                return await conn.run_sync(lambda c: {
+                    ix["name"] for ix in sa.inspect(c).get_indexes(table, schema="billing")})
+        finally:
+            await engine.dispose()
+    return asyncio.run(read())
+
+
+def test_the_enrolled_entries_index_is_created_and_a_downgrade_drops_it(tmp_path):
+    """billing_0014: ``ix_time_entries_enrolled``, the partial index the decision cache's check
+    reads who is enrolled from; a database at billing_0013 gets it on upgrade."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    upgrade_platform(url)
+    upgrade(url, "billing", PACKAGE)
+    assert "ix_time_entries_enrolled" in indexes(url)
+    command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0013")
+    assert "ix_time_entries_enrolled" not in indexes(url)
+    upgrade(url, "billing", PACKAGE)
+    assert "ix_time_entries_enrolled" in indexes(url)

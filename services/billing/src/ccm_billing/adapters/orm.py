@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 
 from ccm_billing.compliance.tables import add_compliance_tables
@@ -40,6 +41,10 @@ def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool =
     return Table(name, metadata, *columns, *extra, PrimaryKeyConstraint("practice", key), *indexes)
 
 
+# The time entries that enrol their patient in their month: the partial index's predicate.
+ENROLLED_ENTRY = text("patient IS NOT NULL AND start IS NOT NULL")
+
+
 def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
     """Version 2 of the billing tables (migration billing_0002 creates exactly these)."""
     t = {}
@@ -58,6 +63,10 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("warnings", Text, nullable=False, default="[]"),
         Column("late", Boolean, nullable=False, default=False),  # logged after its month closed
         Index("ix_time_entries_month", "practice", "month"),
+        # Who has time in a month (decision_cache.enrolled_query), read from the index alone
+        # (billing_0014): a month close's check of its cached decisions read 6,000 rows for it.
+        Index("ix_time_entries_enrolled", "practice", "month", "patient",
+              postgresql_where=ENROLLED_ENTRY, sqlite_where=ENROLLED_ENTRY),
         patient_nullable=True,  # a reversal can arrive before anything else about the entry
     )
     t["consents"] = _projection(
