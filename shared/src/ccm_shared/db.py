@@ -9,6 +9,7 @@ under the schema's name, so the same SQL works on both.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import time
 import weakref
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from sqlalchemy import event, exc, text
+from sqlalchemy import TextClause, event, exc, text
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import make_url
@@ -133,6 +134,12 @@ def _ping_idle_connections(engine: AsyncEngine, idle_seconds: float) -> None:
             raise exc.DisconnectionError(f"idle pooled connection is dead: {error!r}") from error
 
 
+@functools.cache
+def _lock_statement(shared: bool, wait: bool) -> TextClause:
+    fn = f"pg{'' if wait else '_try'}_advisory_xact_lock{'_shared' if shared else ''}"
+    return text(f"SELECT {fn}(:k)")
+
+
 async def xact_lock(conn: AsyncConnection | AsyncSession, name: str, *, shared: bool = False,
                     wait: bool = True) -> bool:
     """A PostgreSQL advisory lock named ``name``, held until the current transaction ends:
@@ -145,8 +152,7 @@ async def xact_lock(conn: AsyncConnection | AsyncSession, name: str, *, shared: 
     if held is not None and (name, shared) in held:
         return True  # taken earlier in this transaction (a consumer batch: once per practice)
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    fn = f"pg{'' if wait else '_try'}_advisory_xact_lock{'_shared' if shared else ''}"
-    taken = (await conn.execute(text(f"SELECT {fn}(:k)"), {"k": key})).scalar()
+    taken = (await conn.execute(_lock_statement(shared, wait), {"k": key})).scalar()
     if wait or taken:
         held = _held_by(conn)
         if held is not None:

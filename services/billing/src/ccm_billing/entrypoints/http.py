@@ -139,7 +139,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     ) -> dict:
         tenant.require_practice(practice)
         i = orm.invoices
-        stmt = select(i).where(i.c.practice == practice).order_by(i.c.month, i.c.revision)
+        stmt = (select(*invoicing.view_columns()).where(i.c.practice == practice)
+                .order_by(i.c.month, i.c.revision))
         if status == "overdue":
             stmt = stmt.where(i.c.overdue.is_(True), i.c.status == "issued")
         elif status in ("partially-paid",):
@@ -155,7 +156,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     @router.get("/v1/invoices/{invoice_id}", summary="One invoice with its payments")
     async def get_invoice(invoice_id: str, tenant: TenantDep) -> dict:
         async with db.unit_of_work() as uow:
-            row = await invoicing.get_invoice_row(uow.session, invoice_id, tenant.practice_id)
+            row = await invoicing.get_invoice_row(uow.session, invoice_id, tenant.practice_id,
+                                                  resource=False)
             if row is None:
                 raise NotFound(f"invoice {invoice_id!r} not found")
             p = orm.payments

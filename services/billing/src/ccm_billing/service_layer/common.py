@@ -78,8 +78,13 @@ class PracticeInfo:
         return now.astimezone(self.tz).date()
 
 
+@functools.cache
+def _practice_statement():  # noqa: ANN202 - built once (every close, decider pass, request)
+    return select(practices).where(practices.c.id == bindparam("id", type_=practices.c.id.type))
+
+
 async def practice_info(session: AsyncSession, practice: str) -> PracticeInfo:
-    row = (await session.execute(select(practices).where(practices.c.id == practice))).first()
+    row = (await session.execute(_practice_statement(), {"id": practice})).first()
     if row is None:
         raise NotFound(f"practice {practice!r} not found")
     return PracticeInfo(row.id, row.name, row.timezone, json.loads(row.pricing or "{}"))
@@ -105,18 +110,23 @@ async def all_practices(session: AsyncSession) -> list[PracticeInfo]:
     return [PracticeInfo(r.id, r.name, r.timezone, json.loads(r.pricing or "{}")) for r in rows]
 
 
-async def next_practice_sequence(session: AsyncSession, practice: str) -> int:
-    """Per-practice counter of practice-facing events, so a practice can detect gaps."""
-    ins = insert_for(session)
-    stmt = (
-        ins(practice_sequences)
-        .values(practice=practice, last=1)
+@functools.cache
+def _sequence_statement(dialect: str):  # noqa: ANN202 - built once per dialect
+    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(practice_sequences)
+    return (
+        ins.values(practice=bindparam("practice", type_=practice_sequences.c.practice.type),
+                   last=1)
         .on_conflict_do_update(
             index_elements=["practice"], set_={"last": practice_sequences.c["last"] + 1}
         )
         .returning(practice_sequences.c["last"])
     )
-    return (await session.execute(stmt)).scalar_one()
+
+
+async def next_practice_sequence(session: AsyncSession, practice: str) -> int:
+    """Per-practice counter of practice-facing events, so a practice can detect gaps."""
+    return (await session.execute(_sequence_statement(session.bind.dialect.name),
+                                  {"practice": practice})).scalar_one()
 
 
 def parse_instant(text: str | None) -> datetime | None:

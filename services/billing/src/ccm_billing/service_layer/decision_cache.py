@@ -71,12 +71,16 @@ async def bump_generation(uow: UnitOfWork, practice: str, patient: str | None) -
                                   {"practice": practice, "patient": patient})
 
 
+@functools.cache
+def _roles_statement():  # noqa: ANN202 - built once (every refresh and close)
+    r = orm.practitioner_roles
+    return (select(r.c.role_id, r.c.practitioner, r.c.classification, r.c.active)
+            .where(r.c.practice == bindparam("practice", type_=r.c.practice.type)))
+
+
 async def context_key(session: AsyncSession, info: PracticeInfo, month: Month) -> str:
     """What, besides a patient's own facts, a decision and its lines depend on."""
-    r = orm.practitioner_roles
-    roles = (await session.execute(
-        select(r.c.role_id, r.c.practitioner, r.c.classification, r.c.active)
-        .where(r.c.practice == info.id))).all()
+    roles = (await session.execute(_roles_statement(), {"practice": info.id})).all()
     parts = [CACHE_VERSION, repr(ruleset_for(month)), info.timezone,
              json.dumps(info.pricing, sort_keys=True), sorted(tuple(x) for x in roles)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
@@ -190,16 +194,18 @@ async def current_month(session: AsyncSession, info: PracticeInfo, month: Month,
 
 
 async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: datetime, *,
-                  wait: bool = True) -> int:
+                  wait: bool = True, closing: bool = False) -> int:
     """Decide the enrolled patients whose cached decision is not current; drop cached decisions
     of patients no longer enrolled. Returns how many patients were decided. Raises InvalidInput
     when the practice's contract cannot price a billable line. ``wait`` False: skip (0) when
-    another refresh of the practice-month is running (the decider on several replicas)."""
+    another refresh of the practice-month is running (the decider on several replicas).
+    ``closing``: called by the month's close, which holds the practice and has found the month
+    open (not checked again)."""
     session, m = uow.session, str(month)
     # One refresh of a practice-month at a time (the decider's, a replica's, a close's).
     if not await xact_lock(session, f"decide:{info.id}:{m}", wait=wait):
         return 0
-    if await corrections.is_closed(session, info.id, m):
+    if not closing and await corrections.is_closed(session, info.id, m):
         return 0  # closed: its rows are its filings now (adapters/filed.py), never refreshed
     context = await context_key(session, info, month)
     enrolled, stale, gone, generations = await _status(session, info, m, context)

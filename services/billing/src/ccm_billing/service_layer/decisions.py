@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from collections.abc import Collection
 
-from sqlalchemy import and_, bindparam, func, select
+from sqlalchemy import and_, bindparam, func, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters import orm
@@ -70,7 +70,7 @@ def resolve_role(practitioner_role: str | None, practitioner: str | None, role_c
 
 
 @functools.cache
-def _duplicates_statements():  # noqa: ANN202 - built once (every decider pass and close)
+def _duplicates_statement():  # noqa: ANN202 - built once (every decider pass and close)
     p1, p2, t = orm.patients.alias("p1"), orm.patients.alias("p2"), orm.time_entries
     rel = orm.duplicate_releases
     practice = bindparam("practice", type_=p1.c.practice.type)
@@ -92,18 +92,15 @@ def _duplicates_statements():  # noqa: ANN202 - built once (every decider pass a
         .where(p1.c.practice == practice, p1.c.mbi.is_not(None), other_time, ~other_released)
         .distinct()
     )
+    # A patient this practice released stays blocked here (someone else bills it).
     released = select(rel.c.patient).where(rel.c.practice == practice, rel.c.month == month)
-    return found, released
+    return union(found, released)
 
 
 async def duplicate_patients(session: AsyncSession, practice: str, month: str) -> set[str]:
     """Patients whose MBI has finished time in another practice this month, unless released."""
-    found_stmt, released_stmt = _duplicates_statements()
-    params = {"practice": practice, "month": month}
-    found = {r[0] for r in (await session.execute(found_stmt, params)).all()}
-    released = (await session.execute(released_stmt, params)).scalars()
-    # A patient this practice released stays blocked here (someone else bills it).
-    return found | set(released)
+    return set((await session.execute(
+        _duplicates_statement(), {"practice": practice, "month": month})).scalars())
 
 
 async def load_facts(

@@ -9,6 +9,7 @@ with exponential backoff. The delivery log records attempts, HTTP status and err
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from datetime import datetime, timedelta
@@ -16,7 +17,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import structlog
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from ccm_billing.adapters import filed, orm
 from ccm_shared.db import Database, UnitOfWork
@@ -33,10 +34,15 @@ def validate_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+@functools.cache
+def _endpoint_statement():  # noqa: ANN202 - built once (every invoice issued)
+    e = orm.ehr_endpoints
+    return select(e.c.practice).where(e.c.practice == bindparam("practice", type_=e.c.practice.type))
+
+
 async def queue_delivery(uow: UnitOfWork, practice: str, invoice_id: str, now: datetime) -> bool:
     """Queue a push of the invoice when the practice has an EHR endpoint."""
-    e = orm.ehr_endpoints
-    endpoint = (await uow.session.execute(select(e.c.practice).where(e.c.practice == practice))).first()
+    endpoint = (await uow.session.execute(_endpoint_statement(), {"practice": practice})).first()
     if endpoint is None:
         return False
     await uow.session.execute(orm.ehr_deliveries.insert().values(

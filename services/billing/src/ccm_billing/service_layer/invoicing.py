@@ -5,6 +5,7 @@ Handlers take the unit of work and never commit; the request or the consumed mes
 
 from __future__ import annotations
 
+import functools
 import json
 import uuid
 from collections import Counter
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Decision, Month
@@ -156,26 +157,45 @@ async def _invoice(
         "replaced_by": None, "cancel_reason": None,
         "resource": compact(resource),
     }
-    await uow.session.execute(insert(orm.invoices).values(**row))
+    await uow.session.execute(insert(orm.invoices), row)
     await _publish_invoice(uow, "billing.invoice.issued.v1", row, resource, now)
     await queue_delivery(uow, info.id, inv_id, now)
     return row
 
 
+@functools.cache
+def _period_statement():  # noqa: ANN202 - built once
+    p = orm.billing_periods
+    return select(p).where(p.c.practice == bindparam("practice", type_=p.c.practice.type),
+                           p.c.month == bindparam("month", type_=p.c.month.type))
+
+
 async def get_period(session, practice: str, month: Month):  # noqa: ANN001, ANN201
     """The closed period's row (its decisions are its filings: ``evidence.filed_decisions``)."""
-    p = orm.billing_periods
-    return (
-        await session.execute(select(p).where(p.c.practice == practice, p.c.month == str(month)))
-    ).first()
+    return (await session.execute(_period_statement(),
+                                  {"practice": practice, "month": str(month)})).first()
 
 
-async def get_invoice_row(session, invoice_id: str, practice: str | None = None):  # noqa: ANN001, ANN201
+def view_columns() -> list:
+    """The invoice columns ``invoice_view`` shows: all but the FHIR resource (hundreds of KB)."""
+    return [c for c in orm.invoices.c if c.name != "resource"]
+
+
+@functools.cache
+def _invoice_statement(resource: bool, practice: bool):  # noqa: ANN202 - built once per kind
     i = orm.invoices
-    stmt = select(i).where(i.c.id == invoice_id)
-    if practice is not None:
-        stmt = stmt.where(i.c.practice == practice)
-    return (await session.execute(stmt)).first()
+    stmt = select(*(i.c if resource else view_columns())).where(
+        i.c.id == bindparam("id", type_=i.c.id.type))
+    if practice:
+        stmt = stmt.where(i.c.practice == bindparam("practice", type_=i.c.practice.type))
+    return stmt
+
+
+async def get_invoice_row(session, invoice_id: str, practice: str | None = None, *,  # noqa: ANN001, ANN201
+                          resource: bool = True):
+    """The invoice's row; without its resource when ``resource`` is False (for invoice_view)."""
+    return (await session.execute(_invoice_statement(resource, practice is not None),
+                                  {"id": invoice_id, "practice": practice})).first()
 
 
 def close_result(period, invoice_row) -> dict:  # noqa: ANN001
@@ -211,6 +231,18 @@ def invoice_view(row) -> dict:  # noqa: ANN001
     }
 
 
+@functools.cache
+def _groups_statement():  # noqa: ANN202 - built once (a close runs it per practice)
+    """The month's cached decisions summed by codes, blockers and billability (DecisionGroup)."""
+    md = orm.month_decisions
+    return (select(md.c.codes, md.c.blockers, md.c.billable, func.count().label("n"),
+                   func.sum(md.c.staff_seconds).label("staff"),
+                   func.sum(md.c.practitioner_seconds).label("practitioner"))
+            .where(md.c.practice == bindparam("practice", type_=md.c.practice.type),
+                   md.c.month == bindparam("month", type_=md.c.month.type))
+            .group_by(md.c.codes, md.c.blockers, md.c.billable))
+
+
 async def close_period(uow: UnitOfWork, practice: str, month: Month, now: datetime) -> dict:
     """Close a practice-month: decide, lock its time, issue ChargeItems and the Invoice.
 
@@ -222,7 +254,8 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     await corrections.hold_practice(uow.session, practice, exclusive=True)
     existing = await get_period(uow.session, practice, month)
     if existing is not None:
-        inv = await get_invoice_row(uow.session, existing.invoice_id) if existing.invoice_id else None
+        inv = (await get_invoice_row(uow.session, existing.invoice_id, resource=False)
+               if existing.invoice_id else None)
         return close_result(existing, inv)
     info = await practice_info(uow.session, practice)
     if info.today(now) <= month.last_day:
@@ -234,12 +267,10 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
         ruleset_for(month)
     except RulesetMissing as exc:
         raise InvalidInput(str(exc)) from None
-    await decision_cache.refresh(uow, info, month, now)
+    await decision_cache.refresh(uow, info, month, now, closing=True)
     # Filed in place (adapters/filed.py): the current cached decisions become the month's
     # filings and their lines the Invoice's ChargeItems when the period row below commits.
     session, m = uow.session, str(month)
-    md = orm.month_decisions
-    mine = (md.c.practice == practice, md.c.month == m)
     lines = await decision_cache.invoice_lines(session, practice, m)
     inv_row = None
     if lines.count:
@@ -249,26 +280,21 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     groups = [
         DecisionGroup(json.loads(r.codes), tuple(json.loads(r.blockers)), r.billable, r.n,
                       r.staff or 0, r.practitioner or 0)
-        for r in (await session.execute(
-            select(md.c.codes, md.c.blockers, md.c.billable, func.count().label("n"),
-                   func.sum(md.c.staff_seconds).label("staff"),
-                   func.sum(md.c.practitioner_seconds).label("practitioner"))
-            .where(*mine).group_by(md.c.codes, md.c.blockers, md.c.billable))).all()
+        for r in (await session.execute(_groups_statement(), {"practice": practice, "month": m}))
     ]
     total_net = Decimal(inv_row["total_net"]) if inv_row else ZERO  # the Invoice summed the lines
     data = summary_of(month, groups, total_net, inv_row["id"] if inv_row else None)
     data["practiceSequence"] = await next_practice_sequence(session, practice)
-    p = orm.billing_periods
-    await session.execute(insert(p).values(
-        practice=practice, month=m, status="closed", closed_at=now,
-        invoice_id=inv_row["id"] if inv_row else None, summary=json.dumps(data),
-        filed_in_place=True, line_invoice=inv_row["id"] if inv_row else None,
-        line_entered=entered_suffix(now), terms=info.terms_json()))
+    await session.execute(insert(orm.billing_periods), {
+        "practice": practice, "month": m, "status": "closed", "closed_at": now,
+        "invoice_id": inv_row["id"] if inv_row else None, "summary": json.dumps(data),
+        "filed_in_place": True, "line_invoice": inv_row["id"] if inv_row else None,
+        "line_entered": entered_suffix(now), "terms": info.terms_json()})
     await uow.outbox.add(
         "billing.period.closed.v1", _event("billing.period.closed.v1", practice, f"Organization/{practice}", data, now)
     )
     period = await get_period(session, practice, month)
-    inv = await get_invoice_row(session, inv_row["id"]) if inv_row else None
+    inv = await get_invoice_row(session, inv_row["id"], resource=False) if inv_row else None
     return close_result(period, inv)
 
 

@@ -85,7 +85,7 @@ async def report(session, info: PracticeInfo, month: Month) -> dict:  # noqa: AN
     if period is not None:  # closed: the decisions filed and the lines billed
         state, decisions = "closed", await filed_decisions(session, info.id, str(month))
         if period.invoice_id:
-            inv = await invoicing.get_invoice_row(session, period.invoice_id)
+            inv = await invoicing.get_invoice_row(session, period.invoice_id, resource=False)
             invoice = invoicing.invoice_view(inv)
             ci = filed.charge_items
             charged = [billed_line(r) for r in
