@@ -4,14 +4,17 @@ a practice-month's cached decisions (``decision_cache._status``, run by every de
 every month close) finds who is enrolled from the index alone, instead of reading every entry
 of the month from the table (6,000 rows for a 1,000-patient practice).
 
+The index is built in the migration's transaction: writes to time_entries (the projections)
+wait while it is built, a time in proportion to the table's size.
+
 Revision ID: billing_0014
 Revises: billing_0013
 Create Date: 2026-11-27
 """
 
+import sqlalchemy as sa
 from alembic import op
 
-from ccm_billing.adapters.orm import ENROLLED_ENTRY
 from ccm_shared.migrate import migration_schema
 
 revision = "billing_0014"
@@ -20,7 +23,8 @@ branch_labels = None
 depends_on = None
 
 # billing_0002 creates time_entries from today's model, which has the index: hence the
-# if_not_exists / if_exists.
+# if_not_exists / if_exists. The predicate as of this revision (the model's ENROLLED_ENTRY).
+ENROLLED_ENTRY = sa.text("patient IS NOT NULL AND start IS NOT NULL")
 
 
 def upgrade() -> None:

@@ -253,7 +253,9 @@ def _invoice_lines_statement():  # noqa: ANN202 - built once (a close runs it pe
     value = case((func.right(ln.c.amount, 1) == "0", func.left(ln.c.amount, -1)), else_=ln.c.amount)
     stored = ln.c.amount.op("~")(r"^(0|[1-9][0-9]{0,12})\.[0-9]{2}$")
     return select(
-        func.count(), func.sum(cast(ln.c.amount, Numeric)),
+        # Only amounts of that form are cast (any other, even one numeric rejects, is read in
+        # Python instead: the check below).
+        func.count(), func.sum(case((stored, cast(ln.c.amount, Numeric)))),
         func.array_agg(postgresql.aggregate_order_by(  # code points, as Python sorts
             ln.c.charge_item_id + " " + value, ln.c.patient.collate("C"), ln.c.code.collate("C"))),
         func.bool_and(stored),
@@ -277,7 +279,7 @@ async def invoice_lines(session: AsyncSession, practice: str, month: str, *,
             return fhir.InvoiceLines.of([])
         if stored:
             return fhir.InvoiceLines(
-                fhir.valued_line_items(pair.split(" ") for pair in pairs), count, total)
+                fhir.valued_line_items(pair.split(" ", 1) for pair in pairs), count, total)
     ln = orm.month_decision_lines
     rows = sorted(tuple(r) for r in (await session.execute(
         select(ln.c.patient, ln.c.code, ln.c.charge_item_id, ln.c.amount)
