@@ -5,9 +5,11 @@ events. Also projection throughput (time-entry events consumed from Kafka) and p
 
 Needs real PostgreSQL and Kafka: `deploy/local/up.sh && source .ccm-local/env` first.
 Usage: uv run python benchmarks/billing_close.py [--patients 100000] [--entries-per-patient 6]
-       [--practices 100] [--concurrency 4] [--projection-events 20000]
+       [--practices 100] [--concurrency 4] [--projection-events 20000] [--relay-in-api]
 
-Runs in a throwaway schema (dropped afterwards) and publishes to bench.* topics; the bench
+The closes run in this process, the outbox relay in one of its own (as deployed: billing-relay
+is its own Deployment, polling the outbox at the configured interval); --relay-in-api runs it in
+this process instead, as `ccm up` does. Runs in a throwaway schema (dropped afterwards) and publishes to bench.* topics; the bench
 practices it registers in platform.practices are deleted at the end. Targets (issue 4): close ≤ 15 s for 100,000 patients /
 600,000 entries including publishing, and ≤ 1.5 × (bare SQL aggregation + bare publish).
 """
@@ -42,6 +44,7 @@ from ccm_shared.db import Database
 from ccm_shared.events import CloudEvent, to_message
 from ccm_shared.migrate import upgrade, upgrade_platform
 from ccm_shared.outbox import OutboxRelay
+from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice
 from ccm_shared.transport import KafkaTransport
 
@@ -153,9 +156,12 @@ async def decide_during_month(db: Database, practices: list[str], concurrency: i
 
 
 async def close_all(db: Database, transport: KafkaTransport, practices: list[str],
-                    concurrency: int) -> tuple[float, int]:
+                    concurrency: int, relay_process: RelayProcess | None) -> tuple[float, int]:
+    """Close every practice, ``concurrency`` at a time, until the outbox has reached Kafka. The
+    relay runs in ``relay_process`` (as deployed: billing-relay is a Deployment of its own), or
+    in this process when None (``--relay-in-api``)."""
     relay = OutboxRelay(db, transport, batch_size=1000, poll_interval=0.05)
-    relay_task = asyncio.create_task(relay.run())
+    relay_task = asyncio.create_task(relay.run()) if relay_process is None else None
     gate = asyncio.Semaphore(concurrency)
 
     async def close_one(practice: str) -> None:
@@ -171,11 +177,58 @@ async def close_all(db: Database, transport: KafkaTransport, practices: list[str
     while await relay.backlog():
         await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - started
-    relay.stop()
-    await relay_task
+    if relay_task is not None:
+        relay.stop()
+        await relay_task
     async with db.engine.connect() as conn:
         sent = (await conn.execute(text(f'SELECT count(*) FROM "{db.schema}".outbox'))).scalar()
     return elapsed, sent
+
+
+def _relay_process(url: str, schema: str, bootstrap: str, tag: str, ready, stop) -> None:  # noqa: ANN001
+    """The outbox relay as billing-relay runs it: a process of its own, polling the outbox at
+    the configured interval (no wake-up from the closes: they run in another process)."""
+
+    async def run() -> None:
+        db = Database(url, schema=schema, pool_size=2)
+        transport = BenchTopics(bootstrap, tag)
+        await transport.start()
+        settings = load_settings(database_url=url)
+        relay = OutboxRelay(db, transport, batch_size=settings.outbox_batch_size,
+                            poll_interval=settings.outbox_poll_interval_seconds)
+        task = asyncio.create_task(relay.run())
+        try:
+            ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+                if task.done():
+                    task.result()
+        finally:
+            relay.stop()
+            await task
+            await transport.stop()
+            await db.dispose()
+
+    asyncio.run(run())
+
+
+class RelayProcess:
+    """``_relay_process`` started and stopped."""
+
+    def __init__(self, url: str, schema: str, bootstrap: str, tag: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.ready, self.stop_event = ctx.Event(), ctx.Event()
+        self.proc = ctx.Process(target=_relay_process, args=(
+            url, schema, bootstrap, tag, self.ready, self.stop_event))
+
+    async def start(self) -> None:
+        self.proc.start()
+        if not await asyncio.to_thread(self.ready.wait, 120):
+            raise RuntimeError("the relay process did not start")
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        await asyncio.to_thread(self.proc.join, 60)
 
 
 async def bare_baseline(db: Database, transport: KafkaTransport, topic: str,
@@ -307,6 +360,9 @@ async def main() -> int:
     parser.add_argument("--practices", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=4, help="practices closed at once")
     parser.add_argument("--projection-events", type=int, default=20_000)
+    parser.add_argument("--relay-in-api", action="store_true",
+                        help="run the outbox relay in the closing process (as `ccm up` does) "
+                        "instead of in a process of its own (as deployed: billing-relay)")
     parser.add_argument("--cold", action="store_true",
                         help="close without the decisions the scheduler keeps current during the "
                         "month: the close decides every patient itself")
@@ -350,7 +406,16 @@ async def main() -> int:
         during = None
         if not args.cold:
             during = await decide_during_month(db, practices, args.concurrency)
-        close, events = await close_all(db, transport, practices, args.concurrency)
+        relay_process = None
+        if not args.relay_in_api:
+            relay_process = RelayProcess(url, schema, bootstrap, tag)
+            await relay_process.start()
+        try:
+            close, events = await close_all(db, transport, practices, args.concurrency,
+                                            relay_process)
+        finally:
+            if relay_process is not None:
+                await relay_process.stop()
         sql, publish = await bare_baseline(db, transport, bare_topic, proj_practice)
         writes = await bare_writes(db)
         async with db.engine.connect() as conn:
@@ -369,6 +434,8 @@ async def main() -> int:
     if during is not None:
         print(f"decided during the month:       {during:.2f} s  (scheduler's refresh of every "
               f"patient, before the close; not part of it)")
+    print(f"outbox relay:                   "
+          f"{'in the closing process' if args.relay_in_api else 'a process of its own (as deployed)'}")
     print(f"month close incl. publishing:   {close:.2f} s{' (cold: deciding every patient)' if args.cold else ''}  ({items:,} ChargeItems, {events} events, "
           f"invoices total ${totals:,.2f})")
     print(f"bare SQL aggregation:           {sql:.2f} s")
