@@ -7,6 +7,7 @@ import uuid
 import orjson
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from ccm_shared.db import create_engine_for
 from ccm_shared.migrate import upgrade_async
@@ -40,7 +41,8 @@ async def test_invoices_and_their_events_are_compressed_with_lz4_where_the_serve
 async def test_an_invoices_lines_built_by_the_database_are_those_python_builds(infra, monkeypatch):
     """A close has PostgreSQL order, sum and write its Invoice's lines (invoice_lines): the same
     lineItem text, count and total as reading the rows in Python, whatever the amounts and
-    however patient ids sort (code points, not the database's collation)."""
+    however patient ids sort (code points, not the database's collation); an amount in another
+    form than the decider's is refused when written (billing_0015)."""
     from ccm_billing.adapters import fhir, orm
     from ccm_billing.service_layer.decision_cache import invoice_lines
     from ccm_shared.db import Database
@@ -62,14 +64,19 @@ async def test_an_invoices_lines_built_by_the_database_are_those_python_builds(i
     assert index.endswith("WHERE ((patient IS NOT NULL) AND (start IS NOT NULL))"), index
     practice = "lines"
     in_python = []  # cases whose lines were read in Python (InvoiceLines.of) on the way
-    monkeypatch.setattr(fhir.InvoiceLines, "of", classmethod(
-        lambda cls, lines, _of=fhir.InvoiceLines.of.__func__: in_python.append(1) or _of(cls, lines)))
+    of = fhir.InvoiceLines.of.__func__
+
+    def counted_of(cls, lines):  # noqa: ANN001, ANN202
+        in_python.append(1)
+        return of(cls, lines)
+
+    monkeypatch.setattr(fhir.InvoiceLines, "of", classmethod(counted_of))
     rng = random.Random(7)
-    # Amounts as _store writes them, and others (read in Python; the last one PostgreSQL 15's
-    # numeric rejects, so the database must not cast it).
-    stored = ["0.00", "0.01", "0.10", "5.00", "100.00", "12.30", "9999999999999.99"]
-    odd = ["10000000000000.00", "12.3", "07.50", "1e3", "1.005", "1_000.00"]
-    edge = stored + odd
+    # Amounts as _store writes them (f"{amount:.2f}"), and others, which billing_0015's check
+    # refuses (the last one PostgreSQL 15's numeric would also refuse).
+    edge = ["0.00", "0.01", "0.10", "5.00", "100.00", "12.30", "9999999999999.99", "-5.00",
+            "-0.10", "-1234.56"]
+    odd = ["10000000000000.00", "12.3", "07.50", "1e3", "1.005", "-00.10", " 1.00", "1_000.00"]
 
     def amount() -> str:
         cents = rng.randrange(10 ** rng.randint(1, 15))
@@ -94,13 +101,18 @@ async def test_an_invoices_lines_built_by_the_database_are_those_python_builds(i
             async with db.unit_of_work() as uow:
                 in_python.clear()
                 fast = await invoice_lines(uow.session, practice, month)
-                # built by the database unless an amount is not written as _store writes it
-                assert bool(in_python) == (not case or any(a in odd for a in case.values())), case
+                assert bool(in_python) == (not case), case  # built by the database
                 slow = await invoice_lines(uow.session, practice, month, aggregated=False)
             assert (orjson.dumps(fast.items), fast.count, fast.total) == (
                 orjson.dumps(slow.items), slow.count, slow.total), case
             assert fast.count == len(case)
             lines_seen += fast.count
+        for bad in odd:  # refused: the database could not write its JSON from the text
+            with pytest.raises(IntegrityError, match="ck_decision_lines_amount"):
+                async with db.unit_of_work() as uow:
+                    await uow.session.execute(orm.month_decision_lines.insert(), {
+                        "practice": practice, "month": "2999-01", "patient": "p", "code": "x",
+                        "charge_item_id": "ci-x", "amount": bad, "resource": "{}"})
     finally:
         async with db.engine.begin() as conn:
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))

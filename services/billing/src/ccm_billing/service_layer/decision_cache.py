@@ -243,22 +243,23 @@ async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts:
     await bulk_insert(session, orm.month_decision_lines, lines)
 
 
+# How the decider writes a line's amount (``f"{amount:.2f}"``), which PostgreSQL enforces
+# (billing_0015's check): an optional minus, at most 13 integer digits, two decimals.
+AMOUNT_FORM = r"^-?(0|[1-9][0-9]{0,12})\.[0-9]{2}$"
+
+
 @functools.cache
 def _invoice_lines_statement():  # noqa: ANN202 - built once (a close runs it per practice)
     ln = orm.month_decision_lines
-    # The amount as JSON, as ``fhir.line_items`` writes it (``repr(float(Decimal(amount)))``),
-    # for amounts stored as ``_store`` writes them, with two decimals: less a final zero
-    # ("12.30" → 12.3, "5.00" → 5.0, "12.34" → 12.34). Under 10 ** 13 such a decimal has at most
-    # 15 significant digits, so it is the shortest text of its float, which is what repr writes.
+    # The amount as JSON, as ``fhir.line_items`` writes it (``repr(float(Decimal(amount)))``):
+    # for an amount of AMOUNT_FORM, its text less a final zero ("12.30" → 12.3, "5.00" → 5.0,
+    # "12.34" → 12.34). Under 10 ** 13 such a decimal has at most 15 significant digits, so it
+    # is the shortest text of its float, which is what repr writes.
     value = case((func.right(ln.c.amount, 1) == "0", func.left(ln.c.amount, -1)), else_=ln.c.amount)
-    stored = ln.c.amount.op("~")(r"^(0|[1-9][0-9]{0,12})\.[0-9]{2}$")
     return select(
-        # Only amounts of that form are cast (any other, even one numeric rejects, is read in
-        # Python instead: the check below).
-        func.count(), func.sum(case((stored, cast(ln.c.amount, Numeric)))),
+        func.count(), func.sum(cast(ln.c.amount, Numeric)),
         func.array_agg(postgresql.aggregate_order_by(  # code points, as Python sorts
             ln.c.charge_item_id + " " + value, ln.c.patient.collate("C"), ln.c.code.collate("C"))),
-        func.bool_and(stored),
     ).where(ln.c.practice == bindparam("practice", type_=ln.c.practice.type),
             ln.c.month == bindparam("month", type_=ln.c.month.type))
 
@@ -269,17 +270,16 @@ async def invoice_lines(session: AsyncSession, practice: str, month: str, *,
 
     On PostgreSQL the database orders the lines, sums them and writes each amount's JSON, and
     sends them as one array: a close's Python then formats one string per line instead of
-    reading a row and a Decimal per line (1,780 lines for 1,000 patients). ``aggregated``
-    False, on SQLite, or with an amount stored otherwise: read here (the same result; a test
-    compares the two)."""
+    reading a row and a Decimal per line (1,780 lines for 1,000 patients). Its check
+    (billing_0015) holds every amount to AMOUNT_FORM. ``aggregated`` False, or on SQLite: read
+    here (the same result; a test compares the two)."""
     if aggregated and session.bind.dialect.name == "postgresql":
-        count, total, pairs, stored = (await session.execute(
+        count, total, pairs = (await session.execute(
             _invoice_lines_statement(), {"practice": practice, "month": month})).one()
         if not count:
             return fhir.InvoiceLines.of([])
-        if stored:
-            return fhir.InvoiceLines(
-                fhir.valued_line_items(pair.split(" ", 1) for pair in pairs), count, total)
+        return fhir.InvoiceLines(
+            fhir.valued_line_items(pair.split(" ", 1) for pair in pairs), count, total)
     ln = orm.month_decision_lines
     rows = sorted(tuple(r) for r in (await session.execute(
         select(ln.c.patient, ln.c.code, ln.c.charge_item_id, ln.c.amount)
