@@ -175,6 +175,12 @@ async def close_all(db: Database, transport: KafkaTransport, practices: list[str
     started = time.perf_counter()
     await asyncio.gather(*(close_one(p) for p in practices))
     while await relay.backlog():
+        if relay_process is not None:
+            relay_process.check()
+        elif relay_task.done():
+            relay_task.result()  # the in-process relay failed: raise its error
+        if time.perf_counter() - started > 600:
+            raise RuntimeError("the outbox did not reach Kafka in 10 minutes")
         await asyncio.sleep(0.02)
     elapsed = time.perf_counter() - started
     if relay_task is not None:
@@ -223,12 +229,23 @@ class RelayProcess:
 
     async def start(self) -> None:
         self.proc.start()
-        if not await asyncio.to_thread(self.ready.wait, 120):
-            raise RuntimeError("the relay process did not start")
+        deadline = time.monotonic() + 120
+        while not await asyncio.to_thread(self.ready.wait, 0.5):
+            self.check()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the relay process did not start in 2 minutes")
+
+    def check(self) -> None:
+        """Raise when the relay process has died (its error is in its own output)."""
+        if self.proc.exitcode is not None:
+            raise RuntimeError(f"the relay process exited ({self.proc.exitcode})")
 
     async def stop(self) -> None:
         self.stop_event.set()
         await asyncio.to_thread(self.proc.join, 60)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            await asyncio.to_thread(self.proc.join, 10)
 
 
 async def bare_baseline(db: Database, transport: KafkaTransport, topic: str,
@@ -406,11 +423,10 @@ async def main() -> int:
         during = None
         if not args.cold:
             during = await decide_during_month(db, practices, args.concurrency)
-        relay_process = None
-        if not args.relay_in_api:
-            relay_process = RelayProcess(url, schema, bootstrap, tag)
-            await relay_process.start()
+        relay_process = None if args.relay_in_api else RelayProcess(url, schema, bootstrap, tag)
         try:
+            if relay_process is not None:
+                await relay_process.start()
             close, events = await close_all(db, transport, practices, args.concurrency,
                                             relay_process)
         finally:

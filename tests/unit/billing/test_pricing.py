@@ -35,6 +35,23 @@ def test_an_incomplete_contract_is_refused(contract):
         price_lines(LINES, contract)
 
 
+@pytest.mark.parametrize("contract", [
+    Contract("per-code", rates={"99490": Decimal("NaN"), "99439": Decimal(1)}),
+    Contract("per-code", rates={"99490": Decimal("1e13"), "99439": Decimal(1)}),
+    Contract("percent-of-medicare", percent=Decimal("Infinity")),
+    Contract("flat-per-patient", flat_fee=Decimal("-1e13")),
+])
+def test_a_line_priced_out_of_bounds_is_refused(contract):
+    """A line must be finite and under 10 ** 13 USD (what the decision lines hold: billing_0015)."""
+    with pytest.raises(PricingInvalid, match="finite amount under 10,000,000,000,000"):
+        price_lines(LINES, contract)
+
+
+def test_the_largest_line_is_priced():
+    c = Contract("per-code", rates={"99490": Decimal("9999999999999.99"), "99439": Decimal(0)})
+    assert price_lines(LINES, c)[0] == Decimal("9999999999999.99")
+
+
 @pytest.mark.parametrize("doc", [{"model": "barter"}, {"model": "per-code", "rates": {"99490": "x"}}])
 def test_malformed_pricing_is_refused(doc):
     with pytest.raises(PricingInvalid):

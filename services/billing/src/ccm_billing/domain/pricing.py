@@ -50,6 +50,18 @@ def money(value: Decimal) -> Decimal:
     return value.quantize(CENT, rounding=ROUND_HALF_UP)
 
 
+# A line's amount must be finite and under this: ten trillion dollars is no contract's price, and
+# the decision lines hold amounts of at most 13 integer digits (billing_0015's check).
+LINE_LIMIT = Decimal(10) ** 13
+
+
+def _line_amount(value: Decimal) -> Decimal:
+    if not value.is_finite() or abs(money(value)) >= LINE_LIMIT:
+        raise PricingInvalid(f"the practice's contract prices a line at {value}: a line must be "
+                             f"a finite amount under {LINE_LIMIT:,} USD")
+    return money(value)
+
+
 def price_lines(lines: list[ChargeLine], contract: Contract) -> list[Decimal]:
     """The amount of each line, rounded half-up to cents per line (totals are their sum).
 
@@ -62,17 +74,17 @@ def price_lines(lines: list[ChargeLine], contract: Contract) -> list[Decimal]:
             rate = (contract.rates or {}).get(line.code)
             if rate is None:
                 raise PricingInvalid(f"the practice's contract has no rate for code {line.code}")
-            amounts.append(money(rate * line.units))
+            amounts.append(_line_amount(rate * line.units))
         elif contract.model == "percent-of-medicare":
             if contract.percent is None:
                 raise PricingInvalid("percent-of-medicare pricing without a percent")
-            amounts.append(money(line.medicare_unit * line.units * contract.percent / 100))
+            amounts.append(_line_amount(line.medicare_unit * line.units * contract.percent / 100))
         else:
             if contract.flat_fee is None:
                 raise PricingInvalid("flat-per-patient pricing without a flat_fee")
             first = line.patient not in seen_patients
             seen_patients.add(line.patient)
-            amounts.append(money(contract.flat_fee) if first else Decimal("0.00"))
+            amounts.append(_line_amount(contract.flat_fee) if first else Decimal("0.00"))
     return amounts
 
 

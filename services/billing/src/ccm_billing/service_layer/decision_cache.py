@@ -245,7 +245,7 @@ async def _store(session: AsyncSession, info: PracticeInfo, month: Month, facts:
 
 # How the decider writes a line's amount (``f"{amount:.2f}"``), which PostgreSQL enforces
 # (billing_0015's check): an optional minus, at most 13 integer digits, two decimals.
-AMOUNT_FORM = r"^-?(0|[1-9][0-9]{0,12})\.[0-9]{2}$"
+AMOUNT_FORM = r"^-?(0|[1-9][0-9]{0,12})[.][0-9]{2}$"
 
 
 @functools.cache
