@@ -301,3 +301,34 @@ def test_the_open_month_report_prices_stale_patients_now_and_the_others_from_the
     assert live == direct
     assert [(x.patient, x.code) for x in live[1]] == [
         ("p0", "99490"), ("p1", "99439"), ("p1", "99490")]
+
+
+async def test_a_practice_whose_rows_the_database_refuses_does_not_stop_the_decider(
+        billing, monkeypatch):
+    """The decider decides every practice in turn: one practice-month the database refuses (a
+    check, a value out of range) is logged and counted as failed, and the practices after it
+    are still decided. (It stopped the whole pass before.)"""
+    from sqlalchemy.exc import IntegrityError
+
+    from ccm_billing.entrypoints.jobs import decide_open_months
+    from ccm_shared.tenancy import create_practice
+    from tests.unit.billing.conftest import PRICING
+    from tests.unit.billing.test_billing_flow import deliver, march_practice
+
+    await march_practice(billing)
+    # Another practice, sorted before "alpha" by the registry and refused on every refresh.
+    await create_practice(billing.db.engine, practice_id="aaa-refused", name="Refused",
+                          timezone="America/New_York", pricing=PRICING)
+    await deliver(billing, *ev.enrolled_patient("aaa-refused", "q1"))
+    refresh = decision_cache.refresh
+
+    async def refusing(uow, info, *args, **kwargs):  # noqa: ANN001, ANN202
+        if info.id == "aaa-refused":
+            raise IntegrityError("INSERT …", {}, Exception("violates check constraint"))
+        return await refresh(uow, info, *args, **kwargs)
+
+    monkeypatch.setattr(decision_cache, "refresh", refusing)
+    counts = await decide_open_months(billing)
+    assert counts["failed"] == 2  # its two open months
+    assert {p for m, p in await _cached(billing) if m == "2025-03"} == {"p1", "p2"}  # alpha's
+    assert counts["decided"] == len(await _cached(billing))

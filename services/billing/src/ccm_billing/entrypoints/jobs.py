@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import structlog
+from sqlalchemy.exc import DataError, IntegrityError
 
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules.ruleset import RulesetMissing
@@ -40,8 +41,8 @@ async def decide_open_months(runtime) -> dict[str, int]:  # noqa: ANN001
     closed, the last), so that a close only files and invoices; drop the cached decisions of other
     months (a month closed later than that decides its patients at close).
     Each practice-month in its own transaction; one being refreshed elsewhere (another replica,
-    a close) is skipped; a practice that cannot be priced is logged and skipped (its close will
-    say why)."""
+    a close) is skipped; a practice that cannot be priced, or whose rows the database refuses,
+    is logged and skipped (its close will say why)."""
     now = runtime.clock()
     async with runtime.db.unit_of_work() as uow:
         practices = await all_practices(uow.session)
@@ -67,7 +68,9 @@ async def decide_practice(db, info, now) -> tuple[int, int]:  # noqa: ANN001
                 decided += await decision_cache.refresh(uow, info, Month.parse(month), now,
                                                         wait=False)
                 await uow.commit()
-        except (AppError, RulesetMissing) as exc:
+        except (AppError, RulesetMissing, IntegrityError, DataError) as exc:
+            # This practice's data or contract (the database refusing a row is one practice's
+            # problem too): the others are still decided. Connection errors end the pass.
             failed += 1
             log.warning("practice-month not decided", practice=info.id, month=month,
                         error=type(exc).__name__)
