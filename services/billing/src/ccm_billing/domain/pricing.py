@@ -56,10 +56,11 @@ LINE_LIMIT = Decimal(10) ** 13
 
 
 def _line_amount(value: Decimal) -> Decimal:
-    if not value.is_finite() or abs(money(value)) >= LINE_LIMIT:
+    amount = money(value) if value.is_finite() else value
+    if not amount.is_finite() or abs(amount) >= LINE_LIMIT:
         raise PricingInvalid(f"the practice's contract prices a line at {value}: a line must be "
                              f"a finite amount under {LINE_LIMIT:,} USD")
-    return money(value)
+    return amount
 
 
 def price_lines(lines: list[ChargeLine], contract: Contract) -> list[Decimal]:
