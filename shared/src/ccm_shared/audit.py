@@ -36,10 +36,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from ccm_shared.db import GroupCommit, xact_lock
+from ccm_shared.db import GroupCommit, dialect_insert, xact_lock
 from ccm_shared.tables import BigId
 
 log = structlog.get_logger(__name__)
@@ -241,7 +240,7 @@ async def seal(engine: AsyncEngine, *, batch: int = 2000) -> int:
             # another sealer got there first: roll all of this back
             raise RuntimeError("audit entry sealed concurrently; retrying")
         sealed = len(links)
-        ins = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        ins = dialect_insert(engine.dialect.name)
         for practice, (seq, digest) in heads.items():
             if practice not in practices:
                 continue

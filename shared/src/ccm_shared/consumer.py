@@ -18,10 +18,9 @@ from datetime import UTC, datetime
 import structlog
 from pydantic import ValidationError
 from sqlalchemy import bindparam
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ccm_shared import audit
-from ccm_shared.db import Database, UnitOfWork
+from ccm_shared.db import Database, UnitOfWork, dialect_insert
 from ccm_shared.events import CloudEvent, Message
 from ccm_shared.observability import (
     metrics,
@@ -123,7 +122,7 @@ class ConsumerRuntime:
         self.stats = ConsumerStats()
         self.source: MessageSource | None = None
         self._stopping = asyncio.Event()
-        self._insert = postgresql.insert if db.is_postgres else sqlite.insert
+        self._insert = dialect_insert("postgresql" if db.is_postgres else "sqlite")
         # Built once: it runs for every message (constructing it cost more than the round trip).
         self._inbox_insert = (
             self._insert(inbox_table)

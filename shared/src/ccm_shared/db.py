@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import TextClause, event, exc, text
 from sqlalchemy import types as sqltypes
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -132,6 +132,12 @@ def _ping_idle_connections(engine: AsyncEngine, idle_seconds: float) -> None:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as error:  # noqa: BLE001 - the pool retries with a new connection
             raise exc.DisconnectionError(f"idle pooled connection is dead: {error!r}") from error
+
+
+def dialect_insert(dialect: str):  # noqa: ANN201 - postgresql.insert or sqlite.insert
+    """The dialect's INSERT construct, the one with ``on_conflict_do_…`` (PostgreSQL, or SQLite
+    in embedded mode): by the dialect's name (``session.bind.dialect.name``)."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 @functools.cache

@@ -16,11 +16,11 @@ from datetime import UTC, datetime
 
 import structlog
 from sqlalchemy import BigInteger, any_, cast, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from ccm_shared.db import Database, qualified, schema_of
+from ccm_shared.db import Database, dialect_insert, qualified, schema_of
 from ccm_shared.errors import EventTooLarge
 from ccm_shared.events import CloudEvent, Message, routing_headers
 from ccm_shared.observability import current_correlation_id, metrics
@@ -45,8 +45,7 @@ class Outbox:
 
         The row lock serialises writers for one patient until this unit of work ends.
         """
-        dialect = self.session.bind.dialect.name
-        ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        ins = dialect_insert(self.session.bind.dialect.name)
         stmt = (
             ins(sequences_table)
             .values(tenant=tenant, subject=subject, last=count)

@@ -11,12 +11,11 @@ import json
 from datetime import UTC, datetime
 
 from sqlalchemy import bindparam, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ccm_billing.adapters import filed, orm
 from ccm_billing.domain.model import Decision, Month, PatientMonth
 from ccm_billing.service_layer.common import bulk_insert, insert_for, parse_day, parse_instant
-from ccm_shared.db import UnitOfWork
+from ccm_shared.db import UnitOfWork, dialect_insert
 from ccm_shared.events import CloudEvent
 from ccm_shared.jsontext import compact
 
@@ -52,8 +51,7 @@ async def record_source_version(event: CloudEvent, uow: UnitOfWork, now: datetim
 @functools.cache
 def _source_version_insert(dialect: str):  # noqa: ANN202 - built once: it runs for every event
     table = orm.source_versions
-    ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return ins(table).values({c.name: bindparam(c.name, type_=c.type) for c in table.c}) \
+    return dialect_insert(dialect)(table).values({c.name: bindparam(c.name, type_=c.type) for c in table.c}) \
         .on_conflict_do_nothing()
 
 

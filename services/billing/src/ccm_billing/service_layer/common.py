@@ -10,12 +10,11 @@ from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import bindparam, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters.orm import practice_sequences
 from ccm_billing.domain.pricing import Contract
-from ccm_shared.db import schema_of
+from ccm_shared.db import dialect_insert, schema_of
 from ccm_shared.errors import NotFound
 from ccm_shared.tables import practices
 
@@ -23,13 +22,13 @@ SOURCE = "/ccm/billing"
 
 
 def insert_for(session: AsyncSession):  # noqa: ANN201 - dialect insert construct
-    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+    return dialect_insert(session.bind.dialect.name)
 
 
 @functools.cache
 def _upsert_statement(dialect: str, table, keys: tuple[str, ...], values: tuple[str, ...],  # noqa: ANN001, ANN202
                       newer: str | None, returning: str | None):
-    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table).values(
+    ins = dialect_insert(dialect)(table).values(
         {c: bindparam(c, type_=table.c[c].type) for c in keys + values})
     stmt = ins.on_conflict_do_update(
         index_elements=list(keys), set_={c: ins.excluded[c] for c in values},
@@ -112,7 +111,7 @@ async def all_practices(session: AsyncSession) -> list[PracticeInfo]:
 
 @functools.cache
 def _sequence_statement(dialect: str):  # noqa: ANN202 - built once per dialect
-    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(practice_sequences)
+    ins = dialect_insert(dialect)(practice_sequences)
     return (
         ins.values(practice=bindparam("practice", type_=practice_sequences.c.practice.type),
                    last=1)

@@ -24,7 +24,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import Numeric, and_, bindparam, case, cast, delete, func, select, true
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters import fhir, filed, orm
@@ -45,7 +45,7 @@ from ccm_billing.service_layer.decisions import (
     load_facts,
     practice_options,
 )
-from ccm_shared.db import UnitOfWork, xact_lock
+from ccm_shared.db import UnitOfWork, dialect_insert, xact_lock
 from ccm_shared.jsontext import compact
 
 # Bump when a code change alters what is decided for the same facts: every cached decision then
@@ -57,7 +57,7 @@ CHUNK = 2000  # patients decided per round trip of fact loading
 @functools.cache
 def _bump_statement(dialect: str):  # noqa: ANN202
     g = orm.fact_generations
-    ins = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(g).values(
+    ins = dialect_insert(dialect)(g).values(
         practice=bindparam("practice", type_=g.c.practice.type),
         patient=bindparam("patient", type_=g.c.patient.type), generation=1)
     return ins.on_conflict_do_update(index_elements=["practice", "patient"],

@@ -8,7 +8,6 @@ from datetime import date, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_careplan.adapters.orm import (
@@ -22,7 +21,7 @@ from ccm_careplan.adapters.orm import (
 from ccm_careplan.domain.rules import DEFAULT_RULES, ReviewRules, rules_from_dict
 from ccm_careplan.domain.schedule import idempotency_key, next_review_due
 from ccm_careplan.domain.tracker import Directory, recipients, resolve_provider
-from ccm_shared.db import UnitOfWork
+from ccm_shared.db import UnitOfWork, dialect_insert
 from ccm_shared.events import CloudEvent
 from ccm_shared.tables import practices
 
@@ -41,7 +40,7 @@ def event_id(key: str) -> str:
 
 
 def insert_for(session: AsyncSession):  # noqa: ANN201
-    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+    return dialect_insert(session.bind.dialect.name)
 
 
 async def load_rules(session: AsyncSession, practice: str) -> ReviewRules:

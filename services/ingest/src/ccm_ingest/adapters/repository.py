@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_ingest.adapters.bulk import insert_all
@@ -20,6 +19,7 @@ from ccm_ingest.adapters.orm import (
     resource_versions,
     resources,
 )
+from ccm_shared.db import dialect_insert
 from ccm_shared.jsontext import compact
 from ccm_shared.tables import practices
 
@@ -59,7 +59,7 @@ _IS_CURRENT = and_(resources.c.tenant == resource_versions.c.tenant,
 
 
 def _insert(session: AsyncSession):  # noqa: ANN202
-    return postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert
+    return dialect_insert(session.bind.dialect.name)
 
 
 class SqlResourceRepository:

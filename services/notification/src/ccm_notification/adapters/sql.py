@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from ccm_shared.db import dialect_insert
 from ccm_shared.tables import practices
 
 
 def insert_for(session: AsyncSession, table):  # noqa: ANN001, ANN201
     """INSERT … ON CONFLICT-capable insert for the session's dialect."""
-    dialect = session.bind.dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    return dialect_insert(session.bind.dialect.name)(table)
 
 
 async def practice_row(session: AsyncSession, practice: str):  # noqa: ANN201
