@@ -112,20 +112,23 @@ async def all_practices(session: AsyncSession) -> list[PracticeInfo]:
 @functools.cache
 def _sequence_statement(dialect: str):  # noqa: ANN202 - built once per dialect
     ins = dialect_insert(dialect)(practice_sequences)
+    count = bindparam("count", type_=practice_sequences.c["last"].type)
     return (
         ins.values(practice=bindparam("practice", type_=practice_sequences.c.practice.type),
-                   last=1)
+                   last=count)
         .on_conflict_do_update(
-            index_elements=["practice"], set_={"last": practice_sequences.c["last"] + 1}
+            index_elements=["practice"], set_={"last": practice_sequences.c["last"] + count}
         )
         .returning(practice_sequences.c["last"])
     )
 
 
-async def next_practice_sequence(session: AsyncSession, practice: str) -> int:
-    """Per-practice counter of practice-facing events, so a practice can detect gaps."""
+async def next_practice_sequence(session: AsyncSession, practice: str, count: int = 1) -> int:
+    """Per-practice counter of practice-facing events, so a practice can detect gaps. Reserves
+    ``count`` numbers in one statement and answers the last of them (the first is
+    ``last - count + 1``)."""
     return (await session.execute(_sequence_statement(session.bind.dialect.name),
-                                  {"practice": practice})).scalar_one()
+                                  {"practice": practice, "count": count})).scalar_one()
 
 
 def parse_instant(text: str | None) -> datetime | None:

@@ -21,7 +21,12 @@ async def hold_practice(session, practice: str, *, exclusive: bool) -> None:  # 
     writer anyway). A close holds the practice exclusively until it commits; each projected
     event holds it shared, before reading anything: an event that arrives while a month closes
     waits, then sees the month closed (late, or a correction) instead of slipping past both."""
-    await xact_lock(session, f"close:{practice}", shared=not exclusive)
+    await xact_lock(session, practice_lock(practice), shared=not exclusive)
+
+
+def practice_lock(practice: str) -> str:
+    """The name of the advisory lock ``hold_practice`` takes."""
+    return f"close:{practice}"
 
 
 async def is_closed(session, practice: str, month: str | None) -> bool:  # noqa: ANN001

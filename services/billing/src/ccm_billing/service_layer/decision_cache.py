@@ -41,7 +41,7 @@ from ccm_billing.service_layer.charges import (
 from ccm_billing.service_layer.common import PracticeInfo, bulk_insert
 from ccm_billing.service_layer.decisions import (
     NOT_ENROLLING,
-    duplicate_patients,
+    duplicates_statement,
     load_facts,
     practice_options,
 )
@@ -118,8 +118,9 @@ def _status_statement():  # noqa: ANN202 - built once (a close runs it per pract
     current = and_(cache.c.patient.is_not(None), enrolled.c.patient.is_not(None),
                    cache.c.generation == generation,
                    cache.c.context == bindparam("context", type_=md.c.context.type),
+                   # The duplicate-biller fact, found in the same statement.
                    cache.c.duplicate == enrolled.c.patient.in_(
-                       bindparam("duplicates", expanding=True, type_=md.c.patient.type)))
+                       duplicates_statement().subquery().select()))
     every = (select(enrolled.c.patient.label("patient"), generation.label("generation"),
                     current.label("current"), cache.c.patient.label("cached"),
                     func.count(enrolled.c.patient).over().label("enrolled"))
@@ -137,12 +138,10 @@ async def _status(session: AsyncSession, info: PracticeInfo, m: str, context: st
     """(how many patients are enrolled — 0 when all are current —, those whose cached decision
     is not current, cached patients no longer enrolled, the generation of each stale patient)
     in one pass."""
-    duplicates = await duplicate_patients(session, info.id, m)
     # Generations are read here, before any fact is loaded: a fact committed after this makes
     # the decision stored from the facts not current (decided again), never current but stale.
     rows = (await session.execute(_status_statement(), {
-        "practice": info.id, "month": m, "context": context,
-        "duplicates": sorted(duplicates)})).all()
+        "practice": info.id, "month": m, "context": context})).all()
     gone = [cached for patient, _, cached, _ in rows if patient is None]
     stale = sorted(p for p, _, _, _ in rows if p is not None)
     generations = {p: gen for p, gen, _, _ in rows if p is not None}
@@ -193,6 +192,11 @@ async def current_month(session: AsyncSession, info: PracticeInfo, month: Month,
     return [docs[p] for p in sorted(docs)], sorted(priced, key=lambda x: (x.patient, x.code))
 
 
+def decide_lock(practice: str, month: str) -> str:
+    """The name of the advisory lock under which a practice-month's decisions are refreshed."""
+    return f"decide:{practice}:{month}"
+
+
 async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: datetime, *,
                   wait: bool = True, closing: bool = False) -> int:
     """Decide the enrolled patients whose cached decision is not current; drop cached decisions
@@ -203,7 +207,7 @@ async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: dateti
     open (not checked again)."""
     session, m = uow.session, str(month)
     # One refresh of a practice-month at a time (the decider's, a replica's, a close's).
-    if not await xact_lock(session, f"decide:{info.id}:{m}", wait=wait):
+    if not await xact_lock(session, decide_lock(info.id, m), wait=wait):
         return 0
     if not closing and await corrections.is_closed(session, info.id, m):
         return 0  # closed: its rows are its filings now (adapters/filed.py), never refreshed

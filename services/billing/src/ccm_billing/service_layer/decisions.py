@@ -70,7 +70,7 @@ def resolve_role(practitioner_role: str | None, practitioner: str | None, role_c
 
 
 @functools.cache
-def _duplicates_statement():  # noqa: ANN202 - built once (every decider pass and close)
+def duplicates_statement():  # noqa: ANN202 - built once (every decider pass and close)
     p1, p2, t = orm.patients.alias("p1"), orm.patients.alias("p2"), orm.time_entries
     rel = orm.duplicate_releases
     practice = bindparam("practice", type_=p1.c.practice.type)
@@ -100,7 +100,7 @@ def _duplicates_statement():  # noqa: ANN202 - built once (every decider pass an
 async def duplicate_patients(session: AsyncSession, practice: str, month: str) -> set[str]:
     """Patients whose MBI has finished time in another practice this month, unless released."""
     return set((await session.execute(
-        _duplicates_statement(), {"practice": practice, "month": month})).scalars())
+        duplicates_statement(), {"practice": practice, "month": month})).scalars())
 
 
 async def load_facts(

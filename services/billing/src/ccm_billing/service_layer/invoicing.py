@@ -10,8 +10,9 @@ import json
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from types import SimpleNamespace
 
 from sqlalchemy import bindparam, func, insert, select, update
 
@@ -34,12 +35,14 @@ from ccm_billing.service_layer.common import (
     practice_info,
 )
 from ccm_billing.service_layer.ehr import queue_delivery
-from ccm_shared.db import UnitOfWork
+from ccm_shared.db import UnitOfWork, xact_locks
 from ccm_shared.errors import Conflict, InvalidInput, NotFound
 from ccm_shared.events import CloudEvent
 from ccm_shared.jsontext import compact
 
 ZERO = Decimal("0.00")
+ISSUED = "billing.invoice.issued.v1"
+CLOSED = "billing.period.closed.v1"
 
 
 @dataclass(frozen=True)
@@ -111,12 +114,15 @@ def invoice_event_data(row, resource: dict, sequence: int) -> dict:  # noqa: ANN
     }
 
 
+def _invoice_event(topic: str, row: dict, resource: dict, sequence: int,
+                   now: datetime) -> tuple[str, CloudEvent]:
+    return topic, _event(topic, row["practice"], f"Invoice/{row['id']}",
+                         invoice_event_data(row, resource, sequence), now)
+
+
 async def _publish_invoice(uow: UnitOfWork, topic: str, row: dict, resource: dict, now: datetime) -> None:
     seq = await next_practice_sequence(uow.session, row["practice"])
-    await uow.outbox.add(
-        topic,
-        _event(topic, row["practice"], f"Invoice/{row['id']}", invoice_event_data(row, resource, seq), now),
-    )
+    await uow.outbox.add(*_invoice_event(topic, row, resource, seq, now))
 
 
 async def issue_invoice(
@@ -135,15 +141,18 @@ async def issue_invoice(
         })
         refs.append((ci_id, line.amount))
     await bulk_insert(uow.session, orm.charge_items, items)
-    return await _invoice(uow, info, month, fhir.InvoiceLines.of(refs), revision=revision,
-                          now=now, replaces=replaces)
+    row, resource = await _store_invoice(uow, info, month, fhir.InvoiceLines.of(refs),
+                                         revision=revision, now=now, replaces=replaces)
+    await _publish_invoice(uow, ISSUED, row, resource, now)
+    return row
 
 
-async def _invoice(
+async def _store_invoice(
     uow: UnitOfWork, info: PracticeInfo, month: Month, lines: fhir.InvoiceLines, *,
     revision: int, now: datetime, replaces: str | None = None,
-) -> dict:
-    """The issued Invoice over ChargeItems already written."""
+) -> tuple[dict, dict]:
+    """(row, FHIR resource) of the issued Invoice, stored and queued for the EHR push; its
+    event is the caller's."""
     inv_id = fhir.invoice_id(info.id, month, revision)
     due = info.today(now) + timedelta(days=info.contract().due_days)
     resource = fhir.invoice(
@@ -158,9 +167,8 @@ async def _invoice(
         "resource": compact(resource),
     }
     await uow.session.execute(insert(orm.invoices), row)
-    await _publish_invoice(uow, "billing.invoice.issued.v1", row, resource, now)
     await queue_delivery(uow, info.id, inv_id, now)
-    return row
+    return row, resource
 
 
 @functools.cache
@@ -203,7 +211,7 @@ def close_result(period, invoice_row) -> dict:  # noqa: ANN001
         "practice": period.practice,
         "month": period.month,
         "status": period.status,
-        "closedAt": period.closed_at.isoformat(),
+        "closedAt": period.closed_at.astimezone(UTC).isoformat(),
         "summary": json.loads(period.summary),
         "invoice": invoice_view(invoice_row) if invoice_row is not None else None,
     }
@@ -222,7 +230,7 @@ def invoice_view(row) -> dict:  # noqa: ANN001
         "totalNet": row.total_net,
         "paid": row.paid,
         "balance": f"{total_net - paid:.2f}",
-        "issuedAt": row.issued_at.isoformat(),
+        "issuedAt": row.issued_at.astimezone(UTC).isoformat(),
         "dueDate": row.due_date.isoformat(),
         "replaces": row.replaces,
         "replacedBy": row.replaced_by,
@@ -251,7 +259,10 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     the month is then filed in place: those decisions are its filings and their priced lines its
     ChargeItems (adapters/filed.py), so the close writes only the Invoice, the period and events.
     """
-    await corrections.hold_practice(uow.session, practice, exclusive=True)
+    # Held exclusively against the projections (corrections.hold_practice), and the month's
+    # decisions against the decider (decision_cache.refresh finds its lock taken): one statement.
+    await xact_locks(uow.session, [corrections.practice_lock(practice),
+                                   decision_cache.decide_lock(practice, str(month))])
     existing = await get_period(uow.session, practice, month)
     if existing is not None:
         inv = (await get_invoice_row(uow.session, existing.invoice_id, resource=False)
@@ -272,9 +283,9 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     # filings and their lines the Invoice's ChargeItems when the period row below commits.
     session, m = uow.session, str(month)
     lines = await decision_cache.invoice_lines(session, practice, m)
-    inv_row = None
+    inv_row = resource = None
     if lines.count:
-        inv_row = await _invoice(uow, info, month, lines, revision=0, now=now)
+        inv_row, resource = await _store_invoice(uow, info, month, lines, revision=0, now=now)
     # The month's time is now locked: its filings record every entry as decided (an entry logged
     # or revised later is marked late, or corrects the month; corrections.locked_at_close).
     groups = [
@@ -284,18 +295,22 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     ]
     total_net = Decimal(inv_row["total_net"]) if inv_row else ZERO  # the Invoice summed the lines
     data = summary_of(month, groups, total_net, inv_row["id"] if inv_row else None)
-    data["practiceSequence"] = await next_practice_sequence(session, practice)
-    await session.execute(insert(orm.billing_periods), {
+    # The Invoice's event, then the period's: their practice sequences in one statement, the
+    # events in one outbox insert.
+    last = await next_practice_sequence(session, practice, count=2 if inv_row else 1)
+    data["practiceSequence"] = last
+    period = {
         "practice": practice, "month": m, "status": "closed", "closed_at": now,
         "invoice_id": inv_row["id"] if inv_row else None, "summary": json.dumps(data),
         "filed_in_place": True, "line_invoice": inv_row["id"] if inv_row else None,
-        "line_entered": entered_suffix(now), "terms": info.terms_json()})
-    await uow.outbox.add(
-        "billing.period.closed.v1", _event("billing.period.closed.v1", practice, f"Organization/{practice}", data, now)
-    )
-    period = await get_period(session, practice, month)
-    inv = await get_invoice_row(session, inv_row["id"], resource=False) if inv_row else None
-    return close_result(period, inv)
+        "line_entered": entered_suffix(now), "terms": info.terms_json()}
+    await session.execute(insert(orm.billing_periods), period)
+    events = [_invoice_event(ISSUED, inv_row, resource, last - 1, now)] if inv_row else []
+    events.append((CLOSED, _event(CLOSED, practice, f"Organization/{practice}", data, now)))
+    await uow.outbox.add_many(events)
+    # What was just written, as a repeated close reads it back (get_period, get_invoice_row).
+    return close_result(SimpleNamespace(**period),
+                        SimpleNamespace(**inv_row) if inv_row else None)
 
 
 async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | None, now: datetime) -> None:  # noqa: ANN001
