@@ -127,6 +127,9 @@ async def test_close_issues_valid_fhir_and_is_idempotent(billing):
     closed = await outboxed(billing, "billing.period.closed.v1")
     assert len(issued) == 1 and len(closed) == 1  # the second close emitted nothing
     assert issued[0]["data"]["invoice"]["id"] == inv_id
+    # Stored without its lines (billing_0016), read whole: what the event carried, in order.
+    assert invoice == issued[0]["data"]["invoice"] == search["entry"][0]["resource"]
+    assert list(invoice) == list(issued[0]["data"]["invoice"])
     assert closed[0]["data"]["codes"] == {"99439": 1, "99490": 1}
 
 
@@ -170,11 +173,18 @@ async def test_payments_partial_then_paid_and_overdue(billing):
     assert [x["id"] for x in listed.json()["invoices"]] == [inv["id"]]
     paid = await api(billing).post(url, json={"amount": "25.33", "date": "2025-05-10"})
     assert paid.json()["invoice"]["status"] == "balanced"
-    assert (await api(billing).get(f"/fhir/Invoice/{inv['id']}")).json()["status"] == "balanced"
+    read = (await api(billing).get(f"/fhir/Invoice/{inv['id']}")).json()
+    assert read["status"] == "balanced"
     assert [e["data"]["status"] for e in await outboxed(billing, "billing.payment.recorded.v1")] == [
         "partially-paid", "balanced"]
-    assert len(await outboxed(billing, "billing.invoice.paid.v1")) == 1
-    assert len(await outboxed(billing, "billing.invoice.overdue.v1")) == 1
+    paid_events = await outboxed(billing, "billing.invoice.paid.v1")
+    overdue = await outboxed(billing, "billing.invoice.overdue.v1")
+    issued = (await outboxed(billing, "billing.invoice.issued.v1"))[0]["data"]["invoice"]
+    assert len(paid_events) == 1 and len(overdue) == 1
+    # Every later event and read carries the lines the Invoice was issued with.
+    assert len(issued["lineItem"]) == 2
+    assert read == paid_events[0]["data"]["invoice"] == {**issued, "status": "balanced"}
+    assert overdue[0]["data"]["invoice"] == issued
 
 
 @pytest.mark.parametrize("correction", ["encounter", "consent", "care-plan"])
@@ -193,12 +203,18 @@ async def test_a_correction_after_close_cancels_and_reissues(billing, correction
     cancelled = await outboxed(billing, "billing.invoice.cancelled.v1")
     assert len(cancelled) == 1 and cancelled[0]["data"]["replacedBy"] == old["replacedBy"]
     issued = await outboxed(billing, "billing.invoice.issued.v1")
+    # The cancelled Invoice keeps the lines it was issued with, in its event and when read.
+    first_lines = issued[0]["data"]["invoice"]["lineItem"]
+    assert cancelled[0]["data"]["invoice"]["lineItem"] == first_lines
+    fhir_old = (await api(billing).get(f"/fhir/Invoice/{old['id']}")).json()
+    assert fhir_old == cancelled[0]["data"]["invoice"] and fhir_old["status"] == "cancelled"
     if correction == "encounter":
         new = (await api(billing).get(f"/v1/invoices/{old['replacedBy']}")).json()
         assert new["replaces"] == old["id"] and new["revision"] == 1 and new["totalNet"] == "42.00"
         assert len(issued) == 2 and issued[1]["data"]["replaces"] == old["id"]
         fhir_new = (await api(billing).get(f"/fhir/Invoice/{new['id']}")).json()
         Invoice.model_validate(fhir_new)
+        assert fhir_new == issued[1]["data"]["invoice"] and len(fhir_new["lineItem"]) == 1
         assert fhir_new["identifier"][0]["value"] == "alpha:2025-03:r1"
     else:  # nothing billable is left: cancelled without a replacement
         assert old["replacedBy"] is None and len(issued) == 1

@@ -10,6 +10,7 @@ import asyncio
 import json
 import tempfile
 
+import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, update
@@ -130,7 +131,8 @@ async def _run(ops: list, warm: bool, refreshes: set[int] = frozenset()) -> dict
                                          .order_by(filed.charge_items.c.id))).all()
                 filings = (await s.execute(select(filed.filings)
                                            .order_by(filed.filings.c.patient))).all()
-                invoices = (await s.execute(select(orm.invoices))).all()
+                invoices = [(r.id, r.total_net, await filed.invoice_resource(s, r))
+                            for r in (await s.execute(select(orm.invoices))).all()]
                 decisions = await filed_decisions(s, "alpha", str(MARCH))
             return {
                 "direct": direct, "live": live, "result": result, "decisions": decisions,
@@ -138,7 +140,7 @@ async def _run(ops: list, warm: bool, refreshes: set[int] = frozenset()) -> dict
                 "summary": period.summary,
                 "items": [(r.id, r.patient, r.code, r.amount, json.loads(r.resource)) for r in items],
                 "filings": [tuple(r) for r in filings],
-                "invoices": [(r.id, r.total_net, json.loads(r.resource)) for r in invoices],
+                "invoices": [(i, total, orjson.loads(orjson.dumps(doc))) for i, total, doc in invoices],
             }
         finally:
             await db.dispose()

@@ -150,10 +150,12 @@ async def _close_twice(patients: list[tuple[int, int]]):
                     await uow.commit()
             invoice = None
             if results[0]["invoice"]:
+                from ccm_billing.adapters.filed import invoice_resource
                 from ccm_billing.service_layer.invoicing import get_invoice_row
 
-                async with db.unit_of_work() as uow:
-                    invoice = json.loads((await get_invoice_row(uow.session, results[0]["invoice"]["id"])).resource)
+                async with db.unit_of_work() as uow:  # as a FHIR read serves it
+                    invoice = await invoice_resource(uow.session, await get_invoice_row(
+                        uow.session, results[0]["invoice"]["id"]))
             return results, invoice
         finally:
             await db.dispose()

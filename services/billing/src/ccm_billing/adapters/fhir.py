@@ -155,6 +155,24 @@ def invoice(
     return resource
 
 
+def without_line_items(resource: dict) -> dict:
+    """The Invoice as stored when its lines are filed in place (``invoices.lines_in_place``)."""
+    return {k: v for k, v in resource.items() if k != "lineItem"}
+
+
+def with_line_items(stored: dict, lines: InvoiceLines) -> dict:
+    """``without_line_items`` undone: ``lineItem`` back where ``invoice`` puts it, as plain
+    JSON values (any JSON writer can write the result)."""
+    if not lines.count:
+        return stored
+    out = {}
+    for key, value in stored.items():
+        if key == "totalNet":
+            out["lineItem"] = orjson.loads(orjson.dumps(lines.items))
+        out[key] = value
+    return out
+
+
 def cancelled(resource: dict, reason: str, replaced_by: str | None) -> dict:
     out = {**resource, "status": "cancelled", "cancelledReason": reason}
     if replaced_by:

@@ -10,15 +10,31 @@ first Invoice copies its ChargeItems into ``charge_items`` before marking them e
 Months closed before billing_0009 keep everything in ``decision_filings`` and ``charge_items``.
 
 ``filings`` and ``charge_items`` are the union of both places, with the tables' own columns:
-read filings and ChargeItems through them, never through the tables.
+read filings and ChargeItems through them, never through the tables. An Invoice's lines are
+filed in place too (billing_0016): ``invoice_resource`` reads an Invoice whole.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import Integer, Text, and_, func, insert, literal, select, union_all, update
+import functools
+import json
+from decimal import Decimal
+
+from sqlalchemy import (
+    Integer,
+    Text,
+    and_,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    union_all,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ccm_billing.adapters import orm
+from ccm_billing.adapters import fhir, orm
 
 _md, _ln, _p = orm.month_decisions, orm.month_decision_lines, orm.billing_periods
 
@@ -60,3 +76,23 @@ async def materialise_line_items(session: AsyncSession, invoice_id: str) -> None
         [c.name for c in orm.charge_items.c], items))
     await session.execute(update(_p).where(_p.c.line_invoice == invoice_id).values(
         line_invoice=None, line_entered=None))
+
+
+@functools.cache
+def _filed_lines_statement():  # noqa: ANN202 - built once
+    ci = charge_items
+    return select(ci.c.patient, ci.c.code, ci.c.id, ci.c.amount).where(
+        ci.c.invoice_id == bindparam("invoice", type_=ci.c.invoice_id.type))
+
+
+async def invoice_resource(session: AsyncSession, row) -> dict:  # noqa: ANN001
+    """The FHIR Invoice of an ``invoices`` row (with ``resource`` and ``lines_in_place``): as
+    stored, with its ``lineItem`` from its ChargeItems where it is filed in place, in (patient,
+    code) order as at issue."""
+    stored = json.loads(row.resource)
+    if not row.lines_in_place:
+        return stored
+    rows = sorted(tuple(r) for r in (await session.execute(
+        _filed_lines_statement(), {"invoice": row.id})).all())
+    return fhir.with_line_items(stored, fhir.InvoiceLines.of(
+        [(item, Decimal(amount)) for _, _, item, amount in rows]))

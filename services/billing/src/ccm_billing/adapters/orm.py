@@ -141,6 +141,9 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("replaced_by", String(REF_ID), nullable=True),
         Column("cancel_reason", Text, nullable=True),
         Column("resource", Text, nullable=False),  # the FHIR R4 Invoice, as JSON
+        # resource without its lineItem: its ChargeItems give it (filed.invoice_resource)
+        Column("lines_in_place", Boolean, nullable=False, default=False,
+               server_default=false()),
         UniqueConstraint("practice", "month", "revision", name="uq_invoices_practice_month_rev"),
         Index("ix_invoices_practice_status", "practice", "status"),
     )

@@ -304,6 +304,7 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
     invoice_ids = sorted({r.invoice_id for r in items})
     invoices = {r.id: r for r in (await session.execute(
         select(inv).where(inv.c.practice == info.id, inv.c.id.in_(invoice_ids)))).all()}
+    documents = {i: await filed.invoice_resource(session, r) for i, r in invoices.items()}
     start, _ = _month_bounds(info, first)
     _, end = _month_bounds(info, last)
     audit_rows = (await session.execute(
@@ -314,14 +315,14 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
     for month in months:
         sections.append(await _month_section(
             session, info, patient, month, by_type, consents, reviews,
-            [r for r in items if r.month == str(month)], invoices, renewal))
+            [r for r in items if r.month == str(month)], invoices, documents, renewal))
     return {
         "practice": {"id": info.id, "name": info.name, "timezone": info.timezone},
         "patient": {"id": patient, "mbi": mbi},
         "from": str(first), "to": str(last), "generatedAt": _iso(now),
         "consentRenewalMonths": renewal,
         "months": sections,
-        "invoices": {i: json.loads(r.resource) for i, r in invoices.items()},
+        "invoices": documents,
         "auditEvents": [as_fhir_audit_event(r) for r in audit_rows],
     }
 
@@ -334,7 +335,7 @@ def _in_force_versions(info: PracticeInfo, versions: list, month: Month) -> list
 
 
 async def _month_section(session, info, patient, month, by_type, consents, reviews, items,  # noqa: ANN001, PLR0913
-                         invoices, renewal) -> dict:
+                         invoices, documents, renewal) -> dict:
     log = await time_log(session, info, patient, month, encounters=by_type.get("Encounter", []))
     consent_rows = []
     for fact, src in consents:
@@ -362,7 +363,7 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
     lines = []
     for item in items:
         invoice = invoices.get(item.invoice_id)
-        resource = json.loads(invoice.resource) if invoice is not None else {}
+        resource = documents.get(item.invoice_id, {})
         line = next((x for x in resource.get("lineItem", [])
                      if x["chargeItemReference"]["reference"] == f"ChargeItem/{item.id}"), None)
         # The row's status is authoritative (a cancelled Invoice's items are entered-in-error).

@@ -262,36 +262,36 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     def fhir_response(doc: dict) -> Response:
         return Response(json.dumps(doc), media_type=FHIR_JSON)
 
-    async def read_resource(table, resource_id: str, practice: str, kind: str) -> Response:  # noqa: ANN001
-        async with db.unit_of_work() as uow:
-            row = (await uow.session.execute(select(table.c.resource).where(
-                table.c.id == resource_id, table.c.practice == practice))).first()
-        if row is None:
-            raise NotFound(f"{kind}/{resource_id} not found")
-        return fhir_response(json.loads(row.resource))
-
     @router.get("/fhir/Invoice/{resource_id}", tags=["fhir"], summary="FHIR R4 Invoice")
     async def fhir_invoice(resource_id: str, tenant: TenantDep) -> Response:
-        return await read_resource(orm.invoices, resource_id, tenant.practice_id, "Invoice")
+        async with db.unit_of_work() as uow:
+            row = await invoicing.get_invoice_row(uow.session, resource_id, tenant.practice_id)
+            if row is None:
+                raise NotFound(f"Invoice/{resource_id} not found")
+            return fhir_response(await filed.invoice_resource(uow.session, row))
 
     @router.get("/fhir/ChargeItem/{resource_id}", tags=["fhir"], summary="FHIR R4 ChargeItem")
     async def fhir_charge_item(resource_id: str, tenant: TenantDep) -> Response:
-        return await read_resource(filed.charge_items, resource_id, tenant.practice_id,
-                                   "ChargeItem")
+        ci = filed.charge_items
+        async with db.unit_of_work() as uow:
+            row = (await uow.session.execute(select(ci.c.resource).where(
+                ci.c.id == resource_id, ci.c.practice == tenant.practice_id))).first()
+        if row is None:
+            raise NotFound(f"ChargeItem/{resource_id} not found")
+        return fhir_response(json.loads(row.resource))
 
     @router.get("/fhir/Invoice", tags=["fhir"], summary="Search Invoices by recipient and date")
     async def search_invoices(request: Request, tenant: TenantDep,
                               recipient: str | None = None, date: str | None = None) -> Response:
         i = orm.invoices
-        stmt = select(i.c.resource).where(i.c.practice == tenant.practice_id)
+        stmt = select(i).where(i.c.practice == tenant.practice_id)
         if recipient is not None and recipient.removeprefix("Organization/") != tenant.practice_id:
             return fhir_response(fhir.search_bundle([], str(request.url)))
         rows = []
         async with db.unit_of_work() as uow:
             for r in (await uow.session.execute(stmt.order_by(i.c.month, i.c.revision))).all():
-                res = json.loads(r.resource)
-                if date is None or date_matches(res["date"], date):
-                    rows.append(res)
+                if date is None or date_matches(json.loads(r.resource)["date"], date):
+                    rows.append(await filed.invoice_resource(uow.session, r))
         return fhir_response(fhir.search_bundle(rows, str(request.url)))
 
     @router.get("/fhir/ChargeItem", tags=["fhir"], summary="Search ChargeItems by subject")

@@ -90,7 +90,8 @@ def enrolled_query(practice: str, month: str):  # noqa: ANN201
     """Patients with time in the month or a consent on file (whom load_facts decides)."""
     t, c = orm.time_entries, orm.consents
     timed = select(t.c.patient.label("patient")).where(
-        t.c.practice == practice, t.c.month == month, t.c.patient.is_not(None), t.c.start.is_not(None))
+        t.c.practice == practice, t.c.month == month, t.c.patient.is_not(None),
+        t.c.start.is_not(None)).distinct()
     consented = select(c.c.patient).where(c.c.practice == practice, c.c.status.not_in(NOT_ENROLLING))
     return timed.union(consented)
 

@@ -65,10 +65,11 @@ async def _load(db: Database, delivery_id: str):  # noqa: ANN202
     async with db.unit_of_work() as uow:
         row = (await uow.session.execute(select(d).where(d.c.id == delivery_id))).first()
         endpoint = (await uow.session.execute(select(e).where(e.c.practice == row.practice))).first()
-        invoice = (await uow.session.execute(select(i.c.resource).where(i.c.id == row.invoice_id))).scalar()
+        invoice = (await uow.session.execute(select(i).where(i.c.id == row.invoice_id))).first()
+        resource = await filed.invoice_resource(uow.session, invoice)
         items = (await uow.session.execute(select(ci.c.resource).where(ci.c.invoice_id == row.invoice_id)
                                            .order_by(ci.c.id))).scalars().all()
-    return row, endpoint, json.loads(invoice), [json.loads(x) for x in items]
+    return row, endpoint, resource, [json.loads(x) for x in items]
 
 
 async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBaseTransport | None = None,

@@ -132,7 +132,8 @@ async def issue_invoice(
     """Create the ChargeItems and the issued Invoice of one revision; outbox its event."""
     inv_id = fhir.invoice_id(info.id, month, revision)
     items, refs = [], []
-    for line in lines:
+    # In (patient, code) order, as a read of the Invoice lists them (filed.invoice_resource).
+    for line in sorted(lines, key=lambda x: (x.patient, x.code)):
         ci_id, stub = charge_item_stub(info.id, month, line, revision)
         items.append({
             "id": ci_id, "practice": info.id, "invoice_id": inv_id, "patient": line.patient,
@@ -151,8 +152,8 @@ async def _store_invoice(
     uow: UnitOfWork, info: PracticeInfo, month: Month, lines: fhir.InvoiceLines, *,
     revision: int, now: datetime, replaces: str | None = None,
 ) -> tuple[dict, dict]:
-    """(row, FHIR resource) of the issued Invoice, stored and queued for the EHR push; its
-    event is the caller's."""
+    """(row, FHIR resource) of the issued Invoice, stored (without its lines: its ChargeItems
+    give them, ``filed.invoice_resource``) and queued for the EHR push; its event is the caller's."""
     inv_id = fhir.invoice_id(info.id, month, revision)
     due = info.today(now) + timedelta(days=info.contract().due_days)
     resource = fhir.invoice(
@@ -164,7 +165,7 @@ async def _store_invoice(
         "status": "issued", "payment_status": "issued", "total_net": f"{lines.total:.2f}",
         "paid": "0.00", "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
         "replaced_by": None, "cancel_reason": None,
-        "resource": compact(resource),
+        "resource": _stored(resource, True), "lines_in_place": True,
     }
     await uow.session.execute(insert(orm.invoices), row)
     await queue_delivery(uow, info.id, inv_id, now)
@@ -204,6 +205,11 @@ async def get_invoice_row(session, invoice_id: str, practice: str | None = None,
     """The invoice's row; without its resource when ``resource`` is False (for invoice_view)."""
     return (await session.execute(_invoice_statement(resource, practice is not None),
                                   {"id": invoice_id, "practice": practice})).first()
+
+
+def _stored(resource: dict, lines_in_place: bool) -> str:
+    """The text ``invoices.resource`` keeps of an Invoice (billing_0016)."""
+    return compact(fhir.without_line_items(resource) if lines_in_place else resource)
 
 
 def close_result(period, invoice_row) -> dict:  # noqa: ANN001
@@ -314,13 +320,13 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
 
 
 async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | None, now: datetime) -> None:  # noqa: ANN001
-    resource = fhir.cancelled(json.loads(row.resource), reason, replaced_by)
+    resource = fhir.cancelled(await filed.invoice_resource(uow.session, row), reason, replaced_by)
     await filed.materialise_line_items(uow.session, row.id)  # its ChargeItems change below
     i, ci = orm.invoices, orm.charge_items
     await uow.session.execute(
         update(i).where(i.c.id == row.id).values(
             status="cancelled", cancel_reason=reason, replaced_by=replaced_by,
-            resource=compact(resource),
+            resource=_stored(resource, row.lines_in_place),
         )
     )
     for item_id, item in (await uow.session.execute(
@@ -375,7 +381,7 @@ async def record_payment(
     new_balance = Decimal(row.total_net) - paid
     payment_status = "balanced" if new_balance == 0 else "partially-paid"
     status = "balanced" if payment_status == "balanced" else row.status
-    resource = json.loads(row.resource)
+    resource = await filed.invoice_resource(uow.session, row)
     resource["status"] = status
     payment_id = str(uuid.uuid4())
     await uow.session.execute(
@@ -386,7 +392,7 @@ async def record_payment(
     await uow.session.execute(
         update(i).where(i.c.id == invoice_id).values(
             paid=f"{paid:.2f}", payment_status=payment_status, status=status,
-            resource=compact(resource),
+            resource=_stored(resource, row.lines_in_place),
         )
     )
     seq = await next_practice_sequence(uow.session, practice)
@@ -421,5 +427,6 @@ async def mark_overdue(uow: UnitOfWork, info: PracticeInfo, now: datetime) -> in
     ).all()
     for row in rows:
         await uow.session.execute(update(i).where(i.c.id == row.id).values(overdue=True))
-        await _publish_invoice(uow, "billing.invoice.overdue.v1", row._asdict(), json.loads(row.resource), now)
+        await _publish_invoice(uow, "billing.invoice.overdue.v1", row._asdict(),
+                               await filed.invoice_resource(uow.session, row), now)
     return len(rows)
