@@ -128,8 +128,12 @@ async def test_close_issues_valid_fhir_and_is_idempotent(billing):
     assert len(issued) == 1 and len(closed) == 1  # the second close emitted nothing
     assert issued[0]["data"]["invoice"]["id"] == inv_id
     # Stored without its lines (billing_0016), read whole: what the event carried, in order.
+    async with billing.db.unit_of_work() as uow:
+        stored = (await uow.session.execute(select(orm.invoices.c.resource, orm.invoices.c.lines_in_place)
+                                            .where(orm.invoices.c.id == inv_id))).one()
+    assert stored.lines_in_place and "lineItem" not in json.loads(stored.resource)
     assert invoice == issued[0]["data"]["invoice"] == search["entry"][0]["resource"]
-    assert list(invoice) == list(issued[0]["data"]["invoice"])
+    assert list(invoice) == list(issued[0]["data"]["invoice"]) and len(invoice["lineItem"]) == 2
     assert closed[0]["data"]["codes"] == {"99439": 1, "99490": 1}
 
 

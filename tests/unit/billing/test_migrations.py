@@ -174,3 +174,53 @@ def test_the_enrolled_entries_index_is_created_and_a_downgrade_drops_it(tmp_path
     assert "ix_time_entries_enrolled" not in indexes(url)
     upgrade(url, "billing", PACKAGE)
     assert partial in indexes(url)["ix_time_entries_enrolled"]
+
+
+def test_invoices_keep_their_lines_in_place_and_a_downgrade_writes_them_back(tmp_path):
+    """billing_0016: ``invoices.lines_in_place`` (the resource is stored without its lineItem,
+    which its ChargeItems give); Invoices issued before keep their whole resource (false). The
+    downgrade writes every Invoice's lines back into its resource, in (patient, code) order,
+    from wherever its ChargeItems are: a closed month's decision lines or ``charge_items``."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    upgrade_platform(url)
+    upgrade(url, "billing", PACKAGE)
+    assert "lines_in_place" in columns(url, "invoices")
+    stored = {"resourceType": "Invoice", "id": "inv-0", "status": "issued",
+              "totalNet": {"value": 30.5, "currency": "USD"}, "note": [{"text": "n"}]}
+    invoice = ("INSERT INTO billing.invoices (id, practice, month, revision, status, "
+               "payment_status, total_net, paid, issued_at, due_date, overdue, resource, "
+               "lines_in_place) VALUES (:id, 'alpha', '2025-03', :rev, 'issued', 'issued', "
+               "'30.50', '0.00', '2025-04-02 12:00:00', '2025-05-02', 0, :r, :in_place)")
+    run_sql(url, [
+        ("INSERT INTO billing.billing_periods (practice, month, status, closed_at, summary, "
+         "filed_in_place, line_invoice, line_entered) VALUES ('alpha', '2025-03', 'closed', "
+         "'2025-04-02 12:00:00', '{}', 1, 'inv-0', '}')", {}),
+        *[("INSERT INTO billing.month_decision_lines (practice, month, patient, code, "
+           "charge_item_id, amount, resource) VALUES ('alpha', '2025-03', :p, :c, :i, :a, '{}')",
+           {"p": p, "c": c, "i": i, "a": a})
+          for p, c, i, a in [("p2", "99490", "ci-c", "10.00"), ("p1", "99490", "ci-a", "20.50")]],
+        ("INSERT INTO billing.charge_items (id, practice, invoice_id, patient, month, code, "
+         "status, amount, resource) VALUES ('ci-r', 'alpha', 'inv-1', 'p1', '2025-03', "
+         "'99439', 'billable', '7.25', '{}')", {}),
+        (invoice, {"id": "inv-0", "rev": 0, "r": json.dumps(stored), "in_place": 1}),
+        (invoice, {"id": "inv-1", "rev": 1, "r": json.dumps({**stored, "id": "inv-1"}),
+                   "in_place": 1}),
+        (invoice, {"id": "inv-2", "rev": 2, "r": json.dumps({**stored, "id": "inv-2", "lineItem": []}),
+                   "in_place": 0}),
+    ])
+    command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0015")
+    assert "lines_in_place" not in columns(url, "invoices")
+    docs = {i: json.loads(r) for i, r in run_sql(url, [
+        ("SELECT id, resource FROM billing.invoices", {})])[0]}
+
+    def item(n: int, ci: str, value: float) -> dict:
+        return {"sequence": n, "chargeItemReference": {"reference": f"ChargeItem/{ci}"},
+                "priceComponent": [{"type": "base", "amount": {"value": value, "currency": "USD"}}]}
+
+    assert docs["inv-0"]["lineItem"] == [item(1, "ci-a", 20.5), item(2, "ci-c", 10.0)]
+    assert list(docs["inv-0"]) == ["resourceType", "id", "status", "lineItem", "totalNet", "note"]
+    assert docs["inv-1"]["lineItem"] == [item(1, "ci-r", 7.25)]
+    assert docs["inv-2"]["lineItem"] == []  # stored whole: untouched
+    upgrade(url, "billing", PACKAGE)
+    assert run_sql(url, [("SELECT id, lines_in_place FROM billing.invoices ORDER BY id", {})])[0] == [
+        ("inv-0", 0), ("inv-1", 0), ("inv-2", 0)]
