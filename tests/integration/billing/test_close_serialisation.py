@@ -134,3 +134,33 @@ async def test_the_decider_never_forgets_a_month_while_it_is_being_closed_in_pla
         assert [tuple(r) for r in rows] == [("p1", 0)]
     finally:
         await db.dispose()
+
+
+async def test_a_close_refused_as_too_early_never_waits_for_the_decider(infra):
+    """The decider refreshes the current month every pass under the month's lock; a close of
+    that month, asked too early, is refused at once instead of waiting for the refresh while it
+    holds the practice (and every projection of it) — and a due close waits for it."""
+    from ccm_billing.service_layer import decision_cache
+    from ccm_billing.service_layer.common import practice_info
+    from ccm_shared.errors import Conflict
+
+    db, practice = await _billing(infra, "early")
+    april = Month(2025, 4)  # CLOSE_AT is 2 April: still open
+    try:
+        await _enrolled_with_time(db, practice, "2025-04-01T10:00:00-04:00")
+        await _enrolled_with_time(db, practice, "2025-03-03T10:00:00-05:00")
+        async with db.unit_of_work() as deciding:  # the decider, at work on both months
+            info = await practice_info(deciding.session, practice)
+            assert await decision_cache.refresh(deciding, info, april, CLOSE_AT) == 1
+            assert await decision_cache.refresh(deciding, info, Month(2025, 3), CLOSE_AT) == 1
+            async with db.unit_of_work() as uow:
+                with pytest.raises(Conflict):
+                    await asyncio.wait_for(close_period(uow, practice, april, CLOSE_AT),
+                                           timeout=5)
+            async with db.unit_of_work() as closing:  # March is due: it waits for the lock
+                await _waits_for_the_close(deciding, close_period(closing, practice,
+                                                                  Month(2025, 3), CLOSE_AT),
+                                           "the close")
+                await closing.commit()
+    finally:
+        await db.dispose()

@@ -265,15 +265,8 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     the month is then filed in place: those decisions are its filings and their priced lines its
     ChargeItems (adapters/filed.py), so the close writes only the Invoice, the period and events.
     """
-    # Held exclusively against the projections (corrections.hold_practice), and the month's
-    # decisions against the decider (decision_cache.refresh finds its lock taken): one statement.
-    await xact_locks(uow.session, [corrections.practice_lock(practice),
-                                   decision_cache.decide_lock(practice, str(month))])
-    existing = await get_period(uow.session, practice, month)
-    if existing is not None:
-        inv = (await get_invoice_row(uow.session, existing.invoice_id, resource=False)
-               if existing.invoice_id else None)
-        return close_result(existing, inv)
+    # Refused before any lock is asked for: a close too early (the current month, which the
+    # decider refreshes every pass) or without rules never waits for a refresh.
     info = await practice_info(uow.session, practice)
     if info.today(now) <= month.last_day:
         raise Conflict(
@@ -284,6 +277,15 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
         ruleset_for(month)
     except RulesetMissing as exc:
         raise InvalidInput(str(exc)) from None
+    # Held exclusively against the projections (corrections.hold_practice), and the month's
+    # decisions against the decider (decision_cache.refresh finds its lock taken): one statement.
+    await xact_locks(uow.session, [corrections.practice_lock(practice),
+                                   decision_cache.decide_lock(practice, str(month))])
+    existing = await get_period(uow.session, practice, month)
+    if existing is not None:
+        inv = (await get_invoice_row(uow.session, existing.invoice_id, resource=False)
+               if existing.invoice_id else None)
+        return close_result(existing, inv)
     await decision_cache.refresh(uow, info, month, now, closing=True)
     # Filed in place (adapters/filed.py): the current cached decisions become the month's
     # filings and their lines the Invoice's ChargeItems when the period row below commits.
