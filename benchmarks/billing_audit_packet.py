@@ -163,6 +163,10 @@ async def bare_reads(db: Database, schema: str, practice: str, patient: str, mon
                  f'AND month=:m UNION ALL SELECT charge_item_id, resource FROM '
                  f'"{schema}".month_decision_lines WHERE practice=:pr AND patient=:pa AND month=:m',
         "invoices": f'SELECT * FROM "{schema}".invoices WHERE practice=:pr AND month=:m',
+        # An Invoice's row keeps it without its lines (billing_0016): the packet reads them.
+        "invoice_lines": f'SELECT id, amount FROM "{schema}".charge_items WHERE practice=:pr '
+                         f'AND month=:m UNION ALL SELECT charge_item_id, amount FROM '
+                         f'"{schema}".month_decision_lines WHERE practice=:pr AND month=:m',
         "audit": "SELECT * FROM platform.audit_log WHERE practice=:pr AND patient=:pa",
         "patient": f'SELECT * FROM "{schema}".patients WHERE practice=:pr AND patient_id=:pa',
     }

@@ -134,6 +134,8 @@ async def test_close_issues_valid_fhir_and_is_idempotent(billing):
     assert stored.lines_in_place and "lineItem" not in json.loads(stored.resource)
     assert invoice == issued[0]["data"]["invoice"] == search["entry"][0]["resource"]
     assert list(invoice) == list(issued[0]["data"]["invoice"]) and len(invoice["lineItem"]) == 2
+    # The Invoice's event, then the period's: consecutive practice sequence numbers.
+    assert closed[0]["data"]["practiceSequence"] == issued[0]["data"]["practiceSequence"] + 1
     assert closed[0]["data"]["codes"] == {"99439": 1, "99490": 1}
 
 
@@ -188,7 +190,30 @@ async def test_payments_partial_then_paid_and_overdue(billing):
     # Every later event and read carries the lines the Invoice was issued with.
     assert len(issued["lineItem"]) == 2
     assert read == paid_events[0]["data"]["invoice"] == {**issued, "status": "balanced"}
+    assert list(read) == list(issued)
     assert overdue[0]["data"]["invoice"] == issued
+
+
+async def test_an_invoice_stored_whole_before_billing_0016_reads_and_pays_as_before(billing):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    issued = (await outboxed(billing, "billing.invoice.issued.v1"))[0]["data"]["invoice"]
+    i = orm.invoices
+    async with billing.db.unit_of_work() as uow:  # as the code before billing_0016 stored it
+        await uow.session.execute(update(i).where(i.c.id == inv["id"]).values(
+            resource=json.dumps(issued), lines_in_place=False))
+        await uow.commit()
+    assert (await api(billing).get(f"/fhir/Invoice/{inv['id']}")).json() == issued
+    paid = await api(billing).post(f"/v1/invoices/{inv['id']}/payments",
+                                   json={"amount": inv["totalNet"], "date": "2025-04-10"})
+    assert paid.status_code == 201
+    event = (await outboxed(billing, "billing.invoice.paid.v1"))[0]["data"]["invoice"]
+    assert event == {**issued, "status": "balanced"}
+    async with billing.db.unit_of_work() as uow:
+        row = (await uow.session.execute(select(i.c.resource, i.c.lines_in_place)
+                                         .where(i.c.id == inv["id"]))).one()
+    assert not row.lines_in_place and json.loads(row.resource) == event  # still stored whole
 
 
 @pytest.mark.parametrize("correction", ["encounter", "consent", "care-plan"])
@@ -212,6 +237,7 @@ async def test_a_correction_after_close_cancels_and_reissues(billing, correction
     assert cancelled[0]["data"]["invoice"]["lineItem"] == first_lines
     fhir_old = (await api(billing).get(f"/fhir/Invoice/{old['id']}")).json()
     assert fhir_old == cancelled[0]["data"]["invoice"] and fhir_old["status"] == "cancelled"
+    assert list(fhir_old) == list(cancelled[0]["data"]["invoice"])
     if correction == "encounter":
         new = (await api(billing).get(f"/v1/invoices/{old['replacedBy']}")).json()
         assert new["replaces"] == old["id"] and new["revision"] == 1 and new["totalNet"] == "42.00"

@@ -107,6 +107,7 @@ async def test_a_year_of_history_packet_holds_exactly_the_facts_month_by_month(b
             stored = invoice_lines[month][ref.split("/")[1]]
             assert {**by_ref[ref], "status": None} == {**stored, "status": None}
         assert billed == set(codes), month
+        excerpted = set()
         for ref in (r for r in refs if r.startswith("Invoice/")):
             invoice = (await api(billing).get(f"/fhir/{ref}")).json()
             excerpt = by_ref[ref]
@@ -115,6 +116,8 @@ async def test_a_year_of_history_packet_holds_exactly_the_facts_month_by_month(b
             assert mine <= {x["chargeItemReference"]["reference"] for x in invoice.get("lineItem", [])}
             for line in excerpt.get("lineItem", []):
                 assert line in invoice["lineItem"]
+            excerpted |= mine
+        assert set(charge_refs) <= excerpted, month  # every ChargeItem's line is in an excerpt
         expected = ["99439", "99490"] if month != "2025-04" else ["99490"]
         assert codes == expected, month
     april = lists[3]

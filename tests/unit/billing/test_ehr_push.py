@@ -62,6 +62,11 @@ async def test_invoice_push_retries_with_backoff_and_is_logged(billing):
     urls = [e["request"]["url"] for e in bundle["entry"]]
     assert urls[-1] == f"Invoice/{inv['id']}" and len(urls) == 3  # two ChargeItems, the Invoice
     assert all(e["request"]["method"] == "PUT" for e in bundle["entry"])
+    # The Invoice whole, as issued (its row keeps it without its lines: billing_0016).
+    pushed = bundle["entry"][-1]["resource"]
+    assert pushed == (await a.get(f"/fhir/Invoice/{inv['id']}")).json()
+    assert sorted(li["chargeItemReference"]["reference"] for li in pushed["lineItem"]) == sorted(
+        urls[:2])
 
 
 async def test_a_push_that_keeps_failing_is_marked_failed_and_can_be_retried(billing):
