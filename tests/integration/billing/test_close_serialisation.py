@@ -164,3 +164,27 @@ async def test_a_close_refused_as_too_early_never_waits_for_the_decider(infra):
                 await closing.commit()
     finally:
         await db.dispose()
+
+
+async def test_the_close_reads_the_context_the_decider_keys_its_cache_with(infra):
+    """The close reads the practice, its performer roles and its EHR endpoint in one statement
+    (invoicing._close_context); the decision cache's context from those roles must be the one
+    the decider stored, or every close would decide every patient again."""
+    from ccm_billing.service_layer import decision_cache
+    from ccm_billing.service_layer.common import practice_info
+    from ccm_billing.service_layer.invoicing import _close_context
+
+    db, practice = await _billing(infra, "ctx")
+    march = Month(2025, 3)
+    try:
+        await _enrolled_with_time(db, practice, "2025-03-03T10:00:00-05:00")
+        await _deliver(db, ev.role(practice, "doc-1", "billing-practitioner",
+                                   practitioner="Practitioner/doc-1"))
+        async with db.unit_of_work() as uow:
+            info = await practice_info(uow.session, practice)
+            stored = await decision_cache.context_key(uow.session, info, march)
+            read, roles, has_endpoint = await _close_context(uow.session, practice)
+        assert read == info and len(roles) == 2 and has_endpoint is False
+        assert decision_cache.context_of(read, march, roles) == stored
+    finally:
+        await db.dispose()

@@ -334,3 +334,26 @@ async def test_a_practice_whose_rows_the_database_refuses_does_not_stop_the_deci
     assert counts["failed"] == 2  # its two open months
     assert {p for m, p in await _cached(billing) if m == "2025-03"} == {"p1", "p2"}  # alpha's
     assert counts["decided"] == len(await _cached(billing))
+
+
+def test_the_close_reads_the_context_the_decider_keys_its_cache_with():
+    """invoicing._close_context (practice, roles, EHR endpoint in one statement) gives the
+    decision cache's context_key, on SQLite too (PostgreSQL: tests/integration/billing)."""
+    from ccm_billing.service_layer.invoicing import _close_context
+
+    async def go() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            db = await _fresh_db(tmp)
+            try:
+                await _deliver(db, *_start(), ev.role("alpha", "doc-2", "clinical-staff",
+                                                      practitioner="Practitioner/doc-2"))
+                async with db.unit_of_work() as uow:
+                    info = await practice_info(uow.session, "alpha")
+                    stored = await decision_cache.context_key(uow.session, info, MARCH)
+                    read, roles, has_endpoint = await _close_context(uow.session, "alpha")
+                assert read == info and len(roles) >= 2 and has_endpoint is False
+                assert decision_cache.context_of(read, MARCH, roles) == stored
+            finally:
+                await db.dispose()
+
+    asyncio.run(go())

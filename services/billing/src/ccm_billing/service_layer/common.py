@@ -76,6 +76,10 @@ class PracticeInfo:
     def today(self, now: datetime) -> date:
         return now.astimezone(self.tz).date()
 
+    @classmethod
+    def of_row(cls, row) -> PracticeInfo:  # noqa: ANN001 - a platform.practices row
+        return cls(row.id, row.name, row.timezone, json.loads(row.pricing or "{}"))
+
 
 @functools.cache
 def _practice_statement():  # noqa: ANN202 - built once (every close, decider pass, request)
@@ -86,7 +90,7 @@ async def practice_info(session: AsyncSession, practice: str) -> PracticeInfo:
     row = (await session.execute(_practice_statement(), {"id": practice})).first()
     if row is None:
         raise NotFound(f"practice {practice!r} not found")
-    return PracticeInfo(row.id, row.name, row.timezone, json.loads(row.pricing or "{}"))
+    return PracticeInfo.of_row(row)
 
 
 _ZONES: dict[str, tuple[float, ZoneInfo]] = {}
@@ -106,7 +110,7 @@ async def practice_zone(session: AsyncSession, practice: str) -> ZoneInfo:
 
 async def all_practices(session: AsyncSession) -> list[PracticeInfo]:
     rows = (await session.execute(select(practices))).all()
-    return [PracticeInfo(r.id, r.name, r.timezone, json.loads(r.pricing or "{}")) for r in rows]
+    return [PracticeInfo.of_row(r) for r in rows]
 
 
 @functools.cache

@@ -81,8 +81,14 @@ def _roles_statement():  # noqa: ANN202 - built once (every refresh and close)
 async def context_key(session: AsyncSession, info: PracticeInfo, month: Month) -> str:
     """What, besides a patient's own facts, a decision and its lines depend on."""
     roles = (await session.execute(_roles_statement(), {"practice": info.id})).all()
+    return context_of(info, month, [tuple(x) for x in roles])
+
+
+def context_of(info: PracticeInfo, month: Month, roles: list[tuple]) -> str:
+    """``context_key`` of the practice's performer roles as read (role_id, practitioner,
+    classification, active)."""
     parts = [CACHE_VERSION, repr(ruleset_for(month)), info.timezone,
-             json.dumps(info.pricing, sort_keys=True), sorted(tuple(x) for x in roles)]
+             json.dumps(info.pricing, sort_keys=True), sorted(roles)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
@@ -199,20 +205,21 @@ def decide_lock(practice: str, month: str) -> str:
 
 
 async def refresh(uow: UnitOfWork, info: PracticeInfo, month: Month, now: datetime, *,
-                  wait: bool = True, closing: bool = False) -> int:
+                  wait: bool = True, closing: bool = False, context: str | None = None) -> int:
     """Decide the enrolled patients whose cached decision is not current; drop cached decisions
     of patients no longer enrolled. Returns how many patients were decided. Raises InvalidInput
     when the practice's contract cannot price a billable line. ``wait`` False: skip (0) when
     another refresh of the practice-month is running (the decider on several replicas).
     ``closing``: called by the month's close, which holds the practice and has found the month
-    open (not checked again)."""
+    open (not checked again). ``context``: its ``context_key``, when the caller has read it."""
     session, m = uow.session, str(month)
     # One refresh of a practice-month at a time (the decider's, a replica's, a close's).
     if not await xact_lock(session, decide_lock(info.id, m), wait=wait):
         return 0
     if not closing and await corrections.is_closed(session, info.id, m):
         return 0  # closed: its rows are its filings now (adapters/filed.py), never refreshed
-    context = await context_key(session, info, month)
+    if context is None:
+        context = await context_key(session, info, month)
     enrolled, stale, gone, generations = await _status(session, info, m, context)
     if not stale and not gone:
         return 0

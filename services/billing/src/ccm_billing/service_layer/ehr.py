@@ -40,10 +40,20 @@ def _endpoint_statement():  # noqa: ANN202 - built once (every invoice issued)
     return select(e.c.practice).where(e.c.practice == bindparam("practice", type_=e.c.practice.type))
 
 
-async def queue_delivery(uow: UnitOfWork, practice: str, invoice_id: str, now: datetime) -> bool:
-    """Queue a push of the invoice when the practice has an EHR endpoint."""
-    endpoint = (await uow.session.execute(_endpoint_statement(), {"practice": practice})).first()
-    if endpoint is None:
+def has_endpoint_clause(practice):  # noqa: ANN001, ANN201
+    """Whether ``practice`` (a column or parameter) has an EHR endpoint, for a select list."""
+    e = orm.ehr_endpoints
+    return select(e.c.practice).where(e.c.practice == practice).exists()
+
+
+async def queue_delivery(uow: UnitOfWork, practice: str, invoice_id: str, now: datetime, *,
+                         has_endpoint: bool | None = None) -> bool:
+    """Queue a push of the invoice when the practice has an EHR endpoint (``has_endpoint``:
+    whether it has, when the caller has read it in this transaction)."""
+    if has_endpoint is None:
+        has_endpoint = (await uow.session.execute(
+            _endpoint_statement(), {"practice": practice})).first() is not None
+    if not has_endpoint:
         return False
     await uow.session.execute(orm.ehr_deliveries.insert().values(
         id=str(uuid.uuid4()), practice=practice, invoice_id=invoice_id, status="pending",

@@ -32,13 +32,13 @@ from ccm_billing.service_layer.common import (
     PracticeInfo,
     bulk_insert,
     next_practice_sequence,
-    practice_info,
 )
-from ccm_billing.service_layer.ehr import queue_delivery
+from ccm_billing.service_layer.ehr import has_endpoint_clause, queue_delivery
 from ccm_shared.db import UnitOfWork, xact_locks
 from ccm_shared.errors import Conflict, InvalidInput, NotFound
 from ccm_shared.events import CloudEvent
 from ccm_shared.jsontext import compact
+from ccm_shared.tables import practices
 
 ZERO = Decimal("0.00")
 ISSUED = "billing.invoice.issued.v1"
@@ -150,7 +150,7 @@ async def issue_invoice(
 
 async def _store_invoice(
     uow: UnitOfWork, info: PracticeInfo, month: Month, lines: fhir.InvoiceLines, *,
-    revision: int, now: datetime, replaces: str | None = None,
+    revision: int, now: datetime, replaces: str | None = None, has_endpoint: bool | None = None,
 ) -> tuple[dict, dict]:
     """(row, FHIR resource) of the issued Invoice, stored (without its lines: its ChargeItems
     give them, ``filed.invoice_resource``) and queued for the EHR push; its event is the caller's."""
@@ -168,7 +168,7 @@ async def _store_invoice(
         "resource": _stored(resource, True), "lines_in_place": True,
     }
     await uow.session.execute(insert(orm.invoices), row)
-    await queue_delivery(uow, info.id, inv_id, now)
+    await queue_delivery(uow, info.id, inv_id, now, has_endpoint=has_endpoint)
     return row, resource
 
 
@@ -257,6 +257,26 @@ def _groups_statement():  # noqa: ANN202 - built once (a close runs it per pract
             .group_by(md.c.codes, md.c.blockers, md.c.billable))
 
 
+@functools.cache
+def _close_context_statement():  # noqa: ANN202 - built once (every close)
+    r = orm.practitioner_roles
+    return (select(practices, r.c.role_id, r.c.practitioner, r.c.classification, r.c.active,
+                   has_endpoint_clause(practices.c.id).label("has_endpoint"))
+            .select_from(practices.outerjoin(r, r.c.practice == practices.c.id))
+            .where(practices.c.id == bindparam("id", type_=practices.c.id.type)))
+
+
+async def _close_context(session, practice: str) -> tuple[PracticeInfo, list[tuple], bool]:  # noqa: ANN001
+    """What a close needs to know of the practice, in one statement: its settings, its
+    performer roles (decision_cache.context_of) and whether it has an EHR endpoint."""
+    rows = (await session.execute(_close_context_statement(), {"id": practice})).all()
+    if not rows:
+        raise NotFound(f"practice {practice!r} not found")
+    roles = [(r.role_id, r.practitioner, r.classification, r.active)
+             for r in rows if r.role_id is not None]
+    return PracticeInfo.of_row(rows[0]), roles, bool(rows[0].has_endpoint)
+
+
 async def close_period(uow: UnitOfWork, practice: str, month: Month, now: datetime) -> dict:
     """Close a practice-month: decide, lock its time, issue ChargeItems and the Invoice.
 
@@ -267,7 +287,7 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
     """
     # Refused before any lock is asked for: a close too early (the current month, which the
     # decider refreshes every pass) or without rules never waits for a refresh.
-    info = await practice_info(uow.session, practice)
+    info, roles, has_endpoint = await _close_context(uow.session, practice)
     if info.today(now) <= month.last_day:
         raise Conflict(
             f"{month} has not ended in the practice's time zone ({info.timezone}); "
@@ -286,14 +306,16 @@ async def close_period(uow: UnitOfWork, practice: str, month: Month, now: dateti
         inv = (await get_invoice_row(uow.session, existing.invoice_id, resource=False)
                if existing.invoice_id else None)
         return close_result(existing, inv)
-    await decision_cache.refresh(uow, info, month, now, closing=True)
+    await decision_cache.refresh(uow, info, month, now, closing=True,
+                                 context=decision_cache.context_of(info, month, roles))
     # Filed in place (adapters/filed.py): the current cached decisions become the month's
     # filings and their lines the Invoice's ChargeItems when the period row below commits.
     session, m = uow.session, str(month)
     lines = await decision_cache.invoice_lines(session, practice, m)
     inv_row = resource = None
     if lines.count:
-        inv_row, resource = await _store_invoice(uow, info, month, lines, revision=0, now=now)
+        inv_row, resource = await _store_invoice(uow, info, month, lines, revision=0, now=now,
+                                                 has_endpoint=has_endpoint)
     # The month's time is now locked: its filings record every entry as decided (an entry logged
     # or revised later is marked late, or corrects the month; corrections.locked_at_close).
     groups = [
