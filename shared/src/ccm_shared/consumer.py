@@ -122,7 +122,7 @@ class ConsumerRuntime:
         self.stats = ConsumerStats()
         self.source: MessageSource | None = None
         self._stopping = asyncio.Event()
-        self._insert = dialect_insert("postgresql" if db.is_postgres else "sqlite")
+        self._insert = dialect_insert(db.engine.dialect.name)
         # Built once: it runs for every message (constructing it cost more than the round trip).
         self._inbox_insert = (
             self._insert(inbox_table)

@@ -71,11 +71,17 @@ async def bump_generation(uow: UnitOfWork, practice: str, patient: str | None) -
                                   {"practice": practice, "patient": patient})
 
 
+def role_columns() -> tuple:
+    """The columns of a performer role the cached decisions depend on (``context_of``)."""
+    r = orm.practitioner_roles
+    return r.c.role_id, r.c.practitioner, r.c.classification, r.c.active
+
+
 @functools.cache
 def _roles_statement():  # noqa: ANN202 - built once (every refresh and close)
     r = orm.practitioner_roles
-    return (select(r.c.role_id, r.c.practitioner, r.c.classification, r.c.active)
-            .where(r.c.practice == bindparam("practice", type_=r.c.practice.type)))
+    return select(*role_columns()).where(
+        r.c.practice == bindparam("practice", type_=r.c.practice.type))
 
 
 async def context_key(session: AsyncSession, info: PracticeInfo, month: Month) -> str:
@@ -85,8 +91,7 @@ async def context_key(session: AsyncSession, info: PracticeInfo, month: Month) -
 
 
 def context_of(info: PracticeInfo, month: Month, roles: list[tuple]) -> str:
-    """``context_key`` of the practice's performer roles as read (role_id, practitioner,
-    classification, active)."""
+    """``context_key`` of the practice's performer roles as read (``role_columns``)."""
     parts = [CACHE_VERSION, repr(ruleset_for(month)), info.timezone,
              json.dumps(info.pricing, sort_keys=True), sorted(roles)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()

@@ -34,16 +34,16 @@ def validate_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
-@functools.cache
-def _endpoint_statement():  # noqa: ANN202 - built once (every invoice issued)
-    e = orm.ehr_endpoints
-    return select(e.c.practice).where(e.c.practice == bindparam("practice", type_=e.c.practice.type))
-
-
 def has_endpoint_clause(practice):  # noqa: ANN001, ANN201
     """Whether ``practice`` (a column or parameter) has an EHR endpoint, for a select list."""
     e = orm.ehr_endpoints
     return select(e.c.practice).where(e.c.practice == practice).exists()
+
+
+@functools.cache
+def _endpoint_statement():  # noqa: ANN202 - built once (every invoice issued)
+    e = orm.ehr_endpoints
+    return select(has_endpoint_clause(bindparam("practice", type_=e.c.practice.type)))
 
 
 async def queue_delivery(uow: UnitOfWork, practice: str, invoice_id: str, now: datetime, *,
@@ -51,8 +51,8 @@ async def queue_delivery(uow: UnitOfWork, practice: str, invoice_id: str, now: d
     """Queue a push of the invoice when the practice has an EHR endpoint (``has_endpoint``:
     whether it has, when the caller has read it in this transaction)."""
     if has_endpoint is None:
-        has_endpoint = (await uow.session.execute(
-            _endpoint_statement(), {"practice": practice})).first() is not None
+        has_endpoint = bool((await uow.session.execute(
+            _endpoint_statement(), {"practice": practice})).scalar())
     if not has_endpoint:
         return False
     await uow.session.execute(orm.ehr_deliveries.insert().values(

@@ -260,7 +260,7 @@ def _groups_statement():  # noqa: ANN202 - built once (a close runs it per pract
 @functools.cache
 def _close_context_statement():  # noqa: ANN202 - built once (every close)
     r = orm.practitioner_roles
-    return (select(practices, r.c.role_id, r.c.practitioner, r.c.classification, r.c.active,
+    return (select(practices, *decision_cache.role_columns(),
                    has_endpoint_clause(practices.c.id).label("has_endpoint"))
             .select_from(practices.outerjoin(r, r.c.practice == practices.c.id))
             .where(practices.c.id == bindparam("id", type_=practices.c.id.type)))
@@ -272,8 +272,8 @@ async def _close_context(session, practice: str) -> tuple[PracticeInfo, list[tup
     rows = (await session.execute(_close_context_statement(), {"id": practice})).all()
     if not rows:
         raise NotFound(f"practice {practice!r} not found")
-    roles = [(r.role_id, r.practitioner, r.classification, r.active)
-             for r in rows if r.role_id is not None]
+    names = [c.name for c in decision_cache.role_columns()]
+    roles = [tuple(r._mapping[n] for n in names) for r in rows if r.role_id is not None]
     return PracticeInfo.of_row(rows[0]), roles, bool(rows[0].has_endpoint)
 
 
