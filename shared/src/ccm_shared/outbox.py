@@ -194,6 +194,12 @@ class OutboxRelay:
         self.backoff_max = backoff_max
         self.service = service or db.schema
         self.stats = RelayStats()
+        # On PostgreSQL the relay's reads and its marking are single statements in autocommit
+        # mode: no BEGIN, ROLLBACK or COMMIT round trips around them (each round trip costs
+        # the relay process ~50 µs of CPU, and a pass made eight of them).
+        self._autocommit = (
+            db.engine.execution_options(isolation_level="AUTOCOMMIT") if db.is_postgres else None
+        )
         self.last_success: float | None = None
         self._stopping = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -228,6 +234,9 @@ class OutboxRelay:
         )
         if after_id is not None:
             stmt = stmt.where(outbox_table.c.id > after_id)
+        if self._autocommit is not None:  # no transaction at all
+            async with self._autocommit.connect() as conn:
+                return (await conn.execute(stmt)).all()
         async with self.db.engine.connect() as conn:
             rows = (await conn.execute(stmt)).all()
             await conn.rollback()  # no transaction stays open while we talk to Kafka
@@ -240,8 +249,13 @@ class OutboxRelay:
             if self.db.is_postgres
             else outbox_table.c.id.in_(ids)
         )
+        stmt = update(outbox_table).where(where).values(sent_at=datetime.now(UTC))
+        if self._autocommit is not None:  # one statement: atomic, and committed, on its own
+            async with self._autocommit.connect() as conn:
+                await conn.execute(stmt)
+            return
         async with self.db.engine.begin() as conn:
-            await conn.execute(update(outbox_table).where(where).values(sent_at=datetime.now(UTC)))
+            await conn.execute(stmt)
 
     async def publish_pass(self) -> int:
         """Publish everything unsent right now; return how many events were published.
@@ -317,9 +331,9 @@ class OutboxRelay:
                     published = await self.publish_pass()
                     self.last_success = asyncio.get_running_loop().time()
                     delay = self.backoff_initial
-                    if published:
-                        metrics.outbox_backlog.labels(self.service).set(await self.backlog())
-                    else:
+                    # The backlog gauge is counted when /metrics is scraped
+                    # (ServiceRuntime.refresh_metrics), not after every pass.
+                    if not published:
                         await self._sleep(self.poll_interval)
                 except asyncio.CancelledError:
                     raise
