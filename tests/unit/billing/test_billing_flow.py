@@ -205,6 +205,8 @@ async def test_an_invoice_stored_whole_before_billing_0016_reads_and_pays_as_bef
             resource=json.dumps(issued), lines_in_place=False))
         await uow.commit()
     assert (await api(billing).get(f"/fhir/Invoice/{inv['id']}")).json() == issued
+    assert [e["resource"] for e in (await api(billing).get("/fhir/Invoice")).json()["entry"]] == \
+        [issued]
     paid = await api(billing).post(f"/v1/invoices/{inv['id']}/payments",
                                    json={"amount": inv["totalNet"], "date": "2025-04-10"})
     assert paid.status_code == 201
@@ -246,6 +248,9 @@ async def test_a_correction_after_close_cancels_and_reissues(billing, correction
         Invoice.model_validate(fhir_new)
         assert fhir_new == issued[1]["data"]["invoice"] and len(fhir_new["lineItem"]) == 1
         assert fhir_new["identifier"][0]["value"] == "alpha:2025-03:r1"
+        # A search reads the lines of all its Invoices at once: each as read alone.
+        found = (await api(billing).get("/fhir/Invoice")).json()["entry"]
+        assert [e["resource"] for e in found] == [fhir_old, fhir_new]
     else:  # nothing billable is left: cancelled without a replacement
         assert old["replacedBy"] is None and len(issued) == 1
     report = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/report.json")).json()

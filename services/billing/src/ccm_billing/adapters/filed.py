@@ -81,18 +81,31 @@ async def materialise_line_items(session: AsyncSession, invoice_id: str) -> None
 @functools.cache
 def _filed_lines_statement():  # noqa: ANN202 - built once
     ci = charge_items
-    return select(ci.c.patient, ci.c.code, ci.c.id, ci.c.amount).where(
-        ci.c.invoice_id == bindparam("invoice", type_=ci.c.invoice_id.type))
+    return select(ci.c.invoice_id, ci.c.patient, ci.c.code, ci.c.id, ci.c.amount).where(
+        ci.c.invoice_id.in_(bindparam("invoices", expanding=True)))
 
 
 async def invoice_resource(session: AsyncSession, row) -> dict:  # noqa: ANN001
     """The FHIR Invoice of an ``invoices`` row (with ``resource`` and ``lines_in_place``): as
     stored, with its ``lineItem`` from its ChargeItems where it is filed in place, in (patient,
     code) order as at issue."""
-    stored = json.loads(row.resource)
-    if not row.lines_in_place:
-        return stored
-    rows = sorted(tuple(r) for r in (await session.execute(
-        _filed_lines_statement(), {"invoice": row.id})).all())
-    return fhir.with_line_items(stored, fhir.InvoiceLines.of(
-        [(item, Decimal(amount)) for _, _, item, amount in rows]))
+    return (await invoice_resources(session, [row]))[0]
+
+
+async def invoice_resources(session: AsyncSession, rows: list,
+                            documents: list[dict] | None = None) -> list[dict]:
+    """``invoice_resource`` of each row, in order, with one read of the lines of them all;
+    ``documents``: the rows' ``resource`` already parsed."""
+    if documents is None:
+        documents = [json.loads(row.resource) for row in rows]
+    in_place = [row.id for row in rows if row.lines_in_place]
+    if not in_place:
+        return documents
+    lines: dict[str, list[tuple]] = {i: [] for i in in_place}
+    for invoice, *line in (await session.execute(_filed_lines_statement(),
+                                                 {"invoices": in_place})).all():
+        lines[invoice].append(tuple(line))
+    return [fhir.with_line_items(stored, fhir.InvoiceLines.of(
+                [(item, Decimal(amount)) for _, _, item, amount in sorted(lines[row.id])]))
+            if row.lines_in_place else stored
+            for row, stored in zip(rows, documents, strict=True)]

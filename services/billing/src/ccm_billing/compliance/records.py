@@ -304,7 +304,8 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
     invoice_ids = sorted({r.invoice_id for r in items})
     invoices = {r.id: r for r in (await session.execute(
         select(inv).where(inv.c.practice == info.id, inv.c.id.in_(invoice_ids)))).all()}
-    documents = {i: await filed.invoice_resource(session, r) for i, r in invoices.items()}
+    documents = dict(zip(invoices, await filed.invoice_resources(session, list(invoices.values())),
+                         strict=True))
     start, _ = _month_bounds(info, first)
     _, end = _month_bounds(info, last)
     audit_rows = (await session.execute(

@@ -287,12 +287,13 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         stmt = select(i).where(i.c.practice == tenant.practice_id)
         if recipient is not None and recipient.removeprefix("Organization/") != tenant.practice_id:
             return fhir_response(fhir.search_bundle([], str(request.url)))
-        rows = []
         async with db.unit_of_work() as uow:
-            for r in (await uow.session.execute(stmt.order_by(i.c.month, i.c.revision))).all():
-                if date is None or date_matches(json.loads(r.resource)["date"], date):
-                    rows.append(await filed.invoice_resource(uow.session, r))
-        return fhir_response(fhir.search_bundle(rows, str(request.url)))
+            found = [(r, json.loads(r.resource)) for r in (await uow.session.execute(
+                stmt.order_by(i.c.month, i.c.revision))).all()]
+            found = [(r, d) for r, d in found if date is None or date_matches(d["date"], date)]
+            invoices = await filed.invoice_resources(uow.session, [r for r, _ in found],
+                                                     [d for _, d in found])
+        return fhir_response(fhir.search_bundle(invoices, str(request.url)))
 
     @router.get("/fhir/ChargeItem", tags=["fhir"], summary="Search ChargeItems by subject")
     async def search_charge_items(request: Request, tenant: TenantDep,
