@@ -143,21 +143,52 @@ def practice_create(
     typer.echo(f"practice {id} created ({timezone}, pricing {pricing})")
 
 
+def _token_scopes(requested: list[str] | None) -> tuple[str, ...]:
+    """The scopes a new token gets: the ones asked for (checked, duplicates dropped), else the
+    default (every scope, as before ``--scope`` existed)."""
+    from ccm_shared.tenancy import DEFAULT_SCOPES
+
+    if not requested:
+        return DEFAULT_SCOPES
+    unknown = [s for s in requested if s not in DEFAULT_SCOPES]
+    if unknown:
+        _fail(
+            f"unknown scope(s) {', '.join(repr(s) for s in unknown)}; "
+            f"valid scopes: {', '.join(DEFAULT_SCOPES)}"
+        )
+    return tuple(dict.fromkeys(requested))
+
+
 @token_app.command("create")
 def token_create(
     practice: Annotated[str, typer.Option(help="Practice id the token acts for")],
     label: Annotated[str | None, typer.Option(help="What the token is for")] = None,
+    scope: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scope",
+            help="A scope the token gets (repeatable): fhir:read, fhir:write, billing, careplan, "
+            "notification, admin. Default: all of them. An EHR connection should get only "
+            "--scope fhir:read --scope fhir:write (admin may change the practice's ingest "
+            "configuration).",
+        ),
+    ] = None,
 ) -> None:
-    """Create an API token; it is printed once, alone on the last line. Only its hash is kept."""
+    """Create an API token; it is printed once, alone on the last line. Only its hash is kept.
+
+    Without --scope the token gets every scope, admin included.
+
+    An EHR connection should get only --scope fhir:read --scope fhir:write."""
     from ccm_shared.db import create_engine_for
     from ccm_shared.tenancy import create_token
 
+    scopes = _token_scopes(scope)  # before anything is created
     settings = _settings()
 
     async def run() -> str:
         engine = create_engine_for(settings.database_url, schema=None)
         try:
-            return await create_token(engine, practice_id=practice, label=label)
+            return await create_token(engine, practice_id=practice, scopes=scopes, label=label)
         finally:
             await engine.dispose()
 
@@ -165,6 +196,8 @@ def token_create(
         token = asyncio.run(run())
     except AppError as exc:
         _fail(exc.detail)
+    default = "" if scope else " (the default: every scope; choose fewer with --scope)"
+    typer.echo(f"scopes: {' '.join(scopes)}{default}", err=True)
     typer.echo(f"token for practice {practice} (store it now; it cannot be shown again):", err=True)
     typer.echo(token)
 
