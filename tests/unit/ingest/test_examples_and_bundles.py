@@ -92,7 +92,7 @@ async def test_transaction_failing_while_storing_writes_nothing(fhir):
     del bundle["entry"][11]["resource"]["period"]["end"]  # CCM time without a duration
     r = await fhir.post("/fhir", json=bundle)
     assert r.status_code == 422
-    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[11].Encounter.length"]
+    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[11].resource.Encounter.length"]
     assert await counts(fhir) == {"resources": 0, "versions": 0, "events": 0}
 
 
@@ -107,6 +107,32 @@ async def test_batch_entries_succeed_or_fail_on_their_own(fhir):
     assert r.status_code == 200
     assert [e["response"]["status"] for e in r.json()["entry"]] == \
         ["201 Created", "404 Not Found", "204 No Content"]
+
+
+async def test_a_batch_entry_that_is_invalid_fails_alone(fhir):
+    """Batch entries are independent: an invalid one (or one pointing at another entry's
+    fullUrl) gets its own OperationOutcome, the others are stored."""
+    bogus = {**example("Encounter/r4spec-example.json"), "status": "bogus"}
+    linked = {**example("Condition/r4spec-example.json"),
+              "subject": {"reference": "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a02"}}
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"fullUrl": "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a02",
+         "resource": {"resourceType": "Patient", "active": True},
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": bogus, "request": {"method": "POST", "url": "Encounter"}},
+        {"resource": {"resourceType": "Observation"},
+         "request": {"method": "POST", "url": "Observation"}},
+        {"resource": linked, "request": {"method": "POST", "url": "Condition"}},
+    ]}
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 200, r.text
+    entries = r.json()["entry"]
+    assert [e["response"]["status"] for e in entries] == \
+        ["201 Created"] + ["422 Unprocessable Entity"] * 3
+    assert [e["response"]["outcome"]["issue"][0]["expression"] for e in entries[1:]] == [
+        ["Bundle.entry[1].resource.Encounter.status"], ["Bundle.entry[2].request.url"],
+        ["Bundle.entry[3].resource.Condition.subject.reference"]]
+    assert await counts(fhir) == {"resources": 1, "versions": 1, "events": 1}
 
 
 def _spec_transaction() -> dict:

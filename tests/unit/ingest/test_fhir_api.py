@@ -1,6 +1,6 @@
 """The /fhir endpoint on the embedded database: writes, versions, reads, tenancy, Prefer."""
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import pytest
@@ -202,6 +202,12 @@ async def test_capability_statement_lists_the_supported_types(fhir):
     types = [res["type"] for res in body["rest"][0]["resource"]]
     assert types == ["Patient", "Practitioner", "PractitionerRole", "Organization",
                      "Condition", "CarePlan", "Consent", "Encounter"]
+    # It claims only what the REST URLs do: conditional update/delete work in Bundles only.
+    patient = body["rest"][0]["resource"][0]
+    assert patient["conditionalCreate"] is True and patient["conditionalUpdate"] is False
+    assert patient["conditionalDelete"] == "not-supported"
+    assert (await fhir.put("/fhir/Patient?identifier=x|1",
+                           json={"resourceType": "Patient"})).status_code == 405
 
 
 async def test_a_decimal_beyond_64_bits_is_stored_and_read_back_exactly(fhir):
@@ -217,3 +223,16 @@ async def test_a_decimal_beyond_64_bits_is_stored_and_read_back_exactly(fhir):
     assert read.status_code == 200
     assert read.json()["extension"] == patient["extension"]
     assert '"valueDecimal":123456789012345678901234567890' in read.text
+
+
+@pytest.mark.parametrize(("ahead", "status"), [(timedelta(minutes=4), 201),
+                                               (timedelta(minutes=6), 422)])
+async def test_a_meta_last_updated_ahead_of_the_server_clock_by_more_than_5_minutes_is_refused(
+        fhir, ahead, status):
+    when = (fhir.clock.now + ahead).isoformat()
+    patient = {"resourceType": "Patient", "id": "clock", "meta": {"lastUpdated": when}}
+    r = await fhir.put("/fhir/Patient/clock", json=patient)
+    assert r.status_code == status, r.text
+    if status == 422:
+        assert r.json()["issue"][0]["expression"] == ["Patient.meta.lastUpdated"]
+        assert (await fhir.get("/fhir/Patient/clock")).status_code == 404

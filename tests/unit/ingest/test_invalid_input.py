@@ -8,6 +8,8 @@ import pytest
 from tests.unit.ingest.conftest import counts, example
 from tests.unit.ingest.test_fhir_api import ccm_encounter
 
+NOWHERE = "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a00"  # the fullUrl of no entry
+
 
 def deep(levels: int) -> dict:
     value: dict = {"resourceType": "Patient"}
@@ -74,6 +76,33 @@ CASES = [
     ("document Bundle", "POST", "/fhir", {"resourceType": "Bundle", "type": "document"}, {},
      422, "value", "Bundle.type"),
     ("unknown route", "GET", "/fhir/Patient/a/b/c", None, {}, 404, "not-found", None),
+    ("meta.lastUpdated in the future (a wrong clock would freeze the resource)", "PUT",
+     "/fhir/Patient/a", {"resourceType": "Patient", "id": "a",
+                         "meta": {"lastUpdated": "2099-01-01T00:00:00Z"}},
+     {}, 422, "business-rule", "Patient.meta.lastUpdated"),
+    ("urn:uuid reference outside a Bundle", "POST", "/fhir/Condition",
+     {**example("Condition/r4spec-example.json"),
+      "subject": {"reference": NOWHERE}},
+     {}, 422, "not-found", "Condition.subject.reference"),
+    ("transaction reference to no entry's fullUrl", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "transaction", "entry": [
+         {"request": {"method": "POST", "url": "Condition"},
+          "resource": {**example("Condition/r4spec-example.json"),
+                       "subject": {"reference": NOWHERE}}}]},
+     {}, 422, "not-found", "Bundle.entry[0].resource.Condition.subject.reference"),
+    ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
+     {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
+    ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},
+     {"If-Match": "garbage"}, 400, "value", "If-Match"),
+    ("update without an id in its body", "PUT", "/fhir/Patient/a", {"resourceType": "Patient"},
+     {}, 400, "required", "Patient.id"),
+    ("two entries with the same fullUrl (bdl-7)", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "transaction", "entry": [
+         {"fullUrl": "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a01",
+          "request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
+         {"fullUrl": "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a01",
+          "request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
+     ]}, {}, 422, "invariant", "Bundle.entry[1].fullUrl"),
 ]
 
 

@@ -248,6 +248,19 @@ def _walk_references(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _walk_references(item, f"{path}[{i}]")
 
 
+def unresolved_local_references(resource: dict[str, Any], rtype: str) -> list[Issue]:
+    """References to ``urn:uuid:``/``urn:oid:`` left in a resource about to be stored: only a
+    transaction Bundle's own fullUrls resolve them (each becomes ``Type/id``), so one left names
+    nothing, and stored as it is it would link the resource to no patient."""
+    return [
+        _err("not-found", f"{where} {ref!r} names no entry of this transaction Bundle (a "
+             "urn:uuid:/urn:oid: reference must be the fullUrl of an entry that creates or "
+             "updates a resource; batch entries and single resources cannot use them)", where)
+        for where, ref in _walk_references(resource, rtype)
+        if ref.startswith(("urn:uuid:", "urn:oid:"))
+    ]
+
+
 def _references(resource: dict[str, Any], rtype: str) -> list[Issue]:
     return [
         _err("value", f"{where} {ref!r} is not a FHIR reference (Type/id, an absolute URL, "

@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,7 +18,8 @@ from fastapi.responses import Response
 from ccm_ingest.adapters.fhir_validation import load_models
 from ccm_ingest.adapters.repository import SqlResourceRepository
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
-from ccm_ingest.domain.model import SUPPORTED_TYPES, Issue, rejected
+from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, rejected
+from ccm_ingest.domain.rules import unresolved_local_references
 from ccm_ingest.entrypoints.outcomes import (
     fhir_json,
     operation_outcome,
@@ -132,8 +133,9 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
     if practice is None:
         raise rejected(404, "not-found", "the token's practice no longer exists")
     now: datetime = runtime.clock()
+    skew = runtime.service_settings().max_clock_skew_seconds  # type: ignore[attr-defined]
     return Caller(tenant.practice_id, tenant.token_id, tenant.label or tenant.token_id,
-                  practice[0], practice[1], now)
+                  practice[0], practice[1], now, timedelta(seconds=skew))
 
 
 def _require(tenant: Tenant, scope: str) -> None:
@@ -145,6 +147,15 @@ def _check_type(rtype: str) -> None:
     if rtype not in SUPPORTED_TYPES:
         raise rejected(404, "not-supported", f"resource type {rtype!r} is not supported; "
                        f"supported: {', '.join(SUPPORTED_TYPES)}", "resourceType")
+
+
+def standalone(body: Any, rtype: str) -> dict[str, Any]:
+    """A resource sent alone (not in a Bundle), valid and storable: 422 also for a reference
+    to a Bundle's fullUrl (``urn:uuid:``), which nothing here resolves."""
+    resource = handlers.validated(body, rtype)
+    if unresolved := unresolved_local_references(resource, rtype):
+        raise FhirRejected(422, unresolved)
+    return resource
 
 
 async def read_json(request: Request, max_depth: int) -> Any:
@@ -225,7 +236,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         if kind not in ("transaction", "batch"):
             raise rejected(422, "value", f"Bundle.type {kind!r}: only transaction and batch "
                            "Bundles can be processed", "Bundle.type")
-        entries = bundles.parse_entries(bundle, settings.max_bundle_entries)
+        entries = bundles.parse_entries(bundle, settings.max_bundle_entries,
+                                        each_alone=kind == "batch")
         if kind == "transaction":
             async with runtime.db.unit_of_work() as uow:
                 caller = await caller_for(runtime, tenant, uow)
@@ -258,7 +270,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     @router.post("/{rtype}", summary="Create (If-None-Exist: conditional create)")
     async def create(rtype: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
-        resource = handlers.validated(await read_json(request, max_depth), rtype)
+        resource = standalone(await read_json(request, max_depth), rtype)
         if_none_exist = request.headers.get("if-none-exist")
         if not if_none_exist:
             return await grouped(request, tenant, Write(rtype, random_uuid(), resource,
@@ -269,7 +281,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     @router.put("/{rtype}/{rid}", summary="Update or create with this id (If-Match: version)")
     async def update(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
-        resource = handlers.validated(await read_json(request, max_depth), rtype)
+        resource = standalone(await read_json(request, max_depth), rtype)
         if_match = request.headers.get("if-match")
         if if_match is None:
             handlers.check_update_id(rtype, rid, resource)
@@ -410,8 +422,11 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
                 "readHistory": True,
                 "updateCreate": True,
                 "conditionalCreate": True,
-                "conditionalUpdate": True,
-                "conditionalDelete": "single",
+                # On the REST URL (PUT/DELETE Type?criteria): no. Inside Bundles: yes.
+                "conditionalUpdate": False,
+                "conditionalDelete": "not-supported",
+                "documentation": "Conditional update and delete (`Type?criteria`) only inside "
+                                 "transaction and batch Bundles.",
                 "interaction": [{"code": c} for c in ("read", "vread", "update", "delete",
                                                       "history-instance", "create",
                                                       "search-type")],

@@ -8,6 +8,7 @@ from typing import Any
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
 from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, rejected
+from ccm_ingest.domain.rules import unresolved_local_references
 from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
 from ccm_shared.db import UnitOfWork
@@ -30,29 +31,59 @@ class Entry:
     if_none_exist: str | None
     if_match: str | None
     query: str = ""
+    # A batch entry that failed its own checks: answered with this, never run.
+    refused: FhirRejected | None = None
 
 
 def _where(index: int) -> str:
     return f"Bundle.entry[{index}]"
 
 
-def parse_entries(bundle: dict[str, Any], max_entries: int) -> list[Entry]:
-    """Every entry checked and validated; all problems reported at once (422)."""
+def parse_entries(bundle: dict[str, Any], max_entries: int, *,
+                  each_alone: bool = False) -> list[Entry]:
+    """Every entry checked and validated; all problems reported at once (422). ``each_alone``
+    (a batch): an entry's own problems only refuse that entry (``Entry.refused``)."""
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise rejected(400, "structure", "Bundle.entry must be a list", "Bundle.entry")
     if len(entries) > max_entries:
         raise rejected(413, "too-costly", f"Bundle has {len(entries)} entries; the limit is "
                        f"{max_entries}", "Bundle.entry")
+    _unique_full_urls(entries)
     parsed, issues = [], []
     for i, raw in enumerate(entries):
         try:
             parsed.append(_parse_entry(i, raw))
         except FhirRejected as exc:
-            issues += exc.issues  # already located at their entry
+            if each_alone:
+                parsed.append(Entry(i, "", "", None, None, None, None, None, None,
+                                    refused=exc))
+            else:
+                issues += exc.issues  # already located at their entry
     if issues:
         raise FhirRejected(422, issues)
     return parsed
+
+
+def _unique_full_urls(entries: list[Any]) -> None:
+    """bdl-7: no two entries with the same fullUrl (and the same meta.versionId)."""
+    seen: dict[tuple[str, Any], int] = {}
+    issues = []
+    for i, raw in enumerate(entries):
+        url = raw.get("fullUrl") if isinstance(raw, dict) else None
+        if not isinstance(url, str):
+            continue
+        resource = raw.get("resource")
+        meta = resource.get("meta") if isinstance(resource, dict) else None
+        key = (url, meta.get("versionId") if isinstance(meta, dict) else None)
+        if key in seen:
+            issues.append(Issue("error", "invariant", f"fullUrl {url!r} is also the fullUrl of "
+                                f"Bundle.entry[{seen[key]}] (bdl-7: fullUrl must be unique in a "
+                                "Bundle)", (f"{_where(i)}.fullUrl",)))
+        else:
+            seen[key] = i
+    if issues:
+        raise FhirRejected(422, issues)
 
 
 def _parse_entry(i: int, raw: Any) -> Entry:
@@ -201,11 +232,15 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     """
     ids = await _resolve_ids(uow, caller, entries)
     repo = SqlResourceRepository(uow.session, caller.tenant)
+    unresolved: list[Issue] = []
     for e in entries:
         if e.resource is not None:
             # The parsed request body is ours: rewritten in place, no copy.
             if _rewrite_references(e.resource, ids):
                 await _conditional_references(repo, e)
+            unresolved += _unresolved(e)
+    if unresolved:
+        raise FhirRejected(422, unresolved)
     results: dict[int, Outcome] = {}
     pending: list[tuple[Entry, handlers.Write]] = []
 
@@ -226,7 +261,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                                                     e.if_none_exist)
                 if found is None:
                     pending.append((e, handlers.Write(e.rtype, e.rid, e.resource, fresh=True,
-                                                      where=_where(e.index))))
+                                                      where=f"{_where(e.index)}.resource")))
                 else:
                     results[e.index] = found
                 continue
@@ -239,17 +274,23 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     return [(e, results[e.index]) for e in entries]
 
 
+def _unresolved(e: Entry) -> list[Issue]:
+    return [issue.located(f"{_where(e.index)}.resource")
+            for issue in unresolved_local_references(e.resource, e.rtype)]
+
+
 def _plain_write(e: Entry) -> handlers.Write | None:
     """The entry as a write that needs no database look first (a plain create, an update
     without ``ifMatch``), else None."""
     if e.method == "POST" and not e.if_none_exist:
-        return handlers.Write(e.rtype, e.rid, e.resource, fresh=True, where=_where(e.index))
+        return handlers.Write(e.rtype, e.rid, e.resource, fresh=True,
+                              where=f"{_where(e.index)}.resource")
     if e.method != "PUT" or e.if_match or e.rid is None:
         return None
     resource = e.resource if e.resource.get("id") else {**e.resource, "id": e.rid}
     if resource["id"] != e.rid:
         return None  # _run_entry → update() answers the mismatch
-    return handlers.Write(e.rtype, e.rid, resource, where=_where(e.index))
+    return handlers.Write(e.rtype, e.rid, resource, where=f"{_where(e.index)}.resource")
 
 
 async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry],
@@ -257,7 +298,12 @@ async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry
     """Each entry in a unit of work of its own; a failing entry reports its own outcome."""
     results = []
     for e in entries:
+        if e.refused is not None:
+            results.append((e, Outcome(e.refused.status, e.rtype, "", None, e.refused.issues)))
+            continue
         try:
+            if e.resource is not None and (unresolved := _unresolved(e)):
+                raise FhirRejected(422, unresolved)
             async with open_uow() as uow:
                 if e.resource is not None:
                     await _conditional_references(

@@ -4,7 +4,7 @@ work does, so a stored version and its events are one transaction."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
@@ -42,6 +42,8 @@ class Caller:
     timezone: ZoneInfo
     config: IngestConfig
     now: datetime
+    # How far ahead of ``now`` a meta.lastUpdated may be (CCM_INGEST_MAX_CLOCK_SKEW_SECONDS).
+    clock_skew: timedelta = timedelta(minutes=5)
 
 
 @dataclass
@@ -63,16 +65,33 @@ class Outcome:
 
 
 def parse_etag(value: str) -> str:
+    """The version of an ``If-Match`` ETag (``W/"3"``, ``"3"`` or ``3``); 400 for anything
+    else, which can match no version."""
     value = value.strip()
     if value.startswith("W/"):
         value = value[2:]
-    return value.strip('"')
+    version = value.strip('"')
+    if not version.isdigit():
+        raise rejected(400, "value", f"If-Match {value!r} is not a version ETag "
+                       '(W/"<versionId>")', "If-Match")
+    return version
 
 
 def _meta_last_updated(resource: dict[str, Any], caller: Caller) -> datetime:
+    """The version's time: its meta.lastUpdated, else now. One further ahead of the server's
+    clock than ``caller.clock_skew`` is refused: every later version would be older than it,
+    kept in history and never applied, so one wrong clock would freeze the resource."""
     meta = resource.get("meta") or {}
     text = meta.get("lastUpdated") if isinstance(meta, dict) else None
-    return (instant(text, caller.timezone) if text else caller.now).astimezone(UTC)
+    if not text:
+        return caller.now.astimezone(UTC)
+    when = instant(text, caller.timezone).astimezone(UTC)
+    if when > caller.now + caller.clock_skew:
+        raise rejected(422, "business-rule", f"meta.lastUpdated {text} is in the future (server "
+                       f"time {isoformat(caller.now)}, {caller.clock_skew.total_seconds():.0f} s "
+                       "of clock difference allowed): check the sending system's clock",
+                       f"{resource.get('resourceType')}.meta.lastUpdated")
+    return when
 
 
 def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
@@ -174,7 +193,12 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             plans.append((w, cur, sha, None, False))
             answer_with.append((w.rtype, w.rid, cur.version_id))
             continue
-        last_updated = _meta_last_updated(w.resource, caller)
+        try:
+            last_updated = _meta_last_updated(w.resource, caller)
+        except FhirRejected as exc:
+            if w.where is None:
+                raise
+            raise FhirRejected(exc.status, [i.located(w.where) for i in exc.issues]) from None
         stale = exists and last_updated < cur.last_updated
         if stale:
             answer_with.append((w.rtype, w.rid, cur.version_id))
@@ -292,10 +316,11 @@ async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
     """FHIR update (or create with the client's id); ``If-Match`` guards the version."""
     check_update_id(rtype, rid, resource)
     if if_match is not None:
+        wanted = parse_etag(if_match)
         repo = SqlResourceRepository(uow.session, caller.tenant)
         current = await repo.lock_current(rtype, rid)
         have = str(current.version_id) if current and current.version_id else None
-        if have is None or current.deleted or parse_etag(if_match) != have:
+        if have is None or current.deleted or wanted != have:
             raise rejected(412, "conflict", f"If-Match {if_match} does not match the current "
                            f"version ({'none' if have is None else have})", "If-Match")
     return await store(uow, caller, rtype, rid, resource)
@@ -303,6 +328,9 @@ async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
 
 def check_update_id(rtype: str, rid: str, resource: dict[str, Any]) -> None:
     """An update's body names the resource of its URL (400 otherwise)."""
+    if resource.get("id") is None:
+        raise rejected(400, "required", f"an update needs the resource's id in its body, equal "
+                       f"to the URL id {rid!r}", f"{rtype}.id")
     if resource.get("id") != rid:
         raise rejected(400, "invalid", f"resource id {resource.get('id')!r} does not match the "
                        f"URL id {rid!r}", f"{rtype}.id")
@@ -348,10 +376,13 @@ def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
     params = sorted(parse_qsl(query, keep_blank_values=True))
     if not params:
         raise rejected(400, "invalid", "empty search criteria", "If-None-Exist")
-    for name, _ in params:
+    for name, value in params:
         if name not in SEARCH_PARAMS - {"_count"}:
             raise rejected(400, "not-supported", f"search parameter {name!r} is not supported; "
                            f"supported: {', '.join(sorted(SEARCH_PARAMS))}", name)
+        if not value.strip():  # ``identifier=`` matches nothing: a create would always happen
+            raise rejected(400, "required", f"criteria parameter {name!r} has no value",
+                           "If-None-Exist")
     return params
 
 
