@@ -5,6 +5,7 @@ from email.utils import parsedate_to_datetime
 
 import pytest
 
+from ccm_ingest.service_layer import resources as handlers
 from tests.unit.ingest.conftest import as_practice, counts, events, example
 
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -236,3 +237,40 @@ async def test_a_meta_last_updated_ahead_of_the_server_clock_by_more_than_5_minu
     if status == 422:
         assert r.json()["issue"][0]["expression"] == ["Patient.meta.lastUpdated"]
         assert (await fhir.get("/fhir/Patient/clock")).status_code == 404
+
+
+@pytest.mark.parametrize(("text", "low", "high"), [
+    ("2026", "2026-01-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+    ("2026-12", "2026-12-01T00:00:00+00:00", "2027-01-01T00:00:00+00:00"),
+    ("2026-03-15", "2026-03-15T00:00:00+00:00", "2026-03-16T00:00:00+00:00"),
+    ("2026-03-15T10:30", "2026-03-15T10:30:00+00:00", "2026-03-15T10:31:00+00:00"),
+    ("2026-03-15T10:30:15-05:00", "2026-03-15T10:30:15-05:00", "2026-03-15T10:30:16-05:00"),
+    ("2026-03-15T10:30:15.25Z", "2026-03-15T10:30:15.250000+00:00",
+     "2026-03-15T10:30:15.250001+00:00"),
+])
+def test_a_search_date_covers_the_range_of_its_precision(text, low, high):
+    assert [d.isoformat() for d in handlers.search_date_range(text)] == [low, high]
+
+
+@pytest.mark.parametrize(("value", "found"), [
+    ("2026-03-15", ["e1", "e2"]), ("eq2026-03-15", ["e1", "e2"]), ("2026-03", ["e1", "e2", "e3"]),
+    ("ne2026-03-15", ["e3"]), ("gt2026-03-15", ["e3"]), ("sa2026-03-15", ["e3"]),
+    ("ge2026-03-15", ["e1", "e2", "e3"]), ("le2026-03-15", ["e1", "e2"]), ("lt2026-03-15", []),
+    ("eb2026-03-16", ["e1", "e2"]), ("2026-03-15T14:00", ["e1"]),
+    ("gt2026-03-15T14:00", ["e2", "e3"]),
+    ("2026-03-15T09:00-05:00", ["e1"]),
+])
+async def test_last_updated_compares_with_the_whole_range_of_the_date(fhir, value, found):
+    start = fhir.clock.now  # 2026-03-15T14:00Z
+    for rid, later in (("e1", timedelta(0)), ("e2", timedelta(hours=5)), ("e3", timedelta(days=2))):
+        fhir.clock.now = start + later
+        assert (await fhir.put(f"/fhir/Encounter/{rid}", json=ccm_encounter(rid))).is_success
+    r = await fhir.get("/fhir/Encounter", params={"_lastUpdated": value})
+    assert r.status_code == 200, r.text
+    assert sorted(e["resource"]["id"] for e in r.json()["entry"]) == found
+
+
+@pytest.mark.parametrize("value", ["2026-03-15T10", "2026-3-15", "ap2026-03-15", "yesterday"])
+async def test_a_last_updated_that_is_no_search_date_is_400(fhir, value):
+    r = await fhir.get("/fhir/Encounter", params={"_lastUpdated": value})
+    assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["_lastUpdated"]

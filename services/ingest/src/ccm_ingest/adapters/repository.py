@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_ingest.adapters.bulk import insert_all
@@ -207,9 +207,10 @@ class SqlResourceRepository:
     async def search(self, rtype: str, *, ids: list[str] | None = None,
                      patient: str | None = None,
                      identifier: tuple[str | None, str] | None = None,
-                     updated: list[tuple[str, datetime]] = (), limit: int = 50,
+                     updated: list[tuple[str, Any]] = (), limit: int = 50,
                      ) -> tuple[int, list[VersionRow]]:
-        """(total, first ``limit`` current versions) of live resources matching every criterion."""
+        """(total, first ``limit`` current versions) of live resources matching every criterion;
+        ``updated``: (``ge``/``lt``, instant) or (``outside``, (low, high)) on lastUpdated."""
         where = [resources.c.tenant == self.tenant, resources.c.type == rtype,
                  resources.c.deleted.is_(False), resources.c.version_id > 0]
         if ids is not None:
@@ -223,9 +224,10 @@ class SqlResourceRepository:
             if system is not None:
                 match.append(resource_identifiers.c.system == system)
             where.append(resources.c.id.in_(select(resource_identifiers.c.id).where(*match)))
-        ops = {"eq": "__eq__", "gt": "__gt__", "ge": "__ge__", "lt": "__lt__", "le": "__le__"}
+        at = resources.c.last_updated
         for op, when in updated:
-            where.append(getattr(resources.c.last_updated, ops[op])(when))
+            where.append(or_(at < when[0], at >= when[1]) if op == "outside"
+                         else at >= when if op == "ge" else at < when)
         total = (await self.session.execute(
             select(func.count()).select_from(resources).where(*where)
         )).scalar_one()

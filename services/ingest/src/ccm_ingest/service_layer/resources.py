@@ -3,6 +3,7 @@ work does, so a stored version and its events are one transaction."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -386,6 +387,55 @@ def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
     return params
 
 
+_DATE_PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le", "sa", "eb")
+_SEARCH_DATE = re.compile(
+    r"(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})"
+    r"(?P<f>\.\d+)?)?(?P<z>Z|[+-]\d{2}:\d{2})?)?)?)?")
+
+
+def search_date_range(text: str) -> tuple[datetime, datetime]:
+    """The instants ``[low, high)`` a FHIR search date covers at its precision: ``2026`` the
+    year, ``2026-11`` the month, ``2026-11-28`` the day, ``…T10:30`` the minute, ``…T10:30:15``
+    the second (a fraction: that instant). Without a zone, UTC. ValueError when it is none."""
+    found = _SEARCH_DATE.fullmatch(text)
+    if found is None:
+        raise ValueError(text)
+    g = found.groupdict()
+    zone = UTC if not g["z"] or g["z"] == "Z" else \
+        datetime.strptime(g["z"].replace(":", ""), "%z").tzinfo
+    low = datetime(int(g["y"]), int(g["m"] or 1), int(g["d"] or 1), int(g["H"] or 0),
+                   int(g["M"] or 0), int(g["S"] or 0), tzinfo=zone)
+    if g["f"]:
+        low = low.replace(microsecond=int((g["f"][1:] + "000000")[:6]))
+        return low, low + timedelta(microseconds=1)
+    if g["S"]:
+        return low, low + timedelta(seconds=1)
+    if g["M"]:
+        return low, low + timedelta(minutes=1)
+    if g["d"]:
+        return low, low + timedelta(days=1)
+    if g["m"]:
+        year, month = (low.year + 1, 1) if low.month == 12 else (low.year, low.month + 1)
+        return low, low.replace(year=year, month=month)
+    return low, low.replace(year=low.year + 1)
+
+
+def last_updated_criteria(value: str) -> list[tuple[str, datetime | tuple[datetime, datetime]]]:
+    """``_lastUpdated=[prefix]date`` as comparisons of the instant (FHIR's date search: the
+    prefix compares with the whole range the date's precision covers)."""
+    prefix, text = (value[:2], value[2:]) if value[:2] in _DATE_PREFIXES else ("eq", value)
+    try:
+        low, high = search_date_range(text)
+    except (ValueError, OverflowError):
+        raise rejected(400, "value", f"_lastUpdated {value!r} is not a FHIR search date "
+                       "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]) "
+                       f"with an optional prefix ({', '.join(_DATE_PREFIXES)})",
+                       "_lastUpdated") from None
+    return {"eq": [("ge", low), ("lt", high)], "ne": [("outside", (low, high))],
+            "gt": [("ge", high)], "sa": [("ge", high)], "ge": [("ge", low)],
+            "lt": [("lt", low)], "eb": [("lt", low)], "le": [("lt", high)]}[prefix]
+
+
 def criteria_key(params: list[tuple[str, str]]) -> str:
     return "&".join(f"{k}={v}" for k, v in params)[:1000]
 
@@ -398,7 +448,7 @@ async def find(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, 
 async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, str]], *,
                  limit: int = 50) -> tuple[int, list[VersionRow]]:
     ids = patient = identifier = None
-    updated: list[tuple[str, datetime]] = []
+    updated: list[tuple[str, Any]] = []
     for name, value in params:
         if name == "_id":
             ids = value.split(",")
@@ -411,14 +461,7 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
             system, bar, code = value.partition("|")
             identifier = (system, code) if bar else (None, value)
         elif name == "_lastUpdated":
-            op, when = (value[:2], value[2:]) if value[:2] in ("eq", "gt", "ge", "lt", "le") \
-                else ("eq", value)
-            try:
-                updated.append((op, instant(when, ZoneInfo("UTC"))))
-            except ValueError:
-                raise rejected(400, "value", f"_lastUpdated {value!r} is not a FHIR dateTime "
-                               "with an optional prefix (eq, gt, ge, lt, le)", "_lastUpdated") \
-                    from None
+            updated += last_updated_criteria(value)
         elif name == "_count":
             if not value.isdigit() or not 0 < int(value) <= 1000:
                 raise rejected(400, "value", "_count must be 1..1000", "_count")
