@@ -274,3 +274,22 @@ async def test_last_updated_compares_with_the_whole_range_of_the_date(fhir, valu
 async def test_a_last_updated_that_is_no_search_date_is_400(fhir, value):
     r = await fhir.get("/fhir/Encounter", params={"_lastUpdated": value})
     assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["_lastUpdated"]
+
+
+async def test_search_pages_follow_next_links_to_every_match_once(fhir):
+    start = fhir.clock.now
+    for n in range(7):
+        fhir.clock.now = start + timedelta(minutes=n)
+        assert (await fhir.put(f"/fhir/Encounter/p{n}", json=ccm_encounter(f"p{n}"))).is_success
+    seen, url, pages = [], "/fhir/Encounter?patient=Patient/p1&_count=3", 0
+    while url:
+        page = (await fhir.get(url)).json()
+        assert page["total"] == 7
+        seen += [e["resource"]["id"] for e in page["entry"]]
+        links = {link["relation"]: link["url"] for link in page["link"]}
+        assert ("previous" in links) == (pages > 0)
+        url, pages = links.get("next"), pages + 1
+    assert seen == [f"p{n}" for n in reversed(range(7))] and pages == 3  # newest first
+    last = (await fhir.get("/fhir/Encounter", params={"_offset": "6", "_count": "3"})).json()
+    assert [e["resource"]["id"] for e in last["entry"]] == ["p0"]
+    assert (await fhir.get("/fhir/Encounter", params={"_offset": "-1"})).status_code == 400

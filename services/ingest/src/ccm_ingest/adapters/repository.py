@@ -207,7 +207,7 @@ class SqlResourceRepository:
     async def search(self, rtype: str, *, ids: list[str] | None = None,
                      patient: str | None = None,
                      identifier: tuple[str | None, str] | None = None,
-                     updated: list[tuple[str, Any]] = (), limit: int = 50,
+                     updated: list[tuple[str, Any]] = (), limit: int = 50, offset: int = 0,
                      ) -> tuple[int, list[VersionRow]]:
         """(total, first ``limit`` current versions) of live resources matching every criterion;
         ``updated``: (``ge``/``lt``, instant) or (``outside``, (low, high)) on lastUpdated."""
@@ -235,7 +235,7 @@ class SqlResourceRepository:
             select(resource_versions)
             .join(resources, _IS_CURRENT)
             .where(*where).order_by(resources.c.last_updated.desc(), resources.c.id)
-            .limit(limit)
+            .offset(offset).limit(limit)
         )).all()
         return total, [_version(r) for r in rows]
 

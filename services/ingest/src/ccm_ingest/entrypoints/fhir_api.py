@@ -358,14 +358,29 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             total, rows = await handlers.search(
                 SqlResourceRepository(uow.session, tenant.practice_id), rtype, params)
         b = base(request)
+        offset, count = handlers.paging(params)
         return fhir_json({
             "resourceType": "Bundle", "type": "searchset", "total": total,
-            "link": [{"relation": "self", "url": str(request.url)}],
+            "link": page_links(request, total, offset, count),
             "entry": [{"fullUrl": f"{b}/{rtype}/{r.id}", "resource": r.resource,
                        "search": {"mode": "match"}} for r in rows],
         })
 
     return router
+
+
+def page_links(request: Request, total: int, offset: int, count: int) -> list[dict[str, str]]:
+    """self, and first/previous/next where there are such pages (``_offset``/``_count``)."""
+    def page(start: int) -> str:
+        return str(request.url.include_query_params(_offset=start, _count=count))
+
+    links = [{"relation": "self", "url": str(request.url)}]
+    if offset > 0:
+        links += [{"relation": "first", "url": page(0)},
+                  {"relation": "previous", "url": page(max(0, offset - count))}]
+    if offset + count < total and offset + count <= handlers.MAX_OFFSET:
+        links.append({"relation": "next", "url": page(offset + count)})
+    return links
 
 
 def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],

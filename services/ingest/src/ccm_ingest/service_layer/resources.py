@@ -365,7 +365,10 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
 
 # ---- search ------------------------------------------------------------------------------------
 
-SEARCH_PARAMS = {"_id", "identifier", "patient", "subject", "_lastUpdated", "_count"}
+SEARCH_PARAMS = {"_id", "identifier", "patient", "subject", "_lastUpdated", "_count",
+                 "_offset"}
+PAGING = {"_count", "_offset"}
+MAX_OFFSET = 100_000
 
 
 def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
@@ -378,7 +381,7 @@ def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
     if not params:
         raise rejected(400, "invalid", "empty search criteria", "If-None-Exist")
     for name, value in params:
-        if name not in SEARCH_PARAMS - {"_count"}:
+        if name not in SEARCH_PARAMS - PAGING:
             raise rejected(400, "not-supported", f"search parameter {name!r} is not supported; "
                            f"supported: {', '.join(sorted(SEARCH_PARAMS))}", name)
         if not value.strip():  # ``identifier=`` matches nothing: a create would always happen
@@ -445,10 +448,28 @@ async def find(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, 
     return (await search(repo, rtype, params, limit=limit))[1]
 
 
+def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
+    """(``_offset``, ``_count``) of a search: where its page starts and how long it is."""
+    offset = 0
+    for name, value in params:
+        if name == "_count":
+            if not value.isdigit() or not 0 < int(value) <= 1000:
+                raise rejected(400, "value", "_count must be 1..1000", "_count")
+            limit = int(value)
+        elif name == "_offset":
+            if not value.isdigit() or int(value) > MAX_OFFSET:
+                raise rejected(400, "value", f"_offset must be 0..{MAX_OFFSET:,}", "_offset")
+            offset = int(value)
+    return offset, limit
+
+
 async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, str]], *,
                  limit: int = 50) -> tuple[int, list[VersionRow]]:
+    """(total, the page of current versions: ``_offset``, ``_count``) of a search; newest
+    first."""
     ids = patient = identifier = None
     updated: list[tuple[str, Any]] = []
+    offset, limit = paging(params, limit)
     for name, value in params:
         if name == "_id":
             ids = value.split(",")
@@ -462,15 +483,11 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
             identifier = (system, code) if bar else (None, value)
         elif name == "_lastUpdated":
             updated += last_updated_criteria(value)
-        elif name == "_count":
-            if not value.isdigit() or not 0 < int(value) <= 1000:
-                raise rejected(400, "value", "_count must be 1..1000", "_count")
-            limit = int(value)
-        else:
+        elif name not in PAGING:
             raise rejected(400, "not-supported", f"search parameter {name!r} is not supported; "
                            f"supported: {', '.join(sorted(SEARCH_PARAMS))}", name)
     return await repo.search(rtype, ids=ids, patient=patient, identifier=identifier,
-                             updated=updated, limit=limit)
+                             updated=updated, limit=limit, offset=offset)
 
 
 def validated(resource: Any, rtype: str | None = None) -> dict[str, Any]:
