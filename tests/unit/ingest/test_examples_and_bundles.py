@@ -109,6 +109,20 @@ async def test_batch_entries_succeed_or_fail_on_their_own(fhir):
         ["201 Created", "404 Not Found", "204 No Content"]
 
 
+async def test_get_entries_answer_with_the_resource_or_a_searchset(fhir):
+    good = example("Patient/r4spec-example.json")
+    assert (await fhir.put("/fhir/Patient/example", json=good)).status_code == 201
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/example"}},
+        {"request": {"method": "GET", "url": "Patient?_id=example,missing"}},
+    ]}
+    read, search = (await fhir.post("/fhir", json=bundle)).json()["entry"]
+    assert read["response"]["status"] == "200 OK" and read["resource"]["id"] == "example"
+    assert read["resource"] == (await fhir.get("/fhir/Patient/example")).json()
+    assert search["resource"]["type"] == "searchset" and search["resource"]["total"] == 1
+    assert search["resource"]["entry"][0]["resource"] == read["resource"]
+
+
 async def test_a_batch_entry_that_is_invalid_fails_alone(fhir):
     """Batch entries are independent: an invalid one (or one pointing at another entry's
     fullUrl) gets its own OperationOutcome, the others are stored."""

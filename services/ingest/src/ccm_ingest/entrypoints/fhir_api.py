@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ccm_ingest.adapters.fhir_validation import load_models
-from ccm_ingest.adapters.repository import SqlResourceRepository
+from ccm_ingest.adapters.repository import SqlResourceRepository, VersionRow
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
 from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, rejected
 from ccm_ingest.domain.rules import unresolved_local_references
@@ -357,16 +357,21 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         async with runtime.db.unit_of_work() as uow:
             total, rows = await handlers.search(
                 SqlResourceRepository(uow.session, tenant.practice_id), rtype, params)
-        b = base(request)
         offset, count = handlers.paging(params)
-        return fhir_json({
-            "resourceType": "Bundle", "type": "searchset", "total": total,
-            "link": page_links(request, total, offset, count),
-            "entry": [{"fullUrl": f"{b}/{rtype}/{r.id}", "resource": r.resource,
-                       "search": {"mode": "match"}} for r in rows],
-        })
+        return fhir_json(searchset(base(request), rtype, total, rows,
+                                   page_links(request, total, offset, count)))
 
     return router
+
+
+def searchset(base: str, rtype: str, total: int, rows: list[VersionRow],
+              links: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": total}
+    if links:
+        bundle["link"] = links
+    bundle["entry"] = [{"fullUrl": f"{base}/{rtype}/{r.id}", "resource": r.resource,
+                        "search": {"mode": "match"}} for r in rows]
+    return bundle
 
 
 def page_links(request: Request, total: int, offset: int, count: int) -> list[dict[str, str]]:
@@ -386,7 +391,7 @@ def page_links(request: Request, total: int, offset: int, count: int) -> list[di
 def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
                     base: str) -> dict[str, Any]:
     entries = []
-    for _entry, outcome in results:
+    for entry, outcome in results:
         response: dict[str, Any] = {"status": _status_line(outcome.status)}
         if outcome.version is not None:
             response["location"] = f"{outcome.location}"
@@ -397,6 +402,11 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
         item: dict[str, Any] = {"response": response}
         if outcome.id and outcome.version is not None:
             item["fullUrl"] = f"{base}/{outcome.resource_type}/{outcome.id}"
+            if entry.method == "GET":  # a read answers with what it read
+                item["resource"] = outcome.version.resource
+        if outcome.found is not None:  # a search, with a searchset Bundle
+            total, rows = outcome.found
+            item["resource"] = searchset(base, outcome.resource_type, total, rows)
         entries.append(item)
     return {"resourceType": "Bundle", "type": kind, "entry": entries}
 

@@ -212,11 +212,9 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
         if e.rid is not None:
             found = await repo.current_version(e.rtype, e.rid)
             return Outcome(200, e.rtype, e.rid, handlers.current_or_error(found, e.rtype, e.rid))
-        total, rows = await handlers.search(repo, e.rtype,
-                                            handlers.normalise_criteria(e.rtype, e.query))
-        return Outcome(200, e.rtype, "", None, [Issue(
-            "information", "informational", f"{total} match(es): "
-            + ", ".join(f"{e.rtype}/{r.id}" for r in rows))])
+        found = await handlers.search(repo, e.rtype,
+                                      handlers.normalise_criteria(e.rtype, e.query))
+        return Outcome(200, e.rtype, "", None, found=found)
     except FhirRejected as exc:
         return Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)
 

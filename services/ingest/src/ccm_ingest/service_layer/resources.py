@@ -57,6 +57,8 @@ class Outcome:
     version: VersionRow | None = None  # what the response represents (None: deleted/absent)
     issues: list[Issue] = field(default_factory=list)
     outcome_body: bool = False  # the response body should be the OperationOutcome
+    # A search's (total, page of current versions), for a GET entry of a Bundle.
+    found: tuple[int, list[VersionRow]] | None = None
 
     @property
     def location(self) -> str | None:
