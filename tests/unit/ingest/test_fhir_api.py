@@ -4,7 +4,9 @@ from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import pytest
+from sqlalchemy import update
 
+from ccm_ingest.adapters import orm
 from ccm_ingest.service_layer import resources as handlers
 from tests.unit.ingest.conftest import as_practice, counts, events, example
 
@@ -293,3 +295,29 @@ async def test_search_pages_follow_next_links_to_every_match_once(fhir):
     last = (await fhir.get("/fhir/Encounter", params={"_offset": "6", "_count": "3"})).json()
     assert [e["resource"]["id"] for e in last["entry"]] == ["p0"]
     assert (await fhir.get("/fhir/Encounter", params={"_offset": "-1"})).status_code == 400
+
+
+async def test_history_tells_how_each_version_came(fhir):
+    created = await fhir.post("/fhir/Patient", json={"resourceType": "Patient", "active": True})
+    rid = created.json()["id"]
+    await fhir.put(f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid})
+    await fhir.delete(f"/fhir/Patient/{rid}")
+    await fhir.put(f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid,
+                                                "active": False})
+    entries = (await fhir.get(f"/fhir/Patient/{rid}/_history")).json()["entry"]
+    assert [(e["request"]["method"], e["request"]["url"], e["response"]["status"])
+            for e in entries] == [  # newest first
+        ("PUT", f"Patient/{rid}", "201"), ("DELETE", f"Patient/{rid}", "204"),
+        ("PUT", f"Patient/{rid}", "200"), ("POST", "Patient", "201")]
+
+
+async def test_versions_stored_before_ingest_0004_show_as_before(fhir):
+    await fhir.put("/fhir/Patient/old", json={"resourceType": "Patient", "id": "old"})
+    await fhir.put("/fhir/Patient/old", json={"resourceType": "Patient", "id": "old",
+                                              "active": True})
+    async with fhir.runtime.db.unit_of_work() as uow:  # as the code before ingest_0004 left it
+        await uow.session.execute(update(orm.resource_versions).values(method=None))
+        await uow.commit()
+    entries = (await fhir.get("/fhir/Patient/old/_history")).json()["entry"]
+    assert [(e["request"]["method"], e["response"]["status"]) for e in entries] == [
+        ("PUT", "200"), ("PUT", "201")]

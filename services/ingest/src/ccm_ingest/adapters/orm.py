@@ -60,6 +60,8 @@ resource_versions = Table(
     Column("connection", String(200), nullable=True),
     Column("deleted", Boolean, nullable=False, default=False),
     Column("applied", Boolean, nullable=False, default=True),  # False: older than the state
+    # POST (a create with a server-assigned id), PUT or DELETE; NULL before ingest_0004.
+    Column("method", String(6), nullable=True),
     PrimaryKeyConstraint("tenant", "type", "id", "version_id"),
 )
 

@@ -49,6 +49,7 @@ class VersionRow:
     received_at: datetime
     deleted: bool
     applied: bool
+    method: str | None = None  # POST, PUT or DELETE (None: stored before ingest_0004)
 
 
 # A version row joined to its resource row only when it is the current version.
@@ -130,7 +131,7 @@ class SqlResourceRepository:
                 else compact(v.resource),
                 "sha256": v.sha256, "last_updated": v.last_updated,
                 "received_at": v.received_at, "connection": connection,
-                "deleted": v.resource is None, "applied": v.applied,
+                "deleted": v.resource is None, "applied": v.applied, "method": v.method,
             } for v in versions]),
             (resources, [{**r, "tenant": self.tenant, "ccm_state": compact(r["ccm_state"])}
                          for r in new_rows]),
@@ -304,5 +305,6 @@ def _current(row) -> CurrentRow:  # noqa: ANN001
 def _version(row) -> VersionRow:  # noqa: ANN001
     return VersionRow(row.type, row.id, row.version_id,
                       json.loads(row.resource) if row.resource else None, row.sha256,
-                      utc(row.last_updated), utc(row.received_at), row.deleted, row.applied)
+                      utc(row.last_updated), utc(row.received_at), row.deleted, row.applied,
+                      row.method)
 

@@ -316,20 +316,23 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         if not versions:
             raise rejected(404, "not-found", f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
         b = base(request)
+        # Newest first: the version before each is the next in the list.
+        created = [not v.deleted and (older is None or older.deleted)
+                   for v, older in zip(versions, [*versions[1:], None], strict=True)]
         return fhir_json({
             "resourceType": "Bundle", "type": "history", "total": len(versions),
             "entry": [{
                 "fullUrl": f"{b}/{rtype}/{rid}",
                 **({"resource": v.resource} if v.resource is not None else {}),
-                "request": {"method": "DELETE" if v.deleted else "PUT",
-                            "url": f"{rtype}/{rid}"},
-                "response": {"status": "204" if v.deleted else "200",
+                "request": {"method": v.method or ("DELETE" if v.deleted else "PUT"),
+                            "url": rtype if v.method == "POST" else f"{rtype}/{rid}"},
+                "response": {"status": "204" if v.deleted else "201" if new else "200",
                              "etag": f'W/"{v.version_id}"',
                              "lastModified": v.last_updated.isoformat(),
                              **({} if v.applied else {"outcome": operation_outcome([Issue(
                                  "warning", "conflict", "older than the current state when "
                                  "received: kept in history, not applied")])})},
-            } for v in versions],
+            } for v, new in zip(versions, created, strict=True)],
         })
 
     @router.get("/{rtype}/{rid}/_history/{vid}", summary="One stored version")

@@ -246,7 +246,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
             "meta": {**(w.resource.get("meta") or {}), "versionId": str(version_id),
                      "lastUpdated": isoformat(last_updated)}}
     version = VersionRow(rtype, rid, version_id, body, sha, last_updated, caller.now, False,
-                         not stale)
+                         not stale, "POST" if w.fresh else "PUT")
     if stale:
         pending.versions.append(version)
         pending.stale_rows.append({"type": rtype, "id": rid, "last_version": version_id})
@@ -360,7 +360,7 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
     _, outbox_rows = await uow.outbox.stage_many(
         [(e.type, e) for e in _events(caller, mapping.events)], events=False)
     deletion = VersionRow(rtype, rid, version_id, None, DELETED_HASH, caller.now, caller.now,
-                          True, True)
+                          True, True, "DELETE")
     await repo.insert_batch([deletion], caller.connection, [], [], outbox_rows)
     return Outcome(204, rtype, rid)
 
