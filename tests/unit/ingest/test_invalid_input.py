@@ -90,6 +90,10 @@ CASES = [
           "resource": {**example("Condition/r4spec-example.json"),
                        "subject": {"reference": NOWHERE}}}]},
      {}, 422, "not-found", "Bundle.entry[0].resource.Condition.subject.reference"),
+    ("an XML response asked for (Accept)", "GET", "/fhir/Patient/a", None,
+     {"Accept": "application/fhir+xml"}, 406, "not-supported", "Accept"),
+    ("an XML response asked for (_format)", "POST", "/fhir/Patient?_format=xml",
+     {"resourceType": "Patient"}, {}, 406, "not-supported", "_format"),
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},
@@ -131,3 +135,15 @@ async def test_chunked_body_over_the_limit_is_413_operation_outcome(fhir):
     r = await fhir.post("/fhir/Patient", content=chunks(),
                         headers={"Content-Type": "application/fhir+json"})
     assert r.status_code == 413 and r.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize(("headers", "query"), [
+    ({"Accept": "application/fhir+json; fhirVersion=4.0"}, ""),
+    ({"Accept": "text/html, application/json;q=0.9"}, ""),
+    ({"Accept": "*/*"}, ""), ({"Accept": ""}, ""),
+    ({}, "?_format=json"), ({}, "?_format=application/fhir+json"),
+    ({"Accept": "application/fhir+xml"}, "?_format=application%2Ffhir%2Bjson"),  # _format wins
+])
+async def test_json_asked_for_in_any_of_its_spellings_is_served(fhir, headers, query):
+    r = await fhir.get(f"/fhir/metadata{query}", headers=headers)
+    assert r.status_code == 200, r.text

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -54,13 +55,44 @@ def install(app: FastAPI) -> None:
     build = app.build_middleware_stack
 
     def build_with_outcomes():  # noqa: ANN202
-        return OutcomeFor413(build())
+        return FhirEdge(build())
 
     app.build_middleware_stack = build_with_outcomes  # type: ignore[method-assign]
 
 
-class OutcomeFor413:
-    """ASGI wrapper: a problem+json 413 on a /fhir path becomes an OperationOutcome."""
+# What a client may ask for: JSON (the only format served). ``_format`` values come URL-decoded,
+# so ``application/fhir+json`` may arrive as ``application/fhir json``.
+_JSON_MEDIA = frozenset({"application/fhir+json", "application/json", "application/json+fhir",
+                         "application/*", "*/*"})
+_JSON_FORMATS = frozenset({"json", "application/fhir+json", "application/json",
+                           "application/json+fhir"})
+
+
+def unacceptable(scope) -> Issue | None:  # noqa: ANN001
+    """Why the response format a request asks for (``_format``, else ``Accept``) cannot be
+    given (406), or None."""
+    query = scope.get("query_string", b"")
+    if b"_format" in query:
+        for name, value in parse_qsl(query.decode("latin-1")):
+            wanted = value.strip().lower().replace(" ", "+")
+            if name == "_format" and wanted not in _JSON_FORMATS:
+                return Issue("error", "not-supported", f"_format {value!r}: only JSON is served "
+                             "(json, application/fhir+json)", ("_format",))
+        return None
+    for key, value in scope.get("headers", ()):
+        if key == b"accept":
+            ranges = [r.split(";")[0].strip().lower() for r in value.decode("latin-1").split(",")]
+            ranges = [r for r in ranges if r]
+            if ranges and not any(r in _JSON_MEDIA for r in ranges):
+                return Issue("error", "not-supported", f"Accept {value.decode('latin-1')!r}: "
+                             "only JSON is served (application/fhir+json, application/json)",
+                             ("Accept",))
+    return None
+
+
+class FhirEdge:
+    """ASGI wrapper of /fhir paths: 406 OperationOutcome when the request wants a format other
+    than JSON; a problem+json 413 (from the platform's body limit) becomes an OperationOutcome."""
 
     def __init__(self, app) -> None:  # noqa: ANN001
         self.app = app
@@ -69,6 +101,8 @@ class OutcomeFor413:
         path = scope.get("path", "")
         if scope["type"] != "http" or not (path == "/fhir" or path.startswith("/fhir/")):
             return await self.app(scope, receive, send)
+        if (issue := unacceptable(scope)) is not None:
+            return await outcome_response(406, [issue])(scope, receive, send)
         held: dict = {}
 
         async def rewrite(message):  # noqa: ANN001, ANN202
