@@ -1,4 +1,7 @@
-"""HTTP API of the billing service: worklist, close, reports, invoices, payments, FHIR reads."""
+"""HTTP API of the billing service: worklist, close, reports, invoices, payments, FHIR reads.
+
+Every route needs a token with the ``billing`` scope (``BillingTenant``); without it → 403
+(problem+json, an OperationOutcome under /fhir) before anything is read or written."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 from datetime import date
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select
@@ -16,10 +19,23 @@ from ccm_billing.domain.model import Month
 from ccm_billing.service_layer import ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.corrections import recompute
-from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
+from ccm_shared.errors import AppError, Conflict, Forbidden, InvalidInput, NotFound
 from ccm_shared.http import TenantDep
+from ccm_shared.tenancy import Tenant
 
 FHIR_JSON = "application/fhir+json"
+SCOPE = "billing"
+
+
+async def billing_tenant(tenant: TenantDep) -> Tenant:
+    """The caller, when its token carries the ``billing`` scope; else 403 (an EHR connection's
+    fhir:read + fhir:write token must not read invoices, record payments or close months)."""
+    if SCOPE not in tenant.scopes:
+        raise Forbidden(f"this token lacks the {SCOPE!r} scope")
+    return tenant
+
+
+BillingTenant = Annotated[Tenant, Depends(billing_tenant)]
 
 
 def parse_month(text: str) -> Month:
@@ -70,7 +86,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     @router.get("/v1/practices/{practice}/billing-periods/{month}/worklist",
                 summary="Who is billable, blocked or short of a threshold this month, and why")
     async def get_worklist(
-        practice: str, month: str, tenant: TenantDep,
+        practice: str, month: str, tenant: BillingTenant,
         status: Annotated[Literal["all", "billable", "blocked", "near-threshold"],
                           Query(description="Filter rows")] = "all",
     ) -> dict:
@@ -83,7 +99,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/close",
                  summary="Close the month: lock its time, issue ChargeItems and the Invoice (idempotent)")
-    async def close(practice: str, month: str, tenant: TenantDep) -> dict:
+    async def close(practice: str, month: str, tenant: BillingTenant) -> dict:
         tenant.require_practice(practice)
         mo = parse_month(month)
         async with db.unit_of_work() as uow:
@@ -99,20 +115,20 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/billing-periods/{month}/report.json",
                 summary="Audit report: per patient minutes by role, codes, amounts, blockers")
-    async def report_json(practice: str, month: str, tenant: TenantDep) -> dict:
+    async def report_json(practice: str, month: str, tenant: BillingTenant) -> dict:
         return await report_doc(practice, month, tenant)
 
     @router.get("/v1/practices/{practice}/billing-periods/{month}/report.csv",
                 summary="Audit report as CSV (one row per patient × code, TOTAL row last)",
                 response_class=Response)
-    async def report_csv(practice: str, month: str, tenant: TenantDep) -> Response:
+    async def report_csv(practice: str, month: str, tenant: BillingTenant) -> Response:
         doc = await report_doc(practice, month, tenant)
         return Response(worklist.report_csv(doc), media_type="text/csv", headers={
             "Content-Disposition": f'attachment; filename="ccm-{practice}-{month}.csv"'})
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/duplicates/{patient}/resolve",
                  summary="Resolve a duplicate-biller flag: this practice releases the patient-month")
-    async def resolve_duplicate(practice: str, month: str, patient: str, tenant: TenantDep,
+    async def resolve_duplicate(practice: str, month: str, patient: str, tenant: BillingTenant,
                                 body: DuplicateResolution) -> dict:
         tenant.require_practice(practice)
         mo = parse_month(month)
@@ -133,7 +149,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/invoices", summary="The practice's invoices")
     async def list_invoices(
-        practice: str, tenant: TenantDep,
+        practice: str, tenant: BillingTenant,
         status: Annotated[Literal["issued", "partially-paid", "balanced", "cancelled", "overdue"] | None,
                           Query(description="Filter by status")] = None,
     ) -> dict:
@@ -154,7 +170,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return {"practice": practice, "invoices": [invoicing.invoice_view(r) for r in rows]}
 
     @router.get("/v1/invoices/{invoice_id}", summary="One invoice with its payments")
-    async def get_invoice(invoice_id: str, tenant: TenantDep) -> dict:
+    async def get_invoice(invoice_id: str, tenant: BillingTenant) -> dict:
         async with db.unit_of_work() as uow:
             row = await invoicing.get_invoice_row(uow.session, invoice_id, tenant.practice_id,
                                                   resource=False)
@@ -167,7 +183,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.post("/v1/invoices/{invoice_id}/payments", status_code=201,
                  summary="Record a payment against an invoice")
-    async def post_payment(invoice_id: str, tenant: TenantDep, body: PaymentIn) -> dict:
+    async def post_payment(invoice_id: str, tenant: BillingTenant, body: PaymentIn) -> dict:
         amount = invoicing.parse_amount(body.amount)
         async with db.unit_of_work() as uow:
             result = await invoicing.record_payment(
@@ -178,7 +194,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/recompute",
                  summary="Recompute a closed month now (cancel and reissue when lines changed)")
-    async def recompute_now(practice: str, month: str, tenant: TenantDep,
+    async def recompute_now(practice: str, month: str, tenant: BillingTenant,
                             reason: Annotated[str, Body(embed=True, max_length=500)]) -> dict:
         tenant.require_practice(practice)
         mo = parse_month(month)
@@ -193,7 +209,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.put("/v1/practices/{practice}/ehr-endpoint",
                 summary="Set the EHR FHIR endpoint Invoices and ChargeItems are pushed to")
-    async def put_ehr_endpoint(practice: str, tenant: TenantDep, body: EhrEndpointIn) -> dict:
+    async def put_ehr_endpoint(practice: str, tenant: BillingTenant, body: EhrEndpointIn) -> dict:
         tenant.require_practice(practice)
         url = ehr.validate_base_url(body.baseUrl)
         e = orm.ehr_endpoints
@@ -206,7 +222,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return {"baseUrl": url, "hasAuthorization": body.authorization is not None}
 
     @router.get("/v1/practices/{practice}/ehr-endpoint", summary="The practice's EHR endpoint")
-    async def get_ehr_endpoint(practice: str, tenant: TenantDep) -> dict:
+    async def get_ehr_endpoint(practice: str, tenant: BillingTenant) -> dict:
         tenant.require_practice(practice)
         e = orm.ehr_endpoints
         async with db.unit_of_work() as uow:
@@ -217,7 +233,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.delete("/v1/practices/{practice}/ehr-endpoint", status_code=204,
                    summary="Stop pushing to the EHR")
-    async def delete_ehr_endpoint(practice: str, tenant: TenantDep) -> Response:
+    async def delete_ehr_endpoint(practice: str, tenant: BillingTenant) -> Response:
         tenant.require_practice(practice)
         e = orm.ehr_endpoints
         async with db.unit_of_work() as uow:
@@ -227,7 +243,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/ehr-deliveries", summary="Delivery log of EHR pushes")
     async def list_deliveries(
-        practice: str, tenant: TenantDep,
+        practice: str, tenant: BillingTenant,
         status: Annotated[Literal["pending", "delivered", "failed"] | None, Query()] = None,
     ) -> dict:
         tenant.require_practice(practice)
@@ -241,7 +257,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.post("/v1/practices/{practice}/ehr-deliveries/{delivery_id}/retry",
                  summary="Send a failed push again")
-    async def retry_delivery(practice: str, delivery_id: str, tenant: TenantDep) -> dict:
+    async def retry_delivery(practice: str, delivery_id: str, tenant: BillingTenant) -> dict:
         tenant.require_practice(practice)
         d = orm.ehr_deliveries
         async with db.unit_of_work() as uow:
@@ -263,7 +279,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return Response(json.dumps(doc), media_type=FHIR_JSON)
 
     @router.get("/fhir/Invoice/{resource_id}", tags=["fhir"], summary="FHIR R4 Invoice")
-    async def fhir_invoice(resource_id: str, tenant: TenantDep) -> Response:
+    async def fhir_invoice(resource_id: str, tenant: BillingTenant) -> Response:
         async with db.unit_of_work() as uow:
             row = await invoicing.get_invoice_row(uow.session, resource_id, tenant.practice_id)
             if row is None:
@@ -271,7 +287,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             return fhir_response(await filed.invoice_resource(uow.session, row))
 
     @router.get("/fhir/ChargeItem/{resource_id}", tags=["fhir"], summary="FHIR R4 ChargeItem")
-    async def fhir_charge_item(resource_id: str, tenant: TenantDep) -> Response:
+    async def fhir_charge_item(resource_id: str, tenant: BillingTenant) -> Response:
         ci = filed.charge_items
         async with db.unit_of_work() as uow:
             row = (await uow.session.execute(select(ci.c.resource).where(
@@ -281,7 +297,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return fhir_response(json.loads(row.resource))
 
     @router.get("/fhir/Invoice", tags=["fhir"], summary="Search Invoices by recipient and date")
-    async def search_invoices(request: Request, tenant: TenantDep,
+    async def search_invoices(request: Request, tenant: BillingTenant,
                               recipient: str | None = None, date: str | None = None) -> Response:
         i = orm.invoices
         stmt = select(i).where(i.c.practice == tenant.practice_id)
@@ -296,7 +312,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return fhir_response(fhir.search_bundle(invoices, str(request.url)))
 
     @router.get("/fhir/ChargeItem", tags=["fhir"], summary="Search ChargeItems by subject")
-    async def search_charge_items(request: Request, tenant: TenantDep,
+    async def search_charge_items(request: Request, tenant: BillingTenant,
                                   subject: str | None = None) -> Response:
         ci = filed.charge_items
         stmt = select(ci.c.resource).where(ci.c.practice == tenant.practice_id)

@@ -1,4 +1,8 @@
-"""HTTP API of the notification service (problem+json errors from the shared edge)."""
+"""HTTP API of the notification service (problem+json errors from the shared edge).
+
+Every route called with a bearer token needs its ``notification`` scope (``NotificationTenant``);
+without it → 403 before anything is read or written. The signed links (acknowledgement, slot
+choice) carry no token and stay as they are: their signature is their authorization."""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import html
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import HTMLResponse
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
@@ -27,14 +31,27 @@ from ccm_notification.domain.kinds import KINDS, MissingFields
 from ccm_notification.domain.signing import LinkExpired, LinkInvalid, verify_link, webhook_secret
 from ccm_notification.service_layer import acks, calls, directory
 from ccm_notification.service_layer.notify import Intent, Notifier
-from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
+from ccm_shared.errors import Forbidden, Gone, InvalidInput, MalformedRequest, NotFound
 from ccm_shared.http import TenantDep
 from ccm_shared.service import ServiceRuntime
+from ccm_shared.tenancy import Tenant
 
 ID = r"^[A-Za-z0-9\-\.]{1,64}$"
 EMAIL = r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$"
 ProviderId = Annotated[str, Field(pattern=ID)]
 KIND_NAMES = tuple(KINDS)
+SCOPE = "notification"
+
+
+async def notification_tenant(tenant: TenantDep) -> Tenant:
+    """The caller, when its token carries the ``notification`` scope; else 403 (an EHR
+    connection's fhir:read + fhir:write token must not edit the directory or send messages)."""
+    if SCOPE not in tenant.scopes:
+        raise Forbidden(f"this token lacks the {SCOPE!r} scope")
+    return tenant
+
+
+NotificationTenant = Annotated[Tenant, Depends(notification_tenant)]
 
 
 def _http_url(value: str | None) -> str | None:
@@ -177,7 +194,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
     # -- provider directory --------------------------------------------------------------------
 
     @router.get("/v1/practices/{practice}/providers", summary="The provider directory")
-    async def list_providers(practice: str, tenant: TenantDep) -> list[dict]:
+    async def list_providers(practice: str, tenant: NotificationTenant) -> list[dict]:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             rows = (
@@ -191,7 +208,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
 
     @router.get("/v1/practices/{practice}/providers/{provider_id}", summary="One provider")
     async def get_provider(
-        practice: str, provider_id: str, tenant: TenantDep, response: Response
+        practice: str, provider_id: str, tenant: NotificationTenant, response: Response
     ) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
@@ -209,7 +226,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         practice: str,
         provider_id: Annotated[str, Field(pattern=ID)],
         body: ProviderUpdate,
-        tenant: TenantDep,
+        tenant: NotificationTenant,
         response: Response,
         if_match: Annotated[str | None, Header()] = None,
     ) -> dict:
@@ -246,7 +263,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         "/v1/practices/{practice}/providers/{provider_id}/history",
         summary="Every change to a provider, from the EHR or by hand",
     )
-    async def provider_history(practice: str, provider_id: str, tenant: TenantDep) -> list[dict]:
+    async def provider_history(
+        practice: str, provider_id: str, tenant: NotificationTenant
+    ) -> list[dict]:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             if await directory.load_provider(uow, practice, provider_id) is None:
@@ -257,7 +276,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         "/v1/practices/{practice}/contacts",
         summary="The practice's clinical supervisor, on-call contact, summary recipients",
     )
-    async def get_contacts(practice: str, tenant: TenantDep) -> Contacts:
+    async def get_contacts(practice: str, tenant: NotificationTenant) -> Contacts:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             row = await notifier().contacts(uow, practice)
@@ -270,7 +289,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         )
 
     @router.put("/v1/practices/{practice}/contacts", summary="Set the practice's contacts")
-    async def put_contacts(practice: str, body: Contacts, tenant: TenantDep) -> Contacts:
+    async def put_contacts(practice: str, body: Contacts, tenant: NotificationTenant) -> Contacts:
         tenant.require_practice(practice)
         values = body.model_dump() | {"updated_at": runtime.clock()}
         async with db.unit_of_work() as uow:
@@ -281,7 +300,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
     # -- templates and policies ----------------------------------------------------------------
 
     @router.get("/v1/practices/{practice}/templates", summary="Kinds, their fields, overrides")
-    async def list_templates(practice: str, tenant: TenantDep) -> list[dict]:
+    async def list_templates(practice: str, tenant: NotificationTenant) -> list[dict]:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             overridden = set(
@@ -308,7 +327,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         "/v1/practices/{practice}/templates/{kind}",
         summary="The template in use (the practice's override or the default)",
     )
-    async def get_template(practice: str, kind: str, tenant: TenantDep) -> dict:
+    async def get_template(practice: str, kind: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         spec = _kind(kind)
         async with db.unit_of_work() as uow:
@@ -322,7 +341,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         }
 
     @router.put("/v1/practices/{practice}/templates/{kind}", summary="Override a template")
-    async def put_template(practice: str, kind: str, body: TemplateBody, tenant: TenantDep) -> dict:
+    async def put_template(
+        practice: str, kind: str, body: TemplateBody, tenant: NotificationTenant
+    ) -> dict:
         tenant.require_practice(practice)
         spec = _kind(kind)
         try:
@@ -341,7 +362,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         status_code=204,
         summary="Drop the override; the default applies again",
     )
-    async def delete_template(practice: str, kind: str, tenant: TenantDep) -> Response:
+    async def delete_template(practice: str, kind: str, tenant: NotificationTenant) -> Response:
         tenant.require_practice(practice)
         _kind(kind)
         async with db.unit_of_work() as uow:
@@ -357,7 +378,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         "/v1/practices/{practice}/ack-policies/{kind}",
         summary="Whether a kind needs acknowledgement, and its SLA",
     )
-    async def get_ack_policy(practice: str, kind: str, tenant: TenantDep) -> AckPolicy:
+    async def get_ack_policy(practice: str, kind: str, tenant: NotificationTenant) -> AckPolicy:
         tenant.require_practice(practice)
         _kind(kind)
         async with db.unit_of_work() as uow:
@@ -366,7 +387,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
 
     @router.put("/v1/practices/{practice}/ack-policies/{kind}", summary="Set the ack policy")
     async def put_ack_policy(
-        practice: str, kind: str, body: AckPolicy, tenant: TenantDep
+        practice: str, kind: str, body: AckPolicy, tenant: NotificationTenant
     ) -> AckPolicy:
         tenant.require_practice(practice)
         _kind(kind)
@@ -380,7 +401,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         "/v1/practices/{practice}/webhook-secret",
         summary="The secret receivers use to verify X-CCM-Signature",
     )
-    async def get_webhook_secret(practice: str, tenant: TenantDep) -> dict:
+    async def get_webhook_secret(practice: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         return {
             "secret": webhook_secret(runtime.settings.secret_key, practice),
@@ -396,7 +417,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         summary="Raise an alert to a provider (care gap, deterioration, reminder…)",
     )
     async def create_notification(
-        practice: str, body: NotificationCreate, tenant: TenantDep, response: Response
+        practice: str, body: NotificationCreate, tenant: NotificationTenant, response: Response
     ) -> dict:
         tenant.require_practice(practice)
         if body.kind in ("call-request", "call-confirmed", "ack-escalation"):
@@ -431,7 +452,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
     )
     async def list_notifications(
         practice: str,
-        tenant: TenantDep,
+        tenant: NotificationTenant,
         status: Literal["pending", "sending", "sent", "failed"] | None = None,
         ack: Literal["pending", "acknowledged", "closed"] | None = None,
         kind: str | None = None,
@@ -472,7 +493,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         "/v1/practices/{practice}/notifications/{message_id}",
         summary="One message with its delivery log",
     )
-    async def get_notification(practice: str, message_id: str, tenant: TenantDep) -> dict:
+    async def get_notification(practice: str, message_id: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             row = (
@@ -506,7 +527,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         }
 
     @router.post("/v1/notifications/{message_id}/ack", summary="Acknowledge an alert")
-    async def ack_notification(message_id: str, tenant: TenantDep) -> dict:
+    async def ack_notification(message_id: str, tenant: NotificationTenant) -> dict:
         async with db.unit_of_work() as uow:
             result = await acks.acknowledge(
                 uow,
@@ -561,7 +582,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         status_code=201,
         summary="Ask a provider for a call, proposing slots",
     )
-    async def create_call(practice: str, body: CallRequestCreate, tenant: TenantDep) -> dict:
+    async def create_call(
+        practice: str, body: CallRequestCreate, tenant: NotificationTenant
+    ) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             try:
@@ -583,7 +606,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         return result
 
     @router.get("/v1/practices/{practice}/calls/{call_id}", summary="A call request")
-    async def get_call(practice: str, call_id: str, tenant: TenantDep) -> dict:
+    async def get_call(practice: str, call_id: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             row = (
@@ -609,7 +632,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         summary="Choose a slot; both sides get an .ics invitation",
     )
     async def confirm_call(
-        practice: str, call_id: str, body: SlotChoice, tenant: TenantDep
+        practice: str, call_id: str, body: SlotChoice, tenant: NotificationTenant
     ) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
