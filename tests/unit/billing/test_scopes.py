@@ -1,7 +1,8 @@
 """Billing's API needs a token with the ``billing`` scope: an EHR connection's token (fhir:read +
 fhir:write), or any token without ``billing`` — ``admin`` included — gets 403 on every route of
-billing's own router (problem+json, an OperationOutcome under /fhir) and nothing is written; a
-token with only ``billing`` works."""
+billing's own router and of its compliance router (consents, time logs, audit packets):
+problem+json, an OperationOutcome under /fhir, and nothing is written; a token with only
+``billing`` works."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fastapi.routing import APIRoute
 from sqlalchemy import select
 
 from ccm_billing.adapters.orm import metadata
+from ccm_billing.compliance.http import build_compliance_router
 from ccm_billing.entrypoints.http import billing_tenant, build_router
 from ccm_shared.tenancy import DEFAULT_SCOPES, create_token
 from tests.unit.billing.test_billing_flow import api, march_practice
@@ -143,14 +145,48 @@ async def test_the_routes_open_without_a_token_are_only_the_probes_and_metrics(b
         ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 
 
-@pytest.mark.xfail(strict=True, reason="the compliance router (ccm_billing/compliance/http.py) "
-                   "does not check the billing scope yet")
-async def test_compliance_records_need_the_billing_scope(billing):
+def compliance_calls() -> list[tuple[str, dict]]:
+    """One call of every route of billing's compliance router (all reads)."""
+    return [
+        ("/v1/practices/alpha/consents", {}),
+        ("/v1/practices/alpha/consents.csv", {"state": "all"}),
+        ("/v1/practices/alpha/patients/p1/time-log", {"month": "2025-03"}),
+        ("/v1/practices/alpha/patients/p1/audit-packet", {"from": "2025-03"}),
+    ]
+
+
+@pytest.mark.parametrize("scopes", [EHR, ALL_BUT_BILLING], ids=["ehr", "all-but-billing"])
+async def test_compliance_records_need_the_billing_scope(billing, scopes):
     await march_practice(billing)
-    token = await create_token(billing.db.engine, practice_id="alpha", scopes=EHR)
+    token = await create_token(billing.db.engine, practice_id="alpha", scopes=scopes)
+    auth = {"Authorization": f"Bearer {token}"}
+    before = await snapshot(billing)
+    client = billing.state["client"]
+    for path, params in compliance_calls():
+        r = await client.get(path, headers=auth, params=params)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert r.headers["content-type"] == PROBLEM_JSON, path
+        assert r.json()["status"] == 403 and "'billing' scope" in r.text, path
+    assert await snapshot(billing) == before
+
+
+async def test_a_token_with_only_the_billing_scope_reads_the_compliance_records(billing):
+    await march_practice(billing)
+    token = await create_token(billing.db.engine, practice_id="alpha", scopes=("billing",))
     auth = {"Authorization": f"Bearer {token}"}
     client = billing.state["client"]
-    for path, params in (("/v1/practices/alpha/consents", None),
-                         ("/v1/practices/alpha/patients/p1/audit-packet", {"from": "2025-03"})):
+    for path, params in compliance_calls():
         r = await client.get(path, headers=auth, params=params)
-        assert r.status_code == 403, (path, r.status_code)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+    packet = await client.get("/v1/practices/alpha/patients/p1/audit-packet", headers=auth,
+                              params={"from": "2025-03"})
+    assert packet.headers["content-type"] == FHIR_JSON and packet.json()["type"] == "collection"
+    assert (await client.get("/v1/practices/alpha/consents")).status_code == 401  # no token
+
+
+def test_every_route_of_the_compliance_router_requires_the_billing_scope(billing):
+    routes = [r for r in build_compliance_router(billing).routes if isinstance(r, APIRoute)]
+    assert len(routes) == len(compliance_calls())  # the 403 test above calls each
+    missing = [f"{sorted(r.methods)} {r.path}" for r in routes
+               if billing_tenant not in calls(r.dependant)]
+    assert missing == []

@@ -1,8 +1,8 @@
 """Notification's API needs a token with the ``notification`` scope: an EHR connection's token
 (fhir:read + fhir:write), or any token without ``notification`` — ``admin`` included — gets 403
-(problem+json) on every authenticated route of notification's own router and nothing is written
-or sent; a token with only ``notification`` works; the signed links (acknowledgement, slot
-choice) still work without any token."""
+(problem+json) on every authenticated route of notification's own router and of its
+subscriptions router, and nothing is written or sent; a token with only ``notification`` works;
+the signed links (acknowledgement, slot choice) still work without any token."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ccm_notification.bootstrap import SERVICE
 from ccm_notification.entrypoints.api import build_router, notification_tenant
 from ccm_notification.entrypoints.workers import notifier_of
 from ccm_notification.service_layer.directory import edit_provider
+from ccm_notification.subscriptions.api import build_subscriptions_router
 from ccm_shared.http import authenticate
 from ccm_shared.migrate import upgrade_async, upgrade_platform
 from ccm_shared.service import ServiceRuntime
@@ -205,12 +206,61 @@ async def test_the_routes_open_without_a_token_are_the_probes_metrics_and_signed
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the subscriptions router (ccm_notification/subscriptions/api.py) does not check "
-    "the notification scope yet",
+SUBSCRIPTION = {"events": ["billing.invoice.issued.v1"], "endpoint": "https://acme.example/hook"}
+
+
+def subscription_calls(sub: str) -> list[tuple[str, str, dict | None]]:
+    """One call of every route of the subscriptions router."""
+    one = f"{P}/subscriptions/{sub}"
+    return [
+        ("POST", f"{P}/subscriptions", SUBSCRIPTION | {"endpoint": "https://ehr.example/hook"}),
+        ("GET", f"{P}/subscriptions", None),
+        ("GET", one, None),
+        ("DELETE", one, None),
+        ("POST", f"{one}/resume", None),
+        ("GET", f"{one}/events", None),
+        ("GET", f"{one}/status", None),
+        ("GET", f"{one}/deliveries", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "scopes", [EHR, ALL_BUT_NOTIFICATION], ids=["ehr", "all-but-notification"]
 )
-async def test_subscriptions_need_the_notification_scope(notification):
+async def test_subscriptions_need_the_notification_scope(notification, scopes):
     rt = notification
-    r = await rt.state["client"].get(f"{P}/subscriptions", headers=await token(rt, EHR))
-    assert r.status_code == 403, r.status_code
+    client = rt.state["client"]
+    made = await client.post(f"{P}/subscriptions", headers=rt.state["full"], json=SUBSCRIPTION)
+    assert made.status_code == 201, made.text
+    sub = made.json()["id"]
+    auth = await token(rt, scopes)
+    before = await snapshot(rt)
+    for method, path, body in subscription_calls(sub):
+        r = await client.request(method, path, headers=auth, json=body)
+        assert r.status_code == 403, (method, path, r.status_code, r.text)
+        assert r.headers["content-type"] == "application/problem+json", path
+        assert r.json()["status"] == 403 and "'notification' scope" in r.json()["detail"]
+        assert "secret" not in r.json(), path
+    assert await snapshot(rt) == before  # no subscription created, deleted or resumed
+    listed = await client.get(f"{P}/subscriptions", headers=rt.state["full"])
+    assert [s["id"] for s in listed.json()] == [sub]
+
+
+async def test_a_token_with_only_the_notification_scope_manages_subscriptions(notification):
+    rt = notification
+    auth = await token(rt, ("notification",))
+    client = rt.state["client"]
+    made = await client.post(f"{P}/subscriptions", headers=auth, json=SUBSCRIPTION)
+    assert made.status_code == 201 and "secret" in made.json(), made.text
+    one = f"{P}/subscriptions/{made.json()['id']}"
+    assert (await client.get(f"{one}/status", headers=auth)).status_code == 200
+    assert (await client.delete(one, headers=auth)).status_code == 204
+    assert (await client.get(f"{P}/subscriptions", headers=auth)).json() == []
+    assert (await client.get(f"{P}/subscriptions")).status_code == 401  # no token
+
+
+def test_every_route_of_the_subscriptions_router_requires_the_notification_scope(notification):
+    routes = [r for r in build_subscriptions_router(notification).routes
+              if isinstance(r, APIRoute)]
+    assert len(routes) == len(subscription_calls("s"))  # the 403 test above calls each
+    assert [r.path for r in routes if notification_tenant not in calls(r.dependant)] == []

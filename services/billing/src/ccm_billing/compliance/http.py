@@ -1,7 +1,9 @@
 """HTTP API of the compliance records: consent tracker (+ CSV), time logs, audit packets.
 
-The patient is a path parameter of every patient route, so the platform's HTTP edge records each
-read — a packet included — in the audit trail with the patient it concerns.
+Every route needs a token with the ``billing`` scope (``BillingTenant``, the same dependency as
+billing's main router); without it → 403 (problem+json) before anything is read. The patient is a
+path parameter of every patient route, so the platform's HTTP edge records each read — a packet
+included — in the audit trail with the patient it concerns.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from fastapi.responses import Response
 
 from ccm_billing.compliance import domain, fhir_bundle, pdf, records
 from ccm_billing.domain.model import Month
+from ccm_billing.entrypoints.http import BillingTenant
 from ccm_billing.service_layer.common import practice_info
 from ccm_shared.errors import InvalidInput
-from ccm_shared.http import TenantDep
 
 FHIR_JSON = "application/fhir+json"
 PDF = "application/pdf"
@@ -70,14 +72,14 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
     @router.get("/v1/practices/{practice}/consents",
                 summary="Consent tracker: patients whose CCM consent is missing, declined, "
                         "revoked, voided, expired or expiring")
-    async def consents(practice: str, tenant: TenantDep, state: StateQuery = None,
+    async def consents(practice: str, tenant: BillingTenant, state: StateQuery = None,
                        within: WithinQuery = None) -> dict:
         rows = await tracker(practice, tenant, state, within)
         return {"practice": practice, "count": len(rows), "patients": rows}
 
     @router.get("/v1/practices/{practice}/consents.csv", response_class=Response,
                 summary="Consent tracker as CSV (same filters)")
-    async def consents_csv(practice: str, tenant: TenantDep, state: StateQuery = None,
+    async def consents_csv(practice: str, tenant: BillingTenant, state: StateQuery = None,
                            within: WithinQuery = None) -> Response:
         rows = await tracker(practice, tenant, state, within)
         out = io.StringIO()
@@ -89,7 +91,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/patients/{patient}/time-log",
                 summary="A patient's time entries for a month: as locked at close, with corrections")
-    async def time_log(practice: str, patient: str, tenant: TenantDep,
+    async def time_log(practice: str, patient: str, tenant: BillingTenant,
                        month: Annotated[str, Query(description="yyyy-mm")]) -> dict:
         tenant.require_practice(practice)
         mo = _month(month, "month")
@@ -104,7 +106,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
                                  "description": "FHIR collection Bundle, or the PDF"}},
                 summary="Audit packet for a patient and a range of months (FHIR Bundle or PDF)")
     async def audit_packet(
-        practice: str, patient: str, request: Request, tenant: TenantDep,
+        practice: str, patient: str, request: Request, tenant: BillingTenant,
         from_: Annotated[str, Query(alias="from", description="First month, yyyy-mm")],
         to: Annotated[str | None, Query(description="Last month, yyyy-mm (default: from)")] = None,
         format: Annotated[Literal["fhir", "pdf"] | None, Query(  # noqa: A002

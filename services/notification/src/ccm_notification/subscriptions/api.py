@@ -1,4 +1,7 @@
-"""HTTP API of practice subscriptions (bearer token of the practice; others' answer 404)."""
+"""HTTP API of practice subscriptions (bearer token of the practice; others' answer 404).
+
+Every route needs the token's ``notification`` scope (``NotificationTenant``, the same dependency
+as notification's main router); without it → 403 before anything is read or written."""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ccm_notification.config import NotificationSettings
+from ccm_notification.entrypoints.api import NotificationTenant
 from ccm_notification.subscriptions import service
 from ccm_notification.subscriptions.domain import FEED_TYPES
 from ccm_shared.errors import InvalidInput
-from ccm_shared.http import TenantDep
 from ccm_shared.service import ServiceRuntime
 
 EventType = Literal[FEED_TYPES]  # type: ignore[valid-type]
@@ -71,7 +74,7 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
 
     @router.post(BASE, status_code=201, summary="Subscribe a webhook to the practice's events")
     async def create(
-        practice: str, body: SubscriptionCreate, tenant: TenantDep, response: Response
+        practice: str, body: SubscriptionCreate, tenant: NotificationTenant, response: Response
     ) -> dict:
         tenant.require_practice(practice)
         _check_endpoint(body.endpoint, settings().subscription_require_https)
@@ -88,19 +91,19 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
         return view(row) | {"secret": secret}
 
     @router.get(BASE, summary="The practice's subscriptions")
-    async def list_all(practice: str, tenant: TenantDep) -> list[dict]:
+    async def list_all(practice: str, tenant: NotificationTenant) -> list[dict]:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             return [view(r) for r in await service.list_subscriptions(uow, practice)]
 
     @router.get(BASE + "/{sub_id}", summary="One subscription")
-    async def get_one(practice: str, sub_id: str, tenant: TenantDep) -> dict:
+    async def get_one(practice: str, sub_id: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             return view(await service.load(uow, practice, sub_id))
 
     @router.delete(BASE + "/{sub_id}", status_code=204, summary="Unsubscribe (stops delivery)")
-    async def remove(practice: str, sub_id: str, tenant: TenantDep) -> Response:
+    async def remove(practice: str, sub_id: str, tenant: NotificationTenant) -> Response:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             await service.delete_subscription(uow, practice, sub_id)
@@ -108,7 +111,7 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
         return Response(status_code=204)
 
     @router.post(BASE + "/{sub_id}/resume", summary="Resume a paused subscription")
-    async def resume(practice: str, sub_id: str, tenant: TenantDep) -> dict:
+    async def resume(practice: str, sub_id: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             await service.resume(uow, practice, sub_id, now=runtime.clock())
@@ -120,7 +123,7 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
     async def events(
         practice: str,
         sub_id: str,
-        tenant: TenantDep,
+        tenant: NotificationTenant,
         since: Annotated[int, Query(ge=0, description="The last event number you processed")] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict:
@@ -136,7 +139,7 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
         }
 
     @router.get(BASE + "/{sub_id}/status", summary="Lag, failures and the last delivery")
-    async def status(practice: str, sub_id: str, tenant: TenantDep) -> dict:
+    async def status(practice: str, sub_id: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             return await service.status_of(uow, practice, sub_id, runtime.clock())
@@ -145,7 +148,7 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
     async def deliveries(
         practice: str,
         sub_id: str,
-        tenant: TenantDep,
+        tenant: NotificationTenant,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[dict]:
         tenant.require_practice(practice)
