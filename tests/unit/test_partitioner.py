@@ -43,3 +43,9 @@ def test_a_key_less_message_goes_to_an_available_partition():
 def test_the_producer_uses_it():
     assert isinstance(KafkaTransport("k:9092").producer_options()["partitioner"],
                       KeyHashPartitioner)
+
+
+def test_a_bytearray_key_goes_where_its_bytes_go():
+    parts = list(range(7))
+    assert KeyHashPartitioner()(bytearray(b"tenant:patient"), parts, parts) == \
+        DefaultPartitioner()(b"tenant:patient", parts, parts)

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
@@ -228,6 +229,31 @@ def qualified(schema: str | None, table: str) -> str:
 PREPARED_STATEMENTS_PER_CONNECTION = 2_100
 
 
+def behind_transaction_pooler(url: str) -> bool:
+    """The URL says connections go through a transaction-mode pooler such as PgBouncer
+    (``?prepared_statement_cache_size=0``): consecutive statements outside a transaction may
+    reach different server connections, and no prepared statement may outlive its transaction."""
+    return make_url(url).query.get("prepared_statement_cache_size") == "0"
+
+
+def connect_args_for(url: str) -> dict:
+    """asyncpg's connection arguments for a PostgreSQL URL.
+
+    asyncpg prepares every statement and keeps the last N per connection. A consumer batch of
+    100 events alone uses 200 statement texts (SQLAlchemy numbers its savepoints: SAVEPOINT
+    sa_savepoint_1 … 100 and their RELEASE), which thrashed the default 100: every savepoint was
+    a prepare plus an execute. A URL that sets ``?prepared_statement_cache_size=`` wins; with 0
+    (a transaction-mode pooler) asyncpg's own statement cache is off too and every statement it
+    prepares has a name of its own, as SQLAlchemy documents for PgBouncer (the dialect's cache
+    alone left asyncpg's, and PgBouncer answered "prepared statement … already exists")."""
+    if behind_transaction_pooler(url):
+        return {"statement_cache_size": 0,
+                "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__"}
+    if "prepared_statement_cache_size" in make_url(url).query:
+        return {}
+    return {"prepared_statement_cache_size": PREPARED_STATEMENTS_PER_CONNECTION}
+
+
 def create_engine_for(
     url: str,
     *,
@@ -247,13 +273,7 @@ def create_engine_for(
         # every few requests — 316 for 2,000 concurrent FHIR POSTs, measured.
         engine = create_async_engine(
             url, pool_size=2 * pool_size, max_overflow=0, pool_recycle=POOL_RECYCLE_SECONDS,
-            # asyncpg prepares every statement and keeps the last N per connection. A consumer
-            # batch of 100 events alone uses 200 statement texts (SQLAlchemy numbers its
-            # savepoints: SAVEPOINT sa_savepoint_1 … 100 and their RELEASE), which thrashed the
-            # default 100: every savepoint was a prepare plus an execute. A URL that sets
-            # ?prepared_statement_cache_size= (e.g. 0 behind a transaction-mode pooler) wins.
-            connect_args={} if "prepared_statement_cache_size" in make_url(url).query
-            else {"prepared_statement_cache_size": PREPARED_STATEMENTS_PER_CONNECTION},
+            connect_args=connect_args_for(url),
         )
         _ping_idle_connections(engine, idle_ping_seconds)
     if schema is not None:

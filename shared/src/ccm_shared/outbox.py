@@ -20,7 +20,13 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from ccm_shared.db import Database, dialect_insert, qualified, schema_of
+from ccm_shared.db import (
+    Database,
+    behind_transaction_pooler,
+    dialect_insert,
+    qualified,
+    schema_of,
+)
 from ccm_shared.errors import EventTooLarge
 from ccm_shared.events import CloudEvent, Message, routing_headers
 from ccm_shared.observability import current_correlation_id, metrics
@@ -196,9 +202,12 @@ class OutboxRelay:
         self.stats = RelayStats()
         # On PostgreSQL the relay's reads and its marking are single statements in autocommit
         # mode: no BEGIN, ROLLBACK or COMMIT round trips around them (each round trip costs
-        # the relay process ~50 µs of CPU, and a pass made eight of them).
+        # the relay process ~50 µs of CPU, and a pass made eight of them). Not behind a
+        # transaction-mode pooler: there a statement's prepare and its execution, outside a
+        # transaction, may reach two different server connections.
         self._autocommit = (
-            db.engine.execution_options(isolation_level="AUTOCOMMIT") if db.is_postgres else None
+            db.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if db.is_postgres and not behind_transaction_pooler(db.url) else None
         )
         self.last_success: float | None = None
         self._stopping = asyncio.Event()
