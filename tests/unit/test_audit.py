@@ -117,6 +117,27 @@ async def test_api_calls_are_audited_with_who_what_patient_and_outcome(platform_
     assert other.status_code == 404
 
 
+async def test_the_audit_trail_needs_the_admin_scope(platform_url):
+    ingest = discover_services()["ingest"]
+    await upgrade_async(platform_url, ingest.schema, ingest.migrations_package)
+    runtime = ServiceRuntime.build(ingest, load_settings(database_url=platform_url),
+                                   transport=InProcessTransport())
+    await create_practice(runtime.db.engine, practice_id="alpha", name="alpha", timezone="UTC",
+                          pricing=Pricing())
+    ehr = await create_token(runtime.db.engine, practice_id="alpha",
+                             scopes=("fhir:read", "fhir:write"))
+    admin = await create_token(runtime.db.engine, practice_id="alpha", scopes=("admin",))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
+                                 base_url="http://t") as client:
+        refused = await client.get("/v1/practices/alpha/audit-events",
+                                   headers={"Authorization": f"Bearer {ehr}"})
+        allowed = await client.get("/v1/practices/alpha/audit-events",
+                                   headers={"Authorization": f"Bearer {admin}"})
+    await runtime.db.dispose()
+    assert refused.status_code == 403 and "admin" in refused.json()["detail"]
+    assert allowed.status_code == 200 and allowed.json()["type"] == "searchset"
+
+
 async def test_applied_patient_events_are_audited_in_the_same_transaction(sqlite_db):
     runtime = ConsumerRuntime(name="billing-projections", topics=["t"], handler=record_effect,
                               db=sqlite_db, transport=InProcessTransport())

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ccm_shared.errors import AppError, PayloadTooLarge, Unauthorized, problem
+from ccm_shared.errors import AppError, Forbidden, PayloadTooLarge, Unauthorized, problem
 from ccm_shared.observability import (
     metrics,
     new_correlation_id,
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 PROBLEM_JSON = "application/problem+json"
 CORRELATION_HEADER = "x-correlation-id"
+
+AUDIT_SCOPE = "admin"  # reading the practice's audit trail
 
 
 class EdgeMiddleware:
@@ -289,6 +291,10 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
         from ccm_shared.audit import as_fhir_audit_event, audit_log
 
         tenant.require_practice(practice)
+        # Who read which patient, in every service: for the practice's administrators only,
+        # not any connection's token (an EHR's, a subscriber's).
+        if AUDIT_SCOPE not in tenant.scopes:
+            raise Forbidden(f"the audit trail needs a token with the {AUDIT_SCOPE!r} scope")
         stmt = select(audit_log).where(audit_log.c.practice == practice)
         if patient:
             stmt = stmt.where(audit_log.c.patient == patient.removeprefix("Patient/"))
