@@ -1,8 +1,9 @@
 """A transaction-mode pooler (PgBouncer) is declared by ``?prepared_statement_cache_size=0``:
 both statement caches are off, prepared statements get names of their own, and the outbox
-relay keeps its statements in transactions (outside one, a prepare and its execution may reach
-two server connections)."""
+relay and the audit writer keep their statements in transactions (outside one, a prepare and
+its execution may reach two server connections)."""
 
+from ccm_shared.audit import AuditWriter
 from ccm_shared.db import (
     PREPARED_STATEMENTS_PER_CONNECTION,
     Database,
@@ -39,3 +40,15 @@ async def test_the_relay_uses_autocommit_only_on_a_direct_connection():
     finally:
         await direct.dispose()
         await pooled.dispose()
+
+
+async def test_the_audit_writer_uses_autocommit_only_on_a_direct_connection(tmp_path):
+    direct, pooled = Database(DIRECT, schema="ingest"), Database(POOLED, schema="ingest")
+    sqlite = Database(f"sqlite+aiosqlite:///{tmp_path}/platform.db", schema="ingest")
+    try:
+        assert AuditWriter(direct.engine)._autocommit is not None
+        assert AuditWriter(pooled.engine)._autocommit is None
+        assert AuditWriter(sqlite.engine)._autocommit is None
+    finally:
+        for db in (direct, pooled, sqlite):
+            await db.dispose()

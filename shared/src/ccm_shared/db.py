@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy import TextClause, event, exc, text
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -229,7 +229,7 @@ def qualified(schema: str | None, table: str) -> str:
 PREPARED_STATEMENTS_PER_CONNECTION = 2_100
 
 
-def behind_transaction_pooler(url: str) -> bool:
+def behind_transaction_pooler(url: str | URL) -> bool:
     """The URL says connections go through a transaction-mode pooler such as PgBouncer
     (``?prepared_statement_cache_size=0``): consecutive statements outside a transaction may
     reach different server connections, and no prepared statement may outlive its transaction."""
