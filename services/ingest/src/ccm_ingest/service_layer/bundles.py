@@ -114,25 +114,31 @@ def _parse_entry(i: int, raw: Any) -> Entry:
                  request.get("ifNoneExist"), request.get("ifMatch"), query)
 
 
-def _rewrite_references(value: Any, ids: dict[str, str]) -> bool:
-    """Point references to fullUrls of this Bundle at their server ids, in place; True when a
-    conditional reference (``Type?criteria``) is left to resolve."""
-    conditional = False
+CONDITIONAL, UNRESOLVED = 1, 2
+
+
+def _rewrite_references(value: Any, ids: dict[str, str]) -> int:
+    """Point references to fullUrls of this Bundle at their server ids, in place; what is left
+    to do: ``CONDITIONAL`` (a ``Type?criteria`` reference to resolve), ``UNRESOLVED`` (a
+    ``urn:`` reference that names no entry), or both, or 0."""
+    left = 0
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str):
             if ref in ids:
                 value["reference"] = ids[ref]
+            elif ref.startswith("urn:"):
+                left |= UNRESOLVED
             elif "?" in ref:
-                conditional = True
+                left |= CONDITIONAL
         for item in value.values():
             if isinstance(item, (dict, list)):
-                conditional = _rewrite_references(item, ids) or conditional
+                left |= _rewrite_references(item, ids)
     elif isinstance(value, list):
         for item in value:
             if isinstance(item, (dict, list)):
-                conditional = _rewrite_references(item, ids) or conditional
-    return conditional
+                left |= _rewrite_references(item, ids)
+    return left
 
 
 async def _conditional_references(repo: SqlResourceRepository, entry: Entry) -> None:
@@ -234,9 +240,11 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     for e in entries:
         if e.resource is not None:
             # The parsed request body is ours: rewritten in place, no copy.
-            if _rewrite_references(e.resource, ids):
+            left = _rewrite_references(e.resource, ids)
+            if left & UNRESOLVED:
+                unresolved += _unresolved(e)
+            elif left & CONDITIONAL:
                 await _conditional_references(repo, e)
-            unresolved += _unresolved(e)
     if unresolved:
         raise FhirRejected(422, unresolved)
     results: dict[int, Outcome] = {}
