@@ -112,15 +112,21 @@ async def test_batch_entries_succeed_or_fail_on_their_own(fhir):
 async def test_get_entries_answer_with_the_resource_or_a_searchset(fhir):
     good = example("Patient/r4spec-example.json")
     assert (await fhir.put("/fhir/Patient/example", json=good)).status_code == 201
+    assert (await fhir.put("/fhir/Patient/other", json={"resourceType": "Patient",
+                                                        "id": "other"})).status_code == 201
     bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
         {"request": {"method": "GET", "url": "Patient/example"}},
         {"request": {"method": "GET", "url": "Patient?_id=example,missing"}},
+        {"request": {"method": "GET", "url": "Patient?_count=1"}},
     ]}
-    read, search = (await fhir.post("/fhir", json=bundle)).json()["entry"]
+    read, search, everyone = (await fhir.post("/fhir", json=bundle)).json()["entry"]
     assert read["response"]["status"] == "200 OK" and read["resource"]["id"] == "example"
     assert read["resource"] == (await fhir.get("/fhir/Patient/example")).json()
     assert search["resource"]["type"] == "searchset" and search["resource"]["total"] == 1
     assert search["resource"]["entry"][0]["resource"] == read["resource"]
+    # Paged as a REST search: no criteria is every Patient, one per page, with a next link.
+    assert everyone["resource"]["total"] == 2 and len(everyone["resource"]["entry"]) == 1
+    assert "next" in {link["relation"] for link in everyone["resource"]["link"]}
 
 
 async def test_a_batch_entry_that_is_invalid_fails_alone(fhir):
@@ -147,6 +153,40 @@ async def test_a_batch_entry_that_is_invalid_fails_alone(fhir):
         ["Bundle.entry[1].resource.Encounter.status"], ["Bundle.entry[2].request.url"],
         ["Bundle.entry[3].resource.Condition.subject.reference"]]
     assert await counts(fhir) == {"resources": 1, "versions": 1, "events": 1}
+
+
+async def test_a_batch_entry_whose_time_cannot_be_stored_fails_alone(fhir):
+    """Entries before it are committed: its own answer says it was not, never a 500."""
+    def patient(last_updated):
+        return {"resourceType": "Patient", "meta": {"lastUpdated": last_updated}}
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient"}, "request": {"method": "POST", "url": "Patient"}},
+        {"resource": patient("2026-12-31T23:59:60Z"),
+         "request": {"method": "POST", "url": "Patient"}},
+        {"resource": patient("9999-12-31T23:59:59-01:00"),
+         "request": {"method": "POST", "url": "Patient"}},
+    ]}
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 200, r.text
+    assert [e["response"]["status"] for e in r.json()["entry"]] == \
+        ["201 Created"] + ["422 Unprocessable Entity"] * 2
+    assert await counts(fhir) == {"resources": 1, "versions": 1, "events": 1}
+
+
+async def test_a_conditional_reference_resolves_beside_a_contained_urn(fhir):
+    await fhir.put("/fhir/Patient/c1", json={"resourceType": "Patient", "id": "c1",
+                                             "identifier": [{"system": "urn:s", "value": "c1"}]})
+    condition = {**example("Condition/r4spec-example.json"),
+                 "subject": {"reference": "Patient?identifier=urn:s|c1"},
+                 "contained": [{"resourceType": "Organization", "id": "o", "partOf": {
+                     "reference": "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a09"}}]}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": condition, "request": {"method": "POST", "url": "Condition"}}]}
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 200, r.text
+    stored = (await fhir.get("/fhir/" + r.json()["entry"][0]["response"]["location"]
+                             .rsplit("/_history", 1)[0])).json()
+    assert stored["subject"]["reference"] == "Patient/c1"
 
 
 def _spec_transaction() -> dict:

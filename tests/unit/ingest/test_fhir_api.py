@@ -248,7 +248,10 @@ async def test_a_meta_last_updated_ahead_of_the_server_clock_by_more_than_5_minu
     ("2026-03-15T10:30", "2026-03-15T10:30:00+00:00", "2026-03-15T10:31:00+00:00"),
     ("2026-03-15T10:30:15-05:00", "2026-03-15T10:30:15-05:00", "2026-03-15T10:30:16-05:00"),
     ("2026-03-15T10:30:15.25Z", "2026-03-15T10:30:15.250000+00:00",
-     "2026-03-15T10:30:15.250001+00:00"),
+     "2026-03-15T10:30:15.260000+00:00"),  # as precise as its digits: a hundredth
+    ("2026-03-15T10:30:15.123456Z", "2026-03-15T10:30:15.123456+00:00",
+     "2026-03-15T10:30:15.123457+00:00"),
+    ("9999", "9999-01-01T00:00:00+00:00", "9999-12-31T23:59:59.999999+00:00"),
 ])
 def test_a_search_date_covers_the_range_of_its_precision(text, low, high):
     assert [d.isoformat() for d in handlers.search_date_range(text)] == [low, high]
@@ -272,7 +275,8 @@ async def test_last_updated_compares_with_the_whole_range_of_the_date(fhir, valu
     assert sorted(e["resource"]["id"] for e in r.json()["entry"]) == found
 
 
-@pytest.mark.parametrize("value", ["2026-03-15T10", "2026-3-15", "ap2026-03-15", "yesterday"])
+@pytest.mark.parametrize("value", ["2026-03-15T10", "2026-3-15", "ap2026-03-15", "yesterday",
+                                   "0001-01-01T00:00:00+01:00"])
 async def test_a_last_updated_that_is_no_search_date_is_400(fhir, value):
     r = await fhir.get("/fhir/Encounter", params={"_lastUpdated": value})
     assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["_lastUpdated"]
@@ -294,7 +298,23 @@ async def test_search_pages_follow_next_links_to_every_match_once(fhir):
     assert seen == [f"p{n}" for n in reversed(range(7))] and pages == 3  # newest first
     last = (await fhir.get("/fhir/Encounter", params={"_offset": "6", "_count": "3"})).json()
     assert [e["resource"]["id"] for e in last["entry"]] == ["p0"]
-    assert (await fhir.get("/fhir/Encounter", params={"_offset": "-1"})).status_code == 400
+    for odd in ({"_offset": "-1"}, {"_offset": "²"}, {"_count": "²"}, {"_count": "0"}):
+        assert (await fhir.get("/fhir/Encounter", params=odd)).status_code == 400
+
+
+@pytest.fixture
+def public_base(monkeypatch):
+    monkeypatch.setenv("CCM_INGEST_FHIR_BASE_URL", "https://ehr-gateway.example/fhir")
+
+
+async def test_page_links_are_on_the_public_base_and_keep_the_criteria(public_base, fhir):
+    for n in range(4):
+        assert (await fhir.put(f"/fhir/Encounter/p{n}", json=ccm_encounter(f"p{n}"))).is_success
+    page = (await fhir.get("/fhir/Encounter?patient=Patient/p1&_count=3&_format=json")).json()
+    assert page["total"] == 4  # _format is no criterion
+    nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
+    assert nxt.startswith("https://ehr-gateway.example/fhir/Encounter?")
+    assert "patient=Patient%2Fp1" in nxt and "_offset=3" in nxt and "_count=3" in nxt
 
 
 async def test_history_tells_how_each_version_came(fhir):

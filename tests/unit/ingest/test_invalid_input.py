@@ -94,6 +94,26 @@ CASES = [
      {"Accept": "application/fhir+xml"}, 406, "not-supported", "Accept"),
     ("an XML response asked for (_format)", "POST", "/fhir/Patient?_format=xml",
      {"resourceType": "Patient"}, {}, 406, "not-supported", "_format"),
+    ("meta.lastUpdated with a leap second", "PUT", "/fhir/Patient/a",
+     {"resourceType": "Patient", "id": "a", "meta": {"lastUpdated": "2026-12-31T23:59:60Z"}},
+     {}, 422, "value", "Patient.meta.lastUpdated"),
+    ("meta.lastUpdated beyond year 9999 in UTC", "PUT", "/fhir/Patient/a",
+     {"resourceType": "Patient", "id": "a",
+      "meta": {"lastUpdated": "9999-12-31T23:59:59-01:00"}},
+     {}, 422, "value", "Patient.meta.lastUpdated"),
+    ("an entry's fullUrl that is no string", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "transaction", "entry": [
+         {"fullUrl": {"x": 1}, "request": {"method": "POST", "url": "Patient"},
+          "resource": {"resourceType": "Patient"}}]}, {}, 422, "value", "Bundle.entry[0].fullUrl"),
+    ("an entry's ifMatch that is no string", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "transaction", "entry": [
+         {"request": {"method": "PUT", "url": "Patient/a", "ifMatch": 5},
+          "resource": {"resourceType": "Patient", "id": "a"}}]},
+     {}, 422, "value", "Bundle.entry[0].request.ifMatch"),
+    ("JSON refused with q=0", "GET", "/fhir/Patient/a", None,
+     {"Accept": "application/fhir+json;q=0, application/xml"}, 406, "not-supported", "Accept"),
+    ("XML asked for with an empty _format", "GET", "/fhir/Patient/a?_format=", None,
+     {"Accept": "application/xml"}, 406, "not-supported", "Accept"),
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},
@@ -140,7 +160,7 @@ async def test_chunked_body_over_the_limit_is_413_operation_outcome(fhir):
 @pytest.mark.parametrize(("headers", "query"), [
     ({"Accept": "application/fhir+json; fhirVersion=4.0"}, ""),
     ({"Accept": "text/html, application/json;q=0.9"}, ""),
-    ({"Accept": "*/*"}, ""), ({"Accept": ""}, ""),
+    ({"Accept": "*/*"}, ""), ({"Accept": ""}, ""), ({"Accept": "application/*+json"}, ""),
     ({}, "?_format=json"), ({}, "?_format=application/fhir+json"),
     ({"Accept": "application/fhir+xml"}, "?_format=application%2Ffhir%2Bjson"),  # _format wins
 ])

@@ -17,8 +17,8 @@ class IngestSettings(BaseSettings):
         None, description="Public base URL of /fhir for Location and fullUrl (default: from the "
         "request, e.g. http://127.0.0.1:8081/fhir)")
     max_clock_skew_seconds: float = Field(
-        300.0, ge=0, description="How far ahead of the server's clock a meta.lastUpdated may be; "
-        "later ones are refused (422): a version from the future would keep every later one "
-        "from applying")
+        300.0, ge=0, le=86_400, description="How far ahead of the server's clock a "
+        "meta.lastUpdated may be (at most a day); later ones are refused (422): a version from "
+        "the future would keep every later one from applying")
     practice_cache_seconds: float = Field(
         5.0, ge=0, description="How long a practice's time zone and ingest config are cached")

@@ -73,21 +73,37 @@ def unacceptable(scope) -> Issue | None:  # noqa: ANN001
     given (406), or None."""
     query = scope.get("query_string", b"")
     if b"_format" in query:
-        for name, value in parse_qsl(query.decode("latin-1")):
-            wanted = value.strip().lower().replace(" ", "+")
-            if name == "_format" and wanted not in _JSON_FORMATS:
-                return Issue("error", "not-supported", f"_format {value!r}: only JSON is served "
-                             "(json, application/fhir+json)", ("_format",))
-        return None
+        formats = [v.strip().lower().replace(" ", "+") for k, v in
+                   parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+                   if k == "_format" and v.strip()]
+        if formats:  # it decides, whatever Accept says
+            if any(f not in _JSON_FORMATS for f in formats):
+                return Issue("error", "not-supported", f"_format {formats[0]!r}: only JSON is "
+                             "served (json, application/fhir+json)", ("_format",))
+            return None
     for key, value in scope.get("headers", ()):
         if key == b"accept":
-            ranges = [r.split(";")[0].strip().lower() for r in value.decode("latin-1").split(",")]
-            ranges = [r for r in ranges if r]
-            if ranges and not any(r in _JSON_MEDIA for r in ranges):
+            ranges = [r for r in value.decode("latin-1").split(",") if r.strip()]
+            media = [_media_range(r) for r in ranges]
+            if ranges and not any(m in _JSON_MEDIA or m.endswith("+json") for m in media):
                 return Issue("error", "not-supported", f"Accept {value.decode('latin-1')!r}: "
                              "only JSON is served (application/fhir+json, application/json)",
                              ("Accept",))
     return None
+
+
+def _media_range(text: str) -> str:
+    """A media range of Accept without its parameters, "" when its q is 0 (not acceptable)."""
+    media, *params = (p.strip() for p in text.split(";"))
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                if float(value) <= 0:
+                    return ""
+            except ValueError:
+                pass
+    return media.lower()
 
 
 class FhirEdge:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Request
@@ -210,7 +211,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         """A plain create or update: stored with the concurrent others (``GroupedWrites``)."""
         _require(tenant, "fhir:write")
         write.correlation_id = current_correlation_id()
-        outcome = await group.store(await caller_for(runtime, tenant), write)
+        caller = await caller_for(runtime, tenant)
+        handlers.check_last_updated(write.resource, caller)
+        outcome = await group.store(caller, write)
         return write_response(request, outcome, base(request))
 
     async def write(request: Request, tenant: Tenant, action) -> Response:  # noqa: ANN001
@@ -360,9 +363,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         async with runtime.db.unit_of_work() as uow:
             total, rows = await handlers.search(
                 SqlResourceRepository(uow.session, tenant.practice_id), rtype, params)
-        offset, count = handlers.paging(params)
-        return fhir_json(searchset(base(request), rtype, total, rows,
-                                   page_links(request, total, offset, count)))
+        b = base(request)
+        return fhir_json(searchset(b, rtype, total, rows, page_links(b, rtype, params, total)))
 
     return router
 
@@ -377,12 +379,18 @@ def searchset(base: str, rtype: str, total: int, rows: list[VersionRow],
     return bundle
 
 
-def page_links(request: Request, total: int, offset: int, count: int) -> list[dict[str, str]]:
-    """self, and first/previous/next where there are such pages (``_offset``/``_count``)."""
-    def page(start: int) -> str:
-        return str(request.url.include_query_params(_offset=start, _count=count))
+def page_links(base: str, rtype: str, params: list[tuple[str, str]],
+               total: int) -> list[dict[str, str]]:
+    """self, and first/previous/next where there are such pages (``_offset``/``_count``), on
+    the public base (``CCM_INGEST_FHIR_BASE_URL``, else the request's)."""
+    offset, count = handlers.paging(params)
+    criteria = [(k, v) for k, v in params if k not in handlers.PAGING]
 
-    links = [{"relation": "self", "url": str(request.url)}]
+    def page(start: int) -> str:
+        return f"{base}/{rtype}?" + urlencode([*criteria, ("_offset", start), ("_count", count)])
+
+    links = [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{urlencode(params)}"
+                                                             if params else "")}]
     if offset > 0:
         links += [{"relation": "first", "url": page(0)},
                   {"relation": "previous", "url": page(max(0, offset - count))}]
@@ -408,8 +416,9 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
             if entry.method == "GET":  # a read answers with what it read
                 item["resource"] = outcome.version.resource
         if outcome.found is not None:  # a search, with a searchset Bundle
-            total, rows = outcome.found
-            item["resource"] = searchset(base, outcome.resource_type, total, rows)
+            total, rows, params = outcome.found
+            item["resource"] = searchset(base, outcome.resource_type, total, rows,
+                                         page_links(base, outcome.resource_type, params, total))
         entries.append(item)
     return {"resourceType": "Bundle", "type": kind, "entry": entries}
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl
+
+import structlog
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
 from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, rejected
@@ -13,6 +16,8 @@ from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
 from ccm_shared.db import UnitOfWork
 from ccm_shared.ids import random_uuid
+
+log = structlog.get_logger(__name__)
 
 METHOD_ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "GET": 3}
 
@@ -103,6 +108,11 @@ def _parse_entry(i: int, raw: Any) -> Entry:
                        f"operation) is not supported; supported: {', '.join(SUPPORTED_TYPES)}",
                        f"{_where(i)}.request.url")
     rid = parts[1] if len(parts) > 1 else None
+    for field, value in (("fullUrl", raw.get("fullUrl")),
+                         ("request.ifMatch", request.get("ifMatch")),
+                         ("request.ifNoneExist", request.get("ifNoneExist"))):
+        if value is not None and not isinstance(value, str):
+            raise rejected(422, "value", f"entry.{field} must be a string", f"{_where(i)}.{field}")
     resource = raw.get("resource")
     if method in ("POST", "PUT"):
         try:
@@ -218,9 +228,10 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
         if e.rid is not None:
             found = await repo.current_version(e.rtype, e.rid)
             return Outcome(200, e.rtype, e.rid, handlers.current_or_error(found, e.rtype, e.rid))
-        found = await handlers.search(repo, e.rtype,
-                                      handlers.normalise_criteria(e.rtype, e.query))
-        return Outcome(200, e.rtype, "", None, found=found)
+        # Criteria and paging (_count, _offset), checked as a REST search's are.
+        params = sorted(parse_qsl(e.query, keep_blank_values=True))
+        total, rows = await handlers.search(repo, e.rtype, params)
+        return Outcome(200, e.rtype, "", None, found=(total, rows, params))
     except FhirRejected as exc:
         return Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)
 
@@ -241,9 +252,10 @@ async def transaction(uow: UnitOfWork, caller: Caller,
         if e.resource is not None:
             # The parsed request body is ours: rewritten in place, no copy.
             left = _rewrite_references(e.resource, ids)
-            if left & UNRESOLVED:
-                unresolved += _unresolved(e)
-            elif left & CONDITIONAL:
+            # (one in a contained resource is flagged but not refused: stored as sent)
+            issues = _unresolved(e) if left & UNRESOLVED else []
+            unresolved += issues
+            if left & CONDITIONAL and not issues:
                 await _conditional_references(repo, e)
     if unresolved:
         raise FhirRejected(422, unresolved)
@@ -320,5 +332,11 @@ async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry
                 await commit(uow)
         except FhirRejected as exc:
             outcome = Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)
+        except Exception as exc:  # noqa: BLE001 - a fault of ours: this entry's answer only
+            # Earlier entries are committed: the Bundle must still say what happened to each.
+            log.exception("batch entry failed", entry=e.index, error=type(exc).__name__)
+            outcome = Outcome(500, e.rtype, e.rid or "", None, [Issue(
+                "error", "exception", "this entry failed on the server and was not stored",
+                (_where(e.index),))])
         results.append((e, outcome))
     return results

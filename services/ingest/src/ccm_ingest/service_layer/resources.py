@@ -57,8 +57,8 @@ class Outcome:
     version: VersionRow | None = None  # what the response represents (None: deleted/absent)
     issues: list[Issue] = field(default_factory=list)
     outcome_body: bool = False  # the response body should be the OperationOutcome
-    # A search's (total, page of current versions), for a GET entry of a Bundle.
-    found: tuple[int, list[VersionRow]] | None = None
+    # A search's (total, page of current versions, its parameters), for a GET entry of a Bundle.
+    found: tuple[int, list[VersionRow], list[tuple[str, str]]] | None = None
 
     @property
     def location(self) -> str | None:
@@ -74,7 +74,7 @@ def parse_etag(value: str) -> str:
     if value.startswith("W/"):
         value = value[2:]
     version = value.strip('"')
-    if not version.isdigit():
+    if not (version.isascii() and version.isdigit()):
         raise rejected(400, "value", f"If-Match {value!r} is not a version ETag "
                        '(W/"<versionId>")', "If-Match")
     return version
@@ -88,13 +88,25 @@ def _meta_last_updated(resource: dict[str, Any], caller: Caller) -> datetime:
     text = meta.get("lastUpdated") if isinstance(meta, dict) else None
     if not text:
         return caller.now.astimezone(UTC)
-    when = instant(text, caller.timezone).astimezone(UTC)
+    where = f"{resource.get('resourceType')}.meta.lastUpdated"
+    try:
+        when = instant(text, caller.timezone).astimezone(UTC)
+    except (ValueError, TypeError, OverflowError):  # a leap second, out of range, not a string
+        raise rejected(422, "value", f"meta.lastUpdated {text!r} is not an instant this server "
+                       "can store (YYYY-MM-DDThh:mm:ss[.fff]+zz:zz, years 1-9999)",
+                       where) from None
     if when > caller.now + caller.clock_skew:
         raise rejected(422, "business-rule", f"meta.lastUpdated {text} is in the future (server "
                        f"time {isoformat(caller.now)}, {caller.clock_skew.total_seconds():.0f} s "
                        "of clock difference allowed): check the sending system's clock",
-                       f"{resource.get('resourceType')}.meta.lastUpdated")
+                       where)
     return when
+
+
+def check_last_updated(resource: dict[str, Any], caller: Caller) -> None:
+    """``meta.lastUpdated`` refused now (422) rather than in a group-committed batch, which a
+    refused write makes commit its other writes one by one."""
+    _meta_last_updated(resource, caller)
 
 
 def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
@@ -370,7 +382,10 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outco
 SEARCH_PARAMS = {"_id", "identifier", "patient", "subject", "_lastUpdated", "_count",
                  "_offset"}
 PAGING = {"_count", "_offset"}
+# Parameters of how to answer, not what to find: the answer is JSON either way.
+IGNORED = {"_format", "_pretty"}
 MAX_OFFSET = 100_000
+_DIGITS = re.compile("[0-9]{1,7}")
 
 
 def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
@@ -379,7 +394,8 @@ def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
         prefix, _, query = query.partition("?")
         if prefix and prefix != rtype:
             raise rejected(400, "invalid", f"criteria for {prefix} on a {rtype}", "If-None-Exist")
-    params = sorted(parse_qsl(query, keep_blank_values=True))
+    params = sorted((k, v) for k, v in parse_qsl(query, keep_blank_values=True)
+                    if k not in IGNORED)
     if not params:
         raise rejected(400, "invalid", "empty search criteria", "If-None-Exist")
     for name, value in params:
@@ -401,7 +417,8 @@ _SEARCH_DATE = re.compile(
 def search_date_range(text: str) -> tuple[datetime, datetime]:
     """The instants ``[low, high)`` a FHIR search date covers at its precision: ``2026`` the
     year, ``2026-11`` the month, ``2026-11-28`` the day, ``…T10:30`` the minute, ``…T10:30:15``
-    the second (a fraction: that instant). Without a zone, UTC. ValueError when it is none."""
+    the second (with a fraction, as precise as its digits). Without a zone, UTC. ValueError
+    when it is none."""
     found = _SEARCH_DATE.fullmatch(text)
     if found is None:
         raise ValueError(text)
@@ -410,15 +427,18 @@ def search_date_range(text: str) -> tuple[datetime, datetime]:
         datetime.strptime(g["z"].replace(":", ""), "%z").tzinfo
     low = datetime(int(g["y"]), int(g["m"] or 1), int(g["d"] or 1), int(g["H"] or 0),
                    int(g["M"] or 0), int(g["S"] or 0), tzinfo=zone)
-    if g["f"]:
+    if g["f"]:  # as precise as its digits: .5 is a tenth of a second
+        digits = min(len(g["f"]) - 1, 6)
         low = low.replace(microsecond=int((g["f"][1:] + "000000")[:6]))
-        return low, low + timedelta(microseconds=1)
+        return low, low + timedelta(microseconds=10 ** (6 - digits))
     if g["S"]:
         return low, low + timedelta(seconds=1)
     if g["M"]:
         return low, low + timedelta(minutes=1)
     if g["d"]:
         return low, low + timedelta(days=1)
+    if low.year == 9999 and (not g["m"] or low.month == 12):  # to the end of time
+        return low, datetime.max.replace(tzinfo=UTC)
     if g["m"]:
         year, month = (low.year + 1, 1) if low.month == 12 else (low.year, low.month + 1)
         return low, low.replace(year=year, month=month)
@@ -430,7 +450,7 @@ def last_updated_criteria(value: str) -> list[tuple[str, datetime | tuple[dateti
     prefix compares with the whole range the date's precision covers)."""
     prefix, text = (value[:2], value[2:]) if value[:2] in _DATE_PREFIXES else ("eq", value)
     try:
-        low, high = search_date_range(text)
+        low, high = (when.astimezone(UTC) for when in search_date_range(text))
     except (ValueError, OverflowError):
         raise rejected(400, "value", f"_lastUpdated {value!r} is not a FHIR search date "
                        "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]) "
@@ -455,11 +475,11 @@ def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
     offset = 0
     for name, value in params:
         if name == "_count":
-            if not value.isdigit() or not 0 < int(value) <= 1000:
+            if not _DIGITS.fullmatch(value) or not 0 < int(value) <= 1000:
                 raise rejected(400, "value", "_count must be 1..1000", "_count")
             limit = int(value)
         elif name == "_offset":
-            if not value.isdigit() or int(value) > MAX_OFFSET:
+            if not _DIGITS.fullmatch(value) or int(value) > MAX_OFFSET:
                 raise rejected(400, "value", f"_offset must be 0..{MAX_OFFSET:,}", "_offset")
             offset = int(value)
     return offset, limit
@@ -485,7 +505,7 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
             identifier = (system, code) if bar else (None, value)
         elif name == "_lastUpdated":
             updated += last_updated_criteria(value)
-        elif name not in PAGING:
+        elif name not in PAGING and name not in IGNORED:
             raise rejected(400, "not-supported", f"search parameter {name!r} is not supported; "
                            f"supported: {', '.join(sorted(SEARCH_PARAMS))}", name)
     return await repo.search(rtype, ids=ids, patient=patient, identifier=identifier,
