@@ -114,6 +114,8 @@ CASES = [
      {"Accept": "application/fhir+json;q=0, application/xml"}, 406, "not-supported", "Accept"),
     ("XML asked for with an empty _format", "GET", "/fhir/Patient/a?_format=", None,
      {"Accept": "application/xml"}, 406, "not-supported", "Accept"),
+    ("a version id that is no ASCII number", "GET", "/fhir/Patient/a/_history/%C2%B2", None,
+     {}, 404, "not-found", "vid"),
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},

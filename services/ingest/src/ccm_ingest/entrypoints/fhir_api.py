@@ -343,7 +343,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                     tenant: TenantDep) -> Response:
         _require(tenant, "fhir:read")
         _check_type(rtype)
-        if not vid.isdigit():
+        if not (vid.isascii() and vid.isdigit()) or len(vid) > 9:
             raise rejected(404, "not-found", f"version {vid!r} is not known", "vid")
         async with runtime.db.unit_of_work() as uow:
             version = await SqlResourceRepository(uow.session, tenant.practice_id).version(
