@@ -6,17 +6,16 @@ problem+json, an OperationOutcome under /fhir, and nothing is written; a token w
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 
 import pytest
 from fastapi.routing import APIRoute
-from sqlalchemy import select
 
 from ccm_billing.adapters.orm import metadata
 from ccm_billing.compliance.http import build_compliance_router
 from ccm_billing.entrypoints.http import billing_tenant, build_router
 from ccm_shared.tenancy import DEFAULT_SCOPES, create_token
+from tests.support.routes import calls, open_routes, snapshot
 from tests.unit.billing.test_billing_flow import api, march_practice
 
 EHR = ("fhir:read", "fhir:write")
@@ -25,32 +24,7 @@ FHIR_JSON = "application/fhir+json"
 PROBLEM_JSON = "application/problem+json"
 
 
-def calls(dependant) -> set:  # noqa: ANN001
-    """Every dependency a route resolves, however deep."""
-    found = set()
-    for sub in dependant.dependencies:
-        found.add(sub.call)
-        found |= calls(sub)
-    return found
 
-
-async def open_routes(client) -> set[tuple[str, str]]:  # noqa: ANN001
-    """Every operation of the app's OpenAPI document that answers without a token (not 401)."""
-    doc = (await client.get("/openapi.json")).json()
-    found = set()
-    for path, item in doc["paths"].items():
-        for method in item:
-            r = await client.request(method.upper(), re.sub(r"\{[^}]+\}", "x", path))
-            if r.status_code != 401:
-                found.add((method.upper(), path))
-    return found
-
-
-async def snapshot(runtime) -> dict[str, list]:  # noqa: ANN001
-    """Every row of every billing table (outbox included)."""
-    async with runtime.db.unit_of_work() as uow:
-        return {name: sorted(map(repr, (await uow.session.execute(select(table))).all()))
-                for name, table in metadata.tables.items()}
 
 
 async def closed_march(runtime) -> tuple[str, str]:  # noqa: ANN001
@@ -95,7 +69,7 @@ async def test_a_token_without_the_billing_scope_gets_403_everywhere_and_writes_
     invoice, item = await closed_march(billing)
     token = await create_token(billing.db.engine, practice_id="alpha", scopes=scopes)
     auth = {"Authorization": f"Bearer {token}"}
-    before = await snapshot(billing)
+    before = await snapshot(billing, metadata)
     client = billing.state["client"]
     for method, path, body in billing_calls(invoice, item):
         r = await client.request(method, path, headers=auth, json=body)
@@ -108,7 +82,7 @@ async def test_a_token_without_the_billing_scope_gets_403_everywhere_and_writes_
             assert r.headers["content-type"] == PROBLEM_JSON, path
             assert r.json()["status"] == 403
         assert "'billing' scope" in r.text, path
-    assert await snapshot(billing) == before  # no payment, close, release, endpoint…
+    assert await snapshot(billing, metadata) == before  # no payment, close, release, endpoint…
     full = api(billing)
     assert (await full.get(f"/v1/invoices/{invoice}")).json()["payments"] == []
     assert (await full.get("/v1/practices/alpha/ehr-endpoint")).status_code == 404
@@ -160,14 +134,14 @@ async def test_compliance_records_need_the_billing_scope(billing, scopes):
     await march_practice(billing)
     token = await create_token(billing.db.engine, practice_id="alpha", scopes=scopes)
     auth = {"Authorization": f"Bearer {token}"}
-    before = await snapshot(billing)
+    before = await snapshot(billing, metadata)
     client = billing.state["client"]
     for path, params in compliance_calls():
         r = await client.get(path, headers=auth, params=params)
         assert r.status_code == 403, (path, r.status_code, r.text)
         assert r.headers["content-type"] == PROBLEM_JSON, path
         assert r.json()["status"] == 403 and "'billing' scope" in r.text, path
-    assert await snapshot(billing) == before
+    assert await snapshot(billing, metadata) == before
 
 
 async def test_a_token_with_only_the_billing_scope_reads_the_compliance_records(billing):

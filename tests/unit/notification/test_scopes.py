@@ -7,14 +7,12 @@ the signed links (acknowledgement, slot choice) still work without any token."""
 from __future__ import annotations
 
 import asyncio
-import re
 from datetime import UTC, datetime
 
 import httpx
 import pytest
 import pytest_asyncio
 from fastapi.routing import APIRoute
-from sqlalchemy import select
 
 from ccm_notification.adapters.orm import metadata
 from ccm_notification.bootstrap import SERVICE
@@ -28,6 +26,7 @@ from ccm_shared.service import ServiceRuntime
 from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import DEFAULT_SCOPES, Pricing, create_practice, create_token
 from ccm_shared.transport import InProcessTransport
+from tests.support.routes import calls, open_routes, snapshot
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 EHR = ("fhir:read", "fhir:write")
@@ -85,34 +84,7 @@ async def token(rt, scopes) -> dict:  # noqa: ANN001
     return {"Authorization": f"Bearer {await create_token(rt.db.engine, practice_id='acme', scopes=scopes)}"}  # noqa: E501
 
 
-def calls(dependant) -> set:  # noqa: ANN001
-    """Every dependency a route resolves, however deep."""
-    found = set()
-    for sub in dependant.dependencies:
-        found.add(sub.call)
-        found |= calls(sub)
-    return found
 
-
-async def open_routes(client) -> set[tuple[str, str]]:  # noqa: ANN001
-    """Every operation of the app's OpenAPI document that answers without a token (not 401)."""
-    doc = (await client.get("/openapi.json")).json()
-    found = set()
-    for path, item in doc["paths"].items():
-        for method in item:
-            r = await client.request(method.upper(), re.sub(r"\{[^}]+\}", "x", path))
-            if r.status_code != 401:
-                found.add((method.upper(), path))
-    return found
-
-
-async def snapshot(rt) -> dict[str, list]:  # noqa: ANN001
-    """Every row of every notification table (messages, deliveries, outbox included)."""
-    async with rt.db.unit_of_work() as uow:
-        return {
-            name: sorted(map(repr, (await uow.session.execute(select(table))).all()))
-            for name, table in metadata.tables.items()
-        }
 
 
 def notification_calls(alert: str, call: str) -> list[tuple[str, str, dict | None]]:
@@ -149,14 +121,15 @@ async def test_a_token_without_the_notification_scope_gets_403_and_changes_nothi
 ):
     rt = notification
     auth = await token(rt, scopes)
-    before = await snapshot(rt)
+    before = await snapshot(rt, metadata)
     for method, path, body in notification_calls(rt.state["alert"], rt.state["call"]):
         r = await rt.state["client"].request(method, path, headers=auth, json=body)
         assert r.status_code == 403, (method, path, r.status_code, r.text)
         assert r.headers["content-type"] == "application/problem+json", path
         assert r.json()["status"] == 403 and "'notification' scope" in r.json()["detail"]
         assert "secret" not in r.json(), path
-    assert await snapshot(rt) == before  # no provider, message, ack, call, template, policy…
+    # no provider, message, ack, call, template, policy…
+    assert await snapshot(rt, metadata) == before
     full = rt.state["full"]
     alert = await rt.state["client"].get(f"{P}/notifications/{rt.state['alert']}", headers=full)
     assert alert.json()["ack_state"] == "pending"
@@ -234,14 +207,14 @@ async def test_subscriptions_need_the_notification_scope(notification, scopes):
     assert made.status_code == 201, made.text
     sub = made.json()["id"]
     auth = await token(rt, scopes)
-    before = await snapshot(rt)
+    before = await snapshot(rt, metadata)
     for method, path, body in subscription_calls(sub):
         r = await client.request(method, path, headers=auth, json=body)
         assert r.status_code == 403, (method, path, r.status_code, r.text)
         assert r.headers["content-type"] == "application/problem+json", path
         assert r.json()["status"] == 403 and "'notification' scope" in r.json()["detail"]
         assert "secret" not in r.json(), path
-    assert await snapshot(rt) == before  # no subscription created, deleted or resumed
+    assert await snapshot(rt, metadata) == before  # no subscription created, deleted or resumed
     listed = await client.get(f"{P}/subscriptions", headers=rt.state["full"])
     assert [s["id"] for s in listed.json()] == [sub]
 
