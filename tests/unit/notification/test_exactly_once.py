@@ -1,56 +1,21 @@
 """Consumed events become messages exactly once (embedded SQLite, in-process bus)."""
 
-import asyncio
 import json
 import uuid
-from datetime import UTC, datetime
 
 import pytest_asyncio
 from sqlalchemy import select
 
 from ccm_notification.adapters.orm import messages, outbox, practice_contacts
 from ccm_notification.adapters.sql import upsert
-from ccm_notification.bootstrap import SERVICE
 from ccm_notification.service_layer.directory import edit_provider
 from ccm_shared.events import CloudEvent, to_message
-from ccm_shared.migrate import upgrade_async, upgrade_platform
-from ccm_shared.service import ServiceRuntime
-from ccm_shared.settings import load_settings
-from ccm_shared.tenancy import Pricing, create_practice
-from ccm_shared.transport import InProcessTransport
-
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+from tests.unit.notification.conftest import NOW
 
 
 @pytest_asyncio.fixture
-async def runtime(tmp_path):
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    await asyncio.to_thread(upgrade_platform, url)
-    await upgrade_async(url, SERVICE.schema, SERVICE.migrations_package)
-    rt = ServiceRuntime.build(
-        SERVICE, load_settings(database_url=url), transport=InProcessTransport(), clock=lambda: NOW
-    )
-    await create_practice(
-        rt.db.engine,
-        practice_id="acme",
-        name="Acme Clinic",
-        timezone="America/New_York",
-        pricing=Pricing(),
-    )
-    async with rt.db.unit_of_work() as uow:
-        await edit_provider(
-            uow,
-            "acme",
-            "doc-1",
-            {"name": "Dr. One", "email": "one@acme.test"},
-            (),
-            actor="test",
-            now=NOW,
-            if_match=None,
-        )
-        await uow.commit()
-    yield rt
-    await rt.db.dispose()
+async def runtime(acme):
+    return acme
 
 
 def overdue(responsible: str, step: int = 1) -> CloudEvent:

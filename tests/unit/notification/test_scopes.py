@@ -6,29 +6,19 @@ the signed links (acknowledgement, slot choice) still work without any token."""
 
 from __future__ import annotations
 
-import asyncio
-from datetime import UTC, datetime
-
 import httpx
 import pytest
 import pytest_asyncio
 from fastapi.routing import APIRoute
 
 from ccm_notification.adapters.orm import metadata
-from ccm_notification.bootstrap import SERVICE
 from ccm_notification.entrypoints.api import build_router, notification_tenant
 from ccm_notification.entrypoints.workers import notifier_of
-from ccm_notification.service_layer.directory import edit_provider
 from ccm_notification.subscriptions.api import build_subscriptions_router
 from ccm_shared.http import authenticate
-from ccm_shared.migrate import upgrade_async, upgrade_platform
-from ccm_shared.service import ServiceRuntime
-from ccm_shared.settings import load_settings
-from ccm_shared.tenancy import DEFAULT_SCOPES, Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
+from ccm_shared.tenancy import DEFAULT_SCOPES, create_token
 from tests.support.routes import calls, open_routes, snapshot
 
-NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 EHR = ("fhir:read", "fhir:write")
 ALL_BUT_NOTIFICATION = tuple(s for s in DEFAULT_SCOPES if s != "notification")
 SIGNED_LINKS = {"/v1/ack/{token}", "/v1/calls/choose/{token}"}
@@ -49,25 +39,10 @@ CALL = {
 
 
 @pytest_asyncio.fixture
-async def notification(tmp_path):
+async def notification(acme):
     """The service on SQLite: practice acme with provider doc-1, an alert and a call request
     made with a full-scope token (``full``)."""
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    await asyncio.to_thread(upgrade_platform, url)
-    await upgrade_async(url, SERVICE.schema, SERVICE.migrations_package)
-    rt = ServiceRuntime.build(
-        SERVICE, load_settings(database_url=url), transport=InProcessTransport(), clock=lambda: NOW
-    )
-    await create_practice(
-        rt.db.engine, practice_id="acme", name="Acme", timezone="America/New_York",
-        pricing=Pricing(),
-    )
-    async with rt.db.unit_of_work() as uow:
-        await edit_provider(
-            uow, "acme", "doc-1", {"name": "Dr. One", "email": "one@acme.test"}, (),
-            actor="test", now=NOW, if_match=None,
-        )
-        await uow.commit()
+    rt = acme
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app()), base_url="http://n")
     full = {"Authorization": f"Bearer {await create_token(rt.db.engine, practice_id='acme')}"}
     alert = await client.post(f"{P}/notifications", headers=full, json=ALERT)
@@ -77,7 +52,6 @@ async def notification(tmp_path):
     rt.state.update(client=client, full=full, alert=alert.json()["id"], call=call.json()["id"])
     yield rt
     await client.aclose()
-    await rt.db.dispose()
 
 
 async def token(rt, scopes) -> dict:  # noqa: ANN001
