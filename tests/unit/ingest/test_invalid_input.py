@@ -116,6 +116,26 @@ CASES = [
      {"Accept": "application/xml"}, 406, "not-supported", "Accept"),
     ("a version id that is no ASCII number", "GET", "/fhir/Patient/a/_history/%C2%B2", None,
      {}, 404, "not-found", "vid"),
+    *[(f"CCM time of {name}", "PUT", "/fhir/Encounter/e1", body, {}, 422, "value", where)
+      for name, body, where in [
+          ("a negative length", {**ccm_encounter(), "length": {
+              "value": -20, "unit": "min", "system": "http://unitsofmeasure.org", "code": "min"}},
+           "Encounter.length.value"),
+          ("an absurd length", {**ccm_encounter(), "length": {
+              "value": 1e300, "unit": "min", "system": "http://unitsofmeasure.org",
+              "code": "min"}}, "Encounter.length.value"),
+          ("a length with a comparator", {**ccm_encounter(), "length": {
+              "value": 20, "comparator": ">", "unit": "min",
+              "system": "http://unitsofmeasure.org", "code": "min"}},
+           "Encounter.length.comparator"),
+          ("a month-long period", {**{k: v for k, v in ccm_encounter().items() if k != "length"},
+                                   "period": {"start": "2026-03-01T00:00:00Z",
+                                              "end": "2026-04-01T00:00:00Z"}},
+           "Encounter.period"),
+      ]],
+    ("CCM time from a period without times of day", "PUT", "/fhir/Encounter/e1",
+     {**{k: v for k, v in ccm_encounter().items() if k != "length"},
+      "period": {"start": "2026-03", "end": "2026-04"}}, {}, 422, "required", "Encounter.length"),
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},

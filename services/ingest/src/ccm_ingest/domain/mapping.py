@@ -141,13 +141,22 @@ def _self(ctx: MappingContext) -> str:
 
 # ---- Encounter → time logged / reversed -------------------------------------------------------
 
+# The longest CCM time entry taken: a day. Longer is a data error (a month-long period, a unit
+# mistaken), and counted it would bill a patient's month on its own.
+MAX_ENCOUNTER_SECONDS = 24 * 3600
+
+
 def _encounter_seconds(res: dict[str, Any], start: datetime | None,
                        end: datetime | None, ctx: MappingContext) -> tuple[int, list[str]]:
     """CCM seconds of an Encounter from ``length``, else its period (``start``/``end`` parsed)."""
     warnings: list[str] = []
     length = res.get("length")
     by_period = None
-    if start is not None and end is not None:
+    period = res.get("period") or {}
+    # A period gives a duration only when both ends carry a time of day: "2026-03" to
+    # "2026-04" is not 744 hours of care.
+    timed = all("T" in str(period.get(k) or "") for k in ("start", "end"))
+    if start is not None and end is not None and timed:
         delta = end - start
         if delta.total_seconds() < 0:
             raise rejected(422, "invariant", "Encounter.period.end is before period.start",
@@ -158,14 +167,27 @@ def _encounter_seconds(res: dict[str, Any], start: datetime | None,
         if factor is None or length.get("value") is None:
             raise rejected(422, "value", "Encounter.length must be a UCUM duration in s, min or h "
                            "to count as CCM time", "Encounter.length.code")
-        seconds = int(round(float(length["value"]) * factor))
+        if length.get("comparator") is not None:
+            raise rejected(422, "value", f"Encounter.length with comparator "
+                           f"{length['comparator']!r} is no exact duration: CCM time needs one",
+                           "Encounter.length.comparator")
+        value = float(length["value"])
+        if not 0 < value * factor <= MAX_ENCOUNTER_SECONDS:
+            raise rejected(422, "value", f"Encounter.length {length['value']} "
+                           f"{length.get('code')} is no CCM duration: more than 0 and at most "
+                           f"{MAX_ENCOUNTER_SECONDS // 3600} hours", "Encounter.length.value")
+        seconds = int(round(value * factor))
         if by_period is not None and abs(by_period - seconds) > ctx.config.length_tolerance_seconds:
             warnings.append(f"Encounter.length ({seconds} s) and period ({by_period} s) disagree; "
                             "length was used")
         return seconds, warnings
     if by_period is None:
         raise rejected(422, "required", "CCM time needs Encounter.length or a period with start "
-                       "and end", "Encounter.length")
+                       "and end (dateTimes with a time of day)", "Encounter.length")
+    if by_period > MAX_ENCOUNTER_SECONDS:
+        raise rejected(422, "value", f"Encounter.period spans {by_period // 3600} hours: no CCM "
+                       f"time entry is longer than {MAX_ENCOUNTER_SECONDS // 3600} hours; send "
+                       "Encounter.length", "Encounter.period")
     return by_period, warnings
 
 
