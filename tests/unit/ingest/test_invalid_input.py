@@ -136,6 +136,14 @@ CASES = [
     ("CCM time from a period without times of day", "PUT", "/fhir/Encounter/e1",
      {**{k: v for k, v in ccm_encounter().items() if k != "length"},
       "period": {"start": "2026-03", "end": "2026-04"}}, {}, 422, "required", "Encounter.length"),
+    *[(f"{method} {url} in a transaction", "POST", "/fhir",
+       {"resourceType": "Bundle", "type": "transaction", "entry": [
+           {"request": {"method": method, "url": url},
+            **({"resource": {"resourceType": "Patient", "id": "a"}}
+               if method in ("PUT", "POST") else {})}]},
+       {}, 422, "not-supported", "Bundle.entry[0].request.url")
+      for method, url in [("DELETE", "Patient/a/_history/1"), ("GET", "Patient/a/_history/1"),
+                          ("PUT", "Patient/a/whatever"), ("POST", "Patient/a")]],
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},

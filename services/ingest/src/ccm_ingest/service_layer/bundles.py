@@ -107,6 +107,12 @@ def _parse_entry(i: int, raw: Any) -> Entry:
         raise rejected(422, "not-supported", f"{method} {url}: resource type {rtype!r} (or "
                        f"operation) is not supported; supported: {', '.join(SUPPORTED_TYPES)}",
                        f"{_where(i)}.request.url")
+    if len(parts) > 2 or (len(parts) == 2 and (method == "POST" or not parts[1])):
+        # Type/id/_history/1, Type/id/$op, POST Type/id: no such interaction here (a DELETE of
+        # Type/id/_history/1 had deleted the whole resource).
+        raise rejected(422, "not-supported", f"{method} {url}: a Bundle entry's url is Type, "
+                       "Type/id or Type?criteria (POST: Type); history, versions and operations "
+                       "are not supported inside a Bundle", f"{_where(i)}.request.url")
     rid = parts[1] if len(parts) > 1 else None
     for field, value in (("fullUrl", raw.get("fullUrl")),
                          ("request.ifMatch", request.get("ifMatch")),
