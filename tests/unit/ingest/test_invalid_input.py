@@ -144,6 +144,13 @@ CASES = [
        {}, 422, "not-supported", "Bundle.entry[0].request.url")
       for method, url in [("DELETE", "Patient/a/_history/1"), ("GET", "Patient/a/_history/1"),
                           ("PUT", "Patient/a/whatever"), ("POST", "Patient/a")]],
+    ("a NUL character in a string", "POST", "/fhir/Patient",
+     b'{"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": "A\\u0000B"}]}',
+     {}, 400, "structure", None),
+    ("a NUL character in an id", "GET", "/fhir/Patient/a%00b", None, {}, 400, "value", None),
+    ("a NUL character in a search", "GET", "/fhir/Patient?_id=%00", None, {}, 400, "value", None),
+    ("a NUL character in If-None-Exist", "POST", "/fhir/Patient", {"resourceType": "Patient"},
+     {"If-None-Exist": "identifier=urn:x|A%00B"}, 400, "value", "If-None-Exist"),
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},

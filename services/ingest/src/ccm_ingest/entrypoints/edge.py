@@ -117,6 +117,10 @@ class FhirEdge:
         path = scope.get("path", "")
         if scope["type"] != "http" or not (path == "/fhir" or path.startswith("/fhir/")):
             return await self.app(scope, receive, send)
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            # PostgreSQL text cannot hold a NUL: an id or search value with one is refused here.
+            return await outcome_response(400, [Issue(
+                "error", "value", "the URL has a NUL character (%00)")])(scope, receive, send)
         if (issue := unacceptable(scope)) is not None:
             return await outcome_response(406, [issue])(scope, receive, send)
         held: dict = {}

@@ -166,6 +166,9 @@ async def read_json(request: Request, max_depth: int) -> Any:
         raise rejected(415, "not-supported", f"content type {media!r} is not supported; send "
                        "application/fhir+json (or application/json)")
     raw = await request.body()
+    if b"\\u0000" in raw:  # PostgreSQL text cannot hold it: refused, not a 500 at the insert
+        raise rejected(400, "structure", "the body has a NUL character (\\u0000) in a string; "
+                       "FHIR strings cannot hold it")
     try:
         value = json.loads(raw)
     except (ValueError, RecursionError) as exc:

@@ -405,6 +405,9 @@ def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
         if not value.strip():  # ``identifier=`` matches nothing: a create would always happen
             raise rejected(400, "required", f"criteria parameter {name!r} has no value",
                            "If-None-Exist")
+        if "\x00" in value:
+            raise rejected(400, "value", f"criteria parameter {name!r} has a NUL character",
+                           "If-None-Exist")
     return params
 
 
