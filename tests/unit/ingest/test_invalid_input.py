@@ -2,12 +2,18 @@
 nothing is written."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.unit.ingest.conftest import counts, example
 from tests.unit.ingest.test_fhir_api import ccm_encounter
 
+CCM_CONSENT = {**next(
+    e["resource"] for e in json.loads((Path(__file__).resolve().parents[3] / "services/ingest/"
+                                       "examples/ccm-transaction-bundle.json").read_text())["entry"]
+    if e["resource"]["resourceType"] == "Consent"), "patient": {"reference": "Patient/p1"},
+    "performer": [{"reference": "Patient/p1"}]}
 NOWHERE = "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a00"  # the fullUrl of no entry
 
 
@@ -151,6 +157,15 @@ CASES = [
     ("a NUL character in a search", "GET", "/fhir/Patient?_id=%00", None, {}, 400, "value", None),
     ("a NUL character in If-None-Exist", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier=urn:x|A%00B"}, 400, "value", "If-None-Exist"),
+    ("a CCM Encounter starting on a leap second", "PUT", "/fhir/Encounter/e1",
+     {**ccm_encounter(), "period": {"start": "2026-12-31T23:59:60Z"}}, {}, 422, "value",
+     "Encounter"),
+    ("a CCM Encounter beyond year 9999 in the practice's zone", "PUT", "/fhir/Encounter/e1",
+     {**ccm_encounter(), "period": {"start": "9999-12-31T23:00:00-12:00"}}, {}, 422, "value",
+     "Encounter"),
+    ("a CCM Consent dated beyond year 9999 in UTC", "PUT", "/fhir/Consent/c1",
+     {**CCM_CONSENT, "id": "c1", "dateTime": "9999-12-31T23:00:00-12:00"}, {}, 422, "value",
+     "Consent"),
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},

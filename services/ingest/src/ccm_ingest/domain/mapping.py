@@ -12,7 +12,7 @@ import calendar
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -97,7 +97,9 @@ def instant(value: str, tz: ZoneInfo) -> datetime:
     if len(value) == 7:
         return datetime(int(value[:4]), int(value[5:7]), 1, tzinfo=tz)
     parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=tz)
+    parsed = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=tz)
+    parsed.astimezone(UTC)  # OverflowError beyond year 9999 in UTC, which consumers work in
+    return parsed
 
 
 def month_end(day: date) -> date:

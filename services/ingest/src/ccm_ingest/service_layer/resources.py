@@ -271,10 +271,16 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
             ("meta.lastUpdated",))])
     source = SourceVersion(rtype, rid, version_id, last_updated, sha, caller.now,
                            caller.connection)
-    mapping = map_version(body, MappingContext(
-        source=source, config=caller.config, timezone=caller.timezone,
-        state=cur.ccm_state if cur and cur.version_id else {},
-        roles={i: roles[i] for i in _role_ids(body) if i in roles}))
+    try:
+        mapping = map_version(body, MappingContext(
+            source=source, config=caller.config, timezone=caller.timezone,
+            state=cur.ccm_state if cur and cur.version_id else {},
+            roles={i: roles[i] for i in _role_ids(body) if i in roles}))
+    except (ValueError, OverflowError) as exc:
+        # A dateTime Python cannot hold (a leap second, one beyond year 9999 in the practice's
+        # zone), or a number too large: valid FHIR, but no CCM fact can be made of it.
+        raise rejected(422, "value", f"a date or number of this {rtype} cannot be turned into "
+                       f"CCM facts ({exc})", rtype) from None
     patient_element = PATIENT_ELEMENT.get(rtype)
     patient = reference(body.get(patient_element), ("Patient",)) if patient_element else None
     pending.versions.append(version)
