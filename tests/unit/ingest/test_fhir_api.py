@@ -341,3 +341,38 @@ async def test_versions_stored_before_ingest_0004_show_as_before(fhir):
     entries = (await fhir.get("/fhir/Patient/old/_history")).json()["entry"]
     assert [(e["request"]["method"], e["response"]["status"]) for e in entries] == [
         ("PUT", "200"), ("PUT", "201")]
+
+
+async def test_conditional_create_does_not_answer_with_a_resource_that_no_longer_matches(fhir):
+    b = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "B1"}]}
+    only_b1 = {"If-None-Exist": "identifier=urn:mrn|B1"}
+    first = await fhir.post("/fhir/Patient", json=b, headers=only_b1)
+    assert first.status_code == 201
+    rid = first.json()["id"]
+    moved = {"resourceType": "Patient", "id": rid,
+             "identifier": [{"system": "urn:mrn", "value": "C1"}]}
+    assert (await fhir.put(f"/fhir/Patient/{rid}", json=moved)).status_code == 200
+    again = await fhir.post("/fhir/Patient", json=b, headers=only_b1)
+    assert again.status_code == 201 and again.json()["id"] != rid
+    third = await fhir.post("/fhir/Patient", json=b, headers=only_b1)
+    assert third.status_code == 200 and third.json()["id"] == again.json()["id"]
+
+
+async def test_delete_with_if_match_only_deletes_that_version(fhir):
+    await fhir.put("/fhir/Patient/d1", json={"resourceType": "Patient", "id": "d1"})
+    stale = await fhir.delete("/fhir/Patient/d1", headers={"If-Match": 'W/"9"'})
+    assert stale.status_code == 412 and stale.json()["issue"][0]["expression"] == ["If-Match"]
+    assert (await fhir.get("/fhir/Patient/d1")).status_code == 200
+    done = await fhir.delete("/fhir/Patient/d1", headers={"If-Match": 'W/"1"'})
+    assert done.status_code == 204
+    assert (await fhir.get("/fhir/Patient/d1")).status_code == 410
+
+
+async def test_a_version_sent_without_a_time_applies_after_one_sent_slightly_ahead(fhir):
+    ahead = (fhir.clock.now + timedelta(minutes=4)).isoformat()
+    await fhir.put("/fhir/Patient/t1", json={"resourceType": "Patient", "id": "t1",
+                                            "active": True, "meta": {"lastUpdated": ahead}})
+    r = await fhir.put("/fhir/Patient/t1", json={"resourceType": "Patient", "id": "t1",
+                                                 "active": False})
+    assert r.status_code == 200 and r.json()["active"] is False  # applied, not kept aside
+    assert (await fhir.get("/fhir/Patient/t1")).json()["meta"]["versionId"] == "2"

@@ -295,11 +295,13 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         return await write(request, tenant, lambda uow, caller: handlers.update(
             uow, caller, rtype, rid, resource, if_match=if_match))
 
-    @router.delete("/{rtype}/{rid}", summary="Delete (a deletion version; reads then answer 410)")
+    @router.delete("/{rtype}/{rid}", summary="Delete (a deletion version; reads then answer 410; "
+                   "If-Match: version)")
     async def delete(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
         return await write(request, tenant,
-                           lambda uow, caller: handlers.remove(uow, caller, rtype, rid))
+                           lambda uow, caller: handlers.remove(
+                               uow, caller, rtype, rid, if_match=request.headers.get("if-match")))
 
     @router.get("/{rtype}/{rid}", summary="Read the current version")
     async def read(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:

@@ -220,7 +220,7 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
                                      if_match=e.if_match)
     if e.method == "DELETE":
         if e.rid is not None:
-            return await handlers.remove(uow, caller, e.rtype, e.rid)
+            return await handlers.remove(uow, caller, e.rtype, e.rid, if_match=e.if_match)
         matches = await handlers.find(repo, e.rtype,
                                       handlers.normalise_criteria(e.rtype, e.criteria or ""))
         if len(matches) > 1:

@@ -103,6 +103,11 @@ def _meta_last_updated(resource: dict[str, Any], caller: Caller) -> datetime:
     return when
 
 
+def _sent_last_updated(resource: dict[str, Any]) -> bool:
+    meta = resource.get("meta")
+    return isinstance(meta, dict) and bool(meta.get("lastUpdated"))
+
+
 def check_last_updated(resource: dict[str, Any], caller: Caller) -> None:
     """``meta.lastUpdated`` refused now (422) rather than in a group-committed batch, which a
     refused write makes commit its other writes one by one."""
@@ -214,6 +219,10 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             if w.where is None:
                 raise
             raise FhirRejected(exc.status, [i.located(w.where) for i in exc.issues]) from None
+        if exists and last_updated <= cur.last_updated and not _sent_last_updated(w.resource):
+            # No time sent: this version is the newest by definition, even after one whose
+            # sent time is (within the allowed clock difference) ahead of ours.
+            last_updated = cur.last_updated + timedelta(milliseconds=1)
         stale = exists and last_updated < cur.last_updated
         if stale:
             answer_with.append((w.rtype, w.rid, cur.version_id))
@@ -313,9 +322,15 @@ async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
         return Outcome(200, rtype, matches[0].id, matches[0])
     owner = await repo.claim_criteria(rtype, criteria_key(criteria), rid)
     if owner != rid:
-        found = await repo.current_version(rtype, owner)
-        if found is not None and not found[0].deleted:
-            return Outcome(200, rtype, owner, found[1])
+        # A concurrent create claimed them first (committed now: the claim waited for it), or
+        # an earlier one whose resource no longer matches (its identifier changed, or it was
+        # deleted): whatever matches now answers, else the criteria are ours.
+        matches = await find(repo, rtype, criteria)
+        if len(matches) > 1:
+            raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
+                           f"{len(matches)} resources", "If-None-Exist")
+        if matches:
+            return Outcome(200, rtype, matches[0].id, matches[0])
         await repo.reassign_criteria(rtype, criteria_key(criteria), rid)
     return None
 
@@ -357,11 +372,18 @@ def check_update_id(rtype: str, rid: str, resource: dict[str, Any]) -> None:
                        f"URL id {rid!r}", f"{rtype}.id")
 
 
-async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str) -> Outcome:
-    """FHIR delete: a deletion version; the resource then answers 410. Idempotent."""
+async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str, *,
+                 if_match: str | None = None) -> Outcome:
+    """FHIR delete: a deletion version; the resource then answers 410. Idempotent.
+    ``If-Match``: only while the current version is that one (412 otherwise)."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
+    wanted = parse_etag(if_match) if if_match is not None else None
     current = await repo.lock_current(rtype, rid)
-    if current is None or current.version_id == 0 or current.deleted:
+    live = current is not None and current.version_id > 0 and not current.deleted
+    if wanted is not None and (not live or str(current.version_id) != wanted):
+        raise rejected(412, "conflict", f"If-Match {if_match} does not match the current "
+                       f"version ({current.version_id if live else 'none'})", "If-Match")
+    if not live:
         return Outcome(204, rtype, rid)
     last = await repo.version(rtype, rid, current.version_id)
     version_id = current.last_version + 1
