@@ -298,8 +298,11 @@ async def test_search_pages_follow_next_links_to_every_match_once(fhir):
     assert seen == [f"p{n}" for n in reversed(range(7))] and pages == 3  # newest first
     last = (await fhir.get("/fhir/Encounter", params={"_offset": "6", "_count": "3"})).json()
     assert [e["resource"]["id"] for e in last["entry"]] == ["p0"]
-    for odd in ({"_offset": "-1"}, {"_offset": "²"}, {"_count": "²"}, {"_count": "0"}):
+    for odd in ({"_offset": "-1"}, {"_offset": "²"}, {"_count": "²"}, {"_count": "1001"}):
         assert (await fhir.get("/fhir/Encounter", params=odd)).status_code == 400
+    counted = (await fhir.get("/fhir/Encounter", params={"_count": "0"})).json()
+    assert counted["total"] == 7 and counted["entry"] == []  # the total only, and no next link
+    assert [link["relation"] for link in counted["link"]] == ["self"]
 
 
 @pytest.fixture

@@ -166,6 +166,13 @@ CASES = [
     ("a CCM Consent dated beyond year 9999 in UTC", "PUT", "/fhir/Consent/c1",
      {**CCM_CONSENT, "id": "c1", "dateTime": "9999-12-31T23:00:00-12:00"}, {}, 422, "value",
      "Consent"),
+    ("empty ifNoneExist criteria in a transaction", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "transaction", "entry": [
+         {"request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier="},
+          "resource": {"resourceType": "Patient"}}]},
+     {}, 400, "required", "Bundle.entry[0].request.ifNoneExist"),
+    ("a Bundle without a type", "POST", "/fhir", {"resourceType": "Bundle"}, {}, 422, "value",
+     "Bundle.type"),
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},

@@ -272,9 +272,10 @@ def unresolved_local_references(resource: dict[str, Any], rtype: str) -> list[Is
     if not _has_local_reference(resource):  # the usual case, without building paths (~3x)
         return []
     return [
-        _err("not-found", f"{where} {ref!r} names no entry of this transaction Bundle (a "
-             "urn:uuid:/urn:oid: reference must be the fullUrl of an entry that creates or "
-             "updates a resource; batch entries and single resources cannot use them)", where)
+        _err("not-found", f"{where} {ref!r} names nothing here: a urn:uuid:/urn:oid: "
+             "reference must be the fullUrl of an entry of the same transaction Bundle that "
+             "creates or updates a resource (batch entries and resources sent alone cannot use "
+             "them)", where)
         for where, ref in _walk_references(resource, rtype)
         if ref.startswith(("urn:uuid:", "urn:oid:"))
     ]

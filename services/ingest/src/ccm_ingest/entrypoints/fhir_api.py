@@ -240,8 +240,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             raise rejected(400, "invalid", "POST /fhir takes a Bundle", "resourceType")
         kind = bundle.get("type")
         if kind not in ("transaction", "batch"):
-            raise rejected(422, "value", f"Bundle.type {kind!r}: only transaction and batch "
-                           "Bundles can be processed", "Bundle.type")
+            raise rejected(422, "value", ("Bundle.type is missing" if kind is None else
+                                          f"Bundle.type {kind!r}") + ": only transaction and "
+                           "batch Bundles can be processed", "Bundle.type")
         entries = bundles.parse_entries(bundle, settings.max_bundle_entries,
                                         each_alone=kind == "batch")
         if kind == "transaction":
@@ -396,10 +397,10 @@ def page_links(base: str, rtype: str, params: list[tuple[str, str]],
 
     links = [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{urlencode(params)}"
                                                              if params else "")}]
-    if offset > 0:
+    if offset > 0 and count:
         links += [{"relation": "first", "url": page(0)},
                   {"relation": "previous", "url": page(max(0, offset - count))}]
-    if offset + count < total and offset + count <= handlers.MAX_OFFSET:
+    if count and offset + count < total and offset + count <= handlers.MAX_OFFSET:
         links.append({"relation": "next", "url": page(offset + count)})
     return links
 

@@ -291,11 +291,26 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                 continue
             results[e.index] = await _run_entry(uow, caller, e)
         except FhirRejected as exc:
-            raise FhirRejected(exc.status, [
-                issue if issue.expression and issue.expression[0].startswith("Bundle")
-                else issue.located(_where(e.index)) for issue in exc.issues]) from None
+            raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
     await flush()
     return [(e, results[e.index]) for e in entries]
+
+
+# What the REST interactions' issues name, as a Bundle entry has it.
+_ENTRY_FIELDS = {"If-None-Exist": "request.ifNoneExist", "If-Match": "request.ifMatch"}
+
+
+def _located(issues: list[Issue], index: int) -> list[Issue]:
+    """Issues under their Bundle entry (those already there stay as they are)."""
+    located = []
+    for issue in issues:
+        if issue.expression and issue.expression[0].startswith("Bundle"):
+            located.append(issue)
+            continue
+        issue = Issue(issue.severity, issue.code, issue.diagnostics,
+                      tuple(_ENTRY_FIELDS.get(x, x) for x in issue.expression))
+        located.append(issue.located(_where(index)))
+    return located
 
 
 def _unresolved(e: Entry) -> list[Issue]:
@@ -337,12 +352,14 @@ async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry
                 outcome = await _run_entry(uow, caller, e)
                 await commit(uow)
         except FhirRejected as exc:
-            outcome = Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)
+            outcome = Outcome(exc.status, e.rtype, e.rid or "", None,
+                              _located(exc.issues, e.index))
         except Exception as exc:  # noqa: BLE001 - a fault of ours: this entry's answer only
             # Earlier entries are committed: the Bundle must still say what happened to each.
             log.exception("batch entry failed", entry=e.index, error=type(exc).__name__)
             outcome = Outcome(500, e.rtype, e.rid or "", None, [Issue(
-                "error", "exception", "this entry failed on the server and was not stored",
+                "error", "exception", "this entry failed on the server"
+                + ("" if e.method == "GET" else "; nothing of it was stored"),
                 (_where(e.index),))])
         results.append((e, outcome))
     return results

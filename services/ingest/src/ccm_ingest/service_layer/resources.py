@@ -505,9 +505,9 @@ def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
     """(``_offset``, ``_count``) of a search: where its page starts and how long it is."""
     offset = 0
     for name, value in params:
-        if name == "_count":
-            if not _DIGITS.fullmatch(value) or not 0 < int(value) <= 1000:
-                raise rejected(400, "value", "_count must be 1..1000", "_count")
+        if name == "_count":  # 0: the total only
+            if not _DIGITS.fullmatch(value) or not 0 <= int(value) <= 1000:
+                raise rejected(400, "value", "_count must be 0..1000", "_count")
             limit = int(value)
         elif name == "_offset":
             if not _DIGITS.fullmatch(value) or int(value) > MAX_OFFSET:
