@@ -81,6 +81,7 @@ def check_resource(resource: dict[str, Any]) -> list[Issue]:
     if check is not None:
         issues += check(resource)
     issues += _references(resource, rtype)
+    issues += _subject_targets(resource, rtype)
     return issues
 
 
@@ -279,6 +280,32 @@ def unresolved_local_references(resource: dict[str, Any], rtype: str) -> list[Is
         for where, ref in _walk_references(resource, rtype)
         if ref.startswith(("urn:uuid:", "urn:oid:"))
     ]
+
+
+# The types R4 lets these elements reference (a CCM patient link): anything else is refused,
+# or the resource would be stored linked to no patient.
+SUBJECT_TARGETS = {("Encounter", "subject"): ("Patient", "Group"),
+                   ("Condition", "subject"): ("Patient", "Group"),
+                   ("CarePlan", "subject"): ("Patient", "Group"),
+                   ("Consent", "patient"): ("Patient",)}
+
+
+_TARGET = re.compile(r"(?:^|/)([A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/[^/]+)?$")
+
+
+def _subject_targets(resource: dict[str, Any], rtype: str) -> list[Issue]:
+    issues = []
+    for (of, element), targets in SUBJECT_TARGETS.items():
+        value = resource.get(element) if of == rtype else None
+        ref = value.get("reference") if isinstance(value, dict) else None
+        if not isinstance(ref, str) or ref.startswith(("#", "urn:")):
+            continue
+        found = _TARGET.search(ref.split("?", 1)[0]) if "?" not in ref else None
+        target = found.group(1) if found else ref.split("?", 1)[0]
+        if target not in targets:
+            issues.append(_err("value", f"{rtype}.{element} references a {target}; R4 allows "
+                               f"{' or '.join(targets)}", f"{rtype}.{element}.reference"))
+    return issues
 
 
 def _references(resource: dict[str, Any], rtype: str) -> list[Issue]:

@@ -533,6 +533,10 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
             patient = value.rsplit("/", 1)[-1]
         elif name == "identifier":
             system, bar, code = value.partition("|")
+            if "," in value or (bar and not code):
+                raise rejected(400, "not-supported", f"identifier {value!r}: one system|value or "
+                               "value per parameter (no comma lists, no system-only search)",
+                               "identifier")
             identifier = (system, code) if bar else (None, value)
         elif name == "_lastUpdated":
             updated += last_updated_criteria(value)
