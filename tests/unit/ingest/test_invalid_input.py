@@ -178,6 +178,12 @@ CASES = [
      {}, 422, "value", "Condition.subject.reference"),
     ("an identifier search with a comma (OR)", "GET", "/fhir/Patient?identifier=A,B", None, {},
      400, "not-supported", "identifier"),
+    ("a transaction writing one resource twice", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "transaction", "entry": [
+         {"request": {"method": "PUT", "url": "Patient/a"},
+          "resource": {"resourceType": "Patient", "id": "a"}},
+         {"request": {"method": "DELETE", "url": "Patient/a"}}]},
+     {}, 422, "invariant", "Bundle.entry[1].request.url"),
     ("empty If-None-Exist criteria", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"If-None-Exist": "identifier="}, 400, "required", "If-None-Exist"),
     ("If-Match that is no ETag", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "a"},

@@ -252,6 +252,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     ``ifMatch``, a delete, a read) first flushes what is pending, so it sees every earlier entry.
     """
     ids = await _resolve_ids(uow, caller, entries)
+    _one_entry_per_resource(entries)
     repo = SqlResourceRepository(uow.session, caller.tenant)
     unresolved: list[Issue] = []
     for e in entries:
@@ -294,6 +295,22 @@ async def transaction(uow: UnitOfWork, caller: Caller,
             raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
     await flush()
     return [(e, results[e.index]) for e in entries]
+
+
+def _one_entry_per_resource(entries: list[Entry]) -> None:
+    """A transaction touches each resource once (FHIR: overlapping identities fail it)."""
+    seen: dict[tuple[str, str], int] = {}
+    issues = []
+    for e in entries:
+        if e.method not in ("POST", "PUT", "DELETE") or e.rid is None:
+            continue
+        first = seen.setdefault((e.rtype, e.rid), e.index)
+        if first != e.index:
+            issues.append(Issue("error", "invariant", f"{e.rtype}/{e.rid} is also written by "
+                                f"Bundle.entry[{first}]: a transaction may touch a resource "
+                                "only once", (f"{_where(e.index)}.request.url",)))
+    if issues:
+        raise FhirRejected(422, issues)
 
 
 # What the REST interactions' issues name, as a Bundle entry has it.
