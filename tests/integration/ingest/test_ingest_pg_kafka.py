@@ -145,7 +145,7 @@ async def test_a_transaction_failing_after_its_creates_were_written_leaves_nothi
     r = await ingest.post("/fhir", json={"resourceType": "Bundle", "type": "transaction",
                                          "entry": entries})
     assert r.status_code == 412, r.text
-    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[31].If-Match"]
+    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[31].request.ifMatch"]
     assert await rows() == before
 
 
