@@ -138,6 +138,26 @@ async def test_the_audit_trail_needs_the_admin_scope(platform_url):
     assert allowed.status_code == 200 and allowed.json()["type"] == "searchset"
 
 
+async def test_the_practice_shows_its_pricing_only_to_admin_and_billing_tokens(platform_url):
+    ingest = discover_services()["ingest"]
+    await upgrade_async(platform_url, ingest.schema, ingest.migrations_package)
+    runtime = ServiceRuntime.build(ingest, load_settings(database_url=platform_url),
+                                   transport=InProcessTransport())
+    await create_practice(runtime.db.engine, practice_id="alpha", name="alpha", timezone="UTC",
+                          pricing=Pricing())
+    seen = {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
+                                 base_url="http://t") as client:
+        for scopes in (("fhir:read", "fhir:write"), ("billing",), ("admin",)):
+            token = await create_token(runtime.db.engine, practice_id="alpha", scopes=scopes)
+            r = await client.get("/v1/practices/alpha",
+                                 headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == 200 and r.json()["id"] == "alpha"
+            seen[scopes[0]] = "pricing" in r.json()
+    await runtime.db.dispose()
+    assert seen == {"fhir:read": False, "billing": True, "admin": True}
+
+
 async def test_applied_patient_events_are_audited_in_the_same_transaction(sqlite_db):
     runtime = ConsumerRuntime(name="billing-projections", topics=["t"], handler=record_effect,
                               db=sqlite_db, transport=InProcessTransport())

@@ -30,6 +30,7 @@ PROBLEM_JSON = "application/problem+json"
 CORRELATION_HEADER = "x-correlation-id"
 
 AUDIT_SCOPE = "admin"  # reading the practice's audit trail
+PRICING_SCOPES = frozenset({"admin", "billing"})  # seeing how the practice is billed
 
 
 class EdgeMiddleware:
@@ -272,7 +273,10 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
     @app.get("/v1/practices/{practice}", tags=["tenancy"], summary="The caller's practice")
     async def read_practice(practice: str, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
-        return await get_practice(runtime.db.engine, practice)
+        found = await get_practice(runtime.db.engine, practice)
+        if not PRICING_SCOPES & tenant.scopes:  # the vendor's terms: not for an EHR's token
+            found.pop("pricing")
+        return found
 
     @app.get(
         "/v1/practices/{practice}/audit-events",
