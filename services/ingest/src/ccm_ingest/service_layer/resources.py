@@ -314,23 +314,23 @@ async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
     claimed for ``rid``: the database key lets one of concurrent identical creates win."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
     criteria = normalise_criteria(rtype, if_none_exist)
-    matches = await find(repo, rtype, criteria)
-    if len(matches) > 1:
-        raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
-                       f"{len(matches)} resources", "If-None-Exist")
-    if matches:
-        return Outcome(200, rtype, matches[0].id, matches[0])
+
+    async def the_match() -> Outcome | None:
+        matches = await find(repo, rtype, criteria)
+        if len(matches) > 1:
+            raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
+                           f"{len(matches)} resources", "If-None-Exist")
+        return Outcome(200, rtype, matches[0].id, matches[0]) if matches else None
+
+    if (found := await the_match()) is not None:
+        return found
     owner = await repo.claim_criteria(rtype, criteria_key(criteria), rid)
     if owner != rid:
         # A concurrent create claimed them first (committed now: the claim waited for it), or
         # an earlier one whose resource no longer matches (its identifier changed, or it was
         # deleted): whatever matches now answers, else the criteria are ours.
-        matches = await find(repo, rtype, criteria)
-        if len(matches) > 1:
-            raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
-                           f"{len(matches)} resources", "If-None-Exist")
-        if matches:
-            return Outcome(200, rtype, matches[0].id, matches[0])
+        if (found := await the_match()) is not None:
+            return found
         await repo.reassign_criteria(rtype, criteria_key(criteria), rid)
     return None
 
