@@ -38,7 +38,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from ccm_shared.db import GroupCommit, behind_transaction_pooler, dialect_insert, xact_lock
+from ccm_shared.db import GroupCommit, autocommit_engine, dialect_insert, xact_lock
 from ccm_shared.tables import BigId
 
 log = structlog.get_logger(__name__)
@@ -158,12 +158,8 @@ class AuditWriter:
         # A batch is one multi-row INSERT, atomic on its own: on PostgreSQL it runs in
         # autocommit mode, without the BEGIN and COMMIT round trips that were half of its cost
         # (the entries of concurrent durable FHIR POSTs come in batches of ~16, one batch per
-        # group commit of their writes). Not behind a transaction-mode pooler (``db``).
-        self._autocommit = (
-            engine.execution_options(isolation_level="AUTOCOMMIT")
-            if engine.dialect.name == "postgresql" and not behind_transaction_pooler(engine.url)
-            else None
-        )
+        # group commit of their writes); not behind a pooler (``db.autocommit_engine``).
+        self._autocommit = autocommit_engine(engine)
         self._group = GroupCommit(self._insert, max_batch=max_batch, name="audit-writer")
 
     async def record(self, entry: AuditRecord) -> None:

@@ -236,6 +236,16 @@ def behind_transaction_pooler(url: str | URL) -> bool:
     return make_url(url).query.get("prepared_statement_cache_size") == "0"
 
 
+def autocommit_engine(engine: AsyncEngine) -> AsyncEngine | None:
+    """``engine`` in autocommit mode, for single statements that are atomic on their own (no
+    BEGIN and COMMIT round trips); None where that is not safe: SQLite, or PostgreSQL behind a
+    transaction-mode pooler (outside a transaction a statement's prepare and its execution may
+    reach two server connections)."""
+    if engine.dialect.name != "postgresql" or behind_transaction_pooler(engine.url):
+        return None
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def connect_args_for(url: str) -> dict:
     """asyncpg's connection arguments for a PostgreSQL URL.
 

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from ccm_shared.db import (
     Database,
-    behind_transaction_pooler,
+    autocommit_engine,
     dialect_insert,
     qualified,
     schema_of,
@@ -202,13 +202,9 @@ class OutboxRelay:
         self.stats = RelayStats()
         # On PostgreSQL the relay's reads and its marking are single statements in autocommit
         # mode: no BEGIN, ROLLBACK or COMMIT round trips around them (each round trip costs
-        # the relay process ~50 µs of CPU, and a pass made eight of them). Not behind a
-        # transaction-mode pooler: there a statement's prepare and its execution, outside a
-        # transaction, may reach two different server connections.
-        self._autocommit = (
-            db.engine.execution_options(isolation_level="AUTOCOMMIT")
-            if db.is_postgres and not behind_transaction_pooler(db.url) else None
-        )
+        # the relay process ~50 µs of CPU, and a pass made eight of them); not behind a
+        # transaction-mode pooler (``db.autocommit_engine``).
+        self._autocommit = autocommit_engine(db.engine)
         self.last_success: float | None = None
         self._stopping = asyncio.Event()
         self._wakeup = asyncio.Event()
