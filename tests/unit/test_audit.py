@@ -117,44 +117,43 @@ async def test_api_calls_are_audited_with_who_what_patient_and_outcome(platform_
     assert other.status_code == 404
 
 
-async def test_the_audit_trail_needs_the_admin_scope(platform_url):
+@pytest.fixture
+async def alpha(platform_url):
+    """The ingest app on the platform database, with practice alpha: (runtime, client)."""
     ingest = discover_services()["ingest"]
     await upgrade_async(platform_url, ingest.schema, ingest.migrations_package)
     runtime = ServiceRuntime.build(ingest, load_settings(database_url=platform_url),
                                    transport=InProcessTransport())
     await create_practice(runtime.db.engine, practice_id="alpha", name="alpha", timezone="UTC",
                           pricing=Pricing())
-    ehr = await create_token(runtime.db.engine, practice_id="alpha",
-                             scopes=("fhir:read", "fhir:write"))
-    admin = await create_token(runtime.db.engine, practice_id="alpha", scopes=("admin",))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
                                  base_url="http://t") as client:
-        refused = await client.get("/v1/practices/alpha/audit-events",
-                                   headers={"Authorization": f"Bearer {ehr}"})
-        allowed = await client.get("/v1/practices/alpha/audit-events",
-                                   headers={"Authorization": f"Bearer {admin}"})
+        yield runtime, client
     await runtime.db.dispose()
+
+
+async def bearer(runtime, *scopes: str) -> dict:  # noqa: ANN001
+    token = await create_token(runtime.db.engine, practice_id="alpha", scopes=scopes)
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_the_audit_trail_needs_the_admin_scope(alpha):
+    runtime, client = alpha
+    refused = await client.get("/v1/practices/alpha/audit-events",
+                               headers=await bearer(runtime, "fhir:read", "fhir:write"))
+    allowed = await client.get("/v1/practices/alpha/audit-events",
+                               headers=await bearer(runtime, "admin"))
     assert refused.status_code == 403 and "admin" in refused.json()["detail"]
     assert allowed.status_code == 200 and allowed.json()["type"] == "searchset"
 
 
-async def test_the_practice_shows_its_pricing_only_to_admin_and_billing_tokens(platform_url):
-    ingest = discover_services()["ingest"]
-    await upgrade_async(platform_url, ingest.schema, ingest.migrations_package)
-    runtime = ServiceRuntime.build(ingest, load_settings(database_url=platform_url),
-                                   transport=InProcessTransport())
-    await create_practice(runtime.db.engine, practice_id="alpha", name="alpha", timezone="UTC",
-                          pricing=Pricing())
+async def test_the_practice_shows_its_pricing_only_to_admin_and_billing_tokens(alpha):
+    runtime, client = alpha
     seen = {}
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
-                                 base_url="http://t") as client:
-        for scopes in (("fhir:read", "fhir:write"), ("billing",), ("admin",)):
-            token = await create_token(runtime.db.engine, practice_id="alpha", scopes=scopes)
-            r = await client.get("/v1/practices/alpha",
-                                 headers={"Authorization": f"Bearer {token}"})
-            assert r.status_code == 200 and r.json()["id"] == "alpha"
-            seen[scopes[0]] = "pricing" in r.json()
-    await runtime.db.dispose()
+    for scopes in (("fhir:read", "fhir:write"), ("billing",), ("admin",)):
+        r = await client.get("/v1/practices/alpha", headers=await bearer(runtime, *scopes))
+        assert r.status_code == 200 and r.json()["id"] == "alpha"
+        seen[scopes[0]] = "pricing" in r.json()
     assert seen == {"fhir:read": False, "billing": True, "admin": True}
 
 
