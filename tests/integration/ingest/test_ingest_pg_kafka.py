@@ -186,3 +186,8 @@ async def test_stored_text_and_times_survive_postgresql_exactly(ingest):
         return [value] if isinstance(value, str) else []
 
     assert tricky in strings(event.data)
+    history = f"/fhir/Patient/{rid}/_history"
+    since = (await ingest.get(history, params={"_since": "2026-03-04T10:06:07Z"})).json()
+    assert since["total"] == 1 and since["entry"][0]["response"]["status"] == "201"
+    after = (await ingest.get(history, params={"_since": "2026-03-04T05:06:08-05:00"})).json()
+    assert after["total"] == 0 and after["entry"] == []

@@ -334,6 +334,50 @@ async def test_history_tells_how_each_version_came(fhir):
         ("PUT", f"Patient/{rid}", "200"), ("POST", "Patient", "201")]
 
 
+async def test_history_pages_keep_each_versions_status_and_link_the_next_page(fhir):
+    created = await fhir.post("/fhir/Patient", json={"resourceType": "Patient", "active": True})
+    rid = created.json()["id"]
+    await fhir.put(f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid})
+    await fhir.delete(f"/fhir/Patient/{rid}")
+    await fhir.put(f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid,
+                                                "active": False})
+    whole = (await fhir.get(f"/fhir/Patient/{rid}/_history")).json()
+    seen, url = [], f"/fhir/Patient/{rid}/_history?_count=1"
+    while url:
+        page = (await fhir.get(url)).json()
+        assert page["total"] == 4 and len(page["entry"]) == 1
+        seen += page["entry"]
+        url = next((link["url"].removeprefix("http://test") for link in page["link"]
+                    if link["relation"] == "next"), None)
+    assert seen == whole["entry"]  # a version's 201/200 does not depend on where the page ends
+    total_only = (await fhir.get(f"/fhir/Patient/{rid}/_history?_count=0")).json()
+    assert total_only["total"] == 4 and total_only["entry"] == []
+
+
+async def test_history_since_lists_the_versions_updated_at_or_after_it(fhir):
+    for version, when in enumerate(["2026-01-05T10:00:00Z", "2026-02-05T10:00:00Z",
+                                    "2026-03-05T10:00:00Z"], 1):
+        r = await fhir.put("/fhir/Patient/dated", json={
+            "resourceType": "Patient", "id": "dated", "meta": {"lastUpdated": when},
+            "active": version % 2 == 0})
+        assert r.status_code in (200, 201)
+    since = (await fhir.get("/fhir/Patient/dated/_history?_since=2026-02")).json()
+    assert since["total"] == 2
+    assert [(e["response"]["etag"], e["response"]["status"]) for e in since["entry"]] == [
+        ('W/"3"', "200"), ('W/"2"', "200")]
+    instant = await fhir.get("/fhir/Patient/dated/_history",
+                             params={"_since": "2026-03-05T10:00:00+00:00"})
+    assert instant.json()["total"] == 1
+    later = (await fhir.get("/fhir/Patient/dated/_history?_since=2027")).json()
+    assert later["total"] == 0 and later["entry"] == []
+    for query, expression in [("_since=yesterday", "_since"), ("_at=2026", "_at"),
+                              ("_count=x", "_count")]:
+        bad = await fhir.get(f"/fhir/Patient/dated/_history?{query}")
+        assert bad.status_code == 400, query
+        assert bad.json()["issue"][0]["expression"] == [expression]
+    assert (await fhir.get("/fhir/Patient/nobody/_history?_since=2026")).status_code == 404
+
+
 async def test_versions_stored_before_ingest_0004_show_as_before(fhir):
     await fhir.put("/fhir/Patient/old", json={"resourceType": "Patient", "id": "old"})
     await fhir.put("/fhir/Patient/old", json={"resourceType": "Patient", "id": "old",

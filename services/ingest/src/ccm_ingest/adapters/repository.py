@@ -198,12 +198,33 @@ class SqlResourceRepository:
         )).all()
         return {r.id: json.loads(r.resource) for r in rows if r.resource}
 
-    async def history(self, rtype: str, rid: str) -> list[VersionRow]:
-        rows = (await self.session.execute(
-            select(resource_versions).where(self._key(resource_versions, rtype, rid))
-            .order_by(resource_versions.c.version_id.desc())
-        )).all()
-        return [_version(r) for r in rows]
+    async def history(self, rtype: str, rid: str, *, since: datetime | None = None,
+                      limit: int | None = None, offset: int = 0,
+                      ) -> tuple[int, int, list[VersionRow], bool | None]:
+        """(versions stored, versions at or after ``since``, their page newest first from
+        ``offset``, and whether the version before the page's last one is a deletion: None when
+        there is none). A version is "created" when the one before it is absent or deleted."""
+        key = self._key(resource_versions, rtype, rid)
+        at = resource_versions.c.last_updated
+        stored, matching = (await self.session.execute(
+            select(func.count(),
+                   func.count().filter(at >= since) if since is not None else func.count())
+            .where(key)
+        )).one()
+        if not matching or limit == 0:
+            return stored, matching, [], None
+        rows = [_version(r) for r in (await self.session.execute(
+            select(resource_versions).where(key, *([at >= since] if since is not None else []))
+            .order_by(resource_versions.c.version_id.desc()).offset(offset).limit(limit)
+        )).all()]
+        before = None
+        if rows:
+            before = (await self.session.execute(
+                select(resource_versions.c.deleted)
+                .where(key, resource_versions.c.version_id < rows[-1].version_id)
+                .order_by(resource_versions.c.version_id.desc()).limit(1)
+            )).scalar_one_or_none()
+        return stored, matching, rows, before
 
     async def search(self, rtype: str, *, ids: list[str] | None = None,
                      patient: str | None = None,

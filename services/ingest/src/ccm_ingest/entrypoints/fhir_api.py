@@ -315,34 +315,43 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         outcome = Outcome(200, rtype, rid, version)
         return fhir_json(version.resource, 200, version_headers(outcome, base(request)))
 
-    @router.get("/{rtype}/{rid}/_history", summary="Every stored version, newest first")
+    @router.get("/{rtype}/{rid}/_history",
+                summary="Stored versions, newest first (_since, _count, _offset)")
     async def history(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
         _require(tenant, "fhir:read")
         _check_type(rtype)
+        params = list(request.query_params.multi_items())
+        since, offset, count = handlers.history_params(params)
         async with runtime.db.unit_of_work() as uow:
-            versions = await SqlResourceRepository(uow.session, tenant.practice_id).history(
-                rtype, rid)
-        if not versions:
+            stored, total, versions, before_deleted = await SqlResourceRepository(
+                uow.session, tenant.practice_id).history(rtype, rid, since=since, limit=count,
+                                                         offset=offset)
+        if not stored:
             raise rejected(404, "not-found", f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
         b = base(request)
-        # Newest first: the version before each is the next in the list.
-        created = [not v.deleted and (older is None or older.deleted)
-                   for v, older in zip(versions, [*versions[1:], None], strict=True)]
-        return fhir_json({
-            "resourceType": "Bundle", "type": "history", "total": len(versions),
-            "entry": [{
-                "fullUrl": f"{b}/{rtype}/{rid}",
-                **({"resource": v.resource} if v.resource is not None else {}),
-                "request": {"method": v.method or ("DELETE" if v.deleted else "PUT"),
-                            "url": rtype if v.method == "POST" else f"{rtype}/{rid}"},
-                "response": {"status": "204" if v.deleted else "201" if new else "200",
-                             "etag": f'W/"{v.version_id}"',
-                             "lastModified": v.last_updated.isoformat(),
-                             **({} if v.applied else {"outcome": operation_outcome([Issue(
-                                 "warning", "conflict", "older than the current state when "
-                                 "received: kept in history, not applied")])})},
-            } for v, new in zip(versions, created, strict=True)],
-        })
+        # Newest first: the version before each is the next in the list (after the page's
+        # last one, ``before_deleted``); one with none before it, or a deletion, was a create.
+        older = [v.deleted for v in versions[1:]]
+        if versions:
+            older.append(True if before_deleted is None else before_deleted)
+        created = [not v.deleted and was_deleted
+                   for v, was_deleted in zip(versions, older, strict=True)]
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": total}
+        if links := page_links(b, f"{rtype}/{rid}/_history", params, total):
+            bundle["link"] = links
+        bundle["entry"] = [{
+            "fullUrl": f"{b}/{rtype}/{rid}",
+            **({"resource": v.resource} if v.resource is not None else {}),
+            "request": {"method": v.method or ("DELETE" if v.deleted else "PUT"),
+                        "url": rtype if v.method == "POST" else f"{rtype}/{rid}"},
+            "response": {"status": "204" if v.deleted else "201" if new else "200",
+                         "etag": f'W/"{v.version_id}"',
+                         "lastModified": v.last_updated.isoformat(),
+                         **({} if v.applied else {"outcome": operation_outcome([Issue(
+                             "warning", "conflict", "older than the current state when "
+                             "received: kept in history, not applied")])})},
+        } for v, new in zip(versions, created, strict=True)]
+        return fhir_json(bundle)
 
     @router.get("/{rtype}/{rid}/_history/{vid}", summary="One stored version")
     async def vread(rtype: str, rid: str, vid: str, request: Request,
@@ -385,18 +394,19 @@ def searchset(base: str, rtype: str, total: int, rows: list[VersionRow],
     return bundle
 
 
-def page_links(base: str, rtype: str, params: list[tuple[str, str]],
+def page_links(base: str, path: str, params: list[tuple[str, str]],
                total: int) -> list[dict[str, str]]:
-    """self, and first/previous/next where there are such pages (``_offset``/``_count``), on
-    the public base (``CCM_INGEST_FHIR_BASE_URL``, else the request's)."""
+    """self, and first/previous/next where there are such pages (``_offset``/``_count``), of a
+    search (``path``: the type) or a history (``Type/id/_history``), on the public base
+    (``CCM_INGEST_FHIR_BASE_URL``, else the request's)."""
     offset, count = handlers.paging(params)
     criteria = [(k, v) for k, v in params if k not in handlers.PAGING]
 
     def page(start: int) -> str:
-        return f"{base}/{rtype}?" + urlencode([*criteria, ("_offset", start), ("_count", count)])
+        return f"{base}/{path}?" + urlencode([*criteria, ("_offset", start), ("_count", count)])
 
-    links = [{"relation": "self", "url": f"{base}/{rtype}" + (f"?{urlencode(params)}"
-                                                             if params else "")}]
+    links = [{"relation": "self", "url": f"{base}/{path}" + (f"?{urlencode(params)}"
+                                                            if params else "")}]
     if offset > 0 and count:
         links += [{"relation": "first", "url": page(0)},
                   {"relation": "previous", "url": page(max(0, offset - count))}]

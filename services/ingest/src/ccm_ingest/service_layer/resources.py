@@ -547,6 +547,29 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
                              updated=updated, limit=limit, offset=offset)
 
 
+HISTORY_PARAMS = {"_since", *PAGING}
+
+
+def history_params(params: list[tuple[str, str]]) -> tuple[datetime | None, int, int]:
+    """(``_since``, ``_offset``, ``_count``) of a ``_history`` read: versions last updated at or
+    after ``_since`` (any FHIR search date; its first instant), a page of ``_count`` (default
+    50) from ``_offset``; 400 for anything else."""
+    since = None
+    for name, value in params:
+        if name == "_since":
+            try:
+                since = search_date_range(value)[0].astimezone(UTC)
+            except (ValueError, OverflowError):
+                raise rejected(400, "value", f"_since {value!r} is not a FHIR instant or date "
+                               "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]]"
+                               "[Z|±hh:mm])", "_since") from None
+        elif name not in PAGING and name not in IGNORED:
+            raise rejected(400, "not-supported", f"_history parameter {name!r} is not supported; "
+                           f"supported: {', '.join(sorted(HISTORY_PARAMS))}", name)
+    offset, count = paging(params)
+    return since, offset, count
+
+
 def validated(resource: Any, rtype: str | None = None) -> dict[str, Any]:
     """The body as a valid resource of ``rtype`` or FhirRejected (400/422)."""
     checked = validate_resource(resource, expected_type=rtype)
