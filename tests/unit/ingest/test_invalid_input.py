@@ -118,6 +118,11 @@ CASES = [
      {}, 422, "value", "Bundle.entry[0].request.ifMatch"),
     ("JSON refused with q=0", "GET", "/fhir/Patient/a", None,
      {"Accept": "application/fhir+json;q=0, application/xml"}, 406, "not-supported", "Accept"),
+    ("another FHIR version asked for (Accept)", "GET", "/fhir/Patient/a", None,
+     {"Accept": "application/fhir+json; fhirVersion=5.0"}, 406, "not-supported", "Accept"),
+    ("another FHIR version sent (Content-Type)", "POST", "/fhir/Patient",
+     {"resourceType": "Patient"}, {"Content-Type": "application/fhir+json; fhirVersion=3.0"},
+     415, "not-supported", None),
     ("XML asked for with an empty _format", "GET", "/fhir/Patient/a?_format=", None,
      {"Accept": "application/xml"}, 406, "not-supported", "Accept"),
     ("a version id that is no ASCII number", "GET", "/fhir/Patient/a/_history/%C2%B2", None,
@@ -229,6 +234,8 @@ async def test_chunked_body_over_the_limit_is_413_operation_outcome(fhir):
 
 @pytest.mark.parametrize(("headers", "query"), [
     ({"Accept": "application/fhir+json; fhirVersion=4.0"}, ""),
+    ({"Accept": "application/fhir+json; fhirVersion=5.0, application/json; fhirversion=4.0.1"},
+     ""),
     ({"Accept": "text/html, application/json;q=0.9"}, ""),
     ({"Accept": "*/*"}, ""), ({"Accept": ""}, ""), ({"Accept": "application/*+json"}, ""),
     ({}, "?_format=json"), ({}, "?_format=application/fhir+json"),
@@ -237,3 +244,16 @@ async def test_chunked_body_over_the_limit_is_413_operation_outcome(fhir):
 async def test_json_asked_for_in_any_of_its_spellings_is_served(fhir, headers, query):
     r = await fhir.get(f"/fhir/metadata{query}", headers=headers)
     assert r.status_code == 200, r.text
+
+
+async def test_the_fhir_version_parameter_names_r4_or_the_version_refused(fhir):
+    ok = await fhir.post("/fhir/Patient", json={"resourceType": "Patient"},
+                         headers={"Content-Type": "application/fhir+json; fhirVersion=4.0"})
+    assert ok.status_code == 201, ok.text
+    sent = await fhir.post("/fhir/Patient", json={"resourceType": "Patient"},
+                           headers={"Content-Type": "application/fhir+json; fhirVersion=5.0"})
+    assert "fhirVersion=5.0" in sent.json()["issue"][0]["diagnostics"]
+    asked = await fhir.get("/fhir/metadata",
+                           headers={"Accept": "application/fhir+json; fhirVersion=3.0"})
+    assert asked.status_code == 406
+    assert "only FHIR R4 is served" in asked.json()["issue"][0]["diagnostics"]

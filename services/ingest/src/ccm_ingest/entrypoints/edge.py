@@ -86,24 +86,44 @@ def unacceptable(scope) -> Issue | None:  # noqa: ANN001
             ranges = [r for r in value.decode("latin-1").split(",") if r.strip()]
             media = [_media_range(r) for r in ranges]
             if ranges and not any(m in _JSON_MEDIA or m.endswith("+json") for m in media):
-                return Issue("error", "not-supported", f"Accept {value.decode('latin-1')!r}: "
-                             "only JSON is served (application/fhir+json, application/json)",
-                             ("Accept",))
+                versions = [v for r in ranges if (v := fhir_version(r)) not in R4_VERSIONS]
+                why = (f"only FHIR R4 is served (fhirVersion=4.0), not {versions[0]}"
+                       if versions else "only JSON is served (application/fhir+json, "
+                       "application/json)")
+                return Issue("error", "not-supported",
+                             f"Accept {value.decode('latin-1')!r}: {why}", ("Accept",))
     return None
 
 
-def _media_range(text: str) -> str:
-    """A media range of Accept without its parameters, "" when its q is 0 (not acceptable)."""
+# The FHIR version media-type parameter (http.html#version-parameter): R4 is 4.0 (or 4.0.1).
+R4_VERSIONS = frozenset({None, "4.0", "4.0.1"})
+
+
+def _params(text: str) -> tuple[str, dict[str, str]]:
+    """A media type (lower case) and its parameters (names in lower case)."""
     media, *params = (p.strip() for p in text.split(";"))
+    named = {}
     for param in params:
         name, _, value = param.partition("=")
-        if name.strip().lower() == "q":
-            try:
-                if float(value) <= 0:
-                    return ""
-            except ValueError:
-                pass
-    return media.lower()
+        named[name.strip().lower()] = value.strip().strip('"')
+    return media.lower(), named
+
+
+def fhir_version(text: str) -> str | None:
+    """The ``fhirVersion`` parameter of a media type or range, None without one."""
+    return _params(text)[1].get("fhirversion")
+
+
+def _media_range(text: str) -> str:
+    """A media range of Accept without its parameters, "" when it is not acceptable: its q is 0,
+    or it asks for a FHIR version other than R4."""
+    media, params = _params(text)
+    try:
+        if float(params.get("q", "1")) <= 0:
+            return ""
+    except ValueError:
+        pass
+    return media if params.get("fhirversion") in R4_VERSIONS else ""
 
 
 class FhirEdge:

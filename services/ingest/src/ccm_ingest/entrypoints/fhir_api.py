@@ -21,6 +21,7 @@ from ccm_ingest.adapters.repository import SqlResourceRepository, VersionRow
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
 from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, rejected
 from ccm_ingest.domain.rules import unresolved_local_references
+from ccm_ingest.entrypoints.edge import R4_VERSIONS, fhir_version
 from ccm_ingest.entrypoints.outcomes import (
     fhir_json,
     operation_outcome,
@@ -161,10 +162,14 @@ def standalone(body: Any, rtype: str) -> dict[str, Any]:
 
 async def read_json(request: Request, max_depth: int) -> Any:
     """The request body as JSON: 415 for other media types, 400 when unparseable or too deep."""
-    media = request.headers.get("content-type", "application/fhir+json").split(";")[0].strip()
+    content_type = request.headers.get("content-type", "application/fhir+json")
+    media = content_type.split(";")[0].strip()
     if media and media.lower() not in ACCEPTED_MEDIA:
         raise rejected(415, "not-supported", f"content type {media!r} is not supported; send "
                        "application/fhir+json (or application/json)")
+    if (version := fhir_version(content_type)) not in R4_VERSIONS:
+        raise rejected(415, "not-supported", f"fhirVersion={version} is not supported: this "
+                       "server takes FHIR R4 (fhirVersion=4.0, or no fhirVersion)")
     raw = await request.body()
     if b"\\u0000" in raw:  # PostgreSQL text cannot hold it: refused, not a 500 at the insert
         raise rejected(400, "structure", "the body has a NUL character (\\u0000) in a string; "
