@@ -158,6 +158,15 @@ CASES = [
     ("a NUL character in a string", "POST", "/fhir/Patient",
      b'{"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": "A\\u0000B"}]}',
      {}, 400, "structure", None),
+    ("a key twice in one object", "POST", "/fhir/Patient",
+     b'{"resourceType": "Patient", "active": true, "active": false}', {}, 400, "structure",
+     None),
+    ("a key twice in a Bundle entry's resource", "POST", "/fhir",
+     b'{"resourceType": "Bundle", "type": "transaction", "entry": [{"request": {"method": '
+     b'"POST", "url": "Encounter"}, "resource": {"resourceType": "Encounter", "status": '
+     b'"finished", "status": "cancelled"}}]}', {}, 400, "structure", None),
+    ("a body that is no UTF-8", "POST", "/fhir/Patient", b'{"resourceType": "Patient\xff"}',
+     {}, 400, "structure", None),
     ("a NUL character in an id", "GET", "/fhir/Patient/a%00b", None, {}, 400, "value", None),
     ("a NUL character in a search", "GET", "/fhir/Patient?_id=%00", None, {}, 400, "value", None),
     ("a NUL character in If-None-Exist", "POST", "/fhir/Patient", {"resourceType": "Patient"},
@@ -257,3 +266,13 @@ async def test_the_fhir_version_parameter_names_r4_or_the_version_refused(fhir):
                            headers={"Accept": "application/fhir+json; fhirVersion=3.0"})
     assert asked.status_code == 406
     assert "only FHIR R4 is served" in asked.json()["issue"][0]["diagnostics"]
+
+
+async def test_a_key_twice_is_named_and_a_utf8_bom_is_still_read(fhir):
+    twice = await fhir.post("/fhir/Patient", content=b'{"resourceType": "Patient", '
+                            b'"name": [{"family": "A", "family": "B"}]}',
+                            headers={"Content-Type": "application/fhir+json"})
+    assert twice.status_code == 400 and "'family'" in twice.json()["issue"][0]["diagnostics"]
+    bom = await fhir.post("/fhir/Patient", content=b'\xef\xbb\xbf{"resourceType": "Patient"}',
+                          headers={"Content-Type": "application/fhir+json"})
+    assert bom.status_code == 201, bom.text
