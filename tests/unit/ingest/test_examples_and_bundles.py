@@ -77,6 +77,58 @@ async def test_ccm_bundle_pushed_twice_is_one_set_of_resources_and_events(fhir):
     assert (await counts(fhir))["resources"] == after_first["resources"] + 9
 
 
+def references(value):
+    if isinstance(value, dict):
+        own = [value["reference"]] if isinstance(value.get("reference"), str) else []
+        return own + [r for k, v in value.items() if k != "contained" for r in references(v)]
+    return [r for v in value for r in references(v)] if isinstance(value, list) else []
+
+
+async def test_a_resent_bundle_links_its_new_entries_to_the_resources_found_by_criteria(fhir):
+    """The fullUrl of a conditional create that finds an existing resource stands for that
+    resource: the second push's Encounters, Conditions, Consent and CarePlan are the same
+    Patient's, and every reference they hold resolves."""
+    bundle = json.loads(CCM_BUNDLE.read_text())
+    first = (await fhir.post("/fhir", json=bundle)).json()["entry"]
+    second = (await fhir.post("/fhir", json=bundle)).json()["entry"]
+    assert [e["fullUrl"] for e in second[:3]] == [e["fullUrl"] for e in first[:3]]
+    patient = next(e["fullUrl"].split("/fhir/")[1] for e in first
+                   if "/Patient/" in e["fullUrl"])
+    checked = 0
+    for entry in second[3:]:
+        resource = (await fhir.get(entry["fullUrl"].removeprefix("http://test"))).json()
+        for ref in references(resource):
+            if ref.startswith(("Patient/", "Practitioner/", "Organization/",
+                               "PractitionerRole/")):
+                assert (await fhir.get(f"/fhir/{ref}")).status_code == 200, ref
+                checked += 1
+        if resource["resourceType"] in ("Encounter", "Condition", "CarePlan"):
+            assert resource["subject"]["reference"] == patient
+    assert checked >= 9
+    patients = {e["subject"] for e in await events(fhir)
+                if str(e.get("subject")).startswith("Patient/")}
+    assert patients == {patient}
+
+
+async def test_two_entries_with_the_same_criteria_are_one_resource_their_references_too(fhir):
+    mrn = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "T-1"}]}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:00000000-0000-4000-8000-00000000000{n}", "resource": mrn,
+         "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|T-1"}}
+        for n in (1, 2)] + [
+        {"resource": {**example("Condition/r4spec-example.json"),
+                      "subject": {"reference": "urn:uuid:00000000-0000-4000-8000-000000000002"}},
+         "request": {"method": "POST", "url": "Condition"}}]}
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 200, r.text
+    answers = r.json()["entry"]
+    assert [e["response"]["status"] for e in answers] == ["201 Created", "200 OK", "201 Created"]
+    assert answers[0]["fullUrl"] == answers[1]["fullUrl"]
+    condition = (await fhir.get(answers[2]["fullUrl"].removeprefix("http://test"))).json()
+    assert f"http://test/fhir/{condition['subject']['reference']}" == answers[0]["fullUrl"]
+    assert (await counts(fhir))["resources"] == 2
+
+
 async def test_transaction_with_one_invalid_entry_writes_and_emits_nothing(fhir):
     bundle = json.loads(CCM_BUNDLE.read_text())
     bundle["entry"][10]["resource"]["status"] = "bogus"

@@ -38,6 +38,10 @@ class Entry:
     query: str = ""
     # A batch entry that failed its own checks: answered with this, never run.
     refused: FhirRejected | None = None
+    # A conditional create (transaction) whose criteria an existing resource matched (``found``)
+    # or an earlier entry of the Bundle claimed (``same_as``): it writes nothing.
+    found: Outcome | None = None
+    same_as: Entry | None = None
 
 
 def _where(index: int) -> str:
@@ -184,12 +188,23 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry) -> 
 
 
 async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) -> dict[str, str]:
-    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates."""
+    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates.
+
+    A conditional create's id is the resource its criteria find, so it is settled here, before
+    any reference to its fullUrl is rewritten: its criteria are claimed now (held until the
+    transaction ends), or an existing resource answers them, or an earlier entry of this Bundle
+    with the same criteria owns them."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
     ids: dict[str, str] = {}
+    claimed: dict[tuple[str, str], Entry] = {}
     for e in entries:
         if e.method == "POST":
             e.rid = random_uuid()
+            if e.if_none_exist:
+                try:
+                    await _claim(uow, caller, e, claimed)
+                except FhirRejected as exc:
+                    raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
         elif e.method == "PUT" and e.rid is None and e.criteria:
             matches = await handlers.find(repo, e.rtype,
                                           handlers.normalise_criteria(e.rtype, e.criteria))
@@ -203,6 +218,21 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
     return ids
+
+
+async def _claim(uow: UnitOfWork, caller: Caller, e: Entry,
+                 claimed: dict[tuple[str, str], Entry]) -> None:
+    """Settle the id of conditional create ``e`` (see ``_resolve_ids``)."""
+    key = (e.rtype, handlers.criteria_key(handlers.normalise_criteria(e.rtype,
+                                                                      e.if_none_exist or "")))
+    if (first := claimed.get(key)) is not None:
+        e.rid, e.same_as = first.rid, first
+        return
+    e.found = await handlers.claim_create(uow, caller, e.rtype, e.rid or "",
+                                          e.if_none_exist or "")
+    if e.found is not None:
+        e.rid = e.found.id
+    claimed[key] = e
 
 
 async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
@@ -280,16 +310,18 @@ async def transaction(uow: UnitOfWork, caller: Caller,
             if write is not None:
                 pending.append((e, write))
                 continue
-            await flush()
-            if e.method == "POST" and e.if_none_exist:
-                found = await handlers.claim_create(uow, caller, e.rtype, e.rid,
-                                                    e.if_none_exist)
-                if found is None:
+            if e.method == "POST" and e.if_none_exist:  # its id was settled by _resolve_ids
+                if e.found is not None:
+                    results[e.index] = e.found
+                elif e.same_as is not None:  # answers with what that entry stored
+                    await flush()
+                    first = results[e.same_as.index]
+                    results[e.index] = Outcome(200, first.resource_type, first.id, first.version)
+                else:
                     pending.append((e, handlers.Write(e.rtype, e.rid, e.resource, fresh=True,
                                                       where=f"{_where(e.index)}.resource")))
-                else:
-                    results[e.index] = found
                 continue
+            await flush()
             results[e.index] = await _run_entry(uow, caller, e)
         except FhirRejected as exc:
             raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
@@ -302,7 +334,7 @@ def _one_entry_per_resource(entries: list[Entry]) -> None:
     seen: dict[tuple[str, str], int] = {}
     issues = []
     for e in entries:
-        if e.method not in ("POST", "PUT", "DELETE") or e.rid is None:
+        if e.method not in ("POST", "PUT", "DELETE") or e.rid is None or e.same_as is not None:
             continue
         first = seen.setdefault((e.rtype, e.rid), e.index)
         if first != e.index:
