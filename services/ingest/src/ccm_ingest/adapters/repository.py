@@ -118,6 +118,18 @@ class SqlResourceRepository:
                    resource_versions.c.version_id).in_(keys)))).all()
         return {(r.type, r.id, r.version_id): _version(r) for r in rows}
 
+    async def same_content_versions(self, keys: list[tuple[str, str, str]],
+                                    ) -> dict[tuple[str, str, str], int]:
+        """(type, id, sha256) → the newest stored version of that resource with that content."""
+        if not keys:
+            return {}
+        rv = resource_versions
+        rows = (await self.session.execute(
+            select(rv.c.type, rv.c.id, rv.c.sha256, func.max(rv.c.version_id))
+            .where(rv.c.tenant == self.tenant, tuple_(rv.c.type, rv.c.id, rv.c.sha256).in_(keys))
+            .group_by(rv.c.type, rv.c.id, rv.c.sha256))).all()
+        return {(t, i, sha): version for t, i, sha, version in rows}
+
     async def insert_batch(self, versions: list[VersionRow], connection: str | None,
                            new_rows: list[dict[str, Any]],
                            identifiers: list[tuple[str, str, str, str]],
@@ -202,8 +214,8 @@ class SqlResourceRepository:
                       limit: int | None = None, offset: int = 0,
                       ) -> tuple[int, int, list[VersionRow], bool | None]:
         """(versions stored, versions at or after ``since``, their page newest first from
-        ``offset``, and whether the version before the page's last one is a deletion: None when
-        there is none). A version is "created" when the one before it is absent or deleted."""
+        ``offset``, and whether the applied version before the page's last one is a deletion:
+        None when there is none)."""
         key = self._key(resource_versions, rtype, rid)
         at = resource_versions.c.last_updated
         stored, matching = (await self.session.execute(
@@ -221,7 +233,8 @@ class SqlResourceRepository:
         if rows:
             before = (await self.session.execute(
                 select(resource_versions.c.deleted)
-                .where(key, resource_versions.c.version_id < rows[-1].version_id)
+                .where(key, resource_versions.c.version_id < rows[-1].version_id,
+                       resource_versions.c.applied.is_(True))
                 .order_by(resource_versions.c.version_id.desc()).limit(1)
             )).scalar_one_or_none()
         return stored, matching, rows, before

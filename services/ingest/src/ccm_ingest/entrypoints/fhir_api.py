@@ -356,13 +356,16 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         if not stored:
             raise rejected(404, "not-found", f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
         b = base(request)
-        # Newest first: the version before each is the next in the list (after the page's
-        # last one, ``before_deleted``); one with none before it, or a deletion, was a create.
-        older = [v.deleted for v in versions[1:]]
-        if versions:
-            older.append(True if before_deleted is None else before_deleted)
-        created = [not v.deleted and was_deleted
-                   for v, was_deleted in zip(versions, older, strict=True)]
+        # A version created its resource when the applied version before it (before the
+        # page: ``before_deleted``) is absent or a deletion; one kept but not applied changed
+        # nothing. Newest first, so walked from the end.
+        gone = True if before_deleted is None else before_deleted
+        created = []
+        for v in reversed(versions):
+            created.append(v.applied and not v.deleted and gone)
+            if v.applied:
+                gone = v.deleted
+        created.reverse()
         bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": total}
         if links := page_links(b, f"{rtype}/{rid}/_history", params, total):
             bundle["link"] = links

@@ -207,7 +207,8 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     answer_with = []  # stored versions that unchanged and stale writes answer with
     for w in writes:
         cur = currents.get((w.rtype, w.rid))
-        exists = cur is not None and cur.version_id > 0 and not cur.deleted
+        known = cur is not None and cur.version_id > 0  # stored, perhaps deleted since
+        exists = known and not cur.deleted
         sha = content_hash(w.resource)
         if exists and sha == cur.sha256:
             plans.append((w, cur, sha, None, False))
@@ -219,15 +220,20 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             if w.where is None:
                 raise
             raise FhirRejected(exc.status, [i.located(w.where) for i in exc.issues]) from None
-        if exists and last_updated <= cur.last_updated and not _sent_last_updated(w.resource):
+        if known and last_updated <= cur.last_updated and not _sent_last_updated(w.resource):
             # No time sent: this version is the newest by definition, even after one whose
             # sent time is (within the allowed clock difference) ahead of ours.
             last_updated = cur.last_updated + timedelta(milliseconds=1)
-        stale = exists and last_updated < cur.last_updated
+        # Older than the current state, a deletion included: a replayed version must not bring
+        # a deleted resource (and its CCM time) back.
+        stale = known and last_updated < cur.last_updated
         if stale:
             answer_with.append((w.rtype, w.rid, cur.version_id))
         plans.append((w, cur, sha, last_updated, stale))
     stored = await repo.versions_of(answer_with)
+    # A stale version already in history (an EHR's retry) is not kept twice.
+    kept = await repo.same_content_versions(
+        [(w.rtype, w.rid, sha) for w, _, sha, _, stale in plans if stale])
     roles = await repo.current_resources(
         "PractitionerRole", sorted({i for w, *_ in plans for i in _role_ids(w.resource)}))
     pending = _Pending()
@@ -238,6 +244,11 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
                 200, w.rtype, w.rid, stored[(w.rtype, w.rid, cur.version_id)],
                 [Issue("information", "informational",
                        "same content as the current version: no new version was stored")]))
+            continue
+        if (same := kept.get((w.rtype, w.rid, sha))) is not None:
+            outcomes.append(_stale_outcome(w, cur, stored, last_updated, (
+                f"the same content as version {same}, already kept in history: nothing was "
+                "stored")))
             continue
         try:
             outcomes.append(_plan_version(caller, w, cur, sha, last_updated, stale, roles,
@@ -256,6 +267,20 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     return outcomes
 
 
+def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int], VersionRow],
+                   last_updated: datetime, kept: str) -> Outcome:
+    """200 with the current version (or deletion) and a warning: a version older than it."""
+    current = (f"the deletion (version {cur.version_id}, {cur.last_updated.isoformat()})"
+               if cur.deleted else
+               f"the current version {cur.version_id} ({cur.last_updated.isoformat()})")
+    return Outcome(200, w.rtype, w.rid, stored[(w.rtype, w.rid, cur.version_id)],
+                   outcome_body=True, issues=[Issue(
+                       "warning", "conflict",
+                       f"meta.lastUpdated {last_updated.isoformat()} is older than {current}: "
+                       f"{kept}; the current state is unchanged and no event was emitted",
+                       ("meta.lastUpdated",))])
+
+
 def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
                   last_updated: datetime, stale: bool, roles: dict[str, dict[str, Any]],
                   stored: dict[tuple[str, str, int], VersionRow], pending: _Pending) -> Outcome:
@@ -271,13 +296,8 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
     if stale:
         pending.versions.append(version)
         pending.stale_rows.append({"type": rtype, "id": rid, "last_version": version_id})
-        return Outcome(200, rtype, rid, stored[(rtype, rid, cur.version_id)], outcome_body=True,
-                       issues=[Issue(
-            "warning", "conflict",
-            f"meta.lastUpdated {last_updated.isoformat()} is older than the current version "
-            f"{cur.version_id} ({cur.last_updated.isoformat()}): kept in history as "
-            f"version {version_id}, the current state is unchanged and no event was emitted",
-            ("meta.lastUpdated",))])
+        return _stale_outcome(w, cur, stored, last_updated,
+                              f"kept in history as version {version_id}")
     source = SourceVersion(rtype, rid, version_id, last_updated, sha, caller.now,
                            caller.connection)
     try:
