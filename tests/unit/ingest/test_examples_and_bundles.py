@@ -230,8 +230,11 @@ async def test_a_conditional_reference_resolves_beside_a_contained_urn(fhir):
                                              "identifier": [{"system": "urn:s", "value": "c1"}]})
     condition = {**example("Condition/r4spec-example.json"),
                  "subject": {"reference": "Patient?identifier=urn:s|c1"},
-                 "contained": [{"resourceType": "Organization", "id": "o", "partOf": {
-                     "reference": "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a09"}}]}
+                 "asserter": {"reference": "#o"},
+                 "contained": [{"resourceType": "Practitioner", "id": "o", "extension": [{
+                     "url": "http://example.org/fhir/StructureDefinition/employer",
+                     "valueReference": {
+                         "reference": "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a09"}}]}]}
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"resource": condition, "request": {"method": "POST", "url": "Condition"}}]}
     r = await fhir.post("/fhir", json=bundle)

@@ -167,6 +167,37 @@ CASES = [
      b'"finished", "status": "cancelled"}}]}', {}, 400, "structure", None),
     ("a body that is no UTF-8", "POST", "/fhir/Patient", b'{"resourceType": "Patient\xff"}',
      {}, 400, "structure", None),
+    *[(f"a contained resource {name}", "PUT", "/fhir/Patient/b2",
+       {"resourceType": "Patient", "id": "b2", "contained": [contained],
+        "generalPractitioner": [{"reference": "#o1"}]}, {}, 422, code, f"Patient.{where}")
+      for name, contained, code, where in [
+          ("of no FHIR type", {"resourceType": "Bogus", "id": "o1"}, "structure",
+           "contained[0].resourceType"),
+          ("of an R5-only type", {"resourceType": "Requirements", "id": "o1"}, "structure",
+           "contained[0].resourceType"),
+          ("without resourceType", {"id": "o1"}, "structure", "contained[0].resourceType"),
+          ("whose resourceType is a number", {"resourceType": 5, "id": "o1"}, "structure",
+           "contained[0].resourceType"),
+          ("without an id", {"resourceType": "Organization", "name": "x"}, "required",
+           "contained[0].id"),
+          ("that contains another (dom-2)", {"resourceType": "Organization", "id": "o1",
+                                             "contained": [{"resourceType": "Bogus"}]},
+           "invariant", "contained[0].contained"),
+          ("with meta.versionId (dom-4)", {"resourceType": "Organization", "id": "o1",
+                                           "meta": {"versionId": "3"}}, "invariant",
+           "contained[0].meta"),
+      ]],
+    ("a contained resource referred to from nowhere (dom-3)", "PUT", "/fhir/Patient/b2",
+     {"resourceType": "Patient", "id": "b2",
+      "contained": [{"resourceType": "Organization", "id": "o2"}]}, {}, 422, "invariant",
+     "Patient.contained[0]"),
+    ("a #id reference to no contained resource", "PUT", "/fhir/Patient/b2",
+     {"resourceType": "Patient", "id": "b2", "managingOrganization": {"reference": "#nope"}},
+     {}, 422, "not-found", "Patient.managingOrganization.reference"),
+    ("$validate of a resource containing one of no FHIR type", "POST", "/fhir/Patient/$validate",
+     {"resourceType": "Patient", "contained": [{"resourceType": "Bogus", "id": "o1"}],
+      "managingOrganization": {"reference": "#o1"}}, {},
+     422, "structure", "Patient.contained[0].resourceType"),
     ("a NUL character in an id", "GET", "/fhir/Patient/a%00b", None, {}, 400, "value", None),
     ("a NUL character in a search", "GET", "/fhir/Patient?_id=%00", None, {}, 400, "value", None),
     ("a NUL character in If-None-Exist", "POST", "/fhir/Patient", {"resourceType": "Patient"},
@@ -276,3 +307,17 @@ async def test_a_key_twice_is_named_and_a_utf8_bom_is_still_read(fhir):
     bom = await fhir.post("/fhir/Patient", content=b'\xef\xbb\xbf{"resourceType": "Patient"}',
                           headers={"Content-Type": "application/fhir+json"})
     assert bom.status_code == 201, bom.text
+
+
+async def test_a_batch_entry_containing_an_unknown_type_fails_alone(fhir):
+    bad = {"resourceType": "Patient", "id": "b4",
+           "contained": [{"resourceType": "Bogus", "id": "o1"}],
+           "managingOrganization": {"reference": "#o1"}}
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": bad, "request": {"method": "PUT", "url": "Patient/b4"}},
+        {"resource": {"resourceType": "Patient", "id": "b5"},
+         "request": {"method": "PUT", "url": "Patient/b5"}}]})
+    assert r.status_code == 200, r.text
+    assert [e["response"]["status"] for e in r.json()["entry"]] == [
+        "422 Unprocessable Entity", "201 Created"]
+    assert (await fhir.get("/fhir/Patient/b5")).status_code == 200

@@ -47,6 +47,8 @@ def _issue_code(error_type: str) -> str:
 def structural_issues(resource: dict[str, Any]) -> list[Issue]:
     """What ``fhir.resources.R4B`` finds wrong with the resource (datatypes, cardinality…)."""
     rtype = resource["resourceType"]
+    if unknown := _unknown_contained_types(resource, rtype):
+        return unknown
     try:
         _model(rtype).model_validate(resource)
     except ValidationError as exc:
@@ -59,9 +61,28 @@ def structural_issues(resource: dict[str, Any]) -> list[Issue]:
             issues.append(Issue("error", _issue_code(error["type"]), f"{where}: {message}",
                                 (where,)))
         return issues
-    except (TypeError, ValueError) as exc:  # the library raises these for some shapes
-        return [Issue("error", "structure", f"{rtype}: {exc}"[:500], (rtype,))]
+    except (TypeError, ValueError, KeyError, AttributeError):
+        # The library raises these for some shapes; their messages are about its own code.
+        return [Issue("error", "structure", f"{rtype}: an element holds a JSON value of a "
+                      "shape FHIR R4 does not allow there (e.g. a number where a resource or "
+                      "an object belongs)", (rtype,))]
     return []
+
+
+def _unknown_contained_types(resource: dict[str, Any], rtype: str) -> list[Issue]:
+    """Contained resources of no R4 type (the library fails on them with a KeyError)."""
+    contained = resource.get("contained")
+    issues = []
+    for i, item in enumerate(contained if isinstance(contained, list) else []):
+        kind = item.get("resourceType") if isinstance(item, dict) else None
+        if isinstance(kind, str):
+            try:
+                _model(kind)
+            except (KeyError, ValueError, ImportError, AttributeError):
+                issues.append(Issue("error", "structure", f"contained resource type {kind!r} "
+                                    "is not a FHIR R4 resource type",
+                                    (f"{rtype}.contained[{i}].resourceType",)))
+    return issues
 
 
 def validate_resource(resource: Any, *, expected_type: str | None = None) -> dict[str, Any]:

@@ -82,7 +82,61 @@ def check_resource(resource: dict[str, Any]) -> list[Issue]:
         issues += check(resource)
     issues += _references(resource, rtype)
     issues += _subject_targets(resource, rtype)
+    if "contained" in resource:
+        issues += _contained(resource, rtype)
     return issues
+
+
+def _contained(resource: dict[str, Any], rtype: str) -> list[Issue]:
+    """R4's rules for contained resources, which are part of their container with no identity of
+    their own: each has a resourceType and an id, contains nothing (dom-2), has no
+    meta.versionId or meta.lastUpdated (dom-4) and is referred to from the resource (dom-3,
+    ``#id``); a ``#id`` reference names one of them (``#`` alone: the container)."""
+    items = resource["contained"] if isinstance(resource["contained"], list) else []
+    issues: list[Issue] = []
+    ids: dict[str, str] = {}
+    refs = [(w, r) for w, r in _walk_references(resource, rtype) if r.startswith("#")]
+    for i, item in enumerate(items):
+        at = f"{rtype}.contained[{i}]"
+        if not isinstance(item, dict):
+            continue  # the datatype check says so
+        if not isinstance(item.get("resourceType"), str) or not item["resourceType"]:
+            issues.append(_err("structure", "a contained resource needs its resourceType",
+                               f"{at}.resourceType"))
+            continue
+        if isinstance(item.get("id"), str) and item["id"]:
+            ids[item["id"]] = at
+        else:
+            issues.append(_err("required", "a contained resource needs an id: it is referred "
+                               "to as #id", f"{at}.id"))
+        if "contained" in item:
+            issues.append(_err("invariant", "dom-2: a contained resource SHALL NOT contain "
+                               "resources", f"{at}.contained"))
+        meta = item.get("meta")
+        if isinstance(meta, dict) and ("versionId" in meta or "lastUpdated" in meta):
+            issues.append(_err("invariant", "dom-4: a contained resource SHALL NOT have "
+                               "meta.versionId or meta.lastUpdated", f"{at}.meta"))
+        refs += [(w, r) for w, r in _walk_references(item, at) if r.startswith("#")]
+    for where, ref in refs:
+        if ref != "#" and ref[1:] not in ids:
+            issues.append(_err("not-found", f"{where} {ref!r} names no contained resource",
+                               where))
+    # dom-3 counts any element whose value is "#id" (references, canonicals, uris).
+    named = {value[1:] for value in _strings(resource) if value.startswith("#")}
+    issues += [_err("invariant", f"dom-3: contained resource #{cid} is referred to from nowhere "
+                    "in the resource", at) for cid, at in ids.items() if cid not in named]
+    return issues
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _r5_shapes(rtype: str, resource: dict[str, Any]) -> list[Issue]:
@@ -309,9 +363,16 @@ def _subject_targets(resource: dict[str, Any], rtype: str) -> list[Issue]:
 
 
 def _references(resource: dict[str, Any], rtype: str) -> list[Issue]:
-    return [
-        _err("value", f"{where} {ref!r} is not a FHIR reference (Type/id, an absolute URL, "
-             "#contained, urn:uuid: or a conditional Type?search)", where)
-        for where, ref in _walk_references(resource, rtype)
-        if not _REFERENCE.match(ref)
-    ]
+    """References that are none, and ``#id`` ones in a resource that contains nothing (with
+    contained resources, ``_contained`` checks them)."""
+    contains = "contained" in resource
+    issues = []
+    for where, ref in _walk_references(resource, rtype):
+        if not _REFERENCE.match(ref):
+            issues.append(_err("value", f"{where} {ref!r} is not a FHIR reference (Type/id, an "
+                               "absolute URL, #contained, urn:uuid: or a conditional "
+                               "Type?search)", where))
+        elif ref[:1] == "#" and ref != "#" and not contains:
+            issues.append(_err("not-found", f"{where} {ref!r} names no contained resource",
+                               where))
+    return issues
