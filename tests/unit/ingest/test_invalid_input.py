@@ -191,6 +191,28 @@ CASES = [
      {"resourceType": "Patient", "id": "b2",
       "contained": [{"resourceType": "Organization", "id": "o2"}]}, {}, 422, "invariant",
      "Patient.contained[0]"),
+    *[(f"{name} (JSON types)", "PUT", f"/fhir/{rtype}/j1", {"resourceType": rtype, "id": "j1",
+                                                           **body}, {}, 422, code, where)
+      for name, rtype, body, code, where in [
+          ('a boolean sent as "false"', "Organization", {"active": "false"}, "value",
+           "Organization.active"),
+          ("a boolean sent as 0", "Patient", {"active": 0}, "value", "Patient.active"),
+          ('an integer sent as "2"', "Patient", {"multipleBirthInteger": "2"}, "value",
+           "Patient.multipleBirthInteger"),
+          ("an integer sent as true", "Patient", {"telecom": [{"rank": True}]}, "value",
+           "Patient.telecom[0].rank"),
+          ('a decimal sent as "25"', "Encounter", {**ccm_encounter(), "id": "j1", "length": {
+              "value": "25", "unit": "min", "system": "http://unitsofmeasure.org",
+              "code": "min"}}, "value", "Encounter.length.value"),
+          ("an extension's boolean sent as a string", "Patient", {"extension": [
+              {"url": "http://example.org/x", "valueBoolean": "true"}]}, "value",
+           "Patient.extension[0].valueBoolean"),
+          ("a null element", "Patient", {"active": None}, "structure", "Patient.active"),
+          ("a null element in a contained resource", "Patient", {
+              "contained": [{"resourceType": "Organization", "id": "o", "name": None}],
+              "managingOrganization": {"reference": "#o"}}, "structure",
+           "Patient.contained[0].name"),
+      ]],
     ("a #id reference to no contained resource", "PUT", "/fhir/Patient/b2",
      {"resourceType": "Patient", "id": "b2", "managingOrganization": {"reference": "#nope"}},
      {}, 422, "not-found", "Patient.managingOrganization.reference"),

@@ -3,8 +3,10 @@ rules of ours in ``domain.rules``. Errors become OperationOutcome issues naming 
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
+import json
+from decimal import Decimal
+from functools import cache, lru_cache
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
@@ -66,7 +68,7 @@ def structural_issues(resource: dict[str, Any]) -> list[Issue]:
         return [Issue("error", "structure", f"{rtype}: an element holds a JSON value of a "
                       "shape FHIR R4 does not allow there (e.g. a number where a resource or "
                       "an object belongs)", (rtype,))]
-    return []
+    return _json_types(resource, _model(rtype), rtype)
 
 
 def _unknown_contained_types(resource: dict[str, Any], rtype: str) -> list[Issue]:
@@ -110,3 +112,82 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> dic
 def unsupported_type_issue(rtype: str) -> Issue:
     return Issue("error", "not-supported", f"resource type {rtype!r} is not supported here; "
                  f"supported: {', '.join(SUPPORTED_TYPES)}", ("resourceType",))
+
+
+# ---- JSON value types --------------------------------------------------------------------------
+# The library coerces what FHIR's JSON format forbids: "false", 0 or "yes" for a boolean, "25"
+# for an integer or decimal, and takes null for any element. Stored as sent, such a value would
+# reach events and every reader in a type other than its own ("false" reads as true).
+
+_INTEGERS = {"Integer", "PositiveInt", "UnsignedInt"}
+_RESOURCE = "resource"  # a contained resource: the model of its own resourceType
+
+
+def _kind(annotation: Any) -> Any:
+    """boolean / integer / decimal (primitives whose JSON type the library does not enforce), a
+    complex element's model class, ``_RESOURCE``, or None."""
+    for arg in (get_args(annotation) or (annotation,)):
+        if arg is type(None):
+            continue
+        if arg is bool:
+            return "boolean"
+        if get_origin(arg) is Annotated:
+            base, *meta = get_args(arg)
+            names = {type(m).__name__ for m in meta}
+            if names & _INTEGERS:
+                return "integer"
+            if base is Decimal:
+                return "decimal"
+            return None
+        if get_origin(arg) in (list, Union) or get_args(arg):
+            return _kind(arg)
+        if getattr(arg, "__name__", "") == "ResourceType":
+            return _RESOURCE
+        if hasattr(arg, "get_model_klass"):
+            return arg.get_model_klass()
+    return None
+
+
+@cache
+def _shape(model: Any) -> dict[str, Any]:
+    """JSON name → what ``_kind`` says of it, for the elements it says something of."""
+    shape = {}
+    for name, field in model.model_fields.items():
+        if (kind := _kind(field.annotation)) is not None:
+            shape[field.alias or name] = kind
+    return shape
+
+
+_JSON_TYPES = {"boolean": (bool,), "integer": (int,), "decimal": (int, float)}
+
+
+def _json_types(value: dict[str, Any], model: Any, path: str) -> list[Issue]:
+    """Issues for null elements, and booleans, integers and decimals of another JSON type."""
+    issues = []
+    shape = _shape(model)
+    for key, item in value.items():
+        where = f"{path}.{key}"
+        if item is None:
+            issues.append(Issue("error", "structure", f"{where}: null is not a FHIR JSON value "
+                                "(leave the element out)", (where,)))
+            continue
+        kind = shape.get(key)
+        if kind is None:
+            continue
+        items = enumerate(item) if isinstance(item, list) else ((None, item),)
+        for i, one in items:
+            at = where if i is None else f"{where}[{i}]"
+            if isinstance(kind, str) and kind != _RESOURCE:
+                if one is not None and type(one) not in _JSON_TYPES[kind]:
+                    issues.append(Issue("error", "value", f"{at}: a FHIR {kind} is a JSON "
+                                        f"{'true or false' if kind == 'boolean' else 'number'}"
+                                        f", not {json.dumps(one)[:40]}", (at,)))
+            elif isinstance(one, dict):
+                sub = kind
+                if kind == _RESOURCE:
+                    try:
+                        sub = _model(one.get("resourceType"))
+                    except (KeyError, ValueError, TypeError):
+                        continue
+                issues += _json_types(one, sub, at)
+    return issues
