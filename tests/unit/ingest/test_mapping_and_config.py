@@ -8,6 +8,7 @@ import pytest
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
 from ccm_ingest.domain.mapping import MappingContext, classify_role, map_version
 from ccm_ingest.domain.model import FhirRejected, SourceVersion
+from tests.support.contracts import assert_valid_event
 from tests.unit.ingest.conftest import events
 from tests.unit.ingest.test_fhir_api import ccm_encounter
 
@@ -202,3 +203,50 @@ async def test_visits_pushed_to_the_api_are_recorded_and_follow_their_contract(f
     assert [e["data"]["reason"] for e in reversed_] == ["entered-in-error"]
     assert recorded[0]["subject"] == "Patient/p1"
     assert recorded[0]["sequence"] < reversed_[0]["sequence"]
+
+
+CCM_CONSENT = {
+    "resourceType": "Consent", "id": "cs1", "status": "active",
+    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                          "code": "treatment"}]},
+    "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+    "patient": {"reference": "Patient/p1"}, "dateTime": "2026-02-27T15:04:00-05:00",
+    "policyRule": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                               "code": "OPTIN"}]},
+    "provision": {"type": "permit", "period": {"start": "2026-02-27"}},
+}
+CCM_CARE_PLAN = {
+    "resourceType": "CarePlan", "id": "cp1", "status": "active", "intent": "plan",
+    "category": [{"coding": [{"system": "http://hl7.org/fhir/us/core/CodeSystem/careplan-category",
+                              "code": "assess-plan"}]}],
+    "subject": {"reference": "Patient/p1"}, "created": "2026-02-27",
+}
+OTHER_CATEGORY = [{"coding": [{"system": "http://example.org", "code": "other"}]}]
+
+
+async def test_a_consent_that_stops_being_ccm_is_voided_and_granted_again_when_it_is(fhir):
+    await fhir.put("/fhir/Consent/cs1", json=CCM_CONSENT)
+    await fhir.put("/fhir/Consent/cs1", json={**CCM_CONSENT, "category": OTHER_CATEGORY})
+    await fhir.put("/fhir/Consent/cs1", json={**CCM_CONSENT, "dateTime": "2026-02-28"})
+    kinds = [(e["type"].split(".")[2], e["data"]["status"], e["data"]["patient"])
+             for e in await events(fhir) if e["type"].startswith("ingest.consent.")]
+    assert kinds == [("granted", "active", "Patient/p1"),
+                     ("voided", "entered-in-error", "Patient/p1"),
+                     ("granted", "active", "Patient/p1")]
+    for event in await events(fhir):
+        assert_valid_event(event)
+
+
+@pytest.mark.parametrize("change", [{"category": OTHER_CATEGORY}, {"intent": "proposal"},
+                                    {"subject": {"reference": "Group/g1"}}])
+async def test_a_care_plan_that_stops_being_ccm_is_closed_for_its_patient(fhir, change):
+    await fhir.put("/fhir/CarePlan/cp1", json=CCM_CARE_PLAN)
+    await fhir.put("/fhir/CarePlan/cp1", json={**CCM_CARE_PLAN, **change})
+    plans = [(e["type"].split(".")[2], e["data"]["status"], e["data"]["patient"])
+             for e in await events(fhir) if e["type"].startswith("ingest.care-plan.")]
+    assert plans == [("created", "active", "Patient/p1"),
+                     ("closed", "entered-in-error", "Patient/p1")]
+    for event in await events(fhir):
+        assert_valid_event(event)
+    await fhir.put("/fhir/CarePlan/cp1", json={**CCM_CARE_PLAN, **change, "status": "completed"})
+    assert len(await events(fhir)) == 2  # nothing more to close

@@ -326,20 +326,33 @@ CONSENT_EVENTS = {
 
 
 def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    """A CCM consent's status as granted / revoked / declined / voided. One that stops being a
+    CCM consent (its category, scope or patient changed) is voided, as if deleted: otherwise
+    billing would go on counting it."""
     categories = codings(res.get("category") or [])
     scope = codings(res.get("scope"))
     is_ccm = (any_coding_matches(ctx.config.consent_categories, categories)
               and any_coding_matches(ctx.config.consent_scopes, scope))
-    if not is_ccm:
-        return Mapping(state={})
     patient = reference(res.get("patient"), ("Patient",))
+    if not is_ccm:
+        was = ctx.state.get("ccm") and not ctx.deleted and (ctx.state.get("patient") or patient)
+        if not was:
+            return Mapping(state={})
+        return Mapping([_consent_event("ingest.consent.voided.v1", "entered-in-error", was,
+                                       res, ctx, categories)], {})
     if patient is None:
         raise rejected(422, "required", "a CCM consent needs Consent.patient to reference a "
                        "Patient", "Consent.patient")
     status = "entered-in-error" if ctx.deleted else res.get("status")
     kind = CONSENT_EVENTS.get(status or "")
+    state = {"ccm": True, "patient": patient}
     if kind is None:
-        return Mapping(state={"ccm": True})
+        return Mapping(state=state)
+    return Mapping([_consent_event(kind, status, patient, res, ctx, categories)], state)
+
+
+def _consent_event(kind: str, status: str | None, patient: str, res: dict[str, Any],
+                   ctx: MappingContext, categories: list[dict[str, Any]]) -> MappedEvent:
     provision = res.get("provision") or {}
     actors = [a.get("reference") for a in provision.get("actor") or [] if isinstance(a, dict)]
     practitioners = references(actors, ("Practitioner", "PractitionerRole"))
@@ -353,14 +366,13 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     if status == "inactive":
         revoked_on = ctx.source.last_updated.astimezone(ctx.timezone).date()
         until = month_end(revoked_on).isoformat()
-    event = _event(
+    return _event(
         kind, patient, ctx, consent=_self(ctx), patient=patient, status=status,
         obtainedAt=instant(obtained, ctx.timezone).isoformat() if obtained else None,
         method=method, period=_period(provision.get("period")),
         provision=provision.get("type") or "permit", practitioners=practitioners,
         categories=categories, effectiveUntil=until,
     )
-    return Mapping([event], {"ccm": True})
 
 
 # ---- CarePlan → created / revised / closed ----------------------------------------------------
@@ -369,12 +381,20 @@ CLOSING = frozenset({"revoked", "completed", "entered-in-error"})
 
 
 def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    """A CCM care plan created / revised / closed. One that stops being a CCM care plan (its
+    intent, category or subject changed) is closed as entered in error, as if deleted."""
     categories = codings(res.get("category") or [])
     is_ccm = (res.get("intent") in ctx.config.care_plan_intents
               and any_coding_matches(ctx.config.care_plan_categories, categories))
     patient = reference(res.get("subject"), ("Patient",))
     if not is_ccm or patient is None:
-        return Mapping(state=ctx.state if ctx.deleted else {})
+        if ctx.deleted:
+            return Mapping(state=ctx.state)
+        was = ctx.state.get("ccm") and (ctx.state.get("patient") or patient)
+        if not was:
+            return Mapping(state={})
+        return Mapping([_care_plan_event("ingest.care-plan.closed.v1", "entered-in-error", was,
+                                         res, ctx, categories)], {})
     status = "entered-in-error" if ctx.deleted else res.get("status")
     if ctx.deleted and not ctx.state.get("ccm"):
         return Mapping(state={})
@@ -384,7 +404,13 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         kind = "ingest.care-plan.revised.v1"
     else:
         kind = "ingest.care-plan.created.v1"
-    event = _event(
+    return Mapping([_care_plan_event(kind, status, patient, res, ctx, categories)],
+                   {"ccm": True, "patient": patient})
+
+
+def _care_plan_event(kind: str, status: str | None, patient: str, res: dict[str, Any],
+                     ctx: MappingContext, categories: list[dict[str, Any]]) -> MappedEvent:
+    return _event(
         kind, patient, ctx, carePlan=_self(ctx), patient=patient, status=status,
         intent=res.get("intent"), created=res.get("created"), period=_period(res.get("period")),
         author=reference(res.get("author")), careTeam=references(res.get("careTeam"),
@@ -392,7 +418,6 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         addresses=references(res.get("addresses"), ("Condition",)), categories=categories,
         review=care_plan_review(res, ctx),
     )
-    return Mapping([event], {"ccm": True})
 
 
 def care_plan_review(res: dict[str, Any], ctx: MappingContext) -> dict[str, Any] | None:
