@@ -214,6 +214,27 @@ async def test_search_by_patient_and_last_updated(fhir):
     assert bad.status_code == 400 and bad.json()["issue"][0]["code"] == "not-supported"
 
 
+async def test_a_search_parameter_given_twice_must_match_both_times(fhir):
+    await fhir.put("/fhir/Encounter/e1", json=ccm_encounter())
+    await fhir.put("/fhir/Encounter/e2", json={**ccm_encounter("e2"),
+                                               "subject": {"reference": "Patient/p2"}})
+
+    async def found(query: str) -> list[str]:
+        r = await fhir.get(f"/fhir/Encounter?{query}")
+        assert r.status_code == 200, r.text
+        return sorted(e["resource"]["id"] for e in r.json()["entry"])
+
+    assert await found("_id=e1&_id=e2") == []
+    assert await found("_id=e1,e2&_id=e2") == ["e2"]
+    assert await found("patient=p1&subject=Patient/p1") == ["e1"]
+    assert await found("patient=p1&patient=p2") == []
+    for query in ["subject=Practitioner/p1", "patient=Group/p1",
+                  "identifier=urn:a|1&identifier=urn:b|2"]:
+        bad = await fhir.get(f"/fhir/Encounter?{query}")
+        assert bad.status_code == 400, query
+        assert bad.json()["issue"][0]["code"] == "not-supported"
+
+
 async def test_read_only_token_cannot_write(fhir):
     r = await fhir.post("/fhir/Patient", json=example("Patient/r4spec-example.json"),
                         headers=as_practice(fhir, "alpha-read"))

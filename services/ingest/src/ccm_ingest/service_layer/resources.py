@@ -540,23 +540,32 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
                  limit: int = 50) -> tuple[int, list[VersionRow]]:
     """(total, the page of current versions: ``_offset``, ``_count``) of a search; newest
     first."""
-    ids = patient = identifier = None
+    ids: list[str] | None = None
+    patient = identifier = None
     updated: list[tuple[str, Any]] = []
     offset, limit = paging(params, limit)
     for name, value in params:
+        # A parameter given twice must match both times (FHIR: AND).
         if name == "_id":
-            ids = value.split(",")
+            given = value.split(",")
+            ids = given if ids is None else [i for i in ids if i in given]
         elif name in ("patient", "subject"):
             if rtype not in PATIENT_ELEMENT:
                 raise rejected(400, "not-supported", f"{rtype} has no {name} search parameter",
                                name)
-            patient = value.rsplit("/", 1)[-1]
+            kind, _, rid = value.rpartition("/")
+            if kind and kind.rsplit("/", 1)[-1] != "Patient":
+                raise rejected(400, "not-supported", f"{name} {value!r}: only Patient "
+                               "references are searchable here (Patient/id or id)", name)
+            if patient is not None and rid != patient:
+                ids = []  # two patients: nothing is about both
+            patient = rid
         elif name == "identifier":
             system, bar, code = value.partition("|")
-            if "," in value or (bar and not code):
+            if "," in value or (bar and not code) or identifier is not None:
                 raise rejected(400, "not-supported", f"identifier {value!r}: one system|value or "
-                               "value per parameter (no comma lists, no system-only search)",
-                               "identifier")
+                               "value per search (no comma lists, no system-only search, no "
+                               "second identifier parameter)", "identifier")
             identifier = (system, code) if bar else (None, value)
         elif name == "_lastUpdated":
             updated += last_updated_criteria(value)
