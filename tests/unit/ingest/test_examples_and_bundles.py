@@ -293,3 +293,21 @@ async def test_xds_transaction_is_refused_for_its_unsupported_types(fhir):
     ok = await fhir.post("/fhir", json=supported)
     assert ok.status_code == 200
     assert [e["response"]["status"] for e in ok.json()["entry"]] == ["201 Created"] * 3
+
+
+@pytest.mark.parametrize("kind", ["transaction", "batch"])
+async def test_prefer_applies_to_every_entry_of_a_bundle_response(fhir, kind):
+    def bundle(n: int) -> dict:
+        return {"resourceType": "Bundle", "type": kind, "entry": [
+            {"resource": {"resourceType": "Patient", "id": f"{kind}{n}", "active": True},
+             "request": {"method": "PUT", "url": f"Patient/{kind}{n}"}}]}
+
+    plain = (await fhir.post("/fhir", json=bundle(1))).json()["entry"][0]
+    assert set(plain) == {"fullUrl", "response"} and "outcome" not in plain["response"]
+    shown = (await fhir.post("/fhir", json=bundle(2),
+                             headers={"Prefer": "return=representation"})).json()["entry"][0]
+    assert shown["resource"]["id"] == f"{kind}2" and shown["resource"]["meta"]["versionId"] == "1"
+    told = (await fhir.post("/fhir", json=bundle(3),
+                            headers={"Prefer": "return=OperationOutcome"})).json()["entry"][0]
+    assert told["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    assert "resource" not in told

@@ -26,6 +26,7 @@ from ccm_ingest.entrypoints.outcomes import (
     fhir_json,
     operation_outcome,
     outcome_response,
+    prefer,
     version_headers,
     write_response,
 )
@@ -283,7 +284,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             results = await bundles.batch(runtime.db.unit_of_work, caller, entries,
                                           lambda u: u.commit())
         wake_relay()
-        return fhir_json(response_bundle(f"{kind}-response", results, base(request)))
+        # Entries carry no resources unless asked for (a 1,000-entry Bundle's answer stays small).
+        wanted = prefer(request) if "prefer" in request.headers else "minimal"
+        return fhir_json(response_bundle(f"{kind}-response", results, base(request), wanted))
 
     @router.post("/{rtype}/$validate", summary="Validate a resource (or Bundle) without storing")
     async def validate(rtype: str, request: Request, tenant: TenantDep) -> Response:
@@ -446,7 +449,10 @@ def page_links(base: str, path: str, params: list[tuple[str, str]],
 
 
 def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
-                    base: str) -> dict[str, Any]:
+                    base: str, wanted: str = "minimal") -> dict[str, Any]:
+    """The response Bundle. ``wanted`` is the request's ``Prefer: return=``: with
+    ``representation`` each written entry carries its resource, with ``OperationOutcome`` each
+    entry's response an outcome; otherwise only writes with something to say carry one."""
     entries = []
     for entry, outcome in results:
         response: dict[str, Any] = {"status": _status_line(outcome.status)}
@@ -454,12 +460,15 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
             response["location"] = f"{outcome.location}"
             response["etag"] = f'W/"{outcome.version.version_id}"'
             response["lastModified"] = outcome.version.last_updated.isoformat()
-        if outcome.issues:
-            response["outcome"] = operation_outcome(outcome.issues)
+        if outcome.issues or wanted == "OperationOutcome":
+            response["outcome"] = operation_outcome(outcome.issues or [Issue(
+                "information", "informational", f"{entry.method}: {_status_line(outcome.status)}")])
         item: dict[str, Any] = {"response": response}
         if outcome.id and outcome.version is not None:
             item["fullUrl"] = f"{base}/{outcome.resource_type}/{outcome.id}"
-            if entry.method == "GET":  # a read answers with what it read
+            # A read answers with what it read; a write when the client prefers it.
+            if entry.method == "GET" or (wanted == "representation"
+                                         and outcome.version.resource is not None):
                 item["resource"] = outcome.version.resource
         if outcome.found is not None:  # a search, with a searchset Bundle
             total, rows, params = outcome.found
