@@ -173,7 +173,17 @@ def _encounter(resource: dict[str, Any]) -> list[Issue]:
     if isinstance(cls, dict) and cls.get("system") is None:
         return [_err("required", f"Encounter.class needs system {ACT_CODE}",
                      "Encounter.class.system")]
+    code = cls.get("code") if isinstance(cls, dict) else None
+    if code is not None and code not in ENCOUNTER_CLASSES:
+        return [_err("code-invalid", f"Encounter.class.code {code!r} is not a v3 "
+                     f"ActEncounterCode ({', '.join(sorted(ENCOUNTER_CLASSES))})",
+                     "Encounter.class.code")]
     return []
+
+
+# The v3 ActEncounterCode value set (R4's binding of Encounter.class).
+ENCOUNTER_CLASSES = frozenset({"AMB", "EMER", "FLD", "HH", "IMP", "ACUTE", "NONAC", "OBSENC",
+                               "PRENC", "SS", "VR"})
 
 
 def _consent(resource: dict[str, Any]) -> list[Issue]:
