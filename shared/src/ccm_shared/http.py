@@ -107,6 +107,8 @@ def runtime_of(request: Request) -> ServiceRuntime:
 
 async def authenticate(request: Request) -> Tenant:
     """Resolve the bearer token to a tenant, or answer 401."""
+    if len(request.headers.getlist("authorization")) > 1:  # which one counts is ambiguous
+        raise Unauthorized("more than one Authorization header")
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():

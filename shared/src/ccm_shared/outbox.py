@@ -153,7 +153,8 @@ class Outbox:
             stmt = stmt.on_conflict_do_update(
                 index_elements=["tenant", "subject"],
                 set_={"last": sequences_table.c["last"] + stmt.excluded["last"]},
-            ).returning(sequences_table.c.tenant, sequences_table.c.subject, sequences_table.c["last"])
+            ).returning(sequences_table.c.tenant, sequences_table.c.subject,
+                        sequences_table.c["last"])
             rows = (await self.session.execute(stmt)).all()
         return {(t, s): last - wanted[(t, s)] + 1 for t, s, last in rows}
 

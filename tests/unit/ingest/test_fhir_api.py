@@ -253,6 +253,10 @@ async def test_capability_statement_lists_the_supported_types(fhir):
     types = [res["type"] for res in body["rest"][0]["resource"]]
     assert types == ["Patient", "Practitioner", "PractitionerRole", "Organization",
                      "Condition", "CarePlan", "Consent", "Encounter"]
+    params = {res["type"]: {p["name"] for p in res["searchParam"]}
+              for res in body["rest"][0]["resource"]}
+    assert "subject" in params["Encounter"] and "subject" not in params["Consent"]
+    assert "patient" in params["Consent"] and "patient" not in params["Patient"]
     # It claims only what the REST URLs do: conditional update/delete work in Bundles only.
     patient = body["rest"][0]["resource"][0]
     assert patient["conditionalCreate"] is True and patient["conditionalUpdate"] is False

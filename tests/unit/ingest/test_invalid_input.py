@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.ingest.conftest import counts, example
+from tests.unit.ingest.conftest import as_practice, counts, example
 from tests.unit.ingest.test_fhir_api import ccm_encounter
 
 CCM_CONSENT = {**next(
@@ -217,6 +217,19 @@ CASES = [
      {**ccm_encounter(), "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
                                    "code": "BOGUS"}}, {}, 422, "code-invalid",
      "Encounter.class.code"),
+    ("a compressed body", "POST", "/fhir/Patient", {"resourceType": "Patient"},
+     {"Content-Encoding": "gzip"}, 415, "not-supported", None),
+    *[(f"the id {rid!r}", "POST", "/fhir", {"resourceType": "Bundle", "type": "transaction",
+                                            "entry": [{"resource": {"resourceType": "Patient",
+                                                                    "id": rid},
+                                                       "request": {"method": "PUT",
+                                                                   "url": f"Patient/{rid}"}}]},
+       {}, 422, "value", "Bundle.entry[0].resource.Patient.id") for rid in (".", "..")],
+    ("a conditional reference in a resource sent alone", "PUT", "/fhir/Encounter/e1",
+     {**ccm_encounter(), "subject": {"reference": "Patient?identifier=urn:mrn|1"}}, {}, 422,
+     "not-supported", "Encounter.subject.reference"),
+    ("a subject search on Consent (R4 has none)", "GET", "/fhir/Consent?subject=Patient/p1",
+     None, {}, 400, "not-supported", "subject"),
     ("a #id reference to no contained resource", "PUT", "/fhir/Patient/b2",
      {"resourceType": "Patient", "id": "b2", "managingOrganization": {"reference": "#nope"}},
      {}, 422, "not-found", "Patient.managingOrganization.reference"),
@@ -347,3 +360,28 @@ async def test_a_batch_entry_containing_an_unknown_type_fails_alone(fhir):
     assert [e["response"]["status"] for e in r.json()["entry"]] == [
         "422 Unprocessable Entity", "201 Created"]
     assert (await fhir.get("/fhir/Patient/b5")).status_code == 200
+
+
+async def test_two_authorization_headers_are_refused(fhir):
+    good = fhir.headers["Authorization"]
+    r = await fhir.get("/fhir/Patient/x", headers=[("Authorization", good),
+                                                   ("Authorization", "Bearer not-a-token")])
+    assert r.status_code == 401, r.text
+
+
+async def test_a_method_the_url_does_not_take_says_which_it_does(fhir):
+    r = await fhir.patch("/fhir/Patient/x", json={})
+    assert r.status_code == 405 and r.json()["resourceType"] == "OperationOutcome"
+    assert "PUT" in r.headers["allow"] and "GET" in r.headers["allow"]
+
+
+async def test_a_read_only_token_may_send_a_bundle_of_reads_but_no_write(fhir):
+    read_only = as_practice(fhir, "alpha-read")
+    reads = {"resourceType": "Bundle", "type": "batch",
+             "entry": [{"request": {"method": "GET", "url": "Patient/nobody"}}]}
+    r = await fhir.post("/fhir", json=reads, headers=read_only)
+    assert r.status_code == 200 and r.json()["entry"][0]["response"]["status"] == "404 Not Found"
+    writes = {**reads, "entry": [*reads["entry"], {
+        "resource": {"resourceType": "Patient", "id": "w"},
+        "request": {"method": "PUT", "url": "Patient/w"}}]}
+    assert (await fhir.post("/fhir", json=writes, headers=read_only)).status_code == 403

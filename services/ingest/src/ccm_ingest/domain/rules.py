@@ -313,13 +313,13 @@ def _walk_references(value: Any, path: str) -> Iterator[tuple[str, str]]:
             yield from _walk_references(item, f"{path}[{i}]")
 
 
-def _has_local_reference(resource: dict[str, Any]) -> bool:
+def _has_local_reference(resource: dict[str, Any], conditional: bool) -> bool:
     pending: list[Any] = [v for k, v in resource.items() if k not in ("contained", "text")]
     while pending:
         value = pending.pop()
         if type(value) is dict:
             ref = value.get("reference")
-            if type(ref) is str and ref.startswith(_LOCAL):
+            if type(ref) is str and (ref.startswith(_LOCAL) or (conditional and "?" in ref)):
                 return True
             pending += value.values()
         elif type(value) is list:
@@ -330,20 +330,30 @@ def _has_local_reference(resource: dict[str, Any]) -> bool:
 _LOCAL = ("urn:uuid:", "urn:oid:")
 
 
-def unresolved_local_references(resource: dict[str, Any], rtype: str) -> list[Issue]:
+def unresolved_local_references(resource: dict[str, Any], rtype: str, *,
+                                 alone: bool = False) -> list[Issue]:
     """References to ``urn:uuid:``/``urn:oid:`` left in a resource about to be stored: only a
     transaction Bundle's own fullUrls resolve them (each becomes ``Type/id``), so one left names
-    nothing, and stored as it is it would link the resource to no patient."""
-    if not _has_local_reference(resource):  # the usual case, without building paths (~3x)
+    nothing, and stored as it is it would link the resource to no patient. For a resource sent
+    ``alone`` (not in a Bundle), conditional references (``Type?criteria``) too: only Bundles
+    resolve them."""
+    if not _has_local_reference(resource, alone):  # the usual case, without building paths
         return []
-    return [
-        _err("not-found", f"{where} {ref!r} names nothing here: a urn:uuid:/urn:oid: "
-             "reference must be the fullUrl of an entry of the same transaction Bundle that "
-             "creates or updates a resource (batch entries and resources sent alone cannot use "
-             "them)", where)
-        for where, ref in _walk_references(resource, rtype)
-        if ref.startswith(("urn:uuid:", "urn:oid:"))
-    ]
+    issues = []
+    for where, ref in _walk_references(resource, rtype):
+        if ref.startswith(_LOCAL):
+            issues.append(_err(
+                "not-found", f"{where} {ref!r} names nothing here: a urn:uuid:/urn:oid: "
+                "reference must be the fullUrl of an entry of the same transaction Bundle that "
+                "creates or updates a resource (batch entries and resources sent alone cannot "
+                "use them)", where))
+        elif alone and _CONDITIONAL.match(ref):
+            issues.append(_err("not-supported", f"{where} {ref!r}: a conditional reference is "
+                               "resolved only inside a transaction or batch Bundle", where))
+    return issues
+
+
+_CONDITIONAL = re.compile(r"^[A-Za-z]+\?")
 
 
 # The types R4 lets these elements reference (a CCM patient link): anything else is refused,

@@ -48,7 +48,11 @@ def install(app: FastAPI) -> None:
         if not _is_fhir(request):
             return await platform_http(request, exc)
         code = HTTP_ISSUE_CODES.get(exc.status_code, "processing")
-        return outcome_response(exc.status_code, [Issue("error", code, str(exc.detail))])
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route's methods
+            headers["Allow"] = ", ".join(_allowed(request))
+        return outcome_response(exc.status_code, [Issue("error", code, str(exc.detail))],
+                                headers)
 
     # The platform middleware answers an oversized Content-Length with problem+json before any
     # route or handler runs; rewrite that one response for /fhir (ccm_shared has no hook).
@@ -58,6 +62,19 @@ def install(app: FastAPI) -> None:
         return FhirEdge(build())
 
     app.build_middleware_stack = build_with_outcomes  # type: ignore[method-assign]
+
+
+def _allowed(request: Request) -> list[str]:
+    """The methods a /fhir URL takes (a 405's Allow header), by its shape: Starlette names only
+    those of the first route that matched the path."""
+    parts = request.url.path.strip("/").split("/")[1:]
+    if not parts:
+        return ["POST"]
+    if len(parts) == 1:
+        return ["GET"] if parts[0] == "metadata" else ["GET", "POST"]
+    if len(parts) == 2:
+        return ["POST"] if parts[1] == "$validate" else ["DELETE", "GET", "PUT"]
+    return ["GET"]  # _history, _history/{vid}
 
 
 # What a client may ask for: JSON (the only format served). ``_format`` values come URL-decoded,

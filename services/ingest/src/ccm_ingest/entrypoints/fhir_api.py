@@ -156,7 +156,7 @@ def standalone(body: Any, rtype: str) -> dict[str, Any]:
     """A resource sent alone (not in a Bundle), valid and storable: 422 also for a reference
     to a Bundle's fullUrl (``urn:uuid:``), which nothing here resolves."""
     resource = handlers.validated(body, rtype)
-    if unresolved := unresolved_local_references(resource, rtype):
+    if unresolved := unresolved_local_references(resource, rtype, alone=True):
         raise FhirRejected(422, unresolved)
     return resource
 
@@ -189,6 +189,10 @@ async def read_json(request: Request, max_depth: int) -> Any:
     if (version := fhir_version(content_type)) not in R4_VERSIONS:
         raise rejected(415, "not-supported", f"fhirVersion={version} is not supported: this "
                        "server takes FHIR R4 (fhirVersion=4.0, or no fhirVersion)")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise rejected(415, "not-supported", f"Content-Encoding {encoding!r} is not supported: "
+                       "send the body uncompressed")
     raw = await request.body()
     if b"\\u0000" in raw:  # PostgreSQL text cannot hold it: refused, not a 500 at the insert
         raise rejected(400, "structure", "the body has a NUL character (\\u0000) in a string; "
@@ -262,10 +266,15 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     @router.post("", summary="Process a transaction or batch Bundle")
     async def process_bundle(request: Request, tenant: TenantDep) -> Response:
-        _require(tenant, "fhir:write")
         bundle = await read_json(request, max_depth)
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise rejected(400, "invalid", "POST /fhir takes a Bundle", "resourceType")
+        # A Bundle of reads only needs fhir:read; one that writes, fhir:write.
+        entries_sent = bundle.get("entry") if isinstance(bundle.get("entry"), list) else []
+        reads_only = bool(entries_sent) and all(
+            isinstance(e, dict) and isinstance(e.get("request"), dict)
+            and e["request"].get("method") == "GET" for e in entries_sent)
+        _require(tenant, "fhir:read" if reads_only else "fhir:write")
         kind = bundle.get("type")
         if kind not in ("transaction", "batch"):
             raise rejected(422, "value", ("Bundle.type is missing" if kind is None else
@@ -495,6 +504,9 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
     ]
     patient_search = [{"name": "patient", "type": "reference"},
                       {"name": "subject", "type": "reference"}]
+    # R4 defines `subject` for Encounter, CarePlan and Condition, not for Consent.
+    patient_params = {t: patient_search[:1] if t == "Consent" else patient_search
+                      for t in handlers.PATIENT_ELEMENT}
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -522,8 +534,7 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
                 "interaction": [{"code": c} for c in ("read", "vread", "update", "delete",
                                                       "history-instance", "create",
                                                       "search-type")],
-                "searchParam": search + (patient_search if t in handlers.PATIENT_ELEMENT
-                                         else []),
+                "searchParam": search + patient_params.get(t, []),
             } for t in SUPPORTED_TYPES],
             "operation": [{"name": "validate",
                            "definition": "http://hl7.org/fhir/OperationDefinition/"

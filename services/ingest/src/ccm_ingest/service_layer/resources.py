@@ -550,7 +550,7 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
             given = value.split(",")
             ids = given if ids is None else [i for i in ids if i in given]
         elif name in ("patient", "subject"):
-            if rtype not in PATIENT_ELEMENT:
+            if rtype not in PATIENT_ELEMENT or (name == "subject" and rtype == "Consent"):
                 raise rejected(400, "not-supported", f"{rtype} has no {name} search parameter",
                                name)
             kind, _, rid = value.rpartition("/")
@@ -603,9 +603,10 @@ def validated(resource: Any, rtype: str | None = None) -> dict[str, Any]:
     """The body as a valid resource of ``rtype`` or FhirRejected (400/422)."""
     checked = validate_resource(resource, expected_type=rtype)
     rid = checked.get("id")
-    if rid is not None and (not isinstance(rid, str) or not RESOURCE_ID.match(rid)):
-        raise rejected(422, "value", "id must be 1-64 letters, digits, '-' or '.'",
-                       f"{checked['resourceType']}.id")
+    if rid is not None and (not isinstance(rid, str) or not RESOURCE_ID.match(rid)
+                            or rid in (".", "..")):
+        raise rejected(422, "value", "id must be 1-64 letters, digits, '-' or '.' (and not '.' "
+                       "or '..', which no URL can address)", f"{checked['resourceType']}.id")
     return checked
 
 
