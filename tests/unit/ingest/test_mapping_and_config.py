@@ -79,11 +79,28 @@ def test_revoked_consent_is_effective_until_the_end_of_the_practice_month():
     assert event.data["effectiveUntil"] == "2026-03-31"
 
 
-def test_config_overrides_are_checked():
-    with pytest.raises(ConfigInvalid, match="unknown setting"):
-        DEFAULT_CONFIG.merged({"ccm_codes": []})
-    with pytest.raises(ConfigInvalid, match="system\\|code"):
-        DEFAULT_CONFIG.merged({"ccm_time_codes": ["99490"]})
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"ccm_codes": []}, "unknown setting"),
+    ({"ccm_time_codes": ["99490"]}, "system\\|code"),
+    ({"care_plan_intents": ["bogus"]}, "no CarePlan intent"),
+    ({"care_plan_intents": ["plan|x"]}, "no CarePlan intent"),
+    ({"ccm_time_codes": ["urn:a|b*c"]}, "may only end"),
+    ({"ccm_time_codes": ["urn:a|*"]}, "may only end"),
+    ({"length_tolerance_seconds": 99999999999999999999}, "0 to 86400"),
+    ({"length_tolerance_seconds": -1}, "0 to 86400"),
+    ({"non_clinical_roles": ["http://terminology.hl7.org/CodeSystem/practitioner-role|nurse"]},
+     "in both clinical_staff_roles and non_clinical_roles"),
+])
+def test_config_overrides_are_checked(overrides, message):
+    with pytest.raises(ConfigInvalid, match=message):
+        DEFAULT_CONFIG.merged(overrides)
+
+
+def test_good_overrides_are_taken():
+    merged = DEFAULT_CONFIG.merged({"care_plan_intents": ["plan", "proposal"],
+                                    "ccm_time_codes": ["urn:a|99*"],
+                                    "length_tolerance_seconds": 86400})
+    assert merged.care_plan_intents == ("plan", "proposal")
 
 
 async def test_practice_override_of_ccm_time_codes_applies_to_later_versions(fhir):

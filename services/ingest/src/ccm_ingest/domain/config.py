@@ -22,6 +22,9 @@ US_CORE_CAREPLAN = "http://hl7.org/fhir/us/core/CodeSystem/careplan-category"
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 
 
+CARE_PLAN_INTENTS = ("proposal", "plan", "order", "option")
+
+
 class ConfigInvalid(Exception):
     """An ingest configuration that cannot be used; the message names the key."""
 
@@ -77,19 +80,38 @@ class IngestConfig:
             if key not in known:
                 raise ConfigInvalid(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
             if key == "length_tolerance_seconds":
-                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                    raise ConfigInvalid(f"{key} must be a non-negative integer")
+                if not isinstance(value, int) or isinstance(value, bool) or \
+                        not 0 <= value <= 86_400:
+                    raise ConfigInvalid(f"{key} must be an integer from 0 to 86400 (a day)")
                 values[key] = value
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ConfigInvalid(f"{key} must be a list of non-empty strings")
-            if key != "care_plan_intents":
+            if key == "care_plan_intents":
+                if unknown := [v for v in value if v not in CARE_PLAN_INTENTS]:
+                    raise ConfigInvalid(f"{key}: {unknown[0]!r} is no CarePlan intent; R4's are "
+                                        f"{', '.join(CARE_PLAN_INTENTS)}")
+            else:
                 for v in value:
                     system, bar, code = v.partition("|")
                     if not bar or not system or not code:
                         raise ConfigInvalid(f"{key}: {v!r} is not 'system|code'")
+                    if "*" in code[:-1] or code == "*":
+                        raise ConfigInvalid(f"{key}: {v!r}: '*' may only end a code prefix "
+                                            "(e.g. 'system|207*')")
             values[key] = tuple(value)
-        return IngestConfig(**{**asdict(self), **values})
+        merged = IngestConfig(**{**asdict(self), **values})
+        merged.check_roles()
+        return merged
+
+    def check_roles(self) -> None:
+        """A role code in two role lists would be classified by the lists' order, silently."""
+        lists = ("billing_practitioner_roles", "clinical_staff_roles", "non_clinical_roles")
+        for i, first in enumerate(lists):
+            for second in lists[i + 1:]:
+                if both := sorted(set(getattr(self, first)) & set(getattr(self, second))):
+                    raise ConfigInvalid(f"{both[0]!r} is in both {first} and {second}: a role "
+                                        "is one kind; remove it from one of them")
 
 
 DEFAULT_CONFIG = IngestConfig()
