@@ -152,3 +152,23 @@ def test_an_ehr_token_cannot_change_the_ingest_configuration(platform_url):
             await runtime.db.dispose()
 
     asyncio.run(run())
+
+
+def test_a_listed_token_can_be_revoked_and_then_resolves_to_nothing(platform_url):
+    created = ccm_token_create("--label", "old-ehr", *EHR_SCOPES)
+    token = created.stdout.strip().splitlines()[-1]
+    listed = CliRunner().invoke(cli.app, ["token", "list", "--practice", "alpha"])
+    assert listed.exit_code == 0, listed.output
+    (line,) = listed.stdout.splitlines()
+    token_id = line.split()[0]
+    assert " active " in line and "label old-ehr" in line and "fhir:read,fhir:write" in line
+    assert token not in listed.output  # only the hash is kept
+    revoked = CliRunner().invoke(cli.app, ["token", "revoke", token_id, "--practice", "alpha"])
+    assert revoked.exit_code == 0, revoked.output
+    assert " revoked " in revoked.stdout
+    assert resolve(platform_url, token) is None
+    again = CliRunner().invoke(cli.app, ["token", "revoke", token_id, "--practice", "alpha"])
+    assert again.exit_code == 0 and again.stdout == revoked.stdout  # unchanged
+    for args in (["nope", "--practice", "alpha"], [token_id, "--practice", "beta"]):
+        wrong = CliRunner().invoke(cli.app, ["token", "revoke", *args])
+        assert wrong.exit_code == 2 and "error:" in wrong.output

@@ -202,6 +202,59 @@ def token_create(
     typer.echo(token)
 
 
+def _with_engine(work):  # noqa: ANN001, ANN202
+    """Run ``work(engine)`` on the platform database; an AppError is the command's error."""
+    from ccm_shared.db import create_engine_for
+
+    settings = _settings()
+
+    async def run():  # noqa: ANN202
+        engine = create_engine_for(settings.database_url, schema=None)
+        try:
+            return await work(engine)
+        finally:
+            await engine.dispose()
+
+    try:
+        return asyncio.run(run())
+    except AppError as exc:
+        _fail(exc.detail)
+
+
+def _token_line(t: dict) -> str:
+    state = f"revoked {t['revoked_at']}" if t["revoked_at"] else "active"
+    return (f"{t['id']}  {state:<40}  created {t['created_at']}  "
+            f"scopes {','.join(t['scopes'])}  label {t['label'] or '-'}")
+
+
+@token_app.command("list")
+def token_list(
+    practice: Annotated[str, typer.Option(help="Practice id whose tokens to list")],
+) -> None:
+    """List a practice's tokens: id, state, creation time, scopes, label (never the token:
+    only its hash is kept). Revoke one with `ccm token revoke --practice P ID`."""
+    from ccm_shared.tenancy import list_tokens
+
+    tokens = _with_engine(lambda engine: list_tokens(engine, practice))
+    if not tokens:
+        typer.echo(f"practice {practice} has no tokens", err=True)
+    for t in tokens:
+        typer.echo(_token_line(t))
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (from `ccm token list`)")],
+    practice: Annotated[str, typer.Option(help="Practice id the token belongs to")],
+) -> None:
+    """Revoke a token: the services stop accepting it within CCM_AUTH_CACHE_SECONDS (default
+    10 s). Revoking a revoked token changes nothing."""
+    from ccm_shared.tenancy import revoke_token
+
+    t = _with_engine(lambda engine: revoke_token(engine, practice_id=practice, token_id=token_id))
+    typer.echo(_token_line(t))
+
+
 @audit_app.command("verify")
 def audit_verify(
     practice: Annotated[str | None, typer.Option(help="Only this practice")] = None,

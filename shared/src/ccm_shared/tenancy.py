@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -141,6 +141,34 @@ async def create_token(
             )
         )
     return token
+
+
+async def list_tokens(engine: AsyncEngine, practice_id: str) -> list[dict]:
+    """The practice's tokens (never the token itself: only its hash is kept), oldest first."""
+    await get_practice(engine, practice_id)
+    t = api_tokens
+    async with engine.connect() as conn:
+        rows = (await conn.execute(
+            select(t.c.id, t.c.label, t.c.scopes, t.c.created_at, t.c.revoked_at)
+            .where(t.c.practice_id == practice_id).order_by(t.c.created_at, t.c.id)
+        )).all()
+    return [{"id": r.id, "label": r.label, "scopes": r.scopes.split(),
+             "created_at": r.created_at.isoformat(),
+             "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None} for r in rows]
+
+
+async def revoke_token(engine: AsyncEngine, *, practice_id: str, token_id: str) -> dict:
+    """Revoke one of the practice's tokens (already revoked: unchanged); its listing entry.
+    Services stop accepting it within ``CCM_AUTH_CACHE_SECONDS``."""
+    t = api_tokens
+    async with engine.begin() as conn:
+        await conn.execute(update(t).where(
+            t.c.id == token_id, t.c.practice_id == practice_id, t.c.revoked_at.is_(None),
+        ).values(revoked_at=datetime.now(UTC)))
+    found = [x for x in await list_tokens(engine, practice_id) if x["id"] == token_id]
+    if not found:
+        raise NotFound(f"practice {practice_id} has no token {token_id}")
+    return found[0]
 
 
 async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
