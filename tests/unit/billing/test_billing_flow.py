@@ -670,7 +670,7 @@ async def test_time_moved_out_of_a_closed_month_leaves_it_in_either_order(billin
     await march_practice(billing)
     first = await _close_march(billing)
     assert first["totalNet"] == "75.33"  # p1: 25 + 20 minutes
-    moved = [ev.time_reversed("alpha", "p1", "e2", version=2, reason="not-ccm", month="2025-03"),
+    moved = [ev.time_reversed("alpha", "p1", "e2", version=2, reason="moved", month="2025-03"),
              ev.time_logged("alpha", "p1", "e2", 1200, "2025-04-02T10:00:00-04:00", version=2)]
     await deliver(billing, *(moved if order == "reversal first" else moved[::-1]))
     assert await _invoice_chain(billing, first["id"]) == [("cancelled", "75.33"),

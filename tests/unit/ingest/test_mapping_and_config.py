@@ -267,3 +267,11 @@ async def test_a_care_plan_that_stops_being_ccm_is_closed_for_its_patient(fhir, 
         assert_valid_event(event)
     await fhir.put("/fhir/CarePlan/cp1", json={**CCM_CARE_PLAN, **change, "status": "completed"})
     assert len(await events(fhir)) == 2  # nothing more to close
+
+
+def test_time_moved_to_another_month_is_reversed_as_moved_then_logged():
+    mapping = map_version(ccm_encounter(start="2026-04-02T14:00:00Z"),
+                          ctx("Encounter", state={"loggedMonth": "2026-03"}))
+    assert [(e.type, e.data.get("reason"), e.data["serviceMonth"]) for e in mapping.events] == [
+        ("ingest.time-entry.reversed.v1", "moved", "2026-03"),
+        ("ingest.time-entry.logged.v1", None, "2026-04")]

@@ -303,7 +303,7 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
     events = []
     if logged_month is not None and logged_month != month:
         # Moved to another month: take it out of the old one first.
-        events += reversal("not-ccm").events
+        events += reversal("moved").events
     events.append(_event(
         "ingest.time-entry.logged.v1", patient, ctx,
         entry=entry, patient=patient, seconds=seconds, start=start.isoformat(),
