@@ -162,32 +162,42 @@ _JSON_TYPES = {"boolean": (bool,), "integer": (int,), "decimal": (int, float)}
 
 
 def _json_types(value: dict[str, Any], model: Any, path: str) -> list[Issue]:
-    """Issues for null elements, and booleans, integers and decimals of another JSON type."""
+    """Issues for null elements, and booleans, integers and decimals of another JSON type
+    (paths are only built for what is reported or descended into)."""
     issues = []
     shape = _shape(model)
     for key, item in value.items():
-        where = f"{path}.{key}"
         if item is None:
+            where = f"{path}.{key}"
             issues.append(Issue("error", "structure", f"{where}: null is not a FHIR JSON value "
                                 "(leave the element out)", (where,)))
             continue
         kind = shape.get(key)
         if kind is None:
             continue
-        items = enumerate(item) if isinstance(item, list) else ((None, item),)
-        for i, one in items:
-            at = where if i is None else f"{where}[{i}]"
-            if isinstance(kind, str) and kind != _RESOURCE:
-                if one is not None and type(one) not in _JSON_TYPES[kind]:
-                    issues.append(Issue("error", "value", f"{at}: a FHIR {kind} is a JSON "
-                                        f"{'true or false' if kind == 'boolean' else 'number'}"
-                                        f", not {json.dumps(one)[:40]}", (at,)))
-            elif isinstance(one, dict):
-                sub = kind
-                if kind == _RESOURCE:
-                    try:
-                        sub = _model(one.get("resourceType"))
-                    except (KeyError, ValueError, TypeError):
-                        continue
-                issues += _json_types(one, sub, at)
+        if type(kind) is str and kind != _RESOURCE:
+            allowed = _JSON_TYPES[kind]
+            if type(item) is list:
+                bad = [(f"{path}.{key}[{i}]", one) for i, one in enumerate(item)
+                       if one is not None and type(one) not in allowed]
+            else:
+                bad = [] if type(item) in allowed else [(f"{path}.{key}", item)]
+            issues += [Issue("error", "value", f"{at}: a FHIR {kind} is a JSON "
+                             f"{'true or false' if kind == 'boolean' else 'number'}, not "
+                             f"{json.dumps(one)[:40]}", (at,)) for at, one in bad]
+        elif type(item) is dict:
+            issues += _json_types_of(item, kind, f"{path}.{key}")
+        elif type(item) is list:
+            for i, one in enumerate(item):
+                if type(one) is dict:
+                    issues += _json_types_of(one, kind, f"{path}.{key}[{i}]")
     return issues
+
+
+def _json_types_of(value: dict[str, Any], kind: Any, path: str) -> list[Issue]:
+    if kind == _RESOURCE:
+        try:
+            kind = _model(value.get("resourceType"))
+        except (KeyError, ValueError, TypeError):
+            return []
+    return _json_types(value, kind, path)
