@@ -15,7 +15,7 @@ from sqlalchemy import select
 from ccm_careplan.bootstrap import SERVICE
 from ccm_careplan.domain.rules import DEFAULT_RULES
 from ccm_careplan.domain.schedule import planned_steps
-from ccm_careplan.service_layer.common import tracker_id
+from ccm_careplan.service_layer.common import StepClaim, claim_steps, tracker_id
 from ccm_careplan.service_layer.scheduler import run_scheduler_pass
 from ccm_careplan.service_layer.tracking import CONSUMED_TOPICS, make_handler
 from ccm_shared.consumer import ConsumerRuntime
@@ -185,3 +185,21 @@ async def test_two_scheduler_replicas_over_one_database_send_each_step_exactly_o
     print(f"replica work split: {sent}")
     for payload in payloads:
         assert_valid_event(json.loads(payload))
+
+
+async def test_thousands_of_steps_owed_at_once_are_claimed_exactly_once(careplan_schema):
+    """A practice's first pass can owe more steps than one PostgreSQL statement may bind
+    (32,767 parameters, 10 per step): they are claimed in several statements, each once."""
+    db = Database(careplan_schema.database_url, schema=SERVICE.schema)
+    practice = f"cp-{uuid.uuid4().hex[:10]}"
+    claims = [StepClaim(practice, f"t-{n}", "reminder", date(2026, 12, 1), 1, date(2026, 11, 1),
+                        True) for n in range(4_000)]
+    try:
+        async with db.unit_of_work() as uow:
+            first = await claim_steps(uow, claims, START)
+            await uow.commit()
+        async with db.unit_of_work() as uow:
+            again = await claim_steps(uow, claims, START)
+    finally:
+        await db.dispose()
+    assert first == {c.key for c in claims} and again == set()

@@ -3,6 +3,7 @@
 import asyncio
 from datetime import UTC, datetime
 
+from ccm_careplan.service_layer import scheduler
 from ccm_careplan.service_layer.common import tracker_id
 from ccm_careplan.service_layer.scheduler import run_scheduler_pass
 from ccm_shared.db import Database
@@ -50,3 +51,21 @@ async def test_a_restarted_scheduler_neither_repeats_nor_loses_a_step(careplan):
                                    headers=cp.auth())).json()["notifications"]
     assert [(n["kind"], n["step"], n["sent"]) for n in history if n["kind"] == "reminder"] == [
         ("reminder", 1, True), ("reminder", 2, False), ("reminder", 3, True)]
+
+
+async def test_one_practice_failing_its_pass_does_not_stop_the_others(careplan, monkeypatch):
+    cp = careplan
+    for practice in ("alpha", "beta"):
+        await cp.deliver(f.care_plan(practice, "CarePlan/cp-1", at=T0))
+    original = scheduler._practice_pass
+
+    async def alpha_breaks(db, practice, *args):  # noqa: ANN001, ANN202
+        if practice == "alpha":
+            raise RuntimeError("alpha's data is broken")
+        return await original(db, practice, *args)
+
+    monkeypatch.setattr(scheduler, "_practice_pass", alpha_breaks)
+    result = await run_scheduler_pass(cp.runtime.db, datetime(2026, 12, 6, 15, tzinfo=UTC))
+    assert result.failed == ["alpha"] and result.sent == 1
+    (reminder,) = await cp.emitted("careplan.review.reminder.v1")
+    assert reminder["tenant"] == "beta"

@@ -125,22 +125,28 @@ async def claim_steps(uow: UnitOfWork, claims: list[StepClaim], now: datetime) -
     """Record steps by their idempotency keys; return the keys this caller claimed.
 
     The key is the primary key: of two replicas claiming the same step, exactly one inserts it.
-    One statement for the whole batch.
+    One statement per ``CLAIMS_PER_STATEMENT`` steps: a practice's first pass can owe thousands
+    (a backlog of overdue plans), and one statement may bind at most 32,767 parameters on
+    PostgreSQL (10 per step).
     """
-    if not claims:
-        return set()
     ins = insert_for(uow.session)
-    claimed = await uow.session.execute(
-        ins(review_steps).values([
-            {"idempotency_key": c.key, "practice": c.practice, "tracker_id": c.tracker,
-             "kind": c.kind, "cycle_due": c.due, "step": c.step, "scheduled_on": c.scheduled_on,
-             "sent": c.send, "event_id": event_id(c.key) if c.send else None,
-             "recorded_at": now}
-            for c in claims
-        ]).on_conflict_do_nothing(index_elements=["idempotency_key"])
-        .returning(review_steps.c.idempotency_key)
-    )
-    return set(claimed.scalars().all())
+    claimed: set[str] = set()
+    for start in range(0, len(claims), CLAIMS_PER_STATEMENT):
+        result = await uow.session.execute(
+            ins(review_steps).values([
+                {"idempotency_key": c.key, "practice": c.practice, "tracker_id": c.tracker,
+                 "kind": c.kind, "cycle_due": c.due, "step": c.step,
+                 "scheduled_on": c.scheduled_on, "sent": c.send,
+                 "event_id": event_id(c.key) if c.send else None, "recorded_at": now}
+                for c in claims[start:start + CLAIMS_PER_STATEMENT]
+            ]).on_conflict_do_nothing(index_elements=["idempotency_key"])
+            .returning(review_steps.c.idempotency_key)
+        )
+        claimed.update(result.scalars().all())
+    return claimed
+
+
+CLAIMS_PER_STATEMENT = 1000
 
 
 def review_event(

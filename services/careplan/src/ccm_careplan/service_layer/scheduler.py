@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 import structlog
@@ -41,6 +41,7 @@ class PassResult:
     trackers: int = 0
     sent: int = 0
     superseded: int = 0
+    failed: list[str] = field(default_factory=list)  # practices whose pass failed (retried next)
 
 
 @dataclass
@@ -156,10 +157,17 @@ async def run_scheduler_pass(
                 select(trackers.c.practice).where(trackers.c.status == "active").distinct()
             )).scalars().all()
     for practice in sorted(practices):
-        await _practice_pass(db, practice, now, batch_size, result)
-    if result.sent or result.superseded:
+        try:
+            await _practice_pass(db, practice, now, batch_size, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one practice's failure must not stop the others
+            result.failed.append(practice)
+            log.warning("scheduler pass failed for a practice; the others go on",
+                        practice=practice, error=type(exc).__name__)
+    if result.sent or result.superseded or result.failed:
         log.info("scheduler pass", trackers=result.trackers, sent=result.sent,
-                 superseded=result.superseded)
+                 superseded=result.superseded, failed_practices=len(result.failed))
     return result
 
 
