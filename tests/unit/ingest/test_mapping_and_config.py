@@ -275,3 +275,24 @@ def test_time_moved_to_another_month_is_reversed_as_moved_then_logged():
     assert [(e.type, e.data.get("reason"), e.data["serviceMonth"]) for e in mapping.events] == [
         ("ingest.time-entry.reversed.v1", "moved", "2026-03"),
         ("ingest.time-entry.logged.v1", None, "2026-04")]
+
+
+async def test_overrides_stored_before_a_check_was_added_keep_applying(fhir):
+    """Overrides saved when they were allowed (here a tolerance over a day) keep their effect:
+    the practice's own consent category stays CCM; the config API says what to fix."""
+    from ccm_ingest.adapters.repository import SqlResourceRepository
+
+    stored = {"consent_categories": ["urn:practice:cat|ccm"], "length_tolerance_seconds": 172800}
+    async with fhir.runtime.db.unit_of_work() as uow:
+        await SqlResourceRepository(uow.session, "alpha").save_config(stored, fhir.clock.now)
+        await uow.commit()
+    fhir.runtime.state["practice_cache"].forget("alpha")
+    consent = {**CCM_CONSENT, "category": [{"coding": [{"system": "urn:practice:cat",
+                                                        "code": "ccm"}]}]}
+    await fhir.put("/fhir/Consent/cs1", json=consent)
+    await fhir.put("/fhir/Consent/cs1", json={**consent, "dateTime": "2026-02-28"})
+    assert [e["type"] for e in await events(fhir) if e["type"].startswith("ingest.consent")] \
+        == ["ingest.consent.granted.v1"] * 2
+    shown = (await fhir.get("/v1/practices/alpha/ingest-config")).json()
+    assert shown["effective"]["length_tolerance_seconds"] == 172800
+    assert "0 to 86400" in shown["problem"]

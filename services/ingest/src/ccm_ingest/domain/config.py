@@ -72,23 +72,28 @@ class IngestConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    def merged(self, overrides: dict[str, Any]) -> IngestConfig:
-        """These settings with ``overrides`` applied; unknown keys or bad values raise."""
+    def merged(self, overrides: dict[str, Any], *, strict: bool = True) -> IngestConfig:
+        """These settings with ``overrides`` applied; unknown keys or bad values raise.
+
+        ``strict=False`` for overrides stored earlier: the checks added since they could be
+        saved (intents, ``*`` placement, the tolerance's upper bound, a role in two lists) are
+        not applied to them, so a practice keeps the rules it saved; saving again applies them.
+        """
         known = {f.name: f for f in fields(self)}
         values: dict[str, Any] = {}
         for key, value in overrides.items():
             if key not in known:
                 raise ConfigInvalid(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
             if key == "length_tolerance_seconds":
-                if not isinstance(value, int) or isinstance(value, bool) or \
-                        not 0 <= value <= 86_400:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0 or \
+                        (strict and value > 86_400):
                     raise ConfigInvalid(f"{key} must be an integer from 0 to 86400 (a day)")
                 values[key] = value
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ConfigInvalid(f"{key} must be a list of non-empty strings")
             if key == "care_plan_intents":
-                if unknown := [v for v in value if v not in CARE_PLAN_INTENTS]:
+                if strict and (unknown := [v for v in value if v not in CARE_PLAN_INTENTS]):
                     raise ConfigInvalid(f"{key}: {unknown[0]!r} is no CarePlan intent; R4's are "
                                         f"{', '.join(CARE_PLAN_INTENTS)}")
             else:
@@ -96,12 +101,13 @@ class IngestConfig:
                     system, bar, code = v.partition("|")
                     if not bar or not system or not code:
                         raise ConfigInvalid(f"{key}: {v!r} is not 'system|code'")
-                    if "*" in code[:-1] or code == "*":
+                    if strict and ("*" in code[:-1] or code == "*"):
                         raise ConfigInvalid(f"{key}: {v!r}: '*' may only end a code prefix "
                                             "(e.g. 'system|207*')")
             values[key] = tuple(value)
         merged = IngestConfig(**{**asdict(self), **values})
-        merged.check_roles()
+        if strict:
+            merged.check_roles()
         return merged
 
     def check_roles(self) -> None:

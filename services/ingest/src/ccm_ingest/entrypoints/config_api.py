@@ -28,8 +28,17 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     async def read_config(practice: str, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
         overrides = await _load(practice)
-        return {"effective": DEFAULT_CONFIG.merged(overrides).to_dict(), "overrides": overrides,
-                "defaults": DEFAULT_CONFIG.to_dict()}
+        try:
+            effective, problem = DEFAULT_CONFIG.merged(overrides, strict=False), None
+        except ConfigInvalid as exc:  # what ingest does then: the defaults
+            effective, problem = DEFAULT_CONFIG, f"{exc}: ingest uses the defaults until fixed"
+        found = {"effective": effective.to_dict(), "overrides": overrides,
+                 "defaults": DEFAULT_CONFIG.to_dict()}
+        try:
+            DEFAULT_CONFIG.merged(overrides)
+        except ConfigInvalid as exc:
+            problem = problem or f"{exc}: saving these overrides again would be refused"
+        return {**found, **({"problem": problem} if problem else {})}
 
     @router.put("", summary="Replace this practice's overrides (keys left out use the defaults)")
     async def write_config(practice: str, tenant: TenantDep,

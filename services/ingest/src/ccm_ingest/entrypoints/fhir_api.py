@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
+import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -127,8 +128,10 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
             return None
         zone, overrides = found
         try:
-            config = DEFAULT_CONFIG.merged(overrides)
-        except ConfigInvalid:  # stored before a rule changed: fall back, never fail ingest
+            config = DEFAULT_CONFIG.merged(overrides, strict=False)
+        except ConfigInvalid as exc:  # unreadable now: fall back, never fail ingest, but say so
+            log.warning("stored ingest config refused; using the defaults",
+                        practice=tenant.practice_id, error=str(exc)[:200])
             config = DEFAULT_CONFIG
         return ZoneInfo(zone), config
 
@@ -139,6 +142,8 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
     skew = runtime.service_settings().max_clock_skew_seconds  # type: ignore[attr-defined]
     return Caller(tenant.practice_id, tenant.token_id, tenant.label or tenant.token_id,
                   practice[0], practice[1], now, timedelta(seconds=skew))
+
+log = structlog.get_logger(__name__)
 
 
 def _require(tenant: Tenant, scope: str) -> None:
