@@ -311,3 +311,27 @@ async def test_prefer_applies_to_every_entry_of_a_bundle_response(fhir, kind):
                             headers={"Prefer": "return=OperationOutcome"})).json()["entry"][0]
     assert told["response"]["outcome"]["resourceType"] == "OperationOutcome"
     assert "resource" not in told
+
+
+@pytest.mark.parametrize("delete_url", ["Patient?identifier=urn:mrn|X-1", "Patient/p1"])
+async def test_a_conditional_create_does_not_find_what_its_transaction_deletes(fhir, delete_url):
+    """FHIR processes DELETEs first: the conditional create makes a new Patient, and the
+    entries referring to its fullUrl refer to that one, not to the deleted Patient."""
+    mrn = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "X-1"}]}
+    assert (await fhir.put("/fhir/Patient/p1", json={**mrn, "id": "p1"})).status_code == 201
+    full = "urn:uuid:00000000-0000-4000-8000-0000000000a1"
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": delete_url}},
+        {"fullUrl": full, "resource": mrn,
+         "request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|X-1"}},
+        {"resource": {**example("Condition/r4spec-example.json"), "subject": {"reference": full}},
+         "request": {"method": "POST", "url": "Condition"}}]})
+    assert r.status_code == 200, r.text
+    deleted, created, condition = r.json()["entry"]
+    assert deleted["response"]["status"] == "204 No Content"
+    assert created["response"]["status"] == "201 Created"
+    patient = created["fullUrl"].removeprefix("http://test")
+    assert not patient.endswith("/p1") and (await fhir.get(patient)).status_code == 200
+    stored = (await fhir.get(condition["fullUrl"].removeprefix("http://test"))).json()
+    assert f"/fhir/{stored['subject']['reference']}" == patient
+    assert (await fhir.get("/fhir/Patient/p1")).status_code == 410

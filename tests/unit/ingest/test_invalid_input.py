@@ -224,7 +224,17 @@ CASES = [
                                                                     "id": rid},
                                                        "request": {"method": "PUT",
                                                                    "url": f"Patient/{rid}"}}]},
-       {}, 422, "value", "Bundle.entry[0].resource.Patient.id") for rid in (".", "..")],
+       {}, 422, "value", "Bundle.entry[0].request.url") for rid in (".", "..")],
+    *[(f"an entry URL id {name}", "POST", "/fhir", {"resourceType": "Bundle", "type": kind,
+                                                    "entry": [{"resource": {
+                                                        "resourceType": "Patient"},
+                                                        "request": {"method": "PUT",
+                                                                    "url": f"Patient/{rid}"}}]},
+       {}, 422, "value", "Bundle.entry[0].request.url")
+      for name, rid in (("with a space", "a b"), ("of 65 characters", "x" * 65),
+                        ("with a non-ASCII letter", "ä")) for kind in ("transaction",)],
+    ("a body id '.'", "POST", "/fhir/Patient/$validate",
+     {"resourceType": "Patient", "id": "."}, {}, 422, "value", "Patient.id"),
     ("a conditional reference in a resource sent alone", "PUT", "/fhir/Encounter/e1",
      {**ccm_encounter(), "subject": {"reference": "Patient?identifier=urn:mrn|1"}}, {}, 422,
      "not-supported", "Encounter.subject.reference"),

@@ -10,7 +10,13 @@ from urllib.parse import parse_qsl
 import structlog
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
-from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, rejected
+from ccm_ingest.domain.model import (
+    RESOURCE_ID,
+    SUPPORTED_TYPES,
+    FhirRejected,
+    Issue,
+    rejected,
+)
 from ccm_ingest.domain.rules import unresolved_local_references
 from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
@@ -118,6 +124,9 @@ def _parse_entry(i: int, raw: Any) -> Entry:
                        "Type/id or Type?criteria (POST: Type); history, versions and operations "
                        "are not supported inside a Bundle", f"{_where(i)}.request.url")
     rid = parts[1] if len(parts) > 1 else None
+    if rid is not None and (not RESOURCE_ID.match(rid) or rid in (".", "..")):
+        raise rejected(422, "value", f"{method} {url}: the id must be 1-64 letters, digits, '-' "
+                       "or '.' (and not '.' or '..')", f"{_where(i)}.request.url")
     for field, value in (("fullUrl", raw.get("fullUrl")),
                          ("request.ifMatch", request.get("ifMatch")),
                          ("request.ifNoneExist", request.get("ifNoneExist"))):
@@ -193,18 +202,14 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
     A conditional create's id is the resource its criteria find, so it is settled here, before
     any reference to its fullUrl is rewritten: its criteria are claimed now (held until the
     transaction ends), or an existing resource answers them, or an earlier entry of this Bundle
-    with the same criteria owns them."""
+    with the same criteria owns them. A resource this Bundle deletes answers nothing (FHIR
+    processes DELETEs first). Claims are taken in criteria order, so two transactions claiming
+    the same criteria cannot deadlock."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
     ids: dict[str, str] = {}
-    claimed: dict[tuple[str, str], Entry] = {}
     for e in entries:
         if e.method == "POST":
             e.rid = random_uuid()
-            if e.if_none_exist:
-                try:
-                    await _claim(uow, caller, e, claimed)
-                except FhirRejected as exc:
-                    raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
         elif e.method == "PUT" and e.rid is None and e.criteria:
             matches = await handlers.find(repo, e.rtype,
                                           handlers.normalise_criteria(e.rtype, e.criteria))
@@ -215,24 +220,57 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
             e.rid = matches[0].id if matches else (e.resource or {}).get("id") or \
                 random_uuid()
             e.resource = {**(e.resource or {}), "id": e.rid}
+    conditional = [e for e in entries if e.method == "POST" and e.if_none_exist]
+    if conditional:
+        deleted = await _deleted_by(repo, entries)
+        keyed = []
+        for e in conditional:
+            try:
+                keyed.append((handlers.criteria_key(handlers.normalise_criteria(
+                    e.rtype, e.if_none_exist or "")), e))
+            except FhirRejected as exc:
+                raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
+        claimed: dict[tuple[str, str], Entry] = {}
+        for key, e in sorted(keyed, key=lambda k: (k[1].rtype, k[0], k[1].index)):
+            try:
+                await _claim(uow, caller, e, key, claimed, deleted.get(e.rtype, set()))
+            except FhirRejected as exc:
+                raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
+    for e in entries:
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
     return ids
 
 
-async def _claim(uow: UnitOfWork, caller: Caller, e: Entry,
-                 claimed: dict[tuple[str, str], Entry]) -> None:
+async def _deleted_by(repo: SqlResourceRepository, entries: list[Entry]) -> dict[str, set[str]]:
+    """The ids each type's DELETE entries of this Bundle will delete."""
+    deleted: dict[str, set[str]] = {}
+    for e in entries:
+        if e.method != "DELETE":
+            continue
+        if e.rid is not None:
+            deleted.setdefault(e.rtype, set()).add(e.rid)
+        elif e.criteria:
+            try:
+                matches = await handlers.find(repo, e.rtype,
+                                              handlers.normalise_criteria(e.rtype, e.criteria))
+            except FhirRejected:
+                continue  # the entry itself fails with it when it runs
+            deleted.setdefault(e.rtype, set()).update(m.id for m in matches)
+    return deleted
+
+
+async def _claim(uow: UnitOfWork, caller: Caller, e: Entry, key: str,
+                 claimed: dict[tuple[str, str], Entry], deleted: set[str]) -> None:
     """Settle the id of conditional create ``e`` (see ``_resolve_ids``)."""
-    key = (e.rtype, handlers.criteria_key(handlers.normalise_criteria(e.rtype,
-                                                                      e.if_none_exist or "")))
-    if (first := claimed.get(key)) is not None:
+    if (first := claimed.get((e.rtype, key))) is not None:
         e.rid, e.same_as = first.rid, first
         return
     e.found = await handlers.claim_create(uow, caller, e.rtype, e.rid or "",
-                                          e.if_none_exist or "")
+                                          e.if_none_exist or "", ignore=deleted)
     if e.found is not None:
         e.rid = e.found.id
-    claimed[key] = e
+    claimed[(e.rtype, key)] = e
 
 
 async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:

@@ -329,14 +329,15 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
 
 
 async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
-                       if_none_exist: str) -> Outcome | None:
+                       if_none_exist: str, *, ignore: set[str] = frozenset()) -> Outcome | None:
     """The resource matching ``If-None-Exist`` (as an outcome), or None once the criteria are
-    claimed for ``rid``: the database key lets one of concurrent identical creates win."""
+    claimed for ``rid``: the database key lets one of concurrent identical creates win.
+    Resources in ``ignore`` (deleted by the same transaction) match nothing."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
     criteria = normalise_criteria(rtype, if_none_exist)
 
     async def the_match() -> Outcome | None:
-        matches = await find(repo, rtype, criteria)
+        matches = [m for m in await find(repo, rtype, criteria) if m.id not in ignore]
         if len(matches) > 1:
             raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
                            f"{len(matches)} resources", "If-None-Exist")
