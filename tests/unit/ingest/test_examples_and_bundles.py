@@ -307,6 +307,9 @@ async def test_prefer_applies_to_every_entry_of_a_bundle_response(fhir, kind):
     shown = (await fhir.post("/fhir", json=bundle(2),
                              headers={"Prefer": "return=representation"})).json()["entry"][0]
     assert shown["resource"]["id"] == f"{kind}2" and shown["resource"]["meta"]["versionId"] == "1"
+    other = (await fhir.post("/fhir", json=bundle(4),
+                             headers={"Prefer": "handling=strict"})).json()["entry"][0]
+    assert set(other) == {"fullUrl", "response"}  # no return= : minimal, as without Prefer
     told = (await fhir.post("/fhir", json=bundle(3),
                             headers={"Prefer": "return=OperationOutcome"})).json()["entry"][0]
     assert told["response"]["outcome"]["resourceType"] == "OperationOutcome"

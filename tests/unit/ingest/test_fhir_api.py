@@ -92,31 +92,40 @@ async def test_out_of_order_version_is_kept_but_newest_state_wins(fhir):
     assert [e["data"]["seconds"] for e in logged] == [1800]
 
 
-async def test_a_replayed_version_older_than_the_deletion_does_not_bring_it_back(fhir):
+async def test_a_replayed_version_does_not_bring_a_deleted_resource_back(fhir):
     sent = {**ccm_encounter(minutes=20), "meta": {"lastUpdated": "2026-03-02T10:00:00Z"}}
     assert (await fhir.put("/fhir/Encounter/e1", json=sent)).status_code == 201
     assert (await fhir.delete("/fhir/Encounter/e1")).status_code == 204
-    replay = await fhir.put("/fhir/Encounter/e1", json=sent)  # an EHR's retry of version 1
-    assert replay.status_code == 200
-    warning = replay.json()["issue"][0]
-    assert warning["severity"] == "warning" and "the deletion (version 2" in warning["diagnostics"]
-    assert "same content as version 1, already kept" in warning["diagnostics"]
-    older = {**sent, "length": {**sent["length"], "value": 25}}  # another version, as old
-    for _ in range(2):  # kept once, however often it comes
-        kept = await fhir.put("/fhir/Encounter/e1", json=older)
-        assert kept.status_code == 200 and kept.json()["issue"][0]["severity"] == "warning"
+    for _ in range(2):  # an EHR's retries of version 1
+        replay = await fhir.put("/fhir/Encounter/e1", json=sent)
+        assert replay.status_code == 200 and "etag" not in replay.headers
+        warning = replay.json()["issue"][0]
+        assert warning["severity"] == "warning" and "was deleted (version 2)" in \
+            warning["diagnostics"] and "same content as version 1" in warning["diagnostics"]
     assert (await fhir.get("/fhir/Encounter/e1")).status_code == 410
     assert [e["data"]["seconds"] for e in await events(fhir, "ingest.time-entry.logged.v1")] \
         == [1200]
     assert len(await events(fhir, "ingest.time-entry.reversed.v1")) == 1
+    # New content re-creates it, even stamped before the deletion (an EHR clock that lags).
+    again = {**sent, "length": {**sent["length"], "value": 25}}
+    assert (await fhir.put("/fhir/Encounter/e1", json=again)).status_code == 201
+    assert (await fhir.get("/fhir/Encounter/e1")).status_code == 200
+    assert [e["data"]["seconds"] for e in await events(fhir, "ingest.time-entry.logged.v1")] \
+        == [1200, 1500]
     history = (await fhir.get("/fhir/Encounter/e1/_history")).json()
-    assert [(e["request"]["method"], e["response"]["status"], "outcome" in e["response"])
-            for e in history["entry"]] == [("PUT", "200", True), ("DELETE", "204", False),
-                                           ("PUT", "201", False)]
-    unstamped = {k: v for k, v in sent.items() if k != "meta"}  # a new version: it applies
-    assert (await fhir.put("/fhir/Encounter/e1", json=unstamped)).status_code == 201
-    history = (await fhir.get("/fhir/Encounter/e1/_history")).json()
-    assert history["entry"][0]["response"]["status"] == "201"  # re-created after the deletion
+    assert [(e["request"]["method"], e["response"]["status"]) for e in history["entry"]] == [
+        ("PUT", "201"), ("DELETE", "204"), ("PUT", "201")]
+
+
+async def test_a_stale_retry_is_kept_in_history_once(fhir):
+    newer = {**ccm_encounter(minutes=30), "meta": {"lastUpdated": "2026-03-02T10:00:00Z"}}
+    older = {**ccm_encounter(minutes=10), "meta": {"lastUpdated": "2026-03-01T10:00:00Z"}}
+    await fhir.put("/fhir/Encounter/e1", json=newer)
+    first = await fhir.put("/fhir/Encounter/e1", json=older)
+    second = await fhir.put("/fhir/Encounter/e1", json=older)
+    assert "kept in history as version 2" in first.json()["issue"][0]["diagnostics"]
+    assert "already kept in history" in second.json()["issue"][0]["diagnostics"]
+    assert (await fhir.get("/fhir/Encounter/e1/_history")).json()["total"] == 2
 
 
 async def test_if_match_with_a_stale_version_answers_412_and_writes_nothing(fhir):

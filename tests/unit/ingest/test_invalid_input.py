@@ -217,6 +217,14 @@ CASES = [
      {**ccm_encounter(), "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
                                    "code": "BOGUS"}}, {}, 422, "code-invalid",
      "Encounter.class.code"),
+    ("an Encounter.class code that is an object", "POST", "/fhir/Encounter",
+     {**ccm_encounter(), "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                                   "code": {"a": 1}}}, {}, 422, "value", "Encounter.class.code"),
+    ("a status that is an object", "POST", "/fhir/Encounter",
+     {**ccm_encounter(), "status": {"a": 1}}, {}, 422, "value", "Encounter.status"),
+    ("$validate of a conditional reference sent alone", "POST", "/fhir/Encounter/$validate",
+     {**ccm_encounter(), "subject": {"reference": "Patient?identifier=urn:mrn|1"}}, {}, 422,
+     "not-supported", "Encounter.subject.reference"),
     ("a compressed body", "POST", "/fhir/Patient", {"resourceType": "Patient"},
      {"Content-Encoding": "gzip"}, 415, "not-supported", None),
     *[(f"the id {rid!r}", "POST", "/fhir", {"resourceType": "Bundle", "type": "transaction",
@@ -323,6 +331,7 @@ async def test_chunked_body_over_the_limit_is_413_operation_outcome(fhir):
 
 @pytest.mark.parametrize(("headers", "query"), [
     ({"Accept": "application/fhir+json; fhirVersion=4.0"}, ""),
+    ({"Accept": "application/fhir+json; fhirVersion=4.0.0"}, ""),
     ({"Accept": "application/fhir+json; fhirVersion=5.0, application/json; fhirversion=4.0.1"},
      ""),
     ({"Accept": "text/html, application/json;q=0.9"}, ""),
@@ -395,3 +404,24 @@ async def test_a_read_only_token_may_send_a_bundle_of_reads_but_no_write(fhir):
         "resource": {"resourceType": "Patient", "id": "w"},
         "request": {"method": "PUT", "url": "Patient/w"}}]}
     assert (await fhir.post("/fhir", json=writes, headers=read_only)).status_code == 403
+
+
+async def test_a_write_only_token_cannot_read_through_a_bundle(fhir):
+    from ccm_shared.tenancy import create_token
+
+    await fhir.put("/fhir/Patient/p1", json={"resourceType": "Patient", "id": "p1"})
+    write_only = await create_token(fhir.runtime.db.engine, practice_id="alpha",
+                                    scopes=("fhir:write",))
+    mixed = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient/p1"}},
+        {"request": {"method": "DELETE", "url": "Patient/nobody"}}]}
+    r = await fhir.post("/fhir", json=mixed, headers={"Authorization": f"Bearer {write_only}"})
+    assert r.status_code == 403 and "fhir:read" in r.text
+
+
+async def test_a_contained_resource_referring_to_its_container_is_referred_to(fhir):
+    patient = {"resourceType": "Patient", "id": "c3", "contained": [{
+        "resourceType": "Practitioner", "id": "x", "extension": [{
+            "url": "http://example.org/x", "valueReference": {"reference": "#"}}]}]}
+    r = await fhir.put("/fhir/Patient/c3", json=patient)
+    assert r.status_code == 201, r.text

@@ -394,7 +394,7 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         if not was:
             return Mapping(state={})
         return Mapping([_care_plan_event("ingest.care-plan.closed.v1", "entered-in-error", was,
-                                         res, ctx, categories)], {})
+                                         res, ctx, categories, review=False)], {})
     status = "entered-in-error" if ctx.deleted else res.get("status")
     if ctx.deleted and not ctx.state.get("ccm"):
         return Mapping(state={})
@@ -409,14 +409,16 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
 
 
 def _care_plan_event(kind: str, status: str | None, patient: str, res: dict[str, Any],
-                     ctx: MappingContext, categories: list[dict[str, Any]]) -> MappedEvent:
+                     ctx: MappingContext, categories: list[dict[str, Any]], *,
+                     review: bool = True) -> MappedEvent:
+    """``review=False``: a plan that is no CCM plan any more carries no review evidence."""
     return _event(
         kind, patient, ctx, carePlan=_self(ctx), patient=patient, status=status,
         intent=res.get("intent"), created=res.get("created"), period=_period(res.get("period")),
         author=reference(res.get("author")), careTeam=references(res.get("careTeam"),
                                                                  ("CareTeam",)),
         addresses=references(res.get("addresses"), ("Condition",)), categories=categories,
-        review=care_plan_review(res, ctx),
+        review=care_plan_review(res, ctx) if review else None,
     )
 
 

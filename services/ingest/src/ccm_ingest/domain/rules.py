@@ -70,7 +70,7 @@ def check_resource(resource: dict[str, Any]) -> list[Issue]:
     issues += _r5_shapes(rtype, resource)
     for element, allowed in REQUIRED_BINDINGS.get(rtype, {}).items():
         value = resource.get(element)
-        if value is not None and value not in allowed:
+        if type(value) is str and value not in allowed:  # another JSON type: the library says
             issues.append(_err(
                 "code-invalid",
                 f"{rtype}.{element} {value!r} is not in the required value set "
@@ -123,6 +123,9 @@ def _contained(resource: dict[str, Any], rtype: str) -> list[Issue]:
                                where))
     # dom-3 counts any element whose value is "#id" (references, canonicals, uris).
     named = {value[1:] for value in _strings(resource) if value.startswith("#")}
+    # ... or it refers to its container ("#" alone) from within itself
+    named |= {item["id"] for item in items if isinstance(item, dict)
+              and isinstance(item.get("id"), str) and "#" in _strings(item)}
     issues += [_err("invariant", f"dom-3: contained resource #{cid} is referred to from nowhere "
                     "in the resource", at) for cid, at in ids.items() if cid not in named]
     return issues
@@ -174,7 +177,7 @@ def _encounter(resource: dict[str, Any]) -> list[Issue]:
         return [_err("required", f"Encounter.class needs system {ACT_CODE}",
                      "Encounter.class.system")]
     code = cls.get("code") if isinstance(cls, dict) else None
-    if code is not None and code not in ENCOUNTER_CLASSES:
+    if type(code) is str and code not in ENCOUNTER_CLASSES:
         return [_err("code-invalid", f"Encounter.class.code {code!r} is not a v3 "
                      f"ActEncounterCode ({', '.join(sorted(ENCOUNTER_CLASSES))})",
                      "Encounter.class.code")]

@@ -113,7 +113,7 @@ def unacceptable(scope) -> Issue | None:  # noqa: ANN001
 
 
 # The FHIR version media-type parameter (http.html#version-parameter): R4 is 4.0 (or 4.0.1).
-R4_VERSIONS = frozenset({None, "4.0", "4.0.1"})
+R4_VERSIONS = frozenset({None, "4.0", "4.0.0", "4.0.1"})
 
 
 def _params(text: str) -> tuple[str, dict[str, str]]:

@@ -271,15 +271,19 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     @router.post("", summary="Process a transaction or batch Bundle")
     async def process_bundle(request: Request, tenant: TenantDep) -> Response:
+        if not {"fhir:read", "fhir:write"} & set(tenant.scopes):
+            _require(tenant, "fhir:write")
         bundle = await read_json(request, max_depth)
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise rejected(400, "invalid", "POST /fhir takes a Bundle", "resourceType")
-        # A Bundle of reads only needs fhir:read; one that writes, fhir:write.
-        entries_sent = bundle.get("entry") if isinstance(bundle.get("entry"), list) else []
-        reads_only = bool(entries_sent) and all(
-            isinstance(e, dict) and isinstance(e.get("request"), dict)
-            and e["request"].get("method") == "GET" for e in entries_sent)
-        _require(tenant, "fhir:read" if reads_only else "fhir:write")
+        # GET entries need fhir:read, every other entry fhir:write.
+        sent = bundle.get("entry") if isinstance(bundle.get("entry"), list) else []
+        methods = {e["request"].get("method") if isinstance(e, dict)
+                   and isinstance(e.get("request"), dict) else None for e in sent}
+        if "GET" in methods:
+            _require(tenant, "fhir:read")
+        if methods - {"GET"} or not methods:
+            _require(tenant, "fhir:write")
         kind = bundle.get("type")
         if kind not in ("transaction", "batch"):
             raise rejected(422, "value", ("Bundle.type is missing" if kind is None else
@@ -299,8 +303,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                                           lambda u: u.commit())
         wake_relay()
         # Entries carry no resources unless asked for (a 1,000-entry Bundle's answer stays small).
-        wanted = prefer(request) if "prefer" in request.headers else "minimal"
-        return fhir_json(response_bundle(f"{kind}-response", results, base(request), wanted))
+        return fhir_json(response_bundle(f"{kind}-response", results, base(request),
+                                         prefer(request, "minimal")))
 
     @router.post("/{rtype}/$validate", summary="Validate a resource (or Bundle) without storing")
     async def validate(rtype: str, request: Request, tenant: TenantDep) -> Response:
@@ -313,7 +317,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             count = len(entries)
         else:
             _check_type(rtype)
-            handlers.validated(body, rtype)
+            standalone(body, rtype)  # what a create or update of it would check
             count = 1
         return outcome_response(200, [Issue("information", "informational",
                                             f"valid: {count} resource(s) checked")])

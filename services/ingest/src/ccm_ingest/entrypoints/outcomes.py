@@ -60,17 +60,17 @@ def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
     }
 
 
-def prefer(request: Request) -> str:
+def prefer(request: Request, default: str = "representation") -> str:
     """The ``return`` preference (RFC 7240: preferences separated by commas, in one or several
-    Prefer headers; each may carry ``;`` parameters), ``representation`` when none is given."""
+    Prefer headers; each may carry ``;`` parameters), ``default`` when none is given."""
     if "prefer" not in request.headers:  # most requests: no Prefer at all
-        return "representation"
+        return default
     for header in request.headers.getlist("prefer"):
         for preference in header.split(","):
             key, _, value = preference.split(";", 1)[0].partition("=")
             if key.strip().lower() == "return":
                 return value.strip().strip('"')
-    return "representation"
+    return default
 
 
 def write_response(request: Request, outcome: Outcome, base: str) -> Response:

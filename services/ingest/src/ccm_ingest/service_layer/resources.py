@@ -207,8 +207,8 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     answer_with = []  # stored versions that unchanged and stale writes answer with
     for w in writes:
         cur = currents.get((w.rtype, w.rid))
-        known = cur is not None and cur.version_id > 0  # stored, perhaps deleted since
-        exists = known and not cur.deleted
+        stored_before = cur is not None and cur.version_id > 0  # perhaps deleted since
+        exists = stored_before and not cur.deleted
         sha = content_hash(w.resource)
         if exists and sha == cur.sha256:
             plans.append((w, cur, sha, None, False))
@@ -220,20 +220,23 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             if w.where is None:
                 raise
             raise FhirRejected(exc.status, [i.located(w.where) for i in exc.issues]) from None
-        if known and last_updated <= cur.last_updated and not _sent_last_updated(w.resource):
+        if stored_before and last_updated <= cur.last_updated and \
+                not _sent_last_updated(w.resource):
             # No time sent: this version is the newest by definition, even after one whose
             # sent time is (within the allowed clock difference) ahead of ours.
             last_updated = cur.last_updated + timedelta(milliseconds=1)
-        # Older than the current state, a deletion included: a replayed version must not bring
-        # a deleted resource (and its CCM time) back.
-        stale = known and last_updated < cur.last_updated
+        stale = exists and last_updated < cur.last_updated
         if stale:
             answer_with.append((w.rtype, w.rid, cur.version_id))
         plans.append((w, cur, sha, last_updated, stale))
     stored = await repo.versions_of(answer_with)
-    # A stale version already in history (an EHR's retry) is not kept twice.
+    # A stale version already in history (an EHR's retry) is not kept twice; and a write to a
+    # deleted resource whose content is already in history is a replay of what came before
+    # the deletion: it must not bring the resource (and its CCM time) back. Other content
+    # re-creates it, whatever its time (the EHR's clock may lag the deletion's).
     kept = await repo.same_content_versions(
-        [(w.rtype, w.rid, sha) for w, _, sha, _, stale in plans if stale])
+        [(w.rtype, w.rid, sha) for w, cur, sha, _, stale in plans
+         if stale or (cur is not None and cur.deleted and cur.version_id > 0)])
     roles = await repo.current_resources(
         "PractitionerRole", sorted({i for w, *_ in plans for i in _role_ids(w.resource)}))
     pending = _Pending()
@@ -269,15 +272,19 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
 
 def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int], VersionRow],
                    last_updated: datetime, kept: str) -> Outcome:
-    """200 with the current version (or deletion) and a warning: a version older than it."""
-    current = (f"the deletion (version {cur.version_id}, {cur.last_updated.isoformat()})"
-               if cur.deleted else
-               f"the current version {cur.version_id} ({cur.last_updated.isoformat()})")
+    """200 and a warning, with the current version; for a deleted resource (a replay) no
+    version at all, so no ETag or Location suggests the write took effect."""
+    if cur.deleted:
+        return Outcome(200, w.rtype, w.rid, None, outcome_body=True, issues=[Issue(
+            "warning", "conflict",
+            f"{w.rtype}/{w.rid} was deleted (version {cur.version_id}) and this is {kept}: "
+            "it stays deleted and no event was emitted", ("meta.lastUpdated",))])
     return Outcome(200, w.rtype, w.rid, stored[(w.rtype, w.rid, cur.version_id)],
                    outcome_body=True, issues=[Issue(
                        "warning", "conflict",
-                       f"meta.lastUpdated {last_updated.isoformat()} is older than {current}: "
-                       f"{kept}; the current state is unchanged and no event was emitted",
+                       f"meta.lastUpdated {last_updated.isoformat()} is older than the current "
+                       f"version {cur.version_id} ({cur.last_updated.isoformat()}): {kept}; the "
+                       "current state is unchanged and no event was emitted",
                        ("meta.lastUpdated",))])
 
 
