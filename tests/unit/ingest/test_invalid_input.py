@@ -175,6 +175,8 @@ CASES = [
            "contained[0].resourceType"),
           ("of an R5-only type", {"resourceType": "Requirements", "id": "o1"}, "structure",
            "contained[0].resourceType"),
+          ("of an abstract type", {"resourceType": "DomainResource", "id": "o1"}, "structure",
+           "contained[0].resourceType"),
           ("without resourceType", {"id": "o1"}, "structure", "contained[0].resourceType"),
           ("whose resourceType is a number", {"resourceType": 5, "id": "o1"}, "structure",
            "contained[0].resourceType"),

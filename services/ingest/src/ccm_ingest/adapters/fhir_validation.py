@@ -79,10 +79,12 @@ def _unknown_contained_types(resource: dict[str, Any], rtype: str) -> list[Issue
         kind = item.get("resourceType") if isinstance(item, dict) else None
         if isinstance(kind, str):
             try:
+                if kind in ("Resource", "DomainResource"):  # abstract: no resource is one
+                    raise ValueError(kind)
                 _model(kind)
             except (KeyError, ValueError, ImportError, AttributeError):
                 issues.append(Issue("error", "structure", f"contained resource type {kind!r} "
-                                    "is not a FHIR R4 resource type",
+                                    "is not a FHIR R4 resource type this server can validate",
                                     (f"{rtype}.contained[{i}].resourceType",)))
     return issues
 
