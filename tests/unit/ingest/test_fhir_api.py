@@ -381,13 +381,19 @@ async def test_page_links_are_on_the_public_base_and_keep_the_criteria(public_ba
     assert "patient=Patient%2Fp1" in nxt and "_offset=3" in nxt and "_count=3" in nxt
 
 
-async def test_history_tells_how_each_version_came(fhir):
+async def created_updated_deleted_recreated(fhir) -> str:
+    """A Patient's four versions: POST, PUT, DELETE, PUT; its id."""
     created = await fhir.post("/fhir/Patient", json={"resourceType": "Patient", "active": True})
     rid = created.json()["id"]
     await fhir.put(f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid})
     await fhir.delete(f"/fhir/Patient/{rid}")
     await fhir.put(f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid,
                                                 "active": False})
+    return rid
+
+
+async def test_history_tells_how_each_version_came(fhir):
+    rid = await created_updated_deleted_recreated(fhir)
     entries = (await fhir.get(f"/fhir/Patient/{rid}/_history")).json()["entry"]
     assert [(e["request"]["method"], e["request"]["url"], e["response"]["status"])
             for e in entries] == [  # newest first
@@ -396,12 +402,7 @@ async def test_history_tells_how_each_version_came(fhir):
 
 
 async def test_history_pages_keep_each_versions_status_and_link_the_next_page(fhir):
-    created = await fhir.post("/fhir/Patient", json={"resourceType": "Patient", "active": True})
-    rid = created.json()["id"]
-    await fhir.put(f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid})
-    await fhir.delete(f"/fhir/Patient/{rid}")
-    await fhir.put(f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid,
-                                                "active": False})
+    rid = await created_updated_deleted_recreated(fhir)
     whole = (await fhir.get(f"/fhir/Patient/{rid}/_history")).json()
     seen, url = [], f"/fhir/Patient/{rid}/_history?_count=1"
     while url:
