@@ -20,7 +20,13 @@ from fastapi.responses import Response
 from ccm_ingest.adapters.fhir_validation import load_models
 from ccm_ingest.adapters.repository import SqlResourceRepository, VersionRow
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
-from ccm_ingest.domain.model import SUPPORTED_TYPES, FhirRejected, Issue, rejected
+from ccm_ingest.domain.model import (
+    SUPPORTED_TYPES,
+    FhirRejected,
+    Issue,
+    ascii_digits,
+    rejected,
+)
 from ccm_ingest.domain.rules import unresolved_local_references
 from ccm_ingest.entrypoints.edge import R4_VERSIONS, fhir_version
 from ccm_ingest.entrypoints.outcomes import (
@@ -409,7 +415,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                     tenant: TenantDep) -> Response:
         _require(tenant, "fhir:read")
         _check_type(rtype)
-        if not (vid.isascii() and vid.isdigit()) or len(vid) > 9:
+        if not ascii_digits(vid, 9):
             raise rejected(404, "not-found", f"version {vid!r} is not known", "vid")
         async with runtime.db.unit_of_work() as uow:
             version = await SqlResourceRepository(uow.session, tenant.practice_id).version(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -180,8 +181,7 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry) -> 
                 if rtype not in SUPPORTED_TYPES:
                     raise rejected(422, "not-supported", f"conditional reference {ref!r}: type "
                                    "not supported", f"{path}.reference")
-                matches = await handlers.find(repo, rtype,
-                                              handlers.normalise_criteria(rtype, ref))
+                matches = await handlers.find_by_criteria(repo, rtype, ref)
                 if len(matches) != 1:
                     raise rejected(412, "not-found" if not matches else "multiple-matches",
                                    f"conditional reference {ref!r} matches {len(matches)} "
@@ -211,8 +211,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
         if e.method == "POST":
             e.rid = random_uuid()
         elif e.method == "PUT" and e.rid is None and e.criteria:
-            matches = await handlers.find(repo, e.rtype,
-                                          handlers.normalise_criteria(e.rtype, e.criteria))
+            matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria)
             if len(matches) > 1:
                 raise rejected(412, "multiple-matches", f"conditional update {e.rtype}?"
                                f"{e.criteria} matches {len(matches)} resources",
@@ -225,17 +224,13 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
         deleted = await _deleted_by(repo, entries)
         keyed = []
         for e in conditional:
-            try:
+            with _at_entry(e.index):
                 keyed.append((handlers.criteria_key(handlers.normalise_criteria(
                     e.rtype, e.if_none_exist or "")), e))
-            except FhirRejected as exc:
-                raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
         claimed: dict[tuple[str, str], Entry] = {}
         for key, e in sorted(keyed, key=lambda k: (k[1].rtype, k[0], k[1].index)):
-            try:
+            with _at_entry(e.index):
                 await _claim(uow, caller, e, key, claimed, deleted.get(e.rtype, set()))
-            except FhirRejected as exc:
-                raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
     for e in entries:
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
@@ -252,8 +247,7 @@ async def _deleted_by(repo: SqlResourceRepository, entries: list[Entry]) -> dict
             deleted.setdefault(e.rtype, set()).add(e.rid)
         elif e.criteria:
             try:
-                matches = await handlers.find(repo, e.rtype,
-                                              handlers.normalise_criteria(e.rtype, e.criteria))
+                matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria)
             except FhirRejected:
                 continue  # the entry itself fails with it when it runs
             deleted.setdefault(e.rtype, set()).update(m.id for m in matches)
@@ -289,8 +283,7 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
     if e.method == "DELETE":
         if e.rid is not None:
             return await handlers.remove(uow, caller, e.rtype, e.rid, if_match=e.if_match)
-        matches = await handlers.find(repo, e.rtype,
-                                      handlers.normalise_criteria(e.rtype, e.criteria or ""))
+        matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "")
         if len(matches) > 1:
             raise rejected(412, "multiple-matches", f"conditional delete matches {len(matches)}"
                            " resources", f"{_where(e.index)}.request.url")
@@ -343,7 +336,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
         pending.clear()
 
     for e in sorted(entries, key=lambda x: METHOD_ORDER[x.method]):
-        try:
+        with _at_entry(e.index):
             write = _plain_write(e)
             if write is not None:
                 pending.append((e, write))
@@ -361,8 +354,6 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                 continue
             await flush()
             results[e.index] = await _run_entry(uow, caller, e)
-        except FhirRejected as exc:
-            raise FhirRejected(exc.status, _located(exc.issues, e.index)) from None
     await flush()
     return [(e, results[e.index]) for e in entries]
 
@@ -385,6 +376,15 @@ def _one_entry_per_resource(entries: list[Entry]) -> None:
 
 # What the REST interactions' issues name, as a Bundle entry has it.
 _ENTRY_FIELDS = {"If-None-Exist": "request.ifNoneExist", "If-Match": "request.ifMatch"}
+
+
+@contextmanager
+def _at_entry(index: int) -> Iterator[None]:
+    """FhirRejected raised inside, with its issues located under ``Bundle.entry[index]``."""
+    try:
+        yield
+    except FhirRejected as exc:
+        raise FhirRejected(exc.status, _located(exc.issues, index)) from None
 
 
 def _located(issues: list[Issue], index: int) -> list[Issue]:

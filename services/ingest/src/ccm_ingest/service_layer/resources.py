@@ -4,6 +4,8 @@ work does, so a stored version and its events are one transaction."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -20,6 +22,7 @@ from ccm_ingest.domain.model import (
     Issue,
     MappedEvent,
     SourceVersion,
+    ascii_digits,
     content_hash,
     isoformat,
     rejected,
@@ -74,7 +77,7 @@ def parse_etag(value: str) -> str:
     if value.startswith("W/"):
         value = value[2:]
     version = value.strip('"')
-    if not (version.isascii() and version.isdigit()):
+    if not ascii_digits(version):
         raise rejected(400, "value", f"If-Match {value!r} is not a version ETag "
                        '(W/"<versionId>")', "If-Match")
     return version
@@ -214,12 +217,8 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             plans.append((w, cur, sha, None, False))
             answer_with.append((w.rtype, w.rid, cur.version_id))
             continue
-        try:
+        with _under(w.where):
             last_updated = _meta_last_updated(w.resource, caller)
-        except FhirRejected as exc:
-            if w.where is None:
-                raise
-            raise FhirRejected(exc.status, [i.located(w.where) for i in exc.issues]) from None
         if stored_before and last_updated <= cur.last_updated and \
                 not _sent_last_updated(w.resource):
             # No time sent: this version is the newest by definition, even after one whose
@@ -253,13 +252,9 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
                 f"the same content as version {same}, already kept in history: nothing was "
                 "stored")))
             continue
-        try:
+        with _under(w.where):
             outcomes.append(_plan_version(caller, w, cur, sha, last_updated, stale, roles,
                                           stored, pending))
-        except FhirRejected as exc:
-            if w.where is None:
-                raise
-            raise FhirRejected(exc.status, [i.located(w.where) for i in exc.issues]) from None
     await repo.update_rows(pending.updated_rows)
     await repo.update_rows(pending.stale_rows)
     await repo.drop_identifiers(pending.replaced)
@@ -268,6 +263,18 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     await repo.insert_batch(pending.versions, caller.connection, pending.new_rows,
                             pending.identifiers, outbox_rows)
     return outcomes
+
+
+@contextmanager
+def _under(where: str | None) -> Iterator[None]:
+    """FhirRejected raised inside, with its issues located under ``where`` (a Bundle entry's
+    resource) when there is one."""
+    try:
+        yield
+    except FhirRejected as exc:
+        if where is None:
+            raise
+        raise FhirRejected(exc.status, [i.located(where) for i in exc.issues]) from None
 
 
 def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int], VersionRow],
@@ -441,7 +448,6 @@ PAGING = {"_count", "_offset"}
 # Parameters of how to answer, not what to find: the answer is JSON either way.
 IGNORED = {"_format", "_pretty"}
 MAX_OFFSET = 100_000
-_DIGITS = re.compile("[0-9]{1,7}")
 
 
 def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
@@ -529,16 +535,22 @@ async def find(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, 
     return (await search(repo, rtype, params, limit=limit))[1]
 
 
+async def find_by_criteria(repo: SqlResourceRepository, rtype: str,
+                           criteria: str) -> list[VersionRow]:
+    """What conditional criteria (``identifier=…`` or ``Patient?identifier=…``) match."""
+    return await find(repo, rtype, normalise_criteria(rtype, criteria))
+
+
 def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
     """(``_offset``, ``_count``) of a search: where its page starts and how long it is."""
     offset = 0
     for name, value in params:
         if name == "_count":  # 0: the total only
-            if not _DIGITS.fullmatch(value) or not 0 <= int(value) <= 1000:
+            if not ascii_digits(value, 7) or not 0 <= int(value) <= 1000:
                 raise rejected(400, "value", "_count must be 0..1000", "_count")
             limit = int(value)
         elif name == "_offset":
-            if not _DIGITS.fullmatch(value) or int(value) > MAX_OFFSET:
+            if not ascii_digits(value, 7) or int(value) > MAX_OFFSET:
                 raise rejected(400, "value", f"_offset must be 0..{MAX_OFFSET:,}", "_offset")
             offset = int(value)
     return offset, limit
