@@ -77,16 +77,21 @@ def _unknown_contained_types(resource: dict[str, Any], rtype: str) -> list[Issue
     issues = []
     for i, item in enumerate(contained if isinstance(contained, list) else []):
         kind = item.get("resourceType") if isinstance(item, dict) else None
-        if isinstance(kind, str):
-            try:
-                if kind in ("Resource", "DomainResource"):  # abstract: no resource is one
-                    raise ValueError(kind)
-                _model(kind)
-            except (KeyError, ValueError, ImportError, AttributeError):
-                issues.append(Issue("error", "structure", f"contained resource type {kind!r} "
-                                    "is not a FHIR R4 resource type this server can validate",
-                                    (f"{rtype}.contained[{i}].resourceType",)))
+        if isinstance(kind, str) and _resource_model(kind) is None:
+            issues.append(Issue("error", "structure", f"contained resource type {kind!r} "
+                                "is not a FHIR R4 resource type this server can validate",
+                                (f"{rtype}.contained[{i}].resourceType",)))
     return issues
+
+
+def _resource_model(kind: Any) -> Any:
+    """The model of a contained resource's type, None for no (concrete) resource type."""
+    if not isinstance(kind, str) or kind in ("Resource", "DomainResource"):  # abstract
+        return None
+    try:
+        return _model(kind)
+    except (KeyError, ValueError, ImportError, AttributeError):
+        return None
 
 
 def validate_resource(resource: Any, *, expected_type: str | None = None) -> dict[str, Any]:
@@ -198,8 +203,5 @@ def _json_types(value: dict[str, Any], model: Any, path: str) -> list[Issue]:
 
 def _json_types_of(value: dict[str, Any], kind: Any, path: str) -> list[Issue]:
     if kind == _RESOURCE:
-        try:
-            kind = _model(value.get("resourceType"))
-        except (KeyError, ValueError, TypeError):
-            return []
-    return _json_types(value, kind, path)
+        kind = _resource_model(value.get("resourceType"))
+    return [] if kind is None else _json_types(value, kind, path)

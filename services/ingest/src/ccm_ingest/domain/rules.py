@@ -80,14 +80,16 @@ def check_resource(resource: dict[str, Any]) -> list[Issue]:
     check = _TYPE_CHECKS.get(rtype)
     if check is not None:
         issues += check(resource)
-    issues += _references(resource, rtype)
+    reference_issues, local = _references(resource, rtype)
+    issues += reference_issues
     issues += _subject_targets(resource, rtype)
     if "contained" in resource:
-        issues += _contained(resource, rtype)
+        issues += _contained(resource, rtype, local)
     return issues
 
 
-def _contained(resource: dict[str, Any], rtype: str) -> list[Issue]:
+def _contained(resource: dict[str, Any], rtype: str,
+               local: list[tuple[str, str]]) -> list[Issue]:
     """R4's rules for contained resources, which are part of their container with no identity of
     their own: each has a resourceType and an id, contains nothing (dom-2), has no
     meta.versionId or meta.lastUpdated (dom-4) and is referred to from the resource (dom-3,
@@ -95,7 +97,7 @@ def _contained(resource: dict[str, Any], rtype: str) -> list[Issue]:
     items = resource["contained"] if isinstance(resource["contained"], list) else []
     issues: list[Issue] = []
     ids: dict[str, str] = {}
-    refs = [(w, r) for w, r in _walk_references(resource, rtype) if r.startswith("#")]
+    refs = list(local)  # the container's own # references (``_references`` found them)
     for i, item in enumerate(items):
         at = f"{rtype}.contained[{i}]"
         if not isinstance(item, dict):
@@ -117,10 +119,8 @@ def _contained(resource: dict[str, Any], rtype: str) -> list[Issue]:
             issues.append(_err("invariant", "dom-4: a contained resource SHALL NOT have "
                                "meta.versionId or meta.lastUpdated", f"{at}.meta"))
         refs += [(w, r) for w, r in _walk_references(item, at) if r.startswith("#")]
-    for where, ref in refs:
-        if ref != "#" and ref[1:] not in ids:
-            issues.append(_err("not-found", f"{where} {ref!r} names no contained resource",
-                               where))
+    issues += [_no_contained(where, ref) for where, ref in refs
+               if ref != "#" and ref[1:] not in ids]
     # dom-3 counts any element whose value is "#id" (references, canonicals, uris).
     named = {value[1:] for value in _strings(resource) if value.startswith("#")}
     # ... or it refers to its container ("#" alone) from within itself
@@ -385,17 +385,23 @@ def _subject_targets(resource: dict[str, Any], rtype: str) -> list[Issue]:
     return issues
 
 
-def _references(resource: dict[str, Any], rtype: str) -> list[Issue]:
-    """References that are none, and ``#id`` ones in a resource that contains nothing (with
-    contained resources, ``_contained`` checks them)."""
+def _references(resource: dict[str, Any], rtype: str,
+                ) -> tuple[list[Issue], list[tuple[str, str]]]:
+    """(references that are none, and ``#id`` ones in a resource that contains nothing; the
+    ``#`` references it holds, for ``_contained`` to check against what it contains)."""
     contains = "contained" in resource
-    issues = []
+    issues, local = [], []
     for where, ref in _walk_references(resource, rtype):
+        if ref[:1] == "#":
+            local.append((where, ref))
         if not _REFERENCE.match(ref):
             issues.append(_err("value", f"{where} {ref!r} is not a FHIR reference (Type/id, an "
                                "absolute URL, #contained, urn:uuid: or a conditional "
                                "Type?search)", where))
         elif ref[:1] == "#" and ref != "#" and not contains:
-            issues.append(_err("not-found", f"{where} {ref!r} names no contained resource",
-                               where))
-    return issues
+            issues.append(_no_contained(where, ref))
+    return issues, local
+
+
+def _no_contained(where: str, ref: str) -> Issue:
+    return _err("not-found", f"{where} {ref!r} names no contained resource", where)
