@@ -25,7 +25,7 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ccm_shared.errors import Conflict, InvalidInput, NotFound
+from ccm_shared.errors import Conflict, Forbidden, InvalidInput, NotFound
 from ccm_shared.tables import api_tokens, practices
 
 TOKEN_PREFIX = "ccm_"
@@ -46,6 +46,11 @@ class Tenant:
         """Another practice's resources do not exist for this caller (404, not 403)."""
         if practice_id != self.practice_id:
             raise NotFound(f"practice {practice_id!r} not found")
+
+    def require_scope(self, scope: str) -> None:
+        """403 unless this token carries ``scope``."""
+        if scope not in self.scopes:
+            raise Forbidden(f"this token lacks the {scope!r} scope")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ccm_billing.domain.model import Month
 from ccm_billing.service_layer import ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.corrections import recompute
-from ccm_shared.errors import AppError, Conflict, Forbidden, InvalidInput, NotFound
+from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
 from ccm_shared.http import TenantDep
 from ccm_shared.tenancy import Tenant
 
@@ -30,8 +30,7 @@ SCOPE = "billing"
 async def billing_tenant(tenant: TenantDep) -> Tenant:
     """The caller, when its token carries the ``billing`` scope; else 403 (an EHR connection's
     fhir:read + fhir:write token must not read invoices, record payments or close months)."""
-    if SCOPE not in tenant.scopes:
-        raise Forbidden(f"this token lacks the {SCOPE!r} scope")
+    tenant.require_scope(SCOPE)
     return tenant
 
 

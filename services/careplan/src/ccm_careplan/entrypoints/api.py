@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ccm_careplan.domain.rules import DEFAULT_RULES, PRACTITIONER_REF, InvalidRules, ReviewRules
 from ccm_careplan.service_layer import commands, queries
 from ccm_careplan.service_layer.common import load_rules, practice_today
-from ccm_shared.errors import Conflict, Forbidden, InvalidInput, NotFound, PreconditionFailed
+from ccm_shared.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from ccm_shared.http import TenantDep
 from ccm_shared.tenancy import Tenant
 
@@ -72,8 +72,7 @@ async def _context(uow, practice: str, now) -> tuple[ReviewRules, date]:  # noqa
 def _allowed(tenant: Tenant, practice: str | None = None) -> None:
     if practice is not None:
         tenant.require_practice(practice)
-    if SCOPE not in tenant.scopes:
-        raise Forbidden(f"this token lacks the {SCOPE!r} scope")
+    tenant.require_scope(SCOPE)
 
 
 def _rules_body(practice: str, rules: ReviewRules, revision: int) -> dict:

@@ -43,7 +43,6 @@ from ccm_ingest.service_layer.group_commit import GroupedWrites
 from ccm_ingest.service_layer.resources import Caller, Outcome, Write
 from ccm_ingest.settings import IngestSettings
 from ccm_shared.db import UnitOfWork
-from ccm_shared.errors import Forbidden
 from ccm_shared.http import TenantDep, json_depth
 from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
@@ -152,11 +151,6 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
 log = structlog.get_logger(__name__)
 
 
-def _require(tenant: Tenant, scope: str) -> None:
-    if scope not in tenant.scopes:
-        raise Forbidden(f"this token lacks the {scope!r} scope")
-
-
 def _check_type(rtype: str) -> None:
     if rtype not in SUPPORTED_TYPES:
         raise rejected(404, "not-supported", f"resource type {rtype!r} is not supported; "
@@ -255,7 +249,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     async def grouped(request: Request, tenant: Tenant, write: Write) -> Response:
         """A plain create or update: stored with the concurrent others (``GroupedWrites``)."""
-        _require(tenant, "fhir:write")
+        tenant.require_scope("fhir:write")
         write.correlation_id = current_correlation_id()
         caller = await caller_for(runtime, tenant)
         handlers.check_last_updated(write.resource, caller)
@@ -263,7 +257,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         return write_response(request, outcome, base(request))
 
     async def write(request: Request, tenant: Tenant, action) -> Response:  # noqa: ANN001
-        _require(tenant, "fhir:write")
+        tenant.require_scope("fhir:write")
         async with runtime.db.unit_of_work() as uow:
             caller = await caller_for(runtime, tenant, uow)
             outcome: Outcome = await action(uow, caller)
@@ -278,7 +272,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     @router.post("", summary="Process a transaction or batch Bundle")
     async def process_bundle(request: Request, tenant: TenantDep) -> Response:
         if not {"fhir:read", "fhir:write"} & set(tenant.scopes):
-            _require(tenant, "fhir:write")
+            tenant.require_scope("fhir:write")
         bundle = await read_json(request, max_depth)
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise rejected(400, "invalid", "POST /fhir takes a Bundle", "resourceType")
@@ -287,9 +281,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         methods = {e["request"].get("method") if isinstance(e, dict)
                    and isinstance(e.get("request"), dict) else None for e in sent}
         if "GET" in methods:
-            _require(tenant, "fhir:read")
+            tenant.require_scope("fhir:read")
         if methods - {"GET"} or not methods:
-            _require(tenant, "fhir:write")
+            tenant.require_scope("fhir:write")
         kind = bundle.get("type")
         if kind not in ("transaction", "batch"):
             raise rejected(422, "value", ("Bundle.type is missing" if kind is None else
@@ -360,7 +354,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     @router.get("/{rtype}/{rid}", summary="Read the current version")
     async def read(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
-        _require(tenant, "fhir:read")
+        tenant.require_scope("fhir:read")
         _check_type(rtype)
         async with runtime.db.unit_of_work() as uow:
             repo = SqlResourceRepository(uow.session, tenant.practice_id)
@@ -372,7 +366,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     @router.get("/{rtype}/{rid}/_history",
                 summary="Stored versions, newest first (_since, _count, _offset)")
     async def history(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
-        _require(tenant, "fhir:read")
+        tenant.require_scope("fhir:read")
         _check_type(rtype)
         params = list(request.query_params.multi_items())
         since, offset, count = handlers.history_params(params)
@@ -413,7 +407,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     @router.get("/{rtype}/{rid}/_history/{vid}", summary="One stored version")
     async def vread(rtype: str, rid: str, vid: str, request: Request,
                     tenant: TenantDep) -> Response:
-        _require(tenant, "fhir:read")
+        tenant.require_scope("fhir:read")
         _check_type(rtype)
         if not ascii_digits(vid, 9):
             raise rejected(404, "not-found", f"version {vid!r} is not known", "vid")
@@ -429,7 +423,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     @router.get("/{rtype}", summary="Search: _id, identifier, patient, _lastUpdated, _count")
     async def search(rtype: str, request: Request, tenant: TenantDep) -> Response:
-        _require(tenant, "fhir:read")
+        tenant.require_scope("fhir:read")
         _check_type(rtype)
         params = list(request.query_params.multi_items())
         async with runtime.db.unit_of_work() as uow:

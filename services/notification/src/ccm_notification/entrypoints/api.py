@@ -31,7 +31,7 @@ from ccm_notification.domain.kinds import KINDS, MissingFields
 from ccm_notification.domain.signing import LinkExpired, LinkInvalid, verify_link, webhook_secret
 from ccm_notification.service_layer import acks, calls, directory
 from ccm_notification.service_layer.notify import Intent, Notifier
-from ccm_shared.errors import Forbidden, Gone, InvalidInput, MalformedRequest, NotFound
+from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
 from ccm_shared.http import TenantDep
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
@@ -46,8 +46,7 @@ SCOPE = "notification"
 async def notification_tenant(tenant: TenantDep) -> Tenant:
     """The caller, when its token carries the ``notification`` scope; else 403 (an EHR
     connection's fhir:read + fhir:write token must not edit the directory or send messages)."""
-    if SCOPE not in tenant.scopes:
-        raise Forbidden(f"this token lacks the {SCOPE!r} scope")
+    tenant.require_scope(SCOPE)
     return tenant
 
 
