@@ -50,13 +50,13 @@ def _settings(require_db: bool = True) -> Settings:
 
 
 def _services(name: str | None):  # noqa: ANN202
-    from ccm_shared.service import discover_services
+    from ccm_shared.service import discover_services, service_names
 
-    found = discover_services()
     if name in (None, "all"):
-        return list(found.values())
+        return list(discover_services().values())
+    found = discover_services(only=name)
     if name not in found:
-        _fail(f"unknown service {name!r}; choose from: {', '.join(found)} or all")
+        _fail(f"unknown service {name!r}; choose from: {', '.join(service_names())} or all")
     return [found[name]]
 
 
@@ -655,12 +655,26 @@ def show_config() -> None:
             typer.echo(f"{prefix}{name.upper()}={'***' if secret and value else value}")
 
 
-def _mount_service_commands() -> None:
-    """Each service may bring its own subcommands: ``ccm billing close …``."""
-    from ccm_shared.service import discover_services
+def _platform_commands() -> set[str]:
+    commands = {
+        info.name or info.callback.__name__.replace("_", "-")
+        for info in app.registered_commands
+        if info.callback is not None
+    }
+    return commands | {info.name for info in app.registered_groups if info.name}
 
+
+def _mount_service_commands(argv: list[str]) -> None:
+    """Each service may bring its own subcommands: ``ccm billing close …``. Only the services
+    the command line needs are imported: none for a platform command (``ccm serve ingest``
+    imports ingest alone, in _services), the one named (``ccm billing …``), all for ``--help``."""
+    from ccm_shared.service import discover_services, service_names
+
+    command = argv[0] if argv else None
+    if command in _platform_commands():
+        return
     try:
-        services = discover_services()
+        services = discover_services(only=command if command in service_names() else None)
     except Exception as exc:  # noqa: BLE001 - a broken service must not break `ccm --help`
         typer.secho(f"warning: could not load services: {exc}", err=True)
         return
@@ -670,7 +684,7 @@ def _mount_service_commands() -> None:
 
 
 def main() -> None:
-    _mount_service_commands()
+    _mount_service_commands(sys.argv[1:])
     app()
 
 
