@@ -1,15 +1,16 @@
 """Mapping rules (pure) and the per-practice configuration API."""
 
+import dataclasses
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
-from ccm_ingest.domain.mapping import MappingContext, classify_role, map_version
+from ccm_ingest.domain.mapping import MappingContext, classify_role, map_version, reference
 from ccm_ingest.domain.model import FhirRejected, SourceVersion
 from tests.support.contracts import assert_valid_event
-from tests.unit.ingest.conftest import events
+from tests.unit.ingest.conftest import counts, events
 from tests.unit.ingest.test_fhir_api import ccm_encounter
 
 NY = ZoneInfo("America/New_York")
@@ -296,3 +297,69 @@ async def test_overrides_stored_before_a_check_was_added_keep_applying(fhir):
     shown = (await fhir.get("/v1/practices/alpha/ingest-config")).json()
     assert shown["effective"]["length_tolerance_seconds"] == 172800
     assert "0 to 86400" in shown["problem"]
+
+
+@pytest.mark.parametrize(("ref", "local_bases", "expected"), [
+    ("Patient/p1", (), "Patient/p1"),
+    ("Patient/p1/_history/3", (), "Patient/p1"),
+    ("https://other.example/fhir/Patient/p1", (), None),  # another server's patient
+    ("https://other.example/fhir/Patient/p1", ("https://ccm.example/fhir",), None),
+    ("https://ccm.example/fhir/Patient/p1", ("https://ccm.example/fhir",), "Patient/p1"),
+    ("HTTPS://CCM.example/fhir/Patient/p1", ("https://ccm.example/fhir",), "Patient/p1"),
+    ("https://ccm.example/fhir2/Patient/p1", ("https://ccm.example/fhir",), None),
+    ("https://ccm.example/Patient/p1", ("https://ccm.example/fhir",), None),
+    ("https://ccm.example/fhir/Patient/p1", ("http://in.cluster/fhir", "https://ccm.example/fhir"),
+     "Patient/p1"),
+    ("urn:uuid:0d3b8f3c-8d39-4c4e-a0c3-3f5b7d3f1d11", ("https://ccm.example/fhir",), None),
+    ("Patient?identifier=x|1", (), None),
+])
+def test_an_absolute_reference_is_this_servers_only_under_a_local_base(ref, local_bases,
+                                                                       expected):
+    assert reference({"reference": ref}, ("Patient",), local_bases) == expected
+
+
+def test_time_for_another_servers_patient_is_not_counted_for_the_local_one():
+    """An Encounter whose subject is https://other.example/fhir/Patient/p1 is about a patient
+    of another server, not this practice's Patient/p1: no CCM time for p1."""
+    enc = ccm_encounter()
+    enc["subject"] = {"reference": "https://other.example/fhir/Patient/p1"}
+    with pytest.raises(FhirRejected, match="another server's patient") as refused:
+        map_version(enc, ctx("Encounter"))
+    assert refused.value.issues[0].expression == ("Encounter.subject",)
+    enc["type"] = [{"text": "not CCM time"}]  # stored, about nobody of this practice
+    assert map_version(enc, ctx("Encounter")).events == []
+    enc = ccm_encounter()
+    local = dataclasses.replace(ctx("Encounter"), local_bases=("https://ccm.example/fhir",))
+    enc["subject"] = {"reference": "https://ccm.example/fhir/Patient/p1"}
+    (event,) = map_version(enc, local).events
+    assert event.subject == "Patient/p1" and event.data["patient"] == "Patient/p1"
+
+
+async def test_absolute_references_through_the_api_local_by_the_base_the_request_came_to(fhir):
+    other = {**ccm_encounter("e-other"),
+             "subject": {"reference": "https://other.example/fhir/Patient/p1"}}
+    mine = {**ccm_encounter("e-mine"), "subject": {"reference": "http://test/fhir/Patient/p1"}}
+    before = await counts(fhir)
+    r = await fhir.put("/fhir/Encounter/e-other", json=other)
+    assert r.status_code == 422 and "another server's patient" in r.text
+    assert await counts(fhir) == before
+    other["type"] = [{"text": "not CCM time"}]
+    for enc in (other, mine):
+        r = await fhir.put(f"/fhir/Encounter/{enc['id']}", json=enc)
+        assert r.status_code == 201, r.text
+    logged = await events(fhir, "ingest.time-entry.logged.v1")
+    assert [e["data"]["entry"] for e in logged] == ["Encounter/e-mine"]
+    assert logged[0]["data"]["patient"] == "Patient/p1"
+
+    async def found(patient: str) -> list[str]:
+        r = await fhir.get("/fhir/Encounter", params={"patient": patient})
+        assert r.status_code == 200, r.text
+        return [e["resource"]["id"] for e in r.json().get("entry", [])]
+
+    assert await found("p1") == ["e-mine"]
+    assert await found("http://test/fhir/Patient/p1") == ["e-mine"]
+    assert await found("https://other.example/fhir/Patient/p1") == []
+    # Under another Host the same URL is another server's.
+    r = await fhir.get("/fhir/Encounter", params={"patient": "http://test/fhir/Patient/p1"},
+                       headers={"Host": "elsewhere.example"})
+    assert r.status_code == 200 and r.json()["total"] == 0

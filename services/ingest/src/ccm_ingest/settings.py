@@ -15,7 +15,8 @@ class IngestSettings(BaseSettings):
     max_bundle_entries: int = Field(1000, gt=0, description="Most entries in one Bundle")
     fhir_base_url: str | None = Field(
         None, description="Public base URL of /fhir for Location and fullUrl (default: from the "
-        "request, e.g. http://127.0.0.1:8081/fhir)")
+        "request, e.g. http://127.0.0.1:8081/fhir); absolute references under it, or under the "
+        "base a request came to, are this server's resources")
     max_clock_skew_seconds: float = Field(
         300.0, ge=0, le=86_400, description="How far ahead of the server's clock a "
         "meta.lastUpdated may be (at most a day); later ones are refused (422): a version from "

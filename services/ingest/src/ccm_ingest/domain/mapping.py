@@ -57,14 +57,38 @@ class MappingContext:
     state: dict[str, Any] = field(default_factory=dict)
     deleted: bool = False
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)  # PractitionerRole id → JSON
+    # Base URLs (``https://host/fhir``) under which an absolute reference is this server's.
+    local_bases: tuple[str, ...] = ()
+
+    def ref(self, value: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> str | None:
+        return reference(value, types, self.local_bases)
+
+    def refs(self, values: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> list[str]:
+        return references(values, types, self.local_bases)
 
 
 # ---- small readers ---------------------------------------------------------------------------
 
-def reference(value: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> str | None:
-    """A relative ``Type/id`` for a Reference (relative or absolute URL), else None."""
+def local_path(ref: str, local_bases: tuple[str, ...] = ()) -> str | None:
+    """``ref`` relative to this server: as it is when relative, without its base when it is an
+    absolute URL under one of ``local_bases``; None for another server's URL (FHIR: an
+    absolute reference names the resource on the server at that base)."""
+    if "://" not in ref:
+        return ref
+    for base in local_bases:
+        if ref[:len(base) + 1].lower() == base.lower() + "/":
+            return ref[len(base) + 1:]
+    return None
+
+
+def reference(value: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES,
+              local_bases: tuple[str, ...] = ()) -> str | None:
+    """The ``Type/id`` on this server a Reference names (relative, or an absolute URL under
+    one of ``local_bases``), else None: contained, ``urn:``, conditional, another server's."""
     ref = value.get("reference") if isinstance(value, dict) else None
     if not isinstance(ref, str) or ref.startswith(("#", "urn:")) or "?" in ref:
+        return None
+    if (ref := local_path(ref, local_bases)) is None:
         return None
     match = _REF.search(ref)
     if match is None or match.group(1) not in types:
@@ -72,8 +96,9 @@ def reference(value: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> str
     return f"{match.group(1)}/{match.group(2)}"
 
 
-def references(values: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> list[str]:
-    return [r for v in values or [] if (r := reference(v, types)) is not None]
+def references(values: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES,
+               local_bases: tuple[str, ...] = ()) -> list[str]:
+    return [r for v in values or [] if (r := reference(v, types, local_bases)) is not None]
 
 
 def codings(*concepts: Any) -> list[dict[str, Any]]:
@@ -197,7 +222,7 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
     performers = []
     for participant in res.get("participant") or []:
         individual = participant.get("individual") if isinstance(participant, dict) else None
-        ref = reference(individual, ("Practitioner", "PractitionerRole"))
+        ref = ctx.ref(individual, ("Practitioner", "PractitionerRole"))
         if ref is None:
             continue
         if ref.startswith("Practitioner/"):
@@ -205,7 +230,7 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
             continue
         role = ctx.roles.get(ref.removeprefix("PractitionerRole/"), {})
         performers.append({
-            "practitioner": reference(role.get("practitioner"), ("Practitioner",)),
+            "practitioner": ctx.ref(role.get("practitioner"), ("Practitioner",)),
             "practitionerRole": ref,
             "roleCodes": codings(role.get("code") or []),
         })
@@ -215,7 +240,7 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
 def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     """CCM time (logged / reversed) and qualifying visits (recorded / reversed): an Encounter
     may be either, both or neither; each keeps its own state."""
-    patient = reference(res.get("subject"), ("Patient",))
+    patient = ctx.ref(res.get("subject"), ("Patient",))
     activity = codings(res.get("type") or [], res.get("serviceType"))
     time, visit = _ccm_time(res, ctx, patient, activity), _visit(res, ctx, patient, activity)
     return Mapping([*time.events, *visit.events], {**time.state, **visit.state},
@@ -286,7 +311,9 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
     if status != "finished":
         return reversal("not-ccm")
     if patient is None:
-        raise rejected(422, "required", "CCM time needs Encounter.subject to reference a Patient",
+        raise rejected(422, "required", "CCM time needs Encounter.subject to reference a Patient "
+                       "of this server (Patient/id, or an absolute URL under this server's /fhir "
+                       "base; another server's patient is not this practice's)",
                        "Encounter.subject")
     period = res.get("period") or {}
     start_text, end_text = period.get("start"), period.get("end")
@@ -333,7 +360,7 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     scope = codings(res.get("scope"))
     is_ccm = (any_coding_matches(ctx.config.consent_categories, categories)
               and any_coding_matches(ctx.config.consent_scopes, scope))
-    patient = reference(res.get("patient"), ("Patient",))
+    patient = ctx.ref(res.get("patient"), ("Patient",))
     if not is_ccm:
         was = ctx.state.get("ccm") and not ctx.deleted and (ctx.state.get("patient") or patient)
         if not was:
@@ -355,8 +382,8 @@ def _consent_event(kind: str, status: str | None, patient: str, res: dict[str, A
                    ctx: MappingContext, categories: list[dict[str, Any]]) -> MappedEvent:
     provision = res.get("provision") or {}
     actors = [a.get("reference") for a in provision.get("actor") or [] if isinstance(a, dict)]
-    practitioners = references(actors, ("Practitioner", "PractitionerRole"))
-    practitioners += [p for p in references(res.get("performer"), ("Practitioner",
+    practitioners = ctx.refs(actors, ("Practitioner", "PractitionerRole"))
+    practitioners += [p for p in ctx.refs(res.get("performer"), ("Practitioner",
                                                                    "PractitionerRole"))
                       if p not in practitioners]
     obtained = res.get("dateTime")
@@ -386,7 +413,7 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     categories = codings(res.get("category") or [])
     is_ccm = (res.get("intent") in ctx.config.care_plan_intents
               and any_coding_matches(ctx.config.care_plan_categories, categories))
-    patient = reference(res.get("subject"), ("Patient",))
+    patient = ctx.ref(res.get("subject"), ("Patient",))
     if not is_ccm or patient is None:
         if ctx.deleted:
             return Mapping(state=ctx.state)
@@ -415,9 +442,9 @@ def _care_plan_event(kind: str, status: str | None, patient: str, res: dict[str,
     return _event(
         kind, patient, ctx, carePlan=_self(ctx), patient=patient, status=status,
         intent=res.get("intent"), created=res.get("created"), period=_period(res.get("period")),
-        author=reference(res.get("author")), careTeam=references(res.get("careTeam"),
+        author=ctx.ref(res.get("author")), careTeam=ctx.refs(res.get("careTeam"),
                                                                  ("CareTeam",)),
-        addresses=references(res.get("addresses"), ("Condition",)), categories=categories,
+        addresses=ctx.refs(res.get("addresses"), ("Condition",)), categories=categories,
         review=care_plan_review(res, ctx) if review else None,
     )
 
@@ -448,7 +475,7 @@ def care_plan_review(res: dict[str, Any], ctx: MappingContext) -> dict[str, Any]
     reviewer = None
     for j, sub in subs:
         if sub.get("url") == "reviewer":
-            reviewer = reference(sub.get("valueReference"), REVIEWER_TYPES)
+            reviewer = ctx.ref(sub.get("valueReference"), REVIEWER_TYPES)
             if reviewer is None:
                 raise rejected(422, "value", "the reviewer must reference a Practitioner or "
                                "PractitionerRole of this practice (Type/id)",
@@ -463,8 +490,8 @@ def map_patient(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     return Mapping([_event(
         "ingest.patient.upserted.v1", me, ctx, patient=me, active=res.get("active", True),
         mbi=identifier(res.get("identifier"), MBI), name=human_name(res.get("name")),
-        managingOrganization=reference(res.get("managingOrganization"), ("Organization",)),
-        generalPractitioner=references(res.get("generalPractitioner")),
+        managingOrganization=ctx.ref(res.get("managingOrganization"), ("Organization",)),
+        generalPractitioner=ctx.refs(res.get("generalPractitioner")),
         deceased=bool(res.get("deceasedBoolean") or res.get("deceasedDateTime")),
         deleted=ctx.deleted,
     )])
@@ -499,8 +526,8 @@ def map_practitioner_role(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     specialties = codings(res.get("specialty") or [])
     return Mapping([_event(
         "ingest.practitioner-role.upserted.v1", me, ctx, practitionerRole=me,
-        practitioner=reference(res.get("practitioner"), ("Practitioner",)),
-        organization=reference(res.get("organization"), ("Organization",)),
+        practitioner=ctx.ref(res.get("practitioner"), ("Practitioner",)),
+        organization=ctx.ref(res.get("organization"), ("Organization",)),
         active=res.get("active", True), codes=codes, specialties=specialties,
         classification=classify_role(codes + specialties, ctx.config),
         telecom=telecom(res.get("telecom")), deleted=ctx.deleted,
@@ -513,7 +540,7 @@ def map_organization(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         "ingest.organization.upserted.v1", me, ctx, organization=me,
         active=res.get("active", True), name=res.get("name"),
         npi=identifier(res.get("identifier"), NPI), telecom=telecom(res.get("telecom")),
-        partOf=reference(res.get("partOf"), ("Organization",)), deleted=ctx.deleted,
+        partOf=ctx.ref(res.get("partOf"), ("Organization",)), deleted=ctx.deleted,
     )])
 
 
@@ -549,7 +576,7 @@ def is_chronic(res: dict[str, Any], config: IngestConfig) -> bool:
 
 
 def map_condition(res: dict[str, Any], ctx: MappingContext) -> Mapping:
-    patient = reference(res.get("subject"), ("Patient",))
+    patient = ctx.ref(res.get("subject"), ("Patient",))
     if patient is None:
         return Mapping()
     return Mapping([_event(

@@ -120,10 +120,10 @@ class PracticeCache:
         self._epochs[key] = self._epochs.get(key, 0) + 1
 
 
-async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
-                     uow: UnitOfWork | None = None) -> Caller:
+async def caller_for(runtime: ServiceRuntime, tenant: Tenant, uow: UnitOfWork | None = None,
+                     *, local_bases: tuple[str, ...] = ()) -> Caller:
     """The caller, with its practice's settings (cached; read in ``uow`` or a session of its
-    own when not)."""
+    own when not); ``local_bases``: the /fhir bases the request came to."""
     cache: PracticeCache = runtime.state["practice_cache"]
 
     async def load() -> tuple[ZoneInfo, Any] | None:
@@ -146,7 +146,7 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant,
     now: datetime = runtime.clock()
     skew = runtime.service_settings().max_clock_skew_seconds  # type: ignore[attr-defined]
     return Caller(tenant.practice_id, tenant.token_id, tenant.label or tenant.token_id,
-                  practice[0], practice[1], now, timedelta(seconds=skew))
+                  practice[0], practice[1], now, timedelta(seconds=skew), local_bases)
 
 log = structlog.get_logger(__name__)
 
@@ -226,11 +226,21 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     bases: dict[tuple, str] = {}  # what base_url was for the same scheme, server, root, Host
 
+    configured = (settings.fhir_base_url or "").rstrip("/")
+
     def base(request: Request) -> str:
-        """The /fhir base of Location and fullUrl: configured, or from the request (Starlette
-        builds base_url anew each time, ~25 µs: 2 % of a durable POST, so it is remembered)."""
-        if settings.fhir_base_url:
-            return settings.fhir_base_url
+        """The /fhir base of Location and fullUrl: configured, or from the request."""
+        return settings.fhir_base_url or request_base(request)
+
+    def local_bases(request: Request) -> tuple[str, ...]:
+        """Where an absolute reference is this server's: the configured base and the one the
+        request came to (a client may use either, e.g. a Location it was given)."""
+        found = request_base(request)
+        return (configured, found) if configured and configured != found else (found,)
+
+    def request_base(request: Request) -> str:
+        """The /fhir base the request came to (Starlette builds base_url anew each time, ~25 µs:
+        2 % of a durable POST, so it is remembered)."""
         scope = request.scope
         key = (scope.get("scheme"), scope.get("server"), scope.get("root_path"),
                scope.get("app_root_path"), request.headers.get("host"))
@@ -251,7 +261,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         """A plain create or update: stored with the concurrent others (``GroupedWrites``)."""
         tenant.require_scope("fhir:write")
         write.correlation_id = current_correlation_id()
-        caller = await caller_for(runtime, tenant)
+        caller = await caller_for(runtime, tenant, local_bases=local_bases(request))
         handlers.check_last_updated(write.resource, caller)
         outcome = await group.store(caller, write)
         return write_response(request, outcome, base(request))
@@ -259,7 +269,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     async def write(request: Request, tenant: Tenant, action) -> Response:  # noqa: ANN001
         tenant.require_scope("fhir:write")
         async with runtime.db.unit_of_work() as uow:
-            caller = await caller_for(runtime, tenant, uow)
+            caller = await caller_for(runtime, tenant, uow, local_bases=local_bases(request))
             outcome: Outcome = await action(uow, caller)
             await uow.commit()
         wake_relay()
@@ -293,12 +303,14 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                                         each_alone=kind == "batch")
         if kind == "transaction":
             async with runtime.db.unit_of_work() as uow:
-                caller = await caller_for(runtime, tenant, uow)
+                caller = await caller_for(runtime, tenant, uow,
+                                          local_bases=local_bases(request))
                 results = await bundles.transaction(uow, caller, entries)
                 await uow.commit()
         else:
             async with runtime.db.unit_of_work() as uow:
-                caller = await caller_for(runtime, tenant, uow)
+                caller = await caller_for(runtime, tenant, uow,
+                                          local_bases=local_bases(request))
             results = await bundles.batch(runtime.db.unit_of_work, caller, entries,
                                           lambda u: u.commit())
         wake_relay()
@@ -428,7 +440,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         params = list(request.query_params.multi_items())
         async with runtime.db.unit_of_work() as uow:
             total, rows = await handlers.search(
-                SqlResourceRepository(uow.session, tenant.practice_id), rtype, params)
+                SqlResourceRepository(uow.session, tenant.practice_id), rtype, params,
+                local_bases=local_bases(request))
         b = base(request)
         return fhir_json(searchset(b, rtype, total, rows, page_links(b, rtype, params, total)))
 

@@ -15,7 +15,13 @@ from zoneinfo import ZoneInfo
 from ccm_ingest.adapters.fhir_validation import validate_resource
 from ccm_ingest.adapters.repository import CurrentRow, SqlResourceRepository, VersionRow
 from ccm_ingest.domain.config import IngestConfig
-from ccm_ingest.domain.mapping import MappingContext, instant, map_version, reference
+from ccm_ingest.domain.mapping import (
+    MappingContext,
+    instant,
+    local_path,
+    map_version,
+    reference,
+)
 from ccm_ingest.domain.model import (
     RESOURCE_ID,
     FhirRejected,
@@ -48,6 +54,9 @@ class Caller:
     now: datetime
     # How far ahead of ``now`` a meta.lastUpdated may be (CCM_INGEST_MAX_CLOCK_SKEW_SECONDS).
     clock_skew: timedelta = timedelta(minutes=5)
+    # This server's /fhir bases: an absolute reference under one of them is local, any other
+    # absolute reference is another server's resource (no CCM patient, no patient search).
+    local_bases: tuple[str, ...] = ()
 
 
 @dataclass
@@ -125,14 +134,14 @@ def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def _role_ids(resource: dict[str, Any]) -> list[str]:
+def _role_ids(resource: dict[str, Any], local_bases: tuple[str, ...]) -> list[str]:
     """PractitionerRole ids an Encounter's participants point at (their codes classify time)."""
     if resource.get("resourceType") != "Encounter":
         return []
     ids = []
     for p in resource.get("participant") or []:
         ref = reference(p.get("individual") if isinstance(p, dict) else None,
-                        ("PractitionerRole",))
+                        ("PractitionerRole",), local_bases)
         if ref:
             ids.append(ref.removeprefix("PractitionerRole/"))
     return ids
@@ -236,8 +245,8 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     kept = await repo.same_content_versions(
         [(w.rtype, w.rid, sha) for w, cur, sha, _, stale in plans
          if stale or (cur is not None and cur.deleted and cur.version_id > 0)])
-    roles = await repo.current_resources(
-        "PractitionerRole", sorted({i for w, *_ in plans for i in _role_ids(w.resource)}))
+    roles = await repo.current_resources("PractitionerRole", sorted(
+        {i for w, *_ in plans for i in _role_ids(w.resource, caller.local_bases)}))
     pending = _Pending()
     outcomes = []
     for w, cur, sha, last_updated, stale in plans:
@@ -318,14 +327,16 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
         mapping = map_version(body, MappingContext(
             source=source, config=caller.config, timezone=caller.timezone,
             state=cur.ccm_state if cur and cur.version_id else {},
-            roles={i: roles[i] for i in _role_ids(body) if i in roles}))
+            roles={i: roles[i] for i in _role_ids(body, caller.local_bases) if i in roles},
+            local_bases=caller.local_bases))
     except (ValueError, OverflowError) as exc:
         # A dateTime Python cannot hold (a leap second, one beyond year 9999 in the practice's
         # zone), or a number too large: valid FHIR, but no CCM fact can be made of it.
         raise rejected(422, "value", f"a date or number of this {rtype} cannot be turned into "
                        f"CCM facts ({exc})", rtype) from None
     patient_element = PATIENT_ELEMENT.get(rtype)
-    patient = reference(body.get(patient_element), ("Patient",)) if patient_element else None
+    patient = (reference(body.get(patient_element), ("Patient",), caller.local_bases)
+               if patient_element else None)
     pending.versions.append(version)
     (pending.new_rows if w.fresh else pending.updated_rows).append({
         "type": rtype, "id": rid, "version_id": version_id, "last_version": version_id,
@@ -426,7 +437,7 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str, *,
                            caller.connection)
     mapping = map_version(last.resource or {}, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone, state=current.ccm_state,
-        deleted=True))
+        deleted=True, local_bases=caller.local_bases))
     await repo.set_current(rtype, rid, version_id=version_id, last_version=version_id,
                            last_updated=caller.now, sha256=DELETED_HASH, deleted=True,
                            ccm_state=mapping.state)
@@ -557,9 +568,11 @@ def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
 
 
 async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, str]], *,
-                 limit: int = 50) -> tuple[int, list[VersionRow]]:
+                 limit: int = 50,
+                 local_bases: tuple[str, ...] = ()) -> tuple[int, list[VersionRow]]:
     """(total, the page of current versions: ``_offset``, ``_count``) of a search; newest
-    first."""
+    first. A ``patient`` given as an absolute URL is this server's under ``local_bases``; any
+    other server's patient is none of the stored ones."""
     ids: list[str] | None = None
     patient = identifier = None
     updated: list[tuple[str, Any]] = []
@@ -573,12 +586,13 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
             if rtype not in PATIENT_ELEMENT or (name == "subject" and rtype == "Consent"):
                 raise rejected(400, "not-supported", f"{rtype} has no {name} search parameter",
                                name)
-            kind, _, rid = value.rpartition("/")
+            local = local_path(value, local_bases)
+            kind, _, rid = (local or value).rpartition("/")
             if kind and kind.rsplit("/", 1)[-1] != "Patient":
                 raise rejected(400, "not-supported", f"{name} {value!r}: only Patient "
                                "references are searchable here (Patient/id or id)", name)
-            if patient is not None and rid != patient:
-                ids = []  # two patients: nothing is about both
+            if local is None or (patient is not None and rid != patient):
+                ids = []  # another server's patient, or two patients: nothing matches
             patient = rid
         elif name == "identifier":
             system, bar, code = value.partition("|")
