@@ -94,8 +94,10 @@ def test_consent_mid_month_does_not_count_earlier_time():
     assert d.warnings == ("consent-after-service",)
 
 
-def test_consent_revoked_mid_month_leaves_the_month_billable():
-    revoked = Consent("c1", "inactive", local(date(2024, 1, 5)), effective_until=date(2025, 3, 31))
+@pytest.mark.parametrize("status", ["inactive", "draft", "proposed"])
+def test_consent_revoked_mid_month_leaves_the_month_billable(status):
+    """Ingest reports a granted consent set back to draft or proposed as revoked too."""
+    revoked = Consent("c1", status, local(date(2024, 1, 5)), effective_until=date(2025, 3, 31))
     facts = month_facts("2025-03", consent=revoked, time_entries=[entry(1, "staff", 1300, MARCH)])
     assert decide(facts).codes == {"99490": 1}
     april = month_facts("2025-04", consent=revoked, time_entries=[entry(1, "staff", 1300, date(2025, 4, 2))])

@@ -10,6 +10,7 @@ from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
 from ccm_ingest.domain.mapping import MappingContext, classify_role, map_version, reference
 from ccm_ingest.domain.model import FhirRejected, SourceVersion
 from tests.support.contracts import assert_valid_event
+from tests.unit.ingest.conftest import NOW as NOW_UTC
 from tests.unit.ingest.conftest import counts, events
 from tests.unit.ingest.test_fhir_api import ccm_encounter
 
@@ -202,8 +203,8 @@ def test_an_encounter_can_be_ccm_time_and_a_visit_each_with_its_own_state():
     mapping = map_version(enc, ctx("Encounter"))
     assert [e.type for e in mapping.events] == ["ingest.time-entry.logged.v1",
                                                 "ingest.visit.recorded.v1"]
-    assert mapping.state == {"loggedMonth": "2026-02", "visitDate": "2026-02-28",
-                             "visitPatient": "Patient/p1"}
+    assert mapping.state == {"loggedMonth": "2026-02", "loggedPatient": "Patient/p1",
+                             "visitDate": "2026-02-28", "visitPatient": "Patient/p1"}
     again = map_version({**enc, "status": "entered-in-error"},
                         ctx("Encounter", state=mapping.state))
     assert sorted(e.type for e in again.events) == ["ingest.time-entry.reversed.v1",
@@ -363,3 +364,160 @@ async def test_absolute_references_through_the_api_local_by_the_base_the_request
     r = await fhir.get("/fhir/Encounter", params={"patient": "http://test/fhir/Patient/p1"},
                        headers={"Host": "elsewhere.example"})
     assert r.status_code == 200 and r.json()["total"] == 0
+
+
+# ---- found by a review of the mapping against fhir-mapping.md and the billing rules -----------
+
+CCM_CONSENT_RES = {
+    "resourceType": "Consent", "status": "active",
+    "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                          "code": "treatment"}]},
+    "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+    "patient": {"reference": "Patient/p1"}}
+
+
+def consent_versions(*steps):
+    """(status, lastUpdated) steps through the mapping, each on the state the one before left;
+    the events' (type, status, effectiveUntil)."""
+    state, seen = {}, []
+    for status, updated in steps:
+        mapping = map_version({**CCM_CONSENT_RES, "status": status},
+                              ctx("Consent", state=state, updated=updated))
+        state = mapping.state
+        seen += [(e.type.split(".")[2], e.data["status"], e.data["effectiveUntil"])
+                 for e in mapping.events]
+    return seen
+
+
+def test_a_revocation_stays_effective_from_the_month_it_happened_in():
+    """A later edit of a revoked consent (a scan attached in June) does not move the end of
+    its effect from March to June: billing would count April to June."""
+    assert consent_versions(
+        ("active", datetime(2026, 1, 10, 15, tzinfo=UTC)),
+        ("inactive", datetime(2026, 3, 12, 15, tzinfo=UTC)),
+        ("inactive", datetime(2026, 6, 20, 15, tzinfo=UTC)),
+        ("active", datetime(2026, 7, 2, 15, tzinfo=UTC)),
+        ("inactive", datetime(2026, 9, 2, 15, tzinfo=UTC)),
+    ) == [("granted", "active", None), ("revoked", "inactive", "2026-03-31"),
+          ("revoked", "inactive", "2026-03-31"), ("granted", "active", None),
+          ("revoked", "inactive", "2026-09-30")]
+
+
+@pytest.mark.parametrize("status", ["draft", "proposed"])
+def test_a_granted_consent_set_back_to_draft_or_proposed_is_revoked(status):
+    assert consent_versions(
+        ("active", datetime(2026, 1, 10, 15, tzinfo=UTC)),
+        (status, datetime(2026, 3, 12, 15, tzinfo=UTC)),
+    ) == [("granted", "active", None), ("revoked", status, "2026-03-31")]
+    # Never granted: a draft is nothing yet.
+    assert consent_versions((status, datetime(2026, 3, 12, 15, tzinfo=UTC))) == []
+
+
+@pytest.mark.parametrize("subject", [None, {"reference": "Group/g1"},
+                                     {"reference": "https://other.example/fhir/Patient/p1"}])
+def test_time_is_reversed_for_the_patient_it_was_logged_for_when_the_subject_goes(subject):
+    logged = map_version(ccm_encounter(), ctx("Encounter"))
+    enc = {**ccm_encounter(status="entered-in-error"), "subject": subject}
+    if subject is None:
+        del enc["subject"]
+    (event,) = map_version(enc, ctx("Encounter", state=logged.state)).events
+    assert event.type == "ingest.time-entry.reversed.v1"
+    assert event.subject == event.data["patient"] == "Patient/p1"
+
+
+def test_time_moved_to_another_patient_is_reversed_for_the_one_it_left():
+    logged = map_version(ccm_encounter(), ctx("Encounter"))
+    moved = map_version({**ccm_encounter(), "subject": {"reference": "Patient/p2"}},
+                        ctx("Encounter", state=logged.state))
+    assert [(e.type, e.data["patient"], e.data.get("reason")) for e in moved.events] == [
+        ("ingest.time-entry.reversed.v1", "Patient/p1", "moved"),
+        ("ingest.time-entry.logged.v1", "Patient/p2", None)]
+
+
+@pytest.mark.parametrize(("value", "code", "seconds"), [
+    (19.995, "min", 1199),      # 1199.7 s: not 20 minutes
+    (0.3333, "h", 1199),        # 1199.88 s
+    (1199.6, "s", 1199),
+    (4.35, "min", 261),         # 261 s exactly (a float product is 260.99999999999997)
+    (20, "min", 1200),
+    (0.5, "s", 0),              # under a second: nothing to count (refused below)
+])
+def test_length_is_cut_to_whole_seconds_never_rounded_up(value, code, seconds):
+    enc = ccm_encounter()
+    enc["length"] = {"value": value, "unit": code, "system": "http://unitsofmeasure.org",
+                     "code": code}
+    if seconds == 0:
+        with pytest.raises(FhirRejected, match="at least a second"):
+            map_version(enc, ctx("Encounter"))
+        return
+    (event,) = map_version(enc, ctx("Encounter")).events
+    assert event.data["seconds"] == seconds
+
+
+def test_a_period_of_no_time_is_refused_as_a_zero_length_is():
+    enc = {k: v for k, v in ccm_encounter().items() if k != "length"}
+    enc["period"] = {"start": "2026-03-12T10:00:00-04:00", "end": "2026-03-12T10:00:00-04:00"}
+    with pytest.raises(FhirRejected, match="at least a second") as refused:
+        map_version(enc, ctx("Encounter"))
+    assert refused.value.issues[0].expression == ("Encounter.period",)
+
+
+def test_the_length_period_warning_reaches_billing_as_its_identifier():
+    enc = ccm_encounter(minutes=25)
+    enc["period"]["end"] = "2026-03-01T03:30:00Z"  # 60 minutes
+    mapping = map_version(enc, ctx("Encounter"))
+    assert mapping.events[0].data["warnings"] == ["time-length-period-mismatch"]
+    assert "disagree" in mapping.warnings[0]  # the response says it in words
+
+
+def test_a_role_is_classified_by_its_code_and_by_its_specialty_only_without_one():
+    def role(code, specialty):
+        res = {"resourceType": "PractitionerRole",
+               "code": [{"coding": [code]}] if code else [],
+               "specialty": [{"coding": [specialty]}]}
+        (event,) = map_version(res, ctx("PractitionerRole")).events
+        return event.data["classification"]
+
+    nurse = {"system": "http://terminology.hl7.org/CodeSystem/practitioner-role",
+             "code": "nurse"}
+    internist = {"system": "http://nucc.org/provider-taxonomy", "code": "207R00000X"}
+    assert role(nurse, internist) == "clinical-staff"
+    assert role(None, internist) == "billing-practitioner"
+
+
+def test_a_condition_whose_subject_goes_no_longer_counts_for_its_patient():
+    condition = {"resourceType": "Condition", "subject": {"reference": "Patient/p1"},
+                 "clinicalStatus": {"coding": [{"code": "active"}]},
+                 "category": [{"coding": [{
+                     "system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                     "code": "problem-list-item"}]}]}
+    first = map_version(condition, ctx("Condition"))
+    assert first.events[0].data["chronic"] is True
+    gone = map_version({**condition, "subject": {"reference": "Group/g1"}},
+                       ctx("Condition", state=first.state))
+    (event,) = gone.events
+    assert (event.data["patient"], event.data["chronic"]) == ("Patient/p1", False)
+    assert gone.state == {}
+    assert map_version(condition, ctx("Condition", state=gone.state)).events[0].data[
+        "chronic"] is True
+
+
+async def test_a_deletion_and_a_re_creation_sort_after_what_they_follow(fhir):
+    """Consumers order a resource's events by source lastUpdated: a deletion after a version
+    sent 4 minutes ahead of the server's clock (allowed skew), and a re-creation sent with an
+    older time than the deletion, must still come after it; else billing drops the reversal
+    (the deleted time keeps counting) or the re-created time."""
+    from datetime import timedelta
+
+    ahead = (NOW_UTC + timedelta(minutes=4)).isoformat()
+    enc = {**ccm_encounter("e-skew"), "meta": {"lastUpdated": ahead}}
+    assert (await fhir.put("/fhir/Encounter/e-skew", json=enc)).status_code == 201
+    assert (await fhir.delete("/fhir/Encounter/e-skew")).status_code == 204
+    fhir.clock.now = NOW_UTC + timedelta(minutes=1)
+    behind = {**ccm_encounter("e-skew", minutes=30),
+              "meta": {"lastUpdated": (NOW_UTC - timedelta(hours=1)).isoformat()}}
+    assert (await fhir.put("/fhir/Encounter/e-skew", json=behind)).status_code in (200, 201)
+    times = [(e["type"].split(".")[2], datetime.fromisoformat(e["data"]["source"]["lastUpdated"]))
+             for e in await events(fhir) if e["type"].startswith("ingest.time-entry")]
+    assert [t for t, _ in times] == ["logged", "reversed", "logged"]
+    assert times[0][1] < times[1][1] < times[2][1]

@@ -20,7 +20,7 @@ from ccm_billing.adapters import orm
 from ccm_billing.compliance import evidence
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules import ruleset_for
-from ccm_billing.domain.rules.ccm import add_months
+from ccm_billing.domain.rules.ccm import REVOKED, add_months
 from ccm_billing.domain.rules.ruleset import available_years
 from ccm_billing.service_layer import corrections, decision_cache
 from ccm_billing.service_layer.common import (
@@ -262,7 +262,7 @@ async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noq
             "practitioner": d["practitioners"][0] if d["practitioners"] else None,
         },
     )
-    if who := _corrected(changed, d["status"] in ("entered-in-error", "inactive"), patient, before):
+    if who := _corrected(changed, d["status"] in ("entered-in-error", *REVOKED), patient, before):
         await corrections.recompute_patient_months(
             uow, practice, who, f"Consent/{ref_id(d['consent'])} {d['status']}", now)
 

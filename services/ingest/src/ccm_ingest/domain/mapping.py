@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -171,6 +172,9 @@ def _self(ctx: MappingContext) -> str:
 # The longest CCM time entry taken: a day. Longer is a data error (a month-long period, a unit
 # mistaken), and counted it would bill a patient's month on its own.
 MAX_ENCOUNTER_SECONDS = 24 * 3600
+# The event's warning identifier (billing's decision vocabulary, ccm-billing-rules.md §7); the
+# response's OperationOutcome says it in words.
+LENGTH_PERIOD_MISMATCH = "time-length-period-mismatch"
 
 
 def _encounter_seconds(res: dict[str, Any], start: datetime | None,
@@ -198,12 +202,14 @@ def _encounter_seconds(res: dict[str, Any], start: datetime | None,
             raise rejected(422, "value", f"Encounter.length with comparator "
                            f"{length['comparator']!r} is no exact duration: CCM time needs one",
                            "Encounter.length.comparator")
-        value = float(length["value"])
-        if not 0 < value * factor <= MAX_ENCOUNTER_SECONDS:
+        # Seconds are summed, never rounded up (19 min 59.7 s is not 20 min): the decimal as
+        # written, times the unit, cut to whole seconds (a float would make 4.35 min 260.99 s).
+        exact = Decimal(repr(float(length["value"]))) * factor
+        if not 1 <= exact <= MAX_ENCOUNTER_SECONDS:
             raise rejected(422, "value", f"Encounter.length {length['value']} "
-                           f"{length.get('code')} is no CCM duration: more than 0 and at most "
-                           f"{MAX_ENCOUNTER_SECONDS // 3600} hours", "Encounter.length.value")
-        seconds = int(round(value * factor))
+                           f"{length.get('code')} is no CCM duration: at least a second and at "
+                           f"most {MAX_ENCOUNTER_SECONDS // 3600} hours", "Encounter.length.value")
+        seconds = int(exact)
         if by_period is not None and abs(by_period - seconds) > ctx.config.length_tolerance_seconds:
             warnings.append(f"Encounter.length ({seconds} s) and period ({by_period} s) disagree; "
                             "length was used")
@@ -215,6 +221,9 @@ def _encounter_seconds(res: dict[str, Any], start: datetime | None,
         raise rejected(422, "value", f"Encounter.period spans {by_period // 3600} hours: no CCM "
                        f"time entry is longer than {MAX_ENCOUNTER_SECONDS // 3600} hours; send "
                        "Encounter.length", "Encounter.period")
+    if by_period < 1:
+        raise rejected(422, "value", "Encounter.period starts and ends at the same second: no "
+                       "CCM time to count (at least a second)", "Encounter.period")
     return by_period, warnings
 
 
@@ -292,12 +301,16 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
               activity: list[dict[str, Any]]) -> Mapping:
     entry = _self(ctx)
     logged_month = ctx.state.get("loggedMonth")
+    # For the patient the time was logged for, even when the subject changed or went since
+    # (state stored before loggedPatient existed: the current subject).
+    logged_for = ctx.state.get("loggedPatient") or patient
 
     def reversal(reason: str) -> Mapping:
-        if logged_month is None or patient is None:
+        if logged_month is None or logged_for is None:
             return Mapping(state={})
-        return Mapping([_event("ingest.time-entry.reversed.v1", patient, ctx, entry=entry,
-                               patient=patient, reason=reason, serviceMonth=logged_month)], {})
+        return Mapping([_event("ingest.time-entry.reversed.v1", logged_for, ctx, entry=entry,
+                               patient=logged_for, reason=reason, serviceMonth=logged_month)],
+                       {})
 
     if ctx.deleted:
         return reversal("deleted")
@@ -328,8 +341,8 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
     local = start.astimezone(ctx.timezone)
     month = f"{local.year:04d}-{local.month:02d}"
     events = []
-    if logged_month is not None and logged_month != month:
-        # Moved to another month: take it out of the old one first.
+    if logged_month is not None and (logged_month != month or logged_for != patient):
+        # Moved to another month or patient: take it out of the old one first.
         events += reversal("moved").events
     events.append(_event(
         "ingest.time-entry.logged.v1", patient, ctx,
@@ -337,9 +350,10 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
         end=end.isoformat(), serviceDate=local.date().isoformat(), serviceMonth=month,
         activityCodes=sorted({c["code"] for c in timed}),
         complex=any_coding_matches(ctx.config.complex_codes, activity),
-        performers=_performers(res, ctx), warnings=warnings,
+        performers=_performers(res, ctx),
+        warnings=[LENGTH_PERIOD_MISMATCH] if warnings else [],
     ))
-    return Mapping(events, {"loggedMonth": month}, warnings)
+    return Mapping(events, {"loggedMonth": month, "loggedPatient": patient}, warnings)
 
 
 # ---- Consent → granted / revoked / declined / voided -----------------------------------------
@@ -372,14 +386,27 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
                        "Patient", "Consent.patient")
     status = "entered-in-error" if ctx.deleted else res.get("status")
     kind = CONSENT_EVENTS.get(status or "")
-    state = {"ccm": True, "patient": patient}
+    state: dict[str, Any] = {"ccm": True, "patient": patient}
+    if kind is None and ctx.state.get("granted"):
+        # Back to draft or proposed after it was granted: no longer in force, as if revoked.
+        kind = "ingest.consent.revoked.v1"
     if kind is None:
         return Mapping(state=state)
-    return Mapping([_consent_event(kind, status, patient, res, ctx, categories)], state)
+    until = None
+    if kind == "ingest.consent.revoked.v1":
+        # Revocation takes effect at the end of the month it happened in, the first version
+        # that revoked it: a later edit of the revoked consent does not move it.
+        until = ctx.state.get("effectiveUntil") or month_end(
+            ctx.source.last_updated.astimezone(ctx.timezone).date()).isoformat()
+        state.update(granted=True, effectiveUntil=until)
+    else:
+        state["granted"] = status == "active"
+    return Mapping([_consent_event(kind, status, patient, res, ctx, categories, until)], state)
 
 
 def _consent_event(kind: str, status: str | None, patient: str, res: dict[str, Any],
-                   ctx: MappingContext, categories: list[dict[str, Any]]) -> MappedEvent:
+                   ctx: MappingContext, categories: list[dict[str, Any]],
+                   until: str | None = None) -> MappedEvent:
     provision = res.get("provision") or {}
     actors = [a.get("reference") for a in provision.get("actor") or [] if isinstance(a, dict)]
     practitioners = ctx.refs(actors, ("Practitioner", "PractitionerRole"))
@@ -389,10 +416,6 @@ def _consent_event(kind: str, status: str | None, patient: str, res: dict[str, A
     obtained = res.get("dateTime")
     method = ("written" if res.get("sourceAttachment")
               else "verbal" if res.get("sourceReference") else "unknown")
-    until = None
-    if status == "inactive":
-        revoked_on = ctx.source.last_updated.astimezone(ctx.timezone).date()
-        until = month_end(revoked_on).isoformat()
     return _event(
         kind, patient, ctx, consent=_self(ctx), patient=patient, status=status,
         obtainedAt=instant(obtained, ctx.timezone).isoformat() if obtained else None,
@@ -524,12 +547,17 @@ def map_practitioner_role(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     me = _self(ctx)
     codes = codings(res.get("code") or [])
     specialties = codings(res.get("specialty") or [])
+    # The role's code decides; its specialty only when the code says nothing (a nurse with an
+    # internal-medicine specialty is clinical staff, not a billing practitioner).
+    classification = classify_role(codes, ctx.config)
+    if classification == "unknown":
+        classification = classify_role(specialties, ctx.config)
     return Mapping([_event(
         "ingest.practitioner-role.upserted.v1", me, ctx, practitionerRole=me,
         practitioner=ctx.ref(res.get("practitioner"), ("Practitioner",)),
         organization=ctx.ref(res.get("organization"), ("Organization",)),
         active=res.get("active", True), codes=codes, specialties=specialties,
-        classification=classify_role(codes + specialties, ctx.config),
+        classification=classification,
         telecom=telecom(res.get("telecom")), deleted=ctx.deleted,
     )])
 
@@ -576,17 +604,21 @@ def is_chronic(res: dict[str, Any], config: IngestConfig) -> bool:
 
 
 def map_condition(res: dict[str, Any], ctx: MappingContext) -> Mapping:
+    """A Condition of a patient, chronic or not. One whose subject stops being a Patient of
+    this server no longer counts for the patient it was about (sent as not chronic for them)."""
     patient = ctx.ref(res.get("subject"), ("Patient",))
-    if patient is None:
+    was = ctx.state.get("patient")
+    if patient is None and was is None:
         return Mapping()
     return Mapping([_event(
-        "ingest.condition.upserted.v1", patient, ctx, condition=_self(ctx), patient=patient,
-        clinicalStatus=_first_code(res.get("clinicalStatus")),
+        "ingest.condition.upserted.v1", patient or was, ctx, condition=_self(ctx),
+        patient=patient or was, clinicalStatus=_first_code(res.get("clinicalStatus")),
         verificationStatus=_first_code(res.get("verificationStatus")),
         categories=codings(res.get("category") or []), code=codings(res.get("code")),
         onset=_when(res, "onset"), abatement=_when(res, "abatement"),
-        chronic=not ctx.deleted and is_chronic(res, ctx.config), deleted=ctx.deleted,
-    )])
+        chronic=patient is not None and not ctx.deleted and is_chronic(res, ctx.config),
+        deleted=ctx.deleted,
+    )], {"patient": patient} if patient is not None else {})
 
 
 MAPPERS: dict[str, Callable[[dict[str, Any], MappingContext], Mapping]] = {

@@ -179,9 +179,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
-# json.loads as it reads bytes (UTF-8/16/32, a UTF-8 BOM), refusing duplicate keys: ~2 µs more
-# for an Encounter, ~4 µs per resource of a Bundle.
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+def _no_constant(name: str) -> None:
+    """NaN, Infinity and -Infinity: Python's reader takes them, JSON (RFC 8259) has none."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# json.loads as it reads bytes (UTF-8/16/32, a UTF-8 BOM), refusing duplicate keys and NaN or
+# Infinity: ~2 µs more for an Encounter, ~4 µs per resource of a Bundle.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
 
 async def read_json(request: Request, max_depth: int) -> Any:

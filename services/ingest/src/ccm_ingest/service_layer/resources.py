@@ -229,9 +229,10 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
         with _under(w.where):
             last_updated = _meta_last_updated(w.resource, caller)
         if stored_before and last_updated <= cur.last_updated and \
-                not _sent_last_updated(w.resource):
-            # No time sent: this version is the newest by definition, even after one whose
-            # sent time is (within the allowed clock difference) ahead of ours.
+                (cur.deleted or not _sent_last_updated(w.resource)):
+            # No time sent, or a re-creation after a delete: this version is the newest by
+            # definition, even after one whose time is (within the allowed clock difference)
+            # ahead of ours; its events must sort after the deletion's reversals.
             last_updated = cur.last_updated + timedelta(milliseconds=1)
         stale = exists and last_updated < cur.last_updated
         if stale:
@@ -433,19 +434,22 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str, *,
         return Outcome(204, rtype, rid)
     last = await repo.version(rtype, rid, current.version_id)
     version_id = current.last_version + 1
-    source = SourceVersion(rtype, rid, version_id, caller.now, current.sha256, caller.now,
+    # After the version it deletes, even when that one's time is (within the allowed clock
+    # difference) ahead of ours: consumers order a resource's events by this time.
+    deleted_at = max(caller.now, current.last_updated + timedelta(milliseconds=1))
+    source = SourceVersion(rtype, rid, version_id, deleted_at, current.sha256, caller.now,
                            caller.connection)
     mapping = map_version(last.resource or {}, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone, state=current.ccm_state,
         deleted=True, local_bases=caller.local_bases))
     await repo.set_current(rtype, rid, version_id=version_id, last_version=version_id,
-                           last_updated=caller.now, sha256=DELETED_HASH, deleted=True,
+                           last_updated=deleted_at, sha256=DELETED_HASH, deleted=True,
                            ccm_state=mapping.state)
     await repo.drop_identifiers([(rtype, rid)])
     await repo.release_criteria(rtype, rid)
     _, outbox_rows = await uow.outbox.stage_many(
         [(e.type, e) for e in _events(caller, mapping.events)], events=False)
-    deletion = VersionRow(rtype, rid, version_id, None, DELETED_HASH, caller.now, caller.now,
+    deletion = VersionRow(rtype, rid, version_id, None, DELETED_HASH, deleted_at, caller.now,
                           True, True, "DELETE")
     await repo.insert_batch([deletion], caller.connection, [], [], outbox_rows)
     return Outcome(204, rtype, rid)

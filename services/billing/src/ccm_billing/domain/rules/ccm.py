@@ -45,6 +45,9 @@ def add_months(day: date, months: int) -> date:
     return date(year, month + 1, min(day.day, last))
 
 
+REVOKED = frozenset({"inactive", "draft", "proposed"})
+
+
 def effective_consent(
     facts: PatientMonth, ruleset: RuleSet, tz: ZoneInfo
 ) -> tuple[Consent | None, str | None, str | None]:
@@ -62,8 +65,10 @@ def effective_consent(
             continue
         if c.status == "active":
             valid.append(c)
-        elif c.status == "inactive" and c.effective_until and c.effective_until >= month.first_day:
-            # Revocation takes effect at the end of the month in which it happened.
+        elif (c.status in REVOKED and c.effective_until
+              and c.effective_until >= month.first_day):
+            # Revocation takes effect at the end of the month in which it happened (ingest
+            # reports a granted consent set back to draft or proposed as revoked, too).
             valid.append(c)
     if valid:
         return min(valid, key=lambda c: (c.obtained_at is not None, c.obtained_at)), None, None
