@@ -8,6 +8,7 @@ import pytest
 
 from ccm_ingest.domain.model import SUPPORTED_TYPES
 from tests.unit.ingest.conftest import EXAMPLES, counts, events, example
+from tests.unit.ingest.test_fhir_api import ccm_encounter
 
 CCM_BUNDLE = (Path(__file__).resolve().parents[3]
               / "services/ingest/examples/ccm-transaction-bundle.json")
@@ -72,9 +73,10 @@ async def test_ccm_bundle_pushed_twice_is_one_set_of_resources_and_events(fhir):
     after_first = await counts(fhir)
     second = await fhir.post("/fhir", json=bundle)
     statuses = [e["response"]["status"] for e in second.json()["entry"]]
-    # Conditional creates (ifNoneExist) find their resources; the others are new resources.
-    assert statuses[:3] == ["200 OK"] * 3
-    assert (await counts(fhir))["resources"] == after_first["resources"] + 9
+    # Every entry is a conditional create on the EHR's identifier: each finds its resource,
+    # so pushing the README's example again logs no CCM time twice.
+    assert statuses == ["200 OK"] * len(bundle["entry"])
+    assert await counts(fhir) == after_first
 
 
 def references(value):
@@ -90,8 +92,11 @@ async def test_a_resent_bundle_links_its_new_entries_to_the_resources_found_by_c
     Patient's, and every reference they hold resolves."""
     bundle = json.loads(CCM_BUNDLE.read_text())
     first = (await fhir.post("/fhir", json=bundle)).json()["entry"]
+    for entry in bundle["entry"][3:]:  # new resources this time, beside the three found
+        del entry["request"]["ifNoneExist"], entry["resource"]["identifier"]
     second = (await fhir.post("/fhir", json=bundle)).json()["entry"]
     assert [e["fullUrl"] for e in second[:3]] == [e["fullUrl"] for e in first[:3]]
+    assert {e["response"]["status"] for e in second[3:]} == {"201 Created"}
     patient = next(e["fullUrl"].split("/fhir/")[1] for e in first
                    if "/Patient/" in e["fullUrl"])
     checked = 0
@@ -338,3 +343,45 @@ async def test_a_conditional_create_does_not_find_what_its_transaction_deletes(f
     stored = (await fhir.get(condition["fullUrl"].removeprefix("http://test"))).json()
     assert f"/fhir/{stored['subject']['reference']}" == patient
     assert (await fhir.get("/fhir/Patient/p1")).status_code == 410
+
+
+@pytest.mark.parametrize("delete_url", ["Patient?identifier=urn:mrn|X-1", "Patient/p1"])
+async def test_conditional_references_and_updates_do_not_find_what_their_transaction_deletes(
+        fhir, delete_url):
+    """A conditional reference to the Patient the same transaction deletes matches nothing
+    (412, nothing written), so no CCM time is logged for a deleted patient; a conditional
+    update of it creates a new one."""
+    mrn = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "X-1"}]}
+    assert (await fhir.put("/fhir/Patient/p1", json={**mrn, "id": "p1"})).status_code == 201
+    before = await counts(fhir)
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": delete_url}},
+        {"resource": {**ccm_encounter("e-gone"),
+                      "subject": {"reference": "Patient?identifier=urn:mrn|X-1"}},
+         "request": {"method": "PUT", "url": "Encounter/e-gone"}}]})
+    assert r.status_code == 412, r.text
+    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[1].resource.subject.reference"]
+    assert await counts(fhir) == before
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": delete_url}},
+        {"resource": {**mrn, "active": True},
+         "request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|X-1"}}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["entry"][1]["response"]["status"] == "201 Created"
+    assert not r.json()["entry"][1]["fullUrl"].endswith("/Patient/p1")
+
+
+async def test_a_patient_link_given_as_a_urn_must_name_a_patient(fhir):
+    """Encounter.subject must be a Patient or a Group: also when it is a urn:uuid the
+    transaction resolves to another type."""
+    full = "urn:uuid:00000000-0000-4000-8000-0000000000b7"
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": full, "resource": {"resourceType": "Practitioner"},
+         "request": {"method": "POST", "url": "Practitioner"}},
+        {"resource": {"resourceType": "Encounter", "status": "planned",
+                      "class": ccm_encounter()["class"], "subject": {"reference": full}},
+         "request": {"method": "POST", "url": "Encounter"}}]})
+    assert r.status_code == 422, r.text
+    (issue,) = r.json()["issue"]
+    assert "references a Practitioner" in issue["diagnostics"]
+    assert issue["expression"] == ["Bundle.entry[1].resource.Encounter.subject.reference"]

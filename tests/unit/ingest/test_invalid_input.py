@@ -70,6 +70,18 @@ CASES = [
     ("CCM time without duration", "PUT", "/fhir/Encounter/e1",
      {k: v for k, v in ccm_encounter().items() if k != "length"}, {}, 422, "required",
      "Encounter.length"),
+    ("a modifier extension not understood (it may say 'not performed')", "PUT",
+     "/fhir/Encounter/e1", {**ccm_encounter(), "modifierExtension": [
+         {"url": "http://example.org/not-performed", "valueBoolean": True}]}, {}, 422,
+     "not-supported", "Encounter.modifierExtension"),
+    ("a nested modifier extension", "PUT", "/fhir/Encounter/e1",
+     {**ccm_encounter(), "participant": [{"modifierExtension": [
+         {"url": "http://example.org/x", "valueBoolean": True}],
+         "individual": {"reference": "Practitioner/d1"}}]}, {}, 422, "not-supported",
+     "Encounter.participant[0].modifierExtension"),
+    ("implicitRules not understood", "POST", "/fhir/Patient",
+     {"resourceType": "Patient", "implicitRules": "http://example.org/rules"}, {}, 422,
+     "not-supported", "Patient.implicitRules"),
     ("unknown element", "POST", "/fhir/Patient", {"resourceType": "Patient", "colour": "red"},
      {}, 422, "structure", "Patient.colour"),
     ("id differs from URL", "PUT", "/fhir/Patient/a", {"resourceType": "Patient", "id": "b"},

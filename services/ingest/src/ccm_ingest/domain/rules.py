@@ -82,7 +82,7 @@ def check_resource(resource: dict[str, Any]) -> list[Issue]:
         issues += check(resource)
     reference_issues, local = _references(resource, rtype)
     issues += reference_issues
-    issues += _subject_targets(resource, rtype)
+    issues += subject_targets(resource, rtype)
     if "contained" in resource:
         issues += _contained(resource, rtype, local)
     return issues
@@ -302,7 +302,10 @@ _TYPE_CHECKS = {"Encounter": _encounter, "Consent": _consent, "Condition": _cond
                 "CarePlan": _care_plan}
 
 
-def _walk_references(value: Any, path: str) -> Iterator[tuple[str, str]]:
+def _walk_references(value: Any, path: str,
+                     modifiers: list[str] | None = None) -> Iterator[tuple[str, str]]:
+    """(where, reference) of every Reference; the paths of modifier extensions go to
+    ``modifiers`` when given (one walk for both)."""
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str):
@@ -310,10 +313,12 @@ def _walk_references(value: Any, path: str) -> Iterator[tuple[str, str]]:
         for key, item in value.items():
             if key in ("contained", "text"):
                 continue
-            yield from _walk_references(item, f"{path}.{key}")
+            if key == "modifierExtension" and modifiers is not None and item:
+                modifiers.append(f"{path}.{key}")
+            yield from _walk_references(item, f"{path}.{key}", modifiers)
     elif isinstance(value, list):
         for i, item in enumerate(value):
-            yield from _walk_references(item, f"{path}[{i}]")
+            yield from _walk_references(item, f"{path}[{i}]", modifiers)
 
 
 def _has_local_reference(resource: dict[str, Any], conditional: bool) -> bool:
@@ -370,7 +375,9 @@ SUBJECT_TARGETS = {("Encounter", "subject"): ("Patient", "Group"),
 _TARGET = re.compile(r"(?:^|/)([A-Za-z]+)/[A-Za-z0-9\-.]{1,64}(?:/_history/[^/]+)?$")
 
 
-def _subject_targets(resource: dict[str, Any], rtype: str) -> list[Issue]:
+def subject_targets(resource: dict[str, Any], rtype: str) -> list[Issue]:
+    """A patient link of another type than R4 allows (``urn:`` ones are checked once a
+    transaction has resolved them)."""
     issues = []
     for (of, element), targets in SUBJECT_TARGETS.items():
         value = resource.get(element) if of == rtype else None
@@ -391,7 +398,8 @@ def _references(resource: dict[str, Any], rtype: str,
     ``#`` references it holds, for ``_contained`` to check against what it contains)."""
     contains = "contained" in resource
     issues, local = [], []
-    for where, ref in _walk_references(resource, rtype):
+    modifiers: list[str] = []
+    for where, ref in _walk_references(resource, rtype, modifiers):
         if ref[:1] == "#":
             local.append((where, ref))
         if not _REFERENCE.match(ref):
@@ -400,6 +408,16 @@ def _references(resource: dict[str, Any], rtype: str,
                                "Type?search)", where))
         elif ref[:1] == "#" and ref != "#" and not contains:
             issues.append(_no_contained(where, ref))
+    # FHIR: a modifier extension (or implicitRules) may change what the data means ("not
+    # performed"); a system that does not know it SHALL NOT process the data as if it were
+    # absent. None is known here, so none is taken: counted, it could bill care never given.
+    issues += [_err("not-supported", f"{where} is not understood here and may change what "
+                    f"this {rtype} means, so it cannot be taken (FHIR: modifier extensions "
+                    "must not be ignored)", where) for where in modifiers]
+    if "implicitRules" in resource:
+        issues.append(_err("not-supported", f"{rtype}.implicitRules is not understood here and "
+                           "may change what the resource means, so it cannot be taken",
+                           f"{rtype}.implicitRules"))
     return issues, local
 
 

@@ -18,7 +18,7 @@ from ccm_ingest.domain.model import (
     Issue,
     rejected,
 )
-from ccm_ingest.domain.rules import unresolved_local_references
+from ccm_ingest.domain.rules import subject_targets, unresolved_local_references
 from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
 from ccm_shared.db import UnitOfWork
@@ -171,8 +171,10 @@ def _rewrite_references(value: Any, ids: dict[str, str]) -> int:
     return left
 
 
-async def _conditional_references(repo: SqlResourceRepository, entry: Entry) -> None:
-    """``Patient?identifier=…`` references resolve to the one match, or the entry fails."""
+async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
+                                  deleted: dict[str, set[str]] | None = None) -> None:
+    """``Patient?identifier=…`` references resolve to the one match, or the entry fails; a
+    resource ``deleted`` (by the same transaction's DELETE entries) matches nothing."""
     async def visit(value: Any, path: str) -> None:
         if isinstance(value, dict):
             ref = value.get("reference")
@@ -181,7 +183,8 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry) -> 
                 if rtype not in SUPPORTED_TYPES:
                     raise rejected(422, "not-supported", f"conditional reference {ref!r}: type "
                                    "not supported", f"{path}.reference")
-                matches = await handlers.find_by_criteria(repo, rtype, ref)
+                matches = _alive(await handlers.find_by_criteria(repo, rtype, ref), deleted,
+                                 rtype)
                 if len(matches) != 1:
                     raise rejected(412, "not-found" if not matches else "multiple-matches",
                                    f"conditional reference {ref!r} matches {len(matches)} "
@@ -196,8 +199,15 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry) -> 
     await visit(entry.resource, f"{_where(entry.index)}.resource")
 
 
-async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) -> dict[str, str]:
-    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates.
+def _alive(matches: list[Any], deleted: dict[str, set[str]] | None, rtype: str) -> list[Any]:
+    gone = (deleted or {}).get(rtype)
+    return [m for m in matches if m.id not in gone] if gone else matches
+
+
+async def _resolve_ids(uow: UnitOfWork, caller: Caller,
+                       entries: list[Entry]) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates; and the
+    ids each type's DELETE entries delete.
 
     A conditional create's id is the resource its criteria find, so it is settled here, before
     any reference to its fullUrl is rewritten: its criteria are claimed now (held until the
@@ -207,11 +217,13 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
     the same criteria cannot deadlock."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
     ids: dict[str, str] = {}
+    deleted = await _deleted_by(repo, entries)
     for e in entries:
         if e.method == "POST":
             e.rid = random_uuid()
         elif e.method == "PUT" and e.rid is None and e.criteria:
-            matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria)
+            matches = _alive(await handlers.find_by_criteria(repo, e.rtype, e.criteria),
+                             deleted, e.rtype)
             if len(matches) > 1:
                 raise rejected(412, "multiple-matches", f"conditional update {e.rtype}?"
                                f"{e.criteria} matches {len(matches)} resources",
@@ -221,7 +233,6 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
             e.resource = {**(e.resource or {}), "id": e.rid}
     conditional = [e for e in entries if e.method == "POST" and e.if_none_exist]
     if conditional:
-        deleted = await _deleted_by(repo, entries)
         keyed = []
         for e in conditional:
             with _at_entry(e.index):
@@ -234,7 +245,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller, entries: list[Entry]) ->
     for e in entries:
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
-    return ids
+    return ids, deleted
 
 
 async def _deleted_by(repo: SqlResourceRepository, entries: list[Entry]) -> dict[str, set[str]]:
@@ -313,7 +324,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     all of them); an entry that must look at the database first (a conditional create, an
     ``ifMatch``, a delete, a read) first flushes what is pending, so it sees every earlier entry.
     """
-    ids = await _resolve_ids(uow, caller, entries)
+    ids, deleted = await _resolve_ids(uow, caller, entries)
     _one_entry_per_resource(entries)
     repo = SqlResourceRepository(uow.session, caller.tenant)
     unresolved: list[Issue] = []
@@ -324,8 +335,11 @@ async def transaction(uow: UnitOfWork, caller: Caller,
             # (one in a contained resource is flagged but not refused: stored as sent)
             issues = _unresolved(e) if left & UNRESOLVED else []
             unresolved += issues
+            # A patient link given as a urn: is checked now that it names its type.
+            unresolved += [i.located(f"{_where(e.index)}.resource")
+                           for i in subject_targets(e.resource, e.rtype)]
             if left & CONDITIONAL and not issues:
-                await _conditional_references(repo, e)
+                await _conditional_references(repo, e, deleted)
     if unresolved:
         raise FhirRejected(422, unresolved)
     results: dict[int, Outcome] = {}
