@@ -485,3 +485,54 @@ async def test_a_version_sent_without_a_time_applies_after_one_sent_slightly_ahe
                                                  "active": False})
     assert r.status_code == 200 and r.json()["active"] is False  # applied, not kept aside
     assert (await fhir.get("/fhir/Patient/t1")).json()["meta"]["versionId"] == "2"
+
+
+async def test_small_refusals_found_by_the_fourth_walkthrough(fhir):
+    """Each says what is wrong, with the right status, and writes nothing."""
+    assert (await fhir.put("/fhir/Patient/p1", json={"resourceType": "Patient", "id": "p1",
+                                                     "identifier": [{"system": "urn:x",
+                                                                     "value": "cu3"}]})
+            ).status_code == 201
+    before = await counts(fhir)
+    # A comma list of patients (FHIR: OR) is refused, not answered with nothing.
+    r = await fhir.get("/fhir/Encounter", params={"patient": "p1,p2"})
+    assert r.status_code == 400 and "no comma lists" in r.text
+    # The last day there is is a date.
+    for value in ("9999-12-31", "lt9999-12-31", "9999-12-31T23:59Z"):
+        r = await fhir.get("/fhir/Patient", params={"_lastUpdated": value})
+        assert r.status_code == 200, (value, r.text)
+    # If-None-Exist names what its criteria may use (not the paging it refuses).
+    r = await fhir.post("/fhir/Patient", json={"resourceType": "Patient"},
+                        headers={"If-None-Exist": "identifier=urn:x|a&_count=5"})
+    assert r.status_code == 400 and "'_count'" in r.text
+    assert "_count" not in r.json()["issue"][0]["diagnostics"].split("supported:")[1]
+
+    def bundle(*entries: dict) -> dict:
+        return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+    # PATCH inside a Bundle: not supported, said so.
+    r = await fhir.post("/fhir", json=bundle({"request": {"method": "PATCH",
+                                                          "url": "Patient/p1"}}))
+    assert r.status_code == 422 and "PATCH is not supported" in r.text
+    # A conditional update that finds Patient/p1 but carries another id: 400 (FHIR).
+    r = await fhir.post("/fhir", json=bundle({
+        "resource": {"resourceType": "Patient", "id": "zzz", "active": True},
+        "request": {"method": "PUT", "url": "Patient?identifier=urn:x|cu3"}}))
+    assert r.status_code == 400 and "Patient/p1" in r.text
+    assert await counts(fhir) == before
+
+
+async def test_a_conditional_update_works_in_a_batch_as_in_a_transaction(fhir):
+    def batch(active: bool) -> dict:
+        return {"resourceType": "Bundle", "type": "batch", "entry": [{
+            "resource": {"resourceType": "Patient", "active": active,
+                         "identifier": [{"system": "urn:x", "value": "cu1"}]},
+            "request": {"method": "PUT", "url": "Patient?identifier=urn:x|cu1"}}]}
+
+    first = (await fhir.post("/fhir", json=batch(True))).json()["entry"][0]
+    assert first["response"]["status"] == "201 Created", first
+    second = (await fhir.post("/fhir", json=batch(False))).json()["entry"][0]
+    assert second["response"]["status"] == "200 OK", second
+    assert second["response"]["location"].split("/_history")[0] == \
+        first["response"]["location"].split("/_history")[0]
+    assert second["response"]["etag"] == 'W/"2"'

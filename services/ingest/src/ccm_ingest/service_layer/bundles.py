@@ -108,6 +108,9 @@ def _parse_entry(i: int, raw: Any) -> Entry:
                        f"{_where(i)}.request")
     request = raw["request"]
     method, url = request.get("method"), request.get("url")
+    if method in ("PATCH", "HEAD"):
+        raise rejected(422, "not-supported", f"entry.request.method {method} is not supported "
+                       f"here; supported: {', '.join(METHOD_ORDER)}", f"{_where(i)}.request.method")
     if method not in METHOD_ORDER or not isinstance(url, str) or not url:
         raise rejected(422, "value", f"entry.request needs a method ({', '.join(METHOD_ORDER)}) "
                        "and a url", f"{_where(i)}.request")
@@ -199,6 +202,24 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
     await visit(entry.resource, f"{_where(entry.index)}.resource")
 
 
+async def _conditional_update(repo: SqlResourceRepository, e: Entry,
+                              deleted: dict[str, set[str]] | None = None) -> None:
+    """``PUT Type?criteria``: the one match is updated, none is created (under the resource's
+    id, else a new one); several are a 412, and an id other than the match's a 400 (FHIR)."""
+    matches = _alive(await handlers.find_by_criteria(repo, e.rtype, e.criteria or ""),
+                     deleted, e.rtype)
+    if len(matches) > 1:
+        raise rejected(412, "multiple-matches", f"conditional update {e.rtype}?{e.criteria} "
+                       f"matches {len(matches)} resources", f"{_where(e.index)}.request.url")
+    sent_id = (e.resource or {}).get("id")
+    if matches and sent_id and sent_id != matches[0].id:
+        raise rejected(400, "invalid", f"conditional update {e.rtype}?{e.criteria} finds "
+                       f"{e.rtype}/{matches[0].id}, but the resource's id is {sent_id!r}",
+                       f"{_where(e.index)}.resource.id")
+    e.rid = matches[0].id if matches else sent_id or random_uuid()
+    e.resource = {**(e.resource or {}), "id": e.rid}
+
+
 def _alive(matches: list[Any], deleted: dict[str, set[str]] | None, rtype: str) -> list[Any]:
     gone = (deleted or {}).get(rtype)
     return [m for m in matches if m.id not in gone] if gone else matches
@@ -222,15 +243,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
         if e.method == "POST":
             e.rid = random_uuid()
         elif e.method == "PUT" and e.rid is None and e.criteria:
-            matches = _alive(await handlers.find_by_criteria(repo, e.rtype, e.criteria),
-                             deleted, e.rtype)
-            if len(matches) > 1:
-                raise rejected(412, "multiple-matches", f"conditional update {e.rtype}?"
-                               f"{e.criteria} matches {len(matches)} resources",
-                               f"{_where(e.index)}.request.url")
-            e.rid = matches[0].id if matches else (e.resource or {}).get("id") or \
-                random_uuid()
-            e.resource = {**(e.resource or {}), "id": e.rid}
+            await _conditional_update(repo, e, deleted)
     conditional = [e for e in entries if e.method == "POST" and e.if_none_exist]
     if conditional:
         keyed = []
@@ -285,6 +298,8 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
                                         new_id=e.rid)
         return outcome
     if e.method == "PUT":
+        if e.rid is None and e.criteria:  # in a batch (a transaction settled it already)
+            await _conditional_update(repo, e)
         if e.rid is None:
             raise rejected(422, "required", "PUT needs Type/id or Type?criteria",
                            f"{_where(e.index)}.request.url")

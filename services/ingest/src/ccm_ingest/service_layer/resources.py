@@ -477,8 +477,8 @@ def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
         raise rejected(400, "invalid", "empty search criteria", "If-None-Exist")
     for name, value in params:
         if name not in SEARCH_PARAMS - PAGING:
-            raise rejected(400, "not-supported", f"search parameter {name!r} is not supported; "
-                           f"supported: {', '.join(sorted(SEARCH_PARAMS))}", name)
+            raise rejected(400, "not-supported", f"criteria parameter {name!r} is not supported; "
+                           f"supported: {', '.join(sorted(SEARCH_PARAMS - PAGING))}", name)
         if not value.strip():  # ``identifier=`` matches nothing: a create would always happen
             raise rejected(400, "required", f"criteria parameter {name!r} has no value",
                            "If-None-Exist")
@@ -492,6 +492,14 @@ _DATE_PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le", "sa", "eb")
 _SEARCH_DATE = re.compile(
     r"(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})"
     r"(?P<f>\.\d+)?)?(?P<z>Z|[+-]\d{2}:\d{2})?)?)?)?")
+
+
+def _later(low: datetime, step: timedelta) -> datetime:
+    """``low + step``, or the end of time when that is past 9999-12-31 (9999-12-31 is a date)."""
+    try:
+        return low + step
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def search_date_range(text: str) -> tuple[datetime, datetime]:
@@ -510,13 +518,13 @@ def search_date_range(text: str) -> tuple[datetime, datetime]:
     if g["f"]:  # as precise as its digits: .5 is a tenth of a second
         digits = min(len(g["f"]) - 1, 6)
         low = low.replace(microsecond=int((g["f"][1:] + "000000")[:6]))
-        return low, low + timedelta(microseconds=10 ** (6 - digits))
+        return low, _later(low, timedelta(microseconds=10 ** (6 - digits)))
     if g["S"]:
-        return low, low + timedelta(seconds=1)
+        return low, _later(low, timedelta(seconds=1))
     if g["M"]:
-        return low, low + timedelta(minutes=1)
+        return low, _later(low, timedelta(minutes=1))
     if g["d"]:
-        return low, low + timedelta(days=1)
+        return low, _later(low, timedelta(days=1))
     if low.year == 9999 and (not g["m"] or low.month == 12):  # to the end of time
         return low, datetime.max.replace(tzinfo=UTC)
     if g["m"]:
@@ -590,6 +598,9 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
             if rtype not in PATIENT_ELEMENT or (name == "subject" and rtype == "Consent"):
                 raise rejected(400, "not-supported", f"{rtype} has no {name} search parameter",
                                name)
+            if "," in value:
+                raise rejected(400, "not-supported", f"{name} {value!r}: one patient per "
+                               f"parameter (no comma lists; give {name} once per search)", name)
             local = local_path(value, local_bases)
             kind, _, rid = (local or value).rpartition("/")
             if kind and kind.rsplit("/", 1)[-1] != "Patient":
