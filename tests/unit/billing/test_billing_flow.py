@@ -697,3 +697,38 @@ async def test_time_moved_out_of_its_closed_month_and_back_is_the_filed_entry_ag
         row = (await uow.session.execute(select(orm.time_entries).where(
             orm.time_entries.c.entry_id == "e2"))).one()
     assert (row.month, row.status, row.late) == ("2025-03", "finished", False)
+
+
+@pytest.mark.parametrize(("text", "day"), [
+    ("2026-04-01T02:00:00Z", "2026-03-31"),          # 22:00 on 31 March in New York
+    ("2026-03-31T22:00:00-10:00", "2026-04-01"),     # 04:00 on 1 April in New York
+    ("2026-03-31", "2026-03-31"), ("2026-03", "2026-03-01"), ("2026", "2026-01-01"),
+    (None, None),
+])
+def test_a_care_plan_date_is_the_practice_day(text, day):
+    from zoneinfo import ZoneInfo
+
+    from ccm_billing.service_layer.common import local_day
+
+    found = local_day(text, ZoneInfo("America/New_York"))
+    assert (found.isoformat() if found else None) == day
+
+
+async def test_care_plan_created_in_the_practice_zone_and_its_last_review_kept(billing):
+    """``created`` 2026-04-01T02:00Z is a March plan in New York (billing read 1 April: March
+    had no care plan); a partial date is its first day (it had failed the event); a revision
+    without review evidence keeps the last review (it had cleared it: review overdue)."""
+    async def row(cid: str):
+        t = orm.care_plans
+        async with billing.db.engine.connect() as conn:
+            return (await conn.execute(select(t.c.created, t.c.last_review).where(
+                t.c.care_plan_id == cid))).one()
+
+    await deliver(billing, ev.care_plan("alpha", "p1", "cp-z", created="2026-04-01T02:00:00Z"))
+    assert str((await row("cp-z")).created) == "2026-03-31"
+    await deliver(billing, ev.care_plan("alpha", "p1", "cp-m", created="2026-03"))
+    assert str((await row("cp-m")).created) == "2026-03-01"
+    reviewed = ev.care_plan("alpha", "p1", "cp-r", version=2)
+    reviewed.data["review"] = {"date": "2026-02-10"}
+    await deliver(billing, reviewed, ev.care_plan("alpha", "p1", "cp-r", version=3))
+    assert str((await row("cp-r")).last_review) == "2026-02-10"

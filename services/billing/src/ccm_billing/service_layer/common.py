@@ -148,6 +148,18 @@ def parse_day(text: str | None) -> date | None:
     return date.fromisoformat(text[:10])
 
 
+def local_day(text: str | None, tz: ZoneInfo) -> date | None:
+    """A FHIR date or dateTime as a day of the practice: a dateTime with a time of day is
+    the day it is in ``tz`` (``2026-04-01T02:00Z`` is 31 March in New York); a date as
+    written; a partial one (``2026-03``, ``2026``) its first day."""
+    if not text:
+        return None
+    if "T" in text:
+        return parse_instant(text).astimezone(tz).date()
+    parts = [int(p) for p in text.split("-")]
+    return date(parts[0], *(parts[1:] + [1, 1])[:2])
+
+
 async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  # noqa: ANN001
     """Insert many rows in the session's transaction: COPY on PostgreSQL, executemany elsewhere."""
     if not rows:

@@ -25,6 +25,7 @@ from ccm_billing.domain.rules.ruleset import available_years
 from ccm_billing.service_layer import corrections, decision_cache
 from ccm_billing.service_layer.common import (
     insert_for,
+    local_day,
     parse_day,
     parse_instant,
     practice_zone,
@@ -269,16 +270,29 @@ async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noq
 
 async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
-    review = (d.get("review") or {}).get("date")
+    keys = {"practice": practice, "care_plan_id": ref_id(d["carePlan"])}
+    review = parse_day((d.get("review") or {}).get("date"))
+    if review is None:
+        # A revision without review evidence (a goal edited) keeps the last review: it
+        # happened all the same, and the annual-review clock runs from it.
+        t = orm.care_plans
+        review = (await uow.session.execute(select(t.c.last_review).where(
+            t.c.practice == practice, t.c.care_plan_id == keys["care_plan_id"]))).scalar()
+    try:
+        tz = await practice_zone(uow.session, practice)
+    except NotFound:
+        tz = UTC
     changed, before = await _upsert_fact(
-        uow, orm.care_plans, {"practice": practice, "care_plan_id": ref_id(d["carePlan"])},
+        uow, orm.care_plans, keys,
         {
             "patient": patient,
             "version": version_key(d["source"]),
             "status": d["status"],
             "intent": d["intent"],
-            "created": parse_day(d.get("created")) or parse_day((d.get("period") or {}).get("start")),
-            "last_review": parse_day(review),
+            # The practice's day: created 2026-04-01T02:00Z is a March plan in New York.
+            "created": local_day(d.get("created"), tz)
+            or local_day((d.get("period") or {}).get("start"), tz),
+            "last_review": review,
         },
     )
     if who := _corrected(changed, d["status"] in ("entered-in-error", "revoked"), patient, before):
