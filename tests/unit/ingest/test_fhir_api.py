@@ -1,5 +1,6 @@
 """The /fhir endpoint on the embedded database: writes, versions, reads, tenancy, Prefer."""
 
+import json
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -536,3 +537,17 @@ async def test_a_conditional_update_works_in_a_batch_as_in_a_transaction(fhir):
     assert second["response"]["location"].split("/_history")[0] == \
         first["response"]["location"].split("/_history")[0]
     assert second["response"]["etag"] == 'W/"2"'
+
+
+async def test_more_refusals_found_by_the_fourth_walkthrough(fhir):
+    r = await fhir.get("/fhir/Patient/_history")
+    assert r.status_code == 400 and "type-level history" in r.text
+    r = await fhir.get("/fhir/Patient", params=[("_count", "1"), ("_count", "2")])
+    assert r.status_code == 400 and "_count is given more than once" in r.text
+    body = json.dumps({"resourceType": "Patient", "name": [{"family": "Muñoz"}]})
+    r = await fhir.post("/fhir/Patient", content=body.encode("latin-1"),
+                        headers={"Content-Type": "application/fhir+json; charset=iso-8859-1"})
+    assert r.status_code == 415 and "UTF-8" in r.text
+    r = await fhir.post("/fhir/Patient", content=body.encode(),
+                        headers={"Content-Type": "application/fhir+json; charset=UTF-8"})
+    assert r.status_code == 201, r.text

@@ -131,6 +131,12 @@ def fhir_version(text: str) -> str | None:
     return _params(text)[1].get("fhirversion")
 
 
+def charset(text: str) -> str | None:
+    """The ``charset`` parameter of a media type (lower case), None without one."""
+    found = _params(text)[1].get("charset")
+    return found.lower() if found is not None else None
+
+
 def _media_range(text: str) -> str:
     """A media range of Accept without its parameters, "" when it is not acceptable: its q is 0,
     or it asks for a FHIR version other than R4."""

@@ -28,7 +28,7 @@ from ccm_ingest.domain.model import (
     rejected,
 )
 from ccm_ingest.domain.rules import unresolved_local_references
-from ccm_ingest.entrypoints.edge import R4_VERSIONS, fhir_version
+from ccm_ingest.entrypoints.edge import R4_VERSIONS, charset, fhir_version
 from ccm_ingest.entrypoints.outcomes import (
     fhir_json,
     operation_outcome,
@@ -199,6 +199,9 @@ async def read_json(request: Request, max_depth: int) -> Any:
     if (version := fhir_version(content_type)) not in R4_VERSIONS:
         raise rejected(415, "not-supported", f"fhirVersion={version} is not supported: this "
                        "server takes FHIR R4 (fhirVersion=4.0, or no fhirVersion)")
+    if charset(content_type) not in (None, "utf-8", "utf8"):
+        raise rejected(415, "not-supported", f"charset={charset(content_type)} is not "
+                       "supported: FHIR JSON is UTF-8")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise rejected(415, "not-supported", f"Content-Encoding {encoding!r} is not supported: "
@@ -373,6 +376,10 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     async def read(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
         tenant.require_scope("fhir:read")
         _check_type(rtype)
+        if rid.startswith(("_", "$")):  # no id starts so: an interaction not served here
+            raise rejected(400, "not-supported", f"GET {rtype}/{rid} is not supported here "
+                           "(only a resource's own _history; no type-level history, _search "
+                           "or operations)", f"{rtype}/{rid}")
         async with runtime.db.unit_of_work() as uow:
             repo = SqlResourceRepository(uow.session, tenant.practice_id)
             version = handlers.current_or_error(await repo.current_version(rtype, rid), rtype,

@@ -567,6 +567,9 @@ async def find_by_criteria(repo: SqlResourceRepository, rtype: str,
 def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
     """(``_offset``, ``_count``) of a search: where its page starts and how long it is."""
     offset = 0
+    for name in PAGING:
+        if sum(1 for given, _ in params if given == name) > 1:
+            raise rejected(400, "value", f"{name} is given more than once", name)
     for name, value in params:
         if name == "_count":  # 0: the total only
             if not ascii_digits(value, 7) or not 0 <= int(value) <= 1000:
