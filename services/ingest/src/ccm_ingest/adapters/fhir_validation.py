@@ -169,16 +169,24 @@ _JSON_TYPES = {"boolean": (bool,), "integer": (int,), "decimal": (int, float)}
 
 
 def _json_types(value: dict[str, Any], model: Any, path: str) -> list[Issue]:
-    """Issues for null elements, and booleans, integers and decimals of another JSON type
-    (paths are only built for what is reported or descended into)."""
+    """Issues for null elements, empty arrays and objects (FHIR JSON has none; ele-1),
+    extensions with both or neither of a value and extensions (ext-1), and booleans, integers
+    and decimals of another JSON type (paths are only built for what is reported or descended
+    into)."""
+    if not value:
+        return [Issue("error", "structure", f"{path}: an element needs a value or children "
+                      "(ele-1; leave an empty one out)", (path,))]
     issues = []
     shape = _shape(model)
     for key, item in value.items():
-        if item is None:
+        if item is None or item == [] or item == {}:
             where = f"{path}.{key}"
-            issues.append(Issue("error", "structure", f"{where}: null is not a FHIR JSON value "
-                                "(leave the element out)", (where,)))
+            issues.append(Issue("error", "structure", f"{where}: "
+                                f"{'null' if item is None else json.dumps(item)} is not a FHIR "
+                                "JSON value (leave the element out; ele-1)", (where,)))
             continue
+        if key in _EXTENSIONS and type(item) is list:
+            issues += _ext_1(item, f"{path}.{key}")
         kind = shape.get(key)
         if kind is None:
             continue
@@ -198,6 +206,24 @@ def _json_types(value: dict[str, Any], model: Any, path: str) -> list[Issue]:
             for i, one in enumerate(item):
                 if type(one) is dict:
                     issues += _json_types_of(one, kind, f"{path}.{key}[{i}]")
+    return issues
+
+
+_EXTENSIONS = ("extension", "modifierExtension")
+
+
+def _ext_1(extensions: list[Any], path: str) -> list[Issue]:
+    """ext-1: an extension has either a value[x] or extensions, not both, not neither."""
+    issues = []
+    for i, ext in enumerate(extensions):
+        if type(ext) is not dict:
+            continue
+        valued = any(k.startswith("value") for k in ext)
+        if valued == bool(ext.get("extension")):
+            where = f"{path}[{i}]"
+            issues.append(Issue("error", "invariant", f"{where}: ext-1: an extension has either "
+                                f"a value[x] or extensions, not {'both' if valued else 'neither'}",
+                                (where,)))
     return issues
 
 
