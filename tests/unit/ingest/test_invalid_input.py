@@ -91,6 +91,22 @@ CASES = [
          "url": "http://example.org/x", "valueString": "a",
          "extension": [{"url": "y", "valueString": "b"}]}]}, {}, 422, "invariant",
      "Patient.extension[0]"),
+    *[(f"narrative: {why} (txt-1/txt-2)", "POST", "/fhir/Patient",
+       {"resourceType": "Patient", "text": {"status": "generated", "div": div}}, {}, 422,
+       "invariant", "Patient.text.div") for why, div in [
+        ("not XHTML", "hello"),
+        ("no XHTML namespace", "<div>hello</div>"),
+        ("a script", '<div xmlns="http://www.w3.org/1999/xhtml">hi<script>alert(1)</script>'
+                     '</div>'),
+        ("an event attribute", '<div xmlns="http://www.w3.org/1999/xhtml">'
+                               '<p onclick="alert(1)">hi</p></div>'),
+        ("a javascript: link", '<div xmlns="http://www.w3.org/1999/xhtml">'
+                               '<a href=" JavaScript:alert(1)">hi</a></div>'),
+        ("an iframe", '<div xmlns="http://www.w3.org/1999/xhtml"><iframe src="x"/></div>'),
+        ("an entity declaration", '<!DOCTYPE div [<!ENTITY x "y">]><div '
+                                  'xmlns="http://www.w3.org/1999/xhtml">&x;</div>'),
+        ("no content", '<div xmlns="http://www.w3.org/1999/xhtml"> <p/> </div>'),
+    ]],
     ("implicitRules not understood", "POST", "/fhir/Patient",
      {"resourceType": "Patient", "implicitRules": "http://example.org/rules"}, {}, 422,
      "not-supported", "Patient.implicitRules"),
@@ -456,4 +472,17 @@ async def test_a_contained_resource_referring_to_its_container_is_referred_to(fh
         "resourceType": "Practitioner", "id": "x", "extension": [{
             "url": "http://example.org/x", "valueReference": {"reference": "#"}}]}]}
     r = await fhir.put("/fhir/Patient/c3", json=patient)
+    assert r.status_code == 201, r.text
+
+
+@pytest.mark.parametrize("div", [
+    '<div xmlns="http://www.w3.org/1999/xhtml">Peter <b>James</b> Chalmers</div>',
+    '<div xmlns="http://www.w3.org/1999/xhtml" xml:lang="en"><table><tr><td style="color:red">'
+    'x</td></tr></table><a href="https://example.org/a">link</a></div>',
+    '<div xmlns="http://www.w3.org/1999/xhtml"><img src="data:image/png;base64,iVBORw0KGgo=" '
+    'alt="scan"/></div>',
+])
+async def test_narrative_with_basic_formatting_is_taken(fhir, div):
+    r = await fhir.post("/fhir/Patient", json={"resourceType": "Patient",
+                                               "text": {"status": "generated", "div": div}})
     assert r.status_code == 201, r.text

@@ -4,10 +4,13 @@ rules of ours in ``domain.rules``. Errors become OperationOutcome issues naming 
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from functools import cache, lru_cache
 from typing import Annotated, Any, Union, get_args, get_origin
 
+from defusedxml import DefusedXmlException
+from defusedxml import ElementTree as DefusedET
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
@@ -111,6 +114,9 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> dic
     # R5 shapes first: the library's messages about them would only confuse.
     if not any(i.code == "structure" for i in issues):
         issues += [i for i in structural_issues(resource) if i not in issues]
+    text = resource.get("text")
+    if type(text) is dict and type(text.get("div")) is str:
+        issues += narrative_issues(text["div"], f"{rtype}.text.div")
     if issues:
         raise FhirRejected(422, issues)
     return resource
@@ -231,3 +237,53 @@ def _json_types_of(value: dict[str, Any], kind: Any, path: str) -> list[Issue]:
     if kind == _RESOURCE:
         kind = _resource_model(value.get("resourceType"))
     return [] if kind is None else _json_types(value, kind, path)
+
+
+# ---- Narrative (txt-1, txt-2) ------------------------------------------------------------------
+# Narrative is XHTML that every viewer of the record renders: R4 allows only basic formatting in
+# it, no scripts, forms, frames, objects or event attributes. Stored as sent and shown later, a
+# <script> or onclick= would run in the viewer of whoever reads the record.
+
+XHTML = "http://www.w3.org/1999/xhtml"
+_ELEMENTS = frozenset(
+    "a abbr acronym b big blockquote br caption cite code col colgroup dd dfn div dl dt em h1 h2 "
+    "h3 h4 h5 h6 hr i img li ol p pre q samp small span strong sub sup table tbody td tfoot th "
+    "thead tr tt ul var".split())
+_ATTRIBUTES = frozenset(
+    "abbr accesskey align alt axis bgcolor border cellhalign cellpadding cellspacing cellvalign "
+    "char charoff charset cite class colspan compact coords dir frame headers height href "
+    "hreflang hspace id lang longdesc name nowrap rel rev rowspan rules scope shape span src "
+    "start style summary tabindex title type valign value vspace width".split())
+_XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
+# A link may not run a script; an image may be inline (data:image/…) but not a script.
+_SCRIPTED = {"href": re.compile(r"^\s*(javascript|vbscript|data)\s*:", re.IGNORECASE),
+             "src": re.compile(r"^\s*(javascript|vbscript)\s*:", re.IGNORECASE)}
+
+
+def narrative_issues(div: str, where: str) -> list[Issue]:
+    """txt-1 (only basic XHTML formatting: no scripts, forms, frames, objects or event
+    attributes) and txt-2 (some content) of ``Narrative.div``."""
+    def bad(message: str) -> list[Issue]:
+        return [Issue("error", "invariant", f"{where}: {message}", (where,))]
+
+    try:
+        root = DefusedET.fromstring(div)
+    except (DefusedET.ParseError, DefusedXmlException) as exc:
+        return bad(f"txt-1: not well-formed XHTML ({str(exc)[:80]})")
+    if root.tag != f"{{{XHTML}}}div":
+        return bad(f"txt-1: the narrative is a <div xmlns=\"{XHTML}\">")
+    for node in root.iter():
+        namespace, _, name = node.tag.rpartition("}")
+        if namespace[1:] != XHTML or name not in _ELEMENTS:
+            return bad(f"txt-1: <{name}> is not allowed in a narrative (basic XHTML formatting "
+                       "only: no scripts, forms, frames or objects)")
+        for attribute, value in node.attrib.items():
+            if attribute not in _ATTRIBUTES and attribute != _XML_LANG:
+                return bad(f"txt-1: the attribute {attribute!r} of <{name}> is not allowed in a "
+                           "narrative (no event attributes)")
+            if attribute in _SCRIPTED and _SCRIPTED[attribute].match(value):
+                return bad(f"txt-1: <{name} {attribute}> may not run a script")
+    if not "".join(root.itertext()).strip() and not any(
+            node.tag == f"{{{XHTML}}}img" for node in root.iter()):
+        return bad("txt-2: the narrative has no content")
+    return []
