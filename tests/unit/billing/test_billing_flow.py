@@ -732,3 +732,14 @@ async def test_care_plan_created_in_the_practice_zone_and_its_last_review_kept(b
     reviewed.data["review"] = {"date": "2026-02-10"}
     await deliver(billing, reviewed, ev.care_plan("alpha", "p1", "cp-r", version=3))
     assert str((await row("cp-r")).last_review) == "2026-02-10"
+
+
+async def test_a_consents_period_is_kept_as_practice_days(billing):
+    granted = ev.consent("alpha", "p1", "c-per")
+    granted.data["period"] = {"start": "2026-01-01T03:00:00Z", "end": "2026-06-30"}
+    await deliver(billing, granted)
+    t = orm.consents
+    async with billing.db.engine.connect() as conn:
+        row = (await conn.execute(select(t.c.valid_from, t.c.valid_until).where(
+            t.c.consent_id == "c-per"))).one()
+    assert (str(row.valid_from), str(row.valid_until)) == ("2025-12-31", "2026-06-30")

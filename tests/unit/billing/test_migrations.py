@@ -224,3 +224,15 @@ def test_invoices_keep_their_lines_in_place_and_a_downgrade_writes_them_back(tmp
     upgrade(url, "billing", PACKAGE)
     assert run_sql(url, [("SELECT id, lines_in_place FROM billing.invoices ORDER BY id", {})])[0] == [
         ("inv-0", 0), ("inv-1", 0), ("inv-2", 0)]
+
+
+def test_consents_gain_their_period_and_lose_it_on_downgrade(tmp_path):
+    """billing_0017: ``consents.valid_from`` / ``valid_until`` (provision.period)."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    upgrade_platform(url)
+    upgrade(url, "billing", PACKAGE)
+    assert {"valid_from", "valid_until"} <= set(columns(url, "consents"))
+    command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0016")
+    assert not {"valid_from", "valid_until"} & set(columns(url, "consents"))
+    upgrade(url, "billing", PACKAGE)
+    assert {"valid_from", "valid_until"} <= set(columns(url, "consents"))

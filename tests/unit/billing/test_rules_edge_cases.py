@@ -229,3 +229,20 @@ def test_month_parsing_refuses_garbage():
     assert Month.parse("2024-02").last_day == date(2024, 2, 29)
     assert Month.parse("2025-12").next() == Month(2026, 1)
     assert date(2025, 3, 1) - timedelta(days=1) == Month.parse("2025-02").last_day
+
+
+@pytest.mark.parametrize(("valid_from", "valid_until", "billable"), [
+    (None, None, True),
+    (date(2025, 3, 20), None, True),               # starts in the month: the month is reached
+    (date(2025, 4, 1), None, False),               # not yet valid
+    (None, date(2025, 3, 5), True),                # ends in the month: still billable
+    (None, date(2025, 2, 28), False),              # its period ended before the month
+    (date(2024, 1, 1), date(2025, 12, 31), True),
+])
+def test_a_consent_counts_only_for_months_its_period_reaches(valid_from, valid_until, billable):
+    consent = Consent("c1", "active", local(date(2024, 1, 5)), valid_from=valid_from,
+                      valid_until=valid_until)
+    d = decide(month_facts("2025-03", consent=consent,
+                           time_entries=[entry(1, "staff", 1300, MARCH)]))
+    assert (d.codes == {"99490": 1}) is billable
+    assert billable or d.blockers == ("consent-not-active",)

@@ -76,6 +76,9 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("provision", String(10), nullable=False),
         Column("effective_until", Date, nullable=True),
         Column("practitioner", String(80), nullable=True),
+        # provision.period, as days of the practice (billing_0017)
+        Column("valid_from", Date, nullable=True),
+        Column("valid_until", Date, nullable=True),
     )
     t["care_plans"] = _projection(
         metadata, "care_plans", "care_plan_id",

@@ -99,6 +99,9 @@ class Consent:
     provision: str = "permit"
     effective_until: date | None = None  # revoked: last day of the month of revocation
     practitioner: str | None = None  # the billing practitioner it names ("Practitioner/…")
+    # provision.period: the first and last day it is valid (practice days; None: open)
+    valid_from: date | None = None
+    valid_until: date | None = None
 
 
 @dataclass(frozen=True)

@@ -152,7 +152,7 @@ async def load_facts(
     for row in (await session.execute(ordered)).all():
         consents[row.patient].append(
             Consent(row.consent_id, row.status, row.obtained_at, row.provision, row.effective_until,
-                    row.practitioner)
+                    row.practitioner, row.valid_from, row.valid_until)
         )
         if row.status == "active" and row.practitioner:
             practitioner_of.setdefault(row.patient, row.practitioner)

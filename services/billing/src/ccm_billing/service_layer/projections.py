@@ -251,6 +251,8 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
 
 async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
+    tz = await _zone_or_utc(uow, practice)
+    period = d.get("period") or {}
     changed, before = await _upsert_fact(
         uow, orm.consents, {"practice": practice, "consent_id": ref_id(d["consent"])},
         {
@@ -261,11 +263,21 @@ async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noq
             "provision": d["provision"],
             "effective_until": parse_day(d.get("effectiveUntil")),
             "practitioner": d["practitioners"][0] if d["practitioners"] else None,
+            "valid_from": local_day(period.get("start"), tz),
+            "valid_until": local_day(period.get("end"), tz),
         },
     )
     if who := _corrected(changed, d["status"] in ("entered-in-error", *REVOKED), patient, before):
         await corrections.recompute_patient_months(
             uow, practice, who, f"Consent/{ref_id(d['consent'])} {d['status']}", now)
+
+
+async def _zone_or_utc(uow: UnitOfWork, practice: str):  # noqa: ANN202
+    """The practice's time zone (UTC for a practice not registered here)."""
+    try:
+        return await practice_zone(uow.session, practice)
+    except NotFound:
+        return UTC
 
 
 async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
@@ -278,10 +290,7 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
         t = orm.care_plans
         review = (await uow.session.execute(select(t.c.last_review).where(
             t.c.practice == practice, t.c.care_plan_id == keys["care_plan_id"]))).scalar()
-    try:
-        tz = await practice_zone(uow.session, practice)
-    except NotFound:
-        tz = UTC
+    tz = await _zone_or_utc(uow, practice)
     changed, before = await _upsert_fact(
         uow, orm.care_plans, keys,
         {

@@ -58,6 +58,11 @@ def effective_consent(
     for c in facts.consents:
         if c.provision != "permit":
             continue
+        # Only for months its provision.period reaches (a period ending mid-month, like a
+        # revocation, leaves that month billable).
+        if (c.valid_from and c.valid_from > month.last_day) or (
+                c.valid_until and c.valid_until < month.first_day):
+            continue
         obtained = c.obtained_at.astimezone(tz).date() if c.obtained_at else None
         if obtained is not None and obtained > month.last_day:
             continue
