@@ -521,3 +521,27 @@ async def test_a_deletion_and_a_re_creation_sort_after_what_they_follow(fhir):
              for e in await events(fhir) if e["type"].startswith("ingest.time-entry")]
     assert [t for t, _ in times] == ["logged", "reversed", "logged"]
     assert times[0][1] < times[1][1] < times[2][1]
+
+
+NUCC_PHYSICIAN = {"system": "http://nucc.org/provider-taxonomy", "code": "207Q00000X"}
+
+
+async def test_a_practitioners_qualification_classifies_time_without_a_role(fhir):
+    """fhir-mapping.md: staff type from PractitionerRole.code or Practitioner.qualification. A
+    practice that sends no PractitionerRoles still has its physician's time classified."""
+    doctor = {"resourceType": "Practitioner", "id": "d1",
+              "qualification": [{"code": {"coding": [NUCC_PHYSICIAN]}}]}
+    assert (await fhir.put("/fhir/Practitioner/d1", json=doctor)).status_code == 201
+    enc = {**ccm_encounter("e-q"), "participant": [
+        {"individual": {"reference": "Practitioner/someone-else"}},
+        {"type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                         "v3-ParticipationType", "code": "PPRF"}]}],
+         "individual": {"reference": "Practitioner/d1"}}]}
+    assert (await fhir.put("/fhir/Encounter/e-q", json=enc)).status_code == 201
+    (logged,) = await events(fhir, "ingest.time-entry.logged.v1")
+    first, second = logged["data"]["performers"]
+    # The primary performer (PPRF) first: billing takes the first performer's role.
+    assert first["practitioner"] == "Practitioner/d1"
+    assert first["roleCodes"] == [{**NUCC_PHYSICIAN, "display": None}]
+    assert second == {"practitioner": "Practitioner/someone-else", "practitionerRole": None,
+                      "roleCodes": []}

@@ -58,6 +58,7 @@ class MappingContext:
     state: dict[str, Any] = field(default_factory=dict)
     deleted: bool = False
     roles: dict[str, dict[str, Any]] = field(default_factory=dict)  # PractitionerRole id → JSON
+    practitioners: dict[str, dict[str, Any]] = field(default_factory=dict)  # Practitioner id → JSON
     # Base URLs (``https://host/fhir``) under which an absolute reference is this server's.
     local_bases: tuple[str, ...] = ()
 
@@ -227,23 +228,33 @@ def _encounter_seconds(res: dict[str, Any], start: datetime | None,
     return by_period, warnings
 
 
+PRIMARY_PERFORMER = "PPRF"
+
+
 def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]]:
-    performers = []
+    """Who performed the time, the primary performer (participant.type PPRF) first, each with
+    the codes that classify them: a PractitionerRole's code, else a Practitioner's
+    qualifications (a practice may send no PractitionerRoles)."""
+    performers, primary = [], []
     for participant in res.get("participant") or []:
         individual = participant.get("individual") if isinstance(participant, dict) else None
         ref = ctx.ref(individual, ("Practitioner", "PractitionerRole"))
         if ref is None:
             continue
+        kinds = {c["code"] for c in codings(participant.get("type") or [])}
+        found = primary if PRIMARY_PERFORMER in kinds else performers
         if ref.startswith("Practitioner/"):
-            performers.append({"practitioner": ref, "practitionerRole": None, "roleCodes": []})
+            who = ctx.practitioners.get(ref.removeprefix("Practitioner/"), {})
+            found.append({"practitioner": ref, "practitionerRole": None, "roleCodes": codings(
+                [q.get("code") for q in who.get("qualification") or [] if isinstance(q, dict)])})
             continue
         role = ctx.roles.get(ref.removeprefix("PractitionerRole/"), {})
-        performers.append({
+        found.append({
             "practitioner": ctx.ref(role.get("practitioner"), ("Practitioner",)),
             "practitionerRole": ref,
             "roleCodes": codings(role.get("code") or []),
         })
-    return performers
+    return primary + performers
 
 
 def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:

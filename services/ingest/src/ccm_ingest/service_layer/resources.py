@@ -134,16 +134,32 @@ def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
     return found
 
 
-def _role_ids(resource: dict[str, Any], local_bases: tuple[str, ...]) -> list[str]:
-    """PractitionerRole ids an Encounter's participants point at (their codes classify time)."""
+PERFORMER_TYPES = ("PractitionerRole", "Practitioner")
+
+
+def _participants(body: dict[str, Any], caller: Caller,
+                  known: dict[str, dict[str, dict[str, Any]]],
+                  rtype: str) -> dict[str, dict[str, Any]]:
+    """The ``rtype`` resources (of those ``known``, by id) the Encounter's participants are."""
+    of_type = known[rtype]
+    if not of_type:
+        return {}
+    return {i: of_type[i] for i in _participant_ids(body, caller.local_bases, rtype)
+            if i in of_type}
+
+
+def _participant_ids(resource: dict[str, Any], local_bases: tuple[str, ...],
+                     rtype: str) -> list[str]:
+    """Ids of the PractitionerRoles (their codes) or Practitioners (their qualifications) an
+    Encounter's participants point at: what classifies its time."""
     if resource.get("resourceType") != "Encounter":
         return []
     ids = []
     for p in resource.get("participant") or []:
-        ref = reference(p.get("individual") if isinstance(p, dict) else None,
-                        ("PractitionerRole",), local_bases)
+        ref = reference(p.get("individual") if isinstance(p, dict) else None, (rtype,),
+                        local_bases)
         if ref:
-            ids.append(ref.removeprefix("PractitionerRole/"))
+            ids.append(ref.removeprefix(f"{rtype}/"))
     return ids
 
 
@@ -246,8 +262,10 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     kept = await repo.same_content_versions(
         [(w.rtype, w.rid, sha) for w, cur, sha, _, stale in plans
          if stale or (cur is not None and cur.deleted and cur.version_id > 0)])
-    roles = await repo.current_resources("PractitionerRole", sorted(
-        {i for w, *_ in plans for i in _role_ids(w.resource, caller.local_bases)}))
+    # The PractitionerRoles and Practitioners the Encounters' participants are (by type, by id).
+    known = {kind: await repo.current_resources(kind, sorted(
+        {i for w, *_ in plans for i in _participant_ids(w.resource, caller.local_bases, kind)}))
+        for kind in PERFORMER_TYPES}
     pending = _Pending()
     outcomes = []
     for w, cur, sha, last_updated, stale in plans:
@@ -263,7 +281,7 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
                 "stored")))
             continue
         with _under(w.where):
-            outcomes.append(_plan_version(caller, w, cur, sha, last_updated, stale, roles,
+            outcomes.append(_plan_version(caller, w, cur, sha, last_updated, stale, known,
                                           stored, pending))
     await repo.update_rows(pending.updated_rows)
     await repo.update_rows(pending.stale_rows)
@@ -306,7 +324,8 @@ def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int],
 
 
 def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
-                  last_updated: datetime, stale: bool, roles: dict[str, dict[str, Any]],
+                  last_updated: datetime, stale: bool,
+                  known: dict[str, dict[str, dict[str, Any]]],
                   stored: dict[tuple[str, str, int], VersionRow], pending: _Pending) -> Outcome:
     """The next version of one resource, added to ``pending``; its outcome."""
     rtype, rid = w.rtype, w.rid
@@ -328,7 +347,8 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
         mapping = map_version(body, MappingContext(
             source=source, config=caller.config, timezone=caller.timezone,
             state=cur.ccm_state if cur and cur.version_id else {},
-            roles={i: roles[i] for i in _role_ids(body, caller.local_bases) if i in roles},
+            roles=_participants(body, caller, known, "PractitionerRole"),
+            practitioners=_participants(body, caller, known, "Practitioner"),
             local_bases=caller.local_bases))
     except (ValueError, OverflowError) as exc:
         # A dateTime Python cannot hold (a leap second, one beyond year 9999 in the practice's
@@ -348,8 +368,8 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
         pending.replaced.append((rtype, rid))
     pending.identifiers += [(rtype, rid, s, v) for s, v in _identifiers(body)]
     pending.events += _events(caller, mapping.events, w.correlation_id)
-    if rtype == "PractitionerRole":  # later Encounters of the batch see the new role
-        roles[rid] = body
+    if rtype in known:  # later Encounters of the batch see the new role or practitioner
+        known[rtype][rid] = body
     return Outcome(200 if exists else 201, rtype, rid, version,
                    [Issue("warning", "business-rule", m) for m in mapping.warnings])
 
