@@ -743,3 +743,23 @@ async def test_a_consents_period_is_kept_as_practice_days(billing):
         row = (await conn.execute(select(t.c.valid_from, t.c.valid_until).where(
             t.c.consent_id == "c-per"))).one()
     assert (str(row.valid_from), str(row.valid_until)) == ("2025-12-31", "2026-06-30")
+
+
+
+async def test_a_completed_care_plan_keeps_the_day_it_ended(billing):
+    t = orm.care_plans
+
+    async def completed_on(cid: str):
+        async with billing.db.engine.connect() as conn:
+            return (await conn.execute(select(t.c.completed_on).where(
+                t.c.care_plan_id == cid))).scalar()
+
+    ended = ev.care_plan("alpha", "p1", "cp-e", status="completed", version=2)
+    ended.data["period"] = {"start": "2025-01-01", "end": "2025-06-30"}
+    await deliver(billing, ended)
+    assert str(await completed_on("cp-e")) == "2025-06-30"
+    await deliver(billing, ev.care_plan("alpha", "p1", "cp-f", status="completed", version=2))
+    day = await completed_on("cp-f")  # the day of the version that completed it (New York)
+    assert day is not None
+    await deliver(billing, ev.care_plan("alpha", "p1", "cp-f", status="active", version=3))
+    assert await completed_on("cp-f") is None

@@ -227,12 +227,16 @@ def test_invoices_keep_their_lines_in_place_and_a_downgrade_writes_them_back(tmp
 
 
 def test_consents_gain_their_period_and_lose_it_on_downgrade(tmp_path):
-    """billing_0017: ``consents.valid_from`` / ``valid_until`` (provision.period)."""
+    """billing_0017: ``consents.valid_from`` / ``valid_until`` (provision.period) and
+    ``care_plans.completed_on``."""
     url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
     upgrade_platform(url)
-    upgrade(url, "billing", PACKAGE)
-    assert {"valid_from", "valid_until"} <= set(columns(url, "consents"))
-    command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0016")
-    assert not {"valid_from", "valid_until"} & set(columns(url, "consents"))
-    upgrade(url, "billing", PACKAGE)
-    assert {"valid_from", "valid_until"} <= set(columns(url, "consents"))
+    for step in ("up", "down", "up"):
+        if step == "down":
+            command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0016")
+        else:
+            upgrade(url, "billing", PACKAGE)
+        present = (set(columns(url, "consents")) & {"valid_from", "valid_until"},
+                   set(columns(url, "care_plans")) & {"completed_on"})
+        assert present == (({"valid_from", "valid_until"}, {"completed_on"}) if step == "up"
+                           else (set(), set()))

@@ -134,6 +134,18 @@ def test_no_usable_care_plan_blocks(plan):
     assert d.blockers == ("care-plan-missing",)
 
 
+@pytest.mark.parametrize(("completed_on", "billable"), [
+    (date(2025, 3, 10), True),    # completed in the month: in place that month
+    (date(2025, 2, 28), False),   # completed before it: no plan any more
+    (None, True),                 # completed, day unknown (stored before billing_0017)
+])
+def test_a_completed_care_plan_counts_through_the_month_it_ended(completed_on, billable):
+    plan = CarePlan("cp", "completed", created=date(2024, 6, 1), last_review=date(2025, 1, 5),
+                    completed_on=completed_on)
+    d = decide(month_facts("2025-03", care_plan=plan, time_entries=[entry(1, "staff", 1800, MARCH)]))
+    assert d.blockers == (() if billable else ("care-plan-missing",))
+
+
 def test_care_plan_created_on_the_last_day_counts():
     plan = CarePlan("cp", "active", created=date(2025, 3, 31))
     d = decide(month_facts("2025-03", care_plan=plan, time_entries=[entry(1, "staff", 1800, MARCH)]))

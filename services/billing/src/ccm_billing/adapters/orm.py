@@ -86,6 +86,7 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("intent", String(20), nullable=False),
         Column("created", Date, nullable=True),
         Column("last_review", Date, nullable=True),
+        Column("completed_on", Date, nullable=True),  # status completed: when (billing_0017)
     )
     t["conditions"] = _projection(
         metadata, "conditions", "condition_id",

@@ -121,6 +121,7 @@ class CarePlan:
     intent: str = "plan"
     created: date | None = None
     last_review: date | None = None
+    completed_on: date | None = None  # completed: the plan counts through that month
 
 
 @dataclass(frozen=True)

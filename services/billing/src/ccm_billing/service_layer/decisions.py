@@ -159,7 +159,8 @@ async def load_facts(
     plans: dict[str, list[CarePlan]] = defaultdict(list)
     for row in (await session.execute(select(cp).where(*scoped(cp)))).all():
         plans[row.patient].append(
-            CarePlan(row.care_plan_id, row.status, row.intent, row.created, row.last_review)
+            CarePlan(row.care_plan_id, row.status, row.intent, row.created, row.last_review,
+                     row.completed_on)
         )
     visits: dict[str, list[Visit]] = defaultdict(list)
     roles_of: dict[str, set[str]] = defaultdict(set)

@@ -302,6 +302,10 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
             "created": local_day(d.get("created"), tz)
             or local_day((d.get("period") or {}).get("start"), tz),
             "last_review": review,
+            # Completed: its period's end, else the day of the version that completed it.
+            "completed_on": (local_day((d.get("period") or {}).get("end"), tz)
+                             or parse_instant(d["source"]["lastUpdated"]).astimezone(tz).date()
+                             ) if d["status"] == "completed" else None,
         },
     )
     if who := _corrected(changed, d["status"] in ("entered-in-error", "revoked"), patient, before):

@@ -125,6 +125,9 @@ def care_plan_check(facts: PatientMonth, ruleset: RuleSet) -> tuple[str | None, 
         if p.status not in CARE_PLAN_CLOSED
         and p.intent in ("plan", "order")
         and (p.created is None or p.created <= month_end)
+        # A completed plan was in place through the month it ended, not after.
+        and not (p.status == "completed" and p.completed_on
+                 and p.completed_on < facts.month.first_day)
     ]
     if not plans:
         return m.CARE_PLAN_MISSING, None
