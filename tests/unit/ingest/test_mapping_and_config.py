@@ -11,7 +11,7 @@ from ccm_ingest.domain.mapping import MappingContext, classify_role, map_version
 from ccm_ingest.domain.model import FhirRejected, SourceVersion
 from tests.support.contracts import assert_valid_event
 from tests.unit.ingest.conftest import NOW as NOW_UTC
-from tests.unit.ingest.conftest import counts, events
+from tests.unit.ingest.conftest import counts, events, example
 from tests.unit.ingest.test_fhir_api import ccm_encounter
 
 NY = ZoneInfo("America/New_York")
@@ -306,7 +306,15 @@ async def test_overrides_stored_before_a_check_was_added_keep_applying(fhir):
     ("https://other.example/fhir/Patient/p1", (), None),  # another server's patient
     ("https://other.example/fhir/Patient/p1", ("https://ccm.example/fhir",), None),
     ("https://ccm.example/fhir/Patient/p1", ("https://ccm.example/fhir",), "Patient/p1"),
-    ("HTTPS://CCM.example/fhir/Patient/p1", ("https://ccm.example/fhir",), "Patient/p1"),
+    ("https://CCM.example/fhir/Patient/p1", ("https://ccm.example/fhir",), "Patient/p1"),
+    ("https://ccm.example/FHIR/Patient/p1", ("https://ccm.example/fhir",), None),  # paths: case
+    ("http://ccm.example:80/fhir/Patient/p1", ("http://ccm.example/fhir",), "Patient/p1"),
+    ("https://ccm.example/fhir/Patient/p1", ("http://ccm.example/fhir",), "Patient/p1"),  # TLS
+    ("https://ccm.example:8443/fhir/Patient/p1", ("https://ccm.example/fhir",), None),
+    ("https://ccm.example/fhir/x/Patient/p1", ("https://ccm.example/fhir",), None),
+    ("https://ccm.example/fhir/https://evil/fhir/Patient/p1", ("https://ccm.example/fhir",),
+     None),
+    ("https://ccm.example/fhir/Patient/p1", ("https://ccm.example/fhir/",), "Patient/p1"),
     ("https://ccm.example/fhir2/Patient/p1", ("https://ccm.example/fhir",), None),
     ("https://ccm.example/Patient/p1", ("https://ccm.example/fhir",), None),
     ("https://ccm.example/fhir/Patient/p1", ("http://in.cluster/fhir", "https://ccm.example/fhir"),
@@ -545,3 +553,27 @@ async def test_a_practitioners_qualification_classifies_time_without_a_role(fhir
     assert first["roleCodes"] == [{**NUCC_PHYSICIAN, "display": None}]
     assert second == {"practitioner": "Practitioner/someone-else", "practitionerRole": None,
                       "roleCodes": []}
+
+
+async def test_a_deletion_through_another_host_still_ends_what_the_resource_counted(fhir):
+    """Resources written with absolute references under one Host and deleted through another
+    (where those references are another server's): the deletion still voids the consent,
+    closes the care plan, reverses the time and uncounts the Condition, for Patient/p1."""
+    a = {"Host": "a.example"}
+    p1 = {"reference": "http://a.example/fhir/Patient/p1"}
+    condition = {**example("Condition/r4spec-example.json"), "id": "cd1", "subject": p1}
+    for path, body in [("Consent/cs1", {**CCM_CONSENT, "patient": p1}),
+                       ("CarePlan/cp1", {**CCM_CARE_PLAN, "subject": p1}),
+                       ("Encounter/e1", {**ccm_encounter("e1"), "subject": p1}),
+                       ("Condition/cd1", condition)]:
+        r = await fhir.put(f"/fhir/{path}", json=body, headers=a)
+        assert r.status_code == 201, r.text
+    written = len(await events(fhir))
+    for path in ("Consent/cs1", "CarePlan/cp1", "Encounter/e1", "Condition/cd1"):
+        r = await fhir.delete(f"/fhir/{path}", headers={"Host": "b.example"})
+        assert r.status_code == 204, r.text
+    ended = [(e["type"].split(".", 1)[1], e["data"]["patient"])
+             for e in (await events(fhir))[written:]]
+    assert ended == [("consent.voided.v1", "Patient/p1"), ("care-plan.closed.v1", "Patient/p1"),
+                     ("time-entry.reversed.v1", "Patient/p1"),
+                     ("condition.upserted.v1", "Patient/p1")]

@@ -36,6 +36,7 @@ class CurrentRow:
     sha256: str
     deleted: bool
     ccm_state: dict[str, Any]
+    patient: str | None = None  # the Patient id the current version is about
 
 
 @dataclass(frozen=True)
@@ -333,7 +334,7 @@ def utc(value: datetime) -> datetime:
 
 def _current(row) -> CurrentRow:  # noqa: ANN001
     return CurrentRow(row.type, row.id, row.version_id, row.last_version, utc(row.last_updated),
-                      row.sha256, row.deleted, json.loads(row.ccm_state))
+                      row.sha256, row.deleted, json.loads(row.ccm_state), row.patient)
 
 
 def _version(row) -> VersionRow:  # noqa: ANN001

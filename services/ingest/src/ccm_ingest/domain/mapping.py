@@ -61,6 +61,9 @@ class MappingContext:
     practitioners: dict[str, dict[str, Any]] = field(default_factory=dict)  # Practitioner id → JSON
     # Base URLs (``https://host/fhir``) under which an absolute reference is this server's.
     local_bases: tuple[str, ...] = ()
+    # A deletion: the patient the deleted version was stored as being about (``Patient/id``),
+    # whatever base the delete request came to (its absolute references may not read as local).
+    stored_patient: str | None = None
 
     def ref(self, value: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> str | None:
         return reference(value, types, self.local_bases)
@@ -71,15 +74,33 @@ class MappingContext:
 
 # ---- small readers ---------------------------------------------------------------------------
 
+_LOCAL_TAIL = re.compile(r"[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+
+
+def _server_and_path(url: str) -> tuple[str, str]:
+    """(host[:port] in lower case without a default port, path without a trailing slash) of an
+    absolute URL; its scheme is left out: behind a TLS proxy the same server is http inside
+    and https outside."""
+    rest = url.partition("://")[2]
+    server, slash, path = rest.partition("/")
+    server = server.lower()
+    for default in (":80", ":443"):
+        server = server.removesuffix(default)
+    return server, (slash + path).rstrip("/")
+
+
 def local_path(ref: str, local_bases: tuple[str, ...] = ()) -> str | None:
-    """``ref`` relative to this server: as it is when relative, without its base when it is an
-    absolute URL under one of ``local_bases``; None for another server's URL (FHIR: an
-    absolute reference names the resource on the server at that base)."""
+    """``ref`` relative to this server: as it is when relative; ``Type/id[/_history/v]`` when it
+    is an absolute URL of exactly that under one of ``local_bases``; None for another server's
+    URL (FHIR: an absolute reference names the resource on the server at that base)."""
     if "://" not in ref:
         return ref
+    server, path = _server_and_path(ref)
     for base in local_bases:
-        if ref[:len(base) + 1].lower() == base.lower() + "/":
-            return ref[len(base) + 1:]
+        base_server, base_path = _server_and_path(base)
+        if server == base_server and path.startswith(base_path + "/"):
+            rest = path[len(base_path) + 1:]
+            return rest if _LOCAL_TAIL.fullmatch(rest) else None
     return None
 
 
@@ -260,7 +281,7 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
 def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     """CCM time (logged / reversed) and qualifying visits (recorded / reversed): an Encounter
     may be either, both or neither; each keeps its own state."""
-    patient = ctx.ref(res.get("subject"), ("Patient",))
+    patient = ctx.ref(res.get("subject"), ("Patient",)) or ctx.stored_patient
     activity = codings(res.get("type") or [], res.get("serviceType"))
     time, visit = _ccm_time(res, ctx, patient, activity), _visit(res, ctx, patient, activity)
     return Mapping([*time.events, *visit.events], {**time.state, **visit.state},
@@ -385,7 +406,7 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     scope = codings(res.get("scope"))
     is_ccm = (any_coding_matches(ctx.config.consent_categories, categories)
               and any_coding_matches(ctx.config.consent_scopes, scope))
-    patient = ctx.ref(res.get("patient"), ("Patient",))
+    patient = ctx.ref(res.get("patient"), ("Patient",)) or ctx.stored_patient
     if not is_ccm:
         was = ctx.state.get("ccm") and not ctx.deleted and (ctx.state.get("patient") or patient)
         if not was:
@@ -447,7 +468,7 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     categories = codings(res.get("category") or [])
     is_ccm = (res.get("intent") in ctx.config.care_plan_intents
               and any_coding_matches(ctx.config.care_plan_categories, categories))
-    patient = ctx.ref(res.get("subject"), ("Patient",))
+    patient = ctx.ref(res.get("subject"), ("Patient",)) or ctx.stored_patient
     if not is_ccm or patient is None:
         if ctx.deleted:
             return Mapping(state=ctx.state)
@@ -617,7 +638,7 @@ def is_chronic(res: dict[str, Any], config: IngestConfig) -> bool:
 def map_condition(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     """A Condition of a patient, chronic or not. One whose subject stops being a Patient of
     this server no longer counts for the patient it was about (sent as not chronic for them)."""
-    patient = ctx.ref(res.get("subject"), ("Patient",))
+    patient = ctx.ref(res.get("subject"), ("Patient",)) or ctx.stored_patient
     was = ctx.state.get("patient")
     if patient is None and was is None:
         return Mapping()

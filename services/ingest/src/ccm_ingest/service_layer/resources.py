@@ -461,7 +461,8 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str, *,
                            caller.connection)
     mapping = map_version(last.resource or {}, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone, state=current.ccm_state,
-        deleted=True, local_bases=caller.local_bases))
+        deleted=True, local_bases=caller.local_bases,
+        stored_patient=f"Patient/{current.patient}" if current.patient else None))
     await repo.set_current(rtype, rid, version_id=version_id, last_version=version_id,
                            last_updated=deleted_at, sha256=DELETED_HASH, deleted=True,
                            ccm_state=mapping.state)
