@@ -704,6 +704,8 @@ async def test_time_moved_out_of_its_closed_month_and_back_is_the_filed_entry_ag
     ("2026-03-31T22:00:00-10:00", "2026-04-01"),     # 04:00 on 1 April in New York
     ("2026-03-31", "2026-03-31"), ("2026-03", "2026-03-01"), ("2026", "2026-01-01"),
     (None, None),
+    ("2026-03-15T23:59:60Z", "2026-03-15"),          # a leap second: as written
+    ("9999-12-31T23:00:00-05:00", "9999-12-31"),     # past 9999 in the zone: as written
 ])
 def test_a_care_plan_date_is_the_practice_day(text, day):
     from zoneinfo import ZoneInfo
@@ -712,6 +714,19 @@ def test_a_care_plan_date_is_the_practice_day(text, day):
 
     found = local_day(text, ZoneInfo("America/New_York"))
     assert (found.isoformat() if found else None) == day
+
+
+@pytest.mark.parametrize(("text", "tz", "day"), [
+    ("2026", "America/New_York", "2026-12-31"), ("2026-02", "America/New_York", "2026-02-28"),
+    ("2026-02-10", "America/New_York", "2026-02-10"),
+    ("2026-03-31T22:00:00-04:00", None, "2026-03-31"),  # practice unknown: as written
+])
+def test_the_end_of_a_period_is_the_last_day_it_names(text, tz, day):
+    from zoneinfo import ZoneInfo
+
+    from ccm_billing.service_layer.common import local_day
+
+    assert local_day(text, ZoneInfo(tz) if tz else None, end=True).isoformat() == day
 
 
 async def test_care_plan_created_in_the_practice_zone_and_its_last_review_kept(billing):
@@ -732,6 +747,22 @@ async def test_care_plan_created_in_the_practice_zone_and_its_last_review_kept(b
     reviewed.data["review"] = {"date": "2026-02-10"}
     await deliver(billing, reviewed, ev.care_plan("alpha", "p1", "cp-r", version=3))
     assert str((await row("cp-r")).last_review) == "2026-02-10"
+
+
+@pytest.mark.parametrize("order", [(1, 2, 3), (1, 3, 2), (3, 2, 1), (2, 3, 1)])
+async def test_the_last_review_is_the_latest_in_any_delivery_order(billing, order):
+    versions = {}
+    for v, review in ((1, "2025-01-10"), (2, "2025-06-10"), (3, None)):
+        versions[v] = ev.care_plan("alpha", "p1", "cp-o", version=v)
+        if review:
+            versions[v].data["review"] = {"date": review}
+    await deliver(billing, *(versions[v] for v in order))
+    t = orm.care_plans
+    async with billing.db.engine.connect() as conn:
+        found = (await conn.execute(select(t.c.last_review, t.c.version).where(
+            t.c.care_plan_id == "cp-o"))).one()
+    assert str(found.last_review) == "2025-06-10"
+    assert found.version.endswith("3")  # the newest version is still the one applied
 
 
 async def test_a_consents_period_is_kept_as_practice_days(billing):

@@ -386,3 +386,25 @@ async def test_the_packet_holds_the_initiating_visit_and_its_g0506(billing):
     assert billed == {"99490", "G0506"}
     pdf = await api(billing).get(path, params={"from": "2025-03", "to": "2025-03", "format": "pdf"})
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")
+
+
+def test_the_audit_record_agrees_with_billing_on_consents_set_back_and_periods():
+    """A consent granted and set back to draft (ingest: revoked, with the end of its month) is
+    in force through that month, as billing bills it; one never granted is not yet agreed; a
+    consent outside its provision.period is not in force."""
+    from datetime import date
+
+    def fact(**kw):
+        return domain.ConsentFact("c1", kw.pop("status", "active"), "permit", date(2026, 1, 5),
+                                  **kw)
+
+    march, april = Month.parse("2026-03"), Month.parse("2026-04")
+    set_back = fact(status="draft", effective_until=date(2026, 3, 31))
+    assert domain.in_force(set_back, march)[0] is True
+    assert domain.in_force(set_back, april)[0] is False
+    assert domain.in_force(fact(status="draft"), march) == (False, "draft: not yet agreed")
+    ended = fact(valid_until=date(2026, 2, 28))
+    assert domain.in_force(ended, march) == (
+        False, "its period ended on 2026-02-28 (provision.period)")
+    assert domain.in_force(fact(valid_from=date(2026, 4, 2)), march)[0] is False
+    assert domain.standing([set_back], date(2026, 4, 2)).state == "revoked"

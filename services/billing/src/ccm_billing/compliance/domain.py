@@ -29,6 +29,14 @@ class ConsentFact:
     obtained_on: date | None
     effective_until: date | None = None  # revoked: last day of the month of revocation
     method: str = "unknown"  # written | verbal | unknown
+    valid_from: date | None = None  # provision.period (None: open)
+    valid_until: date | None = None
+
+
+def _not_yet(c: ConsentFact) -> bool:
+    """Draft or proposed and never granted (one granted and set back to draft or proposed is
+    revoked: ingest gives it the end of its revocation month)."""
+    return c.status in NOT_YET and c.effective_until is None
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ def _obtained(c: ConsentFact) -> date:
 def standing(consents: list[ConsentFact], today: date, *, renewal_months: int | None = None,
              within_days: int = 30) -> Standing:
     """The patient's consent standing today: an active permit wins; else the newest other one."""
-    usable = [c for c in consents if c.status not in NOT_YET]
+    usable = [c for c in consents if not _not_yet(c)]
     active = [c for c in usable if c.status == "active" and c.provision == "permit"]
     if active:
         newest = max(active, key=_obtained)
@@ -84,7 +92,7 @@ def in_force(consent: ConsentFact, month: Month, *, renewal_months: int | None =
     """Whether the consent covered (part of) the month, and why in words an auditor reads."""
     if consent.status == "entered-in-error":
         return False, "voided (entered in error): never valid"
-    if consent.status in NOT_YET:
+    if _not_yet(consent):
         return False, f"{consent.status}: not yet agreed"
     if consent.status == "rejected" or consent.provision == "deny":
         return False, "declined"
@@ -95,7 +103,11 @@ def in_force(consent: ConsentFact, month: Month, *, renewal_months: int | None =
     until = expires_on(consent, renewal_months)
     if until is not None and until <= month.first_day:
         return False, f"expired on {until}"
-    if consent.status == "inactive":
+    if consent.valid_from is not None and consent.valid_from > month.last_day:
+        return False, f"valid from {consent.valid_from} (provision.period)"
+    if consent.valid_until is not None and consent.valid_until < month.first_day:
+        return False, f"its period ended on {consent.valid_until} (provision.period)"
+    if consent.status != "active":  # inactive, or granted and set back to draft or proposed
         if consent.effective_until is not None and consent.effective_until < month.first_day:
             return False, f"revoked; in force until {consent.effective_until}"
         end = consent.effective_until or month.last_day

@@ -92,6 +92,7 @@ async def consent_facts(session: AsyncSession, info: PracticeInfo, *, patient: s
             consent_id=row.consent_id, status=row.status, provision=row.provision,
             obtained_on=_utc(obtained).astimezone(info.tz).date() if obtained else None,
             effective_until=row.effective_until, method=method,
+            valid_from=row.valid_from, valid_until=row.valid_until,
         )
         out[row.patient].append((fact, src))
     return out

@@ -13,6 +13,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters.orm import practice_sequences
+from ccm_billing.domain.model import Month
 from ccm_billing.domain.pricing import Contract
 from ccm_shared.db import dialect_insert, schema_of
 from ccm_shared.errors import NotFound
@@ -148,16 +149,29 @@ def parse_day(text: str | None) -> date | None:
     return date.fromisoformat(text[:10])
 
 
-def local_day(text: str | None, tz: ZoneInfo) -> date | None:
-    """A FHIR date or dateTime as a day of the practice: a dateTime with a time of day is
-    the day it is in ``tz`` (``2026-04-01T02:00Z`` is 31 March in New York); a date as
-    written; a partial one (``2026-03``, ``2026``) its first day."""
+def local_day(text: str | None, tz: ZoneInfo | None, *, end: bool = False) -> date | None:
+    """A FHIR date or dateTime as a day of the practice: a dateTime with a time of day is the
+    day it is in ``tz`` (``2026-04-01T02:00Z`` is 31 March in New York); a date as written; a
+    partial one (``2026-03``, ``2026``) its first day, or with ``end`` its last (a period that
+    ends in 2026 runs to 31 December). Without ``tz`` (the practice is not known here), or for
+    a dateTime Python cannot hold (a leap second, one past 9999 in the zone), the date as
+    written."""
     if not text:
         return None
     if "T" in text:
-        return parse_instant(text).astimezone(tz).date()
-    parts = [int(p) for p in text.split("-")]
-    return date(parts[0], *(parts[1:] + [1, 1])[:2])
+        if tz is not None:
+            try:
+                return parse_instant(text).astimezone(tz).date()
+            except (ValueError, OverflowError):
+                pass
+        return date.fromisoformat(text[:10])
+    year, *rest = (int(p) for p in text.split("-"))
+    if len(rest) == 2:
+        return date(year, *rest)
+    month = rest[0] if rest else (12 if end else 1)
+    if not end:
+        return date(year, month, 1)
+    return Month(year, month).last_day
 
 
 async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  # noqa: ANN001

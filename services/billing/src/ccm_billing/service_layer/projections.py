@@ -251,7 +251,7 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
 
 async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
-    tz = await _zone_or_utc(uow, practice)
+    tz = await _zone(uow, practice)
     period = d.get("period") or {}
     changed, before = await _upsert_fact(
         uow, orm.consents, {"practice": practice, "consent_id": ref_id(d["consent"])},
@@ -264,7 +264,7 @@ async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noq
             "effective_until": parse_day(d.get("effectiveUntil")),
             "practitioner": d["practitioners"][0] if d["practitioners"] else None,
             "valid_from": local_day(period.get("start"), tz),
-            "valid_until": local_day(period.get("end"), tz),
+            "valid_until": local_day(period.get("end"), tz, end=True),
         },
     )
     if who := _corrected(changed, d["status"] in ("entered-in-error", *REVOKED), patient, before):
@@ -272,25 +272,25 @@ async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noq
             uow, practice, who, f"Consent/{ref_id(d['consent'])} {d['status']}", now)
 
 
-async def _zone_or_utc(uow: UnitOfWork, practice: str):  # noqa: ANN202
-    """The practice's time zone (UTC for a practice not registered here)."""
+async def _zone(uow: UnitOfWork, practice: str):  # noqa: ANN202
+    """The practice's time zone; None for a practice not registered here (dates as written)."""
     try:
         return await practice_zone(uow.session, practice)
     except NotFound:
-        return UTC
+        return None
 
 
 async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
     keys = {"practice": practice, "care_plan_id": ref_id(d["carePlan"])}
-    review = parse_day((d.get("review") or {}).get("date"))
-    if review is None:
-        # A revision without review evidence (a goal edited) keeps the last review: it
-        # happened all the same, and the annual-review clock runs from it.
-        t = orm.care_plans
-        review = (await uow.session.execute(select(t.c.last_review).where(
-            t.c.practice == practice, t.c.care_plan_id == keys["care_plan_id"]))).scalar()
-    tz = await _zone_or_utc(uow, practice)
+    # The last review is the latest one any version recorded, in any delivery order: a
+    # revision without review evidence (a goal edited) keeps it, it happened all the same.
+    t = orm.care_plans
+    key = (t.c.practice == practice, t.c.care_plan_id == keys["care_plan_id"])
+    incoming = parse_day((d.get("review") or {}).get("date"))
+    stored = (await uow.session.execute(select(t.c.last_review).where(*key))).scalar()
+    review = max((day for day in (incoming, stored) if day), default=None)
+    tz = await _zone(uow, practice)
     changed, before = await _upsert_fact(
         uow, orm.care_plans, keys,
         {
@@ -303,11 +303,14 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
             or local_day((d.get("period") or {}).get("start"), tz),
             "last_review": review,
             # Completed: its period's end, else the day of the version that completed it.
-            "completed_on": (local_day((d.get("period") or {}).get("end"), tz)
-                             or parse_instant(d["source"]["lastUpdated"]).astimezone(tz).date()
+            "completed_on": (local_day((d.get("period") or {}).get("end"), tz, end=True)
+                             or local_day(d["source"]["lastUpdated"], tz)
                              ) if d["status"] == "completed" else None,
         },
     )
+    if not changed and incoming is not None and incoming == review:
+        # An older version arriving late still records a review that happened.
+        await uow.session.execute(update(t).where(*key).values(last_review=incoming))
     if who := _corrected(changed, d["status"] in ("entered-in-error", "revoked"), patient, before):
         await corrections.recompute_patient_months(
             uow, practice, who, f"CarePlan/{ref_id(d['carePlan'])} {d['status']}", now)

@@ -111,7 +111,11 @@ def _first_dated_episode(facts: PatientMonth, consent: Consent | None) -> bool:
     An undated consent anchors no initiation (its visit would move with the month)."""
     if consent is None or consent.obtained_at is None:
         return False
-    return not any(c.provision == "permit" and c.status in ("active", "inactive")
+    # An earlier consent that was granted: active, revoked, or set back to draft/proposed
+    # after it was granted (ingest gave it the end of its revocation month).
+    return not any(c.provision == "permit"
+                   and (c.status in ("active", "inactive")
+                        or (c.status in REVOKED and c.effective_until is not None))
                    and c.obtained_at is not None and c.obtained_at < consent.obtained_at
                    for c in facts.consents)
 
