@@ -577,3 +577,12 @@ async def test_a_deletion_through_another_host_still_ends_what_the_resource_coun
     assert ended == [("consent.voided.v1", "Patient/p1"), ("care-plan.closed.v1", "Patient/p1"),
                      ("time-entry.reversed.v1", "Patient/p1"),
                      ("condition.upserted.v1", "Patient/p1")]
+
+
+async def test_a_ccm_care_plan_for_another_servers_patient_is_refused(fhir):
+    other = {**CCM_CARE_PLAN, "subject": {"reference": "https://other.example/fhir/Patient/p1"}}
+    r = await fhir.put("/fhir/CarePlan/cp1", json=other)
+    assert r.status_code == 422 and "another server's patient" in r.text
+    assert r.json()["issue"][0]["expression"] == ["CarePlan.subject"]
+    r = await fhir.put("/fhir/CarePlan/cp1", json={**other, "category": OTHER_CATEGORY})
+    assert r.status_code == 201  # not CCM: stored, about nobody here

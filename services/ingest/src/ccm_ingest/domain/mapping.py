@@ -119,6 +119,13 @@ def reference(value: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES,
     return f"{match.group(1)}/{match.group(2)}"
 
 
+def _foreign_patient(value: Any, ctx: MappingContext) -> bool:
+    """A reference to a Patient on another server (an absolute URL under no local base)."""
+    ref = value.get("reference") if isinstance(value, dict) else None
+    return (isinstance(ref, str) and "://" in ref and "/Patient/" in ref
+            and local_path(ref, ctx.local_bases) is None)
+
+
 def references(values: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES,
                local_bases: tuple[str, ...] = ()) -> list[str]:
     return [r for v in values or [] if (r := reference(v, types, local_bases)) is not None]
@@ -469,6 +476,11 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     is_ccm = (res.get("intent") in ctx.config.care_plan_intents
               and any_coding_matches(ctx.config.care_plan_categories, categories))
     patient = ctx.ref(res.get("subject"), ("Patient",)) or ctx.stored_patient
+    if is_ccm and patient is None and not ctx.deleted and _foreign_patient(res.get("subject"),
+                                                                           ctx):
+        raise rejected(422, "value", "a CCM care plan needs CarePlan.subject to reference a "
+                       "Patient of this server (another server's patient is not this "
+                       "practice's)", "CarePlan.subject")
     if not is_ccm or patient is None:
         if ctx.deleted:
             return Mapping(state=ctx.state)
