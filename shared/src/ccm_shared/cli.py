@@ -632,6 +632,45 @@ def generated_contracts() -> dict[str, dict]:
     return docs
 
 
+@app.command("events")
+def events(
+    topics: Annotated[list[str], typer.Argument(
+        help="Topics, e.g. ingest.time-entry.logged.v1 (all of them: contracts/asyncapi.json)")],
+    last: Annotated[int, typer.Option(min=1, help="Messages per partition, from the newest")] = 20,
+    practice: Annotated[str | None, typer.Option(help="Only this practice's events")] = None,
+) -> None:
+    """Print the newest events of Kafka topics as a subscriber reads them, one JSON object per
+    line: topic, partition, offset, key and the CloudEvent (no consumer group: nothing is
+    committed, no subscriber is disturbed). Needs CCM_KAFKA_BOOTSTRAP_SERVERS."""
+    import json
+
+    from ccm_shared.transport import KafkaTransport
+
+    settings = _settings(require_db=False)
+    if not settings.kafka_bootstrap_servers:
+        _fail("CCM_KAFKA_BOOTSTRAP_SERVERS is not set (`source .ccm-local/env` after "
+              "deploy/local/up.sh, or the broker `ccm up` printed)")
+    transport = KafkaTransport(
+        settings.kafka_bootstrap_servers, client_id=settings.kafka_client_id_prefix,
+        security_protocol=settings.kafka_security_protocol,
+        sasl_mechanism=settings.kafka_sasl_mechanism, sasl_username=settings.kafka_sasl_username,
+        sasl_password=settings.kafka_sasl_password, ssl_cafile=settings.kafka_ssl_cafile)
+    found = asyncio.run(transport.newest(topics, last))
+    shown = 0
+    for m in found:
+        tenant = (m.header("ce_tenant") or b"").decode()
+        if practice is not None and tenant != practice:
+            continue
+        try:
+            value = json.loads(m.value)
+        except ValueError:
+            value = m.value.decode("utf-8", "replace")
+        typer.echo(json.dumps({"topic": m.topic, "partition": m.partition, "offset": m.offset,
+                               "key": m.key.decode() if m.key else None, "event": value}))
+        shown += 1
+    typer.secho(f"{shown} event(s) from {len(topics)} topic(s)", err=True)
+
+
 @app.command("config")
 def show_config() -> None:
     """Check the configuration and print it (secrets masked)."""

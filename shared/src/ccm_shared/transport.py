@@ -237,6 +237,57 @@ class KafkaTransport:
     def source(self, topics: Sequence[str], group_id: str) -> KafkaSource:
         return KafkaSource(self, topics, group_id)
 
+    async def newest(self, topics: Sequence[str], per_partition: int,
+                     timeout: float = 10.0) -> list[Message]:
+        """The last ``per_partition`` messages of each partition of ``topics``, oldest first
+        per partition: read without a consumer group (nothing committed, no subscriber
+        disturbed). Unknown topics give nothing."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(**self.connection_options(),
+                                    client_id=f"{self.client_id}-newest")
+        await admin.start()
+        try:
+            described = await admin.describe_topics(list(topics))
+        finally:
+            await admin.close()
+        partitions = [TopicPartition(d["topic"], p["partition"]) for d in described
+                      if d.get("error_code") == 0
+                      for p in sorted(d["partitions"], key=lambda p: p["partition"])]
+        if not partitions:
+            return []
+        consumer = AIOKafkaConsumer(**self.connection_options(), group_id=None,
+                                    enable_auto_commit=False,
+                                    client_id=f"{self.client_id}-newest",
+                                    request_timeout_ms=self.request_timeout_ms)
+        await consumer.start()
+        try:
+            consumer.assign(partitions)
+            ends = await consumer.end_offsets(partitions)
+            starts = await consumer.beginning_offsets(partitions)
+            wanted = {}
+            for tp in partitions:
+                first = max(starts[tp], ends[tp] - per_partition)
+                if first < ends[tp]:
+                    consumer.seek(tp, first)
+                    wanted[tp] = ends[tp]
+            found: list[Message] = []
+            deadline = asyncio.get_running_loop().time() + timeout
+            while wanted and asyncio.get_running_loop().time() < deadline:
+                batches = await consumer.getmany(*wanted, timeout_ms=500)
+                for tp, records in batches.items():
+                    for r in records:
+                        if r.offset < wanted.get(tp, -1):
+                            found.append(Message(tp.topic, r.value, r.key,
+                                                 tuple(r.headers or ()), tp.partition,
+                                                 r.offset))
+                    if records and records[-1].offset + 1 >= wanted.get(tp, 0):
+                        wanted.pop(tp, None)
+            return found
+        finally:
+            await consumer.stop()
+
 
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 _UNKNOWN_TOPIC = 3  # UNKNOWN_TOPIC_OR_PARTITION

@@ -1,0 +1,42 @@
+"""`ccm events`: the newest events of topics on real Apache Kafka, read without a consumer group
+(the README's way to see what ingest sent when no Kafka CLI is installed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ccm_shared.events import Message
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_newest_gives_the_last_messages_of_each_partition_and_commits_nothing(
+        infra, kafka, topic):
+    await kafka.ensure_topics([topic])
+    sent = [Message(topic, json.dumps({"n": n}).encode(), f"key-{n % 2}".encode(),
+                    (("ce_tenant", b"alpha" if n % 2 else b"beta"),)) for n in range(10)]
+    await kafka.send_batch(sent)
+    found = await kafka.newest([topic, f"{topic}.unknown"], 2)
+    by_partition: dict[int, list[int]] = {}
+    for m in found:
+        by_partition.setdefault(m.partition, []).append(json.loads(m.value)["n"])
+    # Two keys: at most two partitions, each its own last two messages, oldest first.
+    expected: dict[int, list[int]] = {}
+    for n in range(10):
+        part = next(m.partition for m in found if json.loads(m.value)["n"] % 2 == n % 2)
+        expected.setdefault(part, []).append(n)
+    assert by_partition == {p: ns[-2:] for p, ns in expected.items()}
+    assert await kafka.newest([topic], 2) == found  # read again: nothing was consumed
+
+    env = {**os.environ, "CCM_KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap_servers}
+    env.pop("CCM_DATABASE_URL", None)
+    out = subprocess.run([sys.executable, "-m", "ccm_shared.cli", "events", topic, "--last",
+                          "5", "--practice", "alpha"], capture_output=True, text=True,
+                         env=env, timeout=120, check=True)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["event"]["n"] for line in lines] == [1, 3, 5, 7, 9]
+    assert {line["key"] for line in lines} == {"key-1"}
+    assert "5 event(s)" in out.stderr
