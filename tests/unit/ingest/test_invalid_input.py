@@ -107,6 +107,12 @@ CASES = [
                                   'xmlns="http://www.w3.org/1999/xhtml">&x;</div>'),
         ("no content", '<div xmlns="http://www.w3.org/1999/xhtml"> <p/> </div>'),
     ]],
+    ("a modifier extension in a contained resource", "POST", "/fhir/Patient",
+     {"resourceType": "Patient", "contained": [{
+         "resourceType": "Organization", "id": "o1", "name": "x", "modifierExtension": [
+             {"url": "http://example.org/x", "valueBoolean": True}]}],
+      "managingOrganization": {"reference": "#o1"}}, {}, 422, "not-supported",
+     "Patient.contained[0].modifierExtension"),
     ("implicitRules not understood", "POST", "/fhir/Patient",
      {"resourceType": "Patient", "implicitRules": "http://example.org/rules"}, {}, 422,
      "not-supported", "Patient.implicitRules"),

@@ -118,7 +118,9 @@ def _contained(resource: dict[str, Any], rtype: str,
         if isinstance(meta, dict) and ("versionId" in meta or "lastUpdated" in meta):
             issues.append(_err("invariant", "dom-4: a contained resource SHALL NOT have "
                                "meta.versionId or meta.lastUpdated", f"{at}.meta"))
-        refs += [(w, r) for w, r in _walk_references(item, at) if r.startswith("#")]
+        modifiers: list[str] = []
+        refs += [(w, r) for w, r in _walk_references(item, at, modifiers) if r.startswith("#")]
+        issues += _not_understood(modifiers, item, at)
     issues += [_no_contained(where, ref) for where, ref in refs
                if ref != "#" and ref[1:] not in ids]
     # dom-3 counts any element whose value is "#id" (references, canonicals, uris).
@@ -408,17 +410,22 @@ def _references(resource: dict[str, Any], rtype: str,
                                "Type?search)", where))
         elif ref[:1] == "#" and ref != "#" and not contains:
             issues.append(_no_contained(where, ref))
-    # FHIR: a modifier extension (or implicitRules) may change what the data means ("not
-    # performed"); a system that does not know it SHALL NOT process the data as if it were
-    # absent. None is known here, so none is taken: counted, it could bill care never given.
-    issues += [_err("not-supported", f"{where} is not understood here and may change what "
-                    f"this {rtype} means, so it cannot be taken (FHIR: modifier extensions "
-                    "must not be ignored)", where) for where in modifiers]
-    if "implicitRules" in resource:
-        issues.append(_err("not-supported", f"{rtype}.implicitRules is not understood here and "
-                           "may change what the resource means, so it cannot be taken",
-                           f"{rtype}.implicitRules"))
+    issues += _not_understood(modifiers, resource, rtype)
     return issues, local
+
+
+def _not_understood(modifiers: list[str], resource: dict[str, Any], at: str) -> list[Issue]:
+    """FHIR: a modifier extension (or implicitRules) may change what the data means ("not
+    performed"); a system that does not know it SHALL NOT process the data as if it were
+    absent. None is known here, so none is taken: counted, it could bill care never given."""
+    issues = [_err("not-supported", f"{where} is not understood here and may change what "
+                   "this resource means, so it cannot be taken (FHIR: modifier extensions "
+                   "must not be ignored)", where) for where in modifiers]
+    if "implicitRules" in resource:
+        issues.append(_err("not-supported", f"{at}.implicitRules is not understood here and "
+                           "may change what the resource means, so it cannot be taken",
+                           f"{at}.implicitRules"))
+    return issues
 
 
 def _no_contained(where: str, ref: str) -> Issue:
