@@ -90,6 +90,7 @@ def test_revoked_consent_is_effective_until_the_end_of_the_practice_month():
     ({"ccm_time_codes": ["urn:a|*"]}, "may only end"),
     ({"length_tolerance_seconds": 99999999999999999999}, "0 to 86400"),
     ({"length_tolerance_seconds": -1}, "0 to 86400"),
+    ({"facility_classes": ["INPATIENT"]}, "no Encounter.class"),
     ({"non_clinical_roles": ["http://terminology.hl7.org/CodeSystem/practitioner-role|nurse"]},
      "in both clinical_staff_roles and non_clinical_roles"),
 ])
@@ -586,3 +587,14 @@ async def test_a_ccm_care_plan_for_another_servers_patient_is_refused(fhir):
     assert r.json()["issue"][0]["expression"] == ["CarePlan.subject"]
     r = await fhir.put("/fhir/CarePlan/cp1", json={**other, "category": OTHER_CATEGORY})
     assert r.status_code == 201  # not CCM: stored, about nobody here
+
+
+
+def test_facility_classes_are_a_practice_setting():
+    """By default an emergency-class Encounter logs no CCM time; a practice that records its
+    CCM calls with another class list decides for itself."""
+    er = {**ccm_encounter(), "class": {**ccm_encounter()["class"], "code": "EMER"}}
+    assert map_version(er, ctx("Encounter")).events == []
+    own = DEFAULT_CONFIG.merged({"facility_classes": ["IMP", "ACUTE"]})
+    (event,) = map_version(er, ctx("Encounter", config=own)).events
+    assert event.type == "ingest.time-entry.logged.v1"

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from typing import Any
 
+from ccm_ingest.domain.rules import ENCOUNTER_CLASSES
+
 CPT = "http://www.ama-assn.org/go/cpt"
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
 LOINC = "http://loinc.org"
@@ -68,6 +70,10 @@ class IngestConfig:
     chronic_categories: tuple[str, ...] = (f"{CONDITION_CATEGORY}|problem-list-item",)
     chronic_codes: tuple[str, ...] = ()  # empty: every code counts
     length_tolerance_seconds: int = 60
+    # Encounter.class codes (v3 ActCode) of facility stays: CCM time is not billed for them
+    # (ccm-billing-rules.md: not while the patient is an inpatient; configurable).
+    facility_classes: tuple[str, ...] = ("IMP", "ACUTE", "NONAC", "EMER", "OBSENC", "PRENC",
+                                         "SS")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -96,6 +102,11 @@ class IngestConfig:
                 if strict and (unknown := [v for v in value if v not in CARE_PLAN_INTENTS]):
                     raise ConfigInvalid(f"{key}: {unknown[0]!r} is no CarePlan intent; R4's are "
                                         f"{', '.join(CARE_PLAN_INTENTS)}")
+            elif key == "facility_classes":
+                if unknown := [v for v in value if v not in ENCOUNTER_CLASSES]:
+                    raise ConfigInvalid(f"{key}: {unknown[0]!r} is no Encounter.class "
+                                        "(ActEncounterCode); R4's are "
+                                        f"{', '.join(sorted(ENCOUNTER_CLASSES))}")
             else:
                 for v in value:
                     system, bar, code = v.partition("|")

@@ -41,7 +41,6 @@ EVENT_TYPES = (
 )
 NPI = "http://hl7.org/fhir/sid/us-npi"
 MBI = "http://hl7.org/fhir/sid/us-mbi"
-INPATIENT_CLASSES = frozenset({"IMP", "ACUTE", "NONAC", "EMER", "OBSENC", "PRENC", "SS"})
 UCUM_SECONDS = {"s": 1, "min": 60, "h": 3600}
 EVENT_REFERENCE_TYPES = ("Patient", "Practitioner", "PractitionerRole", "Organization",
                          "Condition", "CarePlan", "Consent", "Encounter", "CareTeam")
@@ -356,7 +355,7 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
     cls = res.get("class") if isinstance(res.get("class"), dict) else {}
     timed = [c for c in activity if code_matches(ctx.config.ccm_time_codes, c["system"], c["code"])]
     status = res.get("status")
-    if not timed or cls.get("code") in INPATIENT_CLASSES:
+    if not timed or cls.get("code") in ctx.config.facility_classes:
         return reversal("not-ccm")
     if status in ("entered-in-error", "cancelled"):
         return reversal(status)
