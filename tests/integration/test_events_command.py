@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from ccm_shared.events import Message
 
@@ -19,7 +20,14 @@ async def test_newest_gives_the_last_messages_of_each_partition_and_commits_noth
     sent = [Message(topic, json.dumps({"n": n}).encode(), f"key-{n % 2}".encode(),
                     (("ce_tenant", b"alpha" if n % 2 else b"beta"),)) for n in range(10)]
     await kafka.send_batch(sent)
-    found = await kafka.newest([topic, f"{topic}.unknown"], 2)
+    unknown = f"{topic}.unknown"
+    found = await kafka.newest([topic, unknown], 2)
+    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        assert unknown not in await admin.list_topics()  # read, never created
+    finally:
+        await admin.close()
     by_partition: dict[int, list[int]] = {}
     for m in found:
         by_partition.setdefault(m.partition, []).append(json.loads(m.value)["n"])

@@ -662,7 +662,7 @@ def events(
         if practice is not None and tenant != practice:
             continue
         try:
-            value = json.loads(m.value)
+            value = json.loads(m.value) if m.value is not None else None  # None: a tombstone
         except ValueError:
             value = m.value.decode("utf-8", "replace")
         typer.echo(json.dumps({"topic": m.topic, "partition": m.partition, "offset": m.offset,

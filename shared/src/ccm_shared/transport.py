@@ -239,9 +239,10 @@ class KafkaTransport:
 
     async def newest(self, topics: Sequence[str], per_partition: int,
                      timeout: float = 10.0) -> list[Message]:
-        """The last ``per_partition`` messages of each partition of ``topics``, oldest first
-        per partition: read without a consumer group (nothing committed, no subscriber
-        disturbed). Unknown topics give nothing."""
+        """The last ``per_partition`` messages of each partition of ``topics``, in (topic,
+        partition, offset) order: read without a consumer group (nothing committed, no
+        subscriber disturbed). Unknown topics give nothing and are not created (a metadata
+        request for them would create them on a broker that auto-creates topics)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
         from aiokafka.admin import AIOKafkaAdminClient
 
@@ -249,7 +250,9 @@ class KafkaTransport:
                                     client_id=f"{self.client_id}-newest")
         await admin.start()
         try:
-            described = await admin.describe_topics(list(topics))
+            existing = set(await admin.list_topics())
+            known = [t for t in topics if t in existing]
+            described = await admin.describe_topics(known) if known else []
         finally:
             await admin.close()
         partitions = [TopicPartition(d["topic"], p["partition"]) for d in described
@@ -284,7 +287,7 @@ class KafkaTransport:
                                                  r.offset))
                     if records and records[-1].offset + 1 >= wanted.get(tp, 0):
                         wanted.pop(tp, None)
-            return found
+            return sorted(found, key=lambda m: (m.topic, m.partition, m.offset))
         finally:
             await consumer.stop()
 
