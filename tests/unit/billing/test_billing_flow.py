@@ -749,10 +749,11 @@ async def test_care_plan_created_in_the_practice_zone_and_its_last_review_kept(b
     assert str((await row("cp-r")).last_review) == "2026-02-10"
 
 
-@pytest.mark.parametrize("order", [(1, 2, 3), (1, 3, 2), (3, 2, 1), (2, 3, 1)])
-async def test_the_last_review_is_the_latest_in_any_delivery_order(billing, order):
+@pytest.mark.parametrize("order", [(1, 2, 3, 4), (1, 3, 2, 4), (4, 3, 2, 1), (2, 4, 3, 1)])
+async def test_the_last_review_is_the_newest_versions_in_any_delivery_order(billing, order):
+    """Version 4 corrects version 3's review date downwards; version 2 carries none."""
     versions = {}
-    for v, review in ((1, "2025-01-10"), (2, "2025-06-10"), (3, None)):
+    for v, review in ((1, "2025-01-10"), (2, None), (3, "2025-09-10"), (4, "2025-06-10")):
         versions[v] = ev.care_plan("alpha", "p1", "cp-o", version=v)
         if review:
             versions[v].data["review"] = {"date": review}
@@ -762,7 +763,7 @@ async def test_the_last_review_is_the_latest_in_any_delivery_order(billing, orde
         found = (await conn.execute(select(t.c.last_review, t.c.version).where(
             t.c.care_plan_id == "cp-o"))).one()
     assert str(found.last_review) == "2025-06-10"
-    assert found.version.endswith("3")  # the newest version is still the one applied
+    assert found.version.endswith("4")  # the newest version is still the one applied
 
 
 async def test_a_consents_period_is_kept_as_practice_days(billing):
@@ -785,12 +786,42 @@ async def test_a_completed_care_plan_keeps_the_day_it_ended(billing):
             return (await conn.execute(select(t.c.completed_on).where(
                 t.c.care_plan_id == cid))).scalar()
 
-    ended = ev.care_plan("alpha", "p1", "cp-e", status="completed", version=2)
-    ended.data["period"] = {"start": "2025-01-01", "end": "2025-06-30"}
-    await deliver(billing, ended)
+    def completing(cid: str, version: int, updated: str, end: str | None = None):
+        e = ev.care_plan("alpha", "p1", cid, status="completed", version=version)
+        e.data["source"]["lastUpdated"] = updated
+        e.data["period"] = {"start": "2025-01-01", "end": end}
+        return e
+
+    # Its period's end when earlier than the version that completed it ...
+    await deliver(billing, completing("cp-e", 2, "2025-07-02T15:00:00Z", "2025-06-30"))
     assert str(await completed_on("cp-e")) == "2025-06-30"
-    await deliver(billing, ev.care_plan("alpha", "p1", "cp-f", status="completed", version=2))
-    day = await completed_on("cp-f")  # the day of the version that completed it (New York)
-    assert day is not None
-    await deliver(billing, ev.care_plan("alpha", "p1", "cp-f", status="active", version=3))
-    assert await completed_on("cp-f") is None
+    # ... not a planned end left in the future: the day it was completed (New York).
+    await deliver(billing, completing("cp-g", 2, "2025-03-10T15:00:00Z", "2025-12-31"))
+    assert str(await completed_on("cp-g")) == "2025-03-10"
+    # A later edit of the completed plan does not move it.
+    await deliver(billing, completing("cp-g", 3, "2025-07-20T15:00:00Z", "2025-12-31"))
+    assert str(await completed_on("cp-g")) == "2025-03-10"
+    # Active again: no end.
+    again = ev.care_plan("alpha", "p1", "cp-g", status="active", version=4)
+    again.data["source"]["lastUpdated"] = "2025-08-01T15:00:00Z"
+    await deliver(billing, again)
+    assert await completed_on("cp-g") is None
+
+
+async def test_a_practitioners_kind_from_ingest_classifies_time_without_a_role(billing):
+    """Time performed by a Practitioner (no PractitionerRole): the kind ingest gave it by the
+    practice's lists wins over billing's default code sets (here: a local qualification code
+    the defaults do not know)."""
+    logged = ev.time_logged("alpha", "p1", "e1", 1900, "2025-03-03T10:00:00-05:00",
+                            practitioner="Practitioner/doc-q", role=None,
+                            role_codes=[{"system": "urn:local", "code": "MD"}])
+    await deliver(billing, *ev.enrolled_patient("alpha", "p1"), logged)
+    before = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    assert "staff-role-unknown" in before["patients"][0]["blockers"]
+    logged = ev.time_logged("alpha", "p1", "e1", 1900, "2025-03-03T10:00:00-05:00",
+                            practitioner="Practitioner/doc-q", role=None, version=2,
+                            role_codes=[{"system": "urn:local", "code": "MD"}])
+    logged.data["performers"][0]["classification"] = "billing-practitioner"
+    await deliver(billing, logged)
+    after = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    assert after["patients"][0]["codes"] == {"99491": 1}

@@ -237,6 +237,7 @@ def test_consents_gain_their_period_and_lose_it_on_downgrade(tmp_path):
         else:
             upgrade(url, "billing", PACKAGE)
         present = (set(columns(url, "consents")) & {"valid_from", "valid_until"},
-                   set(columns(url, "care_plans")) & {"completed_on"})
-        assert present == (({"valid_from", "valid_until"}, {"completed_on"}) if step == "up"
-                           else (set(), set()))
+                   set(columns(url, "care_plans")) & {"completed_on", "review_version"},
+                   set(columns(url, "time_entries")) & {"performer_class"})
+        assert present == (({"valid_from", "valid_until"}, {"completed_on", "review_version"},
+                            {"performer_class"}) if step == "up" else (set(), set(), set()))

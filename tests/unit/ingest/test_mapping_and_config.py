@@ -552,8 +552,29 @@ async def test_a_practitioners_qualification_classifies_time_without_a_role(fhir
     # The primary performer (PPRF) first: billing takes the first performer's role.
     assert first["practitioner"] == "Practitioner/d1"
     assert first["roleCodes"] == [{**NUCC_PHYSICIAN, "display": None}]
+    assert first["classification"] == "billing-practitioner"
     assert second == {"practitioner": "Practitioner/someone-else", "practitionerRole": None,
-                      "roleCodes": []}
+                      "roleCodes": [], "classification": "unknown"}
+    assert_valid_event(logged)
+
+
+def test_a_performers_kind_follows_the_practices_role_lists():
+    """The classification sent with each performer uses the practice's lists, which billing
+    cannot know (a medical assistant moved to non_clinical_roles, a local RN code)."""
+    own = DEFAULT_CONFIG.merged({
+        "clinical_staff_roles": ["urn:local|RN"],
+        "non_clinical_roles": ["http://nucc.org/provider-taxonomy|3747*"]})
+    ma = {"resourceType": "Practitioner", "qualification": [{"code": {"coding": [
+        {"system": "http://nucc.org/provider-taxonomy", "code": "3747A0650X"}]}}]}
+    rn = {"resourceType": "Practitioner", "qualification": [{"code": {"coding": [
+        {"system": "urn:local", "code": "RN"}]}}]}
+    enc = {**ccm_encounter(), "participant": [{"individual": {"reference": "Practitioner/ma"}},
+                                              {"individual": {"reference": "Practitioner/rn"}}]}
+    context = dataclasses.replace(ctx("Encounter", config=own),
+                                  practitioners={"ma": ma, "rn": rn})
+    (event,) = map_version(enc, context).events
+    assert [p["classification"] for p in event.data["performers"]] == ["non-clinical",
+                                                                        "clinical-staff"]
 
 
 async def test_a_deletion_through_another_host_still_ends_what_the_resource_counted(fhir):

@@ -60,6 +60,8 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("practitioner", String(80), nullable=True),
         Column("practitioner_role", String(80), nullable=True),
         Column("role_codes", Text, nullable=False, default="[]"),
+        # The performer's kind by the practice's ingest config (billing_0017; None: older)
+        Column("performer_class", String(30), nullable=True),
         Column("warnings", Text, nullable=False, default="[]"),
         Column("late", Boolean, nullable=False, default=False),  # logged after its month closed
         Index("ix_time_entries_month", "practice", "month"),
@@ -87,6 +89,7 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("created", Date, nullable=True),
         Column("last_review", Date, nullable=True),
         Column("completed_on", Date, nullable=True),  # status completed: when (billing_0017)
+        Column("review_version", String(80), nullable=True),  # the version last_review is of
     )
     t["conditions"] = _projection(
         metadata, "conditions", "condition_id",

@@ -2,9 +2,12 @@
 sends it in every consent event), as days of the practice. A consent counts only for months its
 period reaches; before, a consent whose period had ended went on billing. Consents stored
 before this have neither (no period known: as before) until their next event.
-``care_plans.completed_on``: the day a completed care plan ended (its ``period.end``, else the
-day of the version that completed it); it counts through that month, not after (before, a
-completed plan counted for every later month).
+``care_plans.completed_on``: the day a completed care plan ended (the version that completed it,
+or its ``period.end`` when earlier); it counts through that month, not after (before, a
+completed plan counted for every later month). ``care_plans.review_version``: the version whose
+review evidence ``last_review`` is, so a late older version cannot replace a newer review.
+``time_entries.performer_class``: the performer's kind by the practice's ingest config (a
+Practitioner's qualifications classify time that names no PractitionerRole).
 
 Revision ID: billing_0017
 Revises: billing_0016
@@ -21,8 +24,10 @@ down_revision = "billing_0016"
 branch_labels = None
 depends_on = None
 
-COLUMNS = (("consents", "valid_from"), ("consents", "valid_until"),
-           ("care_plans", "completed_on"))
+COLUMNS = (("consents", "valid_from", sa.Date()), ("consents", "valid_until", sa.Date()),
+           ("care_plans", "completed_on", sa.Date()),
+           ("care_plans", "review_version", sa.String(80)),
+           ("time_entries", "performer_class", sa.String(30)))
 
 
 # billing_0002 creates the tables from today's model, which has the columns: added (or dropped)
@@ -30,13 +35,13 @@ COLUMNS = (("consents", "valid_from"), ("consents", "valid_until"),
 
 
 def upgrade() -> None:
-    for table, name in COLUMNS:
+    for table, name, kind in COLUMNS:
         if name not in column_names(table):
-            op.add_column(table, sa.Column(name, sa.Date(), nullable=True),
+            op.add_column(table, sa.Column(name, kind, nullable=True),
                           schema=migration_schema())
 
 
 def downgrade() -> None:
-    for table, name in COLUMNS:
+    for table, name, _ in COLUMNS:
         if name in column_names(table):
             op.drop_column(table, name, schema=migration_schema())

@@ -57,15 +57,19 @@ def visit_of(row, practitioner_of: dict, roles_of: dict) -> Visit:  # noqa: ANN0
 
 
 def resolve_role(practitioner_role: str | None, practitioner: str | None, role_codes: str | None,
-                 by_role: dict, by_practitioner: dict, code_sets: dict) -> str:
+                 by_role: dict, by_practitioner: dict, code_sets: dict,
+                 performer_class: str | None = None) -> str:
     """The performer's role: its PractitionerRole's classification, else the practitioner's
-    roles (the most senior), else the role codes carried on the entry."""
+    roles (the most senior), else the kind ingest gave the performer by the practice's config
+    (a Practitioner's qualifications), else the role codes carried on the entry."""
     if practitioner_role and practitioner_role in by_role:
         return CLASSIFICATION_TO_ROLE[by_role[practitioner_role]]
     found = by_practitioner.get(practitioner or "")
     if found:
         best = next(c for c in CLASSIFICATION_PRIORITY if c in found)
         return CLASSIFICATION_TO_ROLE[best]
+    if performer_class in CLASSIFICATION_TO_ROLE and performer_class != "unknown":
+        return CLASSIFICATION_TO_ROLE[performer_class]
     return classify_codes(json.loads(role_codes or "[]"), code_sets)
 
 
@@ -127,18 +131,19 @@ async def load_facts(
     entries: dict[str, list[TimeEntry]] = defaultdict(list)
     roles: dict[tuple, str] = {}
     columns = (t.c.patient, t.c.entry_id, t.c.seconds, t.c.start, t.c.status, t.c.complex,
-               t.c.practitioner, t.c.late, t.c.warnings, t.c.practitioner_role, t.c.role_codes)
+               t.c.practitioner, t.c.late, t.c.warnings, t.c.practitioner_role, t.c.role_codes,
+               t.c.performer_class)
     result = await session.execute(select(*columns).where(*scoped(t), t.c.month == m))
     # Plain tuples: this loop runs once per time entry of the month (600k at a large close).
     for (pat, entry_id, seconds, start, status, complex_, practitioner, late, warnings,
-         practitioner_role, role_codes) in result:
+         practitioner_role, role_codes, performer_class) in result:
         if pat is None or start is None:
             continue
-        key = (practitioner_role, practitioner, role_codes)
+        key = (practitioner_role, practitioner, role_codes, performer_class)
         role = roles.get(key)
         if role is None:
             role = roles[key] = resolve_role(practitioner_role, practitioner, role_codes,
-                                             by_role, by_practitioner, code_sets)
+                                             by_role, by_practitioner, code_sets, performer_class)
         entries[pat].append(
             TimeEntry(entry_id, seconds, start, role, status, complex_, practitioner, late,
                       tuple(json.loads(warnings)) if warnings not in (None, "[]") else ())

@@ -184,6 +184,7 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
         "practitioner": performer.get("practitioner"),
         "practitioner_role": performer.get("practitionerRole"),
         "role_codes": json.dumps(performer.get("roleCodes") or []),
+        "performer_class": performer.get("classification"),
         "warnings": json.dumps(d.get("warnings") or []),
     }
     changed = await _upsert(
@@ -283,14 +284,30 @@ async def _zone(uow: UnitOfWork, practice: str):  # noqa: ANN202
 async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
     patient = ref_id(d["patient"])
     keys = {"practice": practice, "care_plan_id": ref_id(d["carePlan"])}
-    # The last review is the latest one any version recorded, in any delivery order: a
-    # revision without review evidence (a goal edited) keeps it, it happened all the same.
     t = orm.care_plans
     key = (t.c.practice == practice, t.c.care_plan_id == keys["care_plan_id"])
+    version = version_key(d["source"])
+    stored = (await uow.session.execute(select(
+        t.c.last_review, t.c.review_version, t.c.status, t.c.completed_on).where(*key))).first()
+    # The last review is that of the newest version with review evidence, in any delivery
+    # order: a revision without evidence (a goal edited) keeps it, a newer review replaces it
+    # (a corrected date too).
     incoming = parse_day((d.get("review") or {}).get("date"))
-    stored = (await uow.session.execute(select(t.c.last_review).where(*key))).scalar()
-    review = max((day for day in (incoming, stored) if day), default=None)
+    review, review_version = (stored.last_review, stored.review_version) if stored else (None,
+                                                                                         None)
+    if incoming is not None and (review_version is None or version > review_version):
+        review, review_version = incoming, version
     tz = await _zone(uow, practice)
+    completed_on = None
+    if d["status"] == "completed":
+        # The day it ended: the version that completed it (its period's end when earlier: a
+        # planned end left in the future does not extend it); later edits of the completed
+        # plan do not move it.
+        ended = local_day(d["source"]["lastUpdated"], tz)
+        planned = local_day((d.get("period") or {}).get("end"), tz, end=True)
+        completed_on = min(day for day in (ended, planned) if day)
+        if stored and stored.status == "completed" and stored.completed_on:
+            completed_on = min(completed_on, stored.completed_on)
     changed, before = await _upsert_fact(
         uow, orm.care_plans, keys,
         {
@@ -302,16 +319,16 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
             "created": local_day(d.get("created"), tz)
             or local_day((d.get("period") or {}).get("start"), tz),
             "last_review": review,
-            # Completed: its period's end, else the day of the version that completed it.
-            "completed_on": (local_day((d.get("period") or {}).get("end"), tz, end=True)
-                             or local_day(d["source"]["lastUpdated"], tz)
-                             ) if d["status"] == "completed" else None,
+            "review_version": review_version,
+            "completed_on": completed_on,
         },
     )
-    if not changed and incoming is not None and incoming == review:
-        # An older version arriving late still records a review that happened.
-        await uow.session.execute(update(t).where(*key).values(last_review=incoming))
-    if who := _corrected(changed, d["status"] in ("entered-in-error", "revoked"), patient, before):
+    if not changed and review_version == version:
+        # An older version arriving late whose review is newer than any stored: it counts.
+        await uow.session.execute(update(t).where(*key).values(
+            last_review=review, review_version=review_version))
+    if who := _corrected(changed, d["status"] in ("entered-in-error", "revoked", "completed"),
+                         patient, before):
         await corrections.recompute_patient_months(
             uow, practice, who, f"CarePlan/{ref_id(d['carePlan'])} {d['status']}", now)
 

@@ -272,14 +272,20 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
         found = primary if PRIMARY_PERFORMER in kinds else performers
         if ref.startswith("Practitioner/"):
             who = ctx.practitioners.get(ref.removeprefix("Practitioner/"), {})
-            found.append({"practitioner": ref, "practitionerRole": None, "roleCodes": codings(
-                [q.get("code") for q in who.get("qualification") or [] if isinstance(q, dict)])})
+            qualifications = codings([q.get("code") for q in who.get("qualification") or []
+                                      if isinstance(q, dict)])
+            found.append({"practitioner": ref, "practitionerRole": None,
+                          "roleCodes": qualifications,
+                          "classification": classify_role(qualifications, ctx.config)})
             continue
         role = ctx.roles.get(ref.removeprefix("PractitionerRole/"), {})
+        codes = codings(role.get("code") or [])
         found.append({
             "practitioner": ctx.ref(role.get("practitioner"), ("Practitioner",)),
             "practitionerRole": ref,
-            "roleCodes": codings(role.get("code") or []),
+            "roleCodes": codes,
+            "classification": role_classification(codes, codings(role.get("specialty") or []),
+                                                  ctx.config),
         })
     return primary + performers
 
@@ -586,15 +592,20 @@ def classify_role(role_codings: list[dict[str, Any]], config: IngestConfig) -> s
     return "unknown"
 
 
+def role_classification(codes: list[dict[str, Any]], specialties: list[dict[str, Any]],
+                        config: IngestConfig) -> str:
+    """A PractitionerRole's kind: its code decides; its specialty only when the code says
+    nothing (a nurse with an internal-medicine specialty is clinical staff, not a billing
+    practitioner)."""
+    found = classify_role(codes, config)
+    return classify_role(specialties, config) if found == "unknown" else found
+
+
 def map_practitioner_role(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     me = _self(ctx)
     codes = codings(res.get("code") or [])
     specialties = codings(res.get("specialty") or [])
-    # The role's code decides; its specialty only when the code says nothing (a nurse with an
-    # internal-medicine specialty is clinical staff, not a billing practitioner).
-    classification = classify_role(codes, ctx.config)
-    if classification == "unknown":
-        classification = classify_role(specialties, ctx.config)
+    classification = role_classification(codes, specialties, ctx.config)
     return Mapping([_event(
         "ingest.practitioner-role.upserted.v1", me, ctx, practitionerRole=me,
         practitioner=ctx.ref(res.get("practitioner"), ("Practitioner",)),
