@@ -408,3 +408,34 @@ def test_the_audit_record_agrees_with_billing_on_consents_set_back_and_periods()
         False, "its period ended on 2026-02-28 (provision.period)")
     assert domain.in_force(fact(valid_from=date(2026, 4, 2)), march)[0] is False
     assert domain.standing([set_back], date(2026, 4, 2)).state == "revoked"
+
+
+def test_the_audit_record_and_billing_agree_on_every_consent_and_month():
+    """One consent, every status, revocation end, provision.period and date obtained: the
+    audit record says in force exactly for the months billing bills under it."""
+    import itertools
+    from datetime import date
+    from zoneinfo import ZoneInfo
+
+    from ccm_billing.domain.model import Consent
+    from ccm_billing.domain.rules import ccm, ruleset_for
+    from tests.unit.billing.facts import TZ, local, month_facts
+
+    march = Month.parse("2026-03")
+    disagree = []
+    for status, until, period, obtained in itertools.product(
+            ["active", "inactive", "draft", "proposed", "rejected", "entered-in-error"],
+            [None, date(2026, 2, 28), date(2026, 3, 31)],
+            [(None, None), (date(2026, 3, 20), None), (date(2026, 4, 1), None),
+             (None, date(2026, 3, 5)), (None, date(2026, 2, 27))],
+            [None, date(2025, 6, 1), date(2026, 3, 31), date(2026, 4, 2)]):
+        consent = Consent("c1", status, local(obtained) if obtained else None,
+                          effective_until=until, valid_from=period[0], valid_until=period[1])
+        facts = month_facts("2026-03", consent=consent)
+        billed, _, _ = ccm.effective_consent(facts, ruleset_for(march), ZoneInfo(TZ))
+        fact = domain.ConsentFact("c1", status, "permit", obtained, until,
+                                  valid_from=period[0], valid_until=period[1])
+        said, why = domain.in_force(fact, march)
+        if (billed is not None) != said:
+            disagree.append((status, until, period, obtained, why))
+    assert disagree == []

@@ -96,23 +96,26 @@ def in_force(consent: ConsentFact, month: Month, *, renewal_months: int | None =
         return False, f"{consent.status}: not yet agreed"
     if consent.status == "rejected" or consent.provision == "deny":
         return False, "declined"
-    if consent.obtained_on is None:
-        return False, "no date obtained"
-    if consent.obtained_on > month.last_day:
+    # The same verdict as billing's (rules/ccm.py effective_consent), in words.
+    if consent.obtained_on is not None and consent.obtained_on > month.last_day:
         return False, f"obtained later, on {consent.obtained_on}"
     until = expires_on(consent, renewal_months)
-    if until is not None and until <= month.first_day:
+    if until is not None and until < month.first_day:
         return False, f"expired on {until}"
     if consent.valid_from is not None and consent.valid_from > month.last_day:
         return False, f"valid from {consent.valid_from} (provision.period)"
     if consent.valid_until is not None and consent.valid_until < month.first_day:
         return False, f"its period ended on {consent.valid_until} (provision.period)"
+    obtained = (f"obtained {consent.obtained_on}" if consent.obtained_on is not None
+                else "date obtained not recorded")
     if consent.status != "active":  # inactive, or granted and set back to draft or proposed
-        if consent.effective_until is not None and consent.effective_until < month.first_day:
+        if consent.effective_until is None:
+            return False, "revoked (the end of its effect is not known)"
+        if consent.effective_until < month.first_day:
             return False, f"revoked; in force until {consent.effective_until}"
-        end = consent.effective_until or month.last_day
-        return True, f"obtained {consent.obtained_on} ({consent.method}); revoked, in force until {end}"
-    note = f"obtained {consent.obtained_on} ({consent.method})"
+        return True, (f"{obtained} ({consent.method}); revoked, in force until "
+                      f"{consent.effective_until}")
+    note = f"{obtained} ({consent.method})"
     if until is not None and until <= month.last_day:
         note += f"; expires {until}"
     return True, note
