@@ -45,6 +45,10 @@ async def test_newest_gives_the_last_messages_of_each_partition_and_commits_noth
                           "5", "--practice", "alpha"], capture_output=True, text=True,
                          env=env, timeout=120, check=True)
     lines = [json.loads(line) for line in out.stdout.splitlines()]
+    out_unknown = subprocess.run([sys.executable, "-m", "ccm_shared.cli", "events", unknown],
+                                 capture_output=True, text=True, env=env, timeout=120,
+                                 check=True)
+    assert f"no topic {unknown!r}" in out_unknown.stderr
     assert [line["event"]["n"] for line in lines] == [1, 3, 5, 7, 9]
     assert {line["key"] for line in lines} == {"key-1"}
     assert "5 event(s)" in out.stderr

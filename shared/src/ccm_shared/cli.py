@@ -637,7 +637,9 @@ def events(
     topics: Annotated[list[str], typer.Argument(
         help="Topics, e.g. ingest.time-entry.logged.v1 (all of them: contracts/asyncapi.json)")],
     last: Annotated[int, typer.Option(min=1, help="Messages per partition, from the newest")] = 20,
-    practice: Annotated[str | None, typer.Option(help="Only this practice's events")] = None,
+    practice: Annotated[str | None, typer.Option(
+        help="Only this practice's events among those --last reads (topics are shared by "
+             "every practice: raise --last on a busy broker)")] = None,
 ) -> None:
     """Print the newest events of Kafka topics as a subscriber reads them, one JSON object per
     line: topic, partition, offset, key and the CloudEvent (no consumer group: nothing is
@@ -655,7 +657,12 @@ def events(
         security_protocol=settings.kafka_security_protocol,
         sasl_mechanism=settings.kafka_sasl_mechanism, sasl_username=settings.kafka_sasl_username,
         sasl_password=settings.kafka_sasl_password, ssl_cafile=settings.kafka_ssl_cafile)
-    found = asyncio.run(transport.newest(topics, last))
+    unknown: list[str] = []
+    found = asyncio.run(transport.newest(topics, last, unknown=unknown))
+    for topic in unknown:
+        typer.secho(f"warning: no topic {topic!r} on the broker (the topics: "
+                    "contracts/asyncapi.json; a service creates its topics when it starts)",
+                    fg=typer.colors.YELLOW, err=True)
     shown = 0
     for m in found:
         tenant = (m.header("ce_tenant") or b"").decode()

@@ -237,8 +237,8 @@ class KafkaTransport:
     def source(self, topics: Sequence[str], group_id: str) -> KafkaSource:
         return KafkaSource(self, topics, group_id)
 
-    async def newest(self, topics: Sequence[str], per_partition: int,
-                     timeout: float = 10.0) -> list[Message]:
+    async def newest(self, topics: Sequence[str], per_partition: int, timeout: float = 10.0,
+                     unknown: list[str] | None = None) -> list[Message]:
         """The last ``per_partition`` messages of each partition of ``topics``, in (topic,
         partition, offset) order: read without a consumer group (nothing committed, no
         subscriber disturbed). Unknown topics give nothing and are not created (a metadata
@@ -252,6 +252,8 @@ class KafkaTransport:
         try:
             existing = set(await admin.list_topics())
             known = [t for t in topics if t in existing]
+            if unknown is not None:
+                unknown += [t for t in topics if t not in existing]
             described = await admin.describe_topics(known) if known else []
         finally:
             await admin.close()

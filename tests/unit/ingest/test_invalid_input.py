@@ -102,6 +102,11 @@ CASES = [
                                '<p onclick="alert(1)">hi</p></div>'),
         ("a javascript: link", '<div xmlns="http://www.w3.org/1999/xhtml">'
                                '<a href=" JavaScript:alert(1)">hi</a></div>'),
+        ("a javascript: link with a tab in it (browsers drop it)",
+         '<div xmlns="http://www.w3.org/1999/xhtml"><a href="java&#x09;script:alert(1)">hi'
+         '</a></div>'),
+        ("a DOCTYPE", '<!DOCTYPE html><div xmlns="http://www.w3.org/1999/xhtml">hi</div>'),
+        ("an HTML entity", '<div xmlns="http://www.w3.org/1999/xhtml">A&nbsp;B</div>'),
         ("an iframe", '<div xmlns="http://www.w3.org/1999/xhtml"><iframe src="x"/></div>'),
         ("an entity declaration", '<!DOCTYPE div [<!ENTITY x "y">]><div '
                                   'xmlns="http://www.w3.org/1999/xhtml">&x;</div>'),
@@ -487,6 +492,8 @@ async def test_a_contained_resource_referring_to_its_container_is_referred_to(fh
     'x</td></tr></table><a href="https://example.org/a">link</a></div>',
     '<div xmlns="http://www.w3.org/1999/xhtml"><img src="data:image/png;base64,iVBORw0KGgo=" '
     'alt="scan"/></div>',
+    '<div xmlns="http://www.w3.org/1999/xhtml"><kbd>F1</kbd><address>1 Main St</address>A&#160;B'
+    '<!-- a comment --></div>',
 ])
 async def test_narrative_with_basic_formatting_is_taken(fhir, div):
     r = await fhir.post("/fhir/Patient", json={"resourceType": "Patient",

@@ -619,3 +619,16 @@ def test_facility_classes_are_a_practice_setting():
     own = DEFAULT_CONFIG.merged({"facility_classes": ["IMP", "ACUTE"]})
     (event,) = map_version(er, ctx("Encounter", config=own)).events
     assert event.type == "ingest.time-entry.logged.v1"
+
+
+
+def test_a_performer_listed_twice_is_one_performer_where_it_ranks_highest():
+    pprf = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                         "code": "PPRF"}]}]
+    enc = {**ccm_encounter(), "participant": [
+        {"individual": {"reference": "Practitioner/md"}},
+        {"individual": {"reference": "Practitioner/rn"}},
+        {"type": pprf, "individual": {"reference": "Practitioner/md"}}]}
+    (event,) = map_version(enc, ctx("Encounter")).events
+    assert [p["practitioner"] for p in event.data["performers"]] == ["Practitioner/md",
+                                                                      "Practitioner/rn"]

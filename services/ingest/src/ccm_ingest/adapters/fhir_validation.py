@@ -246,18 +246,25 @@ def _json_types_of(value: dict[str, Any], kind: Any, path: str) -> list[Issue]:
 
 XHTML = "http://www.w3.org/1999/xhtml"
 _ELEMENTS = frozenset(
-    "a abbr acronym b big blockquote br caption cite code col colgroup dd dfn div dl dt em h1 h2 "
-    "h3 h4 h5 h6 hr i img li ol p pre q samp small span strong sub sup table tbody td tfoot th "
-    "thead tr tt ul var".split())
+    "a abbr acronym address b bdo big blockquote br caption cite code col colgroup dd dfn div dl "
+    "dt em h1 h2 h3 h4 h5 h6 hr i img kbd li ol p pre q samp small span strong sub sup table "
+    "tbody td tfoot th thead tr tt ul var".split())
 _ATTRIBUTES = frozenset(
     "abbr accesskey align alt axis bgcolor border cellhalign cellpadding cellspacing cellvalign "
     "char charoff charset cite class colspan compact coords dir frame headers height href "
     "hreflang hspace id lang longdesc name nowrap rel rev rowspan rules scope shape span src "
-    "start style summary tabindex title type valign value vspace width".split())
+    "start style summary tabindex title type usemap valign value vspace width".split())
 _XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
-# A link may not run a script; an image may be inline (data:image/…) but not a script.
-_SCRIPTED = {"href": re.compile(r"^\s*(javascript|vbscript|data)\s*:", re.IGNORECASE),
-             "src": re.compile(r"^\s*(javascript|vbscript)\s*:", re.IGNORECASE)}
+# A link may not run a script; an image may be inline (data:image/…) but not a script. Browsers
+# read a URL's scheme after removing every tab and newline and the leading and trailing control
+# characters and spaces (WHATWG URL): "java&#9;script:" is javascript: to them, so to us.
+_SCRIPTED = {"href": re.compile(r"(javascript|vbscript|data):", re.IGNORECASE),
+             "src": re.compile(r"(javascript|vbscript):", re.IGNORECASE)}
+_URL_NOISE = re.compile(r"[\t\n\r]")
+
+
+def _scheme_part(url: str) -> str:
+    return _URL_NOISE.sub("", url).strip("".join(map(chr, range(0x21))))
 
 
 def narrative_issues(div: str, where: str) -> list[Issue]:
@@ -267,9 +274,13 @@ def narrative_issues(div: str, where: str) -> list[Issue]:
         return [Issue("error", "invariant", f"{where}: {message}", (where,))]
 
     try:
-        root = DefusedET.fromstring(div)
-    except (DefusedET.ParseError, DefusedXmlException) as exc:
-        return bad(f"txt-1: not well-formed XHTML ({str(exc)[:80]})")
+        root = DefusedET.fromstring(div, forbid_dtd=True)
+    except DefusedXmlException:
+        return bad("txt-1: a narrative has no DOCTYPE or entity declarations")
+    except DefusedET.ParseError as exc:
+        hint = (": HTML entities such as &nbsp; are not XML; write &#160; (or the character)"
+                if "undefined entity" in str(exc) else "")
+        return bad(f"txt-1: not well-formed XHTML ({str(exc)[:80]}){hint}")
     if root.tag != f"{{{XHTML}}}div":
         return bad(f"txt-1: the narrative is a <div xmlns=\"{XHTML}\">")
     for node in root.iter():
@@ -280,8 +291,8 @@ def narrative_issues(div: str, where: str) -> list[Issue]:
         for attribute, value in node.attrib.items():
             if attribute not in _ATTRIBUTES and attribute != _XML_LANG:
                 return bad(f"txt-1: the attribute {attribute!r} of <{name}> is not allowed in a "
-                           "narrative (no event attributes)")
-            if attribute in _SCRIPTED and _SCRIPTED[attribute].match(value):
+                           "narrative (basic formatting attributes only; no event attributes)")
+            if attribute in _SCRIPTED and _SCRIPTED[attribute].match(_scheme_part(value)):
                 return bad(f"txt-1: <{name} {attribute}> may not run a script")
     if not "".join(root.itertext()).strip() and not any(
             node.tag == f"{{{XHTML}}}img" for node in root.iter()):

@@ -263,6 +263,7 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
     the codes that classify them: a PractitionerRole's code, else a Practitioner's
     qualifications (a practice may send no PractitionerRoles)."""
     performers, primary = [], []
+    seen: dict[str, list[dict[str, Any]]] = {}  # each performer once, where it ranks highest
     for participant in res.get("participant") or []:
         individual = participant.get("individual") if isinstance(participant, dict) else None
         ref = ctx.ref(individual, ("Practitioner", "PractitionerRole"))
@@ -270,6 +271,15 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
             continue
         kinds = {c["code"] for c in codings(participant.get("type") or [])}
         found = primary if PRIMARY_PERFORMER in kinds else performers
+        if ref in seen:
+            if found is primary and seen[ref] is performers:
+                entry = next(p for p in performers if ref == (
+                    p["practitionerRole"] or p["practitioner"]))
+                performers.remove(entry)
+                primary.append(entry)
+                seen[ref] = primary
+            continue
+        seen[ref] = found
         if ref.startswith("Practitioner/"):
             who = ctx.practitioners.get(ref.removeprefix("Practitioner/"), {})
             qualifications = codings([q.get("code") for q in who.get("qualification") or []
