@@ -499,3 +499,18 @@ async def test_narrative_with_basic_formatting_is_taken(fhir, div):
     r = await fhir.post("/fhir/Patient", json={"resourceType": "Patient",
                                                "text": {"status": "generated", "div": div}})
     assert r.status_code == 201, r.text
+
+
+
+async def test_one_issue_for_a_reference_that_is_none_and_integers_said_plainly(fhir):
+    from tests.unit.ingest.test_fhir_api import ccm_encounter
+
+    enc = {**ccm_encounter(), "subject": {"reference": "http://test/fhir/Patient/p1/"}}
+    r = await fhir.put("/fhir/Encounter/e1", json=enc)
+    assert r.status_code == 422
+    assert [i["diagnostics"] for i in r.json()["issue"]
+            if "R4 allows" in i["diagnostics"]] == []  # only the format issue
+    r = await fhir.post("/fhir/Patient", content=b'{"resourceType": "Patient", '
+                        b'"multipleBirthInteger": 1e3}')
+    assert r.status_code == 422
+    assert "number without a fraction or exponent, not 1000.0" in r.text

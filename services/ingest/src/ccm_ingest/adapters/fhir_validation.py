@@ -172,6 +172,8 @@ def _shape(model: Any) -> dict[str, Any]:
 
 
 _JSON_TYPES = {"boolean": (bool,), "integer": (int,), "decimal": (int, float)}
+_JSON_KIND = {"boolean": "true or false", "integer": "number without a fraction or exponent",
+              "decimal": "number"}
 
 
 def _json_types(value: dict[str, Any], model: Any, path: str) -> list[Issue]:
@@ -204,8 +206,8 @@ def _json_types(value: dict[str, Any], model: Any, path: str) -> list[Issue]:
             else:
                 bad = [] if type(item) in allowed else [(f"{path}.{key}", item)]
             issues += [Issue("error", "value", f"{at}: a FHIR {kind} is a JSON "
-                             f"{'true or false' if kind == 'boolean' else 'number'}, not "
-                             f"{json.dumps(one)[:40]}", (at,)) for at, one in bad]
+                             f"{_JSON_KIND[kind]}, not {json.dumps(one)[:40]}", (at,))
+                       for at, one in bad]
         elif type(item) is dict:
             issues += _json_types_of(item, kind, f"{path}.{key}")
         elif type(item) is list:

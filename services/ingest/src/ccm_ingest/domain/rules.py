@@ -386,7 +386,9 @@ def subject_targets(resource: dict[str, Any], rtype: str) -> list[Issue]:
         ref = value.get("reference") if isinstance(value, dict) else None
         if not isinstance(ref, str) or ref.startswith(("#", "urn:")):
             continue
-        found = _TARGET.search(ref.split("?", 1)[0]) if "?" not in ref else None
+        found = _TARGET.search(ref) if "?" not in ref else None
+        if found is None and "?" not in ref:
+            continue  # no reference at all: its format issue says so
         target = found.group(1) if found else ref.split("?", 1)[0]
         if target not in targets:
             issues.append(_err("value", f"{rtype}.{element} references a {target}; R4 allows "
