@@ -275,6 +275,12 @@ def narrative_issues(div: str, where: str) -> list[Issue]:
     def bad(message: str) -> list[Issue]:
         return [Issue("error", "invariant", f"{where}: {message}", (where,))]
 
+    if "<!--" in div or "<?" in div or "<![CDATA[" in div:
+        # XML drops them, but a viewer inserting the div as HTML ends a comment at "<!-->" and
+        # a CDATA section or processing instruction at the first ">": what the check never saw
+        # (an <img onerror=…> inside one) would run. Narrative has no use for them.
+        return bad("txt-1: a narrative has no comments, CDATA sections or processing "
+                   "instructions")
     try:
         root = DefusedET.fromstring(div, forbid_dtd=True)
     except DefusedXmlException:
