@@ -779,6 +779,8 @@ async def test_a_consents_period_is_kept_as_practice_days(billing):
 
 
 async def test_a_completed_care_plan_keeps_the_day_it_ended(billing):
+    """The day ingest says the plan was completed (kept through later edits there), in any
+    delivery order; from an older ingest without completedOn, the version's day."""
     t = orm.care_plans
 
     async def completed_on(cid: str):
@@ -786,26 +788,24 @@ async def test_a_completed_care_plan_keeps_the_day_it_ended(billing):
             return (await conn.execute(select(t.c.completed_on).where(
                 t.c.care_plan_id == cid))).scalar()
 
-    def completing(cid: str, version: int, updated: str, end: str | None = None):
-        e = ev.care_plan("alpha", "p1", cid, status="completed", version=version)
+    def version(cid: str, v: int, updated: str, status: str = "completed",
+                on: str | None = None):
+        e = ev.care_plan("alpha", "p1", cid, status=status, version=v)
         e.data["source"]["lastUpdated"] = updated
-        e.data["period"] = {"start": "2025-01-01", "end": end}
+        if on is not None:
+            e.data["completedOn"] = on
         return e
 
-    # Its period's end when earlier than the version that completed it ...
-    await deliver(billing, completing("cp-e", 2, "2025-07-02T15:00:00Z", "2025-06-30"))
-    assert str(await completed_on("cp-e")) == "2025-06-30"
-    # ... not a planned end left in the future: the day it was completed (New York).
-    await deliver(billing, completing("cp-g", 2, "2025-03-10T15:00:00Z", "2025-12-31"))
-    assert str(await completed_on("cp-g")) == "2025-03-10"
-    # A later edit of the completed plan does not move it.
-    await deliver(billing, completing("cp-g", 3, "2025-07-20T15:00:00Z", "2025-12-31"))
-    assert str(await completed_on("cp-g")) == "2025-03-10"
-    # Active again: no end.
-    again = ev.care_plan("alpha", "p1", "cp-g", status="active", version=4)
-    again.data["source"]["lastUpdated"] = "2025-08-01T15:00:00Z"
+    completed = version("cp-g", 2, "2025-03-10T15:00:00Z", on="2025-03-10")
+    edited = version("cp-g", 3, "2025-07-20T15:00:00Z", on="2025-03-10")
+    again = version("cp-g", 4, "2025-08-01T15:00:00Z", status="active")
+    for order in ((completed, edited), (edited, completed)):
+        await deliver(billing, *order)
+        assert str(await completed_on("cp-g")) == "2025-03-10"
     await deliver(billing, again)
     assert await completed_on("cp-g") is None
+    await deliver(billing, version("cp-old", 2, "2025-04-02T15:00:00Z"))  # no completedOn
+    assert str(await completed_on("cp-old")) == "2025-04-02"
 
 
 async def test_a_practitioners_kind_from_ingest_classifies_time_without_a_role(billing):

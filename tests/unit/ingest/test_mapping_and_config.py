@@ -632,3 +632,15 @@ def test_a_performer_listed_twice_is_one_performer_where_it_ranks_highest():
     (event,) = map_version(enc, ctx("Encounter")).events
     assert [p["practitioner"] for p in event.data["performers"]] == ["Practitioner/md",
                                                                       "Practitioner/rn"]
+
+
+
+def test_a_completed_care_plan_keeps_the_day_it_was_completed():
+    plan = {**CCM_CARE_PLAN, "status": "completed"}
+    seen, state = [], {}
+    for status, day in (("completed", 10), ("completed", 20), ("active", 25), ("completed", 28)):
+        mapping = map_version({**plan, "status": status}, ctx(
+            "CarePlan", state=state, updated=datetime(2026, 3, day, 15, tzinfo=UTC)))
+        state = mapping.state
+        seen.append(mapping.events[0].data["completedOn"])
+    assert seen == ["2026-03-10", "2026-03-10", None, "2026-03-28"]

@@ -2,9 +2,9 @@
 sends it in every consent event), as days of the practice. A consent counts only for months its
 period reaches; before, a consent whose period had ended went on billing. Consents stored
 before this have neither (no period known: as before) until their next event.
-``care_plans.completed_on``: the day a completed care plan ended (the version that completed it,
-or its ``period.end`` when earlier); it counts through that month, not after (before, a
-completed plan counted for every later month). ``care_plans.review_version``: the version whose
+``care_plans.completed_on``: the day a completed care plan was completed (ingest's
+``completedOn``: the version that completed it); it counts through that month, not after
+(before, a completed plan counted for every later month). ``care_plans.review_version``: the version whose
 review evidence ``last_review`` is, so a late older version cannot replace a newer review.
 ``time_entries.performer_class``: the performer's kind by the practice's ingest config (a
 Practitioner's qualifications classify time that names no PractitionerRole).

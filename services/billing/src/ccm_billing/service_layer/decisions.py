@@ -61,14 +61,15 @@ def resolve_role(practitioner_role: str | None, practitioner: str | None, role_c
                  performer_class: str | None = None) -> str:
     """The performer's role: its PractitionerRole's classification, else the practitioner's
     roles (the most senior), else the kind ingest gave the performer by the practice's config
-    (a Practitioner's qualifications), else the role codes carried on the entry."""
+    (a Practitioner's qualifications), else (entries logged before ingest sent it) the role
+    codes carried on the entry, by the default code sets."""
     if practitioner_role and practitioner_role in by_role:
         return CLASSIFICATION_TO_ROLE[by_role[practitioner_role]]
     found = by_practitioner.get(practitioner or "")
     if found:
         best = next(c for c in CLASSIFICATION_PRIORITY if c in found)
         return CLASSIFICATION_TO_ROLE[best]
-    if performer_class in CLASSIFICATION_TO_ROLE and performer_class != "unknown":
+    if performer_class in CLASSIFICATION_TO_ROLE:  # the practice's verdict, "unknown" too
         return CLASSIFICATION_TO_ROLE[performer_class]
     return classify_codes(json.loads(role_codes or "[]"), code_sets)
 

@@ -288,26 +288,25 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
     key = (t.c.practice == practice, t.c.care_plan_id == keys["care_plan_id"])
     version = version_key(d["source"])
     stored = (await uow.session.execute(select(
-        t.c.last_review, t.c.review_version, t.c.status, t.c.completed_on).where(*key))).first()
+        t.c.last_review, t.c.review_version, t.c.version).where(*key))).first()
     # The last review is that of the newest version with review evidence, in any delivery
     # order: a revision without evidence (a goal edited) keeps it, a newer review replaces it
     # (a corrected date too).
     incoming = parse_day((d.get("review") or {}).get("date"))
-    review, review_version = (stored.last_review, stored.review_version) if stored else (None,
-                                                                                         None)
+    review, review_version = (None, None)
+    if stored is not None and stored.last_review is not None:
+        # A review stored before review_version existed: of the version stored with it.
+        review, review_version = stored.last_review, stored.review_version or stored.version
     if incoming is not None and (review_version is None or version > review_version):
         review, review_version = incoming, version
     tz = await _zone(uow, practice)
     completed_on = None
     if d["status"] == "completed":
-        # The day it ended: the version that completed it (its period's end when earlier: a
-        # planned end left in the future does not extend it); later edits of the completed
-        # plan do not move it.
-        ended = local_day(d["source"]["lastUpdated"], tz)
-        planned = local_day((d.get("period") or {}).get("end"), tz, end=True)
-        completed_on = min(day for day in (ended, planned) if day)
-        if stored and stored.status == "completed" and stored.completed_on:
-            completed_on = min(completed_on, stored.completed_on)
+        # The day it ended, as ingest keeps it: the version that completed it, whatever later
+        # edits of the completed plan came (the same in any delivery order). From an ingest
+        # before completedOn: the day of this version.
+        completed_on = (parse_day(d.get("completedOn"))
+                        or local_day(d["source"]["lastUpdated"], tz))
     changed, before = await _upsert_fact(
         uow, orm.care_plans, keys,
         {

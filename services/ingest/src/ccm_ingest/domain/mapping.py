@@ -513,16 +513,25 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         kind = "ingest.care-plan.revised.v1"
     else:
         kind = "ingest.care-plan.created.v1"
-    return Mapping([_care_plan_event(kind, status, patient, res, ctx, categories)],
-                   {"ccm": True, "patient": patient})
+    state: dict[str, Any] = {"ccm": True, "patient": patient}
+    completed_on = None
+    if status == "completed":
+        # The practice's day of the version that completed it; later edits of the completed
+        # plan keep it (versions reach ingest in order; billing may read them out of order).
+        completed_on = ctx.state.get("completedOn") or (
+            ctx.source.last_updated.astimezone(ctx.timezone).date().isoformat())
+        state["completedOn"] = completed_on
+    return Mapping([_care_plan_event(kind, status, patient, res, ctx, categories,
+                                     completed_on=completed_on)], state)
 
 
 def _care_plan_event(kind: str, status: str | None, patient: str, res: dict[str, Any],
                      ctx: MappingContext, categories: list[dict[str, Any]], *,
-                     review: bool = True) -> MappedEvent:
+                     review: bool = True, completed_on: str | None = None) -> MappedEvent:
     """``review=False``: a plan that is no CCM plan any more carries no review evidence."""
     return _event(
         kind, patient, ctx, carePlan=_self(ctx), patient=patient, status=status,
+        completedOn=completed_on,
         intent=res.get("intent"), created=res.get("created"), period=_period(res.get("period")),
         author=ctx.ref(res.get("author")), careTeam=ctx.refs(res.get("careTeam"),
                                                                  ("CareTeam",)),
