@@ -439,3 +439,23 @@ def test_the_audit_record_and_billing_agree_on_every_consent_and_month():
         if (billed is not None) != said:
             disagree.append((status, until, period, obtained, why))
     assert disagree == []
+
+
+
+def test_the_tracker_standing_follows_the_period_and_the_date_obtained():
+    from datetime import date
+
+    today = date(2026, 3, 10)
+
+    def active(**kw):
+        return domain.ConsentFact("c1", "active", "permit", kw.pop("obtained", date(2026, 1, 5)),
+                                  **kw)
+
+    assert domain.standing([active()], today).state == "active"
+    ended = domain.standing([active(valid_until=date(2026, 1, 31))], today)
+    assert (ended.state, ended.expires_on) == ("expired", date(2026, 1, 31))
+    assert domain.standing([active(valid_from=date(2026, 6, 1))], today).state == "missing"
+    assert domain.standing([active(obtained=date(2026, 5, 1))], today).state == "missing"
+    # An expired one does not hide another in force.
+    both = [active(valid_until=date(2026, 1, 31)), active(obtained=date(2026, 2, 1))]
+    assert domain.standing(both, today).state == "active"

@@ -68,7 +68,11 @@ def standing(consents: list[ConsentFact], today: date, *, renewal_months: int | 
              within_days: int = 30) -> Standing:
     """The patient's consent standing today: an active permit wins; else the newest other one."""
     usable = [c for c in consents if not _not_yet(c)]
-    active = [c for c in usable if c.status == "active" and c.provision == "permit"]
+    # Active and in force today: obtained by today and within its provision.period.
+    active = [c for c in usable if c.status == "active" and c.provision == "permit"
+              and (c.obtained_on is None or c.obtained_on <= today)
+              and (c.valid_from is None or c.valid_from <= today)
+              and (c.valid_until is None or c.valid_until >= today)]
     if active:
         newest = max(active, key=_obtained)
         until = expires_on(newest, renewal_months)
@@ -84,6 +88,11 @@ def standing(consents: list[ConsentFact], today: date, *, renewal_months: int | 
         return Standing("voided", newest)
     if newest.status == "rejected" or newest.provision == "deny":
         return Standing("declined", newest)
+    if newest.status == "active":  # not in force today
+        if newest.valid_until is not None and newest.valid_until < today:
+            return Standing("expired", newest, newest.valid_until,
+                            (newest.valid_until - today).days)
+        return Standing("missing", newest)  # not yet: obtained or valid from a later day
     return Standing("revoked", newest, newest.effective_until,
                     (newest.effective_until - today).days if newest.effective_until else None)
 
