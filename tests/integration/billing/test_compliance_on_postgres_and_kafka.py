@@ -65,8 +65,13 @@ async def test_packet_time_log_and_tracker_on_real_infrastructure(infra, kafka):
                 states = {x["patient"]: x["state"] for x in r.json().get("patients", [])}
                 log = await client.get(f"{base}/patients/p1/time-log", params={"month": "2025-03"},
                                        headers=headers)
+                # ... and February's time counts, so the role, conditions and care plan (other
+                # topics, read in any order) are in too before the months close.
+                feb = await client.get(f"{base}/patients/p1/time-log",
+                                       params={"month": "2025-02"}, headers=headers)
                 return (states.get("Patient/p2") == "revoked" and log.status_code == 200
-                        and len(log.json()["entries"]) == 1)
+                        and len(log.json()["entries"]) == 1 and feb.status_code == 200
+                        and [e["counted"] for e in feb.json()["entries"]] == [True, True])
 
             await eventually(all_arrived, timeout=60, what="the events to reach billing")
             for month in ENTRIES:
