@@ -646,17 +646,13 @@ def events(
     committed, no subscriber is disturbed). Needs CCM_KAFKA_BOOTSTRAP_SERVERS."""
     import json
 
-    from ccm_shared.transport import KafkaTransport
+    from ccm_shared.service import build_transport
 
     settings = _settings(require_db=False)
     if not settings.kafka_bootstrap_servers:
         _fail("CCM_KAFKA_BOOTSTRAP_SERVERS is not set (`source .ccm-local/env` after "
               "deploy/local/up.sh, or the broker `ccm up` printed)")
-    transport = KafkaTransport(
-        settings.kafka_bootstrap_servers, client_id=settings.kafka_client_id_prefix,
-        security_protocol=settings.kafka_security_protocol,
-        sasl_mechanism=settings.kafka_sasl_mechanism, sasl_username=settings.kafka_sasl_username,
-        sasl_password=settings.kafka_sasl_password, ssl_cafile=settings.kafka_ssl_cafile)
+    transport = build_transport(settings)  # Kafka, as the services connect to it
     unknown: list[str] = []
     found = asyncio.run(transport.newest(topics, last, unknown=unknown))
     for topic in unknown:
