@@ -186,8 +186,8 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
                 if rtype not in SUPPORTED_TYPES:
                     raise rejected(422, "not-supported", f"conditional reference {ref!r}: type "
                                    "not supported", f"{path}.reference")
-                matches = _alive(await handlers.find_by_criteria(repo, rtype, ref), deleted,
-                                 rtype)
+                matches = await handlers.find_by_criteria(
+                    repo, rtype, ref, ignore=(deleted or {}).get(rtype, ()))
                 if len(matches) != 1:
                     raise rejected(412, "not-found" if not matches else "multiple-matches",
                                    f"conditional reference {ref!r} matches {len(matches)} "
@@ -206,8 +206,8 @@ async def _conditional_update(repo: SqlResourceRepository, e: Entry,
                               deleted: dict[str, set[str]] | None = None) -> None:
     """``PUT Type?criteria``: the one match is updated, none is created (under the resource's
     id, else a new one); several are a 412, and an id other than the match's a 400 (FHIR)."""
-    matches = _alive(await handlers.find_by_criteria(repo, e.rtype, e.criteria or ""),
-                     deleted, e.rtype)
+    matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "",
+                                              ignore=(deleted or {}).get(e.rtype, ()))
     if len(matches) > 1:
         raise rejected(412, "multiple-matches", f"conditional update {e.rtype}?{e.criteria} "
                        f"matches {len(matches)} resources", f"{_where(e.index)}.request.url")
@@ -218,11 +218,6 @@ async def _conditional_update(repo: SqlResourceRepository, e: Entry,
                        f"{_where(e.index)}.resource.id")
     e.rid = matches[0].id if matches else sent_id or random_uuid()
     e.resource = {**(e.resource or {}), "id": e.rid}
-
-
-def _alive(matches: list[Any], deleted: dict[str, set[str]] | None, rtype: str) -> list[Any]:
-    gone = (deleted or {}).get(rtype)
-    return [m for m in matches if m.id not in gone] if gone else matches
 
 
 async def _resolve_ids(uow: UnitOfWork, caller: Caller,

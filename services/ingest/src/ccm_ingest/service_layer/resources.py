@@ -4,7 +4,7 @@ work does, so a stored version and its events are one transaction."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -137,30 +137,19 @@ def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
 PERFORMER_TYPES = ("PractitionerRole", "Practitioner")
 
 
-def _participants(body: dict[str, Any], caller: Caller,
-                  known: dict[str, dict[str, dict[str, Any]]],
-                  rtype: str) -> dict[str, dict[str, Any]]:
-    """The ``rtype`` resources (of those ``known``, by id) the Encounter's participants are."""
-    of_type = known[rtype]
-    if not of_type:
-        return {}
-    return {i: of_type[i] for i in _participant_ids(body, caller.local_bases, rtype)
-            if i in of_type}
-
-
-def _participant_ids(resource: dict[str, Any], local_bases: tuple[str, ...],
-                     rtype: str) -> list[str]:
-    """Ids of the PractitionerRoles (their codes) or Practitioners (their qualifications) an
-    Encounter's participants point at: what classifies its time."""
+def _performer_ids(resource: dict[str, Any], local_bases: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(type, id) of the PractitionerRoles (their codes) and Practitioners (their
+    qualifications) an Encounter's participants are: what classifies its time."""
     if resource.get("resourceType") != "Encounter":
         return []
-    ids = []
+    found = []
     for p in resource.get("participant") or []:
-        ref = reference(p.get("individual") if isinstance(p, dict) else None, (rtype,),
+        ref = reference(p.get("individual") if isinstance(p, dict) else None, PERFORMER_TYPES,
                         local_bases)
         if ref:
-            ids.append(ref.removeprefix(f"{rtype}/"))
-    return ids
+            rtype, _, rid = ref.partition("/")
+            found.append((rtype, rid))
+    return found
 
 
 def _events(caller: Caller, mapped: list[MappedEvent],
@@ -263,9 +252,9 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
         [(w.rtype, w.rid, sha) for w, cur, sha, _, stale in plans
          if stale or (cur is not None and cur.deleted and cur.version_id > 0)])
     # The PractitionerRoles and Practitioners the Encounters' participants are (by type, by id).
-    known = {kind: await repo.current_resources(kind, sorted(
-        {i for w, *_ in plans for i in _participant_ids(w.resource, caller.local_bases, kind)}))
-        for kind in PERFORMER_TYPES}
+    wanted = {(t, i) for w, *_ in plans for t, i in _performer_ids(w.resource, caller.local_bases)}
+    known = {kind: await repo.current_resources(kind, sorted(i for t, i in wanted if t == kind))
+             for kind in PERFORMER_TYPES}
     pending = _Pending()
     outcomes = []
     for w, cur, sha, last_updated, stale in plans:
@@ -343,12 +332,15 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
                               f"kept in history as version {version_id}")
     source = SourceVersion(rtype, rid, version_id, last_updated, sha, caller.now,
                            caller.connection)
+    performers: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in PERFORMER_TYPES}
+    for kind, pid in _performer_ids(body, caller.local_bases):
+        if pid in known[kind]:
+            performers[kind][pid] = known[kind][pid]
     try:
         mapping = map_version(body, MappingContext(
             source=source, config=caller.config, timezone=caller.timezone,
             state=cur.ccm_state if cur and cur.version_id else {},
-            roles=_participants(body, caller, known, "PractitionerRole"),
-            practitioners=_participants(body, caller, known, "Practitioner"),
+            roles=performers["PractitionerRole"], practitioners=performers["Practitioner"],
             local_bases=caller.local_bases))
     except (ValueError, OverflowError) as exc:
         # A dateTime Python cannot hold (a leap second, one beyond year 9999 in the practice's
@@ -375,7 +367,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
 
 
 async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
-                       if_none_exist: str, *, ignore: set[str] = frozenset()) -> Outcome | None:
+                       if_none_exist: str, *, ignore: Collection[str] = ()) -> Outcome | None:
     """The resource matching ``If-None-Exist`` (as an outcome), or None once the criteria are
     claimed for ``rid``: the database key lets one of concurrent identical creates win.
     Resources in ``ignore`` (deleted by the same transaction) match nothing."""
@@ -383,7 +375,7 @@ async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
     criteria = normalise_criteria(rtype, if_none_exist)
 
     async def the_match() -> Outcome | None:
-        matches = [m for m in await find(repo, rtype, criteria) if m.id not in ignore]
+        matches = await find(repo, rtype, criteria, ignore=ignore)
         if len(matches) > 1:
             raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
                            f"{len(matches)} resources", "If-None-Exist")
@@ -575,14 +567,16 @@ def criteria_key(params: list[tuple[str, str]]) -> str:
 
 
 async def find(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, str]],
-               limit: int = 50) -> list[VersionRow]:
-    return (await search(repo, rtype, params, limit=limit))[1]
+               limit: int = 50, *, ignore: Collection[str] = ()) -> list[VersionRow]:
+    """What ``params`` match, less the ids in ``ignore`` (resources a transaction deletes)."""
+    found = (await search(repo, rtype, params, limit=limit))[1]
+    return [m for m in found if m.id not in ignore] if ignore else found
 
 
-async def find_by_criteria(repo: SqlResourceRepository, rtype: str,
-                           criteria: str) -> list[VersionRow]:
+async def find_by_criteria(repo: SqlResourceRepository, rtype: str, criteria: str, *,
+                           ignore: Collection[str] = ()) -> list[VersionRow]:
     """What conditional criteria (``identifier=…`` or ``Patient?identifier=…``) match."""
-    return await find(repo, rtype, normalise_criteria(rtype, criteria))
+    return await find(repo, rtype, normalise_criteria(rtype, criteria), ignore=ignore)
 
 
 def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
