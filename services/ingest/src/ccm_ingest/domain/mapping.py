@@ -191,6 +191,11 @@ def _event(kind: str, subject: str, ctx: MappingContext, **data: Any) -> MappedE
     return MappedEvent(type=kind, subject=subject, data={"source": ctx.source.to_event(), **data})
 
 
+def _source_day(ctx: MappingContext) -> date:
+    """The practice's day of the version being mapped (its lastUpdated, in the practice zone)."""
+    return ctx.source.last_updated.astimezone(ctx.timezone).date()
+
+
 def _self(ctx: MappingContext) -> str:
     return f"{ctx.source.resource_type}/{ctx.source.id}"
 
@@ -262,42 +267,34 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]
     """Who performed the time, the primary performer (participant.type PPRF) first, each with
     the codes that classify them: a PractitionerRole's code, else a Practitioner's
     qualifications (a practice may send no PractitionerRoles)."""
-    performers, primary = [], []
-    seen: dict[str, list[dict[str, Any]]] = {}  # each performer once, where it ranks highest
+    found: dict[str, dict[str, Any]] = {}  # each performer once, in participant order
+    primary: dict[str, None] = {}  # … the primary ones first, in the order they are named so
     for participant in res.get("participant") or []:
         individual = participant.get("individual") if isinstance(participant, dict) else None
         ref = ctx.ref(individual, ("Practitioner", "PractitionerRole"))
         if ref is None:
             continue
-        kinds = {c["code"] for c in codings(participant.get("type") or [])}
-        found = primary if PRIMARY_PERFORMER in kinds else performers
-        if ref in seen:
-            if found is primary and seen[ref] is performers:
-                entry = next(p for p in performers if ref == (
-                    p["practitionerRole"] or p["practitioner"]))
-                performers.remove(entry)
-                primary.append(entry)
-                seen[ref] = primary
-            continue
-        seen[ref] = found
-        if ref.startswith("Practitioner/"):
-            who = ctx.practitioners.get(ref.removeprefix("Practitioner/"), {})
-            qualifications = codings([q.get("code") for q in who.get("qualification") or []
-                                      if isinstance(q, dict)])
-            found.append({"practitioner": ref, "practitionerRole": None,
-                          "roleCodes": qualifications,
-                          "classification": classify_role(qualifications, ctx.config)})
-            continue
-        role = ctx.roles.get(ref.removeprefix("PractitionerRole/"), {})
-        codes = codings(role.get("code") or [])
-        found.append({
-            "practitioner": ctx.ref(role.get("practitioner"), ("Practitioner",)),
-            "practitionerRole": ref,
-            "roleCodes": codes,
+        if PRIMARY_PERFORMER in {c["code"] for c in codings(participant.get("type") or [])}:
+            primary.setdefault(ref)
+        if ref not in found:
+            found[ref] = _performer(ref, ctx)
+    return [found[ref] for ref in primary] + [p for ref, p in found.items()
+                                               if ref not in primary]
+
+
+def _performer(ref: str, ctx: MappingContext) -> dict[str, Any]:
+    if ref.startswith("Practitioner/"):
+        who = ctx.practitioners.get(ref.removeprefix("Practitioner/"), {})
+        qualifications = codings([q.get("code") for q in who.get("qualification") or []
+                                  if isinstance(q, dict)])
+        return {"practitioner": ref, "practitionerRole": None, "roleCodes": qualifications,
+                "classification": classify_role(qualifications, ctx.config)}
+    role = ctx.roles.get(ref.removeprefix("PractitionerRole/"), {})
+    codes = codings(role.get("code") or [])
+    return {"practitioner": ctx.ref(role.get("practitioner"), ("Practitioner",)),
+            "practitionerRole": ref, "roleCodes": codes,
             "classification": role_classification(codes, codings(role.get("specialty") or []),
-                                                  ctx.config),
-        })
-    return primary + performers
+                                                  ctx.config)}
 
 
 def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
@@ -450,8 +447,7 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     if kind == "ingest.consent.revoked.v1":
         # Revocation takes effect at the end of the month it happened in, the first version
         # that revoked it: a later edit of the revoked consent does not move it.
-        until = ctx.state.get("effectiveUntil") or month_end(
-            ctx.source.last_updated.astimezone(ctx.timezone).date()).isoformat()
+        until = ctx.state.get("effectiveUntil") or month_end(_source_day(ctx)).isoformat()
         state.update(granted=True, effectiveUntil=until)
     else:
         state["granted"] = status == "active"
@@ -518,8 +514,7 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     if status == "completed":
         # The practice's day of the version that completed it; later edits of the completed
         # plan keep it (versions reach ingest in order; billing may read them out of order).
-        completed_on = ctx.state.get("completedOn") or (
-            ctx.source.last_updated.astimezone(ctx.timezone).date().isoformat())
+        completed_on = ctx.state.get("completedOn") or _source_day(ctx).isoformat()
         state["completedOn"] = completed_on
     return Mapping([_care_plan_event(kind, status, patient, res, ctx, categories,
                                      completed_on=completed_on)], state)
