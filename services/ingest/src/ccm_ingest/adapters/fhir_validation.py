@@ -263,10 +263,11 @@ _XML_LANG = "{http://www.w3.org/XML/1998/namespace}lang"
 _SCRIPTED = {"href": re.compile(r"(javascript|vbscript|data):", re.IGNORECASE),
              "src": re.compile(r"(javascript|vbscript):", re.IGNORECASE)}
 _URL_NOISE = re.compile(r"[\t\n\r]")
+_CONTROLS_AND_SPACE = "".join(map(chr, range(0x21)))
 
 
 def _scheme_part(url: str) -> str:
-    return _URL_NOISE.sub("", url).strip("".join(map(chr, range(0x21))))
+    return _URL_NOISE.sub("", url).strip(_CONTROLS_AND_SPACE)
 
 
 def narrative_issues(div: str, where: str) -> list[Issue]:
@@ -291,8 +292,10 @@ def narrative_issues(div: str, where: str) -> list[Issue]:
         return bad(f"txt-1: not well-formed XHTML ({str(exc)[:80]}){hint}")
     if root.tag != f"{{{XHTML}}}div":
         return bad(f"txt-1: the narrative is a <div xmlns=\"{XHTML}\">")
+    images = False
     for node in root.iter():
         namespace, _, name = node.tag.rpartition("}")
+        images = images or name == "img"
         if namespace[1:] != XHTML or name not in _ELEMENTS:
             return bad(f"txt-1: <{name}> is not allowed in a narrative (basic XHTML formatting "
                        "only: no scripts, forms, frames or objects)")
@@ -302,7 +305,6 @@ def narrative_issues(div: str, where: str) -> list[Issue]:
                            "narrative (basic formatting attributes only; no event attributes)")
             if attribute in _SCRIPTED and _SCRIPTED[attribute].match(_scheme_part(value)):
                 return bad(f"txt-1: <{name} {attribute}> may not run a script")
-    if not "".join(root.itertext()).strip() and not any(
-            node.tag == f"{{{XHTML}}}img" for node in root.iter()):
+    if not images and not "".join(root.itertext()).strip():
         return bad("txt-2: the narrative has no content")
     return []
