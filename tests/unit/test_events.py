@@ -1,5 +1,6 @@
 import json
 import uuid
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from ccm_shared.events import CloudEvent, envelope_headers, to_message
+from ccm_shared.events import CloudEvent, EventDraft, envelope_headers, to_message
 from ccm_shared.ids import random_uuid
 from tests.support.messaging import make_event
 
@@ -145,3 +146,29 @@ def test_event_ids_are_random_version_4_uuids():
 def test_to_json_with_changes_is_the_json_of_the_changed_copy(sequence, correlationid, changes):
     ev = make_event(sequence=sequence, correlationid=correlationid)
     assert ev.to_json(changes) == ev.model_copy(update=changes).to_json()
+
+
+def test_an_event_draft_has_the_cloud_event_attributes_and_defaults():
+    assert {f.name for f in fields(EventDraft)} == set(CloudEvent.model_fields)
+    draft = EventDraft("/t", "tests.x.y.v1", "t", datetime(2026, 3, 1, tzinfo=UTC))
+    model = CloudEvent(source="/t", type="tests.x.y.v1", tenant="t", time=draft.time, id=draft.id)
+    assert {name: getattr(draft, name) for name in CloudEvent.model_fields} == dict(model)
+
+
+@settings(max_examples=200, deadline=None)
+@given(time=st.datetimes(timezones=st.none() | OFFSETS), subject=st.none() | st.text(max_size=12),
+       sequence=st.none() | st.integers(min_value=0, max_value=2**62),
+       correlationid=st.none() | st.text(max_size=8),
+       data=st.dictionaries(st.text(max_size=8), JSON_VALUES | EXTRA, max_size=4),
+       changes=st.fixed_dictionaries({}, optional={
+           "sequence": st.integers(min_value=0, max_value=2**40),
+           "correlationid": st.text(max_size=8)}))
+def test_an_event_draft_is_written_as_its_cloud_event(time, subject, sequence, correlationid, data,
+                                                      changes):
+    """Ingest stages drafts, not models: the outbox rows must carry the very JSON the model
+    writes, with or without the sequence and correlation id the outbox adds."""
+    draft = EventDraft("/ccm/ingest/connection/t", "tests.x.y.v1", "practice", time, subject, data,
+                       correlationid, sequence)
+    model = CloudEvent(**{name: getattr(draft, name) for name in CloudEvent.model_fields})
+    assert draft.to_json(changes) == model.to_json(changes)
+    assert (draft.kafka_key(), draft.patient) == (model.kafka_key(), model.patient)

@@ -1,13 +1,14 @@
 """Outbox, relay and consumer runtime on the in-process bus and SQLite (embedded mode)."""
 
 import asyncio
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ccm_shared.consumer import ConsumerRuntime, dlq_topic
-from ccm_shared.events import CloudEvent, Message
+from ccm_shared.events import CloudEvent, EventDraft, Message
 from ccm_shared.outbox import OutboxRelay
 from ccm_shared.transport import InProcessTransport
 from tests.support.messaging import (
@@ -169,6 +170,20 @@ async def test_add_many_numbers_each_patient_in_order_and_continues_the_sequence
     assert first.sequence == 1
     assert [e.sequence for e in stored] == [2, 1, 3, 4, None]
     assert await OutboxRelay(sqlite_db, InProcessTransport()).drain() == 6
+
+
+async def test_event_drafts_are_numbered_and_published_as_their_cloud_events(sqlite_db):
+    drafts = [EventDraft("/t", "tests.x.y.v1", "a", datetime(2026, 3, 1, tzinfo=UTC),
+                         f"Patient/{p}", {"value": i}) for i, p in enumerate(["p1", "p2", "p1"])]
+    async with sqlite_db.unit_of_work() as uow:
+        stored = await uow.outbox.add_many([(TOPIC, d) for d in drafts])
+        await uow.commit()
+    assert [(e.id, e.sequence) for e in stored] == [(drafts[0].id, 1), (drafts[1].id, 1),
+                                                   (drafts[2].id, 2)]
+    bus = InProcessTransport()
+    assert await OutboxRelay(sqlite_db, bus).drain() == 3
+    assert [CloudEvent.from_json(m.value) for m in bus.messages(TOPIC)] == [
+        CloudEvent(**{name: getattr(e, name) for name in CloudEvent.model_fields}) for e in stored]
 
 
 async def test_handler_raising_poison_message_is_dead_lettered_without_retries(sqlite_db):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -28,7 +28,7 @@ from ccm_shared.db import (
     schema_of,
 )
 from ccm_shared.errors import EventTooLarge
-from ccm_shared.events import CloudEvent, Message, routing_headers
+from ccm_shared.events import CloudEvent, EventDraft, Message, routing_headers
 from ccm_shared.observability import current_correlation_id, metrics
 from ccm_shared.tables import outbox_table, sequences_table
 from ccm_shared.transport import MAX_MESSAGE_BYTES, Transport
@@ -82,8 +82,8 @@ class Outbox:
         return stored
 
     async def stage_many(
-        self, items: Sequence[tuple[str, CloudEvent]], *, events: bool = True
-    ) -> tuple[list[CloudEvent], list[dict]]:
+        self, items: Sequence[tuple[str, CloudEvent | EventDraft]], *, events: bool = True
+    ) -> tuple[list[CloudEvent | EventDraft], list[dict]]:
         """What ``add_many`` writes, without writing the rows: the events with their patients'
         next sequence numbers reserved (in this unit of work) and correlation ids set, and the
         outbox rows, for a caller that inserts them its own bulk way (e.g. COPY). The rows must
@@ -115,7 +115,8 @@ class Outbox:
                     f"{event.type}: {len(payload):,} bytes of JSON, over the {MAX_EVENT_BYTES:,} "
                     "an event may have on Kafka; nothing was written")
             if events:
-                stored.append(event.model_copy(update=updates) if updates else event)
+                stored.append(event if not updates else event.model_copy(update=updates)
+                              if isinstance(event, CloudEvent) else replace(event, **updates))
             rows.append(
                 {
                     "event_id": event.id,

@@ -34,7 +34,7 @@ from ccm_ingest.domain.model import (
     rejected,
 )
 from ccm_shared.db import UnitOfWork
-from ccm_shared.events import CloudEvent
+from ccm_shared.events import EventDraft
 from ccm_shared.ids import random_uuid
 
 PATIENT_ELEMENT = {"Encounter": "subject", "CarePlan": "subject", "Condition": "subject",
@@ -153,11 +153,10 @@ def _performer_ids(resource: dict[str, Any], local_bases: tuple[str, ...]) -> li
 
 
 def _events(caller: Caller, mapped: list[MappedEvent],
-            correlation_id: str | None = None) -> list[CloudEvent]:
-    return [CloudEvent(source=f"/ccm/ingest/connection/{caller.token_id}", type=e.type,
-                       tenant=caller.tenant, subject=e.subject, time=caller.now, data=e.data,
-                       correlationid=correlation_id)
-            for e in mapped]
+            correlation_id: str | None = None) -> list[EventDraft]:
+    source = f"/ccm/ingest/connection/{caller.token_id}"
+    return [EventDraft(source, e.type, caller.tenant, caller.now, e.subject, e.data,
+                       correlation_id) for e in mapped]
 
 
 @dataclass
@@ -211,7 +210,7 @@ class _Pending:
     stale_rows: list[dict[str, Any]] = field(default_factory=list)
     replaced: list[tuple[str, str]] = field(default_factory=list)
     identifiers: list[tuple[str, str, str, str]] = field(default_factory=list)
-    events: list[CloudEvent] = field(default_factory=list)
+    events: list[EventDraft] = field(default_factory=list)
 
 
 async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> list[Outcome]:
