@@ -15,9 +15,6 @@ import typer
 from ccm_shared.errors import AppError
 from ccm_shared.settings import ConfigurationError, Settings, load_settings
 
-# Cyclic garbage collector thresholds of `ccm serve` processes (young, middle, old); see serve.
-GC_THRESHOLDS = (20_000, 10, 10)
-
 app = typer.Typer(
     name="ccm",
     help="ccm-platform: the administrative layer of Chronic Care Management vendors.\n\n"
@@ -502,12 +499,6 @@ async def _serve(  # noqa: ANN001
     # of objects of the frameworks and models (about a fifth of ingest's CPU per stored
     # resource). Only start-up objects are frozen; what requests create is collected as before.
     gc.freeze()
-    # CPython's default (a young collection every 700 new container objects) is tuned for small
-    # scripts: a 500-entry Bundle keeps ~100,000 objects alive for its whole request, so they
-    # were walked again and again, young then middle-aged, and, the frozen heap being small,
-    # fully every other Bundle: 6 % of the API's CPU. Collections every 20,000 objects find
-    # the same garbage (cycles are rare here) ~100 times less often; peak memory is unchanged.
-    gc.set_threshold(*GC_THRESHOLDS)
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
