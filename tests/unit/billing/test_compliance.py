@@ -262,6 +262,26 @@ async def test_without_a_renewal_interval_consents_do_not_expire(billing):
     assert states["Patient/pa"] == "active" and states["Patient/pb"] == "active"
 
 
+async def test_billing_does_not_bill_under_a_consent_the_tracker_says_expired(billing):
+    """With the practice's renewal interval (12 months), pb's consent of 2023-01-05 expired on
+    2024-01-05 and pa's of 2024-04-10 is in force until 2025-04-10: the March 2025 worklist
+    blocks pb and bills pa, as the tracker and the audit record say."""
+    await consent_history(billing)
+    await deliver(billing, *(x for p in ("pa", "pb") for x in (
+        ev.condition("alpha", p, f"{p}-c1"), ev.condition("alpha", p, f"{p}-c2"),
+        ev.care_plan("alpha", p, f"{p}-plan"), ev.visit("alpha", p, f"{p}-visit"),
+        ev.time_logged("alpha", p, f"{p}-e1", 1300, "2025-03-03T10:00:00-05:00"))),
+        ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"))
+    rows = {row["patient"]: row for row in (await api(billing).get(
+        "/v1/practices/alpha/billing-periods/2025-03/worklist")).json()["patients"]}
+    assert rows["Patient/pa"]["codes"] == {"99490": 1} and rows["Patient/pa"]["blockers"] == []
+    assert rows["Patient/pb"]["codes"] == {} and rows["Patient/pb"]["blockers"] == [
+        "consent-not-active"]
+    states = {x["patient"]: x["state"] for x in (await api(billing).get(
+        "/v1/practices/alpha/consents", params={"state": "all"})).json()["patients"]}
+    assert states["Patient/pb"] == "expired"
+
+
 async def test_consent_states_over_time_show_in_the_packet(billing):
     await consent_history(billing)
     billing.state["clock"].now = datetime(2025, 4, 2, tzinfo=UTC)
@@ -417,28 +437,33 @@ def test_the_audit_record_and_billing_agree_on_every_consent_and_month():
     from datetime import date
     from zoneinfo import ZoneInfo
 
-    from ccm_billing.domain.model import Consent
-    from ccm_billing.domain.rules import ccm, ruleset_for
+    from ccm_billing.domain.model import Consent, PracticeOptions
+    from ccm_billing.domain.rules import ccm
     from tests.unit.billing.facts import TZ, local, month_facts
 
     march = Month.parse("2026-03")
-    disagree = []
-    for status, until, period, obtained in itertools.product(
+    disagree, expired = [], 0
+    for status, until, period, obtained, renewal in itertools.product(
             ["active", "inactive", "draft", "proposed", "rejected", "entered-in-error"],
             [None, date(2026, 2, 28), date(2026, 3, 31)],
             [(None, None), (date(2026, 3, 20), None), (date(2026, 4, 1), None),
              (None, date(2026, 3, 5)), (None, date(2026, 2, 27))],
-            [None, date(2025, 6, 1), date(2026, 3, 31), date(2026, 4, 2)]):
+            [None, date(2025, 2, 15), date(2025, 3, 1), date(2025, 6, 1), date(2026, 3, 31),
+             date(2026, 4, 2)],
+            [None, 12]):
         consent = Consent("c1", status, local(obtained) if obtained else None,
                           effective_until=until, valid_from=period[0], valid_until=period[1])
         facts = month_facts("2026-03", consent=consent)
-        billed, _, _ = ccm.effective_consent(facts, ruleset_for(march), ZoneInfo(TZ))
+        billed, _, _ = ccm.effective_consent(
+            facts, PracticeOptions(consent_renewal_months=renewal), ZoneInfo(TZ))
         fact = domain.ConsentFact("c1", status, "permit", obtained, until,
                                   valid_from=period[0], valid_until=period[1])
-        said, why = domain.in_force(fact, march)
+        said, why = domain.in_force(fact, march, renewal_months=renewal)
+        expired += why.startswith("expired")
         if (billed is not None) != said:
-            disagree.append((status, until, period, obtained, why))
+            disagree.append((status, until, period, obtained, renewal, why))
     assert disagree == []
+    assert expired  # the renewal interval was exercised: a consent of 2025-02-15 expired
 
 
 

@@ -19,6 +19,7 @@ from ccm_billing.compliance import domain, fhir_bundle, pdf, records
 from ccm_billing.domain.model import Month
 from ccm_billing.entrypoints.http import BillingTenant
 from ccm_billing.service_layer.common import practice_info
+from ccm_billing.service_layer.decisions import consent_renewal_months
 from ccm_shared.errors import InvalidInput
 
 FHIR_JSON = "application/fhir+json"
@@ -66,7 +67,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
             info = await practice_info(uow.session, practice)
             return await records.consent_tracker(
                 uow.session, info, states=states, today=info.today(runtime.clock()),
-                renewal=records.renewal_months(info, settings().consent_renewal_months),
+                renewal=consent_renewal_months(info),
                 within_days=settings().consent_expiring_days if within is None else within)
 
     @router.get("/v1/practices/{practice}/consents",
@@ -125,7 +126,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
             info = await practice_info(uow.session, practice)
             packet = await records.audit_packet(
                 uow.session, info, patient, first, last, now=now,
-                renewal=records.renewal_months(info, settings().consent_renewal_months))
+                renewal=consent_renewal_months(info))
         doc = fhir_bundle.bundle(packet, fhir_bundle.packet_id(packet))
         body = fhir_bundle.canonical(doc)
         digest = fhir_bundle.sha256_of(doc)

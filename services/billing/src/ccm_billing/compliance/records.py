@@ -25,14 +25,6 @@ from ccm_shared.errors import NotFound
 MAX_MONTHS = 36
 
 
-def renewal_months(info: PracticeInfo, default: int | None) -> int | None:
-    """The practice's consent renewal interval: pricing ``rules.consent_renewal_months``, else the
-    service default (none: consents do not expire)."""
-    rules = info.pricing.get("rules") or {}
-    value = rules.get("consent_renewal_months", default)
-    return int(value) if value else None
-
-
 def _iso(value) -> str | None:  # noqa: ANN001
     if value is None:
         return None

@@ -149,6 +149,9 @@ class PracticeOptions:
 
     initiating_visit_missing: Literal["warning", "blocker"] = "warning"
     date_of_service: Literal["threshold-met", "month-end"] = "month-end"
+    # Months after it was obtained that a consent expires (None: never; ccm-billing-rules.md §1:
+    # "Renewal interval: configurable (default: none)").
+    consent_renewal_months: int | None = None
 
 
 @dataclass(frozen=True)

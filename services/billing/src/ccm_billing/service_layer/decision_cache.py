@@ -92,8 +92,10 @@ async def context_key(session: AsyncSession, info: PracticeInfo, month: Month) -
 
 def context_of(info: PracticeInfo, month: Month, roles: list[tuple]) -> str:
     """``context_key`` of the practice's performer roles as read (``role_columns``)."""
+    # The options, not only the pricing they come from: the consent renewal interval may be the
+    # service's default (an environment setting), which no practice row shows.
     parts = [CACHE_VERSION, repr(ruleset_for(month)), info.timezone,
-             json.dumps(info.pricing, sort_keys=True), sorted(roles)]
+             json.dumps(info.pricing, sort_keys=True), repr(practice_options(info)), sorted(roles)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 

@@ -24,6 +24,7 @@ from ccm_billing.domain.model import (
 from ccm_billing.domain.roles import CLASSIFICATION_TO_ROLE, classify_codes
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
 from ccm_billing.service_layer.common import PracticeInfo
+from ccm_billing.settings import BillingSettings
 
 NOT_ENROLLING = ("entered-in-error", "rejected")  # consents that do not enrol a patient
 CLASSIFICATION_PRIORITY = ("billing-practitioner", "clinical-staff", "non-clinical", "unknown")
@@ -205,7 +206,24 @@ def practice_options(info: PracticeInfo) -> PracticeOptions:
     return PracticeOptions(
         initiating_visit_missing=rules.get("initiating_visit_missing", "warning"),
         date_of_service=rules.get("date_of_service", "month-end"),
+        consent_renewal_months=consent_renewal_months(info),
     )
+
+
+def consent_renewal_months(info: PracticeInfo) -> int | None:
+    """The practice's consent renewal interval in months (None: consents do not expire): its
+    pricing ``rules.consent_renewal_months`` when it has one (null or 0: none), else the
+    service's CCM_BILLING_CONSENT_RENEWAL_MONTHS. Billing's decisions and the compliance records
+    (tracker, audit packet) both take it from here, so they cannot disagree on an expiry."""
+    rules = info.pricing.get("rules") or {}
+    value = rules.get("consent_renewal_months", _service_renewal_months())
+    return int(value) if value else None
+
+
+@functools.cache
+def _service_renewal_months() -> int:
+    # Read from the environment once per process, as the service's settings are.
+    return BillingSettings().consent_renewal_months
 
 
 async def decide_month(

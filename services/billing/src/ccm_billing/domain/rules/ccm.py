@@ -49,11 +49,11 @@ REVOKED = frozenset({"inactive", "draft", "proposed"})
 
 
 def effective_consent(
-    facts: PatientMonth, ruleset: RuleSet, tz: ZoneInfo
+    facts: PatientMonth, options: PracticeOptions, tz: ZoneInfo
 ) -> tuple[Consent | None, str | None, str | None]:
     """The consent the month can bill under (earliest obtained), else the blocker and a note."""
     month = facts.month
-    renewal = ruleset.setting(PROGRAM, "consent_renewal_months")
+    renewal = options.consent_renewal_months
     valid = []
     for c in facts.consents:
         if c.provision != "permit":
@@ -155,7 +155,7 @@ def decide(
     warnings: set[str] = set()
     notes: list[str] = []
 
-    consent, consent_blocker, consent_note = effective_consent(facts, ruleset, tz)
+    consent, consent_blocker, consent_note = effective_consent(facts, options, tz)
     if consent_blocker:
         blockers.add(consent_blocker)
     if consent_note:
