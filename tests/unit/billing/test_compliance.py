@@ -8,6 +8,7 @@ import io
 import json
 from datetime import UTC, datetime
 
+import pytest
 from fhir.resources.R4B.bundle import Bundle
 from sqlalchemy import update
 
@@ -484,3 +485,23 @@ def test_the_tracker_standing_follows_the_period_and_the_date_obtained():
     # An expired one does not hide another in force.
     both = [active(valid_until=date(2026, 1, 31)), active(obtained=date(2026, 2, 1))]
     assert domain.standing(both, today).state == "active"
+
+
+@pytest.mark.parametrize(("rules", "months"), [
+    ({"consent_renewal_months": 12}, 12),
+    ({"consent_renewal_months": "12"}, 12),
+    ({"consent_renewal_months": None}, None),  # explicitly none, whatever the service default
+    ({"consent_renewal_months": 0}, None),
+    ({}, None),  # the service default (CCM_BILLING_CONSENT_RENEWAL_MONTHS, 0: none)
+    ({"consent_renewal_months": "a year"}, None),  # unreadable: the default, and a warning
+    ({"consent_renewal_months": -3}, None),
+    ({"consent_renewal_months": True}, None),
+    ({"consent_renewal_months": 12.5}, None),
+])
+def test_the_renewal_interval_billing_and_the_audit_record_share(rules, months):
+    from ccm_billing.service_layer.common import PracticeInfo
+    from ccm_billing.service_layer.decisions import consent_renewal_months, practice_options
+
+    info = PracticeInfo("alpha", "Alpha", "America/New_York", {"rules": rules})
+    assert consent_renewal_months(info) == months
+    assert practice_options(info).consent_renewal_months == months

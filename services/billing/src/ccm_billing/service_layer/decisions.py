@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 from collections.abc import Collection
 
+import structlog
 from sqlalchemy import and_, bindparam, func, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -25,6 +26,8 @@ from ccm_billing.domain.roles import CLASSIFICATION_TO_ROLE, classify_codes
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
 from ccm_billing.service_layer.common import PracticeInfo
 from ccm_billing.settings import BillingSettings
+
+log = structlog.get_logger(__name__)
 
 NOT_ENROLLING = ("entered-in-error", "rejected")  # consents that do not enrol a patient
 CLASSIFICATION_PRIORITY = ("billing-practitioner", "clinical-staff", "non-clinical", "unknown")
@@ -217,7 +220,17 @@ def consent_renewal_months(info: PracticeInfo) -> int | None:
     (tracker, audit packet) both take it from here, so they cannot disagree on an expiry."""
     rules = info.pricing.get("rules") or {}
     value = rules.get("consent_renewal_months", _service_renewal_months())
-    return int(value) if value else None
+    try:
+        months = int(value or 0)
+    except (TypeError, ValueError):
+        months = -1
+    if months < 0 or isinstance(value, bool | float):
+        # Pricing documents are written by hand: an unreadable interval must not stop billing,
+        # and must not pass unnoticed either.
+        log.warning("pricing rules.consent_renewal_months is not a whole number of months; "
+                    "the service default applies", practice=info.id)
+        months = _service_renewal_months()
+    return months or None
 
 
 @functools.cache
