@@ -52,6 +52,24 @@ async def test_each_location_names_the_host_the_request_came_to(fhir):
                     "http://test/fhir"]
 
 
+async def test_a_trailing_slash_is_the_same_url_not_a_redirect(fhir):
+    """An EHR configured with the base ``…/fhir/`` posts its transactions to that very URL."""
+    created = await fhir.post("/fhir/Patient/", json=example("Patient/r4spec-example.json"),
+                              headers=FHIR, follow_redirects=False)
+    assert created.status_code == 201, created.text
+    rid = created.json()["id"]
+    assert created.headers["location"] == f"http://test/fhir/Patient/{rid}/_history/1"
+    for path in (f"/fhir/Patient/{rid}/", "/fhir/metadata/", f"/fhir/Patient/{rid}/_history/"):
+        r = await fhir.get(path, follow_redirects=False)
+        assert r.status_code == 200, (path, r.text)
+    batch = await fhir.post("/fhir/", json={"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": f"Patient/{rid}"}}]}, headers=FHIR,
+        follow_redirects=False)
+    assert batch.status_code == 200 and batch.json()["entry"][0]["response"]["status"] == "200 OK"
+    found = await fhir.get("/fhir/Patient/", params={"_id": rid}, follow_redirects=False)
+    assert found.status_code == 200 and found.json()["total"] == 1
+
+
 async def test_same_content_pushed_three_times_is_one_version_and_one_event(fhir):
     patient = example("Patient/r4spec-example.json")
     statuses = [(await fhir.put("/fhir/Patient/example", json=patient)).status_code

@@ -151,7 +151,8 @@ def _media_range(text: str) -> str:
 
 class FhirEdge:
     """ASGI wrapper of /fhir paths: 406 OperationOutcome when the request wants a format other
-    than JSON; a problem+json 413 (from the platform's body limit) becomes an OperationOutcome."""
+    than JSON; a trailing slash is the URL without it; a problem+json 413 (from the platform's
+    body limit) becomes an OperationOutcome."""
 
     def __init__(self, app) -> None:  # noqa: ANN001
         self.app = app
@@ -166,6 +167,12 @@ class FhirEdge:
                 "error", "value", "the URL has a NUL character (%00)")])(scope, receive, send)
         if (issue := unacceptable(scope)) is not None:
             return await outcome_response(406, [issue])(scope, receive, send)
+        if path.endswith("/"):
+            # A base configured as ``…/fhir/`` (or a URL built on one) names the same thing:
+            # served as it is, not redirected (Starlette answered 307 with no body, which a
+            # client that does not follow redirects of a POST takes as a failure).
+            scope = {**scope, "path": path.rstrip("/"),
+                     "raw_path": scope.get("raw_path", path.encode()).rstrip(b"/")}
         held: dict = {}
 
         async def rewrite(message):  # noqa: ANN001, ANN202
