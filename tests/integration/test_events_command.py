@@ -49,6 +49,15 @@ async def test_newest_gives_the_last_messages_of_each_partition_and_commits_noth
                                  capture_output=True, text=True, env=env, timeout=120,
                                  check=True)
     assert f"no topic {unknown!r}" in out_unknown.stderr
+    assert "partial" not in out.stderr
+    # Given no time, nothing arrives: said, not passed off as the newest events.
+    incomplete: list[str] = []
+    assert await kafka.newest([topic], 2, timeout=0, incomplete=incomplete) == []
+    assert sorted(incomplete) == sorted(f"{topic}[{p}]" for p in by_partition)
+    hurried = subprocess.run([sys.executable, "-m", "ccm_shared.cli", "events", topic,
+                              "--timeout", "0"], capture_output=True, text=True, env=env,
+                             timeout=120, check=True)
+    assert "the list below is partial" in hurried.stderr and hurried.stdout == ""
     assert [line["event"]["n"] for line in lines] == [1, 3, 5, 7, 9]
     assert {line["key"] for line in lines} == {"key-1"}
     assert "5 event(s)" in out.stderr

@@ -640,6 +640,9 @@ def events(
     practice: Annotated[str | None, typer.Option(
         help="Only this practice's events among those --last reads (topics are shared by "
              "every practice: raise --last on a busy broker)")] = None,
+    timeout: Annotated[float, typer.Option(
+        min=0, help="Seconds to wait for the events; what has arrived by then is printed, with "
+                    "a warning naming the partitions not read to their end")] = 10.0,
 ) -> None:
     """Print the newest events of Kafka topics as a subscriber reads them, one JSON object per
     line: topic, partition, offset, key and the CloudEvent (no consumer group: nothing is
@@ -654,11 +657,17 @@ def events(
               "deploy/local/up.sh, or the broker `ccm up` printed)")
     transport = build_transport(settings)  # Kafka, as the services connect to it
     unknown: list[str] = []
-    found = asyncio.run(transport.newest(topics, last, unknown=unknown))
+    incomplete: list[str] = []
+    found = asyncio.run(transport.newest(topics, last, timeout=timeout, unknown=unknown,
+                                         incomplete=incomplete))
     for topic in unknown:
         typer.secho(f"warning: no topic {topic!r} on the broker (the topics: "
                     "contracts/asyncapi.json; a service creates its topics when it starts)",
                     fg=typer.colors.YELLOW, err=True)
+    if incomplete:
+        typer.secho(f"warning: not all of the newest events arrived within {timeout:g} s "
+                    f"(partitions {', '.join(incomplete)}): the list below is partial; "
+                    "try a larger --timeout", fg=typer.colors.YELLOW, err=True)
     shown = 0
     for m in found:
         tenant = (m.header("ce_tenant") or b"").decode()

@@ -238,11 +238,14 @@ class KafkaTransport:
         return KafkaSource(self, topics, group_id)
 
     async def newest(self, topics: Sequence[str], per_partition: int, timeout: float = 10.0,
-                     unknown: list[str] | None = None) -> list[Message]:
+                     unknown: list[str] | None = None,
+                     incomplete: list[str] | None = None) -> list[Message]:
         """The last ``per_partition`` messages of each partition of ``topics``, in (topic,
         partition, offset) order: read without a consumer group (nothing committed, no
         subscriber disturbed). Unknown topics give nothing and are not created (a metadata
-        request for them would create them on a broker that auto-creates topics)."""
+        request for them would create them on a broker that auto-creates topics); they go to
+        ``unknown``, and partitions not read to their end within ``timeout`` seconds to
+        ``incomplete`` (``topic[partition]``)."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
         from aiokafka.admin import AIOKafkaAdminClient
 
@@ -289,6 +292,8 @@ class KafkaTransport:
                                                  r.offset))
                     if records and records[-1].offset + 1 >= wanted.get(tp, 0):
                         wanted.pop(tp, None)
+            if incomplete is not None:
+                incomplete += [f"{tp.topic}[{tp.partition}]" for tp in wanted]
             return sorted(found, key=lambda m: (m.topic, m.partition, m.offset))
         finally:
             await consumer.stop()
