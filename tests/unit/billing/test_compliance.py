@@ -283,6 +283,55 @@ async def test_billing_does_not_bill_under_a_consent_the_tracker_says_expired(bi
     assert states["Patient/pb"] == "expired"
 
 
+def test_a_months_terms_keep_the_renewal_interval_it_was_billed_under(monkeypatch):
+    """With no interval in its pricing, a practice takes the service default; a closed month
+    keeps the one in force at the close, so a correction after the default changed decides
+    under the month's own terms."""
+    from ccm_billing.service_layer import common
+
+    info = common.PracticeInfo("alpha", "Alpha", "America/New_York", {"model": "per-code"})
+    monkeypatch.setattr(common, "_service_renewal_months", lambda: 12)
+    terms = info.terms_json()
+    monkeypatch.setattr(common, "_service_renewal_months", lambda: 0)
+    assert common.consent_renewal_months(info) is None  # today's default: none
+    assert common.consent_renewal_months(info.under(terms)) == 12  # the month's: twelve
+    assert info.under(terms).pricing["model"] == "per-code"
+    explicit = common.PracticeInfo("alpha", "Alpha", "America/New_York",
+                                   {"rules": {"consent_renewal_months": None}})
+    assert common.consent_renewal_months(explicit.under(explicit.terms_json())) is None
+
+
+async def test_a_closed_months_packet_judges_consents_by_the_interval_it_was_billed_under(
+        billing):
+    """pb's consent (2023-01-05) had expired under the 12-month interval March 2025 closed
+    with; the practice then dropped the interval. March's packet still says expired, as its
+    filing blocked; April (open) is judged by today's terms."""
+    await consent_history(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, tzinfo=UTC)
+    closed = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert closed.status_code == 200, closed.text
+    async with billing.db.unit_of_work() as uow:
+        pricing = {"model": "per-code", "rates": {"99490": "42.00"}, "due_days": 30,
+                   "rules": {"consent_renewal_months": None}}
+        await uow.session.execute(update(practices).where(practices.c.id == "alpha")
+                                  .values(pricing=json.dumps(pricing)))
+        await uow.commit()
+    from ccm_billing.compliance import records
+    from ccm_billing.service_layer.common import consent_renewal_months, practice_info
+
+    async with billing.db.unit_of_work() as uow:
+        info = await practice_info(uow.session, "alpha")
+        packet = await records.audit_packet(
+            uow.session, info, "pb", Month.parse("2025-03"), Month.parse("2025-04"),
+            now=datetime(2025, 4, 3, tzinfo=UTC), renewal=consent_renewal_months(info))
+    verdicts = [[(c["inForce"], c["note"]) for c in m["consents"]] for m in packet["months"]]
+    assert verdicts == [[(False, "expired on 2024-01-05")],
+                        [(True, "obtained 2023-01-05 (written)")]], verdicts
+    pdf = await api(billing).get("/v1/practices/alpha/patients/pb/audit-packet",
+                                 params={"from": "2025-03", "to": "2025-04", "format": "pdf"})
+    assert pdf.status_code == 200
+
+
 async def test_consent_states_over_time_show_in_the_packet(billing):
     await consent_history(billing)
     billing.state["clock"].now = datetime(2025, 4, 2, tzinfo=UTC)
@@ -497,11 +546,29 @@ def test_the_tracker_standing_follows_the_period_and_the_date_obtained():
     ({"consent_renewal_months": -3}, None),
     ({"consent_renewal_months": True}, None),
     ({"consent_renewal_months": 12.5}, None),
+    ({"consent_renewal_months": 100000}, None),  # beyond Python's dates: a typing error
+    ({"consent_renewal_months": 1200}, 1200),
 ])
 def test_the_renewal_interval_billing_and_the_audit_record_share(rules, months):
-    from ccm_billing.service_layer.common import PracticeInfo
-    from ccm_billing.service_layer.decisions import consent_renewal_months, practice_options
+    from ccm_billing.service_layer.common import PracticeInfo, consent_renewal_months
+    from ccm_billing.service_layer.decisions import practice_options
 
     info = PracticeInfo("alpha", "Alpha", "America/New_York", {"rules": rules})
     assert consent_renewal_months(info) == months
     assert practice_options(info).consent_renewal_months == months
+
+
+def test_the_tracker_stands_on_the_consent_that_lasts_longest():
+    """Billing bills under any consent in force: an undated one (which never expires) keeps the
+    patient active beside an expired dated one, and of two dated ones the later expiry counts."""
+    from datetime import date
+
+    today = date(2025, 3, 15)
+    undated = domain.ConsentFact("c0", "active", "permit", None)
+    old = domain.ConsentFact("c1", "active", "permit", date(2024, 1, 10))
+    newer = domain.ConsentFact("c2", "active", "permit", date(2024, 4, 1))
+    assert domain.standing([undated, old], today, renewal_months=12).state == "active"
+    assert domain.in_force(undated, Month.parse("2025-03"), renewal_months=12)[0] is True
+    st = domain.standing([old, newer], today, renewal_months=12)
+    assert (st.state, st.consent.consent_id, st.expires_on) == ("expiring", "c2", date(2025, 4, 1))
+    assert domain.standing([old], today, renewal_months=12).state == "expired"

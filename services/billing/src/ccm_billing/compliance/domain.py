@@ -74,10 +74,15 @@ def standing(consents: list[ConsentFact], today: date, *, renewal_months: int | 
               and (c.valid_from is None or c.valid_from <= today)
               and (c.valid_until is None or c.valid_until >= today)]
     if active:
-        newest = max(active, key=_obtained)
+        # The one that lasts longest stands: billing bills under any consent still in force, so
+        # one without an expiry (no date obtained, or no interval) keeps the patient active
+        # whatever an older dated one says.
+        lasting = [c for c in active if expires_on(c, renewal_months) is None]
+        if lasting:
+            return Standing("active", max(lasting, key=_obtained))
+        newest = max(active, key=lambda c: (expires_on(c, renewal_months), _obtained(c)))
         until = expires_on(newest, renewal_months)
-        if until is None:
-            return Standing("active", newest)
+        assert until is not None
         left = (until - today).days
         state: State = "expired" if left <= 0 else "expiring" if left <= within_days else "active"
         return Standing(state, newest, until, left)

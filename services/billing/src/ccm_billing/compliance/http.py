@@ -18,8 +18,7 @@ from fastapi.responses import Response
 from ccm_billing.compliance import domain, fhir_bundle, pdf, records
 from ccm_billing.domain.model import Month
 from ccm_billing.entrypoints.http import BillingTenant
-from ccm_billing.service_layer.common import practice_info
-from ccm_billing.service_layer.decisions import consent_renewal_months
+from ccm_billing.service_layer.common import consent_renewal_months, practice_info
 from ccm_shared.errors import InvalidInput
 
 FHIR_JSON = "application/fhir+json"

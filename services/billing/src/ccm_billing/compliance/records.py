@@ -17,7 +17,7 @@ from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance import domain
 from ccm_billing.compliance.evidence import entries_of
 from ccm_billing.domain.model import Month
-from ccm_billing.service_layer.common import PracticeInfo
+from ccm_billing.service_layer.common import PracticeInfo, consent_renewal_months
 from ccm_billing.service_layer.decisions import decide_month_with_facts
 from ccm_shared.audit import as_fhir_audit_event, audit_log
 from ccm_shared.errors import NotFound
@@ -305,11 +305,19 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
         select(audit_log).where(audit_log.c.practice == info.id, audit_log.c.patient == patient,
                                 audit_log.c.recorded_at >= start, audit_log.c.recorded_at < end)
         .order_by(audit_log.c.id))).all()
+    # A closed month is judged under the interval it was billed under (kept in its terms), not
+    # today's: the practice's pricing or the service default may have changed since.
+    bp = orm.billing_periods
+    terms = dict((await session.execute(select(bp.c.month, bp.c.terms).where(
+        bp.c.practice == info.id, bp.c.month.between(str(first), str(last)),
+        bp.c.terms.is_not(None)))).all())
     sections = []
     for month in months:
+        kept = terms.get(str(month))
         sections.append(await _month_section(
             session, info, patient, month, by_type, consents, reviews,
-            [r for r in items if r.month == str(month)], invoices, documents, renewal))
+            [r for r in items if r.month == str(month)], invoices, documents,
+            consent_renewal_months(info.under(kept)) if kept else renewal))
     return {
         "practice": {"id": info.id, "name": info.name, "timezone": info.timezone},
         "patient": {"id": patient, "mbi": mbi},

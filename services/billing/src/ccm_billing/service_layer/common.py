@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
+import structlog
 from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -63,9 +64,14 @@ class PracticeInfo:
 
     def terms_json(self) -> str:
         """The terms a month is billed under (``billing_periods.terms``): the pricing document,
-        that is the contract and the practice's rule options. (Not the time zone: the
-        projections place each entry in its month with the zone of the day it arrives.)"""
-        return json.dumps({"pricing": self.pricing}, sort_keys=True)
+        that is the contract and the practice's rule options, with the consent renewal interval
+        in force written into its rules (it may be the service's default, which can change after
+        the close). (Not the time zone: the projections place each entry in its month with the
+        zone of the day it arrives.)"""
+        rules = self.pricing.get("rules") or {}
+        pricing = {**self.pricing, "rules": {
+            **rules, RENEWAL_RULE: consent_renewal_months(self)}}
+        return json.dumps({"pricing": pricing}, sort_keys=True)
 
     def under(self, terms_json: str | None) -> PracticeInfo:
         """This practice under the terms a month was billed with (as it is now when the month
@@ -80,6 +86,9 @@ class PracticeInfo:
     @classmethod
     def of_row(cls, row) -> PracticeInfo:  # noqa: ANN001 - a platform.practices row
         return cls(row.id, row.name, row.timezone, json.loads(row.pricing or "{}"))
+
+
+log = structlog.get_logger(__name__)
 
 
 @functools.cache
@@ -194,3 +203,38 @@ async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  
         table.name, records=[tuple(r[c] for c in columns) for r in rows], columns=columns,
         schema_name=schema,
     )
+
+
+RENEWAL_RULE = "consent_renewal_months"
+# Longer than any consent is kept (a century): a larger interval is a typing error, and dates
+# that far ahead are beyond what Python's dates hold.
+MAX_RENEWAL_MONTHS = 1200
+
+
+def consent_renewal_months(info: PracticeInfo) -> int | None:
+    """The practice's consent renewal interval in months (None: consents do not expire): its
+    pricing ``rules.consent_renewal_months`` when it has one (null or 0: none), else the
+    service's CCM_BILLING_CONSENT_RENEWAL_MONTHS. Billing's decisions and the compliance records
+    (tracker, audit packet) all take it from here, so they cannot disagree on an expiry."""
+    rules = info.pricing.get("rules") or {}
+    value = rules.get(RENEWAL_RULE, _service_renewal_months())
+    try:
+        months = int(value or 0)
+    except (TypeError, ValueError):
+        months = -1
+    if not 0 <= months <= MAX_RENEWAL_MONTHS or isinstance(value, bool | float):
+        # Pricing documents are written by hand: an unreadable interval must not stop billing,
+        # and must not pass unnoticed either.
+        log.warning("pricing rules.consent_renewal_months is not a whole number of months "
+                    f"from 0 to {MAX_RENEWAL_MONTHS}; the service default applies",
+                    practice=info.id)
+        months = _service_renewal_months()
+    return months or None
+
+
+@functools.cache
+def _service_renewal_months() -> int:
+    # Read from the environment once per process, as the service's settings are.
+    from ccm_billing.settings import BillingSettings
+
+    return BillingSettings().consent_renewal_months

@@ -7,7 +7,6 @@ import json
 from collections import defaultdict
 from collections.abc import Collection
 
-import structlog
 from sqlalchemy import and_, bindparam, func, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -24,10 +23,7 @@ from ccm_billing.domain.model import (
 )
 from ccm_billing.domain.roles import CLASSIFICATION_TO_ROLE, classify_codes
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
-from ccm_billing.service_layer.common import PracticeInfo
-from ccm_billing.settings import BillingSettings
-
-log = structlog.get_logger(__name__)
+from ccm_billing.service_layer.common import PracticeInfo, consent_renewal_months
 
 NOT_ENROLLING = ("entered-in-error", "rejected")  # consents that do not enrol a patient
 CLASSIFICATION_PRIORITY = ("billing-practitioner", "clinical-staff", "non-clinical", "unknown")
@@ -211,32 +207,6 @@ def practice_options(info: PracticeInfo) -> PracticeOptions:
         date_of_service=rules.get("date_of_service", "month-end"),
         consent_renewal_months=consent_renewal_months(info),
     )
-
-
-def consent_renewal_months(info: PracticeInfo) -> int | None:
-    """The practice's consent renewal interval in months (None: consents do not expire): its
-    pricing ``rules.consent_renewal_months`` when it has one (null or 0: none), else the
-    service's CCM_BILLING_CONSENT_RENEWAL_MONTHS. Billing's decisions and the compliance records
-    (tracker, audit packet) both take it from here, so they cannot disagree on an expiry."""
-    rules = info.pricing.get("rules") or {}
-    value = rules.get("consent_renewal_months", _service_renewal_months())
-    try:
-        months = int(value or 0)
-    except (TypeError, ValueError):
-        months = -1
-    if months < 0 or isinstance(value, bool | float):
-        # Pricing documents are written by hand: an unreadable interval must not stop billing,
-        # and must not pass unnoticed either.
-        log.warning("pricing rules.consent_renewal_months is not a whole number of months; "
-                    "the service default applies", practice=info.id)
-        months = _service_renewal_months()
-    return months or None
-
-
-@functools.cache
-def _service_renewal_months() -> int:
-    # Read from the environment once per process, as the service's settings are.
-    return BillingSettings().consent_renewal_months
 
 
 async def decide_month(
