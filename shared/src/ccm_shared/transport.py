@@ -290,8 +290,11 @@ class KafkaTransport:
                             found.append(Message(tp.topic, r.value, r.key,
                                                  tuple(r.headers or ()), tp.partition,
                                                  r.offset))
-                    if records and records[-1].offset + 1 >= wanted.get(tp, 0):
-                        wanted.pop(tp, None)
+                # Read to its end by the consumer's position, not the last record's offset: a
+                # compacted topic's last offsets, or a transaction marker, hold no record.
+                for tp in list(wanted):
+                    if await consumer.position(tp) >= wanted[tp]:
+                        del wanted[tp]
             if incomplete is not None:
                 incomplete += [f"{tp.topic}[{tp.partition}]" for tp in wanted]
             return sorted(found, key=lambda m: (m.topic, m.partition, m.offset))
