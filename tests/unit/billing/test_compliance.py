@@ -324,6 +324,7 @@ async def test_a_closed_months_packet_judges_consents_by_the_interval_it_was_bil
         packet = await records.audit_packet(
             uow.session, info, "pb", Month.parse("2025-03"), Month.parse("2025-04"),
             now=datetime(2025, 4, 3, tzinfo=UTC), renewal=consent_renewal_months(info))
+    assert [m["consentRenewalMonths"] for m in packet["months"]] == [12, None]
     verdicts = [[(c["inForce"], c["note"]) for c in m["consents"]] for m in packet["months"]]
     assert verdicts == [[(False, "expired on 2024-01-05")],
                         [(True, "obtained 2023-01-05 (written)")]], verdicts
@@ -572,3 +573,13 @@ def test_the_tracker_stands_on_the_consent_that_lasts_longest():
     st = domain.standing([old, newer], today, renewal_months=12)
     assert (st.state, st.consent.consent_id, st.expires_on) == ("expiring", "c2", date(2025, 4, 1))
     assert domain.standing([old], today, renewal_months=12).state == "expired"
+
+
+def test_the_service_default_interval_has_the_same_bound():
+    from pydantic import ValidationError
+
+    from ccm_billing.settings import BillingSettings
+
+    assert BillingSettings(consent_renewal_months=1200).consent_renewal_months == 1200
+    with pytest.raises(ValidationError):
+        BillingSettings(consent_renewal_months=100000)

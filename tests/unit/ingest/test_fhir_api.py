@@ -68,6 +68,10 @@ async def test_a_trailing_slash_is_the_same_url_not_a_redirect(fhir):
     assert batch.status_code == 200 and batch.json()["entry"][0]["response"]["status"] == "200 OK"
     found = await fhir.get("/fhir/Patient/", params={"_id": rid}, follow_redirects=False)
     assert found.status_code == 200 and found.json()["total"] == 1
+    # An encoded slash is part of the id, not a trailing slash: not this Patient.
+    encoded = await fhir.delete(f"/fhir/Patient/{rid}%2F", follow_redirects=False)
+    assert encoded.status_code != 204
+    assert (await fhir.get(f"/fhir/Patient/{rid}")).status_code == 200
 
 
 async def test_same_content_pushed_three_times_is_one_version_and_one_event(fhir):
@@ -398,6 +402,19 @@ async def test_page_links_are_on_the_public_base_and_keep_the_criteria(public_ba
     nxt = next(link["url"] for link in page["link"] if link["relation"] == "next")
     assert nxt.startswith("https://ehr-gateway.example/fhir/Encounter?")
     assert "patient=Patient%2Fp1" in nxt and "_offset=3" in nxt and "_count=3" in nxt
+
+
+@pytest.fixture
+def public_base_with_slash(monkeypatch):
+    monkeypatch.setenv("CCM_INGEST_FHIR_BASE_URL", "https://ehr-gateway.example/fhir/")
+
+
+async def test_a_public_base_configured_with_a_trailing_slash_makes_no_double_slash(
+        public_base_with_slash, fhir):
+    created = await fhir.post("/fhir/Patient", json={"resourceType": "Patient", "active": True})
+    rid = created.json()["id"]
+    assert created.headers["location"] == (
+        f"https://ehr-gateway.example/fhir/Patient/{rid}/_history/1")
 
 
 async def created_updated_deleted_recreated(fhir) -> str:

@@ -32,8 +32,8 @@ class BillingSettings(BaseSettings):
     ehr_push_timeout_seconds: float = Field(15.0, gt=0, description="HTTP timeout of one push")
 
     consent_renewal_months: int = Field(
-        0, ge=0, description="Consent renewal interval in months (0: consents do not expire); "
-        "a practice overrides it with pricing rules.consent_renewal_months"
+        0, ge=0, le=1200, description="Consent renewal interval in months (0: consents do not "
+        "expire; at most 1,200); a practice overrides it with pricing rules.consent_renewal_months"
     )
     consent_expiring_days: int = Field(
         30, ge=0, description="Consent tracker: 'expiring' means expiring within this many days"

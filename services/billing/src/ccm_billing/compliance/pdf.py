@@ -100,6 +100,11 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
     status = f"closed {s['closedAt']}" if s["status"] == "closed" else "open (provisional)"
     doc.heading(f"{s['month']} - {status}", 15)
     doc.heading("Consents", 11)
+    renewal = s["consentRenewalMonths"]
+    judged = (f"a consent renewal interval of {renewal} months" if renewal
+              else "no consent renewal interval")
+    doc.para(f"Consents judged with {judged}"
+             + (", the one this month was billed under." if s["status"] == "closed" else "."))
     doc.table(["Consent", "Status", "Method", "Obtained", "Until", "In force", "Note"],
               [[c["consent"], c["status"], c["method"], c["obtainedOn"], c["effectiveUntil"],
                 "yes" if c["inForce"] else "NO", c["note"]] for c in s["consents"]],

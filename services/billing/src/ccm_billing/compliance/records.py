@@ -399,7 +399,8 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
                       if ("Encounter", row.resource_id) in referenced]
     return {
         "month": str(month), "status": log["status"], "closedAt": log["closedAt"],
-        "consents": consent_rows, "timeLog": log, "carePlans": care_plans,
+        "consents": consent_rows, "consentRenewalMonths": renewal, "timeLog": log,
+        "carePlans": care_plans,
         "reviews": month_reviews, "decision": log["decision"], "filings": log["filings"],
         "charges": lines, "sources": shown_sources, "initiatingVisit": initiating,
     }

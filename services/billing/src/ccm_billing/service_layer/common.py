@@ -207,7 +207,7 @@ async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  
 
 RENEWAL_RULE = "consent_renewal_months"
 # Longer than any consent is kept (a century): a larger interval is a typing error, and dates
-# that far ahead are beyond what Python's dates hold.
+# that far ahead are beyond what Python's dates hold (the service setting has the same bound).
 MAX_RENEWAL_MONTHS = 1200
 
 

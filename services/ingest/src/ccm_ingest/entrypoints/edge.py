@@ -167,12 +167,14 @@ class FhirEdge:
                 "error", "value", "the URL has a NUL character (%00)")])(scope, receive, send)
         if (issue := unacceptable(scope)) is not None:
             return await outcome_response(406, [issue])(scope, receive, send)
-        if path.endswith("/"):
+        raw = scope.get("raw_path") or path.encode()
+        if raw.endswith(b"/"):
             # A base configured as ``…/fhir/`` (or a URL built on one) names the same thing:
             # served as it is, not redirected (Starlette answered 307 with no body, which a
-            # client that does not follow redirects of a POST takes as a failure).
-            scope = {**scope, "path": path.rstrip("/"),
-                     "raw_path": scope.get("raw_path", path.encode()).rstrip(b"/")}
+            # client that does not follow redirects of a POST takes as a failure). Only a
+            # slash as sent: an encoded one (``%2F``) is part of an id, never stripped.
+            slashes = len(raw) - len(raw.rstrip(b"/"))
+            scope = {**scope, "path": path[:-slashes], "raw_path": raw[:-slashes]}
         held: dict = {}
 
         async def rewrite(message):  # noqa: ANN001, ANN202

@@ -238,7 +238,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     def base(request: Request) -> str:
         """The /fhir base of Location and fullUrl: configured, or from the request."""
-        return settings.fhir_base_url or request_base(request)
+        return configured or request_base(request)
 
     def local_bases(request: Request) -> tuple[str, ...]:
         """Where an absolute reference is this server's: the configured base and the one the
