@@ -1,6 +1,7 @@
 """The audit trail: recorded for API calls and applied events, chained, and tamper-evident."""
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from ccm_shared.db import create_engine_for
 from ccm_shared.migrate import upgrade_async, upgrade_platform
 from ccm_shared.service import ServiceRuntime, discover_services
 from ccm_shared.settings import load_settings
-from ccm_shared.tenancy import Pricing, create_practice, create_token
+from ccm_shared.tenancy import Pricing, create_practice, create_token, list_tokens, revoke_token
 from ccm_shared.transport import InProcessTransport
 from tests.support.messaging import make_event, record_effect
 
@@ -108,13 +109,34 @@ async def test_api_calls_are_audited_with_who_what_patient_and_outcome(platform_
         other = await client.get("/v1/practices/beta/audit-events", headers=h)
     await runtime.db.dispose()
     events = [e["resource"] for e in trail["entry"]]
-    assert len(events) == 2  # newest first; the listing itself is recorded after it answers
-    denied, read = events
+    assert len(events) == 3  # newest first; the listing itself is recorded after it answers
+    denied, read, created = events
+    # Who may read and write the practice's data is part of its record: the token's creation
+    # (its id, never the token), as the revocation below.
+    assert created["action"] == "C" and created["entity"][0]["what"]["reference"].startswith(
+        "api-token/") and token not in json.dumps(created)
+    assert created["agent"][0]["who"]["identifier"]["value"].startswith("ccm-cli:")
     assert read["action"] == "R" and read["outcome"] == "0"
     assert read["agent"][0]["who"]["display"] == "epic-prod"
     assert {"reference": "Patient/p7"} in [e["what"] for e in read["entity"]]
     assert denied["outcome"] == "4"  # another practice's data: 404, recorded as a failure
     assert other.status_code == 404
+
+
+async def test_a_token_revoked_is_in_the_trail_once(engine):
+    await create_practice(engine, practice_id="alpha", name="alpha", timezone="UTC",
+                          pricing=Pricing())
+    await create_token(engine, practice_id="alpha", label="epic-prod")
+    token_id = (await list_tokens(engine, "alpha"))[0]["id"]
+    for _ in range(2):  # revoking a revoked token changes nothing, and records nothing
+        await revoke_token(engine, practice_id="alpha", token_id=token_id)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(audit_log.c.action, audit_log.c.what,
+                                          audit_log.c.entity, audit_log.c.practice)
+                                   .order_by(audit_log.c.id))).all()
+    assert [(r.action, r.what.split(" (")[0], r.entity, r.practice) for r in rows] == [
+        ("C", "token created", f"api-token/{token_id}", "alpha"),
+        ("U", "token revoked", f"api-token/{token_id}", "alpha")]
 
 
 @pytest.fixture

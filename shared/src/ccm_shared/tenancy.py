@@ -8,8 +8,10 @@ token stops working within that time, not at once.
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import json
+import os
 import re
 import secrets
 import time
@@ -134,10 +136,11 @@ async def create_token(
     """Create a token for a practice and return it; it is never shown again."""
     await get_practice(engine, practice_id)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token_id = str(uuid.uuid4())
     async with engine.begin() as conn:
         await conn.execute(
             insert(api_tokens).values(
-                id=str(uuid.uuid4()),
+                id=token_id,
                 practice_id=practice_id,
                 token_hash=hash_token(token),
                 scopes=" ".join(scopes),
@@ -145,6 +148,7 @@ async def create_token(
                 created_at=datetime.now(UTC),
             )
         )
+        await _audit_token(conn, practice_id, token_id, "C", f"token created ({' '.join(scopes)})")
     return token
 
 
@@ -167,13 +171,34 @@ async def revoke_token(engine: AsyncEngine, *, practice_id: str, token_id: str) 
     Services stop accepting it within ``CCM_AUTH_CACHE_SECONDS``."""
     t = api_tokens
     async with engine.begin() as conn:
-        await conn.execute(update(t).where(
+        revoked = await conn.execute(update(t).where(
             t.c.id == token_id, t.c.practice_id == practice_id, t.c.revoked_at.is_(None),
         ).values(revoked_at=datetime.now(UTC)))
+        if revoked.rowcount:
+            await _audit_token(conn, practice_id, token_id, "U", "token revoked")
     found = [x for x in await list_tokens(engine, practice_id) if x["id"] == token_id]
     if not found:
         raise NotFound(f"practice {practice_id} has no token {token_id}")
     return found[0]
+
+
+async def _audit_token(conn, practice_id: str, token_id: str, action: str,  # noqa: ANN001
+                       what: str) -> None:
+    """A token's creation or revocation in the audit trail, in the same transaction: who may
+    read and write a practice's data is part of its record (the token itself never is)."""
+    from ccm_shared.audit import AuditRecord, record_many
+
+    await record_many(conn, [AuditRecord(
+        practice=practice_id, service="platform", actor_type="operator",
+        actor=f"ccm-cli:{_os_user()}", action=action, what=what,
+        entity=f"api-token/{token_id}")])
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a container's user id with no name (no passwd entry)
+        return f"uid {os.getuid()}"
 
 
 async def resolve_token(engine: AsyncEngine, token: str) -> Tenant | None:
