@@ -123,6 +123,20 @@ async def test_close_issues_valid_fhir_and_is_idempotent(billing):
     search = (await api(billing).get("/fhir/Invoice", params={
         "recipient": "Organization/alpha", "date": "2025-04"})).json()
     assert [e["resource"]["id"] for e in search["entry"]] == [inv_id]
+    # Paged: one ChargeItem a page, the next link keeps the search and moves on.
+    first_page = (await api(billing).get("/fhir/ChargeItem", params={
+        "subject": "Patient/p1", "_count": "1"})).json()
+    assert first_page["total"] == 2 and len(first_page["entry"]) == 1
+    links = {link["relation"]: link["url"] for link in first_page["link"]}
+    assert "previous" not in links and "subject=Patient%2Fp1" in links["next"]
+    second_page = (await api(billing).get(links["next"].removeprefix("http://test"))).json()
+    assert [e["resource"]["id"] for e in first_page["entry"] + second_page["entry"]] == [
+        e["resource"]["id"] for e in items["entry"]]
+    assert "next" not in {link["relation"] for link in second_page["link"]}
+    only_total = (await api(billing).get("/fhir/Invoice", params={"_count": "0"})).json()
+    assert only_total["total"] == 1 and only_total["entry"] == []
+    for bad in ({"_count": "1001"}, {"_count": "-1"}, {"_offset": "x"}):
+        assert (await api(billing).get("/fhir/ChargeItem", params=bad)).status_code == 422
     issued = await outboxed(billing, "billing.invoice.issued.v1")
     closed = await outboxed(billing, "billing.period.closed.v1")
     assert len(issued) == 1 and len(closed) == 1  # the second close emitted nothing

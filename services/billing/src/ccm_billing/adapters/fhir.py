@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from typing import Any
 
 import orjson
 
@@ -188,12 +189,25 @@ def operation_outcome(code: str, diagnostics: str, expression: list[str] | None 
     return {"resourceType": "OperationOutcome", "issue": [issue]}
 
 
-def search_bundle(resources: list[dict], self_url: str) -> dict:
+def search_bundle(resources: list[dict], url: Any, *, total: int, count: int,
+                  offset: int) -> dict:
+    """A searchset page: ``resources`` are the matches from ``offset`` (``count`` per page) of
+    ``total``; links to the first, previous and next pages keep the search's own parameters
+    (``url``: the request's, a Starlette URL)."""
+
+    def page(at: int) -> str:
+        return str(url.include_query_params(_count=count, _offset=at))
+
+    links = [{"relation": "self", "url": str(url)}, {"relation": "first", "url": page(0)}]
+    if offset and count:
+        links.append({"relation": "previous", "url": page(max(0, offset - count))})
+    if count and offset + count < total:
+        links.append({"relation": "next", "url": page(offset + count)})
     return {
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": len(resources),
-        "link": [{"relation": "self", "url": self_url}],
+        "total": total,
+        "link": links,
         "entry": [
             {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
             for r in resources

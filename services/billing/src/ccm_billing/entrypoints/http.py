@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Month
@@ -295,37 +295,56 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             raise NotFound(f"ChargeItem/{resource_id} not found")
         return fhir_response(json.loads(row.resource))
 
-    @router.get("/fhir/Invoice", tags=["fhir"], summary="Search Invoices by recipient and date")
+    @router.get("/fhir/Invoice", tags=["fhir"],
+                summary="Search Invoices by recipient and date (paged: _count, _offset)")
     async def search_invoices(request: Request, tenant: BillingTenant,
-                              recipient: str | None = None, date: str | None = None) -> Response:
+                              recipient: str | None = None, date: str | None = None,
+                              count: PageCount = DEFAULT_PAGE,
+                              offset: PageOffset = 0) -> Response:
         i = orm.invoices
         stmt = select(i).where(i.c.practice == tenant.practice_id)
         if recipient is not None and recipient.removeprefix("Organization/") != tenant.practice_id:
-            return fhir_response(fhir.search_bundle([], str(request.url)))
+            return fhir_response(fhir.search_bundle([], request.url, total=0, count=count,
+                                                    offset=offset))
         async with db.unit_of_work() as uow:
             found = [(r, json.loads(r.resource)) for r in (await uow.session.execute(
                 stmt.order_by(i.c.month, i.c.revision))).all()]
             found = [(r, d) for r, d in found if date is None or date_matches(d["date"], date)]
-            invoices = await filed.invoice_resources(uow.session, [r for r, _ in found],
-                                                     [d for _, d in found])
-        return fhir_response(fhir.search_bundle(invoices, str(request.url)))
+            page = found[offset:offset + count]  # a practice has a few Invoices a month
+            invoices = await filed.invoice_resources(uow.session, [r for r, _ in page],
+                                                     [d for _, d in page])
+        return fhir_response(fhir.search_bundle(invoices, request.url, total=len(found),
+                                                count=count, offset=offset))
 
-    @router.get("/fhir/ChargeItem", tags=["fhir"], summary="Search ChargeItems by subject")
+    @router.get("/fhir/ChargeItem", tags=["fhir"],
+                summary="Search ChargeItems by subject (paged: _count, _offset)")
     async def search_charge_items(request: Request, tenant: BillingTenant,
-                                  subject: str | None = None) -> Response:
+                                  subject: str | None = None, count: PageCount = DEFAULT_PAGE,
+                                  offset: PageOffset = 0) -> Response:
         ci = filed.charge_items
-        stmt = select(ci.c.resource).where(ci.c.practice == tenant.practice_id)
+        where = [ci.c.practice == tenant.practice_id]
         if subject is not None:
             if not subject.startswith("Patient/"):
                 raise InvalidInput("subject must be Patient/{id}", expression=["subject"])
-            stmt = stmt.where(ci.c.patient == subject.removeprefix("Patient/"))
+            where.append(ci.c.patient == subject.removeprefix("Patient/"))
         async with db.unit_of_work() as uow:
+            total = (await uow.session.execute(
+                select(func.count()).select_from(ci).where(*where))).scalar_one()
             rows = [json.loads(r.resource) for r in (await uow.session.execute(
-                stmt.order_by(ci.c.month, ci.c.id))).all()]
-        return fhir_response(fhir.search_bundle(rows, str(request.url)))
+                select(ci.c.resource).where(*where).order_by(ci.c.month, ci.c.id)
+                .limit(count).offset(offset))).all()] if count else []
+        return fhir_response(fhir.search_bundle(rows, request.url, total=total, count=count,
+                                                offset=offset))
 
     return router
 
+
+DEFAULT_PAGE = 50
+PageCount = Annotated[int, Query(alias="_count", ge=0, le=1000, description=(
+    "Resources per page (at most 1,000; 0: the total only); the Bundle's next link gives "
+    "the next page"))]
+PageOffset = Annotated[int, Query(alias="_offset", ge=0, le=100_000, description=(
+    "Resources to skip (the next and previous links carry it)"))]
 
 PREFIXES = ("eq", "ge", "le", "gt", "lt")
 
