@@ -424,18 +424,26 @@ async def wait_for_tracker(api: Platform, demo: DemoPractice, timeout: float) ->
         await asyncio.sleep(1.0)
 
 
+async def _search_all(api: Platform, service: str, path: str, params: dict | None = None) -> list:
+    """Every match of a paged FHIR search (the searches give at most 1,000 a page)."""
+    found: list = []
+    while True:
+        page = (await api.call("GET", service, path, params={
+            **(params or {}), "_count": 1000, "_offset": len(found)})).json()
+        found += [e["resource"] for e in page.get("entry", [])]
+        if not page.get("entry") or len(found) >= page.get("total", 0):
+            return found
+
+
 async def _invoice_and_items(api: Platform, practice: str, month: str) -> tuple[dict | None, list]:
-    found = (
-        await api.call(
-            "GET", "billing", "/fhir/Invoice", params={"recipient": f"Organization/{practice}"}
-        )
-    ).json()
+    found = await _search_all(api, "billing", "/fhir/Invoice",
+                              {"recipient": f"Organization/{practice}"})
     invoices = [
-        e["resource"]
-        for e in found.get("entry", [])
+        resource
+        for resource in found
         if any(
             i.get("value", "").startswith(f"{practice}:{month}")
-            for i in e["resource"].get("identifier", [])
+            for i in resource.get("identifier", [])
         )
     ]
     current = [i for i in invoices if i.get("status") != "cancelled"] or invoices
@@ -447,8 +455,7 @@ async def _invoice_and_items(api: Platform, practice: str, month: str) -> tuple[
         for li in invoice.get("lineItem", [])
         if "chargeItemReference" in li
     }
-    bundle = (await api.call("GET", "billing", "/fhir/ChargeItem")).json()
-    items = [e["resource"] for e in bundle.get("entry", []) if e["resource"]["id"] in wanted]
+    items = [r for r in await _search_all(api, "billing", "/fhir/ChargeItem") if r["id"] in wanted]
     return invoice, items
 
 
