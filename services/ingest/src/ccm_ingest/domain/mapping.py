@@ -70,6 +70,11 @@ class MappingContext:
     def refs(self, values: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> list[str]:
         return references(values, types, self.local_bases)
 
+    def patient(self, value: Any) -> str | None:
+        """The ``Patient/id`` on this server a patient link names, else (a deletion) the patient
+        the deleted version was stored as being about."""
+        return self.ref(value, ("Patient",)) or self.stored_patient
+
 
 # ---- small readers ---------------------------------------------------------------------------
 
@@ -300,7 +305,7 @@ def _performer(ref: str, ctx: MappingContext) -> dict[str, Any]:
 def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     """CCM time (logged / reversed) and qualifying visits (recorded / reversed): an Encounter
     may be either, both or neither; each keeps its own state."""
-    patient = ctx.ref(res.get("subject"), ("Patient",)) or ctx.stored_patient
+    patient = ctx.patient(res.get("subject"))
     activity = codings(res.get("type") or [], res.get("serviceType"))
     time, visit = _ccm_time(res, ctx, patient, activity), _visit(res, ctx, patient, activity)
     return Mapping([*time.events, *visit.events], {**time.state, **visit.state},
@@ -425,7 +430,7 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     scope = codings(res.get("scope"))
     is_ccm = (any_coding_matches(ctx.config.consent_categories, categories)
               and any_coding_matches(ctx.config.consent_scopes, scope))
-    patient = ctx.ref(res.get("patient"), ("Patient",)) or ctx.stored_patient
+    patient = ctx.patient(res.get("patient"))
     if not is_ccm:
         was = ctx.state.get("ccm") and not ctx.deleted and (ctx.state.get("patient") or patient)
         if not was:
@@ -486,7 +491,7 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     categories = codings(res.get("category") or [])
     is_ccm = (res.get("intent") in ctx.config.care_plan_intents
               and any_coding_matches(ctx.config.care_plan_categories, categories))
-    patient = ctx.ref(res.get("subject"), ("Patient",)) or ctx.stored_patient
+    patient = ctx.patient(res.get("subject"))
     if is_ccm and patient is None and not ctx.deleted and _foreign_patient(res.get("subject"),
                                                                            ctx):
         raise rejected(422, "value", "a CCM care plan needs CarePlan.subject to reference a "
@@ -674,7 +679,7 @@ def is_chronic(res: dict[str, Any], config: IngestConfig) -> bool:
 def map_condition(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     """A Condition of a patient, chronic or not. One whose subject stops being a Patient of
     this server no longer counts for the patient it was about (sent as not chronic for them)."""
-    patient = ctx.ref(res.get("subject"), ("Patient",)) or ctx.stored_patient
+    patient = ctx.patient(res.get("subject"))
     was = ctx.state.get("patient")
     if patient is None and was is None:
         return Mapping()

@@ -331,15 +331,13 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
                               f"kept in history as version {version_id}")
     source = SourceVersion(rtype, rid, version_id, last_updated, sha, caller.now,
                            caller.connection)
-    performers: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in PERFORMER_TYPES}
-    for kind, pid in _performer_ids(body, caller.local_bases):
-        if pid in known[kind]:
-            performers[kind][pid] = known[kind][pid]
     try:
+        # The batch's known roles and practitioners as they are: mapping looks up only those
+        # the Encounter's participants name (no second walk of them per resource).
         mapping = map_version(body, MappingContext(
             source=source, config=caller.config, timezone=caller.timezone,
             state=cur.ccm_state if cur and cur.version_id else {},
-            roles=performers["PractitionerRole"], practitioners=performers["Practitioner"],
+            roles=known["PractitionerRole"], practitioners=known["Practitioner"],
             local_bases=caller.local_bases))
     except (ValueError, OverflowError) as exc:
         # A dateTime Python cannot hold (a leap second, one beyond year 9999 in the practice's
