@@ -285,11 +285,7 @@ class KafkaTransport:
             while wanted and asyncio.get_running_loop().time() < deadline:
                 batches = await consumer.getmany(*wanted, timeout_ms=500)
                 for tp, records in batches.items():
-                    for r in records:
-                        if r.offset < wanted.get(tp, -1):
-                            found.append(Message(tp.topic, r.value, r.key,
-                                                 tuple(r.headers or ()), tp.partition,
-                                                 r.offset))
+                    found += [_message(r) for r in records if r.offset < wanted.get(tp, -1)]
                 # Read to its end by the consumer's position, not the last record's offset: a
                 # compacted topic's last offsets, or a transaction marker, hold no record.
                 for tp in list(wanted):
@@ -300,6 +296,11 @@ class KafkaTransport:
             return sorted(found, key=lambda m: (m.topic, m.partition, m.offset))
         finally:
             await consumer.stop()
+
+
+def _message(record) -> Message:  # noqa: ANN001 - an aiokafka ConsumerRecord
+    return Message(topic=record.topic, partition=record.partition, offset=record.offset,
+                   key=record.key, value=record.value, headers=tuple(record.headers or ()))
 
 
 _DYNAMIC_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
@@ -386,17 +387,7 @@ class KafkaSource:
         )
         out: dict[Partition, list[Message]] = {}
         for tp, records in batches.items():
-            out[Partition(tp.topic, tp.partition)] = [
-                Message(
-                    topic=r.topic,
-                    partition=r.partition,
-                    offset=r.offset,
-                    key=r.key,
-                    value=r.value,
-                    headers=tuple(r.headers or ()),
-                )
-                for r in records
-            ]
+            out[Partition(tp.topic, tp.partition)] = [_message(r) for r in records]
         return out
 
     async def commit(self, offsets: dict[Partition, int]) -> None:
