@@ -89,11 +89,18 @@ def _patient_of_statement(table, keys: tuple[str, ...]):  # noqa: ANN001, ANN202
         *(table.c[k] == bindparam(k, type_=table.c[k].type) for k in keys))
 
 
+_UNREAD = object()
+
+
 async def _upsert_fact(uow: UnitOfWork, table, keys: dict,  # noqa: ANN001
-                       values: dict) -> tuple[bool, str | None]:
-    """``_upsert`` of a patient's fact: (whether the row changed, the patient it was of before).
-    A fact that moves to another patient also changes the facts of the patient it leaves."""
-    before = (await uow.session.execute(_patient_of_statement(table, tuple(keys)), keys)).scalar()
+                       values: dict, before: str | None | object = _UNREAD,
+                       ) -> tuple[bool, str | None]:
+    """``_upsert`` of a patient's fact: (whether the row changed, the patient it was of before;
+    read here unless the caller read the row already). A fact that moves to another patient
+    also changes the facts of the patient it leaves."""
+    if before is _UNREAD:
+        before = (await uow.session.execute(_patient_of_statement(table, tuple(keys)),
+                                            keys)).scalar()
     await _moved(uow, keys["practice"], before, values["patient"])
     return await _upsert(uow, table, keys, values), before
 
@@ -288,7 +295,7 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
     key = (t.c.practice == practice, t.c.care_plan_id == keys["care_plan_id"])
     version = version_key(d["source"])
     stored = (await uow.session.execute(select(
-        t.c.last_review, t.c.review_version, t.c.version).where(*key))).first()
+        t.c.patient, t.c.last_review, t.c.review_version, t.c.version).where(*key))).first()
     # The last review is that of the newest version with review evidence, in any delivery
     # order: a revision without evidence (a goal edited) keeps it, a newer review replaces it
     # (a corrected date too).
@@ -311,7 +318,7 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
         uow, orm.care_plans, keys,
         {
             "patient": patient,
-            "version": version_key(d["source"]),
+            "version": version,
             "status": d["status"],
             "intent": d["intent"],
             # The practice's day: created 2026-04-01T02:00Z is a March plan in New York.
@@ -321,6 +328,7 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
             "review_version": review_version,
             "completed_on": completed_on,
         },
+        before=stored.patient if stored is not None else None,  # the row is read above
     )
     if not changed and review_version == version:
         # An older version arriving late whose review is newer than any stored: it counts.
