@@ -644,3 +644,69 @@ def test_a_completed_care_plan_keeps_the_day_it_was_completed():
         state = mapping.state
         seen.append(mapping.events[0].data["completedOn"])
     assert seen == ["2026-03-10", "2026-03-10", None, "2026-03-28"]
+
+
+PPRF_TYPE = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                          "code": "PPRF"}]}]
+
+
+@pytest.mark.parametrize("participant_type, first", [
+    (PPRF_TYPE, "Practitioner/rn"),
+    ([{"coding": [{"code": "PPRF"}]}], "Practitioner/md"),  # no system: not v3's PPRF
+    ([{"coding": [{"system": "urn:local:roles", "code": "PPRF"}]}], "Practitioner/md"),
+])
+def test_only_v3_participation_type_pprf_marks_the_primary_performer(participant_type, first):
+    """Billing classifies the time by the first performer; a local code that happens to read
+    PPRF must not move a nurse ahead of the physician listed first."""
+    enc = {**ccm_encounter(), "participant": [
+        {"individual": {"reference": "Practitioner/md"}},
+        {"type": participant_type, "individual": {"reference": "Practitioner/rn"}}]}
+    (event,) = map_version(enc, ctx("Encounter")).events
+    assert event.data["performers"][0]["practitioner"] == first
+
+
+@pytest.mark.parametrize("individual", [
+    {"reference": "https://other.example/fhir/Practitioner/md"},  # another server's
+    {"reference": "#md"},  # contained
+    {"display": "Dr. Someone"},  # named, not referenced
+    None,  # no one named
+])
+def test_an_unidentified_primary_performer_holds_the_time_instead_of_the_next_one(individual):
+    """The primary performer is who the time belongs to. When it is no Practitioner or
+    PractitionerRole of this server, the time used to be classified by the next participant (a
+    physician's 20 minutes billed as clinical-staff time, or the reverse); now the first
+    performer is unidentified (billing: staff-role-unknown) and the write says why."""
+    primary = {"type": PPRF_TYPE, **({"individual": individual} if individual else {})}
+    enc = {**ccm_encounter(), "participant": [
+        primary, {"individual": {"reference": "Practitioner/rn"}}]}
+    context = dataclasses.replace(ctx("Encounter"), practitioners={"rn": {
+        "resourceType": "Practitioner", "qualification": [{"code": {"coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/v2-0360", "code": "RN"}]}}]}})
+    mapping = map_version(enc, context)
+    (event,) = mapping.events
+    first, second = event.data["performers"]
+    assert first == {"practitioner": None, "practitionerRole": None, "roleCodes": [],
+                     "classification": "unknown"}
+    assert second["practitioner"] == "Practitioner/rn"
+    assert event.data["warnings"] == []  # not the length/period identifier
+    (warning,) = mapping.warnings
+    assert "participant[0]" in warning and "staff-role-unknown" in warning
+    # An identified primary performer beside it still ranks first, and nothing is unidentified.
+    named = {**enc, "participant": [*enc["participant"], {
+        "type": PPRF_TYPE, "individual": {"reference": "Practitioner/rn"}}]}
+    assert [p["practitioner"] for p in map_version(named, context).events[0].data[
+        "performers"]] == ["Practitioner/rn"]
+
+
+async def test_an_unidentified_primary_performer_reaches_billing_as_unknown(fhir):
+    enc = {**ccm_encounter("e-far"), "participant": [
+        {"type": PPRF_TYPE,
+         "individual": {"reference": "https://other.example/fhir/Practitioner/md"}}]}
+    r = await fhir.put("/fhir/Encounter/e-far", json=enc,
+                       headers={"Prefer": "return=OperationOutcome"})
+    assert r.status_code == 201, r.text
+    (issue,) = r.json()["issue"]
+    assert issue["severity"] == "warning" and "primary performer (PPRF)" in issue["diagnostics"]
+    (logged,) = await events(fhir, "ingest.time-entry.logged.v1")
+    assert logged["data"]["performers"][0]["classification"] == "unknown"
+    assert_valid_event(logged)

@@ -266,25 +266,48 @@ def _encounter_seconds(res: dict[str, Any], start: datetime | None,
 
 
 PRIMARY_PERFORMER = "PPRF"
+PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+# The first performer when the primary one names no Practitioner or PractitionerRole of this
+# server: billing holds its time (staff-role-unknown) instead of classifying it by whoever else
+# took part.
+UNIDENTIFIED_PRIMARY = {"practitioner": None, "practitionerRole": None, "roleCodes": [],
+                        "classification": "unknown"}
 
 
-def _performers(res: dict[str, Any], ctx: MappingContext) -> list[dict[str, Any]]:
+def _is_primary(participant: dict[str, Any]) -> bool:
+    """participant.type has v3-ParticipationType PPRF (a PPRF of another system, or of none,
+    is not that code)."""
+    return any(c["code"] == PRIMARY_PERFORMER and c["system"] == PARTICIPATION_TYPE
+               for c in codings(participant.get("type") or []))
+
+
+def _performers(res: dict[str, Any], ctx: MappingContext) -> tuple[list[dict[str, Any]],
+                                                                    list[str]]:
     """Who performed the time, the primary performer (participant.type PPRF) first, each with
     the codes that classify them: a PractitionerRole's code, else a Practitioner's
-    qualifications (a practice may send no PractitionerRoles)."""
+    qualifications (a practice may send no PractitionerRoles). A primary performer that is no
+    Practitioner or PractitionerRole of this server (another server's, contained, or none named)
+    comes first as an unidentified performer, with a warning (the second list)."""
     found: dict[str, dict[str, Any]] = {}  # each performer once, in participant order
     primary: dict[str, None] = {}  # … the primary ones first, in the order they are named so
-    for participant in res.get("participant") or []:
-        individual = participant.get("individual") if isinstance(participant, dict) else None
-        ref = ctx.ref(individual, ("Practitioner", "PractitionerRole"))
-        if ref is None:
+    unidentified: list[str] = []
+    for n, participant in enumerate(res.get("participant") or []):
+        if not isinstance(participant, dict):
             continue
-        if PRIMARY_PERFORMER in {c["code"] for c in codings(participant.get("type") or [])}:
+        ref = ctx.ref(participant.get("individual"), ("Practitioner", "PractitionerRole"))
+        if _is_primary(participant):
+            if ref is None:
+                unidentified.append(
+                    f"Encounter.participant[{n}] is the primary performer (PPRF) but names no "
+                    "Practitioner or PractitionerRole of this server: its time cannot be "
+                    "classified, and billing holds it (staff-role-unknown)")
+                continue
             primary.setdefault(ref)
-        if ref not in found:
+        if ref is not None and ref not in found:
             found[ref] = _performer(ref, ctx)
-    return [found[ref] for ref in primary] + [p for ref, p in found.items()
-                                               if ref not in primary]
+    first = [dict(UNIDENTIFIED_PRIMARY)] if unidentified and not primary else []
+    return first + [found[ref] for ref in primary] + [
+        p for ref, p in found.items() if ref not in primary], unidentified
 
 
 def _performer(ref: str, ctx: MappingContext) -> dict[str, Any]:
@@ -308,8 +331,9 @@ def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     patient = ctx.patient(res.get("subject"))
     activity = codings(res.get("type") or [], res.get("serviceType"))
     time, visit = _ccm_time(res, ctx, patient, activity), _visit(res, ctx, patient, activity)
+    # An Encounter both CCM time and a visit warns once of what both found (its performers).
     return Mapping([*time.events, *visit.events], {**time.state, **visit.state},
-                   [*time.warnings, *visit.warnings])
+                   list(dict.fromkeys([*time.warnings, *visit.warnings])))
 
 
 def _visit(res: dict[str, Any], ctx: MappingContext, patient: str | None,
@@ -346,11 +370,12 @@ def _visit(res: dict[str, Any], ctx: MappingContext, patient: str | None,
             "a visit code without a readable Encounter.period.start: not recorded as a visit"])
     moved = reversal("not-a-visit").events if recorded_for not in (None, patient) else []
     day = start.astimezone(ctx.timezone).date().isoformat()
+    performers, unidentified = _performers(res, ctx)
     recorded_now = _event("ingest.visit.recorded.v1", patient, ctx, visit=visit, patient=patient,
                           date=day, codes=sorted({c["code"] for c in codes}),
-                          performers=_performers(res, ctx))
+                          performers=performers)
     return Mapping([*moved, recorded_now],
-                   {"visitDate": day, "visitPatient": patient})
+                   {"visitDate": day, "visitPatient": patient}, unidentified)
 
 
 def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
@@ -396,6 +421,7 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
         end = start + timedelta(seconds=seconds)
     local = start.astimezone(ctx.timezone)
     month = f"{local.year:04d}-{local.month:02d}"
+    performers, unidentified = _performers(res, ctx)
     events = []
     if logged_month is not None and (logged_month != month or logged_for != patient):
         # Moved to another month or patient: take it out of the old one first.
@@ -406,10 +432,11 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
         end=end.isoformat(), serviceDate=local.date().isoformat(), serviceMonth=month,
         activityCodes=sorted({c["code"] for c in timed}),
         complex=any_coding_matches(ctx.config.complex_codes, activity),
-        performers=_performers(res, ctx),
+        performers=performers,
         warnings=[LENGTH_PERIOD_MISMATCH] if warnings else [],
     ))
-    return Mapping(events, {"loggedMonth": month, "loggedPatient": patient}, warnings)
+    return Mapping(events, {"loggedMonth": month, "loggedPatient": patient},
+                   warnings + unidentified)
 
 
 # ---- Consent → granted / revoked / declined / voided -----------------------------------------
