@@ -191,3 +191,38 @@ async def test_stored_text_and_times_survive_postgresql_exactly(ingest):
     assert since["total"] == 1 and since["entry"][0]["response"]["status"] == "201"
     after = (await ingest.get(history, params={"_since": "2026-03-04T05:06:08-05:00"})).json()
     assert after["total"] == 0 and after["entry"] == []
+
+
+async def test_consent_expiry_notices_on_postgresql_reach_kafka_once(ingest, infra):
+    """The pass reads the consents' end day out of their JSON state (jsonb on PostgreSQL), and
+    concurrent passes (replicas) send each notice once: rows another pass holds are skipped,
+    and the notices' key refuses a second."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    from ccm_ingest.service_layer.expiry import EXPIRING, expiry_pass
+
+    now = ingest.runtime.clock()
+    today = now.astimezone(ZoneInfo("America/New_York")).date()
+    consent = next(e["resource"] for e in json.loads(BUNDLE.read_text())["entry"]
+                   if e["resource"]["resourceType"] == "Consent")
+    r = await ingest.put("/fhir/Patient/px", json={"resourceType": "Patient", "id": "px"})
+    assert r.status_code == 201, r.text
+    for cid, days in (("soon", 10), ("far", 200)):
+        body = {**consent, "id": cid, "patient": {"reference": "Patient/px"},
+                "performer": [{"reference": "Patient/px"}],
+                "provision": {"type": "permit", "period": {
+                    "start": "2026-01-01", "end": (today + timedelta(days=days)).isoformat()}}}
+        r = await ingest.put(f"/fhir/Consent/{cid}", json=body)
+        assert r.status_code == 201, r.text
+    db = ingest.runtime.db
+    passes = await asyncio.gather(*(expiry_pass(db, now, practices=[ingest.practice])
+                                    for _ in range(4)))
+    assert sum(p.sent for p in passes) == 1
+    assert (await expiry_pass(db, now, practices=[ingest.practice])).sent == 0
+    ingest.runtime.relay.notify()
+    (event,) = await _read_tenant_events(infra.kafka_bootstrap_servers, [EXPIRING],
+                                         ingest.practice, expect=1, timeout=30)
+    assert event.data["consent"] == "Consent/soon" and event.data["daysLeft"] == 10
+    assert event.subject == "Patient/px"
+    assert_valid_event(json.loads(event.to_json()))

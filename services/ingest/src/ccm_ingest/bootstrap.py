@@ -5,6 +5,8 @@ from fastapi import FastAPI
 from ccm_ingest.adapters.orm import metadata
 from ccm_ingest.domain.mapping import EVENT_TYPES
 from ccm_ingest.entrypoints import config_api, edge, fhir_api
+from ccm_ingest.entrypoints.jobs import background
+from ccm_ingest.service_layer.expiry import EXPIRING
 from ccm_ingest.settings import IngestSettings
 from ccm_shared.service import ServiceDefinition, ServiceRuntime
 
@@ -29,6 +31,7 @@ SERVICE = ServiceDefinition(
     migrations_package="ccm_ingest.migrations",
     routers=_routers,
     configure_app=_configure,
-    produces=EVENT_TYPES,
+    background=background,
+    produces=(*EVENT_TYPES, EXPIRING),
     settings_model=IngestSettings,
 )

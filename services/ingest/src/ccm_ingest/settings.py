@@ -23,3 +23,8 @@ class IngestSettings(BaseSettings):
         "the future would keep every later one from applying")
     practice_cache_seconds: float = Field(
         5.0, ge=0, description="How long a practice's time zone and ingest config are cached")
+    expiry_notices_enabled: bool = Field(
+        True, description="Send consent expiry notices (ingest.consent.expiring.v1) from this "
+        "process's background jobs (any number of replicas may: each notice goes out once)")
+    expiry_interval_seconds: float = Field(
+        3600.0, gt=0, le=86_400, description="Seconds between consent expiry passes")

@@ -97,3 +97,15 @@ ingest_configs = Table(
 
 SERVICE_TABLES = (resources, resource_versions, resource_identifiers, conditional_creates,
                   ingest_configs)
+
+# One row per expiry notice sent (ingest.consent.expiring.v1): a consent's notice for one end
+# day goes out once, whatever the number of passes or replicas (the key refuses a second).
+consent_expiry_notices = Table(
+    "consent_expiry_notices",
+    metadata,
+    Column("tenant", String(64), nullable=False),
+    Column("consent_id", String(64), nullable=False),
+    Column("expires_on", String(10), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=False),
+    PrimaryKeyConstraint("tenant", "consent_id", "expires_on"),
+)

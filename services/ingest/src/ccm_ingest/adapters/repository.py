@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, cast, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_ingest.adapters.bulk import insert_all
 from ccm_ingest.adapters.orm import (
     conditional_creates,
+    consent_expiry_notices,
     ingest_configs,
     outbox,
     resource_identifiers,
@@ -51,6 +53,21 @@ class VersionRow:
     deleted: bool
     applied: bool
     method: str | None = None  # POST, PUT or DELETE (None: stored before ingest_0004)
+
+
+@dataclass(frozen=True)
+class ExpiringConsent:
+    """A granted CCM consent whose provision.period ends on ``expires_on``, with its current
+    version's source (for the event's ``source``)."""
+
+    id: str
+    patient: str | None
+    expires_on: str
+    version_id: int
+    last_updated: datetime
+    sha256: str
+    received_at: datetime
+    connection: str | None
 
 
 # A version row joined to its resource row only when it is the current version.
@@ -318,6 +335,44 @@ class SqlResourceRepository:
         )).scalar_one_or_none()
         return row.timezone, json.loads(stored) if stored else {}
 
+    def _state_text(self, key: str):  # noqa: ANN202 - a SQL expression
+        """The text of one key of ``ccm_state`` (stored as JSON text) in SQL."""
+        if self.session.bind.dialect.name == "postgresql":
+            return cast(resources.c.ccm_state, JSONB)[key].astext
+        return func.json_extract(resources.c.ccm_state, f"$.{key}")
+
+    async def expiring_consents(self, first: str, last: str,
+                                limit: int) -> list[ExpiringConsent]:
+        """Current granted CCM consents whose ``expiresOn`` (ISO day) is from ``first`` to
+        ``last`` and whose notice for that day has not been sent, soonest first; locked (rows
+        another transaction holds, a write or another replica's pass, are left for later)."""
+        expires = self._state_text("expiresOn")
+        n = consent_expiry_notices
+        noticed = select(n.c.consent_id).where(
+            n.c.tenant == self.tenant, n.c.consent_id == resources.c.id,
+            n.c.expires_on == expires).exists()
+        rows = (await self.session.execute(
+            select(resources.c.id, resources.c.patient, expires.label("expires_on"),
+                   resources.c.version_id, resources.c.last_updated, resources.c.sha256,
+                   resource_versions.c.received_at, resource_versions.c.connection)
+            .select_from(resources.join(resource_versions, _IS_CURRENT))
+            .where(resources.c.tenant == self.tenant, resources.c.type == "Consent",
+                   resources.c.deleted.is_(False), expires >= first, expires <= last,
+                   ~noticed)
+            .order_by(expires, resources.c.id).limit(limit)
+            .with_for_update(of=resources, skip_locked=True)
+        )).all()
+        return [ExpiringConsent(r.id, r.patient, r.expires_on, r.version_id,
+                                utc(r.last_updated), r.sha256, utc(r.received_at), r.connection)
+                for r in rows]
+
+    async def record_expiry_notices(self, sent: list[tuple[str, str]], now: datetime) -> None:
+        """(consent id, end day) notices sent in this transaction."""
+        if sent:
+            await self.session.execute(insert(consent_expiry_notices), [
+                {"tenant": self.tenant, "consent_id": cid, "expires_on": day, "sent_at": now}
+                for cid, day in sent])
+
     async def save_config(self, overrides: dict[str, Any], now: datetime) -> None:
         stmt = _insert(self.session)(ingest_configs).values(
             tenant=self.tenant, config=json.dumps(overrides), updated_at=now)
@@ -325,6 +380,12 @@ class SqlResourceRepository:
                                           set_={"config": stmt.excluded.config,
                                                 "updated_at": stmt.excluded.updated_at})
         await self.session.execute(stmt)
+
+
+async def practice_ids(session: AsyncSession) -> list[str]:
+    """Every practice, in id order."""
+    return list((await session.execute(select(practices.c.id).order_by(practices.c.id)))
+                .scalars())
 
 
 def utc(value: datetime) -> datetime:

@@ -27,6 +27,11 @@ CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 CARE_PLAN_INTENTS = ("proposal", "plan", "order", "option")
 
 
+# The integer settings: (most allowed, what that is).
+INTEGER_LIMITS = {"length_tolerance_seconds": (86_400, "a day"),
+                  "consent_expiring_lead_days": (366, "a year")}
+
+
 class ConfigInvalid(Exception):
     """An ingest configuration that cannot be used; the message names the key."""
 
@@ -74,6 +79,9 @@ class IngestConfig:
     # (ccm-billing-rules.md: not while the patient is an inpatient; configurable).
     facility_classes: tuple[str, ...] = ("IMP", "ACUTE", "NONAC", "EMER", "OBSENC", "PRENC",
                                          "SS")
+    # Days before a granted CCM consent's provision.period ends that ingest.consent.expiring.v1
+    # goes out (fhir-mapping.md: "an 'expiring' event ahead of time"); 0: never.
+    consent_expiring_lead_days: int = 30
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -90,10 +98,11 @@ class IngestConfig:
         for key, value in overrides.items():
             if key not in known:
                 raise ConfigInvalid(f"unknown setting {key!r}; known: {', '.join(sorted(known))}")
-            if key == "length_tolerance_seconds":
+            if key in INTEGER_LIMITS:
+                most, meaning = INTEGER_LIMITS[key]
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0 or \
-                        (strict and value > 86_400):
-                    raise ConfigInvalid(f"{key} must be an integer from 0 to 86400 (a day)")
+                        (strict and value > most):
+                    raise ConfigInvalid(f"{key} must be an integer from 0 to {most} ({meaning})")
                 values[key] = value
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

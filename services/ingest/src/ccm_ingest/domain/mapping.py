@@ -483,7 +483,30 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         state.update(granted=True, effectiveUntil=until)
     else:
         state["granted"] = status == "active"
+        if state["granted"] and (expires := consent_expires_on(res, ctx.timezone)):
+            state["expiresOn"] = expires  # what the expiry notices look for
     return Mapping([_consent_event(kind, status, patient, res, ctx, categories, until)], state)
+
+
+def consent_expires_on(res: dict[str, Any], tz: ZoneInfo) -> str | None:
+    """The last day (the practice's, ISO) a permitting consent's ``provision.period`` covers,
+    as billing reads it: a dateTime the day it is in ``tz`` (one Python cannot hold, such as a
+    leap second: the date as written), a date as written, a partial one its last day. None
+    without an end, or for a deny."""
+    provision = res.get("provision") or {}
+    end = (provision.get("period") or {}).get("end")
+    if not isinstance(end, str) or provision.get("type") == "deny":
+        return None
+    if "T" in end:
+        try:
+            return instant(end, tz).astimezone(tz).date().isoformat()
+        except (ValueError, OverflowError):
+            return end[:10]
+    if len(end) == 4:
+        return f"{end}-12-31"
+    if len(end) == 7:
+        return month_end(date(int(end[:4]), int(end[5:7]), 1)).isoformat()
+    return end
 
 
 def _consent_event(kind: str, status: str | None, patient: str, res: dict[str, Any],

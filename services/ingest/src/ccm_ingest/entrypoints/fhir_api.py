@@ -19,7 +19,7 @@ from fastapi.responses import Response
 
 from ccm_ingest.adapters.fhir_validation import load_models
 from ccm_ingest.adapters.repository import SqlResourceRepository, VersionRow
-from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
+from ccm_ingest.domain.config import IngestConfig
 from ccm_ingest.domain.model import (
     SUPPORTED_TYPES,
     FhirRejected,
@@ -40,6 +40,7 @@ from ccm_ingest.entrypoints.outcomes import (
 from ccm_ingest.service_layer import bundles
 from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.group_commit import GroupedWrites
+from ccm_ingest.service_layer.practice import practice_settings
 from ccm_ingest.service_layer.resources import Caller, Outcome, Write
 from ccm_ingest.settings import IngestSettings
 from ccm_shared.db import UnitOfWork
@@ -126,19 +127,9 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant, uow: UnitOfWork | 
     own when not); ``local_bases``: the /fhir bases the request came to."""
     cache: PracticeCache = runtime.state["practice_cache"]
 
-    async def load() -> tuple[ZoneInfo, Any] | None:
+    async def load() -> tuple[ZoneInfo, IngestConfig] | None:
         async with runtime.db.unit_of_work() if uow is None else nullcontext(uow) as reading:
-            found = await SqlResourceRepository(reading.session, tenant.practice_id).practice()
-        if found is None:
-            return None
-        zone, overrides = found
-        try:
-            config = DEFAULT_CONFIG.merged(overrides, strict=False)
-        except ConfigInvalid as exc:  # unreadable now: fall back, never fail ingest, but say so
-            log.warning("stored ingest config refused; using the defaults",
-                        practice=tenant.practice_id, error=str(exc)[:200])
-            config = DEFAULT_CONFIG
-        return ZoneInfo(zone), config
+            return await practice_settings(reading, tenant.practice_id)
 
     practice = await cache.get_or_load("practice", tenant.practice_id, load)
     if practice is None:
