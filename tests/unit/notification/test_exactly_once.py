@@ -144,3 +144,31 @@ async def test_a_completed_review_closes_its_pending_escalation(runtime):
     await alerts.process(to_message(resolved.type, resolved))
     [alert] = await rows(runtime, messages, messages.c.practice == "acme")
     assert alert.ack_state == "closed"
+
+
+async def test_an_expiring_consent_reaches_the_practice_contacts_once(runtime):
+    """ingest.consent.expiring.v1 (one per consent and end day) → one consent-expiring message
+    per practice contact, however often it is delivered or re-sent."""
+    alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
+    async with runtime.db.unit_of_work() as uow:
+        await edit_provider(uow, "acme", "lead", {"name": "Dr. Lead", "email": "lead@acme.test"},
+                            (), actor="test", now=NOW, if_match=None)
+        await upsert(uow.session, practice_contacts, {"practice": "acme"},
+                     {"supervisor": "lead", "on_call": None, "summary_recipients": [],
+                      "updated_at": NOW})
+        await uow.commit()
+    source = {"resourceType": "Consent", "id": "cs1", "versionId": "2",
+              "lastUpdated": "2026-11-01T00:00:00+00:00", "sha256": "0" * 64,
+              "receivedAt": "2026-11-01T00:00:00+00:00", "connection": "ehr"}
+    event = CloudEvent(source="/ccm/ingest/consent-expiry", type="ingest.consent.expiring.v1",
+                       tenant="acme", subject="Patient/p1", data={
+        "source": source, "consent": "Consent/cs1", "patient": "Patient/p1",
+        "expiresOn": "2026-12-01", "daysLeft": 12, "leadDays": 30})
+    await alerts.process(to_message(event.type, event))
+    await alerts.process(to_message(event.type, event.model_copy(update={
+        "id": str(uuid.uuid4())})))  # re-sent: the same notice
+    [message] = await rows(runtime, messages, messages.c.practice == "acme")
+    assert message.kind == "consent-expiring" and message.recipient == "lead@acme.test"
+    assert message.subject == "CCM consent of Patient/p1 expires on 2026-12-01"
+    assert "until 2026-12-01 (12 days from today)" in message.text_body
+    assert alerts.stats.dead_lettered == 0

@@ -79,6 +79,11 @@ KINDS: dict[str, Kind] = {
             ("patient", "month", "next_code", "minutes_to_next", "days_left"),
         ),
         Kind(
+            "consent-expiring",
+            "CCM consent expiring",
+            ("patient", "consent", "expires_on", "days_left"),
+        ),
+        Kind(
             "invoice-issued",
             "Invoice issued",
             ("invoice_id", "month", "revision", "total_net", "total_gross"),

@@ -31,6 +31,7 @@ ALERT_TOPICS = (
     "billing.threshold.at-risk.v1",
     "billing.invoice.issued.v1",
     "billing.period.closed.v1",
+    "ingest.consent.expiring.v1",
 )
 
 
@@ -70,6 +71,23 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
                     "revision": d["revision"],
                     "total_net": d["totalNet"],
                     "total_gross": d["totalGross"],
+                },
+            )
+        elif event.type == "ingest.consent.expiring.v1":
+            # A renewed consent is the practice's to obtain: its summary recipients (else its
+            # clinical supervisor) hear of it, once per consent and end day.
+            d = event.data
+            await to_practice_contacts(
+                notifier,
+                event,
+                uow,
+                "consent-expiring",
+                f"consent-expiring:{d['consent']}:{d['expiresOn']}",
+                {
+                    "patient": d["patient"],
+                    "consent": d["consent"],
+                    "expires_on": d["expiresOn"],
+                    "days_left": d["daysLeft"],
                 },
             )
         elif event.type == "billing.period.closed.v1":
