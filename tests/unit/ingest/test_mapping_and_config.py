@@ -652,6 +652,8 @@ PPRF_TYPE = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-Pa
 
 @pytest.mark.parametrize("participant_type, first", [
     (PPRF_TYPE, "Practitioner/rn"),
+    ([{"coding": [{"system": "http://hl7.org/fhir/v3/ParticipationType", "code": "PPRF"}]}],
+     "Practitioner/rn"),  # v3's address before R4, which STU3 EHRs still send
     ([{"coding": [{"code": "PPRF"}]}], "Practitioner/md"),  # no system: not v3's PPRF
     ([{"coding": [{"system": "urn:local:roles", "code": "PPRF"}]}], "Practitioner/md"),
 ])
@@ -691,11 +693,14 @@ def test_an_unidentified_primary_performer_holds_the_time_instead_of_the_next_on
     assert event.data["warnings"] == []  # not the length/period identifier
     (warning,) = mapping.warnings
     assert "participant[0]" in warning and "staff-role-unknown" in warning
-    # An identified primary performer beside it still ranks first, and nothing is unidentified.
-    named = {**enc, "participant": [*enc["participant"], {
-        "type": PPRF_TYPE, "individual": {"reference": "Practitioner/rn"}}]}
-    assert [p["practitioner"] for p in map_version(named, context).events[0].data[
-        "performers"]] == ["Practitioner/rn"]
+    # Another primary performer beside it, identified, does not take the time either: whose
+    # time it is cannot be told, in whichever order the two are listed.
+    named = {"type": PPRF_TYPE, "individual": {"reference": "Practitioner/rn"}}
+    for participants in ([primary, named], [named, primary]):
+        both = map_version({**enc, "participant": participants}, context)
+        assert [p["practitioner"] for p in both.events[0].data["performers"]] == [
+            None, "Practitioner/rn"]
+        assert len(both.warnings) == 1
 
 
 async def test_an_unidentified_primary_performer_reaches_billing_as_unknown(fhir):

@@ -266,7 +266,9 @@ def _encounter_seconds(res: dict[str, Any], start: datetime | None,
 
 
 PRIMARY_PERFORMER = "PPRF"
-PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
+# v3 ParticipationType, at its R4 address and the one before it (STU3 EHRs still send it).
+PARTICIPATION_TYPES = ("http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                       "http://hl7.org/fhir/v3/ParticipationType")
 # The first performer when the primary one names no Practitioner or PractitionerRole of this
 # server: billing holds its time (staff-role-unknown) instead of classifying it by whoever else
 # took part.
@@ -277,7 +279,7 @@ UNIDENTIFIED_PRIMARY = {"practitioner": None, "practitionerRole": None, "roleCod
 def _is_primary(participant: dict[str, Any]) -> bool:
     """participant.type has v3-ParticipationType PPRF (a PPRF of another system, or of none,
     is not that code)."""
-    return any(c["code"] == PRIMARY_PERFORMER and c["system"] == PARTICIPATION_TYPE
+    return any(c["code"] == PRIMARY_PERFORMER and c["system"] in PARTICIPATION_TYPES
                for c in codings(participant.get("type") or []))
 
 
@@ -285,9 +287,10 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> tuple[list[dict[str
                                                                     list[str]]:
     """Who performed the time, the primary performer (participant.type PPRF) first, each with
     the codes that classify them: a PractitionerRole's code, else a Practitioner's
-    qualifications (a practice may send no PractitionerRoles). A primary performer that is no
-    Practitioner or PractitionerRole of this server (another server's, contained, or none named)
-    comes first as an unidentified performer, with a warning (the second list)."""
+    qualifications (a practice may send no PractitionerRoles). When a primary performer is no
+    Practitioner or PractitionerRole of this server (another server's, contained, or none named),
+    an unidentified performer comes first, even before another primary one (whose time it is
+    cannot be told), with a warning (the second list)."""
     found: dict[str, dict[str, Any]] = {}  # each performer once, in participant order
     primary: dict[str, None] = {}  # … the primary ones first, in the order they are named so
     unidentified: list[str] = []
@@ -305,7 +308,7 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> tuple[list[dict[str
             primary.setdefault(ref)
         if ref is not None and ref not in found:
             found[ref] = _performer(ref, ctx)
-    first = [dict(UNIDENTIFIED_PRIMARY)] if unidentified and not primary else []
+    first = [dict(UNIDENTIFIED_PRIMARY)] if unidentified else []
     return first + [found[ref] for ref in primary] + [
         p for ref, p in found.items() if ref not in primary], unidentified
 
