@@ -139,3 +139,29 @@ async def test_the_background_job_sends_the_notices(fhir):
         stopping.set()
         await asyncio.wait_for(task, 5)
     assert [n["data"]["consent"] for n in await notices(fhir)] == ["Consent/soon"]
+
+
+async def test_a_consent_moved_to_another_patient_is_noticed_for_that_patient(fhir):
+    db = fhir.runtime.db
+    await put_consent(fhir, "c1", consent("2026-04-10"))
+    assert (await expiry_pass(db, NOW)).sent == 1
+    await put_consent(fhir, "c1", consent("2026-04-10", patient={"reference": "Patient/p2"}))
+    assert (await expiry_pass(db, NOW)).sent == 1
+    assert [n["subject"] for n in await notices(fhir)] == ["Patient/p1", "Patient/p2"]
+
+
+async def test_a_notice_recorded_by_a_concurrent_pass_is_not_sent_again(fhir):
+    """Two passes may read the same due consents before either commits (PostgreSQL reads
+    them, then locks): the second one's notices already recorded are left out, not refused."""
+    from ccm_ingest.adapters.repository import SqlResourceRepository
+
+    await put_consent(fhir, "c1", consent("2026-04-10"))
+    await put_consent(fhir, "c2", consent("2026-04-11"))
+    async with fhir.runtime.db.unit_of_work() as uow:
+        repo = SqlResourceRepository(uow.session, "alpha")
+        due = await repo.expiring_consents("2026-03-15", "2026-04-14", 10)
+        assert [c.id for c in due] == ["c1", "c2"]
+        assert [c.id for c in await repo.record_expiry_notices(due[:1], NOW)] == ["c1"]
+        assert [c.id for c in await repo.record_expiry_notices(due, NOW)] == ["c2"]
+        await uow.commit()
+    assert (await expiry_pass(fhir.runtime.db, NOW)).sent == 0

@@ -99,13 +99,15 @@ SERVICE_TABLES = (resources, resource_versions, resource_identifiers, conditiona
                   ingest_configs)
 
 # One row per expiry notice sent (ingest.consent.expiring.v1): a consent's notice for one end
-# day goes out once, whatever the number of passes or replicas (the key refuses a second).
+# day and patient goes out once, whatever the number of passes or replicas (the key refuses a
+# second).
 consent_expiry_notices = Table(
     "consent_expiry_notices",
     metadata,
     Column("tenant", String(64), nullable=False),
     Column("consent_id", String(64), nullable=False),
     Column("expires_on", String(10), nullable=False),
+    Column("patient", String(64), nullable=False),
     Column("sent_at", DateTime(timezone=True), nullable=False),
-    PrimaryKeyConstraint("tenant", "consent_id", "expires_on"),
+    PrimaryKeyConstraint("tenant", "consent_id", "expires_on", "patient"),
 )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, cast, delete, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, cast, delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -61,7 +61,7 @@ class ExpiringConsent:
     version's source (for the event's ``source``)."""
 
     id: str
-    patient: str | None
+    patient: str  # the Patient id
     expires_on: str
     version_id: int
     last_updated: datetime
@@ -344,21 +344,22 @@ class SqlResourceRepository:
     async def expiring_consents(self, first: str, last: str,
                                 limit: int) -> list[ExpiringConsent]:
         """Current granted CCM consents whose ``expiresOn`` (ISO day) is from ``first`` to
-        ``last`` and whose notice for that day has not been sent, soonest first; locked (rows
-        another transaction holds, a write or another replica's pass, are left for later)."""
+        ``last`` and whose notice for that day and patient has not been sent, soonest first;
+        locked (rows another transaction holds, a write or another replica's pass, are left
+        for later)."""
         expires = self._state_text("expiresOn")
         n = consent_expiry_notices
         noticed = select(n.c.consent_id).where(
             n.c.tenant == self.tenant, n.c.consent_id == resources.c.id,
-            n.c.expires_on == expires).exists()
+            n.c.expires_on == expires, n.c.patient == resources.c.patient).exists()
         rows = (await self.session.execute(
             select(resources.c.id, resources.c.patient, expires.label("expires_on"),
                    resources.c.version_id, resources.c.last_updated, resources.c.sha256,
                    resource_versions.c.received_at, resource_versions.c.connection)
             .select_from(resources.join(resource_versions, _IS_CURRENT))
             .where(resources.c.tenant == self.tenant, resources.c.type == "Consent",
-                   resources.c.deleted.is_(False), expires >= first, expires <= last,
-                   ~noticed)
+                   resources.c.deleted.is_(False), resources.c.patient.is_not(None),
+                   expires >= first, expires <= last, ~noticed)
             .order_by(expires, resources.c.id).limit(limit)
             .with_for_update(of=resources, skip_locked=True)
         )).all()
@@ -366,12 +367,22 @@ class SqlResourceRepository:
                                 utc(r.last_updated), r.sha256, utc(r.received_at), r.connection)
                 for r in rows]
 
-    async def record_expiry_notices(self, sent: list[tuple[str, str]], now: datetime) -> None:
-        """(consent id, end day) notices sent in this transaction."""
-        if sent:
-            await self.session.execute(insert(consent_expiry_notices), [
-                {"tenant": self.tenant, "consent_id": cid, "expires_on": day, "sent_at": now}
-                for cid, day in sent])
+    async def record_expiry_notices(self, due: list[ExpiringConsent],
+                                    now: datetime) -> list[ExpiringConsent]:
+        """Record the notices of ``due`` as sent in this transaction; those another transaction
+        recorded first (a concurrent pass that read them before either committed) are left
+        out of the answer, not refused: only the answer's notices are to be sent."""
+        if not due:
+            return []
+        n = consent_expiry_notices
+        recorded = (await self.session.execute(
+            _insert(self.session)(n).values([
+                {"tenant": self.tenant, "consent_id": c.id, "expires_on": c.expires_on,
+                 "patient": c.patient, "sent_at": now} for c in due])
+            .on_conflict_do_nothing().returning(n.c.consent_id, n.c.expires_on, n.c.patient)
+        )).all()
+        kept = set(map(tuple, recorded))
+        return [c for c in due if (c.id, c.expires_on, c.patient) in kept]
 
     async def save_config(self, overrides: dict[str, Any], now: datetime) -> None:
         stmt = _insert(self.session)(ingest_configs).values(

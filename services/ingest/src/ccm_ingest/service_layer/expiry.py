@@ -1,6 +1,6 @@
 """Consent expiry notices (fhir-mapping.md, Consent: "valid period → an 'expiring' event ahead
-of time, configurable lead"): ``ingest.consent.expiring.v1`` once per granted CCM consent and
-``provision.period`` end day, when the practice's day is within ``consent_expiring_lead_days``
+of time, configurable lead"): ``ingest.consent.expiring.v1`` once per granted CCM consent,
+``provision.period`` end day and patient, when the practice's day is within ``consent_expiring_lead_days``
 of it. The mapping keeps the end day in the consent's CCM state (``expiresOn``); a pass finds
 the consents due, records each notice and stages its event in one transaction per batch, so a
 notice goes out once whatever the number of passes or replicas."""
@@ -91,10 +91,8 @@ async def _practice_pass(db: Database, practice: str, now: datetime, batch_size:
                                                batch_size)
             if not due:
                 return sent
-            await repo.record_expiry_notices([(c.id, c.expires_on) for c in due], now)
-            # A granted CCM consent always has its patient (the mapping refuses one without).
             events = [expiring_event(practice, c, today, lead, now)
-                      for c in due if c.patient is not None]
+                      for c in await repo.record_expiry_notices(due, now)]
             await uow.outbox.add_many([(EXPIRING, e) for e in events])
             await uow.commit()
         sent += len(events)

@@ -75,14 +75,14 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
             )
         elif event.type == "ingest.consent.expiring.v1":
             # A renewed consent is the practice's to obtain: its summary recipients (else its
-            # clinical supervisor) hear of it, once per consent and end day.
+            # clinical supervisor) hear of it, once per consent, end day and patient.
             d = event.data
             await to_practice_contacts(
                 notifier,
                 event,
                 uow,
                 "consent-expiring",
-                f"consent-expiring:{d['consent']}:{d['expiresOn']}",
+                f"consent-expiring:{d['consent']}:{d['expiresOn']}:{d['patient']}",
                 {
                     "patient": d["patient"],
                     "consent": d["consent"],
