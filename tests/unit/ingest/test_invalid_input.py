@@ -519,3 +519,83 @@ async def test_one_issue_for_a_reference_that_is_none_and_integers_said_plainly(
                         b'"multipleBirthInteger": 1e3}')
     assert r.status_code == 422
     assert "number without a fraction or exponent, not 1000.0" in r.text
+
+
+def _validate_path(method: str, path: str, body) -> str | None:  # noqa: ANN001
+    """The $validate URL that checks what ``method path`` would store, when there is one."""
+    if method not in ("POST", "PUT") or not isinstance(body, dict) or "$" in path:
+        return None
+    parts = path.split("/")[2:]  # after /fhir
+    if not parts:
+        return "/fhir/Bundle/$validate"
+    if method == "POST" and len(parts) == 1 or method == "PUT" and len(parts) == 2:
+        return f"/fhir/{parts[0]}/$validate"
+    return None
+
+
+VALIDATED = [c for c in CASES if c[5] == 422 and not c[4] and _validate_path(c[1], c[2], c[3])]
+
+
+@pytest.mark.parametrize("case", VALIDATED, ids=[c[0] for c in VALIDATED])
+async def test_validate_refuses_what_the_write_refuses(fhir, case):
+    """$validate answers what the write would: an EHR that checks first is not told 'valid'
+    for a resource or Bundle the write then refuses (a transaction's urn: reference that names
+    no entry, a CCM Encounter without its time, …)."""
+    _, method, path, body, _, _, code, expression = case
+    r = await fhir.post(_validate_path(method, path, body), json=body)
+    assert r.status_code == 422, r.text
+    outcome = r.json()
+    assert outcome["issue"][0]["code"] == code, outcome
+    if expression is not None:
+        assert any(expression in i.get("expression", []) for i in outcome["issue"]), outcome
+
+
+def _transaction(*entries) -> dict:  # noqa: ANN002
+    return {"resourceType": "Bundle", "type": "transaction", "entry": list(entries)}
+
+
+PATIENT_URN = "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a01"
+
+
+async def test_validate_resolves_a_transactions_references_as_the_write_would(fhir):
+    before = await counts(fhir)
+    patient = {"fullUrl": PATIENT_URN, "resource": {"resourceType": "Patient"},
+               "request": {"method": "POST", "url": "Patient"}}
+    encounter = {"resource": {**ccm_encounter(), "subject": {"reference": PATIENT_URN}},
+                 "request": {"method": "POST", "url": "Encounter"}}
+    by_criteria = {"resource": {**ccm_encounter(), "subject": {
+        "reference": "Patient?identifier=urn:mrn|1"}}, "request": {"method": "POST",
+                                                                "url": "Encounter"}}
+    for bundle in (_transaction(patient, encounter), _transaction(by_criteria)):
+        r = await fhir.post("/fhir/Bundle/$validate", json=bundle)
+        assert r.status_code == 200, r.text  # a CCM Encounter of this server's patient
+    # A conditional reference of a type not stored here is refused, as the write refuses it.
+    odd = {"resource": {**ccm_encounter(), "subject": {"reference": "Group?name=x"}},
+           "request": {"method": "POST", "url": "Encounter"}}
+    r = await fhir.post("/fhir/Bundle/$validate", json=_transaction(odd))
+    assert r.status_code == 422 and "type not supported" in r.text
+    assert r.json()["issue"][0]["expression"] == ["Bundle.entry[0].resource.subject.reference"]
+    # Two entries updating one resource.
+    twice = [{"resource": {"resourceType": "Patient", "id": "p9"},
+              "request": {"method": "PUT", "url": "Patient/p9"}}] * 2
+    r = await fhir.post("/fhir/Bundle/$validate", json=_transaction(*twice))
+    assert r.status_code == 422 and "may touch a resource only once" in r.text
+    assert await counts(fhir) == before  # nothing stored, whatever the answer
+
+
+async def test_validate_mode_profile_checks_only_the_content(fhir):
+    untimed = {k: v for k, v in ccm_encounter().items() if k not in ("period", "length")}
+    r = await fhir.post("/fhir/Encounter/$validate", json=untimed)
+    assert r.status_code == 422 and r.json()["issue"][0]["expression"] == ["Encounter.length"]
+    for mode in ("create", "update"):
+        assert (await fhir.post(f"/fhir/Encounter/$validate?mode={mode}",
+                                json=untimed)).status_code == 422
+    assert (await fhir.post("/fhir/Encounter/$validate?mode=profile",
+                            json=untimed)).status_code == 200
+    nowhere = _transaction({"resource": {**ccm_encounter(), "subject": {"reference": NOWHERE}},
+                            "request": {"method": "POST", "url": "Encounter"}})
+    assert (await fhir.post("/fhir/Bundle/$validate?mode=profile",
+                            json=nowhere)).status_code == 200
+    assert (await fhir.post("/fhir/Bundle/$validate", json=nowhere)).status_code == 422
+    r = await fhir.post("/fhir/Encounter/$validate?mode=delete", json=untimed)
+    assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["mode"]

@@ -9,12 +9,12 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 import structlog
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from ccm_ingest.adapters.fhir_validation import load_models
@@ -140,6 +140,18 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant, uow: UnitOfWork | 
                   practice[0], practice[1], now, timedelta(seconds=skew), local_bases)
 
 log = structlog.get_logger(__name__)
+# $validate's modes (FHIR: create, update, delete, profile); None: create.
+VALIDATE_MODES = (None, "create", "update", "profile")
+
+
+def processable(bundle: dict[str, Any]) -> str:
+    """The type of a Bundle ``POST /fhir`` processes (transaction or batch), else 422."""
+    kind = bundle.get("type")
+    if kind not in ("transaction", "batch"):
+        raise rejected(422, "value", ("Bundle.type is missing" if kind is None else
+                                      f"Bundle.type {kind!r}") + ": only transaction and "
+                       "batch Bundles can be processed", "Bundle.type")
+    return kind
 
 
 def _check_type(rtype: str) -> None:
@@ -293,11 +305,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             tenant.require_scope("fhir:read")
         if methods - {"GET"} or not methods:
             tenant.require_scope("fhir:write")
-        kind = bundle.get("type")
-        if kind not in ("transaction", "batch"):
-            raise rejected(422, "value", ("Bundle.type is missing" if kind is None else
-                                          f"Bundle.type {kind!r}") + ": only transaction and "
-                           "batch Bundles can be processed", "Bundle.type")
+        kind = processable(bundle)
         entries = bundles.parse_entries(bundle, settings.max_bundle_entries,
                                         each_alone=kind == "batch")
         if kind == "transaction":
@@ -318,17 +326,35 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                                          prefer(request, "minimal")))
 
     @router.post("/{rtype}/$validate", summary="Validate a resource (or Bundle) without storing")
-    async def validate(rtype: str, request: Request, tenant: TenantDep) -> Response:
+    async def validate(rtype: str, request: Request, tenant: TenantDep,
+                       mode: Annotated[str | None, Query(description=(
+                           "create or update (the default): also what storing it would "
+                           "refuse without reading stored data (a transaction's urn: "
+                           "references, the CCM mapping's rules, meta.lastUpdated ahead of "
+                           "the clock); profile: the resource's own content only"))] = None,
+                       ) -> Response:
+        if mode not in VALIDATE_MODES:
+            raise rejected(400, "not-supported", f"$validate mode {mode!r} is not supported; "
+                           "supported: create, update, profile", "mode")
         body = await read_json(request, max_depth)
         if rtype == "Bundle":
             if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
                 raise rejected(400, "invalid", "resourceType does not match the URL (Bundle)",
                                "resourceType")
+            kind = processable(body) if mode != "profile" else body.get("type")
             entries = bundles.parse_entries(body, settings.max_bundle_entries)
+            if mode != "profile":
+                bundles.check_bundle(await caller_for(runtime, tenant,
+                                                      local_bases=local_bases(request)),
+                                     kind, entries)
             count = len(entries)
         else:
             _check_type(rtype)
-            standalone(body, rtype)  # what a create or update of it would check
+            resource = standalone(body, rtype)  # what a create or update of it would check
+            if mode != "profile":
+                handlers.check_as_create(await caller_for(runtime, tenant,
+                                                          local_bases=local_bases(request)),
+                                         rtype, resource)
             count = 1
         return outcome_response(200, [Issue("information", "informational",
                                             f"valid: {count} resource(s) checked")])
@@ -563,7 +589,12 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
             } for t in SUPPORTED_TYPES],
             "operation": [{"name": "validate",
                            "definition": "http://hl7.org/fhir/OperationDefinition/"
-                                         "Resource-validate"}],
+                                         "Resource-validate",
+                           "documentation": "mode create (default) or update: also the rules "
+                                            "storing applies without reading stored data "
+                                            "(CCM mapping, meta.lastUpdated, a transaction's "
+                                            "references); profile: the content only; delete: "
+                                            "not supported"}],
         }],
     }
 

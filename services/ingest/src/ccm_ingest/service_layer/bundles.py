@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -381,6 +382,62 @@ async def transaction(uow: UnitOfWork, caller: Caller,
             results[e.index] = await _run_entry(uow, caller, e)
     await flush()
     return [(e, results[e.index]) for e in entries]
+
+
+def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> None:
+    """``$validate`` of a parsed transaction or batch Bundle: what processing it would refuse
+    without reading stored data, all at once (422). A transaction's ``urn:`` references must
+    name its entries, and each written resource, its references resolved, must pass the rules
+    a create applies (``check_as_create``). Not checked: conditional creates and references
+    (their matches are stored data); each one's target type must be supported."""
+    ids: dict[str, str] = {}
+    if kind == "transaction":
+        for e in entries:
+            if e.full_url and e.method in ("POST", "PUT"):
+                ids[e.full_url] = f"{e.rtype}/{e.rid or f'validate-{e.index}'}"
+        _one_entry_per_resource(entries)
+    issues: list[Issue] = []
+    for e in entries:
+        if e.resource is None:
+            continue
+        resource = copy.deepcopy(e.resource)  # as a transaction would rewrite it
+        left = _rewrite_references(resource, ids)
+        where = f"{_where(e.index)}.resource"
+        if left & UNRESOLVED:
+            issues += [i.located(where) for i in unresolved_local_references(resource, e.rtype)]
+            continue
+        issues += [i.located(where) for i in subject_targets(resource, e.rtype)]
+        try:
+            if left & CONDITIONAL:
+                _stand_in_for_conditionals(resource, where)
+        except FhirRejected as exc:
+            issues += exc.issues
+            continue
+        try:  # located as the transaction locates them (``Write.where``)
+            handlers.check_as_create(caller, e.rtype, {**resource, "id": e.rid}
+                                     if e.rid else resource)
+        except FhirRejected as exc:
+            issues += [i.located(where) for i in exc.issues]
+    if issues:
+        raise FhirRejected(422, issues)
+
+
+def _stand_in_for_conditionals(value: Any, path: str) -> None:
+    """``Type?criteria`` references replaced, in place, by a reference to some ``Type``
+    resource of this server (what they resolve to when one resource matches)."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and "?" in ref and not ref.startswith(("http", "urn:")):
+            rtype = ref.partition("?")[0]
+            if rtype not in SUPPORTED_TYPES:
+                raise rejected(422, "not-supported", f"conditional reference {ref!r}: type "
+                               "not supported", f"{path}.reference")
+            value["reference"] = f"{rtype}/validate-conditional"
+        for key, item in value.items():
+            _stand_in_for_conditionals(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            _stand_in_for_conditionals(item, f"{path}[{n}]")
 
 
 def _one_entry_per_resource(entries: list[Entry]) -> None:

@@ -1,9 +1,10 @@
 """Consent expiry notices (fhir-mapping.md, Consent: "valid period → an 'expiring' event ahead
 of time, configurable lead"): ``ingest.consent.expiring.v1`` once per granted CCM consent,
-``provision.period`` end day and patient, when the practice's day is within ``consent_expiring_lead_days``
-of it. The mapping keeps the end day in the consent's CCM state (``expiresOn``); a pass finds
-the consents due, records each notice and stages its event in one transaction per batch, so a
-notice goes out once whatever the number of passes or replicas."""
+``provision.period`` end day and patient, when the practice's day is within
+``consent_expiring_lead_days`` of that end day. The mapping keeps the end day in the consent's
+CCM state (``expiresOn``); a pass finds the consents due, records each notice and stages its
+event in one transaction per batch, so a notice goes out once whatever the number of passes or
+replicas."""
 
 from __future__ import annotations
 

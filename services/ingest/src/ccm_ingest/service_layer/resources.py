@@ -27,6 +27,7 @@ from ccm_ingest.domain.model import (
     FhirRejected,
     Issue,
     MappedEvent,
+    Mapping,
     SourceVersion,
     ascii_digits,
     content_hash,
@@ -331,19 +332,13 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
                               f"kept in history as version {version_id}")
     source = SourceVersion(rtype, rid, version_id, last_updated, sha, caller.now,
                            caller.connection)
-    try:
-        # The batch's known roles and practitioners as they are: mapping looks up only those
-        # the Encounter's participants name (no second walk of them per resource).
-        mapping = map_version(body, MappingContext(
-            source=source, config=caller.config, timezone=caller.timezone,
-            state=cur.ccm_state if cur and cur.version_id else {},
-            roles=known["PractitionerRole"], practitioners=known["Practitioner"],
-            local_bases=caller.local_bases))
-    except (ValueError, OverflowError) as exc:
-        # A dateTime Python cannot hold (a leap second, one beyond year 9999 in the practice's
-        # zone), or a number too large: valid FHIR, but no CCM fact can be made of it.
-        raise rejected(422, "value", f"a date or number of this {rtype} cannot be turned into "
-                       f"CCM facts ({exc})", rtype) from None
+    # The batch's known roles and practitioners as they are: mapping looks up only those the
+    # Encounter's participants name (no second walk of them per resource).
+    mapping = _mapped(body, MappingContext(
+        source=source, config=caller.config, timezone=caller.timezone,
+        state=cur.ccm_state if cur and cur.version_id else {},
+        roles=known["PractitionerRole"], practitioners=known["Practitioner"],
+        local_bases=caller.local_bases))
     patient_element = PATIENT_ELEMENT.get(rtype)
     patient = (reference(body.get(patient_element), ("Patient",), caller.local_bases)
                if patient_element else None)
@@ -361,6 +356,32 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
         known[rtype][rid] = body
     return Outcome(200 if exists else 201, rtype, rid, version,
                    [Issue("warning", "business-rule", m) for m in mapping.warnings])
+
+
+def _mapped(body: dict[str, Any], ctx: MappingContext) -> Mapping:
+    """The version's CCM events and state; FhirRejected for what the mapping's rules refuse."""
+    try:
+        return map_version(body, ctx)
+    except (ValueError, OverflowError) as exc:
+        # A dateTime Python cannot hold (a leap second, one beyond year 9999 in the practice's
+        # zone), or a number too large: valid FHIR, but no CCM fact can be made of it.
+        rtype = ctx.source.resource_type
+        raise rejected(422, "value", f"a date or number of this {rtype} cannot be turned into "
+                       f"CCM facts ({exc})", rtype) from None
+
+
+def check_as_create(caller: Caller, rtype: str, resource: dict[str, Any]) -> None:
+    """What storing a validated ``resource`` as a new resource refuses that validation alone
+    does not (``$validate``): a ``meta.lastUpdated`` too far ahead, and the CCM mapping's rules
+    (a CCM Encounter without a length or period, or for another server's patient; a CCM consent
+    without its patient; …). Nothing stored is read, so it is mapped as a first version."""
+    last_updated = _meta_last_updated(resource, caller)
+    rid = resource.get("id") or "validate"
+    source = SourceVersion(rtype, rid, 1, last_updated, DELETED_HASH, caller.now,
+                           caller.connection)
+    _mapped({**resource, "id": rid}, MappingContext(
+        source=source, config=caller.config, timezone=caller.timezone,
+        local_bases=caller.local_bases))
 
 
 async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
