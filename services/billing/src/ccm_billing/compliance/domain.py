@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Literal
 
-from ccm_billing.domain.model import Month
+from ccm_billing.domain.model import Month, add_months
 
 State = Literal["active", "expiring", "expired", "missing", "declined", "revoked", "voided"]
 ATTENTION: tuple[State, ...] = ("missing", "declined", "revoked", "voided", "expired", "expiring")
@@ -45,13 +45,6 @@ class Standing:
     consent: ConsentFact | None = None
     expires_on: date | None = None
     days_left: int | None = None
-
-
-def add_months(day: date, months: int) -> date:
-    """The same day ``months`` later, clamped to the month's last day (Jan 31 + 1 → Feb 28)."""
-    index = day.year * 12 + day.month - 1 + months
-    target = Month(index // 12, index % 12 + 1)
-    return target.last_day if day.day > target.last_day.day else target.first_day.replace(day=day.day)
 
 
 def expires_on(consent: ConsentFact, renewal_months: int | None) -> date | None:

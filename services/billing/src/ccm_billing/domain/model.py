@@ -76,6 +76,15 @@ class Month:
         return cls(day.year, day.month)
 
 
+def add_months(day: date, months: int) -> date:
+    """The same day ``months`` later (or earlier), clamped to that month's last day (Jan 31 + 1
+    → Feb 28 or 29): the consent renewal, review and initiating-visit look-back clocks."""
+    index = day.year * 12 + day.month - 1 + months
+    target = Month(index // 12, index % 12 + 1)
+    return target.last_day if day.day > target.last_day.day else target.first_day.replace(
+        day=day.day)
+
+
 @dataclass(frozen=True)
 class TimeEntry:
     """One CCM activity (a finished Encounter version), its performer already classified."""

@@ -18,9 +18,9 @@ from sqlalchemy import bindparam, or_, select, update
 
 from ccm_billing.adapters import orm
 from ccm_billing.compliance import evidence
-from ccm_billing.domain.model import Month
+from ccm_billing.domain.model import Month, add_months
 from ccm_billing.domain.rules import ruleset_for
-from ccm_billing.domain.rules.ccm import REVOKED, add_months
+from ccm_billing.domain.rules.ccm import REVOKED
 from ccm_billing.domain.rules.ruleset import available_years
 from ccm_billing.service_layer import corrections, decision_cache
 from ccm_billing.service_layer.common import (

@@ -6,7 +6,6 @@ ruleset data; only the shape of the rules lives here.
 
 from __future__ import annotations
 
-from datetime import date
 from zoneinfo import ZoneInfo
 
 from ccm_billing.domain import model as m
@@ -18,6 +17,7 @@ from ccm_billing.domain.model import (
     Option,
     PatientMonth,
     PracticeOptions,
+    add_months,
 )
 from ccm_billing.domain.rules.ruleset import RuleSet
 
@@ -36,13 +36,6 @@ BLOCKER_ORDER = (
 CARE_PLAN_CLOSED = {"revoked", "entered-in-error", "draft", "unknown"}
 # Option preference when two combinations pay the same: the simpler claim first.
 OPTION_ORDER = ("staff", "practitioner", "complex")
-
-
-def add_months(day: date, months: int) -> date:
-    index = day.year * 12 + day.month - 1 + months
-    year, month = divmod(index, 12)
-    last = m.Month(year, month + 1).last_day.day
-    return date(year, month + 1, min(day.day, last))
 
 
 REVOKED = frozenset({"inactive", "draft", "proposed"})
