@@ -583,3 +583,18 @@ def test_the_service_default_interval_has_the_same_bound():
     assert BillingSettings(consent_renewal_months=1200).consent_renewal_months == 1200
     with pytest.raises(ValidationError):
         BillingSettings(consent_renewal_months=100000)
+
+
+def test_an_unreadable_renewal_interval_is_said_once_per_practice_and_value():
+    """Every decision pass reads the interval: the warning is not repeated each time."""
+    import structlog
+
+    from ccm_billing.service_layer.common import PracticeInfo, consent_renewal_months
+
+    with structlog.testing.capture_logs() as logs:
+        for value in ("a year", "a year", "a year", "two years"):
+            info = PracticeInfo("warned-once", "W", "America/New_York",
+                                {"rules": {"consent_renewal_months": value}})
+            assert consent_renewal_months(info) is None
+    warned = [e for e in logs if "consent_renewal_months" in e["event"]]
+    assert [e["practice"] for e in warned] == ["warned-once", "warned-once"]

@@ -224,12 +224,17 @@ def consent_renewal_months(info: PracticeInfo) -> int | None:
         months = -1
     if not 0 <= months <= MAX_RENEWAL_MONTHS or isinstance(value, bool | float):
         # Pricing documents are written by hand: an unreadable interval must not stop billing,
-        # and must not pass unnoticed either.
-        log.warning("pricing rules.consent_renewal_months is not a whole number of months "
-                    f"from 0 to {MAX_RENEWAL_MONTHS}; the service default applies",
-                    practice=info.id)
+        # and must not pass unnoticed either (said once per practice and value, not per pass).
+        _unreadable_renewal(info.id, repr(value))
         months = _service_renewal_months()
     return months or None
+
+
+@functools.lru_cache(maxsize=1024)
+def _unreadable_renewal(practice: str, value: str) -> None:
+    log.warning("pricing rules.consent_renewal_months is not a whole number of months "
+                f"from 0 to {MAX_RENEWAL_MONTHS}; the service default applies",
+                practice=practice)
 
 
 @functools.cache
