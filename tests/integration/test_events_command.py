@@ -61,3 +61,31 @@ async def test_newest_gives_the_last_messages_of_each_partition_and_commits_noth
     assert [line["event"]["n"] for line in lines] == [1, 3, 5, 7, 9]
     assert {line["key"] for line in lines} == {"key-1"}
     assert "5 event(s)" in out.stderr
+
+
+async def test_newest_reads_what_is_left_when_retention_deleted_the_first_wanted_offsets(
+        infra, kafka, topic, monkeypatch):
+    """Retention can delete a partition's first wanted offsets between reading where it starts
+    and fetching: the newest records still there are read, not skipped as if the partition had
+    nothing (the consumer's reset on an offset out of range is to the earliest, not the end)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin.records_to_delete import RecordsToDelete
+
+    await kafka.ensure_topics([topic])
+    await kafka.send_batch([Message(topic, json.dumps({"n": n}).encode(), b"one-key")
+                            for n in range(10)])
+    (partition,) = {m.partition for m in await kafka.newest([topic], 10)}
+    tp = TopicPartition(topic, partition)
+    admin = AIOKafkaAdminClient(bootstrap_servers=infra.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(6)})  # as retention would
+    finally:
+        await admin.close()
+
+    async def read_before_the_deletion(self, partitions):  # noqa: ANN001, ANN202
+        return {p: 0 for p in partitions}  # the log start as it was just before
+
+    monkeypatch.setattr(AIOKafkaConsumer, "beginning_offsets", read_before_the_deletion)
+    found = await kafka.newest([topic], 8)
+    assert [json.loads(m.value)["n"] for m in found] == [6, 7, 8, 9]

@@ -265,8 +265,10 @@ class KafkaTransport:
                       for p in sorted(d["partitions"], key=lambda p: p["partition"])]
         if not partitions:
             return []
+        # An offset out of range when fetched (retention deleted it after the partition's start
+        # was read) resumes at the earliest left: those are then the newest there are.
         consumer = AIOKafkaConsumer(**self.connection_options(), group_id=None,
-                                    enable_auto_commit=False,
+                                    enable_auto_commit=False, auto_offset_reset="earliest",
                                     client_id=f"{self.client_id}-newest",
                                     request_timeout_ms=self.request_timeout_ms)
         await consumer.start()
