@@ -599,3 +599,73 @@ async def test_validate_mode_profile_checks_only_the_content(fhir):
     assert (await fhir.post("/fhir/Bundle/$validate", json=nowhere)).status_code == 422
     r = await fhir.post("/fhir/Encounter/$validate?mode=delete", json=untimed)
     assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["mode"]
+
+
+def _entry(resource, method: str, url: str, **request) -> dict:  # noqa: ANN001
+    return {**({"resource": resource} if resource is not None else {}),
+            "request": {"method": method, "url": url, **request}}
+
+
+UNTIMED = {k: v for k, v in ccm_encounter().items() if k not in ("period", "length")}
+AGREEING = [
+    # (name, Bundle, the status both answer): $validate and POST /fhir agree.
+    ("a DELETE entry's resource is not looked at", _transaction(
+        _entry(UNTIMED, "DELETE", "Encounter/d1")), 200),
+    ("a GET entry's resource is not looked at", _transaction(
+        _entry({**UNTIMED, "meta": {"lastUpdated": "2030-01-01T00:00:00Z"}}, "GET",
+               "Encounter/d2")), 200),
+    ("a DELETE entry's resource that is no object", _transaction(
+        _entry("x", "DELETE", "Encounter/d3")), 200),
+    ("a urn: reference inside a contained resource does not hide the rest", _transaction(
+        _entry({**UNTIMED, "contained": [{"resourceType": "Practitioner", "id": "c1",
+                                          "extension": [{"url": "urn:x", "valueReference": {
+                                              "reference": NOWHERE}}]}],
+                "participant": [{"individual": {"reference": "#c1"}}]}, "POST",
+               "Encounter")), 422),
+    ("a PUT whose body names another id", _transaction(
+        _entry({"resourceType": "Patient", "id": "p2"}, "PUT", "Patient/p1")), 400),
+    ("an ifMatch that is no version", _transaction(
+        _entry({"resourceType": "Patient", "id": "p3"}, "PUT", "Patient/p3",
+               ifMatch="abc")), 400),
+    ("ifNoneExist criteria not supported", _transaction(
+        _entry({"resourceType": "Patient"}, "POST", "Patient", ifNoneExist="foo=bar")), 400),
+    ("a conditional reference with criteria not supported", _transaction(
+        _entry({**ccm_encounter(), "subject": {"reference": "Patient?foo=bar"}}, "POST",
+               "Encounter")), 400),
+]
+
+
+@pytest.mark.parametrize("name, bundle, status", AGREEING, ids=[c[0] for c in AGREEING])
+async def test_validate_and_the_transaction_agree(fhir, name, bundle, status):
+    v = await fhir.post("/fhir/Bundle/$validate", json=bundle)
+    assert v.status_code == status, v.text
+    w = await fhir.post("/fhir", json=bundle)
+    assert w.status_code == status, w.text
+    if status >= 400:
+        assert v.json()["issue"][0]["code"] == w.json()["issue"][0]["code"]
+
+
+async def test_validate_gives_the_writes_warnings_and_mode_update_needs_an_id(fhir):
+    pprf = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                   "v3-ParticipationType", "code": "PPRF"}]}]
+    far = {**ccm_encounter(), "participant": [{"type": pprf, "individual": {
+        "reference": "https://other.example/fhir/Practitioner/md"}}]}
+    r = await fhir.post("/fhir/Encounter/$validate", json=far)
+    assert r.status_code == 200, r.text
+    assert [i["severity"] for i in r.json()["issue"]] == ["information", "warning"]
+    assert "primary performer (PPRF)" in r.json()["issue"][1]["diagnostics"]
+    r = await fhir.post("/fhir/Bundle/$validate", json=_transaction(_entry(far, "POST",
+                                                                           "Encounter")))
+    assert r.json()["issue"][1]["expression"] == ["Bundle.entry[0].resource"]
+    body = {k: v for k, v in ccm_encounter().items() if k != "id"}
+    r = await fhir.post("/fhir/Encounter/$validate?mode=update", json=body)
+    assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["Encounter.id"]
+
+
+async def test_a_batch_entry_locates_the_mappings_error_as_a_transaction_does(fhir):
+    for kind in ("batch", "transaction"):
+        r = await fhir.post("/fhir", json={**_transaction(_entry(UNTIMED, "POST", "Encounter")),
+                                           "type": kind})
+        issues = (r.json()["entry"][0]["response"]["outcome"]["issue"] if kind == "batch"
+                  else r.json()["issue"])
+        assert issues[0]["expression"] == ["Bundle.entry[0].resource.Encounter.length"], kind

@@ -382,7 +382,12 @@ class SqlResourceRepository:
             .on_conflict_do_nothing().returning(n.c.consent_id, n.c.expires_on, n.c.patient)
         )).all()
         kept = set(map(tuple, recorded))
-        return [c for c in due if (c.id, c.expires_on, c.patient) in kept]
+        answer = []
+        for c in due:  # each recorded notice once, even were it in ``due`` twice
+            if (key := (c.id, c.expires_on, c.patient)) in kept:
+                kept.discard(key)
+                answer.append(c)
+        return answer
 
     async def save_config(self, overrides: dict[str, Any], now: datetime) -> None:
         stmt = _insert(self.session)(ingest_configs).values(

@@ -343,21 +343,22 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                                "resourceType")
             kind = processable(body) if mode != "profile" else body.get("type")
             entries = bundles.parse_entries(body, settings.max_bundle_entries)
-            if mode != "profile":
-                bundles.check_bundle(await caller_for(runtime, tenant,
-                                                      local_bases=local_bases(request)),
-                                     kind, entries)
+            warnings = [] if mode == "profile" else bundles.check_bundle(
+                await caller_for(runtime, tenant, local_bases=local_bases(request)), kind,
+                entries)
             count = len(entries)
         else:
             _check_type(rtype)
             resource = standalone(body, rtype)  # what a create or update of it would check
-            if mode != "profile":
-                handlers.check_as_create(await caller_for(runtime, tenant,
-                                                          local_bases=local_bases(request)),
-                                         rtype, resource)
+            if mode == "update" and resource.get("id") is None:
+                raise rejected(400, "required", "an update needs the resource's id in its body",
+                               f"{rtype}.id")
+            warnings = [] if mode == "profile" else handlers.check_as_create(
+                await caller_for(runtime, tenant, local_bases=local_bases(request)), rtype,
+                resource)
             count = 1
         return outcome_response(200, [Issue("information", "informational",
-                                            f"valid: {count} resource(s) checked")])
+                                            f"valid: {count} resource(s) checked"), *warnings])
 
     @router.post("/{rtype}", summary="Create (If-None-Exist: conditional create)")
     async def create(rtype: str, request: Request, tenant: TenantDep) -> Response:

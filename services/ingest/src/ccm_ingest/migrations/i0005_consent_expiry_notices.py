@@ -1,5 +1,5 @@
 """ingest: ``consent_expiry_notices``, the expiry notices sent (ingest.consent.expiring.v1), one
-per consent and end day.
+per consent, end day and patient.
 
 Revision ID: ingest_0005
 Revises: ingest_0004

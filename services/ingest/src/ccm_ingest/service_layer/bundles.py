@@ -137,10 +137,12 @@ def _parse_entry(i: int, raw: Any) -> Entry:
                          ("request.ifNoneExist", request.get("ifNoneExist"))):
         if value is not None and not isinstance(value, str):
             raise rejected(422, "value", f"entry.{field} must be a string", f"{_where(i)}.{field}")
-    resource = raw.get("resource")
+    # Only a create or update stores a resource: one sent with a DELETE or GET means nothing
+    # here and is not looked at (it was, and one that was no JSON object answered 500).
+    resource = None
     if method in ("POST", "PUT"):
         try:
-            resource = handlers.validated(resource, rtype)
+            resource = handlers.validated(raw.get("resource"), rtype)
         except FhirRejected as exc:
             raise FhirRejected(exc.status, [issue.located(f"{_where(i)}.resource")
                                             for issue in exc.issues]) from None
@@ -291,7 +293,7 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
     repo = SqlResourceRepository(uow.session, caller.tenant)
     if e.method == "POST":
         outcome = await handlers.create(uow, caller, e.resource, if_none_exist=e.if_none_exist,
-                                        new_id=e.rid)
+                                        new_id=e.rid, where=f"{_where(e.index)}.resource")
         return outcome
     if e.method == "PUT":
         if e.rid is None and e.criteria:  # in a batch (a transaction settled it already)
@@ -301,7 +303,7 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
                            f"{_where(e.index)}.request.url")
         resource = e.resource if e.resource.get("id") else {**e.resource, "id": e.rid}
         return await handlers.update(uow, caller, e.rtype, e.rid, resource,
-                                     if_match=e.if_match)
+                                     if_match=e.if_match, where=f"{_where(e.index)}.resource")
     if e.method == "DELETE":
         if e.rid is not None:
             return await handlers.remove(uow, caller, e.rtype, e.rid, if_match=e.if_match)
@@ -384,42 +386,51 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     return [(e, results[e.index]) for e in entries]
 
 
-def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> None:
+def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]:
     """``$validate`` of a parsed transaction or batch Bundle: what processing it would refuse
-    without reading stored data, all at once (422). A transaction's ``urn:`` references must
-    name its entries, and each written resource, its references resolved, must pass the rules
-    a create applies (``check_as_create``). Not checked: conditional creates and references
-    (their matches are stored data); each one's target type must be supported."""
+    without reading stored data (FhirRejected: a request's error at once, as the write answers
+    it, else every resource's problem together, 422), and the warnings the write would give.
+    A transaction's ``urn:`` references must name its entries, and each written resource, its
+    references resolved, must pass the rules a create applies (``check_as_create``). Not
+    checked: what conditional creates, updates and references match (stored data)."""
     ids: dict[str, str] = {}
     if kind == "transaction":
         for e in entries:
             if e.full_url and e.method in ("POST", "PUT"):
                 ids[e.full_url] = f"{e.rtype}/{e.rid or f'validate-{e.index}'}"
         _one_entry_per_resource(entries)
+    for e in entries:  # the request's own parts, refused as the write refuses them (400)
+        with _at_entry(e.index):
+            if e.if_match is not None:
+                handlers.parse_etag(e.if_match)
+            if e.method == "POST" and e.if_none_exist:
+                handlers.normalise_criteria(e.rtype, e.if_none_exist)
+            if e.method in ("PUT", "DELETE") and e.rid is None and e.criteria:
+                handlers.normalise_criteria(e.rtype, e.criteria)
+            if e.method == "PUT" and e.rid is not None and e.resource.get("id") is not None:
+                handlers.check_update_id(e.rtype, e.rid, e.resource)
     issues: list[Issue] = []
+    warnings: list[Issue] = []
     for e in entries:
         if e.resource is None:
             continue
         resource = copy.deepcopy(e.resource)  # as a transaction would rewrite it
         left = _rewrite_references(resource, ids)
         where = f"{_where(e.index)}.resource"
-        if left & UNRESOLVED:
-            issues += [i.located(where) for i in unresolved_local_references(resource, e.rtype)]
+        if left & UNRESOLVED and (found := unresolved_local_references(resource, e.rtype)):
+            issues += [i.located(where) for i in found]
             continue
         issues += [i.located(where) for i in subject_targets(resource, e.rtype)]
-        try:
-            if left & CONDITIONAL:
-                _stand_in_for_conditionals(resource, where)
-        except FhirRejected as exc:
-            issues += exc.issues
-            continue
+        if left & CONDITIONAL:
+            _stand_in_for_conditionals(resource, where)
         try:  # located as the transaction locates them (``Write.where``)
-            handlers.check_as_create(caller, e.rtype, {**resource, "id": e.rid}
-                                     if e.rid else resource)
+            warnings += [i.located(where) for i in handlers.check_as_create(
+                caller, e.rtype, {**resource, "id": e.rid} if e.rid else resource)]
         except FhirRejected as exc:
             issues += [i.located(where) for i in exc.issues]
     if issues:
         raise FhirRejected(422, issues)
+    return warnings
 
 
 def _stand_in_for_conditionals(value: Any, path: str) -> None:
@@ -432,6 +443,7 @@ def _stand_in_for_conditionals(value: Any, path: str) -> None:
             if rtype not in SUPPORTED_TYPES:
                 raise rejected(422, "not-supported", f"conditional reference {ref!r}: type "
                                "not supported", f"{path}.reference")
+            handlers.normalise_criteria(rtype, ref)  # criteria the search refuses: 400
             value["reference"] = f"{rtype}/validate-conditional"
         for key, item in value.items():
             _stand_in_for_conditionals(item, f"{path}.{key}")

@@ -174,9 +174,11 @@ class Write:
 
 
 async def store(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
-                resource: dict[str, Any], *, fresh: bool = False) -> Outcome:
-    """Store ``resource`` as the next version of ``rtype/rid`` (created if new) and map it."""
-    return (await store_many(uow, caller, [Write(rtype, rid, resource, fresh)]))[0]
+                resource: dict[str, Any], *, fresh: bool = False,
+                where: str | None = None) -> Outcome:
+    """Store ``resource`` as the next version of ``rtype/rid`` (created if new) and map it;
+    ``where``: the Bundle entry's resource the mapping's errors are located under."""
+    return (await store_many(uow, caller, [Write(rtype, rid, resource, fresh, where)]))[0]
 
 
 async def store_many(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> list[Outcome]:
@@ -370,18 +372,20 @@ def _mapped(body: dict[str, Any], ctx: MappingContext) -> Mapping:
                        f"CCM facts ({exc})", rtype) from None
 
 
-def check_as_create(caller: Caller, rtype: str, resource: dict[str, Any]) -> None:
+def check_as_create(caller: Caller, rtype: str, resource: dict[str, Any]) -> list[Issue]:
     """What storing a validated ``resource`` as a new resource refuses that validation alone
     does not (``$validate``): a ``meta.lastUpdated`` too far ahead, and the CCM mapping's rules
     (a CCM Encounter without a length or period, or for another server's patient; a CCM consent
-    without its patient; …). Nothing stored is read, so it is mapped as a first version."""
+    without its patient; …); else the warnings the write would answer with. Nothing stored is
+    read, so it is mapped as a first version."""
     last_updated = _meta_last_updated(resource, caller)
     rid = resource.get("id") or "validate"
     source = SourceVersion(rtype, rid, 1, last_updated, DELETED_HASH, caller.now,
                            caller.connection)
-    _mapped({**resource, "id": rid}, MappingContext(
+    mapping = _mapped({**resource, "id": rid}, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone,
         local_bases=caller.local_bases))
+    return [Issue("warning", "business-rule", m) for m in mapping.warnings]
 
 
 async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
@@ -413,7 +417,8 @@ async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
 
 
 async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
-                 if_none_exist: str | None = None, new_id: str | None = None) -> Outcome:
+                 if_none_exist: str | None = None, new_id: str | None = None,
+                 where: str | None = None) -> Outcome:
     """FHIR create: a server-assigned id; with ``If-None-Exist`` at most one resource ever."""
     rtype = resource["resourceType"]
     rid = new_id or random_uuid()
@@ -421,11 +426,12 @@ async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
         found = await claim_create(uow, caller, rtype, rid, if_none_exist)
         if found is not None:
             return found
-    return await store(uow, caller, rtype, rid, resource, fresh=True)
+    return await store(uow, caller, rtype, rid, resource, fresh=True, where=where)
 
 
 async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
-                 resource: dict[str, Any], *, if_match: str | None = None) -> Outcome:
+                 resource: dict[str, Any], *, if_match: str | None = None,
+                 where: str | None = None) -> Outcome:
     """FHIR update (or create with the client's id); ``If-Match`` guards the version."""
     check_update_id(rtype, rid, resource)
     if if_match is not None:
@@ -436,7 +442,7 @@ async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
         if have is None or current.deleted or wanted != have:
             raise rejected(412, "conflict", f"If-Match {if_match} does not match the current "
                            f"version ({'none' if have is None else have})", "If-Match")
-    return await store(uow, caller, rtype, rid, resource)
+    return await store(uow, caller, rtype, rid, resource, where=where)
 
 
 def check_update_id(rtype: str, rid: str, resource: dict[str, Any]) -> None:
