@@ -102,15 +102,20 @@ async def test_a_role_supplies_organization_and_an_email_and_routes_role_referen
     assert directory.stats.dead_lettered == 0
 
 
-async def test_billing_events_reach_the_billing_practitioner_or_the_practice_contacts(runtime):
-    alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
-    async with runtime.db.unit_of_work() as uow:
+async def lead_is_the_practice_contact(rt) -> None:  # noqa: ANN001
+    """Dr. Lead (lead@acme.test) is acme's clinical supervisor, and it has no summary list."""
+    async with rt.db.unit_of_work() as uow:
         await edit_provider(uow, "acme", "lead", {"name": "Dr. Lead", "email": "lead@acme.test"},
                             (), actor="test", now=NOW, if_match=None)
         await upsert(uow.session, practice_contacts, {"practice": "acme"},
                      {"supervisor": "lead", "on_call": None, "summary_recipients": [],
                       "updated_at": NOW})
         await uow.commit()
+
+
+async def test_billing_events_reach_the_billing_practitioner_or_the_practice_contacts(runtime):
+    alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
+    await lead_is_the_practice_contact(runtime)
     at_risk = CloudEvent(source="/ccm/billing", type="billing.threshold.at-risk.v1",
                          tenant="acme", subject="Patient/p1", data={
         "patient": "Patient/p1", "month": "2026-11", "seconds": {"staff": 900, "practitioner": 0},
@@ -150,13 +155,7 @@ async def test_an_expiring_consent_reaches_the_practice_contacts_once(runtime):
     """ingest.consent.expiring.v1 (one per consent and end day) → one consent-expiring message
     per practice contact, however often it is delivered or re-sent."""
     alerts = next(c for c in runtime.consumers if c.name == "notification-alerts")
-    async with runtime.db.unit_of_work() as uow:
-        await edit_provider(uow, "acme", "lead", {"name": "Dr. Lead", "email": "lead@acme.test"},
-                            (), actor="test", now=NOW, if_match=None)
-        await upsert(uow.session, practice_contacts, {"practice": "acme"},
-                     {"supervisor": "lead", "on_call": None, "summary_recipients": [],
-                      "updated_at": NOW})
-        await uow.commit()
+    await lead_is_the_practice_contact(runtime)
     source = {"resourceType": "Consent", "id": "cs1", "versionId": "2",
               "lastUpdated": "2026-11-01T00:00:00+00:00", "sha256": "0" * 64,
               "receivedAt": "2026-11-01T00:00:00+00:00", "connection": "ehr"}

@@ -177,6 +177,18 @@ def _rewrite_references(value: Any, ids: dict[str, str]) -> int:
     return left
 
 
+def _conditional_target(ref: Any, path: str) -> str | None:
+    """The type a conditional reference (``Patient?identifier=…``) searches, None for any
+    other reference; 422 for a type not stored here."""
+    if not isinstance(ref, str) or "?" not in ref or ref.startswith(("http", "urn:")):
+        return None
+    rtype = ref.partition("?")[0]
+    if rtype not in SUPPORTED_TYPES:
+        raise rejected(422, "not-supported", f"conditional reference {ref!r}: type not "
+                       "supported", f"{path}.reference")
+    return rtype
+
+
 async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
                                   deleted: dict[str, set[str]] | None = None) -> None:
     """``Patient?identifier=…`` references resolve to the one match, or the entry fails; a
@@ -184,11 +196,7 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
     async def visit(value: Any, path: str) -> None:
         if isinstance(value, dict):
             ref = value.get("reference")
-            if isinstance(ref, str) and "?" in ref and not ref.startswith(("http", "urn:")):
-                rtype = ref.partition("?")[0]
-                if rtype not in SUPPORTED_TYPES:
-                    raise rejected(422, "not-supported", f"conditional reference {ref!r}: type "
-                                   "not supported", f"{path}.reference")
+            if (rtype := _conditional_target(ref, path)) is not None:
                 matches = await handlers.find_by_criteria(
                     repo, rtype, ref, ignore=(deleted or {}).get(rtype, ()))
                 if len(matches) != 1:
@@ -438,11 +446,7 @@ def _stand_in_for_conditionals(value: Any, path: str) -> None:
     resource of this server (what they resolve to when one resource matches)."""
     if isinstance(value, dict):
         ref = value.get("reference")
-        if isinstance(ref, str) and "?" in ref and not ref.startswith(("http", "urn:")):
-            rtype = ref.partition("?")[0]
-            if rtype not in SUPPORTED_TYPES:
-                raise rejected(422, "not-supported", f"conditional reference {ref!r}: type "
-                               "not supported", f"{path}.reference")
+        if (rtype := _conditional_target(ref, path)) is not None:
             handlers.normalise_criteria(rtype, ref)  # criteria the search refuses: 400
             value["reference"] = f"{rtype}/validate-conditional"
         for key, item in value.items():
