@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -476,13 +475,22 @@ def _one_entry_per_resource(entries: list[Entry]) -> None:
 _ENTRY_FIELDS = {"If-None-Exist": "request.ifNoneExist", "If-Match": "request.ifMatch"}
 
 
-@contextmanager
-def _at_entry(index: int) -> Iterator[None]:
-    """FhirRejected raised inside, with its issues located under ``Bundle.entry[index]``."""
-    try:
-        yield
-    except FhirRejected as exc:
-        raise FhirRejected(exc.status, _located(exc.issues, index)) from None
+class _at_entry:  # noqa: N801 - a context manager named as the function it was
+    """FhirRejected raised inside, with its issues located under ``Bundle.entry[index]`` (a
+    class, not a generator: entered once per entry)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, FhirRejected):
+            raise FhirRejected(exc.status, _located(exc.issues, self.index)) from None
+        return False
 
 
 def _located(issues: list[Issue], index: int) -> list[Issue]:
