@@ -632,6 +632,25 @@ AGREEING = [
     ("a conditional reference with criteria not supported", _transaction(
         _entry({**ccm_encounter(), "subject": {"reference": "Patient?foo=bar"}}, "POST",
                "Encounter")), 400),
+    ("a conditional reference with criteria the search refuses", _transaction(
+        _entry({**ccm_encounter(), "subject": {"reference": "Patient?identifier=a,b"}},
+               "POST", "Encounter")), 400),
+    ("an ifMatch on a create, which is not read", _transaction(
+        _entry({"resourceType": "Patient"}, "POST", "Patient", ifMatch="abc")), 200),
+    ("an ifMatch on a read, which is not read", _transaction(
+        _entry(None, "GET", "Patient/zz", ifMatch="abc")), 200),
+    ("ifNoneExist criteria the search refuses", _transaction(
+        _entry({"resourceType": "Patient"}, "POST", "Patient",
+               ifNoneExist="identifier=a,b")), 400),
+    ("a conditional delete the search refuses", _transaction(
+        _entry(None, "DELETE", "Patient?_lastUpdated=junk")), 400),
+    ("a delete of no id and no criteria", _transaction(_entry(None, "DELETE", "Patient")), 400),
+    ("an update of no id and no criteria", _transaction(
+        _entry({"resourceType": "Patient"}, "PUT", "Patient")), 422),
+    ("a method that is a list", _transaction(_entry(None, ["GET"], "Patient")), 422),
+    ("a versionId that is a list beside a fullUrl", _transaction(
+        {"fullUrl": PATIENT_URN, **_entry({"resourceType": "Patient", "meta": {
+            "versionId": [1]}}, "POST", "Patient")}), 422),
 ]
 
 
@@ -643,6 +662,23 @@ async def test_validate_and_the_transaction_agree(fhir, name, bundle, status):
     assert w.status_code == status, w.text
     if status >= 400:
         assert v.json()["issue"][0]["code"] == w.json()["issue"][0]["code"]
+
+
+async def test_a_batch_entry_whose_method_is_a_list_is_refused_alone(fhir):
+    r = await fhir.post("/fhir", json={**_transaction(_entry(None, ["GET"], "Patient")),
+                                       "type": "batch"})
+    assert r.status_code == 200, r.text
+    assert r.json()["entry"][0]["response"]["status"].startswith("422")
+
+
+async def test_validate_answers_every_resources_problem_together(fhir):
+    untimed = _entry(UNTIMED, "POST", "Encounter")
+    odd = _entry({**ccm_encounter(), "participant": [{"individual": {
+        "reference": "Basic?identifier=a"}}]}, "POST", "Encounter")
+    r = await fhir.post("/fhir/Bundle/$validate", json=_transaction(untimed, odd))
+    assert r.status_code == 422
+    assert [i["expression"][0].split(".resource")[0] for i in r.json()["issue"]] == [
+        "Bundle.entry[0]", "Bundle.entry[1]"]
 
 
 async def test_validate_gives_the_writes_warnings_and_mode_update_needs_an_id(fhir):

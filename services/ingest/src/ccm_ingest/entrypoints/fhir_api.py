@@ -300,7 +300,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         # GET entries need fhir:read, every other entry fhir:write.
         sent = bundle.get("entry") if isinstance(bundle.get("entry"), list) else []
         methods = {e["request"].get("method") if isinstance(e, dict)
-                   and isinstance(e.get("request"), dict) else None for e in sent}
+                   and isinstance(e.get("request"), dict)
+                   and isinstance(e["request"].get("method"), str) else None for e in sent}
         if "GET" in methods:
             tenant.require_scope("fhir:read")
         if methods - {"GET"} or not methods:

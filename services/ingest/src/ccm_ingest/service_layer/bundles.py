@@ -89,9 +89,13 @@ def _unique_full_urls(entries: list[Any]) -> None:
         url = raw.get("fullUrl") if isinstance(raw, dict) else None
         if not isinstance(url, str):
             continue
-        resource = raw.get("resource")
+        request = raw.get("request")
+        method = request.get("method") if isinstance(request, dict) else None
+        # Only a create's or update's resource counts (a DELETE's or GET's is not looked at).
+        resource = raw.get("resource") if method in ("POST", "PUT") else None
         meta = resource.get("meta") if isinstance(resource, dict) else None
-        key = (url, meta.get("versionId") if isinstance(meta, dict) else None)
+        # repr: a versionId of any JSON type (a list is unhashable; validation refuses it later)
+        key = (url, repr(meta.get("versionId")) if isinstance(meta, dict) else None)
         if key in seen:
             issues.append(Issue("error", "invariant", f"fullUrl {url!r} is also the fullUrl of "
                                 f"Bundle.entry[{seen[key]}] (bdl-7: fullUrl must be unique in a "
@@ -108,6 +112,8 @@ def _parse_entry(i: int, raw: Any) -> Entry:
                        f"{_where(i)}.request")
     request = raw["request"]
     method, url = request.get("method"), request.get("url")
+    if not isinstance(method, str):  # a list or an object is no method (and unhashable)
+        method = None
     if method in ("PATCH", "HEAD"):
         raise rejected(422, "not-supported", f"entry.request.method {method} is not supported "
                        f"here; supported: {', '.join(METHOD_ORDER)}", f"{_where(i)}.request.method")
@@ -296,6 +302,11 @@ async def _claim(uow: UnitOfWork, caller: Caller, e: Entry, key: str,
     claimed[(e.rtype, key)] = e
 
 
+def _put_without_target(e: Entry) -> FhirRejected:
+    return rejected(422, "required", "PUT needs Type/id or Type?criteria",
+                    f"{_where(e.index)}.request.url")
+
+
 async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
     repo = SqlResourceRepository(uow.session, caller.tenant)
     if e.method == "POST":
@@ -306,8 +317,7 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
         if e.rid is None and e.criteria:  # in a batch (a transaction settled it already)
             await _conditional_update(repo, e)
         if e.rid is None:
-            raise rejected(422, "required", "PUT needs Type/id or Type?criteria",
-                           f"{_where(e.index)}.request.url")
+            raise _put_without_target(e)
         resource = e.resource if e.resource.get("id") else {**e.resource, "id": e.rid}
         return await handlers.update(uow, caller, e.rtype, e.rid, resource,
                                      if_match=e.if_match, where=f"{_where(e.index)}.resource")
@@ -406,14 +416,17 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
             if e.full_url and e.method in ("POST", "PUT"):
                 ids[e.full_url] = f"{e.rtype}/{e.rid or f'validate-{e.index}'}"
         _one_entry_per_resource(entries)
-    for e in entries:  # the request's own parts, refused as the write refuses them (400)
+    for e in entries:  # the request's own parts, refused as the write refuses them
         with _at_entry(e.index):
-            if e.if_match is not None:
-                handlers.parse_etag(e.if_match)
+            if e.if_match is not None and (e.method == "PUT" or (e.method == "DELETE"
+                                                                  and e.rid is not None)):
+                handlers.parse_etag(e.if_match)  # the only entries whose ifMatch is read
             if e.method == "POST" and e.if_none_exist:
-                handlers.normalise_criteria(e.rtype, e.if_none_exist)
-            if e.method in ("PUT", "DELETE") and e.rid is None and e.criteria:
-                handlers.normalise_criteria(e.rtype, e.criteria)
+                handlers.check_criteria(e.rtype, e.if_none_exist)
+            if e.method in ("PUT", "DELETE") and e.rid is None:
+                if e.method == "PUT" and not e.criteria:
+                    raise _put_without_target(e)
+                handlers.check_criteria(e.rtype, e.criteria or "")
             if e.method == "PUT" and e.rid is not None and e.resource.get("id") is not None:
                 handlers.check_update_id(e.rtype, e.rid, e.resource)
     issues: list[Issue] = []
@@ -429,7 +442,13 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
             continue
         issues += [i.located(where) for i in subject_targets(resource, e.rtype)]
         if left & CONDITIONAL:
-            _stand_in_for_conditionals(resource, where)
+            try:
+                _stand_in_for_conditionals(resource, where)
+            except FhirRejected as exc:
+                if exc.status != 422:
+                    raise  # criteria the search refuses: 400, as the write answers
+                issues += exc.issues
+                continue
         try:  # located as the transaction locates them (``Write.where``)
             warnings += [i.located(where) for i in handlers.check_as_create(
                 caller, e.rtype, {**resource, "id": e.rid} if e.rid else resource)]
@@ -446,7 +465,7 @@ def _stand_in_for_conditionals(value: Any, path: str) -> None:
     if isinstance(value, dict):
         ref = value.get("reference")
         if (rtype := _conditional_target(ref, path)) is not None:
-            handlers.normalise_criteria(rtype, ref)  # criteria the search refuses: 400
+            handlers.check_criteria(rtype, ref)  # criteria the search refuses: 400
             value["reference"] = f"{rtype}/validate-conditional"
         for key, item in value.items():
             _stand_in_for_conditionals(item, f"{path}.{key}")

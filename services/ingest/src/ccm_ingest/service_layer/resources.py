@@ -603,6 +603,12 @@ async def find(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, 
     return [m for m in found if m.id not in ignore] if ignore else found
 
 
+def check_criteria(rtype: str, criteria: str) -> None:
+    """Conditional criteria (``identifier=…`` or ``Patient?identifier=…``) as
+    ``find_by_criteria`` takes them, without searching: 400 for what it would refuse."""
+    search_query(rtype, normalise_criteria(rtype, criteria))
+
+
 async def find_by_criteria(repo: SqlResourceRepository, rtype: str, criteria: str, *,
                            ignore: Collection[str] = ()) -> list[VersionRow]:
     """What conditional criteria (``identifier=…`` or ``Patient?identifier=…``) match."""
@@ -633,6 +639,14 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
     """(total, the page of current versions: ``_offset``, ``_count``) of a search; newest
     first. A ``patient`` given as an absolute URL is this server's under ``local_bases``; any
     other server's patient is none of the stored ones."""
+    return await repo.search(rtype, **search_query(rtype, params, limit=limit,
+                                                   local_bases=local_bases))
+
+
+def search_query(rtype: str, params: list[tuple[str, str]], *, limit: int = 50,
+                 local_bases: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What a search's parameters ask of the repository; 400 for what it refuses (``$validate``
+    checks conditional criteria with it, without searching)."""
     ids: list[str] | None = None
     patient = identifier = None
     updated: list[tuple[str, Any]] = []
@@ -669,8 +683,8 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
         elif name not in PAGING and name not in IGNORED:
             raise rejected(400, "not-supported", f"search parameter {name!r} is not supported; "
                            f"supported: {', '.join(sorted(SEARCH_PARAMS))}", name)
-    return await repo.search(rtype, ids=ids, patient=patient, identifier=identifier,
-                             updated=updated, limit=limit, offset=offset)
+    return {"ids": ids, "patient": patient, "identifier": identifier, "updated": updated,
+            "limit": limit, "offset": offset}
 
 
 HISTORY_PARAMS = {"_since", *PAGING}
