@@ -169,5 +169,6 @@ async def test_an_expiring_consent_reaches_the_practice_contacts_once(runtime):
     [message] = await rows(runtime, messages, messages.c.practice == "acme")
     assert message.kind == "consent-expiring" and message.recipient == "lead@acme.test"
     assert message.subject == "CCM consent of Patient/p1 expires on 2026-12-01"
-    assert "until 2026-12-01 (12 days from today)" in message.text_body
+    assert "until 2026-12-01 (12 days after this notice was prepared)" in message.text_body
+    assert message.patient == "Patient/p1"  # the Communication's subject, the webhook's patient
     assert alerts.stats.dead_lettered == 0

@@ -89,6 +89,7 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
                     "expires_on": d["expiresOn"],
                     "days_left": d["daysLeft"],
                 },
+                patient=d["patient"],
             )
         elif event.type == "billing.period.closed.v1":
             d = event.data
@@ -189,8 +190,10 @@ async def to_practice_contacts(
     kind: str,
     key: str,
     values: dict,
+    patient: str | None = None,
 ) -> None:
-    """Practice-level messages go to its summary recipients, else its clinical supervisor."""
+    """Practice-level messages go to its summary recipients, else its clinical supervisor;
+    ``patient``: the one a message is about, when it is about one (Communication.subject)."""
     contacts = await notifier.contacts(uow, event.tenant)
     recipients = list(contacts.summary_recipients) if contacts else []
     if not recipients and contacts is not None and contacts.supervisor:
@@ -204,5 +207,6 @@ async def to_practice_contacts(
                 provider_id=recipient,
                 values=values,
                 idempotency_key=f"{event.tenant}:{key}:{recipient or 'no-recipient'}",
+                patient=patient,
             ),
         )
