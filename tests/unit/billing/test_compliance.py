@@ -592,9 +592,12 @@ def test_an_unreadable_renewal_interval_is_said_once_per_practice_and_value():
     from ccm_billing.service_layer.common import PracticeInfo, consent_renewal_months
 
     with structlog.testing.capture_logs() as logs:
-        for value in ("a year", "a year", "a year", "two years"):
+        # Said again when it changes, or when it is broken again after being fixed.
+        for value in ("a year", "a year", "a year", "two years", 12, "two years"):
             info = PracticeInfo("warned-once", "W", "America/New_York",
                                 {"rules": {"consent_renewal_months": value}})
-            assert consent_renewal_months(info) is None
+            assert consent_renewal_months(info) == (12 if value == 12 else None)
     warned = [e for e in logs if "consent_renewal_months" in e["event"]]
-    assert [e["practice"] for e in warned] == ["warned-once", "warned-once"]
+    assert [(e["practice"], e["value"]) for e in warned] == [
+        ("warned-once", "'a year'"), ("warned-once", "'two years'"),
+        ("warned-once", "'two years'")]

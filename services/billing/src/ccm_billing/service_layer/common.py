@@ -224,17 +224,22 @@ def consent_renewal_months(info: PracticeInfo) -> int | None:
         months = -1
     if not 0 <= months <= MAX_RENEWAL_MONTHS or isinstance(value, bool | float):
         # Pricing documents are written by hand: an unreadable interval must not stop billing,
-        # and must not pass unnoticed either (said once per practice and value, not per pass).
-        _unreadable_renewal(info.id, repr(value))
+        # and must not pass unnoticed either: said when a practice's value becomes unreadable,
+        # not on every decision pass that reads it.
+        shown = repr(value)[:80]
+        if _UNREADABLE_RENEWAL.get(info.id) != shown:
+            _UNREADABLE_RENEWAL[info.id] = shown
+            log.warning("pricing rules.consent_renewal_months is not a whole number of months "
+                        f"from 0 to {MAX_RENEWAL_MONTHS}; the service default applies",
+                        practice=info.id, value=shown)
         months = _service_renewal_months()
+    else:
+        _UNREADABLE_RENEWAL.pop(info.id, None)
     return months or None
 
 
-@functools.lru_cache(maxsize=1024)
-def _unreadable_renewal(practice: str, value: str) -> None:
-    log.warning("pricing rules.consent_renewal_months is not a whole number of months "
-                f"from 0 to {MAX_RENEWAL_MONTHS}; the service default applies",
-                practice=practice)
+# The unreadable renewal value last warned about, per practice (one entry per practice at most).
+_UNREADABLE_RENEWAL: dict[str, str] = {}
 
 
 @functools.cache
