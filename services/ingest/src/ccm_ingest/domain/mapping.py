@@ -333,14 +333,32 @@ def map_encounter(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     may be either, both or neither; each keeps its own state."""
     patient = ctx.patient(res.get("subject"))
     activity = codings(res.get("type") or [], res.get("serviceType"))
-    time, visit = _ccm_time(res, ctx, patient, activity), _visit(res, ctx, patient, activity)
+    performers = _Performers(res, ctx)
+    time = _ccm_time(res, ctx, patient, activity, performers)
+    visit = _visit(res, ctx, patient, activity, performers)
     # An Encounter both CCM time and a visit warns once of what both found (its performers).
     return Mapping([*time.events, *visit.events], {**time.state, **visit.state},
                    list(dict.fromkeys([*time.warnings, *visit.warnings])))
 
 
+class _Performers:
+    """An Encounter's ``_performers``, worked out when first wanted and then kept: its CCM time
+    and its visit name the same ones."""
+
+    __slots__ = ("ctx", "found", "res")
+
+    def __init__(self, res: dict[str, Any], ctx: MappingContext) -> None:
+        self.res, self.ctx = res, ctx
+        self.found: tuple[list[dict[str, Any]], list[str]] | None = None
+
+    def __call__(self) -> tuple[list[dict[str, Any]], list[str]]:
+        if self.found is None:
+            self.found = _performers(self.res, self.ctx)
+        return self.found
+
+
 def _visit(res: dict[str, Any], ctx: MappingContext, patient: str | None,
-           activity: list[dict[str, Any]]) -> Mapping:
+           activity: list[dict[str, Any]], performers: _Performers) -> Mapping:
     """A finished Encounter with a visit code (``visit_codes``: E/M, AWV, IPPE, TCM) is a visit
     that can initiate CCM; billing decides which one did. Recorded again when it changes (same
     ``visit``), reversed when it stops being one."""
@@ -373,16 +391,16 @@ def _visit(res: dict[str, Any], ctx: MappingContext, patient: str | None,
             "a visit code without a readable Encounter.period.start: not recorded as a visit"])
     moved = reversal("not-a-visit").events if recorded_for not in (None, patient) else []
     day = start.astimezone(ctx.timezone).date().isoformat()
-    performers, unidentified = _performers(res, ctx)
+    named, unidentified = performers()
     recorded_now = _event("ingest.visit.recorded.v1", patient, ctx, visit=visit, patient=patient,
                           date=day, codes=sorted({c["code"] for c in codes}),
-                          performers=performers)
+                          performers=named)
     return Mapping([*moved, recorded_now],
                    {"visitDate": day, "visitPatient": patient}, unidentified)
 
 
 def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
-              activity: list[dict[str, Any]]) -> Mapping:
+              activity: list[dict[str, Any]], performers: _Performers) -> Mapping:
     entry = _self(ctx)
     logged_month = ctx.state.get("loggedMonth")
     # For the patient the time was logged for, even when the subject changed or went since
@@ -424,7 +442,7 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
         end = start + timedelta(seconds=seconds)
     local = start.astimezone(ctx.timezone)
     month = f"{local.year:04d}-{local.month:02d}"
-    performers, unidentified = _performers(res, ctx)
+    named, unidentified = performers()
     events = []
     if logged_month is not None and (logged_month != month or logged_for != patient):
         # Moved to another month or patient: take it out of the old one first.
@@ -435,7 +453,7 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
         end=end.isoformat(), serviceDate=local.date().isoformat(), serviceMonth=month,
         activityCodes=sorted({c["code"] for c in timed}),
         complex=any_coding_matches(ctx.config.complex_codes, activity),
-        performers=performers,
+        performers=named,
         warnings=[LENGTH_PERIOD_MISMATCH] if warnings else [],
     ))
     return Mapping(events, {"loggedMonth": month, "loggedPatient": patient},
