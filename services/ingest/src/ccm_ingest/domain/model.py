@@ -53,6 +53,25 @@ class FhirRejected(Exception):
         self.issues = issues
 
 
+class Relocating:
+    """A context that re-raises a FhirRejected raised inside with its issues placed under a
+    containing element (``relocate``; None: raised as it is), e.g. a Bundle entry. A class,
+    not a generator context manager: writes enter one two or three times per stored resource."""
+
+    __slots__ = ()
+
+    def relocate(self, issues: list[Issue]) -> list[Issue] | None:
+        raise NotImplementedError
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
+        if isinstance(exc, FhirRejected) and (moved := self.relocate(exc.issues)) is not None:
+            raise FhirRejected(exc.status, moved) from None
+        return False
+
+
 def ascii_digits(text: str, most: int | None = None) -> bool:
     """``text`` is 1 to ``most`` ASCII digits (``str.isdigit`` alone also takes "²" or "٣")."""
     return text.isascii() and text.isdigit() and (most is None or len(text) <= most)

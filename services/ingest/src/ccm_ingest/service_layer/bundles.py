@@ -16,6 +16,7 @@ from ccm_ingest.domain.model import (
     SUPPORTED_TYPES,
     FhirRejected,
     Issue,
+    Relocating,
     rejected,
 )
 from ccm_ingest.domain.rules import subject_targets, unresolved_local_references
@@ -494,22 +495,16 @@ def _one_entry_per_resource(entries: list[Entry]) -> None:
 _ENTRY_FIELDS = {"If-None-Exist": "request.ifNoneExist", "If-Match": "request.ifMatch"}
 
 
-class _at_entry:  # noqa: N801 - a context manager named as the function it was
-    """FhirRejected raised inside, with its issues located under ``Bundle.entry[index]`` (a
-    class, not a generator: entered once per entry)."""
+class _at_entry(Relocating):  # noqa: N801 - a context manager, named as one
+    """FhirRejected raised inside, with its issues located under ``Bundle.entry[index]``."""
 
     __slots__ = ("index",)
 
     def __init__(self, index: int) -> None:
         self.index = index
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, FhirRejected):
-            raise FhirRejected(exc.status, _located(exc.issues, self.index)) from None
-        return False
+    def relocate(self, issues: list[Issue]) -> list[Issue]:
+        return _located(issues, self.index)
 
 
 def _located(issues: list[Issue], index: int) -> list[Issue]:

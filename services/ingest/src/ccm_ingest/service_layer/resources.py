@@ -23,10 +23,10 @@ from ccm_ingest.domain.mapping import (
 )
 from ccm_ingest.domain.model import (
     RESOURCE_ID,
-    FhirRejected,
     Issue,
     MappedEvent,
     Mapping,
+    Relocating,
     SourceVersion,
     ascii_digits,
     content_hash,
@@ -283,23 +283,17 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     return outcomes
 
 
-class _under:  # noqa: N801 - a context manager named as the function it was
+class _under(Relocating):  # noqa: N801 - a context manager, named as one
     """FhirRejected raised inside, with its issues located under ``where`` (a Bundle entry's
-    resource) when there is one. A class, not a generator: entered two or three times per
-    stored resource."""
+    resource) when there is one."""
 
     __slots__ = ("where",)
 
     def __init__(self, where: str | None) -> None:
         self.where = where
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> bool:
-        if isinstance(exc, FhirRejected) and self.where is not None:
-            raise FhirRejected(exc.status, [i.located(self.where) for i in exc.issues]) from None
-        return False
+    def relocate(self, issues: list[Issue]) -> list[Issue] | None:
+        return None if self.where is None else [i.located(self.where) for i in issues]
 
 
 def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int], VersionRow],
