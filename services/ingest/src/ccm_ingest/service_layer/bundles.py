@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -195,28 +195,32 @@ def _conditional_target(ref: Any, path: str) -> str | None:
     return rtype
 
 
+def _conditionals(value: Any, path: str) -> Iterator[tuple[dict[str, Any], str, str]]:
+    """(the Reference, its path, the type it searches) of each conditional reference in
+    ``value``, in document order; a caller may rewrite each one's ``reference`` as it goes."""
+    if isinstance(value, dict):
+        if (rtype := _conditional_target(value.get("reference"), path)) is not None:
+            yield value, path, rtype
+        for key, item in value.items():
+            yield from _conditionals(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            yield from _conditionals(item, f"{path}[{n}]")
+
+
 async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
                                   deleted: dict[str, set[str]] | None = None) -> None:
     """``Patient?identifier=…`` references resolve to the one match, or the entry fails; a
     resource ``deleted`` (by the same transaction's DELETE entries) matches nothing."""
-    async def visit(value: Any, path: str) -> None:
-        if isinstance(value, dict):
-            ref = value.get("reference")
-            if (rtype := _conditional_target(ref, path)) is not None:
-                matches = await handlers.find_by_criteria(
-                    repo, rtype, ref, ignore=(deleted or {}).get(rtype, ()))
-                if len(matches) != 1:
-                    raise rejected(412, "not-found" if not matches else "multiple-matches",
-                                   f"conditional reference {ref!r} matches {len(matches)} "
-                                   "resources; exactly one is required", f"{path}.reference")
-                value["reference"] = f"{rtype}/{matches[0].id}"
-            for key, item in value.items():
-                await visit(item, f"{path}.{key}")
-        elif isinstance(value, list):
-            for n, item in enumerate(value):
-                await visit(item, f"{path}[{n}]")
-
-    await visit(entry.resource, f"{_where(entry.index)}.resource")
+    for value, path, rtype in _conditionals(entry.resource, f"{_where(entry.index)}.resource"):
+        ref = value["reference"]
+        matches = await handlers.find_by_criteria(repo, rtype, ref,
+                                                  ignore=(deleted or {}).get(rtype, ()))
+        if len(matches) != 1:
+            raise rejected(412, "not-found" if not matches else "multiple-matches",
+                           f"conditional reference {ref!r} matches {len(matches)} "
+                           "resources; exactly one is required", f"{path}.reference")
+        value["reference"] = f"{rtype}/{matches[0].id}"
 
 
 async def _conditional_update(repo: SqlResourceRepository, e: Entry,
@@ -463,16 +467,9 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
 def _stand_in_for_conditionals(value: Any, path: str) -> None:
     """``Type?criteria`` references replaced, in place, by a reference to some ``Type``
     resource of this server (what they resolve to when one resource matches)."""
-    if isinstance(value, dict):
-        ref = value.get("reference")
-        if (rtype := _conditional_target(ref, path)) is not None:
-            handlers.check_criteria(rtype, ref)  # criteria the search refuses: 400
-            value["reference"] = f"{rtype}/validate-conditional"
-        for key, item in value.items():
-            _stand_in_for_conditionals(item, f"{path}.{key}")
-    elif isinstance(value, list):
-        for n, item in enumerate(value):
-            _stand_in_for_conditionals(item, f"{path}[{n}]")
+    for found, _, rtype in _conditionals(value, path):
+        handlers.check_criteria(rtype, found["reference"])  # what the search refuses: 400
+        found["reference"] = f"{rtype}/validate-conditional"
 
 
 def _one_entry_per_resource(entries: list[Entry]) -> None:
