@@ -338,15 +338,13 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             raise rejected(400, "not-supported", f"$validate mode {mode!r} is not supported; "
                            "supported: create, update, profile", "mode")
         body = await read_json(request, max_depth)
+        as_stored = mode != "profile"  # also what storing it would refuse
         if rtype == "Bundle":
             if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
                 raise rejected(400, "invalid", "resourceType does not match the URL (Bundle)",
                                "resourceType")
-            kind = processable(body) if mode != "profile" else body.get("type")
+            kind = processable(body) if as_stored else None
             entries = bundles.parse_entries(body, settings.max_bundle_entries)
-            warnings = [] if mode == "profile" else bundles.check_bundle(
-                await caller_for(runtime, tenant, local_bases=local_bases(request)), kind,
-                entries)
             count = len(entries)
         else:
             _check_type(rtype)
@@ -354,10 +352,12 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             if mode == "update" and resource.get("id") is None:
                 raise rejected(400, "required", "an update needs the resource's id in its body",
                                f"{rtype}.id")
-            warnings = [] if mode == "profile" else handlers.check_as_create(
-                await caller_for(runtime, tenant, local_bases=local_bases(request)), rtype,
-                resource)
             count = 1
+        warnings: list[Issue] = []
+        if as_stored:
+            caller = await caller_for(runtime, tenant, local_bases=local_bases(request))
+            warnings = (bundles.check_bundle(caller, kind, entries) if rtype == "Bundle"
+                        else handlers.check_as_create(caller, rtype, resource))
         return outcome_response(200, [Issue("information", "informational",
                                             f"valid: {count} resource(s) checked"), *warnings])
 
