@@ -1,4 +1,5 @@
 import json
+import os
 import uuid
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
@@ -135,6 +136,24 @@ def test_event_ids_are_random_version_4_uuids():
         assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)
     assert CloudEvent(source="/t", type="tests.x.y.v1", tenant="t").id != \
         CloudEvent(source="/t", type="tests.x.y.v1", tenant="t").id
+
+
+def test_a_forked_child_never_hands_out_its_parents_event_ids():
+    """The random bytes are fetched in bulk: a forked child fetches its own instead of handing
+    out the ones its parent goes on using."""
+    random_uuid()  # bytes fetched: the child inherits them unused
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids, then out without running the parent's clean-ups
+        os.close(read)
+        os.write(write, json.dumps([random_uuid() for _ in range(300)]).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    parent = [random_uuid() for _ in range(300)]
+    assert len(set(child + parent)) == 600
 
 
 @given(sequence=st.none() | st.integers(min_value=0, max_value=2**40),
