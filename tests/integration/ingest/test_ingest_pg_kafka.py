@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 
 from ccm_ingest.adapters.orm import resource_identifiers, resource_versions, resources
 from ccm_shared.events import CloudEvent
+from ccm_shared.jsontext import compact
 from ccm_shared.migrate import upgrade_async
 from ccm_shared.service import ServiceRuntime, discover_services
 from ccm_shared.settings import load_settings
@@ -168,13 +169,18 @@ async def test_stored_text_and_times_survive_postgresql_exactly(ingest):
     assert [e["resource"]["id"] for e in found.json()["entry"]] == [rid]
     outbox = messaging_tables(discover_services()["ingest"].metadata)[0]
     async with ingest.runtime.db.engine.connect() as conn:
-        stored = (await conn.execute(select(resource_versions.c.last_updated).where(
+        stored, text = (await conn.execute(select(
+            resource_versions.c.last_updated, resource_versions.c.resource).where(
             resource_versions.c.tenant == ingest.practice,
-            resource_versions.c.id == rid))).scalar_one()
+            resource_versions.c.id == rid))).one()
+        state = (await conn.execute(select(resources.c.ccm_state).where(
+            resources.c.tenant == ingest.practice, resources.c.id == rid))).scalar_one()
         payloads = (await conn.execute(select(outbox.c.payload).where(
             outbox.c.tenant == ingest.practice,
             outbox.c.event_type == "ingest.patient.upserted.v1"))).scalars().all()
     assert stored.isoformat() == "2026-03-04T10:06:07.123456+00:00"
+    # The version's text is its compact JSON (not a JSON string of it), as the CCM state's is.
+    assert text == compact(read) and json.loads(state) == {}
     (event,) = [CloudEvent.from_json(p) for p in payloads
                 if CloudEvent.from_json(p).data["source"]["id"] == rid]
 
@@ -191,6 +197,30 @@ async def test_stored_text_and_times_survive_postgresql_exactly(ingest):
     assert since["total"] == 1 and since["entry"][0]["response"]["status"] == "201"
     after = (await ingest.get(history, params={"_since": "2026-03-04T05:06:08-05:00"})).json()
     assert after["total"] == 0 and after["entry"] == []
+
+
+async def test_a_number_orjson_cannot_write_is_stored_as_sent_on_postgresql(ingest):
+    """A decimal beyond 64 bits (FHIR decimals have no limit) makes the rows' JSON fall back to
+    the documents' text, in the same statement as an ordinary resource's rows."""
+    big = 123456789012345678901234567890
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "POST", "url": "Patient"}, "resource": {
+            "resourceType": "Patient", "extension": [
+                {"url": "http://example.org/big", "valueDecimal": big}]}},
+        {"request": {"method": "POST", "url": "Patient"},
+         "resource": {"resourceType": "Patient", "active": True}}]}
+    answer = await ingest.post("/fhir", content=json.dumps(bundle),
+                               headers={"Content-Type": "application/fhir+json"})
+    assert answer.status_code == 200, answer.text
+    ids = [e["response"]["location"].split("/")[1] for e in answer.json()["entry"]]
+    async with ingest.runtime.db.engine.connect() as conn:
+        texts = dict((await conn.execute(select(
+            resource_versions.c.id, resource_versions.c.resource).where(
+            resource_versions.c.tenant == ingest.practice,
+            resource_versions.c.id.in_(ids)))).all())
+    assert f'"valueDecimal":{big}' in texts[ids[0]]
+    assert json.loads(texts[ids[0]])["extension"][0]["valueDecimal"] == big
+    assert json.loads(texts[ids[1]])["active"] is True
 
 
 async def test_consent_expiry_notices_on_postgresql_reach_kafka_once(ingest, infra):

@@ -9,6 +9,11 @@ columns, so asyncpg prepares it once per connection, and it goes through SQLAlch
 level (``exec_driver_sql``: no compile, and the unit of work's transaction begins as with any
 statement). One round trip and no per-row SQL, whether the batch is one resource or a Bundle of
 a thousand. Elsewhere (SQLite, embedded mode) one executemany INSERT per table.
+
+A value that is a JSON document (a dict or list: a stored version, a CCM state) goes into a text
+column as its compact JSON text. On PostgreSQL it travels nested in the rows' JSON, and
+``json_to_recordset`` gives a text column a nested value's text as written: the document is
+written once, not written and then escaped as a string inside the rows' JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from sqlalchemy import BigInteger, Boolean, DateTime, Integer, String, Table, in
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_shared.db import qualified, schema_of
+from ccm_shared.jsontext import compact
 
 _PG_TYPES = ((BigInteger, "bigint"), (Integer, "int"), (Boolean, "bool"),
              (DateTime, "timestamptz"), (String, "text"))
@@ -47,9 +53,19 @@ def _pg_sql(schema: str | None, shape: tuple[tuple[Table, tuple[str, ...]], ...]
             if first else last)
 
 
+def _as_text(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with their JSON documents as text (``compact``: also what orjson cannot
+    write, such as integers beyond 64 bits)."""
+    return [{k: compact(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+            for row in rows]
+
+
 def _rows_json(rows: list[dict[str, Any]]) -> str:
     # Aware datetimes keep their offset; a naive one is UTC, as everything stored is.
-    return orjson.dumps(rows, default=str, option=orjson.OPT_NAIVE_UTC).decode()
+    try:
+        return orjson.dumps(rows, default=str, option=orjson.OPT_NAIVE_UTC).decode()
+    except TypeError:  # a document orjson cannot write: each as its text
+        return orjson.dumps(_as_text(rows), default=str, option=orjson.OPT_NAIVE_UTC).decode()
 
 
 async def insert_all(session: AsyncSession,
@@ -60,7 +76,7 @@ async def insert_all(session: AsyncSession,
         return
     if session.bind.dialect.name != "postgresql":
         for table, rows in batches:
-            await session.execute(insert(table), rows)
+            await session.execute(insert(table), _as_text(rows))
         return
     schema = schema_of(session)
     shape = tuple((table, tuple(rows[0])) for table, rows in batches)

@@ -153,18 +153,17 @@ class SqlResourceRepository:
                            identifiers: list[tuple[str, str, str, str]],
                            outbox_rows: list[dict[str, Any]]) -> None:
         """Versions, new ``resources`` rows (server-assigned UUIDs nobody can hold yet),
-        identifiers (type, id, system, value) and outbox rows: one statement on PostgreSQL."""
+        identifiers (type, id, system, value) and outbox rows: one statement on PostgreSQL
+        (``insert_all``: the versions' JSON and the CCM states are written as their text)."""
         await insert_all(self.session, [
             (resource_versions, [{
                 "tenant": self.tenant, "type": v.type, "id": v.id, "version_id": v.version_id,
-                "resource": None if v.resource is None
-                else compact(v.resource),
+                "resource": v.resource,
                 "sha256": v.sha256, "last_updated": v.last_updated,
                 "received_at": v.received_at, "connection": connection,
                 "deleted": v.resource is None, "applied": v.applied, "method": v.method,
             } for v in versions]),
-            (resources, [{**r, "tenant": self.tenant, "ccm_state": compact(r["ccm_state"])}
-                         for r in new_rows]),
+            (resources, [{**r, "tenant": self.tenant} for r in new_rows]),
             (resource_identifiers, [
                 {"tenant": self.tenant, "type": t, "id": i, "system": s, "value": v}
                 for t, i, s, v in identifiers]),
