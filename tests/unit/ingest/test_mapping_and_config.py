@@ -301,6 +301,31 @@ async def test_overrides_stored_before_a_check_was_added_keep_applying(fhir):
     assert "0 to 86400" in shown["problem"]
 
 
+async def test_a_stored_key_ingest_cannot_use_costs_that_key_only(fhir):
+    """A key a later release no longer knows (or a value it cannot read) is left out with its
+    default; the practice's other overrides (its consent category) still apply."""
+    from ccm_ingest.adapters.repository import SqlResourceRepository
+
+    stored = {"consent_categories": ["urn:practice:cat|ccm"], "retired_setting": ["a|b"],
+              "facility_classes": ["NOT-A-CLASS"], "consent_expiring_lead_days": 0}
+    async with fhir.runtime.db.unit_of_work() as uow:
+        await SqlResourceRepository(uow.session, "alpha").save_config(stored, fhir.clock.now)
+        await uow.commit()
+    fhir.runtime.state["practice_cache"].forget("alpha")
+    consent = {**CCM_CONSENT, "category": [{"coding": [{"system": "urn:practice:cat",
+                                                        "code": "ccm"}]}]}
+    await fhir.put("/fhir/Consent/cs1", json=consent)
+    assert [e["type"] for e in await events(fhir) if e["type"].startswith("ingest.consent")] \
+        == ["ingest.consent.granted.v1"]
+    shown = (await fhir.get("/v1/practices/alpha/ingest-config")).json()
+    assert shown["effective"]["consent_categories"] == ["urn:practice:cat|ccm"]
+    assert shown["effective"]["consent_expiring_lead_days"] == 0
+    assert shown["effective"]["facility_classes"] == shown["defaults"]["facility_classes"]
+    assert "retired_setting" not in shown["effective"]
+    assert "'retired_setting'" in shown["problem"] and "'NOT-A-CLASS'" in shown["problem"]
+    assert shown["problem"].endswith("ingest uses the default for these keys until fixed")
+
+
 @pytest.mark.parametrize(("ref", "local_bases", "expected"), [
     ("Patient/p1", (), "Patient/p1"),
     ("Patient/p1/_history/3", (), "Patient/p1"),

@@ -130,6 +130,23 @@ class IngestConfig:
             merged.check_roles()
         return merged
 
+    def stored(self, overrides: dict[str, Any]) -> tuple[IngestConfig, list[str]]:
+        """These settings with the overrides stored earlier that can be used now (``merged``
+        with ``strict=False``, key by key), and why each other key is left out (its default
+        applies): a key a later release no longer knows, or a value it cannot read, costs that
+        key only, not the practice's other overrides (its code sets decide how its time is
+        billed)."""
+        usable: dict[str, Any] = {}
+        problems: list[str] = []
+        for key, value in overrides.items():
+            try:
+                self.merged({key: value}, strict=False)
+            except ConfigInvalid as exc:
+                problems.append(str(exc))
+            else:
+                usable[key] = value
+        return self.merged(usable, strict=False), problems
+
     def check_roles(self) -> None:
         """A role code in two role lists would be classified by the lists' order, silently."""
         lists = ("billing_practitioner_roles", "clinical_staff_roles", "non_clinical_roles")

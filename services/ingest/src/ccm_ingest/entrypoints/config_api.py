@@ -28,10 +28,11 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     async def read_config(practice: str, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
         overrides = await _load(practice)
-        try:
-            effective, problem = DEFAULT_CONFIG.merged(overrides, strict=False), None
-        except ConfigInvalid as exc:  # what ingest does then: the defaults
-            effective, problem = DEFAULT_CONFIG, f"{exc}: ingest uses the defaults until fixed"
+        # What ingest does with a key it cannot use: its default, the other keys applying.
+        effective, problems = DEFAULT_CONFIG.stored(overrides)
+        problem = (f"{'; '.join(problems)}: ingest uses the default for "
+                   f"{'this key' if len(problems) == 1 else 'these keys'} until fixed"
+                   if problems else None)
         found = {"effective": effective.to_dict(), "overrides": overrides,
                  "defaults": DEFAULT_CONFIG.to_dict()}
         try:
