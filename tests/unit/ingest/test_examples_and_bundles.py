@@ -385,3 +385,45 @@ async def test_a_patient_link_given_as_a_urn_must_name_a_patient(fhir):
     (issue,) = r.json()["issue"]
     assert "references a Practitioner" in issue["diagnostics"]
     assert issue["expression"] == ["Bundle.entry[1].resource.Encounter.subject.reference"]
+
+
+PATIENT = {"resourceType": "Patient", "active": True}
+
+
+@pytest.mark.parametrize(("entry", "status", "expression"), [
+    # the id of an update's body is not its URL's
+    ({"request": {"method": "PUT", "url": "Patient/b"}, "resource": {**PATIENT, "id": "a"}},
+     400, "Bundle.entry[1].resource.Patient.id"),
+    # … behind an ifMatch (the update checks the version first)
+    ({"request": {"method": "PUT", "url": "Patient/b", "ifMatch": 'W/"1"'},
+      "resource": {**PATIENT, "id": "a"}}, 400, "Bundle.entry[1].resource.Patient.id"),
+    ({"request": {"method": "PUT", "url": "Patient/p0", "ifMatch": 'W/"7"'},
+      "resource": {**PATIENT, "id": "p0"}}, 412, "Bundle.entry[1].request.ifMatch"),
+    # criteria the search refuses, in a conditional create and a conditional reference
+    ({"request": {"method": "POST", "url": "Patient", "ifNoneExist": "_count=x"},
+      "resource": PATIENT}, 400, "Bundle.entry[1].request.ifNoneExist"),
+    ({"request": {"method": "POST", "url": "Encounter"}, "resource": {
+        **ccm_encounter(), "subject": {"reference": "Patient?birthdate=2026"}}},
+     400, "Bundle.entry[1].resource.subject.reference"),
+    ({"request": {"method": "PUT", "url": "Patient?_count=x"}, "resource": PATIENT},
+     400, "Bundle.entry[1].request.url"),
+    ({"request": {"method": "DELETE", "url": "Patient?_count=x"}},
+     400, "Bundle.entry[1].request.url"),
+])
+async def test_an_entrys_error_names_the_element_under_its_entry(fhir, entry, status,
+                                                                  expression):
+    """In a transaction an entry's error is located under that entry: its resource's elements
+    under ``.resource``, its request's under ``.request``; $validate locates it alike (but for
+    a version, which only stored data tells)."""
+    await fhir.put("/fhir/Patient/p0", json={**PATIENT, "id": "p0"})
+    before = await counts(fhir)
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "PUT", "url": "Patient/p1"}, "resource": {**PATIENT, "id": "p1"}},
+        entry]}
+    for path in ("/fhir", "/fhir/Bundle/$validate"):
+        if path != "/fhir" and status == 412:
+            continue
+        r = await fhir.post(path, json=bundle)
+        assert (r.status_code, [i["expression"] for i in r.json()["issue"]]) == \
+            (status, [[expression]]), (path, r.text)
+    assert await counts(fhir) == before

@@ -214,8 +214,9 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
     resource ``deleted`` (by the same transaction's DELETE entries) matches nothing."""
     for value, path, rtype in _conditionals(entry.resource, f"{_where(entry.index)}.resource"):
         ref = value["reference"]
-        matches = await handlers.find_by_criteria(repo, rtype, ref,
-                                                  ignore=(deleted or {}).get(rtype, ()))
+        with _placed(f"{path}.reference"):
+            matches = await handlers.find_by_criteria(repo, rtype, ref,
+                                                      ignore=(deleted or {}).get(rtype, ()))
         if len(matches) != 1:
             raise rejected(412, "not-found" if not matches else "multiple-matches",
                            f"conditional reference {ref!r} matches {len(matches)} "
@@ -227,8 +228,9 @@ async def _conditional_update(repo: SqlResourceRepository, e: Entry,
                               deleted: dict[str, set[str]] | None = None) -> None:
     """``PUT Type?criteria``: the one match is updated, none is created (under the resource's
     id, else a new one); several are a 412, and an id other than the match's a 400 (FHIR)."""
-    matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "",
-                                              ignore=(deleted or {}).get(e.rtype, ()))
+    with _placed(f"{_where(e.index)}.request.url"):
+        matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "",
+                                                  ignore=(deleted or {}).get(e.rtype, ()))
     if len(matches) > 1:
         raise rejected(412, "multiple-matches", f"conditional update {e.rtype}?{e.criteria} "
                        f"matches {len(matches)} resources", f"{_where(e.index)}.request.url")
@@ -264,7 +266,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
     if conditional:
         keyed = []
         for e in conditional:
-            with _at_entry(e.index):
+            with _placed(f"{_where(e.index)}.request.ifNoneExist"):
                 keyed.append((handlers.criteria_key(handlers.normalise_criteria(
                     e.rtype, e.if_none_exist or "")), e))
         claimed: dict[tuple[str, str], Entry] = {}
@@ -329,7 +331,8 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
     if e.method == "DELETE":
         if e.rid is not None:
             return await handlers.remove(uow, caller, e.rtype, e.rid, if_match=e.if_match)
-        matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "")
+        with _placed(f"{_where(e.index)}.request.url"):
+            matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "")
         if len(matches) > 1:
             raise rejected(412, "multiple-matches", f"conditional delete matches {len(matches)}"
                            " resources", f"{_where(e.index)}.request.url")
@@ -427,11 +430,13 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
                                                                   and e.rid is not None)):
                 handlers.parse_etag(e.if_match)  # the only entries whose ifMatch is read
             if e.method == "POST" and e.if_none_exist:
-                handlers.check_criteria(e.rtype, e.if_none_exist)
+                with _placed(f"{_where(e.index)}.request.ifNoneExist"):
+                    handlers.check_criteria(e.rtype, e.if_none_exist)
             if e.method in ("PUT", "DELETE") and e.rid is None:
                 if e.method == "PUT" and not e.criteria:
                     raise _put_without_target(e)
-                handlers.check_criteria(e.rtype, e.criteria or "")
+                with _placed(f"{_where(e.index)}.request.url"):
+                    handlers.check_criteria(e.rtype, e.criteria or "")
             if e.method == "PUT" and e.rid is not None and e.resource.get("id") is not None:
                 handlers.check_update_id(e.rtype, e.rid, e.resource)
     issues: list[Issue] = []
@@ -467,8 +472,9 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
 def _stand_in_for_conditionals(value: Any, path: str) -> None:
     """``Type?criteria`` references replaced, in place, by a reference to some ``Type``
     resource of this server (what they resolve to when one resource matches)."""
-    for found, _, rtype in _conditionals(value, path):
-        handlers.check_criteria(rtype, found["reference"])  # what the search refuses: 400
+    for found, at, rtype in _conditionals(value, path):
+        with _placed(f"{at}.reference"):  # what the search refuses: 400
+            handlers.check_criteria(rtype, found["reference"])
         found["reference"] = f"{rtype}/validate-conditional"
 
 
@@ -492,6 +498,15 @@ def _one_entry_per_resource(entries: list[Entry]) -> None:
 _ENTRY_FIELDS = {"If-None-Exist": "request.ifNoneExist", "If-Match": "request.ifMatch"}
 
 
+def _in_entry(expression: str) -> str:
+    """An expression of a request (its headers) or of its resource (``Patient.id``) as the
+    Bundle entry's element (``request.ifMatch``, ``resource.Patient.id``)."""
+    if expression in _ENTRY_FIELDS:
+        return _ENTRY_FIELDS[expression]
+    return f"resource.{expression}" if expression.partition(".")[0] in SUPPORTED_TYPES \
+        else expression
+
+
 class _at_entry(Relocating):  # noqa: N801 - a context manager, named as one
     """FhirRejected raised inside, with its issues located under ``Bundle.entry[index]``."""
 
@@ -504,6 +519,20 @@ class _at_entry(Relocating):  # noqa: N801 - a context manager, named as one
         return _located(issues, self.index)
 
 
+class _placed(Relocating):  # noqa: N801 - a context manager, named as one
+    """FhirRejected raised inside, each issue at ``expression``: search criteria refused, at the
+    element of the entry that carries them (``request.ifNoneExist``, ``request.url``, a
+    reference), not at the parameter's name."""
+
+    __slots__ = ("expression",)
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+
+    def relocate(self, issues: list[Issue]) -> list[Issue]:
+        return [Issue(i.severity, i.code, i.diagnostics, (self.expression,)) for i in issues]
+
+
 def _located(issues: list[Issue], index: int) -> list[Issue]:
     """Issues under their Bundle entry (those already there stay as they are)."""
     located = []
@@ -512,7 +541,7 @@ def _located(issues: list[Issue], index: int) -> list[Issue]:
             located.append(issue)
             continue
         issue = Issue(issue.severity, issue.code, issue.diagnostics,
-                      tuple(_ENTRY_FIELDS.get(x, x) for x in issue.expression))
+                      tuple(_in_entry(x) for x in issue.expression))
         located.append(issue.located(_where(index)))
     return located
 
