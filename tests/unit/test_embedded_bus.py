@@ -52,3 +52,41 @@ def test_transport_choice_follows_configuration(tmp_path, clean_ccm_env):
     assert isinstance(build_transport(kafka), KafkaTransport)
     assert isinstance(build_transport(load_settings(database_url="postgresql+asyncpg://x@y/z")),
                       InProcessTransport)
+
+
+def test_ccm_events_reads_the_newest_events_of_the_embedded_log(tmp_path, monkeypatch):
+    """`ccm events` without Kafka: the embedded mode's log in --data-dir, as from Kafka (the
+    newest --last of each topic, oldest first; --practice; a topic without events named)."""
+    import asyncio
+    import json
+
+    from typer.testing import CliRunner
+
+    from ccm_shared import cli
+    from ccm_shared.events import Message
+
+    async def write() -> None:
+        bus = EmbeddedLogTransport(f"sqlite+aiosqlite:///{tmp_path}/platform.db")
+        await bus.send_batch([Message(TOPIC, json.dumps({"n": n}).encode(), b"k",
+                                      (("ce_tenant", b"alpha" if n % 2 else b"beta"),))
+                              for n in range(6)])
+        await bus.send_batch([Message("tests.other.v1", b'{"n": 9}', None, ())])
+        await bus.stop()
+
+    asyncio.run(write())
+    monkeypatch.delenv("CCM_KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.delenv("CCM_DATABASE_URL", raising=False)
+
+    def run(*args: str, data_dir=tmp_path):
+        return CliRunner().invoke(cli.app, ["events", *args, "--data-dir", str(data_dir)])
+
+    shown = run(TOPIC, "tests.other.v1", "tests.none.v1", "--last", "3")
+    assert shown.exit_code == 0, shown.output
+    lines = [json.loads(x) for x in shown.stdout.splitlines()]
+    assert [(x["topic"], x["event"]["n"]) for x in lines] == [
+        (TOPIC, 3), (TOPIC, 4), (TOPIC, 5), ("tests.other.v1", 9)]
+    assert "no topic 'tests.none.v1' in the embedded event log" in shown.stderr
+    again = run(TOPIC, "--last", "3", "--practice", "alpha")
+    assert [json.loads(x)["event"]["n"] for x in again.stdout.splitlines()] == [3, 5]
+    missing = run(TOPIC, data_dir=tmp_path / "none")
+    assert missing.exit_code == 2 and "holds no embedded mode data" in missing.stderr

@@ -643,26 +643,53 @@ def events(
     timeout: Annotated[float, typer.Option(
         min=0, help="Seconds to wait for the events; what has arrived by then is printed, with "
                     "a warning naming the partitions not read to their end")] = 10.0,
+    data_dir: Annotated[str, typer.Option(
+        help="Without Kafka: the data folder of the embedded mode (`ccm up --data-dir`), "
+             "whose event log is read instead")] = ".ccm-data",
 ) -> None:
-    """Print the newest events of Kafka topics as a subscriber reads them, one JSON object per
-    line: topic, partition, offset, key and the CloudEvent (no consumer group: nothing is
-    committed, no subscriber is disturbed). Needs CCM_KAFKA_BOOTSTRAP_SERVERS."""
+    """Print the newest events of topics as a subscriber reads them, one JSON object per line:
+    topic, partition, offset, key and the CloudEvent (no consumer group: nothing is committed,
+    no subscriber is disturbed). From Kafka when CCM_KAFKA_BOOTSTRAP_SERVERS is set, else from
+    the embedded mode's event log (`ccm up` without Kafka: --data-dir, or a sqlite
+    CCM_DATABASE_URL)."""
     import json
+    from pathlib import Path
 
+    from ccm_shared.db import is_sqlite
+    from ccm_shared.embedded import EmbeddedLogTransport
     from ccm_shared.service import build_transport
 
     settings = _settings(require_db=False)
-    if not settings.kafka_bootstrap_servers:
-        _fail("CCM_KAFKA_BOOTSTRAP_SERVERS is not set (`source .ccm-local/env` after "
-              "deploy/local/up.sh, or the broker `ccm up` printed)")
-    transport = build_transport(settings)  # Kafka, as the services connect to it
+    if settings.kafka_bootstrap_servers:
+        transport = build_transport(settings)  # Kafka, as the services connect to it
+        where = "on the broker"
+    else:
+        url = settings.database_url
+        if not (url and is_sqlite(url)):
+            folder = Path(data_dir).resolve()
+            if not (folder / "platform.db").is_file():
+                _fail(f"no events to read: CCM_KAFKA_BOOTSTRAP_SERVERS is not set (`source "
+                      f".ccm-local/env` after deploy/local/up.sh) and {folder} holds no "
+                      "embedded mode data (`ccm up` makes it; --data-dir names another folder)")
+            url = f"sqlite+aiosqlite:///{folder}/platform.db"
+        transport = EmbeddedLogTransport(url)
+        where = "in the embedded event log"
     unknown: list[str] = []
     incomplete: list[str] = []
-    found = asyncio.run(transport.newest(topics, last, timeout=timeout, unknown=unknown,
-                                         incomplete=incomplete))
+
+    async def read() -> list:
+        try:
+            return await transport.newest(topics, last, timeout=timeout, unknown=unknown,
+                                          incomplete=incomplete)
+        finally:
+            if isinstance(transport, EmbeddedLogTransport):
+                await transport.stop()
+
+    found = asyncio.run(read())
     for topic in unknown:
-        typer.secho(f"warning: no topic {topic!r} on the broker (the topics: "
-                    "contracts/asyncapi.json; a service creates its topics when it starts)",
+        typer.secho(f"warning: no topic {topic!r} {where} (the topics: "
+                    "contracts/asyncapi.json; a service creates its topics when it starts, "
+                    "the embedded log a topic with its first event)",
                     fg=typer.colors.YELLOW, err=True)
     if incomplete:
         typer.secho(f"warning: not all of the newest events arrived within {timeout:g} s "

@@ -13,6 +13,7 @@ import asyncio
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     Column,
@@ -97,6 +98,25 @@ class EmbeddedLogTransport:
             )
         self._changed.set()
 
+    async def newest(self, topics: Sequence[str], per_partition: int, timeout: float = 10.0,
+                     unknown: list[str] | None = None,
+                     incomplete: list[str] | None = None) -> list[Message]:
+        """``KafkaTransport.newest`` on the log (``ccm events`` without Kafka): the last
+        ``per_partition`` messages of each topic (its one partition), oldest first, nothing
+        committed; a topic without a message goes to ``unknown``. Read at once: nothing is
+        ever ``incomplete``."""
+        await self.start()
+        found: list[Message] = []
+        async with self.engine.connect() as conn:
+            for topic in dict.fromkeys(topics):
+                rows = (await conn.execute(
+                    select(bus_messages).where(bus_messages.c.topic == topic)
+                    .order_by(bus_messages.c.id.desc()).limit(per_partition))).all()
+                if not rows and unknown is not None:
+                    unknown.append(topic)
+                found += [_message(r) for r in reversed(rows)]
+        return found
+
     async def messages(self, topic: str) -> list[Message]:
         """Every message of a topic (for tests and diagnostics)."""
         source = EmbeddedLogSource(self, [topic], group_id="__inspect__")
@@ -108,6 +128,13 @@ class EmbeddedLogTransport:
 
     def source(self, topics: Sequence[str], group_id: str) -> EmbeddedLogSource:
         return EmbeddedLogSource(self, topics, group_id)
+
+
+def _message(row: Any) -> Message:
+    """A ``bus_messages`` row as the message a consumer gets (its id is its offset)."""
+    return Message(topic=row.topic, key=row.key, value=row.value,
+                   headers=tuple((k, v.encode()) for k, v in json.loads(row.headers)),
+                   partition=0, offset=row.id)
 
 
 class EmbeddedLogSource:
@@ -152,17 +179,7 @@ class EmbeddedLogSource:
                 ).all()
                 if not rows:
                     continue
-                out[Partition(topic, 0)] = [
-                    Message(
-                        topic=topic,
-                        key=r.key,
-                        value=r.value,
-                        headers=tuple((k, v.encode()) for k, v in json.loads(r.headers)),
-                        partition=0,
-                        offset=r.id,
-                    )
-                    for r in rows
-                ]
+                out[Partition(topic, 0)] = [_message(r) for r in rows]
                 self._positions[topic] = rows[-1].id + 1
                 max_records -= len(rows)
         return out
