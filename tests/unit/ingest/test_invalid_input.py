@@ -363,6 +363,50 @@ CASES = [
          {"fullUrl": "urn:uuid:0b7f1f6e-6c49-4b0c-9a51-3e1c9e2f1a01",
           "request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
      ]}, {}, 422, "invariant", "Bundle.entry[1].fullUrl"),
+    # What our rules read before the library checks JSON types (500s found by fuzzing).
+    *[(f"{name} where a rule reads codes", "POST", f"/fhir/{rtype}", {
+        "resourceType": rtype, "patient": {"reference": "Patient/p1"},
+        "policyRule": {"text": "x"}, "status": "active", "category": [{"text": "x"}],
+        element: value} if rtype == "Consent" else {
+        "resourceType": rtype, "subject": {"reference": "Patient/p1"}, element: value},
+       {}, 422, "value", where) for name, rtype, element, value, where in (
+        ("a number for a coding list", "Condition", "clinicalStatus", {"coding": 5},
+         "Condition.clinicalStatus.coding"),
+        ("true for a coding list", "Condition", "verificationStatus", {"coding": True},
+         "Condition.verificationStatus.coding"),
+        ("a number for a coding list", "Consent", "scope", {"coding": 1}, "Consent.scope.coding"),
+        ("a list for a code", "Consent", "scope", {"coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/consentscope",
+             "code": ["treatment"]}]}, "Consent.scope.coding[0].code"),
+        ("an object for a code", "Condition", "clinicalStatus", {"coding": [
+            {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+             "code": {"a": 1}}]}, "Condition.clinicalStatus.coding[0].code"))],
+    # Escaped text no FHIR string holds, wherever it is: refused as read, never echoed.
+    *[(f"{what} in {where or 'a key'}", "POST", path, body.replace(b"BAD", escape), {}, 400,
+       "structure", where) for what, escape in (("a lone surrogate", b"\\ud800"),
+                                   ("a lone low surrogate", b"\\uDC00x"),
+                                   ("a NUL character", b"\\u0000"))
+      for path, body, where in (
+          ("/fhir/Patient", b'{"resourceType":"Patient","name":[{"family":"aBAD"}]}',
+           "Patient.name[0].family"),
+          ("/fhir/Patient", b'{"resourceType":"Patient","text":{"status":"generated","div":'
+           b'"<div xmlns=\\"http://www.w3.org/1999/xhtml\\">xBAD</div>"}}', "Patient.text.div"),
+          ("/fhir/Patient/$validate?mode=profile", b'{"resourceType":"Patient","aBAD":1}',
+           None),  # a key: named escaped
+          ("/fhir", b'{"resourceType":"Bundle","type":"transaction","entry":[{"request":'
+           b'{"method":"POST","url":"PatBAD"},"resource":{"resourceType":"Patient"}}]}',
+           "Bundle.entry[0].request.url"),
+          ("/fhir", b'{"resourceType":"Bundle","type":"batch","entry":[{"request":{"method":'
+           b'"GET","url":"Patient?identifier=BAD"}}]}', "Bundle.entry[0].request.url"),
+          ("/fhir", b'{"resourceType":"Bundle","type":"transaction","entry":[{"request":'
+           b'{"method":"POST","url":"Patient","ifNoneExist":"identifier=BAD"},'
+           b'"resource":{"resourceType":"Patient"}}]}', "Bundle.entry[0].request.ifNoneExist"))],
+    ("a NUL character in a UTF-16 body", "POST", "/fhir/Patient",
+     '{"resourceType":"Patient","name":[{"family":"a\\u0000b"}]}'.encode("utf-16"), {}, 400,
+     "structure", "Patient.name[0].family"),
+    ("a surrogate's bytes (no UTF-8)", "POST", "/fhir/Patient",
+     b'{"resourceType":"Patient","name":[{"family":"a\xed\xa0\x80"}]}', {}, 400, "structure",
+     None),
 ]
 
 
@@ -705,3 +749,28 @@ async def test_a_batch_entry_locates_the_mappings_error_as_a_transaction_does(fh
         issues = (r.json()["entry"][0]["response"]["outcome"]["issue"] if kind == "batch"
                   else r.json()["issue"])
         assert issues[0]["expression"] == ["Bundle.entry[0].resource.Encounter.length"], kind
+
+
+async def test_text_that_only_looks_like_a_nul_or_a_surrogate_is_taken(fhir):
+    """An escaped backslash before 'u0000' or 'ud800' is text (refused before: the check looked
+    for the six bytes), and so is a surrogate pair (an emoji written escaped)."""
+    body = b'{"resourceType":"Patient","name":[{"family":"a\\\\u0000 \\\\ud800 \\ud83d\\ude00"}]}'
+    r = await fhir.post("/fhir/Patient", content=body,
+                        headers={"Content-Type": "application/fhir+json"})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"][0]["family"] == "a\\u0000 \\ud800 \U0001F600"
+
+
+async def test_a_batch_search_entry_with_a_nul_fails_alone_at_its_url(fhir):
+    """%00 in a GET entry's URL decodes to a NUL the HTTP edge never saw: the entry is refused
+    (400 at its URL), the others go on."""
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient?identifier=%00"}},
+        {"request": {"method": "POST", "url": "Patient"}, "resource": {"resourceType": "Patient"}},
+    ]})
+    assert r.status_code == 200, r.text
+    first, second = r.json()["entry"]
+    assert first["response"]["status"] == "400 Bad Request"
+    assert first["response"]["outcome"]["issue"][0]["expression"] == [
+        "Bundle.entry[0].request.url"]
+    assert second["response"]["status"] == "201 Created"

@@ -163,11 +163,15 @@ def _r5_shapes(rtype: str, resource: dict[str, Any]) -> list[Issue]:
     return issues
 
 
-def _codes(concept: Any) -> list[tuple[str | None, str | None]]:
-    if not isinstance(concept, dict):
+def _codes(concept: Any) -> list[tuple[Any, str]]:
+    """(system, code) of a CodeableConcept's codings whose code is text: these rules run before
+    the library checks the JSON types, and another type is the library's to refuse (a count or
+    a list where a coding or code belongs answered 500)."""
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    if not isinstance(codings, list):
         return []
-    return [(c.get("system"), c.get("code")) for c in concept.get("coding") or []
-            if isinstance(c, dict)]
+    return [(c.get("system"), c["code"]) for c in codings
+            if isinstance(c, dict) and type(c.get("code")) is str]
 
 
 def _encounter(resource: dict[str, Any]) -> list[Issue]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
@@ -210,11 +211,9 @@ async def read_json(request: Request, max_depth: int) -> Any:
         raise rejected(415, "not-supported", f"Content-Encoding {encoding!r} is not supported: "
                        "send the body uncompressed")
     raw = await request.body()
-    if b"\\u0000" in raw:  # PostgreSQL text cannot hold it: refused, not a 500 at the insert
-        raise rejected(400, "structure", "the body has a NUL character (\\u0000) in a string; "
-                       "FHIR strings cannot hold it")
     try:
-        value = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        text = raw.decode(json.detect_encoding(raw))
+        value = _DECODER.decode(text)
     except DuplicateKey as exc:
         raise rejected(400, "structure", f"the body has the key {exc.args[0]!r} more than once "
                        "in one object: which one counts would depend on the reader") from None
@@ -226,7 +225,42 @@ async def read_json(request: Request, max_depth: int) -> Any:
         json_depth(value, max_depth)
     except ValueError as exc:
         raise rejected(400, "too-costly", str(exc)) from None
+    if _ESCAPED_NUL_OR_SURROGATE.search(text) and (found := _not_text(value)) is not None:
+        where, what = found
+        raise rejected(400, "structure", f"{where} has {what}: FHIR strings are Unicode text "
+                       "without it (nor can a database store it)", where)
     return value
+
+
+# What JSON may escape and no FHIR string holds (PostgreSQL text cannot store a NUL, and a lone
+# surrogate is no character: encoding it failed in error messages, the XHTML parser and the
+# database, 500s). Unescaped, neither gets past the reader (a control character, or bytes
+# that are not UTF-8). The search costs ~1 µs per 20 KB; the walk runs only when it finds one.
+_ESCAPED_NUL_OR_SURROGATE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _not_text(value: Any) -> tuple[str, str] | None:
+    """(where, what) of the first key or string with a NUL or a lone surrogate, else None."""
+    root = value.get("resourceType") if isinstance(value, dict) else None
+    pending: list[tuple[str, Any]] = [(root if isinstance(root, str) else "$", value)]
+    while pending:
+        path, item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path, "a NUL character (\\u0000)"
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return path, "a lone surrogate (\\ud800-\\udfff without its pair)"
+        elif isinstance(item, dict):
+            for key, member in item.items():
+                # the path shows a bad key escaped: echoed as it is, it could not be sent
+                at = f"{path}.{key.encode('utf-8', 'backslashreplace').decode()}".replace(
+                    "\x00", "\\u0000")
+                pending += ((at, key), (at, member))
+        elif isinstance(item, list):
+            pending += ((f"{path}[{n}]", member) for n, member in enumerate(item))
+    return None
 
 
 def build_router(runtime: ServiceRuntime) -> APIRouter:

@@ -346,8 +346,9 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
             return Outcome(200, e.rtype, e.rid, handlers.current_or_error(found, e.rtype, e.rid))
         # Criteria and paging (_count, _offset), checked as a REST search's are.
         params = sorted(parse_qsl(e.query, keep_blank_values=True))
-        total, rows = await handlers.search(repo, e.rtype, params,
-                                            local_bases=caller.local_bases)
+        with _placed(f"{_where(e.index)}.request.url"):
+            total, rows = await handlers.search(repo, e.rtype, params,
+                                                local_bases=caller.local_bases)
         return Outcome(200, e.rtype, "", None, found=(total, rows, params))
     except FhirRejected as exc:
         return Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)

@@ -641,6 +641,10 @@ def search_query(rtype: str, params: list[tuple[str, str]], *, limit: int = 50,
                  local_bases: tuple[str, ...] = ()) -> dict[str, Any]:
     """What a search's parameters ask of the repository; 400 for what it refuses (``$validate``
     checks conditional criteria with it, without searching)."""
+    for name, value in params:  # a Bundle's GET entry decodes %00 the HTTP edge never saw
+        if "\x00" in name or "\x00" in value:
+            raise rejected(400, "value", "a search parameter has a NUL character (%00)",
+                           name.replace("\x00", "%00"))
     ids: list[str] | None = None
     patient = identifier = None
     updated: list[tuple[str, Any]] = []
