@@ -500,6 +500,17 @@ async def test_a_method_the_url_does_not_take_says_which_it_does(fhir):
     r = await fhir.patch("/fhir/Patient/x", json={})
     assert r.status_code == 405 and r.json()["resourceType"] == "OperationOutcome"
     assert "PUT" in r.headers["allow"] and "GET" in r.headers["allow"]
+    assert "takes DELETE, GET, PUT" in r.json()["issue"][0]["diagnostics"]
+    posted = await fhir.post("/fhir/Patient/x", json={"resourceType": "Patient", "id": "x"})
+    assert posted.status_code == 405
+    assert "a create with an id of your own is a PUT" in posted.json()["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize("path", ["/fhir/Bundle", "/fhir/Patient"])
+async def test_a_bundle_sent_to_a_type_is_told_where_bundles_go(fhir, path):
+    r = await fhir.post(path, json={"resourceType": "Bundle", "type": "transaction"})
+    assert r.status_code in (400, 404), r.text
+    assert "POSTed to the base, /fhir" in r.json()["issue"][0]["diagnostics"]
 
 
 async def test_a_read_only_token_may_send_a_bundle_of_reads_but_no_write(fhir):
@@ -774,3 +785,13 @@ async def test_a_batch_search_entry_with_a_nul_fails_alone_at_its_url(fhir):
     assert first["response"]["outcome"]["issue"][0]["expression"] == [
         "Bundle.entry[0].request.url"]
     assert second["response"]["status"] == "201 Created"
+
+
+@pytest.mark.parametrize(("element", "value", "says"), [
+    ("birthDate", "12/25/1974", "not a FHIR date: write YYYY, YYYY-MM or YYYY-MM-DD"),
+    ("deceasedDateTime", "2026-03-04 14:00", "not a FHIR dateTime: write YYYY, YYYY-MM, "),
+])
+async def test_a_date_in_another_form_is_told_the_forms_fhir_takes(fhir, element, value, says):
+    r = await fhir.post("/fhir/Patient", json={"resourceType": "Patient", element: value})
+    assert r.status_code == 422, r.text
+    assert r.json()["issue"][0]["diagnostics"].startswith(f"Patient.{element}: {says}")

@@ -63,6 +63,10 @@ def structural_issues(resource: dict[str, Any]) -> list[Issue]:
             message = error.get("msg", "invalid")
             if error["type"] == "extra_forbidden":
                 message = f"{where} is not an element of FHIR R4 {rtype}"
+            elif (kind := message.removeprefix("Value error, ").partition(" value string does "
+                                                                          "not match")[0]) \
+                    in _FORMATS:
+                message = f"not a FHIR {kind[0].lower()}{kind[1:]}: write {_FORMATS[kind]}"
             issues.append(Issue("error", _issue_code(error["type"]), f"{where}: {message}",
                                 (where,)))
         return issues
@@ -72,6 +76,18 @@ def structural_issues(resource: dict[str, Any]) -> list[Issue]:
                       "shape FHIR R4 does not allow there (e.g. a number where a resource or "
                       "an object belongs)", (rtype,))]
     return _json_types(resource, _model(rtype), rtype)
+
+
+# The forms of FHIR's date and time types, for the library's "value string does not match spec
+# regex", which says neither.
+_FORMATS = {
+    "Date": "YYYY, YYYY-MM or YYYY-MM-DD (e.g. 1974-12-25)",
+    "DateTime": "YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss with a zone (Z or +hh:mm, "
+                "e.g. 2026-03-04T14:00:00-05:00; fractions of a second allowed)",
+    "Instant": "YYYY-MM-DDThh:mm:ss with a zone (Z or +hh:mm; fractions of a second allowed)",
+    "Time": "hh:mm:ss (fractions of a second allowed)",
+    "Decimal": "a JSON number",
+}
 
 
 def _unknown_contained_types(resource: dict[str, Any], rtype: str) -> list[Issue]:
@@ -105,11 +121,14 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> dic
     if not isinstance(rtype, str):
         raise FhirRejected(400, [Issue("error", "structure", "resourceType is missing",
                                        ("resourceType",))])
+    to_base = (" (a transaction or batch Bundle is POSTed to the base, /fhir)"
+               if rtype == "Bundle" else "")
     if expected_type is not None and rtype != expected_type:
         raise FhirRejected(400, [Issue("error", "invalid", f"resourceType {rtype!r} does not "
-                                       f"match the URL ({expected_type})", ("resourceType",))])
+                                       f"match the URL ({expected_type}){to_base}",
+                                       ("resourceType",))])
     if rtype not in SUPPORTED_TYPES:
-        raise FhirRejected(422, [unsupported_type_issue(rtype)])
+        raise FhirRejected(422, [unsupported_type_issue(rtype, to_base)])
     issues = check_resource(resource)
     # R5 shapes first: the library's messages about them would only confuse.
     if not any(i.code == "structure" for i in issues):
@@ -122,9 +141,9 @@ def validate_resource(resource: Any, *, expected_type: str | None = None) -> dic
     return resource
 
 
-def unsupported_type_issue(rtype: str) -> Issue:
+def unsupported_type_issue(rtype: str, hint: str = "") -> Issue:
     return Issue("error", "not-supported", f"resource type {rtype!r} is not supported here; "
-                 f"supported: {', '.join(SUPPORTED_TYPES)}", ("resourceType",))
+                 f"supported: {', '.join(SUPPORTED_TYPES)}{hint}", ("resourceType",))
 
 
 # ---- JSON value types --------------------------------------------------------------------------

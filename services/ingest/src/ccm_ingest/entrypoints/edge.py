@@ -49,10 +49,14 @@ def install(app: FastAPI) -> None:
             return await platform_http(request, exc)
         code = HTTP_ISSUE_CODES.get(exc.status_code, "processing")
         headers = dict(exc.headers or {})
+        detail = str(exc.detail)
         if exc.status_code == 405:  # Starlette names only the first route's methods
-            headers["Allow"] = ", ".join(_allowed(request))
-        return outcome_response(exc.status_code, [Issue("error", code, str(exc.detail))],
-                                headers)
+            allowed = _allowed(request)
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not taken here; this URL takes {', '.join(allowed)}"
+            if request.method == "POST" and "PUT" in allowed:
+                detail += " (a create with an id of your own is a PUT to this URL)"
+        return outcome_response(exc.status_code, [Issue("error", code, detail)], headers)
 
     # The platform middleware answers an oversized Content-Length with problem+json before any
     # route or handler runs; rewrite that one response for /fhir (ccm_shared has no hook).

@@ -158,7 +158,9 @@ def processable(bundle: dict[str, Any]) -> str:
 def _check_type(rtype: str) -> None:
     if rtype not in SUPPORTED_TYPES:
         raise rejected(404, "not-supported", f"resource type {rtype!r} is not supported; "
-                       f"supported: {', '.join(SUPPORTED_TYPES)}", "resourceType")
+                       f"supported: {', '.join(SUPPORTED_TYPES)}"
+                       + (" (a transaction or batch Bundle is POSTed to the base, /fhir)"
+                          if rtype == "Bundle" else ""), "resourceType")
 
 
 def standalone(body: Any, rtype: str) -> dict[str, Any]:
