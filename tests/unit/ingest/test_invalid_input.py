@@ -747,7 +747,8 @@ async def test_validate_gives_the_writes_warnings_and_mode_update_needs_an_id(fh
     assert "primary performer (PPRF)" in r.json()["issue"][1]["diagnostics"]
     r = await fhir.post("/fhir/Bundle/$validate", json=_transaction(_entry(far, "POST",
                                                                            "Encounter")))
-    assert r.json()["issue"][1]["expression"] == ["Bundle.entry[0].resource"]
+    assert r.json()["issue"][1]["expression"] == [
+        "Bundle.entry[0].resource.Encounter.participant[0].individual"]
     body = {k: v for k, v in ccm_encounter().items() if k != "id"}
     r = await fhir.post("/fhir/Encounter/$validate?mode=update", json=body)
     assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["Encounter.id"]
@@ -795,3 +796,10 @@ async def test_a_date_in_another_form_is_told_the_forms_fhir_takes(fhir, element
     r = await fhir.post("/fhir/Patient", json={"resourceType": "Patient", element: value})
     assert r.status_code == 422, r.text
     assert r.json()["issue"][0]["diagnostics"].startswith(f"Patient.{element}: {says}")
+
+
+async def test_an_if_match_refused_is_quoted_as_sent(fhir):
+    r = await fhir.put("/fhir/Patient/a", json={"resourceType": "Patient", "id": "a"},
+                       headers={"If-Match": 'W/"x"'})
+    assert r.status_code == 400
+    assert """If-Match 'W/"x"' is not a version ETag""" in r.json()["issue"][0]["diagnostics"]

@@ -501,7 +501,9 @@ def test_the_length_period_warning_reaches_billing_as_its_identifier():
     enc["period"]["end"] = "2026-03-01T03:30:00Z"  # 60 minutes
     mapping = map_version(enc, ctx("Encounter"))
     assert mapping.events[0].data["warnings"] == ["time-length-period-mismatch"]
-    assert "disagree" in mapping.warnings[0]  # the response says it in words
+    # the response says it in words, at the element
+    assert "disagree" in mapping.warnings[0].diagnostics
+    assert mapping.warnings[0].expression == ("Encounter.length",)
 
 
 def test_a_role_is_classified_by_its_code_and_by_its_specialty_only_without_one():
@@ -717,7 +719,8 @@ def test_an_unidentified_primary_performer_holds_the_time_instead_of_the_next_on
     assert second["practitioner"] == "Practitioner/rn"
     assert event.data["warnings"] == []  # not the length/period identifier
     (warning,) = mapping.warnings
-    assert "participant[0]" in warning and "staff-role-unknown" in warning
+    assert "participant[0]" in warning.diagnostics and "staff-role-unknown" in warning.diagnostics
+    assert warning.expression == ("Encounter.participant[0].individual",)
     # Another primary performer beside it, identified, does not take the time either: whose
     # time it is cannot be told, in whichever order the two are listed.
     named = {"type": PPRF_TYPE, "individual": {"reference": "Practitioner/rn"}}

@@ -18,7 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from ccm_ingest.domain.config import IngestConfig, any_coding_matches, code_matches
-from ccm_ingest.domain.model import MappedEvent, Mapping, SourceVersion, rejected
+from ccm_ingest.domain.model import Issue, MappedEvent, Mapping, SourceVersion, rejected
 from ccm_ingest.domain.rules import REVIEWER_TYPES, review_extensions
 
 EVENT_TYPES = (
@@ -192,6 +192,11 @@ def _period(value: Any) -> dict[str, Any]:
     return {"start": value.get("start"), "end": value.get("end")}
 
 
+def _warning(text: str, where: str) -> Issue:
+    """What the write answers beside storing the version (an OperationOutcome warning)."""
+    return Issue("warning", "business-rule", text, (where,))
+
+
 def _event(kind: str, subject: str, ctx: MappingContext, **data: Any) -> MappedEvent:
     return MappedEvent(type=kind, subject=subject, data={"source": ctx.source.to_event(), **data})
 
@@ -216,9 +221,9 @@ LENGTH_PERIOD_MISMATCH = "time-length-period-mismatch"
 
 
 def _encounter_seconds(res: dict[str, Any], start: datetime | None,
-                       end: datetime | None, ctx: MappingContext) -> tuple[int, list[str]]:
+                       end: datetime | None, ctx: MappingContext) -> tuple[int, list[Issue]]:
     """CCM seconds of an Encounter from ``length``, else its period (``start``/``end`` parsed)."""
-    warnings: list[str] = []
+    warnings: list[Issue] = []
     length = res.get("length")
     by_period = None
     period = res.get("period") or {}
@@ -249,8 +254,8 @@ def _encounter_seconds(res: dict[str, Any], start: datetime | None,
                            f"most {MAX_ENCOUNTER_SECONDS // 3600} hours", "Encounter.length.value")
         seconds = int(exact)
         if by_period is not None and abs(by_period - seconds) > ctx.config.length_tolerance_seconds:
-            warnings.append(f"Encounter.length ({seconds} s) and period ({by_period} s) disagree; "
-                            "length was used")
+            warnings.append(_warning(f"Encounter.length ({seconds} s) and period ({by_period} s) "
+                                     "disagree; length was used", "Encounter.length"))
         return seconds, warnings
     if by_period is None:
         raise rejected(422, "required", "CCM time needs Encounter.length or a period with start "
@@ -284,7 +289,7 @@ def _is_primary(participant: dict[str, Any]) -> bool:
 
 
 def _performers(res: dict[str, Any], ctx: MappingContext) -> tuple[list[dict[str, Any]],
-                                                                    list[str]]:
+                                                                    list[Issue]]:
     """Who performed the time, the primary performer (participant.type PPRF) first, each with
     the codes that classify them: a PractitionerRole's code, else a Practitioner's
     qualifications (a practice may send no PractitionerRoles). When a primary performer is no
@@ -293,17 +298,18 @@ def _performers(res: dict[str, Any], ctx: MappingContext) -> tuple[list[dict[str
     cannot be told), with a warning (the second list)."""
     found: dict[str, dict[str, Any]] = {}  # each performer once, in participant order
     primary: dict[str, None] = {}  # … the primary ones first, in the order they are named so
-    unidentified: list[str] = []
+    unidentified: list[Issue] = []
     for n, participant in enumerate(res.get("participant") or []):
         if not isinstance(participant, dict):
             continue
         ref = ctx.ref(participant.get("individual"), ("Practitioner", "PractitionerRole"))
         if _is_primary(participant):
             if ref is None:
-                unidentified.append(
+                unidentified.append(_warning(
                     f"Encounter.participant[{n}] is the primary performer (PPRF) but names no "
                     "Practitioner or PractitionerRole of this server: its time cannot be "
-                    "classified, and billing holds it (staff-role-unknown)")
+                    "classified, and billing holds it (staff-role-unknown)",
+                    f"Encounter.participant[{n}].individual"))
                 continue
             primary.setdefault(ref)
         if ref is not None and ref not in found:
@@ -349,9 +355,9 @@ class _Performers:
 
     def __init__(self, res: dict[str, Any], ctx: MappingContext) -> None:
         self.res, self.ctx = res, ctx
-        self.found: tuple[list[dict[str, Any]], list[str]] | None = None
+        self.found: tuple[list[dict[str, Any]], list[Issue]] | None = None
 
-    def __call__(self) -> tuple[list[dict[str, Any]], list[str]]:
+    def __call__(self) -> tuple[list[dict[str, Any]], list[Issue]]:
         if self.found is None:
             self.found = _performers(self.res, self.ctx)
         return self.found
@@ -387,8 +393,9 @@ def _visit(res: dict[str, Any], ctx: MappingContext, patient: str | None,
     except ValueError:  # valid FHIR Python cannot read (a leap second)
         start = None
     if start is None:
-        return Mapping(reversal("not-a-visit").events, warnings=[
-            "a visit code without a readable Encounter.period.start: not recorded as a visit"])
+        return Mapping(reversal("not-a-visit").events, warnings=[_warning(
+            "a visit code without a readable Encounter.period.start: not recorded as a visit",
+            "Encounter.period.start")])
     moved = reversal("not-a-visit").events if recorded_for not in (None, patient) else []
     day = start.astimezone(ctx.timezone).date().isoformat()
     named, unidentified = performers()

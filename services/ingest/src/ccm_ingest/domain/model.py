@@ -132,7 +132,7 @@ class Mapping:
 
     events: list[MappedEvent] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[Issue] = field(default_factory=list)  # the write answers with them
 
 
 # Server-managed meta elements are not content: pushing the same resource again with a newer

@@ -82,13 +82,11 @@ class Outcome:
 def parse_etag(value: str) -> str:
     """The version of an ``If-Match`` ETag (``W/"3"``, ``"3"`` or ``3``); 400 for anything
     else, which can match no version."""
-    value = value.strip()
-    if value.startswith("W/"):
-        value = value[2:]
-    version = value.strip('"')
+    sent = value.strip()
+    version = sent.removeprefix("W/").strip('"')
     if not ascii_digits(version):
-        raise rejected(400, "value", f"If-Match {value!r} is not a version ETag "
-                       '(W/"<versionId>")', "If-Match")
+        raise rejected(400, "value", f"If-Match {sent!r} is not a version ETag "
+                       '(W/"<versionId>", as the ETag header gives it)', "If-Match")
     return version
 
 
@@ -357,7 +355,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
     if rtype in known:  # later Encounters of the batch see the new role or practitioner
         known[rtype][rid] = body
     return Outcome(200 if exists else 201, rtype, rid, version,
-                   [Issue("warning", "business-rule", m) for m in mapping.warnings])
+                   list(mapping.warnings))
 
 
 def _mapped(body: dict[str, Any], ctx: MappingContext) -> Mapping:
@@ -385,7 +383,7 @@ def check_as_create(caller: Caller, rtype: str, resource: dict[str, Any]) -> lis
     mapping = _mapped({**resource, "id": rid}, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone,
         local_bases=caller.local_bases))
-    return [Issue("warning", "business-rule", m) for m in mapping.warnings]
+    return list(mapping.warnings)
 
 
 async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
