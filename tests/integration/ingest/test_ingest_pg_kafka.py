@@ -67,6 +67,39 @@ async def test_50_concurrent_identical_conditional_creates_make_exactly_one_reso
     assert n == 1
 
 
+@pytest.mark.parametrize("via", ["rest", "transaction"])
+async def test_concurrent_conditional_creates_taking_over_stale_criteria_make_one_resource(
+        ingest, via):
+    """The criteria's owner no longer matches them (its identifier changed): every concurrent
+    create finds no match, and exactly one may take the criteria over; the others then find
+    its resource."""
+    for _ in range(3):
+        mrn = uuid.uuid4().hex
+        criteria = f"identifier=urn:mrn|{mrn}"
+        patient = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": mrn}]}
+        first = await ingest.post("/fhir/Patient", json=patient, headers={"If-None-Exist": criteria})
+        moved = {**patient, "id": first.json()["id"],
+                 "identifier": [{"system": "urn:mrn", "value": f"{mrn}-old"}]}
+        assert (await ingest.put(f"/fhir/Patient/{moved['id']}", json=moved)).status_code == 200
+
+        async def push():
+            if via == "rest":
+                r = await ingest.post("/fhir/Patient", json=patient,
+                                      headers={"If-None-Exist": criteria})
+                return r.status_code
+            r = await ingest.post("/fhir", json={"resourceType": "Bundle", "type": "transaction",
+                                                 "entry": [{"resource": patient, "request": {
+                                                     "method": "POST", "url": "Patient",
+                                                     "ifNoneExist": criteria}}]})
+            assert r.status_code == 200, r.text
+            return int(r.json()["entry"][0]["response"]["status"][:3])
+
+        answers = await asyncio.gather(*(push() for _ in range(10)))
+        assert sorted(answers) == [200] * 9 + [201]
+        found = await ingest.get("/fhir/Patient", params={"identifier": f"urn:mrn|{mrn}"})
+        assert found.json()["total"] == 1
+
+
 async def _read_tenant_events(bootstrap: str, topics: list[str], tenant: str, expect: int,
                               timeout: float = 60) -> list[CloudEvent]:
     consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None,

@@ -315,10 +315,14 @@ class SqlResourceRepository:
         await self.session.execute(delete(conditional_creates).where(
             self._key(conditional_creates, rtype, rid)))
 
-    async def reassign_criteria(self, rtype: str, criteria: str, rid: str) -> None:
-        await self.session.execute(update(conditional_creates).where(
+    async def reassign_criteria(self, rtype: str, criteria: str, rid: str, owner: str) -> bool:
+        """Take the criteria over from ``owner`` (whose resource no longer matches them);
+        False when someone else took them first (a concurrent create, committed now: the
+        update waited for it and then found another owner)."""
+        return (await self.session.execute(update(conditional_creates).where(
             conditional_creates.c.tenant == self.tenant, conditional_creates.c.type == rtype,
-            conditional_creates.c.criteria == criteria).values(id=rid))
+            conditional_creates.c.criteria == criteria, conditional_creates.c.id == owner,
+        ).values(id=rid).returning(conditional_creates.c.id))).first() is not None
 
     # ---- practice settings ------------------------------------------------------------------
 

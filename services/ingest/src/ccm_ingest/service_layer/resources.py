@@ -403,14 +403,20 @@ async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
 
     if (found := await the_match()) is not None:
         return found
-    owner = await repo.claim_criteria(rtype, criteria_key(criteria), rid)
-    if owner != rid:
+    key = criteria_key(criteria)
+    owner = await repo.claim_criteria(rtype, key, rid)
+    while owner != rid:
         # A concurrent create claimed them first (committed now: the claim waited for it), or
         # an earlier one whose resource no longer matches (its identifier changed, or it was
-        # deleted): whatever matches now answers, else the criteria are ours.
+        # deleted): whatever matches now answers, else the criteria are ours, taken over from
+        # that owner only. Another create taking them over at the same time wins once: the
+        # others wait for it, find a new owner and look again (they all found no match, so
+        # each would otherwise have created a resource).
         if (found := await the_match()) is not None:
             return found
-        await repo.reassign_criteria(rtype, criteria_key(criteria), rid)
+        if await repo.reassign_criteria(rtype, key, rid, owner):
+            return None
+        owner = await repo.claim_criteria(rtype, key, rid)
     return None
 
 
