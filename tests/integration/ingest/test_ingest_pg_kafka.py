@@ -77,12 +77,13 @@ async def test_concurrent_conditional_creates_taking_over_stale_criteria_make_on
         mrn = uuid.uuid4().hex
         criteria = f"identifier=urn:mrn|{mrn}"
         patient = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": mrn}]}
-        first = await ingest.post("/fhir/Patient", json=patient, headers={"If-None-Exist": criteria})
+        first = await ingest.post("/fhir/Patient", json=patient,
+                                  headers={"If-None-Exist": criteria})
         moved = {**patient, "id": first.json()["id"],
                  "identifier": [{"system": "urn:mrn", "value": f"{mrn}-old"}]}
         assert (await ingest.put(f"/fhir/Patient/{moved['id']}", json=moved)).status_code == 200
 
-        async def push():
+        async def push(patient=patient, criteria=criteria):
             if via == "rest":
                 r = await ingest.post("/fhir/Patient", json=patient,
                                       headers={"If-None-Exist": criteria})
