@@ -401,6 +401,12 @@ CASES = [
           ("/fhir", b'{"resourceType":"Bundle","type":"transaction","entry":[{"request":'
            b'{"method":"POST","url":"Patient","ifNoneExist":"identifier=BAD"},'
            b'"resource":{"resourceType":"Patient"}}]}', "Bundle.entry[0].request.ifNoneExist"))],
+    # Identifiers are searched and matched on their first 500 characters: a longer one was cut
+    # (a conditional create on it created the resource again every time) or, a system, a 500.
+    *[(f"an identifier {part} of 501 characters", "POST", "/fhir/Patient",
+       {"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": "v",
+                                                   part: "u" * 501}]},
+       {}, 422, "too-long", f"Patient.identifier[0].{part}") for part in ("system", "value")],
     ("a NUL character in a UTF-16 body", "POST", "/fhir/Patient",
      '{"resourceType":"Patient","name":[{"family":"a\\u0000b"}]}'.encode("utf-16"), {}, 400,
      "structure", "Patient.name[0].family"),

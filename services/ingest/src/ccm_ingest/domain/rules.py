@@ -80,6 +80,7 @@ def check_resource(resource: dict[str, Any]) -> list[Issue]:
     check = _TYPE_CHECKS.get(rtype)
     if check is not None:
         issues += check(resource)
+    issues += _identifier_lengths(resource, rtype)
     reference_issues, local = _references(resource, rtype)
     issues += reference_issues
     issues += subject_targets(resource, rtype)
@@ -161,6 +162,23 @@ def _r5_shapes(rtype: str, resource: dict[str, Any]) -> list[Issue]:
         issues.append(_err("structure", f"{rtype}.{element} is an R5 element; this endpoint "
                            "speaks FHIR R4", f"{rtype}.{element}"))
     return issues
+
+
+# The longest identifier system and value kept for ``identifier`` searches and conditional
+# creates (a database column's width): a longer one would not be found again, and a
+# conditional create on it would create the resource anew every time.
+MAX_IDENTIFIER_LENGTH = 500
+
+
+def _identifier_lengths(resource: dict[str, Any], rtype: str) -> list[Issue]:
+    found = resource.get("identifier")
+    return [_err("too-long", f"{rtype}.identifier[{i}].{part} has {len(text):,} characters; "
+                 f"identifiers are searched and matched on at most {MAX_IDENTIFIER_LENGTH}",
+                 f"{rtype}.identifier[{i}].{part}")
+            for i, ident in enumerate(found if isinstance(found, list) else [])
+            if isinstance(ident, dict)
+            for part in ("system", "value")
+            if isinstance(text := ident.get(part), str) and len(text) > MAX_IDENTIFIER_LENGTH]
 
 
 def _codes(concept: Any) -> list[tuple[Any, str]]:

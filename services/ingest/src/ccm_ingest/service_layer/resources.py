@@ -128,7 +128,7 @@ def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
     found = []
     for ident in resource.get("identifier") or []:
         if isinstance(ident, dict) and ident.get("value"):
-            found.append((ident.get("system") or "", str(ident["value"])[:500]))
+            found.append((ident.get("system") or "", str(ident["value"])))
     return found
 
 
