@@ -243,3 +243,46 @@ async def test_the_api_caches_tokens_for_the_configured_seconds(registry):
             assert (await c.get("/v1/practices/alpha", headers=auth(token))).status_code == 401
         await runtime.db.dispose()
         token = await create_token(engine, practice_id="alpha")
+
+
+async def test_a_correlation_id_that_is_no_plain_token_is_replaced(client):
+    """It goes into every log line and event of the request: bytes that are no UTF-8 answered
+    500 on every route."""
+    for sent in (b"\xff", b"two words", b"x" * 65):
+        r = await client.get("/healthz", headers=[(b"X-Correlation-ID", sent)])
+        assert r.status_code == 200
+        assert r.headers["x-correlation-id"] not in (sent.decode("latin-1"), "")
+
+
+async def test_audit_paging_beyond_any_id_is_refused_not_500(client):
+    r = await client.get("/v1/practices/alpha/audit-events",
+                         params={"before": str(2**63)}, headers=auth(client.tokens["alpha"]))
+    assert r.status_code == 422, r.text
+
+
+class _GaveWay(Exception):
+    sqlstate = "40P01"  # deadlock_detected, as asyncpg's errors carry it
+
+
+@pytest.mark.parametrize(("path", "media"), [("/v1/gave-way", "application/problem+json"),
+                                             ("/fhir/a/b/c/d/gave-way", "application/fhir+json")])
+async def test_a_request_the_database_rolled_back_for_another_is_told_to_retry(client, path,
+                                                                               media):
+    """A deadlock or serialization failure is 503 with Retry-After (nothing was stored; the
+    same request may be sent again), in the endpoint's own error format, not a 500."""
+    from sqlalchemy.exc import DBAPIError
+
+    async def gave_way():
+        raise DBAPIError("UPDATE …", {}, _GaveWay("deadlock detected"))
+
+    async def broken():
+        raise DBAPIError("UPDATE …", {}, Exception("something else"))
+
+    app = client._transport.app
+    app.add_api_route(path, gave_way)
+    app.add_api_route(f"{path}-broken", broken)
+    headers = auth(client.tokens["alpha"])  # /fhir asks for a token before any route
+    r = await client.get(path, headers=headers)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert r.headers["content-type"].startswith(media) and "send it again" in r.text
+    assert (await client.get(f"{path}-broken", headers=headers)).status_code == 500

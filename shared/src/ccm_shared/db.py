@@ -264,6 +264,25 @@ def connect_args_for(url: str) -> dict:
     return {"prepared_statement_cache_size": PREPARED_STATEMENTS_PER_CONNECTION}
 
 
+# SQLSTATEs of a transaction the database rolled back so that a concurrent one could go on:
+# deadlock_detected, serialization_failure. Sent again, the same work normally succeeds.
+_GAVE_WAY = ("40P01", "40001")
+
+
+def gave_way(exc: BaseException) -> bool:
+    """Whether ``exc`` (a SQLAlchemy DBAPIError, or what it wraps) is a deadlock or
+    serialization failure: nothing was stored, and the same transaction may be tried again."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "sqlstate", None) in _GAVE_WAY or \
+                getattr(current, "pgcode", None) in _GAVE_WAY:
+            return True
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
 def create_engine_for(
     url: str,
     *,

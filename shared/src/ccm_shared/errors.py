@@ -57,6 +57,15 @@ class PreconditionFailed(AppError):
     status, title, code = 412, "Precondition failed", "conflict"
 
 
+class TryAgain(AppError):
+    """The database made this request give way to a concurrent one (a deadlock, a
+    serialization failure): nothing of it was stored, and the same request may simply be sent
+    again (``Retry-After``)."""
+
+    status, title, code = 503, "Try again", "transient"
+    retry_after_seconds = 1
+
+
 class PayloadTooLarge(AppError):
     status, title, code = 413, "Payload too large", "too-costly"
 

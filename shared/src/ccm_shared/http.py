@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,9 +12,18 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ccm_shared.errors import AppError, Forbidden, PayloadTooLarge, Unauthorized, problem
+from ccm_shared.db import gave_way
+from ccm_shared.errors import (
+    AppError,
+    Forbidden,
+    PayloadTooLarge,
+    TryAgain,
+    Unauthorized,
+    problem,
+)
 from ccm_shared.observability import (
     metrics,
     new_correlation_id,
@@ -33,6 +43,16 @@ AUDIT_SCOPE = "admin"  # reading the practice's audit trail
 PRICING_SCOPES = frozenset({"admin", "billing"})  # seeing how the practice is billed
 
 
+_ID_CHARACTERS = re.compile(rb"[A-Za-z0-9._:/+=-]{1,64}")
+
+
+def _correlation_id(sent: bytes) -> str:
+    """A caller's correlation id as given, when it is a plain token (letters, digits, ``._:/+=-``,
+    at most 64): it goes into every log line and event of the request. Anything else (bytes
+    that are no UTF-8 answered 500 on every route) is replaced by a new one."""
+    return sent.decode() if _ID_CHARACTERS.fullmatch(sent) else ""
+
+
 class EdgeMiddleware:
     """Correlation id, request metrics and the body-size limit, as plain ASGI."""
 
@@ -46,7 +66,8 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        cid = headers.get(CORRELATION_HEADER.encode(), b"").decode()[:64] or new_correlation_id()
+        cid = _correlation_id(headers.get(CORRELATION_HEADER.encode(), b"")) or \
+            new_correlation_id()
         token = set_correlation_id(cid)
         started = time.perf_counter()
         status_holder = {"status": 500}
@@ -222,6 +243,18 @@ def install_error_handlers(app: FastAPI) -> None:
             media_type=PROBLEM_JSON,
         )
 
+    @app.exception_handler(DBAPIError)
+    async def _database(request: Request, exc: DBAPIError):  # noqa: ANN202
+        if not gave_way(exc):
+            return await _unexpected(request, exc)
+        log.warning("request gave way to a concurrent transaction", error=type(exc.orig).__name__)
+        again = TryAgain("the database rolled this request back so that a concurrent one could "
+                         "go on (a deadlock or serialization failure); nothing was stored: "
+                         "send it again")
+        response = await _app_error(request, again)
+        response.headers["Retry-After"] = str(again.retry_after_seconds)
+        return response
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", error=type(exc).__name__)
@@ -290,7 +323,8 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
         tenant: TenantDep,
         patient: str | None = None,
         limit: int = Query(100, ge=1, le=1000),
-        before: int | None = Query(None, description="Only entries with a smaller id (paging)"),
+        before: int | None = Query(None, ge=0, le=2**63 - 1,
+                                   description="Only entries with a smaller id (paging)"),
     ) -> dict:
         from sqlalchemy import select
 

@@ -427,3 +427,32 @@ async def test_an_entrys_error_names_the_element_under_its_entry(fhir, entry, st
         assert (r.status_code, [i["expression"] for i in r.json()["issue"]]) == \
             (status, [[expression]]), (path, r.text)
     assert await counts(fhir) == before
+
+
+async def test_a_batch_entry_the_database_rolled_back_for_another_says_send_again(fhir,
+                                                                                   monkeypatch):
+    """A deadlock in one batch entry (rolled back whole) answers 503 for that entry, not
+    'failed on the server'; the other entries go on."""
+    from sqlalchemy.exc import DBAPIError
+
+    from ccm_ingest.service_layer import bundles
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    run_entry = bundles._run_entry
+
+    async def first_deadlocks(uow, caller, e):
+        if e.index == 0:
+            raise DBAPIError("UPDATE …", {}, Deadlock("deadlock detected"))
+        return await run_entry(uow, caller, e)
+
+    monkeypatch.setattr(bundles, "_run_entry", first_deadlocks)
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "PUT", "url": "Patient/p1"}, "resource": {**PATIENT, "id": "p1"}},
+        {"request": {"method": "PUT", "url": "Patient/p2"}, "resource": {**PATIENT, "id": "p2"}}]})
+    first, second = r.json()["entry"]
+    assert first["response"]["status"] == "503 Service Unavailable"
+    assert "send it again" in first["response"]["outcome"]["issue"][0]["diagnostics"]
+    assert second["response"]["status"] == "201 Created"
+    assert (await fhir.get("/fhir/Patient/p1")).status_code == 404

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from zoneinfo import ZoneInfo
 import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from sqlalchemy.exc import DBAPIError
 
 from ccm_ingest.adapters.fhir_validation import load_models
 from ccm_ingest.adapters.repository import SqlResourceRepository, VersionRow
@@ -44,7 +46,7 @@ from ccm_ingest.service_layer.group_commit import GroupedWrites
 from ccm_ingest.service_layer.practice import practice_settings
 from ccm_ingest.service_layer.resources import Caller, Outcome, Write
 from ccm_ingest.settings import IngestSettings
-from ccm_shared.db import UnitOfWork
+from ccm_shared.db import UnitOfWork, gave_way
 from ccm_shared.http import TenantDep, json_depth
 from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
@@ -143,6 +145,9 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant, uow: UnitOfWork | 
 log = structlog.get_logger(__name__)
 # $validate's modes (FHIR: create, update, delete, profile); None: create.
 VALIDATE_MODES = (None, "create", "update", "profile")
+# Runs of a transaction Bundle that a deadlock with a concurrent one rolls back, before the
+# client is answered 503 (Retry-After) instead.
+TRANSACTION_ATTEMPTS = 3
 
 
 def processable(bundle: dict[str, Any]) -> str:
@@ -346,11 +351,26 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         entries = bundles.parse_entries(bundle, settings.max_bundle_entries,
                                         each_alone=kind == "batch")
         if kind == "transaction":
-            async with runtime.db.unit_of_work() as uow:
-                caller = await caller_for(runtime, tenant, uow,
-                                          local_bases=local_bases(request))
-                results = await bundles.transaction(uow, caller, entries)
-                await uow.commit()
+            for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+                try:
+                    async with runtime.db.unit_of_work() as uow:
+                        caller = await caller_for(runtime, tenant, uow,
+                                                  local_bases=local_bases(request))
+                        results = await bundles.transaction(uow, caller, entries)
+                        await uow.commit()
+                    break
+                except DBAPIError as exc:
+                    # A deadlock with a concurrent transaction (entries that lock rows or
+                    # patients' counters one at a time, in the Bundle's order): rolled back
+                    # whole, so it is run again from the body (the run rewrote the parsed
+                    # entries); after the last attempt the client is told to (503).
+                    if not gave_way(exc) or attempt == TRANSACTION_ATTEMPTS:
+                        raise
+                    log.info("transaction gave way to a concurrent one; running it again",
+                             attempt=attempt, practice=tenant.practice_id)
+                    await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)
+                    entries = bundles.parse_entries(await read_json(request, max_depth),
+                                                    settings.max_bundle_entries)
         else:
             async with runtime.db.unit_of_work() as uow:
                 caller = await caller_for(runtime, tenant, uow,
@@ -577,7 +597,8 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
 
 
 _REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found",
-            409: "Conflict", 410: "Gone", 412: "Precondition Failed", 422: "Unprocessable Entity"}
+            409: "Conflict", 410: "Gone", 412: "Precondition Failed", 422: "Unprocessable Entity",
+            503: "Service Unavailable"}
 
 
 def _status_line(status: int) -> str:

@@ -22,7 +22,7 @@ from ccm_ingest.domain.model import (
 from ccm_ingest.domain.rules import subject_targets, unresolved_local_references
 from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
-from ccm_shared.db import UnitOfWork
+from ccm_shared.db import UnitOfWork, gave_way
 from ccm_shared.ids import random_uuid
 
 log = structlog.get_logger(__name__)
@@ -589,6 +589,13 @@ async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry
             outcome = Outcome(exc.status, e.rtype, e.rid or "", None,
                               _located(exc.issues, e.index))
         except Exception as exc:  # noqa: BLE001 - a fault of ours: this entry's answer only
+            if gave_way(exc):  # a deadlock: rolled back, and the same entry may be sent again
+                outcome = Outcome(503, e.rtype, e.rid or "", None, [Issue(
+                    "error", "transient", "the database rolled this entry back so that a "
+                    "concurrent transaction could go on; nothing of it was stored: send it "
+                    "again", (_where(e.index),))])
+                results.append((e, outcome))
+                continue
             # Earlier entries are committed: the Bundle must still say what happened to each.
             log.exception("batch entry failed", entry=e.index, error=type(exc).__name__)
             outcome = Outcome(500, e.rtype, e.rid or "", None, [Issue(
