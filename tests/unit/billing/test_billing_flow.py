@@ -1,6 +1,7 @@
 """The billing service end to end on the embedded database: projections → worklist → close →
 Invoice and ChargeItems (FHIR R4) → report → payments → correction → cancel and reissue."""
 
+import asyncio
 import csv
 import io
 import json
@@ -206,6 +207,55 @@ async def test_payments_partial_then_paid_and_overdue(billing):
     assert read == paid_events[0]["data"]["invoice"] == {**issued, "status": "balanced"}
     assert list(read) == list(issued)
     assert overdue[0]["data"]["invoice"] == issued
+
+
+async def test_concurrent_payments_of_an_invoice_count_once_each_and_never_overpay(billing):
+    """Payments at the same time each see the balance the one before left: the invoice is never
+    paid beyond its total, a repeated reference is one payment, and `paid` is the sum of the
+    payments stored (each added its amount to the same old balance before)."""
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    url = f"/v1/invoices/{inv['id']}/payments"
+    same = await asyncio.gather(*(api(billing).post(url, json={
+        "amount": "10.00", "date": "2025-04-10", "reference": "chk-1"}) for _ in range(4)))
+    assert {r.status_code for r in same} == {201}
+    split = await asyncio.gather(*(api(billing).post(url, json={
+        "amount": "30.00", "date": "2025-04-10", "reference": f"ach-{n}"}) for n in range(4)))
+    assert sorted(r.status_code for r in split) == [201, 201, 422, 422]  # 75.33 - 10: two fit
+    async with billing.db.engine.connect() as conn:
+        amounts = (await conn.execute(select(orm.payments.c.amount).where(
+            orm.payments.c.invoice_id == inv["id"]))).scalars().all()
+        paid = (await conn.execute(select(orm.invoices.c.paid).where(
+            orm.invoices.c.id == inv["id"]))).scalar_one()
+    assert sorted(amounts) == ["10.00", "30.00", "30.00"] and paid == "70.00"
+
+
+@pytest.mark.parametrize("amount", ["1e30", "9" * 40, "1E+100", " 1.00", "1_000", "１２", "+5",
+                                    "1.", ".5", "1.005", "0.00", 12])
+async def test_a_payment_amount_is_digits_with_two_decimals_at_most(billing, amount):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    r = await api(billing).post(f"/v1/invoices/{inv['id']}/payments",
+                                json={"amount": amount, "date": "2025-04-10"})
+    assert r.status_code == 422, r.text
+
+
+@pytest.mark.parametrize("month", ["2024-12", "1900-01", "9999-12", "２０２５-03"])
+async def test_a_month_no_billing_rules_cover_is_refused_on_every_read(billing, month):
+    """Nothing before the earliest rules' year can be decided (reads of it answered 500), and
+    9999-12 has no next month for its last day."""
+    await march_practice(billing)
+    for path in (f"/v1/practices/alpha/billing-periods/{month}/worklist",
+                 f"/v1/practices/alpha/billing-periods/{month}/report.json",
+                 f"/v1/practices/alpha/patients/p1/time-log?month={month}",
+                 f"/v1/practices/alpha/patients/p1/audit-packet?from={month}"):
+        r = await api(billing).get(path)
+        assert r.status_code == 422, (path, r.text)
+        assert r.headers["content-type"] == "application/problem+json"
+    assert (await api(billing).post(
+        f"/v1/practices/alpha/billing-periods/{month}/close")).status_code == 422
 
 
 async def test_an_invoice_stored_whole_before_billing_0016_reads_and_pays_as_before(billing):

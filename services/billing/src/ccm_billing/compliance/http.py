@@ -16,21 +16,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from ccm_billing.compliance import domain, fhir_bundle, pdf, records
-from ccm_billing.domain.model import Month
-from ccm_billing.entrypoints.http import BillingTenant
+from ccm_billing.entrypoints.http import BillingTenant, parse_month
 from ccm_billing.service_layer.common import consent_renewal_months, practice_info
 from ccm_shared.errors import InvalidInput
 
 FHIR_JSON = "application/fhir+json"
 PDF = "application/pdf"
 STATES = (*domain.ATTENTION, "active")
-
-
-def _month(text: str, name: str) -> Month:
-    try:
-        return Month.parse(text)
-    except ValueError as exc:
-        raise InvalidInput(str(exc), expression=[name]) from None
 
 
 def _states(values: list[str] | None) -> set[str]:
@@ -94,7 +86,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
     async def time_log(practice: str, patient: str, tenant: BillingTenant,
                        month: Annotated[str, Query(description="yyyy-mm")]) -> dict:
         tenant.require_practice(practice)
-        mo = _month(month, "month")
+        mo = parse_month(month)
         async with db.unit_of_work() as uow:
             info = await practice_info(uow.session, practice)
             await records.require_patient(uow.session, practice, patient)
@@ -113,8 +105,8 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
             description="fhir (default) or pdf; Accept: application/pdf also asks for the PDF")] = None,
     ) -> Response:
         tenant.require_practice(practice)
-        first = _month(from_, "from")
-        last = _month(to, "to") if to else first
+        first = parse_month(from_, "from")
+        last = parse_month(to, "to") if to else first
         if last < first:
             raise InvalidInput("'to' is before 'from'", expression=["to"])
         if len(records.months_between(first, last)) > records.MAX_MONTHS:

@@ -43,11 +43,13 @@ class Month:
     @classmethod
     def parse(cls, text: str) -> Month:
         """``yyyy-mm``; raises ValueError otherwise."""
-        if len(text) != 7 or text[4] != "-" or not (text[:4] + text[5:]).isdigit():
+        digits = text[:4] + text[5:]
+        if len(text) != 7 or text[4] != "-" or not (digits.isascii() and digits.isdigit()):
             raise ValueError(f"month must be yyyy-mm, got {text!r}")
         month = cls(int(text[:4]), int(text[5:]))
-        if not 1 <= month.month <= 12 or month.year < 1900:
-            raise ValueError(f"month must be yyyy-mm, got {text!r}")
+        # 9999-12 has no next month in Python's dates (its last day is computed from it).
+        if not 1 <= month.month <= 12 or not 1900 <= month.year <= 9998:
+            raise ValueError(f"month must be yyyy-mm from 1900-01 to 9998-12, got {text!r}")
         return month
 
     def __str__(self) -> str:

@@ -16,6 +16,7 @@ from sqlalchemy import func, insert, select
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Month
+from ccm_billing.domain.rules import RulesetMissing, ruleset_for
 from ccm_billing.service_layer import ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.corrections import recompute
@@ -37,11 +38,16 @@ async def billing_tenant(tenant: TenantDep) -> Tenant:
 BillingTenant = Annotated[Tenant, Depends(billing_tenant)]
 
 
-def parse_month(text: str) -> Month:
+def parse_month(text: str, name: str = "month") -> Month:
+    """A billing month of a request (``name``: the parameter): 422 for text that is no month,
+    and for a month no billing rules cover (before the earliest calendar year: nothing of it
+    can be decided, and reading it answered 500)."""
     try:
-        return Month.parse(text)
-    except ValueError as exc:
-        raise InvalidInput(str(exc), expression=["month"]) from None
+        month = Month.parse(text)
+        ruleset_for(month)
+    except (ValueError, RulesetMissing) as exc:
+        raise InvalidInput(str(exc), expression=[name]) from None
+    return month
 
 
 class PaymentIn(BaseModel):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from types import SimpleNamespace
 
 from sqlalchemy import bindparam, func, insert, select, update
@@ -366,14 +367,19 @@ async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | N
 # -- payments and overdue ----------------------------------------------------------------------
 
 
+# US dollars as the API takes them: digits, and at most two decimals (no sign, exponent,
+# spaces, "_" or digits of other scripts, which Decimal() would read).
+_AMOUNT = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,2})?")
+
+
 def parse_amount(text: str) -> Decimal:
-    try:
-        amount = Decimal(str(text))
-    except InvalidOperation:
-        raise InvalidInput("amount must be a decimal number of US dollars, e.g. \"120.50\"",
-                           expression=["amount"]) from None
-    if not amount.is_finite() or amount <= 0 or amount != amount.quantize(Decimal("0.01")):
-        raise InvalidInput("amount must be positive with at most two decimals", expression=["amount"])
+    if not isinstance(text, str) or not _AMOUNT.fullmatch(text):
+        raise InvalidInput("amount must be US dollars written as digits with at most two "
+                           "decimals and below a trillion, e.g. \"120.50\"",
+                           expression=["amount"])
+    amount = Decimal(text)
+    if amount <= 0:
+        raise InvalidInput("amount must be positive", expression=["amount"])
     return amount
 
 
@@ -382,6 +388,13 @@ async def record_payment(
     reference: str | None, now: datetime,
 ) -> dict:
     """Record a payment: issued → partially-paid → balanced (paid). Same reference: no-op."""
+    i = orm.invoices
+    # One payment of an invoice at a time: its row is locked (written unchanged) before it is
+    # read, so each payment reads the balance and references the one before it left. Read
+    # first, concurrent payments each added their amount to the same old balance (the last
+    # write won: an invoice paid several times over, its rows summing to more than `paid`).
+    await uow.session.execute(update(i).where(i.c.id == invoice_id, i.c.practice == practice)
+                              .values(paid=i.c.paid))
     row = await get_invoice_row(uow.session, invoice_id, practice)
     if row is None:
         raise NotFound(f"invoice {invoice_id!r} not found")
@@ -412,7 +425,6 @@ async def record_payment(
         insert(p).values(id=payment_id, practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
                          date=paid_on, reference=reference, recorded_at=now)
     )
-    i = orm.invoices
     await uow.session.execute(
         update(i).where(i.c.id == invoice_id).values(
             paid=f"{paid:.2f}", payment_status=payment_status, status=status,
