@@ -1,6 +1,7 @@
 """Billing on real PostgreSQL and Apache Kafka: ingest events on Kafka → projections →
 worklist → close → Invoice event on Kafka and FHIR reads → a correction → cancel and reissue."""
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime
@@ -162,9 +163,16 @@ async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
             assert sorted((e["resource"]["code"]["coding"][0]["code"], e["resource"]["status"])
                           for e in after["entry"]) == [
                 ("99439", "entered-in-error"), ("99490", "billable"), ("99490", "entered-in-error")]
-            paid = await client.post(f"/v1/invoices/{replacement}/payments", headers=headers,
-                                     json={"amount": "42.00", "date": "2025-04-20", "reference": "ach-1"})
-            assert paid.status_code == 201 and paid.json()["invoice"]["status"] == "balanced"
+            # Concurrent payments on PostgreSQL: one at a time, never beyond the total (each read
+            # the same old balance before, and the last write won).
+            tries = await asyncio.gather(*(client.post(
+                f"/v1/invoices/{replacement}/payments", headers=headers,
+                json={"amount": "21.00", "date": "2025-04-20", "reference": f"ach-{n}"})
+                for n in range(4)))
+            assert sorted(t.status_code for t in tries) == [201, 201, 422, 422]
+            paid = max((t for t in tries if t.status_code == 201),
+                       key=lambda t: t.json()["invoice"]["status"] == "balanced")
+            assert paid.json()["invoice"]["status"] == "balanced"
             await billing_events(infra.kafka_bootstrap_servers, "billing.invoice.paid.v1", practice, 1)
             assert Decimal(json.loads(json.dumps(paid.json()))["invoice"]["balance"]) == 0
     finally:
