@@ -55,12 +55,26 @@ async def test_the_page_says_at_once_what_needs_attention(careplan):
     assert worst["escalation_level"] == 1 and worst["responsible_provider"] == "Practitioner/dr-lee"
 
 
-@pytest.mark.parametrize("query", ["?review=soonish", "?review=due-within:x", "?sort=colour",
-                                   "?limit=0", "?limit=501", "?offset=-1"])
+@pytest.mark.parametrize("query", [
+    "?review=soonish", "?review=due-within:x", "?sort=colour", "?limit=0", "?limit=501",
+    "?offset=-1",
+    "?review=due-within:%C2%B2",  # "²".isdigit() is true, int("²") raises
+    "?review=due-within:%D9%A3",  # Arabic-Indic three: int() takes it, the filter must not
+    "?review=due-within:3661", "?review=due-within:-1", "?review=due-within:+30",
+    "?review=due-within:" + "9" * 5000,  # int() refuses more than 4,300 digits
+    "?offset=9223372036854775808",  # past SQLite's and PostgreSQL's 64-bit OFFSET
+    "?offset=1000001",
+])
 async def test_bad_list_parameters_answer_422(careplan, query):
     r = await careplan.client.get(f"/v1/practices/alpha/care-plans{query}",
                                   headers=careplan.auth())
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+
+
+async def test_the_largest_offset_and_due_window_are_accepted(careplan):
+    await seed(careplan)
+    assert (await names(careplan, "?offset=1000000"))[0] == []
+    assert (await names(careplan, "?review=due-within:3660"))[0] == ["soon", "later"]
 
 
 async def test_the_overdue_report_lists_late_plans_most_overdue_first(careplan):
@@ -110,6 +124,10 @@ async def test_a_declined_sign_off_keeps_the_review_open(careplan):
     ({"reviewer": "Practitioner/x", "outcome": "fine"}, 422),
     ({"reviewer": "Practitioner/x", "outcome": "approved", "extra": 1}, 422),
     ({"reviewer": "Practitioner/x", "outcome": "approved", "date": "yesterday"}, 422),
+    # The plan was created on 2026-02-24: no review of it can be older.
+    ({"reviewer": "Practitioner/x", "outcome": "approved", "date": "0001-01-01"}, 422),
+    ({"reviewer": "Practitioner/x", "outcome": "approved", "date": "2026-02-23"}, 422),
+    ({"reviewer": "Practitioner/x", "outcome": "declined", "date": "2026-02-23"}, 422),
 ])
 async def test_bad_reviews_are_refused_and_change_nothing(careplan, body, status):
     cp = careplan
@@ -139,6 +157,50 @@ async def test_reviews_of_closed_plans_conflict_and_earlier_reviews_are_refused(
     elsewhere = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth("beta"),
                                      json={"reviewer": "Practitioner/x", "outcome": "approved"})
     assert elsewhere.status_code == 404
+
+
+async def test_a_review_on_the_day_the_plan_was_created_is_accepted(careplan):
+    cp = careplan
+    await seed(cp)
+    tid = tracker_id("alpha", "CarePlan/late")
+    r = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
+        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2026-02-24"})
+    assert r.status_code == 201, r.text
+    assert r.json()["last_review"] == "2026-02-24" and r.json()["next_review_due"] == "2027-02-24"
+
+
+async def test_a_plan_without_a_creation_date_takes_no_review_before_it_was_first_seen(careplan):
+    cp = careplan
+    cp.clock.now = NOW
+    await cp.deliver(f.care_plan("alpha", "CarePlan/undated", created="",
+                                 at=datetime(2026, 6, 10, 15, 0, tzinfo=UTC)))
+    tid = tracker_id("alpha", "CarePlan/undated")
+    plan = (await cp.client.get(f"/v1/care-plans/{tid}", headers=cp.auth())).json()
+    assert plan["created"] is None
+    before = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
+        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2026-06-09"})
+    assert before.status_code == 422 and "2026-06-10" in before.json()["detail"]
+    on = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
+        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2026-06-10"})
+    assert on.status_code == 201, on.text
+
+
+async def test_a_plan_starting_later_can_be_reviewed_from_the_day_it_was_first_seen(careplan):
+    cp = careplan
+    cp.clock.now = NOW
+    event = f.care_plan("alpha", "CarePlan/planned", created="",
+                        at=datetime(2027, 2, 1, 15, 0, tzinfo=UTC))
+    event.data["period"]["start"] = "2027-04-01"  # intended start, still ahead
+    await cp.deliver(event)
+    tid = tracker_id("alpha", "CarePlan/planned")
+    assert (await cp.client.get(f"/v1/care-plans/{tid}", headers=cp.auth())).json()[
+        "created"] == "2027-04-01"
+    early = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
+        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2027-01-31"})
+    assert early.status_code == 422 and "2027-02-01" in early.json()["detail"]
+    r = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
+        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2027-02-01"})
+    assert r.status_code == 201, r.text
 
 
 async def test_care_team_members_acknowledge_the_version_they_received(careplan):
@@ -186,6 +248,11 @@ async def test_rules_are_visible_with_defaults_and_changeable_per_practice(carep
     {"reminder_days_before_due": [14, 14]}, {"review_interval_months": 0},
     {"overdue_reminder_every_days": -1}, {"clinical_supervisor": "Organization/1"},
     {"reminder_days_before_due": "30"}, {"unknown_rule": 3},
+    # JSON types other than integers are refused, not coerced
+    {"review_interval_months": "3"}, {"review_interval_months": True},
+    {"escalate_after_reminders": 8.0}, {"reminder_days_before_due": ["30"]},
+    {"reminder_days_before_due": [True]}, {"early_review_on_plan_revision": "yes"},
+    {"early_review_on_new_chronic_condition": 0},
 ])
 async def test_unusable_rules_answer_422_and_leave_the_rules_alone(careplan, body):
     cp = careplan
@@ -193,6 +260,29 @@ async def test_unusable_rules_answer_422_and_leave_the_rules_alone(careplan, bod
     assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
     got = await cp.client.get("/v1/practices/alpha/care-plan-rules", headers=cp.auth())
     assert got.json()["is_default"]
+
+
+@pytest.mark.parametrize("if_match", [
+    b'"\xb2"',  # latin-1 "²": isdigit() but not int()
+    b'"\xd9\xa3"',  # not an ASCII digit either
+    b'"' + b"1" * 5000 + b'"',  # int() refuses more than 4,300 digits
+    b'"-1"', b'"x"', b'""', b"*",
+])
+async def test_a_malformed_if_match_answers_412_and_changes_nothing(careplan, if_match):
+    cp = careplan
+    r = await cp.client.put("/v1/practices/alpha/care-plan-rules",
+                            headers={**cp.auth(), "If-Match": if_match},
+                            json={"review_interval_months": 6})
+    assert r.status_code == 412 and r.headers["content-type"] == "application/problem+json"
+    got = await cp.client.get("/v1/practices/alpha/care-plan-rules", headers=cp.auth())
+    assert got.json()["is_default"]
+
+
+async def test_a_weak_if_match_is_accepted(careplan):
+    cp = careplan
+    r = await cp.client.put("/v1/practices/alpha/care-plan-rules",
+                            headers={**cp.auth(), "If-Match": 'W/"0"'}, json={})
+    assert r.status_code == 200 and r.headers["etag"] == '"1"'
 
 
 async def test_a_token_without_the_careplan_scope_is_forbidden(careplan):

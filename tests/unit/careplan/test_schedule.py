@@ -117,6 +117,14 @@ def test_unscheduled_plans_are_inactive():
     ({"reminder_days_before_due": [0]}, "1 to 180"),
     ({"overdue_reminder_every_days": 0}, "overdue_reminder_every_days"),
     ({"clinical_supervisor": "Patient/x"}, "clinical_supervisor"),
+    ({"review_interval_months": "3"}, "review_interval_months"),
+    ({"escalate_after_reminders": True}, "escalate_after_reminders"),
+    ({"reminder_days_before_due": [True, 7]}, "1 to 180"),
+    ({"reminder_days_before_due": ["30", 7]}, "1 to 180"),
+    ({"reminder_days_before_due": 30}, "list"),
+    ({"reminder_days_before_due": "30"}, "list"),
+    ({"early_review_on_plan_revision": "yes"}, "early_review_on_plan_revision"),
+    ({"early_review_on_new_chronic_condition": 1}, "early_review_on_new_chronic_condition"),
 ])
 def test_unusable_rules_are_refused_with_the_field_named(data, problem):
     with pytest.raises(InvalidRules, match=problem):

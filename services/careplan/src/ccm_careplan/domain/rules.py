@@ -7,7 +7,7 @@ default so a practice that never configured anything still gets a complete, safe
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 PRACTITIONER_REF = re.compile(r"^(Practitioner|PractitionerRole)/[A-Za-z0-9\-\.]{1,64}$")
 
@@ -54,20 +54,33 @@ _LIMITS: dict[str, tuple[int, int]] = {
 }
 
 
+_SWITCHES = ("early_review_on_plan_revision", "early_review_on_new_chronic_condition")
+
+
+def _integer(value: object) -> bool:
+    """A JSON integer: not a string of digits, not a float, not a boolean (``True == 1``)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_rules(rules: ReviewRules) -> ReviewRules:
     """Return ``rules`` unchanged or raise InvalidRules naming every problem."""
     problems: list[str] = []
     for name, (low, high) in _LIMITS.items():
         value = getattr(rules, name)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        if not _integer(value) or not low <= value <= high:
             problems.append(f"{name} must be an integer from {low} to {high}")
     offsets = rules.reminder_days_before_due
-    if len(offsets) > 10:
+    if not isinstance(offsets, list | tuple):
+        problems.append("reminder_days_before_due must be a list of days")
+    elif len(offsets) > 10:
         problems.append("reminder_days_before_due takes at most 10 offsets")
-    if any(not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= 180 for d in offsets):
+    elif any(not _integer(d) or not 1 <= d <= 180 for d in offsets):
         problems.append("reminder_days_before_due offsets must be integers from 1 to 180")
     elif len(set(offsets)) != len(offsets):
         problems.append("reminder_days_before_due offsets must be distinct")
+    for name in _SWITCHES:
+        if not isinstance(getattr(rules, name), bool):
+            problems.append(f"{name} must be true or false")
     if rules.clinical_supervisor is not None and not PRACTITIONER_REF.match(
         rules.clinical_supervisor
     ):
@@ -82,10 +95,11 @@ def validate_rules(rules: ReviewRules) -> ReviewRules:
 def rules_from_dict(data: dict) -> ReviewRules:
     """Stored or submitted rules → ReviewRules; missing fields take their defaults."""
     known = {k: v for k, v in data.items() if k in ReviewRules.__dataclass_fields__}
-    if "reminder_days_before_due" in known:
-        known["reminder_days_before_due"] = tuple(
-            sorted(known["reminder_days_before_due"], reverse=True)
-        )
-    return validate_rules(ReviewRules(**known))
+    offsets = known.get("reminder_days_before_due")
+    if isinstance(offsets, list):
+        known["reminder_days_before_due"] = tuple(offsets)
+    rules = validate_rules(ReviewRules(**known))  # before sorting: "30" and 7 do not compare
+    return replace(rules, reminder_days_before_due=tuple(
+        sorted(rules.reminder_days_before_due, reverse=True)))
 
 

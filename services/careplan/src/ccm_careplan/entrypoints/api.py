@@ -11,13 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ccm_careplan.domain.rules import DEFAULT_RULES, PRACTITIONER_REF, InvalidRules, ReviewRules
 from ccm_careplan.service_layer import commands, queries
-from ccm_careplan.service_layer.common import load_rules, practice_today
+from ccm_careplan.service_layer.common import ascii_digits, load_rules, practice_today
 from ccm_shared.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from ccm_shared.http import TenantDep
 from ccm_shared.tenancy import Tenant
 
 SCOPE = "careplan"
 REF_PATTERN = PRACTITIONER_REF.pattern
+# Far beyond any practice's plans, far below the 64-bit OFFSET the databases take.
+MAX_OFFSET = 1_000_000
+# A rules revision is a database INTEGER; longer digit strings cannot name one.
+MAX_REVISION_DIGITS = 10
 
 
 class ReviewIn(BaseModel):
@@ -42,7 +46,8 @@ class AcknowledgementIn(BaseModel):
 class RulesIn(BaseModel):
     """Per-practice review rules; omitted fields take the documented defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: "3" or true is not the integer 3 or 1, nor 1 or "yes" the boolean true
+    model_config = ConfigDict(extra="forbid", strict=True)
     review_interval_months: int = DEFAULT_RULES.review_interval_months
     reminder_days_before_due: list[int] = Field(
         default_factory=lambda: list(DEFAULT_RULES.reminder_days_before_due), max_length=10)
@@ -98,7 +103,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
                                                "escalation_level; prefix - for descending")]
         = "next_review_due",
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict:
         _allowed(tenant, practice)
         async with db.unit_of_work() as uow:
@@ -191,7 +196,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
         expected = None
         if if_match is not None:
             raw = if_match.strip().removeprefix("W/").strip('"')
-            if not raw.isdigit():
+            if not ascii_digits(raw, MAX_REVISION_DIGITS):
                 raise PreconditionFailed("If-Match must be an ETag from GET, e.g. \"3\"")
             expected = int(raw)
         rules = body.to_rules()

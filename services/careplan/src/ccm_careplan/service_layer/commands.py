@@ -66,6 +66,11 @@ async def record_review(uow: UnitOfWork, cmd: RecordReview, now: datetime) -> No
     if row["last_review"] is not None and day < row["last_review"]:
         raise ReviewRejected(
             f"review date {day} is before the last recorded review ({row['last_review']})")
+    # A plan cannot be reviewed before it existed: the earlier of its `created` (else
+    # `period.start`, which may lie ahead) and the day of the first version we saw.
+    began = min(d for d in (row["created"], row["first_seen"]) if d is not None)
+    if day < began:
+        raise ReviewRejected(f"review date {day} is before the care plan began ({began})")
     rules = await load_rules(uow.session, cmd.practice)
     await complete_review(uow, row, rules=rules, review_date=day, reviewer=cmd.reviewer,
                           outcome=cmd.outcome, notes=cmd.notes, source="api", version_id=

@@ -21,12 +21,14 @@ from ccm_careplan.domain.rules import ReviewRules
 from ccm_careplan.domain.schedule import review_state
 from ccm_careplan.domain.tracker import is_scheduled, resolve_provider
 from ccm_careplan.service_layer.common import (
+    ascii_digits,
     general_practitioners,
     practitioner_directory,
     responsible_provider,
 )
 from ccm_shared.db import UnitOfWork
 
+MAX_DUE_WITHIN_DAYS = 3660  # ten years: longer than any review interval the rules allow
 REVIEW_FILTERS = ("due", "due-within:{days}", "overdue", "escalated", "awaiting-signoff")
 SORTS = {
     "next_review_due": trackers.c.next_review_due,
@@ -60,8 +62,9 @@ def _review_condition(practice: str, review: str, today: date, rules: ReviewRule
         return active & (due >= today) & (due <= today + timedelta(days=rules.due_window_days))
     if review.startswith("due-within:"):
         raw = review.removeprefix("due-within:")
-        if not raw.isdigit() or not 0 <= int(raw) <= 3660:
-            raise InvalidQuery("due-within takes a whole number of days, e.g. due-within:30")
+        if not ascii_digits(raw, 4) or int(raw) > MAX_DUE_WITHIN_DAYS:
+            raise InvalidQuery(f"due-within takes a whole number of days from 0 to "
+                               f"{MAX_DUE_WITHIN_DAYS}, e.g. due-within:30")
         return active & (due >= today) & (due <= today + timedelta(days=int(raw)))
     if review == "overdue":
         return active & (due < today)
