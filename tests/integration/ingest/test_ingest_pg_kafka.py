@@ -153,6 +153,20 @@ async def test_transactions_locking_in_opposite_orders_are_run_again_not_500(ing
             assert statuses == [200, 200], [r.text for r in answers]
 
 
+async def test_an_encounter_naming_more_performers_than_a_statement_takes_is_stored(ingest):
+    """Its performers are looked up a few thousand ids at a time (one statement of all of them
+    went past the 32,767 parameters PostgreSQL takes: 500)."""
+    await ingest.put("/fhir/Practitioner/p32999", json={"resourceType": "Practitioner",
+                                                        "id": "p32999"})
+    encounter = {"resourceType": "Encounter", "id": "e-many", "status": "planned",
+                 "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                           "code": "AMB"},
+                 "participant": [{"individual": {"reference": f"Practitioner/p{n}"}}
+                                 for n in range(33_000)]}
+    r = await ingest.put("/fhir/Encounter/e-many", json=encounter)
+    assert r.status_code == 201, r.text[:300]
+
+
 async def _read_tenant_events(bootstrap: str, topics: list[str], tenant: str, expect: int,
                               timeout: float = 60) -> list[CloudEvent]:
     consumer = AIOKafkaConsumer(*topics, bootstrap_servers=bootstrap, group_id=None,

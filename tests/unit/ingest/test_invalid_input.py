@@ -407,6 +407,8 @@ CASES = [
        {"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": "v",
                                                    part: "u" * 501}]},
        {}, 422, "too-long", f"Patient.identifier[0].{part}") for part in ("system", "value")],
+    ("more _id values than a search takes", "GET", "/fhir/Patient?_id=" + "," * 1000, None, {},
+     400, "too-costly", "_id"),
     ("a NUL character in a UTF-16 body", "POST", "/fhir/Patient",
      '{"resourceType":"Patient","name":[{"family":"a\\u0000b"}]}'.encode("utf-16"), {}, 400,
      "structure", "Patient.name[0].family"),
@@ -809,3 +811,33 @@ async def test_an_if_match_refused_is_quoted_as_sent(fhir):
                        headers={"If-Match": 'W/"x"'})
     assert r.status_code == 400
     assert """If-Match 'W/"x"' is not a version ETag""" in r.json()["issue"][0]["diagnostics"]
+
+
+async def test_conditional_references_are_searched_once_each_and_bounded(fhir):
+    """The same conditional reference is one search however often it is given; more than 1,000
+    different ones in a Bundle are a 422 (each is a search while the transaction holds its
+    locks: 20,000 took 20 s)."""
+    await fhir.put("/fhir/Patient/p1", json={"resourceType": "Patient", "id": "p1",
+                                             "identifier": [{"system": "urn:mrn", "value": "1"}]})
+    same = {**ccm_encounter(), "subject": {"reference": "Patient?identifier=urn:mrn|1"},
+            "participant": [{"individual": {"reference": "Patient?identifier=urn:mrn|1"}}]
+            * 3000}
+    r = await fhir.post("/fhir", json=_transaction(_entry(same, "POST", "Encounter")))
+    assert r.status_code != 500, r.text[:300]
+    many = {**ccm_encounter(), "subject": {"reference": "Patient?identifier=urn:mrn|1"},
+            "extension": [{"url": "urn:x", "valueReference": {
+                "reference": f"Patient?_id=p1,x{n}"}} for n in range(1001)]}
+    before = await counts(fhir)
+    r = await fhir.post("/fhir", json=_transaction(_entry(many, "POST", "Encounter")))
+    assert r.status_code == 422 and r.json()["issue"][0]["code"] == "too-costly", r.text[:300]
+    assert await counts(fhir) == before
+
+
+async def test_ingest_config_codes_that_are_no_text_are_refused_and_not_stored(fhir):
+    for code in ("http://x|\\ud800", "http://x|a\\u0000"):
+        body = '{"chronic_codes": ["' + code + '"]}'
+        r = await fhir.put("/v1/practices/alpha/ingest-config", content=body,
+                           headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        shown = await fhir.get("/v1/practices/alpha/ingest-config")
+        assert shown.status_code == 200 and shown.json()["overrides"] == {}

@@ -77,6 +77,9 @@ _IS_CURRENT = and_(resources.c.tenant == resource_versions.c.tenant,
                    resources.c.version_id == resource_versions.c.version_id)
 
 
+_IDS_PER_STATEMENT = 5_000
+
+
 def _insert(session: AsyncSession):  # noqa: ANN202
     return dialect_insert(session.bind.dialect.name)
 
@@ -216,16 +219,20 @@ class SqlResourceRepository:
         return current, stored
 
     async def current_resources(self, rtype: str, ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Current JSON of the given (not deleted) resources, by id."""
-        if not ids:
-            return {}
-        rows = (await self.session.execute(
-            select(resource_versions.c.id, resource_versions.c.resource)
-            .join(resources, _IS_CURRENT)
-            .where(resources.c.tenant == self.tenant, resources.c.type == rtype,
-                   resources.c.id.in_(ids), resources.c.deleted.is_(False))
-        )).all()
-        return {r.id: json.loads(r.resource) for r in rows if r.resource}
+        """Current JSON of the given (not deleted) resources, by id; in statements of at most
+        ``_IDS_PER_STATEMENT`` ids (an Encounter may name tens of thousands of performers, and
+        a statement takes at most 32,767 parameters)."""
+        found: dict[str, dict[str, Any]] = {}
+        for at in range(0, len(ids), _IDS_PER_STATEMENT):
+            rows = (await self.session.execute(
+                select(resource_versions.c.id, resource_versions.c.resource)
+                .join(resources, _IS_CURRENT)
+                .where(resources.c.tenant == self.tenant, resources.c.type == rtype,
+                       resources.c.id.in_(ids[at:at + _IDS_PER_STATEMENT]),
+                       resources.c.deleted.is_(False))
+            )).all()
+            found.update((r.id, json.loads(r.resource)) for r in rows if r.resource)
+        return found
 
     async def history(self, rtype: str, rid: str, *, since: datetime | None = None,
                       limit: int | None = None, offset: int = 0,

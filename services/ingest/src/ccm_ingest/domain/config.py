@@ -107,6 +107,9 @@ class IngestConfig:
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ConfigInvalid(f"{key} must be a list of non-empty strings")
+            if not all(_is_text(v) for v in value):
+                raise ConfigInvalid(f"{key}: a code with a NUL character or a lone surrogate "
+                                    "(\\ud800 without its pair) is no text")
             if key == "care_plan_intents":
                 if strict and (unknown := [v for v in value if v not in CARE_PLAN_INTENTS]):
                     raise ConfigInvalid(f"{key}: {unknown[0]!r} is no CarePlan intent; R4's are "
@@ -155,6 +158,16 @@ class IngestConfig:
                 if both := sorted(set(getattr(self, first)) & set(getattr(self, second))):
                     raise ConfigInvalid(f"{both[0]!r} is in both {first} and {second}: a role "
                                         "is one kind; remove it from one of them")
+
+
+def _is_text(value: str) -> bool:
+    """Storable and answerable text: a JSON body may escape a NUL or a lone surrogate, which no
+    response can encode (a GET of the config answered 500 after the PUT stored one)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
 
 
 DEFAULT_CONFIG = IngestConfig()

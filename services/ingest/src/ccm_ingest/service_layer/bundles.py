@@ -208,15 +208,31 @@ def _conditionals(value: Any, path: str) -> Iterator[tuple[dict[str, Any], str, 
             yield from _conditionals(item, f"{path}[{n}]")
 
 
+# Distinct conditional references (``Patient?identifier=…``) one Bundle may ask to resolve:
+# each is a search, run while the Bundle's transaction holds its locks.
+MAX_CONDITIONAL_REFERENCES = 1_000
+
+
 async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
-                                  deleted: dict[str, set[str]] | None = None) -> None:
+                                  deleted: dict[str, set[str]] | None = None,
+                                  searched: dict[str, list] | None = None) -> None:
     """``Patient?identifier=…`` references resolve to the one match, or the entry fails; a
-    resource ``deleted`` (by the same transaction's DELETE entries) matches nothing."""
+    resource ``deleted`` (by the same transaction's DELETE entries) matches nothing.
+    ``searched``: what the Bundle's references found so far (the same reference is searched
+    once: 20,000 of them took 20 s); more than ``MAX_CONDITIONAL_REFERENCES`` distinct ones
+    are a 422."""
+    searched = {} if searched is None else searched
     for value, path, rtype in _conditionals(entry.resource, f"{_where(entry.index)}.resource"):
         ref = value["reference"]
-        with _placed(f"{path}.reference"):
-            matches = await handlers.find_by_criteria(repo, rtype, ref,
-                                                      ignore=(deleted or {}).get(rtype, ()))
+        matches = searched.get(ref)
+        if matches is None:
+            if len(searched) >= MAX_CONDITIONAL_REFERENCES:
+                raise rejected(422, "too-costly", "a Bundle may resolve at most "
+                               f"{MAX_CONDITIONAL_REFERENCES:,} different conditional "
+                               "references", f"{path}.reference")
+            with _placed(f"{path}.reference"):
+                matches = searched[ref] = await handlers.find_by_criteria(
+                    repo, rtype, ref, ignore=(deleted or {}).get(rtype, ()))
         if len(matches) != 1:
             raise rejected(412, "not-found" if not matches else "multiple-matches",
                            f"conditional reference {ref!r} matches {len(matches)} "
@@ -367,6 +383,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     _one_entry_per_resource(entries)
     repo = SqlResourceRepository(uow.session, caller.tenant)
     unresolved: list[Issue] = []
+    searched: dict[str, list] = {}  # conditional reference → what it found
     for e in entries:
         if e.resource is not None:
             # The parsed request body is ours: rewritten in place, no copy.
@@ -378,7 +395,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
             unresolved += [i.located(f"{_where(e.index)}.resource")
                            for i in subject_targets(e.resource, e.rtype)]
             if left & CONDITIONAL and not issues:
-                await _conditional_references(repo, e, deleted)
+                await _conditional_references(repo, e, deleted, searched)
     if unresolved:
         raise FhirRejected(422, unresolved)
     results: dict[int, Outcome] = {}

@@ -641,6 +641,10 @@ async def search(repo: SqlResourceRepository, rtype: str, params: list[tuple[str
                                                    local_bases=local_bases))
 
 
+# Ids one ``_id`` search takes (each is a database parameter; PostgreSQL takes 32,767 in all).
+MAX_SEARCH_IDS = 1_000
+
+
 def search_query(rtype: str, params: list[tuple[str, str]], *, limit: int = 50,
                  local_bases: tuple[str, ...] = ()) -> dict[str, Any]:
     """What a search's parameters ask of the repository; 400 for what it refuses (``$validate``
@@ -657,6 +661,9 @@ def search_query(rtype: str, params: list[tuple[str, str]], *, limit: int = 50,
         # A parameter given twice must match both times (FHIR: AND).
         if name == "_id":
             given = value.split(",")
+            if len(given) > MAX_SEARCH_IDS:
+                raise rejected(400, "too-costly", f"_id takes at most {MAX_SEARCH_IDS:,} ids "
+                               f"per search, not {len(given):,}", name)
             ids = given if ids is None else [i for i in ids if i in given]
         elif name in ("patient", "subject"):
             if rtype not in PATIENT_ELEMENT or (name == "subject" and rtype == "Consent"):
