@@ -172,3 +172,11 @@ def test_a_listed_token_can_be_revoked_and_then_resolves_to_nothing(platform_url
     for args in (["nope", "--practice", "alpha"], [token_id, "--practice", "beta"]):
         wrong = CliRunner().invoke(cli.app, ["token", "revoke", *args])
         assert wrong.exit_code == 2 and "error:" in wrong.output
+
+
+def test_a_label_longer_than_kept_is_refused_before_anything_is_created(platform_url):
+    """The label column holds 200 characters: a longer one crashed the command with a database
+    traceback (on PostgreSQL)."""
+    result = ccm_token_create("--label", "x" * 201)
+    assert result.exit_code == 2 and "--label takes at most 200 characters" in result.output
+    assert ccm_token_create("--label", "x" * 200).exit_code == 0

@@ -159,6 +159,9 @@ def _token_scopes(requested: list[str] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(requested))
 
 
+MAX_TOKEN_LABEL = 200  # the api_tokens column
+
+
 @token_app.command("create")
 def token_create(
     practice: Annotated[str, typer.Option(help="Practice id the token acts for")],
@@ -183,6 +186,8 @@ def token_create(
     from ccm_shared.tenancy import create_token
 
     scopes = _token_scopes(scope)  # before anything is created
+    if label is not None and len(label) > MAX_TOKEN_LABEL:
+        _fail(f"--label takes at most {MAX_TOKEN_LABEL} characters, not {len(label)}")
     settings = _settings()
 
     async def run() -> str:
