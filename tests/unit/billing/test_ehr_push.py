@@ -5,6 +5,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import httpx
+import pytest
 
 from ccm_billing.service_layer.ehr import deliver_due
 from tests.unit.billing.test_billing_flow import api, march_practice
@@ -23,6 +24,21 @@ class Ehr:
         if status == "down":
             raise httpx.ConnectError("connection refused", request=request)
         return httpx.Response(status, json={"resourceType": "Bundle", "type": "transaction-response"})
+
+
+@pytest.mark.parametrize("body", [
+    {"baseUrl": "https://[::1"}, {"baseUrl": "https://ehr:99999/fhir"},
+    {"baseUrl": "https://ehr:abc/fhir"}, {"baseUrl": "https://user:pw@ehr/fhir"},
+    {"baseUrl": "https://ehr\u0000x/fhir"}, {"baseUrl": "https://ehr/fh ir"},
+    {"baseUrl": "https://ehr.example.org/fhir", "authorization": "Bearer a\r\nX-Evil: 1"},
+    {"baseUrl": "https://ehr.example.org/fhir", "authorization": "Bearer \u0000"},
+])
+async def test_an_ehr_endpoint_that_cannot_be_called_is_refused(billing, body):
+    """An unclosed IPv6 bracket answered 500; ports that are no port, credentials in the URL,
+    and an authorization that would break its header line are 422 too."""
+    r = await api(billing).put("/v1/practices/alpha/ehr-endpoint", json=body)
+    assert r.status_code == 422, r.text
+    assert (await api(billing).get("/v1/practices/alpha/ehr-endpoint")).status_code == 404
 
 
 async def test_invoice_push_retries_with_backoff_and_is_logged(billing):

@@ -217,6 +217,11 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     async def put_ehr_endpoint(practice: str, tenant: BillingTenant, body: EhrEndpointIn) -> dict:
         tenant.require_practice(practice)
         url = ehr.validate_base_url(body.baseUrl)
+        if body.authorization is not None and not (body.authorization.isascii()
+                                                   and body.authorization.isprintable()):
+            # Sent as a header: a line break or control character would end or forge one.
+            raise InvalidInput("authorization must be printable ASCII (a header value, e.g. "
+                               "'Bearer …')", expression=["authorization"])
         e = orm.ehr_endpoints
         async with db.unit_of_work() as uow:
             await uow.session.execute(e.delete().where(e.c.practice == practice))
