@@ -286,3 +286,26 @@ async def test_a_request_the_database_rolled_back_for_another_is_told_to_retry(c
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     assert r.headers["content-type"].startswith(media) and "send it again" in r.text
     assert (await client.get(f"{path}-broken", headers=headers)).status_code == 500
+
+
+class _TooLong(Exception):
+    sqlstate = "22001"  # string_data_right_truncation
+
+
+async def test_a_value_the_database_cannot_store_is_422_not_500(client):
+    """A safety net under the routes' own checks: a data exception (a value too long, out of
+    range, a NUL) is the request's value, refused whole (422), not a server failure."""
+    from sqlalchemy.exc import DBAPIError
+
+    async def too_long():
+        raise DBAPIError("INSERT …", {}, _TooLong("value too long for type varchar(200)"))
+
+    app = client._transport.app
+    app.add_api_route("/v1/too-long", too_long)
+    app.add_api_route("/fhir/a/b/c/d/too-long", too_long)
+    headers = auth(client.tokens["alpha"])
+    for path, media in (("/v1/too-long", "application/problem+json"),
+                        ("/fhir/a/b/c/d/too-long", "application/fhir+json")):
+        r = await client.get(path, headers=headers)
+        assert r.status_code == 422 and r.headers["content-type"].startswith(media), r.text
+        assert "longer than the database keeps" in r.text and "varchar" not in r.text

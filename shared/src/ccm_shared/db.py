@@ -269,18 +269,34 @@ def connect_args_for(url: str) -> dict:
 _GAVE_WAY = ("40P01", "40001")
 
 
-def gave_way(exc: BaseException) -> bool:
-    """Whether ``exc`` (a SQLAlchemy DBAPIError, or what it wraps) is a deadlock or
-    serialization failure: nothing was stored, and the same transaction may be tried again."""
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE of ``exc`` (a SQLAlchemy DBAPIError, or what it wraps)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if getattr(current, "sqlstate", None) in _GAVE_WAY or \
-                getattr(current, "pgcode", None) in _GAVE_WAY:
-            return True
+        for name in ("sqlstate", "pgcode"):
+            if isinstance(code := getattr(current, name, None), str):
+                return code
         current = getattr(current, "orig", None) or current.__cause__
-    return False
+    return None
+
+
+def gave_way(exc: BaseException) -> bool:
+    """Whether ``exc`` is a deadlock or serialization failure: nothing was stored, and the same
+    transaction may be tried again."""
+    return sqlstate(exc) in _GAVE_WAY
+
+
+# SQLSTATEs of a value the database cannot store as sent (data exceptions): too long for its
+# column, a number out of range, a date or time out of range, a NUL or a character the
+# encoding lacks. The request's values are what reach the database, so it is told (422), not
+# answered 500 as if the server had failed.
+REFUSED_VALUES = {"22001": "a value is longer than the database keeps",
+                  "22003": "a number is out of the range the database keeps",
+                  "22008": "a date or time is out of the range the database keeps",
+                  "22021": "a text has a character the database cannot store (e.g. NUL)",
+                  "22P05": "a text has a character the database cannot store (e.g. NUL)"}
 
 
 def create_engine_for(

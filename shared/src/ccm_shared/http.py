@@ -15,10 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ccm_shared.db import gave_way
+from ccm_shared.db import REFUSED_VALUES, gave_way, sqlstate
 from ccm_shared.errors import (
     AppError,
     Forbidden,
+    InvalidInput,
     PayloadTooLarge,
     TryAgain,
     Unauthorized,
@@ -245,6 +246,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError):  # noqa: ANN202
+        if (refused := REFUSED_VALUES.get(sqlstate(exc) or "")) is not None:
+            # Logged as a warning with the kind only (the value may be PHI); nothing stored.
+            log.warning("the database refused a value", sqlstate=sqlstate(exc))
+            return await _app_error(request, InvalidInput(
+                f"{refused}; nothing was stored"))
         if not gave_way(exc):
             return await _unexpected(request, exc)
         log.warning("request gave way to a concurrent transaction", error=type(exc.orig).__name__)

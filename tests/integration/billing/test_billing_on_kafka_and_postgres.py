@@ -163,6 +163,11 @@ async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
             assert sorted((e["resource"]["code"]["coding"][0]["code"], e["resource"]["status"])
                           for e in after["entry"]) == [
                 ("99439", "entered-in-error"), ("99490", "billable"), ("99490", "entered-in-error")]
+            # A value PostgreSQL cannot store (a NUL in text) is the request's: 422, not 500.
+            nul = await client.post(f"/v1/invoices/{replacement}/payments", headers=headers,
+                                    json={"amount": "1.00", "date": "2025-04-20",
+                                          "reference": "a\u0000b"})
+            assert nul.status_code == 422, nul.text
             # Concurrent payments on PostgreSQL: one at a time, never beyond the total (each read
             # the same old balance before, and the last write won).
             tries = await asyncio.gather(*(client.post(
