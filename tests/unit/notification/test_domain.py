@@ -188,3 +188,90 @@ def test_overrides_are_sandboxed():
             CONTEXT,
             source,
         )
+
+
+def override(text: str) -> str:
+    """A care-gap-alert override whose text block is ``text``."""
+    return (
+        "{% block subject %}Gap for {{ patient }}{% endblock %}"
+        f"{{% block text %}}{text}{{% endblock %}}{{% block html %}}{{{{ gap }}}}{{% endblock %}}"
+    )
+
+
+GAP_VALUES = {"patient": "Patient/1", "gap": "A1c"}
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("{{ 1/0 }}", "ZeroDivisionError"),
+        ("{{ '%d' % gap }}", "TypeError"),
+        ("{{ details.upper() }}", "no optional fields"),  # fails without the optional field
+    ],
+)
+def test_an_override_that_raises_when_rendered_is_refused(text, problem):
+    with pytest.raises(TemplateInvalid, match=problem):
+        Renderer().validate(KINDS["care-gap-alert"], override(text))
+
+
+def test_an_error_raised_while_rendering_is_template_invalid_not_a_crash():
+    with pytest.raises(TemplateInvalid, match="ZeroDivisionError"):
+        Renderer().render(KINDS["care-gap-alert"], GAP_VALUES, CONTEXT, override("{{ 1/0 }}"))
+
+
+RUNAWAY = [
+    ("{% for i in range(100000) %}{% for j in range(8000) %}{% endfor %}{% endfor %}", "range"),
+    ("{% for i in range(9000) %}{% for j in range(9000) %}{% endfor %}{% endfor %}", "steps"),
+    ("{% for i in range(9000) %}{% for c in gap * 3000 %}{% endfor %}{% endfor %}", "steps"),
+    ("{% for i in range(9000) %}{{ 'x' * 9000 }}{% endfor %}", "longer than"),
+    ("{{ 'x' * 10**9 }}", "repetition"),
+    ("{{ 7 ** 100000000 }}", "power"),
+    ("{{ gap|center(10**9) }}", "over the limit"),
+    ("{{ gap.ljust(10**9) }}", "over the limit"),
+    ("{{ '%999999999d' % 1 }}", "over the limit"),
+    ("{{ '{:>999999999}'.format(gap) }}", "over the limit"),
+    ("{{ ('x' * 50000).replace('x', 'yyyyy') }}", "replace"),
+    ("{{ ('x' * 1000)|list|join('y' * 1000) }}", "join"),
+    ("{{ ('\n' * 90000)|indent(900) }}", "indent"),
+    ("{% set ns = namespace(s=gap) %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
+     "{% endfor %}", "larger than"),
+    ("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "RecursionError"),
+]
+
+
+@pytest.mark.parametrize("text, problem", RUNAWAY)
+def test_a_runaway_override_is_refused_on_upload_within_the_limits(text, problem):
+    started = datetime.now(UTC)
+    with pytest.raises(TemplateInvalid, match=problem):
+        Renderer().validate(KINDS["care-gap-alert"], override(text))
+    assert datetime.now(UTC) - started < timedelta(seconds=2)
+
+
+@pytest.mark.parametrize("text, problem", RUNAWAY[:4])
+def test_a_runaway_override_stored_earlier_stops_at_the_limits_when_sent(text, problem):
+    with pytest.raises(TemplateInvalid, match=problem):
+        Renderer().render(KINDS["care-gap-alert"], GAP_VALUES, CONTEXT, override(text))
+
+
+def test_the_wall_clock_limit_stops_a_render_that_is_within_its_steps():
+    from ccm_notification.adapters.rendering import Limits
+
+    slow = Renderer(Limits(steps=10**9, seconds=0.2))
+    started = datetime.now(UTC)
+    with pytest.raises(TemplateInvalid, match="longer than 0.2 s"):
+        slow.render(KINDS["care-gap-alert"], GAP_VALUES, CONTEXT, override(RUNAWAY[1][0]))
+    assert datetime.now(UTC) - started < timedelta(seconds=2)
+
+
+def test_ordinary_template_features_stay_allowed():
+    text = (
+        "{% for i in range(3) %}{{ i }}{% if not loop.last %},{% endif %}{% endfor %} "
+        "{{ '%s: %.1f'|format(gap, 2.25) }} {{ '{}!'.format(gap) }} {{ gap|truncate(20) }} "
+        "{{ (details or 'none')|wordwrap(40) }} {{ gap|center(9) }} {{ [gap, patient]|join(', ') }}"
+        " {{ '%05d' % 42 }} {{ 2 ** 10 }} {{ '-' * 20 }}"
+    )
+    Renderer().validate(KINDS["care-gap-alert"], override(text))
+    rendered = Renderer().render(KINDS["care-gap-alert"], GAP_VALUES, CONTEXT, override(text))
+    assert rendered.text == (
+        "0,1,2 A1c: 2.2 A1c! A1c none    A1c    A1c, Patient/1 00042 1024 --------------------\n"
+    )

@@ -288,6 +288,12 @@ async def test_another_practices_subscription_is_not_found(env):
     ({"endpoint": "http://acme.example/hook"}, "https"),
     ({"endpoint": "https://user:pw@acme.example/hook"}, "credentials"),
     ({"endpoint": "ftp://acme.example"}, "https"),
+    ({"endpoint": "https://[::1"}, "not a valid URL"),
+    ({"endpoint": "https://acme.example:65536/hook"}, "not a valid URL"),
+    ({"endpoint": "https://acme.example:-1/hook"}, "not a valid URL"),
+    ({"endpoint": "https://acme.example:0/hook"}, "between 1 and 65535"),
+    ({"endpoint": "https://acme\u0000.example/hook"}, "control characters"),
+    ({"endpoint": "https://acme.exa\tmple/hook"}, "control characters"),
     ({"events": []}, "events"),
     ({"events": ["billing.invoice.issued.v1", "ingest.patient.upserted.v1"]}, "events"),
     ({"payload": "everything"}, "payload"),
@@ -301,6 +307,21 @@ async def test_a_bad_subscription_is_a_clear_4xx_and_nothing_is_stored(env, body
     assert r.headers["content-type"].startswith("application/problem+json")
     async with rt.db.unit_of_work() as uow:
         assert (await uow.session.execute(select(subscriptions))).all() == []
+
+
+@pytest.mark.parametrize("since, status", [
+    ("9223372036854775808", 422), (str(2**31), 422), ("-1", 422), (str(2**31 - 1), 200),
+])
+async def test_replay_since_is_bounded_by_the_event_number_range(env, since, status):
+    rt, clock, receiver, api, tokens = env
+    sub = await _subscribe(api, tokens, "acme")
+    r = await api.get(f"/v1/practices/acme/subscriptions/{sub['id']}/events",
+                      params={"since": since}, headers=tokens["acme"])
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert r.json()["events"] == [] and r.json()["next"] is None
+    else:
+        assert r.headers["content-type"].startswith("application/problem+json")
 
 
 async def test_a_deleted_subscription_gets_nothing_more(env):

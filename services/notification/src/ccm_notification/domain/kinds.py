@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # Every template may also use these; the service supplies them.
 CONTEXT_FIELDS = ("practice_name", "provider_name", "ack_url")
@@ -120,6 +121,59 @@ def check_fields(kind: Kind, values: dict) -> dict:
     if missing:
         raise MissingFields(kind.name, missing)
     return {f: values.get(f) for f in kind.fields}
+
+
+# A representative value of every field, as the service supplies it (the types matter: a
+# template may format numbers or loop over lists and mappings). Overrides are rendered with these
+# on upload, so one that would fail at send time is refused then.
+SAMPLE_VALUES: dict[str, Any] = {
+    "month": "2026-11",
+    "patients_enrolled": 120,
+    "patients_billable": 97,
+    "patients_blocked": 23,
+    "minutes_staff": 2410,
+    "minutes_practitioner": 315,
+    "codes": {"99490": 80, "99439": 41, "99491": 17},
+    "blockers": {"no-consent": 12, "under-20-minutes": 11},
+    "total_net": "5321.40",
+    "total_gross": "5321.40",
+    "invoice_id": "inv-2026-11-0001",
+    "revision": 1,
+    "patient": "Patient/p-123",
+    "gap": "HbA1c not measured in 6 months",
+    "details": "Last result 2026-03-02",
+    "due_date": "2026-12-01",
+    "finding": "weight up 3 kg in 2 days",
+    "observed_at": "2026-11-26T08:15:00+00:00",
+    "patient_count": 42,
+    "care_plan": "CarePlan/cp-7",
+    "step": 1,
+    "days_overdue": 5,
+    "responsible_provider": "Practitioner/doc-1",
+    "next_code": "99439",
+    "minutes_to_next": 6,
+    "days_left": 3,
+    "consent": "Consent/c-9",
+    "expires_on": "2026-12-15",
+    "reason": "discuss the care plan",
+    "slots": [
+        {"label": "Tue 01 Dec 2026 15:00 UTC", "link": "https://ccm.example/v1/calls/choose/a"},
+        {"label": "Wed 02 Dec 2026 15:00 UTC", "link": "https://ccm.example/v1/calls/choose/b"},
+    ],
+    "requester_name": "RN Diaz",
+    "start": "Tue 01 Dec 2026 15:00 UTC",
+    "end": "Tue 01 Dec 2026 15:15 UTC",
+    "with_name": "RN Diaz",
+    "alert_title": "Care-gap alert",
+    "alert_subject": "[Action needed] Care gap for Patient/p-123",
+    "unacknowledged_by": "Dr. One",
+    "sent_at": "2026-11-26T08:15",
+}
+
+
+def sample_values(kind: Kind) -> dict[str, Any]:
+    """Every field of ``kind`` with its sample value (a plain string for any field without one)."""
+    return {f: SAMPLE_VALUES.get(f, f"sample {f}") for f in kind.fields}
 
 
 def backoff_seconds(attempt: int, initial: float, maximum: float) -> float:

@@ -6,6 +6,7 @@ choice) carry no token and stay as they are: their signature is their authorizat
 
 from __future__ import annotations
 
+import asyncio
 import html
 import uuid
 from typing import Annotated, Any, Literal
@@ -14,6 +15,7 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import HTMLResponse
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 from ccm_notification.adapters.orm import (
     ack_policies,
@@ -30,7 +32,7 @@ from ccm_notification.domain.directory import SOURCE_FIELDS, UnknownField
 from ccm_notification.domain.kinds import KINDS, MissingFields
 from ccm_notification.domain.signing import LinkExpired, LinkInvalid, verify_link, webhook_secret
 from ccm_notification.service_layer import acks, calls, directory
-from ccm_notification.service_layer.notify import Intent, Notifier
+from ccm_notification.service_layer.notify import Intent, Notifier, Recorded
 from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
 from ccm_shared.http import TenantDep
 from ccm_shared.service import ServiceRuntime
@@ -346,7 +348,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         tenant.require_practice(practice)
         spec = _kind(kind)
         try:
-            notifier().renderer.validate(spec, body.source)
+            # Validation renders the template (bounded): in a worker thread, off the event loop.
+            await asyncio.to_thread(notifier().renderer.validate, spec, body.source)
         except TemplateInvalid as exc:
             raise InvalidInput(f"template refused: {exc}") from None
         values = {"source": body.source, "updated_at": runtime.clock()}
@@ -421,7 +424,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         tenant.require_practice(practice)
         if body.kind in ("call-request", "call-confirmed", "ack-escalation"):
             raise InvalidInput(f"{body.kind} messages are created by the service itself")
-        key = body.idempotency_key or uuid.uuid4().hex
+        key = f"{practice}:api:{body.idempotency_key or uuid.uuid4().hex}"
         try:
             async with db.unit_of_work() as uow:
                 recorded = await notifier().notify(
@@ -432,7 +435,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
                         provider_id=body.provider,
                         values=body.fields,
                         patient=body.patient,
-                        idempotency_key=f"{practice}:api:{key}",
+                        idempotency_key=key,
                     ),
                     strict=True,
                 )
@@ -441,6 +444,14 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
             raise InvalidInput(str(exc)) from None
         except TemplateInvalid as exc:
             raise InvalidInput(f"template could not render: {exc}") from None
+        except IntegrityError:
+            # A concurrent request with the same key inserted first (both found the key free):
+            # answer with its message, read in a fresh unit of work (this one is rolled back).
+            async with db.unit_of_work() as uow:
+                winner = await notifier().find_by_key(uow, key)
+            if winner is None:
+                raise
+            recorded = Recorded(winner.id, False, winner.status, winner.last_error)
         if not recorded.created:
             response.status_code = 200
         return {"id": recorded.message_id, "status": recorded.status, "error": recorded.error}

@@ -16,6 +16,23 @@ from ccm_notification.service_layer.notify import Intent, Notifier
 from ccm_shared.db import UnitOfWork
 from ccm_shared.errors import Conflict, InvalidInput, NotFound
 
+# How far ahead a call may be proposed. Beyond it a slot is a mistake, and near datetime's end
+# (year 9999) its end time or its UTC form cannot even be represented.
+SLOT_HORIZON = timedelta(days=366)
+
+
+def check_slots(slots: list[datetime], now: datetime) -> None:
+    """Every proposed slot is in the future and within ``SLOT_HORIZON`` of ``now``."""
+    if any(s <= now for s in slots):
+        raise InvalidInput("every proposed slot must be in the future")
+    latest = now + SLOT_HORIZON
+    # Compared as aware datetimes, before anything converts them (which could overflow).
+    if any(s > latest for s in slots):
+        raise InvalidInput(
+            f"every proposed slot must be within {SLOT_HORIZON.days} days "
+            f"(before {latest.isoformat()})"
+        )
+
 
 def slot_label(start: datetime) -> str:
     return start.astimezone(UTC).strftime("%a %d %b %Y %H:%M UTC")
@@ -37,8 +54,7 @@ async def request_call(
     if await load_provider(uow, practice, provider_id) is None:
         raise InvalidInput(f"provider {provider_id!r} is not in the directory")
     now = notifier.clock()
-    if any(s <= now for s in slots):
-        raise InvalidInput("every proposed slot must be in the future")
+    check_slots(slots, now)
     call_id = str(uuid.uuid4())
     starts = sorted(s.astimezone(UTC) for s in slots)
     await uow.session.execute(
@@ -132,14 +148,29 @@ async def confirm_call(
         raise InvalidInput(f"slot must be between 0 and {len(call.slots) - 1}")
     start = datetime.fromisoformat(call.slots[slot])
     if call.status == "confirmed":
-        if call.chosen_slot is not None and call.chosen_slot.astimezone(UTC) == start:
-            return _call_view(call, start)
-        raise Conflict("this call is already confirmed for another time")
-    await uow.session.execute(
+        return _confirmed_view(call, call.chosen_slot, start)
+    try:
+        end = start + timedelta(minutes=call.duration_minutes)
+    except OverflowError:  # a slot stored before slots were bounded (SLOT_HORIZON)
+        raise InvalidInput("this slot's end time cannot be represented") from None
+    # Conditional: of concurrent confirmations exactly one sets the slot; the others find it
+    # set (PostgreSQL re-checks the condition once the winner commits; SQLite has one writer).
+    won = await uow.session.execute(
         update(call_requests)
-        .where(call_requests.c.id == call_id)
+        .where(
+            call_requests.c.practice == practice,
+            call_requests.c.id == call_id,
+            call_requests.c.chosen_slot.is_(None),
+        )
         .values(status="confirmed", chosen_slot=start)
     )
+    if won.rowcount != 1:
+        chosen = (
+            await uow.session.execute(
+                select(call_requests.c.chosen_slot).where(call_requests.c.id == call_id)
+            )
+        ).scalar()
+        return _confirmed_view(call, chosen, start)
     provider = await load_provider(uow, practice, call.provider_id)
     current = provider.current if provider else {}
     name = display_name(current, call.provider_id)
@@ -148,7 +179,6 @@ async def confirm_call(
         "content_type": "text/calendar",
         "content": invitation(call, start, name, current.get("email"), call.requester_email),
     }
-    end = start + timedelta(minutes=call.duration_minutes)
     values = {
         "reason": call.reason,
         "start": slot_label(start),
@@ -180,6 +210,13 @@ async def confirm_call(
         ),
     )
     return _call_view(call, start, status="confirmed")
+
+
+def _confirmed_view(call, chosen: datetime | None, start: datetime) -> dict:  # noqa: ANN001
+    """A call already confirmed: the same slot again is idempotent, another one a conflict."""
+    if chosen is not None and chosen.astimezone(UTC) == start:
+        return _call_view(call, start, status="confirmed")
+    raise Conflict("this call is already confirmed for another time")
 
 
 def _call_view(call, start: datetime, status: str | None = None) -> dict:  # noqa: ANN001

@@ -9,6 +9,7 @@ is recorded as a failed message and raises ``notification.message.failed.v1``, n
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -187,12 +188,11 @@ class Notifier:
             else None,
         }
         subject = text = html = ""
+        source = await self.template_source(uow, intent.practice, intent.kind)
         try:
-            rendered = self.renderer.render(
-                kind,
-                intent.values,
-                context,
-                await self.template_source(uow, intent.practice, intent.kind),
+            # Off the event loop: even a bounded render of a practice's template takes time.
+            rendered = await asyncio.to_thread(
+                self.renderer.render, kind, intent.values, context, source
             )
             subject, text, html = rendered.subject, rendered.text, rendered.html
             subject = intent.subject_prefix + subject

@@ -39,11 +39,25 @@ class SubscriptionCreate(BaseModel):
     description: str | None = Field(None, max_length=200)
 
 
+# Event numbers are 32-bit INTEGER columns (PostgreSQL): a larger ``since`` matches nothing and
+# cannot even be sent as a parameter.
+MAX_EVENT_NUMBER = 2**31 - 1
+
+
 def _check_endpoint(url: str, require_https: bool) -> None:
-    parts = urlsplit(url)
     schemes = ("https",) if require_https else ("https", "http")
-    if parts.scheme not in schemes or not parts.hostname:
+    # urlsplit silently drops tabs and newlines and keeps other control characters (NUL…).
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):  # noqa: PLR2004
+        raise InvalidInput("endpoint must not contain spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        hostname, port = parts.hostname, parts.port  # .port: ValueError outside 0..65535
+    except ValueError as exc:
+        raise InvalidInput(f"endpoint is not a valid URL: {exc}") from None
+    if parts.scheme not in schemes or not hostname:
         raise InvalidInput(f"endpoint must be an absolute {' or '.join(schemes)} URL")
+    if port == 0:
+        raise InvalidInput("endpoint port must be between 1 and 65535")
     if parts.username or parts.password:
         raise InvalidInput("endpoint must not contain credentials; verify the signature instead")
 
@@ -124,7 +138,10 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
         practice: str,
         sub_id: str,
         tenant: NotificationTenant,
-        since: Annotated[int, Query(ge=0, description="The last event number you processed")] = 0,
+        since: Annotated[
+            int,
+            Query(ge=0, le=MAX_EVENT_NUMBER, description="The last event number you processed"),
+        ] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict:
         tenant.require_practice(practice)
