@@ -44,3 +44,22 @@ def test_an_event_with_unknown_type_is_refused():
 def test_an_event_whose_data_breaks_its_schema_is_refused():
     with pytest.raises(jsonschema.ValidationError):
         assert_valid_event(make_event(type="ingest.time-entry.reversed.v1", data={"x": 1}))
+
+
+def test_the_openapi_documents_give_errors_and_metrics_as_they_are_sent():
+    """Errors are problem+json (RFC 9457), under /fhir OperationOutcomes; /metrics is
+    Prometheus text (FastAPI documented both as application/json)."""
+    docs = generated_contracts()
+    for name, doc in docs.items():
+        if not name.startswith("openapi/"):
+            continue
+        for path, operations in doc["paths"].items():
+            wanted = "application/fhir+json" if path.startswith("/fhir") else \
+                "application/problem+json"
+            for operation in operations.values():
+                for status, response in operation["responses"].items():
+                    if status[0] in "45":
+                        assert list(response.get("content", {wanted: 0})) == [wanted], \
+                            (name, path, status)
+        assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == \
+            ["text/plain"]

@@ -286,6 +286,14 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
     app.state.runtime = runtime
     app.state.token_cache = TokenCache(runtime.settings.auth_cache_seconds)
     install_error_handlers(app)
+    document = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = _errors_as_sent(document())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/healthz", tags=["operations"], summary="Liveness: the process answers")
     async def healthz() -> dict:
@@ -300,7 +308,8 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
             status_code=200 if ok else 503,
         )
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics",
+             response_class=PlainTextResponse)
     async def prometheus_metrics() -> PlainTextResponse:
         await runtime.refresh_metrics()
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -367,6 +376,46 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
         audit=audit_recorder(runtime),
     )
     return app
+
+
+_PROBLEM_SCHEMA = {
+    "type": "object", "title": "Problem", "required": ["type", "title", "status"],
+    "description": "RFC 9457 problem details: every error of the non-FHIR routes",
+    "properties": {"type": {"type": "string"}, "title": {"type": "string"},
+                   "status": {"type": "integer"}, "detail": {"type": "string"},
+                   "errors": {"type": "array", "items": {"type": "object"}}},
+}
+_OUTCOME_SCHEMA = {
+    "type": "object", "title": "OperationOutcome", "required": ["resourceType", "issue"],
+    "description": "FHIR R4 OperationOutcome: every error under /fhir",
+    "properties": {"resourceType": {"const": "OperationOutcome"},
+                   "issue": {"type": "array", "items": {"type": "object"}}},
+}
+
+
+def _errors_as_sent(schema: dict) -> dict:
+    """FastAPI documents a request that fails validation as a 422 of ``application/json``
+    ``HTTPValidationError``; this platform answers every error as problem+json (RFC 9457), and
+    under /fhir as an OperationOutcome (``application/fhir+json``): the document says so."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    used = set()
+    for path, operations in schema.get("paths", {}).items():
+        fhir = path == "/fhir" or path.startswith("/fhir/")
+        media, name = (("application/fhir+json", "OperationOutcome") if fhir
+                       else ("application/problem+json", "Problem"))
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                if status[:1] in ("4", "5") and "application/json" in response.get("content", {}):
+                    response["content"] = {media: {"schema": {
+                        "$ref": f"#/components/schemas/{name}"}}}
+                    used.add(name)
+    for name, body in (("Problem", _PROBLEM_SCHEMA), ("OperationOutcome", _OUTCOME_SCHEMA)):
+        if name in used:
+            components[name] = body
+    for name in ("HTTPValidationError", "ValidationError"):  # the first refers to the second
+        if f'"#/components/schemas/{name}"' not in json.dumps(schema):
+            components.pop(name, None)
+    return schema
 
 
 def json_depth(value: object, limit: int) -> int:
