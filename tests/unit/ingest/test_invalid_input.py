@@ -393,6 +393,8 @@ CASES = [
            b'"<div xmlns=\\"http://www.w3.org/1999/xhtml\\">xBAD</div>"}}', "Patient.text.div"),
           ("/fhir/Patient/$validate?mode=profile", b'{"resourceType":"Patient","aBAD":1}',
            None),  # a key: named escaped
+          ("/fhir/Patient", b'{"resourceType":"PatientBAD"}', None),  # the path's root
+          ("/fhir", b'{"resourceType":"BundleBAD","type":"batch"}', None),
           ("/fhir", b'{"resourceType":"Bundle","type":"transaction","entry":[{"request":'
            b'{"method":"POST","url":"PatBAD"},"resource":{"resourceType":"Patient"}}]}',
            "Bundle.entry[0].request.url"),

@@ -246,10 +246,16 @@ async def read_json(request: Request, max_depth: int) -> Any:
 _ESCAPED_NUL_OR_SURROGATE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
 
 
+def _shown(name: str) -> str:
+    """A key (or resourceType) in an error's path, escaped where it is no text: echoed as it is,
+    the answer could not be sent."""
+    return name.encode("utf-8", "backslashreplace").decode().replace("\x00", "\\u0000")
+
+
 def _not_text(value: Any) -> tuple[str, str] | None:
     """(where, what) of the first key or string with a NUL or a lone surrogate, else None."""
     root = value.get("resourceType") if isinstance(value, dict) else None
-    pending: list[tuple[str, Any]] = [(root if isinstance(root, str) else "$", value)]
+    pending: list[tuple[str, Any]] = [(_shown(root) if isinstance(root, str) else "$", value)]
     while pending:
         path, item = pending.pop()
         if isinstance(item, str):
@@ -261,9 +267,7 @@ def _not_text(value: Any) -> tuple[str, str] | None:
                 return path, "a lone surrogate (\\ud800-\\udfff without its pair)"
         elif isinstance(item, dict):
             for key, member in item.items():
-                # the path shows a bad key escaped: echoed as it is, it could not be sent
-                at = f"{path}.{key.encode('utf-8', 'backslashreplace').decode()}".replace(
-                    "\x00", "\\u0000")
+                at = f"{path}.{_shown(key)}"
                 pending += ((at, key), (at, member))
         elif isinstance(item, list):
             pending += ((f"{path}[{n}]", member) for n, member in enumerate(item))
