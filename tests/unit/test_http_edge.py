@@ -309,3 +309,32 @@ async def test_a_value_the_database_cannot_store_is_422_not_500(client):
         r = await client.get(path, headers=headers)
         assert r.status_code == 422 and r.headers["content-type"].startswith(media), r.text
         assert "longer than the database keeps" in r.text and "varchar" not in r.text
+
+
+async def test_a_database_error_carries_no_values_of_the_statement(tmp_path):
+    """Engines hide a statement's parameters: a database error's message (which the error log
+    writes) must not carry a patient's name."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from ccm_shared.db import create_engine_for
+
+    engine = create_engine_for(f"sqlite+aiosqlite:///{tmp_path}/x.db", schema=None)
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE people (name TEXT NOT NULL UNIQUE)"))
+        await conn.execute(text("INSERT INTO people VALUES (:n)"), {"n": "Jane Doe"})
+        with pytest.raises(DBAPIError) as failed:
+            await conn.execute(text("INSERT INTO people VALUES (:n)"), {"n": "Jane Doe"})
+    await engine.dispose()
+    assert "Jane" not in str(failed.value)
+
+
+async def test_text_of_the_request_that_cannot_be_encoded_is_422_not_500(client):
+    """A lone surrogate (JSON may escape one) fails to encode wherever it goes next (a database
+    driver, an answer): the request's value, 422, never echoed."""
+    async def encodes_it():
+        "Jane\ud800Doe".encode()
+
+    client._transport.app.add_api_route("/v1/encodes-it", encodes_it)
+    r = await client.get("/v1/encodes-it")
+    assert r.status_code == 422 and "lone surrogate" in r.text and "Jane" not in r.text

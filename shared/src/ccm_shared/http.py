@@ -261,6 +261,15 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers["Retry-After"] = str(again.retry_after_seconds)
         return response
 
+    @app.exception_handler(UnicodeEncodeError)
+    async def _not_text(request: Request, exc: UnicodeEncodeError):  # noqa: ANN202
+        # A JSON body may escape a lone surrogate (\ud800), which no encoder writes: on its way
+        # to the database (SQLite) or into an answer, a value of the request, not a fault.
+        log.warning("a request's text could not be encoded", reason=exc.reason)
+        return await _app_error(request, InvalidInput(
+            "a text of the request has a lone surrogate (\\ud800-\\udfff without its pair): "
+            "no text; nothing was stored"))
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", error=type(exc).__name__)

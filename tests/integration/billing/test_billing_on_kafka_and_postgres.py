@@ -168,6 +168,11 @@ async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
                                     json={"amount": "1.00", "date": "2025-04-20",
                                           "reference": "a\u0000b"})
             assert nul.status_code == 422, nul.text
+            lone = await client.post(  # escaped as JSON has it: the client cannot encode it
+                f"/v1/invoices/{replacement}/payments",
+                headers={**headers, "Content-Type": "application/json"},
+                content='{"amount": "1.00", "date": "2025-04-20", "reference": "Jane\\ud800Doe"}')
+            assert lone.status_code == 422 and "Jane" not in lone.text, lone.text
             # Concurrent payments on PostgreSQL: one at a time, never beyond the total (each read
             # the same old balance before, and the last write won).
             tries = await asyncio.gather(*(client.post(

@@ -1,6 +1,6 @@
-"""Notification's concurrent requests on real PostgreSQL (read committed, row locks): the same
+"""Notification on real PostgreSQL: concurrent requests (read committed, row locks): the same
 idempotency key sent at once is one message, and one call's slots confirmed at once confirm
-one."""
+one; and a value PostgreSQL cannot store is the request's (422), not a 500."""
 
 import asyncio
 import uuid
@@ -71,3 +71,20 @@ async def test_one_calls_slots_confirmed_at_once_confirm_one(api):
     assert len(won) == 1
     stored = (await client.get(f"{path}/calls/{call['id']}", headers=headers)).json()
     assert stored["chosen_slot"] == won.pop()
+
+
+async def test_a_text_postgresql_cannot_store_is_refused_not_500(api):
+    """A notification's fields are free JSON: a lone surrogate (JSON may escape one) reaches the
+    database, which refuses it; the answer is 422 without the value, and nothing is stored."""
+    rt, client, path, headers = api
+    key = f"key-{uuid.uuid4().hex[:8]}"
+    r = await client.post(f"{path}/notifications",
+                          headers={**headers, "Content-Type": "application/json"},
+                          content=('{"kind": "care-gap-alert", "provider": "doc-1", '
+                                   '"idempotency_key": "' + key + '", "fields": {"patient": '
+                                   '"Patient/p-1", "gap": "Jane\\ud800Doe"}}'))
+    assert r.status_code == 422 and "Jane" not in r.text, r.text
+    async with rt.db.engine.connect() as conn:
+        stored = (await conn.execute(select(func.count()).select_from(messages).where(
+            messages.c.idempotency_key.endswith(f":api:{key}")))).scalar_one()
+    assert stored == 0

@@ -231,6 +231,21 @@ async def test_concurrent_payments_of_an_invoice_count_once_each_and_never_overp
     assert sorted(amounts) == ["10.00", "30.00", "30.00"] and paid == "70.00"
 
 
+async def test_a_payment_reference_with_a_lone_surrogate_is_422(billing):
+    """JSON may escape a lone surrogate, which no database encodes: refused with the request
+    (here by the body's model), 422, never echoed."""
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    r = await billing.state["client"].post(
+        f"/v1/invoices/{inv['id']}/payments",
+        content='{"amount": "1.00", "date": "2025-04-10", "reference": "Jane\\ud800Doe"}',
+        headers={"Authorization": f"Bearer {billing.state['tokens']['alpha']}",
+                 "Content-Type": "application/json"})
+    assert r.status_code == 422 and "Jane" not in r.text, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+
+
 @pytest.mark.parametrize("amount", ["1e30", "9" * 40, "1E+100", " 1.00", "1_000", "１２", "+5",
                                     "1.", ".5", "1.005", "0.00", 12])
 async def test_a_payment_amount_is_digits_with_two_decimals_at_most(billing, amount):
