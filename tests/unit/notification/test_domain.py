@@ -236,6 +236,19 @@ RUNAWAY = [
     ("{% set ns = namespace(s=gap) %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}"
      "{% endfor %}", "larger than"),
     ("{% macro m() %}{{ m() }}{% endmacro %}{{ m() }}", "RecursionError"),
+    # What buffers or joins builds in one step, sized before it is built (found by review):
+    # each of these reached hundreds of megabytes, or would have reached gigabytes, first.
+    ("{% set s = 'x' * 100000 %}{% set big %}{% for b in range(1000) %}{{ s }}{% endfor %}"
+     "{% endset %}{{ big|length }}", "builds more than"),
+    ("{% set s = 'x' * 100000 %}{% macro m() %}{% for b in range(1000) %}{{ s }}{% endfor %}"
+     "{% endmacro %}{{ m()|length }}", "builds more than"),
+    ("{% set s = 'x' * 100000 %}{% filter upper %}{% for b in range(1000) %}{{ s }}"
+     "{% endfor %}{% endfilter %}", "builds more than"),
+    ("{% set s = 'x' * 100000 %}{{ ([s] * 3000)|join|length }}", "join"),
+    ("{% set s = 'x' * 100000 %}{{ ''.join([s] * 3000)|length }}", "join"),
+    ("{% set s = 'x' * 100000 %}{{ ('{0}' * 2000).format(s)|length }}", "format"),
+    ("{% set s = 'x' * 50000 %}{{ ('%s' * 2000) % ((s,) * 2000) }}", "format"),
+    ("{{ ('\t' * 100000).expandtabs(1000)|length }}", "expandtabs"),
 ]
 
 

@@ -209,11 +209,14 @@ def _check_format(fmt: Any, printf: bool) -> None:  # noqa: ANN401
 
 
 def _check_join(separator: Any, items: Any) -> None:  # noqa: ANN401
-    """A join's size before it is made (separator length × number of items)."""
+    """A join's size before it is made: the separators and the items' own text."""
     if isinstance(items, str | list | tuple | dict | set | frozenset):
-        extra = len(str(separator)) * max(len(items) - 1, 0)
-        if extra > _limits().chars:
-            raise TemplateInvalid(f"join would be longer than {_limits().chars} characters")
+        limit = _limits().chars
+        size = len(str(separator)) * max(len(items) - 1, 0)
+        for item in items:
+            size += len(item) if isinstance(item, str) else len(str(item))
+            if size > limit:
+                raise TemplateInvalid(f"join would be longer than {limit} characters")
 
 
 def _check_replace(text: Any, old: Any, new: Any) -> None:  # noqa: ANN401
@@ -227,6 +230,14 @@ def _check_replace(text: Any, old: Any, new: Any) -> None:  # noqa: ANN401
 _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
 
 
+def _check_filled(template: str, values: Iterable[Any]) -> None:  # noqa: ANN401
+    """A format's size before it is made: every placeholder may take the longest value."""
+    longest = max((len(str(v)) for v in values), default=0)
+    if len(template) + template.count("{" if "{" in template else "%") * longest \
+            > _limits().chars:
+        raise TemplateInvalid(f"a format would be longer than {_limits().chars} characters")
+
+
 def _check_method(method: Any, args: tuple, kwargs: dict) -> None:  # noqa: ANN401
     owner = getattr(method, "__self__", None)
     if not isinstance(owner, str):
@@ -235,6 +246,12 @@ def _check_method(method: Any, args: tuple, kwargs: dict) -> None:  # noqa: ANN4
     if name in _WIDTH_METHODS:
         for arg in (*args, *kwargs.values()):
             _check_width(arg, f"the width of {name}()")
+        if name == "expandtabs":  # every tab may become a whole width
+            width = args[0] if args else kwargs.get("tabsize", 8)
+            if isinstance(width, int) and len(owner) + owner.count("\t") * width \
+                    > _limits().chars:
+                raise TemplateInvalid(f"expandtabs would be longer than {_limits().chars} "
+                                      "characters")
     elif name == "join" and args:
         _check_join(owner, args[0])
     elif name == "replace" and len(args) >= 2:  # noqa: PLR2004 - replace(old, new[, count])
@@ -316,6 +333,19 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     def bounded(self, value: Any) -> Any:  # noqa: ANN401
         return _check_size(value, "a concatenation")
 
+    def concat(self, parts: Iterable[str]) -> str:
+        """What a ``{% set %}`` block, a macro or a ``{% filter %}`` block wrote, joined: its
+        size counted before the join (joined first, a loop could build gigabytes)."""
+        _spend()
+        limit, size, pieces = _limits().chars, 0, []
+        for piece in parts:
+            size += len(piece)
+            if size > limit:
+                raise TemplateInvalid(f"a block, macro or filter section builds more than "
+                                      f"{limit} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:  # noqa: ANN401
         _spend()
         if operator == "*":
@@ -330,6 +360,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
                 raise TemplateInvalid(f"a power larger than {_limits().int_bits} bits")
         elif operator == "%":
             _check_format(left, printf=True)
+            if isinstance(left, str):
+                _check_filled(left, right if isinstance(right, tuple)
+                              else right.values() if isinstance(right, dict) else [right])
         return _check_size(super().call_binop(context, operator, left, right), "a result")
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401, N805
@@ -339,6 +372,17 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def wrap_str_format(self, value: Any) -> Any:  # noqa: ANN401
         wrapped = super().wrap_str_format(value)
-        if wrapped is not None:
-            _check_format(value.__self__, printf=False)
-        return wrapped
+        if wrapped is None:
+            return None
+        template = value.__self__
+        _check_format(template, printf=False)
+
+        @wraps(wrapped)
+        def sized(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+            # The sandbox hands the template this wrapper, not str.format: sized here.
+            given = args[0].values() if value.__name__ == "format_map" and args and \
+                isinstance(args[0], dict) else [*args, *kwargs.values()]
+            _check_filled(template, given)
+            return wrapped(*args, **kwargs)
+
+        return sized
