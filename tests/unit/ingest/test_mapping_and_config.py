@@ -280,18 +280,24 @@ def test_time_moved_to_another_month_is_reversed_as_moved_then_logged():
         ("ingest.time-entry.logged.v1", None, "2026-04")]
 
 
-async def test_overrides_stored_before_a_check_was_added_keep_applying(fhir):
-    """Overrides saved when they were allowed (here a tolerance over a day) keep their effect:
-    the practice's own consent category stays CCM; the config API says what to fix."""
+async def stored_overrides(fhir, stored: dict) -> dict:  # noqa: ANN001
+    """Practice alpha's overrides stored as they are (no check, as an earlier release saved
+    them); a CCM consent in the practice's own category ``urn:practice:cat|ccm``."""
     from ccm_ingest.adapters.repository import SqlResourceRepository
 
-    stored = {"consent_categories": ["urn:practice:cat|ccm"], "length_tolerance_seconds": 172800}
     async with fhir.runtime.db.unit_of_work() as uow:
         await SqlResourceRepository(uow.session, "alpha").save_config(stored, fhir.clock.now)
         await uow.commit()
     fhir.runtime.state["practice_cache"].forget("alpha")
-    consent = {**CCM_CONSENT, "category": [{"coding": [{"system": "urn:practice:cat",
-                                                        "code": "ccm"}]}]}
+    return {**CCM_CONSENT, "category": [{"coding": [{"system": "urn:practice:cat",
+                                                     "code": "ccm"}]}]}
+
+
+async def test_overrides_stored_before_a_check_was_added_keep_applying(fhir):
+    """Overrides saved when they were allowed (here a tolerance over a day) keep their effect:
+    the practice's own consent category stays CCM; the config API says what to fix."""
+    consent = await stored_overrides(fhir, {"consent_categories": ["urn:practice:cat|ccm"],
+                                            "length_tolerance_seconds": 172800})
     await fhir.put("/fhir/Consent/cs1", json=consent)
     await fhir.put("/fhir/Consent/cs1", json={**consent, "dateTime": "2026-02-28"})
     assert [e["type"] for e in await events(fhir) if e["type"].startswith("ingest.consent")] \
@@ -304,16 +310,9 @@ async def test_overrides_stored_before_a_check_was_added_keep_applying(fhir):
 async def test_a_stored_key_ingest_cannot_use_costs_that_key_only(fhir):
     """A key a later release no longer knows (or a value it cannot read) is left out with its
     default; the practice's other overrides (its consent category) still apply."""
-    from ccm_ingest.adapters.repository import SqlResourceRepository
-
-    stored = {"consent_categories": ["urn:practice:cat|ccm"], "retired_setting": ["a|b"],
-              "facility_classes": ["NOT-A-CLASS"], "consent_expiring_lead_days": 0}
-    async with fhir.runtime.db.unit_of_work() as uow:
-        await SqlResourceRepository(uow.session, "alpha").save_config(stored, fhir.clock.now)
-        await uow.commit()
-    fhir.runtime.state["practice_cache"].forget("alpha")
-    consent = {**CCM_CONSENT, "category": [{"coding": [{"system": "urn:practice:cat",
-                                                        "code": "ccm"}]}]}
+    consent = await stored_overrides(fhir, {
+        "consent_categories": ["urn:practice:cat|ccm"], "retired_setting": ["a|b"],
+        "facility_classes": ["NOT-A-CLASS"], "consent_expiring_lead_days": 0})
     await fhir.put("/fhir/Consent/cs1", json=consent)
     assert [e["type"] for e in await events(fhir) if e["type"].startswith("ingest.consent")] \
         == ["ingest.consent.granted.v1"]
