@@ -257,6 +257,20 @@ async def test_a_payment_amount_is_digits_with_two_decimals_at_most(billing, amo
     assert r.status_code == 422, r.text
 
 
+@pytest.mark.parametrize("day", ["0001-01-01", "2025-02-28", "9999-12-31", 1744243200])
+async def test_a_payment_dated_before_its_month_a_year_ahead_or_as_a_number_is_refused(billing,
+                                                                                        day):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    r = await api(billing).post(f"/v1/invoices/{inv['id']}/payments",
+                                json={"amount": "1.00", "date": day})
+    assert r.status_code == 422, r.text
+    ok = await api(billing).post(f"/v1/invoices/{inv['id']}/payments",
+                                 json={"amount": "1.00", "date": "2025-03-01"})
+    assert ok.status_code == 201, ok.text
+
+
 @pytest.mark.parametrize("month", ["2024-12", "1900-01", "9999-12", "２０２５-03"])
 async def test_a_month_no_billing_rules_cover_is_refused_on_every_read(billing, month):
     """Nothing before the earliest rules' year can be decided (reads of it answered 500), and

@@ -6,12 +6,12 @@ Every route needs a token with the ``billing`` scope (``BillingTenant``); withou
 from __future__ import annotations
 
 import json
-from datetime import date
+from datetime import date as Day  # a field is named date
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import func, insert, select
 
 from ccm_billing.adapters import fhir, filed, orm
@@ -50,11 +50,18 @@ def parse_month(text: str, name: str = "month") -> Month:
     return month
 
 
+def _day_text(value: object) -> object:
+    """A date is written YYYY-MM-DD: a number (read as a Unix time) is refused."""
+    if not isinstance(value, str):
+        raise ValueError("a date is written YYYY-MM-DD")
+    return value
+
+
 class PaymentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     amount: str = Field(description='US dollars with at most two decimals, e.g. "120.50"')
-    date: date
+    date: Annotated[Day, BeforeValidator(_day_text), Field(description="YYYY-MM-DD")]
     reference: str | None = Field(None, max_length=200, description="Check or transfer reference; "
                                   "repeating a reference with the same details is a no-op")
 

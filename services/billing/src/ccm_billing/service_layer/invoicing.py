@@ -411,6 +411,12 @@ async def record_payment(
             return {"payment": payment_view(same), "invoice": invoice_view(row)}
     if row.status == "cancelled":
         raise Conflict(f"invoice {invoice_id} is cancelled (replaced by {row.replaced_by})")
+    # A payment of this month's services is not made before the month began, nor a year ahead
+    # (0001-01-01 and 9999-12-31 were taken: a typing error, not a payment).
+    first, latest = Month.parse(row.month).first_day, now.date() + timedelta(days=366)
+    if not first <= paid_on <= latest:
+        raise InvalidInput(f"date must be from {first} (the invoice's month) to {latest}",
+                           expression=["date"])
     balance = Decimal(row.total_net) - Decimal(row.paid)
     if amount > balance:
         raise InvalidInput(f"amount {amount} exceeds the balance {balance:.2f}", expression=["amount"])
