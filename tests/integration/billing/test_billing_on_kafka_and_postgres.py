@@ -163,6 +163,16 @@ async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
             assert sorted((e["resource"]["code"]["coding"][0]["code"], e["resource"]["status"])
                           for e in after["entry"]) == [
                 ("99439", "entered-in-error"), ("99490", "billable"), ("99490", "entered-in-error")]
+            # Concurrent PUTs of the EHR endpoint each replace it (delete-then-insert met on
+            # the key: 500s); the last one stays.
+            puts = await asyncio.gather(*(client.put(
+                f"/v1/practices/{practice}/ehr-endpoint", headers=headers,
+                json={"baseUrl": f"https://ehr{n}.example.org/fhir"}) for n in range(6)))
+            assert [p.status_code for p in puts] == [200] * 6, [p.text for p in puts]
+            kept = (await client.get(f"/v1/practices/{practice}/ehr-endpoint",
+                                     headers=headers)).json()["baseUrl"]
+            assert kept in {f"https://ehr{n}.example.org/fhir" for n in range(6)}
+            await client.delete(f"/v1/practices/{practice}/ehr-endpoint", headers=headers)
             # A value PostgreSQL cannot store (a NUL in text) is the request's: 422, not 500.
             nul = await client.post(f"/v1/invoices/{replacement}/payments", headers=headers,
                                     json={"amount": "1.00", "date": "2025-04-20",

@@ -20,6 +20,7 @@ from ccm_billing.domain.rules import RulesetMissing, ruleset_for
 from ccm_billing.service_layer import ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.corrections import recompute
+from ccm_shared.db import dialect_insert
 from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
 from ccm_shared.http import TenantDep
 from ccm_shared.tenancy import Tenant
@@ -230,11 +231,15 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             raise InvalidInput("authorization must be printable ASCII (a header value, e.g. "
                                "'Bearer …')", expression=["authorization"])
         e = orm.ehr_endpoints
+        values = {"base_url": url, "authorization": body.authorization,
+                  "updated_at": runtime.clock()}
         async with db.unit_of_work() as uow:
-            await uow.session.execute(e.delete().where(e.c.practice == practice))
-            await uow.session.execute(e.insert().values(
-                practice=practice, base_url=url, authorization=body.authorization,
-                updated_at=runtime.clock()))
+            # One statement: concurrent PUTs each replace the row (a delete, then an insert, let
+            # two inserts meet on the key: 500), the last one's values stay.
+            await uow.session.execute(
+                dialect_insert(uow.session.bind.dialect.name)(e)
+                .values(practice=practice, **values)
+                .on_conflict_do_update(index_elements=["practice"], set_=values))
             await uow.commit()
         return {"baseUrl": url, "hasAuthorization": body.authorization is not None}
 
