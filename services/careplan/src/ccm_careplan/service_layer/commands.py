@@ -106,13 +106,21 @@ async def replace_rules(
 ) -> int:
     """Store the practice's rules and move every plan's due date to match. Returns the revision."""
     validate_rules(rules)
-    current = await rules_revision(uow, practice)
-    if if_match is not None and if_match != current:
-        raise RulesChanged(f"the rules are at revision {current}, not {if_match}")
-    values = {"rules": rules.to_dict(), "revision": current + 1, "updated_at": now}
-    await uow.session.execute(
-        insert_for(uow.session)(practice_rules).values(practice=practice, **values)
-        .on_conflict_do_update(index_elements=["practice"], set_=values))
+    while True:
+        current = await rules_revision(uow, practice)
+        if if_match is not None and if_match != current:
+            raise RulesChanged(f"the rules are at revision {current}, not {if_match}")
+        values = {"rules": rules.to_dict(), "revision": current + 1, "updated_at": now}
+        # Only over the revision read: a concurrent write that committed since (this statement
+        # waits for it) leaves nothing stored here, and the revision is read again (unguarded,
+        # concurrent writers each stored revision current + 1 and all but one were lost).
+        stored = await uow.session.execute(
+            insert_for(uow.session)(practice_rules).values(practice=practice, **values)
+            .on_conflict_do_update(index_elements=["practice"], set_=values,
+                                   where=practice_rules.c.revision == current)
+            .returning(practice_rules.c.revision))
+        if stored.first() is not None:
+            break
     rows = (await uow.session.execute(select(trackers).where(trackers.c.practice == practice)
                                       .with_for_update())).all()
     for r in rows:
