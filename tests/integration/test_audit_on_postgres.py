@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import event, select, update
 
 from ccm_shared.audit import AuditRecord, AuditWriter, audit_log, seal_all, verify
+from tests.integration.notification.test_races_on_postgres import api  # noqa: F401 - fixture
 from ccm_shared.db import create_engine_for
 from tests.integration.conftest import eventually
 
@@ -57,3 +58,20 @@ async def test_group_committed_entries_are_sealed_per_practice_and_tampering_is_
         assert seqs == list(range(1, 62))  # chained in the order they were recorded
     finally:
         await engine.dispose()
+
+
+async def test_a_call_with_a_nul_or_a_long_path_is_still_audited(api):  # noqa: F811
+    """A NUL (%00) or an over-long path parameter made the call's audit entry fail to store:
+    the call went unaudited. It is kept as %00, cut to its column."""
+    rt, client, path, headers = api
+    for sent, kept in (("abc%00x", "abc%00x"), ("y" * 5000, "y" * 200)):
+        r = await client.get(f"{path}/providers/{sent}", headers=headers)
+        assert r.status_code in (404, 422), r.text
+
+        async def audited(kept=kept) -> bool:
+            async with rt.db.engine.connect() as conn:
+                entities = (await conn.execute(select(audit_log.c.entity).where(
+                    audit_log.c.practice == path.rsplit("/", 1)[-1]))).scalars().all()
+            return any(kept in (e or "") for e in entities)
+
+        await eventually(audited, timeout=10, what=f"the audit entry of {sent[:20]}")

@@ -169,6 +169,13 @@ def audited_patient(scope) -> str | None:  # noqa: ANN001
     return None
 
 
+def _kept(text: str | None, most: int) -> str | None:
+    """A request's text as the audit trail can keep it: a NUL (``%00`` in a URL) written as
+    ``%00``, at most ``most`` characters (its column's width). As sent, either made the entry
+    fail to store, and the call went unaudited."""
+    return None if text is None else text.replace("\x00", "%00")[:most]
+
+
 def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
     """Record every authenticated API call in the audit trail (who, what, when, outcome);
     concurrent calls share a transaction (``AuditWriter``), each waits for its entry's commit."""
@@ -193,9 +200,9 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
             actor=tenant.token_id,
             actor_label=tenant.label,
             action=METHOD_ACTION.get(scope["method"], "E"),
-            what=f"{scope['method']} {route}",
-            entity=entity or scope.get("path"),
-            patient=audited_patient(scope),
+            what=_kept(f"{scope['method']} {route}", 300),
+            entity=_kept(entity or scope.get("path"), 300),
+            patient=_kept(audited_patient(scope), 100),
             outcome=outcome_for(status),
             correlation_id=current_correlation_id(),
         )
