@@ -1,6 +1,8 @@
 """Notification on real PostgreSQL: concurrent requests (read committed, row locks): the same
 idempotency key sent at once is one message, and one call's slots confirmed at once confirm
-one; and a value PostgreSQL cannot store is the request's (422), not a 500."""
+one; a new provider PUT at once is created once, one of same-If-Match PUTs applies (the rest
+412), one acknowledgement event per alert, the practice's subscription limit holds; and a value
+PostgreSQL cannot store (or a provider text with NUL) is the request's (422), not a 500."""
 
 import asyncio
 import uuid
@@ -10,7 +12,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import func, select
 
-from ccm_notification.adapters.orm import messages
+from ccm_notification.adapters.orm import messages, outbox, subscriptions
 from ccm_notification.bootstrap import SERVICE
 from ccm_notification.service_layer.directory import edit_provider
 from ccm_shared.migrate import upgrade_async
@@ -88,3 +90,94 @@ async def test_a_text_postgresql_cannot_store_is_refused_not_500(api):
         stored = (await conn.execute(select(func.count()).select_from(messages).where(
             messages.c.idempotency_key.endswith(f":api:{key}")))).scalar_one()
     assert stored == 0
+
+
+async def test_one_new_provider_put_at_once_is_created_once(api):
+    """Concurrent PUTs creating the same provider: one creates it (201), the others update the
+    row now there (200): none fails on the primary key."""
+    rt, client, path, headers = api
+    for _ in range(3):
+        pid = f"new-{uuid.uuid4().hex[:8]}"
+        answers = await asyncio.gather(*(client.put(f"{path}/providers/{pid}", headers=headers,
+                                                    json={"name": f"Dr. N{n}"})
+                                         for n in range(6)))
+        assert sorted(r.status_code for r in answers) == [200] * 5 + [201], \
+            [r.text for r in answers]
+        history = (await client.get(f"{path}/providers/{pid}/history", headers=headers)).json()
+        versions = [h["version"] for h in history]
+        assert versions == list(range(1, len(versions) + 1)), versions
+
+
+async def test_if_match_lets_one_of_concurrent_provider_puts_through(api):
+    """Six PUTs with the same If-Match at once: one is applied (200, version 2), the others
+    answer 412; the provider is at version 2."""
+    rt, client, path, headers = api
+    for _ in range(5):
+        pid = f"im-{uuid.uuid4().hex[:8]}"
+        r = await client.put(f"{path}/providers/{pid}", headers=headers,
+                             json={"name": "Dr. Start"})
+        assert r.status_code == 201 and r.headers["ETag"] == '"1"'
+        answers = await asyncio.gather(*(client.put(f"{path}/providers/{pid}",
+                                                    headers={**headers, "If-Match": '"1"'},
+                                                    json={"name": f"Dr. Edit {n}"})
+                                         for n in range(6)))
+        assert sorted(r.status_code for r in answers) == [200] + [412] * 5, \
+            [r.text for r in answers]
+        [won] = [r for r in answers if r.status_code == 200]
+        stored = (await client.get(f"{path}/providers/{pid}", headers=headers)).json()
+        assert stored["version"] == 2 and stored["name"] == won.json()["name"], stored
+
+
+async def test_concurrent_acks_record_one_acknowledgement(api):
+    """Eight acks of one pending alert at once: all 200 with the same acknowledgement, and one
+    notification.message.acknowledged.v1 event."""
+    rt, client, path, headers = api
+    for _ in range(3):
+        r = await client.post(f"{path}/notifications", headers=headers, json=GAP)
+        assert r.status_code == 201, r.text
+        mid = r.json()["id"]
+        answers = await asyncio.gather(*(client.post(f"/v1/notifications/{mid}/ack",
+                                                     headers=headers) for _ in range(8)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        assert {a.json()["ack_state"] for a in answers} == {"acknowledged"}
+        assert len({a.json()["acked_at"] for a in answers}) == 1, [a.json() for a in answers]
+        async with rt.db.engine.connect() as conn:
+            events = (await conn.execute(select(func.count()).select_from(outbox).where(
+                outbox.c.event_type == "notification.message.acknowledged.v1",
+                outbox.c.payload.contains(mid)))).scalar_one()
+        assert events == 1
+
+
+async def test_concurrent_subscription_creates_keep_the_practice_limit(api):
+    """30 creates at once against a limit of 20: 20 are stored (201), the rest 409."""
+    rt, client, path, headers = api
+    body = {"events": ["billing.invoice.issued.v1"], "endpoint": "https://example.org/hook"}
+    answers = await asyncio.gather(*(client.post(f"{path}/subscriptions", headers=headers,
+                                                 json=body) for _ in range(30)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [201] * 20 + [409] * 10, [r.text for r in answers if r.status_code != 201]
+    async with rt.db.engine.connect() as conn:
+        stored = (await conn.execute(select(func.count()).select_from(subscriptions).where(
+            subscriptions.c.practice == path.rsplit("/", 1)[1]))).scalar_one()
+    assert stored == 20
+
+
+async def test_a_provider_text_with_nul_is_refused_and_not_stored(api):
+    """PostgreSQL's JSON column takes an escaped NUL, which then breaks every message to the
+    provider: the PUT refuses it (422, without the value) and stores nothing."""
+    rt, client, path, headers = api
+    for field in ("name", "phone"):
+        for text in ("Dr \\u0000 Nul", "Dr \\ud800 Nul"):
+            r = await client.put(f"{path}/providers/doc-1",
+                                 headers={**headers, "Content-Type": "application/json"},
+                                 content='{"' + field + '": "' + text + '"}')
+            assert r.status_code == 422 and "Nul" not in r.text, r.text
+    r = await client.put(f"{path}/providers/nul-new",
+                         headers={**headers, "Content-Type": "application/json"},
+                         content='{"name": "Dr \\u0000 Nul"}')
+    assert r.status_code == 422, r.text
+    assert (await client.get(f"{path}/providers/nul-new", headers=headers)).status_code == 404
+    stored = (await client.get(f"{path}/providers/doc-1", headers=headers)).json()
+    assert stored["name"] == "Dr. One" and stored["version"] == 1, stored
+    r = await client.post(f"{path}/notifications", headers=headers, json=GAP)
+    assert r.status_code == 201, r.text

@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import html
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import HTMLResponse
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
@@ -64,11 +72,24 @@ def _http_url(value: str | None) -> str | None:
 HttpUrl = Annotated[str | None, Field(max_length=500), AfterValidator(_http_url)]
 
 
+def _storable_text(value: Any) -> Any:  # noqa: ANN401
+    """A text a provider field may keep: no NUL (PostgreSQL's JSON takes the escape, then every
+    message rendered with it fails) and no lone surrogate (no encoder writes one)."""
+    if isinstance(value, str) and ("\x00" in value or _SURROGATE.search(value)):
+        raise ValueError("text must not contain NUL characters or lone surrogates")
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class ProviderUpdate(BaseModel):
     """Fields to set; fields left out keep their value. ``release`` un-pins fields so they
-    follow the EHR again."""
+    follow the EHR again. No field may hold NUL or a lone surrogate (422, nothing stored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    _no_nul = field_validator("*", mode="before")(_storable_text)
     name: str | None = Field(None, max_length=200)
     npi: str | None = Field(None, pattern=r"^[0-9]{10}$")
     email: str | None = Field(None, pattern=EMAIL, max_length=320)

@@ -41,11 +41,19 @@ async def acknowledge(
         raise Conflict(f"notification {message_id} does not ask for acknowledgement")
     if row.ack_state == "pending":
         now = notifier.clock()
-        await uow.session.execute(
+        # Conditional on still pending: of concurrent acks (a row lock makes the others wait
+        # and then match nothing) one records the acknowledgement and its event; the others
+        # answer with the acknowledgement recorded.
+        done = await uow.session.execute(
             update(messages)
-            .where(messages.c.id == row.id)
+            .where(messages.c.id == row.id, messages.c.ack_state == "pending")
             .values(ack_state="acknowledged", acked_at=now, acked_by=actor)
         )
+        if done.rowcount != 1:
+            row = (
+                await uow.session.execute(select(messages).where(messages.c.id == row.id))
+            ).first()
+            return _ack_view(row)
         await uow.outbox.add(
             ACKNOWLEDGED,
             CloudEvent(
@@ -65,6 +73,10 @@ async def acknowledge(
             ),
         )
         return {"id": row.id, "ack_state": "acknowledged", "acked_at": now.isoformat()}
+    return _ack_view(row)
+
+
+def _ack_view(row) -> dict:  # noqa: ANN001
     return {
         "id": row.id,
         "ack_state": row.ack_state,

@@ -19,13 +19,31 @@ from ccm_notification.domain.directory import (
     reference_id,
 )
 from ccm_shared.db import UnitOfWork
-from ccm_shared.errors import NotFound, PreconditionFailed
+from ccm_shared.errors import NotFound, PreconditionFailed, TryAgain
 from ccm_shared.events import CloudEvent
 
 
-async def load_provider(uow: UnitOfWork, practice: str, provider_id: str):  # noqa: ANN201
+async def load_provider(uow: UnitOfWork, practice: str, provider_id: str, *,  # noqa: ANN201
+                        lock: bool = False):
+    """The provider's row (None when there is none); ``lock`` reads it FOR UPDATE (PostgreSQL),
+    so that a concurrent writer waits for this transaction and then reads what it wrote."""
     stmt = select(providers).where(providers.c.practice == practice, providers.c.id == provider_id)
-    return (await uow.session.execute(stmt)).first()
+    return (await uow.session.execute(stmt.with_for_update() if lock else stmt)).first()
+
+
+class _Raced(TryAgain):
+    """The row changed between the read and the write (a concurrent writer created it, or
+    moved its version on): nothing was written; read it again (and should that keep
+    happening, the request is answered 503, to be sent again)."""
+
+    def __init__(self) -> None:
+        super().__init__("the provider changed while this request wrote it; nothing was "
+                         "stored: send it again")
+
+
+# A writer that lost a race reads the row again and retries; one retry suffices with the row
+# locked (PostgreSQL); the bound only guards against a loop.
+_ATTEMPTS = 3
 
 
 async def _save(
@@ -40,14 +58,21 @@ async def _save(
     now: datetime,
     source_version: str | None = None,
 ) -> int:
-    """Write the merge and its history entry; return the new version (unchanged when no-op)."""
+    """Write the merge and its history entry; return the new version (unchanged when no-op).
+
+    The write is conditional on what was read: a new row is inserted only if none is there
+    (ON CONFLICT DO NOTHING), an existing one updated only at the version read. When the write
+    finds the row changed, nothing is written and ``_Raced`` is raised (read again)."""
     if row is not None and not merge.changed and tuple(row.pinned) == merge.pinned:
         if merge.source != row.source:
-            await uow.session.execute(
+            done = await uow.session.execute(
                 update(providers)
-                .where(providers.c.practice == practice, providers.c.id == provider_id)
+                .where(providers.c.practice == practice, providers.c.id == provider_id,
+                       providers.c.version == row.version)
                 .values(source=merge.source, source_version=source_version or row.source_version)
             )
+            if done.rowcount != 1:
+                raise _Raced
         return row.version
     version = 1 if row is None else row.version + 1
     values = dict(
@@ -60,17 +85,20 @@ async def _save(
     if source_version is not None:
         values["source_version"] = source_version
     if row is None:
-        await uow.session.execute(
-            insert_for(uow.session, providers).values(
-                practice=practice, id=provider_id, created_at=now, **values
-            )
+        done = await uow.session.execute(
+            insert_for(uow.session, providers)
+            .values(practice=practice, id=provider_id, created_at=now, **values)
+            .on_conflict_do_nothing(index_elements=["practice", "id"])
         )
     else:
-        await uow.session.execute(
+        done = await uow.session.execute(
             update(providers)
-            .where(providers.c.practice == practice, providers.c.id == provider_id)
+            .where(providers.c.practice == practice, providers.c.id == provider_id,
+                   providers.c.version == row.version)
             .values(**values)
         )
+    if done.rowcount != 1:
+        raise _Raced
     await uow.session.execute(
         provider_history.insert().values(
             practice=practice,
@@ -102,24 +130,30 @@ async def apply_ehr_values(
     now: datetime,
     last_updated: str | None = None,
 ) -> None:
-    row = await load_provider(uow, practice, provider_id)
-    if _is_older(row, last_updated):
-        return
-    current = row.current if row else empty_record()
-    source = row.source if row else {}
-    pinned = tuple(row.pinned) if row else ()
-    merge = apply_source(current, source, pinned, incoming)
-    await _save(
-        uow,
-        practice,
-        provider_id,
-        row,
-        merge,
-        origin="fhir",
-        actor=None,
-        now=now,
-        source_version=last_updated,
-    )
+    for attempt in range(_ATTEMPTS):
+        row = await load_provider(uow, practice, provider_id, lock=True)
+        if _is_older(row, last_updated):
+            return
+        current = row.current if row else empty_record()
+        source = row.source if row else {}
+        pinned = tuple(row.pinned) if row else ()
+        merge = apply_source(current, source, pinned, incoming)
+        try:
+            await _save(
+                uow,
+                practice,
+                provider_id,
+                row,
+                merge,
+                origin="fhir",
+                actor=None,
+                now=now,
+                source_version=last_updated,
+            )
+            return
+        except _Raced:
+            if attempt == _ATTEMPTS - 1:
+                raise
 
 
 async def practitioner_upserted(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
@@ -204,23 +238,41 @@ async def edit_provider(
     now: datetime,
     if_match: int | None,
 ) -> tuple[int, bool]:
-    """A person's edit; returns (version, created). ``if_match`` guards against lost updates."""
-    row = await load_provider(uow, practice, provider_id)
-    if if_match is not None and (row is None or row.version != if_match):
-        raise PreconditionFailed(
-            f"provider {provider_id} is at version {row.version if row else 'none'}, "
-            f"not {if_match}; reload and retry"
+    """A person's edit; returns (version, created). ``if_match`` guards against lost updates:
+    the row is read FOR UPDATE and written only at the version read, so of concurrent edits
+    with the same ``if_match`` one is applied and the others answer 412. Concurrent edits
+    creating the same provider: one creates it, the others update the row it created."""
+    for attempt in range(_ATTEMPTS):
+        row = await load_provider(uow, practice, provider_id, lock=True)
+        if if_match is not None and (row is None or row.version != if_match):
+            raise PreconditionFailed(
+                f"provider {provider_id} is at version {row.version if row else 'none'}, "
+                f"not {if_match}; reload and retry"
+            )
+        if row is None and release:
+            raise NotFound(f"provider {provider_id!r} not found")
+        current = row.current if row else empty_record()
+        merge = apply_manual(
+            current, row.source if row else {}, tuple(row.pinned) if row else (), updates, release
         )
-    if row is None and release:
-        raise NotFound(f"provider {provider_id!r} not found")
-    current = row.current if row else empty_record()
-    merge = apply_manual(
-        current, row.source if row else {}, tuple(row.pinned) if row else (), updates, release
+        try:
+            version = await _save(
+                uow, practice, provider_id, row, merge, origin="manual", actor=actor, now=now
+            )
+        except _Raced:
+            if if_match is not None:
+                raise _stale(provider_id, if_match) from None
+            if attempt == _ATTEMPTS - 1:
+                raise
+            continue
+        return version, row is None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _stale(provider_id: str, if_match: int) -> PreconditionFailed:
+    return PreconditionFailed(
+        f"provider {provider_id} is no longer at version {if_match}; reload and retry"
     )
-    version = await _save(
-        uow, practice, provider_id, row, merge, origin="manual", actor=actor, now=now
-    )
-    return version, row is None
 
 
 async def provider_history_of(uow: UnitOfWork, practice: str, provider_id: str) -> list[dict]:

@@ -44,7 +44,7 @@ from ccm_notification.subscriptions.domain import (
 )
 from ccm_notification.subscriptions.topics import PracticeTopics
 from ccm_shared.consumer import Handler
-from ccm_shared.db import Database, UnitOfWork
+from ccm_shared.db import Database, UnitOfWork, xact_lock
 from ccm_shared.errors import Conflict, NotFound
 from ccm_shared.events import CloudEvent, practice_topic
 
@@ -177,7 +177,10 @@ async def create_subscription(
     uow: UnitOfWork, practice: str, spec: NewSubscription, *, secret_key: str, limit: int,
     now: datetime,
 ) -> tuple[Any, str]:
-    """Create a subscription; return its row and its signing secret (shown this once)."""
+    """Create a subscription; return its row and its signing secret (shown this once).
+    Concurrent creates of one practice count one after the other (a transaction-scoped advisory
+    lock per practice on PostgreSQL; SQLite has one writer), so the limit holds."""
+    await xact_lock(uow.session, f"notification:subscriptions:{practice}")
     count = (
         await uow.session.execute(
             select(func.count()).where(subscriptions.c.practice == practice)
