@@ -3,6 +3,7 @@
 import asyncio
 from datetime import UTC, datetime
 
+import httpx
 import pytest_asyncio
 
 from ccm_notification.bootstrap import SERVICE
@@ -10,7 +11,7 @@ from ccm_notification.service_layer.directory import edit_provider
 from ccm_shared.migrate import upgrade_async, upgrade_platform
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.settings import load_settings
-from ccm_shared.tenancy import Pricing, create_practice
+from ccm_shared.tenancy import Pricing, create_practice, create_token
 from ccm_shared.transport import InProcessTransport
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
@@ -33,3 +34,12 @@ async def acme(tmp_path):
         await uow.commit()
     yield rt
     await rt.db.dispose()
+
+
+@pytest_asyncio.fixture
+async def api(acme):
+    """(runtime, client, headers) for practice acme with provider doc-1."""
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=acme.app()), base_url="http://n")
+    headers = {"Authorization": f"Bearer {await create_token(acme.db.engine, practice_id='acme')}"}
+    yield acme, client, headers
+    await client.aclose()

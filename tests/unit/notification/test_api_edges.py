@@ -10,14 +10,12 @@ from datetime import datetime
 
 import httpx
 import pytest
-import pytest_asyncio
 from sqlalchemy import select
 
 from ccm_notification.adapters.orm import call_requests, messages, template_overrides
 from ccm_notification.adapters.rendering import Renderer
 from ccm_notification.adapters.sql import upsert
 from ccm_shared.events import CloudEvent, to_message
-from ccm_shared.tenancy import create_token
 from tests.unit.notification.conftest import NOW
 
 P = "/v1/practices/acme"
@@ -35,15 +33,6 @@ NESTED_LOOPS = "{% block subject %}Gap{% endblock %}{% block text %}{% for i in 
                "{% for j in range(8000) %}{% endfor %}{% endfor %}{{ gap }}{% endblock %}" \
                "{% block html %}{{ gap }}{% endblock %}"
 LOOPS_UNDER_RANGE_CAP = NESTED_LOOPS.replace("100000", "9000").replace("8000", "9000")
-
-
-@pytest_asyncio.fixture
-async def api(acme):
-    """(runtime, client, headers) for practice acme with provider doc-1."""
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=acme.app()), base_url="http://n")
-    headers = {"Authorization": f"Bearer {await create_token(acme.db.engine, practice_id='acme')}"}
-    yield acme, client, headers
-    await client.aclose()
 
 
 def is_problem(r: httpx.Response, status: int, fragment: str) -> bool:

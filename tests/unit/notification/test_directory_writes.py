@@ -6,27 +6,16 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 import pytest
-import pytest_asyncio
 from sqlalchemy import func, select, update
 
 from ccm_notification.adapters.orm import messages, outbox, provider_history, providers
 from ccm_notification.service_layer import directory
 from ccm_shared.errors import PreconditionFailed
-from ccm_shared.tenancy import create_token
 from tests.unit.notification.conftest import NOW
 from tests.unit.notification.test_api_edges import GAP
 
 P = "/v1/practices/acme"
-
-
-@pytest_asyncio.fixture
-async def api(acme):
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=acme.app()), base_url="http://n")
-    headers = {"Authorization": f"Bearer {await create_token(acme.db.engine, practice_id='acme')}"}
-    yield acme, client, headers
-    await client.aclose()
 
 
 async def _count(rt, table, *where) -> int:  # noqa: ANN001
