@@ -12,6 +12,7 @@ Anything missing makes the tests fail with a message that says what to start.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -186,3 +187,33 @@ def start_infra() -> Infra:
                   LocalKafka())
     infra._cleanup.append(lambda: _run("down.sh"))
     return infra
+
+
+@contextlib.asynccontextmanager
+async def api_on_postgres(database_url: str, service, practice_prefix: str):  # noqa: ANN001, ANN201
+    """A service's runtime on real PostgreSQL (its schema migrated; events on the in-process bus)
+    with a fresh practice, and an HTTP client on its app with a token of that practice:
+    ``(runtime, client, practice, headers)``."""
+    import uuid
+
+    import httpx
+
+    from ccm_shared.migrate import upgrade_async
+    from ccm_shared.service import ServiceRuntime
+    from ccm_shared.settings import load_settings
+    from ccm_shared.tenancy import Pricing, create_practice, create_token
+    from ccm_shared.transport import InProcessTransport
+
+    await upgrade_async(database_url, service.schema, service.migrations_package)
+    rt = ServiceRuntime.build(service, load_settings(database_url=database_url),
+                              transport=InProcessTransport())
+    practice = f"{practice_prefix}-{uuid.uuid4().hex[:10]}"
+    await create_practice(rt.db.engine, practice_id=practice, name=f"{practice_prefix} clinic",
+                          timezone="America/New_York", pricing=Pricing())
+    token = await create_token(rt.db.engine, practice_id=practice)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app()),
+                                     base_url="http://api", timeout=60) as client:
+            yield rt, client, practice, {"Authorization": f"Bearer {token}"}
+    finally:
+        await rt.db.dispose()

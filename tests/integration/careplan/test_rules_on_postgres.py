@@ -2,18 +2,12 @@
 exactly one of them through, and revisions are never shared."""
 
 import asyncio
-import uuid
 
-import httpx
 import pytest
 import pytest_asyncio
 
 from ccm_careplan.bootstrap import SERVICE
-from ccm_shared.migrate import upgrade_async
-from ccm_shared.service import ServiceRuntime
-from ccm_shared.settings import load_settings
-from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
+from tests.support.infra import api_on_postgres
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -21,18 +15,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(infra):
     """(client, rules URL, headers) for a fresh practice."""
-    await upgrade_async(infra.database_url, SERVICE.schema, SERVICE.migrations_package)
-    rt = ServiceRuntime.build(SERVICE, load_settings(database_url=infra.database_url),
-                              transport=InProcessTransport())
-    practice = f"rules-{uuid.uuid4().hex[:10]}"
-    await create_practice(rt.db.engine, practice_id=practice, name="Rules Clinic",
-                          timezone="America/New_York", pricing=Pricing())
-    token = await create_token(rt.db.engine, practice_id=practice)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app()),
-                                 base_url="http://c", timeout=60) as client:
-        yield client, f"/v1/practices/{practice}/care-plan-rules", {
-            "Authorization": f"Bearer {token}"}
-    await rt.db.dispose()
+    async with api_on_postgres(infra.database_url, SERVICE, "rules") as (_, client, practice,
+                                                                        headers):
+        yield client, f"/v1/practices/{practice}/care-plan-rules", headers
 
 
 async def test_concurrent_rules_writes_with_one_if_match_let_one_through(api):

@@ -7,7 +7,6 @@ PostgreSQL cannot store (or a provider text with NUL) is the request's (422), no
 import asyncio
 import uuid
 
-import httpx
 import pytest
 import pytest_asyncio
 from sqlalchemy import func, select
@@ -15,11 +14,7 @@ from sqlalchemy import func, select
 from ccm_notification.adapters.orm import messages, outbox, subscriptions
 from ccm_notification.bootstrap import SERVICE
 from ccm_notification.service_layer.directory import edit_provider
-from ccm_shared.migrate import upgrade_async
-from ccm_shared.service import ServiceRuntime
-from ccm_shared.settings import load_settings
-from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
+from tests.support.infra import api_on_postgres
 from tests.unit.notification.test_api_edges import CALL, GAP
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -28,22 +23,14 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 @pytest_asyncio.fixture(loop_scope="session")
 async def api(infra):
     """(runtime, client, practice path, headers) for a fresh practice with provider doc-1."""
-    await upgrade_async(infra.database_url, SERVICE.schema, SERVICE.migrations_package)
-    rt = ServiceRuntime.build(SERVICE, load_settings(database_url=infra.database_url),
-                              transport=InProcessTransport())
-    practice = f"races-{uuid.uuid4().hex[:10]}"
-    await create_practice(rt.db.engine, practice_id=practice, name="Races Clinic",
-                          timezone="America/New_York", pricing=Pricing())
-    async with rt.db.unit_of_work() as uow:
-        await edit_provider(uow, practice, "doc-1", {"name": "Dr. One",
-                                                     "email": "one@races.test"},
-                            (), actor="test", now=rt.clock(), if_match=None)
-        await uow.commit()
-    token = await create_token(rt.db.engine, practice_id=practice)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=rt.app()),
-                                 base_url="http://n", timeout=60) as client:
-        yield rt, client, f"/v1/practices/{practice}", {"Authorization": f"Bearer {token}"}
-    await rt.db.dispose()
+    async with api_on_postgres(infra.database_url, SERVICE, "races") as (rt, client, practice,
+                                                                        headers):
+        async with rt.db.unit_of_work() as uow:
+            await edit_provider(uow, practice, "doc-1", {"name": "Dr. One",
+                                                         "email": "one@races.test"},
+                                (), actor="test", now=rt.clock(), if_match=None)
+            await uow.commit()
+        yield rt, client, f"/v1/practices/{practice}", headers
 
 
 async def test_one_idempotency_key_sent_at_once_is_one_message(api):
