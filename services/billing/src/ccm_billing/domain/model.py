@@ -8,6 +8,8 @@ from decimal import Decimal
 from functools import cached_property
 from typing import Literal
 
+from ccm_shared.text import ascii_digits
+
 Role = Literal["staff", "practitioner", "non-clinical", "unknown"]
 
 # Decision vocabulary (rules document §7): stable identifiers, add new ones, never rename.
@@ -44,7 +46,7 @@ class Month:
     def parse(cls, text: str) -> Month:
         """``yyyy-mm``; raises ValueError otherwise."""
         digits = text[:4] + text[5:]
-        if len(text) != 7 or text[4] != "-" or not (digits.isascii() and digits.isdigit()):
+        if len(text) != 7 or text[4] != "-" or not ascii_digits(digits):
             raise ValueError(f"month must be yyyy-mm, got {text!r}")
         month = cls(int(text[:4]), int(text[5:]))
         # 9999-12 has no next month in Python's dates (its last day is computed from it).

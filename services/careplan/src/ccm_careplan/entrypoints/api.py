@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ccm_careplan.domain.rules import DEFAULT_RULES, PRACTITIONER_REF, InvalidRules, ReviewRules
 from ccm_careplan.service_layer import commands, queries
-from ccm_careplan.service_layer.common import ascii_digits, load_rules, practice_today
+from ccm_careplan.service_layer.common import load_rules, practice_today
 from ccm_shared.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
 from ccm_shared.http import TenantDep
 from ccm_shared.tenancy import Tenant
+from ccm_shared.text import ascii_digits
 
 SCOPE = "careplan"
 REF_PATTERN = PRACTITIONER_REF.pattern

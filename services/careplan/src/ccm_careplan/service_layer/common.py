@@ -39,11 +39,6 @@ def event_id(key: str) -> str:
     return str(uuid.uuid5(_TRACKER_NS, key))
 
 
-def ascii_digits(text: str, most: int) -> bool:
-    """``text`` is 1 to ``most`` ASCII digits (``str.isdigit`` alone also takes "²" or "٣")."""
-    return text.isascii() and text.isdigit() and len(text) <= most
-
-
 def insert_for(session: AsyncSession):  # noqa: ANN201
     return dialect_insert(session.bind.dialect.name)
 

@@ -21,12 +21,12 @@ from ccm_careplan.domain.rules import ReviewRules
 from ccm_careplan.domain.schedule import review_state
 from ccm_careplan.domain.tracker import is_scheduled, resolve_provider
 from ccm_careplan.service_layer.common import (
-    ascii_digits,
     general_practitioners,
     practitioner_directory,
     responsible_provider,
 )
 from ccm_shared.db import UnitOfWork
+from ccm_shared.text import ascii_digits
 
 MAX_DUE_WITHIN_DAYS = 3660  # ten years: longer than any review interval the rules allow
 REVIEW_FILTERS = ("due", "due-within:{days}", "overdue", "escalated", "awaiting-signoff")

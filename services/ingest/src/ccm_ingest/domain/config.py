@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 from ccm_ingest.domain.rules import ENCOUNTER_CLASSES
+from ccm_shared.text import is_text
 
 CPT = "http://www.ama-assn.org/go/cpt"
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"
@@ -107,7 +108,8 @@ class IngestConfig:
                 continue
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise ConfigInvalid(f"{key} must be a list of non-empty strings")
-            if not all(_is_text(v) for v in value):
+            # (a GET of the config answered 500 after a PUT stored one)
+            if not all(is_text(v) for v in value):
                 raise ConfigInvalid(f"{key}: a code with a NUL character or a lone surrogate "
                                     "(\\ud800 without its pair) is no text")
             if key == "care_plan_intents":
@@ -158,16 +160,6 @@ class IngestConfig:
                 if both := sorted(set(getattr(self, first)) & set(getattr(self, second))):
                     raise ConfigInvalid(f"{both[0]!r} is in both {first} and {second}: a role "
                                         "is one kind; remove it from one of them")
-
-
-def _is_text(value: str) -> bool:
-    """Storable and answerable text: a JSON body may escape a NUL or a lone surrogate, which no
-    response can encode (a GET of the config answered 500 after the PUT stored one)."""
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return "\x00" not in value
 
 
 DEFAULT_CONFIG = IngestConfig()

@@ -72,11 +72,6 @@ class Relocating:
         return False
 
 
-def ascii_digits(text: str, most: int | None = None) -> bool:
-    """``text`` is 1 to ``most`` ASCII digits (``str.isdigit`` alone also takes "²" or "٣")."""
-    return text.isascii() and text.isdigit() and (most is None or len(text) <= most)
-
-
 def rejected(status: int, code: str, message: str, *expression: str) -> FhirRejected:
     return FhirRejected(status, [Issue("error", code, message, tuple(expression))])
 

@@ -27,7 +27,6 @@ from ccm_ingest.domain.model import (
     SUPPORTED_TYPES,
     FhirRejected,
     Issue,
-    ascii_digits,
     rejected,
 )
 from ccm_ingest.domain.rules import unresolved_local_references
@@ -52,6 +51,7 @@ from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
+from ccm_shared.text import ascii_digits, is_text
 
 ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
 
@@ -259,12 +259,9 @@ def _not_text(value: Any) -> tuple[str, str] | None:
     while pending:
         path, item = pending.pop()
         if isinstance(item, str):
-            if "\x00" in item:
-                return path, "a NUL character (\\u0000)"
-            try:
-                item.encode()
-            except UnicodeEncodeError:
-                return path, "a lone surrogate (\\ud800-\\udfff without its pair)"
+            if not is_text(item):
+                return path, ("a NUL character (\\u0000)" if "\x00" in item
+                              else "a lone surrogate (\\ud800-\\udfff without its pair)")
         elif isinstance(item, dict):
             for key, member in item.items():
                 at = f"{path}.{_shown(key)}"

@@ -28,7 +28,6 @@ from ccm_ingest.domain.model import (
     Mapping,
     Relocating,
     SourceVersion,
-    ascii_digits,
     content_hash,
     isoformat,
     rejected,
@@ -36,6 +35,7 @@ from ccm_ingest.domain.model import (
 from ccm_shared.db import UnitOfWork
 from ccm_shared.events import EventDraft
 from ccm_shared.ids import random_uuid
+from ccm_shared.text import ascii_digits
 
 PATIENT_ELEMENT = {"Encounter": "subject", "CarePlan": "subject", "Condition": "subject",
                    "Consent": "patient"}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -45,6 +44,7 @@ from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
 from ccm_shared.http import TenantDep
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
+from ccm_shared.text import is_text
 
 ID = r"^[A-Za-z0-9\-\.]{1,64}$"
 EMAIL = r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$"
@@ -75,12 +75,9 @@ HttpUrl = Annotated[str | None, Field(max_length=500), AfterValidator(_http_url)
 def _storable_text(value: Any) -> Any:  # noqa: ANN401
     """A text a provider field may keep: no NUL (PostgreSQL's JSON takes the escape, then every
     message rendered with it fails) and no lone surrogate (no encoder writes one)."""
-    if isinstance(value, str) and ("\x00" in value or _SURROGATE.search(value)):
+    if isinstance(value, str) and not is_text(value):
         raise ValueError("text must not contain NUL characters or lone surrogates")
     return value
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ProviderUpdate(BaseModel):
