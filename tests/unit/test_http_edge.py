@@ -341,3 +341,16 @@ async def test_text_of_the_request_that_cannot_be_encoded_is_422_not_500(client)
     client._transport.app.add_api_route("/v1/encodes-it", encodes_it)
     r = await client.get("/v1/encodes-it")
     assert r.status_code == 422 and "lone surrogate" in r.text and "Jane" not in r.text
+
+
+async def test_try_again_raised_by_a_route_says_when_to_retry(client):
+    """Retry-After comes with every TryAgain, not only with a deadlock the platform maps (a
+    service's own, e.g. a provider that kept changing under a write, had none)."""
+    from ccm_shared.errors import TryAgain
+
+    async def busy():
+        raise TryAgain("the provider changed while this request wrote it; send it again")
+
+    client._transport.app.add_api_route("/v1/busy", busy)
+    r = await client.get("/v1/busy")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"

@@ -169,17 +169,17 @@ def audited_patient(scope) -> str | None:  # noqa: ANN001
     return None
 
 
-def _kept(text: str | None, most: int) -> str | None:
-    """A request's text as the audit trail can keep it: a NUL (``%00`` in a URL) written as
-    ``%00``, at most ``most`` characters (its column's width). As sent, either made the entry
-    fail to store, and the call went unaudited."""
-    return None if text is None else text.replace("\x00", "%00")[:most]
+def _kept(text: str | None, column) -> str | None:  # noqa: ANN001 - an audit_log column
+    """A request's text as the audit trail can keep it in ``column``: a NUL (``%00`` in a URL)
+    written as ``%00``, cut to the column's width. As sent, either made the entry fail to
+    store, and the call went unaudited."""
+    return None if text is None else text.replace("\x00", "%00")[:column.type.length]
 
 
 def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
     """Record every authenticated API call in the audit trail (who, what, when, outcome);
     concurrent calls share a transaction (``AuditWriter``), each waits for its entry's commit."""
-    from ccm_shared.audit import METHOD_ACTION, AuditRecord, AuditWriter, outcome_for
+    from ccm_shared.audit import METHOD_ACTION, AuditRecord, AuditWriter, audit_log, outcome_for
     from ccm_shared.observability import current_correlation_id
 
     writer = AuditWriter(runtime.db.engine)
@@ -200,9 +200,9 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
             actor=tenant.token_id,
             actor_label=tenant.label,
             action=METHOD_ACTION.get(scope["method"], "E"),
-            what=_kept(f"{scope['method']} {route}", 300),
-            entity=_kept(entity or scope.get("path"), 300),
-            patient=_kept(audited_patient(scope), 100),
+            what=_kept(f"{scope['method']} {route}", audit_log.c.what),
+            entity=_kept(entity or scope.get("path"), audit_log.c.entity),
+            patient=_kept(audited_patient(scope), audit_log.c.patient),
             outcome=outcome_for(status),
             correlation_id=current_correlation_id(),
         )
@@ -229,8 +229,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
         handler = getattr(request.app.state, "fhir_error_handler", None)
         if handler is not None and request.url.path.startswith("/fhir"):
-            return handler(exc)
-        return problem_response(exc)
+            response = handler(exc)
+        else:
+            response = problem_response(exc)
+        if isinstance(exc, TryAgain):  # whoever raised it: when to send the request again
+            response.headers["Retry-After"] = str(exc.retry_after_seconds)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -254,20 +258,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DBAPIError)
     async def _database(request: Request, exc: DBAPIError):  # noqa: ANN202
-        if (refused := REFUSED_VALUES.get(sqlstate(exc) or "")) is not None:
+        state = sqlstate(exc)
+        if (refused := REFUSED_VALUES.get(state or "")) is not None:
             # Logged as a warning with the kind only (the value may be PHI); nothing stored.
-            log.warning("the database refused a value", sqlstate=sqlstate(exc))
-            return await _app_error(request, InvalidInput(
-                f"{refused}; nothing was stored"))
+            log.warning("the database refused a value", sqlstate=state)
+            return await _app_error(request, InvalidInput(f"{refused}; nothing was stored"))
         if not gave_way(exc):
             return await _unexpected(request, exc)
         log.warning("request gave way to a concurrent transaction", error=type(exc.orig).__name__)
-        again = TryAgain("the database rolled this request back so that a concurrent one could "
-                         "go on (a deadlock or serialization failure); nothing was stored: "
-                         "send it again")
-        response = await _app_error(request, again)
-        response.headers["Retry-After"] = str(again.retry_after_seconds)
-        return response
+        return await _app_error(request, TryAgain(
+            "the database rolled this request back so that a concurrent one could go on (a "
+            "deadlock or serialization failure); nothing was stored: send it again"))
 
     @app.exception_handler(UnicodeEncodeError)
     async def _not_text(request: Request, exc: UnicodeEncodeError):  # noqa: ANN202
