@@ -22,23 +22,16 @@ from sqlalchemy import bindparam, select, update
 from ccm_billing.adapters import filed, orm
 from ccm_shared.db import Database, UnitOfWork
 from ccm_shared.errors import InvalidInput
+from ccm_shared.text import http_url_problem
 
 log = structlog.get_logger(__name__)
 
 
 def validate_base_url(url: str) -> str:
-    refused = InvalidInput("baseUrl must be an http(s) FHIR base URL without credentials, query "
-                           "or fragment, e.g. https://ehr.example.org/fhir/R4",
+    if http_url_problem(url) is not None or (parts := urlsplit(url)).query or parts.fragment:
+        raise InvalidInput("baseUrl must be an http(s) FHIR base URL without credentials, "
+                           "query or fragment, e.g. https://ehr.example.org/fhir/R4",
                            expression=["baseUrl"])
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # a port that is no number, or beyond 65535, raises
-    except ValueError:  # e.g. an unclosed IPv6 bracket (https://[::1): a 500 before
-        raise refused from None
-    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query \
-            or parts.fragment or parts.username is not None or port == 0 \
-            or not url.isprintable() or any(c.isspace() for c in url):
-        raise refused
     return url.rstrip("/")
 
 

@@ -6,7 +6,6 @@ as notification's main router); without it → 403 before anything is read or wr
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +16,7 @@ from ccm_notification.subscriptions import service
 from ccm_notification.subscriptions.domain import FEED_TYPES
 from ccm_shared.errors import InvalidInput
 from ccm_shared.service import ServiceRuntime
+from ccm_shared.text import http_url_problem
 
 EventType = Literal[FEED_TYPES]  # type: ignore[valid-type]
 BASE = "/v1/practices/{practice}/subscriptions"
@@ -45,21 +45,10 @@ MAX_EVENT_NUMBER = 2**31 - 1
 
 
 def _check_endpoint(url: str, require_https: bool) -> None:
-    schemes = ("https",) if require_https else ("https", "http")
-    # urlsplit silently drops tabs and newlines and keeps other control characters (NUL…).
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):  # noqa: PLR2004
-        raise InvalidInput("endpoint must not contain spaces or control characters")
-    try:
-        parts = urlsplit(url)
-        hostname, port = parts.hostname, parts.port  # .port: ValueError outside 0..65535
-    except ValueError as exc:
-        raise InvalidInput(f"endpoint is not a valid URL: {exc}") from None
-    if parts.scheme not in schemes or not hostname:
-        raise InvalidInput(f"endpoint must be an absolute {' or '.join(schemes)} URL")
-    if port == 0:
-        raise InvalidInput("endpoint port must be between 1 and 65535")
-    if parts.username or parts.password:
-        raise InvalidInput("endpoint must not contain credentials; verify the signature instead")
+    problem = http_url_problem(url, ("https",) if require_https else ("https", "http"))
+    if problem is not None:
+        raise InvalidInput(f"endpoint {problem}" + ("; verify the signature instead"
+                                                     if "credentials" in problem else ""))
 
 
 def view(row) -> dict[str, Any]:  # noqa: ANN001
