@@ -564,6 +564,21 @@ def _located(issues: list[Issue], index: int) -> list[Issue]:
     return located
 
 
+def _failed(e: Entry, exc: Exception) -> Outcome:
+    """A batch entry's answer to an error of ours: the other entries are committed, so the
+    Bundle still says what happened to this one. A deadlock rolled it back whole: 503, to be
+    sent again."""
+    if gave_way(exc):
+        return Outcome(503, e.rtype, e.rid or "", None, [Issue(
+            "error", "transient", "the database rolled this entry back so that a concurrent "
+            "transaction could go on; nothing of it was stored: send it again",
+            (_where(e.index),))])
+    log.exception("batch entry failed", entry=e.index, error=type(exc).__name__)
+    return Outcome(500, e.rtype, e.rid or "", None, [Issue(
+        "error", "exception", "this entry failed on the server"
+        + ("" if e.method == "GET" else "; nothing of it was stored"), (_where(e.index),))])
+
+
 def _unresolved(e: Entry) -> list[Issue]:
     return [issue.located(f"{_where(e.index)}.resource")
             for issue in unresolved_local_references(e.resource, e.rtype)]
@@ -606,18 +621,6 @@ async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry
             outcome = Outcome(exc.status, e.rtype, e.rid or "", None,
                               _located(exc.issues, e.index))
         except Exception as exc:  # noqa: BLE001 - a fault of ours: this entry's answer only
-            if gave_way(exc):  # a deadlock: rolled back, and the same entry may be sent again
-                outcome = Outcome(503, e.rtype, e.rid or "", None, [Issue(
-                    "error", "transient", "the database rolled this entry back so that a "
-                    "concurrent transaction could go on; nothing of it was stored: send it "
-                    "again", (_where(e.index),))])
-                results.append((e, outcome))
-                continue
-            # Earlier entries are committed: the Bundle must still say what happened to each.
-            log.exception("batch entry failed", entry=e.index, error=type(exc).__name__)
-            outcome = Outcome(500, e.rtype, e.rid or "", None, [Issue(
-                "error", "exception", "this entry failed on the server"
-                + ("" if e.method == "GET" else "; nothing of it was stored"),
-                (_where(e.index),))])
+            outcome = _failed(e, exc)
         results.append((e, outcome))
     return results
