@@ -1,7 +1,8 @@
 """Notification on real PostgreSQL: concurrent requests (read committed, row locks): the same
 idempotency key sent at once is one message, and one call's slots confirmed at once confirm
 one; a new provider PUT at once is created once, one of same-If-Match PUTs applies (the rest
-412), one acknowledgement event per alert, the practice's subscription limit holds; and a value
+412), one acknowledgement event per alert, the practice's subscription limit holds, a role's
+email never overwrites the one a Practitioner event committed meanwhile; and a value
 PostgreSQL cannot store (or a provider text with NUL) is the request's (422), not a 500."""
 
 import asyncio
@@ -10,12 +11,21 @@ import uuid
 import pytest
 import pytest_asyncio
 from sqlalchemy import func, select
+from sqlalchemy import text as sql
 
 from ccm_notification.adapters.orm import messages, outbox, subscriptions
 from ccm_notification.bootstrap import SERVICE
-from ccm_notification.service_layer.directory import edit_provider
+from ccm_notification.service_layer.directory import (
+    edit_provider,
+    load_provider,
+    practitioner_role_upserted,
+    practitioner_upserted,
+)
+from ccm_shared.events import CloudEvent
 from tests.support.infra import api_on_postgres
+from tests.unit.notification.conftest import NOW
 from tests.unit.notification.test_api_edges import CALL, GAP
+from tests.unit.notification.test_exactly_once import role_event
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -168,3 +178,55 @@ async def test_a_provider_text_with_nul_is_refused_and_not_stored(api):
     assert stored["name"] == "Dr. One" and stored["version"] == 1, stored
     r = await client.post(f"{path}/notifications", headers=headers, json=GAP)
     assert r.status_code == 201, r.text
+
+
+def practitioner_event(practice: str, pid: str, email: str | None, at: str) -> CloudEvent:
+    return CloudEvent(
+        source="/ccm/ingest", type="ingest.practitioner.upserted.v1", tenant=practice,
+        subject=f"Practitioner/{pid}",
+        data={"source": {"resourceType": "Practitioner", "id": pid, "versionId": "1",
+                         "lastUpdated": at, "sha256": "0" * 64, "receivedAt": at},
+              "practitioner": f"Practitioner/{pid}", "name": {"family": "Own"}, "npi": None,
+              "telecom": [{"system": "email", "value": email}] if email else [],
+              "active": True, "deleted": False})
+
+
+async def test_a_role_email_never_overwrites_the_practitioners_own_given_meanwhile(api):
+    """A PractitionerRole event supplies its email only to a provider the EHR gave none. Its
+    handler decided that from a read without the row's lock: a Practitioner event with an email
+    of its own, committing while the role's handler waited for the row, was overwritten by the
+    role's email."""
+    rt, *_ = api
+    practice = api[2].rsplit("/", 1)[-1]
+    pid = f"doc-{uuid.uuid4().hex[:8]}"
+    role = role_event(f"role-{pid}", pid, "role@races.test").model_copy(
+        update={"tenant": practice})
+    async with rt.db.unit_of_work() as uow:  # known to the directory, without an email
+        await practitioner_upserted(practitioner_event(practice, pid, None,
+                                                       "2026-11-01T00:00:00+00:00"), uow, NOW)
+        await uow.commit()
+    async with rt.db.unit_of_work() as first:  # its own email arrives and holds the row
+        await practitioner_upserted(practitioner_event(practice, pid, "own@races.test",
+                                                       "2026-11-02T00:00:00+00:00"), first, NOW)
+
+        async def the_role() -> None:
+            async with rt.db.unit_of_work() as uow:
+                await practitioner_role_upserted(role, uow, NOW)
+                await uow.commit()
+
+        holder = (await first.session.execute(sql("SELECT pg_backend_pid()"))).scalar_one()
+        second = asyncio.create_task(the_role())
+        async with rt.db.engine.connect() as conn:  # the role's handler waits for the row
+            for _ in range(250):
+                waiting = (await conn.execute(sql(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE :holder = ANY(pg_blocking_pids(pid))"), {"holder": holder})).scalar_one()
+                if waiting:
+                    break
+                await asyncio.sleep(0.02)
+        assert waiting, "the role's handler never waited for the provider's row"
+        await first.commit()
+    await second
+    async with rt.db.unit_of_work() as uow:
+        row = await load_provider(uow, practice, pid)
+    assert row.current["email"] == "own@races.test"

@@ -129,7 +129,11 @@ async def apply_ehr_values(
     *,
     now: datetime,
     last_updated: str | None = None,
+    fallback_email: str | None = None,
 ) -> None:
+    """The EHR's values for a provider, merged under the row's lock. ``fallback_email`` (a
+    role's) is taken only when the EHR gives the provider no email of its own, as the locked row
+    says: a Practitioner event with one, committed meanwhile, is not overwritten."""
     for attempt in range(_ATTEMPTS):
         row = await load_provider(uow, practice, provider_id, lock=True)
         if _is_older(row, last_updated):
@@ -137,7 +141,10 @@ async def apply_ehr_values(
         current = row.current if row else empty_record()
         source = row.source if row else {}
         pinned = tuple(row.pinned) if row else ()
-        merge = apply_source(current, source, pinned, incoming)
+        values = incoming
+        if fallback_email and not source.get("email"):
+            values = {**incoming, "email": fallback_email}
+        merge = apply_source(current, source, pinned, values)
         try:
             await _save(
                 uow,
@@ -208,11 +215,8 @@ async def practitioner_role_upserted(event: CloudEvent, uow: UnitOfWork, now: da
         "active": active, "updated_at": now})
     if practitioner is None or not active:
         return
-    incoming: dict[str, Any] = {"organization": organization}
-    row = await load_provider(uow, event.tenant, practitioner)
-    if email and not (row and row.source.get("email")):
-        incoming["email"] = email
-    await apply_ehr_values(uow, event.tenant, practitioner, incoming, now=now)
+    await apply_ehr_values(uow, event.tenant, practitioner, {"organization": organization},
+                           now=now, fallback_email=email)
 
 
 async def organization_upserted(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
