@@ -101,6 +101,31 @@ async def test_concurrent_conditional_creates_taking_over_stale_criteria_make_on
         assert found.json()["total"] == 1
 
 
+@pytest.mark.parametrize("via", ["transaction", "batch"])
+async def test_concurrent_conditional_updates_matching_nothing_make_one_resource(ingest, via):
+    """``PUT Patient?identifier=…`` matching nothing creates; it claims the criteria as a
+    conditional create does, so of concurrent ones one creates and the others update it (each
+    made its own Patient, and CCM time Encounters were counted several times)."""
+    mrn = uuid.uuid4().hex
+    criteria = f"identifier=urn:mrn|{mrn}"
+    patient = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": mrn}]}
+
+    async def push(n):
+        sent = {**patient, "name": [{"family": f"Put{n}"}]}
+        r = await ingest.post("/fhir", json={"resourceType": "Bundle", "type": via, "entry": [
+            {"resource": sent, "request": {"method": "PUT", "url": f"Patient?{criteria}"}}]})
+        assert r.status_code == 200, r.text
+        return r.json()["entry"][0]["response"]["status"]
+
+    answers = await asyncio.gather(*(push(n) for n in range(12)))
+    assert sorted(answers) == ["200 OK"] * 11 + ["201 Created"], answers
+    found = await ingest.get("/fhir/Patient", params={"identifier": f"urn:mrn|{mrn}"})
+    assert found.json()["total"] == 1
+    history = await ingest.get(f"/fhir/Patient/{found.json()['entry'][0]['resource']['id']}"
+                               "/_history", params={"_count": 50})
+    assert history.json()["total"] == 12
+
+
 @pytest.mark.parametrize("variant", ["delete", "if-match", "sequences"])
 async def test_transactions_locking_in_opposite_orders_are_run_again_not_500(ingest, variant):
     """Two transactions that lock the same rows (DELETEs, ifMatch updates) or the same

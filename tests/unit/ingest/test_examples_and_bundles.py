@@ -371,6 +371,56 @@ async def test_conditional_references_and_updates_do_not_find_what_their_transac
     assert not r.json()["entry"][1]["fullUrl"].endswith("/Patient/p1")
 
 
+MRN_X2 = {"resourceType": "Patient", "identifier": [{"system": "urn:mrn", "value": "X-2"}]}
+
+
+@pytest.mark.parametrize("first", [
+    {"request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|X-2"}},
+    {"request": {"method": "POST", "url": "Patient", "ifNoneExist": "identifier=urn:mrn|X-2"}},
+])
+async def test_two_entries_claiming_one_conditional_update_fail_the_transaction(fhir, first):
+    """A conditional update beside another conditional write with the same criteria touches
+    one resource twice (each had created its own Patient): 422, nothing written."""
+    before = await counts(fhir)
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {**first, "resource": MRN_X2},
+        {"request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|X-2"},
+         "resource": {**MRN_X2, "active": True}}]})
+    assert r.status_code == 422, r.text
+    (issue,) = r.json()["issue"]
+    assert "touch a resource only once" in issue["diagnostics"], issue
+    assert await counts(fhir) == before
+
+
+async def test_criteria_naming_a_patient_by_this_servers_url_match_as_the_search_does(fhir):
+    """A patient criterion given as this server's absolute URL (or the id alone) finds what
+    the REST search finds: in a conditional create, a conditional reference and a conditional
+    delete (each found nothing: three Encounters were made of one)."""
+    assert (await fhir.put("/fhir/Patient/p9", json={"resourceType": "Patient", "id": "p9"})
+            ).status_code == 201
+    encounter = {**ccm_encounter("x"), "subject": {"reference": "Patient/p9"},
+                 "identifier": [{"system": "urn:visit", "value": "v-9"}]}
+    encounter.pop("id")
+    ids = set()
+    for patient in ("http://test/fhir/Patient/p9", "Patient/p9", "p9"):
+        r = await fhir.post("/fhir/Encounter", json=encounter, headers={
+            "If-None-Exist": f"identifier=urn:visit|v-9&patient={patient}"})
+        assert r.status_code in (200, 201), r.text
+        ids.add(r.json()["id"])
+    assert len(ids) == 1
+    criteria = "Encounter?identifier=urn:visit|v-9&patient=http://test/fhir/Patient/p9"
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": {**encounter, "id": "e-ref", "partOf": {"reference": criteria}},
+         "request": {"method": "PUT", "url": "Encounter/e-ref"}}]})
+    assert r.status_code == 200, r.text
+    stored = (await fhir.get("/fhir/Encounter/e-ref")).json()
+    assert stored["partOf"]["reference"] == f"Encounter/{ids.pop()}"
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "DELETE", "url": criteria}}]})
+    assert r.json()["entry"][0]["response"]["status"] == "412 Precondition Failed", r.text
+    assert "matches 2" in json.dumps(r.json())
+
+
 async def test_a_patient_link_given_as_a_urn_must_name_a_patient(fhir):
     """Encounter.subject must be a Patient or a Group: also when it is a urn:uuid the
     transaction resolves to another type."""

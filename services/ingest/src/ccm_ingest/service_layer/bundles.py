@@ -213,7 +213,7 @@ def _conditionals(value: Any, path: str) -> Iterator[tuple[dict[str, Any], str, 
 MAX_CONDITIONAL_REFERENCES = 1_000
 
 
-async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
+async def _conditional_references(repo: SqlResourceRepository, caller: Caller, entry: Entry,
                                   deleted: dict[str, set[str]] | None = None,
                                   searched: dict[str, list] | None = None) -> None:
     """``Patient?identifier=…`` references resolve to the one match, or the entry fails; a
@@ -232,7 +232,8 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
                                "references", f"{path}.reference")
             with _placed(f"{path}.reference"):
                 matches = searched[ref] = await handlers.find_by_criteria(
-                    repo, rtype, ref, ignore=(deleted or {}).get(rtype, ()))
+                    repo, rtype, ref, ignore=(deleted or {}).get(rtype, ()),
+                    local_bases=caller.local_bases)
         if len(matches) != 1:
             raise rejected(412, "not-found" if not matches else "multiple-matches",
                            f"conditional reference {ref!r} matches {len(matches)} "
@@ -240,22 +241,24 @@ async def _conditional_references(repo: SqlResourceRepository, entry: Entry,
         value["reference"] = f"{rtype}/{matches[0].id}"
 
 
-async def _conditional_update(repo: SqlResourceRepository, e: Entry,
+async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
                               deleted: dict[str, set[str]] | None = None) -> None:
     """``PUT Type?criteria``: the one match is updated, none is created (under the resource's
-    id, else a new one); several are a 412, and an id other than the match's a 400 (FHIR)."""
-    with _placed(f"{_where(e.index)}.request.url"):
-        matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "",
-                                                  ignore=(deleted or {}).get(e.rtype, ()))
-    if len(matches) > 1:
-        raise rejected(412, "multiple-matches", f"conditional update {e.rtype}?{e.criteria} "
-                       f"matches {len(matches)} resources", f"{_where(e.index)}.request.url")
+    id, else a new one); several are a 412, and an id other than the match's a 400 (FHIR).
+    Creating, it claims the criteria as a conditional create does (``claim_create``), so of
+    concurrent ones that match nothing one creates and the others update what it created."""
     sent_id = (e.resource or {}).get("id")
-    if matches and sent_id and sent_id != matches[0].id:
+    new_id = sent_id or random_uuid()
+    with _placed(f"{_where(e.index)}.request.url"):
+        found = await handlers.claim_create(
+            uow, caller, e.rtype, new_id, e.criteria or "",
+            ignore=(deleted or {}).get(e.rtype, ()),
+            asked=f"conditional update {e.rtype}?{e.criteria}")
+    if found is not None and sent_id and sent_id != found.id:
         raise rejected(400, "invalid", f"conditional update {e.rtype}?{e.criteria} finds "
-                       f"{e.rtype}/{matches[0].id}, but the resource's id is {sent_id!r}",
+                       f"{e.rtype}/{found.id}, but the resource's id is {sent_id!r}",
                        f"{_where(e.index)}.resource.id")
-    e.rid = matches[0].id if matches else sent_id or random_uuid()
+    e.rid = found.id if found is not None else new_id
     e.resource = {**(e.resource or {}), "id": e.rid}
 
 
@@ -264,27 +267,30 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
     """fullUrl → ``Type/id`` on this server, for every entry that creates or updates; and the
     ids each type's DELETE entries delete.
 
-    A conditional create's id is the resource its criteria find, so it is settled here, before
-    any reference to its fullUrl is rewritten: its criteria are claimed now (held until the
-    transaction ends), or an existing resource answers them, or an earlier entry of this Bundle
-    with the same criteria owns them. A resource this Bundle deletes answers nothing (FHIR
-    processes DELETEs first). Claims are taken in criteria order, so two transactions claiming
-    the same criteria cannot deadlock."""
+    A conditional create's or update's id is the resource its criteria find, so it is settled
+    here, before any reference to its fullUrl is rewritten: its criteria are claimed now (held
+    until the transaction ends), or an existing resource answers them, or an earlier entry of
+    this Bundle with the same criteria owns them (a conditional create then answers with that
+    entry's resource; any other pair touches one resource twice, which fails the transaction).
+    A resource this Bundle deletes answers nothing (FHIR processes DELETEs first). Claims are
+    taken in criteria order, so two transactions claiming the same criteria cannot
+    deadlock."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
     ids: dict[str, str] = {}
-    deleted = await _deleted_by(repo, entries)
+    deleted = await _deleted_by(repo, caller, entries)
     for e in entries:
         if e.method == "POST":
             e.rid = random_uuid()
-        elif e.method == "PUT" and e.rid is None and e.criteria:
-            await _conditional_update(repo, e, deleted)
-    conditional = [e for e in entries if e.method == "POST" and e.if_none_exist]
+    conditional = [(e, e.if_none_exist, "request.ifNoneExist") for e in entries
+                   if e.method == "POST" and e.if_none_exist]
+    conditional += [(e, e.criteria, "request.url") for e in entries
+                    if e.method == "PUT" and e.rid is None and e.criteria]
     if conditional:
         keyed = []
-        for e in conditional:
-            with _placed(f"{_where(e.index)}.request.ifNoneExist"):
+        for e, criteria, element in conditional:
+            with _placed(f"{_where(e.index)}.{element}"):
                 keyed.append((handlers.criteria_key(handlers.normalise_criteria(
-                    e.rtype, e.if_none_exist or "")), e))
+                    e.rtype, criteria or "", caller.local_bases)), e))
         claimed: dict[tuple[str, str], Entry] = {}
         for key, e in sorted(keyed, key=lambda k: (k[1].rtype, k[0], k[1].index)):
             with _at_entry(e.index):
@@ -295,7 +301,8 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
     return ids, deleted
 
 
-async def _deleted_by(repo: SqlResourceRepository, entries: list[Entry]) -> dict[str, set[str]]:
+async def _deleted_by(repo: SqlResourceRepository, caller: Caller,
+                     entries: list[Entry]) -> dict[str, set[str]]:
     """The ids each type's DELETE entries of this Bundle will delete."""
     deleted: dict[str, set[str]] = {}
     for e in entries:
@@ -305,7 +312,8 @@ async def _deleted_by(repo: SqlResourceRepository, entries: list[Entry]) -> dict
             deleted.setdefault(e.rtype, set()).add(e.rid)
         elif e.criteria:
             try:
-                matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria)
+                matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria,
+                                                          local_bases=caller.local_bases)
             except FhirRejected:
                 continue  # the entry itself fails with it when it runs
             deleted.setdefault(e.rtype, set()).update(m.id for m in matches)
@@ -314,14 +322,21 @@ async def _deleted_by(repo: SqlResourceRepository, entries: list[Entry]) -> dict
 
 async def _claim(uow: UnitOfWork, caller: Caller, e: Entry, key: str,
                  claimed: dict[tuple[str, str], Entry], deleted: set[str]) -> None:
-    """Settle the id of conditional create ``e`` (see ``_resolve_ids``)."""
+    """Settle the id of conditional create or update ``e`` (see ``_resolve_ids``)."""
     if (first := claimed.get((e.rtype, key))) is not None:
-        e.rid, e.same_as = first.rid, first
+        e.rid = first.rid
+        if e.method == "POST" and first.method == "POST":
+            e.same_as = first
+        else:  # _one_entry_per_resource refuses the pair
+            e.resource = {**(e.resource or {}), "id": e.rid}
         return
-    e.found = await handlers.claim_create(uow, caller, e.rtype, e.rid or "",
-                                          e.if_none_exist or "", ignore=deleted)
-    if e.found is not None:
-        e.rid = e.found.id
+    if e.method == "PUT":
+        await _conditional_update(uow, caller, e, {e.rtype: deleted})
+    else:
+        e.found = await handlers.claim_create(uow, caller, e.rtype, e.rid or "",
+                                              e.if_none_exist or "", ignore=deleted)
+        if e.found is not None:
+            e.rid = e.found.id
     claimed[(e.rtype, key)] = e
 
 
@@ -338,7 +353,7 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
         return outcome
     if e.method == "PUT":
         if e.rid is None and e.criteria:  # in a batch (a transaction settled it already)
-            await _conditional_update(repo, e)
+            await _conditional_update(uow, caller, e)
         if e.rid is None:
             raise _put_without_target(e)
         resource = e.resource if e.resource.get("id") else {**e.resource, "id": e.rid}
@@ -348,7 +363,8 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
         if e.rid is not None:
             return await handlers.remove(uow, caller, e.rtype, e.rid, if_match=e.if_match)
         with _placed(f"{_where(e.index)}.request.url"):
-            matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "")
+            matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "",
+                                                      local_bases=caller.local_bases)
         if len(matches) > 1:
             raise rejected(412, "multiple-matches", f"conditional delete matches {len(matches)}"
                            " resources", f"{_where(e.index)}.request.url")
@@ -395,7 +411,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
             unresolved += [i.located(f"{_where(e.index)}.resource")
                            for i in subject_targets(e.resource, e.rtype)]
             if left & CONDITIONAL and not issues:
-                await _conditional_references(repo, e, deleted, searched)
+                await _conditional_references(repo, caller, e, deleted, searched)
     if unresolved:
         raise FhirRejected(422, unresolved)
     results: dict[int, Outcome] = {}
@@ -612,7 +628,7 @@ async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry
             async with open_uow() as uow:
                 if e.resource is not None:
                     await _conditional_references(
-                        SqlResourceRepository(uow.session, caller.tenant), e)
+                        SqlResourceRepository(uow.session, caller.tenant), caller, e)
                 if e.method == "POST":
                     e.rid = None
                 outcome = await _run_entry(uow, caller, e)

@@ -387,17 +387,20 @@ def check_as_create(caller: Caller, rtype: str, resource: dict[str, Any]) -> lis
 
 
 async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
-                       if_none_exist: str, *, ignore: Collection[str] = ()) -> Outcome | None:
+                       if_none_exist: str, *, ignore: Collection[str] = (),
+                       asked: str = "If-None-Exist") -> Outcome | None:
     """The resource matching ``If-None-Exist`` (as an outcome), or None once the criteria are
     claimed for ``rid``: the database key lets one of concurrent identical creates win.
-    Resources in ``ignore`` (deleted by the same transaction) match nothing."""
+    Resources in ``ignore`` (deleted by the same transaction) match nothing. A conditional
+    update that matches nothing creates through here too (``asked`` names it in a 412)."""
     repo = SqlResourceRepository(uow.session, caller.tenant)
-    criteria = normalise_criteria(rtype, if_none_exist)
+    criteria = normalise_criteria(rtype, if_none_exist, caller.local_bases)
 
     async def the_match() -> Outcome | None:
-        matches = await find(repo, rtype, criteria, ignore=ignore)
+        matches = await find(repo, rtype, criteria, ignore=ignore,
+                             local_bases=caller.local_bases)
         if len(matches) > 1:
-            raise rejected(412, "multiple-matches", f"If-None-Exist {if_none_exist!r} matches "
+            raise rejected(412, "multiple-matches", f"{asked} {if_none_exist!r} matches "
                            f"{len(matches)} resources", "If-None-Exist")
         return Outcome(200, rtype, matches[0].id, matches[0]) if matches else None
 
@@ -506,14 +509,17 @@ IGNORED = {"_format", "_pretty"}
 MAX_OFFSET = 100_000
 
 
-def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
-    """Search parameters of a conditional (``identifier=…``, ``Patient?identifier=…``)."""
+def normalise_criteria(rtype: str, query: str,
+                       local_bases: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Search parameters of a conditional (``identifier=…``, ``Patient?identifier=…``), sorted;
+    a patient named by this server's absolute URL (under ``local_bases``) or by its id alone is
+    written ``Patient/id``, so criteria that mean the same have one key (``criteria_key``)."""
     if "?" in query:
         prefix, _, query = query.partition("?")
         if prefix and prefix != rtype:
             raise rejected(400, "invalid", f"criteria for {prefix} on a {rtype}", "If-None-Exist")
-    params = sorted((k, v) for k, v in parse_qsl(query, keep_blank_values=True)
-                    if k not in IGNORED)
+    params = sorted((k, _patient_named(v, local_bases) if k in ("patient", "subject") else v)
+                    for k, v in parse_qsl(query, keep_blank_values=True) if k not in IGNORED)
     if not params:
         raise rejected(400, "invalid", "empty search criteria", "If-None-Exist")
     for name, value in params:
@@ -527,6 +533,16 @@ def normalise_criteria(rtype: str, query: str) -> list[tuple[str, str]]:
             raise rejected(400, "value", f"criteria parameter {name!r} has a NUL character",
                            "If-None-Exist")
     return params
+
+
+def _patient_named(value: str, local_bases: tuple[str, ...]) -> str:
+    """A ``patient`` criterion as ``Patient/id`` when it names one of this server's patients
+    (``id``, ``Patient/id``, or the absolute URL of one under ``local_bases``); else as sent."""
+    local = local_path(value, local_bases)
+    if local is None:
+        return value
+    kind, _, rid = local.rpartition("/")
+    return f"Patient/{rid}" if kind in ("", "Patient") and rid else value
 
 
 _DATE_PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le", "sa", "eb")
@@ -595,9 +611,12 @@ def criteria_key(params: list[tuple[str, str]]) -> str:
 
 
 async def find(repo: SqlResourceRepository, rtype: str, params: list[tuple[str, str]],
-               limit: int = 50, *, ignore: Collection[str] = ()) -> list[VersionRow]:
-    """What ``params`` match, less the ids in ``ignore`` (resources a transaction deletes)."""
-    found = (await search(repo, rtype, params, limit=limit))[1]
+               limit: int = 50, *, ignore: Collection[str] = (),
+               local_bases: tuple[str, ...] = ()) -> list[VersionRow]:
+    """What ``params`` match, less the ids in ``ignore`` (resources a transaction deletes);
+    ``local_bases``: this server's bases, as the REST search has them (a patient named by its
+    absolute URL here is this server's)."""
+    found = (await search(repo, rtype, params, limit=limit, local_bases=local_bases))[1]
     return [m for m in found if m.id not in ignore] if ignore else found
 
 
@@ -608,9 +627,12 @@ def check_criteria(rtype: str, criteria: str) -> None:
 
 
 async def find_by_criteria(repo: SqlResourceRepository, rtype: str, criteria: str, *,
-                           ignore: Collection[str] = ()) -> list[VersionRow]:
-    """What conditional criteria (``identifier=…`` or ``Patient?identifier=…``) match."""
-    return await find(repo, rtype, normalise_criteria(rtype, criteria), ignore=ignore)
+                           ignore: Collection[str] = (),
+                           local_bases: tuple[str, ...] = ()) -> list[VersionRow]:
+    """What conditional criteria (``identifier=…`` or ``Patient?identifier=…``) match: what
+    the same REST search finds."""
+    return await find(repo, rtype, normalise_criteria(rtype, criteria, local_bases),
+                      ignore=ignore, local_bases=local_bases)
 
 
 def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
