@@ -6,13 +6,14 @@ import uuid
 from collections import defaultdict
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
+from ccm_shared import outbox as outbox_module
 from ccm_shared.audit import audit_log
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.db import Database
 from ccm_shared.events import CloudEvent
-from ccm_shared.outbox import OutboxRelay
+from ccm_shared.outbox import LeadershipLost, OutboxRelay
 from tests.integration.conftest import eventually
 from tests.support.kafka_read import read_topic
 from tests.support.messaging import (
@@ -272,3 +273,35 @@ async def test_prepare_runs_outside_the_transaction_before_each_event_and_a_fail
     assert len(failed_once) == 1 and consumer.stats.dead_lettered == 0
     assert set(open_connections) == {0}
     assert unprepared == []
+
+
+async def test_a_relay_whose_lock_session_ends_stands_down_and_takes_the_lock_again(
+        infra, pg_db, kafka, topic, monkeypatch):
+    """The active relay holds an advisory lock on a session of its own. When that session ends
+    (a database restart or failover), the relay stops publishing (LeadershipLost; the
+    service's supervisor starts it again), instead of going on beside a replica that took the
+    lock; run again, it takes the lock and publishes what came since."""
+    monkeypatch.setattr(outbox_module, "LEADERSHIP_CHECK_SECONDS", 0.1)
+    await kafka.ensure_topics([topic])
+    relay = OutboxRelay(pg_db, kafka, poll_interval=0.05)
+    key = relay._leadership_key()
+    first = await write_state_and_event(pg_db, topic, make_event(value=1), commit=True)
+    running = asyncio.create_task(relay.run())
+    records = await read_topic(infra.kafka_bootstrap_servers, topic, expect=1)
+    assert CloudEvent.from_json(records[0].value).id == first.id
+    holders = f"""SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+                  AND ((classid::bigint << 32) | objid::bigint) = {key}"""
+    async with pg_db.engine.connect() as conn:
+        (pid,) = (await conn.execute(text(holders))).scalars().all()
+        await conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        await conn.commit()
+    with pytest.raises(LeadershipLost):
+        await asyncio.wait_for(running, timeout=10)
+    again = asyncio.create_task(relay.run())
+    second = await write_state_and_event(pg_db, topic, make_event(value=2), commit=True)
+    records = await read_topic(infra.kafka_bootstrap_servers, topic, expect=2)
+    assert [CloudEvent.from_json(r.value).id for r in records] == [first.id, second.id]
+    async with pg_db.engine.connect() as conn:
+        assert len((await conn.execute(text(holders))).scalars().all()) == 1
+    relay.stop()
+    await asyncio.wait_for(again, timeout=10)

@@ -160,6 +160,14 @@ class Outbox:
         return {(t, s): last - wanted[(t, s)] + 1 for t, s, last in rows}
 
 
+# How often the active relay checks that its session still holds the relay's lock.
+LEADERSHIP_CHECK_SECONDS = 5.0
+
+
+class LeadershipLost(RuntimeError):
+    """The relay's lock session ended: it stops publishing (and is started again)."""
+
+
 @dataclass
 class RelayStats:
     published: int = 0
@@ -308,8 +316,11 @@ class OutboxRelay:
             total += n
         return total
 
+    def _leadership_key(self) -> int:
+        return zlib.crc32(f"ccm-outbox-relay:{self.db.schema}".encode())
+
     async def _hold_leadership(self, conn: AsyncConnection) -> None:
-        key = zlib.crc32(f"ccm-outbox-relay:{self.db.schema}".encode())
+        key = self._leadership_key()
         while not self._stopping.is_set():
             got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key})).scalar()
             await conn.commit()
@@ -325,15 +336,42 @@ class OutboxRelay:
         except TimeoutError:
             pass
 
+    async def _still_leader(self, conn: AsyncConnection) -> None:
+        """Raise ``LeadershipLost`` unless the session holding the relay's lock still holds it
+        (a database restart or failover ends the session, and its lock with it: another
+        replica may be the active one by now)."""
+        try:
+            held = (await conn.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = :k"),
+                {"k": self._leadership_key()})).scalar()
+            await conn.commit()
+        except Exception as exc:  # noqa: BLE001 - the session is gone, and its lock with it
+            raise LeadershipLost(f"the session holding the relay's lock failed: "
+                                 f"{type(exc).__name__}") from exc
+        if not held:
+            raise LeadershipLost("the relay's lock is no longer held by its session")
+
     async def run(self) -> None:
-        """Relay until ``stop()``; errors back off exponentially and never lose an event."""
+        """Relay until ``stop()``; errors back off exponentially and never lose an event.
+
+        On PostgreSQL one replica per service publishes: the one holding an advisory lock on a
+        session of its own. It checks every ``LEADERSHIP_CHECK_SECONDS`` that the session still
+        holds it, and raises ``LeadershipLost`` when not (the service's supervisor starts the
+        relay again, which waits for the lock anew), so after a failover two replicas publish
+        for at most that long (consumers' inboxes drop what both sent)."""
         lock_conn: AsyncConnection | None = None
-        if self.db.is_postgres:
-            lock_conn = await self.db.engine.connect()
-            await self._hold_leadership(lock_conn)
+        loop = asyncio.get_running_loop()
         delay = self.backoff_initial
         try:
+            if self.db.is_postgres:
+                lock_conn = await self.db.engine.connect()
+                await self._hold_leadership(lock_conn)
+            checked = loop.time()
             while not self._stopping.is_set():
+                if lock_conn is not None and loop.time() - checked >= LEADERSHIP_CHECK_SECONDS:
+                    await self._still_leader(lock_conn)  # raises out of run() when lost
+                    checked = loop.time()
                 try:
                     published = await self.publish_pass()
                     self.last_success = asyncio.get_running_loop().time()
@@ -358,7 +396,10 @@ class OutboxRelay:
                     delay = min(delay * 2, self.backoff_max)
         finally:
             if lock_conn is not None:
-                await lock_conn.close()
+                try:
+                    await lock_conn.close()
+                except Exception:  # noqa: BLE001 - a dead session: nothing to give back
+                    log.info("the relay's lock session was already gone", service=self.service)
 
     def stop(self) -> None:
         self._stopping.set()

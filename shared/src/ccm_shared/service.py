@@ -28,6 +28,10 @@ from ccm_shared.transport import InProcessTransport, KafkaTransport, Transport
 
 log = structlog.get_logger(__name__)
 
+# A failed background task is started again after this long, doubling while it keeps failing.
+TASK_RESTART_INITIAL_SECONDS = 1.0
+TASK_RESTART_MAX_SECONDS = 60.0
+
 
 @dataclass(frozen=True)
 class ConsumerSpec:
@@ -169,6 +173,9 @@ class ServiceRuntime:
     run_audit_sealer: bool = True  # one per process is enough (see ccm_shared.audit)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Tasks waiting to be started again after a failure: name → the error's type.
+    _restarting: dict[str, str] = field(default_factory=dict)
+    _uses_broker: bool = False  # this process runs the relay or consumers (not only the API)
 
     @classmethod
     def build(
@@ -233,34 +240,70 @@ class ServiceRuntime:
     async def start(
         self, *, consumers: bool = True, relay: bool = True, background: bool = True
     ) -> None:
-        """Start the transport and the background tasks (the API is served separately)."""
+        """Start the transport and the background tasks (the API is served separately).
+
+        Only a process that runs the relay or consumers starts the broker's transport: the API
+        writes its events to the outbox in PostgreSQL, so an API process starts, and stays
+        ready, while Kafka is away. Each background task is supervised: one that fails (a
+        database or broker outage the task did not ride out itself, a refused topic) is logged
+        at once and started again after a backoff, never left dead behind a live process."""
         self._stopping.clear()
-        await self.transport.start()
-        if self.definition.produces:
-            await self.transport.ensure_topics(self.definition.produces)
+        self._uses_broker = bool((relay and self.relay is not None)
+                                 or (consumers and self.consumers))
+        if self._uses_broker:
+            await self.transport.start()
+            if self.definition.produces:
+                await self.transport.ensure_topics(self.definition.produces)
         if relay and self.relay is not None:
-            self._tasks.append(asyncio.create_task(self.relay.run(), name="outbox-relay"))
+            self._supervise("outbox-relay", self.relay.run)
         if consumers:
             for c in self.consumers:
-                self._tasks.append(asyncio.create_task(c.run(), name=f"consumer-{c.name}"))
+                self._supervise(f"consumer-{c.name}", c.run)
         if background and self.run_audit_sealer:
             from ccm_shared.audit import run_sealer
 
-            self._tasks.append(
-                asyncio.create_task(run_sealer(self.db.engine, self._stopping), name="audit-sealer")
-            )
+            self._supervise("audit-sealer", lambda: run_sealer(self.db.engine, self._stopping))
         if background:
             from ccm_shared.retention import run_retention
 
             keep = (self.settings.outbox_retention_days, self.settings.inbox_retention_days)
             if any(days > 0 for days in keep):  # both 0: everything is kept, nothing to run
-                self._tasks.append(asyncio.create_task(run_retention(
-                    self.db, self._stopping, outbox_days=keep[0], inbox_days=keep[1]),
-                    name="messaging-retention"))
+                self._supervise("messaging-retention", lambda: run_retention(
+                    self.db, self._stopping, outbox_days=keep[0], inbox_days=keep[1]))
             for job in self.definition.background(self):
-                self._tasks.append(
-                    asyncio.create_task(job.run(self._stopping), name=f"job-{job.name}")
-                )
+                self._supervise(f"job-{job.name}", lambda job=job: job.run(self._stopping))
+
+    def _supervise(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.create_task(self._supervised(name, run), name=name))
+
+    async def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
+        """``run()`` until the process stops; after a failure, logged when it happens, run
+        again: after 1 s, doubling to 60 s while it keeps failing within a minute of starting."""
+        loop = asyncio.get_running_loop()
+        delay = TASK_RESTART_INITIAL_SECONDS
+        while not self._stopping.is_set():
+            started = loop.time()
+            try:
+                await run()
+                return  # it ends when the process stops
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - logged, and the task started again
+                if self._stopping.is_set():
+                    log.warning("background task failed while stopping", task=name,
+                                error=type(exc).__name__)
+                    return
+                if loop.time() - started > TASK_RESTART_MAX_SECONDS:
+                    delay = TASK_RESTART_INITIAL_SECONDS  # it had been running: a new outage
+                self._restarting[name] = type(exc).__name__
+                log.error("background task failed; starting it again", task=name,
+                          error=type(exc).__name__, detail=str(exc)[:200], retry_in=delay)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, TASK_RESTART_MAX_SECONDS)
+                self._restarting.pop(name, None)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -289,7 +332,7 @@ class ServiceRuntime:
             checks["database"] = "ok"
         except Exception as exc:  # noqa: BLE001
             checks["database"] = f"unavailable: {type(exc).__name__}"
-        ping = getattr(self.transport, "ping", None)
+        ping = getattr(self.transport, "ping", None) if self._uses_broker else None
         if ping is not None:
             try:
                 await asyncio.wait_for(ping(), timeout=5)
@@ -297,9 +340,14 @@ class ServiceRuntime:
             except Exception as exc:  # noqa: BLE001
                 checks["kafka"] = f"unavailable: {type(exc).__name__}"
         now = asyncio.get_running_loop().time()
+        running = {t.get_name() for t in self._tasks}
         for c in self.consumers:
+            if f"consumer-{c.name}" not in running:
+                continue  # not run by this process (an API-only one)
             stalled = c.is_stalled(now, self.settings.consumer_stall_seconds)
             checks[f"consumer:{c.name}"] = "stalled" if stalled else "ok"
+        for name, error in self._restarting.items():
+            checks[name] = f"restarting after {error}"
         for name in self.failed_tasks():
             checks[name] = "stopped"
         return checks
