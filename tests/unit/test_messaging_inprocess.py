@@ -229,3 +229,27 @@ async def test_prepare_runs_before_the_unit_of_work_and_its_failure_is_retried_t
                      "prepare 3", "prepare 3", "prepare 3"]
     assert [r.value for r in await effect_rows(sqlite_db)] == [1, 2]
     assert bus.messages(dlq_topic(TOPIC))[0].header("dlq-error") == b"RuntimeError"
+
+
+@pytest.mark.parametrize("failure", ["value", "validation"])
+async def test_the_dead_letter_reason_names_no_data_of_the_event(sqlite_db, failure):
+    """``dlq-reason`` was the error's text, which may quote the event (a birth date in a
+    ValueError, a validation error's input): Kafka headers carry no PHI."""
+    from pydantic import BaseModel
+
+    class Patient(BaseModel):
+        birthDate: int  # noqa: N815 - the event's field
+
+    async def fail(event, uow):
+        if failure == "value":
+            raise ValueError("Invalid isoformat string: '1950-02-03'")
+        Patient(birthDate="1950-02-03")
+
+    bus = InProcessTransport()
+    runtime = ConsumerRuntime(name="reasons", topics=[TOPIC], handler=fail, db=sqlite_db,
+                              transport=bus, max_retries=0, backoff_initial=0, backoff_max=0)
+    await runtime.process(Message(TOPIC, make_event().to_json(), key=b"k"))
+    (dead,) = bus.messages(dlq_topic(TOPIC))
+    reason = dead.header("dlq-reason").decode()
+    assert "1950" not in reason
+    assert reason == ("ValueError" if failure == "value" else "birthDate: int_parsing"), reason

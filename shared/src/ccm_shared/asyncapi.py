@@ -21,7 +21,8 @@ patient's events stay in order on one partition. Kafka headers carry only `conte
 `ce_type`, `ce_tenant` and `correlation-id`, never PHI.
 
 Each consumed topic has a dead-letter topic `<topic>.dlq` carrying the original message with the
-headers `dlq-error`, `dlq-reason`, `dlq-consumer`, `dlq-source` and `dlq-attempts`."""
+headers `dlq-error`, `dlq-reason`, `dlq-consumer`, `dlq-source` and `dlq-attempts`; `dlq-reason`
+names no data of the event (a validation error's places and rules, else the error's type)."""
 
 
 def _message_name(topic: str) -> str:

@@ -51,7 +51,21 @@ def is_sqlite_lock(exc: BaseException) -> bool:
 
 class PoisonMessage(Exception):
     """A message that can never be processed (not a CloudEvent, wrong shape, an impossible
-    tenant): no retries, straight to the dead-letter topic. Handlers may raise it too."""
+    tenant): no retries, straight to the dead-letter topic. Handlers may raise it too; its
+    message becomes the ``dlq-reason`` header, so it must name no data of the event (PHI)."""
+
+
+def dead_letter_reason(error: BaseException) -> str:
+    """The ``dlq-reason`` header: why a message was set aside, without its data (Kafka headers
+    carry no PHI). A PoisonMessage's own words; a validation error's places and rules, not its
+    input values; any other error's type alone (its message may quote the event: a date of
+    birth in a ValueError)."""
+    if isinstance(error, PoisonMessage):
+        return str(error)[:500]
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(event)'}: {e['type']}"
+                         for e in error.errors(include_url=False, include_input=False)[:10])[:500]
+    return type(error).__name__
 
 
 @dataclass
@@ -285,7 +299,7 @@ class ConsumerRuntime:
     async def _dead_letter(self, message: Message, error: BaseException, attempts: int) -> None:
         headers = tuple((k, v) for k, v in message.headers if not k.startswith("dlq-")) + (
             ("dlq-error", type(error).__name__.encode()),
-            ("dlq-reason", str(error)[:500].encode()),
+            ("dlq-reason", dead_letter_reason(error).encode()),
             ("dlq-consumer", self.name.encode()),
             ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
             ("dlq-attempts", str(attempts).encode()),

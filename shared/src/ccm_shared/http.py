@@ -149,23 +149,43 @@ TenantDep = Annotated[Tenant, Depends(authenticate)]
 
 
 PATIENT_PARAMS = ("patient", "subject", "patient_id")
+# A route's resource: (type, id) path parameters by the names routes give them (``/fhir/{rtype}/
+# {rid}`` in ingest).
+RESOURCE_PARAMS = (("type", "id"), ("rtype", "rid"))
+
+
+def _resource_of(params: dict) -> tuple[str, str | None] | None:
+    """(type, id or None) of the resource a route names (``/fhir/Patient/p1``,
+    ``/fhir/Patient``)."""
+    for kind, ident in RESOURCE_PARAMS:
+        if params.get(kind):
+            return str(params[kind]), str(params[ident]) if params.get(ident) else None
+    return None
 
 
 def audited_patient(scope) -> str | None:  # noqa: ANN001
-    """The patient an API call concerns, when the path or the query names one."""
+    """The patient an API call concerns, when the path or the query names one: a Patient's own
+    URL (read, history, version, update, delete), a Patient search by one ``_id``, or a
+    ``patient``/``subject`` parameter."""
     params = scope.get("path_params") or {}
-    if params.get("type") == "Patient" and params.get("id"):
-        return str(params["id"])
+    resource = _resource_of(params)
+    if resource is not None and resource[0] == "Patient" and resource[1]:
+        return resource[1]
     for name in PATIENT_PARAMS:
         if params.get(name):
             return str(params[name]).removeprefix("Patient/")
     from urllib.parse import parse_qs
 
     query = parse_qs((scope.get("query_string") or b"").decode(errors="replace"))
+    if resource == ("Patient", None):
+        ids = [i for value in query.get("_id", []) for i in value.split(",")]
+        if len(set(ids)) == 1 and ids[0]:
+            return ids[0]
     for name in PATIENT_PARAMS:
         for value in query.get(name, []):
             if value:
-                return value.removeprefix("Patient/")
+                return value.rsplit("/", 1)[-1] if "/Patient/" in value or value.startswith(
+                    "Patient/") else value
     return None
 
 
@@ -189,10 +209,8 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
         if tenant is None:
             return
         route = getattr(scope.get("route"), "path", scope.get("path", ""))
-        params = scope.get("path_params") or {}
-        entity = (
-            f"{params['type']}/{params['id']}" if params.get("type") and params.get("id") else None
-        )
+        resource = _resource_of(scope.get("path_params") or {})
+        entity = f"{resource[0]}/{resource[1]}" if resource and resource[1] else None
         entry = AuditRecord(
             practice=tenant.practice_id,
             service=runtime.definition.name,
