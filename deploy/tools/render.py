@@ -292,6 +292,8 @@ def compose(services: list[Service]) -> dict:
                 "command": ["serve", svc.name, *flags],
                 "depends_on": run_deps,
                 "restart": "unless-stopped",
+                # Compose's default 10 s cuts short a consumer's batch or a request in flight.
+                "stop_grace_period": "30s",
             }
             if published:
                 entry["ports"] = [f"${{CCM_HOST_BIND:-127.0.0.1}}:{svc.port}:{svc.port}"]
