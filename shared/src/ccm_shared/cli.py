@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import signal
 import sys
 from decimal import Decimal, InvalidOperation
@@ -13,7 +14,14 @@ from typing import Annotated
 import typer
 
 from ccm_shared.errors import AppError
-from ccm_shared.settings import ConfigurationError, Settings, load_settings
+from ccm_shared.settings import (
+    ConfigurationError,
+    Settings,
+    load_service_settings,
+    load_settings,
+    mask_url,
+    masked,
+)
 
 app = typer.Typer(
     name="ccm",
@@ -36,11 +44,23 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _settings(require_db: bool = True) -> Settings:
+# Exit codes of every command: 0 done, 1 the command's own failure (e.g. a broken audit chain),
+# 2 refused usage or configuration, 3 the database cannot be reached.
+EXIT_UNREACHABLE = 3
+
+
+def _refused(exc: ConfigurationError) -> None:
+    """Exit 2 naming each refused variable: one line for one, else one line each."""
+    problems = str(exc)
+    separator = "\n" if "\n" in problems else " "
+    _fail(f"configuration refused:{separator}{problems}")
+
+
+def _settings(require_db: bool = True, **overrides: object) -> Settings:
     try:
-        settings = load_settings()
+        settings = load_settings(**overrides)
     except ConfigurationError as exc:
-        _fail(f"configuration refused:\n{exc}")
+        _refused(exc)
     if require_db and not settings.database_url:
         _fail(
             "CCM_DATABASE_URL is not set. Start PostgreSQL with deploy/local/up.sh and "
@@ -60,19 +80,91 @@ def _services(name: str | None):  # noqa: ANN202
     return [found[name]]
 
 
+def _service_settings(definitions) -> list:  # noqa: ANN001
+    """Each service's own settings, checked as the platform's are (exit 2 naming each refused
+    variable), before anything reads them: the services read them when they need them."""
+    loaded = []
+    for d in definitions:
+        if d.settings_model is not None:
+            try:
+                loaded.append((d, load_service_settings(d.settings_model)))
+            except ConfigurationError as exc:
+                _refused(exc)
+    return loaded
+
+
+class _Unreachable(Exception):
+    """No connection to the database could be made (down, wrong address or credentials)."""
+
+
+def _unreachable_reason(url: str, exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc  # a SQLAlchemy error: the driver's own
+    text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    password = None
+    with contextlib.suppress(Exception):
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    if password:
+        text = text.replace(password, "***")
+    return f"{mask_url(url)}: {text}"
+
+
+async def _connected(url: str):  # noqa: ANN202
+    """An engine on the platform database once a connection to it has succeeded; _Unreachable
+    (with the reason, never the password) if none can be made."""
+    from ccm_shared.db import create_engine_for
+
+    engine = None
+    try:
+        engine = create_engine_for(url, schema=None)
+        async with engine.connect():
+            pass
+    except Exception as exc:  # noqa: BLE001 - whatever stops the first connection
+        if engine is not None:
+            await engine.dispose()
+        raise _Unreachable(_unreachable_reason(url, exc)) from None
+    return engine
+
+
+def _database(run):  # noqa: ANN001, ANN202
+    """``asyncio.run(run)``: an unreachable database exits 3 and an AppError is the command's
+    error (exit 2), each as one line."""
+    try:
+        return asyncio.run(run)
+    except _Unreachable as exc:
+        _fail(f"cannot reach the database: {exc}", code=EXIT_UNREACHABLE)
+    except AppError as exc:
+        _fail(exc.detail)
+
+
+def _check_database(url: str) -> None:
+    """Exit 3 unless the database answers (before migrations, which would fail half-way)."""
+
+    async def probe() -> None:
+        await (await _connected(url)).dispose()
+
+    _database(probe())
+
+
 @app.command()
 def migrate(
     service: Annotated[
         str | None, typer.Argument(help="ingest, billing, careplan, notification; default all")
     ] = None,
 ) -> None:
-    """Create or upgrade database schemas: the platform registry first, then the services."""
+    """Create or upgrade database schemas: the platform registry first, then the services.
+
+    Exit codes: 0 up to date, 2 unknown service or refused configuration, 3 the database
+    cannot be reached."""
     from ccm_shared.migrate import upgrade, upgrade_platform
 
+    definitions = _services(service)  # an unknown name is refused before anything is migrated
     settings = _settings()
+    _check_database(settings.database_url)
     typer.echo("migrating platform …", err=True)
     upgrade_platform(settings.database_url)
-    for definition in _services(service):
+    for definition in definitions:
         typer.echo(f"migrating {definition.name} …", err=True)
         upgrade(settings.database_url, definition.schema, definition.migrations_package)
     typer.echo("migrations are up to date", err=True)
@@ -117,7 +209,6 @@ def practice_create(
     due_days: Annotated[int, typer.Option(help="Invoice payment terms in days")] = 30,
 ) -> None:
     """Register a client practice (a tenant)."""
-    from ccm_shared.db import create_engine_for
     from ccm_shared.tenancy import create_practice
 
     if pricing not in ("per-code", "percent-of-medicare", "flat-per-patient"):
@@ -125,21 +216,11 @@ def practice_create(
     terms = _pricing(
         pricing, rate, percent if pricing == "percent-of-medicare" else None, flat_fee, due_days
     )
-    settings = _settings()
-
-    async def run() -> None:
-        engine = create_engine_for(settings.database_url, schema=None)
-        try:
-            await create_practice(
-                engine, practice_id=id, name=name, timezone=timezone, pricing=terms
-            )
-        finally:
-            await engine.dispose()
-
-    try:
-        asyncio.run(run())
-    except AppError as exc:
-        _fail(exc.detail)
+    _with_engine(
+        lambda engine: create_practice(
+            engine, practice_id=id, name=name, timezone=timezone, pricing=terms
+        )
+    )
     typer.echo(f"practice {id} created ({timezone}, pricing {pricing})")
 
 
@@ -182,25 +263,14 @@ def token_create(
     Without --scope the token gets every scope, admin included.
 
     An EHR connection should get only --scope fhir:read --scope fhir:write."""
-    from ccm_shared.db import create_engine_for
     from ccm_shared.tenancy import create_token
 
     scopes = _token_scopes(scope)  # before anything is created
     if label is not None and len(label) > MAX_TOKEN_LABEL:
         _fail(f"--label takes at most {MAX_TOKEN_LABEL} characters, not {len(label)}")
-    settings = _settings()
-
-    async def run() -> str:
-        engine = create_engine_for(settings.database_url, schema=None)
-        try:
-            return await create_token(engine, practice_id=practice, scopes=scopes, label=label)
-        finally:
-            await engine.dispose()
-
-    try:
-        token = asyncio.run(run())
-    except AppError as exc:
-        _fail(exc.detail)
+    token = _with_engine(
+        lambda engine: create_token(engine, practice_id=practice, scopes=scopes, label=label)
+    )
     default = "" if scope else " (the default: every scope; choose fewer with --scope)"
     typer.echo(f"scopes: {' '.join(scopes)}{default}", err=True)
     typer.echo(f"token for practice {practice} (store it now; it cannot be shown again):", err=True)
@@ -208,22 +278,18 @@ def token_create(
 
 
 def _with_engine(work):  # noqa: ANN001, ANN202
-    """Run ``work(engine)`` on the platform database; an AppError is the command's error."""
-    from ccm_shared.db import create_engine_for
-
+    """Run ``work(engine)`` on the platform database; an AppError is the command's error, an
+    unreachable database exit 3 (see _database)."""
     settings = _settings()
 
     async def run():  # noqa: ANN202
-        engine = create_engine_for(settings.database_url, schema=None)
+        engine = await _connected(settings.database_url)
         try:
             return await work(engine)
         finally:
             await engine.dispose()
 
-    try:
-        return asyncio.run(run())
-    except AppError as exc:
-        _fail(exc.detail)
+    return _database(run())
 
 
 def _token_line(t: dict) -> str:
@@ -264,21 +330,17 @@ def token_revoke(
 def audit_verify(
     practice: Annotated[str | None, typer.Option(help="Only this practice")] = None,
 ) -> None:
-    """Recompute every practice's hash chain; report the first broken link. Exit 1 if any."""
+    """Recompute every practice's hash chain; report the first broken link.
+
+    Exit codes: 0 every chain intact, 1 a chain is broken (the trail was altered), 2 refused
+    configuration, 3 the database cannot be reached (nothing was verified)."""
     from ccm_shared.audit import seal_all, verify
-    from ccm_shared.db import create_engine_for
 
-    settings = _settings()
+    async def check(engine):  # noqa: ANN001, ANN202
+        await seal_all(engine)  # seal what is pending so it is verified too
+        return await verify(engine, practice)
 
-    async def run():  # noqa: ANN202
-        engine = create_engine_for(settings.database_url, schema=None)
-        try:
-            await seal_all(engine)  # seal what is pending so it is verified too
-            return await verify(engine, practice)
-        finally:
-            await engine.dispose()
-
-    results = asyncio.run(run())
+    results = _with_engine(check)
     broken = [r for r in results if not r.ok]
     for r in results:
         state = "ok" if r.ok else f"BROKEN at entry {r.broken_at}: {r.reason}"
@@ -302,7 +364,10 @@ def serve(
         bool, typer.Option(help="Run the service's schedulers (safe on several replicas)")
     ] = True,
     host: Annotated[str | None, typer.Option(help="Bind address (CCM_HTTP_HOST)")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (CCM_HTTP_PORT); one service only")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Port (CCM_HTTP_PORT); one service only"),
+    ] = None,
 ) -> None:
     """Run a service: its HTTP API, its consumers and its outbox relay (each can be switched off
     to run them as separate processes)."""
@@ -310,6 +375,7 @@ def serve(
 
     settings = _settings()
     definitions = _services(service)
+    _service_settings(definitions)
     if port is not None and len(definitions) > 1:
         _fail("--port applies to one service; ports of `all` are the services' own")
     configure_logging(
@@ -362,25 +428,26 @@ def up(
     external = os.environ.get("CCM_DATABASE_URL") and os.environ.get("CCM_KAFKA_BOOTSTRAP_SERVERS")
     folder = Path(data_dir).resolve()
     overrides = {} if external else {"database_url": f"sqlite+aiosqlite:///{folder}/platform.db"}
-    try:
-        settings = load_settings(**overrides)
-    except ConfigurationError as exc:
-        _fail(f"configuration refused:\n{exc}")
+    settings = _settings(**overrides)
     try:
         port_list = [int(p) for p in ports.split(",")]
     except ValueError:
-        _fail("--ports takes four numbers, e.g. 8081,8082,8083,8084")
+        port_list = []
+    if not port_list or not all(1 <= p <= 65535 for p in port_list):
+        _fail("--ports takes four port numbers (1-65535), e.g. 8081,8082,8083,8084")
     definitions = list(discover_services().values())
+    _service_settings(definitions)
     if len(port_list) != len(definitions):
         names = ", ".join(d.name for d in definitions)
         _fail(f"--ports needs {len(definitions)} numbers ({names})")
     folder.mkdir(parents=True, exist_ok=True)
     mode = "PostgreSQL + Kafka" if external else f"embedded ({folder})"
     typer.echo(f"[ccm up] {mode}: migrating …", err=True)
+    _check_database(settings.database_url)
     upgrade_platform(settings.database_url)
     for d in definitions:
         upgrade(settings.database_url, d.schema, d.migrations_package)
-    token = asyncio.run(_ensure_demo_practice(settings, practice, timezone, folder))
+    token = _database(_ensure_demo_practice(settings, practice, timezone, folder))
     configure_logging(settings.log_level, json=settings.log_json, service="all")
     base = {d.name: f"http://{host}:{p}" for d, p in zip(definitions, port_list, strict=True)}
     token_path = folder / f"{practice}.token"
@@ -609,6 +676,10 @@ def contracts(
     import json
     from pathlib import Path
 
+    from ccm_shared.service import discover_services
+
+    _settings(require_db=False)
+    _service_settings(discover_services().values())
     docs = generated_contracts()
     folder = Path(out)
     for relative, doc in docs.items():
@@ -718,24 +789,17 @@ def events(
 @app.command("config")
 def show_config() -> None:
     """Check the configuration and print it (secrets masked)."""
-    settings = _settings(require_db=False)
-    for name, value in settings.model_dump().items():
-        if name == "secret_key":
-            value = "***" if value else ""
-        elif name == "database_url" and value and "@" in value:
-            scheme, _, rest = value.partition("://")
-            value = f"{scheme}://***@{rest.split('@', 1)[1]}"
-        typer.echo(f"CCM_{name.upper()}={value}")
     from ccm_shared.service import discover_services
 
-    for definition in discover_services().values():
-        if definition.settings_model is None:
-            continue
+    settings = _settings(require_db=False)
+    own = _service_settings(discover_services().values())
+    for name, value in settings.model_dump().items():
+        typer.echo(f"CCM_{name.upper()}={masked(name, value)}")
+    for definition, service_settings in own:  # secrets masked by the same rule
         prefix = definition.settings_model.model_config.get("env_prefix", "CCM_").upper()
         typer.echo(f"# {definition.name}")
-        for name, value in definition.settings_model().model_dump().items():
-            secret = any(w in name for w in ("password", "secret", "key", "token"))
-            typer.echo(f"{prefix}{name.upper()}={'***' if secret and value else value}")
+        for name, value in service_settings.model_dump().items():
+            typer.echo(f"{prefix}{name.upper()}={masked(name, value)}")
 
 
 def _platform_commands() -> set[str]:
@@ -763,7 +827,45 @@ def _mount_service_commands(argv: list[str]) -> None:
         return
     for definition in services.values():
         if definition.cli is not None:
+            _reflow_help(definition.cli)
             app.add_typer(definition.cli, name=definition.name)
+    if command in services and len(argv) > 1 and "--help" not in argv:
+        # `ccm billing close …`: the service's settings are checked as for `ccm serve`.
+        try:
+            _service_settings([services[command]])
+        except typer.Exit as exc:
+            sys.exit(exc.exit_code)
+
+
+def _reflow(text: str | None) -> str | None:
+    """Help written as a wrapped docstring, with each paragraph's lines joined: rich help keeps
+    single line breaks, which broke `ccm --help` mid-sentence; the terminal wraps them now.
+    A paragraph that starts with \\b keeps its lines."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(
+        p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+        for p in paragraphs
+    )
+
+
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """_reflow the help of every command and group of ``typer_app``."""
+    if isinstance(typer_app.info.help, str):
+        typer_app.info.help = _reflow(typer_app.info.help)
+    for info in typer_app.registered_commands:
+        if info.callback is not None:
+            info.help = _reflow(info.help if isinstance(info.help, str)
+                                else inspect.getdoc(info.callback))
+    for group in typer_app.registered_groups:
+        if isinstance(group.help, str):
+            group.help = _reflow(group.help)
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
 
 
 def main() -> None:

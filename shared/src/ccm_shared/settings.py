@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from functools import lru_cache
-from typing import Literal
+from pathlib import Path
+from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 PLACEHOLDER_SECRETS = frozenset({"", "changethis", "changeme", "secret", "dev-secret-key"})
 DEV_SECRET_KEY = "dev-secret-key"
+# A setting (platform or service) whose name contains one of these is a secret: `ccm config`
+# shows it as ***; so is a URL query parameter named like one (…?password=…).
+SECRET_WORDS = ("password", "secret", "key", "token")
+# The SQLAlchemy drivers the platform runs on (ccm_shared.db): PostgreSQL and embedded SQLite.
+DATABASE_DRIVERS = ("postgresql+asyncpg", "sqlite+aiosqlite")
 
 
 class Environment(StrEnum):
@@ -40,7 +47,7 @@ class Settings(BaseSettings):
     kafka_security_protocol: str = Field(
         "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
     )
-    kafka_sasl_mechanism: str | None = Field(
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
         None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (Strimzi KafkaUser: SCRAM-SHA-512)"
     )
     kafka_sasl_username: str | None = Field(None, description="SASL user (the service's KafkaUser)")
@@ -55,11 +62,16 @@ class Settings(BaseSettings):
     secret_key: str = Field(
         DEV_SECRET_KEY, description="Key for signed links and webhook secrets; never the default"
     )
-    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
+    )
     log_json: bool = Field(True, description="JSON logs (true) or human-readable console logs")
     http_host: str = Field("127.0.0.1", description="Address the HTTP API binds to")
     http_port: int | None = Field(
-        None, description="Port of the HTTP API; default: the service's own (8081-8084)"
+        None,
+        ge=1,
+        le=65535,
+        description="Port of the HTTP API (1-65535); default: the service's own (8081-8084)",
     )
     max_body_bytes: int = Field(5 * 1024 * 1024, gt=0, description="Largest accepted request body")
     max_json_depth: int = Field(64, gt=0, description="Deepest accepted JSON nesting")
@@ -142,22 +154,110 @@ class Settings(BaseSettings):
             raise ValueError("must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL")
         return value
 
+    @field_validator("log_level", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url", "kafka_sasl_mechanism", "kafka_ssl_cafile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except (ArgumentError, ValueError):
+            raise ValueError(
+                "not a database URL; use postgresql+asyncpg://user:pass@host:5432/db or "
+                "sqlite+aiosqlite:///path/platform.db"
+            ) from None
+        if url.drivername not in DATABASE_DRIVERS:
+            raise ValueError(
+                f"unsupported database {url.drivername!r}; use postgresql+asyncpg://… or "
+                "sqlite+aiosqlite:///…"
+            )
+        if url.drivername.startswith("sqlite") and url.database in (None, "", ":memory:"):
+            raise ValueError("SQLite needs a file path, e.g. sqlite+aiosqlite:///path/platform.db")
+        return value
+
+    @field_validator("kafka_ssl_cafile")
+    @classmethod
+    def _cafile_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
     @property
     def is_postgres(self) -> bool:
         return bool(self.database_url and self.database_url.startswith("postgresql"))
 
 
+AnySettings = TypeVar("AnySettings", bound=BaseSettings)
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read settings from the environment; raise ConfigurationError with a readable message."""
+    return load_service_settings(Settings, **overrides)
+
+
+def load_service_settings(model: type[AnySettings], **overrides: object) -> AnySettings:
+    """Read a settings class (the platform's or a service's own, by its ``env_prefix``) from the
+    environment; raise ConfigurationError naming each refused variable, one per line."""
+    prefix = str(model.model_config.get("env_prefix") or "").upper()
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return model(**overrides)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            name = f"CCM_{where.upper()}" if where else "configuration"
+            field = str(err["loc"][0]) if err["loc"] else ""
+            name = f"{prefix}{field.upper()}" if field else "configuration"
             lines.append(f"{name}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigurationError("\n".join(lines)) from None
+        raise ConfigurationError("\n".join(dict.fromkeys(lines))) from None
+    except SettingsError as exc:  # a value pydantic-settings could not even decode (JSON)
+        found = re.search(r'field "([^"]+)"', str(exc))
+        name = f"{prefix}{found.group(1).upper()}" if found else "configuration"
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigurationError(f"{name}: cannot be read{cause}") from None
+
+
+def mask_url(url: str) -> str:
+    """``url`` without its secrets: the password of ``user:password@`` and the value of every
+    query parameter named like a secret (``?password=…``) become ***."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    head, question, query = rest.partition("?")
+    userinfo, at, hostpath = head.rpartition("@")
+    if at:
+        user, colon, _password = userinfo.partition(":")
+        head = f"{user}{colon}{'***' if colon else ''}@{hostpath}"
+    if question:
+        pairs = []
+        for pair in query.split("&"):
+            key, eq, _value = pair.partition("=")
+            secret = eq and any(w in key.lower() for w in SECRET_WORDS)
+            pairs.append(f"{key}=***" if secret else pair)
+        query = "&".join(pairs)
+    return f"{scheme}://{head}{question}{query}"
+
+
+def masked(name: str, value: object) -> object:
+    """A setting's value as it may be shown (`ccm config`, error messages), by one rule for the
+    platform's and the services' settings: a setting named like a secret (SECRET_WORDS) is ***
+    when set; a URL loses its password (mask_url)."""
+    if value and any(w in name.lower() for w in SECRET_WORDS):
+        return "***"
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
 
 
 @lru_cache(maxsize=1)

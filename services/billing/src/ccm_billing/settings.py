@@ -1,14 +1,18 @@
 """Settings of the billing service (environment variables ``CCM_BILLING_*``)."""
 
+import json
+from typing import Annotated
+
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class BillingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CCM_BILLING_", extra="ignore", frozen=True)
 
-    alert_days: tuple[int, ...] = Field(
-        (7, 3), description="Days before month end at which threshold-at-risk events go out (JSON list)"
+    alert_days: Annotated[tuple[int, ...], NoDecode] = Field(
+        (7, 3), description="Days before month end at which threshold-at-risk events go out "
+        "(comma-separated, e.g. 7,3, or a JSON list [7, 3])"
     )
     near_threshold_minutes: int = Field(
         10, ge=1, description="Worklist filter near-threshold: at most this many minutes to go"
@@ -38,6 +42,18 @@ class BillingSettings(BaseSettings):
     consent_expiring_days: int = Field(
         30, ge=0, description="Consent tracker: 'expiring' means expiring within this many days"
     )
+
+    @field_validator("alert_days", mode="before")
+    @classmethod
+    def _list(cls, v: object) -> object:
+        if not isinstance(v, str):
+            return v
+        if v.strip().startswith("["):
+            try:
+                return json.loads(v)
+            except ValueError:
+                raise ValueError("not a JSON list of days such as [7, 3]") from None
+        return [d.strip() for d in v.split(",") if d.strip()]
 
     @field_validator("alert_days")
     @classmethod

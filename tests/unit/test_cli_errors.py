@@ -1,0 +1,161 @@
+"""The `ccm` command's errors: a refused setting (platform's or a service's own) is one line naming
+the variable with exit 2, an unreachable database one line with exit 3 (never the password),
+`ccm config` masks every secret by one rule, and help paragraphs wrap where the terminal ends."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from ccm_shared import cli
+
+pytestmark = pytest.mark.usefixtures("clean_ccm_env")
+
+# Nothing listens on port 1: connecting is refused at once, no infrastructure needed.
+UNREACHABLE = "postgresql+asyncpg://ccm:s3cret-pw@127.0.0.1:1/ccm"
+
+BAD_VALUES = [
+    ("CCM_LOG_LEVEL", "LOUD"),
+    ("CCM_DATABASE_URL", "not-a-url"),
+    ("CCM_DATABASE_URL", "mysql://u:p@h/db"),
+    ("CCM_KAFKA_SASL_MECHANISM", "FOO"),
+    ("CCM_HTTP_PORT", "99999"),
+    ("CCM_KAFKA_SSL_CAFILE", "/nonexistent"),
+    ("CCM_DB_POOL_SIZE", "0"),
+    ("CCM_BILLING_ALERT_DAYS", "7,x"),
+    ("CCM_NOTIFICATION_SMTP_PORT", "-5"),
+    ("CCM_CAREPLAN_SCHEDULER_BATCH_SIZE", "0"),
+]
+
+
+def ccm(*args: str):  # noqa: ANN201
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def refused_line(result, variable: str) -> str:
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # no exception escaped: no traceback
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if variable in line]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: configuration refused: {variable}: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_VALUES)
+@pytest.mark.parametrize("command", [["config"], ["serve", "all"], ["contracts"]])
+def test_a_bad_value_is_one_line_naming_it(monkeypatch, tmp_path, command, variable, value):
+    monkeypatch.chdir(tmp_path)  # `ccm contracts` would write here
+    if variable != "CCM_DATABASE_URL":  # serve needs one; the services' settings come next
+        monkeypatch.setenv("CCM_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path}/platform.db")
+    monkeypatch.setenv(variable, value)
+    refused_line(ccm(*command), variable)
+    assert not (tmp_path / "contracts").exists()
+
+
+def test_up_refuses_a_bad_service_setting_before_creating_anything(monkeypatch, tmp_path):
+    monkeypatch.setenv("CCM_NOTIFICATION_SMTP_PORT", "-5")
+    refused_line(ccm("up", "--data-dir", str(tmp_path / "data")), "CCM_NOTIFICATION_SMTP_PORT")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("args", [["serve", "all"], ["billing", "decide"]])
+def test_the_installed_command_prints_no_traceback(tmp_path, args):
+    """Through `main()`, as installed: also a service's own command (`ccm billing …`)."""
+    env = {"PATH": "/usr/bin:/bin", "CCM_LOG_LEVEL": "info", "CCM_BILLING_ALERT_DAYS": "7,x",
+           "CCM_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/platform.db"}
+    proc = subprocess.run([sys.executable, "-m", "ccm_shared.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "error: configuration refused: CCM_BILLING_ALERT_DAYS: Input should be a valid integer, "
+        "unable to parse string as an integer")
+
+
+def test_several_bad_values_are_one_line_each(monkeypatch):
+    monkeypatch.setenv("CCM_LOG_LEVEL", "LOUD")
+    monkeypatch.setenv("CCM_HTTP_PORT", "-1")
+    result = ccm("config")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "error: configuration refused:"
+    assert [line.split(":")[0] for line in lines[1:]] == ["CCM_LOG_LEVEL", "CCM_HTTP_PORT"]
+
+
+def test_config_masks_every_secret_by_one_rule(monkeypatch):
+    secrets = {
+        "CCM_DATABASE_URL": "postgresql+asyncpg://ccm:pw-userinfo@db:5432/ccm?password=pw-query",
+        "CCM_KAFKA_SASL_PASSWORD": "pw-sasl",
+        "CCM_SECRET_KEY": "pw-secret-key",
+        "CCM_NOTIFICATION_SMTP_PASSWORD": "pw-smtp",
+        "CCM_NOTIFICATION_PUBLIC_BASE_URL": "https://user:pw-link@notify.example.org",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    result = ccm("config")
+    assert result.exit_code == 0, result.output
+    assert "pw-" not in result.stdout
+    shown = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert shown["CCM_DATABASE_URL"] == "postgresql+asyncpg://ccm:***@db:5432/ccm?password=***"
+    assert shown["CCM_KAFKA_SASL_PASSWORD"] == shown["CCM_SECRET_KEY"] == "***"
+    assert shown["CCM_NOTIFICATION_SMTP_PASSWORD"] == "***"
+    assert shown["CCM_NOTIFICATION_PUBLIC_BASE_URL"] == "https://user:***@notify.example.org"
+    assert shown["CCM_KAFKA_SASL_USERNAME"] == "None"  # unset secrets-to-be are not hidden
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["migrate"],
+        ["migrate", "ingest"],
+        ["token", "list", "--practice", "alpha"],
+        ["token", "create", "--practice", "alpha"],
+        ["token", "revoke", "--practice", "alpha", "some-id"],
+        ["practice", "create", "--id", "alpha", "--name", "A", "--timezone", "UTC"],
+        ["audit", "verify"],
+    ],
+)
+def test_an_unreachable_database_is_exit_3_without_the_password(monkeypatch, args):
+    monkeypatch.setenv("CCM_DATABASE_URL", UNREACHABLE)
+    result = ccm(*args)
+    assert result.exit_code == cli.EXIT_UNREACHABLE == 3, result.output
+    assert isinstance(result.exception, SystemExit)
+    message = result.stderr.strip()
+    assert message.startswith("error: cannot reach the database: ") and "\n" not in message
+    assert "127.0.0.1:1" in message and "s3cret-pw" not in result.output
+
+
+def test_audit_verify_documents_its_exit_codes():
+    result = CliRunner().invoke(cli.app, ["audit", "verify", "--help"], terminal_width=200)
+    text = " ".join(result.stdout.split())
+    assert "1 a chain is broken" in text and "3 the database cannot be reached" in text
+
+
+def test_an_unknown_service_is_refused_before_anything_is_migrated(monkeypatch):
+    """Exit 2 although the database is unreachable: the name is checked first."""
+    monkeypatch.setenv("CCM_DATABASE_URL", UNREACHABLE)
+    result = ccm("migrate", "bogus")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: unknown service 'bogus'")
+    assert "migrating" not in result.stderr
+
+
+def test_help_paragraphs_have_no_hard_line_breaks():
+    result = CliRunner().invoke(cli.app, ["--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    # each command's summary is one line on a wide terminal, not broken where the source was
+    serve = [line for line in lines if "│ serve " in line]
+    assert len(serve) == 1 and "switched off to run them as separate processes" in serve[0]
+
+    def helps(typer_app):  # noqa: ANN001, ANN202
+        yield from (c.help for c in typer_app.registered_commands)
+        for group in typer_app.registered_groups:
+            yield from helps(group.typer_instance)
+
+    for text in helps(cli.app):
+        for paragraph in (text or "").split("\n\n"):
+            assert "\n" not in paragraph or paragraph.startswith("\b"), paragraph
