@@ -59,3 +59,18 @@ def test_logs_are_json_with_correlation_id_and_phi_keys_redacted(capsys):
     assert line["correlation_id"] == "c-1" and line["count"] == 3
     assert line["name"] == "[redacted]" and line["birthDate"] == "[redacted]"
     assert line["resource"] == "[redacted]"
+
+
+def test_outgoing_request_urls_are_not_logged_at_info(capsys):
+    """httpx logged every outgoing request's URL at INFO (a webhook's, an EHR's, with their
+    query strings)."""
+    import httpx
+
+    configure_logging("INFO", json=True, service="tests")
+    try:
+        transport = httpx.MockTransport(lambda request: httpx.Response(204))
+        with httpx.Client(transport=transport) as client:
+            client.post("https://receiver.example/hook?patient=p-secret")
+    finally:
+        logging.getLogger().handlers.clear()
+    assert "p-secret" not in capsys.readouterr().err

@@ -104,6 +104,10 @@ def configure_logging(
     # Access logs would print URLs with patient ids in query strings; our middleware logs instead.
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    # httpx logs each outgoing request's full URL at INFO: webhook and subscription endpoints,
+    # an EHR's address, with whatever their query strings carry.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     if service:
         structlog.contextvars.bind_contextvars(service=service)
 
