@@ -351,11 +351,13 @@ def k8s_config(svc: Service, shared: tuple[Setting, ...]) -> tuple[dict, list[di
             # Optional: unset (the code's default) unless the operator puts it in the Secret.
             env.append({"name": s.env, "valueFrom": {"secretKeyRef": {
                 "name": f"ccm-{svc.name}-secrets", "key": s.env, "optional": True}}})
+        elif s.env == "CCM_HTTP_PORT":
+            # Pinned in the container: containerPort, probes, Service, NetworkPolicy ports and
+            # the Prometheus annotation all use it, so <svc>-overrides must not move it.
+            env.append({"name": s.env, "value": str(svc.port)})
         elif s.default is None and s.env not in K8S_VALUES:
             env.append({"name": s.env, "valueFrom": {"configMapKeyRef": {
                 "name": f"{svc.name}-overrides", "key": s.env, "optional": True}}})
-        elif s.env == "CCM_HTTP_PORT":
-            data[s.env] = str(svc.port)
         else:
             data[s.env] = K8S_VALUES.get(s.env, env_value(s.default))
     configmap = {

@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     secret_key: str = Field(
         DEV_SECRET_KEY, description="Key for signed links and webhook secrets; never the default"
     )
+    outbound_allow_private: bool | None = Field(
+        None,
+        description="Outgoing requests to practices' addresses (webhooks, subscriptions, FHIR "
+        "endpoints, EHR pushes) may reach loopback, private and link-local addresses; default: "
+        "refused in production (CCM_ENV=production), allowed otherwise",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL"
     )
@@ -198,6 +204,13 @@ class Settings(BaseSettings):
     @property
     def is_postgres(self) -> bool:
         return bool(self.database_url and self.database_url.startswith("postgresql"))
+
+    @property
+    def outbound_private_allowed(self) -> bool:
+        """``outbound_allow_private``, else allowed outside production."""
+        if self.outbound_allow_private is not None:
+            return self.outbound_allow_private
+        return self.env != Environment.PRODUCTION
 
 
 AnySettings = TypeVar("AnySettings", bound=BaseSettings)

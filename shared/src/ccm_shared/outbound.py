@@ -1,0 +1,93 @@
+"""Outgoing HTTP to the addresses practices give (message webhooks, event subscriptions, FHIR
+Communication endpoints, an EHR's Invoice endpoint): never into the platform's own network
+unless the operator allows it (``CCM_OUTBOUND_ALLOW_PRIVATE``).
+
+Each connection resolves the host itself, refuses it when any address it resolves to is not a
+public one (loopback, private, link-local such as a cloud's metadata service at
+169.254.169.254, shared, reserved, multicast; IPv4 in IPv6 too) and then connects to an address
+it checked, so a name that resolves differently a moment later (DNS rebinding) cannot slip
+through. TLS still verifies the certificate against the URL's host name. A request through a
+proxy set in the environment is the proxy's to police.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+
+import httpcore
+import httpx
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def is_private(address: Address) -> bool:
+    """Not an address of the public internet (see the module's docstring)."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
+
+
+class RefusedDestination(httpcore.ConnectError):
+    """The host resolves to an address outgoing requests may not reach (httpx raises it as an
+    ``httpx.ConnectError`` with this message)."""
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting only to public addresses it resolved itself."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self.inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable | None = None) -> httpcore.AsyncNetworkStream:
+        try:
+            found = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise httpcore.ConnectError(f"{host}: cannot be resolved ({exc})") from exc
+        addresses = list(dict.fromkeys(info[4][0] for info in found))
+        for text in addresses:
+            if is_private(ipaddress.ip_address(text.split("%", 1)[0])):
+                raise RefusedDestination(
+                    f"{host} resolves to {text}, which is not a public internet address: "
+                    "outgoing requests may not reach it (CCM_OUTBOUND_ALLOW_PRIVATE)")
+        failure: httpcore.ConnectError | None = None
+        for text in addresses:  # as the resolver ordered them, as a plain connection would
+            try:
+                return await self.inner.connect_tcp(text, port, timeout=timeout,
+                                                    local_address=local_address,
+                                                    socket_options=socket_options)
+            except httpcore.ConnectError as exc:
+                failure = exc
+        raise failure or httpcore.ConnectError(f"{host}: no address")
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable | None = None,
+                                  ) -> httpcore.AsyncNetworkStream:
+        raise RefusedDestination("outgoing requests do not use Unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+def outbound_transport(*, allow_private: bool) -> httpx.AsyncHTTPTransport:
+    """The transport of an ``httpx.AsyncClient`` that calls practices' addresses: guarded
+    (``GuardedBackend``) unless ``allow_private``."""
+    transport = httpx.AsyncHTTPTransport()
+    if not allow_private:
+        # httpx builds its connection pool without a way to pass a network backend: the same
+        # pool (httpx's default limits) with the guarded backend.
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                              keepalive_expiry=5.0)
+        transport._pool = httpcore.AsyncConnectionPool(  # noqa: SLF001
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=GuardedBackend(),
+        )
+    return transport

@@ -1,0 +1,97 @@
+"""Outgoing requests to practices' addresses (webhooks, subscriptions, FHIR endpoints, EHR
+pushes) never reach the platform's own network unless allowed: a subscription at
+https://169.254.169.254/ or a webhook at http://127.0.0.1:8082/ made the services post there and
+keep the answer for the practice to read."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+
+import httpcore
+import httpx
+import pytest
+
+from ccm_shared.outbound import GuardedBackend, is_private, outbound_transport
+from ccm_shared.settings import load_settings
+
+
+@pytest.mark.parametrize(("address", "private"), [
+    ("127.0.0.1", True), ("10.1.2.3", True), ("172.16.0.1", True), ("192.168.1.1", True),
+    ("169.254.169.254", True), ("100.64.0.1", True), ("0.0.0.0", True), ("224.0.0.1", True),
+    ("::1", True), ("::ffff:127.0.0.1", True), ("fe80::1", True), ("fc00::1", True),
+    ("8.8.8.8", False), ("93.184.216.34", False), ("2606:4700:4700::1111", False),
+])
+def test_which_addresses_are_not_public(address, private):
+    assert is_private(ipaddress.ip_address(address)) is private
+
+
+@pytest.fixture
+async def receiver():
+    """A loopback HTTP server answering 200 'internal'; yields (port, requests seen)."""
+    seen = []
+
+    async def answer(reader, writer):
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\ninternal")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1], seen
+    server.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "2130706433", "127.1",
+                                  "0x7f000001"])
+async def test_a_guarded_client_refuses_the_platforms_own_network(receiver, host):
+    port, seen = receiver
+    async with httpx.AsyncClient(transport=outbound_transport(allow_private=False)) as client:
+        with pytest.raises(httpx.ConnectError, match="not a public internet address"):
+            await client.post(f"http://{host}:{port}/hook", content=b"{}")
+    assert seen == []
+
+
+async def test_allowed_private_addresses_are_reached(receiver):
+    port, seen = receiver
+    async with httpx.AsyncClient(transport=outbound_transport(allow_private=True)) as client:
+        answer = await client.post(f"http://127.0.0.1:{port}/hook", content=b"{}")
+    assert answer.text == "internal" and len(seen) == 1
+
+
+async def test_the_connection_goes_to_the_address_that_was_checked(monkeypatch):
+    """Resolved once and connected by address: a name that resolves to a public address when
+    checked and to a private one a moment later (DNS rebinding) is not resolved again."""
+    asked = []
+
+    class Inner(httpcore.AsyncNetworkBackend):
+        async def connect_tcp(self, host, port, timeout=None, local_address=None,
+                              socket_options=None):
+            asked.append((host, port))
+            raise httpcore.ConnectError("not really connecting")
+
+    answers = iter([[(2, 1, 6, "", ("93.184.216.34", 443))],
+                    [(2, 1, 6, "", ("127.0.0.1", 443))]])
+
+    async def getaddrinfo(host, port, **kwargs):
+        return next(answers)
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    with pytest.raises(httpcore.ConnectError, match="not really connecting"):
+        await GuardedBackend(Inner()).connect_tcp("rebind.example", 443)
+    assert asked == [("93.184.216.34", 443)]
+
+
+@pytest.mark.parametrize(("env", "allow", "allowed"), [
+    ("production", None, False), ("development", None, True), ("test", None, True),
+    ("production", "true", True), ("development", "false", False),
+])
+def test_private_destinations_are_refused_in_production_by_default(monkeypatch, env, allow,
+                                                                   allowed):
+    monkeypatch.setenv("CCM_ENV", env)
+    monkeypatch.setenv("CCM_SECRET_KEY", "a-real-secret-of-enough-length-0123456789")
+    monkeypatch.setenv("CCM_DATABASE_URL", "postgresql+asyncpg://u:p@db:5432/ccm")
+    monkeypatch.setenv("CCM_KAFKA_BOOTSTRAP_SERVERS", "kafka:9092")
+    if allow is not None:
+        monkeypatch.setenv("CCM_OUTBOUND_ALLOW_PRIVATE", allow)
+    assert load_settings().outbound_private_allowed is allowed
