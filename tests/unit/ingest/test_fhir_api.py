@@ -254,7 +254,7 @@ async def test_a_search_parameter_given_twice_must_match_both_times(fhir):
     async def found(query: str) -> list[str]:
         r = await fhir.get(f"/fhir/Encounter?{query}")
         assert r.status_code == 200, r.text
-        return sorted(e["resource"]["id"] for e in r.json()["entry"])
+        return sorted(e["resource"]["id"] for e in r.json().get("entry", []))
 
     assert await found("_id=e1&_id=e2") == []
     assert await found("_id=e1,e2&_id=e2") == ["e2"]
@@ -356,7 +356,7 @@ async def test_last_updated_compares_with_the_whole_range_of_the_date(fhir, valu
         assert (await fhir.put(f"/fhir/Encounter/{rid}", json=ccm_encounter(rid))).is_success
     r = await fhir.get("/fhir/Encounter", params={"_lastUpdated": value})
     assert r.status_code == 200, r.text
-    assert sorted(e["resource"]["id"] for e in r.json()["entry"]) == found
+    assert sorted(e["resource"]["id"] for e in r.json().get("entry", [])) == found
 
 
 @pytest.mark.parametrize("value", ["2026-03-15T10", "2026-3-15", "ap2026-03-15", "yesterday",
@@ -385,7 +385,8 @@ async def test_search_pages_follow_next_links_to_every_match_once(fhir):
     for odd in ({"_offset": "-1"}, {"_offset": "²"}, {"_count": "²"}, {"_count": "1001"}):
         assert (await fhir.get("/fhir/Encounter", params=odd)).status_code == 400
     counted = (await fhir.get("/fhir/Encounter", params={"_count": "0"})).json()
-    assert counted["total"] == 7 and counted["entry"] == []  # the total only, and no next link
+    # The total only (no entry: FHIR JSON has no empty arrays), and no next link.
+    assert counted["total"] == 7 and "entry" not in counted
     assert [link["relation"] for link in counted["link"]] == ["self"]
 
 
@@ -449,7 +450,7 @@ async def test_history_pages_keep_each_versions_status_and_link_the_next_page(fh
                     if link["relation"] == "next"), None)
     assert seen == whole["entry"]  # a version's 201/200 does not depend on where the page ends
     total_only = (await fhir.get(f"/fhir/Patient/{rid}/_history?_count=0")).json()
-    assert total_only["total"] == 4 and total_only["entry"] == []
+    assert total_only["total"] == 4 and "entry" not in total_only
 
 
 async def test_history_since_lists_the_versions_updated_at_or_after_it(fhir):
@@ -467,9 +468,11 @@ async def test_history_since_lists_the_versions_updated_at_or_after_it(fhir):
                              params={"_since": "2026-03-05T10:00:00+00:00"})
     assert instant.json()["total"] == 1
     later = (await fhir.get("/fhir/Patient/dated/_history?_since=2027")).json()
-    assert later["total"] == 0 and later["entry"] == []
+    assert later["total"] == 0 and "entry" not in later
     for query, expression in [("_since=yesterday", "_since"), ("_at=2026", "_at"),
-                              ("_count=x", "_count")]:
+                              ("_count=x", "_count"), ("_since=2026-02&_since=2027", "_since"),
+                              ("_since=2026&_since=2026", "_since"),
+                              ("_count=1&_count=2", "_count")]:
         bad = await fhir.get(f"/fhir/Patient/dated/_history?{query}")
         assert bad.status_code == 400, query
         assert bad.json()["issue"][0]["expression"] == [expression]
@@ -586,3 +589,62 @@ async def test_more_refusals_found_by_the_fourth_walkthrough(fhir):
     r = await fhir.post("/fhir/Patient", content=body.encode(),
                         headers={"Content-Type": "application/fhir+json; charset=UTF-8"})
     assert r.status_code == 201, r.text
+
+
+def empty_arrays(value, path="$"):
+    """Where a JSON value has an empty array or object (FHIR JSON forbids both: ele-1)."""
+    found = [] if value not in ([], {}) else [path]
+    if isinstance(value, dict):
+        found += [p for k, v in value.items() for p in empty_arrays(v, f"{path}.{k}")]
+    elif isinstance(value, list):
+        found += [p for n, v in enumerate(value) for p in empty_arrays(v, f"{path}[{n}]")]
+    return found
+
+
+async def test_bundles_without_entries_carry_no_empty_entry_array(fhir):
+    """A search or history with nothing to list (or _count=0), and a transaction or batch of no
+    entries, answer a Bundle without ``entry``: ``"entry": []`` is no FHIR JSON."""
+    await fhir.put("/fhir/Patient/p1", json={"resourceType": "Patient", "id": "p1"})
+    searched = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "Patient?_id=nobody"}}]}
+    answers = [
+        await fhir.get("/fhir/Patient", params={"_id": "nobody"}),
+        await fhir.get("/fhir/Patient", params={"_count": "0"}),
+        await fhir.get("/fhir/Patient/p1/_history", params={"_since": "2027"}),
+        await fhir.get("/fhir/Patient/p1/_history", params={"_count": "0"}),
+        await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction"}),
+        await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "batch"}),
+        await fhir.post("/fhir", json=searched),
+    ]
+    for r in answers:
+        assert r.status_code == 200, r.text
+        assert empty_arrays(r.json()) == [], r.request.url
+    assert [r.json().get("total") for r in answers[:4]] == [0, 1, 0, 1]
+    assert "entry" not in answers[0].json() and "entry" not in answers[4].json()
+    inner = answers[6].json()["entry"][0]["resource"]
+    assert inner["type"] == "searchset" and inner["total"] == 0 and "entry" not in inner
+    for outcome in (await fhir.get("/fhir/Nope"), await fhir.get("/fhir/metadata"),
+                    await fhir.post("/fhir/Patient/$validate",
+                                    json={"resourceType": "Patient"})):
+        assert empty_arrays(outcome.json()) == []
+
+
+async def test_the_stu3_json_media_type_is_taken_as_a_body_as_accept_and_format_take_it(fhir):
+    """``application/json+fhir`` (FHIR STU3's name for FHIR JSON): Accept and _format took it,
+    a request body labelled so was a 415."""
+    stu3 = "application/json+fhir"
+    body = json.dumps({"resourceType": "Patient", "id": "s3"})
+    for content_type in (stu3, f"{stu3}; charset=utf-8", "Application/JSON+FHIR; fhirVersion=4.0"):
+        r = await fhir.put("/fhir/Patient/s3", content=body,
+                           headers={"Content-Type": content_type, "Accept": stu3})
+        assert r.status_code in (200, 201), (content_type, r.text)
+    r = await fhir.post("/fhir?_format=" + stu3, content=json.dumps({
+        "resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Patient/s3"}}]}),
+        headers={"Content-Type": stu3})
+    assert r.status_code == 200 and r.json()["entry"][0]["response"]["status"] == "200 OK"
+    r = await fhir.post("/fhir/Patient/$validate", content=body, headers={"Content-Type": stu3})
+    assert r.status_code == 200, r.text
+    for refused in ("application/xml+fhir", "application/fhir+xml", "text/json+fhir"):
+        r = await fhir.put("/fhir/Patient/s3", content=body, headers={"Content-Type": refused})
+        assert r.status_code == 415, refused

@@ -251,6 +251,21 @@ CASES = [
                                            "meta": {"versionId": "3"}}, "invariant",
            "contained[0].meta"),
       ]],
+    # Which one "#o1" names would be a guess (both were accepted, PUT 201).
+    ("two contained resources with one id", "PUT", "/fhir/Patient/b2",
+     {"resourceType": "Patient", "id": "b2",
+      "contained": [{"resourceType": "Organization", "id": "o1", "name": "A"},
+                    {"resourceType": "Organization", "id": "o1", "name": "B"}],
+      "managingOrganization": {"reference": "#o1"}}, {}, 422, "duplicate",
+     "Patient.contained[1].id"),
+    ("two contained resources with one id in a transaction", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "transaction", "entry": [
+         {"request": {"method": "POST", "url": "Patient"}, "resource": {
+             "resourceType": "Patient",
+             "contained": [{"resourceType": "Organization", "id": "o1"},
+                           {"resourceType": "Practitioner", "id": "o1"}],
+             "generalPractitioner": [{"reference": "#o1"}]}}]}, {}, 422, "duplicate",
+     "Bundle.entry[0].resource.Patient.contained[1].id"),
     ("a contained resource referred to from nowhere (dom-3)", "PUT", "/fhir/Patient/b2",
      {"resourceType": "Patient", "id": "b2",
       "contained": [{"resourceType": "Organization", "id": "o2"}]}, {}, 422, "invariant",
@@ -310,6 +325,23 @@ CASES = [
     ("a conditional reference in a resource sent alone", "PUT", "/fhir/Encounter/e1",
      {**ccm_encounter(), "subject": {"reference": "Patient?identifier=urn:mrn|1"}}, {}, 422,
      "not-supported", "Encounter.subject.reference"),
+    # Digits of other scripts (Arabic-Indic, fullwidth) are no FHIR date's: they were read as
+    # 2026 (a regular expression's \d, then int()).
+    *[(f"{name} with digits {digits!r}", "GET", f"{path}{digits}", None, {}, 400, "value",
+       name)
+      for name, path in (("_lastUpdated", "/fhir/Patient?_lastUpdated=ge"),
+                         ("_since", "/fhir/Patient/p1/_history?_since="))
+      for digits in ("\u0662\u0660\u0662\u0666", "\uff12\uff10\uff12\uff16",
+                     "2026-0\u0663", "2026-03-01T1\u0660:00Z", "2026-03-01T10:00:00.\u0665Z",
+                     "2026-03-01T10:00+0\u0665:00")],
+    ("_lastUpdated with other digits in a conditional create", "POST", "/fhir/Patient",
+     {"resourceType": "Patient"}, {"If-None-Exist": "_lastUpdated=%D9%A2%D9%A0%D9%A2%D9%A6"},
+     400, "value", None),
+    ("_lastUpdated with other digits in a Bundle's search", "POST", "/fhir",
+     {"resourceType": "Bundle", "type": "transaction", "entry": [
+         {"request": {"method": "POST", "url": "Patient",
+                      "ifNoneExist": "_lastUpdated=\u0662\u0660\u0662\u0666"},
+          "resource": {"resourceType": "Patient"}}]}, {}, 400, "value", None),
     ("a subject search on Consent (R4 has none)", "GET", "/fhir/Consent?subject=Patient/p1",
      None, {}, 400, "not-supported", "subject"),
     ("a #id reference to no contained resource", "PUT", "/fhir/Patient/b2",
@@ -411,9 +443,14 @@ CASES = [
        {}, 422, "too-long", f"Patient.identifier[0].{part}") for part in ("system", "value")],
     ("more _id values than a search takes", "GET", "/fhir/Patient?_id=" + "," * 1000, None, {},
      400, "too-costly", "_id"),
-    ("a NUL character in a UTF-16 body", "POST", "/fhir/Patient",
-     '{"resourceType":"Patient","name":[{"family":"a\\u0000b"}]}'.encode("utf-16"), {}, 400,
-     "structure", "Patient.name[0].family"),
+    # FHIR JSON is UTF-8: a body in another Unicode encoding is refused as a charset other than
+    # UTF-8 is (it was read, as json.loads reads bytes), whatever Content-Type says.
+    *[(f"a {encoding} body{label}", "POST", "/fhir/Patient",
+       '{"resourceType":"Patient","name":[{"family":"Muñoz"}]}'.encode(encoding),
+       headers, 415, "not-supported", None)
+      for encoding in ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")
+      for label, headers in (("", {}), (" labelled UTF-8",
+                                        {"Content-Type": "application/fhir+json; charset=utf-8"}))],
     ("a surrogate's bytes (no UTF-8)", "POST", "/fhir/Patient",
      b'{"resourceType":"Patient","name":[{"family":"a\xed\xa0\x80"}]}', {}, 400, "structure",
      None),
@@ -483,6 +520,11 @@ async def test_a_key_twice_is_named_and_a_utf8_bom_is_still_read(fhir):
     bom = await fhir.post("/fhir/Patient", content=b'\xef\xbb\xbf{"resourceType": "Patient"}',
                           headers={"Content-Type": "application/fhir+json"})
     assert bom.status_code == 201, bom.text
+    bom = await fhir.post("/fhir/Patient", content='\ufeff{"resourceType": "Patient", "name": '
+                          '[{"family": "Muñoz"}]}'.encode(),
+                          headers={"Content-Type": "application/fhir+json; charset=utf-8"})
+    assert bom.status_code == 201, bom.text
+    assert bom.json()["name"] == [{"family": "Muñoz"}]
 
 
 async def test_a_batch_entry_containing_an_unknown_type_fails_alone(fhir):

@@ -742,3 +742,81 @@ async def test_an_unidentified_primary_performer_reaches_billing_as_unknown(fhir
     (logged,) = await events(fhir, "ingest.time-entry.logged.v1")
     assert logged["data"]["performers"][0]["classification"] == "unknown"
     assert_valid_event(logged)
+
+
+FZ_SCOPE = {"coding": [{"system": "urn:fz:scope", "code": "foo"}]}
+FZ_TIME = [{"coding": [{"system": "urn:fz:time", "code": "t"}]}]
+FOREIGN_P1 = {"reference": "https://other.example/fhir/Patient/p1"}
+NO_PATIENT_CONSENT = {k: v for k, v in {**CCM_CONSENT, "scope": FZ_SCOPE}.items()
+                      if k != "patient"}
+NO_SUBJECT_ENCOUNTER = {k: v for k, v in {**ccm_encounter("e1"), "type": FZ_TIME}.items()
+                        if k != "subject"}
+NOW_CCM = DEFAULT_CONFIG.merged({
+    "consent_scopes": [*DEFAULT_CONFIG.consent_scopes, "urn:fz:scope|foo"],
+    "ccm_time_codes": [*DEFAULT_CONFIG.ccm_time_codes, "urn:fz:time|t"]})
+NOT_CCM_NOW = DEFAULT_CONFIG.merged({"consent_categories": ["urn:other|c"],
+                                     "care_plan_intents": ["proposal"],
+                                     "ccm_time_codes": ["urn:other|c"]})
+GRANTED_P1 = {"ccm": True, "patient": "Patient/p1", "granted": True}
+CCM_P1 = {"ccm": True, "patient": "Patient/p1"}
+LOGGED_P1 = {"loggedMonth": "2026-02", "loggedPatient": "Patient/p1"}
+
+
+@pytest.mark.parametrize(("rtype", "content", "state", "config", "ended"), [
+    # Made CCM by the configuration since it was stored, without what a CCM one must have:
+    # never counted, so nothing to end (and no 422 for what only a write must meet).
+    ("Consent", NO_PATIENT_CONSENT, {}, NOW_CCM, []),
+    ("Consent", {**CCM_CONSENT, "scope": FZ_SCOPE}, {}, NOW_CCM, []),
+    ("Encounter", NO_SUBJECT_ENCOUNTER, {}, NOW_CCM, []),
+    ("Encounter", {**ccm_encounter("e1"), "type": FZ_TIME, "length": None, "period": None},
+     {}, NOW_CCM, []),
+    ("CarePlan", {**CCM_CARE_PLAN, "subject": FOREIGN_P1}, {}, DEFAULT_CONFIG, []),
+    ("CarePlan", {k: v for k, v in CCM_CARE_PLAN.items() if k != "subject"}, {},
+     DEFAULT_CONFIG, []),
+    ("Condition", {"resourceType": "Condition"}, {}, DEFAULT_CONFIG, []),
+    # Counted when stored, no longer CCM by the configuration now: still ended, for its patient.
+    ("Consent", CCM_CONSENT, GRANTED_P1, NOT_CCM_NOW, [("consent.voided.v1", "Patient/p1")]),
+    ("CarePlan", CCM_CARE_PLAN, CCM_P1, NOT_CCM_NOW, [("care-plan.closed.v1", "Patient/p1")]),
+    ("Encounter", ccm_encounter("e1"), LOGGED_P1, NOT_CCM_NOW,
+     [("time-entry.reversed.v1", "Patient/p1")]),
+    # A date of the last content Python cannot read (a leap second) does not stop it either.
+    ("Consent", {**CCM_CONSENT, "dateTime": "2016-12-31T23:59:60Z"}, GRANTED_P1,
+     DEFAULT_CONFIG, [("consent.voided.v1", "Patient/p1")]),
+    ("Patient", {"resourceType": "Patient"}, {}, NOW_CCM, [("patient.upserted.v1", "Patient/x1")]),
+])
+def test_a_deletion_ends_what_was_counted_and_is_held_to_no_write_rule(rtype, content, state,
+                                                                        config, ended):
+    content = {k: v for k, v in content.items() if v is not None}
+    mapping = map_version(content, ctx(rtype, state=state, deleted=True, config=config))
+    assert [(e.type.split(".", 1)[1], e.subject) for e in mapping.events] == ended
+    for event in mapping.events:
+        assert event.data.get("status", "entered-in-error") == "entered-in-error"
+
+
+async def test_a_resource_stored_before_a_config_change_can_still_be_deleted(fhir):
+    """A Consent stored as no CCM consent (a scope of its own, no patient), then the practice
+    makes the scope CCM: the delete answers 204 (it answered 422: 'a CCM consent needs
+    Consent.patient'), alone and in a transaction; the same holds for an Encounter."""
+    consents = [{**NO_PATIENT_CONSENT, "id": rid} for rid in ("fz1", "fz2")]
+    for consent in consents:
+        assert (await fhir.put(f"/fhir/Consent/{consent['id']}", json=consent)).status_code == 201
+    enc = {**NO_SUBJECT_ENCOUNTER, "id": "e-fz"}
+    assert (await fhir.put("/fhir/Encounter/e-fz", json=enc)).status_code == 201
+    r = await fhir.put("/v1/practices/alpha/ingest-config", json={
+        "consent_scopes": list(NOW_CCM.consent_scopes),
+        "ccm_time_codes": list(NOW_CCM.ccm_time_codes)})
+    assert r.status_code == 200, r.text
+    r = await fhir.put("/fhir/Consent/fz3", json={**NO_PATIENT_CONSENT, "id": "fz3"})
+    assert r.status_code == 422 and "Consent.patient" in r.text  # the new config applies
+    written = await counts(fhir)
+    assert (await fhir.delete("/fhir/Consent/fz1")).status_code == 204
+    assert (await fhir.delete("/fhir/Encounter/e-fz")).status_code == 204
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": "Consent/fz2"}}]}
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 200, r.text
+    assert r.json()["entry"][0]["response"]["status"].startswith("204")
+    assert (await fhir.get("/fhir/Consent/fz1")).status_code == 410
+    after = await counts(fhir)
+    assert after["versions"] == written["versions"] + 3
+    assert after["events"] == written["events"]  # nothing was counted, nothing to end

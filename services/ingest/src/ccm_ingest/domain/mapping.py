@@ -3,7 +3,9 @@
 Each mapper takes the accepted version's JSON, the resource's previous CCM state (what earlier
 versions meant: e.g. time already logged) and the practice's configuration, and returns the
 events plus the new state. A deleted resource is mapped from its last content with
-``deleted=True``.
+``deleted=True``: a deletion ends what its stored state counted (time logged, a consent or care
+plan that was CCM, for the patient it was about), whatever the configuration says now, and is
+held to none of the rules a create or update must meet: it never fails.
 """
 
 from __future__ import annotations
@@ -482,12 +484,14 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     CCM consent (its category, scope or patient changed) is voided, as if deleted: otherwise
     billing would go on counting it."""
     categories = codings(res.get("category") or [])
+    if ctx.deleted:
+        return _consent_deleted(res, ctx, categories)
     scope = codings(res.get("scope"))
     is_ccm = (any_coding_matches(ctx.config.consent_categories, categories)
               and any_coding_matches(ctx.config.consent_scopes, scope))
     patient = ctx.patient(res.get("patient"))
     if not is_ccm:
-        was = ctx.state.get("ccm") and not ctx.deleted and (ctx.state.get("patient") or patient)
+        was = ctx.state.get("ccm") and (ctx.state.get("patient") or patient)
         if not was:
             return Mapping(state={})
         return Mapping([_consent_event("ingest.consent.voided.v1", "entered-in-error", was,
@@ -495,7 +499,7 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     if patient is None:
         raise rejected(422, "required", "a CCM consent needs Consent.patient to reference a "
                        "Patient", "Consent.patient")
-    status = "entered-in-error" if ctx.deleted else res.get("status")
+    status = res.get("status")
     kind = CONSENT_EVENTS.get(status or "")
     state: dict[str, Any] = {"ccm": True, "patient": patient}
     if kind is None and ctx.state.get("granted"):
@@ -514,6 +518,20 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         if state["granted"] and (expires := consent_expires_on(res, ctx.timezone)):
             state["expiresOn"] = expires  # what the expiry notices look for
     return Mapping([_consent_event(kind, status, patient, res, ctx, categories, until)], state)
+
+
+def _consent_deleted(res: dict[str, Any], ctx: MappingContext,
+                     categories: list[dict[str, Any]]) -> Mapping:
+    """A deletion voids what the consent counted as when it was stored (its state: a CCM
+    consent, for its patient), whatever the practice's configuration says now: none of the
+    rules a create or update must meet applies (a consent the configuration has made CCM
+    since, without a patient, has nothing to void for anyone)."""
+    patient = ctx.state.get("patient") or ctx.patient(res.get("patient"))
+    if not ctx.state.get("ccm") or patient is None:
+        return Mapping(state={})
+    return Mapping([_consent_event("ingest.consent.voided.v1", "entered-in-error", patient, res,
+                                   ctx, categories)],
+                   {"ccm": True, "patient": patient, "granted": False})
 
 
 def consent_expires_on(res: dict[str, Any], tz: ZoneInfo) -> str | None:
@@ -547,11 +565,17 @@ def _consent_event(kind: str, status: str | None, patient: str, res: dict[str, A
                                                                    "PractitionerRole"))
                       if p not in practitioners]
     obtained = res.get("dateTime")
+    try:
+        obtained_at = instant(obtained, ctx.timezone).isoformat() if obtained else None
+    except (ValueError, OverflowError):  # a leap second, beyond year 9999 in the zone
+        if not ctx.deleted:
+            raise
+        obtained_at = None  # a deletion voids whatever the content: it is no new fact
     method = ("written" if res.get("sourceAttachment")
               else "verbal" if res.get("sourceReference") else "unknown")
     return _event(
         kind, patient, ctx, consent=_self(ctx), patient=patient, status=status,
-        obtainedAt=instant(obtained, ctx.timezone).isoformat() if obtained else None,
+        obtainedAt=obtained_at,
         method=method, period=_period(provision.get("period")),
         provision=provision.get("type") or "permit", practitioners=practitioners,
         categories=categories, effectiveUntil=until,
@@ -567,25 +591,29 @@ def map_care_plan(res: dict[str, Any], ctx: MappingContext) -> Mapping:
     """A CCM care plan created / revised / closed. One that stops being a CCM care plan (its
     intent, category or subject changed) is closed as entered in error, as if deleted."""
     categories = codings(res.get("category") or [])
+    patient = ctx.patient(res.get("subject"))
+    if ctx.deleted:
+        # What the plan counted as when stored (its state), whatever the configuration says
+        # now: a deletion is held to none of the rules of a create or update.
+        was = ctx.state.get("ccm") and (ctx.state.get("patient") or patient)
+        if not was:
+            return Mapping(state={})
+        return Mapping([_care_plan_event("ingest.care-plan.closed.v1", "entered-in-error", was,
+                                         res, ctx, categories, review=False)],
+                       {"ccm": True, "patient": was})
     is_ccm = (res.get("intent") in ctx.config.care_plan_intents
               and any_coding_matches(ctx.config.care_plan_categories, categories))
-    patient = ctx.patient(res.get("subject"))
-    if is_ccm and patient is None and not ctx.deleted and _foreign_patient(res.get("subject"),
-                                                                           ctx):
+    if is_ccm and patient is None and _foreign_patient(res.get("subject"), ctx):
         raise rejected(422, "value", "a CCM care plan needs CarePlan.subject to reference a "
                        "Patient of this server (another server's patient is not this "
                        "practice's)", "CarePlan.subject")
     if not is_ccm or patient is None:
-        if ctx.deleted:
-            return Mapping(state=ctx.state)
         was = ctx.state.get("ccm") and (ctx.state.get("patient") or patient)
         if not was:
             return Mapping(state={})
         return Mapping([_care_plan_event("ingest.care-plan.closed.v1", "entered-in-error", was,
                                          res, ctx, categories, review=False)], {})
-    status = "entered-in-error" if ctx.deleted else res.get("status")
-    if ctx.deleted and not ctx.state.get("ccm"):
-        return Mapping(state={})
+    status = res.get("status")
     if status in CLOSING:
         kind = "ingest.care-plan.closed.v1"
     elif ctx.state.get("ccm"):

@@ -94,7 +94,8 @@ def _contained(resource: dict[str, Any], rtype: str,
     """R4's rules for contained resources, which are part of their container with no identity of
     their own: each has a resourceType and an id, contains nothing (dom-2), has no
     meta.versionId or meta.lastUpdated (dom-4) and is referred to from the resource (dom-3,
-    ``#id``); a ``#id`` reference names one of them (``#`` alone: the container)."""
+    ``#id``); a ``#id`` reference names one of them (``#`` alone: the container), and no two
+    share an id."""
     items = resource["contained"] if isinstance(resource["contained"], list) else []
     issues: list[Issue] = []
     ids: dict[str, str] = {}
@@ -108,7 +109,12 @@ def _contained(resource: dict[str, Any], rtype: str,
                                f"{at}.resourceType"))
             continue
         if isinstance(item.get("id"), str) and item["id"]:
-            ids[item["id"]] = at
+            if item["id"] in ids:  # which one a #id reference names would be a guess
+                issues.append(_err("duplicate", f"contained resource id {item['id']!r} is "
+                                   f"already the id of {ids[item['id']]}: contained ids are "
+                                   "unique within their resource", f"{at}.id"))
+            else:
+                ids[item["id"]] = at
         else:
             issues.append(_err("required", "a contained resource needs an id: it is referred "
                                "to as #id", f"{at}.id"))

@@ -53,7 +53,9 @@ from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
 from ccm_shared.text import ascii_digits, is_text
 
-ACCEPTED_MEDIA = ("application/fhir+json", "application/json")
+# What a request body may be labelled: FHIR JSON, plain JSON, and STU3's name for FHIR JSON
+# (``application/json+fhir``), which Accept and _format take too: older EHR clients send it.
+ACCEPTED_MEDIA = ("application/fhir+json", "application/json", "application/json+fhir")
 
 
 class PracticeCache:
@@ -195,8 +197,8 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-# json.loads as it reads bytes (UTF-8/16/32, a UTF-8 BOM), refusing duplicate keys and NaN or
-# Infinity: ~2 µs more for an Encounter, ~4 µs per resource of a Bundle.
+# json.loads as it reads text, refusing duplicate keys and NaN or Infinity: ~2 µs more for an
+# Encounter, ~4 µs per resource of a Bundle.
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
 
 
@@ -206,7 +208,7 @@ async def read_json(request: Request, max_depth: int) -> Any:
     media = content_type.split(";")[0].strip()
     if media and media.lower() not in ACCEPTED_MEDIA:
         raise rejected(415, "not-supported", f"content type {media!r} is not supported; send "
-                       "application/fhir+json (or application/json)")
+                       "application/fhir+json (or application/json, application/json+fhir)")
     if (version := fhir_version(content_type)) not in R4_VERSIONS:
         raise rejected(415, "not-supported", f"fhirVersion={version} is not supported: this "
                        "server takes FHIR R4 (fhirVersion=4.0, or no fhirVersion)")
@@ -218,8 +220,10 @@ async def read_json(request: Request, max_depth: int) -> Any:
         raise rejected(415, "not-supported", f"Content-Encoding {encoding!r} is not supported: "
                        "send the body uncompressed")
     raw = await request.body()
+    not_utf8(raw)
     try:
-        text = raw.decode(json.detect_encoding(raw))
+        # UTF-8, with or without a byte order mark (FHIR: servers should accept one).
+        text = raw.decode("utf-8-sig")
         value = _DECODER.decode(text)
     except DuplicateKey as exc:
         raise rejected(400, "structure", f"the body has the key {exc.args[0]!r} more than once "
@@ -237,6 +241,22 @@ async def read_json(request: Request, max_depth: int) -> Any:
         raise rejected(400, "structure", f"{where} has {what}: FHIR strings are Unicode text "
                        "without it (nor can a database store it)", where)
     return value
+
+
+def not_utf8(raw: bytes) -> None:
+    """415 for a body in another Unicode encoding (UTF-16 or UTF-32, with or without a byte
+    order mark), whatever its Content-Type says: FHIR JSON is UTF-8, and a charset other than
+    UTF-8 is refused already. Bytes that are no text in any of them are left to the reader
+    (400: not JSON)."""
+    encoding = json.detect_encoding(raw)  # from the BOM or the NUL bytes of the first four
+    if encoding in ("utf-8", "utf-8-sig"):
+        return
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError:
+        return
+    raise rejected(415, "not-supported", f"the body is encoded as {encoding.upper()}: FHIR "
+                   "JSON is UTF-8 (send the body as UTF-8, charset=utf-8 or no charset)")
 
 
 # What JSON may escape and no FHIR string holds (PostgreSQL text cannot store a NUL, and a lone
@@ -490,7 +510,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": total}
         if links := page_links(b, f"{rtype}/{rid}/_history", params, total):
             bundle["link"] = links
-        bundle["entry"] = [{
+        entries = [{
             "fullUrl": f"{b}/{rtype}/{rid}",
             **({"resource": v.resource} if v.resource is not None else {}),
             "request": {"method": v.method or ("DELETE" if v.deleted else "PUT"),
@@ -502,6 +522,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                              "warning", "conflict", "older than the current state when "
                              "received: kept in history, not applied")])})},
         } for v, new in zip(versions, created, strict=True)]
+        if entries:  # FHIR JSON has no empty arrays (ele-1): no versions, no entry
+            bundle["entry"] = entries
         return fhir_json(bundle)
 
     @router.get("/{rtype}/{rid}/_history/{vid}", summary="One stored version")
@@ -541,8 +563,9 @@ def searchset(base: str, rtype: str, total: int, rows: list[VersionRow],
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": total}
     if links:
         bundle["link"] = links
-    bundle["entry"] = [{"fullUrl": f"{base}/{rtype}/{r.id}", "resource": r.resource,
-                        "search": {"mode": "match"}} for r in rows]
+    if rows:  # FHIR JSON has no empty arrays (ele-1): no matches (or _count=0), no entry
+        bundle["entry"] = [{"fullUrl": f"{base}/{rtype}/{r.id}", "resource": r.resource,
+                            "search": {"mode": "match"}} for r in rows]
     return bundle
 
 
@@ -594,7 +617,8 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
             item["resource"] = searchset(base, outcome.resource_type, total, rows,
                                          page_links(base, outcome.resource_type, params, total))
         entries.append(item)
-    return {"resourceType": "Bundle", "type": kind, "entry": entries}
+    # A Bundle of no entries is answered with none (FHIR JSON has no empty arrays: ele-1).
+    return {"resourceType": "Bundle", "type": kind, **({"entry": entries} if entries else {})}
 
 
 _REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found",

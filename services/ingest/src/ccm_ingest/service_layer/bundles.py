@@ -394,10 +394,16 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     Consecutive creates and updates are stored together (``store_many``: a few statements for
     all of them); an entry that must look at the database first (a conditional create, an
     ``ifMatch``, a delete, a read) first flushes what is pending, so it sees every earlier entry.
+
+    The rows its DELETE entries name by id are locked first, all at once in (type, id) order:
+    each delete locks its row as it runs, in Bundle order, so concurrent transactions deleting
+    the same resources in other orders deadlocked; now they queue.
     """
+    repo = SqlResourceRepository(uow.session, caller.tenant)
+    await repo.lock_rows([(e.rtype, e.rid) for e in entries
+                          if e.method == "DELETE" and e.rid is not None])
     ids, deleted = await _resolve_ids(uow, caller, entries)
     _one_entry_per_resource(entries)
-    repo = SqlResourceRepository(uow.session, caller.tenant)
     unresolved: list[Issue] = []
     searched: dict[str, list] = {}  # conditional reference → what it found
     for e in entries:

@@ -546,9 +546,11 @@ def _patient_named(value: str, local_bases: tuple[str, ...]) -> str:
 
 
 _DATE_PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le", "sa", "eb")
+# ASCII digits only: ``\d`` also matches other scripts' digits, which int() reads (``٢٠٢٦`` as
+# 2026), and a FHIR date has none.
 _SEARCH_DATE = re.compile(
-    r"(?P<y>\d{4})(-(?P<m>\d{2})(-(?P<d>\d{2})(T(?P<H>\d{2}):(?P<M>\d{2})(:(?P<S>\d{2})"
-    r"(?P<f>\.\d+)?)?(?P<z>Z|[+-]\d{2}:\d{2})?)?)?)?")
+    r"(?P<y>[0-9]{4})(-(?P<m>[0-9]{2})(-(?P<d>[0-9]{2})(T(?P<H>[0-9]{2}):(?P<M>[0-9]{2})"
+    r"(:(?P<S>[0-9]{2})(?P<f>\.[0-9]+)?)?(?P<z>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?")
 
 
 def _later(low: datetime, step: timedelta) -> datetime:
@@ -724,8 +726,11 @@ HISTORY_PARAMS = {"_since", *PAGING}
 def history_params(params: list[tuple[str, str]]) -> tuple[datetime | None, int, int]:
     """(``_since``, ``_offset``, ``_count``) of a ``_history`` read: versions last updated at or
     after ``_since`` (any FHIR search date; its first instant), a page of ``_count`` (default
-    50) from ``_offset``; 400 for anything else."""
+    50) from ``_offset``; 400 for anything else, and for ``_since`` given twice (which one
+    would count is a guess)."""
     since = None
+    if sum(1 for name, _ in params if name == "_since") > 1:
+        raise rejected(400, "value", "_since is given more than once", "_since")
     for name, value in params:
         if name == "_since":
             try:
