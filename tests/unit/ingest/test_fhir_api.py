@@ -648,3 +648,35 @@ async def test_the_stu3_json_media_type_is_taken_as_a_body_as_accept_and_format_
     for refused in ("application/xml+fhir", "application/fhir+xml", "text/json+fhir"):
         r = await fhir.put("/fhir/Patient/s3", content=body, headers={"Content-Type": refused})
         assert r.status_code == 415, refused
+
+
+@pytest.mark.parametrize("prefer", [None, "return=representation"])
+async def test_a_write_only_token_reads_nothing_through_its_writes(fhir, prefer):
+    """A conditional create that finds a match answers with it, and a Bundle entry with its
+    resource when representation is preferred: a token with fhir:write but not fhir:read read
+    any Patient by MBI (or anything by _id) that way. It gets an OperationOutcome instead."""
+    from ccm_shared.tenancy import create_token
+
+    mbi = {"system": "http://hl7.org/fhir/sid/us-mbi", "value": "7QX5TK9MN42"}
+    stored = {"resourceType": "Patient", "identifier": [mbi], "name": [{"family": "Secretname"}],
+              "birthDate": "1950-02-03"}
+    assert (await fhir.post("/fhir/Patient", json=stored)).status_code == 201
+    writer = await create_token(fhir.runtime.db.engine, practice_id="alpha",
+                                scopes=("fhir:write",))
+    headers = {"Authorization": f"Bearer {writer}", **({"Prefer": prefer} if prefer else {})}
+    probe = {"resourceType": "Patient", "name": [{"family": "Probe"}]}
+    r = await fhir.post("/fhir/Patient", json=probe, headers={
+        **headers, "If-None-Exist": f"identifier={mbi['system']}|{mbi['value']}"})
+    assert r.status_code == 200 and r.json()["resourceType"] == "OperationOutcome", r.text
+    assert "Secretname" not in r.text and "1950" not in r.text
+    r = await fhir.post("/fhir", headers={**headers, "Prefer": "return=representation"}, json={
+        "resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": probe, "request": {"method": "POST", "url": "Patient",
+                                            "ifNoneExist": f"identifier={mbi['value']}"}}]})
+    assert r.status_code == 200 and "Secretname" not in r.text, r.text
+    assert "resource" not in r.json()["entry"][0]
+    # a token that may read gets what it asks for
+    r = await fhir.post("/fhir/Patient", json=probe, headers={
+        "Prefer": "return=representation",
+        "If-None-Exist": f"identifier={mbi['system']}|{mbi['value']}"})
+    assert r.json()["name"] == [{"family": "Secretname"}]

@@ -35,7 +35,7 @@ from ccm_ingest.entrypoints.outcomes import (
     fhir_json,
     operation_outcome,
     outcome_response,
-    prefer,
+    returned,
     version_headers,
     write_response,
 )
@@ -337,7 +337,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         caller = await caller_for(runtime, tenant, local_bases=local_bases(request))
         handlers.check_last_updated(write.resource, caller)
         outcome = await group.store(caller, write)
-        return write_response(request, outcome, base(request))
+        return write_response(request, outcome, base(request),
+                              may_read="fhir:read" in tenant.scopes)
 
     async def write(request: Request, tenant: Tenant, action) -> Response:  # noqa: ANN001
         tenant.require_scope("fhir:write")
@@ -346,7 +347,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             outcome: Outcome = await action(uow, caller)
             await uow.commit()
         wake_relay()
-        return write_response(request, outcome, base(request))
+        return write_response(request, outcome, base(request),
+                              may_read="fhir:read" in tenant.scopes)
 
     @router.get("/metadata", summary="CapabilityStatement: what this endpoint supports")
     async def metadata(request: Request) -> Response:
@@ -401,7 +403,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         wake_relay()
         # Entries carry no resources unless asked for (a 1,000-entry Bundle's answer stays small).
         return fhir_json(response_bundle(f"{kind}-response", results, base(request),
-                                         prefer(request, "minimal")))
+                                         returned(request, "fhir:read" in tenant.scopes,
+                                                  "minimal")))
 
     @router.post("/{rtype}/$validate", summary="Validate a resource (or Bundle) without storing")
     async def validate(rtype: str, request: Request, tenant: TenantDep,

@@ -73,12 +73,23 @@ def prefer(request: Request, default: str = "representation") -> str:
     return default
 
 
-def write_response(request: Request, outcome: Outcome, base: str) -> Response:
-    """Status, ETag/Location/Last-Modified, and the body ``Prefer: return=`` asks for."""
+def returned(request: Request, may_read: bool, default: str = "representation") -> str:
+    """What a write answers with (``Prefer: return=``): never a stored resource to a token
+    without ``fhir:read`` (a conditional create that finds a match answers with the match, and
+    a stale write with the current version: a write-only token would read them), which gets
+    an OperationOutcome instead."""
+    wanted = prefer(request, default)
+    return "OperationOutcome" if wanted == "representation" and not may_read else wanted
+
+
+def write_response(request: Request, outcome: Outcome, base: str, *,
+                   may_read: bool = True) -> Response:
+    """Status, ETag/Location/Last-Modified, and the body ``Prefer: return=`` asks for
+    (``returned``)."""
     headers = version_headers(outcome, base)
     if outcome.status == 204:
         return Response(status_code=204)
-    wanted = prefer(request)
+    wanted = returned(request, may_read)
     if wanted == "OperationOutcome" or outcome.outcome_body:
         return outcome_response(outcome.status, outcome.issues, headers)
     if wanted == "minimal" or outcome.version is None:
