@@ -253,3 +253,33 @@ async def test_the_dead_letter_reason_names_no_data_of_the_event(sqlite_db, fail
     reason = dead.header("dlq-reason").decode()
     assert "1950" not in reason
     assert reason == ("ValueError" if failure == "value" else "birthDate: int_parsing"), reason
+
+
+@pytest.mark.parametrize(("change", "rule"), [
+    ({"seconds": -100000}, "data.seconds: breaks 'minimum'"),
+    ({"unexpected": "field"}, "data.(root): breaks 'additionalProperties'"),
+    ({"serviceMonth": "2025-13"}, "data.serviceMonth: breaks"),
+])
+async def test_an_event_breaking_its_contract_is_dead_lettered_not_applied(sqlite_db, change,
+                                                                             rule):
+    """Consumers applied any data a well-formed envelope carried: a time entry of -100,000
+    seconds took a patient's billed time below zero. Its contract is checked first."""
+    from tests.unit.billing.events import time_logged
+
+    applied = []
+
+    async def handler(event, uow):
+        applied.append(event.data["seconds"])
+
+    good = time_logged("acme", "p1", "e1", 1200, "2025-03-03T10:00:00Z")
+    bad = good.model_copy(update={"id": "bad-1", "data": {**good.data, **change}})
+    bus = InProcessTransport()
+    runtime = ConsumerRuntime(name="contracts", topics=[TOPIC], handler=handler, db=sqlite_db,
+                              transport=bus, max_retries=3, backoff_initial=0, backoff_max=0)
+    for e in (bad, good):
+        await runtime.process(Message(TOPIC, e.to_json(), key=b"acme:p1"))
+    assert applied == [1200] and runtime.stats.retries == 0
+    (dead,) = bus.messages(dlq_topic(TOPIC))
+    reason = dead.header("dlq-reason").decode()
+    assert dead.header("dlq-error") == b"PoisonMessage" and rule in reason, reason
+    assert "100000" not in reason and "unexpected" not in reason

@@ -21,6 +21,7 @@ from sqlalchemy import bindparam
 
 from ccm_shared import audit
 from ccm_shared.db import Database, UnitOfWork, dialect_insert
+from ccm_shared.event_contracts import contract_violations
 from ccm_shared.events import CloudEvent, Message
 from ccm_shared.observability import (
     metrics,
@@ -90,10 +91,15 @@ def dlq_topic(topic: str) -> str:
 
 
 def decode(message: Message) -> CloudEvent:
+    """The message's event, its data checked against its contract (``event_contracts``);
+    PoisonMessage for one that is no CloudEvent or breaks its contract."""
     try:
-        return CloudEvent.from_json(message.value)
+        event = CloudEvent.from_json(message.value)
     except (ValidationError, ValueError, UnicodeDecodeError) as exc:
         raise PoisonMessage(f"not a valid CloudEvent: {type(exc).__name__}") from exc
+    if (broken := contract_violations(event.type, event.data)) is not None:
+        raise PoisonMessage(f"{event.type} breaks its contract: {broken}"[:500])
+    return event
 
 
 class ConsumerRuntime:
