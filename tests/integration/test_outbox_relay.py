@@ -12,8 +12,9 @@ from ccm_shared import outbox as outbox_module
 from ccm_shared.audit import audit_log
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.db import Database
-from ccm_shared.events import CloudEvent
+from ccm_shared.events import CloudEvent, Message
 from ccm_shared.outbox import LeadershipLost, OutboxRelay
+from ccm_shared.transport import InProcessTransport
 from tests.integration.conftest import eventually
 from tests.support.kafka_read import read_topic
 from tests.support.messaging import (
@@ -305,3 +306,25 @@ async def test_a_relay_whose_lock_session_ends_stands_down_and_takes_the_lock_ag
         assert len((await conn.execute(text(holders))).scalars().all()) == 1
     relay.stop()
     await asyncio.wait_for(again, timeout=10)
+
+
+async def test_the_consumers_log_lines_name_no_data_of_a_failing_event(pg_db, topic, capsys):
+    """(PostgreSQL: consumers apply batches there.) A failure inside a batch was logged with
+    the error's text, which may quote the event (a driver's error repeats the value it
+    refused)."""
+    async def fail(event, uow):
+        if event.data.get("value") == 1:
+            raise ValueError("Invalid isoformat string: '1950-02-03'")
+
+    bus = InProcessTransport(partitions=1)
+    await bus.send_batch([Message(topic, make_event(value=v).to_json(), key=b"acme:p1")
+                          for v in (1, 2, 3)])
+    runtime = ConsumerRuntime(name="quiet", topics=[topic], handler=fail, db=pg_db,
+                              transport=bus, max_retries=1, backoff_initial=0, backoff_max=0,
+                              poll_timeout=0.01)
+    await runtime.start()
+    while await runtime.run_once():
+        pass
+    logged = capsys.readouterr()
+    assert "event failed inside a batch" in logged.out + logged.err
+    assert "1950" not in logged.out + logged.err

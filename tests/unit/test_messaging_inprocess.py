@@ -283,3 +283,4 @@ async def test_an_event_breaking_its_contract_is_dead_lettered_not_applied(sqlit
     reason = dead.header("dlq-reason").decode()
     assert dead.header("dlq-error") == b"PoisonMessage" and rule in reason, reason
     assert "100000" not in reason and "unexpected" not in reason
+

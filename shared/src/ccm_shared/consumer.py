@@ -56,17 +56,20 @@ class PoisonMessage(Exception):
     message becomes the ``dlq-reason`` header, so it must name no data of the event (PHI)."""
 
 
-def dead_letter_reason(error: BaseException) -> str:
-    """The ``dlq-reason`` header: why a message was set aside, without its data (Kafka headers
-    carry no PHI). A PoisonMessage's own words; a validation error's places and rules, not its
-    input values; any other error's type alone (its message may quote the event: a date of
-    birth in a ValueError)."""
+def error_reason(error: BaseException) -> str:
+    """Why an event failed, without its data: the ``dlq-reason`` header (Kafka headers carry no
+    PHI) and the consumer's log lines (nor do logs). A PoisonMessage's own words; a validation
+    error's places and rules, not its input values; a database error's SQLSTATE (the driver's
+    text repeats the value it refused); any other error's type alone (its message may quote
+    the event: a date of birth in a ValueError)."""
     if isinstance(error, PoisonMessage):
         return str(error)[:500]
     if isinstance(error, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(event)'}: {e['type']}"
                          for e in error.errors(include_url=False, include_input=False)[:10])[:500]
-    return type(error).__name__
+    code = getattr(getattr(error, "orig", None), "sqlstate", None) or getattr(
+        getattr(error, "orig", None), "pgcode", None)
+    return f"{type(error).__name__} (SQLSTATE {code})" if code else type(error).__name__
 
 
 @dataclass
@@ -196,7 +199,7 @@ class ConsumerRuntime:
                 await self.prepare(event)
             except Exception as exc:  # noqa: BLE001 - retried alone by process()
                 log.info("prepare failed inside a batch; retrying it alone", consumer=self.name,
-                         error=type(exc).__name__, detail=str(exc)[:300])
+                         error=type(exc).__name__, reason=error_reason(exc))
                 return run[:i]
         return run
 
@@ -237,7 +240,7 @@ class ConsumerRuntime:
             except Exception as exc:  # noqa: BLE001 - rolled back: again, one savepoint each
                 log.info("event failed inside a batch; applying the batch again, each event in "
                          "a savepoint", consumer=self.name, error=type(exc).__name__,
-                         detail=str(exc)[:300])
+                         reason=error_reason(exc))
         return await self._commit_run(run, isolate=True)
 
     async def _commit_run(self, run: list[tuple[Message, CloudEvent]], *, isolate: bool) -> int:
@@ -260,7 +263,8 @@ class ConsumerRuntime:
                     if not isolate:
                         raise
                     log.info("event failed inside a batch; retrying it alone",
-                             consumer=self.name, error=type(exc).__name__, detail=str(exc)[:300])
+                             consumer=self.name, error=type(exc).__name__,
+                             reason=error_reason(exc))
                     handled = i
                     break
                 finally:
@@ -305,7 +309,7 @@ class ConsumerRuntime:
     async def _dead_letter(self, message: Message, error: BaseException, attempts: int) -> None:
         headers = tuple((k, v) for k, v in message.headers if not k.startswith("dlq-")) + (
             ("dlq-error", type(error).__name__.encode()),
-            ("dlq-reason", dead_letter_reason(error).encode()),
+            ("dlq-reason", error_reason(error).encode()),
             ("dlq-consumer", self.name.encode()),
             ("dlq-source", f"{message.topic}/{message.partition}/{message.offset}".encode()),
             ("dlq-attempts", str(attempts).encode()),
