@@ -9,17 +9,20 @@ from ccm_shared.migrate import upgrade_async
 from ccm_shared.service import ServiceRuntime, discover_services
 from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
+from ccm_shared.transport import KafkaTransport
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.mark.parametrize("service", ["ingest", "billing", "careplan", "notification"])
-async def test_cross_tenant_reads_answer_not_found_and_bad_tokens_401(infra, kafka, service):
+async def test_cross_tenant_reads_answer_not_found_and_bad_tokens_401(infra, service):
     definition = discover_services()[service]
     await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
     settings = load_settings(database_url=infra.database_url,
                              kafka_bootstrap_servers=infra.kafka_bootstrap_servers)
-    runtime = ServiceRuntime.build(definition, settings, transport=kafka)
+    # A transport of its own: stopping the runtime stops it.
+    runtime = ServiceRuntime.build(definition, settings, transport=KafkaTransport(
+        infra.kafka_bootstrap_servers, client_id=f"tenancy-{service}"))
     a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
     for pid in (a, b):
         await create_practice(runtime.db.engine, practice_id=pid, name=pid,
@@ -33,13 +36,20 @@ async def test_cross_tenant_reads_answer_not_found_and_bad_tokens_401(infra, kaf
             none = await client.get(f"/v1/practices/{a}")
             wrong = await client.get(f"/v1/practices/{a}", headers={"Authorization": "Bearer ccm_x"})
             ready = await client.get("/readyz")
+            # An API-only process uses no Kafka (events go to the outbox): its readiness does
+            # not depend on it; one running the relay checks it.
+            await runtime.start(consumers=False, relay=True, background=False)
+            relaying = await client.get("/readyz")
+            await runtime.stop()
     finally:
         await runtime.db.dispose()
     assert own.status_code == 200 and own.json()["id"] == a
     assert other.status_code == 404
     assert none.status_code == 401 and wrong.status_code == 401
     assert ready.status_code == 200, ready.text
-    checks = ready.json()["checks"]
+    assert ready.json()["checks"] == {"database": "ok"}, ready.text
+    assert relaying.status_code == 200, relaying.text
+    checks = relaying.json()["checks"]
     assert checks["database"] == "ok" and checks["kafka"] == "ok"
     assert set(checks.values()) == {"ok"}
 
