@@ -129,24 +129,15 @@ async def test_api_calls_are_audited_with_who_what_patient_and_outcome(platform_
     ("DELETE", "/fhir/Patient/p9"), ("GET", "/fhir/Encounter?patient=Patient/p9"),
     ("GET", "/fhir/Encounter?subject=http://t/fhir/Patient/p9"),
 ])
-async def test_fhir_calls_naming_a_patient_are_in_its_trail(platform_url, engine, method, path):
+async def test_fhir_calls_naming_a_patient_are_in_its_trail(alpha, engine, method, path):
     """Ingest's routes name the resource {rtype}/{rid}: its reads of a Patient were recorded
     without the patient, so the patient's trail (``audit-events?patient=``) missed them."""
-    ingest = discover_services()["ingest"]
-    await upgrade_async(platform_url, ingest.schema, ingest.migrations_package)
-    runtime = ServiceRuntime.build(ingest, load_settings(database_url=platform_url),
-                                   transport=InProcessTransport())
-    await create_practice(runtime.db.engine, practice_id="alpha", name="alpha", timezone="UTC",
-                          pricing=Pricing())
+    runtime, client = alpha
     token = await create_token(runtime.db.engine, practice_id="alpha", label="epic-prod")
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
-                                 base_url="http://t") as client:
-        h = {"Authorization": f"Bearer {token}"}
-        await client.request(method, path, headers=h)
-        await seal_all(engine)
-        trail = (await client.get("/v1/practices/alpha/audit-events?patient=p9",
-                                  headers=h)).json()
-    await runtime.db.dispose()
+    h = {"Authorization": f"Bearer {token}"}
+    await client.request(method, path, headers=h)
+    await seal_all(engine)
+    trail = (await client.get("/v1/practices/alpha/audit-events?patient=p9", headers=h)).json()
     (entry,) = [e["resource"] for e in trail["entry"]]
     assert {"reference": "Patient/p9"} in [e["what"] for e in entry["entity"]], entry
 
