@@ -21,6 +21,9 @@ from ccm_shared.settings import load_settings
     ("169.254.169.254", True), ("100.64.0.1", True), ("0.0.0.0", True), ("224.0.0.1", True),
     ("::1", True), ("::ffff:127.0.0.1", True), ("fe80::1", True), ("fc00::1", True),
     ("8.8.8.8", False), ("93.184.216.34", False), ("2606:4700:4700::1111", False),
+    # IPv4 carried in IPv6: NAT64 (DNS64 answers), its local-use prefix, 6to4
+    ("64:ff9b::a9fe:a9fe", True), ("64:ff9b::a00:1", True), ("64:ff9b:1::1", True),
+    ("2002:a00:1::1", True), ("64:ff9b::808:808", False), ("2002:808:808::1", False),
 ])
 def test_which_addresses_are_not_public(address, private):
     assert is_private(ipaddress.ip_address(address)) is private

@@ -23,10 +23,23 @@ import httpx
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+# IPv6 forms that carry an IPv4 address: NAT64's well-known prefix (its last 32 bits), which
+# DNS64 answers with on an IPv6-only network; its local-use prefix is private as a whole.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+
+
 def is_private(address: Address) -> bool:
-    """Not an address of the public internet (see the module's docstring)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Not an address of the public internet (see the module's docstring); an IPv4 address
+    carried in IPv6 (mapped, 6to4, NAT64) is judged as that IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return True
+        embedded = (address.ipv4_mapped or address.sixtofour
+                    or (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+                        if address in _NAT64 else None))
+        if embedded is not None:
+            address = embedded
     return not address.is_global or address.is_multicast
 
 

@@ -247,11 +247,20 @@ def mask_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
+    # user[:password]@: the password may hold '?', '/' or '@'. Up to the last '@' when no '?'
+    # comes before it (a password with '@' in it); else as SQLAlchemy reads it, to the first
+    # '@' (a password with '?' in it; a query's own '@' is not the userinfo's).
+    last = rest.rfind("@")
+    if last >= 0 and "?" not in rest[:last]:
+        found = re.match(r"([^:/@]*)(:.*)?@$", rest[:last + 1], re.DOTALL)
+    else:
+        found = re.match(r"([^:/@]*)(:[^@]*)?@", rest)
+    userinfo = ""
+    if found:
+        userinfo = f"{found.group(1)}{':***' if found.group(2) else ''}@"
+        rest = rest[found.end():]
     head, question, query = rest.partition("?")
-    userinfo, at, hostpath = head.rpartition("@")
-    if at:
-        user, colon, _password = userinfo.partition(":")
-        head = f"{user}{colon}{'***' if colon else ''}@{hostpath}"
+    head = userinfo + head
     if question:
         pairs = []
         for pair in query.split("&"):
