@@ -12,7 +12,7 @@ import httpcore
 import httpx
 import pytest
 
-from ccm_shared.outbound import GuardedBackend, is_private, outbound_transport
+from ccm_shared.outbound import GuardedBackend, is_private, outbound_client, outbound_transport
 from ccm_shared.settings import load_settings
 
 
@@ -98,3 +98,26 @@ def test_private_destinations_are_refused_in_production_by_default(monkeypatch, 
     if allow is not None:
         monkeypatch.setenv("CCM_OUTBOUND_ALLOW_PRIVATE", allow)
     assert load_settings().outbound_private_allowed is allowed
+
+
+async def test_a_proxy_set_in_the_environment_is_used(monkeypatch):
+    """httpx reads HTTP(S)_PROXY only for a client given no transport; the guarded clients are
+    given one, and went around an egress proxy the operator had set."""
+    seen = []
+
+    async def proxy(reader, writer):
+        seen.append((await reader.readline()).decode().strip())
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        async with outbound_client(allow_private=False, timeout=5) as client:
+            answer = await client.get("http://receiver.example/hook")
+    finally:
+        server.close()
+    assert answer.status_code == 204 and seen == ["GET http://receiver.example/hook HTTP/1.1"]

@@ -6,8 +6,9 @@ Each connection resolves the host itself, refuses it when any address it resolve
 public one (loopback, private, link-local such as a cloud's metadata service at
 169.254.169.254, shared, reserved, multicast; IPv4 in IPv6 too) and then connects to an address
 it checked, so a name that resolves differently a moment later (DNS rebinding) cannot slip
-through. TLS still verifies the certificate against the URL's host name. A request through a
-proxy set in the environment is the proxy's to police.
+through. TLS still verifies the certificate against the URL's host name. A proxy set in the
+environment (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``; ``NO_PROXY``) is used as httpx
+uses it (``outbound_mounts``): a request through it is the proxy's to police.
 """
 
 from __future__ import annotations
@@ -85,6 +86,22 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self.inner.sleep(seconds)
+
+
+def outbound_mounts() -> dict[str, httpx.AsyncBaseTransport | None]:
+    """The environment's proxies as an ``httpx.AsyncClient``'s mounts: httpx reads them only for
+    a client given no transport of its own, and these clients are given one. A host
+    ``NO_PROXY`` names maps to None: the client's own (guarded) transport."""
+    from httpx._utils import get_environment_proxies  # httpx's own reading of the variables
+
+    return {pattern: httpx.AsyncHTTPTransport(proxy=proxy) if proxy else None
+            for pattern, proxy in get_environment_proxies().items()}
+
+
+def outbound_client(*, allow_private: bool, **options: object) -> httpx.AsyncClient:
+    """A client for practices' addresses: guarded transport, the environment's proxies."""
+    return httpx.AsyncClient(transport=outbound_transport(allow_private=allow_private),
+                             mounts=outbound_mounts(), **options)  # type: ignore[arg-type]
 
 
 def outbound_transport(*, allow_private: bool) -> httpx.AsyncHTTPTransport:

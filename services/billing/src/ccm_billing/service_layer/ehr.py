@@ -84,9 +84,11 @@ async def _load(db: Database, delivery_id: str):  # noqa: ANN202
 
 
 async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBaseTransport | None = None,
+                      mounts: dict | None = None,
                       max_attempts: int = 8, backoff: float = 30.0, backoff_max: float = 3600.0,
                       timeout: float = 15.0, limit: int = 50) -> dict[str, int]:
-    """Send the deliveries that are due; returns counts by outcome."""
+    """Send the deliveries that are due; returns counts by outcome. ``transport`` and
+    ``mounts``: the client's (``ccm_shared.outbound``: guarded, the environment's proxies)."""
     d = orm.ehr_deliveries
     async with db.unit_of_work() as uow:
         due = (await uow.session.execute(
@@ -95,7 +97,7 @@ async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBase
     counts = {"delivered": 0, "retrying": 0, "failed": 0}
     if not due:
         return counts
-    async with httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+    async with httpx.AsyncClient(transport=transport, mounts=mounts, timeout=timeout) as client:
         for delivery_id in due:
             row, endpoint, invoice, items = await _load(db, delivery_id)
             status, error = None, None

@@ -23,7 +23,7 @@ from ccm_notification.service_layer.notify import Notifier
 from ccm_notification.subscriptions.domain import FEED_TYPES
 from ccm_notification.subscriptions.service import SubscriptionDeliverer, feed_handler, feed_topics
 from ccm_notification.subscriptions.topics import PracticeTopics
-from ccm_shared.outbound import outbound_transport
+from ccm_shared.outbound import outbound_client
 from ccm_shared.service import BackgroundJob, ConsumerSpec, ServiceRuntime, sleep_unless_stopped
 from ccm_shared.tables import practices
 
@@ -44,9 +44,8 @@ def notifier_of(runtime: ServiceRuntime) -> Notifier:
 def http_client_of(runtime: ServiceRuntime) -> httpx.AsyncClient:
     """One HTTP client for every outgoing webhook and FHIR request (closed with the dispatcher)."""
     if "http_client" not in runtime.state:
-        runtime.state["http_client"] = httpx.AsyncClient(
-            follow_redirects=False,
-            transport=outbound_transport(allow_private=runtime.settings.outbound_private_allowed))
+        runtime.state["http_client"] = outbound_client(
+            allow_private=runtime.settings.outbound_private_allowed, follow_redirects=False)
     return runtime.state["http_client"]
 
 
