@@ -54,7 +54,7 @@ def runtime(tmp_path, job: Flaky) -> ServiceRuntime:
 
 
 async def test_a_failing_background_task_is_logged_and_started_again(tmp_path, monkeypatch,
-                                                                       capsys):
+                                                                       capsys, caplog):
     monkeypatch.setattr(service_module, "TASK_RESTART_INITIAL_SECONDS", 0.2)
     job = Flaky(failures=2)
     rt = runtime(tmp_path, job)
@@ -63,7 +63,7 @@ async def test_a_failing_background_task_is_logged_and_started_again(tmp_path, m
     checks = await rt.readiness()
     assert checks["job-flaky"] == "restarting after ConnectionError", checks
     logged = capsys.readouterr()
-    assert "background task failed; starting it again" in logged.out + logged.err
+    assert "background task failed; starting it again" in logged.out + logged.err + caplog.text
     await asyncio.wait_for(job.running.wait(), timeout=5)
     assert job.runs == 3
     checks = await rt.readiness()
