@@ -53,17 +53,19 @@ def runtime(tmp_path, job: Flaky) -> ServiceRuntime:
     return rt
 
 
-async def test_a_failing_background_task_is_logged_and_started_again(tmp_path, monkeypatch,
-                                                                       capsys, caplog):
+async def test_a_failing_background_task_is_logged_and_started_again(tmp_path, monkeypatch):
+    from structlog.testing import capture_logs
+
     monkeypatch.setattr(service_module, "TASK_RESTART_INITIAL_SECONDS", 0.2)
     job = Flaky(failures=2)
     rt = runtime(tmp_path, job)
-    await rt.start(consumers=False, relay=False)
-    await asyncio.sleep(0.05)
+    with capture_logs() as logged:
+        await rt.start(consumers=False, relay=False)
+        await asyncio.sleep(0.05)
     checks = await rt.readiness()
     assert checks["job-flaky"] == "restarting after ConnectionError", checks
-    logged = capsys.readouterr()
-    assert "background task failed; starting it again" in logged.out + logged.err + caplog.text
+    assert any(e["event"] == "background task failed; starting it again" and e["task"] ==
+               "job-flaky" for e in logged), logged
     await asyncio.wait_for(job.running.wait(), timeout=5)
     assert job.runs == 3
     checks = await rt.readiness()
