@@ -46,7 +46,7 @@ def refused_line(result, variable: str) -> str:
 
 
 @pytest.mark.parametrize(("variable", "value"), BAD_VALUES)
-@pytest.mark.parametrize("command", [["config"], ["serve", "all"], ["contracts"]])
+@pytest.mark.parametrize("command", [["config"], ["serve", "all"], ["contracts"], ["migrate"]])
 def test_a_bad_value_is_one_line_naming_it(monkeypatch, tmp_path, command, variable, value):
     monkeypatch.chdir(tmp_path)  # `ccm contracts` would write here
     if variable != "CCM_DATABASE_URL":  # serve needs one; the services' settings come next
@@ -159,3 +159,58 @@ def test_help_paragraphs_have_no_hard_line_breaks():
     for text in helps(cli.app):
         for paragraph in (text or "").split("\n\n"):
             assert "\n" not in paragraph or paragraph.startswith("\b"), paragraph
+
+
+@pytest.mark.parametrize("args", [["token", "list", "--practice", "demo"],
+                                  ["practice", "create", "--id", "x", "--name", "X",
+                                   "--timezone", "UTC"],
+                                  ["audit", "verify"]])
+@pytest.mark.parametrize("where", ["missing-file", "not-migrated"])
+def test_a_database_never_migrated_is_one_line_and_creates_nothing(monkeypatch, tmp_path, args,
+                                                                   where):
+    """A mistyped SQLite path made empty database files and a 100-line traceback (no such
+    table), and `ccm audit verify` said all was well."""
+    path = tmp_path / "nowhere" / "platform.db"
+    if where == "not-migrated":
+        path.parent.mkdir()
+        path.touch()
+    monkeypatch.setenv("CCM_DATABASE_URL", f"sqlite+aiosqlite:///{path}")
+    result = ccm(*args)
+    assert result.exit_code == cli.EXIT_UNREACHABLE, result.output
+    assert "Traceback" not in result.output and "run `ccm migrate`" in result.stderr
+    if where == "missing-file":
+        assert not path.parent.exists()
+
+
+def test_up_refuses_ports_in_use_before_anything_runs(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = ccm("up", "--data-dir", str(tmp_path / "data"),
+                     "--ports", f"{port},{port + 1},{port + 2},{port + 3}")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--pricing", "percent-of-medicare", "--percent", "-5"], "--percent -5: more than 0"),
+    (["--pricing", "percent-of-medicare", "--percent", "150"], "at most 100"),
+    (["--pricing", "per-code", "--rate", "99490=-5"], "an amount of at least 0"),
+    (["--pricing", "per-code", "--rate", "99490=1.005"], "at most two decimals"),
+    (["--pricing", "per-code", "--rate", "99999=1"], "--rate 99999: not a code billing bills"),
+    (["--pricing", "flat-per-patient", "--flat-fee", "-40"], "--flat-fee -40"),
+    (["--pricing", "percent-of-medicare", "--flat-fee", "40"], "--flat-fee is for"),
+    (["--pricing", "percent-of-medicare", "--rate", "99490=42"], "--rate is for"),
+    (["--due-days", "-3"], "greater than or equal to 1"),
+])
+def test_impossible_pricing_is_refused(monkeypatch, tmp_path, options, message):
+    """A negative percent gave a negative invoice that could never be paid."""
+    monkeypatch.setenv("CCM_DATABASE_URL", UNREACHABLE)  # refused before connecting
+    result = ccm("practice", "create", "--id", "x", "--name", "X", "--timezone", "UTC",
+                 *options)
+    assert result.exit_code == 2, result.output
+    assert message in result.output

@@ -9,6 +9,7 @@ import inspect
 import signal
 import sys
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -110,16 +111,36 @@ def _unreachable_reason(url: str, exc: BaseException) -> str:
     return f"{mask_url(url)}: {text}"
 
 
-async def _connected(url: str):  # noqa: ANN202
+async def _connected(url: str, *, migrated: bool = False):  # noqa: ANN202
     """An engine on the platform database once a connection to it has succeeded; _Unreachable
-    (with the reason, never the password) if none can be made."""
-    from ccm_shared.db import create_engine_for
+    (with the reason, never the password) if none can be made. ``migrated``: the platform's
+    tables must be there too (a command that reads them; on SQLite the file must exist: a
+    connection would create it, and a mistyped path gave empty files and a traceback)."""
+    from sqlalchemy import select
+    from sqlalchemy.engine import make_url
 
+    from ccm_shared.db import create_engine_for
+    from ccm_shared.tables import practices
+
+    if migrated and url.startswith("sqlite"):
+        path = make_url(url).database or ""
+        if not Path(path).is_file():
+            raise _Unreachable(f"{mask_url(url)}: no database file at {Path(path).resolve()} "
+                               "(a relative path is taken from the current folder): check the "
+                               "path, or run `ccm migrate` first")
     engine = None
     try:
         engine = create_engine_for(url, schema=None)
-        async with engine.connect():
-            pass
+        async with engine.connect() as conn:
+            if migrated:
+                try:
+                    await conn.execute(select(practices.c.id).limit(1))
+                except Exception:  # noqa: BLE001 - no such table: never migrated here
+                    raise _Unreachable(f"{mask_url(url)}: the platform's tables are not there: "
+                                       "run `ccm migrate` first (or check the URL)") from None
+    except _Unreachable:
+        await engine.dispose()
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever stops the first connection
         if engine is not None:
             await engine.dispose()
@@ -161,6 +182,7 @@ def migrate(
 
     definitions = _services(service)  # an unknown name is refused before anything is migrated
     settings = _settings()
+    _service_settings(definitions)  # a Job that migrates must not succeed for pods that crash
     _check_database(settings.database_url)
     typer.echo("migrating platform …", err=True)
     upgrade_platform(settings.database_url)
@@ -168,6 +190,14 @@ def migrate(
         typer.echo(f"migrating {definition.name} …", err=True)
         upgrade(settings.database_url, definition.schema, definition.migrations_package)
     typer.echo("migrations are up to date", err=True)
+
+
+# The codes a per-code contract may price: CCM's CPT codes and the initiating visit's G0506.
+CCM_CODES = ("99490", "99439", "99491", "99437", "99487", "99489", "G0506")
+
+
+def _money(amount: Decimal) -> bool:
+    return amount.is_finite() and amount >= 0 and amount == amount.quantize(Decimal("0.01"))
 
 
 def _pricing(model: str, rate: list[str], percent: str | None, flat_fee: str | None, due_days: int):  # noqa: ANN202
@@ -184,6 +214,21 @@ def _pricing(model: str, rate: list[str], percent: str | None, flat_fee: str | N
         flat = Decimal(flat_fee) if flat_fee is not None else None
     except InvalidOperation:
         _fail("amounts must be decimal numbers such as 42.50")
+    # A negative rate, fee or percent made invoices negative (never payable); a rate for a code
+    # billing never bills, or for another model, was kept and silently unused.
+    for code, amount in rates.items():
+        if code not in CCM_CODES:
+            _fail(f"--rate {code}: not a code billing bills; one of {', '.join(CCM_CODES)}")
+        if not _money(amount):
+            _fail(f"--rate {code}={amount}: an amount of at least 0 with at most two decimals")
+    if flat is not None and not _money(flat):
+        _fail(f"--flat-fee {flat}: an amount of at least 0 with at most two decimals")
+    if pct is not None and not (pct.is_finite() and 0 < pct <= 100):
+        _fail(f"--percent {pct}: more than 0 and at most 100")
+    if rates and model != "per-code":
+        _fail("--rate is for --pricing per-code")
+    if flat is not None and model != "flat-per-patient":
+        _fail("--flat-fee is for --pricing flat-per-patient")
     if model == "per-code" and not rates:
         _fail("--pricing per-code needs at least one --rate CODE=AMOUNT")
     if model == "percent-of-medicare" and pct is None:
@@ -206,7 +251,9 @@ def practice_create(
         str | None, typer.Option(help="Percent of the Medicare amount billed")
     ] = "35",
     flat_fee: Annotated[str | None, typer.Option(help="Flat fee per billable patient")] = None,
-    due_days: Annotated[int, typer.Option(help="Invoice payment terms in days")] = 30,
+    due_days: Annotated[
+        int, typer.Option(min=1, max=365, help="Invoice payment terms in days (1-365)")
+    ] = 30,
 ) -> None:
     """Register a client practice (a tenant)."""
     from ccm_shared.tenancy import create_practice
@@ -283,7 +330,7 @@ def _with_engine(work):  # noqa: ANN001, ANN202
     settings = _settings()
 
     async def run():  # noqa: ANN202
-        engine = await _connected(settings.database_url)
+        engine = await _connected(settings.database_url, migrated=True)
         try:
             return await work(engine)
         finally:
@@ -419,13 +466,17 @@ def up(
     CCM_KAFKA_BOOTSTRAP_SERVERS set, on PostgreSQL and Kafka instead. Creates a demo practice,
     prints its API token and the URLs. Ctrl-C stops; a restart keeps the data."""
     import os
-    from pathlib import Path
 
     from ccm_shared.migrate import upgrade, upgrade_platform
     from ccm_shared.observability import configure_logging
     from ccm_shared.service import discover_services
 
     external = os.environ.get("CCM_DATABASE_URL") and os.environ.get("CCM_KAFKA_BOOTSTRAP_SERVERS")
+    if not external and (os.environ.get("CCM_DATABASE_URL")
+                         or os.environ.get("CCM_KAFKA_BOOTSTRAP_SERVERS")):
+        typer.echo("[ccm up] warning: only one of CCM_DATABASE_URL and "
+                   "CCM_KAFKA_BOOTSTRAP_SERVERS is set; running embedded in --data-dir (set both "
+                   "for PostgreSQL and Kafka)", err=True)
     folder = Path(data_dir).resolve()
     overrides = {} if external else {"database_url": f"sqlite+aiosqlite:///{folder}/platform.db"}
     settings = _settings(**overrides)
@@ -440,6 +491,10 @@ def up(
     if len(port_list) != len(definitions):
         names = ", ".join(d.name for d in definitions)
         _fail(f"--ports needs {len(definitions)} numbers ({names})")
+    for port in port_list:  # before anything is migrated or printed as running
+        if (problem := _port_taken(host, port)) is not None:
+            _fail(f"cannot listen on {host}:{port}: {problem}; pass other --ports "
+                  "(ingest,billing,careplan,notification)")
     folder.mkdir(parents=True, exist_ok=True)
     mode = "PostgreSQL + Kafka" if external else f"embedded ({folder})"
     typer.echo(f"[ccm up] {mode}: migrating …", err=True)
@@ -515,6 +570,20 @@ async def _ensure_demo_practice(settings, practice: str, timezone: str, folder) 
         return token
     finally:
         await engine.dispose()
+
+
+def _port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, not an address here), else None."""
+    import socket
+
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _run_server(main) -> None:  # noqa: ANN001
@@ -613,7 +682,6 @@ def demo(
     deployment): push FHIR transaction Bundles to ingest, wait for billing, close the month and
     write the billing report, Invoice and ChargeItems, care-plan tracker, notifications and an
     audit packet to --out, then print a summary. Uses only the services' HTTP APIs."""
-    from pathlib import Path
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -674,7 +742,6 @@ def contracts(
 ) -> None:
     """Write the AsyncAPI document and each service's OpenAPI document from the code."""
     import json
-    from pathlib import Path
 
     from ccm_shared.service import discover_services
 
@@ -729,7 +796,6 @@ def events(
     the embedded mode's event log (`ccm up` without Kafka: --data-dir, or a sqlite
     CCM_DATABASE_URL)."""
     import json
-    from pathlib import Path
 
     from ccm_shared.db import is_sqlite
     from ccm_shared.embedded import EmbeddedLogTransport
