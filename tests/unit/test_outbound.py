@@ -121,3 +121,12 @@ async def test_a_proxy_set_in_the_environment_is_used(monkeypatch):
     finally:
         server.close()
     assert answer.status_code == 204 and seen == ["GET http://receiver.example/hook HTTP/1.1"]
+
+
+async def test_a_webhook_to_a_refused_address_fails_at_once_with_the_reason():
+    """Notification's webhook deliveries to a refused address: no retries, the reason kept."""
+    from ccm_notification.adapters.channels import post_signed
+
+    async with outbound_client(allow_private=False) as client:
+        result = await post_signed(client, "http://127.0.0.1:9/hook", b"{}", "secret", 0, {}, 5)
+    assert result.permanent and result.response.startswith("refused: 127.0.0.1 resolves to")

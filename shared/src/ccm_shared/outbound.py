@@ -49,6 +49,17 @@ class RefusedDestination(httpcore.ConnectError):
     ``httpx.ConnectError`` with this message)."""
 
 
+def refusal(error: BaseException) -> str | None:
+    """The reason, when ``error`` (an ``httpx.ConnectError``) is a refused destination: a
+    delivery that can never succeed, to fail at once with it rather than retry."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, RefusedDestination):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class GuardedBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend, connecting only to public addresses it resolved itself."""
 

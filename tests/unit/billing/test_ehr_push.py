@@ -114,3 +114,21 @@ async def test_no_endpoint_no_push(billing):
     await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")
     assert (await api(billing).get("/v1/practices/alpha/ehr-deliveries")).json() == {"deliveries": []}
     assert (await api(billing).get("/v1/practices/alpha/ehr-endpoint")).status_code == 404
+
+
+async def test_a_push_to_a_refused_address_fails_at_once_with_the_reason(billing):
+    """An EHR endpoint on the platform's own network (outgoing requests refuse it in
+    production): the delivery said only 'ConnectError' and was retried 8 times."""
+    from ccm_shared.outbound import outbound_transport
+
+    a = api(billing)
+    await a.put("/v1/practices/alpha/ehr-endpoint", json={"baseUrl": "http://127.0.0.1:9/fhir"})
+    await march_practice(billing)
+    now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    billing.state["clock"].now = now
+    await a.post("/v1/practices/alpha/billing-periods/2025-03/close")
+    assert await deliver_due(billing.db, now, transport=outbound_transport(allow_private=False)
+                             ) == {"delivered": 0, "retrying": 0, "failed": 1}
+    (delivery,) = (await a.get("/v1/practices/alpha/ehr-deliveries")).json()["deliveries"]
+    assert delivery["status"] == "failed" and delivery["attempts"] == 1
+    assert delivery["lastError"].startswith("refused: 127.0.0.1 resolves to 127.0.0.1")

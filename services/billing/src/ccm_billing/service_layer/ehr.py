@@ -22,6 +22,7 @@ from sqlalchemy import bindparam, select, update
 from ccm_billing.adapters import filed, orm
 from ccm_shared.db import Database, UnitOfWork
 from ccm_shared.errors import InvalidInput
+from ccm_shared.outbound import refusal
 from ccm_shared.text import http_url_problem
 
 log = structlog.get_logger(__name__)
@@ -100,9 +101,9 @@ async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBase
     async with httpx.AsyncClient(transport=transport, mounts=mounts, timeout=timeout) as client:
         for delivery_id in due:
             row, endpoint, invoice, items = await _load(db, delivery_id)
-            status, error = None, None
+            status, error, permanent = None, None, False
             if endpoint is None:
-                error = "endpoint removed"
+                error, permanent = "endpoint removed", True
             else:
                 headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
                 if endpoint.authorization:
@@ -114,12 +115,15 @@ async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBase
                     if not response.is_success:
                         error = f"HTTP {status}"
                 except httpx.HTTPError as exc:
-                    error = type(exc).__name__
+                    if (reason := refusal(exc)) is not None:  # never reachable: not retried
+                        error, permanent = f"refused: {reason}"[:500], True
+                    else:
+                        error = type(exc).__name__
             attempts = row.attempts + 1
             if error is None:
                 values = {"status": "delivered", "delivered_at": now, "last_error": None}
                 counts["delivered"] += 1
-            elif attempts >= max_attempts or endpoint is None:
+            elif attempts >= max_attempts or permanent:
                 values = {"status": "failed", "last_error": error}
                 counts["failed"] += 1
             else:

@@ -21,6 +21,7 @@ import httpx
 from ccm_notification.config import NotificationSettings
 from ccm_notification.domain.kinds import KINDS
 from ccm_notification.domain.signing import webhook_secret, webhook_signature
+from ccm_shared.outbound import refusal
 
 SIGNATURE_HEADER = "X-CCM-Signature"
 RETRYABLE_HTTP = frozenset({408, 425, 429})
@@ -184,8 +185,16 @@ async def post_signed(
     try:
         response = await client.post(url, content=body, headers=all_headers, timeout=timeout)
     except httpx.HTTPError as exc:
-        return DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
+        return _failed(exc)
     return _http_result(response)
+
+
+def _failed(exc: httpx.HTTPError) -> DeliveryResult:
+    """A request that got no answer: retried, unless its destination is refused (never
+    reachable: failed at once, with the reason)."""
+    if (reason := refusal(exc)) is not None:
+        return DeliveryResult(False, f"refused: {reason}"[:500], permanent=True)
+    return DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
 
 
 def communication(out: Outgoing, sent: datetime) -> dict:
@@ -252,5 +261,5 @@ class FhirChannel:
                 timeout=self.settings.webhook_timeout_seconds,
             )
         except httpx.HTTPError as exc:
-            return DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
+            return _failed(exc)
         return _http_result(response)
