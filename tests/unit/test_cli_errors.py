@@ -103,7 +103,19 @@ def test_config_masks_every_secret_by_one_rule(monkeypatch):
     assert shown["CCM_KAFKA_SASL_PASSWORD"] == shown["CCM_SECRET_KEY"] == "***"
     assert shown["CCM_NOTIFICATION_SMTP_PASSWORD"] == "***"
     assert shown["CCM_NOTIFICATION_PUBLIC_BASE_URL"] == "https://user:***@notify.example.org"
-    assert shown["CCM_KAFKA_SASL_USERNAME"] == "None"  # unset secrets-to-be are not hidden
+    assert shown["CCM_KAFKA_SASL_USERNAME"] == ""  # unset, as the environment has it
+
+
+def test_config_shows_values_as_the_environment_takes_them(monkeypatch):
+    """A list was shown as a Python tuple, and an unset value whose default depends on
+    CCM_ENV as None."""
+    monkeypatch.setenv("CCM_ENV", "development")
+    result = ccm("config")
+    assert result.exit_code == 0, result.output
+    shown = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    assert shown["CCM_BILLING_ALERT_DAYS"] == "[7, 3]"
+    assert shown["CCM_LOG_JSON"] == "true"
+    assert shown["CCM_OUTBOUND_ALLOW_PRIVATE"] == "  # unset: true (CCM_ENV=development)"
 
 
 @pytest.mark.parametrize(

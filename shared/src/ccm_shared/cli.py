@@ -859,13 +859,29 @@ def show_config() -> None:
 
     settings = _settings(require_db=False)
     own = _service_settings(discover_services().values())
-    for name, value in settings.model_dump().items():
-        typer.echo(f"CCM_{name.upper()}={masked(name, value)}")
+    effective = {"outbound_allow_private": settings.outbound_private_allowed}  # unset: by CCM_ENV
+    for name, value in settings.model_dump(mode="json").items():
+        shown = effective.get(name, value) if value is None else value
+        note = f"  # unset: {_shown(shown)} (CCM_ENV={settings.env})" if value is None \
+            and name in effective else ""
+        typer.echo(f"CCM_{name.upper()}={_shown(masked(name, value))}{note}")
     for definition, service_settings in own:  # secrets masked by the same rule
         prefix = definition.settings_model.model_config.get("env_prefix", "CCM_").upper()
         typer.echo(f"# {definition.name}")
-        for name, value in service_settings.model_dump().items():
-            typer.echo(f"{prefix}{name.upper()}={masked(name, value)}")
+        for name, value in service_settings.model_dump(mode="json").items():
+            typer.echo(f"{prefix}{name.upper()}={_shown(masked(name, value))}")
+
+
+def _shown(value: object) -> str:
+    """A setting's value as the environment would give it: lists as JSON, booleans lowercase,
+    an unset one empty."""
+    import json
+
+    if value is None:
+        return ""
+    if isinstance(value, bool | list | dict):
+        return json.dumps(value)
+    return str(value)
 
 
 def _platform_commands() -> set[str]:
