@@ -163,6 +163,18 @@ def test_prod_notification_settings_are_the_operators_not_the_code_defaults(rend
         assert setting in checklist, f"the first-install checklist does not name {setting}"
 
 
+def test_prod_fhir_urls_name_the_public_https_base(rendered) -> None:
+    """TLS ends at the ingress: without CCM_INGEST_FHIR_BASE_URL, Location and fullUrl were
+    built from the request the pod saw (http://)."""
+    docs = rendered["prod"]
+    (ingress,) = [i for i in _kind(docs, "Ingress") if i["metadata"]["name"] == "ingest-fhir"]
+    host = ingress["spec"]["rules"][0]["host"]
+    base = _one(docs, "ConfigMap", "ingest-overrides")["data"]["CCM_INGEST_FHIR_BASE_URL"]
+    assert base == f"https://{host}/fhir"
+    checklist = (ROOT / "deploy/README.md").read_text().split("### First install", 1)[1]
+    assert "CCM_INGEST_FHIR_BASE_URL" in checklist.split("\n### ", 1)[0]
+
+
 # -- M4: session-level advisory locks ----------------------------------------------------------
 
 
