@@ -6,10 +6,12 @@ from datetime import UTC, datetime
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
 from ccm_shared.consumer import ConsumerRuntime, dlq_topic
 from ccm_shared.events import CloudEvent, EventDraft, Message
 from ccm_shared.outbox import OutboxRelay
+from ccm_shared.tables import inbox_table
 from ccm_shared.transport import InProcessTransport
 from tests.support.messaging import (
     effect_rows,
@@ -126,8 +128,8 @@ async def test_poison_event_goes_to_dlq_after_retries_and_partition_keeps_flowin
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 async def test_any_order_and_number_of_deliveries_applies_each_event_once(tmp_path_factory, data):
-    from ccm_shared.db import Database
     from ccm_shared.audit import audit_metadata
+    from ccm_shared.db import Database
     from tests.support.messaging import metadata
 
     folder = tmp_path_factory.mktemp("prop")
@@ -283,4 +285,9 @@ async def test_an_event_breaking_its_contract_is_dead_lettered_not_applied(sqlit
     reason = dead.header("dlq-reason").decode()
     assert dead.header("dlq-error") == b"PoisonMessage" and rule in reason, reason
     assert "100000" not in reason and "unexpected" not in reason
+    # its inbox row says whose it was: a practice's set-aside events can be found
+    async with sqlite_db.engine.connect() as conn:
+        rows = (await conn.execute(select(inbox_table.c.tenant, inbox_table.c.outcome).where(
+            inbox_table.c.consumer == "contracts"))).all()
+    assert ("acme", "dead-lettered") in [tuple(r) for r in rows]
 

@@ -89,6 +89,22 @@ class ConsumerStats:
     partitions: set[Partition] = field(default_factory=set)
 
 
+def message_tenant(message: Message) -> str | None:
+    """The practice a message says it is for, without reading its body (which may be no
+    event at all): its ``ce_tenant`` header, else its key's ``{tenant}[:{patient}]``; None when
+    neither names one. A dead-lettered message's inbox row carries it, so a practice's set-aside
+    events can be found."""
+    from ccm_shared.tenancy import PRACTICE_ID
+
+    header = next((v for k, v in message.headers if k == "ce_tenant"), None)
+    for candidate in (header, (message.key or b"").split(b":", 1)[0]):
+        if candidate:
+            text = candidate.decode("utf-8", errors="replace")
+            if PRACTICE_ID.match(text):
+                return text
+    return None
+
+
 def dlq_topic(topic: str) -> str:
     return topic + DLQ_SUFFIX
 
@@ -295,7 +311,7 @@ class ConsumerRuntime:
                 .values(
                     consumer=self.name,
                     event_id=event_id,
-                    tenant=None,
+                    tenant=message_tenant(message),
                     topic=message.topic,
                     partition=message.partition,
                     offset=message.offset,
