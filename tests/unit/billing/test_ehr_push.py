@@ -85,13 +85,19 @@ async def test_invoice_push_retries_with_backoff_and_is_logged(billing):
         urls[:2])
 
 
-async def test_a_push_that_keeps_failing_is_marked_failed_and_can_be_retried(billing):
+async def closed_march_with_endpoint(billing, base_url: str):  # noqa: ANN001, ANN201
+    """Alpha's March closed (its Invoice queued for the EHR at ``base_url``): (client, now)."""
     a = api(billing)
-    await a.put("/v1/practices/alpha/ehr-endpoint", json={"baseUrl": "https://ehr.example.org/fhir"})
+    await a.put("/v1/practices/alpha/ehr-endpoint", json={"baseUrl": base_url})
     await march_practice(billing)
     now = datetime(2025, 4, 2, 12, tzinfo=UTC)
     billing.state["clock"].now = now
     await a.post("/v1/practices/alpha/billing-periods/2025-03/close")
+    return a, now
+
+
+async def test_a_push_that_keeps_failing_is_marked_failed_and_can_be_retried(billing):
+    a, now = await closed_march_with_endpoint(billing, "https://ehr.example.org/fhir")
     transport = httpx.MockTransport(Ehr(500, 500))
     await deliver_due(billing.db, now, transport=transport, max_attempts=2, backoff=1)
     result = await deliver_due(billing.db, now + timedelta(seconds=5), transport=transport,
@@ -121,12 +127,7 @@ async def test_a_push_to_a_refused_address_fails_at_once_with_the_reason(billing
     production): the delivery said only 'ConnectError' and was retried 8 times."""
     from ccm_shared.outbound import outbound_transport
 
-    a = api(billing)
-    await a.put("/v1/practices/alpha/ehr-endpoint", json={"baseUrl": "http://127.0.0.1:9/fhir"})
-    await march_practice(billing)
-    now = datetime(2025, 4, 2, 12, tzinfo=UTC)
-    billing.state["clock"].now = now
-    await a.post("/v1/practices/alpha/billing-periods/2025-03/close")
+    a, now = await closed_march_with_endpoint(billing, "http://127.0.0.1:9/fhir")
     assert await deliver_due(billing.db, now, transport=outbound_transport(allow_private=False)
                              ) == {"delivered": 0, "retrying": 0, "failed": 1}
     (delivery,) = (await a.get("/v1/practices/alpha/ehr-deliveries")).json()["deliveries"]
