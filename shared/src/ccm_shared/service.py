@@ -19,7 +19,7 @@ from fastapi import APIRouter, FastAPI
 from pydantic_settings import BaseSettings
 from sqlalchemy import MetaData
 
-from ccm_shared.consumer import ConsumerRuntime, Handler
+from ccm_shared.consumer import ConsumerRuntime, Handler, error_reason
 from ccm_shared.db import Database
 from ccm_shared.events import CloudEvent
 from ccm_shared.outbox import OutboxRelay
@@ -297,7 +297,7 @@ class ServiceRuntime:
                     delay = TASK_RESTART_INITIAL_SECONDS  # it had been running: a new outage
                 self._restarting[name] = type(exc).__name__
                 log.error("background task failed; starting it again", task=name,
-                          error=type(exc).__name__, detail=str(exc)[:200], retry_in=delay)
+                          error=type(exc).__name__, reason=error_reason(exc), retry_in=delay)
                 try:
                     await asyncio.wait_for(self._stopping.wait(), timeout=delay)
                 except TimeoutError:
