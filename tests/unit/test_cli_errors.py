@@ -226,3 +226,26 @@ def test_impossible_pricing_is_refused(monkeypatch, tmp_path, options, message):
                  *options)
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+@pytest.mark.parametrize("args", [["audit", "verify", "--practice", "nosuch"],
+                                  ["careplan", "rules", "nosuch"]])
+def test_a_practice_that_does_not_exist_is_not_an_empty_one(monkeypatch, tmp_path, args):
+    """`audit verify --practice nosuch` said 'no audit entries yet' (exit 0) and `careplan
+    rules nosuch` printed the defaults, where `token list` says the practice is not found."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
+    monkeypatch.setenv("CCM_DATABASE_URL", url)
+    assert ccm("migrate").exit_code == 0
+    proc = subprocess.run([sys.executable, "-m", "ccm_shared.cli", *args],  # as installed
+                          env={"PATH": "/usr/bin:/bin", "CCM_DATABASE_URL": url},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "practice 'nosuch' not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_smtp_port_is_a_port():
+    from ccm_notification.config import NotificationSettings
+    from ccm_shared.settings import ConfigurationError, load_service_settings
+
+    with pytest.raises(ConfigurationError, match="CCM_NOTIFICATION_SMTP_PORT"):
+        load_service_settings(NotificationSettings, smtp_port=70000)

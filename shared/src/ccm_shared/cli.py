@@ -382,8 +382,11 @@ def audit_verify(
     Exit codes: 0 every chain intact, 1 a chain is broken (the trail was altered), 2 refused
     configuration, 3 the database cannot be reached (nothing was verified)."""
     from ccm_shared.audit import seal_all, verify
+    from ccm_shared.tenancy import get_practice
 
     async def check(engine):  # noqa: ANN001, ANN202
+        if practice is not None:  # a practice that does not exist is no empty trail (exit 2)
+            await get_practice(engine, practice)
         await seal_all(engine)  # seal what is pending so it is verified too
         return await verify(engine, practice)
 

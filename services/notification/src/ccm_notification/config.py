@@ -14,7 +14,8 @@ class NotificationSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CCM_NOTIFICATION_", extra="ignore", frozen=True)
 
     smtp_host: str = Field("localhost", description="SMTP server host")
-    smtp_port: int = Field(587, gt=0, description="SMTP server port (587 submission, 465 TLS)")
+    smtp_port: int = Field(587, gt=0, le=65535,
+                           description="SMTP server port (587 submission, 465 TLS)")
     smtp_starttls: bool = Field(True, description="Upgrade the connection with STARTTLS")
     smtp_implicit_tls: bool = Field(False, description="TLS from the first byte (port 465)")
     smtp_username: str | None = Field(None, description="SMTP AUTH user; unset: no AUTH")

@@ -51,15 +51,24 @@ def scheduler_pass(
 
 @app.command("rules")
 def show_rules(practice: Annotated[str, typer.Argument(help="Practice id")]) -> None:
-    """Print a practice's effective review rules (its own, or the defaults)."""
+    """Print a practice's effective review rules (its own, or the defaults); exit 2 for a
+    practice that does not exist."""
     from ccm_careplan.service_layer.common import load_rules
+    from ccm_shared.errors import AppError
+    from ccm_shared.tenancy import get_practice
 
     async def run() -> dict:
         db = _database()
         try:
+            await get_practice(db.engine, practice)  # not one with the default rules
             async with db.unit_of_work() as uow:
                 return (await load_rules(uow.session, practice)).to_dict()
         finally:
             await db.dispose()
 
-    typer.echo(json.dumps(asyncio.run(run()), indent=2))
+    try:
+        rules = asyncio.run(run())
+    except AppError as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(rules, indent=2))
