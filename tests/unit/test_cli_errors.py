@@ -249,3 +249,20 @@ def test_the_smtp_port_is_a_port():
 
     with pytest.raises(ConfigurationError, match="CCM_NOTIFICATION_SMTP_PORT"):
         load_service_settings(NotificationSettings, smtp_port=70000)
+
+
+def test_a_second_ccm_up_on_the_same_data_folder_is_refused(tmp_path):
+    """Two `ccm up` on one folder (other ports) ran every scheduler and consumer twice over
+    the same files."""
+    import fcntl
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with (folder / ".lock").open("a+") as held:  # the first one's lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        result = ccm("up", "--data-dir", str(folder), "--ports", "18971,18972,18973,18974")
+    assert result.exit_code == 2, result.output
+    assert "is in use by another `ccm up` (pid 4242)" in result.stderr
+    assert not (folder / "platform.db").exists()

@@ -499,6 +499,7 @@ def up(
             _fail(f"cannot listen on {host}:{port}: {problem}; pass other --ports "
                   "(ingest,billing,careplan,notification)")
     folder.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(folder)  # held until the process ends  # noqa: F841
     mode = "PostgreSQL + Kafka" if external else f"embedded ({folder})"
     typer.echo(f"[ccm up] {mode}: migrating …", err=True)
     _check_database(settings.database_url)
@@ -573,6 +574,29 @@ async def _ensure_demo_practice(settings, practice: str, timezone: str, folder) 
         return token
     finally:
         await engine.dispose()
+
+
+def _lock_data_dir(folder: Path):  # noqa: ANN202 - the open lock file
+    """One ``ccm up`` per data folder: a second one (on other ports) would run every scheduler
+    and consumer twice over the same files. Exit 2 when another holds it; the lock goes with
+    the process (an ``flock`` on ``<folder>/.lock``)."""
+    import fcntl
+    import os
+
+    handle = (folder / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        _fail(f"{folder} is in use by another `ccm up` (pid {holder}); stop it, or pass another "
+              "--data-dir")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _port_taken(host: str, port: int) -> str | None:
