@@ -637,12 +637,17 @@ async def find_by_criteria(repo: SqlResourceRepository, rtype: str, criteria: st
                       ignore=ignore, local_bases=local_bases)
 
 
+def _given_once(params: list[tuple[str, str]], names: Collection[str]) -> None:
+    """400 for any of ``names`` given more than once (which one would count is a guess)."""
+    for name in names:
+        if sum(1 for given, _ in params if given == name) > 1:
+            raise rejected(400, "value", f"{name} is given more than once", name)
+
+
 def paging(params: list[tuple[str, str]], limit: int = 50) -> tuple[int, int]:
     """(``_offset``, ``_count``) of a search: where its page starts and how long it is."""
     offset = 0
-    for name in PAGING:
-        if sum(1 for given, _ in params if given == name) > 1:
-            raise rejected(400, "value", f"{name} is given more than once", name)
+    _given_once(params, PAGING)
     for name, value in params:
         if name == "_count":  # 0: the total only
             if not ascii_digits(value, 7) or not 0 <= int(value) <= 1000:
@@ -729,8 +734,7 @@ def history_params(params: list[tuple[str, str]]) -> tuple[datetime | None, int,
     50) from ``_offset``; 400 for anything else, and for ``_since`` given twice (which one
     would count is a guess)."""
     since = None
-    if sum(1 for name, _ in params if name == "_since") > 1:
-        raise rejected(400, "value", "_since is given more than once", "_since")
+    _given_once(params, ("_since",))
     for name, value in params:
         if name == "_since":
             try:
