@@ -888,9 +888,9 @@ def show_config() -> None:
     own = _service_settings(discover_services().values())
     effective = {"outbound_allow_private": settings.outbound_private_allowed}  # unset: by CCM_ENV
     for name, value in settings.model_dump(mode="json").items():
-        shown = effective.get(name, value) if value is None else value
-        note = f"  # unset: {_shown(shown)} (CCM_ENV={settings.env})" if value is None \
-            and name in effective else ""
+        note = ""
+        if value is None and name in effective:
+            note = f"  # unset: {_shown(effective[name])} (CCM_ENV={settings.env})"
         typer.echo(f"CCM_{name.upper()}={_shown(masked(name, value))}{note}")
     for definition, service_settings in own:  # secrets masked by the same rule
         prefix = definition.settings_model.model_config.get("env_prefix", "CCM_").upper()
