@@ -139,6 +139,12 @@ async def test_bad_reviews_are_refused_and_change_nothing(careplan, body, status
     assert t["reviews"] == [] and t["review_state"] == "overdue"
 
 
+async def approved_on(cp, tid: str, day: str):  # noqa: ANN001, ANN201
+    """POST an approved review of tracker ``tid`` dated ``day``: the answer."""
+    return await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
+        "reviewer": "Practitioner/x", "outcome": "approved", "date": day})
+
+
 async def test_reviews_of_closed_plans_conflict_and_earlier_reviews_are_refused(careplan):
     cp = careplan
     await seed(cp)
@@ -146,8 +152,7 @@ async def test_reviews_of_closed_plans_conflict_and_earlier_reviews_are_refused(
     ok = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(),
                               json={"reviewer": "Practitioner/x", "outcome": "approved"})
     assert ok.status_code == 201
-    earlier = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
-        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2027-02-01"})
+    earlier = await approved_on(cp, tid, "2027-02-01")
     assert earlier.status_code == 422 and "before the last" in earlier.json()["detail"]
     await cp.deliver(f.care_plan("alpha", "CarePlan/soon", kind="closed", version="9",
                                  status="completed", at=NOW, patient="Patient/soon"))
@@ -163,8 +168,7 @@ async def test_a_review_on_the_day_the_plan_was_created_is_accepted(careplan):
     cp = careplan
     await seed(cp)
     tid = tracker_id("alpha", "CarePlan/late")
-    r = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
-        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2026-02-24"})
+    r = await approved_on(cp, tid, "2026-02-24")
     assert r.status_code == 201, r.text
     assert r.json()["last_review"] == "2026-02-24" and r.json()["next_review_due"] == "2027-02-24"
 
@@ -177,11 +181,9 @@ async def test_a_plan_without_a_creation_date_takes_no_review_before_it_was_firs
     tid = tracker_id("alpha", "CarePlan/undated")
     plan = (await cp.client.get(f"/v1/care-plans/{tid}", headers=cp.auth())).json()
     assert plan["created"] is None
-    before = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
-        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2026-06-09"})
+    before = await approved_on(cp, tid, "2026-06-09")
     assert before.status_code == 422 and "2026-06-10" in before.json()["detail"]
-    on = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
-        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2026-06-10"})
+    on = await approved_on(cp, tid, "2026-06-10")
     assert on.status_code == 201, on.text
 
 
@@ -195,11 +197,9 @@ async def test_a_plan_starting_later_can_be_reviewed_from_the_day_it_was_first_s
     tid = tracker_id("alpha", "CarePlan/planned")
     assert (await cp.client.get(f"/v1/care-plans/{tid}", headers=cp.auth())).json()[
         "created"] == "2027-04-01"
-    early = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
-        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2027-01-31"})
+    early = await approved_on(cp, tid, "2027-01-31")
     assert early.status_code == 422 and "2027-02-01" in early.json()["detail"]
-    r = await cp.client.post(f"/v1/care-plans/{tid}/reviews", headers=cp.auth(), json={
-        "reviewer": "Practitioner/x", "outcome": "approved", "date": "2027-02-01"})
+    r = await approved_on(cp, tid, "2027-02-01")
     assert r.status_code == 201, r.text
 
 
