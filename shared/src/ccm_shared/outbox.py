@@ -92,19 +92,22 @@ class Outbox:
         if not items:
             return [], []
         wanted: dict[tuple[str, str], int] = {}
+        # Each event's counter (tenant, subject), None for an event that gets no number.
+        counters: list[tuple[str, str] | None] = []
         for _, event in items:
+            key = None
             if event.sequence is None and event.patient is not None:
                 key = (event.tenant, event.subject or "")
                 wanted[key] = wanted.get(key, 0) + 1
+            counters.append(key)
         next_number = await self.reserve_many(wanted)
         cid = current_correlation_id()
         now = datetime.now(UTC)
         stored: list[CloudEvent] = []
         rows = []
-        for topic, event in items:
+        for (topic, event), key in zip(items, counters, strict=True):
             updates: dict[str, object] = {}
-            if event.sequence is None and event.patient is not None:
-                key = (event.tenant, event.subject or "")
+            if key is not None:
                 updates["sequence"] = next_number[key]
                 next_number[key] += 1
             if event.correlationid is None and cid:

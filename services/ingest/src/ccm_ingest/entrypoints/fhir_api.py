@@ -27,6 +27,7 @@ from ccm_ingest.domain.model import (
     SUPPORTED_TYPES,
     FhirRejected,
     Issue,
+    isoformat,
     rejected,
 )
 from ccm_ingest.domain.rules import unresolved_local_references
@@ -604,7 +605,7 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
         if outcome.version is not None:
             response["location"] = f"{outcome.location}"
             response["etag"] = f'W/"{outcome.version.version_id}"'
-            response["lastModified"] = outcome.version.last_updated.isoformat()
+            response["lastModified"] = isoformat(outcome.version.last_updated)
         if outcome.issues or wanted == "OperationOutcome":
             response["outcome"] = operation_outcome(outcome.issues or [Issue(
                 "information", "informational", f"{entry.method}: {_status_line(outcome.status)}")])
