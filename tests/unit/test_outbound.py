@@ -12,7 +12,13 @@ import httpcore
 import httpx
 import pytest
 
-from ccm_shared.outbound import GuardedBackend, is_private, outbound_client, outbound_transport
+from ccm_shared.outbound import (
+    GuardedBackend,
+    destination_problem,
+    is_private,
+    outbound_client,
+    outbound_transport,
+)
 from ccm_shared.settings import load_settings
 
 
@@ -130,3 +136,30 @@ async def test_a_webhook_to_a_refused_address_fails_at_once_with_the_reason():
     async with outbound_client(allow_private=False) as client:
         result = await post_signed(client, "http://127.0.0.1:9/hook", b"{}", "secret", 0, {}, 5)
     assert result.permanent and result.response.startswith("refused: 127.0.0.1 resolves to")
+
+
+@pytest.mark.parametrize(("url", "refused"), [
+    ("https://127.0.0.1/hook", True), ("http://localhost:8082/hook", True),
+    ("https://0x7f000001/hook", True), ("https://[::ffff:10.0.0.1]/hook", True),
+    ("https://169.254.169.254/latest/meta-data", True), ("https://10.1.2.3:8443/fhir", True),
+    ("https://93.184.216.34/hook", False),
+    # A name that does not resolve now is not refused: every connection checks again.
+    ("https://no-such-host.invalid/hook", False),
+])
+async def test_an_address_requests_may_not_reach_is_told_when_given(url, refused):
+    problem = await destination_problem(url, allow_private=False)
+    assert (problem is not None) is refused, problem
+    if refused:
+        assert "not a public internet address" in problem
+    assert await destination_problem(url, allow_private=True) is None
+
+
+async def test_an_address_an_environment_proxy_carries_is_the_proxys_to_police(monkeypatch):
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert await destination_problem("https://10.1.2.3/hook", allow_private=False) is None
+    monkeypatch.setenv("NO_PROXY", "10.1.2.3")  # not through the proxy: ours to refuse
+    assert await destination_problem("https://10.1.2.3/hook", allow_private=False) is not None
+    # http:// is not what HTTPS_PROXY carries
+    assert await destination_problem("http://10.1.2.4/hook", allow_private=False) is not None

@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -42,6 +43,52 @@ def is_private(address: Address) -> bool:
         if embedded is not None:
             address = embedded
     return not address.is_global or address.is_multicast
+
+
+def _refused(host: str, addresses: Iterable[str]) -> str | None:
+    """Why a connection to ``host`` is refused, when one of the addresses it resolves to is not
+    public; else None."""
+    for text in addresses:
+        if is_private(ipaddress.ip_address(text.split("%", 1)[0])):
+            return (f"{host} resolves to {text}, which is not a public internet address: "
+                    "outgoing requests may not reach it (CCM_OUTBOUND_ALLOW_PRIVATE)")
+    return None
+
+
+async def destination_problem(url: str, *, allow_private: bool,
+                              timeout: float = 3.0) -> str | None:
+    """Why outgoing requests will never reach ``url`` (an http(s) URL a practice gives: a
+    webhook, an endpoint), else None. Asked when the address is given, so the practice is told
+    then rather than by failed deliveries: its host resolves, now, to an address they may not
+    reach. A host that does not resolve now is not refused (every connection checks again),
+    nor a URL an environment proxy carries (the proxy's to police)."""
+    if allow_private or _proxied(url):
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        found = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM), timeout)
+    except (OSError, TimeoutError, ValueError, UnicodeError):
+        return None
+    return _refused(host, dict.fromkeys(info[4][0] for info in found))
+
+
+def _proxied(url: str) -> bool:
+    """Whether an environment proxy carries requests to ``url`` (httpx's choice of mount: the
+    most specific pattern that matches)."""
+    from httpx._utils import URLPattern, get_environment_proxies
+
+    try:
+        target = httpx.URL(url)
+    except httpx.InvalidURL:
+        return False
+    for pattern, proxy in sorted((URLPattern(p), proxy)
+                                 for p, proxy in get_environment_proxies().items()):
+        if pattern.matches(target):
+            return proxy is not None
+    return False
 
 
 class RefusedDestination(httpcore.ConnectError):
@@ -75,11 +122,8 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         except (OSError, TimeoutError) as exc:
             raise httpcore.ConnectError(f"{host}: cannot be resolved ({exc})") from exc
         addresses = list(dict.fromkeys(info[4][0] for info in found))
-        for text in addresses:
-            if is_private(ipaddress.ip_address(text.split("%", 1)[0])):
-                raise RefusedDestination(
-                    f"{host} resolves to {text}, which is not a public internet address: "
-                    "outgoing requests may not reach it (CCM_OUTBOUND_ALLOW_PRIVATE)")
+        if (problem := _refused(host, addresses)) is not None:
+            raise RefusedDestination(problem)
         failure: httpcore.ConnectError | None = None
         for text in addresses:  # as the resolver ordered them, as a plain connection would
             try:

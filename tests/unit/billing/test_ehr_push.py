@@ -133,3 +133,13 @@ async def test_a_push_to_a_refused_address_fails_at_once_with_the_reason(billing
     (delivery,) = (await a.get("/v1/practices/alpha/ehr-deliveries")).json()["deliveries"]
     assert delivery["status"] == "failed" and delivery["attempts"] == 1
     assert delivery["lastError"].startswith("refused: 127.0.0.1 resolves to 127.0.0.1")
+
+
+async def test_an_ehr_endpoint_pushes_may_not_reach_is_refused_when_set(billing):
+    """Where outgoing requests may not reach the platform's own network (production's default),
+    an EHR base there is refused when it is set, not by every Invoice push failing."""
+    billing.settings = billing.settings.model_copy(update={"outbound_allow_private": False})
+    r = await api(billing).put("/v1/practices/alpha/ehr-endpoint",
+                               json={"baseUrl": "https://localhost:9443/fhir"})
+    assert r.status_code == 422 and "not a public internet address" in r.text, r.text
+    assert (await api(billing).get("/v1/practices/alpha/ehr-endpoint")).status_code == 404

@@ -226,3 +226,23 @@ async def test_a_confirmed_call_is_idempotent_for_its_slot_and_a_conflict_for_an
     assert again.status_code == 200 and again.json() == first.json()
     other = await client.post(url, headers=headers, json={"slot": 0})
     assert is_problem(other, 409, "another time")
+
+
+@pytest.mark.parametrize(("field", "value", "fragment"), [
+    ("webhook_url", "http://", "absolute"),
+    ("webhook_url", "https://user:pw@h.example/x", "credentials"),
+    ("fhir_endpoint", "https://h.example:99999/fhir", "not a valid URL"),
+    ("fhir_endpoint", "https://h.exa mple/fhir", "spaces"),
+    ("webhook_url", "https://127.0.0.1:8082/hook", "not a public internet address"),
+    ("fhir_endpoint", "https://169.254.169.254/fhir", "not a public internet address"),
+])
+async def test_a_provider_address_deliveries_cannot_use_is_refused(api, field, value, fragment):
+    """A webhook or FHIR endpoint is checked as subscriptions' and the EHR's are (it took any
+    text starting http://), and where outgoing requests may not reach the platform's own network
+    (production's default) an address there is refused when given, not at every delivery."""
+    rt, client, headers = api
+    rt.settings = rt.settings.model_copy(update={"outbound_allow_private": False})
+    r = await client.put(f"{P}/providers/doc-1", json={field: value}, headers=headers)
+    assert r.status_code == 422 and fragment in r.text, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert (await client.get(f"{P}/providers/doc-1", headers=headers)).json()[field] is None

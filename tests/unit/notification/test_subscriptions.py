@@ -344,3 +344,22 @@ async def test_a_malformed_tenant_is_dead_lettered_not_published(env):
     await feed.process(to_message("billing.invoice.issued.v1", CloudEvent.model_construct(**bad)))
     assert await _feed_outbox(rt) == []
     assert feed.stats.dead_lettered == 1
+
+
+@pytest.mark.parametrize("endpoint", ["https://127.0.0.1/hook", "https://localhost:8443/hook",
+                                      "https://169.254.169.254/latest", "https://[::1]/hook",
+                                      "https://10.0.0.5/hook"])
+async def test_an_endpoint_deliveries_may_not_reach_is_refused_when_subscribing(env, endpoint):
+    """Where outgoing requests may not reach the platform's own network (production's default):
+    the practice is told when it subscribes, not by a subscription whose every delivery fails."""
+    rt, clock, receiver, api, tokens = env
+    rt.settings = rt.settings.model_copy(update={"outbound_allow_private": False})
+    payload = {"events": ["billing.invoice.issued.v1"], "endpoint": endpoint}
+    r = await api.post("/v1/practices/acme/subscriptions", json=payload, headers=tokens["acme"])
+    assert r.status_code == 422 and "not a public internet address" in r.text, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    async with rt.db.unit_of_work() as uow:
+        assert (await uow.session.execute(select(subscriptions))).all() == []
+    rt.settings = rt.settings.model_copy(update={"outbound_allow_private": True})
+    r = await api.post("/v1/practices/acme/subscriptions", json=payload, headers=tokens["acme"])
+    assert r.status_code == 201, r.text

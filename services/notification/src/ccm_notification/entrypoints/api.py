@@ -42,9 +42,10 @@ from ccm_notification.service_layer import acks, calls, directory
 from ccm_notification.service_layer.notify import Intent, Notifier, Recorded
 from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
 from ccm_shared.http import TenantDep
+from ccm_shared.outbound import destination_problem
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
-from ccm_shared.text import is_text
+from ccm_shared.text import http_url_problem, is_text
 
 ID = r"^[A-Za-z0-9\-\.]{1,64}$"
 EMAIL = r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;]+$"
@@ -64,8 +65,8 @@ NotificationTenant = Annotated[Tenant, Depends(notification_tenant)]
 
 
 def _http_url(value: str | None) -> str | None:
-    if value is not None and not value.startswith(("https://", "http://")):
-        raise ValueError("must be an http(s) URL")
+    if value is not None and (problem := http_url_problem(value)) is not None:
+        raise ValueError(problem)
     return value
 
 
@@ -257,6 +258,10 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
             except ValueError:
                 raise MalformedRequest("If-Match must be a provider version (ETag)") from None
         updates = body.model_dump(exclude_unset=True, exclude={"release"})
+        for name in ("webhook_url", "fhir_endpoint"):
+            if updates.get(name) is not None and (problem := await destination_problem(
+                    updates[name], allow_private=runtime.settings.outbound_private_allowed)):
+                raise InvalidInput(f"{name}: {problem}", expression=[name])
         try:
             async with db.unit_of_work() as uow:
                 _, created = await directory.edit_provider(
