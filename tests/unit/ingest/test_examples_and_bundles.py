@@ -2,6 +2,7 @@
 
 import copy
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from tests.unit.ingest.test_fhir_api import ccm_encounter
 
 CCM_BUNDLE = (Path(__file__).resolve().parents[3]
               / "services/ingest/examples/ccm-transaction-bundle.json")
+# After the example's last CCM time (31 March): time is refused before it could have been spent.
+AFTER_THE_BUNDLE = datetime(2026, 4, 2, 14, 0, tzinfo=UTC)
 SINGLE = sorted(str(p.relative_to(EXAMPLES)) for t in SUPPORTED_TYPES
                 for p in (EXAMPLES / t).glob("*.json"))
 
@@ -38,6 +41,7 @@ async def test_inpatient_encounter_is_stored_without_a_time_event(fhir):
 
 
 async def test_ccm_transaction_bundle_resolves_references_and_emits_the_ccm_events(fhir):
+    fhir.clock.now = AFTER_THE_BUNDLE
     bundle = json.loads(CCM_BUNDLE.read_text())
     r = await fhir.post("/fhir", json=bundle)
     assert r.status_code == 200, r.text
@@ -68,6 +72,7 @@ async def test_ccm_transaction_bundle_resolves_references_and_emits_the_ccm_even
 
 
 async def test_ccm_bundle_pushed_twice_is_one_set_of_resources_and_events(fhir):
+    fhir.clock.now = AFTER_THE_BUNDLE
     bundle = json.loads(CCM_BUNDLE.read_text())
     await fhir.post("/fhir", json=bundle)
     after_first = await counts(fhir)
@@ -90,6 +95,7 @@ async def test_a_resent_bundle_links_its_new_entries_to_the_resources_found_by_c
     """The fullUrl of a conditional create that finds an existing resource stands for that
     resource: the second push's Encounters, Conditions, Consent and CarePlan are the same
     Patient's, and every reference they hold resolves."""
+    fhir.clock.now = AFTER_THE_BUNDLE
     bundle = json.loads(CCM_BUNDLE.read_text())
     first = (await fhir.post("/fhir", json=bundle)).json()["entry"]
     for entry in bundle["entry"][3:]:  # new resources this time, beside the three found

@@ -12,7 +12,7 @@ FHIR = {"Content-Type": "application/fhir+json"}
 
 
 def encounter(n: int, patient: str = "p1") -> dict:
-    body = ccm_encounter(rid=None, start=f"2026-03-{1 + n % 28:02d}T14:00:00Z")
+    body = ccm_encounter(rid=None, start=f"2026-02-{1 + n % 28:02d}T14:00:00Z")
     body.pop("id")
     body["subject"] = {"reference": f"Patient/{patient}"}
     body["identifier"] = [{"system": "urn:test", "value": str(n)}]

@@ -17,6 +17,9 @@ from tests.unit.ingest.test_fhir_api import ccm_encounter
 NY = ZoneInfo("America/New_York")
 
 
+APRIL_2 = datetime(2026, 4, 2, 18, 0, tzinfo=UTC)
+
+
 def ctx(rtype, *, state=None, deleted=False, updated=datetime(2026, 3, 31, 23, 0, tzinfo=UTC),
         config=DEFAULT_CONFIG):
     source = SourceVersion(rtype, "x1", 2, updated, "a" * 64, updated, "ehr")
@@ -37,7 +40,7 @@ def test_role_classification_defaults(system, code, expected):
 
 def test_time_before_midnight_utc_counts_in_the_practice_month():
     enc = ccm_encounter(start="2026-04-01T02:30:00Z")  # 22:30 on 31 March in New York
-    (event,) = map_version(enc, ctx("Encounter")).events
+    (event,) = map_version(enc, ctx("Encounter", updated=APRIL_2)).events
     assert event.data["serviceMonth"] == "2026-03" and event.data["serviceDate"] == "2026-03-31"
 
 
@@ -172,6 +175,9 @@ def test_other_encounters_are_no_visit_and_a_visit_without_a_start_is_a_warning(
     assert map_version(visit_encounter(status="planned"), ctx("Encounter")).events == []
     undated = map_version(visit_encounter(start=None), ctx("Encounter"))
     assert undated.events == [] and undated.warnings and undated.state == {}
+    for partial in ("2026", "2026-03"):  # a year or a month is no visit date (not its first day)
+        by_month = map_version(visit_encounter(start=partial), ctx("Encounter"))
+        assert by_month.events == [] and by_month.warnings and by_month.state == {}
     deleted = map_version(visit_encounter(), ctx("Encounter", state={"visitDate": "2026-03-02"},
                                                  deleted=True))
     assert [(e.type, e.data["reason"]) for e in deleted.events] == [
@@ -274,7 +280,7 @@ async def test_a_care_plan_that_stops_being_ccm_is_closed_for_its_patient(fhir, 
 
 def test_time_moved_to_another_month_is_reversed_as_moved_then_logged():
     mapping = map_version(ccm_encounter(start="2026-04-02T14:00:00Z"),
-                          ctx("Encounter", state={"loggedMonth": "2026-03"}))
+                          ctx("Encounter", state={"loggedMonth": "2026-03"}, updated=APRIL_2))
     assert [(e.type, e.data.get("reason"), e.data["serviceMonth"]) for e in mapping.events] == [
         ("ingest.time-entry.reversed.v1", "moved", "2026-03"),
         ("ingest.time-entry.logged.v1", None, "2026-04")]
@@ -406,7 +412,7 @@ CCM_CONSENT_RES = {
     "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope",
                           "code": "treatment"}]},
     "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
-    "patient": {"reference": "Patient/p1"}}
+    "patient": {"reference": "Patient/p1"}, "dateTime": "2026-01-05"}
 
 
 def consent_versions(*steps):
@@ -820,3 +826,39 @@ async def test_a_resource_stored_before_a_config_change_can_still_be_deleted(fhi
     after = await counts(fhir)
     assert after["versions"] == written["versions"] + 3
     assert after["events"] == written["events"]  # nothing was counted, nothing to end
+
+
+OPT_OUT = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                       "code": "OPTOUT"}]}
+
+
+@pytest.mark.parametrize(("changes", "provision"), [
+    # No provision.type: the policy rule decides (an opt-out consent granted no CCM consent).
+    ({"policyRule": OPT_OUT, "provision": {"period": {"start": "2026-02-27"}}}, "deny"),
+    ({"policyRule": {"coding": [{"code": "OPTOUTE"}]}, "provision": {}}, "deny"),
+    ({"provision": {"period": {"start": "2026-02-27"}}}, "permit"),  # OPTIN
+    ({"policyRule": {"coding": [{"system": "urn:other", "code": "OPTOUT"}]}, "provision": {}},
+     "permit"),
+    # provision.type says it outright, whatever the rule.
+    ({"policyRule": OPT_OUT}, "permit"),
+    ({"provision": {"type": "deny"}}, "deny"),
+])
+def test_a_consent_permits_or_denies_as_its_provision_else_its_policy_rule_says(changes, provision):
+    (event,) = map_version({**CCM_CONSENT, **changes}, ctx("Consent")).events
+    assert event.type == "ingest.consent.granted.v1" and event.data["provision"] == provision
+
+
+def test_an_opt_out_consent_needs_no_date_and_expires_nothing():
+    denying = {**CCM_CONSENT, "policyRule": OPT_OUT, "dateTime": None,
+               "provision": {"period": {"start": "2026-02-27", "end": "2026-12-31"}}}
+    mapping = map_version(denying, ctx("Consent"))
+    assert mapping.events[0].data["provision"] == "deny" and "expiresOn" not in mapping.state
+    with pytest.raises(FhirRejected, match="Consent.dateTime"):
+        map_version({**denying, "policyRule": None}, ctx("Consent"))
+
+
+def test_the_hl7_opt_out_example_is_no_ccm_consent_granted():
+    """r4spec-Out (policyRule OPTOUT, a provision without a type) was mapped as a permit."""
+    out = {**example("Consent/r4spec-Out.json"), "patient": {"reference": "Patient/p1"}}
+    (event,) = map_version(out, ctx("Consent")).events
+    assert event.data["provision"] == "deny"

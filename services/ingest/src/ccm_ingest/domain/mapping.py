@@ -20,7 +20,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from ccm_ingest.domain.config import IngestConfig, any_coding_matches, code_matches
-from ccm_ingest.domain.model import Issue, MappedEvent, Mapping, SourceVersion, rejected
+from ccm_ingest.domain.model import (
+    Issue,
+    MappedEvent,
+    Mapping,
+    SourceVersion,
+    isoformat,
+    rejected,
+)
 from ccm_ingest.domain.rules import REVIEWER_TYPES, review_extensions
 
 EVENT_TYPES = (
@@ -65,6 +72,9 @@ class MappingContext:
     # A deletion: the patient the deleted version was stored as being about (``Patient/id``),
     # whatever base the delete request came to (its absolute references may not read as local).
     stored_patient: str | None = None
+    # How far ahead of the time a version is received its facts may be (the EHR's clock may run
+    # ahead of ours): CCM time starting later has not been spent yet.
+    clock_skew: timedelta = timedelta(minutes=5)
 
     def ref(self, value: Any, types: tuple[str, ...] = EVENT_REFERENCE_TYPES) -> str | None:
         return reference(value, types, self.local_bases)
@@ -391,13 +401,15 @@ def _visit(res: dict[str, Any], ctx: MappingContext, patient: str | None,
         return reversal("not-a-visit")
     start_text = (res.get("period") or {}).get("start")
     try:
-        start = instant(start_text, ctx.timezone) if start_text else None
+        # A year or a month is no visit date.
+        start = instant(start_text, ctx.timezone) \
+            if start_text and len(start_text) >= len("YYYY-MM-DD") else None
     except ValueError:  # valid FHIR Python cannot read (a leap second)
         start = None
     if start is None:
         return Mapping(reversal("not-a-visit").events, warnings=[_warning(
-            "a visit code without a readable Encounter.period.start: not recorded as a visit",
-            "Encounter.period.start")])
+            "a visit code without a readable Encounter.period.start (at least its day): not "
+            "recorded as a visit", "Encounter.period.start")])
     moved = reversal("not-a-visit").events if recorded_for not in (None, patient) else []
     day = start.astimezone(ctx.timezone).date().isoformat()
     named, unidentified = performers()
@@ -441,12 +453,21 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
                        "Encounter.subject")
     period = res.get("period") or {}
     start_text, end_text = period.get("start"), period.get("end")
+    if isinstance(start_text, str) and len(start_text) < len("YYYY-MM-DD"):
+        raise rejected(422, "value", f"CCM time needs Encounter.period.start to give at least its "
+                       f"day ({start_text!r} is a {'year' if len(start_text) == 4 else 'month'}):"
+                       " the service date is billed", "Encounter.period.start")
     start = instant(start_text, ctx.timezone) if start_text else None
     end = instant(end_text, ctx.timezone) if end_text else None
     seconds, warnings = _encounter_seconds(res, start, end, ctx)
     if start is None:
         raise rejected(422, "required", "CCM time needs Encounter.period.start to place it in a "
                        "service month", "Encounter.period.start")
+    if start > ctx.source.received_at + ctx.clock_skew:
+        raise rejected(422, "business-rule", f"CCM time cannot start after it was sent "
+                       f"(Encounter.period.start {start_text} is later than "
+                       f"{isoformat(ctx.source.received_at)}): a finished Encounter's time has "
+                       "been spent", "Encounter.period.start")
     if end is None:
         end = start + timedelta(seconds=seconds)
     local = start.astimezone(ctx.timezone)
@@ -507,6 +528,14 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         kind = "ingest.consent.revoked.v1"
     if kind is None:
         return Mapping(state=state)
+    if status == "active" and consent_provision(res) == "permit":
+        obtained = res.get("dateTime")
+        if not isinstance(obtained, str) or len(obtained) < len("YYYY-MM-DD"):
+            raise rejected(422, "required", "a CCM consent in force needs Consent.dateTime, when "
+                           "it was obtained, to at least its day"
+                           + (f" ({obtained!r} is a {'year' if len(obtained) == 4 else 'month'})"
+                              if isinstance(obtained, str) else "")
+                           + ": CCM time before it does not count", "Consent.dateTime")
     until = None
     if kind == "ingest.consent.revoked.v1":
         # Revocation takes effect at the end of the month it happened in, the first version
@@ -534,6 +563,24 @@ def _consent_deleted(res: dict[str, Any], ctx: MappingContext,
                    {"ccm": True, "patient": patient, "granted": False})
 
 
+# Consent.policyRule (v3-ActCode) codes whose base rule refuses: opting out, with or without
+# exceptions. A consent without ``provision.type`` follows its policy rule.
+_OPT_OUT = frozenset({"OPTOUT", "OPTOUTE"})
+_ACT_CODE_SYSTEMS = frozenset({None, "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                               "urn:oid:2.16.840.1.113883.5.4"})
+
+
+def consent_provision(res: dict[str, Any]) -> str:
+    """``permit`` or ``deny``: the consent's ``provision.type``, else its policy rule's (an
+    opt-out, OPTOUT or OPTOUTE, denies; any other rule permits)."""
+    provision = res.get("provision") or {}
+    if isinstance(kind := provision.get("type"), str):
+        return kind
+    opted_out = any(c["code"] in _OPT_OUT and c["system"] in _ACT_CODE_SYSTEMS
+                    for c in codings(res.get("policyRule")))
+    return "deny" if opted_out else "permit"
+
+
 def consent_expires_on(res: dict[str, Any], tz: ZoneInfo) -> str | None:
     """The last day (the practice's, ISO) a permitting consent's ``provision.period`` covers,
     as billing reads it: a dateTime the day it is in ``tz`` (one Python cannot hold, such as a
@@ -541,7 +588,7 @@ def consent_expires_on(res: dict[str, Any], tz: ZoneInfo) -> str | None:
     without an end, or for a deny."""
     provision = res.get("provision") or {}
     end = (provision.get("period") or {}).get("end")
-    if not isinstance(end, str) or provision.get("type") == "deny":
+    if not isinstance(end, str) or consent_provision(res) == "deny":
         return None
     if "T" in end:
         try:
@@ -577,7 +624,7 @@ def _consent_event(kind: str, status: str | None, patient: str, res: dict[str, A
         kind, patient, ctx, consent=_self(ctx), patient=patient, status=status,
         obtainedAt=obtained_at,
         method=method, period=_period(provision.get("period")),
-        provision=provision.get("type") or "permit", practitioners=practitioners,
+        provision=consent_provision(res), practitioners=practitioners,
         categories=categories, effectiveUntil=until,
     )
 

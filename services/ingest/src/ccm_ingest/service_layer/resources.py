@@ -220,6 +220,7 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     await repo.claim_rows(known, caller.now)
     currents = await repo.lock_rows(known)
     plans = []  # (write, current row, hash, lastUpdated (None: unchanged), stale)
+    replays: list[tuple[str, str, str]] = []  # (type, id, hash) a version in history may answer
     answer_with = []  # stored versions that unchanged and stale writes answer with
     for w in writes:
         cur = currents.get((w.rtype, w.rid))
@@ -232,8 +233,12 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             continue
         with _under(w.where):
             last_updated = _meta_last_updated(w.resource, caller)
-        if stored_before and last_updated <= cur.last_updated and \
-                (cur.deleted or not _sent_last_updated(w.resource)):
+        sent = _sent_last_updated(w.resource)
+        if stored_before and cur.deleted and not (sent and last_updated > cur.last_updated):
+            # A write to a deleted resource whose content is already in history is a replay of
+            # what came before the deletion, unless the EHR dates it after the deletion.
+            replays.append((w.rtype, w.rid, sha))
+        if stored_before and last_updated <= cur.last_updated and (cur.deleted or not sent):
             # No time sent, or a re-creation after a delete: this version is the newest by
             # definition, even after one whose time is (within the allowed clock difference)
             # ahead of ours; its events must sort after the deletion's reversals.
@@ -241,15 +246,14 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
         stale = exists and last_updated < cur.last_updated
         if stale:
             answer_with.append((w.rtype, w.rid, cur.version_id))
+            replays.append((w.rtype, w.rid, sha))
         plans.append((w, cur, sha, last_updated, stale))
     stored = await repo.versions_of(answer_with)
-    # A stale version already in history (an EHR's retry) is not kept twice; and a write to a
-    # deleted resource whose content is already in history is a replay of what came before
-    # the deletion: it must not bring the resource (and its CCM time) back. Other content
-    # re-creates it, whatever its time (the EHR's clock may lag the deletion's).
-    kept = await repo.same_content_versions(
-        [(w.rtype, w.rid, sha) for w, cur, sha, _, stale in plans
-         if stale or (cur is not None and cur.deleted and cur.version_id > 0)])
+    # A stale version already in history (an EHR's retry) is not kept twice; and a replay of
+    # what came before a deletion must not bring the resource (and its CCM time) back. Other
+    # content re-creates it, whatever its time (the EHR's clock may lag the deletion's), and so
+    # does the same content dated after the deletion (an EHR undoing a delete).
+    kept = await repo.same_content_versions(replays)
     # The PractitionerRoles and Practitioners the Encounters' participants are (by type, by id).
     wanted = {(t, i) for w, *_ in plans for t, i in _performer_ids(w.resource, caller.local_bases)}
     known = {kind: await repo.current_resources(kind, sorted(i for t, i in wanted if t == kind))
@@ -302,7 +306,9 @@ def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int],
         return Outcome(200, w.rtype, w.rid, None, outcome_body=True, issues=[Issue(
             "warning", "conflict",
             f"{w.rtype}/{w.rid} was deleted (version {cur.version_id}) and this is {kept}: "
-            "it stays deleted and no event was emitted", ("meta.lastUpdated",))])
+            "it stays deleted and no event was emitted (to re-create it, send it with a "
+            f"meta.lastUpdated after the deletion, {isoformat(cur.last_updated)})",
+            ("meta.lastUpdated",))])
     return Outcome(200, w.rtype, w.rid, stored[(w.rtype, w.rid, cur.version_id)],
                    outcome_body=True, issues=[Issue(
                        "warning", "conflict",
@@ -338,7 +344,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
         source=source, config=caller.config, timezone=caller.timezone,
         state=cur.ccm_state if cur and cur.version_id else {},
         roles=known["PractitionerRole"], practitioners=known["Practitioner"],
-        local_bases=caller.local_bases))
+        local_bases=caller.local_bases, clock_skew=caller.clock_skew))
     patient_element = PATIENT_ELEMENT.get(rtype)
     patient = (reference(body.get(patient_element), ("Patient",), caller.local_bases)
                if patient_element else None)
@@ -382,7 +388,7 @@ def check_as_create(caller: Caller, rtype: str, resource: dict[str, Any]) -> lis
                            caller.connection)
     mapping = _mapped({**resource, "id": rid}, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone,
-        local_bases=caller.local_bases))
+        local_bases=caller.local_bases, clock_skew=caller.clock_skew))
     return list(mapping.warnings)
 
 
