@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,10 +57,23 @@ def _where(index: int) -> str:
     return f"Bundle.entry[{index}]"
 
 
+# FHIR's uuid and oid types as a fullUrl: ``urn:uuid:`` + RFC 4122's 8-4-4-4-12 hex digits (in
+# either case: RFC 4122 reads them case-insensitively, and a reference to one is taken in either
+# case), ``urn:oid:`` + digits and dots (ASCII digits: ``\d`` would take other scripts').
+_UUID_URN = re.compile(
+    r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_OID_URN = re.compile(r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+")
+# A URI scheme (RFC 3986): what an absolute request.url starts with (http:, https:, urn:).
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
+# The Bundle types that may carry entry.response (bdl-4).
+_WITH_RESPONSES = ("batch-response", "transaction-response", "history")
+
+
 def parse_entries(bundle: dict[str, Any], max_entries: int, *,
                   each_alone: bool = False) -> list[Entry]:
     """Every entry checked and validated; all problems reported at once (422). ``each_alone``
-    (a batch): an entry's own problems only refuse that entry (``Entry.refused``)."""
+    (a batch): an entry's own problems only refuse that entry (``Entry.refused``); the Bundle's
+    own invariants (bdl-1, bdl-2, bdl-4, bdl-7) refuse the whole Bundle, a batch too."""
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):
         raise rejected(400, "structure", "Bundle.entry must be a list", "Bundle.entry")
@@ -67,8 +81,25 @@ def parse_entries(bundle: dict[str, Any], max_entries: int, *,
         raise rejected(413, "too-costly", f"Bundle has {len(entries)} entries; the limit is "
                        f"{max_entries}", "Bundle.entry")
     _unique_full_urls(entries)
+    kind = bundle.get("type")
+    invariants = []  # the Bundle's (bdl-1, bdl-2, bdl-4): a Bundle breaking them is refused
+    if "total" in bundle and kind not in ("searchset", "history"):
+        invariants.append(Issue("error", "invariant", "Bundle.total is only allowed in a "
+                                f"searchset or history Bundle, not in a {kind!r} one (bdl-1)",
+                                ("Bundle.total",)))
     parsed, issues = [], []
     for i, raw in enumerate(entries):
+        if isinstance(raw, dict):
+            if "search" in raw and kind != "searchset":
+                invariants.append(Issue(
+                    "error", "invariant", "entry.search is only allowed in a searchset "
+                    f"Bundle, not in a {kind!r} one (bdl-2)", (f"{_where(i)}.search",)))
+            if "response" in raw and kind not in _WITH_RESPONSES:
+                invariants.append(Issue(
+                    "error", "invariant", "entry.response is only allowed in a "
+                    f"batch-response, transaction-response or history Bundle, not in a {kind!r} "
+                    "one (bdl-4): a request's entries carry entry.request", (
+                        f"{_where(i)}.response",)))
         try:
             parsed.append(_parse_entry(i, raw))
         except FhirRejected as exc:
@@ -77,8 +108,8 @@ def parse_entries(bundle: dict[str, Any], max_entries: int, *,
                                     refused=exc))
             else:
                 issues += exc.issues  # already located at their entry
-    if issues:
-        raise FhirRejected(422, issues)
+    if invariants or issues:
+        raise FhirRejected(422, invariants + issues)
     return parsed
 
 
@@ -122,6 +153,10 @@ def _parse_entry(i: int, raw: Any) -> Entry:
         raise rejected(422, "value", f"entry.request needs a method ({', '.join(METHOD_ORDER)}) "
                        "and a url", f"{_where(i)}.request")
     path, _, query = url.partition("?")
+    if _SCHEME.match(path):  # http://host/fhir/Patient, urn:…: not this server's Type
+        raise rejected(422, "value", f"{method} {url}: a Bundle entry's request.url is relative "
+                       "to the base the Bundle is posted to: Type, Type/id or Type?criteria, "
+                       "not an absolute URL", f"{_where(i)}.request.url")
     parts = path.strip("/").split("/")
     rtype = parts[0]
     if rtype not in SUPPORTED_TYPES:
@@ -143,10 +178,24 @@ def _parse_entry(i: int, raw: Any) -> Entry:
                          ("request.ifNoneExist", request.get("ifNoneExist"))):
         if value is not None and not isinstance(value, str):
             raise rejected(422, "value", f"entry.{field} must be a string", f"{_where(i)}.{field}")
+    full_url = raw.get("fullUrl")
+    if full_url is not None and full_url.startswith("urn:") and not (
+            _UUID_URN.fullmatch(full_url) if full_url.startswith("urn:uuid:")
+            else _OID_URN.fullmatch(full_url) if full_url.startswith("urn:oid:") else True):
+        raise rejected(422, "value", f"fullUrl {full_url!r} is no "
+                       + ("urn:uuid: followed by a UUID (8-4-4-4-12 hexadecimal digits, e.g. "
+                          "urn:uuid:c757873d-ec9a-4326-a141-556f43239520)"
+                          if full_url.startswith("urn:uuid:") else
+                          "urn:oid: followed by an OID (e.g. urn:oid:1.2.840.113619.6.197)"),
+                       f"{_where(i)}.fullUrl")
     # Only a create or update stores a resource: one sent with a DELETE or GET means nothing
     # here and is not looked at (it was, and one that was no JSON object answered 500).
     resource = None
     if method in ("POST", "PUT"):
+        if raw.get("resource") is None:
+            raise rejected(422, "required", f"{method} {url}: Bundle.entry[{i}].resource is "
+                           "required for POST/PUT (the resource to create or update)",
+                           f"{_where(i)}.resource")
         try:
             resource = handlers.validated(raw.get("resource"), rtype)
         except FhirRejected as exc:
@@ -213,32 +262,59 @@ def _conditionals(value: Any, path: str) -> Iterator[tuple[dict[str, Any], str, 
 MAX_CONDITIONAL_REFERENCES = 1_000
 
 
+class _Lookup:
+    """What a Bundle's conditional references (``Patient?identifier=…``) resolve against:
+    ``claimed``, the resources its own conditional creates and updates settled ((type, criteria
+    key) → id: the stored match each found, or the resource it creates); ``deleted``, the ids
+    its DELETE entries delete (they match nothing); and ``found``, what each reference resolved
+    to so far (the same reference is resolved once: 20,000 searches took 20 s). ``searches``
+    counts the references searched for in stored data (``MAX_CONDITIONAL_REFERENCES``)."""
+
+    __slots__ = ("claimed", "deleted", "found", "searches")
+
+    def __init__(self, claimed: dict[tuple[str, str], str] | None = None,
+                 deleted: dict[str, set[str]] | None = None) -> None:
+        self.claimed = claimed or {}
+        self.deleted = deleted or {}
+        self.found: dict[str, list[str]] = {}
+        self.searches = 0
+
+
 async def _conditional_references(repo: SqlResourceRepository, caller: Caller, entry: Entry,
-                                  deleted: dict[str, set[str]] | None = None,
-                                  searched: dict[str, list] | None = None) -> None:
-    """``Patient?identifier=…`` references resolve to the one match, or the entry fails; a
-    resource ``deleted`` (by the same transaction's DELETE entries) matches nothing.
-    ``searched``: what the Bundle's references found so far (the same reference is searched
-    once: 20,000 of them took 20 s); more than ``MAX_CONDITIONAL_REFERENCES`` distinct ones
-    are a 422."""
-    searched = {} if searched is None else searched
+                                  lookup: _Lookup | None = None) -> None:
+    """``Patient?identifier=…`` references resolve to the one resource they match, or the
+    entry fails (412). Criteria that a conditional create or update of the same transaction
+    has (the same after ``normalise_criteria``, as its claim keys them) name that entry's
+    resource, without a search: the stored resource it found, or the one it creates (which no
+    search could find before it is written). Any other reference is searched for in what was
+    stored before the transaction, less what its DELETE entries delete. More than
+    ``MAX_CONDITIONAL_REFERENCES`` distinct searches are a 422."""
+    lookup = _Lookup() if lookup is None else lookup
     for value, path, rtype in _conditionals(entry.resource, f"{_where(entry.index)}.resource"):
         ref = value["reference"]
-        matches = searched.get(ref)
-        if matches is None:
-            if len(searched) >= MAX_CONDITIONAL_REFERENCES:
-                raise rejected(422, "too-costly", "a Bundle may resolve at most "
-                               f"{MAX_CONDITIONAL_REFERENCES:,} different conditional "
-                               "references", f"{path}.reference")
-            with _placed(f"{path}.reference"):
-                matches = searched[ref] = await handlers.find_by_criteria(
-                    repo, rtype, ref, ignore=(deleted or {}).get(rtype, ()),
-                    local_bases=caller.local_bases)
-        if len(matches) != 1:
-            raise rejected(412, "not-found" if not matches else "multiple-matches",
-                           f"conditional reference {ref!r} matches {len(matches)} "
+        ids = lookup.found.get(ref)
+        if ids is None:
+            with _placed(f"{path}.reference"):  # criteria the search refuses: 400, there
+                params = handlers.normalise_criteria(rtype, ref, caller.local_bases)
+                claimed = lookup.claimed.get((rtype, handlers.criteria_key(params))) \
+                    if lookup.claimed else None
+                if claimed is not None:
+                    ids = [claimed]
+                else:
+                    if lookup.searches >= MAX_CONDITIONAL_REFERENCES:
+                        raise rejected(422, "too-costly", "a Bundle may resolve at most "
+                                       f"{MAX_CONDITIONAL_REFERENCES:,} different conditional "
+                                       "references", f"{path}.reference")
+                    lookup.searches += 1
+                    ids = [m.id for m in await handlers.find(
+                        repo, rtype, params, ignore=lookup.deleted.get(rtype, ()),
+                        local_bases=caller.local_bases)]
+            lookup.found[ref] = ids
+        if len(ids) != 1:
+            raise rejected(412, "not-found" if not ids else "multiple-matches",
+                           f"conditional reference {ref!r} matches {len(ids)} "
                            "resources; exactly one is required", f"{path}.reference")
-        value["reference"] = f"{rtype}/{matches[0].id}"
+        value["reference"] = f"{rtype}/{ids[0]}"
 
 
 async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
@@ -263,9 +339,10 @@ async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
 
 
 async def _resolve_ids(uow: UnitOfWork, caller: Caller,
-                       entries: list[Entry]) -> tuple[dict[str, str], dict[str, set[str]]]:
-    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates; and the
-    ids each type's DELETE entries delete.
+                       entries: list[Entry]) -> tuple[dict[str, str], _Lookup]:
+    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates; and what
+    the Bundle's conditional references resolve against (``_Lookup``: the ids each type's
+    DELETE entries delete, and the id each conditional create's or update's criteria settled).
 
     A conditional create's or update's id is the resource its criteria find, so it is settled
     here, before any reference to its fullUrl is rewritten: its criteria are claimed now (held
@@ -278,6 +355,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
     repo = SqlResourceRepository(uow.session, caller.tenant)
     ids: dict[str, str] = {}
     deleted = await _deleted_by(repo, caller, entries)
+    claimed: dict[tuple[str, str], Entry] = {}
     for e in entries:
         if e.method == "POST":
             e.rid = random_uuid()
@@ -291,14 +369,14 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
             with _placed(f"{_where(e.index)}.{element}"):
                 keyed.append((handlers.criteria_key(handlers.normalise_criteria(
                     e.rtype, criteria or "", caller.local_bases)), e))
-        claimed: dict[tuple[str, str], Entry] = {}
         for key, e in sorted(keyed, key=lambda k: (k[1].rtype, k[0], k[1].index)):
             with _at_entry(e.index):
                 await _claim(uow, caller, e, key, claimed, deleted.get(e.rtype, set()))
     for e in entries:
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
-    return ids, deleted
+    # (two entries with one key have one id: a POST pair is one resource, any other pair fails)
+    return ids, _Lookup({key: e.rid for key, e in claimed.items() if e.rid}, deleted)
 
 
 async def _deleted_by(repo: SqlResourceRepository, caller: Caller,
@@ -391,6 +469,11 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     """All entries in this unit of work, in FHIR's order (DELETE, POST, PUT, GET); any failure
     raises and the caller's unit of work rolls everything back.
 
+    Every id is settled first (``_resolve_ids``: conditional creates and updates claim their
+    criteria), then references are rewritten, before anything is written: fullUrls to their
+    entries' ids, conditional references to the resource of a conditional create or update
+    of this Bundle with the same criteria, else to the one stored resource they match.
+
     Consecutive creates and updates are stored together (``store_many``: a few statements for
     all of them); an entry that must look at the database first (a conditional create, an
     ``ifMatch``, a delete, a read) first flushes what is pending, so it sees every earlier entry.
@@ -402,10 +485,9 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     repo = SqlResourceRepository(uow.session, caller.tenant)
     await repo.lock_rows([(e.rtype, e.rid) for e in entries
                           if e.method == "DELETE" and e.rid is not None])
-    ids, deleted = await _resolve_ids(uow, caller, entries)
+    ids, lookup = await _resolve_ids(uow, caller, entries)
     _one_entry_per_resource(entries)
     unresolved: list[Issue] = []
-    searched: dict[str, list] = {}  # conditional reference → what it found
     for e in entries:
         if e.resource is not None:
             # The parsed request body is ours: rewritten in place, no copy.
@@ -417,7 +499,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
             unresolved += [i.located(f"{_where(e.index)}.resource")
                            for i in subject_targets(e.resource, e.rtype)]
             if left & CONDITIONAL and not issues:
-                await _conditional_references(repo, caller, e, deleted, searched)
+                await _conditional_references(repo, caller, e, lookup)
     if unresolved:
         raise FhirRejected(422, unresolved)
     results: dict[int, Outcome] = {}
