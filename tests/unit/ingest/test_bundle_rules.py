@@ -370,3 +370,15 @@ async def test_criteria_holding_a_url_are_still_relative(fhir):
          "request": {"method": "PUT", "url": f"Patient?identifier={MBI}|URL1"}}))
     assert r.status_code == 200, r.text
     assert r.json()["entry"][0]["response"]["status"] == "201 Created"
+
+
+@pytest.mark.parametrize("criteria", ["", "   "])
+async def test_an_empty_if_none_exist_in_an_entry_is_refused_not_a_plain_create(fhir, criteria):
+    """It made a plain create: every push of the Bundle another Patient."""
+    entry = {**ENTRY, "request": {**ENTRY["request"], "ifNoneExist": criteria}}
+    r = await fhir.post("/fhir", json=transaction(entry))
+    assert r.status_code == 422, r.text
+    issue = r.json()["issue"][0]
+    assert issue["expression"] == ["Bundle.entry[0].request.ifNoneExist"]
+    assert "non-empty" in issue["diagnostics"]
+    assert (await counts(fhir))["versions"] == 0

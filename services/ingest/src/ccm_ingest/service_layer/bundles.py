@@ -176,8 +176,10 @@ def _parse_entry(i: int, raw: Any) -> Entry:
     for field, value in (("fullUrl", raw.get("fullUrl")),
                          ("request.ifMatch", request.get("ifMatch")),
                          ("request.ifNoneExist", request.get("ifNoneExist"))):
-        if value is not None and not isinstance(value, str):
-            raise rejected(422, "value", f"entry.{field} must be a string", f"{_where(i)}.{field}")
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            # An empty ifNoneExist made a plain create (a duplicate on every push).
+            raise rejected(422, "value", f"entry.{field} must be a non-empty string",
+                           f"{_where(i)}.{field}")
     full_url = raw.get("fullUrl")
     if full_url is not None and full_url.startswith("urn:") and not (
             _UUID_URN.fullmatch(full_url) if full_url.startswith("urn:uuid:")
