@@ -1,34 +1,89 @@
 """What ``fhir.resources`` does not check and ingest relies on: required value-set bindings,
-the R4 invariants we use (Consent ppc-1..5, Condition con-4/con-5), R5-only shapes and reference
-formats. Pure functions over the decoded JSON; each issue names its element (``expression``)."""
+the R4 invariants we use (Consent ppc-1..5, Condition con-4/con-5, Period per-1, ContactPoint
+cpt-2), R5-only shapes and reference formats. Pure functions over the decoded JSON; each issue
+names its element (``expression``)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
-from ccm_ingest.domain.model import Issue
+from ccm_ingest.domain.model import SUPPORTED_TYPES, Issue
+
+
+class ValueSet(NamedTuple):
+    """An R4 value set a code element is bound to (required): its id and its codes, in the
+    spec's order (the order messages list them in)."""
+
+    name: str
+    codes: tuple[str, ...]
+    members: frozenset[str]
+
+
+def _value_set(name: str, codes: str) -> ValueSet:
+    return ValueSet(name, tuple(codes.split()), frozenset(codes.split()))
+
 
 # Required bindings in R4 4.0.1 (the full code lists, not fhir.resources' truncated ones).
-REQUIRED_BINDINGS: dict[str, dict[str, frozenset[str]]] = {
-    "Encounter": {
-        "status": frozenset(
-            "planned arrived triaged in-progress onleave finished cancelled entered-in-error "
-            "unknown".split()
-        ),
-    },
-    "Consent": {
-        "status": frozenset("draft proposed active rejected inactive entered-in-error".split()),
-    },
+GENDER = _value_set("administrative-gender", "male female other unknown")
+ENCOUNTER_STATUS = _value_set(
+    "encounter-status",
+    "planned arrived triaged in-progress onleave finished cancelled entered-in-error unknown")
+# Types and backbone elements (``Type.element``) → code element → its required value set;
+# ``_ELEMENTS`` says where each occurs, so they are checked wherever they do, contained
+# resources included.
+REQUIRED_BINDINGS: dict[str, dict[str, ValueSet]] = {
+    "Encounter": {"status": ENCOUNTER_STATUS},
+    "Encounter.statusHistory": {"status": ENCOUNTER_STATUS},
+    "Encounter.location": {"status": _value_set("encounter-location-status",
+                                                "planned active reserved completed")},
+    "Consent": {"status": _value_set(
+        "consent-state-codes", "draft proposed active rejected inactive entered-in-error")},
+    "Consent.provision": {"type": _value_set("consent-provision-type", "deny permit")},
+    "Consent.provision.data": {"meaning": _value_set(
+        "consent-data-meaning", "instance related dependents authoredby")},
     "CarePlan": {
-        "status": frozenset(
-            "draft active on-hold revoked completed entered-in-error unknown".split()
-        ),
-        "intent": frozenset("proposal plan order option".split()),
+        "status": _value_set("request-status",
+                             "draft active on-hold revoked completed entered-in-error unknown"),
+        "intent": _value_set("care-plan-intent", "proposal plan order option"),
     },
-    "Patient": {"gender": frozenset("male female other unknown".split())},
-    "Practitioner": {"gender": frozenset("male female other unknown".split())},
+    "CarePlan.activity.detail": {
+        "kind": _value_set("care-plan-activity-kind",
+                           "Appointment CommunicationRequest DeviceRequest MedicationRequest "
+                           "NutritionOrder Task ServiceRequest VisionPrescription"),
+        "status": _value_set("care-plan-activity-status",
+                             "not-started scheduled in-progress on-hold completed cancelled "
+                             "stopped unknown entered-in-error"),
+    },
+    "Patient": {"gender": GENDER},
+    "Patient.contact": {"gender": GENDER},
+    "Patient.link": {"type": _value_set("link-type", "replaced-by replaces refer seealso")},
+    "Practitioner": {"gender": GENDER},
+    "PractitionerRole.availableTime": {"daysOfWeek": _value_set(
+        "days-of-week", "mon tue wed thu fri sat sun")},
+    # datatypes
+    "HumanName": {"use": _value_set("name-use",
+                                    "usual official temp nickname anonymous old maiden")},
+    "ContactPoint": {
+        "system": _value_set("contact-point-system", "phone fax email pager url sms other"),
+        "use": _value_set("contact-point-use", "home work temp old mobile"),
+    },
+    "Address": {"use": _value_set("address-use", "home work temp old billing"),
+                "type": _value_set("address-type", "postal physical both")},
+    "Identifier": {"use": _value_set("identifier-use", "usual official temp secondary old")},
+    "Quantity": {"comparator": _value_set("quantity-comparator", "< <= >= >")},
+    "Narrative": {"status": _value_set("narrative-status",
+                                       "generated extensions additional empty")},
+    "Timing.repeat": {
+        "durationUnit": _value_set("units-of-time", "s min h d wk mo a"),
+        "periodUnit": _value_set("units-of-time", "s min h d wk mo a"),
+        "dayOfWeek": _value_set("days-of-week", "mon tue wed thu fri sat sun"),
+        "when": _value_set("event-timing",
+                           "MORN MORN.early MORN.late NOON AFT AFT.early AFT.late EVE EVE.early "
+                           "EVE.late NIGHT PHS HS WAKE C CM CD CV AC ACM ACD ACV PC PCM PCD PCV"),
+    },
 }
 CONDITION_CLINICAL = frozenset("active recurrence relapse inactive remission resolved".split())
 CONDITION_VERIFICATION = frozenset(
@@ -36,8 +91,117 @@ CONDITION_VERIFICATION = frozenset(
 )
 CLINICAL_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+# Required bindings on CodeableConcepts: one coding at least is of the value set's system with
+# one of its codes (text alone, or codes of other systems only, do not meet them).
+REQUIRED_CONCEPTS: dict[str, dict[str, tuple[str, ValueSet]]] = {
+    "Condition": {
+        "clinicalStatus": (CLINICAL_SYSTEM, ValueSet(
+            "condition-clinical", ("active", "recurrence", "relapse", "inactive", "remission",
+                                   "resolved"), CONDITION_CLINICAL)),
+        "verificationStatus": (VERIFICATION_SYSTEM, ValueSet(
+            "condition-ver-status", ("unconfirmed", "provisional", "differential", "confirmed",
+                                     "refuted", "entered-in-error"), CONDITION_VERIFICATION)),
+    },
+}
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+
+# Where the elements with bindings or invariants occur in the supported types (R4 4.0.1):
+# element → its type, a key of this table (Age, Count, Distance and Duration are Quantities;
+# SimpleQuantity has no comparator and no rule here). Every type listed also carries
+# ``extension`` (Extension) and every resource ``text`` (Narrative) and ``contained``.
+_ELEMENTS: dict[str, dict[str, str]] = {
+    "Patient": {"identifier": "Identifier", "name": "HumanName", "telecom": "ContactPoint",
+                "address": "Address", "contact": "Patient.contact",
+                "generalPractitioner": "Reference", "managingOrganization": "Reference",
+                "link": "Patient.link"},
+    "Patient.contact": {"name": "HumanName", "telecom": "ContactPoint", "address": "Address",
+                        "organization": "Reference", "period": "Period"},
+    "Patient.link": {"other": "Reference"},
+    "Practitioner": {"identifier": "Identifier", "name": "HumanName", "telecom": "ContactPoint",
+                     "address": "Address", "qualification": "Practitioner.qualification"},
+    "Practitioner.qualification": {"identifier": "Identifier", "period": "Period",
+                                   "issuer": "Reference"},
+    "PractitionerRole": {"identifier": "Identifier", "period": "Period",
+                         "practitioner": "Reference", "organization": "Reference",
+                         "location": "Reference", "healthcareService": "Reference",
+                         "telecom": "ContactPoint",
+                         "availableTime": "PractitionerRole.availableTime",
+                         "notAvailable": "PractitionerRole.notAvailable",
+                         "endpoint": "Reference"},
+    "PractitionerRole.availableTime": {},
+    "PractitionerRole.notAvailable": {"during": "Period"},
+    "Organization": {"identifier": "Identifier", "partOf": "Reference",
+                     "telecom": "ContactPoint", "address": "Address",
+                     "contact": "Organization.contact", "endpoint": "Reference"},
+    "Organization.contact": {"name": "HumanName", "telecom": "ContactPoint",
+                             "address": "Address"},
+    "Condition": {"identifier": "Identifier", "encounter": "Reference", "subject": "Reference",
+                  "onsetAge": "Quantity", "onsetPeriod": "Period", "abatementAge": "Quantity",
+                  "abatementPeriod": "Period", "recorder": "Reference", "asserter": "Reference",
+                  "stage": "Condition.stage", "evidence": "Condition.evidence",
+                  "note": "Annotation"},
+    "Condition.stage": {"assessment": "Reference"},
+    "Condition.evidence": {"detail": "Reference"},
+    "CarePlan": {"identifier": "Identifier", "basedOn": "Reference", "replaces": "Reference",
+                 "partOf": "Reference", "subject": "Reference", "encounter": "Reference",
+                 "period": "Period", "author": "Reference", "contributor": "Reference",
+                 "careTeam": "Reference", "addresses": "Reference",
+                 "supportingInfo": "Reference", "goal": "Reference",
+                 "activity": "CarePlan.activity", "note": "Annotation"},
+    "CarePlan.activity": {"outcomeReference": "Reference", "progress": "Annotation",
+                          "reference": "Reference", "detail": "CarePlan.activity.detail"},
+    "CarePlan.activity.detail": {"reasonReference": "Reference", "goal": "Reference",
+                                 "scheduledTiming": "Timing", "scheduledPeriod": "Period",
+                                 "location": "Reference", "performer": "Reference",
+                                 "productReference": "Reference"},
+    "Consent": {"identifier": "Identifier", "patient": "Reference", "performer": "Reference",
+                "organization": "Reference", "sourceReference": "Reference",
+                "verification": "Consent.verification", "provision": "Consent.provision"},
+    "Consent.verification": {"verifiedWith": "Reference"},
+    "Consent.provision": {"period": "Period", "actor": "Consent.provision.actor",
+                          "dataPeriod": "Period", "data": "Consent.provision.data",
+                          "provision": "Consent.provision"},
+    "Consent.provision.actor": {"reference": "Reference"},
+    "Consent.provision.data": {"reference": "Reference"},
+    "Encounter": {"identifier": "Identifier", "statusHistory": "Encounter.statusHistory",
+                  "classHistory": "Encounter.classHistory", "subject": "Reference",
+                  "episodeOfCare": "Reference", "basedOn": "Reference",
+                  "participant": "Encounter.participant", "appointment": "Reference",
+                  "period": "Period", "length": "Quantity", "reasonReference": "Reference",
+                  "diagnosis": "Encounter.diagnosis", "account": "Reference",
+                  "hospitalization": "Encounter.hospitalization",
+                  "location": "Encounter.location", "serviceProvider": "Reference",
+                  "partOf": "Reference"},
+    "Encounter.statusHistory": {"period": "Period"},
+    "Encounter.classHistory": {"period": "Period"},
+    "Encounter.participant": {"period": "Period", "individual": "Reference"},
+    "Encounter.diagnosis": {"condition": "Reference"},
+    "Encounter.hospitalization": {"preAdmissionIdentifier": "Identifier",
+                                  "origin": "Reference", "destination": "Reference"},
+    "Encounter.location": {"location": "Reference", "period": "Period"},
+    # datatypes
+    "Identifier": {"period": "Period", "assigner": "Reference"},
+    "Reference": {"identifier": "Identifier"},
+    "HumanName": {"period": "Period"},
+    "ContactPoint": {"period": "Period"},
+    "Address": {"period": "Period"},
+    "Period": {},
+    "Quantity": {},
+    "Narrative": {},
+    "Annotation": {"authorReference": "Reference"},
+    "Timing": {"repeat": "Timing.repeat"},
+    "Timing.repeat": {"boundsDuration": "Quantity", "boundsPeriod": "Period"},
+    "Ratio": {"numerator": "Quantity", "denominator": "Quantity"},
+    "ContactDetail": {"telecom": "ContactPoint"},
+    "Extension": {"valueAddress": "Address", "valueAge": "Quantity", "valueAnnotation":
+                  "Annotation", "valueContactDetail": "ContactDetail",
+                  "valueContactPoint": "ContactPoint", "valueCount": "Quantity",
+                  "valueDistance": "Quantity", "valueDuration": "Quantity",
+                  "valueHumanName": "HumanName", "valueIdentifier": "Identifier",
+                  "valuePeriod": "Period", "valueQuantity": "Quantity", "valueRatio": "Ratio",
+                  "valueReference": "Reference", "valueTiming": "Timing"},
+}
 
 # Elements that exist only in R5 (or changed shape there): a payload carrying them is R5.
 R5_ONLY: dict[str, tuple[str, ...]] = {
@@ -68,15 +232,8 @@ def check_resource(resource: dict[str, Any]) -> list[Issue]:
     rtype = resource.get("resourceType", "")
     issues: list[Issue] = []
     issues += _r5_shapes(rtype, resource)
-    for element, allowed in REQUIRED_BINDINGS.get(rtype, {}).items():
-        value = resource.get(element)
-        if type(value) is str and value not in allowed:  # another JSON type: the library says
-            issues.append(_err(
-                "code-invalid",
-                f"{rtype}.{element} {value!r} is not in the required value set "
-                f"({', '.join(sorted(allowed))})",
-                f"{rtype}.{element}",
-            ))
+    _check_elements(_NODES.get(rtype, _ANY_RESOURCE) if type(rtype) is str else _ANY_RESOURCE,
+                    resource, rtype, issues)
     check = _TYPE_CHECKS.get(rtype)
     if check is not None:
         issues += check(resource)
@@ -234,18 +391,12 @@ def _consent(resource: dict[str, Any]) -> list[Issue]:
 
 
 def _condition(resource: dict[str, Any]) -> list[Issue]:
+    """con-4 and con-5 (the bindings of clinicalStatus and verificationStatus are
+    ``REQUIRED_CONCEPTS``)."""
     issues = []
     clinical = [c for s, c in _codes(resource.get("clinicalStatus")) if s == CLINICAL_SYSTEM]
     verification = [c for s, c in _codes(resource.get("verificationStatus"))
                      if s == VERIFICATION_SYSTEM]
-    for code in clinical:
-        if code not in CONDITION_CLINICAL:
-            issues.append(_err("code-invalid", f"Condition.clinicalStatus {code!r} is not in the "
-                               "required value set", "Condition.clinicalStatus"))
-    for code in verification:
-        if code not in CONDITION_VERIFICATION:
-            issues.append(_err("code-invalid", f"Condition.verificationStatus {code!r} is not in "
-                               "the required value set", "Condition.verificationStatus"))
     has_abatement = any(k.startswith("abatement") for k in resource)
     if has_abatement and clinical and not set(clinical) & {"inactive", "resolved", "remission"}:
         issues.append(_err("invariant", "con-4: an abated Condition must have clinicalStatus "
@@ -460,3 +611,214 @@ def _not_understood(modifiers: list[str], resource: dict[str, Any], at: str) -> 
 
 def _no_contained(where: str, ref: str) -> Issue:
     return _err("not-found", f"{where} {ref!r} names no contained resource", where)
+
+
+# ---- Required bindings and datatype invariants, wherever their elements occur -----------------
+
+# Where an element is, as the walk goes: the resource type, or (where its parent is, its name)
+# or (where its parent is, its name, its index), made text (``_path``) only for an issue.
+_At = str | tuple[Any, ...]
+
+
+def _path(at: _At) -> str:
+    parts = []
+    while type(at) is tuple:
+        parts.append(f".{at[1]}[{at[2]}]" if len(at) == 3 else f".{at[1]}")
+        at = at[0]
+    return at + "".join(reversed(parts))
+
+
+def _check_elements(node: _Node, value: dict[str, Any], at: _At, issues: list[Issue]) -> None:
+    """The bindings and invariants of ``node`` (a type of ``_ELEMENTS``) on ``value``, and of
+    the elements in it that have some: only those are descended into (this runs on every
+    resource). A value of another JSON type than FHIR's is skipped: the library says so."""
+    if node.invariant is not None:
+        node.invariant(value, at, issues)
+    elements = node.elements
+    for key, item in value.items():
+        found = elements.get(key)
+        if found is None:
+            continue
+        kind, what = found
+        if kind is _CHILD:  # entered only if it has something to check (most References not)
+            if type(item) is dict:
+                if what.invariant is not None or not what.keys.isdisjoint(item):
+                    _check_elements(what, item, (at, key), issues)
+            elif type(item) is list:
+                for i, one in enumerate(item):
+                    if type(one) is dict and (what.invariant is not None
+                                              or not what.keys.isdisjoint(one)):
+                        _check_elements(what, one, (at, key, i), issues)
+        elif kind is _CODE:
+            if type(item) is str:
+                if item not in what.members:
+                    issues.append(_not_in(_path((at, key)), item, what))
+            elif type(item) is list:  # a repeating code (daysOfWeek)
+                issues += [_not_in(_path((at, key, i)), one, what) for i, one in enumerate(item)
+                           if type(one) is str and one not in what.members]
+        elif kind is _CONCEPT:
+            _required_concept(item, (at, key), *what, issues)
+        elif type(item) is list:  # _CONTAINED: each as a resource of its type
+            for i, one in enumerate(item):
+                if type(one) is dict:
+                    rtype = one.get("resourceType")
+                    _check_elements(_NODES.get(rtype, _ANY_RESOURCE) if type(rtype) is str
+                                    else _ANY_RESOURCE, one, (at, key, i), issues)
+
+
+def _not_in(where: str, code: str, value_set: ValueSet) -> Issue:
+    return _err("code-invalid", f"{where} {code!r} is not in the required value set "
+                f"{value_set.name} ({', '.join(value_set.codes)})", where)
+
+
+def _required_concept(concept: Any, at: _At, system: str, value_set: ValueSet,
+                      issues: list[Issue]) -> None:
+    """A CodeableConcept bound (required) to ``value_set``: one coding at least of ``system``
+    with one of its codes; a coding of ``system`` with another code is named."""
+    if type(concept) is not dict:
+        return
+    codings = concept.get("coding", [])
+    if type(codings) is not list:
+        return
+    if any(type(c) is not dict or type(c.get("code", "")) is not str
+           or type(c.get("system", "")) is not str for c in codings):
+        return  # a coding or code of another JSON type: the library's to refuse
+    found = False
+    for i, coding in enumerate(codings):
+        if coding.get("system") == system and "code" in coding:
+            found = True
+            if coding["code"] not in value_set.members:
+                issues.append(_not_in(f"{_path(at)}.coding[{i}].code", coding["code"],
+                                      value_set))
+    if not found:
+        where = _path(at)
+        what = "codings of no or another system do not" if codings else "text alone does not"
+        issues.append(_err("code-invalid", f"{where} needs a coding of {system} with a code "
+                           f"of the required value set {value_set.name} "
+                           f"({', '.join(value_set.codes)}); {what} meet a required binding",
+                           where))
+
+
+def _per_1(period: dict[str, Any], at: _At, issues: list[Issue]) -> None:
+    """per-1: a Period's start is not after its end (when both are given)."""
+    start, end = period.get("start"), period.get("end")
+    if type(start) is str and type(end) is str and _starts_after_end(start, end):
+        path = _path(at)
+        issues.append(_err("invariant", f"per-1: {path}.end is before period.start ({end!r} "
+                           f"ends before {start!r} begins); a period ends at or after its start",
+                           path))
+
+
+# YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm:ss[.fraction][zone] (the library checks forms)
+_DATE_TIME = re.compile(r"(\d{4})(?:-(\d\d)(?:-(\d\d)(?:T(\d\d):(\d\d):(\d\d)(?:\.(\d+))?"
+                        r"(Z|[+-]\d\d:\d\d)?)?)?)?")
+_ONE_MICROSECOND = timedelta(microseconds=1)
+# A date (no zone) compared with an instant: the date may be in any zone, UTC+14 to UTC-12.
+_EARLIEST_ZONE, _LATEST_ZONE = timedelta(hours=14), timedelta(hours=12)
+
+
+def _span(match: re.Match[str]) -> tuple[datetime, datetime, bool] | None:
+    """The first instant a date/dateTime covers, the first after it (``2026`` covers all of
+    2026), and whether it has a zone (zoned instants are in UTC); None for no such date."""
+    year, month, day, hour, minute, second, fraction, zone = match.groups()
+    try:
+        if hour is not None:
+            first = datetime(int(year), int(month), int(day), int(hour), int(minute),
+                             int(second), int((fraction or "0")[:6].ljust(6, "0")))
+            after = first + _ONE_MICROSECOND
+            if zone is None:
+                return first, after, False
+            if zone != "Z":
+                offset = timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+                offset = offset if zone[0] == "+" else -offset
+                first, after = first - offset, after - offset
+            return first, after, True
+        y = int(year)
+        if day is not None:
+            first = datetime(y, int(month), int(day))
+            return first, first + timedelta(days=1), False
+        if month is not None:
+            m = int(month)
+            return (datetime(y, m, 1),
+                    datetime(y + m // 12, m % 12 + 1, 1) if y < 9999 or m < 12 else datetime.max,
+                    False)
+        return datetime(y, 1, 1), datetime(y + 1, 1, 1) if y < 9999 else datetime.max, False
+    except (ValueError, OverflowError):  # no such day (2026-02-30): the library says
+        return None
+
+
+def _starts_after_end(start: str, end: str) -> bool:
+    """Whether ``start`` is certainly after ``end``: a partial date covers all its instants
+    ("2026-03" to "2026-03-01" is a period), and a date without a zone compared with an instant
+    may be in any zone."""
+    starts, ends = _DATE_TIME.fullmatch(start), _DATE_TIME.fullmatch(end)
+    if starts is None or ends is None:
+        return False  # not a dateTime: the library says
+    # The usual cases without building datetimes: the forms are fixed-width, so dates (of any
+    # precision) compare as text on what both give, and instants of one form and zone too.
+    if starts[4] is None and ends[4] is None:
+        common = min(len(start), len(end))
+        return start[:common] > end[:common]
+    if len(start) == len(end) and starts[8] is not None and starts[8] == ends[8]:
+        return start > end
+    first, last = _span(starts), _span(ends)
+    if first is None or last is None:
+        return False
+    begins, _, zoned = first
+    _, ends_before, end_zoned = last
+    try:
+        if zoned != end_zoned:
+            begins = begins if zoned else begins - _EARLIEST_ZONE
+            ends_before = ends_before if end_zoned else ends_before + _LATEST_ZONE
+    except OverflowError:
+        return False
+    return begins >= ends_before
+
+
+def _cpt_2(point: dict[str, Any], at: _At, issues: list[Issue]) -> None:
+    """cpt-2: a ContactPoint with a value says which system it is of."""
+    if point.get("value") is not None and "system" not in point:
+        path = _path(at)
+        issues.append(_err("invariant", f"cpt-2: {path}.system is missing: a ContactPoint "
+                           "with a value says which system it is of (one of "
+                           f"{', '.join(REQUIRED_BINDINGS['ContactPoint']['system'].codes)})",
+                           f"{path}.system"))
+
+
+class _Node:
+    """A type of ``_ELEMENTS``: element → (_CHILD, its _Node) | (_CODE, ValueSet) |
+    (_CONCEPT, (system, ValueSet)) | (_CONTAINED, None); and the type's invariant."""
+
+    __slots__ = ("elements", "invariant", "keys")
+
+    def __init__(self) -> None:
+        self.elements: dict[str, tuple[int, Any]] = {}
+        self.keys: frozenset[str] = frozenset()
+        self.invariant: Callable[[dict[str, Any], _At, list[Issue]], None] | None = None
+
+
+_CHILD, _CODE, _CONCEPT, _CONTAINED = range(4)
+_INVARIANTS = {"Period": _per_1, "ContactPoint": _cpt_2}
+
+
+def _nodes() -> dict[str, _Node]:
+    nodes = {name: _Node() for name in (*_ELEMENTS, "Resource")}
+    for name, node in nodes.items():
+        elements: dict[str, tuple[int, Any]] = {
+            key: (_CHILD, nodes[kind]) for key, kind in _ELEMENTS.get(name, {}).items()}
+        elements["extension"] = (_CHILD, nodes["Extension"])
+        if name in SUPPORTED_TYPES or name == "Resource":
+            elements["text"] = (_CHILD, nodes["Narrative"])
+            elements["contained"] = (_CONTAINED, None)
+        elements.update((key, (_CODE, value_set))
+                        for key, value_set in REQUIRED_BINDINGS.get(name, {}).items())
+        elements.update((key, (_CONCEPT, binding))
+                        for key, binding in REQUIRED_CONCEPTS.get(name, {}).items())
+        node.elements = elements
+        node.keys = frozenset(elements)
+        node.invariant = _INVARIANTS.get(name)
+    return nodes
+
+
+_NODES = _nodes()
+_ANY_RESOURCE = _NODES["Resource"]  # a contained resource of another type: text, extension
