@@ -113,13 +113,21 @@ def _resource_model(kind: Any) -> Any:
         return None
 
 
+# What a decoded JSON value is, in JSON's words (a resourceType that is no string).
+_VALUE_KIND = {bool: "a boolean", int: "a number", float: "a number", list: "an array",
+               dict: "an object", type(None): "null"}
+
+
 def validate_resource(resource: Any, *, expected_type: str | None = None) -> dict[str, Any]:
     """The resource, if it is a valid R4 resource of a supported type; else FhirRejected."""
     if not isinstance(resource, dict):
         raise FhirRejected(400, [Issue("error", "structure", "the body is not a JSON object")])
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str):
-        raise FhirRejected(400, [Issue("error", "structure", "resourceType is missing",
+        raise FhirRejected(400, [Issue("error", "structure", "resourceType is missing"
+                                       if "resourceType" not in resource else
+                                       "resourceType must be a string naming a resource type "
+                                       f"(\"Patient\"), not {_VALUE_KIND[type(rtype)]}",
                                        ("resourceType",))])
     to_base = (" (a transaction or batch Bundle is POSTed to the base, /fhir)"
                if rtype == "Bundle" else "")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
 from ccm_shared.errors import Forbidden, InvalidInput, NotFound
-from ccm_shared.http import TenantDep
+from ccm_shared.http import JsonObject, TenantDep
 from ccm_shared.service import ServiceRuntime
 
 
@@ -41,9 +41,14 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             problem = problem or f"{exc}: saving these overrides again would be refused"
         return {**found, **({"problem": problem} if problem else {})}
 
-    @router.put("", summary="Replace this practice's overrides (keys left out use the defaults)")
-    async def write_config(practice: str, tenant: TenantDep,
-                           overrides: Annotated[dict[str, Any], Body()]) -> dict:
+    # The body is read by JsonObject (415 for another media type, 400 for a key twice, which
+    # FastAPI's own reading let pass with the last value); documented as FastAPI did.
+    @router.put("", summary="Replace this practice's overrides (keys left out use the defaults)",
+                openapi_extra={"requestBody": {"required": True, "content": {
+                    "application/json": {"schema": {"type": "object",
+                                                     "additionalProperties": True,
+                                                     "title": "Overrides"}}}}})
+    async def write_config(practice: str, tenant: TenantDep, overrides: JsonObject) -> dict:
         tenant.require_practice(practice)
         if "admin" not in tenant.scopes:
             raise Forbidden("changing the ingest configuration needs the 'admin' scope")

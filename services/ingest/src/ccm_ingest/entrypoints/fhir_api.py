@@ -47,7 +47,7 @@ from ccm_ingest.service_layer.practice import practice_settings
 from ccm_ingest.service_layer.resources import Caller, Outcome, Write
 from ccm_ingest.settings import IngestSettings
 from ccm_shared.db import UnitOfWork, gave_way
-from ccm_shared.http import TenantDep, json_depth
+from ccm_shared.http import STRICT_JSON, DuplicateKey, TenantDep, json_depth
 from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
@@ -153,6 +153,111 @@ VALIDATE_MODES = (None, "create", "update", "profile")
 TRANSACTION_ATTEMPTS = 3
 
 
+def _check_mode(mode: str | None, where: str) -> None:
+    if mode not in VALIDATE_MODES:
+        raise rejected(400, "not-supported", f"$validate mode {mode!r} is not supported; "
+                       "supported: create, update, profile", where)
+
+
+# $validate's input parameters (OperationDefinition Resource-validate) and the element of a
+# Parameters.parameter that carries each one's value; each is given at most once.
+_VALIDATE_PARAMETERS = {"resource": "resource", "mode": "valueCode", "profile": "valueUri"}
+_PARAMETERS_ELEMENTS = frozenset({"resourceType", "id", "meta", "language", "parameter"})
+_PARAMETER_ELEMENTS = frozenset({"name", "id", "extension"})  # besides the value
+
+
+def validate_input(body: Any, rtype: str, mode: str | None,
+                   profile: str | None) -> tuple[Any, str | None]:
+    """What $validate checks and its mode, from the body: the resource itself, or FHIR's
+    ``Parameters`` form (parameters ``resource``, ``mode``, ``profile``). A mode or profile
+    given in the query and the body must agree; a profile must be the type's base R4
+    StructureDefinition, the only one validated against here (FHIR: a server that cannot
+    validate against the profile it is given SHALL return an error)."""
+    if type(body) is not dict or body.get("resourceType") != "Parameters":
+        _check_profile(profile, rtype, "profile")
+        return body, mode
+    if unknown := sorted(set(body) - _PARAMETERS_ELEMENTS):
+        raise rejected(400, "structure", f"Parameters has no element {unknown[0]!r}: $validate "
+                       "takes Parameters.parameter (resource, mode, profile)",
+                       f"Parameters.{unknown[0]}")
+    sent = body.get("parameter")
+    if type(sent) is not list:
+        raise rejected(400, "required" if sent is None else "structure", "Parameters.parameter "
+                       "must be an array of parameters: resource (the resource to validate), "
+                       "mode and profile", "Parameters.parameter")
+    given: dict[str, tuple[Any, str]] = {}  # name: (value, where)
+    for i, parameter in enumerate(sent):
+        at = f"Parameters.parameter[{i}]"
+        if type(parameter) is not dict:
+            raise rejected(400, "structure", f"{at} must be a JSON object", at)
+        name = parameter.get("name")
+        element = _VALIDATE_PARAMETERS.get(name) if type(name) is str else None
+        if element is None:
+            raise rejected(400, "required" if name is None else "not-supported", "$validate "
+                           "takes the parameters resource, mode and profile" + (
+                               f", not {name!r}" if name is not None else f": {at} has no name"),
+                           f"{at}.name")
+        if name in given:
+            raise rejected(400, "structure", f"the parameter {name!r} is given twice ("
+                           f"{given[name][1]} and {at}): which one counts would be a guess", at)
+        if other := sorted(set(parameter) - _PARAMETER_ELEMENTS - {element}):
+            raise rejected(400, "structure", f"the parameter {name!r} takes {element}, not "
+                           f"{other[0]}", f"{at}.{other[0]}")
+        value = parameter.get(element)
+        if element == "resource" and type(value) is not dict:
+            raise rejected(400, "required" if value is None else "structure", "the parameter "
+                           "'resource' carries the resource to validate (a JSON object) in "
+                           "its element resource", f"{at}.resource")
+        if element != "resource" and (type(value) is not str or not value.strip()):
+            raise rejected(400, "required" if value is None else "value", f"the parameter "
+                           f"{name!r} needs a {element} (a non-empty string)", f"{at}.{element}")
+        given[name] = (value, f"{at}.{element}")
+    if "mode" in given:
+        sent_mode, where = given["mode"]
+        if mode is not None and mode != sent_mode:
+            raise rejected(400, "invalid", f"mode is given in the query ({mode!r}) and as a "
+                           f"parameter ({sent_mode!r}): give it once", where)
+        _check_mode(sent_mode, where)
+        mode = sent_mode
+    if "profile" in given:
+        sent_profile, where = given["profile"]
+        if profile is not None and profile != sent_profile:
+            raise rejected(400, "invalid", f"profile is given in the query ({profile!r}) and as "
+                           f"a parameter ({sent_profile!r}): give it once", where)
+        _check_profile(sent_profile, rtype, where)
+    else:
+        _check_profile(profile, rtype, "profile")
+    if "resource" not in given:
+        raise rejected(400, "required", "the Parameters have no parameter 'resource': the "
+                       "resource to validate", "Parameters.parameter")
+    resource, where = given["resource"]
+    if resource.get("resourceType") != rtype:
+        raise rejected(400, "invalid", f"the parameter 'resource' is a "
+                       f"{_type_named(resource.get('resourceType'))}: this URL validates "
+                       f"{rtype}", f"{where}.resourceType")
+    return resource, mode
+
+
+def _type_named(kind: Any) -> str:
+    return (repr(kind) if type(kind) is str else "resource without a resourceType"
+            if kind is None else "resource whose resourceType is no string")
+
+
+def _check_profile(profile: str | None, rtype: str, where: str) -> None:
+    """400 for a profile other than ``rtype``'s base R4 StructureDefinition."""
+    if profile is None:
+        return
+    url, _, version = profile.partition("|")
+    if url != f"{BASE_PROFILE}{rtype}" or version not in ("", *_R4_RELEASES):
+        raise rejected(400, "not-supported", f"profile {profile!r}: resources are validated "
+                       f"against base FHIR R4 only ({BASE_PROFILE}{rtype}), not against other "
+                       "profiles", where)
+
+
+BASE_PROFILE = "http://hl7.org/fhir/StructureDefinition/"
+_R4_RELEASES = ("4.0.0", "4.0.1")
+
+
 def processable(bundle: dict[str, Any]) -> str:
     """The type of a Bundle ``POST /fhir`` processes (transaction or batch), else 422."""
     kind = bundle.get("type")
@@ -180,42 +285,29 @@ def standalone(body: Any, rtype: str) -> dict[str, Any]:
     return resource
 
 
-class DuplicateKey(ValueError):
-    """A JSON object with a key twice (RFC 8259: names SHOULD be unique; readers differ on which
-    value counts, so a system of record refuses it)."""
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set[str] = set()
-        raise DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
-    return value
-
-
-def _no_constant(name: str) -> None:
-    """NaN, Infinity and -Infinity: Python's reader takes them, JSON (RFC 8259) has none."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
 # json.loads as it reads text, refusing duplicate keys and NaN or Infinity: ~2 µs more for an
-# Encounter, ~4 µs per resource of a Bundle.
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+# Encounter, ~4 µs per resource of a Bundle (the platform's, shared with its other JSON APIs).
+_DECODER = STRICT_JSON
 
 
 async def read_json(request: Request, max_depth: int) -> Any:
     """The request body as JSON: 415 for other media types, 400 when unparseable or too deep."""
-    content_type = request.headers.get("content-type", "application/fhir+json")
-    media = content_type.split(";")[0].strip()
-    if media and media.lower() not in ACCEPTED_MEDIA:
-        raise rejected(415, "not-supported", f"content type {media!r} is not supported; send "
-                       "application/fhir+json (or application/json, application/json+fhir)")
-    if (version := fhir_version(content_type)) not in R4_VERSIONS:
-        raise rejected(415, "not-supported", f"fhirVersion={version} is not supported: this "
-                       "server takes FHIR R4 (fhirVersion=4.0, or no fhirVersion)")
-    if charset(content_type) not in (None, "utf-8", "utf8"):
-        raise rejected(415, "not-supported", f"charset={charset(content_type)} is not "
-                       "supported: FHIR JSON is UTF-8")
+    content_type = request.headers.get("content-type")
+    if content_type is not None:  # without one the body is read as FHIR JSON
+        media = content_type.split(";")[0].strip()
+        if media.lower() not in ACCEPTED_MEDIA:
+            # An empty one (``Content-Type: ;`` or no value) is no media type either: what
+            # the client meant is unknown, so it is not guessed to be JSON.
+            raise rejected(415, "not-supported", (f"content type {media!r} is not supported"
+                           if media else "the Content-Type header names no media type")
+                           + "; send application/fhir+json (or application/json, "
+                           "application/json+fhir)")
+        if (version := fhir_version(content_type)) not in R4_VERSIONS:
+            raise rejected(415, "not-supported", f"fhirVersion={version} is not supported: "
+                           "this server takes FHIR R4 (fhirVersion=4.0, or no fhirVersion)")
+        if charset(content_type) not in (None, "utf-8", "utf8"):
+            raise rejected(415, "not-supported", f"charset={charset(content_type)} is not "
+                           "supported: FHIR JSON is UTF-8")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise rejected(415, "not-supported", f"Content-Encoding {encoding!r} is not supported: "
@@ -415,10 +507,12 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                            "references, the CCM mapping's rules, meta.lastUpdated ahead of "
                            "the clock); profile: the resource's own content only"))] = None,
                        ) -> Response:
-        if mode not in VALIDATE_MODES:
-            raise rejected(400, "not-supported", f"$validate mode {mode!r} is not supported; "
-                           "supported: create, update, profile", "mode")
-        body = await read_json(request, max_depth)
+        _check_mode(mode, "mode")
+        profiles = request.query_params.getlist("profile")
+        if len(profiles) > 1:
+            raise rejected(400, "structure", "profile is given more than once", "profile")
+        body, mode = validate_input(await read_json(request, max_depth), rtype, mode,
+                                    profiles[0] if profiles else None)
         as_stored = mode != "profile"  # also what storing it would refuse
         if rtype == "Bundle":
             if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
@@ -447,9 +541,15 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         _check_type(rtype)
         resource = standalone(await read_json(request, max_depth), rtype)
         if_none_exist = request.headers.get("if-none-exist")
-        if not if_none_exist:
+        if if_none_exist is None:
             return await grouped(request, tenant, Write(rtype, random_uuid(), resource,
                                                         fresh=True))
+        if not if_none_exist.strip():
+            # Sent, but with no criteria: taken as a plain create it would make the very
+            # duplicate the client asked to avoid.
+            raise rejected(400, "required", "If-None-Exist is empty: give the criteria "
+                           "(identifier=system|value), or leave the header out for a plain "
+                           "create", "If-None-Exist")
         return await write(request, tenant, lambda uow, caller: handlers.create(
             uow, caller, resource, if_none_exist=if_none_exist))
 
@@ -678,11 +778,14 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
             "operation": [{"name": "validate",
                            "definition": "http://hl7.org/fhir/OperationDefinition/"
                                          "Resource-validate",
-                           "documentation": "mode create (default) or update: also the rules "
-                                            "storing applies without reading stored data "
-                                            "(CCM mapping, meta.lastUpdated, a transaction's "
+                           "documentation": "The resource as the body, or a Parameters "
+                                            "resource (resource, mode, profile). mode create "
+                                            "(default) or update: also the rules storing "
+                                            "applies without reading stored data (CCM "
+                                            "mapping, meta.lastUpdated, a transaction's "
                                             "references); profile: the content only; delete: "
-                                            "not supported"}],
+                                            "not supported. profile: only the type's base R4 "
+                                            "StructureDefinition"}],
         }],
     }
 
