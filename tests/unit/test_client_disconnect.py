@@ -14,12 +14,9 @@ from fastapi import Body, FastAPI, Request
 from structlog.testing import capture_logs
 
 from ccm_shared.http import CLIENT_CLOSED, EdgeMiddleware, install_error_handlers
-from ccm_shared.migrate import upgrade_async, upgrade_platform
 from ccm_shared.observability import metrics
-from ccm_shared.service import ServiceRuntime, discover_services
-from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
+from tests.support.embedded import embedded_runtime
 
 BODY = json.dumps({"resourceType": "Patient", "name": [{"family": "Cut"}], "gender": "other",
                    "birthDate": "1950-01-01", "active": True}).encode()
@@ -47,12 +44,7 @@ def assert_client_closed_once(logged: list[dict], route: str) -> None:
 @pytest_asyncio.fixture
 async def served(tmp_path):
     """The ingest API under uvicorn on a free port: (host, port, token)."""
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    await asyncio.to_thread(upgrade_platform, url)
-    ingest = discover_services()["ingest"]
-    await upgrade_async(url, ingest.schema, ingest.migrations_package)
-    runtime = ServiceRuntime.build(ingest, load_settings(database_url=url),
-                                   transport=InProcessTransport())
+    runtime = await embedded_runtime(tmp_path, "ingest")
     await create_practice(runtime.db.engine, practice_id="alpha", name="Alpha",
                           timezone="America/New_York", pricing=Pricing())
     token = await create_token(runtime.db.engine, practice_id="alpha")

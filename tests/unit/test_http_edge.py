@@ -12,19 +12,12 @@ from ccm_shared.service import ServiceRuntime, discover_services
 from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
 from ccm_shared.transport import InProcessTransport
-
+from tests.support.embedded import embedded_runtime
 
 
 @pytest_asyncio.fixture
 async def client(tmp_path):
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    import asyncio
-
-    await asyncio.to_thread(upgrade_platform, url)
-    ingest = discover_services()["ingest"]
-    await upgrade_async(url, ingest.schema, ingest.migrations_package)
-    settings = load_settings(database_url=url, max_body_bytes=1000)
-    runtime = ServiceRuntime.build(ingest, settings, transport=InProcessTransport())
+    runtime = await embedded_runtime(tmp_path, "ingest", max_body_bytes=1000)
     for pid in ("alpha", "beta"):
         await create_practice(runtime.db.engine, practice_id=pid, name=pid.title(),
                               timezone="America/New_York", pricing=Pricing())

@@ -1,15 +1,11 @@
-import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import httpx
 import pytest_asyncio
 
-from ccm_shared.migrate import upgrade_async, upgrade_platform
-from ccm_shared.service import ServiceRuntime, discover_services
-from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
-from decimal import Decimal
-from datetime import UTC, datetime
+from tests.support.embedded import embedded_runtime
 
 
 class Clock:
@@ -31,13 +27,8 @@ PRICING = Pricing(model="per-code", rates={"99490": Decimal("42.00"), "99439": D
 @pytest_asyncio.fixture
 async def billing(tmp_path):
     """The billing service on the embedded database: practices alpha (New York) and beta."""
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    await asyncio.to_thread(upgrade_platform, url)
-    definition = discover_services()["billing"]
-    await upgrade_async(url, definition.schema, definition.migrations_package)
     clock = Clock(datetime(2025, 3, 20, 15, tzinfo=UTC))
-    runtime = ServiceRuntime.build(definition, load_settings(database_url=url),
-                                   transport=InProcessTransport(), clock=clock)
+    runtime = await embedded_runtime(tmp_path, "billing", clock=clock)
     await create_practice(runtime.db.engine, practice_id="alpha", name="Alpha Clinic",
                           timezone="America/New_York", pricing=PRICING)
     await create_practice(runtime.db.engine, practice_id="beta", name="Beta Clinic",

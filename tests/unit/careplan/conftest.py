@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime
 
@@ -13,12 +12,10 @@ from sqlalchemy import select
 from ccm_careplan.bootstrap import SERVICE
 from ccm_careplan.service_layer.scheduler import run_scheduler_pass
 from ccm_shared.events import CloudEvent, to_message
-from ccm_shared.migrate import upgrade_async, upgrade_platform
 from ccm_shared.service import ServiceRuntime
-from ccm_shared.settings import load_settings
 from ccm_shared.tables import outbox_table
 from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
+from tests.support.embedded import embedded_runtime
 from tests.unit.careplan.factories import Clock
 
 
@@ -51,12 +48,8 @@ class Careplan:
 async def careplan(tmp_path, monkeypatch):
     for var in ("CCM_CAREPLAN_SCHEDULER_ENABLED", "CCM_CAREPLAN_SCHEDULER_INTERVAL_SECONDS"):
         monkeypatch.delenv(var, raising=False)
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    await asyncio.to_thread(upgrade_platform, url)
-    await upgrade_async(url, SERVICE.schema, SERVICE.migrations_package)
     clock = Clock(datetime(2026, 1, 5, 15, 0, tzinfo=UTC))
-    runtime = ServiceRuntime.build(SERVICE, load_settings(database_url=url),
-                                   transport=InProcessTransport(), clock=clock)
+    runtime = await embedded_runtime(tmp_path, SERVICE, clock=clock)
     for pid in ("alpha", "beta"):
         await create_practice(runtime.db.engine, practice_id=pid, name=pid.title(),
                               timezone="America/Chicago", pricing=Pricing())

@@ -1,6 +1,5 @@
 """The ingest app on the embedded database (SQLite files) with the in-process bus."""
 
-import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,11 +9,8 @@ import pytest_asyncio
 from sqlalchemy import func, select
 
 from ccm_ingest.adapters.orm import outbox, resource_versions, resources
-from ccm_shared.migrate import upgrade_async, upgrade_platform
-from ccm_shared.service import ServiceRuntime, discover_services
-from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
+from tests.support.embedded import embedded_runtime
 
 EXAMPLES = Path("/work/shared/fhir-examples")
 if not EXAMPLES.exists():  # the repository's sibling checkout
@@ -37,13 +33,8 @@ def example(relative: str) -> dict:
 @pytest_asyncio.fixture
 async def fhir(tmp_path):
     """An httpx client on the ingest app; ``.tokens`` per practice, ``.runtime``, ``.clock``."""
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    await asyncio.to_thread(upgrade_platform, url)
-    ingest = discover_services()["ingest"]
-    await upgrade_async(url, ingest.schema, ingest.migrations_package)
-    settings = load_settings(database_url=url, max_body_bytes=200_000)
     clock = Clock()
-    runtime = ServiceRuntime.build(ingest, settings, transport=InProcessTransport(), clock=clock)
+    runtime = await embedded_runtime(tmp_path, "ingest", clock=clock, max_body_bytes=200_000)
     for pid, tz in (("alpha", "America/New_York"), ("beta", "America/Los_Angeles")):
         await create_practice(runtime.db.engine, practice_id=pid, name=pid.title(),
                               timezone=tz, pricing=Pricing())

@@ -1,6 +1,5 @@
 """The notification service on embedded SQLite, as several test modules need it."""
 
-import asyncio
 from datetime import UTC, datetime
 
 import httpx
@@ -8,11 +7,8 @@ import pytest_asyncio
 
 from ccm_notification.bootstrap import SERVICE
 from ccm_notification.service_layer.directory import edit_provider
-from ccm_shared.migrate import upgrade_async, upgrade_platform
-from ccm_shared.service import ServiceRuntime
-from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
+from tests.support.embedded import embedded_runtime
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 
@@ -20,12 +16,7 @@ NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 @pytest_asyncio.fixture
 async def acme(tmp_path):
     """The service's runtime on SQLite at ``NOW``: practice acme with provider doc-1."""
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    await asyncio.to_thread(upgrade_platform, url)
-    await upgrade_async(url, SERVICE.schema, SERVICE.migrations_package)
-    rt = ServiceRuntime.build(
-        SERVICE, load_settings(database_url=url), transport=InProcessTransport(), clock=lambda: NOW
-    )
+    rt = await embedded_runtime(tmp_path, SERVICE, clock=lambda: NOW)
     await create_practice(rt.db.engine, practice_id="acme", name="Acme Clinic",
                           timezone="America/New_York", pricing=Pricing())
     async with rt.db.unit_of_work() as uow:

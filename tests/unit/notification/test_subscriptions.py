@@ -3,7 +3,6 @@ fan-out + webhook delivery on SQLite with the in-process bus (receiver: an httpx
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -26,11 +25,8 @@ from ccm_notification.subscriptions.domain import (
     target_practice,
 )
 from ccm_shared.events import CloudEvent, practice_topic, to_message
-from ccm_shared.migrate import upgrade_async, upgrade_platform
-from ccm_shared.service import ServiceRuntime
-from ccm_shared.settings import load_settings
 from ccm_shared.tenancy import Pricing, create_practice, create_token
-from ccm_shared.transport import InProcessTransport
+from tests.support.embedded import embedded_runtime
 from tests.unit.notification.feed_events import at_risk, invoice_issued, payment_recorded
 
 SECRET = "unit-secret-key-0123456789abcdef0123"
@@ -143,12 +139,8 @@ class MockReceiver:
 async def env(tmp_path, monkeypatch):
     monkeypatch.setenv("CCM_NOTIFICATION_SUBSCRIPTION_PAUSE_AFTER_FAILURES", "3")
     monkeypatch.setenv("CCM_NOTIFICATION_RETRY_BACKOFF_SECONDS", "10")
-    url = f"sqlite+aiosqlite:///{tmp_path}/platform.db"
-    await asyncio.to_thread(upgrade_platform, url)
-    await upgrade_async(url, SERVICE.schema, SERVICE.migrations_package)
     clock = Clock()
-    rt = ServiceRuntime.build(SERVICE, load_settings(database_url=url, secret_key=SECRET),
-                              transport=InProcessTransport(), clock=clock)
+    rt = await embedded_runtime(tmp_path, SERVICE, clock=clock, secret_key=SECRET)
     receiver = MockReceiver()
     rt.state["http_client"] = httpx.AsyncClient(transport=httpx.MockTransport(receiver))
     tokens = {}
