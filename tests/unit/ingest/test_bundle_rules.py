@@ -382,3 +382,16 @@ async def test_an_empty_if_none_exist_in_an_entry_is_refused_not_a_plain_create(
     assert issue["expression"] == ["Bundle.entry[0].request.ifNoneExist"]
     assert "non-empty" in issue["diagnostics"]
     assert (await counts(fhir))["versions"] == 0
+
+
+async def test_a_reference_names_an_entry_only_when_the_entry_meets_its_criteria(fhir):
+    """A Patient created by ifNoneExist on MBI AAA but carrying MBI BBB: a reference to
+    identifier AAA named it (the Encounter's time went to a patient its criteria never named,
+    and every push made another); it is searched for instead and matches nothing (412)."""
+    bundle = synthea_bundle("AAA")
+    patient = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient["resource"]["identifier"] = [{**patient["resource"]["identifier"][0], "value": "BBB"}]
+    r = await fhir.post("/fhir", json=bundle)
+    assert r.status_code == 412, r.text
+    assert r.json()["issue"][0]["code"] == "not-found"
+    assert (await counts(fhir))["versions"] == 0

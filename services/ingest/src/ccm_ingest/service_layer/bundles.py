@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 import structlog
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
+from ccm_ingest.domain.mapping import reference
 from ccm_ingest.domain.model import (
     RESOURCE_ID,
     SUPPORTED_TYPES,
@@ -365,20 +366,42 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
                    if e.method == "POST" and e.if_none_exist]
     conditional += [(e, e.criteria, "request.url") for e in entries
                     if e.method == "PUT" and e.rid is None and e.criteria]
+    criteria: dict[str, list[tuple[str, str]]] = {}  # key → the normalised criteria
     if conditional:
         keyed = []
-        for e, criteria, element in conditional:
+        for e, sent, element in conditional:
             with _placed(f"{_where(e.index)}.{element}"):
-                keyed.append((handlers.criteria_key(handlers.normalise_criteria(
-                    e.rtype, criteria or "", caller.local_bases)), e))
+                params = handlers.normalise_criteria(e.rtype, sent or "", caller.local_bases)
+            criteria[key := handlers.criteria_key(params)] = params
+            keyed.append((key, e))
         for key, e in sorted(keyed, key=lambda k: (k[1].rtype, k[0], k[1].index)):
             with _at_entry(e.index):
                 await _claim(uow, caller, e, key, claimed, deleted.get(e.rtype, set()))
     for e in entries:
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
-    # (two entries with one key have one id: a POST pair is one resource, any other pair fails)
-    return ids, _Lookup({key: e.rid for key, e in claimed.items() if e.rid}, deleted)
+    # A reference with an entry's criteria names the entry's resource only when what the entry
+    # sends meets them (an ifNoneExist naming one MBI on a Patient carrying another bound the
+    # reference to a patient its criteria never named); otherwise it is searched for, and a
+    # stored match the entry found, the search finds too. (Two entries with one key have one
+    # id: a POST pair is one resource, any other pair fails.)
+    return ids, _Lookup({(rtype, key): e.rid for (rtype, key), e in claimed.items()
+                         if e.rid and handlers.meets_criteria(rtype, e.resource or {},
+                                                              criteria[key],
+                                                              _patient_of(e, ids, caller))},
+                   deleted)
+
+
+def _patient_of(e: Entry, ids: dict[str, str], caller: Caller) -> str | None:
+    """The ``Patient/id`` entry ``e``'s resource is about (its patient element, a ``urn:``
+    naming an entry of the Bundle read as the id that entry settled), else None."""
+    element = handlers.PATIENT_ELEMENT.get(e.rtype)
+    value = (e.resource or {}).get(element) if element else None
+    if not isinstance(value, dict):
+        return None
+    if (local := ids.get(value.get("reference"))) is not None:
+        value = {"reference": local}
+    return reference(value, ("Patient",), caller.local_bases)
 
 
 async def _deleted_by(repo: SqlResourceRepository, caller: Caller,

@@ -124,7 +124,8 @@ def check_last_updated(resource: dict[str, Any], caller: Caller) -> None:
     _meta_last_updated(resource, caller)
 
 
-def _identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
+def identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
+    """(system or "", value) of each identifier with a value: what identifier search matches."""
     found = []
     for ident in resource.get("identifier") or []:
         if isinstance(ident, dict) and ident.get("value"):
@@ -356,7 +357,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
         "ccm_state": mapping.state})
     if cur is not None and cur.version_id:
         pending.replaced.append((rtype, rid))
-    pending.identifiers += [(rtype, rid, s, v) for s, v in _identifiers(body)]
+    pending.identifiers += [(rtype, rid, s, v) for s, v in identifiers(body)]
     pending.events += _events(caller, mapping.events, w.correlation_id)
     if rtype in known:  # later Encounters of the batch see the new role or practitioner
         known[rtype][rid] = body
@@ -612,6 +613,31 @@ def last_updated_criteria(value: str) -> list[tuple[str, datetime | tuple[dateti
     return {"eq": [("ge", low), ("lt", high)], "ne": [("outside", (low, high))],
             "gt": [("ge", high)], "sa": [("ge", high)], "ge": [("ge", low)],
             "lt": [("lt", low)], "eb": [("lt", low)], "le": [("lt", high)]}[prefix]
+
+
+def meets_criteria(rtype: str, resource: dict[str, Any], params: list[tuple[str, str]],
+                   patient: str | None) -> bool:
+    """Whether ``resource`` meets normalised criteria by what it carries, as the search would
+    find it once stored: ``identifier`` (``system|value``, or a value in any system), ``_id``,
+    and ``patient``/``subject`` (``patient``: the ``Patient/id`` the resource is about, as the
+    caller resolved its patient element); criteria with any other parameter are not evaluated
+    here (False)."""
+    for name, value in params:
+        if name == "_id":
+            if resource.get("id") != value:
+                return False
+        elif name in ("patient", "subject"):
+            if rtype not in PATIENT_ELEMENT or (name == "subject" and rtype == "Consent") \
+                    or patient is None or patient != value:
+                return False
+        elif name == "identifier":
+            system, bar, code = value.partition("|")
+            if not any(v == (code if bar else value) and (not bar or s == system)
+                       for s, v in identifiers(resource)):
+                return False
+        else:
+            return False
+    return True
 
 
 def criteria_key(params: list[tuple[str, str]]) -> str:
