@@ -30,6 +30,8 @@ from ccm_shared.settings import load_settings
     # IPv4 carried in IPv6: NAT64 (DNS64 answers), its local-use prefix, 6to4
     ("64:ff9b::a9fe:a9fe", True), ("64:ff9b::a00:1", True), ("64:ff9b:1::1", True),
     ("2002:a00:1::1", True), ("64:ff9b::808:808", False), ("2002:808:808::1", False),
+    # IPv4-compatible (deprecated ::/96): ::7f00:1 is 127.0.0.1
+    ("::7f00:1", True), ("::a00:1", True), ("::808:808", False),
 ])
 def test_which_addresses_are_not_public(address, private):
     assert is_private(ipaddress.ip_address(address)) is private
@@ -163,3 +165,11 @@ async def test_an_address_an_environment_proxy_carries_is_the_proxys_to_police(m
     assert await destination_problem("https://10.1.2.3/hook", allow_private=False) is not None
     # http:// is not what HTTPS_PROXY carries
     assert await destination_problem("http://10.1.2.4/hook", allow_private=False) is not None
+
+
+async def test_the_address_a_refused_name_resolves_to_is_not_told():
+    """The answer reaches the practice (a registration's 422, a delivery's result): naming the
+    address let a practice map the platform's own network by name (db.internal → 10.x)."""
+    problem = await destination_problem("http://localhost:8082/hook", allow_private=False)
+    assert problem.startswith("localhost resolves to an address that is not a public")
+    assert "127.0.0.1" not in problem and "::1" not in problem

@@ -14,9 +14,11 @@ uses it (``outbound_mounts``): a request through it is the proxy's to police.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import httpcore
@@ -33,13 +35,14 @@ _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 
 def is_private(address: Address) -> bool:
     """Not an address of the public internet (see the module's docstring); an IPv4 address
-    carried in IPv6 (mapped, 6to4, NAT64) is judged as that IPv4 address."""
+    carried in IPv6 (mapped, 6to4, NAT64, the deprecated IPv4-compatible ``::a.b.c.d``) is
+    judged as that IPv4 address."""
     if isinstance(address, ipaddress.IPv6Address):
         if address in _NAT64_LOCAL:
             return True
         embedded = (address.ipv4_mapped or address.sixtofour
                     or (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-                        if address in _NAT64 else None))
+                        if address in _NAT64 or int(address) < 2**32 else None))
         if embedded is not None:
             address = embedded
     return not address.is_global or address.is_multicast
@@ -50,7 +53,9 @@ def _refused(host: str, addresses: Iterable[str]) -> str | None:
     public; else None."""
     for text in addresses:
         if is_private(ipaddress.ip_address(text.split("%", 1)[0])):
-            return (f"{host} resolves to {text}, which is not a public internet address: "
+            # Which address is not said: the answer reaches the practice (a registration's 422,
+            # a delivery's result), and would let it map the platform's own network by name.
+            return (f"{host} resolves to an address that is not a public internet address: "
                     "outgoing requests may not reach it (CCM_OUTBOUND_ALLOW_PRIVATE)")
     return None
 
@@ -68,11 +73,18 @@ async def destination_problem(url: str, *, allow_private: bool,
     host = parts.hostname or ""
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        found = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
-            host, port, type=socket.SOCK_STREAM), timeout)
+        # Threads of their own: a lookup given up on goes on in its thread, and names that
+        # resolve slowly must not take the threads the process's other lookups use.
+        found = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(
+            _LOOKUPS, functools.partial(socket.getaddrinfo, host, port,
+                                        type=socket.SOCK_STREAM)), timeout)
     except (OSError, TimeoutError, ValueError, UnicodeError):
         return None
     return _refused(host, dict.fromkeys(info[4][0] for info in found))
+
+
+# The threads registration-time lookups run in (``destination_problem``).
+_LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ccm-address-check")
 
 
 def _proxied(url: str) -> bool:

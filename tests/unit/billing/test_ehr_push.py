@@ -132,7 +132,8 @@ async def test_a_push_to_a_refused_address_fails_at_once_with_the_reason(billing
                              ) == {"delivered": 0, "retrying": 0, "failed": 1}
     (delivery,) = (await a.get("/v1/practices/alpha/ehr-deliveries")).json()["deliveries"]
     assert delivery["status"] == "failed" and delivery["attempts"] == 1
-    assert delivery["lastError"].startswith("refused: 127.0.0.1 resolves to 127.0.0.1")
+    assert delivery["lastError"].startswith("refused: 127.0.0.1 resolves to an address that "
+                                            "is not a public internet address")
 
 
 async def test_an_ehr_endpoint_pushes_may_not_reach_is_refused_when_set(billing):
