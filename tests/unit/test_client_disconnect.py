@@ -206,3 +206,18 @@ async def test_a_disconnect_after_the_answer_leaves_its_status_alone():
     assert sent[0]["status"] == 201
     assert [(e["status"], e.get("client_closed")) for e in logged
             if e["event"] == "http request"] == [(201, None)]
+
+
+async def test_a_failure_after_the_client_has_gone_is_still_a_server_error():
+    """A disconnect seen first (499) hid an exception that then escaped from the 5xx counts."""
+
+    async def fails_after_the_disconnect(scope, receive, send) -> None:  # noqa: ANN001
+        assert (await receive())["type"] == "http.disconnect"
+        raise RuntimeError("a fault of the server's")
+
+    app = EdgeMiddleware(fails_after_the_disconnect, service="edge-test", max_body_bytes=10_000)
+    counted = requests_counted("edge-test", "POST", "unmatched", 500)
+    with capture_logs() as logged, pytest.raises(RuntimeError):
+        await call(app, "/fails", [])
+    assert [e["status"] for e in logged if e["event"] == "http request"] == [500]
+    assert requests_counted("edge-test", "POST", "unmatched", 500) == counted + 1

@@ -124,6 +124,12 @@ class EdgeMiddleware:
                 # answer, nothing failed here. Not re-raised: the platform's 500 handler and
                 # the server's "Exception in ASGI application" would log it as a fault.
                 status_holder["status"] = CLIENT_CLOSED
+            except Exception:
+                # A failure is the server's, whatever the client did meanwhile (a disconnect
+                # seen first must not take it out of the 5xx counts).
+                if status_holder["status"] in (None, CLIENT_CLOSED):
+                    status_holder["status"] = 500
+                raise
             if self.audit is not None:
                 await self.audit(scope, status_holder["status"] or 500)
         finally:
@@ -535,7 +541,8 @@ def _is_json_media(media: str) -> bool:
 async def json_body(request: Request) -> Any:
     """The request's body as the platform's JSON APIs take it (a dependency: ``JsonBody``,
     ``JsonObject``, or ``dependencies=[Depends(json_body)]`` on a route whose body FastAPI
-    parses into a model, to check it first): 415 for a ``Content-Type`` other than JSON
+    parses into a model, which then also gets the media-type and duplicate-key checks; FastAPI
+    parses such a body before dependencies run, so malformed JSON there stays its 422): 415 for a ``Content-Type`` other than JSON
     (``application/json`` or ``application/…+json``, UTF-8), an empty one or none (as FastAPI's
     strict default: a browser can send a body without one and no CORS preflight), 400 for
     bytes that are no UTF-8 JSON, a key twice in one object (which value counts depends on the

@@ -142,8 +142,9 @@ async def test_a_replayed_version_does_not_bring_a_deleted_resource_back(fhir):
 
 async def test_the_same_content_dated_after_its_deletion_re_creates_a_resource(fhir):
     """An EHR undoing a delete sends the resource again as it was: with a meta.lastUpdated
-    after the deletion it is no replay, and FHIR's update re-creates it (a 200 that left it
-    deleted lost the record); without one, the warning says how to re-create it."""
+    after the deletion (by more than the EHR's clock may run ahead: a write made before the
+    delete could be dated so) it is no replay, and FHIR's update re-creates it (a 200 that left
+    it deleted lost the record); without one, the warning says how to re-create it."""
     sent = {**ccm_encounter(minutes=20), "meta": {"lastUpdated": "2026-03-02T10:00:00Z"}}
     await fhir.put("/fhir/Encounter/e1", json=sent)
     await fhir.delete("/fhir/Encounter/e1")  # at the clock's 2026-03-15T14:00Z
@@ -151,7 +152,12 @@ async def test_the_same_content_dated_after_its_deletion_re_creates_a_resource(f
     replay = await fhir.put("/fhir/Encounter/e1", json=undated)
     assert replay.status_code == 200 and "to re-create it, send it with a meta.lastUpdated " \
         "after the deletion" in replay.json()["issue"][0]["diagnostics"]
-    later = {**sent, "meta": {"lastUpdated": "2026-03-15T14:00:01Z"}}
+    assert "after 2026-03-15T14:05:00+00:00" in replay.json()["issue"][0]["diagnostics"]
+    # Within the EHR's allowed clock lead of the deletion: still taken for a replay.
+    ahead = {**sent, "meta": {"lastUpdated": "2026-03-15T14:04:59Z"}}
+    assert (await fhir.put("/fhir/Encounter/e1", json=ahead)).status_code == 200
+    fhir.clock.now += timedelta(minutes=10)
+    later = {**sent, "meta": {"lastUpdated": "2026-03-15T14:05:01Z"}}
     assert (await fhir.put("/fhir/Encounter/e1", json=later)).status_code == 201
     assert (await fhir.get("/fhir/Encounter/e1")).json()["length"]["value"] == 20
     assert [e["data"]["seconds"] for e in await events(fhir, "ingest.time-entry.logged.v1")] \

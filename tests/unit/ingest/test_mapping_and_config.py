@@ -9,6 +9,7 @@ import pytest
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
 from ccm_ingest.domain.mapping import MappingContext, classify_role, map_version, reference
 from ccm_ingest.domain.model import FhirRejected, SourceVersion
+from ccm_shared.events import CloudEvent
 from tests.support.contracts import assert_valid_event
 from tests.unit.ingest.conftest import NOW as NOW_UTC
 from tests.unit.ingest.conftest import counts, events, example
@@ -862,3 +863,14 @@ def test_the_hl7_opt_out_example_is_no_ccm_consent_granted():
     out = {**example("Consent/r4spec-Out.json"), "patient": {"reference": "Patient/p1"}}
     (event,) = map_version(out, ctx("Consent")).events
     assert event.data["provision"] == "deny"
+
+
+def test_a_provision_type_stored_before_it_was_checked_follows_the_policy_rule():
+    """A consent stored with provision.type 'maybe' (before the binding was checked) voided
+    with that value: its event broke the contract and billing dead-lettered it."""
+    stored = {**CCM_CONSENT, "provision": {"type": "maybe"}}
+    (event,) = map_version(stored, ctx("Consent", state={"ccm": True, "patient": "Patient/p1"},
+                                       deleted=True)).events
+    assert event.type == "ingest.consent.voided.v1" and event.data["provision"] == "permit"
+    assert_valid_event(CloudEvent(source="/t", type=event.type, tenant="t", subject=event.subject,
+                                  data=event.data))

@@ -574,8 +574,8 @@ def consent_provision(res: dict[str, Any]) -> str:
     """``permit`` or ``deny``: the consent's ``provision.type``, else its policy rule's (an
     opt-out, OPTOUT or OPTOUTE, denies; any other rule permits)."""
     provision = res.get("provision") or {}
-    if isinstance(kind := provision.get("type"), str):
-        return kind
+    if (kind := provision.get("type")) in ("deny", "permit"):  # (stored before it was checked:
+        return kind                                          # anything else, the rule's)
     opted_out = any(c["code"] in _OPT_OUT and c["system"] in _ACT_CODE_SYSTEMS
                     for c in codings(res.get("policyRule")))
     return "deny" if opted_out else "permit"

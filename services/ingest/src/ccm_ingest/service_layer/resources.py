@@ -235,9 +235,12 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
         with _under(w.where):
             last_updated = _meta_last_updated(w.resource, caller)
         sent = _sent_last_updated(w.resource)
-        if stored_before and cur.deleted and not (sent and last_updated > cur.last_updated):
+        if stored_before and cur.deleted and not (
+                sent and last_updated > cur.last_updated + caller.clock_skew):
             # A write to a deleted resource whose content is already in history is a replay of
-            # what came before the deletion, unless the EHR dates it after the deletion.
+            # what came before the deletion, unless the EHR dates it after the deletion by more
+            # than its clock may run ahead of ours (a write made before the delete, from an EHR
+            # whose clock runs ahead, could otherwise bring the resource back).
             replays.append((w.rtype, w.rid, sha))
         if stored_before and last_updated <= cur.last_updated and (cur.deleted or not sent):
             # No time sent, or a re-creation after a delete: this version is the newest by
@@ -271,7 +274,7 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
         if (same := kept.get((w.rtype, w.rid, sha))) is not None:
             outcomes.append(_stale_outcome(w, cur, stored, last_updated, (
                 f"the same content as version {same}, already kept in history: nothing was "
-                "stored")))
+                "stored"), caller.clock_skew))
             continue
         with _under(w.where):
             outcomes.append(_plan_version(caller, w, cur, sha, last_updated, stale, known,
@@ -300,7 +303,7 @@ class _under(Relocating):  # noqa: N801 - a context manager, named as one
 
 
 def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int], VersionRow],
-                   last_updated: datetime, kept: str) -> Outcome:
+                   last_updated: datetime, kept: str, clock_skew: timedelta) -> Outcome:
     """200 and a warning, with the current version; for a deleted resource (a replay) no
     version at all, so no ETag or Location suggests the write took effect."""
     if cur.deleted:
@@ -308,7 +311,8 @@ def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int],
             "warning", "conflict",
             f"{w.rtype}/{w.rid} was deleted (version {cur.version_id}) and this is {kept}: "
             "it stays deleted and no event was emitted (to re-create it, send it with a "
-            f"meta.lastUpdated after the deletion, {isoformat(cur.last_updated)})",
+            "meta.lastUpdated after the deletion by more than the allowed clock difference: "
+            f"after {isoformat(cur.last_updated + clock_skew)})",
             ("meta.lastUpdated",))])
     return Outcome(200, w.rtype, w.rid, stored[(w.rtype, w.rid, cur.version_id)],
                    outcome_body=True, issues=[Issue(
@@ -336,7 +340,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
         pending.versions.append(version)
         pending.stale_rows.append({"type": rtype, "id": rid, "last_version": version_id})
         return _stale_outcome(w, cur, stored, last_updated,
-                              f"kept in history as version {version_id}")
+                              f"kept in history as version {version_id}", caller.clock_skew)
     source = SourceVersion(rtype, rid, version_id, last_updated, sha, caller.now,
                            caller.connection)
     # The batch's known roles and practitioners as they are: mapping looks up only those the
