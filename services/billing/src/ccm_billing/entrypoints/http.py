@@ -22,7 +22,7 @@ from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.corrections import recompute
 from ccm_shared.db import dialect_insert
 from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
-from ccm_shared.http import TenantDep
+from ccm_shared.http import TenantDep, json_body
 from ccm_shared.outbound import destination_problem
 from ccm_shared.tenancy import Tenant
 
@@ -38,6 +38,14 @@ async def billing_tenant(tenant: TenantDep) -> Tenant:
 
 
 BillingTenant = Annotated[Tenant, Depends(billing_tenant)]
+
+# The dependencies of a route whose body FastAPI parses into a model: the caller first (401, 403
+# before anything about the body; the route's ``BillingTenant`` reuses it), then the body as the
+# platform's JSON APIs take it (``json_body``): 415 for a media type other than JSON, 400 for a
+# key twice in one object (FastAPI kept the last: a payment recorded for another amount than one
+# the client wrote), NaN or Infinity, or nesting too deep. Routes without a body (close, retry)
+# take none of it: they need no Content-Type.
+JSON_BODY = [Depends(billing_tenant), Depends(json_body)]
 
 
 def parse_month(text: str, name: str = "month") -> Month:
@@ -141,7 +149,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             "Content-Disposition": f'attachment; filename="ccm-{practice}-{month}.csv"'})
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/duplicates/{patient}/resolve",
-                 summary="Resolve a duplicate-biller flag: this practice releases the patient-month")
+                 summary="Resolve a duplicate-biller flag: this practice releases the patient-month",
+                 dependencies=JSON_BODY)
     async def resolve_duplicate(practice: str, month: str, patient: str, tenant: BillingTenant,
                                 body: DuplicateResolution) -> dict:
         tenant.require_practice(practice)
@@ -196,7 +205,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return {**invoicing.invoice_view(row), "payments": [invoicing.payment_view(x) for x in pays]}
 
     @router.post("/v1/invoices/{invoice_id}/payments", status_code=201,
-                 summary="Record a payment against an invoice")
+                 summary="Record a payment against an invoice", dependencies=JSON_BODY)
     async def post_payment(invoice_id: str, tenant: BillingTenant, body: PaymentIn) -> dict:
         amount = invoicing.parse_amount(body.amount)
         async with db.unit_of_work() as uow:
@@ -207,7 +216,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return result
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/recompute",
-                 summary="Recompute a closed month now (cancel and reissue when lines changed)")
+                 summary="Recompute a closed month now (cancel and reissue when lines changed)",
+                 dependencies=JSON_BODY)
     async def recompute_now(practice: str, month: str, tenant: BillingTenant,
                             reason: Annotated[str, Body(embed=True, max_length=500)]) -> dict:
         tenant.require_practice(practice)
@@ -222,7 +232,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     # -- EHR push ------------------------------------------------------------------------------
 
     @router.put("/v1/practices/{practice}/ehr-endpoint",
-                summary="Set the EHR FHIR endpoint Invoices and ChargeItems are pushed to")
+                summary="Set the EHR FHIR endpoint Invoices and ChargeItems are pushed to",
+                dependencies=JSON_BODY)
     async def put_ehr_endpoint(practice: str, tenant: BillingTenant, body: EhrEndpointIn) -> dict:
         tenant.require_practice(practice)
         url = ehr.validate_base_url(body.baseUrl)

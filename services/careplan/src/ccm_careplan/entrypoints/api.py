@@ -6,14 +6,14 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ccm_careplan.domain.rules import DEFAULT_RULES, PRACTITIONER_REF, InvalidRules, ReviewRules
 from ccm_careplan.service_layer import commands, queries
 from ccm_careplan.service_layer.common import load_rules, practice_today
 from ccm_shared.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from ccm_shared.http import TenantDep
+from ccm_shared.http import TenantDep, authenticate, json_body
 from ccm_shared.tenancy import Tenant
 from ccm_shared.text import ascii_digits
 
@@ -23,6 +23,11 @@ REF_PATTERN = PRACTITIONER_REF.pattern
 MAX_OFFSET = 1_000_000
 # A rules revision is a database INTEGER; longer digit strings cannot name one.
 MAX_REVISION_DIGITS = 10
+# The dependencies of a route whose body FastAPI parses into a model: the caller first (401
+# before anything about the body; the route's ``TenantDep`` reuses it), then the body as the
+# platform's JSON APIs take it (``json_body``): 415 for a media type other than JSON, 400 for a
+# key twice in one object (FastAPI kept the last value), NaN or Infinity, or nesting too deep.
+JSON_BODY = [Depends(authenticate), Depends(json_body)]
 
 
 class ReviewIn(BaseModel):
@@ -144,7 +149,8 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
         return detail
 
     @api.post("/v1/care-plans/{tracker}/reviews", status_code=201,
-              summary="Record a review: approved restarts the clock; declined records a refusal")
+              summary="Record a review: approved restarts the clock; declined records a refusal",
+              dependencies=JSON_BODY)
     async def post_review(tracker: str, body: ReviewIn, tenant: TenantDep) -> dict:
         _allowed(tenant)
         cmd = commands.RecordReview(tenant.practice_id, tracker, body.reviewer, body.review_date,
@@ -163,7 +169,8 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
         return await _detail(tenant.practice_id, tracker)
 
     @api.post("/v1/care-plans/{tracker}/acknowledgements", status_code=204,
-              summary="A care-team member acknowledges the plan version they received")
+              summary="A care-team member acknowledges the plan version they received",
+              dependencies=JSON_BODY)
     async def post_acknowledgement(tracker: str, body: AcknowledgementIn,
                                    tenant: TenantDep) -> Response:
         _allowed(tenant)
@@ -190,7 +197,8 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
         return _rules_body(practice, rules, revision)
 
     @api.put("/v1/practices/{practice}/care-plan-rules", tags=["rules"],
-             summary="Replace the practice's rules; plans' due dates follow at once")
+             summary="Replace the practice's rules; plans' due dates follow at once",
+             dependencies=JSON_BODY)
     async def put_rules(practice: str, body: RulesIn, tenant: TenantDep, response: Response,
                         if_match: Annotated[str | None, Header()] = None) -> dict:
         _allowed(tenant, practice)

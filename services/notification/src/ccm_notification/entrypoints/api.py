@@ -41,7 +41,7 @@ from ccm_notification.domain.signing import LinkExpired, LinkInvalid, verify_lin
 from ccm_notification.service_layer import acks, calls, directory
 from ccm_notification.service_layer.notify import Intent, Notifier, Recorded
 from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
-from ccm_shared.http import TenantDep
+from ccm_shared.http import TenantDep, json_body
 from ccm_shared.outbound import destination_problem
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
@@ -62,6 +62,13 @@ async def notification_tenant(tenant: TenantDep) -> Tenant:
 
 
 NotificationTenant = Annotated[Tenant, Depends(notification_tenant)]
+
+# The dependencies of a route whose body FastAPI parses into a model: the caller first (401, 403
+# before anything about the body; the route's ``NotificationTenant`` reuses it), then the body as
+# the platform's JSON APIs take it (``json_body``): 415 for a media type other than JSON, 400 for
+# a key twice in one object (FastAPI kept the last value), NaN or Infinity, or nesting too deep.
+# Routes without a body (the API's ack, the signed links' form POSTs) take none of it.
+JSON_BODY = [Depends(notification_tenant), Depends(json_body)]
 
 
 def _http_url(value: str | None) -> str | None:
@@ -241,6 +248,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
     @router.put(
         "/v1/practices/{practice}/providers/{provider_id}",
         summary="Correct or complete a provider (pins edited EHR fields)",
+        dependencies=JSON_BODY,
     )
     async def put_provider(
         practice: str,
@@ -312,7 +320,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
             summary_recipients=row.summary_recipients,
         )
 
-    @router.put("/v1/practices/{practice}/contacts", summary="Set the practice's contacts")
+    @router.put("/v1/practices/{practice}/contacts", summary="Set the practice's contacts",
+                dependencies=JSON_BODY)
     async def put_contacts(practice: str, body: Contacts, tenant: NotificationTenant) -> Contacts:
         tenant.require_practice(practice)
         values = body.model_dump() | {"updated_at": runtime.clock()}
@@ -364,7 +373,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
             "source": source or default_source(kind),
         }
 
-    @router.put("/v1/practices/{practice}/templates/{kind}", summary="Override a template")
+    @router.put("/v1/practices/{practice}/templates/{kind}", summary="Override a template",
+                dependencies=JSON_BODY)
     async def put_template(
         practice: str, kind: str, body: TemplateBody, tenant: NotificationTenant
     ) -> dict:
@@ -410,7 +420,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
             requires, sla = await notifier().ack_policy(uow, practice, kind)
         return AckPolicy(requires_ack=requires, sla_minutes=sla)
 
-    @router.put("/v1/practices/{practice}/ack-policies/{kind}", summary="Set the ack policy")
+    @router.put("/v1/practices/{practice}/ack-policies/{kind}", summary="Set the ack policy",
+                dependencies=JSON_BODY)
     async def put_ack_policy(
         practice: str, kind: str, body: AckPolicy, tenant: NotificationTenant
     ) -> AckPolicy:
@@ -440,6 +451,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         "/v1/practices/{practice}/notifications",
         status_code=201,
         summary="Raise an alert to a provider (care gap, deterioration, reminder…)",
+        dependencies=JSON_BODY,
     )
     async def create_notification(
         practice: str, body: NotificationCreate, tenant: NotificationTenant, response: Response
@@ -614,6 +626,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         "/v1/practices/{practice}/calls",
         status_code=201,
         summary="Ask a provider for a call, proposing slots",
+        dependencies=JSON_BODY,
     )
     async def create_call(
         practice: str, body: CallRequestCreate, tenant: NotificationTenant
@@ -663,6 +676,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
     @router.post(
         "/v1/practices/{practice}/calls/{call_id}/confirm",
         summary="Choose a slot; both sides get an .ics invitation",
+        dependencies=JSON_BODY,
     )
     async def confirm_call(
         practice: str, call_id: str, body: SlotChoice, tenant: NotificationTenant

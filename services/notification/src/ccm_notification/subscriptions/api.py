@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ccm_notification.config import NotificationSettings
-from ccm_notification.entrypoints.api import NotificationTenant
+from ccm_notification.entrypoints.api import JSON_BODY, NotificationTenant
 from ccm_notification.subscriptions import service
 from ccm_notification.subscriptions.domain import FEED_TYPES
 from ccm_shared.errors import InvalidInput
@@ -76,7 +76,10 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
         assert isinstance(s, NotificationSettings)
         return s
 
-    @router.post(BASE, status_code=201, summary="Subscribe a webhook to the practice's events")
+    # JSON_BODY: the caller (401, 403), then the body as JSON APIs take it (415, 400 for a key
+    # twice); resume has no body and needs no Content-Type.
+    @router.post(BASE, status_code=201, summary="Subscribe a webhook to the practice's events",
+                 dependencies=JSON_BODY)
     async def create(
         practice: str, body: SubscriptionCreate, tenant: NotificationTenant, response: Response
     ) -> dict:
