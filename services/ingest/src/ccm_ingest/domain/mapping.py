@@ -161,6 +161,14 @@ def codings(*concepts: Any) -> list[dict[str, Any]]:
     return found
 
 
+def coarser_than_a_day(value: Any) -> str | None:
+    """``"a year"`` or ``"a month"`` for a FHIR date or dateTime that gives no day (``2026``,
+    ``2026-03``), else None: a CCM fact placed by it would invent its day."""
+    if isinstance(value, str) and len(value) < len("YYYY-MM-DD"):
+        return "a year" if len(value) == len("YYYY") else "a month"
+    return None
+
+
 def instant(value: str, tz: ZoneInfo) -> datetime:
     """A FHIR date/dateTime as an aware datetime; partial dates start in the practice's zone."""
     if len(value) == 4:
@@ -403,7 +411,7 @@ def _visit(res: dict[str, Any], ctx: MappingContext, patient: str | None,
     try:
         # A year or a month is no visit date.
         start = instant(start_text, ctx.timezone) \
-            if start_text and len(start_text) >= len("YYYY-MM-DD") else None
+            if start_text and not coarser_than_a_day(start_text) else None
     except ValueError:  # valid FHIR Python cannot read (a leap second)
         start = None
     if start is None:
@@ -453,10 +461,10 @@ def _ccm_time(res: dict[str, Any], ctx: MappingContext, patient: str | None,
                        "Encounter.subject")
     period = res.get("period") or {}
     start_text, end_text = period.get("start"), period.get("end")
-    if isinstance(start_text, str) and len(start_text) < len("YYYY-MM-DD"):
+    if coarse := coarser_than_a_day(start_text):
         raise rejected(422, "value", f"CCM time needs Encounter.period.start to give at least its "
-                       f"day ({start_text!r} is a {'year' if len(start_text) == 4 else 'month'}):"
-                       " the service date is billed", "Encounter.period.start")
+                       f"day ({start_text!r} is {coarse}): the service date is billed",
+                       "Encounter.period.start")
     start = instant(start_text, ctx.timezone) if start_text else None
     end = instant(end_text, ctx.timezone) if end_text else None
     seconds, warnings = _encounter_seconds(res, start, end, ctx)
@@ -530,11 +538,11 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         return Mapping(state=state)
     if status == "active" and consent_provision(res) == "permit":
         obtained = res.get("dateTime")
-        if not isinstance(obtained, str) or len(obtained) < len("YYYY-MM-DD"):
+        coarse = coarser_than_a_day(obtained)
+        if coarse or not isinstance(obtained, str):
             raise rejected(422, "required", "a CCM consent in force needs Consent.dateTime, when "
                            "it was obtained, to at least its day"
-                           + (f" ({obtained!r} is a {'year' if len(obtained) == 4 else 'month'})"
-                              if isinstance(obtained, str) else "")
+                           + (f" ({obtained!r} is {coarse})" if coarse else "")
                            + ": CCM time before it does not count", "Consent.dateTime")
     until = None
     if kind == "ingest.consent.revoked.v1":
