@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -539,10 +540,10 @@ def _is_json_media(media: str) -> bool:
 
 
 async def json_body(request: Request) -> Any:
-    """The request's body as the platform's JSON APIs take it (a dependency: ``JsonBody``,
-    ``JsonObject``, or ``dependencies=[Depends(json_body)]`` on a route whose body FastAPI
-    parses into a model, which then also gets the media-type and duplicate-key checks; FastAPI
-    parses such a body before dependencies run, so malformed JSON there stays its 422): 415 for a ``Content-Type`` other than JSON
+    """The request's body as the platform's JSON APIs take it (a dependency: ``JsonObject``, or
+    ``json_body_after`` on a route whose body FastAPI parses into a model, which then also gets
+    the media-type and duplicate-key checks; FastAPI parses such a body before dependencies run,
+    so malformed JSON there stays its 422): 415 for a ``Content-Type`` other than JSON
     (``application/json`` or ``application/…+json``, UTF-8), an empty one or none (as FastAPI's
     strict default: a browser can send a body without one and no CORS preflight), 400 for
     bytes that are no UTF-8 JSON, a key twice in one object (which value counts depends on the
@@ -586,12 +587,15 @@ async def json_object(request: Request) -> dict[str, Any]:
     return value
 
 
-JsonBody = Annotated[Any, Depends(json_body)]
+def json_body_after(caller: Callable[..., Any]) -> list[Any]:
+    """The dependencies of a route whose body FastAPI parses into a model: ``caller`` (the
+    service's tenant dependency) first, so 401 and 403 come before anything about the body (the
+    route's own dependency on it reuses the result), then ``json_body`` (415 for a media type
+    other than JSON, 400 for a key twice in one object, whose last value FastAPI kept, NaN or
+    Infinity, or nesting too deep). Routes without a body take none of it: they need no
+    Content-Type."""
+    return [Depends(caller), Depends(json_body)]
+
+
 JsonObject = Annotated[dict[str, Any], Depends(json_object)]
 
-
-def loads_limited(raw: bytes, max_depth: int) -> object:
-    """Parse JSON and enforce the depth limit (json.loads itself recurses ~1000 deep)."""
-    value = json.loads(raw)
-    json_depth(value, max_depth)
-    return value

@@ -22,7 +22,7 @@ from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.corrections import recompute
 from ccm_shared.db import dialect_insert
 from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
-from ccm_shared.http import TenantDep, json_body
+from ccm_shared.http import TenantDep, json_body_after
 from ccm_shared.outbound import destination_problem
 from ccm_shared.tenancy import Tenant
 
@@ -39,13 +39,9 @@ async def billing_tenant(tenant: TenantDep) -> Tenant:
 
 BillingTenant = Annotated[Tenant, Depends(billing_tenant)]
 
-# The dependencies of a route whose body FastAPI parses into a model: the caller first (401, 403
-# before anything about the body; the route's ``BillingTenant`` reuses it), then the body as the
-# platform's JSON APIs take it (``json_body``): 415 for a media type other than JSON, 400 for a
-# key twice in one object (FastAPI kept the last: a payment recorded for another amount than one
-# the client wrote), NaN or Infinity, or nesting too deep. Routes without a body (close, retry)
-# take none of it: they need no Content-Type.
-JSON_BODY = [Depends(billing_tenant), Depends(json_body)]
+# A route whose body is a model (a payment with a key twice was recorded for the last amount);
+# close and retry take no body.
+JSON_BODY = json_body_after(billing_tenant)
 
 
 def parse_month(text: str, name: str = "month") -> Month:

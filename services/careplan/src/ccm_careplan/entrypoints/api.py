@@ -6,14 +6,14 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ccm_careplan.domain.rules import DEFAULT_RULES, PRACTITIONER_REF, InvalidRules, ReviewRules
 from ccm_careplan.service_layer import commands, queries
 from ccm_careplan.service_layer.common import load_rules, practice_today
 from ccm_shared.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from ccm_shared.http import TenantDep, authenticate, json_body
+from ccm_shared.http import TenantDep, authenticate, json_body_after
 from ccm_shared.tenancy import Tenant
 from ccm_shared.text import ascii_digits
 
@@ -23,11 +23,8 @@ REF_PATTERN = PRACTITIONER_REF.pattern
 MAX_OFFSET = 1_000_000
 # A rules revision is a database INTEGER; longer digit strings cannot name one.
 MAX_REVISION_DIGITS = 10
-# The dependencies of a route whose body FastAPI parses into a model: the caller first (401
-# before anything about the body; the route's ``TenantDep`` reuses it), then the body as the
-# platform's JSON APIs take it (``json_body``): 415 for a media type other than JSON, 400 for a
-# key twice in one object (FastAPI kept the last value), NaN or Infinity, or nesting too deep.
-JSON_BODY = [Depends(authenticate), Depends(json_body)]
+# A route whose body is a model: the caller, then the body as the platform's JSON APIs take it.
+JSON_BODY = json_body_after(authenticate)
 
 
 class ReviewIn(BaseModel):

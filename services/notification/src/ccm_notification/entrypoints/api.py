@@ -41,7 +41,7 @@ from ccm_notification.domain.signing import LinkExpired, LinkInvalid, verify_lin
 from ccm_notification.service_layer import acks, calls, directory
 from ccm_notification.service_layer.notify import Intent, Notifier, Recorded
 from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
-from ccm_shared.http import TenantDep, json_body
+from ccm_shared.http import TenantDep, json_body_after
 from ccm_shared.outbound import destination_problem
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
@@ -63,12 +63,8 @@ async def notification_tenant(tenant: TenantDep) -> Tenant:
 
 NotificationTenant = Annotated[Tenant, Depends(notification_tenant)]
 
-# The dependencies of a route whose body FastAPI parses into a model: the caller first (401, 403
-# before anything about the body; the route's ``NotificationTenant`` reuses it), then the body as
-# the platform's JSON APIs take it (``json_body``): 415 for a media type other than JSON, 400 for
-# a key twice in one object (FastAPI kept the last value), NaN or Infinity, or nesting too deep.
-# Routes without a body (the API's ack, the signed links' form POSTs) take none of it.
-JSON_BODY = [Depends(notification_tenant), Depends(json_body)]
+# A route whose body is a model; the API's ack and the signed links' form POSTs take no body.
+JSON_BODY = json_body_after(notification_tenant)
 
 
 def _http_url(value: str | None) -> str | None:

@@ -76,8 +76,7 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
         assert isinstance(s, NotificationSettings)
         return s
 
-    # JSON_BODY: the caller (401, 403), then the body as JSON APIs take it (415, 400 for a key
-    # twice); resume has no body and needs no Content-Type.
+    # (resume has no body and needs no Content-Type)
     @router.post(BASE, status_code=201, summary="Subscribe a webhook to the practice's events",
                  dependencies=JSON_BODY)
     async def create(
