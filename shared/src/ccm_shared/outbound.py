@@ -174,14 +174,16 @@ def outbound_client(*, allow_private: bool, **options: object) -> httpx.AsyncCli
 def outbound_transport(*, allow_private: bool) -> httpx.AsyncHTTPTransport:
     """The transport of an ``httpx.AsyncClient`` that calls practices' addresses: guarded
     (``GuardedBackend``) unless ``allow_private``."""
-    transport = httpx.AsyncHTTPTransport()
+    # One TLS context (loading the CA bundle takes ~20 ms), the transport's and the pool's.
+    ssl_context = httpx.create_ssl_context()
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context)
     if not allow_private:
         # httpx builds its connection pool without a way to pass a network backend: the same
         # pool (httpx's default limits) with the guarded backend.
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=20,
                               keepalive_expiry=5.0)
         transport._pool = httpcore.AsyncConnectionPool(  # noqa: SLF001
-            ssl_context=httpx.create_ssl_context(),
+            ssl_context=ssl_context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,

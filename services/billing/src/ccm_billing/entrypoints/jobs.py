@@ -16,7 +16,6 @@ from ccm_billing.service_layer.ehr import deliver_due
 from ccm_billing.service_layer.invoicing import mark_overdue
 from ccm_billing.service_layer.worklist import send_threshold_alerts
 from ccm_shared.errors import AppError
-from ccm_shared.outbound import outbound_mounts, outbound_transport
 from ccm_shared.service import BackgroundJob, every
 
 log = structlog.get_logger(__name__)
@@ -86,9 +85,7 @@ def background(runtime) -> list[BackgroundJob]:  # noqa: ANN001
 
     async def ehr_push_pass() -> None:  # a failed pass leaves deliveries pending: retried next
         await deliver_due(
-            runtime.db, runtime.clock(), transport=runtime.state.get("ehr_transport")
-            or outbound_transport(allow_private=runtime.settings.outbound_private_allowed),
-            mounts=None if "ehr_transport" in runtime.state else outbound_mounts(),
+            runtime.db, runtime.clock(), allow_private=runtime.settings.outbound_private_allowed,
             max_attempts=settings.ehr_push_max_attempts,
             backoff=settings.ehr_push_backoff_seconds,
             backoff_max=settings.ehr_push_backoff_max_seconds,

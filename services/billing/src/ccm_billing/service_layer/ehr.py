@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, select, update
 from ccm_billing.adapters import filed, orm
 from ccm_shared.db import Database, UnitOfWork
 from ccm_shared.errors import InvalidInput
-from ccm_shared.outbound import refusal
+from ccm_shared.outbound import outbound_client, refusal
 from ccm_shared.text import http_url_problem
 
 log = structlog.get_logger(__name__)
@@ -85,11 +85,12 @@ async def _load(db: Database, delivery_id: str):  # noqa: ANN202
 
 
 async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBaseTransport | None = None,
-                      mounts: dict | None = None,
+                      allow_private: bool = False,
                       max_attempts: int = 8, backoff: float = 30.0, backoff_max: float = 3600.0,
                       timeout: float = 15.0, limit: int = 50) -> dict[str, int]:
-    """Send the deliveries that are due; returns counts by outcome. ``transport`` and
-    ``mounts``: the client's (``ccm_shared.outbound``: guarded, the environment's proxies)."""
+    """Send the deliveries that are due; returns counts by outcome. The client is made only when
+    something is due: ``ccm_shared.outbound``'s (guarded unless ``allow_private``, the
+    environment's proxies), or one on ``transport`` (tests)."""
     d = orm.ehr_deliveries
     async with db.unit_of_work() as uow:
         due = (await uow.session.execute(
@@ -98,7 +99,9 @@ async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBase
     counts = {"delivered": 0, "retrying": 0, "failed": 0}
     if not due:
         return counts
-    async with httpx.AsyncClient(transport=transport, mounts=mounts, timeout=timeout) as client:
+    client = (httpx.AsyncClient(transport=transport, timeout=timeout) if transport is not None
+              else outbound_client(allow_private=allow_private, timeout=timeout))
+    async with client:
         for delivery_id in due:
             row, endpoint, invoice, items = await _load(db, delivery_id)
             status, error, permanent = None, None, False
