@@ -23,11 +23,11 @@ from pathlib import Path
 import yaml
 
 from ccm_shared.events import PRACTICE_TOPIC_PREFIX
+from ccm_shared.settings import SECRET_WORDS
 from ccm_shared.transport import TOPIC_CONFIG
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = "# Rendered by deploy/tools/render.py from the services' code: do not edit by hand.\n"
-SECRET_WORDS = ("password", "secret", "token", "key")
 IMAGE_REPO = "ghcr.io/ccm-platform/ccm-{svc}"
 KAFKA_CLUSTER = "ccm-kafka"
 PG_CLUSTER = "ccm-postgres"

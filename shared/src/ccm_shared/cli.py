@@ -119,10 +119,10 @@ async def _connected(url: str, *, migrated: bool = False):  # noqa: ANN202
     from sqlalchemy import select
     from sqlalchemy.engine import make_url
 
-    from ccm_shared.db import create_engine_for
+    from ccm_shared.db import create_engine_for, is_sqlite
     from ccm_shared.tables import practices
 
-    if migrated and url.startswith("sqlite"):
+    if migrated and is_sqlite(url):
         path = make_url(url).database or ""
         if not Path(path).is_file():
             raise _Unreachable(f"{mask_url(url)}: no database file at {Path(path).resolve()} "

@@ -95,7 +95,7 @@ def message_tenant(message: Message) -> str | None:
     events can be found."""
     from ccm_shared.tenancy import PRACTICE_ID
 
-    header = next((v for k, v in message.headers if k == "ce_tenant"), None)
+    header = message.header("ce_tenant")
     for candidate in (header, (message.key or b"").split(b":", 1)[0]):
         if candidate:
             text = candidate.decode("utf-8", errors="replace")
