@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 import httpcore
 import httpx
 
+from ccm_shared.errors import InvalidInput
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -85,6 +87,13 @@ async def destination_problem(url: str, *, allow_private: bool,
 
 # The threads registration-time lookups run in (``destination_problem``).
 _LOOKUPS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ccm-address-check")
+
+
+async def refuse_unreachable(url: str, field: str, *, allow_private: bool) -> None:
+    """InvalidInput (422 on ``field``) when outgoing requests will never reach ``url``
+    (``destination_problem``): for an address a practice gives."""
+    if (problem := await destination_problem(url, allow_private=allow_private)) is not None:
+        raise InvalidInput(f"{field}: {problem}", expression=[field])
 
 
 def _proxied(url: str) -> bool:

@@ -23,7 +23,7 @@ from ccm_billing.service_layer.corrections import recompute
 from ccm_shared.db import dialect_insert
 from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
 from ccm_shared.http import TenantDep, json_body_after
-from ccm_shared.outbound import destination_problem
+from ccm_shared.outbound import refuse_unreachable
 from ccm_shared.tenancy import Tenant
 
 FHIR_JSON = "application/fhir+json"
@@ -233,9 +233,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     async def put_ehr_endpoint(practice: str, tenant: BillingTenant, body: EhrEndpointIn) -> dict:
         tenant.require_practice(practice)
         url = ehr.validate_base_url(body.baseUrl)
-        if (problem := await destination_problem(
-                url, allow_private=runtime.settings.outbound_private_allowed)):
-            raise InvalidInput(f"baseUrl: {problem}", expression=["baseUrl"])
+        await refuse_unreachable(url, "baseUrl",
+                                 allow_private=runtime.settings.outbound_private_allowed)
         if body.authorization is not None and not (body.authorization.isascii()
                                                    and body.authorization.isprintable()):
             # Sent as a header: a line break or control character would end or forge one.

@@ -42,7 +42,7 @@ from ccm_notification.service_layer import acks, calls, directory
 from ccm_notification.service_layer.notify import Intent, Notifier, Recorded
 from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
 from ccm_shared.http import TenantDep, json_body_after
-from ccm_shared.outbound import destination_problem
+from ccm_shared.outbound import refuse_unreachable
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
 from ccm_shared.text import http_url_problem, is_text
@@ -263,9 +263,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
                 raise MalformedRequest("If-Match must be a provider version (ETag)") from None
         updates = body.model_dump(exclude_unset=True, exclude={"release"})
         for name in ("webhook_url", "fhir_endpoint"):
-            if updates.get(name) is not None and (problem := await destination_problem(
-                    updates[name], allow_private=runtime.settings.outbound_private_allowed)):
-                raise InvalidInput(f"{name}: {problem}", expression=[name])
+            if updates.get(name) is not None:
+                await refuse_unreachable(updates[name], name,
+                                         allow_private=runtime.settings.outbound_private_allowed)
         try:
             async with db.unit_of_work() as uow:
                 _, created = await directory.edit_provider(

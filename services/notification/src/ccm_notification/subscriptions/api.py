@@ -15,7 +15,7 @@ from ccm_notification.entrypoints.api import JSON_BODY, NotificationTenant
 from ccm_notification.subscriptions import service
 from ccm_notification.subscriptions.domain import FEED_TYPES
 from ccm_shared.errors import InvalidInput
-from ccm_shared.outbound import destination_problem
+from ccm_shared.outbound import refuse_unreachable
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.text import http_url_problem
 
@@ -84,9 +84,8 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
     ) -> dict:
         tenant.require_practice(practice)
         _check_endpoint(body.endpoint, settings().subscription_require_https)
-        if (problem := await destination_problem(
-                body.endpoint, allow_private=runtime.settings.outbound_private_allowed)):
-            raise InvalidInput(f"endpoint {problem}", expression=["endpoint"])
+        await refuse_unreachable(body.endpoint, "endpoint",
+                                 allow_private=runtime.settings.outbound_private_allowed)
         spec = service.NewSubscription(
             list(body.events), body.endpoint, body.payload, body.description
         )
