@@ -28,7 +28,7 @@ from ccm_ingest.domain.model import (
     isoformat,
     rejected,
 )
-from ccm_ingest.domain.rules import REVIEWER_TYPES, review_extensions
+from ccm_ingest.domain.rules import ACT_CODE, REVIEWER_TYPES, review_extensions
 
 EVENT_TYPES = (
     "ingest.time-entry.logged.v1",
@@ -574,8 +574,7 @@ def _consent_deleted(res: dict[str, Any], ctx: MappingContext,
 # Consent.policyRule (v3-ActCode) codes whose base rule refuses: opting out, with or without
 # exceptions. A consent without ``provision.type`` follows its policy rule.
 _OPT_OUT = frozenset({"OPTOUT", "OPTOUTE"})
-_ACT_CODE_SYSTEMS = frozenset({None, "http://terminology.hl7.org/CodeSystem/v3-ActCode",
-                               "urn:oid:2.16.840.1.113883.5.4"})
+_ACT_CODE_SYSTEMS = frozenset({None, ACT_CODE, "urn:oid:2.16.840.1.113883.5.4"})
 
 
 def consent_provision(res: dict[str, Any]) -> str:

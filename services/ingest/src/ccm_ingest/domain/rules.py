@@ -28,6 +28,8 @@ def _value_set(name: str, codes: str) -> ValueSet:
 
 # Required bindings in R4 4.0.1 (the full code lists, not fhir.resources' truncated ones).
 GENDER = _value_set("administrative-gender", "male female other unknown")
+DAYS_OF_WEEK = _value_set("days-of-week", "mon tue wed thu fri sat sun")
+UNITS_OF_TIME = _value_set("units-of-time", "s min h d wk mo a")
 ENCOUNTER_STATUS = _value_set(
     "encounter-status",
     "planned arrived triaged in-progress onleave finished cancelled entered-in-error unknown")
@@ -61,8 +63,7 @@ REQUIRED_BINDINGS: dict[str, dict[str, ValueSet]] = {
     "Patient.contact": {"gender": GENDER},
     "Patient.link": {"type": _value_set("link-type", "replaced-by replaces refer seealso")},
     "Practitioner": {"gender": GENDER},
-    "PractitionerRole.availableTime": {"daysOfWeek": _value_set(
-        "days-of-week", "mon tue wed thu fri sat sun")},
+    "PractitionerRole.availableTime": {"daysOfWeek": DAYS_OF_WEEK},
     # datatypes
     "HumanName": {"use": _value_set("name-use",
                                     "usual official temp nickname anonymous old maiden")},
@@ -77,30 +78,25 @@ REQUIRED_BINDINGS: dict[str, dict[str, ValueSet]] = {
     "Narrative": {"status": _value_set("narrative-status",
                                        "generated extensions additional empty")},
     "Timing.repeat": {
-        "durationUnit": _value_set("units-of-time", "s min h d wk mo a"),
-        "periodUnit": _value_set("units-of-time", "s min h d wk mo a"),
-        "dayOfWeek": _value_set("days-of-week", "mon tue wed thu fri sat sun"),
+        "durationUnit": UNITS_OF_TIME,
+        "periodUnit": UNITS_OF_TIME,
+        "dayOfWeek": DAYS_OF_WEEK,
         "when": _value_set("event-timing",
                            "MORN MORN.early MORN.late NOON AFT AFT.early AFT.late EVE EVE.early "
                            "EVE.late NIGHT PHS HS WAKE C CM CD CV AC ACM ACD ACV PC PCM PCD PCV"),
     },
 }
-CONDITION_CLINICAL = frozenset("active recurrence relapse inactive remission resolved".split())
-CONDITION_VERIFICATION = frozenset(
-    "unconfirmed provisional differential confirmed refuted entered-in-error".split()
-)
 CLINICAL_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 # Required bindings on CodeableConcepts: one coding at least is of the value set's system with
 # one of its codes (text alone, or codes of other systems only, do not meet them).
 REQUIRED_CONCEPTS: dict[str, dict[str, tuple[str, ValueSet]]] = {
     "Condition": {
-        "clinicalStatus": (CLINICAL_SYSTEM, ValueSet(
-            "condition-clinical", ("active", "recurrence", "relapse", "inactive", "remission",
-                                   "resolved"), CONDITION_CLINICAL)),
-        "verificationStatus": (VERIFICATION_SYSTEM, ValueSet(
-            "condition-ver-status", ("unconfirmed", "provisional", "differential", "confirmed",
-                                     "refuted", "entered-in-error"), CONDITION_VERIFICATION)),
+        "clinicalStatus": (CLINICAL_SYSTEM, _value_set(
+            "condition-clinical", "active recurrence relapse inactive remission resolved")),
+        "verificationStatus": (VERIFICATION_SYSTEM, _value_set(
+            "condition-ver-status",
+            "unconfirmed provisional differential confirmed refuted entered-in-error")),
     },
 }
 ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -213,13 +209,17 @@ R5_ONLY: dict[str, tuple[str, ...]] = {
     "Condition": ("participant",),
 }
 
+# FHIR's uuid and oid types as a URI: ``urn:uuid:`` + RFC 4122's 8-4-4-4-12 hex digits (either
+# case: RFC 4122 reads them case-insensitively), ``urn:oid:`` + digits and dots (ASCII digits:
+# ``\d`` would take other scripts'). A reference may be one; so may a Bundle entry's fullUrl.
+UUID_URN = r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+OID_URN = r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+"
 _REFERENCE = re.compile(
     r"^(#[A-Za-z0-9\-.]*"
     r"|[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?"
     r"|[A-Z][A-Za-z]+\?\S+"
     r"|https?://\S+/[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}(/_history/[A-Za-z0-9\-.]{1,64})?"
-    r"|urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-    r"|urn:oid:[0-2](\.(0|[1-9][0-9]*))+)$"
+    rf"|{UUID_URN}|{OID_URN})$"
 )
 
 
@@ -232,8 +232,7 @@ def check_resource(resource: dict[str, Any]) -> list[Issue]:
     rtype = resource.get("resourceType", "")
     issues: list[Issue] = []
     issues += _r5_shapes(rtype, resource)
-    _check_elements(_NODES.get(rtype, _ANY_RESOURCE) if type(rtype) is str else _ANY_RESOURCE,
-                    resource, rtype, issues)
+    _check_elements(_node_of(rtype), resource, rtype, issues)
     check = _TYPE_CHECKS.get(rtype)
     if check is not None:
         issues += check(resource)
@@ -628,6 +627,12 @@ def _path(at: _At) -> str:
     return at + "".join(reversed(parts))
 
 
+def _node_of(rtype: Any) -> _Node:
+    """The node a resource of type ``rtype`` is checked as (any resource's for an unsupported
+    type or a resourceType that is no string)."""
+    return _NODES.get(rtype, _ANY_RESOURCE) if type(rtype) is str else _ANY_RESOURCE
+
+
 def _check_elements(node: _Node, value: dict[str, Any], at: _At, issues: list[Issue]) -> None:
     """The bindings and invariants of ``node`` (a type of ``_ELEMENTS``) on ``value``, and of
     the elements in it that have some: only those are descended into (this runs on every
@@ -662,8 +667,7 @@ def _check_elements(node: _Node, value: dict[str, Any], at: _At, issues: list[Is
             for i, one in enumerate(item):
                 if type(one) is dict:
                     rtype = one.get("resourceType")
-                    _check_elements(_NODES.get(rtype, _ANY_RESOURCE) if type(rtype) is str
-                                    else _ANY_RESOURCE, one, (at, key, i), issues)
+                    _check_elements(_node_of(rtype), one, (at, key, i), issues)
 
 
 def _not_in(where: str, code: str, value_set: ValueSet) -> Issue:

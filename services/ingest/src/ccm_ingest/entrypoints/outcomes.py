@@ -83,7 +83,7 @@ def returned(request: Request, may_read: bool, default: str = "representation") 
 
 
 def write_response(request: Request, outcome: Outcome, base: str, *,
-                   may_read: bool = True) -> Response:
+                   may_read: bool) -> Response:
     """Status, ETag/Location/Last-Modified, and the body ``Prefer: return=`` asks for
     (``returned``)."""
     headers = version_headers(outcome, base)

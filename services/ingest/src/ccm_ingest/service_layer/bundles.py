@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -21,7 +21,12 @@ from ccm_ingest.domain.model import (
     Relocating,
     rejected,
 )
-from ccm_ingest.domain.rules import subject_targets, unresolved_local_references
+from ccm_ingest.domain.rules import (
+    OID_URN,
+    UUID_URN,
+    subject_targets,
+    unresolved_local_references,
+)
 from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
 from ccm_shared.db import UnitOfWork, gave_way
@@ -58,12 +63,9 @@ def _where(index: int) -> str:
     return f"Bundle.entry[{index}]"
 
 
-# FHIR's uuid and oid types as a fullUrl: ``urn:uuid:`` + RFC 4122's 8-4-4-4-12 hex digits (in
-# either case: RFC 4122 reads them case-insensitively, and a reference to one is taken in either
-# case), ``urn:oid:`` + digits and dots (ASCII digits: ``\d`` would take other scripts').
-_UUID_URN = re.compile(
-    r"urn:uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-_OID_URN = re.compile(r"urn:oid:[0-2](\.(0|[1-9][0-9]*))+")
+# FHIR's uuid and oid types as a fullUrl (as references take them).
+_UUID_URN = re.compile(UUID_URN)
+_OID_URN = re.compile(OID_URN)
 # A URI scheme (RFC 3986): what an absolute request.url starts with (http:, https:, urn:).
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 # The Bundle types that may carry entry.response (bdl-4).
@@ -299,15 +301,14 @@ async def _conditional_references(repo: SqlResourceRepository, caller: Caller, e
         if ids is None:
             with _placed(f"{path}.reference"):  # criteria the search refuses: 400, there
                 params = handlers.normalise_criteria(rtype, ref, caller.local_bases)
-                claimed = lookup.claimed.get((rtype, handlers.criteria_key(params))) \
-                    if lookup.claimed else None
+                claimed = lookup.claimed.get((rtype, handlers.criteria_key(params)))
                 if claimed is not None:
                     ids = [claimed]
+                elif lookup.searches >= MAX_CONDITIONAL_REFERENCES:
+                    raise rejected(422, "too-costly", "a Bundle may resolve at most "
+                                   f"{MAX_CONDITIONAL_REFERENCES:,} different conditional "
+                                   "references", f"{path}.reference")
                 else:
-                    if lookup.searches >= MAX_CONDITIONAL_REFERENCES:
-                        raise rejected(422, "too-costly", "a Bundle may resolve at most "
-                                       f"{MAX_CONDITIONAL_REFERENCES:,} different conditional "
-                                       "references", f"{path}.reference")
                     lookup.searches += 1
                     ids = [m.id for m in await handlers.find(
                         repo, rtype, params, ignore=lookup.deleted.get(rtype, ()),
@@ -321,9 +322,10 @@ async def _conditional_references(repo: SqlResourceRepository, caller: Caller, e
 
 
 async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
-                              deleted: dict[str, set[str]] | None = None) -> None:
+                              ignore: Collection[str] = ()) -> None:
     """``PUT Type?criteria``: the one match is updated, none is created (under the resource's
     id, else a new one); several are a 412, and an id other than the match's a 400 (FHIR).
+    ``ignore``: ids of the type that match nothing (the transaction deletes them).
     Creating, it claims the criteria as a conditional create does (``claim_create``), so of
     concurrent ones that match nothing one creates and the others update what it created."""
     sent_id = (e.resource or {}).get("id")
@@ -331,8 +333,7 @@ async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
     with _placed(f"{_where(e.index)}.request.url"):
         found = await handlers.claim_create(
             uow, caller, e.rtype, new_id, e.criteria or "",
-            ignore=(deleted or {}).get(e.rtype, ()),
-            asked=f"conditional update {e.rtype}?{e.criteria}")
+            ignore=ignore, asked=f"conditional update {e.rtype}?{e.criteria}")
     if found is not None and sent_id and sent_id != found.id:
         raise rejected(400, "invalid", f"conditional update {e.rtype}?{e.criteria} finds "
                        f"{e.rtype}/{found.id}, but the resource's id is {sent_id!r}",
@@ -430,11 +431,10 @@ async def _claim(uow: UnitOfWork, caller: Caller, e: Entry, key: str,
         e.rid = first.rid
         if e.method == "POST" and first.method == "POST":
             e.same_as = first
-        else:  # _one_entry_per_resource refuses the pair
-            e.resource = {**(e.resource or {}), "id": e.rid}
+        # (any other pair touches one resource twice: _one_entry_per_resource refuses it)
         return
     if e.method == "PUT":
-        await _conditional_update(uow, caller, e, {e.rtype: deleted})
+        await _conditional_update(uow, caller, e, deleted)
     else:
         e.found = await handlers.claim_create(uow, caller, e.rtype, e.rid or "",
                                               e.if_none_exist or "", ignore=deleted)
