@@ -440,6 +440,13 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
             "httpGet": {"path": "/healthz", "port": "http"},
             "periodSeconds": 2, "failureThreshold": 60,
         }
+    if component == "api":
+        # The preStop sleep keeps the listener open while the endpoint removal reaches
+        # kube-proxy and the ingress controller (else requests routed meanwhile are refused);
+        # the grace period below covers it plus the process's own shutdown (in-flight
+        # requests, up to 30 s, then the Kafka producer's flush, up to 10 s). The image is
+        # Debian slim: /bin/sleep exists.
+        container["lifecycle"] = {"preStop": {"exec": {"command": ["/bin/sleep", "5"]}}}
     spec: dict = {
         "serviceAccountName": "ccm-service",
         "automountServiceAccountToken": False,
@@ -454,7 +461,7 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
                                             "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
         ],
         "restartPolicy": restart,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": 45 if component == "api" else 30,
     }
     if init:
         spec["initContainers"] = [{
@@ -479,14 +486,16 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
 
 
 def deployment(svc: Service, component: str, args: list[str], env: list[dict],
-               replicas: int) -> dict:
+               replicas: int | None) -> dict:
+    """``replicas`` None: an autoscaler owns the count (left out, so an apply does not fight
+    it)."""
     lab = labels(svc.name, component)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": f"{svc.name}-{component}", "labels": lab},
         "spec": {
-            "replicas": replicas,
+            **({} if replicas is None else {"replicas": replicas}),
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": lab},
             "strategy": {"type": "RollingUpdate",
@@ -523,6 +532,10 @@ def service_manifests(svc: Service) -> list[dict]:
             # install make one fail once, and its retry finds the schema current.
             "backoffLimit": 6,
             "ttlSecondsAfterFinished": 3600,
+            # A migration waiting forever (e.g. on its advisory lock, held by a session a
+            # transaction-mode pooler never released) fails the Job instead of hanging every
+            # rollout behind it.
+            "activeDeadlineSeconds": 1800,
             "template": {
                 "metadata": {"labels": migrate_labels},
                 "spec": pod_spec(
@@ -538,7 +551,8 @@ def service_manifests(svc: Service) -> list[dict]:
             },
         },
     })
-    docs.append(deployment(svc, "api", ["serve", svc.name, *API_FLAGS], env, replicas=2))
+    # The APIs' HorizontalPodAutoscaler owns their replica count.
+    docs.append(deployment(svc, "api", ["serve", svc.name, *API_FLAGS], env, replicas=None))
     # Consumers and relay run without the API: their HTTP server (not routed by any Service)
     # serves only /healthz, /readyz and /metrics for probes and scrapes.
     if svc.consumers:
@@ -582,7 +596,9 @@ def service_manifests(svc: Service) -> list[dict]:
 
 
 def scaled_objects(services: list[Service]) -> list[dict]:
-    """KEDA ScaledObjects (prod overlay): consumers scale on their groups' lag."""
+    """KEDA ScaledObjects (prod overlay): consumers scale on their groups' lag, read on the
+    brokers' TLS listener as KafkaUser ccm-keda (TriggerAuthentication kafka-keda,
+    k8s/overlays/prod/keda-kafka.yaml: the cluster has no unauthenticated listener)."""
     docs = []
     for svc in services:
         if not svc.consumers:
@@ -592,8 +608,9 @@ def scaled_objects(services: list[Service]) -> list[dict]:
             for topic in topics:
                 triggers.append({
                     "type": "kafka",
+                    "authenticationRef": {"name": "kafka-keda"},
                     "metadata": {
-                        "bootstrapServers": f"{KAFKA_CLUSTER}-kafka-bootstrap.ccm.svc:9092",
+                        "bootstrapServers": f"{KAFKA_CLUSTER}-kafka-bootstrap.ccm.svc:9093",
                         "consumerGroup": group,
                         "topic": topic,
                         "lagThreshold": "100",
