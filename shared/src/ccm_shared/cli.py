@@ -138,12 +138,11 @@ async def _connected(url: str, *, migrated: bool = False):  # noqa: ANN202
                 except Exception:  # noqa: BLE001 - no such table: never migrated here
                     raise _Unreachable(f"{mask_url(url)}: the platform's tables are not there: "
                                        "run `ccm migrate` first (or check the URL)") from None
-    except _Unreachable:
-        await engine.dispose()
-        raise
     except Exception as exc:  # noqa: BLE001 - whatever stops the first connection
         if engine is not None:
             await engine.dispose()
+        if isinstance(exc, _Unreachable):
+            raise
         raise _Unreachable(_unreachable_reason(url, exc)) from None
     return engine
 
@@ -474,9 +473,9 @@ def up(
     from ccm_shared.observability import configure_logging
     from ccm_shared.service import discover_services
 
-    external = os.environ.get("CCM_DATABASE_URL") and os.environ.get("CCM_KAFKA_BOOTSTRAP_SERVERS")
-    if not external and (os.environ.get("CCM_DATABASE_URL")
-                         or os.environ.get("CCM_KAFKA_BOOTSTRAP_SERVERS")):
+    given = [os.environ.get(name) for name in ("CCM_DATABASE_URL", "CCM_KAFKA_BOOTSTRAP_SERVERS")]
+    external = all(given)
+    if any(given) and not external:
         typer.echo("[ccm up] warning: only one of CCM_DATABASE_URL and "
                    "CCM_KAFKA_BOOTSTRAP_SERVERS is set; running embedded in --data-dir (set both "
                    "for PostgreSQL and Kafka)", err=True)

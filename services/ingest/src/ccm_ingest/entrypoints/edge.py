@@ -81,12 +81,13 @@ def _allowed(request: Request) -> list[str]:
     return ["GET"]  # _history, _history/{vid}
 
 
+# What a request body may be labelled: FHIR JSON, plain JSON, and STU3's name for FHIR JSON
+# (``application/json+fhir``), which Accept and _format take too: older EHR clients send it.
+FHIR_JSON_MEDIA = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 # What a client may ask for: JSON (the only format served). ``_format`` values come URL-decoded,
 # so ``application/fhir+json`` may arrive as ``application/fhir json``.
-_JSON_MEDIA = frozenset({"application/fhir+json", "application/json", "application/json+fhir",
-                         "application/*", "*/*"})
-_JSON_FORMATS = frozenset({"json", "application/fhir+json", "application/json",
-                           "application/json+fhir"})
+_JSON_MEDIA = FHIR_JSON_MEDIA | {"application/*", "*/*"}
+_JSON_FORMATS = FHIR_JSON_MEDIA | {"json"}
 
 
 def unacceptable(scope) -> Issue | None:  # noqa: ANN001

@@ -31,7 +31,7 @@ from ccm_ingest.domain.model import (
     rejected,
 )
 from ccm_ingest.domain.rules import unresolved_local_references
-from ccm_ingest.entrypoints.edge import R4_VERSIONS, charset, fhir_version
+from ccm_ingest.entrypoints.edge import FHIR_JSON_MEDIA, R4_VERSIONS, charset, fhir_version
 from ccm_ingest.entrypoints.outcomes import (
     fhir_json,
     operation_outcome,
@@ -53,10 +53,6 @@ from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
 from ccm_shared.text import ascii_digits, is_text
-
-# What a request body may be labelled: FHIR JSON, plain JSON, and STU3's name for FHIR JSON
-# (``application/json+fhir``), which Accept and _format take too: older EHR clients send it.
-ACCEPTED_MEDIA = ("application/fhir+json", "application/json", "application/json+fhir")
 
 
 class PracticeCache:
@@ -290,7 +286,7 @@ async def read_json(request: Request, max_depth: int) -> Any:
     content_type = request.headers.get("content-type")
     if content_type is not None:  # without one the body is read as FHIR JSON
         media = content_type.split(";")[0].strip()
-        if media.lower() not in ACCEPTED_MEDIA:
+        if media.lower() not in FHIR_JSON_MEDIA:
             # An empty one (``Content-Type: ;`` or no value) is no media type either: what
             # the client meant is unknown, so it is not guessed to be JSON.
             raise rejected(415, "not-supported", (f"content type {media!r} is not supported"
@@ -300,8 +296,8 @@ async def read_json(request: Request, max_depth: int) -> Any:
         if (version := fhir_version(content_type)) not in R4_VERSIONS:
             raise rejected(415, "not-supported", f"fhirVersion={version} is not supported: "
                            "this server takes FHIR R4 (fhirVersion=4.0, or no fhirVersion)")
-        if charset(content_type) not in (None, "utf-8", "utf8"):
-            raise rejected(415, "not-supported", f"charset={charset(content_type)} is not "
+        if (sent_charset := charset(content_type)) not in (None, "utf-8", "utf8"):
+            raise rejected(415, "not-supported", f"charset={sent_charset} is not "
                            "supported: FHIR JSON is UTF-8")
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
