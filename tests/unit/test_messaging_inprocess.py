@@ -291,3 +291,22 @@ async def test_an_event_breaking_its_contract_is_dead_lettered_not_applied(sqlit
             inbox_table.c.consumer == "contracts"))).all()
     assert ("acme", "dead-lettered") in [tuple(r) for r in rows]
 
+
+
+def test_an_infrastructure_error_is_logged_without_the_data_it_was_about():
+    """The consumer's 'infrastructure unavailable' and the relay's 'publish failed' lines logged
+    the error's text: SQLAlchemy's quotes the statement and its parameters (an event's data)."""
+    from sqlalchemy.exc import OperationalError
+
+    from ccm_shared.db import loggable
+
+    class Refused(Exception):
+        sqlstate = "57P01"
+
+    error = OperationalError("INSERT INTO billing.patients VALUES ($1, $2)",
+                             ("Jane Doe", "1950-01-01"), Refused("terminating connection"))
+    assert loggable(error) == "OperationalError (SQLSTATE 57P01)"
+    assert "Jane" not in loggable(error) and "1950" not in loggable(error)
+    # Other errors keep their words: where it could not connect is what an operator needs.
+    assert loggable(ConnectionRefusedError(111, "Connect call failed ('10.0.0.7', 5432)")) \
+        == "[Errno 111] Connect call failed ('10.0.0.7', 5432)"

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from sqlalchemy import bindparam
 
 from ccm_shared import audit
-from ccm_shared.db import Database, UnitOfWork, dialect_insert, sqlstate
+from ccm_shared.db import Database, UnitOfWork, described, dialect_insert, loggable
 from ccm_shared.event_contracts import contract_violations
 from ccm_shared.events import CloudEvent, Message
 from ccm_shared.observability import (
@@ -67,8 +67,7 @@ def error_reason(error: BaseException) -> str:
     if isinstance(error, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(event)'}: {e['type']}"
                          for e in error.errors(include_url=False, include_input=False)[:10])[:500]
-    code = sqlstate(error)
-    return f"{type(error).__name__} (SQLSTATE {code})" if code else type(error).__name__
+    return described(error)
 
 
 @dataclass
@@ -381,7 +380,7 @@ class ConsumerRuntime:
                                 "infrastructure unavailable; waiting",
                                 consumer=self.name,
                                 error=type(exc).__name__,
-                                detail=str(exc)[:300],
+                                detail=loggable(exc),
                             )
                         # Embedded mode: another writer holds SQLite's lock (or committed after
                         # our read began); try again shortly, with jitter so writers interleave.

@@ -282,6 +282,22 @@ def sqlstate(exc: BaseException) -> str | None:
     return None
 
 
+def described(error: BaseException) -> str:
+    """An error as its type, and its SQLSTATE when it has one: nothing of the data it was
+    about."""
+    code = sqlstate(error)
+    return f"{type(error).__name__} (SQLSTATE {code})" if code else type(error).__name__
+
+
+def loggable(error: BaseException, limit: int = 300) -> str:
+    """What a log line may say of an infrastructure error: a database statement's error
+    ``described`` (SQLAlchemy's text quotes the statement and its parameters: an event's data,
+    a patient's), any other error's own words (a connection's host and port)."""
+    if isinstance(error, exc.StatementError):
+        return described(error)
+    return str(error)[:limit]
+
+
 def gave_way(exc: BaseException) -> bool:
     """Whether ``exc`` is a deadlock or serialization failure: nothing was stored, and the same
     transaction may be tried again."""

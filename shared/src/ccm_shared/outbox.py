@@ -24,6 +24,7 @@ from ccm_shared.db import (
     Database,
     autocommit_engine,
     dialect_insert,
+    loggable,
     qualified,
     schema_of,
 )
@@ -392,7 +393,7 @@ class OutboxRelay:
                         "outbox publish failed; retrying",
                         service=self.service,
                         error=type(exc).__name__,
-                        detail=str(exc)[:200],
+                        detail=loggable(exc, 200),
                         retry_in=delay,
                     )
                     await self._sleep(delay)
