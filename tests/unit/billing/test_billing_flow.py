@@ -350,6 +350,58 @@ async def test_a_correction_after_close_cancels_and_reissues(billing, correction
     assert report["totals"]["amount"] == ("42.00" if correction == "encounter" else "0.00")
 
 
+@pytest.mark.parametrize(("payment", "balance", "status", "payment_status"), [
+    ("20.00", "22.00", "issued", "partially-paid"),  # the replacement is owed the rest
+    ("42.00", "0.00", "balanced", "balanced"),         # paid in full by what was paid
+    ("50.00", "-8.00", "balanced", "balanced"),        # paid beyond the corrected total: owed back
+])
+async def test_a_corrected_invoice_carries_its_payments_into_the_replacement(
+        billing, payment, balance, status, payment_status):
+    """A payment, then a correction that reissues the month: the replacement was issued unpaid
+    (the practice billed again, then dunned as overdue, for what it had paid)."""
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    pay = {"amount": payment, "date": "2025-04-10", "reference": "chk-1"}
+    assert (await api(billing).post(f"/v1/invoices/{inv['id']}/payments", json=pay)).status_code == 201
+    await deliver(billing, ev.time_reversed("alpha", "p1", "e2"))  # 75.33 → 42.00
+    old = (await api(billing).get(f"/v1/invoices/{inv['id']}")).json()
+    assert (old["status"], old["paid"], old["balance"]) == ("cancelled", payment, "0.00")
+    new = (await api(billing).get(f"/v1/invoices/{old['replacedBy']}")).json()
+    assert (new["totalNet"], new["paid"], new["balance"]) == ("42.00", payment, balance)
+    assert (new["status"], new["paymentStatus"]) == (status, payment_status)
+    assert [(x["amount"], x["date"], x["reference"], x["carriedFrom"]) for x in new["payments"]] == [
+        (payment, "2025-04-10", "chk-1", old["payments"][0]["id"])]
+    assert old["payments"][0]["carriedFrom"] is None
+    # The practice's system sending chk-1 again, to the replacement, records nothing more.
+    again = await api(billing).post(f"/v1/invoices/{new['id']}/payments", json=pay)
+    assert again.status_code == 201 and again.json()["invoice"]["paid"] == payment
+    issued = (await outboxed(billing, "billing.invoice.issued.v1"))[-1]["data"]
+    assert (issued["invoiceId"], issued["paid"], issued["balance"], issued["status"]) == (
+        new["id"], payment, balance, status)
+    cancelled = (await outboxed(billing, "billing.invoice.cancelled.v1"))[0]["data"]
+    assert (cancelled["paid"], cancelled["balance"]) == (payment, "0.00")
+    assert (await api(billing).get(f"/fhir/Invoice/{new['id']}")).json()["status"] == status
+    paid = [e["data"]["invoiceId"] for e in await outboxed(billing, "billing.invoice.paid.v1")]
+    assert paid == ([new["id"]] if status == "balanced" else [])
+    billing.state["clock"].now = datetime(2025, 6, 1, 12, tzinfo=UTC)  # past the due days
+    assert (await run_once(billing))["overdue"] == (1 if status == "issued" else 0)
+
+
+async def test_a_paid_invoice_a_correction_leaves_nothing_to_bill_is_owed_back(billing):
+    await march_practice(billing)
+    billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)
+    inv = (await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")).json()["invoice"]
+    await api(billing).post(f"/v1/invoices/{inv['id']}/payments",
+                            json={"amount": "75.33", "date": "2025-04-10"})
+    await deliver(billing, ev.consent("alpha", "p1", "c-p1", status="entered-in-error", version=2))
+    old = (await api(billing).get(f"/v1/invoices/{inv['id']}")).json()
+    assert (old["status"], old["replacedBy"], old["paid"], old["balance"]) == (
+        "cancelled", None, "75.33", "-75.33")
+    cancelled = (await outboxed(billing, "billing.invoice.cancelled.v1"))[0]["data"]
+    assert (cancelled["paid"], cancelled["balance"]) == ("75.33", "-75.33")
+
+
 async def test_time_logged_after_close_is_not_billed_and_flagged(billing):
     await march_practice(billing)
     billing.state["clock"].now = datetime(2025, 4, 2, 12, tzinfo=UTC)

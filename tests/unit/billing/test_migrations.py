@@ -241,3 +241,15 @@ def test_consents_gain_their_period_and_lose_it_on_downgrade(tmp_path):
                    set(columns(url, "time_entries")) & {"performer_class"})
         assert present == (({"valid_from", "valid_until"}, {"completed_on", "review_version"},
                             {"performer_class"}) if step == "up" else (set(), set(), set()))
+
+
+def test_payments_gain_the_payment_they_carry_and_lose_it_on_downgrade(tmp_path):
+    """billing_0018: ``payments.carried_from``."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    upgrade_platform(url)
+    for step in ("up", "down", "up"):
+        if step == "down":
+            command.downgrade(alembic_config(url, "billing", PACKAGE), "billing_0017")
+        else:
+            upgrade(url, "billing", PACKAGE)
+        assert ("carried_from" in columns(url, "payments")) == (step == "up")

@@ -177,6 +177,8 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("date", Date, nullable=False),
         Column("reference", String(200), nullable=True),
         Column("recorded_at", DateTime(timezone=True), nullable=False),
+        # A payment of a cancelled Invoice carried into its replacement: the one it carries.
+        Column("carried_from", String(36), nullable=True),
     )
     t["threshold_alerts"] = Table(
         "threshold_alerts", metadata,

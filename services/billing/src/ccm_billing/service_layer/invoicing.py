@@ -43,6 +43,7 @@ from ccm_shared.tables import practices
 
 ZERO = Decimal("0.00")
 ISSUED = "billing.invoice.issued.v1"
+PAID = "billing.invoice.paid.v1"
 CLOSED = "billing.period.closed.v1"
 
 
@@ -111,8 +112,27 @@ def invoice_event_data(row, resource: dict, sequence: int) -> dict:  # noqa: ANN
         "replaces": row.get("replaces"),
         "replacedBy": row.get("replaced_by"),
         "reason": row.get("cancel_reason"),
+        "paid": row["paid"],
+        "balance": f"{balance_of(row['total_net'], row['paid'], resource['status'], row.get('replaced_by')):.2f}",
         "practiceSequence": sequence,
     }
+
+
+def balance_of(total_net: str, paid: str, status: str, replaced_by: str | None) -> Decimal:
+    """What the practice still owes on an invoice; negative, what it is owed back (paid beyond
+    the total a correction lowered). A cancelled invoice is owed nothing: its payments are
+    carried into its replacement, or, where the correction left nothing to bill, owed back."""
+    if status == "cancelled":
+        return Decimal(0) if replaced_by else Decimal(0) - Decimal(paid)
+    return Decimal(total_net) - Decimal(paid)
+
+
+def payment_state(balance: Decimal, paid: Decimal) -> tuple[str, str]:
+    """(payment status, status) of an invoice not cancelled: balanced once nothing is owed,
+    partially paid, or issued with nothing paid."""
+    if balance <= 0:
+        return "balanced", "balanced"
+    return ("partially-paid" if paid else "issued"), "issued"
 
 
 def _invoice_event(topic: str, row: dict, resource: dict, sequence: int,
@@ -130,7 +150,9 @@ async def issue_invoice(
     uow: UnitOfWork, info: PracticeInfo, month: Month, lines: list[PricedLine], *,
     revision: int, now: datetime, replaces: str | None = None,
 ) -> dict:
-    """Create the ChargeItems and the issued Invoice of one revision; outbox its event."""
+    """Create the ChargeItems and the issued Invoice of one revision; outbox its event. A
+    replacement carries the payments of the Invoice it ``replaces`` (each recorded against it
+    too, naming the payment it carries): paid in full by them, it is issued balanced."""
     inv_id = fhir.invoice_id(info.id, month, revision)
     items, refs = [], []
     # In (patient, code) order, as a read of the Invoice lists them (filed.invoice_resource).
@@ -143,28 +165,43 @@ async def issue_invoice(
         })
         refs.append((ci_id, line.amount))
     await bulk_insert(uow.session, orm.charge_items, items)
-    row, resource = await _store_invoice(uow, info, month, fhir.InvoiceLines.of(refs),
-                                         revision=revision, now=now, replaces=replaces)
+    p = orm.payments
+    carried = (await uow.session.execute(select(p).where(p.c.invoice_id == replaces)
+                                         .order_by(p.c.recorded_at, p.c.id))).all() if replaces else []
+    row, resource = await _store_invoice(
+        uow, info, month, fhir.InvoiceLines.of(refs), revision=revision, now=now,
+        replaces=replaces, paid=sum((Decimal(x.amount) for x in carried), ZERO))
+    if carried:
+        await uow.session.execute(insert(p), [{
+            "id": str(uuid.uuid4()), "practice": x.practice, "invoice_id": inv_id,
+            "amount": x.amount, "date": x.date, "reference": x.reference,
+            "recorded_at": x.recorded_at, "carried_from": x.carried_from or x.id,
+        } for x in carried])
     await _publish_invoice(uow, ISSUED, row, resource, now)
+    if row["status"] == "balanced":
+        await _publish_invoice(uow, PAID, row, resource, now)
     return row
 
 
 async def _store_invoice(
     uow: UnitOfWork, info: PracticeInfo, month: Month, lines: fhir.InvoiceLines, *,
     revision: int, now: datetime, replaces: str | None = None, has_endpoint: bool | None = None,
+    paid: Decimal = ZERO,
 ) -> tuple[dict, dict]:
     """(row, FHIR resource) of the issued Invoice, stored (without its lines: its ChargeItems
-    give them, ``filed.invoice_resource``) and queued for the EHR push; its event is the caller's."""
+    give them, ``filed.invoice_resource``) and queued for the EHR push; its event is the caller's.
+    ``paid``: what payments it carries (a replacement's)."""
     inv_id = fhir.invoice_id(info.id, month, revision)
     due = info.today(now) + timedelta(days=info.contract().due_days)
     resource = fhir.invoice(
         id=inv_id, practice=info.id, practice_name=info.name, month=month, revision=revision,
         lines=lines, issued=now, due=due, replaces=replaces,
     )
+    payment_status, resource["status"] = payment_state(lines.total - paid, paid)
     row = {
         "id": inv_id, "practice": info.id, "month": str(month), "revision": revision,
-        "status": "issued", "payment_status": "issued", "total_net": f"{lines.total:.2f}",
-        "paid": "0.00", "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
+        "status": resource["status"], "payment_status": payment_status,
+        "total_net": f"{lines.total:.2f}", "paid": f"{paid:.2f}", "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
         "replaced_by": None, "cancel_reason": None,
         "resource": _stored(resource, True), "lines_in_place": True,
     }
@@ -225,7 +262,6 @@ def close_result(period, invoice_row) -> dict:  # noqa: ANN001
 
 
 def invoice_view(row) -> dict:  # noqa: ANN001
-    total_net, paid = Decimal(row.total_net), Decimal(row.paid)
     return {
         "id": row.id,
         "practice": row.practice,
@@ -236,7 +272,7 @@ def invoice_view(row) -> dict:  # noqa: ANN001
         "overdue": row.overdue,
         "totalNet": row.total_net,
         "paid": row.paid,
-        "balance": f"{total_net - paid:.2f}",
+        "balance": f"{balance_of(row.total_net, row.paid, row.status, row.replaced_by):.2f}",
         "issuedAt": row.issued_at.astimezone(UTC).isoformat(),
         "dueDate": row.due_date.isoformat(),
         "replaces": row.replaces,
@@ -422,8 +458,7 @@ async def record_payment(
         raise InvalidInput(f"amount {amount} exceeds the balance {balance:.2f}", expression=["amount"])
     paid = Decimal(row.paid) + amount
     new_balance = Decimal(row.total_net) - paid
-    payment_status = "balanced" if new_balance == 0 else "partially-paid"
-    status = "balanced" if payment_status == "balanced" else row.status
+    payment_status, status = payment_state(new_balance, paid)
     resource = await filed.invoice_resource(uow.session, row)
     resource["status"] = status
     payment_id = str(uuid.uuid4())
@@ -448,14 +483,15 @@ async def record_payment(
     )
     updated = await get_invoice_row(uow.session, invoice_id)
     if payment_status == "balanced":
-        await _publish_invoice(uow, "billing.invoice.paid.v1", updated._asdict(), resource, now)
+        await _publish_invoice(uow, PAID, updated._asdict(), resource, now)
     pay = (await uow.session.execute(select(p).where(p.c.id == payment_id))).first()
     return {"payment": payment_view(pay), "invoice": invoice_view(updated)}
 
 
 def payment_view(row) -> dict:  # noqa: ANN001
     return {"id": row.id, "invoiceId": row.invoice_id, "amount": row.amount,
-            "date": row.date.isoformat(), "reference": row.reference}
+            "date": row.date.isoformat(), "reference": row.reference,
+            "carriedFrom": row.carried_from}
 
 
 async def mark_overdue(uow: UnitOfWork, info: PracticeInfo, now: datetime) -> int:
