@@ -878,6 +878,70 @@ def events(
     typer.secho(f"{shown} event(s) from {len(topics)} topic(s)", err=True)
 
 
+@app.command("redrive")
+def redrive_command(
+    topics: Annotated[list[str] | None, typer.Argument(
+        help="Dead-letter topics, e.g. ingest.time-entry.logged.v1.dlq (default: every "
+             "topic ending in .dlq on the broker)", show_default=False)] = None,
+    consumer: Annotated[str | None, typer.Option(
+        help="Only what this consumer set aside (its dlq-consumer header, e.g. "
+             "billing-projections)")] = None,
+    practice: Annotated[str | None, typer.Option(
+        help="Only this practice's dead letters")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="List what would be sent back; send and commit nothing")] = False,
+    timeout: Annotated[float, typer.Option(
+        min=0, help="Seconds to read for; what is left is said and waits for the next run")] = 60.0,
+) -> None:
+    """Send dead letters back to the topics they came from, once their cause is fixed: the
+    consumer that set an event aside applies it then (or sets it aside again), the others
+    already have it in their inbox and take it as a duplicate. Each dead letter read is printed
+    as one JSON line (where it is, where it goes, its event id, type, practice and the dlq
+    headers: never the event's data). Each run reads up to where the topics ended when it
+    began, from where the last run with the same --consumer and --practice stopped (its own
+    consumer group): a dead letter is sent back once. Needs Kafka
+    (CCM_KAFKA_BOOTSTRAP_SERVERS)."""
+    import json
+
+    from ccm_shared.redrive import redrive
+    from ccm_shared.service import build_transport
+    from ccm_shared.transport import KafkaTransport
+
+    settings = _settings(require_db=False)
+    if not settings.kafka_bootstrap_servers:
+        _fail("redrive needs Kafka: CCM_KAFKA_BOOTSTRAP_SERVERS is not set (`source "
+              ".ccm-local/env` after deploy/local/up.sh). The embedded mode's event log is "
+              "`ccm up`'s own")
+    transport = build_transport(settings)
+    assert isinstance(transport, KafkaTransport)
+
+    def seen(letter) -> None:  # noqa: ANN001
+        typer.echo(json.dumps({**letter.view(), "sent": letter.chosen and not dry_run,
+                               "chosen": letter.chosen}))
+
+    async def run():  # noqa: ANN202
+        try:
+            return await redrive(transport, topics, consumer=consumer, practice=practice,
+                                 dry_run=dry_run, timeout=timeout, seen=seen)
+        finally:
+            await transport.stop()
+
+    try:
+        result = asyncio.run(run())
+    except ValueError as exc:  # a topic that is not a dead-letter topic
+        _fail(str(exc))
+    for topic in result.unknown:
+        typer.secho(f"warning: no topic {topic!r} on the broker", fg=typer.colors.YELLOW,
+                    err=True)
+    if result.incomplete:
+        typer.secho(f"warning: partitions {', '.join(result.incomplete)} were not read to their "
+                    f"end within {timeout:g} s; run again (or with a larger --timeout) for the "
+                    "rest", fg=typer.colors.YELLOW, err=True)
+    what = "would be sent back" if dry_run else "sent back"
+    typer.secho(f"{result.read} dead letter(s) read, {result.chosen} chosen, "
+                f"{result.chosen if dry_run else result.sent} {what}", err=True)
+
+
 @app.command("config")
 def show_config() -> None:
     """Check the configuration and print it (secrets masked)."""

@@ -237,6 +237,31 @@ class KafkaTransport:
     def source(self, topics: Sequence[str], group_id: str) -> KafkaSource:
         return KafkaSource(self, topics, group_id)
 
+    async def partitions_of(self, topics: Sequence[str] | None,
+                            unknown: list[str] | None = None) -> list:
+        """The partitions (aiokafka ``TopicPartition``) of those of ``topics`` that exist, in
+        (topic, partition) order; ``None``: of every topic. Unknown topics are not created (a
+        metadata request for them would create them on a broker that auto-creates topics);
+        they go to ``unknown``."""
+        from aiokafka import TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(**self.connection_options(),
+                                    client_id=f"{self.client_id}-admin")
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            topics = sorted(existing) if topics is None else topics
+            known = [t for t in topics if t in existing]
+            if unknown is not None:
+                unknown += [t for t in topics if t not in existing]
+            described = await admin.describe_topics(known) if known else []
+        finally:
+            await admin.close()
+        return [TopicPartition(d["topic"], p["partition"]) for d in described
+                if d.get("error_code") == 0
+                for p in sorted(d["partitions"], key=lambda p: p["partition"])]
+
     async def newest(self, topics: Sequence[str], per_partition: int, timeout: float = 10.0,
                      unknown: list[str] | None = None,
                      incomplete: list[str] | None = None) -> list[Message]:
@@ -246,23 +271,9 @@ class KafkaTransport:
         request for them would create them on a broker that auto-creates topics); they go to
         ``unknown``, and partitions not read to their end within ``timeout`` seconds to
         ``incomplete`` (``topic[partition]``)."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-        from aiokafka.admin import AIOKafkaAdminClient
+        from aiokafka import AIOKafkaConsumer
 
-        admin = AIOKafkaAdminClient(**self.connection_options(),
-                                    client_id=f"{self.client_id}-newest")
-        await admin.start()
-        try:
-            existing = set(await admin.list_topics())
-            known = [t for t in topics if t in existing]
-            if unknown is not None:
-                unknown += [t for t in topics if t not in existing]
-            described = await admin.describe_topics(known) if known else []
-        finally:
-            await admin.close()
-        partitions = [TopicPartition(d["topic"], p["partition"]) for d in described
-                      if d.get("error_code") == 0
-                      for p in sorted(d["partitions"], key=lambda p: p["partition"])]
+        partitions = await self.partitions_of(topics, unknown)
         if not partitions:
             return []
         # An offset out of range when fetched (retention deleted it after the partition's start

@@ -1,0 +1,157 @@
+"""Dead letters sent back: ``ccm redrive``.
+
+A consumer sets aside an event it cannot apply in ``<topic>.dlq`` (``consumer.py``), with why in
+its ``dlq-*`` headers, and its partition moves on. Once the cause is fixed (a bug, a missing
+practice, a contract a producer moved ahead of), the event has to be applied after all. A redrive
+republishes each chosen dead letter, unchanged (key, value, its other headers), to the topic it
+came from, where the consumers take it as any other event:
+
+- **Nothing twice.** Every consumer keeps the ids of the events it applied (its inbox), so the
+  consumers that had applied the event take the copy as a duplicate; the one that had set it
+  aside applies it now, or sets it aside again (a new dead letter, with new headers).
+- **Nothing lost, each dead letter once.** The dead-letter topics are read with a consumer group
+  of the redrive's own (one per choice of ``--consumer`` and ``--practice``, so another choice
+  finds what this one passed over), and its offsets are committed only after the copies are
+  durably on Kafka. A redrive stopped between the two sends those copies again: duplicates, which
+  the inboxes absorb. Each run reads to the end the partitions had when it began, so what it
+  sets aside again is left for the next run, never looped over.
+- **Order.** A copy comes after the events that followed the original. The consumers apply events
+  out of order as they do any redelivery (ingest's per-patient sequence numbers, the state each
+  consumer keeps per resource version).
+
+Kafka only: the embedded mode's event log is one process's (``ccm up``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from ccm_shared.consumer import DLQ_SUFFIX
+from ccm_shared.events import Message
+from ccm_shared.transport import KafkaTransport, _message
+
+
+@dataclass
+class DeadLetter:
+    """What a dead letter says of itself, without the event's data (PHI)."""
+
+    message: Message
+    to: str  # the topic it came from
+    chosen: bool
+
+    def view(self) -> dict:
+        h = {k: v.decode("utf-8", "replace") for k, v in self.message.headers}
+        try:
+            event = json.loads(self.message.value)
+        except (TypeError, ValueError):
+            event = None
+        event = event if isinstance(event, dict) else {}
+        return {
+            "topic": self.message.topic, "partition": self.message.partition,
+            "offset": self.message.offset, "to": self.to,
+            "eventId": event.get("id"), "type": event.get("type"),
+            "tenant": h.get("ce_tenant"), "consumer": h.get("dlq-consumer"),
+            "error": h.get("dlq-error"), "reason": h.get("dlq-reason"),
+            "attempts": h.get("dlq-attempts"), "source": h.get("dlq-source"),
+        }
+
+
+@dataclass
+class RedriveResult:
+    read: int = 0
+    chosen: int = 0
+    sent: int = 0
+    unknown: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+
+
+def source_topic(message: Message) -> str:
+    """The topic a dead letter came from: its ``dlq-source`` (``topic/partition/offset``), else
+    its own name without ``.dlq``."""
+    source = message.header("dlq-source")
+    if source:
+        topic = source.decode("utf-8", "replace").rsplit("/", 2)[0]
+        if topic:
+            return topic
+    return message.topic.removesuffix(DLQ_SUFFIX)
+
+
+def group_id(consumer: str | None, practice: str | None) -> str:
+    """The redrive's consumer group for a choice: its place in the dead-letter topics."""
+    return f"ccm-redrive:{consumer or '*'}:{practice or '*'}"
+
+
+def republished(message: Message) -> Message:
+    """The copy for the topic it came from: the same key and value, without the ``dlq-*``
+    headers (a consumer that sets it aside again writes its own)."""
+    return Message(topic=source_topic(message), key=message.key, value=message.value,
+                   headers=tuple((k, v) for k, v in message.headers if not k.startswith("dlq-")))
+
+
+async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
+                  consumer: str | None = None, practice: str | None = None,
+                  dry_run: bool = False, timeout: float = 30.0,
+                  seen: Callable[[DeadLetter], None] | None = None) -> RedriveResult:
+    """Send back the dead letters of ``topics`` (``<topic>.dlq``; None: every one on the broker)
+    that ``consumer`` set aside (None: any) for ``practice`` (None: any), from the redrive's
+    place up to each partition's end when it began. ``dry_run``: read, send and commit nothing.
+    ``seen`` is told of each dead letter read, chosen or not."""
+    from aiokafka import AIOKafkaConsumer
+
+    result = RedriveResult()
+    if topics is not None:
+        bad = [t for t in topics if not t.endswith(DLQ_SUFFIX)]
+        if bad:
+            raise ValueError(f"not dead-letter topics (they end in {DLQ_SUFFIX!r}): "
+                             + ", ".join(bad))
+    partitions = [tp for tp in await transport.partitions_of(topics, result.unknown)
+                  if tp.topic.endswith(DLQ_SUFFIX)]
+    if not partitions:
+        return result
+    reader = AIOKafkaConsumer(**transport.connection_options(),
+                              group_id=group_id(consumer, practice), enable_auto_commit=False,
+                              auto_offset_reset="earliest", isolation_level="read_committed",
+                              client_id=f"{transport.client_id}-redrive",
+                              request_timeout_ms=transport.request_timeout_ms)
+    await reader.start()
+    try:
+        reader.assign(partitions)
+        ends = await reader.end_offsets(partitions)
+        wanted = {tp: end for tp, end in ends.items() if await reader.position(tp) < end}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while wanted and loop.time() < deadline:
+            batches = await reader.getmany(*wanted, timeout_ms=500)
+            copies: list[Message] = []
+            handled = {}
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= wanted.get(tp, -1):
+                        break
+                    message = _message(record)
+                    chosen = ((consumer is None
+                               or message.header("dlq-consumer") == consumer.encode())
+                              and (practice is None
+                                   or message.header("ce_tenant") == practice.encode()))
+                    result.read += 1
+                    result.chosen += chosen
+                    if chosen:
+                        copies.append(republished(message))
+                    if seen is not None:
+                        seen(DeadLetter(message, source_topic(message), chosen))
+                    handled[tp] = record.offset + 1
+            if not dry_run and handled:
+                if copies:  # durably on Kafka before the redrive's place moves past them
+                    await transport.send_batch(copies)
+                    result.sent += len(copies)
+                await reader.commit(handled)
+            for tp in list(wanted):
+                if handled.get(tp, -1) >= wanted[tp] or await reader.position(tp) >= wanted[tp]:
+                    del wanted[tp]
+        result.incomplete = [f"{tp.topic}[{tp.partition}]" for tp in wanted]
+        return result
+    finally:
+        await reader.stop()
