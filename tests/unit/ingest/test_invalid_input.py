@@ -298,6 +298,24 @@ CASES = [
           ("an extension's boolean sent as a string", "Patient", {"extension": [
               {"url": "http://example.org/x", "valueBoolean": "true"}]}, "value",
            "Patient.extension[0].valueBoolean"),
+          # The library read a number as seconds since 1970: a 500 in the CCM mapping, or
+          # stored and published with "start": 1700000000 (its consumers set the events aside).
+          ("a dateTime sent as a number", "Encounter", {**ccm_encounter(), "id": "j1",
+                                                         "period": {"start": 1, "end": 2}},
+           "value", "Encounter.period.start"),
+          ("a consent's dateTime sent as a number", "Consent", {
+              **{k: v for k, v in example("Consent/r4spec-basic.json").items() if k != "id"},
+              "dateTime": 1700000000}, "value", "Consent.dateTime"),
+          ("a care plan's created sent as a number", "CarePlan", {
+              "status": "active", "intent": "plan", "subject": {"reference": "Patient/p1"},
+              "created": 1700000000}, "value", "CarePlan.created"),
+          ("a date sent as a number", "Patient", {"birthDate": 19740101}, "value",
+           "Patient.birthDate"),
+          ("an instant sent as a number", "Patient", {"meta": {"lastUpdated": 5}}, "value",
+           "Patient.meta.lastUpdated"),
+          ("a dateTime in a list sent as a number", "Condition", {
+              "subject": {"reference": "Patient/p1"}, "onsetDateTime": 1700000000}, "value",
+           "Condition.onsetDateTime"),
           ("a null element", "Patient", {"active": None}, "structure", "Patient.active"),
           ("a null element in a contained resource", "Patient", {
               "contained": [{"resourceType": "Organization", "id": "o", "name": None}],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import date, datetime, time
 from decimal import Decimal
 from functools import cache, lru_cache
 from typing import Annotated, Any, Union, get_args, get_origin
@@ -156,16 +157,19 @@ def unsupported_type_issue(rtype: str, hint: str = "") -> Issue:
 
 # ---- JSON value types --------------------------------------------------------------------------
 # The library coerces what FHIR's JSON format forbids: "false", 0 or "yes" for a boolean, "25"
-# for an integer or decimal, and takes null for any element. Stored as sent, such a value would
-# reach events and every reader in a type other than its own ("false" reads as true).
+# for an integer or decimal, a number for a date, dateTime, instant or time (read as seconds
+# since 1970), and takes null for any element. Stored as sent, such a value would reach events
+# and every reader in a type other than its own ("false" reads as true; a dateTime 1700000000
+# failed the CCM mapping with a 500, and careplan and billing set its events aside).
 
 _INTEGERS = {"Integer", "PositiveInt", "UnsignedInt"}
 _RESOURCE = "resource"  # a contained resource: the model of its own resourceType
 
 
 def _kind(annotation: Any) -> Any:
-    """boolean / integer / decimal (primitives whose JSON type the library does not enforce), a
-    complex element's model class, ``_RESOURCE``, or None."""
+    """boolean / integer / decimal / date / dateTime / instant / time (primitives whose JSON
+    type the library does not enforce), a complex element's model class, ``_RESOURCE``, or
+    None."""
     for arg in (get_args(annotation) or (annotation,)):
         if arg is type(None):
             continue
@@ -178,6 +182,8 @@ def _kind(annotation: Any) -> Any:
                 return "integer"
             if base is Decimal:
                 return "decimal"
+            if base in (datetime, date, time):
+                return _DATE_TYPES.get(next(iter(names), ""), "dateTime")
             return None
         if get_origin(arg) in (list, Union) or get_args(arg):
             return _kind(arg)
@@ -198,9 +204,12 @@ def _shape(model: Any) -> dict[str, Any]:
     return shape
 
 
-_JSON_TYPES = {"boolean": (bool,), "integer": (int,), "decimal": (int, float)}
+# The date and time types' metadata class (fhir.resources) → their FHIR name; JSON strings all.
+_DATE_TYPES = {"Date": "date", "DateTime": "dateTime", "Instant": "instant", "Time": "time"}
+_JSON_TYPES = {"boolean": (bool,), "integer": (int,), "decimal": (int, float),
+               **dict.fromkeys(_DATE_TYPES.values(), (str,))}
 _JSON_KIND = {"boolean": "true or false", "integer": "number without a fraction or exponent",
-              "decimal": "number"}
+              "decimal": "number", **dict.fromkeys(_DATE_TYPES.values(), "string")}
 
 
 def _json_types(value: dict[str, Any], model: Any, path: str) -> list[Issue]:
