@@ -1,4 +1,5 @@
-"""Required value-set bindings (R4 4.0.1) and the datatype invariants per-1 and cpt-2, wherever
+"""Required value-set bindings (R4 4.0.1) and the datatype invariants per-1, cpt-2, qty-3,
+drt-1, age-1, cnt-3 and dis-1, wherever
 their elements occur in a supported resource, contained resources included: a bad value is
 refused (422, an OperationOutcome naming the element), a good one taken."""
 
@@ -216,6 +217,40 @@ CASES = [
      lambda v: condition(onsetAge={"value": 50, "comparator": v, "unit": "a", "system": UCUM,
                                    "code": "a"}),
      "~", ">=", "Condition.onsetAge.comparator", "code-invalid"),
+    # Quantity and its profiles: a Duration whose code is in no system or another system than
+    # UCUM's was counted as CCM time ({"value": 20, "code": "min"}: 1,200 s)
+    ("drt-1 Encounter.length in another system",
+     lambda v: encounter(length={"value": 20, "unit": "min", "system": v, "code": "min"}),
+     "http://example.org", UCUM, "Encounter.length.system", "invariant"),
+    ("qty-3 Encounter.length coded without a system",
+     lambda v: encounter(length={"value": 20, "code": "min", **v}), {},
+     {"system": UCUM}, "Encounter.length.system", "invariant"),
+    ("drt-1 Encounter.length coded without a value",
+     lambda v: encounter(length={"system": UCUM, "code": "min", **v}), {}, {"value": 20},
+     "Encounter.length.value", "invariant"),
+    ("drt-1 Timing.repeat.boundsDuration (a care plan activity)",
+     lambda v: care_plan(activity=[{"detail": {"status": "scheduled", "scheduledTiming": {
+         "repeat": {"boundsDuration": {"value": 3, "system": v, "code": "mo"}}}}}]),
+     "urn:months", UCUM,
+     "CarePlan.activity[0].detail.scheduledTiming.repeat.boundsDuration.system", "invariant"),
+    ("age-1 Condition.onsetAge needs a code",
+     lambda v: condition(onsetAge={"value": 50, **v}), {}, {"system": UCUM, "code": "a"},
+     "Condition.onsetAge.code", "invariant"),
+    ("age-1 Condition.abatementAge is positive",
+     lambda v: condition(abatementAge={"value": v, "system": UCUM, "code": "a"}), -1, 1,
+     "Condition.abatementAge.value", "invariant"),
+    ("cnt-3 an extension's valueCount is whole",
+     lambda v: patient(extension=[{"url": "http://example.org/x", "valueCount": {
+         "value": v, "system": UCUM, "code": "1"}}]), 2.5, 2,
+     "Patient.extension[0].valueCount.value", "invariant"),
+    ("dis-1 an extension's valueDistance in UCUM",
+     lambda v: patient(extension=[{"url": "http://example.org/x", "valueDistance": {
+         "value": 3, "system": v, "code": "km"}}]), "urn:km", UCUM,
+     "Patient.extension[0].valueDistance.system", "invariant"),
+    ("qty-3 an extension's valueQuantity coded without a system",
+     lambda v: patient(extension=[{"url": "http://example.org/x", "valueQuantity": {
+         "value": 3, "code": "kg", **v}}]), {}, {"system": "urn:units"},
+     "Patient.extension[0].valueQuantity.system", "invariant"),
     ("per-1 Condition.onsetPeriod", lambda v: condition(onsetPeriod=v),
      # 2026-03-01 ends by 03-02T12:00Z in any zone (UTC-12 the last); 11:00Z is still in it
      period("2026-03-02T13:00:00Z", "2026-03-01"), period("2026-03-02T11:00:00Z", "2026-03-01"),

@@ -1,6 +1,6 @@
 """What ``fhir.resources`` does not check and ingest relies on: required value-set bindings,
 the R4 invariants we use (Consent ppc-1..5, Condition con-4/con-5, Period per-1, ContactPoint
-cpt-2), R5-only shapes and reference formats. Pure functions over the decoded JSON; each issue
+cpt-2, Quantity qty-3 and its profiles' drt-1, age-1, cnt-3, dis-1), R5-only shapes and reference formats. Pure functions over the decoded JSON; each issue
 names its element (``expression``)."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def _value_set(name: str, codes: str) -> ValueSet:
 
 # Required bindings in R4 4.0.1 (the full code lists, not fhir.resources' truncated ones).
 GENDER = _value_set("administrative-gender", "male female other unknown")
+QUANTITY_COMPARATOR = _value_set("quantity-comparator", "< <= >= >")
 DAYS_OF_WEEK = _value_set("days-of-week", "mon tue wed thu fri sat sun")
 UNITS_OF_TIME = _value_set("units-of-time", "s min h d wk mo a")
 ENCOUNTER_STATUS = _value_set(
@@ -74,7 +75,9 @@ REQUIRED_BINDINGS: dict[str, dict[str, ValueSet]] = {
     "Address": {"use": _value_set("address-use", "home work temp old billing"),
                 "type": _value_set("address-type", "postal physical both")},
     "Identifier": {"use": _value_set("identifier-use", "usual official temp secondary old")},
-    "Quantity": {"comparator": _value_set("quantity-comparator", "< <= >= >")},
+    "Quantity": {"comparator": QUANTITY_COMPARATOR},
+    # Quantity's profiles: the same comparator (their own invariants: _INVARIANTS)
+    **dict.fromkeys(("Age", "Count", "Distance", "Duration"), {"comparator": QUANTITY_COMPARATOR}),
     "Narrative": {"status": _value_set("narrative-status",
                                        "generated extensions additional empty")},
     "Timing.repeat": {
@@ -103,8 +106,8 @@ ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 
 # Where the elements with bindings or invariants occur in the supported types (R4 4.0.1):
-# element → its type, a key of this table (Age, Count, Distance and Duration are Quantities;
-# SimpleQuantity has no comparator and no rule here). Every type listed also carries
+# element → its type, a key of this table (Age, Count, Distance and Duration are Quantities
+# with invariants of their own; SimpleQuantity has no comparator and no rule here). Every type listed also carries
 # ``extension`` (Extension) and every resource ``text`` (Narrative) and ``contained``.
 _ELEMENTS: dict[str, dict[str, str]] = {
     "Patient": {"identifier": "Identifier", "name": "HumanName", "telecom": "ContactPoint",
@@ -133,7 +136,7 @@ _ELEMENTS: dict[str, dict[str, str]] = {
     "Organization.contact": {"name": "HumanName", "telecom": "ContactPoint",
                              "address": "Address"},
     "Condition": {"identifier": "Identifier", "encounter": "Reference", "subject": "Reference",
-                  "onsetAge": "Quantity", "onsetPeriod": "Period", "abatementAge": "Quantity",
+                  "onsetAge": "Age", "onsetPeriod": "Period", "abatementAge": "Age",
                   "abatementPeriod": "Period", "recorder": "Reference", "asserter": "Reference",
                   "stage": "Condition.stage", "evidence": "Condition.evidence",
                   "note": "Annotation"},
@@ -164,7 +167,7 @@ _ELEMENTS: dict[str, dict[str, str]] = {
                   "classHistory": "Encounter.classHistory", "subject": "Reference",
                   "episodeOfCare": "Reference", "basedOn": "Reference",
                   "participant": "Encounter.participant", "appointment": "Reference",
-                  "period": "Period", "length": "Quantity", "reasonReference": "Reference",
+                  "period": "Period", "length": "Duration", "reasonReference": "Reference",
                   "diagnosis": "Encounter.diagnosis", "account": "Reference",
                   "hospitalization": "Encounter.hospitalization",
                   "location": "Encounter.location", "serviceProvider": "Reference",
@@ -184,16 +187,20 @@ _ELEMENTS: dict[str, dict[str, str]] = {
     "Address": {"period": "Period"},
     "Period": {},
     "Quantity": {},
+    "Age": {},
+    "Count": {},
+    "Distance": {},
+    "Duration": {},
     "Narrative": {},
     "Annotation": {"authorReference": "Reference"},
     "Timing": {"repeat": "Timing.repeat"},
-    "Timing.repeat": {"boundsDuration": "Quantity", "boundsPeriod": "Period"},
+    "Timing.repeat": {"boundsDuration": "Duration", "boundsPeriod": "Period"},
     "Ratio": {"numerator": "Quantity", "denominator": "Quantity"},
     "ContactDetail": {"telecom": "ContactPoint"},
-    "Extension": {"valueAddress": "Address", "valueAge": "Quantity", "valueAnnotation":
+    "Extension": {"valueAddress": "Address", "valueAge": "Age", "valueAnnotation":
                   "Annotation", "valueContactDetail": "ContactDetail",
-                  "valueContactPoint": "ContactPoint", "valueCount": "Quantity",
-                  "valueDistance": "Quantity", "valueDuration": "Quantity",
+                  "valueContactPoint": "ContactPoint", "valueCount": "Count",
+                  "valueDistance": "Distance", "valueDuration": "Duration",
                   "valueHumanName": "HumanName", "valueIdentifier": "Identifier",
                   "valuePeriod": "Period", "valueQuantity": "Quantity", "valueRatio": "Ratio",
                   "valueReference": "Reference", "valueTiming": "Timing"},
@@ -789,6 +796,44 @@ def _cpt_2(point: dict[str, Any], at: _At, issues: list[Issue]) -> None:
                            f"{path}.system"))
 
 
+UCUM = "http://unitsofmeasure.org"
+
+
+def _quantity_rules(name: str, kind: str = "quantity", *, coded: bool = False, valued: bool = False,
+                    ucum: bool = False, positive: bool = False, whole: bool = False
+                    ) -> Callable[[dict[str, Any], _At, list[Issue]], None]:
+    """The invariants of Quantity (qty-3) and of one of its profiles (``name``, said of
+    ``kind``; R4 4.0.1's expressions, e.g. age-1 ``(code.exists() or value.empty()) and
+    (system.empty() or system = %ucum) and (value.empty() or … or value > 0)``): ``coded``, a
+    value has a code; ``valued``, a code has a value; ``ucum``, a system is UCUM's; ``positive`` (age-1),
+    ``whole`` (cnt-3: and its code is "1")."""
+    def check(quantity: dict[str, Any], at: _At, issues: list[Issue]) -> None:
+        code, system, value = (quantity.get("code"), quantity.get("system"),
+                               quantity.get("value"))
+
+        def broken(rule: str, what: str, element: str) -> None:
+            where = f"{_path(at)}.{element}"
+            issues.append(_err("invariant", f"{rule}: {where}: {what}", where))
+
+        if code is not None and system is None:
+            broken("qty-3", "a quantity with a code says its system"
+                   + (f" ({UCUM})" if ucum else ""), "system")
+        elif ucum and system is not None and system != UCUM:
+            broken(name, f"the system of {kind} is UCUM ({UCUM}), not {system!r}", "system")
+        if valued and code is not None and value is None:
+            broken(name, f"{kind} with a code has a value", "value")
+        if coded and value is not None and code is None:
+            broken(name, f"{kind} with a value has a code (UCUM)", "code")
+        if positive and type(value) in (int, float) and value <= 0:
+            broken(name, f"an age is positive, not {value}", "value")
+        if whole:
+            if code is not None and code != "1":
+                broken(name, f"the code of a count is \"1\", not {code!r}", "code")
+            if type(value) is float:
+                broken(name, f"a count is a whole number, not {value}", "value")
+    return check
+
+
 class _Node:
     """A type of ``_ELEMENTS``: element → (_CHILD, its _Node) | (_CODE, ValueSet) |
     (_CONCEPT, (system, ValueSet)) | (_CONTAINED, None); and the type's invariant."""
@@ -802,7 +847,15 @@ class _Node:
 
 
 _CHILD, _CODE, _CONCEPT, _CONTAINED = range(4)
-_INVARIANTS = {"Period": _per_1, "ContactPoint": _cpt_2}
+_INVARIANTS = {
+    "Period": _per_1, "ContactPoint": _cpt_2,
+    "Quantity": _quantity_rules("qty-3"),
+    "Age": _quantity_rules("age-1", "an age", coded=True, ucum=True, positive=True),
+    "Count": _quantity_rules("cnt-3", "a count", coded=True, ucum=True, whole=True),
+    "Distance": _quantity_rules("dis-1", "a distance", coded=True, ucum=True),
+    # drt-1: code.exists() implies (system = %ucum and value.exists())
+    "Duration": _quantity_rules("drt-1", "a duration", valued=True, ucum=True),
+}
 
 
 def _nodes() -> dict[str, _Node]:
