@@ -1,7 +1,8 @@
 """What ``fhir.resources`` does not check and ingest relies on: required value-set bindings,
 the R4 invariants we use (Consent ppc-1..5, Condition con-4/con-5, Period per-1, ContactPoint
-cpt-2, Quantity qty-3 and its profiles' drt-1, age-1, cnt-3, dis-1), R5-only shapes and reference formats. Pure functions over the decoded JSON; each issue
-names its element (``expression``)."""
+cpt-2, Quantity qty-3 and its profiles' drt-1, age-1, cnt-3, dis-1), R5-only shapes and
+reference formats. Pure functions over the decoded JSON; each issue names its element
+(``expression``)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ REQUIRED_BINDINGS: dict[str, dict[str, ValueSet]] = {
     "Identifier": {"use": _value_set("identifier-use", "usual official temp secondary old")},
     "Quantity": {"comparator": QUANTITY_COMPARATOR},
     # Quantity's profiles: the same comparator (their own invariants: _INVARIANTS)
-    **dict.fromkeys(("Age", "Count", "Distance", "Duration"), {"comparator": QUANTITY_COMPARATOR}),
+    **dict.fromkeys(("Age", "Count", "Distance", "Duration"),
+                    {"comparator": QUANTITY_COMPARATOR}),
     "Narrative": {"status": _value_set("narrative-status",
                                        "generated extensions additional empty")},
     "Timing.repeat": {
@@ -107,8 +109,9 @@ CONSENT_SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 
 # Where the elements with bindings or invariants occur in the supported types (R4 4.0.1):
 # element → its type, a key of this table (Age, Count, Distance and Duration are Quantities
-# with invariants of their own; SimpleQuantity has no comparator and no rule here). Every type listed also carries
-# ``extension`` (Extension) and every resource ``text`` (Narrative) and ``contained``.
+# with invariants of their own; SimpleQuantity has no comparator and no rule here). Every type
+# listed also carries ``extension`` (Extension) and every resource ``text`` (Narrative) and
+# ``contained``.
 _ELEMENTS: dict[str, dict[str, str]] = {
     "Patient": {"identifier": "Identifier", "name": "HumanName", "telecom": "ContactPoint",
                 "address": "Address", "contact": "Patient.contact",
@@ -799,14 +802,14 @@ def _cpt_2(point: dict[str, Any], at: _At, issues: list[Issue]) -> None:
 UCUM = "http://unitsofmeasure.org"
 
 
-def _quantity_rules(name: str, kind: str = "quantity", *, coded: bool = False, valued: bool = False,
-                    ucum: bool = False, positive: bool = False, whole: bool = False
-                    ) -> Callable[[dict[str, Any], _At, list[Issue]], None]:
+def _quantity_rules(name: str, kind: str = "quantity", *, coded: bool = False,
+                    valued: bool = False, ucum: bool = False, positive: bool = False,
+                    whole: bool = False) -> Callable[[dict[str, Any], _At, list[Issue]], None]:
     """The invariants of Quantity (qty-3) and of one of its profiles (``name``, said of
     ``kind``; R4 4.0.1's expressions, e.g. age-1 ``(code.exists() or value.empty()) and
     (system.empty() or system = %ucum) and (value.empty() or … or value > 0)``): ``coded``, a
-    value has a code; ``valued``, a code has a value; ``ucum``, a system is UCUM's; ``positive`` (age-1),
-    ``whole`` (cnt-3: and its code is "1")."""
+    value has a code; ``valued``, a code has a value; ``ucum``, a system is UCUM's;
+    ``positive`` (age-1), ``whole`` (cnt-3: and its code is "1")."""
     def check(quantity: dict[str, Any], at: _At, issues: list[Issue]) -> None:
         code, system, value = (quantity.get("code"), quantity.get("system"),
                                quantity.get("value"))
