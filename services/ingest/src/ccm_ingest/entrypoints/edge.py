@@ -77,8 +77,8 @@ def _allowed(request: Request) -> list[str]:
     if len(parts) == 1:
         return ["GET"] if parts[0] == "metadata" else ["GET", "POST"]
     if len(parts) == 2:
-        return ["POST"] if parts[1] == "$validate" else ["DELETE", "GET", "PUT"]
-    return ["GET"]  # _history, _history/{vid}
+        return ["POST"] if parts[1] in ("$validate", "_search") else ["DELETE", "GET", "PUT"]
+    return ["POST"] if parts[-1] == "$validate" else ["GET"]  # _history, _history/{vid}
 
 
 # What a request body may be labelled: FHIR JSON, plain JSON, and STU3's name for FHIR JSON

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -34,6 +34,7 @@ from ccm_ingest.domain.rules import unresolved_local_references
 from ccm_ingest.entrypoints.edge import FHIR_JSON_MEDIA, R4_VERSIONS, charset, fhir_version
 from ccm_ingest.entrypoints.outcomes import (
     fhir_json,
+    lenient,
     operation_outcome,
     outcome_response,
     returned,
@@ -264,6 +265,12 @@ def processable(bundle: dict[str, Any]) -> str:
     return kind
 
 
+def _require_fhir(tenant: Tenant) -> None:
+    """403 for a token with neither of the FHIR API's scopes (one of another service's)."""
+    if not {"fhir:read", "fhir:write"} & set(tenant.scopes):
+        tenant.require_scope("fhir:write")
+
+
 def _check_type(rtype: str) -> None:
     if rtype not in SUPPORTED_TYPES:
         raise rejected(404, "not-supported", f"resource type {rtype!r} is not supported; "
@@ -442,8 +449,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     @router.post("", summary="Process a transaction or batch Bundle")
     async def process_bundle(request: Request, tenant: TenantDep) -> Response:
-        if not {"fhir:read", "fhir:write"} & set(tenant.scopes):
-            tenant.require_scope("fhir:write")
+        _require_fhir(tenant)
         bundle = await read_json(request, max_depth)
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise rejected(400, "invalid", "POST /fhir takes a Bundle", "resourceType")
@@ -500,12 +506,36 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                            "references, the CCM mapping's rules, meta.lastUpdated ahead of "
                            "the clock); profile: the resource's own content only"))] = None,
                        ) -> Response:
+        return await validated(rtype, None, request, tenant, mode)
+
+    @router.post("/{rtype}/{rid}/$validate", summary="Validate a resource as an update of this "
+                 "id, without storing (mode update by default)")
+    async def validate_instance(rtype: str, rid: str, request: Request, tenant: TenantDep,
+                                mode: Annotated[str | None, Query(description=(
+                                    "update (the default), create or profile, as for "
+                                    "POST /{rtype}/$validate"))] = None) -> Response:
+        return await validated(rtype, rid, request, tenant, mode)
+
+    async def validated(rtype: str, rid: str | None, request: Request, tenant: Tenant,
+                        mode: str | None) -> Response:
+        """$validate of the body as ``rtype`` (at an instance's URL, ``rid``: an update of it
+        unless a mode says otherwise, and the body's id must be ``rid``)."""
+        # It stores nothing, but answers what the write would (the CCM mapping's rules).
+        _require_fhir(tenant)
         _check_mode(mode, "mode")
         profiles = request.query_params.getlist("profile")
         if len(profiles) > 1:
             raise rejected(400, "structure", "profile is given more than once", "profile")
         body, mode = validate_input(await read_json(request, max_depth), rtype, mode,
                                     profiles[0] if profiles else None)
+        if rid is not None:
+            if rtype == "Bundle":
+                raise rejected(404, "not-supported", "a Bundle is validated at "
+                               "/fhir/Bundle/$validate, not at an id")
+            mode = mode or "update"
+            if isinstance(body, dict) and body.get("id") not in (None, rid):
+                raise rejected(400, "invalid", f"the resource's id ({body.get('id')!r}) is not "
+                               f"the id of the URL ({rid!r})", f"{rtype}.id")
         as_stored = mode != "profile"  # also what storing it would refuse
         if rtype == "Bundle":
             if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
@@ -528,6 +558,25 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                         else handlers.check_as_create(caller, rtype, resource))
         return outcome_response(200, [Issue("information", "informational",
                                             f"valid: {count} resource(s) checked"), *warnings])
+
+    @router.post("/{rtype}/_search", summary="Search with the parameters in a form body "
+                 "(application/x-www-form-urlencoded) and the URL, as GET /{rtype} does")
+    async def search_by_post(rtype: str, request: Request, tenant: TenantDep) -> Response:
+        tenant.require_scope("fhir:read")
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        raw = await request.body()
+        if media != "application/x-www-form-urlencoded" and (raw or media):
+            raise rejected(415, "not-supported", "a search by POST sends its parameters as "
+                           "application/x-www-form-urlencoded (name=value&…), not "
+                           f"{media or 'a body without a Content-Type'}", "Content-Type")
+        try:
+            form = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, errors="strict")
+        except UnicodeDecodeError:
+            raise rejected(400, "structure", "the form body is not UTF-8 (its percent-escapes "
+                           "included)") from None
+        # FHIR: the parameters of the URL and of the body are one search.
+        return await searched(rtype, request, tenant,
+                              [*request.query_params.multi_items(), *form])
 
     @router.post("/{rtype}", summary="Create (If-None-Exist: conditional create)")
     async def create(rtype: str, request: Request, tenant: TenantDep) -> Response:
@@ -571,8 +620,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         _check_type(rtype)
         if rid.startswith(("_", "$")):  # no id starts so: an interaction not served here
             raise rejected(400, "not-supported", f"GET {rtype}/{rid} is not supported here "
-                           "(only a resource's own _history; no type-level history, _search "
-                           "or operations)", f"{rtype}/{rid}")
+                           "(only a resource's own _history; no type-level history or "
+                           f"operations; a search is GET {rtype}?… or POST {rtype}/_search)",
+                           f"{rtype}/{rid}")
         async with runtime.db.unit_of_work() as uow:
             repo = SqlResourceRepository(uow.session, tenant.practice_id)
             version = handlers.current_or_error(await repo.current_version(rtype, rid), rtype,
@@ -586,6 +636,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         tenant.require_scope("fhir:read")
         _check_type(rtype)
         params = list(request.query_params.multi_items())
+        if lenient(request):
+            params = handlers.known_params(params, handlers.HISTORY_PARAMS)
         since, offset, count = handlers.history_params(params)
         async with runtime.db.unit_of_work() as uow:
             stored, total, versions, before_deleted = await SqlResourceRepository(
@@ -642,9 +694,15 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
 
     @router.get("/{rtype}", summary="Search: _id, identifier, patient, _lastUpdated, _count")
     async def search(rtype: str, request: Request, tenant: TenantDep) -> Response:
+        return await searched(rtype, request, tenant, list(request.query_params.multi_items()))
+
+    async def searched(rtype: str, request: Request, tenant: Tenant,
+                       params: list[tuple[str, str]]) -> Response:
+        """A search's searchset Bundle; its links are GET URLs of the parameters used."""
         tenant.require_scope("fhir:read")
         _check_type(rtype)
-        params = list(request.query_params.multi_items())
+        if lenient(request):
+            params = handlers.known_params(params, handlers.search_params(rtype))
         async with runtime.db.unit_of_work() as uow:
             total, rows = await handlers.search(
                 SqlResourceRepository(uow.session, tenant.practice_id), rtype, params,
@@ -674,14 +732,21 @@ def page_links(base: str, path: str, params: list[tuple[str, str]],
     offset, count = handlers.paging(params)
     criteria = [(k, v) for k, v in params if k not in handlers.PAGING]
 
-    def page(start: int) -> str:
-        return f"{base}/{path}?" + urlencode([*criteria, ("_offset", start), ("_count", count)])
+    def page(start: int, length: int = count) -> str:
+        return f"{base}/{path}?" + urlencode([*criteria, ("_offset", start), ("_count", length)])
 
     links = [{"relation": "self", "url": f"{base}/{path}" + (f"?{urlencode(params)}"
                                                             if params else "")}]
     if offset > 0 and count:
-        links += [{"relation": "first", "url": page(0)},
-                  {"relation": "previous", "url": page(max(0, offset - count))}]
+        links.append({"relation": "first", "url": page(0)})
+        # The entries just before this page, and only those (from _offset=2&_count=3: the
+        # first two); from past the end, the last page there is.
+        if offset >= total:
+            if total:
+                links.append({"relation": "previous", "url": page(max(0, total - count))})
+        else:
+            start = max(0, offset - count)
+            links.append({"relation": "previous", "url": page(start, offset - start)})
     if count and offset + count < total and offset + count <= handlers.MAX_OFFSET:
         links.append({"relation": "next", "url": page(offset + count)})
     return links
@@ -762,7 +827,9 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
                 "conditionalUpdate": False,
                 "conditionalDelete": "not-supported",
                 "documentation": "Conditional update and delete (`Type?criteria`) only inside "
-                                 "transaction and batch Bundles.",
+                                 "transaction and batch Bundles. Search by GET or by POST "
+                                 "Type/_search (a form body); Prefer: handling=lenient "
+                                 "ignores unsupported search parameters.",
                 "interaction": [{"code": c} for c in ("read", "vread", "update", "delete",
                                                       "history-instance", "create",
                                                       "search-type")],
@@ -777,7 +844,8 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
                                             "applies without reading stored data (CCM "
                                             "mapping, meta.lastUpdated, a transaction's "
                                             "references); profile: the content only; delete: "
-                                            "not supported. profile: only the type's base R4 "
+                                            "not supported. At Type/id/$validate: an update "
+                                            "of that id by default. profile: only the type's base R4 "
                                             "StructureDefinition"}],
         }],
     }

@@ -60,17 +60,25 @@ def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
     }
 
 
-def prefer(request: Request, default: str = "representation") -> str:
-    """The ``return`` preference (RFC 7240: preferences separated by commas, in one or several
-    Prefer headers; each may carry ``;`` parameters), ``default`` when none is given."""
+def prefer(request: Request, default: str = "representation", name: str = "return") -> str:
+    """The ``name`` preference (``return``, ``handling``; RFC 7240: preferences separated by
+    commas, in one or several Prefer headers; each may carry ``;`` parameters), ``default``
+    when none is given."""
     if "prefer" not in request.headers:  # most requests: no Prefer at all
         return default
     for header in request.headers.getlist("prefer"):
         for preference in header.split(","):
             key, _, value = preference.split(";", 1)[0].partition("=")
-            if key.strip().lower() == "return":
+            if key.strip().lower() == name:
                 return value.strip().strip('"')
     return default
+
+
+def lenient(request: Request) -> bool:
+    """``Prefer: handling=lenient``: search parameters this server does not know or support
+    are ignored (and left out of the ``self`` link) instead of refused (FHIR's default,
+    ``strict``, refuses them)."""
+    return prefer(request, "strict", "handling").lower() == "lenient"
 
 
 def returned(request: Request, may_read: bool, default: str = "representation") -> str:

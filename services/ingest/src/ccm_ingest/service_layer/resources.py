@@ -756,12 +756,28 @@ def search_query(rtype: str, params: list[tuple[str, str]], *, limit: int = 50,
             updated += last_updated_criteria(value)
         elif name not in PAGING and name not in IGNORED:
             raise rejected(400, "not-supported", f"search parameter {name!r} is not supported; "
-                           f"supported: {', '.join(sorted(SEARCH_PARAMS))}", name)
+                           f"supported: {', '.join(sorted(search_params(rtype)))} (Prefer: "
+                           "handling=lenient ignores the others)", name)
     return {"ids": ids, "patient": patient, "identifier": identifier, "updated": updated,
             "limit": limit, "offset": offset}
 
 
 HISTORY_PARAMS = {"_since", *PAGING}
+
+
+def search_params(rtype: str) -> set[str]:
+    """The search parameters of ``rtype`` (``patient`` and ``subject`` only where a type names
+    its patient; Consent's is ``patient``)."""
+    if rtype not in PATIENT_ELEMENT:
+        return SEARCH_PARAMS - {"patient", "subject"}
+    return SEARCH_PARAMS - {"subject"} if rtype == "Consent" else SEARCH_PARAMS
+
+
+def known_params(params: list[tuple[str, str]], supported: Collection[str]
+                 ) -> list[tuple[str, str]]:
+    """``params`` without those of a name ``supported`` (or ``IGNORED``) does not list: what a
+    lenient search (``Prefer: handling=lenient``) answers and links."""
+    return [(k, v) for k, v in params if k in supported or k in IGNORED]
 
 
 def history_params(params: list[tuple[str, str]]) -> tuple[datetime | None, int, int]:
@@ -781,7 +797,8 @@ def history_params(params: list[tuple[str, str]]) -> tuple[datetime | None, int,
                                "[Z|±hh:mm])", "_since") from None
         elif name not in PAGING and name not in IGNORED:
             raise rejected(400, "not-supported", f"_history parameter {name!r} is not supported; "
-                           f"supported: {', '.join(sorted(HISTORY_PARAMS))}", name)
+                           f"supported: {', '.join(sorted(HISTORY_PARAMS))} (Prefer: "
+                           "handling=lenient ignores the others)", name)
     offset, count = paging(params)
     return since, offset, count
 
