@@ -164,3 +164,24 @@ async def test_validate_needs_a_token_of_the_fhir_api(fhir):
                             json=example("Patient/r4spec-example.json"),
                             headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, (scope, r.text)
+
+
+async def test_if_match_on_a_deleted_resource_says_it_is_deleted(fhir):
+    """After a delete (version 2), If-Match W/"2" was told "does not match the current version
+    (2)", and W/"1" "(none)": the two answers disagreed."""
+    patient = {"resourceType": "Patient", "id": "hp1", "active": True}
+    assert (await fhir.put("/fhir/Patient/hp1", json=patient)).status_code == 201
+    stale = await fhir.put("/fhir/Patient/hp1", json=patient, headers={"If-Match": 'W/"7"'})
+    assert stale.status_code == 412
+    assert "its current version is W/\"1\"" in stale.json()["issue"][0]["diagnostics"]
+    assert (await fhir.delete("/fhir/Patient/hp1")).status_code == 204
+    for etag in ('W/"2"', 'W/"1"'):
+        for r in (await fhir.put("/fhir/Patient/hp1", json=patient, headers={"If-Match": etag}),
+                  await fhir.delete("/fhir/Patient/hp1", headers={"If-Match": etag})):
+            assert r.status_code == 412
+            said = r.json()["issue"][0]["diagnostics"]
+            assert "Patient/hp1: it is deleted (version 2 is its deletion)" in said, said
+    unknown = await fhir.put("/fhir/Patient/nobody", json={**patient, "id": "nobody"},
+                             headers={"If-Match": 'W/"1"'})
+    assert unknown.status_code == 412
+    assert "no such resource is stored" in unknown.json()["issue"][0]["diagnostics"]

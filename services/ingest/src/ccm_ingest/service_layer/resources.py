@@ -23,6 +23,7 @@ from ccm_ingest.domain.mapping import (
 )
 from ccm_ingest.domain.model import (
     RESOURCE_ID,
+    FhirRejected,
     Issue,
     MappedEvent,
     Mapping,
@@ -456,11 +457,24 @@ async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
         wanted = parse_etag(if_match)
         repo = SqlResourceRepository(uow.session, caller.tenant)
         current = await repo.lock_current(rtype, rid)
-        have = str(current.version_id) if current and current.version_id else None
-        if have is None or current.deleted or wanted != have:
-            raise rejected(412, "conflict", f"If-Match {if_match} does not match the current "
-                           f"version ({'none' if have is None else have})", "If-Match")
+        if current is None or not current.version_id or current.deleted \
+                or wanted != str(current.version_id):
+            raise if_match_failed(if_match, rtype, rid, current)
     return await store(uow, caller, rtype, rid, resource, where=where)
+
+
+def if_match_failed(if_match: str, rtype: str, rid: str, current: Any) -> FhirRejected:
+    """The 412 of an ``If-Match`` that names no current version of ``rtype/rid`` (``current``:
+    its row, None when unknown), saying what there is instead."""
+    if current is None or not current.version_id:
+        now = "no such resource is stored"
+    elif current.deleted:
+        now = (f"it is deleted (version {current.version_id} is its deletion): no version is "
+               "current; an update without If-Match creates it again")
+    else:
+        now = f"its current version is W/\"{current.version_id}\""
+    return rejected(412, "conflict", f"If-Match {if_match} does not match {rtype}/{rid}: {now}",
+                    "If-Match")
 
 
 def check_update_id(rtype: str, rid: str, resource: dict[str, Any]) -> None:
@@ -482,8 +496,7 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str, *,
     current = await repo.lock_current(rtype, rid)
     live = current is not None and current.version_id > 0 and not current.deleted
     if wanted is not None and (not live or str(current.version_id) != wanted):
-        raise rejected(412, "conflict", f"If-Match {if_match} does not match the current "
-                       f"version ({current.version_id if live else 'none'})", "If-Match")
+        raise if_match_failed(if_match or "", rtype, rid, current)
     if not live:
         return Outcome(204, rtype, rid)
     last = await repo.version(rtype, rid, current.version_id)
