@@ -185,3 +185,29 @@ async def test_if_match_on_a_deleted_resource_says_it_is_deleted(fhir):
                              headers={"If-Match": 'W/"1"'})
     assert unknown.status_code == 412
     assert "no such resource is stored" in unknown.json()["issue"][0]["diagnostics"]
+
+
+@pytest.mark.parametrize(("scope", "statuses"), [
+    ("fhir:write", ["201", "403"]),
+    ("fhir:read", ["403", "200"]),
+])
+async def test_a_batch_entry_the_token_may_not_do_is_refused_alone(fhir, scope, statuses):
+    """A batch with a PUT and a GET, from a token without fhir:read, was refused whole (403)."""
+    assert (await fhir.put("/fhir/Patient/b1", json={"resourceType": "Patient", "id": "b1"})
+            ).status_code == 201
+    token = await create_token(fhir.runtime.db.engine, practice_id="alpha", scopes=(scope,))
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "PUT", "url": "Patient/b2"},
+         "resource": {"resourceType": "Patient", "id": "b2"}},
+        {"request": {"method": "GET", "url": "Patient/b1"}}]}
+    r = await fhir.post("/fhir", json=bundle, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    entries = r.json()["entry"]
+    assert [e["response"]["status"].split()[0] for e in entries] == statuses
+    refused = entries[statuses.index("403")]["response"]["outcome"]["issue"][0]
+    assert refused["code"] == "forbidden" and "scope" in refused["diagnostics"]
+    assert "resource" not in entries[statuses.index("403")]
+    # A transaction is one: it is refused whole.
+    whole = await fhir.post("/fhir", json={**bundle, "type": "transaction"},
+                            headers={"Authorization": f"Bearer {token}"})
+    assert whole.status_code == 403

@@ -453,18 +453,29 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         bundle = await read_json(request, max_depth)
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise rejected(400, "invalid", "POST /fhir takes a Bundle", "resourceType")
-        # GET entries need fhir:read, every other entry fhir:write.
-        sent = bundle.get("entry") if isinstance(bundle.get("entry"), list) else []
-        methods = {e["request"].get("method") if isinstance(e, dict)
-                   and isinstance(e.get("request"), dict)
-                   and isinstance(e["request"].get("method"), str) else None for e in sent}
-        if "GET" in methods:
-            tenant.require_scope("fhir:read")
-        if methods - {"GET"} or not methods:
-            tenant.require_scope("fhir:write")
+        # GET entries need fhir:read, every other entry fhir:write: a transaction's all of
+        # them (it is one), a batch's each its own (an entry the token may not do is refused
+        # alone, with 403, as any other entry's problem is).
         kind = processable(bundle)
+        if kind == "transaction":
+            sent = bundle.get("entry") if isinstance(bundle.get("entry"), list) else []
+            methods = {e["request"].get("method") if isinstance(e, dict)
+                       and isinstance(e.get("request"), dict)
+                       and isinstance(e["request"].get("method"), str) else None
+                       for e in sent}
+            if "GET" in methods:
+                tenant.require_scope("fhir:read")
+            if methods - {"GET"} or not methods:
+                tenant.require_scope("fhir:write")
         entries = bundles.parse_entries(bundle, settings.max_bundle_entries,
                                         each_alone=kind == "batch")
+        if kind == "batch":
+            for e in entries:
+                needed = "fhir:read" if e.method == "GET" else "fhir:write"
+                if e.refused is None and needed not in tenant.scopes:
+                    e.refused = rejected(403, "forbidden", f"this token lacks the {needed!r} "
+                                         f"scope a {e.method} entry needs",
+                                         f"Bundle.entry[{e.index}].request.method")
         if kind == "transaction":
             for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
                 try:
