@@ -3,6 +3,8 @@ worklist → close → Invoice event on Kafka and FHIR reads → a correction �
 
 import asyncio
 import json
+import random
+import string
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -12,9 +14,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from fhir.resources.R4B.chargeitem import ChargeItem
 from fhir.resources.R4B.invoice import Invoice
+from sqlalchemy import text
 
 from ccm_billing.service_layer.projections import TOPICS
 from ccm_shared.consumer import ConsumerRuntime
+from ccm_shared.db import Database, create_engine_for
 from ccm_shared.events import CloudEvent, to_message
 from ccm_shared.migrate import upgrade_async
 from ccm_shared.service import ServiceRuntime, discover_services
@@ -23,6 +27,7 @@ from ccm_shared.tenancy import create_practice, create_token
 from ccm_shared.transport import KafkaTransport
 from tests.integration.conftest import eventually
 from tests.support.kafka_read import partitions_of, start_group_at_end
+from tests.unit.billing import compliance_events as cev
 from tests.unit.billing import events as ev
 from tests.unit.billing.conftest import PRICING, Clock
 
@@ -62,15 +67,20 @@ async def billing_events(bootstrap: str, topic: str, practice: str, expect: int)
     return found
 
 
-async def billing_on_kafka(infra, kafka, clock: Clock, name: str) -> ServiceRuntime:  # noqa: ANN001
-    """The billing service on the real infrastructure (schema migrated), its projections
-    consumer in a fresh group (``name``-…) positioned at the topics' ends; not started."""
+async def billing_on_kafka(infra, kafka, clock: Clock, name: str,  # noqa: ANN001
+                           schema: str | None = None) -> ServiceRuntime:
+    """The billing service on the real infrastructure (schema migrated: billing's, or
+    ``schema``), its projections consumer in a fresh group (``name``-…) positioned at the
+    topics' ends; not started."""
     definition = discover_services()["billing"]
-    await upgrade_async(infra.database_url, definition.schema, definition.migrations_package)
+    await upgrade_async(infra.database_url, schema or definition.schema,
+                        definition.migrations_package)
     settings = load_settings(database_url=infra.database_url,
                              kafka_bootstrap_servers=infra.kafka_bootstrap_servers)
     transport = KafkaTransport(infra.kafka_bootstrap_servers, client_id=f"ccm-{name}")
-    runtime = ServiceRuntime.build(definition, settings, transport=transport, clock=clock)
+    db = (Database(infra.database_url, schema=schema, pool_size=settings.db_pool_size)
+          if schema else None)  # None: the service's own
+    runtime = ServiceRuntime.build(definition, settings, transport=transport, clock=clock, db=db)
     group = f"{name}-{uuid.uuid4().hex[:8]}"
     await kafka.ensure_topics(TOPICS)
     await start_group_at_end(infra.kafka_bootstrap_servers, group, TOPICS)
@@ -197,3 +207,90 @@ async def test_month_close_and_correction_on_real_infrastructure(infra, kafka):
             assert Decimal(json.loads(json.dumps(paid.json()))["invoice"]["balance"]) == 0
     finally:
         await runtime.stop()
+
+
+async def test_the_longest_references_and_identifiers_are_applied_not_dead_lettered(infra, kafka):
+    """A PractitionerRole id may have 64 characters (a FHIR id's most): "PractitionerRole/…" is
+    81, and an MBI is any identifier value. Billing stores both (billing_0019): before, each
+    such event failed on PostgreSQL six times and was dead-lettered, the time not billed and
+    the old MBI kept. A value no column could hold is dead-lettered at once, never retried."""
+    schema = f"t_wide_{uuid.uuid4().hex[:8]}"
+    clock = Clock(datetime(2025, 3, 20, 15, tzinfo=UTC))
+    runtime = await billing_on_kafka(infra, kafka, clock, "billing-wide", schema=schema)
+    await kafka.ensure_topics([f"{t}.dlq" for t in TOPICS])
+    consumer = runtime.consumers[0]
+    practice = f"wide-{uuid.uuid4().hex[:8]}"
+    await create_practice(runtime.db.engine, practice_id=practice, name="Wide Clinic",
+                          timezone="America/New_York", pricing=PRICING)
+    token = await create_token(runtime.db.engine, practice_id=practice)
+    headers = {"Authorization": f"Bearer {token}"}
+    role = "nurse." + "n" * 58
+    assert len(f"PractitionerRole/{role}") == 81
+    corrected = "8VD2D16CW69-CORRECTED-2026"
+    # Beyond what a btree index entry holds (~2,700 bytes), and incompressible.
+    huge = "".join(random.Random(19).choices(string.ascii_uppercase + string.digits, k=6000))
+    moved = ev.patient(practice, "p1", mbi=corrected, version=2)
+    moved.data["active"] = False
+    poison = ev.time_logged(practice, "p2", "e9", 600, "2025-03-04T10:00:00-05:00")
+    poison.data["source"]["versionId"] = "9" * 65  # the contract bounds it not; FHIR does
+    await runtime.start(background=False)
+    try:
+        sent = [*ev.enrolled_patient(practice, "p1", mbi="1EG4TE5MK72"),
+                ev.role(practice, role, "clinical-staff", practitioner="Practitioner/nurse-1"),
+                ev.time_logged(practice, "p1", "e1", 1500, "2025-03-03T10:00:00-05:00",
+                               role=f"PractitionerRole/{role}"),
+                ev.consent(practice, "p2", "c-p2", practitioner=f"PractitionerRole/{role}"),
+                ev.patient(practice, "p2", mbi=huge), moved, poison]
+        review = cev.review_completed(practice, "p1", "cp-p1", due="2025-03-10",
+                                      completed="2025-03-09T12:00:00+00:00")
+        review.data["responsibleProvider"] = f"PractitionerRole/{role}"
+        sent.append(review)
+        await kafka.send_batch([to_message(e.type, e) for e in sent])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=runtime.app()),
+                                     base_url="http://billing") as client:
+            row = {}
+
+            async def billed() -> bool:
+                r = await client.get(f"/v1/practices/{practice}/billing-periods/2025-03/worklist",
+                                     headers=headers)
+                row.update(next((x for x in r.json()["patients"]
+                                 if x["patient"] == "Patient/p1"), {}))
+                return (row.get("codes") == {"99490": 1} and consumer.stats.dead_lettered
+                        and consumer.stats.applied >= len(sent) - 1)
+
+            await eventually(billed, timeout=60, what="p1's 25 minutes by the 81-character role")
+            # Billing's /fhir on PostgreSQL: a refused search parameter or a NUL, which the
+            # database cannot compare, is a 400 OperationOutcome (was 422 problem+json).
+            for path, params in (("/fhir/Invoice", {"_count": "5000"}),
+                                 ("/fhir/ChargeItem", {"_offset": "-1"}),
+                                 ("/fhir/Invoice", {"_id": "x\x00"}),
+                                 ("/fhir/ChargeItem/x%00", {}),
+                                 ("/fhir/Invoice", {"foo": "bar"})):
+                r = await client.get(path, params=params, headers=headers)
+                assert (r.status_code, r.headers["content-type"], r.json()["resourceType"]) == (
+                    400, "application/fhir+json", "OperationOutcome"), (path, params, r.text)
+        assert row["seconds"] == {"staff": 1500, "practitioner": 0}
+        q = f'"{schema}"'
+        async with runtime.db.engine.connect() as conn:
+            patients = dict((await conn.execute(text(
+                f"SELECT patient_id, mbi || ':' || active FROM {q}.patients WHERE practice = :p"),
+                {"p": practice})).all())
+            stored = (await conn.execute(text(
+                f"SELECT (SELECT practitioner FROM {q}.consents WHERE practice = :p "
+                "AND consent_id = 'c-p2'), "
+                f"(SELECT responsible_provider FROM {q}.care_plan_reviews WHERE practice = :p), "
+                f"(SELECT count(*) FROM {q}.time_entries WHERE practice = :p AND entry_id = 'e9')"),
+                {"p": practice})).one()
+            dead = (await conn.execute(text(
+                f"SELECT count(*) FROM {q}.inbox WHERE outcome = 'dead-lettered' AND tenant = :p"),
+                {"p": practice})).scalar()
+        assert patients == {"p1": f"{corrected}:false", "p2": f"{huge}:true"}
+        assert stored == (f"PractitionerRole/{role}", f"PractitionerRole/{role}", 0)
+        # The event whose versionId no column holds: set aside at its first attempt.
+        assert (dead, consumer.stats.dead_lettered, consumer.stats.retries) == (1, 1, 0)
+    finally:
+        await runtime.stop()
+        engine = create_engine_for(infra.database_url, schema=schema, pool_size=1)
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await engine.dispose()

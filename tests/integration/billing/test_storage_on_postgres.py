@@ -1,16 +1,18 @@
 """Billing's storage on real PostgreSQL: the large documents (Invoices, and the outbox events
 that carry them) are compressed with lz4 where the server has it (billing_0010)."""
 
+import asyncio
 import random
 import uuid
 
 import orjson
 import pytest
+from alembic import command
 from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from ccm_shared.db import create_engine_for
-from ccm_shared.migrate import upgrade_async
+from ccm_shared.migrate import alembic_config, upgrade, upgrade_async
 from ccm_shared.service import discover_services
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -118,3 +120,71 @@ async def test_an_invoices_lines_built_by_the_database_are_those_python_builds(i
             await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         await db.dispose()
     assert lines_seen > 300
+
+
+async def test_a_database_from_before_billing_0019_gets_columns_for_whatever_events_carry(infra):
+    """billing_0019 widens, where a database has them narrower (created before it), the columns
+    events fill: references to 98 ("PractitionerRole/" and a 64-character id is 81), source
+    versions to 93, ``patients.mbi`` to text with a hash index (any value), a review's event id
+    to 200; the values stored stay. Upgraded again or downgraded, nothing changes."""
+    definition = discover_services()["billing"]
+    schema = f"t_widths_{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(upgrade, infra.database_url, schema, definition.migrations_package,
+                            "billing_0018")
+    engine = create_engine_for(infra.database_url, schema=schema, pool_size=1)
+    q = f'"{schema}"'
+    before = {("time_entries", "practitioner_role"): 80, ("time_entries", "practitioner"): 80,
+              ("time_entries", "version"): 80, ("time_entries", "data_version"): 80,
+              ("consents", "practitioner"): 80, ("consents", "version"): 80,
+              ("care_plans", "review_version"): 80, ("care_plans", "version"): 80,
+              ("conditions", "version"): 80, ("patients", "version"): 80,
+              ("patients", "mbi"): 20, ("practitioner_roles", "practitioner"): 80,
+              ("practitioner_roles", "version"): 80, ("visits", "version"): 80,
+              ("care_plan_reviews", "responsible_provider"): 80,
+              ("care_plan_reviews", "supervisor"): 80, ("care_plan_reviews", "event_id"): 64}
+
+    async def widths() -> tuple[dict, str]:
+        async with engine.connect() as conn:
+            found = {(t, c): length or kind for t, c, length, kind in (await conn.execute(text(
+                "SELECT table_name, column_name, character_maximum_length, data_type "
+                "FROM information_schema.columns WHERE table_schema = :s"), {"s": schema})).all()
+                if (t, c) in before}
+            method = (await conn.execute(text(
+                "SELECT am.amname FROM pg_class i JOIN pg_am am ON am.oid = i.relam JOIN "
+                "pg_namespace n ON n.oid = i.relnamespace WHERE n.nspname = :s AND "
+                "i.relname = 'ix_patients_mbi'"), {"s": schema})).scalar()
+        return found, method
+
+    try:
+        async with engine.begin() as conn:  # as a database created before billing_0019 is
+            await conn.execute(text(f"DROP INDEX {q}.ix_patients_mbi"))
+            for (table, column), length in before.items():
+                await conn.execute(text(f"ALTER TABLE {q}.{table} ALTER COLUMN {column} "
+                                        f"TYPE varchar({length})"))
+            await conn.execute(text(f"CREATE INDEX ix_patients_mbi ON {q}.patients (mbi)"))
+            await conn.execute(text(
+                f"INSERT INTO {q}.patients (practice, patient_id, version, mbi, active) "
+                "VALUES ('a', 'p1', 'v1', '1EG4TE5MK72', true)"))
+        assert await widths() == (before, "btree")
+        await asyncio.to_thread(upgrade, infra.database_url, schema,
+                                definition.migrations_package)
+        wide, method = await widths()
+        assert method == "hash"
+        assert wide == {key: (98 if key[1] in ("practitioner", "practitioner_role",
+                                                "responsible_provider", "supervisor")
+                              else "text" if key[1] == "mbi" else 200 if key[1] == "event_id"
+                              else 93) for key in before}
+        async with engine.begin() as conn:
+            await conn.execute(text(f"UPDATE {q}.patients SET mbi = :m"), {"m": "M" * 5000})
+            kept = (await conn.execute(text(
+                f"SELECT patient_id FROM {q}.patients WHERE mbi = :m"), {"m": "M" * 5000})).all()
+        assert kept == [("p1",)]
+        await asyncio.to_thread(command.downgrade, alembic_config(
+            infra.database_url, schema, definition.migrations_package), "billing_0018")
+        await asyncio.to_thread(upgrade, infra.database_url, schema,
+                                definition.migrations_package)
+        assert await widths() == (wide, "hash")
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await engine.dispose()

@@ -136,6 +136,29 @@ async def test_a_push_to_a_refused_address_fails_at_once_with_the_reason(billing
                                             "is not a public internet address")
 
 
+async def test_a_refusal_naming_a_long_host_is_kept_as_the_log_holds_it(billing):
+    """A host name may have 253 characters: "refused: {host} resolves to …" was cut at 500 for
+    a column of 300, which PostgreSQL refused, and the delivery job failed at every run."""
+    from ccm_billing.adapters import orm
+    from ccm_shared.outbound import RefusedDestination
+
+    host = ".".join(["h" * 62] * 4)  # 251 characters
+
+    def refused(request: httpx.Request) -> httpx.Response:
+        try:
+            raise RefusedDestination(f"{host} resolves to an address that is not a public "
+                                     "internet address")
+        except RefusedDestination as exc:
+            raise httpx.ConnectError("refused", request=request) from exc
+
+    a, now = await closed_march_with_endpoint(billing, "https://ehr.example.org/fhir")
+    assert await deliver_due(billing.db, now, transport=httpx.MockTransport(refused)) == {
+        "delivered": 0, "retrying": 0, "failed": 1}
+    (delivery,) = (await a.get("/v1/practices/alpha/ehr-deliveries")).json()["deliveries"]
+    assert delivery["lastError"].startswith(f"refused: {host} resolves to")
+    assert len(delivery["lastError"]) == orm.ehr_deliveries.c.last_error.type.length
+
+
 async def test_an_ehr_endpoint_pushes_may_not_reach_is_refused_when_set(billing):
     """Where outgoing requests may not reach the platform's own network (production's default),
     an EHR base there is refused when it is set, not by every Invoice push failing."""

@@ -2,9 +2,10 @@
 
 from ccm_billing.adapters.orm import metadata
 from ccm_billing.compliance.http import build_compliance_router
+from ccm_billing.entrypoints import outcomes
 from ccm_billing.entrypoints.cli import app as cli
 from ccm_billing.entrypoints.consumers import consumers
-from ccm_billing.entrypoints.http import build_router, fhir_error
+from ccm_billing.entrypoints.http import build_router
 from ccm_billing.entrypoints.jobs import background
 from ccm_billing.settings import BillingSettings
 from ccm_shared.service import ServiceDefinition
@@ -21,7 +22,7 @@ PRODUCES = (
 
 
 def _configure_app(app, runtime) -> None:  # noqa: ANN001
-    app.state.fhir_error_handler = fhir_error
+    outcomes.install(app)  # every error under /fhir an OperationOutcome
 
 
 SERVICE = ServiceDefinition(

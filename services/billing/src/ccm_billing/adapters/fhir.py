@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 
@@ -35,7 +36,12 @@ def invoice_identifier(practice: str, month: Month, revision: int) -> str:
 
 
 def invoice_id(practice: str, month: Month, revision: int) -> str:
-    return short_id("inv", invoice_identifier(practice, month, revision))
+    return invoice_id_of(invoice_identifier(practice, month, revision))
+
+
+def invoice_id_of(identifier: str) -> str:
+    """The id of the Invoice whose identifier value is ``identifier`` (an identifier search)."""
+    return short_id("inv", identifier)
 
 
 def charge_item_identifier(practice: str, patient: str, month: Month, code: str) -> str:
@@ -189,16 +195,17 @@ def operation_outcome(code: str, diagnostics: str, expression: list[str] | None 
     return {"resourceType": "OperationOutcome", "issue": [issue]}
 
 
-def search_bundle(resources: list[dict], url: Any, *, total: int, count: int,
-                  offset: int) -> dict:
+def search_bundle(resources: list[dict], url: Any, *, criteria: list[tuple[str, str]],
+                  total: int, count: int, offset: int) -> dict:
     """A searchset page: ``resources`` are the matches from ``offset`` (``count`` per page) of
-    ``total``; links to the first, previous and next pages keep the search's own parameters
-    (``url``: the request's, a Starlette URL)."""
+    ``total``. Its links name the search as it was done: ``criteria`` (the parameters used, as
+    given) and the paging, on ``url`` (the request's, a Starlette URL): its own page (self), the
+    first, previous and next."""
 
     def page(at: int) -> str:
-        return str(url.include_query_params(_count=count, _offset=at))
+        return str(url.replace(query=urlencode([*criteria, ("_count", count), ("_offset", at)])))
 
-    links = [{"relation": "self", "url": str(url)}, {"relation": "first", "url": page(0)}]
+    links = [{"relation": "self", "url": page(offset)}, {"relation": "first", "url": page(0)}]
     if offset and count:
         links.append({"relation": "previous", "url": page(max(0, offset - count))})
     if count and offset + count < total:

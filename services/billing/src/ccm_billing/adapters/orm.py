@@ -20,11 +20,12 @@ from sqlalchemy import (
     text,
 )
 
-from ccm_billing.compliance.tables import add_compliance_tables
+from ccm_billing.compliance.tables import REF_ID, REFERENCE, TENANT, add_compliance_tables
 from ccm_shared.tables import add_messaging_tables
 
-TENANT = 64
-REF_ID = 64
+# A source version as the projections keep it (projections.version_key): lastUpdated in UTC to
+# the microsecond, "|", the versionId (a FHIR id: 64 characters at most), the state suffix "|1".
+VERSION = len("2025-01-01T00:00:00.000000|") + REF_ID + len("|1")
 
 
 def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool = True,
@@ -36,7 +37,7 @@ def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool =
     ]
     if patient:
         columns.append(Column("patient", String(REF_ID), nullable=patient_nullable))
-    columns.append(Column("version", String(80), nullable=False))
+    columns.append(Column("version", String(VERSION), nullable=False))
     indexes = [Index(f"ix_{name}_patient", "practice", "patient")] if patient else []
     return Table(name, metadata, *columns, *extra, PrimaryKeyConstraint("practice", key), *indexes)
 
@@ -51,14 +52,15 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
     # -- projections of ingest's events (latest source version wins) --------------------------
     t["time_entries"] = _projection(
         metadata, "time_entries", "entry_id",
-        Column("data_version", String(80), nullable=True),  # the logged version `start`… came from
+        # the logged version `start`… came from
+        Column("data_version", String(VERSION), nullable=True),
         Column("status", String(30), nullable=False),  # finished | entered-in-error | cancelled …
         Column("seconds", Integer, nullable=False, default=0),
         Column("start", DateTime(timezone=True), nullable=True),
         Column("month", String(7), nullable=True),  # the practice's local month of `start`
         Column("complex", Boolean, nullable=False, default=False),
-        Column("practitioner", String(80), nullable=True),
-        Column("practitioner_role", String(80), nullable=True),
+        Column("practitioner", String(REFERENCE), nullable=True),
+        Column("practitioner_role", String(REFERENCE), nullable=True),
         Column("role_codes", Text, nullable=False, default="[]"),
         # The performer's kind by the practice's ingest config (billing_0017; None: older)
         Column("performer_class", String(30), nullable=True),
@@ -77,7 +79,7 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("obtained_at", DateTime(timezone=True), nullable=True),
         Column("provision", String(10), nullable=False),
         Column("effective_until", Date, nullable=True),
-        Column("practitioner", String(80), nullable=True),
+        Column("practitioner", String(REFERENCE), nullable=True),
         # provision.period, as days of the practice (billing_0017)
         Column("valid_from", Date, nullable=True),
         Column("valid_until", Date, nullable=True),
@@ -89,7 +91,7 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("created", Date, nullable=True),
         Column("last_review", Date, nullable=True),
         Column("completed_on", Date, nullable=True),  # status completed: when (billing_0017)
-        Column("review_version", String(80), nullable=True),  # the version last_review is of
+        Column("review_version", String(VERSION), nullable=True),  # the version last_review is of
     )
     t["conditions"] = _projection(
         metadata, "conditions", "condition_id",
@@ -97,14 +99,17 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
     )
     t["patients"] = _projection(
         metadata, "patients", "patient_id",
-        Column("mbi", String(20), nullable=True),
+        # The identifier's value as the Patient has it, whatever its length (a FHIR string; one
+        # longer than the 20 it had was dead-lettered). The duplicate-biller check only asks
+        # equality: a hash index holds any value, a btree entry ~2,700 bytes (billing_0019).
+        Column("mbi", Text, nullable=True),
         Column("active", Boolean, nullable=False),
-        Index("ix_patients_mbi", "mbi"),
+        Index("ix_patients_mbi", "mbi", postgresql_using="hash"),
         patient=False,
     )
     t["practitioner_roles"] = _projection(
         metadata, "practitioner_roles", "role_id",
-        Column("practitioner", String(80), nullable=True),
+        Column("practitioner", String(REFERENCE), nullable=True),
         Column("classification", String(30), nullable=False),
         Column("active", Boolean, nullable=False),
         Index("ix_roles_practitioner", "practice", "practitioner"),

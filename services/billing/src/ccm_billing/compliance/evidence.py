@@ -14,7 +14,13 @@ from sqlalchemy import bindparam, func, select
 
 from ccm_billing.adapters import filed, orm
 from ccm_billing.domain.model import Decision, Month, PatientMonth
-from ccm_billing.service_layer.common import bulk_insert, insert_for, parse_day, parse_instant
+from ccm_billing.service_layer.common import (
+    bulk_insert,
+    insert_for,
+    parse_day,
+    parse_instant,
+    refuse_unheld,
+)
 from ccm_shared.db import UnitOfWork, dialect_insert
 from ccm_shared.events import CloudEvent
 from ccm_shared.jsontext import compact
@@ -31,7 +37,9 @@ async def record_source_version(event: CloudEvent, uow: UnitOfWork, now: datetim
     source = event.data.get("source")
     if not source:
         return
-    await uow.session.execute(_source_version_insert(uow.session.bind.dialect.name), dict(
+    # The contracts bound none of these: a versionId longer than a FHIR id's 64 characters (and
+    # so a version key no projection holds), an unknown type's name, is refused here, first.
+    row = dict(
         practice=event.tenant,
         resource_type=source["resourceType"],
         resource_id=source["id"],
@@ -45,7 +53,9 @@ async def record_source_version(event: CloudEvent, uow: UnitOfWork, now: datetim
         recorded_at=now,
         data=json.dumps({k: v for k, v in event.data.items() if k != "source"},
                         separators=(",", ":")),
-    ))
+    )
+    refuse_unheld(orm.source_versions, row)
+    await uow.session.execute(_source_version_insert(uow.session.bind.dialect.name), row)
 
 
 @functools.cache
@@ -58,7 +68,7 @@ def _source_version_insert(dialect: str):  # noqa: ANN202 - built once: it runs 
 async def record_review(event: CloudEvent, uow: UnitOfWork) -> None:
     """Project careplan.review.completed.v1: one row per idempotency key."""
     d = event.data
-    stmt = insert_for(uow.session)(orm.care_plan_reviews).values(
+    row = dict(
         practice=event.tenant,
         idempotency_key=d["idempotencyKey"],
         patient=_ref_id(d["patient"]),
@@ -70,7 +80,9 @@ async def record_review(event: CloudEvent, uow: UnitOfWork) -> None:
         responsible_provider=d.get("responsibleProvider"),
         supervisor=d.get("supervisor"),
         event_id=event.id,
-    ).on_conflict_do_nothing()
+    )
+    refuse_unheld(orm.care_plan_reviews, row)  # a tracker, key or event id of any length
+    stmt = insert_for(uow.session)(orm.care_plan_reviews).values(**row).on_conflict_do_nothing()
     await uow.session.execute(stmt)
 
 

@@ -15,6 +15,12 @@ from sqlalchemy import (
 
 TENANT = 64
 REF_ID = 64
+# A relative reference "Type/id" an event carries: the longest R4 resource type's name + "/" + a
+# FHIR id (64 characters at most). The contracts name shorter types ("PractitionerRole/" and 64
+# characters is 81: it did not fit the 80 these columns had), but any type fits.
+REFERENCE = len("MedicinalProductUndesirableEffect") + 1 + REF_ID
+# An event id, as wide as the inbox's (ccm_shared.tables): any event the consumer took.
+EVENT_ID = 200
 
 
 def add_compliance_tables(metadata: MetaData) -> dict[str, Table]:
@@ -64,9 +70,9 @@ def add_compliance_tables(metadata: MetaData) -> dict[str, Table]:
         Column("due_date", Date, nullable=False),
         Column("completed_at", DateTime(timezone=True), nullable=False),
         Column("days_overdue", Integer, nullable=False),
-        Column("responsible_provider", String(80), nullable=True),
-        Column("supervisor", String(80), nullable=True),
-        Column("event_id", String(64), nullable=False),
+        Column("responsible_provider", String(REFERENCE), nullable=True),
+        Column("supervisor", String(REFERENCE), nullable=True),
+        Column("event_id", String(EVENT_ID), nullable=False),
         PrimaryKeyConstraint("practice", "idempotency_key"),
         Index("ix_care_plan_reviews_patient", "practice", "patient"),
     )

@@ -10,9 +10,9 @@ from datetime import date as Day  # a field is named date
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from sqlalchemy import func, insert, select
+from sqlalchemy import and_, false, func, insert, or_, select
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Month
@@ -87,11 +87,6 @@ class DuplicateResolution(BaseModel):
     decision: Literal["release"] = Field(
         description="release: this practice will not bill CCM for the patient this month"
     )
-
-
-def fhir_error(exc: AppError) -> JSONResponse:
-    return JSONResponse(fhir.operation_outcome(exc.code, exc.detail, exc.expression),
-                        status_code=exc.status, media_type=FHIR_JSON)
 
 
 def build_router(runtime) -> APIRouter:  # noqa: ANN001
@@ -329,66 +324,175 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return fhir_response(json.loads(row.resource))
 
     @router.get("/fhir/Invoice", tags=["fhir"],
-                summary="Search Invoices by recipient and date (paged: _count, _offset)")
+                summary="Search Invoices: _id, identifier, status, recipient, date (paged: "
+                        "_count, _offset)")
     async def search_invoices(request: Request, tenant: BillingTenant,
-                              recipient: str | None = None, date: str | None = None,
+                              ids: Ids = None, identifier: Identifiers = None,
+                              status: Annotated[list[str] | None, Query(description=(
+                                  "issued, balanced or cancelled (a comma: any of them)"))] = None,
+                              recipient: Annotated[list[str] | None, Query(description=(
+                                  "Organization/{practice}: the caller's practice"))] = None,
+                              date: Annotated[list[str] | None, Query(description=(
+                                  "Invoice.date, the day it was issued: 2025-04, ge2025-04-01, "
+                                  "lt2025-05 … (given twice: both)"))] = None,
                               count: PageCount = DEFAULT_PAGE,
                               offset: PageOffset = 0) -> Response:
+        criteria = search_criteria(request, INVOICE_SEARCH)
+        dates = [date_criterion(d) for d in date or []]
         i = orm.invoices
-        stmt = select(i).where(i.c.practice == tenant.practice_id)
-        if recipient is not None and recipient.removeprefix("Organization/") != tenant.practice_id:
-            return fhir_response(fhir.search_bundle([], request.url, total=0, count=count,
-                                                    offset=offset))
+        where = [i.c.practice == tenant.practice_id,
+                 *(i.c.id.in_(any_of(v, "_id")) for v in ids or []),
+                 *(i.c.status.in_(any_of(v, "status")) for v in status or [])]
+        for value in identifier or []:
+            values = identified(value, fhir.INVOICE_SYSTEM)
+            if values is not None:  # None: any of ours (system|)
+                where.append(i.c.id.in_([fhir.invoice_id_of(v) for v in values]))
+        if any(r.removeprefix("Organization/") != tenant.practice_id for r in recipient or []):
+            where.append(false())  # another recipient's Invoices are none of this practice's
         async with db.unit_of_work() as uow:
             found = [(r, json.loads(r.resource)) for r in (await uow.session.execute(
-                stmt.order_by(i.c.month, i.c.revision))).all()]
-            found = [(r, d) for r, d in found if date is None or date_matches(d["date"], date)]
+                select(i).where(*where).order_by(i.c.month, i.c.revision))).all()]
+            found = [(r, d) for r, d in found if all(date_matches(d["date"], c) for c in dates)]
             page = found[offset:offset + count]  # a practice has a few Invoices a month
             invoices = await filed.invoice_resources(uow.session, [r for r, _ in page],
                                                      [d for _, d in page])
-        return fhir_response(fhir.search_bundle(invoices, request.url, total=len(found),
-                                                count=count, offset=offset))
+        return fhir_response(fhir.search_bundle(invoices, request.url, criteria=criteria,
+                                                total=len(found), count=count, offset=offset))
 
     @router.get("/fhir/ChargeItem", tags=["fhir"],
-                summary="Search ChargeItems by subject (paged: _count, _offset)")
+                summary="Search ChargeItems: _id, identifier, status, subject (paged: _count, "
+                        "_offset)")
     async def search_charge_items(request: Request, tenant: BillingTenant,
-                                  subject: str | None = None, count: PageCount = DEFAULT_PAGE,
+                                  ids: Ids = None, identifier: Identifiers = None,
+                                  status: Annotated[list[str] | None, Query(description=(
+                                      "billable or entered-in-error (a comma: either)"))] = None,
+                                  subject: Annotated[list[str] | None, Query(description=(
+                                      "Patient/{id}"))] = None,
+                                  count: PageCount = DEFAULT_PAGE,
                                   offset: PageOffset = 0) -> Response:
+        criteria = search_criteria(request, CHARGE_ITEM_SEARCH)
         ci = filed.charge_items
-        where = [ci.c.practice == tenant.practice_id]
-        if subject is not None:
-            if not subject.startswith("Patient/"):
-                raise InvalidInput("subject must be Patient/{id}", expression=["subject"])
-            where.append(ci.c.patient == subject.removeprefix("Patient/"))
+        where = [ci.c.practice == tenant.practice_id,
+                 *(ci.c.id.in_(any_of(v, "_id")) for v in ids or []),
+                 *(ci.c.status.in_(any_of(v, "status")) for v in status or [])]
+        for value in subject or []:
+            if not value.startswith("Patient/"):
+                raise SearchRefused("not-supported", "subject must be Patient/{id}", "subject")
+            where.append(ci.c.patient == value.removeprefix("Patient/"))
+        for value in identifier or []:
+            values = identified(value, fhir.CHARGE_ITEM_SYSTEM)
+            if values is not None:
+                # {practice}:{patient}:{month}:{code}: each revision's ChargeItem has it
+                where.append(or_(false(), *(
+                    and_(ci.c.patient == patient, ci.c.month == month, ci.c.code == code)
+                    for practice, patient, month, code in (
+                        v.split(":") for v in values if v.count(":") == 3)
+                    if practice == tenant.practice_id)))
         async with db.unit_of_work() as uow:
             total = (await uow.session.execute(
                 select(func.count()).select_from(ci).where(*where))).scalar_one()
             rows = [json.loads(r.resource) for r in (await uow.session.execute(
                 select(ci.c.resource).where(*where).order_by(ci.c.month, ci.c.id)
                 .limit(count).offset(offset))).all()] if count else []
-        return fhir_response(fhir.search_bundle(rows, request.url, total=total, count=count,
-                                                offset=offset))
+        return fhir_response(fhir.search_bundle(rows, request.url, criteria=criteria,
+                                                total=total, count=count, offset=offset))
 
     return router
 
 
 DEFAULT_PAGE = 50
-PageCount = Annotated[int, Query(alias="_count", ge=0, le=1000, description=(
+MAX_COUNT, MAX_OFFSET = 1000, 100_000
+PageCount = Annotated[int, Query(alias="_count", ge=0, le=MAX_COUNT, description=(
     "Resources per page (at most 1,000; 0: the total only); the Bundle's next link gives "
     "the next page"))]
-PageOffset = Annotated[int, Query(alias="_offset", ge=0, le=100_000, description=(
+PageOffset = Annotated[int, Query(alias="_offset", ge=0, le=MAX_OFFSET, description=(
     "Resources to skip (the next and previous links carry it)"))]
+Ids = Annotated[list[str] | None, Query(alias="_id", description=(
+    "The resource's id (a comma: any of them; given twice: both)"))]
+Identifiers = Annotated[list[str] | None, Query(description=(
+    "The resource's identifier: value, or system|value"))]
+
+# The parameters each search takes; any other is refused (400), never ignored: FHIR's server
+# SHALL NOT ignore one silently, and ``_id=does-not-exist`` answered every Invoice.
+INVOICE_SEARCH = ("_id", "identifier", "status", "recipient", "date", "_count", "_offset")
+CHARGE_ITEM_SEARCH = ("_id", "identifier", "status", "subject", "_count", "_offset")
+# Parameters of how to answer, not what to find: the answer is JSON either way (as ingest's).
+IGNORED = frozenset({"_format", "_pretty"})
+PAGING = ("_count", "_offset")
+# Ids or codes one parameter may list (each a database parameter), as ingest's _id.
+MAX_VALUES = 1_000
+
+
+class SearchRefused(AppError):
+    """A search parameter refused: 400, FHIR's status for a search it cannot do (the other
+    APIs answer InvalidInput's 422); ``code`` is the OperationOutcome's issue type."""
+
+    status, title = 400, "Bad request"
+
+    def __init__(self, code: str, detail: str, parameter: str) -> None:
+        super().__init__(detail, expression=[parameter])
+        self.code = code
+
+
+def search_criteria(request: Request, supported: tuple[str, ...]) -> list[tuple[str, str]]:
+    """A search's criteria as given, in order: its parameters less the paging and ``IGNORED``
+    (its Bundle's links name these and the paging, nothing else). 400 for a parameter it does
+    not take, and for paging given twice (which one counts would be a guess)."""
+    given = [(k, v) for k, v in request.query_params.multi_items() if k not in IGNORED]
+    for name, _ in given:
+        if name not in supported:
+            raise SearchRefused("not-supported", f"search parameter {name!r} is not supported; "
+                                f"supported: {', '.join(supported)}", name)
+    for name in PAGING:
+        if sum(k == name for k, _ in given) > 1:
+            raise SearchRefused("value", f"{name} is given more than once", name)
+    return [(k, v) for k, v in given if k not in PAGING]
+
+
+def any_of(value: str, name: str) -> list[str]:
+    """The alternatives of a token parameter's value (``a,b``: either)."""
+    values = value.split(",")
+    if len(values) > MAX_VALUES:
+        raise SearchRefused("too-costly", f"{name} takes at most {MAX_VALUES:,} values, not "
+                            f"{len(values):,}", name)
+    return values
+
+
+def identified(value: str, system: str) -> list[str] | None:
+    """The identifier values an ``identifier`` search asks for among ours, which all have
+    ``system``: each alternative's value, or ``system|value``; None for ``system|`` (any of
+    ours). ``|value`` (no system) and another system's value are none of ours."""
+    values = []
+    for alternative in any_of(value, "identifier"):
+        if "|" not in alternative:
+            values.append(alternative)
+            continue
+        named, _, code = alternative.partition("|")
+        if named != system:
+            continue
+        if not code:
+            return None
+        values.append(code)
+    return values
+
 
 PREFIXES = ("eq", "ge", "le", "gt", "lt")
 
 
-def date_matches(value: str, query: str) -> bool:
-    """FHIR date search on the Invoice date: eq (prefix of the instant), ge, le, gt, lt."""
+def date_criterion(query: str) -> tuple[str, str]:
+    """(prefix, date) of a ``date`` search: eq (the default), ge, le, gt or lt, and a date
+    from its year on; 400 for anything else (a search's parameter, refused as FHIR refuses)."""
     prefix = query[:2] if query[:2] in PREFIXES else "eq"
     target = query[2:] if query[:2] in PREFIXES else query
     if not target or not target[:4].isdigit():
-        raise InvalidInput(f"unsupported date search {query!r}; e.g. 2025-04 or ge2025-04-01",
-                           expression=["date"])
+        raise SearchRefused("value", f"unsupported date search {query!r}; e.g. 2025-04 or "
+                            "ge2025-04-01", "date")
+    return prefix, target
+
+
+def date_matches(value: str, criterion: tuple[str, str]) -> bool:
+    """FHIR date search on the Invoice date: eq (prefix of the instant), ge, le, gt, lt."""
+    prefix, target = criterion
     head = value[: len(target)]
     return {"eq": head == target, "ge": head >= target, "le": head <= target,
             "gt": head > target, "lt": head < target}[prefix]

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ccm_billing.adapters.orm import practice_sequences
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.pricing import Contract
+from ccm_shared.consumer import PoisonMessage
 from ccm_shared.db import dialect_insert, schema_of
 from ccm_shared.errors import NotFound
 from ccm_shared.tables import practices
@@ -25,6 +26,28 @@ SOURCE = "/ccm/billing"
 
 def insert_for(session: AsyncSession):  # noqa: ANN201 - dialect insert construct
     return dialect_insert(session.bind.dialect.name)
+
+
+@functools.cache
+def _widths(table) -> tuple[tuple[str, int], ...]:  # noqa: ANN001
+    return tuple((c.name, c.type.length) for c in table.c if getattr(c.type, "length", None))
+
+
+def refuse_unheld(table, row: dict) -> None:  # noqa: ANN001
+    """PoisonMessage when ``row`` (of an event's values) has a text ``table`` cannot hold:
+    longer than its column (PostgreSQL refuses it; SQLite, which would keep it, refuses it
+    too), or with a NUL (no PostgreSQL text holds one). It would fail the same way at every
+    retry; refused, the event is dead-lettered at once, with the column named (never the value:
+    the reason travels in a Kafka header)."""
+    for name, width in _widths(table):
+        value = row.get(name)
+        if isinstance(value, str) and len(value) > width:
+            raise PoisonMessage(f"{table.name}.{name} holds {width} characters at most; the "
+                                f"event's value has {len(value)}")
+    for name, value in row.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise PoisonMessage(f"the event's value for {table.name}.{name} has a NUL "
+                                "character, which no PostgreSQL text holds")
 
 
 @functools.cache

@@ -25,6 +25,8 @@ from ccm_shared.errors import InvalidInput
 from ccm_shared.outbound import outbound_client, refusal
 from ccm_shared.text import http_url_problem
 
+LAST_ERROR = orm.ehr_deliveries.c.last_error.type.length
+
 log = structlog.get_logger(__name__)
 
 
@@ -119,7 +121,8 @@ async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBase
                         error = f"HTTP {status}"
                 except httpx.HTTPError as exc:
                     if (reason := refusal(exc)) is not None:  # never reachable: not retried
-                        error, permanent = f"refused: {reason}"[:500], True
+                        # Cut to what the log holds: a host name may have 253 characters.
+                        error, permanent = f"refused: {reason}"[:LAST_ERROR], True
                     else:
                         error = type(exc).__name__
             attempts = row.attempts + 1

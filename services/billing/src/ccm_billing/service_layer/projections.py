@@ -29,6 +29,7 @@ from ccm_billing.service_layer.common import (
     parse_day,
     parse_instant,
     practice_zone,
+    refuse_unheld,
     upsert_statement,
 )
 from ccm_billing.service_layer.decisions import NOT_ENROLLING
@@ -79,6 +80,7 @@ def ref_id(reference: str | None) -> str | None:
 
 async def _upsert(uow: UnitOfWork, table, keys: dict, values: dict) -> bool:  # noqa: ANN001
     """Insert, or update when the incoming version is newer; True when the row changed."""
+    refuse_unheld(table, values)  # the keys are references' ids: the contracts bound them
     stmt = upsert_statement(uow.session, table, keys, values, newer="version", returning="version")
     return (await uow.session.execute(stmt, {**keys, **values})).first() is not None
 
@@ -241,11 +243,11 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
     if existing is not None:
         await _moved(uow, practice, existing.patient, ref_id(d["patient"]))
     month = existing.month if existing is not None else d.get("serviceMonth")
-    ins = insert_for(uow.session)(t).values(
-        practice=practice, entry_id=entry_id, patient=ref_id(d["patient"]),
-        version=version_key(d["source"]) + REVERSED, status=d["reason"], seconds=0, month=month,
-        complex=False, role_codes="[]", warnings="[]", late=False,
-    )
+    row = dict(practice=practice, entry_id=entry_id, patient=ref_id(d["patient"]),
+               version=version_key(d["source"]) + REVERSED, status=d["reason"], seconds=0,
+               month=month, complex=False, role_codes="[]", warnings="[]", late=False)
+    refuse_unheld(t, row)
+    ins = insert_for(uow.session)(t).values(**row)
     stmt = ins.on_conflict_do_update(
         index_elements=["practice", "entry_id"],
         set_={"status": ins.excluded.status, "version": ins.excluded.version},
