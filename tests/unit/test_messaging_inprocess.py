@@ -310,3 +310,26 @@ def test_an_infrastructure_error_is_logged_without_the_data_it_was_about():
     # Other errors keep their words: where it could not connect is what an operator needs.
     assert loggable(ConnectionRefusedError(111, "Connect call failed ('10.0.0.7', 5432)")) \
         == "[Errno 111] Connect call failed ('10.0.0.7', 5432)"
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"id": "x" * 201}, "the event id has 201 characters; an inbox holds 200 at most"),
+    ({"tenant": "t" * 65}, "the event's tenant is no practice id"),
+    ({"tenant": "a practice"}, "the event's tenant is no practice id"),
+])
+async def test_an_event_no_inbox_can_record_is_dead_lettered_at_once(sqlite_db, change, reason):
+    """An event id or tenant longer than the inbox's columns failed that insert at every retry
+    on PostgreSQL (SQLite keeps any length), then was dead-lettered: now at once."""
+    applied = []
+
+    async def handler(event, uow):
+        applied.append(event.id)
+
+    bus = InProcessTransport()
+    runtime = ConsumerRuntime(name="widths", topics=[TOPIC], handler=handler, db=sqlite_db,
+                              transport=bus, max_retries=3, backoff_initial=0, backoff_max=0)
+    event = make_event().model_copy(update=change)
+    await runtime.process(Message(TOPIC, event.to_json(), key=b"acme:p1"))
+    assert applied == [] and runtime.stats.retries == 0
+    (dead,) = bus.messages(dlq_topic(TOPIC))
+    assert dead.header("dlq-reason").decode() == reason

@@ -114,9 +114,21 @@ def decode(message: Message) -> CloudEvent:
         event = CloudEvent.from_json(message.value)
     except (ValidationError, ValueError, UnicodeDecodeError) as exc:
         raise PoisonMessage(f"not a valid CloudEvent: {type(exc).__name__}") from exc
+    from ccm_shared.tenancy import PRACTICE_ID
+
+    # What every consumer stores of any event, in its inbox: an id or tenant no row holds
+    # failed that insert at every retry, before any handler ran.
+    if len(event.id) > _INBOX_EVENT_ID:
+        raise PoisonMessage(f"the event id has {len(event.id)} characters; an inbox holds "
+                            f"{_INBOX_EVENT_ID} at most")
+    if not PRACTICE_ID.match(event.tenant):
+        raise PoisonMessage("the event's tenant is no practice id")
     if (broken := contract_violations(event.type, event.data)) is not None:
         raise PoisonMessage(f"{event.type} breaks its contract: {broken}"[:500])
     return event
+
+
+_INBOX_EVENT_ID = inbox_table.c.event_id.type.length
 
 
 class ConsumerRuntime:
