@@ -227,8 +227,8 @@ CASES = [
             **({"resource": {"resourceType": "Patient", "id": "a"}}
                if method in ("PUT", "POST") else {})}]},
        {}, 422, "not-supported", "Bundle.entry[0].request.url")
-      for method, url in [("DELETE", "Patient/a/_history/1"), ("GET", "Patient/a/_history/1"),
-                          ("PUT", "Patient/a/whatever"), ("POST", "Patient/a")]],
+      for method, url in [("DELETE", "Patient/a/_history/1"), ("PUT", "Patient/a/whatever"),
+                          ("POST", "Patient/a")]],
     ("a NUL character in a string", "POST", "/fhir/Patient",
      b'{"resourceType": "Patient", "identifier": [{"system": "urn:x", "value": "A\\u0000B"}]}',
      {}, 400, "structure", None),
@@ -604,7 +604,13 @@ async def test_a_read_only_token_may_send_a_bundle_of_reads_but_no_write(fhir):
     writes = {**reads, "entry": [*reads["entry"], {
         "resource": {"resourceType": "Patient", "id": "w"},
         "request": {"method": "PUT", "url": "Patient/w"}}]}
-    assert (await fhir.post("/fhir", json=writes, headers=read_only)).status_code == 403
+    # A batch: the write alone is refused; a transaction: all of it.
+    batch = await fhir.post("/fhir", json=writes, headers=read_only)
+    assert [e["response"]["status"] for e in batch.json()["entry"]] == [
+        "404 Not Found", "403 Forbidden"]
+    assert (await fhir.get("/fhir/Patient/w")).status_code == 404
+    assert (await fhir.post("/fhir", json={**writes, "type": "transaction"},
+                            headers=read_only)).status_code == 403
 
 
 async def test_a_write_only_token_cannot_read_through_a_bundle(fhir):
@@ -617,6 +623,12 @@ async def test_a_write_only_token_cannot_read_through_a_bundle(fhir):
         {"request": {"method": "GET", "url": "Patient/p1"}},
         {"request": {"method": "DELETE", "url": "Patient/nobody"}}]}
     r = await fhir.post("/fhir", json=mixed, headers={"Authorization": f"Bearer {write_only}"})
+    read, deleted = r.json()["entry"]
+    assert read["response"]["status"] == "403 Forbidden" and "resource" not in read
+    assert "fhir:read" in read["response"]["outcome"]["issue"][0]["diagnostics"]
+    assert deleted["response"]["status"] == "204 No Content"
+    r = await fhir.post("/fhir", json={**mixed, "type": "transaction"},
+                        headers={"Authorization": f"Bearer {write_only}"})
     assert r.status_code == 403 and "fhir:read" in r.text
 
 

@@ -656,35 +656,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                                                          offset=offset)
         if not stored:
             raise rejected(404, "not-found", f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
-        b = base(request)
-        # A version created its resource when the applied version before it (before the
-        # page: ``before_deleted``) is absent or a deletion; one kept but not applied changed
-        # nothing. Newest first, so walked from the end.
-        gone = True if before_deleted is None else before_deleted
-        created = []
-        for v in reversed(versions):
-            created.append(v.applied and not v.deleted and gone)
-            if v.applied:
-                gone = v.deleted
-        created.reverse()
-        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": total}
-        if links := page_links(b, f"{rtype}/{rid}/_history", params, total):
-            bundle["link"] = links
-        entries = [{
-            "fullUrl": f"{b}/{rtype}/{rid}",
-            **({"resource": v.resource} if v.resource is not None else {}),
-            "request": {"method": v.method or ("DELETE" if v.deleted else "PUT"),
-                        "url": rtype if v.method == "POST" else f"{rtype}/{rid}"},
-            "response": {"status": "204" if v.deleted else "201" if new else "200",
-                         "etag": f'W/"{v.version_id}"',
-                         "lastModified": v.last_updated.isoformat(),
-                         **({} if v.applied else {"outcome": operation_outcome([Issue(
-                             "warning", "conflict", "older than the current state when "
-                             "received: kept in history, not applied")])})},
-        } for v, new in zip(versions, created, strict=True)]
-        if entries:  # FHIR JSON has no empty arrays (ele-1): no versions, no entry
-            bundle["entry"] = entries
-        return fhir_json(bundle)
+        return fhir_json(history_bundle(base(request), rtype, rid, params, total, versions,
+                                        before_deleted))
 
     @router.get("/{rtype}/{rid}/_history/{vid}", summary="One stored version")
     async def vread(rtype: str, rid: str, vid: str, request: Request,
@@ -732,6 +705,40 @@ def searchset(base: str, rtype: str, total: int, rows: list[VersionRow],
     if rows:  # FHIR JSON has no empty arrays (ele-1): no matches (or _count=0), no entry
         bundle["entry"] = [{"fullUrl": f"{base}/{rtype}/{r.id}", "resource": r.resource,
                             "search": {"mode": "match"}} for r in rows]
+    return bundle
+
+
+def history_bundle(base: str, rtype: str, rid: str, params: list[tuple[str, str]], total: int,
+                   versions: list[VersionRow], before_deleted: bool | None) -> dict[str, Any]:
+    """A resource's ``history`` Bundle: a page of its ``versions`` newest first (of ``total``
+    at or after ``_since``), each with the request and the status it came with."""
+    # A version created its resource when the applied version before it (before the
+    # page: ``before_deleted``) is absent or a deletion; one kept but not applied changed
+    # nothing. Newest first, so walked from the end.
+    gone = True if before_deleted is None else before_deleted
+    created = []
+    for v in reversed(versions):
+        created.append(v.applied and not v.deleted and gone)
+        if v.applied:
+            gone = v.deleted
+    created.reverse()
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "history", "total": total}
+    if links := page_links(base, f"{rtype}/{rid}/_history", params, total):
+        bundle["link"] = links
+    entries = [{
+        "fullUrl": f"{base}/{rtype}/{rid}",
+        **({"resource": v.resource} if v.resource is not None else {}),
+        "request": {"method": v.method or ("DELETE" if v.deleted else "PUT"),
+                    "url": rtype if v.method == "POST" else f"{rtype}/{rid}"},
+        "response": {"status": "204" if v.deleted else "201" if new else "200",
+                     "etag": f'W/"{v.version_id}"',
+                     "lastModified": v.last_updated.isoformat(),
+                     **({} if v.applied else {"outcome": operation_outcome([Issue(
+                         "warning", "conflict", "older than the current state when "
+                         "received: kept in history, not applied")])})},
+    } for v, new in zip(versions, created, strict=True)]
+    if entries:  # FHIR JSON has no empty arrays (ele-1): no versions, no entry
+        bundle["entry"] = entries
     return bundle
 
 
@@ -789,14 +796,18 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
             total, rows, params = outcome.found
             item["resource"] = searchset(base, outcome.resource_type, total, rows,
                                          page_links(base, outcome.resource_type, params, total))
+        if outcome.history is not None:  # a resource's history, with a history Bundle
+            total, versions, before_deleted, params = outcome.history
+            item["resource"] = history_bundle(base, outcome.resource_type, outcome.id, params,
+                                              total, versions, before_deleted)
         entries.append(item)
     # A Bundle of no entries is answered with none (FHIR JSON has no empty arrays: ele-1).
     return {"resourceType": "Bundle", "type": kind, **({"entry": entries} if entries else {})}
 
 
-_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 404: "Not Found",
-            409: "Conflict", 410: "Gone", 412: "Precondition Failed", 422: "Unprocessable Entity",
-            503: "Service Unavailable"}
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 409: "Conflict", 410: "Gone", 412: "Precondition Failed",
+            422: "Unprocessable Entity", 503: "Service Unavailable"}
 
 
 def _status_line(status: int) -> str:
@@ -856,8 +867,8 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
                                             "mapping, meta.lastUpdated, a transaction's "
                                             "references); profile: the content only; delete: "
                                             "not supported. At Type/id/$validate: an update "
-                                            "of that id by default. profile: only the type's base R4 "
-                                            "StructureDefinition"}],
+                                            "of that id by default. profile: only the type's "
+                                            "base R4 StructureDefinition"}],
         }],
     }
 

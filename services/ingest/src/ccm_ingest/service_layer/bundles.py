@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl
 import structlog
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
-from ccm_ingest.domain.mapping import reference
+from ccm_ingest.domain.mapping import local_path, reference
 from ccm_ingest.domain.model import (
     RESOURCE_ID,
     SUPPORTED_TYPES,
@@ -31,6 +31,7 @@ from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
 from ccm_shared.db import UnitOfWork, gave_way
 from ccm_shared.ids import random_uuid
+from ccm_shared.text import ascii_digits
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +52,11 @@ class Entry:
     if_none_exist: str | None
     if_match: str | None
     query: str = ""
-    # A batch entry that failed its own checks: answered with this, never run.
+    # A batch entry that failed its own checks, or a GET whose URL reads nothing served here
+    # (in a transaction too: a read never fails the Bundle): answered with this, never run.
     refused: FhirRejected | None = None
+    # GET Type/id/_history: "" (the resource's history), or the version it names (vread).
+    history: str | None = None
     # A conditional create (transaction) whose criteria an existing resource matched (``found``)
     # or an earlier entry of the Bundle claimed (``same_as``): it writes nothing.
     found: Outcome | None = None
@@ -166,16 +170,15 @@ def _parse_entry(i: int, raw: Any) -> Entry:
         raise rejected(422, "not-supported", f"{method} {url}: resource type {rtype!r} (or "
                        f"operation) is not supported; supported: {', '.join(SUPPORTED_TYPES)}",
                        f"{_where(i)}.request.url")
-    if len(parts) > 2 or (len(parts) == 2 and (method == "POST" or not parts[1])):
-        # Type/id/_history/1, Type/id/$op, POST Type/id: no such interaction here (a DELETE of
-        # Type/id/_history/1 had deleted the whole resource).
-        raise rejected(422, "not-supported", f"{method} {url}: a Bundle entry's url is Type, "
-                       "Type/id or Type?criteria (POST: Type); history, versions and operations "
-                       "are not supported inside a Bundle", f"{_where(i)}.request.url")
-    rid = parts[1] if len(parts) > 1 else None
-    if rid is not None and (not RESOURCE_ID.match(rid) or rid in (".", "..")):
-        raise rejected(422, "value", f"{method} {url}: the id must be 1-64 letters, digits, '-' "
-                       "or '.' (and not '.' or '..')", f"{_where(i)}.request.url")
+    refused: FhirRejected | None = None
+    try:
+        rid, history = _target(i, method, url, parts)
+    except FhirRejected as exc:
+        if method != "GET":
+            raise
+        # A read of something not served here is answered 400, as the REST URL is; in a
+        # transaction too, for a GET never fails the Bundle.
+        rid, history, refused = None, None, FhirRejected(400, exc.issues)
     for field, value in (("fullUrl", raw.get("fullUrl")),
                          ("request.ifMatch", request.get("ifMatch")),
                          ("request.ifNoneExist", request.get("ifNoneExist"))):
@@ -207,7 +210,28 @@ def _parse_entry(i: int, raw: Any) -> Entry:
             raise FhirRejected(exc.status, [issue.located(f"{_where(i)}.resource")
                                             for issue in exc.issues]) from None
     return Entry(i, method, rtype, rid, query or None, resource, raw.get("fullUrl"),
-                 request.get("ifNoneExist"), request.get("ifMatch"), query)
+                 request.get("ifNoneExist"), request.get("ifMatch"), query, refused=refused,
+                 history=history)
+
+
+def _target(i: int, method: str, url: str, parts: list[str]) -> tuple[str | None, str | None]:
+    """(the id, and for ``GET Type/id/_history[/vid]`` the version or "") an entry's url names
+    after its type; 422 for any other url."""
+    history = None
+    if method == "GET" and len(parts) in (3, 4) and parts[2] == "_history":
+        history = parts[3] if len(parts) == 4 else ""  # vread, history
+    elif len(parts) > 2 or (len(parts) == 2 and (method == "POST" or not parts[1])):
+        # Type/id/$op, POST Type/id, and any write of Type/id/_history/1 (a DELETE of it had
+        # deleted the whole resource): no such interaction here.
+        raise rejected(422, "not-supported", f"{method} {url}: a Bundle entry's url is Type, "
+                       "Type/id or Type?criteria (POST: Type; GET also Type/id/_history and "
+                       "Type/id/_history/vid); other history and operations are not supported "
+                       "inside a Bundle", f"{_where(i)}.request.url")
+    rid = parts[1] if len(parts) > 1 else None
+    if rid is not None and (not RESOURCE_ID.match(rid) or rid in (".", "..")):
+        raise rejected(422, "value", f"{method} {url}: the id must be 1-64 letters, digits, '-' "
+                       "or '.' (and not '.' or '..')", f"{_where(i)}.request.url")
+    return rid, history
 
 
 CONDITIONAL, UNRESOLVED = 1, 2
@@ -235,6 +259,114 @@ def _rewrite_references(value: Any, ids: dict[str, str]) -> int:
             if isinstance(item, (dict, list)):
                 left |= _rewrite_references(item, ids)
     return left
+
+
+def _rewrite_named(value: Any, named: Callable[[str], str | None]) -> None:
+    """Point the references ``named`` finds an entry for at its server id, in place."""
+    if isinstance(value, dict):
+        ref = value.get("reference")
+        if isinstance(ref, str) and (target := named(ref)) is not None:
+            value["reference"] = target
+        for item in value.values():
+            if isinstance(item, (dict, list)):
+                _rewrite_named(item, named)
+    elif isinstance(value, list):
+        for item in value:
+            if isinstance(item, (dict, list)):
+                _rewrite_named(item, named)
+
+
+# The [type]/[id] a RESTful fullUrl ends with (FHIR: such a fullUrl is [base]/[type]/[id]).
+_RESTFUL_TAIL = re.compile(r"/[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
+_HISTORY = "/_history/"
+
+
+class _FullUrls:
+    """What names a Bundle's entries (FHIR bundle.html, "Resolving references in Bundles"):
+    ``ids``, each fullUrl → the ``Type/id`` its entry has on this server, all that a Bundle of
+    ``urn:uuid:`` fullUrls needs; and in one with RESTful fullUrls (``[base]/Type/id``), what
+    names those in other words. A relative reference (``Patient/a``) is relative to the base of
+    its entry's RESTful fullUrl, or to this server's base when that fullUrl is a ``urn:`` or
+    absent, and names the entry whose fullUrl is that base followed by it (this server's base
+    in whatever form a fullUrl gives it, scheme and default port aside, as absolute references
+    are compared). A version-specific one (``…/Patient/a/_history/1``) names the entry its URL
+    without the version names.
+
+    FHIR: version-specific references stay version-specific once rewritten. One to an entry
+    that creates (POST) names the version that entry results in: 1 of what it creates, or the
+    current version of the stored resource a conditional create finds. One to an update (PUT)
+    keeps the version it gives: which version an update makes is known only once written (the
+    same content makes none), after references are rewritten."""
+
+    __slots__ = ("_bases", "_local_bases", "_versions", "ids")
+
+    def __init__(self, ids: dict[str, str], entries: list[Entry],
+                 local_bases: tuple[str, ...]) -> None:
+        self.ids = ids
+        self._local_bases = local_bases
+        self._bases: dict[str | None, dict[str, str]] | None = None
+        self._versions: dict[str, str] = {}
+        restful = [(url, parts) for url in ids if (parts := _restful(url)) is not None]
+        if not restful:
+            return
+        # base → {Type/id: fullUrl}; None: this server's base, in whatever form a fullUrl
+        # gives it (its scheme, a default port: as absolute references are compared)
+        self._bases = {None: {}}
+        for url, (base, tail) in restful:
+            self._bases.setdefault(base, {})[tail] = url
+            if (local := local_path(url, local_bases)) is not None:
+                self._bases[None].setdefault(local, url)
+        for e in entries:
+            if e.method == "POST" and e.full_url in ids:
+                made = e.same_as or e
+                found = made.found.version if made.found is not None else None
+                self._versions[e.full_url] = str(found.version_id) if found is not None else "1"
+
+    def named_from(self, full_url: str | None) -> Callable[[str], str | None] | None:
+        """The ``Type/id`` (or ``Type/id/_history/v``) on this server of the entry a reference
+        in the entry at ``full_url`` names when it is not a fullUrl, else None; None when no
+        such reference can name one (no RESTful fullUrl in the Bundle)."""
+        if self._bases is None:
+            return None
+        if full_url is not None and (own := _restful(full_url)) is not None \
+                and local_path(full_url, self._local_bases) is None:
+            relative = self._bases.get(own[0], {})  # another server's base
+        else:
+            relative = self._bases[None]
+
+        def named(ref: str) -> str | None:
+            unversioned, history, version = ref.partition(_HISTORY)
+            url = unversioned if "://" in unversioned else relative.get(unversioned)
+            target = self.ids.get(url) if url is not None else None
+            if target is None or not history:
+                return target
+            return f"{target}{_HISTORY}{self._versions.get(url, version)}"
+        return named
+
+    def rewrite(self, resource: dict[str, Any], full_url: str | None) -> int:
+        """``_rewrite_references`` of the resource of the entry at ``full_url``, after those
+        references that name an entry in other words than its fullUrl (a Bundle with RESTful
+        fullUrls only: a walk more; a Bundle of ``urn:uuid:`` fullUrls has none)."""
+        if (named := self.named_from(full_url)) is not None:
+            _rewrite_named(resource, named)
+        return _rewrite_references(resource, self.ids)
+
+    def target(self, ref: Any, full_url: str | None) -> str | None:
+        """The ``Type/id`` on this server of the entry ``ref``, in the entry at ``full_url``,
+        names, else None."""
+        if not isinstance(ref, str):
+            return None
+        if (found := self.ids.get(ref)) is not None:
+            return found
+        named = self.named_from(full_url)
+        return named(ref) if named is not None else None
+
+
+def _restful(url: str | None) -> tuple[str, str] | None:
+    """A RESTful fullUrl as (its base, its ``Type/id``); None for a ``urn:``, or none."""
+    if url is None or url.startswith("urn:") or (tail := _RESTFUL_TAIL.search(url)) is None:
+        return None
+    return url[:tail.start()], url[tail.start() + 1:]
 
 
 def _conditional_target(ref: Any, path: str) -> str | None:
@@ -343,10 +475,11 @@ async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
 
 
 async def _resolve_ids(uow: UnitOfWork, caller: Caller,
-                       entries: list[Entry]) -> tuple[dict[str, str], _Lookup]:
-    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates; and what
-    the Bundle's conditional references resolve against (``_Lookup``: the ids each type's
-    DELETE entries delete, and the id each conditional create's or update's criteria settled).
+                       entries: list[Entry]) -> tuple[_FullUrls, _Lookup]:
+    """fullUrl → ``Type/id`` on this server, for every entry that creates or updates (with what
+    else names them: ``_FullUrls``); and what the Bundle's conditional references resolve
+    against (``_Lookup``: the ids each type's DELETE entries delete, and the id each
+    conditional create's or update's criteria settled).
 
     A conditional create's or update's id is the resource its criteria find, so it is settled
     here, before any reference to its fullUrl is rewritten: its criteria are claimed now (held
@@ -381,26 +514,27 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
     for e in entries:
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
+    names = _FullUrls(ids, entries, caller.local_bases)
     # A reference with an entry's criteria names the entry's resource only when what the entry
     # sends meets them (an ifNoneExist naming one MBI on a Patient carrying another bound the
     # reference to a patient its criteria never named); otherwise it is searched for, and a
     # stored match the entry found, the search finds too. (Two entries with one key have one
     # id: a POST pair is one resource, any other pair fails.)
-    return ids, _Lookup({(rtype, key): e.rid for (rtype, key), e in claimed.items()
-                         if e.rid and handlers.meets_criteria(rtype, e.resource or {},
-                                                              criteria[key],
-                                                              _patient_of(e, ids, caller))},
-                   deleted)
+    return names, _Lookup({(rtype, key): e.rid for (rtype, key), e in claimed.items()
+                           if e.rid and handlers.meets_criteria(rtype, e.resource or {},
+                                                                criteria[key],
+                                                                _patient_of(e, names, caller))},
+                          deleted)
 
 
-def _patient_of(e: Entry, ids: dict[str, str], caller: Caller) -> str | None:
-    """The ``Patient/id`` entry ``e``'s resource is about (its patient element, a ``urn:``
+def _patient_of(e: Entry, names: _FullUrls, caller: Caller) -> str | None:
+    """The ``Patient/id`` entry ``e``'s resource is about (its patient element, a reference
     naming an entry of the Bundle read as the id that entry settled), else None."""
     element = handlers.PATIENT_ELEMENT.get(e.rtype)
     value = (e.resource or {}).get(element) if element else None
     if not isinstance(value, dict):
         return None
-    if (local := ids.get(value.get("reference"))) is not None:
+    if (local := names.target(value.get("reference"), e.full_url)) is not None:
         value = {"reference": local}
     return reference(value, ("Patient",), caller.local_bases)
 
@@ -459,8 +593,9 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
             await _conditional_update(uow, caller, e)
         if e.rid is None:
             raise _put_without_target(e)
-        resource = e.resource if e.resource.get("id") else {**e.resource, "id": e.rid}
-        return await handlers.update(uow, caller, e.rtype, e.rid, resource,
+        # Its body names the resource of its URL, as over REST (400 otherwise; FHIR: the
+        # resource SHALL have an id equal to the URL's); a conditional update's was set above.
+        return await handlers.update(uow, caller, e.rtype, e.rid, e.resource,
                                      if_match=e.if_match, where=f"{_where(e.index)}.resource")
     if e.method == "DELETE":
         if e.rid is not None:
@@ -475,7 +610,13 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
             return Outcome(204, e.rtype, "")
         return await handlers.remove(uow, caller, e.rtype, matches[0].id)
     # GET: reads never fail the Bundle; their status is the entry's.
+    if e.refused is not None:  # a read of something not served here
+        return Outcome(e.refused.status, e.rtype, "", None, e.refused.issues)
     try:
+        if e.history:
+            return await _vread(repo, e)
+        if e.history is not None:
+            return await _history(repo, e)
         if e.rid is not None:
             found = await repo.current_version(e.rtype, e.rid)
             return Outcome(200, e.rtype, e.rid, handlers.current_or_error(found, e.rtype, e.rid))
@@ -487,6 +628,35 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
         return Outcome(200, e.rtype, "", None, found=(total, rows, params))
     except FhirRejected as exc:
         return Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)
+
+
+async def _vread(repo: SqlResourceRepository, e: Entry) -> Outcome:
+    """``GET Type/id/_history/vid``: that version, as the REST vread answers it (404 for one
+    not stored, 410 for a deletion)."""
+    vid = e.history or ""
+    asked = f"{e.rtype}/{e.rid}/_history/{vid}"
+    version = await repo.version(e.rtype, e.rid or "", int(vid)) if ascii_digits(vid, 9) \
+        else None
+    if version is None:
+        raise rejected(404, "not-found", f"{asked} is not known", f"{_where(e.index)}.request.url")
+    if version.deleted:
+        raise rejected(410, "deleted", f"version {vid} of {e.rtype}/{e.rid} is a deletion",
+                       f"{_where(e.index)}.request.url")
+    return Outcome(200, e.rtype, e.rid or "", version)
+
+
+async def _history(repo: SqlResourceRepository, e: Entry) -> Outcome:
+    """``GET Type/id/_history``: a page of its versions, as the REST history answers it (400
+    for parameters it refuses, 404 for a resource never stored here)."""
+    params = parse_qsl(e.query, keep_blank_values=True)
+    with _placed(f"{_where(e.index)}.request.url"):
+        since, offset, count = handlers.history_params(params)
+    stored, total, versions, before_deleted = await repo.history(
+        e.rtype, e.rid or "", since=since, limit=count, offset=offset)
+    if not stored:
+        raise rejected(404, "not-found", f"{e.rtype}/{e.rid} is not known",
+                       f"{_where(e.index)}.request.url")
+    return Outcome(200, e.rtype, e.rid or "", history=(total, versions, before_deleted, params))
 
 
 async def transaction(uow: UnitOfWork, caller: Caller,
@@ -510,13 +680,13 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     repo = SqlResourceRepository(uow.session, caller.tenant)
     await repo.lock_rows([(e.rtype, e.rid) for e in entries
                           if e.method == "DELETE" and e.rid is not None])
-    ids, lookup = await _resolve_ids(uow, caller, entries)
+    names, lookup = await _resolve_ids(uow, caller, entries)
     _one_entry_per_resource(entries)
     unresolved: list[Issue] = []
     for e in entries:
         if e.resource is not None:
             # The parsed request body is ours: rewritten in place, no copy.
-            left = _rewrite_references(e.resource, ids)
+            left = names.rewrite(e.resource, e.full_url)
             # (one in a contained resource is flagged but not refused: stored as sent)
             issues = _unresolved(e) if left & UNRESOLVED else []
             unresolved += issues
@@ -571,6 +741,7 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
             if e.full_url and e.method in ("POST", "PUT"):
                 ids[e.full_url] = f"{e.rtype}/{e.rid or f'validate-{e.index}'}"
         _one_entry_per_resource(entries)
+    names = _FullUrls(ids, entries, caller.local_bases)
     for e in entries:  # the request's own parts, refused as the write refuses them
         with _at_entry(e.index):
             if e.if_match is not None and (e.method == "PUT" or (e.method == "DELETE"
@@ -584,7 +755,7 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
                     raise _put_without_target(e)
                 with _placed(f"{_where(e.index)}.request.url"):
                     handlers.check_criteria(e.rtype, e.criteria or "")
-            if e.method == "PUT" and e.rid is not None and e.resource.get("id") is not None:
+            if e.method == "PUT" and e.rid is not None:
                 handlers.check_update_id(e.rtype, e.rid, e.resource)
     issues: list[Issue] = []
     warnings: list[Issue] = []
@@ -592,7 +763,7 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
         if e.resource is None:
             continue
         resource = copy.deepcopy(e.resource)  # as a transaction would rewrite it
-        left = _rewrite_references(resource, ids)
+        left = names.rewrite(resource, e.full_url)
         where = f"{_where(e.index)}.resource"
         if left & UNRESOLVED and (found := unresolved_local_references(resource, e.rtype)):
             issues += [i.located(where) for i in found]
@@ -721,10 +892,9 @@ def _plain_write(e: Entry) -> handlers.Write | None:
                               where=f"{_where(e.index)}.resource")
     if e.method != "PUT" or e.if_match or e.rid is None:
         return None
-    resource = e.resource if e.resource.get("id") else {**e.resource, "id": e.rid}
-    if resource["id"] != e.rid:
-        return None  # _run_entry → update() answers the mismatch
-    return handlers.Write(e.rtype, e.rid, resource, where=f"{_where(e.index)}.resource")
+    if e.resource.get("id") != e.rid:
+        return None  # _run_entry → update() answers the missing or other id
+    return handlers.Write(e.rtype, e.rid, e.resource, where=f"{_where(e.index)}.resource")
 
 
 async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry],

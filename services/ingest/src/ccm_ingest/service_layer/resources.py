@@ -72,6 +72,9 @@ class Outcome:
     outcome_body: bool = False  # the response body should be the OperationOutcome
     # A search's (total, page of current versions, its parameters), for a GET entry of a Bundle.
     found: tuple[int, list[VersionRow], list[tuple[str, str]]] | None = None
+    # A resource's history (versions at or after _since, their page newest first, whether
+    # the applied version before the page is a deletion, its parameters), for a GET entry.
+    history: tuple[int, list[VersionRow], bool | None, list[tuple[str, str]]] | None = None
 
     @property
     def location(self) -> str | None:
