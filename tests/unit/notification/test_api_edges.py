@@ -107,6 +107,21 @@ async def test_a_template_that_fails_or_runs_away_when_rendered_is_refused_on_up
     assert await all_rows(rt, template_overrides) == []
 
 
+@pytest.mark.parametrize("subject, fragment", [
+    ("{{ gap|nosuchfilter }}", "No filter named 'nosuchfilter'"),  # was a 500
+    ("{{ gap is nosuchtest }}", "No test named 'nosuchtest'"),
+    ("{% if gap %}" * 2000 + "{% endif %}" * 2000, "nested too deeply"),  # was a 500
+])
+async def test_a_template_that_does_not_compile_is_refused_on_upload(api, subject, fragment):
+    rt, client, headers = api
+    source = (f"{{% block subject %}}{subject}{{% endblock %}}{{% block text %}}x{{% endblock %}}"
+              "{% block html %}x{% endblock %}")
+    r = await client.put(f"{P}/templates/care-gap-alert", headers=headers, json={"source": source})
+    assert is_problem(r, 422, "template refused"), r.text
+    assert fragment in r.json()["detail"]
+    assert await all_rows(rt, template_overrides) == []
+
+
 @pytest.mark.parametrize("source, fragment", [
     (RAISES, "ZeroDivisionError"),
     (PERCENT_D, "TypeError"),

@@ -176,6 +176,27 @@ def test_a_bad_override_is_refused(source, problem):
         Renderer().validate(KINDS["attestation-reminder"], source)
 
 
+# Found by fuzzing: each escaped validate() (parsing, or compiling for the variables' analysis)
+# as its own exception, which the API answered 500 instead of refusing the template.
+@pytest.mark.parametrize(
+    "subject,problem",
+    [
+        ("{{ gap|nosuchfilter }}", "syntax error: No filter named 'nosuchfilter'.$"),
+        ("{{ gap is nosuchtest }}", "syntax error: No test named 'nosuchtest'.$"),
+        ("x{% endblock %}{% block subject %}y", "block 'subject' defined twice"),
+        ("{{ " + "(" * 5000 + "gap" + ")" * 5000 + " }}", "nested too deeply"),
+        ("{% if gap %}" * 2000 + "{% endif %}" * 2000, "nested too deeply"),
+        ("{{ gap" + "|upper" * 5000 + " }}", "nested too deeply"),
+        ("{{ " + "1" * 5000 + " }}", "ValueError: Exceeds the limit"),
+    ],
+)
+def test_an_override_that_does_not_compile_is_refused_not_raised(subject, problem):
+    source = (f"{{% block subject %}}{subject}{{% endblock %}}"
+              "{% block text %}x{% endblock %}{% block html %}x{% endblock %}")
+    with pytest.raises(TemplateInvalid, match=problem):
+        Renderer().validate(KINDS["care-gap-alert"], source)
+
+
 def test_overrides_are_sandboxed():
     source = (
         "{% block subject %}{{ month.__class__.__mro__ }}{% endblock %}"

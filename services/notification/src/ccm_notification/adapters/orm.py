@@ -24,6 +24,9 @@ from sqlalchemy import (
 from ccm_notification.subscriptions.tables import add_subscription_tables_v1
 from ccm_shared.tables import BigId, add_messaging_tables
 
+# A reference an event carries: "PractitionerRole/" and a 64-character id is 81 characters.
+REFERENCE = 140
+
 
 def add_notification_tables_v1(metadata: MetaData) -> dict[str, Table]:
     """The service's own tables (version 1), added to ``metadata``."""
@@ -64,7 +67,7 @@ def add_notification_tables_v1(metadata: MetaData) -> dict[str, Table]:
         Column("id", String(64), nullable=False),
         Column("practitioner", String(64), nullable=True),
         Column("organization", String(64), nullable=True),
-        Column("email", String(320), nullable=True),
+        Column("email", Text, nullable=True),  # a ContactPoint's value (notification_0005)
         Column("active", Boolean, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
         PrimaryKeyConstraint("practice", "id"),
@@ -74,8 +77,10 @@ def add_notification_tables_v1(metadata: MetaData) -> dict[str, Table]:
         metadata,
         Column("practice", String(64), nullable=False),
         Column("id", String(64), nullable=False),
-        Column("name", String(300), nullable=True),
-        Column("email", String(320), nullable=True),
+        # An Organization's name and a ContactPoint's value are FHIR strings of any length
+        # (notification_0005).
+        Column("name", Text, nullable=True),
+        Column("email", Text, nullable=True),
         Column("active", Boolean, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
         PrimaryKeyConstraint("practice", "id"),
@@ -116,9 +121,10 @@ def add_notification_tables_v1(metadata: MetaData) -> dict[str, Table]:
         Column("idempotency_key", String(400), nullable=False),
         Column("kind", String(64), nullable=False),
         Column("provider_id", String(64), nullable=True),
-        Column("patient", String(80), nullable=True),
+        Column("patient", String(REFERENCE), nullable=True),
         Column("channel", String(20), nullable=True),
-        Column("recipient", String(500), nullable=True),
+        # An email address from the EHR is a ContactPoint's value (notification_0005).
+        Column("recipient", Text, nullable=True),
         Column("subject", Text, nullable=False),
         Column("text_body", Text, nullable=False),
         Column("html_body", Text, nullable=False),

@@ -73,14 +73,23 @@ class Renderer:
         """Refuse a template that could not render every message of its kind: its syntax,
         blocks and variables, then a render with sample values (with and without the optional
         fields), which must neither raise nor exceed the limits."""
+        # Parsing, and the variables' analysis (it compiles the template: an unknown filter or
+        # test, a block defined twice are found there), fail on the source's own faults as
+        # rendering does, TemplateError or not: nesting deeper than Python recurses, an integer
+        # literal longer than Python converts (ValueError). Uncaught, they answered 500.
         try:
             parsed = self._plain.parse(source)
-        except TemplateError as exc:
-            raise TemplateInvalid(f"syntax error: {exc}") from None
+            used = meta.find_undeclared_variables(parsed)
+        except TemplateError as exc:  # the message alone: the analysis adds "<introspection>"
+            raise TemplateInvalid(f"syntax error: {exc.message or exc}") from None
+        except RecursionError:
+            raise TemplateInvalid("nested too deeply") from None
+        except Exception as exc:  # noqa: BLE001 - any error of a user's template is its own
+            raise TemplateInvalid(f"{type(exc).__name__}: {exc}") from None
         blocks = {b.name for b in parsed.find_all(nodes.Block)}
         if missing := [b for b in BLOCKS if b not in blocks]:
             raise TemplateInvalid(f"missing block(s): {', '.join(missing)}")
-        unknown = meta.find_undeclared_variables(parsed) - set(kind.fields) - set(CONTEXT_FIELDS)
+        unknown = used - set(kind.fields) - set(CONTEXT_FIELDS)
         if unknown:
             raise TemplateInvalid(
                 f"unknown variable(s) {', '.join(sorted(unknown))}; {kind.name} offers "

@@ -1,0 +1,62 @@
+"""notification: the columns filled from ingest's and the other services' events hold whatever
+those events may carry. An Organization's name and a ContactPoint's value are FHIR strings of
+any length (text): a name over 300 characters, an email over 320 dead-lettered the directory's
+event, and a practitioner's email over 500, the message's recipient, the alert sent to them.
+``messages.patient`` takes any reference the contracts allow (140: "PractitionerRole/" and a
+64-character id is 81, over the 80 it had).
+
+On PostgreSQL only, and only where a column is narrower: notification_0002 creates the tables
+from today's model, and SQLite ignores VARCHAR lengths. Widening a VARCHAR, or making it text,
+rewrites neither the table nor an index.
+
+Revision ID: notification_0005
+Revises: notification_0004
+Create Date: 2026-11-28
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+from ccm_shared.migrate import migration_schema
+
+revision = "notification_0005"
+down_revision = "notification_0004"
+branch_labels = None
+depends_on = None
+
+WIDER = (
+    ("organizations", "name", sa.Text()),
+    ("organizations", "email", sa.Text()),
+    ("provider_roles", "email", sa.Text()),
+    ("messages", "recipient", sa.Text()),
+    ("messages", "patient", sa.String(140)),
+)
+
+
+def _narrower(now: sa.types.TypeEngine, wanted: sa.types.TypeEngine) -> bool:
+    """Whether a column of type ``now`` holds less than ``wanted`` does (text: no limit)."""
+    held = getattr(now, "length", None)
+    if held is None:
+        return False  # text already
+    return wanted.length is None or wanted.length > held
+
+
+def upgrade() -> None:
+    if op.get_context().dialect.name != "postgresql":
+        return
+    schema = migration_schema()
+    inspector = sa.inspect(op.get_bind())
+    columns = {}
+    for table in {table for table, _, _ in WIDER}:
+        columns.update({(table, c["name"]): c["type"]
+                        for c in inspector.get_columns(table, schema=schema)})
+    for table, name, kind in WIDER:
+        if _narrower(columns[table, name], kind):
+            op.alter_column(table, name, type_=kind, existing_type=columns[table, name],
+                            schema=schema)
+
+
+def downgrade() -> None:
+    # Nothing: the code before this reads and writes the wider columns as it did the narrower
+    # ones, and what they hold now may not fit the old widths.
+    pass
