@@ -112,3 +112,25 @@ async def test_events_of_one_practice_never_touch_another(careplan):
     assert (await cp.client.get("/v1/practices/alpha/care-plans", headers=cp.auth())
             ).json()["total"] == 0
     assert (await detail(cp, practice="beta"))["care_plan"] == PLAN
+
+
+async def test_plans_dated_at_the_ends_of_the_calendar_are_tracked_not_dead_lettered(careplan):
+    """Found by fuzzing: a plan created on 9999-12-31 (ingest accepts it) raised "year 10000 is
+    out of range" working out its review, and its creation event was dead-lettered; a version
+    of 0001-01-01T00:00Z is a day before the calendar in the practice's zone (Chicago)."""
+    cp = careplan
+    await cp.deliver(f.care_plan("alpha", "CarePlan/last", at=T0, created="9999-12-31"))
+    last = await detail(cp, "CarePlan/last")
+    assert last["next_review_due"] == "9999-12-31" and last["review_state"] == "current"
+    # On its due day the review is due, never overdue: there is no day after it.
+    result = await cp.scheduler(datetime(9999, 12, 31, 12, tzinfo=UTC))
+    assert result.failed == [] and result.sent == 2
+    assert [e["data"]["dueDate"] for e in await cp.emitted("careplan.review.due.v1")] == [
+        "9999-12-31"]
+    assert await cp.emitted("careplan.review.overdue.v1") == []
+
+    await cp.deliver(f.care_plan("alpha", "CarePlan/first", at=datetime(1, 1, 1, tzinfo=UTC)))
+    first = await detail(cp, "CarePlan/first")
+    assert first["created"] == "0001-01-01" and first["next_review_due"] == "0002-01-01"
+    assert [v["last_updated"][:10] for v in first["versions"]] == ["0001-01-01"]
+    assert cp.runtime.consumers[0].stats.dead_lettered == 0

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import calendar
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import MAXYEAR, MINYEAR, date
 
 from ccm_careplan.domain.rules import ReviewRules
 
 DUE, REMINDER, OVERDUE, ESCALATED = "due", "reminder", "overdue", "escalated"
 COMPLETED, RESOLVED = "completed", "resolved"
 SCHEDULED_KINDS = (DUE, REMINDER, OVERDUE, ESCALATED)
+_LAST_DAY = date.max.toordinal()  # 9999-12-31: date arithmetic past it raises
 
 
 @dataclass(frozen=True, order=True)
@@ -27,11 +28,27 @@ class Step:
     step: int
 
 
-def add_months(day: date, months: int) -> date:
-    """Calendar months later; the 31st becomes the month's last day (Jan 31 + 1 = Feb 28/29)."""
+def add_months(day: date, months: int) -> date | None:
+    """Calendar months later; the 31st becomes the month's last day (Jan 31 + 1 = Feb 28/29).
+    None when that month is off the calendar (past December 9999)."""
     index = day.month - 1 + months
     year, month = day.year + index // 12, index % 12 + 1
+    if not MINYEAR <= year <= MAXYEAR:
+        return None
     return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+def days_after(day: date, days: int) -> date | None:
+    """``day`` plus ``days``, or None past the calendar's last day (9999-12-31): a day that
+    never comes, so nothing scheduled for it is ever owed."""
+    ordinal = day.toordinal() + days
+    return date.fromordinal(ordinal) if ordinal <= _LAST_DAY else None
+
+
+def days_before(day: date, days: int) -> date:
+    """``day`` minus ``days``, on the calendar's first day (0001-01-01) at the earliest: a
+    reminder due before the calendar began is owed from its first day, long past."""
+    return date.fromordinal(max(day.toordinal() - days, 1))
 
 
 def next_review_due(
@@ -39,35 +56,44 @@ def next_review_due(
 ) -> date:
     """Due date of the next review: ``anchor`` (last review, else plan creation) plus the
     interval, brought forward to ``early_trigger`` + N days after a clinical change."""
-    due = add_months(anchor, rules.review_interval_months)
+    # A due date past the calendar's last day (a plan dated in 9999, which ingest accepts: the
+    # overflow dead-lettered its creation event, never tracked) is that day. The plan stays
+    # tracked, as current, sorted after every real due date, and the date says plainly that its
+    # interval runs off the calendar; "no review due" (None) would show an active plan as not
+    # scheduled (review_state "inactive").
+    due = add_months(anchor, rules.review_interval_months) or date.max
     if early_trigger is not None and early_trigger > anchor:
-        due = min(due, early_trigger + timedelta(days=rules.early_review_within_days))
+        due = min(due, days_after(early_trigger, rules.early_review_within_days) or date.max)
     return due
 
 
 def reminder_dates(due: date, rules: ReviewRules, until: date) -> list[date]:
-    """Dates of reminders 1, 2, …: before due at each offset, then every M days while overdue."""
-    dates = [due - timedelta(days=d) for d in sorted(rules.reminder_days_before_due, reverse=True)]
+    """Dates of reminders 1, 2, …: before due at each offset, then every M days while overdue
+    (none past the calendar's last day)."""
+    dates = [days_before(due, d) for d in sorted(rules.reminder_days_before_due, reverse=True)]
     every = rules.overdue_reminder_every_days
     j = 1
-    while due + timedelta(days=j * every) <= until:
-        dates.append(due + timedelta(days=j * every))
+    while (day := days_after(due, j * every)) is not None and day <= until:
+        dates.append(day)
         j += 1
     return dates
 
 
-def first_escalation(due: date, rules: ReviewRules) -> date:
-    """Escalate once overdue more than X days, or after the K-th reminder — never before due."""
-    by_days = due + timedelta(days=rules.escalate_after_days_overdue + 1)
+def first_escalation(due: date, rules: ReviewRules) -> date | None:
+    """Escalate once overdue more than X days, or after the K-th reminder — never before due;
+    None when that day would be past the calendar's last (it never comes)."""
+    overdue = days_after(due, 1)
+    by_days = days_after(due, rules.escalate_after_days_overdue + 1)
     k = rules.escalate_after_reminders
-    if k <= 0:
+    if k <= 0 or overdue is None:
         return by_days
     before = len(rules.reminder_days_before_due)
     if k <= before:
         kth = reminder_dates(due, rules, due)[k - 1]
     else:
-        kth = due + timedelta(days=(k - before) * rules.overdue_reminder_every_days)
-    return max(due + timedelta(days=1), min(by_days, kth))
+        kth = days_after(due, (k - before) * rules.overdue_reminder_every_days)
+    earliest = min((d for d in (by_days, kth) if d is not None), default=None)
+    return None if earliest is None else max(overdue, earliest)
 
 
 def planned_steps(due: date, rules: ReviewRules, until: date) -> list[Step]:
@@ -76,15 +102,16 @@ def planned_steps(due: date, rules: ReviewRules, until: date) -> list[Step]:
     # turns both into a message to the provider, who should not get two at once.
     steps = [Step(due, DUE, 0)]
     steps += [Step(d, REMINDER, i) for i, d in enumerate(reminder_dates(due, rules, until), 1)]
-    steps.append(Step(due + timedelta(days=1), OVERDUE, 0))
+    if (overdue := days_after(due, 1)) is not None:
+        steps.append(Step(overdue, OVERDUE, 0))
     escalation = first_escalation(due, rules)
     level = 1
-    while escalation <= until:
+    while escalation is not None and escalation <= until:
         steps.append(Step(escalation, ESCALATED, level))
         if rules.escalation_repeat_days <= 0:
             break
         level += 1
-        escalation += timedelta(days=rules.escalation_repeat_days)
+        escalation = days_after(escalation, rules.escalation_repeat_days)
     return sorted(s for s in steps if s.on <= until)
 
 

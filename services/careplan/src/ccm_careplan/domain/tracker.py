@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, tzinfo
 
 SCHEDULED_STATUSES = frozenset({"active"})
 CLOSED_STATUSES = frozenset({"revoked", "completed", "entered-in-error"})
@@ -68,6 +68,16 @@ def parse_day(value: str | None) -> date | None:
 def parse_instant(value: str) -> datetime:
     instant = datetime.fromisoformat(value.replace("Z", "+00:00"))
     return instant if instant.tzinfo else instant.replace(tzinfo=UTC)
+
+
+def local_day(instant: datetime, zone: tzinfo) -> date:
+    """The calendar day of ``instant`` in ``zone``; the day it is written in when that one is
+    off the calendar (the last hours of 9999-12-31 east of its offset, the first of 0001-01-01
+    west of it), which raised OverflowError and dead-lettered the event."""
+    try:
+        return instant.astimezone(zone).date()
+    except OverflowError:
+        return instant.date()
 
 
 def as_utc(instant: datetime | None) -> datetime | None:

@@ -1,19 +1,22 @@
 """HTTP API of the care-plan tracker (problem+json errors; every route scoped to the caller's
-practice — another practice's plan answers 404)."""
+practice — another practice's plan answers 404).
+
+Every route needs a token with the ``careplan`` scope (``CareplanTenant``); without it → 403
+before the body is looked at."""
 
 from __future__ import annotations
 
 from datetime import date
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from ccm_careplan.domain.rules import DEFAULT_RULES, PRACTITIONER_REF, InvalidRules, ReviewRules
 from ccm_careplan.service_layer import commands, queries
 from ccm_careplan.service_layer.common import load_rules, practice_today
 from ccm_shared.errors import Conflict, InvalidInput, NotFound, PreconditionFailed
-from ccm_shared.http import TenantDep, authenticate, json_body_after
+from ccm_shared.http import TenantDep, json_body_after
 from ccm_shared.tenancy import Tenant
 from ccm_shared.text import ascii_digits
 
@@ -23,8 +26,21 @@ REF_PATTERN = PRACTITIONER_REF.pattern
 MAX_OFFSET = 1_000_000
 # A rules revision is a database INTEGER; longer digit strings cannot name one.
 MAX_REVISION_DIGITS = 10
-# A route whose body is a model: the caller, then the body as the platform's JSON APIs take it.
-JSON_BODY = json_body_after(authenticate)
+
+
+async def careplan_tenant(tenant: TenantDep) -> Tenant:
+    """The caller, when its token carries the ``careplan`` scope; else 403 (an EHR connection's
+    fhir:read + fhir:write token must not record reviews or change the rules)."""
+    tenant.require_scope(SCOPE)
+    return tenant
+
+
+CareplanTenant = Annotated[Tenant, Depends(careplan_tenant)]
+
+# A route whose body is a model: the caller and its scope first, then the body as the
+# platform's JSON APIs take it (the scope was checked in the handler, after the body: a token
+# without it was answered 415 or 422, not 403).
+JSON_BODY = json_body_after(careplan_tenant)
 
 
 class ReviewIn(BaseModel):
@@ -77,12 +93,6 @@ async def _context(uow, practice: str, now) -> tuple[ReviewRules, date]:  # noqa
                                                                         now)
 
 
-def _allowed(tenant: Tenant, practice: str | None = None) -> None:
-    if practice is not None:
-        tenant.require_practice(practice)
-    tenant.require_scope(SCOPE)
-
-
 def _rules_body(practice: str, rules: ReviewRules, revision: int) -> dict:
     warnings = []
     if rules.clinical_supervisor is None:
@@ -98,7 +108,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
 
     @api.get("/v1/practices/{practice}/care-plans", summary="The review tracker, filtered")
     async def list_care_plans(
-        practice: str, tenant: TenantDep,
+        practice: str, tenant: CareplanTenant,
         review: Annotated[str | None, Query(
             description="due | due-within:{days} | overdue | escalated | awaiting-signoff")] = None,
         patient: Annotated[str | None, Query(max_length=140)] = None,
@@ -108,7 +118,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     ) -> dict:
-        _allowed(tenant, practice)
+        tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             rules, today = await _context(uow, practice, clock())
             try:
@@ -123,8 +133,8 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
     @api.get("/v1/practices/{practice}/care-plans/overdue.csv",
              summary="Overdue reviews, most overdue first (compliance report)",
              response_class=Response, responses={200: {"content": {"text/csv": {}}}})
-    async def overdue_report(practice: str, tenant: TenantDep) -> Response:
-        _allowed(tenant, practice)
+    async def overdue_report(practice: str, tenant: CareplanTenant) -> Response:
+        tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             rules, today = await _context(uow, practice, clock())
             body = await queries.overdue_csv(uow, practice, today, rules)
@@ -133,8 +143,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
                 f'attachment; filename="care-plans-overdue-{practice}-{today}.csv"'})
 
     @api.get("/v1/care-plans/{tracker}", summary="One tracked plan with its full history")
-    async def get_care_plan(tracker: str, tenant: TenantDep) -> dict:
-        _allowed(tenant)
+    async def get_care_plan(tracker: str, tenant: CareplanTenant) -> dict:
         return await _detail(tenant.practice_id, tracker)
 
     async def _detail(practice: str, tracker: str) -> dict:
@@ -148,8 +157,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
     @api.post("/v1/care-plans/{tracker}/reviews", status_code=201,
               summary="Record a review: approved restarts the clock; declined records a refusal",
               dependencies=JSON_BODY)
-    async def post_review(tracker: str, body: ReviewIn, tenant: TenantDep) -> dict:
-        _allowed(tenant)
+    async def post_review(tracker: str, body: ReviewIn, tenant: CareplanTenant) -> dict:
         cmd = commands.RecordReview(tenant.practice_id, tracker, body.reviewer, body.review_date,
                                     body.outcome, body.notes)
         async with db.unit_of_work() as uow:
@@ -169,8 +177,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
               summary="A care-team member acknowledges the plan version they received",
               dependencies=JSON_BODY)
     async def post_acknowledgement(tracker: str, body: AcknowledgementIn,
-                                   tenant: TenantDep) -> Response:
-        _allowed(tenant)
+                                   tenant: CareplanTenant) -> Response:
         async with db.unit_of_work() as uow:
             try:
                 await commands.acknowledge(uow, practice=tenant.practice_id, tracker=tracker,
@@ -185,8 +192,8 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
 
     @api.get("/v1/practices/{practice}/care-plan-rules", tags=["rules"],
              summary="The practice's review, reminder and escalation rules (defaults if unset)")
-    async def get_rules(practice: str, tenant: TenantDep, response: Response) -> dict:
-        _allowed(tenant, practice)
+    async def get_rules(practice: str, tenant: CareplanTenant, response: Response) -> dict:
+        tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
             rules = await load_rules(uow.session, practice)
             revision = await commands.rules_revision(uow, practice)
@@ -196,9 +203,9 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
     @api.put("/v1/practices/{practice}/care-plan-rules", tags=["rules"],
              summary="Replace the practice's rules; plans' due dates follow at once",
              dependencies=JSON_BODY)
-    async def put_rules(practice: str, body: RulesIn, tenant: TenantDep, response: Response,
+    async def put_rules(practice: str, body: RulesIn, tenant: CareplanTenant, response: Response,
                         if_match: Annotated[str | None, Header()] = None) -> dict:
-        _allowed(tenant, practice)
+        tenant.require_practice(practice)
         expected = None
         if if_match is not None:
             raw = if_match.strip().removeprefix("W/").strip('"')

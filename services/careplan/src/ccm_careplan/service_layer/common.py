@@ -20,7 +20,7 @@ from ccm_careplan.adapters.orm import (
 )
 from ccm_careplan.domain.rules import DEFAULT_RULES, ReviewRules, rules_from_dict
 from ccm_careplan.domain.schedule import idempotency_key, next_review_due
-from ccm_careplan.domain.tracker import Directory, recipients, resolve_provider
+from ccm_careplan.domain.tracker import Directory, local_day, recipients, resolve_provider
 from ccm_shared.db import UnitOfWork, dialect_insert
 from ccm_shared.events import CloudEvent
 from ccm_shared.tables import practices
@@ -62,7 +62,7 @@ async def practice_zone(session: AsyncSession, practice: str) -> ZoneInfo:
 
 async def practice_today(session: AsyncSession, practice: str, now: datetime) -> date:
     """Review dates are calendar days in the practice's own time zone."""
-    return now.astimezone(await practice_zone(session, practice)).date()
+    return local_day(now, await practice_zone(session, practice))
 
 
 def compute_due(row: dict, rules: ReviewRules) -> date:

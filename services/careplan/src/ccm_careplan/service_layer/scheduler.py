@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 
 import structlog
 from sqlalchemy import bindparam, select, update
 
 from ccm_careplan.adapters.orm import patients, review_steps, trackers
 from ccm_careplan.domain.rules import ReviewRules
-from ccm_careplan.domain.schedule import ESCALATED, REMINDER, steps_owed
+from ccm_careplan.domain.schedule import ESCALATED, REMINDER, days_after, steps_owed
 from ccm_careplan.domain.tracker import Directory, resolve_provider
 from ccm_careplan.service_layer.common import (
     StepClaim,
@@ -113,7 +113,7 @@ async def _practice_pass(
         rules = await load_rules(uow.session, practice)
         today = await practice_today(uow.session, practice, now)
         directory = await practitioner_directory(uow.session, practice)
-    horizon = today + timedelta(days=rules.due_window_days)
+    horizon = days_after(today, rules.due_window_days) or date.max
     unusable = (
         select(patients.c.patient).where(
             patients.c.practice == practice,

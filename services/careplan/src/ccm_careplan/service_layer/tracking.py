@@ -29,6 +29,7 @@ from ccm_careplan.domain.tracker import (
     SIGNED_OUTCOMES,
     as_utc,
     is_chronic_active,
+    local_day,
     parse_day,
     parse_instant,
 )
@@ -112,7 +113,7 @@ async def _close_cycle(
 
 
 async def _local_day(uow: UnitOfWork, practice: str, instant: datetime) -> date:
-    return instant.astimezone(await practice_zone(uow.session, practice)).date()
+    return local_day(instant, await practice_zone(uow.session, practice))
 
 
 async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:

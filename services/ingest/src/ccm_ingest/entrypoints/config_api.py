@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
 from ccm_shared.errors import Forbidden, InvalidInput, NotFound
 from ccm_shared.http import JsonObject, TenantDep
 from ccm_shared.service import ServiceRuntime
+from ccm_shared.tenancy import Tenant
+
+CHANGE_SCOPE = "admin"
+
+
+async def config_admin(tenant: TenantDep) -> Tenant:
+    """The caller, when its token may change the configuration; else 403. A dependency, ahead of
+    the body's (checked in the handler, after the body, a token without the scope was answered
+    415 or 400, not 403)."""
+    if CHANGE_SCOPE not in tenant.scopes:
+        raise Forbidden(f"changing the ingest configuration needs the {CHANGE_SCOPE!r} scope")
+    return tenant
+
+
+ConfigAdmin = Annotated[Tenant, Depends(config_admin)]
 
 
 def build_router(runtime: ServiceRuntime) -> APIRouter:
@@ -48,10 +63,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                     "application/json": {"schema": {"type": "object",
                                                      "additionalProperties": True,
                                                      "title": "Overrides"}}}}})
-    async def write_config(practice: str, tenant: TenantDep, overrides: JsonObject) -> dict:
+    async def write_config(practice: str, tenant: ConfigAdmin, overrides: JsonObject) -> dict:
         tenant.require_practice(practice)
-        if "admin" not in tenant.scopes:
-            raise Forbidden("changing the ingest configuration needs the 'admin' scope")
         try:
             effective = DEFAULT_CONFIG.merged(overrides)
         except ConfigInvalid as exc:
