@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from ccm_shared.db import REFUSED_VALUES, gave_way, sqlstate
 from ccm_shared.errors import (
@@ -270,6 +271,19 @@ def problem_response(exc: AppError) -> JSONResponse:
     )
 
 
+# What a 405's Allow may name: the methods the platform's routes are declared with.
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(app: FastAPI, scope) -> list[str]:  # noqa: ANN001 - an ASGI scope
+    """The methods ``app`` takes at the request's path (a 405's ``Allow``): each one asked of
+    the routes as a request of that method would be. A path's GET and PUT are routes of their
+    own, and Starlette's 405 named only those of the first route matching the path."""
+    return [method for method in _METHODS
+            if any(route.matches({**scope, "method": method})[0] is Match.FULL
+                   for route in app.router.routes)]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
@@ -296,10 +310,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        detail = ""
+        if exc.status_code == 405 and (allowed := allowed_methods(request.app, request.scope)):
+            # RFC 9110: a 405 names the methods the resource takes (Starlette's names only
+            # those of the first route matching the path, and the platform dropped even that).
+            headers["Allow"] = ", ".join(allowed)
+            detail = f"{request.method} is not taken here; this URL takes {', '.join(allowed)}"
         return JSONResponse(
-            problem(exc.status_code, str(exc.detail), ""),
+            problem(exc.status_code, str(exc.detail), detail),
             status_code=exc.status_code,
             media_type=PROBLEM_JSON,
+            headers=headers or None,
         )
 
     @app.exception_handler(DBAPIError)
