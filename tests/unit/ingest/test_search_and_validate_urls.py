@@ -211,3 +211,37 @@ async def test_a_batch_entry_the_token_may_not_do_is_refused_alone(fhir, scope, 
     whole = await fhir.post("/fhir", json={**bundle, "type": "transaction"},
                             headers={"Authorization": f"Bearer {token}"})
     assert whole.status_code == 403
+
+
+async def test_a_conditional_create_matching_other_content_warns_that_nothing_changed(fhir):
+    """An EHR that re-sent an Encounter as entered-in-error by ifNoneExist (the README's
+    pattern for re-sending) got 200 OK: nothing stored, nothing said."""
+    from tests.unit.ingest.conftest import events
+
+    enc = {**ccm_encounter(), "identifier": [{"system": "urn:ehr:enc", "value": "E-1"}]}
+    enc.pop("id", None)
+
+    def bundle(resource: dict) -> dict:
+        return {"resourceType": "Bundle", "type": "transaction", "entry": [{
+            "fullUrl": "urn:uuid:5b0b6a8e-3f7e-4d0e-9d37-2c1f0f3c2a10", "resource": resource,
+            "request": {"method": "POST", "url": "Encounter",
+                        "ifNoneExist": "identifier=urn:ehr:enc|E-1"}}]}
+
+    first = (await fhir.post("/fhir", json=bundle(enc))).json()["entry"][0]["response"]
+    assert first["status"] == "201 Created" and "outcome" not in first
+    same = (await fhir.post("/fhir", json=bundle(enc))).json()["entry"][0]["response"]
+    assert same["status"] == "200 OK" and "outcome" not in same  # the same: nothing to say
+    changed = {**enc, "status": "entered-in-error"}
+    for kind in ("transaction", "batch"):
+        r = (await fhir.post("/fhir", json={**bundle(changed), "type": kind})).json()
+        answer = r["entry"][0]["response"]
+        assert answer["status"] == "200 OK"
+        (issue,) = answer["outcome"]["issue"]
+        assert issue["severity"] == "warning" and issue["code"] == "duplicate"
+        assert "PUT Encounter?identifier=urn:ehr:enc|E-1" in issue["diagnostics"]
+    rest = await fhir.post("/fhir/Encounter", json=changed, headers={
+        "If-None-Exist": "identifier=urn:ehr:enc|E-1", "Prefer": "return=OperationOutcome"})
+    assert rest.status_code == 200 and rest.json()["issue"][0]["code"] == "duplicate"
+    # As FHIR says: the match is not changed, and no reversal went out.
+    assert len(await events(fhir, "ingest.time-entry.logged.v1")) == 1
+    assert await events(fhir, "ingest.time-entry.reversed.v1") == []

@@ -712,8 +712,9 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                 pending.append((e, write))
                 continue
             if e.method == "POST" and e.if_none_exist:  # its id was settled by _resolve_ids
-                if e.found is not None:
-                    results[e.index] = e.found
+                if e.found is not None:  # (its references rewritten: comparable now)
+                    results[e.index] = handlers.kept_as_it_is(e.found, e.resource,
+                                                              e.if_none_exist)
                 elif e.same_as is not None:  # answers with what that entry stored
                     await flush()
                     first = results[e.same_as.index]

@@ -447,8 +447,23 @@ async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
     if if_none_exist:
         found = await claim_create(uow, caller, rtype, rid, if_none_exist)
         if found is not None:
-            return found
+            return kept_as_it_is(found, resource, if_none_exist)
     return await store(uow, caller, rtype, rid, resource, fresh=True, where=where)
+
+
+def kept_as_it_is(found: Outcome, sent: dict[str, Any], criteria: str) -> Outcome:
+    """``found``, the match of a conditional create, with a warning when what was ``sent`` is
+    other content than the match's: FHIR's conditional create never changes a match, so an
+    EHR that re-sends a changed resource that way (an Encounter now entered-in-error) is told
+    its change was not stored, and how to send one."""
+    if found.version is not None and found.version.sha256 != content_hash(sent):
+        rtype = found.resource_type
+        found.issues.append(Issue(
+            "warning", "duplicate", f"{rtype}/{found.id} matches {criteria!r} and is kept as "
+            "it is: what was sent differs from it and was not stored (a conditional create "
+            f"never changes its match; send a change as a conditional update, PUT "
+            f"{rtype}?{criteria.partition('?')[2] or criteria}, or PUT {rtype}/{found.id})"))
+    return found
 
 
 async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
