@@ -490,7 +490,12 @@ def _errors_as_sent(schema: dict) -> dict:
         media, name = (("application/fhir+json", "OperationOutcome") if fhir
                        else ("application/problem+json", "Problem"))
         for operation in operations.values():
-            for status, response in operation.get("responses", {}).items():
+            responses = operation.get("responses", {})
+            if fhir and "422" in responses and "400" not in responses:
+                # Under /fhir a request that does not validate (a search's _count=5000) is a
+                # 400, FHIR's status for a refused parameter, as both services answer it.
+                responses["400"] = {**responses.pop("422"), "description": "Bad Request"}
+            for status, response in responses.items():
                 if status[:1] in ("4", "5") and "application/json" in response.get("content", {}):
                     response["content"] = {media: {"schema": {
                         "$ref": f"#/components/schemas/{name}"}}}
