@@ -601,3 +601,32 @@ def test_an_unreadable_renewal_interval_is_said_once_per_practice_and_value():
     assert [(e["practice"], e["value"]) for e in warned] == [
         ("warned-once", "'a year'"), ("warned-once", "'two years'"),
         ("warned-once", "'two years'")]
+
+
+@pytest.mark.parametrize(("day", "months", "expected"), [
+    ((9999, 6, 1), 12, (9999, 12, 31)),   # past the calendar: its last day
+    ((9999, 12, 31), 1, (9999, 12, 31)),
+    ((1, 6, 1), -12, (1, 1, 1)),          # before it: its first day
+    ((1, 1, 31), -1, (1, 1, 1)),
+    ((9999, 1, 31), 11, (9999, 12, 31)),  # still inside: the month's own clamp
+])
+def test_add_months_stops_at_the_ends_of_the_calendar(day, months, expected):
+    """year 10000 is out of range: a consent renewal or care plan review dated by the EHR near
+    9999, or a look-back from year 1, failed the patient's decision."""
+    from datetime import date
+    assert domain.add_months(date(*day), months) == date(*expected)
+
+
+async def test_a_care_plan_and_consent_dated_at_the_calendar_end_are_decided(billing):
+    from tests.unit.billing import events as ev
+    from tests.unit.billing.test_billing_flow import api, deliver
+
+    # A visit looks back from a consent obtained in year 1 (for its initiating visit).
+    await deliver(billing, *ev.enrolled_patient("alpha", "p9"),
+                  ev.care_plan("alpha", "p9", "cp-end", created="9999-12-31", version=2),
+                  ev.consent("alpha", "p9", "c-end", obtained="0001-03-01T10:00:00Z",
+                             version=2),
+                  ev.visit("alpha", "p9", "v-1", day="0001-02-01"))
+    r = await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")
+    assert r.status_code == 200, r.text
+    assert any(p["patient"].endswith("p9") for p in r.json()["patients"])

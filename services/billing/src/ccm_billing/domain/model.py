@@ -67,6 +67,8 @@ class Month:
 
     @cached_property
     def last_day(self) -> date:
+        if self.month == 12:  # (December 9999 has no next month's first day)
+            return date(self.year, 12, 31)
         return date.fromordinal(self.next().first_day.toordinal() - 1)
 
     def next(self) -> Month:
@@ -82,8 +84,15 @@ class Month:
 
 def add_months(day: date, months: int) -> date:
     """The same day ``months`` later (or earlier), clamped to that month's last day (Jan 31 + 1
-    → Feb 28 or 29): the consent renewal, review and initiating-visit look-back clocks."""
+    → Feb 28 or 29): the consent renewal, review and initiating-visit look-back clocks. Past the
+    calendar's ends it is the end: a renewal due after 9999-12-31 is due then, a look-back from
+    year 1 reaches 0001-01-01 (the dates come from EHRs; ``year 10000 is out of range`` failed
+    the patient's decision, and with it a consumer's event or a month's close)."""
     index = day.year * 12 + day.month - 1 + months
+    if index < 12:  # before year 1
+        return date.min
+    if index >= 10_000 * 12:
+        return date.max
     target = Month(index // 12, index % 12 + 1)
     return target.last_day if day.day > target.last_day.day else target.first_day.replace(
         day=day.day)
