@@ -90,6 +90,26 @@ def column_names(table: str) -> set[str]:
                                                                      schema=migration_schema())}
 
 
+def widen_columns(wider: Sequence[tuple[str, str, sa.types.TypeEngine]]) -> None:
+    """Inside a migration, on PostgreSQL: each (table, column, type) made that type where the
+    column holds less now (a shorter VARCHAR; text holds anything), never narrowed. Widening a
+    VARCHAR, or making it text, rewrites neither the table nor its indexes. SQLite ignores
+    VARCHAR lengths: nothing to do there."""
+    if op.get_context().dialect.name != "postgresql":
+        return
+    schema = migration_schema()
+    inspector = sa.inspect(op.get_bind())
+    now = {}
+    for table in {table for table, _, _ in wider}:
+        now.update({(table, c["name"]): c["type"]
+                    for c in inspector.get_columns(table, schema=schema)})
+    for table, name, kind in wider:
+        held = getattr(now[table, name], "length", None)
+        if held is not None and (kind.length is None or kind.length > held):
+            op.alter_column(table, name, type_=kind, existing_type=now[table, name],
+                            schema=schema)
+
+
 def create_inbox_age_index() -> None:
     """Messaging version 2, in each service's migration of its own: the inbox's index on
     ``processed_at`` that retention deletes by (the first migration creates it from today's

@@ -19,7 +19,7 @@ Create Date: 2026-11-28
 import sqlalchemy as sa
 from alembic import op
 
-from ccm_shared.migrate import migration_schema
+from ccm_shared.migrate import migration_schema, widen_columns
 
 revision = "billing_0019"
 down_revision = "billing_0018"
@@ -45,14 +45,6 @@ WIDER = (
 MBI_INDEX = "ix_patients_mbi"
 
 
-def _narrower(now: sa.types.TypeEngine, wanted: sa.types.TypeEngine) -> bool:
-    """Whether a column of type ``now`` holds less than ``wanted`` does (text: no limit)."""
-    held = getattr(now, "length", None)
-    if held is None:
-        return False  # text already
-    return wanted.length is None or wanted.length > held
-
-
 def _index_method(name: str) -> str | None:
     return op.get_bind().execute(sa.text(
         "SELECT am.amname FROM pg_class i JOIN pg_am am ON am.oid = i.relam "
@@ -64,18 +56,10 @@ def upgrade() -> None:
     if op.get_context().dialect.name != "postgresql":
         return
     schema = migration_schema()
-    inspector = sa.inspect(op.get_bind())
-    columns = {}
-    for table in {table for table, _, _ in WIDER}:
-        columns.update({(table, c["name"]): c["type"]
-                        for c in inspector.get_columns(table, schema=schema)})
     method = _index_method(MBI_INDEX)
     if method not in (None, "hash"):
         op.drop_index(MBI_INDEX, table_name="patients", schema=schema)
-    for table, name, kind in WIDER:
-        if _narrower(columns[table, name], kind):
-            op.alter_column(table, name, type_=kind, existing_type=columns[table, name],
-                            schema=schema)
+    widen_columns(WIDER)
     if method != "hash":
         op.create_index(MBI_INDEX, "patients", ["mbi"], postgresql_using="hash", schema=schema)
 

@@ -15,9 +15,8 @@ Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
-from alembic import op
 
-from ccm_shared.migrate import migration_schema
+from ccm_shared.migrate import widen_columns
 
 revision = "notification_0005"
 down_revision = "notification_0004"
@@ -33,27 +32,8 @@ WIDER = (
 )
 
 
-def _narrower(now: sa.types.TypeEngine, wanted: sa.types.TypeEngine) -> bool:
-    """Whether a column of type ``now`` holds less than ``wanted`` does (text: no limit)."""
-    held = getattr(now, "length", None)
-    if held is None:
-        return False  # text already
-    return wanted.length is None or wanted.length > held
-
-
 def upgrade() -> None:
-    if op.get_context().dialect.name != "postgresql":
-        return
-    schema = migration_schema()
-    inspector = sa.inspect(op.get_bind())
-    columns = {}
-    for table in {table for table, _, _ in WIDER}:
-        columns.update({(table, c["name"]): c["type"]
-                        for c in inspector.get_columns(table, schema=schema)})
-    for table, name, kind in WIDER:
-        if _narrower(columns[table, name], kind):
-            op.alter_column(table, name, type_=kind, existing_type=columns[table, name],
-                            schema=schema)
+    widen_columns(WIDER)
 
 
 def downgrade() -> None:
