@@ -53,7 +53,7 @@ from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
-from ccm_shared.text import ascii_digits, is_text
+from ccm_shared.text import is_text
 
 
 class PracticeCache:
@@ -664,15 +664,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                     tenant: TenantDep) -> Response:
         tenant.require_scope("fhir:read")
         _check_type(rtype)
-        if not ascii_digits(vid, 9):
-            raise rejected(404, "not-found", f"version {vid!r} is not known", "vid")
         async with runtime.db.unit_of_work() as uow:
-            version = await SqlResourceRepository(uow.session, tenant.practice_id).version(
-                rtype, rid, int(vid))
-        if version is None:
-            raise rejected(404, "not-found", f"{rtype}/{rid}/_history/{vid} is not known")
-        if version.deleted:
-            raise rejected(410, "deleted", f"version {vid} of {rtype}/{rid} is a deletion")
+            version = await handlers.version_or_error(
+                SqlResourceRepository(uow.session, tenant.practice_id), rtype, rid, vid)
         outcome = Outcome(200, rtype, rid, version)
         return fhir_json(version.resource, 200, version_headers(outcome, base(request)))
 

@@ -31,7 +31,6 @@ from ccm_ingest.service_layer import resources as handlers
 from ccm_ingest.service_layer.resources import Caller, Outcome
 from ccm_shared.db import UnitOfWork, gave_way
 from ccm_shared.ids import random_uuid
-from ccm_shared.text import ascii_digits
 
 log = structlog.get_logger(__name__)
 
@@ -633,15 +632,8 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
 async def _vread(repo: SqlResourceRepository, e: Entry) -> Outcome:
     """``GET Type/id/_history/vid``: that version, as the REST vread answers it (404 for one
     not stored, 410 for a deletion)."""
-    vid = e.history or ""
-    asked = f"{e.rtype}/{e.rid}/_history/{vid}"
-    version = await repo.version(e.rtype, e.rid or "", int(vid)) if ascii_digits(vid, 9) \
-        else None
-    if version is None:
-        raise rejected(404, "not-found", f"{asked} is not known", f"{_where(e.index)}.request.url")
-    if version.deleted:
-        raise rejected(410, "deleted", f"version {vid} of {e.rtype}/{e.rid} is a deletion",
-                       f"{_where(e.index)}.request.url")
+    version = await handlers.version_or_error(repo, e.rtype, e.rid or "", e.history or "",
+                                              f"{_where(e.index)}.request.url")
     return Outcome(200, e.rtype, e.rid or "", version)
 
 

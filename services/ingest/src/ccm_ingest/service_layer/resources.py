@@ -845,6 +845,18 @@ def validated(resource: Any, rtype: str | None = None) -> dict[str, Any]:
     return checked
 
 
+async def version_or_error(repo: SqlResourceRepository, rtype: str, rid: str, vid: str,
+                           where: str | None = None) -> VersionRow:
+    """Version ``vid`` of ``rtype/rid`` (a vread), or 404 (not stored here, or no version
+    number) / 410 (a deletion); ``where``: the element the issue names."""
+    version = await repo.version(rtype, rid, int(vid)) if ascii_digits(vid, 9) else None
+    if version is None:
+        raise rejected(404, "not-found", f"{rtype}/{rid}/_history/{vid} is not known", where)
+    if version.deleted:
+        raise rejected(410, "deleted", f"version {vid} of {rtype}/{rid} is a deletion", where)
+    return version
+
+
 def current_or_error(found: tuple[CurrentRow, VersionRow] | None, rtype: str,
                      rid: str) -> VersionRow:
     """The current version, or 404 (never existed here) / 410 (deleted)."""
