@@ -284,11 +284,107 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:  # noqa: ANN001 - an ASGI
                    for route in app.router.routes)]
 
 
+# -- /fhir: every error an OperationOutcome ------------------------------------------------------
+
+FHIR_JSON = "application/fhir+json"
+# The OperationOutcome issue type of an HTTP status (else "exception" for a 5xx, "processing").
+FHIR_ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found",
+                    405: "not-supported", 406: "not-supported", 409: "conflict", 410: "deleted",
+                    413: "too-costly", 415: "not-supported", 422: "invalid", 429: "throttled",
+                    503: "transient"}
+
+
+def is_fhir_path(path: str) -> bool:
+    return path == "/fhir" or path.startswith("/fhir/")
+
+
+def fhir_issue_code(status: int) -> str:
+    return FHIR_ISSUE_CODES.get(status, "exception" if status >= 500 else "processing")
+
+
+def outcome_body(status: int, diagnostics: str, code: str | None = None) -> bytes:
+    """An OperationOutcome of one error issue, as JSON."""
+    return json.dumps({"resourceType": "OperationOutcome", "issue": [{
+        "severity": "error", "code": code or fhir_issue_code(status),
+        "diagnostics": diagnostics}]}).encode()
+
+
+def _outcome_response(status: int, diagnostics: str, code: str):  # noqa: ANN202 - ASGI app
+    body = outcome_body(status, diagnostics, code)
+
+    async def respond(scope, receive, send) -> None:  # noqa: ANN001
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", FHIR_JSON.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+    return respond
+
+
+class FhirErrors:
+    """ASGI wrapper around a service's whole app (the platform's middleware included), for its
+    /fhir paths: a FHIR client reads OperationOutcomes, not problem+json. A URL with a NUL is a
+    400 before anything reads it (PostgreSQL text cannot hold one: an id or search value with it
+    was a 422 of the database's refusal). Whatever the platform answers as problem+json there
+    (the body limit's 413, an unknown URL's 404, a 405, an unexpected error's 500) is sent as
+    the OperationOutcome of the same status, its headers kept (``Allow``,
+    ``WWW-Authenticate``, ``Retry-After``)."""
+
+    def __init__(self, app) -> None:  # noqa: ANN001
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http" or not is_fhir_path(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            return await _outcome_response(400, "the URL has a NUL character (%00)", "value")(
+                scope, receive, send)
+        held: dict = {}
+
+        async def rewrite(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start" and any(
+                    k == b"content-type" and v.startswith(PROBLEM_JSON.encode())
+                    for k, v in message.get("headers", [])):
+                held.update(start=message, body=b"")
+                return
+            if "start" not in held or message["type"] != "http.response.body":
+                return await send(message)
+            held["body"] += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            start = held.pop("start")
+            try:
+                problem_doc = json.loads(held.pop("body") or b"{}")
+            except ValueError:
+                problem_doc = {}
+            status = start["status"]
+            body = outcome_body(status, problem_doc.get("detail") or problem_doc.get("title")
+                                or str(status))
+            headers = [(k, v) for k, v in start.get("headers", [])
+                       if k not in (b"content-type", b"content-length")]
+            headers += [(b"content-type", FHIR_JSON.encode()),
+                        (b"content-length", str(len(body)).encode())]
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)
+
+
+def wrap_fhir_errors(app: FastAPI, outer: Callable[[Any], Any] | None = None) -> None:
+    """Serve ``app`` through ``FhirErrors`` (and ``outer`` around that, a service's own /fhir
+    edge), from the first request on."""
+    build = app.build_middleware_stack
+
+    def build_with_outcomes():  # noqa: ANN202
+        wrapped = FhirErrors(build())
+        return outer(wrapped) if outer is not None else wrapped
+
+    app.build_middleware_stack = build_with_outcomes  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def _app_error(request: Request, exc: AppError) -> JSONResponse:
         handler = getattr(request.app.state, "fhir_error_handler", None)
-        if handler is not None and request.url.path.startswith("/fhir"):
+        if handler is not None and is_fhir_path(request.url.path):
             response = handler(exc)
         else:
             response = problem_response(exc)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
@@ -12,18 +11,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ccm_ingest.domain.model import FhirRejected, Issue
 from ccm_ingest.entrypoints.outcomes import (
-    FHIR_JSON,
     app_error_response,
-    operation_outcome,
     outcome_response,
     rejected_response,
 )
-
-HTTP_ISSUE_CODES = {404: "not-found", 405: "not-supported", 413: "too-costly", 415: "not-supported"}
+from ccm_shared.http import fhir_issue_code, is_fhir_path, wrap_fhir_errors
 
 
 def _is_fhir(request: Request) -> bool:
-    return request.url.path == "/fhir" or request.url.path.startswith("/fhir/")
+    return is_fhir_path(request.url.path)
 
 
 def install(app: FastAPI) -> None:
@@ -47,7 +43,7 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):  # noqa: ANN202
         if not _is_fhir(request):
             return await platform_http(request, exc)
-        code = HTTP_ISSUE_CODES.get(exc.status_code, "processing")
+        code = fhir_issue_code(exc.status_code)
         headers = dict(exc.headers or {})
         detail = str(exc.detail)
         if exc.status_code == 405:  # Starlette names only the first route's methods
@@ -58,14 +54,10 @@ def install(app: FastAPI) -> None:
                 detail += " (a create with an id of your own is a PUT to this URL)"
         return outcome_response(exc.status_code, [Issue("error", code, detail)], headers)
 
-    # The platform middleware answers an oversized Content-Length with problem+json before any
-    # route or handler runs; rewrite that one response for /fhir (ccm_shared has no hook).
-    build = app.build_middleware_stack
-
-    def build_with_outcomes():  # noqa: ANN202
-        return FhirEdge(build())
-
-    app.build_middleware_stack = build_with_outcomes  # type: ignore[method-assign]
+    # The platform middleware answers an oversized Content-Length (and what fails past every
+    # handler) with problem+json before any route runs: the platform's FhirErrors rewrites
+    # those for /fhir, and refuses a URL with a NUL; FhirEdge, outside it, what only ingest does.
+    wrap_fhir_errors(app, outer=FhirEdge)
 
 
 def _allowed(request: Request) -> list[str]:
@@ -156,20 +148,15 @@ def _media_range(text: str) -> str:
 
 class FhirEdge:
     """ASGI wrapper of /fhir paths: 406 OperationOutcome when the request wants a format other
-    than JSON; a trailing slash is the URL without it; a problem+json 413 (from the platform's
-    body limit) becomes an OperationOutcome."""
+    than JSON; a trailing slash is the URL without it."""
 
     def __init__(self, app) -> None:  # noqa: ANN001
         self.app = app
 
     async def __call__(self, scope, receive, send):  # noqa: ANN001
         path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == "/fhir" or path.startswith("/fhir/")):
+        if scope["type"] != "http" or not is_fhir_path(path):
             return await self.app(scope, receive, send)
-        if "\x00" in path or b"%00" in scope.get("query_string", b""):
-            # PostgreSQL text cannot hold a NUL: an id or search value with one is refused here.
-            return await outcome_response(400, [Issue(
-                "error", "value", "the URL has a NUL character (%00)")])(scope, receive, send)
         if (issue := unacceptable(scope)) is not None:
             return await outcome_response(406, [issue])(scope, receive, send)
         raw = scope.get("raw_path") or path.encode()
@@ -180,27 +167,4 @@ class FhirEdge:
             # slash as sent: an encoded one (``%2F``) is part of an id, never stripped.
             slashes = len(raw) - len(raw.rstrip(b"/"))
             scope = {**scope, "path": path[:-slashes], "raw_path": raw[:-slashes]}
-        held: dict = {}
-
-        async def rewrite(message):  # noqa: ANN001, ANN202
-            if message["type"] == "http.response.start" and message["status"] == 413 and any(
-                k == b"content-type" and v.startswith(b"application/problem+json")
-                for k, v in message.get("headers", [])
-            ):
-                held["start"] = message
-                return
-            if "start" in held and message["type"] == "http.response.body":
-                detail = json.loads(message.get("body") or b"{}").get("detail", "too large")
-                body = json.dumps(operation_outcome(
-                    [Issue("error", "too-costly", detail)])).encode()
-                start = held.pop("start")
-                headers = [(k, v) for k, v in start["headers"]
-                           if k not in (b"content-type", b"content-length")]
-                headers += [(b"content-type", FHIR_JSON.encode()),
-                            (b"content-length", str(len(body)).encode())]
-                await send({**start, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-            await send(message)
-
-        await self.app(scope, receive, rewrite)
+        await self.app(scope, receive, send)

@@ -666,7 +666,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         _check_type(rtype)
         async with runtime.db.unit_of_work() as uow:
             version = await handlers.version_or_error(
-                SqlResourceRepository(uow.session, tenant.practice_id), rtype, rid, vid)
+                SqlResourceRepository(uow.session, tenant.practice_id), rtype, rid, vid, "vid")
         outcome = Outcome(200, rtype, rid, version)
         return fhir_json(version.resource, 200, version_headers(outcome, base(request)))
 
