@@ -96,29 +96,86 @@ def first_escalation(due: date, rules: ReviewRules) -> date | None:
     return None if earliest is None else max(overdue, earliest)
 
 
-def planned_steps(due: date, rules: ReviewRules, until: date) -> list[Step]:
-    """Every step of the cycle due on or before ``until``, in date order."""
+def _reminders_on_or_before(due: date, rules: ReviewRules, day: date) -> int:
+    """How many reminders fall on or before ``day``: they are numbered in date order, so these
+    are reminders 1…n."""
+    before = sum(1 for d in rules.reminder_days_before_due if days_before(due, d) <= day)
+    return before + max(0, (day - due).days) // rules.overdue_reminder_every_days
+
+
+def _count_on_or_before(due: date, rules: ReviewRules, kind: str, day: date | None) -> int:
+    """How many reminders or escalations (numbered 1…n in date order) fall on or before ``day``
+    (None: the day before the calendar's first)."""
+    if day is None:
+        return 0
+    if kind == REMINDER:
+        return _reminders_on_or_before(due, rules, day)
+    first = first_escalation(due, rules)
+    if first is None or first > day:
+        return 0
+    if rules.escalation_repeat_days <= 0:
+        return 1
+    return (day - first).days // rules.escalation_repeat_days + 1
+
+
+def _numbered(due: date, rules: ReviewRules, kind: str, first: int, last: int) -> list[Step]:
+    """Reminders or escalations number ``first`` to ``last`` (all on the calendar)."""
+    if kind == REMINDER:
+        offsets = sorted(rules.reminder_days_before_due, reverse=True)
+        every = rules.overdue_reminder_every_days
+        return [Step(days_before(due, offsets[n - 1]) if n <= len(offsets)
+                     else date.fromordinal(due.toordinal() + (n - len(offsets)) * every),
+                     REMINDER, n) for n in range(first, last + 1)]
+    start, repeat = first_escalation(due, rules), rules.escalation_repeat_days
+    return [Step(date.fromordinal(start.toordinal() + (n - 1) * repeat), ESCALATED, n)
+            for n in range(first, last + 1)]
+
+
+def _day_before(day: date) -> date | None:
+    return None if day == date.min else date.fromordinal(day.toordinal() - 1)
+
+
+def _notices(due: date) -> list[Step]:
+    """The due and overdue notices: one of each per cycle."""
+    overdue = days_after(due, 1)
+    return [Step(due, DUE, 0)] + ([] if overdue is None else [Step(overdue, OVERDUE, 0)])
+
+
+def planned_steps(
+    due: date, rules: ReviewRules, until: date, since: date = date.min
+) -> list[Step]:
+    """Every step of the cycle due on or before ``until`` (and on or after ``since``), in date
+    order."""
     # The due notice goes out on the due date itself, never on a reminder's day: notification
     # turns both into a message to the provider, who should not get two at once.
-    steps = [Step(due, DUE, 0)]
-    steps += [Step(d, REMINDER, i) for i, d in enumerate(reminder_dates(due, rules, until), 1)]
-    if (overdue := days_after(due, 1)) is not None:
-        steps.append(Step(overdue, OVERDUE, 0))
-    escalation = first_escalation(due, rules)
-    level = 1
-    while escalation is not None and escalation <= until:
-        steps.append(Step(escalation, ESCALATED, level))
-        if rules.escalation_repeat_days <= 0:
-            break
-        level += 1
-        escalation = days_after(escalation, rules.escalation_repeat_days)
-    return sorted(s for s in steps if s.on <= until)
+    steps = _notices(due)
+    # Reminders and escalations are computed from their numbers for the days asked for only:
+    # a cycle due in year 2 (a plan created on 0001-01-01) has 130,000 of them by now.
+    for kind in (REMINDER, ESCALATED):
+        steps += _numbered(due, rules, kind,
+                           _count_on_or_before(due, rules, kind, _day_before(since)) + 1,
+                           _count_on_or_before(due, rules, kind, until))
+    return sorted(s for s in steps if since <= s.on <= until)
+
+
+# How far back a pass records each owed step on its own: two years (with a leap day). A plan
+# overdue for less than that, or a scheduler down for less than that, records exactly what it
+# always did. Only a plan whose dates lie years in the past owes older steps (a CarePlan created
+# on 0001-01-01, which FHIR allows and an EHR can send by mistake, owed 130,000, all written in
+# one pass of the scheduler every practice shares): the newest of them is recorded as superseded
+# and stands for all of them. A pass thus records at most two years of steps per plan (about
+# 135 under the default rules, under 1,500 with daily reminders and escalations), and what the
+# plan shows (overdue, its escalation level, the latest step of each kind, sent) is what it
+# would be without the bound. Fixed rather than one review interval: a monthly-review practice
+# whose scheduler was down for five weeks still gets each missed step recorded on its own.
+CATCH_UP_DAYS = 731
 
 
 @dataclass(frozen=True)
 class Decision:
     step: Step
     send: bool  # False: recorded as superseded by a later step of the same kind
+    stands_for: int = 1  # steps the record accounts for: itself and the owed ones before it
 
 
 def steps_owed(
@@ -126,21 +183,38 @@ def steps_owed(
 ) -> list[Decision]:
     """What a scheduler pass must record for this cycle today.
 
-    ``recorded`` maps (kind, step) already recorded for the cycle to its scheduled date. Of the
-    unrecorded steps of one kind that are due, only the latest is sent, and only when it is later
-    than anything of that kind already recorded; the others are recorded as superseded. A
-    scheduler that was down a week therefore sends one current reminder, not a burst of stale
-    ones, and no step is ever left unaccounted for.
+    ``recorded`` maps (kind, step) already recorded for the cycle to its scheduled date. A step
+    is owed when its number is above every recorded one of its kind: steps are numbered in date
+    order and each pass records all that are due, so what is recorded is always steps 1…n (less
+    those a catch-up record stands for). Of the owed steps of one kind, only the latest is sent,
+    and only when it is later than anything of that kind already recorded; the others are
+    recorded as superseded. A scheduler that was down a week therefore sends one current
+    reminder, not a burst of stale ones, and no step is ever left unaccounted for. Owed steps
+    due before the last ``CATCH_UP_DAYS``, other than the latest, are recorded as one: the
+    newest of them, superseded, with ``stands_for`` saying how many steps it accounts for.
     """
+    since = days_before(today, CATCH_UP_DAYS)
+    recent = planned_steps(due, rules, today, since)
     decisions: list[Decision] = []
-    planned = planned_steps(due, rules, today)
     for kind in SCHEDULED_KINDS:
-        pending = [s for s in planned if s.kind == kind and (s.kind, s.step) not in recorded]
-        if not pending:
-            continue
+        done = max((n for k, n in recorded if k == kind), default=-1)
         latest_recorded = max(
             (on for (k, _), on in recorded.items() if k == kind), default=None
         )
+        pending = [s for s in recent if s.kind == kind and s.step > done]
+        if kind in (DUE, OVERDUE):  # one of each per cycle: nothing to bound
+            pending += [s for s in _notices(due) if s.kind == kind and s.on < since
+                        and s.step > done]
+        else:  # owed: numbers floor+1 on; those up to last_old fell due before the window
+            floor = max(done, 0)
+            last_old = _count_on_or_before(due, rules, kind, _day_before(since))
+            if last_old > floor and not pending:  # the latest owed step is old: sent as ever
+                pending, last_old = _numbered(due, rules, kind, last_old, last_old), last_old - 1
+            if last_old > floor:
+                (step,) = _numbered(due, rules, kind, last_old, last_old)
+                decisions.append(Decision(step, False, last_old - floor))
+        if not pending:
+            continue
         newest = max(pending)
         for s in pending:
             send = s is newest and (latest_recorded is None or s.on > latest_recorded)

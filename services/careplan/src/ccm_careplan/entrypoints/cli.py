@@ -44,7 +44,7 @@ def scheduler_pass(
         finally:
             await db.dispose()
         return {"trackers": result.trackers, "sent": result.sent,
-                "superseded": result.superseded}
+                "superseded": result.superseded, "caught_up": result.caught_up}
 
     typer.echo(json.dumps(asyncio.run(run())))
 

@@ -18,7 +18,7 @@ from ccm_careplan.adapters.orm import (
     versions,
 )
 from ccm_careplan.domain.rules import ReviewRules
-from ccm_careplan.domain.schedule import days_after, review_state
+from ccm_careplan.domain.schedule import ESCALATED, REMINDER, days_after, review_state
 from ccm_careplan.domain.tracker import is_scheduled, resolve_provider
 from ccm_careplan.service_layer.common import (
     general_practitioners,
@@ -209,14 +209,16 @@ async def tracker_detail(
             reviews.c.tracker_id == tracker).order_by(reviews.c.review_date,
                                                       reviews.c.recorded_at))).all()
     ]
+    steps = (await uow.session.execute(select(review_steps).where(
+        review_steps.c.tracker_id == tracker).order_by(review_steps.c.recorded_at,
+                                                       review_steps.c.scheduled_on,
+                                                       review_steps.c.kind))).all()
+    stands_for = _stands_for(steps)
     detail["notifications"] = [
         {"kind": s.kind, "step": s.step, "cycle_due": _iso(s.cycle_due),
          "scheduled_on": _iso(s.scheduled_on), "sent": s.sent, "recorded_at": _iso(s.recorded_at),
-         "idempotency_key": s.idempotency_key}
-        for s in (await uow.session.execute(select(review_steps).where(
-            review_steps.c.tracker_id == tracker).order_by(review_steps.c.recorded_at,
-                                                           review_steps.c.scheduled_on,
-                                                           review_steps.c.kind))).all()
+         "idempotency_key": s.idempotency_key, "stands_for": stands_for[s.idempotency_key]}
+        for s in steps
     ]
     detail["escalations"] = [n for n in detail["notifications"] if n["kind"] == "escalated"]
     dist = (await uow.session.execute(select(distributions).where(
@@ -233,6 +235,19 @@ async def tracker_detail(
                      "acknowledged_at": _iso(d.acknowledged_at)} for d in dist],
     }
     return detail
+
+
+def _stands_for(steps) -> dict[str, int]:  # noqa: ANN001
+    """How many steps each recorded one accounts for: 1, save a catch-up record (schedule.py
+    ``CATCH_UP_DAYS``), which also stands for the reminders or escalations numbered between it
+    and the one of its cycle recorded before it (every pass records the rest one by one)."""
+    counts = {s.idempotency_key: 1 for s in steps}
+    previous: dict[tuple, int] = {}
+    for s in sorted((s for s in steps if s.kind in (REMINDER, ESCALATED)),
+                    key=lambda s: (s.cycle_due, s.kind, s.step)):
+        counts[s.idempotency_key] = s.step - previous.get((s.cycle_due, s.kind), 0)
+        previous[(s.cycle_due, s.kind)] = s.step
+    return counts
 
 
 CSV_COLUMNS = ("tracker", "care_plan", "patient", "status", "next_review_due", "days_overdue",

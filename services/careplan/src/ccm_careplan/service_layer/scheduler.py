@@ -41,6 +41,7 @@ class PassResult:
     trackers: int = 0
     sent: int = 0
     superseded: int = 0
+    caught_up: int = 0  # owed steps older than CATCH_UP_DAYS left without a row (schedule.py)
     failed: list[str] = field(default_factory=list)  # practices whose pass failed (retried next)
 
 
@@ -59,20 +60,28 @@ class _Batch:
 async def _process_batch(
     uow: UnitOfWork, rows: list[dict], batch: _Batch, result: PassResult
 ) -> None:
-    owed: list[tuple[dict, StepClaim]] = []
+    owed: list[tuple[dict, StepClaim, int]] = []
     for row in rows:
         due = row["next_review_due"]
         recorded = batch.recorded.get((row["id"], due), [])
         for d in steps_owed(due, batch.rules, batch.today,
                             {(r.kind, r.step): r.scheduled_on for r in recorded}):
             owed.append((row, StepClaim(row["practice"], row["id"], d.step.kind, due,
-                                        d.step.step, d.step.on, d.send)))
-    claimed = await claim_steps(uow, [c for _, c in owed], batch.now)  # a replica may have won
+                                        d.step.step, d.step.on, d.send), d.stands_for))
+    claimed = await claim_steps(uow, [c for _, c, _ in owed], batch.now)  # a replica may have won
     sent: dict[str, list[tuple[str, int]]] = {}
     events = []
-    for row, claim in owed:
+    for row, claim, stands_for in owed:
         if claim.key not in claimed:
             continue
+        if stands_for > 1:
+            # Years of owed steps at once: almost always a plan dated by mistake (created on
+            # 0001-01-01), worth a look at the EHR's resource.
+            result.caught_up += stands_for - 1
+            log.warning("care plan owed steps from years back; one record stands for them",
+                        tracker=row["id"],
+                        care_plan=row["care_plan"], cycle_due=claim.due.isoformat(),
+                        kind=claim.kind, stands_for=stands_for)
         if not claim.send:
             result.superseded += 1
             continue
@@ -167,7 +176,8 @@ async def run_scheduler_pass(
                         practice=practice, error=type(exc).__name__)
     if result.sent or result.superseded or result.failed:
         log.info("scheduler pass", trackers=result.trackers, sent=result.sent,
-                 superseded=result.superseded, failed_practices=len(result.failed))
+                 superseded=result.superseded, caught_up=result.caught_up,
+                 failed_practices=len(result.failed))
     return result
 
 
