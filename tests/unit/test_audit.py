@@ -123,19 +123,25 @@ async def test_api_calls_are_audited_with_who_what_patient_and_outcome(platform_
     assert other.status_code == 404
 
 
-@pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/fhir/Patient/p9"), ("GET", "/fhir/Patient/p9/_history"),
-    ("GET", "/fhir/Patient/p9/_history/1"), ("GET", "/fhir/Patient?_id=p9"),
-    ("DELETE", "/fhir/Patient/p9"), ("GET", "/fhir/Encounter?patient=Patient/p9"),
-    ("GET", "/fhir/Encounter?subject=http://t/fhir/Patient/p9"),
+@pytest.mark.parametrize(("method", "path", "form"), [
+    ("GET", "/fhir/Patient/p9", None), ("GET", "/fhir/Patient/p9/_history", None),
+    ("GET", "/fhir/Patient/p9/_history/1", None), ("GET", "/fhir/Patient?_id=p9", None),
+    ("DELETE", "/fhir/Patient/p9", None), ("GET", "/fhir/Encounter?patient=Patient/p9", None),
+    ("GET", "/fhir/Encounter?subject=http://t/fhir/Patient/p9", None),
+    # A search by POST names its patient in the form body (it was missing from the trail).
+    ("POST", "/fhir/Encounter/_search", "patient=Patient%2Fp9"),
+    ("POST", "/fhir/Patient/_search", "_id=p9"),
 ])
-async def test_fhir_calls_naming_a_patient_are_in_its_trail(alpha, engine, method, path):
+async def test_fhir_calls_naming_a_patient_are_in_its_trail(alpha, engine, method, path, form):
     """Ingest's routes name the resource {rtype}/{rid}: its reads of a Patient were recorded
     without the patient, so the patient's trail (``audit-events?patient=``) missed them."""
     runtime, client = alpha
     token = await create_token(runtime.db.engine, practice_id="alpha", label="epic-prod")
     h = {"Authorization": f"Bearer {token}"}
-    await client.request(method, path, headers=h)
+    if form is not None:
+        h["Content-Type"] = "application/x-www-form-urlencoded"
+    r = await client.request(method, path, headers=h, content=form)
+    assert r.status_code < 500, r.text
     await seal_all(engine)
     trail = (await client.get("/v1/practices/alpha/audit-events?patient=p9", headers=h)).json()
     (entry,) = [e["resource"] for e in trail["entry"]]

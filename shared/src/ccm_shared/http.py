@@ -193,9 +193,10 @@ def _resource_of(params: dict) -> tuple[str, str | None] | None:
 
 
 def audited_patient(scope) -> str | None:  # noqa: ANN001
-    """The patient an API call concerns, when the path or the query names one: a Patient's own
-    URL (read, history, version, update, delete), a Patient search by one ``_id``, or a
-    ``patient``/``subject`` parameter."""
+    """The patient an API call concerns, when the path, the query or the search parameters a
+    route read from its body (``request.state.search_params``: FHIR's search by POST) name one:
+    a Patient's own URL (read, history, version, update, delete), a Patient search by one
+    ``_id``, or a ``patient``/``subject`` parameter."""
     params = scope.get("path_params") or {}
     resource = _resource_of(params)
     if resource is not None and resource[0] == "Patient" and resource[1]:
@@ -206,6 +207,8 @@ def audited_patient(scope) -> str | None:  # noqa: ANN001
     from urllib.parse import parse_qs
 
     query = parse_qs((scope.get("query_string") or b"").decode(errors="replace"))
+    for name, value in (scope.get("state") or {}).get("search_params") or ():
+        query.setdefault(name, []).append(value)
     if resource == ("Patient", None):
         ids = [i for value in query.get("_id", []) for i in value.split(",")]
         if len(set(ids)) == 1 and ids[0]:

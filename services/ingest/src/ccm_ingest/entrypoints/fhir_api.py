@@ -585,7 +585,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         except UnicodeDecodeError:
             raise rejected(400, "structure", "the form body is not UTF-8 (its percent-escapes "
                            "included)") from None
-        # FHIR: the parameters of the URL and of the body are one search.
+        # FHIR: the parameters of the URL and of the body are one search; the audit trail
+        # reads the patient a search names from both (``audited_patient``).
+        request.state.search_params = form
         return await searched(rtype, request, tenant,
                               [*request.query_params.multi_items(), *form])
 
