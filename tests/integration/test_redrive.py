@@ -34,8 +34,9 @@ async def applied(db, name: str) -> list[int]:  # noqa: ANN001
             effects.c.subject == name))).scalars().all())
 
 
-def redrive(infra, *args: str) -> tuple[list[dict], str]:  # noqa: ANN001
-    env = {**os.environ, "CCM_KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap_servers}
+def redrive(infra, *args: str, **settings: str) -> tuple[list[dict], str]:  # noqa: ANN001
+    env = {**os.environ, "CCM_KAFKA_BOOTSTRAP_SERVERS": infra.kafka_bootstrap_servers,
+           **settings}
     env.pop("CCM_DATABASE_URL", None)
     out = subprocess.run([sys.executable, "-m", "ccm_shared.cli", "redrive", *args],
                          capture_output=True, text=True, env=env, timeout=180)
@@ -65,6 +66,13 @@ async def test_a_dead_letter_sent_back_is_applied_once_where_it_failed(infra, pg
 
         await eventually(first_pass, what="the fragile event set aside by one consumer")
 
+        # Older than the inboxes remember (a day's retention, less the day's margin: any
+        # age): not sent back, for a consumer that applied it may have forgotten it.
+        old, said = await asyncio.to_thread(redrive, infra, dlq, "--consumer", "flaky",
+                                            "--dry-run", CCM_INBOX_RETENTION_DAYS="1")
+        assert [(x["eventId"], x.get("tooOld"), x["sent"]) for x in old] == [
+            (events[1].id, True, False)]
+        assert "older than the inboxes keep event ids" in said and "0 would be sent" in said
         listed, said = await asyncio.to_thread(redrive, infra, dlq, "--consumer", "flaky",
                                                "--dry-run")
         assert [(x["eventId"], x["type"], x["to"], x["consumer"], x["chosen"], x["sent"])

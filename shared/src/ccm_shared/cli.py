@@ -892,6 +892,10 @@ def redrive_command(
         "--dry-run", help="List what would be sent back; send and commit nothing")] = False,
     timeout: Annotated[float, typer.Option(
         min=0, help="Seconds to read for; what is left is said and waits for the next run")] = 60.0,
+    older_than_inboxes: Annotated[bool, typer.Option(
+        "--older-than-inboxes", help="Also send back dead letters older than the inboxes keep "
+        "event ids (CCM_INBOX_RETENTION_DAYS less a day): consumers that had applied such an "
+        "event may apply it again")] = False,
 ) -> None:
     """Send dead letters back to the topics they came from, once their cause is fixed: the
     consumer that set an event aside applies it then (or sets it aside again), the others
@@ -916,13 +920,18 @@ def redrive_command(
     assert isinstance(transport, KafkaTransport)
 
     def seen(letter) -> None:  # noqa: ANN001
-        typer.echo(json.dumps({**letter.view(), "sent": letter.chosen and not dry_run,
+        typer.echo(json.dumps({**letter.view(),
+                               "sent": letter.chosen and not letter.too_old and not dry_run,
                                "chosen": letter.chosen}))
 
     async def run():  # noqa: ANN202
         try:
             return await redrive(transport, topics, consumer=consumer, practice=practice,
-                                 dry_run=dry_run, timeout=timeout, seen=seen)
+                                 dry_run=dry_run, timeout=timeout, seen=seen,
+                                 # 0: the inboxes keep every id, however old
+                                 remembered_seconds=settings.inbox_retention_days * 86400
+                                 or None,
+                                 older_than=older_than_inboxes)
         finally:
             await transport.stop()
 
@@ -937,9 +946,15 @@ def redrive_command(
         typer.secho(f"warning: partitions {', '.join(result.incomplete)} were not read to their "
                     f"end within {timeout:g} s; run again (or with a larger --timeout) for the "
                     "rest", fg=typer.colors.YELLOW, err=True)
+    if result.too_old:
+        typer.secho(f"warning: {result.too_old} chosen dead letter(s) are older than the "
+                    "inboxes keep event ids (CCM_INBOX_RETENTION_DAYS): not sent back, as "
+                    "consumers that applied them could apply them again; --older-than-inboxes "
+                    "sends them anyway", fg=typer.colors.YELLOW, err=True)
     what = "would be sent back" if dry_run else "sent back"
     typer.secho(f"{result.read} dead letter(s) read, {result.chosen} chosen, "
-                f"{result.chosen if dry_run else result.sent} {what}", err=True)
+                f"{result.chosen - result.too_old if dry_run else result.sent} {what}",
+                err=True)
 
 
 @app.command("config")

@@ -8,13 +8,17 @@ came from, where the consumers take it as any other event:
 
 - **Nothing twice.** Every consumer keeps the ids of the events it applied (its inbox), so the
   consumers that had applied the event take the copy as a duplicate; the one that had set it
-  aside applies it now, or sets it aside again (a new dead letter, with new headers).
-- **Nothing lost, each dead letter once.** The dead-letter topics are read with a consumer group
-  of the redrive's own (one per choice of ``--consumer`` and ``--practice``, so another choice
-  finds what this one passed over), and its offsets are committed only after the copies are
-  durably on Kafka. A redrive stopped between the two sends those copies again: duplicates, which
-  the inboxes absorb. Each run reads to the end the partitions had when it began, so what it
-  sets aside again is left for the next run, never looped over.
+  aside applies it now, or sets it aside again (a new dead letter, with new headers). An inbox
+  keeps an id for ``CCM_INBOX_RETENTION_DAYS``: a dead letter older than that, less a day, is
+  not sent back (it is listed as ``"sent": false, "tooOld": true``) unless the operator says
+  so (``older_than``), knowing the other consumers may apply it a second time.
+- **Nothing lost, each dead letter once per choice.** The dead-letter topics are read with a
+  consumer group of the redrive's own (one per choice of ``--consumer`` and ``--practice``, so
+  another choice finds what this one passed over, and sends again what it sent: duplicates the
+  inboxes absorb), and its offsets are committed only after the copies are durably on Kafka.
+  A redrive stopped between the two sends those copies again: duplicates, which the inboxes
+  absorb. Each run reads to the end the partitions had when it began, so what it sets aside
+  again is left for the next run, never looped over.
 - **Order.** A copy comes after the events that followed the original. The consumers apply events
   out of order as they do any redelivery (ingest's per-patient sequence numbers, the state each
   consumer keeps per resource version).
@@ -26,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ccm_shared.consumer import DLQ_SUFFIX
+from ccm_shared.consumer import DLQ_SUFFIX, message_tenant
 from ccm_shared.events import Message
 from ccm_shared.transport import KafkaTransport, _message
 
@@ -41,6 +46,7 @@ class DeadLetter:
     message: Message
     to: str  # the topic it came from
     chosen: bool
+    too_old: bool = False  # chosen, but older than the inboxes remember: not sent
 
     def view(self) -> dict:
         h = {k: v.decode("utf-8", "replace") for k, v in self.message.headers}
@@ -53,9 +59,10 @@ class DeadLetter:
             "topic": self.message.topic, "partition": self.message.partition,
             "offset": self.message.offset, "to": self.to,
             "eventId": event.get("id"), "type": event.get("type"),
-            "tenant": h.get("ce_tenant"), "consumer": h.get("dlq-consumer"),
+            "tenant": message_tenant(self.message), "consumer": h.get("dlq-consumer"),
             "error": h.get("dlq-error"), "reason": h.get("dlq-reason"),
             "attempts": h.get("dlq-attempts"), "source": h.get("dlq-source"),
+            **({"tooOld": True} if self.too_old else {}),
         }
 
 
@@ -64,8 +71,14 @@ class RedriveResult:
     read: int = 0
     chosen: int = 0
     sent: int = 0
+    too_old: int = 0  # chosen, older than the inboxes remember, not sent
     unknown: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
+
+
+# How much sooner than the inboxes forget an id a dead letter counts as too old to send back:
+# retention deletes inbox rows in passes, and clocks differ.
+_MARGIN_SECONDS = 24 * 3600
 
 
 def source_topic(message: Message) -> str:
@@ -94,11 +107,14 @@ def republished(message: Message) -> Message:
 async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
                   consumer: str | None = None, practice: str | None = None,
                   dry_run: bool = False, timeout: float = 30.0,
+                  remembered_seconds: float | None = None, older_than: bool = False,
                   seen: Callable[[DeadLetter], None] | None = None) -> RedriveResult:
     """Send back the dead letters of ``topics`` (``<topic>.dlq``; None: every one on the broker)
     that ``consumer`` set aside (None: any) for ``practice`` (None: any), from the redrive's
     place up to each partition's end when it began. ``dry_run``: read, send and commit nothing.
-    ``seen`` is told of each dead letter read, chosen or not."""
+    ``remembered_seconds``: how long the inboxes keep an event id; a chosen dead letter older
+    than that less a day is passed over unless ``older_than``. ``seen`` is told of each dead
+    letter read, chosen or not."""
     from aiokafka import AIOKafkaConsumer
 
     result = RedriveResult()
@@ -117,6 +133,8 @@ async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
                               client_id=f"{transport.client_id}-redrive",
                               request_timeout_ms=transport.request_timeout_ms)
     await reader.start()
+    oldest_ms = (None if remembered_seconds is None or older_than else
+                 (time.time() - max(0.0, remembered_seconds - _MARGIN_SECONDS)) * 1000)
     try:
         reader.assign(partitions)
         ends = await reader.end_offsets(partitions)
@@ -134,14 +152,15 @@ async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
                     message = _message(record)
                     chosen = ((consumer is None
                                or message.header("dlq-consumer") == consumer.encode())
-                              and (practice is None
-                                   or message.header("ce_tenant") == practice.encode()))
+                              and (practice is None or message_tenant(message) == practice))
+                    too_old = chosen and oldest_ms is not None and record.timestamp < oldest_ms
                     result.read += 1
                     result.chosen += chosen
-                    if chosen:
+                    result.too_old += too_old
+                    if chosen and not too_old:
                         copies.append(republished(message))
                     if seen is not None:
-                        seen(DeadLetter(message, source_topic(message), chosen))
+                        seen(DeadLetter(message, source_topic(message), chosen, too_old))
                     handled[tp] = record.offset + 1
             if not dry_run and handled:
                 if copies:  # durably on Kafka before the redrive's place moves past them
