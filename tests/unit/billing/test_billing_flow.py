@@ -135,7 +135,7 @@ async def test_close_issues_valid_fhir_and_is_idempotent(billing):
         e["resource"]["id"] for e in items["entry"]]
     assert "next" not in {link["relation"] for link in second_page["link"]}
     only_total = (await api(billing).get("/fhir/Invoice", params={"_count": "0"})).json()
-    assert only_total["total"] == 1 and only_total["entry"] == []
+    assert only_total["total"] == 1 and "entry" not in only_total  # ele-1: no empty arrays
     for bad in ({"_count": "1001"}, {"_count": "-1"}, {"_offset": "x"}):  # FHIR's 400
         refused = await api(billing).get("/fhir/ChargeItem", params=bad)
         assert refused.status_code == 400 and refused.json()["resourceType"] == "OperationOutcome"

@@ -30,7 +30,7 @@ def outcome(r: httpx.Response, status: int, code: str) -> dict:
 
 def ids(r: httpx.Response) -> list[str]:
     assert r.status_code == 200, r.text
-    return [e["resource"]["id"] for e in r.json()["entry"]]
+    return [e["resource"]["id"] for e in r.json().get("entry", [])]
 
 
 def self_params(r: httpx.Response) -> list[tuple[str, str]]:
@@ -180,3 +180,18 @@ async def test_a_charge_item_search_by_id_identifier_and_status(billing):
     assert len(ids(again)) == 1 and ids(again)[0] not in everything
     assert self_params(again)[:2] == [("identifier", "alpha:p1:2025-03:99490"),
                                       ("status", "billable")]
+
+
+@pytest.mark.parametrize(("query", "previous"), [
+    ({"_offset": "1", "_count": "2"}, {"_offset": ["0"], "_count": ["1"]}),  # not 0..1 again
+    ({"_offset": "100", "_count": "2"}, {"_offset": ["0"], "_count": ["2"]}),  # the last page
+])
+async def test_the_previous_link_names_the_entries_before_the_page(billing, query, previous):
+    """Billing's paging had the bug ingest's had: previous overlapped the page, and from past
+    the end it named another empty page."""
+    from urllib.parse import parse_qs, urlparse
+
+    await closed_march(billing)  # two ChargeItems
+    page = (await api(billing).get("/fhir/ChargeItem", params=query)).json()
+    found = {link["relation"]: parse_qs(urlparse(link["url"]).query) for link in page["link"]}
+    assert {k: v for k, v in found["previous"].items() if k in ("_offset", "_count")} == previous

@@ -14,6 +14,7 @@ import orjson
 
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.pricing import total
+from ccm_shared.paging import page_links
 
 CPT = "http://www.ama-assn.org/go/cpt"
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"  # Level II codes: G0506 …
@@ -196,27 +197,25 @@ def operation_outcome(code: str, diagnostics: str, expression: list[str] | None 
 
 
 def search_bundle(resources: list[dict], url: Any, *, criteria: list[tuple[str, str]],
-                  total: int, count: int, offset: int) -> dict:
+                  total: int, count: int, offset: int, max_offset: int) -> dict:
     """A searchset page: ``resources`` are the matches from ``offset`` (``count`` per page) of
     ``total``. Its links name the search as it was done: ``criteria`` (the parameters used, as
     given) and the paging, on ``url`` (the request's, a Starlette URL): its own page (self), the
     first, previous and next."""
 
-    def page(at: int) -> str:
-        return str(url.replace(query=urlencode([*criteria, ("_count", count), ("_offset", at)])))
+    def page(at: int, length: int = count) -> str:
+        return str(url.replace(query=urlencode([*criteria, ("_count", length), ("_offset", at)])))
 
-    links = [{"relation": "self", "url": page(offset)}, {"relation": "first", "url": page(0)}]
-    if offset and count:
-        links.append({"relation": "previous", "url": page(max(0, offset - count))})
-    if count and offset + count < total:
-        links.append({"relation": "next", "url": page(offset + count)})
-    return {
+    bundle: dict = {
         "resourceType": "Bundle",
         "type": "searchset",
         "total": total,
-        "link": links,
-        "entry": [
-            {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
-            for r in resources
-        ],
+        "link": [{"relation": "self", "url": page(offset)},
+                 *page_links(page, offset=offset, count=count, total=total,
+                             max_offset=max_offset)],
     }
+    if resources:  # FHIR JSON has no empty arrays (ele-1): no matches, no entry
+        bundle["entry"] = [
+            {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+            for r in resources]
+    return bundle

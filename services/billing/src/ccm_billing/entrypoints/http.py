@@ -357,7 +357,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             invoices = await filed.invoice_resources(uow.session, [r for r, _ in page],
                                                      [d for _, d in page])
         return fhir_response(fhir.search_bundle(invoices, request.url, criteria=criteria,
-                                                total=len(found), count=count, offset=offset))
+                                                total=len(found), count=count, offset=offset,
+                                                max_offset=MAX_OFFSET))
 
     @router.get("/fhir/ChargeItem", tags=["fhir"],
                 summary="Search ChargeItems: _id, identifier, status, subject (paged: _count, "
@@ -395,7 +396,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                 select(ci.c.resource).where(*where).order_by(ci.c.month, ci.c.id)
                 .limit(count).offset(offset))).all()] if count else []
         return fhir_response(fhir.search_bundle(rows, request.url, criteria=criteria,
-                                                total=total, count=count, offset=offset))
+                                                total=total, count=count, offset=offset,
+                                                max_offset=MAX_OFFSET))
 
     return router
 

@@ -51,6 +51,7 @@ from ccm_shared.db import UnitOfWork, gave_way
 from ccm_shared.http import STRICT_JSON, DuplicateKey, TenantDep, json_depth
 from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
+from ccm_shared.paging import page_links as paging_links
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
 from ccm_shared.text import is_text
@@ -746,24 +747,13 @@ def page_links(base: str, path: str, params: list[tuple[str, str]],
     offset, count = handlers.paging(params)
     criteria = [(k, v) for k, v in params if k not in handlers.PAGING]
 
-    def page(start: int, length: int = count) -> str:
+    def page(start: int, length: int) -> str:
         return f"{base}/{path}?" + urlencode([*criteria, ("_offset", start), ("_count", length)])
 
-    links = [{"relation": "self", "url": f"{base}/{path}" + (f"?{urlencode(params)}"
-                                                            if params else "")}]
-    if offset > 0 and count:
-        links.append({"relation": "first", "url": page(0)})
-        # The entries just before this page, and only those (from _offset=2&_count=3: the
-        # first two); from past the end, the last page there is.
-        if offset >= total:
-            if total:
-                links.append({"relation": "previous", "url": page(max(0, total - count))})
-        else:
-            start = max(0, offset - count)
-            links.append({"relation": "previous", "url": page(start, offset - start)})
-    if count and offset + count < total and offset + count <= handlers.MAX_OFFSET:
-        links.append({"relation": "next", "url": page(offset + count)})
-    return links
+    return [{"relation": "self", "url": f"{base}/{path}" + (f"?{urlencode(params)}"
+                                                           if params else "")},
+            *paging_links(page, offset=offset, count=count, total=total,
+                          max_offset=handlers.MAX_OFFSET)]
 
 
 def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
