@@ -219,6 +219,9 @@ CASES = [
      "~", ">=", "Condition.onsetAge.comparator", "code-invalid"),
     # Quantity and its profiles: a Duration whose code is in no system or another system than
     # UCUM's was counted as CCM time ({"value": 20, "code": "min"}: 1,200 s)
+    ("drt-1 holds for a Duration without a code, whatever its system",
+     lambda v: encounter(length={"value": 20, "unit": "min", "system": "urn:units", **v}),
+     {"code": "min"}, {}, "Encounter.length.system", "invariant"),
     ("drt-1 Encounter.length in another system",
      lambda v: encounter(length={"value": 20, "unit": "min", "system": v, "code": "min"}),
      "http://example.org", UCUM, "Encounter.length.system", "invariant"),

@@ -808,7 +808,8 @@ def _quantity_rules(name: str, kind: str = "quantity", *, coded: bool = False,
     """The invariants of Quantity (qty-3) and of one of its profiles (``name``, said of
     ``kind``; R4 4.0.1's expressions, e.g. age-1 ``(code.exists() or value.empty()) and
     (system.empty() or system = %ucum) and (value.empty() or … or value > 0)``): ``coded``, a
-    value has a code; ``valued``, a code has a value; ``ucum``, a system is UCUM's;
+    value has a code; ``valued``, a code has a value and only a coded one needs UCUM's system
+(drt-1); ``ucum``, a system is UCUM's;
     ``positive`` (age-1), ``whole`` (cnt-3: and its code is "1")."""
     def check(quantity: dict[str, Any], at: _At, issues: list[Issue]) -> None:
         code, system, value = (quantity.get("code"), quantity.get("system"),
@@ -821,7 +822,7 @@ def _quantity_rules(name: str, kind: str = "quantity", *, coded: bool = False,
         if code is not None and system is None:
             broken("qty-3", "a quantity with a code says its system"
                    + (f" ({UCUM})" if ucum else ""), "system")
-        elif ucum and system is not None and system != UCUM:
+        elif ucum and system is not None and system != UCUM and (code is not None or not valued):
             broken(name, f"the system of {kind} is UCUM ({UCUM}), not {system!r}", "system")
         if valued and code is not None and value is None:
             broken(name, f"{kind} with a code has a value", "value")
