@@ -8,13 +8,20 @@ reference of 81 characters as the message's patient, the alert sent with them.""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import pytest
 import pytest_asyncio
-from sqlalchemy import select
+from alembic import command
+from sqlalchemy import select, text
 
 from ccm_notification.adapters.orm import messages, organizations, provider_roles
 from ccm_notification.bootstrap import SERVICE
+from ccm_shared.db import create_engine_for
 from ccm_shared.events import CloudEvent, to_message
+from ccm_shared.migrate import alembic_config, upgrade
+from ccm_shared.service import discover_services
 from tests.support.infra import api_on_postgres
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -81,3 +88,46 @@ async def test_the_longest_names_emails_and_references_are_stored_not_dead_lette
     assert (role.id, role.practitioner, role.organization, role.email) == (ID, ID, ID, EMAIL)
     assert (message.provider_id, message.channel, message.recipient) == (ID, "email", EMAIL)
     assert message.patient == about and message.status == "pending", message.last_error
+
+
+async def test_a_database_from_before_notification_0005_is_widened(infra):
+    """notification_0005 on a database created before it (its columns narrower): widened, the
+    values kept; upgraded again or downgraded and upgraded, nothing changes."""
+    definition = discover_services()["notification"]
+    schema = f"t_nwidths_{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(upgrade, infra.database_url, schema, definition.migrations_package,
+                            "notification_0004")
+    engine = create_engine_for(infra.database_url, schema=schema, pool_size=1)
+    before = {("organizations", "name"): 300, ("organizations", "email"): 320,
+              ("provider_roles", "email"): 320, ("messages", "recipient"): 500,
+              ("messages", "patient"): 80, ("subscription_events", "event_id"): 100}
+    wanted = {("organizations", "name"): "text", ("organizations", "email"): "text",
+              ("provider_roles", "email"): "text", ("messages", "recipient"): "text",
+              ("messages", "patient"): 140, ("subscription_events", "event_id"): 200}
+
+    async def widths() -> dict:
+        async with engine.connect() as conn:
+            return {(t, c): length or kind for t, c, length, kind in (await conn.execute(text(
+                "SELECT table_name, column_name, character_maximum_length, data_type "
+                "FROM information_schema.columns WHERE table_schema = :s"), {"s": schema})).all()
+                if (t, c) in before}
+
+    q = f'"{schema}"'
+    try:
+        async with engine.begin() as conn:  # as a database created before notification_0005
+            for (table, column), length in before.items():
+                await conn.execute(text(f"ALTER TABLE {q}.{table} ALTER COLUMN {column} "
+                                        f"TYPE varchar({length})"))
+        assert await widths() == before
+        await asyncio.to_thread(upgrade, infra.database_url, schema,
+                                definition.migrations_package)
+        assert await widths() == wanted
+        await asyncio.to_thread(command.downgrade, alembic_config(
+            infra.database_url, schema, definition.migrations_package), "notification_0004")
+        await asyncio.to_thread(upgrade, infra.database_url, schema,
+                                definition.migrations_package)
+        assert await widths() == wanted
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await engine.dispose()

@@ -3,7 +3,8 @@ those events may carry. An Organization's name and a ContactPoint's value are FH
 any length (text): a name over 300 characters, an email over 320 dead-lettered the directory's
 event, and a practitioner's email over 500, the message's recipient, the alert sent to them.
 ``messages.patient`` takes any reference the contracts allow (140: "PractitionerRole/" and a
-64-character id is 81, over the 80 it had).
+64-character id is 81, over the 80 it had); ``subscription_events.event_id`` any event id a
+consumer takes (200, as its inbox).
 
 On PostgreSQL only, and only where a column is narrower: notification_0002 creates the tables
 from today's model, and SQLite ignores VARCHAR lengths. Widening a VARCHAR, or making it text,
@@ -29,6 +30,8 @@ WIDER = (
     ("provider_roles", "email", sa.Text()),
     ("messages", "recipient", sa.Text()),
     ("messages", "patient", sa.String(140)),
+    # any event id a consumer takes (ccm_shared.consumer.decode: the inbox's 200)
+    ("subscription_events", "event_id", sa.String(200)),
 )
 
 
