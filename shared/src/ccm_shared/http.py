@@ -592,8 +592,12 @@ def _errors_as_sent(schema: dict) -> dict:
             responses = operation.get("responses", {})
             if fhir and "422" in responses and "400" not in responses:
                 # Under /fhir a request that does not validate (a search's _count=5000) is a
-                # 400, FHIR's status for a refused parameter, as both services answer it.
-                responses["400"] = {**responses.pop("422"), "description": "Bad Request"}
+                # 400, FHIR's status for a refused parameter, as both services answer it; a 422
+                # stays only where a route says what else it means (invalid FHIR content).
+                validation = responses["422"]
+                responses["400"] = {**validation, "description": "Bad Request"}
+                if validation.get("description") == "Validation Error":
+                    del responses["422"]
             for status, response in responses.items():
                 if status[:1] in ("4", "5") and "application/json" in response.get("content", {}):
                     response["content"] = {media: {"schema": {

@@ -266,6 +266,13 @@ def processable(bundle: dict[str, Any]) -> str:
     return kind
 
 
+# What a write answers for content FHIR R4 or this server's rules refuse (documented: FastAPI
+# knows only its own request validation, which /fhir answers 400).
+_INVALID_RESOURCE: dict[int | str, dict[str, Any]] = {422: {
+    "description": "The resource breaks FHIR R4 or a rule of this server: an OperationOutcome "
+                   "whose issues name the elements", "content": {"application/json": {}}}}
+
+
 def _require_fhir(tenant: Tenant) -> None:
     """403 for a token with neither of the FHIR API's scopes (one of another service's)."""
     if not {"fhir:read", "fhir:write"} & set(tenant.scopes):
@@ -448,7 +455,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     async def metadata(request: Request) -> Response:
         return fhir_json(capability_statement(base(request), runtime.clock()))
 
-    @router.post("", summary="Process a transaction or batch Bundle")
+    @router.post("", summary="Process a transaction or batch Bundle",
+                 responses=_INVALID_RESOURCE)
     async def process_bundle(request: Request, tenant: TenantDep) -> Response:
         _require_fhir(tenant)
         bundle = await read_json(request, max_depth)
@@ -592,7 +600,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         return await searched(rtype, request, tenant,
                               [*request.query_params.multi_items(), *form])
 
-    @router.post("/{rtype}", summary="Create (If-None-Exist: conditional create)")
+    @router.post("/{rtype}", summary="Create (If-None-Exist: conditional create)",
+                 responses={201: {"description": "Created"}, **_INVALID_RESOURCE})
     async def create(rtype: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
         resource = standalone(await read_json(request, max_depth), rtype)
@@ -609,7 +618,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         return await write(request, tenant, lambda uow, caller: handlers.create(
             uow, caller, resource, if_none_exist=if_none_exist))
 
-    @router.put("/{rtype}/{rid}", summary="Update or create with this id (If-Match: version)")
+    @router.put("/{rtype}/{rid}", summary="Update or create with this id (If-Match: version)",
+                responses={201: {"description": "Created"}, **_INVALID_RESOURCE})
     async def update(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
         resource = standalone(await read_json(request, max_depth), rtype)
