@@ -662,13 +662,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         params = list(request.query_params.multi_items())
         if lenient(request):
             params = handlers.known_params(params, handlers.HISTORY_PARAMS)
-        since, offset, count = handlers.history_params(params)
         async with runtime.db.unit_of_work() as uow:
-            stored, total, versions, before_deleted = await SqlResourceRepository(
-                uow.session, tenant.practice_id).history(rtype, rid, since=since, limit=count,
-                                                         offset=offset)
-        if not stored:
-            raise rejected(404, "not-found", f"{rtype}/{rid} is not known", f"{rtype}/{rid}")
+            total, versions, before_deleted = await handlers.history_or_error(
+                SqlResourceRepository(uow.session, tenant.practice_id), rtype, rid, params)
         return fhir_json(history_bundle(base(request), rtype, rid, params, total, versions,
                                         before_deleted))
 

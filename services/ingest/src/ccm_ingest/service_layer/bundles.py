@@ -641,13 +641,10 @@ async def _history(repo: SqlResourceRepository, e: Entry) -> Outcome:
     """``GET Type/id/_history``: a page of its versions, as the REST history answers it (400
     for parameters it refuses, 404 for a resource never stored here)."""
     params = parse_qsl(e.query, keep_blank_values=True)
-    with _placed(f"{_where(e.index)}.request.url"):
-        since, offset, count = handlers.history_params(params)
-    stored, total, versions, before_deleted = await repo.history(
-        e.rtype, e.rid or "", since=since, limit=count, offset=offset)
-    if not stored:
-        raise rejected(404, "not-found", f"{e.rtype}/{e.rid} is not known",
-                       f"{_where(e.index)}.request.url")
+    where = f"{_where(e.index)}.request.url"
+    with _placed(where):
+        total, versions, before_deleted = await handlers.history_or_error(
+            repo, e.rtype, e.rid or "", params, where)
     return Outcome(200, e.rtype, e.rid or "", history=(total, versions, before_deleted, params))
 
 

@@ -845,6 +845,20 @@ def validated(resource: Any, rtype: str | None = None) -> dict[str, Any]:
     return checked
 
 
+async def history_or_error(repo: SqlResourceRepository, rtype: str, rid: str,
+                           params: list[tuple[str, str]], where: str | None = None
+                           ) -> tuple[int, list[VersionRow], bool | None]:
+    """A page of ``rtype/rid``'s history as ``params`` ask (``history_params``: 400 for what
+    they refuse): the versions at or after ``_since``, the page newest first, and whether the
+    applied version before the page is a deletion; 404 for a resource never stored here."""
+    since, offset, count = history_params(params)
+    stored, total, versions, before_deleted = await repo.history(
+        rtype, rid, since=since, limit=count, offset=offset)
+    if not stored:
+        raise rejected(404, "not-found", f"{rtype}/{rid} is not known", where or f"{rtype}/{rid}")
+    return total, versions, before_deleted
+
+
 async def version_or_error(repo: SqlResourceRepository, rtype: str, rid: str, vid: str,
                            where: str | None = None) -> VersionRow:
     """Version ``vid`` of ``rtype/rid`` (a vread), or 404 (not stored here, or no version
