@@ -148,6 +148,25 @@ async def test_fhir_calls_naming_a_patient_are_in_its_trail(alpha, engine, metho
     assert {"reference": "Patient/p9"} in [e["what"] for e in entry["entity"]], entry
 
 
+async def test_a_bundles_reads_are_in_the_trail_of_each_patient_they_name(alpha, engine):
+    """A Bundle's GET entries (Patient/p9, a vread, a search by patient) read patients' records
+    without a trace in their trails: the call named none of them in its URL."""
+    runtime, client = alpha
+    token = await create_token(runtime.db.engine, practice_id="alpha", label="epic-prod")
+    h = {"Authorization": f"Bearer {token}"}
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": url}} for url in (
+            "Patient/p9", "Patient/p8/_history/1", "Encounter?patient=Patient/p7",
+            "Patient?_id=p6", "Encounter?_count=1")]}
+    assert (await client.post("/fhir", json=bundle, headers=h)).status_code == 200
+    await seal_all(engine)
+    for patient in ("p9", "p8", "p7", "p6"):
+        trail = (await client.get(f"/v1/practices/alpha/audit-events?patient={patient}",
+                                  headers=h)).json()
+        (entry,) = [e["resource"] for e in trail["entry"]]
+        assert {"reference": f"Patient/{patient}"} in [e["what"] for e in entry["entity"]]
+
+
 async def test_a_token_revoked_is_in_the_trail_once(engine):
     await create_practice(engine, practice_id="alpha", name="alpha", timezone="UTC",
                           pricing=Pricing())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -199,8 +201,6 @@ def audited_patient(scope) -> str | None:  # noqa: ANN001
     ``_id``, or a ``patient``/``subject`` parameter."""
     params = scope.get("path_params") or {}
     resource = _resource_of(params)
-    if resource is not None and resource[0] == "Patient" and resource[1]:
-        return resource[1]
     for name in PATIENT_PARAMS:
         if params.get(name):
             return str(params[name]).removeprefix("Patient/")
@@ -209,6 +209,16 @@ def audited_patient(scope) -> str | None:  # noqa: ANN001
     query = parse_qs((scope.get("query_string") or b"").decode(errors="replace"))
     for name, value in (scope.get("state") or {}).get("search_params") or ():
         query.setdefault(name, []).append(value)
+    return named_patient(resource, query)
+
+
+def named_patient(resource: tuple[str, str | None] | None,
+                  query: dict[str, list[str]]) -> str | None:
+    """The patient a call on ``resource`` (type, id or None) with search parameters ``query``
+    names: a Patient's own id, a Patient search by one ``_id``, or a ``patient``/``subject``
+    parameter's patient (a FHIR Bundle's GET entries are read so too)."""
+    if resource is not None and resource[0] == "Patient" and resource[1]:
+        return resource[1]
     if resource == ("Patient", None):
         ids = [i for value in query.get("_id", []) for i in value.split(",")]
         if len(set(ids)) == 1 and ids[0]:
@@ -256,8 +266,15 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
             outcome=outcome_for(status),
             correlation_id=current_correlation_id(),
         )
+        # A call that reads several patients' records (a FHIR Bundle's GET entries) is in
+        # each one's trail: one entry per other patient it names (``audited_patients``).
+        others = {_kept(p, audit_log.c.patient)
+                  for p in (scope.get("state") or {}).get("audited_patients") or ()}
         try:
-            await writer.record(entry)
+            # Recorded together: concurrent entries share the writer's transaction.
+            await asyncio.gather(writer.record(entry), *(
+                writer.record(replace(entry, patient=p)) for p in sorted(others - {None})
+                if p != entry.patient))
         except Exception as exc:  # noqa: BLE001 - the response is already sent; say so loudly
             log.error("audit entry could not be recorded", error=type(exc).__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Annotated, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qs, parse_qsl, urlencode
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -48,7 +48,7 @@ from ccm_ingest.service_layer.practice import practice_settings
 from ccm_ingest.service_layer.resources import Caller, Outcome, Write
 from ccm_ingest.settings import IngestSettings
 from ccm_shared.db import UnitOfWork, gave_way
-from ccm_shared.http import STRICT_JSON, DuplicateKey, TenantDep, json_depth
+from ccm_shared.http import STRICT_JSON, DuplicateKey, TenantDep, json_depth, named_patient
 from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
 from ccm_shared.paging import page_links as paging_links
@@ -478,6 +478,10 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                 tenant.require_scope("fhir:write")
         entries = bundles.parse_entries(bundle, settings.max_bundle_entries,
                                         each_alone=kind == "batch")
+        # The patients its GET entries read are in their audit trails, as REST reads are.
+        request.state.audited_patients = {
+            named_patient((e.rtype, e.rid), parse_qs(e.query)) for e in entries
+            if e.method == "GET" and e.refused is None}
         if kind == "batch":
             for e in entries:
                 needed = "fhir:read" if e.method == "GET" else "fhir:write"
