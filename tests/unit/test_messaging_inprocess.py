@@ -261,6 +261,10 @@ async def test_the_dead_letter_reason_names_no_data_of_the_event(sqlite_db, fail
     ({"seconds": -100000}, "data.seconds: breaks 'minimum'"),
     ({"unexpected": "field"}, "data.(root): breaks 'additionalProperties'"),
     ({"serviceMonth": "2025-13"}, "data.serviceMonth: breaks"),
+    # a source version no FHIR server names so (billing held 64 characters and retried it)
+    ({"source": {"resourceType": "Encounter", "id": "e1", "versionId": "9" * 65,
+                 "lastUpdated": "2025-03-03T10:00:00Z", "sha256": "0" * 64,
+                 "receivedAt": "2025-03-03T10:00:00Z"}}, "data.source.versionId: breaks"),
 ])
 async def test_an_event_breaking_its_contract_is_dead_lettered_not_applied(sqlite_db, change,
                                                                              rule):
