@@ -903,7 +903,8 @@ def redrive_command(
     as one JSON line (where it is, where it goes, its event id, type, practice and the dlq
     headers: never the event's data). Each run reads up to where the topics ended when it
     began, from where the last run with the same --consumer and --practice stopped (its own
-    consumer group): a dead letter is sent back once. Needs Kafka
+    consumer group): a dead letter is sent back once per choice. One older than the inboxes
+    keep event ids (CCM_INBOX_RETENTION_DAYS) is listed, not sent. Needs Kafka
     (CCM_KAFKA_BOOTSTRAP_SERVERS)."""
     import json
 
