@@ -160,11 +160,24 @@ async def test_a_bundles_reads_are_in_the_trail_of_each_patient_they_name(alpha,
             "Patient?_id=p6", "Encounter?_count=1")]}
     assert (await client.post("/fhir", json=bundle, headers=h)).status_code == 200
     await seal_all(engine)
+    # A read the token may not do is refused, not run: no read of p5 happened.
+    writer = await create_token(runtime.db.engine, practice_id="alpha", scopes=("fhir:write",))
+    refused = {**bundle, "entry": [{"request": {"method": "GET", "url": "Patient/p5"}}]}
+    answer = await client.post("/fhir", json=refused,
+                               headers={"Authorization": f"Bearer {writer}"})
+    assert answer.json()["entry"][0]["response"]["status"] == "403 Forbidden"
+    await seal_all(engine)
     for patient in ("p9", "p8", "p7", "p6"):
         trail = (await client.get(f"/v1/practices/alpha/audit-events?patient={patient}",
                                   headers=h)).json()
         (entry,) = [e["resource"] for e in trail["entry"]]
         assert {"reference": f"Patient/{patient}"} in [e["what"] for e in entry["entity"]]
+        # a read, with its own outcome: nothing is stored, so the reads by id are 404s (4),
+        # the searches find nothing (0)
+        assert (entry["action"], entry["outcome"]) == ("R", "4" if patient in ("p9", "p8")
+                                                       else "0")
+    nothing = (await client.get("/v1/practices/alpha/audit-events?patient=p5", headers=h)).json()
+    assert "entry" not in nothing or nothing["entry"] == []
 
 
 async def test_a_token_revoked_is_in_the_trail_once(engine):

@@ -267,16 +267,19 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
             correlation_id=current_correlation_id(),
         )
         # A call that reads several patients' records (a FHIR Bundle's GET entries) is in
-        # each one's trail: one entry per other patient it names (``audited_patients``).
-        others = {_kept(p, audit_log.c.patient)
-                  for p in (scope.get("state") or {}).get("audited_patients") or ()}
-        try:
-            # Recorded together: concurrent entries share the writer's transaction.
-            await asyncio.gather(writer.record(entry), *(
-                writer.record(replace(entry, patient=p)) for p in sorted(others - {None})
-                if p != entry.patient))
-        except Exception as exc:  # noqa: BLE001 - the response is already sent; say so loudly
-            log.error("audit entry could not be recorded", error=type(exc).__name__)
+        # each one's trail: a read (R) per patient it read, with that read's own outcome
+        # (``audited_reads``: (patient, status) of each read that ran).
+        reads: dict[str, int] = {}
+        for patient, read_status in (scope.get("state") or {}).get("audited_reads") or ():
+            if (kept := _kept(patient, audit_log.c.patient)) and kept != entry.patient:
+                reads.setdefault(kept, read_status)
+        done = await asyncio.gather(writer.record(entry), *(
+            writer.record(replace(entry, patient=p, action="R", outcome=outcome_for(s)))
+            for p, s in sorted(reads.items())), return_exceptions=True)
+        if failed := [r for r in done if isinstance(r, BaseException)]:
+            # the response is already sent; say so loudly
+            log.error("audit entry could not be recorded", error=type(failed[0]).__name__,
+                      entries=len(failed))
 
     return record
 

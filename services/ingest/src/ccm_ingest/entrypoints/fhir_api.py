@@ -478,10 +478,6 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                 tenant.require_scope("fhir:write")
         entries = bundles.parse_entries(bundle, settings.max_bundle_entries,
                                         each_alone=kind == "batch")
-        # The patients its GET entries read are in their audit trails, as REST reads are.
-        request.state.audited_patients = {
-            named_patient((e.rtype, e.rid), parse_qs(e.query)) for e in entries
-            if e.method == "GET" and e.refused is None}
         if kind == "batch":
             for e in entries:
                 needed = "fhir:read" if e.method == "GET" else "fhir:write"
@@ -517,6 +513,11 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             results = await bundles.batch(runtime.db.unit_of_work, caller, entries,
                                           lambda u: u.commit())
         wake_relay()
+        # The patients its GET entries read (those run: not refused) are in their audit
+        # trails, as REST reads are: a read of each, with the entry's own status.
+        request.state.audited_reads = [
+            (named_patient((e.rtype, e.rid), parse_qs(e.query)), outcome.status)
+            for e, outcome in results if e.method == "GET" and e.refused is None]
         # Entries carry no resources unless asked for (a 1,000-entry Bundle's answer stays small).
         return fhir_json(response_bundle(f"{kind}-response", results, base(request),
                                          returned(request, "fhir:read" in tenant.scopes,
