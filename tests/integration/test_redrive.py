@@ -73,6 +73,11 @@ async def test_a_dead_letter_sent_back_is_applied_once_where_it_failed(infra, pg
         assert [(x["eventId"], x.get("tooOld"), x["sent"]) for x in old] == [
             (events[1].id, True, False)]
         assert "older than the inboxes keep event ids" in said and "0 would be sent" in said
+        # Not sent, and not passed over either: the next run of the same choice finds it.
+        kept, said = await asyncio.to_thread(redrive, infra, dlq, "--consumer", "flaky",
+                                             CCM_INBOX_RETENTION_DAYS="1")
+        assert [(x.get("tooOld"), x["sent"]) for x in kept] == [(True, False)]
+        assert f"stopped there ({dlq}[" in said and "0 sent back" in said
         listed, said = await asyncio.to_thread(redrive, infra, dlq, "--consumer", "flaky",
                                                "--dry-run")
         assert [(x["eventId"], x["type"], x["to"], x["consumer"], x["chosen"], x["sent"])

@@ -948,10 +948,11 @@ def redrive_command(
                     f"end within {timeout:g} s; run again (or with a larger --timeout) for the "
                     "rest", fg=typer.colors.YELLOW, err=True)
     if result.too_old:
-        typer.secho(f"warning: {result.too_old} chosen dead letter(s) are older than the "
-                    "inboxes keep event ids (CCM_INBOX_RETENTION_DAYS): not sent back, as "
-                    "consumers that applied them could apply them again; --older-than-inboxes "
-                    "sends them anyway", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"warning: a chosen dead letter's event is older than the inboxes keep "
+                    "event ids (CCM_INBOX_RETENTION_DAYS): not sent back, as consumers that "
+                    "applied it could apply it again; the reading of its partition stopped "
+                    f"there ({', '.join(result.held)}), uncommitted: --older-than-inboxes sends "
+                    "it and what follows", fg=typer.colors.YELLOW, err=True)
     what = "would be sent back" if dry_run else "sent back"
     typer.secho(f"{result.read} dead letter(s) read, {result.chosen} chosen, "
                 f"{result.chosen - result.too_old if dry_run else result.sent} {what}",

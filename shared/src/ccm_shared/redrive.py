@@ -9,9 +9,11 @@ came from, where the consumers take it as any other event:
 - **Nothing twice.** Every consumer keeps the ids of the events it applied (its inbox), so the
   consumers that had applied the event take the copy as a duplicate; the one that had set it
   aside applies it now, or sets it aside again (a new dead letter, with new headers). An inbox
-  keeps an id for ``CCM_INBOX_RETENTION_DAYS``: a dead letter older than that, less a day, is
-  not sent back (it is listed as ``"sent": false, "tooOld": true``) unless the operator says
-  so (``older_than``), knowing the other consumers may apply it a second time.
+  keeps an id for ``CCM_INBOX_RETENTION_DAYS``: a dead letter whose event (its CloudEvent
+  ``time``) is older than that, less a day, is not sent back (listed as ``"sent": false,
+  "tooOld": true``) unless the operator says so (``older_than``), knowing the other consumers
+  may apply it a second time; its partition's reading stops there, uncommitted, so a run that
+  says so still finds it.
 - **Nothing lost, each dead letter once per choice.** The dead-letter topics are read with a
   consumer group of the redrive's own (one per choice of ``--consumer`` and ``--practice``, so
   another choice finds what this one passed over, and sends again what it sent: duplicates the
@@ -33,6 +35,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from ccm_shared.consumer import DLQ_SUFFIX, message_tenant
 from ccm_shared.events import Message
@@ -72,6 +75,8 @@ class RedriveResult:
     chosen: int = 0
     sent: int = 0
     too_old: int = 0  # chosen, older than the inboxes remember, not sent
+    # partitions whose reading stopped at such a letter (not committed past it)
+    held: list[str] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
 
@@ -79,6 +84,19 @@ class RedriveResult:
 # How much sooner than the inboxes forget an id a dead letter counts as too old to send back:
 # retention deletes inbox rows in passes, and clocks differ.
 _MARGIN_SECONDS = 24 * 3600
+
+
+def _event_ms(message: Message, written_ms: int) -> float:
+    """When the dead letter's event was made (its CloudEvent ``time``), in ms: no consumer
+    applied it earlier, so no inbox row of it is older. The dead letter's own Kafka time is when
+    it was set aside (a lagging consumer's, or a redrive's again), later than the others applied
+    it; it serves only for a value that is no event."""
+    try:
+        text = json.loads(message.value).get("time")
+        made = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return made.timestamp() * 1000 if made.tzinfo else written_ms
+    except (AttributeError, TypeError, ValueError):
+        return written_ms
 
 
 def source_topic(message: Message) -> str:
@@ -145,6 +163,7 @@ async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
             batches = await reader.getmany(*wanted, timeout_ms=500)
             copies: list[Message] = []
             handled = {}
+            held = set()
             for tp, records in batches.items():
                 for record in records:
                     if record.offset >= wanted.get(tp, -1):
@@ -153,14 +172,21 @@ async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
                     chosen = ((consumer is None
                                or message.header("dlq-consumer") == consumer.encode())
                               and (practice is None or message_tenant(message) == practice))
-                    too_old = chosen and oldest_ms is not None and record.timestamp < oldest_ms
+                    too_old = (chosen and oldest_ms is not None
+                               and _event_ms(message, record.timestamp) < oldest_ms)
                     result.read += 1
                     result.chosen += chosen
                     result.too_old += too_old
-                    if chosen and not too_old:
-                        copies.append(republished(message))
                     if seen is not None:
                         seen(DeadLetter(message, source_topic(message), chosen, too_old))
+                    if too_old:
+                        # The place stays before it (never committed past): a run with
+                        # older_than, or after the cause is judged, still finds it. The rest
+                        # of this partition waits behind it, as its order requires.
+                        held.add(tp)
+                        break
+                    if chosen:
+                        copies.append(republished(message))
                     handled[tp] = record.offset + 1
             if not dry_run and handled:
                 if copies:  # durably on Kafka before the redrive's place moves past them
@@ -168,8 +194,10 @@ async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
                     result.sent += len(copies)
                 await reader.commit(handled)
             for tp in list(wanted):
-                if handled.get(tp, -1) >= wanted[tp] or await reader.position(tp) >= wanted[tp]:
+                if tp in held or handled.get(tp, -1) >= wanted[tp] \
+                        or await reader.position(tp) >= wanted[tp]:
                     del wanted[tp]
+            result.held += [f"{tp.topic}[{tp.partition}]" for tp in sorted(held)]
         result.incomplete = [f"{tp.topic}[{tp.partition}]" for tp in wanted]
         return result
     finally:
