@@ -196,3 +196,34 @@ async def test_a_scheduler_pass_over_a_plan_created_long_ago_is_bounded_and_show
     week = await cp.scheduler(T0 + timedelta(days=7))  # one more reminder and an escalation
     later = planned_steps(due, DEFAULT_RULES, TODAY + timedelta(days=7))
     assert week.sent + week.superseded == len(later) - len(everything)
+
+
+def listed_steps(due: date, rules: ReviewRules, until: date) -> list[Step]:
+    """The steps of a cycle as the scheduler listed them before the bound: each one walked to in
+    date order (what ``planned_steps`` now computes from the steps' numbers)."""
+    steps = [Step(due, DUE, 0)]
+    steps += [Step(d, REMINDER, i)
+              for i, d in enumerate(schedule.reminder_dates(due, rules, until), 1)]
+    if (overdue := schedule.days_after(due, 1)) is not None:
+        steps.append(Step(overdue, OVERDUE, 0))
+    escalation, level = schedule.first_escalation(due, rules), 1
+    while escalation is not None and escalation <= until:
+        steps.append(Step(escalation, ESCALATED, level))
+        if rules.escalation_repeat_days <= 0:
+            break
+        level += 1
+        escalation = schedule.days_after(escalation, rules.escalation_repeat_days)
+    return sorted(s for s in steps if s.on <= until)
+
+
+@settings(max_examples=300, deadline=None)
+@given(due=st.dates(date(1990, 1, 1), date(2030, 12, 31)), rules=RULES,
+       days=st.integers(-200, 2000), since_days=st.none() | st.integers(-400, 2000))
+def test_steps_computed_from_their_numbers_are_the_steps_listed_one_by_one(
+        due, rules, days, since_days):
+    """``planned_steps`` computes reminders and escalations from their numbers (a plan from year
+    1 owed 130,000 to list): the same steps, numbers and dates as walking to each in turn."""
+    until = due + timedelta(days=days)
+    since = date.min if since_days is None else due + timedelta(days=since_days)
+    expected = [s for s in listed_steps(due, rules, until) if s.on >= since]
+    assert schedule.planned_steps(due, rules, until, since) == expected
