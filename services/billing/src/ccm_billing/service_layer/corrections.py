@@ -117,17 +117,11 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
                                    previous=previous)
     lines = priced_lines(info, month, decisions)
     i = orm.invoices
-    # The issued invoice is locked (written unchanged) before it is read, as a payment locks it:
-    # a payment committed between a plain read and the cancel was carried into the replacement
-    # but left out of the cancelled event built from the read (its paid and balance stale).
-    await uow.session.execute(update(i).where(
-        i.c.practice == practice, i.c.month == month_text, i.c.status != "cancelled",
-    ).values(paid=i.c.paid))
-    current = (
-        await uow.session.execute(
-            select(i).where(i.c.practice == practice, i.c.month == month_text, i.c.status != "cancelled")
-        )
-    ).first()
+    # The issued invoice is read as it is locked, as a payment locks it: a payment committed
+    # between a plain read and the cancel was carried into the replacement but left out of the
+    # cancelled event built from the read (its paid and balance stale).
+    current = await invoicing.locked_invoice(
+        uow.session, i.c.practice == practice, i.c.month == month_text, i.c.status != "cancelled")
     ci = filed.charge_items
     old, billed = set(), []
     if current is not None:

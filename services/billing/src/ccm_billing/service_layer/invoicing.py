@@ -425,13 +425,11 @@ async def record_payment(
 ) -> dict:
     """Record a payment: issued → partially-paid → balanced (paid). Same reference: no-op."""
     i = orm.invoices
-    # One payment of an invoice at a time: its row is locked (written unchanged) before it is
-    # read, so each payment reads the balance and references the one before it left. Read
-    # first, concurrent payments each added their amount to the same old balance (the last
-    # write won: an invoice paid several times over, its rows summing to more than `paid`).
-    await uow.session.execute(update(i).where(i.c.id == invoice_id, i.c.practice == practice)
-                              .values(paid=i.c.paid))
-    row = await get_invoice_row(uow.session, invoice_id, practice)
+    # One payment of an invoice at a time: each reads the balance and references the one before
+    # it left. Read first, concurrent payments each added their amount to the same old balance
+    # (the last write won: an invoice paid several times over, its rows summing to more than
+    # `paid`).
+    row = await locked_invoice(uow.session, i.c.id == invoice_id, i.c.practice == practice)
     if row is None:
         raise NotFound(f"invoice {invoice_id!r} not found")
     p = orm.payments
@@ -486,6 +484,15 @@ async def record_payment(
         await _publish_invoice(uow, PAID, updated._asdict(), resource, now)
     pay = (await uow.session.execute(select(p).where(p.c.id == payment_id))).first()
     return {"payment": payment_view(pay), "invoice": invoice_view(updated)}
+
+
+async def locked_invoice(session, *where):  # noqa: ANN001, ANN201
+    """The invoice row ``where`` names, read as it locks it (written unchanged, in one
+    statement): one payment or correction of an invoice at a time, each reading what the one
+    before it left."""
+    i = orm.invoices
+    return (await session.execute(
+        update(i).where(*where).values(paid=i.c.paid).returning(*i.c))).first()
 
 
 def payment_view(row) -> dict:  # noqa: ANN001
