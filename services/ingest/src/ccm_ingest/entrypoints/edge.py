@@ -18,10 +18,6 @@ from ccm_ingest.entrypoints.outcomes import (
 from ccm_shared.http import fhir_issue_code, is_fhir_path, wrap_fhir_errors
 
 
-def _is_fhir(request: Request) -> bool:
-    return is_fhir_path(request.url.path)
-
-
 def install(app: FastAPI) -> None:
     app.state.fhir_error_handler = app_error_response
     platform_validation = app.exception_handlers[RequestValidationError]
@@ -33,7 +29,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):  # noqa: ANN202
-        if not _is_fhir(request):
+        if not is_fhir_path(request.url.path):
             return await platform_validation(request, exc)
         issues = [Issue("error", "invalid", e.get("msg", "invalid"),
                         (".".join(str(p) for p in e.get("loc", ())),)) for e in exc.errors()]
@@ -41,7 +37,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):  # noqa: ANN202
-        if not _is_fhir(request):
+        if not is_fhir_path(request.url.path):
             return await platform_http(request, exc)
         code = fhir_issue_code(exc.status_code)
         headers = dict(exc.headers or {})

@@ -13,9 +13,8 @@ from fastapi.responses import Response
 from ccm_ingest.domain.model import FhirRejected, Issue
 from ccm_ingest.service_layer.resources import Outcome
 from ccm_shared.errors import AppError
+from ccm_shared.http import FHIR_JSON
 from ccm_shared.jsontext import compact
-
-FHIR_JSON = "application/fhir+json"
 
 
 def operation_outcome(issues: list[Issue]) -> dict[str, Any]:

@@ -236,14 +236,18 @@ def _target(i: int, method: str, url: str, parts: list[str]) -> tuple[str | None
 CONDITIONAL, UNRESOLVED = 1, 2
 
 
-def _rewrite_references(value: Any, ids: dict[str, str]) -> int:
-    """Point references to fullUrls of this Bundle at their server ids, in place; what is left
-    to do: ``CONDITIONAL`` (a ``Type?criteria`` reference to resolve), ``UNRESOLVED`` (a
+def _rewrite_references(value: Any, ids: dict[str, str],
+                        named: Callable[[str], str | None] | None = None) -> int:
+    """Point references to fullUrls of this Bundle at their server ids, in place (and, with
+    ``named``, those it finds an entry for in other words: ``_FullUrls.named_from``); what is
+    left to do: ``CONDITIONAL`` (a ``Type?criteria`` reference to resolve), ``UNRESOLVED`` (a
     ``urn:`` reference that names no entry), or both, or 0."""
     left = 0
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str):
+            if named is not None and (target := named(ref)) is not None:
+                value["reference"] = ref = target
             if ref in ids:
                 value["reference"] = ids[ref]
             elif ref.startswith("urn:"):
@@ -252,27 +256,12 @@ def _rewrite_references(value: Any, ids: dict[str, str]) -> int:
                 left |= CONDITIONAL
         for item in value.values():
             if isinstance(item, (dict, list)):
-                left |= _rewrite_references(item, ids)
+                left |= _rewrite_references(item, ids, named)
     elif isinstance(value, list):
         for item in value:
             if isinstance(item, (dict, list)):
-                left |= _rewrite_references(item, ids)
+                left |= _rewrite_references(item, ids, named)
     return left
-
-
-def _rewrite_named(value: Any, named: Callable[[str], str | None]) -> None:
-    """Point the references ``named`` finds an entry for at its server id, in place."""
-    if isinstance(value, dict):
-        ref = value.get("reference")
-        if isinstance(ref, str) and (target := named(ref)) is not None:
-            value["reference"] = target
-        for item in value.values():
-            if isinstance(item, (dict, list)):
-                _rewrite_named(item, named)
-    elif isinstance(value, list):
-        for item in value:
-            if isinstance(item, (dict, list)):
-                _rewrite_named(item, named)
 
 
 # The [type]/[id] a RESTful fullUrl ends with (FHIR: such a fullUrl is [base]/[type]/[id]).
@@ -343,12 +332,10 @@ class _FullUrls:
         return named
 
     def rewrite(self, resource: dict[str, Any], full_url: str | None) -> int:
-        """``_rewrite_references`` of the resource of the entry at ``full_url``, after those
+        """``_rewrite_references`` of the resource of the entry at ``full_url``, with the
         references that name an entry in other words than its fullUrl (a Bundle with RESTful
-        fullUrls only: a walk more; a Bundle of ``urn:uuid:`` fullUrls has none)."""
-        if (named := self.named_from(full_url)) is not None:
-            _rewrite_named(resource, named)
-        return _rewrite_references(resource, self.ids)
+        fullUrls only; a Bundle of ``urn:uuid:`` fullUrls has none)."""
+        return _rewrite_references(resource, self.ids, self.named_from(full_url))
 
     def target(self, ref: Any, full_url: str | None) -> str | None:
         """The ``Type/id`` on this server of the entry ``ref``, in the entry at ``full_url``,
