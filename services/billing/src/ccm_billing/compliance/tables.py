@@ -13,14 +13,16 @@ from sqlalchemy import (
     Text,
 )
 
+from ccm_shared.tables import inbox_table
+
 TENANT = 64
 REF_ID = 64
 # A relative reference "Type/id" an event carries: the longest R4 resource type's name + "/" + a
 # FHIR id (64 characters at most). The contracts name shorter types ("PractitionerRole/" and 64
 # characters is 81: it did not fit the 80 these columns had), but any type fits.
 REFERENCE = len("MedicinalProductUndesirableEffect") + 1 + REF_ID
-# An event id, as wide as the inbox's (ccm_shared.tables): any event the consumer took.
-EVENT_ID = 200
+# An event id, as wide as the inbox's: any event the consumer took.
+EVENT_ID = inbox_table.c.event_id.type.length
 
 
 def add_compliance_tables(metadata: MetaData) -> dict[str, Table]:

@@ -16,7 +16,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from ccm_shared.tables import BigId
+from ccm_shared.tables import BigId, inbox_table
 
 
 def add_subscription_tables_v1(metadata: MetaData) -> dict[str, Table]:
@@ -49,7 +49,7 @@ def add_subscription_tables_v1(metadata: MetaData) -> dict[str, Table]:
         Column("subscription_id", String(36), nullable=False),
         Column("number", Integer, nullable=False),
         Column("practice", String(64), nullable=False),
-        Column("event_id", String(200), nullable=False),  # as the inbox (decode: 200 at most)
+        Column("event_id", String(inbox_table.c.event_id.type.length), nullable=False),
         Column("event_type", String(100), nullable=False),
         Column("body", JSON, nullable=False),  # the notification exactly as delivered
         Column("status", String(20), nullable=False),  # pending | delivered
