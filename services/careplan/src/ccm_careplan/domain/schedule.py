@@ -45,6 +45,11 @@ def days_after(day: date, days: int) -> date | None:
     return date.fromordinal(ordinal) if ordinal <= _LAST_DAY else None
 
 
+def within(day: date, days: int) -> date:
+    """``days`` after ``day``, or the calendar's last day when that is past it: a window's end."""
+    return days_after(day, days) or date.max
+
+
 def days_before(day: date, days: int) -> date:
     """``day`` minus ``days``, on the calendar's first day (0001-01-01) at the earliest: a
     reminder due before the calendar began is owed from its first day, long past."""
@@ -63,7 +68,7 @@ def next_review_due(
     # scheduled (review_state "inactive").
     due = add_months(anchor, rules.review_interval_months) or date.max
     if early_trigger is not None and early_trigger > anchor:
-        due = min(due, days_after(early_trigger, rules.early_review_within_days) or date.max)
+        due = min(due, within(early_trigger, rules.early_review_within_days))
     return due
 
 

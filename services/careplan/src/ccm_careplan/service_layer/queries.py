@@ -18,7 +18,7 @@ from ccm_careplan.adapters.orm import (
     versions,
 )
 from ccm_careplan.domain.rules import ReviewRules
-from ccm_careplan.domain.schedule import ESCALATED, REMINDER, days_after, review_state
+from ccm_careplan.domain.schedule import ESCALATED, REMINDER, review_state, within
 from ccm_careplan.domain.tracker import is_scheduled, resolve_provider
 from ccm_careplan.service_layer.common import (
     general_practitioners,
@@ -52,11 +52,6 @@ class ListQuery:
     offset: int = 0
 
 
-def _within(today: date, days: int) -> date:
-    """The last day of a window of ``days`` from ``today``, at most the calendar's last."""
-    return days_after(today, days) or date.max
-
-
 def _review_condition(practice: str, review: str, today: date, rules: ReviewRules):  # noqa: ANN202
     due = trackers.c.next_review_due
     unusable = select(patients.c.patient).where(
@@ -64,13 +59,13 @@ def _review_condition(practice: str, review: str, today: date, rules: ReviewRule
         patients.c.active.is_(False) | patients.c.deceased | patients.c.deleted)
     active = (trackers.c.status == "active") & trackers.c.patient.not_in(unusable)
     if review == "due":
-        return active & (due >= today) & (due <= _within(today, rules.due_window_days))
+        return active & (due >= today) & (due <= within(today, rules.due_window_days))
     if review.startswith("due-within:"):
         raw = review.removeprefix("due-within:")
         if not ascii_digits(raw, 4) or int(raw) > MAX_DUE_WITHIN_DAYS:
             raise InvalidQuery(f"due-within takes a whole number of days from 0 to "
                                f"{MAX_DUE_WITHIN_DAYS}, e.g. due-within:30")
-        return active & (due >= today) & (due <= _within(today, int(raw)))
+        return active & (due >= today) & (due <= within(today, int(raw)))
     if review == "overdue":
         return active & (due < today)
     if review == "escalated":

@@ -19,7 +19,7 @@ from sqlalchemy import bindparam, select, update
 
 from ccm_careplan.adapters.orm import patients, review_steps, trackers
 from ccm_careplan.domain.rules import ReviewRules
-from ccm_careplan.domain.schedule import ESCALATED, REMINDER, days_after, steps_owed
+from ccm_careplan.domain.schedule import ESCALATED, REMINDER, steps_owed, within
 from ccm_careplan.domain.tracker import Directory, resolve_provider
 from ccm_careplan.service_layer.common import (
     StepClaim,
@@ -122,7 +122,7 @@ async def _practice_pass(
         rules = await load_rules(uow.session, practice)
         today = await practice_today(uow.session, practice, now)
         directory = await practitioner_directory(uow.session, practice)
-    horizon = days_after(today, rules.due_window_days) or date.max
+    horizon = within(today, rules.due_window_days)
     unusable = (
         select(patients.c.patient).where(
             patients.c.practice == practice,

@@ -29,7 +29,6 @@ from ccm_careplan.domain.tracker import (
     SIGNED_OUTCOMES,
     as_utc,
     is_chronic_active,
-    local_day,
     parse_day,
     parse_instant,
 )
@@ -41,7 +40,7 @@ from ccm_careplan.service_layer.common import (
     insert_for,
     load_rules,
     lock_tracker,
-    practice_zone,
+    practice_today,
     responsible_provider,
     review_event,
     tracker_id,
@@ -112,15 +111,11 @@ async def _close_cycle(
             await uow.outbox.add(event.type, event)
 
 
-async def _local_day(uow: UnitOfWork, practice: str, instant: datetime) -> date:
-    return local_day(instant, await practice_zone(uow.session, practice))
-
-
 async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
     data, practice = event.data, event.tenant
     source = data["source"]
     version, last_updated = source["versionId"], parse_instant(source["lastUpdated"])
-    version_day = await _local_day(uow, practice, last_updated)
+    version_day = await practice_today(uow.session, practice, last_updated)
     tid = tracker_id(practice, data["carePlan"])
     rules = await load_rules(uow.session, practice)
     row = await lock_tracker(uow.session, practice, tid)
@@ -202,7 +197,7 @@ async def apply_condition_event(event: CloudEvent, uow: UnitOfWork, now: datetim
     rules = await load_rules(uow.session, practice)
     if not rules.early_review_on_new_chronic_condition:
         return
-    day = await _local_day(uow, practice, last_updated)
+    day = await practice_today(uow.session, practice, last_updated)
     plans = (await uow.session.execute(select(trackers.c.id).where(
         trackers.c.practice == practice, trackers.c.patient == data["patient"],
         trackers.c.status == "active"))).scalars().all()
