@@ -115,10 +115,10 @@ def group_id(consumer: str | None, practice: str | None) -> str:
     return f"ccm-redrive:{consumer or '*'}:{practice or '*'}"
 
 
-def republished(message: Message) -> Message:
-    """The copy for the topic it came from: the same key and value, without the ``dlq-*``
-    headers (a consumer that sets it aside again writes its own)."""
-    return Message(topic=source_topic(message), key=message.key, value=message.value,
+def republished(message: Message, to: str) -> Message:
+    """The copy for ``to``, the topic it came from: the same key and value, without the
+    ``dlq-*`` headers (a consumer that sets it aside again writes its own)."""
+    return Message(topic=to, key=message.key, value=message.value,
                    headers=tuple((k, v) for k, v in message.headers if not k.startswith("dlq-")))
 
 
@@ -169,6 +169,7 @@ async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
                     if record.offset >= wanted.get(tp, -1):
                         break
                     message = _message(record)
+                    to = source_topic(message)
                     chosen = ((consumer is None
                                or message.header("dlq-consumer") == consumer.encode())
                               and (practice is None or message_tenant(message) == practice))
@@ -178,7 +179,7 @@ async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
                     result.chosen += chosen
                     result.too_old += too_old
                     if seen is not None:
-                        seen(DeadLetter(message, source_topic(message), chosen, too_old))
+                        seen(DeadLetter(message, to, chosen, too_old))
                     if too_old:
                         # The place stays before it (never committed past): a run with
                         # older_than, or after the cause is judged, still finds it. The rest
@@ -186,7 +187,7 @@ async def redrive(transport: KafkaTransport, topics: Sequence[str] | None, *,
                         held.add(tp)
                         break
                     if chosen:
-                        copies.append(republished(message))
+                        copies.append(republished(message, to))
                     handled[tp] = record.offset + 1
             if not dry_run and handled:
                 if copies:  # durably on Kafka before the redrive's place moves past them
