@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import json
 import signal
 import sys
 from decimal import Decimal, InvalidOperation
@@ -193,6 +194,11 @@ def migrate(
 
 # The codes a per-code contract may price: CCM's CPT codes and the initiating visit's G0506.
 CCM_CODES = ("99490", "99439", "99491", "99437", "99487", "99489", "G0506")
+PRICING_MODELS = ("per-code", "percent-of-medicare", "flat-per-patient")
+MAX_PRACTICE_NAME = 200  # the practices.name column
+_RULE_HELP = ("A billing rule option NAME=VALUE (repeatable): date_of_service=month-end|"
+              "threshold-met, initiating_visit_missing=warning|blocker, "
+              "consent_renewal_months=0..1200 (0: consents do not expire)")
 
 
 def _money(amount: Decimal) -> bool:
@@ -253,21 +259,124 @@ def practice_create(
     due_days: Annotated[
         int, typer.Option(min=1, max=365, help="Invoice payment terms in days (1-365)")
     ] = 30,
+    rule: Annotated[list[str], typer.Option(help=_RULE_HELP)] = [],  # noqa: B006 - read only
 ) -> None:
     """Register a client practice (a tenant)."""
+    from dataclasses import replace
+
     from ccm_shared.tenancy import create_practice
 
-    if pricing not in ("per-code", "percent-of-medicare", "flat-per-patient"):
-        _fail("--pricing must be per-code, percent-of-medicare or flat-per-patient")
+    _check_name(name)
     terms = _pricing(
-        pricing, rate, percent if pricing == "percent-of-medicare" else None, flat_fee, due_days
+        _model(pricing), rate, percent if pricing == "percent-of-medicare" else None, flat_fee,
+        due_days,
     )
+    terms = replace(terms, rules=_rules(rule, []) or None)
     _with_engine(
         lambda engine: create_practice(
             engine, practice_id=id, name=name, timezone=timezone, pricing=terms
         )
     )
     typer.echo(f"practice {id} created ({timezone}, pricing {pricing})")
+
+
+@practice_app.command("list")
+def practice_list() -> None:
+    """List the practices: id, time zone, pricing model and name, one per line."""
+    from ccm_shared.tenancy import list_practices
+
+    found = _with_engine(list_practices)
+    if not found:
+        typer.echo("no practices yet: `ccm practice create`", err=True)
+    for p in found:
+        typer.echo(f"{p['id']}\t{p['timezone']}\t{p['pricing'].get('model', '?')}\t{p['name']}")
+
+
+@practice_app.command("show")
+def practice_show(
+    id: Annotated[str, typer.Option("--id", help="Practice id")],
+) -> None:
+    """Print a practice as JSON: name, time zone, contract (pricing) and rule options."""
+    from ccm_shared.tenancy import get_practice
+
+    typer.echo(json.dumps(_with_engine(lambda engine: get_practice(engine, id)), indent=2))
+
+
+@practice_app.command("update")
+def practice_update(
+    id: Annotated[str, typer.Option("--id", help="Practice id")],
+    name: Annotated[str | None, typer.Option(help="New display name")] = None,
+    pricing: Annotated[str | None, typer.Option(
+        help="A new contract: per-code | percent-of-medicare | flat-per-patient, with its "
+             "--rate, --percent or --flat-fee (the whole contract is replaced; rules are kept)"
+    )] = None,
+    rate: Annotated[list[str], typer.Option(help="Per-code rate CODE=AMOUNT (repeatable)")] = [],  # noqa: B006 - read only
+    percent: Annotated[str | None, typer.Option(help="Percent of the Medicare amount")] = None,
+    flat_fee: Annotated[str | None, typer.Option(help="Flat fee per billable patient")] = None,
+    due_days: Annotated[int | None, typer.Option(
+        min=1, max=365, help="Invoice payment terms in days (1-365)")] = None,
+    rule: Annotated[list[str], typer.Option(help=_RULE_HELP)] = [],  # noqa: B006 - read only
+    unset_rule: Annotated[list[str], typer.Option(
+        help="Remove a rule option, so its default applies (repeatable)")] = [],  # noqa: B006 - read only
+) -> None:
+    """Amend a practice: its name, contract, payment terms or billing rule options. Months
+    still open are billed under the new terms when they close; a closed month keeps the terms
+    it was closed under until it is recomputed (billing's `POST …/billing-periods/{month}/
+    recompute`). The id and time zone never change."""
+    from ccm_shared.tenancy import get_practice, update_practice
+
+    if name is not None:
+        _check_name(name)
+    terms = None
+    if pricing is not None:
+        current = _with_engine(lambda engine: get_practice(engine, id))["pricing"]
+        terms = _pricing(_model(pricing), rate, percent, flat_fee,
+                         due_days or current.get("due_days") or 30)
+    elif rate or percent is not None or flat_fee is not None:
+        _fail("--rate, --percent and --flat-fee come with --pricing (the whole contract)")
+    rules = _rules(rule, unset_rule)
+    if name is None and terms is None and due_days is None and not rules:
+        _fail("nothing to change: give --name, --pricing, --due-days, --rule or --unset-rule")
+    found = _with_engine(lambda engine: update_practice(
+        engine, id, name=name, pricing=terms, due_days=due_days, rules=rules))
+    typer.echo(json.dumps(found, indent=2))
+    typer.echo(f"practice {id} updated: open months close under these terms; recompute a "
+               "closed month to bill it under them", err=True)
+
+
+def _model(pricing: str) -> str:
+    if pricing not in PRICING_MODELS:
+        _fail(f"--pricing must be {', '.join(PRICING_MODELS[:-1])} or {PRICING_MODELS[-1]}")
+    return pricing
+
+
+def _check_name(name: str) -> None:
+    if not name.strip() or len(name) > MAX_PRACTICE_NAME:
+        _fail(f"--name: 1 to {MAX_PRACTICE_NAME} characters, not blank")
+
+
+def _rules(given: list[str], removed: list[str]) -> dict[str, str | int | None]:
+    """``--rule NAME=VALUE`` and ``--unset-rule NAME`` as the changes ``update_practice``
+    takes (a removed rule: None); each refused with what it takes."""
+    from ccm_shared.tenancy import PRACTICE_RULES, practice_rule
+
+    changes: dict[str, str | int | None] = {}
+    for item in given:
+        rule_name, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--rule takes NAME=VALUE (e.g. date_of_service=threshold-met), got {item!r}")
+        try:
+            key, checked = practice_rule(rule_name.strip(), value.strip())
+        except AppError as exc:
+            _fail(f"--rule {item}: {exc.detail}")
+        changes[key] = checked
+    for rule_name in removed:
+        if rule_name not in PRACTICE_RULES:
+            _fail(f"--unset-rule {rule_name}: unknown rule; rules: {', '.join(PRACTICE_RULES)}")
+        if rule_name in changes:
+            _fail(f"--rule and --unset-rule both name {rule_name}")
+        changes[rule_name] = None
+    return changes
 
 
 def _token_scopes(requested: list[str] | None) -> tuple[str, ...]:

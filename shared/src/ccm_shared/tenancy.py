@@ -57,24 +57,57 @@ class Tenant:
 
 @dataclass(frozen=True)
 class Pricing:
-    """How the CCM vendor bills this practice (used by billing's Invoice)."""
+    """How the CCM vendor bills this practice (used by billing's Invoice), and the practice's
+    billing rule options (``rules``, see PRACTICE_RULES)."""
 
     model: str = "per-code"  # per-code | percent-of-medicare | flat-per-patient
     rates: dict[str, Decimal] | None = None
     percent: Decimal | None = None
     flat_fee: Decimal | None = None
     due_days: int = 30
+    rules: dict[str, str | int] | None = None
+
+    def as_dict(self) -> dict:
+        terms = {
+            "model": self.model,
+            "rates": {k: str(v) for k, v in (self.rates or {}).items()},
+            "percent": str(self.percent) if self.percent is not None else None,
+            "flat_fee": str(self.flat_fee) if self.flat_fee is not None else None,
+            "due_days": self.due_days,
+        }
+        if self.rules:
+            terms["rules"] = dict(self.rules)
+        return terms
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "model": self.model,
-                "rates": {k: str(v) for k, v in (self.rates or {}).items()},
-                "percent": str(self.percent) if self.percent is not None else None,
-                "flat_fee": str(self.flat_fee) if self.flat_fee is not None else None,
-                "due_days": self.due_days,
-            }
-        )
+        return json.dumps(self.as_dict())
+
+
+# The practice's billing rule options, kept in its pricing document under "rules" (billing reads
+# them; services/billing/README.md says what each does): a name and the values it takes.
+RENEWAL_RULE = "consent_renewal_months"
+MAX_RENEWAL_MONTHS = 1200  # a hundred years: more is a typing mistake, not a contract
+PRACTICE_RULES: dict[str, tuple[str, ...] | None] = {
+    "date_of_service": ("month-end", "threshold-met"),
+    "initiating_visit_missing": ("warning", "blocker"),
+    RENEWAL_RULE: None,  # whole months, 0 (none) to MAX_RENEWAL_MONTHS
+}
+
+
+def practice_rule(name: str, value: str) -> tuple[str, str | int]:
+    """A rule option as given (``NAME=VALUE`` on the command line), checked: its name and value
+    as the pricing document keeps them. InvalidInput says what the rule takes."""
+    if name not in PRACTICE_RULES:
+        raise InvalidInput(f"unknown rule {name!r}; rules: {', '.join(PRACTICE_RULES)}")
+    choices = PRACTICE_RULES[name]
+    if choices is not None:
+        if value not in choices:
+            raise InvalidInput(f"rule {name} takes {' or '.join(choices)}, not {value!r}")
+        return name, value
+    if not (value.isascii() and value.isdigit() and int(value) <= MAX_RENEWAL_MONTHS):
+        raise InvalidInput(f"rule {name} takes whole months from 0 (none) to "
+                           f"{MAX_RENEWAL_MONTHS}, not {value!r}")
+    return name, int(value)
 
 
 def hash_token(token: str) -> str:
@@ -112,11 +145,54 @@ async def create_practice(
         raise Conflict(f"practice {practice_id!r} already exists") from None
 
 
+async def update_practice(
+    engine: AsyncEngine, practice_id: str, *, name: str | None = None,
+    pricing: Pricing | None = None, due_days: int | None = None,
+    rules: dict[str, str | int | None] | None = None,
+) -> dict:
+    """Amend a practice's name, contract (``pricing``: the whole contract; its rules kept unless
+    ``rules`` changes them), payment terms (``due_days`` alone) or rule options (``rules``: a
+    name to its new value, or to None to remove it, so the default applies). Its id and time
+    zone never change (a zone moves every month's boundary under the months already billed).
+    Returns the practice as ``get_practice`` shows it."""
+    async with engine.begin() as conn:
+        row = (await conn.execute(
+            select(practices.c.pricing).where(practices.c.id == practice_id).with_for_update()
+        )).first()
+        if row is None:
+            raise NotFound(f"practice {practice_id!r} not found")
+        current = json.loads(row.pricing or "{}")
+        kept_rules = current.get("rules") or {}
+        terms = pricing.as_dict() if pricing is not None else dict(current)
+        terms.pop("rules", None)
+        if due_days is not None:
+            terms["due_days"] = due_days
+        merged = {**kept_rules, **(rules or {})}
+        merged = {k: v for k, v in merged.items() if v is not None}
+        if merged:
+            terms["rules"] = merged
+        values: dict = {"pricing": json.dumps(terms)}
+        if name is not None:
+            values["name"] = name
+        await conn.execute(update(practices).where(practices.c.id == practice_id).values(values))
+    return await get_practice(engine, practice_id)
+
+
+async def list_practices(engine: AsyncEngine) -> list[dict]:
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(practices).order_by(practices.c.id))).all()
+    return [_practice_view(row) for row in rows]
+
+
 async def get_practice(engine: AsyncEngine, practice_id: str) -> dict:
     async with engine.connect() as conn:
         row = (await conn.execute(select(practices).where(practices.c.id == practice_id))).first()
     if row is None:
         raise NotFound(f"practice {practice_id!r} not found")
+    return _practice_view(row)
+
+
+def _practice_view(row) -> dict:  # noqa: ANN001 - a practices row
     return {
         "id": row.id,
         "name": row.name,

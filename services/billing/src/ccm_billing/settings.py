@@ -6,6 +6,8 @@ from typing import Annotated
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ccm_shared.tenancy import MAX_RENEWAL_MONTHS
+
 
 class BillingSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CCM_BILLING_", extra="ignore", frozen=True)
@@ -36,7 +38,8 @@ class BillingSettings(BaseSettings):
     ehr_push_timeout_seconds: float = Field(15.0, gt=0, description="HTTP timeout of one push")
 
     consent_renewal_months: int = Field(
-        0, ge=0, le=1200, description="Consent renewal interval in months (0: consents do not "
+        0, ge=0, le=MAX_RENEWAL_MONTHS,
+        description="Consent renewal interval in months (0: consents do not "
         "expire; at most 1,200); a practice overrides it with pricing rules.consent_renewal_months"
     )
     consent_expiring_days: int = Field(

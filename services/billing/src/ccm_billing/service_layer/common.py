@@ -20,6 +20,7 @@ from ccm_shared.consumer import PoisonMessage
 from ccm_shared.db import dialect_insert, schema_of
 from ccm_shared.errors import NotFound
 from ccm_shared.tables import practices
+from ccm_shared.tenancy import MAX_RENEWAL_MONTHS, RENEWAL_RULE
 
 SOURCE = "/ccm/billing"
 
@@ -228,10 +229,8 @@ async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  
     )
 
 
-RENEWAL_RULE = "consent_renewal_months"
-# Longer than any consent is kept (a century): a larger interval is a typing error, and dates
-# that far ahead are beyond what Python's dates hold (the service setting has the same bound).
-MAX_RENEWAL_MONTHS = 1200
+# The rule's name and bound are the platform's (``ccm practice update --rule`` checks them):
+# longer than any consent is kept is a typing error (the service setting has the same bound).
 
 
 def consent_renewal_months(info: PracticeInfo) -> int | None:
