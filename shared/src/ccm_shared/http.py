@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi import routing as fastapi_routing
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -429,6 +431,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, AppError):
+            # FastAPI reads a model route's body itself and answers any failure while reading
+            # as a 400 "error parsing the body": a body over the limit sent without a
+            # Content-Length (the edge stops it while streaming) is a 413, as everywhere else.
+            return problem_response(exc.__cause__)
         headers = dict(exc.headers or {})
         detail = ""
         if exc.status_code == 405 and (allowed := allowed_methods(request.app, request.scope)):
@@ -476,6 +483,16 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
 
+# /readyz's answer, ready (200) or not (503): a report, not an error (no problem+json).
+_READINESS = {
+    "type": "object", "title": "Readiness", "required": ["status", "checks"],
+    "properties": {"status": {"enum": ["ok", "unavailable"]},
+                   "checks": {"type": "object", "additionalProperties": {"type": "string"},
+                              "description": "Each check (database, kafka, a consumer…): ok, "
+                                             "or why not"}},
+}
+
+
 def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> FastAPI:
     """The FastAPI app of one service: platform routes plus the service's own routers.
 
@@ -495,7 +512,7 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            app.openapi_schema = _errors_as_sent(document())
+            app.openapi_schema = _errors_as_sent(document(), app.routes)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -504,7 +521,12 @@ def create_app(runtime: ServiceRuntime, *, operations_only: bool = False) -> Fas
     async def healthz() -> dict:
         return {"status": "ok", "service": definition.name}
 
-    @app.get("/readyz", tags=["operations"], summary="Readiness: database, Kafka, consumers")
+    @app.get("/readyz", tags=["operations"], summary="Readiness: database, Kafka, consumers",
+             responses={200: {"description": "Ready: every check is ok",
+                              "content": {"application/json": {"schema": _READINESS}}},
+                        503: {"description": "Not ready: a check is not ok (the orchestrator "
+                                             "sends this process no traffic until it is)",
+                              "content": {"application/json": {"schema": _READINESS}}}})
     async def readyz() -> JSONResponse:
         checks = await runtime.readiness()
         ok = all(c == "ok" for c in checks.values())
@@ -598,17 +620,118 @@ _OUTCOME_SCHEMA = {
 }
 
 
-def _errors_as_sent(schema: dict) -> dict:
+# What the platform answers a route, by what the route is (``_platform_answers``): the title of
+# each status (as its errors carry it) and the headers it is sent with.
+_TITLES = {"400": "Bad request", "401": "Unauthorized", "403": "Forbidden", "404": "Not found",
+           "413": "Payload too large", "415": "Unsupported media type", "422": "Invalid input",
+           "503": "Try again"}
+_HEADERS = {
+    "401": {"WWW-Authenticate": {"description": 'The challenge: Bearer realm="ccm"',
+                                 "schema": {"type": "string"}}},
+    "503": {"Retry-After": {"description": "Seconds to wait before sending the request again",
+                            "schema": {"type": "integer"}}},
+}
+_BODY_METHODS = frozenset({"post", "put", "patch"})  # a request body is theirs (RFC 9110)
+_WRITE_METHODS = _BODY_METHODS | {"delete"}
+
+
+def _dependencies(dependant) -> set:  # noqa: ANN001 - a FastAPI Dependant
+    """Every dependency a route resolves, however deep (its ``dependencies=`` included)."""
+    found = set()
+    for sub in dependant.dependencies:
+        found.add(sub.call)
+        found |= _dependencies(sub)
+    return found
+
+
+def _api_routes(routes: list | tuple) -> list:
+    """The API routes of ``routes`` as the OpenAPI document has them, an included router's
+    too: FastAPI (0.16x) keeps one as a single entry of ``app.routes``, its routes resolved in
+    the context of the inclusion (``iter_route_contexts``)."""
+    contexts = getattr(fastapi_routing, "iter_route_contexts", None)
+    found = contexts(routes) if contexts is not None else routes
+    return [route for route in found
+            if isinstance(getattr(route, "original_route", route), APIRoute)]
+
+
+def _platform_answers(route, method: str, fhir: bool) -> dict[str, list[str]]:  # noqa: ANN001
+    """Status → why, for each status the platform itself answers ``method`` of ``route``
+    with, from what the route is: its dependency on the bearer token (``authenticate``: 401,
+    403), on the JSON body (``json_body``, ``json_object``: 400, 415, 422) or a body FastAPI
+    reads into a model, a FHIR interaction's body (POST, PUT, PATCH under /fhir), its path
+    parameters (404), a method that carries a body (the edge's 413) or writes (503)."""
+    calls = _dependencies(route.dependant)
+    authenticated = authenticate in calls
+    json_read = bool({json_body, json_object} & calls)
+    model = route.body_field is not None
+    fhir_body = fhir and method in _BODY_METHODS
+    found: dict[str, list[str]] = {}
+
+    def add(status: str, why: str) -> None:
+        found.setdefault(status, []).append(why)
+
+    if fhir:
+        add("400", "a parameter is refused (a search FHIR cannot do, a value out of range), or "
+            "the URL has a NUL (%00)")
+    if json_read:
+        add("400", "the body is no JSON the platform takes: malformed, not UTF-8, a key twice "
+            "in one object, NaN or Infinity, or nested deeper than CCM_MAX_JSON_DEPTH")
+    if fhir_body:
+        add("400", "the body cannot be read as what the interaction takes (FHIR JSON, a "
+            "search's form): malformed, not UTF-8, a key twice in one object, NaN or "
+            "Infinity, or nested deeper than CCM_MAX_JSON_DEPTH")
+    if authenticated:
+        add("401", "no usable bearer token: Authorization is missing, not `Bearer <token>` or "
+            "sent more than once, or the token is unknown or revoked")
+        add("403", "the token lacks a scope this route needs")
+    if route.param_convertors:
+        named = ", ".join(f"{{{name}}}" for name in route.param_convertors)
+        names = "names" if len(route.param_convertors) == 1 else "name"
+        add("404", f"the path's {named} {names} nothing this caller may see: unknown, or "
+            "another practice's (which does not exist for it)" if authenticated else
+            f"the path's {named} {names} nothing: unknown or invalid")
+    if method in _BODY_METHODS:
+        add("413", "the request body is larger than CCM_MAX_BODY_BYTES")
+    if json_read:
+        add("415", "the body's Content-Type is not JSON (application/json or "
+            "application/…+json, UTF-8), or there is none")
+    if fhir_body:
+        add("415", "the body's Content-Type is not a media type the interaction takes (FHIR "
+            "JSON: application/fhir+json, R4, UTF-8, uncompressed)")
+    if (json_read or model) and not fhir:
+        add("422", "a parameter or the body does not validate, or is refused (`errors`, where "
+            "given, names each problem)")
+    if method in _WRITE_METHODS:
+        add("503", "the database rolled the request back so that a concurrent one could go on "
+            "(a deadlock or serialization failure); nothing was stored: send it again")
+    return found
+
+
+def _generated_error(content: dict) -> bool:
+    """Whether an error's ``content`` is FastAPI's own (its HTTPValidationError, or none given
+    by a route's ``responses=``), not a body a route documents as it sends it (/readyz's)."""
+    schema = content.get("application/json", {}).get("schema")
+    return not schema or schema == {"$ref": "#/components/schemas/HTTPValidationError"}
+
+
+def _errors_as_sent(schema: dict, routes: list | tuple = ()) -> dict:
     """FastAPI documents a request that fails validation as a 422 of ``application/json``
     ``HTTPValidationError``; this platform answers every error as problem+json (RFC 9457), and
-    under /fhir as an OperationOutcome (``application/fhir+json``): the document says so."""
+    under /fhir as an OperationOutcome (``application/fhir+json``): the document says so.
+
+    Each operation also lists what the platform answers it with, as ``_platform_answers``
+    derives from its route in ``routes``; a status the route documents itself
+    (``responses=``) stays as the route has it."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
+    by_operation = {(route.path_format, method.lower()): route
+                    for route in _api_routes(routes) for method in route.methods}
     used = set()
     for path, operations in schema.get("paths", {}).items():
-        fhir = path == "/fhir" or path.startswith("/fhir/")
+        fhir = is_fhir_path(path)
         media, name = (("application/fhir+json", "OperationOutcome") if fhir
                        else ("application/problem+json", "Problem"))
-        for operation in operations.values():
+        ref = f"#/components/schemas/{name}"
+        for method, operation in operations.items():
             responses = operation.get("responses", {})
             if fhir and "422" in responses and "400" not in responses:
                 # Under /fhir a request that does not validate (a search's _count=5000) is a
@@ -619,10 +742,28 @@ def _errors_as_sent(schema: dict) -> dict:
                 if validation.get("description") == "Validation Error":
                     del responses["422"]
             for status, response in responses.items():
-                if status[:1] in ("4", "5") and "application/json" in response.get("content", {}):
-                    response["content"] = {media: {"schema": {
-                        "$ref": f"#/components/schemas/{name}"}}}
+                content = response.get("content", {})
+                if status[:1] in ("4", "5") and "application/json" in content and \
+                        _generated_error(content):
+                    response["content"] = {media: {"schema": {"$ref": ref}}}
                     used.add(name)
+            if responses.get("422", {}).get("description") == "Validation Error":
+                responses["422"]["description"] = ("Invalid input: a parameter does not "
+                                                   "validate, or is refused (`errors`, where "
+                                                   "given, names each problem)")
+            route = by_operation.get((path, method))
+            if route is None:
+                continue
+            explicit = {str(status) for status in route.responses}
+            for status, why in _platform_answers(route, method, fhir).items():
+                if status in explicit:
+                    continue
+                responses[status] = {"description": f"{_TITLES[status]}: {'; '.join(why)}",
+                                     "content": {media: {"schema": {"$ref": ref}}},
+                                     **({"headers": _HEADERS[status]} if status in _HEADERS
+                                        else {})}
+                used.add(name)
+            operation["responses"] = dict(sorted(responses.items()))
     for name, body in (("Problem", _PROBLEM_SCHEMA), ("OperationOutcome", _OUTCOME_SCHEMA)):
         if name in used:
             components[name] = body
