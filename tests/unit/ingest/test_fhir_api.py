@@ -313,12 +313,15 @@ async def test_capability_statement_lists_the_supported_types(fhir):
               for res in body["rest"][0]["resource"]}
     assert "subject" in params["Encounter"] and "subject" not in params["Consent"]
     assert "patient" in params["Consent"] and "patient" not in params["Patient"]
-    # It claims only what the REST URLs do: conditional update/delete work in Bundles only.
+    # It claims what the REST URLs do: conditional create, update, single delete and read.
     patient = body["rest"][0]["resource"][0]
-    assert patient["conditionalCreate"] is True and patient["conditionalUpdate"] is False
-    assert patient["conditionalDelete"] == "not-supported"
-    assert (await fhir.put("/fhir/Patient?identifier=x|1",
-                           json={"resourceType": "Patient"})).status_code == 405
+    assert patient["conditionalCreate"] is True and patient["conditionalUpdate"] is True
+    assert patient["conditionalDelete"] == "single"
+    assert patient["conditionalRead"] == "full-support"
+    created = await fhir.put("/fhir/Patient?identifier=x|1",
+                             json={"resourceType": "Patient",
+                                   "identifier": [{"system": "x", "value": "1"}]})
+    assert created.status_code == 201, created.text
 
 
 async def test_a_decimal_beyond_64_bits_is_stored_and_read_back_exactly(fhir):

@@ -62,8 +62,8 @@ def _allowed(request: Request) -> list[str]:
     parts = request.url.path.strip("/").split("/")[1:]
     if not parts:
         return ["POST"]
-    if len(parts) == 1:
-        return ["GET"] if parts[0] == "metadata" else ["GET", "POST"]
+    if len(parts) == 1:  # a type: search, create, conditional update and delete
+        return ["GET"] if parts[0] == "metadata" else ["DELETE", "GET", "POST", "PUT"]
     if len(parts) == 2:
         return ["POST"] if parts[1] in ("$validate", "_search") else ["DELETE", "GET", "PUT"]
     return ["POST"] if parts[-1] == "$validate" else ["GET"]  # _history, _history/{vid}

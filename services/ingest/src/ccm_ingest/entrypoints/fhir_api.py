@@ -37,8 +37,8 @@ from ccm_ingest.entrypoints.outcomes import (
     lenient,
     operation_outcome,
     outcome_response,
+    read_response,
     returned,
-    version_headers,
     write_response,
 )
 from ccm_ingest.service_layer import bundles
@@ -273,6 +273,17 @@ _INVALID_RESOURCE: dict[int | str, dict[str, Any]] = {422: {
                    "whose issues name the elements", "content": {"application/json": {}}}}
 
 
+# What a conditional write (PUT, DELETE Type?criteria) and a conditional read answer besides
+# the platform's errors.
+_SEVERAL_MATCH: dict[int | str, dict[str, Any]] = {412: {
+    "description": "Several resources match the criteria (only a single match is written), or "
+                   "If-Match names no current version: an OperationOutcome",
+    "content": {"application/json": {}}}}
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {
+    "description": "Not Modified: If-None-Match names this version, or it was not modified "
+                   "since If-Modified-Since; no body, its ETag and Last-Modified"}}
+
+
 def _require_fhir(tenant: Tenant) -> None:
     """403 for a token with neither of the FHIR API's scopes (one of another service's)."""
     if not {"fhir:read", "fhir:write"} & set(tenant.scopes):
@@ -441,15 +452,34 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         return write_response(request, outcome, base(request),
                               may_read="fhir:read" in tenant.scopes)
 
-    async def write(request: Request, tenant: Tenant, action) -> Response:  # noqa: ANN001
+    async def write(request: Request, tenant: Tenant, action,  # noqa: ANN001
+                    *, conditional: bool = False) -> Response:
         tenant.require_scope("fhir:write")
         async with runtime.db.unit_of_work() as uow:
             caller = await caller_for(runtime, tenant, uow, local_bases=local_bases(request))
             outcome: Outcome = await action(uow, caller)
             await uow.commit()
         wake_relay()
+        if conditional and outcome.id:
+            # The audit trail names the resource a conditional write (``Type?criteria``)
+            # updated, created or deleted, as it names the one of a ``Type/id`` URL: the
+            # platform's recorder reads the route's path parameters once the call is answered.
+            request.scope["path_params"] = {**request.path_params, "rid": outcome.id}
         return write_response(request, outcome, base(request),
                               may_read="fhir:read" in tenant.scopes)
+
+    def criteria_of(request: Request, rtype: str) -> str:
+        """The criteria of ``PUT``/``DELETE /fhir/{rtype}?criteria`` (its query, as sent),
+        refused before anything is read (400: none, or what the search refuses)."""
+        criteria = request.url.query
+        if not criteria.strip():
+            raise rejected(400, "required", f"{request.method} /fhir/{rtype} needs search "
+                           f"criteria ({request.method} /fhir/{rtype}?identifier=system|value: "
+                           "a conditional " + ("update" if request.method == "PUT" else "delete")
+                           + f") or an id ({request.method} /fhir/{rtype}/{{id}})", f"{rtype}?")
+        with handlers.placed(f"{rtype}?{criteria}"):
+            handlers.check_criteria(rtype, criteria)
+        return criteria
 
     @router.get("/metadata", summary="CapabilityStatement: what this endpoint supports")
     async def metadata(request: Request) -> Response:
@@ -643,7 +673,35 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                            lambda uow, caller: handlers.remove(
                                uow, caller, rtype, rid, if_match=request.headers.get("if-match")))
 
-    @router.get("/{rtype}/{rid}", summary="Read the current version")
+    @router.put("/{rtype}", summary="Conditional update (PUT Type?criteria): the one match is "
+                "updated, none is created (under the body's id, else a new one); several: 412",
+                responses={201: {"description": "Created"}, **_SEVERAL_MATCH,
+                           **_INVALID_RESOURCE})
+    async def conditional_update(rtype: str, request: Request, tenant: TenantDep) -> Response:
+        _check_type(rtype)
+        criteria = criteria_of(request, rtype)
+        resource = standalone(await read_json(request, max_depth), rtype)
+        return await write(request, tenant, lambda uow, caller: handlers.conditional_update(
+            uow, caller, rtype, criteria, resource, criteria_at=f"{rtype}?{criteria}",
+            if_match=request.headers.get("if-match")), conditional=True)
+
+    @router.delete("/{rtype}", summary="Conditional delete (DELETE Type?criteria) of a single "
+                   "match; none: 200 with an OperationOutcome; several: 412 (If-Match: version)",
+                   responses={200: {"description": "Nothing matches the criteria: an "
+                                                   "OperationOutcome saying so, nothing deleted"},
+                              204: {"description": "The one match was deleted (or nothing "
+                                                   "matched, with Prefer: return=minimal)"},
+                              **_SEVERAL_MATCH})
+    async def conditional_delete(rtype: str, request: Request, tenant: TenantDep) -> Response:
+        _check_type(rtype)
+        criteria = criteria_of(request, rtype)
+        return await write(request, tenant, lambda uow, caller: handlers.conditional_remove(
+            uow, caller, rtype, criteria, criteria_at=f"{rtype}?{criteria}",
+            if_match=request.headers.get("if-match")), conditional=True)
+
+    @router.get("/{rtype}/{rid}", summary="Read the current version (If-None-Match, "
+                "If-Modified-Since: 304 when the client's copy is current)",
+                responses=_NOT_MODIFIED)
     async def read(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
         tenant.require_scope("fhir:read")
         _check_type(rtype)
@@ -652,12 +710,13 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                            "(only a resource's own _history; no type-level history or "
                            f"operations; a search is GET {rtype}?… or POST {rtype}/_search)",
                            f"{rtype}/{rid}")
+        conditions = read_conditions(request)
         async with runtime.db.unit_of_work() as uow:
             repo = SqlResourceRepository(uow.session, tenant.practice_id)
             version = handlers.current_or_error(await repo.current_version(rtype, rid), rtype,
                                                 rid)
-        outcome = Outcome(200, rtype, rid, version)
-        return fhir_json(version.resource, 200, version_headers(outcome, base(request)))
+        return read_response(handlers.read_outcome(rtype, rid, version, conditions),
+                             base(request))
 
     @router.get("/{rtype}/{rid}/_history",
                 summary="Stored versions, newest first (_since, _count, _offset)")
@@ -673,16 +732,19 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         return fhir_json(history_bundle(base(request), rtype, rid, params, total, versions,
                                         before_deleted))
 
-    @router.get("/{rtype}/{rid}/_history/{vid}", summary="One stored version")
+    @router.get("/{rtype}/{rid}/_history/{vid}", summary="One stored version (If-None-Match, "
+                "If-Modified-Since: 304 when the client's copy is current)",
+                responses=_NOT_MODIFIED)
     async def vread(rtype: str, rid: str, vid: str, request: Request,
                     tenant: TenantDep) -> Response:
         tenant.require_scope("fhir:read")
         _check_type(rtype)
+        conditions = read_conditions(request)
         async with runtime.db.unit_of_work() as uow:
             version = await handlers.version_or_error(
                 SqlResourceRepository(uow.session, tenant.practice_id), rtype, rid, vid, "vid")
-        outcome = Outcome(200, rtype, rid, version)
-        return fhir_json(version.resource, 200, version_headers(outcome, base(request)))
+        return read_response(handlers.read_outcome(rtype, rid, version, conditions),
+                             base(request))
 
     @router.get("/{rtype}", summary="Search: _id, identifier, patient, _lastUpdated, _count")
     async def search(rtype: str, request: Request, tenant: TenantDep) -> Response:
@@ -703,6 +765,15 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         return fhir_json(searchset(b, rtype, total, rows, page_links(b, rtype, params, total)))
 
     return router
+
+
+def read_conditions(request: Request) -> handlers.ReadConditions | None:
+    """A read's preconditions (If-None-Match, If-Modified-Since), None without any."""
+    headers = request.headers
+    if "if-none-match" not in headers and "if-modified-since" not in headers:
+        return None
+    return handlers.header_read_conditions(headers.getlist("if-none-match"),
+                                           headers.getlist("if-modified-since"))
 
 
 def searchset(base: str, rtype: str, total: int, rows: list[VersionRow],
@@ -785,9 +856,10 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
         item: dict[str, Any] = {"response": response}
         if outcome.id and outcome.version is not None:
             item["fullUrl"] = f"{base}/{outcome.resource_type}/{outcome.id}"
-            # A read answers with what it read; a write when the client prefers it.
-            if entry.method == "GET" or (wanted == "representation"
-                                         and outcome.version.resource is not None):
+            # A read answers with what it read (unless the client's copy is current: 304);
+            # a write when the client prefers it.
+            if outcome.status != 304 and (entry.method == "GET" or (
+                    wanted == "representation" and outcome.version.resource is not None)):
                 item["resource"] = outcome.version.resource
         if outcome.found is not None:  # a search, with a searchset Bundle
             total, rows, params = outcome.found
@@ -802,7 +874,8 @@ def response_bundle(kind: str, results: list[tuple[bundles.Entry, Outcome]],
     return {"resourceType": "Bundle", "type": kind, **({"entry": entries} if entries else {})}
 
 
-_REASONS = {200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+_REASONS = {200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified",
+            400: "Bad Request", 403: "Forbidden",
             404: "Not Found", 409: "Conflict", 410: "Gone", 412: "Precondition Failed",
             422: "Unprocessable Entity", 503: "Service Unavailable"}
 
@@ -842,13 +915,18 @@ def capability_statement(base: str, now: datetime) -> dict[str, Any]:
                 "readHistory": True,
                 "updateCreate": True,
                 "conditionalCreate": True,
-                # On the REST URL (PUT/DELETE Type?criteria): no. Inside Bundles: yes.
-                "conditionalUpdate": False,
-                "conditionalDelete": "not-supported",
-                "documentation": "Conditional update and delete (`Type?criteria`) only inside "
-                                 "transaction and batch Bundles. Search by GET or by POST "
-                                 "Type/_search (a form body); Prefer: handling=lenient "
-                                 "ignores unsupported search parameters.",
+                # PUT/DELETE Type?criteria, on the REST URL and in Bundles alike.
+                "conditionalUpdate": True,
+                "conditionalDelete": "single",
+                # If-None-Match and If-Modified-Since (a Bundle's ifNoneMatch, ifModifiedSince)
+                "conditionalRead": "full-support",
+                "documentation": "Conditional update (PUT Type?criteria) and delete (DELETE "
+                                 "Type?criteria, a single match: several are a 412) on the "
+                                 "REST URL and in transaction and batch Bundles. Read and "
+                                 "vread answer 304 Not Modified to If-None-Match or "
+                                 "If-Modified-Since. Search by GET or by POST Type/_search (a "
+                                 "form body); Prefer: handling=lenient ignores unsupported "
+                                 "search parameters.",
                 "interaction": [{"code": c} for c in ("read", "vread", "update", "delete",
                                                       "history-instance", "create",
                                                       "search-type")],

@@ -59,6 +59,18 @@ def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
     }
 
 
+def read_response(outcome: Outcome, base: str) -> Response:
+    """A read's or vread's answer: the version with its headers, or, when the client's copy is
+    current (304), no body and the version's ETag and Last-Modified (RFC 9110 §15.4.5: what
+    a 200 would have said of the version, nothing of a representation not sent)."""
+    headers = version_headers(outcome, base)
+    if outcome.status == 304:
+        return Response(status_code=304, headers={name: headers[name]
+                                                  for name in ("ETag", "Last-Modified")})
+    return fhir_json(outcome.version.resource if outcome.version else None, outcome.status,
+                     headers)
+
+
 def prefer(request: Request, default: str = "representation", name: str = "return") -> str:
     """The ``name`` preference (``return``, ``handling``; RFC 7240: preferences separated by
     commas, in one or several Prefer headers; each may carry ``;`` parameters), ``default``
@@ -94,9 +106,13 @@ def write_response(request: Request, outcome: Outcome, base: str, *,
     """Status, ETag/Location/Last-Modified, and the body ``Prefer: return=`` asks for
     (``returned``)."""
     headers = version_headers(outcome, base)
-    if outcome.status == 204:
-        return Response(status_code=204)
     wanted = returned(request, may_read)
+    if outcome.status == 204:
+        if outcome.issues and wanted != "minimal":
+            # A 204 has no body: what it has to say (a conditional delete that matched
+            # nothing) is a 200 OperationOutcome, as FHIR allows a delete to answer.
+            return outcome_response(200, outcome.issues)
+        return Response(status_code=204)
     if wanted == "OperationOutcome" or outcome.outcome_body:
         return outcome_response(outcome.status, outcome.issues, headers)
     if wanted == "minimal" or outcome.version is None:

@@ -56,6 +56,10 @@ class Entry:
     refused: FhirRejected | None = None
     # GET Type/id/_history: "" (the resource's history), or the version it names (vread).
     history: str | None = None
+    # A read's or vread's preconditions (request.ifNoneMatch, request.ifModifiedSince), as
+    # sent: checked when the entry runs (a read never fails the Bundle: its own 400).
+    if_none_match: Any = None
+    if_modified_since: Any = None
     # A conditional create (transaction) whose criteria an existing resource matched (``found``)
     # or an earlier entry of the Bundle claimed (``same_as``): it writes nothing.
     found: Outcome | None = None
@@ -208,9 +212,13 @@ def _parse_entry(i: int, raw: Any) -> Entry:
         except FhirRejected as exc:
             raise FhirRejected(exc.status, [issue.located(f"{_where(i)}.resource")
                                             for issue in exc.issues]) from None
-    return Entry(i, method, rtype, rid, query or None, resource, raw.get("fullUrl"),
-                 request.get("ifNoneExist"), request.get("ifMatch"), query, refused=refused,
-                 history=history)
+    entry = Entry(i, method, rtype, rid, query or None, resource, raw.get("fullUrl"),
+                  request.get("ifNoneExist"), request.get("ifMatch"), query, refused=refused,
+                  history=history)
+    if method == "GET":  # only a read takes them (FHIR: conditional read)
+        entry.if_none_match = request.get("ifNoneMatch")
+        entry.if_modified_since = request.get("ifModifiedSince")
+    return entry
 
 
 def _target(i: int, method: str, url: str, parts: list[str]) -> tuple[str | None, str | None]:
@@ -441,22 +449,12 @@ async def _conditional_references(repo: SqlResourceRepository, caller: Caller, e
 
 async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
                               ignore: Collection[str] = ()) -> None:
-    """``PUT Type?criteria``: the one match is updated, none is created (under the resource's
-    id, else a new one); several are a 412, and an id other than the match's a 400 (FHIR).
-    ``ignore``: ids of the type that match nothing (the transaction deletes them).
-    Creating, it claims the criteria as a conditional create does (``claim_create``), so of
-    concurrent ones that match nothing one creates and the others update what it created."""
-    sent_id = (e.resource or {}).get("id")
-    new_id = sent_id or random_uuid()
-    with _placed(f"{_where(e.index)}.request.url"):
-        found = await handlers.claim_create(
-            uow, caller, e.rtype, new_id, e.criteria or "",
-            ignore=ignore, asked=f"conditional update {e.rtype}?{e.criteria}")
-    if found is not None and sent_id and sent_id != found.id:
-        raise rejected(400, "invalid", f"conditional update {e.rtype}?{e.criteria} finds "
-                       f"{e.rtype}/{found.id}, but the resource's id is {sent_id!r}",
-                       f"{_where(e.index)}.resource.id")
-    e.rid = found.id if found is not None else new_id
+    """``PUT Type?criteria`` in a transaction: its id settled (``conditional_target``, as the
+    REST ``PUT /fhir/Type?criteria`` settles it) before references are rewritten; ``ignore``:
+    ids of the type that match nothing (the transaction deletes them)."""
+    e.rid = await handlers.conditional_target(
+        uow, caller, e.rtype, e.criteria or "", e.resource or {},
+        criteria_at=f"{_where(e.index)}.request.url", ignore=ignore)
     e.resource = {**(e.resource or {}), "id": e.rid}
 
 
@@ -576,7 +574,10 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
         return outcome
     if e.method == "PUT":
         if e.rid is None and e.criteria:  # in a batch (a transaction settled it already)
-            await _conditional_update(uow, caller, e)
+            return await handlers.conditional_update(
+                uow, caller, e.rtype, e.criteria, e.resource,
+                criteria_at=f"{_where(e.index)}.request.url", if_match=e.if_match,
+                where=f"{_where(e.index)}.resource")
         if e.rid is None:
             raise _put_without_target(e)
         # Its body names the resource of its URL, as over REST (400 otherwise; FHIR: the
@@ -586,26 +587,25 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
     if e.method == "DELETE":
         if e.rid is not None:
             return await handlers.remove(uow, caller, e.rtype, e.rid, if_match=e.if_match)
-        with _placed(f"{_where(e.index)}.request.url"):
-            matches = await handlers.find_by_criteria(repo, e.rtype, e.criteria or "",
-                                                      local_bases=caller.local_bases)
-        if len(matches) > 1:
-            raise rejected(412, "multiple-matches", f"conditional delete matches {len(matches)}"
-                           " resources", f"{_where(e.index)}.request.url")
-        if not matches:
-            return Outcome(204, e.rtype, "")
-        return await handlers.remove(uow, caller, e.rtype, matches[0].id)
+        return await handlers.conditional_remove(uow, caller, e.rtype, e.criteria or "",
+                                                 criteria_at=f"{_where(e.index)}.request.url",
+                                                 if_match=e.if_match)
     # GET: reads never fail the Bundle; their status is the entry's.
     if e.refused is not None:  # a read of something not served here
         return Outcome(e.refused.status, e.rtype, "", None, e.refused.issues)
     try:
-        if e.history:
-            return await _vread(repo, e)
-        if e.history is not None:
+        if e.history is not None and not e.history:
             return await _history(repo, e)
-        if e.rid is not None:
-            found = await repo.current_version(e.rtype, e.rid)
-            return Outcome(200, e.rtype, e.rid, handlers.current_or_error(found, e.rtype, e.rid))
+        if e.rid is not None:  # a read or a vread: conditional when asked (ifNoneMatch, …)
+            conditions = handlers.entry_read_conditions(e.if_none_match, e.if_modified_since,
+                                                        _where(e.index))
+            if e.history:
+                version = await handlers.version_or_error(repo, e.rtype, e.rid, e.history,
+                                                          f"{_where(e.index)}.request.url")
+            else:
+                version = handlers.current_or_error(await repo.current_version(e.rtype, e.rid),
+                                                    e.rtype, e.rid)
+            return handlers.read_outcome(e.rtype, e.rid, version, conditions)
         # Criteria and paging (_count, _offset), checked as a REST search's are.
         params = sorted(parse_qsl(e.query, keep_blank_values=True))
         with _placed(f"{_where(e.index)}.request.url"):
@@ -614,14 +614,6 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
         return Outcome(200, e.rtype, "", None, found=(total, rows, params))
     except FhirRejected as exc:
         return Outcome(exc.status, e.rtype, e.rid or "", None, exc.issues)
-
-
-async def _vread(repo: SqlResourceRepository, e: Entry) -> Outcome:
-    """``GET Type/id/_history/vid``: that version, as the REST vread answers it (404 for one
-    not stored, 410 for a deletion)."""
-    version = await handlers.version_or_error(repo, e.rtype, e.rid or "", e.history or "",
-                                              f"{_where(e.index)}.request.url")
-    return Outcome(200, e.rtype, e.rid or "", version)
 
 
 async def _history(repo: SqlResourceRepository, e: Entry) -> Outcome:
@@ -721,8 +713,7 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
     names = _FullUrls(ids, entries, caller.local_bases)
     for e in entries:  # the request's own parts, refused as the write refuses them
         with _at_entry(e.index):
-            if e.if_match is not None and (e.method == "PUT" or (e.method == "DELETE"
-                                                                  and e.rid is not None)):
+            if e.if_match is not None and e.method in ("PUT", "DELETE"):
                 handlers.parse_etag(e.if_match)  # the only entries whose ifMatch is read
             if e.method == "POST" and e.if_none_exist:
                 with _placed(f"{_where(e.index)}.request.ifNoneExist"):
@@ -814,18 +805,7 @@ class _at_entry(Relocating):  # noqa: N801 - a context manager, named as one
         return _located(issues, self.index)
 
 
-class _placed(Relocating):  # noqa: N801 - a context manager, named as one
-    """FhirRejected raised inside, each issue at ``expression``: search criteria refused, at the
-    element of the entry that carries them (``request.ifNoneExist``, ``request.url``, a
-    reference), not at the parameter's name."""
-
-    __slots__ = ("expression",)
-
-    def __init__(self, expression: str) -> None:
-        self.expression = expression
-
-    def relocate(self, issues: list[Issue]) -> list[Issue]:
-        return [Issue(i.severity, i.code, i.diagnostics, (self.expression,)) for i in issues]
+_placed = handlers.placed  # criteria refused, at the element carrying them
 
 
 def _located(issues: list[Issue], index: int) -> list[Issue]:

@@ -7,6 +7,7 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import parse_qsl
 from zoneinfo import ZoneInfo
@@ -92,6 +93,114 @@ def parse_etag(value: str) -> str:
         raise rejected(400, "value", f"If-Match {sent!r} is not a version ETag "
                        '(W/"<versionId>", as the ETag header gives it)', "If-Match")
     return version
+
+
+# If-None-Match: ``*``, or entity tags (``W/"3"``, ``"3"``; a bare ``3`` as If-Match takes it),
+# separated by commas (RFC 9110 §13.1.2).
+_ENTITY_TAG = r'\s*(?:(?:W/)?"([^"]*)"|([0-9]+))\s*'
+_ENTITY_TAGS = re.compile(rf"{_ENTITY_TAG}(?:,{_ENTITY_TAG})*")
+# A FHIR instant (what a Bundle entry's request.ifModifiedSince is): to the second, with a zone.
+_INSTANT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                      r"(Z|[+-][0-9]{2}:[0-9]{2})")
+
+
+@dataclass(frozen=True)
+class ReadConditions:
+    """A conditional read's preconditions (FHIR http.html#cread, RFC 9110 §13.2.2): the
+    versions ``If-None-Match`` names (``*``: any; None: not sent), else ``If-Modified-Since``.
+    ``whole_seconds``: ``since`` is an HTTP date, compared with the version's time as its
+    ``Last-Modified`` header gives it, to the second (a Bundle's ``lastModified`` is exact)."""
+
+    etags: frozenset[str] | None = None
+    since: datetime | None = None
+    whole_seconds: bool = True
+
+    def not_modified(self, version: VersionRow) -> bool:
+        """Whether the client's copy is ``version`` (304): If-None-Match decides when sent,
+        and If-Modified-Since is then not looked at."""
+        if self.etags is not None:
+            return "*" in self.etags or str(version.version_id) in self.etags
+        if self.since is None:
+            return False
+        modified = version.last_updated.astimezone(UTC)
+        if self.whole_seconds:
+            modified = modified.replace(microsecond=0)
+        return modified <= self.since
+
+
+def if_none_match(value: Any, where: str = "If-None-Match") -> frozenset[str]:
+    """The versions an ``If-None-Match`` names (weak comparison: ``W/"3"`` and ``"3"`` are
+    version 3), or ``{"*"}``; 400 for what is no list of entity tags. A tag that is no version
+    (``"abc"``) matches none."""
+    sent = value.strip() if isinstance(value, str) else ""
+    if sent == "*":
+        return frozenset({"*"})
+    if not sent or _ENTITY_TAGS.fullmatch(sent) is None:
+        raise rejected(400, "value", f"If-None-Match {value!r} is not * or a list of ETags "
+                       '(W/"<versionId>", as the ETag header gives it)', where)
+    return frozenset(tag[1] if tag[1] is not None else tag[2]
+                     for tag in re.finditer(_ENTITY_TAG, sent))
+
+
+def http_date(value: str, where: str = "If-Modified-Since") -> datetime:
+    """An HTTP date (RFC 9110 §5.6.7: ``Sun, 06 Nov 1994 08:49:37 GMT``, or the obsolete RFC 850
+    and asctime forms, which are GMT) as an aware UTC time; 400 for anything else."""
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        raise rejected(400, "value", f"If-Modified-Since {value!r} is not an HTTP date "
+                       "(e.g. Sun, 06 Nov 1994 08:49:37 GMT, as the Last-Modified header gives "
+                       "it)", where) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def header_read_conditions(if_none_matches: list[str],
+                           if_modified_since: list[str]) -> ReadConditions | None:
+    """A REST read's preconditions from its headers (None: it has none). If-None-Match sent
+    in several headers is one list (RFC 9110 §5.3); If-Modified-Since sent twice is a 400
+    (which one counts would be a guess)."""
+    if len(if_modified_since) > 1:
+        raise rejected(400, "value", "If-Modified-Since is given more than once",
+                       "If-Modified-Since")
+    if not if_none_matches and not if_modified_since:
+        return None
+    return ReadConditions(
+        if_none_match(",".join(if_none_matches)) if if_none_matches else None,
+        http_date(if_modified_since[0]) if if_modified_since else None)
+
+
+def entry_read_conditions(if_none_matches: Any, if_modified_since: Any,
+                          where: str) -> ReadConditions | None:
+    """A Bundle GET entry's preconditions (``request.ifNoneMatch``, ``request.ifModifiedSince``:
+    a FHIR instant, compared exactly with the entry's ``lastModified``); 400 at ``where``'s
+    element for what is none."""
+    if if_none_matches is None and if_modified_since is None:
+        return None
+    since = None
+    if if_modified_since is not None:
+        if not isinstance(if_modified_since, str) or not _INSTANT.fullmatch(if_modified_since):
+            raise rejected(400, "value", f"ifModifiedSince {if_modified_since!r} is not a FHIR "
+                           "instant (YYYY-MM-DDThh:mm:ss[.fff]Z or ±hh:mm, as an entry's "
+                           "response.lastModified gives it)", f"{where}.request.ifModifiedSince")
+        try:
+            since = datetime.fromisoformat(if_modified_since).astimezone(UTC)
+        except (ValueError, OverflowError):
+            raise rejected(400, "value", f"ifModifiedSince {if_modified_since!r} is no instant "
+                           "there is", f"{where}.request.ifModifiedSince") from None
+    etags = None
+    if if_none_matches is not None:
+        etags = if_none_match(if_none_matches, f"{where}.request.ifNoneMatch")
+    return ReadConditions(etags, since, whole_seconds=False)
+
+
+def read_outcome(rtype: str, rid: str, version: VersionRow,
+                 conditions: ReadConditions | None) -> Outcome:
+    """A read (or vread) of ``version``: 200 with it, or 304 when ``conditions`` say the
+    client's copy is current (the answer then carries the version's ETag, not the resource).
+    Found first: another practice's id, or one never stored, stays a 404 whatever is asked."""
+    if conditions is not None and conditions.not_modified(version):
+        return Outcome(304, rtype, rid, version)
+    return Outcome(200, rtype, rid, version)
 
 
 def _meta_last_updated(resource: dict[str, Any], caller: Caller) -> datetime:
@@ -293,6 +402,20 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     return outcomes
 
 
+class placed(Relocating):  # noqa: N801 - a context manager, named as one
+    """FhirRejected raised inside, each issue at ``expression``: search criteria refused, at
+    the element that carries them (a Bundle entry's ``request.url`` or ``request.ifNoneExist``,
+    a reference, the REST URL ``Type?criteria``), not at the parameter's name."""
+
+    __slots__ = ("expression",)
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+
+    def relocate(self, issues: list[Issue]) -> list[Issue]:
+        return [Issue(i.severity, i.code, i.diagnostics, (self.expression,)) for i in issues]
+
+
 class _under(Relocating):  # noqa: N801 - a context manager, named as one
     """FhirRejected raised inside, with its issues located under ``where`` (a Bundle entry's
     resource) when there is one."""
@@ -479,6 +602,66 @@ async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
                 or wanted != str(current.version_id):
             raise if_match_failed(if_match, rtype, rid, current)
     return await store(uow, caller, rtype, rid, resource, where=where)
+
+
+async def conditional_target(uow: UnitOfWork, caller: Caller, rtype: str, criteria: str,
+                             resource: dict[str, Any], *, criteria_at: str,
+                             ignore: Collection[str] = ()) -> str:
+    """The id conditional update ``PUT rtype?criteria`` writes (FHIR http.html#cond-update):
+    the one match (a body's id other than the match's: 400), or, when nothing matches, the
+    body's id (update as create) or a new one; several matches: 412. Creating, it claims the
+    criteria as a conditional create does (``claim_create``), so of concurrent ones that match
+    nothing one creates and the others update what it created. ``criteria_at``: the element
+    the criteria's issues name (the REST URL, a Bundle entry's ``request.url``); ``ignore``:
+    ids that match nothing (a transaction deletes them)."""
+    sent_id = resource.get("id")
+    new_id = sent_id or random_uuid()
+    with placed(criteria_at):
+        found = await claim_create(uow, caller, rtype, new_id, criteria, ignore=ignore,
+                                   asked=f"conditional update {rtype}?{criteria}")
+    if found is not None and sent_id and sent_id != found.id:
+        raise rejected(400, "invalid", f"conditional update {rtype}?{criteria} finds "
+                       f"{rtype}/{found.id}, but the resource's id is {sent_id!r}",
+                       f"{rtype}.id")
+    return found.id if found is not None else new_id
+
+
+async def conditional_update(uow: UnitOfWork, caller: Caller, rtype: str, criteria: str,
+                             resource: dict[str, Any], *, criteria_at: str,
+                             if_match: str | None = None, where: str | None = None) -> Outcome:
+    """FHIR conditional update: ``update`` of the resource ``conditional_target`` settles
+    (``If-Match`` guards its version, as for ``PUT Type/id``)."""
+    if if_match is not None:
+        parse_etag(if_match)  # a malformed one is refused before anything is claimed
+    rid = await conditional_target(uow, caller, rtype, criteria, resource,
+                                   criteria_at=criteria_at)
+    return await update(uow, caller, rtype, rid, {**resource, "id": rid}, if_match=if_match,
+                        where=where)
+
+
+async def conditional_remove(uow: UnitOfWork, caller: Caller, rtype: str, criteria: str, *,
+                             criteria_at: str, if_match: str | None = None) -> Outcome:
+    """FHIR conditional delete, of a single match (``conditionalDelete: single``): the one
+    match is deleted as ``remove`` deletes (``If-Match`` guards its version); several are a
+    412; none is a 204 with an issue saying nothing matched (over REST a 200 with it as the
+    OperationOutcome, unless ``Prefer: return=minimal``; in a Bundle the entry's outcome), or a
+    412 with ``If-Match``, which no version then matches."""
+    wanted = parse_etag(if_match) if if_match is not None else None
+    repo = SqlResourceRepository(uow.session, caller.tenant)
+    with placed(criteria_at):
+        matches = await find_by_criteria(repo, rtype, criteria, local_bases=caller.local_bases)
+    if len(matches) > 1:
+        raise rejected(412, "multiple-matches", f"conditional delete {rtype}?{criteria} "
+                       f"matches {len(matches)} resources; only a single match is deleted "
+                       "here: make the criteria more selective", criteria_at)
+    if not matches:
+        if wanted is not None:
+            raise rejected(412, "conflict", f"If-Match {if_match} does not match: nothing "
+                           f"matches {rtype}?{criteria}", "If-Match")
+        return Outcome(204, rtype, "", None, issues=[Issue(
+            "information", "not-found", f"nothing matches {rtype}?{criteria}: nothing was "
+            "deleted")])
+    return await remove(uow, caller, rtype, matches[0].id, if_match=if_match)
 
 
 def if_match_failed(if_match: str, rtype: str, rid: str, current: Any) -> FhirRejected:
