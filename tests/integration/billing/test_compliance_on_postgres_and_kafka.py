@@ -34,7 +34,10 @@ async def test_packet_time_log_and_tracker_on_real_infrastructure(infra, kafka):
                               timezone="America/New_York", pricing=PRICING)
     headers = {"Authorization": f"Bearer {await create_token(runtime.db.engine, practice_id=practice)}"}
     other_headers = {"Authorization": f"Bearer {await create_token(runtime.db.engine, practice_id=other)}"}
-    events = [ev.patient(practice, "p1", mbi="1EG4TE5MK73"),
+    # An MBI of this run only: the database outlives runs, and the same MBI with time in another
+    # (earlier run's) practice this month is a duplicate biller, which bills nothing.
+    mbi = f"1EG4TE5{uuid.uuid4().hex[:4].upper()}"
+    events = [ev.patient(practice, "p1", mbi=mbi),
               cev.consent(practice, "p1", "c1", method="verbal"),
               cev.care_plan(practice, "p1", "cp1", version=1, updated="2024-12-01T12:00:00Z"),
               ev.condition(practice, "p1", "k1"), ev.condition(practice, "p1", "k2"),

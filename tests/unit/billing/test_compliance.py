@@ -123,7 +123,14 @@ async def test_a_year_of_history_packet_holds_exactly_the_facts_month_by_month(b
         assert codes == expected, month
     april = lists[3]
     april_refs = [x["item"]["reference"] for x in april["entry"]]
-    assert by_ref["Encounter/e4b"]["status"] == "entered-in-error"
+    # As the close locked it (version 1, finished and counted); the reversal is its correction.
+    e4b = by_ref["Encounter/e4b"]
+    assert (e4b["status"], e4b["meta"]["versionId"]) == ("finished", "1")
+    (correction,) = [x for x in e4b["extension"] if x["url"].endswith("/ccm-correction")]
+    said = {x["url"]: next(v for k, v in x.items() if k.startswith("value"))
+            for x in correction["extension"]}
+    assert said["versionId"] == "2" and said["status"] == "entered-in-error"
+    assert said["revision"] == 1 and said["counted"] is False
     statuses = sorted(by_ref[r]["status"] for r in april_refs if r.startswith("Invoice/"))
     assert statuses == ["cancelled", "issued"]  # the original and its replacement
     april_items = sorted((by_ref[r]["code"]["coding"][0]["code"], by_ref[r]["status"])
@@ -136,7 +143,7 @@ async def test_a_year_of_history_packet_holds_exactly_the_facts_month_by_month(b
     plan_versions = {ext["valueString"] for r in june_refs if r.startswith("Provenance/")
                      and by_ref[r]["target"][0]["reference"].startswith("CarePlan/")
                      for ext in by_ref[r]["extension"][0]["extension"] if ext["url"] == "versionId"}
-    assert plan_versions == {"1", "2"}
+    assert plan_versions == {"2"}  # the version June's decision was taken on, at its close
 
 
 async def test_the_pdf_has_a_cover_and_one_section_per_month(billing):
@@ -184,13 +191,20 @@ async def test_time_log_is_locked_at_close_and_corrections_are_added_not_edited(
     # As filed at close, e4b counted (version 1); its reversal came later, as a correction.
     assert rows["e4b"]["source"]["versionId"] == "1"
     assert [c["versionId"] for c in rows["e4b"]["corrections"]] == ["2"]
-    assert rows["e4b"]["counted"] is False and rows["e4b"]["reason"] == "not-finished"
+    # The locked view is the lock: e4b stays finished and counted, its 20 minutes with it.
+    assert (rows["e4b"]["status"], rows["e4b"]["counted"], rows["e4b"]["seconds"]) == (
+        "finished", True, 1200)
+    (correction,) = rows["e4b"]["corrections"]
+    assert correction["status"] == "entered-in-error"
+    assert correction["filing"]["revision"] == 1 and correction["filing"]["counted"] is False
+    assert correction["filing"]["notCountedReason"] == "not-finished"
     filings = log["filings"]
     assert [f["revision"] for f in filings] == [0, 1]
     assert filings[0]["reason"] == "closed" and "e4b" in filings[0]["counted"]
     assert filings[1]["countedRemoved"] == ["e4b"] and filings[1]["codes"] == {"99490": 1}
     assert filings[1]["codesBefore"] == {"99439": 1, "99490": 1}
-    assert log["totals"]["countedMinutes"] == 25
+    assert log["totals"]["countedMinutes"] == 45  # at close
+    assert log["totalsAfterCorrections"]["countedMinutes"] == 25
     may = (await api(billing).get("/v1/practices/alpha/patients/p1/time-log",
                                   params={"month": "2025-05"})).json()
     assert [f["revision"] for f in may["filings"]] == [0]  # untouched months keep one filing

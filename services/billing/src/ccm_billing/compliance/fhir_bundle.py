@@ -1,10 +1,13 @@
 """The audit packet as a FHIR R4 Bundle of type collection.
 
-Consents, Encounters (time entries and the initiating visit) and CarePlans at their newest
-version; one Provenance per source version (versionId, SHA-256, received time); the billing
-decision of each month as a Basic resource; review evidence as completed Tasks; the stored
-ChargeItems and Invoices as issued; the audit trail's AuditEvents; and one List per month that
-points to that month's part of it all.
+Consents at their newest version; Encounters (time entries) as the month's close locked them,
+each later version a ``ccm-correction`` extension, and the initiating visit; each month's care
+plans and chronic Conditions at the version its decision was taken on (version-specific entries,
+``CarePlan/x/_history/2``: another month may show another version), with the decision's verdict
+on them in its Basic; one Provenance per source version (versionId, SHA-256, received time);
+review evidence as completed Tasks; the stored ChargeItems and Invoices as issued; the
+AuditEvents of the audit log entries that name the patient; and one List per month that points
+to that month's part of it all.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ def _encounter(patient: str, e: dict) -> dict:
               if e["reason"] else []),
             *([{"url": f"{EXT}/ccm-performer-role", "valueCode": e["role"]}] if e["role"] else []),
             *_source_ext(e.get("source")),
+            *(_correction_ext(c) for c in e.get("corrections", [])),
         ],
     }
     if e["start"]:
@@ -95,6 +99,25 @@ def _encounter(patient: str, e: dict) -> dict:
     if meta := _meta(e.get("source")):
         resource["meta"] = meta
     return resource
+
+
+def _correction_ext(c: dict) -> dict:
+    """A version of the Encounter received after the month was locked, and what the filing that
+    took it in recorded (the Encounter itself stays as locked at close)."""
+    parts = [{"url": "versionId", "valueString": c["versionId"]},
+             {"url": "sha256", "valueString": c["sha256"]},
+             {"url": "receivedAt", "valueDateTime": c["receivedAt"]},
+             {"url": "event", "valueString": c["event"]}]
+    if c.get("status"):
+        parts.append({"url": "status", "valueCode": c["status"]})
+    if (filing := c.get("filing")) is not None:
+        parts += [{"url": "revision", "valueInteger": filing["revision"]},
+                  {"url": "filedAt", "valueDateTime": filing["filedAt"]},
+                  {"url": "filingReason", "valueString": filing["reason"]},
+                  {"url": "counted", "valueBoolean": filing["counted"]}]
+        if filing["notCountedReason"]:
+            parts.append({"url": "notCountedReason", "valueCode": filing["notCountedReason"]})
+    return {"url": f"{EXT}/ccm-correction", "extension": parts}
 
 
 def _visit(patient: str, visit: dict | None) -> dict | None:
@@ -116,17 +139,50 @@ def _visit(patient: str, visit: dict | None) -> dict | None:
     return resource
 
 
-def _care_plan(patient: str, plan: dict) -> dict:
-    v = plan["versions"][-1]
+def version_ref(kind: str, resource_id: str, version: dict | None) -> str:
+    """A version-specific reference (``CarePlan/x/_history/2``): a month's evidence is one
+    version of a resource that other months may show at another."""
+    ref = f"{kind}/{resource_id}"
+    return f"{ref}/_history/{version['versionId']}" if version else ref
+
+
+def _care_plan(patient: str, plan_id: str, v: dict | None, fact: dict | None = None) -> dict:
+    """One version of a care plan as billing received it (or, for a plan billing holds no
+    version of, as the decision read it)."""
+    seen = v or fact or {}
     resource = {
-        "resourceType": "CarePlan", "id": plan["carePlan"].split("/", 1)[1],
-        "meta": {"versionId": v["versionId"], "lastUpdated": v["lastUpdated"]},
-        "status": v["status"], "intent": v["intent"],
+        "resourceType": "CarePlan", "id": plan_id,
+        "status": seen["status"], "intent": seen["intent"],
         "subject": {"reference": f"Patient/{patient}"},
         "extension": _source_ext(v),
     }
-    if v.get("created"):
-        resource["created"] = v["created"]
+    if meta := _meta(v):
+        resource["meta"] = meta
+    if seen.get("created"):
+        resource["created"] = seen["created"]
+    return resource
+
+
+def _condition(patient: str, condition_id: str, v: dict) -> dict:
+    """One version of a Condition as billing received it (the codes and statuses it carried)."""
+    resource = {
+        "resourceType": "Condition", "id": condition_id, "meta": _meta(v),
+        "subject": {"reference": f"Patient/{patient}"},
+        "extension": _source_ext(v),
+    }
+    if v["clinicalStatus"]:
+        resource["clinicalStatus"] = {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+            "code": v["clinicalStatus"]}]}
+    if v["verificationStatus"]:
+        resource["verificationStatus"] = {"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+            "code": v["verificationStatus"]}]}
+    codings = [{k: c[k] for k in ("system", "code", "display") if c.get(k)} for c in v["code"]]
+    if codings:
+        resource["code"] = {"coding": codings}
+    if v["onset"]:
+        resource["onsetString"] = v["onset"]  # as the EHR wrote it (a date, an age, a text)
     return resource
 
 
@@ -174,6 +230,7 @@ def _decision(patient: str, month: str, section: dict) -> dict | None:
         {"url": "staffSeconds", "valueInteger": d["seconds"].get("staff", 0)},
         {"url": "practitionerSeconds", "valueInteger": d["seconds"].get("practitioner", 0)},
     ]
+    ext += _evidence_ext(section)
     if filing is not None:
         ext += [{"url": "revision", "valueInteger": filing["revision"]},
                 {"url": "filedAt", "valueDateTime": filing["filedAt"]},
@@ -188,6 +245,36 @@ def _decision(patient: str, month: str, section: dict) -> dict | None:
     if filing is not None:
         resource["created"] = filing["filedAt"][:10]
     return resource
+
+
+def _evidence_ext(section: dict) -> list[dict]:
+    """The care plans and chronic conditions the decision was taken on, with its verdicts."""
+    ext = []
+    if section.get("evidenceAsOf"):
+        ext.append({"url": "evidenceAsOf", "valueDateTime": section["evidenceAsOf"]})
+    for p in section["carePlans"]:
+        if p["version"] is None and p["fact"] is None:
+            continue  # received after the decision: it judged nothing of it
+        parts = [{"url": "reference", "valueReference": {"reference": version_ref(
+                     "CarePlan", p["carePlan"].split("/", 1)[1], p["version"])}},
+                 {"url": "inForce", "valueBoolean": p["inForce"]},
+                 {"url": "note", "valueString": p["note"]},
+                 {"url": "receivedAfterMonth", "valueBoolean": p["receivedAfterMonth"]}]
+        if p["movedAway"]:
+            parts.append({"url": "movedToAnotherPatient", "valueBoolean": True})
+        ext.append({"url": "carePlan", "extension": parts})
+    for c in section["conditions"]:
+        if not c["counted"]:
+            continue
+        ext.append({"url": "chronicCondition", "extension": [
+            {"url": "reference", "valueReference": {"reference": version_ref(
+                "Condition", c["condition"].split("/", 1)[1], c["version"])}},
+            {"url": "receivedAfterMonth", "valueBoolean": c["receivedAfterMonth"]}]})
+    eligibility = section["eligibility"]
+    ext += [{"url": "chronicConditionsCounted", "valueInteger": eligibility["chronicConditions"]},
+            {"url": "chronicConditionsRequired", "valueInteger": eligibility["minimum"]}]
+    ext += [{"url": "evidenceCheck", "valueString": x} for x in section["evidenceChecks"]]
+    return ext
 
 
 def invoice_excerpt(invoice: dict, charges: list[dict]) -> dict:
@@ -219,10 +306,10 @@ def bundle(packet: dict, bundle_id: str) -> dict:
     patient = packet["patient"]["id"]
     resources: dict[str, dict] = {}
 
-    def add(resource: dict | None) -> str | None:
+    def add(resource: dict | None, key: str | None = None) -> str | None:
         if resource is None:
             return None
-        key = f"{resource['resourceType']}/{resource['id']}"
+        key = key or f"{resource['resourceType']}/{resource['id']}"
         resources.setdefault(key, resource)
         return key
 
@@ -242,7 +329,17 @@ def bundle(packet: dict, bundle_id: str) -> dict:
             known = resources[f"Encounter/{visit['id']}"]["extension"]
             known += [x for x in visit["extension"] if x not in known]
         refs.append(add(visit))
-        refs += [add(_care_plan(patient, p)) for p in section["carePlans"]]
+        for p in section["carePlans"]:
+            plan_id = p["carePlan"].split("/", 1)[1]
+            if p["version"] is not None or p["fact"] is not None:
+                refs.append(add(_care_plan(patient, plan_id, p["version"], p["fact"]),
+                                version_ref("CarePlan", plan_id, p["version"])))
+            refs += [add(_care_plan(patient, plan_id, v), version_ref("CarePlan", plan_id, v))
+                     for v in p["laterVersions"]]
+        for c in section["conditions"]:
+            cid = c["condition"].split("/", 1)[1]
+            refs += [add(_condition(patient, cid, v), version_ref("Condition", cid, v))
+                     for v in ([c["version"]] if c["version"] else []) + c["laterVersions"]]
         refs += [add(_review_task(patient, r)) for r in section["reviews"]]
         refs.append(add(_decision(patient, month, section)))
         for line in section["charges"]:

@@ -83,12 +83,14 @@ def render(packet: dict, packet_sha256: str) -> bytes:
         doc.multi_cell(0, 7, _text(value), **NEXT_LINE)
     doc.ln(6)
     doc.para("Each month lists the consent(s) in force with dates and method; every time entry "
-             "with performer, role, minutes and whether it counted (and why not); the care-plan "
-             "versions in force and the review evidence; the billing decision with its reasons; "
-             "the ChargeItems and Invoice lines; and every source FHIR version with its SHA-256 "
-             "and received time. The SHA-256 above is taken over the FHIR Bundle of this packet "
-             "(canonical JSON: sorted keys, no spaces); the audit trail's integrity is checked "
-             "with 'ccm audit verify'.")
+             "as locked at the month's close, with performer, role, minutes and whether it "
+             "counted (and why not), and each later correction apart; the care plan(s) and the "
+             "chronic conditions the month's billing decision was taken on (as known at its "
+             "close), with the date each was received, and the review evidence; the billing "
+             "decision with its reasons; the ChargeItems and Invoice lines; and every source "
+             "FHIR version with its SHA-256 and received time. The SHA-256 above is taken over "
+             "the FHIR Bundle of this packet (canonical JSON: sorted keys, no spaces); the audit "
+             "trail's integrity is checked with 'ccm audit verify'.")
     for section in packet["months"]:
         _month(doc, packet, section)
     _audit(doc, packet["auditEvents"])
@@ -112,7 +114,8 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
     log = s["timeLog"]
     doc.heading("Time entries", 11)
     if log["lockedAt"]:
-        doc.para(f"Locked at close on {log['lockedAt']}; later changes are listed as corrections.")
+        doc.para(f"As locked at close on {log['lockedAt']}; changes received after the lock are "
+                 "listed below the table as corrections.")
     doc.table(["Encounter", "Start", "Performer", "Role", "Min", "Counted", "Why not",
                "Source version (SHA-256)"],
               [[e["entry"], (e["start"] or "")[:16], e["performer"], e["role"], e["minutes"],
@@ -122,26 +125,57 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
               [22, 26, 30, 18, 10, 13, 25, 52])
     for e in log["entries"]:
         for c in e["corrections"]:
-            doc.para(f"Correction after the lock: Encounter/{e['entry']} version {c['versionId']} "
-                     f"({c['event'].split('.')[-2]}), received {c['receivedAt'][:19]}, "
-                     f"SHA-256 {c['sha256']}.")
-    doc.para(f"Counted: {log['totals']['countedMinutes']} minutes "
+            doc.para(_correction_text(e["entry"], c))
+    doc.para(f"Counted{' at close' if log['lockedAt'] else ''}: "
+             f"{log['totals']['countedMinutes']} minutes "
              f"({log['totals']['countedSeconds']} seconds).", style="B")
+    if after := log.get("totalsAfterCorrections"):
+        doc.para(f"Counted after corrections (revision {after['revision']}, filed "
+                 f"{after['filedAt'][:19]}): {after['countedMinutes']} minutes "
+                 f"({after['countedSeconds']} seconds).", style="B")
     if visit := s.get("initiatingVisit"):
         doc.para(f"Initiating visit: Encounter/{visit['encounter']} on {visit['date']} "
                  f"({', '.join(visit['codes']) or 'codes not on file'}) by "
                  f"{', '.join(visit['performers']) or 'performer not on file'}.")
+    as_of = (f"as known when the month closed ({s['evidenceAsOf'][:19]})" if s["evidenceAsOf"]
+             else "as known now (the month is open)")
     doc.heading("Care plan", 11)
-    doc.table(["Care plan", "Version", "Status", "Created", "Review", "Last updated", "SHA-256"],
-              [[p["carePlan"], v["versionId"], v["status"], v["created"],
-                (v.get("review") or {}).get("date"), v["lastUpdated"][:19], v["sha256"][:20] + "..."]
-               for p in s["carePlans"] for v in p["versions"]],
-              [30, 14, 18, 20, 20, 36, 58])
+    doc.para(f"The care plan(s) this month's billing decision was taken on, {as_of}, with the "
+             "decision's verdict (in force: created on or before the month's end, not revoked, "
+             "entered in error or draft).")
+    doc.table(["Care plan", "Version", "Status", "Created", "Last review", "Received", "In force",
+               "SHA-256"],
+              [[p["carePlan"], v.get("versionId"), f.get("status"), f.get("created"),
+                f.get("lastReview"), v.get("receivedAt", "")[:10],
+                "yes" if p["inForce"] else "NO", v["sha256"][:20] + "..." if v else "-"]
+               for p in s["carePlans"] for v, f in [(p["version"] or {}, p["fact"] or {})]],
+              [30, 14, 16, 20, 20, 20, 14, 52])
+    for p in s["carePlans"]:
+        for line in _plan_notes(s["month"], p):
+            doc.para(line)
     doc.para("Review evidence (care-plan reviews completed this month):", style="B")
     doc.table(["Care plan", "Due", "Completed", "Days overdue", "Responsible"],
               [[r["carePlan"], r["dueDate"], r["completedAt"][:19], r["daysOverdue"],
                 r["responsibleProvider"]] for r in s["reviews"]],
               [40, 25, 45, 25, 61])
+    doc.heading("Eligibility: chronic conditions", 11)
+    eligibility = s["eligibility"]
+    counted = eligibility["chronicConditions"]
+    doc.para(f"Chronic conditions counted, {as_of}: {counted} (at least "
+             f"{eligibility['minimum']} required: "
+             f"{'met' if counted >= eligibility['minimum'] else 'NOT met'}).")
+    doc.table(["Condition", "Code", "Clinical", "Verification", "Onset", "Version", "Received",
+               "Counted"],
+              [[c["condition"], _codes(v), v.get("clinicalStatus"), v.get("verificationStatus"),
+                v.get("onset"), v.get("versionId"), v.get("receivedAt", "")[:10],
+                "yes" if c["counted"] else "no (received later)"]
+               for c in s["conditions"] for v in [c["version"] or {}]],
+              [32, 40, 18, 20, 22, 14, 20, 20])
+    for c in s["conditions"]:
+        for line in _condition_notes(s["month"], c):
+            doc.para(line)
+    for check in s["evidenceChecks"]:
+        doc.para(f"Check: {check}", style="B")
     doc.heading("Billing decision", 11)
     d = s["decision"]
     if d is None:
@@ -176,9 +210,80 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
               [36, 14, 32, 32, 82])
 
 
+def _correction_text(entry: str, c: dict) -> str:
+    became = f"; the version says {c['status']}" if c.get("status") else ""
+    text = (f"Correction after the lock: Encounter/{entry} version {c['versionId']} "
+            f"({c['event']}{became}), received {c['receivedAt'][:19]}, SHA-256 {c['sha256']}.")
+    filing = c.get("filing")
+    if filing is None:
+        return text + " No filing changed with it: the month's decision stood."
+    if not filing["inMonth"]:
+        return (text + f" Filed in revision {filing['revision']} on {filing['filedAt'][:19]} "
+                f"({filing['reason']}): no longer in this month.")
+    result = ("counted" if filing["counted"]
+              else f"not counted ({filing['notCountedReason'] or 'no reason recorded'})")
+    return (text + f" Filed in revision {filing['revision']} on {filing['filedAt'][:19]} "
+            f"({filing['reason']}): {filing['status']}, {result}.")
+
+
+def _month_end(month: str) -> str:
+    from ccm_billing.domain.model import Month
+
+    return Month.parse(month).last_day.isoformat()
+
+
+def _plan_notes(month: str, p: dict) -> list[str]:
+    out = [f"{p['carePlan']}: {p['note']}."]
+    if p["version"] is not None and p["receivedAfterMonth"]:
+        out.append(f"{p['carePlan']} version {p['version']['versionId']} was received on "
+                   f"{p['version']['receivedAt'][:10]}, after this month's services (the month "
+                   f"ended {_month_end(month)}); the EHR dates it created "
+                   f"{(p['fact'] or {}).get('created') or 'without a date'}. It was on record "
+                   "when the decision was taken, which relied on it.")
+    for v in p["laterVersions"]:
+        out.append(f"Received after the decision: {p['carePlan']} version {v['versionId']} "
+                   f"({v['status']}), received {v['receivedAt'][:19]}, SHA-256 {v['sha256']}; "
+                   "not part of the evidence the decision was taken on.")
+    if p["movedAway"]:
+        out.append(f"After the decision {p['carePlan']} was assigned to another patient.")
+    if (p["laterVersions"] or p["movedAway"]) and p["inForceNow"] is not None:
+        out.append(f"By today's record {p['carePlan']} would be "
+                   f"{'in force' if p['inForceNow'] else 'NOT in force'} for this month.")
+    return out
+
+
+def _condition_notes(month: str, c: dict) -> list[str]:
+    out = []
+    v = c["version"]
+    if v is not None and c["counted"] and c["receivedAfterMonth"]:
+        out.append(f"{c['condition']} version {v['versionId']} was received on "
+                   f"{v['receivedAt'][:10]}, after this month's services (the month ended "
+                   f"{_month_end(month)}); it was on record when the decision was taken.")
+    if not c["counted"]:
+        out.append(f"{c['condition']}: received after the decision; it counts now but was not "
+                   "counted for this month.")
+    elif c["laterVersions"]:
+        now = "counts" if c["countsNow"] else "does NOT count"
+        out.append(f"{c['condition']}: version(s) "
+                   f"{', '.join(x['versionId'] for x in c['laterVersions'])} received after the "
+                   f"decision; by today's record it {now}.")
+    return out
+
+
+def _codes(v: dict | None) -> str:
+    if not v:
+        return "-"
+    return ", ".join(f"{c['code']} {c.get('display') or ''}".strip() for c in v["code"]) or "-"
+
+
 def _audit(doc: _Doc, events: list[dict]) -> None:
     doc.add_page()
-    doc.heading("Audit trail (reads and writes of this patient's data in these months)", 12)
+    doc.heading("Audit trail (entries of the audit log that name this patient)", 12)
+    doc.para("Requests to the platform's APIs that named this patient (reads, writes, this "
+             "packet's earlier reads) and the patient's events applied by its services, in these "
+             "months. Writes an EHR sent in FHIR transaction Bundles are recorded in the audit log "
+             "without a patient and are not listed here: what they stored is listed per month "
+             "under 'Source FHIR versions' (received time and SHA-256).")
     rows = []
     for e in events:
         chain = {x["url"]: x.get("valueInteger", x.get("valueString"))

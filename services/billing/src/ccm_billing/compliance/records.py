@@ -14,7 +14,7 @@ from sqlalchemy import select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters import filed, orm
-from ccm_billing.compliance import domain
+from ccm_billing.compliance import domain, judged
 from ccm_billing.compliance.evidence import entries_of
 from ccm_billing.domain.model import Month
 from ccm_billing.service_layer.common import PracticeInfo, consent_renewal_months
@@ -176,7 +176,10 @@ def _month_bounds(info: PracticeInfo, month: Month) -> tuple[datetime, datetime]
 
 async def time_log(session: AsyncSession, info: PracticeInfo, patient: str, month: Month, *,
                    encounters: list | None = None) -> dict:
-    """The patient-month's time entries as filed at close (or live while open), with corrections."""
+    """The patient-month's time entries as locked at close (or live while open). Each entry is
+    shown as the close filed it (status, seconds, counted or why not); what came later is shown
+    as the correction it is: the source version received after the lock and the filing that
+    took it in."""
     f, per, t = filed.filings, orm.billing_periods, orm.time_entries
     period = (await session.execute(select(per.c.closed_at).where(
         per.c.practice == info.id, per.c.month == str(month)))).first()
@@ -192,60 +195,127 @@ async def time_log(session: AsyncSession, info: PracticeInfo, patient: str, mont
     projected = {r.entry_id: r for r in (await session.execute(
         select(t.c.entry_id, t.c.late, t.c.status).where(
             t.c.practice == info.id, t.c.patient == patient, t.c.month == str(month)))).all()}
+    # Each filing's record of every entry, revision by revision (revision 0 is the lock).
+    filed_states = [_entry_states(x) for x in filings]
     if filings:
-        current = filings[-1]
-        decision = json.loads(current.decision)
-        entries = json.loads(current.entries)
+        decision = json.loads(filings[-1].decision)
+        locked_entries = json.loads(filings[0].entries)
         filed_at = _utc(filings[0].filed_at)
         status = "closed"
     else:
         facts, decisions = await decide_month_with_facts(session, info, month, patient=patient)
         decision = decisions[0].to_dict() if decisions else None
-        entries = [e for fm in facts for e in entries_of(fm)]
+        locked_entries = [e for fm in facts for e in entries_of(fm)]
+        filed_states = [_entry_states(None, decision, locked_entries)]
         filed_at = None
         status = "closed" if period is not None else "open"
-    counted = set((decision or {}).get("counted", []))
-    why = {n["entry"].removeprefix("Encounter/"): n["reason"]
-           for n in (decision or {}).get("notCounted", [])}
     rows, seen = [], set()
-    for e in entries:
+    later_filings = list(zip(filings[1:], filed_states[1:], filed_states[:-1], strict=True))
+    for e in locked_entries:
         seen.add(e["entry"])
-        rows.append(_entry_row(e, versions.get(e["entry"], []), filed_at,
-                               e["entry"] in counted, why.get(e["entry"])))
-    for entry_id, p in sorted(projected.items()):  # logged after the last filing
+        counted, reason = filed_states[0][e["entry"]][1:3]
+        rows.append(_entry_row(e, versions.get(e["entry"], []), filed_at, counted, reason,
+                               later_filings, locked=filed_at is not None))
+    # Entries the lock did not hold: filed by a later correction (as its newest filing records
+    # them), or projected after the last filing (logged after close, or not decided yet).
+    for entry_id in sorted({k for states in filed_states[1:] for k in states} - seen):
+        newest = next(states[entry_id] for states in reversed(filed_states) if entry_id in states)
+        e, counted, reason = newest
+        seen.add(entry_id)
+        rows.append(_entry_row(e, versions.get(entry_id, []), None, counted, reason, [],
+                               locked=False))
+    for entry_id, p in sorted(projected.items()):
         if entry_id in seen:
             continue
         rows.append(_entry_row({"entry": entry_id, "seconds": None, "start": None, "role": None,
                                 "status": p.status, "practitioner": None, "late": p.late},
-                               versions.get(entry_id, []), filed_at, False,
-                               "logged-after-close" if p.late else "not-yet-decided"))
+                               versions.get(entry_id, []), None, False,
+                               "logged-after-close" if p.late else "not-yet-decided", [],
+                               locked=False))
     rows.sort(key=lambda r: (r["start"] or "", r["entry"]))
-    return {
+    counted_seconds = sum(r["seconds"] or 0 for r in rows if r["counted"])
+    log = {
         "patient": f"Patient/{patient}", "month": str(month), "status": status,
         "lockedAt": _iso(filed_at), "closedAt": _iso(period.closed_at) if period else None,
         "entries": rows,
-        "totals": {
-            "countedSeconds": sum(r["seconds"] or 0 for r in rows if r["counted"]),
-            "countedMinutes": sum(r["seconds"] or 0 for r in rows if r["counted"]) // 60,
-        },
+        # As locked at close (live while open); after corrections, the newest filing's below.
+        "totals": {"countedSeconds": counted_seconds, "countedMinutes": counted_seconds // 60},
         "decision": decision,
         "filings": [_filing_view(x, filings[i - 1] if i else None) for i, x in enumerate(filings)],
     }
+    if len(filings) > 1:
+        now = sum((decision or {}).get("seconds", {}).values())
+        log["totalsAfterCorrections"] = {
+            "revision": filings[-1].revision, "filedAt": _iso(filings[-1].filed_at),
+            "countedSeconds": now, "countedMinutes": now // 60}
+    return log
+
+
+def _entry_states(filing, decision: dict | None = None, entries: list | None = None) -> dict:
+    """entry id → (the entry as filed, counted, why not) in one filing (or a live decision)."""
+    if filing is not None:
+        decision, entries = json.loads(filing.decision), json.loads(filing.entries)
+    counted = set((decision or {}).get("counted", []))
+    why = {n["entry"].removeprefix("Encounter/"): n["reason"]
+           for n in (decision or {}).get("notCounted", [])}
+    return {e["entry"]: (e, e["entry"] in counted,
+                         None if e["entry"] in counted else why.get(e["entry"]))
+            for e in entries or []}
+
+
+def _state(e: dict | None, counted: bool, reason: str | None) -> tuple:
+    """What a filing says of an entry that a correction can change."""
+    if e is None:
+        return (None,)
+    return (e["status"], e["seconds"], e["start"], e["role"], e["practitioner"], counted, reason)
+
+
+def _version_change(row) -> dict:  # noqa: ANN001 - a source version of the Encounter
+    """What a version received after the lock says the entry became."""
+    data = json.loads(row.data)
+    if row.event_type.endswith(".reversed.v1"):
+        return {"status": data.get("reason"), "seconds": None}
+    if row.event_type == "ingest.time-entry.logged.v1":
+        return {"status": "finished", "seconds": data.get("seconds")}
+    return {"status": None, "seconds": None}  # a visit: no time of its own
 
 
 def _entry_row(e: dict, versions: list, filed_at: datetime | None, counted: bool,
-               reason: str | None) -> dict:
+               reason: str | None, later_filings: list, *, locked: bool) -> dict:
+    """One entry: as filed at ``filed_at`` (the lock), and each version received after it as a
+    correction, with the filing (revision) that took it in and what that filing recorded."""
     as_filed = [v for v in versions if filed_at is None or _utc(v.recorded_at) <= filed_at]
     later = [v for v in versions if filed_at is not None and _utc(v.recorded_at) > filed_at]
     source = as_filed[-1] if as_filed else (versions[-1] if versions else None)
     seconds = e["seconds"]
+    corrections = []
+    for i, v in enumerate(later):
+        until = _utc(later[i + 1].recorded_at) if i + 1 < len(later) else None
+        took = next(((filing, states) for filing, states, before in later_filings
+                     if _utc(filing.filed_at) >= _utc(v.recorded_at)
+                     and (until is None or _utc(filing.filed_at) < until)
+                     and _state(*states.get(e["entry"], (None, False, None)))
+                     != _state(*before.get(e["entry"], (None, False, None)))), None)
+        correction = {**_source_view(v), **_version_change(v), "filing": None}
+        if took is not None:
+            filing, states = took
+            now_e, now_counted, now_reason = states.get(e["entry"], (None, False, None))
+            correction["filing"] = {
+                "revision": filing.revision, "filedAt": _iso(filing.filed_at),
+                "reason": filing.reason,
+                "status": now_e["status"] if now_e else None,
+                "seconds": now_e["seconds"] if now_e else None,
+                "counted": now_counted, "notCountedReason": now_reason,
+                "inMonth": now_e is not None}
+        corrections.append(correction)
     return {
         "entry": e["entry"], "start": e["start"], "status": e["status"],
         "performer": e["practitioner"], "role": e["role"],
         "seconds": seconds, "minutes": None if seconds is None else round(seconds / 60, 2),
         "counted": counted, "reason": None if counted else reason,
+        "locked": locked,  # as the close filed it (False: open month, or not in the lock)
         "source": _source_view(source) if source is not None else None,
-        "corrections": [_source_view(v) for v in later],  # versions received after the lock
+        "corrections": corrections,  # versions received after the lock, and what they changed
     }
 
 
@@ -253,7 +323,8 @@ def _filing_view(row, before) -> dict:  # noqa: ANN001
     doc = json.loads(row.decision) or {}
     view = {"revision": row.revision, "filedAt": _iso(row.filed_at), "reason": row.reason,
             "codes": doc.get("codes", {}), "billable": doc.get("billable", False),
-            "counted": doc.get("counted", [])}
+            "counted": doc.get("counted", []), "blockers": doc.get("blockers", []),
+            "warnings": doc.get("warnings", [])}
     if before is not None:
         prev = json.loads(before.decision) or {}
         view["countedAdded"] = sorted(set(view["counted"]) - set(prev.get("counted", [])))
@@ -311,13 +382,15 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
     terms = dict((await session.execute(select(bp.c.month, bp.c.terms).where(
         bp.c.practice == info.id, bp.c.month.between(str(first), str(last)),
         bp.c.terms.is_not(None)))).all())
+    history = {kind: await _history(session, info.id, patient, kind)
+               for kind in ("CarePlan", "Condition")}
     sections = []
     for month in months:
         kept = terms.get(str(month))
         sections.append(await _month_section(
             session, info, patient, month, by_type, consents, reviews,
             [r for r in items if r.month == str(month)], invoices, documents,
-            consent_renewal_months(info.under(kept)) if kept else renewal))
+            consent_renewal_months(info.under(kept)) if kept else renewal, history))
     return {
         "practice": {"id": info.id, "name": info.name, "timezone": info.timezone},
         "patient": {"id": patient, "mbi": mbi},
@@ -329,15 +402,161 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
     }
 
 
-def _in_force_versions(info: PracticeInfo, versions: list, month: Month) -> list:
-    """The version current at the month's start and every version made during the month."""
-    before = [v for v in versions if _local_day(info, v.last_updated) < month.first_day]
-    during = [v for v in versions if month.contains(_local_day(info, v.last_updated))]
-    return ([before[-1]] if before else []) + during
+PROJECTED = {"CarePlan": (orm.care_plans, "care_plan_id"),
+             "Condition": (orm.conditions, "condition_id")}
+
+
+async def _history(session: AsyncSession, practice: str, patient: str, kind: str
+                   ) -> tuple[dict[str, list], dict[str, object]]:
+    """Every version of each care plan (or condition) that is or was the patient's, whichever
+    patient each version names (one can move between patients), oldest first; and their
+    projection rows, as the decisions read them."""
+    s = orm.source_versions
+    table, key = PROJECTED[kind]
+    rows = {getattr(r, key): r for r in (await session.execute(select(table).where(
+        table.c.practice == practice, table.c.patient == patient))).all()}
+    ids = set(rows) | set((await session.execute(select(s.c.resource_id).where(
+        s.c.practice == practice, s.c.patient == patient, s.c.resource_type == kind))).scalars())
+    if not ids:
+        return {}, rows
+    versions: dict[str, list] = defaultdict(list)
+    for row in sorted((await session.execute(select(s).where(
+            s.c.practice == practice, s.c.resource_type == kind,
+            s.c.resource_id.in_(sorted(ids))))).all(), key=_version_order):
+        versions[row.resource_id].append(row)
+    # Moved away since: the projection's row (another patient's now) says whose it is now.
+    missing = ids - set(rows)
+    if missing:
+        rows |= {getattr(r, key): r for r in (await session.execute(select(table).where(
+            table.c.practice == practice, table.c[key].in_(sorted(missing))))).all()}
+    return versions, rows
+
+
+def _evidence_at(log: dict) -> datetime | None:
+    """The instant a month's decision was taken on: its lock at close (the close, for a
+    patient the close did not decide); None while the month is open (now)."""
+    at = log["lockedAt"] or (log["closedAt"] if log["status"] == "closed" else None)
+    return datetime.fromisoformat(at) if at else None
+
+
+def _received_after(info: PracticeInfo, row, month: Month) -> bool:  # noqa: ANN001
+    return row is not None and _local_day(info, row.received_at) > month.last_day
+
+
+def _care_plans(info: PracticeInfo, patient: str, month: Month, at: datetime | None,
+                history: tuple[dict, dict]) -> list[dict]:
+    """The care plans as the month's decision judged them (as known at its close, or now), each
+    with the decision's verdict; the versions received after the close shown apart."""
+    versions, rows = history
+    out = []
+    for plan_id in sorted(set(versions) | set(rows)):
+        k = judged.known_at(plan_id, versions.get(plan_id, []), rows.get(plan_id), patient, at)
+        if k is None:
+            continue
+        later = [v for v in k.later if v.patient == patient]
+        now_in_force = False
+        if k.later:  # what the plan is now, by the same rule
+            now = judged.known_at(plan_id, versions[plan_id], rows.get(plan_id), patient, None)
+            now_in_force = now.ours and judged.plan_verdict(
+                judged.care_plan_fact(now, info.tz), patient, month, info.timezone)[0]
+        fact = judged.care_plan_fact(k, info.tz) if k.ours else None
+        if fact is not None:
+            in_force, warning = judged.plan_verdict(fact, patient, month, info.timezone)
+            note = judged.plan_note(fact, in_force, month)
+            # Not in force because it belongs to another month: not this month's evidence.
+            other_month = (fact.created is not None and fact.created > month.last_day) or (
+                fact.completed_on is not None and fact.completed_on < month.first_day)
+            if not in_force and other_month and not now_in_force:
+                continue
+        elif now_in_force:  # not this patient's on record when the month was decided
+            in_force, warning = False, None
+            note = ("not on record as this patient's when the month was decided: received or "
+                    "assigned later")
+        else:
+            continue
+        used = k.used if fact is not None else None
+        out.append({
+            "carePlan": f"CarePlan/{plan_id}",
+            "version": _plan_version(used) if used is not None else None,
+            "fact": _plan_fact(fact), "inForce": in_force, "warning": warning, "note": note,
+            "receivedAfterMonth": _received_after(info, used, month),
+            "laterVersions": [_plan_version(v) for v in later],
+            "inForceNow": now_in_force if k.later else None,
+            # A later version names another patient (who is not shown: not this one's record).
+            "movedAway": any(v.patient != patient for v in k.later),
+        })
+    return out
+
+
+def _plan_version(row) -> dict:  # noqa: ANN001
+    return {**_source_view(row), **_plan_fields(json.loads(row.data))}
+
+
+def _plan_fact(plan) -> dict | None:  # noqa: ANN001 - a CarePlan fact
+    if plan is None:
+        return None
+    return {"status": plan.status, "intent": plan.intent, "created": _iso(plan.created),
+            "lastReview": _iso(plan.last_review), "completedOn": _iso(plan.completed_on)}
+
+
+def _conditions(info: PracticeInfo, patient: str, month: Month, at: datetime | None,
+                history: tuple[dict, dict]) -> list[dict]:
+    """The chronic conditions the month's eligibility was judged on (``counted``: as known at its
+    close, or now, from billing's projection of condition events), and those received after the
+    close that count now (shown, not counted)."""
+    versions, rows = history
+    out = []
+    for cid in sorted(set(versions) | set(rows)):
+        k = judged.known_at(cid, versions.get(cid, []), rows.get(cid), patient, at)
+        if k is None:
+            continue
+        counted = k.ours and judged.condition_counts(k)
+        later = [v for v in k.later if v.patient == patient]
+        now = judged.known_at(cid, versions.get(cid, []), rows.get(cid), patient, None)
+        counts_now = bool(now is not None and now.ours and judged.condition_counts(now))
+        if not counted and not (later and counts_now):
+            continue
+        shown = k.used if counted else (later[-1] if later else None)
+        out.append({
+            "condition": f"Condition/{cid}", "counted": counted,
+            "version": _condition_version(shown) if shown is not None else None,
+            "receivedAfterMonth": _received_after(info, shown, month),
+            "laterVersions": [_condition_version(v) for v in later],
+            "countsNow": counts_now if k.later else None,
+        })
+    return out
+
+
+def _condition_version(row) -> dict:  # noqa: ANN001
+    d = json.loads(row.data)
+    return {**_source_view(row), "code": d.get("code") or [],
+            "clinicalStatus": d.get("clinicalStatus"),
+            "verificationStatus": d.get("verificationStatus"), "onset": d.get("onset")}
+
+
+def _checks(decision: dict | None, plans: list[dict], conditions: list[dict],
+            minimum: int) -> list[str]:
+    """Where the evidence shown and the decision it was taken with disagree, said plainly (it
+    should never happen: e.g. facts applied before billing kept their source versions)."""
+    if decision is None:
+        return []
+    out = []
+    plan_found = "care-plan-missing" not in decision.get("blockers", [])
+    if plan_found and not any(p["inForce"] for p in plans):
+        out.append("The decision found a care plan in force, but no version of it is in "
+                   "billing's evidence.")
+    if not plan_found and any(p["inForce"] for p in plans):
+        out.append("The decision found no care plan in force, although the evidence shows one.")
+    eligible = "insufficient-chronic-conditions" not in decision.get("blockers", [])
+    counted = sum(c["counted"] for c in conditions)
+    if eligible != (counted >= minimum):
+        out.append(f"The decision judged eligibility {'met' if eligible else 'not met'}, but the "
+                   f"evidence shows {counted} chronic condition(s) (at least {minimum} needed).")
+    return out
 
 
 async def _month_section(session, info, patient, month, by_type, consents, reviews, items,  # noqa: ANN001, PLR0913
-                         invoices, documents, renewal) -> dict:
+                         invoices, documents, renewal, history) -> dict:
     log = await time_log(session, info, patient, month, encounters=by_type.get("Encounter", []))
     consent_rows = []
     for fact, src in consents:
@@ -345,16 +564,12 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
         if fact.obtained_on is not None and fact.obtained_on > month.last_day and not ok:
             continue  # not yet obtained: belongs to a later month
         consent_rows.append({**consent_view(fact, src), "inForce": ok, "note": note})
-    plans: dict[str, list] = defaultdict(list)
-    for row in by_type.get("CarePlan", []):
-        plans[row.resource_id].append(row)
-    care_plans = []
-    for plan_id, versions in sorted(plans.items()):
-        shown = _in_force_versions(info, versions, month)
-        if not shown:
-            continue
-        care_plans.append({"carePlan": f"CarePlan/{plan_id}", "versions": [
-            {**_source_view(v), **_plan_fields(json.loads(v.data))} for v in shown]})
+    at = _evidence_at(log)
+    care_plans = _care_plans(info, patient, month, at, history["CarePlan"])
+    conditions = _conditions(info, patient, month, at, history["Condition"])
+    minimum = judged.minimum_chronic_conditions(month)
+    # The decision the evidence was taken for: the one filed at close (or the live one).
+    decided = log["filings"][0] if log["filings"] else log["decision"]
     month_reviews = [
         {"carePlan": f"CarePlan/{r.care_plan_id}", "tracker": r.tracker,
          "dueDate": _iso(r.due_date), "completedAt": _iso(r.completed_at),
@@ -380,9 +595,8 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
     if initiating:  # the visit that initiated the CCM billed (and G0506, if billed with it)
         referenced.add(("Encounter", initiating["encounter"]))
     referenced |= {("Consent", c["consent"].split("/", 1)[1]) for c in consent_rows}
-    referenced |= {("CarePlan", p["carePlan"].split("/", 1)[1]) for p in care_plans}
     shown_sources = []
-    for kind in ("Patient", "Consent", "Condition"):
+    for kind in ("Patient", "Consent"):
         for row in by_type.get(kind, []):
             if kind == "Consent" and (kind, row.resource_id) not in referenced:
                 continue
@@ -393,14 +607,21 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
                 if kind != "Consent" or row is not newest:
                     continue
             shown_sources.append(_source_view(row))
-    shown_sources += [{k: v for k, v in x.items() if k not in PLAN_FIELDS}
-                      for p in care_plans for x in p["versions"]]
+    for x in [*care_plans, *conditions]:
+        for v in [x["version"], *x["laterVersions"]]:
+            if v is not None:
+                shown_sources.append({k: v[k] for k in SOURCE_FIELDS})
     shown_sources += [_source_view(row) for row in by_type.get("Encounter", [])
                       if ("Encounter", row.resource_id) in referenced]
+    shown_sources = list({(x["resourceType"], x["id"], x["versionId"], x["event"]): x
+                          for x in shown_sources}.values())
     return {
         "month": str(month), "status": log["status"], "closedAt": log["closedAt"],
         "consents": consent_rows, "consentRenewalMonths": renewal, "timeLog": log,
-        "carePlans": care_plans,
+        "evidenceAsOf": _iso(at), "carePlans": care_plans, "conditions": conditions,
+        "eligibility": {"chronicConditions": sum(c["counted"] for c in conditions),
+                        "minimum": minimum},
+        "evidenceChecks": _checks(decided, care_plans, conditions, minimum),
         "reviews": month_reviews, "decision": log["decision"], "filings": log["filings"],
         "charges": lines, "sources": shown_sources, "initiatingVisit": initiating,
     }
@@ -422,6 +643,8 @@ def _initiating_visit(decision: dict | None, encounters: list) -> dict | None:
 
 
 PLAN_FIELDS = ("status", "intent", "created", "review")
+SOURCE_FIELDS = ("resourceType", "id", "versionId", "lastUpdated", "sha256", "receivedAt",
+                 "connection", "event", "recordedAt")
 
 
 def _plan_fields(data: dict) -> dict:
