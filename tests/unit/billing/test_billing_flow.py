@@ -80,13 +80,14 @@ async def test_worklist_shows_who_is_short_and_why(billing):
 
 
 async def test_a_role_arriving_after_the_time_reclassifies_it(billing):
+    # doc-1: the consent's billing practitioner (another practitioner's time never bills).
     await deliver(billing, *ev.enrolled_patient("alpha", "p1"),
                   ev.time_logged("alpha", "p1", "e1", 1900, "2025-03-03T10:00:00-05:00",
-                                 practitioner="Practitioner/doc-9", role="PractitionerRole/doc-9"))
+                                 practitioner="Practitioner/doc-1", role="PractitionerRole/doc-1"))
     before = await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")
     assert before.json()["patients"][0]["blockers"] == ["staff-role-unknown", "time-threshold-not-met"]
-    await deliver(billing, ev.role("alpha", "doc-9", "billing-practitioner",
-                                   practitioner="Practitioner/doc-9"))
+    await deliver(billing, ev.role("alpha", "doc-1", "billing-practitioner",
+                                   practitioner="Practitioner/doc-1"))
     after = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
     assert after["patients"][0]["codes"] == {"99491": 1}
     assert after["patients"][0]["seconds"] == {"staff": 0, "practitioner": 1900}
@@ -957,15 +958,15 @@ async def test_a_completed_care_plan_keeps_the_day_it_ended(billing):
 async def test_a_practitioners_kind_from_ingest_classifies_time_without_a_role(billing):
     """Time performed by a Practitioner (no PractitionerRole): the kind ingest gave it by the
     practice's lists wins over billing's default code sets (here: a local qualification code
-    the defaults do not know)."""
+    the defaults do not know). doc-1 is the consent's billing practitioner."""
     logged = ev.time_logged("alpha", "p1", "e1", 1900, "2025-03-03T10:00:00-05:00",
-                            practitioner="Practitioner/doc-q", role=None,
+                            practitioner="Practitioner/doc-1", role=None,
                             role_codes=[{"system": "urn:local", "code": "MD"}])
     await deliver(billing, *ev.enrolled_patient("alpha", "p1"), logged)
     before = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
     assert "staff-role-unknown" in before["patients"][0]["blockers"]
     logged = ev.time_logged("alpha", "p1", "e1", 1900, "2025-03-03T10:00:00-05:00",
-                            practitioner="Practitioner/doc-q", role=None, version=2,
+                            practitioner="Practitioner/doc-1", role=None, version=2,
                             role_codes=[{"system": "urn:local", "code": "MD"}])
     logged.data["performers"][0]["classification"] = "billing-practitioner"
     await deliver(billing, logged)

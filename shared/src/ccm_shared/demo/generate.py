@@ -197,6 +197,8 @@ class PatientPlan:
     expect: Expectation | None = None
     resources: list[dict] = field(default_factory=list)
     corrections: list[dict] = field(default_factory=list)  # later versions, pushed afterwards
+    # The billing practitioner its consent names: only their own time is 99491's (rules §1).
+    gp: Staff | None = None
 
 
 @dataclass
@@ -624,7 +626,7 @@ def _base(
     # Ids carry the month: each month's demo is its own cohort, so months never mix.
     pid = f"p{b.year:04d}{b.month:02d}-{n:04d}"
     gp = PHYSICIANS[n % len(PHYSICIANS)]
-    plan = PatientPlan(pid, scenario, description, care_plan=care_plan_state)
+    plan = PatientPlan(pid, scenario, description, care_plan=care_plan_state, gp=gp)
     conds = b.conditions(pid, chronic, resolved)
     plan.resources += [b.patient(pid, n, gp), *conds]
     if consent is not None and consent is not False:
@@ -651,7 +653,6 @@ def _base(
 
 def _edge_cases(b: _Builder) -> list[PatientPlan]:  # noqa: PLR0915 - one table of cases
     nurse, nurse2 = NURSES[0], NURSES[1]
-    doc = PHYSICIANS[0]
     cases: list[PatientPlan] = []
 
     def add(plan: PatientPlan, encounters: list[dict], expect: Expectation) -> None:
@@ -667,7 +668,7 @@ def _edge_cases(b: _Builder) -> list[PatientPlan]:  # noqa: PLR0915 - one table 
         """A later version of the plan's consent, with ``status``, pushed as a correction."""
         consent = next(r for r in plan.resources if r["resourceType"] == "Consent")
         plan.corrections.append(
-            b.consent(plan.id, datetime.fromisoformat(consent["dateTime"]), doc, status=status,
+            b.consent(plan.id, datetime.fromisoformat(consent["dateTime"]), plan.gp, status=status,
                       updated=updated)
         )
 
@@ -722,14 +723,14 @@ def _edge_cases(b: _Builder) -> list[PatientPlan]:  # noqa: PLR0915 - one table 
     add(
         p,
         [
-            b.encounter(p.id, 1, at(5, 13), 30 * 60, doc),
+            b.encounter(p.id, 1, at(5, 13), 30 * 60, p.gp),
             b.encounter(p.id, 2, at(15, 10), 25 * 60, nurse),
         ],
         Expectation({"99490": 1, "99439": 1}),
     )
 
     p = _base(b, len(cases) + 1, "physician-35m", "billing practitioner personally 35 min: 99491")
-    add(p, [b.encounter(p.id, 1, at(9, 16), 35 * 60, doc)], Expectation({"99491": 1}))
+    add(p, [b.encounter(p.id, 1, at(9, 16), 35 * 60, p.gp)], Expectation({"99491": 1}))
 
     p = _base(
         b,

@@ -35,6 +35,14 @@ UNKNOWN_PERFORMER_ROLE = "unknown-performer-role"
 OTHER_MONTH = "other-month"
 LOGGED_AFTER_CLOSE = "logged-after-close"
 CONSENT_VOIDED = "consent-voided"
+# Practitioner-role time that is not the billing practitioner's own (rules §1/§2: 99491/99437
+# are the billing practitioner's personal time; only their time and clinical staff's counts).
+OTHER_PRACTITIONER = "other-practitioner"
+# The month names no billing practitioner and more than one practitioner logged time: whose
+# time would bill cannot be told, so none of it counts. Also the month's warning.
+BILLING_PRACTITIONER_UNKNOWN = "billing-practitioner-unknown"
+# Warning (rules §7: add new ones, never rename): time by another practitioner was not counted.
+OTHER_PRACTITIONER_TIME = "other-practitioner-time"
 
 
 @dataclass(frozen=True, order=True)
@@ -111,6 +119,16 @@ class TimeEntry:
     practitioner: str | None = None
     late: bool = False  # logged after the period was closed
     warnings: tuple[str, ...] = ()
+    # Every reference naming its performer: the Practitioner and PractitionerRole it names,
+    # the role's Practitioner and that Practitioner's roles (as a visit's ``practitioners``).
+    performers: frozenset[str] = frozenset()
+
+    @property
+    def performer(self) -> str | None:
+        """Who performed it, one identity: its Practitioner (the first by reference when two
+        are named), else the reference naming it; None when nothing names it."""
+        people = sorted(p for p in self.performers if p.startswith("Practitioner/"))
+        return people[0] if people else min(self.performers, default=None)
 
 
 @dataclass(frozen=True)
@@ -195,8 +213,11 @@ class NotCounted:
 
 @dataclass(frozen=True)
 class NextThreshold:
+    """The nearest threshold that would raise the month's best amount."""
+
     code: str
     minutes: int  # full minutes still needed (rounded up)
+    option: str  # the option it belongs to: staff, practitioner or complex
 
 
 @dataclass(frozen=True)
@@ -247,7 +268,8 @@ class Decision:
             "chosen": _option_dict(self.chosen),
             "alternatives": [_option_dict(o) for o in self.alternatives],
             "nextThreshold": (
-                {"code": self.next_threshold.code, "minutes": self.next_threshold.minutes}
+                {"code": self.next_threshold.code, "minutes": self.next_threshold.minutes,
+                 "option": self.next_threshold.option}
                 if self.next_threshold
                 else None
             ),

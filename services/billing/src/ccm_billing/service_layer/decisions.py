@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 from sqlalchemy import and_, bindparam, func, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -44,16 +44,21 @@ async def _roles(session: AsyncSession, practice: str) -> tuple[dict, dict, dict
     return by_role, by_practitioner, practitioner_of
 
 
-def visit_of(row, practitioner_of: dict, roles_of: dict) -> Visit:  # noqa: ANN001
-    """A projected visit. Its performers are named by Practitioner and by PractitionerRole
-    (either can name the billing practitioner on a Consent): each counts as the other too
-    (``practitioner_of`` a role, ``roles_of`` a practitioner)."""
-    who = set()
-    for p in json.loads(row.performers):
-        who.update(x for x in (p.get("practitioner"), p.get("practitionerRole")) if x)
+def aliases(named: Iterable[str | None], practitioner_of: dict, roles_of: dict) -> frozenset[str]:
+    """Every reference that names the performers ``named`` (by Practitioner or by
+    PractitionerRole: either can name the billing practitioner on a Consent): each counts as
+    the other too (``practitioner_of`` a role, ``roles_of`` a practitioner)."""
+    who = {x for x in named if x}
     who.update(practitioner_of[x] for x in list(who) if x in practitioner_of)
     who.update(role for x in list(who) for role in roles_of.get(x, ()))
-    return Visit(row.visit_id, row.day, frozenset(who), row.status)
+    return frozenset(who)
+
+
+def visit_of(row, practitioner_of: dict, roles_of: dict) -> Visit:  # noqa: ANN001
+    """A projected visit, its performers named every way (``aliases``)."""
+    named = [x for p in json.loads(row.performers)
+             for x in (p.get("practitioner"), p.get("practitionerRole"))]
+    return Visit(row.visit_id, row.day, aliases(named, practitioner_of, roles_of), row.status)
 
 
 def resolve_role(practitioner_role: str | None, practitioner: str | None, role_codes: str | None,
@@ -88,7 +93,8 @@ def duplicates_statement():  # noqa: ANN202 - built once (every decider pass and
     )
     other_released = (
         select(rel.c.patient)
-        .where(rel.c.practice == p2.c.practice, rel.c.patient == p2.c.patient_id, rel.c.month == month)
+        .where(rel.c.practice == p2.c.practice, rel.c.patient == p2.c.patient_id,
+               rel.c.month == month)
         .exists()
     )
     found = (
@@ -129,8 +135,12 @@ async def load_facts(
             cond_.append(table.c[column].in_(list(patients)))
         return cond_
 
+    roles_of: dict[str, set[str]] = defaultdict(set)
+    for role, practitioner in role_practitioner.items():
+        roles_of[practitioner].add(role)
     entries: dict[str, list[TimeEntry]] = defaultdict(list)
     roles: dict[tuple, str] = {}
+    performers: dict[tuple, frozenset[str]] = {}
     columns = (t.c.patient, t.c.entry_id, t.c.seconds, t.c.start, t.c.status, t.c.complex,
                t.c.practitioner, t.c.late, t.c.warnings, t.c.practitioner_role, t.c.role_codes,
                t.c.performer_class)
@@ -145,9 +155,13 @@ async def load_facts(
         if role is None:
             role = roles[key] = resolve_role(practitioner_role, practitioner, role_codes,
                                              by_role, by_practitioner, code_sets, performer_class)
+        who = performers.get(key[:2])
+        if who is None:  # whose time it is: the billing practitioner's or another's
+            who = performers[key[:2]] = aliases(key[:2], role_practitioner, roles_of)
         entries[pat].append(
             TimeEntry(entry_id, seconds, start, role, status, complex_, practitioner, late,
-                      tuple(json.loads(warnings)) if warnings not in (None, "[]") else ())
+                      tuple(json.loads(warnings)) if warnings not in (None, "[]") else (),
+                      who)
         )
     consents: dict[str, list[Consent]] = defaultdict(list)
     practitioner_of: dict[str, str] = {}
@@ -169,9 +183,6 @@ async def load_facts(
                      row.completed_on)
         )
     visits: dict[str, list[Visit]] = defaultdict(list)
-    roles_of: dict[str, set[str]] = defaultdict(set)
-    for role, practitioner in role_practitioner.items():
-        roles_of[practitioner].add(role)
     for row in (await session.execute(select(v).where(*scoped(v)))).all():
         visits[row.patient].append(visit_of(row, role_practitioner, roles_of))
     chronic = dict(

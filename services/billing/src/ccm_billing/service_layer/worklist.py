@@ -147,7 +147,8 @@ def report_csv(doc: dict) -> str:
         if not p["lines"]:
             w.writerow([*common, "", "", "", "0.00", *tail])
         for line in p["lines"]:
-            w.writerow([*common, line["code"], line["units"], line["medicareAmount"], line["amount"], *tail])
+            w.writerow([*common, line["code"], line["units"], line["medicareAmount"],
+                        line["amount"], *tail])
     t = doc["totals"]
     w.writerow(["TOTAL", t["minutes"]["staff"], t["minutes"]["practitioner"], "", "", "", "", "",
                 t["amount"], "", ""])
@@ -164,8 +165,10 @@ def alert_stage(days_left: int, alert_days: tuple[int, ...]) -> int | None:
 
 
 def at_risk(d: Decision) -> bool:
-    """Still under a threshold and blocked by nothing else: time can still make the month."""
-    return d.next_threshold is not None and set(d.blockers) <= {"time-threshold-not-met"}
+    """Still under the first threshold and blocked by nothing else: time can still make the
+    month (one that bills G0506 alone is still short of every time code)."""
+    return (d.chosen is None and d.next_threshold is not None
+            and set(d.blockers) <= {"time-threshold-not-met"})
 
 
 async def send_threshold_alerts(uow: UnitOfWork, info: PracticeInfo, now: datetime,
@@ -185,7 +188,7 @@ async def send_threshold_alerts(uow: UnitOfWork, info: PracticeInfo, now: dateti
     )
     count = 0
     for d in await decide_month(uow.session, info, month):
-        if d.patient in sent or not at_risk(d) or d.codes:
+        if d.patient in sent or not at_risk(d):
             continue
         key = f"{info.id}:{d.patient}:{month}:{stage}"
         ins = insert_for(uow.session)(a).values(

@@ -6,6 +6,7 @@ ruleset data; only the shape of the rules lives here.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 from ccm_billing.domain import model as m
@@ -19,7 +20,7 @@ from ccm_billing.domain.model import (
     PracticeOptions,
     add_months,
 )
-from ccm_billing.domain.rules.ruleset import RuleSet
+from ccm_billing.domain.rules.ruleset import Ladder, RuleSet
 
 PROGRAM = "CCM"
 BLOCKER_ORDER = (
@@ -113,6 +114,34 @@ def _first_dated_episode(facts: PatientMonth, consent: Consent | None) -> bool:
                    for c in facts.consents)
 
 
+def named_practitioner(facts: PatientMonth, consent: Consent | None) -> str | None:
+    """The billing practitioner the month's facts name: the consent's it bills under, else the
+    one named by the patient's earliest active consent that names one. None: no one."""
+    return (consent.practitioner if consent else None) or facts.billing_practitioner
+
+
+FOREIGN_TIME_WARNINGS = {m.OTHER_PRACTITIONER: m.OTHER_PRACTITIONER_TIME,
+                         m.BILLING_PRACTITIONER_UNKNOWN: m.BILLING_PRACTITIONER_UNKNOWN}
+
+
+def whose_time(named: str | None, entries: list[m.TimeEntry]) -> tuple[str | None, dict[str, str]]:
+    """(The month's billing practitioner, why each practitioner-role entry of ``entries`` that
+    is not theirs does not count). 99491/99437 are the billing practitioner's personal time
+    and only their time counts as staff time (rules §1, §2): another practitioner's never
+    counts. Identity, not role: an entry is the named practitioner's when one of the
+    references naming its performer names them (a PractitionerRole is its Practitioner).
+    Nobody named: the one practitioner who logged the time bills it; when several did, whose
+    time would bill cannot be told and none of it counts (never one physician's time under
+    another, never two physicians' time summed into one 99491)."""
+    if named is not None:
+        return named, {e.entry_id: m.OTHER_PRACTITIONER for e in entries
+                       if named not in e.performers}
+    people = {e.performer for e in entries}
+    if len(people) > 1:
+        return None, {e.entry_id: m.BILLING_PRACTITIONER_UNKNOWN for e in entries}
+    return next(iter(people), None), {}
+
+
 def care_plan_check(facts: PatientMonth, ruleset: RuleSet) -> tuple[str | None, str | None]:
     """(blocker, warning) from the patient's care plans."""
     month_end = facts.month.last_day
@@ -157,6 +186,7 @@ def decide(
     counted: list[m.TimeEntry] = []
     not_counted: list[NotCounted] = []
     unknown_seconds = 0
+    reasons: list[tuple[m.TimeEntry, str | None]] = []
     for e in sorted(facts.entries, key=lambda e: (e.start, e.entry_id)):
         day = e.start.astimezone(tz).date()
         reason = None
@@ -175,11 +205,18 @@ def decide(
         elif consent is not None and consent.obtained_at and e.start < consent.obtained_at:
             reason = m.BEFORE_CONSENT
             warnings.add(m.CONSENT_AFTER_SERVICE)
+        reasons.append((e, reason))
+    billing_practitioner, foreign = whose_time(
+        named_practitioner(facts, consent),
+        [e for e, reason in reasons if reason is None and e.role == "practitioner"])
+    for e, reason in reasons:
+        reason = reason or foreign.get(e.entry_id)
         if reason is None:
             counted.append(e)
             warnings.update(w for w in e.warnings if w == m.TIME_LENGTH_PERIOD_MISMATCH)
         else:
             not_counted.append(NotCounted(e.entry_id, e.seconds, reason))
+    warnings.update(FOREIGN_TIME_WARNINGS[r] for r in foreign.values())
     if unknown_seconds:
         blockers.add(m.STAFF_ROLE_UNKNOWN)
 
@@ -236,9 +273,7 @@ def decide(
     options_found.sort(key=lambda o: (-o.medicare_amount, OPTION_ORDER.index(o.name)))
     chosen = options_found[0] if options_found else None
     alternatives = tuple(options_found[1:])
-    if chosen is None:
-        blockers.add(m.TIME_THRESHOLD_NOT_MET)
-    elif alternatives:
+    if chosen is not None and alternatives:
         alt = alternatives[0]
         notes.append(
             f"chose {chosen.name} {_codes_text(chosen.codes)} (${chosen.medicare_amount}) over "
@@ -246,29 +281,39 @@ def decide(
         )
 
     potential = dict(chosen.codes) if chosen else {}
-    if (
-        chosen is not None
-        and visit is not None
+    # G0506 needs no time (rules §1: threshold none): the month containing the initiating
+    # visit bills it when its other prerequisites hold, whether or not a time code is reached.
+    initiation_due = (
+        visit is not None
         and month.contains(visit.day)
         and not facts.initiation_billed_before
         and _first_dated_episode(facts, consent)
-    ):
+    )
+    if initiation_due:
         initiation = ruleset.setting(PROGRAM, "initiation")["code"]
         potential[initiation] = 1
         notes.append(f"{initiation} billed with the initiating visit of {visit.day}")
+    if chosen is None:
+        if initiation_due:
+            # Not what blocks the month: it bills G0506 alone, and says its time fell short.
+            warnings.add(m.TIME_THRESHOLD_NOT_MET)
+            notes.append(f"no time code reached its threshold: {initiation} is the month's "
+                         "only code")
+        else:
+            blockers.add(m.TIME_THRESHOLD_NOT_MET)
 
-    next_threshold = _next_threshold(chosen, staff_s, prac_s, staff_ladder, prac_ladder,
-                                     complex_ladder if complex_documented else None)
+    paths = [("staff", staff_ladder, staff_s + prac_s), ("practitioner", prac_ladder, prac_s)]
+    if complex_documented:
+        paths.append(("complex", complex_ladder, staff_s + prac_s))
+    next_threshold = _next_threshold(chosen, paths, ruleset)
     date_of_service = None
     if chosen is not None:
         if options.date_of_service == "threshold-met" and chosen.threshold_met_at is not None:
             date_of_service = chosen.threshold_met_at.astimezone(tz).date()
         else:
             date_of_service = month.last_day
-    practitioner = (
-        (consent.practitioner if consent else None) or facts.billing_practitioner
-        or next((e.practitioner for e in prac_entries if e.practitioner), None)
-    )
+    elif initiation_due:
+        date_of_service = visit.day  # G0506 alone: billed with the initiating visit's date
     ordered_blockers = tuple(b for b in BLOCKER_ORDER if b in blockers)
     return Decision(
         patient=facts.patient,
@@ -286,7 +331,7 @@ def decide(
         potential_codes=potential,
         next_threshold=next_threshold,
         date_of_service=date_of_service,
-        practitioner=practitioner,
+        practitioner=billing_practitioner,
         notes=tuple(notes),
         initiating_visit=visit,
     )
@@ -296,18 +341,25 @@ def _codes_text(codes: dict[str, int]) -> str:
     return "+".join(f"{c}x{n}" if n > 1 else c for c, n in codes.items())
 
 
-def _next_threshold(chosen, staff_s, prac_s, staff_ladder, prac_ladder, complex_ladder):  # noqa: ANN001, ANN202
-    """The next code the patient can reach on the chosen path and the full minutes it needs."""
-    total = staff_s + prac_s
-    if chosen is not None and chosen.name == "practitioner":
-        ladders = [(prac_ladder, prac_s)]
-    elif chosen is not None and chosen.name == "complex":
-        ladders = [(complex_ladder, total)]
-    else:
-        ladders = [(staff_ladder, total)] + ([(complex_ladder, total)] if complex_ladder else [])
-    for ladder, have in ladders:
-        step = ladder.next_step_seconds(have)
-        if step is not None:
+def _next_threshold(chosen: Option | None, paths: list[tuple[str, Ladder, int]],
+                    ruleset: RuleSet) -> NextThreshold | None:
+    """The nearest threshold that would raise the month's best amount, on any option's path
+    (``paths``: (option, its ladder, the seconds it counts)), and which option it belongs to:
+    the fewest further minutes, then the greater amount, then ``OPTION_ORDER``. A step that
+    pays less than the option chosen now raises nothing (e.g. 99437 at 60 practitioner
+    minutes when 99439 at 40 already pays more than 99491). None: no more time pays more."""
+    best = chosen.medicare_amount if chosen is not None else Decimal("0")
+    found = []
+    for name, ladder, have in paths:
+        seconds = have
+        while (step := ladder.next_step_seconds(seconds)) is not None:
             code, needed = step
-            return NextThreshold(code, -(-(needed - have) // 60))
-    return None
+            amount = ruleset.amount(ladder.codes_for(needed))
+            if amount > best:
+                found.append((needed - have, -amount, OPTION_ORDER.index(name), code, name))
+                break
+            seconds = needed
+    if not found:
+        return None
+    short, _, _, code, name = min(found)
+    return NextThreshold(code, -(-short // 60), name)
