@@ -88,6 +88,28 @@ async def _billing(runtime) -> Service:  # noqa: ANN001
     return svc
 
 
+async def _billing_overpaid(runtime) -> Service:  # noqa: ANN001
+    """As ``_billing``, then March paid in full and recomputed under a lower contract: its
+    replacement (``overpaid``) carries the payment (``carried``) and owes the practice back."""
+    svc = await _billing(runtime)
+    invoice = (await svc.send("GET", "/v1/invoices/{invoice}")).json()
+    paid = await svc.send("POST", "/v1/invoices/{invoice}/payments", json.dumps(
+        {"amount": invoice["balance"], "date": "2025-04-02", "reference": "full"}), JSON)
+    assert paid.status_code == 201, paid.text
+    rates = dict.fromkeys(PRICING.rates, "1.00")
+    async with runtime.db.unit_of_work() as uow:
+        await uow.session.execute(update(practices).where(practices.c.id == "alpha").values(
+            pricing=json.dumps({**json.loads(PRICING.to_json()), "rates": rates})))
+        await uow.commit()
+    redone = await svc.send("POST", f"{B}/recompute", json.dumps({"reason": "lower rates"}), JSON)
+    assert redone.status_code == 200, redone.text
+    svc.ids["overpaid"] = (await svc.send("GET", "/v1/invoices/{invoice}")).json()["replacedBy"]
+    replacement = (await svc.send("GET", "/v1/invoices/{overpaid}")).json()
+    assert float(replacement["balance"]) < 0, replacement
+    svc.ids["carried"] = replacement["payments"][0]["id"]
+    return svc
+
+
 async def _careplan(cp) -> Service:  # noqa: ANN001
     """Four tracked plans; ``tracker``: one due in ten days, sent to rn-diaz and dr-lee."""
     await seed(cp)
@@ -124,6 +146,7 @@ async def _notification(served) -> Service:  # noqa: ANN001
 
 SETUP: dict[str, tuple[str, Callable[[Any], Awaitable[Service]]]] = {
     "billing": ("billing", _billing),
+    "billing-overpaid": ("billing", _billing_overpaid),
     "careplan": ("careplan", _careplan),
     "notification": ("api", _notification),
 }
@@ -164,6 +187,11 @@ ROUTES = [
     Route("billing", "POST", "/v1/invoices/{invoice}/payments",
           {"amount": "10.00", "date": "2025-04-02"}, "amount", "1000.00", 201,
           "/v1/invoices/{invoice}"),
+    Route("billing-overpaid", "POST", "/v1/invoices/{overpaid}/refunds",
+          {"amount": "1.00", "date": "2025-04-03", "reference": "ach-1"}, "amount", "1000.00",
+          201, "/v1/invoices/{overpaid}"),
+    Route("billing-overpaid", "POST", "/v1/invoices/{overpaid}/payments/{carried}/void",
+          {"reason": "cheque bounced"}, "reason", "x" * 501, 200, "/v1/invoices/{overpaid}"),
     Route("billing", "POST", f"{B}/recompute", {"reason": "contract amended"},
           "reason", "x" * 501, 200, "/v1/practices/alpha/invoices"),
     Route("billing", "PUT", "/v1/practices/alpha/ehr-endpoint",
@@ -297,7 +325,7 @@ async def test_the_caller_is_authenticated_before_the_body_is_read(service, rout
         r = await service.send(route.method, route.path, "{}", headers, auth={})
         problem(r, 401)
         if service.scope is not None:
-            practice = "alpha" if route.service == "billing" else "acme"
+            practice = "alpha" if route.service.startswith("billing") else "acme"
             token = await create_token(service.runtime.db.engine, practice_id=practice,
                                        scopes=("fhir:read", "fhir:write"))
             r = await service.send(route.method, route.path, "{}", headers,

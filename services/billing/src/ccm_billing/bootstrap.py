@@ -7,6 +7,7 @@ from ccm_billing.entrypoints.cli import app as cli
 from ccm_billing.entrypoints.consumers import consumers
 from ccm_billing.entrypoints.http import build_router
 from ccm_billing.entrypoints.jobs import background
+from ccm_billing.entrypoints.payment_corrections import build_payment_corrections_router
 from ccm_billing.settings import BillingSettings
 from ccm_shared.service import ServiceDefinition
 
@@ -18,6 +19,8 @@ PRODUCES = (
     "billing.invoice.paid.v1",
     "billing.invoice.overdue.v1",
     "billing.payment.recorded.v1",
+    "billing.payment.voided.v1",
+    "billing.payment.refunded.v1",
 )
 
 
@@ -31,7 +34,8 @@ SERVICE = ServiceDefinition(
     description="CMS care-management billing: monthly worklists, threshold alerts, invoices, payments.",
     metadata=metadata,
     migrations_package="ccm_billing.migrations",
-    routers=lambda runtime: [build_router(runtime), build_compliance_router(runtime)],
+    routers=lambda runtime: [build_router(runtime), build_payment_corrections_router(runtime),
+                             build_compliance_router(runtime)],
     consumers=consumers,
     background=background,
     configure_app=_configure_app,

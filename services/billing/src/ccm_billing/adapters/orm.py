@@ -145,7 +145,10 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("status", String(20), nullable=False),  # issued | balanced | cancelled
         Column("payment_status", String(20), nullable=False),  # issued | partially-paid | balanced
         Column("total_net", String(20), nullable=False),
+        # What the practice has paid net: its payments not voided, less its refunds (billing_0020)
         Column("paid", String(20), nullable=False),
+        # Refunded to the practice of what it overpaid (billing_0020)
+        Column("refunded", String(20), nullable=False, default="0.00", server_default="0.00"),
         Column("issued_at", DateTime(timezone=True), nullable=False),
         Column("due_date", Date, nullable=False),
         Column("overdue", Boolean, nullable=False, default=False),
@@ -184,6 +187,13 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("recorded_at", DateTime(timezone=True), nullable=False),
         # A payment of a cancelled Invoice carried into its replacement: the one it carries.
         Column("carried_from", String(36), nullable=True),
+        # Voided (recorded in error, or reversed by the bank): when, why and by whom (the API
+        # token and its label); a voided payment counts nowhere, and every copy of it carried
+        # into a replacement is voided with it (billing_0020). Never deleted.
+        Column("voided_at", DateTime(timezone=True), nullable=True),
+        Column("void_reason", Text, nullable=True),
+        Column("voided_by", String(200), nullable=True),
+        Column("voided_by_label", String(200), nullable=True),
     )
     t["threshold_alerts"] = Table(
         "threshold_alerts", metadata,
@@ -302,12 +312,31 @@ def add_visit_tables(metadata: MetaData) -> dict[str, Table]:
     }
 
 
+def add_refund_tables(metadata: MetaData) -> dict[str, Table]:
+    """Version 6: refunds of what a practice overpaid (billing_0020)."""
+    return {
+        "refunds": Table(
+            "refunds", metadata,
+            Column("id", String(36), primary_key=True),
+            Column("practice", String(TENANT), nullable=False),
+            Column("invoice_id", String(REF_ID), nullable=False, index=True),
+            Column("amount", String(20), nullable=False),
+            Column("date", Date, nullable=False),
+            Column("reference", String(200), nullable=True),
+            Column("recorded_at", DateTime(timezone=True), nullable=False),
+            # A refund of a cancelled Invoice carried into its replacement: the one it carries.
+            Column("carried_from", String(36), nullable=True),
+        ),
+    }
+
+
 metadata = MetaData()
 outbox, inbox, event_sequences = add_messaging_tables(metadata)
 tables = add_billing_tables(metadata)
 tables.update(add_ehr_tables(metadata))
 tables.update(add_decision_cache_tables(metadata))
 tables.update(add_visit_tables(metadata))
+tables.update(add_refund_tables(metadata))
 time_entries = tables["time_entries"]
 consents = tables["consents"]
 care_plans = tables["care_plans"]
@@ -318,6 +347,7 @@ billing_periods = tables["billing_periods"]
 invoices = tables["invoices"]
 charge_items = tables["charge_items"]
 payments = tables["payments"]
+refunds = tables["refunds"]
 threshold_alerts = tables["threshold_alerts"]
 duplicate_releases = tables["duplicate_releases"]
 practice_sequences = tables["practice_sequences"]

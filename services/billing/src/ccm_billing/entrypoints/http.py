@@ -1,4 +1,5 @@
-"""HTTP API of the billing service: worklist, close, reports, invoices, payments, FHIR reads.
+"""HTTP API of the billing service: worklist, close, reports, invoices, payments, FHIR reads
+(voids and refunds: ``payment_corrections``).
 
 Every route needs a token with the ``billing`` scope (``BillingTenant``); without it → 403
 (problem+json, an OperationOutcome under /fhir) before anything is read or written."""
@@ -56,7 +57,7 @@ def parse_month(text: str, name: str = "month") -> Month:
     return month
 
 
-def _day_text(value: object) -> object:
+def day_text(value: object) -> object:
     """A date is written YYYY-MM-DD: a number (read as a Unix time) is refused."""
     if not isinstance(value, str):
         raise ValueError("a date is written YYYY-MM-DD")
@@ -67,7 +68,7 @@ class PaymentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     amount: str = Field(description='US dollars with at most two decimals, e.g. "120.50"')
-    date: Annotated[Day, BeforeValidator(_day_text), Field(description="YYYY-MM-DD")]
+    date: Annotated[Day, BeforeValidator(day_text), Field(description="YYYY-MM-DD")]
     reference: str | None = Field(None, max_length=200, description="Check or transfer reference; "
                                   "repeating a reference with the same details is a no-op")
 
@@ -190,10 +191,14 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                                                   resource=False)
             if row is None:
                 raise NotFound(f"invoice {invoice_id!r} not found")
-            p = orm.payments
+            p, r = orm.payments, orm.refunds
             pays = (await uow.session.execute(select(p).where(p.c.invoice_id == invoice_id)
-                                              .order_by(p.c.recorded_at))).all()
-        return {**invoicing.invoice_view(row), "payments": [invoicing.payment_view(x) for x in pays]}
+                                              .order_by(p.c.recorded_at, p.c.id))).all()
+            refunds = (await uow.session.execute(select(r).where(r.c.invoice_id == invoice_id)
+                                                 .order_by(r.c.recorded_at, r.c.id))).all()
+        return {**invoicing.invoice_view(row),
+                "payments": [invoicing.payment_view(x) for x in pays],
+                "refunds": [invoicing.refund_view(x) for x in refunds]}
 
     @router.post("/v1/invoices/{invoice_id}/payments", status_code=201,
                  summary="Record a payment against an invoice", dependencies=JSON_BODY)

@@ -1,4 +1,5 @@
-"""Month close, invoices and their ChargeItems, cancel-and-reissue, payments, overdue.
+"""Month close, invoices and their ChargeItems, cancel-and-reissue, payments (recorded and
+voided), refunds, overdue.
 
 Handlers take the unit of work and never commit; the request or the consumed message does.
 """
@@ -15,10 +16,11 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Decision, Month
+from ccm_billing.domain.payments import balance_of, payment_state, refundable, reopened_overdue
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.domain.rules.ruleset import RulesetMissing
 from ccm_billing.service_layer import corrections, decision_cache
@@ -33,6 +35,7 @@ from ccm_billing.service_layer.common import (
     PracticeInfo,
     bulk_insert,
     next_practice_sequence,
+    practice_info,
 )
 from ccm_billing.service_layer.ehr import has_endpoint_clause, queue_delivery
 from ccm_shared.db import UnitOfWork, xact_locks
@@ -44,7 +47,11 @@ from ccm_shared.tables import practices
 ZERO = Decimal("0.00")
 ISSUED = "billing.invoice.issued.v1"
 PAID = "billing.invoice.paid.v1"
+OVERDUE = "billing.invoice.overdue.v1"
 CLOSED = "billing.period.closed.v1"
+PAYMENT_RECORDED = "billing.payment.recorded.v1"
+PAYMENT_VOIDED = "billing.payment.voided.v1"
+PAYMENT_REFUNDED = "billing.payment.refunded.v1"
 
 
 @dataclass(frozen=True)
@@ -118,23 +125,6 @@ def invoice_event_data(row, resource: dict, sequence: int) -> dict:  # noqa: ANN
     }
 
 
-def balance_of(total_net: str, paid: str, status: str, replaced_by: str | None) -> Decimal:
-    """What the practice still owes on an invoice; negative, what it is owed back (paid beyond
-    the total a correction lowered). A cancelled invoice is owed nothing: its payments are
-    carried into its replacement, or, where the correction left nothing to bill, owed back."""
-    if status == "cancelled":
-        return Decimal(0) if replaced_by else Decimal(0) - Decimal(paid)
-    return Decimal(total_net) - Decimal(paid)
-
-
-def payment_state(balance: Decimal, paid: Decimal) -> tuple[str, str]:
-    """(payment status, status) of an invoice not cancelled: balanced once nothing is owed,
-    partially paid, or issued with nothing paid."""
-    if balance <= 0:
-        return "balanced", "balanced"
-    return ("partially-paid" if paid else "issued"), "issued"
-
-
 def _invoice_event(topic: str, row: dict, resource: dict, sequence: int,
                    now: datetime) -> tuple[str, CloudEvent]:
     return topic, _event(topic, row["practice"], f"Invoice/{row['id']}",
@@ -151,8 +141,9 @@ async def issue_invoice(
     revision: int, now: datetime, replaces: str | None = None,
 ) -> dict:
     """Create the ChargeItems and the issued Invoice of one revision; outbox its event. A
-    replacement carries the payments of the Invoice it ``replaces`` (each recorded against it
-    too, naming the payment it carries): paid in full by them, it is issued balanced."""
+    replacement carries the payments and refunds of the Invoice it ``replaces`` (each recorded
+    against it too, naming the one it carries; a voided payment carried voided, counting
+    nowhere): paid in full by them, it is issued balanced."""
     inv_id = fhir.invoice_id(info.id, month, revision)
     items, refs = [], []
     # In (patient, code) order, as a read of the Invoice lists them (filed.invoice_resource).
@@ -165,18 +156,32 @@ async def issue_invoice(
         })
         refs.append((ci_id, line.amount))
     await bulk_insert(uow.session, orm.charge_items, items)
-    p = orm.payments
-    carried = (await uow.session.execute(select(p).where(p.c.invoice_id == replaces)
-                                         .order_by(p.c.recorded_at, p.c.id))).all() if replaces else []
+    p, r = orm.payments, orm.refunds
+    carried = refunds = []
+    if replaces:
+        carried = (await uow.session.execute(select(p).where(p.c.invoice_id == replaces)
+                                             .order_by(p.c.recorded_at, p.c.id))).all()
+        refunds = (await uow.session.execute(select(r).where(r.c.invoice_id == replaces)
+                                             .order_by(r.c.recorded_at, r.c.id))).all()
+    refunded = sum((Decimal(x.amount) for x in refunds), ZERO)
+    counted = sum((Decimal(x.amount) for x in carried if x.voided_at is None), ZERO)
     row, resource = await _store_invoice(
         uow, info, month, fhir.InvoiceLines.of(refs), revision=revision, now=now,
-        replaces=replaces, paid=sum((Decimal(x.amount) for x in carried), ZERO))
+        replaces=replaces, paid=counted - refunded, refunded=refunded)
     if carried:
         await uow.session.execute(insert(p), [{
             "id": str(uuid.uuid4()), "practice": x.practice, "invoice_id": inv_id,
             "amount": x.amount, "date": x.date, "reference": x.reference,
             "recorded_at": x.recorded_at, "carried_from": x.carried_from or x.id,
+            "voided_at": x.voided_at, "void_reason": x.void_reason, "voided_by": x.voided_by,
+            "voided_by_label": x.voided_by_label,
         } for x in carried])
+    if refunds:
+        await uow.session.execute(insert(r), [{
+            "id": str(uuid.uuid4()), "practice": x.practice, "invoice_id": inv_id,
+            "amount": x.amount, "date": x.date, "reference": x.reference,
+            "recorded_at": x.recorded_at, "carried_from": x.carried_from or x.id,
+        } for x in refunds])
     await _publish_invoice(uow, ISSUED, row, resource, now)
     if row["status"] == "balanced":
         await _publish_invoice(uow, PAID, row, resource, now)
@@ -186,11 +191,12 @@ async def issue_invoice(
 async def _store_invoice(
     uow: UnitOfWork, info: PracticeInfo, month: Month, lines: fhir.InvoiceLines, *,
     revision: int, now: datetime, replaces: str | None = None, has_endpoint: bool | None = None,
-    paid: Decimal = ZERO,
+    paid: Decimal = ZERO, refunded: Decimal = ZERO,
 ) -> tuple[dict, dict]:
     """(row, FHIR resource) of the issued Invoice, stored (without its lines: its ChargeItems
     give them, ``filed.invoice_resource``) and queued for the EHR push; its event is the caller's.
-    ``paid``: what payments it carries (a replacement's)."""
+    ``paid``: what the payments it carries paid net of the ``refunded`` it carries (a
+    replacement's)."""
     inv_id = fhir.invoice_id(info.id, month, revision)
     due = info.today(now) + timedelta(days=info.contract().due_days)
     resource = fhir.invoice(
@@ -201,7 +207,8 @@ async def _store_invoice(
     row = {
         "id": inv_id, "practice": info.id, "month": str(month), "revision": revision,
         "status": resource["status"], "payment_status": payment_status,
-        "total_net": f"{lines.total:.2f}", "paid": f"{paid:.2f}", "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
+        "total_net": f"{lines.total:.2f}", "paid": f"{paid:.2f}", "refunded": f"{refunded:.2f}",
+        "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
         "replaced_by": None, "cancel_reason": None,
         "resource": _stored(resource, True), "lines_in_place": True,
     }
@@ -272,6 +279,7 @@ def invoice_view(row) -> dict:  # noqa: ANN001
         "overdue": row.overdue,
         "totalNet": row.total_net,
         "paid": row.paid,
+        "refunded": row.refunded,
         "balance": f"{balance_of(row.total_net, row.paid, row.status, row.replaced_by):.2f}",
         "issuedAt": row.issued_at.astimezone(UTC).isoformat(),
         "dueDate": row.due_date.isoformat(),
@@ -434,6 +442,7 @@ async def record_payment(
         raise NotFound(f"invoice {invoice_id!r} not found")
     p = orm.payments
     if reference:
+        # A voided payment keeps its reference: sent again, it answers the voided payment.
         same = (
             await uow.session.execute(
                 select(p).where(p.c.invoice_id == invoice_id, p.c.reference == reference)
@@ -445,12 +454,7 @@ async def record_payment(
             return {"payment": payment_view(same), "invoice": invoice_view(row)}
     if row.status == "cancelled":
         raise Conflict(f"invoice {invoice_id} is cancelled (replaced by {row.replaced_by})")
-    # A payment of this month's services is not made before the month began, nor a year ahead
-    # (0001-01-01 and 9999-12-31 were taken: a typing error, not a payment).
-    first, latest = Month.parse(row.month).first_day, now.date() + timedelta(days=366)
-    if not first <= paid_on <= latest:
-        raise InvalidInput(f"date must be from {first} (the invoice's month) to {latest}",
-                           expression=["date"])
+    _check_day(row, paid_on, now)
     balance = Decimal(row.total_net) - Decimal(row.paid)
     if amount > balance:
         raise InvalidInput(f"amount {amount} exceeds the balance {balance:.2f}", expression=["amount"])
@@ -472,8 +476,8 @@ async def record_payment(
     )
     seq = await next_practice_sequence(uow.session, practice)
     await uow.outbox.add(
-        "billing.payment.recorded.v1",
-        _event("billing.payment.recorded.v1", practice, f"Invoice/{invoice_id}", {
+        PAYMENT_RECORDED,
+        _event(PAYMENT_RECORDED, practice, f"Invoice/{invoice_id}", {
             "invoiceId": invoice_id, "paymentId": payment_id, "amount": f"{amount:.2f}",
             "date": paid_on.isoformat(), "reference": reference, "balance": f"{new_balance:.2f}",
             "status": payment_status, "practiceSequence": seq,
@@ -486,6 +490,15 @@ async def record_payment(
     return {"payment": payment_view(pay), "invoice": invoice_view(updated)}
 
 
+def _check_day(row, day: date, now: datetime) -> None:  # noqa: ANN001
+    """A payment (or refund) of this month's services is not made before the month began, nor a
+    year ahead (0001-01-01 and 9999-12-31 were taken: a typing error, not a payment)."""
+    first, latest = Month.parse(row.month).first_day, now.date() + timedelta(days=366)
+    if not first <= day <= latest:
+        raise InvalidInput(f"date must be from {first} (the invoice's month) to {latest}",
+                           expression=["date"])
+
+
 async def locked_invoice(session, *where):  # noqa: ANN001, ANN201
     """The invoice row ``where`` names, read as it locks it (written unchanged, in one
     statement): one payment or correction of an invoice at a time, each reading what the one
@@ -495,10 +508,186 @@ async def locked_invoice(session, *where):  # noqa: ANN001, ANN201
         update(i).where(*where).values(paid=i.c.paid).returning(*i.c))).first()
 
 
+async def locked_live_invoice(session, practice: str, month: str):  # noqa: ANN001, ANN201
+    """The month's invoice that is not cancelled, locked as a correction locks it; None when
+    every invoice of the month is cancelled. A correction that cancels the one this waited for
+    issues its replacement in the same transaction, which this statement's snapshot cannot see
+    (PostgreSQL re-checks only the row it waited for, now cancelled): looked for again, until
+    what is found is locked or none is live."""
+    i = orm.invoices
+    live = (i.c.practice == practice, i.c.month == month, i.c.status != "cancelled")
+    while True:
+        row = await locked_invoice(session, *live)
+        if row is not None:
+            return row
+        if (await session.execute(select(i.c.id).where(*live).limit(1))).first() is None:
+            return None
+
+
 def payment_view(row) -> dict:  # noqa: ANN001
     return {"id": row.id, "invoiceId": row.invoice_id, "amount": row.amount,
             "date": row.date.isoformat(), "reference": row.reference,
+            "carriedFrom": row.carried_from,
+            "voided": {"at": row.voided_at.astimezone(UTC).isoformat(), "reason": row.void_reason,
+                       "by": row.voided_by, "byLabel": row.voided_by_label}
+            if row.voided_at is not None else None}
+
+
+def refund_view(row) -> dict:  # noqa: ANN001
+    return {"id": row.id, "invoiceId": row.invoice_id, "amount": row.amount,
+            "date": row.date.isoformat(), "reference": row.reference,
             "carriedFrom": row.carried_from}
+
+
+async def void_payment(
+    uow: UnitOfWork, practice: str, invoice_id: str, payment_id: str, *, reason: str,
+    actor: str, actor_label: str | None, now: datetime,
+) -> dict:
+    """Void a payment (recorded in error, or reversed by the bank): it stays, marked voided, and
+    counts nowhere. A payment carried into replacements is the same money: the payment it
+    carries and every copy of it are voided together, each invoice holding one losing it from
+    its ``paid``; the last of them (the month's live invoice, if one holds it) changes state
+    (balanced → issued, and overdue at once when past due) and is named by the event. Voiding a
+    voided payment answers the same, with no event."""
+    i, p = orm.invoices, orm.payments
+    month = (await uow.session.execute(select(i.c.month).where(
+        i.c.id == invoice_id, i.c.practice == practice))).scalar()
+    if month is None:
+        raise NotFound(f"invoice {invoice_id!r} not found")
+    # The live invoice first, as payments and corrections lock it: nothing carries this payment
+    # into a replacement, pays or refunds the month while the void runs.
+    live = await locked_live_invoice(uow.session, practice, month)
+    payment = (await uow.session.execute(select(p).where(
+        p.c.id == payment_id, p.c.invoice_id == invoice_id))).first()
+    if payment is None:
+        raise NotFound(f"payment {payment_id!r} of invoice {invoice_id!r} not found")
+    if payment.voided_at is None:
+        await _void_family(uow, practice, month, live, payment, reason=reason, actor=actor,
+                           actor_label=actor_label, now=now)
+        payment = (await uow.session.execute(select(p).where(p.c.id == payment_id))).first()
+    row = await get_invoice_row(uow.session, invoice_id, resource=False)
+    return {"payment": payment_view(payment), "invoice": invoice_view(row)}
+
+
+async def _void_family(uow: UnitOfWork, practice: str, month: str, live, payment, *,  # noqa: ANN001
+                       reason: str, actor: str, actor_label: str | None, now: datetime) -> None:
+    """Void ``payment`` and the copies of the same money in the month's invoices (the live one
+    already locked); write each invoice's figures; outbox the events."""
+    i, p = orm.invoices, orm.payments
+    root = payment.carried_from or payment.id
+    family = (await uow.session.execute(
+        select(p).join(i, i.c.id == p.c.invoice_id)
+        .where(i.c.practice == practice, i.c.month == month,
+               or_(p.c.id == root, p.c.carried_from == root))
+        .order_by(i.c.revision, p.c.id))).all()
+    # The other invoices holding it are cancelled: locked in id order (a void or refund of a
+    # cancelled invoice locks it; a payment or correction never waits for one).
+    rows = {live.id: live} if live is not None else {}
+    for invoice_id in sorted({x.invoice_id for x in family} - set(rows)):
+        rows[invoice_id] = await locked_invoice(uow.session, i.c.id == invoice_id)
+    await uow.session.execute(
+        update(p).where(p.c.id.in_([x.id for x in family]), p.c.voided_at.is_(None))
+        .values(voided_at=now, void_reason=reason, voided_by=actor, voided_by_label=actor_label))
+    head = None
+    for invoice_id in dict.fromkeys(x.invoice_id for x in family):  # in revision order
+        row = rows[invoice_id]
+        taken = sum((Decimal(x.amount) for x in family
+                     if x.invoice_id == invoice_id and x.voided_at is None), ZERO)
+        paid = Decimal(row.paid) - taken
+        values: dict = {"paid": f"{paid:.2f}"}
+        resource = None
+        if row.status != "cancelled":
+            values["payment_status"], values["status"] = payment_state(
+                Decimal(row.total_net) - paid, paid)
+            if values["status"] != row.status:
+                resource = await filed.invoice_resource(uow.session, row)
+                resource["status"] = values["status"]
+                values["resource"] = _stored(resource, row.lines_in_place)
+        await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values))
+        head = (row, values, resource)
+    row, values, resource = head
+    updated = await get_invoice_row(uow.session, row.id)
+    balance = balance_of(updated.total_net, updated.paid, updated.status, updated.replaced_by)
+    held = next(x for x in reversed(family) if x.invoice_id == row.id)
+    seq = await next_practice_sequence(uow.session, practice)
+    await uow.outbox.add(PAYMENT_VOIDED, _event(PAYMENT_VOIDED, practice, f"Invoice/{row.id}", {
+        "invoiceId": row.id, "paymentId": held.id, "carriedFrom": held.carried_from,
+        "amount": held.amount, "date": held.date.isoformat(), "reference": held.reference,
+        "reason": reason, "voidedAt": now.astimezone(UTC).isoformat(),
+        "voided": [{"invoiceId": x.invoice_id, "paymentId": x.id} for x in family],
+        "paid": updated.paid, "balance": f"{balance:.2f}",
+        "status": payment_state(balance, Decimal(updated.paid))[0],
+        "invoiceStatus": updated.status, "practiceSequence": seq,
+    }, now))
+    # Paid in full by it, the live invoice is owed again: overdue at once when past its due date.
+    if row.status != "cancelled":
+        info = await practice_info(uow.session, practice)
+        if reopened_overdue(row.status, updated.status, updated.due_date, info.today(now)):
+            await uow.session.execute(update(i).where(i.c.id == row.id).values(overdue=True))
+            overdue = {**updated._asdict(), "overdue": True}
+            await _publish_invoice(uow, OVERDUE, overdue, resource, now)
+
+
+async def record_refund(
+    uow: UnitOfWork, practice: str, invoice_id: str, *, amount: Decimal, refunded_on: date,
+    reference: str | None, now: datetime,
+) -> dict:
+    """Record a refund of what the practice overpaid (a correction lowered a total it had paid):
+    at most what the invoice owes back, bringing its balance toward 0; it stays balanced (a
+    cancelled invoice, cancelled). Same reference: no-op."""
+    i, r = orm.invoices, orm.refunds
+    # Locked as a payment locks it: concurrent refunds each see what the one before left owed
+    # back, so a practice is never refunded more than it overpaid.
+    row = await locked_invoice(uow.session, i.c.id == invoice_id, i.c.practice == practice)
+    if row is None:
+        raise NotFound(f"invoice {invoice_id!r} not found")
+    if reference:
+        same = (await uow.session.execute(
+            select(r).where(r.c.invoice_id == invoice_id, r.c.reference == reference))).first()
+        if same is not None:
+            if Decimal(same.amount) != amount or same.date != refunded_on:
+                raise Conflict(f"refund reference {reference!r} was recorded with other details")
+            return {"refund": refund_view(same), "invoice": invoice_view(row)}
+    if row.status == "cancelled" and row.replaced_by:
+        raise Conflict(f"invoice {invoice_id} is cancelled and replaced by {row.replaced_by}, "
+                       "which carries its payments: refund against the replacement")
+    _check_day(row, refunded_on, now)
+    balance = balance_of(row.total_net, row.paid, row.status, row.replaced_by)
+    owed = refundable(balance)
+    if not owed:
+        raise Conflict(f"invoice {invoice_id} owes nothing back (balance {balance:.2f}): a "
+                       "refund pays back only what the practice overpaid")
+    if amount > owed:
+        raise InvalidInput(f"amount {amount} exceeds what invoice {invoice_id} owes back "
+                           f"({owed:.2f})", expression=["amount"])
+    paid, refunded = Decimal(row.paid) - amount, Decimal(row.refunded) + amount
+    values: dict = {"paid": f"{paid:.2f}", "refunded": f"{refunded:.2f}"}
+    if row.status != "cancelled":
+        # Never another state: only an overpaid invoice, balanced, is refunded, and to 0 at most.
+        values["payment_status"], values["status"] = payment_state(
+            Decimal(row.total_net) - paid, paid)
+        if values["status"] != row.status:
+            resource = await filed.invoice_resource(uow.session, row)
+            resource["status"] = values["status"]
+            values["resource"] = _stored(resource, row.lines_in_place)
+    refund_id = str(uuid.uuid4())
+    await uow.session.execute(insert(r).values(
+        id=refund_id, practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
+        date=refunded_on, reference=reference, recorded_at=now))
+    await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values))
+    updated = await get_invoice_row(uow.session, invoice_id, resource=False)
+    new_balance = balance_of(updated.total_net, updated.paid, updated.status, updated.replaced_by)
+    seq = await next_practice_sequence(uow.session, practice)
+    await uow.outbox.add(PAYMENT_REFUNDED, _event(
+        PAYMENT_REFUNDED, practice, f"Invoice/{invoice_id}", {
+            "invoiceId": invoice_id, "refundId": refund_id, "amount": f"{amount:.2f}",
+            "date": refunded_on.isoformat(), "reference": reference, "paid": updated.paid,
+            "refunded": updated.refunded, "balance": f"{new_balance:.2f}",
+            "status": payment_state(new_balance, paid)[0], "invoiceStatus": updated.status,
+            "practiceSequence": seq,
+        }, now))
+    refund = (await uow.session.execute(select(r).where(r.c.id == refund_id))).first()
+    return {"refund": refund_view(refund), "invoice": invoice_view(updated)}
 
 
 async def mark_overdue(uow: UnitOfWork, info: PracticeInfo, now: datetime) -> int:
@@ -512,6 +701,6 @@ async def mark_overdue(uow: UnitOfWork, info: PracticeInfo, now: datetime) -> in
     ).all()
     for row in rows:
         await uow.session.execute(update(i).where(i.c.id == row.id).values(overdue=True))
-        await _publish_invoice(uow, "billing.invoice.overdue.v1", row._asdict(),
+        await _publish_invoice(uow, OVERDUE, row._asdict(),
                                await filed.invoice_resource(uow.session, row), now)
     return len(rows)
