@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
-from sqlalchemy import MetaData, update
+from sqlalchemy import MetaData, insert, update
 
+from ccm_billing.adapters.orm import duplicate_releases
 from ccm_billing.adapters.orm import metadata as billing_tables
 from ccm_careplan.adapters.orm import metadata as careplan_tables
 from ccm_careplan.service_layer.common import tracker_id
@@ -79,6 +80,11 @@ async def _billing(runtime) -> Service:  # noqa: ANN001
     closed = await svc.send("POST", "/v1/practices/alpha/billing-periods/2025-03/close")
     assert closed.status_code == 200, closed.text
     svc.ids["invoice"] = closed.json()["invoice"]["id"]
+    # p1 was released for March (as if another practice had billed the same MBI): reclaimable.
+    async with runtime.db.unit_of_work() as uow:
+        await uow.session.execute(insert(duplicate_releases).values(
+            practice="alpha", month="2025-03", patient="p1", released_at=datetime.now(UTC)))
+        await uow.commit()
     # The contract changes after close: the explicit recompute reissues March (99490 at 50.00).
     rates = {**{code: str(rate) for code, rate in PRICING.rates.items()}, "99490": "50.00"}
     async with runtime.db.unit_of_work() as uow:
@@ -92,6 +98,9 @@ async def _billing_overpaid(runtime) -> Service:  # noqa: ANN001
     """As ``_billing``, then March paid in full and recomputed under a lower contract: its
     replacement (``overpaid``) carries the payment (``carried``) and owes the practice back."""
     svc = await _billing(runtime)
+    reclaimed = await svc.send("POST", f"{B}/duplicates/p1/resolve",
+                               json.dumps({"decision": "reclaim"}), JSON)
+    assert reclaimed.status_code == 200, reclaimed.text  # March bills p1 again
     invoice = (await svc.send("GET", "/v1/invoices/{invoice}")).json()
     paid = await svc.send("POST", "/v1/invoices/{invoice}/payments", json.dumps(
         {"amount": invoice["balance"], "date": "2025-04-02", "reference": "full"}), JSON)
@@ -182,7 +191,7 @@ class Route:
 B = "/v1/practices/alpha/billing-periods/2025-03"
 N = "/v1/practices/acme"
 ROUTES = [
-    Route("billing", "POST", f"{B}/duplicates/p1/resolve", {"decision": "release"},
+    Route("billing", "POST", f"{B}/duplicates/p1/resolve", {"decision": "reclaim"},
           "decision", "keep", 200, f"{B}/worklist"),
     Route("billing", "POST", "/v1/invoices/{invoice}/payments",
           {"amount": "10.00", "date": "2025-04-02"}, "amount", "1000.00", 201,

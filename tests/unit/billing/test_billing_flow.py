@@ -434,6 +434,29 @@ async def test_same_mbi_in_two_practices_is_flagged_in_both_until_released(billi
     b = (await api(billing, "beta").get("/v1/practices/beta/billing-periods/2025-03/worklist")).json()
     assert a["patients"][0]["codes"] == {"99490": 1}
     assert b["patients"][0]["blockers"] == ["duplicate-biller"]
+    # A release taken back raises the flag in both practices again.
+    r = await api(billing, "beta").post("/v1/practices/beta/billing-periods/2025-03/duplicates/pb/resolve",
+                                        json={"decision": "reclaim"})
+    assert r.status_code == 200, r.text
+    a = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    assert a["patients"][0]["blockers"] == ["duplicate-biller"]
+    again = await api(billing, "beta").post(
+        "/v1/practices/beta/billing-periods/2025-03/duplicates/pb/resolve", json={"decision": "reclaim"})
+    assert again.status_code == 409 and "nothing to reclaim" in again.json()["detail"]
+
+
+async def test_a_patient_no_other_practice_bills_cannot_be_released(billing):
+    """A walkthrough released a patient with no duplicate: 200, and the patient was blocked as
+    duplicate-biller for good, billed by no one."""
+    await march_practice(billing)
+    path = "/v1/practices/alpha/billing-periods/2025-03/duplicates/p2/resolve"
+    r = await api(billing).post(path, json={"decision": "release"})
+    assert r.status_code == 409, r.text
+    assert "not flagged duplicate-biller" in r.json()["detail"]
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    p2 = next(x for x in rows["patients"] if x["patient"] == "Patient/p2")
+    assert "duplicate-biller" not in p2["blockers"]
+    assert (await api(billing).post(path, json={"decision": "reclaim"})).status_code == 409
 
 
 async def test_threshold_alerts_at_7_and_3_days_once_each(billing):

@@ -142,11 +142,13 @@ async def test_a_refund_waiting_for_a_correction_is_not_recorded_on_the_invoice_
     async with b.runtime.db.unit_of_work() as correcting:
         await corrected(b, raised(b.practice, 3), correcting)
         (result,) = await waits_for(correcting, refunded(b, overpaid.id, "33.33"), "the refund")
-    assert isinstance(result, Conflict) and "replaced by" in result.detail
     invoices = await assert_money_is_coherent(b.runtime, b.practice)
     assert [(x.status, x.paid, x.refunded) for x in invoices] == [
         ("cancelled", "75.33", "0.00"), ("cancelled", "75.33", "0.00"),
         ("balanced", "75.33", "0.00")]
+    # It names the month's current invoice, where the refund belongs.
+    assert isinstance(result, Conflict)
+    assert f"its month's current invoice is {invoices[-1].id}" in result.detail
     assert await outboxed(b.runtime, b.practice, "billing.payment.refunded.v1") == []
 
 

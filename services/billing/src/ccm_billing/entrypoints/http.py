@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from sqlalchemy import and_, false, func, insert, or_, select
+from sqlalchemy import and_, delete, false, func, insert, or_, select
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Month
@@ -21,6 +21,7 @@ from ccm_billing.domain.rules import RulesetMissing, ruleset_for
 from ccm_billing.service_layer import ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.corrections import recompute
+from ccm_billing.service_layer.decisions import duplicate_patients
 from ccm_shared.db import dialect_insert
 from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
 from ccm_shared.http import TenantDep, json_body_after
@@ -85,8 +86,10 @@ class EhrEndpointIn(BaseModel):
 class DuplicateResolution(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    decision: Literal["release"] = Field(
-        description="release: this practice will not bill CCM for the patient this month"
+    decision: Literal["release", "reclaim"] = Field(
+        description="release: this practice will not bill CCM for the patient this month (only "
+                    "while the patient is flagged duplicate-biller); reclaim: take a release "
+                    "back (the flag is raised again in both practices until one releases)"
     )
 
 
@@ -141,7 +144,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             "Content-Disposition": f'attachment; filename="ccm-{practice}-{month}.csv"'})
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/duplicates/{patient}/resolve",
-                 summary="Resolve a duplicate-biller flag: this practice releases the patient-month",
+                 summary="Resolve a duplicate-biller flag: this practice releases the patient-month "
+                 "(or reclaims a release)",
                  dependencies=JSON_BODY)
     async def resolve_duplicate(practice: str, month: str, patient: str, tenant: BillingTenant,
                                 body: DuplicateResolution) -> dict:
@@ -154,9 +158,21 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                 p.c.practice == practice, p.c.patient_id == patient))).first()
             if known is None:
                 raise NotFound(f"patient {patient!r} not found")
-            exists = (await uow.session.execute(select(rel.c.patient).where(
-                rel.c.practice == practice, rel.c.month == str(mo), rel.c.patient == patient))).first()
-            if exists is None:
+            mine = and_(rel.c.practice == practice, rel.c.month == str(mo),
+                        rel.c.patient == patient)
+            exists = (await uow.session.execute(select(rel.c.patient).where(mine))).first()
+            if body.decision == "reclaim":
+                if exists is None:
+                    raise Conflict(f"patient {patient!r} was not released for {mo}: nothing "
+                                   "to reclaim")
+                await uow.session.execute(delete(rel).where(mine))
+            elif exists is None:
+                # A release of a patient no other practice bills would only stop this one
+                # billing it (there was no flag to resolve, and no one else bills instead).
+                if patient not in await duplicate_patients(uow.session, practice, str(mo)):
+                    raise Conflict(f"patient {patient!r} is not flagged duplicate-biller in "
+                                   f"{mo} (no other practice has finished CCM time for the "
+                                   "same MBI): there is nothing to release")
                 await uow.session.execute(insert(rel).values(
                     practice=practice, month=str(mo), patient=patient, released_at=runtime.clock()))
             await uow.commit()

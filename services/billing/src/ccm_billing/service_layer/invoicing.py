@@ -453,7 +453,8 @@ async def record_payment(
                 raise Conflict(f"payment reference {reference!r} was recorded with other details")
             return {"payment": payment_view(same), "invoice": invoice_view(row)}
     if row.status == "cancelled":
-        raise Conflict(f"invoice {invoice_id} is cancelled (replaced by {row.replaced_by})")
+        raise Conflict(f"invoice {invoice_id} is cancelled: "
+                       f"{await _instead(uow.session, row)}")
     _check_day(row, paid_on, now)
     balance = Decimal(row.total_net) - Decimal(row.paid)
     if amount > balance:
@@ -522,6 +523,18 @@ async def locked_live_invoice(session, practice: str, month: str):  # noqa: ANN0
             return row
         if (await session.execute(select(i.c.id).where(*live).limit(1))).first() is None:
             return None
+
+
+async def _instead(session, cancelled) -> str:  # noqa: ANN001
+    """What to use instead of a cancelled invoice: its month's current invoice (the end of the
+    chain of replacements, not the one that replaced it first, itself perhaps cancelled)."""
+    i = orm.invoices
+    live = (await session.execute(select(i.c.id).where(
+        i.c.practice == cancelled.practice, i.c.month == cancelled.month,
+        i.c.status != "cancelled"))).scalar()
+    if live is None:
+        return "its month has no current invoice (a correction left nothing to bill)"
+    return f"its month's current invoice is {live}"
 
 
 def payment_view(row) -> dict:  # noqa: ANN001
@@ -649,8 +662,8 @@ async def record_refund(
                 raise Conflict(f"refund reference {reference!r} was recorded with other details")
             return {"refund": refund_view(same), "invoice": invoice_view(row)}
     if row.status == "cancelled" and row.replaced_by:
-        raise Conflict(f"invoice {invoice_id} is cancelled and replaced by {row.replaced_by}, "
-                       "which carries its payments: refund against the replacement")
+        raise Conflict(f"invoice {invoice_id} is cancelled and its payments are carried: "
+                       f"{await _instead(uow.session, row)}")
     _check_day(row, refunded_on, now)
     balance = balance_of(row.total_net, row.paid, row.status, row.replaced_by)
     owed = refundable(balance)
