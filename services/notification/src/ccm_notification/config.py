@@ -60,6 +60,9 @@ class NotificationSettings(BaseSettings):
         "the practice's whole feed in one order)")
     practice_topic_replication: int = Field(
         1, ge=1, description="Replication factor of per-practice topics (3 in production)")
+    practice_feed_hold_seconds: float = Field(
+        30.0, ge=0, description="How long the practice feed holds a billing event for the ones "
+        "billing numbered before it (they travel on other topics) before numbering it anyway")
     practice_topic_refresh_seconds: float = Field(
         0.0, ge=0, description="If > 0: how often the topics of every registered practice are "
         "ensured (0: off; topics are created at a practice's first event or by "

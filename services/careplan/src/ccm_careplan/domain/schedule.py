@@ -16,6 +16,8 @@ from ccm_careplan.domain.rules import ReviewRules
 DUE, REMINDER, OVERDUE, ESCALATED = "due", "reminder", "overdue", "escalated"
 COMPLETED, RESOLVED = "completed", "resolved"
 SCHEDULED_KINDS = (DUE, REMINDER, OVERDUE, ESCALATED)
+# Steps addressed to the plan's responsible provider (escalations go to the supervisor).
+TO_RESPONSIBLE_PROVIDER = frozenset({DUE, REMINDER, OVERDUE})
 _LAST_DAY = date.max.toordinal()  # 9999-12-31: date arithmetic past it raises
 
 

@@ -222,6 +222,7 @@ def routers(runtime) -> list[APIRouter]:  # noqa: ANN001, C901 - one closure per
             except commands.RulesChanged as exc:
                 raise PreconditionFailed(str(exc)) from None
             await uow.commit()
+        _wake_relay(runtime)  # escalations re-announced to a newly set supervisor
         response.headers["ETag"] = f'"{revision}"'
         return _rules_body(practice, rules, revision)
 

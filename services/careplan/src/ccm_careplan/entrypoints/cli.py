@@ -44,7 +44,8 @@ def scheduler_pass(
         finally:
             await db.dispose()
         return {"trackers": result.trackers, "sent": result.sent,
-                "superseded": result.superseded, "caught_up": result.caught_up}
+                "superseded": result.superseded, "caught_up": result.caught_up,
+                "held": result.held}
 
     typer.echo(json.dumps(asyncio.run(run())))
 

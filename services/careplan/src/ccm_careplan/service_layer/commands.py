@@ -7,15 +7,20 @@ from datetime import date, datetime
 
 from sqlalchemy import select, update
 
-from ccm_careplan.adapters.orm import distributions, practice_rules, trackers
+from ccm_careplan.adapters.orm import distributions, practice_rules, review_steps, trackers
 from ccm_careplan.domain.rules import ReviewRules, validate_rules
-from ccm_careplan.domain.tracker import REVIEW_OUTCOMES
+from ccm_careplan.domain.schedule import ESCALATED, idempotency_key
+from ccm_careplan.domain.tracker import REVIEW_OUTCOMES, resolve_provider
 from ccm_careplan.service_layer.common import (
     compute_due,
+    event_id,
+    general_practitioners,
     insert_for,
     load_rules,
     lock_tracker,
     practice_today,
+    practitioner_directory,
+    review_event,
 )
 from ccm_careplan.service_layer.tracking import complete_review
 from ccm_shared.db import UnitOfWork
@@ -106,6 +111,7 @@ async def replace_rules(
 ) -> int:
     """Store the practice's rules and move every plan's due date to match. Returns the revision."""
     validate_rules(rules)
+    before = await load_rules(uow.session, practice)
     while True:
         current = await rules_revision(uow, practice)
         if if_match is not None and if_match != current:
@@ -123,9 +129,51 @@ async def replace_rules(
             break
     rows = (await uow.session.execute(select(trackers).where(trackers.c.practice == practice)
                                       .with_for_update())).all()
+    escalated = []
     for r in rows:
         due = compute_due(dict(r._mapping), rules)
         if due != r.next_review_due:
             await uow.session.execute(update(trackers).where(trackers.c.id == r.id).values(
                 next_review_due=due, reminders_sent=0, escalation_level=0, updated_at=now))
+        elif r.status == "active" and r.escalation_level > 0:
+            escalated.append(dict(r._mapping))
+    supervisor = rules.clinical_supervisor
+    if supervisor is not None and supervisor != before.clinical_supervisor and escalated:
+        await reannounce_escalations(uow, practice, escalated, supervisor, revision=current + 1,
+                                     now=now)
     return current + 1
+
+
+async def reannounce_escalations(
+    uow: UnitOfWork, practice: str, rows: list[dict], supervisor: str, *, revision: int,
+    now: datetime,
+) -> None:
+    """The latest escalation of each escalated plan, announced again naming the supervisor the
+    rules now have: one that found nobody to go to (notification holds it, unsent) goes to them
+    now. The step keeps its idempotency key, so notification records it once and an escalation
+    already delivered is not sent again; the event id is new (``revision``), or notification's
+    inbox would drop it as the event already applied."""
+    cycles = {r["id"]: r["next_review_due"] for r in rows}
+    latest: dict[str, int] = {}
+    for tracker, cycle, step in (await uow.session.execute(
+            select(review_steps.c.tracker_id, review_steps.c.cycle_due, review_steps.c.step)
+            .where(review_steps.c.practice == practice, review_steps.c.kind == ESCALATED,
+                   review_steps.c.sent.is_(True),
+                   review_steps.c.tracker_id.in_(list(cycles))))).all():
+        if cycle == cycles[tracker]:  # the current cycle's escalations only
+            latest[tracker] = max(step, latest.get(tracker, 0))
+    today = await practice_today(uow.session, practice, now)
+    gps = await general_practitioners(uow.session, practice, {r["patient"] for r in rows})
+    directory = await practitioner_directory(uow.session, practice)
+    events = []
+    for row in rows:
+        if row["id"] not in latest:
+            continue
+        due, step = row["next_review_due"], latest[row["id"]]
+        key = idempotency_key(practice, row["id"], ESCALATED, due, step)
+        event = review_event(row=row, kind=ESCALATED, due=due, step=step, day=today, key=key,
+                             now=now, provider=resolve_provider(
+                                 row["author"], gps.get(row["patient"], []), directory),
+                             supervisor=supervisor)
+        events.append(event.model_copy(update={"id": event_id(f"{key}:rules:{revision}")}))
+    await uow.outbox.add_many([(e.type, e) for e in events])

@@ -39,6 +39,12 @@ SORTS = {
 }
 
 
+NO_RESPONSIBLE_PROVIDER = (
+    "no responsible provider: the plan has no usable author and the patient no usable general "
+    "practitioner; its reminders and due/overdue notices wait and go out on the first "
+    "scheduler pass after one is known (escalations still go to the supervisor)")
+
+
 class InvalidQuery(Exception):
     """A filter or sort the list does not understand."""
 
@@ -88,6 +94,8 @@ def _summary(row, today: date, rules: ReviewRules, patient_usable: bool,  # noqa
              provider: str | None) -> dict:
     due = row.next_review_due
     scheduled = is_scheduled(row.status, patient_usable)
+    state = review_state(next_due=due, today=today, rules=rules,
+                         escalation_level=row.escalation_level, scheduled=scheduled)
     return {
         "id": row.id,
         "care_plan": row.care_plan,
@@ -100,14 +108,17 @@ def _summary(row, today: date, rules: ReviewRules, patient_usable: bool,  # noqa
         "next_review_due": due.isoformat() if due else None,
         "days_until_due": (due - today).days if due and scheduled and due >= today else None,
         "days_overdue": (today - due).days if due and scheduled and due < today else 0,
-        "review_state": review_state(next_due=due, today=today, rules=rules,
-                                     escalation_level=row.escalation_level, scheduled=scheduled),
+        "review_state": state,
         "early_review": ({"reason": row.early_trigger,
                           "date": row.early_trigger_date.isoformat()}
                          if row.early_trigger else None),
         "signoff": {"status": row.signoff_status, "by": row.signoff_by,
                     "date": row.signoff_date.isoformat() if row.signoff_date else None},
         "responsible_provider": provider,
+        # Why the provider's reminders and notices are not going out (the scheduler leaves them
+        # owed, and sends them on the first pass after one is known); null when nothing waits.
+        "notices_held": NO_RESPONSIBLE_PROVIDER
+        if provider is None and state in ("due", "overdue", "escalated") else None,
         "supervisor": rules.clinical_supervisor,
         "reminders_sent": row.reminders_sent,
         "escalation_level": row.escalation_level,

@@ -19,7 +19,13 @@ from sqlalchemy import bindparam, select, update
 
 from ccm_careplan.adapters.orm import patients, review_steps, trackers
 from ccm_careplan.domain.rules import ReviewRules
-from ccm_careplan.domain.schedule import ESCALATED, REMINDER, steps_owed, within
+from ccm_careplan.domain.schedule import (
+    ESCALATED,
+    REMINDER,
+    TO_RESPONSIBLE_PROVIDER,
+    steps_owed,
+    within,
+)
 from ccm_careplan.domain.tracker import Directory, resolve_provider
 from ccm_careplan.service_layer.common import (
     StepClaim,
@@ -42,6 +48,7 @@ class PassResult:
     sent: int = 0
     superseded: int = 0
     caught_up: int = 0  # owed steps older than CATCH_UP_DAYS left without a row (schedule.py)
+    held: int = 0  # owed reminders and notices left unrecorded: no responsible provider yet
     failed: list[str] = field(default_factory=list)  # practices whose pass failed (retried next)
 
 
@@ -61,11 +68,20 @@ async def _process_batch(
     uow: UnitOfWork, rows: list[dict], batch: _Batch, result: PassResult
 ) -> None:
     owed: list[tuple[dict, StepClaim, int]] = []
+    providers: dict[str, str | None] = {}
     for row in rows:
         due = row["next_review_due"]
         recorded = batch.recorded.get((row["id"], due), [])
+        provider = providers[row["id"]] = resolve_provider(
+            row["author"], batch.gps.get(row["patient"], []), batch.directory)
         for d in steps_owed(due, batch.rules, batch.today,
                             {(r.kind, r.step): r.scheduled_on for r in recorded}):
+            if provider is None and d.step.kind in TO_RESPONSIBLE_PROVIDER:
+                # Nobody to send it to: not recorded, so it stays owed and a later pass sends
+                # it once the plan has an author or the patient a general practitioner (the
+                # tracker shows why it waits). Escalations still go to the supervisor.
+                result.held += 1
+                continue
             owed.append((row, StepClaim(row["practice"], row["id"], d.step.kind, due,
                                         d.step.step, d.step.on, d.send), d.stands_for))
     claimed = await claim_steps(uow, [c for _, c, _ in owed], batch.now)  # a replica may have won
@@ -85,11 +101,10 @@ async def _process_batch(
         if not claim.send:
             result.superseded += 1
             continue
-        provider = resolve_provider(row["author"], batch.gps.get(row["patient"], []),
-                                    batch.directory)
         events.append(review_event(row=row, kind=claim.kind, due=claim.due, step=claim.step,
                                    day=batch.today, key=claim.key, now=batch.now,
-                                   provider=provider, supervisor=batch.rules.clinical_supervisor))
+                                   provider=providers[row["id"]],
+                                   supervisor=batch.rules.clinical_supervisor))
         sent.setdefault(row["id"], []).append((claim.kind, claim.step))
         result.sent += 1
     await uow.outbox.add_many([(e.type, e) for e in events])  # one statement for the batch
@@ -174,9 +189,9 @@ async def run_scheduler_pass(
             result.failed.append(practice)
             log.warning("scheduler pass failed for a practice; the others go on",
                         practice=practice, error=type(exc).__name__)
-    if result.sent or result.superseded or result.failed:
+    if result.sent or result.superseded or result.failed or result.held:
         log.info("scheduler pass", trackers=result.trackers, sent=result.sent,
-                 superseded=result.superseded, caught_up=result.caught_up,
+                 superseded=result.superseded, caught_up=result.caught_up, held=result.held,
                  failed_practices=len(result.failed))
     return result
 

@@ -21,7 +21,10 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from ccm_notification.subscriptions.tables import add_subscription_tables_v1
+from ccm_notification.subscriptions.tables import (
+    add_feed_order_tables,
+    add_subscription_tables_v1,
+)
 from ccm_shared.tables import BigId, add_messaging_tables
 
 # A reference an event carries: "PractitionerRole/" and a 64-character id is 81 characters.
@@ -211,3 +214,6 @@ _subscription_tables = add_subscription_tables_v1(metadata)
 subscriptions = _subscription_tables["subscriptions"]
 subscription_events = _subscription_tables["subscription_events"]
 subscription_deliveries = _subscription_tables["subscription_deliveries"]
+_feed_order_tables = add_feed_order_tables(metadata)
+feed_held = _feed_order_tables["feed_held"]
+feed_positions = _feed_order_tables["feed_positions"]

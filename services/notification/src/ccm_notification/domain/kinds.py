@@ -60,7 +60,13 @@ KINDS: dict[str, Kind] = {
             ("month", "due_date"),
             ("patient_count",),
         ),
-        Kind("review-due", "Care-plan review due", ("patient", "care_plan", "due_date"), ("step",)),
+        # days_overdue: a reminder sent while the review is overdue says so (not "is due on").
+        Kind(
+            "review-due",
+            "Care-plan review due",
+            ("patient", "care_plan", "due_date"),
+            ("step", "days_overdue"),
+        ),
         Kind(
             "review-overdue",
             "Care-plan review overdue",
@@ -88,6 +94,9 @@ KINDS: dict[str, Kind] = {
             "invoice-issued",
             "Invoice issued",
             ("invoice_id", "month", "revision", "total_net", "total_gross"),
+            # A replacement after a correction: the invoice it replaces, what was already paid
+            # (carried from it), and the balance: owed (amount_due) or owed back (owed_back).
+            ("replaces", "paid", "balance", "amount_due", "owed_back"),
         ),
         Kind("call-request", "Call requested", ("reason", "slots", "requester_name"), ("patient",)),
         Kind(
@@ -139,6 +148,11 @@ SAMPLE_VALUES: dict[str, Any] = {
     "total_gross": "5321.40",
     "invoice_id": "inv-2026-11-0001",
     "revision": 1,
+    "replaces": "inv-2026-11-0000",
+    "paid": "5400.00",
+    "balance": "-78.60",
+    "amount_due": None,
+    "owed_back": "78.60",
     "patient": "Patient/p-123",
     "gap": "HbA1c not measured in 6 months",
     "details": "Last result 2026-03-02",

@@ -39,6 +39,7 @@ from ccm_notification.domain.directory import SOURCE_FIELDS, UnknownField
 from ccm_notification.domain.kinds import KINDS, MissingFields
 from ccm_notification.domain.signing import LinkExpired, LinkInvalid, verify_link, webhook_secret
 from ccm_notification.service_layer import acks, calls, directory
+from ccm_notification.service_layer.handlers import release_held_reviews
 from ccm_notification.service_layer.notify import Intent, Notifier, Recorded
 from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
 from ccm_shared.http import TenantDep, json_body_after
@@ -197,6 +198,8 @@ def _message_view(row, provider_names: dict | None = None) -> dict:  # noqa: ANN
         "acked_by": row.acked_by,
         "root": row.root_id,
         "idempotency_key": row.idempotency_key,
+        # held until someone is configured to receive it (the reason is in last_error)
+        "waiting_for_recipient": row.status == "pending" and row.next_attempt_at is None,
     }
     return view
 
@@ -278,6 +281,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
                     now=runtime.clock(),
                     if_match=expected,
                 )
+                # A care-plan message held for a recipient may have one now (this provider's
+                # email, or their supervisor).
+                await release_held_reviews(notifier(), uow, practice)
                 await uow.commit()
         except UnknownField as exc:
             raise InvalidInput(f"unknown field(s): {exc}") from None
@@ -323,6 +329,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         values = body.model_dump() | {"updated_at": runtime.clock()}
         async with db.unit_of_work() as uow:
             await upsert(uow.session, practice_contacts, {"practice": practice}, values)
+            # Messages held because nobody was configured go out to the supervisor now.
+            await release_held_reviews(notifier(), uow, practice)
             await uow.commit()
         return body
 

@@ -18,10 +18,16 @@ from ccm_notification.service_layer.handlers import (
     DIRECTORY_TOPICS,
     alerts_handler,
     directory_handler,
+    release_held_reviews,
 )
 from ccm_notification.service_layer.notify import Notifier
 from ccm_notification.subscriptions.domain import FEED_TYPES
-from ccm_notification.subscriptions.service import SubscriptionDeliverer, feed_handler, feed_topics
+from ccm_notification.subscriptions.service import (
+    SubscriptionDeliverer,
+    feed_handler,
+    feed_topics,
+    release_waiting,
+)
 from ccm_notification.subscriptions.topics import PracticeTopics
 from ccm_shared.outbound import outbound_client
 from ccm_shared.service import BackgroundJob, ConsumerSpec, ServiceRuntime, sleep_unless_stopped
@@ -101,13 +107,17 @@ async def ensure_all_practice_topics(runtime: ServiceRuntime) -> int:
 def consumers(runtime: ServiceRuntime) -> list[ConsumerSpec]:
     return [
         ConsumerSpec(
-            "notification-directory", DIRECTORY_TOPICS, directory_handler(lambda: runtime.clock())
+            "notification-directory",
+            DIRECTORY_TOPICS,
+            directory_handler(lambda: runtime.clock(), notifier_of(runtime)),
         ),
         ConsumerSpec("notification-alerts", ALERT_TOPICS, alerts_handler(notifier_of(runtime))),
         ConsumerSpec(
             "notification-practice-feed",
             FEED_TYPES,
-            feed_handler(lambda: runtime.clock()),
+            feed_handler(
+                lambda: runtime.clock(), notifier_of(runtime).settings.practice_feed_hold_seconds
+            ),
             prepare=feed_topics(practice_topics_of(runtime)),
         ),
     ]
@@ -125,6 +135,16 @@ def _every(name: str, interval: float, step: Callable[[], Awaitable[int]]):  # n
                 await sleep_unless_stopped(stopping, interval)
 
     return run
+
+
+async def sweep_and_release(runtime: ServiceRuntime, notifier: Notifier) -> int:
+    """The acknowledgement sweep, then the held care-plan messages whose recipient can now be
+    found (contacts and directory changes release them at once; this catches the rest)."""
+    moved = await acks.sweep(runtime.db, notifier)
+    async with runtime.db.unit_of_work() as uow:
+        released = await release_held_reviews(notifier, uow)
+        await uow.commit()
+    return moved + released
 
 
 def background(runtime: ServiceRuntime) -> list[BackgroundJob]:
@@ -152,7 +172,17 @@ def background(runtime: ServiceRuntime) -> list[BackgroundJob]:
             _every(
                 "ack-sweep",
                 notifier.settings.ack_sweep_interval_seconds,
-                lambda: acks.sweep(runtime.db, notifier),
+                lambda: sweep_and_release(runtime, notifier),
+            ),
+        ),
+        BackgroundJob(
+            "notification-practice-feed-order",
+            _every(
+                "practice-feed-order",
+                notifier.settings.dispatch_interval_seconds,
+                lambda: release_waiting(
+                    runtime.db, notifier.clock, notifier.settings.practice_feed_hold_seconds
+                ),
             ),
         ),
     ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from decimal import Decimal
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from ccm_notification.adapters.orm import messages
 from ccm_notification.service_layer import directory
-from ccm_notification.service_layer.notify import Intent, Notifier
+from ccm_notification.service_layer.notify import Intent, Notifier, held_messages
 from ccm_shared.db import UnitOfWork
 from ccm_shared.events import CloudEvent
 
@@ -35,7 +36,7 @@ ALERT_TOPICS = (
 )
 
 
-def directory_handler(clock: Callable[[], datetime]):  # noqa: ANN201
+def directory_handler(clock: Callable[[], datetime], notifier: Notifier | None = None):  # noqa: ANN201
     handlers = {
         "ingest.practitioner.upserted.v1": directory.practitioner_upserted,
         "ingest.practitioner-role.upserted.v1": directory.practitioner_role_upserted,
@@ -45,6 +46,12 @@ def directory_handler(clock: Callable[[], datetime]):  # noqa: ANN201
     async def handle(event: CloudEvent, uow: UnitOfWork) -> None:
         if (handler := handlers.get(event.type)) is not None:
             await handler(event, uow, clock())
+            if notifier is not None and event.type == "ingest.practitioner-role.upserted.v1":
+                # A role a held message names (as responsible provider or supervisor) now
+                # resolves to its practitioner. (The EHR sets no supervisor: a provider's
+                # supervisor is set by hand, which releases at once.)
+                await release_held_reviews(
+                    notifier, uow, event.tenant, event.data.get("practitionerRole"))
 
     return handle
 
@@ -65,13 +72,7 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
                 uow,
                 "invoice-issued",
                 f"invoice:{d['invoiceId']}:{d['revision']}",
-                {
-                    "invoice_id": d["invoiceId"],
-                    "month": d["month"],
-                    "revision": d["revision"],
-                    "total_net": d["totalNet"],
-                    "total_gross": d["totalGross"],
-                },
+                invoice_values(d),
             )
         elif event.type == "ingest.consent.expiring.v1":
             # A renewed consent is the practice's to obtain: its summary recipients (else its
@@ -116,15 +117,46 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
     return handle
 
 
+def invoice_values(d: dict) -> dict:
+    """The invoice-issued fields of a ``billing.invoice.issued.v1`` event: a replacement says
+    which invoice it replaces, what was already paid (carried from it) and what is owed either
+    way, so a practice that paid the replaced invoice does not pay again."""
+    balance = d.get("balance")
+    owed = Decimal(balance) if balance is not None else None
+    return {
+        "invoice_id": d["invoiceId"],
+        "month": d["month"],
+        "revision": d["revision"],
+        "total_net": d["totalNet"],
+        "total_gross": d["totalGross"],
+        "replaces": d.get("replaces"),
+        "paid": d.get("paid"),
+        "balance": balance,
+        "amount_due": f"{owed:.2f}" if owed is not None and owed > 0 else None,
+        "owed_back": f"{-owed:.2f}" if owed is not None and owed < 0 else None,
+    }
+
+
+async def review_recipient(
+    notifier: Notifier, uow: UnitOfWork, practice: str, kind: str, responsible_ref: str | None,
+    supervisor_ref: str | None,
+) -> str | None:
+    """Who gets a care-plan review message: the responsible provider; for an escalation the
+    supervisor careplan names, else the provider's own supervisor, else the practice's."""
+    responsible = await notifier.provider_for(uow, practice, responsible_ref)
+    if kind != "review-escalated":
+        return responsible
+    return await notifier.provider_for(
+        uow, practice, supervisor_ref
+    ) or await notifier.supervisor_of(uow, practice, responsible)
+
+
 async def review_notice(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
     d = event.data
     kind = REVIEW_KINDS[event.type]
-    responsible = await notifier.provider_for(uow, event.tenant, d["responsibleProvider"])
-    recipient = responsible
-    if kind == "review-escalated":
-        recipient = await notifier.provider_for(
-            uow, event.tenant, d["supervisor"]
-        ) or await notifier.supervisor_of(uow, event.tenant, responsible)
+    recipient = await review_recipient(
+        notifier, uow, event.tenant, kind, d["responsibleProvider"], d["supervisor"]
+    )
     await notifier.notify(
         uow,
         Intent(
@@ -141,13 +173,55 @@ async def review_notice(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) 
                 "days_overdue": d["daysOverdue"],
                 "step": d["step"],
                 "responsible_provider": d["responsibleProvider"],
+                # Not a template field: who careplan named, to find the recipient again when
+                # the message is held for one (release_held_reviews).
+                "supervisor": d["supervisor"],
             },
+            # A new practice's first pass may run before anyone is configured: the message
+            # waits for a recipient rather than failing (careplan recorded the step as sent).
+            hold_without_recipient=True,
         ),
     )
 
 
+async def release_held_reviews(
+    notifier: Notifier, uow: UnitOfWork, practice: str | None = None,
+    reference: str | None = None,
+) -> int:
+    """Send the held care-plan review messages (of ``practice``, or of every practice; only
+    those naming ``reference`` when given) whose recipient can now be found; return how many
+    were released. Called when contacts, a provider or a role change, and by the periodic
+    sweep (a message held while such a change committed is caught there)."""
+    stmt = select(messages).where(held_messages(), messages.c.kind.in_(set(REVIEW_KINDS.values())))
+    if practice is not None:
+        stmt = stmt.where(messages.c.practice == practice)
+    rows = (await uow.session.execute(
+        stmt.order_by(messages.c.created_at).limit(500).with_for_update(skip_locked=True)
+    )).all()
+    found: dict[tuple, str | None] = {}  # held messages share a few recipients: look up once
+    released = 0
+    for row in rows:
+        fields = row.fields or {}
+        refs = (fields.get("responsible_provider"), fields.get("supervisor"))
+        if reference is not None and reference not in refs:
+            continue
+        wanted = (row.practice, row.kind, *refs)
+        if wanted not in found:
+            found[wanted] = await review_recipient(notifier, uow, row.practice, row.kind, *refs)
+        if found[wanted] is not None and await notifier.deliver_held(uow, row, found[wanted]):
+            released += 1
+    return released
+
+
 async def close_review_alerts(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
-    """The review was done: its alerts no longer wait for acknowledgement or escalate."""
+    """The review was done: its alerts no longer wait for acknowledgement or escalate, and its
+    messages still held for a recipient are not sent (they would report a review as missing)."""
+    for row in (await uow.session.execute(select(messages).where(
+            messages.c.practice == event.tenant, messages.c.tracker == event.data["tracker"],
+            held_messages()).with_for_update())).all():
+        await notifier.withdraw_held(
+            uow, row, "not sent: the review was recorded before anyone was configured to "
+            "receive this message")
     await uow.session.execute(
         update(messages)
         .where(

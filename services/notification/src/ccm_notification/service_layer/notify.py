@@ -5,6 +5,9 @@ or an API request's), keyed by a unique idempotency key: a redelivered event or 
 request finds the key taken and records nothing. The dispatcher delivers the row later.
 An intent that cannot be delivered (unknown provider, no channel, a missing template field)
 is recorded as a failed message and raises ``notification.message.failed.v1``, never dropped.
+One whose recipient is found by a rule that finds nobody yet (a care-plan escalation before the
+practice configured a supervisor) is *held* instead: pending with no attempt time and the reason
+in ``last_error``, until a recipient appears (``deliver_held``); it is then sent, once.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+import structlog
+from sqlalchemy import and_, select, update
 
 from ccm_notification.adapters.orm import (
     ack_policies,
@@ -35,9 +39,21 @@ from ccm_notification.service_layer.directory import load_provider
 from ccm_shared.db import UnitOfWork
 from ccm_shared.events import CloudEvent
 
+log = structlog.get_logger(__name__)
+
 SOURCE = "/ccm/notification"
 FAILED = "notification.message.failed.v1"
 ACKNOWLEDGED = "notification.message.acknowledged.v1"
+NO_RECIPIENT = "no recipient: the practice has no contact configured for this message"
+HELD_REASON = (
+    "no recipient yet: nobody is configured to receive this message; it is held and sent as "
+    "soon as one is (the practice's contacts or clinical supervisor, the provider directory)"
+)
+
+
+def held_messages():  # noqa: ANN201
+    """Messages held for a recipient: pending, with no attempt time."""
+    return and_(messages.c.status == "pending", messages.c.next_attempt_at.is_(None))
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,21 @@ class Intent:
     root_id: str | None = None  # an escalation of this alert: its ack link acks the root
     escalation_level: int = 0
     subject_prefix: str = ""
+    # No recipient yet (nobody configured): keep the message, unsent, until one is found
+    # (``release_held``) instead of failing it. For messages whose recipient a rule finds later.
+    hold_without_recipient: bool = False
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    channel: str | None
+    address: str | None
+    subject: str
+    text: str
+    html: str
+    error: str | None
+    requires_ack: bool
+    sla: int
 
 
 @dataclass
@@ -150,13 +181,85 @@ class Notifier:
     # -- the intent ----------------------------------------------------------------------------
 
     async def notify(self, uow: UnitOfWork, intent: Intent, *, strict: bool = False) -> Recorded:
-        """Record the message for ``intent`` once. ``strict``: raise on bad fields (API callers)."""
+        """Record the message for ``intent`` once. ``strict``: raise on bad fields (API callers).
+        The same intent again finds its message; one held for a recipient is sent to the
+        recipient the intent now names, if any (e.g. an escalation re-announced with the
+        supervisor configured since)."""
         existing = await self.find_by_key(uow, intent.idempotency_key)
         if existing is not None:
+            if existing.status == "pending" and existing.next_attempt_at is None \
+                    and intent.provider_id is not None:
+                row = (await uow.session.execute(
+                    select(messages).where(messages.c.id == existing.id))).first()
+                if await self.deliver_held(uow, row, intent.provider_id, intent.values):
+                    existing = await self.find_by_key(uow, intent.idempotency_key)
             return Recorded(existing.id, False, existing.status, existing.last_error)
         kind = KINDS[intent.kind]
         message_id = str(uuid.uuid4())
         now = self.clock()
+        held = intent.provider_id is None and intent.address is None \
+            and intent.hold_without_recipient
+        prepared = await self._prepare(uow, intent, message_id, strict=strict)
+        error = prepared.error
+        if held and error == NO_RECIPIENT:
+            error = None
+        status = "failed" if error else "pending"
+        requires_ack = prepared.requires_ack
+        await uow.session.execute(
+            insert_for(uow.session, messages).values(
+                id=message_id,
+                practice=intent.practice,
+                idempotency_key=intent.idempotency_key,
+                kind=intent.kind,
+                provider_id=intent.provider_id,
+                patient=intent.patient,
+                channel=prepared.channel,
+                recipient=prepared.address,
+                subject=prepared.subject or kind.title,
+                text_body=prepared.text,
+                html_body=prepared.html,
+                fields=_jsonable(intent.values),
+                attachments=list(intent.attachments),
+                status=status,
+                attempts=0,
+                # Held: pending with no attempt time, so the dispatcher leaves it alone.
+                next_attempt_at=now if status == "pending" and not held else None,
+                last_error=HELD_REASON if held and status == "pending" else error,
+                root_id=intent.root_id,
+                ack_state="pending" if requires_ack and not intent.root_id else None,
+                # The acknowledgement clock starts when the alert is sent, not while held.
+                ack_due_at=now + timedelta(minutes=prepared.sla)
+                if requires_ack and not intent.root_id and not held
+                else None,
+                escalation_level=intent.escalation_level,
+                tracker=intent.tracker,
+                created_at=now,
+            )
+        )
+        if held and status == "pending":
+            log.warning("message held: no recipient configured yet", practice=intent.practice,
+                        kind=intent.kind, message=message_id)
+        if error:
+            await self.raise_failed(
+                uow,
+                message_id,
+                intent.practice,
+                intent.kind,
+                intent.provider_id,
+                prepared.channel,
+                0,
+                error,
+                intent.idempotency_key,
+                intent.patient,
+            )
+        return Recorded(message_id, True, status, HELD_REASON if held and not error else error)
+
+    async def _prepare(
+        self, uow: UnitOfWork, intent: Intent, message_id: str, *, strict: bool
+    ) -> _Prepared:
+        """The intent's channel and address, rendered message and acknowledgement policy, or
+        the reason it cannot be sent (``error``)."""
+        kind = KINDS[intent.kind]
         practice = await practice_row(uow.session, intent.practice)
         channel = address = None
         name = ""
@@ -164,7 +267,7 @@ class Notifier:
         if intent.address is not None:
             channel, address, name = intent.address
         elif intent.provider_id is None:
-            error = "no recipient: the practice has no contact configured for this message"
+            error = NO_RECIPIENT
         else:
             row = await load_provider(uow, intent.practice, intent.provider_id)
             name = display_name(row.current if row else {}, intent.provider_id)
@@ -200,53 +303,76 @@ class Notifier:
             if strict:
                 raise
             error = f"template: {exc}"
-        status = "failed" if error else "pending"
-        await uow.session.execute(
-            insert_for(uow.session, messages).values(
-                id=message_id,
-                practice=intent.practice,
-                idempotency_key=intent.idempotency_key,
-                kind=intent.kind,
-                provider_id=intent.provider_id,
-                patient=intent.patient,
-                channel=channel,
-                recipient=address,
-                subject=subject or kind.title,
-                text_body=text,
-                html_body=html,
-                fields=_jsonable(intent.values),
-                attachments=list(intent.attachments),
-                status=status,
-                attempts=0,
-                next_attempt_at=now if status == "pending" else None,
+        return _Prepared(channel, address, subject, text, html, error, requires_ack, sla)
+
+    async def deliver_held(
+        self, uow: UnitOfWork, row, provider_id: str, values: dict | None = None  # noqa: ANN001
+    ) -> bool:
+        """Address a held message (``row``) to ``provider_id`` now that there is one: rendered
+        for them (with ``values``, when the intent came again with fresher ones) and due at
+        once, or failed with the reason when that provider cannot be reached. Only while it is
+        still held (of concurrent releases one does it), so it is sent once. True when this
+        call released it."""
+        now = self.clock()
+        values = dict(values if values is not None else row.fields)
+        intent = Intent(
+            practice=row.practice,
+            kind=row.kind,
+            idempotency_key=row.idempotency_key,
+            values=values,
+            provider_id=provider_id,
+            patient=row.patient,
+            tracker=row.tracker,
+            root_id=row.root_id,
+            escalation_level=row.escalation_level,
+        )
+        prepared = await self._prepare(uow, intent, row.id, strict=False)
+        error = prepared.error
+        kind = KINDS[row.kind]
+        done = await uow.session.execute(
+            update(messages)
+            .where(messages.c.id == row.id, messages.c.status == "pending",
+                   messages.c.next_attempt_at.is_(None))
+            .values(
+                provider_id=provider_id,
+                channel=prepared.channel,
+                recipient=prepared.address,
+                subject=prepared.subject or kind.title,
+                text_body=prepared.text,
+                html_body=prepared.html,
+                fields=_jsonable(values),
+                status="failed" if error else "pending",
+                next_attempt_at=None if error else now,
                 last_error=error,
-                root_id=intent.root_id,
-                ack_state="pending" if requires_ack and not intent.root_id else None,
-                ack_due_at=now + timedelta(minutes=sla)
-                if requires_ack and not intent.root_id
-                else None,
-                escalation_level=intent.escalation_level,
-                tracker=intent.tracker,
-                created_at=now,
+                ack_due_at=now + timedelta(minutes=prepared.sla)
+                if row.ack_state == "pending" and not error
+                else row.ack_due_at,
             )
         )
+        if done.rowcount != 1:
+            return False
         if error:
-            await self.raise_failed(
-                uow,
-                message_id,
-                intent.practice,
-                intent.kind,
-                intent.provider_id,
-                channel,
-                0,
-                error,
-                intent.idempotency_key,
-                intent.patient,
-            )
-        return Recorded(message_id, True, status, error)
+            await self.raise_failed(uow, row.id, row.practice, row.kind, provider_id,
+                                    prepared.channel, 0, error, row.idempotency_key, row.patient)
+        return True
+
+    async def withdraw_held(self, uow: UnitOfWork, row, reason: str) -> None:  # noqa: ANN001
+        """A held message that must no longer go out (what it is about was done meanwhile):
+        failed with ``reason``, and its failed event raised."""
+        done = await uow.session.execute(
+            update(messages)
+            .where(messages.c.id == row.id, messages.c.status == "pending",
+                   messages.c.next_attempt_at.is_(None))
+            .values(status="failed", last_error=reason,
+                    ack_state="closed" if row.ack_state == "pending" else row.ack_state)
+        )
+        if done.rowcount == 1:
+            await self.raise_failed(uow, row.id, row.practice, row.kind, None, None, 0, reason,
+                                    row.idempotency_key, row.patient)
 
     async def find_by_key(self, uow: UnitOfWork, key: str):  # noqa: ANN201
-        stmt = select(messages.c.id, messages.c.status, messages.c.last_error).where(
+        stmt = select(messages.c.id, messages.c.status, messages.c.last_error,
+                      messages.c.next_attempt_at).where(
             messages.c.idempotency_key == key
         )
         return (await uow.session.execute(stmt)).first()

@@ -12,6 +12,7 @@ import hmac
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from ccm_notification.domain.signing import derive_key, verify_webhook
@@ -23,6 +24,8 @@ FEED_TYPES: tuple[str, ...] = (
     "billing.invoice.paid.v1",
     "billing.invoice.overdue.v1",
     "billing.payment.recorded.v1",
+    "billing.payment.voided.v1",
+    "billing.payment.refunded.v1",
     "billing.period.closed.v1",
     "billing.threshold.at-risk.v1",
 )
@@ -52,6 +55,32 @@ def feed_data(event_type: str, data: dict[str, Any], practice_sequence: int) -> 
     if event_type in NO_DATA_SEQUENCE:
         return dict(data)
     return {**data, "practiceSequence": practice_sequence}
+
+
+def producer_sequence(event_type: str, data: dict[str, Any]) -> int | None:
+    """Billing's own per-practice number of an event (``practiceSequence``), which orders the
+    practice's invoice, payment and period events; None where billing gives none (at-risk)."""
+    if event_type in NO_DATA_SEQUENCE:
+        return None
+    value = data.get("practiceSequence")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def releasable(
+    held: list[tuple[int, datetime]], position: int, now: datetime, hold: timedelta
+) -> tuple[int, int]:
+    """Of the held events (billing number, when held; in number order), how many go out now, and
+    the practice's position after them. The next one goes when it is the number after
+    ``position`` (or one already passed), or when the oldest still held has waited ``hold``:
+    billing numbers events the feed does not carry too, and an event may be late or lost, so a
+    gap is waited for a bounded time, never for ever."""
+    count = 0
+    for i, (sequence, _) in enumerate(held):
+        waited = now - min(at for _, at in held[i:])
+        if sequence > position + 1 and waited < hold:
+            break
+        position, count = max(position, sequence), count + 1
+    return count, position
 
 
 def wants(event_types: list[str], event_type: str) -> bool:

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -25,10 +25,13 @@ from sqlalchemy import and_, delete, func, or_, select, update
 
 from ccm_notification.adapters.channels import DeliveryResult, post_signed
 from ccm_notification.adapters.orm import (
+    feed_held,
+    feed_positions,
     subscription_deliveries,
     subscription_events,
     subscriptions,
 )
+from ccm_notification.adapters.sql import insert_for
 from ccm_notification.config import NotificationSettings
 from ccm_notification.domain.kinds import backoff_seconds
 from ccm_notification.subscriptions.domain import (
@@ -37,6 +40,8 @@ from ccm_notification.subscriptions.domain import (
     FeedEvent,
     feed_data,
     notification,
+    producer_sequence,
+    releasable,
     should_pause,
     subscription_secret,
     target_practice,
@@ -70,32 +75,119 @@ def feed_topics(topics: PracticeTopics) -> Callable[[CloudEvent], Awaitable[None
     return prepare
 
 
-def feed_handler(clock: Clock) -> Handler:
+def feed_handler(clock: Clock, hold_seconds: float = 30.0) -> Handler:
     """Consumer of billing's practice-facing events: one numbered copy on the practice's topic
     and one numbered notification per matching subscription of that practice (its topics were
-    made by ``feed_topics`` before the transaction)."""
+    made by ``feed_topics`` before the transaction), numbered in billing's order
+    (``feed_in_order``)."""
+    hold = timedelta(seconds=hold_seconds)
 
     async def handle(event: CloudEvent, uow: UnitOfWork) -> None:
         if event.type not in FEED_TYPES:
             return
         practice = target_practice(event.tenant)  # UnsafeTenant: retried, then dead-lettered
         if await already_fanned_out(uow, event.id):
-            return  # a replay (group reset, second feed group): the copy is already out
-        await fan_out(uow, practice, event, now=clock())
+            return  # a replay (group reset, second feed group): the copy is out or held
+        await feed_in_order(uow, practice, event, now=clock(), hold=hold)
 
     return handle
 
 
 async def already_fanned_out(uow: UnitOfWork, event_id: str) -> bool:
-    """The practice-topic copy keeps the billing event's id, which the outbox holds once."""
-    from sqlalchemy import select
-
+    """The practice-topic copy keeps the billing event's id, which the outbox holds once; an
+    event waiting for its turn is in ``feed_held``."""
     from ccm_shared.tables import outbox_table
 
-    found = await uow.session.execute(
-        select(outbox_table.c.id).where(outbox_table.c.event_id == event_id).limit(1)
-    )
-    return found.first() is not None
+    for column in (outbox_table.c.event_id, feed_held.c.event_id):
+        found = await uow.session.execute(select(column).where(column == event_id).limit(1))
+        if found.first() is not None:
+            return True
+    return False
+
+
+async def feed_in_order(
+    uow: UnitOfWork, practice: str, event: CloudEvent, *, now: datetime, hold: timedelta
+) -> int:
+    """Fan ``event`` out in billing's order for the practice; return how many events went out.
+
+    Billing numbers a practice's invoice, payment and period events (``practiceSequence``) in
+    the transaction that makes them, but publishes each type on a topic of its own, so this
+    consumer may apply them in another order (a replacement's ``issued`` before the
+    ``cancelled`` billing wrote first). An event billing numbered waits in ``feed_held`` until
+    the number before it went out, or until the oldest waiting has waited ``hold``; an event
+    billing does not number (at-risk) goes out at once. Under the practice's position lock, so
+    the consumer and ``release_waiting`` hand out numbers one at a time."""
+    position = await _lock_position(uow, practice, now)
+    sequence = producer_sequence(event.type, event.data)
+    if sequence is None:
+        await fan_out(uow, practice, event, now=now)
+        return 1
+    if sequence <= position:
+        # Its place went by (it came more than the hold window late, or billing re-numbered):
+        # numbered now rather than never.
+        log.warning("practice feed: a billing event came after later ones went out; numbered "
+                    "on arrival", practice=practice, event_type=event.type,
+                    producer_sequence=sequence, position=position)
+        await fan_out(uow, practice, event, now=now)
+        return 1
+    await uow.session.execute(feed_held.insert().values(
+        practice=practice, producer_sequence=sequence, event_id=event.id,
+        event=event.to_json().decode(), held_at=now))
+    return await _release(uow, practice, position, now=now, hold=hold)
+
+
+async def release_waiting(db: Database, clock: Clock, hold_seconds: float) -> int:
+    """Fan out the held events whose wait is over (the gap before them was not filled within
+    the hold window); a background job. Returns how many went out."""
+    now, hold = clock(), timedelta(seconds=hold_seconds)
+    async with db.unit_of_work() as uow:
+        waiting = (await uow.session.execute(
+            select(feed_held.c.practice).where(feed_held.c.held_at <= now - hold).distinct()
+        )).scalars().all()
+    released = 0
+    for practice in sorted(waiting):
+        async with db.unit_of_work() as uow:
+            position = await _lock_position(uow, practice, now)
+            released += await _release(uow, practice, position, now=now, hold=hold)
+            await uow.commit()
+    return released
+
+
+async def _lock_position(uow: UnitOfWork, practice: str, now: datetime) -> int:
+    """The practice's last billing number fanned out, its row locked until the commit."""
+    await uow.session.execute(
+        insert_for(uow.session, feed_positions)
+        .values(practice=practice, producer_sequence=0, updated_at=now)
+        .on_conflict_do_nothing(index_elements=["practice"]))
+    return (await uow.session.execute(
+        select(feed_positions.c.producer_sequence).where(feed_positions.c.practice == practice)
+        .with_for_update())).scalar_one()
+
+
+async def _release(
+    uow: UnitOfWork, practice: str, position: int, *, now: datetime, hold: timedelta
+) -> int:
+    """Fan out, in billing's order, the practice's held events whose turn has come."""
+    rows = (await uow.session.execute(
+        select(feed_held).where(feed_held.c.practice == practice)
+        .order_by(feed_held.c.producer_sequence, feed_held.c.held_at, feed_held.c.event_id)
+    )).all()
+    count, after = releasable(
+        [(r.producer_sequence, _utc(r.held_at)) for r in rows], position, now, hold)
+    if not count:
+        return 0
+    for row in rows[:count]:
+        await fan_out(uow, practice, CloudEvent.from_json(row.event), now=now)
+    await uow.session.execute(delete(feed_held).where(
+        feed_held.c.event_id.in_([r.event_id for r in rows[:count]])))
+    await uow.session.execute(update(feed_positions).where(
+        feed_positions.c.practice == practice).values(producer_sequence=after, updated_at=now))
+    return count
+
+
+def _utc(instant: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were stored as UTC."""
+    return instant if instant.tzinfo else instant.replace(tzinfo=UTC)
 
 
 async def fan_out(uow: UnitOfWork, practice: str, event: CloudEvent, *, now: datetime) -> int:

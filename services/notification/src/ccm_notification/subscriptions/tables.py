@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     DateTime,
     Index,
@@ -75,3 +76,30 @@ def add_subscription_tables_v1(metadata: MetaData) -> dict[str, Table]:
         Index("ix_subscription_deliveries_sub", "subscription_id", "id"),
     )
     return {t.name: t for t in (subscriptions, subscription_events, subscription_deliveries)}
+
+
+def add_feed_order_tables(metadata: MetaData) -> dict[str, Table]:
+    """The practice feed's reorder buffer (migration ``notification_0006``): billing events held
+    until those billing numbered before them have been fanned out, and per practice the last
+    billing number fanned out in order."""
+    feed_held = Table(
+        "feed_held",
+        metadata,
+        Column("practice", String(64), nullable=False),
+        Column("producer_sequence", BigInteger, nullable=False),  # billing's practiceSequence
+        Column("event_id", String(inbox_table.c.event_id.type.length), nullable=False),
+        Column("event", Text, nullable=False),  # the CloudEvent as consumed (JSON)
+        Column("held_at", DateTime(timezone=True), nullable=False),
+        PrimaryKeyConstraint("practice", "producer_sequence", "event_id"),
+        UniqueConstraint("event_id", name="uq_feed_held_event"),
+        Index("ix_feed_held_age", "held_at"),
+    )
+    feed_positions = Table(
+        "feed_positions",
+        metadata,
+        Column("practice", String(64), primary_key=True),
+        # the highest billing number fanned out (0: none yet)
+        Column("producer_sequence", BigInteger, nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    return {t.name: t for t in (feed_held, feed_positions)}
