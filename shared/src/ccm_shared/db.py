@@ -147,7 +147,7 @@ def _lock_statement(shared: bool, wait: bool, count: int = 1) -> TextClause:
     return text("SELECT " + ", ".join(f"{fn}(:k{n})" for n in range(count)))
 
 
-def _lock_key(name: str) -> int:
+def lock_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
 
 
@@ -162,7 +162,7 @@ async def xact_lock(conn: AsyncConnection | AsyncSession, name: str, *, shared: 
         if (name, shared) in (_held_by(conn) or ()):
             return True
         taken = bool((await conn.execute(_lock_statement(shared, False),
-                                         {"k0": _lock_key(name)})).scalar())
+                                         {"k0": lock_key(name)})).scalar())
         if taken:
             _remember(conn, [name], shared)
         return taken
@@ -181,7 +181,7 @@ async def xact_locks(conn: AsyncConnection | AsyncSession, names: list[str], *,
     if not wanted:
         return  # taken earlier in this transaction (a consumer batch: once per practice)
     await conn.execute(_lock_statement(shared, True, len(wanted)),
-                       {f"k{n}": _lock_key(name) for n, name in enumerate(wanted)})
+                       {f"k{n}": lock_key(name) for n, name in enumerate(wanted)})
     _remember(conn, wanted, shared)
 
 

@@ -197,10 +197,16 @@ def _resource_of(params: dict) -> tuple[str, str | None] | None:
 
 
 def audited_patient(scope) -> str | None:  # noqa: ANN001
-    """The patient an API call concerns, when the path, the query or the search parameters a
-    route read from its body (``request.state.search_params``: FHIR's search by POST) name one:
-    a Patient's own URL (read, history, version, update, delete), a Patient search by one
-    ``_id``, or a ``patient``/``subject`` parameter."""
+    """The patient an API call concerns: the one whose record it wrote, when the route says so
+    (``request.state.resource_patient``: a FHIR write's resource is about that patient, which
+    its URL need not name: ``PUT /fhir/Encounter/x``, ``POST /fhir/Condition``); else the one
+    the path, the query or the search parameters a route read from its body
+    (``request.state.search_params``: FHIR's search by POST) name: a Patient's own URL (read,
+    history, version, update, delete), a Patient search by one ``_id``, or a
+    ``patient``/``subject`` parameter."""
+    state = scope.get("state") or {}
+    if written := state.get("resource_patient"):
+        return str(written)
     params = scope.get("path_params") or {}
     resource = _resource_of(params)
     for name in PATIENT_PARAMS:
@@ -209,7 +215,7 @@ def audited_patient(scope) -> str | None:  # noqa: ANN001
     from urllib.parse import parse_qs
 
     query = parse_qs((scope.get("query_string") or b"").decode(errors="replace"))
-    for name, value in (scope.get("state") or {}).get("search_params") or ():
+    for name, value in state.get("search_params") or ():
         query.setdefault(name, []).append(value)
     return named_patient(resource, query)
 
@@ -268,16 +274,20 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
             outcome=outcome_for(status),
             correlation_id=current_correlation_id(),
         )
-        # A call that reads several patients' records (a FHIR Bundle's GET entries) is in
-        # each one's trail: a read (R) per patient it read, with that read's own outcome
-        # (``audited_reads``: (patient, status) of each read that ran).
-        reads: dict[str, int] = {}
-        for patient, read_status in (scope.get("state") or {}).get("audited_reads") or ():
-            if (kept := _kept(patient, audit_log.c.patient)) and kept != entry.patient:
-                reads.setdefault(kept, read_status)
+        # A call whose parts read or write several patients' records (a FHIR Bundle's
+        # entries) is in each one's trail: an entry per patient and action (R, C, U, D, as
+        # ``METHOD_ACTION`` maps the part's method), with the outcome of the first such part
+        # (``audited_patients``: (patient, method, status) of each part that ran; ids only).
+        parts: dict[tuple[str, str], int] = {}
+        for patient, method, part_status in (scope.get("state") or {}).get(
+                "audited_patients") or ():
+            action = METHOD_ACTION.get(method, "E")
+            kept = _kept(patient, audit_log.c.patient)
+            if kept and (kept, action) != (entry.patient, entry.action):
+                parts.setdefault((kept, action), part_status)
         done = await asyncio.gather(writer.record(entry), *(
-            writer.record(replace(entry, patient=p, action="R", outcome=outcome_for(s)))
-            for p, s in sorted(reads.items())), return_exceptions=True)
+            writer.record(replace(entry, patient=p, action=a, outcome=outcome_for(s)))
+            for (p, a), s in sorted(parts.items())), return_exceptions=True)
         if failed := [r for r in done if isinstance(r, BaseException)]:
             # the response is already sent; say so loudly
             log.error("audit entry could not be recorded", error=type(failed[0]).__name__,
@@ -747,6 +757,10 @@ def _errors_as_sent(schema: dict, routes: list | tuple = ()) -> dict:
                         _generated_error(content):
                     response["content"] = {media: {"schema": {"$ref": ref}}}
                     used.add(name)
+                elif fhir and status[:1] == "2" and "application/json" in content:
+                    # What /fhir answers is FHIR JSON (a resource, a Bundle, a
+                    # CapabilityStatement), whichever Response class a route returns it with.
+                    response["content"] = {"application/fhir+json": content["application/json"]}
             if responses.get("422", {}).get("description") == "Validation Error":
                 responses["422"]["description"] = ("Invalid input: a parameter does not "
                                                    "validate, or is refused (`errors`, where "

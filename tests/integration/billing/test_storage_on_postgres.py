@@ -125,8 +125,9 @@ async def test_an_invoices_lines_built_by_the_database_are_those_python_builds(i
 async def test_a_database_from_before_billing_0019_gets_columns_for_whatever_events_carry(infra):
     """billing_0019 widens, where a database has them narrower (created before it), the columns
     events fill: references to 98 ("PractitionerRole/" and a 64-character id is 81), source
-    versions to 93, ``patients.mbi`` to text with a hash index (any value), a review's event id
-    to 200; the values stored stay. Upgraded again or downgraded, nothing changes."""
+    versions to 93 (and billing_0021 to 104, for a mapping revision), ``patients.mbi`` to text
+    with a hash index (any value), a review's event id to 200; the values stored stay. Upgraded
+    again or downgraded, nothing changes."""
     definition = discover_services()["billing"]
     schema = f"t_widths_{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(upgrade, infra.database_url, schema, definition.migrations_package,
@@ -173,7 +174,7 @@ async def test_a_database_from_before_billing_0019_gets_columns_for_whatever_eve
         assert wide == {key: (98 if key[1] in ("practitioner", "practitioner_role",
                                                 "responsible_provider", "supervisor")
                               else "text" if key[1] == "mbi" else 200 if key[1] == "event_id"
-                              else 93) for key in before}
+                              else 104) for key in before}  # versions: 93, then billing_0021
         async with engine.begin() as conn:
             await conn.execute(text(f"UPDATE {q}.patients SET mbi = :m"), {"m": "M" * 5000})
             kept = (await conn.execute(text(

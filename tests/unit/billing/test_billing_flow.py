@@ -93,6 +93,23 @@ async def test_a_role_arriving_after_the_time_reclassifies_it(billing):
     assert after["patients"][0]["seconds"] == {"staff": 0, "practitioner": 1900}
 
 
+async def test_a_role_mapped_again_after_a_config_change_reclassifies_the_time(billing):
+    """ingest re-states a role under a changed practice configuration with the same source
+    version and a ``mappingRevision``: it is newer than the first mapping (before, the
+    projection kept the first: the walkthrough's coordinator stayed staff-role-unknown)."""
+    await deliver(billing, *ev.enrolled_patient("alpha", "p1"),
+                  ev.role("alpha", "nurse-1", "unknown", practitioner="Practitioner/nurse-1"),
+                  ev.time_logged("alpha", "p1", "e1", 1500, "2025-03-03T10:00:00-05:00"))
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    assert "staff-role-unknown" in rows["patients"][0]["blockers"]
+    restated = ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1")
+    restated.data["source"]["mappingRevision"] = 1
+    older = ev.role("alpha", "nurse-1", "unknown", practitioner="Practitioner/nurse-1")
+    await deliver(billing, restated, older)  # the first mapping again (a redelivery): older
+    rows = (await api(billing).get("/v1/practices/alpha/billing-periods/2025-03/worklist")).json()
+    assert rows["patients"][0]["codes"] == {"99490": 1}
+
+
 async def test_close_issues_valid_fhir_and_is_idempotent(billing):
     await march_practice(billing)
     early = await api(billing).post("/v1/practices/alpha/billing-periods/2025-03/close")

@@ -278,7 +278,7 @@ async def test_the_audit_trail_section_claims_only_what_it_holds(billing):
     text = await pdf(billing, "2025-02")
     assert "reads and writes of this patient's data" not in text
     assert "Audit trail (entries of the audit log that name this patient)" in text
-    assert "transaction Bundles are recorded in the audit log without a patient" in text
+    assert "each sent alone or in a transaction or batch Bundle" in text
 
 
 async def test_another_practices_plans_and_conditions_of_the_same_ids_stay_out(billing):

@@ -34,3 +34,39 @@ def test_ingest_0004_adds_the_version_method_and_its_downgrade_drops_it(tmp_path
     assert "method" not in columns(url, schema, "resource_versions")  # as the older code had it
     command.upgrade(config, "head")
     assert "method" in columns(url, schema, "resource_versions")
+
+
+def test_ingest_0006_adds_the_config_revision_and_its_downgrade_drops_it(tmp_path):
+    definition = discover_services()["ingest"]
+    url = f"sqlite+aiosqlite:///{tmp_path}/ccm.db"
+    schema, package = definition.schema, definition.migrations_package
+    upgrade_platform(url)
+    config = alembic_config(url, schema, package)
+    upgrade(url, schema, package)
+    command.downgrade(config, "ingest_0005")
+    assert "revision" not in columns(url, schema, "ingest_configs")  # as the older code had it
+
+    async def older_config() -> None:  # a practice's overrides stored by the older code
+        engine = create_engine_for(url, schema=schema, pool_size=1)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(sa.text(
+                    "INSERT INTO ingest_configs (tenant, config, updated_at) "
+                    "VALUES ('alpha', '{}', '2026-11-28 00:00:00')"))
+        finally:
+            await engine.dispose()
+
+    asyncio.run(older_config())
+    command.upgrade(config, "head")
+    assert "revision" in columns(url, schema, "ingest_configs")
+
+    async def revisions() -> list:
+        engine = create_engine_for(url, schema=schema, pool_size=1)
+        try:
+            async with engine.connect() as conn:
+                return (await conn.execute(sa.text(
+                    "SELECT tenant, revision FROM ingest_configs"))).all()
+        finally:
+            await engine.dispose()
+
+    assert [tuple(r) for r in asyncio.run(revisions())] == [("alpha", 0)]

@@ -24,8 +24,9 @@ from ccm_billing.compliance.tables import REF_ID, REFERENCE, TENANT, add_complia
 from ccm_shared.tables import add_messaging_tables
 
 # A source version as the projections keep it (projections.version_key): lastUpdated in UTC to
-# the microsecond, "|", the versionId (a FHIR id: 64 characters at most), the state suffix "|1".
-VERSION = len("2025-01-01T00:00:00.000000|") + REF_ID + len("|1")
+# the microsecond, "|", the versionId (a FHIR id: 64 characters at most), ingest's mapping
+# revision when it has one ("|r" and nine digits), the state suffix "|1".
+VERSION = len("2025-01-01T00:00:00.000000|") + REF_ID + len("|r000000001") + len("|1")
 
 
 def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool = True,

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from ccm_billing.compliance import domain, fhir_bundle, pdf, records
-from ccm_billing.entrypoints.http import BillingTenant, parse_month
+from ccm_billing.entrypoints.http import CSV, BillingTenant, parse_month
 from ccm_billing.service_layer.common import consent_renewal_months, practice_info
 from ccm_shared.errors import InvalidInput
 
@@ -69,7 +69,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
         rows = await tracker(practice, tenant, state, within)
         return {"practice": practice, "count": len(rows), "patients": rows}
 
-    @router.get("/v1/practices/{practice}/consents.csv", response_class=Response,
+    @router.get("/v1/practices/{practice}/consents.csv", response_class=Response, responses=CSV,
                 summary="Consent tracker as CSV (same filters)")
     async def consents_csv(practice: str, tenant: BillingTenant, state: StateQuery = None,
                            within: WithinQuery = None) -> Response:

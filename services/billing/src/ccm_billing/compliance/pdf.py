@@ -279,11 +279,12 @@ def _codes(v: dict | None) -> str:
 def _audit(doc: _Doc, events: list[dict]) -> None:
     doc.add_page()
     doc.heading("Audit trail (entries of the audit log that name this patient)", 12)
-    doc.para("Requests to the platform's APIs that named this patient (reads, writes, this "
-             "packet's earlier reads) and the patient's events applied by its services, in these "
-             "months. Writes an EHR sent in FHIR transaction Bundles are recorded in the audit log "
-             "without a patient and are not listed here: what they stored is listed per month "
-             "under 'Source FHIR versions' (received time and SHA-256).")
+    doc.para("Requests to the platform's APIs that named this patient (reads and searches naming "
+             "the patient, this packet's earlier reads), an EHR's writes of the patient's FHIR "
+             "resources (creates, updates and deletes, each sent alone or in a transaction or "
+             "batch Bundle: a Bundle once per action on the patient's resources) and the "
+             "patient's events applied by its services, in these months. What each write stored "
+             "is listed per month under 'Source FHIR versions' (received time and SHA-256).")
     rows = []
     for e in events:
         chain = {x["url"]: x.get("valueInteger", x.get("valueString"))

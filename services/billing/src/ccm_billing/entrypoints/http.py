@@ -29,6 +29,9 @@ from ccm_shared.outbound import refuse_unreachable
 from ccm_shared.tenancy import Tenant
 
 FHIR_JSON = "application/fhir+json"
+# A route answering CSV, as its document says (FastAPI documents a Response as no body).
+CSV = {200: {"description": "CSV (UTF-8, a header row first)",
+             "content": {"text/csv": {"schema": {"type": "string"}}}}}
 SCOPE = "billing"
 
 
@@ -137,7 +140,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/billing-periods/{month}/report.csv",
                 summary="Audit report as CSV (one row per patient × code, TOTAL row last)",
-                response_class=Response)
+                response_class=Response, responses=CSV)
     async def report_csv(practice: str, month: str, tenant: BillingTenant) -> Response:
         doc = await report_doc(practice, month, tenant)
         return Response(worklist.report_csv(doc), media_type="text/csv", headers={

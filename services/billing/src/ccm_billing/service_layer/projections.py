@@ -68,10 +68,16 @@ RECORDED, REVERSED = "|1", "|0"
 
 
 def version_key(source: dict) -> str:
-    """Sortable text of a source version: UTC lastUpdated, then the zero-padded versionId."""
+    """Sortable text of a source version: UTC lastUpdated, then the zero-padded versionId, then
+    ingest's ``mappingRevision`` when the same version was mapped again after a configuration
+    change (``|r`` and nine digits: after the version's key without one, and after the ``|0`` /
+    ``|1`` a time entry's key ends with, so a re-mapping is newer than what it re-states)."""
     updated = parse_instant(source["lastUpdated"]).astimezone(UTC)
     vid = str(source["versionId"])
-    return f"{updated.strftime('%Y-%m-%dT%H:%M:%S.%f')}|{vid.zfill(20) if vid.isdigit() else vid}"
+    key = f"{updated.strftime('%Y-%m-%dT%H:%M:%S.%f')}|{vid.zfill(20) if vid.isdigit() else vid}"
+    if (revision := source.get("mappingRevision")) is not None:
+        key += f"|r{int(revision):09d}"
+    return key
 
 
 def ref_id(reference: str | None) -> str | None:

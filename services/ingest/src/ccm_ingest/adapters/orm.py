@@ -7,7 +7,9 @@
 - ``resource_identifiers``: identifiers of current versions, for ``identifier=`` searches.
 - ``conditional_creates``: one row per (practice, type, normalised If-None-Exist criteria); its
   primary key is what makes concurrent conditional creates unable to create two resources.
-- ``ingest_configs``: per-practice overrides of the default code sets.
+- ``ingest_configs``: per-practice overrides of the default code sets, and their revision
+  (since ``ingest_0006``: counted up by each change; events that state a stored version's
+  mapping again after a change carry it as ``source.mappingRevision``).
 """
 
 from sqlalchemy import (
@@ -93,6 +95,7 @@ ingest_configs = Table(
     Column("tenant", String(64), primary_key=True),
     Column("config", Text, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("revision", Integer, nullable=False, server_default="0"),
 )
 
 SERVICE_TABLES = (resources, resource_versions, resource_identifiers, conditional_creates,

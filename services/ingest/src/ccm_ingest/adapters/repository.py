@@ -7,7 +7,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, cast, delete, func, or_, select, tuple_, update
+from sqlalchemy import (
+    BigInteger,
+    and_,
+    bindparam,
+    cast,
+    delete,
+    func,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -21,7 +32,7 @@ from ccm_ingest.adapters.orm import (
     resource_versions,
     resources,
 )
-from ccm_shared.db import dialect_insert
+from ccm_shared.db import dialect_insert, lock_key
 from ccm_shared.jsontext import compact
 from ccm_shared.tables import practices
 
@@ -53,6 +64,20 @@ class VersionRow:
     deleted: bool
     applied: bool
     method: str | None = None  # POST, PUT or DELETE (None: stored before ingest_0004)
+    # The Patient id the resource is about, where the version was read with its resource's
+    # row (a search: the current versions); None otherwise, or when it is about none.
+    patient: str | None = None
+
+
+@dataclass(frozen=True)
+class LiveResource:
+    """A live resource's current row and the current version's content, when received and
+    from which connection (what a mapping of it again needs)."""
+
+    current: CurrentRow
+    resource: dict[str, Any]
+    received_at: datetime
+    connection: str | None
 
 
 @dataclass(frozen=True)
@@ -291,7 +316,7 @@ class SqlResourceRepository:
             select(func.count()).select_from(resources).where(*where)
         )).scalar_one()
         rows = (await self.session.execute(
-            select(resource_versions)
+            select(resource_versions, resources.c.patient)
             .join(resources, _IS_CURRENT)
             .where(*where).order_by(resources.c.last_updated.desc(), resources.c.id)
             .offset(offset).limit(limit)
@@ -333,17 +358,21 @@ class SqlResourceRepository:
 
     # ---- practice settings ------------------------------------------------------------------
 
-    async def practice(self) -> tuple[str, dict[str, Any]] | None:
-        """(IANA time zone, stored ingest-config overrides) of this practice."""
+    async def practice(self) -> tuple[str, dict[str, Any], int] | None:
+        """(IANA time zone, stored ingest-config overrides, their revision: 0 when never
+        changed) of this practice."""
         row = (await self.session.execute(
             select(practices.c.timezone).where(practices.c.id == self.tenant)
         )).first()
         if row is None:
             return None
         stored = (await self.session.execute(
-            select(ingest_configs.c.config).where(ingest_configs.c.tenant == self.tenant)
-        )).scalar_one_or_none()
-        return row.timezone, json.loads(stored) if stored else {}
+            select(ingest_configs.c.config, ingest_configs.c.revision)
+            .where(ingest_configs.c.tenant == self.tenant)
+        )).first()
+        if stored is None:
+            return row.timezone, {}, 0
+        return row.timezone, json.loads(stored.config) if stored.config else {}, stored.revision
 
     def _state_text(self, key: str):  # noqa: ANN202 - a SQL expression
         """The text of one key of ``ccm_state`` (stored as JSON text) in SQL."""
@@ -399,13 +428,52 @@ class SqlResourceRepository:
                 answer.append(c)
         return answer
 
-    async def save_config(self, overrides: dict[str, Any], now: datetime) -> None:
+    async def hold_config(self, *, change: bool = False) -> int:
+        """The revision of this practice's ingest config (0: never changed), held as it is
+        until this transaction ends: on PostgreSQL an advisory lock on the practice's config,
+        shared by the writes (``change``: exclusive, a change of it), taken in the statement
+        that reads it. A change waits for the writes under way, and writes that begin during a
+        change wait for it: each write maps with the config in force when it commits, and a
+        change maps again everything written before it. (SQLite: one writer at a time.)"""
+        revision = (select(ingest_configs.c.revision)
+                    .where(ingest_configs.c.tenant == self.tenant).scalar_subquery())
+        if self.session.bind.dialect.name != "postgresql":
+            return (await self.session.execute(select(revision))).scalar() or 0
+        lock = func.pg_advisory_xact_lock if change else func.pg_advisory_xact_lock_shared
+        key = bindparam("config_key", _config_lock_key(self.tenant), type_=BigInteger)
+        return (await self.session.execute(select(lock(key), revision))).one()[1] or 0
+
+    async def save_config(self, overrides: dict[str, Any], now: datetime) -> int:
+        """Store ``overrides`` as the practice's config; its new revision (one more)."""
         stmt = _insert(self.session)(ingest_configs).values(
-            tenant=self.tenant, config=json.dumps(overrides), updated_at=now)
+            tenant=self.tenant, config=json.dumps(overrides), updated_at=now, revision=1)
         stmt = stmt.on_conflict_do_update(index_elements=["tenant"],
                                           set_={"config": stmt.excluded.config,
-                                                "updated_at": stmt.excluded.updated_at})
-        await self.session.execute(stmt)
+                                                "updated_at": stmt.excluded.updated_at,
+                                                "revision": ingest_configs.c.revision + 1})
+        return (await self.session.execute(
+            stmt.returning(ingest_configs.c.revision))).scalar_one()
+
+    async def live_resources(self, rtype: str, after: str, limit: int) -> list[LiveResource]:
+        """The live (not deleted) ``rtype`` resources with ids after ``after``, in id order, at
+        most ``limit``. Not locked: read under the config's exclusive hold (``hold_config``),
+        which every write of the practice waits for."""
+        stmt = (select(resources, resource_versions.c.resource, resource_versions.c.received_at,
+                       resource_versions.c.connection)
+                .select_from(resources.join(resource_versions, _IS_CURRENT))
+                .where(resources.c.tenant == self.tenant, resources.c.type == rtype,
+                       resources.c.id > after, resources.c.deleted.is_(False),
+                       resources.c.version_id > 0)
+                .order_by(resources.c.id).limit(limit))
+        return [LiveResource(_current(r), json.loads(r.resource) if r.resource else {},
+                             utc(r.received_at), r.connection)
+                for r in (await self.session.execute(stmt)).all()]
+
+
+def _config_lock_key(tenant: str) -> int:
+    """The advisory lock key of a practice's ingest config (``xact_lock``'s of the name
+    ``ingest-config:<practice>``)."""
+    return lock_key(f"ingest-config:{tenant}")
 
 
 async def practice_ids(session: AsyncSession) -> list[str]:
@@ -428,5 +496,5 @@ def _version(row) -> VersionRow:  # noqa: ANN001
     return VersionRow(row.type, row.id, row.version_id,
                       json.loads(row.resource) if row.resource else None, row.sha256,
                       utc(row.last_updated), utc(row.received_at), row.deleted, row.applied,
-                      row.method)
+                      row.method, getattr(row, "patient", None))
 

@@ -164,6 +164,38 @@ class IngestConfig:
 
 DEFAULT_CONFIG = IngestConfig()
 
+# The resource types whose CCM mapping (``mapping.py``) reads each key: when a key changes, the
+# practice's current resources of these types are mapped again and what changes is emitted
+# (``service_layer/remapping.py``). Every key is listed (a test holds it).
+ENCOUNTER_ROLES = ("Encounter", "PractitionerRole")  # a role's kind, and its time's performers
+MAPPED_BY: dict[str, tuple[str, ...]] = {
+    "ccm_time_codes": ("Encounter",),
+    "complex_codes": ("Encounter",),
+    "visit_codes": ("Encounter",),
+    "facility_classes": ("Encounter",),
+    "length_tolerance_seconds": ("Encounter",),  # the time entry's warnings
+    "consent_categories": ("Consent",),
+    "consent_scopes": ("Consent",),
+    "care_plan_categories": ("CarePlan",),
+    "care_plan_intents": ("CarePlan",),
+    "billing_practitioner_roles": ENCOUNTER_ROLES,
+    "clinical_staff_roles": ENCOUNTER_ROLES,
+    "non_clinical_roles": ENCOUNTER_ROLES,
+    "chronic_categories": ("Condition",),
+    "chronic_codes": ("Condition",),
+    # Read by the expiry job at each pass, never by the mapping: what a consent keeps (its
+    # expiresOn) does not depend on it, so a new lead applies at the next pass as it is.
+    "consent_expiring_lead_days": (),
+}
+
+
+def remapped_types(before: IngestConfig, after: IngestConfig) -> tuple[str, ...]:
+    """The resource types whose mapping the change from ``before`` to ``after`` may change, in
+    the order they are mapped again (the order writers lock rows in: type, then id)."""
+    changed = [f.name for f in fields(IngestConfig) if getattr(before, f.name) !=
+               getattr(after, f.name)]
+    return tuple(sorted({t for key in changed for t in MAPPED_BY[key]}))
+
 
 @lru_cache(maxsize=256)
 def _compiled(patterns: tuple[str, ...]) -> tuple[frozenset[str], tuple[tuple[str, str], ...]]:

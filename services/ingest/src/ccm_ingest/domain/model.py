@@ -99,9 +99,12 @@ class SourceVersion:
     sha256: str
     received_at: datetime
     connection: str | None
+    # Set when the version's mapping is stated again because the practice's ingest config
+    # changed (the config's revision): consumers order the events of one version by it.
+    mapping_revision: int | None = None
 
     def to_event(self) -> dict[str, Any]:
-        return {
+        source = {
             "resourceType": self.resource_type,
             "id": self.id,
             "versionId": str(self.version_id),
@@ -110,6 +113,9 @@ class SourceVersion:
             "receivedAt": isoformat(self.received_at),
             "connection": self.connection,
         }
+        if self.mapping_revision is not None:
+            source["mappingRevision"] = self.mapping_revision
+        return source
 
 
 @dataclass(frozen=True)

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+from datetime import timedelta
 from typing import Annotated, Any
+from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Depends
+import structlog
+from fastapi import APIRouter, Depends, Request
+from sqlalchemy.exc import DBAPIError
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
-from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid
+from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid, IngestConfig
+from ccm_ingest.service_layer import remapping
+from ccm_shared.db import gave_way
 from ccm_shared.errors import Forbidden, InvalidInput, NotFound
 from ccm_shared.http import JsonObject, TenantDep
+from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
 
+log = structlog.get_logger(__name__)
 CHANGE_SCOPE = "admin"
+# Runs of a change that a deadlock with concurrent writes (of the resources it maps again)
+# rolls back, before the client is answered 503 (Retry-After) instead.
+CHANGE_ATTEMPTS = 3
 
 
 async def config_admin(tenant: TenantDep) -> Tenant:
@@ -30,26 +43,27 @@ ConfigAdmin = Annotated[Tenant, Depends(config_admin)]
 
 def build_router(runtime: ServiceRuntime) -> APIRouter:
     router = APIRouter(prefix="/v1/practices/{practice}/ingest-config", tags=["ingest config"])
+    settings = runtime.service_settings()
 
-    async def _load(practice: str) -> dict[str, Any]:
+    async def _load(practice: str) -> tuple[dict[str, Any], int]:
         async with runtime.db.unit_of_work() as uow:
             found = await SqlResourceRepository(uow.session, practice).practice()
         if found is None:
             raise NotFound(f"practice {practice!r} not found")
-        return found[1]
+        return found[1], found[2]
 
     @router.get("", summary="Effective mapping configuration (defaults + this practice's "
                 "overrides)")
     async def read_config(practice: str, tenant: TenantDep) -> dict:
         tenant.require_practice(practice)
-        overrides = await _load(practice)
+        overrides, revision = await _load(practice)
         # What ingest does with a key it cannot use: its default, the other keys applying.
         effective, problems = DEFAULT_CONFIG.stored(overrides)
         problem = (f"{'; '.join(problems)}: ingest uses the default for "
                    f"{'this key' if len(problems) == 1 else 'these keys'} until fixed"
                    if problems else None)
         found = {"effective": effective.to_dict(), "overrides": overrides,
-                 "defaults": DEFAULT_CONFIG.to_dict()}
+                 "defaults": DEFAULT_CONFIG.to_dict(), "revision": revision}
         try:
             DEFAULT_CONFIG.merged(overrides)
         except ConfigInvalid as exc:
@@ -63,19 +77,60 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                     "application/json": {"schema": {"type": "object",
                                                      "additionalProperties": True,
                                                      "title": "Overrides"}}}}})
-    async def write_config(practice: str, tenant: ConfigAdmin, overrides: JsonObject) -> dict:
+    async def write_config(practice: str, tenant: ConfigAdmin, overrides: JsonObject,
+                           request: Request) -> dict:
         tenant.require_practice(practice)
         try:
             effective = DEFAULT_CONFIG.merged(overrides)
         except ConfigInvalid as exc:
             raise InvalidInput(str(exc)) from None
         await _load(practice)
-        async with runtime.db.unit_of_work() as uow:
-            await SqlResourceRepository(uow.session, practice).save_config(overrides,
-                                                                           runtime.clock())
-            await uow.commit()
+        for attempt in range(1, CHANGE_ATTEMPTS + 1):
+            try:
+                remapped = await _change(practice, overrides, effective, request)
+                break
+            except DBAPIError as exc:
+                if not gave_way(exc) or attempt == CHANGE_ATTEMPTS:
+                    raise
+                log.info("ingest config change gave way to concurrent writes; running it again",
+                         attempt=attempt, practice=practice)
+                await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)
         runtime.state["practice_cache"].forget(practice)
+        if remapped.events and runtime.relay is not None:
+            runtime.relay.notify()
         return {"effective": effective.to_dict(), "overrides": overrides,
-                "defaults": DEFAULT_CONFIG.to_dict()}
+                "defaults": DEFAULT_CONFIG.to_dict(), "revision": remapped.revision,
+                "remapped": remapped.to_dict()}
+
+    async def _change(practice: str, overrides: dict[str, Any], effective: IngestConfig,
+                      request: Request) -> remapping.Remapped:
+        """Save the overrides and map the stored resources they concern again, with their
+        events, in one unit of work (``remapping``): the change and what it changes commit
+        together, or neither does."""
+        async with runtime.db.unit_of_work() as uow:
+            repo = SqlResourceRepository(uow.session, practice)
+            # Held exclusively: the writes under way commit first (each with the config it
+            # held), later ones wait for this change, and one change maps from the one before.
+            await repo.hold_config(change=True)
+            found = await repo.practice()
+            if found is None:
+                raise NotFound(f"practice {practice!r} not found")
+            zone, stored, _ = found
+            before, _ = DEFAULT_CONFIG.stored(stored)  # what its writes were mapped with
+            revision = await repo.save_config(overrides, runtime.clock())
+            at = remapping.Practice(
+                practice, ZoneInfo(zone), runtime.clock(),
+                timedelta(seconds=settings.max_clock_skew_seconds),  # type: ignore[attr-defined]
+                _local_bases(request), current_correlation_id())
+            remapped = await remapping.remap(uow, at, before, effective, revision)
+            await uow.commit()
+        return remapped
+
+    def _local_bases(request: Request) -> tuple[str, ...]:
+        """This server's /fhir bases, as a FHIR request to it would have them: the configured
+        one and the one this request came to."""
+        found = str(request.base_url).rstrip("/") + "/fhir"
+        configured = (settings.fhir_base_url or "").rstrip("/")  # type: ignore[attr-defined]
+        return (configured, found) if configured and configured != found else (found,)
 
     return router

@@ -131,7 +131,7 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant, uow: UnitOfWork | 
     own when not); ``local_bases``: the /fhir bases the request came to."""
     cache: PracticeCache = runtime.state["practice_cache"]
 
-    async def load() -> tuple[ZoneInfo, IngestConfig] | None:
+    async def load() -> tuple[ZoneInfo, IngestConfig, int] | None:
         async with runtime.db.unit_of_work() if uow is None else nullcontext(uow) as reading:
             return await practice_settings(reading, tenant.practice_id)
 
@@ -141,7 +141,8 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant, uow: UnitOfWork | 
     now: datetime = runtime.clock()
     skew = runtime.service_settings().max_clock_skew_seconds  # type: ignore[attr-defined]
     return Caller(tenant.practice_id, tenant.token_id, tenant.label or tenant.token_id,
-                  practice[0], practice[1], now, timedelta(seconds=skew), local_bases)
+                  practice[0], practice[1], now, timedelta(seconds=skew), local_bases,
+                  practice[2])
 
 log = structlog.get_logger(__name__)
 # $validate's modes (FHIR: create, update, delete, profile); None: create.
@@ -449,6 +450,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         caller = await caller_for(runtime, tenant, local_bases=local_bases(request))
         handlers.check_last_updated(write.resource, caller)
         outcome = await group.store(caller, write)
+        request.state.resource_patient = written_patient(outcome)
         return write_response(request, outcome, base(request),
                               may_read="fhir:read" in tenant.scopes)
 
@@ -456,7 +458,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                     *, conditional: bool = False) -> Response:
         tenant.require_scope("fhir:write")
         async with runtime.db.unit_of_work() as uow:
-            caller = await caller_for(runtime, tenant, uow, local_bases=local_bases(request))
+            caller = await handlers.current_caller(uow, await caller_for(
+                runtime, tenant, uow, local_bases=local_bases(request)))
             outcome: Outcome = await action(uow, caller)
             await uow.commit()
         wake_relay()
@@ -465,6 +468,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             # updated, created or deleted, as it names the one of a ``Type/id`` URL: the
             # platform's recorder reads the route's path parameters once the call is answered.
             request.scope["path_params"] = {**request.path_params, "rid": outcome.id}
+        # The patient whose record it wrote is in the call's entry of the audit trail.
+        request.state.resource_patient = written_patient(outcome)
         return write_response(request, outcome, base(request),
                               may_read="fhir:read" in tenant.scopes)
 
@@ -543,11 +548,13 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             results = await bundles.batch(runtime.db.unit_of_work, caller, entries,
                                           lambda u: u.commit())
         wake_relay()
-        # The patients its GET entries read (those run: not refused) are in their audit
-        # trails, as REST reads are: a read of each, with the entry's own status.
-        request.state.audited_reads = [
-            (named_patient((e.rtype, e.rid), parse_qs(e.query)), outcome.status)
-            for e, outcome in results if e.method == "GET" and e.refused is None]
+        # The patients whose records its entries read or wrote are in their audit trails, as
+        # a REST call's patient is: (patient, method, the entry's own status) of each entry
+        # that ran (not refused) — a GET entry's patient as its URL names it, a write's the
+        # one its resource is about (a write refused, 4xx, names none, as over REST).
+        request.state.audited_patients = [
+            (patient, e.method, outcome.status) for e, outcome in results
+            if e.refused is None and (patient := entry_patient(e, outcome)) is not None]
         # Entries carry no resources unless asked for (a 1,000-entry Bundle's answer stays small).
         return fhir_json(response_bundle(f"{kind}-response", results, base(request),
                                          returned(request, "fhir:read" in tenant.scopes,
@@ -666,7 +673,12 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             uow, caller, rtype, rid, resource, if_match=if_match))
 
     @router.delete("/{rtype}/{rid}", summary="Delete (a deletion version; reads then answer 410; "
-                   "If-Match: version)")
+                   "If-Match: version)",
+                   responses={204: {"description": "Deleted (a deletion version is stored), or "
+                                                   "already deleted"},
+                              412: {"description": "If-Match names no current version: an "
+                                                   "OperationOutcome",
+                                    "content": {"application/json": {}}}})
     async def delete(rtype: str, rid: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
         return await write(request, tenant,
@@ -765,6 +777,25 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         return fhir_json(searchset(b, rtype, total, rows, page_links(b, rtype, params, total)))
 
     return router
+
+
+def entry_patient(entry: bundles.Entry, outcome: Outcome) -> str | None:
+    """The patient whose record a Bundle entry that ran read (as its URL names one, as a REST
+    read's does) or wrote (``written_patient``)."""
+    if entry.method == "GET":
+        return named_patient((entry.rtype, entry.rid), parse_qs(entry.query))
+    return written_patient(outcome)
+
+
+def written_patient(outcome: Outcome) -> str | None:
+    """The patient whose record a write (that did not fail) wrote, for the audit trail: a
+    Patient's own id, else the patient its resource is about as stored (a deletion: the
+    deleted version's); None for a failed write, or a resource about no patient."""
+    if outcome.status >= 400:
+        return None
+    if outcome.resource_type == "Patient":
+        return outcome.id or None
+    return outcome.patient
 
 
 def read_conditions(request: Request) -> handlers.ReadConditions | None:

@@ -645,6 +645,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     each delete locks its row as it runs, in Bundle order, so concurrent transactions deleting
     the same resources in other orders deadlocked; now they queue.
     """
+    caller = await handlers.current_caller(uow, caller)  # before any row is locked
     repo = SqlResourceRepository(uow.session, caller.tenant)
     await repo.lock_rows([(e.rtype, e.rid) for e in entries
                           if e.method == "DELETE" and e.rid is not None])
@@ -686,7 +687,8 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                 elif e.same_as is not None:  # answers with what that entry stored
                     await flush()
                     first = results[e.same_as.index]
-                    results[e.index] = Outcome(200, first.resource_type, first.id, first.version)
+                    results[e.index] = Outcome(200, first.resource_type, first.id, first.version,
+                                               patient=first.patient)
                 else:
                     pending.append((e, handlers.Write(e.rtype, e.rid, e.resource, fresh=True,
                                                       where=f"{_where(e.index)}.resource")))
@@ -866,12 +868,13 @@ async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry
             if e.resource is not None and (unresolved := _unresolved(e)):
                 raise FhirRejected(422, unresolved)
             async with open_uow() as uow:
+                held = await handlers.current_caller(uow, caller)  # before any row is locked
                 if e.resource is not None:
                     await _conditional_references(
-                        SqlResourceRepository(uow.session, caller.tenant), caller, e)
+                        SqlResourceRepository(uow.session, held.tenant), held, e)
                 if e.method == "POST":
                     e.rid = None
-                outcome = await _run_entry(uow, caller, e)
+                outcome = await _run_entry(uow, held, e)
                 await commit(uow)
         except FhirRejected as exc:
             outcome = Outcome(exc.status, e.rtype, e.rid or "", None,

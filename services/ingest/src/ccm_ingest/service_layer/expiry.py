@@ -78,10 +78,13 @@ async def _practice_pass(db: Database, practice: str, now: datetime, batch_size:
     sent = 0
     while True:
         async with db.unit_of_work() as uow:
+            # As a write: a change of the practice's config (which may void consents, and so
+            # their expiry) waits for this pass, or this pass for it.
+            await SqlResourceRepository(uow.session, practice).hold_config()
             settings = await practice_settings(uow, practice)
             if settings is None:
                 return sent
-            tz, config = settings
+            tz, config, _ = settings
             lead = config.consent_expiring_lead_days
             if lead <= 0:
                 return sent

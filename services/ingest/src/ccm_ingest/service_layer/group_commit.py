@@ -34,7 +34,7 @@ class GroupedWrites:
         """Store ``write`` as the next version of its resource; its outcome once committed."""
         # Writes share a batch only when everything but the time is the same caller.
         key = (caller.tenant, caller.token_id, caller.connection, caller.timezone.key,
-               caller.config, caller.local_bases)
+               caller.config, caller.config_revision, caller.local_bases)
         return await self._group.submit((caller, write), key)
 
     async def _commit(self, batch: list[tuple[Caller, Write]]) -> list[Outcome]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -34,6 +34,7 @@ from ccm_ingest.domain.model import (
     isoformat,
     rejected,
 )
+from ccm_ingest.service_layer.practice import effective_config
 from ccm_shared.db import UnitOfWork
 from ccm_shared.events import EventDraft
 from ccm_shared.ids import random_uuid
@@ -59,6 +60,33 @@ class Caller:
     # This server's /fhir bases: an absolute reference under one of them is local, any other
     # absolute reference is another server's resource (no CCM patient, no patient search).
     local_bases: tuple[str, ...] = ()
+    # The revision of ``config`` (the practice's stored config's; 0: never changed).
+    config_revision: int = 0
+
+
+_HELD_CONFIG = "ccm_ingest.config"  # the unit of work's session.info key (current_caller)
+
+
+async def current_caller(uow: UnitOfWork, caller: Caller) -> Caller:
+    """``caller`` with its practice's config as it is in this unit of work, held so until it
+    ends (``SqlResourceRepository.hold_config``: a change of the config waits for this write,
+    and one under way makes it wait). A caller built from a cached config that a change has
+    replaced since gets the stored one: every version is mapped with the config in force when
+    it commits, and what a change maps again is all that was written before it. Taken before
+    the write locks any row (a change locks rows after its hold); once per unit of work."""
+    held = uow.session.info.get(_HELD_CONFIG)
+    if held is None or held[0] != caller.tenant:
+        repo = SqlResourceRepository(uow.session, caller.tenant)
+        revision = await repo.hold_config()
+        config = caller.config
+        if revision != caller.config_revision:
+            found = await repo.practice()
+            config = caller.config if found is None else effective_config(caller.tenant,
+                                                                          found[1])
+        held = uow.session.info[_HELD_CONFIG] = (caller.tenant, revision, config)
+    if held[1] == caller.config_revision and held[2] is caller.config:
+        return caller
+    return replace(caller, config=held[2], config_revision=held[1])
 
 
 @dataclass
@@ -76,6 +104,9 @@ class Outcome:
     # A resource's history (versions at or after _since, their page newest first, whether
     # the applied version before the page is a deletion, its parameters), for a GET entry.
     history: tuple[int, list[VersionRow], bool | None, list[tuple[str, str]]] | None = None
+    # A write's: the Patient id the resource it wrote (or found, or deleted) is about, as
+    # stored (a deletion: the deleted version's), None when about none (the audit trail).
+    patient: str | None = None
 
     @property
     def location(self) -> str | None:
@@ -249,7 +280,7 @@ def identifiers(resource: dict[str, Any]) -> list[tuple[str, str]]:
 PERFORMER_TYPES = ("PractitionerRole", "Practitioner")
 
 
-def _performer_ids(resource: dict[str, Any], local_bases: tuple[str, ...]) -> list[tuple[str, str]]:
+def performer_ids(resource: dict[str, Any], local_bases: tuple[str, ...]) -> list[tuple[str, str]]:
     """(type, id) of the PractitionerRoles (their codes) and Practitioners (their
     qualifications) an Encounter's participants are: what classifies its time."""
     if resource.get("resourceType") != "Encounter":
@@ -300,6 +331,7 @@ async def store_many(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> li
     current state: stored in history, state and events unchanged, a warning says so. A resource
     written twice starts a new batch, so the second write sees the first.
     """
+    caller = await current_caller(uow, caller)
     outcomes: list[Outcome] = []
     run: list[Write] = []
     keys: set[tuple[str, str]] = set()
@@ -372,7 +404,7 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     # does the same content dated after the deletion (an EHR undoing a delete).
     kept = await repo.same_content_versions(replays)
     # The PractitionerRoles and Practitioners the Encounters' participants are (by type, by id).
-    wanted = {(t, i) for w, *_ in plans for t, i in _performer_ids(w.resource, caller.local_bases)}
+    wanted = {(t, i) for w, *_ in plans for t, i in performer_ids(w.resource, caller.local_bases)}
     known = {kind: await repo.current_resources(kind, sorted(i for t, i in wanted if t == kind))
              for kind in PERFORMER_TYPES}
     pending = _Pending()
@@ -382,7 +414,8 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             outcomes.append(Outcome(
                 200, w.rtype, w.rid, stored[(w.rtype, w.rid, cur.version_id)],
                 [Issue("information", "informational",
-                       "same content as the current version: no new version was stored")]))
+                       "same content as the current version: no new version was stored")],
+                patient=cur.patient))
             continue
         if (same := kept.get((w.rtype, w.rid, sha))) is not None:
             outcomes.append(_stale_outcome(w, cur, stored, last_updated, (
@@ -434,15 +467,17 @@ def _stale_outcome(w: Write, cur: CurrentRow, stored: dict[tuple[str, str, int],
     """200 and a warning, with the current version; for a deleted resource (a replay) no
     version at all, so no ETag or Location suggests the write took effect."""
     if cur.deleted:
-        return Outcome(200, w.rtype, w.rid, None, outcome_body=True, issues=[Issue(
-            "warning", "conflict",
-            f"{w.rtype}/{w.rid} was deleted (version {cur.version_id}) and this is {kept}: "
-            "it stays deleted and no event was emitted (to re-create it, send it with a "
-            "meta.lastUpdated after the deletion by more than the allowed clock difference: "
-            f"after {isoformat(cur.last_updated + clock_skew)})",
-            ("meta.lastUpdated",))])
+        return Outcome(200, w.rtype, w.rid, None, outcome_body=True, patient=cur.patient,
+                       issues=[Issue(
+                           "warning", "conflict",
+                           f"{w.rtype}/{w.rid} was deleted (version {cur.version_id}) and this "
+                           f"is {kept}: it stays deleted and no event was emitted (to re-create "
+                           "it, send it with a meta.lastUpdated after the deletion by more "
+                           "than the allowed clock difference: after "
+                           f"{isoformat(cur.last_updated + clock_skew)})",
+                           ("meta.lastUpdated",))])
     return Outcome(200, w.rtype, w.rid, stored[(w.rtype, w.rid, cur.version_id)],
-                   outcome_body=True, issues=[Issue(
+                   outcome_body=True, patient=cur.patient, issues=[Issue(
                        "warning", "conflict",
                        f"meta.lastUpdated {last_updated.isoformat()} is older than the current "
                        f"version {cur.version_id} ({cur.last_updated.isoformat()}): {kept}; the "
@@ -463,29 +498,31 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
                      "lastUpdated": isoformat(last_updated)}}
     version = VersionRow(rtype, rid, version_id, body, sha, last_updated, caller.now, False,
                          not stale, "POST" if w.fresh else "PUT")
+    patient_element = PATIENT_ELEMENT.get(rtype)
+    patient = (reference(body.get(patient_element), ("Patient",), caller.local_bases)
+               if patient_element else None)
+    patient_id = patient.removeprefix("Patient/") if patient else None
     if stale:
         pending.versions.append(version)
         pending.stale_rows.append({"type": rtype, "id": rid, "last_version": version_id})
-        return _stale_outcome(w, cur, stored, last_updated,
+        kept = _stale_outcome(w, cur, stored, last_updated,
                               f"kept in history as version {version_id}", caller.clock_skew)
+        kept.patient = patient_id  # the version kept is about its own patient
+        return kept
     source = SourceVersion(rtype, rid, version_id, last_updated, sha, caller.now,
                            caller.connection)
     # The batch's known roles and practitioners as they are: mapping looks up only those the
     # Encounter's participants name (no second walk of them per resource).
-    mapping = _mapped(body, MappingContext(
+    mapping = mapped(body, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone,
         state=cur.ccm_state if cur and cur.version_id else {},
         roles=known["PractitionerRole"], practitioners=known["Practitioner"],
         local_bases=caller.local_bases, clock_skew=caller.clock_skew))
-    patient_element = PATIENT_ELEMENT.get(rtype)
-    patient = (reference(body.get(patient_element), ("Patient",), caller.local_bases)
-               if patient_element else None)
     pending.versions.append(version)
     (pending.new_rows if w.fresh else pending.updated_rows).append({
         "type": rtype, "id": rid, "version_id": version_id, "last_version": version_id,
         "last_updated": last_updated, "sha256": sha, "deleted": False,
-        "patient": patient.removeprefix("Patient/") if patient else None,
-        "ccm_state": mapping.state})
+        "patient": patient_id, "ccm_state": mapping.state})
     if cur is not None and cur.version_id:
         pending.replaced.append((rtype, rid))
     pending.identifiers += [(rtype, rid, s, v) for s, v in identifiers(body)]
@@ -493,10 +530,10 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
     if rtype in known:  # later Encounters of the batch see the new role or practitioner
         known[rtype][rid] = body
     return Outcome(200 if exists else 201, rtype, rid, version,
-                   list(mapping.warnings))
+                   list(mapping.warnings), patient=patient_id)
 
 
-def _mapped(body: dict[str, Any], ctx: MappingContext) -> Mapping:
+def mapped(body: dict[str, Any], ctx: MappingContext) -> Mapping:
     """The version's CCM events and state; FhirRejected for what the mapping's rules refuse."""
     try:
         return map_version(body, ctx)
@@ -518,7 +555,7 @@ def check_as_create(caller: Caller, rtype: str, resource: dict[str, Any]) -> lis
     rid = resource.get("id") or "validate"
     source = SourceVersion(rtype, rid, 1, last_updated, DELETED_HASH, caller.now,
                            caller.connection)
-    mapping = _mapped({**resource, "id": rid}, MappingContext(
+    mapping = mapped({**resource, "id": rid}, MappingContext(
         source=source, config=caller.config, timezone=caller.timezone,
         local_bases=caller.local_bases, clock_skew=caller.clock_skew))
     return list(mapping.warnings)
@@ -540,7 +577,8 @@ async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
         if len(matches) > 1:
             raise rejected(412, "multiple-matches", f"{asked} {if_none_exist!r} matches "
                            f"{len(matches)} resources", "If-None-Exist")
-        return Outcome(200, rtype, matches[0].id, matches[0]) if matches else None
+        return Outcome(200, rtype, matches[0].id, matches[0],
+                       patient=matches[0].patient) if matches else None
 
     if (found := await the_match()) is not None:
         return found
@@ -692,6 +730,7 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str, *,
                  if_match: str | None = None) -> Outcome:
     """FHIR delete: a deletion version; the resource then answers 410. Idempotent.
     ``If-Match``: only while the current version is that one (412 otherwise)."""
+    caller = await current_caller(uow, caller)
     repo = SqlResourceRepository(uow.session, caller.tenant)
     wanted = parse_etag(if_match) if if_match is not None else None
     current = await repo.lock_current(rtype, rid)
@@ -721,7 +760,7 @@ async def remove(uow: UnitOfWork, caller: Caller, rtype: str, rid: str, *,
     deletion = VersionRow(rtype, rid, version_id, None, DELETED_HASH, deleted_at, caller.now,
                           True, True, "DELETE")
     await repo.insert_batch([deletion], caller.connection, [], [], outbox_rows)
-    return Outcome(204, rtype, rid)
+    return Outcome(204, rtype, rid, patient=current.patient)
 
 
 # ---- search ------------------------------------------------------------------------------------
