@@ -525,6 +525,23 @@ async def locked_live_invoice(session, practice: str, month: str):  # noqa: ANN0
             return None
 
 
+async def _paid_now(session, row, paid: Decimal) -> tuple[dict, dict | None]:  # noqa: ANN001
+    """The invoice row's new values once what it was paid net is ``paid`` (a payment voided, a
+    refund): its payment status and status (a cancelled invoice keeps its own), and its stored
+    FHIR resource when the status changes; (values, that resource or None)."""
+    values: dict = {"paid": f"{paid:.2f}"}
+    if row.status == "cancelled":
+        return values, None
+    values["payment_status"], values["status"] = payment_state(
+        Decimal(row.total_net) - paid, paid)
+    if values["status"] == row.status:
+        return values, None
+    resource = await filed.invoice_resource(session, row)
+    resource["status"] = values["status"]
+    values["resource"] = _stored(resource, row.lines_in_place)
+    return values, resource
+
+
 async def _instead(session, cancelled) -> str:  # noqa: ANN001
     """What to use instead of a cancelled invoice: its month's current invoice (the end of the
     chain of replacements, not the one that replaced it first, itself perhaps cancelled)."""
@@ -607,15 +624,7 @@ async def _void_family(uow: UnitOfWork, practice: str, month: str, live, payment
         taken = sum((Decimal(x.amount) for x in family
                      if x.invoice_id == invoice_id and x.voided_at is None), ZERO)
         paid = Decimal(row.paid) - taken
-        values: dict = {"paid": f"{paid:.2f}"}
-        resource = None
-        if row.status != "cancelled":
-            values["payment_status"], values["status"] = payment_state(
-                Decimal(row.total_net) - paid, paid)
-            if values["status"] != row.status:
-                resource = await filed.invoice_resource(uow.session, row)
-                resource["status"] = values["status"]
-                values["resource"] = _stored(resource, row.lines_in_place)
+        values, resource = await _paid_now(uow.session, row, paid)
         await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values))
         head = (row, values, resource)
     row, values, resource = head
@@ -674,15 +683,9 @@ async def record_refund(
         raise InvalidInput(f"amount {amount} exceeds what invoice {invoice_id} owes back "
                            f"({owed:.2f})", expression=["amount"])
     paid, refunded = Decimal(row.paid) - amount, Decimal(row.refunded) + amount
-    values: dict = {"paid": f"{paid:.2f}", "refunded": f"{refunded:.2f}"}
-    if row.status != "cancelled":
-        # Never another state: only an overpaid invoice, balanced, is refunded, and to 0 at most.
-        values["payment_status"], values["status"] = payment_state(
-            Decimal(row.total_net) - paid, paid)
-        if values["status"] != row.status:
-            resource = await filed.invoice_resource(uow.session, row)
-            resource["status"] = values["status"]
-            values["resource"] = _stored(resource, row.lines_in_place)
+    # Never another state: only an overpaid invoice, balanced, is refunded, and to 0 at most.
+    values, _ = await _paid_now(uow.session, row, paid)
+    values["refunded"] = f"{refunded:.2f}"
     refund_id = str(uuid.uuid4())
     await uow.session.execute(insert(r).values(
         id=refund_id, practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
