@@ -876,7 +876,6 @@ def contracts(
     out: Annotated[str, typer.Option(help="Folder to write into")] = "contracts",
 ) -> None:
     """Write the AsyncAPI document and each service's OpenAPI document from the code."""
-    import json
 
     from ccm_shared.service import discover_services
 
@@ -930,7 +929,6 @@ def events(
     no subscriber is disturbed). From Kafka when CCM_KAFKA_BOOTSTRAP_SERVERS is set, else from
     the embedded mode's event log (`ccm up` without Kafka: --data-dir, or a sqlite
     CCM_DATABASE_URL)."""
-    import json
 
     from ccm_shared.db import is_sqlite
     from ccm_shared.embedded import EmbeddedLogTransport
@@ -1015,7 +1013,6 @@ def redrive_command(
     consumer group): a dead letter is sent back once per choice. One older than the inboxes
     keep event ids (CCM_INBOX_RETENTION_DAYS) is listed, not sent. Needs Kafka
     (CCM_KAFKA_BOOTSTRAP_SERVERS)."""
-    import json
 
     from ccm_shared.redrive import redrive
     from ccm_shared.service import build_transport
@@ -1091,7 +1088,6 @@ def show_config() -> None:
 def _shown(value: object) -> str:
     """A setting's value as the environment would give it: lists as JSON, booleans lowercase,
     an unset one empty."""
-    import json
 
     if value is None:
         return ""

@@ -801,8 +801,6 @@ def written_patient(outcome: Outcome) -> str | None:
 def read_conditions(request: Request) -> handlers.ReadConditions | None:
     """A read's preconditions (If-None-Match, If-Modified-Since), None without any."""
     headers = request.headers
-    if "if-none-match" not in headers and "if-modified-since" not in headers:
-        return None
     return handlers.header_read_conditions(headers.getlist("if-none-match"),
                                            headers.getlist("if-modified-since"))
 

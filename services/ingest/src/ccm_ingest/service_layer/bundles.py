@@ -425,7 +425,7 @@ async def _conditional_references(repo: SqlResourceRepository, caller: Caller, e
         ref = value["reference"]
         ids = lookup.found.get(ref)
         if ids is None:
-            with _placed(f"{path}.reference"):  # criteria the search refuses: 400, there
+            with handlers.placed(f"{path}.reference"):  # criteria the search refuses: 400, there
                 params = handlers.normalise_criteria(rtype, ref, caller.local_bases)
                 claimed = lookup.claimed.get((rtype, handlers.criteria_key(params)))
                 if claimed is not None:
@@ -488,7 +488,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
     if conditional:
         keyed = []
         for e, sent, element in conditional:
-            with _placed(f"{_where(e.index)}.{element}"):
+            with handlers.placed(f"{_where(e.index)}.{element}"):
                 params = handlers.normalise_criteria(e.rtype, sent or "", caller.local_bases)
             criteria[key := handlers.criteria_key(params)] = params
             keyed.append((key, e))
@@ -608,7 +608,7 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
             return handlers.read_outcome(e.rtype, e.rid, version, conditions)
         # Criteria and paging (_count, _offset), checked as a REST search's are.
         params = sorted(parse_qsl(e.query, keep_blank_values=True))
-        with _placed(f"{_where(e.index)}.request.url"):
+        with handlers.placed(f"{_where(e.index)}.request.url"):
             total, rows = await handlers.search(repo, e.rtype, params,
                                                 local_bases=caller.local_bases)
         return Outcome(200, e.rtype, "", None, found=(total, rows, params))
@@ -621,7 +621,7 @@ async def _history(repo: SqlResourceRepository, e: Entry) -> Outcome:
     for parameters it refuses, 404 for a resource never stored here)."""
     params = parse_qsl(e.query, keep_blank_values=True)
     where = f"{_where(e.index)}.request.url"
-    with _placed(where):
+    with handlers.placed(where):
         total, versions, before_deleted = await handlers.history_or_error(
             repo, e.rtype, e.rid or "", params, where)
     return Outcome(200, e.rtype, e.rid or "", history=(total, versions, before_deleted, params))
@@ -718,12 +718,12 @@ def check_bundle(caller: Caller, kind: str, entries: list[Entry]) -> list[Issue]
             if e.if_match is not None and e.method in ("PUT", "DELETE"):
                 handlers.parse_etag(e.if_match)  # the only entries whose ifMatch is read
             if e.method == "POST" and e.if_none_exist:
-                with _placed(f"{_where(e.index)}.request.ifNoneExist"):
+                with handlers.placed(f"{_where(e.index)}.request.ifNoneExist"):
                     handlers.check_criteria(e.rtype, e.if_none_exist)
             if e.method in ("PUT", "DELETE") and e.rid is None:
                 if e.method == "PUT" and not e.criteria:
                     raise _put_without_target(e)
-                with _placed(f"{_where(e.index)}.request.url"):
+                with handlers.placed(f"{_where(e.index)}.request.url"):
                     handlers.check_criteria(e.rtype, e.criteria or "")
             if e.method == "PUT" and e.rid is not None:
                 handlers.check_update_id(e.rtype, e.rid, e.resource)
@@ -761,7 +761,7 @@ def _stand_in_for_conditionals(value: Any, path: str) -> None:
     """``Type?criteria`` references replaced, in place, by a reference to some ``Type``
     resource of this server (what they resolve to when one resource matches)."""
     for found, at, rtype in _conditionals(value, path):
-        with _placed(f"{at}.reference"):  # what the search refuses: 400
+        with handlers.placed(f"{at}.reference"):  # what the search refuses: 400
             handlers.check_criteria(rtype, found["reference"])
         found["reference"] = f"{rtype}/validate-conditional"
 
@@ -807,7 +807,6 @@ class _at_entry(Relocating):  # noqa: N801 - a context manager, named as one
         return _located(issues, self.index)
 
 
-_placed = handlers.placed  # criteria refused, at the element carrying them
 
 
 def _located(issues: list[Issue], index: int) -> list[Issue]:

@@ -137,8 +137,6 @@ def _remapped(practice: Practice, live: LiveResource, before: IngestConfig,
         old: Mapping | None = _mapping(body, source, before, practice, current, known)
     except FhirRejected:
         old = None  # refused by the rules before (stored under older ones): all of it is new
-    if old is not None and old.events == new.events and old.state == new.state:
-        return None
     events = [e for e in new.events if old is None or e not in old.events]
     if not events and old is not None and old.state == new.state:
         return None
