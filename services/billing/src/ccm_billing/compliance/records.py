@@ -642,7 +642,6 @@ def _initiating_visit(decision: dict | None, encounters: list) -> dict | None:
                            if p.get("practitioner") or p.get("practitionerRole")]}
 
 
-PLAN_FIELDS = ("status", "intent", "created", "review")
 SOURCE_FIELDS = ("resourceType", "id", "versionId", "lastUpdated", "sha256", "receivedAt",
                  "connection", "event", "recordedAt")
 

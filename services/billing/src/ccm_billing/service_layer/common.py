@@ -229,10 +229,6 @@ async def bulk_insert(session: AsyncSession, table, rows: list[dict]) -> None:  
     )
 
 
-# The rule's name and bound are the platform's (``ccm practice update --rule`` checks them):
-# longer than any consent is kept is a typing error (the service setting has the same bound).
-
-
 def consent_renewal_months(info: PracticeInfo) -> int | None:
     """The practice's consent renewal interval in months (None: consents do not expire): its
     pricing ``rules.consent_renewal_months`` when it has one (null or 0: none), else the

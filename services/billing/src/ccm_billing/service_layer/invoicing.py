@@ -555,9 +555,7 @@ async def _instead(session, cancelled) -> str:  # noqa: ANN001
 
 
 def payment_view(row) -> dict:  # noqa: ANN001
-    return {"id": row.id, "invoiceId": row.invoice_id, "amount": row.amount,
-            "date": row.date.isoformat(), "reference": row.reference,
-            "carriedFrom": row.carried_from,
+    return {**refund_view(row),
             "voided": {"at": row.voided_at.astimezone(UTC).isoformat(), "reason": row.void_reason,
                        "by": row.voided_by, "byLabel": row.voided_by_label}
             if row.voided_at is not None else None}
@@ -627,7 +625,7 @@ async def _void_family(uow: UnitOfWork, practice: str, month: str, live, payment
         values, resource = await _paid_now(uow.session, row, paid)
         await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values))
         head = (row, values, resource)
-    row, values, resource = head
+    row, _, resource = head
     updated = await get_invoice_row(uow.session, row.id)
     balance = balance_of(updated.total_net, updated.paid, updated.status, updated.replaced_by)
     held = next(x for x in reversed(family) if x.invoice_id == row.id)
