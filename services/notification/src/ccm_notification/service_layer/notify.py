@@ -331,8 +331,7 @@ class Notifier:
         kind = KINDS[row.kind]
         done = await uow.session.execute(
             update(messages)
-            .where(messages.c.id == row.id, messages.c.status == "pending",
-                   messages.c.next_attempt_at.is_(None))
+            .where(messages.c.id == row.id, held_messages())
             .values(
                 provider_id=provider_id,
                 channel=prepared.channel,
@@ -361,8 +360,7 @@ class Notifier:
         failed with ``reason``, and its failed event raised."""
         done = await uow.session.execute(
             update(messages)
-            .where(messages.c.id == row.id, messages.c.status == "pending",
-                   messages.c.next_attempt_at.is_(None))
+            .where(messages.c.id == row.id, held_messages())
             .values(status="failed", last_error=reason,
                     ack_state="closed" if row.ack_state == "pending" else row.ack_state)
         )
