@@ -210,6 +210,10 @@ def test_overdue_care_plan_reminder_email_acknowledged_and_escalation_resolved(p
     assert "ack-escalation" not in kinds
     assert [m for m in platform.mailbox.messages[sent_before:]
             if practice in m.get("To", "")] == []
+    # one message to each person about the overdue review, not its due, overdue and latest
+    # reminder notices at once (three emails each "overdue by 45 days" before)
+    assert len(platform.mailbox.to(f"responsible-{practice}@clinic.example")) == 1
+    assert len(platform.mailbox.to(f"supervisor-{practice}@clinic.example")) == 1
 
 
 def ingest_outbox_position(database_url: str) -> int:

@@ -97,7 +97,7 @@ async def test_ingest_care_plan_reaches_the_tracker_and_an_overdue_plan_is_remin
             # Forty days overdue: the scheduler catches up to the latest reminder and escalates.
             clock.now = datetime(2027, 2, 14, 15, 0, tzinfo=UTC)
             result = await run_scheduler_pass(runtime.db, clock.now, practices=[practice])
-            assert result.sent == 4  # due notice, latest reminder, overdue notice, escalation
+            assert result.sent == 2  # the latest reminder (due, overdue superseded), escalation
             runtime.relay.notify()
             overdue = (await client.get(f"/v1/practices/{practice}/care-plans?review=overdue",
                                         headers=headers)).json()

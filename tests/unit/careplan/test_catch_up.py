@@ -16,7 +16,7 @@ from ccm_careplan.domain.schedule import (
     ESCALATED,
     OVERDUE,
     REMINDER,
-    SCHEDULED_KINDS,
+    TO_RESPONSIBLE_PROVIDER,
     Step,
     add_months,
     days_after,
@@ -33,16 +33,17 @@ TODAY = date(2026, 1, 5)
 def unbounded(
     due: date, rules: ReviewRules, today: date, recorded: dict[tuple[str, int], date]
 ) -> list[tuple[Step, bool]]:
-    """What a pass recorded before the bound: every owed step on its own, the latest of each kind
-    sent (when later than anything of its kind recorded), the rest superseded."""
+    """What a pass recorded before the bound: every owed step on its own, the latest addressed to
+    each person sent (when later than anything recorded for them; on one day a notice before a
+    reminder), the rest superseded."""
     owed = []
     planned = planned_steps(due, rules, today)  # the whole schedule, from the first reminder
-    for kind in SCHEDULED_KINDS:
-        pending = [s for s in planned if s.kind == kind and (s.kind, s.step) not in recorded]
+    for audience in (TO_RESPONSIBLE_PROVIDER, {ESCALATED}):
+        pending = [s for s in planned if s.kind in audience and (s.kind, s.step) not in recorded]
         if not pending:
             continue
-        latest = max((on for (k, _), on in recorded.items() if k == kind), default=None)
-        newest = max(pending)
+        latest = max((on for (k, _), on in recorded.items() if k in audience), default=None)
+        newest = max(pending, key=lambda s: (s.on, s.kind != REMINDER))
         owed += [(s, s is newest and (latest is None or s.on > latest)) for s in pending]
     return sorted(owed)
 
@@ -76,7 +77,7 @@ def test_one_pass_over_a_plan_created_long_ago_records_two_years_and_one_record_
     owed = steps_owed(due, DEFAULT_RULES, TODAY, {})
     before = unbounded(due, DEFAULT_RULES, TODAY, {})
     assert len(owed) <= most_per_pass(DEFAULT_RULES) < len(before)
-    # The same steps are sent: due, overdue, the latest reminder and escalation.
+    # The same steps are sent: the latest reminder and escalation.
     assert [d.step for d in owed if d.send] == [s for s, send in before if send]
     # Every owed step is accounted for: by a record of its own or by the one standing for it.
     assert sum(d.stands_for for d in owed) == len(before)
@@ -169,7 +170,7 @@ async def test_a_scheduler_pass_over_a_plan_created_long_ago_is_bounded_and_show
     cp = careplan
     await cp.deliver(f.care_plan("alpha", "CarePlan/old", at=T0, created=created))
     first = await cp.scheduler(T0)
-    assert first.sent == 4 and first.sent + first.superseded <= most_per_pass(DEFAULT_RULES)
+    assert first.sent == 2 and first.sent + first.superseded <= most_per_pass(DEFAULT_RULES)
 
     due = add_months(date.fromisoformat(created), 12)
     everything = planned_steps(due, DEFAULT_RULES, TODAY)  # what the pass owed, one by one
@@ -184,12 +185,13 @@ async def test_a_scheduler_pass_over_a_plan_created_long_ago_is_bounded_and_show
     notes = plan["notifications"]
     assert len(notes) == first.sent + first.superseded
     assert sum(n["stands_for"] for n in notes) == len(everything)  # nothing unaccounted for
+    # one message to each person: the provider's latest reminder, the supervisor's escalation
     assert sorted((n["kind"], n["step"]) for n in notes if n["sent"]) == [
-        (DUE, 0), (ESCALATED, latest[ESCALATED]), (OVERDUE, 0), (REMINDER, latest[REMINDER])]
+        (ESCALATED, latest[ESCALATED]), (REMINDER, latest[REMINDER])]
     events = await cp.emitted()
     assert sorted((e["type"].split(".")[2], e["data"]["step"]) for e in events
                   if e["type"].startswith("careplan.review.")) == [
-        (DUE, 0), (ESCALATED, latest[ESCALATED]), (OVERDUE, 0), (REMINDER, latest[REMINDER])]
+        (ESCALATED, latest[ESCALATED]), (REMINDER, latest[REMINDER])]
 
     again = await cp.scheduler(T0 + timedelta(hours=1))
     assert (again.sent, again.superseded) == (0, 0)

@@ -57,12 +57,12 @@ async def test_the_waiting_reminders_go_out_once_a_provider_is_known(careplan):
     await cp.deliver(f.patient("alpha", at=LATE, gps=("Practitioner/dr-kim",), version="2"))
     later = LATE.replace(hour=16)
     await cp.scheduler(later)
-    due, = await cp.emitted("careplan.review.due.v1")
-    overdue, = await cp.emitted("careplan.review.overdue.v1")
-    reminder, = await cp.emitted("careplan.review.reminder.v1")  # the latest only
-    for event in (due, overdue, reminder):
-        assert event["data"]["responsibleProvider"] == "Practitioner/dr-kim"
-        assert event["data"]["daysOverdue"] == 46
+    # one message, the latest: the due and overdue notices it supersedes are not sent
+    assert await cp.emitted("careplan.review.due.v1") == []
+    assert await cp.emitted("careplan.review.overdue.v1") == []
+    reminder, = await cp.emitted("careplan.review.reminder.v1")
+    assert reminder["data"]["responsibleProvider"] == "Practitioner/dr-kim"
+    assert reminder["data"]["daysOverdue"] == 46
     cp.clock.now = later
     plan = await detail(cp, tracker)
     assert plan["notices_held"] is None and plan["reminders_sent"] == 1

@@ -85,8 +85,7 @@ def test_a_review_due_on_the_last_day_is_reminded_before_and_never_overdue():
     assert [(s.kind, s.step, (LAST - s.on).days) for s in steps] == [
         (REMINDER, 1, 30), (REMINDER, 2, 14), (REMINDER, 3, 7), (DUE, 0, 0)]
     assert first_escalation(LAST, DEFAULT_RULES) is None
-    assert [d.step.kind for d in steps_owed(LAST, DEFAULT_RULES, LAST, {}) if d.send] == [
-        REMINDER, DUE]
+    assert [d.step.kind for d in steps_owed(LAST, DEFAULT_RULES, LAST, {}) if d.send] == [DUE]
 
 
 def test_steps_past_the_last_day_are_left_out_and_those_before_it_kept():
@@ -191,13 +190,42 @@ def test_escalation_repeats_until_reviewed_and_reminders_never_stop():
     assert max(s.step for s in steps if s.kind == "reminder") == 3 + 13  # weekly until day 91
 
 
-def test_a_scheduler_down_for_weeks_sends_only_the_latest_step_of_each_kind():
-    today = date(2027, 3, 20)
+def test_a_scheduler_down_for_weeks_sends_each_person_only_the_latest_step():
+    # Three emails at once to the provider about one overdue review (due, overdue and the
+    # latest reminder, each "overdue by 19 days") was what a plan pushed late, or a scheduler
+    # back after weeks, sent: the provider now gets the latest, the supervisor an escalation.
+    today = date(2027, 4, 10)
     decisions = steps_owed(D, DEFAULT_RULES, today, {})
     sent = [(d.step.kind, d.step.step) for d in decisions if d.send]
     superseded = [(d.step.kind, d.step.step) for d in decisions if not d.send]
-    assert sent == [("due", 0), ("overdue", 0), ("reminder", 5)]
-    assert superseded == [("reminder", 1), ("reminder", 2), ("reminder", 3), ("reminder", 4)]
+    assert sent == [("escalated", 1), ("reminder", 8)]
+    assert superseded == [("reminder", 1), ("reminder", 2), ("reminder", 3), ("due", 0),
+                          ("overdue", 0), ("reminder", 4), ("reminder", 5), ("reminder", 6),
+                          ("reminder", 7)]
+
+
+@pytest.mark.parametrize(("today", "recorded", "sent"), [
+    # on the due day the due notice, not the reminder of that morning (none falls on it)
+    (date(2027, 3, 1), {("reminder", 3): date(2027, 2, 22)}, [("due", 0)]),
+    # the day after: the overdue notice
+    (date(2027, 3, 2), {("reminder", 3): date(2027, 2, 22), ("due", 0): D}, [("overdue", 0)]),
+    # a week overdue: the reminder
+    (date(2027, 3, 8), {("reminder", 3): date(2027, 2, 22), ("due", 0): D,
+                        ("overdue", 0): date(2027, 3, 2)}, [("reminder", 4)]),
+])
+def test_a_scheduler_running_daily_sends_every_step_on_its_day(today, recorded, sent):
+    decisions = steps_owed(D, DEFAULT_RULES, today, recorded)
+    assert [(d.step.kind, d.step.step) for d in decisions if d.send] == sent
+    assert all(d.send for d in decisions)
+
+
+def test_on_a_day_with_an_overdue_notice_and_a_reminder_the_notice_is_sent():
+    daily = ReviewRules(overdue_reminder_every_days=1)
+    recorded = {("reminder", 1): date(2027, 1, 30), ("reminder", 2): date(2027, 2, 15),
+                ("reminder", 3): date(2027, 2, 22), ("due", 0): D}
+    decisions = steps_owed(D, daily, date(2027, 3, 2), recorded)
+    assert [(d.step.kind, d.step.step, d.send) for d in decisions] == [
+        ("overdue", 0, True), ("reminder", 4, False)]
 
 
 def test_nothing_is_owed_twice():

@@ -172,7 +172,7 @@ def planned_steps(
 # one pass of the scheduler every practice shares): the newest of them is recorded as superseded
 # and stands for all of them. A pass thus records at most two years of steps per plan (about
 # 135 under the default rules, under 1,500 with daily reminders and escalations), and what the
-# plan shows (overdue, its escalation level, the latest step of each kind, sent) is what it
+# plan shows (overdue, its escalation level, the latest step to each person, sent) is what it
 # would be without the bound. Fixed rather than one review interval: a monthly-review practice
 # whose scheduler was down for five weeks still gets each missed step recorded on its own.
 CATCH_UP_DAYS = 731
@@ -193,37 +193,44 @@ def steps_owed(
     ``recorded`` maps (kind, step) already recorded for the cycle to its scheduled date. A step
     is owed when its number is above every recorded one of its kind: steps are numbered in date
     order and each pass records all that are due, so what is recorded is always steps 1…n (less
-    those a catch-up record stands for). Of the owed steps of one kind, only the latest is sent,
-    and only when it is later than anything of that kind already recorded; the others are
-    recorded as superseded. A scheduler that was down a week therefore sends one current
-    reminder, not a burst of stale ones, and no step is ever left unaccounted for. Owed steps
+    those a catch-up record stands for). Of the owed steps addressed to one person, only the
+    latest is sent (the responsible provider's reminders and due/overdue notices together, the
+    supervisor's escalations apart), and only when it is later than anything addressed to them
+    already recorded; the others are recorded as superseded. A scheduler that was down a week,
+    or a plan pushed when its review is long overdue, therefore sends the provider one current
+    message, not a burst of stale ones, and no step is ever left unaccounted for. Owed steps
     due before the last ``CATCH_UP_DAYS``, other than the latest, are recorded as one: the
     newest of them, superseded, with ``stands_for`` saying how many steps it accounts for.
     """
     since = days_before(today, CATCH_UP_DAYS)
     recent = planned_steps(due, rules, today, since)
     decisions: list[Decision] = []
+    pending: list[Step] = []
     for kind in SCHEDULED_KINDS:
         done = max((n for k, n in recorded if k == kind), default=-1)
-        latest_recorded = max(
-            (on for (k, _), on in recorded.items() if k == kind), default=None
-        )
-        pending = [s for s in recent if s.kind == kind and s.step > done]
+        owed = [s for s in recent if s.kind == kind and s.step > done]
         if kind in (DUE, OVERDUE):  # one of each per cycle: nothing to bound
-            pending += [s for s in _notices(due) if s.kind == kind and s.on < since
-                        and s.step > done]
+            owed += [s for s in _notices(due) if s.kind == kind and s.on < since
+                     and s.step > done]
         else:  # owed: numbers floor+1 on; those up to last_old fell due before the window
             floor = max(done, 0)
             last_old = _count_on_or_before(due, rules, kind, _day_before(since))
-            if last_old > floor and not pending:  # the latest owed step is old: sent as ever
-                pending, last_old = _numbered(due, rules, kind, last_old, last_old), last_old - 1
+            if last_old > floor and not owed:  # the latest owed step is old: sent as ever
+                owed, last_old = _numbered(due, rules, kind, last_old, last_old), last_old - 1
             if last_old > floor:
                 (step,) = _numbered(due, rules, kind, last_old, last_old)
                 decisions.append(Decision(step, False, last_old - floor))
-        if not pending:
+        pending += owed
+    for audience in (TO_RESPONSIBLE_PROVIDER, frozenset({ESCALATED})):
+        mine = [s for s in pending if s.kind in audience]
+        if not mine:
             continue
-        newest = max(pending)
-        for s in pending:
+        latest_recorded = max(
+            (on for (k, _), on in recorded.items() if k in audience), default=None
+        )
+        # The newest; on one day a due or overdue notice says more than a reminder.
+        newest = max(mine, key=lambda s: (s.on, s.kind != REMINDER))
+        for s in mine:
             send = s is newest and (latest_recorded is None or s.on > latest_recorded)
             decisions.append(Decision(s, send))
     return sorted(decisions, key=lambda d: d.step)
