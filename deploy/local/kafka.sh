@@ -22,7 +22,7 @@ PORTFILE="$STATE/port"
 CPORTFILE="$STATE/controller.port"
 START_TIMEOUT="${CCM_KAFKA_START_TIMEOUT:-120}"
 STOP_TIMEOUT="${CCM_KAFKA_STOP_TIMEOUT:-30}"
-HEAP_OPTS="${CCM_KAFKA_HEAP_OPTS:--Xmx512m -Xms256m}"
+HEAP_OPTS="${CCM_KAFKA_HEAP_OPTS:--Xmx1g -Xms256m}"
 
 usage() {
   cat <<EOF
@@ -45,7 +45,7 @@ Environment:
   CCM_LOCAL_DIR            state root (default <repo>/.ccm-local); this uses \$CCM_LOCAL_DIR/kafka
   CCM_CACHE_DIR            jar cache root (default \$HOME/.cache/ccm-platform)
   CCM_KAFKA_VERSION        Kafka version (default 4.1.2; see README.md)
-  CCM_KAFKA_HEAP_OPTS      JVM heap options (default "-Xmx512m -Xms256m")
+  CCM_KAFKA_HEAP_OPTS      JVM heap options (default "-Xmx1g -Xms256m")
   CCM_KAFKA_START_TIMEOUT  seconds to wait for the broker (default 120)
   CCM_KAFKA_STOP_TIMEOUT   seconds to wait after SIGTERM (default 30)
 State: $STATE

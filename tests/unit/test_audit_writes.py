@@ -96,6 +96,8 @@ async def test_a_rest_write_is_in_the_trail_of_the_patient_its_resource_is_about
     # Ids only: the entry names the resource and its patient, nothing of their content.
     rows = [r for r in await entries(runtime) if r.patient == "p1"]
     assert [r.entity for r in rows][:2] == ["Encounter/e1", "Encounter/e1"]
+    # a write by criteria names the resource it found or made, as a Type/id URL does
+    assert [r.entity for r in rows if r.what == "PUT /fhir/{rtype}"] == ["Encounter/e2"]
 
 
 async def test_a_deletion_is_in_the_trail_of_the_deleted_versions_patient(alpha):

@@ -347,3 +347,39 @@ async def test_try_again_raised_by_a_route_says_when_to_retry(client):
     client._transport.app.add_api_route("/v1/busy", busy)
     r = await client.get("/v1/busy")
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(("failures", "error", "runs", "answered"), [
+    (0, None, 1, "done"),  # nothing gave way: one run
+    (2, "40P01", 3, "done"),  # a deadlock twice: run again each time, the third run stands
+    (1, "40001", 2, "done"),  # a serialization failure: the same
+    (3, "40P01", 3, "40P01"),  # still at the last run: its error is raised (503 upstream)
+    (1, "23505", 1, "23505"),  # any other database error: raised at once, never run again
+])
+async def test_a_unit_of_work_that_gave_way_is_run_again_a_bounded_number_of_times(
+        failures, error, runs, answered):
+    from sqlalchemy.exc import DBAPIError
+
+    from ccm_shared.db import giving_way, sqlstate
+
+    class _Failed(Exception):
+        def __init__(self, code: str) -> None:
+            super().__init__(code)
+            self.sqlstate = code
+
+    calls = 0
+
+    async def unit_of_work() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= failures:
+            raise DBAPIError("UPDATE …", {}, _Failed(error))
+        return "done"
+
+    try:
+        async for attempt in giving_way(3, what="test", practice="alpha"):
+            with attempt:
+                result = await unit_of_work()
+    except DBAPIError as exc:
+        result = sqlstate(exc)
+    assert (calls, result) == (runs, answered)

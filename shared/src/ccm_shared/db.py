@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import random
 import time
 import uuid
 import weakref
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import structlog
 from sqlalchemy import TextClause, event, exc, text
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import postgresql, sqlite
@@ -31,9 +33,12 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 if TYPE_CHECKING:
     from ccm_shared.outbox import Outbox
+
+_log = structlog.get_logger(__name__)
 
 PLATFORM_SCHEMA = "platform"
 SCHEMAS = ("platform", "ingest", "billing", "careplan", "notification")
@@ -302,6 +307,30 @@ def gave_way(exc: BaseException) -> bool:
     """Whether ``exc`` is a deadlock or serialization failure: nothing was stored, and the same
     transaction may be tried again."""
     return sqlstate(exc) in _GAVE_WAY
+
+
+def giving_way(attempts: int, *, what: str, **fields: str) -> AsyncRetrying:
+    """Runs of a unit of work that rolled back because it ``gave_way`` to a concurrent one
+    (nothing was stored), at most ``attempts``, after a short random pause growing with each
+    run; any other error, and the last run's, is raised (the HTTP layer answers a deadlock or
+    serialization failure 503 with Retry-After). ``what`` and ``fields`` (ids only) name the
+    work in the log line of a run again::
+
+        async for attempt in giving_way(3, what="transaction", practice=practice):
+            with attempt:
+                async with db.unit_of_work() as uow:
+                    ...
+    """
+
+    def pause(state: RetryCallState) -> float:
+        return random.uniform(0.005, 0.05) * state.attempt_number
+
+    def again(state: RetryCallState) -> None:
+        _log.info(f"{what} gave way to a concurrent one; running it again",
+                  attempt=state.attempt_number, **fields)
+
+    return AsyncRetrying(retry=retry_if_exception(gave_way), stop=stop_after_attempt(attempts),
+                         wait=pause, before_sleep=again, reraise=True)
 
 
 # SQLSTATEs of a value the database cannot store as sent (data exceptions): too long for its

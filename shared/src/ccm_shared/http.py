@@ -259,8 +259,11 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
         if tenant is None:
             return
         route = getattr(scope.get("route"), "path", scope.get("path", ""))
-        resource = _resource_of(scope.get("path_params") or {})
-        entity = f"{resource[0]}/{resource[1]}" if resource and resource[1] else None
+        # The entity the route says it acted on (``request.state.audited_entity``: a write by
+        # criteria names the resource it found), else the one its path names.
+        entity = (scope.get("state") or {}).get("audited_entity")
+        if entity is None and (resource := _resource_of(scope.get("path_params") or {})):
+            entity = f"{resource[0]}/{resource[1]}" if resource[1] else None
         entry = AuditRecord(
             practice=tenant.practice_id,
             service=runtime.definition.name,

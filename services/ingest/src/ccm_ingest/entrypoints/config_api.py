@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-import random
 from datetime import timedelta
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-import structlog
 from fastapi import APIRouter, Depends, Request
-from sqlalchemy.exc import DBAPIError
 
 from ccm_ingest.adapters.repository import SqlResourceRepository
 from ccm_ingest.domain.config import DEFAULT_CONFIG, ConfigInvalid, IngestConfig
+from ccm_ingest.entrypoints.bases import FhirBases
 from ccm_ingest.service_layer import remapping
-from ccm_shared.db import gave_way
+from ccm_shared.db import giving_way
 from ccm_shared.errors import Forbidden, InvalidInput, NotFound
 from ccm_shared.http import JsonObject, TenantDep
 from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
 
-log = structlog.get_logger(__name__)
 CHANGE_SCOPE = "admin"
 # Runs of a change that a deadlock with concurrent writes (of the resources it maps again)
 # rolls back, before the client is answered 503 (Retry-After) instead.
@@ -44,6 +40,7 @@ ConfigAdmin = Annotated[Tenant, Depends(config_admin)]
 def build_router(runtime: ServiceRuntime) -> APIRouter:
     router = APIRouter(prefix="/v1/practices/{practice}/ingest-config", tags=["ingest config"])
     settings = runtime.service_settings()
+    bases = FhirBases(settings.fhir_base_url)  # type: ignore[attr-defined]
 
     async def _load(practice: str) -> tuple[dict[str, Any], int]:
         async with runtime.db.unit_of_work() as uow:
@@ -84,17 +81,10 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             effective = DEFAULT_CONFIG.merged(overrides)
         except ConfigInvalid as exc:
             raise InvalidInput(str(exc)) from None
-        await _load(practice)
-        for attempt in range(1, CHANGE_ATTEMPTS + 1):
-            try:
+        async for attempt in giving_way(CHANGE_ATTEMPTS, what="ingest config change",
+                                        practice=practice):
+            with attempt:
                 remapped = await _change(practice, overrides, effective, request)
-                break
-            except DBAPIError as exc:
-                if not gave_way(exc) or attempt == CHANGE_ATTEMPTS:
-                    raise
-                log.info("ingest config change gave way to concurrent writes; running it again",
-                         attempt=attempt, practice=practice)
-                await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)
         runtime.state["practice_cache"].forget(practice)
         if remapped.events and runtime.relay is not None:
             runtime.relay.notify()
@@ -121,16 +111,9 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             at = remapping.Practice(
                 practice, ZoneInfo(zone), runtime.clock(),
                 timedelta(seconds=settings.max_clock_skew_seconds),  # type: ignore[attr-defined]
-                _local_bases(request), current_correlation_id())
+                bases.local(request), current_correlation_id())
             remapped = await remapping.remap(uow, at, before, effective, revision)
             await uow.commit()
         return remapped
-
-    def _local_bases(request: Request) -> tuple[str, ...]:
-        """This server's /fhir bases, as a FHIR request to it would have them: the configured
-        one and the one this request came to."""
-        found = str(request.base_url).rstrip("/") + "/fhir"
-        configured = (settings.fhir_base_url or "").rstrip("/")  # type: ignore[attr-defined]
-        return (configured, found) if configured and configured != found else (found,)
 
     return router

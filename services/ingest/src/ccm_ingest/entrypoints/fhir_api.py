@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -15,10 +14,8 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs, parse_qsl, urlencode
 from zoneinfo import ZoneInfo
 
-import structlog
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from sqlalchemy.exc import DBAPIError
 
 from ccm_ingest.adapters.fhir_validation import load_models
 from ccm_ingest.adapters.repository import SqlResourceRepository, VersionRow
@@ -31,6 +28,7 @@ from ccm_ingest.domain.model import (
     rejected,
 )
 from ccm_ingest.domain.rules import unresolved_local_references
+from ccm_ingest.entrypoints.bases import FhirBases
 from ccm_ingest.entrypoints.edge import FHIR_JSON_MEDIA, R4_VERSIONS, charset, fhir_version
 from ccm_ingest.entrypoints.outcomes import (
     fhir_json,
@@ -47,7 +45,7 @@ from ccm_ingest.service_layer.group_commit import GroupedWrites
 from ccm_ingest.service_layer.practice import practice_settings
 from ccm_ingest.service_layer.resources import Caller, Outcome, Write
 from ccm_ingest.settings import IngestSettings
-from ccm_shared.db import UnitOfWork, gave_way
+from ccm_shared.db import UnitOfWork, giving_way
 from ccm_shared.http import STRICT_JSON, DuplicateKey, TenantDep, json_depth, named_patient
 from ccm_shared.ids import random_uuid
 from ccm_shared.observability import current_correlation_id
@@ -144,7 +142,6 @@ async def caller_for(runtime: ServiceRuntime, tenant: Tenant, uow: UnitOfWork | 
                   practice[0], practice[1], now, timedelta(seconds=skew), local_bases,
                   practice[2])
 
-log = structlog.get_logger(__name__)
 # $validate's modes (FHIR: create, update, delete, profile); None: create.
 VALIDATE_MODES = (None, "create", "update", "profile")
 # Runs of a transaction Bundle that a deadlock with a concurrent one rolls back, before the
@@ -410,32 +407,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     settings: IngestSettings = runtime.service_settings()  # type: ignore[assignment]
     max_depth = runtime.settings.max_json_depth
 
-    bases: dict[tuple, str] = {}  # what base_url was for the same scheme, server, root, Host
-
-    configured = (settings.fhir_base_url or "").rstrip("/")
-
-    def base(request: Request) -> str:
-        """The /fhir base of Location and fullUrl: configured, or from the request."""
-        return configured or request_base(request)
-
-    def local_bases(request: Request) -> tuple[str, ...]:
-        """Where an absolute reference is this server's: the configured base and the one the
-        request came to (a client may use either, e.g. a Location it was given)."""
-        found = request_base(request)
-        return (configured, found) if configured and configured != found else (found,)
-
-    def request_base(request: Request) -> str:
-        """The /fhir base the request came to (Starlette builds base_url anew each time, ~25 µs:
-        2 % of a durable POST, so it is remembered)."""
-        scope = request.scope
-        key = (scope.get("scheme"), scope.get("server"), scope.get("root_path"),
-               scope.get("app_root_path"), request.headers.get("host"))
-        found = bases.get(key)
-        if found is None:
-            found = str(request.base_url).rstrip("/") + "/fhir"
-            if len(bases) < 64:  # Host is the client's: a bounded memory of it
-                bases[key] = found
-        return found
+    fhir_bases = FhirBases(settings.fhir_base_url)
+    base, local_bases = fhir_bases.base, fhir_bases.local
 
     def wake_relay() -> None:
         if runtime.relay is not None:
@@ -465,9 +438,8 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
         wake_relay()
         if conditional and outcome.id:
             # The audit trail names the resource a conditional write (``Type?criteria``)
-            # updated, created or deleted, as it names the one of a ``Type/id`` URL: the
-            # platform's recorder reads the route's path parameters once the call is answered.
-            request.scope["path_params"] = {**request.path_params, "rid": outcome.id}
+            # updated, created or deleted, as it names the one of a ``Type/id`` URL.
+            request.state.audited_entity = f"{outcome.resource_type}/{outcome.id}"
         # The patient whose record it wrote is in the call's entry of the audit trail.
         request.state.resource_patient = written_patient(outcome)
         return write_response(request, outcome, base(request),
@@ -521,26 +493,21 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                                          f"scope a {e.method} entry needs",
                                          f"Bundle.entry[{e.index}].request.method")
         if kind == "transaction":
-            for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
-                try:
+            # A deadlock with a concurrent transaction (entries that lock rows or patients'
+            # counters one at a time, in the Bundle's order) rolls it back whole: it is run
+            # again from the body (a run rewrites the parsed entries); after the last run the
+            # client is told to (503).
+            async for attempt in giving_way(TRANSACTION_ATTEMPTS, what="transaction",
+                                            practice=tenant.practice_id):
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        entries = bundles.parse_entries(await read_json(request, max_depth),
+                                                        settings.max_bundle_entries)
                     async with runtime.db.unit_of_work() as uow:
                         caller = await caller_for(runtime, tenant, uow,
                                                   local_bases=local_bases(request))
                         results = await bundles.transaction(uow, caller, entries)
                         await uow.commit()
-                    break
-                except DBAPIError as exc:
-                    # A deadlock with a concurrent transaction (entries that lock rows or
-                    # patients' counters one at a time, in the Bundle's order): rolled back
-                    # whole, so it is run again from the body (the run rewrote the parsed
-                    # entries); after the last attempt the client is told to (503).
-                    if not gave_way(exc) or attempt == TRANSACTION_ATTEMPTS:
-                        raise
-                    log.info("transaction gave way to a concurrent one; running it again",
-                             attempt=attempt, practice=tenant.practice_id)
-                    await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)
-                    entries = bundles.parse_entries(await read_json(request, max_depth),
-                                                    settings.max_bundle_entries)
         else:
             async with runtime.db.unit_of_work() as uow:
                 caller = await caller_for(runtime, tenant, uow,
