@@ -5,11 +5,13 @@ they commit under."""
 
 import asyncio
 import json
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import select
 
 from ccm_ingest.adapters.orm import outbox
+from ccm_ingest.adapters.repository import SqlResourceRepository
 from ccm_ingest.domain.config import DEFAULT_CONFIG
 from tests.integration.ingest.test_ingest_pg_kafka import _read_tenant_events
 from tests.support.contracts import assert_valid_event
@@ -120,3 +122,30 @@ async def test_writes_racing_a_config_change_are_mapped_with_the_config_they_com
     wrong = sorted(e for e, ev in newest.items()
                    if ev["data"]["performers"][0]["classification"] != "clinical-staff")
     assert wrong == []
+
+
+async def test_a_write_that_waited_for_a_change_maps_with_the_config_the_change_made(ingest_pg):
+    """A write whose transaction waits for a change's hold on the config reads the config's
+    revision once the change has committed, not from before it. It read the revision in the
+    statement that waited for the lock, whose snapshot predated the change: it mapped the
+    coordinator's time as unknown staff with the config the change had just replaced, and
+    committed after the change (so its event was the Encounter's newest)."""
+    assert (await ingest_pg.put("/fhir/PractitionerRole/coord", json=ROLE)).status_code == 201
+    # the API process caches the practice's config (revision 0) with this write
+    assert (await ingest_pg.put("/fhir/Encounter/w0", json=timed("w0"))).status_code == 201
+    async with ingest_pg.runtime.db.unit_of_work() as uow:  # a change, held open
+        repo = SqlResourceRepository(uow.session, ingest_pg.practice)
+        await repo.hold_config(change=True)
+        await repo.save_config(with_coordinator(), datetime.now(UTC))
+        write = asyncio.create_task(ingest_pg.put("/fhir/Encounter/w1", json=timed("w1")))
+        await asyncio.sleep(0.5)
+        assert not write.done()  # the write waits for the change
+        await uow.commit()
+    assert (await write).status_code == 201
+    async with ingest_pg.runtime.db.engine.connect() as conn:
+        rows = (await conn.execute(select(outbox.c.payload).where(
+            outbox.c.tenant == ingest_pg.practice,
+            outbox.c.event_type == "ingest.time-entry.logged.v1"))).scalars().all()
+    classified = {event["data"]["entry"]: event["data"]["performers"][0]["classification"]
+                  for event in map(json.loads, rows)}
+    assert classified == {"Encounter/w0": "unknown", "Encounter/w1": "clinical-staff"}

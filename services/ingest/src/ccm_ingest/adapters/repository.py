@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     and_,
     bindparam,
     cast,
@@ -32,7 +31,7 @@ from ccm_ingest.adapters.orm import (
     resource_versions,
     resources,
 )
-from ccm_shared.db import dialect_insert, lock_key
+from ccm_shared.db import dialect_insert, xact_lock
 from ccm_shared.jsontext import compact
 from ccm_shared.tables import practices
 
@@ -431,17 +430,19 @@ class SqlResourceRepository:
     async def hold_config(self, *, change: bool = False) -> int:
         """The revision of this practice's ingest config (0: never changed), held as it is
         until this transaction ends: on PostgreSQL an advisory lock on the practice's config,
-        shared by the writes (``change``: exclusive, a change of it), taken in the statement
-        that reads it. A change waits for the writes under way, and writes that begin during a
-        change wait for it: each write maps with the config in force when it commits, and a
-        change maps again everything written before it. (SQLite: one writer at a time.)"""
-        revision = (select(ingest_configs.c.revision)
-                    .where(ingest_configs.c.tenant == self.tenant).scalar_subquery())
-        if self.session.bind.dialect.name != "postgresql":
-            return (await self.session.execute(select(revision))).scalar() or 0
-        lock = func.pg_advisory_xact_lock if change else func.pg_advisory_xact_lock_shared
-        key = bindparam("config_key", _config_lock_key(self.tenant), type_=BigInteger)
-        return (await self.session.execute(select(lock(key), revision))).one()[1] or 0
+        shared by the writes (``change``: exclusive, a change of it). A change waits for the
+        writes under way, and writes that begin during a change wait for it: each write maps
+        with the config in force when it commits, and a change maps again everything written
+        before it. (SQLite: one writer at a time.)
+
+        The revision is read in a statement after the one that takes the lock, never in it: a
+        statement reads what was committed when it began, so a write that waited in it for a
+        change read the revision from before the change, and mapped with the config the change
+        had just replaced (found by a test racing 40 writes with a change)."""
+        await xact_lock(self.session, _config_lock_name(self.tenant), shared=not change)
+        return (await self.session.execute(
+            select(ingest_configs.c.revision).where(ingest_configs.c.tenant == self.tenant)
+        )).scalar() or 0
 
     async def save_config(self, overrides: dict[str, Any], now: datetime) -> int:
         """Store ``overrides`` as the practice's config; its new revision (one more)."""
@@ -470,10 +471,9 @@ class SqlResourceRepository:
                 for r in (await self.session.execute(stmt)).all()]
 
 
-def _config_lock_key(tenant: str) -> int:
-    """The advisory lock key of a practice's ingest config (``xact_lock``'s of the name
-    ``ingest-config:<practice>``)."""
-    return lock_key(f"ingest-config:{tenant}")
+def _config_lock_name(tenant: str) -> str:
+    """The advisory lock (``xact_lock``) of a practice's ingest config."""
+    return f"ingest-config:{tenant}"
 
 
 async def practice_ids(session: AsyncSession) -> list[str]:

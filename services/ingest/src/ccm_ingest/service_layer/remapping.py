@@ -89,7 +89,8 @@ async def remap(uow: UnitOfWork, practice: Practice, before: IngestConfig,
         after_id = ""
         while page := await repo.live_resources(rtype, after_id, PAGE):
             after_id = page[-1].current.id
-            known = await _performers(repo, practice, page)
+            known = await handlers.stored_performers(
+                repo, (live.resource for live in page), practice.local_bases)
             updates = []
             for live in page:
                 done.resources += 1
@@ -155,15 +156,6 @@ def _mapping(body: dict[str, Any], source: SourceVersion, config: IngestConfig,
         roles=known["PractitionerRole"], practitioners=known["Practitioner"],
         local_bases=practice.local_bases, clock_skew=practice.clock_skew,
         stored_patient=f"Patient/{current.patient}" if current.patient else None))
-
-
-async def _performers(repo: SqlResourceRepository, practice: Practice,
-                      page: list[LiveResource]) -> dict[str, dict[str, dict[str, Any]]]:
-    """The PractitionerRoles and Practitioners a page's Encounters name, as stored now."""
-    wanted = {(t, i) for live in page
-              for t, i in handlers.performer_ids(live.resource, practice.local_bases)}
-    return {kind: await repo.current_resources(kind, sorted(i for t, i in wanted if t == kind))
-            for kind in handlers.PERFORMER_TYPES}
 
 
 async def _stage(uow: UnitOfWork, repo: SqlResourceRepository,

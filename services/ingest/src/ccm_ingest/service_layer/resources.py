@@ -4,7 +4,7 @@ work does, so a stored version and its events are one transaction."""
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -403,10 +403,7 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     # content re-creates it, whatever its time (the EHR's clock may lag the deletion's), and so
     # does the same content dated after the deletion (an EHR undoing a delete).
     kept = await repo.same_content_versions(replays)
-    # The PractitionerRoles and Practitioners the Encounters' participants are (by type, by id).
-    wanted = {(t, i) for w, *_ in plans for t, i in performer_ids(w.resource, caller.local_bases)}
-    known = {kind: await repo.current_resources(kind, sorted(i for t, i in wanted if t == kind))
-             for kind in PERFORMER_TYPES}
+    known = await stored_performers(repo, (w.resource for w, *_ in plans), caller.local_bases)
     pending = _Pending()
     outcomes = []
     for w, cur, sha, last_updated, stale in plans:
@@ -433,6 +430,15 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     await repo.insert_batch(pending.versions, caller.connection, pending.new_rows,
                             pending.identifiers, outbox_rows)
     return outcomes
+
+
+async def stored_performers(repo: SqlResourceRepository, resources: Iterable[dict[str, Any]],
+                            local_bases: tuple[str, ...]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The PractitionerRoles and Practitioners the participants of ``resources`` (Encounters)
+    are, as stored now: by type, by id."""
+    wanted = {(t, i) for r in resources for t, i in performer_ids(r, local_bases)}
+    return {kind: await repo.current_resources(kind, sorted(i for t, i in wanted if t == kind))
+            for kind in PERFORMER_TYPES}
 
 
 class placed(Relocating):  # noqa: N801 - a context manager, named as one
