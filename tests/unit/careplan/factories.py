@@ -9,12 +9,17 @@ from datetime import UTC, datetime
 from ccm_shared.events import CloudEvent
 
 
-def _source(resource: str, version: str, last_updated: datetime) -> dict:
+def _source(resource: str, version: str, last_updated: datetime,
+            mapping_revision: int | None = None) -> dict:
+    """``mapping_revision``: ingest mapped the stored version again after a config change."""
     kind, _, rid = resource.partition("/")
     stamp = last_updated.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return {"resourceType": kind, "id": rid, "versionId": version, "lastUpdated": stamp,
-            "sha256": hashlib.sha256(f"{resource}/{version}".encode()).hexdigest(),
-            "receivedAt": stamp, "connection": "ehr-test"}
+    source = {"resourceType": kind, "id": rid, "versionId": version, "lastUpdated": stamp,
+              "sha256": hashlib.sha256(f"{resource}/{version}".encode()).hexdigest(),
+              "receivedAt": stamp, "connection": "ehr-test"}
+    if mapping_revision is not None:
+        source["mappingRevision"] = mapping_revision
+    return source
 
 
 def care_plan(
@@ -22,10 +27,11 @@ def care_plan(
     at: datetime, patient: str = "Patient/p1", status: str = "active",
     created: str | None = None, author: str | None = "Practitioner/dr-lee",
     care_team: tuple[str, ...] = ("Practitioner/rn-diaz",), addresses: tuple[str, ...] = (),
-    review: dict | None = None,
+    review: dict | None = None, mapping_revision: int | None = None,
 ) -> CloudEvent:
     data = {
-        "source": _source(plan, version, at), "carePlan": plan, "patient": patient,
+        "source": _source(plan, version, at, mapping_revision), "carePlan": plan,
+        "patient": patient,
         "status": status, "intent": "plan",
         "created": created if created is not None else at.date().isoformat(),
         "period": {"start": None, "end": None}, "author": author, "careTeam": list(care_team),
@@ -38,8 +44,10 @@ def care_plan(
 
 
 def condition(practice: str, ref: str, *, at: datetime, patient: str = "Patient/p1",
-              chronic: bool = True, version: str = "1", status: str = "active") -> CloudEvent:
-    data = {"source": _source(ref, version, at), "condition": ref, "patient": patient,
+              chronic: bool = True, version: str = "1", status: str = "active",
+              mapping_revision: int | None = None) -> CloudEvent:
+    data = {"source": _source(ref, version, at, mapping_revision), "condition": ref,
+            "patient": patient,
             "clinicalStatus": status, "verificationStatus": "confirmed",
             "categories": [{"system": None, "code": "problem-list-item"}],
             "code": [{"system": "http://snomed.info/sct", "code": "44054006"}],
@@ -49,8 +57,10 @@ def condition(practice: str, ref: str, *, at: datetime, patient: str = "Patient/
 
 
 def patient(practice: str, ref: str = "Patient/p1", *, at: datetime, active: bool = True,
-            deceased: bool = False, gps: tuple[str, ...] = (), version: str = "1") -> CloudEvent:
-    data = {"source": _source(ref, version, at), "patient": ref, "active": active, "mbi": None,
+            deceased: bool = False, gps: tuple[str, ...] = (), version: str = "1",
+            mapping_revision: int | None = None) -> CloudEvent:
+    data = {"source": _source(ref, version, at, mapping_revision), "patient": ref,
+            "active": active, "mbi": None,
             "name": None, "managingOrganization": None, "generalPractitioner": list(gps),
             "deceased": deceased, "deleted": False}
     return CloudEvent(source="/ccm/ingest/connection/test", type="ingest.patient.upserted.v1",
@@ -58,8 +68,9 @@ def patient(practice: str, ref: str = "Patient/p1", *, at: datetime, active: boo
 
 
 def practitioner(practice: str, ref: str, *, at: datetime, active: bool = True,
-                 version: str = "1") -> CloudEvent:
-    data = {"source": _source(ref, version, at), "practitioner": ref, "active": active,
+                 version: str = "1", mapping_revision: int | None = None) -> CloudEvent:
+    data = {"source": _source(ref, version, at, mapping_revision), "practitioner": ref,
+            "active": active,
             "name": {"family": "Lee", "given": ["Ana"]}, "npi": None, "telecom": [],
             "qualifications": [], "deleted": False}
     return CloudEvent(source="/ccm/ingest/connection/test", type="ingest.practitioner.upserted.v1",

@@ -1,7 +1,8 @@
 """Tables of the careplan schema. Rows are declared without a schema; the engine places them.
 
-``add_tracker_tables`` is version 1 of the tracker tables; migration careplan_0002 creates them
-from it. Any later change to a table needs a migration of its own that alters it.
+``add_tracker_tables`` is today's tracker tables; migration careplan_0002 creates them from it on
+a new database. Any later change to a table needs a migration of its own that alters a database
+created before it, checking first what is there (careplan_0004: ingest's mapping revisions).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from ccm_shared.tables import add_messaging_tables
 REF = 140  # "PractitionerRole/" + a 64-character id, with room to spare
 
 
+def fact_version() -> tuple[Column, Column]:
+    """The source version a fact was last replaced by, after its ``last_updated`` (null
+    ``version_id``: recorded before careplan_0004)."""
+    return (Column("version_id", String(64), nullable=True),
+            Column("mapping_revision", Integer, nullable=False, server_default="0"))
+
+
 def add_tracker_tables(metadata: MetaData) -> dict[str, Table]:
     trackers = Table(
         "care_plan_trackers",
@@ -41,6 +49,8 @@ def add_tracker_tables(metadata: MetaData) -> dict[str, Table]:
         Column("first_seen", Date, nullable=False),
         Column("current_version", String(64), nullable=True),
         Column("current_last_updated", DateTime(timezone=True), nullable=True),
+        # ingest's source.mappingRevision of the current version (0: as first mapped)
+        Column("current_mapping_revision", Integer, nullable=False, server_default="0"),
         Column("author", String(REF), nullable=True),
         Column("care_team", JSON, nullable=False),
         Column("addresses", JSON, nullable=False),
@@ -71,7 +81,10 @@ def add_tracker_tables(metadata: MetaData) -> dict[str, Table]:
         Column("review_date", Date, nullable=True),
         Column("applied", Boolean, nullable=False),
         Column("received_at", DateTime(timezone=True), nullable=False),
-        PrimaryKeyConstraint("tracker_id", "version_id"),
+        # A version ingest mapped again after a config change is a row of its own (0: as first
+        # mapped); the same version and revision again is a duplicate.
+        Column("mapping_revision", Integer, nullable=False, server_default="0"),
+        PrimaryKeyConstraint("tracker_id", "version_id", "mapping_revision"),
     )
     reviews = Table(
         "care_plan_reviews",
@@ -134,6 +147,7 @@ def add_tracker_tables(metadata: MetaData) -> dict[str, Table]:
         Column("deleted", Boolean, nullable=False),
         Column("general_practitioners", JSON, nullable=False),
         Column("last_updated", DateTime(timezone=True), nullable=False),
+        *fact_version(),
         PrimaryKeyConstraint("practice", "patient"),
     )
     practitioners = Table(
@@ -146,6 +160,7 @@ def add_tracker_tables(metadata: MetaData) -> dict[str, Table]:
         Column("active", Boolean, nullable=False),
         Column("deleted", Boolean, nullable=False),
         Column("last_updated", DateTime(timezone=True), nullable=False),
+        *fact_version(),
         PrimaryKeyConstraint("practice", "reference"),
     )
     conditions = Table(
@@ -156,6 +171,7 @@ def add_tracker_tables(metadata: MetaData) -> dict[str, Table]:
         Column("patient", String(REF), nullable=False),
         Column("chronic_active", Boolean, nullable=False),
         Column("last_updated", DateTime(timezone=True), nullable=False),
+        *fact_version(),
         PrimaryKeyConstraint("practice", "condition"),
     )
     return {t.name: t for t in (trackers, versions, reviews, steps, distributions, rules,

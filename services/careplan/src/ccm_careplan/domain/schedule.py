@@ -74,16 +74,32 @@ def next_review_due(
     return due
 
 
+# Reminders are numbered in date order: 1…n at the offsets before due (earliest first), then
+# one every `overdue_reminder_every_days` while overdue. `_reminder_day` and
+# `_reminders_on_or_before` are the one statement of that rule, and each other's inverse.
+
+
+def _reminder_day(due: date, rules: ReviewRules, n: int) -> date | None:
+    """The day of reminder number ``n`` (1 on); None when past the calendar's last day."""
+    offsets = sorted(rules.reminder_days_before_due, reverse=True)
+    if n <= len(offsets):
+        return days_before(due, offsets[n - 1])
+    return days_after(due, (n - len(offsets)) * rules.overdue_reminder_every_days)
+
+
+def _reminders_on_or_before(due: date, rules: ReviewRules, day: date) -> int:
+    """How many reminders fall on or before ``day``: they are numbered in date order, so these
+    are reminders 1…n."""
+    before = sum(1 for d in rules.reminder_days_before_due if days_before(due, d) <= day)
+    return before + max(0, (day - due).days) // rules.overdue_reminder_every_days
+
+
 def reminder_dates(due: date, rules: ReviewRules, until: date) -> list[date]:
-    """Dates of reminders 1, 2, …: before due at each offset, then every M days while overdue
-    (none past the calendar's last day)."""
-    dates = [days_before(due, d) for d in sorted(rules.reminder_days_before_due, reverse=True)]
-    every = rules.overdue_reminder_every_days
-    j = 1
-    while (day := days_after(due, j * every)) is not None and day <= until:
-        dates.append(day)
-        j += 1
-    return dates
+    """Dates of reminders 1, 2, …: before due at each offset, then every M days while overdue,
+    up to ``until`` (none past the calendar's last day)."""
+    overdue = max(0, (until - due).days) // rules.overdue_reminder_every_days
+    return [_reminder_day(due, rules, n)
+            for n in range(1, len(rules.reminder_days_before_due) + overdue + 1)]
 
 
 def first_escalation(due: date, rules: ReviewRules) -> date | None:
@@ -94,20 +110,9 @@ def first_escalation(due: date, rules: ReviewRules) -> date | None:
     k = rules.escalate_after_reminders
     if k <= 0 or overdue is None:
         return by_days
-    before = len(rules.reminder_days_before_due)
-    if k <= before:
-        kth = reminder_dates(due, rules, due)[k - 1]
-    else:
-        kth = days_after(due, (k - before) * rules.overdue_reminder_every_days)
+    kth = _reminder_day(due, rules, k)
     earliest = min((d for d in (by_days, kth) if d is not None), default=None)
     return None if earliest is None else max(overdue, earliest)
-
-
-def _reminders_on_or_before(due: date, rules: ReviewRules, day: date) -> int:
-    """How many reminders fall on or before ``day``: they are numbered in date order, so these
-    are reminders 1…n."""
-    before = sum(1 for d in rules.reminder_days_before_due if days_before(due, d) <= day)
-    return before + max(0, (day - due).days) // rules.overdue_reminder_every_days
 
 
 def _count_on_or_before(due: date, rules: ReviewRules, kind: str, day: date | None) -> int:
@@ -128,11 +133,7 @@ def _count_on_or_before(due: date, rules: ReviewRules, kind: str, day: date | No
 def _numbered(due: date, rules: ReviewRules, kind: str, first: int, last: int) -> list[Step]:
     """Reminders or escalations number ``first`` to ``last`` (all on the calendar)."""
     if kind == REMINDER:
-        offsets = sorted(rules.reminder_days_before_due, reverse=True)
-        every = rules.overdue_reminder_every_days
-        return [Step(days_before(due, offsets[n - 1]) if n <= len(offsets)
-                     else date.fromordinal(due.toordinal() + (n - len(offsets)) * every),
-                     REMINDER, n) for n in range(first, last + 1)]
+        return [Step(_reminder_day(due, rules, n), REMINDER, n) for n in range(first, last + 1)]
     start, repeat = first_escalation(due, rules), rules.escalation_repeat_days
     return [Step(date.fromordinal(start.toordinal() + (n - 1) * repeat), ESCALATED, n)
             for n in range(first, last + 1)]

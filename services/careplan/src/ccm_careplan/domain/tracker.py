@@ -87,6 +87,31 @@ def as_utc(instant: datetime | None) -> datetime | None:
     return instant if instant.tzinfo else instant.replace(tzinfo=UTC)
 
 
+VersionOrder = tuple[datetime, str, int]
+
+
+def mapping_revision(source: dict) -> int:
+    """Ingest's ``source.mappingRevision``: set (1 and up) when it mapped the same stored version
+    again after the practice's mapping configuration changed; absent counts as 0."""
+    return int(source.get("mappingRevision") or 0)
+
+
+def version_order(last_updated: datetime, version_id: str | None,
+                  revision: int | None = 0) -> VersionOrder:
+    """Where an event's source stands among one resource's events, in ingest's order:
+    ``lastUpdated``, then ``versionId`` (ingest's are integers: compared as numbers, as billing's
+    ``version_key`` does), then the mapping revision, so a re-mapping of a version is newer than
+    what it re-states and older than any later version. A fact recorded before careplan_0004
+    has no versionId (None): it sorts before every version of the same instant."""
+    if version_id is None:
+        vid = ""
+    elif version_id.isascii() and version_id.isdigit():
+        vid = version_id.zfill(20)
+    else:
+        vid = version_id
+    return (as_utc(last_updated), vid, revision or 0)
+
+
 def recipients(author: str | None, care_team: list[str]) -> list[str]:
     """Who receives a plan version: its care team and its author, once each, in order."""
     seen: dict[str, None] = {}

@@ -19,7 +19,7 @@ from ccm_careplan.adapters.orm import (
 )
 from ccm_careplan.domain.rules import ReviewRules
 from ccm_careplan.domain.schedule import ESCALATED, REMINDER, review_state, within
-from ccm_careplan.domain.tracker import is_scheduled, resolve_provider
+from ccm_careplan.domain.tracker import is_scheduled, resolve_provider, version_order
 from ccm_careplan.service_layer.common import (
     general_practitioners,
     practitioner_directory,
@@ -199,12 +199,16 @@ async def tracker_detail(
                       await responsible_provider(uow.session, practice, dict(row._mapping)))
     detail |= {"intent": row.intent, "author": row.author, "care_team": list(row.care_team),
                "addresses": list(row.addresses)}
+    # In ingest's order; a version ingest mapped again after a config change is listed after
+    # it with its ``mapping_revision`` (null: as the version was first mapped).
     detail["versions"] = [
-        {"version_id": v.version_id, "event": v.event_type, "status": v.status,
+        {"version_id": v.version_id, "mapping_revision": v.mapping_revision or None,
+         "event": v.event_type, "status": v.status,
          "last_updated": _iso(v.last_updated), "review_date": _iso(v.review_date),
          "applied": v.applied, "received_at": _iso(v.received_at)}
-        for v in (await uow.session.execute(select(versions).where(
-            versions.c.tracker_id == tracker).order_by(versions.c.last_updated))).all()
+        for v in sorted((await uow.session.execute(select(versions).where(
+            versions.c.tracker_id == tracker))).all(),
+            key=lambda v: version_order(v.last_updated, v.version_id, v.mapping_revision))
     ]
     detail["reviews"] = [
         {"date": _iso(r.review_date), "reviewer": r.reviewer, "outcome": r.outcome,

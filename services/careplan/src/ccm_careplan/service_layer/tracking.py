@@ -2,7 +2,10 @@
 
 Handlers never commit: the consumer runtime (or the HTTP request) owns the unit of work.
 Duplicates are harmless (the inbox drops redelivered events; a re-sent version is recognised by
-its versionId) and late, older versions never overwrite newer state.
+its versionId and mapping revision) and late, older versions never overwrite newer state. Events
+are ordered as ingest orders them (``version_order``): lastUpdated, versionId, then
+``source.mappingRevision``, which ingest sets when it maps the same stored version again after
+the practice's mapping configuration changed.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from ccm_careplan.domain.rules import ReviewRules
 from ccm_careplan.domain.schedule import COMPLETED, ESCALATED, OVERDUE, RESOLVED
 from ccm_careplan.domain.tracker import (
     SIGNED_OUTCOMES,
-    as_utc,
     is_chronic_active,
+    mapping_revision,
     parse_day,
     parse_instant,
+    version_order,
 )
 from ccm_careplan.service_layer.common import (
     StepClaim,
@@ -112,9 +116,16 @@ async def _close_cycle(
 
 
 async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
+    """A version of a care plan: newer ones (``version_order``) become the tracker's current
+    version, older ones only join its history. A re-mapping of the current version (a higher
+    mapping revision: the practice's ingest configuration changed, the plan did not) restates
+    its fields, status included (closed as ``entered-in-error`` when it is no CCM plan any more,
+    active again when it becomes one again), but it is no revision of the plan: the sign-off
+    stands and the review is not brought forward."""
     data, practice = event.data, event.tenant
     source = data["source"]
     version, last_updated = source["versionId"], parse_instant(source["lastUpdated"])
+    revision = mapping_revision(source)
     version_day = await practice_today(uow.session, practice, last_updated)
     tid = tracker_id(practice, data["carePlan"])
     rules = await load_rules(uow.session, practice)
@@ -126,6 +137,7 @@ async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetim
         "created": parse_day(data.get("created")) or parse_day(
             (data.get("period") or {}).get("start")),
         "current_version": version, "current_last_updated": last_updated,
+        "current_mapping_revision": revision,
     }
     if row is None:
         row = {
@@ -137,10 +149,13 @@ async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetim
         }
         row["next_review_due"] = compute_due(row, rules)
         await uow.session.execute(trackers.insert().values(**row, updated_at=now))
-        newer, is_new = True, True
+        newer, is_new, restated = True, True, False
     else:
-        current = as_utc(row["current_last_updated"])
-        newer = current is None or last_updated > current
+        incoming = version_order(last_updated, version, revision)
+        newer = row["current_last_updated"] is None or incoming > version_order(
+            row["current_last_updated"], row["current_version"], row["current_mapping_revision"])
+        restated = newer and incoming[:2] == version_order(
+            row["current_last_updated"], row["current_version"])[:2]
         is_new = False
     evidence = data.get("review") or None
     review_day = parse_day(evidence.get("date")) if evidence else None
@@ -148,15 +163,15 @@ async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetim
         insert_for(uow.session)(versions).values(
             tracker_id=tid, version_id=version, practice=practice, event_type=event.type,
             status=data["status"], last_updated=last_updated, review_date=review_day,
-            applied=newer, received_at=now,
-        ).on_conflict_do_nothing(index_elements=["tracker_id", "version_id"])
+            applied=newer, received_at=now, mapping_revision=revision,
+        ).on_conflict_do_nothing(index_elements=["tracker_id", "version_id", "mapping_revision"])
         .returning(versions.c.version_id)
     )
     if inserted.first() is None:
         return  # the same version again (a re-push or a redelivery under a new event id)
     if newer and not is_new:
         changes = dict(fields)
-        if review_day is None:
+        if review_day is None and not restated:
             changes["signoff_status"] = "awaiting"  # a changed plan needs a new sign-off
             anchor = row["last_review"] or row["created"] or row["first_seen"]
             if (event.type.endswith("revised.v1") and rules.early_review_on_plan_revision
@@ -181,13 +196,14 @@ async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetim
 async def apply_condition_event(event: CloudEvent, uow: UnitOfWork, now: datetime) -> None:
     """A condition newly active and chronic brings the patient's plans' reviews forward."""
     data, practice = event.data, event.tenant
-    last_updated = parse_instant(data["source"]["lastUpdated"])
+    values = _fact_version(data["source"])
+    last_updated = values["last_updated"]
     existing = (await uow.session.execute(select(conditions).where(
         conditions.c.practice == practice, conditions.c.condition == data["condition"]))).first()
-    if existing is not None and as_utc(existing.last_updated) > last_updated:
-        return  # an older version arriving late
+    if existing is not None and not _is_newer(values, existing._mapping):
+        return  # an older version arriving late, or the same one again
     chronic = is_chronic_active(data)
-    values = {"patient": data["patient"], "chronic_active": chronic, "last_updated": last_updated}
+    values |= {"patient": data["patient"], "chronic_active": chronic}
     await uow.session.execute(
         insert_for(uow.session)(conditions).values(practice=practice,
                                                    condition=data["condition"], **values)
@@ -217,10 +233,25 @@ async def apply_condition_event(event: CloudEvent, uow: UnitOfWork, now: datetim
             **changes, updated_at=now))
 
 
+def _fact_version(source: dict) -> dict:
+    """The source version columns of a fact (``orm.fact_version``)."""
+    return {"last_updated": parse_instant(source["lastUpdated"]),
+            "version_id": source["versionId"], "mapping_revision": mapping_revision(source)}
+
+
+def _is_newer(incoming: dict, stored) -> bool:  # noqa: ANN001 - a row mapping
+    """Whether an event's version (``_fact_version``) comes after the one a fact holds: a
+    re-mapping of the same version does, the same version and revision again does not."""
+    return version_order(incoming["last_updated"], incoming["version_id"],
+                         incoming["mapping_revision"]) > version_order(
+        stored["last_updated"], stored["version_id"], stored["mapping_revision"])
+
+
 async def _upsert_if_newer(uow: UnitOfWork, table, keys: dict, values: dict) -> None:  # noqa: ANN001
     where = [table.c[k] == v for k, v in keys.items()]
-    existing = (await uow.session.execute(select(table.c.last_updated).where(*where))).scalar()
-    if existing is not None and as_utc(existing) > values["last_updated"]:
+    existing = (await uow.session.execute(select(
+        table.c.last_updated, table.c.version_id, table.c.mapping_revision).where(*where))).first()
+    if existing is not None and not _is_newer(values, existing._mapping):
         return
     await uow.session.execute(
         insert_for(uow.session)(table).values(**keys, **values)
@@ -232,7 +263,7 @@ async def apply_patient_event(event: CloudEvent, uow: UnitOfWork, now: datetime)
     await _upsert_if_newer(uow, patients, {"practice": event.tenant, "patient": d["patient"]}, {
         "active": bool(d["active"]), "deceased": bool(d["deceased"]),
         "deleted": bool(d["deleted"]), "general_practitioners": list(d["generalPractitioner"]),
-        "last_updated": parse_instant(d["source"]["lastUpdated"]),
+        **_fact_version(d["source"]),
     })
 
 
@@ -252,7 +283,7 @@ async def apply_practitioner_event(event: CloudEvent, uow: UnitOfWork, now: date
         "practitioner": d.get("practitioner") if is_role else None,
         "display": None if is_role else _display(d.get("name")),
         "active": bool(d["active"]), "deleted": bool(d["deleted"]),
-        "last_updated": parse_instant(d["source"]["lastUpdated"]),
+        **_fact_version(d["source"]),
     })
 
 
