@@ -337,3 +337,50 @@ async def test_an_event_no_inbox_can_record_is_dead_lettered_at_once(sqlite_db, 
     assert applied == [] and runtime.stats.retries == 0
     (dead,) = bus.messages(dlq_topic(TOPIC))
     assert dead.header("dlq-reason").decode() == reason
+
+
+def _kafka_errors():
+    from aiokafka import errors
+
+    return errors
+
+
+@pytest.mark.parametrize(("error", "transient"), [
+    # Kafka too slow or away: waited out (these are RuntimeErrors, not OSErrors)
+    (lambda e: e.RequestTimedOutError(), True),
+    (lambda e: e.NodeNotReadyError(), True),
+    (lambda e: e.KafkaConnectionError(), True),
+    (lambda e: e.KafkaTimeoutError(), True),
+    (lambda e: e.LeaderNotAvailableError(), True),
+    (lambda e: e.for_code(41)("could not create topic t: error code 41"), True),  # no controller
+    # what Kafka says will not change by waiting: retried, then dead-lettered
+    (lambda e: e.InvalidPartitionsError(), False),
+    (lambda e: e.TopicAuthorizationFailedError(), False),
+    # the database and the network, as before
+    (lambda e: ConnectionRefusedError(), True),
+    (lambda e: RuntimeError("a handler's own failure"), False),
+])
+def test_which_failures_are_waited_out_rather_than_dead_lettered(error, transient):
+    from ccm_shared.consumer import is_transient
+
+    assert is_transient(error(_kafka_errors())) is transient
+
+
+async def test_a_kafka_timeout_in_prepare_is_waited_out_not_dead_lettered(sqlite_db):
+    """notification's feed creates a practice's topics in ``prepare``; a busy broker timed the
+    request out six times and the billing event was dead-lettered (and the feed, numbering
+    events itself, showed no gap). Kafka's retriable errors are now waited out."""
+    left = {"timeouts": 8}
+
+    async def prepare(event):
+        if left["timeouts"]:
+            left["timeouts"] -= 1
+            raise _kafka_errors().RequestTimedOutError()
+
+    bus = InProcessTransport(partitions=1)
+    runtime = ConsumerRuntime(name="prepared", topics=[TOPIC], handler=record_effect,
+                              prepare=prepare, db=sqlite_db, transport=bus, max_retries=2,
+                              backoff_initial=0, backoff_max=0)
+    await runtime.process(Message(TOPIC, make_event(value=7).to_json(), key=b"k"))
+    assert [r.value for r in await effect_rows(sqlite_db)] == [7]
+    assert bus.messages(dlq_topic(TOPIC)) == []

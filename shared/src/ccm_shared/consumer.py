@@ -38,11 +38,19 @@ DLQ_SUFFIX = ".dlq"
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Infrastructure trouble (database or network down) is waited out, never dead-lettered."""
+    """Infrastructure trouble (the database, the network or Kafka down or too busy to answer) is
+    waited out, never dead-lettered. Kafka's errors are RuntimeErrors, not OSErrors: those it
+    calls retriable (a request timed out, a broker not ready or unreachable, no leader yet) are
+    transient; a handler that creates topics (notification's practice feed) met them when the
+    broker was slow, and its event was dead-lettered after six tries."""
+    from aiokafka.errors import KafkaError, KafkaTimeoutError
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    if isinstance(exc, OperationalError | ConnectionError | OSError | TimeoutError):
+    if isinstance(exc, OperationalError | ConnectionError | OSError | TimeoutError
+                  | KafkaTimeoutError):
         return True
+    if isinstance(exc, KafkaError):
+        return bool(exc.retriable)
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 

@@ -197,7 +197,7 @@ class KafkaTransport:
         exist with a record limit under ``MAX_MESSAGE_BYTES`` (created by a version before the
         limit was raised) have it raised, their other settings kept."""
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-        from aiokafka.errors import TopicAlreadyExistsError
+        from aiokafka.errors import TopicAlreadyExistsError, for_code
 
         admin = AIOKafkaAdminClient(
             **self.connection_options(), client_id=f"{self.client_id}-admin"
@@ -225,14 +225,24 @@ class KafkaTransport:
                 # Per topic: created, or created meanwhile by another process, else refused.
                 for topic, code, *_ in response.topic_errors:
                     if code not in (_CREATED, _ALREADY_EXISTS):
-                        raise RuntimeError(f"could not create topic {topic}: error code {code}")
+                        # Kafka's own error for the code: whether it is worth waiting out
+                        # (a timeout, no controller yet) is its ``retriable``.
+                        raise for_code(code)(f"could not create topic {topic}: error code {code}")
                 log.info("topics created", count=len(wanted))
         finally:
             await admin.close()
 
     async def ping(self) -> None:
-        producer = await self._get_producer()
-        await asyncio.wait_for(producer.client.fetch_all_metadata(), timeout=5)
+        """Kafka answers: a metadata request for no topic (the brokers only) to one broker. Not
+        every topic's metadata: each practice has topics of its own (its feed), and with
+        thousands of them that answer took longer than a readiness probe waits."""
+        from aiokafka.protocol.metadata import MetadataRequest
+
+        client = (await self._get_producer()).client
+        node = client.get_random_node()
+        if node is None:
+            raise ConnectionError("no Kafka broker is known")
+        await asyncio.wait_for(client.send(node, MetadataRequest([])), timeout=5)
 
     def source(self, topics: Sequence[str], group_id: str) -> KafkaSource:
         return KafkaSource(self, topics, group_id)
