@@ -22,7 +22,7 @@ from sqlalchemy import (
 )
 
 from ccm_notification.subscriptions.tables import (
-    add_feed_order_tables,
+    add_feed_held_table,
     add_subscription_tables_v1,
 )
 from ccm_shared.tables import BigId, add_messaging_tables
@@ -214,6 +214,4 @@ _subscription_tables = add_subscription_tables_v1(metadata)
 subscriptions = _subscription_tables["subscriptions"]
 subscription_events = _subscription_tables["subscription_events"]
 subscription_deliveries = _subscription_tables["subscription_deliveries"]
-_feed_order_tables = add_feed_order_tables(metadata)
-feed_held = _feed_order_tables["feed_held"]
-feed_positions = _feed_order_tables["feed_positions"]
+feed_held = add_feed_held_table(metadata)["feed_held"]

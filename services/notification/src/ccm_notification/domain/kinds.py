@@ -98,6 +98,14 @@ KINDS: dict[str, Kind] = {
             # (carried from it), and the balance: owed (amount_due) or owed back (owed_back).
             ("replaces", "paid", "balance", "amount_due", "owed_back"),
         ),
+        # A correction that left nothing to bill cancelled the invoice and issued none in its
+        # place: what was cancelled, why, and what was paid and is owed back (or still due).
+        Kind(
+            "invoice-cancelled",
+            "Invoice cancelled",
+            ("invoice_id", "month", "revision", "total_net"),
+            ("reason", "paid", "balance", "amount_due", "owed_back"),
+        ),
         Kind("call-request", "Call requested", ("reason", "slots", "requester_name"), ("patient",)),
         Kind(
             "call-confirmed",

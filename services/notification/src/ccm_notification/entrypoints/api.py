@@ -39,7 +39,7 @@ from ccm_notification.domain.directory import SOURCE_FIELDS, UnknownField
 from ccm_notification.domain.kinds import KINDS, MissingFields
 from ccm_notification.domain.signing import LinkExpired, LinkInvalid, verify_link, webhook_secret
 from ccm_notification.service_layer import acks, calls, directory
-from ccm_notification.service_layer.handlers import release_held_reviews
+from ccm_notification.service_layer.handlers import release_held, release_held_reviews
 from ccm_notification.service_layer.notify import Intent, Notifier, Recorded
 from ccm_shared.errors import Gone, InvalidInput, MalformedRequest, NotFound
 from ccm_shared.http import TenantDep, json_body_after
@@ -329,8 +329,10 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         values = body.model_dump() | {"updated_at": runtime.clock()}
         async with db.unit_of_work() as uow:
             await upsert(uow.session, practice_contacts, {"practice": practice}, values)
-            # Messages held because nobody was configured go out to the supervisor now.
-            await release_held_reviews(notifier(), uow, practice)
+            # Messages held because nobody was configured go out now: care-plan reviews to the
+            # supervisor, practice-level messages (invoices, summaries, consent notices) to
+            # the contacts.
+            await release_held(notifier(), uow, practice)
             await uow.commit()
         return body
 

@@ -18,7 +18,7 @@ from ccm_notification.service_layer.handlers import (
     DIRECTORY_TOPICS,
     alerts_handler,
     directory_handler,
-    release_held_reviews,
+    release_held,
 )
 from ccm_notification.service_layer.notify import Notifier
 from ccm_notification.subscriptions.domain import FEED_TYPES
@@ -138,11 +138,12 @@ def _every(name: str, interval: float, step: Callable[[], Awaitable[int]]):  # n
 
 
 async def sweep_and_release(runtime: ServiceRuntime, notifier: Notifier) -> int:
-    """The acknowledgement sweep, then the held care-plan messages whose recipient can now be
-    found (contacts and directory changes release them at once; this catches the rest)."""
+    """The acknowledgement sweep, then the held messages whose recipient can now be found
+    (care-plan reviews, practice-level messages: contacts and directory changes release them
+    at once; this catches the rest)."""
     moved = await acks.sweep(runtime.db, notifier)
     async with runtime.db.unit_of_work() as uow:
-        released = await release_held_reviews(notifier, uow)
+        released = await release_held(notifier, uow)
         await uow.commit()
     return moved + released
 

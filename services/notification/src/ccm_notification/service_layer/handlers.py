@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from decimal import Decimal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 
-from ccm_notification.adapters.orm import messages
+from ccm_notification.adapters.orm import messages, practice_contacts
+from ccm_notification.adapters.sql import practice_row
+from ccm_notification.domain import practice_messages as pm
 from ccm_notification.service_layer import directory
 from ccm_notification.service_layer.notify import Intent, Notifier, held_messages
 from ccm_shared.db import UnitOfWork
@@ -26,13 +28,27 @@ DIRECTORY_TOPICS = (
     "ingest.practitioner-role.upserted.v1",
     "ingest.organization.upserted.v1",
 )
+# A consent that ends this way makes a held expiry notice of it obsolete (what each is called).
+CONSENT_ENDED = {
+    "ingest.consent.revoked.v1": "revoked",
+    "ingest.consent.declined.v1": "declined",
+    "ingest.consent.voided.v1": "voided",
+}
+CONSENT_GRANTED = "ingest.consent.granted.v1"
 ALERT_TOPICS = (
     *REVIEW_KINDS,
     *REVIEW_CLOSERS,
     "billing.threshold.at-risk.v1",
     "billing.invoice.issued.v1",
+    "billing.invoice.cancelled.v1",
     "billing.period.closed.v1",
     "ingest.consent.expiring.v1",
+    CONSENT_GRANTED,
+    *CONSENT_ENDED,
+)
+PRACTICE_HELD_REASON = (
+    "no recipient yet: the practice has no summary recipients or clinical supervisor "
+    "configured; this message is held and sent as soon as one is (PUT …/contacts)"
 )
 
 
@@ -73,7 +89,13 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
                 "invoice-issued",
                 f"invoice:{d['invoiceId']}:{d['revision']}",
                 invoice_values(d),
+                # what a cancellation of the invoice finds it by, while it is held
+                tracker=invoice_tracker(d["invoiceId"]),
             )
+        elif event.type == "billing.invoice.cancelled.v1":
+            await invoice_cancelled(notifier, event, uow)
+        elif event.type == CONSENT_GRANTED or event.type in CONSENT_ENDED:
+            await consent_changed(notifier, event, uow)
         elif event.type == "ingest.consent.expiring.v1":
             # A renewed consent is the practice's to obtain: its summary recipients (else its
             # clinical supervisor) hear of it, once per consent, end day and patient.
@@ -91,6 +113,7 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
                     "days_left": d["daysLeft"],
                 },
                 patient=d["patient"],
+                tracker=consent_tracker(d["consent"]),
             )
         elif event.type == "billing.period.closed.v1":
             d = event.data
@@ -122,7 +145,7 @@ def invoice_values(d: dict) -> dict:
     which invoice it replaces, what was already paid (carried from it) and what is owed either
     way, so a practice that paid the replaced invoice does not pay again."""
     balance = d.get("balance")
-    owed = Decimal(balance) if balance is not None else None
+    amount_due, owed_back = pm.owed(balance)
     return {
         "invoice_id": d["invoiceId"],
         "month": d["month"],
@@ -132,9 +155,17 @@ def invoice_values(d: dict) -> dict:
         "replaces": d.get("replaces"),
         "paid": d.get("paid"),
         "balance": balance,
-        "amount_due": f"{owed:.2f}" if owed is not None and owed > 0 else None,
-        "owed_back": f"{-owed:.2f}" if owed is not None and owed < 0 else None,
+        "amount_due": amount_due,
+        "owed_back": owed_back,
     }
+
+
+def invoice_tracker(invoice_id: str) -> str:
+    return f"invoice:{invoice_id}"
+
+
+def consent_tracker(consent: str) -> str:
+    return f"consent:{consent}"
 
 
 async def review_recipient(
@@ -195,6 +226,10 @@ async def release_held_reviews(
     stmt = select(messages).where(held_messages(), messages.c.kind.in_(set(REVIEW_KINDS.values())))
     if practice is not None:
         stmt = stmt.where(messages.c.practice == practice)
+    if reference is not None:  # only the messages naming it are read (and locked)
+        stmt = stmt.where(or_(
+            messages.c.fields["responsible_provider"].as_string() == reference,
+            messages.c.fields["supervisor"].as_string() == reference))
     rows = (await uow.session.execute(
         stmt.order_by(messages.c.created_at).limit(500).with_for_update(skip_locked=True)
     )).all()
@@ -203,8 +238,6 @@ async def release_held_reviews(
     for row in rows:
         fields = row.fields or {}
         refs = (fields.get("responsible_provider"), fields.get("supervisor"))
-        if reference is not None and reference not in refs:
-            continue
         wanted = (row.practice, row.kind, *refs)
         if wanted not in found:
             found[wanted] = await review_recipient(notifier, uow, row.practice, row.kind, *refs)
@@ -257,6 +290,13 @@ async def threshold_at_risk(notifier: Notifier, event: CloudEvent, uow: UnitOfWo
     )
 
 
+async def practice_recipients(notifier: Notifier, uow: UnitOfWork, practice: str) -> list[str]:
+    contacts = await notifier.contacts(uow, practice)
+    if contacts is None:
+        return []
+    return pm.practice_recipients(contacts.summary_recipients, contacts.supervisor)
+
+
 async def to_practice_contacts(
     notifier: Notifier,
     event: CloudEvent,
@@ -265,13 +305,29 @@ async def to_practice_contacts(
     key: str,
     values: dict,
     patient: str | None = None,
+    tracker: str | None = None,
 ) -> None:
-    """Practice-level messages go to its summary recipients, else its clinical supervisor;
-    ``patient``: the one a message is about, when it is about one (Communication.subject)."""
-    contacts = await notifier.contacts(uow, event.tenant)
-    recipients = list(contacts.summary_recipients) if contacts else []
-    if not recipients and contacts is not None and contacts.supervisor:
-        recipients = [contacts.supervisor]
+    """Practice-level messages go to its summary recipients, else its clinical supervisor, one
+    message each (key ``{practice}:{key}:{recipient}``); ``patient``: the one a message is
+    about, when it is about one (Communication.subject). With neither configured the message is
+    held (key ``…:no-recipient``) until a contact is: ``release_practice_message`` then sends it
+    to every contact configured, once. The same intent again (a re-published event) finds what
+    was recorded: a held message is released if it can be now, and is never recorded twice."""
+    base = f"{event.tenant}:{key}"
+    held = await notifier.find_by_key(uow, f"{base}:{pm.NO_CONTACT}")
+    if held is not None:  # this intent came before any contact: its release sends it to them
+        if held.status == "pending" and held.next_attempt_at is None:
+            row = (await uow.session.execute(
+                select(messages).where(messages.c.id == held.id))).first()
+            await release_practice_message(notifier, uow, row, values)
+        return
+    recipients = await practice_recipients(notifier, uow, event.tenant)
+    if not recipients and (await uow.session.execute(
+            select(messages.c.id).where(
+                messages.c.practice == event.tenant,
+                messages.c.idempotency_key.startswith(f"{base}:", autoescape=True))
+            .limit(1))).first() is not None:
+        return  # sent before to contacts since removed: the intent is done, nothing is held
     for recipient in recipients or [None]:
         await notifier.notify(
             uow,
@@ -280,7 +336,123 @@ async def to_practice_contacts(
                 kind=kind,
                 provider_id=recipient,
                 values=values,
-                idempotency_key=f"{event.tenant}:{key}:{recipient or 'no-recipient'}",
+                idempotency_key=f"{base}:{recipient or pm.NO_CONTACT}",
                 patient=patient,
+                tracker=tracker,
+                hold_without_recipient=True,
+                held_reason=PRACTICE_HELD_REASON,
             ),
         )
+
+
+async def release_practice_message(
+    notifier: Notifier, uow: UnitOfWork, row, values: dict | None = None  # noqa: ANN001
+) -> bool:
+    """Send a practice-level message held for a contact (``row``) to the practice's contacts
+    now configured: the held message goes to the first, a message of its own (key
+    ``{practice}:{key}:{recipient}``) to each other one. Only the call that releases the held
+    row adds the others, so concurrent releases send each once. True when this call did."""
+    recipients = await practice_recipients(notifier, uow, row.practice)
+    if not recipients:
+        return False
+    first, *others = recipients
+    if not await notifier.deliver_held(uow, row, first, values):
+        return False
+    base = row.idempotency_key.removesuffix(f":{pm.NO_CONTACT}")
+    for recipient in others:
+        await notifier.notify(uow, Intent(
+            practice=row.practice, kind=row.kind, provider_id=recipient,
+            values=dict(values if values is not None else row.fields),
+            idempotency_key=f"{base}:{recipient}", patient=row.patient, tracker=row.tracker))
+    return True
+
+
+async def release_held_practice_messages(
+    notifier: Notifier, uow: UnitOfWork, practice: str | None = None
+) -> int:
+    """Send the held practice-level messages (of ``practice``, or of every practice that has
+    contacts) to the contacts now configured; return how many were released. Called when the
+    contacts are saved, and by the periodic sweep."""
+    stmt = select(messages).where(held_messages(), messages.c.kind.in_(pm.PRACTICE_KINDS))
+    if practice is not None:
+        stmt = stmt.where(messages.c.practice == practice)
+    else:  # practices without contacts keep theirs held: not read (nor locked) every pass
+        stmt = stmt.where(messages.c.practice.in_(select(practice_contacts.c.practice)))
+    rows = (await uow.session.execute(
+        stmt.order_by(messages.c.created_at).limit(500).with_for_update(skip_locked=True)
+    )).all()
+    released = 0
+    for row in rows:
+        if await release_practice_message(notifier, uow, row):
+            released += 1
+    return released
+
+
+async def release_held(notifier: Notifier, uow: UnitOfWork, practice: str | None = None) -> int:
+    """Every held message whose recipient can now be found: care-plan reviews and
+    practice-level messages."""
+    return (await release_held_reviews(notifier, uow, practice)
+            + await release_held_practice_messages(notifier, uow, practice))
+
+
+async def withdraw_held(
+    notifier: Notifier, uow: UnitOfWork, practice: str, reason: str, *where  # noqa: ANN002
+) -> int:
+    """Withdraw the practice's held messages matching ``where`` (what they announce is no
+    longer so): failed with ``reason``, never sent. Returns how many."""
+    rows = (await uow.session.execute(select(messages).where(
+        messages.c.practice == practice, held_messages(), *where).with_for_update())).all()
+    for row in rows:
+        await notifier.withdraw_held(uow, row, reason)
+    return len(rows)
+
+
+async def invoice_cancelled(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
+    """An invoice was cancelled: its announcement, if still held, is withdrawn. Replaced, the
+    replacement's own message says so; with nothing in its place (a correction left nothing
+    to bill), the practice is told what was cancelled, what was paid and is owed back."""
+    d = event.data
+    replaced = not pm.cancelled_without_replacement(d)
+    why = (f" (replaced by invoice {d['replacedBy']})" if d.get("replacedBy")
+           else "" if replaced else " (a correction left nothing to bill)")
+    await withdraw_held(
+        notifier, uow, event.tenant,
+        f"not sent: invoice {d['invoiceId']} was cancelled{why} before anyone was "
+        "configured to receive this message",
+        messages.c.kind == "invoice-issued", messages.c.tracker == invoice_tracker(d["invoiceId"]))
+    if not replaced:
+        await to_practice_contacts(notifier, event, uow, "invoice-cancelled",
+                                   f"invoice-cancelled:{d['invoiceId']}", pm.cancelled_values(d))
+
+
+async def consent_changed(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
+    """A consent revoked, declined or voided, or a consent granted that renews one, makes a held
+    expiry notice obsolete: it is withdrawn rather than sent late."""
+    d = event.data
+    expiring = messages.c.kind == "consent-expiring"
+    if event.type in CONSENT_ENDED:
+        await withdraw_held(
+            notifier, uow, event.tenant,
+            f"not sent: the consent was {CONSENT_ENDED[event.type]} before anyone was "
+            "configured to receive this message",
+            expiring, messages.c.tracker == consent_tracker(d["consent"]))
+        return
+    held = (await uow.session.execute(select(messages).where(
+        messages.c.practice == event.tenant, held_messages(), expiring,
+        messages.c.patient == d["patient"]))).all()
+    if not held:
+        return
+    practice = await practice_row(uow.session, event.tenant)
+    try:
+        tz = ZoneInfo(practice.timezone) if practice is not None else ZoneInfo("UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        tz = ZoneInfo("UTC")
+    end = (d.get("period") or {}).get("end")
+    renewed = [row.id for row in held
+               if pm.renews((row.fields or {}).get("expires_on", ""), d.get("provision"), end, tz)]
+    if renewed:
+        await withdraw_held(
+            notifier, uow, event.tenant,
+            "not sent: a consent of the patient covering days after this one was granted "
+            "before anyone was configured to receive this message",
+            messages.c.id.in_(renewed))

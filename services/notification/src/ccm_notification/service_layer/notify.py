@@ -6,7 +6,8 @@ request finds the key taken and records nothing. The dispatcher delivers the row
 An intent that cannot be delivered (unknown provider, no channel, a missing template field)
 is recorded as a failed message and raises ``notification.message.failed.v1``, never dropped.
 One whose recipient is found by a rule that finds nobody yet (a care-plan escalation before the
-practice configured a supervisor) is *held* instead: pending with no attempt time and the reason
+practice configured a supervisor, an invoice email before it configured any contact) is *held*
+instead: pending with no attempt time and the reason
 in ``last_error``, until a recipient appears (``deliver_held``); it is then sent, once.
 """
 
@@ -76,6 +77,7 @@ class Intent:
     # No recipient yet (nobody configured): keep the message, unsent, until one is found
     # (``release_held``) instead of failing it. For messages whose recipient a rule finds later.
     hold_without_recipient: bool = False
+    held_reason: str = HELD_REASON  # what the held message's last_error says
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,7 @@ class Notifier:
                 attempts=0,
                 # Held: pending with no attempt time, so the dispatcher leaves it alone.
                 next_attempt_at=now if status == "pending" and not held else None,
-                last_error=HELD_REASON if held and status == "pending" else error,
+                last_error=intent.held_reason if held and status == "pending" else error,
                 root_id=intent.root_id,
                 ack_state="pending" if requires_ack and not intent.root_id else None,
                 # The acknowledgement clock starts when the alert is sent, not while held.
@@ -252,7 +254,8 @@ class Notifier:
                 intent.idempotency_key,
                 intent.patient,
             )
-        return Recorded(message_id, True, status, HELD_REASON if held and not error else error)
+        return Recorded(message_id, True, status,
+                        intent.held_reason if held and not error else error)
 
     async def _prepare(
         self, uow: UnitOfWork, intent: Intent, message_id: str, *, strict: bool

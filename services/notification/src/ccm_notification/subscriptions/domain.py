@@ -32,6 +32,8 @@ FEED_TYPES: tuple[str, ...] = (
 # Contracts without a ``practiceSequence`` data property: the number is in the envelope only.
 NO_DATA_SEQUENCE = frozenset({"billing.threshold.at-risk.v1"})
 FEED_COUNTER = "practice-feed"  # the outbox sequence counter (tenant, subject) of the feed
+# The event_sequences counter (practice, subject) holding the last billing number fanned out
+FEED_POSITION = "practice-feed-position"
 PAYLOAD_MODES = ("id-only", "full-resource")
 
 # The same rule as the practice registry, and no dots: ``ccm.practice.<id>.`` must stay a prefix

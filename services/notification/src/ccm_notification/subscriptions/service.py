@@ -26,16 +26,15 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from ccm_notification.adapters.channels import DeliveryResult, post_signed
 from ccm_notification.adapters.orm import (
     feed_held,
-    feed_positions,
     subscription_deliveries,
     subscription_events,
     subscriptions,
 )
-from ccm_notification.adapters.sql import insert_for
 from ccm_notification.config import NotificationSettings
 from ccm_notification.domain.kinds import backoff_seconds
 from ccm_notification.subscriptions.domain import (
     FEED_COUNTER,
+    FEED_POSITION,
     FEED_TYPES,
     FeedEvent,
     feed_data,
@@ -95,14 +94,14 @@ def feed_handler(clock: Clock, hold_seconds: float = 30.0) -> Handler:
 
 async def already_fanned_out(uow: UnitOfWork, event_id: str) -> bool:
     """The practice-topic copy keeps the billing event's id, which the outbox holds once; an
-    event waiting for its turn is in ``feed_held``."""
+    event waiting for its turn is in ``feed_held``. Both looked up in one statement."""
     from ccm_shared.tables import outbox_table
 
-    for column in (outbox_table.c.event_id, feed_held.c.event_id):
-        found = await uow.session.execute(select(column).where(column == event_id).limit(1))
-        if found.first() is not None:
-            return True
-    return False
+    stmt = select(or_(
+        select(outbox_table.c.event_id).where(outbox_table.c.event_id == event_id).exists(),
+        select(feed_held.c.event_id).where(feed_held.c.event_id == event_id).exists(),
+    ))
+    return bool((await uow.session.execute(stmt)).scalar())
 
 
 async def feed_in_order(
@@ -117,7 +116,7 @@ async def feed_in_order(
     the number before it went out, or until the oldest waiting has waited ``hold``; an event
     billing does not number (at-risk) goes out at once. Under the practice's position lock, so
     the consumer and ``release_waiting`` hand out numbers one at a time."""
-    position = await _lock_position(uow, practice, now)
+    position = await _lock_position(uow, practice)
     sequence = producer_sequence(event.type, event.data)
     if sequence is None:
         await fan_out(uow, practice, event, now=now)
@@ -147,21 +146,17 @@ async def release_waiting(db: Database, clock: Clock, hold_seconds: float) -> in
     released = 0
     for practice in sorted(waiting):
         async with db.unit_of_work() as uow:
-            position = await _lock_position(uow, practice, now)
+            position = await _lock_position(uow, practice)
             released += await _release(uow, practice, position, now=now, hold=hold)
             await uow.commit()
     return released
 
 
-async def _lock_position(uow: UnitOfWork, practice: str, now: datetime) -> int:
-    """The practice's last billing number fanned out, its row locked until the commit."""
-    await uow.session.execute(
-        insert_for(uow.session, feed_positions)
-        .values(practice=practice, producer_sequence=0, updated_at=now)
-        .on_conflict_do_nothing(index_elements=["practice"]))
-    return (await uow.session.execute(
-        select(feed_positions.c.producer_sequence).where(feed_positions.c.practice == practice)
-        .with_for_update())).scalar_one()
+async def _lock_position(uow: UnitOfWork, practice: str) -> int:
+    """The practice's last billing number fanned out (0: none yet), its counter row locked
+    until the commit: reserving no number creates the row or locks it as it is, in one
+    statement, and answers the number after the last."""
+    return await uow.outbox.reserve_sequences(practice, FEED_POSITION, 0) - 1
 
 
 async def _release(
@@ -180,8 +175,8 @@ async def _release(
         await fan_out(uow, practice, CloudEvent.from_json(row.event), now=now)
     await uow.session.execute(delete(feed_held).where(
         feed_held.c.event_id.in_([r.event_id for r in rows[:count]])))
-    await uow.session.execute(update(feed_positions).where(
-        feed_positions.c.practice == practice).values(producer_sequence=after, updated_at=now))
+    if after > position:  # the counter advanced to the last number fanned out
+        await uow.outbox.reserve_sequences(practice, FEED_POSITION, after - position)
     return count
 
 

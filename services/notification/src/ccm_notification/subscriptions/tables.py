@@ -78,10 +78,11 @@ def add_subscription_tables_v1(metadata: MetaData) -> dict[str, Table]:
     return {t.name: t for t in (subscriptions, subscription_events, subscription_deliveries)}
 
 
-def add_feed_order_tables(metadata: MetaData) -> dict[str, Table]:
-    """The practice feed's reorder buffer (migration ``notification_0006``): billing events held
-    until those billing numbered before them have been fanned out, and per practice the last
-    billing number fanned out in order."""
+def add_feed_held_table(metadata: MetaData) -> dict[str, Table]:
+    """The practice feed's reorder buffer: billing events held until those billing numbered
+    before them have been fanned out. Each practice's last billing number fanned out is its
+    ``event_sequences`` counter ``FEED_POSITION`` (notification_0007; ``feed_positions``
+    before)."""
     feed_held = Table(
         "feed_held",
         metadata,
@@ -94,6 +95,12 @@ def add_feed_order_tables(metadata: MetaData) -> dict[str, Table]:
         UniqueConstraint("event_id", name="uq_feed_held_event"),
         Index("ix_feed_held_age", "held_at"),
     )
+    return {"feed_held": feed_held}
+
+
+def add_feed_positions_table_v1(metadata: MetaData) -> dict[str, Table]:
+    """``feed_positions`` as notification_0006 created it (notification_0007 moved its rows to
+    ``event_sequences`` and dropped it; its downgrade creates it again)."""
     feed_positions = Table(
         "feed_positions",
         metadata,
@@ -102,4 +109,9 @@ def add_feed_order_tables(metadata: MetaData) -> dict[str, Table]:
         Column("producer_sequence", BigInteger, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
     )
-    return {t.name: t for t in (feed_held, feed_positions)}
+    return {"feed_positions": feed_positions}
+
+
+def add_feed_order_tables(metadata: MetaData) -> dict[str, Table]:
+    """What migration ``notification_0006`` creates: ``feed_held`` and ``feed_positions``."""
+    return {**add_feed_held_table(metadata), **add_feed_positions_table_v1(metadata)}
