@@ -96,13 +96,21 @@ async def assert_money_is_coherent(runtime, practice: str) -> list:  # noqa: ANN
     ``refunded`` its refunds, its balance total − Σ payments counted + Σ refunds (a cancelled
     one: 0 when replaced, else what it paid net, owed back), its state the rule's; a payment
     and the copies carried of it are voided together, a replacement holds the payments and
-    refunds of the invoice it replaces; one invoice at most is live."""
+    refunds of the invoice it replaces; one invoice at most is live.
+
+    ``paid`` is negative only where a payment was voided after its overpayment was refunded:
+    it is then minus the refunded money the practice owes back (domain/payments.py). A refund
+    only ever paid back money received, so refunds never exceed the payments recorded."""
     invoices, pays, refunds = await money(runtime, practice)
     roots = defaultdict(set)
     for x in invoices:
         counted = total(y for y in pays[x.id] if y.voided_at is None)
+        voided = total(y for y in pays[x.id] if y.voided_at is not None)
         refunded = total(refunds[x.id])
         assert (Decimal(x.paid), Decimal(x.refunded)) == (counted - refunded, refunded), x.id
+        assert refunded <= counted + voided, x.id
+        if Decimal(x.paid) < 0:
+            assert voided > 0 and Decimal(0) - Decimal(x.paid) <= refunded, x.id
         balance = balance_of(x.total_net, x.paid, x.status, x.replaced_by)
         if x.status != "cancelled":
             assert balance == Decimal(x.total_net) - counted + refunded

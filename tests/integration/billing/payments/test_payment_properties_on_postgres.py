@@ -2,7 +2,10 @@
 corrections (a month reissued lower or higher with its payments carried over, or cancelled with
 nothing left to bill) arrive in, every invoice's balance is its total − Σ payments counted
 (not voided) + Σ refunds, its state the rule's, a payment and its carried copies agree, no
-refund pays back more than was overpaid, and what is refused changes nothing."""
+refund pays back more than was overpaid, ``paid`` is negative only after a payment voided once
+its overpayment was refunded (minus the refund owed back), a payment is taken by a live invoice
+or by one cancelled without replacement that is owed a refund back, a voided payment's
+reference is free again, and what is refused changes nothing."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from ccm_billing.domain.model import Month
-from ccm_billing.domain.payments import balance_of
+from ccm_billing.domain.payments import balance_of, takes_payment
 from ccm_billing.service_layer import invoicing
 from ccm_shared.errors import AppError
 from ccm_shared.migrate import upgrade
@@ -47,9 +50,12 @@ PAY = st.tuples(st.just("pay"), SHARES)
 PAY_ALL = st.tuples(st.just("pay"), st.just("all"))
 VOID = st.tuples(st.just("void"), st.integers(0, 20))
 REFUND = st.tuples(st.just("refund"), SHARES, st.sampled_from(["last", "first"]))
+# A payment sent to a given invoice, cancelled ones included (taken only while one cancelled
+# without replacement is owed a refund back).
+PAY_TO = st.tuples(st.just("pay to"), SHARES, st.sampled_from(["last", "first"]))
 CORRECT = st.tuples(st.just("correct"))  # lowered to 42.00, or back to 75.33
 OPERATIONS = st.lists(st.one_of(
-    PAY, PAY_ALL, VOID, VOID, REFUND, REFUND, CORRECT, CORRECT,
+    PAY, PAY_ALL, VOID, VOID, REFUND, REFUND, CORRECT, CORRECT, PAY_TO,
     st.tuples(st.just("pay again"), st.integers(0, 9)),  # a reference sent again
     # Nothing left to bill (cancelled without replacement), one time in four it is drawn.
     st.tuples(st.just("drop"), st.integers(0, 3)),
@@ -117,9 +123,25 @@ async def run(database_url: str, operations: list[tuple]) -> None:
                             continue
                         reference, amount = references[-1] if kind == "pay" else \
                             references[op[1] % len(references)]
-                        await invoicing.record_payment(
+                        result = await invoicing.record_payment(
                             uow, practice, live[0].id, amount=amount, paid_on=date(2025, 4, 10),
                             reference=reference, now=now)
+                        # A new payment, or the one that counts with this reference: never a
+                        # voided one (its reference is free for the payment that replaces it).
+                        assert result["payment"]["voided"] is None, reference
+                    elif kind == "pay to":
+                        target = invoices[-1] if op[-1] == "last" else invoices[0]
+                        owed = balance_of(target.total_net, target.paid, target.status,
+                                          target.replaced_by)
+                        amount = share(max(owed, Decimal(0)), op[1])
+                        paid = await invoicing.record_payment(
+                            uow, practice, target.id, amount=amount, paid_on=date(2025, 4, 10),
+                            reference=f"to-{uuid.uuid4().hex[:8]}", now=now)
+                        # Accepted: the invoice took payments, and owed at least this.
+                        assert takes_payment(target.status, target.replaced_by, owed)
+                        assert amount <= owed, (amount, owed)
+                        if target.status == "cancelled":  # and stays so
+                            assert paid["invoice"]["status"] == "cancelled"
                     elif kind == "void":
                         rows = [y for x in invoices for y in sorted(pays[x.id], key=str)]
                         if not rows:
@@ -147,7 +169,9 @@ async def run(database_url: str, operations: list[tuple]) -> None:
             event(f"{op[0]}: {'done' if accepted else 'refused'}")
             if not accepted:  # refused: nothing changed, no event
                 assert await snapshot(runtime, practice) == before, op
-            await assert_money_is_coherent(runtime, practice)
+            invoices = await assert_money_is_coherent(runtime, practice)
+            if any(Decimal(x.paid) < 0 for x in invoices):
+                event("paid negative: a refund owed back")
         # One event per payment voided (however many of its records, however often asked).
         assert len(await outboxed(runtime, practice, "billing.payment.voided.v1")) == len(voids)
         assert len(await outboxed(runtime, practice, "billing.payment.refunded.v1")) == refunds
@@ -171,6 +195,17 @@ async def run(database_url: str, operations: list[tuple]) -> None:
 @example([("pay", "all"), ("correct",), ("refund", "all", "last"), ("drop", 0),
           ("refund", "too much", "last"), ("refund", "all", "last"), ("void", 2),
           ("refund", "all", "last")])
+# … the invoice of the brief: overpaid, the overpayment refunded, the payment voided (the refund
+# owed back), then paid back in full; a voided reference sent again
+@example([("pay", "all"), ("correct",), ("refund", "all", "last"), ("void", 0),
+          ("pay", "all"), ("pay again", 0), ("refund", "all", "last")])
+# … nothing left to bill, refunded, voided: the cancelled invoice takes the refund back, no more
+@example([("pay", "all"), ("drop", 0), ("refund", "all", "last"), ("void", 0),
+          ("pay to", "too much", "last"), ("pay to", "half", "last"), ("pay to", "all", "last"),
+          ("pay to", "third", "last"), ("correct",)])
+# … a payment recorded in error, voided, and the right one sent with the same reference
+@example([("pay", "half"), ("void", 0), ("pay again", 0), ("pay again", 0), ("void", 1),
+          ("pay again", 0)])
 def test_balances_hold_whatever_order_money_and_corrections_arrive_in(infra, operations):
     if not test_balances_hold_whatever_order_money_and_corrections_arrive_in.migrated:
         definition = discover_services()["billing"]

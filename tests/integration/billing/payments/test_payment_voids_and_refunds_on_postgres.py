@@ -116,14 +116,12 @@ async def test_a_voided_payment_stays_marked_and_the_paid_invoice_is_issued_agai
     again = await void(b, inv["id"], payment["id"], "recorded twice")
     assert again.status_code == 200 and again.json() == body
     assert len(await outboxed(b.runtime, b.practice, VOIDED)) == 1
-    # It counts no more: the invoice can be paid again in full (another reference), and paid.
-    await pay(b, inv["id"], "75.33", "chk-2")
+    # It counts no more, and leaves its reference free (billing_0022): the payment sent again
+    # with it is recorded anew (the cheque re-presented), and pays the invoice in full.
+    presented = await pay(b, inv["id"], "75.33", "chk-1")
+    assert presented["id"] != payment["id"] and presented["voided"] is None
     assert figures(await invoice_of(b, inv["id"]))[:2] == ("balanced", "balanced")
     assert len(await outboxed(b.runtime, b.practice, PAID)) == 2
-    # The voided reference stays taken: sent again it answers the voided payment.
-    repeat = await b.post(f"/v1/invoices/{inv['id']}/payments",
-                          json={"amount": "75.33", "date": "2025-04-10", "reference": "chk-1"})
-    assert repeat.status_code == 201 and repeat.json()["payment"]["voided"] is not None
     await assert_money_is_coherent(b.runtime, b.practice)
 
 

@@ -45,6 +45,8 @@ def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool =
 
 # The time entries that enrol their patient in their month: the partial index's predicate.
 ENROLLED_ENTRY = text("patient IS NOT NULL AND start IS NOT NULL")
+# The payments whose reference is taken: those with one, not voided (billing_0022).
+ACTIVE_REFERENCE = text("reference IS NOT NULL AND voided_at IS NULL")
 
 
 def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
@@ -195,6 +197,11 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("void_reason", Text, nullable=True),
         Column("voided_by", String(200), nullable=True),
         Column("voided_by_label", String(200), nullable=True),
+        # A reference names one payment of the invoice that counts: the same one sent again is
+        # that payment, and a voided one leaves its reference free for the payment that
+        # replaces it (billing_0022). Copies carried into a replacement are its payments too.
+        Index("uq_payments_invoice_reference", "invoice_id", "reference", unique=True,
+              postgresql_where=ACTIVE_REFERENCE, sqlite_where=ACTIVE_REFERENCE),
     )
     t["threshold_alerts"] = Table(
         "threshold_alerts", metadata,

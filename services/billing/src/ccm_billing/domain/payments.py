@@ -5,7 +5,16 @@ An invoice's ``paid`` is net: the sum of its payments not voided less the sum of
 that ``balance = total - paid`` = total - Σ payments counted + Σ refunds. A refund is paid back
 only out of what the practice overpaid (balance < 0), so it never changes the state: an invoice
 whose balance a refund brings back to 0 stays balanced (settled). A void takes a payment out:
-an invoice paid in full by it is issued again (and overdue when past its due date)."""
+an invoice paid in full by it is issued again (and overdue when past its due date).
+
+A void is never refused: the bank took the money back (or it never came), whatever was done
+with it since. Voided after the overpayment it made was refunded, the payment leaves refunds
+that no payment counted covers, and ``paid`` is negative: minus the refunded money the practice
+owes back, on top of the total (``balance`` above the total). Nothing else makes ``paid``
+negative (a refund never takes it below the total, or below 0 on an invoice cancelled without
+replacement). The practice pays it back as any payment: the live invoice takes up to its
+balance, and an invoice cancelled without replacement, which takes no other payment, takes the
+refunded money it is owed back (``takes_payment``)."""
 
 from __future__ import annotations
 
@@ -44,3 +53,12 @@ def reopened_overdue(was: str, status: str, due: date, today: date) -> bool:
 def refundable(balance: Decimal) -> Decimal:
     """What may still be refunded on an invoice: what it owes back (0 when it owes nothing)."""
     return max(Decimal(0) - balance, ZERO)
+
+
+def takes_payment(status: str, replaced_by: str | None, balance: Decimal) -> bool:
+    """Whether an invoice takes a payment: one not cancelled does (up to its balance); a
+    cancelled one only without a replacement (which would carry it) and while it is owed money,
+    which is then refunded money paid back (its payment voided after the refund)."""
+    if status != "cancelled":
+        return True
+    return replaced_by is None and balance > 0

@@ -18,9 +18,8 @@ from sqlalchemy import and_, delete, false, func, insert, or_, select
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.rules import RulesetMissing, ruleset_for
-from ccm_billing.service_layer import ehr, invoicing, worklist
+from ccm_billing.service_layer import corrections, ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
-from ccm_billing.service_layer.corrections import recompute
 from ccm_billing.service_layer.decisions import duplicate_patients
 from ccm_shared.db import dialect_insert
 from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
@@ -157,7 +156,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         rel = orm.duplicate_releases
         async with db.unit_of_work() as uow:
             p = orm.patients
-            known = (await uow.session.execute(select(p.c.patient_id).where(
+            known = (await uow.session.execute(select(p.c.patient_id, p.c.mbi).where(
                 p.c.practice == practice, p.c.patient_id == patient))).first()
             if known is None:
                 raise NotFound(f"patient {patient!r} not found")
@@ -172,12 +171,17 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             elif exists is None:
                 # A release of a patient no other practice bills would only stop this one
                 # billing it (there was no flag to resolve, and no one else bills instead).
-                if patient not in await duplicate_patients(uow.session, practice, str(mo)):
+                if not await duplicate_patients(uow.session, practice, str(mo), patient=patient):
                     raise Conflict(f"patient {patient!r} is not flagged duplicate-biller in "
                                    f"{mo} (no other practice has finished CCM time for the "
                                    "same MBI): there is nothing to release")
                 await uow.session.execute(insert(rel).values(
                     practice=practice, month=str(mo), patient=patient, released_at=runtime.clock()))
+            # Closed months follow at once, in every practice with the MBI: the other practice's
+            # patient billed again after a release (flagged again after a reclaim).
+            plan = await corrections.duplicate_plan(uow, [known.mbi], [str(mo)])
+            await corrections.correct_duplicates(uow, plan, corrections.DUPLICATE_RELEASE,
+                                                 runtime.clock())
             await uow.commit()
         return {"patient": f"Patient/{patient}", "month": str(mo), "decision": body.decision}
 
@@ -240,7 +244,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         async with db.unit_of_work() as uow:
             if await invoicing.get_period(uow.session, practice, mo) is None:
                 raise Conflict(f"{mo} is not closed")
-            changed = await recompute(uow, practice, str(mo), reason, runtime.clock())
+            changed = await corrections.recompute(uow, practice, str(mo), reason,
+                                                  runtime.clock())
             await uow.commit()
         return {"month": str(mo), "reissued": changed}
 

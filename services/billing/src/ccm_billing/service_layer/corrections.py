@@ -4,16 +4,18 @@ issue a replacement that points back to it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
-from datetime import datetime
+from collections import defaultdict
+from collections.abc import Collection, Iterable
+from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, insert, or_, select, update
 
 from ccm_billing.adapters import filed, orm
-from ccm_billing.domain.model import Month
+from ccm_billing.domain.model import BACKDATED_ENTRY, DUPLICATE_BILLER, Month
 from ccm_billing.domain.pricing import total
 from ccm_billing.service_layer.charges import PricedLine, billed_line, priced_lines
-from ccm_shared.db import UnitOfWork, xact_lock
+from ccm_shared.db import UnitOfWork, xact_lock, xact_locks
+from ccm_shared.jsontext import compact
 
 
 async def hold_practice(session, practice: str, *, exclusive: bool) -> None:  # noqa: ANN001
@@ -27,6 +29,26 @@ async def hold_practice(session, practice: str, *, exclusive: bool) -> None:  # 
 def practice_lock(practice: str) -> str:
     """The name of the advisory lock ``hold_practice`` takes."""
     return f"close:{practice}"
+
+
+async def hold_months(session, months: Iterable[tuple[str, str]]) -> dict:  # noqa: ANN001
+    """Lock the closed periods' rows of ``months`` ((practice, month) pairs) until the
+    transaction ends, in (practice, month) order, in one statement; answers them by pair (a
+    month not closed has none). Every correction holds its practice-month this way before it
+    reads anything of it, so two corrections of one month run one after the other, the second
+    on what the first left (READ COMMITTED: each statement after the lock sees the first's
+    commit), and a unit of work that corrects several months takes them all at once, in the
+    order every other one does: they wait for each other instead of deadlocking. (SQLite: one
+    writer at a time anyway.)"""
+    pairs = sorted(set(months))
+    if not pairs:
+        return {}
+    p = orm.billing_periods
+    rows = (await session.execute(
+        select(p).where(or_(*(and_(p.c.practice == practice, p.c.month == month)
+                              for practice, month in pairs)))
+        .order_by(p.c.practice, p.c.month).with_for_update())).all()
+    return {(r.practice, r.month): r for r in rows}
 
 
 async def is_closed(session, practice: str, month: str | None) -> bool:  # noqa: ANN001
@@ -69,8 +91,9 @@ async def recompute_patient_months(uow: UnitOfWork, practice: str, patients: Col
         month = ci.c.month
     if since is not None:
         stmt = stmt.where(month >= since)
-    months = (await uow.session.execute(stmt.distinct())).scalars().all()
-    for month in sorted(months):
+    months = sorted((await uow.session.execute(stmt.distinct())).scalars().all())
+    await hold_months(uow.session, [(practice, m) for m in months])  # all at once, in order
+    for month in months:
         await recompute(uow, practice, month, reason, now, patients=patients)
 
 
@@ -98,7 +121,10 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     from ccm_billing.service_layer.decisions import decide_month_with_facts
 
     month = Month.parse(month_text)
-    period = await invoicing.get_period(uow.session, practice, month)
+    # The practice-month first: a correction running meanwhile (the consumer's, another
+    # recompute) is waited for, and everything below is read as it left it.
+    period = (await hold_months(uow.session, [(practice, month_text)])).get(
+        (practice, month_text))
     if period is None:
         return False
     info = await practice_info(uow.session, practice)
@@ -120,8 +146,7 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
     # The issued invoice is read as it is locked, as a payment locks it: a payment committed
     # between a plain read and the cancel was carried into the replacement but left out of the
     # cancelled event built from the read (its paid and balance stale).
-    current = await invoicing.locked_invoice(
-        uow.session, i.c.practice == practice, i.c.month == month_text, i.c.status != "cancelled")
+    current = await invoicing.locked_live_invoice(uow.session, practice, month_text)
     ci = filed.charge_items
     old, billed = set(), []
     if current is not None:
@@ -172,3 +197,153 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
         )
     )
     return reissue
+
+
+async def _latest_filings(session, practice: str, month: str, patients: Collection[str]) -> dict:  # noqa: ANN001
+    """Each of ``patients``' newest filing of the closed month (revision, decision, entries)."""
+    f = filed.filings
+    latest: dict = {}
+    for row in (await session.execute(
+            select(f.c.patient, f.c.revision, f.c.decision, f.c.entries).where(
+                f.c.practice == practice, f.c.month == month,
+                f.c.patient.in_(list(patients))))).all():
+        if row.patient not in latest or row.revision > latest[row.patient].revision:
+            latest[row.patient] = row
+    return latest
+
+
+# -- time logged after close ---------------------------------------------------------------------
+
+_NEVER = datetime.max.replace(tzinfo=UTC)
+
+
+def with_late_entries(doc: dict, entries: list[dict], fresh: dict,
+                      fresh_entries: list[dict]) -> tuple[dict, list[dict]]:
+    """A filed decision ``doc`` (and the ``entries`` filed with it) as it stands with the time
+    logged after the close as it is now: ``fresh`` (the patient decided now, ``fresh_entries``
+    its entries) says what becomes of each entry logged late — not counted
+    (``logged-after-close``), with the ``backdated-entry`` warning — and nothing else of it is
+    taken: late time bills nothing, so codes, minutes and blockers stay as filed. Late entries
+    the filing listed that are late no more (moved to another patient) leave it. Not-counted
+    entries are in the decider's order (start, then id)."""
+    late = [e for e in fresh_entries if e["late"]]
+    ids = {e["entry"] for e in late} | {e["entry"] for e in entries if e["late"]}
+    refs = {f"Encounter/{i}" for i in ids}
+    merged = [e for e in entries if e["entry"] not in ids] + late
+    starts = {e["entry"]: datetime.fromisoformat(e["start"]) for e in merged}
+
+    def order(item: dict) -> tuple:
+        entry = item["entry"].removeprefix("Encounter/")
+        return starts.get(entry, _NEVER), entry
+
+    not_counted = sorted([n for n in doc["notCounted"] if n["entry"] not in refs]
+                         + [n for n in fresh["notCounted"] if n["entry"] in refs], key=order)
+    warnings = set(doc["warnings"]) - {BACKDATED_ENTRY}
+    if BACKDATED_ENTRY in fresh["warnings"]:
+        warnings.add(BACKDATED_ENTRY)
+    return {**doc, "notCounted": not_counted, "warnings": sorted(warnings)}, merged
+
+
+async def file_late_entries(uow: UnitOfWork, practice: str, month_text: str, patient: str,
+                            reason: str, now: datetime) -> bool:
+    """Time logged for a month after it closed is not billed into it, and the month says so at
+    once: the patient's newest filing gets a revision listing the entry as not counted
+    (``logged-after-close``) with the ``backdated-entry`` warning (``with_late_entries``); the
+    Invoice stands. A patient the close did not decide (enrolled since) is decided as a
+    correction decides its patients. True when something was filed."""
+    from ccm_billing.compliance.evidence import entries_of
+    from ccm_billing.service_layer.common import practice_info
+    from ccm_billing.service_layer.decisions import decide_month_with_facts
+
+    period = (await hold_months(uow.session, [(practice, month_text)])).get(
+        (practice, month_text))
+    if period is None:
+        return False
+    latest = (await _latest_filings(uow.session, practice, month_text, [patient])).get(patient)
+    before = json.loads(latest.decision) if latest is not None else None
+    if before is None:
+        await recompute(uow, practice, month_text, reason, now, patients=[patient])
+        return True
+    info = (await practice_info(uow.session, practice)).under(period.terms)
+    facts, decisions = await decide_month_with_facts(uow.session, info, Month.parse(month_text),
+                                                     patients={patient})
+    if not facts:
+        return False
+    entries = json.loads(latest.entries or "[]")
+    doc, filed_entries = with_late_entries(before, entries, decisions[0].to_dict(),
+                                           entries_of(facts[0]))
+    if doc == before and filed_entries == entries:
+        return False
+    await uow.session.execute(insert(orm.decision_filings).values(
+        practice=practice, patient=patient, month=month_text, revision=latest.revision + 1,
+        filed_at=now, reason=reason, decision=compact(doc), entries=compact(filed_entries)))
+    return True
+
+
+# -- duplicate billers found after close -----------------------------------------------------------
+
+# Why a closed month's duplicate-biller flag moved, as its filings and cancelled Invoice say it.
+# Never another practice's ids: the reason goes to this practice.
+DUPLICATE_TIME = "duplicate-biller: CCM time of the same MBI in another practice changed"
+DUPLICATE_RELEASE = "duplicate-biller: a practice released or reclaimed the patient-month"
+DUPLICATE_MBI = "duplicate-biller: a patient's MBI changed"
+
+
+async def duplicate_plan(uow: UnitOfWork, mbis: Iterable[str | None],
+                         months: Iterable[str | None] | None = None) -> dict:
+    """The closed months whose duplicate-biller flags a change of ``mbis``' facts (time in a
+    month, an MBI, a release) can move: {(practice, month): patients filed there with one of
+    the MBIs}, only of ``months`` when given. Holds every practice involved shared first, as
+    the projections hold theirs: a month of theirs being closed is waited for and then seen
+    closed (its close saw this change, or it is corrected here)."""
+    mbis = sorted({m for m in mbis if m})
+    if not mbis:
+        return {}
+    pt = orm.patients
+    holders = (await uow.session.execute(select(pt.c.practice, pt.c.patient_id).where(
+        pt.c.mbi.in_(mbis)))).all()
+    if not holders:
+        return {}
+    await xact_locks(uow.session, [practice_lock(p) for p in sorted({h.practice for h in holders})],
+                     shared=True)
+    f = filed.filings
+    stmt = select(f.c.practice, f.c.month, f.c.patient).where(or_(*(
+        and_(f.c.practice == h.practice, f.c.patient == h.patient_id) for h in holders)))
+    if months is not None:
+        wanted = sorted({m for m in months if m})
+        if not wanted:
+            return {}
+        stmt = stmt.where(f.c.month.in_(wanted))
+    plan: dict = defaultdict(set)
+    for row in (await uow.session.execute(stmt.distinct())).all():
+        plan[(row.practice, row.month)].add(row.patient)
+    return {key: sorted(plan[key]) for key in sorted(plan)}
+
+
+async def correct_duplicates(uow: UnitOfWork, plan: dict, reason: str, now: datetime) -> list:
+    """Correct each patient of ``plan`` (``duplicate_plan``) whose newest filing flags
+    ``duplicate-biller`` where the facts now do not, or the reverse: a closed month follows its
+    duplicate-biller flag as an open month does (a blocker: flagged, the patient's lines are
+    cancelled and the Invoice reissued without them; the flag lifted, they are billed again).
+    Holds the months first, in order (a caller that corrects other months in the same unit of
+    work holds them all together beforehand). Answers the (practice, month) pairs corrected."""
+    from ccm_billing.service_layer.decisions import duplicate_patients
+
+    await hold_months(uow.session, plan)
+    corrected = []
+    for (practice, month), patients in sorted(plan.items()):
+        latest = await _latest_filings(uow.session, practice, month, patients)
+        moved = []
+        for patient in patients:
+            row = latest.get(patient)
+            doc = json.loads(row.decision) if row is not None else None
+            if doc is None:
+                continue  # not in the month (a correction took the patient out of it)
+            flagged = patient in await duplicate_patients(uow.session, practice, month,
+                                                          patient=patient)
+            if flagged != (DUPLICATE_BILLER in doc["blockers"]):
+                moved.append(patient)
+        if moved:
+            await recompute(uow, practice, month, reason, now, patients=moved)
+            corrected.append((practice, month))
+    return corrected

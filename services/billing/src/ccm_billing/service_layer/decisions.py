@@ -80,7 +80,9 @@ def resolve_role(practitioner_role: str | None, practitioner: str | None, role_c
 
 
 @functools.cache
-def duplicates_statement():  # noqa: ANN202 - built once (every decider pass and close)
+def duplicates_statement(one_patient: bool = False):  # noqa: ANN202 - built once per kind
+    """The practice-month's patients flagged duplicate-biller (``practice``, ``month``); with
+    ``one_patient``, whether ``patient`` is (its id, or nothing), looked up by its key."""
     p1, p2, t = orm.patients.alias("p1"), orm.patients.alias("p2"), orm.time_entries
     rel = orm.duplicate_releases
     practice = bindparam("practice", type_=p1.c.practice.type)
@@ -105,13 +107,22 @@ def duplicates_statement():  # noqa: ANN202 - built once (every decider pass and
     )
     # A patient this practice released stays blocked here (someone else bills it).
     released = select(rel.c.patient).where(rel.c.practice == practice, rel.c.month == month)
+    if one_patient:
+        patient = bindparam("patient", type_=p1.c.patient_id.type)
+        found = found.where(p1.c.patient_id == patient)
+        released = released.where(rel.c.patient == patient)
     return union(found, released)
 
 
-async def duplicate_patients(session: AsyncSession, practice: str, month: str) -> set[str]:
-    """Patients whose MBI has finished time in another practice this month, unless released."""
+async def duplicate_patients(session: AsyncSession, practice: str, month: str, *,
+                             patient: str | None = None) -> set[str]:
+    """Patients whose MBI has finished time in another practice this month, unless released;
+    with ``patient``, asked of that patient only ({patient} or nothing), not of the month."""
+    params = {"practice": practice, "month": month}
+    if patient is not None:
+        params["patient"] = patient
     return set((await session.execute(
-        duplicates_statement(), {"practice": practice, "month": month})).scalars())
+        duplicates_statement(patient is not None), params)).scalars())
 
 
 async def load_facts(

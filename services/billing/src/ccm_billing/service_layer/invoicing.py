@@ -20,7 +20,13 @@ from sqlalchemy import bindparam, func, insert, or_, select, update
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Decision, Month
-from ccm_billing.domain.payments import balance_of, payment_state, refundable, reopened_overdue
+from ccm_billing.domain.payments import (
+    balance_of,
+    payment_state,
+    refundable,
+    reopened_overdue,
+    takes_payment,
+)
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.domain.rules.ruleset import RulesetMissing
 from ccm_billing.service_layer import corrections, decision_cache
@@ -431,8 +437,10 @@ async def record_payment(
     uow: UnitOfWork, practice: str, invoice_id: str, *, amount: Decimal, paid_on: date,
     reference: str | None, now: datetime,
 ) -> dict:
-    """Record a payment: issued → partially-paid → balanced (paid). Same reference: no-op."""
-    i = orm.invoices
+    """Record a payment: issued → partially-paid → balanced (paid). The reference of a payment
+    that counts, sent again with the same details: that payment (no-op). A cancelled invoice
+    takes a payment only while it owes refunded money back (``takes_payment``)."""
+    i, p = orm.invoices, orm.payments
     # One payment of an invoice at a time: each reads the balance and references the one before
     # it left. Read first, concurrent payments each added their amount to the same old balance
     # (the last write won: an invoice paid several times over, its rows summing to more than
@@ -440,55 +448,47 @@ async def record_payment(
     row = await locked_invoice(uow.session, i.c.id == invoice_id, i.c.practice == practice)
     if row is None:
         raise NotFound(f"invoice {invoice_id!r} not found")
-    p = orm.payments
     if reference:
-        # A voided payment keeps its reference: sent again, it answers the voided payment.
-        same = (
-            await uow.session.execute(
-                select(p).where(p.c.invoice_id == invoice_id, p.c.reference == reference)
-            )
-        ).first()
+        # Among the payments that count (billing_0022): a voided one leaves its reference to the
+        # payment that replaces it.
+        same = (await uow.session.execute(select(p).where(
+            p.c.invoice_id == invoice_id, p.c.reference == reference,
+            p.c.voided_at.is_(None)))).first()
         if same is not None:
             if Decimal(same.amount) != amount or same.date != paid_on:
                 raise Conflict(f"payment reference {reference!r} was recorded with other details")
             return {"payment": payment_view(same), "invoice": invoice_view(row)}
-    if row.status == "cancelled":
+    balance = balance_of(row.total_net, row.paid, row.status, row.replaced_by)
+    if not takes_payment(row.status, row.replaced_by, balance):
         raise Conflict(f"invoice {invoice_id} is cancelled: "
                        f"{await _instead(uow.session, row)}")
     _check_day(row, paid_on, now)
-    balance = Decimal(row.total_net) - Decimal(row.paid)
     if amount > balance:
-        raise InvalidInput(f"amount {amount} exceeds the balance {balance:.2f}", expression=["amount"])
+        raise InvalidInput(f"amount {amount} exceeds the balance {balance:.2f}",
+                           expression=["amount"])
     paid = Decimal(row.paid) + amount
-    new_balance = Decimal(row.total_net) - paid
-    payment_status, status = payment_state(new_balance, paid)
-    resource = await filed.invoice_resource(uow.session, row)
-    resource["status"] = status
-    payment_id = str(uuid.uuid4())
-    await uow.session.execute(
-        insert(p).values(id=payment_id, practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
-                         date=paid_on, reference=reference, recorded_at=now)
-    )
-    await uow.session.execute(
-        update(i).where(i.c.id == invoice_id).values(
-            paid=f"{paid:.2f}", payment_status=payment_status, status=status,
-            resource=_stored(resource, row.lines_in_place),
-        )
-    )
+    values, resource = await _paid_now(uow.session, row, paid)
+    payment = (await uow.session.execute(insert(p).values(
+        id=str(uuid.uuid4()), practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
+        date=paid_on, reference=reference, recorded_at=now).returning(*p.c))).one()
+    updated = (await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values)
+                                         .returning(*view_columns()))).one()
+    new_balance = balance_of(updated.total_net, updated.paid, updated.status,
+                             updated.replaced_by)
+    payment_status = payment_state(new_balance, paid)[0]
     seq = await next_practice_sequence(uow.session, practice)
     await uow.outbox.add(
         PAYMENT_RECORDED,
         _event(PAYMENT_RECORDED, practice, f"Invoice/{invoice_id}", {
-            "invoiceId": invoice_id, "paymentId": payment_id, "amount": f"{amount:.2f}",
+            "invoiceId": invoice_id, "paymentId": payment.id, "amount": payment.amount,
             "date": paid_on.isoformat(), "reference": reference, "balance": f"{new_balance:.2f}",
             "status": payment_status, "practiceSequence": seq,
         }, now),
     )
-    updated = await get_invoice_row(uow.session, invoice_id)
-    if payment_status == "balanced":
+    # Paid in full: its status changed (issued → balanced), so ``resource`` is the new one.
+    if updated.status == "balanced":
         await _publish_invoice(uow, PAID, updated._asdict(), resource, now)
-    pay = (await uow.session.execute(select(p).where(p.c.id == payment_id))).first()
-    return {"payment": payment_view(pay), "invoice": invoice_view(updated)}
+    return {"payment": payment_view(payment), "invoice": invoice_view(updated)}
 
 
 def _check_day(row, day: date, now: datetime) -> None:  # noqa: ANN001
@@ -575,8 +575,9 @@ async def void_payment(
     counts nowhere. A payment carried into replacements is the same money: the payment it
     carries and every copy of it are voided together, each invoice holding one losing it from
     its ``paid``; the last of them (the month's live invoice, if one holds it) changes state
-    (balanced → issued, and overdue at once when past due) and is named by the event. Voiding a
-    voided payment answers the same, with no event."""
+    (balanced → issued, and overdue at once when past due) and is named by the event. Never
+    refused: voided after its overpayment was refunded, it leaves the refund owed back (``paid``
+    negative, domain/payments.py). Voiding a voided payment answers the same, with no event."""
     i, p = orm.invoices, orm.payments
     month = (await uow.session.execute(select(i.c.month).where(
         i.c.id == invoice_id, i.c.practice == practice))).scalar()
@@ -589,18 +590,21 @@ async def void_payment(
         p.c.id == payment_id, p.c.invoice_id == invoice_id))).first()
     if payment is None:
         raise NotFound(f"payment {payment_id!r} of invoice {invoice_id!r} not found")
-    if payment.voided_at is None:
-        await _void_family(uow, practice, month, live, payment, reason=reason, actor=actor,
-                           actor_label=actor_label, now=now)
-        payment = (await uow.session.execute(select(p).where(p.c.id == payment_id))).first()
-    row = await get_invoice_row(uow.session, invoice_id, resource=False)
-    return {"payment": payment_view(payment), "invoice": invoice_view(row)}
+    if payment.voided_at is not None:
+        row = await get_invoice_row(uow.session, invoice_id, resource=False)
+        return {"payment": payment_view(payment), "invoice": invoice_view(row)}
+    voided, invoices = await _void_family(uow, practice, month, live, payment, reason=reason,
+                                          actor=actor, actor_label=actor_label, now=now)
+    return {"payment": payment_view(voided[payment_id]),
+            "invoice": invoice_view(invoices[invoice_id])}
 
 
 async def _void_family(uow: UnitOfWork, practice: str, month: str, live, payment, *,  # noqa: ANN001
-                       reason: str, actor: str, actor_label: str | None, now: datetime) -> None:
+                       reason: str, actor: str, actor_label: str | None,
+                       now: datetime) -> tuple[dict, dict]:
     """Void ``payment`` and the copies of the same money in the month's invoices (the live one
-    already locked); write each invoice's figures; outbox the events."""
+    already locked); write each invoice's figures; outbox the events. (The payments as voided,
+    the invoices as written (without their resource), each by id.)"""
     i, p = orm.invoices, orm.payments
     root = payment.carried_from or payment.id
     family = (await uow.session.execute(
@@ -613,20 +617,22 @@ async def _void_family(uow: UnitOfWork, practice: str, month: str, live, payment
     rows = {live.id: live} if live is not None else {}
     for invoice_id in sorted({x.invoice_id for x in family} - set(rows)):
         rows[invoice_id] = await locked_invoice(uow.session, i.c.id == invoice_id)
-    await uow.session.execute(
+    voided = {x.id: x for x in (await uow.session.execute(
         update(p).where(p.c.id.in_([x.id for x in family]), p.c.voided_at.is_(None))
-        .values(voided_at=now, void_reason=reason, voided_by=actor, voided_by_label=actor_label))
-    head = None
+        .values(voided_at=now, void_reason=reason, voided_by=actor, voided_by_label=actor_label)
+        .returning(*p.c))).all()}
+    written, head = {}, None
     for invoice_id in dict.fromkeys(x.invoice_id for x in family):  # in revision order
         row = rows[invoice_id]
         taken = sum((Decimal(x.amount) for x in family
                      if x.invoice_id == invoice_id and x.voided_at is None), ZERO)
-        paid = Decimal(row.paid) - taken
-        values, resource = await _paid_now(uow.session, row, paid)
-        await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values))
-        head = (row, values, resource)
-    row, _, resource = head
-    updated = await get_invoice_row(uow.session, row.id)
+        values, resource = await _paid_now(uow.session, row, Decimal(row.paid) - taken)
+        written[invoice_id] = (await uow.session.execute(
+            update(i).where(i.c.id == invoice_id).values(**values)
+            .returning(*view_columns()))).one()
+        head = (row, resource)
+    row, resource = head
+    updated = written[row.id]
     balance = balance_of(updated.total_net, updated.paid, updated.status, updated.replaced_by)
     held = next(x for x in reversed(family) if x.invoice_id == row.id)
     seq = await next_practice_sequence(uow.session, practice)
@@ -643,9 +649,11 @@ async def _void_family(uow: UnitOfWork, practice: str, month: str, live, payment
     if row.status != "cancelled":
         info = await practice_info(uow.session, practice)
         if reopened_overdue(row.status, updated.status, updated.due_date, info.today(now)):
-            await uow.session.execute(update(i).where(i.c.id == row.id).values(overdue=True))
-            overdue = {**updated._asdict(), "overdue": True}
-            await _publish_invoice(uow, OVERDUE, overdue, resource, now)
+            written[row.id] = (await uow.session.execute(
+                update(i).where(i.c.id == row.id).values(overdue=True)
+                .returning(*view_columns()))).one()
+            await _publish_invoice(uow, OVERDUE, written[row.id]._asdict(), resource, now)
+    return voided, written
 
 
 async def record_refund(
@@ -684,23 +692,21 @@ async def record_refund(
     # Never another state: only an overpaid invoice, balanced, is refunded, and to 0 at most.
     values, _ = await _paid_now(uow.session, row, paid)
     values["refunded"] = f"{refunded:.2f}"
-    refund_id = str(uuid.uuid4())
-    await uow.session.execute(insert(r).values(
-        id=refund_id, practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
-        date=refunded_on, reference=reference, recorded_at=now))
-    await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values))
-    updated = await get_invoice_row(uow.session, invoice_id, resource=False)
+    refund = (await uow.session.execute(insert(r).values(
+        id=str(uuid.uuid4()), practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
+        date=refunded_on, reference=reference, recorded_at=now).returning(*r.c))).one()
+    updated = (await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values)
+                                         .returning(*view_columns()))).one()
     new_balance = balance_of(updated.total_net, updated.paid, updated.status, updated.replaced_by)
     seq = await next_practice_sequence(uow.session, practice)
     await uow.outbox.add(PAYMENT_REFUNDED, _event(
         PAYMENT_REFUNDED, practice, f"Invoice/{invoice_id}", {
-            "invoiceId": invoice_id, "refundId": refund_id, "amount": f"{amount:.2f}",
+            "invoiceId": invoice_id, "refundId": refund.id, "amount": refund.amount,
             "date": refunded_on.isoformat(), "reference": reference, "paid": updated.paid,
             "refunded": updated.refunded, "balance": f"{new_balance:.2f}",
             "status": payment_state(new_balance, paid)[0], "invoiceStatus": updated.status,
             "practiceSequence": seq,
         }, now))
-    refund = (await uow.session.execute(select(r).where(r.c.id == refund_id))).first()
     return {"refund": refund_view(refund), "invoice": invoice_view(updated)}
 
 

@@ -144,6 +144,15 @@ async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # no
     await decision_cache.bump_generation(uow, event.tenant, ref_id(event.data.get("patient")))
 
 
+def _shared_mbi(practice, patient):  # noqa: ANN001, ANN202
+    """The MBI of ``patient`` when a patient of another practice has it too (a possible
+    duplicate biller), as a scalar subquery."""
+    p1, p2 = orm.patients.alias("m1"), orm.patients.alias("m2")
+    other = select(p2.c.patient_id).where(p2.c.mbi == p1.c.mbi, p2.c.practice != p1.c.practice)
+    return select(p1.c.mbi).where(p1.c.practice == practice, p1.c.patient_id == patient,
+                                  p1.c.mbi.is_not(None), other.exists()).scalar_subquery()
+
+
 @functools.cache
 def _entry_and_closed_statement():  # noqa: ANN202 - built once: it runs for every time event
     t, p = orm.time_entries, orm.billing_periods
@@ -156,16 +165,30 @@ def _entry_and_closed_statement():  # noqa: ANN202 - built once: it runs for eve
         select(t.c.patient).where(*entry).scalar_subquery(),
         select(p.c.month).where(p.c.practice == practice,
                                 p.c.month == bindparam("month", type_=p.c.month.type)).exists(),
+        _shared_mbi(practice, bindparam("patient", type_=orm.patients.c.patient_id.type)),
     )
 
 
-async def _entry_and_closed(uow: UnitOfWork, practice: str, entry_id: str, month: str):  # noqa: ANN202
-    """The entry as projected so far (month, patient; None if new) and whether ``month`` is
-    closed, in one round trip."""
-    found, entry_month, patient, closed = (await uow.session.execute(
+async def _entry_and_closed(uow: UnitOfWork, practice: str, entry_id: str, month: str,  # noqa: ANN202
+                            patient: str | None):
+    """The entry as projected so far (month, patient; None if new), whether ``month`` is
+    closed, and ``patient``'s MBI when another practice has a patient with it too, in one
+    round trip."""
+    found, entry_month, before, closed, mbi = (await uow.session.execute(
         _entry_and_closed_statement(),
-        {"practice": practice, "entry_id": entry_id, "month": month})).one()
-    return (SimpleNamespace(month=entry_month, patient=patient) if found else None), bool(closed)
+        {"practice": practice, "entry_id": entry_id, "month": month, "patient": patient})).one()
+    existing = SimpleNamespace(month=entry_month, patient=before) if found else None
+    return existing, bool(closed), mbi
+
+
+async def _shared_mbis(uow: UnitOfWork, practice: str, patients: list[str | None]) -> list[str]:
+    """The MBIs of ``patients`` that a patient of another practice has too."""
+    mbis = []
+    for patient in _distinct(*patients):
+        mbi = (await uow.session.execute(select(_shared_mbi(practice, patient)))).scalar()
+        if mbi:
+            mbis.append(mbi)
+    return mbis
 
 
 async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
@@ -178,7 +201,8 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
     performer = d["performers"][0] if d["performers"] else {}
     entry_id = ref_id(d["entry"])
     t = orm.time_entries
-    existing, closed = await _entry_and_closed(uow, practice, entry_id, month)
+    existing, closed, mbi = await _entry_and_closed(uow, practice, entry_id, month,
+                                                    ref_id(d["patient"]))
     if existing is not None:
         await _moved(uow, practice, existing.patient, ref_id(d["patient"]))
     # Late unless the close of ``month`` locked it: the lock record is that month's filing,
@@ -215,16 +239,38 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
                    or_(t.c.data_version.is_(None), t.c.data_version < version))
             .values(**details)
         )
-    if changed and closed and not late:
+        return
+    moved_out = (existing is not None and existing.month not in (None, month)
+                 and await corrections.is_closed(uow.session, practice, existing.month))
+    # Time in a month is what flags a patient of the same MBI elsewhere duplicate-biller: their
+    # closed months follow (corrections.correct_duplicates).
+    mbis = [mbi]
+    if existing is not None and existing.patient not in (None, details["patient"]):
+        mbis += await _shared_mbis(uow, practice, [existing.patient])
+    plan = await corrections.duplicate_plan(
+        uow, mbis, [month, existing.month if existing is not None else None])
+    # Every month this event corrects, held together in order before any is read.
+    await corrections.hold_months(uow.session, [
+        *([(practice, month)] if closed else []),
+        *([(practice, existing.month)] if moved_out else []), *plan])
+    if closed and not late:
         # A new version of time already billed (e.g. seconds changed): the month is recomputed.
         await corrections.recompute(uow, practice, month, "time entry revised after close", now,
                                     patients=_whose(existing, details["patient"]))
-    if (changed and existing is not None and existing.month not in (None, month)
-            and await corrections.is_closed(uow.session, practice, existing.month)):
+    elif late:
+        # Not billed into the closed month, and the month says so now (backdated-entry): for
+        # its patient, and for the patient of the month it left (it no longer lists it).
+        left = (existing.patient if existing is not None and existing.month == month else None)
+        for patient in _distinct(details["patient"], left):
+            await corrections.file_late_entries(uow, practice, month, patient,
+                                                f"Encounter/{entry_id} logged after close", now)
+    if moved_out:
         # Moved out of a closed month (its date corrected): that month no longer has it.
         await corrections.recompute(uow, practice, existing.month,
                                     f"Encounter/{entry_id} moved to {month}", now,
                                     patients=_whose(existing, details["patient"]))
+    if plan:
+        await corrections.correct_duplicates(uow, plan, corrections.DUPLICATE_TIME, now)
 
 
 def _whose(existing, patient: str | None) -> list[str]:  # noqa: ANN001
@@ -260,9 +306,18 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
         where=t.c.version < ins.excluded.version,
     ).returning(t.c.version)
     changed = (await uow.session.execute(stmt)).first() is not None
-    if changed and month and await corrections.is_closed(uow.session, practice, month):
+    if not changed or not month:
+        return
+    closed = await corrections.is_closed(uow.session, practice, month)
+    # Time taken away may lift a duplicate-biller flag elsewhere (corrections.correct_duplicates).
+    plan = await corrections.duplicate_plan(
+        uow, await _shared_mbis(uow, practice, _whose(existing, ref_id(d["patient"]))), [month])
+    await corrections.hold_months(uow.session, [*([(practice, month)] if closed else []), *plan])
+    if closed:
         await corrections.recompute(uow, practice, month, f"Encounter/{entry_id} {d['reason']}",
                                     now, patients=_whose(existing, ref_id(d["patient"])))
+    if plan:
+        await corrections.correct_duplicates(uow, plan, corrections.DUPLICATE_TIME, now)
 
 
 async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
@@ -439,14 +494,24 @@ def _widest_lookback() -> int:
 
 
 async def _patient(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
-    await _upsert(
-        uow, orm.patients, {"practice": practice, "patient_id": ref_id(d["patient"])},
+    pt = orm.patients
+    keys = {"practice": practice, "patient_id": ref_id(d["patient"])}
+    before = (await uow.session.execute(select(pt.c.mbi).where(
+        pt.c.practice == practice, pt.c.patient_id == keys["patient_id"]))).scalar()
+    changed = await _upsert(
+        uow, pt, keys,
         {
             "version": version_key(d["source"]),
             "mbi": d.get("mbi"),
             "active": d["active"] and not d["deleted"],
         },
     )
+    if changed and before != d.get("mbi"):
+        # An MBI known or corrected can make, or unmake, a duplicate biller in any month: the
+        # closed months of every patient with either MBI follow (this patient's too).
+        plan = await corrections.duplicate_plan(uow, [before, d.get("mbi")])
+        if plan:
+            await corrections.correct_duplicates(uow, plan, corrections.DUPLICATE_MBI, now)
 
 
 async def _role(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
