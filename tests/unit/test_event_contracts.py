@@ -47,3 +47,25 @@ def test_the_inlined_check_agrees_with_the_registrys(event_type, data):
         schema_for(event_type), registry=registry(), format_checker=jsonschema.FormatChecker())
     assert (event_contracts.contract_violations(event_type, data) is None) \
         == reference.is_valid(data)
+
+
+@pytest.mark.parametrize(("value", "kept"), [
+    ("2025-03-03T10:00:00Z", True),
+    ("2025-03-03T10:00:00.123456+00:00", True),
+    ("2025-03-03T04:00:00-06:00", True),
+    ("2025-03-03", False),  # a date is no instant
+    ("2025-03-03T10:00:00", False),  # no offset: which instant?
+    ("2025-13-03T10:00:00Z", False),
+    ("2025-03-03T25:00:00Z", False),
+    ("yesterday", False),
+])
+def test_an_instant_the_contract_calls_date_time_is_checked(value, kept):
+    """``format: date-time`` was not checked at all: jsonschema checks it only with an RFC 3339
+    parser installed (rfc3339-validator, now a dependency), and none was. A consumer took
+    ``"yesterday"`` as a time entry's end."""
+    event = time_logged("acme", "p1", "e1", 1200, "2025-03-03T10:00:00Z")
+    data = {**copy.deepcopy(event.data), "end": value}
+    found = event_contracts.contract_violations(event.type, data)
+    assert (found is None) is kept, found
+    if not kept:
+        assert found == "data.end: breaks 'format'"
