@@ -130,6 +130,7 @@ def _dump(docs: list[dict]) -> str:
 
 # Values that differ from the code's defaults in Compose; ${VAR:-default} lets a user override
 # them from the shell or an .env file next to docker-compose.yml.
+KAFKA_DATA_DIR = "/var/lib/kafka/data"
 COMPOSE_OVERRIDES = {
     "CCM_ENV": "${CCM_ENV:-development}",
     "CCM_DATABASE_URL": "postgresql+asyncpg://ccm:${POSTGRES_PASSWORD:-ccm}@postgres:5432/ccm",
@@ -140,6 +141,9 @@ COMPOSE_OVERRIDES = {
     "CCM_NOTIFICATION_SMTP_HOST": "mailpit",
     "CCM_NOTIFICATION_SMTP_PORT": "1025",
     "CCM_NOTIFICATION_SMTP_STARTTLS": "false",
+    # 11 service processes and 4 migrations on PostgreSQL's default max_connections (100):
+    # each process keeps up to twice this many connections open (deploy/README.md).
+    "CCM_DB_POOL_SIZE": "${CCM_DB_POOL_SIZE:-3}",
 }
 
 
@@ -185,9 +189,12 @@ def compose(services: list[Service]) -> dict:
                     "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
                     "KAFKA_NUM_PARTITIONS": "3",
                     "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+                    # The image's default is /tmp/kraft-combined-logs: outside the volume, so
+                    # topics, offsets and the per-practice feeds were lost with the container.
+                    "KAFKA_LOG_DIRS": KAFKA_DATA_DIR,
                 },
                 "ports": ["127.0.0.1:${KAFKA_HOST_PORT:-9094}:9094"],
-                "volumes": ["kafka-data:/var/lib/kafka/data"],
+                "volumes": [f"kafka-data:{KAFKA_DATA_DIR}"],
                 "healthcheck": {
                     "test": [
                         "CMD-SHELL",
@@ -351,6 +358,8 @@ def k8s_config(svc: Service, shared: tuple[Setting, ...]) -> tuple[dict, list[di
             # Optional: unset (the code's default) unless the operator puts it in the Secret.
             env.append({"name": s.env, "valueFrom": {"secretKeyRef": {
                 "name": f"ccm-{svc.name}-secrets", "key": s.env, "optional": True}}})
+        elif s.env == "CCM_DB_POOL_SIZE":
+            continue  # per process kind, in each container's env (pod_spec, DB_POOL_SIZE)
         elif s.env == "CCM_HTTP_PORT":
             # Pinned in the container: containerPort, probes, Service, NetworkPolicy ports and
             # the Prometheus annotation all use it, so <svc>-overrides must not move it.
@@ -386,6 +395,8 @@ KAFKA_AUTH = {
     "CCM_KAFKA_SSL_CAFILE": f"{KAFKA_CA_DIR}/ca.crt",
 }
 
+READINESS_TIMEOUT_SECONDS = 12
+
 SECURITY_CONTEXT = {
     "allowPrivilegeEscalation": False,
     "readOnlyRootFilesystem": True,
@@ -395,6 +406,15 @@ SECURITY_CONTEXT = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+
+# CCM_DB_POOL_SIZE per process kind. Each process keeps up to twice its pool size open
+# (ccm_shared.db), so these, the replica ceilings (HPA, KEDA, replicas) plus one surge pod per
+# Deployment, the roles' connectionLimit and the Cluster's max_connections are sized together:
+# deploy/README.md ("Connection budget"), checked by tests/deploy/test_operations.py.
+DB_POOL_SIZE = {"api": 3, "consumers": 2, "relay": 2, "migrate": 2}
+# Per role (ccm_<svc>) and for the whole Cluster.
+ROLE_CONNECTION_LIMIT = 100
+MAX_CONNECTIONS = 400
 
 RESOURCES = {
     "api": {"requests": {"cpu": "250m", "memory": "256Mi"},
@@ -412,6 +432,11 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
              *, init: bool = True, restart: str = "Always") -> dict:
     image = IMAGE_REPO.format(svc=svc.name)
     env_from = [{"configMapRef": {"name": f"{svc.name}-config"}}]
+    env = [*env, {"name": "CCM_DB_POOL_SIZE", "value": str(DB_POOL_SIZE[component])}]
+    mounts = [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "kafka-ca", "mountPath": KAFKA_CA_DIR, "readOnly": True},
+    ]
     container = {
         "name": component,
         "image": image,
@@ -421,10 +446,7 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
         "env": env,
         "resources": RESOURCES[component],
         "securityContext": SECURITY_CONTEXT,
-        "volumeMounts": [
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "kafka-ca", "mountPath": KAFKA_CA_DIR, "readOnly": True},
-        ],
+        "volumeMounts": mounts,
     }
     if component != "migrate":
         container["ports"] = [{"name": "http", "containerPort": svc.port}]
@@ -434,7 +456,11 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
         }
         container["readinessProbe"] = {
             "httpGet": {"path": "/readyz", "port": "http"},
-            "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3,
+            # /readyz waits up to 5 s for the database, then up to 5 s for Kafka
+            # (ServiceRuntime.readiness): a probe that gives up sooner reports a slow
+            # dependency as a failed probe without its answer.
+            "periodSeconds": 10, "timeoutSeconds": READINESS_TIMEOUT_SECONDS,
+            "failureThreshold": 3,
         }
         container["startupProbe"] = {
             "httpGet": {"path": "/healthz", "port": "http"},
@@ -473,7 +499,9 @@ def pod_spec(svc: Service, component: str, args: list[str], env: list[dict],
             "env": env,
             "resources": RESOURCES["migrate"],
             "securityContext": SECURITY_CONTEXT,
-            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            # It reads only CCM_DATABASE_URL, but gets every setting as the main container
+            # does: every file a setting names is mounted (CCM_KAFKA_SSL_CAFILE).
+            "volumeMounts": mounts,
         }]
     if component in ("api", "consumers"):
         spec["topologySpreadConstraints"] = [{
@@ -493,7 +521,8 @@ def deployment(svc: Service, component: str, args: list[str], env: list[dict],
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": f"{svc.name}-{component}", "labels": lab},
+        "metadata": {"name": f"{svc.name}-{component}", "labels": lab,
+                     "annotations": wave("workloads")},
         "spec": {
             **({} if replicas is None else {"replicas": replicas}),
             "revisionHistoryLimit": 5,
@@ -512,6 +541,38 @@ def deployment(svc: Service, component: str, args: list[str], env: list[dict],
     }
 
 
+# Argo CD sync waves. A first install applies everything at once, and PreSync hooks would run
+# before anything else exists (no PostgreSQL, no Kafka user): a deadlock. Instead Argo CD
+# applies wave by wave, each once the previous one is healthy: the infrastructure (Kafka,
+# its users and topics, the PostgreSQL Cluster, ConfigMaps; wave 0, the default), then the
+# migration Jobs, then the workloads and their autoscalers. `kubectl apply` ignores these.
+SYNC_WAVES = {"infrastructure": 0, "migrations": 1, "workloads": 2}
+
+
+def wave(name: str) -> dict[str, str]:
+    return {"argocd.argoproj.io/sync-wave": str(SYNC_WAVES[name])}
+
+
+def migration_job_spec(svc: Service, env: list[dict]) -> dict:
+    """The migration Job's pod: the migrator's database role, and Kafka optional: `ccm migrate`
+    uses only the database, so the Job can run before Strimzi has written the KafkaUser's
+    Secret and the cluster CA."""
+    job_env = []
+    for e in env:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if e["name"] in ("PGUSER", "PGPASSWORD"):
+            e = {**e, "valueFrom": {"secretKeyRef": {**ref, "name": "ccm-db-migrator"}}}
+        elif e["name"] in KAFKA_AUTH and ref is not None:
+            e = {**e, "valueFrom": {"secretKeyRef": {**ref, "optional": True}}}
+        job_env.append(e)
+    spec = pod_spec(svc, "migrate", ["migrate", svc.name], job_env, init=False,
+                    restart="OnFailure")
+    for volume in spec["volumes"]:
+        if "secret" in volume:
+            volume["secret"] = {**volume["secret"], "optional": True}
+    return spec
+
+
 def service_manifests(svc: Service) -> list[dict]:
     configmap, env = k8s_config(svc, shared_settings())
     docs: list[dict] = [configmap]
@@ -522,10 +583,13 @@ def service_manifests(svc: Service) -> list[dict]:
         "metadata": {
             "name": f"{svc.name}-migrate",
             "labels": migrate_labels,
-            # GitOps tools run it before the Deployments; with plain kubectl the Deployments'
-            # await-migrations init container holds the new pods until it has finished.
-            "annotations": {"argocd.argoproj.io/hook": "PreSync",
-                            "argocd.argoproj.io/hook-delete-policy": "BeforeHookCreation"},
+            # Argo CD: a Sync hook (re-created on every sync, as a Job's template cannot be
+            # changed in place) in the wave between the infrastructure and the Deployments
+            # (SYNC_WAVES). With plain kubectl the Deployments' await-migrations init
+            # container holds the new pods until it has finished.
+            "annotations": {"argocd.argoproj.io/hook": "Sync",
+                            "argocd.argoproj.io/hook-delete-policy": "BeforeHookCreation",
+                            **wave("migrations")},
         },
         "spec": {
             # ccm migrate also upgrades the shared platform schema; two Jobs racing on a first
@@ -538,16 +602,7 @@ def service_manifests(svc: Service) -> list[dict]:
             "activeDeadlineSeconds": 1800,
             "template": {
                 "metadata": {"labels": migrate_labels},
-                "spec": pod_spec(
-                    svc, "migrate", ["migrate", svc.name],
-                    [
-                        {**e, "valueFrom": {"secretKeyRef": {**e["valueFrom"]["secretKeyRef"],
-                                                             "name": "ccm-db-migrator"}}}
-                        if e["name"] in ("PGUSER", "PGPASSWORD") else e
-                        for e in env
-                    ],
-                    init=False, restart="OnFailure",
-                ),
+                "spec": migration_job_spec(svc, env),
             },
         },
     })
@@ -582,7 +637,8 @@ def service_manifests(svc: Service) -> list[dict]:
     docs.append({
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": {"name": f"{svc.name}-api", "labels": labels(svc.name, "api")},
+        "metadata": {"name": f"{svc.name}-api", "labels": labels(svc.name, "api"),
+                     "annotations": wave("workloads")},
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment",
                                "name": f"{svc.name}-api"},
@@ -622,7 +678,8 @@ def scaled_objects(services: list[Service]) -> list[dict]:
             "apiVersion": "keda.sh/v1alpha1",
             "kind": "ScaledObject",
             "metadata": {"name": f"{svc.name}-consumers",
-                         "labels": labels(svc.name, "consumers")},
+                         "labels": labels(svc.name, "consumers"),
+                         "annotations": wave("workloads")},
             "spec": {
                 "scaleTargetRef": {"name": f"{svc.name}-consumers"},
                 # Never to zero: readiness reports a stalled consumer, and a group with no
@@ -708,19 +765,44 @@ def kafka_users(services: list[Service]) -> list[dict]:
                                                "DescribeConfigs", "AlterConfigs"]))
         # The idempotent producer needs IdempotentWrite on the cluster.
         acls.append(_acl({"type": "cluster"}, ["IdempotentWrite"]))
-        docs.append({
-            "apiVersion": "kafka.strimzi.io/v1beta2",
-            "kind": "KafkaUser",
-            "metadata": {
-                "name": f"ccm-{svc.name}",
-                "labels": {"strimzi.io/cluster": KAFKA_CLUSTER},
-            },
-            "spec": {
-                "authentication": {"type": "scram-sha-512"},
-                "authorization": {"type": "simple", "acls": acls},
-            },
-        })
+        docs.append(_kafka_user(f"ccm-{svc.name}", acls))
     return docs
+
+
+def _kafka_user(name: str, acls: list[dict]) -> dict:
+    return {
+        "apiVersion": "kafka.strimzi.io/v1beta2",
+        "kind": "KafkaUser",
+        "metadata": {"name": name, "labels": {"strimzi.io/cluster": KAFKA_CLUSTER}},
+        "spec": {
+            "authentication": {"type": "scram-sha-512"},
+            "authorization": {"type": "simple", "acls": acls},
+        },
+    }
+
+
+def admin_kafka_user(topics: list[str]) -> dict:
+    """The operators' Kafka identity (the ccm-admin pod): `ccm redrive` reads the dead-letter
+    topics in consumer groups ``ccm-redrive:<consumer>:<practice>`` and writes each dead letter
+    back to its source topic; `ccm events` reads the event topics without a group. Nothing
+    else: no topic creation, no configuration changes, no service's group."""
+    from ccm_shared.redrive import group_id
+
+    redrive_groups = group_id(None, None).split(":", 1)[0] + ":"  # "ccm-redrive:"
+    acls = [
+        _acl({"type": "topic", "name": f"{t}.dlq", "patternType": "literal"},
+             ["Read", "Describe"])
+        for t in topics
+    ]
+    acls += [
+        _acl({"type": "topic", "name": t, "patternType": "literal"},
+             ["Read", "Write", "Describe"])
+        for t in topics
+    ]
+    acls.append(_acl({"type": "group", "name": redrive_groups, "patternType": "prefix"},
+                     ["Read", "Describe"]))
+    acls.append(_acl({"type": "cluster"}, ["IdempotentWrite"]))
+    return _kafka_user(ADMIN_KAFKA_USER, acls)
 
 
 def postgres(services: list[Service]) -> list[dict]:
@@ -759,7 +841,8 @@ def postgres(services: list[Service]) -> list[dict]:
             "primaryUpdateStrategy": "unsupervised",
             "storage": {"size": "50Gi"},
             "walStorage": {"size": "10Gi"},
-            "postgresql": {"parameters": {"max_connections": "300"}},
+            # The connection budget (DB_POOL_SIZE): deploy/README.md.
+            "postgresql": {"parameters": {"max_connections": str(MAX_CONNECTIONS)}},
             "resources": {"requests": {"cpu": "1", "memory": "2Gi"},
                           "limits": {"cpu": "2", "memory": "2Gi"}},
             "bootstrap": {"initdb": {
@@ -772,7 +855,7 @@ def postgres(services: list[Service]) -> list[dict]:
             # (deploy/README.md); CloudNativePG keeps the roles in step with them.
             "managed": {"roles": [
                 {"name": r, "ensure": "present", "login": True, "inherit": True,
-                 "connectionLimit": 100,
+                 "connectionLimit": ROLE_CONNECTION_LIMIT,
                  "passwordSecret": {"name": f"ccm-db-{s.name}"}}
                 for s, r in zip(services, roles, strict=True)
             ]},
@@ -806,17 +889,25 @@ def postgres(services: list[Service]) -> list[dict]:
     return [cluster, scheduled]
 
 
+ADMIN_KAFKA_USER = "ccm-admin"
+
+
 def admin(services: list[Service]) -> list[dict]:
-    """A pod to run `ccm practice create` / `ccm token create` with the migrator's role;
-    scaled to 0 until needed (deploy/README.md)."""
+    """A pod to run `ccm practice create` / `ccm token create` with the migrator's role, and
+    `ccm redrive` / `ccm events` as KafkaUser ccm-admin (admin_kafka_user); scaled to 0 until
+    needed (deploy/README.md)."""
     svc = services[0]
     _, env = k8s_config(svc, shared_settings())
-    env = [
-        {**e, "valueFrom": {"secretKeyRef": {**e["valueFrom"]["secretKeyRef"],
-                                             "name": "ccm-db-migrator"}}}
-        if e["name"] in ("PGUSER", "PGPASSWORD") else e
-        for e in env
-    ]
+    admin_env = []
+    for e in env:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if e["name"] in ("PGUSER", "PGPASSWORD"):
+            e = {**e, "valueFrom": {"secretKeyRef": {**ref, "name": "ccm-db-migrator"}}}
+        elif e["name"] == "CCM_KAFKA_SASL_PASSWORD":  # the Secret Strimzi writes for ccm-admin
+            e = {**e, "valueFrom": {"secretKeyRef": {**ref, "name": ADMIN_KAFKA_USER}}}
+        admin_env.append(e)
+    # Overrides the service's user name of the ConfigMap (env wins over envFrom).
+    env = [*admin_env, {"name": "CCM_KAFKA_SASL_USERNAME", "value": ADMIN_KAFKA_USER}]
     spec = pod_spec(svc, "migrate", [], env, init=False)
     container = spec["containers"][0]
     container["name"] = "admin"
@@ -826,7 +917,7 @@ def admin(services: list[Service]) -> list[dict]:
     return [{
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": "ccm-admin", "labels": lab},
+        "metadata": {"name": "ccm-admin", "labels": lab, "annotations": wave("workloads")},
         "spec": {
             "replicas": 0,
             "selector": {"matchLabels": lab},
@@ -856,7 +947,8 @@ def rendered() -> dict[Path, str]:
          "resources": names})
     topics = sorted({*contract_topics(), *(t for s in services for t in s.produces)})
     files[ROOT / "k8s" / "base" / "kafka" / "topics.yaml"] = _dump(kafka_topics(topics))
-    files[ROOT / "k8s" / "base" / "kafka" / "users.yaml"] = _dump(kafka_users(services))
+    files[ROOT / "k8s" / "base" / "kafka" / "users.yaml"] = _dump(
+        [*kafka_users(services), admin_kafka_user(topics)])
     files[ROOT / "k8s" / "overlays" / "prod" / "scaledobjects.yaml"] = _dump(
         scaled_objects(services))
     return files

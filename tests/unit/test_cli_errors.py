@@ -45,8 +45,14 @@ def refused_line(result, variable: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("variable", "value"), BAD_VALUES)
-@pytest.mark.parametrize("command", [["config"], ["serve", "all"], ["contracts"], ["migrate"]])
+@pytest.mark.parametrize(("command", "variable", "value"), [
+    (command, variable, value)
+    for command in (["config"], ["serve", "all"], ["contracts"], ["migrate"])
+    for variable, value in BAD_VALUES
+    # `ccm migrate` uses only the database: it does not check that the CA file exists
+    # (tests/unit/test_migrate_settings.py).
+    if not (command == ["migrate"] and variable == "CCM_KAFKA_SSL_CAFILE")
+])
 def test_a_bad_value_is_one_line_naming_it(monkeypatch, tmp_path, command, variable, value):
     monkeypatch.chdir(tmp_path)  # `ccm contracts` would write here
     if variable != "CCM_DATABASE_URL":  # serve needs one; the services' settings come next

@@ -58,9 +58,9 @@ def _refused(exc: ConfigurationError) -> None:
     _fail(f"configuration refused:{separator}{problems}")
 
 
-def _settings(require_db: bool = True, **overrides: object) -> Settings:
+def _settings(require_db: bool = True, *, kafka: bool = True, **overrides: object) -> Settings:
     try:
-        settings = load_settings(**overrides)
+        settings = load_settings(kafka=kafka, **overrides)
     except ConfigurationError as exc:
         _refused(exc)
     if require_db and not settings.database_url:
@@ -181,7 +181,9 @@ def migrate(
     from ccm_shared.migrate import upgrade, upgrade_platform
 
     definitions = _services(service)  # an unknown name is refused before anything is migrated
-    settings = _settings()
+    # Only the database: its Kubernetes Job runs before Strimzi has written the Kafka users'
+    # Secrets and the cluster CA (deploy/README.md), so their settings are not checked here.
+    settings = _settings(kafka=False)
     _service_settings(definitions)  # a Job that migrates must not succeed for pods that crash
     _check_database(settings.database_url)
     typer.echo("migrating platform …", err=True)
@@ -733,6 +735,27 @@ def _run_server(main) -> None:  # noqa: ANN001
         runner.run(main)
 
 
+# On SIGTERM, requests in flight get this long to finish before their connections are closed
+# (uvicorn waits for them without a limit otherwise, and Kubernetes kills the pod at its
+# terminationGracePeriodSeconds, 45 s for the APIs: the preStop sleep, these 30 s and the Kafka
+# producer's flush; deploy/README.md).
+GRACEFUL_SHUTDOWN_SECONDS = 30
+
+
+def _server_config(app, *, host: str, port: int):  # noqa: ANN001, ANN202
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+
+
 async def _serve(  # noqa: ANN001
     settings, definitions, *, api, consumers, relay, host, port, ports=None, background=True
 ) -> None:
@@ -759,14 +782,7 @@ async def _serve(  # noqa: ANN001
         await rt.start(consumers=consumers, relay=relay, background=background)
         # Without the API a process still serves /healthz, /readyz and /metrics.
         chosen = port or (ports or {}).get(rt.definition.name) or rt.definition.port
-        config = uvicorn.Config(
-            rt.app(operations_only=not api),
-            host=host,
-            port=chosen,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-        )
+        config = _server_config(rt.app(operations_only=not api), host=host, port=chosen)
         servers.append(_Server(config))
         what = "API" if api else "operations endpoints"
         typer.echo(f"{rt.definition.name}: {what} on http://{host}:{config.port}", err=True)

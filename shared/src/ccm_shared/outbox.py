@@ -15,7 +15,18 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
-from sqlalchemy import BigInteger, any_, cast, func, insert, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    LargeBinary,
+    any_,
+    cast,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -39,6 +50,10 @@ log = structlog.get_logger(__name__)
 
 # What an event's JSON may take of a Kafka record: the rest is room for its key and headers.
 MAX_EVENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+# What one relay batch may hold of events' JSON, besides its count (CCM_OUTBOX_BATCH_SIZE):
+# a thousand multi-megabyte events (a month-close burst of large practices' Invoices) would
+# not fit the relay's memory. A batch always holds at least one event, however large.
+MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 
 class Outbox:
@@ -201,6 +216,7 @@ class OutboxRelay:
         transport: Transport,
         *,
         batch_size: int = 1000,
+        max_batch_bytes: int = MAX_BATCH_BYTES,
         poll_interval: float = 0.2,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
@@ -209,6 +225,7 @@ class OutboxRelay:
         self.db = db
         self.transport = transport
         self.batch_size = batch_size
+        self.max_batch_bytes = max_batch_bytes
         self.poll_interval = poll_interval
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -237,7 +254,12 @@ class OutboxRelay:
             return (await conn.execute(stmt)).scalar_one()
 
     async def _fetch(self, after_id: int | None) -> list:
-        stmt = (
+        """The next batch: the first unsent rows in id order (after ``after_id``), at most
+        ``batch_size`` of them and no more than ``max_batch_bytes`` of payload (the first row
+        always, however large). Each row also says how many rows the count alone allowed
+        (``fetched``), so ``_more`` knows whether the outbox may hold more. One statement: the
+        byte bound is a running sum over the counted rows, computed by the database."""
+        counted = (
             select(
                 outbox_table.c.id,
                 outbox_table.c.topic,
@@ -252,7 +274,22 @@ class OutboxRelay:
             .limit(self.batch_size)
         )
         if after_id is not None:
-            stmt = stmt.where(outbox_table.c.id > after_id)
+            counted = counted.where(outbox_table.c.id > after_id)
+        counted = counted.subquery("counted")
+        size = (func.octet_length(counted.c.payload) if self.db.is_postgres
+                else func.length(cast(counted.c.payload, LargeBinary)))  # bytes, not characters
+        sized = select(
+            *counted.c,
+            func.sum(size).over(order_by=counted.c.id).label("upto"),
+            func.row_number().over(order_by=counted.c.id).label("position"),
+            func.count().over().label("fetched"),
+        ).subquery("sized")
+        # A prefix of the counted rows (the running sum only grows): nothing is skipped.
+        stmt = (
+            select(*(c for c in sized.c if c.name not in ("upto", "position")))
+            .where(or_(sized.c.upto <= self.max_batch_bytes, sized.c.position == 1))
+            .order_by(sized.c.id)
+        )
         if self._autocommit is not None:  # no transaction at all
             async with self._autocommit.connect() as conn:
                 return (await conn.execute(stmt)).all()
@@ -276,6 +313,11 @@ class OutboxRelay:
         async with self.db.engine.begin() as conn:
             await conn.execute(stmt)
 
+    def _more(self, rows: list) -> bool:
+        """Whether the outbox may hold unsent rows after this batch: it was cut by its count or
+        by its bytes."""
+        return rows[0].fetched == self.batch_size or len(rows) < rows[0].fetched
+
     async def publish_pass(self) -> int:
         """Publish everything unsent right now; return how many events were published.
 
@@ -291,7 +333,7 @@ class OutboxRelay:
             while rows:
                 following = (
                     asyncio.create_task(self._fetch(rows[-1].id))
-                    if len(rows) == self.batch_size
+                    if self._more(rows)
                     else None
                 )
                 try:

@@ -6,7 +6,7 @@ import re
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     """Every setting the services read. Each field is documented in the README."""
 
     model_config = SettingsConfigDict(env_prefix="CCM_", extra="ignore", frozen=True)
+    # Whether the Kafka settings are checked: not for commands that use only the database
+    # (`ccm migrate`: its Kubernetes Job runs before the Kafka users and CA exist).
+    checks_kafka: ClassVar[bool] = True
 
     env: Environment = Field(Environment.DEVELOPMENT, description="development, test or production")
     database_url: str | None = Field(
@@ -133,13 +136,13 @@ class Settings(BaseSettings):
             problems.append("CCM_DATABASE_URL is not set (postgresql+asyncpg://user:pass@host/db)")
         elif self.env is Environment.PRODUCTION and self.database_url.startswith("sqlite"):
             problems.append("CCM_DATABASE_URL is SQLite; production needs PostgreSQL")
-        if not self.kafka_bootstrap_servers:
+        if self.checks_kafka and not self.kafka_bootstrap_servers:
             problems.append("CCM_KAFKA_BOOTSTRAP_SERVERS is not set (host:port[,host:port])")
         if self.env is Environment.PRODUCTION and self.secret_key.lower() in PLACEHOLDER_SECRETS:
             problems.append("CCM_SECRET_KEY is missing or a placeholder; set a long random value")
         if self.env is Environment.PRODUCTION and len(self.secret_key) < 32:
             problems.append("CCM_SECRET_KEY is shorter than 32 characters")
-        if self.kafka_security_protocol.startswith("SASL") and not (
+        if self.checks_kafka and self.kafka_security_protocol.startswith("SASL") and not (
             self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
         ):
             problems.append(
@@ -197,7 +200,7 @@ class Settings(BaseSettings):
     @field_validator("kafka_ssl_cafile")
     @classmethod
     def _cafile_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
+        if cls.checks_kafka and value is not None and not Path(value).is_file():
             raise ValueError(f"no such file: {value}")
         return value
 
@@ -213,12 +216,23 @@ class Settings(BaseSettings):
         return self.env != Environment.PRODUCTION
 
 
+class _DatabaseOnlySettings(Settings):
+    """Settings of a command that uses only the database: its Kafka settings are read as given,
+    not checked (``load_settings(kafka=False)``)."""
+
+    checks_kafka: ClassVar[bool] = False
+
+
 AnySettings = TypeVar("AnySettings", bound=BaseSettings)
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment; raise ConfigurationError with a readable message."""
-    return load_service_settings(Settings, **overrides)
+def load_settings(*, kafka: bool = True, **overrides: object) -> Settings:
+    """Read settings from the environment; raise ConfigurationError with a readable message.
+
+    ``kafka`` False: for a command that uses only the database (``ccm migrate``), whose Kafka
+    settings (bootstrap servers, SASL credentials, a CA file) are neither needed nor checked.
+    """
+    return load_service_settings(Settings if kafka else _DatabaseOnlySettings, **overrides)
 
 
 def load_service_settings(model: type[AnySettings], **overrides: object) -> AnySettings:
