@@ -383,3 +383,45 @@ async def test_a_unit_of_work_that_gave_way_is_run_again_a_bounded_number_of_tim
     except DBAPIError as exc:
         result = sqlstate(exc)
     assert (calls, result) == (runs, answered)
+
+
+async def test_readiness_asks_the_database_and_kafka_at_once(tmp_path, monkeypatch):
+    """One after the other they took up to 5 s each, past the probe's timeout: a database ping
+    that can only answer while Kafka's is in flight shows they are asked together."""
+    import asyncio
+
+    runtime = await embedded_runtime(tmp_path, "ingest")
+    kafka_asked = asyncio.Event()
+
+    async def database_ping() -> None:
+        await kafka_asked.wait()
+
+    async def kafka_ping() -> None:
+        kafka_asked.set()
+
+    monkeypatch.setattr(runtime.db, "ping", database_ping)
+    monkeypatch.setattr(runtime.transport, "ping", kafka_ping, raising=False)
+    monkeypatch.setattr(runtime, "_uses_broker", True)
+    try:
+        checks = await runtime.readiness()
+    finally:
+        await runtime.db.dispose()
+    assert (checks["database"], checks["kafka"]) == ("ok", "ok")
+
+
+async def test_an_audit_entry_that_cannot_be_recorded_is_counted(client, monkeypatch):
+    """The call is answered (its response was sent), the failure logged and counted: on a
+    cluster whose roles could not write the audit trail, every entry was lost while /readyz
+    stayed 200, and nothing but a log line said so."""
+    from ccm_shared.audit import AuditWriter
+    from ccm_shared.observability import metrics
+
+    async def refused(self, entry):  # noqa: ANN001, ANN202
+        raise PermissionError("permission denied for table audit_log")
+
+    counted = metrics.audit_failures.labels("ingest")
+    before = counted._value.get()
+    monkeypatch.setattr(AuditWriter, "record", refused)
+    r = await client.get("/fhir/Patient/p1", headers=auth(client.tokens["alpha"]))
+    assert r.status_code == 404  # answered as ever
+    assert counted._value.get() == before + 1

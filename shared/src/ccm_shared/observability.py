@@ -154,6 +154,12 @@ class Metrics:
         self.outbox_failures = Counter(
             "ccm_outbox_publish_failures_total", "Failed relay attempts", ["service"], registry=r
         )
+        self.audit_failures = Counter(
+            "ccm_audit_write_failures_total",
+            "API calls answered whose audit entry could not be recorded",
+            ["service"],
+            registry=r,
+        )
 
 
 metrics = Metrics()
