@@ -16,7 +16,7 @@ from sqlalchemy import select
 from ccm_notification.adapters.orm import outbox
 from ccm_notification.bootstrap import SERVICE
 from ccm_notification.entrypoints.workers import deliverer_of, practice_topics_of
-from ccm_notification.subscriptions.domain import FEED_TYPES, Receiver
+from ccm_notification.subscriptions.domain import FEED_TYPES, Receiver, Verdict
 from ccm_notification.subscriptions.service import feed_handler, feed_topics
 from ccm_shared.consumer import ConsumerRuntime
 from ccm_shared.events import CloudEvent, practice_topic, to_message
@@ -41,6 +41,7 @@ class Service:
         self.runtime, self.api, self.kafka = runtime, api, runtime.transport
         self.tokens: dict[str, dict] = {}
         self.practices: set[str] = set()
+        self.strangers: set[str] = set()  # tenants no practice is registered for (let through)
 
     async def practice(self) -> str:
         p = f"sp-{uuid.uuid4().hex[:10]}"
@@ -89,16 +90,16 @@ async def service(infra, settings_env):
                             base_url="http://notify.test")
     svc = Service(runtime, api)
     handler = feed_handler(runtime.clock)
-    prepare = feed_topics(practice_topics_of(runtime))
+    prepare = feed_topics(practice_topics_of(runtime), runtime.db)
 
     async def this_tests_practices_only(event: CloudEvent, uow) -> None:  # noqa: ANN001
         # The shared broker holds other test runs' billing events; the handler under test is
         # unchanged, only foreign practices are left out of this run.
-        if event.tenant in svc.practices:
+        if event.tenant in svc.practices | svc.strangers:
             await handler(event, uow)
 
     async def prepare_this_tests_practices(event: CloudEvent) -> None:
-        if event.tenant in svc.practices:
+        if event.tenant in svc.practices | svc.strangers:
             await prepare(event)
 
     # A fresh group (and inbox key) per run; the production group name is notification-….
@@ -180,7 +181,8 @@ async def test_two_practices_interleaved_each_get_exactly_their_own_in_order_onc
             assert [r.json()["eventNumber"] for r in got] == [1, 2, 3, 4, 5]
             verify = Receiver(subs[p]["secret"])
             now = int(service.runtime.clock().timestamp())
-            assert all(verify.accept(r.headers["X-CCM-Signature"], r.body, now) for r in got)
+            assert all(verify.check(r.headers["X-CCM-Signature"], r.body, now) is Verdict.NEW
+                       for r in got)
             assert {r.json()["practice"] for r in got} == {p}
     finally:
         for r in receivers.values():
@@ -233,10 +235,16 @@ async def test_a_receiver_down_then_back_loses_nothing_and_replay_by_number_work
 
         verify = Receiver(sub["secret"])
         now = int(service.runtime.clock().timestamp())
-        assert verify.accept(got[0].headers["X-CCM-Signature"], got[0].body, now)
-        assert not verify.accept(got[0].headers["X-CCM-Signature"], got[0].body, now)  # replay
+        done: list[dict] = []
+        assert verify.receive(got[0].headers["X-CCM-Signature"], got[0].body, now,
+                              done.append) == 200
+        # delivered again (its answer lost): acknowledged, the work not done twice
+        assert verify.receive(got[0].headers["X-CCM-Signature"], got[0].body, now,
+                              done.append) == 200
+        assert [n["eventNumber"] for n in done] == [1]
         tampered = got[1].body.replace(b'"eventNumber":2', b'"eventNumber":9')
-        assert not verify.accept(got[1].headers["X-CCM-Signature"], tampered, now)
+        assert verify.receive(got[1].headers["X-CCM-Signature"], tampered, now,
+                              done.append) == 401
 
         log = await service.get(p, f"/{sub['id']}/deliveries")
         assert [d["outcome"] for d in reversed(log)] == ["retry", "retry", "paused",
@@ -297,3 +305,33 @@ async def read_topic_quietly(kafka, topic: str, practice: str) -> list[dict]:  #
     finally:
         await source.stop()
     return got
+
+
+async def test_an_event_of_a_tenant_not_registered_here_is_dead_lettered_and_creates_nothing(
+        service):
+    """Two deployments on one Kafka: the other's billing events reached this feed, which made
+    topics and counters for 34 practices it does not have. Now: dead-lettered, nothing made."""
+    from ccm_notification.adapters.orm import event_sequences, inbox
+    from ccm_notification.subscriptions.topics import topics_of
+
+    stranger = f"sp-stranger-{uuid.uuid4().hex[:8]}"
+    service.strangers.add(stranger)
+    p = await service.practice()
+    lost, kept = invoice_issued(stranger), invoice_issued(p)
+    await publish_as_billing(service.kafka, lost, kept)
+    [record] = await read_topic(service.kafka, practice_topic(p, ISSUED), 1, p)
+    assert record["id"] == kept.id  # the registered practice's event goes on as ever
+
+    async def dead_lettered() -> bool:  # the consumer's inbox row of a dead letter
+        async with service.runtime.db.unit_of_work() as uow:
+            return (await uow.session.execute(select(inbox.c.outcome).where(
+                inbox.c.consumer == service.runtime.consumers[0].name,
+                inbox.c.tenant == stranger))).scalars().all() == ["dead-lettered"]
+
+    await eventually(dead_lettered, timeout=30, what="the stranger's event dead-lettered")
+    async with service.runtime.db.unit_of_work() as uow:
+        assert (await uow.session.execute(select(event_sequences).where(
+            event_sequences.c.tenant == stranger))).all() == []
+    unknown: list[str] = []
+    assert await service.kafka.partitions_of(topics_of(stranger), unknown=unknown) == []
+    assert sorted(unknown) == sorted(topics_of(stranger))  # no topic was made for it

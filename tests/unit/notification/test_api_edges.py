@@ -261,3 +261,42 @@ async def test_a_provider_address_deliveries_cannot_use_is_refused(api, field, v
     assert r.status_code == 422 and fragment in r.text, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert (await client.get(f"{P}/providers/doc-1", headers=headers)).json()[field] is None
+
+
+# -- the alert's patient is given once ----------------------------------------------------------
+
+
+async def test_the_top_level_patient_is_the_templates_patient_field(api):
+    """It answered 422 "missing field(s) patient" unless fields.patient repeated it."""
+    rt, client, headers = api
+    body = {"kind": "care-gap-alert", "provider": "doc-1", "patient": "Patient/p-7",
+            "fields": {"gap": "HbA1c not measured in 6 months"}}
+    r = await client.post(f"{P}/notifications", headers=headers, json=body)
+    assert r.status_code == 201, r.text
+    [row] = await all_rows(rt, messages)
+    assert row.patient == "Patient/p-7" and row.fields["patient"] == "Patient/p-7"
+    assert "Patient/p-7" in row.subject
+
+
+@pytest.mark.parametrize("fields, patient, status", [
+    ({"patient": "Patient/p-7"}, "Patient/p-7", 201),  # both, the same: as before
+    ({"patient": "Patient/p-7"}, None, 201),  # only in fields: as before
+    ({"patient": "Patient/p-8"}, "Patient/p-7", 422),  # which one?
+    ({}, None, 422),  # none: the field is missing
+])
+async def test_a_patient_given_twice_must_agree(api, fields, patient, status):
+    rt, client, headers = api
+    body = {"kind": "care-gap-alert", "provider": "doc-1", "patient": patient,
+            "fields": {"gap": "HbA1c not measured in 6 months"} | fields}
+    r = await client.post(f"{P}/notifications", headers=headers, json=body)
+    assert r.status_code == status, r.text
+    if status == 422:
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert await all_rows(rt, messages) == []
+
+
+async def test_a_pause_notice_is_the_services_own_to_send(api):
+    rt, client, headers = api
+    r = await client.post(f"{P}/notifications", headers=headers, json={
+        "kind": "subscription-paused", "provider": "doc-1", "fields": {}})
+    assert r.status_code == 422 and "created by the service itself" in r.text

@@ -215,3 +215,28 @@ async def test_a_hold_window_of_zero_numbers_events_on_arrival(tmp_path, monkeyp
         assert [e["data"]["invoiceId"] for e in await copies(rt)] == ["inv-c", "inv-a"]
     finally:
         await rt.db.dispose()
+
+
+async def test_billings_own_number_shows_an_event_lost_upstream_and_where_a_redriven_one_fits(env):
+    """Billing numbered 1..4; its 3 was dead-lettered before the feed. The feed's numbers have
+    no gap (1, 2, 3), billing's do (1, 2, 4): that is how a practice sees the loss. After
+    ``ccm redrive`` it comes last, with the feed's next number and billing's own (3)."""
+    rt, clock, api, headers, sub = env
+    await feed(rt, invoice_event("issued", "inv-a", 1), invoice_event("cancelled", "inv-a", 2),
+               invoice_event("issued", "inv-d", 4))
+    clock.now += timedelta(seconds=30)
+    assert await release_waiting(rt.db, clock, 30) == 1
+    events = await replay(api, headers, sub)
+    assert [(b["eventNumber"], b["event"]["practiceSequence"], b["event"]["billingSequence"])
+            for b in events] == [(1, 1, 1), (2, 2, 2), (3, 3, 4)]
+    await feed(rt, invoice_event("issued", "inv-c", 3))  # redriven from the dead-letter topic
+    last = (await replay(api, headers, sub))[-1]
+    assert (last["eventNumber"], last["event"]["billingSequence"]) == (4, 3)
+    assert last["data"]["invoiceId"] == "inv-c"
+
+
+async def test_an_event_billing_does_not_number_has_no_billing_number(env):
+    rt, clock, api, headers, sub = env
+    await feed(rt, at_risk("acme", "p1"))
+    [body] = await replay(api, headers, sub)
+    assert body["event"]["billingSequence"] is None and body["event"]["practiceSequence"] == 1

@@ -85,6 +85,28 @@ async def test_a_first_invoice_says_what_is_due_and_nothing_of_a_replacement(acm
     assert "Balance due: $839.80." in message.text_body
 
 
+@pytest.mark.parametrize("replaces", [None, "inv-r0"])
+async def test_a_refund_owed_back_is_said_so_not_as_a_negative_amount_paid(acme_contact, replaces):
+    """Billing's ``paid`` is negative after a payment was voided once its overpayment had been
+    refunded: the practice owes the refund back. It said "Already paid: $-33.33"."""
+    await _deliver(acme_contact, issued("inv-r1", revision=1, total="124.50", replaces=replaces,
+                                        paid="-33.33", balance="157.83"))
+    [message] = await _messages(acme_contact)
+    for body in (message.text_body, message.html_body):
+        assert "$-" not in body and "Already paid" not in body
+        assert "Refund owed back: $33.33 was refunded to Acme Clinic for an overpayment" in body
+        assert "the refund is owed back, and is part of the balance below" in body
+    assert "Balance due: $157.83." in message.text_body
+    assert ("of the invoice it replaces" in message.text_body) == (replaces is not None)
+
+
+@pytest.mark.parametrize("paid, owed", [("-33.33", "33.33"), ("-0.01", "0.01"), ("0.00", None),
+                                        ("12.00", None), (None, None), ("x", None)])
+def test_the_refund_owed_back_is_minus_a_negative_paid(paid, owed):
+    data = issued("i", revision=1, total="10.00", paid=paid or "0.00", balance="1.00").data
+    assert invoice_values({**data, "paid": paid})["refund_owed"] == owed
+
+
 def test_invoice_values_keep_every_earlier_field_and_split_the_balance_by_sign():
     data = issued("i", revision=2, total="10.00", replaces="h", paid="12.50",
                   balance="-2.50").data

@@ -11,23 +11,39 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select
 
-from ccm_notification.adapters.orm import outbox, subscriptions
+from ccm_notification.adapters.orm import (
+    event_sequences,
+    feed_held,
+    messages,
+    outbox,
+    subscriptions,
+)
 from ccm_notification.bootstrap import SERVICE
 from ccm_notification.domain.signing import webhook_signature
 from ccm_notification.entrypoints.workers import deliverer_of, http_client_of
+from ccm_notification.service_layer.directory import edit_provider
 from ccm_notification.subscriptions.domain import (
     FeedEvent,
     Receiver,
     UnsafeTenant,
+    Verdict,
+    delivery_outcome,
     feed_data,
     notification,
     subscription_secret,
     target_practice,
 )
+from ccm_notification.subscriptions.service import feed_handler
+from ccm_shared.consumer import PoisonMessage
 from ccm_shared.events import CloudEvent, practice_topic, to_message
 from ccm_shared.tenancy import Pricing, create_practice, create_token
 from tests.support.embedded import embedded_runtime
-from tests.unit.notification.feed_events import at_risk, invoice_issued, payment_recorded
+from tests.unit.notification.feed_events import (
+    at_risk,
+    invoice_issued,
+    payment_recorded,
+    period_closed,
+)
 
 SECRET = "unit-secret-key-0123456789abcdef0123"
 
@@ -83,28 +99,67 @@ def _signed(secret: str, number: int, t: int) -> tuple[str, bytes]:
     return webhook_signature(secret, t, body), body
 
 
-def test_the_documented_verification_accepts_a_genuine_delivery_once():
-    receiver = Receiver("whsec_abc")
+def test_the_documented_verification_does_the_work_once_and_acknowledges_a_redelivery():
+    """A receiver whose answer to #1 was lost (it came after the timeout) gets #1 again: it
+    answers 2xx without doing the work again. Refusing it paused its own subscription."""
+    receiver, done = Receiver("whsec_abc"), []
     signature, body = _signed("whsec_abc", 1, 1_000_000)
-    assert receiver.accept(signature, body, now=1_000_010)
-    assert not receiver.accept(signature, body, now=1_000_020)  # replayed within tolerance
+    assert receiver.check(signature, body, now=1_000_010) is Verdict.NEW
+    assert receiver.receive(signature, body, 1_000_010, done.append) == 200
+    assert receiver.check(signature, body, now=1_000_020) is Verdict.DUPLICATE
+    assert receiver.receive(signature, body, 1_000_020, done.append) == 200  # redelivered
+    assert [n["eventNumber"] for n in done] == [1]  # the work was done once
+
+
+def test_work_that_fails_leaves_the_event_new_for_the_retry():
+    receiver, done = Receiver("whsec_abc"), []
+    signature, body = _signed("whsec_abc", 1, 1_000_000)
+
+    def broken(notification: dict) -> None:
+        raise RuntimeError("database down")
+
+    with pytest.raises(RuntimeError):
+        receiver.receive(signature, body, 1_000_000, broken)
+    assert receiver.receive(signature, body, 1_000_001, done.append) == 200 and len(done) == 1
 
 
 def test_a_tampered_body_or_wrong_secret_is_rejected():
     receiver = Receiver("whsec_abc")
     signature, body = _signed("whsec_abc", 1, 1_000_000)
-    assert not receiver.accept(signature, body.replace(b"1", b"2"), now=1_000_000)
+    assert receiver.check(signature, body.replace(b"1", b"2"), now=1_000_000) is Verdict.REFUSED
     other, body = _signed("whsec_other", 1, 1_000_000)
-    assert not receiver.accept(other, body, now=1_000_000)
+    assert receiver.check(other, body, now=1_000_000) is Verdict.REFUSED
+    assert receiver.receive(other, body, 1_000_000, lambda n: None) == 401
     forged = signature.replace("t=1000000", "t=1000100")  # a fresher timestamp, old mac
-    assert not receiver.accept(forged, body, now=1_000_100)
+    assert receiver.check(forged, body, now=1_000_100) is Verdict.REFUSED
 
 
 def test_an_old_delivery_replayed_later_is_rejected_by_its_timestamp():
     receiver = Receiver("whsec_abc", tolerance=300)
     signature, body = _signed("whsec_abc", 9, 1_000_000)
-    assert not Receiver("whsec_abc").accept(signature, body, now=1_000_301)
-    assert receiver.accept(signature, body, now=1_000_299)
+    assert Receiver("whsec_abc").check(signature, body, now=1_000_301) is Verdict.REFUSED
+    assert Receiver("whsec_abc").receive(signature, body, 1_000_301, lambda n: None) == 401
+    assert receiver.check(signature, body, now=1_000_299) is Verdict.NEW
+
+
+@pytest.mark.parametrize("ok, status, outcome", [
+    (True, 200, "delivered"), (True, 204, "delivered"), (False, 409, "duplicate"),
+    (False, 400, None), (False, 401, None), (False, 410, None), (False, 503, None),
+    (False, None, None),
+])
+def test_how_a_delivery_attempt_counts(ok, status, outcome):
+    assert delivery_outcome(ok, status) == outcome
+
+
+def test_the_hmac_key_is_the_whole_whsec_string_as_utf8():
+    """What the README's verification snippet does, checked against the service's signer."""
+    import hashlib
+    import hmac
+
+    secret, t, body = "whsec_" + "ab" * 32, 1_700_000_000, b'{"eventNumber":1}'
+    header = webhook_signature(secret, t, body)
+    mac = hmac.new(secret.encode("utf-8"), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    assert header == f"t={t},v1={mac}"
 
 
 # -- fan-out and delivery on SQLite -----------------------------------------------------------
@@ -216,7 +271,8 @@ async def test_deliveries_are_signed_with_the_secret_returned_once(env):
     [(_, headers, body)] = receiver.got
     raw = json.dumps(body, separators=(",", ":")).encode()
     verifier = Receiver(sub["secret"])
-    assert verifier.accept(headers["x-ccm-signature"], raw, now=int(clock.now.timestamp()))
+    assert verifier.check(headers["x-ccm-signature"], raw, int(clock.now.timestamp())) is \
+        Verdict.NEW
     assert "data" not in body and body["event"]["focus"] == event.subject
     assert headers["x-ccm-event-number"] == "1" and headers["x-ccm-subscription-id"] == sub["id"]
 
@@ -355,3 +411,261 @@ async def test_an_endpoint_deliveries_may_not_reach_is_refused_when_subscribing(
     rt.settings = rt.settings.model_copy(update={"outbound_allow_private": True})
     r = await api.post("/v1/practices/acme/subscriptions", json=payload, headers=tokens["acme"])
     assert r.status_code == 201, r.text
+
+
+# -- a redelivery the receiver already has (409) ------------------------------------------------
+
+
+class LateReceiver:
+    """Processes every event once; its answer to the first delivery of #1 comes after the
+    timeout (the platform sees ReadTimeout), and it answers 409 to an event it already has,
+    as the earlier README told it to."""
+
+    def __init__(self) -> None:
+        self.processed: list[int] = []
+        self.timed_out = False
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        number = json.loads(request.content)["eventNumber"]
+        if number in self.processed:
+            return httpx.Response(409, text="already processed")
+        self.processed.append(number)
+        if not self.timed_out:
+            self.timed_out = True
+            raise httpx.ReadTimeout("answered after the timeout", request=request)
+        return httpx.Response(200)
+
+
+async def test_a_409_to_a_redelivery_acknowledges_it_and_the_subscription_goes_on(env):
+    """The walkthrough: ReadTimeout, 409, 409 … paused for good. A 409 now means "I have it"."""
+    rt, clock, receiver, api, tokens = env
+    late = LateReceiver()
+    rt.state["http_client"] = httpx.AsyncClient(transport=httpx.MockTransport(late))
+    rt.state.pop("subscription_deliverer", None)
+    sub = await _subscribe(api, tokens, "acme")
+    feed, deliverer = _feed_consumer(rt), deliverer_of(rt)
+    first = invoice_issued("acme")
+    await feed.process(to_message(first.type, first))
+    for _ in range(3):  # PAUSE_AFTER_FAILURES is 3 here
+        await deliverer.run_once()
+        clock.now += timedelta(hours=2)
+    second = invoice_issued("acme")
+    await feed.process(to_message(second.type, second))
+    await deliverer.run_once()
+    url = f"/v1/practices/acme/subscriptions/{sub['id']}"
+    status = (await api.get(url + "/status", headers=tokens["acme"])).json()
+    assert status["status"] == "active" and status["deliveredThrough"] == 2
+    assert status["consecutiveFailures"] == 0 and status["lagEvents"] == 0
+    assert late.processed == [1, 2]  # each once
+    log = (await api.get(url + "/deliveries", headers=tokens["acme"])).json()
+    assert [(d["eventNumber"], d["outcome"]) for d in reversed(log)] == [
+        (1, "retry"), (1, "duplicate"), (2, "delivered")]
+    assert "409" in log[1]["response"]
+
+
+# -- a paused subscription: its status, and the practice is told ---------------------------------
+
+
+async def _pause(rt, clock, receiver, api, tokens) -> dict:  # noqa: ANN001
+    sub = await _subscribe(api, tokens, "acme", description="ERP")
+    feed, deliverer = _feed_consumer(rt), deliverer_of(rt)
+    receiver.down = True
+    e = invoice_issued("acme")
+    await feed.process(to_message(e.type, e))
+    for _ in range(3):
+        await deliverer.run_once()
+        clock.now += timedelta(hours=2)
+    return sub
+
+
+async def test_a_paused_subscription_shows_no_next_attempt_while_events_keep_coming(env):
+    rt, clock, receiver, api, tokens = env
+    sub = await _pause(rt, clock, receiver, api, tokens)
+    e = invoice_issued("acme")
+    await _feed_consumer(rt).process(to_message(e.type, e))  # numbered while paused
+    clock.now += timedelta(hours=5)
+    url = f"/v1/practices/acme/subscriptions/{sub['id']}"
+    status = (await api.get(url + "/status", headers=tokens["acme"])).json()
+    assert status["status"] == "paused" and status["lagEvents"] == 2
+    assert status["nextAttemptAt"] is None
+    async with rt.db.unit_of_work() as uow:
+        row = (await uow.session.execute(
+            select(subscriptions).where(subscriptions.c.id == sub["id"]))).one()
+    assert row.next_attempt_at is None  # a resume schedules it, nothing else
+    receiver.down = False
+    assert (await api.post(url + "/resume", headers=tokens["acme"])).status_code == 200
+    status = (await api.get(url + "/status", headers=tokens["acme"])).json()
+    assert status["nextAttemptAt"] == clock.now.isoformat()
+    assert await deliverer_of(rt).run_once() == 2
+
+
+async def _contacts(rt, api, tokens) -> None:  # noqa: ANN001
+    async with rt.db.unit_of_work() as uow:
+        await edit_provider(uow, "acme", "doc-1", {"name": "Dr. One", "email": "one@acme.test"},
+                            (), actor="test", now=clock_now(), if_match=None)
+        await uow.commit()
+    r = await api.put("/v1/practices/acme/contacts", json={"summary_recipients": ["doc-1"]},
+                      headers=tokens["acme"])
+    assert r.status_code == 200, r.text
+
+
+def clock_now() -> datetime:
+    return datetime(2026, 12, 1, 7, 0, tzinfo=UTC)
+
+
+async def _pause_messages(rt) -> list:  # noqa: ANN001
+    async with rt.db.unit_of_work() as uow:
+        return (await uow.session.execute(select(messages).where(
+            messages.c.kind == "subscription-paused").order_by(messages.c.created_at))).all()
+
+
+async def test_the_practices_contacts_are_told_when_its_subscription_pauses(env):
+    rt, clock, receiver, api, tokens = env
+    await _contacts(rt, api, tokens)
+    sub = await _pause(rt, clock, receiver, api, tokens)
+    [message] = await _pause_messages(rt)
+    assert message.practice == "acme" and message.provider_id == "doc-1"
+    assert message.status == "pending" and message.channel == "email"
+    assert message.subject == "[Action needed] Webhook subscription ERP paused"
+    assert f"/v1/practices/acme/subscriptions/{sub['id']}/resume" in message.text_body
+    assert "3 deliveries in a row to https://acme.example/hook failed" in message.text_body
+    assert "http 503: maintenance" in message.text_body
+
+
+async def test_a_pause_notice_is_held_without_contacts_and_sent_when_one_is_saved(env):
+    rt, clock, receiver, api, tokens = env
+    await _pause(rt, clock, receiver, api, tokens)
+    [held] = await _pause_messages(rt)
+    assert held.status == "pending" and held.next_attempt_at is None
+    assert held.last_error.startswith("no recipient yet")
+    await _contacts(rt, api, tokens)
+    [sent] = await _pause_messages(rt)
+    assert sent.id == held.id and sent.provider_id == "doc-1" and sent.next_attempt_at is not None
+
+
+@pytest.mark.parametrize("then", ["resume", "delete"])
+async def test_a_held_pause_notice_is_withdrawn_when_the_pause_is_over(env, then):
+    rt, clock, receiver, api, tokens = env
+    sub = await _pause(rt, clock, receiver, api, tokens)
+    url = f"/v1/practices/acme/subscriptions/{sub['id']}"
+    r = await (api.post(url + "/resume", headers=tokens["acme"]) if then == "resume"
+               else api.delete(url, headers=tokens["acme"]))
+    assert r.status_code in (200, 204)
+    [withdrawn] = await _pause_messages(rt)
+    assert withdrawn.status == "failed"
+    assert withdrawn.last_error.startswith(
+        f"not sent: the subscription was {'resumed' if then == 'resume' else 'deleted'}")
+    await _contacts(rt, api, tokens)
+    assert [m.status for m in await _pause_messages(rt)] == ["failed"]  # not sent late
+
+
+# -- tenants that are not this deployment's practices -------------------------------------------
+
+
+async def test_an_event_of_a_tenant_that_is_no_registered_practice_is_dead_lettered(env):
+    """Another deployment's billing on the same Kafka: its events create no topics, counters or
+    held rows here; they are dead-lettered at once, the reason naming no data."""
+    rt, *_ = env
+    feed = _feed_consumer(rt)
+    ensured: list = []
+    real_ensure = rt.transport.ensure_topics
+
+    async def ensure_topics(topics, **kw):  # noqa: ANN001, ANN003, ANN202
+        ensured.extend(topics)
+        return await real_ensure(topics, **kw)
+
+    rt.transport.ensure_topics = ensure_topics
+    ghost = invoice_issued("ghost-clinic")
+    await feed.process(to_message(ghost.type, ghost))
+    assert feed.stats.dead_lettered == 1 and feed.stats.retries == 0
+    assert ensured == [] and await _feed_outbox(rt) == []
+    async with rt.db.unit_of_work() as uow:
+        assert (await uow.session.execute(select(event_sequences).where(
+            event_sequences.c.tenant == "ghost-clinic"))).all() == []
+        assert (await uow.session.execute(select(feed_held))).all() == []
+    dead = rt.transport.messages("billing.invoice.issued.v1.dlq")
+    assert [m.header("dlq-reason") for m in dead] == [
+        b"the event's tenant is not a registered practice (platform.practices)"]
+    ok = invoice_issued("acme")
+    await feed.process(to_message(ok.type, ok))
+    assert len(await _feed_outbox(rt)) == 1 and any("ccm.practice.acme." in t for t in ensured)
+
+
+async def test_the_feed_handler_itself_refuses_an_unregistered_tenant(env):
+    """Without the consumer's ``prepare`` (the check is in the event's transaction too)."""
+    rt, *_ = env
+    handler = feed_handler(lambda: clock_now(), 0)
+    async with rt.db.unit_of_work() as uow:
+        with pytest.raises(PoisonMessage, match="not a registered practice"):
+            await handler(invoice_issued("ghost-clinic"), uow)
+
+
+# -- what an id-only notification names -----------------------------------------------------------
+
+
+def test_id_only_notifications_name_the_month_payment_and_refund():
+    closed = period_closed("acme", "inv-1")
+    paid = payment_recorded("acme", "inv-1")
+    refund = {"invoiceId": "inv-1", "refundId": "rf-1", "amount": "5.00"}
+
+    def body(event_type: str, subject: str, data: dict) -> dict:
+        return notification(subscription="s1", practice="acme", number=1, mode="id-only",
+                            event=FeedEvent(id="e", type=event_type, time="t", subject=subject,
+                                            practice_sequence=1, data=data,
+                                            billing_sequence=7))["event"]
+
+    month = body(closed.type, closed.subject, closed.data)
+    assert month["focus"] is None  # a closed month is no resource (Organization/acme was none)
+    assert (month["month"], month["invoiceId"], month["billingSequence"]) == ("2026-11", "inv-1", 7)
+    payment = body(paid.type, paid.subject, paid.data)
+    assert payment["focus"] == "Invoice/inv-1" and payment["invoiceId"] == "inv-1"
+    assert payment["paymentId"] == paid.data["paymentId"]
+    assert body("billing.payment.voided.v1", "Invoice/inv-1", paid.data)["paymentId"] == \
+        paid.data["paymentId"]
+    refunded = body("billing.payment.refunded.v1", "Invoice/inv-1", refund)
+    assert (refunded["refundId"], refunded["invoiceId"]) == ("rf-1", "inv-1")
+    issued = body("billing.invoice.issued.v1", "Invoice/inv-1", {"invoiceId": "inv-1"})
+    assert issued["focus"] == "Invoice/inv-1" and "paymentId" not in issued
+
+
+def _readme_verify():  # noqa: ANN202
+    """The verification snippet of the README's "Webhook signatures", as a function."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "services" / "notification" /
+              "README.md").read_text()
+    section = readme.split("## Webhook signatures", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own documentation
+    return namespace["verify"]
+
+
+async def test_the_readmes_snippet_verifies_a_subscription_delivery_with_its_secret(env):
+    """The key is the whole whsec_ string as UTF-8; the practice's webhook secret (the one for
+    message webhooks) does not verify a subscription's deliveries."""
+    rt, clock, receiver, api, tokens = env
+    verify = _readme_verify()
+    sub = await _subscribe(api, tokens, "acme", payload="id-only")
+    e = invoice_issued("acme")
+    await _feed_consumer(rt).process(to_message(e.type, e))
+    await deliverer_of(rt).run_once()
+    [(_, headers, body)] = receiver.got
+    raw, now = json.dumps(body, separators=(",", ":")).encode(), clock.now.timestamp()
+    header = headers["x-ccm-signature"]
+    assert verify(sub["secret"], header, raw, now=now)
+    assert not verify(sub["secret"], header, raw.replace(b"acme", b"acmf"), now=now)
+    assert not verify(sub["secret"], header, raw, now=now + 301)
+    practice_secret = (await api.get("/v1/practices/acme/webhook-secret",
+                                     headers=tokens["acme"])).json()["secret"]
+    assert not verify(practice_secret, header, raw, now=now)
+    assert len(sub["secret"].encode("utf-8")) == 70  # "whsec_" + 64 hex digits, all of it
+    import base64
+    import hashlib
+    import hmac
+
+    # Standard Webhooks' reading (base64 after "whsec_") decodes, and never matches
+    decoded = base64.b64decode(sub["secret"].removeprefix("whsec_"))
+    t = header.split(",")[0].removeprefix("t=")
+    assert f"v1={hmac.new(decoded, f'{t}.'.encode() + raw, hashlib.sha256).hexdigest()}" \
+        not in header

@@ -49,6 +49,7 @@ class DeliveryResult:
     ok: bool
     response: str
     permanent: bool = False  # retrying cannot help (address refused, 4xx)
+    status: int | None = None  # the HTTP status answered (None: no answer, or not HTTP)
 
 
 class EmailChannel:
@@ -105,9 +106,9 @@ class EmailChannel:
 def _http_result(response: httpx.Response) -> DeliveryResult:
     summary = f"http {response.status_code}: {response.text[:300]}"
     if response.is_success:
-        return DeliveryResult(True, summary)
+        return DeliveryResult(True, summary, status=response.status_code)
     permanent = 400 <= response.status_code < 500 and response.status_code not in RETRYABLE_HTTP
-    return DeliveryResult(False, summary, permanent=permanent)
+    return DeliveryResult(False, summary, permanent=permanent, status=response.status_code)
 
 
 class WebhookChannel:

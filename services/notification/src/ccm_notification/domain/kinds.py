@@ -96,7 +96,9 @@ KINDS: dict[str, Kind] = {
             ("invoice_id", "month", "revision", "total_net", "total_gross"),
             # A replacement after a correction: the invoice it replaces, what was already paid
             # (carried from it), and the balance: owed (amount_due) or owed back (owed_back).
-            ("replaces", "paid", "balance", "amount_due", "owed_back"),
+            # refund_owed: paid is negative (a payment voided after its overpayment was
+            # refunded): the refund is owed back, and counts in amount_due.
+            ("replaces", "paid", "balance", "amount_due", "owed_back", "refund_owed"),
         ),
         # A correction that left nothing to bill cancelled the invoice and issued none in its
         # place: what was cancelled, why, and what was paid and is owed back (or still due).
@@ -105,6 +107,14 @@ KINDS: dict[str, Kind] = {
             "Invoice cancelled",
             ("invoice_id", "month", "revision", "total_net"),
             ("reason", "paid", "balance", "amount_due", "owed_back"),
+        ),
+        # A practice-system webhook subscription paused after failing deliveries in a row.
+        Kind(
+            "subscription-paused",
+            "Practice-system subscription paused",
+            ("practice", "subscription", "endpoint", "reason", "consecutive_failures",
+             "pending_events"),
+            ("description", "delivered_through", "paused_at"),
         ),
         Kind("call-request", "Call requested", ("reason", "slots", "requester_name"), ("patient",)),
         Kind(
@@ -161,6 +171,7 @@ SAMPLE_VALUES: dict[str, Any] = {
     "balance": "-78.60",
     "amount_due": None,
     "owed_back": "78.60",
+    "refund_owed": "33.33",
     "patient": "Patient/p-123",
     "gap": "HbA1c not measured in 6 months",
     "details": "Last result 2026-03-02",
@@ -190,6 +201,14 @@ SAMPLE_VALUES: dict[str, Any] = {
     "alert_subject": "[Action needed] Care gap for Patient/p-123",
     "unacknowledged_by": "Dr. One",
     "sent_at": "2026-11-26T08:15",
+    "subscription": "3f1c9a2e-5b7d-4e11-9a0c-2d6f8b1e4c70",
+    "endpoint": "https://erp.acme.example/ccm-hook",
+    "consecutive_failures": 10,
+    "pending_events": 4,
+    "delivered_through": 37,
+    "paused_at": "2026-12-01T07:30:00+00:00",
+    "description": "ERP",
+    "practice": "acme-clinic",
 }
 
 

@@ -13,6 +13,8 @@ configured. Per kind, what makes a held one obsolete:
   of the same patient (the same one extended, or a new one) was granted that covers days after
   the one the notice announces (``renews``). An expiry that passed while held does not make it
   obsolete: the practice still needs a renewed consent to bill.
+- ``subscription-paused``: the subscription was resumed or deleted (the pause it announces is
+  over).
 - ``utilization-summary`` and ``invoice-cancelled``: never (what happened in a closed month, or
   to an invoice, stays true); sent late.
 """
@@ -25,9 +27,10 @@ from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo
 
-PRACTICE_KINDS = frozenset(
-    {"invoice-issued", "invoice-cancelled", "utilization-summary", "consent-expiring"}
-)
+PRACTICE_KINDS = frozenset({
+    "invoice-issued", "invoice-cancelled", "utilization-summary", "consent-expiring",
+    "subscription-paused",
+})
 # The key suffix of a practice-level message recorded while the practice had no contact.
 NO_CONTACT = "no-recipient"
 
@@ -52,6 +55,20 @@ def owed(balance: str | None) -> tuple[str | None, str | None]:
     except (InvalidOperation, TypeError, ValueError):
         return None, None
     return (f"{value:.2f}" if value > 0 else None, f"{-value:.2f}" if value < 0 else None)
+
+
+def refund_owed(paid: str | None) -> str | None:
+    """The refund the practice owes back, from billing's ``paid`` on an invoice (a positive
+    amount with two decimals), or None. ``paid`` is negative only after a payment was voided
+    once its overpayment had been refunded: the refunded money is then owed back (it counts in
+    the balance due), and nothing was "already paid"."""
+    if paid is None:
+        return None
+    try:
+        value = Decimal(paid)
+    except (InvalidOperation, TypeError, ValueError):
+        return None
+    return f"{-value:.2f}" if value < 0 else None
 
 
 def cancelled_without_replacement(data: dict) -> bool:

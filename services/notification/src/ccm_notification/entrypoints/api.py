@@ -143,6 +143,21 @@ class NotificationCreate(BaseModel):
     )
 
 
+def with_patient(kind: str, fields: dict[str, Any], patient: str | None) -> dict[str, Any]:
+    """The template fields of a raised alert: the top-level ``patient`` (the message's subject)
+    is also its template's ``patient`` field when the kind has one and ``fields`` leaves it
+    out; the two differing is a 422 (which patient would the message be about?)."""
+    if patient is None or "patient" not in KINDS[kind].fields:
+        return fields
+    given = fields.get("patient")
+    if given in (None, ""):
+        return {**fields, "patient": patient}
+    if given != patient:
+        raise InvalidInput("fields.patient differs from patient: give the patient once, as "
+                           "patient")
+    return fields
+
+
 class CallRequestCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     provider: ProviderId
@@ -463,9 +478,11 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
         practice: str, body: NotificationCreate, tenant: NotificationTenant, response: Response
     ) -> dict:
         tenant.require_practice(practice)
-        if body.kind in ("call-request", "call-confirmed", "ack-escalation"):
+        if body.kind in ("call-request", "call-confirmed", "ack-escalation",
+                         "subscription-paused"):
             raise InvalidInput(f"{body.kind} messages are created by the service itself")
         key = f"{practice}:api:{body.idempotency_key or uuid.uuid4().hex}"
+        values = with_patient(body.kind, body.fields, body.patient)
         try:
             async with db.unit_of_work() as uow:
                 recorded = await notifier().notify(
@@ -474,7 +491,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:  # noqa: C901 - one rout
                         practice=practice,
                         kind=body.kind,
                         provider_id=body.provider,
-                        values=body.fields,
+                        values=values,
                         patient=body.patient,
                         idempotency_key=key,
                     ),

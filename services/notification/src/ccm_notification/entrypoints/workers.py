@@ -79,7 +79,7 @@ def deliverer_of(runtime: ServiceRuntime) -> SubscriptionDeliverer:
         notifier = notifier_of(runtime)
         runtime.state["subscription_deliverer"] = SubscriptionDeliverer(
             runtime.db, notifier.settings, notifier.secret_key, notifier.clock,
-            http_client_of(runtime),
+            http_client_of(runtime), notifier,
         )
     return runtime.state["subscription_deliverer"]
 
@@ -118,7 +118,7 @@ def consumers(runtime: ServiceRuntime) -> list[ConsumerSpec]:
             feed_handler(
                 lambda: runtime.clock(), notifier_of(runtime).settings.practice_feed_hold_seconds
             ),
-            prepare=feed_topics(practice_topics_of(runtime)),
+            prepare=feed_topics(practice_topics_of(runtime), runtime.db),
         ),
     ]
 

@@ -157,6 +157,7 @@ def invoice_values(d: dict) -> dict:
         "balance": balance,
         "amount_due": amount_due,
         "owed_back": owed_back,
+        "refund_owed": pm.refund_owed(d.get("paid")),
     }
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ccm_notification.config import NotificationSettings
 from ccm_notification.entrypoints.api import JSON_BODY, NotificationTenant
+from ccm_notification.entrypoints.workers import notifier_of
 from ccm_notification.subscriptions import service
 from ccm_notification.subscriptions.domain import FEED_TYPES
 from ccm_shared.errors import InvalidInput
@@ -114,7 +115,7 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
     async def remove(practice: str, sub_id: str, tenant: NotificationTenant) -> Response:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
-            await service.delete_subscription(uow, practice, sub_id)
+            await service.delete_subscription(uow, practice, sub_id, notifier_of(runtime))
             await uow.commit()
         return Response(status_code=204)
 
@@ -122,7 +123,8 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
     async def resume(practice: str, sub_id: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
-            await service.resume(uow, practice, sub_id, now=runtime.clock())
+            await service.resume(uow, practice, sub_id, now=runtime.clock(),
+                                 notifier=notifier_of(runtime))
             row = await service.load(uow, practice, sub_id)
             await uow.commit()
         return view(row)

@@ -11,8 +11,10 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from enum import Enum
 from typing import Any
 
 from ccm_notification.domain.signing import derive_key, verify_webhook
@@ -91,7 +93,9 @@ def wants(event_types: list[str], event_type: str) -> bool:
 
 @dataclass(frozen=True)
 class FeedEvent:
-    """An event as the practice's feed carries it (after numbering)."""
+    """An event as the practice's feed carries it (after numbering): ``practice_sequence`` is
+    the feed's own number, ``billing_sequence`` billing's (its ``practiceSequence`` as billing
+    made it; None for an event billing does not number)."""
 
     id: str
     type: str
@@ -99,6 +103,19 @@ class FeedEvent:
     subject: str | None
     practice_sequence: int
     data: dict[str, Any]
+    billing_sequence: int | None = None
+
+
+# What an id-only notification names besides its ``focus``, per event type (properties of the
+# event's data, under the same names): enough to act on without the data. A closed month is no
+# FHIR resource: its notification names the month and its invoice, and has no focus.
+NAMED: dict[str, tuple[str, ...]] = {
+    "billing.payment.recorded.v1": ("invoiceId", "paymentId"),
+    "billing.payment.voided.v1": ("invoiceId", "paymentId"),
+    "billing.payment.refunded.v1": ("invoiceId", "refundId"),
+    "billing.period.closed.v1": ("month", "invoiceId"),
+}
+NO_FOCUS = frozenset({"billing.period.closed.v1"})
 
 
 def notification(
@@ -107,22 +124,29 @@ def notification(
     """The webhook body: an event notification with the subscription's own event number.
 
     Modelled on the FHIR Subscriptions backport: ``eventNumber`` is events-since-subscription-
-    start, ``focus`` the resource concerned; ``full-resource`` adds the event's data (for invoice
-    events the FHIR R4 Invoice under ``data.invoice``), ``id-only`` does not.
+    start, ``focus`` the resource concerned (none for a closed month); ``billingSequence`` is
+    billing's own number of the event (a gap in it, over the eight numbered types, is an event
+    lost before the feed); payment and period events also name their payment, refund, month
+    and invoice (``NAMED``). ``full-resource`` adds the event's data (for invoice events the
+    FHIR R4 Invoice under ``data.invoice``), ``id-only`` does not.
     """
+    described: dict[str, Any] = {
+        "id": event.id,
+        "type": event.type,
+        "time": event.time,
+        "focus": None if event.type in NO_FOCUS else event.subject,
+        "practiceSequence": event.practice_sequence,
+        "billingSequence": event.billing_sequence,
+    }
+    for name in NAMED.get(event.type, ()):
+        described[name] = event.data.get(name)
     body: dict[str, Any] = {
         "type": "event-notification",
         "subscription": subscription,
         "practice": practice,
         "eventNumber": number,
         "content": mode,
-        "event": {
-            "id": event.id,
-            "type": event.type,
-            "time": event.time,
-            "focus": event.subject,
-            "practiceSequence": event.practice_sequence,
-        },
+        "event": described,
     }
     if mode == "full-resource":
         body["data"] = event.data
@@ -141,24 +165,63 @@ def should_pause(consecutive_failures: int, pause_after: int) -> bool:
     return consecutive_failures >= pause_after
 
 
+# A receiver's answer to a delivery it already has (processed before: the acknowledgement was
+# lost, or it read the event from ``/events`` first): 2xx is the documented answer; a 409 is
+# taken as the same acknowledgement, so a receiver written to the earlier advice ("reject an
+# eventNumber you already processed") does not pause its own subscription.
+ALREADY_HAD = 409
+
+
+def delivery_outcome(ok: bool, status: int | None) -> str | None:
+    """How a delivery attempt counts: ``delivered`` (2xx), ``duplicate`` (409: the receiver
+    already has the event; acknowledged the same) or None (failed: retried, then paused)."""
+    if ok:
+        return "delivered"
+    return "duplicate" if status == ALREADY_HAD else None
+
+
+class Verdict(Enum):
+    """What a receiver makes of one delivery (``Receiver.check``)."""
+
+    NEW = "new"  # genuine and not processed yet: do the work, then answer 2xx
+    DUPLICATE = "duplicate"  # genuine, processed before: answer 2xx, do nothing again
+    REFUSED = "refused"  # bad signature or a timestamp outside the tolerance: answer 401
+
+
 @dataclass
 class Receiver:
     """The documented verification a receiver runs on every delivery (README: "Verifying").
 
-    Accept only when the signature matches the raw body, the timestamp is within ``tolerance``
-    seconds, and the event number was not processed before (a replayed delivery, even a fresh
-    one, is rejected; a gap means: fetch ``/events?since=<last>``).
+    Refuse (401) only what is not genuine: a signature that does not match the raw body, or a
+    timestamp more than ``tolerance`` seconds from the receiver's clock (an old delivery
+    replayed). A genuine delivery of an event number already processed is a redelivery (the
+    answer to the first one was lost or came after the timeout): acknowledge it (2xx) without
+    doing the work again. Refusing it would make the platform retry it until the subscription
+    pauses. A number above the last one plus one means events are missing: fetch
+    ``/events?since=<last processed>``.
     """
 
     secret: str
     tolerance: int = 300
     processed: set[int] = field(default_factory=set)
 
-    def accept(self, signature: str, body: bytes, now: int) -> bool:
+    def check(self, signature: str, body: bytes, now: int) -> Verdict:
         if not verify_webhook(self.secret, signature, body, now, self.tolerance):
-            return False
+            return Verdict.REFUSED
         event_number = json.loads(body)["eventNumber"]  # from the signed body, not a header
-        if event_number in self.processed:
-            return False
-        self.processed.add(event_number)
-        return True
+        return Verdict.DUPLICATE if event_number in self.processed else Verdict.NEW
+
+    def receive(
+        self, signature: str, body: bytes, now: int, work: Callable[[dict[str, Any]], None]
+    ) -> int:
+        """The HTTP status to answer: 401 when refused; 200 for a duplicate (``work`` not
+        called) and for a new event once ``work`` returned (an exception in it answers
+        nothing: the platform retries, and the event is still new then)."""
+        verdict = self.check(signature, body, now)
+        if verdict is Verdict.REFUSED:
+            return 401
+        if verdict is Verdict.NEW:
+            notification = json.loads(body)
+            work(notification)
+            self.processed.add(notification["eventNumber"])
+        return 200

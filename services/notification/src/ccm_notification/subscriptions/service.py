@@ -26,17 +26,23 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from ccm_notification.adapters.channels import DeliveryResult, post_signed
 from ccm_notification.adapters.orm import (
     feed_held,
+    messages,
     subscription_deliveries,
     subscription_events,
     subscriptions,
 )
+from ccm_notification.adapters.sql import practice_row
 from ccm_notification.config import NotificationSettings
 from ccm_notification.domain.kinds import backoff_seconds
+from ccm_notification.service_layer.handlers import to_practice_contacts, withdraw_held
+from ccm_notification.service_layer.notify import Notifier
 from ccm_notification.subscriptions.domain import (
     FEED_COUNTER,
     FEED_POSITION,
     FEED_TYPES,
     FeedEvent,
+    UnsafeTenant,
+    delivery_outcome,
     feed_data,
     notification,
     producer_sequence,
@@ -47,29 +53,57 @@ from ccm_notification.subscriptions.domain import (
     wants,
 )
 from ccm_notification.subscriptions.topics import PracticeTopics
-from ccm_shared.consumer import Handler
+from ccm_shared.consumer import Handler, PoisonMessage
 from ccm_shared.db import Database, UnitOfWork, xact_lock
 from ccm_shared.errors import Conflict, NotFound
 from ccm_shared.events import CloudEvent, practice_topic
+from ccm_shared.tables import practices
 
 log = structlog.get_logger(__name__)
 
 SOURCE = "/ccm/notification/subscriptions"
 PAUSED = "notification.subscription.paused.v1"
 RESUMED = "notification.subscription.resumed.v1"
+PAUSED_KIND = "subscription-paused"  # the practice-level message telling the practice
+NOT_A_PRACTICE = "the event's tenant is not a registered practice (platform.practices)"
 Clock = Callable[[], datetime]
 
 
 # -- fan-out --------------------------------------------------------------------------------------
 
 
-def feed_topics(topics: PracticeTopics) -> Callable[[CloudEvent], Awaitable[None]]:
+def feed_practice(tenant: str) -> str:
+    """The practice an event is fanned out to (its tenant); one that is no practice id can
+    never be: a PoisonMessage (dead-lettered at once, the reason naming no data)."""
+    try:
+        return target_practice(tenant)
+    except UnsafeTenant:
+        raise PoisonMessage("the event's tenant is not a practice id") from None
+
+
+def feed_topics(
+    topics: PracticeTopics, db: Database | None = None
+) -> Callable[[CloudEvent], Awaitable[None]]:
     """The feed consumer's ``prepare``: the practice's topics exist before its first event is
-    written for them (a Kafka admin call, made before the event's transaction, never in it)."""
+    written for them (a Kafka admin call, made before the event's transaction, never in it).
+    With ``db``: only a registered practice's (``platform.practices``); an event of any other
+    tenant (another deployment's on the same Kafka, one published by hand) is a PoisonMessage
+    and creates nothing. Practices found are remembered (the handler checks again, in its
+    transaction)."""
+    known: set[str] = set()
 
     async def prepare(event: CloudEvent) -> None:
-        if event.type in FEED_TYPES:
-            await topics.ensure([target_practice(event.tenant)])
+        if event.type not in FEED_TYPES:
+            return
+        practice = feed_practice(event.tenant)
+        if db is not None and practice not in known:
+            async with db.engine.connect() as conn:
+                found = (await conn.execute(
+                    select(practices.c.id).where(practices.c.id == practice))).first()
+            if found is None:
+                raise PoisonMessage(NOT_A_PRACTICE)
+            known.add(practice)
+        await topics.ensure([practice])
 
     return prepare
 
@@ -84,7 +118,10 @@ def feed_handler(clock: Clock, hold_seconds: float = 30.0) -> Handler:
     async def handle(event: CloudEvent, uow: UnitOfWork) -> None:
         if event.type not in FEED_TYPES:
             return
-        practice = target_practice(event.tenant)  # UnsafeTenant: retried, then dead-lettered
+        practice = feed_practice(event.tenant)
+        if await practice_row(uow.session, practice) is None:
+            # Not one of this deployment's practices: no topic, counter or held row for it.
+            raise PoisonMessage(NOT_A_PRACTICE)
         if await already_fanned_out(uow, event.id):
             return  # a replay (group reset, second feed group): the copy is out or held
         await feed_in_order(uow, practice, event, now=clock(), hold=hold)
@@ -188,6 +225,7 @@ def _utc(instant: datetime) -> datetime:
 async def fan_out(uow: UnitOfWork, practice: str, event: CloudEvent, *, now: datetime) -> int:
     """Publish ``event`` to ``practice`` only; return its per-practice sequence number."""
     number = await uow.outbox.next_sequence(practice, FEED_COUNTER)
+    billing_sequence = producer_sequence(event.type, event.data)  # before the feed's replaces it
     data = feed_data(event.type, event.data, number)
     await uow.outbox.add(
         practice_topic(practice, event.type),
@@ -200,6 +238,7 @@ async def fan_out(uow: UnitOfWork, practice: str, event: CloudEvent, *, now: dat
         subject=event.subject,
         practice_sequence=number,
         data=data,
+        billing_sequence=billing_sequence,
     )
     await _number_for_subscriptions(uow, practice, feed, now)
     return number
@@ -225,7 +264,9 @@ async def _number_for_subscriptions(
             .where(subscriptions.c.id == row.id)
             .values(
                 last_event_number=number,
-                next_attempt_at=row.next_attempt_at or now,
+                # a paused subscription is tried again when it is resumed, not now
+                next_attempt_at=(row.next_attempt_at or now) if row.status == "active"
+                else row.next_attempt_at,
             )
         )
         await uow.session.execute(
@@ -317,19 +358,29 @@ async def list_subscriptions(uow: UnitOfWork, practice: str) -> list:
     return list((await uow.session.execute(stmt)).all())
 
 
-async def delete_subscription(uow: UnitOfWork, practice: str, sub_id: str) -> None:
+async def delete_subscription(
+    uow: UnitOfWork, practice: str, sub_id: str, notifier: Notifier | None = None
+) -> None:
     await load(uow, practice, sub_id, lock=True)
+    if notifier is not None:
+        await withdraw_pause_notice(notifier, uow, practice, sub_id, "deleted")
     for table in (subscription_deliveries, subscription_events):
         await uow.session.execute(delete(table).where(table.c.subscription_id == sub_id))
     await uow.session.execute(delete(subscriptions).where(subscriptions.c.id == sub_id))
 
 
-async def resume(uow: UnitOfWork, practice: str, sub_id: str, *, now: datetime) -> bool:
+async def resume(
+    uow: UnitOfWork, practice: str, sub_id: str, *, now: datetime,
+    notifier: Notifier | None = None,
+) -> bool:
     """Resume a paused subscription (deliveries restart at the oldest undelivered event);
-    return False when it was not paused."""
+    return False when it was not paused. A notice of the pause still held for a contact is
+    withdrawn (it would announce a pause that is over)."""
     row = await load(uow, practice, sub_id, lock=True)
     if row.status != "paused":
         return False
+    if notifier is not None:
+        await withdraw_pause_notice(notifier, uow, practice, sub_id, "resumed")
     await uow.session.execute(
         update(subscriptions)
         .where(subscriptions.c.id == sub_id)
@@ -354,6 +405,45 @@ async def resume(uow: UnitOfWork, practice: str, sub_id: str, *, now: datetime) 
         }),
     )
     return True
+
+
+def pause_tracker(sub_id: str) -> str:
+    return f"subscription:{sub_id}"
+
+
+async def withdraw_pause_notice(
+    notifier: Notifier, uow: UnitOfWork, practice: str, sub_id: str, what: str
+) -> int:
+    """The subscription's pause notices still held for a contact, withdrawn: it was resumed or
+    deleted before anyone was configured to receive them."""
+    return await withdraw_held(
+        notifier, uow, practice,
+        f"not sent: the subscription was {what} before anyone was configured to receive this "
+        "message",
+        messages.c.kind == PAUSED_KIND, messages.c.tracker == pause_tracker(sub_id))
+
+
+async def tell_practice_paused(
+    notifier: Notifier, uow: UnitOfWork, sub: Any, paused: CloudEvent, *, now: datetime
+) -> None:
+    """The practice's contacts hear that its subscription paused (a practice-level message;
+    held until the practice has a contact, like the others), once per pause."""
+    d = paused.data
+    await to_practice_contacts(
+        notifier, paused, uow, PAUSED_KIND, f"{PAUSED_KIND}:{sub.id}:{now.isoformat()}",
+        {
+            "practice": sub.practice,
+            "subscription": sub.id,
+            "description": sub.description,
+            "endpoint": sub.endpoint,
+            "reason": d["reason"][:300],
+            "consecutive_failures": d["consecutiveFailures"],
+            "pending_events": d["lastEventNumber"] - d["deliveredThrough"],
+            "delivered_through": d["deliveredThrough"],
+            "paused_at": now.isoformat(timespec="seconds"),
+        },
+        tracker=pause_tracker(sub.id),
+    )
 
 
 def _event(kind: str, practice: str, sub_id: str, now: datetime, data: dict) -> CloudEvent:
@@ -431,7 +521,9 @@ async def status_of(uow: UnitOfWork, practice: str, sub_id: str, now: datetime) 
         "oldestPendingAt": oldest.isoformat() if oldest else None,
         "lagSeconds": max(0, int((now - oldest).total_seconds())) if oldest else 0,
         "consecutiveFailures": row.consecutive_failures,
-        "nextAttemptAt": row.next_attempt_at.isoformat() if row.next_attempt_at else None,
+        # paused: nothing is attempted until it is resumed
+        "nextAttemptAt": row.next_attempt_at.isoformat()
+        if row.next_attempt_at and row.status == "active" else None,
         "pausedAt": row.paused_at.isoformat() if row.paused_at else None,
         "pausedReason": row.paused_reason,
         "lastDelivery": _delivery_view(last) if last else None,
@@ -463,6 +555,7 @@ class SubscriptionDeliverer:
     secret_key: str
     clock: Clock
     client: httpx.AsyncClient
+    notifier: Notifier | None = None  # tells the practice's contacts when one pauses
 
     async def run_once(self) -> int:
         """One pass over every subscription due now; return how many deliveries were tried."""
@@ -534,7 +627,8 @@ class SubscriptionDeliverer:
                 result = DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
             latency_ms = int((time.perf_counter() - started) * 1000)
             tried += 1
-            if not await self._record(sub.id, token, event, result, latency_ms) or not result.ok:
+            recorded = await self._record(sub.id, token, event, result, latency_ms)
+            if not recorded or delivery_outcome(result.ok, result.status) is None:
                 return tried
         await self._release(sub.id, token)
         return tried
@@ -556,8 +650,9 @@ class SubscriptionDeliverer:
                 return False
             attempt = event.attempts + 1
             values: dict[str, Any] = {"updated_at": now}
-            if result.ok:
-                outcome = "delivered"
+            acknowledged = delivery_outcome(result.ok, result.status)
+            if acknowledged is not None:  # 2xx, or 409: the receiver already has it
+                outcome = acknowledged
                 values |= {"delivered_through": event.number, "consecutive_failures": 0}
                 await uow.session.execute(
                     update(subscription_events).where(_one_event(sub_id, event.number))
@@ -571,16 +666,16 @@ class SubscriptionDeliverer:
                     outcome = "paused"
                     values |= {"status": "paused", "paused_at": now, "next_attempt_at": None,
                                "paused_reason": result.response}
-                    await uow.outbox.add(
-                        PAUSED,
-                        _event(PAUSED, sub.practice, sub_id, now, {
-                            "subscription": sub_id,
-                            "consecutiveFailures": failures,
-                            "reason": result.response[:1000],
-                            "lastEventNumber": sub.last_event_number,
-                            "deliveredThrough": sub.delivered_through,
-                        }),
-                    )
+                    paused = _event(PAUSED, sub.practice, sub_id, now, {
+                        "subscription": sub_id,
+                        "consecutiveFailures": failures,
+                        "reason": result.response[:1000],
+                        "lastEventNumber": sub.last_event_number,
+                        "deliveredThrough": sub.delivered_through,
+                    })
+                    await uow.outbox.add(PAUSED, paused)
+                    if self.notifier is not None:
+                        await tell_practice_paused(self.notifier, uow, sub, paused, now=now)
                 else:
                     outcome = "retry"
                     delay = backoff_seconds(

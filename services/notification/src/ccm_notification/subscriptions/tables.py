@@ -69,7 +69,7 @@ def add_subscription_tables_v1(metadata: MetaData) -> dict[str, Table]:
         Column("practice", String(64), nullable=False),
         Column("number", Integer, nullable=False),
         Column("attempt", Integer, nullable=False),
-        Column("outcome", String(20), nullable=False),  # delivered | retry | paused
+        Column("outcome", String(20), nullable=False),  # delivered | duplicate | retry | paused
         Column("response", Text, nullable=True),
         Column("latency_ms", Integer, nullable=False),
         Column("at", DateTime(timezone=True), nullable=False),
