@@ -286,3 +286,20 @@ def test_the_api_pods_grace_period_covers_the_servers_own_shutdown(overlay, rend
         pre_stop = int(spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
         assert spec["terminationGracePeriodSeconds"] >= (
             pre_stop + GRACEFUL_SHUTDOWN_SECONDS + producer_flush), deployment["metadata"]["name"]
+
+
+def test_a_practice_subscribers_prefixes_match_only_its_own_topics_and_groups() -> None:
+    """Prefixed ACLs grant a practice everything that starts with its id: the prefix must end in
+    a character no practice id contains. ``practice-<id>-`` granted practice ``acme`` the
+    groups of ``acme-clinic`` (``practice-acme-clinic-erp``)."""
+    from ccm_shared.tenancy import PRACTICE_ID
+
+    example = (ROOT / "k8s" / "examples" / "practice-subscriber.yaml").read_text()
+    user = yaml.safe_load(example.replace("<practice-id>", "acme"))
+    prefixes = [acl["resource"]["name"] for acl in user["spec"]["authorization"]["acls"]
+                if acl["resource"].get("patternType") == "prefix"]
+    assert prefixes == ["ccm.practice.acme.", "practice.acme."]
+    for prefix in prefixes:
+        end = prefix[-1]
+        assert not PRACTICE_ID.match(f"acme{end}clinic"), prefix  # no id holds the prefix's end
+        assert not re.match(re.escape(prefix), f"{prefix[:-len('acme.')]}acme-clinic.erp")

@@ -132,9 +132,9 @@ async def publish_as_billing(kafka, *events: CloudEvent) -> None:  # noqa: ANN00
 
 
 async def read_topic(kafka, topic: str, expected: int, practice: str) -> list[dict]:  # noqa: ANN001
-    """Read ``topic`` as the practice's own integration would (group practice-<id>-…), until
+    """Read ``topic`` as the practice's own integration would (group practice.<id>.…), until
     ``expected`` records came, then a little longer to catch any extra one."""
-    source = kafka.source([topic], f"practice-{practice}-it-{uuid.uuid4().hex[:6]}")
+    source = kafka.source([topic], f"practice.{practice}.it-{uuid.uuid4().hex[:6]}")
     await source.start()
     got: list[dict] = []
     try:
@@ -295,7 +295,7 @@ async def topic_setting(kafka: KafkaTransport, topic: str, name: str) -> str | N
 
 
 async def read_topic_quietly(kafka, topic: str, practice: str) -> list[dict]:  # noqa: ANN001
-    source = kafka.source([topic], f"practice-{practice}-it-{uuid.uuid4().hex[:6]}")
+    source = kafka.source([topic], f"practice.{practice}.it-{uuid.uuid4().hex[:6]}")
     await source.start()
     got: list[dict] = []
     try:
