@@ -53,6 +53,10 @@ def test_ccm_up_then_ccm_demo_closes_a_month_with_an_invoice(tmp_path):
     assert f"{invoice['totalNet']['value']:.2f}" == total["amount"] == summary["invoice"]["total"]
     assert len(items["entry"]) == len(invoice["lineItem"]) == sum(
         1 for r in rows if r["code"] and r["patient"] != "TOTAL")
+    # each ChargeItem at its absolute URL, where billing serves it (R4: fullUrl is absolute)
+    for entry in items["entry"]:
+        assert entry["fullUrl"].startswith(("http://", "https://")), entry["fullUrl"]
+        assert entry["fullUrl"].endswith(f"/fhir/ChargeItem/{entry['resource']['id']}")
     assert summary["patients"] == 22 and 0 < summary["billable"] < 22
     assert summary["blockers"]["consent-missing"] >= 2
     # careplan saw every plan (21 of 22 patients have one); the overdue one is overdue

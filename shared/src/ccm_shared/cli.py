@@ -408,10 +408,12 @@ def token_create(
         list[str] | None,
         typer.Option(
             "--scope",
-            help="A scope the token gets (repeatable): fhir:read, fhir:write, billing, careplan, "
-            "notification, admin. Default: all of them. An EHR connection should get only "
-            "--scope fhir:read --scope fhir:write (admin may change the practice's ingest "
-            "configuration).",
+            help="A scope the token gets (repeatable): fhir:read, fhir:write, billing, "
+            "billing:read, careplan, notification, admin. Default: all of them. An EHR "
+            "connection should get only --scope fhir:read --scope fhir:write (admin may change "
+            "the practice's ingest configuration); a practice's own system that reads its "
+            "invoices --scope billing:read (billing also records payments and closes months: "
+            "the CCM vendor's staff).",
         ),
     ] = None,
 ) -> None:

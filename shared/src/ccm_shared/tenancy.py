@@ -32,7 +32,13 @@ from ccm_shared.tables import api_tokens, practices
 
 TOKEN_PREFIX = "ccm_"
 PRACTICE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-DEFAULT_SCOPES = ("fhir:write", "fhir:read", "billing", "careplan", "notification", "admin")
+# Every scope a token may carry, and what a token made without ``--scope`` gets. ``billing``
+# reads and writes billing (payments, voids, refunds, closes, recomputes, duplicate-biller
+# releases, the EHR endpoint: the CCM vendor's staff); ``billing:read`` only reads it (invoices,
+# worklists, reports, FHIR Invoice/ChargeItem, compliance records: a practice's own system).
+# services/billing/README.md, "Scopes", has the table of routes.
+DEFAULT_SCOPES = ("fhir:write", "fhir:read", "billing", "billing:read", "careplan",
+                  "notification", "admin")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""Billing's API needs a token with the ``billing`` scope: an EHR connection's token (fhir:read +
-fhir:write), or any token without ``billing`` — ``admin`` included — gets 403 on every route of
-billing's own router and of its compliance router (consents, time logs, audit packets):
-problem+json, an OperationOutcome under /fhir, and nothing is written; a token with only
-``billing`` works."""
+"""Billing's scopes (README, "Scopes"). Every read (GET) takes ``billing:read`` or ``billing``;
+every write needs ``billing``. A practice system's ``billing:read`` token reads every invoice,
+worklist, report, FHIR Invoice/ChargeItem and compliance record, and is refused (403, nothing
+written) every payment, void, refund, close, recompute, duplicate-biller release or reclaim, EHR
+endpoint change and push retry. An EHR connection's token (fhir:read + fhir:write), or any
+token with neither billing scope — ``admin`` included — gets 403 on every route: problem+json,
+an OperationOutcome under /fhir, and nothing is written. The table of calls below is checked
+against the app's routes, so a new route cannot be left out of it."""
 
 from __future__ import annotations
 
@@ -13,18 +16,93 @@ from fastapi.routing import APIRoute
 
 from ccm_billing.adapters.orm import metadata
 from ccm_billing.compliance.http import build_compliance_router
-from ccm_billing.entrypoints.http import billing_tenant, build_router
+from ccm_billing.entrypoints.http import billing_reader, billing_tenant, build_router
+from ccm_billing.entrypoints.payment_corrections import build_payment_corrections_router
 from ccm_shared.tenancy import DEFAULT_SCOPES, create_token
 from tests.support.routes import calls, open_routes, snapshot
 from tests.unit.billing.test_billing_flow import api, march_practice
+from tests.unit.test_token_scopes import (  # noqa: F401 - platform_url: a fixture
+    ccm_token_create,
+    last_stdout_line,
+    platform_url,
+    resolve,
+)
 
 EHR = ("fhir:read", "fhir:write")
-ALL_BUT_BILLING = tuple(s for s in DEFAULT_SCOPES if s != "billing")
+ALL_BUT_BILLING = tuple(s for s in DEFAULT_SCOPES if s not in ("billing", "billing:read"))
+READ_ONLY = ("billing:read",)
 FHIR_JSON = "application/fhir+json"
 PROBLEM_JSON = "application/problem+json"
 
+MONTH = "/v1/practices/{practice}/billing-periods/{month}"
+# Every route of billing's routers: (method, route path, body). A route not in it fails
+# test_the_table_has_every_route; GET is a read, every other method a write.
+ROUTES: list[tuple[str, str, dict | None]] = [
+    ("GET", f"{MONTH}/worklist", None),
+    ("POST", f"{MONTH}/close", None),
+    ("GET", f"{MONTH}/report.json", None),
+    ("GET", f"{MONTH}/report.csv", None),
+    ("POST", f"{MONTH}/duplicates/{{patient}}/resolve", {"decision": "release"}),
+    ("GET", "/v1/practices/{practice}/invoices", None),
+    ("GET", "/v1/invoices/{invoice_id}", None),
+    ("POST", "/v1/invoices/{invoice_id}/payments", {"amount": "10.00", "date": "2025-04-02"}),
+    ("POST", f"{MONTH}/recompute", {"reason": "contract amended"}),
+    ("PUT", "/v1/practices/{practice}/ehr-endpoint", {"baseUrl": "https://ehr.example.org/fhir"}),
+    ("GET", "/v1/practices/{practice}/ehr-endpoint", None),
+    ("DELETE", "/v1/practices/{practice}/ehr-endpoint", None),
+    ("GET", "/v1/practices/{practice}/ehr-deliveries", None),
+    ("POST", "/v1/practices/{practice}/ehr-deliveries/{delivery_id}/retry", None),
+    ("GET", "/fhir/Invoice/{resource_id}", None),
+    ("GET", "/fhir/ChargeItem/{resource_id}", None),
+    ("GET", "/fhir/Invoice", None),
+    ("GET", "/fhir/ChargeItem", None),
+    ("POST", "/v1/invoices/{invoice_id}/payments/{payment_id}/void", {"reason": "bounced"}),
+    ("POST", "/v1/invoices/{invoice_id}/refunds", {"amount": "1.00", "date": "2025-04-02"}),
+    ("GET", "/v1/practices/{practice}/consents", None),
+    ("GET", "/v1/practices/{practice}/consents.csv", None),
+    ("GET", "/v1/practices/{practice}/patients/{patient}/time-log", None),
+    ("GET", "/v1/practices/{practice}/patients/{patient}/audit-packet", None),
+]
+QUERY = {"time-log": {"month": "2025-03"}, "audit-packet": {"from": "2025-03"}}
 
 
+def routers(runtime) -> list[APIRoute]:  # noqa: ANN001
+    return [r for router in (build_router(runtime), build_payment_corrections_router(runtime),
+                             build_compliance_router(runtime))
+            for r in router.routes if isinstance(r, APIRoute)]
+
+
+def concrete(path: str, ids: dict[str, str]) -> str:
+    """The route path with this test's ids (a FHIR read: the Invoice's or the ChargeItem's)."""
+    resource = ids["item"] if path.startswith("/fhir/ChargeItem") else ids["invoice"]
+    return path.format(practice="alpha", month="2025-03", patient="p1", delivery_id="d1",
+                       invoice_id=ids["invoice"], payment_id=ids["payment"],
+                       resource_id=resource)
+
+
+def billing_calls(ids: dict[str, str]) -> list[tuple[str, str, dict | None, dict]]:
+    """(method, URL, body, query) of every route."""
+    return [(method, concrete(path, ids), body, QUERY.get(path.rsplit("/", 1)[-1], {}))
+            for method, path, body in ROUTES]
+
+
+def test_the_table_has_every_route(billing):
+    assert sorted((m, p) for m, p, _ in ROUTES) == sorted(
+        (m, r.path) for r in routers(billing) for m in r.methods)
+
+
+def test_reads_take_billing_read_and_writes_need_billing(billing):
+    """The dependencies as declared: a read resolves ``billing_reader`` (never the write
+    check), a write ``billing_tenant``."""
+    wrong = []
+    for route in routers(billing):
+        deps = calls(route.dependant)
+        read = route.methods == {"GET"}
+        if read and (billing_reader not in deps or billing_tenant in deps):
+            wrong.append(f"GET {route.path}")
+        if not read and billing_tenant not in deps:
+            wrong.append(f"{sorted(route.methods)} {route.path}")
+    assert wrong == []
 
 
 async def closed_march(runtime) -> tuple[str, str]:  # noqa: ANN001
@@ -38,80 +116,85 @@ async def closed_march(runtime) -> tuple[str, str]:  # noqa: ANN001
     return invoice, items["entry"][0]["resource"]["id"]
 
 
-def billing_calls(invoice: str, item: str) -> list[tuple[str, str, dict | None]]:
-    """One call of every route of billing's router (reads, writes, FHIR reads)."""
-    month = "/v1/practices/alpha/billing-periods/2025-03"
-    return [
-        ("GET", f"{month}/worklist", None),
-        ("POST", "/v1/practices/alpha/billing-periods/2025-02/close", None),
-        ("GET", f"{month}/report.json", None),
-        ("GET", f"{month}/report.csv", None),
-        ("POST", f"{month}/duplicates/p1/resolve", {"decision": "release"}),
-        ("GET", "/v1/practices/alpha/invoices", None),
-        ("GET", f"/v1/invoices/{invoice}", None),
-        ("POST", f"/v1/invoices/{invoice}/payments", {"amount": "10.00", "date": "2025-04-02"}),
-        ("POST", f"{month}/recompute", {"reason": "contract amended"}),
-        ("PUT", "/v1/practices/alpha/ehr-endpoint", {"baseUrl": "https://ehr.example.org/fhir"}),
-        ("GET", "/v1/practices/alpha/ehr-endpoint", None),
-        ("DELETE", "/v1/practices/alpha/ehr-endpoint", None),
-        ("GET", "/v1/practices/alpha/ehr-deliveries", None),
-        ("POST", "/v1/practices/alpha/ehr-deliveries/d1/retry", None),
-        ("GET", f"/fhir/Invoice/{invoice}", None),
-        ("GET", f"/fhir/ChargeItem/{item}", None),
-        ("GET", "/fhir/Invoice", None),
-        ("GET", "/fhir/ChargeItem", None),
-    ]
+async def closed_and_paid(runtime) -> dict[str, str]:  # noqa: ANN001
+    """March closed and paid $5.00 with the full-scope token: the Invoice's, one ChargeItem's
+    and the payment's ids."""
+    invoice, item = await closed_march(runtime)
+    paid = await api(runtime).post(f"/v1/invoices/{invoice}/payments",
+                                   json={"amount": "5.00", "date": "2025-04-02"})
+    assert paid.status_code == 201, paid.text
+    return {"invoice": invoice, "item": item, "payment": paid.json()["payment"]["id"]}
+
+
+def refused(r, method: str, path: str, scope: str) -> None:  # noqa: ANN001
+    assert r.status_code == 403, (method, path, r.status_code, r.text)
+    if path.startswith("/fhir"):
+        assert r.headers["content-type"] == FHIR_JSON, path
+        assert r.json()["resourceType"] == "OperationOutcome"
+        assert r.json()["issue"][0]["code"] == "forbidden"
+    else:
+        assert r.headers["content-type"] == PROBLEM_JSON, path
+        assert r.json()["status"] == 403
+    assert f"{scope!r} scope" in r.text, path
 
 
 @pytest.mark.parametrize("scopes", [EHR, ALL_BUT_BILLING], ids=["ehr", "all-but-billing"])
-async def test_a_token_without_the_billing_scope_gets_403_everywhere_and_writes_nothing(
+async def test_a_token_without_a_billing_scope_gets_403_everywhere_and_writes_nothing(
         billing, scopes):
-    invoice, item = await closed_march(billing)
+    ids = await closed_and_paid(billing)
     token = await create_token(billing.db.engine, practice_id="alpha", scopes=scopes)
     auth = {"Authorization": f"Bearer {token}"}
     before = await snapshot(billing, metadata)
     client = billing.state["client"]
-    for method, path, body in billing_calls(invoice, item):
-        r = await client.request(method, path, headers=auth, json=body)
-        assert r.status_code == 403, (method, path, r.status_code, r.text)
-        if path.startswith("/fhir"):
-            assert r.headers["content-type"] == FHIR_JSON, path
-            assert r.json()["resourceType"] == "OperationOutcome"
-            assert r.json()["issue"][0]["code"] == "forbidden"
-        else:
-            assert r.headers["content-type"] == PROBLEM_JSON, path
-            assert r.json()["status"] == 403
-        assert "'billing' scope" in r.text, path
+    for method, path, body, query in billing_calls(ids):
+        r = await client.request(method, path, headers=auth, json=body, params=query)
+        refused(r, method, path, "billing:read" if method == "GET" else "billing")
     assert await snapshot(billing, metadata) == before  # no payment, close, release, endpoint…
     full = api(billing)
-    assert (await full.get(f"/v1/invoices/{invoice}")).json()["payments"] == []
+    assert len((await full.get(f"/v1/invoices/{ids['invoice']}")).json()["payments"]) == 1
     assert (await full.get("/v1/practices/alpha/ehr-endpoint")).status_code == 404
 
 
+async def test_a_billing_read_token_reads_everything_and_writes_nothing(billing):
+    """A practice system's token: every read answers (200; the EHR endpoint none is set: 404),
+    every write 403 before anything is written: the invoice stays unpaid by it, the month
+    closed once, the payment not voided, no endpoint set, no patient released."""
+    ids = await closed_and_paid(billing)
+    token = await create_token(billing.db.engine, practice_id="alpha", scopes=READ_ONLY)
+    auth = {"Authorization": f"Bearer {token}"}
+    before = await snapshot(billing, metadata)
+    client = billing.state["client"]
+    for method, path, body, query in billing_calls(ids):
+        r = await client.request(method, path, headers=auth, json=body, params=query)
+        if method == "GET":
+            expected = 404 if path.endswith("/ehr-endpoint") else 200
+            assert r.status_code == expected, (method, path, r.status_code, r.text)
+        else:
+            refused(r, method, path, "billing")
+    assert await snapshot(billing, metadata) == before
+    got = await client.get(f"/v1/invoices/{ids['invoice']}", headers=auth)
+    assert [(p["amount"], p["voided"]) for p in got.json()["payments"]] == [("5.00", None)]
+
+
 async def test_a_token_with_only_the_billing_scope_reads_and_writes(billing):
-    invoice, item = await closed_march(billing)
+    """``billing`` (every token made before ``billing:read`` existed) still reads and writes."""
+    ids = await closed_and_paid(billing)
     token = await create_token(billing.db.engine, practice_id="alpha", scopes=("billing",))
     auth = {"Authorization": f"Bearer {token}"}
     client = billing.state["client"]
-    listed = await client.get("/v1/practices/alpha/invoices", headers=auth)
-    assert listed.status_code == 200 and [i["id"] for i in listed.json()["invoices"]] == [invoice]
-    paid = await client.post(f"/v1/invoices/{invoice}/payments", headers=auth,
+    for method, path, _, query in billing_calls(ids):
+        if method == "GET":
+            r = await client.get(path, headers=auth, params=query)
+            assert r.status_code == (404 if path.endswith("/ehr-endpoint") else 200), path
+    paid = await client.post(f"/v1/invoices/{ids['invoice']}/payments", headers=auth,
                              json={"amount": "10.00", "date": "2025-04-02"})
     assert paid.status_code == 201, paid.text
-    got = await client.get(f"/v1/invoices/{invoice}", headers=auth)
-    assert [p["amount"] for p in got.json()["payments"]] == ["10.00"]
-    fhir = await client.get(f"/fhir/Invoice/{invoice}", headers=auth)
-    assert fhir.status_code == 200 and fhir.json()["resourceType"] == "Invoice"
-    assert (await client.get(f"/fhir/ChargeItem/{item}", headers=auth)).status_code == 200
+    voided = await client.post(f"/v1/invoices/{ids['invoice']}/payments/{ids['payment']}/void",
+                               headers=auth, json={"reason": "recorded in error"})
+    assert voided.status_code == 200, voided.text
+    got = await client.get(f"/v1/invoices/{ids['invoice']}", headers=auth)
+    assert [p["amount"] for p in got.json()["payments"] if p["voided"] is None] == ["10.00"]
     assert (await client.get("/v1/practices/alpha/invoices")).status_code == 401  # no token
-
-
-def test_every_route_of_billings_router_requires_the_billing_scope(billing):
-    routes = [r for r in build_router(billing).routes if isinstance(r, APIRoute)]
-    assert len(routes) == len(billing_calls("i", "c"))  # the 403 test above calls each
-    missing = [f"{sorted(r.methods)} {r.path}" for r in routes
-               if billing_tenant not in calls(r.dependant)]
-    assert missing == []
 
 
 async def test_the_routes_open_without_a_token_are_only_the_probes_and_metrics(billing):
@@ -119,48 +202,10 @@ async def test_the_routes_open_without_a_token_are_only_the_probes_and_metrics(b
         ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 
 
-def compliance_calls() -> list[tuple[str, dict]]:
-    """One call of every route of billing's compliance router (all reads)."""
-    return [
-        ("/v1/practices/alpha/consents", {}),
-        ("/v1/practices/alpha/consents.csv", {"state": "all"}),
-        ("/v1/practices/alpha/patients/p1/time-log", {"month": "2025-03"}),
-        ("/v1/practices/alpha/patients/p1/audit-packet", {"from": "2025-03"}),
-    ]
-
-
-@pytest.mark.parametrize("scopes", [EHR, ALL_BUT_BILLING], ids=["ehr", "all-but-billing"])
-async def test_compliance_records_need_the_billing_scope(billing, scopes):
-    await march_practice(billing)
-    token = await create_token(billing.db.engine, practice_id="alpha", scopes=scopes)
-    auth = {"Authorization": f"Bearer {token}"}
-    before = await snapshot(billing, metadata)
-    client = billing.state["client"]
-    for path, params in compliance_calls():
-        r = await client.get(path, headers=auth, params=params)
-        assert r.status_code == 403, (path, r.status_code, r.text)
-        assert r.headers["content-type"] == PROBLEM_JSON, path
-        assert r.json()["status"] == 403 and "'billing' scope" in r.text, path
-    assert await snapshot(billing, metadata) == before
-
-
-async def test_a_token_with_only_the_billing_scope_reads_the_compliance_records(billing):
-    await march_practice(billing)
-    token = await create_token(billing.db.engine, practice_id="alpha", scopes=("billing",))
-    auth = {"Authorization": f"Bearer {token}"}
-    client = billing.state["client"]
-    for path, params in compliance_calls():
-        r = await client.get(path, headers=auth, params=params)
-        assert r.status_code == 200, (path, r.status_code, r.text)
-    packet = await client.get("/v1/practices/alpha/patients/p1/audit-packet", headers=auth,
-                              params={"from": "2025-03"})
-    assert packet.headers["content-type"] == FHIR_JSON and packet.json()["type"] == "collection"
-    assert (await client.get("/v1/practices/alpha/consents")).status_code == 401  # no token
-
-
-def test_every_route_of_the_compliance_router_requires_the_billing_scope(billing):
-    routes = [r for r in build_compliance_router(billing).routes if isinstance(r, APIRoute)]
-    assert len(routes) == len(compliance_calls())  # the 403 test above calls each
-    missing = [f"{sorted(r.methods)} {r.path}" for r in routes
-               if billing_tenant not in calls(r.dependant)]
-    assert missing == []
+def test_ccm_token_create_makes_a_billing_read_token(platform_url):  # noqa: F811 - the fixture
+    """``ccm token create --scope billing:read`` (the CLI checks against DEFAULT_SCOPES): a
+    token with exactly that scope."""
+    result = ccm_token_create("--scope", "billing:read", "--label", "practice erp")
+    assert result.exit_code == 0, result.output
+    tenant = resolve(platform_url, last_stdout_line(result))
+    assert tenant is not None and tenant.scopes == {"billing:read"}

@@ -37,6 +37,11 @@ class BillingSettings(BaseSettings):
     ehr_push_backoff_max_seconds: float = Field(3600.0, gt=0, description="Largest retry delay")
     ehr_push_timeout_seconds: float = Field(15.0, gt=0, description="HTTP timeout of one push")
 
+    fhir_base_url: str | None = Field(
+        None, description="Public base URL of billing's /fhir, for the absolute fullUrl of "
+        "searchset entries (default: from the request, e.g. http://127.0.0.1:8082/fhir)"
+    )
+
     consent_renewal_months: int = Field(
         0, ge=0, le=MAX_RENEWAL_MONTHS,
         description="Consent renewal interval in months (0: consents do not "
@@ -45,6 +50,13 @@ class BillingSettings(BaseSettings):
     consent_expiring_days: int = Field(
         30, ge=0, description="Consent tracker: 'expiring' means expiring within this many days"
     )
+
+    @field_validator("fhir_base_url")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("an absolute http(s) URL, e.g. https://billing.example.org/fhir")
+        return v
 
     @field_validator("alert_days", mode="before")
     @classmethod

@@ -152,7 +152,9 @@ def write_outputs(o: DemoOutcome, out: Path, console: Console) -> dict:
         {
             "resourceType": "Bundle",
             "type": "collection",
-            "entry": [{"fullUrl": f"ChargeItem/{c['id']}", "resource": c} for c in o.charge_items],
+            # absolute, as a Bundle's fullUrl must be (R4), where billing serves each one
+            "entry": [{"fullUrl": f"{o.billing_fhir}/ChargeItem/{c['id']}", "resource": c}
+                      for c in o.charge_items],
         },
     )
     dump(f"worklist-{month}.json", o.worklist)

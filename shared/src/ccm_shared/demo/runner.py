@@ -84,6 +84,8 @@ class DemoOutcome:
     audit_packet: dict
     timings: dict[str, float] = field(default_factory=dict)
     edge_results: list[dict] = field(default_factory=list)
+    # billing's FHIR base, as the demo reached it: the charge items' fullUrl in the report
+    billing_fhir: str = ""
 
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -289,6 +291,7 @@ async def run_demo(
         worklist=closed,
         invoice=invoice,
         charge_items=items,
+        billing_fhir=api.url("billing", "/fhir"),
         tracker=tracker,
         tracker_counts=counts,
         overdue_csv=overdue_csv,

@@ -20,6 +20,10 @@ CPT = "http://www.ama-assn.org/go/cpt"
 HCPCS = "http://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets"  # Level II codes: G0506 …
 CHARGE_ITEM_SYSTEM = "https://ccm-platform.org/fhir/sid/charge-item"
 INVOICE_SYSTEM = "https://ccm-platform.org/fhir/sid/invoice"
+# The platform's practice ids (platform.practices.id): an Invoice's recipient is named by it (a
+# logical reference), not as Organization/{practice}, which no FHIR server here resolves (the
+# practice's Organization in its EHR has an id of the EHR's).
+PRACTICE_SYSTEM = "https://ccm-platform.org/fhir/sid/practice"
 EXT_REPLACES = "https://ccm-platform.org/fhir/StructureDefinition/invoice-replaces"
 EXT_REPLACED_BY = "https://ccm-platform.org/fhir/StructureDefinition/invoice-replaced-by"
 EXT_MEDICARE = "https://ccm-platform.org/fhir/StructureDefinition/medicare-amount"
@@ -147,7 +151,7 @@ def invoice(
         ],
         "status": status,
         "type": {"text": f"Chronic care management services {month}"},
-        "recipient": {"reference": f"Organization/{practice}", "display": practice_name},
+        "recipient": recipient(practice, practice_name),
         "issuer": {"display": VENDOR},
         "date": issued.isoformat(),
         "lineItem": lines.items,
@@ -161,6 +165,13 @@ def invoice(
     if replaces:
         resource["extension"] = [{"url": EXT_REPLACES, "valueReference": {"reference": f"Invoice/{replaces}"}}]
     return resource
+
+
+def recipient(practice: str, name: str) -> dict:
+    """The Invoice's recipient: the practice by its platform id (a logical reference, which
+    resolves nowhere and need not), with its name."""
+    return {"type": "Organization", "identifier": {"system": PRACTICE_SYSTEM, "value": practice},
+            "display": name}
 
 
 def without_line_items(resource: dict) -> dict:
@@ -196,12 +207,19 @@ def operation_outcome(code: str, diagnostics: str, expression: list[str] | None 
     return {"resourceType": "OperationOutcome", "issue": [issue]}
 
 
+def full_url(base: str, resource: dict) -> str:
+    """A Bundle entry's fullUrl: the resource's absolute URL under the FHIR ``base`` (R4
+    Bundle.entry.fullUrl is absolute; ``Invoice/inv-…`` alone was relative)."""
+    return f"{base.rstrip('/')}/{resource['resourceType']}/{resource['id']}"
+
+
 def search_bundle(resources: list[dict], url: Any, *, criteria: list[tuple[str, str]],
-                  total: int, count: int, offset: int, max_offset: int) -> dict:
+                  total: int, count: int, offset: int, max_offset: int, base: str) -> dict:
     """A searchset page: ``resources`` are the matches from ``offset`` (``count`` per page) of
     ``total``. Its links name the search as it was done: ``criteria`` (the parameters used, as
     given) and the paging, on ``url`` (the request's, a Starlette URL): its own page (self), the
-    first, previous and next."""
+    first, previous and next. Each entry's fullUrl is absolute under ``base`` (this server's
+    /fhir)."""
 
     def page(at: int, length: int = count) -> str:
         return str(url.replace(query=urlencode([*criteria, ("_count", length), ("_offset", at)])))
@@ -216,6 +234,6 @@ def search_bundle(resources: list[dict], url: Any, *, criteria: list[tuple[str, 
     }
     if resources:  # FHIR JSON has no empty arrays (ele-1): no matches, no entry
         bundle["entry"] = [
-            {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
+            {"fullUrl": full_url(base, r), "resource": r, "search": {"mode": "match"}}
             for r in resources]
     return bundle

@@ -47,6 +47,9 @@ def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool =
 ENROLLED_ENTRY = text("patient IS NOT NULL AND start IS NOT NULL")
 # The payments whose reference is taken: those with one, not voided (billing_0022).
 ACTIVE_REFERENCE = text("reference IS NOT NULL AND voided_at IS NULL")
+# A payment or refund sent with an Idempotency-Key (billing_0023), and the key's longest form.
+HAS_KEY = text("idempotency_key IS NOT NULL")
+IDEMPOTENCY_KEY = 200
 
 
 def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
@@ -202,6 +205,11 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         # replaces it (billing_0022). Copies carried into a replacement are its payments too.
         Index("uq_payments_invoice_reference", "invoice_id", "reference", unique=True,
               postgresql_where=ACTIVE_REFERENCE, sqlite_where=ACTIVE_REFERENCE),
+        # The request's Idempotency-Key (billing_0023): the same key sent again to the invoice
+        # is this payment (voided or not), whatever its reference; one payment per key.
+        Column("idempotency_key", String(IDEMPOTENCY_KEY), nullable=True),
+        Index("uq_payments_invoice_idempotency_key", "invoice_id", "idempotency_key",
+              unique=True, postgresql_where=HAS_KEY, sqlite_where=HAS_KEY),
     )
     t["threshold_alerts"] = Table(
         "threshold_alerts", metadata,
@@ -334,6 +342,10 @@ def add_refund_tables(metadata: MetaData) -> dict[str, Table]:
             Column("recorded_at", DateTime(timezone=True), nullable=False),
             # A refund of a cancelled Invoice carried into its replacement: the one it carries.
             Column("carried_from", String(36), nullable=True),
+            # The request's Idempotency-Key (billing_0023), as a payment's.
+            Column("idempotency_key", String(IDEMPOTENCY_KEY), nullable=True),
+            Index("uq_refunds_invoice_idempotency_key", "invoice_id", "idempotency_key",
+                  unique=True, postgresql_where=HAS_KEY, sqlite_where=HAS_KEY),
         ),
     }
 

@@ -1,7 +1,8 @@
 """HTTP API of the compliance records: consent tracker (+ CSV), time logs, audit packets.
 
-Every route needs a token with the ``billing`` scope (``BillingTenant``, the same dependency as
-billing's main router); without it → 403 (problem+json) before anything is read. The patient is a
+Every route is a read: it needs a token with the ``billing:read`` or the ``billing`` scope
+(``BillingReader``, the dependency of billing's main router's reads); without either → 403
+(problem+json) before anything is read. The patient is a
 path parameter of every patient route, so the platform's HTTP edge records each read — a packet
 included — in the audit trail with the patient it concerns.
 """
@@ -16,7 +17,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from ccm_billing.compliance import domain, fhir_bundle, pdf, records
-from ccm_billing.entrypoints.http import CSV, BillingTenant, parse_month
+from ccm_billing.entrypoints.http import CSV, BillingReader, parse_month
 from ccm_billing.service_layer.common import consent_renewal_months, practice_info
 from ccm_shared.errors import InvalidInput
 
@@ -64,14 +65,14 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
     @router.get("/v1/practices/{practice}/consents",
                 summary="Consent tracker: patients whose CCM consent is missing, declined, "
                         "revoked, voided, expired or expiring")
-    async def consents(practice: str, tenant: BillingTenant, state: StateQuery = None,
+    async def consents(practice: str, tenant: BillingReader, state: StateQuery = None,
                        within: WithinQuery = None) -> dict:
         rows = await tracker(practice, tenant, state, within)
         return {"practice": practice, "count": len(rows), "patients": rows}
 
     @router.get("/v1/practices/{practice}/consents.csv", response_class=Response, responses=CSV,
                 summary="Consent tracker as CSV (same filters)")
-    async def consents_csv(practice: str, tenant: BillingTenant, state: StateQuery = None,
+    async def consents_csv(practice: str, tenant: BillingReader, state: StateQuery = None,
                            within: WithinQuery = None) -> Response:
         rows = await tracker(practice, tenant, state, within)
         out = io.StringIO()
@@ -83,7 +84,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/patients/{patient}/time-log",
                 summary="A patient's time entries for a month: as locked at close, with corrections")
-    async def time_log(practice: str, patient: str, tenant: BillingTenant,
+    async def time_log(practice: str, patient: str, tenant: BillingReader,
                        month: Annotated[str, Query(description="yyyy-mm")]) -> dict:
         tenant.require_practice(practice)
         mo = parse_month(month)
@@ -98,7 +99,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
                                  "description": "FHIR collection Bundle, or the PDF"}},
                 summary="Audit packet for a patient and a range of months (FHIR Bundle or PDF)")
     async def audit_packet(
-        practice: str, patient: str, request: Request, tenant: BillingTenant,
+        practice: str, patient: str, request: Request, tenant: BillingReader,
         from_: Annotated[str, Query(alias="from", description="First month, yyyy-mm")],
         to: Annotated[str | None, Query(description="Last month, yyyy-mm (default: from)")] = None,
         format: Annotated[Literal["fhir", "pdf"] | None, Query(  # noqa: A002

@@ -1,28 +1,35 @@
 """HTTP API of the billing service: worklist, close, reports, invoices, payments, FHIR reads
 (voids and refunds: ``payment_corrections``).
 
-Every route needs a token with the ``billing`` scope (``BillingTenant``); without it → 403
-(problem+json, an OperationOutcome under /fhir) before anything is read or written."""
+Two scopes (README, "Scopes"): every read (GET) takes a token with ``billing:read`` or
+``billing`` (``BillingReader``), what a practice's own system gets; every write — a payment, a
+void, a refund, a close, a recompute, a duplicate-biller release or reclaim, the EHR endpoint, a
+push retried — needs ``billing`` (``BillingTenant``), the CCM vendor's staff. Without the scope
+a route needs → 403 (problem+json, an OperationOutcome under /fhir) before anything is read or
+written."""
 
 from __future__ import annotations
 
 import json
 from datetime import date as Day  # a field is named date
+from datetime import datetime, tzinfo
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import and_, delete, false, func, insert, or_, select
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Month
+from ccm_billing.domain.payments import balance_of
 from ccm_billing.domain.rules import RulesetMissing, ruleset_for
+from ccm_billing.entrypoints import fhir_dates
 from ccm_billing.service_layer import corrections, ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.decisions import duplicate_patients
 from ccm_shared.db import dialect_insert
-from ccm_shared.errors import AppError, Conflict, InvalidInput, NotFound
+from ccm_shared.errors import AppError, Conflict, Forbidden, InvalidInput, NotFound
 from ccm_shared.http import TenantDep, json_body_after
 from ccm_shared.outbound import refuse_unreachable
 from ccm_shared.tenancy import Tenant
@@ -32,16 +39,73 @@ FHIR_JSON = "application/fhir+json"
 CSV = {200: {"description": "CSV (UTF-8, a header row first)",
              "content": {"text/csv": {"schema": {"type": "string"}}}}}
 SCOPE = "billing"
+READ_SCOPE = "billing:read"
 
 
 async def billing_tenant(tenant: TenantDep) -> Tenant:
-    """The caller, when its token carries the ``billing`` scope; else 403 (an EHR connection's
-    fhir:read + fhir:write token must not read invoices, record payments or close months)."""
+    """The caller of a write, when its token carries the ``billing`` scope; else 403 (an EHR
+    connection's fhir:read + fhir:write token, and a practice system's ``billing:read`` token,
+    must not record or void payments, refund, close or recompute months, release patients or
+    set the EHR endpoint)."""
     tenant.require_scope(SCOPE)
     return tenant
 
 
+async def billing_reader(tenant: TenantDep) -> Tenant:
+    """The caller of a read, when its token carries ``billing:read`` or ``billing`` (which
+    reads too, as every token made before ``billing:read`` existed); else 403."""
+    if not {SCOPE, READ_SCOPE} & tenant.scopes:
+        raise Forbidden(f"this token lacks the {READ_SCOPE!r} scope (or {SCOPE!r})")
+    return tenant
+
+
 BillingTenant = Annotated[Tenant, Depends(billing_tenant)]
+BillingReader = Annotated[Tenant, Depends(billing_reader)]
+
+PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+def conflict(why: str) -> dict:
+    """A route's own 409 (``Conflict``), documented with what it means (the platform's
+    derivation, ``ccm_shared.http._platform_answers``, cannot know it)."""
+    return {409: {"description": f"Conflict: {why}", "content": PROBLEM}}
+
+
+def money_responses(kind: str) -> dict:
+    """What a payment or refund answers besides the platform's errors: 201 recorded, 200 the
+    same request again (Idempotency-Key or reference with the same details: nothing recorded),
+    409 refused."""
+    why = {"payment": "the invoice is cancelled (its replacement, named, takes payments; one "
+                      "cancelled without replacement takes only the refunded money it is owed "
+                      "back), or the reference was recorded with other details",
+           "refund": "the invoice owes nothing back, or is cancelled and its replacement "
+                     "carries its payments (refund against it, named), or the reference was "
+                     "recorded with other details"}[kind]
+    return {201: {"description": f"The {kind} recorded"},
+            200: {"description": f"The same {kind} request again (its Idempotency-Key, or its "
+                                 "reference, with the same amount, date and reference): the "
+                                 f"{kind} it recorded, with the invoice as it is now; nothing "
+                                 "is recorded",
+                  "content": {"application/json": {"schema": {"type": "object"}}}},
+            **conflict(why)}
+
+
+# The Idempotency-Key header of a payment or refund (recommended: a new random key per
+# payment, the same one on every retry of it).
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=200,
+    description="A key the client makes for this payment (e.g. a UUID) and sends again on "
+                "every retry of it: the same key with the same body answers what the first "
+                "recorded (200) instead of recording it twice; with another body, 422. Printable "
+                "ASCII, 1-200 characters; a key names one request of this invoice")]
+
+
+def idempotency_key(value: str | None) -> str | None:
+    """The header's key, or 422: printable ASCII (a key is compared byte for byte)."""
+    if value is not None and not (value.isascii() and value.isprintable()):
+        raise InvalidInput("Idempotency-Key must be printable ASCII, 1-200 characters",
+                           expression=["Idempotency-Key"])
+    return value
 
 # A route whose body is a model (a payment with a key twice was recorded for the last amount);
 # close and retry take no body.
@@ -73,7 +137,8 @@ class PaymentIn(BaseModel):
     amount: str = Field(description='US dollars with at most two decimals, e.g. "120.50"')
     date: Annotated[Day, BeforeValidator(day_text), Field(description="YYYY-MM-DD")]
     reference: str | None = Field(None, max_length=200, description="Check or transfer reference; "
-                                  "repeating a reference with the same details is a no-op")
+                                  "the same reference again with the same details is that "
+                                  "payment (200, nothing recorded), with other details 409")
 
 
 class EhrEndpointIn(BaseModel):
@@ -105,7 +170,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     @router.get("/v1/practices/{practice}/billing-periods/{month}/worklist",
                 summary="Who is billable, blocked or short of a threshold this month, and why")
     async def get_worklist(
-        practice: str, month: str, tenant: BillingTenant,
+        practice: str, month: str, tenant: BillingReader,
         status: Annotated[Literal["all", "billable", "blocked", "near-threshold"],
                           Query(description="Filter rows")] = "all",
     ) -> dict:
@@ -117,7 +182,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                                            near_minutes=settings().near_threshold_minutes)
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/close",
-                 summary="Close the month: lock its time, issue ChargeItems and the Invoice (idempotent)")
+                 summary="Close the month: lock its time, issue ChargeItems and the Invoice (idempotent)",
+                 responses=conflict("the month has not ended in the practice's time zone"))
     async def close(practice: str, month: str, tenant: BillingTenant) -> dict:
         tenant.require_practice(practice)
         mo = parse_month(month)
@@ -134,13 +200,13 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/billing-periods/{month}/report.json",
                 summary="Audit report: per patient minutes by role, codes, amounts, blockers")
-    async def report_json(practice: str, month: str, tenant: BillingTenant) -> dict:
+    async def report_json(practice: str, month: str, tenant: BillingReader) -> dict:
         return await report_doc(practice, month, tenant)
 
     @router.get("/v1/practices/{practice}/billing-periods/{month}/report.csv",
                 summary="Audit report as CSV (one row per patient × code, TOTAL row last)",
                 response_class=Response, responses=CSV)
-    async def report_csv(practice: str, month: str, tenant: BillingTenant) -> Response:
+    async def report_csv(practice: str, month: str, tenant: BillingReader) -> Response:
         doc = await report_doc(practice, month, tenant)
         return Response(worklist.report_csv(doc), media_type="text/csv", headers={
             "Content-Disposition": f'attachment; filename="ccm-{practice}-{month}.csv"'})
@@ -148,7 +214,9 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     @router.post("/v1/practices/{practice}/billing-periods/{month}/duplicates/{patient}/resolve",
                  summary="Resolve a duplicate-biller flag: this practice releases the patient-month "
                  "(or reclaims a release)",
-                 dependencies=JSON_BODY)
+                 dependencies=JSON_BODY,
+                 responses=conflict("release: the patient is not flagged duplicate-biller that "
+                                    "month; reclaim: there is no release to take back"))
     async def resolve_duplicate(practice: str, month: str, patient: str, tenant: BillingTenant,
                                 body: DuplicateResolution) -> dict:
         tenant.require_practice(practice)
@@ -187,9 +255,15 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/invoices", summary="The practice's invoices")
     async def list_invoices(
-        practice: str, tenant: BillingTenant,
-        status: Annotated[Literal["issued", "partially-paid", "balanced", "cancelled", "overdue"] | None,
-                          Query(description="Filter by status")] = None,
+        practice: str, tenant: BillingReader,
+        status: Annotated[Literal["issued", "partially-paid", "balanced", "cancelled", "overdue",
+                                  "refund-due", "repayment-due"] | None,
+                          Query(description=(
+                              "Filter by status; refund-due: the invoices that owe the "
+                              "practice money back (balance below 0: overpaid, or cancelled "
+                              "without replacement after being paid), to refund; "
+                              "repayment-due: the cancelled invoices the practice owes a "
+                              "refund back (a payment voided after its refund)"))] = None,
     ) -> dict:
         tenant.require_practice(practice)
         i = orm.invoices
@@ -201,14 +275,20 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             stmt = stmt.where(i.c.payment_status == status, i.c.status == "issued")
         elif status == "issued":
             stmt = stmt.where(i.c.status == "issued", i.c.payment_status == "issued")
-        elif status is not None:
+        elif status == "repayment-due":
+            stmt = stmt.where(i.c.status == "cancelled", i.c.replaced_by.is_(None))
+        elif status not in (None, "refund-due"):
             stmt = stmt.where(i.c.status == status)
         async with db.unit_of_work() as uow:
             rows = (await uow.session.execute(stmt)).all()
+        if status in ("refund-due", "repayment-due"):  # by the balance (a few a month)
+            owed = {"refund-due": lambda b: b < 0, "repayment-due": lambda b: b > 0}[status]
+            rows = [r for r in rows if owed(balance_of(r.total_net, r.paid, r.status,
+                                                       r.replaced_by))]
         return {"practice": practice, "invoices": [invoicing.invoice_view(r) for r in rows]}
 
     @router.get("/v1/invoices/{invoice_id}", summary="One invoice with its payments")
-    async def get_invoice(invoice_id: str, tenant: BillingTenant) -> dict:
+    async def get_invoice(invoice_id: str, tenant: BillingReader) -> dict:
         async with db.unit_of_work() as uow:
             row = await invoicing.get_invoice_row(uow.session, invoice_id, tenant.practice_id,
                                                   resource=False)
@@ -224,19 +304,25 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                 "refunds": [invoicing.refund_view(x) for x in refunds]}
 
     @router.post("/v1/invoices/{invoice_id}/payments", status_code=201,
-                 summary="Record a payment against an invoice", dependencies=JSON_BODY)
-    async def post_payment(invoice_id: str, tenant: BillingTenant, body: PaymentIn) -> dict:
+                 summary="Record a payment against an invoice (idempotent with an "
+                 "Idempotency-Key or a reference)", dependencies=JSON_BODY,
+                 responses=money_responses("payment"))
+    async def post_payment(invoice_id: str, tenant: BillingTenant, body: PaymentIn,
+                           response: Response, key: IdempotencyKey = None) -> dict:
         amount = invoicing.parse_amount(body.amount)
         async with db.unit_of_work() as uow:
             result = await invoicing.record_payment(
                 uow, tenant.practice_id, invoice_id, amount=amount, paid_on=body.date,
-                reference=body.reference, now=runtime.clock())
+                reference=body.reference, now=runtime.clock(),
+                idempotency_key=idempotency_key(key))
             await uow.commit()
+        if result.replayed:
+            response.status_code = 200
         return result
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/recompute",
                  summary="Recompute a closed month now (cancel and reissue when lines changed)",
-                 dependencies=JSON_BODY)
+                 dependencies=JSON_BODY, responses=conflict("the month is not closed"))
     async def recompute_now(practice: str, month: str, tenant: BillingTenant,
                             reason: Annotated[str, Body(embed=True, max_length=500)]) -> dict:
         tenant.require_practice(practice)
@@ -278,7 +364,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return {"baseUrl": url, "hasAuthorization": body.authorization is not None}
 
     @router.get("/v1/practices/{practice}/ehr-endpoint", summary="The practice's EHR endpoint")
-    async def get_ehr_endpoint(practice: str, tenant: BillingTenant) -> dict:
+    async def get_ehr_endpoint(practice: str, tenant: BillingReader) -> dict:
         tenant.require_practice(practice)
         e = orm.ehr_endpoints
         async with db.unit_of_work() as uow:
@@ -299,7 +385,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     @router.get("/v1/practices/{practice}/ehr-deliveries", summary="Delivery log of EHR pushes")
     async def list_deliveries(
-        practice: str, tenant: BillingTenant,
+        practice: str, tenant: BillingReader,
         status: Annotated[Literal["pending", "delivered", "failed"] | None, Query()] = None,
     ) -> dict:
         tenant.require_practice(practice)
@@ -312,7 +398,8 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         return {"deliveries": [ehr.delivery_view(r) for r in rows]}
 
     @router.post("/v1/practices/{practice}/ehr-deliveries/{delivery_id}/retry",
-                 summary="Send a failed push again")
+                 summary="Send a failed push again",
+                 responses=conflict("the delivery has not failed (only failed ones are retried)"))
     async def retry_delivery(practice: str, delivery_id: str, tenant: BillingTenant) -> dict:
         tenant.require_practice(practice)
         d = orm.ehr_deliveries
@@ -331,11 +418,17 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
 
     # -- FHIR reads ----------------------------------------------------------------------------
 
+    def fhir_base(request: Request) -> str:
+        """This server's /fhir, as the fullUrl of a searchset's entries has it: the configured
+        ``CCM_BILLING_FHIR_BASE_URL``, else the one the request came to."""
+        configured = settings().fhir_base_url
+        return (configured or f"{str(request.base_url).rstrip('/')}/fhir").rstrip("/")
+
     def fhir_response(doc: dict) -> Response:
         return Response(json.dumps(doc), media_type=FHIR_JSON)
 
     @router.get("/fhir/Invoice/{resource_id}", tags=["fhir"], summary="FHIR R4 Invoice")
-    async def fhir_invoice(resource_id: str, tenant: BillingTenant) -> Response:
+    async def fhir_invoice(resource_id: str, tenant: BillingReader) -> Response:
         async with db.unit_of_work() as uow:
             row = await invoicing.get_invoice_row(uow.session, resource_id, tenant.practice_id)
             if row is None:
@@ -343,7 +436,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             return fhir_response(await filed.invoice_resource(uow.session, row))
 
     @router.get("/fhir/ChargeItem/{resource_id}", tags=["fhir"], summary="FHIR R4 ChargeItem")
-    async def fhir_charge_item(resource_id: str, tenant: BillingTenant) -> Response:
+    async def fhir_charge_item(resource_id: str, tenant: BillingReader) -> Response:
         ci = filed.charge_items
         async with db.unit_of_work() as uow:
             row = (await uow.session.execute(select(ci.c.resource).where(
@@ -355,15 +448,17 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     @router.get("/fhir/Invoice", tags=["fhir"],
                 summary="Search Invoices: _id, identifier, status, recipient, date (paged: "
                         "_count, _offset)")
-    async def search_invoices(request: Request, tenant: BillingTenant,
+    async def search_invoices(request: Request, tenant: BillingReader,
                               ids: Ids = None, identifier: Identifiers = None,
                               status: Annotated[list[str] | None, Query(description=(
                                   "issued, balanced or cancelled (a comma: any of them)"))] = None,
                               recipient: Annotated[list[str] | None, Query(description=(
                                   "Organization/{practice}: the caller's practice"))] = None,
                               date: Annotated[list[str] | None, Query(description=(
-                                  "Invoice.date, the day it was issued: 2025-04, ge2025-04-01, "
-                                  "lt2025-05 … (given twice: both)"))] = None,
+                                  "Invoice.date, when it was issued (a date: the practice's day): "
+                                  "2025-04, ge2025-04-01, lt2025-05, "
+                                  "ge2025-04-01T12:00:00Z; prefixes eq, ne, gt, lt, ge, le, sa, "
+                                  "eb (given twice: both); a value that is no date: 400"))] = None,
                               count: PageCount = DEFAULT_PAGE,
                               offset: PageOffset = 0) -> Response:
         criteria = search_criteria(request, INVOICE_SEARCH)
@@ -381,18 +476,21 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         async with db.unit_of_work() as uow:
             found = [(r, json.loads(r.resource)) for r in (await uow.session.execute(
                 select(i).where(*where).order_by(i.c.month, i.c.revision))).all()]
-            found = [(r, d) for r, d in found if all(date_matches(d["date"], c) for c in dates)]
+            if dates:  # a date without a time is the practice's day
+                zone = (await practice_info(uow.session, tenant.practice_id)).tz
+                found = [(r, d) for r, d in found
+                         if all(date_matches(d["date"], c, zone) for c in dates)]
             page = found[offset:offset + count]  # a practice has a few Invoices a month
             invoices = await filed.invoice_resources(uow.session, [r for r, _ in page],
                                                      [d for _, d in page])
         return fhir_response(fhir.search_bundle(invoices, request.url, criteria=criteria,
                                                 total=len(found), count=count, offset=offset,
-                                                max_offset=MAX_OFFSET))
+                                                max_offset=MAX_OFFSET, base=fhir_base(request)))
 
     @router.get("/fhir/ChargeItem", tags=["fhir"],
                 summary="Search ChargeItems: _id, identifier, status, subject (paged: _count, "
                         "_offset)")
-    async def search_charge_items(request: Request, tenant: BillingTenant,
+    async def search_charge_items(request: Request, tenant: BillingReader,
                                   ids: Ids = None, identifier: Identifiers = None,
                                   status: Annotated[list[str] | None, Query(description=(
                                       "billable or entered-in-error (a comma: either)"))] = None,
@@ -426,7 +524,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                 .limit(count).offset(offset))).all()] if count else []
         return fhir_response(fhir.search_bundle(rows, request.url, criteria=criteria,
                                                 total=total, count=count, offset=offset,
-                                                max_offset=MAX_OFFSET))
+                                                max_offset=MAX_OFFSET, base=fhir_base(request)))
 
     return router
 
@@ -507,23 +605,18 @@ def identified(value: str, system: str) -> list[str] | None:
     return values
 
 
-PREFIXES = ("eq", "ge", "le", "gt", "lt")
+def date_criterion(query: str) -> fhir_dates.DateCriterion:
+    """The criterion of a ``date`` search (``fhir_dates``): 400 for a value that is no FHIR date
+    or dateTime (2026-1, 2026-13, lt2026-11-99, a time without a zone), as FHIR refuses a
+    search parameter."""
+    try:
+        return fhir_dates.parse(query)
+    except ValueError as exc:
+        raise SearchRefused("value", f"unsupported date search {query!r}: {exc}; e.g. 2025-04, "
+                            "ge2025-04-01 or lt2025-05-01T00:00:00Z", "date") from None
 
 
-def date_criterion(query: str) -> tuple[str, str]:
-    """(prefix, date) of a ``date`` search: eq (the default), ge, le, gt or lt, and a date
-    from its year on; 400 for anything else (a search's parameter, refused as FHIR refuses)."""
-    prefix = query[:2] if query[:2] in PREFIXES else "eq"
-    target = query[2:] if query[:2] in PREFIXES else query
-    if not target or not target[:4].isdigit():
-        raise SearchRefused("value", f"unsupported date search {query!r}; e.g. 2025-04 or "
-                            "ge2025-04-01", "date")
-    return prefix, target
-
-
-def date_matches(value: str, criterion: tuple[str, str]) -> bool:
-    """FHIR date search on the Invoice date: eq (prefix of the instant), ge, le, gt, lt."""
-    prefix, target = criterion
-    head = value[: len(target)]
-    return {"eq": head == target, "ge": head >= target, "le": head <= target,
-            "gt": head > target, "lt": head < target}[prefix]
+def date_matches(value: str, criterion: fhir_dates.DateCriterion, zone: tzinfo) -> bool:
+    """FHIR date search on the Invoice date (an instant), a date taken in the practice's
+    ``zone``."""
+    return criterion.matches(datetime.fromisoformat(value), zone)

@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from ccm_billing.entrypoints.http import JSON_BODY, BillingTenant, Day, day_text
+from ccm_billing.entrypoints.http import (
+    JSON_BODY,
+    BillingTenant,
+    Day,
+    IdempotencyKey,
+    day_text,
+    idempotency_key,
+    money_responses,
+)
 from ccm_billing.service_layer import invoicing
 from ccm_shared.errors import InvalidInput
 
@@ -31,8 +39,9 @@ class RefundIn(BaseModel):
     date: Annotated[Day, BeforeValidator(day_text), Field(
         description="YYYY-MM-DD: the day the money was sent back")]
     reference: str | None = Field(None, max_length=200, description="Check or transfer "
-                                  "reference; repeating a reference with the same details is a "
-                                  "no-op")
+                                  "reference; the same reference again with the same details "
+                                  "is that refund (200, nothing recorded), with other details "
+                                  "409")
 
 
 def void_reason(text: str) -> str:
@@ -63,14 +72,20 @@ def build_payment_corrections_router(runtime) -> APIRouter:  # noqa: ANN001
         return result
 
     @router.post("/v1/invoices/{invoice_id}/refunds", status_code=201,
-                 summary="Record a refund of what the practice overpaid", dependencies=JSON_BODY)
-    async def post_refund(invoice_id: str, tenant: BillingTenant, body: RefundIn) -> dict:
+                 summary="Record a refund of what the practice overpaid (idempotent with an "
+                 "Idempotency-Key or a reference)", dependencies=JSON_BODY,
+                 responses=money_responses("refund"))
+    async def post_refund(invoice_id: str, tenant: BillingTenant, body: RefundIn,
+                          response: Response, key: IdempotencyKey = None) -> dict:
         amount = invoicing.parse_amount(body.amount)
         async with db.unit_of_work() as uow:
             result = await invoicing.record_refund(
                 uow, tenant.practice_id, invoice_id, amount=amount, refunded_on=body.date,
-                reference=body.reference, now=runtime.clock())
+                reference=body.reference, now=runtime.clock(),
+                idempotency_key=idempotency_key(key))
             await uow.commit()
+        if result.replayed:
+            response.status_code = 200
         return result
 
     return router

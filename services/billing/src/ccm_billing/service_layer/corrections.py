@@ -175,12 +175,18 @@ async def recompute(uow: UnitOfWork, practice: str, month_text: str, reason: str
         from ccm_billing.adapters.fhir import invoice_id
 
         new_id = invoice_id(practice, month, revision) if lines else None
+        replaces = current.id if current is not None else None
         if current is not None:
             await invoicing.cancel_invoice(uow, current, f"corrected: {reason}", new_id, now)
+        elif lines:
+            # Billable again after a correction left nothing to bill: the new invoice replaces
+            # the one cancelled without replacement and carries its payments and refunds, as a
+            # reissue does (else that one went on owing back what it was paid while this one
+            # billed in full).
+            replaces = await invoicing.replace_cancelled(uow, practice, month_text, new_id, now)
         if lines:
             invoice_ref = (await invoicing.issue_invoice(
-                uow, info, month, lines, revision=revision, now=now,
-                replaces=current.id if current is not None else None,
+                uow, info, month, lines, revision=revision, now=now, replaces=replaces,
             ))["id"]
     else:
         invoice_ref = new_id  # the lines stand; only the decisions (and so the summary) moved

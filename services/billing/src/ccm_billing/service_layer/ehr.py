@@ -19,7 +19,7 @@ import httpx
 import structlog
 from sqlalchemy import bindparam, select, update
 
-from ccm_billing.adapters import filed, orm
+from ccm_billing.adapters import fhir, filed, orm
 from ccm_shared.db import Database, UnitOfWork
 from ccm_shared.errors import InvalidInput
 from ccm_shared.outbound import outbound_client, refusal
@@ -65,9 +65,11 @@ async def queue_delivery(uow: UnitOfWork, practice: str, invoice_id: str, now: d
     return True
 
 
-def transaction_bundle(invoice: dict, charge_items: list[dict]) -> dict:
+def transaction_bundle(invoice: dict, charge_items: list[dict], base_url: str) -> dict:
+    """The push: a transaction of PUTs, each entry's fullUrl the resource's absolute URL at the
+    EHR's ``base_url`` (where the PUT puts it)."""
     entries = [
-        {"fullUrl": f"{r['resourceType']}/{r['id']}", "resource": r,
+        {"fullUrl": fhir.full_url(base_url, r), "resource": r,
          "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
         for r in [*charge_items, invoice]
     ]
@@ -115,7 +117,8 @@ async def deliver_due(db: Database, now: datetime, *, transport: httpx.AsyncBase
                     headers["Authorization"] = endpoint.authorization
                 try:
                     response = await client.post(endpoint.base_url, headers=headers,
-                                                 content=json.dumps(transaction_bundle(invoice, items)))
+                                                 content=json.dumps(transaction_bundle(
+                                                     invoice, items, endpoint.base_url)))
                     status = response.status_code
                     if not response.is_success:
                         error = f"HTTP {status}"

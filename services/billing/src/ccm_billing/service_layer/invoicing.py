@@ -180,13 +180,14 @@ async def issue_invoice(
             "amount": x.amount, "date": x.date, "reference": x.reference,
             "recorded_at": x.recorded_at, "carried_from": x.carried_from or x.id,
             "voided_at": x.voided_at, "void_reason": x.void_reason, "voided_by": x.voided_by,
-            "voided_by_label": x.voided_by_label,
+            "voided_by_label": x.voided_by_label, "idempotency_key": x.idempotency_key,
         } for x in carried])
     if refunds:
         await uow.session.execute(insert(r), [{
             "id": str(uuid.uuid4()), "practice": x.practice, "invoice_id": inv_id,
             "amount": x.amount, "date": x.date, "reference": x.reference,
             "recorded_at": x.recorded_at, "carried_from": x.carried_from or x.id,
+            "idempotency_key": x.idempotency_key,
         } for x in refunds])
     await _publish_invoice(uow, ISSUED, row, resource, now)
     if row["status"] == "balanced":
@@ -414,6 +415,31 @@ async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | N
     await queue_delivery(uow, row.practice, row.id, now)
 
 
+async def replace_cancelled(uow: UnitOfWork, practice: str, month: str, replaced_by: str,
+                            now: datetime) -> str | None:
+    """The month's invoice cancelled without replacement (a correction left nothing to bill),
+    locked and marked replaced by ``replaced_by`` (its stored FHIR resource names it, and it is
+    pushed to the EHR again), so that the month's new invoice replaces it and carries its
+    payments and refunds (``issue_invoice``); None when the month has none (closed with nothing
+    to bill). The newest such invoice: the chain's end."""
+    i = orm.invoices
+    last = (await uow.session.execute(
+        select(i.c.id).where(i.c.practice == practice, i.c.month == month,
+                             i.c.status == "cancelled", i.c.replaced_by.is_(None))
+        .order_by(i.c.revision.desc()).limit(1))).scalar()
+    if last is None:
+        return None
+    # Locked as a payment or refund of it locks it: one paying back a refund owed meanwhile
+    # commits first and is carried, or waits and finds it replaced (409, naming this one).
+    row = await locked_invoice(uow.session, i.c.id == last)
+    resource = fhir.cancelled(await filed.invoice_resource(uow.session, row), row.cancel_reason,
+                              replaced_by)
+    await uow.session.execute(update(i).where(i.c.id == last).values(
+        replaced_by=replaced_by, resource=_stored(resource, row.lines_in_place)))
+    await queue_delivery(uow, practice, last, now)
+    return last
+
+
 # -- payments and overdue ----------------------------------------------------------------------
 
 
@@ -433,21 +459,59 @@ def parse_amount(text: str) -> Decimal:
     return amount
 
 
+class Answer(dict):
+    """What a payment or refund answers; ``replayed``: it recorded nothing, the request was one
+    already recorded (the same Idempotency-Key, or reference, with the same details): 200, not
+    201."""
+
+    replayed = False
+
+    @classmethod
+    def again(cls, doc: dict) -> Answer:
+        answer = cls(doc)
+        answer.replayed = True
+        return answer
+
+
+async def _keyed(session, table, invoice_id: str, key: str | None, amount: Decimal,  # noqa: ANN001
+                 day: date, reference: str | None):  # noqa: ANN202
+    """The payment or refund (``table``'s row) the invoice recorded for the Idempotency-Key
+    ``key``, when it was sent with the same amount, date and reference; None when the key is
+    new (or none). 422 when it was sent with other details: a key names one request."""
+    if key is None:
+        return None
+    same = (await session.execute(select(table).where(
+        table.c.invoice_id == invoice_id, table.c.idempotency_key == key))).first()
+    if same is not None and (Decimal(same.amount), same.date, same.reference) != (
+            amount, day, reference):
+        raise InvalidInput(f"Idempotency-Key {key!r} was sent with another request (amount, "
+                           "date or reference) to this invoice: a key names one request; send "
+                           "a new key for a new one", expression=["Idempotency-Key"])
+    return same
+
+
 async def record_payment(
     uow: UnitOfWork, practice: str, invoice_id: str, *, amount: Decimal, paid_on: date,
-    reference: str | None, now: datetime,
-) -> dict:
-    """Record a payment: issued → partially-paid → balanced (paid). The reference of a payment
-    that counts, sent again with the same details: that payment (no-op). A cancelled invoice
-    takes a payment only while it owes refunded money back (``takes_payment``)."""
+    reference: str | None, now: datetime, idempotency_key: str | None = None,
+) -> Answer:
+    """Record a payment: issued → partially-paid → balanced (paid). The request's
+    Idempotency-Key sent again with the same details: the payment it recorded (voided since or
+    not), nothing recorded; with other details 422. The reference of a payment that counts,
+    sent again with the same details: that payment (no-op). Either answers ``replayed``. A
+    cancelled invoice takes a payment only while it owes refunded money back
+    (``takes_payment``)."""
     i, p = orm.invoices, orm.payments
     # One payment of an invoice at a time: each reads the balance and references the one before
     # it left. Read first, concurrent payments each added their amount to the same old balance
     # (the last write won: an invoice paid several times over, its rows summing to more than
-    # `paid`).
+    # `paid`). The same request sent twice at once: the second waits here, then finds the
+    # first's payment by its key.
     row = await locked_invoice(uow.session, i.c.id == invoice_id, i.c.practice == practice)
     if row is None:
         raise NotFound(f"invoice {invoice_id!r} not found")
+    same = await _keyed(uow.session, p, invoice_id, idempotency_key, amount, paid_on, reference)
+    if same is not None:
+        return Answer.again({"payment": payment_view(same), "invoice": invoice_view(row)})
     if reference:
         # Among the payments that count (billing_0022): a voided one leaves its reference to the
         # payment that replaces it.
@@ -457,7 +521,7 @@ async def record_payment(
         if same is not None:
             if Decimal(same.amount) != amount or same.date != paid_on:
                 raise Conflict(f"payment reference {reference!r} was recorded with other details")
-            return {"payment": payment_view(same), "invoice": invoice_view(row)}
+            return Answer.again({"payment": payment_view(same), "invoice": invoice_view(row)})
     balance = balance_of(row.total_net, row.paid, row.status, row.replaced_by)
     if not takes_payment(row.status, row.replaced_by, balance):
         raise Conflict(f"invoice {invoice_id} is cancelled: "
@@ -470,7 +534,8 @@ async def record_payment(
     values, resource = await _paid_now(uow.session, row, paid)
     payment = (await uow.session.execute(insert(p).values(
         id=str(uuid.uuid4()), practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
-        date=paid_on, reference=reference, recorded_at=now).returning(*p.c))).one()
+        date=paid_on, reference=reference, recorded_at=now,
+        idempotency_key=idempotency_key).returning(*p.c))).one()
     updated = (await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values)
                                          .returning(*view_columns()))).one()
     new_balance = balance_of(updated.total_net, updated.paid, updated.status,
@@ -481,14 +546,15 @@ async def record_payment(
         PAYMENT_RECORDED,
         _event(PAYMENT_RECORDED, practice, f"Invoice/{invoice_id}", {
             "invoiceId": invoice_id, "paymentId": payment.id, "amount": payment.amount,
-            "date": paid_on.isoformat(), "reference": reference, "balance": f"{new_balance:.2f}",
-            "status": payment_status, "practiceSequence": seq,
+            "date": paid_on.isoformat(), "reference": reference, "paid": updated.paid,
+            "balance": f"{new_balance:.2f}", "status": payment_status,
+            "invoiceStatus": updated.status, "practiceSequence": seq,
         }, now),
     )
     # Paid in full: its status changed (issued → balanced), so ``resource`` is the new one.
     if updated.status == "balanced":
         await _publish_invoice(uow, PAID, updated._asdict(), resource, now)
-    return {"payment": payment_view(payment), "invoice": invoice_view(updated)}
+    return Answer({"payment": payment_view(payment), "invoice": invoice_view(updated)})
 
 
 def _check_day(row, day: date, now: datetime) -> None:  # noqa: ANN001
@@ -658,24 +724,29 @@ async def _void_family(uow: UnitOfWork, practice: str, month: str, live, payment
 
 async def record_refund(
     uow: UnitOfWork, practice: str, invoice_id: str, *, amount: Decimal, refunded_on: date,
-    reference: str | None, now: datetime,
-) -> dict:
+    reference: str | None, now: datetime, idempotency_key: str | None = None,
+) -> Answer:
     """Record a refund of what the practice overpaid (a correction lowered a total it had paid):
     at most what the invoice owes back, bringing its balance toward 0; it stays balanced (a
-    cancelled invoice, cancelled). Same reference: no-op."""
+    cancelled invoice, cancelled). Same Idempotency-Key or same reference with the same
+    details: that refund, ``replayed`` (the key with other details: 422)."""
     i, r = orm.invoices, orm.refunds
     # Locked as a payment locks it: concurrent refunds each see what the one before left owed
     # back, so a practice is never refunded more than it overpaid.
     row = await locked_invoice(uow.session, i.c.id == invoice_id, i.c.practice == practice)
     if row is None:
         raise NotFound(f"invoice {invoice_id!r} not found")
+    same = await _keyed(uow.session, r, invoice_id, idempotency_key, amount, refunded_on,
+                        reference)
+    if same is not None:
+        return Answer.again({"refund": refund_view(same), "invoice": invoice_view(row)})
     if reference:
         same = (await uow.session.execute(
             select(r).where(r.c.invoice_id == invoice_id, r.c.reference == reference))).first()
         if same is not None:
             if Decimal(same.amount) != amount or same.date != refunded_on:
                 raise Conflict(f"refund reference {reference!r} was recorded with other details")
-            return {"refund": refund_view(same), "invoice": invoice_view(row)}
+            return Answer.again({"refund": refund_view(same), "invoice": invoice_view(row)})
     if row.status == "cancelled" and row.replaced_by:
         raise Conflict(f"invoice {invoice_id} is cancelled and its payments are carried: "
                        f"{await _instead(uow.session, row)}")
@@ -694,7 +765,8 @@ async def record_refund(
     values["refunded"] = f"{refunded:.2f}"
     refund = (await uow.session.execute(insert(r).values(
         id=str(uuid.uuid4()), practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
-        date=refunded_on, reference=reference, recorded_at=now).returning(*r.c))).one()
+        date=refunded_on, reference=reference, recorded_at=now,
+        idempotency_key=idempotency_key).returning(*r.c))).one()
     updated = (await uow.session.execute(update(i).where(i.c.id == invoice_id).values(**values)
                                          .returning(*view_columns()))).one()
     new_balance = balance_of(updated.total_net, updated.paid, updated.status, updated.replaced_by)
@@ -707,7 +779,7 @@ async def record_refund(
             "status": payment_state(new_balance, paid)[0], "invoiceStatus": updated.status,
             "practiceSequence": seq,
         }, now))
-    return {"refund": refund_view(refund), "invoice": invoice_view(updated)}
+    return Answer({"refund": refund_view(refund), "invoice": invoice_view(updated)})
 
 
 async def mark_overdue(uow: UnitOfWork, info: PracticeInfo, now: datetime) -> int:
