@@ -135,3 +135,16 @@ async def test_a_payment_recorded_event_carries_paid_and_the_invoice_status(bill
     assert [(d["paid"], d["balance"], d["status"], d["invoiceStatus"]) for d in data] == [
         ("10.00", "65.33", "partially-paid", "issued"),
         ("75.33", "0.00", "balanced", "balanced")]
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+async def test_an_empty_reference_is_no_reference(billing, blank):  # noqa: ANN001
+    """Kept as sent, a second payment with an empty reference on the invoice broke the unique
+    index of references (a 500); an empty reference names no check or transfer: none."""
+    invoice = await closed(billing)
+    url = f"/v1/invoices/{invoice}/payments"
+    body = {"amount": "10.00", "date": "2025-04-10", "reference": blank}
+    first, second = await post(billing, url, body, None), await post(billing, url, body, None)
+    assert (first.status_code, second.status_code) == (201, 201), second.text
+    assert first.json().get("reference") is None
+    assert await rows(billing, orm.payments) == 2

@@ -51,9 +51,15 @@ def test_billing_0022_on_a_database_from_before_it(database):  # noqa: F811
     # What the code before it wrote: a reference voided and recorded again could not be (the
     # voided one answered it), and payments without a reference are many.
     run_sql(url, schema, [(INVOICE, {}), pay("chk-1", 1, "2025-04-15 12:00:00"), pay("chk-2", 2),
-                          pay(None, 3), pay(None, 4)])
+                          pay(None, 3), pay(None, 4),
+                          # the API took an empty reference and never looked it up: no reference
+                          pay("", 17), pay("", 18), pay("  ", 19)])
     upgrade(url, schema, PACKAGE)
     assert INDEX in indexes(url, schema)
+    (blank,) = run_sql(url, schema, [(
+        "SELECT count(*) FROM S.payments WHERE reference IS NOT NULL AND trim(reference) = ''",
+        {})])
+    assert blank == [(0,)]
     # The voided payment's reference is free; a counted one's is not.
     run_sql(url, schema, [pay("chk-1", 5)])
     with pytest.raises(sa.exc.IntegrityError):
@@ -65,7 +71,8 @@ def test_billing_0022_on_a_database_from_before_it(database):  # noqa: F811
     command.downgrade(alembic_config(url, schema, PACKAGE), "billing_0021")
     assert INDEX not in indexes(url, schema)
     (rows,) = run_sql(url, schema, [("SELECT id FROM S.payments ORDER BY id", {})])
-    assert [r[0] for r in rows] == ["pay-1", "pay-2", "pay-3", "pay-4", "pay-5", "pay-8"]
+    assert [r[0] for r in rows] == ["pay-1", "pay-17", "pay-18", "pay-19", "pay-2", "pay-3",
+                                    "pay-4", "pay-5", "pay-8"]
     run_sql(url, schema, [("DELETE FROM S.payments WHERE voided_at IS NOT NULL", {})])
     command.downgrade(alembic_config(url, schema, PACKAGE), "billing_0019")
     upgrade(url, schema, PACKAGE)

@@ -131,12 +131,22 @@ def day_text(value: object) -> object:
     return value
 
 
+def no_reference_if_blank(value: object) -> object:
+    """An empty (or blank) reference is no reference: it names no check or transfer. Kept as
+    sent, the second payment with one on an invoice broke the unique index of references (a
+    500), and none was looked up as the same payment."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+Reference = Annotated[str | None, BeforeValidator(no_reference_if_blank)]
+
+
 class PaymentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     amount: str = Field(description='US dollars with at most two decimals, e.g. "120.50"')
     date: Annotated[Day, BeforeValidator(day_text), Field(description="YYYY-MM-DD")]
-    reference: str | None = Field(None, max_length=200, description="Check or transfer reference; "
+    reference: Reference = Field(None, max_length=200, description="Check or transfer reference; "
                                   "the same reference again with the same details is that "
                                   "payment (200, nothing recorded), with other details 409")
 

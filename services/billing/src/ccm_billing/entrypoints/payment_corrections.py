@@ -16,6 +16,7 @@ from ccm_billing.entrypoints.http import (
     BillingTenant,
     Day,
     IdempotencyKey,
+    Reference,
     day_text,
     idempotency_key,
     money_responses,
@@ -38,7 +39,7 @@ class RefundIn(BaseModel):
                         "what the invoice owes back")
     date: Annotated[Day, BeforeValidator(day_text), Field(
         description="YYYY-MM-DD: the day the money was sent back")]
-    reference: str | None = Field(None, max_length=200, description="Check or transfer "
+    reference: Reference = Field(None, max_length=200, description="Check or transfer "
                                   "reference; the same reference again with the same details "
                                   "is that refund (200, nothing recorded), with other details "
                                   "409")

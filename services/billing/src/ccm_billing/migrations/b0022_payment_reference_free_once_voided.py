@@ -35,6 +35,11 @@ INDEX = "uq_payments_invoice_reference"
 def upgrade() -> None:
     schema = migration_schema()
     table = f'"{schema}".payments' if schema else "payments"
+    # An empty reference named no check or transfer (the API took "" and never looked it up):
+    # no reference, so payments that had one are no duplicates of each other.
+    op.get_bind().execute(sa.text(
+        f"UPDATE {table} SET reference = NULL WHERE reference IS NOT NULL "
+        "AND trim(reference) = ''"))
     duplicated = op.get_bind().execute(sa.text(
         f"SELECT count(*), coalesce(sum(n), 0) FROM (SELECT count(*) AS n FROM {table} "
         "WHERE reference IS NOT NULL AND voided_at IS NULL GROUP BY invoice_id, reference "
