@@ -388,3 +388,26 @@ def test_a_balance_is_either_due_or_owed_back_never_both(balance):
 ])
 def test_cancelled_without_replacement(data, without):
     assert pm.cancelled_without_replacement(data) is without
+
+
+async def test_practices_whose_contacts_name_no_one_do_not_starve_the_sweep(acme, monkeypatch):
+    """The sweep read the oldest held messages of every practice with a contacts row, a row
+    naming no one included: once such practices held a batch's worth of the oldest, every pass
+    read the same ones, released none, and no other practice's were ever released."""
+    from ccm_notification.service_layer import handlers
+
+    monkeypatch.setattr(handlers, "SWEEP_BATCH", 1)
+    await deliver(acme, closed())  # acme's: the oldest held message
+    await set_contacts(acme, None, [])  # a contacts row naming no one
+    await deliver(acme, closed().model_copy(update={"tenant": "beta"}))
+    async with acme.db.unit_of_work() as uow:
+        await edit_provider(uow, "beta", "lead", {"name": "Dr. Lead", "email": "lead@beta.test"},
+                            (), actor="test", now=NOW, if_match=None)
+        await upsert(uow.session, practice_contacts, {"practice": "beta"},
+                     {"supervisor": "lead", "on_call": None, "summary_recipients": [],
+                      "updated_at": NOW})
+        await uow.commit()
+    assert await sweep_and_release(acme, notifier_of(acme)) == 1
+    rows = {r.practice: r for r in await all_messages(acme)}
+    assert held(rows["acme"]) and not held(rows["beta"])
+    assert rows["beta"].recipient == "lead@beta.test"

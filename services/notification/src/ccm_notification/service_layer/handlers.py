@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from ccm_notification.adapters.orm import messages, practice_contacts
 from ccm_notification.adapters.sql import practice_row
@@ -46,6 +46,7 @@ ALERT_TOPICS = (
     CONSENT_GRANTED,
     *CONSENT_ENDED,
 )
+SWEEP_BATCH = 500  # held practice-level messages one sweep reads (oldest first)
 PRACTICE_HELD_REASON = (
     "no recipient yet: the practice has no summary recipients or clinical supervisor "
     "configured; this message is held and sent as soon as one is (PUT …/contacts)"
@@ -378,9 +379,13 @@ async def release_held_practice_messages(
     if practice is not None:
         stmt = stmt.where(messages.c.practice == practice)
     else:  # practices without contacts keep theirs held: not read (nor locked) every pass
-        stmt = stmt.where(messages.c.practice.in_(select(practice_contacts.c.practice)))
+        # (a contacts row naming no one counts as none: 500 held messages of such practices,
+        # the oldest, filled every pass, and no other practice's were ever released)
+        c = practice_contacts.c
+        stmt = stmt.where(messages.c.practice.in_(select(c.practice).where(or_(
+            c.supervisor.is_not(None), func.json_array_length(c.summary_recipients) > 0))))
     rows = (await uow.session.execute(
-        stmt.order_by(messages.c.created_at).limit(500).with_for_update(skip_locked=True)
+        stmt.order_by(messages.c.created_at).limit(SWEEP_BATCH).with_for_update(skip_locked=True)
     )).all()
     released = 0
     for row in rows:

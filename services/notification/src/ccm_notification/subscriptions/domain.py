@@ -108,14 +108,14 @@ class FeedEvent:
 
 # What an id-only notification names besides its ``focus``, per event type (properties of the
 # event's data, under the same names): enough to act on without the data. A closed month is no
-# FHIR resource: its notification names the month and its invoice, and has no focus.
+# FHIR resource: its notification names the month and its invoice (its focus stays the
+# practice's Organization reference it always was: webhook bodies change only additively).
 NAMED: dict[str, tuple[str, ...]] = {
     "billing.payment.recorded.v1": ("invoiceId", "paymentId"),
     "billing.payment.voided.v1": ("invoiceId", "paymentId"),
     "billing.payment.refunded.v1": ("invoiceId", "refundId"),
     "billing.period.closed.v1": ("month", "invoiceId"),
 }
-NO_FOCUS = frozenset({"billing.period.closed.v1"})
 
 
 def notification(
@@ -124,7 +124,7 @@ def notification(
     """The webhook body: an event notification with the subscription's own event number.
 
     Modelled on the FHIR Subscriptions backport: ``eventNumber`` is events-since-subscription-
-    start, ``focus`` the resource concerned (none for a closed month); ``billingSequence`` is
+    start, ``focus`` the resource concerned; ``billingSequence`` is
     billing's own number of the event (a gap in it, over the eight numbered types, is an event
     lost before the feed); payment and period events also name their payment, refund, month
     and invoice (``NAMED``). ``full-resource`` adds the event's data (for invoice events the
@@ -134,7 +134,7 @@ def notification(
         "id": event.id,
         "type": event.type,
         "time": event.time,
-        "focus": None if event.type in NO_FOCUS else event.subject,
+        "focus": event.subject,
         "practiceSequence": event.practice_sequence,
         "billingSequence": event.billing_sequence,
     }
@@ -172,12 +172,15 @@ def should_pause(consecutive_failures: int, pause_after: int) -> bool:
 ALREADY_HAD = 409
 
 
-def delivery_outcome(ok: bool, status: int | None) -> str | None:
-    """How a delivery attempt counts: ``delivered`` (2xx), ``duplicate`` (409: the receiver
-    already has the event; acknowledged the same) or None (failed: retried, then paused)."""
+def delivery_outcome(ok: bool, status: int | None, attempt: int) -> str | None:
+    """How a delivery attempt counts: ``delivered`` (2xx), ``duplicate`` (a 409 to a redelivery,
+    ``attempt`` 2 or more: the receiver already has the event, whose first acknowledgement was
+    lost; acknowledged the same) or None (failed: retried, then paused). A 409 to a first
+    attempt is a failure: the receiver (or a gateway before it) refused an event it cannot have
+    had, and taking that as delivered would drop the event unseen."""
     if ok:
         return "delivered"
-    return "duplicate" if status == ALREADY_HAD else None
+    return "duplicate" if status == ALREADY_HAD and attempt > 1 else None
 
 
 class Verdict(Enum):

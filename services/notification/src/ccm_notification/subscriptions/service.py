@@ -628,7 +628,8 @@ class SubscriptionDeliverer:
             latency_ms = int((time.perf_counter() - started) * 1000)
             tried += 1
             recorded = await self._record(sub.id, token, event, result, latency_ms)
-            if not recorded or delivery_outcome(result.ok, result.status) is None:
+            if not recorded or delivery_outcome(result.ok, result.status,
+                                                event.attempts + 1) is None:
                 return tried
         await self._release(sub.id, token)
         return tried
@@ -650,8 +651,8 @@ class SubscriptionDeliverer:
                 return False
             attempt = event.attempts + 1
             values: dict[str, Any] = {"updated_at": now}
-            acknowledged = delivery_outcome(result.ok, result.status)
-            if acknowledged is not None:  # 2xx, or 409: the receiver already has it
+            acknowledged = delivery_outcome(result.ok, result.status, attempt)
+            if acknowledged is not None:  # 2xx, or a 409 to a redelivery: it already has it
                 outcome = acknowledged
                 values |= {"delivered_through": event.number, "consecutive_failures": 0}
                 await uow.session.execute(
