@@ -279,13 +279,15 @@ def test_the_api_pods_grace_period_covers_the_servers_own_shutdown(overlay, rend
     from ccm_shared.cli import GRACEFUL_SHUTDOWN_SECONDS
 
     producer_flush = 10  # KafkaTransport.stop
+    the_rest = 5  # the runtime's other tasks and the database pool, after the server
     for deployment in _kind(rendered[overlay], "Deployment"):
         if deployment["metadata"]["labels"]["app.kubernetes.io/component"] != "api":
             continue
         spec = deployment["spec"]["template"]["spec"]
         pre_stop = int(spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"][1])
         assert spec["terminationGracePeriodSeconds"] >= (
-            pre_stop + GRACEFUL_SHUTDOWN_SECONDS + producer_flush), deployment["metadata"]["name"]
+            pre_stop + GRACEFUL_SHUTDOWN_SECONDS + producer_flush + the_rest), (
+            deployment["metadata"]["name"])
 
 
 def test_a_practice_subscribers_prefixes_match_only_its_own_topics_and_groups() -> None:

@@ -41,14 +41,18 @@ async def _write_and_seal(conn, role: str, practice: str) -> int:  # noqa: ANN00
 
 async def test_service_roles_may_record_and_seal_audit_entries_after_the_migration(infra):
     role = f"ccm_t_{uuid.uuid4().hex[:12]}"
+    reader = f"report_t_{uuid.uuid4().hex[:12]}"  # an operator's reader of platform: no ccm_
     practice = f"grants-{uuid.uuid4().hex[:8]}"
     engine = create_async_engine(infra.database_url)
     try:
         async with engine.begin() as conn:
-            await conn.execute(text(f"CREATE ROLE {role} NOLOGIN"))
-            await conn.execute(text(f"GRANT USAGE ON SCHEMA platform TO {role}"))
-            # What ALTER DEFAULT PRIVILEGES … GRANT SELECT gives the tables ccm_migrator creates.
-            await conn.execute(text(f"GRANT SELECT ON ALL TABLES IN SCHEMA platform TO {role}"))
+            for name in (role, reader):
+                await conn.execute(text(f"CREATE ROLE {name} NOLOGIN"))
+                await conn.execute(text(f"GRANT USAGE ON SCHEMA platform TO {name}"))
+                # What ALTER DEFAULT PRIVILEGES … GRANT SELECT gives the tables ccm_migrator
+                # creates.
+                await conn.execute(text(
+                    f"GRANT SELECT ON ALL TABLES IN SCHEMA platform TO {name}"))
         # Without p0004's grants: refused (the consumers dead-lettered every audited event).
         with pytest.raises(DBAPIError, match="permission denied"):
             async with engine.begin() as conn:
@@ -56,7 +60,11 @@ async def test_service_roles_may_record_and_seal_audit_entries_after_the_migrati
 
         async with engine.begin() as conn:
             granted = await conn.run_sync(grant_audit_writes)
-        assert role in granted
+        assert role in granted and reader not in granted
+        # a reader of platform may not write the tamper-evident trail
+        with pytest.raises(DBAPIError, match="permission denied"):
+            async with engine.begin() as conn:
+                await _write_and_seal(conn, reader, practice)
 
         async with engine.connect() as conn:
             async with conn.begin() as tx:
@@ -78,8 +86,9 @@ async def test_service_roles_may_record_and_seal_audit_entries_after_the_migrati
             assert public == 0
     finally:
         async with engine.begin() as conn:
-            await conn.execute(text(f"DROP OWNED BY {role}"))
-            await conn.execute(text(f"DROP ROLE IF EXISTS {role}"))
+            for name in (role, reader):
+                await conn.execute(text(f"DROP OWNED BY {name}"))
+                await conn.execute(text(f"DROP ROLE IF EXISTS {name}"))
         await engine.dispose()
 
 

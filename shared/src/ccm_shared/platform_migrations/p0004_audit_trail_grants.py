@@ -7,9 +7,11 @@ each service has a login role of its own (Kubernetes: ``ccm_<svc>``, which may o
 ``platform``) these were refused: consumers dead-lettered every audited event, the API lost
 its entries.
 
-Which roles: those granted USAGE on schema ``platform`` other than its owner (the service
-roles; ``deploy/tools/render.py`` grants it in the Cluster's ``postInitApplicationSQL``, which
-runs before any migration), never ``PUBLIC``. Where no role has it (a single database user, as
+Which roles: the platform's own (named ``ccm_…``, as ``deploy/tools/render.py`` names the
+service roles) granted USAGE on schema ``platform`` (in the Cluster's ``postInitApplicationSQL``,
+which runs before any migration), other than its owner, never ``PUBLIC``. A role an operator
+gave USAGE on ``platform`` for reading (a report's, an auditor's: any other name) gets no write
+of the tamper-evident trail. Where no role has it (a single database user, as
 in development and Docker Compose) there is nothing to grant. SQLite has no roles.
 
 Revision ID: p0004
@@ -25,12 +27,14 @@ down_revision = "p0003"
 branch_labels = None
 depends_on = None
 
-# The grantees: every role with USAGE on schema platform, other than the owner and PUBLIC (0).
+# The grantees: the platform's roles (ccm_…) with USAGE on schema platform, other than the owner
+# and PUBLIC (0).
 _ROLES = sa.text(
     "SELECT DISTINCT a.grantee::regrole::text AS role "
     "FROM pg_namespace n, aclexplode(n.nspacl) a "
     "WHERE n.nspname = 'platform' AND a.privilege_type = 'USAGE' "
-    "AND a.grantee <> 0 AND a.grantee <> n.nspowner ORDER BY 1"
+    "AND a.grantee <> 0 AND a.grantee <> n.nspowner "
+    "AND a.grantee::regrole::text LIKE 'ccm\\_%' ESCAPE '\\' ORDER BY 1"
 )
 
 
