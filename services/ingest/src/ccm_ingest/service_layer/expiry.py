@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import structlog
 
-from ccm_ingest.adapters.repository import ExpiringConsent, SqlResourceRepository, practice_ids
+from ccm_ingest.adapters.repository import (
+    ExpiringConsent,
+    SqlResourceRepository,
+    practices_with_consents_ending,
+)
 from ccm_ingest.domain.model import SourceVersion
 from ccm_ingest.service_layer.practice import practice_settings
 from ccm_shared.db import Database
@@ -53,11 +57,13 @@ def expiring_event(practice: str, consent: ExpiringConsent, today: date, lead_da
 async def expiry_pass(db: Database, now: datetime, *, batch_size: int = 500,
                       practices: list[str] | None = None) -> ExpiryPass:
     """Send every notice due at ``now`` (injectable: tests travel in time), for every practice
-    or only the given ones. One practice's failure is logged and does not stop the others."""
+    that holds a CCM consent not yet ended (a practice's day is at most a day behind UTC's), or
+    only the given ones. One practice's failure is logged and does not stop the others."""
     result = ExpiryPass()
     if practices is None:
+        since = (now.astimezone(UTC).date() - timedelta(days=1)).isoformat()
         async with db.unit_of_work() as uow:
-            practices = await practice_ids(uow.session)
+            practices = await practices_with_consents_ending(uow.session, since)
     for practice in practices:
         result.practices += 1
         try:
