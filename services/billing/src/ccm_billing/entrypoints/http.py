@@ -131,6 +131,17 @@ def day_text(value: object) -> object:
     return value
 
 
+async def record_money(db, response: Response, record, *args, **kw):  # noqa: ANN001, ANN201
+    """A payment or a refund (``record``: invoicing's) in a unit of work of its own; a replay of
+    one recorded before (its Idempotency-Key or reference with the same details) answers 200."""
+    async with db.unit_of_work() as uow:
+        result = await record(uow, *args, **kw)
+        await uow.commit()
+    if result.replayed:
+        response.status_code = 200
+    return result
+
+
 def no_reference_if_blank(value: object) -> object:
     """An empty (or blank) reference is no reference: it names no check or transfer. Kept as
     sent, the second payment with one on an invoice broke the unique index of references (a
@@ -319,16 +330,10 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                  responses=money_responses("payment"))
     async def post_payment(invoice_id: str, tenant: BillingTenant, body: PaymentIn,
                            response: Response, key: IdempotencyKey = None) -> dict:
-        amount = invoicing.parse_amount(body.amount)
-        async with db.unit_of_work() as uow:
-            result = await invoicing.record_payment(
-                uow, tenant.practice_id, invoice_id, amount=amount, paid_on=body.date,
-                reference=body.reference, now=runtime.clock(),
-                idempotency_key=idempotency_key(key))
-            await uow.commit()
-        if result.replayed:
-            response.status_code = 200
-        return result
+        return await record_money(
+            db, response, invoicing.record_payment, tenant.practice_id, invoice_id,
+            amount=invoicing.parse_amount(body.amount), paid_on=body.date,
+            reference=body.reference, now=runtime.clock(), idempotency_key=idempotency_key(key))
 
     @router.post("/v1/practices/{practice}/billing-periods/{month}/recompute",
                  summary="Recompute a closed month now (cancel and reissue when lines changed)",

@@ -20,6 +20,7 @@ from ccm_billing.entrypoints.http import (
     day_text,
     idempotency_key,
     money_responses,
+    record_money,
 )
 from ccm_billing.service_layer import invoicing
 from ccm_shared.errors import InvalidInput
@@ -78,15 +79,9 @@ def build_payment_corrections_router(runtime) -> APIRouter:  # noqa: ANN001
                  responses=money_responses("refund"))
     async def post_refund(invoice_id: str, tenant: BillingTenant, body: RefundIn,
                           response: Response, key: IdempotencyKey = None) -> dict:
-        amount = invoicing.parse_amount(body.amount)
-        async with db.unit_of_work() as uow:
-            result = await invoicing.record_refund(
-                uow, tenant.practice_id, invoice_id, amount=amount, refunded_on=body.date,
-                reference=body.reference, now=runtime.clock(),
-                idempotency_key=idempotency_key(key))
-            await uow.commit()
-        if result.replayed:
-            response.status_code = 200
-        return result
+        return await record_money(
+            db, response, invoicing.record_refund, tenant.practice_id, invoice_id,
+            amount=invoicing.parse_amount(body.amount), refunded_on=body.date,
+            reference=body.reference, now=runtime.clock(), idempotency_key=idempotency_key(key))
 
     return router

@@ -21,6 +21,7 @@ from sqlalchemy import bindparam, func, insert, or_, select, update
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Decision, Month
 from ccm_billing.domain.payments import (
+    ZERO,
     balance_of,
     payment_state,
     refundable,
@@ -50,7 +51,6 @@ from ccm_shared.events import CloudEvent
 from ccm_shared.jsontext import compact
 from ccm_shared.tables import practices
 
-ZERO = Decimal("0.00")
 ISSUED = "billing.invoice.issued.v1"
 PAID = "billing.invoice.paid.v1"
 OVERDUE = "billing.invoice.overdue.v1"
@@ -162,37 +162,37 @@ async def issue_invoice(
         })
         refs.append((ci_id, line.amount))
     await bulk_insert(uow.session, orm.charge_items, items)
-    p, r = orm.payments, orm.refunds
-    carried = refunds = []
-    if replaces:
-        carried = (await uow.session.execute(select(p).where(p.c.invoice_id == replaces)
-                                             .order_by(p.c.recorded_at, p.c.id))).all()
-        refunds = (await uow.session.execute(select(r).where(r.c.invoice_id == replaces)
-                                             .order_by(r.c.recorded_at, r.c.id))).all()
+    carried = await _carried(uow.session, orm.payments, replaces)
+    refunds = await _carried(uow.session, orm.refunds, replaces)
     refunded = sum((Decimal(x.amount) for x in refunds), ZERO)
     counted = sum((Decimal(x.amount) for x in carried if x.voided_at is None), ZERO)
     row, resource = await _store_invoice(
         uow, info, month, fhir.InvoiceLines.of(refs), revision=revision, now=now,
         replaces=replaces, paid=counted - refunded, refunded=refunded)
-    if carried:
-        await uow.session.execute(insert(p), [{
-            "id": str(uuid.uuid4()), "practice": x.practice, "invoice_id": inv_id,
-            "amount": x.amount, "date": x.date, "reference": x.reference,
-            "recorded_at": x.recorded_at, "carried_from": x.carried_from or x.id,
-            "voided_at": x.voided_at, "void_reason": x.void_reason, "voided_by": x.voided_by,
-            "voided_by_label": x.voided_by_label, "idempotency_key": x.idempotency_key,
-        } for x in carried])
-    if refunds:
-        await uow.session.execute(insert(r), [{
-            "id": str(uuid.uuid4()), "practice": x.practice, "invoice_id": inv_id,
-            "amount": x.amount, "date": x.date, "reference": x.reference,
-            "recorded_at": x.recorded_at, "carried_from": x.carried_from or x.id,
-            "idempotency_key": x.idempotency_key,
-        } for x in refunds])
+    await _carry(uow.session, orm.payments, carried, inv_id)
+    await _carry(uow.session, orm.refunds, refunds, inv_id)
     await _publish_invoice(uow, ISSUED, row, resource, now)
     if row["status"] == "balanced":
         await _publish_invoice(uow, PAID, row, resource, now)
     return row
+
+
+async def _carried(session, table, replaces: str | None) -> list:  # noqa: ANN001
+    """The payments (or refunds) of the invoice a replacement ``replaces``, in the order they
+    were recorded; none without one."""
+    if not replaces:
+        return []
+    return (await session.execute(select(table).where(table.c.invoice_id == replaces)
+                                  .order_by(table.c.recorded_at, table.c.id))).all()
+
+
+async def _carry(session, table, rows: list, invoice_id: str) -> None:  # noqa: ANN001
+    """Copies of ``rows`` (``_carried``) on the replacement ``invoice_id``, every column as it
+    is but their own id and invoice, each naming the one it carries."""
+    if rows:
+        await session.execute(insert(table), [
+            {**x._asdict(), "id": str(uuid.uuid4()), "invoice_id": invoice_id,
+             "carried_from": x.carried_from or x.id} for x in rows])
 
 
 async def _store_invoice(
