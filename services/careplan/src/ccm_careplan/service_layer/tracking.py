@@ -152,10 +152,10 @@ async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetim
         newer, is_new, restated = True, True, False
     else:
         incoming = version_order(last_updated, version, revision)
-        newer = row["current_last_updated"] is None or incoming > version_order(
-            row["current_last_updated"], row["current_version"], row["current_mapping_revision"])
-        restated = newer and incoming[:2] == version_order(
-            row["current_last_updated"], row["current_version"])[:2]
+        current = version_order(row["current_last_updated"], row["current_version"],
+                                row["current_mapping_revision"])
+        newer = row["current_last_updated"] is None or incoming > current
+        restated = newer and incoming[:2] == current[:2]
         is_new = False
     evidence = data.get("review") or None
     review_day = parse_day(evidence.get("date")) if evidence else None

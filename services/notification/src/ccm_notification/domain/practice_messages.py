@@ -45,14 +45,20 @@ def practice_recipients(summary_recipients: Iterable[str] | None,
     return recipients
 
 
+def _amount(text: str | None) -> Decimal | None:
+    """Billing's money text as a number; None when absent or no number."""
+    if text is None:
+        return None
+    try:
+        return Decimal(text)
+    except (InvalidOperation, TypeError, ValueError):
+        return None
+
+
 def owed(balance: str | None) -> tuple[str | None, str | None]:
     """(amount due, amount owed back) from billing's ``balance`` (negative: owed back), each as
     a positive amount with two decimals, or None when it does not apply."""
-    if balance is None:
-        return None, None
-    try:
-        value = Decimal(balance)
-    except (InvalidOperation, TypeError, ValueError):
+    if (value := _amount(balance)) is None:
         return None, None
     return (f"{value:.2f}" if value > 0 else None, f"{-value:.2f}" if value < 0 else None)
 
@@ -62,13 +68,8 @@ def refund_owed(paid: str | None) -> str | None:
     amount with two decimals), or None. ``paid`` is negative only after a payment was voided
     once its overpayment had been refunded: the refunded money is then owed back (it counts in
     the balance due), and nothing was "already paid"."""
-    if paid is None:
-        return None
-    try:
-        value = Decimal(paid)
-    except (InvalidOperation, TypeError, ValueError):
-        return None
-    return f"{-value:.2f}" if value < 0 else None
+    value = _amount(paid)
+    return f"{-value:.2f}" if value is not None and value < 0 else None
 
 
 def cancelled_without_replacement(data: dict) -> bool:

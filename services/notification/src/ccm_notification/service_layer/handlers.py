@@ -46,7 +46,7 @@ ALERT_TOPICS = (
     CONSENT_GRANTED,
     *CONSENT_ENDED,
 )
-SWEEP_BATCH = 500  # held practice-level messages one sweep reads (oldest first)
+SWEEP_BATCH = 500  # held messages (reviews, practice-level) one sweep reads, oldest first
 PRACTICE_HELD_REASON = (
     "no recipient yet: the practice has no summary recipients or clinical supervisor "
     "configured; this message is held and sent as soon as one is (PUT …/contacts)"
@@ -233,7 +233,7 @@ async def release_held_reviews(
             messages.c.fields["responsible_provider"].as_string() == reference,
             messages.c.fields["supervisor"].as_string() == reference))
     rows = (await uow.session.execute(
-        stmt.order_by(messages.c.created_at).limit(500).with_for_update(skip_locked=True)
+        stmt.order_by(messages.c.created_at).limit(SWEEP_BATCH).with_for_update(skip_locked=True)
     )).all()
     found: dict[tuple, str | None] = {}  # held messages share a few recipients: look up once
     released = 0

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -41,7 +41,6 @@ from ccm_notification.subscriptions.domain import (
     FEED_POSITION,
     FEED_TYPES,
     FeedEvent,
-    UnsafeTenant,
     delivery_outcome,
     feed_data,
     notification,
@@ -49,7 +48,6 @@ from ccm_notification.subscriptions.domain import (
     releasable,
     should_pause,
     subscription_secret,
-    target_practice,
     wants,
 )
 from ccm_notification.subscriptions.topics import PracticeTopics
@@ -72,15 +70,6 @@ Clock = Callable[[], datetime]
 # -- fan-out --------------------------------------------------------------------------------------
 
 
-def feed_practice(tenant: str) -> str:
-    """The practice an event is fanned out to (its tenant); one that is no practice id can
-    never be: a PoisonMessage (dead-lettered at once, the reason naming no data)."""
-    try:
-        return target_practice(tenant)
-    except UnsafeTenant:
-        raise PoisonMessage("the event's tenant is not a practice id") from None
-
-
 def feed_topics(
     topics: PracticeTopics, db: Database | None = None
 ) -> Callable[[CloudEvent], Awaitable[None]]:
@@ -95,7 +84,7 @@ def feed_topics(
     async def prepare(event: CloudEvent) -> None:
         if event.type not in FEED_TYPES:
             return
-        practice = feed_practice(event.tenant)
+        practice = event.tenant  # a practice id: the consumer's decode refused any other
         if db is not None and practice not in known:
             async with db.engine.connect() as conn:
                 found = (await conn.execute(
@@ -118,7 +107,7 @@ def feed_handler(clock: Clock, hold_seconds: float = 30.0) -> Handler:
     async def handle(event: CloudEvent, uow: UnitOfWork) -> None:
         if event.type not in FEED_TYPES:
             return
-        practice = feed_practice(event.tenant)
+        practice = event.tenant  # a practice id: the consumer's decode refused any other
         if await practice_row(uow.session, practice) is None:
             # Not one of this deployment's practices: no topic, counter or held row for it.
             raise PoisonMessage(NOT_A_PRACTICE)
@@ -205,7 +194,7 @@ async def _release(
         .order_by(feed_held.c.producer_sequence, feed_held.c.held_at, feed_held.c.event_id)
     )).all()
     count, after = releasable(
-        [(r.producer_sequence, _utc(r.held_at)) for r in rows], position, now, hold)
+        [(r.producer_sequence, r.held_at) for r in rows], position, now, hold)
     if not count:
         return 0
     for row in rows[:count]:
@@ -215,11 +204,6 @@ async def _release(
     if after > position:  # the counter advanced to the last number fanned out
         await uow.outbox.reserve_sequences(practice, FEED_POSITION, after - position)
     return count
-
-
-def _utc(instant: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they were stored as UTC."""
-    return instant if instant.tzinfo else instant.replace(tzinfo=UTC)
 
 
 async def fan_out(uow: UnitOfWork, practice: str, event: CloudEvent, *, now: datetime) -> int:
