@@ -50,6 +50,12 @@ def _statements(role: str, sequence: str | None) -> list[str]:
     return out
 
 
+def _audit_sequence(bind: sa.Connection) -> str | None:
+    """The sequence of ``platform.audit_log``'s ids (None where the id is no serial)."""
+    return bind.execute(
+        sa.text("SELECT pg_get_serial_sequence('platform.audit_log', 'id')")).scalar()
+
+
 def audit_writer_roles(bind: sa.Connection) -> list[str]:
     return list(bind.execute(_ROLES).scalars())
 
@@ -58,8 +64,7 @@ def grant_audit_writes(bind: sa.Connection) -> list[str]:
     """Grant the audit trail's writes to the service roles; return the roles granted to."""
     if bind.dialect.name != "postgresql":
         return []
-    sequence = bind.execute(
-        sa.text("SELECT pg_get_serial_sequence('platform.audit_log', 'id')")).scalar()
+    sequence = _audit_sequence(bind)
     roles = audit_writer_roles(bind)
     for role in roles:
         for statement in _statements(role, sequence):
@@ -75,8 +80,7 @@ def downgrade() -> None:
     bind = op.get_bind()
     if bind.dialect.name != "postgresql":
         return
-    sequence = bind.execute(
-        sa.text("SELECT pg_get_serial_sequence('platform.audit_log', 'id')")).scalar()
+    sequence = _audit_sequence(bind)
     for role in audit_writer_roles(bind):
         bind.execute(sa.text(f"REVOKE INSERT, UPDATE ON platform.audit_log FROM {role}"))
         bind.execute(sa.text(f"REVOKE INSERT, UPDATE ON platform.audit_heads FROM {role}"))

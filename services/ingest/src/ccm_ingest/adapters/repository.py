@@ -373,17 +373,13 @@ class SqlResourceRepository:
             return row.timezone, {}, 0
         return row.timezone, json.loads(stored.config) if stored.config else {}, stored.revision
 
-    def _state_text(self, key: str):  # noqa: ANN202 - a SQL expression
-        """The text of one key of ``ccm_state`` (stored as JSON text) in SQL."""
-        return _state_text(self.session, key)
-
     async def expiring_consents(self, first: str, last: str,
                                 limit: int) -> list[ExpiringConsent]:
         """Current granted CCM consents whose ``expiresOn`` (ISO day) is from ``first`` to
         ``last`` and whose notice for that day and patient has not been sent, soonest first;
         locked (rows another transaction holds, a write or another replica's pass, are left
         for later)."""
-        expires = self._state_text("expiresOn")
+        expires = _state_text(self.session, "expiresOn")
         n = consent_expiry_notices
         noticed = select(n.c.consent_id).where(
             n.c.tenant == self.tenant, n.c.consent_id == resources.c.id,

@@ -15,7 +15,6 @@ from ccm_ingest.service_layer import remapping
 from ccm_shared.db import giving_way
 from ccm_shared.errors import Forbidden, InvalidInput, NotFound
 from ccm_shared.http import JsonObject, TenantDep
-from ccm_shared.observability import current_correlation_id
 from ccm_shared.service import ServiceRuntime
 from ccm_shared.tenancy import Tenant
 
@@ -111,7 +110,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
             at = remapping.Practice(
                 practice, ZoneInfo(zone), runtime.clock(),
                 timedelta(seconds=settings.max_clock_skew_seconds),  # type: ignore[attr-defined]
-                bases.local(request), current_correlation_id())
+                bases.local(request))
             remapped = await remapping.remap(uow, at, before, effective, revision)
             await uow.commit()
         return remapped

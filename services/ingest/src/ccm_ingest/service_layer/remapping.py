@@ -74,7 +74,6 @@ class Practice:
     now: datetime
     clock_skew: timedelta
     local_bases: tuple[str, ...]
-    correlation_id: str | None = None
 
 
 async def remap(uow: UnitOfWork, practice: Practice, before: IngestConfig,
@@ -141,8 +140,9 @@ def _remapped(practice: Practice, live: LiveResource, before: IngestConfig,
     events = [e for e in new.events if old is None or e not in old.events]
     if not events and old is not None and old.state == new.state:
         return None
-    return ([EventDraft(SOURCE, e.type, practice.id, practice.now, e.subject, e.data,
-                        practice.correlation_id) for e in events], new.state)
+    # (their correlation id: the request's, set by the outbox when they are staged)
+    return ([EventDraft(SOURCE, e.type, practice.id, practice.now, e.subject, e.data)
+             for e in events], new.state)
 
 
 def _mapping(body: dict[str, Any], source: SourceVersion, config: IngestConfig,
