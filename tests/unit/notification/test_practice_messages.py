@@ -411,3 +411,13 @@ async def test_practices_whose_contacts_name_no_one_do_not_starve_the_sweep(acme
     rows = {r.practice: r for r in await all_messages(acme)}
     assert held(rows["acme"]) and not held(rows["beta"])
     assert rows["beta"].recipient == "lead@beta.test"
+
+
+def test_an_end_past_the_calendar_in_the_practices_zone_is_its_written_day():
+    """An end of 9999-12-31T23:00-05:00 is in year 10000 in a zone east of it: astimezone
+    raised OverflowError, which renews did not catch, and the consent event was retried, then
+    dead-lettered. Read as ingest reads it: the day written."""
+    from zoneinfo import ZoneInfo
+
+    assert pm.last_day_covered("9999-12-31T23:00:00-05:00", ZoneInfo("Pacific/Kiritimati")) == (
+        date(9999, 12, 31))

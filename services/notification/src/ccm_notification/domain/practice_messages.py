@@ -104,11 +104,9 @@ def last_day_covered(end: str | None, tz: ZoneInfo) -> date | None:
     if "T" in end:
         try:
             moment = datetime.fromisoformat(end.replace("Z", "+00:00"))
-        except ValueError:
+            return moment.date() if moment.tzinfo is None else moment.astimezone(tz).date()
+        except (ValueError, OverflowError):  # past the calendar's end in ``tz``, as ingest
             return date.fromisoformat(end[:10])
-        if moment.tzinfo is None:
-            return moment.date()
-        return moment.astimezone(tz).date()
     if len(end) == 4:
         return date(int(end), 12, 31)
     if len(end) == 7:
