@@ -149,3 +149,22 @@ async def test_a_write_that_waited_for_a_change_maps_with_the_config_the_change_
     classified = {event["data"]["entry"]: event["data"]["performers"][0]["classification"]
                   for event in map(json.loads, rows)}
     assert classified == {"Encounter/w0": "unknown", "Encounter/w1": "clinical-staff"}
+
+
+async def test_a_batch_of_reads_does_not_wait_for_a_config_change(ingest_pg):
+    """A batch Bundle's GET entries read without holding the practice's config (only writes
+    map with it): while a change holds it, a batch of reads answers. Each GET entry used to
+    take the config's shared hold, so it waited for the change like a write."""
+    assert (await ingest_pg.put("/fhir/PractitionerRole/coord", json=ROLE)).status_code == 201
+    reads = {"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": "PractitionerRole/coord"}},
+        {"request": {"method": "GET", "url": "PractitionerRole?_count=5"}}]}
+    async with ingest_pg.runtime.db.unit_of_work() as uow:  # a change, held open
+        repo = SqlResourceRepository(uow.session, ingest_pg.practice)
+        await repo.hold_config(change=True)
+        await repo.save_config(with_coordinator(), datetime.now(UTC))
+        # generous: the old code waited here until the change ended, which is never
+        answered = await asyncio.wait_for(ingest_pg.post("/fhir", json=reads), timeout=20)
+        await uow.commit()
+    assert answered.status_code == 200
+    assert [e["response"]["status"] for e in answered.json()["entry"]] == ["200 OK"] * 2

@@ -867,7 +867,9 @@ async def batch(open_uow: Callable[[], Any], caller: Caller, entries: list[Entry
             if e.resource is not None and (unresolved := _unresolved(e)):
                 raise FhirRejected(422, unresolved)
             async with open_uow() as uow:
-                held = await handlers.current_caller(uow, caller)  # before any row is locked
+                # A write holds the config before it locks any row; a read needs no hold.
+                held = (caller if e.method == "GET"
+                        else await handlers.current_caller(uow, caller))
                 if e.resource is not None:
                     await _conditional_references(
                         SqlResourceRepository(uow.session, held.tenant), held, e)

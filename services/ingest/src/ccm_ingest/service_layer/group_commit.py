@@ -32,9 +32,10 @@ class GroupedWrites:
 
     async def store(self, caller: Caller, write: Write) -> Outcome:
         """Store ``write`` as the next version of its resource; its outcome once committed."""
-        # Writes share a batch only when everything but the time is the same caller.
+        # Writes share a batch only when everything but the time is the same caller (a
+        # practice's config revision decides its config: the config itself is not hashed).
         key = (caller.tenant, caller.token_id, caller.connection, caller.timezone.key,
-               caller.config, caller.config_revision, caller.local_bases)
+               caller.config_revision, caller.local_bases)
         return await self._group.submit((caller, write), key)
 
     async def _commit(self, batch: list[tuple[Caller, Write]]) -> list[Outcome]:
