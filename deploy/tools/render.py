@@ -555,18 +555,27 @@ def wave(name: str) -> dict[str, str]:
     return {"argocd.argoproj.io/sync-wave": str(SYNC_WAVES[name])}
 
 
+# The database role of the migration Job and the admin pod: the migrator's Secret.
+MIGRATOR_SECRET = {name: {"name": "ccm-db-migrator"} for name in ("PGUSER", "PGPASSWORD")}
+
+
+def secrets_changed(env: list[dict], changes: dict[str, dict]) -> list[dict]:
+    """``env`` with the secretKeyRef of each variable named in ``changes`` updated by it."""
+    changed = []
+    for e in env:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if e["name"] in changes and ref is not None:
+            e = {**e, "valueFrom": {"secretKeyRef": {**ref, **changes[e["name"]]}}}
+        changed.append(e)
+    return changed
+
+
 def migration_job_spec(svc: Service, env: list[dict]) -> dict:
     """The migration Job's pod: the migrator's database role, and Kafka optional: `ccm migrate`
     uses only the database, so the Job can run before Strimzi has written the KafkaUser's
     Secret and the cluster CA."""
-    job_env = []
-    for e in env:
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        if e["name"] in ("PGUSER", "PGPASSWORD"):
-            e = {**e, "valueFrom": {"secretKeyRef": {**ref, "name": "ccm-db-migrator"}}}
-        elif e["name"] in KAFKA_AUTH and ref is not None:
-            e = {**e, "valueFrom": {"secretKeyRef": {**ref, "optional": True}}}
-        job_env.append(e)
+    job_env = secrets_changed(env, {**MIGRATOR_SECRET,
+                                    **{name: {"optional": True} for name in KAFKA_AUTH}})
     spec = pod_spec(svc, "migrate", ["migrate", svc.name], job_env, init=False,
                     restart="OnFailure")
     for volume in spec["volumes"]:
@@ -900,14 +909,9 @@ def admin(services: list[Service]) -> list[dict]:
     needed (deploy/README.md)."""
     svc = services[0]
     _, env = k8s_config(svc, shared_settings())
-    admin_env = []
-    for e in env:
-        ref = e.get("valueFrom", {}).get("secretKeyRef")
-        if e["name"] in ("PGUSER", "PGPASSWORD"):
-            e = {**e, "valueFrom": {"secretKeyRef": {**ref, "name": "ccm-db-migrator"}}}
-        elif e["name"] == "CCM_KAFKA_SASL_PASSWORD":  # the Secret Strimzi writes for ccm-admin
-            e = {**e, "valueFrom": {"secretKeyRef": {**ref, "name": ADMIN_KAFKA_USER}}}
-        admin_env.append(e)
+    # the Kafka password from the Secret Strimzi writes for ccm-admin
+    admin_env = secrets_changed(env, {**MIGRATOR_SECRET,
+                                      "CCM_KAFKA_SASL_PASSWORD": {"name": ADMIN_KAFKA_USER}})
     # Overrides the service's user name of the ConfigMap (env wins over envFrom).
     env = [*admin_env, {"name": "CCM_KAFKA_SASL_USERNAME", "value": ADMIN_KAFKA_USER}]
     spec = pod_spec(svc, "migrate", [], env, init=False)
