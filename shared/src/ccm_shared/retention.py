@@ -60,7 +60,7 @@ async def prune(db: Database, *, outbox_days: float, inbox_days: float,
             count = (await conn.execute(gone)).rowcount
             return count, count == batch
 
-        inn = await _in_batches(db, inbox_page)
+        inn = await in_batches(db, inbox_page)
     return Pruned(out, inn)
 
 
@@ -84,10 +84,10 @@ async def _prune_outbox(db: Database, cutoff: datetime, batch: int) -> int:
         # which go once published): the walk stops there.
         return len(due), bool(due) and len(rows) == batch
 
-    return await _in_batches(db, page)
+    return await in_batches(db, page)
 
 
-async def _in_batches(db: Database, page) -> int:  # noqa: ANN001
+async def in_batches(db: Database, page) -> int:  # noqa: ANN001
     """Run ``page`` (deleted, more to do) in transactions of its own until it says done."""
     deleted = 0
     while True:

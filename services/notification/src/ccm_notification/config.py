@@ -55,6 +55,10 @@ class NotificationSettings(BaseSettings):
     subscription_batch_size: int = Field(
         100, gt=0, description="Events delivered per subscription per dispatch pass")
     max_subscriptions_per_practice: int = Field(20, gt=0, description="Subscriptions per practice")
+    subscription_retention_days: float = Field(
+        90.0, ge=0, description="A webhook subscription's notification (its replay copy, "
+        "`/events`) and the log of its delivery attempts are deleted this many days after the "
+        "event was delivered (0: kept forever); an event not yet delivered is never deleted")
     practice_topic_partitions: int = Field(
         1, ge=1, description="Partitions of a per-practice topic created by the service (1 keeps "
         "the practice's whole feed in one order)")

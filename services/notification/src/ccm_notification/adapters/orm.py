@@ -22,6 +22,7 @@ from sqlalchemy import (
 )
 
 from ccm_notification.subscriptions.tables import (
+    SUBSCRIPTION_RETENTION_INDEXES,
     add_feed_held_table,
     add_subscription_tables_v1,
 )
@@ -197,6 +198,25 @@ def add_notification_tables_v1(metadata: MetaData) -> dict[str, Table]:
     }
 
 
+def add_invoice_cancellations_table(metadata: MetaData) -> dict[str, Table]:
+    """The invoices whose ``billing.invoice.cancelled.v1`` this service consumed (migration
+    ``notification_0008``): billing publishes an invoice's ``issued`` and ``cancelled`` on
+    topics of their own, so the cancellation may come first; the ``issued`` event then finds
+    it here and sends no ``invoice-issued`` message. One small row per cancelled invoice, kept
+    (an ``issued`` may come any time later: redriven from its dead-letter topic)."""
+    invoice_cancellations = Table(
+        "invoice_cancellations",
+        metadata,
+        Column("practice", String(64), nullable=False),
+        Column("invoice_id", Text, nullable=False),
+        Column("replaced_by", Text, nullable=True),
+        Column("event_id", String(200), nullable=False),  # the cancelled event's id
+        Column("recorded_at", DateTime(timezone=True), nullable=False),
+        PrimaryKeyConstraint("practice", "invoice_id"),
+    )
+    return {"invoice_cancellations": invoice_cancellations}
+
+
 metadata = MetaData()
 outbox, inbox, event_sequences = add_messaging_tables(metadata)
 _tables = add_notification_tables_v1(metadata)
@@ -215,3 +235,6 @@ subscriptions = _subscription_tables["subscriptions"]
 subscription_events = _subscription_tables["subscription_events"]
 subscription_deliveries = _subscription_tables["subscription_deliveries"]
 feed_held = add_feed_held_table(metadata)["feed_held"]
+invoice_cancellations = add_invoice_cancellations_table(metadata)["invoice_cancellations"]
+for _name, _table, _columns in SUBSCRIPTION_RETENTION_INDEXES:
+    Index(_name, *(metadata.tables[_table].c[c] for c in _columns))

@@ -8,7 +8,8 @@ configured. Per kind, what makes a held one obsolete:
 
 - ``invoice-issued``: the invoice it announces was cancelled (``billing.invoice.cancelled.v1``;
   a replacement has a message of its own, a correction that left nothing to bill an
-  ``invoice-cancelled`` message).
+  ``invoice-cancelled`` message). A cancellation consumed before the invoice's ``issued`` event
+  (another topic) means its message is never made: recorded as not sent.
 - ``consent-expiring``: the consent was revoked, declined or voided, or a permitting CCM consent
   of the same patient (the same one extended, or a new one) was granted that covers days after
   the one the notice announces (``renews``). An expiry that passed while held does not make it
@@ -33,6 +34,9 @@ PRACTICE_KINDS = frozenset({
 })
 # The key suffix of a practice-level message recorded while the practice had no contact.
 NO_CONTACT = "no-recipient"
+# The key suffix of an ``invoice-issued`` recorded as not sent: its invoice's cancellation was
+# consumed before its ``issued`` event (they travel on separate topics).
+CANCELLED_FIRST = "cancelled-first"
 
 
 def practice_recipients(summary_recipients: Iterable[str] | None,

@@ -22,6 +22,7 @@ from ccm_notification.service_layer.handlers import (
 )
 from ccm_notification.service_layer.notify import Notifier
 from ccm_notification.subscriptions.domain import FEED_TYPES
+from ccm_notification.subscriptions.retention import run_subscription_retention
 from ccm_notification.subscriptions.service import (
     SubscriptionDeliverer,
     feed_handler,
@@ -187,6 +188,15 @@ def background(runtime: ServiceRuntime) -> list[BackgroundJob]:
             ),
         ),
     ]
+    if notifier.settings.subscription_retention_days > 0:
+        jobs.append(
+            BackgroundJob(
+                "notification-subscription-retention",
+                lambda stopping: run_subscription_retention(
+                    runtime.db, stopping, days=notifier.settings.subscription_retention_days,
+                    clock=notifier.clock),
+            )
+        )
     if notifier.settings.practice_topic_refresh_seconds > 0:
         jobs.append(
             BackgroundJob(

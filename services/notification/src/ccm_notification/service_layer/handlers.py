@@ -8,12 +8,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import func, or_, select, update
 
-from ccm_notification.adapters.orm import messages, practice_contacts
-from ccm_notification.adapters.sql import practice_row
+from ccm_notification.adapters.orm import invoice_cancellations, messages, practice_contacts
+from ccm_notification.adapters.sql import insert_for, practice_row
 from ccm_notification.domain import practice_messages as pm
 from ccm_notification.service_layer import directory
 from ccm_notification.service_layer.notify import Intent, Notifier, held_messages
-from ccm_shared.db import UnitOfWork
+from ccm_shared.db import UnitOfWork, xact_lock
 from ccm_shared.events import CloudEvent
 
 REVIEW_KINDS = {
@@ -82,17 +82,7 @@ def alerts_handler(notifier: Notifier) -> Callable[[CloudEvent, UnitOfWork], Awa
         elif event.type == "billing.threshold.at-risk.v1":
             await threshold_at_risk(notifier, event, uow)
         elif event.type == "billing.invoice.issued.v1":
-            d = event.data
-            await to_practice_contacts(
-                notifier,
-                event,
-                uow,
-                "invoice-issued",
-                f"invoice:{d['invoiceId']}:{d['revision']}",
-                invoice_values(d),
-                # what a cancellation of the invoice finds it by, while it is held
-                tracker=invoice_tracker(d["invoiceId"]),
-            )
+            await invoice_issued(notifier, event, uow)
         elif event.type == "billing.invoice.cancelled.v1":
             await invoice_cancelled(notifier, event, uow)
         elif event.type == CONSENT_GRANTED or event.type in CONSENT_ENDED:
@@ -164,6 +154,47 @@ def invoice_values(d: dict) -> dict:
 
 def invoice_tracker(invoice_id: str) -> str:
     return f"invoice:{invoice_id}"
+
+
+async def _lock_invoice(uow: UnitOfWork, practice: str, invoice_id: str) -> None:
+    """An invoice's ``issued`` and ``cancelled`` are applied one after the other (they come on
+    topics of their own, possibly at once): whichever commits second sees the first."""
+    await xact_lock(uow.session, f"notification:invoice:{practice}:{invoice_id}")
+
+
+async def invoice_issued(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
+    """The practice's contacts are told of an issued invoice, unless its cancellation was
+    consumed first (billing publishes the two on topics of their own): the practice must not
+    be asked to pay a cancelled invoice. The message is then recorded as not sent (failed,
+    with the reason), once."""
+    d = event.data
+    key = f"invoice:{d['invoiceId']}:{d['revision']}"
+    await _lock_invoice(uow, event.tenant, d["invoiceId"])
+    cancelled = (await uow.session.execute(select(invoice_cancellations).where(
+        invoice_cancellations.c.practice == event.tenant,
+        invoice_cancellations.c.invoice_id == d["invoiceId"]))).first()
+    if cancelled is None:
+        await to_practice_contacts(
+            notifier, event, uow, "invoice-issued", key, invoice_values(d),
+            # what a cancellation of the invoice finds it by, while it is held
+            tracker=invoice_tracker(d["invoiceId"]))
+        return
+    if (await uow.session.execute(select(messages.c.id).where(
+            messages.c.practice == event.tenant, messages.c.kind == "invoice-issued",
+            messages.c.tracker == invoice_tracker(d["invoiceId"])).limit(1))).first():
+        return  # recorded before the cancellation came (sent, or withdrawn while held)
+    await notifier.record_not_sent(
+        uow,
+        Intent(practice=event.tenant, kind="invoice-issued", values=invoice_values(d),
+               idempotency_key=f"{event.tenant}:{key}:{pm.CANCELLED_FIRST}",
+               tracker=invoice_tracker(d["invoiceId"])),
+        f"not sent: invoice {d['invoiceId']} was cancelled"
+        f"{_cancelled_why(cancelled.replaced_by)} before its issue was processed",
+    )
+
+
+def _cancelled_why(replaced_by: str | None) -> str:
+    return f" (replaced by invoice {replaced_by})" if replaced_by else ""
 
 
 def consent_tracker(consent: str) -> str:
@@ -414,13 +445,21 @@ async def withdraw_held(
 
 
 async def invoice_cancelled(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
-    """An invoice was cancelled: its announcement, if still held, is withdrawn. Replaced, the
-    replacement's own message says so; with nothing in its place (a correction left nothing
-    to bill), the practice is told what was cancelled, what was paid and is owed back."""
+    """An invoice was cancelled: its announcement, if still held, is withdrawn, and if not
+    made yet, never will be (``invoice_issued``). Replaced, the replacement's own message says
+    so; with nothing in its place (a correction left nothing to bill), the practice is told
+    what was cancelled, what was paid and is owed back."""
     d = event.data
     replaced = not pm.cancelled_without_replacement(d)
-    why = (f" (replaced by invoice {d['replacedBy']})" if d.get("replacedBy")
-           else "" if replaced else " (a correction left nothing to bill)")
+    why = (_cancelled_why(d.get("replacedBy"))
+           or ("" if replaced else " (a correction left nothing to bill)"))
+    await _lock_invoice(uow, event.tenant, d["invoiceId"])
+    # Remembered for an ``issued`` of it consumed later (the two travel on separate topics).
+    await uow.session.execute(
+        insert_for(uow.session, invoice_cancellations).values(
+            practice=event.tenant, invoice_id=d["invoiceId"], replaced_by=d.get("replacedBy"),
+            event_id=event.id, recorded_at=notifier.clock(),
+        ).on_conflict_do_nothing(index_elements=["practice", "invoice_id"]))
     await withdraw_held(
         notifier, uow, event.tenant,
         f"not sent: invoice {d['invoiceId']} was cancelled{why} before anyone was "

@@ -371,6 +371,29 @@ class Notifier:
             await self.raise_failed(uow, row.id, row.practice, row.kind, None, None, 0, reason,
                                     row.idempotency_key, row.patient)
 
+    async def record_not_sent(self, uow: UnitOfWork, intent: Intent, reason: str) -> bool:
+        """Record ``intent`` as a message that is not sent, because what it announces was
+        undone before it was made: failed with ``reason`` (no recipient, nothing rendered) and
+        its failed event raised, like a held message withdrawn. Once per idempotency key; True
+        when this call recorded it."""
+        message_id = str(uuid.uuid4())
+        done = await uow.session.execute(
+            insert_for(uow.session, messages).values(
+                id=message_id, practice=intent.practice,
+                idempotency_key=intent.idempotency_key, kind=intent.kind, provider_id=None,
+                patient=intent.patient, channel=None, recipient=None,
+                subject=KINDS[intent.kind].title, text_body="", html_body="",
+                fields=_jsonable(intent.values), attachments=[], status="failed", attempts=0,
+                next_attempt_at=None, last_error=reason, root_id=None, ack_state=None,
+                ack_due_at=None, escalation_level=0, tracker=intent.tracker,
+                created_at=self.clock(),
+            ).on_conflict_do_nothing(index_elements=["idempotency_key"]))
+        if done.rowcount != 1:
+            return False
+        await self.raise_failed(uow, message_id, intent.practice, intent.kind, None, None, 0,
+                                reason, intent.idempotency_key, intent.patient)
+        return True
+
     async def find_by_key(self, uow: UnitOfWork, key: str):  # noqa: ANN201
         stmt = select(messages.c.id, messages.c.status, messages.c.last_error,
                       messages.c.next_attempt_at).where(

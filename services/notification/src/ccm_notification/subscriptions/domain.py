@@ -55,10 +55,17 @@ def target_practice(tenant: str) -> str:
 
 
 def feed_data(event_type: str, data: dict[str, Any], practice_sequence: int) -> dict[str, Any]:
-    """The event's data as published to the practice: the contract's data with the feed number."""
+    """The event's data as published to the practice: the contract's data with the feed number
+    as ``practiceSequence`` and billing's own (the ``practiceSequence`` billing gave it) as
+    ``billingSequence``, so a reader of the Kafka copy sees an event lost before the feed as a
+    gap in it. An event billing did not number carries no ``billingSequence``."""
     if event_type in NO_DATA_SEQUENCE:
         return dict(data)
-    return {**data, "practiceSequence": practice_sequence}
+    out = {k: v for k, v in data.items() if k != "billingSequence"}  # only billing's, below
+    billing = producer_sequence(event_type, data)
+    if billing is not None:
+        out["billingSequence"] = billing
+    return {**out, "practiceSequence": practice_sequence}
 
 
 def producer_sequence(event_type: str, data: dict[str, Any]) -> int | None:

@@ -78,6 +78,15 @@ def add_subscription_tables_v1(metadata: MetaData) -> dict[str, Table]:
     return {t.name: t for t in (subscriptions, subscription_events, subscription_deliveries)}
 
 
+# Indexes of migration ``notification_0008`` (name, table, columns): what the subscriptions'
+# retention (``subscriptions.retention``) deletes by, so a pass reads what it deletes, not the
+# tables. Pending events have no ``delivered_at``: never in the range read.
+SUBSCRIPTION_RETENTION_INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("ix_subscription_events_delivered_at", "subscription_events", ("delivered_at",)),
+    ("ix_subscription_deliveries_at", "subscription_deliveries", ("at",)),
+)
+
+
 def add_feed_held_table(metadata: MetaData) -> dict[str, Table]:
     """The practice feed's reorder buffer: billing events held until those billing numbered
     before them have been fanned out. Each practice's last billing number fanned out is its
