@@ -2,10 +2,17 @@
 contracts/events, so a contract test covers every event the code can emit in the suite."""
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from ccm_shared.events import CloudEvent, practice_topic
 from ccm_shared.outbox import Outbox
 from tests.support.contracts import assert_valid_event
+
+# No property test is timed (speed is measured in benchmarks/): Hypothesis' per-example deadline
+# and its "input generation is slow" check depend on how busy the machine is, and failed a
+# canonical-text test on a loaded host. A test's own @settings still override the rest.
+settings.register_profile("ccm", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ccm")
 
 
 @pytest.fixture(autouse=True)

@@ -387,11 +387,16 @@ async def test_an_empty_if_none_exist_in_an_entry_is_refused_not_a_plain_create(
 async def test_a_reference_names_an_entry_only_when_the_entry_meets_its_criteria(fhir):
     """A Patient created by ifNoneExist on MBI AAA but carrying MBI BBB: a reference to
     identifier AAA named it (the Encounter's time went to a patient its criteria never named,
-    and every push made another); it is searched for instead and matches nothing (412)."""
+    and every push made another); later it was searched for instead and matched nothing
+    (412). Now the Patient's own entry is refused first: it would create what its criteria
+    miss (test_conditional_criteria_met)."""
     bundle = synthea_bundle("AAA")
-    patient = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    index, patient = next((i, e) for i, e in enumerate(bundle["entry"])
+                          if e["resource"]["resourceType"] == "Patient")
     patient["resource"]["identifier"] = [{**patient["resource"]["identifier"][0], "value": "BBB"}]
     r = await fhir.post("/fhir", json=bundle)
-    assert r.status_code == 412, r.text
-    assert r.json()["issue"][0]["code"] == "not-found"
+    assert r.status_code == 400, r.text
+    issue = r.json()["issue"][0]
+    assert issue["expression"] == [f"Bundle.entry[{index}].request.ifNoneExist"]
+    assert "does not meet identifier=" in issue["diagnostics"]
     assert (await counts(fhir))["versions"] == 0

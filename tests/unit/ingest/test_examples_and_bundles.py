@@ -301,9 +301,21 @@ async def test_xds_transaction_is_refused_for_its_unsupported_types(fhir):
         [["Bundle.entry[0].request.url"], ["Bundle.entry[4].request.url"]]
     supported = copy.deepcopy(bundle)
     supported["entry"] = [supported["entry"][i] for i in (1, 2, 3)]
-    ok = await fhir.post("/fhir", json=supported)
-    assert ok.status_code == 200
-    assert [e["response"]["status"] for e in ok.json()["entry"]] == ["201 Created"] * 3
+    # Rule: a conditional create that matches nothing creates what must meet its criteria. The
+    # example's Patient (identifier MRN) does not meet its ifNoneExist (identifier
+    # http://acme.org/xds/patients!89765a87b): each push would create another Patient.
+    refused = await fhir.post("/fhir", json=supported)
+    assert refused.status_code == 400
+    issue = refused.json()["issue"][0]
+    assert issue["expression"] == ["Bundle.entry[0].request.ifNoneExist"]
+    assert "does not meet identifier=http://acme.org/xds/patients!89765a87b" in \
+        issue["diagnostics"]
+    patient = supported["entry"][0]["resource"]
+    patient["identifier"] = [{"value": "http://acme.org/xds/patients!89765a87b"}]
+    for status in ("201 Created", "200 OK"):  # pushed twice: one Patient
+        ok = await fhir.post("/fhir", json=supported)
+        assert ok.status_code == 200
+        assert [e["response"]["status"] for e in ok.json()["entry"]][0] == status
 
 
 @pytest.mark.parametrize("kind", ["transaction", "batch"])

@@ -221,6 +221,11 @@ CASES = [
      "Consent.dateTime"),
     ("a CCM consent in force dated by its year only", "PUT", "/fhir/Consent/c1",
      {**CCM_CONSENT, "id": "c1", "dateTime": "2026"}, {}, 422, "required", "Consent.dateTime"),
+    *[(f"a CCM consent in force obtained {when}", "PUT", "/fhir/Consent/c1",
+       {**CCM_CONSENT, "id": "c1", "dateTime": value}, {}, 422, "business-rule",
+       "Consent.dateTime")
+      for when, value in [("in a year typed wrong", "2030-01-01"),
+                          ("on the calendar's last day", "9999-12-31T23:59:59Z")]],
     *[(f"{method} {url} in a transaction", "POST", "/fhir",
        {"resourceType": "Bundle", "type": "transaction", "entry": [
            {"request": {"method": method, "url": url},

@@ -544,6 +544,7 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
                            "it was obtained, to at least its day"
                            + (f" ({obtained!r} is {coarse})" if coarse else "")
                            + ": CCM time before it does not count", "Consent.dateTime")
+        _obtained_by_now(obtained, ctx)
     until = None
     if kind == "ingest.consent.revoked.v1":
         # Revocation takes effect at the end of the month it happened in, the first version
@@ -555,6 +556,23 @@ def map_consent(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         if state["granted"] and (expires := consent_expires_on(res, ctx.timezone)):
             state["expiresOn"] = expires  # what the expiry notices look for
     return Mapping([_consent_event(kind, status, patient, res, ctx, categories, until)], state)
+
+
+def _obtained_by_now(obtained: str, ctx: MappingContext) -> None:
+    """422 for a consent in force obtained on a day after the one its version was received
+    (the practice's zone, as a review date is judged): billing counts CCM time from the day
+    it was obtained, so a year typed 2030 for 2026 made every month until then unbillable,
+    silently (a CCM consent dated in the future was accepted, with its ``granted`` event)."""
+    try:
+        day = instant(obtained, ctx.timezone).astimezone(ctx.timezone).date()
+    except (TypeError, ValueError, OverflowError):
+        return  # what the validation of the dateTime refuses, or a day past the calendar
+    received = ctx.source.received_at.astimezone(ctx.timezone).date()
+    if day > received:
+        raise rejected(422, "business-rule", f"a CCM consent in force is dated "
+                       f"{day.isoformat()}, after the day this version was received "
+                       f"({received.isoformat()}, practice time zone): Consent.dateTime is "
+                       "when it was obtained", "Consent.dateTime")
 
 
 def _consent_deleted(res: dict[str, Any], ctx: MappingContext,

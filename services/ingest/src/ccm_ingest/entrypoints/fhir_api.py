@@ -613,6 +613,11 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                  responses={201: {"description": "Created"}, **_INVALID_RESOURCE})
     async def create(rtype: str, request: Request, tenant: TenantDep) -> Response:
         _check_type(rtype)
+        if criteria := [k for k in request.query_params if k not in handlers.IGNORED]:
+            # They were dropped: each push of it created one more resource.
+            raise rejected(400, "invalid", f"POST {rtype} takes no search parameters "
+                           f"({', '.join(criteria)}); a conditional create sends its criteria "
+                           "in the If-None-Exist header", criteria[0])
         resource = standalone(await read_json(request, max_depth), rtype)
         if_none_exist = request.headers.get("if-none-exist")
         if if_none_exist is None:

@@ -64,6 +64,9 @@ class Entry:
     # or an earlier entry of the Bundle claimed (``same_as``): it writes nothing.
     found: Outcome | None = None
     same_as: Entry | None = None
+    # A conditional create or update of a transaction whose criteria matched nothing: it
+    # creates (so what it sends must meet them, ``_resolve_ids``).
+    creates: bool = False
 
 
 def _where(index: int) -> str:
@@ -173,6 +176,11 @@ def _parse_entry(i: int, raw: Any) -> Entry:
         raise rejected(422, "not-supported", f"{method} {url}: resource type {rtype!r} (or "
                        f"operation) is not supported; supported: {', '.join(SUPPORTED_TYPES)}",
                        f"{_where(i)}.request.url")
+    if method == "POST" and query:
+        # Its criteria were dropped: each push of the entry created one more resource.
+        raise rejected(422, "value", f"POST {url}: a create's url is the type alone; a "
+                       "conditional create sends its criteria in request.ifNoneExist "
+                       f"({rtype} with ifNoneExist {query!r})", f"{_where(i)}.request.url")
     refused: FhirRejected | None = None
     try:
         rid, history = _target(i, method, url, parts)
@@ -452,7 +460,7 @@ async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
     """``PUT Type?criteria`` in a transaction: its id settled (``conditional_target``, as the
     REST ``PUT /fhir/Type?criteria`` settles it) before references are rewritten; ``ignore``:
     ids of the type that match nothing (the transaction deletes them)."""
-    e.rid = await handlers.conditional_target(
+    e.rid, e.creates = await handlers.conditional_target(
         uow, caller, e.rtype, e.criteria or "", e.resource or {},
         criteria_at=f"{_where(e.index)}.request.url", ignore=ignore)
     e.resource = {**(e.resource or {}), "id": e.rid}
@@ -485,8 +493,8 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
     conditional += [(e, e.criteria, "request.url") for e in entries
                     if e.method == "PUT" and e.rid is None and e.criteria]
     criteria: dict[str, list[tuple[str, str]]] = {}  # key → the normalised criteria
+    keyed: list[tuple[str, Entry]] = []
     if conditional:
-        keyed = []
         for e, sent, element in conditional:
             with handlers.placed(f"{_where(e.index)}.{element}"):
                 params = handlers.normalise_criteria(e.rtype, sent or "", caller.local_bases)
@@ -499,11 +507,21 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
     names = _FullUrls(ids, entries, caller.local_bases)
-    # A reference with an entry's criteria names the entry's resource only when what the entry
-    # sends meets them (an ifNoneExist naming one MBI on a Patient carrying another bound the
-    # reference to a patient its criteria never named); otherwise it is searched for, and a
-    # stored match the entry found, the search finds too. (Two entries with one key have one
-    # id: a POST pair is one resource, any other pair fails.)
+    # An entry that creates must meet its own criteria (else each push of the Bundle creates
+    # one more: ``refuse_unmet``), its references read as the ids the Bundle settled.
+    for key, e in keyed:
+        if e.creates:
+            handlers.refuse_unmet(
+                e.rtype, {**(e.resource or {}), "id": e.rid}, criteria[key],
+                _patient_of(e, names, caller),
+                asked=("ifNoneExist " + repr(e.if_none_exist) if e.method == "POST"
+                       else f"conditional update {e.rtype}?{e.criteria}"),
+                at=f"{_where(e.index)}.request." + (
+                    "ifNoneExist" if e.method == "POST" else "url"))
+    # A reference with an entry's criteria names the entry's resource: one that creates meets
+    # them (above); one that found a stored match is found by the search too, and so is the
+    # match of one that updates it. (Two entries with one key have one id: a POST pair is one
+    # resource, any other pair fails.)
     return names, _Lookup({(rtype, key): e.rid for (rtype, key), e in claimed.items()
                            if e.rid and handlers.meets_criteria(rtype, e.resource or {},
                                                                 criteria[key],
@@ -558,6 +576,7 @@ async def _claim(uow: UnitOfWork, caller: Caller, e: Entry, key: str,
                                               e.if_none_exist or "", ignore=deleted)
         if e.found is not None:
             e.rid = e.found.id
+        e.creates = e.found is None
     claimed[(e.rtype, key)] = e
 
 
@@ -570,7 +589,8 @@ async def _run_entry(uow: UnitOfWork, caller: Caller, e: Entry) -> Outcome:
     repo = SqlResourceRepository(uow.session, caller.tenant)
     if e.method == "POST":
         outcome = await handlers.create(uow, caller, e.resource, if_none_exist=e.if_none_exist,
-                                        new_id=e.rid, where=f"{_where(e.index)}.resource")
+                                        new_id=e.rid, where=f"{_where(e.index)}.resource",
+                                        criteria_at=f"{_where(e.index)}.request.ifNoneExist")
         return outcome
     if e.method == "PUT":
         if e.rid is None and e.criteria:  # in a batch (a transaction settled it already)

@@ -504,9 +504,7 @@ def _plan_version(caller: Caller, w: Write, cur: CurrentRow | None, sha: str,
                      "lastUpdated": isoformat(last_updated)}}
     version = VersionRow(rtype, rid, version_id, body, sha, last_updated, caller.now, False,
                          not stale, "POST" if w.fresh else "PUT")
-    patient_element = PATIENT_ELEMENT.get(rtype)
-    patient = (reference(body.get(patient_element), ("Patient",), caller.local_bases)
-               if patient_element else None)
+    patient = patient_of(rtype, body, caller.local_bases)
     patient_id = patient.removeprefix("Patient/") if patient else None
     if stale:
         pending.versions.append(version)
@@ -607,7 +605,7 @@ async def claim_create(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
 
 async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
                  if_none_exist: str | None = None, new_id: str | None = None,
-                 where: str | None = None) -> Outcome:
+                 where: str | None = None, criteria_at: str | None = None) -> Outcome:
     """FHIR create: a server-assigned id; with ``If-None-Exist`` at most one resource ever."""
     rtype = resource["resourceType"]
     rid = new_id or random_uuid()
@@ -615,6 +613,10 @@ async def create(uow: UnitOfWork, caller: Caller, resource: dict[str, Any], *,
         found = await claim_create(uow, caller, rtype, rid, if_none_exist)
         if found is not None:
             return kept_as_it_is(found, resource, if_none_exist)
+        refuse_unmet(rtype, {**resource, "id": rid},
+                     normalise_criteria(rtype, if_none_exist, caller.local_bases),
+                     patient_of(rtype, resource, caller.local_bases),
+                     asked="If-None-Exist", at=criteria_at or "If-None-Exist")
     return await store(uow, caller, rtype, rid, resource, fresh=True, where=where)
 
 
@@ -650,14 +652,14 @@ async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
 
 async def conditional_target(uow: UnitOfWork, caller: Caller, rtype: str, criteria: str,
                              resource: dict[str, Any], *, criteria_at: str,
-                             ignore: Collection[str] = ()) -> str:
-    """The id conditional update ``PUT rtype?criteria`` writes (FHIR http.html#cond-update):
-    the one match (a body's id other than the match's: 400), or, when nothing matches, the
-    body's id (update as create) or a new one; several matches: 412. Creating, it claims the
-    criteria as a conditional create does (``claim_create``), so of concurrent ones that match
-    nothing one creates and the others update what it created. ``criteria_at``: the element
-    the criteria's issues name (the REST URL, a Bundle entry's ``request.url``); ``ignore``:
-    ids that match nothing (a transaction deletes them)."""
+                             ignore: Collection[str] = ()) -> tuple[str, bool]:
+    """The id conditional update ``PUT rtype?criteria`` writes (FHIR http.html#cond-update),
+    and whether it creates: the one match (a body's id other than the match's: 400), or, when
+    nothing matches, the body's id (update as create) or a new one; several matches: 412.
+    Creating, it claims the criteria as a conditional create does (``claim_create``), so of
+    concurrent ones that match nothing one creates and the others update what it created.
+    ``criteria_at``: the element the criteria's issues name (the REST URL, a Bundle entry's
+    ``request.url``); ``ignore``: ids that match nothing (a transaction deletes them)."""
     sent_id = resource.get("id")
     new_id = sent_id or random_uuid()
     with placed(criteria_at):
@@ -667,7 +669,7 @@ async def conditional_target(uow: UnitOfWork, caller: Caller, rtype: str, criter
         raise rejected(400, "invalid", f"conditional update {rtype}?{criteria} finds "
                        f"{rtype}/{found.id}, but the resource's id is {sent_id!r}",
                        f"{rtype}.id")
-    return found.id if found is not None else new_id
+    return (found.id, False) if found is not None else (new_id, True)
 
 
 async def conditional_update(uow: UnitOfWork, caller: Caller, rtype: str, criteria: str,
@@ -677,8 +679,13 @@ async def conditional_update(uow: UnitOfWork, caller: Caller, rtype: str, criter
     (``If-Match`` guards its version, as for ``PUT Type/id``)."""
     if if_match is not None:
         parse_etag(if_match)  # a malformed one is refused before anything is claimed
-    rid = await conditional_target(uow, caller, rtype, criteria, resource,
-                                   criteria_at=criteria_at)
+    rid, creates = await conditional_target(uow, caller, rtype, criteria, resource,
+                                            criteria_at=criteria_at)
+    if creates:
+        refuse_unmet(rtype, {**resource, "id": rid},
+                     normalise_criteria(rtype, criteria, caller.local_bases),
+                     patient_of(rtype, resource, caller.local_bases),
+                     asked=f"conditional update {rtype}?{criteria}", at=criteria_at)
     return await update(uow, caller, rtype, rid, {**resource, "id": rid}, if_match=if_match,
                         where=where)
 
@@ -901,6 +908,34 @@ def meets_criteria(rtype: str, resource: dict[str, Any], params: list[tuple[str,
         else:
             return False
     return True
+
+
+# What a resource carries that criteria can name (``meets_criteria``); ``_lastUpdated`` is not
+# the resource's to meet: the server sets its time.
+CARRIED = ("_id", "identifier", "patient", "subject")
+
+
+def refuse_unmet(rtype: str, resource: dict[str, Any], params: list[tuple[str, str]],
+                 patient: str | None, *, asked: str, at: str) -> None:
+    """400 when ``resource``, which conditional criteria (``asked``, at element ``at``)
+    matched nothing and are about to create, does not meet them itself (``meets_criteria``):
+    the next push of it would find nothing again and create another resource (an Encounter's
+    CCM time counted once per push). FHIR R5 http.html#cond-update says a server should
+    refuse it; HAPI does."""
+    unmet = [f"{k}={v}" for k, v in params
+             if k in CARRIED and not meets_criteria(rtype, resource, [(k, v)], patient)]
+    if unmet:
+        raise rejected(400, "invalid", f"{asked} matches nothing, and the {rtype} it would "
+                       f"create does not meet {' and '.join(unmet)} itself: sent again, it "
+                       "would match nothing again and create another one. Give criteria the "
+                       "resource carries (its identifier's system and value, exactly)", at)
+
+
+def patient_of(rtype: str, resource: dict[str, Any],
+               local_bases: tuple[str, ...]) -> str | None:
+    """The ``Patient/id`` ``resource`` is about (its patient element), None when about none."""
+    element = PATIENT_ELEMENT.get(rtype)
+    return reference(resource.get(element), ("Patient",), local_bases) if element else None
 
 
 def criteria_key(params: list[tuple[str, str]]) -> str:
