@@ -8,7 +8,7 @@ from datetime import date, datetime
 from sqlalchemy import select, update
 
 from ccm_careplan.adapters.orm import distributions, practice_rules, review_steps, trackers
-from ccm_careplan.domain.rules import ReviewRules, validate_rules
+from ccm_careplan.domain.rules import DEFAULT_RULES, ReviewRules, rules_from_dict, validate_rules
 from ccm_careplan.domain.schedule import ESCALATED, idempotency_key
 from ccm_careplan.domain.tracker import REVIEW_OUTCOMES, resolve_provider
 from ccm_careplan.service_layer.common import (
@@ -111,15 +111,23 @@ async def replace_rules(
 ) -> int:
     """Store the practice's rules and move every plan's due date to match. Returns the revision."""
     validate_rules(rules)
-    before = await load_rules(uow.session, practice)
     while True:
-        current = await rules_revision(uow, practice)
+        # The rules this change replaces, read under the row's lock (a concurrent change is
+        # waited for here): whether the supervisor changed is decided against them. (Read before
+        # that wait, they were the rules the concurrent change replaced: a supervisor both set
+        # was announced twice, one set back over the other's not at all.)
+        stored_row = (await uow.session.execute(
+            select(practice_rules.c.rules, practice_rules.c.revision)
+            .where(practice_rules.c.practice == practice).with_for_update())).first()
+        current = 0 if stored_row is None else stored_row.revision
+        before = DEFAULT_RULES if stored_row is None else rules_from_dict(stored_row.rules)
         if if_match is not None and if_match != current:
             raise RulesChanged(f"the rules are at revision {current}, not {if_match}")
         values = {"rules": rules.to_dict(), "revision": current + 1, "updated_at": now}
-        # Only over the revision read: a concurrent write that committed since (this statement
-        # waits for it) leaves nothing stored here, and the revision is read again (unguarded,
-        # concurrent writers each stored revision current + 1 and all but one were lost).
+        # Only over the revision read. With the row locked that is the row's revision; with no
+        # row yet, a concurrent first write may insert it first: then nothing is stored here
+        # and this round runs again, under its lock (unguarded, concurrent writers each stored
+        # revision current + 1 and all but one were lost).
         stored = await uow.session.execute(
             insert_for(uow.session)(practice_rules).values(practice=practice, **values)
             .on_conflict_do_update(index_elements=["practice"], set_=values,
@@ -128,7 +136,7 @@ async def replace_rules(
         if stored.first() is not None:
             break
     rows = (await uow.session.execute(select(trackers).where(trackers.c.practice == practice)
-                                      .with_for_update())).all()
+                                      .order_by(trackers.c.id).with_for_update())).all()
     escalated = []
     for r in rows:
         due = compute_due(dict(r._mapping), rules)

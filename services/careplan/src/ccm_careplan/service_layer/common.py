@@ -43,11 +43,11 @@ def insert_for(session: AsyncSession):  # noqa: ANN201
     return dialect_insert(session.bind.dialect.name)
 
 
-async def load_rules(session: AsyncSession, practice: str) -> ReviewRules:
-    row = (
-        await session.execute(select(practice_rules.c.rules).where(
-            practice_rules.c.practice == practice))
-    ).first()
+async def load_rules(session: AsyncSession, practice: str, *, share: bool = False) -> ReviewRules:
+    """The practice's rules; ``share``: hold them (FOR SHARE) until the transaction ends, so a
+    rules change waits for it, or it for a change in progress (and then reads the new rules)."""
+    stmt = select(practice_rules.c.rules).where(practice_rules.c.practice == practice)
+    row = (await session.execute(stmt.with_for_update(read=True) if share else stmt)).first()
     return DEFAULT_RULES if row is None else rules_from_dict(row.rules)
 
 

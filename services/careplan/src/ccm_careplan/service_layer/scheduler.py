@@ -155,6 +155,14 @@ async def _practice_pass(
                 .with_for_update(skip_locked=True))).all()]
             if not rows:
                 return
+            # The rules again, now that the batch's plans are held: a rules change holds every
+            # plan of the practice while it recomputes them, so these are the rules their due
+            # dates and escalations were last set by. (Read only at the start of the pass, a
+            # change committed meanwhile had later batches send by the replaced rules: an
+            # escalation named the supervisor it had just replaced, and was never announced
+            # again.) The horizon above may be the old rules': a plan it leaves out is the next
+            # pass's.
+            rules = await load_rules(uow.session, practice)
             recorded: dict[tuple[str, date], list] = {}
             for step in (await uow.session.execute(select(
                     review_steps.c.tracker_id, review_steps.c.cycle_due, review_steps.c.kind,

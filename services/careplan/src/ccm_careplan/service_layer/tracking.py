@@ -128,8 +128,13 @@ async def apply_care_plan_event(event: CloudEvent, uow: UnitOfWork, now: datetim
     revision = mapping_revision(source)
     version_day = await practice_today(uow.session, practice, last_updated)
     tid = tracker_id(practice, data["carePlan"])
-    rules = await load_rules(uow.session, practice)
     row = await lock_tracker(uow.session, practice, tid)
+    # Read once the plan is held: a rules change moves every plan's due date under its lock, so
+    # the rules read now are either the ones it left or the ones it recomputed with. (Read before
+    # waiting for it, a version recomputed the due date with the rules it replaced.) A plan new
+    # here has no row to hold, and a change in progress would not see it: its rules are held
+    # instead (a change takes them first, then the plans: the same order, no deadlock).
+    rules = await load_rules(uow.session, practice, share=row is None)
     fields = {
         "status": data["status"], "intent": data["intent"], "author": data.get("author"),
         "care_team": list(data.get("careTeam") or []),
@@ -210,15 +215,18 @@ async def apply_condition_event(event: CloudEvent, uow: UnitOfWork, now: datetim
         .on_conflict_do_update(index_elements=["practice", "condition"], set_=values))
     if not chronic or (existing is not None and existing.chronic_active):
         return
+    plans = [dict(r._mapping) for r in (await uow.session.execute(
+        select(trackers).where(trackers.c.practice == practice,
+                               trackers.c.patient == data["patient"],
+                               trackers.c.status == "active")
+        .order_by(trackers.c.id).with_for_update())).all()]
+    # The rules once the plans are held (as for a plan's version: apply_care_plan_event).
     rules = await load_rules(uow.session, practice)
-    if not rules.early_review_on_new_chronic_condition:
+    if not plans or not rules.early_review_on_new_chronic_condition:
         return
     day = await practice_today(uow.session, practice, last_updated)
-    plans = (await uow.session.execute(select(trackers.c.id).where(
-        trackers.c.practice == practice, trackers.c.patient == data["patient"],
-        trackers.c.status == "active"))).scalars().all()
-    for tid in plans:
-        row = await lock_tracker(uow.session, practice, tid)
+    for row in plans:
+        tid = row["id"]
         anchor = row["last_review"] or row["created"] or row["first_seen"]
         if data["condition"] in (row["addresses"] or []) or day <= anchor:
             continue  # the plan already addresses it, or predates it
