@@ -129,15 +129,27 @@ async def test_a_replayed_version_does_not_bring_a_deleted_resource_back(fhir):
     assert [e["data"]["seconds"] for e in await events(fhir, "ingest.time-entry.logged.v1")] \
         == [1200]
     assert len(await events(fhir, "ingest.time-entry.reversed.v1")) == 1
-    # New content re-creates it, even stamped before the deletion (an EHR clock that lags).
+    # New content made before the deletion (stamped before it by more than the clocks may
+    # differ: a delayed message) is kept in history; the resource stays deleted, its time
+    # reversed. It re-created the resource and logged its time again.
     again = {**sent, "length": {**sent["length"], "value": 25}}
-    assert (await fhir.put("/fhir/Encounter/e1", json=again)).status_code == 201
+    delayed = await fhir.put("/fhir/Encounter/e1", json=again)
+    assert delayed.status_code == 200 and "etag" not in delayed.headers
+    assert "kept in history as version 3" in delayed.json()["issue"][0]["diagnostics"]
+    assert (await fhir.get("/fhir/Encounter/e1")).status_code == 410
+    assert [e["data"]["seconds"] for e in await events(fhir, "ingest.time-entry.logged.v1")] \
+        == [1200]
+    # New content stamped within the clocks' difference of the deletion (now 2026-03-15T14:00Z;
+    # an EHR clock that lags ours), or not stamped, re-creates it.
+    lagging = {**sent, "length": {**sent["length"], "value": 30},
+               "meta": {"lastUpdated": "2026-03-15T13:55:01Z"}}
+    assert (await fhir.put("/fhir/Encounter/e1", json=lagging)).status_code == 201
     assert (await fhir.get("/fhir/Encounter/e1")).status_code == 200
     assert [e["data"]["seconds"] for e in await events(fhir, "ingest.time-entry.logged.v1")] \
-        == [1200, 1500]
+        == [1200, 1800]
     history = (await fhir.get("/fhir/Encounter/e1/_history")).json()
     assert [(e["request"]["method"], e["response"]["status"]) for e in history["entry"]] == [
-        ("PUT", "201"), ("DELETE", "204"), ("PUT", "201")]
+        ("PUT", "201"), ("PUT", "200"), ("DELETE", "204"), ("PUT", "201")]  # newest first
 
 
 async def test_the_same_content_dated_after_its_deletion_re_creates_a_resource(fhir):

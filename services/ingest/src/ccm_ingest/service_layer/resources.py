@@ -387,12 +387,18 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
             # than its clock may run ahead of ours (a write made before the delete, from an EHR
             # whose clock runs ahead, could otherwise bring the resource back).
             replays.append((w.rtype, w.rid, sha))
-        if stored_before and last_updated <= cur.last_updated and (cur.deleted or not sent):
+        # Other content dated before a deletion by more than the clocks may differ was made
+        # before it (a delayed message): kept in history, the resource stays deleted. (It
+        # re-created the resource, and an Encounter's CCM time was logged again.)
+        made_before_deletion = (stored_before and cur.deleted and sent
+                                and last_updated + caller.clock_skew < cur.last_updated)
+        if stored_before and last_updated <= cur.last_updated and (cur.deleted or not sent) \
+                and not made_before_deletion:
             # No time sent, or a re-creation after a delete: this version is the newest by
             # definition, even after one whose time is (within the allowed clock difference)
             # ahead of ours; its events must sort after the deletion's reversals.
             last_updated = cur.last_updated + timedelta(milliseconds=1)
-        stale = exists and last_updated < cur.last_updated
+        stale = (exists and last_updated < cur.last_updated) or made_before_deletion
         if stale:
             answer_with.append((w.rtype, w.rid, cur.version_id))
             replays.append((w.rtype, w.rid, sha))
@@ -400,8 +406,9 @@ async def _store_batch(uow: UnitOfWork, caller: Caller, writes: list[Write]) -> 
     stored = await repo.versions_of(answer_with)
     # A stale version already in history (an EHR's retry) is not kept twice; and a replay of
     # what came before a deletion must not bring the resource (and its CCM time) back. Other
-    # content re-creates it, whatever its time (the EHR's clock may lag the deletion's), and so
-    # does the same content dated after the deletion (an EHR undoing a delete).
+    # content re-creates it unless dated before the deletion by more than the clocks may
+    # differ (above), and so does the same content dated after the deletion (an EHR undoing a
+    # delete).
     kept = await repo.same_content_versions(replays)
     known = await stored_performers(repo, (w.resource for w, *_ in plans), caller.local_bases)
     pending = _Pending()
