@@ -35,6 +35,8 @@ async def test_every_405_names_the_methods_its_url_takes(tmp_path, service):
                 url = re.sub(r"\{[^}]+\}", "x", template)
                 # What the document says the URL takes: every path of it matching the URL.
                 takes = set().union(*(ms for p, ms in templates if p.match(url)))
+                if "GET" in takes:  # answered as GET without the body (RFC 9110 §9.3.2)
+                    takes.add("HEAD")
                 for method in sorted(set(METHODS) - takes):
                     r = await client.request(method, url)
                     assert r.status_code == 405, (method, url, r.status_code)
@@ -55,6 +57,24 @@ async def test_a_path_with_a_get_and_a_put_route_names_both(tmp_path):
             r = await client.patch("/v1/practices/alpha/care-plan-rules", json={})
     finally:
         await runtime.db.dispose()
-    assert r.status_code == 405 and r.headers["allow"] == "GET, PUT"
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, PUT"
     assert r.json() == {"type": "about:blank", "title": "Method Not Allowed", "status": 405,
-                        "detail": "PATCH is not taken here; this URL takes GET, PUT"}
+                        "detail": "PATCH is not taken here; this URL takes GET, HEAD, PUT"}
+
+
+@pytest.mark.parametrize("service", ["billing", "careplan", "notification", "ingest"])
+async def test_head_is_answered_as_get_without_the_body(tmp_path, service):
+    """RFC 9110 §9.3.2: a resource that takes GET takes HEAD (it was a 405): the same status
+    and headers, no body."""
+    runtime = await embedded_runtime(tmp_path, service)
+    transport = httpx.ASGITransport(app=runtime.app())
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            got = await client.get("/openapi.json")
+            head = await client.head("/openapi.json")
+    finally:
+        await runtime.db.dispose()
+    assert head.status_code == got.status_code == 200
+    assert head.content == b"" and got.content
+    assert head.headers["content-length"] == got.headers["content-length"]
+    assert head.headers["content-type"] == got.headers["content-type"]

@@ -83,6 +83,11 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        method = scope["method"]
+        if method == "HEAD":
+            # RFC 9110 §9.3.2: HEAD is GET without the body (the routes declare GET only); the
+            # routing writes into this scope, so it is the one changed.
+            scope["method"] = "GET"
         cid = _correlation_id(headers.get(CORRELATION_HEADER.encode(), b"")) or \
             new_correlation_id()
         token = set_correlation_id(cid)
@@ -99,6 +104,9 @@ class EdgeMiddleware:
                     status_holder["status"] = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-correlation-id", cid.encode())]
+            elif message["type"] == "http.response.body" and method == "HEAD" \
+                    and message.get("body"):
+                message = {**message, "body": b""}  # its headers say what GET would send
             await send(message)
 
         try:
@@ -143,12 +151,12 @@ class EdgeMiddleware:
             path = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started
             status = status_holder["status"] or 500  # no response: an error escaped (logged)
-            metrics.http_requests.labels(self.service, scope["method"], path, str(status)).inc()
+            metrics.http_requests.labels(self.service, method, path, str(status)).inc()
             metrics.http_latency.labels(self.service, path).observe(elapsed)
             # The route template, never the concrete path: ids in paths are not logged.
             log.info(
                 "http request",
-                method=scope["method"],
+                method=method,
                 route=path,
                 status=status,
                 duration_ms=round(elapsed * 1000, 2),
@@ -321,9 +329,11 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:  # noqa: ANN001 - an ASGI
     """The methods ``app`` takes at the request's path (a 405's ``Allow``): each one asked of
     the routes as a request of that method would be. A path's GET and PUT are routes of their
     own, and Starlette's 405 named only those of the first route matching the path."""
-    return [method for method in _METHODS
-            if any(route.matches({**scope, "method": method})[0] is Match.FULL
-                   for route in app.router.routes)]
+    taken = [method for method in _METHODS
+             if any(route.matches({**scope, "method": method})[0] is Match.FULL
+                    for route in app.router.routes)]
+    # HEAD wherever GET (EdgeMiddleware answers it as GET without the body)
+    return sorted({*taken, "HEAD"}) if "GET" in taken else taken
 
 
 # -- /fhir: every error an OperationOutcome ------------------------------------------------------

@@ -562,5 +562,5 @@ async def test_the_capability_statement_says_what_is_supported(ingest_pg):
                 resource["conditionalDelete"], resource["conditionalRead"]) == \
             (True, True, "single", "full-support"), resource["type"]
     r = await ingest_pg.patch("/fhir/Patient?identifier=x", json={})
-    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, POST, PUT"
+    assert r.status_code == 405 and r.headers["allow"] == "DELETE, GET, HEAD, POST, PUT"
     assert json.loads(r.content)["resourceType"] == "OperationOutcome"

@@ -587,7 +587,7 @@ async def test_a_method_the_url_does_not_take_says_which_it_does(fhir):
     r = await fhir.patch("/fhir/Patient/x", json={})
     assert r.status_code == 405 and r.json()["resourceType"] == "OperationOutcome"
     assert "PUT" in r.headers["allow"] and "GET" in r.headers["allow"]
-    assert "takes DELETE, GET, PUT" in r.json()["issue"][0]["diagnostics"]
+    assert "takes DELETE, GET, HEAD, PUT" in r.json()["issue"][0]["diagnostics"]
     posted = await fhir.post("/fhir/Patient/x", json={"resourceType": "Patient", "id": "x"})
     assert posted.status_code == 405
     assert "a create with an id of your own is a PUT" in posted.json()["issue"][0]["diagnostics"]

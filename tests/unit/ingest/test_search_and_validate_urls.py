@@ -245,3 +245,38 @@ async def test_a_conditional_create_matching_other_content_warns_that_nothing_ch
     # As FHIR says: the match is not changed, and no reversal went out.
     assert len(await events(fhir, "ingest.time-entry.logged.v1")) == 1
     assert await events(fhir, "ingest.time-entry.reversed.v1") == []
+
+
+async def test_head_of_a_read_answers_its_headers_without_the_body(fhir):
+    """RFC 9110 §9.3.2 (an EHR's HEAD to check a version was a 405): the read's status, ETag and
+    Last-Modified, no body; a deleted one's 410 too."""
+    assert (await fhir.put("/fhir/Patient/p1", json={"resourceType": "Patient", "id": "p1"},
+                           headers=FHIR)).status_code == 201
+    for url in ("/fhir/Patient/p1", "/fhir/Patient/p1/_history/1", "/fhir/metadata",
+                "/fhir/Patient?_id=p1"):
+        got, head = await fhir.get(url), await fhir.head(url)
+        assert head.status_code == got.status_code == 200, url
+        assert head.content == b"" and head.headers.get("etag") == got.headers.get("etag")
+        assert head.headers["content-length"] == got.headers["content-length"]
+    await fhir.delete("/fhir/Patient/p1")
+    assert (await fhir.head("/fhir/Patient/p1")).status_code == 410
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+async def test_a_write_to_metadata_is_a_405_naming_get(fhir, method):
+    """/fhir/metadata is read only: a write to it was a 404 'resource type metadata is not
+    supported' (the create route took it for a type)."""
+    r = await fhir.request(method, "/fhir/metadata", json={"resourceType": "Patient"},
+                           headers=FHIR)
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+    assert r.json()["resourceType"] == "OperationOutcome"
+
+
+@pytest.mark.parametrize("url", ["/fhir/Patient?_lastUpdated=ge2026-11-29T03:00:00+01:00",
+                                 "/fhir/Patient/p1/_history?_since=2026-11-29T03:00:00+01:00"])
+async def test_an_unencoded_plus_in_a_date_is_named(fhir, url):
+    r = await fhir.get(url)
+    assert r.status_code == 400
+    assert "write a zone ahead of UTC as %2B" in r.json()["issue"][0]["diagnostics"]
+    encoded = await fhir.get(url.replace("+", "%2B"))
+    assert encoded.status_code in (200, 404), encoded.text

@@ -63,10 +63,13 @@ def _allowed(request: Request) -> list[str]:
     if not parts:
         return ["POST"]
     if len(parts) == 1:  # a type: search, create, conditional update and delete
-        return ["GET"] if parts[0] == "metadata" else ["DELETE", "GET", "POST", "PUT"]
+        return ["GET", "HEAD"] if parts[0] == "metadata" else ["DELETE", "GET", "HEAD", "POST",
+                                                               "PUT"]
     if len(parts) == 2:
-        return ["POST"] if parts[1] in ("$validate", "_search") else ["DELETE", "GET", "PUT"]
-    return ["POST"] if parts[-1] == "$validate" else ["GET"]  # _history, _history/{vid}
+        return ["POST"] if parts[1] in ("$validate", "_search") else ["DELETE", "GET", "HEAD",
+                                                                      "PUT"]
+    # _history, _history/{vid} (HEAD wherever GET: the platform's edge answers it)
+    return ["POST"] if parts[-1] == "$validate" else ["GET", "HEAD"]
 
 
 # What a request body may be labelled: FHIR JSON, plain JSON, and STU3's name for FHIR JSON

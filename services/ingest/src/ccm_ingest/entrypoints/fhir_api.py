@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ccm_ingest.adapters.fhir_validation import load_models
 from ccm_ingest.adapters.repository import SqlResourceRepository, VersionRow
@@ -289,6 +290,8 @@ def _require_fhir(tenant: Tenant) -> None:
 
 
 def _check_type(rtype: str) -> None:
+    if rtype == "metadata":  # only read (its own route): any other method is a 405 with Allow
+        raise StarletteHTTPException(405)
     if rtype not in SUPPORTED_TYPES:
         raise rejected(404, "not-supported", f"resource type {rtype!r} is not supported; "
                        f"supported: {', '.join(SUPPORTED_TYPES)}"

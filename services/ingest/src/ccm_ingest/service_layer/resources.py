@@ -876,6 +876,12 @@ def search_date_range(text: str) -> tuple[datetime, datetime]:
     return low, low.replace(year=low.year + 1)
 
 
+def _plus_hint(value: str) -> str:
+    """What a space in a date searched for most likely is: the ``+`` of a zone, unencoded."""
+    return ("; a '+' in a URL's query is a space: write a zone ahead of UTC as %2B (e.g. "
+            "2026-11-29T03:00:00%2B01:00)" if " " in value else "")
+
+
 def last_updated_criteria(value: str) -> list[tuple[str, datetime | tuple[datetime, datetime]]]:
     """``_lastUpdated=[prefix]date`` as comparisons of the instant (FHIR's date search: the
     prefix compares with the whole range the date's precision covers)."""
@@ -885,8 +891,8 @@ def last_updated_criteria(value: str) -> list[tuple[str, datetime | tuple[dateti
     except (ValueError, OverflowError):
         raise rejected(400, "value", f"_lastUpdated {value!r} is not a FHIR search date "
                        "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]) "
-                       f"with an optional prefix ({', '.join(_DATE_PREFIXES)})",
-                       "_lastUpdated") from None
+                       f"with an optional prefix ({', '.join(_DATE_PREFIXES)})"
+                       + _plus_hint(value), "_lastUpdated") from None
     return {"eq": [("ge", low), ("lt", high)], "ne": [("outside", (low, high))],
             "gt": [("ge", high)], "sa": [("ge", high)], "ge": [("ge", low)],
             "lt": [("lt", low)], "eb": [("lt", low)], "le": [("lt", high)]}[prefix]
@@ -1095,7 +1101,7 @@ def history_params(params: list[tuple[str, str]]) -> tuple[datetime | None, int,
             except (ValueError, OverflowError):
                 raise rejected(400, "value", f"_since {value!r} is not a FHIR instant or date "
                                "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]]"
-                               "[Z|±hh:mm])", "_since") from None
+                               "[Z|±hh:mm])" + _plus_hint(value), "_since") from None
         elif name not in PAGING and name not in IGNORED:
             raise rejected(400, "not-supported", f"_history parameter {name!r} is not supported; "
                            f"supported: {', '.join(sorted(HISTORY_PARAMS))} (Prefer: "
