@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlencode
@@ -198,6 +198,24 @@ def cancelled(resource: dict, reason: str, replaced_by: str | None) -> dict:
         out["extension"] = [*resource.get("extension", []),
                             {"url": EXT_REPLACED_BY, "valueReference": {"reference": f"Invoice/{replaced_by}"}}]
     return out
+
+
+def with_meta(resource: dict, version_id: int, last_updated: datetime) -> dict:
+    """``resource`` as /fhir serves it: its ``meta.versionId`` and ``meta.lastUpdated`` (a FHIR
+    instant, UTC) from the row that stores it, after its id, as FHIR writes ``meta``."""
+    meta = {"versionId": str(version_id), "lastUpdated": instant(last_updated)}
+    out: dict = {}
+    for key, value in resource.items():
+        if key != "meta":
+            out[key] = value
+        if key == "id":
+            out["meta"] = meta
+    return out
+
+
+def instant(when: datetime) -> str:
+    """A FHIR instant of an aware time: UTC, ``Z``, to the microsecond where it has one."""
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def operation_outcome(code: str, diagnostics: str, expression: list[str] | None = None) -> dict:

@@ -55,7 +55,9 @@ _line_items = (
            _ln.c.patient, _ln.c.month, _ln.c.code, literal("billable", Text).label("status"),
            _ln.c.amount,
            (func.substr(_ln.c.resource, 1, func.length(_ln.c.resource) - 1, type_=Text)
-            + _p.c.line_entered).label("resource"))
+            + _p.c.line_entered).label("resource"),
+           # Unchanged since the close issued it (a change materialises it first).
+           literal(1, Integer).label("version_id"), _p.c.closed_at.label("last_updated"))
     .join_from(_ln, _p, _in_place(_ln)).where(_p.c.line_invoice.is_not(None))
 )
 

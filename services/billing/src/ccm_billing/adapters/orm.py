@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     false,
+    func,
     text,
 )
 
@@ -47,6 +48,17 @@ def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool =
 ENROLLED_ENTRY = text("patient IS NOT NULL AND start IS NOT NULL")
 # The payments whose reference is taken: those with one, not voided (billing_0022).
 ACTIVE_REFERENCE = text("reference IS NOT NULL AND voided_at IS NULL")
+
+
+def _served_version() -> tuple[Column, Column]:
+    """``meta.versionId`` and ``meta.lastUpdated`` of a FHIR resource billing serves
+    (billing_0024): one more, and the time, in the statement that changes what /fhir serves of
+    it. The server defaults fill rows written by code before it."""
+    return (Column("version_id", Integer, nullable=False, default=1, server_default=text("1")),
+            Column("last_updated", DateTime(timezone=True), nullable=False,
+                   server_default=func.now()))
+
+
 # A payment or refund sent with an Idempotency-Key (billing_0023), and the key's longest form.
 HAS_KEY = text("idempotency_key IS NOT NULL")
 IDEMPOTENCY_KEY = 200
@@ -165,6 +177,9 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         # resource without its lineItem: its ChargeItems give it (filed.invoice_resource)
         Column("lines_in_place", Boolean, nullable=False, default=False,
                server_default=false()),
+        # Its status, cancellation or replacement changed: a new version (a payment that leaves
+        # the status as it was changes nothing /fhir/Invoice serves).
+        *_served_version(),
         UniqueConstraint("practice", "month", "revision", name="uq_invoices_practice_month_rev"),
         Index("ix_invoices_practice_status", "practice", "status"),
     )
@@ -179,6 +194,7 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         Column("status", String(20), nullable=False),  # billable | entered-in-error
         Column("amount", String(20), nullable=False),
         Column("resource", Text, nullable=False),  # the FHIR R4 ChargeItem, as JSON
+        *_served_version(),  # version 2: entered-in-error (its Invoice cancelled)
         Index("ix_charge_items_invoice", "invoice_id"),
         Index("ix_charge_items_patient", "practice", "patient"),
     )

@@ -11,23 +11,24 @@ written."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, tzinfo
 from datetime import date as Day  # a field is named date
-from datetime import datetime, tzinfo
+from email.utils import format_datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from sqlalchemy import and_, delete, false, func, insert, or_, select
+from sqlalchemy import and_, delete, false, func, insert, or_, select, true
 
 from ccm_billing.adapters import fhir, filed, orm
 from ccm_billing.domain.model import Month
 from ccm_billing.domain.payments import balance_of
 from ccm_billing.domain.rules import RulesetMissing, ruleset_for
-from ccm_billing.entrypoints import fhir_dates
 from ccm_billing.service_layer import corrections, ehr, invoicing, worklist
 from ccm_billing.service_layer.common import practice_info
 from ccm_billing.service_layer.decisions import duplicate_patients
+from ccm_shared import fhir_dates
 from ccm_shared.db import dialect_insert
 from ccm_shared.errors import AppError, Conflict, Forbidden, InvalidInput, NotFound
 from ccm_shared.http import TenantDep, json_body_after
@@ -442,23 +443,25 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
     def fhir_response(doc: dict) -> Response:
         return Response(json.dumps(doc), media_type=FHIR_JSON)
 
-    @router.get("/fhir/Invoice/{resource_id}", tags=["fhir"], summary="FHIR R4 Invoice")
+    @router.get("/fhir/Invoice/{resource_id}", tags=["fhir"], summary="FHIR R4 Invoice",
+                responses=VERSIONED)
     async def fhir_invoice(resource_id: str, tenant: BillingReader) -> Response:
         async with db.unit_of_work() as uow:
             row = await invoicing.get_invoice_row(uow.session, resource_id, tenant.practice_id)
             if row is None:
                 raise NotFound(f"Invoice/{resource_id} not found")
-            return fhir_response(await filed.invoice_resource(uow.session, row))
+            return versioned_response(await filed.invoice_resource(uow.session, row), row)
 
-    @router.get("/fhir/ChargeItem/{resource_id}", tags=["fhir"], summary="FHIR R4 ChargeItem")
+    @router.get("/fhir/ChargeItem/{resource_id}", tags=["fhir"], summary="FHIR R4 ChargeItem",
+                responses=VERSIONED)
     async def fhir_charge_item(resource_id: str, tenant: BillingReader) -> Response:
         ci = filed.charge_items
         async with db.unit_of_work() as uow:
-            row = (await uow.session.execute(select(ci.c.resource).where(
+            row = (await uow.session.execute(select(*SERVED_COLUMNS(ci)).where(
                 ci.c.id == resource_id, ci.c.practice == tenant.practice_id))).first()
         if row is None:
             raise NotFound(f"ChargeItem/{resource_id} not found")
-        return fhir_response(json.loads(row.resource))
+        return versioned_response(json.loads(row.resource), row)
 
     @router.get("/fhir/Invoice", tags=["fhir"],
                 summary="Search Invoices: _id, identifier, status, recipient, date (paged: "
@@ -474,10 +477,12 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                                   "2025-04, ge2025-04-01, lt2025-05, "
                                   "ge2025-04-01T12:00:00Z; prefixes eq, ne, gt, lt, ge, le, sa, "
                                   "eb (given twice: both); a value that is no date: 400"))] = None,
+                              last_updated: LastUpdated = None,
                               count: PageCount = DEFAULT_PAGE,
                               offset: PageOffset = 0) -> Response:
         criteria = search_criteria(request, INVOICE_SEARCH)
         dates = [date_criterion(d) for d in date or []]
+        updated = [date_criterion(v, "_lastUpdated") for v in last_updated or []]
         i = orm.invoices
         where = [i.c.practice == tenant.practice_id,
                  *(i.c.id.in_(any_of(v, "_id")) for v in ids or []),
@@ -489,15 +494,19 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
         if any(r.removeprefix("Organization/") != tenant.practice_id for r in recipient or []):
             where.append(false())  # another recipient's Invoices are none of this practice's
         async with db.unit_of_work() as uow:
+            # A date without a time is the practice's day.
+            zone = (await practice_info(uow.session, tenant.practice_id)).tz if (
+                dates or updated) else UTC
+            where += [instant_condition(i.c.last_updated, c, zone) for c in updated]
             found = [(r, json.loads(r.resource)) for r in (await uow.session.execute(
                 select(i).where(*where).order_by(i.c.month, i.c.revision))).all()]
-            if dates:  # a date without a time is the practice's day
-                zone = (await practice_info(uow.session, tenant.practice_id)).tz
+            if dates:
                 found = [(r, d) for r, d in found
                          if all(date_matches(d["date"], c, zone) for c in dates)]
             page = found[offset:offset + count]  # a practice has a few Invoices a month
-            invoices = await filed.invoice_resources(uow.session, [r for r, _ in page],
-                                                     [d for _, d in page])
+            invoices = [fhir.with_meta(doc, r.version_id, r.last_updated) for (r, _), doc in zip(
+                page, await filed.invoice_resources(uow.session, [r for r, _ in page],
+                                                    [d for _, d in page]), strict=True)]
         return fhir_response(fhir.search_bundle(invoices, request.url, criteria=criteria,
                                                 total=len(found), count=count, offset=offset,
                                                 max_offset=MAX_OFFSET, base=fhir_base(request)))
@@ -511,9 +520,11 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                                       "billable or entered-in-error (a comma: either)"))] = None,
                                   subject: Annotated[list[str] | None, Query(description=(
                                       "Patient/{id}"))] = None,
+                                  last_updated: LastUpdated = None,
                                   count: PageCount = DEFAULT_PAGE,
                                   offset: PageOffset = 0) -> Response:
         criteria = search_criteria(request, CHARGE_ITEM_SEARCH)
+        updated = [date_criterion(v, "_lastUpdated") for v in last_updated or []]
         ci = filed.charge_items
         where = [ci.c.practice == tenant.practice_id,
                  *(ci.c.id.in_(any_of(v, "_id")) for v in ids or []),
@@ -532,11 +543,15 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                         v.split(":") for v in values if v.count(":") == 3)
                     if practice == tenant.practice_id)))
         async with db.unit_of_work() as uow:
+            if updated:  # a date without a time is the practice's day
+                zone = (await practice_info(uow.session, tenant.practice_id)).tz
+                where += [instant_condition(ci.c.last_updated, c, zone) for c in updated]
             total = (await uow.session.execute(
                 select(func.count()).select_from(ci).where(*where))).scalar_one()
-            rows = [json.loads(r.resource) for r in (await uow.session.execute(
-                select(ci.c.resource).where(*where).order_by(ci.c.month, ci.c.id)
-                .limit(count).offset(offset))).all()] if count else []
+            rows = [fhir.with_meta(json.loads(r.resource), r.version_id, r.last_updated)
+                    for r in (await uow.session.execute(
+                        select(*SERVED_COLUMNS(ci)).where(*where).order_by(ci.c.month, ci.c.id)
+                        .limit(count).offset(offset))).all()] if count else []
         return fhir_response(fhir.search_bundle(rows, request.url, criteria=criteria,
                                                 total=total, count=count, offset=offset,
                                                 max_offset=MAX_OFFSET, base=fhir_base(request)))
@@ -555,11 +570,39 @@ Ids = Annotated[list[str] | None, Query(alias="_id", description=(
     "The resource's id (a comma: any of them; given twice: both)"))]
 Identifiers = Annotated[list[str] | None, Query(description=(
     "The resource's identifier: value, or system|value"))]
+LastUpdated = Annotated[list[str] | None, Query(alias="_lastUpdated", description=(
+    "meta.lastUpdated, when what is served of the resource last changed (a date: the "
+    "practice's day): 2025-04, ge2025-04-01, lt2025-04-02T12:00:00Z; prefixes eq, ne, gt, lt, "
+    "ge, le, sa, eb (given twice: both); a time needs its zone; a value that is no date: 400"))]
+# What a read of a resource answers besides its body: its version as headers.
+VERSIONED = {200: {"description": "The resource, with meta.versionId and meta.lastUpdated",
+                   "headers": {
+                       "ETag": {"description": 'W/"<meta.versionId>"',
+                                "schema": {"type": "string"}},
+                       "Last-Modified": {"description": "meta.lastUpdated, as an HTTP date",
+                                         "schema": {"type": "string"}}}}}
+
+
+def SERVED_COLUMNS(table) -> list:  # noqa: ANN001, N802 - columns, named as a constant's use
+    """The columns a ChargeItem is served from: its resource and version."""
+    return [table.c.resource, table.c.version_id, table.c.last_updated]
+
+
+def versioned_response(resource: dict, row) -> Response:  # noqa: ANN001
+    """A read of one resource: with ``meta`` from its row (``version_id``, ``last_updated``),
+    ``ETag: W/"<versionId>"`` and ``Last-Modified`` (FHIR http.html#read: "should")."""
+    return Response(json.dumps(fhir.with_meta(resource, row.version_id, row.last_updated)),
+                    media_type=FHIR_JSON, headers={
+                        "ETag": f'W/"{row.version_id}"',
+                        "Last-Modified": format_datetime(row.last_updated.astimezone(UTC),
+                                                         usegmt=True)})
 
 # The parameters each search takes; any other is refused (400), never ignored: FHIR's server
 # SHALL NOT ignore one silently, and ``_id=does-not-exist`` answered every Invoice.
-INVOICE_SEARCH = ("_id", "identifier", "status", "recipient", "date", "_count", "_offset")
-CHARGE_ITEM_SEARCH = ("_id", "identifier", "status", "subject", "_count", "_offset")
+INVOICE_SEARCH = ("_id", "identifier", "status", "recipient", "date", "_lastUpdated", "_count",
+                  "_offset")
+CHARGE_ITEM_SEARCH = ("_id", "identifier", "status", "subject", "_lastUpdated", "_count",
+                      "_offset")
 # Parameters of how to answer, not what to find: the answer is JSON either way (as ingest's).
 IGNORED = frozenset({"_format", "_pretty"})
 PAGING = ("_count", "_offset")
@@ -620,18 +663,31 @@ def identified(value: str, system: str) -> list[str] | None:
     return values
 
 
-def date_criterion(query: str) -> fhir_dates.DateCriterion:
-    """The criterion of a ``date`` search (``fhir_dates``): 400 for a value that is no FHIR date
-    or dateTime (2026-1, 2026-13, lt2026-11-99, a time without a zone), as FHIR refuses a
-    search parameter."""
+def date_criterion(query: str, name: str = "date") -> fhir_dates.DateCriterion:
+    """The criterion of a date search parameter ``name`` (``ccm_shared.fhir_dates``; a time
+    needs its zone, a date is the practice's day): 400 for a value that is no FHIR date or
+    dateTime (2026-1, 2026-13, lt2026-11-99, a time without a zone), as FHIR refuses a search
+    parameter."""
     try:
-        return fhir_dates.parse(query)
+        return fhir_dates.parse(query, zone_required=True)
     except ValueError as exc:
-        raise SearchRefused("value", f"unsupported date search {query!r}: {exc}; e.g. 2025-04, "
-                            "ge2025-04-01 or lt2025-05-01T00:00:00Z", "date") from None
+        raise SearchRefused("value", f"unsupported {name} search {query!r}: {exc}; e.g. "
+                            "2025-04, ge2025-04-01 or lt2025-05-01T00:00:00Z", name) from None
 
 
 def date_matches(value: str, criterion: fhir_dates.DateCriterion, zone: tzinfo) -> bool:
     """FHIR date search on the Invoice date (an instant), a date taken in the practice's
     ``zone``."""
     return criterion.matches(datetime.fromisoformat(value), zone)
+
+
+def instant_condition(column, criterion: fhir_dates.DateCriterion, zone: tzinfo):  # noqa: ANN001, ANN201
+    """The SQL condition of a date search on an instant ``column`` (``_lastUpdated``), a date
+    taken in the practice's ``zone``."""
+    low, high, inside = criterion.interval(zone)
+    bounds = [*([column >= low] if low is not None else []),
+              *([column < high] if high is not None else [])]
+    if inside:
+        return and_(true(), *bounds)
+    return or_(false(), *([column < low] if low is not None else []),
+               *([column >= high] if high is not None else []))

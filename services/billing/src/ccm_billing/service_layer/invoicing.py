@@ -159,6 +159,7 @@ async def issue_invoice(
             "id": ci_id, "practice": info.id, "invoice_id": inv_id, "patient": line.patient,
             "month": str(month), "code": line.code, "status": "billable",
             "amount": f"{line.amount:.2f}", "resource": entered(stub, now),
+            "version_id": 1, "last_updated": now,
         })
         refs.append((ci_id, line.amount))
     await bulk_insert(uow.session, orm.charge_items, items)
@@ -218,6 +219,7 @@ async def _store_invoice(
         "issued_at": now, "due_date": due, "overdue": False, "replaces": replaces,
         "replaced_by": None, "cancel_reason": None,
         "resource": _stored(resource, True), "lines_in_place": True,
+        "version_id": 1, "last_updated": now,
     }
     await uow.session.execute(insert(orm.invoices), row)
     await queue_delivery(uow, info.id, inv_id, now, has_endpoint=has_endpoint)
@@ -257,6 +259,12 @@ async def get_invoice_row(session, invoice_id: str, practice: str | None = None,
     """The invoice's row; without its resource when ``resource`` is False (for invoice_view)."""
     return (await session.execute(_invoice_statement(resource, practice is not None),
                                   {"id": invoice_id, "practice": practice})).first()
+
+
+def revised(table, now: datetime) -> dict:  # noqa: ANN001
+    """The values that mark a row of ``table`` (``invoices``, ``charge_items``) changed in what
+    /fhir serves of it: its next ``meta.versionId``, ``now`` its ``meta.lastUpdated``."""
+    return {"version_id": table.c.version_id + 1, "last_updated": now}
 
 
 def _stored(resource: dict, lines_in_place: bool) -> str:
@@ -402,14 +410,14 @@ async def cancel_invoice(uow: UnitOfWork, row, reason: str, replaced_by: str | N
     await uow.session.execute(
         update(i).where(i.c.id == row.id).values(
             status="cancelled", cancel_reason=reason, replaced_by=replaced_by,
-            resource=_stored(resource, row.lines_in_place),
+            resource=_stored(resource, row.lines_in_place), **revised(i, now),
         )
     )
     for item_id, item in (await uow.session.execute(
             select(ci.c.id, ci.c.resource).where(ci.c.invoice_id == row.id))).all():
         voided = {**json.loads(item), "status": "entered-in-error"}
         await uow.session.execute(update(ci).where(ci.c.id == item_id).values(
-            status="entered-in-error", resource=compact(voided)))
+            status="entered-in-error", resource=compact(voided), **revised(ci, now)))
     data = {**row._asdict(), "cancel_reason": reason, "replaced_by": replaced_by}
     await _publish_invoice(uow, "billing.invoice.cancelled.v1", data, resource, now)
     await queue_delivery(uow, row.practice, row.id, now)
@@ -435,7 +443,8 @@ async def replace_cancelled(uow: UnitOfWork, practice: str, month: str, replaced
     resource = fhir.cancelled(await filed.invoice_resource(uow.session, row), row.cancel_reason,
                               replaced_by)
     await uow.session.execute(update(i).where(i.c.id == last).values(
-        replaced_by=replaced_by, resource=_stored(resource, row.lines_in_place)))
+        replaced_by=replaced_by, resource=_stored(resource, row.lines_in_place),
+        **revised(i, now)))
     await queue_delivery(uow, practice, last, now)
     return last
 
@@ -501,27 +510,11 @@ async def record_payment(
     cancelled invoice takes a payment only while it owes refunded money back
     (``takes_payment``)."""
     i, p = orm.invoices, orm.payments
-    # One payment of an invoice at a time: each reads the balance and references the one before
-    # it left. Read first, concurrent payments each added their amount to the same old balance
-    # (the last write won: an invoice paid several times over, its rows summing to more than
-    # `paid`). The same request sent twice at once: the second waits here, then finds the
-    # first's payment by its key.
-    row = await locked_invoice(uow.session, i.c.id == invoice_id, i.c.practice == practice)
-    if row is None:
-        raise NotFound(f"invoice {invoice_id!r} not found")
-    same = await _keyed(uow.session, p, invoice_id, idempotency_key, amount, paid_on, reference)
-    if same is not None:
-        return Answer.again({"payment": payment_view(same), "invoice": invoice_view(row)})
-    if reference:
-        # Among the payments that count (billing_0022): a voided one leaves its reference to the
-        # payment that replaces it.
-        same = (await uow.session.execute(select(p).where(
-            p.c.invoice_id == invoice_id, p.c.reference == reference,
-            p.c.voided_at.is_(None)))).first()
-        if same is not None:
-            if Decimal(same.amount) != amount or same.date != paid_on:
-                raise Conflict(f"payment reference {reference!r} was recorded with other details")
-            return Answer.again({"payment": payment_view(same), "invoice": invoice_view(row)})
+    row, again = await _locked_unless_replayed(uow.session, p, practice, invoice_id,
+                                               key=idempotency_key, amount=amount, day=paid_on,
+                                               reference=reference)
+    if again is not None:
+        return again
     balance = balance_of(row.total_net, row.paid, row.status, row.replaced_by)
     if not takes_payment(row.status, row.replaced_by, balance):
         raise Conflict(f"invoice {invoice_id} is cancelled: "
@@ -531,7 +524,7 @@ async def record_payment(
         raise InvalidInput(f"amount {amount} exceeds the balance {balance:.2f}",
                            expression=["amount"])
     paid = Decimal(row.paid) + amount
-    values, resource = await _paid_now(uow.session, row, paid)
+    values, resource = await _paid_now(uow.session, row, paid, now)
     payment = (await uow.session.execute(insert(p).values(
         id=str(uuid.uuid4()), practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",
         date=paid_on, reference=reference, recorded_at=now,
@@ -555,6 +548,37 @@ async def record_payment(
     if updated.status == "balanced":
         await _publish_invoice(uow, PAID, updated._asdict(), resource, now)
     return Answer({"payment": payment_view(payment), "invoice": invoice_view(updated)})
+
+
+async def _locked_unless_replayed(session, table, practice: str, invoice_id: str, *,  # noqa: ANN001, ANN202
+                                  key: str | None, amount: Decimal, day: date,
+                                  reference: str | None):
+    """The invoice a payment or refund (``table``: ``payments`` or ``refunds``) is recorded
+    against, locked, and the answer to a request recorded before, else None: (row, answer).
+    Replayed: its Idempotency-Key with the same details (other details: 422), or its reference
+    with the same amount and date (other details: 409) among the payments that count (a voided
+    one leaves its reference to the payment that replaces it, billing_0022) or the refunds.
+    404 when the practice has no such invoice."""
+    i = orm.invoices
+    kind, view = ("payment", payment_view) if table is orm.payments else ("refund", refund_view)
+    # One payment or refund of an invoice at a time: each reads the balance and references the
+    # one before it left. Read first, concurrent payments each added their amount to the same
+    # old balance (the last write won: an invoice paid several times over, its rows summing to
+    # more than `paid`), and concurrent refunds could pay back more than was overpaid. The same
+    # request sent twice at once: the second waits here, then finds the first's by its key.
+    row = await locked_invoice(session, i.c.id == invoice_id, i.c.practice == practice)
+    if row is None:
+        raise NotFound(f"invoice {invoice_id!r} not found")
+    same = await _keyed(session, table, invoice_id, key, amount, day, reference)
+    if same is None and reference:
+        counts = [table.c.voided_at.is_(None)] if "voided_at" in table.c else []
+        same = (await session.execute(select(table).where(
+            table.c.invoice_id == invoice_id, table.c.reference == reference, *counts))).first()
+        if same is not None and (Decimal(same.amount) != amount or same.date != day):
+            raise Conflict(f"{kind} reference {reference!r} was recorded with other details")
+    if same is None:
+        return row, None
+    return row, Answer.again({kind: view(same), "invoice": invoice_view(row)})
 
 
 def _check_day(row, day: date, now: datetime) -> None:  # noqa: ANN001
@@ -591,10 +615,11 @@ async def locked_live_invoice(session, practice: str, month: str):  # noqa: ANN0
             return None
 
 
-async def _paid_now(session, row, paid: Decimal) -> tuple[dict, dict | None]:  # noqa: ANN001
+async def _paid_now(session, row, paid: Decimal,  # noqa: ANN001
+                    now: datetime) -> tuple[dict, dict | None]:
     """The invoice row's new values once what it was paid net is ``paid`` (a payment voided, a
     refund): its payment status and status (a cancelled invoice keeps its own), and its stored
-    FHIR resource when the status changes; (values, that resource or None)."""
+    FHIR resource and next version when the status changes; (values, that resource or None)."""
     values: dict = {"paid": f"{paid:.2f}"}
     if row.status == "cancelled":
         return values, None
@@ -605,6 +630,7 @@ async def _paid_now(session, row, paid: Decimal) -> tuple[dict, dict | None]:  #
     resource = await filed.invoice_resource(session, row)
     resource["status"] = values["status"]
     values["resource"] = _stored(resource, row.lines_in_place)
+    values.update(revised(orm.invoices, now))
     return values, resource
 
 
@@ -692,7 +718,7 @@ async def _void_family(uow: UnitOfWork, practice: str, month: str, live, payment
         row = rows[invoice_id]
         taken = sum((Decimal(x.amount) for x in family
                      if x.invoice_id == invoice_id and x.voided_at is None), ZERO)
-        values, resource = await _paid_now(uow.session, row, Decimal(row.paid) - taken)
+        values, resource = await _paid_now(uow.session, row, Decimal(row.paid) - taken, now)
         written[invoice_id] = (await uow.session.execute(
             update(i).where(i.c.id == invoice_id).values(**values)
             .returning(*view_columns()))).one()
@@ -731,22 +757,11 @@ async def record_refund(
     cancelled invoice, cancelled). Same Idempotency-Key or same reference with the same
     details: that refund, ``replayed`` (the key with other details: 422)."""
     i, r = orm.invoices, orm.refunds
-    # Locked as a payment locks it: concurrent refunds each see what the one before left owed
-    # back, so a practice is never refunded more than it overpaid.
-    row = await locked_invoice(uow.session, i.c.id == invoice_id, i.c.practice == practice)
-    if row is None:
-        raise NotFound(f"invoice {invoice_id!r} not found")
-    same = await _keyed(uow.session, r, invoice_id, idempotency_key, amount, refunded_on,
-                        reference)
-    if same is not None:
-        return Answer.again({"refund": refund_view(same), "invoice": invoice_view(row)})
-    if reference:
-        same = (await uow.session.execute(
-            select(r).where(r.c.invoice_id == invoice_id, r.c.reference == reference))).first()
-        if same is not None:
-            if Decimal(same.amount) != amount or same.date != refunded_on:
-                raise Conflict(f"refund reference {reference!r} was recorded with other details")
-            return Answer.again({"refund": refund_view(same), "invoice": invoice_view(row)})
+    row, again = await _locked_unless_replayed(uow.session, r, practice, invoice_id,
+                                               key=idempotency_key, amount=amount,
+                                               day=refunded_on, reference=reference)
+    if again is not None:
+        return again
     if row.status == "cancelled" and row.replaced_by:
         raise Conflict(f"invoice {invoice_id} is cancelled and its payments are carried: "
                        f"{await _instead(uow.session, row)}")
@@ -761,7 +776,7 @@ async def record_refund(
                            f"({owed:.2f})", expression=["amount"])
     paid, refunded = Decimal(row.paid) - amount, Decimal(row.refunded) + amount
     # Never another state: only an overpaid invoice, balanced, is refunded, and to 0 at most.
-    values, _ = await _paid_now(uow.session, row, paid)
+    values, _ = await _paid_now(uow.session, row, paid, now)
     values["refunded"] = f"{refunded:.2f}"
     refund = (await uow.session.execute(insert(r).values(
         id=str(uuid.uuid4()), practice=practice, invoice_id=invoice_id, amount=f"{amount:.2f}",

@@ -144,13 +144,20 @@ async def apply_event(event: CloudEvent, uow: UnitOfWork, *, now) -> None:  # no
     await decision_cache.bump_generation(uow, event.tenant, ref_id(event.data.get("patient")))
 
 
-def _shared_mbi(practice, patient):  # noqa: ANN001, ANN202
-    """The MBI of ``patient`` when a patient of another practice has it too (a possible
-    duplicate biller), as a scalar subquery."""
+def _shared(practice, patient_is, *columns: str):  # noqa: ANN001, ANN202
+    """The ``columns`` of the practice's patients (``patient_is``: a condition on their id)
+    whose MBI a patient of another practice has too (a possible duplicate biller)."""
     p1, p2 = orm.patients.alias("m1"), orm.patients.alias("m2")
     other = select(p2.c.patient_id).where(p2.c.mbi == p1.c.mbi, p2.c.practice != p1.c.practice)
-    return select(p1.c.mbi).where(p1.c.practice == practice, p1.c.patient_id == patient,
-                                  p1.c.mbi.is_not(None), other.exists()).scalar_subquery()
+    return select(*(p1.c[c] for c in columns)).where(
+        p1.c.practice == practice, patient_is(p1.c.patient_id), p1.c.mbi.is_not(None),
+        other.exists())
+
+
+def _shared_mbi(practice, patient):  # noqa: ANN001, ANN202
+    """The MBI of ``patient`` when a patient of another practice has it too, as a scalar
+    subquery."""
+    return _shared(practice, lambda c: c == patient, "mbi").scalar_subquery()
 
 
 @functools.cache
@@ -182,13 +189,14 @@ async def _entry_and_closed(uow: UnitOfWork, practice: str, entry_id: str, month
 
 
 async def _shared_mbis(uow: UnitOfWork, practice: str, patients: list[str | None]) -> list[str]:
-    """The MBIs of ``patients`` that a patient of another practice has too."""
-    mbis = []
-    for patient in _distinct(*patients):
-        mbi = (await uow.session.execute(select(_shared_mbi(practice, patient)))).scalar()
-        if mbi:
-            mbis.append(mbi)
-    return mbis
+    """The MBIs of ``patients`` that a patient of another practice has too, in their order,
+    read in one statement."""
+    wanted = _distinct(*patients)
+    if not wanted:
+        return []
+    mbi_of = dict((await uow.session.execute(_shared(
+        practice, lambda c: c.in_(wanted), "patient_id", "mbi"))).all())
+    return [mbi_of[p] for p in wanted if mbi_of.get(p)]
 
 
 async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
@@ -240,8 +248,10 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
             .values(**details)
         )
         return
-    moved_out = (existing is not None and existing.month not in (None, month)
-                 and await corrections.is_closed(uow.session, practice, existing.month))
+    # The month it left, when another: held below, and corrected when closed (a month not
+    # closed has no row to hold: the lock is the read of whether it is closed).
+    left_month = (existing.month if existing is not None and existing.month not in (None, month)
+                  else None)
     # Time in a month is what flags a patient of the same MBI elsewhere duplicate-biller: their
     # closed months follow (corrections.correct_duplicates).
     mbis = [mbi]
@@ -250,9 +260,10 @@ async def _time_logged(practice: str, d: dict, uow: UnitOfWork, now) -> None:  #
     plan = await corrections.duplicate_plan(
         uow, mbis, [month, existing.month if existing is not None else None])
     # Every month this event corrects, held together in order before any is read.
-    await corrections.hold_months(uow.session, [
+    held = await corrections.hold_months(uow.session, [
         *([(practice, month)] if closed else []),
-        *([(practice, existing.month)] if moved_out else []), *plan])
+        *([(practice, left_month)] if left_month else []), *plan])
+    moved_out = left_month is not None and (practice, left_month) in held
     if closed and not late:
         # A new version of time already billed (e.g. seconds changed): the month is recomputed.
         await corrections.recompute(uow, practice, month, "time entry revised after close", now,
@@ -308,11 +319,13 @@ async def _time_reversed(practice: str, d: dict, uow: UnitOfWork, now) -> None: 
     changed = (await uow.session.execute(stmt)).first() is not None
     if not changed or not month:
         return
-    closed = await corrections.is_closed(uow.session, practice, month)
     # Time taken away may lift a duplicate-biller flag elsewhere (corrections.correct_duplicates).
     plan = await corrections.duplicate_plan(
         uow, await _shared_mbis(uow, practice, _whose(existing, ref_id(d["patient"]))), [month])
-    await corrections.hold_months(uow.session, [*([(practice, month)] if closed else []), *plan])
+    # The month is held when closed (one with no row holds nothing): whether it is closed is
+    # read by the lock.
+    held = await corrections.hold_months(uow.session, [(practice, month), *plan])
+    closed = (practice, month) in held
     if closed:
         await corrections.recompute(uow, practice, month, f"Encounter/{entry_id} {d['reason']}",
                                     now, patients=_whose(existing, ref_id(d["patient"])))
