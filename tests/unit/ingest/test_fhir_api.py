@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import update
 
 from ccm_ingest.adapters import orm
-from ccm_ingest.service_layer import resources as handlers
+from ccm_shared import fhir_dates
 from tests.unit.ingest.conftest import as_practice, counts, events, example
 
 FHIR = {"Content-Type": "application/fhir+json"}
@@ -374,10 +374,12 @@ async def test_a_meta_last_updated_ahead_of_the_server_clock_by_more_than_5_minu
      "2026-03-15T10:30:15.260000+00:00"),  # as precise as its digits: a hundredth
     ("2026-03-15T10:30:15.123456Z", "2026-03-15T10:30:15.123456+00:00",
      "2026-03-15T10:30:15.123457+00:00"),
-    ("9999", "9999-01-01T00:00:00+00:00", "9999-12-31T23:59:59.999999+00:00"),
+    ("9999", "9999-01-01T00:00:00+00:00", None),  # to the end of time
 ])
 def test_a_search_date_covers_the_range_of_its_precision(text, low, high):
-    assert [d.isoformat() for d in handlers.search_date_range(text)] == [low, high]
+    """As ingest reads them (ccm_shared.fhir_dates): a time without a zone is UTC."""
+    found = fhir_dates.date_range(text)
+    assert [found.start.isoformat(), found.end and found.end.isoformat()] == [low, high]
 
 
 @pytest.mark.parametrize(("value", "found"), [
@@ -387,6 +389,8 @@ def test_a_search_date_covers_the_range_of_its_precision(text, low, high):
     ("eb2026-03-16", ["e1", "e2"]), ("2026-03-15T14:00", ["e1"]),
     ("gt2026-03-15T14:00", ["e2", "e3"]),
     ("2026-03-15T09:00-05:00", ["e1"]),
+    # an instant before what UTC holds (it was a 400): nothing is earlier, everything later
+    ("lt0001-01-01T00:00:00+01:00", []), ("gt0001-01-01T00:00:00+01:00", ["e1", "e2", "e3"]),
 ])
 async def test_last_updated_compares_with_the_whole_range_of_the_date(fhir, value, found):
     start = fhir.clock.now  # 2026-03-15T14:00Z
@@ -399,7 +403,7 @@ async def test_last_updated_compares_with_the_whole_range_of_the_date(fhir, valu
 
 
 @pytest.mark.parametrize("value", ["2026-03-15T10", "2026-3-15", "ap2026-03-15", "yesterday",
-                                   "0001-01-01T00:00:00+01:00"])
+                                   "2026-03-15T10:00:00+15:00"])  # FHIR's zones: ±14:00
 async def test_a_last_updated_that_is_no_search_date_is_400(fhir, value):
     r = await fhir.get("/fhir/Encounter", params={"_lastUpdated": value})
     assert r.status_code == 400 and r.json()["issue"][0]["expression"] == ["_lastUpdated"]

@@ -35,6 +35,7 @@ from ccm_ingest.domain.model import (
     rejected,
 )
 from ccm_ingest.service_layer.practice import effective_config
+from ccm_shared import fhir_dates
 from ccm_shared.db import UnitOfWork
 from ccm_shared.events import EventDraft
 from ccm_shared.ids import random_uuid
@@ -829,53 +830,6 @@ def _patient_named(value: str, local_bases: tuple[str, ...]) -> str:
     return f"Patient/{rid}" if kind in ("", "Patient") and rid else value
 
 
-_DATE_PREFIXES = ("eq", "ne", "gt", "ge", "lt", "le", "sa", "eb")
-# ASCII digits only: ``\d`` also matches other scripts' digits, which int() reads (``٢٠٢٦`` as
-# 2026), and a FHIR date has none.
-_SEARCH_DATE = re.compile(
-    r"(?P<y>[0-9]{4})(-(?P<m>[0-9]{2})(-(?P<d>[0-9]{2})(T(?P<H>[0-9]{2}):(?P<M>[0-9]{2})"
-    r"(:(?P<S>[0-9]{2})(?P<f>\.[0-9]+)?)?(?P<z>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?")
-
-
-def _later(low: datetime, step: timedelta) -> datetime:
-    """``low + step``, or the end of time when that is past 9999-12-31 (9999-12-31 is a date)."""
-    try:
-        return low + step
-    except OverflowError:
-        return datetime.max.replace(tzinfo=UTC)
-
-
-def search_date_range(text: str) -> tuple[datetime, datetime]:
-    """The instants ``[low, high)`` a FHIR search date covers at its precision: ``2026`` the
-    year, ``2026-11`` the month, ``2026-11-28`` the day, ``…T10:30`` the minute, ``…T10:30:15``
-    the second (with a fraction, as precise as its digits). Without a zone, UTC. ValueError
-    when it is none."""
-    found = _SEARCH_DATE.fullmatch(text)
-    if found is None:
-        raise ValueError(text)
-    g = found.groupdict()
-    zone = UTC if not g["z"] or g["z"] == "Z" else \
-        datetime.strptime(g["z"].replace(":", ""), "%z").tzinfo
-    low = datetime(int(g["y"]), int(g["m"] or 1), int(g["d"] or 1), int(g["H"] or 0),
-                   int(g["M"] or 0), int(g["S"] or 0), tzinfo=zone)
-    if g["f"]:  # as precise as its digits: .5 is a tenth of a second
-        digits = min(len(g["f"]) - 1, 6)
-        low = low.replace(microsecond=int((g["f"][1:] + "000000")[:6]))
-        return low, _later(low, timedelta(microseconds=10 ** (6 - digits)))
-    if g["S"]:
-        return low, _later(low, timedelta(seconds=1))
-    if g["M"]:
-        return low, _later(low, timedelta(minutes=1))
-    if g["d"]:
-        return low, _later(low, timedelta(days=1))
-    if low.year == 9999 and (not g["m"] or low.month == 12):  # to the end of time
-        return low, datetime.max.replace(tzinfo=UTC)
-    if g["m"]:
-        year, month = (low.year + 1, 1) if low.month == 12 else (low.year, low.month + 1)
-        return low, low.replace(year=year, month=month)
-    return low, low.replace(year=low.year + 1)
-
-
 def _plus_hint(value: str) -> str:
     """What a space in a date searched for most likely is: the ``+`` of a zone, unencoded."""
     return ("; a '+' in a URL's query is a space: write a zone ahead of UTC as %2B (e.g. "
@@ -884,18 +838,20 @@ def _plus_hint(value: str) -> str:
 
 def last_updated_criteria(value: str) -> list[tuple[str, datetime | tuple[datetime, datetime]]]:
     """``_lastUpdated=[prefix]date`` as comparisons of the instant (FHIR's date search: the
-    prefix compares with the whole range the date's precision covers)."""
-    prefix, text = (value[:2], value[2:]) if value[:2] in _DATE_PREFIXES else ("eq", value)
+    prefix compares with the whole range the date's precision covers; a time without a zone
+    is UTC)."""
     try:
-        low, high = (when.astimezone(UTC) for when in search_date_range(text))
-    except (ValueError, OverflowError):
+        low, high, inside = fhir_dates.parse(value).interval()
+    except ValueError:
         raise rejected(400, "value", f"_lastUpdated {value!r} is not a FHIR search date "
                        "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]][Z|±hh:mm]) "
-                       f"with an optional prefix ({', '.join(_DATE_PREFIXES)})"
+                       f"with an optional prefix ({', '.join(fhir_dates.PREFIXES)})"
                        + _plus_hint(value), "_lastUpdated") from None
-    return {"eq": [("ge", low), ("lt", high)], "ne": [("outside", (low, high))],
-            "gt": [("ge", high)], "sa": [("ge", high)], "ge": [("ge", low)],
-            "lt": [("lt", low)], "eb": [("lt", low)], "le": [("lt", high)]}[prefix]
+    low, high = low or _EARLIEST, high or _LATEST
+    return [("ge", low), ("lt", high)] if inside else [("outside", (low, high))]
+
+
+_EARLIEST, _LATEST = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
 
 
 def meets_criteria(rtype: str, resource: dict[str, Any], params: list[tuple[str, str]],
@@ -1097,7 +1053,7 @@ def history_params(params: list[tuple[str, str]]) -> tuple[datetime | None, int,
     for name, value in params:
         if name == "_since":
             try:
-                since = search_date_range(value)[0].astimezone(UTC)
+                since = fhir_dates.date_range(value).start.astimezone(UTC)
             except (ValueError, OverflowError):
                 raise rejected(400, "value", f"_since {value!r} is not a FHIR instant or date "
                                "(YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDThh:mm[:ss[.fff]]"
