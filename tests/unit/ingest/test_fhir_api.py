@@ -1,7 +1,7 @@
 """The /fhir endpoint on the embedded database: writes, versions, reads, tenancy, Prefer."""
 
 import json
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import pytest
@@ -723,3 +723,16 @@ async def test_a_write_only_token_reads_nothing_through_its_writes(fhir, prefer)
         "Prefer": "return=representation",
         "If-None-Exist": f"identifier={mbi['system']}|{mbi['value']}"})
     assert r.json()["name"] == [{"family": "Secretname"}]
+
+
+async def test_last_modified_is_never_later_than_now(fhir):
+    """RFC 9110 §8.8.2.1: a meta.lastUpdated the EHR sent ahead of our clock (within the
+    allowed difference) is the version's time, but its Last-Modified is capped at the time of
+    the response (it was later than the response's Date)."""
+    fhir.clock.now = datetime.now(UTC)
+    ahead = (fhir.clock.now + timedelta(seconds=200)).isoformat()
+    r = await fhir.put("/fhir/Patient/lu", json={"resourceType": "Patient", "id": "lu",
+                                                 "meta": {"lastUpdated": ahead}})
+    assert r.status_code == 201 and r.json()["meta"]["lastUpdated"] == ahead
+    for answer in (r, await fhir.get("/fhir/Patient/lu")):
+        assert parsedate_to_datetime(answer.headers["last-modified"]) <= datetime.now(UTC)

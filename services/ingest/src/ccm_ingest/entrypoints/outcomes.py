@@ -54,7 +54,9 @@ def version_headers(outcome: Outcome, base: str) -> dict[str, str]:
         return {}
     return {
         "ETag": f'W/"{v.version_id}"',
-        "Last-Modified": http_date(v.last_updated),
+        # RFC 9110 §8.8.2.1: never later than the response's Date (a meta.lastUpdated the
+        # EHR sent may be ahead of our clock, within the allowed difference)
+        "Last-Modified": http_date(min(v.last_updated, datetime.now(UTC))),
         "Location": f"{base}/{outcome.location}",
     }
 
