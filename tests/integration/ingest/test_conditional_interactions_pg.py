@@ -295,7 +295,7 @@ async def test_rest_and_bundle_conditional_updates_settle_the_same_resource(inge
     (entry_issue,) = entry["response"]["outcome"]["issue"]
     assert entry_issue["diagnostics"] == rest_issue["diagnostics"]
     assert (rest_issue["expression"], entry_issue["expression"]) == (
-        ["Patient.id"], ["Bundle.entry[0].resource.Patient.id"])
+        ["Patient.id"], ["Bundle.entry[0].resource.id"])
 
 
 async def test_a_conditional_write_is_in_the_trail_of_the_resource_it_wrote(ingest_pg):

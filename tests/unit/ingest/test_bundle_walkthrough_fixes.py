@@ -177,7 +177,7 @@ async def test_an_update_without_the_id_of_its_url_is_refused_as_over_rest(fhir)
         assert r.status_code == 400, (path, r.text)
         (issue,) = r.json()["issue"]
         assert (issue["code"], issue["expression"]) == (
-            "required", ["Bundle.entry[0].resource.Patient.id"]), path
+            "required", ["Bundle.entry[0].resource.id"]), path
         assert issue["diagnostics"] == rest.json()["issue"][0]["diagnostics"]
     r = await fhir.post("/fhir", json=transaction(without, update("a4"), kind="batch"))
     assert [e["response"]["status"] for e in r.json()["entry"]] == \
@@ -187,3 +187,30 @@ async def test_an_update_without_the_id_of_its_url_is_refused_as_over_rest(fhir)
         {"request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|A-5"},
          "resource": {**PATIENT, "identifier": [{"system": "urn:mrn", "value": "A-5"}]}}))
     assert r.json()["entry"][0]["response"]["status"] == "201 Created", r.text
+
+
+async def test_issues_of_a_conditional_entry_name_its_own_elements(fhir):
+    """FHIRPath of the entry's elements (an EHR integrator's walkthrough): criteria the search
+    refuses at ``request.ifNoneExist`` (it was ``Bundle.entry[0].identifier``), a body's id
+    other than the match's at ``resource.id``, a resource's element without its type."""
+    twice = {"resource": PATIENT, "request": {"method": "POST", "url": "Patient",
+                                              "ifNoneExist": "identifier=a|1&identifier=b|2"}}
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction",
+                                       "entry": [twice]})
+    assert r.status_code == 400 and r.json()["issue"][0]["expression"] == [
+        "Bundle.entry[0].request.ifNoneExist"]
+    stored = {**PATIENT, "id": "m1", "identifier": [{"system": "urn:mrn", "value": "M1"}]}
+    assert (await fhir.put("/fhir/Patient/m1", json=stored)).status_code == 201
+    other_id = {"resource": {**stored, "id": "m2"},
+                "request": {"method": "PUT", "url": "Patient?identifier=urn:mrn|M1"}}
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction",
+                                       "entry": [other_id]})
+    assert r.status_code == 400 and r.json()["issue"][0]["expression"] == [
+        "Bundle.entry[0].resource.id"]
+    bad = {"resource": {"resourceType": "Encounter", "status": "nonsense", "class": {
+        "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"}},
+        "request": {"method": "POST", "url": "Encounter"}}
+    r = await fhir.post("/fhir", json={"resourceType": "Bundle", "type": "transaction",
+                                       "entry": [bad]})
+    assert r.status_code == 422
+    assert ["Bundle.entry[0].resource.status"] in [i["expression"] for i in r.json()["issue"]]

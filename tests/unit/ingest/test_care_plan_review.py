@@ -121,7 +121,7 @@ async def test_a_bundle_reviewer_resolves_from_its_full_url_or_fails_at_its_entr
     wrong = await fhir.post("/fhir", json=bundle(patient))  # the Patient's fullUrl
     assert wrong.status_code == 422, wrong.text
     assert wrong.json()["issue"][0]["expression"] == [
-        "Bundle.entry[2].resource.CarePlan.extension[0].extension[1].valueReference"]
+        "Bundle.entry[2].resource.extension[0].extension[1].valueReference"]
     assert await counts(fhir) == before
     ok = await fhir.post("/fhir", json=bundle(doctor))
     assert ok.status_code == 200, ok.text

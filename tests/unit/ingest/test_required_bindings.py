@@ -331,7 +331,7 @@ async def test_a_bad_provision_type_in_a_transaction_is_located_in_its_entry(fhi
     before = await counts(fhir)
     r = await fhir.post("/fhir", content=json.dumps(bundle), headers=FHIR)
     assert r.status_code == 422, r.text
-    where = "Bundle.entry[1].resource.Consent.provision.provision[0].type"
+    where = "Bundle.entry[1].resource.provision.provision[0].type"
     assert any(where in i.get("expression", []) for i in r.json()["issue"]), r.json()
     assert await counts(fhir) == before
 

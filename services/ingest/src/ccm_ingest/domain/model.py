@@ -35,13 +35,23 @@ class Issue:
     expression: tuple[str, ...] = ()
 
     def located(self, prefix: str) -> Issue:
-        """The same issue under a containing element (a Bundle entry)."""
+        """The same issue under a containing element (a Bundle entry). Under an entry's
+        ``resource`` a path's leading type goes (FHIRPath: ``Bundle.entry[3].resource.status``,
+        not ``….resource.Encounter.status``)."""
+        under_resource = prefix.endswith(".resource")
         return Issue(
             self.severity,
             self.code,
             self.diagnostics,
-            tuple(f"{prefix}.{e}" for e in self.expression) or (prefix,),
+            tuple(f"{prefix}.{_untyped(e) if under_resource else e}"
+                  for e in self.expression) or (prefix,),
         )
+
+
+def _untyped(path: str) -> str:
+    """``path`` without its leading resource type (``Encounter.status`` → ``status``)."""
+    head, dot, rest = path.partition(".")
+    return rest if dot and head[:1].isupper() and head.isalpha() else path
 
 
 class FhirRejected(Exception):

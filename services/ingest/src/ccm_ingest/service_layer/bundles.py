@@ -462,7 +462,8 @@ async def _conditional_update(uow: UnitOfWork, caller: Caller, e: Entry,
     ids of the type that match nothing (the transaction deletes them)."""
     e.rid, e.creates = await handlers.conditional_target(
         uow, caller, e.rtype, e.criteria or "", e.resource or {},
-        criteria_at=f"{_where(e.index)}.request.url", ignore=ignore)
+        criteria_at=f"{_where(e.index)}.request.url", ignore=ignore,
+        id_at=f"{_where(e.index)}.resource.id")
     e.resource = {**(e.resource or {}), "id": e.rid}
 
 
@@ -501,8 +502,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
             criteria[key := handlers.criteria_key(params)] = params
             keyed.append((key, e))
         for key, e in sorted(keyed, key=lambda k: (k[1].rtype, k[0], k[1].index)):
-            with _at_entry(e.index):
-                await _claim(uow, caller, e, key, claimed, deleted.get(e.rtype, set()))
+            await _claim(uow, caller, e, key, claimed, deleted.get(e.rtype, set()))
     for e in entries:
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
@@ -569,11 +569,13 @@ async def _claim(uow: UnitOfWork, caller: Caller, e: Entry, key: str,
             e.same_as = first
         # (any other pair touches one resource twice: _one_entry_per_resource refuses it)
         return
-    if e.method == "PUT":
+    if e.method == "PUT":  # (its issues placed at the entry's request.url or resource.id)
         await _conditional_update(uow, caller, e, deleted)
     else:
-        e.found = await handlers.claim_create(uow, caller, e.rtype, e.rid or "",
-                                              e.if_none_exist or "", ignore=deleted)
+        # What the search refuses in its criteria, or several matches: at the criteria.
+        with handlers.placed(f"{_where(e.index)}.request.ifNoneExist"):
+            e.found = await handlers.claim_create(uow, caller, e.rtype, e.rid or "",
+                                                  e.if_none_exist or "", ignore=deleted)
         if e.found is not None:
             e.rid = e.found.id
         e.creates = e.found is None
@@ -808,11 +810,11 @@ _ENTRY_FIELDS = {"If-None-Exist": "request.ifNoneExist", "If-Match": "request.if
 
 def _in_entry(expression: str) -> str:
     """An expression of a request (its headers) or of its resource (``Patient.id``) as the
-    Bundle entry's element (``request.ifMatch``, ``resource.Patient.id``)."""
+    Bundle entry's element (``request.ifMatch``, ``resource.id``: FHIRPath, no type)."""
     if expression in _ENTRY_FIELDS:
         return _ENTRY_FIELDS[expression]
-    return f"resource.{expression}" if expression.partition(".")[0] in SUPPORTED_TYPES \
-        else expression
+    head, _, rest = expression.partition(".")
+    return f"resource.{rest}" if head in SUPPORTED_TYPES and rest else expression
 
 
 class _at_entry(Relocating):  # noqa: N801 - a context manager, named as one

@@ -660,14 +660,16 @@ async def update(uow: UnitOfWork, caller: Caller, rtype: str, rid: str,
 
 async def conditional_target(uow: UnitOfWork, caller: Caller, rtype: str, criteria: str,
                              resource: dict[str, Any], *, criteria_at: str,
-                             ignore: Collection[str] = ()) -> tuple[str, bool]:
+                             ignore: Collection[str] = (),
+                             id_at: str | None = None) -> tuple[str, bool]:
     """The id conditional update ``PUT rtype?criteria`` writes (FHIR http.html#cond-update),
     and whether it creates: the one match (a body's id other than the match's: 400), or, when
     nothing matches, the body's id (update as create) or a new one; several matches: 412.
     Creating, it claims the criteria as a conditional create does (``claim_create``), so of
     concurrent ones that match nothing one creates and the others update what it created.
     ``criteria_at``: the element the criteria's issues name (the REST URL, a Bundle entry's
-    ``request.url``); ``ignore``: ids that match nothing (a transaction deletes them)."""
+    ``request.url``), ``id_at`` the body's id (``Type.id``); ``ignore``: ids that match
+    nothing (a transaction deletes them)."""
     sent_id = resource.get("id")
     new_id = sent_id or random_uuid()
     with placed(criteria_at):
@@ -676,7 +678,7 @@ async def conditional_target(uow: UnitOfWork, caller: Caller, rtype: str, criter
     if found is not None and sent_id and sent_id != found.id:
         raise rejected(400, "invalid", f"conditional update {rtype}?{criteria} finds "
                        f"{rtype}/{found.id}, but the resource's id is {sent_id!r}",
-                       f"{rtype}.id")
+                       id_at or f"{rtype}.id")
     return (found.id, False) if found is not None else (new_id, True)
 
 
