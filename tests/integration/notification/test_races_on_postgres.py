@@ -217,13 +217,16 @@ async def test_a_role_email_never_overwrites_the_practitioners_own_given_meanwhi
         holder = (await first.session.execute(sql("SELECT pg_backend_pid()"))).scalar_one()
         second = asyncio.create_task(the_role())
         async with rt.db.engine.connect() as conn:  # the role's handler waits for the row
-            for _ in range(250):
+            for _ in range(1000):
                 waiting = (await conn.execute(sql(
                     "SELECT count(*) FROM pg_stat_activity "
                     "WHERE :holder = ANY(pg_blocking_pids(pid))"), {"holder": holder})).scalar_one()
-                if waiting:
+                if waiting or second.done():
                     break
+                # pg_stat_activity is read once per transaction: each poll reads it anew
+                await conn.rollback()
                 await asyncio.sleep(0.02)
+        assert not second.done(), second.exception()  # it went on while the row was held
         assert waiting, "the role's handler never waited for the provider's row"
         await first.commit()
     await second

@@ -9,7 +9,8 @@ configured. Per kind, what makes a held one obsolete:
 - ``invoice-issued``: the invoice it announces was cancelled (``billing.invoice.cancelled.v1``;
   a replacement has a message of its own, a correction that left nothing to bill an
   ``invoice-cancelled`` message). A cancellation consumed before the invoice's ``issued`` event
-  (another topic) means its message is never made: recorded as not sent.
+  (another topic) means its message is never made: recorded as not sent. The same holds for
+  one addressed but not sent yet (due, or waiting for a retry): it is withdrawn, not sent late.
 - ``consent-expiring``: the consent was revoked, declined or voided, or a permitting CCM consent
   of the same patient (the same one extended, or a new one) was granted that covers days after
   the one the notice announces (``renews``). An expiry that passed while held does not make it
@@ -37,6 +38,17 @@ NO_CONTACT = "no-recipient"
 # The key suffix of an ``invoice-issued`` recorded as not sent: its invoice's cancellation was
 # consumed before its ``issued`` event (they travel on separate topics).
 CANCELLED_FIRST = "cancelled-first"
+
+
+def cancelled_why(replaced_by: str | None) -> str:
+    """What an invoice's cancellation notice adds about its replacement, if it has one."""
+    return f" (replaced by invoice {replaced_by})" if replaced_by else ""
+
+
+def cancelled_before_sent(invoice_id: str, why: str) -> str:
+    """Why an ``invoice-issued`` message addressed but not sent yet (due, or waiting for a
+    retry) is withdrawn: its invoice was cancelled first (``why``: ``cancelled_why``)."""
+    return f"not sent: invoice {invoice_id} was cancelled{why} before this message was sent"
 
 
 def practice_recipients(summary_recipients: Iterable[str] | None,

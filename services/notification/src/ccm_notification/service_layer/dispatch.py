@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import structlog
-from sqlalchemy import and_, select, update
+from sqlalchemy import Select, and_, or_, select, update
 
 from ccm_notification.adapters.channels import DeliveryResult, Outgoing
-from ccm_notification.adapters.orm import deliveries, messages
+from ccm_notification.adapters.orm import deliveries, invoice_cancellations, messages
 from ccm_notification.domain.kinds import backoff_seconds
+from ccm_notification.domain.practice_messages import cancelled_before_sent, cancelled_why
 from ccm_notification.service_layer.notify import Notifier
-from ccm_shared.db import Database
+from ccm_shared.db import Database, UnitOfWork
 
 log = structlog.get_logger(__name__)
 
@@ -35,20 +36,29 @@ class Dispatcher:
     notifier: Notifier
     channels: dict[str, Channel]
 
+    def due(self, now: datetime) -> Select:
+        """The messages due at ``now``: pending, or sending with the lease run out."""
+        return select(messages).where(
+            messages.c.status.in_(("pending", "sending")), messages.c.next_attempt_at <= now
+        )
+
     async def claim(self) -> list:
+        """Claim a batch of due messages (status ``sending``, a lease) and return them. An
+        ``invoice-issued`` message whose invoice was cancelled meanwhile is withdrawn instead:
+        the cancellation withdraws one waiting to be sent, but one being sent at that moment
+        (claimed) comes back here if its attempt failed or its lease ran out."""
         s = self.notifier.settings
         now = self.notifier.clock()
         async with self.db.unit_of_work() as uow:
             stmt = (
-                select(messages)
-                .where(
-                    messages.c.status.in_(("pending", "sending")), messages.c.next_attempt_at <= now
-                )
+                self.due(now)
                 .order_by(messages.c.next_attempt_at)
                 .limit(s.dispatch_batch_size)
                 .with_for_update(skip_locked=True)
             )
             rows = (await uow.session.execute(stmt)).all()
+            withdrawn = await self._withdraw_cancelled_invoices(uow, rows)
+            rows = [row for row in rows if row.id not in withdrawn]
             for row in rows:
                 await uow.session.execute(
                     update(messages)
@@ -61,6 +71,27 @@ class Dispatcher:
                 )
             await uow.commit()
         return rows
+
+    async def _withdraw_cancelled_invoices(self, uow: UnitOfWork, rows: list) -> set[str]:
+        """Withdraw the ``invoice-issued`` messages of ``rows`` (locked) whose invoice has a
+        cancellation recorded; return their ids."""
+        invoices = {(r.practice, r.fields["invoice_id"]) for r in rows
+                    if r.kind == "invoice-issued" and (r.fields or {}).get("invoice_id")}
+        if not invoices:
+            return set()
+        c = invoice_cancellations.c
+        cancelled = {(p, i): replaced_by for p, i, replaced_by in (await uow.session.execute(
+            select(c.practice, c.invoice_id, c.replaced_by).where(or_(*(
+                and_(c.practice == p, c.invoice_id == i) for p, i in invoices))))).all()}
+        withdrawn: set[str] = set()
+        for row in rows:
+            invoice = (row.practice, (row.fields or {}).get("invoice_id"))
+            if row.kind != "invoice-issued" or invoice not in cancelled:
+                continue
+            reason = cancelled_before_sent(invoice[1], cancelled_why(cancelled[invoice]))
+            if await self.notifier.withdraw_unsent(uow, row, reason):
+                withdrawn.add(row.id)
+        return withdrawn
 
     async def run_once(self) -> int:
         """Deliver everything due now; return how many deliveries were attempted."""

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select, tuple_, update
 
 from ccm_notification.adapters.orm import invoice_cancellations, messages, practice_contacts
 from ccm_notification.adapters.sql import insert_for, practice_row
@@ -194,7 +194,7 @@ async def invoice_issued(notifier: Notifier, event: CloudEvent, uow: UnitOfWork)
 
 
 def _cancelled_why(replaced_by: str | None) -> str:
-    return f" (replaced by invoice {replaced_by})" if replaced_by else ""
+    return pm.cancelled_why(replaced_by)
 
 
 def consent_tracker(consent: str) -> str:
@@ -255,7 +255,12 @@ async def release_held_reviews(
     """Send the held care-plan review messages (of ``practice``, or of every practice; only
     those naming ``reference`` when given) whose recipient can now be found; return how many
     were released. Called when contacts, a provider or a role change, and by the periodic
-    sweep (a message held while such a change committed is caught there)."""
+    sweep (a message held while such a change committed is caught there).
+
+    Read in batches of ``SWEEP_BATCH``, oldest first, each after the last one read (keyset on
+    ``created_at, id``) until none is left: messages nobody can receive yet (a practice without
+    a supervisor collects an escalation each pass) stay held, and once a batch's worth of them
+    were the oldest, a single batch read only them and released nothing behind them."""
     stmt = select(messages).where(held_messages(), messages.c.kind.in_(set(REVIEW_KINDS.values())))
     if practice is not None:
         stmt = stmt.where(messages.c.practice == practice)
@@ -263,20 +268,27 @@ async def release_held_reviews(
         stmt = stmt.where(or_(
             messages.c.fields["responsible_provider"].as_string() == reference,
             messages.c.fields["supervisor"].as_string() == reference))
-    rows = (await uow.session.execute(
-        stmt.order_by(messages.c.created_at).limit(SWEEP_BATCH).with_for_update(skip_locked=True)
-    )).all()
+    stmt = stmt.order_by(messages.c.created_at, messages.c.id)
     found: dict[tuple, str | None] = {}  # held messages share a few recipients: look up once
     released = 0
-    for row in rows:
-        fields = row.fields or {}
-        refs = (fields.get("responsible_provider"), fields.get("supervisor"))
-        wanted = (row.practice, row.kind, *refs)
-        if wanted not in found:
-            found[wanted] = await review_recipient(notifier, uow, row.practice, row.kind, *refs)
-        if found[wanted] is not None and await notifier.deliver_held(uow, row, found[wanted]):
-            released += 1
-    return released
+    after: tuple | None = None
+    while True:
+        batch = stmt if after is None else stmt.where(
+            tuple_(messages.c.created_at, messages.c.id) > tuple_(*after))
+        rows = (await uow.session.execute(
+            batch.limit(SWEEP_BATCH).with_for_update(skip_locked=True))).all()
+        for row in rows:
+            fields = row.fields or {}
+            refs = (fields.get("responsible_provider"), fields.get("supervisor"))
+            wanted = (row.practice, row.kind, *refs)
+            if wanted not in found:
+                found[wanted] = await review_recipient(
+                    notifier, uow, row.practice, row.kind, *refs)
+            if found[wanted] is not None and await notifier.deliver_held(uow, row, found[wanted]):
+                released += 1
+        if len(rows) < SWEEP_BATCH:
+            return released
+        after = (rows[-1].created_at, rows[-1].id)
 
 
 async def close_review_alerts(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
@@ -350,9 +362,7 @@ async def to_practice_contacts(
     held = await notifier.find_by_key(uow, f"{base}:{pm.NO_CONTACT}")
     if held is not None:  # this intent came before any contact: its release sends it to them
         if held.status == "pending" and held.next_attempt_at is None:
-            row = (await uow.session.execute(
-                select(messages).where(messages.c.id == held.id))).first()
-            await release_practice_message(notifier, uow, row, values)
+            await release_practice_message(notifier, uow, held, values)
         return
     recipients = await practice_recipients(notifier, uow, event.tenant)
     if not recipients and (await uow.session.execute(
@@ -444,11 +454,29 @@ async def withdraw_held(
     return len(rows)
 
 
+async def withdraw_unsent(
+    notifier: Notifier, uow: UnitOfWork, practice: str, reason: str, *where  # noqa: ANN002
+) -> int:
+    """Withdraw the practice's messages matching ``where`` that are addressed and waiting to be
+    sent (due, or waiting for a retry): failed with ``reason``, never sent. One the dispatcher
+    has claimed (``sending``) is left to that attempt: its row lock is waited for, and the row
+    read again, so a claim committing meanwhile is seen. Returns how many."""
+    rows = (await uow.session.execute(select(messages).where(
+        messages.c.practice == practice, messages.c.status == "pending",
+        messages.c.next_attempt_at.is_not(None), *where).with_for_update())).all()
+    withdrawn = 0
+    for row in rows:
+        withdrawn += await notifier.withdraw_unsent(uow, row, reason)
+    return withdrawn
+
+
 async def invoice_cancelled(notifier: Notifier, event: CloudEvent, uow: UnitOfWork) -> None:
-    """An invoice was cancelled: its announcement, if still held, is withdrawn, and if not
-    made yet, never will be (``invoice_issued``). Replaced, the replacement's own message says
-    so; with nothing in its place (a correction left nothing to bill), the practice is told
-    what was cancelled, what was paid and is owed back."""
+    """An invoice was cancelled: its announcement, if still held or waiting to be sent (due, or
+    for an SMTP retry), is withdrawn, and if not made yet, never will be (``invoice_issued``);
+    one being sent goes on (and if that attempt fails, the dispatcher withdraws it instead of
+    retrying). Replaced, the replacement's own message says so; with nothing in its place (a
+    correction left nothing to bill), the practice is told what was cancelled, what was paid
+    and is owed back."""
     d = event.data
     replaced = not pm.cancelled_without_replacement(d)
     why = (_cancelled_why(d.get("replacedBy"))
@@ -464,6 +492,9 @@ async def invoice_cancelled(notifier: Notifier, event: CloudEvent, uow: UnitOfWo
         notifier, uow, event.tenant,
         f"not sent: invoice {d['invoiceId']} was cancelled{why} before anyone was "
         "configured to receive this message",
+        messages.c.kind == "invoice-issued", messages.c.tracker == invoice_tracker(d["invoiceId"]))
+    await withdraw_unsent(
+        notifier, uow, event.tenant, pm.cancelled_before_sent(d["invoiceId"], why),
         messages.c.kind == "invoice-issued", messages.c.tracker == invoice_tracker(d["invoiceId"]))
     if not replaced:
         await to_practice_contacts(notifier, event, uow, "invoice-cancelled",

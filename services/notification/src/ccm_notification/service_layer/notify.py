@@ -190,11 +190,9 @@ class Notifier:
         existing = await self.find_by_key(uow, intent.idempotency_key)
         if existing is not None:
             if existing.status == "pending" and existing.next_attempt_at is None \
-                    and intent.provider_id is not None:
-                row = (await uow.session.execute(
-                    select(messages).where(messages.c.id == existing.id))).first()
-                if await self.deliver_held(uow, row, intent.provider_id, intent.values):
-                    existing = await self.find_by_key(uow, intent.idempotency_key)
+                    and intent.provider_id is not None \
+                    and await self.deliver_held(uow, existing, intent.provider_id, intent.values):
+                existing = await self.find_by_key(uow, intent.idempotency_key)  # as released
             return Recorded(existing.id, False, existing.status, existing.last_error)
         kind = KINDS[intent.kind]
         message_id = str(uuid.uuid4())
@@ -371,6 +369,26 @@ class Notifier:
             await self.raise_failed(uow, row.id, row.practice, row.kind, None, None, 0, reason,
                                     row.idempotency_key, row.patient)
 
+    async def withdraw_unsent(self, uow: UnitOfWork, row, reason: str) -> bool:  # noqa: ANN001
+        """A message addressed but not sent yet that must no longer go out (what it announces
+        was undone meanwhile): ``row`` as the caller read it under its lock, ``pending`` (due,
+        or waiting for a retry after a failed attempt) or ``sending`` with its lease run out (as
+        the dispatcher claims it). Failed with ``reason``, its failed event raised. Not if it
+        changed since (the dispatcher claimed it: that attempt goes on). True when withdrawn."""
+        done = await uow.session.execute(
+            update(messages)
+            .where(messages.c.id == row.id, messages.c.status == row.status,
+                   messages.c.attempts == row.attempts)
+            .values(status="failed", next_attempt_at=None, last_error=reason,
+                    ack_state="closed" if row.ack_state == "pending" else row.ack_state)
+        )
+        if done.rowcount != 1:
+            return False
+        await self.raise_failed(uow, row.id, row.practice, row.kind, row.provider_id,
+                                row.channel, row.attempts, reason, row.idempotency_key,
+                                row.patient)
+        return True
+
     async def record_not_sent(self, uow: UnitOfWork, intent: Intent, reason: str) -> bool:
         """Record ``intent`` as a message that is not sent, because what it announces was
         undone before it was made: failed with ``reason`` (no recipient, nothing rendered) and
@@ -395,10 +413,9 @@ class Notifier:
         return True
 
     async def find_by_key(self, uow: UnitOfWork, key: str):  # noqa: ANN201
-        stmt = select(messages.c.id, messages.c.status, messages.c.last_error,
-                      messages.c.next_attempt_at).where(
-            messages.c.idempotency_key == key
-        )
+        """The message recorded for an idempotency key (the whole row: one held is released
+        from it), or None."""
+        stmt = select(messages).where(messages.c.idempotency_key == key)
         return (await uow.session.execute(stmt)).first()
 
     async def raise_failed(
