@@ -234,6 +234,8 @@ ROUTES = [
     Route("notification", "POST", f"{N}/subscriptions",
           SUBSCRIPTION | {"endpoint": "https://ehr.example/hook"}, "endpoint",
           "https://other.example/hook", 201, f"{N}/subscriptions"),
+    Route("notification", "PATCH", N + "/subscriptions/{sub}", {"description": "ERP"},
+          "description", "other", 200, N + "/subscriptions/{sub}"),
 ]
 
 
@@ -386,6 +388,7 @@ BODYLESS = [
     ("notification", "POST", "{ack_link}", 200),
     ("notification", "POST", "{slot_link}", 200),
     ("notification", "POST", N + "/subscriptions/{sub}/resume", 200),
+    ("notification", "POST", N + "/subscriptions/{sub}/secret", 200),
 ]
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
 from ccm_notification.subscriptions.tables import (
     SUBSCRIPTION_RETENTION_INDEXES,
     add_feed_held_table,
+    add_subscription_secrets_table,
     add_subscription_tables_v1,
 )
 from ccm_shared.tables import BigId, add_messaging_tables
@@ -236,5 +237,6 @@ subscription_events = _subscription_tables["subscription_events"]
 subscription_deliveries = _subscription_tables["subscription_deliveries"]
 feed_held = add_feed_held_table(metadata)["feed_held"]
 invoice_cancellations = add_invoice_cancellations_table(metadata)["invoice_cancellations"]
+subscription_secrets = add_subscription_secrets_table(metadata)["subscription_secrets"]
 for _name, _table, _columns in SUBSCRIPTION_RETENTION_INDEXES:
     Index(_name, *(metadata.tables[_table].c[c] for c in _columns))

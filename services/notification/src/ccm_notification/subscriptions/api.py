@@ -5,23 +5,35 @@ as notification's main router); without it → 403 before anything is read or wr
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ccm_notification.config import NotificationSettings
 from ccm_notification.entrypoints.api import JSON_BODY, NotificationTenant
-from ccm_notification.entrypoints.workers import notifier_of
+from ccm_notification.entrypoints.workers import http_client_of, notifier_of
 from ccm_notification.subscriptions import service
-from ccm_notification.subscriptions.domain import FEED_TYPES
+from ccm_notification.subscriptions.domain import (
+    DEFAULT_OVERLAP_HOURS,
+    FEED_TYPES,
+    MAX_OVERLAP_HOURS,
+)
 from ccm_shared.errors import InvalidInput
 from ccm_shared.outbound import refuse_unreachable
 from ccm_shared.service import ServiceRuntime
-from ccm_shared.text import http_url_problem
+from ccm_shared.text import http_url_problem, is_text
 
 EventType = Literal[FEED_TYPES]  # type: ignore[valid-type]
 BASE = "/v1/practices/{practice}/subscriptions"
+
+
+def _storable_text(value: Any) -> Any:  # noqa: ANN401
+    """No NUL (PostgreSQL cannot store one) and no lone surrogate: 422, nothing stored."""
+    if isinstance(value, str) and not is_text(value):
+        raise ValueError("text must not contain NUL characters or lone surrogates")
+    return value
 
 
 class SubscriptionCreate(BaseModel):
@@ -40,6 +52,23 @@ class SubscriptionCreate(BaseModel):
     )
     description: str | None = Field(None, max_length=200)
 
+    _storable = field_validator("description", mode="before")(_storable_text)
+
+
+class SubscriptionUpdate(BaseModel):
+    """A PATCH: the fields given change, those left out stay (``description`` null clears it).
+    Validated as at creation."""
+
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventType] | None = Field(  # type: ignore[valid-type]
+        None, min_length=1, max_length=len(FEED_TYPES),
+        description="Event types to receive from now on",
+    )
+    endpoint: str | None = Field(None, max_length=500, description="Where notifications go")
+    description: str | None = Field(None, max_length=200)
+
+    _storable = field_validator("description", mode="before")(_storable_text)
+
 
 # Event numbers are 32-bit INTEGER columns (PostgreSQL): a larger ``since`` matches nothing and
 # cannot even be sent as a parameter.
@@ -53,7 +82,9 @@ def _check_endpoint(url: str, require_https: bool) -> None:
                                                      if "credentials" in problem else ""))
 
 
-def view(row) -> dict[str, Any]:  # noqa: ANN001
+def view(row, secret: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
+    """A subscription as the API shows it (``secret``: ``service.secret_summaries``' entry:
+    when it was rotated and until when earlier secrets sign; never a secret)."""
     return {
         "id": row.id,
         "practice": row.practice,
@@ -65,7 +96,13 @@ def view(row) -> dict[str, Any]:  # noqa: ANN001
         "lastEventNumber": row.last_event_number,
         "deliveredThrough": row.delivered_through,
         "createdAt": row.created_at.isoformat(),
+        **secret,
     }
+
+
+async def _views(uow, rows: list, now) -> list[dict[str, Any]]:  # noqa: ANN001
+    summaries = await service.secret_summaries(uow, [r.id for r in rows], now)
+    return [view(r, summaries[r.id]) for r in rows]
 
 
 def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
@@ -95,21 +132,92 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
                 uow, practice, spec, secret_key=runtime.settings.secret_key,
                 limit=settings().max_subscriptions_per_practice, now=runtime.clock(),
             )
+            [shown] = await _views(uow, [row], runtime.clock())
             await uow.commit()
         response.headers["Location"] = f"/v1/practices/{practice}/subscriptions/{row.id}"
-        return view(row) | {"secret": secret}
+        return shown | {"secret": secret}
 
     @router.get(BASE, summary="The practice's subscriptions")
     async def list_all(practice: str, tenant: NotificationTenant) -> list[dict]:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
-            return [view(r) for r in await service.list_subscriptions(uow, practice)]
+            return await _views(uow, await service.list_subscriptions(uow, practice),
+                                runtime.clock())
 
     @router.get(BASE + "/{sub_id}", summary="One subscription")
     async def get_one(practice: str, sub_id: str, tenant: NotificationTenant) -> dict:
         tenant.require_practice(practice)
         async with db.unit_of_work() as uow:
-            return view(await service.load(uow, practice, sub_id))
+            [shown] = await _views(uow, [await service.load(uow, practice, sub_id)],
+                                   runtime.clock())
+            return shown
+
+    @router.patch(BASE + "/{sub_id}", summary="Change a subscription's endpoint, events or "
+                  "description", dependencies=JSON_BODY)
+    async def change(
+        practice: str, sub_id: str, body: SubscriptionUpdate, tenant: NotificationTenant
+    ) -> dict:
+        tenant.require_practice(practice)
+        given = body.model_fields_set
+        for name in ("events", "endpoint"):
+            if name in given and getattr(body, name) is None:
+                raise InvalidInput(f"{name} may not be null: leave it out to keep it")
+        async with db.unit_of_work() as uow:  # another practice's: 404 before any check
+            await service.load(uow, practice, sub_id)
+        if body.endpoint is not None:
+            _check_endpoint(body.endpoint, settings().subscription_require_https)
+            await refuse_unreachable(body.endpoint, "endpoint",
+                                     allow_private=runtime.settings.outbound_private_allowed)
+        change = service.SubscriptionChange(
+            event_types=list(body.events) if body.events is not None else None,
+            endpoint=body.endpoint, description=body.description,
+            clear_description="description" in given and body.description is None)
+        async with db.unit_of_work() as uow:
+            row = await service.update_subscription(uow, practice, sub_id, change,
+                                                    now=runtime.clock())
+            [shown] = await _views(uow, [row], runtime.clock())
+            await uow.commit()
+        return shown
+
+    # (rotation and the test delivery have no body and need no Content-Type)
+    @router.post(BASE + "/{sub_id}/secret",
+                 summary="Rotate the signing secret (the new one is shown once)")
+    async def rotate(
+        practice: str,
+        sub_id: str,
+        tenant: NotificationTenant,
+        overlap_hours: Annotated[int, Query(
+            alias="overlapHours", ge=0, le=MAX_OVERLAP_HOURS,
+            description="How long the secret replaced keeps signing deliveries beside the new "
+            "one (0: it stops at once, e.g. when it leaked)")] = DEFAULT_OVERLAP_HOURS,
+    ) -> dict:
+        tenant.require_practice(practice)
+        now = runtime.clock()
+        async with db.unit_of_work() as uow:
+            row, secret = await service.rotate_secret(
+                uow, practice, sub_id, secret_key=runtime.settings.secret_key,
+                overlap=timedelta(hours=overlap_hours), now=now)
+            [shown] = await _views(uow, [row], now)
+            await uow.commit()
+        return shown | {"secret": secret}
+
+    @router.post(BASE + "/{sub_id}/test",
+                 summary="Send a signed ping to the endpoint now and report the answer")
+    async def send_test(practice: str, sub_id: str, tenant: NotificationTenant) -> dict:
+        tenant.require_practice(practice)
+        result = await service.send_ping(
+            db, practice, sub_id, secret_key=runtime.settings.secret_key,
+            client=http_client_of(runtime), clock=runtime.clock,
+            timeout=settings().webhook_timeout_seconds)
+        return {
+            "subscription": sub_id,
+            "ping": result.ping_id,
+            "delivered": result.delivered,
+            "status": result.status,
+            "response": result.response,
+            "latencyMs": result.latency_ms,
+            "signatures": result.signatures,
+        }
 
     @router.delete(BASE + "/{sub_id}", status_code=204, summary="Unsubscribe (stops delivery)")
     async def remove(practice: str, sub_id: str, tenant: NotificationTenant) -> Response:
@@ -126,8 +234,9 @@ def build_subscriptions_router(runtime: ServiceRuntime) -> APIRouter:
             await service.resume(uow, practice, sub_id, now=runtime.clock(),
                                  notifier=notifier_of(runtime))
             row = await service.load(uow, practice, sub_id)
+            [shown] = await _views(uow, [row], runtime.clock())
             await uow.commit()
-        return view(row)
+        return shown
 
     @router.get(BASE + "/{sub_id}/events", summary="Replay notifications numbered above `since`")
     async def events(

@@ -11,13 +11,14 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
-from ccm_notification.domain.signing import derive_key, verify_webhook
+from ccm_notification.domain.signing import derive_key
 
 # billing's practice-facing events (the "feed"); topic name == event type.
 FEED_TYPES: tuple[str, ...] = (
@@ -161,11 +162,102 @@ def notification(
 
 
 def subscription_secret(secret_key: str, subscription: str, salt: str) -> str:
-    """A subscription's signing secret, derived (nothing secret is stored in the database)."""
+    """A never-rotated subscription's signing secret, derived from ``CCM_SECRET_KEY`` and the
+    subscription's salt (nothing secret stored; rotating the key changes it)."""
     mac = hmac.new(
         derive_key(secret_key, "subscription"), f"{subscription}:{salt}".encode(), hashlib.sha256
     )
     return "whsec_" + mac.hexdigest()
+
+
+# -- secret rotation ------------------------------------------------------------------------------
+
+# How long the secret a rotation replaces keeps signing deliveries beside the new one (hours;
+# 0 ends it at once: a leaked secret). Chosen per rotation within these bounds.
+DEFAULT_OVERLAP_HOURS = 24
+MAX_OVERLAP_HOURS = 7 * 24
+# Earlier secrets still signing at once (a rotation repeated within the overlap, e.g. after its
+# response was lost, keeps the one the receiver has): the oldest beyond it ends at the rotation.
+MAX_EARLIER_SECRETS = 3
+
+
+def new_secret() -> str:
+    """A rotated-in signing secret: random, the same form as a derived one (``whsec_`` + 64 hex
+    digits), so a receiver's key handling does not change."""
+    return "whsec_" + secrets.token_hex(32)
+
+
+@dataclass(frozen=True)
+class SigningSecret:
+    """One secret of a rotated subscription: ``generation`` 0 is the derived one it had before
+    its first rotation; ``valid_until`` None is the current one."""
+
+    generation: int
+    secret: str
+    valid_until: datetime | None = None
+
+
+def rotate(
+    kept: Sequence[SigningSecret], new: str, now: datetime, overlap: timedelta
+) -> list[SigningSecret]:
+    """A subscription's secrets after a rotation to ``new``, newest first: ``new`` is current,
+    the secret it replaces signs beside it for ``overlap`` more, an earlier one still valid
+    keeps signing at most as long (so ``overlap`` 0 ends every earlier secret now), and at most
+    ``MAX_EARLIER_SECRETS`` earlier ones are kept; expired ones are dropped."""
+    if not kept:
+        raise ValueError("a rotation needs the secret it replaces")
+    ends = now + overlap
+    earlier = [
+        SigningSecret(s.generation, s.secret,
+                      ends if s.valid_until is None else min(s.valid_until, ends))
+        for s in sorted(kept, key=lambda s: s.generation, reverse=True)
+    ]
+    earlier = [s for s in earlier if s.valid_until > now][:MAX_EARLIER_SECRETS]
+    current = SigningSecret(max(s.generation for s in kept) + 1, new, None)
+    return [current, *earlier]
+
+
+def signing_secrets(kept: Sequence[SigningSecret], now: datetime) -> list[str]:
+    """The secrets a delivery at ``now`` is signed with: the current one first, then the
+    earlier ones still in their overlap, newest first (the oldest last: a receiver reading only
+    the last ``v1``, as the verification snippet before rotation did, still verifies with the
+    secret it had until the overlap ends)."""
+    ordered = sorted(kept, key=lambda s: s.generation, reverse=True)
+    return [s.secret for s in ordered if s.valid_until is None or s.valid_until > now]
+
+
+def signature_header(secrets_: Sequence[str], timestamp: int, body: bytes) -> str:
+    """``X-CCM-Signature`` signed with each secret: ``t=<t>,v1=<hex>[,v1=<hex>…]`` (one ``v1``
+    per secret, in the order given)."""
+    if not secrets_:
+        raise ValueError("a delivery is signed with at least one secret")
+    signed = f"{timestamp}.".encode() + body
+    macs = (hmac.new(s.encode(), signed, hashlib.sha256).hexdigest() for s in secrets_)
+    return ",".join([f"t={timestamp}", *(f"v1={mac}" for mac in macs)])
+
+
+def verify_signature(
+    secret: str, header: str, body: bytes, now: int, tolerance: int = 300
+) -> bool:
+    """What a receiver does (the README's snippet): the timestamp within ``tolerance`` seconds
+    and any one ``v1`` of the header the HMAC of ``"<t>." + body`` with ``secret``."""
+    try:
+        pairs = [part.split("=", 1) for part in header.split(",")]
+        timestamp = int(dict(pairs)["t"])
+    except (ValueError, KeyError):
+        return False
+    if abs(now - timestamp) > tolerance:
+        return False
+    expected = hmac.new(secret.encode(), f"{timestamp}.".encode() + body,
+                        hashlib.sha256).hexdigest()
+    return any(hmac.compare_digest(expected, value) for name, value in pairs if name == "v1")
+
+
+def ping(*, subscription: str, practice: str, ping_id: str, time: str) -> dict[str, Any]:
+    """The body of a test delivery (``POST …/test``): signed like an event notification but no
+    event: no ``eventNumber``, nothing numbered, nothing to do but verify and answer 2xx."""
+    return {"type": "ping", "subscription": subscription, "practice": practice, "id": ping_id,
+            "time": time}
 
 
 def should_pause(consecutive_failures: int, pause_after: int) -> bool:
@@ -195,6 +287,7 @@ class Verdict(Enum):
 
     NEW = "new"  # genuine and not processed yet: do the work, then answer 2xx
     DUPLICATE = "duplicate"  # genuine, processed before: answer 2xx, do nothing again
+    PING = "ping"  # a genuine test delivery (``POST …/test``): answer 2xx, nothing to do
     REFUSED = "refused"  # bad signature or a timestamp outside the tolerance: answer 401
 
 
@@ -216,16 +309,19 @@ class Receiver:
     processed: set[int] = field(default_factory=set)
 
     def check(self, signature: str, body: bytes, now: int) -> Verdict:
-        if not verify_webhook(self.secret, signature, body, now, self.tolerance):
+        if not verify_signature(self.secret, signature, body, now, self.tolerance):
             return Verdict.REFUSED
-        event_number = json.loads(body)["eventNumber"]  # from the signed body, not a header
+        notification = json.loads(body)
+        if notification.get("type") == "ping":
+            return Verdict.PING
+        event_number = notification["eventNumber"]  # from the signed body, not a header
         return Verdict.DUPLICATE if event_number in self.processed else Verdict.NEW
 
     def receive(
         self, signature: str, body: bytes, now: int, work: Callable[[dict[str, Any]], None]
     ) -> int:
-        """The HTTP status to answer: 401 when refused; 200 for a duplicate (``work`` not
-        called) and for a new event once ``work`` returned (an exception in it answers
+        """The HTTP status to answer: 401 when refused; 200 for a duplicate or a ping (``work``
+        not called) and for a new event once ``work`` returned (an exception in it answers
         nothing: the platform retries, and the event is still new then)."""
         verdict = self.check(signature, body, now)
         if verdict is Verdict.REFUSED:

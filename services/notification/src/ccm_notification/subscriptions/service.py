@@ -16,14 +16,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import structlog
 from sqlalchemy import and_, delete, func, or_, select, update
 
-from ccm_notification.adapters.channels import DeliveryResult, post_signed
+from ccm_notification.adapters import orm
+from ccm_notification.adapters.channels import SIGNATURE_HEADER, DeliveryResult, post_signed
 from ccm_notification.adapters.orm import (
     feed_held,
     messages,
@@ -41,12 +42,18 @@ from ccm_notification.subscriptions.domain import (
     FEED_POSITION,
     FEED_TYPES,
     FeedEvent,
+    SigningSecret,
     delivery_outcome,
     feed_data,
+    new_secret,
     notification,
+    ping,
     producer_sequence,
     releasable,
+    rotate,
     should_pause,
+    signature_header,
+    signing_secrets,
     subscription_secret,
     wants,
 )
@@ -65,6 +72,8 @@ RESUMED = "notification.subscription.resumed.v1"
 PAUSED_KIND = "subscription-paused"  # the practice-level message telling the practice
 NOT_A_PRACTICE = "the event's tenant is not a registered practice (platform.practices)"
 Clock = Callable[[], datetime]
+
+subscription_secrets = orm.subscription_secrets
 
 
 # -- fan-out --------------------------------------------------------------------------------------
@@ -348,9 +357,133 @@ async def delete_subscription(
     await load(uow, practice, sub_id, lock=True)
     if notifier is not None:
         await withdraw_pause_notice(notifier, uow, practice, sub_id, "deleted")
-    for table in (subscription_deliveries, subscription_events):
+    for table in (subscription_deliveries, subscription_events, subscription_secrets):
         await uow.session.execute(delete(table).where(table.c.subscription_id == sub_id))
     await uow.session.execute(delete(subscriptions).where(subscriptions.c.id == sub_id))
+
+
+@dataclass(frozen=True)
+class SubscriptionChange:
+    """What a PATCH changes; None leaves it as it is (``description``: ``clear_description``
+    sets it to null)."""
+
+    event_types: list[str] | None = None
+    endpoint: str | None = None
+    description: str | None = None
+    clear_description: bool = False
+
+
+async def update_subscription(
+    uow: UnitOfWork, practice: str, sub_id: str, change: SubscriptionChange, *, now: datetime
+) -> Any:  # noqa: ANN401
+    """Change a subscription's endpoint, event filter or description; return the row.
+
+    The filter applies to events fanned out from the commit on (those numbered before stay
+    numbered and are delivered). A new endpoint receives everything still waiting: the
+    failures counted so far were the old endpoint's, so the count starts again and an active
+    subscription with events waiting is tried at once (a paused one stays paused until it is
+    resumed). The row is locked, so the feed numbers each event under one filter or the other."""
+    row = await load(uow, practice, sub_id, lock=True)
+    values: dict[str, Any] = {}
+    if change.event_types is not None:
+        values["event_types"] = list(dict.fromkeys(change.event_types))
+    if change.description is not None or change.clear_description:
+        values["description"] = change.description
+    if change.endpoint is not None and change.endpoint != row.endpoint:
+        values |= {"endpoint": change.endpoint, "consecutive_failures": 0}
+        if row.status == "active" and row.last_event_number > row.delivered_through:
+            values["next_attempt_at"] = now
+    if values:
+        await uow.session.execute(
+            update(subscriptions).where(subscriptions.c.id == sub_id)
+            .values(**values, updated_at=now))
+        log.info("subscription changed", subscription=sub_id, changed=sorted(values))
+    return await load(uow, practice, sub_id)
+
+
+async def _secret_rows(uow: UnitOfWork, sub_ids: list[str]) -> list:
+    if not sub_ids:
+        return []
+    return list((await uow.session.execute(
+        select(subscription_secrets).where(subscription_secrets.c.subscription_id.in_(sub_ids))
+    )).all())
+
+
+async def _secrets_of(uow: UnitOfWork, sub_ids: list[str]) -> dict[str, list[SigningSecret]]:
+    found: dict[str, list[SigningSecret]] = {}
+    for r in await _secret_rows(uow, sub_ids):
+        found.setdefault(r.subscription_id, []).append(
+            SigningSecret(r.generation, r.secret, _aware(r.valid_until)))
+    return found
+
+
+def _aware(at: datetime | None) -> datetime | None:
+    """SQLite returns naive UTC."""
+    return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
+
+
+async def secrets_for_signing(
+    uow: UnitOfWork, sub: Any, *, secret_key: str, now: datetime  # noqa: ANN401
+) -> list[str]:
+    """The secrets a delivery of ``sub`` at ``now`` is signed with, current first: the stored
+    ones of a rotated subscription (earlier ones only during their overlap), else the one
+    derived from ``CCM_SECRET_KEY``."""
+    stored = (await _secrets_of(uow, [sub.id])).get(sub.id)
+    if not stored:
+        return [subscription_secret(secret_key, sub.id, sub.secret_salt)]
+    return signing_secrets(stored, now)
+
+
+async def secret_summaries(
+    uow: UnitOfWork, sub_ids: list[str], now: datetime
+) -> dict[str, dict[str, Any]]:
+    """Per subscription: when its secret was last rotated (None: never) and until when each
+    earlier secret still signs, newest first (what its view shows; never a secret)."""
+    out: dict[str, dict[str, Any]] = {
+        sub_id: {"secretRotatedAt": None, "previousSecretsValidUntil": []} for sub_id in sub_ids}
+    rows = sorted(await _secret_rows(uow, sub_ids), key=lambda r: r.generation, reverse=True)
+    for r in rows:
+        summary, until = out[r.subscription_id], _aware(r.valid_until)
+        if until is None:
+            summary["secretRotatedAt"] = _aware(r.created_at).isoformat()
+        elif until > now:
+            summary["previousSecretsValidUntil"].append(until.isoformat())
+    return out
+
+
+async def rotate_secret(
+    uow: UnitOfWork, practice: str, sub_id: str, *, secret_key: str, overlap: timedelta,
+    now: datetime,
+) -> tuple[Any, str]:
+    """Give the subscription a new signing secret; return its row and the secret (shown this
+    once). The secret it replaces keeps signing beside it for ``overlap`` (``domain.rotate``);
+    from the first rotation on, the subscription's secrets are stored and no longer derived
+    from ``CCM_SECRET_KEY``. Under the subscription's row lock: rotations one at a time."""
+    row = await load(uow, practice, sub_id, lock=True)
+    stored = (await _secrets_of(uow, [sub_id])).get(sub_id) or []
+    before = {s.generation for s in stored}
+    if not stored:  # its first rotation: the derived secret becomes generation 0
+        stored = [SigningSecret(0, subscription_secret(secret_key, sub_id, row.secret_salt))]
+    secret = new_secret()
+    after = rotate(stored, secret, now, overlap)
+    kept = {s.generation for s in after}
+    of_sub = subscription_secrets.c.subscription_id == sub_id
+    await uow.session.execute(delete(subscription_secrets).where(
+        and_(of_sub, subscription_secrets.c.generation.not_in(kept))))
+    for s in after:
+        if s.generation in before:
+            await uow.session.execute(update(subscription_secrets).where(
+                and_(of_sub, subscription_secrets.c.generation == s.generation))
+                .values(valid_until=s.valid_until))
+        else:
+            await uow.session.execute(subscription_secrets.insert().values(
+                subscription_id=sub_id, generation=s.generation, practice=practice,
+                secret=s.secret, valid_until=s.valid_until,
+                # generation 0 is the secret the subscription was created with
+                created_at=row.created_at if s.generation == 0 else now))
+    log.info("subscription secret rotated", subscription=sub_id,
+             overlap_seconds=int(overlap.total_seconds()), still_signing=len(after) - 1)
+    return row, secret
 
 
 async def resume(
@@ -529,6 +662,61 @@ def _one_event(sub_id: str, number: int):  # noqa: ANN202
     )
 
 
+async def post_with_secrets(
+    client: httpx.AsyncClient, url: str, body: bytes, signing: list[str], timestamp: int,
+    headers: dict[str, str], timeout: float,
+) -> DeliveryResult:
+    """``post_signed`` with ``X-CCM-Signature`` carrying one ``v1`` per secret of ``signing``
+    (current first): the header given replaces the one ``post_signed`` computes for the first
+    secret alone (its extra headers are applied after its own)."""
+    return await post_signed(
+        client, url, body, signing[0], timestamp,
+        {SIGNATURE_HEADER: signature_header(signing, timestamp, body), **headers}, timeout)
+
+
+@dataclass(frozen=True)
+class PingResult:
+    """What a test delivery got: the receiver's status (None: no answer), its answer or the
+    error, the latency, and how many secrets signed it (2 or more during a rotation's
+    overlap)."""
+
+    ping_id: str
+    delivered: bool
+    status: int | None
+    response: str
+    latency_ms: int
+    signatures: int
+
+
+async def send_ping(
+    db: Database, practice: str, sub_id: str, *, secret_key: str, client: httpx.AsyncClient,
+    clock: Clock, timeout: float,
+) -> PingResult:
+    """POST a signed ``ping`` to the subscription's endpoint now (paused or not) and report
+    what the receiver answered. Nothing is numbered or recorded: the feed, ``eventNumber``,
+    ``deliveredThrough`` and the delivery log stay as they were. The request is made with no
+    transaction open."""
+    now = clock()
+    async with db.unit_of_work() as uow:
+        sub = await load(uow, practice, sub_id)
+        signing = await secrets_for_signing(uow, sub, secret_key=secret_key, now=now)
+    ping_id = str(uuid.uuid4())
+    body = json.dumps(ping(subscription=sub.id, practice=practice, ping_id=ping_id,
+                           time=now.isoformat()), separators=(",", ":")).encode()
+    started = time.perf_counter()
+    try:
+        result = await post_with_secrets(
+            client, sub.endpoint, body, signing, int(now.timestamp()),
+            {"X-CCM-Subscription-Id": sub.id}, timeout)
+    except Exception as exc:  # noqa: BLE001 - reported to the caller, as a delivery's would be
+        result = DeliveryResult(False, f"{type(exc).__name__}: {exc}"[:500])
+    latency_ms = int((time.perf_counter() - started) * 1000)
+    log.info("subscription ping", delivered=result.ok, status=result.status,
+             latency_ms=latency_ms)
+    return PingResult(ping_id, result.ok, result.status, result.response, latency_ms,
+                      len(signing))
+
+
 @dataclass
 class SubscriptionDeliverer:
     """Delivers each active subscription's pending notifications in number order, one at a time;
@@ -588,18 +776,15 @@ class SubscriptionDeliverer:
                     .limit(self.settings.subscription_batch_size)
                 )
             ).all()
-        secret = subscription_secret(self.secret_key, sub.id, sub.secret_salt)
+            signing = await secrets_for_signing(uow, sub, secret_key=self.secret_key,
+                                                now=self.clock())
         tried = 0
         for event in pending:
             body = json.dumps(event.body, separators=(",", ":")).encode()
             started = time.perf_counter()
             try:
-                result = await post_signed(
-                    self.client,
-                    sub.endpoint,
-                    body,
-                    secret,
-                    int(self.clock().timestamp()),
+                result = await post_with_secrets(
+                    self.client, sub.endpoint, body, signing, int(self.clock().timestamp()),
                     {
                         "X-CCM-Subscription-Id": sub.id,
                         "X-CCM-Event-Number": str(event.number),

@@ -78,6 +78,29 @@ def add_subscription_tables_v1(metadata: MetaData) -> dict[str, Table]:
     return {t.name: t for t in (subscriptions, subscription_events, subscription_deliveries)}
 
 
+def add_subscription_secrets_table(metadata: MetaData) -> dict[str, Table]:
+    """The signing secrets of subscriptions whose secret was rotated (migration
+    ``notification_0009``), one row per secret: the current one (``valid_until`` null, the
+    highest ``generation``) and earlier ones, which sign until ``valid_until`` (a row past it
+    signs nothing and is removed by the next rotation).
+    A subscription without rows was never rotated: its secret is derived from
+    ``CCM_SECRET_KEY`` and ``subscriptions.secret_salt``. Stored as shown (no encryption helper
+    in the platform): whoever reads this table can sign as the platform towards these
+    receivers (README, "Rotating a subscription's secret")."""
+    subscription_secrets = Table(
+        "subscription_secrets",
+        metadata,
+        Column("subscription_id", String(36), nullable=False),
+        Column("generation", Integer, nullable=False),  # 0: the derived one, before rotation
+        Column("practice", String(64), nullable=False),
+        Column("secret", String(70), nullable=False),  # "whsec_" + 64 hex digits
+        Column("valid_until", DateTime(timezone=True), nullable=True),  # null: the current one
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        PrimaryKeyConstraint("subscription_id", "generation"),
+    )
+    return {"subscription_secrets": subscription_secrets}
+
+
 # Indexes of migration ``notification_0008`` (name, table, columns): what the subscriptions'
 # retention (``subscriptions.retention``) deletes by, so a pass reads what it deletes, not the
 # tables. Pending events have no ``delivered_at``: never in the range read.
