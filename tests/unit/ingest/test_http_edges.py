@@ -308,3 +308,19 @@ async def test_ingest_config_authenticates_before_it_reads_the_body(fhir):
     r = await fhir.put(CONFIG, content="x", headers={"Content-Type": "text/plain",
                                                      "Authorization": "Bearer ccm_wrong"})
     problem(r, 401)
+
+
+@pytest.mark.parametrize(("accept", "answered"), [
+    ("application/fhir+json;q=0, application/json", "application/json"),
+    ("application/fhir+json; q=0.0, application/json+fhir;q=0.5", "application/json+fhir"),
+    ("application/json", "application/fhir+json"),  # FHIR JSON is JSON: as always
+    ("application/fhir+json;q=0.5, application/json", "application/fhir+json"),
+    ("*/*", "application/fhir+json"),
+])
+async def test_an_answer_is_labelled_with_a_json_type_the_client_takes(fhir, accept, answered):
+    """RFC 9110 §12.5.1: a client refusing application/fhir+json (q=0) but taking plain JSON
+    got the same JSON labelled with the type it refused."""
+    r = await fhir.get("/fhir/metadata", headers={"Accept": accept})
+    assert r.status_code == 200
+    assert r.headers["content-type"].split(";")[0] == answered
+    assert r.json()["resourceType"] == "CapabilityStatement"

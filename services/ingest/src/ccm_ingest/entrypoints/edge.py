@@ -108,6 +108,27 @@ def unacceptable(scope) -> Issue | None:  # noqa: ANN001
     return None
 
 
+def answered_as(scope) -> bytes | None:  # noqa: ANN001
+    """The JSON media type to label the answer with when Accept refuses FHIR JSON (``q=0``)
+    but takes plain JSON (``application/fhir+json;q=0, application/json``), None to answer as
+    FHIR JSON, as always otherwise. (The answer is the same JSON either way; it was labelled
+    with the type the client refused.)"""
+    if b"_format" in scope.get("query_string", b""):
+        return None  # _format decides (json is FHIR JSON), whatever Accept says
+    for key, value in scope.get("headers", ()):
+        if key == b"accept":
+            ranges = [r for r in value.decode("latin-1").split(",") if r.strip()]
+            refused = any(_params(r)[0] == "application/fhir+json" and not _media_range(r)
+                          for r in ranges)
+            taken = {_media_range(r) for r in ranges}
+            if not refused or "application/fhir+json" in taken:
+                return None
+            for media in ("application/json", "application/json+fhir"):
+                if media in taken:
+                    return media.encode() + b"; charset=utf-8"
+    return None
+
+
 # The FHIR version media-type parameter (http.html#version-parameter): R4 is 4.0 (or 4.0.1).
 R4_VERSIONS = frozenset({None, "4.0", "4.0.0", "4.0.1"})
 
@@ -166,4 +187,13 @@ class FhirEdge:
             # slash as sent: an encoded one (``%2F``) is part of an id, never stripped.
             slashes = len(raw) - len(raw.rstrip(b"/"))
             scope = {**scope, "path": path[:-slashes], "raw_path": raw[:-slashes]}
+        if (media := answered_as(scope)) is not None:
+            async def relabelled(message):  # noqa: ANN001, ANN202
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [
+                        (k, media if k == b"content-type" and v.startswith(b"application/fhir+json")
+                         else v) for k, v in message.get("headers", [])]}
+                await send(message)
+
+            return await self.app(scope, receive, relabelled)
         await self.app(scope, receive, send)
