@@ -146,3 +146,20 @@ async def test_a_create_with_criteria_in_its_url_is_refused(fhir):
     assert (await fhir.post("/fhir/Encounter?_format=json", json=encounter("E-77"),
                             headers={"If-None-Exist": f"identifier={SYSTEM}|E-77"})
             ).status_code == 201
+
+
+async def test_a_patient_named_by_a_conditional_reference_meets_a_patient_criterion(fhir):
+    """Judged once the Bundle's conditional references are resolved (found by review: the
+    check ran before, saw no patient, and refused a transaction that meets its criteria)."""
+    p1 = {"resourceType": "Patient", "id": "p1",
+          "identifier": [{"system": "urn:mrn", "value": "123"}]}
+    assert (await fhir.put("/fhir/Patient/p1", json=p1)).status_code == 201
+    for subject in ("Patient/p1", "Patient?identifier=urn:mrn|123"):
+        r = await fhir.post("/fhir", json=transaction(entry(
+            "POST", "Encounter", encounter(f"E-{subject[-1]}", subject=subject),
+            ifNoneExist=f"identifier={SYSTEM}|E-{subject[-1]}&patient=Patient/p1")))
+        assert r.status_code == 200, r.text
+    r = await fhir.post("/fhir", json=transaction(entry(  # and naming another patient: refused
+        "POST", "Encounter", encounter("E-96", subject="Patient?identifier=urn:mrn|123"),
+        ifNoneExist=f"identifier={SYSTEM}|E-96&patient=Patient/p2")))
+    assert r.status_code == 400 and "does not meet patient=Patient/p2" in r.text

@@ -316,6 +316,8 @@ async def test_ingest_config_authenticates_before_it_reads_the_body(fhir):
     ("application/json", "application/fhir+json"),  # FHIR JSON is JSON: as always
     ("application/fhir+json;q=0.5, application/json", "application/fhir+json"),
     ("*/*", "application/fhir+json"),
+    ("application/fhir+json;q=0, */*", "application/json"),  # anything but FHIR JSON
+    ("application/fhir+json;q=0, application/*", "application/json"),
 ])
 async def test_an_answer_is_labelled_with_a_json_type_the_client_takes(fhir, accept, answered):
     """RFC 9110 §12.5.1: a client refusing application/fhir+json (q=0) but taking plain JSON

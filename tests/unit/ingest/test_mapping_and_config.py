@@ -875,3 +875,26 @@ def test_a_provision_type_stored_before_it_was_checked_follows_the_policy_rule()
     assert event.type == "ingest.consent.voided.v1" and event.data["provision"] == "permit"
     assert_valid_event(CloudEvent(source="/t", type=event.type, tenant="t", subject=event.subject,
                                   data=event.data))
+
+
+@pytest.mark.parametrize(("received", "obtained", "revision", "refused"), [
+    # received 2026-03-31 23:00 UTC = 19:00 New York
+    ("2026-03-31T23:00:00+00:00", "2026-04-01", None, True),  # the next day: refused
+    ("2026-03-31T23:00:00+00:00", "2026-03-31", None, False),
+    # 23:57 New York: an EHR clock 5 minutes ahead is already on April 1st (allowed skew)
+    ("2026-04-01T03:57:00+00:00", "2026-04-01", None, False),
+    ("2026-04-01T03:54:00+00:00", "2026-04-01", None, True),
+    # a version stored before the rule, mapped again for a config change: not refused now
+    ("2026-03-31T23:00:00+00:00", "2026-04-01", 3, False),
+])
+def test_a_consent_in_force_obtained_after_it_was_received_is_refused(
+        received, obtained, revision, refused):
+    at = datetime.fromisoformat(received)
+    source = SourceVersion("Consent", "cs1", 1, at, "a" * 64, at, "ehr", mapping_revision=revision)
+    context = MappingContext(source, DEFAULT_CONFIG, NY, {}, False)
+    consent = {**CCM_CONSENT, "dateTime": obtained}
+    if refused:
+        with pytest.raises(FhirRejected, match="after the day this version was received"):
+            map_version(consent, context)
+    else:
+        assert map_version(consent, context).events[0].type == "ingest.consent.granted.v1"

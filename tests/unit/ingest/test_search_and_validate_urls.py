@@ -270,6 +270,9 @@ async def test_a_write_to_metadata_is_a_405_naming_get(fhir, method):
                            headers=FHIR)
     assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
     assert r.json()["resourceType"] == "OperationOutcome"
+    # a URL under it names nothing (it was a 405 naming GET as taken)
+    for under in ("/fhir/metadata/x", "/fhir/metadata/x/_history"):
+        assert (await fhir.get(under)).status_code == 404, under
 
 
 @pytest.mark.parametrize("url", ["/fhir/Patient?_lastUpdated=ge2026-11-29T03:00:00+01:00",

@@ -124,7 +124,8 @@ def answered_as(scope) -> bytes | None:  # noqa: ANN001
             if not refused or "application/fhir+json" in taken:
                 return None
             for media in ("application/json", "application/json+fhir"):
-                if media in taken:
+                if media in taken or (media == "application/json"
+                                      and taken & {"application/*", "*/*"}):
                     return media.encode() + b"; charset=utf-8"
     return None
 

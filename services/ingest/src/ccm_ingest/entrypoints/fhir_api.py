@@ -289,8 +289,11 @@ def _require_fhir(tenant: Tenant) -> None:
         tenant.require_scope("fhir:write")
 
 
-def _check_type(rtype: str) -> None:
-    if rtype == "metadata":  # only read (its own route): any other method is a 405 with Allow
+def _check_type(rtype: str, *, type_level: bool = False) -> None:
+    """404 for a type not served here; ``type_level``: the URL is ``/fhir/{rtype}`` itself,
+    where ``metadata`` is only read (its own route): any other method there is a 405 with
+    Allow (a URL under it, ``/fhir/metadata/x``, names nothing: 404)."""
+    if type_level and rtype == "metadata":
         raise StarletteHTTPException(405)
     if rtype not in SUPPORTED_TYPES:
         raise rejected(404, "not-supported", f"resource type {rtype!r} is not supported; "
@@ -615,7 +618,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
     @router.post("/{rtype}", summary="Create (If-None-Exist: conditional create)",
                  responses={201: {"description": "Created"}, **_INVALID_RESOURCE})
     async def create(rtype: str, request: Request, tenant: TenantDep) -> Response:
-        _check_type(rtype)
+        _check_type(rtype, type_level=True)
         if criteria := [k for k in request.query_params if k not in handlers.IGNORED]:
             # They were dropped: each push of it created one more resource.
             raise rejected(400, "invalid", f"POST {rtype} takes no search parameters "
@@ -665,7 +668,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                 responses={201: {"description": "Created"}, **_SEVERAL_MATCH,
                            **_INVALID_RESOURCE})
     async def conditional_update(rtype: str, request: Request, tenant: TenantDep) -> Response:
-        _check_type(rtype)
+        _check_type(rtype, type_level=True)
         criteria = criteria_of(request, rtype)
         resource = standalone(await read_json(request, max_depth), rtype)
         return await write(request, tenant, lambda uow, caller: handlers.conditional_update(
@@ -680,7 +683,7 @@ def build_router(runtime: ServiceRuntime) -> APIRouter:
                                                    "matched, with Prefer: return=minimal)"},
                               **_SEVERAL_MATCH})
     async def conditional_delete(rtype: str, request: Request, tenant: TenantDep) -> Response:
-        _check_type(rtype)
+        _check_type(rtype, type_level=True)
         criteria = criteria_of(request, rtype)
         return await write(request, tenant, lambda uow, caller: handlers.conditional_remove(
             uow, caller, rtype, criteria, criteria_at=f"{rtype}?{criteria}",

@@ -65,8 +65,9 @@ class Entry:
     found: Outcome | None = None
     same_as: Entry | None = None
     # A conditional create or update of a transaction whose criteria matched nothing: it
-    # creates (so what it sends must meet them, ``_resolve_ids``).
+    # creates (so what it sends must meet them, ``_refuse_unmet``); its normalised criteria.
     creates: bool = False
+    criteria_params: list[tuple[str, str]] | None = None
 
 
 def _where(index: int) -> str:
@@ -500,6 +501,7 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
             with handlers.placed(f"{_where(e.index)}.{element}"):
                 params = handlers.normalise_criteria(e.rtype, sent or "", caller.local_bases)
             criteria[key := handlers.criteria_key(params)] = params
+            e.criteria_params = params
             keyed.append((key, e))
         for key, e in sorted(keyed, key=lambda k: (k[1].rtype, k[0], k[1].index)):
             await _claim(uow, caller, e, key, claimed, deleted.get(e.rtype, set()))
@@ -507,19 +509,9 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
         if e.full_url and e.rid and e.method in ("POST", "PUT"):
             ids[e.full_url] = f"{e.rtype}/{e.rid}"
     names = _FullUrls(ids, entries, caller.local_bases)
-    # An entry that creates must meet its own criteria (else each push of the Bundle creates
-    # one more: ``refuse_unmet``), its references read as the ids the Bundle settled.
-    for key, e in keyed:
-        if e.creates:
-            handlers.refuse_unmet(
-                e.rtype, {**(e.resource or {}), "id": e.rid}, criteria[key],
-                _patient_of(e, names, caller),
-                asked=("ifNoneExist " + repr(e.if_none_exist) if e.method == "POST"
-                       else f"conditional update {e.rtype}?{e.criteria}"),
-                at=f"{_where(e.index)}.request." + (
-                    "ifNoneExist" if e.method == "POST" else "url"))
-    # A reference with an entry's criteria names the entry's resource: one that creates meets
-    # them (above); one that found a stored match is found by the search too, and so is the
+    # A reference with an entry's criteria names the entry's resource when what the entry
+    # sends meets them (one that creates must: ``_refuse_unmet``, once its references are
+    # resolved); one that found a stored match is found by the search too, and so is the
     # match of one that updates it. (Two entries with one key have one id: a POST pair is one
     # resource, any other pair fails.)
     return names, _Lookup({(rtype, key): e.rid for (rtype, key), e in claimed.items()
@@ -527,6 +519,21 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
                                                                 criteria[key],
                                                                 _patient_of(e, names, caller))},
                           deleted)
+
+
+def _refuse_unmet(caller: Caller, entries: list[Entry]) -> None:
+    """An entry that creates must meet its own criteria (else each push of the Bundle creates
+    one more: ``refuse_unmet``), judged once its references are resolved: the patient it names
+    by a fullUrl or a conditional reference is the id that settled."""
+    for e in entries:
+        if e.creates and e.criteria_params is not None and e.resource is not None:
+            handlers.refuse_unmet(
+                e.rtype, {**e.resource, "id": e.rid}, e.criteria_params,
+                handlers.patient_of(e.rtype, e.resource, caller.local_bases),
+                asked=("ifNoneExist " + repr(e.if_none_exist) if e.method == "POST"
+                       else f"conditional update {e.rtype}?{e.criteria}"),
+                at=f"{_where(e.index)}.request." + (
+                    "ifNoneExist" if e.method == "POST" else "url"))
 
 
 def _patient_of(e: Entry, names: _FullUrls, caller: Caller) -> str | None:
@@ -688,6 +695,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                 await _conditional_references(repo, caller, e, lookup)
     if unresolved:
         raise FhirRejected(422, unresolved)
+    _refuse_unmet(caller, entries)
     results: dict[int, Outcome] = {}
     pending: list[tuple[Entry, handlers.Write]] = []
 
