@@ -521,19 +521,29 @@ async def _resolve_ids(uow: UnitOfWork, caller: Caller,
                           deleted)
 
 
-def _refuse_unmet(caller: Caller, entries: list[Entry]) -> None:
+def _refuse_unmet(caller: Caller, entries: list[Entry], names: _FullUrls | None = None) -> None:
     """An entry that creates must meet its own criteria (else each push of the Bundle creates
-    one more: ``refuse_unmet``), judged once its references are resolved: the patient it names
-    by a fullUrl or a conditional reference is the id that settled."""
+    one more: ``refuse_unmet``): the patient it names by a fullUrl is the id that entry settled
+    (``names``), by a conditional reference the one it resolved to (without ``names``: the
+    references are rewritten already)."""
     for e in entries:
         if e.creates and e.criteria_params is not None and e.resource is not None:
             handlers.refuse_unmet(
                 e.rtype, {**e.resource, "id": e.rid}, e.criteria_params,
-                handlers.patient_of(e.rtype, e.resource, caller.local_bases),
+                _patient_of(e, names, caller) if names is not None
+                else handlers.patient_of(e.rtype, e.resource, caller.local_bases),
                 asked=("ifNoneExist " + repr(e.if_none_exist) if e.method == "POST"
                        else f"conditional update {e.rtype}?{e.criteria}"),
                 at=f"{_where(e.index)}.request." + (
                     "ifNoneExist" if e.method == "POST" else "url"))
+
+
+def _patient_by_criteria(e: Entry) -> bool:
+    """Whether entry ``e``'s resource names its patient by a conditional reference."""
+    element = handlers.PATIENT_ELEMENT.get(e.rtype)
+    value = (e.resource or {}).get(element) if element else None
+    ref = value.get("reference") if isinstance(value, dict) else None
+    return isinstance(ref, str) and "?" in ref and not ref.startswith(("http", "urn:"))
 
 
 def _patient_of(e: Entry, names: _FullUrls, caller: Caller) -> str | None:
@@ -680,6 +690,11 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                           if e.method == "DELETE" and e.rid is not None])
     names, lookup = await _resolve_ids(uow, caller, entries)
     _one_entry_per_resource(entries)
+    # What creates must meet its criteria: judged now unless it names its patient by a
+    # conditional reference, which is judged once that is resolved (below). (First, so an
+    # entry's own criteria are blamed before a reference to them that then finds nothing.)
+    named_by_criteria = [e for e in entries if _patient_by_criteria(e)]
+    _refuse_unmet(caller, [e for e in entries if e not in named_by_criteria], names)
     unresolved: list[Issue] = []
     for e in entries:
         if e.resource is not None:
@@ -695,7 +710,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                 await _conditional_references(repo, caller, e, lookup)
     if unresolved:
         raise FhirRejected(422, unresolved)
-    _refuse_unmet(caller, entries)
+    _refuse_unmet(caller, [e for e in entries if e in named_by_criteria])
     results: dict[int, Outcome] = {}
     pending: list[tuple[Entry, handlers.Write]] = []
 
