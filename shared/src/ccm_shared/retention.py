@@ -87,12 +87,14 @@ async def _prune_outbox(db: Database, cutoff: datetime, batch: int) -> int:
     return await in_batches(db, page)
 
 
-async def in_batches(db: Database, page) -> int:  # noqa: ANN001
-    """Run ``page`` (deleted, more to do) in transactions of its own until it says done."""
+async def in_batches(db: Database, page, *, lock: str | None = None) -> int:  # noqa: ANN001
+    """Run ``page`` (deleted, more to do) in transactions of its own until it says done, under
+    the advisory lock ``lock`` (default: the schema's retention), not waited for: another
+    process holding it is pruning the same tables."""
     deleted = 0
     while True:
         async with db.engine.begin() as conn:
-            if not await xact_lock(conn, f"ccm-retention:{db.schema}", wait=False):
+            if not await xact_lock(conn, lock or f"ccm-retention:{db.schema}", wait=False):
                 return deleted  # another process is pruning this schema
             count, more = await page(conn)
         deleted += count

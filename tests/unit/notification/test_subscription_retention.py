@@ -49,3 +49,22 @@ async def test_the_pass_runs_unless_the_retention_is_zero(tmp_path, monkeypatch)
         finally:
             await rt.state.pop("http_client").aclose()
             await rt.db.dispose()
+
+
+async def test_the_attempts_at_a_notification_go_with_it_not_before(tmp_path):
+    """Attempts made 150 and 120 days ago at a notification delivered 10 days ago (a
+    subscription paused for months) stay while it stays: its log goes with it (found by
+    review: they were deleted by their own age)."""
+    rt = await embedded_runtime(tmp_path, SERVICE, clock=lambda: NOW)
+    try:
+        await create_practice(rt.db.engine, practice_id="acme", name="Acme",
+                              timezone="America/New_York", pricing=Pricing())
+        sub = await scenario._subscription(
+            rt.db, "acme", NOW, [(1, 10, 150)],
+            [(1, 1, "retry", 150), (1, 2, "paused", 120), (1, 3, "delivered", 10)], "active")
+        await prune_subscriptions(rt.db, days=90, now=NOW)
+        assert await scenario.kept(rt.db, sub) == ([1], [(1, 1), (1, 2), (1, 3)])
+        await prune_subscriptions(rt.db, days=5, now=NOW)  # delivered 10 days ago: all go
+        assert await scenario.kept(rt.db, sub) == ([], [])
+    finally:
+        await rt.db.dispose()

@@ -1,7 +1,7 @@
 """notification: ``invoice_cancellations`` (the invoices whose cancellation was consumed, so an
 ``issued`` event consumed after it sends no ``invoice-issued`` message: billing publishes the two
 on topics of their own) and the indexes the subscriptions' retention deletes by
-(``subscription_events.delivered_at``, ``subscription_deliveries.at``).
+(``subscription_events.delivered_at``; ``subscription_deliveries`` by subscription and number).
 
 Revision ID: notification_0008
 Revises: notification_0007

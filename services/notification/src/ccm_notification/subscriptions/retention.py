@@ -8,11 +8,12 @@ deleted. An event a subscription has not delivered yet (pending: its number abov
 subscription's ``delivered_through``, e.g. while it is paused) is never deleted, whatever its
 age, nor are the attempts made at it.
 
-The pass is the platform's messaging retention's (``ccm_shared.retention``): batches of
-``BATCH`` rows, each in a transaction of its own, under the same per-schema advisory lock (one
-process prunes a schema at a time, the messaging tables or these), every hour. A pass reads what
-it deletes through the indexes of ``notification_0008`` (``delivered_at``, ``at``), not the
-tables; the only rows it reads and keeps are old attempts at events still pending.
+The pass runs as the platform's messaging retention does (``ccm_shared.retention.in_batches``):
+batches of ``BATCH`` notifications, each deleted with the attempts at it in a transaction of
+its own, under an advisory lock of its own (one process prunes these at a time; sharing the
+messaging retention's lock, a pass that met it was skipped for an hour), every hour. A pass
+reads what it deletes through the indexes of ``notification_0008`` (``delivered_at``; the
+attempts by subscription and number), not the tables.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ async def prune_subscriptions(db: Database, *, days: float, now: datetime,
         return SubscriptionsPruned()
     cutoff = now - timedelta(days=days)
     s = subscriptions
-    ev, dl = subscription_events.alias("ev"), subscription_deliveries.alias("dl")
+    ev = subscription_events.alias("ev")
     # Delivered (acknowledged) and at or below the subscription's cursor: never a pending one.
     old_events = (
         select(ev.c.subscription_id, ev.c.number)
@@ -60,26 +61,24 @@ async def prune_subscriptions(db: Database, *, days: float, now: datetime,
                ev.c.number <= s.c.delivered_through)
         .limit(batch)
     )
-    e = subscription_events
-    events_gone = delete(e).where(tuple_(e.c.subscription_id, e.c.number).in_(old_events))
-    old_attempts = (
-        select(dl.c.id)
-        .join(s, s.c.id == dl.c.subscription_id)
-        .where(dl.c.at < cutoff, dl.c.number <= s.c.delivered_through)
-        .limit(batch)
-    )
-    d = subscription_deliveries
-    attempts_gone = delete(d).where(d.c.id.in_(old_attempts))
+    e, d = subscription_events, subscription_deliveries
+    counts = {"events": 0, "deliveries": 0}
 
-    def pages(statement):  # noqa: ANN001, ANN202
-        async def page(conn) -> tuple[int, bool]:  # noqa: ANN001
-            count = (await conn.execute(statement)).rowcount
-            return count, count == batch
+    async def page(conn) -> tuple[int, bool]:  # noqa: ANN001
+        """A batch of old notifications and the attempts at them, together: an attempt goes
+        with its notification, however old the attempt (a subscription paused for months
+        keeps its failures' log while it keeps the notification)."""
+        keys = [tuple(k) for k in (await conn.execute(old_events)).all()]
+        if not keys:
+            return 0, False
+        counts["deliveries"] += (await conn.execute(delete(d).where(
+            tuple_(d.c.subscription_id, d.c.number).in_(keys)))).rowcount
+        counts["events"] += (await conn.execute(delete(e).where(
+            tuple_(e.c.subscription_id, e.c.number).in_(keys)))).rowcount
+        return len(keys), len(keys) == batch
 
-        return page
-
-    events = await in_batches(db, pages(events_gone))
-    deliveries = await in_batches(db, pages(attempts_gone))
+    await in_batches(db, page, lock=f"ccm-subscription-retention:{db.schema}")
+    events, deliveries = counts["events"], counts["deliveries"]
     return SubscriptionsPruned(events, deliveries)
 
 

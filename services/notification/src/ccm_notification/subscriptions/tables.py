@@ -103,10 +103,12 @@ def add_subscription_secrets_table(metadata: MetaData) -> dict[str, Table]:
 
 # Indexes of migration ``notification_0008`` (name, table, columns): what the subscriptions'
 # retention (``subscriptions.retention``) deletes by, so a pass reads what it deletes, not the
-# tables. Pending events have no ``delivered_at``: never in the range read.
+# tables: old notifications by when they were delivered (pending ones have no
+# ``delivered_at``: never in the range read), and the attempts at each of them.
 SUBSCRIPTION_RETENTION_INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("ix_subscription_events_delivered_at", "subscription_events", ("delivered_at",)),
-    ("ix_subscription_deliveries_at", "subscription_deliveries", ("at",)),
+    ("ix_subscription_deliveries_number", "subscription_deliveries",
+     ("subscription_id", "number")),
 )
 
 
