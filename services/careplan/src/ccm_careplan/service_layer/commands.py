@@ -21,9 +21,10 @@ from ccm_careplan.service_layer.common import (
     practice_today,
     practitioner_directory,
     review_event,
+    rules_lock,
 )
 from ccm_careplan.service_layer.tracking import complete_review
-from ccm_shared.db import UnitOfWork
+from ccm_shared.db import UnitOfWork, xact_lock
 
 
 class TrackerNotFound(Exception):
@@ -111,6 +112,9 @@ async def replace_rules(
 ) -> int:
     """Store the practice's rules and move every plan's due date to match. Returns the revision."""
     validate_rules(rules)
+    # First, before any row: an event creating a plan holds it shared (a practice's first
+    # rules have no row yet to wait on: that plan kept the defaults' due date).
+    await xact_lock(uow.session, rules_lock(practice))
     while True:
         # The rules this change replaces, read under the row's lock (a concurrent change is
         # waited for here): whether the supervisor changed is decided against them. (Read before

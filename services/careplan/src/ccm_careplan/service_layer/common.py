@@ -21,7 +21,7 @@ from ccm_careplan.adapters.orm import (
 from ccm_careplan.domain.rules import DEFAULT_RULES, ReviewRules, rules_from_dict
 from ccm_careplan.domain.schedule import idempotency_key, next_review_due
 from ccm_careplan.domain.tracker import Directory, local_day, recipients, resolve_provider
-from ccm_shared.db import UnitOfWork, dialect_insert
+from ccm_shared.db import UnitOfWork, dialect_insert, xact_lock
 from ccm_shared.events import CloudEvent
 from ccm_shared.tables import practices
 
@@ -43,9 +43,18 @@ def insert_for(session: AsyncSession):  # noqa: ANN201
     return dialect_insert(session.bind.dialect.name)
 
 
+def rules_lock(practice: str) -> str:
+    """The advisory lock (``xact_lock``) a rules change holds exclusively from its start, and
+    an event creating a plan shared: the practice's first rules have no row to lock."""
+    return f"careplan-rules:{practice}"
+
+
 async def load_rules(session: AsyncSession, practice: str, *, share: bool = False) -> ReviewRules:
-    """The practice's rules; ``share``: hold them (FOR SHARE) until the transaction ends, so a
-    rules change waits for it, or it for a change in progress (and then reads the new rules)."""
+    """The practice's rules; ``share``: hold them until the transaction ends (``rules_lock``,
+    shared), so a rules change waits for it, or it for a change in progress (and then reads
+    the new rules), the practice's first rules too."""
+    if share:
+        await xact_lock(session, rules_lock(practice), shared=True)
     stmt = select(practice_rules.c.rules).where(practice_rules.c.practice == practice)
     row = (await session.execute(stmt.with_for_update(read=True) if share else stmt)).first()
     return DEFAULT_RULES if row is None else rules_from_dict(row.rules)
