@@ -898,3 +898,43 @@ def test_a_consent_in_force_obtained_after_it_was_received_is_refused(
             map_version(consent, context)
     else:
         assert map_version(consent, context).events[0].type == "ingest.consent.granted.v1"
+
+
+@pytest.mark.parametrize(("codes", "sent", "chronic", "configured"), [
+    ((), "http://snomed.info/sct|10509002", True, False),  # acute bronchitis: any code counts
+    (("http://snomed.info/sct|44054006",), "http://snomed.info/sct|44054006", True, True),
+    (("http://snomed.info/sct|44054006",), "http://snomed.info/sct|10509002", False, True),
+])
+def test_a_condition_says_whether_a_chronic_code_list_judged_it_and_when_recorded(
+        codes, sent, chronic, configured):
+    """Billing counts a condition for the months it lasted (``onset``, else ``recorded``) and
+    warns when no chronic code list judged it (``chronicCodesConfigured``)."""
+    system, _, code = sent.partition("|")
+    condition = {"resourceType": "Condition", "subject": {"reference": "Patient/p1"},
+                 "clinicalStatus": {"coding": [{"code": "active"}]},
+                 "category": [{"coding": [{
+                     "system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                     "code": "problem-list-item"}]}],
+                 "code": {"coding": [{"system": system, "code": code}]},
+                 "recordedDate": "2026-02-03"}
+    config = dataclasses.replace(DEFAULT_CONFIG, chronic_codes=codes)
+    (event,) = map_version(condition, ctx("Condition", config=config)).events
+    assert (event.data["chronic"], event.data["chronicCodesConfigured"],
+            event.data["recorded"]) == (chronic, configured, "2026-02-03")
+
+
+async def test_a_condition_event_with_its_new_fields_follows_its_contract(fhir):
+    condition = {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
+                 "clinicalStatus": {"coding": [{
+                     "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                     "code": "active"}]},
+                 "category": [{"coding": [{
+                     "system": "http://terminology.hl7.org/CodeSystem/condition-category",
+                     "code": "problem-list-item"}]}],
+                 "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+                 "recordedDate": "2026-02-03"}
+    assert (await fhir.put("/fhir/Condition/c1", json=condition)).status_code == 201
+    (event,) = await events(fhir, "ingest.condition.upserted.v1")
+    assert_valid_event(event)
+    assert (event["data"]["recorded"], event["data"]["chronicCodesConfigured"]) == (
+        "2026-02-03", False)

@@ -870,7 +870,11 @@ def map_condition(res: dict[str, Any], ctx: MappingContext) -> Mapping:
         verificationStatus=_first_code(res.get("verificationStatus")),
         categories=codings(res.get("category") or []), code=codings(res.get("code")),
         onset=_when(res, "onset"), abatement=_when(res, "abatement"),
+        recorded=recorded if isinstance(recorded := res.get("recordedDate"), str) else None,
         chronic=patient is not None and not ctx.deleted and is_chronic(res, ctx.config),
+        # whether ``chronic`` was judged by the practice's chronic code list (none: every code
+        # of a chronic category counts, which billing warns of)
+        chronicCodesConfigured=bool(ctx.config.chronic_codes),
         deleted=ctx.deleted,
     )], {"patient": patient} if patient is not None else {})
 
