@@ -9,6 +9,9 @@ from ccm_shared.events import CloudEvent
 from tests.support.contracts import assert_valid_event
 
 RECEIVED = "2025-04-01T00:00:00Z"
+# The warning every eligible month of these events carries: ingest's condition events do not
+# say a chronic code list judged them (billing README, chronic-conditions-unverified).
+UNCHECKED = "chronic-conditions-unverified"
 
 
 def source(rtype: str, rid: str, version: int = 1, updated: str | None = None) -> dict:
@@ -67,11 +70,13 @@ def care_plan(practice, patient, pid, *, status="active", created="2024-12-01", 
         "period": {}, "author": None, "careTeam": [], "addresses": [], "categories": []})
 
 
-def condition(practice, patient, cid, *, chronic=True, status="active", version=1):  # noqa: ANN001, ANN201
+def condition(practice, patient, cid, *, chronic=True, status="active", version=1,  # noqa: ANN001, ANN201
+              onset="2019-04-02"):
+    """A chronic condition long had (its onset: each month counts the conditions had in it)."""
     return event(practice, "ingest.condition.upserted.v1", patient, {
         "source": source("Condition", cid, version), "condition": f"Condition/{cid}",
         "patient": f"Patient/{patient}", "clinicalStatus": status, "verificationStatus": "confirmed",
-        "categories": [], "code": [], "chronic": chronic, "deleted": False})
+        "categories": [], "code": [], "onset": onset, "chronic": chronic, "deleted": False})
 
 
 def patient(practice, pid, *, mbi=None, version=1):  # noqa: ANN001, ANN201

@@ -469,6 +469,14 @@ async def test_the_packet_holds_the_initiating_visit_and_its_g0506(billing):
         "ingest.visit.recorded.v1"}
     billed = {by_ref[r]["code"]["coding"][0]["code"] for r in refs if r.startswith("ChargeItem/")}
     assert billed == {"99490", "G0506"}
+    # the decision codes each as its ChargeItem does: G0506 is HCPCS (it was coded as CPT)
+    charged = {c["code"]: c["system"] for r in refs if r.startswith("ChargeItem/")
+               for c in by_ref[r]["code"]["coding"]}
+    decided = {x["valueCoding"]["code"]: x["valueCoding"]["system"]
+               for b in resources(doc, "Basic").values() for outer in b.get("extension", [])
+               for x in outer.get("extension", [])
+               if x["url"] == "code" and "valueCoding" in x}
+    assert decided == charged and "hcpcs" in decided["G0506"].lower()
     pdf = await api(billing).get(path, params={"from": "2025-03", "to": "2025-03", "format": "pdf"})
     assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF-")
 

@@ -1,11 +1,13 @@
 """Billing's scopes (README, "Scopes"). Every read (GET) takes ``billing:read`` or ``billing``;
 every write needs ``billing``. A practice system's ``billing:read`` token reads every invoice,
-worklist, report, FHIR Invoice/ChargeItem and compliance record, and is refused (403, nothing
-written) every payment, void, refund, close, recompute, duplicate-biller release or reclaim, EHR
-endpoint change and push retry. An EHR connection's token (fhir:read + fhir:write), or any
-token with neither billing scope — ``admin`` included — gets 403 on every route: problem+json,
-an OperationOutcome under /fhir, and nothing is written. The table of calls below is checked
-against the app's routes, so a new route cannot be left out of it."""
+worklist, report, FHIR Invoice/ChargeItem, consent tracker and time log, and is refused (403,
+nothing written) every payment, void, refund, close, recompute, duplicate-biller release or
+reclaim, EHR endpoint change and push retry. The audit packet holds the patient's audit trail
+(who read the patient, token ids and labels), which ``GET …/audit-events`` gives only to
+``admin``: it needs ``admin`` besides a billing scope. An EHR connection's token (fhir:read +
+fhir:write), or any token with neither billing scope — ``admin`` included — gets 403 on every
+route: problem+json, an OperationOutcome under /fhir, and nothing is written. The table of
+calls below is checked against the app's routes, so a new route cannot be left out of it."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from ccm_billing.adapters.orm import metadata
-from ccm_billing.compliance.http import build_compliance_router
+from ccm_billing.compliance.http import build_compliance_router, packet_reader
 from ccm_billing.entrypoints.http import billing_reader, billing_tenant, build_router
 from ccm_billing.entrypoints.payment_corrections import build_payment_corrections_router
 from ccm_shared.tenancy import DEFAULT_SCOPES, create_token
@@ -64,6 +66,12 @@ ROUTES: list[tuple[str, str, dict | None]] = [
     ("GET", "/v1/practices/{practice}/patients/{patient}/audit-packet", None),
 ]
 QUERY = {"time-log": {"month": "2025-03"}, "audit-packet": {"from": "2025-03"}}
+PACKET = "/v1/practices/{practice}/patients/{patient}/audit-packet"
+
+
+def needs_admin(path: str) -> bool:
+    """The audit packet: its audit trail needs ``admin`` (as ``…/audit-events`` does)."""
+    return path.endswith("/audit-packet")
 
 
 def routers(runtime) -> list[APIRoute]:  # noqa: ANN001
@@ -166,7 +174,9 @@ async def test_a_billing_read_token_reads_everything_and_writes_nothing(billing)
     client = billing.state["client"]
     for method, path, body, query in billing_calls(ids):
         r = await client.request(method, path, headers=auth, json=body, params=query)
-        if method == "GET":
+        if method == "GET" and needs_admin(path):
+            refused(r, method, path, "admin")  # the packet's audit trail is not the ERP's
+        elif method == "GET":
             expected = 404 if path.endswith("/ehr-endpoint") else 200
             assert r.status_code == expected, (method, path, r.status_code, r.text)
         else:
@@ -185,7 +195,10 @@ async def test_a_token_with_only_the_billing_scope_reads_and_writes(billing):
     for method, path, _, query in billing_calls(ids):
         if method == "GET":
             r = await client.get(path, headers=auth, params=query)
-            assert r.status_code == (404 if path.endswith("/ehr-endpoint") else 200), path
+            if needs_admin(path):
+                refused(r, method, path, "admin")
+            else:
+                assert r.status_code == (404 if path.endswith("/ehr-endpoint") else 200), path
     paid = await client.post(f"/v1/invoices/{ids['invoice']}/payments", headers=auth,
                              json={"amount": "10.00", "date": "2025-04-02"})
     assert paid.status_code == 201, paid.text
@@ -195,6 +208,50 @@ async def test_a_token_with_only_the_billing_scope_reads_and_writes(billing):
     got = await client.get(f"/v1/invoices/{ids['invoice']}", headers=auth)
     assert [p["amount"] for p in got.json()["payments"] if p["voided"] is None] == ["10.00"]
     assert (await client.get("/v1/practices/alpha/invoices")).status_code == 401  # no token
+
+
+@pytest.mark.parametrize(("scopes", "status", "lacking"), [
+    (("billing:read",), 403, "admin"),  # a practice ERP's token: the finding
+    (("billing",), 403, "admin"),
+    (("admin",), 403, "billing:read"),  # the trail's scope alone reads no billing record
+    (("fhir:read", "fhir:write"), 403, "billing:read"),
+    (("billing:read", "admin"), 200, None),
+    (("billing", "admin"), 200, None),
+    (DEFAULT_SCOPES, 200, None),
+], ids=["billing-read", "billing", "admin", "ehr", "billing-read+admin", "billing+admin",
+        "default"])
+async def test_the_audit_packet_needs_what_its_audit_trail_needs(billing, scopes, status,
+                                                                 lacking):
+    """The packet holds who read the patient (token ids and labels): ``GET …/audit-events``
+    gives that only to ``admin``, so the packet needs ``admin`` too (besides a billing scope),
+    in both formats; refused before anything is read."""
+    await closed_march(billing)
+    token = await create_token(billing.db.engine, practice_id="alpha", scopes=scopes)
+    auth = {"Authorization": f"Bearer {token}"}
+    client = billing.state["client"]
+    path = PACKET.format(practice="alpha", patient="p1")
+    for fmt in ("fhir", "pdf"):
+        r = await client.get(path, headers=auth, params={"from": "2025-03", "format": fmt})
+        if status == 403:
+            refused(r, "GET", path, lacking)
+        else:
+            assert r.status_code == 200, (scopes, fmt, r.text)
+    trail = await client.get("/v1/practices/alpha/audit-events", headers=auth,
+                             params={"patient": "p1"})
+    assert (trail.status_code == 200) == ("admin" in scopes)
+    # Never more of the trail through the packet than directly.
+    assert status == 403 or trail.status_code == 200
+
+
+def test_the_audit_packet_route_resolves_the_packet_check():
+    """Declared on the route (and on no other): ``packet_reader`` over ``billing_reader``."""
+    class Runtime:  # building the router reads nothing of it but ``db``
+        db = None
+
+    found = {r.path: calls(r.dependant) for r in build_compliance_router(Runtime()).routes
+             if isinstance(r, APIRoute)}
+    assert {p for p, deps in found.items() if packet_reader in deps} == {PACKET}
+    assert billing_reader in found[PACKET]
 
 
 async def test_the_routes_open_without_a_token_are_only_the_probes_and_metrics(billing):

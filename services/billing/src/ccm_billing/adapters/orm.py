@@ -44,6 +44,10 @@ def _projection(metadata: MetaData, name: str, key: str, *extra, patient: bool =
     return Table(name, metadata, *columns, *extra, PrimaryKeyConstraint("practice", key), *indexes)
 
 
+# A FHIR date or dateTime as sent (``2026-11-20T10:00:00.123456789+05:00`` at most; the
+# projection keeps only those: an onsetString or onsetAge is no day).
+CONDITION_DATE = 40
+
 # The time entries that enrol their patient in their month: the partial index's predicate.
 ENROLLED_ENTRY = text("patient IS NOT NULL AND start IS NOT NULL")
 # The payments whose reference is taken: those with one, not voided (billing_0022).
@@ -101,6 +105,9 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
         # provision.period, as days of the practice (billing_0017)
         Column("valid_from", Date, nullable=True),
         Column("valid_until", Date, nullable=True),
+        # When billing first received a version that granted it (billing_0025): after a
+        # month's end, that month's consent was documented late.
+        Column("received_at", DateTime(timezone=True), nullable=True),
     )
     t["care_plans"] = _projection(
         metadata, "care_plans", "care_plan_id",
@@ -114,6 +121,17 @@ def add_billing_tables(metadata: MetaData) -> dict[str, Table]:
     t["conditions"] = _projection(
         metadata, "conditions", "condition_id",
         Column("counts", Boolean, nullable=False),  # active, chronic, not in error, not deleted
+        # For the months it counts in (billing_0025; service_layer/conditions.py): whether it
+        # is a chronic condition (ingest's verdict while active, kept through its resolution;
+        # NULL: first known resolved), its onset (else recordedDate) and abatement as sent,
+        # when billing first received it, when its resolution was received, and whether a
+        # chronic code list judged it.
+        Column("chronic", Boolean, nullable=True),
+        Column("onset", String(CONDITION_DATE), nullable=True),
+        Column("abatement", String(CONDITION_DATE), nullable=True),
+        Column("first_received_at", DateTime(timezone=True), nullable=True),
+        Column("resolved_at", DateTime(timezone=True), nullable=True),
+        Column("code_checked", Boolean, nullable=True),
     )
     t["patients"] = _projection(
         metadata, "patients", "patient_id",

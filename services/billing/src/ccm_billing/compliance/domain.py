@@ -107,7 +107,8 @@ def in_force(consent: ConsentFact, month: Month, *, renewal_months: int | None =
     if consent.obtained_on is not None and consent.obtained_on > month.last_day:
         return False, f"obtained later, on {consent.obtained_on}"
     until = expires_on(consent, renewal_months)
-    if until is not None and until < month.first_day:
+    # Expiring on the 1st, it covers no day of that month (rules/ccm.py valid_consents).
+    if until is not None and until <= month.first_day:
         return False, f"expired on {until}"
     if consent.valid_from is not None and consent.valid_from > month.last_day:
         return False, f"valid from {consent.valid_from} (provision.period)"

@@ -61,10 +61,21 @@ def _consent(patient: str, c: dict) -> dict:
         "extension": [{"url": f"{EXT}/consent-method", "valueCode": c["method"]},
                       *_source_ext(c.get("source"))],
     }
-    if c.get("obtainedOn"):
-        resource["dateTime"] = c["obtainedOn"]
-    if c.get("effectiveUntil"):
-        resource["provision"]["period"] = {"end": c["effectiveUntil"]}
+    # When it was obtained as the EHR wrote it (a dateTime keeps its time and zone), else the
+    # practice's day billing reads it as.
+    if c.get("obtainedAt") or c.get("obtainedOn"):
+        resource["dateTime"] = c.get("obtainedAt") or c["obtainedOn"]
+    if c.get("performer"):  # who obtained it: the billing practitioner it names (rules §3.1)
+        resource["performer"] = [{"reference": p} for p in c["performer"]]
+    period = dict(c.get("period") or {})
+    if c.get("effectiveUntil") and (not period.get("end")
+                                    or c["effectiveUntil"] < period["end"][:10]):
+        period["end"] = c["effectiveUntil"]  # revoked: in effect to the end of that month
+    if period:
+        resource["provision"]["period"] = period
+    if c.get("firstReceivedAt"):
+        resource["extension"].append({"url": f"{EXT}/consent-first-received",
+                                      "valueDateTime": c["firstReceivedAt"]})
     if meta := _meta(c.get("source")):
         resource["meta"] = meta
     return resource
@@ -221,8 +232,9 @@ def _decision(patient: str, month: str, section: dict) -> dict | None:
         {"url": "status", "valueCode": section["status"]},
         {"url": "billable", "valueBoolean": d["billable"]},
         {"url": "ruleset", "valueString": d["ruleset"]},
-        *({"url": "code", "valueCoding": {"system": "http://www.ama-assn.org/go/cpt",
-                                          "code": code}, } for code in sorted(d["codes"])),
+        # G0506 is HCPCS Level II, as its ChargeItem says (it was coded as CPT here)
+        *({"url": "code", "valueCoding": {"system": code_system(code), "code": code}}
+          for code in sorted(d["codes"])),
         *({"url": "units", "valueString": f"{code} x {n}"} for code, n in sorted(d["codes"].items())),
         *({"url": "blocker", "valueCode": b} for b in d["blockers"]),
         *({"url": "warning", "valueCode": w} for w in d["warnings"]),
@@ -231,6 +243,8 @@ def _decision(patient: str, month: str, section: dict) -> dict | None:
         {"url": "practitionerSeconds", "valueInteger": d["seconds"].get("practitioner", 0)},
     ]
     ext += _evidence_ext(section)
+    ext += _mbi_ext(section.get("billedMbi"))
+    ext += [_history_ext(h) for h in section.get("decisionHistory", [])]
     if filing is not None:
         ext += [{"url": "revision", "valueInteger": filing["revision"]},
                 {"url": "filedAt", "valueDateTime": filing["filedAt"]},
@@ -245,6 +259,43 @@ def _decision(patient: str, month: str, section: dict) -> dict | None:
     if filing is not None:
         resource["created"] = filing["filedAt"][:10]
     return resource
+
+
+MBI_SYSTEM = "http://hl7.org/fhir/sid/us-mbi"
+
+
+def _mbi_ext(billed: dict | None) -> list[dict]:
+    """The MBI the month was billed under (as on record when its decision in force was filed)."""
+    if not billed or not billed.get("mbi"):
+        return []
+    parts = [{"url": "identifier", "valueIdentifier": {"system": MBI_SYSTEM,
+                                                        "value": billed["mbi"]}}]
+    if billed.get("asOf"):
+        parts.append({"url": "asOf", "valueDateTime": billed["asOf"]})
+    if billed.get("patientVersion"):
+        parts.append({"url": "patientVersion", "valueString": billed["patientVersion"]})
+    parts.append({"url": "currentMbi", "valueBoolean": billed["mbi"] == billed.get("current")})
+    return [{"url": "billedMbi", "extension": parts}]
+
+
+def _history_ext(h: dict) -> dict:
+    """One step of the month's decision history: a filing (revision, when, why, its result) or
+    a request that decided the month (which, who: token label and id, when, its AuditEvent)."""
+    if h["kind"] == "filing":
+        parts = [{"url": "revision", "valueInteger": h["revision"]},
+                 {"url": "filedAt", "valueDateTime": h["at"]},
+                 {"url": "reason", "valueString": h["reason"]},
+                 {"url": "billable", "valueBoolean": h["billable"]},
+                 *({"url": "code", "valueString": f"{code} x {n}"}
+                   for code, n in sorted(h["codes"].items())),
+                 *({"url": "blocker", "valueCode": b} for b in h["blockers"])]
+        return {"url": "filing", "extension": parts}
+    parts = [{"url": "operation", "valueString": h["operation"]},
+             {"url": "recorded", "valueDateTime": h["at"]},
+             {"url": "by", "valueString": h["by"]},
+             {"url": "token", "valueString": h["token"]},
+             {"url": "auditEvent", "valueReference": {"reference": h["auditEvent"]}}]
+    return {"url": "request", "extension": parts}
 
 
 def _evidence_ext(section: dict) -> list[dict]:
@@ -314,9 +365,14 @@ def bundle(packet: dict, bundle_id: str) -> dict:
         return key
 
     pat = {"resourceType": "Patient", "id": patient}
-    if packet["patient"]["mbi"]:
-        pat["identifier"] = [{"system": "http://hl7.org/fhir/sid/us-mbi",
-                              "value": packet["patient"]["mbi"]}]
+    current = packet["patient"]["mbi"]
+    # Today's MBI, and each other MBI a month of the packet was billed under (use old).
+    ids = [{"use": "official", "system": MBI_SYSTEM, "value": current}] if current else []
+    for billed in dict.fromkeys((s.get("billedMbi") or {}).get("mbi") for s in packet["months"]):
+        if billed and billed != current:
+            ids.append({"use": "old", "system": MBI_SYSTEM, "value": billed})
+    if ids:
+        pat["identifier"] = ids
     add(pat)
     lists = []
     for section in packet["months"]:
@@ -347,6 +403,9 @@ def bundle(packet: dict, bundle_id: str) -> dict:
         for inv_id in sorted({line["invoice"] for line in section["charges"]}):
             refs.append(add(invoice_excerpt(packet["invoices"][inv_id], section["charges"])))
         refs += [add(_provenance(s, "ccm-platform ingest")) for s in section["sources"]]
+        # The requests that decided the month (their AuditEvents are added with the trail).
+        refs += [h["auditEvent"] for h in section.get("decisionHistory", [])
+                 if h["kind"] == "request"]
         lists.append({
             "resourceType": "List", "id": _short("month", patient, month), "status": "current",
             "mode": "snapshot", "title": f"CCM records {month}",

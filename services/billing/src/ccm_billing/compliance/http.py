@@ -2,7 +2,10 @@
 
 Every route is a read: it needs a token with the ``billing:read`` or the ``billing`` scope
 (``BillingReader``, the dependency of billing's main router's reads); without either → 403
-(problem+json) before anything is read. The patient is a
+(problem+json) before anything is read. The audit packet needs ``admin`` as well
+(``PacketReader``): it holds the patient's audit trail (who read the patient, token ids and
+labels), which ``GET …/audit-events`` gives only to ``admin``; a packet needs what its most
+sensitive part needs. The patient is a
 path parameter of every patient route, so the platform's HTTP edge records each read — a packet
 included — in the audit trail with the patient it concerns.
 """
@@ -13,17 +16,31 @@ import csv
 import io
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
 from ccm_billing.compliance import domain, fhir_bundle, pdf, records
 from ccm_billing.entrypoints.http import CSV, BillingReader, parse_month
 from ccm_billing.service_layer.common import consent_renewal_months, practice_info
-from ccm_shared.errors import InvalidInput
+from ccm_shared.errors import Forbidden, InvalidInput
+from ccm_shared.http import AUDIT_SCOPE
+from ccm_shared.tenancy import Tenant
 
 FHIR_JSON = "application/fhir+json"
 PDF = "application/pdf"
 STATES = (*domain.ATTENTION, "active")
+
+
+async def packet_reader(tenant: BillingReader) -> Tenant:
+    """The caller of an audit packet: a billing reader (``billing:read`` or ``billing``) whose
+    token also carries ``admin``, the scope of the audit trail the packet holds; else 403."""
+    if AUDIT_SCOPE not in tenant.scopes:
+        raise Forbidden(f"the audit packet holds the patient's audit trail: it needs a token "
+                        f"with the {AUDIT_SCOPE!r} scope (besides 'billing:read' or 'billing')")
+    return tenant
+
+
+PacketReader = Annotated[Tenant, Depends(packet_reader)]
 
 
 def _states(values: list[str] | None) -> set[str]:
@@ -99,7 +116,7 @@ def build_compliance_router(runtime) -> APIRouter:  # noqa: ANN001
                                  "description": "FHIR collection Bundle, or the PDF"}},
                 summary="Audit packet for a patient and a range of months (FHIR Bundle or PDF)")
     async def audit_packet(
-        practice: str, patient: str, request: Request, tenant: BillingReader,
+        practice: str, patient: str, request: Request, tenant: PacketReader,
         from_: Annotated[str, Query(alias="from", description="First month, yyyy-mm")],
         to: Annotated[str | None, Query(description="Last month, yyyy-mm (default: from)")] = None,
         format: Annotated[Literal["fhir", "pdf"] | None, Query(  # noqa: A002

@@ -18,8 +18,8 @@ from zoneinfo import ZoneInfo
 
 from ccm_billing.domain.model import CarePlan, Month, PatientMonth
 from ccm_billing.domain.rules import ccm, ruleset_for
+from ccm_billing.service_layer import conditions
 from ccm_billing.service_layer.common import local_day, parse_day
-from ccm_billing.service_layer.projections import ACTIVE_CLINICAL
 
 
 def _utc(value: datetime) -> datetime:
@@ -118,18 +118,27 @@ def plan_note(plan: CarePlan, in_force: bool, month: Month) -> str:
     return "not in force"
 
 
-def condition_counts(known: Known) -> bool:
-    """Whether the condition counted toward eligibility: the projection's ``counts`` when its
-    row is the state at the instant, else the same test over the version applied then
-    (``projections._condition``: chronic, not deleted, clinically active, not in error)."""
+def condition_state(known: Known) -> conditions.ConditionState | None:
+    """The condition as the projection held it at the instant: its row when that row is the
+    state then, else the versions applied by then folded as ``projections._condition`` folds
+    them (``service_layer/conditions.py``)."""
     if known.row is not None:
-        return bool(known.row.counts)
-    if known.used is None:
+        return conditions.ConditionState.of_row(known.row)
+    state = None
+    for v in known.applied:  # oldest first
+        state = conditions.fold(state, json.loads(v.data), _utc(v.received_at))
+    return state
+
+
+def condition_counts(known: Known, month: Month, tz: ZoneInfo) -> bool:
+    """Whether the condition counted toward ``month``'s eligibility by the decision's own rule
+    (``conditions.condition_fact(…).counts_in(month)``: a chronic condition the patient had in
+    the month, by its onset and its end), over the state at the instant."""
+    state = condition_state(known)
+    if state is None:
         return False
-    d = json.loads(known.used.data)
-    return bool(d["chronic"] and not d["deleted"]
-                and (d.get("clinicalStatus") or "") in ACTIVE_CLINICAL
-                and d.get("verificationStatus") != "entered-in-error")
+    fact = conditions.condition_fact(known.resource_id, state, tz)
+    return fact is not None and fact.counts_in(month)
 
 
 def minimum_chronic_conditions(month: Month) -> int:

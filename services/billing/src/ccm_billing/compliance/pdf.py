@@ -69,7 +69,8 @@ def render(packet: dict, packet_sha256: str) -> bytes:
         ("Practice", f"{packet['practice']['name']} ({packet['practice']['id']}), "
                      f"time zone {packet['practice']['timezone']}"),
         ("Patient", f"Patient/{packet['patient']['id']}"),
-        ("MBI", packet["patient"]["mbi"] or "not on record"),
+        ("MBI (on record now)", packet["patient"]["mbi"] or "not on record"),
+        *(("MBI billed", text) for text in _billed_mbis(packet)),
         ("Months", f"{packet['from']} to {packet['to']}"),
         ("Generated at", packet["generatedAt"]),
         ("Consent renewal", f"every {packet['consentRenewalMonths']} months"
@@ -107,10 +108,18 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
               else "no consent renewal interval")
     doc.para(f"Consents judged with {judged}"
              + (", the one this month was billed under." if s["status"] == "closed" else "."))
-    doc.table(["Consent", "Status", "Method", "Obtained", "Until", "In force", "Note"],
-              [[c["consent"], c["status"], c["method"], c["obtainedOn"], c["effectiveUntil"],
-                "yes" if c["inForce"] else "NO", c["note"]] for c in s["consents"]],
-              [28, 18, 15, 20, 20, 14, 81])
+    doc.table(["Consent", "Status", "Method", "Obtained", "Practitioner", "Period", "Received",
+               "In force", "Note"],
+              [[c["consent"], c["status"], c["method"], c.get("obtainedAt") or c["obtainedOn"],
+                ", ".join(c.get("performer") or []) or "none named", _period(c),
+                (c.get("firstReceivedAt") or "")[:10], "yes" if c["inForce"] else "NO",
+                c["note"]] for c in s["consents"]],
+              [24, 15, 13, 25, 27, 24, 18, 11, 39])
+    for c in s["consents"]:
+        if c.get("receivedAfterMonth") and c["inForce"]:
+            doc.para(f"{c['consent']} was first received on {c['firstReceivedAt'][:10]}, after "
+                     f"this month's services (the month ended {_month_end(s['month'])})"
+                     + ("; after the month's close too." if c.get("receivedAfterClose") else "."))
     log = s["timeLog"]
     doc.heading("Time entries", 11)
     if log["lockedAt"]:
@@ -181,10 +190,20 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
     if d is None:
         doc.para("Not enrolled this month: no decision.", style="I")
     else:
+        if len(s["filings"]) > 1:
+            newest = s["filings"][-1]
+            doc.para(f"The decision in force is revision {newest['revision']}, filed "
+                     f"{newest['filedAt'][:19]} after the month's close ({newest['reason']}); "
+                     "the evidence above is as known at the close.", style="B")
+        if s["evidenceChecks"]:
+            doc.para("The evidence shown and this decision disagree: see the checks above.",
+                     style="B")
         codes = ", ".join(f"{c} x{n}" for c, n in sorted(d["codes"].items())) or "none"
         doc.para(f"Billable: {'yes' if d['billable'] else 'no'}; codes: {codes}; "
                  f"ruleset {d['ruleset']}; staff {d['minutes'].get('staff', 0)} min, "
                  f"practitioner {d['minutes'].get('practitioner', 0)} min.")
+        doc.para(f"Billing practitioner: {d.get('practitioner') or 'none named'}. "
+                 f"{_mbi_text(s.get('billedMbi'))}")
         doc.para(f"Blockers: {', '.join(d['blockers']) or 'none'}. "
                  f"Warnings: {', '.join(d['warnings']) or 'none'}.")
         for note in d["notes"]:
@@ -197,6 +216,7 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
                     if f["revision"] else "as closed"]
                    for f in s["filings"]],
                   [16, 38, 80, 32, 30])
+    _history(doc, s.get("decisionHistory") or [])
     doc.heading("ChargeItems and Invoice lines", 11)
     doc.table(["ChargeItem", "Code", "Status", "Amount", "Invoice", "Invoice status"],
               [[c["chargeItem"]["id"], c["code"], c["status"], c["amount"],
@@ -208,6 +228,61 @@ def _month(doc: _Doc, packet: dict, s: dict) -> None:
               [[f"{x['resourceType']}/{x['id']}", x["versionId"], x["lastUpdated"][:19],
                 x["receivedAt"][:19], x["sha256"]] for x in s["sources"]],
               [36, 14, 32, 32, 82])
+
+
+def _period(c: dict) -> str:
+    period = c.get("period") or {}
+    if not period:
+        return "open"
+    start, end = (period.get("start") or "")[:10], (period.get("end") or "")[:10]
+    return f"{start or '...'} to {end or '...'}"
+
+
+def _mbi_text(billed: dict | None) -> str:
+    if not billed:
+        return ""
+    if billed["basis"] == "none":
+        return "No MBI was on record when the decision in force was filed."
+    if billed["basis"] == "current" and billed["asOf"] is None and billed["patientVersion"] is None:
+        return (f"MBI: {billed['mbi'] or 'not on record'} (on record now; billing keeps no "
+                "version of the Patient from before).")
+    when = f"when the decision in force was filed ({billed['asOf'][:19]})" if billed["asOf"] \
+        else "now (no decision of the month was filed)"
+    text = f"Billed under MBI {billed['mbi'] or 'none'}, on record {when}"
+    if billed.get("patientVersion"):
+        text += f" (Patient version {billed['patientVersion']})"
+    if billed["mbi"] != billed.get("current"):
+        text += f"; the patient's MBI is now {billed.get('current') or 'not on record'}"
+    return text + "."
+
+
+def _billed_mbis(packet: dict) -> list[str]:
+    """Cover lines: each MBI the packet's months were billed under, when it is not today's."""
+    out: dict[str, list[str]] = {}
+    for s in packet["months"]:
+        billed = (s.get("billedMbi") or {}).get("mbi")
+        if billed and billed != packet["patient"]["mbi"]:
+            out.setdefault(billed, []).append(s["month"])
+    return [f"{mbi} ({', '.join(months)})" for mbi, months in out.items()]
+
+
+def _history(doc: _Doc, history: list[dict]) -> None:
+    """The month's decision history: its filings and the requests that decided it, in time
+    order (billing does not record which request filed which revision)."""
+    if not history:
+        return
+    doc.para("Decision history: each filing of this month's decision (revision, reason) and "
+             "each request that closed, recomputed or released it (who: the API token's label "
+             "and id), in time order.", style="B")
+    doc.table(["When", "What", "Who / reason", "Result"],
+              [[h["at"][:19], f"filing r{h['revision']}", h["reason"],
+                ", ".join(f"{c} x{n}" for c, n in sorted(h["codes"].items()))
+                or ("not billable: " + ", ".join(h["blockers"]) if h["blockers"] else "none")]
+               if h["kind"] == "filing" else
+               [h["at"][:19], h["operation"], f"{h['by']} (token {h['token']})",
+                f"{h['auditEvent']}" + (f", seq {h['sequence']}" if h.get("sequence") else "")]
+               for h in history],
+              [34, 40, 72, 50])
 
 
 def _correction_text(entry: str, c: dict) -> str:
@@ -278,13 +353,16 @@ def _codes(v: dict | None) -> str:
 
 def _audit(doc: _Doc, events: list[dict]) -> None:
     doc.add_page()
-    doc.heading("Audit trail (entries of the audit log that name this patient)", 12)
+    doc.heading("Audit trail (this patient, and the requests that decided these months)", 12)
     doc.para("Requests to the platform's APIs that named this patient (reads and searches naming "
              "the patient, this packet's earlier reads), an EHR's writes of the patient's FHIR "
              "resources (creates, updates and deletes, each sent alone or in a transaction or "
              "batch Bundle: a Bundle once per action on the patient's resources) and the "
-             "patient's events applied by its services, in these months. What each write stored "
-             "is listed per month under 'Source FHIR versions' (received time and SHA-256).")
+             "patient's events applied by its services, from the first month's start until this "
+             "packet was made; and the requests that closed or recomputed these months (they "
+             "name the month, not a patient) or resolved this patient's duplicate-biller flag. "
+             "What each write stored is listed per month under 'Source FHIR versions' (received "
+             "time and SHA-256).")
     rows = []
     for e in events:
         chain = {x["url"]: x.get("valueInteger", x.get("valueString"))

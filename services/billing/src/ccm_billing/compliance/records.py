@@ -370,12 +370,7 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
         select(inv).where(inv.c.practice == info.id, inv.c.id.in_(invoice_ids)))).all()}
     documents = dict(zip(invoices, await filed.invoice_resources(session, list(invoices.values())),
                          strict=True))
-    start, _ = _month_bounds(info, first)
-    _, end = _month_bounds(info, last)
-    audit_rows = (await session.execute(
-        select(audit_log).where(audit_log.c.practice == info.id, audit_log.c.patient == patient,
-                                audit_log.c.recorded_at >= start, audit_log.c.recorded_at < end)
-        .order_by(audit_log.c.id))).all()
+    audit_rows, acts = await _audit_trail(session, info, patient, months)
     # A closed month is judged under the interval it was billed under (kept in its terms), not
     # today's: the practice's pricing or the service default may have changed since.
     bp = orm.billing_periods
@@ -387,10 +382,14 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
     sections = []
     for month in months:
         kept = terms.get(str(month))
-        sections.append(await _month_section(
+        section = await _month_section(
             session, info, patient, month, by_type, consents, reviews,
             [r for r in items if r.month == str(month)], invoices, documents,
-            consent_renewal_months(info.under(kept)) if kept else renewal, history))
+            consent_renewal_months(info.under(kept)) if kept else renewal, history)
+        section["billedMbi"] = _billed_mbi(by_type.get("Patient", []), patient, section, mbi)
+        section["decisionHistory"] = _decision_history(section["filings"],
+                                                       acts.get(str(month), []))
+        sections.append(section)
     return {
         "practice": {"id": info.id, "name": info.name, "timezone": info.timezone},
         "patient": {"id": patient, "mbi": mbi},
@@ -400,6 +399,87 @@ async def audit_packet(session: AsyncSession, info: PracticeInfo, patient: str, 
         "invoices": documents,
         "auditEvents": [as_fhir_audit_event(r) for r in audit_rows],
     }
+
+
+# The requests that decide or re-decide a closed month (the platform's audit log names them by
+# route template; the path, kept as the entry's entity, names the month and, for a resolve, the
+# patient).
+DECISION_ROUTES = {
+    "POST /v1/practices/{practice}/billing-periods/{month}/close": "close",
+    "POST /v1/practices/{practice}/billing-periods/{month}/recompute": "recompute",
+    "POST /v1/practices/{practice}/billing-periods/{month}/duplicates/{patient}/resolve":
+        "duplicate-biller release or reclaim",
+}
+
+
+def _act_paths(practice: str, patient: str, months: list[Month]) -> dict[str, str]:
+    """The path of each request that can decide one of ``months`` for ``patient`` → its month."""
+    paths = {}
+    for month in months:
+        base = f"/v1/practices/{practice}/billing-periods/{month}"
+        for tail in ("close", "recompute", f"duplicates/{patient}/resolve"):
+            paths[f"{base}/{tail}"] = str(month)
+    return paths
+
+
+async def _audit_trail(session: AsyncSession, info: PracticeInfo, patient: str,
+                       months: list[Month]) -> tuple[list, dict[str, list[dict]]]:
+    """The packet's audit trail, in the order recorded: every entry that names the patient from
+    the first month's start until now (the packet is made from what is on record when it is
+    asked for: an EHR's late write of a backdated consent included), and the requests that
+    decided or re-decided one of the months (close and recompute are practice-level entries,
+    linked to the month by their path; a duplicate-biller release or reclaim names the patient
+    too). Also those requests by month, as the packet's decision history shows them."""
+    a = audit_log
+    start, _ = _month_bounds(info, months[0])
+    named = (await session.execute(select(a).where(
+        a.c.practice == info.id, a.c.patient == patient, a.c.recorded_at >= start))).all()
+    paths = _act_paths(info.id, patient, months)
+    # Closes and recomputes name no patient (a resolve names this one: it is among ``named``);
+    # only those that succeeded: a refused close (409, 422) decided nothing.
+    decided = (await session.execute(select(a).where(
+        a.c.practice == info.id, a.c.patient.is_(None), a.c.what.in_(sorted(DECISION_ROUTES)),
+        a.c.entity.in_(sorted(paths)), a.c.outcome == 0))).all()
+    rows = sorted({r.id: r for r in [*named, *decided]}.values(), key=lambda r: r.id)
+    acts: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.what in DECISION_ROUTES and r.entity in paths and r.outcome == 0:
+            acts[paths[r.entity]].append({
+                "kind": "request", "operation": DECISION_ROUTES[r.what],
+                "at": _iso(r.recorded_at), "by": r.actor_label or r.actor, "token": r.actor,
+                "auditEvent": f"AuditEvent/{r.id}", "sequence": r.seq})
+    return rows, acts
+
+
+def _decision_history(filings: list[dict], acts: list[dict]) -> list[dict]:
+    """The month's decision as it was filed and re-filed (revision, when, why) and the requests
+    that decided it (who: token label and id; when), in time order. Billing does not record
+    which request filed a revision, so the two are listed side by side, not joined."""
+    rows = [{"kind": "filing", "at": f["filedAt"], "revision": f["revision"],
+             "reason": f["reason"], "billable": f["billable"], "codes": f["codes"],
+             "blockers": f["blockers"]} for f in filings]
+    rows += acts
+    return sorted(rows, key=lambda r: (datetime.fromisoformat(r["at"]), r["kind"] == "request"))
+
+
+def _billed_mbi(versions: list, patient: str, section: dict, current: str | None) -> dict:
+    """The MBI the month was billed under: the patient's MBI as billing had it when the decision
+    in force (its newest filing) was filed, from the Patient versions it had applied by then; for
+    an open month, the MBI now. Neither the decision nor the Invoice records the MBI itself."""
+    filings = section["filings"]
+    at = datetime.fromisoformat(filings[-1]["filedAt"]) if filings else None
+    mine = [v for v in versions if v.resource_id == patient]
+    if not mine:  # projected before billing kept source versions: only today's value is known
+        return {"mbi": current, "asOf": None, "patientVersion": None, "current": current,
+                "basis": "current"}
+    applied = [v for v in mine if at is None or _utc(v.recorded_at) <= at]
+    if not applied:
+        return {"mbi": None, "asOf": _iso(at), "patientVersion": None, "current": current,
+                "basis": "none"}
+    used = applied[-1]
+    return {"mbi": json.loads(used.data).get("mbi"), "asOf": _iso(at),
+            "patientVersion": used.version_id, "receivedAt": _iso(used.received_at),
+            "current": current, "basis": "filing" if at is not None else "current"}
 
 
 PROJECTED = {"CarePlan": (orm.care_plans, "care_plan_id"),
@@ -510,10 +590,11 @@ def _conditions(info: PracticeInfo, patient: str, month: Month, at: datetime | N
         k = judged.known_at(cid, versions.get(cid, []), rows.get(cid), patient, at)
         if k is None:
             continue
-        counted = k.ours and judged.condition_counts(k)
+        counted = k.ours and judged.condition_counts(k, month, info.tz)
         later = [v for v in k.later if v.patient == patient]
         now = judged.known_at(cid, versions.get(cid, []), rows.get(cid), patient, None)
-        counts_now = bool(now is not None and now.ours and judged.condition_counts(now))
+        counts_now = bool(now is not None and now.ours
+                          and judged.condition_counts(now, month, info.tz))
         if not counted and not (later and counts_now):
             continue
         shown = k.used if counted else (later[-1] if later else None)
@@ -536,8 +617,9 @@ def _condition_version(row) -> dict:  # noqa: ANN001
 
 def _checks(decision: dict | None, plans: list[dict], conditions: list[dict],
             minimum: int) -> list[str]:
-    """Where the evidence shown and the decision it was taken with disagree, said plainly (it
-    should never happen: e.g. facts applied before billing kept their source versions)."""
+    """Where the evidence shown (as known at the close) and the decision taken with it at the
+    close disagree, said plainly (it should never happen: e.g. facts applied before billing
+    kept their source versions)."""
     if decision is None:
         return []
     out = []
@@ -555,16 +637,166 @@ def _checks(decision: dict | None, plans: list[dict], conditions: list[dict],
     return out
 
 
+def _met(flag: bool) -> str:
+    return "met" if flag else "NOT met"
+
+
+def _onset_day(onset: object) -> date | None:
+    """A Condition's onset as the EHR wrote it, when it is a date or dateTime (else None: an
+    age, a range or a text says no day)."""
+    if not isinstance(onset, str) or len(onset) < 10:
+        return None
+    try:
+        return date.fromisoformat(onset[:10])
+    except ValueError:
+        return None
+
+
+def _counted_at(info: PracticeInfo, patient: str, month: Month, at: datetime | None,
+                history: tuple[dict, dict]) -> dict:
+    """condition id → the version (or None: the projection's row alone) of each Condition that
+    counted as chronic for ``patient`` as billing knew it at ``at``."""
+    versions, rows = history
+    out = {}
+    for cid in sorted(set(versions) | set(rows)):
+        k = judged.known_at(cid, versions.get(cid, []), rows.get(cid), patient, at)
+        if k is not None and k.ours and judged.condition_counts(k, month, info.tz):
+            out[cid] = k.used
+    return out
+
+
+def _plans_in_force_at(info: PracticeInfo, patient: str, month: Month, at: datetime | None,
+                       history: tuple[dict, dict]) -> list[str]:
+    """The care plans in force for ``month`` by the decision's rule, as known at ``at``."""
+    versions, rows = history
+    out = []
+    for pid in sorted(set(versions) | set(rows)):
+        k = judged.known_at(pid, versions.get(pid, []), rows.get(pid), patient, at)
+        fact = judged.care_plan_fact(k, info.tz) if k is not None and k.ours else None
+        if fact is not None and judged.plan_verdict(fact, patient, month, info.timezone)[0]:
+            out.append(pid)
+    return out
+
+
+def _in_force_checks(info: PracticeInfo, patient: str, month: Month, log: dict,  # noqa: PLR0913
+                     plans: list[dict], conditions: list[dict], minimum: int,
+                     history: dict) -> list[str]:
+    """Where the decision in force — a revision filed after the close (a recompute, a
+    correction) — and the evidence shown as known at the close disagree: what it was taken on
+    instead (the versions billing had applied when it was filed), and whether those came after
+    the month. The packet never shows 'billable' beside 'NOT met' without saying why."""
+    filings = log["filings"]
+    if len(filings) < 2:
+        return []
+    newest = filings[-1]
+    at = datetime.fromisoformat(newest["filedAt"])
+    who = (f"The decision in force (revision {newest['revision']}, filed {newest['filedAt'][:19]}"
+           f", reason: {newest['reason']})")
+    out = []
+    eligible = "insufficient-chronic-conditions" not in newest["blockers"]
+    at_close = {c["condition"].removeprefix("Condition/") for c in conditions if c["counted"]}
+    if eligible != (len(at_close) >= minimum):
+        then = _counted_at(info, patient, month, at, history["Condition"])
+        text = (f"{who} judged eligibility {'met' if eligible else 'not met'}, but as known at "
+                f"the month's close {len(at_close)} chronic condition(s) counted (at least "
+                f"{minimum} required: {_met(len(at_close) >= minimum)}).")
+        for cid in sorted(set(then) - at_close):
+            v = then[cid]
+            text += f" Condition/{cid} counted from that filing on"
+            if v is not None:
+                received = _local_day(info, v.received_at)
+                text += f" (version {v.version_id}, received {received}"
+                if received > month.last_day:
+                    text += f", after the month ended on {month.last_day}"
+                onset = _onset_day(json.loads(v.data).get("onset"))
+                if onset is not None and onset > month.last_day:
+                    text += (f"; its onset {onset} is after the month: it was not a condition "
+                             "of the patient's in the month")
+                text += ")"
+            text += "."
+        for cid in sorted(at_close - set(then)):
+            text += (f" Condition/{cid} no longer counted from that filing on (a version "
+                     "received after the close).")
+        if eligible != (len(then) >= minimum):
+            text += (f" Billing's evidence as of that filing shows {len(then)}: it does not "
+                     "support the decision either.")
+        out.append(text)
+    plan_found = "care-plan-missing" not in newest["blockers"]
+    if plan_found != any(p["inForce"] for p in plans):
+        then = _plans_in_force_at(info, patient, month, at, history["CarePlan"])
+        text = (f"{who} found {'a' if plan_found else 'no'} care plan in force, but as known at "
+                f"the month's close {'none was' if plan_found else 'one was'}.")
+        if then:
+            text += (f" As of that filing: {', '.join(f'CarePlan/{p}' for p in then)} in force "
+                     "(versions received after the close).")
+        if plan_found != bool(then):
+            text += " Billing's evidence as of that filing does not support the decision either."
+        out.append(text)
+    return out
+
+
+CONSENT_BLOCKERS = ("consent-missing", "consent-not-active")
+
+
+def _consent_checks(decision: dict | None, consents: list[dict], month: Month,
+                    at: datetime | None) -> list[str]:
+    """A month billed under consent the evidence does not show documented before the month's
+    services (rules §3.1): none in force, or each one in force received only after the month."""
+    if not decision or not decision.get("codes") or set(CONSENT_BLOCKERS) & set(
+            decision.get("blockers", [])):
+        return []
+    in_force = [c for c in consents if c["inForce"]]
+    if not in_force:
+        return ["The decision billed the month, but no consent in force for it is in billing's "
+                "evidence."]
+    if not all(c["receivedAfterMonth"] for c in in_force):
+        return []
+    out = []
+    for c in in_force:
+        text = (f"The month is billed under {c['consent']}, which billing first received on "
+                f"{c['firstReceivedAt'][:10]}, after the month ended on {month.last_day}; the "
+                f"EHR dates it {c['obtainedAt'] or 'without a date'}. Rules §3.1 require consent "
+                "documented before the services: nothing on record shows it was.")
+        if at is not None and c["receivedAfterClose"]:
+            text += (" It came after the month's close: only a later filing (a recompute or "
+                     "correction) billed the month under it.")
+        out.append(text)
+    return out
+
+
+def _consent_evidence(versions: list, consent_id: str, info: PracticeInfo, month: Month,
+                      at: datetime | None) -> dict:
+    """What the packet adds to a consent row: who obtained it, its period and dateTime as the
+    EHR sent them (the newest version), and when billing first received it."""
+    mine = [v for v in versions if v.resource_id == consent_id]
+    if not mine:
+        return {"performer": [], "period": {}, "obtainedAt": None, "firstReceivedAt": None,
+                "receivedAfterMonth": False, "receivedAfterClose": False}
+    data = json.loads(mine[-1].data)
+    first = min(mine, key=lambda v: _utc(v.received_at))
+    first_applied = min(_utc(v.recorded_at) for v in mine)
+    return {
+        "performer": [p for p in data.get("practitioners") or [] if p],
+        "period": {k: v for k, v in (data.get("period") or {}).items() if v},
+        "obtainedAt": data.get("obtainedAt"),
+        "firstReceivedAt": _iso(first.received_at),
+        "receivedAfterMonth": _local_day(info, first.received_at) > month.last_day,
+        "receivedAfterClose": at is not None and first_applied > at,
+    }
+
+
 async def _month_section(session, info, patient, month, by_type, consents, reviews, items,  # noqa: ANN001, PLR0913
                          invoices, documents, renewal, history) -> dict:
     log = await time_log(session, info, patient, month, encounters=by_type.get("Encounter", []))
+    at = _evidence_at(log)
     consent_rows = []
     for fact, src in consents:
         ok, note = domain.in_force(fact, month, renewal_months=renewal)
         if fact.obtained_on is not None and fact.obtained_on > month.last_day and not ok:
             continue  # not yet obtained: belongs to a later month
-        consent_rows.append({**consent_view(fact, src), "inForce": ok, "note": note})
-    at = _evidence_at(log)
+        consent_rows.append({**consent_view(fact, src), "inForce": ok, "note": note,
+                             **_consent_evidence(by_type.get("Consent", []), fact.consent_id,
+                                                 info, month, at)})
     care_plans = _care_plans(info, patient, month, at, history["CarePlan"])
     conditions = _conditions(info, patient, month, at, history["Condition"])
     minimum = judged.minimum_chronic_conditions(month)
@@ -621,7 +853,11 @@ async def _month_section(session, info, patient, month, by_type, consents, revie
         "evidenceAsOf": _iso(at), "carePlans": care_plans, "conditions": conditions,
         "eligibility": {"chronicConditions": sum(c["counted"] for c in conditions),
                         "minimum": minimum},
-        "evidenceChecks": _checks(decided, care_plans, conditions, minimum),
+        "evidenceChecks": [
+            *_checks(decided, care_plans, conditions, minimum),
+            *_in_force_checks(info, patient, month, log, care_plans, conditions, minimum,
+                              history),
+            *_consent_checks(log["decision"], consent_rows, month, at)],
         "reviews": month_reviews, "decision": log["decision"], "filings": log["filings"],
         "charges": lines, "sources": shown_sources, "initiatingVisit": initiating,
     }

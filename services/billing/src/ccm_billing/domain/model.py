@@ -7,6 +7,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from functools import cached_property
 from typing import Literal
+from zoneinfo import ZoneInfo
 
 from ccm_shared.text import ascii_digits
 
@@ -43,6 +44,17 @@ OTHER_PRACTITIONER = "other-practitioner"
 BILLING_PRACTITIONER_UNKNOWN = "billing-practitioner-unknown"
 # Warning (rules §7: add new ones, never rename): time by another practitioner was not counted.
 OTHER_PRACTITIONER_TIME = "other-practitioner-time"
+# Warning: the consent the month bills under was received after the month ended (documented
+# late, dated back: rules §3.1 wants it documented before the services). It does not block:
+# the EHR says when it was obtained, and the reviewer sees it was documented late.
+CONSENT_DOCUMENTED_LATE = "consent-documented-late"
+# Time on or after the day the consent expired (its renewal interval, PracticeOptions) is not
+# counted, as time before it is not; the same identifier is the month's warning.
+CONSENT_EXPIRED = "consent-expired"
+# Warning: the month is eligible only by conditions ingest judged chronic without a chronic
+# code list (ingest's ``chronic_codes`` empty: every active condition of the chronic
+# categories counts, an ankle sprain too).
+CHRONIC_CONDITIONS_UNVERIFIED = "chronic-conditions-unverified"
 
 
 @dataclass(frozen=True, order=True)
@@ -142,6 +154,37 @@ class Consent:
     # provision.period: the first and last day it is valid (practice days; None: open)
     valid_from: date | None = None
     valid_until: date | None = None
+    # When billing first received a version of it that granted it (None: not known, kept
+    # before billing_0025): after the month's end it was documented late.
+    received_at: datetime | None = None
+
+    def expires_on(self, renewal_months: int | None, tz: ZoneInfo) -> date | None:
+        """The first day it no longer covers under a renewal interval (None: never): that many
+        months after the day it was obtained (a consent without a date never expires)."""
+        if not renewal_months or self.obtained_at is None:
+            return None
+        return add_months(self.obtained_at.astimezone(tz).date(), renewal_months)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A chronic condition of the patient, with the days it began and ended (practice days),
+    so that each month counts the conditions the patient had in it (rules §3.2)."""
+
+    condition_id: str
+    # Began: its onset, else when it was recorded, else when billing first received it;
+    # None: not known (it counts for every month up to its end).
+    since: date | None = None
+    # Ended: its abatement, else the day its resolution was received (never retroactively);
+    # None: not ended.
+    until: date | None = None
+    # Judged chronic by the practice's chronic code list (False: every code counted).
+    code_checked: bool = False
+
+    def counts_in(self, month: Month) -> bool:
+        """Began on or before the month's end, and had not ended before the month began."""
+        return ((self.since is None or self.since <= month.last_day)
+                and (self.until is None or self.until >= month.first_day))
 
 
 @dataclass(frozen=True)
@@ -174,7 +217,10 @@ class PatientMonth:
     entries: tuple[TimeEntry, ...] = ()
     consents: tuple[Consent, ...] = ()
     care_plans: tuple[CarePlan, ...] = ()
+    # Chronic conditions known by their number only (each counts for the month, checked
+    # against a code list); the projections give ``conditions``, which count by their dates.
     chronic_conditions: int = 0
+    conditions: tuple[Condition, ...] = ()
     complexity_documented: bool = False
     duplicate_biller: bool = False
     visits: tuple[Visit, ...] = ()

@@ -50,7 +50,7 @@ from ccm_shared.jsontext import compact
 
 # Bump when a code change alters what is decided for the same facts: every cached decision then
 # stops being current and is decided again.
-CACHE_VERSION = "4"
+CACHE_VERSION = "5"
 CHUNK = 2000  # patients decided per round trip of fact loading
 
 

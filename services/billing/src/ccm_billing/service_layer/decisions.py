@@ -7,12 +7,13 @@ import json
 from collections import defaultdict
 from collections.abc import Collection, Iterable
 
-from sqlalchemy import and_, bindparam, func, select, union
+from sqlalchemy import and_, bindparam, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters import orm
 from ccm_billing.domain.model import (
     CarePlan,
+    Condition,
     Consent,
     Decision,
     Month,
@@ -24,6 +25,7 @@ from ccm_billing.domain.model import (
 from ccm_billing.domain.roles import CLASSIFICATION_TO_ROLE, classify_codes
 from ccm_billing.domain.rules import PROGRAMS, ruleset_for
 from ccm_billing.service_layer.common import PracticeInfo, consent_renewal_months
+from ccm_billing.service_layer.conditions import ConditionState, condition_fact
 
 NOT_ENROLLING = ("entered-in-error", "rejected")  # consents that do not enrol a patient
 CLASSIFICATION_PRIORITY = ("billing-practitioner", "clinical-staff", "non-clinical", "unknown")
@@ -183,7 +185,7 @@ async def load_facts(
     for row in (await session.execute(ordered)).all():
         consents[row.patient].append(
             Consent(row.consent_id, row.status, row.obtained_at, row.provision, row.effective_until,
-                    row.practitioner, row.valid_from, row.valid_until)
+                    row.practitioner, row.valid_from, row.valid_until, row.received_at)
         )
         if row.status == "active" and row.practitioner:
             practitioner_of.setdefault(row.patient, row.practitioner)
@@ -196,15 +198,14 @@ async def load_facts(
     visits: dict[str, list[Visit]] = defaultdict(list)
     for row in (await session.execute(select(v).where(*scoped(v)))).all():
         visits[row.patient].append(visit_of(row, role_practitioner, roles_of))
-    chronic = dict(
-        (
-            await session.execute(
-                select(cond.c.patient, func.count())
-                .where(*scoped(cond), cond.c.counts.is_(True))
-                .group_by(cond.c.patient)
-            )
-        ).all()
-    )
+    # Every chronic condition with its dates: each month counts those the patient had in it.
+    chronic: dict[str, list[Condition]] = defaultdict(list)
+    for row in (await session.execute(
+            select(cond).where(*scoped(cond), cond.c.chronic.is_(True))
+            .order_by(cond.c.patient, cond.c.condition_id))).all():
+        fact = condition_fact(row.condition_id, ConditionState.of_row(row), info.tz)
+        if fact is not None and row.patient is not None:
+            chronic[row.patient].append(fact)
     duplicates = await duplicate_patients(session, info.id, m)
     enrolled = set(entries) | {p for p, cs in consents.items()
                                if any(x.status not in NOT_ENROLLING for x in cs)}
@@ -212,7 +213,7 @@ async def load_facts(
         PatientMonth(
             patient=p, month=month, timezone=info.timezone, entries=tuple(entries.get(p, ())),
             consents=tuple(consents.get(p, ())), care_plans=tuple(plans.get(p, ())),
-            chronic_conditions=chronic.get(p, 0), duplicate_biller=p in duplicates,
+            conditions=tuple(chronic.get(p, ())), duplicate_biller=p in duplicates,
             billing_practitioner=practitioner_of.get(p),
             visits=tuple(sorted(visits.get(p, ()), key=lambda x: x.visit_id)),
             initiating_visit_tracked=True,

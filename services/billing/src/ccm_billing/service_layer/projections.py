@@ -22,7 +22,7 @@ from ccm_billing.domain.model import Month, add_months
 from ccm_billing.domain.rules import ruleset_for
 from ccm_billing.domain.rules.ccm import REVOKED
 from ccm_billing.domain.rules.ruleset import available_years
-from ccm_billing.service_layer import corrections, decision_cache
+from ccm_billing.service_layer import conditions, corrections, decision_cache
 from ccm_billing.service_layer.common import (
     insert_for,
     local_day,
@@ -56,7 +56,7 @@ TOPICS = (
     "ingest.visit.reversed.v1",
     "careplan.review.completed.v1",  # review evidence for the compliance records
 )
-ACTIVE_CLINICAL = {"active", "recurrence", "relapse"}
+ACTIVE_CLINICAL = conditions.ACTIVE_CLINICAL  # (compliance/judged.py reads it here)
 
 
 # Ingest reports time moved to another month, and a visit moved to another patient, as two
@@ -351,6 +351,14 @@ async def _consent(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noq
             "valid_until": local_day(period.get("end"), tz, end=True),
         },
     )
+    if d["status"] == "active" or d.get("effectiveUntil") or d["status"] == "inactive":
+        # A version that granted it (or revoked it, so granted before): when the consent was
+        # first documented here is the earliest such receipt, in any delivery order.
+        c, received = orm.consents, parse_instant(d["source"]["receivedAt"])
+        await uow.session.execute(update(c).where(
+            c.c.practice == practice, c.c.consent_id == ref_id(d["consent"]),
+            or_(c.c.received_at.is_(None), c.c.received_at > received)).values(
+                received_at=received))
     if who := _corrected(changed, d["status"] in ("entered-in-error", *REVOKED), patient, before):
         await corrections.recompute_patient_months(
             uow, practice, who, f"Consent/{ref_id(d['consent'])} {d['status']}", now)
@@ -417,16 +425,25 @@ async def _care_plan(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
 
 
 async def _condition(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001
-    counts = (
-        d["chronic"]
-        and not d["deleted"]
-        and (d.get("clinicalStatus") or "") in ACTIVE_CLINICAL
-        and d.get("verificationStatus") != "entered-in-error"
+    """The condition's newest version, with what the months it counts for need from the
+    versions before it (service_layer/conditions.py: when it began, when its resolution was
+    received, whether it was chronic before it resolved)."""
+    t = orm.conditions
+    keys = {"practice": practice, "condition_id": ref_id(d["condition"])}
+    where = (t.c.practice == practice, t.c.condition_id == keys["condition_id"])
+    stored = (await uow.session.execute(select(t).where(*where))).first()
+    before = conditions.ConditionState.of_row(stored) if stored is not None else None
+    received = parse_instant(d["source"]["receivedAt"])
+    changed, _ = await _upsert_fact(
+        uow, t, keys,
+        {"patient": ref_id(d["patient"]), "version": version_key(d["source"]),
+         **conditions.fold(before, d, received).columns()},
+        before=stored.patient if stored is not None else None,
     )
-    await _upsert_fact(
-        uow, orm.conditions, {"practice": practice, "condition_id": ref_id(d["condition"])},
-        {"patient": ref_id(d["patient"]), "version": version_key(d["source"]), "counts": counts},
-    )
+    if not changed and before is not None:
+        late = conditions.fold_late(before, d, received)
+        if late != before:
+            await uow.session.execute(update(t).where(*where).values(**late.columns()))
 
 
 async def _visit(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # noqa: ANN001

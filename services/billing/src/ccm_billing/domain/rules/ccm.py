@@ -46,6 +46,22 @@ def effective_consent(
     facts: PatientMonth, options: PracticeOptions, tz: ZoneInfo
 ) -> tuple[Consent | None, str | None, str | None]:
     """The consent the month can bill under (earliest obtained), else the blocker and a note."""
+    valid = valid_consents(facts, options, tz)
+    if valid:
+        return min(valid, key=lambda c: (c.obtained_at is not None, c.obtained_at)), None, None
+    if any(c.status == "entered-in-error" for c in facts.consents) and not any(
+        c.status != "entered-in-error" for c in facts.consents
+    ):
+        return None, m.CONSENT_MISSING, "the only consent was entered in error: its time is void"
+    if any(c.status != "entered-in-error" for c in facts.consents):
+        return None, m.CONSENT_NOT_ACTIVE, None
+    return None, m.CONSENT_MISSING, None
+
+
+def valid_consents(facts: PatientMonth, options: PracticeOptions, tz: ZoneInfo) -> list[Consent]:
+    """The consents that cover some day of the month: granted (or revoked in it or later),
+    obtained by its end, within their provision.period, and not expired before its first day
+    (a consent expiring on the 1st covers no day of that month)."""
     month = facts.month
     renewal = options.consent_renewal_months
     valid = []
@@ -60,7 +76,7 @@ def effective_consent(
         obtained = c.obtained_at.astimezone(tz).date() if c.obtained_at else None
         if obtained is not None and obtained > month.last_day:
             continue
-        if renewal and obtained is not None and add_months(obtained, renewal) < month.first_day:
+        if renewal and obtained is not None and add_months(obtained, renewal) <= month.first_day:
             continue
         if c.status == "active":
             valid.append(c)
@@ -69,15 +85,19 @@ def effective_consent(
             # Revocation takes effect at the end of the month in which it happened (ingest
             # reports a granted consent set back to draft or proposed as revoked, too).
             valid.append(c)
-    if valid:
-        return min(valid, key=lambda c: (c.obtained_at is not None, c.obtained_at)), None, None
-    if any(c.status == "entered-in-error" for c in facts.consents) and not any(
-        c.status != "entered-in-error" for c in facts.consents
-    ):
-        return None, m.CONSENT_MISSING, "the only consent was entered in error: its time is void"
-    if any(c.status != "entered-in-error" for c in facts.consents):
-        return None, m.CONSENT_NOT_ACTIVE, None
-    return None, m.CONSENT_MISSING, None
+    return valid
+
+
+def consent_expired_for(entry: m.TimeEntry, valid: list[Consent], options: PracticeOptions,
+                        tz: ZoneInfo) -> bool:
+    """Whether every consent obtained by the entry's time had expired by its day: time on or
+    after the expiry day is not counted, as time before the consent is not (rules §3.1), unless
+    another consent (a renewal) covers it."""
+    day = entry.start.astimezone(tz).date()
+    obtained = [c for c in valid if c.obtained_at is None or c.obtained_at <= entry.start]
+    return bool(obtained) and all(
+        (until := c.expires_on(options.consent_renewal_months, tz)) is not None and day >= until
+        for c in obtained)
 
 
 def initiating_visit(
@@ -182,6 +202,15 @@ def decide(
         blockers.add(consent_blocker)
     if consent_note:
         notes.append(consent_note)
+    valid = valid_consents(facts, options, tz) if consent is not None else []
+    if consent is not None and consent.received_at is not None:
+        received = consent.received_at.astimezone(tz).date()
+        if received > month.last_day:
+            # Documented after the month it bills (dated back): billable, as the EHR says when
+            # it was obtained, but the reviewer must see it (rules §3.1: documented before).
+            warnings.add(m.CONSENT_DOCUMENTED_LATE)
+            notes.append(f"Consent/{consent.consent_id} was received on {received}, after the "
+                         "month ended")
 
     counted: list[m.TimeEntry] = []
     not_counted: list[NotCounted] = []
@@ -205,6 +234,9 @@ def decide(
         elif consent is not None and consent.obtained_at and e.start < consent.obtained_at:
             reason = m.BEFORE_CONSENT
             warnings.add(m.CONSENT_AFTER_SERVICE)
+        elif consent is not None and consent_expired_for(e, valid, options, tz):
+            reason = m.CONSENT_EXPIRED
+            warnings.add(m.CONSENT_EXPIRED)
         reasons.append((e, reason))
     billing_practitioner, foreign = whose_time(
         named_practitioner(facts, consent),
@@ -221,8 +253,15 @@ def decide(
         blockers.add(m.STAFF_ROLE_UNKNOWN)
 
     minimum = ruleset.setting(PROGRAM, "minimum_chronic_conditions")
-    if facts.chronic_conditions < minimum:
+    in_month = [c for c in facts.conditions if c.counts_in(month)]
+    if facts.chronic_conditions + len(in_month) < minimum:
         blockers.add(m.INSUFFICIENT_CHRONIC_CONDITIONS)
+    elif facts.chronic_conditions + sum(c.code_checked for c in in_month) < minimum:
+        # Eligible only by conditions no chronic code list was applied to (rules §3.2: which
+        # codes count as chronic is data): a reviewer must confirm they are chronic.
+        warnings.add(m.CHRONIC_CONDITIONS_UNVERIFIED)
+        notes.append("every active condition was counted as chronic (no chronic code list): "
+                     "configure the practice's chronic_codes in ingest")
     plan_blocker, plan_warning = care_plan_check(facts, ruleset)
     if plan_blocker:
         blockers.add(plan_blocker)
