@@ -8,7 +8,6 @@ from fhir.resources.R4B.chargeitem import ChargeItem
 
 from ccm_billing.entrypoints.jobs import run_once
 from tests.unit.billing import events as ev
-from tests.unit.billing.events import UNCHECKED
 from tests.unit.billing.test_billing_flow import (
     _close_march,
     _g0506_items,
@@ -41,7 +40,7 @@ async def test_a_month_billing_g0506_alone_closes_invoices_and_corrects(billing)
             (await api(billing).get(f"{BASE}/worklist")).json()["patients"]}
     p4 = rows["Patient/p4"]
     assert p4["billable"] and p4["codes"] == {"G0506": 1} and p4["blockers"] == []
-    assert p4["warnings"] == [UNCHECKED, "time-threshold-not-met"]
+    assert p4["warnings"] == ["time-threshold-not-met"]
     assert p4["nextThreshold"] == {"code": "99490", "minutes": 10, "option": "staff"}
     assert p4["explanation"]["dateOfService"] == "2025-03-02"
 

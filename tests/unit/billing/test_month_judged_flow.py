@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import update
 
+from ccm_billing.adapters import orm
 from ccm_shared.tables import practices
 from tests.unit.billing import compliance_events as cev
 from tests.unit.billing import events as ev
@@ -21,12 +23,15 @@ BASE = "/v1/practices/alpha/billing-periods"
 
 
 def condition(patient: str, cid: str, *, onset: str | None, received: str, version: int = 1,
-              clinical: str = "active", chronic: bool = True, abatement: str | None = None):  # noqa: ANN201
+              clinical: str = "active", chronic: bool = True, abatement: str | None = None,
+              configured: bool | None = None):  # noqa: ANN201
+    """``configured``: ingest's chronicCodesConfigured (None: an event from before it)."""
     return ev.event("alpha", "ingest.condition.upserted.v1", patient, {
         "source": cev.src("Condition", cid, version, received), "condition": f"Condition/{cid}",
         "patient": f"Patient/{patient}", "clinicalStatus": clinical,
         "verificationStatus": "confirmed", "categories": [], "code": [], "onset": onset,
-        "abatement": abatement, "chronic": chronic, "deleted": False})
+        "abatement": abatement, "chronic": chronic, "deleted": False,
+        **({} if configured is None else {"chronicCodesConfigured": configured})})
 
 
 def consent(patient: str, *, obtained: str, received: str):  # noqa: ANN201
@@ -39,6 +44,7 @@ def consent(patient: str, *, obtained: str, received: str):  # noqa: ANN201
 
 
 def patient_events(patient: str, *, conditions: int = 2, with_consent: bool = True,
+                   configured: bool | None = None,
                    obtained: str = "2026-08-01T09:00:00-04:00",
                    entries: tuple[tuple[str, int], ...] = (("2026-09-10T10:00:00-04:00", 1500),)):
     """A patient with a care plan, ``conditions`` long-standing chronic conditions, a consent
@@ -47,7 +53,8 @@ def patient_events(patient: str, *, conditions: int = 2, with_consent: bool = Tr
            ev.role("alpha", "nurse-1", "clinical-staff", practitioner="Practitioner/nurse-1"),
            ev.care_plan("alpha", patient, f"{patient}-cp"),
            *(condition(patient, f"{patient}-k{i}", onset="2019-04-02",
-                       received="2025-01-05T12:00:00Z") for i in range(1, conditions + 1)),
+                       received="2025-01-05T12:00:00Z", configured=configured)
+             for i in range(1, conditions + 1)),
            *(ev.time_logged("alpha", patient, f"{patient}-e{i}", seconds, start)
              for i, (start, seconds) in enumerate(entries))]
     if with_consent:
@@ -149,13 +156,32 @@ async def test_time_after_the_consent_expired_is_not_counted(billing):
         ("Encounter/p06-e1", "consent-expired")]
 
 
-async def test_a_month_eligible_only_by_unchecked_conditions_is_billed_with_a_warning(billing):
+@pytest.mark.parametrize(("configured", "warned"), [(False, True), (True, False),
+                                                     (None, False)])  # None: from before
+async def test_a_month_eligible_only_by_unchecked_conditions_is_billed_with_a_warning(
+        billing, configured, warned):
     """Finding 7. p16's two active problem-list conditions (acute bronchitis, an ankle sprain)
-    were judged chronic without a chronic code list (ingest's ``chronic_codes`` empty, or not
-    reported): the billable month says ``chronic-conditions-unverified``."""
+    were judged chronic without a chronic code list (ingest says so: its ``chronic_codes``
+    empty): the billable month says ``chronic-conditions-unverified``. A list judged them, or
+    an event from before ingest said: no warning."""
     billing.state["clock"].now = datetime(2026, 9, 20, 15, tzinfo=UTC)
-    await deliver(billing, *patient_events("p16"))
+    await deliver(billing, *patient_events("p16", configured=configured))
     p16 = (await september(billing))["p16"]
     assert p16["codes"] == {"99490": 1} and p16["blockers"] == []
-    assert "chronic-conditions-unverified" in p16["warnings"]
-    assert any("chronic_codes" in n for n in p16["explanation"]["notes"])
+    assert ("chronic-conditions-unverified" in p16["warnings"]) is warned
+    assert any("chronic_codes" in n for n in p16["explanation"]["notes"]) is warned
+
+
+async def test_a_condition_row_the_previous_release_wrote_still_counts(billing):
+    """During a rollout (or after a rollback) the previous release's consumer writes a condition
+    with ``counts`` only, billing_0025's columns empty: it counts as it did, for every month
+    (found by review: it counted for none, and the month was blocked)."""
+    billing.state["clock"].now = datetime(2026, 9, 20, 15, tzinfo=UTC)
+    await deliver(billing, *patient_events("p02", conditions=1))
+    assert "insufficient-chronic-conditions" in (await september(billing))["p02"]["blockers"]
+    async with billing.db.engine.begin() as conn:
+        await conn.execute(orm.conditions.insert().values(
+            practice="alpha", condition_id="p02-old", patient="p02",
+            version="2026-09-01T00:00:00.000000|00000000000000000001", counts=True))
+    await deliver(billing, ev.patient("alpha", "p02", version=2))  # decided again
+    assert "insufficient-chronic-conditions" not in (await september(billing))["p02"]["blockers"]

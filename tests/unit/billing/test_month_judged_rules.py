@@ -109,8 +109,12 @@ def fact(state: ConditionState):  # noqa: ANN201
     ([(version(), AUG)], date(2025, 8, 1), None),
     ([(version(onset="childhood"), AUG)], date(2025, 8, 1), None),  # no day: the receipt
     ([(version(recorded="2024-02-10"), AUG)], date(2024, 2, 10), None),  # recordedDate next
-    ([(version(onset="2026-11"), AUG)], date(2026, 11, 30), None),  # partial: its last day
-    ([(version(onset="2026-11-20T02:00:00Z"), AUG)], date(2026, 11, 19), None),  # NY day
+    ([(version(onset="2026-11"), DEC)], date(2026, 11, 30), None),  # partial: its last day
+    ([(version(onset="2026-11-20T02:00:00Z"), DEC)], date(2026, 11, 19), None),  # NY day
+    # ... or the day it was received, if earlier: it existed by then (found by review: an
+    # onset "2026" received in November counted from 31 December and blocked the months before)
+    ([(version(onset="2026"), NOV)], date(2026, 11, 12), None),
+    ([(version(onset="2026-11-20"), NOV)], date(2026, 11, 12), None),
     # resolved without an abatement: from when the resolution was received, never before
     ([(version(onset="2019-04-02"), AUG), (version("resolved", False, onset="2019-04-02"), NOV)],
      date(2019, 4, 2), date(2026, 11, 12)),
@@ -144,6 +148,23 @@ def test_a_conditions_versions_fold_into_the_days_it_counts_for(versions, since,
 ])
 def test_a_condition_that_was_never_chronic_here_counts_for_no_month(versions):
     assert fact(folded(*versions)) is None
+
+
+def test_a_row_the_previous_release_wrote_counts_for_every_month_and_as_judged():
+    """billing_0025's columns empty, ``counts`` set (an old consumer during a rollout): counted
+    as it was before the upgrade (it counted for no month)."""
+    legacy = ConditionState(counts=True, chronic=None, onset=None, abatement=None,
+                            first_received_at=None, resolved_at=None, code_checked=None)
+    assert fact(legacy) == Condition("k", None, None, True)
+    assert fact(replace(legacy, counts=False)) is None
+
+
+@pytest.mark.parametrize(("configured", "checked"), [(True, True), (False, False),
+                                                     (None, True)])  # not said: as judged
+def test_a_condition_is_unverified_only_when_ingest_says_no_code_list_judged_it(
+        configured, checked):
+    extra = {} if configured is None else {"chronicCodesConfigured": configured}
+    assert fact(folded((version(onset="2019-04-02", **extra), AUG))).code_checked is checked
 
 
 def test_an_older_active_version_arriving_late_says_a_resolved_condition_was_chronic():

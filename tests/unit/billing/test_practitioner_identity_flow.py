@@ -3,7 +3,6 @@ the worklist: the administrator's walkthrough, where Dr. Cole's 35 minutes were 
 99491 under Dr. Hart, the consent's billing practitioner."""
 
 from tests.unit.billing import events as ev
-from tests.unit.billing.events import UNCHECKED
 from tests.unit.billing.test_billing_flow import api, deliver
 
 HART, COLE = "Practitioner/dr-hart", "Practitioner/dr-cole"
@@ -34,7 +33,7 @@ async def test_another_physicians_35_minutes_are_not_billed_under_the_consents(b
     p1 = await row(billing)
     assert p1["codes"] == {} and p1["seconds"] == {"staff": 0, "practitioner": 0}
     assert p1["blockers"] == ["time-threshold-not-met"]
-    assert p1["warnings"] == [UNCHECKED, "other-practitioner-time"]
+    assert p1["warnings"] == ["other-practitioner-time"]
     assert p1["explanation"]["notCounted"] == [
         {"entry": "Encounter/e1", "seconds": 2100, "reason": "other-practitioner"}]
 
@@ -48,7 +47,7 @@ async def test_time_named_by_the_role_alone_is_its_practitioners(billing):
                                           role="PractitionerRole/role-hart"))
     p1 = await row(billing)
     assert p1["codes"] == {"99491": 1} and p1["seconds"]["practitioner"] == 2100
-    assert p1["warnings"] == [UNCHECKED]
+    assert p1["warnings"] == []
     # The worklist points at the nearest threshold that pays more: 99439 as staff time.
     assert p1["nextThreshold"] == {"code": "99439", "minutes": 5, "option": "staff"}
     assert p1["minutesToNextThreshold"] == 5
@@ -75,7 +74,7 @@ async def test_a_consent_naming_no_one_bills_two_physicians_time_under_neither(b
                   ev.time_logged("alpha", "p1", "e2", 20 * 60, "2025-03-09T13:00:00-05:00",
                                  practitioner=COLE, role="PractitionerRole/role-cole"))
     p1 = await row(billing)
-    assert p1["codes"] == {} and p1["warnings"] == ["billing-practitioner-unknown", UNCHECKED]
+    assert p1["codes"] == {} and p1["warnings"] == ["billing-practitioner-unknown"]
     assert {n["reason"] for n in p1["explanation"]["notCounted"]} == {
         "billing-practitioner-unknown"}
     # One physician's time alone is theirs, and bills under them.

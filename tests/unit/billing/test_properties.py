@@ -21,7 +21,6 @@ from ccm_shared.tables import platform_metadata
 from ccm_shared.tenancy import create_practice
 from tests.unit.billing import events as ev
 from tests.unit.billing.conftest import PRICING
-from tests.unit.billing.events import UNCHECKED
 
 MARCH = Month(2025, 3)
 CLOSE_AT = datetime(2025, 4, 3, 12, tzinfo=UTC)
@@ -111,7 +110,7 @@ def test_the_baseline_decides_what_the_events_say():
     assert rows["Patient/p1"]["seconds"] == {"staff": 1300, "practitioner": 0}
     assert rows["Patient/p1"]["codes"] == {"99490": 1}
     assert rows["Patient/p2"]["codes"] == {"99491": 1}
-    assert rows["Patient/p2"]["warnings"] == [UNCHECKED, "consent-after-service"]
+    assert rows["Patient/p2"]["warnings"] == ["consent-after-service"]
     assert "Encounter/e5" not in {n["entry"] for n in rows["Patient/p2"]["notCounted"]}
     assert "e5" not in rows["Patient/p2"]["counted"]  # it is April's now
     assert rows["Patient/p1"]["initiatingVisit"] == {"encounter": "Encounter/v-p1",

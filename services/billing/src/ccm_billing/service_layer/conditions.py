@@ -27,10 +27,10 @@ from ccm_billing.service_layer.common import local_day
 ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
 RESOLVED_CLINICAL = frozenset({"inactive", "remission", "resolved"})
 VOID_VERIFICATION = frozenset({"entered-in-error", "refuted"})
-# Optional fields of ``ingest.condition.upserted.v1`` billing takes when ingest sends them (the
-# contract of today has neither): Condition.recordedDate, and whether the practice's chronic
-# code list (ingest's ``chronic_codes``) judged the condition. Absent: not known (the month then
-# says ``chronic-conditions-unverified``).
+# Optional fields of ``ingest.condition.upserted.v1`` (ingest sends both since they were added):
+# Condition.recordedDate, and whether the practice's chronic code list (ingest's
+# ``chronic_codes``) judged the condition. Absent (an event from before): not known, taken as
+# judged; false: the month says ``chronic-conditions-unverified``.
 RECORDED = "recorded"
 CODES_CONFIGURED = "chronicCodesConfigured"
 
@@ -126,14 +126,22 @@ def _day(text: str | None, tz: ZoneInfo, *, end: bool = False):  # noqa: ANN202
 def condition_fact(condition_id: str, state: ConditionState, tz: ZoneInfo) -> Condition | None:
     """The chronic condition the decision counts by month (None: not a chronic condition).
 
-    A partial onset is taken at its last day (``2026`` began by 31 December: no earlier month
-    counts it), a partial abatement at its first (``2026-09`` ended by 1 September)."""
+    It began by the earliest of its onset (a partial one at its last day: ``2026`` began by 31
+    December) and the day billing first received it (it existed by then: an onset ``2026``
+    received in January counts from January); a partial abatement ends it at its first day
+    (``2026-09`` ended by 1 September). A row the previous release wrote (``chronic`` unknown,
+    ``counts`` set, no dates) counts for every month, as it did. Whether a chronic code list
+    judged it: not known (a version from before ingest said) is taken as judged, so only a
+    condition ingest says no list judged makes the month ``chronic-conditions-unverified``."""
+    if state.chronic is None and state.counts:
+        return Condition(condition_id, None, None, True)
     if not state.chronic:
         return None
-    since = _day(state.onset, tz, end=True) if state.onset else None
-    if since is None and state.first_received_at is not None:
-        since = state.first_received_at.astimezone(tz).date()
+    began = [d for d in (_day(state.onset, tz, end=True) if state.onset else None,
+                         state.first_received_at.astimezone(tz).date()
+                         if state.first_received_at is not None else None) if d is not None]
+    since = min(began) if began else None
     until = _day(state.abatement, tz) if state.abatement else None
     if until is None and state.resolved_at is not None:
         until = state.resolved_at.astimezone(tz).date()
-    return Condition(condition_id, since, until, bool(state.code_checked))
+    return Condition(condition_id, since, until, state.code_checked is not False)

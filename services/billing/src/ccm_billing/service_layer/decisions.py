@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from collections.abc import Collection, Iterable
 
-from sqlalchemy import and_, bindparam, select, union
+from sqlalchemy import and_, bindparam, or_, select, union
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ccm_billing.adapters import orm
@@ -201,7 +201,9 @@ async def load_facts(
     # Every chronic condition with its dates: each month counts those the patient had in it.
     chronic: dict[str, list[Condition]] = defaultdict(list)
     for row in (await session.execute(
-            select(cond).where(*scoped(cond), cond.c.chronic.is_(True))
+            # (chronic unknown but counting: a row the previous release wrote, undated)
+            select(cond).where(*scoped(cond), or_(cond.c.chronic.is_(True), and_(
+                cond.c.chronic.is_(None), cond.c.counts.is_(True))))
             .order_by(cond.c.patient, cond.c.condition_id))).all():
         fact = condition_fact(row.condition_id, ConditionState.of_row(row), info.tz)
         if fact is not None and row.patient is not None:

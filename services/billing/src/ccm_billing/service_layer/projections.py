@@ -431,7 +431,9 @@ async def _condition(practice: str, d: dict, uow: UnitOfWork, now) -> None:  # n
     t = orm.conditions
     keys = {"practice": practice, "condition_id": ref_id(d["condition"])}
     where = (t.c.practice == practice, t.c.condition_id == keys["condition_id"])
-    stored = (await uow.session.execute(select(t).where(*where))).first()
+    # Locked: what is folded into (and rewritten by a late version) is the row as it is, not
+    # as it was before a concurrent version of the condition committed (found by review).
+    stored = (await uow.session.execute(select(t).where(*where).with_for_update())).first()
     before = conditions.ConditionState.of_row(stored) if stored is not None else None
     received = parse_instant(d["source"]["receivedAt"])
     changed, _ = await _upsert_fact(
