@@ -302,8 +302,6 @@ def audit_recorder(runtime: ServiceRuntime):  # noqa: ANN201
         if failed := [r for r in done if isinstance(r, BaseException)]:
             # the response is already sent; say so loudly, and count it (an alert's figure:
             # a role without the audit trail's grants lost every entry, and /readyz stayed 200)
-            from ccm_shared.observability import metrics
-
             metrics.audit_failures.labels(runtime.definition.name).inc()
             log.error("audit entry could not be recorded", error=type(failed[0]).__name__,
                       entries=len(failed))

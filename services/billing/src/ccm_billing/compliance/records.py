@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from ccm_billing.adapters import filed, orm
 from ccm_billing.compliance import domain, judged
 from ccm_billing.compliance.evidence import entries_of
-from ccm_billing.domain.model import Month
+from ccm_billing.domain.model import CONSENT_MISSING, CONSENT_NOT_ACTIVE, Month
 from ccm_billing.service_layer.common import PracticeInfo, consent_renewal_months
 from ccm_billing.service_layer.decisions import decide_month_with_facts
 from ccm_shared.audit import as_fhir_audit_event, audit_log
@@ -735,7 +735,7 @@ def _in_force_checks(info: PracticeInfo, patient: str, month: Month, log: dict, 
     return out
 
 
-CONSENT_BLOCKERS = ("consent-missing", "consent-not-active")
+CONSENT_BLOCKERS = (CONSENT_MISSING, CONSENT_NOT_ACTIVE)
 
 
 def _consent_checks(decision: dict | None, consents: list[dict], month: Month,

@@ -26,7 +26,7 @@ from ccm_billing.domain.model import Month
 from ccm_billing.domain.payments import balance_of
 from ccm_billing.domain.rules import RulesetMissing, ruleset_for
 from ccm_billing.service_layer import corrections, ehr, invoicing, worklist
-from ccm_billing.service_layer.common import practice_info
+from ccm_billing.service_layer.common import practice_info, practice_zone
 from ccm_billing.service_layer.decisions import duplicate_patients
 from ccm_shared import fhir_dates
 from ccm_shared.db import dialect_insert
@@ -495,7 +495,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
             where.append(false())  # another recipient's Invoices are none of this practice's
         async with db.unit_of_work() as uow:
             # A date without a time is the practice's day.
-            zone = (await practice_info(uow.session, tenant.practice_id)).tz if (
+            zone = await practice_zone(uow.session, tenant.practice_id) if (
                 dates or updated) else UTC
             where += [instant_condition(i.c.last_updated, c, zone) for c in updated]
             found = [(r, json.loads(r.resource)) for r in (await uow.session.execute(
@@ -544,7 +544,7 @@ def build_router(runtime) -> APIRouter:  # noqa: ANN001
                     if practice == tenant.practice_id)))
         async with db.unit_of_work() as uow:
             if updated:  # a date without a time is the practice's day
-                zone = (await practice_info(uow.session, tenant.practice_id)).tz
+                zone = await practice_zone(uow.session, tenant.practice_id)
                 where += [instant_condition(ci.c.last_updated, c, zone) for c in updated]
             total = (await uow.session.execute(
                 select(func.count()).select_from(ci).where(*where))).scalar_one()

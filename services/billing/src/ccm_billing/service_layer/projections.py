@@ -56,7 +56,6 @@ TOPICS = (
     "ingest.visit.reversed.v1",
     "careplan.review.completed.v1",  # review evidence for the compliance records
 )
-ACTIVE_CLINICAL = conditions.ACTIVE_CLINICAL  # (compliance/judged.py reads it here)
 
 
 # Ingest reports time moved to another month, and a visit moved to another patient, as two

@@ -530,8 +530,7 @@ def _refuse_unmet(caller: Caller, entries: list[Entry], names: _FullUrls | None 
         if e.creates and e.criteria_params is not None and e.resource is not None:
             handlers.refuse_unmet(
                 e.rtype, {**e.resource, "id": e.rid}, e.criteria_params,
-                _patient_of(e, names, caller) if names is not None
-                else handlers.patient_of(e.rtype, e.resource, caller.local_bases),
+                _patient_of(e, names, caller),
                 asked=("ifNoneExist " + repr(e.if_none_exist) if e.method == "POST"
                        else f"conditional update {e.rtype}?{e.criteria}"),
                 at=f"{_where(e.index)}.request." + (
@@ -546,14 +545,16 @@ def _patient_by_criteria(e: Entry) -> bool:
     return isinstance(ref, str) and "?" in ref and not ref.startswith(("http", "urn:"))
 
 
-def _patient_of(e: Entry, names: _FullUrls, caller: Caller) -> str | None:
+def _patient_of(e: Entry, names: _FullUrls | None, caller: Caller) -> str | None:
     """The ``Patient/id`` entry ``e``'s resource is about (its patient element, a reference
-    naming an entry of the Bundle read as the id that entry settled), else None."""
+    naming an entry of the Bundle read as the id that entry settled; without ``names``, as
+    the resource says it), else None."""
     element = handlers.PATIENT_ELEMENT.get(e.rtype)
     value = (e.resource or {}).get(element) if element else None
     if not isinstance(value, dict):
         return None
-    if (local := names.target(value.get("reference"), e.full_url)) is not None:
+    if names is not None and (local := names.target(value.get("reference"),
+                                                    e.full_url)) is not None:
         value = {"reference": local}
     return reference(value, ("Patient",), caller.local_bases)
 
@@ -693,8 +694,11 @@ async def transaction(uow: UnitOfWork, caller: Caller,
     # What creates must meet its criteria: judged now unless it names its patient by a
     # conditional reference, which is judged once that is resolved (below). (First, so an
     # entry's own criteria are blamed before a reference to them that then finds nothing.)
-    named_by_criteria = [e for e in entries if _patient_by_criteria(e)]
-    _refuse_unmet(caller, [e for e in entries if e not in named_by_criteria], names)
+    judged_now: list[Entry] = []
+    judged_later: list[Entry] = []
+    for e in entries:
+        (judged_later if _patient_by_criteria(e) else judged_now).append(e)
+    _refuse_unmet(caller, judged_now, names)
     unresolved: list[Issue] = []
     for e in entries:
         if e.resource is not None:
@@ -710,7 +714,7 @@ async def transaction(uow: UnitOfWork, caller: Caller,
                 await _conditional_references(repo, caller, e, lookup)
     if unresolved:
         raise FhirRejected(422, unresolved)
-    _refuse_unmet(caller, [e for e in entries if e in named_by_criteria])
+    _refuse_unmet(caller, judged_later)
     results: dict[int, Outcome] = {}
     pending: list[tuple[Entry, handlers.Write]] = []
 

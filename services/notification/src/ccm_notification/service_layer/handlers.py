@@ -189,12 +189,8 @@ async def invoice_issued(notifier: Notifier, event: CloudEvent, uow: UnitOfWork)
                idempotency_key=f"{event.tenant}:{key}:{pm.CANCELLED_FIRST}",
                tracker=invoice_tracker(d["invoiceId"])),
         f"not sent: invoice {d['invoiceId']} was cancelled"
-        f"{_cancelled_why(cancelled.replaced_by)} before its issue was processed",
+        f"{pm.cancelled_why(cancelled.replaced_by)} before its issue was processed",
     )
-
-
-def _cancelled_why(replaced_by: str | None) -> str:
-    return pm.cancelled_why(replaced_by)
 
 
 def consent_tracker(consent: str) -> str:
@@ -479,7 +475,7 @@ async def invoice_cancelled(notifier: Notifier, event: CloudEvent, uow: UnitOfWo
     and is owed back."""
     d = event.data
     replaced = not pm.cancelled_without_replacement(d)
-    why = (_cancelled_why(d.get("replacedBy"))
+    why = (pm.cancelled_why(d.get("replacedBy"))
            or ("" if replaced else " (a correction left nothing to bill)"))
     await _lock_invoice(uow, event.tenant, d["invoiceId"])
     # Remembered for an ``issued`` of it consumed later (the two travel on separate topics).

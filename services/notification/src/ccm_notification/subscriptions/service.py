@@ -16,20 +16,20 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
 import structlog
 from sqlalchemy import and_, delete, func, or_, select, update
 
-from ccm_notification.adapters import orm
 from ccm_notification.adapters.channels import SIGNATURE_HEADER, DeliveryResult, post_signed
 from ccm_notification.adapters.orm import (
     feed_held,
     messages,
     subscription_deliveries,
     subscription_events,
+    subscription_secrets,
     subscriptions,
 )
 from ccm_notification.adapters.sql import practice_row
@@ -62,7 +62,6 @@ from ccm_shared.consumer import Handler, PoisonMessage
 from ccm_shared.db import Database, UnitOfWork, xact_lock
 from ccm_shared.errors import Conflict, NotFound
 from ccm_shared.events import CloudEvent, practice_topic
-from ccm_shared.tables import practices
 
 log = structlog.get_logger(__name__)
 
@@ -73,7 +72,6 @@ PAUSED_KIND = "subscription-paused"  # the practice-level message telling the pr
 NOT_A_PRACTICE = "the event's tenant is not a registered practice (platform.practices)"
 Clock = Callable[[], datetime]
 
-subscription_secrets = orm.subscription_secrets
 
 
 # -- fan-out --------------------------------------------------------------------------------------
@@ -95,9 +93,8 @@ def feed_topics(
             return
         practice = event.tenant  # a practice id: the consumer's decode refused any other
         if db is not None and practice not in known:
-            async with db.engine.connect() as conn:
-                found = (await conn.execute(
-                    select(practices.c.id).where(practices.c.id == practice))).first()
+            async with db.unit_of_work() as uow:
+                found = await practice_row(uow.session, practice)
             if found is None:
                 raise PoisonMessage(NOT_A_PRACTICE)
             known.add(practice)
@@ -413,13 +410,8 @@ async def _secrets_of(uow: UnitOfWork, sub_ids: list[str]) -> dict[str, list[Sig
     found: dict[str, list[SigningSecret]] = {}
     for r in await _secret_rows(uow, sub_ids):
         found.setdefault(r.subscription_id, []).append(
-            SigningSecret(r.generation, r.secret, _aware(r.valid_until)))
+            SigningSecret(r.generation, r.secret, r.valid_until))
     return found
-
-
-def _aware(at: datetime | None) -> datetime | None:
-    """SQLite returns naive UTC."""
-    return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
 
 
 async def secrets_for_signing(
@@ -443,9 +435,9 @@ async def secret_summaries(
         sub_id: {"secretRotatedAt": None, "previousSecretsValidUntil": []} for sub_id in sub_ids}
     rows = sorted(await _secret_rows(uow, sub_ids), key=lambda r: r.generation, reverse=True)
     for r in rows:
-        summary, until = out[r.subscription_id], _aware(r.valid_until)
+        summary, until = out[r.subscription_id], r.valid_until
         if until is None:
-            summary["secretRotatedAt"] = _aware(r.created_at).isoformat()
+            summary["secretRotatedAt"] = r.created_at.isoformat()
         elif until > now:
             summary["previousSecretsValidUntil"].append(until.isoformat())
     return out

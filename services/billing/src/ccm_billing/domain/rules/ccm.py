@@ -76,7 +76,7 @@ def valid_consents(facts: PatientMonth, options: PracticeOptions, tz: ZoneInfo) 
         obtained = c.obtained_at.astimezone(tz).date() if c.obtained_at else None
         if obtained is not None and obtained > month.last_day:
             continue
-        if renewal and obtained is not None and add_months(obtained, renewal) <= month.first_day:
+        if (until := c.expires_on(renewal, tz)) is not None and until <= month.first_day:
             continue
         if c.status == "active":
             valid.append(c)
